@@ -1,0 +1,391 @@
+"""Every event named in ARCHITECTURE.md, once. Topics and partition keys live on the classes.
+
+Compatibility rule: within a `schema_version`, fields are only added, and only with defaults.
+tests/unit/test_contract_schemas.py compares against the committed snapshot in contracts/schemas/.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from pydantic import Field
+
+from contracts.envelope import ContractModel, Payload
+
+
+class Stage(StrEnum):
+    none = "none"
+    staging = "staging"
+    production = "production"
+    archived = "archived"
+
+
+class Thumbs(StrEnum):
+    up = "up"
+    down = "down"
+
+
+class FeedbackSource(StrEnum):
+    end_user = "end_user"
+    reviewer = "reviewer"
+    judge = "judge"
+
+
+class InferenceStatus(StrEnum):
+    ok = "ok"
+    error = "error"
+
+
+class Severity(StrEnum):
+    info = "info"
+    warning = "warning"
+    critical = "critical"
+
+
+class AlertState(StrEnum):
+    open = "open"
+    acknowledged = "acknowledged"
+    resolved = "resolved"
+
+
+class DeploymentAction(StrEnum):
+    load = "load"
+    unload = "unload"
+
+
+class Hyperparameters(ContractModel):
+    """LoRA fine-tuning settings; ranges are checked here so a bad request fails before it queues."""
+
+    rank: int = Field(default=16, ge=1, le=256, description="LoRA rank r.")
+    alpha: float = Field(default=32.0, gt=0, le=1024, description="LoRA scaling alpha.")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="Names of the modules that get adapters.",
+    )
+    learning_rate: float = Field(default=2e-4, gt=0, le=1.0, description="Peak learning rate.")
+    epochs: float = Field(default=3.0, gt=0, le=100, description="Passes over the training split.")
+    batch_size: int = Field(default=8, ge=1, le=1024, description="Sequences per optimiser step.")
+    max_seq_length: int = Field(default=512, ge=16, le=32768, description="Tokens per training sequence.")
+    seed: int = Field(default=0, ge=0, description="Seed for data order, initialisation and dropout.")
+
+
+class DatasetRef(ContractModel):
+    """A pointer to one immutable dataset version."""
+
+    name: str = Field(description="Dataset name.")
+    version: int = Field(ge=1, description="Dataset version number.")
+
+
+# ---------------------------------------------------------------------------------------- registry
+
+
+class ModelRegistered(Payload):
+    event_type: ClassVar[str] = "model.registered"
+    key_field: ClassVar[str] = "model_name"
+
+    model_name: str = Field(description="Registered name of the base model.")
+    source: str = Field(description="Where it came from: a package, a local directory or a hub id.")
+    architecture: str = Field(description="Model architecture, e.g. LlamaForCausalLM.")
+    parameter_count: int = Field(ge=0, description="Number of parameters.")
+    license: str | None = Field(default=None, description="License identifier, when known.")
+    artifact_uri: str = Field(description="Where the safetensors weights are stored.")
+    artifact_sha256: str = Field(description="Digest of the stored weights.")
+
+
+class AdapterRegistered(Payload):
+    event_type: ClassVar[str] = "adapter.registered"
+    key_field: ClassVar[str] = "model_name"
+
+    model_name: str = Field(description="Base model the adapter belongs to.")
+    adapter_version: int = Field(ge=1, description="Version number, counted per model.")
+    artifact_uri: str = Field(description="Where the adapter's safetensors are stored.")
+    artifact_sha256: str = Field(description="Digest of the adapter weights.")
+    training_job_id: str | None = Field(default=None, description="Training job that produced it.")
+    dataset: DatasetRef | None = Field(default=None, description="Dataset version it was trained on.")
+    hyperparameters: Hyperparameters | None = Field(default=None, description="Hyperparameters used.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Training metrics (final loss, ...).")
+
+
+class PromptPublished(Payload):
+    event_type: ClassVar[str] = "prompt.published"
+    key_field: ClassVar[str] = "prompt_name"
+
+    prompt_name: str = Field(description="Prompt template name.")
+    version: int = Field(ge=1, description="Prompt version number.")
+    model_name: str | None = Field(default=None, description="Model the prompt targets, if any.")
+    template: str = Field(description="Template text.")
+    variables: list[str] = Field(default_factory=list, description="Variables the template needs.")
+    labels: list[str] = Field(default_factory=list, description="Labels pointing at this version now.")
+
+
+class DatasetPublished(Payload):
+    event_type: ClassVar[str] = "dataset.published"
+    key_field: ClassVar[str] = "dataset_name"
+
+    dataset_name: str = Field(description="Dataset name.")
+    version: int = Field(ge=1, description="Dataset version number.")
+    split: str = Field(description="`train` or `golden`.")
+    row_count: int = Field(ge=0, description="Number of records.")
+    sha256: str = Field(description="Content digest of the JSONL.")
+    artifact_uri: str = Field(description="Where the JSONL is stored.")
+    provenance: str = Field(description="`uploaded`, or `feedback` when built from corrections.")
+    model_name: str | None = Field(default=None, description="Model the dataset is meant for, if any.")
+
+
+class StageChanged(Payload):
+    event_type: ClassVar[str] = "stage.changed"
+    key_field: ClassVar[str] = "model_name"
+
+    model_name: str = Field(description="Base model name.")
+    adapter_version: int = Field(ge=1, description="Adapter version whose stage changed.")
+    from_stage: Stage = Field(description="Stage before.")
+    to_stage: Stage = Field(description="Stage after.")
+    actor: str = Field(description="Principal that made the change.")
+    reason: str | None = Field(default=None, description="Why, in words.")
+    canary_percent: float | None = Field(
+        default=None, ge=0, le=100, description="Share of production traffic for a declared canary."
+    )
+
+
+# ----------------------------------------------------------------------------------------- trainer
+
+
+class TrainingRequested(Payload):
+    event_type: ClassVar[str] = "training.requested"
+    key_field: ClassVar[str] = "model_name"
+
+    job_id: str = Field(description="Idempotency key of the job: a redelivered request starts no second job.")
+    model_name: str = Field(description="Base model to adapt.")
+    dataset: DatasetRef = Field(description="Training dataset version.")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="LoRA settings.")
+    requested_by: str = Field(description="Principal or service that asked for it.")
+    reason: str | None = Field(default=None, description="Why, e.g. the alert that triggered a retraining.")
+
+
+class TrainingStarted(Payload):
+    event_type: ClassVar[str] = "training.started"
+    key_field: ClassVar[str] = "model_name"
+
+    job_id: str = Field(description="Training job id.")
+    model_name: str = Field(description="Base model being adapted.")
+    total_steps: int = Field(ge=0, description="Optimiser steps planned.")
+    resumed_from_step: int = Field(default=0, ge=0, description="Checkpoint step the job resumed from.")
+    device: str = Field(description="Device the job runs on, e.g. cpu or cuda:0.")
+
+
+class TrainingProgress(Payload):
+    event_type: ClassVar[str] = "training.progress"
+    key_field: ClassVar[str] = "model_name"
+
+    job_id: str = Field(description="Training job id.")
+    model_name: str = Field(description="Base model being adapted.")
+    step: int = Field(ge=0, description="Optimiser steps done.")
+    total_steps: int = Field(ge=0, description="Optimiser steps planned.")
+    epoch: float = Field(ge=0, description="Fractional epoch.")
+    loss: float = Field(description="Training loss over the last logging interval.")
+    learning_rate: float = Field(ge=0, description="Current learning rate.")
+    tokens_per_second: float = Field(ge=0, description="Trained (non-padding) tokens per second.")
+    eta_seconds: float = Field(ge=0, description="Estimated seconds to completion.")
+
+
+class TrainingCompleted(Payload):
+    event_type: ClassVar[str] = "training.completed"
+    key_field: ClassVar[str] = "model_name"
+
+    job_id: str = Field(description="Training job id.")
+    model_name: str = Field(description="Base model adapted.")
+    dataset: DatasetRef = Field(description="Dataset version trained on.")
+    hyperparameters: Hyperparameters = Field(description="Hyperparameters used.")
+    artifact_uri: str = Field(description="Where the adapter's safetensors are stored.")
+    artifact_sha256: str = Field(description="Digest of the adapter weights.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Final loss, tokens/s, duration ...")
+
+
+class TrainingFailed(Payload):
+    event_type: ClassVar[str] = "training.failed"
+    key_field: ClassVar[str] = "model_name"
+
+    job_id: str = Field(description="Training job id.")
+    model_name: str = Field(description="Base model the job was for.")
+    reason: str = Field(description="What went wrong, in words a user can act on.")
+    error_type: str = Field(description="Machine-readable class: invalid_input, out_of_memory, cancelled, internal.")
+
+
+# --------------------------------------------------------------------------------------- evaluator
+
+
+class ModelTarget(ContractModel):
+    """What is evaluated: a base model alone, or with an adapter version and/or a prompt version."""
+
+    model_name: str = Field(description="Base model name.")
+    adapter_version: int | None = Field(default=None, ge=1, description="Adapter version; none means the base model.")
+    prompt_name: str | None = Field(default=None, description="Prompt template name, if one is applied.")
+    prompt_version: int | None = Field(default=None, ge=1, description="Prompt version, if one is applied.")
+
+
+class EvaluationRequested(Payload):
+    event_type: ClassVar[str] = "evaluation.requested"
+    key_field: ClassVar[str] = "evaluation_id"
+
+    evaluation_id: str = Field(description="Idempotency key of the evaluation.")
+    candidate: ModelTarget = Field(description="What is being judged.")
+    baseline: ModelTarget | None = Field(
+        default=None, description="What it is compared with; none means the current production version."
+    )
+    golden: DatasetRef = Field(description="Golden dataset version.")
+    metric_suite: str = Field(default="default", description="Named set of metrics to compute.")
+    requested_by: str = Field(description="Principal or service that asked for it.")
+
+
+class MetricComparison(ContractModel):
+    """One metric, candidate against baseline, with the paired bootstrap interval on the difference."""
+
+    metric: str = Field(description="Metric name.")
+    candidate: float = Field(description="Candidate mean.")
+    baseline: float | None = Field(default=None, description="Baseline mean.")
+    difference: float | None = Field(default=None, description="Mean paired difference, candidate minus baseline.")
+    ci_low: float | None = Field(default=None, description="Lower bound of the confidence interval on the difference.")
+    ci_high: float | None = Field(default=None, description="Upper bound of the confidence interval on the difference.")
+    examples: int = Field(ge=0, description="Examples scored.")
+    errors: int = Field(default=0, ge=0, description="Examples on which the metric errored.")
+
+
+class EvaluationCompleted(Payload):
+    event_type: ClassVar[str] = "evaluation.completed"
+    key_field: ClassVar[str] = "evaluation_id"
+
+    evaluation_id: str = Field(description="Evaluation id.")
+    candidate: ModelTarget = Field(description="What was judged.")
+    baseline: ModelTarget | None = Field(default=None, description="What it was compared with.")
+    golden: DatasetRef = Field(description="Golden dataset version.")
+    passed: bool = Field(description="The gate's verdict.")
+    reasons: list[str] = Field(default_factory=list, description="Why the gate decided so, one line each.")
+    gate_policy: str = Field(description="Name and version of the gate policy applied, e.g. `default@v1`.")
+    metrics: list[MetricComparison] = Field(default_factory=list, description="Summary per metric.")
+    report_uri: str | None = Field(default=None, description="Where the HTML report is stored.")
+    status: str = Field(default="completed", description="`completed`, or `failed` when it could not run.")
+    error: str | None = Field(default=None, description="Why it failed, when it failed.")
+
+
+# ----------------------------------------------------------------------------------------- serving
+
+
+class DeploymentRequested(Payload):
+    event_type: ClassVar[str] = "deployment.requested"
+    key_field: ClassVar[str] = "model_name"
+
+    deployment_id: str = Field(description="Idempotency key of the deployment.")
+    model_name: str = Field(description="Base model name.")
+    adapter_version: int = Field(ge=1, description="Adapter version to load or unload.")
+    action: DeploymentAction = Field(default=DeploymentAction.load, description="Load or unload.")
+    requested_by: str = Field(description="Principal or service that asked for it.")
+
+
+class DeploymentCompleted(Payload):
+    event_type: ClassVar[str] = "deployment.completed"
+    key_field: ClassVar[str] = "model_name"
+
+    deployment_id: str = Field(description="Deployment id.")
+    model_name: str = Field(description="Base model name.")
+    adapter_version: int = Field(ge=1, description="Adapter version.")
+    action: DeploymentAction = Field(description="Load or unload.")
+    ready: bool = Field(description="Whether the adapter is ready to serve (for load) or gone (for unload).")
+    replica: str = Field(description="Serving replica that reports.")
+    error: str | None = Field(default=None, description="Why it is not ready, when it is not.")
+
+
+class InferenceLogged(Payload):
+    event_type: ClassVar[str] = "inference.logged"
+    key_field: ClassVar[str] = "inference_id"
+    partitions: ClassVar[int] = 6
+
+    inference_id: str = Field(description="Id of the inference; the gateway's response id; feedback refers to it.")
+    model_name: str = Field(description="Base model name.")
+    adapter_version: int | None = Field(default=None, description="Adapter version served; none for the base model.")
+    prompt_name: str | None = Field(default=None, description="Registered prompt rendered server-side, if any.")
+    prompt_version: int | None = Field(default=None, description="Its version.")
+    route: str = Field(default="direct", description="How the version was chosen: production, staging, pinned, canary, ab, direct.")
+    endpoint: str = Field(default="chat.completions", description="API used: chat.completions, completions, or app.")
+    user_id: str | None = Field(default=None, description="End user id (canary stickiness, per-user analysis).")
+    principal: str | None = Field(default=None, description="API key principal that made the call.")
+    input_messages: list[dict[str, Any]] = Field(default_factory=list, description="Chat messages sent (role, content).")
+    input_text: str = Field(default="", description="Prompt text as sent to the model (after templates).")
+    output_text: str = Field(default="", description="Generated text.")
+    finish_reason: str | None = Field(default=None, description="stop, length, or error.")
+    prompt_tokens: int = Field(default=0, ge=0, description="Tokens in.")
+    completion_tokens: int = Field(default=0, ge=0, description="Tokens out.")
+    latency_queue_ms: float = Field(default=0.0, ge=0, description="Time waiting for a batch slot.")
+    latency_compute_ms: float = Field(default=0.0, ge=0, description="Time computing.")
+    latency_total_ms: float = Field(default=0.0, ge=0, description="End-to-end time in the gateway.")
+    status: InferenceStatus = Field(default=InferenceStatus.ok, description="ok or error.")
+    error: str | None = Field(default=None, description="Error message, when status is error.")
+    started_at: datetime | None = Field(default=None, description="When the request arrived (UTC).")
+    metadata: dict[str, str] = Field(default_factory=dict, description="Free-form tags from the app.")
+
+
+# ---------------------------------------------------------------------------------------- feedback
+
+
+class FeedbackReceived(Payload):
+    event_type: ClassVar[str] = "feedback.received"
+    key_field: ClassVar[str] = "inference_id"
+    partitions: ClassVar[int] = 6
+
+    feedback_id: str = Field(default_factory=lambda: str(uuid.uuid4()), description="Id of this piece of feedback.")
+    inference_id: str = Field(min_length=1, description="Inference the feedback is about.")
+    thumbs: Thumbs | None = Field(default=None, description="Thumbs up or down.")
+    rating: int | None = Field(default=None, ge=1, le=5, description="Rating from 1 to 5.")
+    comment: str | None = Field(default=None, max_length=8000, description="Free-text comment.")
+    correction: str | None = Field(default=None, max_length=32000, description="The answer that should have been given.")
+    tags: list[str] = Field(default_factory=list, description="Labels, e.g. wrong-fact, tone.")
+    source: FeedbackSource = Field(default=FeedbackSource.end_user, description="Who gave it.")
+    actor: str | None = Field(default=None, description="Id of the person or judge that gave it.")
+
+
+# ----------------------------------------------------------------------------------------- monitor
+
+
+class AlertRaised(Payload):
+    event_type: ClassVar[str] = "alert.raised"
+    key_field: ClassVar[str] = "rule_name"
+
+    alert_id: str = Field(description="Alert id; the same open alert is not raised twice.")
+    rule_name: str = Field(description="Rule that fired.")
+    rule_version: int = Field(ge=1, description="Version of the rule.")
+    severity: Severity = Field(description="info, warning or critical.")
+    state: AlertState = Field(default=AlertState.open, description="open, acknowledged or resolved.")
+    model_name: str = Field(description="Base model name.")
+    adapter_version: int | None = Field(default=None, description="Adapter version concerned.")
+    prompt_version: int | None = Field(default=None, description="Prompt version concerned.")
+    metric: str = Field(description="Metric that crossed its threshold.")
+    value: float = Field(description="Observed value.")
+    threshold: float = Field(description="Threshold it crossed.")
+    window_start: datetime = Field(description="Start of the evaluated window (UTC).")
+    window_end: datetime = Field(description="End of the evaluated window (UTC).")
+    message: str = Field(description="What happened, in words.")
+
+
+EVENTS: tuple[type[Payload], ...] = (
+    ModelRegistered,
+    AdapterRegistered,
+    PromptPublished,
+    DatasetPublished,
+    StageChanged,
+    TrainingRequested,
+    TrainingStarted,
+    TrainingProgress,
+    TrainingCompleted,
+    TrainingFailed,
+    EvaluationRequested,
+    EvaluationCompleted,
+    DeploymentRequested,
+    DeploymentCompleted,
+    InferenceLogged,
+    FeedbackReceived,
+    AlertRaised,
+)

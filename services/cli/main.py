@@ -1,0 +1,49 @@
+"""The `flywheel` console script. Each command group lives in its own module beside this one;
+heavy imports (torch, Triton) happen inside the commands that need them, so `flywheel --help` is fast."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+
+from services.cli import contracts_cmd, infra_cmd
+from services.runtime.errors import FlywheelError
+
+app = typer.Typer(
+    name="flywheel",
+    help="Flywheel: adapt, evaluate, promote, serve, observe and retrain language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(infra_cmd.app, name="infra")
+app.add_typer(contracts_cmd.app, name="contracts")
+
+
+def main() -> None:
+    """Entry point: user-facing errors become one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except FlywheelError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(error.exit_code)
+    except click.ClickException as error:  # usage errors: click's own one-line message
+        error.show()
+        sys.exit(error.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except Exception as error:  # noqa: BLE001 - last line of defence: no traceback reaches a user
+        if os.environ.get("FLYWHEEL_DEBUG"):
+            raise
+        typer.echo(f"error: unexpected {type(error).__name__}: {error} (set FLYWHEEL_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Settings every process shares, read from `FLYWHEEL_*` environment variables when an app is built.
+
+Each service adds its own `<Name>Settings` in `services/<name>/settings.py`; nothing reads the
+environment at import time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.runtime.errors import ConfigurationError
+
+
+class FlywheelSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", extra="ignore")
+
+    home: Path = Field(default=Path(".flywheel"), description="Data directory: registry database, artifacts, embedded ClickHouse, local infra state.")
+    cache: Path = Field(default=Path.home() / ".cache" / "flywheel", description="Downloads shared by every checkout: Kafka jars, virtual environments.")
+    http_host: str = Field(default="127.0.0.1", description="Address the HTTP doors listen on.")
+    http_port: int = Field(default=8080, ge=0, le=65535, description="Port the HTTP doors listen on.")
+    kafka_bootstrap: str | None = Field(default=None, description="Kafka bootstrap servers; unset: the broker `flywheel infra up` started.")
+    clickhouse_url: str | None = Field(default=None, description="ClickHouse server URL (http://user:pass@host:8123/db); unset: embedded chDB under home.")
+    database_url: str | None = Field(default=None, description="Registry database URL; unset: SQLite under home.")
+    bootstrap_admin_key: str | None = Field(default=None, description="Creates the first admin API key when none exists.")
+    topic_prefix: str = Field(default="", description="Prefix for every topic name; lets test runs share a broker.")
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    log_format: str = Field(default="console", description="`console` for people, `json` for log shippers.")
+    consumer_max_retries: int = Field(default=3, ge=0, le=100, description="Attempts before a failing message goes to `<topic>.dlq`.")
+
+    @property
+    def infra_dir(self) -> Path:
+        return self.home / "infra"
+
+    def resolved_kafka_bootstrap(self) -> str:
+        """The broker address: the setting, or the one recorded by `flywheel infra up`."""
+        if self.kafka_bootstrap:
+            return self.kafka_bootstrap
+        state_file = self.infra_dir / "kafka" / "state.json"
+        if state_file.exists():
+            return json.loads(state_file.read_text())["bootstrap"]
+        raise ConfigurationError(
+            "no Kafka broker configured: run `flywheel infra up` or set FLYWHEEL_KAFKA_BOOTSTRAP=host:port"
+        )
