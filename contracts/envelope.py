@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ContractModel(BaseModel):
@@ -52,6 +52,15 @@ class Envelope(ContractModel, Generic[P]):
         "or a request from gateway to feedback.",
     )
     payload: P = Field(description="The event itself.")
+
+    @model_validator(mode="after")
+    def _event_type_matches_payload(self) -> Envelope[P]:
+        # A message on the wrong topic could otherwise validate by accident, since unknown
+        # fields are ignored for forward compatibility.
+        expected = getattr(type(self.payload), "event_type", None)
+        if expected is not None and self.event_type != expected:
+            raise ValueError(f"event_type {self.event_type!r} does not match payload type {expected!r}")
+        return self
 
 
 def wrap(payload: P, *, producer: str, correlation_id: str | None = None, event_id: uuid.UUID | None = None) -> Envelope[P]:

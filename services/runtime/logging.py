@@ -1,0 +1,53 @@
+"""Structured logging for every process: one configuration, chosen by settings, applied once.
+
+Per-message chatter (FastStream's "Received"/"Processed", aiokafka's group bookkeeping) stays
+below INFO, so an INFO log shows what changed, not what flowed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+from services.runtime.settings import FlywheelSettings
+
+_QUIET = {"aiokafka": logging.WARNING, "flywheel.faststream": logging.WARNING, "uvicorn.access": logging.WARNING, "httpx": logging.WARNING, "urllib3": logging.WARNING}
+
+
+def configure_logging(settings: FlywheelSettings) -> None:
+    """Route stdlib and structlog records through one renderer (console or JSON) on stderr."""
+    json_output = settings.log_format == "json"
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info if json_output else _identity, renderer],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    for name, level in _QUIET.items():
+        logging.getLogger(name).setLevel(max(level, root.level))
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+
+
+def _identity(logger: object, name: str, event_dict: dict) -> dict:
+    return event_dict
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    return structlog.stdlib.get_logger(name)

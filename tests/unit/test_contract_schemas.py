@@ -1,0 +1,70 @@
+"""The published JSON Schemas are the contract with apps and other services: a change that breaks
+them must be a new schema version, and any change at all must be reviewed and regenerated."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from contracts.schema_snapshot import REGENERATE_HINT, breaking_changes, compatibility_report, current_schemas
+
+pytestmark = pytest.mark.unit
+
+INFERENCE = "events/inference.logged.v1.json"
+
+
+def test_contracts_match_the_published_snapshot() -> None:
+    breaking, other = compatibility_report()
+    assert not breaking, "breaking contract change(s):\n" + "\n".join(breaking)
+    assert not other, "contract changed without a new snapshot; " + REGENERATE_HINT + ":\n" + "\n".join(other)
+
+
+def _payload_def(schema: dict) -> dict:
+    return schema["$defs"]["InferenceLogged"]
+
+
+def test_removed_field_is_breaking() -> None:
+    published = current_schemas()[INFERENCE]
+    changed = copy.deepcopy(published)
+    del _payload_def(changed)["properties"]["output_text"]
+    assert any("output_text: field removed" in problem for problem in breaking_changes(published, changed))
+
+
+def test_changed_type_is_breaking() -> None:
+    published = current_schemas()[INFERENCE]
+    changed = copy.deepcopy(published)
+    _payload_def(changed)["properties"]["prompt_tokens"] = {"type": "string"}
+    problems = breaking_changes(published, changed)
+    assert any("prompt_tokens: type changed from integer to string" in problem for problem in problems)
+
+
+def test_new_required_field_is_breaking() -> None:
+    published = current_schemas()[INFERENCE]
+    changed = copy.deepcopy(published)
+    _payload_def(changed)["properties"]["tenant"] = {"type": "string"}
+    _payload_def(changed)["required"].append("tenant")
+    assert any("tenant: field is now required" in problem for problem in breaking_changes(published, changed))
+
+
+def test_removed_enum_value_is_breaking() -> None:
+    published = current_schemas()["events/feedback.received.v1.json"]
+    changed = copy.deepcopy(published)
+    changed["$defs"]["Thumbs"]["enum"] = ["up"]
+    assert any('"down"' in problem and "removed" in problem for problem in breaking_changes(published, changed))
+
+
+def test_added_optional_field_and_widened_type_are_compatible() -> None:
+    published = current_schemas()[INFERENCE]
+    changed = copy.deepcopy(published)
+    _payload_def(changed)["properties"]["tenant"] = {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None}
+    _payload_def(changed)["properties"]["route"] = {"anyOf": [{"type": "string"}, {"type": "null"}], "default": "direct"}
+    assert breaking_changes(published, changed) == []
+
+
+def test_every_event_and_http_model_is_exported() -> None:
+    schemas = current_schemas()
+    assert sum(name.startswith("events/") for name in schemas) == 17
+    for name, schema in schemas.items():
+        if name.startswith("events/"):
+            assert {"event_id", "event_type", "schema_version", "occurred_at", "producer", "correlation_id", "payload"} <= set(schema["properties"])
