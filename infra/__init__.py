@@ -1,0 +1,1 @@
+"""Local infrastructure without Docker: a one-node Apache Kafka and a PostgreSQL cluster under FLYWHEEL_HOME."""

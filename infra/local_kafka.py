@@ -1,0 +1,249 @@
+"""A one-node Apache Kafka (KRaft, broker and controller in one JVM) on loopback, without Docker.
+
+The jars come from Maven Central through `mvn` (pinned in infra/kafka/pom.xml) into the shared cache, once;
+each FLYWHEEL_HOME gets its own config, data and log under `<home>/infra/kafka/`, and `state.json` there
+tells services where the broker listens (`FlywheelSettings.resolved_kafka_bootstrap`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
+from infra.processes import (
+    LOOPBACK,
+    InfraStatus,
+    free_port,
+    is_our_process,
+    pick_port,
+    port_is_free,
+    process_alive,
+    read_state,
+    tail,
+    terminate,
+    wait_until,
+    write_state,
+)
+from services.runtime.errors import InfrastructureError
+
+KAFKA_VERSION = "4.1.1"
+DEFAULT_PORT = 9092
+DEFAULT_CONTROLLER_PORT = 9093
+MAIN_CLASS = "kafka.Kafka"
+# The package's data folder, read in place: the broker's JVM needs real file paths, not importlib resources.
+KAFKA_FILES = Path(__file__).with_name("kafka")
+
+# Auto-creation is off so that a misspelt topic fails loudly instead of quietly becoming a new, empty topic:
+# services and tests create their topics explicitly, with the partitions they need.
+SERVER_PROPERTIES = """\
+# Written by `flywheel infra up` on every start; edits are overwritten.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@{host}:{controller_port}
+listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}
+advertised.listeners=PLAINTEXT://{host}:{port}
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+log.dirs={data_dir}
+num.partitions=1
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+# A development broker: keep three days or 1 GiB per partition, whichever is hit first.
+log.retention.hours=72
+log.retention.bytes=1073741824
+log.segment.bytes=134217728
+"""
+
+
+class LocalKafka:
+    """The local broker of one FLYWHEEL_HOME: fetch its jars, start, stop, report."""
+
+    def __init__(self, home: Path, cache: Path, port: int | None = None) -> None:
+        self.dir = home.resolve() / "infra" / "kafka"
+        self.state_file = self.dir / "state.json"
+        self.config_file = self.dir / "server.properties"
+        self.data_dir = self.dir / "data"
+        self.log_file = self.dir / "broker.log"
+        self.jvm_log_file = self.dir / "jvm.out"
+        self.kafka_dir = cache.expanduser().resolve() / f"kafka-{KAFKA_VERSION}"
+        self.libs_dir = self.kafka_dir / "libs"
+        self.port = port
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def ensure_jars(self) -> Path:
+        """Download the broker's jars into the cache unless a previous run finished doing so; the libs folder."""
+        marker = self.kafka_dir / ".complete"
+        if marker.exists():
+            return self.libs_dir
+        java, mvn = shutil.which("java"), shutil.which("mvn")
+        if not java or not mvn:
+            missing = " and ".join(name for name, path in (("java", java), ("mvn", mvn)) if not path)
+            raise InfrastructureError(f"{missing} not found: install a JDK 17+ and Maven (apt-get install -y openjdk-17-jre-headless maven)")
+        self.kafka_dir.mkdir(parents=True, exist_ok=True)
+        # Two pytest sessions (or a test run and `flywheel infra up`) may fetch at once into the same cache.
+        with (self.kafka_dir.parent / f"kafka-{KAFKA_VERSION}.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if marker.exists():
+                return self.libs_dir
+            print(f"fetching Apache Kafka {KAFKA_VERSION} jars from Maven Central into {self.libs_dir} (about a minute, once)", file=sys.stderr)
+            result = subprocess.run(
+                [mvn, "-q", "-B", "-f", str(KAFKA_FILES / "pom.xml"), "dependency:copy-dependencies",
+                 f"-DoutputDirectory={self.libs_dir}", "-DincludeScope=runtime"],
+                capture_output=True, text=True, check=False,
+            )
+            if result.returncode != 0:
+                output = (result.stdout + result.stderr).strip().splitlines()
+                raise InfrastructureError(f"mvn could not fetch the Kafka jars (exit {result.returncode}):\n" + "\n".join(output[-15:]))
+            marker.touch()
+        return self.libs_dir
+
+    def status(self) -> InfraStatus:
+        """Whether the recorded broker runs, and where."""
+        state = read_state(self.state_file)
+        if state is None:
+            return InfraStatus("kafka", False, data_dir=self.data_dir, log_file=self.log_file)
+        running = self._is_ours(state["pid"])
+        return InfraStatus(
+            "kafka",
+            running,
+            pid=state["pid"],
+            address=state["bootstrap"],
+            data_dir=self.data_dir,
+            log_file=self.log_file,
+            started_at=state["started_at"],
+            note=None if running else f"stale state: pid {state['pid']} is not running",
+        )
+
+    def start(self, timeout: float = 60.0) -> str:
+        """Start the broker, or reuse the one already running for this home; its bootstrap address.
+
+        Blocks while it waits (it runs its own event loop): from async code, call it through asyncio.to_thread.
+        """
+        state = read_state(self.state_file)
+        if state is not None:
+            if self._is_ours(state["pid"]):
+                if self.port is not None and state["port"] != self.port:
+                    raise InfrastructureError(f"a broker already runs on {state['bootstrap']}: `flywheel infra down` first to move it to port {self.port}")
+                self._wait_ready(state["pid"], state["bootstrap"], timeout)
+                return state["bootstrap"]
+            self.state_file.unlink()
+        libs = self.ensure_jars()
+        port, controller_port = self._choose_ports()
+        bootstrap = f"{LOOPBACK}:{port}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(SERVER_PROPERTIES.format(host=LOOPBACK, port=port, controller_port=controller_port, data_dir=self.data_dir))
+        if not (self.data_dir / "meta.properties").exists():
+            self._format_storage(libs)
+        with self.jvm_log_file.open("wb") as jvm_out:
+            self._process = subprocess.Popen(
+                self._java(libs, MAIN_CLASS, str(self.config_file)),
+                stdin=subprocess.DEVNULL, stdout=jvm_out, stderr=subprocess.STDOUT,
+                # Its own session: a Ctrl-C in the terminal that ran `flywheel infra up` must not reach the broker.
+                start_new_session=True,
+            )
+        pid = self._process.pid
+        write_state(self.state_file, {
+            "pid": pid,
+            "bootstrap": bootstrap,
+            "port": port,
+            "controller_port": controller_port,
+            "data_dir": str(self.data_dir),
+            "config": str(self.config_file),
+            "log_file": str(self.log_file),
+            "kafka_version": KAFKA_VERSION,
+            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
+        try:
+            self._wait_ready(pid, bootstrap, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return bootstrap
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the recorded broker and forget it; whether one was running."""
+        state = read_state(self.state_file)
+        if state is None:
+            return False
+        pid = state["pid"]
+        running = self._is_ours(pid)
+        if running:
+            terminate(pid, timeout)
+        if self._process is not None and self._process.pid == pid:
+            self._process.wait()  # reap our own child, or it lingers as a zombie until this process exits
+            self._process = None
+        self.state_file.unlink(missing_ok=True)
+        return running
+
+    def _is_ours(self, pid: int) -> bool:
+        # A pid recorded days ago may belong to an unrelated process by now: never signal one that is not our broker.
+        return is_our_process(pid, MAIN_CLASS, str(self.config_file))
+
+    def _choose_ports(self) -> tuple[int, int]:
+        if self.port is not None:
+            if not port_is_free(self.port):
+                raise InfrastructureError(f"port {self.port} is in use: choose another with --port or stop what listens there")
+            return self.port, pick_port(DEFAULT_CONTROLLER_PORT, avoid={self.port}) if self.port == DEFAULT_PORT else free_port(avoid={self.port})
+        port = pick_port(DEFAULT_PORT)
+        return port, pick_port(DEFAULT_CONTROLLER_PORT, avoid={port}) if port == DEFAULT_PORT else free_port(avoid={port})
+
+    def _java(self, libs: Path, main_class: str, *args: str) -> list[str]:
+        return [
+            "java", "-Xmx512m", "-cp", f"{libs}/*",
+            f"-Dlog4j2.configurationFile={KAFKA_FILES / 'log4j2.properties'}",
+            f"-Dflywheel.kafka.log={self.log_file}",
+            main_class, *args,
+        ]
+
+    def _format_storage(self, libs: Path) -> None:
+        cluster_id = self._run_tool(libs, "random-uuid").strip().splitlines()[-1]
+        # No --standalone: the voter set comes from controller.quorum.voters in the config.
+        self._run_tool(libs, "format", "-t", cluster_id, "-c", str(self.config_file))
+
+    def _run_tool(self, libs: Path, *args: str) -> str:
+        result = subprocess.run(self._java(libs, "kafka.tools.StorageTool", *args), capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise InfrastructureError(f"kafka-storage {args[0]} failed (exit {result.returncode}): {(result.stdout + result.stderr).strip()}")
+        return result.stdout
+
+    def _wait_ready(self, pid: int, bootstrap: str, timeout: float) -> None:
+        port = int(bootstrap.rsplit(":", 1)[1])
+        # The TCP check first keeps aiokafka from logging connection errors while the JVM boots.
+        ready = wait_until(
+            lambda: not process_alive(pid) or (not port_is_free(port) and asyncio.run(_broker_answers(bootstrap))),
+            timeout, interval=0.5,
+        )
+        if not process_alive(pid):
+            raise InfrastructureError(f"the Kafka broker exited during startup; last lines of {self.log_file}:\n{self._log_tail()}")
+        if not ready:
+            raise InfrastructureError(f"the Kafka broker did not answer on {bootstrap} within {timeout:.0f}s; last lines of {self.log_file}:\n{self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        jvm = self.jvm_log_file.read_text(errors="replace").strip() if self.jvm_log_file.exists() else ""
+        return tail(self.log_file) + (f"\n{self.jvm_log_file}:\n{tail(self.jvm_log_file)}" if jvm else "")
+
+
+async def _broker_answers(bootstrap: str) -> bool:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    try:
+        await admin.start()
+        cluster = await admin.describe_cluster()
+    except KafkaError:
+        return False
+    finally:
+        await admin.close()
+    return bool(cluster["brokers"])
