@@ -1,5 +1,70 @@
-"""`flywheel infra up|down|status` (owned by the infra work in progress)."""
+"""`flywheel infra up|down|status`: a local Apache Kafka (and PostgreSQL) without Docker, state under FLYWHEEL_HOME."""
+
+from __future__ import annotations
+
+from typing import Annotated
 
 import typer
+from rich.console import Console
+
+from infra.local_kafka import LocalKafka
+from infra.local_postgres import LocalPostgres
+from services.runtime.settings import FlywheelSettings
 
 app = typer.Typer(help="Start and stop local Apache Kafka (and PostgreSQL) without Docker.", no_args_is_help=True)
+console = Console(highlight=False, soft_wrap=True)  # long paths and URLs stay whole for copy and grep
+
+Timeout = Annotated[float, typer.Option(help="Seconds to wait for each service to answer.")]
+
+
+@app.command()
+def up(
+    postgres: Annotated[bool, typer.Option("--postgres", help="Also start PostgreSQL (for the registry).")] = False,
+    port: Annotated[int | None, typer.Option(help="Kafka port; default 9092, or any free port when 9092 is taken.")] = None,
+    postgres_port: Annotated[int | None, typer.Option(help="PostgreSQL port; default 5432, or any free port when taken.")] = None,
+    timeout: Timeout = 60.0,
+) -> None:
+    """Start the local broker (reusing a running one) and record where it listens."""
+    settings = FlywheelSettings()
+    _start(LocalKafka(settings.home, settings.cache, port), timeout)
+    if postgres:
+        database = LocalPostgres(settings.home, postgres_port)
+        _start(database, timeout)
+        console.print(f"  its URL, password included, is in {database.state_file} (for FLYWHEEL_DATABASE_URL)")
+
+
+@app.command()
+def down(
+    postgres: Annotated[bool, typer.Option("--postgres", "--all", help="Also stop PostgreSQL.")] = False,
+    timeout: Timeout = 30.0,
+) -> None:
+    """Stop the local broker (and PostgreSQL) recorded under FLYWHEEL_HOME; data stays for the next `up`."""
+    settings = FlywheelSettings()
+    services = [LocalKafka(settings.home, settings.cache)]
+    if postgres:
+        services.append(LocalPostgres(settings.home))
+    for service in services:
+        before = service.status()
+        stopped = service.stop(timeout)
+        console.print(f"{before.name}: " + (f"stopped (pid {before.pid})" if stopped else "was not running"))
+
+
+@app.command()
+def status() -> None:
+    """Show whether the local broker and PostgreSQL run, and where."""
+    settings = FlywheelSettings()
+    for service in (LocalKafka(settings.home, settings.cache), LocalPostgres(settings.home)):
+        current = service.status()
+        if current.running:
+            console.print(f"{current.name}: [green]running[/] pid {current.pid} at {current.address} since {current.started_at}")
+        else:
+            console.print(f"{current.name}: [yellow]stopped[/]" + (f" ({current.note})" if current.note else ""))
+        console.print(f"  data {current.data_dir}\n  log  {current.log_file}")
+
+
+def _start(service: LocalKafka | LocalPostgres, timeout: float) -> None:
+    was_running = service.status().running
+    service.start(timeout)
+    now = service.status()
+    verb = "already running" if was_running else "started"
+    console.print(f"{now.name}: {verb} at {now.address} (pid {now.pid}, log {now.log_file})")
