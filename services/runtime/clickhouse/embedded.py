@@ -1,0 +1,136 @@
+"""Embedded ClickHouse (chDB) with its data directory on disk.
+
+chDB runs one engine per process, bound to one data directory: while any connection is open, chDB refuses
+a connection to another path ("EmbeddedServer already initialized with path ..."). The registry below
+turns that into a ConfigurationError naming both paths before chDB is asked. Connections to the same
+path share the engine; each store keeps its own connection because the current database (`USE`) and
+`readonly` are per-connection state.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clickhouse_connect.driver.binding import bind_query
+
+from services.runtime.clickhouse.store import ClickHouseError, ClickHouseStore, quote_identifier
+from services.runtime.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import pyarrow
+    from chdb.state.sqlitelike import Connection
+
+_registry_lock = threading.Lock()
+_open_path: Path | None = None
+_open_count = 0
+
+
+def open_embedded_path() -> Path | None:
+    """The chDB data directory this process has open, if any."""
+    return _open_path
+
+
+def _acquire(path: Path) -> None:
+    global _open_path, _open_count
+    with _registry_lock:
+        if _open_count and _open_path != path:
+            raise ConfigurationError(
+                f"embedded ClickHouse is already open at {_open_path} in this process and chDB allows one data "
+                f"directory per process, so {path} cannot be opened too: close the other store first, "
+                "or set FLYWHEEL_CLICKHOUSE_URL to a ClickHouse server"
+            )
+        _open_path = path
+        _open_count += 1
+
+
+def _release() -> None:
+    global _open_path, _open_count
+    with _registry_lock:
+        _open_count -= 1
+        if not _open_count:
+            _open_path = None
+
+
+class EmbeddedStore(ClickHouseStore):
+    def __init__(self, connection: Connection, path: Path, database: str, readonly: bool) -> None:
+        self._connection: Connection | None = connection
+        self.path = path
+        self.database = database
+        self.readonly = readonly
+
+    @classmethod
+    def open(cls, path: Path, database: str, readonly: bool) -> EmbeddedStore:
+        """Open `database` in the chDB data directory `path`, creating both unless `readonly`."""
+        path = path.resolve()
+        if "?" in str(path):
+            raise ConfigurationError(f"the embedded ClickHouse directory {path} must not contain '?'")
+        if readonly and not path.is_dir():
+            raise ConfigurationError(f"no embedded ClickHouse data at {path}: nothing has been written there yet")
+        path.mkdir(parents=True, exist_ok=True)
+        # Imported here: importing chdb starts an in-memory engine, which a server-backed process never needs.
+        import chdb
+
+        _acquire(path)
+        connection = None
+        try:
+            # readonly=1 is a per-connection setting the engine enforces; it also forbids changing settings,
+            # so `SET readonly = 0` or `SETTINGS readonly = 0` through this handle is refused too.
+            connection = chdb.connect(f"{path}?readonly=1" if readonly else str(path))
+            store = cls(connection, path, database, readonly)
+            if not readonly:
+                store.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(database)}")
+            elif not store.query("SELECT 1 FROM system.databases WHERE name = {name:String}", {"name": database}):
+                raise ConfigurationError(
+                    f"database {database!r} does not exist in {path}: open it writable once to run the migrations"
+                )
+            store.command(f"USE {quote_identifier(database)}")
+        except BaseException:
+            if connection is not None:
+                connection.close()
+            _release()
+            raise
+        return store
+
+    def command(self, sql: str, parameters: dict[str, Any] | None = None) -> None:
+        self._run(sql, "CSV", parameters)
+
+    def query_arrow(self, sql: str, parameters: dict[str, Any] | None = None) -> pyarrow.Table:
+        return self._run(sql, "ArrowTable", parameters)
+
+    def insert_arrow(self, table: str, data: pyarrow.Table, dedup_token: str | None = None) -> None:
+        columns = ", ".join(quote_identifier(name) for name in data.column_names)
+        settings = ""
+        if dedup_token is not None:
+            settings = f" SETTINGS insert_deduplication_token = '{_escape(dedup_token)}'"
+        # Python() resolves `flywheel_batch` by name in the calling frames; naming the columns on both sides
+        # binds them by name, so the Arrow column order cannot shift data between columns.
+        flywheel_batch = data  # noqa: F841
+        self._run(
+            f"INSERT INTO {quote_identifier(table)} ({columns}) SELECT {columns} FROM Python(flywheel_batch){settings}",
+            "CSV",
+            None,
+        )
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+            _release()
+
+    def _run(self, sql: str, fmt: str, parameters: dict[str, Any] | None) -> Any:
+        if self._connection is None:
+            raise ClickHouseError(f"the embedded ClickHouse store at {self.path} is closed")
+        # clickhouse-connect's binder renders values exactly as the server backend sends them.
+        final_sql, bound = bind_query(sql, parameters, timezone.utc)
+        params = {name.removeprefix("param_"): value for name, value in bound.items()}
+        try:
+            return self._connection.query(final_sql, fmt, params=params)
+        except RuntimeError as error:
+            raise ClickHouseError(str(error)) from None
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
