@@ -28,11 +28,6 @@ _open_path: Path | None = None
 _open_count = 0
 
 
-def open_embedded_path() -> Path | None:
-    """The chDB data directory this process has open, if any."""
-    return _open_path
-
-
 def _acquire(path: Path) -> None:
     global _open_path, _open_count
     with _registry_lock:
