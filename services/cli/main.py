@@ -9,7 +9,7 @@ import sys
 import click
 import typer
 
-from services.cli import contracts_cmd, infra_cmd
+from services.cli import contracts_cmd, demo_cmd, doctor_cmd, infra_cmd
 from services.runtime.errors import FlywheelError
 
 app = typer.Typer(
@@ -19,8 +19,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _configure(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show INFO logs (default: warnings and errors)."),
+) -> None:
+    from services.runtime.logging import configure_logging
+    from services.runtime.settings import FlywheelSettings, load_settings
+
+    settings = load_settings(FlywheelSettings)
+    configure_logging(settings.model_copy(update={"log_level": "INFO" if verbose else "WARNING"}))
+
+
 app.add_typer(infra_cmd.app, name="infra")
 app.add_typer(contracts_cmd.app, name="contracts")
+app.command(name="doctor")(doctor_cmd.doctor)
+app.command(name="demo")(demo_cmd.demo)
 
 
 def main() -> None:

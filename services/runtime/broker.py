@@ -34,12 +34,17 @@ def create_broker(settings: FlywheelSettings, *, client_id: str) -> KafkaBroker:
         log_level=logging.DEBUG,
         logger=logging.getLogger("flywheel.faststream"),
         request_timeout_ms=30_000,
+        graceful_timeout=settings.shutdown_grace_s,
     )
 
 
 async def check_reachable(bootstrap: str, timeout_s: float = 10.0) -> None:
     """Raise a one-line ConfigurationError unless a Kafka broker answers at `bootstrap`."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    # aiokafka logs each failed connection attempt at ERROR; this probe reports the failure itself.
+    client_log = logging.getLogger("aiokafka")
+    level = client_log.level
+    client_log.setLevel(logging.CRITICAL)
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
     except (KafkaConnectionError, KafkaError, OSError, TimeoutError) as error:
@@ -48,6 +53,7 @@ async def check_reachable(bootstrap: str, timeout_s: float = 10.0) -> None:
             "or fix FLYWHEEL_KAFKA_BOOTSTRAP"
         ) from None
     finally:
+        client_log.setLevel(level)
         await admin.close()
 
 

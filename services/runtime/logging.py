@@ -13,7 +13,8 @@ import structlog
 
 from services.runtime.settings import FlywheelSettings
 
-_QUIET = {"aiokafka": logging.WARNING, "flywheel.faststream": logging.WARNING, "uvicorn.access": logging.WARNING, "httpx": logging.WARNING, "urllib3": logging.WARNING}
+# aiokafka warns "Marking the coordinator dead" while a fresh broker creates __consumer_offsets: noise.
+_QUIET = {"aiokafka": logging.WARNING, "aiokafka.consumer.group_coordinator": logging.ERROR, "flywheel.faststream": logging.WARNING, "uvicorn.access": logging.WARNING, "httpx": logging.WARNING, "urllib3": logging.WARNING}
 
 
 def configure_logging(settings: FlywheelSettings) -> None:

@@ -9,10 +9,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import Field
+from typing import TypeVar
+
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.runtime.errors import ConfigurationError
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(cls: type[S], **overrides: object) -> S:
+    """Build settings from the environment; a bad value is a one-line ConfigurationError naming the variable."""
+    try:
+        return cls(**overrides)
+    except ValidationError as error:
+        prefix = cls.model_config.get("env_prefix", "")
+        problems = [
+            f"{prefix}{'_'.join(str(part) for part in problem['loc']).upper()}={problem.get('input')!r}: {problem['msg']}"
+            for problem in error.errors()
+        ]
+        raise ConfigurationError("invalid setting " + "; ".join(problems)) from None
 
 
 class FlywheelSettings(BaseSettings):
@@ -29,6 +47,7 @@ class FlywheelSettings(BaseSettings):
     topic_prefix: str = Field(default="", description="Prefix for every topic name; lets test runs share a broker.")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
     log_format: str = Field(default="console", description="`console` for people, `json` for log shippers.")
+    shutdown_grace_s: float = Field(default=15.0, ge=0, description="Seconds a stopping consumer waits for in-flight handlers before cancelling them.")
     consumer_max_retries: int = Field(default=3, ge=0, le=100, description="Attempts before a failing message goes to `<topic>.dlq`.")
 
     @property

@@ -6,14 +6,14 @@ from pydantic import ValidationError
 from contracts.envelope import Envelope, wrap
 from contracts.events import EVENTS, FeedbackReceived, Hyperparameters, InferenceLogged
 from contracts.topics import all_topics, dlq_for, topic_for
-from tests.contract_samples import samples
+from contracts.examples import example_events
 
 pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize("event", EVENTS, ids=lambda event: event.event_type)
 def test_every_event_round_trips_through_json(event) -> None:
-    payload = samples()[event]
+    payload = example_events()[event]
     envelope = wrap(payload, producer="test", correlation_id="corr-1")
     decoded = Envelope[event].model_validate_json(envelope.model_dump_json())
     assert decoded == envelope
@@ -22,13 +22,13 @@ def test_every_event_round_trips_through_json(event) -> None:
 
 
 def test_envelope_refuses_a_payload_of_another_type() -> None:
-    feedback = wrap(samples()[FeedbackReceived], producer="test")
+    feedback = wrap(example_events()[FeedbackReceived], producer="test")
     with pytest.raises(ValidationError):
         Envelope[InferenceLogged].model_validate_json(feedback.model_dump_json())
 
 
 def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
-    envelope = wrap(samples()[InferenceLogged], producer="test")
+    envelope = wrap(example_events()[InferenceLogged], producer="test")
     data = envelope.model_dump(mode="json")
     data["payload"]["added_in_a_later_minor_version"] = 1
     data["added_to_the_envelope_later"] = "x"

