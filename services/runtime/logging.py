@@ -14,7 +14,7 @@ import structlog
 from services.runtime.settings import FlywheelSettings
 
 # aiokafka warns "Marking the coordinator dead" while a fresh broker creates __consumer_offsets: noise.
-_QUIET = {"aiokafka": logging.WARNING, "aiokafka.consumer.group_coordinator": logging.ERROR, "flywheel.faststream": logging.WARNING, "uvicorn.access": logging.WARNING, "httpx": logging.WARNING, "urllib3": logging.WARNING}
+_QUIET = {"aiokafka": logging.WARNING, "aiokafka.consumer.group_coordinator": logging.ERROR, "flywheel.faststream": logging.WARNING, "uvicorn.access": logging.WARNING, "httpx": logging.WARNING, "urllib3": logging.ERROR}
 
 
 def configure_logging(settings: FlywheelSettings) -> None:

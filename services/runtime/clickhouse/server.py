@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 from services.runtime.clickhouse.store import (
@@ -33,6 +35,12 @@ class ServerStore(ClickHouseStore):
         import clickhouse_connect
         from clickhouse_connect.driver.exceptions import Error
 
+        # clickhouse-connect (and urllib3 under it, whose level it resets on import) log a failed
+        # first request before raising; the raised error is reported here, once, as the one line a
+        # user reads.
+        quieted = {name: logging.getLogger(name).level for name in ("clickhouse_connect", "urllib3")}
+        for name in quieted:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         try:
             client = clickhouse_connect.get_client(
                 host=address.host,
@@ -49,8 +57,11 @@ class ServerStore(ClickHouseStore):
             )
         except Error as error:
             raise ConfigurationError(
-                f"cannot reach ClickHouse at {address.redacted} (FLYWHEEL_CLICKHOUSE_URL): {_first_line(error)}"
+                f"cannot reach ClickHouse at {address.redacted} (FLYWHEEL_CLICKHOUSE_URL): {_reason(error)}"
             ) from None
+        finally:
+            for name, level in quieted.items():
+                logging.getLogger(name).setLevel(level)
         store = cls(client, address, database, readonly)
         try:
             if not readonly:
@@ -104,3 +115,10 @@ class ServerStore(ClickHouseStore):
 
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _reason(error: BaseException) -> str:
+    """The root cause of a connection failure (e.g. `Connection refused`), not urllib3's retry story."""
+    line = _first_line(error)
+    cause = re.search(r"\[Errno -?\d+\] ([^\"')]+)", line)
+    return cause.group(1).strip() if cause else line
