@@ -194,12 +194,15 @@ class LocalKafka:
         return is_our_process(pid, MAIN_CLASS, str(self.config_file))
 
     def _choose_ports(self) -> tuple[int, int]:
-        if self.port is not None:
-            if not port_is_free(self.port):
-                raise InfrastructureError(f"port {self.port} is in use: choose another with --port or stop what listens there")
-            return self.port, pick_port(DEFAULT_CONTROLLER_PORT, avoid={self.port}) if self.port == DEFAULT_PORT else free_port(avoid={self.port})
-        port = pick_port(DEFAULT_PORT)
-        return port, pick_port(DEFAULT_CONTROLLER_PORT, avoid={port}) if port == DEFAULT_PORT else free_port(avoid={port})
+        if self.port is None:
+            port = pick_port(DEFAULT_PORT)
+        elif port_is_free(self.port):
+            port = self.port
+        else:
+            raise InfrastructureError(f"port {self.port} is in use: choose another with --port or stop what listens there")
+        # The conventional pair 9092/9093 when the broker has 9092; otherwise the controller takes any free port.
+        controller_port = pick_port(DEFAULT_CONTROLLER_PORT, avoid={port}) if port == DEFAULT_PORT else free_port(avoid={port})
+        return port, controller_port
 
     def _java(self, libs: Path, main_class: str, *args: str) -> list[str]:
         return [
