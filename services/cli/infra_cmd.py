@@ -68,3 +68,21 @@ def _start(service: LocalKafka | LocalPostgres, timeout: float) -> None:
     now = service.status()
     verb = "already running" if was_running else "started"
     console.print(f"{now.name}: {verb} at {now.address} (pid {now.pid}, log {now.log_file})")
+
+
+@app.command()
+def topics(
+    replication_factor: Annotated[int, typer.Option(min=1, help="Replicas per partition (1 on a single broker).")] = 1,
+) -> None:
+    """Create every contract topic and its `.dlq` with explicit partitions (existing ones are kept)."""
+    import asyncio
+
+    from contracts.topics import all_topics
+    from services.runtime.broker import ensure_topics
+    from services.runtime.settings import load_settings
+
+    settings = load_settings(FlywheelSettings)
+    bootstrap = settings.resolved_kafka_bootstrap()
+    created = asyncio.run(ensure_topics(bootstrap, settings.topic_prefix, replication_factor))
+    wanted = all_topics(settings.topic_prefix)
+    console.print(f"topics at {bootstrap}: {len(created)} created, {len(wanted) - len(created)} already there ({len(wanted)} in the contract)")
