@@ -5,7 +5,8 @@
 # Why build it from the Go module proxy: it is the ordinary client for a Go module and the only
 # registry that carries Compose v2. Debian's `docker-compose` package is Compose v1 (1.29.2, end of
 # life), which rejects parts of the Compose spec that v2 accepts (the top-level `name:`), and
-# PyPI's docker-compose 1.29.2 needs PyYAML<6, which no longer builds on Python 3.11.
+# PyPI's docker-compose 1.29.2 needs PyYAML<6, which has no Python 3.11 wheel (and its sdist does not
+# build with Cython 3).
 #
 # Why not `go install .../cmd@version`: compose's go.mod has `exclude` directives, which `go install`
 # refuses for a module that is not the main one; building inside the downloaded module is the
