@@ -9,7 +9,7 @@ import sys
 import click
 import typer
 
-from services.cli import contracts_cmd, demo_cmd, doctor_cmd, infra_cmd
+from services.cli import contracts_cmd, demo_cmd, doctor_cmd, infra_cmd, run_cmd
 from services.runtime.errors import FlywheelError
 
 app = typer.Typer(
@@ -36,6 +36,8 @@ app.add_typer(infra_cmd.app, name="infra")
 app.add_typer(contracts_cmd.app, name="contracts")
 app.command(name="doctor")(doctor_cmd.doctor)
 app.command(name="demo")(demo_cmd.demo)
+app.command(name="up")(run_cmd.up)
+app.command(name="run")(run_cmd.run)
 
 
 def main() -> None:

@@ -1,0 +1,59 @@
+"""`flywheel up` (every service in one process) and `flywheel run SERVICE` (one alone).
+
+The composition root: the only module that imports services. Each service's `app.create_app` is
+found by name, so a service is added by adding its folder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import typer
+
+from services.runtime.errors import ConfigurationError
+from services.runtime.service import ServiceFactory, build_process
+from services.runtime.settings import FlywheelSettings, load_settings
+
+SERVICES = ("registry", "trainer", "evaluator", "serving", "feedback", "monitor")
+
+
+def available_services() -> list[str]:
+    """The contract's services whose code is present in this installation."""
+    return [name for name in SERVICES if importlib.util.find_spec(f"services.{name}") is not None and importlib.util.find_spec(f"services.{name}.app") is not None]
+
+
+def factory(name: str) -> ServiceFactory:
+    if name not in SERVICES:
+        raise ConfigurationError(f"unknown service {name!r}: choose one of {', '.join(SERVICES)}")
+    if name not in available_services():
+        raise ConfigurationError(f"service {name!r} is not part of this installation yet (present: {', '.join(available_services()) or 'none'})")
+    return importlib.import_module(f"services.{name}.app").create_app
+
+
+def serve(names: list[str], title: str) -> None:
+    """Build one process for `names` and serve its HTTP doors until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from services.runtime.logging import configure_logging
+
+    settings = load_settings(FlywheelSettings)
+    configure_logging(settings)
+    app, _ = build_process(settings, [factory(name) for name in names], title=title)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None, lifespan="on"))
+    server.run()
+    if not server.started:
+        raise ConfigurationError(f"{title} did not start: see the log above (is port {settings.http_port} free? FLYWHEEL_HTTP_PORT)")
+
+
+def run(service: str = typer.Argument(..., help=f"One of: {', '.join(SERVICES)}.")) -> None:
+    """Run one service alone: its handlers on Kafka and its HTTP door."""
+    serve([service], title=f"flywheel-{service}")
+
+
+def up() -> None:
+    """Run every service in one process: one broker connection, one ClickHouse, one HTTP app."""
+    present = available_services()
+    if not present:
+        raise ConfigurationError("no service is part of this installation yet")
+    serve(present, title="flywheel")
