@@ -30,6 +30,7 @@ console = Console(highlight=False)
 class DemoReport:
     started_at: datetime
     bootstrap: str = ""
+    broker_pid: int | None = None
     broker_started_here: bool = False
     topics_created: int = 0
     events_published: int = 0
@@ -43,7 +44,7 @@ class DemoReport:
     def to_text(self) -> str:
         lines = [
             f"Flywheel demo (foundation) - {self.started_at:%Y-%m-%d %H:%M:%S} UTC, {self.seconds:.1f} s",
-            f"kafka: {self.bootstrap} ({'started and stopped by the demo' if self.broker_started_here else 'already running'})",
+            f"kafka: {self.bootstrap} pid {self.broker_pid or '-'} ({'started and stopped by the demo' if self.broker_started_here else 'already running'})",
             f"topics created: {self.topics_created}",
             f"events published by an app: {self.events_published}; consumed once each: {sum(self.events_consumed.values())}",
             f"duplicates skipped: {self.duplicates_skipped}; dead-lettered: {len(self.dead_lettered)}",
@@ -74,6 +75,7 @@ def demo(
                 kafka = LocalKafka(settings.home, settings.cache)
                 report.broker_started_here = not kafka.status().running
                 report.bootstrap = kafka.start()
+                report.broker_pid = kafka.status().pid
             progress.update(task, description=f"kafka: ready at {report.bootstrap}", completed=1, total=1)
             asyncio.run(_events(settings, report, progress))
             _clickhouse(settings, report, progress)
