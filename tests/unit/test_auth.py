@@ -1,0 +1,108 @@
+"""API keys: hashed at rest, roles, and the `require` dependency's 401/403 answers in OpenAI's error shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi import APIRouter, Depends
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from services.runtime.auth import ApiKey, Authenticator, KeyStore, Principal, Role, create_database_engine, registry_database_url, split_key
+from services.runtime.http import create_http_app
+from services.runtime.settings import FlywheelSettings
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> KeyStore:
+    engine = create_database_engine(registry_database_url(FlywheelSettings(home=tmp_path)))
+    ApiKey.metadata.create_all(engine, tables=[ApiKey.__table__])  # type: ignore[attr-defined]
+    return KeyStore(engine)
+
+
+def client_for(auth: Authenticator, refusals: list | None = None) -> TestClient:
+    router = APIRouter()
+
+    def record(request, principal, status, message) -> None:  # noqa: ANN001
+        if refusals is not None:
+            refusals.append((request.method, principal.name if principal else None, status))
+
+    @router.get("/things")
+    def read(principal: Principal = Depends(auth.require(Role.viewer, on_refused=record))) -> dict:
+        return {"who": principal.name, "role": principal.role}
+
+    @router.post("/things")
+    def write(principal: Principal = Depends(auth.require(Role.operator, on_refused=record))) -> dict:
+        return {"who": principal.name}
+
+    return TestClient(create_http_app("test", routers=[router]))
+
+
+def test_keys_are_hashed_at_rest(keys: KeyStore) -> None:
+    key, row = keys.create(principal="alice", role=Role.operator, created_by="test")
+    assert key.startswith(f"fw_{row.key_id}_")
+    secret = split_key(key)[1]
+    with keys._engine.connect() as conn:  # noqa: SLF001 - looking at what is really stored
+        stored = " ".join(str(value) for value in conn.execute(text("SELECT * FROM api_key")).one())
+    assert secret not in stored and key not in stored
+    assert keys.verify(key) == Principal("alice", Role.operator, row.key_id)
+    assert keys.verify(key[:-1] + ("a" if key[-1] != "a" else "b")) is None
+    assert keys.verify("fw_nosuch_secret") is None
+
+
+def test_roles_and_errors_at_the_door(keys: KeyStore) -> None:
+    viewer, _ = keys.create(principal="vic", role=Role.viewer, created_by="test")
+    operator, _ = keys.create(principal="olga", role=Role.operator, created_by="test")
+    refusals: list = []
+    client = client_for(Authenticator(keys), refusals)
+
+    missing = client.post("/things")
+    assert missing.status_code == 401
+    assert missing.json()["error"] == {"message": "missing API key: send `Authorization: Bearer <key>`", "type": "authentication_error", "param": None, "code": "missing_api_key"}
+    bad = client.get("/things", headers={"Authorization": "Bearer fw_abc_def"})
+    assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
+
+    assert client.get("/things", headers={"Authorization": f"Bearer {viewer}"}).json() == {"who": "vic", "role": "viewer"}
+    refused = client.post("/things", headers={"Authorization": f"Bearer {viewer}"})
+    assert refused.status_code == 403
+    assert refused.json()["error"]["type"] == "permission_error"
+    assert "vic has role viewer; this needs operator" in refused.json()["error"]["message"]
+    assert client.post("/things", headers={"Authorization": f"Bearer {operator}"}).json() == {"who": "olga"}
+    assert refusals == [("POST", None, 401), ("GET", None, 401), ("POST", "vic", 403)]
+
+
+def test_role_grants() -> None:
+    admin = Principal("a", Role.admin, "k")
+    assert all(admin.may(role) for role in Role)
+    assert Principal("o", Role.operator, "k").may(Role.viewer)
+    assert not Principal("o", Role.operator, "k").may(Role.admin)
+    assert Principal("p", Role.app, "k").may(Role.viewer) and not Principal("p", Role.app, "k").may(Role.operator)
+
+
+def test_bootstrap_admin_only_when_none_exists(keys: KeyStore) -> None:
+    chosen = "any-long-operator-chosen-secret"
+    assert keys.ensure_bootstrap_admin(chosen)
+    assert keys.verify(chosen) is not None and keys.verify(chosen).role is Role.admin  # type: ignore[union-attr]
+    assert not keys.ensure_bootstrap_admin("another-secret-value-here")
+    assert keys.verify("another-secret-value-here") is None
+
+
+def test_revocation_and_cache(keys: KeyStore) -> None:
+    key, row = keys.create(principal="eve", role=Role.app, created_by="test")
+    auth = Authenticator(keys, cache_ttl_s=60)
+    assert auth.authenticate(key).name == "eve"
+    assert keys.revoke(row.key_id)
+    assert auth.authenticate(key).name == "eve"  # cached until the TTL or forget()
+    auth.forget()
+    with pytest.raises(Exception, match="invalid API key"):
+        auth.authenticate(key)
+
+
+def test_unmigrated_database_is_a_503_not_a_traceback(tmp_path: Path) -> None:
+    auth = Authenticator(KeyStore(create_database_engine(f"sqlite:///{tmp_path}/empty.db")))
+    response = client_for(auth).get("/things", headers={"Authorization": "Bearer fw_a_b"})
+    assert response.status_code == 503
+    assert "registry database" in response.json()["error"]["message"]
