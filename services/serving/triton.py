@@ -1,0 +1,268 @@
+"""The engine behind a real Triton Inference Server, through PyTriton.
+
+One Triton model (`flywheel_llm` by default) takes a batch of rendered prompts, each with its adapter
+name and its sampling parameters; Triton's dynamic batcher groups concurrent requests and the
+infer function calls the engine once per batch, so requests for different adapters share every
+forward pass. Per-row problems (an adapter that is not loaded) come back in the row's `error`
+output instead of failing the rows batched with it.
+
+Settings that work on a CPU-only machine (PyTriton 0.7, the bundled tritonserver):
+- the Python-backend stub links against the interpreter's libpython; LIBDIR must be on
+  LD_LIBRARY_PATH of the process that launches tritonserver, or the stub dies with
+  "'_thread.RLock' object has no attribute '_recursion_count'" (`_stub_environment` below);
+- explicit free ports for HTTP, gRPC and metrics (the defaults 8000-8002 collide between tests and
+  replicas), addresses bound to 127.0.0.1, GPU metrics off;
+- `log_file` so the server's own output lands in a file, `log_verbose=0` unless debugging.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.serving.engine import BASE, Engine, GenerationRequest, SamplingParams
+
+log = logging.getLogger("flywheel.serving.triton")
+
+MODEL_NAME = "flywheel_llm"
+
+INPUTS = ("prompt", "adapter", "max_tokens", "temperature", "top_p", "seed", "stop")
+OUTPUTS = ("text", "finish_reason", "prompt_tokens", "completion_tokens", "compute_ms", "error")
+
+
+@dataclass(frozen=True)
+class TritonPorts:
+    http: int
+    grpc: int
+    metrics: int
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics}/metrics"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stub_environment() -> None:
+    libdir = sysconfig.get_config_var("LIBDIR")
+    paths = [path for path in os.environ.get("LD_LIBRARY_PATH", "").split(":") if path]
+    if libdir and libdir not in paths:
+        os.environ["LD_LIBRARY_PATH"] = ":".join([libdir, *paths])
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class TritonServing:
+    """Starts tritonserver with the engine bound as one dynamically batched model; stop() always cleans up."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        workdir: Path,
+        model_name: str = MODEL_NAME,
+        max_batch_size: int = 32,
+        max_queue_delay_us: int = 5_000,
+        log_verbose: int = 0,
+    ) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_us = max_queue_delay_us
+        self.workdir = workdir
+        self.log_file = workdir / "tritonserver.log"
+        self.log_verbose = log_verbose
+        self.ports: TritonPorts | None = None
+        self._triton: Any = None
+        self.batches_served = 0
+        self.largest_batch = 0
+
+    def start(self) -> TritonPorts:
+        from pytriton.decorators import batch
+        from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+        from pytriton.triton import Triton, TritonConfig
+
+        _stub_environment()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        ports = TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port())
+        config = TritonConfig(
+            http_address="127.0.0.1", http_port=ports.http,
+            grpc_address="127.0.0.1", grpc_port=ports.grpc,
+            metrics_address="127.0.0.1", metrics_port=ports.metrics,
+            allow_gpu_metrics=False, log_file=self.log_file, log_verbose=self.log_verbose,
+        )
+        triton = Triton(config=config, workspace=self.workdir / "workspace")
+        try:
+            triton.bind(
+                model_name=self.model_name,
+                infer_func=batch(self._infer),
+                inputs=[
+                    Tensor(name="prompt", dtype=bytes, shape=(1,)),
+                    Tensor(name="adapter", dtype=bytes, shape=(1,)),
+                    Tensor(name="max_tokens", dtype=np.int32, shape=(1,)),
+                    Tensor(name="temperature", dtype=np.float32, shape=(1,)),
+                    Tensor(name="top_p", dtype=np.float32, shape=(1,)),
+                    Tensor(name="seed", dtype=np.int64, shape=(1,)),
+                    Tensor(name="stop", dtype=bytes, shape=(1,)),
+                ],
+                outputs=[
+                    Tensor(name="text", dtype=bytes, shape=(1,)),
+                    Tensor(name="finish_reason", dtype=bytes, shape=(1,)),
+                    Tensor(name="prompt_tokens", dtype=np.int32, shape=(1,)),
+                    Tensor(name="completion_tokens", dtype=np.int32, shape=(1,)),
+                    Tensor(name="compute_ms", dtype=np.float32, shape=(1,)),
+                    Tensor(name="error", dtype=bytes, shape=(1,)),
+                ],
+                config=ModelConfig(
+                    batching=True,
+                    max_batch_size=self.max_batch_size,
+                    batcher=DynamicBatcher(max_queue_delay_microseconds=self.max_queue_delay_us),
+                ),
+                strict=True,
+            )
+            triton.run()
+        except BaseException:
+            triton.stop()
+            raise
+        self._triton = triton
+        self.ports = ports
+        log.info("triton serving %s: http %s, grpc %s, metrics %s, log %s", self.model_name, ports.http, ports.grpc, ports.metrics, self.log_file)
+        return ports
+
+    def stop(self) -> None:
+        triton, self._triton = self._triton, None
+        if triton is not None:
+            triton.stop()
+            log.info("triton stopped")
+
+    def is_alive(self) -> bool:
+        return self._triton is not None and self._triton.is_alive()
+
+    def __enter__(self) -> TritonServing:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def _infer(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        size = len(inputs["prompt"])
+        self.batches_served += 1
+        self.largest_batch = max(self.largest_batch, size)
+        errors = [""] * size
+        requests: dict[int, GenerationRequest] = {}
+        loaded = self.engine.adapters
+        for row in range(size):
+            adapter = _text(inputs["adapter"][row][0]) or None
+            try:
+                if adapter not in (None, BASE) and adapter not in loaded:
+                    raise ValueError(f"adapter {adapter!r} is not loaded")
+                seed = int(inputs["seed"][row][0])
+                params = SamplingParams(
+                    max_tokens=int(inputs["max_tokens"][row][0]),
+                    temperature=float(inputs["temperature"][row][0]),
+                    top_p=float(inputs["top_p"][row][0]),
+                    stop=tuple(json.loads(_text(inputs["stop"][row][0]) or "[]")),
+                    seed=None if seed < 0 else seed,
+                )
+                prompt_ids = self.engine.encode(_text(inputs["prompt"][row][0]))
+                requests[row] = GenerationRequest(prompt_ids, adapter, params)
+            except (ValueError, TypeError) as error:
+                errors[row] = str(error)
+        results = dict(zip(requests, self.engine.generate(list(requests.values())), strict=True))
+        compute_ms = (time.perf_counter() - started) * 1000
+        empty = ("", "error", 0, 0)
+        rows = [(r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens) if (r := results.get(row)) else empty for row in range(size)]
+        return {
+            "text": np.array([[row[0].encode()] for row in rows], dtype=np.object_),
+            "finish_reason": np.array([[row[1].encode()] for row in rows], dtype=np.object_),
+            "prompt_tokens": np.array([[row[2]] for row in rows], dtype=np.int32),
+            "completion_tokens": np.array([[row[3]] for row in rows], dtype=np.int32),
+            "compute_ms": np.full((size, 1), compute_ms, dtype=np.float32),
+            "error": np.array([[message.encode()] for message in errors], dtype=np.object_),
+        }
+
+
+@dataclass(frozen=True)
+class TritonRow:
+    """One request as sent to the Triton model."""
+
+    prompt: str
+    adapter: str | None = None
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TritonAnswer:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    compute_ms: float
+    error: str
+
+
+def infer_inputs(client_module: Any, row: TritonRow) -> list[Any]:
+    """Inputs for one request, built with `tritonclient.http` or `tritonclient.grpc` (same API)."""
+    values = {
+        "prompt": (np.array([[row.prompt.encode()]], dtype=np.object_), "BYTES"),
+        "adapter": (np.array([[(row.adapter or "").encode()]], dtype=np.object_), "BYTES"),
+        "max_tokens": (np.array([[row.max_tokens]], dtype=np.int32), "INT32"),
+        "temperature": (np.array([[row.temperature]], dtype=np.float32), "FP32"),
+        "top_p": (np.array([[row.top_p]], dtype=np.float32), "FP32"),
+        "seed": (np.array([[-1 if row.seed is None else row.seed]], dtype=np.int64), "INT64"),
+        "stop": (np.array([[json.dumps(list(row.stop)).encode()]], dtype=np.object_), "BYTES"),
+    }
+    inputs = []
+    for name, (array, datatype) in values.items():
+        tensor = client_module.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def infer_outputs(client_module: Any) -> list[Any]:
+    return [client_module.InferRequestedOutput(name) for name in OUTPUTS]
+
+
+def parse_answer(result: Any) -> TritonAnswer:
+    """The answer of one request from a tritonclient InferResult."""
+    def first(name: str) -> Any:
+        return result.as_numpy(name).reshape(-1)[0]
+
+    return TritonAnswer(
+        text=_text(first("text")),
+        finish_reason=_text(first("finish_reason")),
+        prompt_tokens=int(first("prompt_tokens")),
+        completion_tokens=int(first("completion_tokens")),
+        compute_ms=float(first("compute_ms")),
+        error=_text(first("error")),
+    )

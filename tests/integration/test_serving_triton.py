@@ -1,0 +1,117 @@
+"""A real Triton Inference Server (PyTriton) in front of the engine, reached through tritonclient."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+
+from services.serving.engine import Engine, GenerationRequest, SamplingParams
+from services.serving.triton import MODEL_NAME, TritonRow, TritonServing, infer_inputs, infer_outputs, parse_answer
+from tests.serving_support import make_adapter, smollm2_tokenizer, tiny_engine
+
+pytestmark = pytest.mark.integration
+
+
+def tritonserver_pids(workdir: Path) -> list[int]:
+    """tritonserver processes started for `workdir` (its model repository lies under it)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "tritonserver" in cmdline and str(workdir) in cmdline:
+                pids.append(int(proc.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    tokenizer = smollm2_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    engine = tiny_engine(tokenizer)
+    adapters = tmp_path_factory.mktemp("adapters")
+    for seed in (1, 2):
+        engine.load_adapter(f"a{seed}", make_adapter(len(tokenizer), adapters / f"a{seed}", seed=seed))
+    return engine
+
+
+@pytest.fixture(scope="module")
+def serving(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServing]:
+    workdir = tmp_path_factory.mktemp("triton")
+    serving = TritonServing(engine, workdir=workdir, max_batch_size=8, max_queue_delay_us=20_000)
+    try:
+        serving.start()
+        yield serving
+    finally:
+        serving.stop()
+        assert tritonserver_pids(workdir) == [], "a tritonserver process outlived its test"
+
+
+def direct(engine: Engine, row: TritonRow) -> str:
+    params = SamplingParams(max_tokens=row.max_tokens, temperature=row.temperature)
+    return engine.generate([GenerationRequest(engine.encode(row.prompt), row.adapter, params)])[0].text
+
+
+def test_http_and_grpc_round_trip(serving: TritonServing, engine: Engine) -> None:
+    assert serving.ports is not None
+    row = TritonRow(prompt="Hello there", adapter="a1", max_tokens=6, temperature=0.0)
+    http = triton_http.InferenceServerClient(serving.ports.http_url)
+    grpc = triton_grpc.InferenceServerClient(serving.ports.grpc_url)
+    try:
+        assert http.is_server_live() and http.is_server_ready() and http.is_model_ready(MODEL_NAME)
+        assert grpc.is_server_live() and grpc.is_model_ready(MODEL_NAME)
+        over_http = parse_answer(http.infer(MODEL_NAME, infer_inputs(triton_http, row), outputs=infer_outputs(triton_http)))
+        over_grpc = parse_answer(grpc.infer(MODEL_NAME, infer_inputs(triton_grpc, row), outputs=infer_outputs(triton_grpc)))
+    finally:
+        http.close()
+        grpc.close()
+    assert over_http.error == "" and over_http.completion_tokens == 6 and over_http.finish_reason == "length"
+    assert over_http.text == over_grpc.text == direct(engine, row)
+    assert over_http.prompt_tokens == len(engine.encode(row.prompt))
+
+
+def test_concurrent_requests_for_different_adapters_share_batches(serving: TritonServing, engine: Engine) -> None:
+    assert serving.ports is not None
+    rows = [TritonRow(prompt=f"Question {i}?", adapter=[None, "a1", "a2"][i % 3], max_tokens=5, temperature=0.0) for i in range(12)]
+    url = serving.ports.http_url
+
+    def call(row: TritonRow) -> str:
+        client = triton_http.InferenceServerClient(url)
+        try:
+            return parse_answer(client.infer(MODEL_NAME, infer_inputs(triton_http, row), outputs=infer_outputs(triton_http))).text
+        finally:
+            client.close()
+
+    before = serving.largest_batch
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        texts = list(pool.map(call, rows))
+    assert texts == [direct(engine, row) for row in rows]
+    assert serving.largest_batch > max(before, 1), "Triton never batched concurrent requests"
+
+
+def test_adapter_unloaded_while_serving_is_a_row_error(serving: TritonServing, engine: Engine, tmp_path: Path) -> None:
+    assert serving.ports is not None
+    client = triton_grpc.InferenceServerClient(serving.ports.grpc_url)
+    try:
+        engine.load_adapter("late", make_adapter(len(engine.tokenizer), tmp_path / "late", seed=9))
+        row = TritonRow(prompt="Hi", adapter="late", max_tokens=3, temperature=0.0)
+        assert parse_answer(client.infer(MODEL_NAME, infer_inputs(triton_grpc, row), outputs=infer_outputs(triton_grpc))).error == ""
+        engine.unload_adapter("late")
+        answer = parse_answer(client.infer(MODEL_NAME, infer_inputs(triton_grpc, row), outputs=infer_outputs(triton_grpc)))
+    finally:
+        client.close()
+    assert answer.finish_reason == "error" and "not loaded" in answer.error
+
+
+def test_metrics_endpoint_counts_inferences(serving: TritonServing) -> None:
+    assert serving.ports is not None
+    with urllib.request.urlopen(serving.ports.metrics_url, timeout=10) as response:
+        body = response.read().decode()
+    assert f'nv_inference_request_success{{model="{MODEL_NAME}",version="1"}}' in body
