@@ -127,9 +127,17 @@ def create_database_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _pragmas(connection, _record) -> None:  # noqa: ANN001 - SQLAlchemy's DBAPI hook
+            # SQLAlchemy issues BEGIN itself (below), so pysqlite must not open transactions on its own.
+            connection.isolation_level = None
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA foreign_keys=ON")
             connection.execute("PRAGMA busy_timeout=30000")
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(connection) -> None:  # noqa: ANN001
+            # A deferred transaction that reads and then writes fails at once with "database is
+            # locked" under concurrency; taking the write lock at BEGIN makes writers queue instead.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True)

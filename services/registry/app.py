@@ -1,0 +1,55 @@
+"""The registry as a service: store, artifact store, outbox relay, handlers and door, wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from contracts.events import EvaluationCompleted, TrainingCompleted
+from services.registry.api import build_router
+from services.registry.handlers import when_evaluation_completed_attach_result, when_training_completed_register_adapter
+from services.registry.outbox import OutboxRelay
+from services.registry.service import Registry
+from services.registry.settings import RegistrySettings
+from services.registry.store import RegistryStore
+from services.runtime.artifacts import ArtifactStore, default_artifact_root
+from services.runtime.auth import Authenticator, KeyStore, registry_database_url
+from services.runtime.service import Runtime, Service
+from services.runtime.settings import load_settings
+
+log = logging.getLogger("flywheel.registry")
+
+
+def create_app(runtime: Runtime) -> Service:
+    settings = load_settings(RegistrySettings)
+    store = RegistryStore(registry_database_url(runtime.settings))
+    artifacts = ArtifactStore(settings.artifact_root or default_artifact_root(runtime.home))
+    relay = OutboxRelay(store, runtime.bus("registry"), interval_s=settings.outbox_interval_s)
+    registry = Registry(store, artifacts, max_dataset_bytes=settings.max_dataset_bytes, on_commit=relay.kick)
+    auth = Authenticator(KeyStore(store.engine))
+
+    async def on_training_completed(envelope) -> None:  # noqa: ANN001 - typed by the subscription
+        await when_training_completed_register_adapter(envelope, registry)
+
+    async def on_evaluation_completed(envelope) -> None:  # noqa: ANN001
+        await when_evaluation_completed_attach_result(envelope, registry)
+
+    runtime.subscribe("registry", TrainingCompleted, on_training_completed)
+    runtime.subscribe("registry", EvaluationCompleted, on_evaluation_completed)
+
+    async def start() -> None:
+        applied = await asyncio.to_thread(store.migrate)
+        if applied:
+            log.info("registry migrations applied: %s", ", ".join(applied))
+        if await asyncio.to_thread(auth.keys.ensure_bootstrap_admin, runtime.settings.bootstrap_admin_key):
+            log.info("bootstrap admin key created from FLYWHEEL_BOOTSTRAP_ADMIN_KEY")
+        await relay.start()
+
+    async def stop() -> None:
+        await relay.stop()
+        await asyncio.to_thread(store.close)
+
+    async def database_ready() -> None:
+        await asyncio.to_thread(store.ping)
+
+    return Service(name="registry", api=build_router(registry, auth), readiness={"database": database_ready}, on_start=[start], on_stop=[stop])

@@ -1,0 +1,19 @@
+"""What the registry does when other services report: one function per consumed event."""
+
+from __future__ import annotations
+
+import asyncio
+
+from contracts.envelope import Envelope
+from contracts.events import EvaluationCompleted, TrainingCompleted
+from services.registry.service import Registry
+
+
+async def when_training_completed_register_adapter(envelope: Envelope[TrainingCompleted], registry: Registry) -> None:
+    # The event id is recorded in the adapter's own transaction, so a redelivery after a crash between
+    # commit and offset commit registers nothing twice, independent of the consumer's own dedupe.
+    await asyncio.to_thread(registry.register_trained_adapter, envelope.payload, event_id=str(envelope.event_id), correlation_id=envelope.correlation_id)
+
+
+async def when_evaluation_completed_attach_result(envelope: Envelope[EvaluationCompleted], registry: Registry) -> None:
+    await asyncio.to_thread(registry.attach_evaluation, envelope.payload, event_id=str(envelope.event_id))

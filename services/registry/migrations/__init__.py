@@ -1,0 +1,1 @@
+"""Numbered registry schema migrations, applied in order by store.RegistryStore.migrate."""

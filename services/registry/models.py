@@ -1,0 +1,270 @@
+"""The registry's tables (SQLModel) and the public views its door returns.
+
+Versions are immutable rows: nothing but `stage`/`canary_percent` of an adapter version and the
+`version` a prompt label points at ever changes after insert.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import JSON, Column, DateTime, Index, Text, UniqueConstraint, text
+from sqlmodel import Field, SQLModel
+
+from contracts.events import Stage
+
+# Imported so that ApiKey's table is part of the metadata the migrations create.
+from services.runtime.auth import ApiKey  # noqa: F401
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _when() -> Any:
+    return Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+class BaseModelRecord(SQLModel, table=True):
+    __tablename__ = "base_model"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=200, unique=True)
+    source: str = Field(max_length=1000)
+    architecture: str = Field(max_length=200)
+    parameter_count: int
+    license: str | None = Field(default=None, max_length=200)
+    artifact_uri: str = Field(max_length=2000)
+    artifact_sha256: str = Field(max_length=64)
+    chat_template: str | None = Field(default=None, sa_column=Column(Text))
+    details: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # Bumped by every stage change of the model's adapters: a compare-and-swap on it makes
+    # concurrent promotions serialise, and the loser learns it lost (409) instead of overwriting.
+    stage_revision: int = 0
+    created_at: datetime = _when()
+    created_by: str = Field(max_length=256)
+
+
+class AdapterVersion(SQLModel, table=True):
+    __tablename__ = "adapter_version"
+    __table_args__ = (
+        UniqueConstraint("model_name", "version", name="uq_adapter_version"),
+        # The database itself refuses a second full production version of a model.
+        Index("uq_adapter_one_production", "model_name", unique=True, sqlite_where=text("stage = 'production' AND canary_percent IS NULL"), postgresql_where=text("stage = 'production' AND canary_percent IS NULL")),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_name: str = Field(max_length=200, foreign_key="base_model.name", index=True)
+    version: int
+    stage: str = Field(default=Stage.none.value, max_length=16)
+    canary_percent: float | None = None
+    artifact_uri: str = Field(max_length=2000)
+    artifact_sha256: str = Field(max_length=64)
+    # Unique: a redelivered training.completed finds its adapter instead of making a second one.
+    training_job_id: str | None = Field(default=None, max_length=200, unique=True)
+    dataset_name: str | None = Field(default=None, max_length=200, index=True)
+    dataset_version: int | None = None
+    hyperparameters: dict | None = Field(default=None, sa_column=Column(JSON))
+    metrics: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    correlation_id: str | None = Field(default=None, max_length=200)
+    created_at: datetime = _when()
+    created_by: str = Field(max_length=256)
+
+
+class EvaluationRecord(SQLModel, table=True):
+    __tablename__ = "evaluation"
+
+    evaluation_id: str = Field(primary_key=True, max_length=200)
+    model_name: str = Field(max_length=200, index=True)
+    adapter_version: int | None = None
+    passed: bool
+    status: str = Field(max_length=32)
+    gate_policy: str = Field(max_length=200)
+    golden_name: str = Field(max_length=200)
+    golden_version: int
+    reasons: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    metrics: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    report_uri: str | None = Field(default=None, max_length=2000)
+    created_at: datetime = _when()
+
+
+class PromptVersion(SQLModel, table=True):
+    __tablename__ = "prompt_version"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_prompt_version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=200, index=True)
+    version: int
+    template: str = Field(sa_column=Column(Text, nullable=False))
+    variables: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    model_name: str | None = Field(default=None, max_length=200)
+    created_at: datetime = _when()
+    created_by: str = Field(max_length=256)
+
+
+class PromptLabel(SQLModel, table=True):
+    __tablename__ = "prompt_label"
+
+    name: str = Field(primary_key=True, max_length=200)
+    label: str = Field(primary_key=True, max_length=100)
+    version: int
+    updated_at: datetime = _when()
+    updated_by: str = Field(max_length=256)
+
+
+class DatasetVersion(SQLModel, table=True):
+    __tablename__ = "dataset_version"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_dataset_version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=200, index=True)
+    version: int
+    split: str = Field(max_length=16)
+    record_format: str = Field(max_length=16)
+    row_count: int
+    sha256: str = Field(max_length=64)
+    artifact_uri: str = Field(max_length=2000)
+    provenance: str = Field(max_length=32)
+    model_name: str | None = Field(default=None, max_length=200)
+    created_at: datetime = _when()
+    created_by: str = Field(max_length=256)
+
+
+class AuditEntry(SQLModel, table=True):
+    """Append-only: the service only ever inserts here."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_object", "object_type", "object_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = _when()
+    actor: str = Field(max_length=256, index=True)
+    action: str = Field(max_length=100)
+    object_type: str = Field(max_length=50)
+    object_id: str = Field(max_length=300)
+    outcome: str = Field(max_length=16)  # ok or refused
+    before: dict | None = Field(default=None, sa_column=Column(JSON))
+    after: dict | None = Field(default=None, sa_column=Column(JSON))
+    detail: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class OutboxEvent(SQLModel, table=True):
+    """An event written in the transaction of the change it announces; the relay publishes it later."""
+
+    __tablename__ = "outbox"
+
+    id: int | None = Field(default=None, primary_key=True)
+    event_id: str = Field(max_length=36, unique=True)
+    event_type: str = Field(max_length=100)
+    envelope: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = _when()
+    sent_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True), index=True)
+
+
+class ProcessedEvent(SQLModel, table=True):
+    """Consumed event ids, recorded in the same transaction as the side effect they caused."""
+
+    __tablename__ = "processed_event"
+
+    event_id: str = Field(primary_key=True, max_length=36)
+    event_type: str = Field(max_length=100)
+    processed_at: datetime = _when()
+
+
+class SchemaMigration(SQLModel, table=True):
+    __tablename__ = "schema_migration"
+
+    version: int = Field(primary_key=True)
+    name: str = Field(max_length=200)
+    applied_at: datetime = _when()
+
+
+# ------------------------------------------------------------------------------- public views
+
+
+class View(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class BaseModelView(View):
+    name: str
+    source: str
+    architecture: str
+    parameter_count: int
+    license: str | None
+    artifact_uri: str
+    artifact_sha256: str
+    chat_template: str | None
+    details: dict
+    created_at: datetime
+    created_by: str
+
+
+class AdapterVersionView(View):
+    model_name: str
+    version: int
+    stage: Stage
+    canary_percent: float | None
+    artifact_uri: str
+    artifact_sha256: str
+    training_job_id: str | None
+    dataset_name: str | None
+    dataset_version: int | None
+    hyperparameters: dict | None
+    metrics: dict
+    created_at: datetime
+    created_by: str
+
+
+class EvaluationView(View):
+    evaluation_id: str
+    model_name: str
+    adapter_version: int | None
+    passed: bool
+    status: str
+    gate_policy: str
+    golden_name: str
+    golden_version: int
+    reasons: list
+    report_uri: str | None
+    created_at: datetime
+
+
+class PromptVersionView(View):
+    name: str
+    version: int
+    template: str
+    variables: list[str]
+    model_name: str | None
+    labels: list[str] = []
+    created_at: datetime
+    created_by: str
+
+
+class DatasetVersionView(View):
+    name: str
+    version: int
+    split: str
+    record_format: str
+    row_count: int
+    sha256: str
+    artifact_uri: str
+    provenance: str
+    model_name: str | None
+    created_at: datetime
+    created_by: str
+
+
+class AuditView(View):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    object_type: str
+    object_id: str
+    outcome: str
+    before: dict | None
+    after: dict | None
+    detail: str | None
