@@ -1,0 +1,105 @@
+"""Which adapter version a `model` field means, from the stage and registration events serving has seen.
+
+Event-carried state: `adapter.registered` and `stage.changed` keep this table current, so resolving
+a request never calls the registry. `name` is production (the base model when nothing is promoted),
+`name@staging` the staging version, `name:v3` a pinned version.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+
+from contracts.events import Stage
+
+_REFERENCE = re.compile(r"^(?P<name>[^@:]+)(?:@(?P<stage>[a-z]+)|:v(?P<version>[0-9]+))?$")
+
+
+class UnknownModelError(LookupError):
+    """The reference names no model, stage or version serving knows."""
+
+
+@dataclass(frozen=True)
+class Route:
+    model_name: str
+    adapter_version: int | None
+    route: str  # production, staging, pinned, direct (the base model)
+
+    @property
+    def adapter_name(self) -> str | None:
+        """The engine's name for the adapter: unique across models and versions."""
+        return None if self.adapter_version is None else f"{self.model_name}:v{self.adapter_version}"
+
+    @property
+    def label(self) -> str:
+        return self.adapter_name or self.model_name
+
+
+@dataclass
+class _Model:
+    versions: dict[int, tuple[str, str]] = field(default_factory=dict)  # version -> (artifact uri, sha256)
+    stages: dict[Stage, int] = field(default_factory=dict)
+
+
+class Routes:
+    def __init__(self) -> None:
+        self._models: dict[str, _Model] = {}
+        self._lock = threading.Lock()
+
+    def add_model(self, model_name: str) -> None:
+        with self._lock:
+            self._models.setdefault(model_name, _Model())
+
+    def add_version(self, model_name: str, version: int, artifact_uri: str, artifact_sha256: str) -> None:
+        with self._lock:
+            self._models.setdefault(model_name, _Model()).versions[version] = (artifact_uri, artifact_sha256)
+
+    def set_stage(self, model_name: str, version: int, to_stage: Stage) -> None:
+        """Point `to_stage` at `version`; a version leaving a stage frees it."""
+        with self._lock:
+            model = self._models.setdefault(model_name, _Model())
+            for stage, current in list(model.stages.items()):
+                if current == version:
+                    del model.stages[stage]
+            if to_stage in (Stage.staging, Stage.production):
+                model.stages[to_stage] = version
+
+    def artifact(self, model_name: str, version: int) -> tuple[str, str] | None:
+        with self._lock:
+            model = self._models.get(model_name)
+            return None if model is None else model.versions.get(version)
+
+    def resolve(self, reference: str) -> Route:
+        match = _REFERENCE.match(reference.strip())
+        if match is None:
+            raise UnknownModelError(f"{reference!r} is not `name`, `name@stage` or `name:vN`")
+        name = match["name"]
+        with self._lock:
+            model = self._models.get(name)
+            if model is None:
+                raise UnknownModelError(f"model {name!r} does not exist")
+            if match["version"] is not None:
+                version = int(match["version"])
+                if version not in model.versions:
+                    raise UnknownModelError(f"model {name!r} has no version {version}")
+                return Route(name, version, "pinned")
+            stage = match["stage"] or Stage.production.value
+            if stage not in (Stage.staging.value, Stage.production.value):
+                raise UnknownModelError(f"stage {stage!r} is not served: use production or staging")
+            version = model.stages.get(Stage(stage))
+            if version is not None:
+                return Route(name, version, stage)
+            if match["stage"] is None:
+                return Route(name, None, "direct")
+            raise UnknownModelError(f"model {name!r} has no version in {stage}")
+
+    def references(self) -> list[str]:
+        """Every reference a client may put in `model`, for /v1/models."""
+        with self._lock:
+            out = []
+            for name, model in sorted(self._models.items()):
+                out.append(name)
+                out.extend(f"{name}@{stage.value}" for stage in sorted(model.stages))
+                out.extend(f"{name}:v{version}" for version in sorted(model.versions))
+            return out

