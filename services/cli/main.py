@@ -11,6 +11,7 @@ import typer
 
 from services.cli import contracts_cmd, demo_cmd, doctor_cmd, infra_cmd, run_cmd
 from services.runtime.errors import FlywheelError
+from services.serving import bench_cmd as serving_bench_cmd
 
 app = typer.Typer(
     name="flywheel",
@@ -38,6 +39,7 @@ app.command(name="doctor")(doctor_cmd.doctor)
 app.command(name="demo")(demo_cmd.demo)
 app.command(name="up")(run_cmd.up)
 app.command(name="run")(run_cmd.run)
+app.add_typer(serving_bench_cmd.app, name="bench")
 
 
 def main() -> None:

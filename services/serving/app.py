@@ -1,0 +1,73 @@
+"""create_app for serving: the engine behind Triton, the gateway door, and the registry events it follows."""
+
+from __future__ import annotations
+
+import asyncio
+
+from contracts.events import AdapterRegistered, DeploymentRequested, StageChanged
+from services.runtime.artifacts import ArtifactStore, default_artifact_root
+from services.runtime.service import Runtime, Service
+from services.runtime.settings import load_settings
+from services.serving.api import create_router
+from services.serving.gateway import Gateway
+from services.serving.handlers import (
+    AdapterLoader,
+    when_adapter_registered_remember_it,
+    when_deployment_requested_load_and_report,
+    when_stage_changed_route_and_load,
+)
+from services.serving.inference_log import InferenceLogBuffer
+from services.serving.routes import Routes
+from services.serving.settings import ServingSettings
+
+
+class _State:
+    engine = None
+    triton = None
+    gateway: Gateway | None = None
+
+
+def create_app(runtime: Runtime) -> Service:
+    settings = load_settings(ServingSettings)
+    routes = Routes()
+    routes.add_model(settings.base_model)
+    state = _State()
+    bus = runtime.bus("serving")
+    buffer = InferenceLogBuffer(bus, capacity=settings.log_buffer_size)
+    loader = AdapterLoader(routes, ArtifactStore(default_artifact_root(runtime.home)), runtime.home / "serving" / "adapters", lambda: state.engine)
+
+    runtime.subscribe("serving", AdapterRegistered, when_adapter_registered_remember_it(routes))
+    runtime.subscribe("serving", StageChanged, when_stage_changed_route_and_load(routes, loader))
+    runtime.subscribe("serving", DeploymentRequested, when_deployment_requested_load_and_report(loader, bus))
+
+    async def start() -> None:
+        from services.serving.engine import SMOLLM2_GGUF, Engine, smollm2_dir
+        from services.serving.triton import TritonServing
+
+        if settings.model_dir is None:
+            state.engine = await asyncio.to_thread(Engine.from_pretrained, smollm2_dir(), gguf_file=SMOLLM2_GGUF, model_name=settings.base_model)
+        else:
+            state.engine = await asyncio.to_thread(Engine.from_pretrained, settings.model_dir, model_name=settings.base_model)
+        state.triton = TritonServing(
+            state.engine, workdir=runtime.home / "serving" / "triton", max_batch_size=settings.max_batch_size,
+            max_queue_delay_us=settings.max_queue_delay_us, log_verbose=settings.triton_log_verbose,
+        )
+        ports = await asyncio.to_thread(state.triton.start)
+        await buffer.start()
+        state.gateway = Gateway(
+            routes=routes, tokenizer=state.engine.tokenizer, triton_grpc_url=ports.grpc_url, settings=settings,
+            log_buffer=buffer, loaded_adapters=lambda: set(state.engine.adapters),
+        )
+
+    async def stop() -> None:
+        if state.gateway is not None:
+            await state.gateway.close()
+        await buffer.stop()
+        if state.triton is not None:
+            await asyncio.to_thread(state.triton.stop)
+
+    async def triton_alive() -> None:
+        if state.triton is None or not state.triton.is_alive():
+            raise RuntimeError("Triton is not running")
+
+    return Service(name="serving", api=create_router(lambda: state.gateway), readiness={"triton": triton_alive}, on_start=[start], on_stop=[stop])

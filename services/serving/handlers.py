@@ -1,0 +1,88 @@
+"""What serving does when registry events arrive: keep the routes current, load and unload adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from contracts.envelope import Envelope
+from contracts.events import AdapterRegistered, DeploymentAction, DeploymentCompleted, DeploymentRequested, Stage, StageChanged
+from services.runtime.artifacts import ArtifactStore
+from services.runtime.broker import EventBus
+from services.serving.engine import Engine
+from services.serving.routes import Route, Routes
+
+log = logging.getLogger("flywheel.serving.handlers")
+
+
+class AdapterLoader:
+    """Materialises an adapter version from the artifact store and loads it into the engine."""
+
+    def __init__(self, routes: Routes, artifacts: ArtifactStore, cache_dir: Path, engine: Callable[[], Engine | None]) -> None:
+        self._routes = routes
+        self._artifacts = artifacts
+        self._cache = cache_dir
+        self._engine = engine
+
+    async def load(self, model_name: str, version: int) -> None:
+        engine = self._engine()
+        artifact = self._routes.artifact(model_name, version)
+        if engine is None or artifact is None:
+            raise LookupError(f"{model_name}:v{version} is unknown to serving or the engine is not up")
+        name = Route(model_name, version, "pinned").adapter_name
+        assert name is not None
+        uri, sha256 = artifact
+        directory = await asyncio.to_thread(self._artifacts.materialize, uri, sha256, self._cache / sha256)
+        await asyncio.to_thread(engine.load_adapter, name, directory)
+
+    async def unload(self, model_name: str, version: int) -> None:
+        engine = self._engine()
+        name = Route(model_name, version, "pinned").adapter_name
+        if engine is not None and name in engine.adapters:
+            await asyncio.to_thread(engine.unload_adapter, name)
+
+
+def when_adapter_registered_remember_it(routes: Routes):
+    async def handle(envelope: Envelope[AdapterRegistered]) -> None:
+        event = envelope.payload
+        routes.add_version(event.model_name, event.adapter_version, event.artifact_uri, event.artifact_sha256)
+
+    return handle
+
+
+def when_stage_changed_route_and_load(routes: Routes, loader: AdapterLoader):
+    async def handle(envelope: Envelope[StageChanged]) -> None:
+        event = envelope.payload
+        if event.to_stage in (Stage.staging, Stage.production):
+            await loader.load(event.model_name, event.adapter_version)
+        routes.set_stage(event.model_name, event.adapter_version, event.to_stage)
+        if event.to_stage == Stage.archived:
+            await loader.unload(event.model_name, event.adapter_version)
+
+    return handle
+
+
+def when_deployment_requested_load_and_report(loader: AdapterLoader, bus: EventBus):
+    async def handle(envelope: Envelope[DeploymentRequested]) -> None:
+        event = envelope.payload
+        error = None
+        try:
+            if event.action == DeploymentAction.load:
+                await loader.load(event.model_name, event.adapter_version)
+            else:
+                await loader.unload(event.model_name, event.adapter_version)
+        except Exception as failure:  # noqa: BLE001 - the outcome is reported in deployment.completed
+            error = f"{type(failure).__name__}: {failure}"
+            log.warning("deployment %s failed: %s", event.deployment_id, error)
+        await bus.publish(
+            DeploymentCompleted(
+                deployment_id=event.deployment_id, model_name=event.model_name, adapter_version=event.adapter_version,
+                action=event.action, ready=error is None, replica=socket.gethostname(), error=error,
+            ),
+            correlation_id=envelope.correlation_id,
+        )
+
+    return handle
