@@ -107,10 +107,13 @@ def _object_of(request: Request) -> tuple[str, str]:
 
 
 def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
-    def refused(request: Request, principal: Principal | None, status: int, message: str) -> None:
+    def audit_refusal(request: Request, actor: str, status: int, message: str) -> None:
         if request.method != "GET":
             object_type, object_id = _object_of(request)
-            registry.record_refusal(principal.name if principal else "anonymous", f"{request.method} {request.url.path}", object_type, object_id, status, message)
+            registry.record_refusal(actor, f"{request.method} {request.url.path}", object_type, object_id, status, message)
+
+    def refused(request: Request, principal: Principal | None, status: int, message: str) -> None:
+        audit_refusal(request, principal.name if principal else "anonymous", status, message)
 
     class AuditedRoute(APIRoute):
         """Refused request bodies of changes are audited too (FastAPI validates before the handler runs)."""
@@ -129,7 +132,7 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
                         except DoorError:
                             actor = "anonymous"
                         first = error.errors()[0] if error.errors() else {}
-                        await asyncio.to_thread(refused, request, Principal(actor, Role.viewer, "-"), 422, str(first.get("msg", "invalid request")))
+                        await asyncio.to_thread(audit_refusal, request, actor, 422, str(first.get("msg", "invalid request")))
                     raise
 
             return audited
