@@ -103,6 +103,6 @@ def import_base_model(registry: Registry, actor: str, *, directory: Path | None 
         parameters = _safetensors_parameters(weights_dir)
         ref = registry.artifacts.put_directory(weights_dir)
     architecture = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
-    details.update({"model_type": config.get("model_type"), "torch_dtype": config.get("torch_dtype") or config.get("dtype"), "artifact_size": ref.size})
+    details.update({"model_type": config.get("model_type"), "torch_dtype": config.get("torch_dtype") or config.get("dtype"), "weights_bytes": sum(int(entry["size"]) for entry in (registry.artifacts.manifest(ref) or {}).values())})
     model = registry.register_base_model(actor, name=name, source=source, architecture=architecture, parameter_count=parameters, artifact_uri=ref.uri, artifact_sha256=ref.sha256, license=license, chat_template=chat_template, details=details)
     return model, True
