@@ -120,14 +120,16 @@ def build_process(settings: FlywheelSettings, factories: Sequence[ServiceFactory
             log.info("%s ready: %s", title, ", ".join(service.name for service in services))
             yield
         finally:
-            with contextlib.suppress(Exception):
-                await runtime.broker.stop()
+            # Stop hooks run while the broker is still connected: a sink flushing its last batch
+            # commits offsets, an outbox relay publishes what is left.
             for service in reversed(started):
                 for hook in service.on_stop:
                     try:
                         await hook()
                     except Exception:  # noqa: BLE001 - one failing hook must not keep the others from running
                         log.exception("stop hook of %s failed", service.name)
+            with contextlib.suppress(Exception):
+                await runtime.broker.stop()
             await asyncio.to_thread(runtime.close)
 
     app = create_http_app(title, readiness=readiness, routers=[service.api for service in services if service.api is not None], lifespan=lifespan)
