@@ -150,6 +150,10 @@ class StageChanged(Payload):
     canary_percent: float | None = Field(
         default=None, ge=0, le=100, description="Share of production traffic for a declared canary."
     )
+    approver: str | None = Field(default=None, description="Who approved the change (always present for a promotion to production).")
+    replaces_version: int | None = Field(
+        default=None, ge=1, description="On a promotion to full production: the version it replaced, archived in the same change."
+    )
 
 
 # ----------------------------------------------------------------------------------------- trainer

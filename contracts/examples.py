@@ -49,7 +49,7 @@ def example_events() -> dict[type[Payload], Payload]:
         AdapterRegistered: AdapterRegistered(model_name=MODEL, adapter_version=3, artifact_uri="file:///artifacts/cd/cdef", artifact_sha256="cd" * 32, training_job_id="job-1", dataset=DATASET, hyperparameters=HYPER, metrics={"final_loss": 0.42}),
         PromptPublished: PromptPublished(prompt_name="support-answer", version=2, model_name=MODEL, template="Answer as Acme support: {{ question }}", variables=["question"], labels=["staging"]),
         DatasetPublished: DatasetPublished(dataset_name="acme-support", version=1, split="train", row_count=320, sha256="ef" * 32, artifact_uri="file:///artifacts/ef/efef", provenance="uploaded", model_name=MODEL),
-        StageChanged: StageChanged(model_name=MODEL, adapter_version=3, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", reason="gate passed", canary_percent=10.0),
+        StageChanged: StageChanged(model_name=MODEL, adapter_version=3, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", reason="gate passed", approver="bob", replaces_version=2),
         TrainingRequested: TrainingRequested(job_id="job-1", model_name=MODEL, dataset=DATASET, hyperparameters=HYPER, requested_by="monitor", reason="alert thumbs-down-rate"),
         TrainingStarted: TrainingStarted(job_id="job-1", model_name=MODEL, total_steps=160, resumed_from_step=40, device="cpu"),
         TrainingProgress: TrainingProgress(job_id="job-1", model_name=MODEL, step=50, total_steps=160, epoch=0.6, loss=1.234, learning_rate=1.9e-4, tokens_per_second=812.5, eta_seconds=95.0),

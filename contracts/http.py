@@ -7,11 +7,13 @@ fields: a typo in a request is an error, not a silently ignored option.
 
 from __future__ import annotations
 
+from datetime import datetime
+from enum import StrEnum
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from contracts.events import DatasetRef, FeedbackSource, Hyperparameters, ModelTarget, Thumbs
+from contracts.events import DatasetRef, FeedbackSource, Hyperparameters, ModelTarget, Stage, Thumbs
 
 T = TypeVar("T")
 
@@ -42,6 +44,15 @@ class Page(Response, Generic[T]):
     items: list[T] = Field(description="This page's items.")
     next_cursor: str | None = Field(default=None, description="Pass as `cursor` to get the next page; none on the last page.")
     total: int | None = Field(default=None, ge=0, description="Total number of items, when cheap to count.")
+
+
+class Role(StrEnum):
+    """What an API key may do: admin (everything, keys), operator (changes), app (gateway, feedback), viewer (reads)."""
+
+    admin = "admin"
+    operator = "operator"
+    app = "app"
+    viewer = "viewer"
 
 
 class HealthStatus(Response):
@@ -115,6 +126,186 @@ class QueryResult(Response):
     row_count: int = Field(ge=0, description="Rows returned.")
     truncated: bool = Field(default=False, description="Whether max_rows cut the result.")
     elapsed_ms: float = Field(ge=0, description="Server time spent.")
+
+
+# ---------------------------------------------------------------------------------------- registry
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
+SHA256 = r"^[0-9a-f]{64}$"
+
+
+class RegistryView(Response):
+    # Views are read straight off the registry's table rows.
+    model_config = ConfigDict(extra="ignore", from_attributes=True)
+
+
+class BaseModelCreate(Request):
+    name: str = Field(pattern=NAME, description="Registered name.")
+    source: str = Field(min_length=1, max_length=1000, description="Package, directory or hub id it came from.")
+    architecture: str = Field(min_length=1, max_length=200, description="Transformers architecture, e.g. LlamaForCausalLM.")
+    parameter_count: int = Field(ge=0, description="Number of parameters.")
+    artifact_uri: str = Field(min_length=1, max_length=2000, description="Where its safetensors are stored (artifact store).")
+    artifact_sha256: str = Field(pattern=SHA256, description="Digest of the stored weights.")
+    license: str | None = Field(default=None, max_length=200, description="License identifier, e.g. apache-2.0.")
+    chat_template: str | None = Field(default=None, description="The tokenizer's chat template.")
+
+
+class BaseModelView(RegistryView):
+    name: str = Field(description="Registered name.")
+    source: str = Field(description="Package, directory or hub id it came from.")
+    architecture: str = Field(description="Transformers architecture.")
+    parameter_count: int = Field(description="Number of parameters.")
+    license: str | None = Field(description="License identifier.")
+    artifact_uri: str = Field(description="Where its safetensors are stored.")
+    artifact_sha256: str = Field(description="Digest of the stored weights.")
+    chat_template: str | None = Field(description="The tokenizer's chat template.")
+    details: dict = Field(description="Further facts recorded at import (dtype, sizes, tokenizer).")
+    created_at: datetime = Field(description="When it was registered (UTC).")
+    created_by: str = Field(description="Principal that registered it.")
+
+
+class AdapterVersionCreate(Request):
+    model_name: str = Field(pattern=NAME, description="Base model the adapter adapts.")
+    artifact_uri: str = Field(min_length=1, max_length=2000, description="The adapter directory's manifest in the artifact store.")
+    artifact_sha256: str = Field(pattern=SHA256, description="Digest of that manifest; checked before registering.")
+    training_job_id: str | None = Field(default=None, max_length=200, description="Training job that produced it; one adapter per job.")
+    dataset: DatasetRef | None = Field(default=None, description="Dataset version it was trained on.")
+    hyperparameters: Hyperparameters | None = Field(default=None, description="LoRA settings it was trained with.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Training metrics, e.g. final_loss.")
+
+
+class AdapterVersionView(RegistryView):
+    model_name: str = Field(description="Base model.")
+    version: int = Field(description="Version number, per model, from 1.")
+    stage: Stage = Field(description="Current stage.")
+    canary_percent: float | None = Field(description="Share of production traffic when this version is the declared canary.")
+    artifact_uri: str = Field(description="The adapter directory's manifest in the artifact store.")
+    artifact_sha256: str = Field(description="Digest of that manifest.")
+    training_job_id: str | None = Field(description="Training job that produced it.")
+    dataset_name: str | None = Field(description="Dataset it was trained on.")
+    dataset_version: int | None = Field(description="Version of that dataset.")
+    hyperparameters: dict | None = Field(description="LoRA settings it was trained with.")
+    metrics: dict = Field(description="Training metrics.")
+    created_at: datetime = Field(description="When it was registered (UTC).")
+    created_by: str = Field(description="Principal or service that registered it.")
+
+
+class StageTransition(Request):
+    to_stage: Stage = Field(description="Target stage.")
+    approver: str | None = Field(default=None, max_length=256, description="Who approved (required for production).")
+    reason: str | None = Field(default=None, max_length=2000, description="Why, in words.")
+    canary_percent: float | None = Field(default=None, gt=0, lt=100, description="Declare this production version a canary with this share of traffic.")
+    replaces: int | None = Field(default=None, ge=1, description="The production version this one replaces (compare-and-swap); it is archived.")
+
+
+class EvaluationView(RegistryView):
+    evaluation_id: str = Field(description="Evaluation id.")
+    model_name: str = Field(description="Base model of the candidate.")
+    adapter_version: int | None = Field(description="Adapter version judged; none: the base model.")
+    passed: bool = Field(description="Whether the gate passed.")
+    status: str = Field(description="completed, or why it did not complete.")
+    gate_policy: str = Field(description="Gate policy and version applied.")
+    golden_name: str = Field(description="Golden dataset.")
+    golden_version: int = Field(description="Golden dataset version.")
+    reasons: list = Field(description="Why the gate passed or failed, in words.")
+    report_uri: str | None = Field(description="The full report in the artifact store.")
+    created_at: datetime = Field(description="When the result was attached (UTC).")
+
+
+class BaseModelRef(Response):
+    name: str = Field(description="Registered name.")
+    source: str = Field(description="Package, directory or hub id it came from.")
+    artifact_sha256: str = Field(description="Digest of the stored weights.")
+
+
+class DatasetVersionView(RegistryView):
+    name: str = Field(description="Dataset name.")
+    version: int = Field(description="Version number, per name, from 1.")
+    split: str = Field(description="train or golden.")
+    record_format: str = Field(description="chat or instruction.")
+    row_count: int = Field(description="Number of records.")
+    sha256: str = Field(description="Digest of the JSONL file.")
+    artifact_uri: str = Field(description="Where the JSONL is stored.")
+    provenance: str = Field(description="uploaded, or feedback (built from corrections).")
+    model_name: str | None = Field(description="Model it is meant for, if any.")
+    created_at: datetime = Field(description="When it was published (UTC).")
+    created_by: str = Field(description="Principal that published it.")
+
+
+class LineageView(Response):
+    adapter: AdapterVersionView = Field(description="The adapter version.")
+    base_model: BaseModelRef = Field(description="The base model it adapts.")
+    training_job_id: str | None = Field(description="Training job that produced it.")
+    hyperparameters: dict | None = Field(description="LoRA settings it was trained with.")
+    dataset: DatasetVersionView | None = Field(description="Dataset version it was trained on; its rows are at /registry/v1/datasets/{name}/versions/{version}/rows.")
+    evaluations: list[EvaluationView] = Field(description="Evaluations of this exact version, oldest first.")
+
+
+class PromptCreate(Request):
+    name: str = Field(pattern=NAME, description="Prompt name.")
+    template: str = Field(min_length=1, max_length=200_000, description="Jinja template text; variables are found in it.")
+    model_name: str | None = Field(default=None, pattern=NAME, description="Model the prompt targets.")
+    labels: list[str] = Field(default_factory=list, max_length=20, description="Labels to point at the new version, e.g. production.")
+
+
+class PromptVersionView(RegistryView):
+    name: str = Field(description="Prompt name.")
+    version: int = Field(description="Version number, per name, from 1.")
+    template: str = Field(description="Template text.")
+    variables: list[str] = Field(description="Variables the template needs.")
+    model_name: str | None = Field(description="Model the prompt targets.")
+    labels: list[str] = Field(default_factory=list, description="Labels pointing at this version (in single-version answers).")
+    created_at: datetime = Field(description="When it was published (UTC).")
+    created_by: str = Field(description="Principal that published it.")
+
+
+class PromptLabelMove(Request):
+    version: int = Field(ge=1, description="Version the label should point at; moving it back is a rollback.")
+
+
+class PromptRenderRequest(Request):
+    version: int | None = Field(default=None, ge=1, description="Version to render; none: by label, else the latest.")
+    label: str | None = Field(default=None, description="Label to render, e.g. production; used when version is none.")
+    variables: dict[str, Any] = Field(default_factory=dict, description="Values for the template's variables; each one it needs is required.")
+
+
+class PromptRendered(Response):
+    name: str = Field(description="Prompt name.")
+    version: int = Field(description="Version rendered.")
+    text: str = Field(description="The rendered text.")
+
+
+class DatasetCreate(Request):
+    name: str = Field(pattern=NAME, description="Dataset name; each upload is its next version.")
+    split: Literal["train", "golden"] = Field(description="train, or golden (for evaluation).")
+    jsonl: str = Field(description="The records, one JSON object per line: chat ({\"messages\": [...]}) or instruction ({\"instruction\", \"output\"}).")
+    provenance: Literal["uploaded", "feedback"] = Field(default="uploaded", description="uploaded, or feedback (built from corrections).")
+    model_name: str | None = Field(default=None, pattern=NAME, description="Model it is meant for.")
+
+
+class AuditEntryView(RegistryView):
+    id: int = Field(description="Entry id, increasing.")
+    at: datetime = Field(description="When (UTC).")
+    actor: str = Field(description="Principal: a key's principal, cli:<user>, service:<name>, or anonymous.")
+    action: str = Field(description="What was done or attempted, e.g. adapter.stage.production.")
+    object_type: str = Field(description="model, adapter, prompt, dataset, evaluation or key.")
+    object_id: str = Field(description="The object, e.g. smol:v3 or support@production.")
+    outcome: Literal["ok", "refused"] = Field(description="ok, or refused (nothing changed).")
+    before: dict | None = Field(description="The relevant state before.")
+    after: dict | None = Field(description="The relevant state after.")
+    detail: str | None = Field(description="Reason given, or the refusal's status and message.")
+
+
+class ApiKeyCreate(Request):
+    principal: str = Field(min_length=1, max_length=256, description="Who the key is for; recorded as the actor of what it does.")
+    role: Role = Field(description="What the key may do.")
+
+
+class ApiKeyCreated(Response):
+    key: str = Field(description="The API key; shown once, stored only as a salted hash.")
+    key_id: str = Field(description="The key's id, to revoke it.")
+    principal: str = Field(description="Who the key is for.")
+    role: Role = Field(description="What the key may do.")
 
 
 # ---------------------------------------------------------------------- OpenAI-compatible gateway
@@ -223,4 +414,21 @@ HTTP_MODELS: tuple[type[BaseModel], ...] = (
     CompletionRequest,
     CompletionResponse,
     ModelList,
+    BaseModelCreate,
+    BaseModelView,
+    AdapterVersionCreate,
+    AdapterVersionView,
+    StageTransition,
+    EvaluationView,
+    LineageView,
+    PromptCreate,
+    PromptVersionView,
+    PromptLabelMove,
+    PromptRenderRequest,
+    PromptRendered,
+    DatasetCreate,
+    DatasetVersionView,
+    AuditEntryView,
+    ApiKeyCreate,
+    ApiKeyCreated,
 )

@@ -91,7 +91,7 @@ def adapters(model: Annotated[str | None, typer.Option(help="Only this model's v
 def lineage(model: str, version: int) -> None:
     """Where an adapter version came from and how it was judged."""
     with _registry() as registry:
-        console.print(json.dumps(registry.lineage(model, version), indent=2, sort_keys=True))
+        console.print(registry.lineage(model, version).model_dump_json(indent=2))
 
 
 @app.command("transition")

@@ -13,93 +13,31 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
 
-from contracts.events import DatasetRef, Hyperparameters, Stage
-from contracts.http import Page
-from services.registry.models import AdapterVersionView, AuditView, BaseModelView, DatasetVersionView, PromptVersionView
+from contracts.events import DatasetRef, Stage
+from contracts.http import (
+    AdapterVersionCreate,
+    AdapterVersionView,
+    ApiKeyCreate,
+    ApiKeyCreated,
+    AuditEntryView,
+    BaseModelCreate,
+    BaseModelView,
+    DatasetCreate,
+    DatasetVersionView,
+    LineageView,
+    Page,
+    PromptCreate,
+    PromptLabelMove,
+    PromptRendered,
+    PromptRenderRequest,
+    PromptVersionView,
+    Role,
+    StageTransition,
+)
 from services.registry.service import Registry, RegistryError
-from services.runtime.auth import Authenticator, Principal, Role
+from services.runtime.auth import Authenticator, Principal
 from services.runtime.http import DoorError
-
-NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
-
-
-class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelCreate(Body):
-    name: str = Field(pattern=NAME, description="Registered name.")
-    source: str = Field(min_length=1, max_length=1000, description="Package, directory or hub id it came from.")
-    architecture: str = Field(min_length=1, max_length=200)
-    parameter_count: int = Field(ge=0)
-    artifact_uri: str = Field(min_length=1, max_length=2000, description="Where its safetensors are stored (artifact store).")
-    artifact_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    license: str | None = Field(default=None, max_length=200)
-    chat_template: str | None = None
-
-
-class AdapterCreate(Body):
-    model_name: str = Field(pattern=NAME)
-    artifact_uri: str = Field(min_length=1, max_length=2000)
-    artifact_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    training_job_id: str | None = Field(default=None, max_length=200)
-    dataset: DatasetRef | None = None
-    hyperparameters: Hyperparameters | None = None
-    metrics: dict[str, float] = Field(default_factory=dict)
-
-
-class Transition(Body):
-    to_stage: Stage = Field(description="Target stage.")
-    approver: str | None = Field(default=None, max_length=256, description="Who approved (required for production).")
-    reason: str | None = Field(default=None, max_length=2000)
-    canary_percent: float | None = Field(default=None, gt=0, lt=100, description="Declare this production version a canary with this share of traffic.")
-    replaces: int | None = Field(default=None, ge=1, description="The production version this one replaces (compare-and-swap).")
-
-
-class PromptCreate(Body):
-    name: str = Field(pattern=NAME)
-    template: str = Field(min_length=1, max_length=200_000)
-    model_name: str | None = Field(default=None, pattern=NAME)
-    labels: list[str] = Field(default_factory=list, max_length=20)
-
-
-class LabelMove(Body):
-    version: int = Field(ge=1)
-
-
-class RenderRequest(Body):
-    version: int | None = Field(default=None, ge=1)
-    label: str | None = None
-    variables: dict[str, Any] = Field(default_factory=dict)
-
-
-class Rendered(BaseModel):
-    name: str
-    version: int
-    text: str
-
-
-class DatasetCreate(Body):
-    name: str = Field(pattern=NAME)
-    split: str = Field(pattern=r"^(train|golden)$")
-    jsonl: str = Field(description="The records, one JSON object per line.")
-    provenance: str = Field(default="uploaded", pattern=r"^(uploaded|feedback)$")
-    model_name: str | None = Field(default=None, pattern=NAME)
-
-
-class KeyCreate(Body):
-    principal: str = Field(min_length=1, max_length=256)
-    role: Role
-
-
-class KeyCreated(BaseModel):
-    key: str = Field(description="The API key; shown once, stored only as a salted hash.")
-    key_id: str
-    principal: str
-    role: Role
-
 
 def _object_of(request: Request) -> tuple[str, str]:
     parts = [part for part in request.url.path.split("/") if part][2:]
@@ -115,6 +53,15 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
     def refused(request: Request, principal: Principal | None, status: int, message: str) -> None:
         audit_refusal(request, principal.name if principal else "anonymous", status, message)
 
+    def audit_attempt(request: Request, status: int, message: str) -> None:
+        """Audit a change refused before its dependencies ran, under the key's principal when it is valid."""
+        header = request.headers.get("authorization", "")
+        try:
+            actor = auth.authenticate(header.removeprefix("Bearer ").strip() or None).name
+        except DoorError:
+            actor = "anonymous"
+        audit_refusal(request, actor, status, message)
+
     class AuditedRoute(APIRoute):
         """Refused request bodies of changes are audited too (FastAPI validates before the handler runs)."""
 
@@ -126,13 +73,8 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
                     return await handler(request)
                 except RequestValidationError as error:
                     if request.method != "GET":
-                        header = request.headers.get("authorization", "")
-                        try:
-                            actor = auth.authenticate(header.removeprefix("Bearer ").strip() or None).name
-                        except DoorError:
-                            actor = "anonymous"
                         first = error.errors()[0] if error.errors() else {}
-                        await asyncio.to_thread(audit_refusal, request, actor, 422, str(first.get("msg", "invalid request")))
+                        await asyncio.to_thread(audit_attempt, request, 422, str(first.get("msg", "invalid request")))
                     raise
 
             return audited
@@ -161,7 +103,7 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
         return await call(registry.get_model, name)
 
     @router.post("/models", response_model=BaseModelView, status_code=201)
-    async def create_model(body: ModelCreate, who: Principal = Depends(writer)) -> Any:
+    async def create_model(body: BaseModelCreate, who: Principal = Depends(writer)) -> Any:
         return await call(registry.register_base_model, who.name, **body.model_dump())
 
     # --------------------------------------------------------------------------- adapters
@@ -171,19 +113,19 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
         return page(await call(registry.list_adapters, model_name=model_name, stage=stage, dataset=dataset, cursor=cursor, limit=limit))
 
     @router.post("/adapters", response_model=AdapterVersionView, status_code=201)
-    async def create_adapter(body: AdapterCreate, who: Principal = Depends(writer)) -> Any:
+    async def create_adapter(body: AdapterVersionCreate, who: Principal = Depends(writer)) -> Any:
         return await call(registry.register_adapter, who.name, **body.model_dump(exclude={"dataset", "hyperparameters"}), dataset=body.dataset, hyperparameters=body.hyperparameters)
 
     @router.get("/adapters/{model_name}/versions/{version}", response_model=AdapterVersionView)
     async def get_adapter(model_name: str, version: int, _: Principal = Depends(reader)) -> Any:
         return await call(registry.get_adapter, model_name, version)
 
-    @router.get("/adapters/{model_name}/versions/{version}/lineage")
-    async def lineage(model_name: str, version: int, _: Principal = Depends(reader)) -> dict:
+    @router.get("/adapters/{model_name}/versions/{version}/lineage", response_model=LineageView)
+    async def lineage(model_name: str, version: int, _: Principal = Depends(reader)) -> Any:
         return await call(registry.lineage, model_name, version)
 
     @router.post("/adapters/{model_name}/versions/{version}/transitions", response_model=AdapterVersionView)
-    async def transition(model_name: str, version: int, body: Transition, who: Principal = Depends(writer)) -> Any:
+    async def transition(model_name: str, version: int, body: StageTransition, who: Principal = Depends(writer)) -> Any:
         return await call(registry.transition, who.name, model_name=model_name, version=version, **body.model_dump())
 
     # ---------------------------------------------------------------------------- prompts
@@ -200,14 +142,14 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
         return await call(registry.get_prompt, name, version=version, label=label)
 
     @router.put("/prompts/{name}/labels/{label}", response_model=PromptVersionView)
-    async def move_label(name: str, label: str, body: LabelMove, who: Principal = Depends(writer)) -> Any:
+    async def move_label(name: str, label: str, body: PromptLabelMove, who: Principal = Depends(writer)) -> Any:
         return await call(registry.set_prompt_label, who.name, name=name, label=label, version=body.version)
 
-    @router.post("/prompts/{name}/render", response_model=Rendered)
-    async def render(name: str, body: RenderRequest, _: Principal = Depends(reader)) -> Rendered:
+    @router.post("/prompts/{name}/render", response_model=PromptRendered)
+    async def render(name: str, body: PromptRenderRequest, _: Principal = Depends(reader)) -> PromptRendered:
         prompt = await call(registry.get_prompt, name, version=body.version, label=body.label)
         text = await call(registry.render_prompt, name, body.variables, version=prompt.version)
-        return Rendered(name=name, version=prompt.version, text=text)
+        return PromptRendered(name=name, version=prompt.version, text=text)
 
     # --------------------------------------------------------------------------- datasets
     @router.get("/datasets", response_model=Page[DatasetVersionView])
@@ -227,15 +169,15 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
         return await call(registry.dataset_rows, name, version, offset=offset, limit=limit)
 
     # ------------------------------------------------------------------------------ audit
-    @router.get("/audit", response_model=Page[AuditView])
+    @router.get("/audit", response_model=Page[AuditEntryView])
     async def audit(object_type: str | None = None, object_id: str | None = None, actor: str | None = None, cursor: str | None = None, limit: int = Query(100, ge=1, le=500), _: Principal = Depends(reader)) -> dict:
         return page(await call(registry.audit, object_type=object_type, object_id=object_id, actor=actor, cursor=cursor, limit=limit))
 
     # ------------------------------------------------------------------------------- keys
-    @router.post("/keys", response_model=KeyCreated, status_code=201)
-    async def create_key(body: KeyCreate, who: Principal = Depends(admin)) -> KeyCreated:
+    @router.post("/keys", response_model=ApiKeyCreated, status_code=201)
+    async def create_key(body: ApiKeyCreate, who: Principal = Depends(admin)) -> ApiKeyCreated:
         key, row = await call(registry.create_api_key, who.name, principal=body.principal, role=body.role)
-        return KeyCreated(key=key, key_id=row.key_id, principal=row.principal, role=Role(row.role))
+        return ApiKeyCreated(key=key, key_id=row.key_id, principal=row.principal, role=Role(row.role))
 
     @router.delete("/keys/{key_id}", status_code=204)
     async def revoke_key(key_id: str, who: Principal = Depends(admin)) -> Response:

@@ -14,7 +14,7 @@ import tempfile
 from math import prod
 from pathlib import Path
 
-from services.registry.models import BaseModelView
+from contracts.http import BaseModelView
 from services.registry.service import Invalid, NotFound, Registry
 
 SMOLLM2_NAME = "smollm2-135m-instruct"

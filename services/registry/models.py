@@ -1,4 +1,4 @@
-"""The registry's tables (SQLModel) and the public views its door returns.
+"""The registry's tables (SQLModel). The views its door returns are contracts (contracts/http.py).
 
 Versions are immutable rows: nothing but `stage`/`canary_percent` of an adapter version and the
 `version` a prompt label points at ever changes after insert.
@@ -9,7 +9,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
 from sqlalchemy import JSON, Column, DateTime, Index, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
@@ -179,92 +178,3 @@ class SchemaMigration(SQLModel, table=True):
     version: int = Field(primary_key=True)
     name: str = Field(max_length=200)
     applied_at: datetime = _when()
-
-
-# ------------------------------------------------------------------------------- public views
-
-
-class View(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-
-class BaseModelView(View):
-    name: str
-    source: str
-    architecture: str
-    parameter_count: int
-    license: str | None
-    artifact_uri: str
-    artifact_sha256: str
-    chat_template: str | None
-    details: dict
-    created_at: datetime
-    created_by: str
-
-
-class AdapterVersionView(View):
-    model_name: str
-    version: int
-    stage: Stage
-    canary_percent: float | None
-    artifact_uri: str
-    artifact_sha256: str
-    training_job_id: str | None
-    dataset_name: str | None
-    dataset_version: int | None
-    hyperparameters: dict | None
-    metrics: dict
-    created_at: datetime
-    created_by: str
-
-
-class EvaluationView(View):
-    evaluation_id: str
-    model_name: str
-    adapter_version: int | None
-    passed: bool
-    status: str
-    gate_policy: str
-    golden_name: str
-    golden_version: int
-    reasons: list
-    report_uri: str | None
-    created_at: datetime
-
-
-class PromptVersionView(View):
-    name: str
-    version: int
-    template: str
-    variables: list[str]
-    model_name: str | None
-    labels: list[str] = []
-    created_at: datetime
-    created_by: str
-
-
-class DatasetVersionView(View):
-    name: str
-    version: int
-    split: str
-    record_format: str
-    row_count: int
-    sha256: str
-    artifact_uri: str
-    provenance: str
-    model_name: str | None
-    created_at: datetime
-    created_by: str
-
-
-class AuditView(View):
-    id: int
-    at: datetime
-    actor: str
-    action: str
-    object_type: str
-    object_id: str
-    outcome: str
-    before: dict | None
-    after: dict | None
-    detail: str | None

@@ -34,23 +34,8 @@ from contracts.events import (
     StageChanged,
     TrainingCompleted,
 )
-from services.registry.models import (
-    AdapterVersion,
-    AdapterVersionView,
-    AuditEntry,
-    AuditView,
-    BaseModelRecord,
-    BaseModelView,
-    DatasetVersion,
-    DatasetVersionView,
-    EvaluationRecord,
-    EvaluationView,
-    ProcessedEvent,
-    PromptLabel,
-    PromptVersion,
-    PromptVersionView,
-    utcnow,
-)
+from contracts.http import AdapterVersionView, AuditEntryView, BaseModelRef, BaseModelView, DatasetVersionView, EvaluationView, LineageView, PromptVersionView
+from services.registry.models import AdapterVersion, AuditEntry, BaseModelRecord, DatasetVersion, EvaluationRecord, ProcessedEvent, PromptLabel, PromptVersion, utcnow
 from services.registry.outbox import stage_event
 from services.registry.store import RegistryStore
 from services.runtime.artifacts import ArtifactError, ArtifactStore
@@ -302,21 +287,21 @@ class Registry:
             raise NotFound(f"no adapter version {model_name}:v{version}", param="version", code="adapter_not_found")
         return row
 
-    def lineage(self, model_name: str, version: int) -> dict[str, Any]:
+    def lineage(self, model_name: str, version: int) -> LineageView:
         """Where an adapter version came from (base model, dataset version, training job) and how it was judged."""
         with self.store.reading() as session:
             adapter = self._adapter(session, model_name, version)
             model = self._model(session, model_name)
             dataset = self._dataset(session, adapter.dataset_name, adapter.dataset_version) if adapter.dataset_name and adapter.dataset_version else None
             evaluations = list(session.scalars(select(EvaluationRecord).where(EvaluationRecord.model_name == model_name, EvaluationRecord.adapter_version == version).order_by(EvaluationRecord.created_at)))
-            return {
-                "adapter": AdapterVersionView.model_validate(adapter).model_dump(mode="json"),
-                "base_model": {"name": model.name, "artifact_sha256": model.artifact_sha256, "source": model.source},
-                "training_job_id": adapter.training_job_id,
-                "hyperparameters": adapter.hyperparameters,
-                "dataset": DatasetVersionView.model_validate(dataset).model_dump(mode="json") if dataset else None,
-                "evaluations": [EvaluationView.model_validate(row).model_dump(mode="json") for row in evaluations],
-            }
+            return LineageView(
+                adapter=AdapterVersionView.model_validate(adapter),
+                base_model=BaseModelRef(name=model.name, source=model.source, artifact_sha256=model.artifact_sha256),
+                training_job_id=adapter.training_job_id,
+                hyperparameters=adapter.hyperparameters,
+                dataset=DatasetVersionView.model_validate(dataset) if dataset else None,
+                evaluations=[EvaluationView.model_validate(row) for row in evaluations],
+            )
 
     # -------------------------------------------------------------------------- evaluations
 
@@ -358,6 +343,7 @@ class Registry:
             if canary_percent is not None and not 0 < canary_percent < 100:
                 raise Invalid("canary_percent must be between 0 and 100 (exclusive)", param="canary_percent")
             events: list[StageChanged] = []
+            replaced: int | None = None
             if to_stage == Stage.production:
                 if not approver:
                     raise Invalid("promotion to production needs an approver", param="approver", code="approver_required")
@@ -374,7 +360,8 @@ class Registry:
                         holder.stage = Stage.archived.value
                         session.add(holder)
                         session.flush()
-                        events.append(StageChanged(model_name=model_name, adapter_version=holder.version, from_stage=Stage.production, to_stage=Stage.archived, actor=actor, reason=f"replaced by v{version}"))
+                        replaced = holder.version
+                        events.append(StageChanged(model_name=model_name, adapter_version=holder.version, from_stage=Stage.production, to_stage=Stage.archived, actor=actor, reason=f"replaced by v{version}", approver=approver))
                 else:
                     other_canary = session.scalar(select(AdapterVersion).where(AdapterVersion.model_name == model_name, AdapterVersion.stage == Stage.production.value, AdapterVersion.canary_percent.is_not(None), AdapterVersion.version != version))  # type: ignore[union-attr]
                     if other_canary is not None:
@@ -389,7 +376,7 @@ class Registry:
             claimed = session.execute(update(BaseModelRecord).where(BaseModelRecord.id == model.id, BaseModelRecord.stage_revision == model.stage_revision).values(stage_revision=model.stage_revision + 1))  # type: ignore[arg-type]
             if claimed.rowcount != 1:
                 raise Conflict(f"the stages of {model_name} changed concurrently; reload and retry", code="concurrent_change")
-            events.append(StageChanged(model_name=model_name, adapter_version=version, from_stage=current, to_stage=to_stage, actor=actor, reason=reason, canary_percent=canary_percent))
+            events.append(StageChanged(model_name=model_name, adapter_version=version, from_stage=current, to_stage=to_stage, actor=actor, reason=reason, canary_percent=canary_percent, approver=approver, replaces_version=replaced))
             self._audit(session, actor, f"adapter.stage.{to_stage.value}", "adapter", object_id, before=before, after={"stage": to_stage.value, "canary_percent": canary_percent, "approver": approver, "replaces": replaces}, detail=reason)
             for changed in events:
                 stage_event(session, changed, correlation_id=adapter.correlation_id)
@@ -598,4 +585,4 @@ class Registry:
         if actor:
             query = query.where(AuditEntry.actor == actor)
         with self.store.reading() as session:
-            return _page(session, query, AuditEntry, AuditView.model_validate, cursor, limit)
+            return _page(session, query, AuditEntry, AuditEntryView.model_validate, cursor, limit)

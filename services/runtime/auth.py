@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 
 from fastapi import Depends, Request
@@ -34,17 +33,11 @@ from sqlalchemy import DateTime, Engine, create_engine, event, func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel
 
+from contracts.http import Role
 from services.runtime.http import DoorError
 from services.runtime.settings import FlywheelSettings
 
 KEY_PREFIX = "fw"
-
-
-class Role(StrEnum):
-    admin = "admin"
-    operator = "operator"
-    app = "app"
-    viewer = "viewer"
 
 
 # What each role may act as: a door that requires the role on the right admits the role on the left.

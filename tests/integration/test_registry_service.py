@@ -3,6 +3,7 @@ outbox atomicity, prompts, datasets and the audit log."""
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from pathlib import Path
@@ -44,7 +45,7 @@ def test_adapter_versions_are_numbered_per_model_with_lineage_both_ways(registry
     assert (v1.version, v2.version) == (1, 2) and v1.stage == Stage.none
     assert v1.dataset_name == "support" and v1.hyperparameters["rank"] == 4 and v1.metrics == {"final_loss": 0.5}
     lineage = registry.lineage("smol", 1)
-    assert lineage["training_job_id"] == "job-0" and lineage["dataset"]["sha256"] and lineage["evaluations"][0]["passed"]
+    assert lineage.training_job_id == "job-0" and lineage.dataset.sha256 and lineage.evaluations[0].passed
     # From the dataset back to every adapter trained on it.
     assert [a.version for a in registry.list_adapters(dataset=DatasetRef(name="support", version=1)).items] == [1, 2]
     with pytest.raises(NotFound, match="no adapter version smol:v9"):
@@ -110,6 +111,9 @@ def test_one_production_version_unless_canary_and_replacement_archives(registry:
         registry.transition("olga", model_name="smol", version=3, to_stage=Stage.production, approver="pat", canary_percent=5)
     full = registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production, approver="pat", replaces=1)
     assert full.canary_percent is None and registry.get_adapter("smol", 1).stage == Stage.archived
+    archived, promoted = (json.loads(row.envelope)["payload"] for row in outbox(registry)[-2:])
+    assert (archived["adapter_version"], archived["to_stage"], archived["approver"], archived["replaces_version"]) == (1, "archived", "pat", None)
+    assert (promoted["adapter_version"], promoted["to_stage"], promoted["approver"], promoted["replaces_version"]) == (2, "production", "pat", 1)
     # Rollback is one call: the archived version comes back and replaces the current one.
     registry.transition("olga", model_name="smol", version=1, to_stage=Stage.production, approver="pat", replaces=2, reason="rollback")
     assert [a.version for a in registry.list_adapters(stage=Stage.production).items] == [1]
