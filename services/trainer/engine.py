@@ -1,0 +1,316 @@
+"""The training use case without Kafka or HTTP: base model + chat JSONL + hyperparameters -> LoRA adapter directory.
+
+Determinism: the data order of each epoch is a function of (seed, epoch), LoRA initialisation and
+dropout draw from torch's generator seeded with `seed`, and a checkpoint holds that generator's
+state, so a job resumed from step k continues exactly as the uninterrupted job would have.
+
+A checkpoint (every `checkpoint_every` steps) holds the adapter weights (safetensors), optimiser
+and scheduler state and the RNG state; the data position is the step number itself. It is written
+into a temporary directory and renamed into place, then `latest` is replaced, so a SIGKILL at any
+moment leaves either the previous or the new checkpoint, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from contracts.events import Hyperparameters
+from services.trainer.data import IGNORE, Example, InvalidDataset, PackedBatch, epoch_order, pack, read_chat_jsonl, tokenize_dataset
+from services.trainer.model import load_model, load_tokenizer, pick_device
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+class TrainingError(Exception):
+    """A job that cannot finish; `error_type` is the machine-readable class of training.failed."""
+
+    def __init__(self, error_type: str, reason: str) -> None:
+        super().__init__(reason)
+        self.error_type = error_type
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    learning_rate: float
+    tokens_per_second: float
+    eta_seconds: float
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    total_steps: int
+    resumed_from_step: int
+    device: str
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    adapter_dir: Path
+    total_steps: int
+    resumed_from_step: int
+    losses: list[float]
+    metrics: dict[str, float]
+
+
+@dataclass
+class TrainingJob:
+    """What to train and where to keep its state; `work_dir` survives restarts (checkpoints live there)."""
+
+    model_path: Path
+    dataset_path: Path
+    hyperparameters: Hyperparameters
+    work_dir: Path
+    checkpoint_every: int = 20
+    log_every: int = 1
+    warmup_ratio: float = 0.05
+    keep_checkpoints: int = 2
+    on_start: Callable[[TrainingPlan], None] | None = None
+    on_progress: Callable[[Progress], None] | None = None
+    on_checkpoint: Callable[[int], None] | None = None
+    should_cancel: Callable[[], bool] = field(default=lambda: False)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.work_dir / "checkpoints"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.work_dir / "adapter"
+
+
+def train(job: TrainingJob) -> TrainingResult:
+    """Run (or resume) one job to completion; raises TrainingError with a reason a user can act on."""
+    try:
+        return _train(job)
+    except TrainingError:
+        raise
+    except InvalidDataset as error:
+        raise TrainingError("invalid_input", str(error)) from error
+    except (torch.OutOfMemoryError, MemoryError) as error:
+        hp = job.hyperparameters
+        raise TrainingError(
+            "out_of_memory",
+            f"out of memory with batch_size={hp.batch_size}, max_seq_length={hp.max_seq_length}, rank={hp.rank}: "
+            f"lower batch_size or max_seq_length ({type(error).__name__})",
+        ) from error
+
+
+def _train(job: TrainingJob) -> TrainingResult:
+    finished = _finished(job)
+    if finished is not None:
+        return finished
+    hp = job.hyperparameters
+    device = pick_device()
+    job.work_dir.mkdir(parents=True, exist_ok=True)
+    conversations = read_chat_jsonl(job.dataset_path)
+    try:
+        tokenizer = load_tokenizer(job.model_path)
+    except (OSError, ValueError) as error:
+        raise TrainingError("invalid_input", f"cannot load the base model at {job.model_path}: {error}") from error
+    examples = tokenize_dataset(tokenizer, conversations, hp.max_seq_length)
+    if not any(example.trained_tokens for example in examples):
+        raise TrainingError("invalid_input", "no assistant tokens in the dataset: nothing to train on")
+    steps_per_epoch = math.ceil(len(examples) / hp.batch_size)
+    total_steps = max(1, round(steps_per_epoch * hp.epochs))
+
+    torch.manual_seed(hp.seed)
+    model = _lora_model(load_model(job.model_path, device), hp)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=0.0)
+    warmup = max(1, int(total_steps * job.warmup_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, total_steps))
+
+    start_step = _restore(job, model, optimizer, scheduler)
+    if job.on_start:
+        job.on_start(TrainingPlan(total_steps=total_steps, resumed_from_step=start_step, device=str(device)))
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.train()
+    losses: list[float] = []
+    trained_tokens = 0
+    began = time.perf_counter()
+    for step in range(start_step, total_steps):
+        if job.should_cancel():
+            raise TrainingError("cancelled", f"cancelled at step {step} of {total_steps}")
+        batch = pack(_batch_for(step, examples, hp, steps_per_epoch), hp.max_seq_length, pad_id)
+        loss = _assistant_loss(model, batch, device)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        trained_tokens += batch.tokens
+        done = step + 1
+        if done % job.checkpoint_every == 0 and done < total_steps:
+            _save_checkpoint(job, done, model, optimizer, scheduler)
+            if job.on_checkpoint:
+                job.on_checkpoint(done)
+        if job.on_progress and (done % job.log_every == 0 or done == total_steps):
+            elapsed = time.perf_counter() - began
+            steps_here = done - start_step
+            job.on_progress(
+                Progress(
+                    step=done,
+                    total_steps=total_steps,
+                    epoch=done / steps_per_epoch,
+                    loss=losses[-1],
+                    learning_rate=scheduler.get_last_lr()[0],
+                    tokens_per_second=trained_tokens / elapsed if elapsed > 0 else 0.0,
+                    eta_seconds=elapsed / steps_here * (total_steps - done),
+                )
+            )
+    duration = time.perf_counter() - began
+    result = TrainingResult(
+        adapter_dir=job.adapter_dir,
+        total_steps=total_steps,
+        resumed_from_step=start_step,
+        losses=losses,
+        metrics={
+            "final_loss": losses[-1] if losses else float("nan"),
+            "duration_s": duration,
+            "tokens_per_second": trained_tokens / duration if duration > 0 else 0.0,
+            "total_steps": float(total_steps),
+            "resumed_from_step": float(start_step),
+            "examples": float(len(examples)),
+        },
+    )
+    # The result goes down before the adapter is renamed into place: an adapter directory implies a result.
+    _write_atomically(job.work_dir / "result.json", json.dumps({"total_steps": total_steps, "resumed_from_step": start_step, "losses": losses, "metrics": result.metrics}))
+    _save_adapter(model, job.adapter_dir)
+    shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
+    return result
+
+
+def _finished(job: TrainingJob) -> TrainingResult | None:
+    """The result of a job whose adapter was already written (a worker died after training, before reporting)."""
+    if not (job.adapter_dir / "adapter_model.safetensors").exists():
+        return None
+    saved = json.loads((job.work_dir / "result.json").read_text())
+    return TrainingResult(adapter_dir=job.adapter_dir, **saved)
+
+
+def _assistant_loss(model: Any, batch: PackedBatch, device: torch.device) -> torch.Tensor:
+    """Mean next-token loss over assistant tokens, projecting only those positions onto the vocabulary.
+
+    The LM head (vocabulary x hidden) is a large share of a small model's compute; prompt positions
+    carry no loss, so their logits are never computed.
+    """
+    inner = model.get_base_model()
+    # No KV cache: with one, transformers skips packed-sequence detection and lets rows attend across conversations.
+    hidden = inner.get_decoder()(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), use_cache=False).last_hidden_state
+    targets = batch.labels[:, 1:].to(device)
+    keep = targets != IGNORE
+    logits = inner.get_output_embeddings()(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+
+
+def _lora_model(model: Any, hp: Hyperparameters) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unknown = sorted(set(hp.target_modules) - names)
+    if unknown:
+        raise TrainingError("invalid_input", f"target_modules {unknown} do not exist in this model")
+    config = LoraConfig(r=hp.rank, lora_alpha=hp.alpha, lora_dropout=hp.dropout, target_modules=list(hp.target_modules), task_type="CAUSAL_LM")
+    # peft 0.21 calls a transformers 5 API that warns of its own deprecation; nothing for us to act on.
+    with warnings.catch_warnings(action="ignore", category=FutureWarning):
+        return get_peft_model(model, config)
+
+
+def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _batch_for(step: int, examples: list[Example], hp: Hyperparameters, steps_per_epoch: int) -> list[Example]:
+    """The examples of one step: the data position is the step number, so resuming needs nothing else."""
+    epoch, index = divmod(step, steps_per_epoch)
+    order = epoch_order(len(examples), hp.seed, epoch)
+    return [examples[i] for i in order[index * hp.batch_size : (index + 1) * hp.batch_size]]
+
+
+def _adapter_state(model: Any) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in get_peft_model_state_dict(model).items()}
+
+
+def _save_adapter(model: Any, target: Path) -> None:
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".adapter-"))
+    model.save_pretrained(staging, safe_serialization=True)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+
+
+def _save_checkpoint(job: TrainingJob, step: int, model: Any, optimizer: Any, scheduler: Any) -> None:
+    from safetensors.torch import save_file
+
+    job.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=job.checkpoint_dir, prefix=".tmp-"))
+    save_file(_adapter_state(model), str(staging / "adapter.safetensors"))
+    # Optimiser state is tensors and numbers only, so it loads back with weights_only=True (no pickled code).
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        staging / "state.pt",
+    )
+    (staging / "meta.json").write_text(json.dumps({"step": step}))
+    final = job.checkpoint_dir / f"step-{step:08d}"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    _write_atomically(job.checkpoint_dir / "latest", final.name)
+    for old in sorted(job.checkpoint_dir.glob("step-*"))[: -job.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore(job: TrainingJob, model: Any, optimizer: Any, scheduler: Any) -> int:
+    """Load the latest checkpoint if there is one; returns the step to continue from (0 for a fresh job)."""
+    pointer = job.checkpoint_dir / "latest"
+    if not pointer.exists():
+        return 0
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    checkpoint = job.checkpoint_dir / pointer.read_text().strip()
+    set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter.safetensors")))
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(json.loads((checkpoint / "meta.json").read_text())["step"])
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
