@@ -132,7 +132,7 @@ class DatasetVersion(SQLModel, table=True):
 
 
 class AuditEntry(SQLModel, table=True):
-    """Append-only: the service only ever inserts here."""
+    """Append-only: the service only inserts, and the database refuses UPDATE and DELETE (migration 0002)."""
 
     __tablename__ = "audit_log"
     __table_args__ = (Index("ix_audit_object", "object_type", "object_id"),)

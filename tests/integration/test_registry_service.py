@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import SQLModel
 
 from contracts.events import DatasetRef, Stage
@@ -223,3 +224,13 @@ def test_cursor_pagination(registry: Registry) -> None:
     assert third.next_cursor is None
     with pytest.raises(Invalid, match="cursor"):
         registry.list_prompts(cursor="garbage!")
+
+
+@pytest.mark.parametrize("statement", ["UPDATE audit_log SET actor = 'mallory'", "DELETE FROM audit_log", "TRUNCATE audit_log"])
+def test_the_database_refuses_to_rewrite_the_audit_log(registry: Registry, statement: str) -> None:
+    if statement.startswith("TRUNCATE") and registry.store.dialect != "postgresql":
+        pytest.skip("SQLite has no TRUNCATE (its DELETE is refused above)")
+    registry.publish_prompt("alice", name="p", template="x")
+    with pytest.raises(DBAPIError, match="append-only"), registry.store.transaction() as session:
+        session.execute(text(statement))
+    assert [(entry.actor, entry.action) for entry in registry.audit().items] == [("alice", "prompt.publish")]
