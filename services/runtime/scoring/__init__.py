@@ -1,0 +1,30 @@
+"""Scores for model answers, shared by the evaluator (golden sets) and the monitor (live traffic).
+
+Nothing here loads a generative model: perplexity needs the model under test and lives in the
+evaluator. The embedding model for groundedness is loaded on first use (`Embedder`).
+"""
+
+from services.runtime.scoring.format import json_validity
+from services.runtime.scoring.grounding import Embedder, GroundednessScore, score_groundedness
+from services.runtime.scoring.judge import RUBRICS, Judge, JudgeResult, Rubric, parse_judge_score
+from services.runtime.scoring.safety import UnsafeFinding, scan_unsafe
+from services.runtime.scoring.text import bleu, exact_match, normalize_answer, rouge_l, token_f1
+
+__all__ = [
+    "RUBRICS",
+    "Embedder",
+    "GroundednessScore",
+    "Judge",
+    "JudgeResult",
+    "Rubric",
+    "UnsafeFinding",
+    "bleu",
+    "exact_match",
+    "json_validity",
+    "normalize_answer",
+    "parse_judge_score",
+    "rouge_l",
+    "scan_unsafe",
+    "score_groundedness",
+    "token_f1",
+]

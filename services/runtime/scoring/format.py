@@ -1,0 +1,47 @@
+"""Format validity: is the answer a JSON document that satisfies the task's JSON Schema?
+
+Models often wrap JSON in a Markdown fence (```json ... ```); one surrounding fence is accepted,
+since clients strip it too. Anything else around the document makes it invalid. A schema that is
+itself invalid raises (the golden set is wrong, not the answer).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+_FENCE = re.compile(r"^```(?:json)?\s*\n?(?P<body>.*?)\n?```$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class FormatCheck:
+    valid: bool
+    problem: str | None = None
+
+    @property
+    def score(self) -> float:
+        return float(self.valid)
+
+
+def json_validity(answer: str, schema: dict[str, Any] | None = None) -> FormatCheck:
+    import jsonschema
+
+    text = answer.strip()
+    fenced = _FENCE.match(text)
+    if fenced:
+        text = fenced["body"].strip()
+    try:
+        document = json.loads(text)
+    except ValueError as error:
+        return FormatCheck(False, f"not JSON: {error}")
+    if schema is None:
+        return FormatCheck(True)
+    validator_class = jsonschema.validators.validator_for(schema)
+    validator_class.check_schema(schema)
+    problems = sorted(validator_class(schema).iter_errors(document), key=lambda e: list(e.absolute_path))
+    if problems:
+        where = "/".join(str(part) for part in problems[0].absolute_path) or "(root)"
+        return FormatCheck(False, f"{where}: {problems[0].message}")
+    return FormatCheck(True)
