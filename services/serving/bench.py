@@ -1,4 +1,4 @@
-"""`flywheel bench serve`: dynamic batching vs per-request generate, mixed adapters vs swapping, gateway overhead.
+"""`flywheel bench serve`: Triton with continuous batching vs per-request generate, mixed adapters vs swapping, gateway overhead.
 
 Every figure of one report is measured in one run on one machine, so the ratios are comparable; the
 absolute numbers are the machine's. Defaults are small for a shared CPU.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -59,7 +60,7 @@ def _random_adapters(engine: Engine, count: int, root: Path) -> list[str]:
     names = []
     for index in range(count):
         directory = root / f"a{index}"
-        model = AutoModelForCausalLM.from_config(engine._base.config)
+        model = AutoModelForCausalLM.from_config(engine.model.config)
         torch.manual_seed(index + 1)
         with peft_wrap_quietly():
             get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(str(directory))
@@ -71,30 +72,32 @@ def _random_adapters(engine: Engine, count: int, root: Path) -> list[str]:
 def run_bench(*, requests: int, max_tokens: int, concurrencies: tuple[int, ...], adapters: int, echo: Callable[[str], None]) -> None:
     import tritonclient.http as triton_http
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     echo("loading SmolLM2-135M-Instruct ...")
     engine = Engine.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, model_name="smollm2")
-    base = engine._base
+    # Taken before any adapter is loaded: the baseline runs the plain base model, as a naive server would.
+    base = engine.model
     prompts = [engine.encode_chat([{"role": "user", "content": f"Give me one fact about the number {i}."}]) for i in range(requests)]
     greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as scratch:
-        names = _random_adapters(engine, adapters, Path(scratch))
-        with TritonServing(engine, workdir=Path(scratch) / "triton", max_batch_size=32, max_queue_delay_us=10_000) as serving:
+        with TritonServing(engine, workdir=Path(scratch) / "triton", max_batch_size=32) as serving:
             assert serving.ports is not None
             url = serving.ports.http_url
             text_prompts = [engine.tokenizer.decode(ids) for ids in prompts]
+            generated: list[int] = []
 
             def via_triton(index: int, adapter: str | None = None) -> Callable[[], object]:
                 def call() -> object:
                     client = triton_http.InferenceServerClient(url, connection_timeout=600, network_timeout=600)
                     try:
                         row = TritonRow(text_prompts[index], adapter, max_tokens, 0.0)
-                        return parse_answer(client.infer(MODEL_NAME, infer_inputs(triton_http, row), outputs=infer_outputs(triton_http)))
+                        answer = parse_answer(client.infer(MODEL_NAME, infer_inputs(triton_http, row), outputs=infer_outputs(triton_http)))
+                        generated.append(answer.completion_tokens)
+                        return answer
                     finally:
                         client.close()
                 return call
 
-            lock = __import__("threading").Lock()
+            lock = threading.Lock()
 
             def via_generate(index: int) -> Callable[[], object]:
                 def call() -> object:
@@ -103,25 +106,25 @@ def run_bench(*, requests: int, max_tokens: int, concurrencies: tuple[int, ...],
                         return base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens)
                 return call
 
-            echo(f"\n(1) {requests} requests, {max_tokens} new tokens each")
+            echo(f"\n(1) {requests} requests, {max_tokens} new tokens each (generate is forced to {max_tokens}; Triton stops at eos)")
             for concurrency in concurrencies:
+                generated.clear()
                 baseline = _timed(f"per-request generate, concurrency {concurrency}", [via_generate(i) for i in range(requests)], concurrency)
-                batched = _timed(f"Triton dynamic batching, concurrency {concurrency}", [via_triton(i) for i in range(requests)], concurrency)
+                batched = _timed(f"Triton continuous batching, concurrency {concurrency}", [via_triton(i) for i in range(requests)], concurrency)
                 echo(baseline.line())
                 echo(batched.line())
-                echo(f"{'':<44} ratio {batched.throughput / baseline.throughput:.2f}x throughput")
+                echo(f"{'':<44} ratio {batched.throughput / baseline.throughput:.2f}x throughput ({sum(generated)} vs {requests * max_tokens} tokens generated)")
 
             echo(f"\n(2) {requests} requests over {adapters} adapters")
+            names = _random_adapters(engine, adapters, Path(scratch))
             mixed = _timed("mixed-adapter batches (one engine call)", [lambda: engine.generate([GenerationRequest(prompts[i], names[i % adapters], greedy) for i in range(requests)])], 1)
-            peft_model = engine._peft
 
-            def swapping() -> None:
+            def one_at_a_time() -> None:
                 for i in range(requests):
-                    peft_model.set_adapter(names[i % adapters])
                     engine.generate([GenerationRequest(prompts[i], names[i % adapters], greedy)])
 
-            swapped = _timed("adapter swapping per request", [swapping], 1)
-            echo(f"mixed batches: {mixed.seconds:.2f} s, swapping: {swapped.seconds:.2f} s, ratio {swapped.seconds / mixed.seconds:.2f}x")
+            swapped = _timed("one request at a time, adapter switched per request", [one_at_a_time], 1)
+            echo(f"mixed batches: {mixed.seconds:.2f} s, switching: {swapped.seconds:.2f} s, ratio {swapped.seconds / mixed.seconds:.2f}x")
 
             echo("\n(3) gateway overhead over a direct Triton call (concurrency 1)")
             direct = _timed("direct Triton HTTP", [via_triton(i % requests) for i in range(min(requests, 8))], 1)

@@ -3,8 +3,9 @@
 Each decode step is one forward pass over the whole batch: peft routes every row through its own
 adapter (`adapter_names`, "__base__" for none), the way S-LoRA / Punica batch adapters, instead of
 swapping adapters between requests. The decode loop is our own, not `generate`, because sampling
-parameters (temperature, top_p, seed, stop, max_tokens) are per request, and finished rows leave
-the batch (and the KV cache) so that one long request does not make the short ones pay.
+parameters (temperature, top_p, seed, stop, max_tokens) are per request, finished rows leave the
+batch (and the KV cache) so that one long request does not make the short ones pay, and new rows
+join a running batch between steps (`DecodeBatch.absorb`, driven by services/serving/batcher.py).
 """
 
 from __future__ import annotations
@@ -71,18 +72,80 @@ class GenerationRequest:
 class GenerationResult:
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" (eos or a stop sequence) or "length"
+    finish_reason: str  # "stop" (eos or a stop sequence), "length", or "error" (then `error` says why)
     prompt_tokens: int
     completion_tokens: int
+    error: str = ""
+    queue_ms: float = 0.0  # waiting to join a batch (set by the continuous batcher)
+    compute_ms: float = 0.0  # from joining to the last token
 
 
 @dataclass
-class _Row:
+class Row:
     request: GenerationRequest
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    error: str = ""
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.tokens, self.text, self.finish_reason or "length", len(self.request.prompt_ids), len(self.tokens), self.error)
+
+
+@dataclass
+class DecodeBatch:
+    """Rows mid-generation and their shared KV cache, left-padded so every row's next token is the last column.
+
+    Each row has sampled a token that is not in the cache yet (`pending`); one `step` feeds all of
+    them at once. Batches prefilled at different times are merged by left-padding the shorter cache,
+    which is what lets new requests join between decode steps (continuous batching).
+    """
+
+    rows: list[Row]
+    cache: DynamicCache
+    mask: torch.Tensor  # [rows, cached tokens]: 1 where the cache holds a real token
+    positions: torch.Tensor  # [rows, 1]: position id of each pending token
+    pending: list[int]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def keep(self, slots: list[int]) -> None:
+        index = torch.tensor(slots, dtype=torch.long)
+        self.rows = [self.rows[slot] for slot in slots]
+        self.pending = [self.pending[slot] for slot in slots]
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        # Columns that only the departed rows needed are padding for everyone left: drop them.
+        real = self.mask.any(dim=0).nonzero()
+        first = int(real[0]) if len(real) else self.mask.shape[1]
+        if first:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+    def absorb(self, other: DecodeBatch) -> None:
+        """Append `other`'s rows, left-padding whichever cache is shorter."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)])
+        # DynamicLayer keeps [batch, heads, tokens, head_dim] tensors in `keys`/`values`; padded
+        # columns are masked out, so zeros there are never attended to.
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width, dim=2), _left_pad(theirs.keys, width, dim=2)])
+            mine.values = torch.cat([_left_pad(mine.values, width, dim=2), _left_pad(theirs.values, width, dim=2)])
+        self.rows += other.rows
+        self.pending += other.pending
+        self.positions = torch.cat([self.positions, other.positions])
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 class Engine:
@@ -107,6 +170,11 @@ class Engine:
         tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
         return cls(model, tokenizer, model_name=model_name)
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The torch model serving now: the base alone, or wrapped by peft once an adapter is loaded."""
+        return self._peft if self._peft is not None else self._base  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------- adapters
 
@@ -158,61 +226,90 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Generate for every request in one batch, each with its own adapter and sampling parameters."""
+        """Generate for every request in one static batch, each with its own adapter and sampling parameters."""
         if not requests:
             return []
         with self._lock:
             for request in requests:
                 if request.adapter not in (None, BASE) and request.adapter not in self._adapters:
                     raise UnknownAdapterError(request.adapter)
-                if not request.prompt_ids:
-                    raise ValueError("a prompt needs at least one token")
-            rows = [_Row(request, _generator(request.params.seed)) for request in requests]
-            self._decode(rows)
-        return [
-            GenerationResult(row.tokens, row.text, row.finish_reason or "length", len(row.request.prompt_ids), len(row.tokens))
-            for row in rows
-        ]
+        rows = [self.new_row(request) for request in requests]
+        batch = self.prefill(rows)
+        while batch is not None and len(batch):
+            self.step(batch)
+        return [row.result() for row in rows]
 
-    def _decode(self, rows: list[_Row]) -> None:
+    def new_row(self, request: GenerationRequest) -> Row:
+        if not request.prompt_ids:
+            raise ValueError("a prompt needs at least one token")
+        return Row(request, _generator(request.params.seed))
+
+    @torch.inference_mode()
+    def prefill(self, rows: list[Row]) -> DecodeBatch | None:
+        """Run the prompts of `rows` and sample each one's first token; rows already finished are left out."""
+        with self._lock:
+            rows = self._drop_unloaded(rows)
+            if not rows:
+                return None
+            width = max(len(row.request.prompt_ids) for row in rows)
+            input_ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for index, row in enumerate(rows):
+                ids = list(row.request.prompt_ids)
+                input_ids[index, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                mask[index, width - len(ids):] = 1
+            cache = DynamicCache()
+            logits = self._forward(rows, input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)
+            batch = DecodeBatch(rows, cache, mask, mask.sum(-1, keepdim=True), [])
+            self._sample_all(batch, logits)
+            return batch
+
+    @torch.inference_mode()
+    def step(self, batch: DecodeBatch) -> None:
+        """One decode step for every row of `batch`: feed the pending tokens, sample the next ones."""
+        with self._lock:
+            loaded = [slot for slot, row in enumerate(batch.rows) if self._is_loaded(row)]
+            if len(loaded) < len(batch):
+                self._fail_unloaded(batch.rows)
+                batch.keep(loaded)
+            if not len(batch):
+                return
+            mask = torch.cat([batch.mask, torch.ones((len(batch), 1), dtype=torch.long)], dim=-1)
+            step_input = torch.tensor(batch.pending, dtype=torch.long).unsqueeze(-1)
+            logits = self._forward(batch.rows, step_input, mask, batch.positions, batch.cache)
+            batch.mask, batch.positions = mask, batch.positions + 1
+            self._sample_all(batch, logits)
+
+    def _forward(self, rows: list[Row], input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         model = self._peft if self._peft is not None else self._base
-        width = max(len(row.request.prompt_ids) for row in rows)
-        # Left padding keeps every row's next token at the last column.
-        input_ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for index, row in enumerate(rows):
-            ids = list(row.request.prompt_ids)
-            input_ids[index, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            mask[index, width - len(ids):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        active = list(range(len(rows)))
-        cache = DynamicCache()
-        step_input = input_ids
-        while active:
-            kwargs = {}
-            if self._peft is not None:
-                kwargs["adapter_names"] = [rows[i].request.adapter or BASE for i in active]
-            out = model(input_ids=step_input, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, **kwargs)
-            logits = out.logits[:, -1, :].float()
-            next_tokens = [self._sample(logits[slot], rows[i]) for slot, i in enumerate(active)]
-            keep: list[int] = []
-            for slot, (i, token) in enumerate(zip(active, next_tokens, strict=True)):
-                if self._advance(rows[i], token, total_len=len(rows[i].request.prompt_ids)):
-                    keep.append(slot)
-            if len(keep) < len(active):
-                if not keep:
-                    break
-                index = torch.tensor(keep, dtype=torch.long)
-                cache.batch_select_indices(index)
-                mask = mask[index]
-                positions = positions[index]
-                next_tokens = [next_tokens[slot] for slot in keep]
-                active = [active[slot] for slot in keep]
-            step_input = torch.tensor(next_tokens, dtype=torch.long).unsqueeze(-1)
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long)], dim=-1)
-            positions = positions[:, -1:] + 1
+        kwargs = {}
+        if self._peft is not None:
+            kwargs["adapter_names"] = [row.request.adapter or BASE for row in rows]
+        # logits_to_keep=1: only the last column is sampled; a prefill's full [rows, tokens, vocab]
+        # logits would cost a quarter of the forward pass on a small model.
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1, :].float()
 
-    def _sample(self, logits: torch.Tensor, row: _Row) -> int:
+    def _sample_all(self, batch: DecodeBatch, logits: torch.Tensor) -> None:
+        tokens = [self._sample(logits[slot], row) for slot, row in enumerate(batch.rows)]
+        batch.pending = tokens
+        keep = [slot for slot, (row, token) in enumerate(zip(batch.rows, tokens, strict=True)) if self._advance(row, token, total_len=len(row.request.prompt_ids))]
+        if len(keep) < len(batch):
+            batch.keep(keep)
+
+    def _is_loaded(self, row: Row) -> bool:
+        return row.request.adapter in (None, BASE) or row.request.adapter in self._adapters
+
+    def _fail_unloaded(self, rows: list[Row]) -> None:
+        for row in rows:
+            if not self._is_loaded(row):
+                row.finish_reason, row.error = "error", f"adapter {row.request.adapter!r} is not loaded"
+
+    def _drop_unloaded(self, rows: list[Row]) -> list[Row]:
+        self._fail_unloaded(rows)
+        return [row for row in rows if self._is_loaded(row)]
+
+    def _sample(self, logits: torch.Tensor, row: Row) -> int:
         params = row.request.params
         if params.temperature == 0.0:
             return int(torch.argmax(logits))
@@ -225,7 +322,7 @@ class Engine:
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=row.generator))
 
-    def _advance(self, row: _Row, token: int, *, total_len: int) -> bool:
+    def _advance(self, row: Row, token: int, *, total_len: int) -> bool:
         """Append `token` to the row; False once the row is finished."""
         params = row.request.params
         if token in self._eos:

@@ -1,10 +1,13 @@
 """The engine behind a real Triton Inference Server, through PyTriton.
 
-One Triton model (`flywheel_llm` by default) takes a batch of rendered prompts, each with its adapter
-name and its sampling parameters; Triton's dynamic batcher groups concurrent requests and the
-infer function calls the engine once per batch, so requests for different adapters share every
-forward pass. Per-row problems (an adapter that is not loaded) come back in the row's `error`
-output instead of failing the rows batched with it.
+One Triton model (`flywheel_llm` by default) takes rendered prompts, each with its adapter name and
+its sampling parameters. Triton's dynamic batcher groups concurrent requests and hands them to one
+of several model instances; an instance only submits its rows to the continuous batcher
+(batcher.py) and waits for them, so rows from every in-flight Triton batch share each decode step
+and requests for different adapters share every forward pass. Several instances are what lets a
+new Triton batch arrive while earlier ones are still decoding: a (non-decoupled) instance takes
+its next batch only when its infer function returns. Per-row problems (an adapter that is not
+loaded) come back in the row's `error` output instead of failing the rows batched with it.
 
 Settings that work on a CPU-only machine (PyTriton 0.7, the bundled tritonserver):
 - the Python-backend stub links against the interpreter's libpython; LIBDIR must be on
@@ -22,13 +25,13 @@ import logging
 import os
 import socket
 import sysconfig
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from services.serving.batcher import ContinuousBatcher
 from services.serving.engine import BASE, Engine, GenerationRequest, SamplingParams
 
 log = logging.getLogger("flywheel.serving.triton")
@@ -76,7 +79,8 @@ def _text(value: Any) -> str:
 
 
 class TritonServing:
-    """Starts tritonserver with the engine bound as one dynamically batched model; stop() always cleans up."""
+    """Starts the continuous batcher and tritonserver with the engine bound as one dynamically batched model;
+    stop() always cleans up both."""
 
     def __init__(
         self,
@@ -85,12 +89,15 @@ class TritonServing:
         workdir: Path,
         model_name: str = MODEL_NAME,
         max_batch_size: int = 32,
-        max_queue_delay_us: int = 5_000,
+        max_queue_delay_us: int = 1_000,
+        instances: int = 8,
         log_verbose: int = 0,
     ) -> None:
         self.engine = engine
+        self.batcher = ContinuousBatcher(engine, max_active=max_batch_size)
         self.model_name = model_name
         self.max_batch_size = max_batch_size
+        self.instances = instances
         self.max_queue_delay_us = max_queue_delay_us
         self.workdir = workdir
         self.log_file = workdir / "tritonserver.log"
@@ -101,7 +108,6 @@ class TritonServing:
         self.largest_batch = 0
 
     def start(self) -> TritonPorts:
-        from pytriton.decorators import batch
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
         from pytriton.triton import Triton, TritonConfig
 
@@ -114,11 +120,16 @@ class TritonServing:
             metrics_address="127.0.0.1", metrics_port=ports.metrics,
             allow_gpu_metrics=False, log_file=self.log_file, log_verbose=self.log_verbose,
         )
-        triton = Triton(config=config, workspace=self.workdir / "workspace")
+        self.batcher.start()
+        try:
+            triton = Triton(config=config, workspace=self.workdir / "workspace")
+        except BaseException:
+            self.batcher.stop()
+            raise
         try:
             triton.bind(
                 model_name=self.model_name,
-                infer_func=batch(self._infer),
+                infer_func=[self._instance() for _ in range(self.instances)],
                 inputs=[
                     Tensor(name="prompt", dtype=bytes, shape=(1,)),
                     Tensor(name="adapter", dtype=bytes, shape=(1,)),
@@ -146,6 +157,7 @@ class TritonServing:
             triton.run()
         except BaseException:
             triton.stop()
+            self.batcher.stop()
             raise
         self._triton = triton
         self.ports = ports
@@ -156,6 +168,7 @@ class TritonServing:
         triton, self._triton = self._triton, None
         if triton is not None:
             triton.stop()
+            self.batcher.stop()
             log.info("triton stopped")
 
     def is_alive(self) -> bool:
@@ -168,43 +181,62 @@ class TritonServing:
     def __exit__(self, *_: object) -> None:
         self.stop()
 
-    def _infer(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        started = time.perf_counter()
-        size = len(inputs["prompt"])
+    def _instance(self) -> Any:
+        # PyTriton keys each instance's context by its callable: every instance needs its own function.
+        def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
+            return self._infer(requests)
+
+        return infer
+
+    def _infer(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
+        """Submit every row of every request to the continuous batcher, then wait for them all."""
+        size = sum(len(request["prompt"]) for request in requests)
         self.batches_served += 1
         self.largest_batch = max(self.largest_batch, size)
-        errors = [""] * size
-        requests: dict[int, GenerationRequest] = {}
         loaded = self.engine.adapters
-        for row in range(size):
-            adapter = _text(inputs["adapter"][row][0]) or None
-            try:
-                if adapter not in (None, BASE) and adapter not in loaded:
-                    raise ValueError(f"adapter {adapter!r} is not loaded")
-                seed = int(inputs["seed"][row][0])
-                params = SamplingParams(
-                    max_tokens=int(inputs["max_tokens"][row][0]),
-                    temperature=float(inputs["temperature"][row][0]),
-                    top_p=float(inputs["top_p"][row][0]),
-                    stop=tuple(json.loads(_text(inputs["stop"][row][0]) or "[]")),
-                    seed=None if seed < 0 else seed,
-                )
-                prompt_ids = self.engine.encode(_text(inputs["prompt"][row][0]))
-                requests[row] = GenerationRequest(prompt_ids, adapter, params)
-            except (ValueError, TypeError) as error:
-                errors[row] = str(error)
-        results = dict(zip(requests, self.engine.generate(list(requests.values())), strict=True))
-        compute_ms = (time.perf_counter() - started) * 1000
-        empty = ("", "error", 0, 0)
-        rows = [(r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens) if (r := results.get(row)) else empty for row in range(size)]
-        return {
-            "text": np.array([[row[0].encode()] for row in rows], dtype=np.object_),
-            "finish_reason": np.array([[row[1].encode()] for row in rows], dtype=np.object_),
-            "prompt_tokens": np.array([[row[2]] for row in rows], dtype=np.int32),
-            "completion_tokens": np.array([[row[3]] for row in rows], dtype=np.int32),
-            "compute_ms": np.full((size, 1), compute_ms, dtype=np.float32),
-            "error": np.array([[message.encode()] for message in errors], dtype=np.object_),
-        }
+        pending: list[list[Any]] = []
+        for request in requests:
+            rows: list[Any] = []
+            for index in range(len(request["prompt"])):
+                adapter = _text(request["adapter"][index][0]) or None
+                try:
+                    if adapter not in (None, BASE) and adapter not in loaded:
+                        raise ValueError(f"adapter {adapter!r} is not loaded")
+                    seed = int(request["seed"][index][0])
+                    params = SamplingParams(
+                        max_tokens=int(request["max_tokens"][index][0]),
+                        temperature=float(request["temperature"][index][0]),
+                        top_p=float(request["top_p"][index][0]),
+                        stop=tuple(json.loads(_text(request["stop"][index][0]) or "[]")),
+                        seed=None if seed < 0 else seed,
+                    )
+                    prompt_ids = self.engine.encode(_text(request["prompt"][index][0]))
+                    rows.append(self.batcher.submit(GenerationRequest(prompt_ids, adapter, params)))
+                except (ValueError, TypeError) as error:
+                    rows.append(str(error))
+            pending.append(rows)
+        return [_outputs([_row_output(row) for row in rows]) for rows in pending]
+
+
+def _row_output(row: Any) -> tuple[str, str, int, int, float, str]:
+    if isinstance(row, str):
+        return ("", "error", 0, 0, 0.0, row)
+    try:
+        result = row.result()
+    except Exception as error:  # noqa: BLE001 - one failed row is that row's error, not its batch's
+        return ("", "error", 0, 0, 0.0, str(error) or type(error).__name__)
+    return (result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens, result.compute_ms, result.error)
+
+
+def _outputs(rows: list[tuple[str, str, int, int, float, str]]) -> dict[str, np.ndarray]:
+    return {
+        "text": np.array([[row[0].encode()] for row in rows], dtype=np.object_),
+        "finish_reason": np.array([[row[1].encode()] for row in rows], dtype=np.object_),
+        "prompt_tokens": np.array([[row[2]] for row in rows], dtype=np.int32),
+        "completion_tokens": np.array([[row[3]] for row in rows], dtype=np.int32),
+        "compute_ms": np.array([[row[4]] for row in rows], dtype=np.float32),
+        "error": np.array([[row[5].encode()] for row in rows], dtype=np.object_),
+    }
 
 
 @dataclass(frozen=True)

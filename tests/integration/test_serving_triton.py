@@ -77,7 +77,7 @@ def test_http_and_grpc_round_trip(serving: TritonServing, engine: Engine) -> Non
     assert over_http.prompt_tokens == len(engine.encode(row.prompt))
 
 
-def test_concurrent_requests_for_different_adapters_share_batches(serving: TritonServing, engine: Engine) -> None:
+def test_concurrent_requests_for_different_adapters_share_decode_steps(serving: TritonServing, engine: Engine) -> None:
     assert serving.ports is not None
     rows = [TritonRow(prompt=f"Question {i}?", adapter=[None, "a1", "a2"][i % 3], max_tokens=5, temperature=0.0) for i in range(12)]
     url = serving.ports.http_url
@@ -89,11 +89,11 @@ def test_concurrent_requests_for_different_adapters_share_batches(serving: Trito
         finally:
             client.close()
 
-    before = serving.largest_batch
+    before = serving.batcher.largest_batch
     with ThreadPoolExecutor(max_workers=12) as pool:
         texts = list(pool.map(call, rows))
     assert texts == [direct(engine, row) for row in rows]
-    assert serving.largest_batch > max(before, 1), "Triton never batched concurrent requests"
+    assert serving.batcher.largest_batch > max(before, 1), "concurrent requests never shared a decode step"
 
 
 def test_adapter_unloaded_while_serving_is_a_row_error(serving: TritonServing, engine: Engine, tmp_path: Path) -> None:

@@ -1,0 +1,148 @@
+"""Continuous batching: one thread owns decoding; requests join the running batch between decode steps.
+
+Triton's dynamic batcher alone makes a batch wait for its slowest row and makes requests that
+arrive mid-batch wait for the whole batch (measured: 0.95x per-request `generate` at concurrency
+32). Here every Triton model instance only enqueues its rows and waits on their futures; this
+thread prefills newcomers, merges them into the running `DecodeBatch`, runs one joint decode step
+over every active row (each with its adapter), and hands each row back as soon as it finishes.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from prometheus_client import Gauge
+
+from services.serving.engine import DecodeBatch, Engine, GenerationRequest, GenerationResult, Row
+
+log = logging.getLogger("flywheel.serving.batcher")
+
+ACTIVE_ROWS = Gauge("flywheel_serving_active_rows", "Requests decoding in the running batch.")
+WAITING_ROWS = Gauge("flywheel_serving_waiting_rows", "Requests waiting to join the running batch.")
+
+
+class BatcherStopped(RuntimeError):
+    """The batcher stopped before the request finished."""
+
+
+@dataclass
+class _Ticket:
+    row: Row
+    future: Future[GenerationResult]
+    submitted: float = field(default_factory=time.perf_counter)
+    admitted: float = 0.0
+
+    def settle(self) -> None:
+        result = self.row.result()
+        now = time.perf_counter()
+        result.queue_ms = (self.admitted - self.submitted) * 1000
+        result.compute_ms = (now - self.admitted) * 1000
+        self.future.set_result(result)
+
+
+class ContinuousBatcher:
+    def __init__(self, engine: Engine, *, max_active: int = 32) -> None:
+        self.engine = engine
+        self.max_active = max_active
+        self._waiting: collections.deque[_Ticket] = collections.deque()
+        self._active: list[_Ticket] = []
+        self._batch: DecodeBatch | None = None
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.largest_batch = 0
+
+    def start(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="continuous-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the current step; requests still waiting or decoding fail with BatcherStopped."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
+        future: Future[GenerationResult] = Future()
+        try:
+            ticket = _Ticket(self.engine.new_row(request), future)
+        except ValueError as error:
+            future.set_exception(error)
+            return future
+        with self._wake:
+            if self._stopping or self._thread is None:
+                future.set_exception(BatcherStopped("serving is not running"))
+                return future
+            self._waiting.append(ticket)
+            WAITING_ROWS.set(len(self._waiting))
+            self._wake.notify()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._active and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                room = self.max_active - len(self._active)
+                newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                WAITING_ROWS.set(len(self._waiting))
+            try:
+                self._admit(newcomers)
+                if self._batch is not None and len(self._batch):
+                    self.largest_batch = max(self.largest_batch, len(self._batch))
+                    self.engine.step(self._batch)
+                    self.steps += 1
+            except Exception as error:  # noqa: BLE001 - a failed step fails its rows, never the thread
+                log.exception("decode step failed; failing %d request(s)", len(self._active))
+                self._fail(self._active, error)
+                self._active, self._batch = [], None
+            self._settle_finished()
+        with self._wake:
+            leftovers, self._waiting = [*self._waiting, *self._active], collections.deque()
+        self._fail(leftovers, BatcherStopped("serving stopped before this request finished"))
+        self._active, self._batch = [], None
+        ACTIVE_ROWS.set(0)
+        WAITING_ROWS.set(0)
+
+    def _admit(self, newcomers: list[_Ticket]) -> None:
+        if not newcomers:
+            return
+        now = time.perf_counter()
+        for ticket in newcomers:
+            ticket.admitted = now
+        self._active += newcomers
+        joined = self.engine.prefill([ticket.row for ticket in newcomers])
+        if joined is None:
+            return
+        if self._batch is None or not len(self._batch):
+            self._batch = joined
+        else:
+            self._batch.absorb(joined)
+
+    def _settle_finished(self) -> None:
+        still = []
+        for ticket in self._active:
+            if ticket.row.finish_reason is None:
+                still.append(ticket)
+            else:
+                ticket.settle()
+        self._active = still
+        ACTIVE_ROWS.set(len(still))
+
+    @staticmethod
+    def _fail(tickets: list[_Ticket], error: BaseException) -> None:
+        for ticket in tickets:
+            if not ticket.future.done():
+                ticket.future.set_exception(error)
