@@ -15,9 +15,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta
-from jinja2.exceptions import SecurityError
-from jinja2.sandbox import SandboxedEnvironment
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
@@ -40,6 +37,7 @@ from services.registry.outbox import stage_event
 from services.registry.store import RegistryStore
 from services.runtime.artifacts import ArtifactError, ArtifactStore
 from services.runtime.auth import ApiKey, Role, add_key, generate_key
+from services.runtime.prompts import MissingVariable, TemplateSyntax, UnsafeTemplate, render_template, template_variables
 
 MAX_LIMIT = 500
 
@@ -115,8 +113,6 @@ def _page(session: Session, query: Any, model: Any, view: Callable[[Any], Any], 
     rows = rows[:limit]
     return Page(items=[view(row) for row in rows], next_cursor=_encode_cursor(rows[-1].id) if more else None)
 
-
-_prompts = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
 
 # Chat records: {"messages": [{"role", "content"}, ...]}; instruction records: {"instruction", "output", "input"?}.
 ROLES = {"system", "user", "assistant"}
@@ -388,8 +384,8 @@ class Registry:
         """Store the next immutable version of a prompt template and point the given labels at it."""
         with self._change(actor, "prompt.publish", "prompt", name) as session:
             try:
-                variables = sorted(meta.find_undeclared_variables(_prompts.parse(template)))
-            except TemplateSyntaxError as error:
+                variables = template_variables(template)
+            except TemplateSyntax as error:
                 raise Invalid(f"template does not parse: line {error.lineno}: {error.message}", param="template", code="template_syntax") from None
             version = (session.scalar(select(func.max(PromptVersion.version)).where(PromptVersion.name == name)) or 0) + 1
             row = PromptVersion(name=name, version=version, template=template, variables=variables, model_name=model_name, created_by=actor)
@@ -446,14 +442,12 @@ class Registry:
     def render_prompt(self, name: str, variables: dict[str, Any], *, version: int | None = None, label: str | None = None) -> str:
         """Render a prompt version in the sandbox; a missing variable is an Invalid naming it."""
         prompt = self.get_prompt(name, version=version, label=label)
-        missing = [variable for variable in prompt.variables if variable not in variables]
-        if missing:
-            raise Invalid(f"prompt {name}:v{prompt.version} needs variable(s) {', '.join(missing)}", param="variables", code="missing_variable")
         try:
-            return _prompts.from_string(prompt.template).render(**variables)
-        except UndefinedError as error:
-            raise Invalid(f"prompt {name}:v{prompt.version}: {error.message}", param="variables", code="missing_variable") from None
-        except SecurityError as error:
+            return render_template(prompt.template, variables, needs=prompt.variables)
+        except MissingVariable as error:
+            detail = f" needs variable(s) {', '.join(error.missing)}" if error.missing else f": {error}"
+            raise Invalid(f"prompt {name}:v{prompt.version}{detail}", param="variables", code="missing_variable") from None
+        except UnsafeTemplate as error:
             raise Invalid(f"prompt {name}:v{prompt.version} tried an unsafe operation: {error}", param="template", code="unsafe_template") from None
 
     @staticmethod
