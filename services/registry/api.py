@@ -39,6 +39,42 @@ from services.registry.service import Registry, RegistryError
 from services.runtime.auth import Authenticator, Principal
 from services.runtime.http import DoorError
 
+# Every body but a dataset upload is small; none is read whole into memory past its cap.
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def dataset_body_limit(max_dataset_bytes: int) -> int:
+    """The largest upload body read: the JSONL travels as a JSON string, whose escaping can triple it
+    (\\uXXXX for a 2-byte character); the exact dataset limit is then checked on the decoded records."""
+    return 3 * max_dataset_bytes + 64 * 1024
+
+
+async def bounded(request: Request, limit: int) -> Request:
+    """The request with its body read, refusing (413) by Content-Length or as soon as the streamed bytes pass `limit`."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise DoorError(413, f"request body is {int(declared)} bytes; the limit here is {limit}", code="request_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise DoorError(413, f"request body passed {limit} bytes, the limit here; nothing was stored", code="request_too_large")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    replayed = False
+
+    async def replay() -> dict:
+        # The body once, then the connection's own messages (a disconnect) as usual.
+        nonlocal replayed
+        if replayed:
+            return await request.receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, replay)
+
+
 def _object_of(request: Request) -> tuple[str, str]:
     parts = [part for part in request.url.path.split("/") if part][2:]
     return (parts[0].rstrip("s") if parts else "registry"), "/".join(parts[1:]) or "-"
@@ -62,13 +98,23 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
             actor = "anonymous"
         audit_refusal(request, actor, status, message)
 
+    body_limits = {"/registry/v1/datasets": dataset_body_limit(registry.max_dataset_bytes)}
+
     class AuditedRoute(APIRoute):
-        """Refused request bodies of changes are audited too (FastAPI validates before the handler runs)."""
+        """Bodies are capped as they stream in, and refused bodies of changes are audited too (FastAPI
+        reads and validates a body before the handler and its dependencies run)."""
 
         def get_route_handler(self) -> Callable:
             handler = super().get_route_handler()
+            limit = body_limits.get(self.path, MAX_BODY_BYTES)
 
             async def audited(request: Request) -> Response:
+                if request.method != "GET":
+                    try:
+                        request = await bounded(request, limit)
+                    except DoorError as error:
+                        await asyncio.to_thread(audit_attempt, request, error.status, error.detail.message)
+                        raise
                 try:
                     return await handler(request)
                 except RequestValidationError as error:
