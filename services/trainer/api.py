@@ -1,0 +1,55 @@
+"""The trainer's HTTP door: /trainer/v1/training-jobs."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Query, Response
+
+from contracts.events import TrainingRequested
+from contracts.http import TrainingJobCreate, TrainingJobView
+from services.runtime.http import DoorError
+from services.trainer.service import Trainer
+from services.trainer.store import JobRecord
+
+
+def view(job: JobRecord) -> TrainingJobView:
+    return TrainingJobView(
+        job_id=job.job_id, model_name=job.model_name, dataset=job.dataset, status=job.status,  # type: ignore[arg-type]
+        step=job.step, total_steps=job.total_steps, loss=job.loss, error=job.error,
+    )
+
+
+def build_router(trainer: Trainer) -> APIRouter:
+    router = APIRouter(prefix="/trainer/v1", tags=["trainer"])
+
+    @router.post("/training-jobs", status_code=202, response_model=TrainingJobView)
+    async def create_job(body: TrainingJobCreate, response: Response) -> TrainingJobView:
+        request = TrainingRequested(
+            job_id=body.job_id or str(uuid.uuid4()), model_name=body.model_name, dataset=body.dataset,
+            hyperparameters=body.hyperparameters, requested_by="http",
+        )
+        job, created = trainer.submit(request)
+        if not created:
+            response.status_code = 200
+        return view(job)
+
+    @router.get("/training-jobs", response_model=list[TrainingJobView])
+    async def list_jobs(limit: int = Query(100, ge=1, le=1000)) -> list[TrainingJobView]:
+        return [view(job) for job in trainer.list(limit)]
+
+    @router.get("/training-jobs/{job_id}", response_model=TrainingJobView)
+    async def get_job(job_id: str) -> TrainingJobView:
+        job = trainer.get(job_id)
+        if job is None:
+            raise DoorError(404, f"no training job {job_id}", param="job_id", code="job_not_found")
+        return view(job)
+
+    @router.post("/training-jobs/{job_id}/cancel", response_model=TrainingJobView)
+    async def cancel_job(job_id: str) -> TrainingJobView:
+        job = await trainer.cancel(job_id)
+        if job is None:
+            raise DoorError(404, f"no training job {job_id}", param="job_id", code="job_not_found")
+        return view(job)
+
+    return router

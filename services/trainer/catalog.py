@@ -1,0 +1,72 @@
+"""How the trainer finds the base model and dataset a request names: the registry owns both.
+
+The seam is the `Catalog` protocol. The trainer's implementation is event-carried state: it keeps
+the `model.registered` and `dataset.published` events it consumes (name -> artifact URI and digest)
+in its own SQLite, and materializes the artifacts from the content-addressed store on first use,
+verifying their digests. So it never calls the registry, and a registry that is down does not stop
+a queued job whose inputs were announced.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Protocol
+
+from contracts.events import DatasetPublished, DatasetRef, ModelRegistered
+from services.runtime.artifacts import ArtifactStore
+
+
+class UnknownInput(LookupError):
+    """The request names a model or dataset version the trainer has not heard of."""
+
+
+class Catalog(Protocol):
+    def model_path(self, model_name: str) -> Path: ...
+
+    def dataset_path(self, dataset: DatasetRef) -> Path: ...
+
+
+class EventCarriedCatalog:
+    """Model and dataset locations learned from registry events, materialized under `cache_dir`."""
+
+    def __init__(self, db_path: Path, artifacts: ArtifactStore, cache_dir: Path) -> None:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS model (name TEXT PRIMARY KEY, uri TEXT, sha256 TEXT)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS dataset (name TEXT, version INTEGER, split TEXT, uri TEXT, sha256 TEXT, PRIMARY KEY (name, version))")
+        self._lock = threading.Lock()
+        self._artifacts = artifacts
+        self._cache = cache_dir
+
+    def remember_model(self, event: ModelRegistered) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO model VALUES (?, ?, ?)", (event.model_name, event.artifact_uri, event.artifact_sha256))
+
+    def remember_dataset(self, event: DatasetPublished) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO dataset VALUES (?, ?, ?, ?, ?)", (event.dataset_name, event.version, event.split, event.artifact_uri, event.sha256))
+
+    def model_path(self, model_name: str) -> Path:
+        with self._lock:
+            row = self._db.execute("SELECT uri, sha256 FROM model WHERE name = ?", (model_name,)).fetchone()
+        if row is None:
+            raise UnknownInput(f"unknown base model {model_name!r}: register it first (no model.registered event seen)")
+        target = self._cache / "models" / row[1]
+        if not (target / "config.json").exists():
+            self._artifacts.materialize(row[0], row[1], into_dir=target)
+        return target
+
+    def dataset_path(self, dataset: DatasetRef) -> Path:
+        with self._lock:
+            row = self._db.execute("SELECT uri, sha256, split FROM dataset WHERE name = ? AND version = ?", (dataset.name, dataset.version)).fetchone()
+        if row is None:
+            raise UnknownInput(f"unknown dataset {dataset.name} v{dataset.version}: publish it first (no dataset.published event seen)")
+        if row[2] != "train":
+            raise UnknownInput(f"dataset {dataset.name} v{dataset.version} is a {row[2]!r} split; training needs a 'train' split")
+        return self._artifacts.materialize(row[0], row[1], into_dir=self._cache / "datasets", name=f"{row[1]}.jsonl")
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,188 @@
+"""The trainer's use cases: accept jobs (idempotent by job_id), run them one at a time, report each step.
+
+Imports neither Kafka nor FastAPI: events leave through a `Publisher` (the runtime's EventBus).
+A job's state lives in the JobStore before any event is published about it, so a worker killed at
+any point finds its job again on restart: `running` jobs resume from their checkpoint first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Protocol
+
+from contracts.events import TrainingCompleted, TrainingFailed, TrainingProgress, TrainingRequested, TrainingStarted
+from services.runtime.artifacts import ArtifactStore
+from services.trainer.catalog import Catalog, UnknownInput
+from services.trainer.engine import Progress, TrainingError, TrainingJob, TrainingPlan, train
+from services.trainer.settings import TrainerSettings
+from services.trainer.store import JobRecord, JobStore
+
+log = logging.getLogger("flywheel.trainer")
+
+
+class Publisher(Protocol):
+    async def publish(self, payload: Any, *, correlation_id: str | None = None, event_id: uuid.UUID | None = None) -> Any: ...
+
+
+class Trainer:
+    def __init__(self, store: JobStore, catalog: Catalog, artifacts: ArtifactStore, publisher: Publisher, *, work_root: Path, settings: TrainerSettings) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._artifacts = artifacts
+        self._publisher = publisher
+        self._work_root = work_root
+        self._settings = settings
+        self._wake = asyncio.Event()
+        self._cancelled: set[str] = set()
+        self._cancel_lock = threading.Lock()
+        self._worker: asyncio.Task | None = None
+
+    def submit(self, request: TrainingRequested, correlation_id: str | None = None) -> tuple[JobRecord, bool]:
+        """Queue a job; a job_id seen before returns the existing job and starts nothing."""
+        job, created = self._store.add(
+            JobRecord(
+                job_id=request.job_id,
+                model_name=request.model_name,
+                dataset=request.dataset,
+                hyperparameters=request.hyperparameters,
+                status="queued",
+                correlation_id=correlation_id,
+                requested_by=request.requested_by,
+            )
+        )
+        if created:
+            self._wake.set()
+        return job, created
+
+    def get(self, job_id: str) -> JobRecord | None:
+        return self._store.get(job_id)
+
+    def list(self, limit: int = 100) -> list[JobRecord]:
+        return self._store.list(limit)
+
+    async def cancel(self, job_id: str) -> JobRecord | None:
+        """Cancel a queued job at once, a running one at its next step; finished jobs stay as they are."""
+        job = self._store.get(job_id)
+        if job is None or job.status not in ("queued", "running"):
+            return job
+        with self._cancel_lock:
+            self._cancelled.add(job_id)
+        if job.status == "queued":
+            await self._fail(job, TrainingError("cancelled", "cancelled before it started"))
+        return self._store.get(job_id)
+
+    async def start(self) -> None:
+        self._worker = asyncio.create_task(self._run_forever(), name="trainer-worker")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+
+    async def _run_forever(self) -> None:
+        while True:
+            job = await asyncio.to_thread(self._store.next_runnable)
+            if job is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self.run_job(job)
+
+    async def run_job(self, job: JobRecord) -> None:
+        """Run one job to its end and publish what happened; never raises for a job's own failure."""
+        loop = asyncio.get_running_loop()
+        self._store.update(job.job_id, status="running")
+        try:
+            model_path, dataset_path = await self._resolve(job)
+        except UnknownInput as error:
+            await self._fail(job, TrainingError("invalid_input", str(error)))
+            return
+
+        def publish_soon(payload: Any) -> None:
+            # Called from the training thread: progress is reported without waiting for Kafka.
+            asyncio.run_coroutine_threadsafe(self._publish(payload, job), loop)
+
+        def on_start(plan: TrainingPlan) -> None:
+            self._store.update(job.job_id, total_steps=plan.total_steps, step=plan.resumed_from_step)
+            publish_soon(TrainingStarted(job_id=job.job_id, model_name=job.model_name, total_steps=plan.total_steps, resumed_from_step=plan.resumed_from_step, device=plan.device))
+
+        def on_progress(progress: Progress) -> None:
+            self._store.update(job.job_id, step=progress.step, loss=progress.loss)
+            publish_soon(TrainingProgress(job_id=job.job_id, model_name=job.model_name, **progress.__dict__))
+
+        work_dir = self._work_root / job.job_id
+        spec = TrainingJob(
+            model_path=model_path,
+            dataset_path=dataset_path,
+            hyperparameters=job.hyperparameters,
+            work_dir=work_dir,
+            checkpoint_every=self._settings.checkpoint_every,
+            log_every=self._settings.progress_every,
+            on_start=on_start,
+            on_progress=on_progress,
+            should_cancel=lambda: job.job_id in self._cancelled,
+        )
+        try:
+            result = await asyncio.to_thread(train, spec)
+            ref = await asyncio.to_thread(self._artifacts.put_directory, result.adapter_dir)
+        except TrainingError as error:
+            await self._fail(job, error)
+            return
+        except Exception as error:  # noqa: BLE001 - a job's crash must become training.failed, not kill the worker
+            log.exception("training job %s crashed", job.job_id)
+            await self._fail(job, TrainingError("internal", f"{type(error).__name__}: {error}"))
+            return
+        # A deterministic event id: if the worker dies before marking the job done, the re-sent event is deduplicated.
+        await self._publish(
+            TrainingCompleted(
+                job_id=job.job_id,
+                model_name=job.model_name,
+                dataset=job.dataset,
+                hyperparameters=job.hyperparameters,
+                artifact_uri=ref.uri,
+                artifact_sha256=ref.sha256,
+                metrics=result.metrics,
+            ),
+            job,
+            event_id=uuid.uuid5(uuid.NAMESPACE_URL, f"flywheel-trainer/{job.job_id}/completed"),
+        )
+        self._store.update(job.job_id, status="completed", step=result.total_steps, artifact_uri=ref.uri, artifact_sha256=ref.sha256)
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+    async def _resolve(self, job: JobRecord) -> tuple[Path, Path]:
+        # The registry's events travel on other topics than the request: a model or dataset published
+        # just before the request may not have been consumed yet, so unknown inputs are retried a while.
+        deadline = asyncio.get_running_loop().time() + self._settings.input_wait_s
+        while True:
+            try:
+                model_path = await asyncio.to_thread(self._catalog.model_path, job.model_name)
+                return model_path, await asyncio.to_thread(self._catalog.dataset_path, job.dataset)
+            except UnknownInput:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise
+                await asyncio.sleep(1.0)
+
+    async def _fail(self, job: JobRecord, error: TrainingError) -> None:
+        status = "cancelled" if error.error_type == "cancelled" else "failed"
+        self._store.update(job.job_id, status=status, error=error.reason, error_type=error.error_type)
+        # No partial adapter survives a failed job: its checkpoints and work directory go with it.
+        shutil.rmtree(self._work_root / job.job_id, ignore_errors=True)
+        await self._publish(
+            TrainingFailed(job_id=job.job_id, model_name=job.model_name, reason=error.reason, error_type=error.error_type),
+            job,
+            event_id=uuid.uuid5(uuid.NAMESPACE_URL, f"flywheel-trainer/{job.job_id}/failed"),
+        )
+
+    async def _publish(self, payload: Any, job: JobRecord, event_id: uuid.UUID | None = None) -> None:
+        try:
+            await self._publisher.publish(payload, correlation_id=job.correlation_id, event_id=event_id)
+        except Exception:  # noqa: BLE001 - a lost event must not kill the worker; the job's state stays readable over HTTP
+            log.exception("could not publish %s for job %s", type(payload).__name__, job.job_id)

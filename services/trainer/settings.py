@@ -1,0 +1,16 @@
+"""Trainer settings, read from `FLYWHEEL_TRAINER_*` when the app is built."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TrainerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_TRAINER_", extra="ignore")
+
+    checkpoint_every: int = Field(default=20, ge=1, description="Optimiser steps between checkpoints.")
+    progress_every: int = Field(default=5, ge=1, description="Optimiser steps between training.progress events.")
+    input_wait_s: float = Field(default=60.0, ge=0, description="How long a job waits for its model.registered / dataset.published to arrive before failing.")
+    torch_threads: int = Field(default=0, ge=0, description="CPU threads for torch; 0 keeps torch's default.")
+    artifact_root: str | None = Field(default=None, description="Artifact store URL; unset: FLYWHEEL_HOME/artifacts.")
