@@ -42,10 +42,16 @@ def paired_bootstrap(candidate: Scores, baseline: Scores, *, resamples: int = 20
     return Interval(float(differences.mean()), float(low), float(high), int(differences.size))
 
 
-def compare(metric: str, candidate: Scores, baseline: Scores | None, *, resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> MetricComparison:
-    """One metric's summary: both means, and the paired interval when there is a baseline."""
+def compare(
+    metric: str, candidate: Scores, baseline: Scores | None, *, errors: int | None = None, resamples: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> MetricComparison:
+    """One metric's summary: both means, and the paired interval when there is a baseline.
+
+    `errors` counts the candidate's examples on which the metric failed; unset, every None counts as
+    one (pass it when None also means "does not apply to this example").
+    """
     scored = [value for value in candidate if value is not None]
-    errors = sum(value is None for value in candidate)
+    errors = sum(value is None for value in candidate) if errors is None else errors
     summary = MetricComparison(metric=metric, candidate=_mean(scored), examples=len(scored), errors=errors)
     if baseline is None:
         return summary

@@ -28,6 +28,11 @@ class FormatCheck:
 def json_validity(answer: str, schema: dict[str, Any] | None = None) -> FormatCheck:
     import jsonschema
 
+    validator_class = None
+    if schema is not None:
+        # Checked before the answer: a broken schema is an error of the record, whatever the answer.
+        validator_class = jsonschema.validators.validator_for(schema)
+        validator_class.check_schema(schema)
     text = answer.strip()
     fenced = _FENCE.match(text)
     if fenced:
@@ -36,10 +41,8 @@ def json_validity(answer: str, schema: dict[str, Any] | None = None) -> FormatCh
         document = json.loads(text)
     except ValueError as error:
         return FormatCheck(False, f"not JSON: {error}")
-    if schema is None:
+    if validator_class is None:
         return FormatCheck(True)
-    validator_class = jsonschema.validators.validator_for(schema)
-    validator_class.check_schema(schema)
     problems = sorted(validator_class(schema).iter_errors(document), key=lambda e: list(e.absolute_path))
     if problems:
         where = "/".join(str(part) for part in problems[0].absolute_path) or "(root)"

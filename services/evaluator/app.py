@@ -1,0 +1,65 @@
+"""create_app for the evaluator: its catalogue and runs on Kafka, and the /evaluator/v1 door."""
+
+from __future__ import annotations
+
+import asyncio
+
+from contracts.events import AdapterRegistered, DatasetPublished, EvaluationRequested, ModelRegistered, StageChanged
+from services.evaluator.api import create_router
+from services.evaluator.handlers import (
+    when_adapter_registered_evaluate_against_production,
+    when_dataset_published_remember_it,
+    when_evaluation_requested_run,
+    when_model_registered_remember_it,
+    when_stage_changed_track_production,
+)
+from services.evaluator.service import Evaluator
+from services.evaluator.settings import EvaluatorSettings
+from services.evaluator.store import EvaluatorStore
+from services.runtime.artifacts import ArtifactStore, default_artifact_root
+from services.runtime.auth import Authenticator
+from services.runtime.scoring import Embedder, Judge
+from services.runtime.service import Runtime, Service
+from services.runtime.settings import load_settings
+
+GROUP = "evaluator"
+
+
+def judge_factory(settings: EvaluatorSettings):
+    """The LLM judge the settings describe, or None when no endpoint is configured."""
+
+    def build() -> Judge | None:
+        if not settings.judge_base_url or not settings.judge_model:
+            return None
+        from openai import AsyncOpenAI
+
+        client = AsyncOpenAI(base_url=settings.judge_base_url, api_key=settings.judge_api_key or "unused", max_retries=1)
+        return Judge(client, model=settings.judge_model, rubric=settings.judge_rubric)
+
+    return build
+
+
+def create_app(runtime: Runtime) -> Service:
+    settings = load_settings(EvaluatorSettings)
+    store = EvaluatorStore(runtime.home / GROUP / "evaluator.db")
+    evaluator = Evaluator(
+        store=store, artifacts=ArtifactStore(settings.artifact_root or default_artifact_root(runtime.home)), clickhouse=runtime.clickhouse,
+        settings=settings, home=runtime.home, embedder=Embedder(), judge=judge_factory(settings),
+    )
+    bus = runtime.bus(GROUP)
+    runtime.subscribe(GROUP, ModelRegistered, when_model_registered_remember_it(evaluator))
+    runtime.subscribe(GROUP, DatasetPublished, when_dataset_published_remember_it(evaluator))
+    runtime.subscribe(GROUP, StageChanged, when_stage_changed_track_production(evaluator))
+    runtime.subscribe(GROUP, AdapterRegistered, when_adapter_registered_evaluate_against_production(evaluator, bus.publish))
+    runtime.subscribe(GROUP, EvaluationRequested, when_evaluation_requested_run(evaluator, bus.publish))
+
+    async def clickhouse_answers() -> None:
+        await asyncio.to_thread(runtime.clickhouse)
+
+    async def stop() -> None:
+        await asyncio.to_thread(store.close)
+
+    return Service(
+        name=GROUP, api=create_router(store, Authenticator.for_settings(runtime.settings), bus.publish),
+        readiness={"clickhouse": clickhouse_answers}, on_start=[clickhouse_answers], on_stop=[stop],
+    )

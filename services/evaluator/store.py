@@ -1,0 +1,185 @@
+"""What the evaluator keeps: the catalogue it learns from registry events, evaluation records, and result rows.
+
+The catalogue (base models, adapter versions, datasets, the production version per model) is
+event-carried state: the evaluator never calls the registry, so it evaluates while the registry is
+down. It lives in SQLite under FLYWHEEL_HOME/evaluator because consumer offsets are committed: a
+restarted evaluator is not sent the old events again. Per-example results go to ClickHouse.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from services.runtime.clickhouse import ClickHouseStore
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS base_model (name TEXT PRIMARY KEY, artifact_uri TEXT NOT NULL, artifact_sha256 TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS adapter (model_name TEXT, version INTEGER, artifact_uri TEXT NOT NULL, artifact_sha256 TEXT NOT NULL, PRIMARY KEY (model_name, version));
+CREATE TABLE IF NOT EXISTS dataset (name TEXT, version INTEGER, split TEXT NOT NULL, artifact_uri TEXT NOT NULL, sha256 TEXT NOT NULL, model_name TEXT, PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS production (model_name TEXT PRIMARY KEY, version INTEGER);
+CREATE TABLE IF NOT EXISTS evaluation (
+    evaluation_id TEXT PRIMARY KEY, status TEXT NOT NULL, request TEXT NOT NULL, result TEXT,
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class ArtifactPointer:
+    uri: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class DatasetPointer:
+    name: str
+    version: int
+    split: str
+    uri: str
+    sha256: str
+    model_name: str | None
+
+
+@dataclass(frozen=True)
+class EvaluationRecord:
+    evaluation_id: str
+    status: str  # queued, running, completed, failed
+    request: dict[str, Any]
+    result: dict[str, Any] | None
+    created_at: str
+    updated_at: str
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class EvaluatorStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        # Handlers and the HTTP door run on the loop, evaluations in a worker thread: one connection, one lock.
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _rows(self, sql: str, parameters: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            cursor = self._db.execute(sql, parameters)
+            return cursor.fetchall()
+
+    # ------------------------------------------------------------------------------- catalogue
+
+    def remember_model(self, name: str, uri: str, sha256: str) -> None:
+        self._rows("INSERT OR REPLACE INTO base_model VALUES (?, ?, ?)", (name, uri, sha256))
+
+    def remember_adapter(self, model_name: str, version: int, uri: str, sha256: str) -> None:
+        self._rows("INSERT OR REPLACE INTO adapter VALUES (?, ?, ?, ?)", (model_name, version, uri, sha256))
+
+    def remember_dataset(self, pointer: DatasetPointer) -> None:
+        self._rows("INSERT OR REPLACE INTO dataset VALUES (?, ?, ?, ?, ?, ?)", (pointer.name, pointer.version, pointer.split, pointer.uri, pointer.sha256, pointer.model_name))
+
+    def set_production(self, model_name: str, version: int | None) -> None:
+        self._rows("INSERT OR REPLACE INTO production VALUES (?, ?)", (model_name, version))
+
+    def base_model(self, name: str) -> ArtifactPointer | None:
+        rows = self._rows("SELECT artifact_uri, artifact_sha256 FROM base_model WHERE name = ?", (name,))
+        return ArtifactPointer(*rows[0]) if rows else None
+
+    def adapter(self, model_name: str, version: int) -> ArtifactPointer | None:
+        rows = self._rows("SELECT artifact_uri, artifact_sha256 FROM adapter WHERE model_name = ? AND version = ?", (model_name, version))
+        return ArtifactPointer(*rows[0]) if rows else None
+
+    def dataset(self, name: str, version: int) -> DatasetPointer | None:
+        rows = self._rows("SELECT name, version, split, artifact_uri, sha256, model_name FROM dataset WHERE name = ? AND version = ?", (name, version))
+        return DatasetPointer(*rows[0]) if rows else None
+
+    def latest_golden(self, model_name: str) -> DatasetPointer | None:
+        """The newest golden dataset meant for `model_name`, else the newest golden dataset meant for no model."""
+        rows = self._rows(
+            "SELECT name, version, split, artifact_uri, sha256, model_name FROM dataset WHERE split = 'golden' AND (model_name = ? OR model_name IS NULL) "
+            "ORDER BY model_name IS NULL, rowid DESC LIMIT 1",
+            (model_name,),
+        )
+        return DatasetPointer(*rows[0]) if rows else None
+
+    def production(self, model_name: str) -> int | None:
+        rows = self._rows("SELECT version FROM production WHERE model_name = ?", (model_name,))
+        return rows[0][0] if rows else None
+
+    # ----------------------------------------------------------------------------- evaluations
+
+    def claim(self, evaluation_id: str, request: dict[str, Any]) -> bool:
+        """Record a new evaluation as queued; False if the id exists (a redelivered or repeated request)."""
+        now = _now()
+        with self._lock:
+            cursor = self._db.execute("INSERT OR IGNORE INTO evaluation VALUES (?, 'queued', ?, NULL, ?, ?)", (evaluation_id, json.dumps(request), now, now))
+            return cursor.rowcount == 1
+
+    def set_status(self, evaluation_id: str, status: str, result: dict[str, Any] | None = None) -> None:
+        self._rows(
+            "UPDATE evaluation SET status = ?, result = COALESCE(?, result), updated_at = ? WHERE evaluation_id = ?",
+            (status, json.dumps(result) if result is not None else None, _now(), evaluation_id),
+        )
+
+    def evaluation(self, evaluation_id: str) -> EvaluationRecord | None:
+        rows = self._rows("SELECT * FROM evaluation WHERE evaluation_id = ?", (evaluation_id,))
+        return _record(rows[0]) if rows else None
+
+    def evaluations(self, *, model_name: str | None = None, limit: int = 50) -> list[EvaluationRecord]:
+        rows = self._rows("SELECT * FROM evaluation ORDER BY created_at DESC LIMIT ?", (max(limit * 4, limit) if model_name else limit,))
+        records = [_record(row) for row in rows]
+        if model_name:
+            records = [r for r in records if r.request.get("candidate", {}).get("model_name") == model_name]
+        return records[:limit]
+
+
+def _record(row: Sequence[Any]) -> EvaluationRecord:
+    evaluation_id, status, request, result, created_at, updated_at = row
+    return EvaluationRecord(evaluation_id, status, json.loads(request), json.loads(result) if result else None, created_at, updated_at)
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    example_id: str
+    model_name: str
+    adapter_version: int | None
+    target: str
+    metric: str
+    score: float | None
+    error: str | None
+    prediction: str
+    reference: str
+
+
+def write_results(clickhouse: Callable[[], ClickHouseStore], evaluation_id: str, rows: Sequence[ResultRow], created_at: datetime) -> None:
+    """One columnar insert of an evaluation's per-example rows into `evaluation_result`."""
+    import pyarrow as pa
+
+    table = pa.table(
+        {
+            "evaluation_id": pa.array([evaluation_id] * len(rows), pa.string()),
+            "example_id": pa.array([r.example_id for r in rows], pa.string()),
+            "model_name": pa.array([r.model_name for r in rows], pa.string()),
+            "adapter_version": pa.array([r.adapter_version for r in rows], pa.uint32()),
+            "target": pa.array([r.target for r in rows], pa.string()),
+            "metric": pa.array([r.metric for r in rows], pa.string()),
+            "score": pa.array([r.score for r in rows], pa.float64()),
+            "error": pa.array([r.error for r in rows], pa.string()),
+            "prediction": pa.array([r.prediction for r in rows], pa.string()),
+            "reference": pa.array([r.reference for r in rows], pa.string()),
+            "created_at": pa.array([created_at] * len(rows), pa.timestamp("ms", tz="UTC")),
+        }
+    )
+    clickhouse().insert_arrow("evaluation_result", table)
