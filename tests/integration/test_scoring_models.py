@@ -1,0 +1,58 @@
+"""Scores that need a model: groundedness with the real all-MiniLM-L6-v2, and the LLM judge over an
+OpenAI-compatible endpoint (a stand-in server speaking the protocol), errors kept per example."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from services.runtime.scoring import Embedder, Judge, score_groundedness
+
+pytestmark = pytest.mark.integration
+
+REFERENCE = "Hold the Sync button for 12 seconds until the ring flashes amber, then release it; the reset takes about 90 seconds."
+
+
+def test_groundedness_with_minilm_tells_supported_from_invented_answers() -> None:
+    answers = [
+        "Press and hold Sync for 12 seconds until the ring turns amber, then let go; the reset takes about 90 seconds.",
+        "Hold the Sync button for 5 seconds until the light flashes green.",
+        "Our offices are open Monday to Friday.",
+        "",
+    ]
+    paraphrase, wrong_number, unrelated, empty = score_groundedness(answers, [REFERENCE] * 4, Embedder())
+    assert paraphrase.grounded and paraphrase.similarity > 0.8
+    assert not wrong_number.grounded and wrong_number.unsupported_numbers == ("5",)
+    assert not unrelated.grounded and unrelated.similarity < 0.3
+    assert (empty.score, empty.grounded) == (0.0, False)
+    assert paraphrase.score > wrong_number.score > unrelated.score
+
+
+async def test_the_judge_grades_with_a_versioned_rubric_and_records_errors_per_example() -> None:
+    from openai import AsyncOpenAI
+
+    seen: list[dict] = []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append(body)
+        answer = body["messages"][1]["content"].rsplit("Answer to grade:\n", 1)[1]
+        if answer == "crash":
+            return httpx.Response(500, json={"error": {"message": "boom", "type": "server_error"}})
+        content = {"good": '{"score": 5, "reason": "same facts"}', "meh": "Score: 3", "rambling": "Hard to say."}[answer]
+        return httpx.Response(200, json={
+            "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        })
+
+    client = AsyncOpenAI(base_url="http://judge.test/v1", api_key="k", max_retries=0, http_client=httpx.AsyncClient(transport=httpx.MockTransport(endpoint)))
+    judge = Judge(client, model="judge-model")
+    assert judge.rubric.key == "correctness@v1"
+    results = {a: await judge.grade(question="How do I reset?", answer=a, reference=REFERENCE) for a in ("good", "meh", "rambling", "crash")}
+    assert results["good"].score == 1.0 and results["meh"].score == 0.5
+    assert results["rambling"].score is None and "no score in the judge's reply" in results["rambling"].error
+    assert results["crash"].score is None and results["crash"].error.startswith("InternalServerError")
+    assert seen[0]["temperature"] == 0.0 and "Reference answer:\n" + REFERENCE in seen[0]["messages"][1]["content"]
+    await client.close()
