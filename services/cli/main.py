@@ -10,7 +10,7 @@ import click
 import typer
 
 from services.cli import contracts_cmd, demo_cmd, doctor_cmd, infra_cmd, run_cmd
-from services.cli import registry_cmd
+from services.cli import eval_cmd, registry_cmd
 from services.runtime.errors import FlywheelError
 from services.serving import bench_cmd as serving_bench_cmd
 
@@ -37,6 +37,7 @@ def _configure(
 app.add_typer(infra_cmd.app, name="infra")
 app.add_typer(contracts_cmd.app, name="contracts")
 app.add_typer(registry_cmd.app, name="registry")
+app.add_typer(eval_cmd.app, name="eval")
 app.command(name="doctor")(doctor_cmd.doctor)
 app.command(name="demo")(demo_cmd.demo)
 app.command(name="up")(run_cmd.up)

@@ -1,0 +1,119 @@
+"""`flywheel eval ...`: request evaluations from a running evaluator and read their verdicts.
+
+These talk to the evaluator's door (`/evaluator/v1/evaluations`) with an API key (`--api-key` or
+FLYWHEEL_API_KEY); the evaluation itself runs in the evaluator process, where the models are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Annotated, Any
+
+import typer
+
+from services.runtime.errors import FlywheelError
+
+app = typer.Typer(help="Evaluations: candidate vs baseline on a golden set, and the promotion gate's verdict.", no_args_is_help=True)
+
+UrlOption = Annotated[str | None, typer.Option("--url", help="Evaluator base URL; default http://FLYWHEEL_HTTP_HOST:FLYWHEEL_HTTP_PORT.")]
+KeyOption = Annotated[str | None, typer.Option("--api-key", help="API key; default FLYWHEEL_API_KEY.")]
+
+
+class EvalCommandError(FlywheelError):
+    """The evaluator refused the request or could not be reached."""
+
+
+def _call(method: str, path: str, url: str | None, api_key: str | None, **kwargs: Any) -> dict:
+    import httpx
+
+    from services.runtime.settings import FlywheelSettings, load_settings
+
+    if url is None:
+        settings = load_settings(FlywheelSettings)
+        url = f"http://{settings.http_host}:{settings.http_port}"
+    key = api_key or os.environ.get("FLYWHEEL_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        response = httpx.request(method, f"{url.rstrip('/')}{path}", headers=headers, timeout=30, **kwargs)
+    except httpx.HTTPError as error:
+        raise EvalCommandError(f"cannot reach the evaluator at {url}: {error}") from None
+    if response.status_code >= 400:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:300]
+        raise EvalCommandError(f"the evaluator answered {response.status_code}: {message}")
+    return response.json()
+
+
+def _target(model: str, adapter: int | None) -> dict:
+    return {"model_name": model, "adapter_version": adapter}
+
+
+def _golden(text: str) -> dict:
+    name, _, version = text.rpartition(":")
+    if not name or not version.isdigit():
+        raise typer.BadParameter("write the golden set as NAME:VERSION, e.g. acme-golden:1", param_hint="--golden")
+    return {"name": name, "version": int(version)}
+
+
+def _summary(item: dict) -> str:
+    result = item.get("result") or {}
+    verdict = "" if not result else (" PASSED" if result.get("passed") else " FAILED")
+    return f"{item['evaluation_id']}  {item['status']}{verdict}"
+
+
+@app.command("request")
+def request(
+    model: Annotated[str, typer.Option("--model", help="Base model name.")],
+    golden: Annotated[str, typer.Option("--golden", help="Golden dataset as NAME:VERSION.")],
+    adapter: Annotated[int | None, typer.Option("--adapter", help="Candidate adapter version; none: the base model.")] = None,
+    baseline_adapter: Annotated[int | None, typer.Option("--baseline-adapter", help="Baseline adapter version; default: the production version.")] = None,
+    baseline_base: Annotated[bool, typer.Option("--baseline-base", help="Compare with the base model instead of production.")] = False,
+    suite: Annotated[str, typer.Option("--suite", help="Metric suite: default, fast or judge.")] = "default",
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the verdict and print it.")] = False,
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+) -> None:
+    """Request an evaluation of a candidate against a baseline on a golden set."""
+    body: dict[str, Any] = {"candidate": _target(model, adapter), "golden": _golden(golden), "metric_suite": suite}
+    if baseline_adapter is not None or baseline_base:
+        body["baseline"] = _target(model, baseline_adapter)
+    queued = _call("POST", "/evaluator/v1/evaluations", url, api_key, json=body)
+    typer.echo(_summary(queued))
+    if wait:
+        while queued["status"] not in ("completed", "failed"):
+            time.sleep(2)
+            queued = _call("GET", f"/evaluator/v1/evaluations/{queued['evaluation_id']}", url, api_key)
+        _print_result(queued)
+
+
+def _print_result(item: dict) -> None:
+    typer.echo(_summary(item))
+    result = item.get("result")
+    if not result:
+        return
+    for reason in result["reasons"]:
+        typer.echo(f"  {reason}")
+    if result.get("report_uri"):
+        typer.echo(f"  report: {result['report_uri']}")
+
+
+@app.command("show")
+def show(evaluation_id: str, as_json: Annotated[bool, typer.Option("--json", help="Print the full record as JSON.")] = False, url: UrlOption = None, api_key: KeyOption = None) -> None:
+    """Show one evaluation: status, verdict, reasons and the report."""
+    item = _call("GET", f"/evaluator/v1/evaluations/{evaluation_id}", url, api_key)
+    if as_json:
+        typer.echo(json.dumps(item, indent=2, sort_keys=True))
+    else:
+        _print_result(item)
+
+
+@app.command("list")
+def list_(model: Annotated[str | None, typer.Option("--model", help="Only this model's candidates.")] = None, limit: int = 20, url: UrlOption = None, api_key: KeyOption = None) -> None:
+    """List evaluations, newest first."""
+    params = {"limit": limit} | ({"model_name": model} if model else {})
+    for item in _call("GET", "/evaluator/v1/evaluations", url, api_key, params=params)["data"]:
+        typer.echo(_summary(item))
