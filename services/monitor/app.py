@@ -1,0 +1,80 @@
+"""Wires the monitor into a process: its stores, rules (checked against the engine at start), the tick task and the door."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from services.monitor.api import build_router
+from services.monitor.rules import load_rules
+from services.monitor.service import Monitor, RegistryDoor, RetrainingPolicy
+from services.monitor.settings import MonitorSettings
+from services.monitor.store import MonitorStore
+from services.runtime.auth import Authenticator
+from services.runtime.clickhouse import ClickHouseStore, open_clickhouse
+from services.runtime.service import Runtime, Service
+from services.runtime.settings import load_settings
+
+log = logging.getLogger("flywheel.monitor")
+GROUP = "monitor"
+
+
+def create_app(runtime: Runtime, *, registry_transport: Any = None) -> Service:
+    settings = load_settings(MonitorSettings)
+    readonly: list[ClickHouseStore] = []
+
+    def readonly_store() -> ClickHouseStore:
+        # Opened after the process's store, which creates and migrates the database it reads.
+        if not readonly:
+            runtime.clickhouse()
+            readonly.append(open_clickhouse(runtime.settings.clickhouse_url, runtime.home, readonly=True))
+        return readonly[0]
+
+    store = MonitorStore(runtime.clickhouse, readonly_store)
+    bus = runtime.bus(GROUP)
+    registry_url = settings.registry_url or f"http://{runtime.settings.http_host}:{runtime.settings.http_port}"
+    registry = RegistryDoor(registry_url, settings.api_key, transport=registry_transport)
+    policy = RetrainingPolicy(min_corrections=settings.retrain_min_corrections, cooldown_s=settings.retrain_cooldown_s)
+    monitor = Monitor(store, [], bus.publish_envelope, registry, policy=policy, state_dir=runtime.home / GROUP)
+    tasks: list[asyncio.Task] = []
+
+    async def production_lineage() -> dict | None:
+        try:
+            page = await registry.get("adapters", stage="production", limit=1)
+            items = page.get("items") or []
+            if not items:
+                return None
+            return await registry.get(f"adapters/{items[0]['model_name']}/versions/{items[0]['version']}/lineage")
+        except Exception:  # noqa: BLE001 - the console still renders without the registry
+            log.warning("registry door did not answer the lineage request", exc_info=True)
+            return None
+
+    async def loop() -> None:
+        while True:
+            try:
+                await monitor.tick()
+            except Exception:  # noqa: BLE001 - a failed tick is logged; the next one tries again
+                log.exception("monitor tick failed")
+            await asyncio.sleep(settings.tick_s)
+
+    async def start() -> None:
+        monitor.rules = await asyncio.to_thread(load_rules, settings.rules_path, store.check_rule)
+        log.info("monitor rules loaded: %s", ", ".join(f"{r.name}@v{r.version}" for r in monitor.rules))
+        tasks.append(asyncio.create_task(loop(), name="monitor-tick"))
+
+    async def stop() -> None:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for handle in readonly:
+            handle.close()
+
+    return Service(
+        name=GROUP,
+        api=build_router(monitor, Authenticator.for_settings(runtime.settings), console_hours=settings.console_hours, lineage=production_lineage),
+        on_start=[start],
+        on_stop=[stop],
+    )

@@ -1,0 +1,129 @@
+"""The read-only ops console: one server-rendered HTML page with inline SVG charts (matplotlib), no scripts."""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from html import escape
+from typing import Any
+
+_DRIFT_KINDS = ("psi", "embedding", "scored")
+# matplotlib's pyplot state is global; the console may render from several request threads.
+_PLOT_LOCK = threading.Lock()
+
+
+def _version(row: dict[str, Any]) -> str:
+    adapter = row.get("adapter_version")
+    prompt = row.get("prompt_version")
+    label = f"{row['model_name']}:v{adapter}" if adapter is not None else f"{row['model_name']}:base"
+    return label + (f" prompt v{prompt}" if prompt is not None else "")
+
+
+def _series(rows: Sequence[dict[str, Any]], column: str) -> dict[str, tuple[list[datetime], list[float]]]:
+    series: dict[str, tuple[list[datetime], list[float]]] = {}
+    for row in rows:
+        value = row.get(column)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        xs, ys = series.setdefault(_version(row), ([], []))
+        xs.append(row["bucket"])
+        ys.append(float(value))
+    return series
+
+
+def _chart(title: str, lines: dict[str, tuple[list[datetime], list[float]]], ylabel: str) -> str:
+    if not lines:
+        return f'<figure><figcaption>{escape(title)}</figcaption><p class="empty">no data in this window</p></figure>'
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    with _PLOT_LOCK:
+        figure, axes = plt.subplots(figsize=(6.0, 2.6))
+        for label, (xs, ys) in sorted(lines.items()):
+            axes.plot(xs, ys, marker="o", markersize=3, linewidth=1.4, label=label)
+        axes.set_ylabel(ylabel)
+        axes.grid(alpha=0.3)
+        axes.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
+        axes.legend(fontsize=7, loc="best")
+        figure.tight_layout()
+        buffer = io.StringIO()
+        figure.savefig(buffer, format="svg")
+        plt.close(figure)
+    svg = buffer.getvalue()
+    svg = svg[svg.index("<svg") :]
+    return f"<figure><figcaption>{escape(title)}</figcaption>{svg}</figure>"
+
+
+def _drift(history: Sequence[Any]) -> dict[str, tuple[list[datetime], list[float]]]:
+    lines: dict[str, tuple[list[datetime], list[float]]] = {}
+    for evaluation in history:
+        if evaluation.rule.spec.kind not in _DRIFT_KINDS or evaluation.value is None:
+            continue
+        xs, ys = lines.setdefault(f"{evaluation.rule.metric} · {_version(evaluation.scope)}", ([], []))
+        xs.append(evaluation.window_end)
+        ys.append(evaluation.value)
+    return lines
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], empty: str) -> str:
+    if not rows:
+        return f'<p class="empty">{escape(empty)}</p>'
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{escape('' if c is None else str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_console(
+    buckets: Sequence[dict[str, Any]], alerts: Sequence[dict[str, Any]], history: Sequence[Any], lineage: dict[str, Any] | None, *, generated_at: datetime
+) -> str:
+    """The whole page: traffic, latency quantiles, feedback, drift, alerts, and the production adapter's lineage."""
+    latency = {f"{k} p{q}": v for q in (50, 95, 99) for k, v in _series(buckets, f"latency_p{q}_ms").items()}
+    charts = [
+        _chart("Traffic (requests per bucket)", _series(buckets, "requests"), "requests"),
+        _chart("Latency quantiles (ms)", latency, "ms"),
+        _chart("Thumbs-down rate", _series(buckets, "thumbs_down_rate"), "share"),
+        _chart("Mean rating (1-5)", _series(buckets, "mean_rating"), "rating"),
+        _chart("Error rate", _series(buckets, "error_rate"), "share"),
+        _chart("Drift and live quality over time", _drift(history), "value"),
+    ]
+    active = [a for a in alerts if a["state"] != "resolved"]
+    alert_rows = [(a["severity"], a["state"], a["rule_name"], _version(a), f"{a['value']:.4g}", f"{a['threshold']:g}", a["window_end"], a["message"]) for a in alerts]
+    lineage_html = '<p class="empty">no production adapter known (or the registry door is not configured)</p>'
+    if lineage:
+        adapter = lineage["adapter"]
+        dataset = lineage.get("dataset") or {}
+        evaluations = lineage.get("evaluations") or []
+        lineage_html = _table(
+            ["adapter", "stage", "base model", "training job", "dataset", "provenance", "evaluations"],
+            [(f"{adapter['model_name']}:v{adapter['version']}", adapter["stage"], lineage["base_model"]["name"], lineage.get("training_job_id"),
+              f"{dataset.get('name')}:v{dataset.get('version')}" if dataset else None, dataset.get("provenance"),
+              ", ".join(f"{e['gate_policy']} {'passed' if e['passed'] else 'failed'}" for e in evaluations))],
+            "",
+        )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Flywheel monitor</title>
+<style>
+body {{ font: 14px system-ui, sans-serif; margin: 1.5rem; color: #1d2330; background: #fafbfc; }}
+h1 {{ font-size: 1.4rem; margin: 0 0 .2rem; }} h2 {{ font-size: 1.1rem; margin-top: 1.6rem; }}
+.meta {{ color: #667; }} .badge {{ display: inline-block; padding: .1rem .5rem; border-radius: .6rem; background: #c62828; color: #fff; }}
+.charts {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 1rem; }}
+figure {{ margin: 0; padding: .5rem; background: #fff; border: 1px solid #dde; border-radius: 6px; }}
+figcaption {{ font-weight: 600; margin-bottom: .3rem; }} svg {{ width: 100%; height: auto; }}
+table {{ border-collapse: collapse; background: #fff; width: 100%; }} th, td {{ border: 1px solid #dde; padding: .3rem .5rem; text-align: left; font-size: 13px; }}
+th {{ background: #eef1f6; }} .empty {{ color: #889; font-style: italic; }}
+</style></head><body>
+<h1>Flywheel monitor</h1>
+<p class="meta">generated {escape(generated_at.strftime('%Y-%m-%d %H:%M:%S UTC'))} · <span class="badge">{len(active)} open alerts</span></p>
+<h2>Alerts</h2>
+{_table(["severity", "state", "rule", "version", "value", "threshold", "at", "message"], alert_rows, "no alerts")}
+<h2>Per model version</h2>
+<div class="charts">{''.join(charts)}</div>
+<h2>Lineage of the production adapter</h2>
+{lineage_html}
+</body></html>"""

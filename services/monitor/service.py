@@ -1,0 +1,381 @@
+"""The monitor's use cases: evaluate rules over windows, keep alerts (dedup, cooldown, states), close the loop into retraining."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from contracts.envelope import Envelope, wrap
+from contracts.events import AlertRaised, AlertState, DatasetRef, Hyperparameters, TrainingRequested
+from contracts.http import DatasetCreate
+from services.monitor.rules import SCOPES, Rule
+from services.monitor.store import MonitorStore
+from services.runtime.scoring import Embedder, scan_unsafe, score_groundedness
+
+log = logging.getLogger("flywheel.monitor")
+
+METRIC_VALUE = Gauge("flywheel_monitor_metric_value", "Latest value of each rule's metric, per scope.", ["rule", "model_name", "adapter_version", "prompt_version"])
+ALERTS_RAISED = Counter("flywheel_monitor_alerts_raised_total", "Alerts opened, by rule and severity.", ["rule", "severity"])
+ALERTS_OPEN = Gauge("flywheel_monitor_alerts_open", "Alerts open or acknowledged now.")
+RETRAININGS = Counter("flywheel_monitor_retrainings_total", "Retraining decisions, by outcome.", ["outcome"])
+
+PSI_BINS = 10
+PSI_EPSILON = 1e-4
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One rule over one scope at one tick: a value, or `no data` with why."""
+
+    rule: Rule
+    scope: dict[str, Any]
+    window_start: datetime
+    window_end: datetime
+    value: float | None
+    samples: int
+    firing: bool
+    reason: str = ""
+
+    @property
+    def no_data(self) -> bool:
+        return self.value is None
+
+
+@dataclass
+class TickReport:
+    evaluations: list[Evaluation] = field(default_factory=list)
+    opened: list[AlertRaised] = field(default_factory=list)
+    resolved: list[AlertRaised] = field(default_factory=list)
+    retraining: list[TrainingRequested] = field(default_factory=list)
+
+
+def psi(expected: Sequence[float], actual: Sequence[float], bins: int = PSI_BINS) -> float:
+    """Population stability index of `actual` against `expected`, on the baseline's quantile bins."""
+    ordered = sorted(expected)
+    edges = sorted({ordered[min(len(ordered) - 1, int(len(ordered) * q / bins))] for q in range(1, bins)})
+
+    def shares(values: Sequence[float]) -> list[float]:
+        counts = [0] * (len(edges) + 1)
+        for value in values:
+            counts[sum(value >= edge for edge in edges)] += 1
+        return [max(count / len(values), PSI_EPSILON) for count in counts]
+
+    base, now = shares(expected), shares(actual)
+    return sum((a - e) * math.log(a / e) for e, a in zip(base, now, strict=True))
+
+
+class RegistryDoor:
+    """The registry's HTTP door, as the monitor uses it (datasets, adapters, transitions)."""
+
+    def __init__(self, base_url: str, api_key: str | None, *, transport: Any = None) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._transport = transport
+
+    def _client(self):  # noqa: ANN202 - httpx is imported lazily
+        import httpx
+
+        return httpx.AsyncClient(base_url=self._base_url, headers=self._headers, transport=self._transport, timeout=30.0)
+
+    async def publish_dataset(self, body: DatasetCreate) -> dict[str, Any]:
+        async with self._client() as client:
+            response = await client.post("/registry/v1/datasets", json=body.model_dump(mode="json"))
+        if response.status_code != 201:
+            raise RuntimeError(f"registry refused the dataset ({response.status_code}): {response.text[:500]}")
+        return response.json()
+
+    async def get(self, path: str, **params: Any) -> Any:
+        async with self._client() as client:
+            response = await client.get(f"/registry/v1/{path}", params={k: v for k, v in params.items() if v is not None})
+        response.raise_for_status()
+        return response.json()
+
+
+@dataclass(frozen=True)
+class RetrainingPolicy:
+    min_corrections: int = 20
+    cooldown_s: int = 6 * 3600
+    dataset_suffix: str = "feedback"
+    hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
+
+
+Publish = Callable[[Envelope[Any]], Awaitable[None]]
+
+
+class Monitor:
+    """Evaluates rules on each tick, opens and resolves alerts, and asks for retraining when quality slips."""
+
+    def __init__(
+        self,
+        store: MonitorStore,
+        rules: Sequence[Rule],
+        publish: Publish,
+        registry: RegistryDoor,
+        *,
+        policy: RetrainingPolicy,
+        state_dir: Path,
+        embedder: Embedder | None = None,
+        producer: str = "monitor",
+        history: int = 500,
+    ) -> None:
+        self.store = store
+        self.rules = list(rules)
+        self._publish = publish
+        self._registry = registry
+        self._policy = policy
+        self._state_path = Path(state_dir) / "retraining.json"
+        self._embedder = embedder
+        self._producer = producer
+        # Evaluations of recent ticks, for the console's drift-over-time charts.
+        self.history: deque[Evaluation] = deque(maxlen=history)
+
+    # -------------------------------------------------------------------------------- evaluation
+
+    def evaluate(self, rule: Rule, now: datetime) -> list[Evaluation]:
+        """Evaluate one rule for every scope with traffic in its window; scopes without enough samples are `no data`."""
+        end = now
+        start = end - timedelta(seconds=rule.window_s)
+        base_start = start - timedelta(seconds=rule.baseline_window_s or 0)
+        kind = rule.spec.kind
+        if kind == "sql":
+            current = {_key(rule, row): row for row in self.store.aggregate(rule, start, end)}
+            baseline = {_key(rule, row): row for row in self.store.aggregate(rule, base_start, start)} if rule.needs_baseline else {}
+            return [self._judge_aggregate(rule, key, row, baseline.get(key), start, end) for key, row in current.items()]
+        limit = rule.sample_size if kind in ("scored", "embedding") else 100_000
+        current_rows = _grouped(rule, self.store.values(rule, start, end, limit))
+        baseline_rows = _grouped(rule, self.store.values(rule, base_start, start, limit)) if rule.needs_baseline else {}
+        return [self._judge_sample(rule, key, rows, baseline_rows.get(key, []), start, end) for key, rows in current_rows.items()]
+
+    def _judge_aggregate(self, rule: Rule, key: tuple, row: dict, base: dict | None, start: datetime, end: datetime) -> Evaluation:
+        scope = dict(zip(rule.scope, key, strict=True))
+        samples = int(row["samples"] or 0)
+        if samples < rule.min_samples or _missing(row["value"]):
+            return Evaluation(rule, scope, start, end, None, samples, False, f"no data: {samples} samples < {rule.min_samples}")
+        value = float(row["value"])
+        if rule.mode == "against_baseline":
+            base_samples = int(base["samples"] or 0) if base else 0
+            if base is None or base_samples < rule.min_samples or _missing(base["value"]):
+                return Evaluation(rule, scope, start, end, None, samples, False, f"no data: baseline has {base_samples} samples < {rule.min_samples}")
+            value -= float(base["value"])
+        return Evaluation(rule, scope, start, end, value, samples, rule.crosses(value))
+
+    def _judge_sample(self, rule: Rule, key: tuple, rows: list[dict], base: list[dict], start: datetime, end: datetime) -> Evaluation:
+        scope = dict(zip(rule.scope, key, strict=True))
+        if len(rows) < rule.min_samples:
+            return Evaluation(rule, scope, start, end, None, len(rows), False, f"no data: {len(rows)} samples < {rule.min_samples}")
+        if rule.needs_baseline and len(base) < rule.min_samples:
+            return Evaluation(rule, scope, start, end, None, len(rows), False, f"no data: baseline has {len(base)} samples < {rule.min_samples}")
+        value = self._score(rule, rows, base)
+        return Evaluation(rule, scope, start, end, value, len(rows), rule.crosses(value))
+
+    def _score(self, rule: Rule, rows: list[dict], base: list[dict]) -> float:
+        kind = rule.spec.kind
+        if kind == "psi":
+            return psi([float(row["value"]) for row in base], [float(row["value"]) for row in rows])
+        if kind == "embedding":
+            embedder = self._embedder_or_load()
+            now = embedder.encode([row["value"] or " " for row in rows]).mean(0)
+            then = embedder.encode([row["value"] or " " for row in base]).mean(0)
+            cosine = float((now @ then) / (now.norm() * then.norm()).clamp(min=1e-9))
+            return 1.0 - cosine
+        if rule.spec.scorer == "unsafe":
+            return sum(scan_unsafe(row["output_text"]).unsafe for row in rows) / len(rows)
+        # The live watcher: the prompt is the context a production answer should stay within.
+        scores = score_groundedness([row["output_text"] for row in rows], [row["input_text"] for row in rows], self._embedder_or_load())
+        return sum(not score.grounded for score in scores) / len(scores)
+
+    def _embedder_or_load(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = Embedder()
+        return self._embedder
+
+    # ------------------------------------------------------------------------------------- ticks
+
+    async def tick(self, now: datetime | None = None) -> TickReport:
+        """Evaluate every rule once; open alerts that fire (once per episode), resolve those that cleared."""
+        now = now or datetime.now(UTC)
+        report = TickReport()
+        for rule in self.rules:
+            try:
+                evaluations = await asyncio.to_thread(self.evaluate, rule, now)
+            except Exception:  # noqa: BLE001 - one broken rule must not stop the others being watched
+                log.exception("rule %s could not be evaluated", rule.name)
+                continue
+            for evaluation in evaluations:
+                report.evaluations.append(evaluation)
+                self.history.append(evaluation)
+                labels = {name: str(evaluation.scope.get(name) or "") for name in SCOPES}
+                if evaluation.value is not None:
+                    METRIC_VALUE.labels(rule=rule.name, **labels).set(evaluation.value)
+                await self._settle(evaluation, now, report)
+        for alert in report.opened:
+            if self._rule(alert.rule_name).is_quality:
+                requested = await self.maybe_retrain(alert, now)
+                if requested is not None:
+                    report.retraining.append(requested)
+        ALERTS_OPEN.set(len(await asyncio.to_thread(self.store.alerts, AlertState.open.value)) + len(await asyncio.to_thread(self.store.alerts, AlertState.acknowledged.value)))
+        return report
+
+    def _rule(self, name: str) -> Rule:
+        return next(rule for rule in self.rules if rule.name == name)
+
+    async def _settle(self, evaluation: Evaluation, now: datetime, report: TickReport) -> None:
+        rule = evaluation.rule
+        current = await asyncio.to_thread(self.store.open_alert, rule.name, evaluation.scope)
+        if evaluation.firing:
+            if current is not None:
+                return  # the same episode: raised once, not once per tick
+            last = await asyncio.to_thread(self.store.last_opened, rule.name, evaluation.scope)
+            if last is not None and now - _utc(last) < timedelta(seconds=rule.cooldown_s):
+                return
+            alert = AlertRaised(
+                alert_id=str(uuid.uuid4()),
+                rule_name=rule.name,
+                rule_version=rule.version,
+                severity=rule.severity,
+                model_name=evaluation.scope["model_name"],
+                adapter_version=evaluation.scope.get("adapter_version"),
+                prompt_version=evaluation.scope.get("prompt_version"),
+                metric=rule.metric,
+                value=float(evaluation.value or 0.0),
+                threshold=rule.threshold,
+                window_start=evaluation.window_start,
+                window_end=evaluation.window_end,
+                message=_message(evaluation),
+            )
+            await self._record(alert)
+            ALERTS_RAISED.labels(rule=rule.name, severity=rule.severity.value).inc()
+            report.opened.append(alert)
+        elif current is not None and evaluation.value is not None and current["state"] == AlertState.open.value:
+            # Cleared with real data (not for lack of it): resolved by the monitor. Acknowledged alerts wait for a person.
+            resolved = _from_row(current, AlertState.resolved, f"resolved: {rule.metric} = {evaluation.value:.4g} no longer {rule.comparator} {rule.threshold:g}")
+            await self._record(resolved)
+            report.resolved.append(resolved)
+
+    async def _record(self, alert: AlertRaised) -> Envelope[AlertRaised]:
+        envelope = wrap(alert, producer=self._producer, correlation_id=alert.alert_id)
+        await asyncio.to_thread(self.store.write_alert, envelope)
+        await self._publish(envelope)
+        return envelope
+
+    async def set_state(self, alert_id: str, state: AlertState, actor: str, note: str | None = None) -> AlertRaised | None:
+        """Acknowledge or resolve an alert by a person; None when there is no such alert."""
+        row = await asyncio.to_thread(self.store.alert, alert_id)
+        if row is None:
+            return None
+        if row["state"] == state.value or row["state"] == AlertState.resolved.value:
+            return _from_row(row, AlertState(row["state"]), row["message"])
+        alert = _from_row(row, state, f"{state.value} by {actor}" + (f": {note}" if note else ""))
+        await self._record(alert)
+        return alert
+
+    # -------------------------------------------------------------------------------- retraining
+
+    async def maybe_retrain(self, alert: AlertRaised, now: datetime) -> TrainingRequested | None:
+        """When enough corrections exist and the model is out of cooldown: a feedback dataset, then training.requested."""
+        state = self._load_state()
+        last = state.get(alert.model_name)
+        if last is not None and now - datetime.fromisoformat(last) < timedelta(seconds=self._policy.cooldown_s):
+            RETRAININGS.labels(outcome="cooldown").inc()
+            log.info("retraining of %s skipped: in cooldown since %s", alert.model_name, last)
+            return None
+        rows = await asyncio.to_thread(self.store.corrections, alert.model_name)
+        if len(rows) < self._policy.min_corrections:
+            RETRAININGS.labels(outcome="too_few_corrections").inc()
+            log.info("retraining of %s skipped: %d corrections < %d", alert.model_name, len(rows), self._policy.min_corrections)
+            return None
+        jsonl = "".join(json.dumps(_chat_record(row), ensure_ascii=False) + "\n" for row in rows)
+        dataset = await self._registry.publish_dataset(
+            DatasetCreate(name=f"{alert.model_name}-{self._policy.dataset_suffix}", split="train", jsonl=jsonl, provenance="feedback", model_name=alert.model_name)
+        )
+        request = TrainingRequested(
+            job_id=f"retrain-{alert.alert_id}",
+            model_name=alert.model_name,
+            dataset=DatasetRef(name=dataset["name"], version=dataset["version"]),
+            hyperparameters=self._policy.hyperparameters,
+            requested_by="service:monitor",
+            reason=f"alert {alert.rule_name}@v{alert.rule_version} ({alert.alert_id}): {alert.message}",
+        )
+        await self._publish(wrap(request, producer=self._producer, correlation_id=alert.alert_id))
+        state[alert.model_name] = now.isoformat()
+        self._save_state(state)
+        RETRAININGS.labels(outcome="requested").inc()
+        return request
+
+    def _load_state(self) -> dict[str, str]:
+        try:
+            return json.loads(self._state_path.read_text())
+        except FileNotFoundError:
+            return {}
+
+    def _save_state(self, state: dict[str, str]) -> None:
+        self._state_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self._state_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(state))
+        temporary.replace(self._state_path)
+
+
+def _chat_record(row: dict[str, Any]) -> dict[str, Any]:
+    try:
+        messages = [m for m in json.loads(row["input_messages"] or "[]") if m.get("role") in ("system", "user", "assistant")]
+    except (ValueError, AttributeError):
+        messages = []
+    if not messages or messages[-1].get("role") != "user":
+        messages = [{"role": "user", "content": row["input_text"]}]
+    return {"messages": [*messages, {"role": "assistant", "content": row["correction"]}]}
+
+
+def _key(rule: Rule, row: dict[str, Any]) -> tuple:
+    return tuple(row[name] for name in rule.scope)
+
+
+def _grouped(rule: Rule, rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(_key(rule, row), []).append(row)
+    return groups
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _message(evaluation: Evaluation) -> str:
+    rule = evaluation.rule
+    scope = ", ".join(f"{name}={value}" for name, value in evaluation.scope.items() if value is not None)
+    against = " (window minus baseline)" if rule.mode == "against_baseline" else ""
+    return f"{rule.metric}{against} = {evaluation.value:.4g} {rule.comparator} {rule.threshold:g} over {evaluation.samples} samples for {scope}"
+
+
+def _from_row(row: dict[str, Any], state: AlertState, message: str) -> AlertRaised:
+    return AlertRaised(
+        alert_id=row["alert_id"],
+        rule_name=row["rule_name"],
+        rule_version=row["rule_version"],
+        severity=row["severity"],
+        state=state,
+        model_name=row["model_name"],
+        adapter_version=row["adapter_version"],
+        prompt_version=row["prompt_version"],
+        metric=row["metric"],
+        value=row["value"],
+        threshold=row["threshold"],
+        window_start=_utc(row["window_start"]),
+        window_end=_utc(row["window_end"]),
+        message=message,
+    )

@@ -1,0 +1,178 @@
+"""The monitor's only connections: the process's ClickHouse store (windows, alerts) and a read-only one (the query door)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+
+from contracts.envelope import Envelope
+from contracts.events import AlertRaised
+from contracts.http import QueryResult
+from services.monitor.rules import Rule
+from services.runtime.clickhouse import ClickHouseStore
+
+_TIME = pa.timestamp("ms", "UTC")
+
+# One row per inference (deduplicated) with its feedback folded in; rule queries read these columns.
+MONITORED = """(
+    SELECT i.*, fb.thumbs_down AS thumbs_down, fb.thumbs_given AS thumbs_given,
+           fb.rating_sum AS rating_sum, fb.ratings_given AS ratings_given
+    FROM (SELECT * FROM inference_log FINAL) AS i
+    LEFT JOIN (
+        SELECT inference_id, countIf(thumbs = 'down') AS thumbs_down, countIf(thumbs IS NOT NULL) AS thumbs_given,
+               sum(ifNull(rating, 0)) AS rating_sum, count(rating) AS ratings_given
+        FROM feedback FINAL GROUP BY inference_id
+    ) AS fb ON i.inference_id = fb.inference_id
+)"""
+
+_WINDOW = "occurred_at >= {start:DateTime64(3, 'UTC')} AND occurred_at < {end:DateTime64(3, 'UTC')}"
+
+
+class MonitorStore:
+    """Windowed reads for rules, the alert table, corrections for retraining, and read-only SQL."""
+
+    def __init__(self, clickhouse: Callable[[], ClickHouseStore], readonly: Callable[[], ClickHouseStore]) -> None:
+        # Callables: the stores open (and migrate) on first use, not when the app is built.
+        self._clickhouse = clickhouse
+        self._readonly = readonly
+        self._lock = threading.Lock()
+
+    def _query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return self._clickhouse().query(sql, parameters)
+
+    def check_rule(self, rule: Rule) -> None:
+        """Run the rule's SQL over no rows on the read-only handle; the engine's refusal is the reason."""
+        sql = self._aggregate_sql(rule) if rule.spec.kind == "sql" else self._values_sql(rule, rule.expression)
+        with self._lock:
+            self._readonly().query(sql.replace(_WINDOW, "0"), None if rule.spec.kind == "sql" else {"limit": 1})
+
+    @staticmethod
+    def _scope(rule: Rule) -> str:
+        return ", ".join(rule.scope)
+
+    def _aggregate_sql(self, rule: Rule) -> str:
+        return (
+            f"SELECT {self._scope(rule)}, toFloat64({rule.expression}) AS value, toUInt64({rule.spec.samples}) AS samples "
+            f"FROM {MONITORED} WHERE {_WINDOW} GROUP BY {self._scope(rule)}"
+        )
+
+    def _values_sql(self, rule: Rule, expression: str) -> str:
+        # A deterministic sample: the same inferences are looked at on every tick, so a value does not flicker.
+        return (
+            f"SELECT {self._scope(rule)}, {expression} AS value, input_text, output_text FROM {MONITORED} "
+            f"WHERE {_WINDOW} ORDER BY cityHash64(inference_id) LIMIT {{limit:UInt32}} BY {self._scope(rule)}"
+        )
+
+    def aggregate(self, rule: Rule, start: datetime, end: datetime) -> list[dict[str, Any]]:
+        """Per scope: the rule's aggregate `value` and its `samples` over [start, end)."""
+        return self._query(self._aggregate_sql(rule), {"start": start, "end": end})
+
+    def values(self, rule: Rule, start: datetime, end: datetime, limit: int) -> list[dict[str, Any]]:
+        """Per scope, up to `limit` rows of the metric's column (with input and output text) over [start, end)."""
+        return self._query(self._values_sql(rule, rule.expression), {"start": start, "end": end, "limit": limit})
+
+    # ------------------------------------------------------------------------------------ alerts
+
+    def open_alert(self, rule_name: str, scope: dict[str, Any]) -> dict[str, Any] | None:
+        """The open or acknowledged alert of this rule and scope, if any."""
+        rows = self._query(
+            "SELECT * FROM alert FINAL WHERE rule_name = {rule:String} AND model_name = {model:String} "
+            "AND ifNull(adapter_version, 0) = {adapter:UInt32} AND ifNull(prompt_version, 0) = {prompt:UInt32} "
+            "AND state != 'resolved' ORDER BY window_end DESC LIMIT 1",
+            _scope_parameters(rule_name, scope),
+        )
+        return rows[0] if rows else None
+
+    def last_opened(self, rule_name: str, scope: dict[str, Any]) -> datetime | None:
+        """When this rule last opened an alert for this scope (the cooldown's start)."""
+        rows = self._query(
+            "SELECT max(window_end) AS at, count() AS n FROM alert FINAL WHERE rule_name = {rule:String} AND model_name = {model:String} "
+            "AND ifNull(adapter_version, 0) = {adapter:UInt32} AND ifNull(prompt_version, 0) = {prompt:UInt32}",
+            _scope_parameters(rule_name, scope),
+        )
+        return rows[0]["at"] if rows and rows[0]["n"] else None
+
+    def write_alert(self, envelope: Envelope[AlertRaised]) -> None:
+        """Store one state of an alert; the latest `occurred_at` per alert_id wins."""
+        alert = envelope.payload
+        table = pa.table(
+            {
+                "event_id": pa.array([str(envelope.event_id)], pa.string()),
+                "occurred_at": pa.array([envelope.occurred_at], _TIME),
+                "producer": pa.array([envelope.producer], pa.string()),
+                "correlation_id": pa.array([envelope.correlation_id or ""], pa.string()),
+                "alert_id": pa.array([alert.alert_id], pa.string()),
+                "rule_name": pa.array([alert.rule_name], pa.string()),
+                "rule_version": pa.array([alert.rule_version], pa.uint32()),
+                "severity": pa.array([alert.severity.value], pa.string()),
+                "state": pa.array([alert.state.value], pa.string()),
+                "model_name": pa.array([alert.model_name], pa.string()),
+                "adapter_version": pa.array([alert.adapter_version], pa.uint32()),
+                "prompt_version": pa.array([alert.prompt_version], pa.uint32()),
+                "metric": pa.array([alert.metric], pa.string()),
+                "value": pa.array([alert.value], pa.float64()),
+                "threshold": pa.array([alert.threshold], pa.float64()),
+                "window_start": pa.array([alert.window_start], _TIME),
+                "window_end": pa.array([alert.window_end], _TIME),
+                "message": pa.array([alert.message], pa.string()),
+            }
+        )
+        with self._lock:
+            self._clickhouse().insert_arrow("alert", table, dedup_token=str(envelope.event_id))
+
+    def alerts(self, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        """Current state of alerts, newest first."""
+        where = "WHERE state = {state:String}" if state else ""
+        return self._query(f"SELECT * FROM alert FINAL {where} ORDER BY occurred_at DESC LIMIT {{limit:UInt32}}", {"state": state or "", "limit": limit})
+
+    def alert(self, alert_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM alert FINAL WHERE alert_id = {id:String} LIMIT 1", {"id": alert_id})
+        return rows[0] if rows else None
+
+    # ---------------------------------------------------------------------------------- feedback
+
+    def corrections(self, model_name: str, limit: int = 10_000) -> list[dict[str, Any]]:
+        """Corrected answers for `model_name` with their prompts (redacted by the sink), one per (prompt, correction)."""
+        return self._query(
+            "SELECT input_messages, input_text, correction FROM ("
+            "  SELECT i.input_messages AS input_messages, i.input_text AS input_text, trimBoth(f.correction) AS correction, f.occurred_at AS at"
+            "  FROM (SELECT * FROM feedback FINAL) AS f INNER JOIN (SELECT * FROM inference_log FINAL) AS i ON f.inference_id = i.inference_id"
+            "  WHERE i.model_name = {model:String} AND f.correction IS NOT NULL AND trimBoth(f.correction) != '' AND i.input_text != ''"
+            ") ORDER BY at DESC LIMIT 1 BY input_text, correction LIMIT {limit:UInt32}",
+            {"model": model_name, "limit": limit},
+        )
+
+    def summary(self, since: datetime, bucket_s: int) -> list[dict[str, Any]]:
+        """inference_metrics per bucket, model and version since `since` (the ops view)."""
+        # toDateTime64: a plain DateTime comes back from Arrow as epoch seconds, not a timestamp.
+        return self._query(
+            "SELECT * REPLACE (toDateTime64(bucket, 0, 'UTC') AS bucket) FROM inference_metrics(bucket_s = {bucket:UInt32}) WHERE bucket >= {since:DateTime64(3, 'UTC')} "
+            "ORDER BY bucket, model_name, adapter_version",
+            {"bucket": bucket_s, "since": since},
+        )
+
+    # ----------------------------------------------------------------------------------- read-only
+
+    def read_only_query(self, sql: str, parameters: dict[str, Any], max_rows: int) -> QueryResult:
+        """Run `sql` on the handle opened with readonly=1: the engine, not a parser, refuses writes."""
+        started = time.perf_counter()
+        with self._lock:
+            table = self._readonly().query_arrow(sql, parameters or None)
+        rows = table.slice(0, max_rows).to_pylist()
+        return QueryResult(
+            columns=list(table.column_names),
+            rows=[list(row.values()) for row in rows],
+            row_count=len(rows),
+            truncated=table.num_rows > max_rows,
+            elapsed_ms=(time.perf_counter() - started) * 1000,
+        )
+
+
+def _scope_parameters(rule_name: str, scope: dict[str, Any]) -> dict[str, Any]:
+    return {"rule": rule_name, "model": scope["model_name"], "adapter": scope.get("adapter_version") or 0, "prompt": scope.get("prompt_version") or 0}
