@@ -1,0 +1,97 @@
+"""`flywheel ops traffic|latency|feedback|alerts|drift|models`: readable tables over the ops views.
+
+Beside a live `flywheel up` the queries go through the monitor's read-only door `/monitor/v1/query`
+(chDB lets one process own its data directory); when nothing answers, the store is opened read-only.
+`register(app)` adds these commands to the `ops` typer app.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import typer
+
+SQL = {
+    "traffic": "SELECT bucket, model_name, adapter_version, prompt_version, requests, round(error_rate, 4) AS error_rate, tokens_in, tokens_out, round(cost_usd, 4) AS cost_usd "
+    "FROM inference_metrics(bucket_s = {bucket:UInt32}) WHERE bucket >= now() - toIntervalHour({hours:UInt32}) ORDER BY bucket, model_name, adapter_version",
+    "latency": "SELECT bucket, model_name, adapter_version, requests, round(latency_p50_ms, 1) AS p50_ms, round(latency_p95_ms, 1) AS p95_ms, round(latency_p99_ms, 1) AS p99_ms "
+    "FROM inference_metrics(bucket_s = {bucket:UInt32}) WHERE bucket >= now() - toIntervalHour({hours:UInt32}) ORDER BY bucket, model_name, adapter_version",
+    "feedback": "SELECT bucket, model_name, adapter_version, requests, round(feedback_coverage, 3) AS coverage, round(thumbs_down_rate, 3) AS thumbs_down_rate, round(mean_rating, 2) AS mean_rating "
+    "FROM inference_metrics(bucket_s = {bucket:UInt32}) WHERE bucket >= now() - toIntervalHour({hours:UInt32}) ORDER BY bucket, model_name, adapter_version",
+    "alerts": "SELECT alert_id, severity, state, rule_name, rule_version, model_name, adapter_version, round(value, 4) AS value, threshold, window_end, message "
+    "FROM alert FINAL WHERE window_end >= now() - toIntervalHour({hours:UInt32}) ORDER BY occurred_at DESC",
+    "drift": "SELECT window_end, state, rule_name, model_name, adapter_version, metric, round(value, 4) AS value, threshold FROM alert FINAL "
+    "WHERE metric IN ('prompt_length_psi', 'prompt_tokens_psi', 'output_length_psi', 'embedding_centroid_shift', 'output_embedding_shift', 'hallucination_rate', 'unsafe_rate') "
+    "AND window_end >= now() - toIntervalHour({hours:UInt32}) ORDER BY window_end DESC",
+}
+
+
+def run_query(sql: str, parameters: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Through the live monitor's query door when one answers, else on the store opened read-only."""
+    import httpx
+
+    from services.runtime.settings import FlywheelSettings, load_settings
+
+    settings = load_settings(FlywheelSettings)
+    key = os.environ.get("FLYWHEEL_API_KEY") or os.environ.get("FLYWHEEL_MONITOR_API_KEY")
+    url = f"http://{settings.http_host}:{settings.http_port}/monitor/v1/query"
+    try:
+        response = httpx.post(url, json={"sql": sql, "parameters": parameters}, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)
+    except httpx.TransportError:
+        from services.runtime.clickhouse import open_clickhouse
+
+        with open_clickhouse(settings.clickhouse_url, settings.home, readonly=True) as store:
+            table = store.query_arrow(sql, parameters)
+        return list(table.column_names), [list(row.values()) for row in table.to_pylist()]
+    if response.status_code != 200:
+        raise typer.BadParameter(f"{url} answered {response.status_code}: {response.text[:500]} (set FLYWHEEL_API_KEY to a viewer key)")
+    body = response.json()
+    return body["columns"], body["rows"]
+
+
+def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if value is None else str(value) for value in row))
+    Console().print(table if rows else f"{title}: no rows")
+
+
+def _view(name: str, help_text: str) -> Any:
+    def command(hours: int = typer.Option(24, help="Hours of history."), bucket_s: int = typer.Option(3600, "--bucket-s", help="Bucket width in seconds.")) -> None:
+        columns, rows = run_query(SQL[name], {"hours": hours, "bucket": bucket_s})
+        print_table(f"{name} (last {hours} h)", columns, rows)
+
+    command.__doc__ = help_text
+    return command
+
+
+def models() -> None:
+    """Adapter versions and their stages, from the registry's door."""
+    import httpx
+
+    from services.runtime.settings import FlywheelSettings, load_settings
+
+    settings = load_settings(FlywheelSettings)
+    key = os.environ.get("FLYWHEEL_API_KEY") or os.environ.get("FLYWHEEL_MONITOR_API_KEY")
+    response = httpx.get(f"http://{settings.http_host}:{settings.http_port}/registry/v1/adapters", params={"limit": 500}, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
+    if response.status_code != 200:
+        raise typer.BadParameter(f"registry answered {response.status_code}: {response.text[:500]}")
+    items = response.json()["items"]
+    columns = ["model_name", "version", "stage", "canary_percent", "dataset_name", "dataset_version", "created_at"]
+    print_table("adapters", columns, [[item.get(c) for c in columns] for item in items])
+
+
+def register(app: typer.Typer) -> None:
+    """Add the view commands to the `ops` typer app."""
+    app.command("traffic")(_view("traffic", "Requests, errors, tokens and cost per bucket and model version."))
+    app.command("latency")(_view("latency", "Latency quantiles per bucket and model version."))
+    app.command("feedback")(_view("feedback", "Feedback coverage, thumbs-down rate and mean rating per bucket and model version."))
+    app.command("alerts")(_view("alerts", "Alerts and their states."))
+    app.command("drift")(_view("drift", "Drift and live-quality alerts."))
+    app.command("models")(models)
