@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage, KafkaRouter
 from pydantic import ValidationError
@@ -88,7 +90,9 @@ class DeadLetters:
         self._broker = broker
 
     async def send(self, message: KafkaMessage, *, group: str, error: BaseException, attempts: int, reason: str | None = None) -> None:
-        record = message.raw_message
+        await self.send_record(message.raw_message, group=group, error=error, attempts=attempts, reason=reason)
+
+    async def send_record(self, record: ConsumerRecord, *, group: str, error: BaseException, attempts: int, reason: str | None = None) -> None:
         reason = reason or f"{type(error).__name__}: {error}"
         headers = {
             "x-flywheel-error": reason[:4000],
@@ -167,6 +171,122 @@ def subscribe(
         auto_offset_reset="earliest",
         title=f"{group}:{topic}",
         description=f"{group} consumes {event.event_type}",
+    )(consume)
+
+
+BatchHandler = Callable[[list[Envelope[P]]], Awaitable[None]]
+
+
+class RetryLater(Exception):
+    """Raised by a batch handler whose downstream store is unavailable: the batch is retried until it
+    returns (backoff capped), never dead-lettered, because the records are not at fault."""
+
+
+def subscribe_batch(
+    router: KafkaRouter | KafkaBroker,
+    event: type[P],
+    handler: BatchHandler[P],
+    *,
+    group: str,
+    dead_letters: DeadLetters,
+    topic_prefix: str = "",
+    max_retries: int = 3,
+    backoff_s: float = 0.2,
+    max_backoff_s: float = 30.0,
+    max_records: int = 5000,
+    max_wait_ms: int = 500,
+    fetch_min_bytes: int = 1,
+    revoke_wait_s: float = 30.0,
+) -> Any:
+    """Subscribe `handler` to batches of `event` as consumer group `group`, committing after each batch.
+
+    A batch closes at `max_records`, or when the broker has waited `max_wait_ms` for
+    `fetch_min_bytes`: Kafka's fetch is the buffer, so nothing consumed is held uncommitted between
+    batches and a stop has nothing to flush but the batch in flight. The handler must be idempotent
+    by event id: a batch stored but not committed before a crash is delivered again. Undecodable
+    records go to the DLQ before the handler sees the batch; a batch that keeps failing is split
+    in halves until the records at fault are alone, and those go to the DLQ.
+    """
+    topic = topic_for(event, topic_prefix)
+    envelope_type = Envelope[event]  # type: ignore[valid-type]
+    in_flight = asyncio.Lock()
+
+    class HoldRebalanceForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
+        async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+            # The batch in flight is stored and committed before its partitions move: otherwise the
+            # new owner could check for already-stored events before this insert lands, and store them again.
+            try:
+                await asyncio.wait_for(in_flight.acquire(), revoke_wait_s)
+            except TimeoutError:
+                log.warning("%s: a batch is still in flight after %.0fs; rebalancing anyway", group, revoke_wait_s)
+                return
+            in_flight.release()
+
+        async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+            return None
+
+    async def consume(message: KafkaMessage) -> None:
+        async with in_flight:
+            records = message.raw_message if isinstance(message.raw_message, tuple) else (message.raw_message,)
+            pairs: list[tuple[ConsumerRecord, Envelope[P]]] = []
+            dead = 0
+            for record in records:
+                try:
+                    pairs.append((record, envelope_type.model_validate_json(record.value or b"")))
+                except ValidationError as error:
+                    await dead_letters.send_record(record, group=group, error=error, attempts=0, reason=_validation_summary(error))
+                    dead += 1
+            if pairs:
+                dead += await _settle(pairs, max_retries)
+            try:
+                await message.ack()
+            except CommitFailedError:
+                # The group rebalanced under us: the new owner re-reads this batch and the handler's
+                # event-id check keeps it from being stored twice.
+                log.warning("%s: commit after a batch of %d failed (group rebalanced)", group, len(records))
+        CONSUMER_MESSAGES.labels(group=group, event_type=event.event_type, outcome="processed").inc(len(records) - dead)
+        if dead:
+            CONSUMER_MESSAGES.labels(group=group, event_type=event.event_type, outcome="dead_lettered").inc(dead)
+
+    async def _settle(pairs: list[tuple[ConsumerRecord, Envelope[P]]], retries: int) -> int:
+        """Run the handler until the batch is stored; returns how many records were dead-lettered."""
+        attempt = 0
+        unavailable_delay = backoff_s
+        while True:
+            try:
+                await handler([envelope for _, envelope in pairs])
+                return 0
+            except RetryLater as error:
+                log.warning("%s: %s; retrying a batch of %d in %.1fs", group, error, len(pairs), unavailable_delay)
+                await asyncio.sleep(unavailable_delay)
+                unavailable_delay = min(unavailable_delay * 2, max_backoff_s)
+            except Exception as error:  # noqa: BLE001 - any failure is retried, then narrowed down to its records
+                attempt += 1
+                if attempt <= retries:
+                    log.info("retrying a batch of %d %s after %s (attempt %d of %d)", len(pairs), event.event_type, type(error).__name__, attempt, retries + 1)
+                    await asyncio.sleep(min(backoff_s * 2 ** (attempt - 1), max_backoff_s))
+                    continue
+                if len(pairs) == 1:
+                    await dead_letters.send_record(pairs[0][0], group=group, error=error, attempts=attempt)
+                    return 1
+                # Halves are tried once each: the retries above already ruled out a passing glitch.
+                middle = len(pairs) // 2
+                return await _settle(pairs[:middle], 0) + await _settle(pairs[middle:], 0)
+
+    consume.__name__ = f"{group}__{event.event_type.replace('.', '_')}__batch"
+    return router.subscriber(
+        topic,
+        batch=True,
+        max_records=max_records,
+        batch_timeout_ms=max_wait_ms,
+        fetch_max_wait_ms=max_wait_ms,
+        fetch_min_bytes=fetch_min_bytes,
+        group_id=group,
+        ack_policy=AckPolicy.MANUAL,
+        auto_offset_reset="earliest",
+        listener=HoldRebalanceForBatch(),
+        title=f"{group}:{topic}:batch",
+        description=f"{group} consumes {event.event_type} in batches",
     )(consume)
 
 

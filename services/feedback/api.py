@@ -1,0 +1,41 @@
+"""The feedback door: `POST /feedback/v1/feedback` takes feedback in, `GET` reads what is stored."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from fastapi import APIRouter, Query
+
+from contracts.http import ErrorResponse, FeedbackAccepted, FeedbackCreate
+from services.feedback.models import FeedbackList
+from services.feedback.service import InvalidFeedback, give_feedback, list_feedback
+from services.feedback.store import FeedbackStore
+from services.runtime.broker import EventBus
+from services.runtime.clickhouse import ClickHouseError
+from services.runtime.http import DoorError
+
+
+def create_router(bus: EventBus, store: Callable[[], FeedbackStore]) -> APIRouter:
+    router = APIRouter(prefix="/feedback/v1", tags=["feedback"], responses={422: {"model": ErrorResponse}})
+
+    @router.post("/feedback", status_code=202, response_model=FeedbackAccepted)
+    async def post_feedback(request: FeedbackCreate) -> FeedbackAccepted:
+        """Accept feedback on an inference. 202: it is published now and stored by the sink; feedback on an
+        inference not stored yet is kept and joins it when it lands."""
+        try:
+            return await give_feedback(request, bus.publish)
+        except InvalidFeedback as error:
+            raise DoorError(422, str(error), param=error.param) from None
+
+    @router.get("/feedback", response_model=FeedbackList)
+    async def get_feedback(inference_id: str = Query(min_length=1, max_length=128, description="The inference id.")) -> FeedbackList:
+        """Stored feedback on one inference, and whether the inference is stored yet."""
+        try:
+            return await asyncio.to_thread(list_feedback, store(), inference_id)
+        except InvalidFeedback as error:
+            raise DoorError(422, str(error), param=error.param) from None
+        except ClickHouseError as error:
+            raise DoorError(503, f"ClickHouse cannot answer now: {error}") from None
+
+    return router

@@ -1,0 +1,42 @@
+"""Wires the feedback service into a process: the sink's batch subscribers and the feedback door."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.feedback.api import create_router
+from services.feedback.handlers import GROUP, subscribe_sink
+from services.feedback.privacy import Redactor
+from services.feedback.service import Sink
+from services.feedback.settings import FeedbackSettings
+from services.feedback.store import FeedbackStore
+from services.runtime.service import Runtime, Service
+from services.runtime.settings import load_settings
+
+
+def create_app(runtime: Runtime) -> Service:
+    settings = load_settings(FeedbackSettings)
+    store = FeedbackStore(runtime.clickhouse)
+    redactor = Redactor(settings.privacy_policy, salt=settings.privacy_salt, extra_patterns=settings.privacy_patterns)
+    subscribe_sink(
+        runtime.broker,
+        Sink(store, redactor),
+        settings,
+        dead_letters=runtime.dead_letters,
+        topic_prefix=runtime.settings.topic_prefix,
+        max_retries=runtime.settings.consumer_max_retries,
+    )
+
+    async def clickhouse_answers() -> None:
+        await asyncio.to_thread(store.ping)
+
+    # Opening the store before the broker starts migrates it, and a bad ClickHouse setting stops the
+    # process at start instead of at the first batch. Nothing needs flushing on stop: the only batch
+    # not yet stored is the one in flight, which the broker's graceful stop lets finish or leaves
+    # uncommitted for redelivery.
+    return Service(
+        name=GROUP,
+        api=create_router(runtime.bus(GROUP), lambda: store),
+        readiness={"clickhouse": clickhouse_answers},
+        on_start=[clickhouse_answers],
+    )

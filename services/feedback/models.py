@@ -1,0 +1,101 @@
+"""How events become ClickHouse rows (columnar Arrow batches), and what the feedback door answers with."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+
+import pyarrow as pa
+from pydantic import BaseModel, Field
+
+from contracts.envelope import Envelope
+from contracts.events import FeedbackReceived, InferenceLogged
+from services.feedback.privacy import Redactor
+
+_TIME = pa.timestamp("ms", "UTC")
+
+
+def _envelope_columns(envelopes: Sequence[Envelope]) -> dict[str, pa.Array]:
+    return {
+        "event_id": pa.array([str(envelope.event_id) for envelope in envelopes], pa.string()),
+        "occurred_at": pa.array([envelope.occurred_at for envelope in envelopes], _TIME),
+        "producer": pa.array([envelope.producer for envelope in envelopes], pa.string()),
+        "correlation_id": pa.array([envelope.correlation_id or "" for envelope in envelopes], pa.string()),
+    }
+
+
+def inference_rows(envelopes: Sequence[Envelope[InferenceLogged]], redactor: Redactor) -> pa.Table:
+    """`inference_log` rows, personal data scrubbed from prompts, messages, outputs and errors."""
+    payloads = [envelope.payload for envelope in envelopes]
+    scrub = redactor.scrub
+
+    def messages(payload: InferenceLogged) -> str:
+        cleaned = [{**message, "content": scrub(message["content"])} if isinstance(message.get("content"), str) else message for message in payload.input_messages]
+        return json.dumps(cleaned, ensure_ascii=False)
+
+    return pa.table(
+        {
+            **_envelope_columns(envelopes),
+            "inference_id": pa.array([p.inference_id for p in payloads], pa.string()),
+            "model_name": pa.array([p.model_name for p in payloads], pa.string()),
+            "adapter_version": pa.array([p.adapter_version for p in payloads], pa.uint32()),
+            "prompt_name": pa.array([p.prompt_name for p in payloads], pa.string()),
+            "prompt_version": pa.array([p.prompt_version for p in payloads], pa.uint32()),
+            "route": pa.array([p.route for p in payloads], pa.string()),
+            "endpoint": pa.array([p.endpoint for p in payloads], pa.string()),
+            "user_id": pa.array([p.user_id for p in payloads], pa.string()),
+            "principal": pa.array([p.principal for p in payloads], pa.string()),
+            "input_messages": pa.array([messages(p) for p in payloads], pa.string()),
+            "input_text": pa.array([scrub(p.input_text) for p in payloads], pa.string()),
+            "output_text": pa.array([scrub(p.output_text) for p in payloads], pa.string()),
+            "finish_reason": pa.array([p.finish_reason for p in payloads], pa.string()),
+            "prompt_tokens": pa.array([p.prompt_tokens for p in payloads], pa.uint32()),
+            "completion_tokens": pa.array([p.completion_tokens for p in payloads], pa.uint32()),
+            "latency_queue_ms": pa.array([p.latency_queue_ms for p in payloads], pa.float64()),
+            "latency_compute_ms": pa.array([p.latency_compute_ms for p in payloads], pa.float64()),
+            "latency_total_ms": pa.array([p.latency_total_ms for p in payloads], pa.float64()),
+            "status": pa.array([p.status.value for p in payloads], pa.string()),
+            "error": pa.array([scrub(p.error) for p in payloads], pa.string()),
+            "started_at": pa.array([p.started_at for p in payloads], _TIME),
+            "metadata": pa.array([list(p.metadata.items()) for p in payloads], pa.map_(pa.string(), pa.string())),
+        }
+    )
+
+
+def feedback_rows(envelopes: Sequence[Envelope[FeedbackReceived]], redactor: Redactor) -> pa.Table:
+    """`feedback` rows, personal data scrubbed from comments and corrections."""
+    payloads = [envelope.payload for envelope in envelopes]
+    return pa.table(
+        {
+            **_envelope_columns(envelopes),
+            "feedback_id": pa.array([p.feedback_id for p in payloads], pa.string()),
+            "inference_id": pa.array([p.inference_id for p in payloads], pa.string()),
+            "thumbs": pa.array([p.thumbs.value if p.thumbs else None for p in payloads], pa.string()),
+            "rating": pa.array([p.rating for p in payloads], pa.uint8()),
+            "comment": pa.array([redactor.scrub(p.comment) for p in payloads], pa.string()),
+            "correction": pa.array([redactor.scrub(p.correction) for p in payloads], pa.string()),
+            "tags": pa.array([list(p.tags) for p in payloads], pa.list_(pa.string())),
+            "source": pa.array([p.source.value for p in payloads], pa.string()),
+            "actor": pa.array([p.actor for p in payloads], pa.string()),
+        }
+    )
+
+
+class FeedbackView(BaseModel):
+    feedback_id: str = Field(description="Id of the feedback.")
+    inference_id: str = Field(description="Inference it is about.")
+    occurred_at: datetime = Field(description="When it was given (UTC).")
+    thumbs: str | None = Field(default=None, description="up or down.")
+    rating: int | None = Field(default=None, description="1 to 5.")
+    comment: str | None = Field(default=None, description="Comment, personal data removed.")
+    correction: str | None = Field(default=None, description="Corrected answer, personal data removed.")
+    tags: list[str] = Field(default_factory=list, description="Labels.")
+    source: str = Field(description="end_user, reviewer or judge.")
+    actor: str | None = Field(default=None, description="Who gave it.")
+
+
+class FeedbackList(BaseModel):
+    inference_id: str = Field(description="The inference asked about.")
+    inference_stored: bool = Field(description="Whether the inference itself is stored yet; feedback may arrive first and joins when it lands.")
+    items: list[FeedbackView] = Field(description="Stored feedback, oldest first.")

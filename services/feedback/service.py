@@ -1,0 +1,125 @@
+"""The feedback use cases: take feedback in, and store inference logs and feedback once each."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+
+import pyarrow as pa
+from prometheus_client import Counter
+
+from contracts.envelope import Envelope, P
+from contracts.events import FeedbackReceived, InferenceLogged
+from contracts.http import FeedbackAccepted, FeedbackCreate
+from services.feedback.models import FeedbackList, FeedbackView, feedback_rows, inference_rows
+from services.feedback.privacy import Redactor
+from services.feedback.store import FeedbackStore
+from services.runtime.clickhouse import ClickHouseError
+
+log = logging.getLogger("flywheel.feedback")
+
+SINK_ROWS = Counter("flywheel_sink_rows_total", "Events the sink saw, by table and outcome (inserted, already_stored).", ["table", "outcome"])
+
+# Gateway ids (`chatcmpl-...`), UUIDs and app ids: printable, no spaces, nothing a log or URL would mangle.
+INFERENCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/\-]*")
+MAX_TAG_LENGTH = 64
+
+
+class InvalidFeedback(ValueError):
+    """Feedback a door must refuse; `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class StoreUnavailable(Exception):
+    """ClickHouse does not answer: the batch is fine and must be stored later, not discarded."""
+
+
+def feedback_event(request: FeedbackCreate) -> FeedbackReceived:
+    """The `feedback.received` event for a request, or InvalidFeedback saying what to fix."""
+    if not INFERENCE_ID.fullmatch(request.inference_id):
+        raise InvalidFeedback(
+            f"inference_id {request.inference_id[:80]!r} is malformed: use the `id` of the completion response "
+            "(letters, digits and . _ : / - only, no spaces)",
+            "inference_id",
+        )
+    tags = [tag.strip() for tag in request.tags]
+    for tag in tags:
+        if not tag or len(tag) > MAX_TAG_LENGTH:
+            raise InvalidFeedback(f"tags: each tag must have 1 to {MAX_TAG_LENGTH} characters, got {tag[:80]!r}", "tags")
+    if request.thumbs is None and request.rating is None and not request.comment and not request.correction and not tags:
+        raise InvalidFeedback("empty feedback: give at least one of thumbs, rating, comment, correction or tags", "body")
+    return FeedbackReceived(
+        inference_id=request.inference_id,
+        thumbs=request.thumbs,
+        rating=request.rating,
+        comment=request.comment,
+        correction=request.correction,
+        tags=tags,
+        source=request.source,
+        actor=request.actor,
+    )
+
+
+async def give_feedback(request: FeedbackCreate, publish: Callable[[FeedbackReceived], Awaitable[Envelope[FeedbackReceived]]]) -> FeedbackAccepted:
+    """Validate feedback and publish it; it is stored by the sink, also when its inference is not stored yet."""
+    envelope = await publish(feedback_event(request))
+    return FeedbackAccepted(feedback_id=envelope.payload.feedback_id, event_id=str(envelope.event_id))
+
+
+def list_feedback(store: FeedbackStore, inference_id: str) -> FeedbackList:
+    """Stored feedback on one inference, and whether the inference itself is stored yet."""
+    if not INFERENCE_ID.fullmatch(inference_id) or len(inference_id) > 128:
+        raise InvalidFeedback(f"inference_id {inference_id[:80]!r} is malformed", "inference_id")
+    items = [FeedbackView(**row) for row in store.feedback_for(inference_id)]
+    return FeedbackList(inference_id=inference_id, inference_stored=store.inference_stored(inference_id), items=items)
+
+
+class Sink:
+    """Writes events into ClickHouse in columnar batches, each event once."""
+
+    def __init__(self, store: FeedbackStore, redactor: Redactor) -> None:
+        self._store = store
+        self._redactor = redactor
+
+    def store_inferences(self, envelopes: Sequence[Envelope[InferenceLogged]]) -> int:
+        """Store a batch of inference.logged events in inference_log; returns how many rows were new."""
+        return self._write("inference_log", envelopes, inference_rows)
+
+    def store_feedback(self, envelopes: Sequence[Envelope[FeedbackReceived]]) -> int:
+        """Store a batch of feedback.received events in feedback; returns how many rows were new."""
+        return self._write("feedback", envelopes, feedback_rows)
+
+    def _write(self, table: str, envelopes: Sequence[Envelope[P]], to_rows: Callable[[Sequence[Envelope[P]], Redactor], pa.Table]) -> int:
+        unique: dict[str, Envelope[P]] = {}
+        for envelope in envelopes:
+            unique.setdefault(str(envelope.event_id), envelope)
+        # ReplacingMergeTree would collapse a redelivered event only on merge or under FINAL; readers
+        # that count rows without FINAL would see it twice. So an event already stored is not inserted
+        # again: this covers a batch stored before a crash and committed by no one, and an app that
+        # publishes the same envelope twice.
+        try:
+            stored = self._store.stored_event_ids(
+                table, list(unique), min(e.occurred_at for e in unique.values()), max(e.occurred_at for e in unique.values())
+            )
+            fresh = [envelope for event_id, envelope in unique.items() if event_id not in stored]
+            if fresh:
+                ids = sorted(str(envelope.event_id) for envelope in fresh)
+                token = f"{table}:{hashlib.sha256(','.join(ids).encode()).hexdigest()}"
+                self._store.insert(table, to_rows(fresh, self._redactor), token)
+        except ClickHouseError as error:
+            self._raise_if_unavailable(error)
+            raise
+        SINK_ROWS.labels(table=table, outcome="inserted").inc(len(fresh))
+        SINK_ROWS.labels(table=table, outcome="already_stored").inc(len(envelopes) - len(fresh))
+        return len(fresh)
+
+    def _raise_if_unavailable(self, error: ClickHouseError) -> None:
+        try:
+            self._store.ping()
+        except ClickHouseError as ping_error:
+            raise StoreUnavailable(f"ClickHouse unavailable ({ping_error}); first error: {error}") from None

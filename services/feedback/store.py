@@ -1,0 +1,73 @@
+"""The feedback service's only door to ClickHouse: existence checks, Arrow inserts, feedback reads."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import pyarrow as pa
+
+from services.runtime.clickhouse import ClickHouseError, ClickHouseStore
+
+TABLES = ("inference_log", "feedback")
+
+
+class FeedbackStore:
+    """Serialises access to one ClickHouse handle: the sink and the HTTP door share it, and a chDB
+    connection is not meant to run two statements at once."""
+
+    def __init__(self, clickhouse: Callable[[], ClickHouseStore]) -> None:
+        # A callable, so the store is opened (and migrated) on first use, not when the app is built.
+        self._clickhouse = clickhouse
+        self._lock = threading.Lock()
+
+    def stored_event_ids(self, table: str, event_ids: list[str], first: datetime, last: datetime) -> set[str]:
+        """Which of `event_ids` `table` already holds; the time range prunes partitions to those the events live in."""
+        # Stored times are cut to milliseconds; a margin keeps the bounds from excluding the rows they
+        # came from. The alias is not `event_id`: ClickHouse would let it shadow the column in WHERE.
+        margin = timedelta(seconds=1)
+        rows = self._query(
+            f"SELECT DISTINCT toString(event_id) AS stored_id FROM {_table(table)} "
+            "WHERE occurred_at BETWEEN fromUnixTimestamp64Milli({first:Int64}, 'UTC') AND fromUnixTimestamp64Milli({last:Int64}, 'UTC') "
+            "AND event_id IN {ids:Array(UUID)}",
+            {"first": int((first - margin).timestamp() * 1000), "last": int((last + margin).timestamp() * 1000), "ids": event_ids},
+        )
+        return {row["stored_id"] for row in rows}
+
+    def insert(self, table: str, rows: pa.Table, dedup_token: str) -> None:
+        """Insert one columnar batch; the same token again is a no-op on the server."""
+        with self._lock:
+            self._clickhouse().insert_arrow(_table(table), rows, dedup_token=dedup_token)
+
+    def ping(self) -> None:
+        """Raise ClickHouseError unless the store answers."""
+        self._query("SELECT 1 AS ok", None)
+
+    def feedback_for(self, inference_id: str) -> list[dict[str, Any]]:
+        """Feedback on one inference, deduplicated, oldest first."""
+        return self._query(
+            "SELECT feedback_id, inference_id, occurred_at, thumbs, rating, comment, correction, tags, source, actor "
+            "FROM feedback FINAL WHERE inference_id = {id:String} ORDER BY occurred_at, feedback_id",
+            {"id": inference_id},
+        )
+
+    def inference_stored(self, inference_id: str) -> bool:
+        """Whether `inference_log` holds the inference."""
+        return bool(self._query("SELECT 1 AS found FROM inference_log WHERE inference_id = {id:String} LIMIT 1", {"id": inference_id}))
+
+    def count(self, table: str) -> tuple[int, int]:
+        """Rows and distinct event ids of `table`, read without FINAL: equal when nothing was stored twice."""
+        row = self._query(f"SELECT count() AS rows, uniqExact(event_id) AS events FROM {_table(table)}", None)[0]
+        return int(row["rows"]), int(row["events"])
+
+    def _query(self, sql: str, parameters: dict[str, Any] | None) -> list[dict[str, Any]]:
+        with self._lock:
+            return self._clickhouse().query(sql, parameters)
+
+
+def _table(name: str) -> str:
+    if name not in TABLES:
+        raise ClickHouseError(f"the feedback store writes only {', '.join(TABLES)}, not {name!r}")
+    return name
