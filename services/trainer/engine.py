@@ -144,7 +144,8 @@ def _train(job: TrainingJob) -> TrainingResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.train()
     losses: list[float] = []
-    trained_tokens = 0
+    tokens_seen = 0  # real tokens, prompt and answer, no padding
+    reported = 0
     began = time.perf_counter()
     for step in range(start_step, total_steps):
         if job.should_cancel():
@@ -157,7 +158,7 @@ def _train(job: TrainingJob) -> TrainingResult:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        trained_tokens += batch.tokens
+        tokens_seen += batch.tokens
         done = step + 1
         if done % job.checkpoint_every == 0 and done < total_steps:
             _save_checkpoint(job, done, model, optimizer, scheduler)
@@ -171,12 +172,13 @@ def _train(job: TrainingJob) -> TrainingResult:
                     step=done,
                     total_steps=total_steps,
                     epoch=done / steps_per_epoch,
-                    loss=losses[-1],
+                    loss=sum(losses[reported:]) / len(losses[reported:]),
                     learning_rate=scheduler.get_last_lr()[0],
-                    tokens_per_second=trained_tokens / elapsed if elapsed > 0 else 0.0,
+                    tokens_per_second=tokens_seen / elapsed if elapsed > 0 else 0.0,
                     eta_seconds=elapsed / steps_here * (total_steps - done),
                 )
             )
+            reported = len(losses)
     duration = time.perf_counter() - began
     result = TrainingResult(
         adapter_dir=job.adapter_dir,
@@ -186,7 +188,7 @@ def _train(job: TrainingJob) -> TrainingResult:
         metrics={
             "final_loss": losses[-1] if losses else float("nan"),
             "duration_s": duration,
-            "tokens_per_second": trained_tokens / duration if duration > 0 else 0.0,
+            "tokens_per_second": tokens_seen / duration if duration > 0 else 0.0,
             "total_steps": float(total_steps),
             "resumed_from_step": float(start_step),
             "examples": float(len(examples)),
