@@ -11,6 +11,7 @@ import typer
 
 from services.cli import contracts_cmd, demo_cmd, doctor_cmd, infra_cmd, run_cmd
 from services.cli import eval_cmd, registry_cmd
+from services.cli import bench_cmd, feedback_cmd, ops_cmd
 from services.cli import train_cmd
 from services.runtime.errors import FlywheelError
 from services.serving import bench_cmd as serving_bench_cmd
@@ -36,6 +37,8 @@ def _configure(
 
 
 app.add_typer(infra_cmd.app, name="infra")
+app.add_typer(feedback_cmd.app, name="feedback")
+app.add_typer(ops_cmd.app, name="ops")
 app.add_typer(contracts_cmd.app, name="contracts")
 app.add_typer(registry_cmd.app, name="registry")
 app.add_typer(eval_cmd.app, name="eval")
@@ -44,6 +47,7 @@ app.command(name="demo")(demo_cmd.demo)
 app.command(name="up")(run_cmd.up)
 app.command(name="run")(run_cmd.run)
 app.add_typer(serving_bench_cmd.app, name="bench")
+serving_bench_cmd.app.command("ingest")(bench_cmd.ingest)
 app.add_typer(train_cmd.app, name="train")
 serving_bench_cmd.app.command("train")(train_cmd.bench_train)
 

@@ -1,0 +1,126 @@
+"""`flywheel bench ingest`: events/s from Kafka into ClickHouse through the batched sink, against a
+per-event insert consumer in the same run, on the configured broker and store (own topics and databases,
+dropped afterwards)."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiokafka import AIOKafkaProducer
+
+from contracts.envelope import Envelope, wrap
+from contracts.events import InferenceLogged
+from contracts.publisher import encode
+from contracts.topics import topic_for
+from services.feedback.handlers import subscribe_sink
+from services.feedback.models import inference_rows
+from services.feedback.privacy import Redactor
+from services.feedback.service import Sink
+from services.feedback.settings import FeedbackSettings
+from services.feedback.store import FeedbackStore
+from services.runtime.broker import create_broker, ensure_topics
+from services.runtime.clickhouse import ClickHouseStore, open_clickhouse
+from services.runtime.consumer import DeadLetters, SqliteProcessedEvents, subscribe
+from services.runtime.settings import FlywheelSettings
+
+
+@dataclass
+class IngestResult:
+    events: int
+    sink_seconds: float
+    baseline_events: int
+    baseline_seconds: float
+
+    @property
+    def sink_rate(self) -> float:
+        return self.events / self.sink_seconds
+
+    @property
+    def baseline_rate(self) -> float:
+        return self.baseline_events / self.baseline_seconds
+
+
+def _event(i: int) -> Envelope[InferenceLogged]:
+    question = f"How do I reset my Acme hub model {i % 17}? It blinks red after the update and the app says error {i}."
+    return wrap(
+        InferenceLogged(
+            inference_id=f"bench-{i}", model_name="smollm2-135m-instruct", adapter_version=1 + i % 3, route="production",
+            input_messages=[{"role": "user", "content": question}], input_text=question,
+            output_text="Hold the reset button for 10 seconds until the light turns white, then pair it again in the app.",
+            prompt_tokens=30 + i % 20, completion_tokens=25 + i % 30, latency_total_ms=100.0 + i % 250,
+        ),
+        producer="bench",
+    )
+
+
+async def _publish(bootstrap: str, prefix: str, events: int) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=20, max_batch_size=512 * 1024)
+    await producer.start()
+    try:
+        topic = topic_for(InferenceLogged, prefix)
+        for start in range(0, events, 5000):
+            futures = []
+            for i in range(start, min(start + 5000, events)):
+                key, value, headers = encode(_event(i))
+                futures.append(await producer.send(topic, value=value, key=key, headers=headers))
+            await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def _until(store: ClickHouseStore, rows: int, timeout_s: float) -> float:
+    started = time.perf_counter()
+    while await asyncio.to_thread(lambda: store.query("SELECT count() AS n FROM inference_log")[0]["n"]) < rows:
+        if time.perf_counter() - started > timeout_s:
+            raise TimeoutError(f"fewer than {rows} rows stored after {timeout_s:.0f}s")
+        await asyncio.sleep(0.05)
+    return time.perf_counter() - started
+
+
+async def ingest_benchmark(settings: FlywheelSettings, feedback: FeedbackSettings, *, events: int, baseline_events: int, timeout_s: float = 600.0) -> IngestResult:
+    """Publish `events`, time the sink storing them all, then time a per-event consumer storing `baseline_events`."""
+    run = uuid.uuid4().hex[:10]
+    prefix = f"{settings.topic_prefix}bench{run}."
+    bootstrap = settings.resolved_kafka_bootstrap()
+    await ensure_topics(bootstrap, prefix)
+    await _publish(bootstrap, prefix, events)
+    bench_settings = settings.model_copy(update={"topic_prefix": prefix})
+    stores = {name: open_clickhouse(settings.clickhouse_url, settings.home, database=f"bench_{run}_{name}") for name in ("sink", "baseline")}
+    try:
+        for store in stores.values():
+            await asyncio.to_thread(store.migrate)
+
+        broker = create_broker(bench_settings, client_id="bench-sink")
+        subscribe_sink(broker, Sink(FeedbackStore(lambda: stores["sink"]), Redactor()), feedback, dead_letters=DeadLetters(broker), topic_prefix=prefix, max_retries=3, group="bench-sink")
+        async with broker:
+            await broker.start()
+            sink_seconds = await _until(stores["sink"], events, timeout_s)
+
+        redactor = Redactor()
+        baseline_store = stores["baseline"]
+
+        async def insert_one(envelope: Envelope[InferenceLogged]) -> None:
+            await asyncio.to_thread(baseline_store.insert_arrow, "inference_log", inference_rows([envelope], redactor))
+
+        with tempfile.TemporaryDirectory() as scratch:
+            processed = SqliteProcessedEvents(Path(scratch) / "processed.db")
+            broker = create_broker(bench_settings, client_id="bench-baseline")
+            subscribe(broker, InferenceLogged, insert_one, group="bench-baseline", processed=processed, dead_letters=DeadLetters(broker), topic_prefix=prefix)
+            try:
+                async with broker:
+                    await broker.start()
+                    baseline_seconds = await _until(baseline_store, baseline_events, timeout_s)
+            finally:
+                processed.close()
+    finally:
+        for store in stores.values():
+            database = store.database
+            store.close()
+            with open_clickhouse(settings.clickhouse_url, settings.home, database="default") as admin:
+                admin.command(f"DROP DATABASE IF EXISTS `{database}`")
+    return IngestResult(events, sink_seconds, baseline_events, baseline_seconds)
