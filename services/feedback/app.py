@@ -16,7 +16,7 @@ from services.runtime.settings import load_settings
 
 def create_app(runtime: Runtime) -> Service:
     settings = load_settings(FeedbackSettings)
-    store = FeedbackStore(runtime.clickhouse)
+    store = FeedbackStore(runtime.clickhouse, unavailable_while=settings.failpoint_clickhouse_unavailable)
     redactor = Redactor(settings.privacy_policy, salt=settings.privacy_salt, extra_patterns=settings.privacy_patterns)
     subscribe_sink(
         runtime.broker,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,6 +20,11 @@ class FeedbackSettings(BaseSettings):
     privacy_policy: PrivacyPolicy = Field(default=PrivacyPolicy.redact, description="redact, hash or off: what happens to personal data before storage.")
     privacy_salt: str = Field(default="", description="Salt of the `hash` policy; without one, a hashed email can be guessed from a list of emails.")
     privacy_patterns: dict[str, str] = Field(default_factory=dict, description='Extra patterns as JSON, e.g. {"employee_id": "EMP-\\\\d{6}"}.')
+
+    failpoint_clickhouse_unavailable: Path | None = Field(
+        default=None,
+        description="Failpoint for outage tests: while this file exists the sink's store fails every statement as if ClickHouse were down. Leave unset in production.",
+    )
 
     @field_validator("privacy_patterns")
     @classmethod
