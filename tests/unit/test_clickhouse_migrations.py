@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -24,11 +25,32 @@ def test_shipped_migrations_are_numbered_without_gaps() -> None:
     ]
 
 
+CREATE_TABLE = re.compile(r"^\s*CREATE\s+TABLE\b", re.IGNORECASE)
+
+
+def _without_comments(statement: str) -> str:
+    return "\n".join(line for line in statement.splitlines() if not line.lstrip().startswith("--"))
+
+
+def created_tables(statements: tuple[str, ...]) -> list[str]:
+    """The CREATE TABLE statements among `statements`: views, indexes and ALTERs create no table."""
+    return [code for code in map(_without_comments, statements) if CREATE_TABLE.match(code)]
+
+
 @pytest.mark.parametrize("migration", load_migrations(), ids=lambda m: m.name)
 def test_every_table_deduplicates(migration) -> None:
-    sql = "\n".join(migration.statements)
-    assert "ReplacingMergeTree(" in sql
-    assert "non_replicated_deduplication_window" in sql
+    for statement in created_tables(migration.statements):
+        assert "ReplacingMergeTree(" in statement, statement
+        assert "non_replicated_deduplication_window" in statement, statement
+
+
+def test_the_deduplication_rule_looks_only_at_created_tables() -> None:
+    statements = split_statements(
+        "-- a view and an index only\nCREATE VIEW IF NOT EXISTS v AS SELECT 1 AS x;\n"
+        "ALTER TABLE t ADD INDEX i x TYPE minmax;\n"
+        "-- the table\nCREATE TABLE IF NOT EXISTS t (x UInt8) ENGINE = MergeTree ORDER BY x;\n"
+    )
+    assert [statement.split("(")[0].strip() for statement in created_tables(statements)] == ["CREATE TABLE IF NOT EXISTS t"]
 
 
 def test_order_is_numeric_not_by_file_listing(tmp_path: Path) -> None:
