@@ -35,10 +35,10 @@ def create_router(store: EvaluatorStore, auth: Authenticator, publish: Callable[
             evaluation_id=f"ev-{uuid.uuid4().hex[:16]}", candidate=body.candidate, baseline=body.baseline, golden=body.golden,
             metric_suite=body.metric_suite, requested_by=principal.name,
         )
-        await asyncio.to_thread(store.claim, request.evaluation_id, request.model_dump(mode="json"))
-        await publish(request, correlation_id=request.evaluation_id)
+        await asyncio.to_thread(store.claim, request.evaluation_id, request.model_dump(mode="json"), correlation_id=request.evaluation_id)
         record = await asyncio.to_thread(store.evaluation, request.evaluation_id)
         assert record is not None
+        await publish(request, correlation_id=request.evaluation_id)
         return _view(record)
 
     @router.get("/evaluations/{evaluation_id}", response_model=EvaluationStatus)

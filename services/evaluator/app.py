@@ -16,6 +16,7 @@ from services.evaluator.handlers import (
 from services.evaluator.service import Evaluator
 from services.evaluator.settings import EvaluatorSettings
 from services.evaluator.store import EvaluatorStore
+from services.evaluator.worker import EvaluationWorker
 from services.runtime.artifacts import ArtifactStore, default_artifact_root
 from services.runtime.auth import Authenticator
 from services.runtime.scoring import Embedder, Judge
@@ -47,19 +48,21 @@ def create_app(runtime: Runtime) -> Service:
         settings=settings, home=runtime.home, embedder=Embedder(), judge=judge_factory(settings),
     )
     bus = runtime.bus(GROUP)
+    worker = EvaluationWorker(evaluator, bus.publish)
     runtime.subscribe(GROUP, ModelRegistered, when_model_registered_remember_it(evaluator))
     runtime.subscribe(GROUP, DatasetPublished, when_dataset_published_remember_it(evaluator))
     runtime.subscribe(GROUP, StageChanged, when_stage_changed_track_production(evaluator))
-    runtime.subscribe(GROUP, AdapterRegistered, when_adapter_registered_evaluate_against_production(evaluator, bus.publish))
-    runtime.subscribe(GROUP, EvaluationRequested, when_evaluation_requested_run(evaluator, bus.publish))
+    runtime.subscribe(GROUP, AdapterRegistered, when_adapter_registered_evaluate_against_production(evaluator, worker))
+    runtime.subscribe(GROUP, EvaluationRequested, when_evaluation_requested_run(evaluator, worker))
 
     async def clickhouse_answers() -> None:
         await asyncio.to_thread(runtime.clickhouse)
 
     async def stop() -> None:
+        await worker.stop()
         await asyncio.to_thread(store.close)
 
     return Service(
         name=GROUP, api=create_router(store, Authenticator.for_settings(runtime.settings), bus.publish),
-        readiness={"clickhouse": clickhouse_answers}, on_start=[clickhouse_answers], on_stop=[stop],
+        readiness={"clickhouse": clickhouse_answers}, on_start=[clickhouse_answers, worker.start], on_stop=[stop],
     )

@@ -3,20 +3,18 @@
 Stages, adapters, datasets and base models are learned from the registry's events (event-carried
 state), so an evaluation never waits on the registry. Every new adapter version is evaluated
 against the model's current production version, or its base model when none is in production.
+Handlers only queue evaluations; the worker runs them (see worker.py for why).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Awaitable, Callable
 
 from contracts.envelope import Envelope
 from contracts.events import (
     AdapterRegistered,
     DatasetPublished,
     DatasetRef,
-    EvaluationCompleted,
     EvaluationRequested,
     ModelRegistered,
     ModelTarget,
@@ -25,38 +23,20 @@ from contracts.events import (
 )
 from services.evaluator.service import Evaluator
 from services.evaluator.store import DatasetPointer
-
-log = logging.getLogger("flywheel.evaluator.handlers")
-
-Publish = Callable[..., Awaitable[object]]
-FINISHED = ("completed", "failed")
+from services.evaluator.worker import EvaluationWorker
 
 
-async def run_and_publish(evaluator: Evaluator, request: EvaluationRequested, publish: Publish, *, correlation_id: str | None) -> EvaluationCompleted | None:
-    """Run `request` unless it already finished (a redelivery), record it, and publish the result."""
-    store = evaluator.store
-    store.claim(request.evaluation_id, request.model_dump(mode="json"))
-    record = store.evaluation(request.evaluation_id)
-    if record is not None and record.status in FINISHED:
-        log.info("evaluation %s already %s; not run again", request.evaluation_id, record.status)
-        return None
-    store.set_status(request.evaluation_id, "running")
-    result = await evaluator.run(request)
-    # Published before it is recorded as finished: a crash between the two reruns the evaluation
-    # and publishes it again (consumers dedupe by evaluation_id), instead of never publishing it.
-    await publish(result, correlation_id=correlation_id)
-    store.set_status(request.evaluation_id, result.status, result.model_dump(mode="json"))
-    return result
-
-
-def when_evaluation_requested_run(evaluator: Evaluator, publish: Publish):
+def when_evaluation_requested_run(evaluator: Evaluator, worker: EvaluationWorker):
     async def handle(envelope: Envelope[EvaluationRequested]) -> None:
-        await run_and_publish(evaluator, envelope.payload, publish, correlation_id=envelope.correlation_id)
+        request = envelope.payload
+        # A repeated id (a redelivery, or a request the door already recorded) is queued once.
+        await asyncio.to_thread(evaluator.store.claim, request.evaluation_id, request.model_dump(mode="json"), correlation_id=envelope.correlation_id)
+        worker.kick()
 
     return handle
 
 
-def when_adapter_registered_evaluate_against_production(evaluator: Evaluator, publish: Publish):
+def when_adapter_registered_evaluate_against_production(evaluator: Evaluator, worker: EvaluationWorker):
     async def handle(envelope: Envelope[AdapterRegistered]) -> None:
         event = envelope.payload
         store = evaluator.store
@@ -71,7 +51,8 @@ def when_adapter_registered_evaluate_against_production(evaluator: Evaluator, pu
             golden=DatasetRef(name=golden.name, version=golden.version) if golden else DatasetRef(name=f"no-golden-set-for-{event.model_name}", version=1),
             requested_by="evaluator:adapter.registered",
         )
-        await run_and_publish(evaluator, request, publish, correlation_id=envelope.correlation_id)
+        await asyncio.to_thread(store.claim, request.evaluation_id, request.model_dump(mode="json"), correlation_id=envelope.correlation_id)
+        worker.kick()
 
     return handle
 

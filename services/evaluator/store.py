@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS dataset (name TEXT, version INTEGER, split TEXT NOT N
 CREATE TABLE IF NOT EXISTS production (model_name TEXT PRIMARY KEY, version INTEGER);
 CREATE TABLE IF NOT EXISTS evaluation (
     evaluation_id TEXT PRIMARY KEY, status TEXT NOT NULL, request TEXT NOT NULL, result TEXT,
-    created_at TEXT NOT NULL, updated_at TEXT NOT NULL
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL, correlation_id TEXT
 );
 """
 
@@ -55,6 +55,7 @@ class EvaluationRecord:
     result: dict[str, Any] | None
     created_at: str
     updated_at: str
+    correlation_id: str | None = None
 
 
 def _now() -> str:
@@ -120,12 +121,19 @@ class EvaluatorStore:
 
     # ----------------------------------------------------------------------------- evaluations
 
-    def claim(self, evaluation_id: str, request: dict[str, Any]) -> bool:
+    def claim(self, evaluation_id: str, request: dict[str, Any], *, correlation_id: str | None = None) -> bool:
         """Record a new evaluation as queued; False if the id exists (a redelivered or repeated request)."""
         now = _now()
         with self._lock:
-            cursor = self._db.execute("INSERT OR IGNORE INTO evaluation VALUES (?, 'queued', ?, NULL, ?, ?)", (evaluation_id, json.dumps(request), now, now))
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO evaluation VALUES (?, 'queued', ?, NULL, ?, ?, ?)", (evaluation_id, json.dumps(request), now, now, correlation_id)
+            )
             return cursor.rowcount == 1
+
+    def next_pending(self) -> EvaluationRecord | None:
+        """The oldest evaluation not finished: queued, or running when the process stopped mid-way."""
+        rows = self._rows("SELECT * FROM evaluation WHERE status IN ('queued', 'running') ORDER BY created_at LIMIT 1")
+        return _record(rows[0]) if rows else None
 
     def set_status(self, evaluation_id: str, status: str, result: dict[str, Any] | None = None) -> None:
         self._rows(
@@ -146,8 +154,8 @@ class EvaluatorStore:
 
 
 def _record(row: Sequence[Any]) -> EvaluationRecord:
-    evaluation_id, status, request, result, created_at, updated_at = row
-    return EvaluationRecord(evaluation_id, status, json.loads(request), json.loads(result) if result else None, created_at, updated_at)
+    evaluation_id, status, request, result, created_at, updated_at, correlation_id = row
+    return EvaluationRecord(evaluation_id, status, json.loads(request), json.loads(result) if result else None, created_at, updated_at, correlation_id)
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ async def test_a_registered_adapter_is_evaluated_and_the_result_published(
             assert (await client.post("/evaluator/v1/evaluations", json=body)).status_code == 401
             assert (await client.post("/evaluator/v1/evaluations", json=body, headers={"Authorization": f"Bearer {viewer}"})).status_code == 403
             queued = await client.post("/evaluator/v1/evaluations", json=body, headers={"Authorization": f"Bearer {operator}"})
-            assert queued.status_code == 202 and queued.json()["status"] == "queued"
+            assert queued.status_code == 202 and queued.json()["status"] == "queued"  # recorded before it is published
             evaluation_id = queued.json()["evaluation_id"]
             await eventually(lambda: len(completed) == 2, timeout_s=180, what="the requested evaluation")
             shown = (await client.get(f"/evaluator/v1/evaluations/{evaluation_id}", headers={"Authorization": f"Bearer {viewer}"})).json()
