@@ -189,6 +189,7 @@ async def test_sigkill_while_events_stream_in_loses_and_duplicates_nothing(tmp_p
     # About KILLS + 1 sink lifetimes of streaming: each chunk lands while some sink is up, down or starting.
     stream = Stream(kafka_bootstrap, topics, EVENTS, chunk=max(EVENTS // 40, 50), pause_s=0.25)
     kills = 0
+    lag_at_kills: list[int] = []  # records left uncommitted by each kill (and sent just after it)
     producing = asyncio.create_task(stream.run())
     try:
         for _ in range(KILLS):
@@ -197,9 +198,14 @@ async def test_sigkill_while_events_stream_in_loses_and_duplicates_nothing(tmp_p
             # Kill mid-stream: after the sink has been consuming for a moment, at a random point in a batch.
             before = stream.sent
             await eventually(lambda b=before: stream.sent >= min(EVENTS, b + EVENTS // 8) or producing.done(), 120, "more events streamed in")
-            await asyncio.sleep(random.uniform(0.2, 1.5))
+            # The sink keeps up between chunks; killing just after a chunk lands hits it mid-batch.
+            landed = stream.sent
+            while stream.sent == landed and not producing.done():
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(random.uniform(0.0, 0.2))
             sink.kill()
             kills += 1
+            lag_at_kills.append(await group_lag(kafka_bootstrap, topic))
         sink.start()
         await sink.wait_ready()
         await asyncio.wait_for(producing, 600)
@@ -209,7 +215,7 @@ async def test_sigkill_while_events_stream_in_loses_and_duplicates_nothing(tmp_p
         sink.stop()
     print_figures(
         f"SIGKILL test ({sink.started} sink starts)",
-        {"sent": stream.sent, "stored": stored, "lost": stream.sent - distinct, "duplicated": stored - distinct, "kills": kills},
+        {"sent": stream.sent, "stored": stored, "lost": stream.sent - distinct, "duplicated": stored - distinct, "kills": kills, "uncommitted": ",".join(map(str, lag_at_kills))},
     )
     assert stream.sent == EVENTS
     assert kills == KILLS
