@@ -1,13 +1,18 @@
 """The engine behind a real Triton Inference Server, through PyTriton.
 
-One Triton model (`flywheel_llm` by default) takes rendered prompts, each with its adapter name and
-its sampling parameters. Triton's dynamic batcher groups concurrent requests and hands them to one
-of several model instances; an instance only submits its rows to the continuous batcher
-(batcher.py) and waits for them, so rows from every in-flight Triton batch share each decode step
-and requests for different adapters share every forward pass. Several instances are what lets a
-new Triton batch arrive while earlier ones are still decoding: a (non-decoupled) instance takes
-its next batch only when its infer function returns. Per-row problems (an adapter that is not
-loaded) come back in the row's `error` output instead of failing the rows batched with it.
+Two Triton models take rendered prompts, each with its adapter name and sampling parameters, and
+both hand their rows to one continuous batcher (batcher.py), so requests for different adapters
+and from both models share every decode step:
+- `flywheel_llm_stream` (decoupled; the gateway's and the benchmark's): Triton's `execute` returns
+  at once and the infer coroutine awaits its rows, so every request joins the running batch at the
+  next decode step however many are in flight. Decoupled models answer over gRPC streams only.
+- `flywheel_llm` (plain request/response, for tritonclient HTTP and gRPC `infer`): Triton hands a
+  non-decoupled instance its next batch only when the previous one returned, so concurrent plain
+  requests decode together only when they arrive in one dynamic batch. More instances would lift
+  that, but PyTriton gives extra instances 1 s to find the first one's handshake socket, which a
+  busy machine misses (seen here: three start attempts in a row failed).
+Per-row problems (an adapter that is not loaded) come back in the row's `error` output instead of
+failing the rows batched with it.
 
 Settings that work on a CPU-only machine (PyTriton 0.7, the bundled tritonserver):
 - the Python-backend stub links against the interpreter's libpython; LIBDIR must be on
@@ -15,16 +20,21 @@ Settings that work on a CPU-only machine (PyTriton 0.7, the bundled tritonserver
   "'_thread.RLock' object has no attribute '_recursion_count'" (`_stub_environment` below);
 - explicit free ports for HTTP, gRPC and metrics (the defaults 8000-8002 collide between tests and
   replicas), addresses bound to 127.0.0.1, GPU metrics off;
-- `log_file` so the server's own output lands in a file, `log_verbose=0` unless debugging.
+- `log_file` so the server's own output lands in a file, `log_verbose=0` unless debugging;
+- the workspace (sockets, the server's copy) in a short temporary directory of our own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import shutil
 import socket
 import sysconfig
+import tempfile
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +42,12 @@ from typing import Any
 import numpy as np
 
 from services.serving.batcher import ContinuousBatcher
-from services.serving.engine import BASE, Engine, GenerationRequest, SamplingParams
+from services.serving.engine import BASE, Engine, GenerationRequest, GenerationResult, SamplingParams
 
 log = logging.getLogger("flywheel.serving.triton")
 
 MODEL_NAME = "flywheel_llm"
+STREAM_MODEL_NAME = "flywheel_llm_stream"
 
 INPUTS = ("prompt", "adapter", "max_tokens", "temperature", "top_p", "seed", "stop")
 OUTPUTS = ("text", "finish_reason", "prompt_tokens", "completion_tokens", "compute_ms", "error")
@@ -88,75 +99,33 @@ class TritonServing:
         *,
         workdir: Path,
         model_name: str = MODEL_NAME,
+        stream_model_name: str = STREAM_MODEL_NAME,
         max_batch_size: int = 32,
         max_queue_delay_us: int = 1_000,
-        instances: int = 8,
         log_verbose: int = 0,
+        ports: TritonPorts | None = None,
     ) -> None:
         self.engine = engine
         self.batcher = ContinuousBatcher(engine, max_active=max_batch_size)
         self.model_name = model_name
+        self.stream_model_name = stream_model_name
         self.max_batch_size = max_batch_size
-        self.instances = instances
         self.max_queue_delay_us = max_queue_delay_us
         self.workdir = workdir
         self.log_file = workdir / "tritonserver.log"
         self.log_verbose = log_verbose
+        self._fixed_ports = ports
         self.ports: TritonPorts | None = None
         self._triton: Any = None
+        self._scratch: Path | None = None
         self.batches_served = 0
         self.largest_batch = 0
 
     def start(self) -> TritonPorts:
-        from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-        from pytriton.triton import Triton, TritonConfig
-
-        _stub_environment()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        ports = TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port())
-        config = TritonConfig(
-            http_address="127.0.0.1", http_port=ports.http,
-            grpc_address="127.0.0.1", grpc_port=ports.grpc,
-            metrics_address="127.0.0.1", metrics_port=ports.metrics,
-            allow_gpu_metrics=False, log_file=self.log_file, log_verbose=self.log_verbose,
-        )
         self.batcher.start()
         try:
-            triton = Triton(config=config, workspace=self.workdir / "workspace")
+            triton, ports = self._launch()
         except BaseException:
-            self.batcher.stop()
-            raise
-        try:
-            triton.bind(
-                model_name=self.model_name,
-                infer_func=[self._instance() for _ in range(self.instances)],
-                inputs=[
-                    Tensor(name="prompt", dtype=bytes, shape=(1,)),
-                    Tensor(name="adapter", dtype=bytes, shape=(1,)),
-                    Tensor(name="max_tokens", dtype=np.int32, shape=(1,)),
-                    Tensor(name="temperature", dtype=np.float32, shape=(1,)),
-                    Tensor(name="top_p", dtype=np.float32, shape=(1,)),
-                    Tensor(name="seed", dtype=np.int64, shape=(1,)),
-                    Tensor(name="stop", dtype=bytes, shape=(1,)),
-                ],
-                outputs=[
-                    Tensor(name="text", dtype=bytes, shape=(1,)),
-                    Tensor(name="finish_reason", dtype=bytes, shape=(1,)),
-                    Tensor(name="prompt_tokens", dtype=np.int32, shape=(1,)),
-                    Tensor(name="completion_tokens", dtype=np.int32, shape=(1,)),
-                    Tensor(name="compute_ms", dtype=np.float32, shape=(1,)),
-                    Tensor(name="error", dtype=bytes, shape=(1,)),
-                ],
-                config=ModelConfig(
-                    batching=True,
-                    max_batch_size=self.max_batch_size,
-                    batcher=DynamicBatcher(max_queue_delay_microseconds=self.max_queue_delay_us),
-                ),
-                strict=True,
-            )
-            triton.run()
-        except BaseException:
-            triton.stop()
             self.batcher.stop()
             raise
         self._triton = triton
@@ -164,11 +133,69 @@ class TritonServing:
         log.info("triton serving %s: http %s, grpc %s, metrics %s, log %s", self.model_name, ports.http, ports.grpc, ports.metrics, self.log_file)
         return ports
 
+    def _launch(self) -> tuple[Any, TritonPorts]:
+        from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+        from pytriton.triton import Triton, TritonConfig
+
+        _stub_environment()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        ports = self._fixed_ports or TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port())
+        config = TritonConfig(
+            http_address="127.0.0.1", http_port=ports.http,
+            grpc_address="127.0.0.1", grpc_port=ports.grpc,
+            metrics_address="127.0.0.1", metrics_port=ports.metrics,
+            allow_gpu_metrics=False, log_file=self.log_file, log_verbose=self.log_verbose,
+        )
+        # A short temporary workspace: its unix sockets live there, and a path under a deep
+        # FLYWHEEL_HOME can pass the 108-byte AF_UNIX limit ("AF_UNIX path too long").
+        self._scratch = Path(tempfile.mkdtemp(prefix="flywheel-triton-"))
+        triton = Triton(config=config, workspace=self._scratch / "workspace")  # PyTriton creates it
+        try:
+            for model_name, infer_func, decoupled in ((self.model_name, self._infer, False), (self.stream_model_name, self._infer_async, True)):
+                triton.bind(
+                    model_name=model_name,
+                    infer_func=infer_func,
+                    inputs=[
+                        Tensor(name="prompt", dtype=bytes, shape=(1,)),
+                        Tensor(name="adapter", dtype=bytes, shape=(1,)),
+                        Tensor(name="max_tokens", dtype=np.int32, shape=(1,)),
+                        Tensor(name="temperature", dtype=np.float32, shape=(1,)),
+                        Tensor(name="top_p", dtype=np.float32, shape=(1,)),
+                        Tensor(name="seed", dtype=np.int64, shape=(1,)),
+                        Tensor(name="stop", dtype=bytes, shape=(1,)),
+                    ],
+                    outputs=[
+                        Tensor(name="text", dtype=bytes, shape=(1,)),
+                        Tensor(name="finish_reason", dtype=bytes, shape=(1,)),
+                        Tensor(name="prompt_tokens", dtype=np.int32, shape=(1,)),
+                        Tensor(name="completion_tokens", dtype=np.int32, shape=(1,)),
+                        Tensor(name="compute_ms", dtype=np.float32, shape=(1,)),
+                        Tensor(name="error", dtype=bytes, shape=(1,)),
+                    ],
+                    config=ModelConfig(
+                        batching=True,
+                        decoupled=decoupled,
+                        max_batch_size=self.max_batch_size,
+                        batcher=DynamicBatcher(max_queue_delay_microseconds=self.max_queue_delay_us),
+                    ),
+                    strict=True,
+                )
+            triton.run()
+        except BaseException:
+            triton.stop()
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+            raise
+        return triton, ports
+
     def stop(self) -> None:
         triton, self._triton = self._triton, None
         if triton is not None:
             triton.stop()
             self.batcher.stop()
+            if self._scratch is not None:
+                shutil.rmtree(self._scratch, ignore_errors=True)
+                self._scratch = None
             log.info("triton stopped")
 
     def is_alive(self) -> bool:
@@ -181,22 +208,26 @@ class TritonServing:
     def __exit__(self, *_: object) -> None:
         self.stop()
 
-    def _instance(self) -> Any:
-        # PyTriton keys each instance's context by its callable: every instance needs its own function.
-        def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
-            return self._infer(requests)
-
-        return infer
-
     def _infer(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
-        """Submit every row of every request to the continuous batcher, then wait for them all."""
+        """Plain model: submit every row to the continuous batcher and wait for them all."""
+        return [_outputs([_row_output(row) for row in rows]) for rows in self._submit(requests)]
+
+    async def _infer_async(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
+        """Decoupled model: the same, awaited on PyTriton's event loop, so batches overlap."""
+        pending = self._submit(requests)
+        futures = [asyncio.wrap_future(row) for rows in pending for row in rows if not isinstance(row, str)]
+        await asyncio.gather(*futures, return_exceptions=True)
+        return [_outputs([_row_output(row) for row in rows]) for rows in pending]
+
+    def _submit(self, requests: list[Any]) -> list[list[Future[GenerationResult] | str]]:
+        """Each request's rows as batcher futures, or the error that kept a row out."""
         size = sum(len(request["prompt"]) for request in requests)
         self.batches_served += 1
         self.largest_batch = max(self.largest_batch, size)
         loaded = self.engine.adapters
-        pending: list[list[Any]] = []
+        pending: list[list[Future[GenerationResult] | str]] = []
         for request in requests:
-            rows: list[Any] = []
+            rows: list[Future[GenerationResult] | str] = []
             for index in range(len(request["prompt"])):
                 adapter = _text(request["adapter"][index][0]) or None
                 try:
@@ -215,10 +246,10 @@ class TritonServing:
                 except (ValueError, TypeError) as error:
                     rows.append(str(error))
             pending.append(rows)
-        return [_outputs([_row_output(row) for row in rows]) for rows in pending]
+        return pending
 
 
-def _row_output(row: Any) -> tuple[str, str, int, int, float, str]:
+def _row_output(row: Future[GenerationResult] | str) -> tuple[str, str, int, int, float, str]:
     if isinstance(row, str):
         return ("", "error", 0, 0, 0.0, row)
     try:
@@ -298,3 +329,23 @@ def parse_answer(result: Any) -> TritonAnswer:
         compute_ms=float(first("compute_ms")),
         error=_text(first("error")),
     )
+
+
+def stream_infer(grpc_url: str, row: TritonRow, *, model: str = STREAM_MODEL_NAME, timeout_s: float = 600) -> TritonAnswer:
+    """One request to the decoupled model over a gRPC stream (its only door), with tritonclient.grpc."""
+    import queue
+
+    import tritonclient.grpc as triton_grpc
+
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = triton_grpc.InferenceServerClient(grpc_url)
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        client.async_stream_infer(model, infer_inputs(triton_grpc, row), outputs=infer_outputs(triton_grpc))
+        result, error = answers.get(timeout=timeout_s)
+        if error is not None:
+            raise error
+        return parse_answer(result)
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()

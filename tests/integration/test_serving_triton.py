@@ -12,14 +12,14 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 
 from services.serving.engine import Engine, GenerationRequest, SamplingParams
-from services.serving.triton import MODEL_NAME, TritonRow, TritonServing, infer_inputs, infer_outputs, parse_answer
+from services.serving.triton import MODEL_NAME, STREAM_MODEL_NAME, TritonRow, TritonServing, infer_inputs, infer_outputs, parse_answer, stream_infer
 from tests.serving_support import make_adapter, smollm2_tokenizer, tiny_engine
 
 pytestmark = pytest.mark.integration
 
 
 def tritonserver_pids(workdir: Path) -> list[int]:
-    """tritonserver processes started for `workdir` (its model repository lies under it)."""
+    """tritonserver processes started for `workdir` (their --log-file lies under it)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -65,7 +65,7 @@ def test_http_and_grpc_round_trip(serving: TritonServing, engine: Engine) -> Non
     http = triton_http.InferenceServerClient(serving.ports.http_url)
     grpc = triton_grpc.InferenceServerClient(serving.ports.grpc_url)
     try:
-        assert http.is_server_live() and http.is_server_ready() and http.is_model_ready(MODEL_NAME)
+        assert http.is_server_live() and http.is_server_ready() and http.is_model_ready(MODEL_NAME) and http.is_model_ready(STREAM_MODEL_NAME)
         assert grpc.is_server_live() and grpc.is_model_ready(MODEL_NAME)
         over_http = parse_answer(http.infer(MODEL_NAME, infer_inputs(triton_http, row), outputs=infer_outputs(triton_http)))
         over_grpc = parse_answer(grpc.infer(MODEL_NAME, infer_inputs(triton_grpc, row), outputs=infer_outputs(triton_grpc)))
@@ -79,15 +79,11 @@ def test_http_and_grpc_round_trip(serving: TritonServing, engine: Engine) -> Non
 
 def test_concurrent_requests_for_different_adapters_share_decode_steps(serving: TritonServing, engine: Engine) -> None:
     assert serving.ports is not None
-    rows = [TritonRow(prompt=f"Question {i}?", adapter=[None, "a1", "a2"][i % 3], max_tokens=5, temperature=0.0) for i in range(12)]
-    url = serving.ports.http_url
+    rows = [TritonRow(prompt=f"Question {i}?", adapter=[None, "a1", "a2"][i % 3], max_tokens=5 + i, temperature=0.0) for i in range(12)]
+    url = serving.ports.grpc_url
 
     def call(row: TritonRow) -> str:
-        client = triton_http.InferenceServerClient(url)
-        try:
-            return parse_answer(client.infer(MODEL_NAME, infer_inputs(triton_http, row), outputs=infer_outputs(triton_http))).text
-        finally:
-            client.close()
+        return stream_infer(url, row).text
 
     before = serving.batcher.largest_batch
     with ThreadPoolExecutor(max_workers=12) as pool:
