@@ -1,5 +1,10 @@
 """The OpenAI-compatible door: /v1/chat/completions, /v1/completions, /v1/models.
 
+Callers present an API key with role `app` (or admin), as OpenAI clients send theirs:
+`Authorization: Bearer <key>`. Each key's principal has its own token bucket (limits.py); a request
+over it is a 429 with Retry-After. Requests refused before the gateway sees them — no or a wrong
+key, a body that does not validate, a rate limit — are still logged as errored inferences.
+
 Streaming sends the finished completion as server-sent events in OpenAI's chunk format (one content
 chunk, a final chunk with the finish reason, then `[DONE]`); token-by-token streaming needs a
 decoupled Triton model and is not done yet.
@@ -9,9 +14,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from fastapi.routing import APIRoute
 
 from contracts.http import (
     AssistantMessage,
@@ -21,19 +29,71 @@ from contracts.http import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    ErrorDetail,
     ErrorResponse,
     ModelCard,
     ModelList,
     Usage,
 )
-from services.runtime.http import DoorError
+from services.runtime.auth import Principal
+from services.runtime.http import DoorError, error_response
 from services.serving.gateway import Completion, Gateway, GatewayError
+from services.serving.limits import RateLimiter
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 422, 503)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 422, 429, 503)}
+ENDPOINTS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
 
 
-def create_router(gateway: Callable[[], Gateway | None]) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["gateway"])
+class _RateLimited(Exception):
+    def __init__(self, principal: str, wait_s: float, limiter: RateLimiter) -> None:
+        self.retry_after = limiter.retry_after(wait_s)
+        super().__init__(f"rate limit exceeded for {principal}: {limiter.rate_per_s:g} requests/s, bursts of {limiter.burst}; retry after {self.retry_after} s")
+
+
+def create_router(gateway: Callable[[], Gateway | None], *, guard: Callable[..., Principal], limiter: RateLimiter) -> APIRouter:
+    """`guard` is the API-key dependency (`Authenticator.require(Role.app)`); `limiter` the per-key buckets."""
+
+    def refused(request: Request, endpoint: str, body: bytes, status: int, message: str) -> None:
+        current = gateway()
+        if current is not None:
+            current.refused(endpoint, body, getattr(request.state, "principal", None), status, message)
+
+    class LoggedRoute(APIRoute):
+        """Refusals raised before the endpoint runs (auth, body validation, rate limit) are logged here."""
+
+        def get_route_handler(self) -> Callable[[Request], Any]:
+            handler = super().get_route_handler()
+            endpoint = ENDPOINTS.get(self.path)
+            if endpoint is None:
+                return handler
+
+            async def logged(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except RequestValidationError as error:
+                    first = error.errors()[0] if error.errors() else {}
+                    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
+                    refused(request, endpoint, await request.body(), 422, f"{where}: {first.get('msg', 'invalid request')}")
+                    raise
+                except DoorError as error:
+                    if error.status in (401, 403):
+                        refused(request, endpoint, await request.body(), error.status, error.detail.message)
+                    raise
+                except _RateLimited as error:
+                    refused(request, endpoint, await request.body(), 429, str(error))
+                    detail = ErrorDetail(message=str(error), type="rate_limit_error", code="rate_limit_exceeded")
+                    return error_response(429, detail, headers={"Retry-After": error.retry_after})
+
+            return logged
+
+    def caller(request: Request, principal: Principal = Depends(guard)) -> Principal:
+        request.state.principal = principal.name
+        wait = limiter.take(principal.name)
+        if wait:
+            raise _RateLimited(principal.name, wait, limiter)
+        return principal
+
+    router = APIRouter(prefix="/v1", tags=["gateway"], route_class=LoggedRoute)
 
     def ready() -> Gateway:
         current = gateway()
@@ -48,8 +108,8 @@ def create_router(gateway: Callable[[], Gateway | None]) -> APIRouter:
             raise DoorError(error.status, str(error), code=error.code, param=error.param) from None
 
     @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
-    async def chat_completions(request: ChatCompletionRequest):
-        done = await run(ready().chat(request))
+    async def chat_completions(request: ChatCompletionRequest, principal: Principal = Depends(caller)):
+        done = await run(ready().chat(request, principal.name))
         if request.stream:
             first = {"delta": {"role": "assistant", "content": done.text}, "finish_reason": None}
             last = {"delta": {}, "finish_reason": done.finish_reason}
@@ -61,8 +121,8 @@ def create_router(gateway: Callable[[], Gateway | None]) -> APIRouter:
         )
 
     @router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
-    async def completions(request: CompletionRequest):
-        done = await run(ready().completion(request))
+    async def completions(request: CompletionRequest, principal: Principal = Depends(caller)):
+        done = await run(ready().completion(request, principal.name))
         if request.stream:
             return _sse(done, "text_completion", [{"text": done.text, "finish_reason": None}, {"text": "", "finish_reason": done.finish_reason}])
         return CompletionResponse(
@@ -70,8 +130,8 @@ def create_router(gateway: Callable[[], Gateway | None]) -> APIRouter:
             choices=[CompletionChoice(text=done.text, finish_reason=done.finish_reason)], usage=_usage(done),
         )
 
-    @router.get("/models", response_model=ModelList)
-    async def models() -> ModelList:
+    @router.get("/models", response_model=ModelList, responses=ERRORS)
+    async def models(_: Principal = Depends(guard)) -> ModelList:
         return ModelList(data=[ModelCard(id=reference) for reference in ready().routes.references()])
 
     return router

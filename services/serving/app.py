@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from contracts.events import AdapterRegistered, DeploymentRequested, StageChanged
+from contracts.events import AdapterRegistered, DeploymentRequested, PromptPublished, StageChanged
+from contracts.http import Role
 from services.runtime.artifacts import ArtifactStore, default_artifact_root
+from services.runtime.auth import Authenticator
 from services.runtime.service import Runtime, Service
 from services.runtime.settings import load_settings
 from services.serving.api import create_router
@@ -14,9 +16,12 @@ from services.serving.handlers import (
     AdapterLoader,
     when_adapter_registered_remember_it,
     when_deployment_requested_load_and_report,
+    when_prompt_published_remember_it,
     when_stage_changed_route_and_load,
 )
 from services.serving.inference_log import InferenceLogBuffer
+from services.serving.limits import RateLimiter
+from services.serving.prompt_routes import PromptRoutes
 from services.serving.routes import Routes
 from services.serving.settings import ServingSettings
 
@@ -31,6 +36,7 @@ def create_app(runtime: Runtime) -> Service:
     settings = load_settings(ServingSettings)
     routes = Routes()
     routes.add_model(settings.base_model)
+    prompts = PromptRoutes(ab_label=settings.prompt_ab_label, ab_percent=settings.prompt_ab_percent)
     state = _State()
     bus = runtime.bus("serving")
     buffer = InferenceLogBuffer(bus, capacity=settings.log_buffer_size)
@@ -39,6 +45,7 @@ def create_app(runtime: Runtime) -> Service:
     runtime.subscribe("serving", AdapterRegistered, when_adapter_registered_remember_it(routes))
     runtime.subscribe("serving", StageChanged, when_stage_changed_route_and_load(routes, loader))
     runtime.subscribe("serving", DeploymentRequested, when_deployment_requested_load_and_report(loader, bus))
+    runtime.subscribe("serving", PromptPublished, when_prompt_published_remember_it(prompts))
 
     async def start() -> None:
         from services.serving.engine import SMOLLM2_GGUF, Engine, smollm2_dir
@@ -48,16 +55,23 @@ def create_app(runtime: Runtime) -> Service:
             state.engine = await asyncio.to_thread(Engine.from_pretrained, smollm2_dir(), gguf_file=SMOLLM2_GGUF, model_name=settings.base_model)
         else:
             state.engine = await asyncio.to_thread(Engine.from_pretrained, settings.model_dir, model_name=settings.base_model)
-        state.triton = TritonServing(
+        triton = TritonServing(
             state.engine, workdir=runtime.home / "serving" / "triton", max_batch_size=settings.max_batch_size,
             max_queue_delay_us=settings.max_queue_delay_us, log_verbose=settings.triton_log_verbose,
         )
-        ports = await asyncio.to_thread(state.triton.start)
-        await buffer.start()
-        state.gateway = Gateway(
-            routes=routes, tokenizer=state.engine.tokenizer, triton_grpc_url=ports.grpc_url, settings=settings,
-            log_buffer=buffer, loaded_adapters=lambda: set(state.engine.adapters),
-        )
+        ports = await asyncio.to_thread(triton.start)
+        try:
+            await buffer.start()
+            state.gateway = Gateway(
+                routes=routes, tokenizer=state.engine.tokenizer, triton_grpc_url=ports.grpc_url, settings=settings,
+                log_buffer=buffer, loaded_adapters=lambda: set(state.engine.adapters), prompts=prompts,
+            )
+        except BaseException:
+            # The process runs stop hooks only for services whose start finished: stop Triton here.
+            await buffer.stop()
+            await asyncio.to_thread(triton.stop)
+            raise
+        state.triton = triton
 
     async def stop() -> None:
         if state.gateway is not None:
@@ -70,4 +84,7 @@ def create_app(runtime: Runtime) -> Service:
         if state.triton is None or not state.triton.is_alive():
             raise RuntimeError("Triton is not running")
 
-    return Service(name="serving", api=create_router(lambda: state.gateway), readiness={"triton": triton_alive}, on_start=[start], on_stop=[stop])
+    guard = Authenticator.for_settings(runtime.settings).require(Role.app)
+    limiter = RateLimiter(rate_per_s=settings.rate_limit_rps, burst=settings.rate_limit_burst)
+    api = create_router(lambda: state.gateway, guard=guard, limiter=limiter)
+    return Service(name="serving", api=api, readiness={"triton": triton_alive}, on_start=[start], on_stop=[stop])

@@ -1,24 +1,28 @@
 """The gateway's use cases: resolve the model, render and check the prompt, call Triton, log the inference.
 
 Imports neither FastAPI nor Kafka: api.py translates HTTP to these calls, and the inference log
-buffer publishes. Every request that gets this far ends in exactly one `inference.logged`, ok or error.
+buffer publishes. Every request that gets this far ends in exactly one `inference.logged`, ok or
+error; requests refused before (no key, bad body, rate limit) are logged by `refused`.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from contracts.events import InferenceLogged, InferenceStatus
 from contracts.http import ChatCompletionRequest, CompletionRequest
+from services.runtime.prompts import MissingVariable, PromptError, render_template
 from services.serving.inference_log import InferenceLogBuffer
+from services.serving.prompt_routes import PromptChoice, PromptRoutes, UnknownPromptError
 from services.serving.routes import Route, Routes, UnknownModelError
 from services.serving.settings import ServingSettings
-from services.serving.triton import MODEL_NAME, TritonAnswer, TritonRow, infer_inputs, infer_outputs, parse_answer
+from services.serving.triton import STREAM_MODEL_NAME, TritonAnswer, TritonRow, infer_inputs, infer_outputs, parse_answer
 
 
 class GatewayError(Exception):
@@ -49,8 +53,23 @@ class _Call:
     inference_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     started: float = field(default_factory=time.perf_counter)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    principal: str | None = None
     route: Route | None = None
+    prompt_choice: PromptChoice | None = None
     prompt: str = ""
+
+    @property
+    def sticky_key(self) -> str:
+        """Canary and A/B buckets follow the end user, else the calling app's key."""
+        return self.request.user or self.principal or self.inference_id
+
+    @property
+    def route_label(self) -> str:
+        if self.route is not None and self.route.route == "canary":
+            return "canary"
+        if self.prompt_choice is not None and self.prompt_choice.route == "ab":
+            return "ab"
+        return self.route.route if self.route else "direct"
 
 
 class Gateway:
@@ -63,9 +82,11 @@ class Gateway:
         settings: ServingSettings,
         log_buffer: InferenceLogBuffer,
         loaded_adapters: Callable[[], set[str]],
-        triton_model: str = MODEL_NAME,
+        prompts: PromptRoutes | None = None,
+        triton_model: str = STREAM_MODEL_NAME,
     ) -> None:
         self.routes = routes
+        self.prompts = prompts or PromptRoutes()
         self._tokenizer = tokenizer
         self._url = triton_grpc_url
         self._settings = settings
@@ -79,17 +100,35 @@ class Gateway:
             await self._client.close()
             self._client = None
 
-    async def chat(self, request: ChatCompletionRequest) -> Completion:
-        return await self._complete(_Call("chat.completions", request))
+    async def chat(self, request: ChatCompletionRequest, principal: str | None = None) -> Completion:
+        return await self._complete(_Call("chat.completions", request, principal=principal))
 
-    async def completion(self, request: CompletionRequest) -> Completion:
-        return await self._complete(_Call("completions", request))
+    async def completion(self, request: CompletionRequest, principal: str | None = None) -> Completion:
+        return await self._complete(_Call("completions", request, principal=principal))
+
+    def refused(self, endpoint: str, body: bytes, principal: str | None, status: int, message: str) -> None:
+        """Log a request refused before it could be served (401/403, malformed body, rate limit) as an errored inference."""
+        try:
+            parsed = json.loads(body or b"{}")
+        except ValueError:
+            parsed = None
+        fields = parsed if isinstance(parsed, dict) else {}
+        model = fields.get("model")
+        user = fields.get("user")
+        self._log.offer(
+            InferenceLogged(
+                inference_id=str(uuid.uuid4()), model_name=model if isinstance(model, str) and model else "unknown",
+                endpoint=endpoint, user_id=user if isinstance(user, str) else None, principal=principal,
+                input_text=body.decode(errors="replace")[:8000], finish_reason="error", status=InferenceStatus.error,
+                error=f"{status}: {message}", started_at=datetime.now(UTC),
+            )
+        )
 
     async def _complete(self, call: _Call) -> Completion:
         answer: TritonAnswer | None = None
         triton_ms = 0.0
         try:
-            call.route = self._resolve(call.request.model)
+            call.route = self._resolve(call.request.model, call.sticky_key)
             call.prompt = self._render(call)
             row = self._row(call)
             sent = time.perf_counter()
@@ -104,9 +143,9 @@ class Gateway:
         self._emit(call, answer, triton_ms)
         return Completion(call.inference_id, int(time.time()), call.route.label, answer.text, answer.finish_reason, answer.prompt_tokens, answer.completion_tokens)
 
-    def _resolve(self, reference: str) -> Route:
+    def _resolve(self, reference: str, sticky_key: str) -> Route:
         try:
-            route = self.routes.resolve(reference)
+            route = self.routes.resolve(reference, sticky_key)
         except UnknownModelError as error:
             raise GatewayError(404, str(error), code="model_not_found", param="model") from None
         if route.adapter_name is not None and route.adapter_name not in self._loaded():
@@ -114,15 +153,33 @@ class Gateway:
         return route
 
     def _render(self, call: _Call) -> str:
+        """The model input. A prompt_ref's rendered text leads: as the system message of a chat
+        (or the user message when the chat has none), or before the text of a completion."""
         request = call.request
-        if request.prompt_ref is not None:
-            raise GatewayError(400, "prompt_ref is not supported by this gateway yet", code="unsupported", param="prompt_ref")
+        rendered = self._render_ref(call) if request.prompt_ref is not None else None
         if isinstance(request, ChatCompletionRequest):
-            if not request.messages:
-                raise GatewayError(400, "messages must not be empty", code="invalid_value", param="messages")
             messages = [{"role": message.role, "content": message.content or ""} for message in request.messages]
+            if rendered is not None:
+                messages.insert(0, {"role": "system" if messages else "user", "content": rendered})
+            if not messages:
+                raise GatewayError(400, "messages must not be empty", code="invalid_value", param="messages")
             return self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return request.prompt
+        return request.prompt if rendered is None else rendered + request.prompt
+
+    def _render_ref(self, call: _Call) -> str:
+        reference = call.request.prompt_ref
+        assert reference is not None
+        try:
+            call.prompt_choice = choice = self.prompts.resolve(reference, call.sticky_key)
+        except UnknownPromptError as error:
+            raise GatewayError(404, str(error), code="prompt_not_found", param="prompt_ref") from None
+        try:
+            return render_template(choice.template, reference.variables, needs=choice.variables)
+        except MissingVariable as error:
+            missing = ", ".join(error.missing) or str(error)
+            raise GatewayError(400, f"prompt {choice.name}:v{choice.version} needs variable(s) {missing}", code="missing_variable", param="prompt_ref.variables") from None
+        except PromptError as error:
+            raise GatewayError(400, f"prompt {choice.name}:v{choice.version} cannot be rendered: {error}", code="invalid_prompt", param="prompt_ref") from None
 
     def _row(self, call: _Call) -> TritonRow:
         request, limits = call.request, self._settings
@@ -138,16 +195,33 @@ class Gateway:
         return TritonRow(call.prompt, call.route.adapter_name if call.route else None, max_tokens, request.temperature, request.top_p, request.seed, stop)
 
     async def _infer(self, row: TritonRow) -> TritonAnswer:
+        """One request over a gRPC stream to the decoupled model: it joins the running batch at once."""
+        import grpc
         import tritonclient.grpc.aio as triton_grpc
         from tritonclient.utils import InferenceServerException
 
         if self._client is None:
             self._client = triton_grpc.InferenceServerClient(self._url)
+
+        async def one_request() -> AsyncIterator[dict[str, Any]]:
+            yield {"model_name": self._triton_model, "inputs": infer_inputs(triton_grpc, row), "outputs": infer_outputs(triton_grpc)}
+
+        responses = self._client.stream_infer(one_request(), stream_timeout=self._settings.triton_timeout_s)
         try:
-            result = await self._client.infer(self._triton_model, infer_inputs(triton_grpc, row), outputs=infer_outputs(triton_grpc), client_timeout=self._settings.triton_timeout_s)
-        except InferenceServerException as error:
-            raise GatewayError(503, f"the inference server is unavailable: {error.message()}", code="triton_unavailable") from None
-        return parse_answer(result)
+            async for result, error in responses:
+                if error is not None:
+                    raise error
+                return parse_answer(result)
+            raise InferenceServerException("the stream closed without an answer")
+        except (InferenceServerException, grpc.RpcError) as error:
+            # A fresh channel next time: one that saw Triton go away can keep failing after it is back.
+            client, self._client = self._client, None
+            await client.close()
+            # The stream's errors come unwrapped from grpc, unlike unary calls' InferenceServerException.
+            reason = error.message() if isinstance(error, InferenceServerException) else error.details()  # type: ignore[attr-defined]
+            raise GatewayError(503, f"the inference server is unavailable: {reason}", code="triton_unavailable") from None
+        finally:
+            responses.cancel()
 
     def _emit(self, call: _Call, answer: TritonAnswer | None, triton_ms: float, *, error: str | None = None) -> None:
         request, route = call.request, call.route
@@ -158,9 +232,12 @@ class Gateway:
                 inference_id=call.inference_id,
                 model_name=route.model_name if route else request.model,
                 adapter_version=route.adapter_version if route else None,
-                route=route.route if route else "direct",
+                prompt_name=call.prompt_choice.name if call.prompt_choice else None,
+                prompt_version=call.prompt_choice.version if call.prompt_choice else None,
+                route=call.route_label,
                 endpoint=call.endpoint,
                 user_id=request.user,
+                principal=call.principal,
                 input_messages=[message.model_dump(exclude_none=True) for message in request.messages] if isinstance(request, ChatCompletionRequest) else [],
                 input_text=call.prompt,
                 output_text=answer.text if answer and not error else "",

@@ -9,10 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from contracts.envelope import Envelope
-from contracts.events import AdapterRegistered, DeploymentAction, DeploymentCompleted, DeploymentRequested, Stage, StageChanged
+from contracts.events import AdapterRegistered, DeploymentAction, DeploymentCompleted, DeploymentRequested, PromptPublished, Stage, StageChanged
 from services.runtime.artifacts import ArtifactStore
 from services.runtime.broker import EventBus
 from services.serving.engine import Engine
+from services.serving.prompt_routes import PromptRoutes
 from services.serving.routes import Route, Routes
 
 log = logging.getLogger("flywheel.serving.handlers")
@@ -53,12 +54,19 @@ def when_adapter_registered_remember_it(routes: Routes):
     return handle
 
 
+def when_prompt_published_remember_it(prompts: PromptRoutes):
+    async def handle(envelope: Envelope[PromptPublished]) -> None:
+        prompts.publish(envelope.payload)
+
+    return handle
+
+
 def when_stage_changed_route_and_load(routes: Routes, loader: AdapterLoader):
     async def handle(envelope: Envelope[StageChanged]) -> None:
         event = envelope.payload
         if event.to_stage in (Stage.staging, Stage.production):
             await loader.load(event.model_name, event.adapter_version)
-        routes.set_stage(event.model_name, event.adapter_version, event.to_stage)
+        routes.set_stage(event.model_name, event.adapter_version, event.to_stage, event.canary_percent)
         if event.to_stage == Stage.archived:
             await loader.unload(event.model_name, event.adapter_version)
 

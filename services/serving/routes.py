@@ -3,10 +3,17 @@
 Event-carried state: `adapter.registered` and `stage.changed` keep this table current, so resolving
 a request never calls the registry. `name` is production (the base model when nothing is promoted),
 `name@staging` the staging version, `name:v3` a pinned version.
+
+A canary (a production version with `canary_percent` on its stage.changed) takes that share of the
+traffic for `name` / `name@production`. The split is sticky: a request's bucket is a hash of its
+sticky key (the request's `user`, else the API key's principal) and the model name, so one user
+sees one version for as long as the split stands, and raising the percentage only moves users
+from the stable version to the canary, never back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 from dataclasses import dataclass, field
@@ -24,7 +31,7 @@ class UnknownModelError(LookupError):
 class Route:
     model_name: str
     adapter_version: int | None
-    route: str  # production, staging, pinned, direct (the base model)
+    route: str  # production, staging, pinned, canary, direct (the base model)
 
     @property
     def adapter_name(self) -> str | None:
@@ -40,6 +47,13 @@ class Route:
 class _Model:
     versions: dict[int, tuple[str, str]] = field(default_factory=dict)  # version -> (artifact uri, sha256)
     stages: dict[Stage, int] = field(default_factory=dict)
+    canary: tuple[int, float] | None = None  # (version, percent of production traffic)
+
+
+def bucket(sticky_key: str, scope: str) -> float:
+    """A stable point in [0, 100) for this key within `scope` (a model or prompt name)."""
+    digest = hashlib.sha256(f"{scope}\0{sticky_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 * 100
 
 
 class Routes:
@@ -55,14 +69,18 @@ class Routes:
         with self._lock:
             self._models.setdefault(model_name, _Model()).versions[version] = (artifact_uri, artifact_sha256)
 
-    def set_stage(self, model_name: str, version: int, to_stage: Stage) -> None:
-        """Point `to_stage` at `version`; a version leaving a stage frees it."""
+    def set_stage(self, model_name: str, version: int, to_stage: Stage, canary_percent: float | None = None) -> None:
+        """Point `to_stage` at `version` (as the canary when `canary_percent` is set); a version leaving a stage frees it."""
         with self._lock:
             model = self._models.setdefault(model_name, _Model())
             for stage, current in list(model.stages.items()):
                 if current == version:
                     del model.stages[stage]
-            if to_stage in (Stage.staging, Stage.production):
+            if model.canary is not None and model.canary[0] == version:
+                model.canary = None
+            if to_stage == Stage.production and canary_percent:
+                model.canary = (version, canary_percent)
+            elif to_stage in (Stage.staging, Stage.production):
                 model.stages[to_stage] = version
 
     def artifact(self, model_name: str, version: int) -> tuple[str, str] | None:
@@ -70,7 +88,7 @@ class Routes:
             model = self._models.get(model_name)
             return None if model is None else model.versions.get(version)
 
-    def resolve(self, reference: str) -> Route:
+    def resolve(self, reference: str, sticky_key: str = "") -> Route:
         match = _REFERENCE.match(reference.strip())
         if match is None:
             raise UnknownModelError(f"{reference!r} is not `name`, `name@stage` or `name:vN`")
@@ -88,6 +106,10 @@ class Routes:
             if stage not in (Stage.staging.value, Stage.production.value):
                 raise UnknownModelError(f"stage {stage!r} is not served: use production or staging")
             version = model.stages.get(Stage(stage))
+            if stage == Stage.production.value and version is not None and model.canary is not None:
+                canary, percent = model.canary
+                if bucket(sticky_key, name) < percent:
+                    return Route(name, canary, "canary")
             if version is not None:
                 return Route(name, version, stage)
             if match["stage"] is None:

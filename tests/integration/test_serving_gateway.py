@@ -1,15 +1,24 @@
-"""The OpenAI-compatible gateway over a real Triton, logging every inference to the real Kafka."""
+"""The OpenAI-compatible gateway over a real Triton, logging every inference to the real Kafka.
+
+Callers authenticate with real API keys (the registry's key table in a SQLite file); the openai
+client talks to a real uvicorn server.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
+import uvicorn
 
-from contracts.events import Stage
+from contracts.events import InferenceLogged, PromptPublished, Stage
+from services.runtime.auth import ApiKey, Authenticator, KeyStore, Role, create_database_engine
 from services.runtime.http import create_http_app
 from services.runtime.service import Runtime
 from services.runtime.settings import FlywheelSettings
@@ -17,9 +26,11 @@ from services.serving.api import create_router
 from services.serving.engine import Engine
 from services.serving.gateway import Gateway
 from services.serving.inference_log import InferenceLogBuffer
+from services.serving.limits import RateLimiter
+from services.serving.prompt_routes import PromptRoutes
 from services.serving.routes import Routes
 from services.serving.settings import ServingSettings
-from services.serving.triton import TritonServing
+from services.serving.triton import TritonServing, free_port
 from tests.integration.test_event_bus import read_all
 from tests.serving_support import make_adapter, smollm2_tokenizer, tiny_engine
 
@@ -46,14 +57,29 @@ def triton(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         serving.stop()
 
 
-def routes() -> Routes:
+def routes(canary_percent: float | None = None) -> Routes:
     table = Routes()
     table.add_model("tiny")
     for version in (1, 2, 3):
         table.add_version("tiny", version, f"file:///adapters/v{version}", "0" * 64)
     table.set_stage("tiny", 1, Stage.production)
-    table.set_stage("tiny", 2, Stage.staging)
+    table.set_stage("tiny", 2, Stage.production if canary_percent else Stage.staging, canary_percent)
     return table
+
+
+def prompts() -> PromptRoutes:
+    table = PromptRoutes()
+    table.publish(PromptPublished(prompt_name="support", version=1, template="You answer questions about {{ product }}.", variables=["product"], labels=["production"]))
+    return table
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """API keys in a registry key table of its own: an app's, a viewer's."""
+    engine = create_database_engine(f"sqlite:///{tmp_path_factory.mktemp('registry') / 'registry.db'}")
+    ApiKey.metadata.create_all(engine, tables=[ApiKey.__table__])  # type: ignore[attr-defined]
+    store = KeyStore(engine)
+    return {"store": store, **{role.value: store.create(principal=f"{role.value}-1", role=role, created_by="test")[0] for role in (Role.app, Role.viewer)}}  # type: ignore[dict-item]
 
 
 @pytest.fixture
@@ -67,22 +93,29 @@ async def runtime(settings: FlywheelSettings, topics: str) -> AsyncIterator[Runt
         runtime.close()
 
 
-async def gateway_client(engine: Engine, grpc_url: str, runtime: Runtime) -> tuple[httpx.AsyncClient, Gateway, InferenceLogBuffer]:
+async def gateway_app(engine: Engine, grpc_url: str, runtime: Runtime, keys: dict, *, table: Routes | None = None, limiter: RateLimiter | None = None):
     buffer = InferenceLogBuffer(runtime.bus("serving"), capacity=100)
     await buffer.start()
     gateway = Gateway(
-        routes=routes(), tokenizer=engine.tokenizer, triton_grpc_url=grpc_url,
+        routes=table or routes(), tokenizer=engine.tokenizer, triton_grpc_url=grpc_url,
         settings=ServingSettings(max_prompt_tokens=200, max_tokens_limit=16, default_max_tokens=4), log_buffer=buffer,
-        loaded_adapters=lambda: set(engine.adapters),
+        loaded_adapters=lambda: set(engine.adapters), prompts=prompts(),
     )
-    app = create_http_app("serving-test", routers=[create_router(lambda: gateway)])
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway"), gateway, buffer
+    guard = Authenticator(keys["store"]).require(Role.app)
+    router = create_router(lambda: gateway, guard=guard, limiter=limiter or RateLimiter(rate_per_s=1000, burst=1000))
+    return create_http_app("serving-test", routers=[router]), gateway, buffer
+
+
+async def gateway_client(engine: Engine, grpc_url: str, runtime: Runtime, keys: dict, **options) -> tuple[httpx.AsyncClient, Gateway, InferenceLogBuffer]:
+    app, gateway, buffer = await gateway_app(engine, grpc_url, runtime, keys, **options)
+    headers = {"Authorization": f"Bearer {keys['app']}"}
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", headers=headers), gateway, buffer
 
 
 @pytest.fixture
-async def client(engine: Engine, triton: TritonServing, runtime: Runtime) -> AsyncIterator[tuple[httpx.AsyncClient, InferenceLogBuffer]]:
+async def client(engine: Engine, triton: TritonServing, runtime: Runtime, keys: dict) -> AsyncIterator[tuple[httpx.AsyncClient, InferenceLogBuffer]]:
     assert triton.ports is not None
-    http, gateway, buffer = await gateway_client(engine, triton.ports.grpc_url, runtime)
+    http, gateway, buffer = await gateway_client(engine, triton.ports.grpc_url, runtime, keys)
     try:
         yield http, buffer
     finally:
@@ -109,19 +142,13 @@ async def test_chat_completion_non_stream_and_stream(client, runtime: Runtime, s
     assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[0]["id"] != done["id"]
 
     await buffer.stop()
-    records = await read_all(settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(_inference_logged()), expected=2)
+    records = await read_all(settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=2)
     payloads = [json.loads(record.value)["payload"] for record in records]
     assert {payload["inference_id"] for payload in payloads} == {done["id"], chunks[0]["id"]}
     logged = next(payload for payload in payloads if payload["inference_id"] == done["id"])
-    assert logged["adapter_version"] == 1 and logged["route"] == "production" and logged["status"] == "ok"
+    assert logged["adapter_version"] == 1 and logged["route"] == "production" and logged["status"] == "ok" and logged["principal"] == "app-1"
     assert logged["completion_tokens"] == 5 and logged["output_text"] == done["choices"][0]["message"]["content"]
     assert logged["latency_total_ms"] >= logged["latency_compute_ms"] > 0
-
-
-def _inference_logged():
-    from contracts.events import InferenceLogged
-
-    return InferenceLogged
 
 
 async def test_completions_and_model_selection(client) -> None:
@@ -158,17 +185,151 @@ async def test_errors_are_openai_error_objects(client, body: dict, status: int, 
     assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
 
 
-async def test_triton_down_is_503_and_logged_as_an_error(engine: Engine, runtime: Runtime, settings: FlywheelSettings) -> None:
-    from services.serving.triton import free_port
+async def logged_events(runtime: Runtime, settings: FlywheelSettings, expected: int) -> list[dict]:
+    records = await read_all(settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=expected)
+    return [json.loads(record.value)["payload"] for record in records]
 
-    http, gateway, buffer = await gateway_client(engine, f"127.0.0.1:{free_port()}", runtime)
+
+async def test_triton_down_is_503_logged_and_recovers_when_triton_is_back(engine: Engine, runtime: Runtime, settings: FlywheelSettings, keys: dict, tmp_path: Path) -> None:
+    from services.serving.triton import TritonPorts
+
+    ports = TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port())
+    http, gateway, buffer = await gateway_client(engine, ports.grpc_url, runtime, keys)
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 2}
     try:
-        response = await http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 2})
+        down = await http.post("/v1/completions", json=body)
+        with TritonServing(engine, workdir=tmp_path / "triton", ports=ports):
+            back = await http.post("/v1/completions", json=body)
     finally:
         await http.aclose()
         await gateway.close()
         await buffer.stop()
-    assert response.status_code == 503 and response.json()["error"]["code"] == "triton_unavailable"
-    records = await read_all(settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(_inference_logged()), expected=1)
-    logged = json.loads(records[0].value)["payload"]
-    assert logged["status"] == "error" and logged["finish_reason"] == "error" and "unavailable" in logged["error"]
+    assert down.status_code == 503 and down.json()["error"]["code"] == "triton_unavailable"
+    assert back.status_code == 200, back.text
+    logged = next(event for event in await logged_events(runtime, settings, expected=2) if event["status"] == "error")
+    assert logged["finish_reason"] == "error" and "unavailable" in logged["error"]
+
+
+async def test_canary_takes_its_share_sticky_per_user_and_is_logged(engine: Engine, triton: TritonServing, runtime: Runtime, settings: FlywheelSettings, keys: dict) -> None:
+    assert triton.ports is not None
+    http, gateway, buffer = await gateway_client(engine, triton.ports.grpc_url, runtime, keys, table=routes(canary_percent=30))
+    served: dict[str, set[str]] = {}
+    try:
+        for round_ in range(2):
+            for user in range(20):
+                response = await http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 1, "user": f"user-{user}"})
+                assert response.status_code == 200, response.text
+                served.setdefault(f"user-{user}", set()).add(response.json()["model"])
+    finally:
+        await http.aclose()
+        await gateway.close()
+        await buffer.stop()
+    assert all(len(models) == 1 for models in served.values()), "a user saw both versions"
+    canary_users = {user for user, models in served.items() if models == {"tiny:v2"}}
+    assert 0 < len(canary_users) < 20
+    events = await logged_events(runtime, settings, expected=40)
+    assert {event["user_id"] for event in events if event["route"] == "canary"} == canary_users
+    assert {event["adapter_version"] for event in events if event["route"] == "production"} == {1}
+
+
+async def test_prompt_ref_renders_server_side(client, runtime: Runtime, settings: FlywheelSettings) -> None:
+    http, buffer = client
+    reference = {"name": "support", "variables": {"product": "kettles"}}
+    response = await http.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "prompt_ref": reference})
+    assert response.status_code == 200, response.text
+    missing = await http.post("/v1/completions", json={"model": "tiny", "prompt": "", "prompt_ref": {"name": "support"}})
+    assert missing.status_code == 400
+    assert missing.json()["error"]["code"] == "missing_variable" and "product" in missing.json()["error"]["message"]
+    unknown = await http.post("/v1/completions", json={"model": "tiny", "prompt": "", "prompt_ref": {"name": "nope"}})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "prompt_ref"
+    await buffer.stop()
+    events = {event["inference_id"]: event for event in await logged_events(runtime, settings, expected=3)}
+    served = events[response.json()["id"]]
+    assert (served["prompt_name"], served["prompt_version"]) == ("support", 1)
+    assert "You answer questions about kettles." in served["input_text"]
+
+
+async def test_refusals_are_openai_errors_and_logged(engine: Engine, triton: TritonServing, runtime: Runtime, settings: FlywheelSettings, keys: dict) -> None:
+    assert triton.ports is not None
+    http, gateway, buffer = await gateway_client(engine, triton.ports.grpc_url, runtime, keys)
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 1}
+    try:
+        no_key = await http.post("/v1/completions", json=body, headers={"Authorization": ""})
+        viewer = await http.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {keys['viewer']}"})
+        malformed = await http.post("/v1/completions", content=b'{"model": "tiny", "prompt": ', headers={"Content-Type": "application/json"})
+        invalid = await http.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "robot", "content": "x"}]})
+    finally:
+        await http.aclose()
+        await gateway.close()
+        await buffer.stop()
+    assert (no_key.status_code, no_key.json()["error"]["code"]) == (401, "missing_api_key")
+    assert (viewer.status_code, viewer.json()["error"]["type"]) == (403, "permission_error")
+    assert malformed.status_code == 422 and invalid.status_code == 422 and invalid.json()["error"]["param"] == "messages.0.role"
+    events = await logged_events(runtime, settings, expected=4)
+    assert sorted(event["error"].split(":")[0] for event in events) == ["401", "403", "422", "422"]
+    assert all(event["status"] == "error" and event["finish_reason"] == "error" for event in events)
+    by_status = {event["error"].split(":")[0]: event for event in events}
+    assert by_status["401"]["principal"] is None and by_status["401"]["model_name"] == "tiny"
+    assert {event["principal"] for event in events if event["endpoint"] == "chat.completions"} == {"app-1"}
+
+
+async def test_rate_limit_is_429_with_retry_after(engine: Engine, triton: TritonServing, runtime: Runtime, settings: FlywheelSettings, keys: dict) -> None:
+    assert triton.ports is not None
+    http, gateway, buffer = await gateway_client(engine, triton.ports.grpc_url, runtime, keys, limiter=RateLimiter(rate_per_s=0.25, burst=2))
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 1}
+    try:
+        answers = [await http.post("/v1/completions", json=body) for _ in range(3)]
+    finally:
+        await http.aclose()
+        await gateway.close()
+        await buffer.stop()
+    assert [answer.status_code for answer in answers] == [200, 200, 429]
+    error = answers[2].json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded") and "app-1" in error["message"]
+    assert 1 <= int(answers[2].headers["Retry-After"]) <= 4
+    events = await logged_events(runtime, settings, expected=3)
+    assert [event["status"] for event in events].count("error") == 1
+
+
+@contextlib.asynccontextmanager
+async def uvicorn_server(app) -> AsyncIterator[str]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.02)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_the_openai_client_works_unchanged(engine: Engine, triton: TritonServing, runtime: Runtime, settings: FlywheelSettings, keys: dict) -> None:
+    assert triton.ports is not None
+    app, gateway, buffer = await gateway_app(engine, triton.ports.grpc_url, runtime, keys)
+    try:
+        async with uvicorn_server(app) as base_url:
+            client = openai.AsyncOpenAI(base_url=base_url, api_key=keys["app"], max_retries=0)
+            messages = [{"role": "user", "content": "Hi"}]
+            done = await client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0, user="u1")
+            stream = await client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0, stream=True)
+            chunks = [chunk async for chunk in stream]
+            text = await client.completions.create(model="tiny@staging", prompt="Once upon", max_tokens=3, temperature=0)
+            models = await client.models.list()
+            with pytest.raises(openai.NotFoundError):
+                await client.chat.completions.create(model="nope", messages=messages)
+            await client.close()
+            async with openai.AsyncOpenAI(base_url=base_url, api_key="fw_wrong_key", max_retries=0) as wrong:
+                with pytest.raises(openai.AuthenticationError):
+                    await wrong.models.list()
+    finally:
+        await gateway.close()
+        await buffer.stop()
+    assert done.model == "tiny:v1" and done.usage.completion_tokens == 4 and done.choices[0].message.content
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == done.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert text.model == "tiny:v2" and text.choices[0].text
+    assert "tiny@staging" in {model.id for model in models.data}
+    ids = {event["inference_id"] for event in await logged_events(runtime, settings, expected=4)}
+    assert {done.id, chunks[0].id, text.id} <= ids

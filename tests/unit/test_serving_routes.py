@@ -28,3 +28,59 @@ def test_references_resolve_by_stage_and_version() -> None:
         with pytest.raises(UnknownModelError):
             routes.resolve(bad)
     assert routes.references() == ["m", "m@production", "m:v1", "m:v2"]
+
+
+def test_canary_share_is_close_to_declared_and_sticky_per_user() -> None:
+    routes = Routes()
+    for version in (1, 2):
+        routes.add_version("m", version, f"file:///v{version}", "0" * 64)
+    routes.set_stage("m", 1, Stage.production)
+    routes.set_stage("m", 2, Stage.production, canary_percent=20)
+    users = [f"user-{index}" for index in range(5000)]
+    first = {user: routes.resolve("m", user) for user in users}
+    canary = {user for user, route in first.items() if route.route == "canary"}
+    assert abs(len(canary) / len(users) - 0.20) < 0.02
+    assert all(first[user].adapter_version == 2 for user in canary)
+    assert all(routes.resolve("m@production", user) == first[user] for user in users[:500])  # sticky
+    assert {routes.resolve("m:v1", user).route for user in users[:10]} == {"pinned"}
+
+    routes.set_stage("m", 2, Stage.production, canary_percent=50)
+    widened = {user for user in users if routes.resolve("m", user).route == "canary"}
+    assert canary < widened and abs(len(widened) / len(users) - 0.5) < 0.03  # raising the share only adds users
+
+    routes.set_stage("m", 2, Stage.production)  # promoted to full production
+    assert {routes.resolve("m", user).label for user in users[:100]} == {"m:v2"}
+
+
+def test_prompt_ab_split_follows_labels_and_is_sticky() -> None:
+    from contracts.events import PromptPublished
+    from contracts.http import PromptReference
+    from services.serving.prompt_routes import PromptRoutes, UnknownPromptError
+
+    prompts = PromptRoutes(ab_label="candidate", ab_percent=25)
+    prompts.publish(PromptPublished(prompt_name="p", version=1, template="a", labels=["production"]))
+    prompts.publish(PromptPublished(prompt_name="p", version=2, template="b", labels=["candidate"]))
+    ref = PromptReference(name="p")
+    picks = {user: prompts.resolve(ref, user) for user in (f"u{index}" for index in range(4000))}
+    share = sum(choice.route == "ab" for choice in picks.values()) / len(picks)
+    assert abs(share - 0.25) < 0.025
+    assert all(prompts.resolve(ref, user) == choice for user, choice in list(picks.items())[:300])
+    assert prompts.resolve(PromptReference(name="p", label="production"), "u1").version in (1, 2)
+    assert prompts.resolve(PromptReference(name="p", version=1), "u1").route == "pinned"
+    prompts.publish(PromptPublished(prompt_name="p", version=2, template="b", labels=["candidate", "production"]))  # label moved
+    assert {prompts.resolve(ref, user).version for user in picks} == {2}
+    with pytest.raises(UnknownPromptError, match="no label"):
+        prompts.resolve(PromptReference(name="p", label="beta"))
+
+
+def test_token_bucket_per_principal() -> None:
+    from services.serving.limits import RateLimiter
+
+    now = [0.0]
+    limiter = RateLimiter(rate_per_s=2.0, burst=3, clock=lambda: now[0])
+    assert [limiter.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.take("a") == pytest.approx(0.5)
+    assert limiter.take("b") == 0.0  # another key has its own bucket
+    now[0] += 0.5
+    assert limiter.take("a") == 0.0 and limiter.take("a") > 0
+    assert RateLimiter.retry_after(0.2) == "1" and RateLimiter.retry_after(2.1) == "3"
