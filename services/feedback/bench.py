@@ -30,11 +30,26 @@ from services.runtime.settings import FlywheelSettings
 
 
 @dataclass
+class SteadyLag:
+    """Events published but not yet stored, sampled while a paced producer runs at `rate`."""
+
+    rate: int
+    sent: int
+    samples: list[int]
+    drain_seconds: float
+
+    def quantile(self, q: float) -> int:
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0
+
+
+@dataclass
 class IngestResult:
     events: int
     sink_seconds: float
     baseline_events: int
     baseline_seconds: float
+    steady: SteadyLag | None = None
 
     @property
     def sink_rate(self) -> float:
@@ -73,17 +88,51 @@ async def _publish(bootstrap: str, prefix: str, events: int) -> None:
         await producer.stop()
 
 
+async def _stored(store: ClickHouseStore) -> int:
+    return await asyncio.to_thread(lambda: store.query("SELECT count() AS n FROM inference_log")[0]["n"])
+
+
+async def _steady_lag(bootstrap: str, prefix: str, store: ClickHouseStore, *, first: int, rate: int, seconds: float, timeout_s: float) -> SteadyLag:
+    """Publish at a steady `rate` for `seconds` while the sink runs; sample how far storage trails."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
+    await producer.start()
+    topic = topic_for(InferenceLogged, prefix)
+    samples: list[int] = []
+    sent = 0
+    try:
+        started = time.perf_counter()
+        next_sample = started + 0.25
+        while (elapsed := time.perf_counter() - started) < seconds:
+            for _ in range(int(elapsed * rate) - sent):
+                key, value, headers = encode(_event(first + sent))
+                await producer.send(topic, value=value, key=key, headers=headers)
+                sent += 1
+            if time.perf_counter() >= next_sample:
+                samples.append(sent - (await _stored(store) - first))
+                next_sample += 0.25
+            await asyncio.sleep(0.005)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    drain = await _until(store, first + sent, timeout_s)
+    return SteadyLag(rate, sent, samples, drain)
+
+
 async def _until(store: ClickHouseStore, rows: int, timeout_s: float) -> float:
     started = time.perf_counter()
-    while await asyncio.to_thread(lambda: store.query("SELECT count() AS n FROM inference_log")[0]["n"]) < rows:
+    while await _stored(store) < rows:
         if time.perf_counter() - started > timeout_s:
             raise TimeoutError(f"fewer than {rows} rows stored after {timeout_s:.0f}s")
         await asyncio.sleep(0.05)
     return time.perf_counter() - started
 
 
-async def ingest_benchmark(settings: FlywheelSettings, feedback: FeedbackSettings, *, events: int, baseline_events: int, timeout_s: float = 600.0) -> IngestResult:
-    """Publish `events`, time the sink storing them all, then time a per-event consumer storing `baseline_events`."""
+async def ingest_benchmark(
+    settings: FlywheelSettings, feedback: FeedbackSettings, *, events: int, baseline_events: int,
+    steady_rate: int = 0, steady_seconds: float = 0.0, timeout_s: float = 600.0,
+) -> IngestResult:
+    """Publish `events`, time the sink storing them all, measure its lag under a steady load, then time
+    a per-event consumer storing `baseline_events`."""
     run = uuid.uuid4().hex[:10]
     prefix = f"{settings.topic_prefix}bench{run}."
     bootstrap = settings.resolved_kafka_bootstrap()
@@ -100,6 +149,9 @@ async def ingest_benchmark(settings: FlywheelSettings, feedback: FeedbackSetting
         async with broker:
             await broker.start()
             sink_seconds = await _until(stores["sink"], events, timeout_s)
+            steady = None
+            if steady_rate and steady_seconds:
+                steady = await _steady_lag(bootstrap, prefix, stores["sink"], first=events, rate=steady_rate, seconds=steady_seconds, timeout_s=timeout_s)
 
         redactor = Redactor()
         baseline_store = stores["baseline"]
@@ -123,4 +175,4 @@ async def ingest_benchmark(settings: FlywheelSettings, feedback: FeedbackSetting
             store.close()
             with open_clickhouse(settings.clickhouse_url, settings.home, database="default") as admin:
                 admin.command(f"DROP DATABASE IF EXISTS `{database}`")
-    return IngestResult(events, sink_seconds, baseline_events, baseline_seconds)
+    return IngestResult(events, sink_seconds, baseline_events, baseline_seconds, steady)
