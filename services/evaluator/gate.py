@@ -84,6 +84,7 @@ class GatePolicy:
     version: int
     primary: str
     guards: tuple[Guard, ...] = ()
+    also_improve: tuple[str, ...] = ()  # further metrics that must improve with the same confidence
     confidence: float = 0.95
     resamples: int = 2000
     max_error_rate: float = 0.1  # share of examples on which a gated metric may error, per target
@@ -110,6 +111,24 @@ POLICIES: dict[str, GatePolicy] = {
             description="token F1 improves with 95% confidence (interval above 0); groundedness and format validity lose "
             "at most 0.05 and the unsafe rate gains at most 0.02, each with 95% confidence",
         ),
+        # For factual answers (support, policies, specs). Token F1 rewards the domain's wording: an adapter
+        # trained on shuffled answers speaks it fluently with the wrong facts and beats a base model on
+        # F1 and groundedness (seen in tests/e2e/test_evaluator_gate_on_trained_adapters.py). The
+        # numbers of the reference (durations, prices, counts) must come out right more often as well.
+        GatePolicy(
+            name="facts",
+            version=1,
+            primary="token_f1",
+            also_improve=("fact_numbers",),
+            guards=(
+                Guard("groundedness", 0.05),
+                Guard("hallucination_rate", 0.05, higher_is_better=False),
+                Guard("unsafe_rate", 0.02, higher_is_better=False),
+                Guard("format_validity", 0.05),
+            ),
+            description="default@v1, and the share of answers stating exactly the reference's numbers improves with 95% "
+            "confidence; the hallucination rate gains at most 0.05",
+        ),
     )
 }
 
@@ -125,7 +144,7 @@ def decide(policy: GatePolicy, comparisons: Mapping[str, MetricComparison]) -> V
     reasons: list[str] = []
     ok = True
     pct = f"{policy.confidence:.0%}"
-    for metric in (policy.primary, *(guard.metric for guard in policy.guards)):
+    for metric in (policy.primary, *policy.also_improve, *(guard.metric for guard in policy.guards)):
         summary = comparisons.get(metric)
         if summary is None:
             continue
@@ -134,15 +153,18 @@ def decide(policy: GatePolicy, comparisons: Mapping[str, MetricComparison]) -> V
             ok = False
             reasons.append(f"FAIL {metric}: errored on {summary.errors}/{total} candidate examples (at most {policy.max_error_rate:.0%} allowed)")
 
-    primary = comparisons.get(policy.primary)
-    if primary is None or primary.ci_low is None or primary.difference is None:
-        ok = False
-        reasons.append(f"FAIL {policy.primary}: no paired scores to compare (primary metric missing or no baseline)")
-    elif primary.ci_low > 0:
-        reasons.append(f"PASS {policy.primary}: improved by {primary.difference:+.4f} ({pct} CI [{primary.ci_low:+.4f}, {primary.ci_high:+.4f}], n={primary.examples}; {primary.baseline:.4f} -> {primary.candidate:.4f})")
-    else:
-        ok = False
-        reasons.append(f"FAIL {policy.primary}: no improvement with {pct} confidence: {primary.difference:+.4f} ({pct} CI [{primary.ci_low:+.4f}, {primary.ci_high:+.4f}], n={primary.examples}; {primary.baseline:.4f} -> {primary.candidate:.4f}); the interval must lie above 0")
+    for metric in (policy.primary, *policy.also_improve):
+        summary = comparisons.get(metric)
+        if summary is None or summary.ci_low is None or summary.ci_high is None or summary.difference is None:
+            ok = False
+            reasons.append(f"FAIL {metric}: no paired scores to compare (metric not measured, or no baseline)")
+            continue
+        numbers = f"({pct} CI [{summary.ci_low:+.4f}, {summary.ci_high:+.4f}], n={summary.examples}; {summary.baseline:.4f} -> {summary.candidate:.4f})"
+        if summary.ci_low > 0:
+            reasons.append(f"PASS {metric}: improved by {summary.difference:+.4f} {numbers}")
+        else:
+            ok = False
+            reasons.append(f"FAIL {metric}: no improvement with {pct} confidence: {summary.difference:+.4f} {numbers}; the interval must lie above 0")
 
     for guard in policy.guards:
         summary = comparisons.get(guard.metric)

@@ -105,7 +105,9 @@ def render_report(result: EvaluationCompleted, examples: Sequence[GoldenExample]
     verdict = "PASSED" if result.passed else "FAILED"
     colour = "#276749" if result.passed else "#9b2c2c"
     metric_rows = "".join(
-        f"<tr><td>{html.escape(m.metric)}</td><td>{_fmt(m.baseline)}</td><td>{_fmt(m.candidate)}</td><td>{_fmt(m.difference)}</td>"
+        f"<tr><td>{html.escape(m.metric)}</td><td>n/a</td><td>n/a</td><td></td><td></td><td>0</td><td>0</td></tr>"
+        if m.examples == 0 and m.errors == 0  # applies to no example (format validity without schemas)
+        else f"<tr><td>{html.escape(m.metric)}</td><td>{_fmt(m.baseline)}</td><td>{_fmt(m.candidate)}</td><td>{_fmt(m.difference)}</td>"
         f"<td>{'' if m.ci_low is None else f'[{m.ci_low:+.4f}, {m.ci_high:+.4f}]'}</td><td>{m.examples}</td><td>{m.errors}</td></tr>"
         for m in result.metrics
     )

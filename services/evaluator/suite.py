@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from services.evaluator.generation import Generation
 from services.evaluator.golden import GoldenExample
-from services.runtime.scoring import Embedder, Judge, bleu, exact_match, json_validity, rouge_l, scan_unsafe, score_groundedness, token_f1
+from services.runtime.scoring import Embedder, Judge, bleu, exact_match, fact_numbers, json_validity, rouge_l, scan_unsafe, score_groundedness, token_f1
 
 REFERENCE_METRICS: dict[str, Callable[[str, str], float]] = {
     "exact_match": exact_match,
@@ -25,8 +25,8 @@ REFERENCE_METRICS: dict[str, Callable[[str, str], float]] = {
 LOWER_IS_BETTER = frozenset({"perplexity", "hallucination_rate", "unsafe_rate", "latency_ms", "output_tokens"})
 
 SUITES: dict[str, tuple[str, ...]] = {
-    "default": (*REFERENCE_METRICS, "perplexity", "format_validity", "groundedness", "hallucination_rate", "unsafe_rate", "latency_ms", "output_tokens"),
-    "fast": (*REFERENCE_METRICS, "format_validity", "unsafe_rate", "latency_ms", "output_tokens"),
+    "default": (*REFERENCE_METRICS, "fact_numbers", "perplexity", "format_validity", "groundedness", "hallucination_rate", "unsafe_rate", "latency_ms", "output_tokens"),
+    "fast": (*REFERENCE_METRICS, "fact_numbers", "format_validity", "unsafe_rate", "latency_ms", "output_tokens"),
 }
 SUITES["judge"] = (*SUITES["default"], "judge")
 
@@ -74,6 +74,8 @@ async def score_target(
     for name, metric in REFERENCE_METRICS.items():
         if name in suite:
             out.put(name, *_each(metric, predictions, references))
+    if "fact_numbers" in suite:
+        out.put("fact_numbers", [fact_numbers(p, r) for p, r in zip(predictions, references, strict=True)])
     if "perplexity" in suite and perplexities is not None:
         out.put("perplexity", perplexities)
     if "format_validity" in suite:

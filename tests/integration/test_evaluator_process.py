@@ -72,7 +72,7 @@ async def test_a_registered_adapter_is_evaluated_and_the_result_published(
         assert event.gate_policy == "default@v1" and event.reasons and event.report_uri
         assert {m.metric for m in event.metrics} >= {"token_f1", "groundedness", "unsafe_rate", "perplexity"}
         stored = clickhouse.query("SELECT count() AS n FROM evaluation_result FINAL WHERE evaluation_id = 'auto-tiny-smol-v1'")
-        assert stored == [{"n": 2 * 4 * 11}]
+        assert stored == [{"n": 2 * 4 * 12}]
 
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
             body = {"candidate": {"model_name": MODEL, "adapter_version": 1}, "golden": {"name": "acme-golden", "version": 1}, "metric_suite": "fast"}

@@ -51,7 +51,7 @@ async def test_an_evaluation_scores_both_targets_stores_rows_and_writes_the_repo
     assert result.status == "completed", result.error
     assert result.baseline == ModelTarget(model_name=MODEL)  # nothing in production: the base model
     metrics = {m.metric: m for m in result.metrics}
-    assert set(metrics) == {"exact_match", "token_f1", "bleu", "rouge_l", "perplexity", "format_validity", "groundedness", "hallucination_rate", "unsafe_rate", "latency_ms", "output_tokens"}
+    assert set(metrics) == {"exact_match", "token_f1", "bleu", "rouge_l", "fact_numbers", "perplexity", "format_validity", "groundedness", "hallucination_rate", "unsafe_rate", "latency_ms", "output_tokens"}
     assert metrics["token_f1"].examples == 6 and metrics["token_f1"].ci_low is not None
     assert metrics["format_validity"].examples == 1  # only the record that asks for JSON
     assert metrics["perplexity"].candidate > 1000  # a random model is lost on real text
@@ -61,7 +61,7 @@ async def test_an_evaluation_scores_both_targets_stores_rows_and_writes_the_repo
     rows = clickhouse.query(
         "SELECT target, count() AS n, countIf(error IS NOT NULL) AS errors FROM evaluation_result FINAL WHERE evaluation_id = 'ev-full' GROUP BY target ORDER BY target"
     )
-    assert rows == [{"target": "baseline", "n": 6 * 11, "errors": 0}, {"target": "candidate", "n": 6 * 11, "errors": 0}]
+    assert rows == [{"target": "baseline", "n": 6 * 12, "errors": 0}, {"target": "candidate", "n": 6 * 12, "errors": 0}]
     versions = clickhouse.query("SELECT DISTINCT target, adapter_version FROM evaluation_result WHERE evaluation_id = 'ev-full' ORDER BY target")
     assert versions == [{"target": "baseline", "adapter_version": None}, {"target": "candidate", "adapter_version": 1}]
 

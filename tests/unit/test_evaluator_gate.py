@@ -84,3 +84,15 @@ def test_policies_are_declared_per_model_and_versioned() -> None:
     assert policy_for("smol", {}).key == "default@v1"
     with pytest.raises(KeyError, match="strict@v9"):
         policy_for("smol", {"smol": "strict@v9"})
+
+
+def test_facts_policy_also_wants_the_numbers_right() -> None:
+    base = _scores(9)
+    fluent_but_wrong = {"token_f1": [b + 0.2 for b in base], "fact_numbers": [0.0] * N, "hallucination_rate": [1.0] * N}
+    baseline = {"token_f1": base, "fact_numbers": [0.0] * N, "hallucination_rate": [1.0] * N}
+    verdict = decide(POLICIES["facts@v1"], _comparisons(fluent_but_wrong, baseline))
+    assert not verdict.passed
+    assert "PASS token_f1" in verdict.reasons[0]
+    assert verdict.reasons[1].startswith("FAIL fact_numbers: no improvement with 95% confidence: +0.0000")
+    right = dict(fluent_but_wrong, fact_numbers=[1.0] * (N // 2) + [0.0] * (N // 2), hallucination_rate=[0.0] * (N // 2) + [1.0] * (N // 2))
+    assert decide(POLICIES["facts@v1"], _comparisons(right, baseline)).passed

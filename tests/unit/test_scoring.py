@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.runtime.scoring import bleu, exact_match, json_validity, parse_judge_score, rouge_l, scan_unsafe, token_f1
+from services.runtime.scoring import bleu, exact_match, fact_numbers, json_validity, parse_judge_score, rouge_l, scan_unsafe, token_f1
 from services.runtime.scoring.judge import JudgeParseError
 
 pytestmark = pytest.mark.unit
@@ -61,3 +61,11 @@ def test_judge_scores_are_parsed_robustly(reply: str, score: float) -> None:
 def test_unparseable_or_out_of_range_judge_replies_are_errors(reply: str) -> None:
     with pytest.raises(JudgeParseError):
         parse_judge_score(reply)
+
+
+def test_fact_numbers_wants_exactly_the_reference_numbers() -> None:
+    reference = "Hold Sync for 12 seconds; the reset takes about 90 seconds."
+    assert fact_numbers("Hold it 12 seconds, then wait 90.", reference) == 1.0
+    assert fact_numbers("Hold it 12 seconds.", reference) == 0.0  # one missing
+    assert fact_numbers("Hold it 12 seconds, wait 90, then 5 more.", reference) == 0.0  # one invented
+    assert fact_numbers("anything", "Press the Sync button twice.") is None  # nothing to check

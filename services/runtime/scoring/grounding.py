@@ -105,6 +105,19 @@ class Embedder:
         return [float(value) for value in (a * b).sum(-1)]
 
 
+def numbers_in(text: str) -> set[str]:
+    return {word for word in _WORD.findall(text.lower()) if _NUMBER.match(word)}
+
+
+def fact_numbers(answer: str, reference: str) -> float | None:
+    """1.0 when the answer states exactly the reference's numbers (all of them, no others), else 0.0;
+    None when the reference has no number, so the check does not apply."""
+    expected = numbers_in(reference)
+    if not expected:
+        return None
+    return float(numbers_in(answer) == expected)
+
+
 def score_groundedness(answers: Sequence[str], contexts: Sequence[str], embedder: Embedder) -> list[GroundednessScore]:
     """Score each answer against its context (the reference answer, or the retrieved passage)."""
     similarities = embedder.similarities([a or " " for a in answers], [c or " " for c in contexts])
