@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     from chdb.state.sqlitelike import Connection
 
 _registry_lock = threading.Lock()
+# chDB runs one statement at a time per engine, but a thread waiting for its turn inside chDB keeps
+# the GIL, while an INSERT ... FROM Python(table) holding the engine needs the GIL to read its Arrow
+# table: two threads querying at once deadlock (seen: the sink inserting while a reader polled).
+# Taking turns here, where waiting releases the GIL, costs nothing chDB would not serialise anyway.
+_engine_turn = threading.Lock()
 _open_path: Path | None = None
 _open_count = 0
 
@@ -122,7 +127,8 @@ class EmbeddedStore(ClickHouseStore):
         final_sql, bound = bind_query(sql, parameters, timezone.utc)
         params = {name.removeprefix("param_"): value for name, value in bound.items()}
         try:
-            return self._connection.query(final_sql, fmt, params=params)
+            with _engine_turn:
+                return self._connection.query(final_sql, fmt, params=params)
         except RuntimeError as error:
             raise ClickHouseError(str(error)) from None
 
