@@ -11,14 +11,14 @@ itself needs it moved into the runtime (services may not import serving).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from services.runtime.peft_compat import peft_wrap_quietly
 
 
 class ModelLoadError(RuntimeError):
@@ -30,15 +30,6 @@ class Generation:
     text: str
     latency_ms: float  # wall time of the batch the answer was generated in
     completion_tokens: int
-
-
-@contextlib.contextmanager
-def _quiet_peft() -> Iterator[None]:
-    # peft 0.21 probes transformers 5's deprecated `is_gradient_checkpointing` when wrapping a model:
-    # a FutureWarning about peft's code, raised on every load.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
 
 
 class LoadedModel:
@@ -65,7 +56,7 @@ class LoadedModel:
             from peft import PeftModel
 
             try:
-                with _quiet_peft():
+                with peft_wrap_quietly():
                     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
             except Exception as error:
                 raise ModelLoadError(f"adapter of {label} failed to load from {adapter_dir}: {type(error).__name__}: {error}") from error

@@ -10,12 +10,10 @@ join a running batch between steps (`DecodeBatch.absorb`, driven by services/ser
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import threading
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +21,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
+
+from services.runtime.peft_compat import peft_wrap_quietly  # re-exported for the bench and tests
 
 log = logging.getLogger("flywheel.serving.engine")
 
@@ -340,15 +340,6 @@ class Engine:
             row.finish_reason = "length"
             return False
         return True
-
-
-@contextlib.contextmanager
-def peft_wrap_quietly() -> Iterator[None]:
-    """Wrapping a model in peft 0.21 probes transformers 5's deprecated `is_gradient_checkpointing`;
-    that FutureWarning is about peft's code, not ours, and would otherwise fire on every first load."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
 
 
 def _generator(seed: int | None) -> torch.Generator | None:
