@@ -19,16 +19,11 @@ from services.runtime.broker import EventBus, create_broker
 from services.runtime.consumer import DeadLetters, SqliteProcessedEvents, subscribe
 from services.runtime.settings import FlywheelSettings
 from contracts.examples import example_events
+from tests.support import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
-async def eventually(condition: Callable[[], bool], timeout_s: float = 60.0, what: str = "condition") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def consumer_broker(settings: FlywheelSettings, group: str, handlers: dict, store: Path, *, group_per_event: bool = False) -> KafkaBroker:

@@ -9,9 +9,10 @@ import json
 import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -43,6 +44,7 @@ from services.runtime.consumer import DeadLetters
 from services.runtime.settings import FlywheelSettings
 from tests.conftest import REPO
 from tests.fixtures.clickhouse import ClickHouseTarget
+from tests.support import eventually as shared_eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -56,12 +58,8 @@ RULES = [
 ]
 
 
-async def eventually(condition: Callable[[], bool], timeout_s: float = 90.0, what: str = "condition") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.2)
+# A monitor tick spans Kafka, the sink and ClickHouse: a longer wait, polled less often.
+eventually = partial(shared_eventually, timeout_s=90.0, interval_s=0.2)
 
 
 @pytest.fixture

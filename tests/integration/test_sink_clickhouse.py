@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -24,18 +25,15 @@ from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.consumer import DeadLetters
 from services.runtime.settings import FlywheelSettings
 from tests.fixtures.clickhouse import ClickHouseTarget
+from tests.support import eventually as shared_eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 SINK_SETTINGS = FeedbackSettings(batch_max_records=500, batch_max_wait_ms=100, batch_min_bytes=1)
 
 
-async def eventually(condition: Callable[[], bool], timeout_s: float = 90.0, what: str = "condition") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.1)
+# ClickHouse polls are heavier than Kafka ones: a longer wait, polled less often.
+eventually = partial(shared_eventually, timeout_s=90.0, interval_s=0.1)
 
 
 @pytest.fixture
