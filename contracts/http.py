@@ -13,7 +13,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from contracts.events import DatasetRef, FeedbackSource, Hyperparameters, ModelTarget, Stage, Thumbs
+from contracts.events import DatasetRef, EvaluationCompleted, FeedbackSource, Hyperparameters, ModelTarget, Stage, Thumbs
 
 T = TypeVar("T")
 
@@ -109,6 +109,19 @@ class EvaluationCreate(Request):
     baseline: ModelTarget | None = Field(default=None, description="What to compare with; none: current production.")
     golden: DatasetRef = Field(description="Golden dataset version.")
     metric_suite: str = Field(default="default", description="Named metric suite.")
+
+
+class EvaluationStatus(Response):
+    evaluation_id: str = Field(description="Evaluation id.")
+    status: str = Field(description="queued, running, completed or failed.")
+    request: dict[str, Any] = Field(description="What was asked: candidate, baseline, golden set, suite.")
+    result: EvaluationCompleted | None = Field(default=None, description="The evaluation.completed payload, once finished.")
+    created_at: str = Field(description="When it was requested (UTC, ISO 8601).")
+    updated_at: str = Field(description="When its status last changed (UTC, ISO 8601).")
+
+
+class EvaluationList(Response):
+    data: list[EvaluationStatus] = Field(description="Evaluations, newest first.")
 
 
 # ----------------------------------------------------------------------------------------- monitor
@@ -407,6 +420,8 @@ HTTP_MODELS: tuple[type[BaseModel], ...] = (
     TrainingJobCreate,
     TrainingJobView,
     EvaluationCreate,
+    EvaluationStatus,
+    EvaluationList,
     QueryRequest,
     QueryResult,
     ChatCompletionRequest,

@@ -9,8 +9,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import APIRouter, Depends, Query
 
 from contracts.events import EvaluationRequested
-from contracts.http import ErrorResponse, EvaluationCreate, Role
-from services.evaluator.models import EvaluationList, EvaluationStatus
+from contracts.http import ErrorResponse, EvaluationCreate, EvaluationList, EvaluationStatus, Role
 from services.evaluator.store import EvaluationRecord, EvaluatorStore
 from services.runtime.auth import Authenticator, Principal
 from services.runtime.http import DoorError
