@@ -13,7 +13,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from services.serving.engine import SMOLLM2_GGUF, Engine, peft_wrap_quietly, smollm2_dir
+from services.runtime.inference import SMOLLM2_GGUF, Engine, smollm2_dir
+from services.runtime.peft_compat import peft_wrap_quietly
 
 
 def smollm2_tokenizer(cache_dir: Path) -> PreTrainedTokenizerBase:

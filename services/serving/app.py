@@ -48,7 +48,7 @@ def create_app(runtime: Runtime) -> Service:
     runtime.subscribe("serving", PromptPublished, when_prompt_published_remember_it(prompts))
 
     async def start() -> None:
-        from services.serving.engine import SMOLLM2_GGUF, Engine, smollm2_dir
+        from services.runtime.inference import SMOLLM2_GGUF, Engine, smollm2_dir
         from services.serving.triton import TritonServing
 
         if settings.model_dir is None:

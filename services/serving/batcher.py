@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Gauge
 
-from services.serving.engine import DecodeBatch, Engine, GenerationRequest, GenerationResult, Row
+from services.runtime.inference import DecodeBatch, Engine, GenerationRequest, GenerationResult, Row
 
 log = logging.getLogger("flywheel.serving.batcher")
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from services.serving.engine import SMOLLM2_GGUF, Engine, GenerationRequest, SamplingParams, peft_wrap_quietly, smollm2_dir
+from services.runtime.inference import SMOLLM2_GGUF, Engine, GenerationRequest, SamplingParams, smollm2_dir
+from services.runtime.peft_compat import peft_wrap_quietly
 from services.serving.triton import TritonRow, TritonServing, stream_infer
 
 

@@ -12,7 +12,7 @@ from contracts.envelope import Envelope
 from contracts.events import AdapterRegistered, DeploymentAction, DeploymentCompleted, DeploymentRequested, PromptPublished, Stage, StageChanged
 from services.runtime.artifacts import ArtifactStore
 from services.runtime.broker import EventBus
-from services.serving.engine import Engine
+from services.runtime.inference import Engine
 from services.serving.prompt_routes import PromptRoutes
 from services.serving.routes import Route, Routes
 

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from services.serving.batcher import ContinuousBatcher
-from services.serving.engine import BASE, Engine, GenerationRequest, GenerationResult, SamplingParams
+from services.runtime.inference import BASE, Engine, GenerationRequest, GenerationResult, SamplingParams
 
 log = logging.getLogger("flywheel.serving.triton")
 

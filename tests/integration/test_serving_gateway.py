@@ -23,7 +23,7 @@ from services.runtime.http import create_http_app
 from services.runtime.service import Runtime
 from services.runtime.settings import FlywheelSettings
 from services.serving.api import create_router
-from services.serving.engine import Engine
+from services.runtime.inference import Engine
 from services.serving.gateway import Gateway
 from services.serving.inference_log import InferenceLogBuffer
 from services.serving.limits import RateLimiter

@@ -11,7 +11,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 
-from services.serving.engine import Engine, GenerationRequest, SamplingParams
+from services.runtime.inference import Engine, GenerationRequest, SamplingParams
 from services.serving.triton import MODEL_NAME, STREAM_MODEL_NAME, TritonRow, TritonServing, infer_inputs, infer_outputs, parse_answer, stream_infer
 from tests.serving_support import make_adapter, smollm2_tokenizer, tiny_engine
 

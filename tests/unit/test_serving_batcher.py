@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.serving.batcher import BatcherStopped, ContinuousBatcher
-from services.serving.engine import Engine, GenerationRequest, SamplingParams
+from services.runtime.inference import Engine, GenerationRequest, SamplingParams
 from tests.serving_support import make_adapter, smollm2_tokenizer, tiny_engine
 
 pytestmark = pytest.mark.unit

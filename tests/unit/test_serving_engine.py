@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.serving.engine import BASE, Engine, GenerationRequest, SamplingParams, UnknownAdapterError
+from services.runtime.inference import BASE, Engine, GenerationRequest, SamplingParams, UnknownAdapterError
 from tests.serving_support import make_adapter, smollm2_tokenizer, tiny_engine
 
 pytestmark = pytest.mark.unit

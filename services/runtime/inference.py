@@ -22,9 +22,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
-from services.runtime.peft_compat import peft_wrap_quietly  # re-exported for the bench and tests
+from services.runtime.peft_compat import peft_wrap_quietly
 
-log = logging.getLogger("flywheel.serving.engine")
+log = logging.getLogger("flywheel.runtime.inference")
 
 BASE = "__base__"
 """The adapter name peft uses for rows that go through the base model alone."""
