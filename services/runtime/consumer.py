@@ -30,6 +30,7 @@ from pydantic import ValidationError
 
 from contracts.envelope import Envelope, P
 from contracts.topics import dlq_for, topic_for
+from services.runtime import failpoints
 from services.runtime.metrics import CONSUMER_MESSAGES
 
 log = logging.getLogger("flywheel.consumer")
@@ -210,6 +211,7 @@ def subscribe_batch(
     topic = topic_for(event, topic_prefix)
     envelope_type = Envelope[event]  # type: ignore[valid-type]
     in_flight = asyncio.Lock()
+    failpoints.load()
 
     class HoldRebalanceForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
         async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -238,6 +240,7 @@ def subscribe_batch(
                     dead += 1
             if pairs:
                 dead += await _settle(pairs, max_retries)
+            failpoints.hit("consumer.batch.after_handler")
             try:
                 await message.ack()
             except CommitFailedError:

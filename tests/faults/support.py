@@ -1,0 +1,366 @@
+"""What the fault tests share: the ledger of produced events, service processes started and stopped by
+pid, the reading of a stopped sink's ClickHouse, and the table of figures each test prints.
+
+Sizes: CI runs a reduced size; `FLYWHEEL_FAULTS_SIZE=full` runs the full one:
+
+    FLYWHEEL_FAULTS_SIZE=full .venv/bin/python -m pytest tests/faults -s
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from contracts.envelope import Envelope, wrap
+from contracts.events import FeedbackReceived, InferenceLogged
+from contracts.publisher import encode
+from contracts.topics import dlq_for, topic_for
+from infra.processes import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+FLYWHEEL = [str(Path(sys.executable).parent / "flywheel")]
+FULL = os.environ.get("FLYWHEEL_FAULTS_SIZE", "ci") == "full"
+TABLES = {InferenceLogged: "inference_log", FeedbackReceived: "feedback"}
+
+
+def size(ci: int, full: int) -> int:
+    """The CI size, or the full one under FLYWHEEL_FAULTS_SIZE=full."""
+    return full if FULL else ci
+
+
+# ---------------------------------------------------------------------------------------------- ledger
+
+
+@dataclass
+class Ledger:
+    """Every event a test produced and what the broker answered: acked, failed, or not answered yet.
+
+    A failed send is indeterminate (a timeout may hide a write that landed), so it counts neither as
+    lost nor as unexpected; an acknowledged event must be stored exactly once.
+    """
+
+    outcomes: dict[str, dict[str, str]] = field(default_factory=lambda: {table: {} for table in TABLES.values()})
+
+    def record(self, table: str, event_id: str, outcome: str) -> None:
+        self.outcomes[table][event_id] = outcome
+
+    def acked(self, table: str) -> set[str]:
+        return {event_id for event_id, outcome in self.outcomes[table].items() if outcome == "acked"}
+
+    def failed(self, table: str) -> set[str]:
+        return {event_id for event_id, outcome in self.outcomes[table].items() if outcome == "failed"}
+
+    def check(self, table: str, stored: StoredCount, dead_lettered: int = 0, recovery_s: float | None = None) -> Figures:
+        """Jepsen-style: lost = acknowledged but absent; duplicated = rows - distinct event ids (no FINAL)."""
+        produced = self.outcomes[table]
+        acked = self.acked(table)
+        return Figures(
+            table=table,
+            produced=len(produced),
+            acked=len(acked),
+            failed=len(self.failed(table)),
+            stored=stored.rows,
+            distinct=len(stored.event_ids),
+            lost=len(acked - stored.event_ids),
+            duplicated=stored.rows - len(stored.event_ids),
+            unexpected=len(stored.event_ids - set(produced)),
+            dead_lettered=dead_lettered,
+            recovery_s=recovery_s,
+        )
+
+
+@dataclass
+class Figures:
+    table: str
+    produced: int
+    acked: int
+    failed: int
+    stored: int
+    distinct: int
+    lost: int
+    duplicated: int
+    unexpected: int
+    dead_lettered: int = 0
+    recovery_s: float | None = None
+
+    def row(self) -> list[str]:
+        recovery = "-" if self.recovery_s is None else f"{self.recovery_s:.1f}"
+        return [self.table, *(str(v) for v in (self.produced, self.acked, self.failed, self.stored, self.lost, self.duplicated, self.unexpected, self.dead_lettered)), recovery]
+
+
+COLUMNS = ["table", "produced", "acked", "failed", "in_clickhouse", "lost", "duplicated", "unexpected", "dlq", "recover_s"]
+
+
+def print_table(title: str, figures: Iterable[Figures], notes: dict[str, object] | None = None) -> None:
+    """The figures of one fault test, printed for `pytest -s` and the CI log."""
+    rows = [COLUMNS, *(f.row() for f in figures)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    print(f"\n== {title} ({'full' if FULL else 'ci'} size)")
+    for row in rows:
+        print("  " + "  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
+    for name, value in (notes or {}).items():
+        print(f"  {name}: {value}")
+
+
+def inference(i: int, run: str) -> InferenceLogged:
+    return InferenceLogged(inference_id=f"{run}-inf-{i}", model_name="smollm2", prompt_tokens=10, completion_tokens=5, latency_total_ms=float(i % 997))
+
+
+def feedback(i: int, run: str) -> FeedbackReceived:
+    return FeedbackReceived(inference_id=f"{run}-inf-{i}", thumbs="up" if i % 3 else "down", rating=1 + i % 5, comment=f"comment {i}")
+
+
+class LedgerProducer:
+    """Publishes inference.logged and feedback.received in paced chunks and records each outcome."""
+
+    def __init__(self, bootstrap: str, topic_prefix: str, ledger: Ledger, *, total: int, chunk: int, pause_s: float, feedback_every: int = 2, request_timeout_ms: int = 15_000) -> None:
+        self.bootstrap, self.prefix, self.ledger = bootstrap, topic_prefix, ledger
+        self.total, self.chunk, self.pause_s, self.feedback_every = total, chunk, pause_s, feedback_every
+        self.request_timeout_ms = request_timeout_ms
+        self.run_id = uuid.uuid4().hex[:6]
+        self.sent = 0
+
+    def _envelopes(self, i: int) -> list[Envelope]:
+        out: list[Envelope] = [wrap(inference(i, self.run_id), producer="fault-test")]
+        if i % self.feedback_every == 0:
+            out.append(wrap(feedback(i, self.run_id), producer="fault-test"))
+        return out
+
+    async def run(self) -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True, linger_ms=10,
+            request_timeout_ms=self.request_timeout_ms, retry_backoff_ms=200,
+        )
+        await _start_retrying(producer)
+        try:
+            while self.sent < self.total:
+                n = min(self.chunk, self.total - self.sent)
+                pending: list[tuple[str, str, asyncio.Future]] = []
+                for i in range(self.sent, self.sent + n):
+                    for envelope in self._envelopes(i):
+                        table = TABLES[type(envelope.payload)]
+                        event_id = str(envelope.event_id)
+                        self.ledger.record(table, event_id, "pending")
+                        key, value, headers = encode(envelope)
+                        try:
+                            future = await producer.send(topic_for(envelope.payload, self.prefix), value=value, key=key, headers=headers)
+                        except Exception:  # noqa: BLE001 - a refused send is a failed outcome, recorded
+                            self.ledger.record(table, event_id, "failed")
+                            continue
+                        pending.append((table, event_id, future))
+                for (table, event_id, _), result in zip(pending, await asyncio.gather(*(f for _, _, f in pending), return_exceptions=True), strict=True):
+                    self.ledger.record(table, event_id, "failed" if isinstance(result, BaseException) else "acked")
+                self.sent += n
+                await asyncio.sleep(self.pause_s)
+        finally:
+            await producer.stop()
+
+
+async def _start_retrying(client: AIOKafkaProducer | AIOKafkaConsumer | AIOKafkaAdminClient, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await client.start()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(1.0)
+
+
+# ------------------------------------------------------------------------------------------- processes
+
+
+class ServiceProcess:
+    """`flywheel run SERVICE` (or several services in one process) as a subprocess with its own home and
+    port; stopped by pid, always. Several services in one process: chDB lets one process own a data
+    directory, so the sink and the monitor must share one in embedded mode."""
+
+    def __init__(self, workdir: Path, kafka_bootstrap: str, topic_prefix: str, services: Iterable[str] = ("feedback",), *, home: Path | None = None, **extra_env: str) -> None:
+        self.services = list(services)
+        name = "+".join(self.services)
+        self.home = home or workdir / f"home-{name}"
+        self.port = free_port()
+        self.log = workdir / f"{name}.log"
+        self.env = {
+            **os.environ,
+            "FLYWHEEL_HOME": str(self.home),
+            "FLYWHEEL_HTTP_PORT": str(self.port),
+            "FLYWHEEL_TOPIC_PREFIX": topic_prefix,
+            "FLYWHEEL_KAFKA_BOOTSTRAP": kafka_bootstrap,
+            "FLYWHEEL_FEEDBACK_BATCH_MAX_RECORDS": "1000",
+            "FLYWHEEL_FEEDBACK_BATCH_MAX_WAIT_MS": "200",
+            "FLYWHEEL_SHUTDOWN_GRACE_S": "5",
+            "PYTHONWARNINGS": "ignore",
+            **extra_env,
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        if len(self.services) == 1:
+            return [*FLYWHEEL, "run", self.services[0]]
+        # `flywheel run` takes one service; the composition root's serve() builds a process of several.
+        program = f"from services.cli.run_cmd import serve; serve({self.services!r}, title='flywheel-{'-'.join(self.services)}')"
+        return [sys.executable, "-c", program]
+
+    def start(self) -> None:
+        assert not self.running()
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(self.command(), cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.started += 1
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def ready(self) -> int | None:
+        """The /readyz status code, or None while nothing answers."""
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=2).status_code
+        except httpx.HTTPError:
+            return None
+
+    async def wait_ready(self, timeout_s: float = 180.0) -> float:
+        """Seconds until /readyz answers 200."""
+        started = time.monotonic()
+        await eventually(lambda: self.ready() == 200, timeout_s, f"{'+'.join(self.services)} to answer /readyz", alive=self)
+        return time.monotonic() - started
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        assert self.process is not None
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        """SIGCONT (it may be stopped), SIGTERM and wait; SIGKILL if it does not stop. Safe when already stopped."""
+        if not self.running():
+            return
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+        os.kill(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+    def log_count(self, text: str) -> int:
+        return self.log.read_text(errors="replace").count(text) if self.log.exists() else 0
+
+
+async def eventually(condition: Callable[[], object], timeout_s: float, what: str, alive: ServiceProcess | None = None, interval_s: float = 0.3) -> None:
+    """Wait until `condition()` holds (run in a thread: it may block), failing early if `alive` exits."""
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(condition):
+        if alive is not None and alive.process is not None and alive.process.poll() is not None:
+            raise AssertionError(f"{alive.services} exited ({alive.process.returncode}) while waiting for {what}:\n{alive.log_tail()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}" + (f":\n{alive.log_tail()}" if alive else ""))
+        await asyncio.sleep(interval_s)
+
+
+# ------------------------------------------------------------------------------------- kafka read-outs
+
+
+async def group_lag(bootstrap: str, group: str, topics: Iterable[str]) -> int:
+    """Records of `topics` that `group` has not committed yet."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await admin.start()
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()  # noqa: SLF001 - a fresh consumer knows no topic until asked
+        partitions = [TopicPartition(topic, p) for topic in topics for p in consumer.partitions_for_topic(topic) or ()]
+        end = await consumer.end_offsets(partitions)
+        committed = await admin.list_consumer_group_offsets(group, partitions=partitions)
+        return sum(end[tp] - max(committed[tp].offset, 0) if tp in committed else end[tp] for tp in partitions)
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+async def topic_size(bootstrap: str, topic: str) -> int:
+    """Records in `topic` (end minus beginning offsets of every partition)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()  # noqa: SLF001
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        if not partitions:
+            return 0
+        end = await consumer.end_offsets(partitions)
+        begin = await consumer.beginning_offsets(partitions)
+        return sum(end[tp] - begin[tp] for tp in partitions)
+    finally:
+        await consumer.stop()
+
+
+async def dead_lettered(bootstrap: str, prefix: str, events: Iterable[type]) -> int:
+    return sum([await topic_size(bootstrap, dlq_for(topic_for(event, prefix))) for event in events])
+
+
+async def wait_drained(process: ServiceProcess, bootstrap: str, group: str, topics: list[str], timeout_s: float) -> float:
+    """Wait until `group` has committed every record of `topics`; seconds it took."""
+    started = time.monotonic()
+    while (lag := await group_lag(bootstrap, group, topics)) > 0:
+        assert process.running(), f"{process.services} exited:\n{process.log_tail()}"
+        assert time.monotonic() - started < timeout_s, f"lag still {lag} after {timeout_s:.0f}s:\n{process.log_tail()}"
+        await asyncio.sleep(0.5)
+    return time.monotonic() - started
+
+
+# ------------------------------------------------------------------------------------ clickhouse reads
+
+
+@dataclass
+class StoredCount:
+    rows: int
+    event_ids: set[str]
+
+
+READER = """
+import json, sys
+from pathlib import Path
+from services.runtime.clickhouse import open_clickhouse
+out = {}
+with open_clickhouse(None, Path(sys.argv[1]), readonly=True) as store:
+    for table in sys.argv[3:]:
+        rows = store.query(f"SELECT count() AS n FROM {table}")[0]["n"]
+        ids = [row["id"] for row in store.query(f"SELECT toString(event_id) AS id FROM {table}")]
+        out[table] = {"rows": int(rows), "ids": ids}
+Path(sys.argv[2]).write_text(json.dumps(out))
+"""
+
+
+def read_stored(home: Path, tables: Iterable[str] = TABLES.values()) -> dict[str, StoredCount]:
+    """Row counts and event ids of the sink's tables, read WITHOUT FINAL from a stopped sink's chDB
+    directory in a subprocess (chDB: one process per data directory, and this one may hold another)."""
+    out = home.parent / f"stored-{uuid.uuid4().hex[:6]}.json"
+    done = subprocess.run([sys.executable, "-c", READER, str(home), str(out), *tables], cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    return {table: StoredCount(value["rows"], set(value["ids"])) for table, value in data.items()}
