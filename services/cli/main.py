@@ -14,7 +14,6 @@ from services.cli import eval_cmd, registry_cmd
 from services.cli import bench_cmd, feedback_cmd, ops_cmd
 from services.cli import train_cmd
 from services.runtime.errors import FlywheelError
-from services.serving import bench_cmd as serving_bench_cmd
 
 app = typer.Typer(
     name="flywheel",
@@ -46,10 +45,8 @@ app.command(name="doctor")(doctor_cmd.doctor)
 app.command(name="demo")(demo_cmd.demo)
 app.command(name="up")(run_cmd.up)
 app.command(name="run")(run_cmd.run)
-app.add_typer(serving_bench_cmd.app, name="bench")
-serving_bench_cmd.app.command("ingest")(bench_cmd.ingest)
+app.add_typer(bench_cmd.app, name="bench")
 app.add_typer(train_cmd.app, name="train")
-serving_bench_cmd.app.command("train")(train_cmd.bench_train)
 
 
 def main() -> None:
