@@ -364,3 +364,27 @@ def read_stored(home: Path, tables: Iterable[str] = TABLES.values()) -> dict[str
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads(out.read_text())
     return {table: StoredCount(value["rows"], set(value["ids"])) for table, value in data.items()}
+
+
+async def catch_up(process: ServiceProcess, bootstrap: str, group: str, topics: list[str], timeout_s: float) -> float:
+    """Seconds until `group` has committed everything the topics held when this was called: how long a
+    consumer takes to recover from a fault that ended now, while new events keep arriving."""
+    started = time.monotonic()
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await _start_retrying(consumer)
+    await _start_retrying(admin)
+    try:
+        await consumer._client.force_metadata_update()  # noqa: SLF001
+        partitions = [TopicPartition(topic, p) for topic in topics for p in consumer.partitions_for_topic(topic) or ()]
+        target = await consumer.end_offsets(partitions)
+        while True:
+            committed = await admin.list_consumer_group_offsets(group, partitions=partitions)
+            if all(tp in committed and committed[tp].offset >= target[tp] for tp in partitions if target[tp] > 0):
+                return time.monotonic() - started
+            assert process.running(), f"{process.services} exited while catching up:\n{process.log_tail()}"
+            assert time.monotonic() - started < timeout_s, f"{group} did not catch up within {timeout_s:.0f}s:\n{process.log_tail()}"
+            await asyncio.sleep(0.3)
+    finally:
+        await consumer.stop()
+        await admin.close()
