@@ -7,7 +7,11 @@ import contextlib
 import logging
 from typing import Any
 
+from contracts.envelope import Envelope
+from contracts.events import StageChanged
 from services.monitor.api import build_router
+from services.monitor.canary import load_canary_policy
+from services.monitor.handlers import when_stage_changed_watch_canary
 from services.monitor.rules import load_rules
 from services.monitor.service import Monitor, RegistryDoor, RetrainingPolicy
 from services.monitor.settings import MonitorSettings
@@ -40,6 +44,11 @@ def create_app(runtime: Runtime, *, registry_transport: Any = None) -> Service:
     monitor = Monitor(store, [], bus.publish_envelope, registry, policy=policy, state_dir=runtime.home / GROUP)
     tasks: list[asyncio.Task] = []
 
+    async def on_stage_changed(envelope: Envelope[StageChanged]) -> None:
+        await when_stage_changed_watch_canary(envelope, monitor)
+
+    runtime.subscribe(GROUP, StageChanged, on_stage_changed)
+
     async def production_lineage() -> dict | None:
         try:
             page = await registry.get("adapters", stage="production", limit=1)
@@ -61,7 +70,9 @@ def create_app(runtime: Runtime, *, registry_transport: Any = None) -> Service:
 
     async def start() -> None:
         monitor.rules = await asyncio.to_thread(load_rules, settings.rules_path, store.check_rule)
+        monitor.canary_policy = await asyncio.to_thread(load_canary_policy, settings.rules_path)
         log.info("monitor rules loaded: %s", ", ".join(f"{r.name}@v{r.version}" for r in monitor.rules))
+        log.info("canary policy: %s", f"v{monitor.canary_policy.version}" if monitor.canary_policy else "none (canaries are left to people)")
         tasks.append(asyncio.create_task(loop(), name="monitor-tick"))
 
     async def stop() -> None:
@@ -74,7 +85,7 @@ def create_app(runtime: Runtime, *, registry_transport: Any = None) -> Service:
 
     return Service(
         name=GROUP,
-        api=build_router(monitor, Authenticator.for_settings(runtime.settings), console_hours=settings.console_hours, lineage=production_lineage),
+        api=build_router(monitor, Authenticator.for_settings(runtime.settings), console_hours=settings.console_hours, lineage=production_lineage, session_s=settings.console_session_s),
         on_start=[start],
         on_stop=[stop],
     )

@@ -10,7 +10,7 @@ from datetime import datetime
 from html import escape
 from typing import Any
 
-_DRIFT_KINDS = ("psi", "embedding", "scored")
+_DRIFT_KINDS = ("psi", "embedding", "unsafe", "hallucination")
 # matplotlib's pyplot state is global; the console may render from several request threads.
 _PLOT_LOCK = threading.Lock()
 
@@ -60,15 +60,19 @@ def _chart(title: str, lines: dict[str, tuple[list[datetime], list[float]]], yla
     return f"<figure><figcaption>{escape(title)}</figcaption>{svg}</figure>"
 
 
-def _drift(history: Sequence[Any]) -> dict[str, tuple[list[datetime], list[float]]]:
+def _drift(evaluations: Sequence[dict[str, Any]]) -> dict[str, tuple[list[datetime], list[float]]]:
     lines: dict[str, tuple[list[datetime], list[float]]] = {}
-    for evaluation in history:
-        if evaluation.rule.spec.kind not in _DRIFT_KINDS or evaluation.value is None:
+    for evaluation in evaluations:
+        if evaluation["kind"] not in _DRIFT_KINDS or _missing(evaluation["value"]):
             continue
-        xs, ys = lines.setdefault(f"{evaluation.rule.metric} · {_version(evaluation.scope)}", ([], []))
-        xs.append(evaluation.window_end)
-        ys.append(evaluation.value)
+        xs, ys = lines.setdefault(f"{evaluation['metric']} · {_version(evaluation)}", ([], []))
+        xs.append(evaluation["window_end"])
+        ys.append(float(evaluation["value"]))
     return lines
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], empty: str) -> str:
@@ -79,8 +83,44 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], empty: str) ->
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+_STYLE = """
+body { font: 14px system-ui, sans-serif; margin: 1.5rem; color: #1d2330; background: #fafbfc; }
+h1 { font-size: 1.4rem; margin: 0 0 .2rem; } h2 { font-size: 1.1rem; margin-top: 1.6rem; }
+.meta { color: #667; } .badge { display: inline-block; padding: .1rem .5rem; border-radius: .6rem; background: #c62828; color: #fff; }
+.charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 1rem; }
+figure { margin: 0; padding: .5rem; background: #fff; border: 1px solid #dde; border-radius: 6px; }
+figcaption { font-weight: 600; margin-bottom: .3rem; } svg { width: 100%; height: auto; }
+table { border-collapse: collapse; background: #fff; width: 100%; } th, td { border: 1px solid #dde; padding: .3rem .5rem; text-align: left; font-size: 13px; }
+th { background: #eef1f6; } .empty { color: #889; font-style: italic; }
+form.inline { display: inline; } .error { color: #c62828; font-weight: 600; }
+input[type=password] { width: 28rem; max-width: 90%; padding: .3rem; }
+"""
+
+
+def _signed_in(name: str | None) -> str:
+    if not name:
+        return ""
+    return f' · signed in as {escape(name)} <form class="inline" method="post" action="/monitor/console/logout"><button type="submit">sign out</button></form>'
+
+
+def render_login(error: str | None = None) -> str:
+    """The sign-in page: an API key (viewer or above) in a form, since a browser cannot send a bearer header."""
+    message = f'<p class="error" role="alert">{escape(error)}</p>' if error else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Flywheel monitor · sign in</title><style>{_STYLE}</style></head><body>
+<h1>Flywheel monitor</h1>
+<p class="meta">The console is read-only. Sign in with an API key (role viewer or above); it is kept in an HttpOnly cookie for this console only.</p>
+{message}
+<form method="post" action="/monitor/console/login">
+<label for="api_key">API key</label><br>
+<input id="api_key" name="api_key" type="password" autocomplete="off" required>
+<button type="submit">Sign in</button>
+</form>
+</body></html>"""
+
+
 def render_console(
-    buckets: Sequence[dict[str, Any]], alerts: Sequence[dict[str, Any]], history: Sequence[Any], lineage: dict[str, Any] | None, *, generated_at: datetime
+    buckets: Sequence[dict[str, Any]], alerts: Sequence[dict[str, Any]], evaluations: Sequence[dict[str, Any]], lineage: dict[str, Any] | None, *, generated_at: datetime, signed_in: str | None = None
 ) -> str:
     """The whole page: traffic, latency quantiles, feedback, drift, alerts, and the production adapter's lineage."""
     latency = {f"{k} p{q}": v for q in (50, 95, 99) for k, v in _series(buckets, f"latency_p{q}_ms").items()}
@@ -90,7 +130,7 @@ def render_console(
         _chart("Thumbs-down rate", _series(buckets, "thumbs_down_rate"), "share"),
         _chart("Mean rating (1-5)", _series(buckets, "mean_rating"), "rating"),
         _chart("Error rate", _series(buckets, "error_rate"), "share"),
-        _chart("Drift and live quality over time", _drift(history), "value"),
+        _chart("Drift and live quality over time", _drift(evaluations), "value"),
     ]
     active = [a for a in alerts if a["state"] != "resolved"]
     alert_rows = [(a["severity"], a["state"], a["rule_name"], _version(a), f"{a['value']:.4g}", f"{a['threshold']:g}", a["window_end"], a["message"]) for a in alerts]
@@ -108,18 +148,9 @@ def render_console(
         )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Flywheel monitor</title>
-<style>
-body {{ font: 14px system-ui, sans-serif; margin: 1.5rem; color: #1d2330; background: #fafbfc; }}
-h1 {{ font-size: 1.4rem; margin: 0 0 .2rem; }} h2 {{ font-size: 1.1rem; margin-top: 1.6rem; }}
-.meta {{ color: #667; }} .badge {{ display: inline-block; padding: .1rem .5rem; border-radius: .6rem; background: #c62828; color: #fff; }}
-.charts {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 1rem; }}
-figure {{ margin: 0; padding: .5rem; background: #fff; border: 1px solid #dde; border-radius: 6px; }}
-figcaption {{ font-weight: 600; margin-bottom: .3rem; }} svg {{ width: 100%; height: auto; }}
-table {{ border-collapse: collapse; background: #fff; width: 100%; }} th, td {{ border: 1px solid #dde; padding: .3rem .5rem; text-align: left; font-size: 13px; }}
-th {{ background: #eef1f6; }} .empty {{ color: #889; font-style: italic; }}
-</style></head><body>
+<style>{_STYLE}</style></head><body>
 <h1>Flywheel monitor</h1>
-<p class="meta">generated {escape(generated_at.strftime('%Y-%m-%d %H:%M:%S UTC'))} · <span class="badge">{len(active)} open alerts</span></p>
+<p class="meta">generated {escape(generated_at.strftime('%Y-%m-%d %H:%M:%S UTC'))} · <span class="badge">{len(active)} open alerts</span>{_signed_in(signed_in)}</p>
 <h2>Alerts</h2>
 {_table(["severity", "state", "rule", "version", "value", "threshold", "at", "message"], alert_rows, "no alerts")}
 <h2>Per model version</h2>

@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -17,8 +16,9 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from contracts.envelope import Envelope, wrap
-from contracts.events import AlertRaised, AlertState, DatasetRef, Hyperparameters, TrainingRequested
-from contracts.http import DatasetCreate
+from contracts.events import AlertRaised, AlertState, DatasetRef, Hyperparameters, Stage, StageChanged, TrainingRequested
+from contracts.http import DatasetCreate, StageTransition
+from services.monitor.canary import Arm, CanaryPolicy, Decision, judge
 from services.monitor.rules import SCOPES, Rule
 from services.monitor.store import MonitorStore
 from services.runtime.scoring import Embedder, scan_unsafe, score_groundedness
@@ -29,6 +29,7 @@ METRIC_VALUE = Gauge("flywheel_monitor_metric_value", "Latest value of each rule
 ALERTS_RAISED = Counter("flywheel_monitor_alerts_raised_total", "Alerts opened, by rule and severity.", ["rule", "severity"])
 ALERTS_OPEN = Gauge("flywheel_monitor_alerts_open", "Alerts open or acknowledged now.")
 RETRAININGS = Counter("flywheel_monitor_retrainings_total", "Retraining decisions, by outcome.", ["outcome"])
+CANARY_DECISIONS = Counter("flywheel_monitor_canary_decisions_total", "Canary reviews, by action taken.", ["action"])
 
 PSI_BINS = 10
 PSI_EPSILON = 1e-4
@@ -58,6 +59,18 @@ class TickReport:
     opened: list[AlertRaised] = field(default_factory=list)
     resolved: list[AlertRaised] = field(default_factory=list)
     retraining: list[TrainingRequested] = field(default_factory=list)
+    canaries: list[CanaryReview] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CanaryReview:
+    """One look at one canary: the decision, and whether the registry carried it out."""
+
+    model_name: str
+    canary_version: int
+    control_version: int
+    decision: Decision
+    applied: bool
 
 
 def psi(expected: Sequence[float], actual: Sequence[float], bins: int = PSI_BINS) -> float:
@@ -95,11 +108,25 @@ class RegistryDoor:
             raise RuntimeError(f"registry refused the dataset ({response.status_code}): {response.text[:500]}")
         return response.json()
 
+    async def transition(self, model_name: str, version: int, body: StageTransition) -> dict[str, Any]:
+        """Move an adapter version; the registry checks the gate and records the change in its audit log."""
+        async with self._client() as client:
+            response = await client.post(f"/registry/v1/adapters/{model_name}/versions/{version}/transitions", json=body.model_dump(mode="json", exclude_none=True))
+        if response.status_code != 200:
+            raise RegistryRefused(response.status_code, response.text[:500])
+        return response.json()
+
     async def get(self, path: str, **params: Any) -> Any:
         async with self._client() as client:
             response = await client.get(f"/registry/v1/{path}", params={k: v for k, v in params.items() if v is not None})
         response.raise_for_status()
         return response.json()
+
+
+class RegistryRefused(RuntimeError):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"registry refused ({status}): {body}")
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -126,8 +153,8 @@ class Monitor:
         policy: RetrainingPolicy,
         state_dir: Path,
         embedder: Embedder | None = None,
+        canary_policy: CanaryPolicy | None = None,
         producer: str = "monitor",
-        history: int = 500,
     ) -> None:
         self.store = store
         self.rules = list(rules)
@@ -135,10 +162,10 @@ class Monitor:
         self._registry = registry
         self._policy = policy
         self._state_path = Path(state_dir) / "retraining.json"
+        self._canaries_path = Path(state_dir) / "canaries.json"
         self._embedder = embedder
+        self.canary_policy = canary_policy
         self._producer = producer
-        # Evaluations of recent ticks, for the console's drift-over-time charts.
-        self.history: deque[Evaluation] = deque(maxlen=history)
 
     # -------------------------------------------------------------------------------- evaluation
 
@@ -212,9 +239,9 @@ class Monitor:
             except Exception:  # noqa: BLE001 - one broken rule must not stop the others being watched
                 log.exception("rule %s could not be evaluated", rule.name)
                 continue
+            await asyncio.to_thread(self.store.write_evaluations, [_stored(evaluation, now) for evaluation in evaluations])
             for evaluation in evaluations:
                 report.evaluations.append(evaluation)
-                self.history.append(evaluation)
                 labels = {name: str(evaluation.scope.get(name) or "") for name in SCOPES}
                 if evaluation.value is not None:
                     METRIC_VALUE.labels(rule=rule.name, **labels).set(evaluation.value)
@@ -224,6 +251,8 @@ class Monitor:
                 requested = await self.maybe_retrain(alert, now)
                 if requested is not None:
                     report.retraining.append(requested)
+        if self.canary_policy is not None:
+            report.canaries = await self.review_canaries(now)
         ALERTS_OPEN.set(len(await asyncio.to_thread(self.store.alerts, AlertState.open.value)) + len(await asyncio.to_thread(self.store.alerts, AlertState.acknowledged.value)))
         return report
 
@@ -314,16 +343,126 @@ class Monitor:
         return request
 
     def _load_state(self) -> dict[str, str]:
-        try:
-            return json.loads(self._state_path.read_text())
-        except FileNotFoundError:
-            return {}
+        return _read_json(self._state_path)
 
     def _save_state(self, state: dict[str, str]) -> None:
-        self._state_path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self._state_path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(state))
-        temporary.replace(self._state_path)
+        _write_json(self._state_path, state)
+
+
+    # ------------------------------------------------------------------------------------ canary
+
+    def watch(self, event: StageChanged, occurred_at: datetime) -> None:
+        """Follow the registry's stages: a declared canary is watched from its declaration; any other move of it ends the watch."""
+        canaries = _read_json(self._canaries_path)
+        watched = canaries.get(event.model_name)
+        if event.to_stage == Stage.production and event.canary_percent is not None:
+            canaries[event.model_name] = {"version": event.adapter_version, "since": _utc(occurred_at).isoformat(), "percent": event.canary_percent}
+        elif watched is not None and watched["version"] == event.adapter_version:
+            del canaries[event.model_name]
+        else:
+            return
+        _write_json(self._canaries_path, canaries)
+
+    def watched_canaries(self) -> dict[str, dict[str, Any]]:
+        return _read_json(self._canaries_path)
+
+    async def review_canaries(self, now: datetime) -> list[CanaryReview]:
+        """Judge each watched canary against its model's production version; promote or roll back through the registry."""
+        reviews = []
+        for model_name, watched in self.watched_canaries().items():
+            try:
+                review = await self._review(model_name, int(watched["version"]), datetime.fromisoformat(watched["since"]), now)
+            except Exception:  # noqa: BLE001 - one canary's failure (registry down) must not stop the others
+                log.exception("canary %s:v%s could not be reviewed", model_name, watched["version"])
+                continue
+            if review is not None:
+                reviews.append(review)
+        return reviews
+
+    async def _review(self, model_name: str, version: int, since: datetime, now: datetime) -> CanaryReview | None:
+        assert self.canary_policy is not None
+        policy = self.canary_policy
+        production = (await self._registry.get("adapters", model_name=model_name, stage=Stage.production.value, limit=10)).get("items") or []
+        canary = next((a for a in production if a["version"] == version and a["canary_percent"] is not None), None)
+        control = next((a for a in production if a["canary_percent"] is None), None)
+        if canary is None or control is None:
+            log.info("canary %s:v%d is no longer a canary beside a production version; watch ended", model_name, version)
+            self._unwatch(model_name, version)
+            return None
+        start = max(_utc(since), now - timedelta(seconds=policy.window_s))
+        versions = (control["version"], version)
+        arms = {row["adapter_version"]: row for row in await asyncio.to_thread(self.store.canary_arms, model_name, versions, start, now)}
+        hallucinated: dict[int, tuple[int, int]] = {}
+        if policy.hallucination_sample:
+            sample = await asyncio.to_thread(self.store.answers, model_name, versions, start, now, policy.hallucination_sample)
+            hallucinated = await asyncio.to_thread(self._hallucinations, sample)
+        decision = judge(policy, _arm(control["version"], arms, hallucinated), _arm(version, arms, hallucinated))
+        log.info("canary %s:v%d vs v%d: %s", model_name, version, control["version"], decision.summary())
+        applied = False
+        if decision.action != "wait":
+            reason = f"monitor {decision.summary()}"[:2000]
+            if decision.action == "promote":
+                body = StageTransition(to_stage=Stage.production, approver="service:monitor", reason=reason, replaces=control["version"])
+            else:
+                body = StageTransition(to_stage=Stage.archived, reason=reason)
+            try:
+                await self._registry.transition(model_name, version, body)
+                applied = True
+                self._unwatch(model_name, version)
+            except RegistryRefused as error:
+                # A person moved it first (409): the stage.changed that follows ends the watch.
+                log.warning("registry refused the canary %s of %s:v%d: %s", decision.action, model_name, version, error)
+        CANARY_DECISIONS.labels(action=decision.action if applied or decision.action == "wait" else "refused").inc()
+        return CanaryReview(model_name, version, control["version"], decision, applied)
+
+    def _unwatch(self, model_name: str, version: int) -> None:
+        canaries = _read_json(self._canaries_path)
+        if canaries.get(model_name, {}).get("version") == version:
+            del canaries[model_name]
+            _write_json(self._canaries_path, canaries)
+
+    def _hallucinations(self, rows: list[dict[str, Any]]) -> dict[int, tuple[int, int]]:
+        """(hallucinated, scored) per adapter version: the live watcher's groundedness of each answer in its prompt."""
+        if not rows:
+            return {}
+        scores = score_groundedness([row["output_text"] for row in rows], [row["input_text"] for row in rows], self._embedder_or_load())
+        counts: dict[int, tuple[int, int]] = {}
+        for row, score in zip(rows, scores, strict=True):
+            bad, seen = counts.get(row["adapter_version"], (0, 0))
+            counts[row["adapter_version"]] = (bad + (not score.grounded), seen + 1)
+        return counts
+
+
+def _arm(version: int, arms: dict[int, dict[str, Any]], hallucinated: dict[int, tuple[int, int]]) -> Arm:
+    row = arms.get(version) or {}
+    bad, scored = hallucinated.get(version, (0, 0))
+    return Arm(version, int(row.get("inferences") or 0), int(row.get("errors") or 0), int(row.get("thumbs_given") or 0), int(row.get("thumbs_down") or 0),
+               tuple(float(x) for x in row.get("latencies") or ()), scored, bad)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    # Write-then-rename: a crash mid-write leaves the previous state, never half a file.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(value))
+    temporary.replace(path)
+
+
+def _stored(evaluation: Evaluation, now: datetime) -> dict[str, Any]:
+    rule = evaluation.rule
+    return {
+        "evaluation_id": str(uuid.uuid4()), "evaluated_at": now, "rule_name": rule.name, "rule_version": rule.version, "metric": rule.metric,
+        "kind": rule.spec.scorer or rule.spec.kind, "model_name": evaluation.scope["model_name"], "adapter_version": evaluation.scope.get("adapter_version"),
+        "prompt_version": evaluation.scope.get("prompt_version"), "window_start": evaluation.window_start, "window_end": evaluation.window_end,
+        "value": evaluation.value, "samples": evaluation.samples, "firing": evaluation.firing, "reason": evaluation.reason,
+    }
 
 
 def _chat_record(row: dict[str, Any]) -> dict[str, Any]:

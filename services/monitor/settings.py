@@ -13,10 +13,11 @@ from services.monitor.rules import DEFAULT_RULES
 class MonitorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLYWHEEL_MONITOR_", extra="ignore")
 
-    rules_path: Path = Field(default=DEFAULT_RULES, description="YAML file of alert rules; a rule that cannot run stops the start with the reason.")
+    rules_path: Path = Field(default=DEFAULT_RULES, description="YAML file of alert rules and the canary policy (`canary:`); a rule that cannot run stops the start with the reason.")
     tick_s: float = Field(default=60.0, gt=0, description="Seconds between rule evaluations.")
     registry_url: str | None = Field(default=None, description="Base URL of the registry's door; unset: this process's own HTTP address.")
     api_key: str | None = Field(default=None, description="API key (operator) the monitor calls the registry with.")
     retrain_min_corrections: int = Field(default=20, ge=1, description="Corrected answers needed before a retraining is requested.")
     retrain_cooldown_s: int = Field(default=6 * 3600, ge=0, description="Seconds between two retrainings of one model.")
     console_hours: int = Field(default=24, ge=1, le=24 * 90, description="Hours of history the console shows.")
+    console_session_s: int = Field(default=8 * 3600, ge=60, description="Seconds a console sign-in (its HttpOnly cookie) lasts.")

@@ -135,6 +135,66 @@ class MonitorStore:
         rows = self._query("SELECT * FROM alert FINAL WHERE alert_id = {id:String} LIMIT 1", {"id": alert_id})
         return rows[0] if rows else None
 
+    # ------------------------------------------------------------------------------ evaluations
+
+    def write_evaluations(self, rows: list[dict[str, Any]]) -> None:
+        """Store one tick's evaluations (what the console charts over time)."""
+        if not rows:
+            return
+        columns = {name: [row[name] for row in rows] for name in rows[0]}
+        table = pa.table(
+            {
+                "evaluation_id": pa.array(columns["evaluation_id"], pa.string()),
+                "evaluated_at": pa.array(columns["evaluated_at"], _TIME),
+                "rule_name": pa.array(columns["rule_name"], pa.string()),
+                "rule_version": pa.array(columns["rule_version"], pa.uint32()),
+                "metric": pa.array(columns["metric"], pa.string()),
+                "kind": pa.array(columns["kind"], pa.string()),
+                "model_name": pa.array(columns["model_name"], pa.string()),
+                "adapter_version": pa.array(columns["adapter_version"], pa.uint32()),
+                "prompt_version": pa.array(columns["prompt_version"], pa.uint32()),
+                "window_start": pa.array(columns["window_start"], _TIME),
+                "window_end": pa.array(columns["window_end"], _TIME),
+                "value": pa.array(columns["value"], pa.float64()),
+                "samples": pa.array(columns["samples"], pa.uint64()),
+                "firing": pa.array(columns["firing"], pa.bool_()),
+                "reason": pa.array(columns["reason"], pa.string()),
+            }
+        )
+        with self._lock:
+            self._clickhouse().insert_arrow("monitor_evaluation", table, dedup_token=columns["evaluation_id"][0])
+
+    def evaluations(self, since: datetime, kinds: tuple[str, ...] | None = None, limit: int = 5000) -> list[dict[str, Any]]:
+        """Stored evaluations whose window ended after `since`, oldest first; `kinds` narrows to metric kinds."""
+        where = "AND kind IN {kinds:Array(String)}" if kinds else ""
+        return self._query(
+            f"SELECT * FROM monitor_evaluation FINAL WHERE window_end >= {{since:DateTime64(3, 'UTC')}} {where} "
+            "ORDER BY window_end DESC, rule_name LIMIT {limit:UInt32}",
+            {"since": since, "kinds": list(kinds or ()), "limit": limit},
+        )[::-1]
+
+    # ------------------------------------------------------------------------------------ canary
+
+    def canary_arms(self, model_name: str, versions: tuple[int, int], start: datetime, end: datetime, latency_sample: int = 20_000) -> list[dict[str, Any]]:
+        """Per adapter version of `versions` over [start, end): inferences, errors, thumbs and a sample of ok latencies."""
+        return self._query(
+            "SELECT adapter_version, count() AS inferences, countIf(status = 'error') AS errors, "
+            "toUInt64(sum(thumbs_given)) AS thumbs_given, toUInt64(sum(thumbs_down)) AS thumbs_down, "
+            "groupArraySampleIf({sample:UInt32}, 1)(latency_total_ms, status = 'ok') AS latencies "
+            f"FROM {MONITORED} WHERE model_name = {{model:String}} AND adapter_version IN {{versions:Array(UInt32)}} AND {_WINDOW} "
+            "GROUP BY adapter_version",
+            {"model": model_name, "versions": list(versions), "start": start, "end": end, "sample": latency_sample},
+        )
+
+    def answers(self, model_name: str, versions: tuple[int, int], start: datetime, end: datetime, limit: int) -> list[dict[str, Any]]:
+        """Up to `limit` answered inferences per adapter version (a deterministic sample) with prompt and answer."""
+        return self._query(
+            f"SELECT adapter_version, input_text, output_text FROM {MONITORED} "
+            f"WHERE model_name = {{model:String}} AND adapter_version IN {{versions:Array(UInt32)}} AND status = 'ok' AND {_WINDOW} "
+            "ORDER BY cityHash64(inference_id) LIMIT {limit:UInt32} BY adapter_version",
+            {"model": model_name, "versions": list(versions), "start": start, "end": end, "limit": limit},
+        )
+
     # ---------------------------------------------------------------------------------- feedback
 
     def corrections(self, model_name: str, limit: int = 10_000) -> list[dict[str, Any]]:

@@ -1,50 +1,37 @@
 """The monitor on real components: events through Kafka and the feedback sink into embedded ClickHouse,
 rules over windows, alerts raised once, a feedback dataset through the registry's real door,
-training.requested on real Kafka; the read-only query door; the console in headless Chromium."""
+training.requested on real Kafka; the read-only query door. The console in a browser: test_monitor_console.py."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
-import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer
 from fastapi import FastAPI
 
 from contracts.envelope import wrap
 from contracts.events import AlertRaised, FeedbackReceived, InferenceLogged, InferenceStatus, Thumbs, TrainingRequested
 from contracts.http import Role
-from contracts.topics import topic_for
-from services.feedback.handlers import subscribe_sink
 from services.feedback.privacy import Redactor
 from services.feedback.service import Sink
-from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
 from services.monitor.api import build_router as monitor_router
 from services.monitor.rules import RuleError, parse_rules
 from services.monitor.service import Monitor, RegistryDoor, RetrainingPolicy
 from services.monitor.store import MonitorStore
-from services.registry.api import build_router as registry_router
-from services.registry.service import Registry
 from services.registry.store import RegistryStore
-from services.runtime.artifacts import ArtifactStore
 from services.runtime.auth import Authenticator, KeyStore
-from services.runtime.broker import EventBus, create_broker
+from services.runtime.broker import EventBus
 from services.runtime.clickhouse import ClickHouseStore
-from services.runtime.consumer import DeadLetters
+from services.runtime.http import DoorError, error_response
 from services.runtime.settings import FlywheelSettings
-from tests.conftest import REPO
 from tests.fixtures.clickhouse import ClickHouseTarget
-from tests.support import eventually as shared_eventually
+from tests.monitor_support import RegistryDoorFixture, eventually, read_topic, running_sink
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -56,10 +43,6 @@ RULES = [
     {"name": "errors", "version": 1, "metric": "error_rate", "threshold": 0.05, "window_s": 600, "min_samples": 10},
     {"name": "unsafe", "version": 1, "metric": "unsafe_rate", "threshold": 0.2, "window_s": 600, "min_samples": 10, "quality": False},
 ]
-
-
-# A monitor tick spans Kafka, the sink and ClickHouse: a longer wait, polled less often.
-eventually = partial(shared_eventually, timeout_s=90.0, interval_s=0.2)
 
 
 @pytest.fixture
@@ -75,39 +58,11 @@ def monitor_store(chdb_target: ClickHouseTarget, clickhouse: ClickHouseStore) ->
     return MonitorStore(lambda: clickhouse, lambda: readonly)
 
 
-class RegistryDoorFixture:
-    """The registry's real HTTP door over an in-process transport, with an operator key for the monitor."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.store = RegistryStore(f"sqlite:///{tmp_path / 'registry.db'}")
-        self.store.migrate()
-        self.registry = Registry(self.store, ArtifactStore(tmp_path / "artifacts"))
-        self.auth = Authenticator(KeyStore(self.store.engine))
-        self.operator_key, _ = self.auth.keys.create(principal="service:monitor", role=Role.operator, created_by="test")
-        self.app = FastAPI()
-        self.app.include_router(registry_router(self.registry, self.auth))
-        self.transport = httpx.ASGITransport(app=self.app)
-
-    def door(self) -> RegistryDoor:
-        return RegistryDoor("http://registry", self.operator_key, transport=self.transport)
-
-
 @pytest.fixture
 def registry_door(tmp_path: Path) -> Iterator[RegistryDoorFixture]:
     fixture = RegistryDoorFixture(tmp_path)
     yield fixture
     fixture.store.close()
-
-
-@asynccontextmanager
-async def running_sink(settings: FlywheelSettings, clickhouse: ClickHouseStore) -> AsyncIterator[EventBus]:
-    broker = create_broker(settings, client_id="monitor-test")
-    sink = Sink(FeedbackStore(lambda: clickhouse), Redactor())
-    sink_settings = FeedbackSettings(batch_max_records=500, batch_max_wait_ms=100, batch_min_bytes=1)
-    subscribe_sink(broker, sink, sink_settings, dead_letters=DeadLetters(broker), topic_prefix=settings.topic_prefix, max_retries=1)
-    async with broker:
-        await broker.start()
-        yield EventBus(broker, producer="test", topic_prefix=settings.topic_prefix)
 
 
 def traffic(count: int, *, degraded: bool, adapter: int = 1) -> tuple[list[InferenceLogged], list[FeedbackReceived]]:
@@ -125,23 +80,6 @@ def traffic(count: int, *, degraded: bool, adapter: int = 1) -> tuple[list[Infer
         else:
             feedback.append(FeedbackReceived(inference_id=inference_id, thumbs=Thumbs.up if i % 10 else Thumbs.down, rating=4 + i % 2))
     return inferences, feedback
-
-
-async def read_topic(settings: FlywheelSettings, event: type, *, expect: int, wait_s: float = 5.0) -> list[dict]:
-    """Every record on `event`'s topic (from the start), waiting until `expect` arrived or `wait_s` passed."""
-    consumer = AIOKafkaConsumer(topic_for(event, settings.topic_prefix), bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
-    await consumer.start()
-    records: list[dict] = []
-    try:
-        deadline = asyncio.get_running_loop().time() + wait_s
-        while asyncio.get_running_loop().time() < deadline:
-            batches = await consumer.getmany(timeout_ms=500)
-            records += [json.loads(message.value) for batch in batches.values() for message in batch]
-            if len(records) > expect:
-                break
-    finally:
-        await consumer.stop()
-    return records
 
 
 def monitor_for(monitor_store: MonitorStore, bus: EventBus, registry: RegistryDoorFixture | None, tmp_path: Path, rules: list[dict] = RULES) -> Monitor:
@@ -242,7 +180,6 @@ def _authenticated_monitor_app(tmp_path: Path, monitor: Monitor) -> tuple[FastAP
     auth = Authenticator(KeyStore(store.engine))
     key, _ = auth.keys.create(principal="ops", role=Role.operator, created_by="test")
     app = FastAPI()
-    from services.runtime.http import DoorError, error_response
 
     @app.exception_handler(DoorError)
     async def _door_error(_request, error: DoorError):  # noqa: ANN202
@@ -266,39 +203,3 @@ async def test_query_door_reads_and_the_engine_refuses_writes(clickhouse: ClickH
         sneaky = await client.post("/monitor/v1/query", json={"sql": "SELECT 1 SETTINGS readonly = 0"})
         assert sneaky.status_code in (400, 403)
     assert clickhouse.query("SELECT count() AS n FROM model_price")[0]["n"] == 0
-
-
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (apt-get install chromium)")
-async def test_console_renders_in_headless_chromium(clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path) -> None:
-    sink = Sink(FeedbackStore(lambda: clickhouse), Redactor())
-    base = datetime.now(UTC) - timedelta(minutes=50)
-    for minute in range(0, 50, 5):
-        inferences, feedback = traffic(12, degraded=minute >= 30, adapter=1 + (minute >= 40))
-        sink.store_inferences([wrap(e, producer="test").model_copy(update={"occurred_at": base + timedelta(minutes=minute)}) for e in inferences])
-        sink.store_feedback([wrap(e, producer="test").model_copy(update={"occurred_at": base + timedelta(minutes=minute)}) for e in feedback])
-    published: list = []
-
-    async def publish(envelope) -> None:  # noqa: ANN001
-        published.append(envelope)
-
-    monitor = Monitor(monitor_store, parse_rules(RULES, monitor_store.check_rule), publish, RegistryDoor("http://unused", None), policy=RetrainingPolicy(min_corrections=1000), state_dir=tmp_path)
-    await monitor.tick()
-    app, key = _authenticated_monitor_app(tmp_path, monitor)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://monitor", headers={"Authorization": f"Bearer {key}"}) as client:
-        page = await client.get("/monitor/console")
-        anonymous = await client.get("/monitor/console", headers={"Authorization": ""})
-    assert page.status_code == 200 and anonymous.status_code == 401
-    html = page.text
-    assert "Flywheel monitor" in html and html.count("<svg") >= 4 and "thumbs-down" in html
-    artifacts = REPO / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
-    source = artifacts / "monitor-console.html"
-    source.write_text(html, encoding="utf-8")
-    shot = artifacts / "monitor-console.png"
-    shot.unlink(missing_ok=True)
-    result = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,2000", f"--screenshot={shot}", source.as_uri()],
-        capture_output=True, text=True, timeout=120, check=False,
-    )
-    assert result.returncode == 0 and shot.exists() and shot.stat().st_size > 20_000, result.stderr[-2000:]
-    print(f"console screenshot: {shot}")

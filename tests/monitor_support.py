@@ -1,0 +1,95 @@
+"""Shared pieces of the monitor's tests: the registry's real door in process, the feedback sink on the
+real broker, reading a topic from its start, and the traffic the tests feed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import httpx
+from aiokafka import AIOKafkaConsumer
+from fastapi import FastAPI
+from faststream.kafka import KafkaBroker
+
+from contracts.http import Role
+from contracts.topics import topic_for
+from services.feedback.handlers import subscribe_sink
+from services.feedback.privacy import Redactor
+from services.feedback.service import Sink
+from services.feedback.settings import FeedbackSettings
+from services.feedback.store import FeedbackStore
+from services.monitor.service import RegistryDoor
+from services.registry.api import build_router as registry_router
+from services.registry.service import Registry
+from services.registry.store import RegistryStore
+from services.runtime.artifacts import ArtifactStore
+from services.runtime.auth import Authenticator, KeyStore
+from services.runtime.broker import EventBus, create_broker
+from services.runtime.clickhouse import ClickHouseStore
+from services.runtime.consumer import DeadLetters
+from services.runtime.http import DoorError, error_response
+from services.runtime.settings import FlywheelSettings
+from tests.support import eventually as shared_eventually
+
+# A monitor tick spans Kafka, the sink and ClickHouse: a longer wait, polled less often.
+eventually = partial(shared_eventually, timeout_s=90.0, interval_s=0.2)
+
+
+class RegistryDoorFixture:
+    """The registry's real HTTP door over an in-process transport, with an operator key for the monitor."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.store = RegistryStore(f"sqlite:///{tmp_path / 'registry.db'}")
+        self.store.migrate()
+        self.registry = Registry(self.store, ArtifactStore(tmp_path / "artifacts"))
+        self.auth = Authenticator(KeyStore(self.store.engine))
+        self.operator_key, _ = self.auth.keys.create(principal="service:monitor", role=Role.operator, created_by="test")
+        self.app = FastAPI()
+
+        @self.app.exception_handler(DoorError)
+        async def _door_error(_request, error: DoorError):  # noqa: ANN202
+            return error_response(error.status, error.detail)
+
+        self.app.include_router(registry_router(self.registry, self.auth))
+        self.transport = httpx.ASGITransport(app=self.app)
+
+    def door(self) -> RegistryDoor:
+        return RegistryDoor("http://registry", self.operator_key, transport=self.transport)
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=self.transport, base_url="http://registry", headers={"Authorization": f"Bearer {self.operator_key}"})
+
+
+@asynccontextmanager
+async def running_sink(settings: FlywheelSettings, clickhouse: ClickHouseStore, *, also: Callable[[KafkaBroker], None] | None = None) -> AsyncIterator[EventBus]:
+    """The feedback sink consuming the real broker into `clickhouse`; `also` subscribes more handlers before the start."""
+    broker = create_broker(settings, client_id="monitor-test")
+    sink = Sink(FeedbackStore(lambda: clickhouse), Redactor())
+    sink_settings = FeedbackSettings(batch_max_records=500, batch_max_wait_ms=100, batch_min_bytes=1)
+    subscribe_sink(broker, sink, sink_settings, dead_letters=DeadLetters(broker), topic_prefix=settings.topic_prefix, max_retries=1)
+    if also is not None:
+        also(broker)
+    async with broker:
+        await broker.start()
+        yield EventBus(broker, producer="test", topic_prefix=settings.topic_prefix)
+
+
+async def read_topic(settings: FlywheelSettings, event: type, *, expect: int, wait_s: float = 5.0) -> list[dict]:
+    """Every record on `event`'s topic (from the start), waiting until more than `expect` arrived or `wait_s` passed."""
+    consumer = AIOKafkaConsumer(topic_for(event, settings.topic_prefix), bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    records: list[dict] = []
+    try:
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while asyncio.get_running_loop().time() < deadline:
+            batches = await consumer.getmany(timeout_ms=500)
+            records += [json.loads(message.value) for batch in batches.values() for message in batch]
+            if len(records) > expect:
+                break
+    finally:
+        await consumer.stop()
+    return records
