@@ -1,0 +1,261 @@
+"""The ops console in a real headless Chromium, driven over the DevTools protocol against the monitor's
+door on a real HTTP server: a browser cannot send a bearer key, so it signs in with a form; the key
+lands in an HttpOnly cookie scripts cannot read; the drift charts come from evaluations stored in
+ClickHouse by an earlier monitor (as after a restart); signing out ends the session."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from contracts.envelope import wrap
+from contracts.events import FeedbackReceived, InferenceLogged, Thumbs
+from contracts.http import Role
+from services.feedback.privacy import Redactor
+from services.feedback.service import Sink
+from services.feedback.store import FeedbackStore
+from services.monitor.api import COOKIE
+from services.monitor.api import build_router as monitor_router
+from services.monitor.rules import parse_rules
+from services.monitor.service import Monitor, RegistryDoor, RetrainingPolicy
+from services.monitor.store import MonitorStore
+from services.registry.store import RegistryStore
+from services.runtime.auth import Authenticator, KeyStore
+from services.runtime.clickhouse import ClickHouseStore
+from services.runtime.http import DoorError, error_response
+from tests.conftest import REPO
+from tests.fixtures.clickhouse import ClickHouseTarget
+from tests.support import eventually
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (apt-get install chromium)"),
+]
+
+MODEL = "smollm2"
+RULES = [
+    {"name": "thumbs-down", "version": 1, "metric": "thumbs_down_rate", "threshold": 0.3, "window_s": 600, "min_samples": 10},
+    {"name": "prompt-tokens-drift", "version": 1, "metric": "prompt_tokens_psi", "threshold": 0.25, "window_s": 600, "baseline_window_s": 1200, "min_samples": 10},
+    {"name": "unsafe", "version": 1, "metric": "unsafe_rate", "threshold": 0.2, "window_s": 600, "min_samples": 10, "quality": False},
+]
+
+
+@pytest.fixture
+def clickhouse(chdb_target: ClickHouseTarget) -> ClickHouseStore:
+    store = chdb_target.open()
+    store.migrate()
+    return store
+
+
+@pytest.fixture
+def monitor_store(chdb_target: ClickHouseTarget, clickhouse: ClickHouseStore) -> MonitorStore:
+    readonly = chdb_target.open(readonly=True)
+    return MonitorStore(lambda: clickhouse, lambda: readonly)
+
+
+def seed_history(clickhouse: ClickHouseStore) -> None:
+    """Fifty minutes of traffic: prompts grow longer after minute 30 (drift) and answers turn bad after minute 40."""
+    sink = Sink(FeedbackStore(lambda: clickhouse), Redactor())
+    base = datetime.now(UTC) - timedelta(minutes=50)
+    for minute in range(0, 50, 2):
+        at = base + timedelta(minutes=minute)
+        inferences, feedback = [], []
+        for i in range(12):
+            inference_id = f"inf-{uuid.uuid4().hex[:10]}"
+            degraded = minute >= 40
+            inferences.append(InferenceLogged(inference_id=inference_id, model_name=MODEL, adapter_version=1, input_text=f"question {i}",
+                                              output_text="Go away, idiot." if degraded and i % 2 else "Hold the button for 10 s.",
+                                              prompt_tokens=(20 if minute < 30 else 200) + i, completion_tokens=8, latency_total_ms=300.0 + 10 * i))
+            feedback.append(FeedbackReceived(inference_id=inference_id, thumbs=Thumbs.down if degraded or i % 10 == 0 else Thumbs.up, rating=2 if degraded else 5))
+        sink.store_inferences([wrap(e, producer="test").model_copy(update={"occurred_at": at}) for e in inferences])
+        sink.store_feedback([wrap(e, producer="test").model_copy(update={"occurred_at": at}) for e in feedback])
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def serving(app: FastAPI) -> AsyncIterator[str]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    try:
+        await eventually(lambda: server.started or task.done(), timeout_s=30, what="uvicorn started")
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+class Browser:
+    """A headless Chromium and one page, spoken to over the DevTools protocol (websocket JSON-RPC)."""
+
+    def __init__(self, websocket: aiohttp.ClientWebSocketResponse) -> None:
+        self._ws = websocket
+        self._next = 0
+
+    async def call(self, method: str, **params: Any) -> dict:
+        self._next += 1
+        ident = self._next
+        await self._ws.send_json({"id": ident, "method": method, "params": params})
+        while True:
+            message = await asyncio.wait_for(self._ws.receive_json(), 60)
+            if message.get("id") == ident:
+                if "error" in message:
+                    raise AssertionError(f"{method}: {message['error']}")
+                return message["result"]
+
+    async def evaluate(self, expression: str) -> Any:
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    async def settled_at(self, path: str) -> None:
+        """Wait until the page has loaded `path` (after a navigation or a form post and its redirect)."""
+        deadline = asyncio.get_running_loop().time() + 60
+        while asyncio.get_running_loop().time() < deadline:
+            with contextlib.suppress(AssertionError):  # a page being replaced refuses evaluation for a moment
+                if await self.evaluate("location.pathname + '|' + document.readyState") == f"{path}|complete":
+                    return
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"page never settled at {path}; it is at {await self.evaluate('location.href')}")
+
+    async def submit_key(self, key: str) -> None:
+        await self.evaluate(f"document.getElementById('api_key').value = {key!r}; document.querySelector('form').submit(); true")
+        await asyncio.sleep(0.5)
+
+
+@contextlib.asynccontextmanager
+async def chromium(tmp_path: Path) -> AsyncIterator[Browser]:
+    profile = tmp_path / "chromium-profile"
+    process = subprocess.Popen(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1280,2200", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        port_file = profile / "DevToolsActivePort"
+        await eventually(lambda: port_file.exists() and port_file.read_text().strip() != "", timeout_s=60, what="chromium's DevTools port")
+        port = int(port_file.read_text().splitlines()[0])
+        async with httpx.AsyncClient() as client:
+            targets = (await client.get(f"http://127.0.0.1:{port}/json/list")).json()
+        page = next(target for target in targets if target["type"] == "page")
+        async with aiohttp.ClientSession() as session, session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as websocket:
+            yield Browser(websocket)
+    finally:
+        # Chromium's helpers share its session: end the group this test started, by its id.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=20)
+        process.stderr.close()
+
+
+def monitor_app(tmp_path: Path, monitor: Monitor) -> tuple[FastAPI, str]:
+    store = RegistryStore(f"sqlite:///{tmp_path / 'keys.db'}")
+    store.migrate()
+    auth = Authenticator(KeyStore(store.engine))
+    key, _ = auth.keys.create(principal="ops-viewer", role=Role.viewer, created_by="test")
+    app = FastAPI()
+
+    @app.exception_handler(DoorError)
+    async def _door_error(_request, error: DoorError):  # noqa: ANN202
+        return error_response(error.status, error.detail)
+
+    app.include_router(monitor_router(monitor, auth, console_hours=1))
+    return app, key
+
+
+async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headless_chromium(clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path) -> None:
+    seed_history(clickhouse)
+
+    async def publish(envelope) -> None:  # noqa: ANN001 - alerts are stored in ClickHouse; Kafka is not part of this test
+        return None
+
+    rules = parse_rules(RULES, monitor_store.check_rule)
+    earlier = Monitor(monitor_store, rules, publish, RegistryDoor("http://unused", None), policy=RetrainingPolicy(min_corrections=1000), state_dir=tmp_path / "a")
+    now = datetime.now(UTC)
+    for minutes_ago in (24, 18, 12, 6, 0):
+        await earlier.tick(now - timedelta(minutes=minutes_ago))
+    stored = monitor_store.evaluations(now - timedelta(hours=1), ("psi", "unsafe"))
+    assert {row["rule_name"] for row in stored} == {"prompt-tokens-drift", "unsafe"} and len(stored) >= 8
+    # A new monitor, as after a restart: what it shows comes from ClickHouse, not the earlier one's memory.
+    restarted = Monitor(monitor_store, rules, publish, RegistryDoor("http://unused", None), policy=RetrainingPolicy(), state_dir=tmp_path / "b")
+    app, key = monitor_app(tmp_path, restarted)
+
+    artifacts = REPO / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shot = artifacts / "monitor-console.png"
+    shot.unlink(missing_ok=True)
+    async with serving(app) as base, chromium(tmp_path) as browser:
+        await browser.call("Page.enable")
+        await browser.call("Page.navigate", url=f"{base}/monitor/console")
+        await browser.settled_at("/monitor/console/login")
+
+        await browser.submit_key("fw_000000000000_not-a-real-key")
+        await browser.settled_at("/monitor/console/login")
+        assert "invalid API key" in await browser.evaluate("document.querySelector('[role=alert]').innerText")
+
+        await browser.submit_key(key)
+        await browser.settled_at("/monitor/console")
+        text = await browser.evaluate("document.body.innerText")
+        assert "signed in as ops-viewer" in text and "thumbs-down" in text
+        assert await browser.evaluate("document.cookie") == "", "the key's cookie is HttpOnly: scripts cannot read it"
+        [cookie] = [c for c in (await browser.call("Network.getCookies", urls=[f"{base}/monitor/console"]))["cookies"] if c["name"] == COOKIE]
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/monitor/console"
+        drift = await browser.evaluate(
+            "[...document.querySelectorAll('figure')].find(f => f.querySelector('figcaption').innerText.startsWith('Drift')).innerHTML"
+        )
+        assert "<svg" in drift and "prompt_tokens_psi" in drift and "unsafe_rate" in drift, "drift charted from stored evaluations"
+        assert await browser.evaluate("document.querySelectorAll('svg').length") >= 4
+        picture = await browser.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+        shot.write_bytes(base64.b64decode(picture["data"]))
+
+        await browser.evaluate("document.querySelector('form.inline').submit(); true")
+        await browser.settled_at("/monitor/console/login")
+        await browser.call("Page.navigate", url=f"{base}/monitor/console")
+        await browser.settled_at("/monitor/console/login")
+    assert shot.stat().st_size > 20_000
+    print(f"console screenshot: {shot}")
+
+
+async def test_console_sign_in_refuses_bad_input_without_setting_a_cookie(clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path) -> None:
+    monitor = Monitor(monitor_store, [], lambda envelope: asyncio.sleep(0), RegistryDoor("http://unused", None), policy=RetrainingPolicy(), state_dir=tmp_path)
+    app, key = monitor_app(tmp_path, monitor)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://monitor") as client:
+        anonymous = await client.get("/monitor/console")
+        assert anonymous.status_code == 303 and anonymous.headers["location"] == "/monitor/console/login"
+        empty = await client.post("/monitor/console/login", data={"api_key": "  "})
+        wrong = await client.post("/monitor/console/login", data={"api_key": "fw_abc_wrong"})
+        huge = await client.post("/monitor/console/login", data={"api_key": "x" * 10_000})
+        assert (empty.status_code, wrong.status_code, huge.status_code) == (400, 401, 413)
+        assert "enter an API key" in empty.text and "invalid API key" in wrong.text and "paste only the API key" in huge.text
+        assert all("set-cookie" not in r.headers and "Traceback" not in r.text for r in (empty, wrong, huge))
+        assert not client.cookies
+        bearer = await client.get("/monitor/console", headers={"Authorization": f"Bearer {key}"})
+        assert bearer.status_code == 200 and "signed in as ops-viewer" in bearer.text, "API clients keep using the bearer header"
