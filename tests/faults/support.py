@@ -63,7 +63,7 @@ class Ledger:
     def failed(self, table: str) -> set[str]:
         return {event_id for event_id, outcome in self.outcomes[table].items() if outcome == "failed"}
 
-    def check(self, table: str, stored: StoredCount, dead_lettered: int = 0, recovery_s: float | None = None) -> Figures:
+    def check(self, table: str, stored: StoredCount, dead_lettered: int = 0) -> Figures:
         """Jepsen-style: lost = acknowledged but absent; duplicated = rows - distinct event ids (no FINAL)."""
         produced = self.outcomes[table]
         acked = self.acked(table)
@@ -78,7 +78,6 @@ class Ledger:
             duplicated=stored.rows - len(stored.event_ids),
             unexpected=len(stored.event_ids - set(produced)),
             dead_lettered=dead_lettered,
-            recovery_s=recovery_s,
         )
 
 
@@ -94,23 +93,27 @@ class Figures:
     duplicated: int
     unexpected: int
     dead_lettered: int = 0
-    recovery_s: float | None = None
 
     def row(self) -> list[str]:
-        recovery = "-" if self.recovery_s is None else f"{self.recovery_s:.1f}"
-        return [self.table, *(str(v) for v in (self.produced, self.acked, self.failed, self.stored, self.lost, self.duplicated, self.unexpected, self.dead_lettered)), recovery]
+        return [self.table, *(str(v) for v in (self.produced, self.acked, self.failed, self.stored, self.lost, self.duplicated, self.unexpected, self.dead_lettered))]
 
 
-COLUMNS = ["table", "produced", "acked", "failed", "in_clickhouse", "lost", "duplicated", "unexpected", "dlq", "recover_s"]
+COLUMNS = ["table", "produced", "acked", "failed", "in_clickhouse", "lost", "duplicated", "unexpected", "dlq"]
 
 
-def print_table(title: str, figures: Iterable[Figures], notes: dict[str, object] | None = None) -> None:
-    """The figures of one fault test, printed for `pytest -s` and the CI log."""
-    rows = [COLUMNS, *(f.row() for f in figures)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    print(f"\n== {title} ({'full' if FULL else 'ci'} size)")
+def _print_rows(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  " + "  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+def print_table(title: str, figures: Iterable[Figures], notes: dict[str, object] | None = None, recovery: dict[str, float] | None = None) -> None:
+    """The figures of one fault test, printed for `pytest -s` and the CI log. `recovery`: seconds from
+    the end of each fault until the consumers had caught up with everything produced before it ended."""
+    print(f"\n== {title} ({'full' if FULL else 'ci'} size)")
+    _print_rows([COLUMNS, *(f.row() for f in figures)])
+    if recovery:
+        _print_rows([["fault", "recover_s"], *([name, f"{seconds:.1f}"] for name, seconds in recovery.items())])
     for name, value in (notes or {}).items():
         print(f"  {name}: {value}")
 
