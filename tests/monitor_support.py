@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -15,6 +16,7 @@ from aiokafka import AIOKafkaConsumer
 from fastapi import FastAPI
 from faststream.kafka import KafkaBroker
 
+from contracts.events import FeedbackReceived, InferenceLogged, InferenceStatus, Stage, Thumbs
 from contracts.http import Role
 from contracts.topics import topic_for
 from services.feedback.handlers import subscribe_sink
@@ -33,7 +35,11 @@ from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.consumer import DeadLetters
 from services.runtime.http import DoorError, error_response
 from services.runtime.settings import FlywheelSettings
+from tests.integration.registry_support import CHAT, evaluation, jsonl, seed_model, training_completed
 from tests.support import eventually as shared_eventually
+
+MODEL = "smollm2"
+PER_ARM = 120
 
 # A monitor tick spans Kafka, the sink and ClickHouse: a longer wait, polled less often.
 eventually = partial(shared_eventually, timeout_s=90.0, interval_s=0.2)
@@ -93,3 +99,32 @@ async def read_topic(settings: FlywheelSettings, event: type, *, expect: int, wa
     finally:
         await consumer.stop()
     return records
+
+
+def seed_two_versions(door: RegistryDoorFixture, tmp_path: Path) -> None:
+    """smollm2 v1 in production, v2 passed the gate and waits in staging."""
+    registry = door.registry
+    seed_model(registry, tmp_path, name=MODEL)
+    registry.publish_dataset("alice", name="support", split="train", jsonl=jsonl(CHAT))
+    for index in range(2):
+        adapter = registry.register_trained_adapter(training_completed(registry, tmp_path, job_id=f"job-{index}", seed=index, model=MODEL), event_id=str(uuid.uuid4()), correlation_id=f"corr-{index}")
+        registry.attach_evaluation(evaluation(MODEL, adapter.version))
+        registry.transition("alice", model_name=MODEL, version=adapter.version, to_stage=Stage.staging)
+    registry.transition("alice", model_name=MODEL, version=1, to_stage=Stage.production, approver="bob")
+
+
+def arm_traffic(version: int, *, down_every: int, error_every: int | None, latency_ms: float, hallucinating: bool) -> tuple[list[InferenceLogged], list[FeedbackReceived]]:
+    inferences, feedback = [], []
+    for i in range(PER_ARM):
+        product = i % 12
+        question = f"Context: product {product} comes with a 2-year warranty and free repairs. Question: how long is the warranty on product {product}?"
+        answer = f"Product {product} has a {5 + i % 4}-week warranty, I think." if hallucinating else f"Product {product} comes with a 2-year warranty."
+        failed = error_every is not None and i % error_every == 0
+        inference_id = f"inf-{uuid.uuid4().hex[:12]}"
+        inferences.append(InferenceLogged(
+            inference_id=inference_id, model_name=MODEL, adapter_version=version, route="canary" if version > 1 else "production", input_text=question,
+            output_text="" if failed else answer, prompt_tokens=30, completion_tokens=0 if failed else 10, latency_total_ms=latency_ms + i % 50,
+            status=InferenceStatus.error if failed else InferenceStatus.ok, error="upstream timeout" if failed else None,
+        ))
+        feedback.append(FeedbackReceived(inference_id=inference_id, thumbs=Thumbs.down if i % down_every == 0 else Thumbs.up))
+    return inferences, feedback

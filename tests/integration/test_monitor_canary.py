@@ -7,14 +7,13 @@ rolls back through the registry's real door, which records it in the audit log. 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from contracts.events import FeedbackReceived, InferenceLogged, InferenceStatus, Stage, StageChanged, Thumbs
+from contracts.events import Stage, StageChanged
 from services.monitor.canary import CanaryPolicy
 from services.monitor.handlers import when_stage_changed_watch_canary
 from services.monitor.service import Monitor, RetrainingPolicy
@@ -25,13 +24,10 @@ from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.consumer import DeadLetters, SqliteProcessedEvents, subscribe
 from services.runtime.settings import FlywheelSettings
 from tests.fixtures.clickhouse import ClickHouseTarget
-from tests.integration.registry_support import CHAT, evaluation, jsonl, seed_model, training_completed
-from tests.monitor_support import RegistryDoorFixture, eventually, running_sink
+from tests.monitor_support import MODEL, PER_ARM, RegistryDoorFixture, arm_traffic, eventually, running_sink, seed_two_versions
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
-MODEL = "smollm2"
-PER_ARM = 120
 # Small enough for a test's traffic, strict enough that the worse canary cannot pass: every
 # tolerance is far below the degradation fed below, and far above the noise of 120 equal samples.
 POLICY = CanaryPolicy(
@@ -52,35 +48,6 @@ def registry_door(tmp_path: Path) -> Iterator[RegistryDoorFixture]:
     fixture = RegistryDoorFixture(tmp_path)
     yield fixture
     fixture.store.close()
-
-
-def seed_two_versions(door: RegistryDoorFixture, tmp_path: Path) -> None:
-    """smollm2 v1 in production, v2 passed the gate and waits in staging."""
-    registry = door.registry
-    seed_model(registry, tmp_path, name=MODEL)
-    registry.publish_dataset("alice", name="support", split="train", jsonl=jsonl(CHAT))
-    for index in range(2):
-        adapter = registry.register_trained_adapter(training_completed(registry, tmp_path, job_id=f"job-{index}", seed=index, model=MODEL), event_id=str(uuid.uuid4()), correlation_id=f"corr-{index}")
-        registry.attach_evaluation(evaluation(MODEL, adapter.version))
-        registry.transition("alice", model_name=MODEL, version=adapter.version, to_stage=Stage.staging)
-    registry.transition("alice", model_name=MODEL, version=1, to_stage=Stage.production, approver="bob")
-
-
-def arm_traffic(version: int, *, down_every: int, error_every: int | None, latency_ms: float, hallucinating: bool) -> tuple[list[InferenceLogged], list[FeedbackReceived]]:
-    inferences, feedback = [], []
-    for i in range(PER_ARM):
-        product = i % 12
-        question = f"Context: product {product} comes with a 2-year warranty and free repairs. Question: how long is the warranty on product {product}?"
-        answer = f"Product {product} has a {5 + i % 4}-week warranty, I think." if hallucinating else f"Product {product} comes with a 2-year warranty."
-        failed = error_every is not None and i % error_every == 0
-        inference_id = f"inf-{uuid.uuid4().hex[:12]}"
-        inferences.append(InferenceLogged(
-            inference_id=inference_id, model_name=MODEL, adapter_version=version, route="canary" if version > 1 else "production", input_text=question,
-            output_text="" if failed else answer, prompt_tokens=30, completion_tokens=0 if failed else 10, latency_total_ms=latency_ms + i % 50,
-            status=InferenceStatus.error if failed else InferenceStatus.ok, error="upstream timeout" if failed else None,
-        ))
-        feedback.append(FeedbackReceived(inference_id=inference_id, thumbs=Thumbs.down if i % down_every == 0 else Thumbs.up))
-    return inferences, feedback
 
 
 async def run_canary(settings: FlywheelSettings, clickhouse: ClickHouseStore, monitor_store: MonitorStore, door: RegistryDoorFixture, tmp_path: Path, *, canary_is_worse: bool):
