@@ -3,6 +3,10 @@
 Imports neither Kafka nor FastAPI: events leave through a `Publisher` (the runtime's EventBus).
 A job's state lives in the JobStore before any event is published about it, so a worker killed at
 any point finds its job again on restart: `running` jobs resume from their checkpoint first.
+Progress events are best effort (the next one supersedes a lost one); the terminal event is staged
+with the job's end in one transaction and relayed until the broker acknowledges it, retrying with
+backoff through an outage and again at the next start. Its event_id is derived from the job, so a
+republished one is deduplicated by consumers.
 """
 
 from __future__ import annotations
@@ -15,18 +19,24 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
+from contracts.envelope import Envelope, wrap
 from contracts.events import TrainingCompleted, TrainingFailed, TrainingProgress, TrainingRequested, TrainingStarted
 from services.runtime.artifacts import ArtifactStore
 from services.trainer.catalog import Catalog, UnknownInput
 from services.trainer.engine import Progress, TrainingError, TrainingJob, TrainingPlan, train
 from services.trainer.settings import TrainerSettings
-from services.trainer.store import JobRecord, JobStore
+from contracts.topics import EVENT_TYPES
+from services.trainer.store import JobRecord, JobStore, OutboxEvent
 
 log = logging.getLogger("flywheel.trainer")
+
+PRODUCER = "trainer"
 
 
 class Publisher(Protocol):
     async def publish(self, payload: Any, *, correlation_id: str | None = None, event_id: uuid.UUID | None = None) -> Any: ...
+
+    async def publish_envelope(self, envelope: Envelope) -> None: ...
 
 
 class Trainer:
@@ -41,6 +51,10 @@ class Trainer:
         self._cancelled: set[str] = set()
         self._cancel_lock = threading.Lock()
         self._worker: asyncio.Task | None = None
+        self._relay: asyncio.Task | None = None
+        self._relay_wake = asyncio.Event()
+        # One relay pass at a time: the worker's own attempt and the retry loop must not send a row twice.
+        self._relay_lock = asyncio.Lock()
 
     def submit(self, request: TrainingRequested, correlation_id: str | None = None) -> tuple[JobRecord, bool]:
         """Queue a job; a job_id seen before returns the existing job and starts nothing."""
@@ -77,15 +91,55 @@ class Trainer:
         return self._store.get(job_id)
 
     async def start(self) -> None:
+        # The relay starts first: terminal events a previous worker staged but never sent go out now.
+        self._relay = asyncio.create_task(self._relay_forever(), name="trainer-outbox-relay")
         self._worker = asyncio.create_task(self._run_forever(), name="trainer-worker")
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
+        for task in (self._worker, self._relay):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._worker = self._relay = None
+        # What is staged but unsent goes out now rather than at the next start: the process stops its
+        # services before it disconnects the broker. A broker that is down leaves it staged.
+        try:
+            await asyncio.wait_for(self.relay_once(), self._settings.stop_drain_s)
+        except Exception as error:  # noqa: BLE001 - still staged; the next start publishes it
+            log.info("staged trainer events not drained on stop (%s); they go out at the next start", type(error).__name__)
+
+    async def relay_once(self) -> int:
+        """Publish every staged terminal event, oldest first, marking each sent once acknowledged; how many were sent."""
+        sent = 0
+        async with self._relay_lock:
+            for event in await asyncio.to_thread(self._store.unsent):
+                await self._publisher.publish_envelope(_envelope(event))
+                await asyncio.to_thread(self._store.mark_sent, event.event_id)
+                sent += 1
+        return sent
+
+    async def _relay_forever(self) -> None:
+        delay = self._settings.publish_retry_initial_s
+        while True:
+            # Cleared before the pass, so an event staged during it wakes the next one.
+            self._relay_wake.clear()
             try:
-                await self._worker
+                await self.relay_once()
             except asyncio.CancelledError:
-                pass
+                raise
+            except Exception as error:  # noqa: BLE001 - the relay outlives a broker outage; the events wait in the store
+                log.warning("could not publish staged trainer events (%s: %s); retrying in %.1fs", type(error).__name__, error, delay)
+                try:
+                    await asyncio.wait_for(self._relay_wake.wait(), delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, self._settings.publish_retry_max_s)
+                continue
+            delay = self._settings.publish_retry_initial_s
+            await self._relay_wake.wait()
 
     async def _run_forever(self) -> None:
         while True:
@@ -140,22 +194,18 @@ class Trainer:
             log.exception("training job %s crashed", job.job_id)
             await self._fail(job, TrainingError("internal", f"{type(error).__name__}: {error}"))
             return
-        # A deterministic event id: if the worker dies before marking the job done, the re-sent event is deduplicated.
-        await self._publish(
-            TrainingCompleted(
-                job_id=job.job_id,
-                model_name=job.model_name,
-                dataset=job.dataset,
-                hyperparameters=job.hyperparameters,
-                artifact_uri=ref.uri,
-                artifact_sha256=ref.sha256,
-                metrics=result.metrics,
-            ),
-            job,
-            event_id=uuid.uuid5(uuid.NAMESPACE_URL, f"flywheel-trainer/{job.job_id}/completed"),
+        completed = TrainingCompleted(
+            job_id=job.job_id,
+            model_name=job.model_name,
+            dataset=job.dataset,
+            hyperparameters=job.hyperparameters,
+            artifact_uri=ref.uri,
+            artifact_sha256=ref.sha256,
+            metrics=result.metrics,
         )
-        self._store.update(job.job_id, status="completed", step=result.total_steps, artifact_uri=ref.uri, artifact_sha256=ref.sha256)
+        await self._finish(job, completed, status="completed", step=result.total_steps, artifact_uri=ref.uri, artifact_sha256=ref.sha256)
         shutil.rmtree(work_dir, ignore_errors=True)
+        await self._send_staged()
 
     async def _resolve(self, job: JobRecord) -> tuple[Path, Path]:
         # The registry's events travel on other topics than the request: a model or dataset published
@@ -172,17 +222,32 @@ class Trainer:
 
     async def _fail(self, job: JobRecord, error: TrainingError) -> None:
         status = "cancelled" if error.error_type == "cancelled" else "failed"
-        self._store.update(job.job_id, status=status, error=error.reason, error_type=error.error_type)
+        failed = TrainingFailed(job_id=job.job_id, model_name=job.model_name, reason=error.reason, error_type=error.error_type)
+        await self._finish(job, failed, status=status, error=error.reason, error_type=error.error_type)
         # No partial adapter survives a failed job: its checkpoints and work directory go with it.
         shutil.rmtree(self._work_root / job.job_id, ignore_errors=True)
-        await self._publish(
-            TrainingFailed(job_id=job.job_id, model_name=job.model_name, reason=error.reason, error_type=error.error_type),
-            job,
-            event_id=uuid.uuid5(uuid.NAMESPACE_URL, f"flywheel-trainer/{job.job_id}/failed"),
-        )
+        await self._send_staged()
 
-    async def _publish(self, payload: Any, job: JobRecord, event_id: uuid.UUID | None = None) -> None:
+    async def _finish(self, job: JobRecord, payload: TrainingCompleted | TrainingFailed, **fields: object) -> None:
+        # The event id is a function of the job and its outcome: a job finished again after a crash stages nothing new.
+        event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"flywheel-trainer/{job.job_id}/{payload.event_type.rsplit('.', 1)[-1]}")
+        envelope = wrap(payload, producer=PRODUCER, correlation_id=job.correlation_id, event_id=event_id)
+        staged = OutboxEvent(event_id=str(event_id), event_type=envelope.event_type, envelope=envelope.model_dump_json())
+        await asyncio.to_thread(self._store.finish, job.job_id, staged, **fields)
+
+    async def _send_staged(self) -> None:
         try:
-            await self._publisher.publish(payload, correlation_id=job.correlation_id, event_id=event_id)
-        except Exception:  # noqa: BLE001 - a lost event must not kill the worker; the job's state stays readable over HTTP
-            log.exception("could not publish %s for job %s", type(payload).__name__, job.job_id)
+            await self.relay_once()
+        except Exception as error:  # noqa: BLE001 - staged, not lost: the relay retries with backoff
+            log.warning("terminal event not published yet (%s: %s); the relay will retry", type(error).__name__, error)
+            self._relay_wake.set()
+
+    async def _publish(self, payload: Any, job: JobRecord) -> None:
+        try:
+            await self._publisher.publish(payload, correlation_id=job.correlation_id)
+        except Exception as error:  # noqa: BLE001 - progress is best effort: the next event supersedes it, the job's state stays readable over HTTP
+            log.warning("could not publish %s for job %s (%s: %s)", type(payload).__name__, job.job_id, type(error).__name__, error)
+
+
+def _envelope(event: OutboxEvent) -> Envelope:
+    return Envelope[EVENT_TYPES[event.event_type]].model_validate_json(event.envelope)  # type: ignore[misc]

@@ -1,4 +1,9 @@
-"""Training job state in SQLite under FLYWHEEL_HOME/trainer: the only module that opens the jobs database."""
+"""Training job state in SQLite under FLYWHEEL_HOME/trainer: the only module that opens the jobs database.
+
+A job's end and its terminal event (training.completed / training.failed) are written in one
+transaction: the event waits in the `outbox` table until the broker has acknowledged it, so a
+broker outage or a worker killed between the two loses neither the state nor the event.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +35,15 @@ class JobRecord:
     artifact_sha256: str | None = None
 
 
+@dataclass(frozen=True)
+class OutboxEvent:
+    """A terminal event as it will be published: the whole envelope, so a republished one is identical."""
+
+    event_id: str
+    event_type: str
+    envelope: str
+
+
 class JobStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,6 +53,10 @@ class JobStore:
             "CREATE TABLE IF NOT EXISTS job (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT UNIQUE, model_name TEXT, dataset_name TEXT,"
             " dataset_version INTEGER, hyperparameters TEXT, status TEXT, correlation_id TEXT, requested_by TEXT, step INTEGER DEFAULT 0,"
             " total_steps INTEGER DEFAULT 0, loss REAL, error TEXT, error_type TEXT, artifact_uri TEXT, artifact_sha256 TEXT, updated_at TEXT)"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT UNIQUE, job_id TEXT, event_type TEXT,"
+            " envelope TEXT, sent_at TEXT)"
         )
         self._lock = threading.Lock()
 
@@ -76,6 +94,32 @@ class JobStore:
         assignments = ", ".join(f"{name} = ?" for name in fields)
         with self._lock:
             self._db.execute(f"UPDATE job SET {assignments}, updated_at = ? WHERE job_id = ?", (*fields.values(), _now(), job_id))
+
+    def finish(self, job_id: str, event: OutboxEvent, **fields: object) -> None:
+        """Record a job's end and stage its terminal event, both or neither; a staged event_id is staged once."""
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(f"UPDATE job SET {assignments}, updated_at = ? WHERE job_id = ?", (*fields.values(), _now(), job_id))
+                self._db.execute(
+                    "INSERT OR IGNORE INTO outbox (event_id, job_id, event_type, envelope) VALUES (?, ?, ?, ?)",
+                    (event.event_id, job_id, event.event_type, event.envelope),
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def unsent(self, limit: int = 100) -> list[OutboxEvent]:
+        """Staged events the broker has not acknowledged yet, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT event_id, event_type, envelope FROM outbox WHERE sent_at IS NULL ORDER BY seq LIMIT ?", (limit,)).fetchall()
+        return [OutboxEvent(*row) for row in rows]
+
+    def mark_sent(self, event_id: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE outbox SET sent_at = ? WHERE event_id = ?", (_now(), event_id))
 
     def close(self) -> None:
         self._db.close()

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from contracts.envelope import Envelope
 from contracts.events import DatasetRef, Hyperparameters, TrainingCompleted, TrainingFailed, TrainingProgress, TrainingRequested, TrainingStarted
 from services.runtime.artifacts import ArtifactStore
 from services.trainer.catalog import UnknownInput
@@ -27,6 +29,23 @@ class RecordingPublisher:
     async def publish(self, payload: object, *, correlation_id: str | None = None, event_id: object = None) -> None:
         self.events.append(payload)
 
+    async def publish_envelope(self, envelope: Envelope) -> None:
+        self.events.append(envelope.payload)
+
+
+class BrokerDownPublisher(RecordingPublisher):
+    """Refuses the first `failures` terminal events, as a producer does while the broker is unreachable."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def publish_envelope(self, envelope: Envelope) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("broker unreachable")
+        await super().publish_envelope(envelope)
+
 
 class DictCatalog:
     def __init__(self, model: Path, datasets: dict[tuple[str, int], Path]) -> None:
@@ -44,7 +63,12 @@ class DictCatalog:
 
 
 @pytest.fixture
-def trainer(tmp_path: Path, base_model_dir: Path) -> tuple[Trainer, RecordingPublisher, Path]:  # noqa: F811
+def publisher() -> RecordingPublisher:
+    return RecordingPublisher()
+
+
+@pytest.fixture
+def trainer(tmp_path: Path, base_model_dir: Path, publisher: RecordingPublisher) -> tuple[Trainer, RecordingPublisher, Path]:  # noqa: F811
     tiny = tmp_path / "tiny.jsonl"
     tiny.write_text("".join((DEMO_DATA / "train.jsonl").read_text().splitlines(keepends=True)[:4]))
     empty = tmp_path / "empty.jsonl"
@@ -52,7 +76,6 @@ def trainer(tmp_path: Path, base_model_dir: Path) -> tuple[Trainer, RecordingPub
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"messages": [{"role": "user", "content": "hub " * 400}, {"role": "assistant", "content": "ok"}]}) + "\n")
     catalog = DictCatalog(base_model_dir, {("tiny", 1): tiny, ("empty", 1): empty, ("long", 1): long})
-    publisher = RecordingPublisher()
     artifacts = tmp_path / "artifacts"
     service = Trainer(JobStore(tmp_path / "jobs.db"), catalog, ArtifactStore(artifacts), publisher, work_root=tmp_path / "jobs", settings=TrainerSettings(progress_every=1, input_wait_s=0))
     return service, publisher, artifacts
@@ -103,3 +126,43 @@ async def test_bad_input_is_training_failed_with_a_clear_reason_and_no_adapter(t
     assert not any(isinstance(event, TrainingCompleted) for event in publisher.events)
     assert not artifacts.exists() or not any(artifacts.rglob("*"))
     assert service.get("bad").status == "failed"
+
+
+@pytest.mark.parametrize("publisher", [BrokerDownPublisher(failures=2)], ids=["broker-down-twice"])
+async def test_a_terminal_event_the_broker_refused_stays_staged_and_is_published_once_later(trainer) -> None:
+    # A narrow test of the retry bookkeeping with a refusing publisher; test_trainer_outbox.py shows it on a real broker that goes down.
+    service, publisher, _ = trainer
+    job, _ = service.submit(request("lost", model="no-such-model"))
+    await service.run_job(job)
+    assert service.get("lost").status == "failed"
+    assert not any(isinstance(event, TrainingFailed) for event in publisher.events)
+    with pytest.raises(ConnectionError):
+        await service.relay_once()
+    assert await service.relay_once() == 1
+    assert await service.relay_once() == 0
+    failed = [event for event in publisher.events if isinstance(event, TrainingFailed)]
+    assert len(failed) == 1 and "unknown base model" in failed[0].reason
+
+
+@pytest.mark.parametrize(
+    "error",
+    [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), MemoryError()],
+    ids=["torch-cuda-oom", "host-memory-error"],
+)
+async def test_out_of_memory_is_training_failed_naming_what_to_lower_and_no_adapter(trainer, error: BaseException, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # There is no GPU here to run out of, so the first training step raises what torch raises when it does.
+    def out_of_memory(*_: object) -> None:
+        raise error
+
+    monkeypatch.setattr("services.trainer.engine._assistant_loss", out_of_memory)
+    service, publisher, artifacts = trainer
+    job, _ = service.submit(request("oom"))
+    await service.run_job(job)
+    failed = publisher.events[-1]
+    assert isinstance(failed, TrainingFailed)
+    assert failed.error_type == "out_of_memory"
+    assert "out of memory with batch_size=2, max_seq_length=128, rank=4: lower batch_size or max_seq_length" in failed.reason
+    assert not any(isinstance(event, TrainingCompleted) for event in publisher.events)
+    assert not artifacts.exists() or not any(artifacts.rglob("*"))
+    assert not (tmp_path / "jobs" / "oom").exists()
+    assert service.get("oom").status == "failed"
