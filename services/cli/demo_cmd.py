@@ -1,69 +1,85 @@
-"""`flywheel demo`: runs what the platform has, end to end, on real components, and reports.
+"""`flywheel demo`: the seven steps of the loop (ARCHITECTURE.md, "The loop"), for real, in one process.
 
-Today that is the foundation: a local Apache Kafka, every contract topic, every event published by
-an app through the typed publisher and consumed by the idempotent consumer (a duplicate skipped, a
-poison message dead-lettered), and the ClickHouse schema migrated in the embedded engine. The
-demo grows step by step into the seven-step loop of ARCHITECTURE.md as the services land.
+Like `flywheel up`, every service runs in this process (one ASGI app on a free port, one broker, one
+embedded ClickHouse) against a local Apache Kafka the demo starts and stops. The demo then acts as
+the people and apps around the platform, through the services' doors and events only: an operator
+registers data and asks for training, approves promotions; an app calls the gateway with the
+openai client; reviewers give feedback. What the services do in between (train, evaluate, gate,
+load adapters, store logs, raise alerts, retrain) is theirs. A step the platform cannot complete
+is reported as failed with the reason; nothing is filled in by the demo.
+
+A second run in the same FLYWHEEL_HOME reuses what exists: datasets of the same content, the
+training job of the same data and hyperparameters (the trainer answers it as done), adapters and
+their stages in the registry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import re
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import typer
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from prometheus_client import REGISTRY
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from services.cli.demo_report import FAILED, PASSED, Evaluation, LoopReport, Step
 from services.runtime.settings import FlywheelSettings, load_settings
 
 console = Console(highlight=False)
 
-
-@dataclass
-class DemoReport:
-    started_at: datetime
-    bootstrap: str = ""
-    broker_pid: int | None = None
-    broker_started_here: bool = False
-    topics_created: int = 0
-    events_published: int = 0
-    events_consumed: dict[str, int] = field(default_factory=dict)
-    duplicates_skipped: int = 0
-    dead_lettered: list[str] = field(default_factory=list)
-    clickhouse_tables: list[str] = field(default_factory=list)
-    migrations_applied: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_text(self) -> str:
-        lines = [
-            f"Flywheel demo (foundation) - {self.started_at:%Y-%m-%d %H:%M:%S} UTC, {self.seconds:.1f} s",
-            f"kafka: {self.bootstrap} pid {self.broker_pid or '-'} ({'started and stopped by the demo' if self.broker_started_here else 'already running'})",
-            f"topics created: {self.topics_created}",
-            f"events published by an app: {self.events_published}; consumed once each: {sum(self.events_consumed.values())}",
-            f"duplicates skipped: {self.duplicates_skipped}; dead-lettered: {len(self.dead_lettered)}",
-            *[f"  dlq: {reason}" for reason in self.dead_lettered],
-            f"clickhouse (embedded chDB) tables: {', '.join(self.clickhouse_tables)}",
-            f"migrations applied this run: {', '.join(self.migrations_applied) or 'none (already up to date)'}",
-        ]
-        return "\n".join(lines) + "\n"
+MODEL = "smollm2-135m-instruct"
+DATA = Path(__file__).resolve().parents[1] / "trainer" / "demo_data"
+# The reduced training recipe of the trainer's learning test: 8 facts x 8 paraphrases, 2 epochs at a
+# high learning rate. It is what fits the 20-minute budget on 2 CPU cores and still passes facts@v1.
+FACTS_V1 = 8
+FACTS_TRAFFIC = 16
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GATE_POLICY = "facts@v1"
+# The demo's alert rule: a thumbs-down rate over 30% in the last 15 minutes (10 ratings at least)
+# opens a quality alert; the monitor's default rules compare against a day-long baseline a fresh demo has not got.
+RULES = """rules:
+  - name: demo-thumbs-down-rate
+    version: 1
+    metric: thumbs_down_rate
+    threshold: 0.3
+    severity: warning
+    window_s: 900
+    min_samples: 10
+    cooldown_s: 3600
+  - name: error-rate
+    version: 1
+    metric: error_rate
+    threshold: 0.05
+    severity: critical
+    window_s: 900
+    min_samples: 10
+    cooldown_s: 1800
+"""
 
 
 def demo(
     home: Path = typer.Option(None, help="Data directory for this demo; default FLYWHEEL_HOME."),
+    traffic: int = typer.Option(2, min=1, max=6, help="Requests per fact sent through the gateway in step 4."),
+    step_timeout: float = typer.Option(1800.0, min=60, help="Seconds any one step may wait for the platform."),
 ) -> None:
-    """Run the platform end to end on real local components and write a report."""
-    overrides = {"home": home} if home else {}
+    """Run the loop end to end on real components (Kafka, ClickHouse, Triton, SmolLM2) and write a report."""
+    overrides = {"home": home.resolve()} if home else {}
     settings = load_settings(FlywheelSettings, **overrides)
-    report = DemoReport(started_at=datetime.now(UTC))
+    settings = settings.model_copy(update={"home": settings.home.resolve()})
+    report = LoopReport(started_at=datetime.now(UTC), home=str(settings.home))
     started = time.monotonic()
     kafka = None
+    broker_started_here = False
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=False) as progress:
         try:
             task = progress.add_task("kafka: starting a local Apache Kafka broker", total=None)
@@ -73,107 +89,509 @@ def demo(
                 from infra.local_kafka import LocalKafka
 
                 kafka = LocalKafka(settings.home, settings.cache)
-                report.broker_started_here = not kafka.status().running
+                broker_started_here = not kafka.status().running
                 report.bootstrap = kafka.start()
-                report.broker_pid = kafka.status().pid
+                report.cleanup.append(f"kafka broker pid {kafka.status().pid} at {report.bootstrap}")
             progress.update(task, description=f"kafka: ready at {report.bootstrap}", completed=1, total=1)
-            asyncio.run(_events(settings, report, progress))
-            _clickhouse(settings, report, progress)
+            asyncio.run(_loop(settings.model_copy(update={"kafka_bootstrap": report.bootstrap}), report, progress, traffic=traffic, step_timeout=step_timeout))
         finally:
-            if kafka is not None and report.broker_started_here:
+            if kafka is not None and broker_started_here:
                 task = progress.add_task("kafka: stopping the broker the demo started", total=None)
                 kafka.stop()
+                port = int(report.bootstrap.rsplit(":", 1)[1])
+                from infra.processes import port_is_free
+
+                report.cleanup.append(f"kafka stopped; port {port} {'free' if port_is_free(port) else 'STILL IN USE'}")
                 progress.update(task, description="kafka: stopped", completed=1, total=1)
     report.seconds = time.monotonic() - started
-    _print(report)
     out = settings.home / "reports"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "demo-summary.txt"
-    path.write_text(report.to_text())
-    console.print(f"report written to {path}")
+    (out / "demo-summary.txt").write_text(report.to_text())
+    (out / "demo-report.html").write_text(report.to_html())
+    console.print(report.to_text())
+    console.print(f"report written to {out / 'demo-summary.txt'} and {out / 'demo-report.html'}")
+    if not report.ok:
+        raise typer.Exit(1)
 
 
-async def _events(settings: FlywheelSettings, report: DemoReport, progress: Progress) -> None:
-    from contracts.events import EVENTS, InferenceLogged
-    from contracts.publisher import EventPublisher
-    from contracts.topics import dlq_for, topic_for
-    from services.runtime.broker import create_broker, ensure_topics
-    from services.runtime.consumer import DeadLetters, SqliteProcessedEvents, subscribe
-    from contracts.examples import example_events
-
-    task = progress.add_task("topics: creating every contract topic and its dead-letter topic", total=None)
-    settings = settings.model_copy(update={"kafka_bootstrap": report.bootstrap, "topic_prefix": settings.topic_prefix or f"demo-{int(time.time())}."})
-    report.topics_created = len(await ensure_topics(report.bootstrap, settings.topic_prefix))
-    progress.update(task, description=f"topics: {report.topics_created} created", completed=1, total=1)
-
-    task = progress.add_task("events: an app publishes one of each; the idempotent consumer reads them", total=len(EVENTS) + 2)
-    received: dict[str, int] = {event.event_type: 0 for event in EVENTS}
-
-    def counter(event_type: str):
-        async def handle(envelope) -> None:
-            received[event_type] += 1
-            progress.advance(task)
-
-        return handle
-
-    broker = create_broker(settings, client_id="demo")
-    processed = SqliteProcessedEvents(settings.home / "demo" / "processed-events.db")
-    for event in EVENTS:
-        subscribe(broker, event, counter(event.event_type), group=f"demo.{event.event_type}", processed=processed, dead_letters=DeadLetters(broker), topic_prefix=settings.topic_prefix)
-    async with broker:
-        await broker.start()
-        async with EventPublisher(report.bootstrap, producer="demo-app", topic_prefix=settings.topic_prefix) as publisher:
-            envelopes = [await publisher.publish(payload) for payload in example_events().values()]
-        report.events_published = len(envelopes)
-        inference = next(envelope for envelope in envelopes if isinstance(envelope.payload, InferenceLogged))
-        raw = AIOKafkaProducer(bootstrap_servers=report.bootstrap, acks="all", enable_idempotence=True)
-        await raw.start()
-        try:
-            # A redelivery (same event_id) and a message no consumer can read.
-            await raw.send_and_wait(topic_for(InferenceLogged, settings.topic_prefix), inference.model_dump_json().encode(), key=inference.payload.partition_key().encode())
-            await raw.send_and_wait(topic_for(InferenceLogged, settings.topic_prefix), b'{"event_type": "inference.logged", "payload": "truncated', key=b"poison")
-        finally:
-            await raw.stop()
-        dlq = dlq_for(topic_for(InferenceLogged, settings.topic_prefix))
-        report.dead_lettered = await _read_dead_letters(report.bootstrap, dlq, expected=1)
-        progress.advance(task, 2)
-        duplicates = {"group": f"demo.{InferenceLogged.event_type}", "event_type": InferenceLogged.event_type, "outcome": "duplicate"}
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (sum(received.values()) < len(EVENTS) or not REGISTRY.get_sample_value("flywheel_consumer_messages_total", duplicates)):
-            await asyncio.sleep(0.1)
-    processed.close()
-    report.events_consumed = received
-    report.duplicates_skipped = int(REGISTRY.get_sample_value("flywheel_consumer_messages_total", duplicates) or 0)
-    progress.update(task, description=f"events: {sum(received.values())} consumed once, {report.duplicates_skipped} duplicate skipped, {len(report.dead_lettered)} dead-lettered")
+# ------------------------------------------------------------------------------------------- the process
 
 
-async def _read_dead_letters(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0) -> list[str]:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    reasons: list[str] = []
+def _configure(settings: FlywheelSettings) -> tuple[FlywheelSettings, str]:
+    """Settings for the demo's process: a free port, an admin key kept in the home, the demo's rules."""
+    from infra.processes import free_port
+    from services.runtime.auth import generate_key
+
+    state = settings.home / "demo"
+    state.mkdir(parents=True, exist_ok=True)
+    key_file = state / "admin.key"
+    if not key_file.exists():
+        key_file.write_text(generate_key()[0])
+        key_file.chmod(0o600)
+    admin_key = key_file.read_text().strip()
+    rules = state / "rules.yaml"
+    rules.write_text(RULES)
+    port = free_port()
+    settings = settings.model_copy(update={"http_port": port, "bootstrap_admin_key": admin_key})
+    # Each service reads its own FLYWHEEL_<SERVICE>_* settings from the environment when it is built.
+    os.environ.update({
+        "FLYWHEEL_HOME": str(settings.home),
+        "FLYWHEEL_KAFKA_BOOTSTRAP": str(settings.kafka_bootstrap),
+        "FLYWHEEL_HTTP_PORT": str(port),
+        "FLYWHEEL_BOOTSTRAP_ADMIN_KEY": admin_key,
+        "FLYWHEEL_MONITOR_RULES_PATH": str(rules),
+        "FLYWHEEL_MONITOR_TICK_S": "5",
+        "FLYWHEEL_MONITOR_API_KEY": admin_key,
+        "FLYWHEEL_MONITOR_RETRAIN_MIN_CORRECTIONS": "8",
+        "FLYWHEEL_EVALUATOR_GATE_POLICIES": json.dumps({MODEL: GATE_POLICY}),
+        "FLYWHEEL_EVALUATOR_MAX_TOKENS": "40",
+        "FLYWHEEL_SERVING_RATE_LIMIT_RPS": "50",
+        "FLYWHEEL_SERVING_RATE_LIMIT_BURST": "100",
+    })
+    return settings, admin_key
+
+
+async def _loop(settings: FlywheelSettings, report: LoopReport, progress: Progress, *, traffic: int, step_timeout: float) -> None:
+    import uvicorn
+
+    from infra.processes import port_is_free
+    from services.cli import registry_cmd
+    from services.cli.run_cmd import available_services, factory
+    from services.runtime.service import build_process
+
+    settings, admin_key = _configure(settings)
+    report.http = f"http://{settings.http_host}:{settings.http_port}"
+
+    task = progress.add_task("registry: importing the SmolLM2 base model (GGUF -> safetensors, once)", total=None)
+    # The registry's own command (the outbox relays its model.registered when the process starts).
+    await asyncio.to_thread(registry_cmd.import_base, None, None)
+    progress.update(task, description="registry: base model imported", completed=1, total=1)
+
+    task = progress.add_task(f"process: starting {', '.join(available_services())} (Triton, SmolLM2, chDB)", total=None)
+    app, _ = build_process(settings, [factory(name) for name in available_services()], title="flywheel-demo")
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None, lifespan="on"))
+    serving = asyncio.create_task(server.serve(), name="uvicorn")
     try:
-        deadline = time.monotonic() + timeout_s
-        while len(reasons) < expected and time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                reasons.extend(dict(record.headers).get("x-flywheel-error", b"").decode() for record in records)
+        while not server.started:
+            if serving.done():
+                raise RuntimeError(f"the demo's process did not start: {serving.exception() or 'see the log'}")
+            await asyncio.sleep(0.2)
+        progress.update(task, description=f"process: ready at {report.http}", completed=1, total=1)
+        driver = Driver(report.http, admin_key, report, progress, step_timeout=step_timeout)
+        await driver.run(traffic=traffic)
     finally:
-        await consumer.stop()
-    return reasons
+        task = progress.add_task("process: stopping every service", total=None)
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(serving, timeout=120)
+        free = port_is_free(settings.http_port)
+        report.cleanup.append(f"services stopped; http port {settings.http_port} {'free' if free else 'STILL IN USE'}")
+        progress.update(task, description="process: stopped", completed=1, total=1)
 
 
-def _clickhouse(settings: FlywheelSettings, report: DemoReport, progress: Progress) -> None:
-    from services.runtime.clickhouse import open_clickhouse
-
-    task = progress.add_task("clickhouse: applying migrations in the embedded engine", total=None)
-    with open_clickhouse(settings.clickhouse_url, settings.home) as store:
-        report.migrations_applied = store.migrate()
-        report.clickhouse_tables = [row["name"] for row in store.query("SELECT name FROM system.tables WHERE database = currentDatabase() ORDER BY name")]
-    progress.update(task, description=f"clickhouse: {len(report.clickhouse_tables)} tables ready", completed=1, total=1)
+# ------------------------------------------------------------------------------------------- the people
 
 
-def _print(report: DemoReport) -> None:
-    table = Table(title="Flywheel demo", show_header=False)
-    for line in report.to_text().splitlines()[1:]:
-        name, _, value = line.partition(": ")
-        table.add_row(name.strip(), value)
-    console.print(table)
+class StepFailed(Exception):
+    """The platform could not complete a step; the message says what was missing."""
+
+
+def _rows(name: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (DATA / name).read_text().splitlines() if line.strip()]
+
+
+def _answer(row: dict[str, Any]) -> str:
+    return row["messages"][-1]["content"]
+
+
+def _numbers(text: str) -> set[str]:
+    return set(re.findall(r"\d+(?:\.\d+)?", text))
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+class Driver:
+    """Operators, an app and reviewers, acting through the platform's doors."""
+
+    def __init__(self, base_url: str, admin_key: str, report: LoopReport, progress: Progress, *, step_timeout: float) -> None:
+        import httpx
+
+        self.base_url = base_url
+        self.report = report
+        self.progress = progress
+        self.timeout = step_timeout
+        self.http = httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {admin_key}"}, timeout=120)
+        self.app_key: str | None = None
+        self.golden = _rows("golden.jsonl")
+        self.train = _rows("train.jsonl")
+        self.facts = list(dict.fromkeys(_answer(row) for row in self.golden))
+        self.reference = {_answer(row): _answer(row) for row in self.golden}
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def call(self, method: str, path: str, expect: tuple[int, ...] = (200, 201, 202), **kwargs: Any) -> Any:
+        response = await self.http.request(method, path, **kwargs)
+        if response.status_code not in expect:
+            raise StepFailed(f"{method} {path} answered {response.status_code}: {response.text[:400]}")
+        return response.json() if response.content else None
+
+    async def until(self, what: str, probe: Callable[[], Awaitable[Any]], interval: float = 2.0) -> Any:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            value = await probe()
+            if value:
+                return value
+            await asyncio.sleep(interval)
+        raise StepFailed(f"timed out after {self.timeout:.0f} s waiting for {what}")
+
+    async def sql(self, query: str, **parameters: Any) -> list[dict[str, Any]]:
+        result = await self.call("POST", "/monitor/v1/query", json={"sql": query, "parameters": parameters})
+        return [dict(zip(result["columns"], row, strict=True)) for row in result["rows"]]
+
+    async def step(self, step: Step, body: Callable[[Step], Awaitable[None]]) -> bool:
+        task = self.progress.add_task(f"step {step.number}: {step.title}", total=None)
+        started = time.monotonic()
+        self._task = task
+        try:
+            await body(step)
+            step.status = PASSED
+        except StepFailed as error:
+            step.status, step.reason = FAILED, str(error)
+        except Exception as error:  # noqa: BLE001 - the report names what broke; later steps are "not reached"
+            step.status, step.reason = FAILED, f"{type(error).__name__}: {error}"
+        step.seconds = time.monotonic() - started
+        self.progress.update(task, description=f"step {step.number}: {step.title} - {step.status}" + (f" ({step.reason[:120]})" if step.reason else ""), completed=1, total=1)
+        return step.status == PASSED
+
+    def say(self, text: str) -> None:
+        self.progress.update(self._task, description=text)
+
+    async def run(self, *, traffic: int) -> None:
+        titles = [
+            "register the base model, prompt v1 and datasets v1",
+            "request training -> adapter v1 registered",
+            "evaluator gate vs the base model -> staging -> production (approval audited)",
+            "serving loads v1; traffic through the gateway -> inference.logged -> ClickHouse",
+            "feedback (ratings, corrections) -> ClickHouse",
+            "monitor alert -> training.requested with a dataset from the corrections",
+            "adapter v2 trained and gated vs v1; canary, then full; rollback in one command",
+        ]
+        steps = [self.report.step(number, title) for number, title in enumerate(titles, start=1)]
+        bodies = [self.register, self.train_v1, self.promote_v1, lambda step: self.serve(step, traffic), self.give_feedback, self.await_retraining, self.v2]
+        try:
+            for step, body in zip(steps, bodies, strict=True):
+                if not await self.step(step, body):
+                    break
+            await self.final_state()
+        finally:
+            await self.http.aclose()
+
+    # ------------------------------------------------------------------ step 1
+
+    async def register(self, step: Step) -> None:
+        model = await self.call("GET", f"/registry/v1/models/{MODEL}")
+        step.lines.append(f"base model {model['name']}: {model['architecture']}, {model['parameter_count']:,} parameters, sha256 {model['artifact_sha256'][:12]}")
+        prompts = (await self.call("GET", "/registry/v1/prompts", params={"name": "acme-support"}))["items"]
+        template = "You are Acme Nimbus hub support. Answer {{ customer }}'s question in one sentence."
+        if prompts:
+            step.reused = True
+            step.lines.append(f"prompt acme-support v{prompts[-1]['version']} (exists)")
+        else:
+            prompt = await self.call("POST", "/registry/v1/prompts", json={"name": "acme-support", "template": template, "model_name": MODEL, "labels": ["production"]})
+            step.lines.append(f"prompt acme-support v{prompt['version']} published, label production")
+        facts = set(self.facts[:FACTS_V1])
+        self.train_v1_ref = await self.dataset(step, "acme-train", "train", [row for row in self.train if _answer(row) in facts])
+        self.golden_v1_ref = await self.dataset(step, "acme-golden", "golden", [row for row in self.golden if _answer(row) in facts])
+
+    async def dataset(self, step: Step, name: str, split: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The newest version of `name` when it holds these rows already, else a new version."""
+        jsonl = _jsonl(rows)
+        digest = hashlib.sha256(jsonl.encode()).hexdigest()
+        versions = (await self.call("GET", "/registry/v1/datasets", params={"name": name, "limit": 500}))["items"]
+        same = [version for version in versions if version["sha256"] == digest]
+        if same:
+            step.reused = True
+            step.lines.append(f"dataset {name} v{same[-1]['version']} ({split}, {same[-1]['row_count']} rows, exists)")
+            return {"name": name, "version": same[-1]["version"]}
+        created = await self.call("POST", "/registry/v1/datasets", json={"name": name, "split": split, "jsonl": jsonl, "model_name": MODEL})
+        step.lines.append(f"dataset {name} v{created['version']} published ({split}, {created['row_count']} rows)")
+        return {"name": name, "version": created["version"]}
+
+    # ------------------------------------------------------------------ step 2
+
+    async def train_and_register(self, step: Step, job_id: str, label: str) -> dict[str, Any]:
+        """Follow a training job through the trainer's door, then find its adapter in the registry."""
+
+        async def job() -> dict[str, Any] | None:
+            view = await self.call("GET", f"/trainer/v1/training-jobs/{job_id}", expect=(200, 404))
+            if not view or "status" not in view:
+                return None
+            self.say(f"step {step.number}: training {label} ({job_id}) {view['status']} step {view['step']}/{view['total_steps']} loss {view.get('loss')}")
+            if view["status"] in ("failed", "cancelled"):
+                raise StepFailed(f"training job {job_id} {view['status']}: {view.get('error')}")
+            return view if view["status"] == "completed" else None
+
+        done = await self.until(f"training job {job_id}", job, interval=3.0)
+
+        async def adapter() -> dict[str, Any] | None:
+            items = (await self.call("GET", "/registry/v1/adapters", params={"model_name": MODEL, "limit": 500}))["items"]
+            return next((item for item in items if item["training_job_id"] == job_id), None)
+
+        registered = await self.until(f"the adapter of job {job_id} in the registry (training.completed -> adapter.registered)", adapter)
+        self.report.training[registered["version"]] = {"job_id": job_id, "steps": done["total_steps"], "final_loss": done.get("loss"), "dataset": f"{registered['dataset_name']}:v{registered['dataset_version']}"}
+        step.lines.append(f"job {job_id}: {done['total_steps']} steps, final loss {done.get('loss')}; adapter v{registered['version']} registered (stage {registered['stage']})")
+        return registered
+
+    async def train_v1(self, step: Step) -> None:
+        hyperparameters = {"rank": 16, "alpha": 32, "learning_rate": 1e-3, "epochs": 2, "batch_size": 8, "max_seq_length": 256, "seed": 0, "target_modules": TARGET_MODULES}
+        key = hashlib.sha256(json.dumps([self.train_v1_ref, hyperparameters], sort_keys=True).encode()).hexdigest()[:12]
+        job_id = f"demo-v1-{key}"
+        view = await self.call("POST", "/trainer/v1/training-jobs", json={"model_name": MODEL, "dataset": self.train_v1_ref, "hyperparameters": hyperparameters, "job_id": job_id})
+        step.reused = view["status"] == "completed"
+        step.lines.append(f"training requested: {self.train_v1_ref['name']}:v{self.train_v1_ref['version']}, LoRA r16 on 7 projections, lr 1e-3, 2 epochs (the demo's reduced recipe)")
+        self.v1 = await self.train_and_register(step, job_id, "adapter v1")
+
+    # ------------------------------------------------------------------ step 3
+
+    async def gate(self, step: Step, version: int) -> dict[str, Any]:
+        """The evaluator runs on adapter.registered; its verdict reaches the registry on evaluation.completed."""
+
+        async def evaluated() -> dict[str, Any] | None:
+            self.say(f"step {step.number}: waiting for the evaluator's verdict on adapter v{version}")
+            lineage = await self.call("GET", f"/registry/v1/adapters/{MODEL}/versions/{version}/lineage")
+            return lineage["evaluations"][-1] if lineage["evaluations"] else None
+
+        verdict = await self.until(f"an evaluation of adapter v{version} (adapter.registered -> evaluation.completed)", evaluated, interval=5.0)
+        status = await self.call("GET", f"/evaluator/v1/evaluations/{verdict['evaluation_id']}", expect=(200, 404))
+        result = (status or {}).get("result") or {}
+        baseline = result.get("baseline") or {}
+        report_path = Path(self.report.home) / "reports" / f"evaluation-{verdict['evaluation_id']}.html"
+        self.report.evaluations.append(Evaluation(
+            adapter_version=version, evaluation_id=verdict["evaluation_id"],
+            baseline=f"adapter v{baseline['adapter_version']}" if baseline.get("adapter_version") else "the base model",
+            golden=f"{verdict['golden_name']}:v{verdict['golden_version']}", passed=verdict["passed"], gate_policy=verdict["gate_policy"],
+            reasons=list(verdict["reasons"]), metrics=result.get("metrics", []), report_path=str(report_path) if report_path.exists() else None,
+        ))
+        step.lines.append(f"evaluation {verdict['evaluation_id']} ({verdict['gate_policy']} on {verdict['golden_name']}:v{verdict['golden_version']}): {'PASS' if verdict['passed'] else 'FAIL'}")
+        return verdict
+
+    async def transition(self, version: int, **body: Any) -> dict[str, Any]:
+        return await self.call("POST", f"/registry/v1/adapters/{MODEL}/versions/{version}/transitions", json=body)
+
+    async def promote_v1(self, step: Step) -> None:
+        version = self.v1["version"]
+        current = await self.call("GET", f"/registry/v1/adapters/{MODEL}/versions/{version}")
+        if current["stage"] != "none":
+            step.reused = True
+            step.lines.append(f"adapter v{version} is already {current['stage']} (an earlier run promoted it)")
+            await self.gate(step, version)
+            return
+        verdict = await self.gate(step, version)
+        if not verdict["passed"]:
+            raise StepFailed(f"adapter v{version} did not pass the gate against the base model: {'; '.join(verdict['reasons'])}")
+        await self.transition(version, to_stage="staging", reason="passed the gate against the base model")
+        production = await self.production()
+        body: dict[str, Any] = {"to_stage": "production", "approver": "demo-approver", "reason": "first adapter: beats the base model on the golden set"}
+        if production:
+            body["replaces"] = production["version"]
+        await self.transition(version, **body)
+        step.lines.append(f"adapter v{version}: none -> staging -> production, approved by demo-approver")
+        await self.audit(step, version)
+
+    async def audit(self, step: Step, version: int) -> None:
+        entries = (await self.call("GET", "/registry/v1/audit", params={"object_type": "adapter", "object_id": f"{MODEL}:v{version}"}))["items"]
+        approvals = [entry for entry in entries if entry["outcome"] == "ok" and "production" in entry["action"]]
+        if not approvals:
+            raise StepFailed(f"no approved promotion of {MODEL}:v{version} in the audit log (entries: {[entry['action'] for entry in entries]})")
+        for entry in approvals[-1:]:
+            line = f"{entry['at']} {entry['actor']} {entry['action']} {entry['object_id']} approver {(entry.get('after') or {}).get('approver', '?')}"
+            self.report.audit.append(line)
+            step.lines.append(f"audit: {line}")
+
+    async def production(self) -> dict[str, Any] | None:
+        items = (await self.call("GET", "/registry/v1/adapters", params={"model_name": MODEL, "stage": "production"}))["items"]
+        full = [item for item in items if not item.get("canary_percent")]
+        return full[0] if full else None
+
+    # ------------------------------------------------------------------ step 4
+
+    async def openai(self) -> Any:
+        from openai import AsyncOpenAI
+
+        if self.app_key is None:
+            created = await self.call("POST", "/registry/v1/keys", json={"principal": "demo-app", "role": "app"})
+            self.app_key = created["key"]
+        return AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=self.app_key, max_retries=0, timeout=300)
+
+    async def ask(self, client: Any, rows: list[dict[str, Any]], phase: str, *, user_prefix: str = "customer") -> list[dict[str, Any]]:
+        """Send each row's question as an app would; record which version answered."""
+        limit = asyncio.Semaphore(8)
+        answers: list[dict[str, Any]] = []
+
+        async def one(index: int, row: dict[str, Any]) -> None:
+            async with limit:
+                completion = await client.chat.completions.create(
+                    model=MODEL, messages=[message for message in row["messages"] if message["role"] != "assistant"],
+                    max_tokens=40, temperature=0, user=f"{user_prefix}-{index}",
+                )
+            answers.append({"id": completion.id, "served_by": completion.model, "answer": completion.choices[0].message.content or "", "reference": _answer(row), "row": row})
+            self.say(f"{phase}: {len(answers)}/{len(rows)} answered")
+
+        await asyncio.gather(*(one(index, row) for index, row in enumerate(rows)))
+        self.report.traffic[phase] = dict(Counter(answer["served_by"] for answer in answers))
+        return answers
+
+    async def serve(self, step: Step, per_fact: int) -> None:
+        client = await self.openai()
+        expected = f"{MODEL}:v{(await self.production() or {}).get('version')}"
+
+        async def loaded() -> bool:
+            self.say(f"step 4: waiting for serving to load {expected} (stage.changed)")
+            return await self.answers_as(client, MODEL, expected)
+
+        await self.until(f"serving to answer {MODEL} with {expected}", loaded)
+        facts = self.facts[:FACTS_TRAFFIC]
+        by_fact: dict[str, list[dict[str, Any]]] = {fact: [] for fact in facts}
+        for row in self.train:
+            if _answer(row) in by_fact and len(by_fact[_answer(row)]) < per_fact:
+                by_fact[_answer(row)].append(row)
+        rows = [row for fact in facts for row in by_fact[fact]]
+        self.answers = await self.ask(client, rows, "step 4: production")
+        wrong = [answer for answer in self.answers if answer["served_by"] != expected]
+        if wrong:
+            raise StepFailed(f"{len(wrong)} of {len(self.answers)} requests were served by {sorted({a['served_by'] for a in wrong})}, not {expected}")
+        step.lines.append(f"{len(self.answers)} chat completions through the gateway (openai client), all served by {expected}")
+        ids = [answer["id"] for answer in self.answers]
+
+        async def stored() -> list[dict[str, Any]] | None:
+            rows = await self.sql("SELECT count() AS rows, uniqExact(event_id) AS events, countIf(adapter_version = {v:UInt32}) AS on_version FROM inference_log WHERE inference_id IN {ids:Array(String)}", ids=ids, v=int(expected.rsplit(":v", 1)[1]))
+            self.say(f"step 4: {rows[0]['events']}/{len(ids)} inferences in ClickHouse")
+            return rows if int(rows[0]["events"]) >= len(ids) else None
+
+        counts = (await self.until("every inference.logged in ClickHouse", stored))[0]
+        self.report.stored_inferences = {"inferences": int(counts["events"]), "rows (no FINAL)": int(counts["rows"]), "on production version": int(counts["on_version"])}
+        step.lines.append(f"inference_log: {counts['events']} events, {counts['rows']} rows read without FINAL (duplicates: {int(counts['rows']) - int(counts['events'])})")
+
+    # ------------------------------------------------------------------ step 5
+
+    async def give_feedback(self, step: Step) -> None:
+        """Reviewers rate every answer; a wrong one gets thumbs down and the right answer as a correction."""
+        counts: Counter[str] = Counter()
+        for answer in self.answers:
+            right = _numbers(answer["reference"]) <= _numbers(answer["answer"]) and bool(_numbers(answer["reference"]))
+            body: dict[str, Any] = {"inference_id": answer["id"], "source": "reviewer", "actor": "demo-reviewer"}
+            if right:
+                body.update(thumbs="up", rating=5)
+            else:
+                body.update(thumbs="down", rating=1, correction=answer["reference"], tags=["wrong-fact"], comment="the facts do not match the Acme Nimbus manual")
+            await self.call("POST", "/feedback/v1/feedback", json=body, headers={"Authorization": f"Bearer {self.app_key}"})
+            counts["thumbs up" if right else "thumbs down + correction"] += 1
+        self.report.feedback = dict(counts)
+        step.lines.append(f"{len(self.answers)} reviews sent: " + ", ".join(f"{count} {kind}" for kind, count in counts.items()))
+        ids = [answer["id"] for answer in self.answers]
+
+        async def stored() -> list[dict[str, Any]] | None:
+            rows = await self.sql(
+                "SELECT count() AS rows, uniqExact(event_id) AS events, countIf(correction != '') AS corrections, countIf(inference_stored) AS joined "
+                "FROM feedback_with_inference WHERE inference_id IN {ids:Array(String)}", ids=ids)
+            self.say(f"step 5: {rows[0]['events']}/{len(ids)} feedback rows in ClickHouse")
+            return rows if int(rows[0]["events"]) >= len(ids) else None
+
+        counts_stored = (await self.until("every feedback.received in ClickHouse", stored))[0]
+        self.report.feedback["stored"] = int(counts_stored["events"])
+        self.report.feedback["corrections stored"] = int(counts_stored["corrections"])
+        step.lines.append(f"feedback in ClickHouse: {counts_stored['events']} events, {counts_stored['corrections']} with corrections, {counts_stored['joined']} joined to their inference")
+        # The golden set grows with held-out paraphrases of what users asked about, so the next gate
+        # judges the facts the corrections teach as well as the old ones.
+        facts = set(self.facts[:FACTS_TRAFFIC])
+        self.golden_v2_ref = await self.dataset(step, "acme-golden", "golden", [row for row in self.golden if _answer(row) in facts])
+
+    # ------------------------------------------------------------------ step 6
+
+    async def await_retraining(self, step: Step) -> None:
+        async def alert() -> dict[str, Any] | None:
+            alerts = await self.call("GET", "/monitor/v1/alerts")
+            self.say(f"step 6: waiting for the monitor's alert ({len(alerts)} alerts so far)")
+            return next((item for item in alerts if item["model_name"] == MODEL and item["rule_name"] == "demo-thumbs-down-rate"), None)
+
+        fired = await self.until("alert.raised from rule demo-thumbs-down-rate", alert, interval=3.0)
+        self.report.alert = {key: fired.get(key) for key in ("alert_id", "rule_name", "metric", "value", "threshold", "state", "adapter_version")}
+        step.lines.append(f"alert {fired['alert_id']}: {fired['rule_name']} {fired['metric']} = {float(fired['value']):.3f} > {fired['threshold']} (adapter v{fired.get('adapter_version')})")
+        job_id = f"retrain-{fired['alert_id']}"
+
+        async def job() -> dict[str, Any] | None:
+            jobs = await self.call("GET", "/trainer/v1/training-jobs", params={"limit": 1000})
+            mine = next((item for item in jobs if item["job_id"] == job_id), None)
+            if mine is None:
+                # A second run: the model was retrained by an earlier alert and is in its cooldown.
+                mine = next((item for item in jobs if item["job_id"].startswith("retrain-")), None)
+            return mine
+
+        retraining = await self.until(f"training.requested from the monitor (job {job_id})", job)
+        dataset = retraining["dataset"]
+        rows = await self.call("GET", f"/registry/v1/datasets/{dataset['name']}/versions/{dataset['version']}")
+        if rows["provenance"] != "feedback":
+            raise StepFailed(f"the retraining dataset {dataset['name']}:v{dataset['version']} has provenance {rows['provenance']}, not feedback")
+        step.reused = retraining["job_id"] != job_id
+        self.retrain_job = retraining["job_id"]
+        self.report.retraining = {"job": retraining["job_id"], "dataset": f"{dataset['name']}:v{dataset['version']}", "records": rows["row_count"], "provenance": rows["provenance"]}
+        step.lines.append(f"training.requested {retraining['job_id']} on {dataset['name']}:v{dataset['version']} ({rows['row_count']} records built from corrections, provenance feedback)")
+
+    # ------------------------------------------------------------------ step 7
+
+    async def v2(self, step: Step) -> None:
+        v2 = await self.train_and_register(step, self.retrain_job, "adapter v2 (retraining)")
+        version, v1 = v2["version"], self.v1["version"]
+        if v2["stage"] != "none":
+            step.reused = True
+            step.lines.append(f"adapter v{version} is already {v2['stage']} (an earlier run decided it)")
+            return
+        verdict = await self.gate(step, version)
+        if not verdict["passed"]:
+            step.lines.append(f"adapter v{version} is not promoted: it did not beat v{v1} on the golden set")
+            raise StepFailed(f"the gate kept adapter v{version} out of production (it did not beat v{v1}): {'; '.join(verdict['reasons'])}")
+        client = await self.openai()
+        await self.transition(version, to_stage="staging", reason="beat production on the golden set")
+        await self.transition(version, to_stage="production", canary_percent=50, approver="demo-approver", reason="canary: half of production traffic")
+        canary_model = f"{MODEL}:v{version}"
+
+        async def loaded() -> bool:
+            return await self.answers_as(client, canary_model, canary_model)
+
+        await self.until(f"serving to load {canary_model}", loaded)
+        rows = [row for row in self.golden if _answer(row) in set(self.facts[:FACTS_TRAFFIC])]
+        canary = await self.ask(client, rows, "step 7: canary 50%", user_prefix="canary-user")
+        served = Counter(answer["served_by"] for answer in canary)
+        step.lines.append(f"canary 50%: {dict(served)}")
+        if not served.get(canary_model) or len(served) < 2:
+            raise StepFailed(f"the canary split did not show: {dict(served)}")
+        await self.transition(version, to_stage="production", replaces=v1, approver="demo-approver", reason="canary healthy: full rollout")
+        await self.audit(step, version)
+        full = await self.until(f"all traffic on {canary_model}", lambda: self.all_served_by(client, rows[:8], canary_model, "step 7: full"))
+        step.lines.append(f"full rollout: {len(full)} requests served by {canary_model}")
+        # The rollback, as one command: flywheel registry transition MODEL 1 --to production --replaces 2 --approver ...
+        await self.transition(v1, to_stage="production", replaces=version, approver="demo-approver", reason="rollback drill")
+        step.lines.append(f"rollback: `flywheel registry transition {MODEL} {v1} --to production --replaces {version} --approver demo-approver` (the same call through the door)")
+        back = await self.until(f"traffic back on v{v1}", lambda: self.all_served_by(client, rows[:8], f"{MODEL}:v{v1}", "step 7: after rollback"))
+        step.lines.append(f"after rollback: {len(back)} requests served by {MODEL}:v{v1}")
+
+    async def answers_as(self, client: Any, model: str, expected: str) -> bool:
+        """Whether a one-token request for `model` is answered by `expected` (an adapter not loaded yet is a 404)."""
+        import openai
+
+        try:
+            completion = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "ping"}], max_tokens=1, temperature=0)
+        except (openai.NotFoundError, openai.APIStatusError, openai.APIConnectionError):
+            return False
+        return completion.model == expected
+
+    async def all_served_by(self, client: Any, rows: list[dict[str, Any]], model: str, phase: str) -> list[dict[str, Any]] | None:
+        answers = await self.ask(client, rows, phase, user_prefix=phase.replace(" ", "-"))
+        return answers if all(answer["served_by"] == model for answer in answers) else None
+
+    async def final_state(self) -> None:
+        with contextlib.suppress(Exception):
+            production = await self.production()
+            self.report.production = f"{MODEL}:v{production['version']}" if production else f"{MODEL} (base model, no adapter in production)"

@@ -1,42 +1,66 @@
-"""`flywheel demo`, the README's main job, from a fresh data directory: it runs on real components,
-reports, and leaves no process or port behind. Twice, because a second run reuses what exists."""
+"""`flywheel demo`, the README's main job, from a fresh data directory: the seven steps of the loop on
+real components (local Kafka, embedded ClickHouse, SQLite registry, Triton, SmolLM2), a report, and
+no process or port left behind. Twice, because a second run reuses what exists.
+
+Slow: the first run trains two LoRA adapters and evaluates them on a CPU (about 20 minutes on a quiet
+2-core machine, more on a shared one); the second reuses them. FLYWHEEL_DEMO_TEST_RUNS=1 runs once."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from infra.processes import port_is_free, process_alive
+from infra.processes import port_is_free
 from tests.conftest import REPO
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(7200)]
+
+STEPS = 7
 
 
 def run_demo(home: Path) -> subprocess.CompletedProcess[str]:
     env = {name: value for name, value in os.environ.items() if not name.startswith("FLYWHEEL_")}
-    return subprocess.run([str(REPO / ".venv" / "bin" / "flywheel"), "demo", "--home", str(home)], capture_output=True, text=True, env=env, timeout=540)
+    env["COLUMNS"] = "200"
+    return subprocess.run([str(REPO / ".venv" / "bin" / "flywheel"), "demo", "--home", str(home)], capture_output=True, text=True, env=env, timeout=3500)
 
 
-def test_the_demo_runs_reports_and_cleans_up(tmp_path: Path) -> None:
+def test_the_demo_closes_the_loop_reports_and_cleans_up(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    for attempt in (1, 2):
+    for attempt in range(1, int(os.environ.get("FLYWHEEL_DEMO_TEST_RUNS", "2")) + 1):
         result = run_demo(home)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        assert "Traceback" not in result.stdout + result.stderr
-        summary = (home / "reports" / "demo-summary.txt").read_text()
-        assert "consumed once each: 17" in summary
-        assert "duplicates skipped: 1; dead-lettered: 1" in summary
-        assert "inference_log" in summary and "feedback" in summary
-        if attempt == 2:
-            assert "migrations applied this run: none (already up to date)" in summary
+        summary_path = home / "reports" / "demo-summary.txt"
+        summary = summary_path.read_text() if summary_path.exists() else "(no summary written)"
+        assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+        assert result.returncode == 0, summary + result.stderr[-3000:]
 
-        state = home / "infra" / "kafka"
-        assert not (state / "state.json").exists(), "the demo must stop the broker it started"
-        assert (state / "broker.log").exists(), "the demo started no local broker"
-        kafka_line = next(line for line in summary.splitlines() if line.startswith("kafka: "))
-        _, address, _, pid, *_ = kafka_line.split()
-        assert not process_alive(int(pid)), f"broker pid {pid} still runs"
-        assert port_is_free(int(address.rsplit(":", 1)[1]))
+        passed = re.findall(r"^\[PASS\] step (\d)", summary, flags=re.MULTILINE)
+        assert passed == [str(n) for n in range(1, STEPS + 1)], summary
+        # Step 3: the first adapter passed the gate against the base model, and its approval is audited.
+        assert re.search(r"^gate adapter v1 vs the base model on acme-golden:v1 \(facts@v1\): PASS", summary, flags=re.MULTILINE), summary
+        assert re.search(r"^audit: .* adapter\.stage\.production smollm2-135m-instruct:v1 approver demo-approver", summary, flags=re.MULTILINE), summary
+        # Steps 4-5: every inference and every review stored once in ClickHouse.
+        stored = re.search(r"inference_log: (\d+) events, (\d+) rows read without FINAL \(duplicates: 0\)", summary)
+        assert stored and int(stored[1]) > 0, summary
+        assert re.search(r"feedback in ClickHouse: (\d+) events, (\d+) with corrections", summary), summary
+        if attempt == 1:
+            # Steps 6-7: the alert caused a retraining on corrections; v2 beat v1, went canary then full, and was rolled back.
+            assert re.search(r"^alert: demo-thumbs-down-rate thumbs_down_rate", summary, flags=re.MULTILINE), summary
+            assert "provenance feedback" in summary
+            assert re.search(r"^gate adapter v2 vs adapter v1 on acme-golden:v2 \(facts@v1\): PASS", summary, flags=re.MULTILINE), summary
+            assert re.search(r"^traffic step 7: canary 50%: .*smollm2-135m-instruct:v1 \d+, smollm2-135m-instruct:v2 \d+", summary, flags=re.MULTILINE), summary
+            assert "after rollback: 8 requests served by smollm2-135m-instruct:v1" in summary
+        else:
+            assert "(reused)" in (home / "reports" / "demo-report.html").read_text() or ", reused)" in summary
+        assert "final production version: smollm2-135m-instruct:v1" in summary
+
+        html = (home / "reports" / "demo-report.html").read_text()
+        assert html.count("<svg") >= 3 and "Gate decisions" in html
+
+        assert not (home / "infra" / "kafka" / "state.json").exists(), "the demo must stop the broker it started"
+        for kind, port in re.findall(r"^cleanup: (kafka stopped|services stopped); (?:http )?port (\d+) free$", summary, flags=re.MULTILINE):
+            assert port_is_free(int(port)), f"{kind}: port {port} still in use"
+        assert len(re.findall(r"^cleanup: .* free$", summary, flags=re.MULTILINE)) == 2, summary
