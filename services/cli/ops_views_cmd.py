@@ -21,9 +21,9 @@ SQL = {
     "FROM inference_metrics(bucket_s = {bucket:UInt32}) WHERE bucket >= now() - toIntervalHour({hours:UInt32}) ORDER BY bucket, model_name, adapter_version",
     "alerts": "SELECT alert_id, severity, state, rule_name, rule_version, model_name, adapter_version, round(value, 4) AS value, threshold, window_end, message "
     "FROM alert FINAL WHERE window_end >= now() - toIntervalHour({hours:UInt32}) ORDER BY occurred_at DESC",
-    "drift": "SELECT window_end, state, rule_name, model_name, adapter_version, metric, round(value, 4) AS value, threshold FROM alert FINAL "
-    "WHERE metric IN ('prompt_length_psi', 'prompt_tokens_psi', 'output_length_psi', 'embedding_centroid_shift', 'output_embedding_shift', 'hallucination_rate', 'unsafe_rate') "
-    "AND window_end >= now() - toIntervalHour({hours:UInt32}) ORDER BY window_end DESC",
+    # Every evaluation the monitor stored, firing or not: the drift itself over time, not only its alerts.
+    "drift": "SELECT window_end, rule_name, rule_version, model_name, adapter_version, metric, round(value, 4) AS value, samples, firing, reason FROM monitor_evaluation FINAL "
+    "WHERE kind IN ('psi', 'embedding', 'unsafe', 'hallucination') AND window_end >= now() - toIntervalHour({hours:UInt32}) ORDER BY window_end DESC, rule_name LIMIT 1000",
 }
 
 
@@ -93,5 +93,5 @@ def register(app: typer.Typer) -> None:
     app.command("latency")(_view("latency", "Latency quantiles per bucket and model version."))
     app.command("feedback")(_view("feedback", "Feedback coverage, thumbs-down rate and mean rating per bucket and model version."))
     app.command("alerts")(_view("alerts", "Alerts and their states."))
-    app.command("drift")(_view("drift", "Drift and live-quality alerts."))
+    app.command("drift")(_view("drift", "Drift and live-quality values per rule evaluation (firing or not)."))
     app.command("models")(models)
