@@ -5,7 +5,8 @@ adapter (`adapter_names`, "__base__" for none), the way S-LoRA / Punica batch ad
 swapping adapters between requests. The decode loop is our own, not `generate`, because sampling
 parameters (temperature, top_p, seed, stop, max_tokens) are per request, finished rows leave the
 batch (and the KV cache) so that one long request does not make the short ones pay, and new rows
-join a running batch between steps (`DecodeBatch.absorb`, driven by services/serving/batcher.py).
+join a running batch between steps (`DecodeBatch.absorb`, driven by serving's continuous batcher).
+The evaluator generates through this same engine, so what it measures is what serving answers.
 """
 
 from __future__ import annotations
@@ -91,6 +92,19 @@ class Row:
 
     def result(self) -> GenerationResult:
         return GenerationResult(self.tokens, self.text, self.finish_reason or "length", len(self.request.prompt_ids), len(self.tokens), self.error)
+
+    def stable_text(self) -> str:
+        """The part of `text` later tokens cannot change, safe to stream: all of it once finished.
+
+        Before that, an incomplete UTF-8 character (decoded as U+FFFD) is held back, and so is a
+        tail that could still grow into a stop sequence, because a stop is cut from the answer and
+        what was already streamed of it could not be taken back.
+        """
+        if self.finish_reason is not None:
+            return self.text
+        text = self.text.rstrip("\ufffd")
+        held = max((size for stop in self.request.params.stop for size in range(1, len(stop)) if text.endswith(stop[:size])), default=0)
+        return text[: len(text) - held]
 
 
 @dataclass

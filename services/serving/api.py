@@ -5,9 +5,10 @@ Callers present an API key with role `app` (or admin), as OpenAI clients send th
 over it is a 429 with Retry-After. Requests refused before the gateway sees them — no or a wrong
 key, a body that does not validate, a rate limit — are still logged as errored inferences.
 
-Streaming sends the finished completion as server-sent events in OpenAI's chunk format (one content
-chunk, a final chunk with the finish reason, then `[DONE]`); token-by-token streaming needs a
-decoupled Triton model and is not done yet.
+`stream: true` answers with server-sent events in OpenAI's chunk format as the tokens are decoded:
+a chunk per decode step that produced text, a last chunk with the finish reason, then `[DONE]`.
+Refusals and a Triton outage are still plain HTTP errors (the stream starts only once the first
+piece is in); a failure after that ends the stream with an OpenAI error event.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from contracts.http import (
 )
 from services.runtime.auth import Principal
 from services.runtime.http import DoorError, error_response
-from services.serving.gateway import Completion, Gateway, GatewayError
+from services.serving.gateway import Completion, Gateway, GatewayError, Stream
 from services.serving.limits import RateLimiter
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 422, 429, 503)}
@@ -101,7 +102,7 @@ def create_router(gateway: Callable[[], Gateway | None], *, guard: Callable[...,
             raise DoorError(503, "serving is starting: the model is not loaded yet", code="not_ready")
         return current
 
-    async def run(call) -> Completion:
+    async def run(call):
         try:
             return await call
         except GatewayError as error:
@@ -109,11 +110,14 @@ def create_router(gateway: Callable[[], Gateway | None], *, guard: Callable[...,
 
     @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(request: ChatCompletionRequest, principal: Principal = Depends(caller)):
-        done = await run(ready().chat(request, principal.name))
         if request.stream:
-            first = {"delta": {"role": "assistant", "content": done.text}, "finish_reason": None}
-            last = {"delta": {}, "finish_reason": done.finish_reason}
-            return _sse(done, "chat.completion.chunk", [first, last])
+            stream = await run(ready().chat_stream(request, principal.name))
+
+            def piece(text: str, first: bool) -> dict:
+                return {"delta": {"role": "assistant", "content": text} if first else {"content": text}, "finish_reason": None}
+
+            return _sse(stream, "chat.completion.chunk", piece, lambda reason: {"delta": {}, "finish_reason": reason})
+        done = await run(ready().chat(request, principal.name))
         return ChatCompletionResponse(
             id=done.inference_id, created=done.created, model=done.model,
             choices=[ChatChoice(message=AssistantMessage(content=done.text), finish_reason=done.finish_reason)],
@@ -122,9 +126,10 @@ def create_router(gateway: Callable[[], Gateway | None], *, guard: Callable[...,
 
     @router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(request: CompletionRequest, principal: Principal = Depends(caller)):
-        done = await run(ready().completion(request, principal.name))
         if request.stream:
-            return _sse(done, "text_completion", [{"text": done.text, "finish_reason": None}, {"text": "", "finish_reason": done.finish_reason}])
+            stream = await run(ready().completion_stream(request, principal.name))
+            return _sse(stream, "text_completion", lambda text, _: {"text": text, "finish_reason": None}, lambda reason: {"text": "", "finish_reason": reason})
+        done = await run(ready().completion(request, principal.name))
         return CompletionResponse(
             id=done.inference_id, created=done.created, model=done.model,
             choices=[CompletionChoice(text=done.text, finish_reason=done.finish_reason)], usage=_usage(done),
@@ -141,11 +146,37 @@ def _usage(done: Completion) -> Usage:
     return Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens, total_tokens=done.prompt_tokens + done.completion_tokens)
 
 
-def _sse(done: Completion, kind: str, choices: list[dict]) -> StreamingResponse:
+class _EventStream(StreamingResponse):
+    """Closes its event generator however the response ends. Otherwise, when the server notices a
+    departed client by a failed send (ASGI 2.4), the generator, and with it the Triton request,
+    would be closed only whenever it is garbage-collected."""
+
+    async def stream_response(self, send: Any) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+def _sse(stream: Stream, kind: str, piece: Callable[[str, bool], dict], last: Callable[[str], dict]) -> StreamingResponse:
+    def event(choice: dict) -> str:
+        chunk = {"id": stream.inference_id, "object": kind, "created": stream.created, "model": stream.model, "choices": [{"index": 0, **choice}]}
+        return f"data: {json.dumps(chunk)}\n\n"
+
     async def events() -> AsyncIterator[str]:
-        for choice in choices:
-            chunk = {"id": done.inference_id, "object": kind, "created": done.created, "model": done.model, "choices": [{"index": 0, **choice}]}
-            yield f"data: {json.dumps(chunk)}\n\n"
+        try:
+            first = True
+            while not stream.done:
+                text = await stream.next_piece()
+                if text or first:
+                    yield event(piece(text, first))
+                    first = False
+            yield event(last(stream.finish_reason or "stop"))
+        except GatewayError as error:
+            failure = ErrorDetail(message=str(error), type="server_error" if error.status >= 500 else "invalid_request_error", code=error.code, param=error.param)
+            yield f"data: {json.dumps({'error': failure.model_dump()})}\n\n"
+        finally:
+            stream.close()
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _EventStream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -3,11 +3,19 @@
 Imports neither FastAPI nor Kafka: api.py translates HTTP to these calls, and the inference log
 buffer publishes. Every request that gets this far ends in exactly one `inference.logged`, ok or
 error; requests refused before (no key, bad body, rate limit) are logged by `refused`.
+
+A streamed request (`Stream`) is checked and sent to Triton, and its first piece awaited, before
+any byte of the response goes out, so every refusal and a Triton outage are still HTTP errors;
+after that, pieces are relayed as the batcher decodes them. A client that leaves mid-stream gets
+its request cancelled on Triton (the cancel model), which frees its batch slot at the next step.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +30,11 @@ from services.serving.inference_log import InferenceLogBuffer
 from services.serving.prompt_routes import PromptChoice, PromptRoutes, UnknownPromptError
 from services.serving.routes import Route, Routes, UnknownModelError
 from services.serving.settings import ServingSettings
-from services.serving.triton import STREAM_MODEL_NAME, TritonAnswer, TritonRow, infer_inputs, infer_outputs, parse_answer
+from services.serving.triton import CANCEL_MODEL_NAME, STREAM_MODEL_NAME, TritonAnswer, TritonRow, infer_inputs, infer_outputs, parse_answer
+
+log = logging.getLogger("flywheel.serving.gateway")
+
+DISCONNECTED = "the client disconnected before the stream ended"
 
 
 class GatewayError(Exception):
@@ -94,8 +106,11 @@ class Gateway:
         self._loaded = loaded_adapters
         self._triton_model = triton_model
         self._client: Any = None
+        self._background: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -105,6 +120,12 @@ class Gateway:
 
     async def completion(self, request: CompletionRequest, principal: str | None = None) -> Completion:
         return await self._complete(_Call("completions", request, principal=principal))
+
+    async def chat_stream(self, request: ChatCompletionRequest, principal: str | None = None) -> Stream:
+        return await self._open_stream(_Call("chat.completions", request, principal=principal))
+
+    async def completion_stream(self, request: CompletionRequest, principal: str | None = None) -> Stream:
+        return await self._open_stream(_Call("completions", request, principal=principal))
 
     def refused(self, endpoint: str, body: bytes, principal: str | None, status: int, message: str) -> None:
         """Log a request refused before it could be served (401/403, malformed body, rate limit) as an errored inference."""
@@ -128,20 +149,32 @@ class Gateway:
         answer: TritonAnswer | None = None
         triton_ms = 0.0
         try:
-            call.route = self._resolve(call.request.model, call.sticky_key)
-            call.prompt = self._render(call)
-            row = self._row(call)
+            row = self._prepare(call)
             sent = time.perf_counter()
-            answer = await self._infer(row)
+            responses, answer = await self._send(row)
+            responses.cancel()
             triton_ms = (time.perf_counter() - sent) * 1000
-            if answer.error:
-                # The adapter went away between resolving and batching (an unload raced this request).
-                raise GatewayError(404, f"{call.route.label} is not loaded on this replica: {answer.error}", code="model_not_loaded", param="model")
+            _check_loaded(call, answer)
         except GatewayError as error:
             self._emit(call, answer, triton_ms, error=str(error))
             raise
         self._emit(call, answer, triton_ms)
         return Completion(call.inference_id, int(time.time()), call.route.label, answer.text, answer.finish_reason, answer.prompt_tokens, answer.completion_tokens)
+
+    async def _open_stream(self, call: _Call) -> Stream:
+        try:
+            row = self._prepare(call)
+            sent = time.perf_counter()
+            responses, first = await self._send(row, stream=True, request_id=call.inference_id)
+        except GatewayError as error:
+            self._emit(call, None, 0.0, error=str(error))
+            raise
+        return Stream(self, call, responses, first, sent)
+
+    def _prepare(self, call: _Call) -> TritonRow:
+        call.route = self._resolve(call.request.model, call.sticky_key)
+        call.prompt = self._render(call)
+        return self._row(call)
 
     def _resolve(self, reference: str, sticky_key: str) -> Route:
         try:
@@ -194,34 +227,66 @@ class Gateway:
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
         return TritonRow(call.prompt, call.route.adapter_name if call.route else None, max_tokens, request.temperature, request.top_p, request.seed, stop)
 
-    async def _infer(self, row: TritonRow) -> TritonAnswer:
-        """One request over a gRPC stream to the decoupled model: it joins the running batch at once."""
-        import grpc
+    def _connect(self) -> Any:
         import tritonclient.grpc.aio as triton_grpc
-        from tritonclient.utils import InferenceServerException
 
         if self._client is None:
             self._client = triton_grpc.InferenceServerClient(self._url)
+        return self._client
+
+    async def _send(self, row: TritonRow, *, stream: bool = False, request_id: str = "") -> tuple[Any, TritonAnswer]:
+        """Open a gRPC stream to the decoupled model (the request joins the running batch at once) and
+        await its first response: the whole answer, or with `stream` the first piece."""
+        import tritonclient.grpc.aio as triton_grpc
+
+        client = self._connect()
 
         async def one_request() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": self._triton_model, "inputs": infer_inputs(triton_grpc, row), "outputs": infer_outputs(triton_grpc)}
+            yield {"model_name": self._triton_model, "inputs": infer_inputs(triton_grpc, row, stream=stream, request_id=request_id), "outputs": infer_outputs(triton_grpc)}
 
-        responses = self._client.stream_infer(one_request(), stream_timeout=self._settings.triton_timeout_s)
+        responses = client.stream_infer(one_request(), stream_timeout=self._settings.triton_timeout_s)
         try:
-            async for result, error in responses:
-                if error is not None:
-                    raise error
-                return parse_answer(result)
-            raise InferenceServerException("the stream closed without an answer")
+            return responses, await self._next(responses)
+        except BaseException:
+            responses.cancel()
+            raise
+
+    async def _next(self, responses: Any) -> TritonAnswer:
+        import grpc
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            result, error = await anext(responses)
+            if error is not None:
+                raise error
+            return parse_answer(result)
+        except StopAsyncIteration:
+            reason = "the stream closed without an answer"
         except (InferenceServerException, grpc.RpcError) as error:
-            # A fresh channel next time: one that saw Triton go away can keep failing after it is back.
-            client, self._client = self._client, None
-            await client.close()
             # The stream's errors come unwrapped from grpc, unlike unary calls' InferenceServerException.
             reason = error.message() if isinstance(error, InferenceServerException) else error.details()  # type: ignore[attr-defined]
-            raise GatewayError(503, f"the inference server is unavailable: {reason}", code="triton_unavailable") from None
-        finally:
-            responses.cancel()
+        # A fresh channel next time: one that saw Triton go away can keep failing after it is back.
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+        raise GatewayError(503, f"the inference server is unavailable: {reason}", code="triton_unavailable")
+
+    def _cancel_soon(self, request_id: str) -> None:
+        """Ask Triton to drop a stream's request; fire and forget, since the caller may be a cancelled task."""
+        task = asyncio.get_running_loop().create_task(self._cancel(request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _cancel(self, request_id: str) -> None:
+        import numpy as np
+        import tritonclient.grpc.aio as triton_grpc
+
+        request = triton_grpc.InferInput("request_id", [1, 1], "BYTES")
+        request.set_data_from_numpy(np.array([[request_id.encode()]], dtype=np.object_))
+        try:
+            await self._connect().infer(CANCEL_MODEL_NAME, [request], client_timeout=self._settings.triton_timeout_s)
+        except Exception as error:  # noqa: BLE001 - the request then runs to max_tokens; nothing else is lost
+            log.warning("could not cancel abandoned request %s on Triton: %s", request_id, error)
 
     def _emit(self, call: _Call, answer: TritonAnswer | None, triton_ms: float, *, error: str | None = None) -> None:
         request, route = call.request, call.route
@@ -240,7 +305,7 @@ class Gateway:
                 principal=call.principal,
                 input_messages=[message.model_dump(exclude_none=True) for message in request.messages] if isinstance(request, ChatCompletionRequest) else [],
                 input_text=call.prompt,
-                output_text=answer.text if answer and not error else "",
+                output_text=answer.text if answer else "",
                 finish_reason="error" if error else (answer.finish_reason if answer else None),
                 prompt_tokens=answer.prompt_tokens if answer else 0,
                 completion_tokens=answer.completion_tokens if answer else 0,
@@ -254,3 +319,68 @@ class Gateway:
             ),
             correlation_id=call.inference_id,
         )
+
+
+def _check_loaded(call: _Call, answer: TritonAnswer) -> None:
+    if answer.error:
+        # The adapter went away between resolving and batching (an unload raced this request).
+        raise GatewayError(404, f"{call.route.label if call.route else call.request.model} is not loaded on this replica: {answer.error}", code="model_not_loaded", param="model")
+
+
+class Stream:
+    """A completion relayed piece by piece as Triton decodes it.
+
+    Ends in exactly one `inference.logged` with the whole output, however it ends: finished,
+    failed mid-way, or closed early because the client left (then the request is cancelled on
+    Triton and the log has the text sent so far).
+    """
+
+    def __init__(self, gateway: Gateway, call: _Call, responses: Any, first: TritonAnswer, sent: float) -> None:
+        assert call.route is not None
+        self.inference_id = call.inference_id
+        self.created = int(time.time())
+        self.model = call.route.label
+        self.finish_reason: str | None = None
+        self._gateway = gateway
+        self._call = call
+        self._responses = responses
+        self._pending: TritonAnswer | None = first
+        self._sent = sent
+        self._pieces: list[str] = []
+        self._ended = False
+
+    @property
+    def done(self) -> bool:
+        return self._ended
+
+    async def next_piece(self) -> str:
+        """The next piece of text (possibly empty); `done` turns true with the last one."""
+        try:
+            answer = self._pending or await self._gateway._next(self._responses)
+        except GatewayError as error:
+            self._end(None, str(error))
+            raise
+        self._pending = None
+        self._pieces.append(answer.text)
+        if answer.finish_reason:
+            try:
+                _check_loaded(self._call, answer)
+            except GatewayError as error:
+                self._end(answer, str(error))
+                raise
+            self.finish_reason = answer.finish_reason
+            self._end(answer, None)
+        return answer.text
+
+    def close(self) -> None:
+        """Release the Triton stream; before the last piece, the client left: cancel the request there."""
+        self._responses.cancel()
+        if not self._ended:
+            self._gateway._cancel_soon(self.inference_id)
+            self._end(None, DISCONNECTED)
+
+    def _end(self, final: TritonAnswer | None, error: str | None) -> None:
+        self._ended = True
+        text = "".join(self._pieces)
+        answer = dataclasses.replace(final, text=text) if final else TritonAnswer(text, "error", 0, 0, 0.0, error or "")
+        self._gateway._emit(self._call, answer, (time.perf_counter() - self._sent) * 1000, error=error)

@@ -4,8 +4,16 @@ Two Triton models take rendered prompts, each with its adapter name and sampling
 both hand their rows to one continuous batcher (batcher.py), so requests for different adapters
 and from both models share every decode step:
 - `flywheel_llm_stream` (decoupled; the gateway's and the benchmark's): Triton's `execute` returns
-  at once and the infer coroutine awaits its rows, so every request joins the running batch at the
+  at once and the infer generator awaits its row, so every request joins the running batch at the
   next decode step however many are in flight. Decoupled models answer over gRPC streams only.
+  With the optional input `stream` true it sends one response per decode step that produced text
+  (`text` is the new piece, `finish_reason` empty) and a last one with the finish reason and token
+  counts; otherwise one response with the whole answer. One request per execution
+  (max_batch_size 1): PyTriton sends each yielded response to every request of an execution, so
+  requests streaming at their own pace cannot share one, and batching is the batcher's job anyway.
+- `flywheel_llm_cancel` (plain): given a stream's `request_id`, takes that request out of the
+  running batch; the gateway calls it when a streaming client disconnects, so an abandoned
+  request stops holding a batch slot.
 - `flywheel_llm` (plain request/response, for tritonclient HTTP and gRPC `infer`): Triton hands a
   non-decoupled instance its next batch only when the previous one returned, so concurrent plain
   requests decode together only when they arrive in one dynamic batch. More instances would lift
@@ -34,6 +42,7 @@ import shutil
 import socket
 import sysconfig
 import tempfile
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +57,7 @@ log = logging.getLogger("flywheel.serving.triton")
 
 MODEL_NAME = "flywheel_llm"
 STREAM_MODEL_NAME = "flywheel_llm_stream"
+CANCEL_MODEL_NAME = "flywheel_llm_cancel"
 
 INPUTS = ("prompt", "adapter", "max_tokens", "temperature", "top_p", "seed", "stop")
 OUTPUTS = ("text", "finish_reason", "prompt_tokens", "completion_tokens", "compute_ms", "error")
@@ -120,6 +130,7 @@ class TritonServing:
         self._scratch: Path | None = None
         self.batches_served = 0
         self.largest_batch = 0
+        self._streams: dict[str, Future[GenerationResult]] = {}  # request_id -> its row, while it decodes
 
     def start(self) -> TritonPorts:
         self.batcher.start()
@@ -151,35 +162,41 @@ class TritonServing:
         self._scratch = Path(tempfile.mkdtemp(prefix="flywheel-triton-"))
         triton = Triton(config=config, workspace=self._scratch / "workspace")  # PyTriton creates it
         try:
-            for model_name, infer_func, decoupled in ((self.model_name, self._infer, False), (self.stream_model_name, self._infer_async, True)):
-                triton.bind(
-                    model_name=model_name,
-                    infer_func=infer_func,
-                    inputs=[
-                        Tensor(name="prompt", dtype=bytes, shape=(1,)),
-                        Tensor(name="adapter", dtype=bytes, shape=(1,)),
-                        Tensor(name="max_tokens", dtype=np.int32, shape=(1,)),
-                        Tensor(name="temperature", dtype=np.float32, shape=(1,)),
-                        Tensor(name="top_p", dtype=np.float32, shape=(1,)),
-                        Tensor(name="seed", dtype=np.int64, shape=(1,)),
-                        Tensor(name="stop", dtype=bytes, shape=(1,)),
-                    ],
-                    outputs=[
-                        Tensor(name="text", dtype=bytes, shape=(1,)),
-                        Tensor(name="finish_reason", dtype=bytes, shape=(1,)),
-                        Tensor(name="prompt_tokens", dtype=np.int32, shape=(1,)),
-                        Tensor(name="completion_tokens", dtype=np.int32, shape=(1,)),
-                        Tensor(name="compute_ms", dtype=np.float32, shape=(1,)),
-                        Tensor(name="error", dtype=bytes, shape=(1,)),
-                    ],
-                    config=ModelConfig(
-                        batching=True,
-                        decoupled=decoupled,
-                        max_batch_size=self.max_batch_size,
-                        batcher=DynamicBatcher(max_queue_delay_microseconds=self.max_queue_delay_us),
-                    ),
-                    strict=True,
-                )
+            row_inputs = [
+                Tensor(name="prompt", dtype=bytes, shape=(1,)),
+                Tensor(name="adapter", dtype=bytes, shape=(1,)),
+                Tensor(name="max_tokens", dtype=np.int32, shape=(1,)),
+                Tensor(name="temperature", dtype=np.float32, shape=(1,)),
+                Tensor(name="top_p", dtype=np.float32, shape=(1,)),
+                Tensor(name="seed", dtype=np.int64, shape=(1,)),
+                Tensor(name="stop", dtype=bytes, shape=(1,)),
+            ]
+            stream_inputs = [
+                Tensor(name="stream", dtype=np.bool_, shape=(1,), optional=True),
+                Tensor(name="request_id", dtype=bytes, shape=(1,), optional=True),
+            ]
+            row_outputs = [
+                Tensor(name="text", dtype=bytes, shape=(1,)),
+                Tensor(name="finish_reason", dtype=bytes, shape=(1,)),
+                Tensor(name="prompt_tokens", dtype=np.int32, shape=(1,)),
+                Tensor(name="completion_tokens", dtype=np.int32, shape=(1,)),
+                Tensor(name="compute_ms", dtype=np.float32, shape=(1,)),
+                Tensor(name="error", dtype=bytes, shape=(1,)),
+            ]
+            batched = DynamicBatcher(max_queue_delay_microseconds=self.max_queue_delay_us)
+            triton.bind(
+                model_name=self.model_name, infer_func=self._infer, inputs=row_inputs, outputs=row_outputs,
+                config=ModelConfig(batching=True, max_batch_size=self.max_batch_size, batcher=batched), strict=True,
+            )
+            triton.bind(
+                model_name=self.stream_model_name, infer_func=self._infer_stream, inputs=row_inputs + stream_inputs, outputs=row_outputs,
+                config=ModelConfig(batching=True, decoupled=True, max_batch_size=1, batcher=DynamicBatcher()), strict=True,
+            )
+            triton.bind(
+                model_name=CANCEL_MODEL_NAME, infer_func=self._cancel,
+                inputs=[Tensor(name="request_id", dtype=bytes, shape=(1,))], outputs=[Tensor(name="cancelled", dtype=np.bool_, shape=(1,))],
+                config=ModelConfig(batching=True, max_batch_size=self.max_batch_size, batcher=batched), strict=True,
+            )
             triton.run()
         except BaseException:
             triton.stop()
@@ -212,14 +229,55 @@ class TritonServing:
         """Plain model: submit every row to the continuous batcher and wait for them all."""
         return [_outputs([_row_output(row) for row in rows]) for rows in self._submit(requests)]
 
-    async def _infer_async(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
-        """Decoupled model: the same, awaited on PyTriton's event loop, so batches overlap."""
+    async def _infer_stream(self, requests: list[Any]) -> AsyncIterator[list[dict[str, np.ndarray]]]:
+        """Decoupled model: awaited on PyTriton's event loop, so requests overlap; streamed when asked."""
+        if len(requests) == 1 and "stream" in requests[0].keys() and bool(requests[0]["stream"].reshape(-1)[0]):
+            async for response in self._stream_one(requests[0]):
+                yield [response]
+            return
         pending = self._submit(requests)
         futures = [asyncio.wrap_future(row) for rows in pending for row in rows if not isinstance(row, str)]
         await asyncio.gather(*futures, return_exceptions=True)
-        return [_outputs([_row_output(row) for row in rows]) for rows in pending]
+        yield [_outputs([_row_output(row) for row in rows]) for rows in pending]
 
-    def _submit(self, requests: list[Any]) -> list[list[Future[GenerationResult] | str]]:
+    async def _stream_one(self, request: Any) -> AsyncIterator[dict[str, np.ndarray]]:
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+
+        def push(piece: str | None) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+        [row] = self._submit([request], on_text=push)[0]
+        if isinstance(row, str):
+            yield _outputs([_row_output(row)])
+            return
+        # Called from the batcher thread after the row's last piece was pushed, so it arrives last.
+        row.add_done_callback(lambda _: push(None))
+        request_id = _text(request["request_id"].reshape(-1)[0]) if "request_id" in request.keys() else ""
+        if request_id:
+            self._streams[request_id] = row
+        try:
+            while (piece := await pieces.get()) is not None:
+                yield _outputs([(piece, "", 0, 0, 0.0, "")])
+        finally:
+            self._streams.pop(request_id, None)
+        _, *final = _row_output(row)
+        yield _outputs([("", *final)])
+
+    def _cancel(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
+        """Cancel model: take each named stream's row out of the batch; false for ids not decoding (finished, unknown)."""
+        answers = []
+        for request in requests:
+            found = []
+            for value in request["request_id"].reshape(-1):
+                row = self._streams.get(_text(value))
+                if row is not None:
+                    self.batcher.cancel(row)
+                found.append([row is not None])
+            answers.append({"cancelled": np.array(found, dtype=np.bool_)})
+        return answers
+
+    def _submit(self, requests: list[Any], on_text: Callable[[str], None] | None = None) -> list[list[Future[GenerationResult] | str]]:
         """Each request's rows as batcher futures, or the error that kept a row out."""
         size = sum(len(request["prompt"]) for request in requests)
         self.batches_served += 1
@@ -242,7 +300,7 @@ class TritonServing:
                         seed=None if seed < 0 else seed,
                     )
                     prompt_ids = self.engine.encode(_text(request["prompt"][index][0]))
-                    rows.append(self.batcher.submit(GenerationRequest(prompt_ids, adapter, params)))
+                    rows.append(self.batcher.submit(GenerationRequest(prompt_ids, adapter, params), on_text))
                 except (ValueError, TypeError) as error:
                     rows.append(str(error))
             pending.append(rows)
@@ -293,8 +351,11 @@ class TritonAnswer:
     error: str
 
 
-def infer_inputs(client_module: Any, row: TritonRow) -> list[Any]:
-    """Inputs for one request, built with `tritonclient.http` or `tritonclient.grpc` (same API)."""
+def infer_inputs(client_module: Any, row: TritonRow, *, stream: bool = False, request_id: str = "") -> list[Any]:
+    """Inputs for one request, built with `tritonclient.http` or `tritonclient.grpc` (same API).
+
+    `stream` and `request_id` are inputs of the stream model only (token-by-token responses, and the id
+    the cancel model knows the request by)."""
     values = {
         "prompt": (np.array([[row.prompt.encode()]], dtype=np.object_), "BYTES"),
         "adapter": (np.array([[(row.adapter or "").encode()]], dtype=np.object_), "BYTES"),
@@ -304,6 +365,10 @@ def infer_inputs(client_module: Any, row: TritonRow) -> list[Any]:
         "seed": (np.array([[-1 if row.seed is None else row.seed]], dtype=np.int64), "INT64"),
         "stop": (np.array([[json.dumps(list(row.stop)).encode()]], dtype=np.object_), "BYTES"),
     }
+    if stream:
+        values["stream"] = (np.array([[True]], dtype=np.bool_), "BOOL")
+    if request_id:
+        values["request_id"] = (np.array([[request_id.encode()]], dtype=np.object_), "BYTES")
     inputs = []
     for name, (array, datatype) in values.items():
         tensor = client_module.InferInput(name, list(array.shape), datatype)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import queue
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 
 from services.runtime.inference import Engine, GenerationRequest, SamplingParams
-from services.serving.triton import MODEL_NAME, STREAM_MODEL_NAME, TritonRow, TritonServing, infer_inputs, infer_outputs, parse_answer, stream_infer
+from services.serving.triton import (
+    CANCEL_MODEL_NAME, MODEL_NAME, STREAM_MODEL_NAME, TritonAnswer, TritonRow, TritonServing, infer_inputs, infer_outputs, parse_answer, stream_infer,
+)
 from tests.serving_support import make_adapter, smollm2_tokenizer, tiny_engine
 
 pytestmark = pytest.mark.integration
@@ -111,3 +115,57 @@ def test_metrics_endpoint_counts_inferences(serving: TritonServing) -> None:
     with urllib.request.urlopen(serving.ports.metrics_url, timeout=10) as response:
         body = response.read().decode()
     assert f'nv_inference_request_success{{model="{MODEL_NAME}",version="1"}}' in body
+
+
+def open_stream(url: str, row: TritonRow, request_id: str) -> tuple[triton_grpc.InferenceServerClient, queue.Queue]:
+    """A gRPC stream to the stream model asking for pieces; its answers (or errors) land in the queue."""
+    answers: queue.Queue = queue.Queue()
+    client = triton_grpc.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: answers.put(error if error is not None else parse_answer(result)))
+    client.async_stream_infer(STREAM_MODEL_NAME, infer_inputs(triton_grpc, row, stream=True, request_id=request_id), outputs=infer_outputs(triton_grpc))
+    return client, answers
+
+
+def until_final(answers: queue.Queue) -> list:
+    pieces = [answers.get(timeout=120)]
+    while isinstance(pieces[-1], TritonAnswer) and not pieces[-1].finish_reason:
+        pieces.append(answers.get(timeout=120))
+    assert isinstance(pieces[-1], TritonAnswer), pieces[-1]
+    return pieces
+
+
+def test_the_stream_model_sends_pieces_as_they_are_decoded(serving: TritonServing, engine: Engine) -> None:
+    assert serving.ports is not None
+    row = TritonRow(prompt="Once upon a time", adapter="a1", max_tokens=12, temperature=0.0)
+    client, answers = open_stream(serving.ports.grpc_url, row, "piecewise")
+    try:
+        pieces = until_final(answers)
+    finally:
+        client.stop_stream()
+        client.close()
+    final = pieces[-1]
+    assert len([piece for piece in pieces if piece.text]) > 1, "the answer came in one piece"
+    assert all(piece.finish_reason == "" and piece.error == "" for piece in pieces[:-1])
+    assert "".join(piece.text for piece in pieces) == direct(engine, row)
+    assert (final.finish_reason, final.completion_tokens, final.prompt_tokens) == ("length", 12, len(engine.encode(row.prompt)))
+
+
+def test_cancelling_a_stream_takes_it_out_of_the_batch(serving: TritonServing) -> None:
+    assert serving.ports is not None
+    # 480 tokens is most of the tiny model's context: without the cancel it would decode for a long while.
+    row = TritonRow(prompt="Tell me everything", adapter="a2", max_tokens=480, temperature=0.0)
+    client, answers = open_stream(serving.ports.grpc_url, row, "abandoned")
+    try:
+        first = answers.get(timeout=120)
+        assert isinstance(first, TritonAnswer) and first.finish_reason == "", first
+        request = triton_grpc.InferInput("request_id", [1, 1], "BYTES")
+        request.set_data_from_numpy(np.array([[b"abandoned"]], dtype=np.object_))
+        cancelled = client.infer(CANCEL_MODEL_NAME, [request]).as_numpy("cancelled")
+        final = until_final(answers)[-1]
+        again = client.infer(CANCEL_MODEL_NAME, [request]).as_numpy("cancelled")
+    finally:
+        client.stop_stream()
+        client.close()
+    assert bool(cancelled.reshape(-1)[0]) and not bool(again.reshape(-1)[0]), "the cancel model did not find the stream, or found it twice"
+    assert final.finish_reason == "cancelled" and 0 < final.completion_tokens < row.max_tokens
+    assert serving.batcher.decoding == 0
