@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.serving.batcher import BatcherStopped, ContinuousBatcher
-from services.runtime.inference import Engine, GenerationRequest, SamplingParams
+from services.runtime.inference import Engine, GenerationRequest, Row, SamplingParams
 from tests.serving_support import make_adapter, smollm2_tokenizer, tiny_engine
 
 pytestmark = pytest.mark.unit
@@ -83,3 +83,35 @@ def test_stop_fails_what_is_left(engine: Engine) -> None:
         futures[1].result(timeout=60)
     with pytest.raises(BatcherStopped):
         batcher.submit(request(engine, "Hi", None, 1)).result(timeout=1)
+
+
+def test_streamed_pieces_add_up_to_the_answer_and_never_include_a_stop_sequence(engine: Engine, batcher: ContinuousBatcher) -> None:
+    plain = request(engine, "Tell me about the sea.", "a2", 24)
+    full = engine.generate([plain])[0].text
+    # A stop sequence from the middle of the answer: its first characters arrive a token before the rest.
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    stopped = GenerationRequest(plain.prompt_ids, "a2", SamplingParams(max_tokens=24, temperature=0.0, stop=(stop,)))
+    pieces: list[str] = []
+    result = batcher.submit(stopped, on_text=pieces.append).result(timeout=120)
+    assert result.finish_reason == "stop" and result.text == full[: full.find(stop)]
+    assert "".join(pieces) == result.text and len(pieces) > 1
+
+
+def test_stable_text_holds_back_what_later_tokens_could_change(engine: Engine) -> None:
+    row = Row(GenerationRequest([1], None, SamplingParams(stop=("END",))), None)
+    row.text = "partly EN"
+    assert row.stable_text() == "partly "
+    row.text = "half a character \ufffd"
+    assert row.stable_text() == "half a character "
+    row.finish_reason, row.text = "length", "partly EN"
+    assert row.stable_text() == "partly EN"
+
+
+def test_a_cancelled_request_leaves_the_batch_with_its_text_so_far(engine: Engine, batcher: ContinuousBatcher) -> None:
+    future = batcher.submit(request(engine, "Tell me a long story about the sea.", "a1", 400))
+    while batcher.steps < 3 or batcher.decoding == 0:
+        time.sleep(0.005)
+    batcher.cancel(future)
+    result = future.result(timeout=60)
+    assert result.finish_reason == "cancelled" and 0 < result.completion_tokens < 400
+    assert batcher.decoding == 0 and batcher.cancelled == 1
