@@ -45,6 +45,7 @@ FACTS_V1 = 8
 FACTS_TRAFFIC = 16
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GATE_POLICY = "facts@v1"
+MIN_CORRECTIONS = 8
 # The demo's alert rule: a thumbs-down rate over 30% in the last 15 minutes (10 ratings at least)
 # opens a quality alert; the monitor's default rules compare against a day-long baseline a fresh demo has not got.
 RULES = """rules:
@@ -142,7 +143,7 @@ def _configure(settings: FlywheelSettings) -> tuple[FlywheelSettings, str]:
         "FLYWHEEL_MONITOR_RULES_PATH": str(rules),
         "FLYWHEEL_MONITOR_TICK_S": "5",
         "FLYWHEEL_MONITOR_API_KEY": admin_key,
-        "FLYWHEEL_MONITOR_RETRAIN_MIN_CORRECTIONS": "8",
+        "FLYWHEEL_MONITOR_RETRAIN_MIN_CORRECTIONS": str(MIN_CORRECTIONS),
         "FLYWHEEL_EVALUATOR_GATE_POLICIES": json.dumps({MODEL: GATE_POLICY}),
         "FLYWHEEL_EVALUATOR_MAX_TOKENS": "40",
         "FLYWHEEL_SERVING_RATE_LIMIT_RPS": "50",
@@ -237,14 +238,15 @@ class Driver:
             raise StepFailed(f"{method} {path} answered {response.status_code}: {response.text[:400]}")
         return response.json() if response.content else None
 
-    async def until(self, what: str, probe: Callable[[], Awaitable[Any]], interval: float = 2.0) -> Any:
-        deadline = time.monotonic() + self.timeout
+    async def until(self, what: str, probe: Callable[[], Awaitable[Any]], interval: float = 2.0, timeout: float | None = None) -> Any:
+        timeout = min(timeout or self.timeout, self.timeout)
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = await probe()
             if value:
                 return value
             await asyncio.sleep(interval)
-        raise StepFailed(f"timed out after {self.timeout:.0f} s waiting for {what}")
+        raise StepFailed(f"timed out after {timeout:.0f} s waiting for {what}")
 
     async def sql(self, query: str, **parameters: Any) -> list[dict[str, Any]]:
         result = await self.call("POST", "/monitor/v1/query", json={"sql": query, "parameters": parameters})
@@ -470,7 +472,7 @@ class Driver:
             self.say(f"step 4: {rows[0]['events']}/{len(ids)} inferences in ClickHouse")
             return rows if int(rows[0]["events"]) >= len(ids) else None
 
-        counts = (await self.until("every inference.logged in ClickHouse", stored))[0]
+        counts = (await self.until("every inference.logged in ClickHouse", stored, timeout=600))[0]
         self.report.stored_inferences = {"inferences": int(counts["events"]), "rows (no FINAL)": int(counts["rows"]), "on production version": int(counts["on_version"])}
         step.lines.append(f"inference_log: {counts['events']} events, {counts['rows']} rows read without FINAL (duplicates: {int(counts['rows']) - int(counts['events'])})")
 
@@ -499,7 +501,7 @@ class Driver:
             self.say(f"step 5: {rows[0]['events']}/{len(ids)} feedback rows in ClickHouse")
             return rows if int(rows[0]["events"]) >= len(ids) else None
 
-        counts_stored = (await self.until("every feedback.received in ClickHouse", stored))[0]
+        counts_stored = (await self.until("every feedback.received in ClickHouse", stored, timeout=600))[0]
         self.report.feedback["stored"] = int(counts_stored["events"])
         self.report.feedback["corrections stored"] = int(counts_stored["corrections"])
         step.lines.append(f"feedback in ClickHouse: {counts_stored['events']} events, {counts_stored['corrections']} with corrections, {counts_stored['joined']} joined to their inference")
@@ -516,7 +518,7 @@ class Driver:
             self.say(f"step 6: waiting for the monitor's alert ({len(alerts)} alerts so far)")
             return next((item for item in alerts if item["model_name"] == MODEL and item["rule_name"] == "demo-thumbs-down-rate"), None)
 
-        fired = await self.until("alert.raised from rule demo-thumbs-down-rate", alert, interval=3.0)
+        fired = await self.until("alert.raised from rule demo-thumbs-down-rate", alert, interval=3.0, timeout=300)
         self.report.alert = {key: fired.get(key) for key in ("alert_id", "rule_name", "metric", "value", "threshold", "state", "adapter_version")}
         step.lines.append(f"alert {fired['alert_id']}: {fired['rule_name']} {fired['metric']} = {float(fired['value']):.3f} > {fired['threshold']} (adapter v{fired.get('adapter_version')})")
         job_id = f"retrain-{fired['alert_id']}"
@@ -529,7 +531,7 @@ class Driver:
                 mine = next((item for item in jobs if item["job_id"].startswith("retrain-")), None)
             return mine
 
-        retraining = await self.until(f"training.requested from the monitor (job {job_id})", job)
+        retraining = await self.until(f"training.requested from the monitor (job {job_id}; it needs {MIN_CORRECTIONS} corrections and no retraining of the model in its cooldown)", job, timeout=300)
         dataset = retraining["dataset"]
         rows = await self.call("GET", f"/registry/v1/datasets/{dataset['name']}/versions/{dataset['version']}")
         if rows["provenance"] != "feedback":
