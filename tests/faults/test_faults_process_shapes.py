@@ -1,0 +1,162 @@
+"""The two process shapes give the same outcome for a slice of the loop: inference.logged events (slow,
+some failed) and feedback through the feedback door -> ClickHouse -> the monitor's alerts, with malformed
+messages put on every topic of the contract at the same time.
+
+- one process: registry, feedback (the sink) and monitor built together, as `flywheel up` builds them;
+- separate processes: `flywheel run registry`, and feedback + monitor in a second process against the
+  same Kafka. With embedded chDB only one process may open the data directory, so the sink and the
+  monitor share that process (with a ClickHouse server they would run apart); the second process checks
+  API keys in the registry's database (FLYWHEEL_DATABASE_URL) and calls the registry's door over HTTP.
+
+Poison on every topic: each topic consumed by a running service gets its poison in `<topic>.dlq` and
+nothing else is affected (the counts and alerts match the clean expectation). Topics consumed only by
+trainer, evaluator and serving (not started here: they need the model) keep their poison unread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from contracts.envelope import wrap
+from contracts.events import EVENTS, EvaluationCompleted, FeedbackReceived, InferenceLogged, InferenceStatus, StageChanged, TrainingCompleted
+from contracts.publisher import encode
+from contracts.topics import dlq_for, topic_for
+from services.runtime.broker import ensure_topics
+from tests.faults.conftest import ProxiedKafka
+from tests.faults.support import ServiceProcess, eventually, topic_size
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+ADMIN_KEY = "faults-admin-key"
+INFERENCES = 40
+# Consumed by the services these shapes run: registry (training.completed, evaluation.completed),
+# feedback (inference.logged, feedback.received), monitor (stage.changed).
+CONSUMED = {TrainingCompleted, EvaluationCompleted, InferenceLogged, FeedbackReceived, StageChanged}
+POISON = [b"not json at all", b"{}", json.dumps({"event_id": "not-a-uuid", "event_type": "x"}).encode(), b""]
+
+
+def shape_env(home: Path) -> dict[str, str]:
+    return {
+        "FLYWHEEL_BOOTSTRAP_ADMIN_KEY": ADMIN_KEY,
+        "FLYWHEEL_DATABASE_URL": f"sqlite:///{home / 'registry.db'}",
+        "FLYWHEEL_MONITOR_TICK_S": "2",
+        "FLYWHEEL_MONITOR_API_KEY": ADMIN_KEY,
+    }
+
+
+async def drive_slice(bootstrap: str, prefix: str, feedback_door: str, monitor_door: str) -> dict[str, object]:
+    """Publish the slice's events and poison, send feedback through the door, and read the outcome."""
+    run = uuid.uuid4().hex[:6]
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        for event in EVENTS:
+            for value in POISON:
+                await producer.send_and_wait(topic_for(event, prefix), value=value, key=b"poison")
+        for i in range(INFERENCES):
+            failed = i % 5 == 0
+            envelope = wrap(InferenceLogged(
+                inference_id=f"{run}-{i}", model_name="smollm2", prompt_tokens=12, completion_tokens=8, latency_total_ms=3000.0 + i,
+                status=InferenceStatus.error if failed else InferenceStatus.ok, error="triton unavailable" if failed else None,
+            ), producer="shape-test")
+            key, value, headers = encode(envelope)
+            await producer.send_and_wait(topic_for(InferenceLogged, prefix), value=value, key=key, headers=headers)
+    finally:
+        await producer.stop()
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with httpx.AsyncClient(timeout=30) as client:
+        for i in range(0, INFERENCES, 2):
+            answer = await client.post(f"{feedback_door}/feedback/v1/feedback", json={"inference_id": f"{run}-{i}", "thumbs": "down", "rating": 1}, headers=auth)
+            assert answer.status_code == 202, answer.text
+
+        async def sql(query: str) -> list[list]:
+            answer = await client.post(f"{monitor_door}/monitor/v1/query", json={"sql": query}, headers=auth)
+            assert answer.status_code == 200, answer.text
+            return answer.json()["rows"]
+
+        async def stored() -> tuple[int, int]:
+            rows = await sql("SELECT (SELECT count() FROM inference_log), (SELECT count() FROM feedback)")
+            return int(rows[0][0]), int(rows[0][1])
+
+        async def alerts() -> list[str]:
+            answer = await client.get(f"{monitor_door}/monitor/v1/alerts", headers=auth)
+            assert answer.status_code == 200, answer.text
+            return sorted({alert["rule_name"] for alert in answer.json()})
+
+        deadline = asyncio.get_running_loop().time() + 180
+        while (await stored() != (INFERENCES, INFERENCES // 2)) or not {"error-rate", "latency-p95-slo"} <= set(await alerts()):
+            assert asyncio.get_running_loop().time() < deadline, f"stored {await stored()}, alerts {await alerts()}"
+            await asyncio.sleep(1.0)
+        await asyncio.sleep(4.0)  # two more monitor ticks: an alert must open once, not once per tick
+        rows = await sql("SELECT count() - uniqExact(event_id) FROM inference_log")
+        duplicated = int(rows[0][0]) + int((await sql("SELECT count() - uniqExact(event_id) FROM feedback"))[0][0])
+        final_counts = await stored()
+        answer = await client.get(f"{monitor_door}/monitor/v1/alerts", headers=auth)
+        alert_list = answer.json()
+    dlq = {event.event_type: await topic_size(bootstrap, dlq_for(topic_for(event, prefix))) for event in EVENTS}
+    return {
+        "stored (inference_log, feedback)": final_counts,
+        "duplicated": duplicated,
+        "alerts": sorted(alert["rule_name"] for alert in alert_list),
+        "dead_lettered": dlq,
+    }
+
+
+def check_dead_letters(outcome: dict[str, object]) -> None:
+    dlq = outcome["dead_lettered"]
+    assert isinstance(dlq, dict)
+    for event in EVENTS:
+        expected = len(POISON) if event in CONSUMED else 0
+        assert dlq[event.event_type] == expected, f"{event.event_type}: {dlq[event.event_type]} dead-lettered, expected {expected}"
+
+
+async def test_separate_processes_give_the_same_outcome_as_one_process_under_poison(tmp_path: Path, proxied: ProxiedKafka) -> None:
+    outcomes: dict[str, dict[str, object]] = {}
+
+    # One process.
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    await ensure_topics(proxied.bootstrap, prefix)
+    home = tmp_path / "one"
+    one = ServiceProcess(tmp_path, proxied.bootstrap, prefix, ["registry", "feedback", "monitor"], home=home, **shape_env(home))
+    try:
+        one.start()
+        await one.wait_ready()
+        outcomes["one process"] = await drive_slice(proxied.bootstrap, prefix, one.url, one.url)
+        assert one.running(), one.log_tail()
+    finally:
+        one.stop()
+
+    # Separate processes: the registry alone; the sink and the monitor together (one chDB directory).
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    await ensure_topics(proxied.bootstrap, prefix)
+    home = tmp_path / "apart"
+    registry = ServiceProcess(tmp_path, proxied.bootstrap, prefix, ["registry"], home=home / "registry", **shape_env(home))
+    sink_monitor = ServiceProcess(tmp_path, proxied.bootstrap, prefix, ["feedback", "monitor"], home=home / "sink", **shape_env(home))
+    try:
+        registry.start()
+        await registry.wait_ready()
+        sink_monitor.env["FLYWHEEL_MONITOR_REGISTRY_URL"] = registry.url
+        sink_monitor.start()
+        await sink_monitor.wait_ready()
+        outcomes["separate processes"] = await drive_slice(proxied.bootstrap, prefix, sink_monitor.url, sink_monitor.url)
+        assert registry.running() and sink_monitor.running(), registry.log_tail() + sink_monitor.log_tail()
+    finally:
+        sink_monitor.stop()
+        registry.stop()
+
+    print("\n== process shapes: registry + feedback + monitor, poison on every topic")
+    for shape, outcome in outcomes.items():
+        print(f"  {shape}: {outcome}")
+    for outcome in outcomes.values():
+        assert outcome["stored (inference_log, feedback)"] == (INFERENCES, INFERENCES // 2)
+        assert outcome["duplicated"] == 0
+        assert {"error-rate", "latency-p95-slo"} <= set(outcome["alerts"])  # type: ignore[arg-type]
+        check_dead_letters(outcome)
+    assert outcomes["one process"] == outcomes["separate processes"]
