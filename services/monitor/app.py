@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from contracts.envelope import Envelope
@@ -25,7 +26,8 @@ log = logging.getLogger("flywheel.monitor")
 GROUP = "monitor"
 
 
-def create_app(runtime: Runtime, *, registry_transport: Any = None) -> Service:
+def create_app(runtime: Runtime, *, registry_transport: Any = None, open_readonly: Callable[[], ClickHouseStore] | None = None) -> Service:
+    """`open_readonly` opens the query door's read-only handle; default: the process's store, opened with readonly=1."""
     settings = load_settings(MonitorSettings)
     readonly: list[ClickHouseStore] = []
 
@@ -33,7 +35,7 @@ def create_app(runtime: Runtime, *, registry_transport: Any = None) -> Service:
         # Opened after the process's store, which creates and migrates the database it reads.
         if not readonly:
             runtime.clickhouse()
-            readonly.append(open_clickhouse(runtime.settings.clickhouse_url, runtime.home, readonly=True))
+            readonly.append(open_readonly() if open_readonly else open_clickhouse(runtime.settings.clickhouse_url, runtime.home, readonly=True))
         return readonly[0]
 
     store = MonitorStore(runtime.clickhouse, readonly_store)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import math
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -163,6 +164,8 @@ class Monitor:
         self._policy = policy
         self._state_path = Path(state_dir) / "retraining.json"
         self._canaries_path = Path(state_dir) / "canaries.json"
+        # The stage.changed handler and the tick both rewrite the watch list, from worker threads.
+        self._canaries_lock = threading.Lock()
         self._embedder = embedder
         self.canary_policy = canary_policy
         self._producer = producer
@@ -251,8 +254,7 @@ class Monitor:
                 requested = await self.maybe_retrain(alert, now)
                 if requested is not None:
                     report.retraining.append(requested)
-        if self.canary_policy is not None:
-            report.canaries = await self.review_canaries(now)
+        report.canaries = await self.review_canaries(now)
         ALERTS_OPEN.set(len(await asyncio.to_thread(self.store.alerts, AlertState.open.value)) + len(await asyncio.to_thread(self.store.alerts, AlertState.acknowledged.value)))
         return report
 
@@ -353,25 +355,30 @@ class Monitor:
 
     def watch(self, event: StageChanged, occurred_at: datetime) -> None:
         """Follow the registry's stages: a declared canary is watched from its declaration; any other move of it ends the watch."""
-        canaries = _read_json(self._canaries_path)
-        watched = canaries.get(event.model_name)
-        if event.to_stage == Stage.production and event.canary_percent is not None:
-            canaries[event.model_name] = {"version": event.adapter_version, "since": _utc(occurred_at).isoformat(), "percent": event.canary_percent}
-        elif watched is not None and watched["version"] == event.adapter_version:
-            del canaries[event.model_name]
-        else:
-            return
-        _write_json(self._canaries_path, canaries)
+        with self._canaries_lock:
+            canaries = _read_json(self._canaries_path)
+            watched = canaries.get(event.model_name)
+            if event.to_stage == Stage.production and event.canary_percent is not None:
+                canaries[event.model_name] = {"version": event.adapter_version, "since": _utc(occurred_at).isoformat(), "percent": event.canary_percent}
+            elif watched is not None and watched["version"] == event.adapter_version:
+                del canaries[event.model_name]
+            else:
+                return
+            _write_json(self._canaries_path, canaries)
 
     def watched_canaries(self) -> dict[str, dict[str, Any]]:
-        return _read_json(self._canaries_path)
+        with self._canaries_lock:
+            return _read_json(self._canaries_path)
 
     async def review_canaries(self, now: datetime) -> list[CanaryReview]:
         """Judge each watched canary against its model's production version; promote or roll back through the registry."""
+        policy = self.canary_policy
+        if policy is None:
+            return []
         reviews = []
-        for model_name, watched in self.watched_canaries().items():
+        for model_name, watched in (await asyncio.to_thread(self.watched_canaries)).items():
             try:
-                review = await self._review(model_name, int(watched["version"]), datetime.fromisoformat(watched["since"]), now)
+                review = await self._review(policy, model_name, int(watched["version"]), datetime.fromisoformat(watched["since"]), now)
             except Exception:  # noqa: BLE001 - one canary's failure (registry down) must not stop the others
                 log.exception("canary %s:v%s could not be reviewed", model_name, watched["version"])
                 continue
@@ -379,15 +386,13 @@ class Monitor:
                 reviews.append(review)
         return reviews
 
-    async def _review(self, model_name: str, version: int, since: datetime, now: datetime) -> CanaryReview | None:
-        assert self.canary_policy is not None
-        policy = self.canary_policy
+    async def _review(self, policy: CanaryPolicy, model_name: str, version: int, since: datetime, now: datetime) -> CanaryReview | None:
         production = (await self._registry.get("adapters", model_name=model_name, stage=Stage.production.value, limit=10)).get("items") or []
         canary = next((a for a in production if a["version"] == version and a["canary_percent"] is not None), None)
         control = next((a for a in production if a["canary_percent"] is None), None)
         if canary is None or control is None:
             log.info("canary %s:v%d is no longer a canary beside a production version; watch ended", model_name, version)
-            self._unwatch(model_name, version)
+            await asyncio.to_thread(self._unwatch, model_name, version)
             return None
         start = max(_utc(since), now - timedelta(seconds=policy.window_s))
         versions = (control["version"], version)
@@ -396,7 +401,7 @@ class Monitor:
         if policy.hallucination_sample:
             sample = await asyncio.to_thread(self.store.answers, model_name, versions, start, now, policy.hallucination_sample)
             hallucinated = await asyncio.to_thread(self._hallucinations, sample)
-        decision = judge(policy, _arm(control["version"], arms, hallucinated), _arm(version, arms, hallucinated))
+        decision = await asyncio.to_thread(judge, policy, _arm(control["version"], arms, hallucinated), _arm(version, arms, hallucinated))
         log.info("canary %s:v%d vs v%d: %s", model_name, version, control["version"], decision.summary())
         applied = False
         if decision.action != "wait":
@@ -408,7 +413,7 @@ class Monitor:
             try:
                 await self._registry.transition(model_name, version, body)
                 applied = True
-                self._unwatch(model_name, version)
+                await asyncio.to_thread(self._unwatch, model_name, version)
             except RegistryRefused as error:
                 # A person moved it first (409): the stage.changed that follows ends the watch.
                 log.warning("registry refused the canary %s of %s:v%d: %s", decision.action, model_name, version, error)
@@ -416,10 +421,11 @@ class Monitor:
         return CanaryReview(model_name, version, control["version"], decision, applied)
 
     def _unwatch(self, model_name: str, version: int) -> None:
-        canaries = _read_json(self._canaries_path)
-        if canaries.get(model_name, {}).get("version") == version:
-            del canaries[model_name]
-            _write_json(self._canaries_path, canaries)
+        with self._canaries_lock:
+            canaries = _read_json(self._canaries_path)
+            if canaries.get(model_name, {}).get("version") == version:
+                del canaries[model_name]
+                _write_json(self._canaries_path, canaries)
 
     def _hallucinations(self, rows: list[dict[str, Any]]) -> dict[int, tuple[int, int]]:
         """(hallucinated, scored) per adapter version: the live watcher's groundedness of each answer in its prompt."""

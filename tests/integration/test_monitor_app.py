@@ -1,5 +1,5 @@
 """The monitor as `flywheel run monitor` builds it (services/monitor/app.create_app under build_process,
-settings from the environment): its stage.changed handler consumes the registry's events from real
+settings from the environment; only the embedded store's location is the test session's): its stage.changed handler consumes the registry's events from real
 Kafka, its own tick loop judges the canary and raises alerts on Kafka, and its door answers."""
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from services.feedback.service import Sink
 from services.feedback.store import FeedbackStore
 from services.monitor.app import create_app
 from services.registry.outbox import OutboxRelay
-from services.runtime.service import build_process
+from services.runtime.clickhouse import ClickHouseStore
+from services.runtime.service import Runtime, Service, build_process
 from services.runtime.settings import FlywheelSettings
+from tests.fixtures.clickhouse import ClickHouseTarget
 from tests.monitor_support import MODEL, RegistryDoorFixture, arm_traffic, eventually, read_topic, seed_two_versions
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -45,7 +47,7 @@ canary:
 
 
 async def test_the_built_monitor_consumes_stage_changed_ticks_on_its_own_and_its_door_answers(
-    settings: FlywheelSettings, topics: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The registry's database where the process's authenticator looks for keys (FLYWHEEL_HOME/registry).
     door = RegistryDoorFixture(settings.home / "registry")
@@ -57,7 +59,15 @@ async def test_the_built_monitor_consumes_stage_changed_ticks_on_its_own_and_its
     monkeypatch.setenv("FLYWHEEL_MONITOR_API_KEY", door.operator_key)
     seed_two_versions(door, tmp_path)
 
-    app, runtime = build_process(settings, [partial(create_app, registry_transport=door.transport)], title="flywheel-monitor")
+    clickhouse: ClickHouseStore = chdb_target.open()
+
+    def monitor(runtime: Runtime) -> Service:
+        # chDB allows one data directory per process: the session's, with a database of this test's own.
+        runtime.clickhouse = lambda: clickhouse
+        clickhouse.migrate()
+        return create_app(runtime, registry_transport=door.transport, open_readonly=partial(chdb_target.open, readonly=True))
+
+    app, runtime = build_process(settings, [monitor], title="flywheel-monitor")
     try:
         async with app.router.lifespan_context(app):
             relay = OutboxRelay(door.store, runtime.bus("registry"), interval_s=0.1)
