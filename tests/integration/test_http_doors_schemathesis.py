@@ -1,0 +1,154 @@
+"""Property-based tests of every HTTP door (schemathesis over each process's /openapi.json) and the
+role x endpoint authorisation matrix.
+
+Each service runs as `flywheel run NAME` against the real broker, with API keys of every role created
+through the registry's door. For every operation schemathesis generates requests from the published
+schema; each generated request is sent with no key, with a key of a role below the one the operation
+needs, with exactly the needed role, and as admin. Checks, for every single call:
+- no 5xx, whatever the request;
+- no key -> 401 and a role too low -> 403 on every protected operation;
+- the needed role and admin are admitted (neither 401 nor 403).
+
+What each operation needs is written down here (NEEDS), from the roles in services/runtime/auth.py,
+not read from the code under test: a door that forgets its guard fails the matrix.
+The serving gateway is not part of this run: it needs Triton and the model loaded (see the report).
+
+Examples per operation: 4 (CI); FLYWHEEL_FAULTS_SIZE=full: 40.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import NonInteractiveExampleWarning
+
+from contracts.http import Role
+from services.runtime.broker import ensure_topics
+from tests.faults.support import ServiceProcess, size
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
+
+ADMIN_KEY = "schemathesis-admin-key"
+EXAMPLES = size(4, 40)
+PUBLIC = "public"
+
+# (service, method, path regex) -> the least role the operation needs; first match wins.
+NEEDS: list[tuple[str, str, str, str]] = [
+    ("*", "GET", r"/(healthz|readyz|metrics|openapi\.json)", PUBLIC),
+    ("monitor", "*", r"/monitor/console(/.*)?", PUBLIC),  # the console signs in with a cookie: its own tests
+    ("registry", "*", r"/registry/v1/keys(/.*)?", Role.admin.value),
+    ("registry", "POST", r"/registry/v1/prompts/[^/]+/render", Role.viewer.value),
+    ("monitor", "POST", r"/monitor/v1/query", Role.viewer.value),
+    ("feedback", "POST", r"/feedback/v1/feedback", Role.app.value),
+    ("*", "GET", r".*", Role.viewer.value),
+    ("*", "*", r".*", Role.operator.value),
+]
+# A role just below each need: it holds no grant of the needed role.
+BELOW = {Role.viewer.value: None, Role.app.value: Role.operator.value, Role.operator.value: Role.app.value, Role.admin.value: Role.operator.value}
+
+
+def needs(service: str, method: str, path: str) -> str:
+    for who, verb, pattern, role in NEEDS:
+        if who in ("*", service) and verb in ("*", method) and re.fullmatch(pattern, path):
+            return role
+    raise AssertionError(f"no rule for {method} {path}")
+
+
+@pytest.fixture(scope="module")
+def keys_and_doors(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Iterator[tuple[dict[str, str], dict[str, ServiceProcess]]]:
+    workdir = tmp_path_factory.mktemp("doors")
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    asyncio.run(ensure_topics(kafka_bootstrap, prefix))
+    env = {"FLYWHEEL_BOOTSTRAP_ADMIN_KEY": ADMIN_KEY, "FLYWHEEL_DATABASE_URL": f"sqlite:///{workdir / 'registry.db'}", "FLYWHEEL_MONITOR_API_KEY": ADMIN_KEY}
+    processes = {name: ServiceProcess(workdir, kafka_bootstrap, prefix, [name], **env) for name in ("registry", "feedback", "monitor", "evaluator", "trainer")}
+    try:
+        registry = processes["registry"]
+        registry.start()
+        asyncio.run(registry.wait_ready())
+        keys = {Role.admin.value: ADMIN_KEY}
+        for role in (Role.operator, Role.app, Role.viewer):
+            created = httpx.post(f"{registry.url}/registry/v1/keys", json={"principal": f"door-test-{role.value}", "role": role.value}, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
+            assert created.status_code == 201, created.text
+            keys[role.value] = created.json()["key"]
+        processes["monitor"].env["FLYWHEEL_MONITOR_REGISTRY_URL"] = registry.url
+        for name, process in processes.items():
+            if name != "registry":
+                process.start()
+        for process in processes.values():
+            asyncio.run(process.wait_ready())
+        yield keys, processes
+    finally:
+        for process in processes.values():
+            process.stop()
+
+
+MATRIX_SERVICES = ["registry", "trainer", "evaluator", "feedback", "monitor"]
+
+
+@pytest.mark.parametrize("service", MATRIX_SERVICES)
+def test_no_generated_request_gets_a_5xx_and_every_matrix_cell_holds(service: str, keys_and_doors: tuple[dict[str, str], dict[str, ServiceProcess]]) -> None:
+    keys, processes = keys_and_doors
+    process = processes[service]
+    schema = schemathesis.openapi.from_url(f"{process.url}/openapi.json")
+    cells: dict[tuple[str, str], dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
+    failures: list[str] = []
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert operations, f"{service} publishes no operation"
+
+    for operation in operations:
+        method, path = operation.method.upper(), operation.path
+        need = needs(service, method, path)
+        callers = {"no key": None, "admin": ADMIN_KEY}
+        if need != PUBLIC:
+            callers["right role"] = keys[need]
+            if BELOW[need] is not None:
+                callers["wrong role"] = keys[BELOW[need]]  # type: ignore[index]
+
+        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def exercise(case: schemathesis.Case) -> None:
+            for caller, key in callers.items():
+                headers = {"Authorization": f"Bearer {key}"} if key else {}
+                response = case.call(base_url=process.url, headers=headers, timeout=60, allow_redirects=False)
+                status = response.status_code
+                cells[(method, path)][caller].add(status)
+                where = f"{method} {path} as {caller}: {status} {response.text[:200]!r}\n  {case.as_curl_command(headers=headers)}"
+                if status >= 500:
+                    failures.append(f"5xx: {where}")
+                elif need != PUBLIC and caller == "no key" and status != 401:
+                    failures.append(f"expected 401: {where}")
+                elif caller == "wrong role" and status != 403:
+                    failures.append(f"expected 403: {where}")
+                elif caller in ("right role", "admin") and status in (401, 403):
+                    failures.append(f"expected admitted: {where}")
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonInteractiveExampleWarning)
+            exercise()
+
+    print(f"\n== {service}: status codes per cell over {EXAMPLES} generated requests per operation")
+    print(f"  {'operation':<62} {'needs':<9} {'no key':<12} {'wrong role':<12} {'right role':<14} {'admin':<14}")
+    for (method, path), by_caller in sorted(cells.items(), key=lambda item: item[0][1]):
+        need = needs(service, method, path)
+        row = [",".join(map(str, sorted(by_caller[c]))) if c in by_caller else "-" for c in ("no key", "wrong role", "right role", "admin")]
+        print(f"  {method + ' ' + path:<62} {need:<9} {row[0]:<12} {row[1]:<12} {row[2]:<14} {row[3]:<14}")
+    assert not failures, f"{len(failures)} failing calls, first ones:\n" + "\n".join(failures[:15])
+    assert all(process.running() for process in processes.values()), "a service died under generated requests"
+
+
+def test_every_published_operation_has_a_rule(keys_and_doors: tuple[dict[str, str], dict[str, ServiceProcess]]) -> None:
+    _, processes = keys_and_doors
+    for service in MATRIX_SERVICES:
+        paths = httpx.get(f"{processes[service].url}/openapi.json", timeout=30).json()["paths"]
+        for path, methods in paths.items():
+            for method in methods:
+                assert needs(service, method.upper(), path) in {PUBLIC, *BELOW}, (service, method, path)
