@@ -102,12 +102,12 @@ class Row:
 
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
-        "train": {"rows": 16, "steps": 2, "batch_size": 4, "max_seq_length": 256},
+        "train": {"rows": 16, "steps": 2, "batch_size": 4, "max_seq_length": 256, "rounds": 1},
         "serve": {"requests": 8, "max_tokens": 8, "concurrencies": (1, 8), "adapters": 4},
         "ingest": {"events": 5_000, "baseline_events": 500, "steady_rate": 0, "steady_seconds": 0.0},
     },
     "full": {
-        "train": {"rows": 96, "steps": 6, "batch_size": 8, "max_seq_length": 256},
+        "train": {"rows": 96, "steps": 6, "batch_size": 8, "max_seq_length": 256, "rounds": 2},
         "serve": {"requests": 32, "max_tokens": 8, "concurrencies": (1, 8, 32), "adapters": 8},
         "ingest": {"events": 50_000, "baseline_events": 2_000, "steady_rate": 1_000, "steady_seconds": 10.0},
     },
@@ -115,13 +115,17 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def bench_train(size: dict[str, Any], echo: Callable[[str], None]) -> list[Row]:
+    import inspect
+
     from services.trainer.bench import run_bench
 
-    results = run_bench(train_cmd.default_model_dir(), train_cmd.DEMO_DATA / "train.jsonl", echo=echo, **size)
+    # `rounds` (ABBA repetitions against load drift) is newer than the other options: pass it where it exists.
+    accepted = inspect.signature(run_bench).parameters
+    results = run_bench(train_cmd.default_model_dir(), train_cmd.DEMO_DATA / "train.jsonl", echo=echo, **{k: v for k, v in size.items() if k in accepted})
     trainer, baseline = results["trainer"], results["baseline"]
     labels = {"flywheel_label": "trainer (packed, masked)", "baseline_label": "transformers Trainer + peft"}
     return [
-        Row("train", f"tokens/s ({size['rows']} rows, {size['steps']} steps, batch {size['batch_size']}, {trainer['device']})", trainer["tokens_per_second"], baseline["tokens_per_second"], "tokens/s", "higher", **labels),
+        Row("train", f"tokens/s ({size['rows']} rows, {size['rounds']} round(s), {size['steps']} steps, batch {size['batch_size']}, {trainer['device']})", trainer["tokens_per_second"], baseline["tokens_per_second"], "tokens/s", "higher", **labels),
         Row("train", "peak memory", trainer["peak_mb"], baseline["peak_mb"], "MB", "lower", **labels),
     ]
 
@@ -216,9 +220,11 @@ def machine() -> dict[str, Any]:
     }
 
 
-def to_markdown(rows: list[Row], described: dict[str, Any], size: str, started: datetime, seconds: float) -> str:
+def to_markdown(rows: list[Row], described: dict[str, Any], size: str, started: datetime, seconds: float, ran: list[str]) -> str:
     out = [
         f"# flywheel bench all ({size}) - {started:%Y-%m-%d %H:%M} UTC, {seconds:.0f} s",
+        "",
+        f"Benchmarks run: {', '.join(ran)}" + (f"; not run this time: {', '.join(name for name in BENCHMARKS if name not in ran)}" if len(ran) < len(BENCHMARKS) else "") + ".",
         "",
         f"Machine: {described['cpu']}, {described['cpu_count']} cores, {described['memory']} memory, GPU {described['gpu'] or 'none'}; "
         f"{described['platform']}; Python {described['python']}, torch {described['torch']}; load average at start {described['load_average']}.",
@@ -251,19 +257,19 @@ def all_benchmarks(
     started, clock = datetime.now(UTC), time.monotonic()
     described = machine()
     rows: list[Row] = []
-    for name, run in BENCHMARKS.items():
-        if only and name not in only:
-            continue
+    ran = [name for name in BENCHMARKS if not only or name in only]
+    for name in ran:
+        run = BENCHMARKS[name]
         typer.echo(f"== bench {name} ({size})")
         try:
             rows.extend(run(SIZES[size][name], typer.echo))
         except Exception as error:  # noqa: BLE001 - a failed benchmark is a row of the table, the others still run
             rows.append(Row(name, "-", None, None, "", "", error=f"{type(error).__name__}: {error}"))
     seconds = time.monotonic() - clock
-    markdown = to_markdown(rows, described, size, started, seconds)
+    markdown = to_markdown(rows, described, size, started, seconds, ran)
     out.mkdir(parents=True, exist_ok=True)
     stamp = f"{started:%Y%m%dT%H%M%SZ}-{size}"
-    document = {"size": size, "started_at": started.isoformat(), "seconds": seconds, "machine": described, "rows": [asdict(row) | {"ratio": row.ratio} for row in rows]}
+    document = {"size": size, "benchmarks": ran, "started_at": started.isoformat(), "seconds": seconds, "machine": described, "rows": [asdict(row) | {"ratio": row.ratio} for row in rows]}
     for name in (stamp, f"latest-{size}"):
         (out / f"{name}.md").write_text(markdown)
         (out / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")
