@@ -8,7 +8,7 @@ to a point. Latency uses a percentile bootstrap of the ratio of the two p95s, si
 useful closed-form variance. A check is `worse` when the whole interval lies beyond the tolerance,
 `within` when the whole interval lies inside it, and `undecided` otherwise (or below the minimum
 sample). Any `worse` rolls back, all `within` promotes, anything else keeps watching: a canary is
-never promoted for lack of evidence against it.
+never promoted for lack of evidence against it, and one still undecided after `max_watch_s` is rolled back.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class CanaryPolicy(BaseModel):
     hallucination_sample: int = Field(default=100, ge=0, le=5000, description="Answers per arm the watcher scores; 0 leaves hallucination out.")
     bootstrap_resamples: int = Field(default=2000, ge=100, le=100_000)
     window_s: int = Field(default=24 * 3600, ge=60, description="Traffic considered: since the canary was declared, at most this far back.")
+    max_watch_s: int | None = Field(default=3 * 24 * 3600, ge=60, description="A canary still undecided this long after its declaration is rolled back; none: watch forever.")
 
 
 @dataclass(frozen=True)
@@ -130,8 +131,8 @@ def _proportion(metric: str, canary: tuple[int, int], control: tuple[int, int], 
     return Check(metric, _verdict(low, high, tolerance), control[0] / control[1], canary[0] / canary[1], low, high, tolerance, "")
 
 
-def judge(policy: CanaryPolicy, control: Arm, canary: Arm) -> Decision:
-    """Compare the canary arm with the control arm under `policy`."""
+def judge(policy: CanaryPolicy, control: Arm, canary: Arm, watched_s: float = 0.0) -> Decision:
+    """Compare the canary arm with the control arm under `policy`, `watched_s` after it was declared."""
     z = NormalDist().inv_cdf(1 - policy.alpha)
     checks = [
         _proportion("thumbs_down_rate (difference)", (canary.thumbs_down, canary.thumbs_given), (control.thumbs_down, control.thumbs_given), policy.min_feedback, policy.max_thumbs_down_increase, z),
@@ -147,6 +148,12 @@ def judge(policy: CanaryPolicy, control: Arm, canary: Arm) -> Decision:
         # The watcher scores at most `hallucination_sample` answers per arm; it needs a fair share of them.
         minimum = max(1, min(policy.hallucination_sample, policy.min_feedback))
         checks.append(_proportion("hallucination_rate (difference)", (canary.hallucinated, canary.scored), (control.hallucinated, control.scored), minimum, policy.max_hallucination_increase, z))
+    if policy.max_watch_s is not None:
+        # Evidence that never settles (too little traffic, or a difference right at the tolerance) must not
+        # leave a half-rolled-out version in production indefinitely: undecided for too long counts as worse.
+        overdue = watched_s >= policy.max_watch_s and any(check.verdict == "undecided" for check in checks)
+        checks.append(Check("watch time", "worse" if overdue else "within", None, None, None, None, policy.max_watch_s,
+                            f"{'still undecided after' if overdue else 'watched'} {watched_s:.0f} s of at most {policy.max_watch_s} s"))
     verdicts = {check.verdict for check in checks}
     action: Action = "rollback" if "worse" in verdicts else "promote" if verdicts == {"within"} else "wait"
     return Decision(action, tuple(checks), policy.version)

@@ -401,7 +401,8 @@ class Monitor:
         if policy.hallucination_sample:
             sample = await asyncio.to_thread(self.store.answers, model_name, versions, start, now, policy.hallucination_sample)
             hallucinated = await asyncio.to_thread(self._hallucinations, sample)
-        decision = await asyncio.to_thread(judge, policy, _arm(control["version"], arms, hallucinated), _arm(version, arms, hallucinated))
+        watched_s = (now - _utc(since)).total_seconds()
+        decision = await asyncio.to_thread(judge, policy, _arm(control["version"], arms, hallucinated), _arm(version, arms, hallucinated), watched_s)
         log.info("canary %s:v%d vs v%d: %s", model_name, version, control["version"], decision.summary())
         applied = False
         if decision.action != "wait":

@@ -115,7 +115,7 @@ async def test_a_healthy_canary_is_promoted_once_with_the_audit_record(
     assert (review.canary_version, review.control_version, review.applied) == (2, 1, True)
     assert review.decision.action == "promote", review.decision.summary()
     assert {check.verdict for check in review.decision.checks} == {"within"}
-    assert [check.metric.split()[0] for check in review.decision.checks] == ["thumbs_down_rate", "error_rate", "latency_p95", "hallucination_rate"]
+    assert [check.metric.split()[0] for check in review.decision.checks] == ["thumbs_down_rate", "error_rate", "latency_p95", "hallucination_rate", "watch"]
     assert all(not report.canaries for report in reports[1:]), "promoted once, not once per tick"
 
     async with registry_door.client() as client:
@@ -138,7 +138,7 @@ async def test_a_worse_canary_is_rolled_back_once_with_the_audit_record(
     print(review.decision.summary())
     assert review.decision.action == "rollback" and review.applied, review.decision.summary()
     verdicts = {check.metric.split()[0]: check.verdict for check in review.decision.checks}
-    assert verdicts == {"thumbs_down_rate": "worse", "error_rate": "worse", "latency_p95": "worse", "hallucination_rate": "worse"}
+    assert verdicts == {"thumbs_down_rate": "worse", "error_rate": "worse", "latency_p95": "worse", "hallucination_rate": "worse", "watch": "within"}
     hallucination = next(check for check in review.decision.checks if check.metric.startswith("hallucination"))
     assert hallucination.canary == 1.0 and hallucination.control == 0.0, "the watcher scored the sampled answers with MiniLM groundedness"
     assert all(not report.canaries for report in reports[1:]), "rolled back once, not once per tick"

@@ -37,15 +37,25 @@ def test_equal_arms_promote_a_clearly_worse_arm_rolls_back() -> None:
     assert judge(POLICY, arm(1), arm(2)).action == "promote"
     worse = judge(POLICY, arm(1), arm(2, down=200))
     assert worse.action == "rollback"
-    assert [c.verdict for c in worse.checks] == ["worse", "within", "within"]
+    assert [c.verdict for c in worse.checks] == ["worse", "within", "within", "within"]
 
 
 def test_too_little_evidence_waits_and_never_promotes() -> None:
     thin = judge(POLICY, arm(1, n=50, down=5), arm(2, n=50, down=5))
-    assert thin.action == "wait" and all(c.verdict == "undecided" for c in thin.checks)
+    assert thin.action == "wait" and [c.verdict for c in thin.checks] == ["undecided", "undecided", "undecided", "within"]
     assert "not enough data: canary 50, control 50 < 100" in thin.summary()
     # Slightly worse, but not surely beyond tolerance: keep watching rather than guess.
     assert judge(POLICY, arm(1), arm(2, down=60)).action == "wait"
+
+
+def test_a_canary_undecided_past_the_watch_limit_is_rolled_back() -> None:
+    ambiguous = (arm(1), arm(2, down=60))
+    assert judge(POLICY, *ambiguous, watched_s=POLICY.max_watch_s - 1).action == "wait"
+    overdue = judge(POLICY, *ambiguous, watched_s=POLICY.max_watch_s)
+    assert overdue.action == "rollback" and "watch time: still undecided after 259200 s" in overdue.summary()
+    # A decided canary is judged on its evidence however long it ran.
+    assert judge(POLICY, arm(1), arm(2), watched_s=10 * POLICY.max_watch_s).action == "promote"
+    assert judge(POLICY.model_copy(update={"max_watch_s": None}), *ambiguous, watched_s=10**9).action == "wait"
 
 
 def test_a_bad_policy_is_refused_with_the_reason(tmp_path: Path) -> None:
