@@ -106,7 +106,7 @@ def local(
     data: Path = typer.Option(DEMO_DATA / "train.jsonl", help="Training JSONL."),
     golden: Path = typer.Option(DEMO_DATA / "golden.jsonl", help="Golden JSONL scored before and after."),
     work_dir: Path | None = typer.Option(None, help="Checkpoints and the adapter; a rerun resumes or reuses. Default: FLYWHEEL_HOME/trainer/local."),
-    threads: int = typer.Option(0, help="torch CPU threads; 0 keeps torch's default."),
+    threads: int = typer.Option(0, min=0, help="torch CPU threads; 0: the cores the load average leaves free (at least one)."),
     rank: int = RANK, alpha: float = ALPHA, learning_rate: float = LR, epochs: float = EPOCHS,
     batch_size: int = BATCH, max_seq_length: int = MAXLEN, seed: int = SEED, target_modules: str = TARGETS,
 ) -> None:
@@ -116,8 +116,9 @@ def local(
     from services.trainer.engine import TrainingError, TrainingJob, train
     from services.trainer.scoring import score_golden
 
-    if threads:
-        torch.set_num_threads(threads)
+    from services.trainer.model import free_cpu_threads
+
+    torch.set_num_threads(threads or free_cpu_threads())
     hp = _hyperparameters(rank, alpha, learning_rate, epochs, batch_size, max_seq_length, seed, target_modules)
     from services.runtime.settings import FlywheelSettings, load_settings
 
@@ -159,8 +160,14 @@ def bench_train(
     steps: int = typer.Option(6, min=2, help="Optimiser steps measured per trainer (after one warm-up step)."),
     batch_size: int = BATCH,
     max_seq_length: int = MAXLEN,
+    rounds: int = typer.Option(2, min=1, help="Runs of each side, in ABBA order (a shared machine's load drifts)."),
+    threads: int = typer.Option(0, min=0, help="torch CPU threads for both sides; 0: the cores the load average leaves free (at least one)."),
 ) -> None:
     """Tokens/s and peak memory of the trainer vs a plain transformers Trainer + peft, same data, same run."""
     from services.trainer.bench import run_bench
+    from services.trainer.model import free_cpu_threads
 
-    run_bench(default_model_dir(), DEMO_DATA / "train.jsonl", rows=rows, steps=steps, batch_size=batch_size, max_seq_length=max_seq_length, echo=typer.echo)
+    threads = threads or free_cpu_threads()
+    typer.echo(f"{rows} rows, {steps} measured steps of {batch_size}, max_seq_length {max_seq_length}, {threads} torch thread(s) on each side")
+    run_bench(default_model_dir(), DEMO_DATA / "train.jsonl", rows=rows, steps=steps, batch_size=batch_size, max_seq_length=max_seq_length,
+              rounds=rounds, threads=threads, echo=typer.echo)

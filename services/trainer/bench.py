@@ -23,15 +23,36 @@ from contracts.events import Hyperparameters
 from services.trainer.data import IGNORE, read_chat_jsonl, tokenize_dataset
 
 
-def run_bench(model_dir: Path, data: Path, *, rows: int, steps: int, batch_size: int, max_seq_length: int, echo: Callable[[str], None]) -> dict[str, dict]:
-    results = {}
-    for side in ("baseline", "trainer"):
-        args = [sys.executable, "-m", "services.trainer.bench", side, str(model_dir), str(data), str(rows), str(steps), str(batch_size), str(max_seq_length)]
+def run_bench(
+    model_dir: Path, data: Path, *, rows: int, steps: int, batch_size: int, max_seq_length: int, rounds: int, threads: int, echo: Callable[[str], None]
+) -> dict[str, dict]:
+    """Run both sides `rounds` times in ABBA order; tokens/s pools every round of a side, peak memory is its largest.
+
+    On a shared machine the load drifts while the bench runs: alternating which side goes first
+    cancels a steady drift, and pooling the rounds weighs each side over the same stretch of time.
+    """
+    order = [side for index in range(rounds) for side in (("baseline", "trainer") if index % 2 == 0 else ("trainer", "baseline"))]
+    runs: dict[str, list[dict]] = {"baseline": [], "trainer": []}
+    for side in order:
+        args = [sys.executable, "-m", "services.trainer.bench", side, str(model_dir), str(data), str(rows), str(steps), str(batch_size), str(max_seq_length), str(threads)]
         done = subprocess.run(args, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"bench side {side} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
-        results[side] = json.loads(done.stdout.strip().splitlines()[-1])
-        echo(f"{side:9s} tokens/s {results[side]['tokens_per_second']:8.1f}   peak memory {results[side]['peak_mb']:8.1f} MB   ({results[side]['device']})")
+        run = json.loads(done.stdout.strip().splitlines()[-1])
+        runs[side].append(run)
+        echo(f"{side:9s} round {len(runs[side])}: tokens/s {run['tokens_per_second']:8.1f}   peak memory {run['peak_mb']:8.1f} MB"
+             f"   ({run['tokens']} tokens in {run['seconds']:.1f}s, {run['device']})")
+    results = {
+        side: {
+            "tokens_per_second": sum(r["tokens"] for r in side_runs) / sum(r["seconds"] for r in side_runs),
+            "peak_mb": max(r["peak_mb"] for r in side_runs),
+            "device": side_runs[0]["device"],
+            "rounds": side_runs,
+        }
+        for side, side_runs in runs.items()
+    }
+    for side in ("baseline", "trainer"):
+        echo(f"{side:9s} pooled:  tokens/s {results[side]['tokens_per_second']:8.1f}   peak memory {results[side]['peak_mb']:8.1f} MB")
     ratio = results["trainer"]["tokens_per_second"] / results["baseline"]["tokens_per_second"]
     memory = results["trainer"]["peak_mb"] / results["baseline"]["peak_mb"]
     echo(f"trainer / baseline: tokens/s x{ratio:.2f}, peak memory x{memory:.2f}")
@@ -69,12 +90,14 @@ def _trainer_side(model_dir: Path, data: Path, rows: int, steps: int, hp: Hyperp
             started = time.perf_counter()
         batch = pack(engine._batch_for(step, examples, hp, steps_per_epoch), hp.max_seq_length, tokenizer.pad_token_id)
         engine._assistant_loss(model, batch, device).backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # as the engine and the baseline Trainer (max_grad_norm=1.0) do
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step >= 1:
             tokens += batch.tokens
     _sync(device)
-    return {"tokens_per_second": tokens / (time.perf_counter() - started), "peak_mb": _peak_mb(device), "device": str(device)}
+    seconds = time.perf_counter() - started
+    return {"tokens_per_second": tokens / seconds, "tokens": tokens, "seconds": seconds, "peak_mb": _peak_mb(device), "device": str(device)}
 
 
 def _baseline_side(model_dir: Path, data: Path, rows: int, steps: int, hp: Hyperparameters) -> dict:
@@ -111,8 +134,9 @@ def _baseline_side(model_dir: Path, data: Path, rows: int, steps: int, hp: Hyper
     )
     Trainer(model=model, args=args, train_dataset=rows_as_dicts, data_collator=counting_collate, callbacks=[Clock()]).train()
     _sync(device)
-    elapsed = time.perf_counter() - Clock.started
-    return {"tokens_per_second": sum(real_tokens[1 : steps + 1]) / elapsed, "peak_mb": _peak_mb(device), "device": str(device)}
+    seconds = time.perf_counter() - Clock.started
+    tokens = sum(real_tokens[1 : steps + 1])
+    return {"tokens_per_second": tokens / seconds, "tokens": tokens, "seconds": seconds, "peak_mb": _peak_mb(device), "device": str(device)}
 
 
 def _sync(device: torch.device) -> None:
@@ -124,6 +148,8 @@ if __name__ == "__main__":
     import warnings
 
     warnings.simplefilter("ignore")
-    side, model_dir, data, rows, steps, batch_size, max_seq_length = sys.argv[1:8]
+    side, model_dir, data, rows, steps, batch_size, max_seq_length, threads = sys.argv[1:9]
+    # Both sides get the same thread count: the ratio then measures what each does with the cores.
+    torch.set_num_threads(int(threads))
     run = _trainer_side if side == "trainer" else _baseline_side
     print(json.dumps(run(Path(model_dir), Path(data), int(rows), int(steps), _hp(int(batch_size), int(max_seq_length)))))

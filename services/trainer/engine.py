@@ -28,7 +28,7 @@ import torch
 
 from contracts.events import Hyperparameters
 from services.trainer.data import IGNORE, Example, InvalidDataset, PackedBatch, epoch_order, pack, read_chat_jsonl, tokenize_dataset
-from services.trainer.model import load_model, load_tokenizer, pick_device
+from services.trainer.model import base_dtype, load_model, load_tokenizer, pick_device
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -216,11 +216,14 @@ def _assistant_loss(model: Any, batch: PackedBatch, device: torch.device) -> tor
     carry no loss, so their logits are never computed.
     """
     inner = model.get_base_model()
-    # No KV cache: with one, transformers skips packed-sequence detection and lets rows attend across conversations.
-    hidden = inner.get_decoder()(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), use_cache=False).last_hidden_state
-    targets = batch.labels[:, 1:].to(device)
-    keep = targets != IGNORE
-    logits = inner.get_output_embeddings()(hidden[:, :-1][keep])
+    # On a GPU the base weights are bf16 while peft keeps the adapter in float32: autocast runs both in
+    # bf16 and the optimiser still updates float32 adapter weights. Off on the CPU, where bf16 is slower.
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=base_dtype(device) == torch.bfloat16):
+        # No KV cache: with one, transformers skips packed-sequence detection and lets rows attend across conversations.
+        hidden = inner.get_decoder()(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), use_cache=False).last_hidden_state
+        targets = batch.labels[:, 1:].to(device)
+        keep = targets != IGNORE
+        logits = inner.get_output_embeddings()(hidden[:, :-1][keep])
     return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
