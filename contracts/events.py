@@ -121,6 +121,10 @@ class PromptPublished(Payload):
     template: str = Field(description="Template text.")
     variables: list[str] = Field(default_factory=list, description="Variables the template needs.")
     labels: list[str] = Field(default_factory=list, description="Labels pointing at this version now.")
+    label_traffic: dict[str, float] = Field(
+        default_factory=dict,
+        description="A/B splits declared on this version's labels: percent of the traffic asking for the production label that goes to this version instead, sticky per user. Labels not listed take none.",
+    )
 
 
 class DatasetPublished(Payload):

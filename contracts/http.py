@@ -268,12 +268,17 @@ class PromptVersionView(RegistryView):
     variables: list[str] = Field(description="Variables the template needs.")
     model_name: str | None = Field(description="Model the prompt targets.")
     labels: list[str] = Field(default_factory=list, description="Labels pointing at this version (in single-version answers).")
+    label_traffic: dict[str, float] = Field(default_factory=dict, description="A/B share (percent of production-label traffic) declared on those labels, where one is.")
     created_at: datetime = Field(description="When it was published (UTC).")
     created_by: str = Field(description="Principal that published it.")
 
 
 class PromptLabelMove(Request):
     version: int = Field(ge=1, description="Version the label should point at; moving it back is a rollback.")
+    traffic_percent: float | None = Field(
+        default=None, ge=0, le=100,
+        description="Declare an A/B split: this percent of the traffic asking for the production label gets this label's version, sticky per user. 0 ends the split; unset keeps the label's current share. Not allowed on production itself.",
+    )
 
 
 class PromptRenderRequest(Request):
