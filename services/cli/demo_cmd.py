@@ -71,7 +71,7 @@ RULES = """rules:
 def demo(
     home: Path = typer.Option(None, help="Data directory for this demo; default FLYWHEEL_HOME."),
     traffic: int = typer.Option(2, min=1, max=6, help="Requests per fact sent through the gateway in step 4."),
-    step_timeout: float = typer.Option(1800.0, min=60, help="Seconds any one step may wait for the platform."),
+    step_timeout: float = typer.Option(3600.0, min=60, help="Seconds a step may wait for training or an evaluation (a shared CPU can need far more than the 20-minute target)."),
 ) -> None:
     """Run the loop end to end on real components (Kafka, ClickHouse, Triton, SmolLM2) and write a report."""
     overrides = {"home": home.resolve()} if home else {}
@@ -144,6 +144,9 @@ def _configure(settings: FlywheelSettings) -> tuple[FlywheelSettings, str]:
         "FLYWHEEL_MONITOR_TICK_S": "5",
         "FLYWHEEL_MONITOR_API_KEY": admin_key,
         "FLYWHEEL_MONITOR_RETRAIN_MIN_CORRECTIONS": str(MIN_CORRECTIONS),
+        # A demo stopped mid-training resumes its job from the last checkpoint on the next run.
+        "FLYWHEEL_TRAINER_CHECKPOINT_EVERY": "2",
+        "FLYWHEEL_TRAINER_PROGRESS_EVERY": "1",
         "FLYWHEEL_EVALUATOR_GATE_POLICIES": json.dumps({MODEL: GATE_POLICY}),
         "FLYWHEEL_EVALUATOR_MAX_TOKENS": "40",
         "FLYWHEEL_SERVING_RATE_LIMIT_RPS": "50",
