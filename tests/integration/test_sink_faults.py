@@ -7,7 +7,8 @@ N defaults to a CI-sized 5000; the issue's figure (100k events, 3 kills) is one 
     FLYWHEEL_FAULT_EVENTS=100000 .venv/bin/python -m pytest tests/integration/test_sink_faults.py -s -k sigkill
 
 The sink owns its chDB data directory while it runs (one process per directory), so the counts are
-read by `flywheel ops sql` in a subprocess after the last sink has stopped.
+read in a subprocess after the last sink has stopped. The process handling and read-outs are shared
+with the ledger-based fault tests in tests/faults/.
 """
 
 from __future__ import annotations
@@ -15,126 +16,33 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaProducer
 
 from contracts.envelope import wrap
 from contracts.events import InferenceLogged
 from contracts.topics import topic_for
-from infra.processes import free_port
+from tests.faults import support as faults
+from tests.faults.support import ServiceProcess, eventually, read_stored
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parents[2]
-FLYWHEEL = [str(Path(sys.executable).parent / "flywheel")]
 EVENTS = int(os.environ.get("FLYWHEEL_FAULT_EVENTS", "5000"))
 KILLS = 3
 GROUP = "feedback"
 
 
-class SinkProcess:
+def sink_process(tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, **extra_env: str) -> ServiceProcess:
     """`flywheel run feedback` in a subprocess with its own home and port; stopped by pid, always."""
-
-    def __init__(self, tmp_path: Path, kafka_bootstrap: str, topic_prefix: str, **extra_env: str) -> None:
-        self.home = tmp_path / "home"
-        self.port = free_port()
-        self.log = tmp_path / "sink.log"
-        self.env = {
-            **os.environ,
-            "FLYWHEEL_HOME": str(self.home),
-            "FLYWHEEL_HTTP_PORT": str(self.port),
-            "FLYWHEEL_TOPIC_PREFIX": topic_prefix,
-            "FLYWHEEL_KAFKA_BOOTSTRAP": kafka_bootstrap,
-            "FLYWHEEL_FEEDBACK_BATCH_MAX_RECORDS": "1000",
-            "FLYWHEEL_FEEDBACK_BATCH_MAX_WAIT_MS": "200",
-            "PYTHONWARNINGS": "ignore",
-            **extra_env,
-        }
-        self.process: subprocess.Popen[bytes] | None = None
-        self.started = 0
-
-    def start(self) -> None:
-        assert self.process is None or self.process.poll() is not None
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen([*FLYWHEEL, "run", "feedback"], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        self.started += 1
-
-    def ready(self) -> int | None:
-        """The /readyz status code, or None while nothing answers."""
-        try:
-            return httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).status_code
-        except httpx.HTTPError:
-            return None
-
-    async def wait_ready(self, timeout_s: float = 120.0) -> None:
-        await eventually(lambda: self.ready() == 200, timeout_s, "the sink to answer /readyz", alive=self)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(30)
-
-    def stop(self) -> None:
-        """SIGTERM and wait; SIGKILL if it does not stop. Safe to call when already stopped."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(30)
-
-    def log_tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-30:]) if self.log.exists() else ""
-
-    def sql(self, query: str) -> list[dict[str, str]]:
-        """Run `flywheel ops sql` on the sink's home (the sink must be stopped: chDB is one process per directory)."""
-        assert self.process is None or self.process.poll() is not None
-        done = subprocess.run([*FLYWHEEL, "ops", "sql", query], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-        header, *rows = done.stdout.strip().splitlines()
-        return [dict(zip(header.split("\t"), row.split("\t"), strict=True)) for row in rows]
-
-
-async def eventually(condition: Callable[[], object], timeout_s: float, what: str, alive: SinkProcess | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await asyncio.to_thread(condition):
-        if alive is not None and alive.process is not None and alive.process.poll() is not None:
-            raise AssertionError(f"the sink exited ({alive.process.returncode}) while waiting for {what}:\n{alive.log_tail()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}" + (f":\n{alive.log_tail()}" if alive else ""))
-        await asyncio.sleep(0.3)
+    return ServiceProcess(tmp_path, kafka_bootstrap, topic_prefix, ["feedback"], home=tmp_path / "home", **extra_env)
 
 
 async def group_lag(bootstrap: str, topic: str) -> int:
     """Records of `topic` the sink's group has not committed yet."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
-    await admin.start()
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or await _partitions(consumer, topic)]
-        end = await consumer.end_offsets(partitions)
-        committed = await admin.list_consumer_group_offsets(GROUP, partitions=partitions)
-        return sum(end[tp] - max(committed[tp].offset, 0) if tp in committed else end[tp] for tp in partitions)
-    finally:
-        await consumer.stop()
-        await admin.close()
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-    await consumer._client.force_metadata_update()  # noqa: SLF001 - a fresh consumer knows no topic until asked
-    return consumer.partitions_for_topic(topic) or set()
+    return await faults.group_lag(bootstrap, GROUP, [topic])
 
 
 class Stream:
@@ -171,7 +79,7 @@ def print_figures(title: str, figures: dict[str, object]) -> None:
         print(f"  {name:<12} {value:>10}")
 
 
-async def drain_and_count(sink: SinkProcess, bootstrap: str, topic: str, timeout_s: float) -> tuple[int, int]:
+async def drain_and_count(sink: ServiceProcess, bootstrap: str, topic: str, timeout_s: float) -> tuple[int, int]:
     """Wait until the group has committed every record of `topic`, stop the sink, and count the stored rows."""
     deadline = time.monotonic() + timeout_s
     while (lag := await group_lag(bootstrap, topic)) > 0:
@@ -179,13 +87,13 @@ async def drain_and_count(sink: SinkProcess, bootstrap: str, topic: str, timeout
         assert time.monotonic() < deadline, f"lag still {lag} after {timeout_s:.0f}s:\n{sink.log_tail()}"
         await asyncio.sleep(1.0)
     sink.stop()
-    row = (await asyncio.to_thread(sink.sql, "SELECT count() AS stored, uniqExact(event_id) AS distinct_events FROM inference_log"))[0]
-    return int(row["stored"]), int(row["distinct_events"])
+    stored = (await asyncio.to_thread(read_stored, sink.home, ["inference_log"]))["inference_log"]
+    return stored.rows, len(stored.event_ids)
 
 
 async def test_sigkill_while_events_stream_in_loses_and_duplicates_nothing(tmp_path: Path, kafka_bootstrap: str, topics: str) -> None:
     topic = topic_for(InferenceLogged, topics)
-    sink = SinkProcess(tmp_path, kafka_bootstrap, topics)
+    sink = sink_process(tmp_path, kafka_bootstrap, topics)
     # About KILLS + 1 sink lifetimes of streaming: each chunk lands while some sink is up, down or starting.
     stream = Stream(kafka_bootstrap, topics, EVENTS, chunk=max(EVENTS // 40, 50), pause_s=0.25)
     kills = 0
@@ -225,7 +133,7 @@ async def test_sigkill_while_events_stream_in_loses_and_duplicates_nothing(tmp_p
 async def test_clickhouse_unavailable_while_events_stream_in_then_back_loses_and_duplicates_nothing(tmp_path: Path, kafka_bootstrap: str, topics: str) -> None:
     topic = topic_for(InferenceLogged, topics)
     outage = tmp_path / "clickhouse-down"
-    sink = SinkProcess(tmp_path, kafka_bootstrap, topics, FLYWHEEL_FEEDBACK_FAILPOINT_CLICKHOUSE_UNAVAILABLE=str(outage))
+    sink = sink_process(tmp_path, kafka_bootstrap, topics, FLYWHEEL_FEEDBACK_FAILPOINT_CLICKHOUSE_UNAVAILABLE=str(outage))
     total = min(EVENTS, 3000)
     stream = Stream(kafka_bootstrap, topics, total, chunk=max(total // 20, 50), pause_s=0.25)
     producing: asyncio.Task[None] | None = None
