@@ -5,7 +5,8 @@ example removes the examples' own difficulty from the noise. The interval is the
 bootstrap of the mean difference (seeded, so an evaluation gives the same interval when re-run).
 
 A policy is declared per model (settings), named `name@vN`; changing what it demands is a new
-version, and every verdict records the version it applied.
+version, and every verdict records the version it applied. A model without a declared policy gets
+`auto`: facts@v1 when its golden set is factual, default@v1 otherwise (see policy_for).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from contracts.events import MetricComparison
+from services.runtime.scoring.grounding import numbers_in
 
 Scores = Sequence[float | None]  # one per example; None where the metric errored or does not apply
 
@@ -182,9 +184,24 @@ def decide(policy: GatePolicy, comparisons: Mapping[str, MetricComparison]) -> V
     return Verdict(ok, reasons)
 
 
-def policy_for(model_name: str, declared: Mapping[str, str], default: str = "default@v1") -> GatePolicy:
-    """The policy declared for `model_name`, else `default`; an unknown name raises KeyError naming the choices."""
-    key = declared.get(model_name, default)
+AUTO = "auto"
+# A golden set is factual when at least this share of its references state a number (durations,
+# prices, counts): there, token F1 alone passes fluent answers with the wrong facts, so facts@v1 applies.
+FACTUAL_SHARE = 0.5
+
+
+def policy_for(model_name: str, declared: Mapping[str, str], default: str = AUTO, *, references: Sequence[str] = ()) -> tuple[GatePolicy, str]:
+    """The policy for `model_name` and why it applies: its declared one, else `default`; `auto` picks
+    facts@v1 for a factual golden set (see FACTUAL_SHARE) and default@v1 otherwise. An unknown name
+    raises KeyError naming the choices."""
+    key = declared.get(model_name)
+    why = f"declared for {model_name}"
+    if key is None and default != AUTO:
+        key, why = default, "the evaluator's default"
+    if key is None:
+        factual = sum(bool(numbers_in(reference)) for reference in references)
+        key = "facts@v1" if references and factual / len(references) >= FACTUAL_SHARE else "default@v1"
+        why = f"auto: {factual}/{len(references)} golden references state numbers ({'at least' if key == 'facts@v1' else 'under'} {FACTUAL_SHARE:.0%})"
     if key not in POLICIES:
-        raise KeyError(f"gate policy {key!r} (declared for {model_name!r}) is unknown: choose one of {', '.join(POLICIES)}")
-    return POLICIES[key]
+        raise KeyError(f"gate policy {key!r} ({why}) is unknown: choose one of {', '.join(POLICIES)} or {AUTO}")
+    return POLICIES[key], why

@@ -3,14 +3,15 @@
 A record is the registry's chat format (`{"messages": [...]}`, the last message the assistant's
 reference answer) or its instruction format (`{"instruction", "input"?, "output"}`). Optional keys:
 `id`; `context` (the passage an answer must be grounded in; default: the reference); `schema` (a
-JSON Schema the answer must satisfy, for tasks that ask for JSON). A record without a reference
+JSON Schema the answer must satisfy, for tasks that ask for JSON); `variables` (the values a prompt
+version under evaluation is rendered with, as an app would pass them in `prompt_ref`). A record without a reference
 makes the whole golden set invalid: scoring it against nothing would pass silently.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -25,6 +26,7 @@ class GoldenExample:
     reference: str
     context: str
     schema: dict[str, Any] | None = None
+    variables: dict[str, Any] = field(default_factory=dict)
 
     @property
     def question(self) -> str:
@@ -80,5 +82,8 @@ def _example(record: Any, number: int) -> GoldenExample:
     schema = record.get("schema")
     if schema is not None and not isinstance(schema, dict):
         raise ValueError("`schema` must be a JSON Schema object")
+    variables = record.get("variables", {})
+    if not isinstance(variables, dict):
+        raise ValueError("`variables` must be an object of prompt variable values")
     context = record.get("context") or reference
-    return GoldenExample(str(record.get("id", number)), prompt_messages, reference, str(context), schema)
+    return GoldenExample(str(record.get("id", number)), prompt_messages, reference, str(context), schema, variables)

