@@ -22,15 +22,29 @@ from pathlib import Path
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from contracts.envelope import wrap
-from contracts.events import EVENTS, EvaluationCompleted, FeedbackReceived, InferenceLogged, InferenceStatus, StageChanged, TrainingCompleted
+from contracts.events import (
+    EVENTS,
+    AdapterRegistered,
+    DatasetPublished,
+    EvaluationCompleted,
+    EvaluationRequested,
+    FeedbackReceived,
+    InferenceLogged,
+    InferenceStatus,
+    ModelRegistered,
+    PromptPublished,
+    StageChanged,
+    TrainingCompleted,
+    TrainingRequested,
+)
 from contracts.publisher import encode
 from contracts.topics import dlq_for, topic_for
 from services.runtime.broker import ensure_topics
 from tests.faults.conftest import ProxiedKafka
-from tests.faults.support import ServiceProcess, eventually, topic_size
+from tests.faults.support import ServiceProcess, group_lag, topic_size
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -160,3 +174,84 @@ async def test_separate_processes_give_the_same_outcome_as_one_process_under_poi
         assert {"error-rate", "latency-p95-slo"} <= set(outcome["alerts"])  # type: ignore[arg-type]
         check_dead_letters(outcome)
     assert outcomes["one process"] == outcomes["separate processes"]
+
+
+# Who consumes what, per consumer group, as the services declare it (serving is left out: it needs Triton).
+GROUPS: dict[str, set[type]] = {
+    "registry": {TrainingCompleted, EvaluationCompleted},
+    "trainer": {TrainingRequested, ModelRegistered, DatasetPublished},
+    "evaluator": {ModelRegistered, DatasetPublished, StageChanged, PromptPublished, AdapterRegistered, EvaluationRequested},
+    "feedback": {InferenceLogged, FeedbackReceived},
+    "monitor": {StageChanged},
+}
+
+
+async def dead_letters_by_group(bootstrap: str, prefix: str) -> dict[tuple[str, str], int]:
+    """(consumer group, original event type) -> records in the dead-letter topics, from their headers."""
+    counts: dict[tuple[str, str], int] = {}
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        for event in EVENTS:
+            partition = TopicPartition(dlq_for(topic_for(event, prefix)), 0)
+            consumer.assign([partition])
+            end = (await consumer.end_offsets([partition]))[partition]
+            await consumer.seek_to_beginning(partition)
+            while await consumer.position(partition) < end:
+                for records in (await consumer.getmany(partition, timeout_ms=2000)).values():
+                    for record in records:
+                        group = dict(record.headers)["x-flywheel-consumer-group"].decode()
+                        counts[(group, event.event_type)] = counts.get((group, event.event_type), 0) + 1
+    finally:
+        await consumer.stop()
+    return counts
+
+
+async def test_poison_on_every_topic_goes_to_each_consuming_groups_dlq_and_blocks_nothing(tmp_path: Path, proxied: ProxiedKafka) -> None:
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    await ensure_topics(proxied.bootstrap, prefix)
+    home = tmp_path / "poison"
+    env = shape_env(home)
+    processes = [ServiceProcess(tmp_path, proxied.bootstrap, prefix, services, home=home / "-".join(services), **env) for services in (["registry"], ["trainer"], ["evaluator"], ["feedback", "monitor"])]
+    try:
+        processes[0].start()
+        await processes[0].wait_ready()
+        for process in processes[1:]:
+            process.env["FLYWHEEL_MONITOR_REGISTRY_URL"] = processes[0].url
+            process.start()
+        for process in processes[1:]:
+            await process.wait_ready()
+        producer = AIOKafkaProducer(bootstrap_servers=proxied.bootstrap, acks="all", enable_idempotence=True)
+        await producer.start()
+        try:
+            for event in EVENTS:
+                for value in POISON:
+                    await producer.send_and_wait(topic_for(event, prefix), value=value, key=b"poison")
+            # A good event behind the poison: it must still be stored.
+            key, value, headers = encode(wrap(InferenceLogged(inference_id="after-poison", model_name="smollm2"), producer="poison-test"))
+            await producer.send_and_wait(topic_for(InferenceLogged, prefix), value=value, key=key, headers=headers)
+        finally:
+            await producer.stop()
+        deadline = asyncio.get_running_loop().time() + 180
+        for group, events in GROUPS.items():
+            while (lag := await group_lag(proxied.bootstrap, group, [topic_for(event, prefix) for event in events])) > 0:
+                assert asyncio.get_running_loop().time() < deadline, f"group {group} is stuck behind the poison ({lag} records)"
+                await asyncio.sleep(1.0)
+        sink_monitor = processes[-1]
+        async with httpx.AsyncClient(timeout=30) as client:
+            answer = await client.post(f"{sink_monitor.url}/monitor/v1/query", json={"sql": "SELECT inference_id FROM inference_log"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        assert answer.status_code == 200, answer.text
+        stored = answer.json()["rows"]
+        dead = await dead_letters_by_group(proxied.bootstrap, prefix)
+        assert all(process.running() for process in processes), "a service died on poison"
+    finally:
+        for process in reversed(processes):
+            process.stop()
+    expected = {(group, event.event_type): len(POISON) for group, events in GROUPS.items() for event in events}
+    print("\n== poison on every topic: dead letters per (consumer group, topic)")
+    for (group, event_type), count in sorted(dead.items()):
+        print(f"  {group:<10} {event_type:<22} {count}")
+    unread = sorted(event.event_type for event in EVENTS if not any(event in events for events in GROUPS.values()))
+    print(f"  not consumed by these services (poison left unread): {', '.join(unread)}")
+    assert dead == expected
+    assert stored == [["after-poison"]]
