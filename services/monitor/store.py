@@ -40,7 +40,10 @@ class MonitorStore:
         # Callables: the stores open (and migrate) on first use, not when the app is built.
         self._clickhouse = clickhouse
         self._readonly = readonly
+        # One lock per handle: the query door then waits for at most the query in flight on its own
+        # handle, never behind a whole tick's run of window queries on the other.
         self._lock = threading.Lock()
+        self._readonly_lock = threading.Lock()
 
     def _query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         with self._lock:
@@ -49,7 +52,7 @@ class MonitorStore:
     def check_rule(self, rule: Rule) -> None:
         """Run the rule's SQL over no rows on the read-only handle; the engine's refusal is the reason."""
         sql = self._aggregate_sql(rule) if rule.spec.kind == "sql" else self._values_sql(rule, rule.expression)
-        with self._lock:
+        with self._readonly_lock:
             self._readonly().query(sql.replace(_WINDOW, "0"), None if rule.spec.kind == "sql" else {"limit": 1})
 
     @staticmethod
@@ -224,7 +227,7 @@ class MonitorStore:
     def read_only_query(self, sql: str, parameters: dict[str, Any], max_rows: int) -> QueryResult:
         """Run `sql` on the handle opened with readonly=1: the engine, not a parser, refuses writes."""
         started = time.perf_counter()
-        with self._lock:
+        with self._readonly_lock:
             table = self._readonly().query_arrow(sql, parameters or None)
         rows = table.slice(0, max_rows).to_pylist()
         return QueryResult(
