@@ -189,7 +189,7 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
 
     @router.put("/prompts/{name}/labels/{label}", response_model=PromptVersionView)
     async def move_label(name: str, label: str, body: PromptLabelMove, who: Principal = Depends(writer)) -> Any:
-        return await call(registry.set_prompt_label, who.name, name=name, label=label, version=body.version)
+        return await call(registry.set_prompt_label, who.name, name=name, label=label, version=body.version, traffic_percent=body.traffic_percent)
 
     @router.post("/prompts/{name}/render", response_model=PromptRendered)
     async def render(name: str, body: PromptRenderRequest, _: Principal = Depends(reader)) -> PromptRendered:

@@ -109,6 +109,7 @@ class PromptLabel(SQLModel, table=True):
     name: str = Field(primary_key=True, max_length=200)
     label: str = Field(primary_key=True, max_length=100)
     version: int
+    traffic_percent: float | None = None  # an A/B share of the production label's traffic, sticky per user
     updated_at: datetime = _when()
     updated_by: str = Field(max_length=256)
 

@@ -40,6 +40,7 @@ from services.runtime.auth import ApiKey, Role, add_key, generate_key
 from services.runtime.prompts import MissingVariable, TemplateSyntax, UnsafeTemplate, render_template, template_variables
 
 MAX_LIMIT = 500
+PRODUCTION_LABEL = "production"
 
 # Legal moves between stages. Archived → production is a rollback; it passes the same gate.
 TRANSITIONS: dict[Stage, frozenset[Stage]] = {
@@ -393,27 +394,43 @@ class Registry:
             for label in labels or []:
                 self._point_label(session, actor, name, label, version)
             self._audit(session, actor, "prompt.publish", "prompt", f"{name}:v{version}", after={"variables": variables, "labels": labels or []})
-            stage_event(session, PromptPublished(prompt_name=name, version=version, model_name=model_name, template=template, variables=variables, labels=list(labels or [])))
-        return self._prompt_view(row, list(labels or []))
+            traffic = self._label_traffic(session, name, version)
+            stage_event(session, PromptPublished(prompt_name=name, version=version, model_name=model_name, template=template, variables=variables, labels=list(labels or []), label_traffic=traffic))
+        return self._prompt_view(row, list(labels or []), traffic)
 
-    def set_prompt_label(self, actor: str, *, name: str, label: str, version: int) -> PromptVersionView:
-        """Point a label at a version: publishing to a stage, or a rollback."""
+    def set_prompt_label(self, actor: str, *, name: str, label: str, version: int, traffic_percent: float | None = None) -> PromptVersionView:
+        """Point a label at a version: publishing to a stage, or a rollback. With `traffic_percent`, the
+        label also declares an A/B split: that share of production-label traffic gets its version."""
         with self._change(actor, "prompt.label", "prompt", f"{name}@{label}") as session:
+            if label == PRODUCTION_LABEL and traffic_percent:
+                raise Invalid(
+                    f"the {PRODUCTION_LABEL} label gets the traffic no split takes; declare the share on the candidate's label, e.g. PUT /prompts/{name}/labels/candidate",
+                    param="traffic_percent", code="invalid_split",
+                )
             row = self._prompt(session, name, version)
-            self._point_label(session, actor, name, label, version)
+            self._point_label(session, actor, name, label, version, traffic_percent)
             labels = list(session.scalars(select(PromptLabel.label).where(PromptLabel.name == name, PromptLabel.version == version)))
-            stage_event(session, PromptPublished(prompt_name=name, version=version, model_name=row.model_name, template=row.template, variables=list(row.variables), labels=sorted(set(labels) | {label})))
-        return self._prompt_view(row, sorted(set(labels) | {label}))
+            traffic = self._label_traffic(session, name, version)
+            stage_event(session, PromptPublished(prompt_name=name, version=version, model_name=row.model_name, template=row.template, variables=list(row.variables), labels=sorted(set(labels) | {label}), label_traffic=traffic))
+        return self._prompt_view(row, sorted(set(labels) | {label}), traffic)
 
-    def _point_label(self, session: Session, actor: str, name: str, label: str, version: int) -> None:
+    def _point_label(self, session: Session, actor: str, name: str, label: str, version: int, traffic_percent: float | None = None) -> None:
+        """Move a label; its A/B share moves with it unless `traffic_percent` sets a new one (0 ends it)."""
         existing = session.get(PromptLabel, (name, label))
-        before = {"version": existing.version} if existing else None
+        before = {"version": existing.version, "traffic_percent": existing.traffic_percent} if existing else None
+        share = existing.traffic_percent if existing is not None and traffic_percent is None else (traffic_percent or None)
         if existing is None:
-            session.add(PromptLabel(name=name, label=label, version=version, updated_by=actor))
+            session.add(PromptLabel(name=name, label=label, version=version, traffic_percent=share, updated_by=actor))
         else:
-            existing.version, existing.updated_by, existing.updated_at = version, actor, utcnow()
+            existing.version, existing.traffic_percent, existing.updated_by, existing.updated_at = version, share, actor, utcnow()
             session.add(existing)
-        self._audit(session, actor, "prompt.label", "prompt", f"{name}@{label}", before=before, after={"version": version})
+        self._audit(session, actor, "prompt.label", "prompt", f"{name}@{label}", before=before, after={"version": version, "traffic_percent": share})
+
+    @staticmethod
+    def _label_traffic(session: Session, name: str, version: int) -> dict[str, float]:
+        session.flush()
+        pointers = session.scalars(select(PromptLabel).where(PromptLabel.name == name, PromptLabel.version == version))
+        return {pointer.label: pointer.traffic_percent for pointer in pointers if pointer.traffic_percent}
 
     def get_prompt(self, name: str, *, version: int | None = None, label: str | None = None) -> PromptVersionView:
         """A prompt version by number, by label, or the latest."""
@@ -429,7 +446,7 @@ class Registry:
                     raise NotFound(f"no prompt named {name!r}", param="name", code="prompt_not_found")
             row = self._prompt(session, name, version)
             labels = list(session.scalars(select(PromptLabel.label).where(PromptLabel.name == name, PromptLabel.version == version)))
-            return self._prompt_view(row, sorted(labels))
+            return self._prompt_view(row, sorted(labels), self._label_traffic(session, name, version))
 
     def list_prompts(self, *, name: str | None = None, cursor: str | None = None, limit: int = 50) -> Page:
         """Prompt versions, optionally of one name."""
@@ -458,8 +475,11 @@ class Registry:
         return row
 
     @staticmethod
-    def _prompt_view(row: PromptVersion, labels: list[str]) -> PromptVersionView:
-        return PromptVersionView(name=row.name, version=row.version, template=row.template, variables=list(row.variables), model_name=row.model_name, labels=labels, created_at=row.created_at, created_by=row.created_by)
+    def _prompt_view(row: PromptVersion, labels: list[str], traffic: dict[str, float] | None = None) -> PromptVersionView:
+        return PromptVersionView(
+            name=row.name, version=row.version, template=row.template, variables=list(row.variables), model_name=row.model_name,
+            labels=labels, label_traffic=traffic or {}, created_at=row.created_at, created_by=row.created_by,
+        )
 
     # ----------------------------------------------------------------------------- datasets
 

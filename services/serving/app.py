@@ -36,7 +36,7 @@ def create_app(runtime: Runtime) -> Service:
     settings = load_settings(ServingSettings)
     routes = Routes()
     routes.add_model(settings.base_model)
-    prompts = PromptRoutes(ab_label=settings.prompt_ab_label, ab_percent=settings.prompt_ab_percent)
+    prompts = PromptRoutes()
     state = _State()
     bus = runtime.bus("serving")
     buffer = InferenceLogBuffer(bus, capacity=settings.log_buffer_size)

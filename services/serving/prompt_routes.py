@@ -4,10 +4,13 @@ Event-carried state, like routes.py: the registry re-publishes a version's `prom
 its current labels whenever a label moves, so the last event naming a label says where it points.
 A reference without version or label means the `production` label, else the latest version.
 
-Prompt A/B: while a prompt's `production` label and its A/B label (`candidate` by default) point
-at different versions, `FLYWHEEL_SERVING_PROMPT_AB_PERCENT` of the production traffic, sticky per
-user, gets the candidate. The registry declares which version is the candidate; the share is a
-serving setting because `prompt.published` carries no percentage (see the README).
+Prompt A/B, declared in the registry: a label with a traffic share (`PUT /prompts/{name}/labels/
+{label}` with `traffic_percent`, carried on `prompt.published` as `label_traffic`) takes that
+percent of the requests that ask for the production label, sticky per user, while it points at a
+different version than production. Several such labels split it in the order they were first
+seen, so declaring another split moves no user of an existing one; the rest stays on production.
+Moving or re-declaring a label re-publishes its version, so serving follows without a restart or
+an app change.
 """
 
 from __future__ import annotations
@@ -39,14 +42,13 @@ class PromptChoice:
 class _Prompt:
     versions: dict[int, PromptPublished] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=dict)
+    traffic: dict[str, float] = field(default_factory=dict)  # label -> A/B share of production traffic
 
 
 class PromptRoutes:
-    def __init__(self, *, ab_label: str = "candidate", ab_percent: float = 0.0) -> None:
+    def __init__(self) -> None:
         self._prompts: dict[str, _Prompt] = {}
         self._lock = threading.Lock()
-        self._ab_label = ab_label
-        self._ab_percent = ab_percent
 
     def publish(self, event: PromptPublished) -> None:
         with self._lock:
@@ -54,6 +56,7 @@ class PromptRoutes:
             prompt.versions[event.version] = event
             for label in event.labels:
                 prompt.labels[label] = event.version
+                prompt.traffic[label] = event.label_traffic.get(label, 0.0)
 
     def resolve(self, reference: PromptReference, sticky_key: str = "") -> PromptChoice:
         with self._lock:
@@ -70,9 +73,13 @@ class PromptRoutes:
                 if reference.label is not None:
                     raise UnknownPromptError(f"prompt {reference.name!r} has no label {label!r}")
                 return self._choice(prompt.versions[max(prompt.versions)], "latest")
-            candidate = prompt.labels.get(self._ab_label)
-            if label == PRODUCTION and candidate not in (None, version) and bucket(sticky_key, f"prompt:{reference.name}") < self._ab_percent:
-                return self._choice(prompt.versions[candidate], "ab")
+            if label == PRODUCTION:
+                point, edge = bucket(sticky_key, f"prompt:{reference.name}"), 0.0
+                for candidate, share in prompt.traffic.items():
+                    if share and prompt.labels[candidate] != version:
+                        edge += share
+                        if point < edge:
+                            return self._choice(prompt.versions[prompt.labels[candidate]], "ab")
             return self._choice(prompt.versions[version], "label")
 
     @staticmethod

@@ -22,6 +22,4 @@ class ServingSettings(BaseSettings):
     log_buffer_size: int = Field(default=10_000, ge=1, description="inference.logged events held in memory while Kafka is slow.")
     rate_limit_rps: float = Field(default=10.0, gt=0, description="Requests per second each API key may make (token bucket refill rate).")
     rate_limit_burst: int = Field(default=20, ge=1, description="Requests an API key may make at once before the rate applies.")
-    prompt_ab_label: str = Field(default="candidate", description="Prompt label whose version gets `prompt_ab_percent` of the production label's traffic.")
-    prompt_ab_percent: float = Field(default=0.0, ge=0, le=100, description="Share of a prompt's production traffic sent to its A/B label's version (0: off).")
     triton_log_verbose: int = Field(default=0, ge=0, description="tritonserver --log-verbose level.")

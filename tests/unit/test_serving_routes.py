@@ -57,20 +57,29 @@ def test_prompt_ab_split_follows_labels_and_is_sticky() -> None:
     from contracts.http import PromptReference
     from services.serving.prompt_routes import PromptRoutes, UnknownPromptError
 
-    prompts = PromptRoutes(ab_label="candidate", ab_percent=25)
+    prompts = PromptRoutes()
     prompts.publish(PromptPublished(prompt_name="p", version=1, template="a", labels=["production"]))
     prompts.publish(PromptPublished(prompt_name="p", version=2, template="b", labels=["candidate"]))
     ref = PromptReference(name="p")
-    picks = {user: prompts.resolve(ref, user) for user in (f"u{index}" for index in range(4000))}
+    users = [f"u{index}" for index in range(4000)]
+    assert {prompts.resolve(ref, user).version for user in users} == {1}, "a label without a declared share took traffic"
+    prompts.publish(PromptPublished(prompt_name="p", version=2, template="b", labels=["candidate"], label_traffic={"candidate": 25}))
+    picks = {user: prompts.resolve(ref, user) for user in users}
     share = sum(choice.route == "ab" for choice in picks.values()) / len(picks)
-    assert abs(share - 0.25) < 0.025
+    assert abs(share - 0.25) < 0.025 and {choice.version for choice in picks.values() if choice.route == "ab"} == {2}
     assert all(prompts.resolve(ref, user) == choice for user, choice in list(picks.items())[:300])
-    assert prompts.resolve(PromptReference(name="p", label="production"), "u1").version in (1, 2)
     assert prompts.resolve(PromptReference(name="p", version=1), "u1").route == "pinned"
-    prompts.publish(PromptPublished(prompt_name="p", version=2, template="b", labels=["candidate", "production"]))  # label moved
-    assert {prompts.resolve(ref, user).version for user in picks} == {2}
+    assert prompts.resolve(PromptReference(name="p", label="candidate"), "u1").version == 2
+
+    prompts.publish(PromptPublished(prompt_name="p", version=3, template="c", labels=["beta"], label_traffic={"beta": 10}))
+    split = [prompts.resolve(ref, user).version for user in users]
+    assert abs(split.count(2) / len(users) - 0.25) < 0.025 and abs(split.count(3) / len(users) - 0.10) < 0.02
+    assert [prompts.resolve(ref, user).version for user, choice in picks.items() if choice.route == "ab"].count(2) == sum(choice.route == "ab" for choice in picks.values()), "adding a split moved users of the first"
+
+    prompts.publish(PromptPublished(prompt_name="p", version=2, template="b", labels=["candidate", "production"], label_traffic={"candidate": 25}))  # promoted
+    assert {prompts.resolve(ref, user).version for user in users} == {2, 3}
     with pytest.raises(UnknownPromptError, match="no label"):
-        prompts.resolve(PromptReference(name="p", label="beta"))
+        prompts.resolve(PromptReference(name="p", label="gamma"))
 
 
 def test_token_bucket_per_principal() -> None:
