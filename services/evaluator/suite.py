@@ -114,5 +114,6 @@ async def score_target(
                 return await judge.grade(question=example.question, answer=prediction, reference=example.reference)
 
         results = await asyncio.gather(*(grade(e, p) for e, p in zip(examples, predictions, strict=True)))
-        out.put(f"judge_{judge.rubric.name}", [r.score for r in results], [r.error for r in results])
+        # The rubric's version is in the name: scores from different rubric prompts are not comparable.
+        out.put(f"judge_{judge.rubric.name}_v{judge.rubric.version}", [r.score for r in results], [r.error for r in results])
     return out

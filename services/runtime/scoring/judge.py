@@ -28,6 +28,14 @@ class Rubric:
     user: str  # format string with {question}, {answer}, {reference}
     low: int = 1
     high: int = 5
+    # Worked examples (question, reference, answer, the judge's reply), sent as earlier chat turns.
+    examples: tuple[tuple[str, str, str, str], ...] = ()
+
+    def messages(self, *, question: str, answer: str, reference: str) -> list[dict[str, str]]:
+        turns = [{"role": "system", "content": self.system}]
+        for q, r, a, reply in self.examples:
+            turns += [{"role": "user", "content": self.user.format(question=q, answer=a, reference=r)}, {"role": "assistant", "content": reply}]
+        return [*turns, {"role": "user", "content": self.user.format(question=question, answer=answer, reference=reference)}]
 
     @property
     def key(self) -> str:
@@ -47,6 +55,23 @@ RUBRICS: dict[str, Rubric] = {
                 'Reply with JSON only: {"score": <1-5>, "reason": "<one sentence>"}.'
             ),
             user="Question:\n{question}\n\nReference answer:\n{reference}\n\nAnswer to grade:\n{answer}",
+        ),
+        # v1's instructions alone get no score out of small judges (SmolLM2-135M answers the question
+        # instead); three worked examples as earlier turns make them reply in the format. The score
+        # such a judge gives is still weak evidence: prefer a large judge model where one is served.
+        Rubric(
+            name="correctness",
+            version=2,
+            system=(
+                "You grade answers against a reference answer. 5: same facts as the reference. 4: correct but missing a "
+                "minor detail. 3: partly correct. 2: mostly wrong or unhelpful. 1: wrong, invented or unsafe. Reply with 'Score: N' only."
+            ),
+            user="Question: {question}\nReference answer: {reference}\nAnswer to grade: {answer}",
+            examples=(
+                ("How long is the warranty?", "The warranty lasts 2 years.", "You get a 2-year warranty.", "Score: 5"),
+                ("What does the red light mean?", "A red light means the battery is below 10%.", "The red light means the hub is updating.", "Score: 1"),
+                ("How do I pair the remote?", "Hold Pair for 3 seconds, then press any key on the remote.", "Hold Pair for a few seconds.", "Score: 3"),
+            ),
         ),
     )
 }
@@ -107,10 +132,7 @@ class Judge:
         try:
             response = await self._client.chat.completions.create(
                 model=self._model,
-                messages=[
-                    {"role": "system", "content": rubric.system},
-                    {"role": "user", "content": rubric.user.format(question=question, answer=answer, reference=reference)},
-                ],
+                messages=rubric.messages(question=question, answer=answer, reference=reference),
                 temperature=0.0,
                 max_tokens=self._max_tokens,
             )
