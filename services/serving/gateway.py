@@ -35,6 +35,7 @@ from services.serving.triton import CANCEL_MODEL_NAME, STREAM_MODEL_NAME, Triton
 log = logging.getLogger("flywheel.serving.gateway")
 
 DISCONNECTED = "the client disconnected before the stream ended"
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit; each one is checked against the text after every token
 
 
 class GatewayError(Exception):
@@ -225,6 +226,10 @@ class Gateway:
         if prompt_tokens > limits.max_prompt_tokens:
             raise GatewayError(400, f"the prompt has {prompt_tokens} tokens, over the limit of {limits.max_prompt_tokens}", code="context_length_exceeded", param="messages" if call.endpoint == "chat.completions" else "prompt")
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+        if len(stop) > MAX_STOP_SEQUENCES:
+            raise GatewayError(400, f"stop has {len(stop)} sequences; at most {MAX_STOP_SEQUENCES} are allowed", code="invalid_value", param="stop")
+        if request.seed is not None and not 0 <= request.seed < 2**63:
+            raise GatewayError(400, f"seed {request.seed} is out of range: use an integer from 0 to 2**63 - 1", code="invalid_value", param="seed")
         return TritonRow(call.prompt, call.route.adapter_name if call.route else None, max_tokens, request.temperature, request.top_p, request.seed, stop)
 
     def _connect(self) -> Any:

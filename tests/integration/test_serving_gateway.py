@@ -185,6 +185,38 @@ async def test_errors_are_openai_error_objects(client, body: dict, status: int, 
     assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
 
 
+BAD_INPUTS = [
+    ("/v1/completions", {"model": "nope", "prompt": "x"}, 404),
+    ("/v1/completions", {"model": "tiny:v9", "prompt": "x"}, 404),
+    ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}], "stream": True}, 404),
+    ("/v1/completions", {"model": "tiny", "prompt": "word " * 300}, 400),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 17}, 400),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "seed": -1}, 400),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": 5}, 422),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "top_p": 0}, 422),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, 422),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400),
+]
+
+
+async def test_every_bad_input_is_an_openai_error_and_an_errored_inference(client, runtime: Runtime, settings: FlywheelSettings) -> None:
+    http, buffer = client
+    for path, body, status in BAD_INPUTS:
+        response = await http.post(path, json=body)
+        assert response.status_code == status, (body, response.text)
+        assert response.headers["content-type"].startswith("application/json"), "an error must not start a stream"
+        error = response.json()["error"]
+        assert error["message"] and error["type"] and "Traceback" not in error["message"]
+    malformed = await http.post("/v1/completions", content=b'{"model": "tiny", "prompt": ', headers={"Content-Type": "application/json"})
+    assert malformed.status_code == 422 and malformed.json()["error"]["message"]
+    await buffer.stop()
+    events = await logged_events(runtime, settings, expected=len(BAD_INPUTS) + 1)
+    assert len(events) == len(BAD_INPUTS) + 1
+    assert all(event["status"] == "error" and event["finish_reason"] == "error" and event["error"] for event in events)
+    assert sorted(event["model_name"] for event in events) == sorted([body["model"] for _, body, _ in BAD_INPUTS] + ["unknown"])  # a body that is not JSON names no model
+
+
 async def logged_events(runtime: Runtime, settings: FlywheelSettings, expected: int) -> list[dict]:
     records = await read_all(settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=expected)
     return [json.loads(record.value)["payload"] for record in records]
