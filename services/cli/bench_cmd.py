@@ -146,6 +146,11 @@ def bench_serve(size: dict[str, Any], echo: Callable[[str], None]) -> list[Row]:
         echo(line)
 
     run_bench(echo=keep, **size)
+    return serve_rows(lines, size)
+
+
+def serve_rows(lines: list[str], size: dict[str, Any]) -> list[Row]:
+    """The table rows in the serving benchmark's printed figures."""
     rows: list[Row] = []
     throughput: dict[str, dict[str, float]] = {}
     latency: dict[str, float] = {}

@@ -1,0 +1,57 @@
+"""`flywheel bench all` turns each benchmark's figures into one table of ratios. The serving benchmark
+prints its figures, so the table reads lines made by its own Figures class: a change of that format
+breaks this test rather than silently dropping rows from the table."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from services.cli.bench_cmd import Row, serve_rows, to_markdown
+from services.serving.bench import Figures
+
+SIZE = {"requests": 8, "max_tokens": 8, "concurrencies": (1, 8), "adapters": 4}
+
+
+def _lines() -> list[str]:
+    lines = []
+    for concurrency, (slow, fast) in {1: (4.0, 2.0), 8: (8.0, 1.0)}.items():
+        lines.append(Figures(f"per-request generate, concurrency {concurrency}", 8, slow, [100.0] * 8).line())
+        lines.append(Figures(f"Triton continuous batching, concurrency {concurrency}", 8, fast, [50.0] * 8).line())
+        lines.append(f"{'':<44} ratio {slow / fast:.2f}x throughput (40 vs 64 tokens generated)")
+    lines.append("mixed batches: 1.50 s, switching: 6.00 s, ratio 4.00x")
+    lines.append(Figures("direct Triton gRPC stream", 8, 1.0, [20.0] * 8).line())
+    lines.append(Figures("through the gateway (HTTP in, Triton gRPC)", 8, 1.2, [25.0] * 8).line())
+    return lines
+
+
+def test_the_serving_figures_become_rows_with_ratios_against_their_baselines() -> None:
+    rows = {row.measure: row for row in serve_rows(_lines(), SIZE)}
+
+    at_8 = rows["throughput, 8 requests x 8 tokens, concurrency 8"]
+    assert (at_8.flywheel, at_8.baseline, at_8.better) == (8.0, 1.0, "higher") and at_8.ratio == pytest.approx(8.0)
+    assert rows["throughput, 8 requests x 8 tokens, concurrency 1"].ratio == pytest.approx(2.0)
+    adapters = rows["seconds for 8 requests over 4 LoRA adapters"]
+    assert (adapters.flywheel, adapters.baseline, adapters.better) == (1.5, 6.0, "lower")
+    gateway = rows["p50 latency, concurrency 1"]
+    assert (gateway.flywheel, gateway.baseline) == (25.0, 20.0) and gateway.ratio == pytest.approx(1.25)
+
+
+def test_output_without_figures_is_an_error_not_an_empty_table() -> None:
+    with pytest.raises(RuntimeError, match="no figures"):
+        serve_rows(["loading SmolLM2-135M-Instruct ...", "(1) 8 requests"], SIZE)
+
+
+def test_the_markdown_table_names_the_machine_failures_and_what_was_not_run() -> None:
+    machine = {"cpu": "Xeon", "cpu_count": 2, "memory": "23.5 GiB", "gpu": None, "platform": "Linux", "python": "3.11", "torch": "2", "load_average": [1.0]}
+    rows = [
+        Row("ingest", "events/s", 1000.0, 5.0, "events/s", "higher", "sink", "one insert"),
+        Row("train", "-", None, None, "", "", error="RuntimeError: bench side baseline failed"),
+    ]
+    table = to_markdown(rows, machine, "quick", datetime(2026, 11, 22, tzinfo=UTC), 12.0, ["train", "ingest"])
+
+    assert "Machine: Xeon, 2 cores, 23.5 GiB memory, GPU none" in table
+    assert "not run this time: serve" in table
+    assert "| ingest | events/s | 1,000.0 events/s (sink) | 5.0 events/s (one insert) | **200.00x** | higher |" in table
+    assert "| train | - | failed: RuntimeError: bench side baseline failed |" in table
