@@ -7,6 +7,7 @@ absolute numbers are the machine's. Defaults are small for a shared CPU.
 from __future__ import annotations
 
 import asyncio
+import queue
 import statistics
 import tempfile
 import threading
@@ -15,12 +16,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from services.runtime.inference import SMOLLM2_GGUF, Engine, GenerationRequest, SamplingParams, smollm2_dir
 from services.runtime.peft_compat import peft_wrap_quietly
-from services.serving.triton import TritonRow, TritonServing, stream_infer
+from services.serving.triton import STREAM_MODEL_NAME, TritonAnswer, TritonRow, TritonServing, infer_inputs, infer_outputs, parse_answer
 
 
 @dataclass
@@ -37,7 +39,7 @@ class Figures:
     def line(self) -> str:
         ordered = sorted(self.latencies_ms)
         p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
-        return f"{self.label:<44} {self.throughput:8.2f} req/s  p50 {statistics.median(ordered):8.0f} ms  p95 {p95:8.0f} ms"
+        return f"{self.label:<44} {self.throughput:8.2f} req/s  p50 {statistics.median(ordered):8.0f} ms  p95 {p95:8.0f} ms  (n={len(ordered)})"
 
 
 def _timed(label: str, calls: list[Callable[[], object]], concurrency: int) -> Figures:
@@ -70,7 +72,38 @@ def _random_adapters(engine: Engine, count: int, root: Path) -> list[str]:
     return names
 
 
-def run_bench(*, requests: int, max_tokens: int, concurrencies: tuple[int, ...], adapters: int, echo: Callable[[str], None]) -> None:
+class _Streamer:
+    """One gRPC stream to the stream model, kept open across requests, as a serving client keeps its
+    channel: a fresh channel per request would put connection setup into every latency."""
+
+    def __init__(self, url: str) -> None:
+        import tritonclient.grpc as triton_grpc
+
+        self._grpc = triton_grpc
+        self._answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        self._client = triton_grpc.InferenceServerClient(url)
+        self._client.start_stream(callback=lambda result, error: self._answers.put((result, error)))
+
+    def infer(self, row: TritonRow) -> TritonAnswer:
+        self._client.async_stream_infer(STREAM_MODEL_NAME, infer_inputs(self._grpc, row), outputs=infer_outputs(self._grpc))
+        result, error = self._answers.get(timeout=600)
+        if error is not None:
+            raise error
+        return parse_answer(result)
+
+    def close(self) -> None:
+        self._client.stop_stream()
+        self._client.close()
+
+
+def _pooled(label: str, runs: list[Figures]) -> Figures:
+    return Figures(label, sum(run.requests for run in runs), sum(run.seconds for run in runs), [ms for run in runs for ms in run.latencies_ms])
+
+
+def run_bench(*, requests: int, max_tokens: int, concurrencies: tuple[int, ...], adapters: int, echo: Callable[[str], None], rounds: int = 3) -> None:
+    """Each comparison runs `rounds` times, the two sides alternating (ABBA...), so load from other
+    processes that drifts during the run lands on both; the ratio printed is the median of the
+    rounds' ratios, the req/s and latencies those of all rounds together."""
     echo("loading SmolLM2-135M-Instruct ...")
     engine = Engine.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, model_name="smollm2")
     # Taken before any adapter is loaded: the baseline runs the plain base model, as a naive server would.
@@ -81,11 +114,18 @@ def run_bench(*, requests: int, max_tokens: int, concurrencies: tuple[int, ...],
         with TritonServing(engine, workdir=Path(scratch) / "triton", max_batch_size=32) as serving:
             assert serving.ports is not None
             text_prompts = [engine.tokenizer.decode(ids) for ids in prompts]
+            streamers: queue.Queue[_Streamer] = queue.Queue()
+            for _ in range(max(concurrencies)):
+                streamers.put(_Streamer(serving.ports.grpc_url))
             generated: list[int] = []
 
             def via_triton(index: int, adapter: str | None = None) -> Callable[[], object]:
                 def call() -> object:
-                    answer = stream_infer(serving.ports.grpc_url, TritonRow(text_prompts[index], adapter, max_tokens, 0.0))
+                    streamer = streamers.get()
+                    try:
+                        answer = streamer.infer(TritonRow(text_prompts[index], adapter, max_tokens, 0.0))
+                    finally:
+                        streamers.put(streamer)
                     generated.append(answer.completion_tokens)
                     return answer
                 return call
@@ -99,35 +139,56 @@ def run_bench(*, requests: int, max_tokens: int, concurrencies: tuple[int, ...],
                         return base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens)
                 return call
 
-            echo(f"\n(1) {requests} requests, {max_tokens} new tokens each (generate is forced to {max_tokens}; Triton stops at eos)")
-            for concurrency in concurrencies:
-                generated.clear()
-                baseline = _timed(f"per-request generate, concurrency {concurrency}", [via_generate(i) for i in range(requests)], concurrency)
-                batched = _timed(f"Triton continuous batching, concurrency {concurrency}", [via_triton(i) for i in range(requests)], concurrency)
-                echo(baseline.line())
-                echo(batched.line())
-                echo(f"{'':<44} ratio {batched.throughput / baseline.throughput:.2f}x throughput ({sum(generated)} vs {requests * max_tokens} tokens generated)")
+            try:
+                echo("warming up both paths (first calls pay one-off costs: kernels, Triton's stubs, the gRPC channels) ...")
+                _timed("warm-up", [via_generate(0), via_generate(1)], 1)
+                _timed("warm-up", [via_triton(i) for i in range(max(concurrencies))], max(concurrencies))
 
-            echo(f"\n(2) {requests} requests over {adapters} adapters")
-            names = _random_adapters(engine, adapters, Path(scratch))
-            mixed = _timed("mixed-adapter batches (one engine call)", [lambda: engine.generate([GenerationRequest(prompts[i], names[i % adapters], greedy) for i in range(requests)])], 1)
+                echo(f"\n(1) {requests} requests, {max_tokens} new tokens each, {rounds} rounds per concurrency, sides alternating "
+                     f"(generate is forced to {max_tokens} tokens; Triton stops at eos, so tokens/s is compared too)")
+                for concurrency in concurrencies:
+                    baselines, batched_runs, ratios, token_ratios = [], [], [], []
+                    for round_ in range(rounds):
+                        generated.clear()
+                        sides = [("generate", via_generate), ("triton", via_triton)]
+                        measured = {}
+                        for name, make in sides if round_ % 2 == 0 else sides[::-1]:
+                            measured[name] = _timed(name, [make(i) for i in range(requests)], concurrency)
+                        baselines.append(measured["generate"])
+                        batched_runs.append(measured["triton"])
+                        tokens = sum(generated)
+                        ratios.append(measured["triton"].throughput / measured["generate"].throughput)
+                        token_ratios.append((tokens / measured["triton"].seconds) / (requests * max_tokens / measured["generate"].seconds))
+                        echo(f"  round {round_ + 1}: generate {measured['generate'].throughput:.2f} req/s, Triton {measured['triton'].throughput:.2f} req/s "
+                             f"({tokens} of {requests * max_tokens} tokens), ratio {ratios[-1]:.2f}x")
+                    echo(_pooled(f"per-request generate, concurrency {concurrency}", baselines).line())
+                    echo(_pooled(f"Triton continuous batching, concurrency {concurrency}", batched_runs).line())
+                    echo(f"{'':<44} ratio {statistics.median(ratios):.2f}x throughput (median of {rounds} rounds; tokens/s ratio {statistics.median(token_ratios):.2f}x)")
 
-            def one_at_a_time() -> None:
-                for i in range(requests):
-                    engine.generate([GenerationRequest(prompts[i], names[i % adapters], greedy)])
+                echo(f"\n(2) {requests} requests over {adapters} adapters")
+                names = _random_adapters(engine, adapters, Path(scratch))
+                mixed = _timed("mixed-adapter batches (one engine call)", [lambda: engine.generate([GenerationRequest(prompts[i], names[i % adapters], greedy) for i in range(requests)])], 1)
 
-            swapped = _timed("one request at a time, adapter switched per request", [one_at_a_time], 1)
-            echo(f"mixed batches: {mixed.seconds:.2f} s, switching: {swapped.seconds:.2f} s, ratio {swapped.seconds / mixed.seconds:.2f}x")
+                def one_at_a_time() -> None:
+                    for i in range(requests):
+                        engine.generate([GenerationRequest(prompts[i], names[i % adapters], greedy)])
 
-            echo("\n(3) gateway overhead over a direct Triton call (concurrency 1)")
-            direct = _timed("direct Triton gRPC stream", [via_triton(i % requests) for i in range(min(requests, 8))], 1)
-            through = _gateway_figures(engine, serving, text_prompts, max_tokens, min(requests, 8))
-            echo(direct.line())
-            echo(through.line())
-            echo(f"{'':<44} overhead {statistics.median(through.latencies_ms) - statistics.median(direct.latencies_ms):.1f} ms p50, ratio {statistics.median(through.latencies_ms) / statistics.median(direct.latencies_ms):.3f}x")
+                swapped = _timed("one request at a time, adapter switched per request", [one_at_a_time], 1)
+                echo(f"mixed batches: {mixed.seconds:.2f} s, switching: {swapped.seconds:.2f} s, ratio {swapped.seconds / mixed.seconds:.2f}x")
+
+                echo(f"\n(3) gateway overhead over a direct Triton call (concurrency 1, {requests} pairs, the same prompt each side, alternating)")
+                direct, through = _gateway_figures(engine, serving, via_triton, text_prompts, max_tokens, requests)
+                echo(direct.line())
+                echo(through.line())
+                gaps = [gateway - plain for gateway, plain in zip(through.latencies_ms, direct.latencies_ms, strict=True)]
+                echo(f"{'':<44} overhead {statistics.median(gaps):.1f} ms p50 of the pairs' differences, ratio {statistics.median(through.latencies_ms) / statistics.median(direct.latencies_ms):.3f}x")
+            finally:
+                while not streamers.empty():
+                    streamers.get().close()
 
 
-def _gateway_figures(engine: Engine, serving: TritonServing, prompts: list[str], max_tokens: int, count: int) -> Figures:
+def _gateway_figures(engine: Engine, serving: TritonServing, via_triton: Callable[..., Callable[[], object]], prompts: list[str], max_tokens: int, count: int) -> tuple[Figures, Figures]:
+    """Direct Triton calls and gateway calls in pairs on the same prompt, after one warm-up call each."""
     import httpx
 
     from services.runtime.auth import Principal, Role
@@ -144,7 +205,7 @@ def _gateway_figures(engine: Engine, serving: TritonServing, prompts: list[str],
         def offer(self, *_: object, **__: object) -> bool:
             return True
 
-    async def main() -> Figures:
+    async def main() -> tuple[Figures, Figures]:
         assert serving.ports is not None
         routes = Routes()
         routes.add_model("smollm2")
@@ -152,16 +213,34 @@ def _gateway_figures(engine: Engine, serving: TritonServing, prompts: list[str],
         # Key lookups are cached per process and limits are a dict lookup: the bench admits one fixed caller.
         router = create_router(lambda: gateway, guard=lambda: Principal("bench", Role.app, "bench"), limiter=RateLimiter(rate_per_s=1e9, burst=10**9))
         app = create_http_app("bench", routers=[router])
-        latencies = []
+        direct_ms: list[float] = []
+        gateway_ms: list[float] = []
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench", timeout=600) as client:
-            started = time.perf_counter()
-            for index in range(count):
+
+            async def through(index: int) -> float:
                 sent = time.perf_counter()
                 response = await client.post("/v1/completions", json={"model": "smollm2", "prompt": prompts[index % len(prompts)], "max_tokens": max_tokens, "temperature": 0})
                 response.raise_for_status()
-                latencies.append((time.perf_counter() - sent) * 1000)
-            seconds = time.perf_counter() - started
+                return (time.perf_counter() - sent) * 1000
+
+            def plain(index: int) -> float:
+                sent = time.perf_counter()
+                via_triton(index % len(prompts))()
+                return (time.perf_counter() - sent) * 1000
+
+            await through(0)
+            plain(0)
+            for index in range(count):
+                if index % 2 == 0:
+                    direct_ms.append(plain(index))
+                    gateway_ms.append(await through(index))
+                else:
+                    gateway_ms.append(await through(index))
+                    direct_ms.append(plain(index))
         await gateway.close()
-        return Figures("through the gateway (HTTP in, Triton gRPC)", count, seconds, latencies)
+        return (
+            Figures("direct Triton gRPC stream", count, sum(direct_ms) / 1000, direct_ms),
+            Figures("through the gateway (HTTP app via ASGI, Triton gRPC)", count, sum(gateway_ms) / 1000, gateway_ms),
+        )
 
     return asyncio.run(main())
