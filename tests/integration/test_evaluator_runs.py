@@ -101,6 +101,13 @@ async def test_bad_inputs_fail_the_evaluation_with_the_reason(tmp_path: Path, cl
     suite = await evaluator.run(request("ev-suite", adapter=None, golden=3, suite="nonsense"))
     assert suite.status == "failed" and "unknown metric suite 'nonsense'" in suite.error
 
+    no_judge = await evaluator.run(request("ev-no-judge", adapter=None, golden=3, suite="judge"))
+    assert no_judge.status == "failed" and "the `judge` suite needs a judge endpoint" in no_judge.error
+
+    unknown_base = await evaluator.run(request("ev-no-base", adapter=None, golden=3).model_copy(update={"candidate": ModelTarget(model_name="nope")}))
+    assert unknown_base.status == "failed"
+    assert unknown_base.error == "candidate nope (base) failed to load: base model 'nope' is unknown to the evaluator (no model.registered seen)"
+
 
 async def test_a_metric_erroring_on_one_example_is_recorded_on_that_example(tmp_path: Path, clickhouse: ClickHouseStore, embedder: Embedder, models: dict) -> None:
     evaluator = evaluator_for(tmp_path, clickhouse, embedder)
