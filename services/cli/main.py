@@ -52,7 +52,10 @@ app.add_typer(train_cmd.app, name="train")
 def main() -> None:
     """Entry point: user-facing errors become one line on stderr and a non-zero exit, never a traceback."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns typer.Exit's code instead of exiting with it.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except FlywheelError as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
