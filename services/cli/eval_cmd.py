@@ -48,15 +48,24 @@ def _call(method: str, path: str, url: str | None, api_key: str | None, **kwargs
     return response.json()
 
 
-def _target(model: str, adapter: int | None) -> dict:
-    return {"model_name": model, "adapter_version": adapter}
+def _target(model: str, adapter: int | None, prompt: str | None = None, *, prompt_hint: str = "--prompt") -> dict:
+    target: dict[str, Any] = {"model_name": model, "adapter_version": adapter}
+    if prompt is not None:
+        name, version = _name_version(prompt, prompt_hint, "acme-support:2")
+        target |= {"prompt_name": name, "prompt_version": version}
+    return target
+
+
+def _name_version(text: str, hint: str, example: str) -> tuple[str, int]:
+    name, _, version = text.rpartition(":")
+    if not name or not version.isdigit() or int(version) < 1:
+        raise EvalCommandError(f"{hint} {text!r}: write it as NAME:VERSION, e.g. {example}")
+    return name, int(version)
 
 
 def _golden(text: str) -> dict:
-    name, _, version = text.rpartition(":")
-    if not name or not version.isdigit():
-        raise typer.BadParameter("write the golden set as NAME:VERSION, e.g. acme-golden:1", param_hint="--golden")
-    return {"name": name, "version": int(version)}
+    name, version = _name_version(text, "--golden", "acme-golden:1")
+    return {"name": name, "version": version}
 
 
 def _summary(item: dict) -> str:
@@ -70,17 +79,24 @@ def request(
     model: Annotated[str, typer.Option("--model", help="Base model name.")],
     golden: Annotated[str, typer.Option("--golden", help="Golden dataset as NAME:VERSION.")],
     adapter: Annotated[int | None, typer.Option("--adapter", help="Candidate adapter version; none: the base model.")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Candidate prompt version as NAME:VERSION, rendered into every golden prompt.")] = None,
     baseline_adapter: Annotated[int | None, typer.Option("--baseline-adapter", help="Baseline adapter version; default: the production version.")] = None,
     baseline_base: Annotated[bool, typer.Option("--baseline-base", help="Compare with the base model instead of production.")] = False,
+    baseline_prompt: Annotated[str | None, typer.Option("--baseline-prompt", help="Baseline prompt version as NAME:VERSION.")] = None,
     suite: Annotated[str, typer.Option("--suite", help="Metric suite: default, fast or judge.")] = "default",
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the verdict and print it.")] = False,
     url: UrlOption = None,
     api_key: KeyOption = None,
 ) -> None:
-    """Request an evaluation of a candidate against a baseline on a golden set."""
-    body: dict[str, Any] = {"candidate": _target(model, adapter), "golden": _golden(golden), "metric_suite": suite}
+    """Request an evaluation of a candidate (adapter and/or prompt version) against a baseline on a golden set.
+
+    Without a baseline option: an adapter is compared with the production version, a prompt version
+    with the prompt's production-labelled version on the same weights."""
+    body: dict[str, Any] = {"candidate": _target(model, adapter, prompt), "golden": _golden(golden), "metric_suite": suite}
     if baseline_adapter is not None or baseline_base:
-        body["baseline"] = _target(model, baseline_adapter)
+        body["baseline"] = _target(model, baseline_adapter, baseline_prompt, prompt_hint="--baseline-prompt")
+    elif baseline_prompt is not None:  # one prompt against another, on the candidate's weights
+        body["baseline"] = _target(model, adapter, baseline_prompt, prompt_hint="--baseline-prompt")
     queued = _call("POST", "/evaluator/v1/evaluations", url, api_key, json=body)
     typer.echo(_summary(queued))
     if wait:
