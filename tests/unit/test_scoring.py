@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.runtime.scoring import bleu, exact_match, fact_numbers, json_validity, parse_judge_score, rouge_l, scan_unsafe, token_f1
+from services.runtime.scoring import RUBRICS, bleu, exact_match, fact_numbers, json_validity, parse_judge_score, rouge_l, scan_unsafe, token_f1
 from services.runtime.scoring.judge import JudgeParseError
 
 pytestmark = pytest.mark.unit
@@ -69,3 +69,12 @@ def test_fact_numbers_wants_exactly_the_reference_numbers() -> None:
     assert fact_numbers("Hold it 12 seconds.", reference) == 0.0  # one missing
     assert fact_numbers("Hold it 12 seconds, wait 90, then 5 more.", reference) == 0.0  # one invented
     assert fact_numbers("anything", "Press the Sync button twice.") is None  # nothing to check
+
+
+def test_rubric_versions_build_their_own_judge_prompts() -> None:
+    v1 = RUBRICS["correctness@v1"].messages(question="Q?", answer="A.", reference="R.")
+    assert [m["role"] for m in v1] == ["system", "user"] and "Answer to grade:\nA." in v1[1]["content"]
+    v2 = RUBRICS["correctness@v2"].messages(question="Q?", answer="A.", reference="R.")
+    assert [m["role"] for m in v2] == ["system", *["user", "assistant"] * 3, "user"]
+    assert [parse_judge_score(m["content"]) for m in v2 if m["role"] == "assistant"] == [5.0, 1.0, 3.0]  # worked replies parse
+    assert v2[-1]["content"] == "Question: Q?\nReference answer: R.\nAnswer to grade: A."
