@@ -4,8 +4,9 @@ statistics in the report. Real SmolLM2-135M on the CPU, the trainer's learning-t
 64 training rows, 16 held-out golden paraphrases). Training both adapters takes 10-40 minutes on a
 shared 2-core CPU; they are cached (FLYWHEEL_CACHE/e2e), and the evaluations take about 5 more.
 
-The demo model's declared policy is facts@v1: under default@v1 the shuffled adapter passes too (its
-fluent, wrong-fact answers beat the base model on token F1 and groundedness), see gate.py."""
+No policy is declared: the evaluator's default (`auto`) applies facts@v1 because the demo's golden
+references state numbers. Under default@v1 the shuffled adapter passes too (its fluent, wrong-fact
+answers beat the base model on token F1 and groundedness), see gate.py."""
 
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ async def test_a_trained_adapter_passes_the_gate_and_a_broken_one_fails(
     clickhouse: ClickHouseStore = chdb_target.open()
     clickhouse.migrate()
     evaluator = evaluator_for(
-        tmp_path / "home", clickhouse, Embedder(), max_tokens=40, batch_size=8, resamples=2000, gate_policies={MODEL: "facts@v1"}
+        tmp_path / "home", clickhouse, Embedder(), max_tokens=40, batch_size=8, resamples=2000
     )
     artifacts, store = evaluator.artifacts, evaluator.store
     base = artifacts.put_directory(base_model_dir)
@@ -97,7 +98,9 @@ async def test_a_trained_adapter_passes_the_gate_and_a_broken_one_fails(
 
     trained, shuffled = verdicts[1], verdicts[2]
     assert trained.status == shuffled.status == "completed"
-    assert trained.baseline == ModelTarget(model_name=MODEL) and trained.gate_policy == "facts@v1"
+    assert trained.baseline == ModelTarget(model_name=MODEL)
+    for result in (trained, shuffled):
+        assert result.gate_policy == "facts@v1" and result.reasons[-1].startswith("POLICY facts@v1 (auto: "), result.reasons
     assert trained.passed, trained.reasons
     assert not shuffled.passed, shuffled.reasons
     for result in (trained, shuffled):
