@@ -84,7 +84,7 @@ class FeedbackAccepted(Response):
 
 
 class TrainingJobCreate(Request):
-    model_name: str = Field(description="Base model to adapt.")
+    model_name: str = Field(min_length=1, max_length=200, description="Base model to adapt.")
     dataset: DatasetRef = Field(description="Training dataset version.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="LoRA settings.")
     job_id: str | None = Field(default=None, description="Idempotency key; generated when absent.")

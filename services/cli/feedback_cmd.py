@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from contracts.events import FeedbackSource, Thumbs
+from services.cli.doors import api_key_headers
 from services.runtime.errors import FlywheelError
 from services.runtime.settings import FlywheelSettings, load_settings
 
@@ -74,7 +75,7 @@ def list_(inference_id: Annotated[str, typer.Argument(help="The inference id.")]
     settings = load_settings(FlywheelSettings)
     url = f"http://{settings.http_host}:{settings.http_port}/feedback/v1/feedback"
     try:
-        response = httpx.get(url, params={"inference_id": inference_id}, timeout=10)
+        response = httpx.get(url, params={"inference_id": inference_id}, headers=api_key_headers(), timeout=10)
     except httpx.ConnectError:
         typer.echo(_from_store(settings, inference_id))
         return

@@ -10,6 +10,7 @@ from services.feedback.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
+from services.runtime.auth import Authenticator
 from services.runtime.service import Runtime, Service
 from services.runtime.settings import load_settings
 
@@ -36,7 +37,7 @@ def create_app(runtime: Runtime) -> Service:
     # uncommitted for redelivery.
     return Service(
         name=GROUP,
-        api=create_router(runtime.bus(GROUP), lambda: store),
+        api=create_router(runtime.bus(GROUP), lambda: store, Authenticator.for_settings(runtime.settings)),
         readiness={"clickhouse": clickhouse_answers},
         on_start=[clickhouse_answers],
     )

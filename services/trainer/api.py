@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Depends, Query, Response
 
 from contracts.events import TrainingRequested
-from contracts.http import TrainingJobCreate, TrainingJobView
+from contracts.http import ErrorResponse, Role, TrainingJobCreate, TrainingJobView
+from services.runtime.auth import Authenticator, Principal
 from services.runtime.http import DoorError
 from services.trainer.service import Trainer
 from services.trainer.store import JobRecord
@@ -20,14 +21,16 @@ def view(job: JobRecord) -> TrainingJobView:
     )
 
 
-def build_router(trainer: Trainer) -> APIRouter:
-    router = APIRouter(prefix="/trainer/v1", tags=["trainer"])
+def build_router(trainer: Trainer, auth: Authenticator) -> APIRouter:
+    router = APIRouter(prefix="/trainer/v1", tags=["trainer"], responses={status: {"model": ErrorResponse} for status in (401, 403, 404, 422)})
+    reader = auth.require(Role.viewer)
+    writer = auth.require(Role.operator)
 
     @router.post("/training-jobs", status_code=202, response_model=TrainingJobView)
-    async def create_job(body: TrainingJobCreate, response: Response) -> TrainingJobView:
+    async def create_job(body: TrainingJobCreate, response: Response, principal: Principal = Depends(writer)) -> TrainingJobView:
         request = TrainingRequested(
             job_id=body.job_id or str(uuid.uuid4()), model_name=body.model_name, dataset=body.dataset,
-            hyperparameters=body.hyperparameters, requested_by="http",
+            hyperparameters=body.hyperparameters, requested_by=principal.name,
         )
         job, created = trainer.submit(request)
         if not created:
@@ -35,18 +38,18 @@ def build_router(trainer: Trainer) -> APIRouter:
         return view(job)
 
     @router.get("/training-jobs", response_model=list[TrainingJobView])
-    async def list_jobs(limit: int = Query(100, ge=1, le=1000)) -> list[TrainingJobView]:
+    async def list_jobs(limit: int = Query(100, ge=1, le=1000), _: Principal = Depends(reader)) -> list[TrainingJobView]:
         return [view(job) for job in trainer.list(limit)]
 
     @router.get("/training-jobs/{job_id}", response_model=TrainingJobView)
-    async def get_job(job_id: str) -> TrainingJobView:
+    async def get_job(job_id: str, _: Principal = Depends(reader)) -> TrainingJobView:
         job = trainer.get(job_id)
         if job is None:
             raise DoorError(404, f"no training job {job_id}", param="job_id", code="job_not_found")
         return view(job)
 
     @router.post("/training-jobs/{job_id}/cancel", response_model=TrainingJobView)
-    async def cancel_job(job_id: str) -> TrainingJobView:
+    async def cancel_job(job_id: str, _: Principal = Depends(writer)) -> TrainingJobView:
         job = await trainer.cancel(job_id)
         if job is None:
             raise DoorError(404, f"no training job {job_id}", param="job_id", code="job_not_found")

@@ -8,6 +8,7 @@ import torch
 
 from contracts.events import DatasetPublished, ModelRegistered, TrainingRequested
 from services.runtime.artifacts import ArtifactStore, default_artifact_root
+from services.runtime.auth import Authenticator
 from services.runtime.service import Runtime, Service
 from services.runtime.settings import load_settings
 from services.trainer.api import build_router
@@ -46,4 +47,4 @@ def create_app(runtime: Runtime) -> Service:
         await asyncio.to_thread(store.close)
         await asyncio.to_thread(catalog.close)
 
-    return Service(name="trainer", api=build_router(trainer), on_start=[trainer.start], on_stop=[stop])
+    return Service(name="trainer", api=build_router(trainer, Authenticator.for_settings(runtime.settings)), on_start=[trainer.start], on_stop=[stop])

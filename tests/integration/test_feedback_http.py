@@ -6,20 +6,28 @@ import httpx
 import pytest
 
 from contracts.events import InferenceLogged
+from contracts.http import Role
 from services.feedback.api import create_router
 from services.feedback.store import FeedbackStore
+from services.runtime.auth import Authenticator
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.http import create_http_app
 from services.runtime.settings import FlywheelSettings
 from tests.integration.test_sink_clickhouse import clickhouse, eventually, running_sink  # noqa: F401 - fixture
+from tests.support import api_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
 async def test_feedback_is_accepted_refused_precisely_and_read_back(settings: FlywheelSettings, topics: str, clickhouse: ClickHouseStore) -> None:  # noqa: F811
     async with running_sink(settings, clickhouse) as bus:
-        app = create_http_app("test", routers=[create_router(bus, lambda: FeedbackStore(lambda: clickhouse))])
+        app = create_http_app("test", routers=[create_router(bus, lambda: FeedbackStore(lambda: clickhouse), Authenticator.for_settings(settings))])
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            unsigned = await client.post("/feedback/v1/feedback", json={"inference_id": "chatcmpl-42", "thumbs": "up"})
+            assert unsigned.status_code == 401, unsigned.text
+            client.headers["Authorization"] = f"Bearer {api_key(settings, Role.viewer)}"
+            assert (await client.post("/feedback/v1/feedback", json={"inference_id": "chatcmpl-42", "thumbs": "up"})).status_code == 403
+            client.headers["Authorization"] = f"Bearer {api_key(settings, Role.app)}"
             # The inference is not stored yet: the feedback is accepted and held, not refused.
             accepted = await client.post("/feedback/v1/feedback", json={"inference_id": "chatcmpl-42", "thumbs": "down", "rating": 2, "comment": "wrong", "source": "reviewer"})
             assert accepted.status_code == 202, accepted.text

@@ -58,13 +58,6 @@ NEEDS: list[tuple[str, str, str, str]] = [
     ("*", "GET", r".*", Role.viewer.value),
     ("*", "*", r".*", Role.operator.value),
 ]
-# Doors that check no API key at all (found by this test): their matrix failures are reported as an
-# expected failure until a guard is added, while a 5xx from them still fails. When a guard lands the
-# test fails again, asking for the entry to be removed.
-UNGUARDED = {
-    "trainer": "services/trainer/api.py takes no Authenticator: anyone can request or cancel training",
-    "feedback": "services/feedback/api.py takes no Authenticator: anyone can post or read feedback",
-}
 # A role just below each need: it holds no grant of the needed role.
 BELOW = {Role.viewer.value: None, Role.app.value: Role.operator.value, Role.operator.value: Role.app.value, Role.admin.value: Role.operator.value}
 
@@ -190,10 +183,6 @@ def test_no_generated_request_gets_a_5xx_and_every_matrix_cell_holds(service: st
         print(f"  {method + ' ' + path:<62} {need:<9} {row[0]:<12} {row[1]:<12} {row[2]:<14} {row[3]:<14}")
     assert not server_errors, f"{len(server_errors)} calls answered 5xx, first ones:\n" + "\n".join(server_errors[:15])
     assert process.running() and all(p.running() for p in processes.values()), "a service died under generated requests"
-    if service in UNGUARDED:
-        assert refusals, f"{service}'s door now checks keys: remove it from UNGUARDED"
-        print(f"  UNGUARDED: {len(refusals)} calls admitted without the needed key, e.g. {refusals[0].splitlines()[0]}")
-        pytest.xfail(f"{UNGUARDED[service]} ({len(refusals)} calls admitted without the needed key; no 5xx)")
     assert not refusals, f"{len(refusals)} calls broke the matrix, first ones:\n" + "\n".join(refusals[:15])
 
 

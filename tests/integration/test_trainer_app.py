@@ -9,12 +9,14 @@ import pytest
 
 from contracts.envelope import Envelope
 from contracts.events import DatasetPublished, DatasetRef, Hyperparameters, ModelRegistered, TrainingCompleted, TrainingRequested, TrainingStarted
+from contracts.http import Role
 from services.runtime.artifacts import ArtifactStore, default_artifact_root
 from services.runtime.service import Runtime, Service, build_process
 from services.runtime.settings import FlywheelSettings
 from services.trainer.app import create_app
 from tests.fixtures.trainer_model import DEMO_DATA, base_model_dir  # noqa: F401 - fixture
 from tests.integration.test_event_bus import eventually
+from tests.support import api_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -54,7 +56,10 @@ async def test_a_redelivered_request_trains_once_and_reports_completed(settings:
         assert completed.correlation_id == "corr-1"
         assert sorted(artifacts.manifest(completed.payload.artifact_uri, completed.payload.artifact_sha256)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
+        viewer = api_key(settings, Role.viewer)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            assert (await client.get("/trainer/v1/training-jobs")).status_code == 401
+            client.headers["Authorization"] = f"Bearer {viewer}"
             jobs = (await client.get("/trainer/v1/training-jobs")).json()
             assert [(job["job_id"], job["status"], job["step"], job["total_steps"]) for job in jobs] == [("job-42", "completed", 2, 2)]
             missing = await client.get("/trainer/v1/training-jobs/nope")

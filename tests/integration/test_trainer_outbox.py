@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from contracts.events import TrainingFailed
+from contracts.http import Role
 from contracts.topics import topic_for
 from infra.local_kafka import LocalKafka
 from infra.processes import free_port
@@ -26,6 +27,7 @@ from services.runtime.settings import FlywheelSettings
 from services.trainer.store import JobStore
 from tests.faults.support import ServiceProcess, eventually
 from tests.integration.test_event_bus import read_all
+from tests.support import api_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -55,13 +57,14 @@ async def test_training_failed_while_the_broker_is_down_arrives_exactly_once_aft
     # An unknown model fails the job at once, so the terminal event is due while the broker is down.
     trainer = ServiceProcess(tmp_path, bootstrap, prefix, ("trainer",), FLYWHEEL_TRAINER_INPUT_WAIT_S="0", FLYWHEEL_TRAINER_PUBLISH_RETRY_INITIAL_S="0.2")
     jobs_db = trainer.home / "trainer" / "jobs.db"
+    operator = api_key(FlywheelSettings(home=trainer.home), Role.operator)
     expected_id = str(uuid.uuid5(uuid.NAMESPACE_URL, "flywheel-trainer/job-down/failed"))
     body = {"job_id": "job-down", "model_name": "never-registered", "dataset": {"name": "d", "version": 1}}
     try:
         trainer.start()
         await trainer.wait_ready()
         await asyncio.to_thread(own_kafka.stop)
-        async with httpx.AsyncClient(base_url=trainer.url, timeout=10) as client:
+        async with httpx.AsyncClient(base_url=trainer.url, headers={"Authorization": f"Bearer {operator}"}, timeout=10) as client:
             assert (await client.post("/trainer/v1/training-jobs", json=body)).status_code == 202
 
             async def status() -> str:
