@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
@@ -38,6 +38,11 @@ from contracts.http import (
 from services.registry.service import Registry, RegistryError
 from services.runtime.auth import Authenticator, Principal
 from services.runtime.http import DoorError
+
+# SQLite and PostgreSQL store versions and offsets as signed 64-bit integers: a larger number is refused
+# at the door (422) instead of overflowing in the driver (500).
+LARGEST_STORED_INT = 2**63 - 1
+Version = Annotated[int, Path(ge=1, le=LARGEST_STORED_INT, description="Version number.")]
 
 # Every body but a dataset upload is small; none is read whole into memory past its cap.
 MAX_BODY_BYTES = 1024 * 1024
@@ -154,7 +159,7 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
 
     # --------------------------------------------------------------------------- adapters
     @router.get("/adapters", response_model=Page[AdapterVersionView])
-    async def list_adapters(model_name: str | None = None, stage: Stage | None = None, dataset_name: str | None = None, dataset_version: int | None = Query(None, ge=1), cursor: str | None = None, limit: int = Query(50, ge=1, le=500), _: Principal = Depends(reader)) -> dict:
+    async def list_adapters(model_name: str | None = None, stage: Stage | None = None, dataset_name: str | None = None, dataset_version: int | None = Query(None, ge=1, le=LARGEST_STORED_INT), cursor: str | None = None, limit: int = Query(50, ge=1, le=500), _: Principal = Depends(reader)) -> dict:
         dataset = DatasetRef(name=dataset_name, version=dataset_version) if dataset_name and dataset_version else None
         return page(await call(registry.list_adapters, model_name=model_name, stage=stage, dataset=dataset, cursor=cursor, limit=limit))
 
@@ -163,15 +168,15 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
         return await call(registry.register_adapter, who.name, **body.model_dump(exclude={"dataset", "hyperparameters"}), dataset=body.dataset, hyperparameters=body.hyperparameters)
 
     @router.get("/adapters/{model_name}/versions/{version}", response_model=AdapterVersionView)
-    async def get_adapter(model_name: str, version: int, _: Principal = Depends(reader)) -> Any:
+    async def get_adapter(model_name: str, version: Version, _: Principal = Depends(reader)) -> Any:
         return await call(registry.get_adapter, model_name, version)
 
     @router.get("/adapters/{model_name}/versions/{version}/lineage", response_model=LineageView)
-    async def lineage(model_name: str, version: int, _: Principal = Depends(reader)) -> Any:
+    async def lineage(model_name: str, version: Version, _: Principal = Depends(reader)) -> Any:
         return await call(registry.lineage, model_name, version)
 
     @router.post("/adapters/{model_name}/versions/{version}/transitions", response_model=AdapterVersionView)
-    async def transition(model_name: str, version: int, body: StageTransition, who: Principal = Depends(writer)) -> Any:
+    async def transition(model_name: str, version: Version, body: StageTransition, who: Principal = Depends(writer)) -> Any:
         return await call(registry.transition, who.name, model_name=model_name, version=version, **body.model_dump())
 
     # ---------------------------------------------------------------------------- prompts
@@ -184,7 +189,7 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
         return await call(registry.publish_prompt, who.name, **body.model_dump())
 
     @router.get("/prompts/{name}", response_model=PromptVersionView)
-    async def get_prompt(name: str, version: int | None = Query(None, ge=1), label: str | None = None, _: Principal = Depends(reader)) -> Any:
+    async def get_prompt(name: str, version: int | None = Query(None, ge=1, le=LARGEST_STORED_INT), label: str | None = None, _: Principal = Depends(reader)) -> Any:
         return await call(registry.get_prompt, name, version=version, label=label)
 
     @router.put("/prompts/{name}/labels/{label}", response_model=PromptVersionView)
@@ -207,11 +212,11 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
         return await call(registry.publish_dataset, who.name, name=body.name, split=body.split, jsonl=body.jsonl.encode(), provenance=body.provenance, model_name=body.model_name)
 
     @router.get("/datasets/{name}/versions/{version}", response_model=DatasetVersionView)
-    async def get_dataset(name: str, version: int, _: Principal = Depends(reader)) -> Any:
+    async def get_dataset(name: str, version: Version, _: Principal = Depends(reader)) -> Any:
         return await call(registry.get_dataset, name, version)
 
     @router.get("/datasets/{name}/versions/{version}/rows")
-    async def dataset_rows(name: str, version: int, offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=10_000), _: Principal = Depends(reader)) -> list[dict]:
+    async def dataset_rows(name: str, version: Version, offset: int = Query(0, ge=0, le=LARGEST_STORED_INT), limit: int = Query(100, ge=1, le=10_000), _: Principal = Depends(reader)) -> list[dict]:
         return await call(registry.dataset_rows, name, version, offset=offset, limit=limit)
 
     # ------------------------------------------------------------------------------ audit
