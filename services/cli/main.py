@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
 
 from services.cli import contracts_cmd, demo_cmd, doctor_cmd, infra_cmd, run_cmd
@@ -59,13 +58,19 @@ def main() -> None:
     except FlywheelError as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
-    except click.ClickException as error:  # usage errors: click's own one-line message
-        error.show()
+    # typer 0.29 carries its own copy of click: its usage errors derive from typer.TyperException, not
+    # from the click package's ClickException.
+    except typer.TyperException as error:  # usage errors: the one-line message with the usage hint
+        show = getattr(error, "show", None)
+        if show is not None:
+            show()
+        else:
+            typer.echo(f"error: {error.format_message()}", err=True)
         sys.exit(error.exit_code)
-    except (click.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except click.exceptions.Exit as exit_:
+    except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
     except Exception as error:  # noqa: BLE001 - last line of defence: no traceback reaches a user
         if os.environ.get("FLYWHEEL_DEBUG"):

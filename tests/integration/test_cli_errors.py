@@ -73,3 +73,14 @@ def test_every_check_passes_against_the_real_broker(tmp_path: Path, kafka_bootst
     result = run(tmp_path, FLYWHEEL_KAFKA_BOOTSTRAP=kafka_bootstrap)
     assert result.returncode == 0, result.stderr
     assert "all checks passed" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["eval", "request"], "Missing option '--model'"), (["no-such-command"], "No such command 'no-such-command'")],
+)
+def test_a_usage_error_is_the_usage_hint_and_exit_2_not_an_unexpected_error(args: list[str], message: str) -> None:
+    result = subprocess.run([FLYWHEEL, *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "unexpected" not in result.stderr
+    assert f"Error: {message}" in result.stderr and "--help' for help" in result.stderr
