@@ -303,7 +303,8 @@ class Registry:
     # -------------------------------------------------------------------------- evaluations
 
     def attach_evaluation(self, event: EvaluationCompleted, *, event_id: str | None = None) -> EvaluationView | None:
-        """Record an evaluation result against the exact adapter version it judged; once per evaluation id."""
+        """Record an evaluation result against the exact adapter version it judged; once per evaluation id.
+        An evaluation of a prompt version is audited against the prompt and returns None."""
         candidate = event.candidate
         with self._change("service:evaluator", "evaluation.attach", "evaluation", event.evaluation_id) as session:
             if not self._first_time(session, event_id, "evaluation.completed"):
@@ -311,6 +312,11 @@ class Registry:
             existing = session.get(EvaluationRecord, event.evaluation_id)
             if existing is not None:
                 return EvaluationView.model_validate(existing)
+            if candidate.prompt_name is not None:
+                # A prompt version was judged, on these weights: that is no evidence about the adapter, so it is
+                # audited against the prompt and never counted by the adapter's promotion gate.
+                self._audit(session, "service:evaluator", "evaluation.attach", "prompt", f"{candidate.prompt_name}:v{candidate.prompt_version}", after={"evaluation_id": event.evaluation_id, "passed": event.passed and event.status == "completed", "gate_policy": event.gate_policy, "model_name": candidate.model_name, "adapter_version": candidate.adapter_version})
+                return None
             if candidate.adapter_version is not None:
                 self._adapter(session, candidate.model_name, candidate.adapter_version)
             row = EvaluationRecord(evaluation_id=event.evaluation_id, model_name=candidate.model_name, adapter_version=candidate.adapter_version, passed=event.passed and event.status == "completed", status=event.status, gate_policy=event.gate_policy, golden_name=event.golden.name, golden_version=event.golden.version, reasons=list(event.reasons), metrics=[metric.model_dump() for metric in event.metrics], report_uri=event.report_uri)

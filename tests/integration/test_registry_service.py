@@ -75,6 +75,18 @@ def test_tampered_adapter_artifact_is_refused_and_audited(registry: Registry, tm
     assert refused(registry)[-1].actor == "bob"
 
 
+def test_a_passing_prompt_evaluation_on_an_adapter_is_no_gate_evidence_for_that_adapter(registry: Registry, tmp_path: Path) -> None:
+    seed_adapters(registry, tmp_path, count=1, evaluated=False)
+    prompt_run = evaluation("smol", 1, passed=True)
+    prompt_run = prompt_run.model_copy(update={"candidate": prompt_run.candidate.model_copy(update={"prompt_name": "support", "prompt_version": 2})})
+    assert registry.attach_evaluation(prompt_run) is None
+    registry.transition("olga", model_name="smol", version=1, to_stage=Stage.staging)
+    with pytest.raises(Conflict, match="no passing evaluation"):
+        registry.transition("olga", model_name="smol", version=1, to_stage=Stage.production, approver="pat")
+    audited = registry.audit(object_type="prompt", object_id="support:v2").items
+    assert [(entry.action, entry.after["evaluation_id"], entry.after["passed"]) for entry in audited] == [("evaluation.attach", prompt_run.evaluation_id, True)]
+
+
 def test_promotion_needs_a_passing_evaluation_of_that_version_and_an_approver(registry: Registry, tmp_path: Path) -> None:
     seed_adapters(registry, tmp_path, count=2, evaluated=False)
     registry.attach_evaluation(evaluation("smol", 2, passed=True))  # passing, but of v2
