@@ -33,6 +33,14 @@ from services.trainer.model import base_dtype, load_model, load_tokenizer, pick_
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
+class TrainingPaused(Exception):
+    """The worker is stopping: the job saved where it was and resumes from there at the next start."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"paused at step {step}")
+        self.step = step
+
+
 class TrainingError(Exception):
     """A job that cannot finish; `error_type` is the machine-readable class of training.failed."""
 
@@ -85,6 +93,7 @@ class TrainingJob:
     on_progress: Callable[[Progress], None] | None = None
     on_checkpoint: Callable[[int], None] | None = None
     should_cancel: Callable[[], bool] = field(default=lambda: False)
+    should_pause: Callable[[], bool] = field(default=lambda: False)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -150,6 +159,10 @@ def _train(job: TrainingJob) -> TrainingResult:
     for step in range(start_step, total_steps):
         if job.should_cancel():
             raise TrainingError("cancelled", f"cancelled at step {step} of {total_steps}")
+        if job.should_pause():
+            if step > start_step and step % job.checkpoint_every != 0:
+                _save_checkpoint(job, step, model, optimizer, scheduler)
+            raise TrainingPaused(step)
         batch = pack(_batch_for(step, examples, hp, steps_per_epoch), hp.max_seq_length, pad_id)
         loss = _assistant_loss(model, batch, device)
         loss.backward()

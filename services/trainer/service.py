@@ -23,7 +23,7 @@ from contracts.envelope import Envelope, wrap
 from contracts.events import TrainingCompleted, TrainingFailed, TrainingProgress, TrainingRequested, TrainingStarted
 from services.runtime.artifacts import ArtifactStore
 from services.trainer.catalog import Catalog, UnknownInput
-from services.trainer.engine import Progress, TrainingError, TrainingJob, TrainingPlan, train
+from services.trainer.engine import Progress, TrainingError, TrainingJob, TrainingPaused, TrainingPlan, train
 from services.trainer.settings import TrainerSettings
 from contracts.topics import EVENT_TYPES
 from services.trainer.store import JobRecord, JobStore, OutboxEvent
@@ -50,6 +50,9 @@ class Trainer:
         self._wake = asyncio.Event()
         self._cancelled: set[str] = set()
         self._cancel_lock = threading.Lock()
+        # Set by stop(): the training thread checks it between steps, saves a checkpoint and returns, so a
+        # stopping process is not held until the job ends (a thread cannot be cancelled from outside).
+        self._stopping = threading.Event()
         self._worker: asyncio.Task | None = None
         self._relay: asyncio.Task | None = None
         self._relay_wake = asyncio.Event()
@@ -96,6 +99,12 @@ class Trainer:
         self._worker = asyncio.create_task(self._run_forever(), name="trainer-worker")
 
     async def stop(self) -> None:
+        self._stopping.set()
+        if self._worker is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._worker), self._settings.stop_pause_s)
+            except TimeoutError:
+                log.warning("the training step in flight did not end within %.0fs; stopping without waiting for it", self._settings.stop_pause_s)
         for task in (self._worker, self._relay):
             if task is not None:
                 task.cancel()
@@ -142,7 +151,7 @@ class Trainer:
             await self._relay_wake.wait()
 
     async def _run_forever(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             job = await asyncio.to_thread(self._store.next_runnable)
             if job is None:
                 self._wake.clear()
@@ -183,10 +192,14 @@ class Trainer:
             on_start=on_start,
             on_progress=on_progress,
             should_cancel=lambda: job.job_id in self._cancelled,
+            should_pause=self._stopping.is_set,
         )
         try:
             result = await asyncio.to_thread(train, spec)
             ref = await asyncio.to_thread(self._artifacts.put_directory, result.adapter_dir)
+        except TrainingPaused as paused:
+            log.info("training job %s paused at step %d by the stopping worker; it resumes there at the next start", job.job_id, paused.step)
+            return
         except TrainingError as error:
             await self._fail(job, error)
             return

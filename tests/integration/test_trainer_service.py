@@ -16,6 +16,7 @@ from services.trainer.service import Trainer
 from services.trainer.settings import TrainerSettings
 from services.trainer.store import JobStore
 from tests.fixtures.trainer_model import DEMO_DATA, base_model_dir  # noqa: F401 - fixture
+from tests.support import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -166,3 +167,35 @@ async def test_out_of_memory_is_training_failed_naming_what_to_lower_and_no_adap
     assert not artifacts.exists() or not any(artifacts.rglob("*"))
     assert not (tmp_path / "jobs" / "oom").exists()
     assert service.get("oom").status == "failed"
+
+
+async def test_a_stopping_worker_pauses_its_job_at_a_checkpoint_and_the_next_worker_resumes_it(tmp_path: Path, base_model_dir: Path) -> None:  # noqa: F811
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text("".join((DEMO_DATA / "train.jsonl").read_text().splitlines(keepends=True)[:4]))
+    catalog = DictCatalog(base_model_dir, {("tiny", 1): tiny})
+    settings = TrainerSettings(progress_every=1, input_wait_s=0, checkpoint_every=100)
+
+    def worker(publisher: RecordingPublisher) -> Trainer:
+        return Trainer(JobStore(tmp_path / "jobs.db"), catalog, ArtifactStore(tmp_path / "artifacts"), publisher, work_root=tmp_path / "jobs", settings=settings)
+
+    hp = Hyperparameters(rank=4, alpha=8, batch_size=2, epochs=4, max_seq_length=128, seed=1)  # 8 steps
+    first_events = RecordingPublisher()
+    first = worker(first_events)
+    first.submit(TrainingRequested(job_id="job-paused", model_name=MODEL, dataset=DatasetRef(name="tiny", version=1), hyperparameters=hp, requested_by="test"))
+    await first.start()
+    await eventually(lambda: (first.get("job-paused").step or 0) >= 2, timeout_s=300, what="two training steps")
+    await first.stop()  # returns after the step in flight, not after the job: 8 steps would take much longer
+    paused = first.get("job-paused")
+    assert paused.status == "running" and paused.step < 8, paused
+    assert not any(isinstance(event, TrainingCompleted | TrainingFailed) for event in first_events.events)
+
+    second_events = RecordingPublisher()
+    second = worker(second_events)
+    await second.start()
+    try:
+        await eventually(lambda: second.get("job-paused").status == "completed", timeout_s=300, what="the resumed job to complete")
+    finally:
+        await second.stop()
+    started = next(event for event in second_events.events if isinstance(event, TrainingStarted))
+    assert started.resumed_from_step >= 2, started
+    assert isinstance(second_events.events[-1], TrainingCompleted)
