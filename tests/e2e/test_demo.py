@@ -17,7 +17,7 @@ import pytest
 from infra.processes import port_is_free
 from tests.conftest import REPO
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(7200)]
+pytestmark = [pytest.mark.e2e, pytest.mark.loop, pytest.mark.timeout(7200)]
 
 STEPS = 7
 
