@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 
 import httpx
+import pytest
 from aiokafka import AIOKafkaConsumer
 from fastapi import FastAPI
 from faststream.kafka import KafkaBroker
@@ -25,6 +26,7 @@ from services.feedback.service import Sink
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
 from services.monitor.service import RegistryDoor
+from services.monitor.store import MonitorStore
 from services.registry.api import build_router as registry_router
 from services.registry.service import Registry
 from services.registry.store import RegistryStore
@@ -35,6 +37,7 @@ from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.consumer import DeadLetters
 from services.runtime.http import DoorError, error_response
 from services.runtime.settings import FlywheelSettings
+from tests.fixtures.clickhouse import ClickHouseTarget
 from tests.integration.registry_support import CHAT, evaluation, jsonl, seed_model, training_completed
 from tests.support import eventually as shared_eventually
 
@@ -128,3 +131,17 @@ def arm_traffic(version: int, *, down_every: int, error_every: int | None, laten
         ))
         feedback.append(FeedbackReceived(inference_id=inference_id, thumbs=Thumbs.down if i % down_every == 0 else Thumbs.up))
     return inferences, feedback
+
+
+@pytest.fixture
+def clickhouse(chdb_target: ClickHouseTarget) -> ClickHouseStore:
+    """The session's embedded ClickHouse, migrated (chDB allows one data directory per process)."""
+    store = chdb_target.open()
+    store.migrate()
+    return store
+
+
+@pytest.fixture
+def monitor_store(chdb_target: ClickHouseTarget, clickhouse: ClickHouseStore) -> MonitorStore:
+    readonly = chdb_target.open(readonly=True)
+    return MonitorStore(lambda: clickhouse, lambda: readonly)

@@ -30,8 +30,7 @@ from services.runtime.broker import EventBus
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.http import DoorError, error_response
 from services.runtime.settings import FlywheelSettings
-from tests.fixtures.clickhouse import ClickHouseTarget
-from tests.monitor_support import RegistryDoorFixture, eventually, read_topic, running_sink
+from tests.monitor_support import RegistryDoorFixture, clickhouse, eventually, monitor_store, read_topic, running_sink  # noqa: F401 - clickhouse, monitor_store: fixtures
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -44,18 +43,6 @@ RULES = [
     {"name": "unsafe", "version": 1, "metric": "unsafe_rate", "threshold": 0.2, "window_s": 600, "min_samples": 10, "quality": False},
 ]
 
-
-@pytest.fixture
-def clickhouse(chdb_target: ClickHouseTarget) -> ClickHouseStore:
-    store = chdb_target.open()
-    store.migrate()
-    return store
-
-
-@pytest.fixture
-def monitor_store(chdb_target: ClickHouseTarget, clickhouse: ClickHouseStore) -> MonitorStore:
-    readonly = chdb_target.open(readonly=True)
-    return MonitorStore(lambda: clickhouse, lambda: readonly)
 
 
 @pytest.fixture

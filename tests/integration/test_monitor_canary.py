@@ -23,8 +23,7 @@ from services.runtime.broker import EventBus
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.consumer import DeadLetters, SqliteProcessedEvents, subscribe
 from services.runtime.settings import FlywheelSettings
-from tests.fixtures.clickhouse import ClickHouseTarget
-from tests.monitor_support import MODEL, PER_ARM, RegistryDoorFixture, arm_traffic, eventually, running_sink, seed_two_versions
+from tests.monitor_support import MODEL, PER_ARM, RegistryDoorFixture, arm_traffic, clickhouse, eventually, monitor_store, running_sink, seed_two_versions  # noqa: F401 - clickhouse, monitor_store: fixtures
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -34,13 +33,6 @@ POLICY = CanaryPolicy(
     version=3, min_inferences=100, min_feedback=100, max_thumbs_down_increase=0.15, max_error_rate_increase=0.05,
     max_latency_p95_ratio=1.3, max_hallucination_increase=0.2, hallucination_sample=40, bootstrap_resamples=1000,
 )
-
-
-@pytest.fixture
-def clickhouse(chdb_target: ClickHouseTarget) -> ClickHouseStore:
-    store = chdb_target.open()
-    store.migrate()
-    return store
 
 
 @pytest.fixture
@@ -92,12 +84,6 @@ async def run_canary(settings: FlywheelSettings, clickhouse: ClickHouseStore, mo
     finally:
         processed.close()
     return reports
-
-
-@pytest.fixture
-def monitor_store(chdb_target: ClickHouseTarget, clickhouse: ClickHouseStore) -> MonitorStore:
-    readonly = chdb_target.open(readonly=True)
-    return MonitorStore(lambda: clickhouse, lambda: readonly)
 
 
 async def monitor_audit(door: RegistryDoorFixture) -> list[dict]:

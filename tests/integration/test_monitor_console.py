@@ -41,7 +41,7 @@ from services.runtime.auth import Authenticator, KeyStore
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.http import DoorError, error_response
 from tests.conftest import REPO
-from tests.fixtures.clickhouse import ClickHouseTarget
+from tests.monitor_support import clickhouse, monitor_store  # noqa: F401 - fixtures
 from tests.support import eventually
 
 pytestmark = [
@@ -57,18 +57,6 @@ RULES = [
     {"name": "unsafe", "version": 1, "metric": "unsafe_rate", "threshold": 0.2, "window_s": 600, "min_samples": 10, "quality": False},
 ]
 
-
-@pytest.fixture
-def clickhouse(chdb_target: ClickHouseTarget) -> ClickHouseStore:
-    store = chdb_target.open()
-    store.migrate()
-    return store
-
-
-@pytest.fixture
-def monitor_store(chdb_target: ClickHouseTarget, clickhouse: ClickHouseStore) -> MonitorStore:
-    readonly = chdb_target.open(readonly=True)
-    return MonitorStore(lambda: clickhouse, lambda: readonly)
 
 
 def seed_history(clickhouse: ClickHouseStore) -> None:

@@ -20,7 +20,7 @@ from services.monitor.rules import parse_rules
 from services.monitor.service import Monitor, RegistryDoor, RetrainingPolicy
 from services.monitor.store import MonitorStore
 from services.runtime.clickhouse import ClickHouseStore
-from tests.fixtures.clickhouse import ClickHouseTarget
+from tests.monitor_support import clickhouse, monitor_store  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -29,18 +29,6 @@ SUPPORT = ["How do I reset my Acme hub?", "My router keeps dropping the wifi con
 COOKING = ["How long should I roast a whole chicken?", "What can I use instead of eggs in a cake?", "How do I make a sourdough starter?", "Which pasta shape suits a creamy sauce?",
            "How much salt goes into bread dough?", "Can I freeze fresh basil?", "How do I caramelise onions quickly?", "What temperature is best for baking cookies?"]
 
-
-@pytest.fixture
-def clickhouse(chdb_target: ClickHouseTarget) -> ClickHouseStore:
-    store = chdb_target.open()
-    store.migrate()
-    return store
-
-
-@pytest.fixture
-def monitor_store(chdb_target: ClickHouseTarget, clickhouse: ClickHouseStore) -> MonitorStore:
-    readonly = chdb_target.open(readonly=True)
-    return MonitorStore(lambda: clickhouse, lambda: readonly)
 
 
 def store(clickhouse: ClickHouseStore, events: list[tuple[datetime, InferenceLogged]]) -> None:
