@@ -112,6 +112,9 @@ def build_process(settings: FlywheelSettings, factories: Sequence[ServiceFactory
         await ensure_topics(bootstrap, settings.topic_prefix)
         started: list[Service] = []
         try:
+            # The producer connects before the services start, so what they publish while starting (an
+            # outbox relay, staged trainer events) goes out at once; consuming begins after they started.
+            await runtime.broker.connect()
             for service in services:
                 for hook in service.on_start:
                     await hook()
