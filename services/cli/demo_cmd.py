@@ -534,8 +534,11 @@ class Driver:
 
         async def stored() -> list[dict[str, Any]] | None:
             rows = await self.sql(
-                "SELECT count() AS rows, uniqExact(event_id) AS events, countIf(correction != '') AS corrections, countIf(inference_stored) AS joined "
-                "FROM feedback_with_inference WHERE inference_id IN {ids:Array(String)}", ids=ids)
+                # Read from the table without FINAL, so a duplicate would show as rows > events; the view
+                # (which reads FINAL) tells how many joined their inference.
+                "SELECT count() AS rows, uniqExact(event_id) AS events, countIf(correction != '') AS corrections, "
+                "(SELECT countIf(inference_stored) FROM feedback_with_inference WHERE inference_id IN {ids:Array(String)}) AS joined "
+                "FROM feedback WHERE inference_id IN {ids:Array(String)}", ids=ids)
             self.say(f"step 5: {rows[0]['events']}/{len(ids)} feedback rows in ClickHouse")
             return rows if int(rows[0]["events"]) >= len(ids) else None
 
