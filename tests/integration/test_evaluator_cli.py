@@ -25,8 +25,7 @@ from services.runtime.service import Runtime, build_process
 from services.runtime.settings import FlywheelSettings
 from tests.evaluator_support import MODEL, golden_lines, tiny_base_dir
 from tests.fixtures.clickhouse import ClickHouseTarget
-from tests.integration.test_evaluator_process import api_key
-from tests.support import eventually
+from tests.support import api_key, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

@@ -15,22 +15,15 @@ from contracts.http import Role
 from services.evaluator.app import create_app
 from services.evaluator.store import EvaluatorStore
 from services.runtime.artifacts import ArtifactStore
-from services.runtime.auth import ApiKey, KeyStore, create_database_engine, registry_database_url
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.service import Runtime, build_process
 from services.runtime.settings import FlywheelSettings
 from tests.evaluator_support import MODEL, golden_lines, random_adapter, tiny_base_dir
 from tests.fixtures.clickhouse import ClickHouseTarget
 from tests.integration.test_event_bus import eventually
+from tests.support import api_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-
-
-def api_key(settings: FlywheelSettings, role: Role) -> str:
-    engine = create_database_engine(registry_database_url(settings))
-    ApiKey.metadata.create_all(engine, tables=[ApiKey.__table__])  # type: ignore[attr-defined]
-    key, _ = KeyStore(engine).create(principal=f"test-{role.value}", role=role, created_by="test")
-    return key
 
 
 async def test_a_registered_adapter_is_evaluated_and_the_result_published(
