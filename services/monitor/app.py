@@ -42,7 +42,10 @@ def create_app(runtime: Runtime, *, registry_transport: Any = None, open_readonl
     bus = runtime.bus(GROUP)
     registry_url = settings.registry_url or f"http://{runtime.settings.http_host}:{runtime.settings.http_port}"
     registry = RegistryDoor(registry_url, settings.api_key, transport=registry_transport)
-    policy = RetrainingPolicy(min_corrections=settings.retrain_min_corrections, cooldown_s=settings.retrain_cooldown_s)
+    policy = RetrainingPolicy(
+        min_corrections=settings.retrain_min_corrections, cooldown_s=settings.retrain_cooldown_s, hyperparameters=settings.retrain_hyperparameters,
+        include_lineage=settings.retrain_include_lineage, correction_repeats=settings.retrain_correction_repeats,
+    )
     monitor = Monitor(store, [], bus.publish_envelope, registry, policy=policy, state_dir=runtime.home / GROUP)
     tasks: list[asyncio.Task] = []
 

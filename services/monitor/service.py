@@ -123,6 +123,22 @@ class RegistryDoor:
         response.raise_for_status()
         return response.json()
 
+    async def production_lineage(self, model_name: str) -> dict[str, Any] | None:
+        """The lineage of `model_name`'s full production version (not a canary beside it); None when it has none."""
+        page = await self.get("adapters", model_name=model_name, stage=Stage.production.value, limit=50)
+        serving = [item for item in page.get("items") or [] if not item.get("canary_percent")]
+        if not serving:
+            return None
+        return await self.get(f"adapters/{model_name}/versions/{serving[0]['version']}/lineage")
+
+    async def dataset_rows(self, name: str, version: int, page_size: int = 10_000) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        while True:
+            page = await self.get(f"datasets/{name}/versions/{version}/rows", offset=len(rows), limit=page_size)
+            rows.extend(page)
+            if len(page) < page_size:
+                return rows
+
 
 class RegistryRefused(RuntimeError):
     def __init__(self, status: int, body: str) -> None:
@@ -132,10 +148,26 @@ class RegistryRefused(RuntimeError):
 
 @dataclass(frozen=True)
 class RetrainingPolicy:
+    """When the monitor asks for retraining, and the recipe it asks for.
+
+    A retrained adapter must beat production at the gate, so by default it learns what production
+    learned (its lineage's dataset and hyperparameters) plus the corrections; corrections alone
+    would teach the new facts and forget the old ones.
+    """
+
     min_corrections: int = 20
     cooldown_s: int = 6 * 3600
     dataset_suffix: str = "feedback"
-    hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
+    hyperparameters: Hyperparameters | None = None  # None: production's, else the defaults
+    include_lineage: bool = True
+    correction_repeats: int = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    jsonl: str
+    hyperparameters: Hyperparameters
+    description: str
 
 
 Publish = Callable[[Envelope[Any]], Awaitable[None]]
@@ -167,6 +199,7 @@ class Monitor:
         # The stage.changed handler and the tick both rewrite the watch list, from worker threads.
         self._canaries_lock = threading.Lock()
         self._embedder = embedder
+        self._waiting: dict[str, str] = {}  # alert id -> why its retraining waits (logged once per reason)
         self.canary_policy = canary_policy
         self._producer = producer
 
@@ -249,17 +282,10 @@ class Monitor:
                 if evaluation.value is not None:
                     METRIC_VALUE.labels(rule=rule.name, **labels).set(evaluation.value)
                 await self._settle(evaluation, now, report)
-        for alert in report.opened:
-            if self._rule(alert.rule_name).is_quality:
-                requested = await self.maybe_retrain(alert, now)
-                if requested is not None:
-                    report.retraining.append(requested)
+        report.retraining = await self._retrain_for_open_alerts(now)
         report.canaries = await self.review_canaries(now)
         ALERTS_OPEN.set(len(await asyncio.to_thread(self.store.alerts, AlertState.open.value)) + len(await asyncio.to_thread(self.store.alerts, AlertState.acknowledged.value)))
         return report
-
-    def _rule(self, name: str) -> Rule:
-        return next(rule for rule in self.rules if rule.name == name)
 
     async def _settle(self, evaluation: Evaluation, now: datetime, report: TickReport) -> None:
         rule = evaluation.rule
@@ -313,43 +339,109 @@ class Monitor:
 
     # -------------------------------------------------------------------------------- retraining
 
+    async def _retrain_for_open_alerts(self, now: datetime) -> list[TrainingRequested]:
+        """Each open quality alert is answered by one retraining of its model.
+
+        An alert whose retraining could not be requested yet (too few corrections, the model in its
+        cooldown, the registry not answering) is tried again on every tick while it stays open, so a
+        transient failure delays a retraining but never loses it.
+        """
+        quality = {rule.name for rule in self.rules if rule.is_quality}
+        rows = [row for state in (AlertState.open, AlertState.acknowledged) for row in await asyncio.to_thread(self.store.alerts, state.value)]
+        awaiting = [row for row in rows if row["rule_name"] in quality]
+        answered = self._load_state()["answered"]
+        requested: list[TrainingRequested] = []
+        for row in sorted(awaiting, key=lambda row: _utc(row["window_end"])):
+            if row["alert_id"] in answered:
+                continue
+            alert = _from_row(row, AlertState(row["state"]), row["message"])
+            try:
+                request = await self.maybe_retrain(alert, now)
+            except Exception as error:  # noqa: BLE001 - the alert stays open and the next tick asks again
+                self._note_waiting(alert, "error", f"retraining for alert {alert.alert_id} not requested yet, tried again next tick: {type(error).__name__}: {error}")
+                continue
+            if request is not None:
+                requested.append(request)
+                answered = self._load_state()["answered"]
+        self._forget_closed({row["alert_id"] for row in rows})
+        return requested
+
     async def maybe_retrain(self, alert: AlertRaised, now: datetime) -> TrainingRequested | None:
-        """When enough corrections exist and the model is out of cooldown: a feedback dataset, then training.requested."""
+        """When enough corrections exist and the model is out of cooldown: a dataset version, then training.requested."""
         state = self._load_state()
-        last = state.get(alert.model_name)
+        last = state["requested"].get(alert.model_name)
         if last is not None and now - datetime.fromisoformat(last) < timedelta(seconds=self._policy.cooldown_s):
-            RETRAININGS.labels(outcome="cooldown").inc()
-            log.info("retraining of %s skipped: in cooldown since %s", alert.model_name, last)
+            self._note_waiting(alert, "cooldown", f"retraining of {alert.model_name} for alert {alert.alert_id} waits: in cooldown since {last}")
             return None
-        rows = await asyncio.to_thread(self.store.corrections, alert.model_name)
-        if len(rows) < self._policy.min_corrections:
-            RETRAININGS.labels(outcome="too_few_corrections").inc()
-            log.info("retraining of %s skipped: %d corrections < %d", alert.model_name, len(rows), self._policy.min_corrections)
+        corrections = await asyncio.to_thread(self.store.corrections, alert.model_name)
+        if len(corrections) < self._policy.min_corrections:
+            self._note_waiting(alert, "too_few_corrections", f"retraining of {alert.model_name} for alert {alert.alert_id} waits: {len(corrections)} corrections < {self._policy.min_corrections}")
             return None
-        jsonl = "".join(json.dumps(_chat_record(row), ensure_ascii=False) + "\n" for row in rows)
+        recipe = await self._recipe(alert.model_name, corrections)
         dataset = await self._registry.publish_dataset(
-            DatasetCreate(name=f"{alert.model_name}-{self._policy.dataset_suffix}", split="train", jsonl=jsonl, provenance="feedback", model_name=alert.model_name)
+            DatasetCreate(name=f"{alert.model_name}-{self._policy.dataset_suffix}", split="train", jsonl=recipe.jsonl, provenance="feedback", model_name=alert.model_name)
         )
         request = TrainingRequested(
             job_id=f"retrain-{alert.alert_id}",
             model_name=alert.model_name,
             dataset=DatasetRef(name=dataset["name"], version=dataset["version"]),
-            hyperparameters=self._policy.hyperparameters,
+            hyperparameters=recipe.hyperparameters,
             requested_by="service:monitor",
-            reason=f"alert {alert.rule_name}@v{alert.rule_version} ({alert.alert_id}): {alert.message}",
+            reason=f"alert {alert.rule_name}@v{alert.rule_version} ({alert.alert_id}): {alert.message}; dataset: {recipe.description}",
         )
         await self._publish(wrap(request, producer=self._producer, correlation_id=alert.alert_id))
-        state[alert.model_name] = now.isoformat()
+        # One retraining answers every quality alert open on the model now; later ones wait for the cooldown.
+        open_now = [row["alert_id"] for state_ in (AlertState.open, AlertState.acknowledged) for row in await asyncio.to_thread(self.store.alerts, state_.value) if row["model_name"] == alert.model_name]
+        state["requested"][alert.model_name] = now.isoformat()
+        state["answered"].update(dict.fromkeys([alert.alert_id, *open_now], request.job_id))
         self._save_state(state)
+        self._waiting.pop(alert.alert_id, None)
         RETRAININGS.labels(outcome="requested").inc()
+        log.info("retraining of %s requested for alert %s: job %s on %s:v%s (%s)", alert.model_name, alert.alert_id, request.job_id, dataset["name"], dataset["version"], recipe.description)
         return request
 
-    def _load_state(self) -> dict[str, str]:
-        return _read_json(self._state_path)
+    async def _recipe(self, model_name: str, corrections: list[dict[str, Any]]) -> Recipe:
+        records = list(dict.fromkeys(json.dumps(_chat_record(row), ensure_ascii=False) for row in corrections))
+        parts = [f"{len(records)} corrections" + (f" x{self._policy.correction_repeats}" if self._policy.correction_repeats > 1 else "")]
+        lineage = await self._registry.production_lineage(model_name) if self._policy.include_lineage else None
+        learned: list[str] = []
+        if lineage and lineage.get("dataset"):
+            source = lineage["dataset"]
+            learned = [json.dumps(row, ensure_ascii=False) for row in await self._registry.dataset_rows(source["name"], source["version"])]
+            parts.insert(0, f"{len(learned)} records of {source['name']}:v{source['version']} (production v{lineage['adapter']['version']}'s training data)")
+        hyperparameters = self._policy.hyperparameters
+        if hyperparameters is None and lineage and lineage.get("hyperparameters"):
+            hyperparameters = Hyperparameters.model_validate(lineage["hyperparameters"])
+            parts.append(f"production v{lineage['adapter']['version']}'s hyperparameters")
+        lines = learned + records * self._policy.correction_repeats
+        return Recipe(jsonl="".join(line + "\n" for line in lines), hyperparameters=hyperparameters or Hyperparameters(), description=" + ".join(parts))
 
-    def _save_state(self, state: dict[str, str]) -> None:
+    def _note_waiting(self, alert: AlertRaised, outcome: str, message: str) -> None:
+        """Count and log why an alert's retraining waits once per reason, not once per tick."""
+        if self._waiting.get(alert.alert_id) == outcome:
+            return
+        self._waiting[alert.alert_id] = outcome
+        RETRAININGS.labels(outcome=outcome).inc()
+        (log.warning if outcome == "error" else log.info)(message)
+
+    def _forget_closed(self, still_open: set[str]) -> None:
+        state = self._load_state()
+        closed = [alert_id for alert_id in state["answered"] if alert_id not in still_open]
+        for alert_id in [alert_id for alert_id in self._waiting if alert_id not in still_open]:
+            del self._waiting[alert_id]
+        if closed:
+            for alert_id in closed:
+                del state["answered"][alert_id]
+            self._save_state(state)
+
+    def _load_state(self) -> dict[str, dict[str, str]]:
+        state = _read_json(self._state_path)
+        if state and "requested" not in state:  # the first layout: {model: when it was last retrained}
+            state = {"requested": state}
+        return {"requested": state.get("requested", {}), "answered": state.get("answered", {})}
+
+    def _save_state(self, state: dict[str, dict[str, str]]) -> None:
         _write_json(self._state_path, state)
-
 
     # ------------------------------------------------------------------------------------ canary
 

@@ -1,0 +1,103 @@
+"""The monitor's retraining on real components: degraded traffic through Kafka and the feedback sink into
+embedded ClickHouse; the registry's real door served by uvicorn on a real port, which is not listening
+when the alert opens; training.requested on real Kafka.
+
+What it shows: a retraining the registry could not take is asked again on later ticks while its alert
+stays open (not lost, not asked twice), and it asks for production's recipe: the production adapter's
+training data and hyperparameters (its lineage) plus the corrections, weighted as declared."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from contracts.events import TrainingRequested
+from infra.processes import free_port, port_is_free
+from services.monitor.rules import parse_rules
+from services.monitor.service import Monitor, RegistryDoor, RetrainingPolicy
+from services.monitor.store import MonitorStore
+from services.runtime.clickhouse import ClickHouseStore
+from services.runtime.settings import FlywheelSettings
+from tests.integration.registry_support import CHAT
+from tests.integration.test_monitor import MODEL, RULES, traffic
+from tests.monitor_support import RegistryDoorFixture, clickhouse, eventually, monitor_store, read_topic, running_sink, seed_two_versions  # noqa: F401 - clickhouse, monitor_store: fixtures
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+CORRECTION_REPEATS = 3
+
+
+@pytest.fixture
+def registry_door(tmp_path: Path) -> Iterator[RegistryDoorFixture]:
+    fixture = RegistryDoorFixture(tmp_path)
+    yield fixture
+    fixture.store.close()
+
+
+@asynccontextmanager
+async def listening(door: RegistryDoorFixture, port: int) -> AsyncIterator[None]:
+    """The registry's door served on `port` by uvicorn, as a process serves it."""
+    server = uvicorn.Server(uvicorn.Config(door.app, host="127.0.0.1", port=port, log_config=None, lifespan="off"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        await eventually(lambda: server.started or serving.done(), what="the registry's door listening")
+        assert not serving.done(), f"uvicorn did not start: {serving.exception()}"
+        yield
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, timeout=30)
+    assert port_is_free(port)
+
+
+async def test_a_retraining_the_registry_could_not_take_is_asked_again_with_productions_recipe(
+    settings: FlywheelSettings, topics: str, clickhouse: ClickHouseStore, monitor_store: MonitorStore, registry_door: RegistryDoorFixture,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    seed_two_versions(registry_door, tmp_path)  # v1 in production, trained on support:v1 (the two CHAT records) with rank 4
+    port = free_port()
+    policy = RetrainingPolicy(min_corrections=5, cooldown_s=3600, correction_repeats=CORRECTION_REPEATS)
+    inferences, feedback = traffic(40, degraded=True)
+    caplog.set_level(logging.INFO, logger="flywheel.monitor")
+    async with running_sink(settings, clickhouse) as bus:
+        await asyncio.gather(*(bus.publish(event) for event in inferences))
+        await asyncio.gather(*(bus.publish(event) for event in feedback))
+        await eventually(lambda: clickhouse.query("SELECT count() AS n FROM feedback_with_inference WHERE inference_stored")[0]["n"] >= 40, what="sink stored traffic")
+        now = datetime.now(UTC) + timedelta(seconds=1)
+        monitor = Monitor(monitor_store, parse_rules(RULES, monitor_store.check_rule), bus.publish_envelope, RegistryDoor(f"http://127.0.0.1:{port}", registry_door.operator_key),
+                          policy=policy, state_dir=tmp_path / "monitor")
+        # The door is not listening yet, as when a process's monitor ticks before uvicorn serves.
+        unreachable = [await monitor.tick(now + timedelta(seconds=30 * tick)) for tick in range(2)]
+        async with listening(registry_door, port):
+            reachable = [await monitor.tick(now + timedelta(seconds=30 * tick)) for tick in range(2, 4)]
+
+    assert sorted(alert.rule_name for alert in unreachable[0].opened) == ["rating", "thumbs-down"]
+    assert [report.retraining for report in unreachable] == [[], []]
+    waiting = [record.getMessage() for record in caplog.records if "not requested yet" in record.getMessage()]
+    # Logged once per alert and reason, not once per tick: two quality alerts, one line each.
+    assert len(waiting) == 2 and all("ConnectError" in line for line in waiting), waiting
+    requested = [request for report in reachable for request in report.retraining]
+    assert len(requested) == 1 and not reachable[1].retraining, "one retraining answers both open quality alerts, once"
+    assert requested[0].job_id.removeprefix("retrain-") in {alert.alert_id for alert in unreachable[0].opened}
+    on_kafka = await read_topic(settings, TrainingRequested, expect=1)
+    assert [record["payload"]["job_id"] for record in on_kafka] == [requested[0].job_id]
+
+    request = requested[0]
+    assert request.hyperparameters.rank == 4, "production v1's hyperparameters (its lineage), not the defaults"
+    assert "support:v1" in request.reason and f"x{CORRECTION_REPEATS}" in request.reason, request.reason
+    async with registry_door.client() as client:
+        rows = (await client.get(f"/registry/v1/datasets/{request.dataset.name}/versions/{request.dataset.version}/rows")).json()
+    lines = [json.dumps(row, sort_keys=True) for row in rows]
+    learned = {json.dumps(record, sort_keys=True) for record in CHAT}
+    corrections = [line for line in lines if line not in learned]
+    assert learned <= set(lines), "production's training data is kept"
+    # 20 corrections over 6 distinct (question, correction) pairs, each repeated as declared.
+    assert len(set(corrections)) == 6 and all(corrections.count(line) == CORRECTION_REPEATS for line in set(corrections))
+    assert len(rows) == len(CHAT) + 6 * CORRECTION_REPEATS
