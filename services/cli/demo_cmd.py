@@ -49,6 +49,7 @@ FACTS_TRAFFIC = 16
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GATE_POLICY = "facts@v1"
 MIN_CORRECTIONS = 8
+CORRECTION_REPEATS = 2
 # The demo's alert rule: a thumbs-down rate over 30% in the last 15 minutes (10 ratings at least)
 # opens a quality alert; the monitor's default rules compare against a day-long baseline a fresh demo has not got.
 RULES = """rules:
@@ -179,6 +180,8 @@ def _configure(settings: FlywheelSettings) -> tuple[FlywheelSettings, str]:
         "FLYWHEEL_MONITOR_TICK_S": "5",
         "FLYWHEEL_MONITOR_API_KEY": admin_key,
         "FLYWHEEL_MONITOR_RETRAIN_MIN_CORRECTIONS": str(MIN_CORRECTIONS),
+        # v2 learns v1's data (its lineage) plus the corrections; twice each, so two paraphrases of a new fact weigh enough.
+        "FLYWHEEL_MONITOR_RETRAIN_CORRECTION_REPEATS": str(CORRECTION_REPEATS),
         # A demo stopped mid-training resumes its job from the last checkpoint on the next run.
         "FLYWHEEL_TRAINER_CHECKPOINT_EVERY": "2",
         "FLYWHEEL_TRAINER_PROGRESS_EVERY": "1",
@@ -580,7 +583,7 @@ class Driver:
         step.reused = retraining["job_id"] != job_id
         self.retrain_job = retraining["job_id"]
         self.report.retraining = {"job": retraining["job_id"], "dataset": f"{dataset['name']}:v{dataset['version']}", "records": rows["row_count"], "provenance": rows["provenance"]}
-        step.lines.append(f"training.requested {retraining['job_id']} on {dataset['name']}:v{dataset['version']} ({rows['row_count']} records built from corrections, provenance feedback)")
+        step.lines.append(f"training.requested {retraining['job_id']} on {dataset['name']}:v{dataset['version']} ({rows['row_count']} records: production's training data + the corrections x{CORRECTION_REPEATS}, provenance feedback)")
 
     # ------------------------------------------------------------------ step 7
 
