@@ -1,4 +1,4 @@
-"""`flywheel up` (every service in one process) and `flywheel run SERVICE` (one alone).
+"""`flywheel up` (every service in one process) and `flywheel run SERVICE [SERVICE ...]` (the named ones).
 
 The composition root: the only module that imports services. Each service's `app.create_app` is
 found by name, so a service is added by adding its folder.
@@ -46,9 +46,22 @@ def serve(names: list[str], title: str) -> None:
         raise ConfigurationError(f"{title} did not start: see the log above (is port {settings.http_port} free? FLYWHEEL_HTTP_PORT)")
 
 
-def run(service: str = typer.Argument(..., help=f"One of: {', '.join(SERVICES)}.")) -> None:
-    """Run one service alone: its handlers on Kafka and its HTTP door."""
-    serve([service], title=f"flywheel-{service}")
+def _known(names: list[str]) -> list[str]:
+    unknown = [name for name in names if name not in SERVICES]
+    if unknown:
+        raise typer.BadParameter(f"unknown service{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: choose from {', '.join(SERVICES)}")
+    # Naming a service twice would subscribe its handlers twice in one consumer group.
+    return list(dict.fromkeys(names))
+
+
+def run(
+    services: list[str] = typer.Argument(..., metavar="SERVICE", callback=_known, help=f"One or more of: {', '.join(SERVICES)}."),
+) -> None:
+    """Run the named services together in one process: their handlers on Kafka, their HTTP doors on one port.
+
+    `flywheel run feedback monitor` is how the sink and the monitor share one embedded ClickHouse (chDB lets one process open a data directory) when the other services run apart.
+    """
+    serve(services, title=f"flywheel-{'-'.join(services)}")
 
 
 def up() -> None:
