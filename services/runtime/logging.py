@@ -26,7 +26,7 @@ def configure_logging(settings: FlywheelSettings) -> None:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    renderer = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    renderer = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), exception_formatter=_exception_formatter(sys.stderr.isatty()))
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info if json_output else _identity, renderer],
@@ -44,6 +44,15 @@ def configure_logging(settings: FlywheelSettings) -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
+
+
+def _exception_formatter(terminal: bool) -> structlog.typing.ExceptionRenderer:
+    # structlog's default is rich with every frame's locals: one failed tick of the monitor filled
+    # screens with a pandas frame and a settings object. Type, message and stack are what a person reads;
+    # a log file gets Python's own format, which grep and editors understand, rather than rich's boxes.
+    if terminal:
+        return structlog.dev.RichTracebackFormatter(show_locals=False, extra_lines=0, max_frames=20)
+    return structlog.dev.plain_traceback
 
 
 def _identity(logger: object, name: str, event_dict: dict) -> dict:
