@@ -100,6 +100,8 @@ class Trainer:
 
     async def stop(self) -> None:
         self._stopping.set()
+        # An idle worker sleeps on _wake, not _stopping: without this, stop() waited stop_pause_s for nothing.
+        self._wake.set()
         if self._worker is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._worker), self._settings.stop_pause_s)
@@ -155,7 +157,9 @@ class Trainer:
             job = await asyncio.to_thread(self._store.next_runnable)
             if job is None:
                 self._wake.clear()
-                await self._wake.wait()
+                # stop() may have set _wake while next_runnable ran; the clear above must not hide it.
+                if not self._stopping.is_set():
+                    await self._wake.wait()
                 continue
             await self.run_job(job)
 
