@@ -129,7 +129,8 @@ def arm_traffic(version: int, *, down_every: int, error_every: int | None, laten
             output_text="" if failed else answer, prompt_tokens=30, completion_tokens=0 if failed else 10, latency_total_ms=latency_ms + i % 50,
             status=InferenceStatus.error if failed else InferenceStatus.ok, error="upstream timeout" if failed else None,
         ))
-        feedback.append(FeedbackReceived(inference_id=inference_id, thumbs=Thumbs.down if i % down_every == 0 else Thumbs.up))
+        down = i % down_every == 0
+        feedback.append(FeedbackReceived(inference_id=inference_id, thumbs=Thumbs.down if down else Thumbs.up, rating=1 if down else 4 + i % 2))
     return inferences, feedback
 
 

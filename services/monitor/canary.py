@@ -4,7 +4,8 @@ Every check asks one question with (1 - alpha) confidence: is the canary worse t
 than the policy tolerates? Proportions (thumbs-down among thumbs given, errors among inferences, the
 watcher's hallucinations among sampled answers) use Newcombe's hybrid score interval for the
 difference of two proportions, which stays honest at zero counts where the Wald interval collapses
-to a point. Latency uses a percentile bootstrap of the ratio of the two p95s, since quantiles have no
+to a point. The mean rating (1-5) uses the normal interval of the difference of two means with
+each arm's own variance (Welch), fine at the minimum sample of ratings bounded to four points. Latency uses a percentile bootstrap of the ratio of the two p95s, since quantiles have no
 useful closed-form variance. A check is `worse` when the whole interval lies beyond the tolerance,
 `within` when the whole interval lies inside it, and `undecided` otherwise (or below the minimum
 sample). Any `worse` rolls back, all `within` promotes, anything else keeps watching: a canary is
@@ -42,6 +43,7 @@ class CanaryPolicy(BaseModel):
     max_error_rate_increase: float = Field(default=0.01, ge=0, le=1, description="Tolerated rise of the error rate (absolute).")
     max_latency_p95_ratio: float = Field(default=1.2, ge=1, description="Tolerated canary p95 / control p95.")
     max_hallucination_increase: float = Field(default=0.05, ge=0, le=1, description="Tolerated rise of the watcher's hallucination rate (absolute).")
+    max_mean_rating_drop: float = Field(default=0.25, ge=0, le=4, description="Tolerated fall of the mean rating (1-5 points); left out where neither arm got ratings.")
     hallucination_sample: int = Field(default=100, ge=0, le=5000, description="Answers per arm the watcher scores; 0 leaves hallucination out.")
     bootstrap_resamples: int = Field(default=2000, ge=100, le=100_000)
     window_s: int = Field(default=24 * 3600, ge=60, description="Traffic considered: since the canary was declared, at most this far back.")
@@ -60,6 +62,7 @@ class Arm:
     latencies_ms: tuple[float, ...] = ()
     scored: int = 0
     hallucinated: int = 0
+    ratings: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,16 @@ def _proportion(metric: str, canary: tuple[int, int], control: tuple[int, int], 
     return Check(metric, _verdict(low, high, tolerance), control[0] / control[1], canary[0] / canary[1], low, high, tolerance, "")
 
 
+def _rating_drop(canary: tuple[float, ...], control: tuple[float, ...], minimum: int, tolerance: float, z: float) -> Check:
+    metric = "mean_rating (drop)"
+    if len(canary) < minimum or len(control) < minimum:
+        return Check(metric, "undecided", None, None, None, None, tolerance, f"not enough ratings: canary {len(canary)}, control {len(control)} < {minimum}")
+    a, b = np.asarray(canary, float), np.asarray(control, float)
+    drop = float(b.mean() - a.mean())
+    half = z * math.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
+    return Check(metric, _verdict(drop - half, drop + half, tolerance), float(b.mean()), float(a.mean()), drop - half, drop + half, tolerance, "")
+
+
 def judge(policy: CanaryPolicy, control: Arm, canary: Arm, watched_s: float = 0.0) -> Decision:
     """Compare the canary arm with the control arm under `policy`, `watched_s` after it was declared."""
     z = NormalDist().inv_cdf(1 - policy.alpha)
@@ -138,6 +151,8 @@ def judge(policy: CanaryPolicy, control: Arm, canary: Arm, watched_s: float = 0.
         _proportion("thumbs_down_rate (difference)", (canary.thumbs_down, canary.thumbs_given), (control.thumbs_down, control.thumbs_given), policy.min_feedback, policy.max_thumbs_down_increase, z),
         _proportion("error_rate (difference)", (canary.errors, canary.inferences), (control.errors, control.inferences), policy.min_inferences, policy.max_error_rate_increase, z),
     ]
+    if canary.ratings or control.ratings:
+        checks.append(_rating_drop(canary.ratings, control.ratings, policy.min_feedback, policy.max_mean_rating_drop, z))
     ok_canary, ok_control = np.asarray(canary.latencies_ms, float), np.asarray(control.latencies_ms, float)
     if min(canary.inferences, control.inferences) < policy.min_inferences or not ok_canary.size or not ok_control.size:
         checks.append(Check("latency_p95 (ratio)", "undecided", None, None, None, None, policy.max_latency_p95_ratio, f"not enough data: canary {canary.inferences}, control {control.inferences} < {policy.min_inferences}"))

@@ -536,7 +536,7 @@ def _arm(version: int, arms: dict[int, dict[str, Any]], hallucinated: dict[int, 
     row = arms.get(version) or {}
     bad, scored = hallucinated.get(version, (0, 0))
     return Arm(version, int(row.get("inferences") or 0), int(row.get("errors") or 0), int(row.get("thumbs_given") or 0), int(row.get("thumbs_down") or 0),
-               tuple(float(x) for x in row.get("latencies") or ()), scored, bad)
+               tuple(float(x) for x in row.get("latencies") or ()), scored, bad, tuple(float(x) for x in row.get("ratings") or ()))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -179,13 +179,14 @@ class MonitorStore:
     # ------------------------------------------------------------------------------------ canary
 
     def canary_arms(self, model_name: str, versions: tuple[int, int], start: datetime, end: datetime, latency_sample: int = 2000) -> list[dict[str, Any]]:
-        """Per adapter version of `versions` over [start, end): inferences, errors, thumbs and a sample of ok latencies."""
+        """Per adapter version of `versions` over [start, end): inferences, errors, thumbs, samples of ok latencies and of ratings."""
         # A uniform sample of latencies keeps the bootstrap's memory bounded (resamples x sample); its interval
         # then also carries the sampling error, so it only errs towards waiting longer.
         return self._query(
             "SELECT adapter_version, count() AS inferences, countIf(status = 'error') AS errors, "
             "toUInt64(sum(thumbs_given)) AS thumbs_given, toUInt64(sum(thumbs_down)) AS thumbs_down, "
-            "groupArraySampleIf({sample:UInt32}, 1)(latency_total_ms, status = 'ok') AS latencies "
+            "groupArraySampleIf({sample:UInt32}, 1)(latency_total_ms, status = 'ok') AS latencies, "
+            "groupArraySampleIf({sample:UInt32}, 2)(rating_sum / ratings_given, ratings_given > 0) AS ratings "
             f"FROM {MONITORED} WHERE model_name = {{model:String}} AND adapter_version IN {{versions:Array(UInt32)}} AND {_WINDOW} "
             "GROUP BY adapter_version",
             {"model": model_name, "versions": list(versions), "start": start, "end": end, "sample": latency_sample},

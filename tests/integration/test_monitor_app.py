@@ -41,6 +41,7 @@ canary:
   max_thumbs_down_increase: 0.15
   max_error_rate_increase: 0.05
   max_latency_p95_ratio: 1.3
+  max_mean_rating_drop: 0.5
   hallucination_sample: 0
   bootstrap_resamples: 500
 """

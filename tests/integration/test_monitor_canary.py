@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 # tolerance is far below the degradation fed below, and far above the noise of 120 equal samples.
 POLICY = CanaryPolicy(
     version=3, min_inferences=100, min_feedback=100, max_thumbs_down_increase=0.15, max_error_rate_increase=0.05,
-    max_latency_p95_ratio=1.3, max_hallucination_increase=0.2, hallucination_sample=40, bootstrap_resamples=1000,
+    max_latency_p95_ratio=1.3, max_mean_rating_drop=0.5, max_hallucination_increase=0.2, hallucination_sample=40, bootstrap_resamples=1000,
 )
 
 
@@ -101,7 +101,7 @@ async def test_a_healthy_canary_is_promoted_once_with_the_audit_record(
     assert (review.canary_version, review.control_version, review.applied) == (2, 1, True)
     assert review.decision.action == "promote", review.decision.summary()
     assert {check.verdict for check in review.decision.checks} == {"within"}
-    assert [check.metric.split()[0] for check in review.decision.checks] == ["thumbs_down_rate", "error_rate", "latency_p95", "hallucination_rate", "watch"]
+    assert [check.metric.split()[0] for check in review.decision.checks] == ["thumbs_down_rate", "error_rate", "mean_rating", "latency_p95", "hallucination_rate", "watch"]
     assert all(not report.canaries for report in reports[1:]), "promoted once, not once per tick"
 
     async with registry_door.client() as client:
@@ -124,7 +124,7 @@ async def test_a_worse_canary_is_rolled_back_once_with_the_audit_record(
     print(review.decision.summary())
     assert review.decision.action == "rollback" and review.applied, review.decision.summary()
     verdicts = {check.metric.split()[0]: check.verdict for check in review.decision.checks}
-    assert verdicts == {"thumbs_down_rate": "worse", "error_rate": "worse", "latency_p95": "worse", "hallucination_rate": "worse", "watch": "within"}
+    assert verdicts == {"thumbs_down_rate": "worse", "error_rate": "worse", "mean_rating": "worse", "latency_p95": "worse", "hallucination_rate": "worse", "watch": "within"}
     hallucination = next(check for check in review.decision.checks if check.metric.startswith("hallucination"))
     assert hallucination.canary == 1.0 and hallucination.control == 0.0, "the watcher scored the sampled answers with MiniLM groundedness"
     assert all(not report.canaries for report in reports[1:]), "rolled back once, not once per tick"

@@ -48,6 +48,24 @@ def test_too_little_evidence_waits_and_never_promotes() -> None:
     assert judge(POLICY, arm(1), arm(2, down=60)).action == "wait"
 
 
+def rated(version: int, ratings: list[int]) -> Arm:
+    return Arm(version, inferences=400, thumbs_given=400, thumbs_down=40, latencies_ms=tuple(300.0 + i % 50 for i in range(400)), ratings=tuple(map(float, ratings)))
+
+
+def test_a_canary_rated_lower_by_more_than_the_tolerance_rolls_back_and_without_ratings_the_check_is_left_out() -> None:
+    control = rated(1, [5, 4, 4, 3] * 50)  # mean 4.0
+    assert judge(POLICY, control, rated(2, [5, 4, 4, 3] * 50)).action == "promote"
+    lower = judge(POLICY, control, rated(2, [4, 3, 3, 2] * 50))  # a whole point lower
+    check = next(c for c in lower.checks if c.metric == "mean_rating (drop)")
+    assert lower.action == "rollback" and check.verdict == "worse" and (check.control, check.canary) == (4.0, 3.0)
+    assert check.low is not None and 0.8 < check.low < 1.0 < check.high < 1.2
+    # A drop of 0.25 sits at the tolerance: not surely beyond it, not surely within: keep watching.
+    assert judge(POLICY, control, rated(2, [5, 4, 4, 3] * 37 + [4, 3, 3, 2] * 13)).action == "wait"
+    too_few = judge(POLICY, control, rated(2, [5, 4] * 10))
+    assert too_few.action == "wait" and "not enough ratings: canary 20, control 200" in too_few.summary()
+    assert "mean_rating" not in judge(POLICY, arm(1), arm(2)).summary(), "thumbs-only apps are not held back by ratings they never give"
+
+
 def test_a_canary_undecided_past_the_watch_limit_is_rolled_back() -> None:
     ambiguous = (arm(1), arm(2, down=60))
     assert judge(POLICY, *ambiguous, watched_s=POLICY.max_watch_s - 1).action == "wait"
