@@ -99,7 +99,8 @@ def build_router(monitor: Monitor, auth: Authenticator, *, console_hours: int, l
         alerts = await asyncio.to_thread(monitor.store.alerts, None, 50)
         evaluations = await asyncio.to_thread(monitor.store.evaluations, since, DRIFT_KINDS)
         production = await lineage() if lineage is not None else None
-        page = render_console(rows, alerts, evaluations, production, generated_at=datetime.now(UTC), signed_in=principal.name)
+        canaries = await asyncio.to_thread(monitor.watched_canaries)
+        page = render_console(rows, alerts, evaluations, production, canaries=canaries, generated_at=datetime.now(UTC), signed_in=principal.name)
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     @router.get("/console/login", response_class=HTMLResponse)

@@ -120,9 +120,10 @@ def render_login(error: str | None = None) -> str:
 
 
 def render_console(
-    buckets: Sequence[dict[str, Any]], alerts: Sequence[dict[str, Any]], evaluations: Sequence[dict[str, Any]], lineage: dict[str, Any] | None, *, generated_at: datetime, signed_in: str | None = None
+    buckets: Sequence[dict[str, Any]], alerts: Sequence[dict[str, Any]], evaluations: Sequence[dict[str, Any]], lineage: dict[str, Any] | None, *,
+    canaries: dict[str, dict[str, Any]] | None = None, generated_at: datetime, signed_in: str | None = None,
 ) -> str:
-    """The whole page: traffic, latency quantiles, feedback, drift, alerts, and the production adapter's lineage."""
+    """The whole page: traffic, latency quantiles, feedback, drift, alerts, canaries under watch, and the production adapter's lineage."""
     latency = {f"{k} p{q}": v for q in (50, 95, 99) for k, v in _series(buckets, f"latency_p{q}_ms").items()}
     charts = [
         _chart("Traffic (requests per bucket)", _series(buckets, "requests"), "requests"),
@@ -134,6 +135,13 @@ def render_console(
     ]
     active = [a for a in alerts if a["state"] != "resolved"]
     alert_rows = [(a["severity"], a["state"], a["rule_name"], _version(a), f"{a['value']:.4g}", f"{a['threshold']:g}", a["window_end"], a["message"]) for a in alerts]
+    canary_rows = [
+        (f"{model}:v{watched['version']}", f"{watched.get('percent'):g}%" if watched.get("percent") is not None else None, watched["since"],
+         (watched.get("last_review") or {}).get("action", "not reviewed yet"),
+         f"v{watched['last_review']['control_version']}" if watched.get("last_review") else None,
+         (watched.get("last_review") or {}).get("summary"))
+        for model, watched in sorted((canaries or {}).items())
+    ]
     lineage_html = '<p class="empty">no production adapter known (or the registry door is not configured)</p>'
     if lineage:
         adapter = lineage["adapter"]
@@ -155,6 +163,8 @@ def render_console(
 {_table(["severity", "state", "rule", "version", "value", "threshold", "at", "message"], alert_rows, "no alerts")}
 <h2>Per model version</h2>
 <div class="charts">{''.join(charts)}</div>
+<h2>Canaries under watch</h2>
+{_table(["canary", "traffic", "watched since", "last decision", "control", "checks"], canary_rows, "no canary under watch (or no canary policy)")}
 <h2>Lineage of the production adapter</h2>
 {lineage_html}
 </body></html>"""

@@ -476,7 +476,19 @@ class Monitor:
                 continue
             if review is not None:
                 reviews.append(review)
+                if not review.applied:
+                    await asyncio.to_thread(self._remember, review, now)
         return reviews
+
+    def _remember(self, review: CanaryReview, now: datetime) -> None:
+        """The latest verdict on a canary still watched, for the console: what it waits for, in the policy's words."""
+        with self._canaries_lock:
+            canaries = _read_json(self._canaries_path)
+            watched = canaries.get(review.model_name)
+            if watched is None or watched["version"] != review.canary_version:
+                return
+            watched["last_review"] = {"at": now.isoformat(), "action": review.decision.action, "control_version": review.control_version, "summary": review.decision.summary()}
+            _write_json(self._canaries_path, canaries)
 
     async def _review(self, policy: CanaryPolicy, model_name: str, version: int, since: datetime, now: datetime) -> CanaryReview | None:
         production = (await self._registry.get("adapters", model_name=model_name, stage=Stage.production.value, limit=10)).get("items") or []

@@ -26,12 +26,13 @@ import uvicorn
 from fastapi import FastAPI
 
 from contracts.envelope import wrap
-from contracts.events import FeedbackReceived, InferenceLogged, Thumbs
+from contracts.events import FeedbackReceived, InferenceLogged, Stage, StageChanged, Thumbs
 from contracts.http import Role
 from services.feedback.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.store import FeedbackStore
 from services.monitor.api import COOKIE
+from services.monitor.canary import CanaryPolicy
 from services.monitor.api import build_router as monitor_router
 from services.monitor.rules import parse_rules
 from services.monitor.service import Monitor, RegistryDoor, RetrainingPolicy
@@ -41,7 +42,7 @@ from services.runtime.auth import Authenticator, KeyStore
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.http import DoorError, error_response
 from tests.conftest import REPO
-from tests.monitor_support import clickhouse, monitor_store  # noqa: F401 - fixtures
+from tests.monitor_support import RegistryDoorFixture, clickhouse, monitor_store, seed_two_versions  # noqa: F401 - fixtures
 from tests.support import eventually
 
 pytestmark = [
@@ -193,7 +194,16 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
     stored = monitor_store.evaluations(now - timedelta(hours=1), ("psi", "unsafe"))
     assert {row["rule_name"] for row in stored} == {"prompt-tokens-drift", "unsafe"} and len(stored) >= 8
     # A new monitor, as after a restart: what it shows comes from ClickHouse, not the earlier one's memory.
-    restarted = Monitor(monitor_store, rules, publish, RegistryDoor("http://unused", None), policy=RetrainingPolicy(), state_dir=tmp_path / "b")
+    # Beside it, the registry's real door with v2 declared a canary: v2 has no traffic, so the policy waits.
+    door = RegistryDoorFixture(tmp_path)
+    seed_two_versions(door, tmp_path)
+    door.registry.transition("alice", model_name=MODEL, version=2, to_stage=Stage.production, approver="bob", canary_percent=10, reason="canary")
+    restarted = Monitor(monitor_store, rules, publish, door.door(), policy=RetrainingPolicy(min_corrections=1000), state_dir=tmp_path / "b",
+                        canary_policy=CanaryPolicy(version=7, min_inferences=50, min_feedback=50, hallucination_sample=0))
+    restarted.watch(StageChanged(model_name=MODEL, adapter_version=2, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", canary_percent=10), now)
+    [review] = (await restarted.tick(now)).canaries
+    assert review.decision.action == "wait" and not review.applied
+    door.store.close()
     app, key = monitor_app(tmp_path, restarted)
 
     artifacts = REPO / "test-artifacts"
@@ -213,6 +223,10 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
         await browser.settled_at("/monitor/console")
         text = await browser.evaluate("document.body.innerText")
         assert "signed in as ops-viewer" in text and "thumbs-down" in text
+        canaries = await browser.evaluate(
+            "[...document.querySelectorAll('h2')].find(h => h.innerText.startsWith('Canaries')).nextElementSibling.innerText"
+        )
+        assert f"{MODEL}:v2" in canaries and "10%" in canaries and "wait" in canaries and "canary policy v7" in canaries and "not enough data" in canaries, canaries
         assert await browser.evaluate("document.cookie") == "", "the key's cookie is HttpOnly: scripts cannot read it"
         [cookie] = [c for c in (await browser.call("Network.getCookies", urls=[f"{base}/monitor/console"]))["cookies"] if c["name"] == COOKIE]
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/monitor/console"
