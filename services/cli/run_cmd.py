@@ -12,7 +12,7 @@ import importlib.util
 import typer
 
 from services.runtime.errors import ConfigurationError
-from services.runtime.service import ServiceFactory, build_process
+from services.runtime.service import HttpServer, ServiceFactory, build_process
 from services.runtime.settings import FlywheelSettings, load_settings
 
 SERVICES = ("registry", "trainer", "evaluator", "serving", "feedback", "monitor")
@@ -33,14 +33,12 @@ def factory(name: str) -> ServiceFactory:
 
 def serve(names: list[str], title: str) -> None:
     """Build one process for `names` and serve its HTTP doors until SIGINT/SIGTERM."""
-    import uvicorn
-
     from services.runtime.logging import configure_logging
 
     settings = load_settings(FlywheelSettings)
     configure_logging(settings)
     app, _ = build_process(settings, [factory(name) for name in names], title=title)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None, lifespan="on"))
+    server = HttpServer(app, settings)
     server.run()
     if not server.started:
         raise ConfigurationError(f"{title} did not start: see the log above (is port {settings.http_port} free? FLYWHEEL_HTTP_PORT)")

@@ -12,11 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import os
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
+import uvicorn
 from fastapi import APIRouter, FastAPI
 from faststream.kafka import KafkaBroker
 
@@ -137,3 +143,50 @@ def build_process(settings: FlywheelSettings, factories: Sequence[ServiceFactory
 
     app = create_http_app(title, readiness=readiness, routers=[service.api for service in services if service.api is not None], lifespan=lifespan)
     return app, runtime
+
+
+class HttpServer(uvicorn.Server):
+    """uvicorn serving a process's app: SIGINT/SIGTERM stop it gracefully, a second one during the stop forces the exit."""
+
+    def __init__(self, app: FastAPI, settings: FlywheelSettings, *, handle_signals: bool = True) -> None:
+        super().__init__(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None, lifespan="on"))
+        self.handle_signals = handle_signals
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn raises the captured signal again once it has stopped; in a loop that runs more than
+        # the server (the demo's) that interrupts every other task mid-await and the loop's close then
+        # reports each as "Task was destroyed but it is pending!". The stop was graceful: it is not raised again.
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            force_exit(sig)
+        log.info("%s received: stopping every service (send it again to exit at once)", signal.Signals(sig).name)
+        super().handle_exit(sig, frame)
+
+
+def force_exit(sig: int) -> None:
+    """Exit now, without the services' stop hooks; child processes (tritonserver) are killed, not left orphaned."""
+    for pid in descendant_pids(os.getpid()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    print(f"{signal.Signals(sig).name} received again: exited without stopping the services", file=sys.stderr, flush=True)
+    os._exit(128 + sig)
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc; psutil is not a dependency of the runtime)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            children += [int(child) for child in (task / "children").read_text().split()]
+    return [descendant for child in children for descendant in (child, *descendant_pids(child))]
