@@ -198,7 +198,8 @@ class Evaluator:
 
     def _rows(self, target: ModelTarget, role: str, examples: list[GoldenExample], scores: TargetScores) -> list[ResultRow]:
         return [
-            ResultRow(example.example_id, target.model_name, target.adapter_version, role, metric, values[i], scores.errors[metric][i], scores.predictions[i], example.reference)
+            ResultRow(example.example_id, target.model_name, target.adapter_version, role, metric, values[i], scores.errors[metric][i], scores.predictions[i], example.reference,
+                      target.prompt_name, target.prompt_version)
             for metric, values in scores.scores.items()
             for i, example in enumerate(examples)
         ]

@@ -190,6 +190,8 @@ class ResultRow:
     error: str | None
     prediction: str
     reference: str
+    prompt_name: str | None = None
+    prompt_version: int | None = None
 
 
 def write_results(clickhouse: Callable[[], ClickHouseStore], evaluation_id: str, rows: Sequence[ResultRow], created_at: datetime) -> None:
@@ -202,6 +204,8 @@ def write_results(clickhouse: Callable[[], ClickHouseStore], evaluation_id: str,
             "example_id": pa.array([r.example_id for r in rows], pa.string()),
             "model_name": pa.array([r.model_name for r in rows], pa.string()),
             "adapter_version": pa.array([r.adapter_version for r in rows], pa.uint32()),
+            "prompt_name": pa.array([r.prompt_name or "" for r in rows], pa.string()),
+            "prompt_version": pa.array([r.prompt_version for r in rows], pa.uint32()),
             "target": pa.array([r.target for r in rows], pa.string()),
             "metric": pa.array([r.metric for r in rows], pa.string()),
             "score": pa.array([r.score for r in rows], pa.float64()),

@@ -66,9 +66,10 @@ async def test_a_prompt_version_is_evaluated_against_the_production_prompt_on_th
     assert f1.examples == 6 and f1.baseline is not None and f1.ci_low is not None
     assert f1.ci_low > 0, f"the facts in the prompt should bring the answers closer: {f1}"  # greedy decoding: the same on every run
     answers = clickhouse.query(
-        "SELECT target, example_id, prediction FROM evaluation_result FINAL WHERE evaluation_id = 'ev-prompt' AND metric = 'token_f1' ORDER BY target, example_id"
+        "SELECT target, example_id, prediction, prompt_name, prompt_version FROM evaluation_result FINAL WHERE evaluation_id = 'ev-prompt' AND metric = 'token_f1' ORDER BY target, example_id"
     )
     assert len(answers) == 12
+    assert {(row["target"], row["prompt_name"], row["prompt_version"]) for row in answers} == {("candidate", PROMPT, 2), ("baseline", PROMPT, 1)}, "each row names its prompt version"
     by_target = {(row["target"], row["example_id"]): row["prediction"] for row in answers}
     assert any(by_target["candidate", str(i)] != by_target["baseline", str(i)] for i in range(1, 7)), "both prompts gave the same answers"
     report = (tmp_path / "reports" / "evaluation-ev-prompt.html").read_text()
