@@ -25,6 +25,9 @@ class Payload(ContractModel):
     # land on the same partition and are consumed in the order they were produced.
     key_field: ClassVar[str]
     partitions: ClassVar[int] = 3
+    # How long the topic keeps records: None is the broker's default; -1 keeps them forever, for the
+    # registry's state events, which a serving replica replays from the start to rebuild its routes.
+    retention_ms: ClassVar[int | None] = None
 
     def partition_key(self) -> str:
         return str(getattr(self, self.key_field))

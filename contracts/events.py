@@ -87,6 +87,7 @@ class DatasetRef(ContractModel):
 class ModelRegistered(Payload):
     event_type: ClassVar[str] = "model.registered"
     key_field: ClassVar[str] = "model_name"
+    retention_ms: ClassVar[int | None] = -1
 
     model_name: str = Field(description="Registered name of the base model.")
     source: str = Field(description="Where it came from: a package, a local directory or a hub id.")
@@ -100,6 +101,7 @@ class ModelRegistered(Payload):
 class AdapterRegistered(Payload):
     event_type: ClassVar[str] = "adapter.registered"
     key_field: ClassVar[str] = "model_name"
+    retention_ms: ClassVar[int | None] = -1
 
     model_name: str = Field(description="Base model the adapter belongs to.")
     adapter_version: int = Field(ge=1, description="Version number, counted per model.")
@@ -114,6 +116,7 @@ class AdapterRegistered(Payload):
 class PromptPublished(Payload):
     event_type: ClassVar[str] = "prompt.published"
     key_field: ClassVar[str] = "prompt_name"
+    retention_ms: ClassVar[int | None] = -1
 
     prompt_name: str = Field(description="Prompt template name.")
     version: int = Field(ge=1, description="Prompt version number.")
@@ -144,6 +147,7 @@ class DatasetPublished(Payload):
 class StageChanged(Payload):
     event_type: ClassVar[str] = "stage.changed"
     key_field: ClassVar[str] = "model_name"
+    retention_ms: ClassVar[int | None] = -1
 
     model_name: str = Field(description="Base model name.")
     adapter_version: int = Field(ge=1, description="Adapter version whose stage changed.")

@@ -27,6 +27,11 @@ def dlq_for(topic: str) -> str:
     return f"{topic}{DLQ_SUFFIX}"
 
 
+def retained_topics(prefix: str = "") -> dict[str, int]:
+    """Topics whose records are kept for a set time (ms; -1: forever) instead of the broker's default."""
+    return {topic_for(event, prefix): event.retention_ms for event in EVENTS if event.retention_ms is not None}
+
+
 def all_topics(prefix: str = "") -> dict[str, int]:
     """Every topic with its partition count, dead-letter topics included (one partition each)."""
     topics: dict[str, int] = {}

@@ -12,12 +12,13 @@ import logging
 import uuid
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker
 
 from contracts.envelope import Envelope, P, wrap
 from contracts.publisher import encode
-from contracts.topics import all_topics, topic_for
+from contracts.topics import all_topics, retained_topics, topic_for
 from services.runtime.errors import ConfigurationError
 from services.runtime.settings import FlywheelSettings
 
@@ -65,13 +66,20 @@ async def ensure_topics(bootstrap: str, prefix: str = "", replication_factor: in
     try:
         existing = set(await admin.list_topics())
         wanted = {name: partitions for name, partitions in all_topics(prefix).items() if name not in existing}
+        retained = retained_topics(prefix)
         if wanted:
             try:
-                await admin.create_topics(
-                    [NewTopic(name, num_partitions=partitions, replication_factor=replication_factor) for name, partitions in wanted.items()]
-                )
+                await admin.create_topics([
+                    NewTopic(name, num_partitions=partitions, replication_factor=replication_factor,
+                             topic_configs={"retention.ms": str(retained[name])} if name in retained else None)
+                    for name, partitions in wanted.items()
+                ])
             except TopicAlreadyExistsError:
                 pass  # another process created them first: the outcome we want
+        # Topics created by an older version kept the broker's default retention: the state log must not expire.
+        older = [name for name in retained if name in existing]
+        if older:
+            await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name, configs={"retention.ms": str(retained[name])}) for name in older])
         return sorted(wanted)
     finally:
         await admin.close()

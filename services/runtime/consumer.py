@@ -175,6 +175,61 @@ def subscribe(
     )(consume)
 
 
+def follow(
+    router: KafkaRouter | KafkaBroker,
+    event: type[P],
+    handler: Handler[P],
+    *,
+    name: str,
+    from_start: bool,
+    topic_prefix: str = "",
+    max_retries: int = 3,
+    backoff_s: float = 0.2,
+) -> Any:
+    """Every instance reads `event`'s topic in full, outside any consumer group: a broadcast.
+
+    For state every replica must hold (serving's routes, built from the registry's events), where a
+    consumer group would hand each event to one replica only, and a restarted replica would resume
+    after what its memory lost. With `from_start` the topic is replayed from its first record at every
+    start (the registry's state topics are kept forever: `retention_ms`); without it only what arrives
+    from now on is read (commands such as deployment.requested, which must not be replayed). The
+    handler must be idempotent: a replay applies each event again. Nothing is committed and nothing is
+    dead-lettered (a dead letter per replay would repeat at every start); a record that cannot be
+    decoded, or whose handler keeps failing, is logged and skipped.
+    """
+    topic = topic_for(event, topic_prefix)
+    envelope_type = Envelope[event]  # type: ignore[valid-type]
+
+    async def consume(message: KafkaMessage) -> None:
+        try:
+            envelope = envelope_type.model_validate_json(message.body)
+        except ValidationError as error:
+            log.warning("%s skipped an undecodable %s record: %s", name, event.event_type, _validation_summary(error))
+            CONSUMER_MESSAGES.labels(group=name, event_type=event.event_type, outcome="skipped").inc()
+            return
+        for attempt in range(1, max_retries + 2):
+            try:
+                await handler(envelope)
+                break
+            except Exception as error:  # noqa: BLE001 - retried, then skipped: a follower has no dead-letter topic
+                if attempt > max_retries:
+                    log.error("%s skipped %s %s after %d attempts: %s: %s", name, event.event_type, envelope.event_id, attempt, type(error).__name__, error)
+                    CONSUMER_MESSAGES.labels(group=name, event_type=event.event_type, outcome="skipped").inc()
+                    return
+                await asyncio.sleep(backoff_s * 2 ** (attempt - 1))
+        CONSUMER_MESSAGES.labels(group=name, event_type=event.event_type, outcome="processed").inc()
+
+    consume.__name__ = f"{name}__follow__{event.event_type.replace('.', '_')}"
+    return router.subscriber(
+        topic,
+        group_id=None,
+        ack_policy=AckPolicy.ACK_FIRST,
+        auto_offset_reset="earliest" if from_start else "latest",
+        title=f"{name}:{topic} (follower)",
+        description=f"every {name} instance reads {event.event_type}" + (" from the start" if from_start else ""),
+    )(consume)
+
+
 BatchHandler = Callable[[list[Envelope[P]]], Awaitable[None]]
 
 
