@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from typing import TYPE_CHECKING
 
 from contracts.events import AdapterRegistered, DeploymentRequested, PromptPublished, StageChanged
 from contracts.http import Role
@@ -25,11 +27,21 @@ from services.serving.prompt_routes import PromptRoutes
 from services.serving.routes import Routes
 from services.serving.settings import ServingSettings
 
+if TYPE_CHECKING:
+    from services.serving.triton import TritonServing
+
+log = logging.getLogger("flywheel.serving")
+
+# How often the supervisor looks for a dead tritonserver: a crash costs about this much more of 503s.
+SUPERVISE_INTERVAL_S = 1.0
+
 
 class _State:
     engine = None
     triton = None
     gateway: Gateway | None = None
+    supervisor: asyncio.Task[None] | None = None
+    stopping: asyncio.Event | None = None
 
 
 def create_app(runtime: Runtime) -> Service:
@@ -72,8 +84,14 @@ def create_app(runtime: Runtime) -> Service:
             await asyncio.to_thread(triton.stop)
             raise
         state.triton = triton
+        state.stopping = asyncio.Event()
+        state.supervisor = asyncio.create_task(supervise(state, state.stopping), name="triton-supervisor")
 
     async def stop() -> None:
+        if state.supervisor is not None:
+            # Not cancelled: a restart under way runs in a thread, and must finish before Triton stops.
+            state.stopping.set()
+            await state.supervisor
         if state.gateway is not None:
             await state.gateway.close()
         await buffer.stop()
@@ -88,3 +106,24 @@ def create_app(runtime: Runtime) -> Service:
     limiter = RateLimiter(rate_per_s=settings.rate_limit_rps, burst=settings.rate_limit_burst)
     api = create_router(lambda: state.gateway, guard=guard, limiter=limiter)
     return Service(name="serving", api=api, readiness={"triton": triton_alive}, on_start=[start], on_stop=[stop])
+
+
+async def supervise(state: _State, stopping: asyncio.Event) -> None:
+    """Start tritonserver again whenever it died (killed, crashed), until the service stops; /readyz
+    says 503 meanwhile and the gateway answers triton_unavailable."""
+    triton: TritonServing = state.triton
+    while not stopping.is_set():
+        try:
+            await asyncio.wait_for(stopping.wait(), SUPERVISE_INTERVAL_S)
+            return
+        except TimeoutError:
+            pass
+        if triton.is_alive():
+            continue
+        log.warning("tritonserver exited; starting it again")
+        try:
+            ports = await asyncio.to_thread(triton.restart)
+        except Exception:  # noqa: BLE001 - the next tick tries again; the replica stays unready meanwhile
+            log.exception("tritonserver did not start again")
+            continue
+        await state.gateway.retarget(ports.grpc_url)

@@ -109,6 +109,14 @@ class Gateway:
         self._client: Any = None
         self._background: set[asyncio.Task[None]] = set()
 
+    async def retarget(self, triton_grpc_url: str) -> None:
+        """Send the next requests to a restarted Triton at another address."""
+        if triton_grpc_url == self._url:
+            return
+        client, self._url, self._client = self._client, triton_grpc_url, None
+        if client is not None:
+            await client.close()
+
     async def close(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
@@ -239,7 +247,7 @@ class Gateway:
             self._client = triton_grpc.InferenceServerClient(self._url)
         return self._client
 
-    async def _send(self, row: TritonRow, *, stream: bool = False, request_id: str = "") -> tuple[Any, TritonAnswer]:
+    async def _send(self, row: TritonRow, *, stream: bool = False, request_id: str = "") -> tuple[_Responses, TritonAnswer]:
         """Open a gRPC stream to the decoupled model (the request joins the running batch at once) and
         await its first response: the whole answer, or with `stream` the first piece."""
         import tritonclient.grpc.aio as triton_grpc
@@ -249,19 +257,19 @@ class Gateway:
         async def one_request() -> AsyncIterator[dict[str, Any]]:
             yield {"model_name": self._triton_model, "inputs": infer_inputs(triton_grpc, row, stream=stream, request_id=request_id), "outputs": infer_outputs(triton_grpc)}
 
-        responses = client.stream_infer(one_request(), stream_timeout=self._settings.triton_timeout_s)
+        responses = _Responses(client.stream_infer(one_request(), stream_timeout=self._settings.triton_timeout_s), client)
         try:
             return responses, await self._next(responses)
         except BaseException:
             responses.cancel()
             raise
 
-    async def _next(self, responses: Any) -> TritonAnswer:
+    async def _next(self, responses: _Responses) -> TritonAnswer:
         import grpc
         from tritonclient.utils import InferenceServerException
 
         try:
-            result, error = await anext(responses)
+            result, error = await anext(responses.calls)
             if error is not None:
                 raise error
             return parse_answer(result)
@@ -270,10 +278,18 @@ class Gateway:
         except (InferenceServerException, grpc.RpcError) as error:
             # The stream's errors come unwrapped from grpc, unlike unary calls' InferenceServerException.
             reason = error.message() if isinstance(error, InferenceServerException) else error.details()  # type: ignore[attr-defined]
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # grpc raises CancelledError in every call of a channel that is closed under it: another
+            # request found Triton gone and closed the channel this one shared. Not a cancelled request.
+            reason = "the connection to it was closed after another request failed"
         # A fresh channel next time: one that saw Triton go away can keep failing after it is back.
-        client, self._client = self._client, None
-        if client is not None:
-            await client.close()
+        # Only the channel this call used: a newer one may already be serving other requests.
+        if responses.client is self._client:
+            self._client = None
+            await responses.client.close()
         raise GatewayError(503, f"the inference server is unavailable: {reason}", code="triton_unavailable")
 
     def _cancel_soon(self, request_id: str) -> None:
@@ -326,6 +342,17 @@ class Gateway:
         )
 
 
+@dataclass
+class _Responses:
+    """One gRPC stream to Triton and the channel it runs on."""
+
+    calls: Any
+    client: Any
+
+    def cancel(self) -> None:
+        self.calls.cancel()
+
+
 def _check_loaded(call: _Call, answer: TritonAnswer) -> None:
     if answer.error:
         # The adapter went away between resolving and batching (an unload raced this request).
@@ -340,7 +367,7 @@ class Stream:
     Triton and the log has the text sent so far).
     """
 
-    def __init__(self, gateway: Gateway, call: _Call, responses: Any, first: TritonAnswer, sent: float) -> None:
+    def __init__(self, gateway: Gateway, call: _Call, responses: _Responses, first: TritonAnswer, sent: float) -> None:
         assert call.route is not None
         self.inference_id = call.inference_id
         self.created = int(time.time())

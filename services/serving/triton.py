@@ -209,14 +209,39 @@ class TritonServing:
         triton, self._triton = self._triton, None
         if triton is not None:
             triton.stop()
-            self.batcher.stop()
-            if self._scratch is not None:
-                shutil.rmtree(self._scratch, ignore_errors=True)
-                self._scratch = None
             log.info("triton stopped")
+        # Also when a restart left no server: the batcher runs from start() on.
+        self.batcher.stop()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
     def is_alive(self) -> bool:
-        return self._triton is not None and self._triton.is_alive()
+        """Called on the event loop (/readyz, the supervisor), so it must not wait: PyTriton's own
+        is_alive waits on a lock its cleanup holds for seconds after the server died, and is_connected
+        turns false before that cleanup starts."""
+        triton = self._triton
+        return triton is not None and triton.is_connected() and triton.is_alive()
+
+    def restart(self) -> TritonPorts:
+        """Start tritonserver again after it died. PyTriton stops itself when the server exits and
+        never starts it again. The batcher keeps running; the same ports are tried first, so the
+        gateway's address stays valid, and fresh ones when another process took them meanwhile."""
+        dead, self._triton = self._triton, None
+        if dead is not None:
+            dead.stop()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+        self._fixed_ports = self._fixed_ports or self.ports
+        try:
+            self._triton, self.ports = self._launch()
+        except Exception:
+            log.warning("tritonserver did not start again on ports %s; trying fresh ones", self._fixed_ports, exc_info=True)
+            self._fixed_ports = None
+            self._triton, self.ports = self._launch()
+        log.info("triton serving %s again: grpc %s", self.model_name, self.ports.grpc)
+        return self.ports
 
     def __enter__(self) -> TritonServing:
         self.start()
