@@ -391,3 +391,21 @@ async def catch_up(process: ServiceProcess, bootstrap: str, group: str, topics: 
     finally:
         await consumer.stop()
         await admin.close()
+
+
+ROWS_READER = """
+import json, sys
+from pathlib import Path
+from services.runtime.clickhouse import open_clickhouse
+with open_clickhouse(None, Path(sys.argv[1]), readonly=True) as store:
+    rows = store.query(sys.argv[3])
+Path(sys.argv[2]).write_text(json.dumps(rows, default=str))
+"""
+
+
+def query_stopped(home: Path, sql: str) -> list[dict[str, object]]:
+    """The rows of one query over a stopped sink's chDB directory, read in a subprocess like `read_stored`."""
+    out = home.parent / f"rows-{uuid.uuid4().hex[:6]}.json"
+    done = subprocess.run([sys.executable, "-c", ROWS_READER, str(home), str(out), sql], cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
