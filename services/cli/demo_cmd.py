@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -86,6 +87,7 @@ def demo(
     kafka = None
     broker_started_here = False
     busy = 0
+    interrupted = None
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=False) as progress:
         try:
             task = progress.add_task("kafka: starting a local Apache Kafka broker", total=None)
@@ -99,7 +101,9 @@ def demo(
                 report.bootstrap = kafka.start()
                 report.cleanup.append(f"kafka broker pid {kafka.status().pid} at {report.bootstrap}")
             progress.update(task, description=f"kafka: ready at {report.bootstrap}", completed=1, total=1)
-            busy = _run_loop(_loop(settings.model_copy(update={"kafka_bootstrap": report.bootstrap}), report, progress, traffic=traffic, step_timeout=step_timeout))
+            busy, interrupted = _run_loop(_loop(settings.model_copy(update={"kafka_bootstrap": report.bootstrap}), report, progress, traffic=traffic, step_timeout=step_timeout))
+            if interrupted:
+                report.cleanup.append(f"interrupted by {interrupted}: the loop stopped where it was and every service was stopped")
             if busy:
                 report.cleanup.append(
                     f"{busy} worker thread(s) still busy after every service stopped (a training job the trainer's stop does not interrupt); "
@@ -126,29 +130,65 @@ def demo(
         # service will stop would hold the demo for the rest of a training run.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0 if report.ok else 1)
+        os._exit(130 if interrupted else 0 if report.ok else 1)
+    if interrupted:
+        raise typer.Exit(130)
     if not report.ok:
         raise typer.Exit(1)
 
 
-def _run_loop(main: Coroutine[Any, Any, None]) -> int:
-    """Run `main`; return how many worker threads are still busy after it (they are not waited for)."""
+def _run_loop(main: Coroutine[Any, Any, None]) -> tuple[int, str | None]:
+    """Run `main` until it ends or SIGINT/SIGTERM cancels it (a second one exits at once).
+
+    Returns how many worker threads are still busy after it (they are not waited for) and the name
+    of the signal that stopped it, if one did.
+    """
+    from services.runtime.service import force_exit
+
     executor = ThreadPoolExecutor(thread_name_prefix="flywheel-demo")
     loop = asyncio.new_event_loop()
     loop.set_default_executor(executor)
+    task = loop.create_task(main, name="demo")
+    received: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        if received:
+            force_exit(sig)
+        received.append(sig)
+        # Cancelling runs _loop's finally: the services stop in order, the port is freed.
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    async def _cancel_leftovers() -> None:
+        # A task still pending when the loop closes is reported as "Task was destroyed but it is pending!".
+        leftovers = asyncio.all_tasks() - {asyncio.current_task()}
+        for leftover in leftovers:
+            leftover.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
+
     try:
-        loop.run_until_complete(main)
+        try:
+            loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if not received:
+                raise
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        loop.run_until_complete(_cancel_leftovers())
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
         executor.shutdown(wait=False, cancel_futures=True)
+
     def busy() -> int:
         return sum(1 for thread in threading.enumerate() if thread.name.startswith("flywheel-demo") and thread.is_alive())
 
     deadline = time.monotonic() + 10  # idle workers exit once the shutdown wakes them
     while busy() and time.monotonic() < deadline:
         time.sleep(0.2)
-    return busy()
+    return busy(), signal.Signals(received[0]).name if received else None
 
 
 # ------------------------------------------------------------------------------------------- the process
@@ -194,12 +234,10 @@ def _configure(settings: FlywheelSettings) -> tuple[FlywheelSettings, str]:
 
 
 async def _loop(settings: FlywheelSettings, report: LoopReport, progress: Progress, *, traffic: int, step_timeout: float) -> None:
-    import uvicorn
-
     from infra.processes import port_is_free
     from services.cli import registry_cmd
     from services.cli.run_cmd import available_services, factory
-    from services.runtime.service import build_process
+    from services.runtime.service import HttpServer, build_process
 
     settings, admin_key = _configure(settings)
     report.http = f"http://{settings.http_host}:{settings.http_port}"
@@ -211,7 +249,8 @@ async def _loop(settings: FlywheelSettings, report: LoopReport, progress: Progre
 
     task = progress.add_task(f"process: starting {', '.join(available_services())} (Triton, SmolLM2, chDB)", total=None)
     app, _ = build_process(settings, [factory(name) for name in available_services()], title="flywheel-demo")
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None, lifespan="on"))
+    # The demo's loop handles SIGINT/SIGTERM itself (_run_loop), so the driver stops with the server.
+    server = HttpServer(app, settings, handle_signals=False)
     serving = asyncio.create_task(server.serve(), name="uvicorn")
     try:
         while not server.started:
@@ -224,8 +263,16 @@ async def _loop(settings: FlywheelSettings, report: LoopReport, progress: Progre
     finally:
         task = progress.add_task("process: stopping every service", total=None)
         server.should_exit = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(serving, timeout=120)
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(serving), timeout=120)
+            except asyncio.CancelledError:
+                continue  # a first signal while the services were already stopping: the stop goes on
+            except TimeoutError:
+                report.cleanup.append("services did not stop within 120 s")
+            except Exception as error:  # noqa: BLE001 - a failed stop is reported; the broker and the report still follow
+                report.cleanup.append(f"services stopped with an error: {type(error).__name__}: {error}")
+            break
         free = port_is_free(settings.http_port)
         report.cleanup.append(f"services stopped; http port {settings.http_port} {'free' if free else 'STILL IN USE'}")
         progress.update(task, description="process: stopped", completed=1, total=1)

@@ -130,16 +130,19 @@ def build_process(settings: FlywheelSettings, factories: Sequence[ServiceFactory
             yield
         finally:
             # Stop hooks run while the broker is still connected: a sink flushing its last batch
-            # commits offsets, an outbox relay publishes what is left.
-            for service in reversed(started):
-                for hook in service.on_stop:
-                    try:
-                        await hook()
-                    except Exception:  # noqa: BLE001 - one failing hook must not keep the others from running
-                        log.exception("stop hook of %s failed", service.name)
+            # commits offsets, an outbox relay publishes what is left. Services stop side by side, so
+            # the stop takes as long as the slowest (Triton, a training step) rather than their sum.
+            await asyncio.gather(*(_stop(service) for service in started))
             with contextlib.suppress(Exception):
                 await runtime.broker.stop()
             await asyncio.to_thread(runtime.close)
+
+    async def _stop(service: Service) -> None:
+        for hook in service.on_stop:
+            try:
+                await hook()
+            except Exception:  # noqa: BLE001 - one failing hook must not keep the others from running
+                log.exception("stop hook of %s failed", service.name)
 
     app = create_http_app(title, readiness=readiness, routers=[service.api for service in services if service.api is not None], lifespan=lifespan)
     return app, runtime
