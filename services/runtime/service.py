@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,9 +180,21 @@ class HttpServer(uvicorn.Server):
 
 def force_exit(sig: int) -> None:
     """Exit now, without the services' stop hooks; child processes (tritonserver) are killed, not left orphaned."""
-    for pid in descendant_pids(os.getpid()):
+    doomed = descendant_pids(os.getpid())
+    for pid in doomed:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    # SIGKILL is delivered asynchronously: reap the direct children, so none outlives this exit, a little while at most.
+    deadline = time.monotonic() + 5
+    while doomed and time.monotonic() < deadline:
+        for pid in list(doomed):
+            try:
+                done = os.waitpid(pid, os.WNOHANG)[0] == pid
+            except ChildProcessError:  # a grandchild, reaped by its own parent or init
+                done = not Path(f"/proc/{pid}").exists()
+            if done:
+                doomed.remove(pid)
+        time.sleep(0.05)
     print(f"{signal.Signals(sig).name} received again: exited without stopping the services", file=sys.stderr, flush=True)
     os._exit(128 + sig)
 
