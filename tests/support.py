@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -11,10 +12,16 @@ if TYPE_CHECKING:
     from services.runtime.settings import FlywheelSettings
 
 
-async def eventually(condition: Callable[[], bool], timeout_s: float = 60.0, what: str = "condition", interval_s: float = 0.05) -> None:
-    """Wait until `condition()` holds, or fail naming `what` after `timeout_s`."""
+async def eventually(condition: Callable[[], bool | Awaitable[bool]], timeout_s: float = 60.0, what: str = "condition", interval_s: float = 0.05) -> None:
+    """Wait until `condition()` holds (awaited when it is a coroutine function), or fail naming `what` after `timeout_s`."""
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
+
+    async def holds() -> bool:
+        # A coroutine is truthy: returned unawaited, it would pass every check at once.
+        outcome = condition()
+        return bool(await outcome) if inspect.isawaitable(outcome) else bool(outcome)
+
+    while not await holds():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         await asyncio.sleep(interval_s)

@@ -28,7 +28,7 @@ from services.evaluator.suite import SUITES, TargetScores, score_target
 from services.runtime.artifacts import ArtifactError, ArtifactStore
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.inference import SMOLLM2_GGUF, smollm2_dir
-from services.runtime.prompts import PromptError, render_template
+from services.runtime.prompts import PromptError, lead_with_prompt, render_template
 from services.runtime.scoring import Embedder, Judge
 
 log = logging.getLogger("flywheel.evaluator")
@@ -151,7 +151,7 @@ class Evaluator:
             except PromptError as error:
                 problems.append(f"record {example.example_id}: {error}")
                 continue
-            out.append(({"role": "system", "content": rendered}, *example.messages))
+            out.append(tuple(lead_with_prompt(example.messages, rendered)))
         if problems:
             raise EvaluationFailed(
                 f"{role} {label(target)}: the prompt cannot be rendered for {len(problems)} golden record(s) (give their `variables`): {'; '.join(problems[:5])}"

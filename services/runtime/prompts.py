@@ -8,7 +8,7 @@ the output is model input, not HTML.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta
@@ -61,3 +61,10 @@ def render_template(template: str, values: Mapping[str, Any], *, needs: Iterable
         raise MissingVariable(error.message or "undefined value", []) from None
     except SecurityError as error:
         raise UnsafeTemplate(str(error)) from None
+
+
+def lead_with_prompt(messages: Sequence[Mapping[str, str]], rendered: str) -> list[dict[str, str]]:
+    """A chat as a prompt version shapes it, in serving (`prompt_ref`) and in the evaluator alike, so
+    what is measured is what is served: the rendered prompt first, as the system message (as the user
+    message of a chat that has none)."""
+    return [{"role": "system" if messages else "user", "content": rendered}, *(dict(message) for message in messages)]

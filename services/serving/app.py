@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from contracts.events import AdapterRegistered, DeploymentRequested, PromptPublished, StageChanged
 from contracts.http import Role
 from services.runtime.artifacts import ArtifactStore, default_artifact_root
 from services.runtime.auth import Authenticator
+from services.runtime.consumer import follow
 from services.runtime.service import Runtime, Service
 from services.runtime.settings import load_settings
 from services.serving.api import create_router
@@ -54,10 +55,15 @@ def create_app(runtime: Runtime) -> Service:
     buffer = InferenceLogBuffer(bus, capacity=settings.log_buffer_size)
     loader = AdapterLoader(routes, ArtifactStore(default_artifact_root(runtime.home)), runtime.home / "serving" / "adapters", lambda: state.engine)
 
-    runtime.subscribe("serving", AdapterRegistered, when_adapter_registered_remember_it(routes))
-    runtime.subscribe("serving", StageChanged, when_stage_changed_route_and_load(routes, loader))
-    runtime.subscribe("serving", DeploymentRequested, when_deployment_requested_load_and_report(loader, bus))
-    runtime.subscribe("serving", PromptPublished, when_prompt_published_remember_it(prompts))
+    # Every replica holds all routes, so it reads the registry's events itself (not a consumer group's
+    # share) and replays the state topics from their start at each start: its routes live in memory.
+    def follow_registry(event: type, handler: Any, *, from_start: bool = True) -> None:
+        follow(runtime.broker, event, handler, name="serving", from_start=from_start, topic_prefix=runtime.settings.topic_prefix, max_retries=runtime.settings.consumer_max_retries)
+
+    follow_registry(AdapterRegistered, when_adapter_registered_remember_it(routes, loader))
+    follow_registry(StageChanged, when_stage_changed_route_and_load(routes, loader))
+    follow_registry(PromptPublished, when_prompt_published_remember_it(prompts))
+    follow_registry(DeploymentRequested, when_deployment_requested_load_and_report(loader, bus), from_start=False)  # a command: never replayed
 
     async def start() -> None:
         from services.runtime.inference import SMOLLM2_GGUF, Engine, smollm2_dir

@@ -25,7 +25,7 @@ from typing import Any
 
 from contracts.events import InferenceLogged, InferenceStatus
 from contracts.http import ChatCompletionRequest, CompletionRequest
-from services.runtime.prompts import MissingVariable, PromptError, render_template
+from services.runtime.prompts import MissingVariable, PromptError, lead_with_prompt, render_template
 from services.serving.inference_log import InferenceLogBuffer
 from services.serving.prompt_routes import PromptChoice, PromptRoutes, UnknownPromptError
 from services.serving.routes import Route, Routes, UnknownModelError
@@ -202,7 +202,7 @@ class Gateway:
         if isinstance(request, ChatCompletionRequest):
             messages = [{"role": message.role, "content": message.content or ""} for message in request.messages]
             if rendered is not None:
-                messages.insert(0, {"role": "system" if messages else "user", "content": rendered})
+                messages = lead_with_prompt(messages, rendered)
             if not messages:
                 raise GatewayError(400, "messages must not be empty", code="invalid_value", param="messages")
             return self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -35,6 +35,8 @@ class AdapterLoader:
             raise LookupError(f"{model_name}:v{version} is unknown to serving or the engine is not up")
         name = Route(model_name, version, "pinned").adapter_name
         assert name is not None
+        if name in engine.adapters:
+            return  # a version's weights never change: staging -> production, or a replay, needs no reload
         uri, sha256 = artifact
         directory = await asyncio.to_thread(self._artifacts.materialize, uri, sha256, self._cache / sha256)
         await asyncio.to_thread(engine.load_adapter, name, directory)
@@ -46,10 +48,16 @@ class AdapterLoader:
             await asyncio.to_thread(engine.unload_adapter, name)
 
 
-def when_adapter_registered_remember_it(routes: Routes):
+# Serving replays the registry's topics at every start, one consumer per topic, so a version's
+# stage.changed may arrive before its adapter.registered: whichever comes second loads it.
+
+
+def when_adapter_registered_remember_it(routes: Routes, loader: AdapterLoader):
     async def handle(envelope: Envelope[AdapterRegistered]) -> None:
         event = envelope.payload
         routes.add_version(event.model_name, event.adapter_version, event.artifact_uri, event.artifact_sha256)
+        if routes.is_routed(event.model_name, event.adapter_version):
+            await loader.load(event.model_name, event.adapter_version)
 
     return handle
 
@@ -64,8 +72,9 @@ def when_prompt_published_remember_it(prompts: PromptRoutes):
 def when_stage_changed_route_and_load(routes: Routes, loader: AdapterLoader):
     async def handle(envelope: Envelope[StageChanged]) -> None:
         event = envelope.payload
-        if event.to_stage in (Stage.staging, Stage.production):
-            await loader.load(event.model_name, event.adapter_version)
+        known = routes.artifact(event.model_name, event.adapter_version) is not None
+        if event.to_stage in (Stage.staging, Stage.production) and known:
+            await loader.load(event.model_name, event.adapter_version)  # before routing, so no request finds it missing
         routes.set_stage(event.model_name, event.adapter_version, event.to_stage, event.canary_percent)
         if event.to_stage == Stage.archived:
             await loader.unload(event.model_name, event.adapter_version)

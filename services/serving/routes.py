@@ -83,6 +83,12 @@ class Routes:
             elif to_stage in (Stage.staging, Stage.production):
                 model.stages[to_stage] = version
 
+    def is_routed(self, model_name: str, version: int) -> bool:
+        """Whether a stage or the canary points at `version`: it must be loaded to answer."""
+        with self._lock:
+            model = self._models.get(model_name)
+            return model is not None and (version in model.stages.values() or (model.canary is not None and model.canary[0] == version))
+
     def artifact(self, model_name: str, version: int) -> tuple[str, str] | None:
         with self._lock:
             model = self._models.get(model_name)

@@ -1,0 +1,91 @@
+"""Serving replicas follow the registry's events on real Kafka with real Triton and real LoRA adapters:
+a replica started after the events rebuilds its routes and loads production's adapter from the replayed
+topics; a stage change reaches every replica, not one of a consumer group; a restarted replica comes
+back serving what production is now."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from contracts.events import AdapterRegistered, Stage, StageChanged
+from services.runtime.artifacts import ArtifactStore
+from services.runtime.auth import registry_database_url
+from services.runtime.broker import EventBus, create_broker
+from services.runtime.service import build_process
+from services.runtime.settings import FlywheelSettings
+from services.serving.app import create_app
+from tests.integration.test_serving_app import app_key, model_dir  # noqa: F401 - fixtures
+from tests.integration.test_serving_triton import tritonserver_pids
+from tests.serving_support import make_adapter, smollm2_tokenizer
+from tests.support import eventually
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+
+@asynccontextmanager
+async def replica(settings: FlywheelSettings, home: Path, key: str) -> AsyncIterator[httpx.AsyncClient]:
+    """One serving process (its own Triton) in `home`, sharing the broker and the key table."""
+    shared = {"home": home, "database_url": registry_database_url(settings)}  # API keys live in the registry's database
+    app, _ = build_process(settings.model_copy(update=shared), [create_app], title=f"serving@{home.name}")
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://serving", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+    ) as http:
+        yield http
+    assert tritonserver_pids(home) == [], "tritonserver outlived its replica"
+
+
+async def answered_by(http: httpx.AsyncClient) -> str:
+    response = await http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 1})
+    assert response.status_code == 200, response.text
+    return response.json()["model"]
+
+
+async def until_answered_by(http: httpx.AsyncClient, expected: str, what: str) -> None:
+    seen: list[str] = []
+
+    async def probe() -> bool:
+        seen.append(await answered_by(http))
+        return seen[-1] == expected
+
+    try:
+        await eventually(probe, what=what, timeout_s=120, interval_s=0.5)
+    except AssertionError as error:
+        raise AssertionError(f"{error}; the last answers came from {seen[-3:]}") from None
+
+
+async def test_replicas_rebuild_routes_from_the_replayed_topics_and_each_gets_every_stage_change(
+    settings: FlywheelSettings, topics: str, model_dir: Path, app_key: str, tmp_path: Path  # noqa: F811
+) -> None:
+    artifacts = ArtifactStore(tmp_path / "registry-artifacts")
+    vocab = len(smollm2_tokenizer(tmp_path / "tokenizer"))
+    refs = {version: artifacts.put_directory(make_adapter(vocab, tmp_path / f"adapter-{version}", seed=version)) for version in (1, 2)}
+    publisher = create_broker(settings, client_id="registry")
+    async with publisher:
+        await publisher.start()
+        registry = EventBus(publisher, producer="registry", topic_prefix=settings.topic_prefix)
+        # The registry's history before any replica starts: two versions, v1 promoted to production.
+        for version, ref in refs.items():
+            await registry.publish(AdapterRegistered(model_name="tiny", adapter_version=version, artifact_uri=ref.uri, artifact_sha256=ref.sha256, training_job_id=f"job-{version}"))
+        await registry.publish(StageChanged(model_name="tiny", adapter_version=1, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", approver="bob"))
+
+        homes = [settings.home.parent / f"replica-{name}" for name in "ab"]
+        async with AsyncExitStack() as stack:
+            a = await stack.enter_async_context(replica(settings, homes[0], app_key))
+            b = await stack.enter_async_context(replica(settings, homes[1], app_key))
+            for name, http in (("a", a), ("b", b)):
+                await until_answered_by(http, "tiny:v1", f"replica {name} serving production v1 from the replayed history")
+
+            await registry.publish(StageChanged(model_name="tiny", adapter_version=2, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", approver="bob", replaces_version=1))
+            await registry.publish(StageChanged(model_name="tiny", adapter_version=1, from_stage=Stage.production, to_stage=Stage.archived, actor="alice"))
+            for name, http in (("a", a), ("b", b)):
+                await until_answered_by(http, "tiny:v2", f"replica {name} following the promotion of v2")
+
+        async with replica(settings, homes[0], app_key) as restarted:
+            await until_answered_by(restarted, "tiny:v2", "the restarted replica serving v2")
+            pinned = await restarted.post("/v1/completions", json={"model": "tiny:v1", "prompt": "Hi", "max_tokens": 1})
+    assert pinned.status_code == 404 and "not loaded" in pinned.text, pinned.text
