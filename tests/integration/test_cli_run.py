@@ -187,3 +187,23 @@ def test_demo_interrupted_stops_every_service_and_writes_its_report(flywheel) ->
     summary = (process.home / "reports" / "demo-summary.txt").read_text()
     assert "interrupted by SIGINT" in summary
     assert f"http port {process.port} free" in summary
+
+
+@pytest.mark.timeout(600)
+def test_a_second_sigint_exits_at_once_and_leaves_no_tritonserver(flywheel) -> None:
+    process = flywheel("up")
+    process.start()
+    process.wait_ready(420)
+    tritons = process.tritonservers()
+    assert tritons, "flywheel up started no tritonserver"
+    assert process.process is not None
+
+    process.process.send_signal(signal.SIGINT)
+    time.sleep(1)  # inside the graceful stop, which takes several seconds (Triton's alone)
+    code, seconds = process.stop_with(signal.SIGINT)
+    print(f"\nup: exited {code} {seconds:.1f} s after the second SIGINT")
+    assert code == 128 + signal.SIGINT, process.output()[-4000:]
+    assert "SIGINT received again: exited without stopping the services" in process.output()
+    assert "Traceback" not in process.output()
+    assert not [pid for pid in tritons if is_tritonserver(pid)], f"tritonserver still running: {tritons}"
+    assert port_is_free(process.port), f"port {process.port} still in use"
