@@ -31,6 +31,7 @@ MONITORED = """(
 )"""
 
 _WINDOW = "occurred_at >= {start:DateTime64(3, 'UTC')} AND occurred_at < {end:DateTime64(3, 'UTC')}"
+_ANSWERED = "status = 'ok' AND trimBoth(output_text) != ''"
 
 
 class MonitorStore:
@@ -67,9 +68,11 @@ class MonitorStore:
 
     def _values_sql(self, rule: Rule, expression: str) -> str:
         # A deterministic sample: the same inferences are looked at on every tick, so a value does not flicker.
+        # A scorer judges answers: an errored request or an empty answer states nothing to judge.
+        answered = f" AND {_ANSWERED}" if rule.spec.scorer else ""
         return (
             f"SELECT {self._scope(rule)}, {expression} AS value, input_text, output_text FROM {MONITORED} "
-            f"WHERE {_WINDOW} ORDER BY cityHash64(inference_id) LIMIT {{limit:UInt32}} BY {self._scope(rule)}"
+            f"WHERE {_WINDOW}{answered} ORDER BY cityHash64(inference_id) LIMIT {{limit:UInt32}} BY {self._scope(rule)}"
         )
 
     def aggregate(self, rule: Rule, start: datetime, end: datetime) -> list[dict[str, Any]]:
@@ -196,7 +199,7 @@ class MonitorStore:
         """Up to `limit` answered inferences per adapter version (a deterministic sample) with prompt and answer."""
         return self._query(
             f"SELECT adapter_version, input_text, output_text FROM {MONITORED} "
-            f"WHERE model_name = {{model:String}} AND adapter_version IN {{versions:Array(UInt32)}} AND status = 'ok' AND {_WINDOW} "
+            f"WHERE model_name = {{model:String}} AND adapter_version IN {{versions:Array(UInt32)}} AND {_ANSWERED} AND {_WINDOW} "
             "ORDER BY cityHash64(inference_id) LIMIT {limit:UInt32} BY adapter_version",
             {"model": model_name, "versions": list(versions), "start": start, "end": end, "limit": limit},
         )

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from contracts.envelope import wrap
-from contracts.events import InferenceLogged
+from contracts.events import InferenceLogged, InferenceStatus
 from services.feedback.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.store import FeedbackStore
@@ -77,6 +77,9 @@ async def test_hallucination_watcher_scores_sampled_answers_with_groundedness(cl
         invented = f"Product {product} has a {5 + i % 4}-week warranty, I think."
         at = now - timedelta(minutes=10, seconds=i * 5)
         events += [(at, inference("faithful", question, grounded)), (at, inference("inventive", question, invented if i % 5 < 3 else grounded))]
+        # An empty answer or a failed request states nothing: not scored, so not a hallucination either.
+        failed = inference("faithful", question, "").model_copy(update={"status": InferenceStatus.error, "error": "triton unavailable"})
+        events += [(at, inference("faithful", question, "  ")), (at, failed)]
     store(clickhouse, events)
     rule = {"name": "live-hallucination", "version": 1, "metric": "hallucination_rate", "threshold": 0.3, "window_s": 1800, "min_samples": 20, "sample_size": 50}
 
