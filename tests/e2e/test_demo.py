@@ -2,7 +2,7 @@
 real components (local Kafka, embedded ClickHouse, SQLite registry, Triton, SmolLM2), a report, and
 no process or port left behind. Twice, because a second run reuses what exists.
 
-Slow: the first run trains two LoRA adapters and evaluates them on a CPU (about 20 minutes on a quiet
+Slow: the first run trains two LoRA adapters and evaluates them on a CPU (18 minutes on a quiet
 2-core machine, more on a shared one); the second reuses them. FLYWHEEL_DEMO_TEST_RUNS=1 runs once."""
 
 from __future__ import annotations
