@@ -78,7 +78,8 @@ class DatasetRef(ContractModel):
     """A pointer to one immutable dataset version."""
 
     name: str = Field(description="Dataset name.")
-    version: int = Field(ge=1, description="Dataset version number.")
+    # The registry and the trainer store versions as signed 64-bit integers: a larger one is refused here, not a 500 there.
+    version: int = Field(ge=1, le=2**63 - 1, description="Dataset version number.")
 
 
 # ---------------------------------------------------------------------------------------- registry

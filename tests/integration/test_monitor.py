@@ -189,4 +189,7 @@ async def test_query_door_reads_and_the_engine_refuses_writes(clickhouse: ClickH
         assert "READONLY" in refused.json()["error"]["code"] or "readonly" in refused.json()["error"]["message"].lower()
         sneaky = await client.post("/monitor/v1/query", json={"sql": "SELECT 1 SETTINGS readonly = 0"})
         assert sneaky.status_code in (400, 403)
+        # Found by schemathesis at full size: a `%` the client-side binding trips on was a 500.
+        unbindable = await client.post("/monitor/v1/query", json={"sql": ";\u00bf%h", "parameters": {"": {}}})
+        assert unbindable.status_code == 400 and "cannot be bound" in unbindable.json()["error"]["message"], unbindable.text
     assert clickhouse.query("SELECT count() AS n FROM model_price")[0]["n"] == 0

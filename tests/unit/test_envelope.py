@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from contracts.envelope import Envelope, wrap
-from contracts.events import EVENTS, FeedbackReceived, Hyperparameters, InferenceLogged
+from contracts.events import EVENTS, DatasetRef, FeedbackReceived, Hyperparameters, InferenceLogged
 from contracts.topics import all_topics, dlq_for, topic_for
 from contracts.examples import example_events
 
@@ -50,3 +50,10 @@ def test_hyperparameters_out_of_range_are_refused_with_the_field_named() -> None
         Hyperparameters(rank=0)
     with pytest.raises(ValidationError, match="learning_rate"):
         Hyperparameters(learning_rate=-1)
+
+
+def test_a_dataset_version_beyond_what_the_databases_store_is_refused() -> None:
+    # Found by schemathesis at full size: the trainer's door answered 500 when SQLite overflowed.
+    assert DatasetRef(name="support", version=2**63 - 1).version == 2**63 - 1
+    with pytest.raises(ValidationError, match="version"):
+        DatasetRef(name="support", version=2**63)

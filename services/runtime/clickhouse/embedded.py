@@ -10,13 +10,10 @@ path share the engine; each store keeps its own connection because the current d
 from __future__ import annotations
 
 import threading
-from datetime import timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clickhouse_connect.driver.binding import bind_query
-
-from services.runtime.clickhouse.store import ClickHouseError, ClickHouseStore, quote_identifier
+from services.runtime.clickhouse.store import ClickHouseError, ClickHouseStore, bind, quote_identifier
 from services.runtime.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -124,7 +121,7 @@ class EmbeddedStore(ClickHouseStore):
         if self._connection is None:
             raise ClickHouseError(f"the embedded ClickHouse store at {self.path} is closed")
         # clickhouse-connect's binder renders values exactly as the server backend sends them.
-        final_sql, bound = bind_query(sql, parameters, timezone.utc)
+        final_sql, bound = bind(sql, parameters)
         params = {name.removeprefix("param_"): value for name, value in bound.items()}
         try:
             with _engine_turn:

@@ -10,6 +10,7 @@ from services.runtime.clickhouse.store import (
     ClickHouseError,
     ClickHouseStore,
     ServerAddress,
+    bind,
     check_identifier,
     quote_identifier,
 )
@@ -87,6 +88,7 @@ class ServerStore(ClickHouseStore):
     def query_arrow(self, sql: str, parameters: dict[str, Any] | None = None) -> pyarrow.Table:
         from clickhouse_connect.driver.exceptions import Error
 
+        bind(sql, parameters)  # refuses what cannot be bound, as the embedded backend does
         try:
             return self._live().query_arrow(sql, parameters=parameters, use_strings=True)
         except Error as error:

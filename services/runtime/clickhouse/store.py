@@ -38,6 +38,20 @@ ORDER BY version
 """
 
 
+def bind(sql: str, parameters: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """clickhouse-connect's binding of `parameters` into `sql`, exactly as the server backend sends it;
+    values it cannot bind (a `%` the client-side formatting trips on, a value of no ClickHouse type)
+    are the caller's error, raised as a ClickHouseError instead of a bare ValueError."""
+    from datetime import timezone
+
+    from clickhouse_connect.driver.binding import bind_query
+
+    try:
+        return bind_query(sql, parameters, timezone.utc)
+    except (ValueError, TypeError, KeyError, IndexError) as error:
+        raise ClickHouseError(f"query parameters cannot be bound: {type(error).__name__}: {error}") from None
+
+
 class ClickHouseError(Exception):
     """The engine refused or failed a statement; `code` is ClickHouse's error code (164 = READONLY)."""
 
