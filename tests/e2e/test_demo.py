@@ -39,9 +39,10 @@ def test_the_demo_closes_the_loop_reports_and_cleans_up(tmp_path: Path) -> None:
 
         passed = re.findall(r"^\[PASS\] step (\d)", summary, flags=re.MULTILINE)
         assert passed == [str(n) for n in range(1, STEPS + 1)], summary
-        # Step 3: the first adapter passed the gate against the base model, and its approval is audited.
+        # Step 3: the first adapter passed the gate against the base model; the run that promoted it reads its approval back.
         assert re.search(r"^gate adapter v1 vs the base model on acme-golden:v1 \(facts@v1\): PASS", summary, flags=re.MULTILINE), summary
-        assert re.search(r"^audit: .* adapter\.stage\.production smollm2-135m-instruct:v1 approver demo-approver", summary, flags=re.MULTILINE), summary
+        if attempt == 1:
+            assert re.search(r"^audit: .* adapter\.stage\.production smollm2-135m-instruct:v1 approver demo-approver", summary, flags=re.MULTILINE), summary
         # Steps 4-5: every inference and every review stored once in ClickHouse.
         stored = re.search(r"inference_log: (\d+) events, (\d+) rows read without FINAL \(duplicates: 0\)", summary)
         assert stored and int(stored[1]) > 0, summary
