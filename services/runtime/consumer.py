@@ -151,16 +151,10 @@ def subscribe(
         event_id = str(envelope.event_id)
         if processed.seen(group, event_id):
             return "duplicate"
-        for attempt in range(1, max_retries + 2):
-            try:
-                await handler(envelope)
-                break
-            except Exception as error:  # noqa: BLE001 - any handler failure is retried, then dead-lettered
-                if attempt > max_retries:
-                    await dead_letters.send(message, group=group, error=error, attempts=attempt)
-                    return "dead_lettered"
-                log.info("retrying %s after %s (attempt %d of %d)", event.event_type, type(error).__name__, attempt, max_retries + 1)
-                await asyncio.sleep(backoff_s * 2 ** (attempt - 1))
+        error = await _with_retries(handler, envelope, max_retries, backoff_s)
+        if error is not None:
+            await dead_letters.send(message, group=group, error=error, attempts=max_retries + 1)
+            return "dead_lettered"
         processed.remember(group, event_id)
         return "processed"
 
@@ -173,6 +167,20 @@ def subscribe(
         title=f"{group}:{topic}",
         description=f"{group} consumes {event.event_type}",
     )(consume)
+
+
+async def _with_retries(handler: Handler[P], envelope: Envelope[P], max_retries: int, backoff_s: float) -> Exception | None:
+    """Run `handler`, retrying failures with exponential backoff; the last error once retries are spent, else None."""
+    for attempt in range(1, max_retries + 2):
+        try:
+            await handler(envelope)
+            return None
+        except Exception as error:  # noqa: BLE001 - any handler failure is retried; the caller decides what follows
+            if attempt > max_retries:
+                return error
+            log.info("retrying %s after %s (attempt %d of %d)", envelope.event_type, type(error).__name__, attempt, max_retries + 1)
+            await asyncio.sleep(backoff_s * 2 ** (attempt - 1))
+    return None
 
 
 def follow(
@@ -207,16 +215,11 @@ def follow(
             log.warning("%s skipped an undecodable %s record: %s", name, event.event_type, _validation_summary(error))
             CONSUMER_MESSAGES.labels(group=name, event_type=event.event_type, outcome="skipped").inc()
             return
-        for attempt in range(1, max_retries + 2):
-            try:
-                await handler(envelope)
-                break
-            except Exception as error:  # noqa: BLE001 - retried, then skipped: a follower has no dead-letter topic
-                if attempt > max_retries:
-                    log.error("%s skipped %s %s after %d attempts: %s: %s", name, event.event_type, envelope.event_id, attempt, type(error).__name__, error)
-                    CONSUMER_MESSAGES.labels(group=name, event_type=event.event_type, outcome="skipped").inc()
-                    return
-                await asyncio.sleep(backoff_s * 2 ** (attempt - 1))
+        error = await _with_retries(handler, envelope, max_retries, backoff_s)
+        if error is not None:  # a follower has no dead-letter topic: logged and skipped
+            log.error("%s skipped %s %s after %d attempts: %s: %s", name, event.event_type, envelope.event_id, max_retries + 1, type(error).__name__, error)
+            CONSUMER_MESSAGES.labels(group=name, event_type=event.event_type, outcome="skipped").inc()
+            return
         CONSUMER_MESSAGES.labels(group=name, event_type=event.event_type, outcome="processed").inc()
 
     consume.__name__ = f"{name}__follow__{event.event_type.replace('.', '_')}"
