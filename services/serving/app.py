@@ -60,8 +60,9 @@ def create_app(runtime: Runtime) -> Service:
     def follow_registry(event: type, handler: Any, *, from_start: bool = True) -> None:
         follow(runtime.broker, event, handler, name="serving", from_start=from_start, topic_prefix=runtime.settings.topic_prefix, max_retries=runtime.settings.consumer_max_retries)
 
-    follow_registry(AdapterRegistered, when_adapter_registered_remember_it(routes, loader))
-    follow_registry(StageChanged, when_stage_changed_route_and_load(routes, loader))
+    routing_turn = asyncio.Lock()
+    follow_registry(AdapterRegistered, when_adapter_registered_remember_it(routes, loader, routing_turn))
+    follow_registry(StageChanged, when_stage_changed_route_and_load(routes, loader, routing_turn))
     follow_registry(PromptPublished, when_prompt_published_remember_it(prompts))
     follow_registry(DeploymentRequested, when_deployment_requested_load_and_report(loader, bus), from_start=False)  # a command: never replayed
 

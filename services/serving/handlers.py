@@ -49,15 +49,19 @@ class AdapterLoader:
 
 
 # Serving replays the registry's topics at every start, one consumer per topic, so a version's
-# stage.changed may arrive before its adapter.registered: whichever comes second loads it.
+# stage.changed may arrive before its adapter.registered: the stage change then waits in the routes
+# and is applied when the registration arrives, after the load. Either way an adapter is loaded
+# before any route points at it, so no request finds it missing. The two handlers take turns (`turn`):
+# a stage change arriving while the other handler loads the same version waits for it.
 
 
-def when_adapter_registered_remember_it(routes: Routes, loader: AdapterLoader):
+def when_adapter_registered_remember_it(routes: Routes, loader: AdapterLoader, turn: asyncio.Lock):
     async def handle(envelope: Envelope[AdapterRegistered]) -> None:
         event = envelope.payload
-        routes.add_version(event.model_name, event.adapter_version, event.artifact_uri, event.artifact_sha256)
-        if routes.is_routed(event.model_name, event.adapter_version):
-            await loader.load(event.model_name, event.adapter_version)
+        async with turn:
+            deferred = routes.add_version(event.model_name, event.adapter_version, event.artifact_uri, event.artifact_sha256)
+            if deferred is not None:
+                await _route(routes, loader, event.model_name, event.adapter_version, *deferred)
 
     return handle
 
@@ -69,17 +73,24 @@ def when_prompt_published_remember_it(prompts: PromptRoutes):
     return handle
 
 
-def when_stage_changed_route_and_load(routes: Routes, loader: AdapterLoader):
+def when_stage_changed_route_and_load(routes: Routes, loader: AdapterLoader, turn: asyncio.Lock):
     async def handle(envelope: Envelope[StageChanged]) -> None:
         event = envelope.payload
-        known = routes.artifact(event.model_name, event.adapter_version) is not None
-        if event.to_stage in (Stage.staging, Stage.production) and known:
-            await loader.load(event.model_name, event.adapter_version)  # before routing, so no request finds it missing
-        routes.set_stage(event.model_name, event.adapter_version, event.to_stage, event.canary_percent)
-        if event.to_stage == Stage.archived:
-            await loader.unload(event.model_name, event.adapter_version)
+        serves = event.to_stage in (Stage.staging, Stage.production)
+        async with turn:
+            if serves and routes.defer_stage_if_unknown(event.model_name, event.adapter_version, event.to_stage, event.canary_percent):
+                return
+            await _route(routes, loader, event.model_name, event.adapter_version, event.to_stage, event.canary_percent)
 
     return handle
+
+
+async def _route(routes: Routes, loader: AdapterLoader, model_name: str, version: int, to_stage: Stage, canary_percent: float | None) -> None:
+    if to_stage in (Stage.staging, Stage.production):
+        await loader.load(model_name, version)
+    routes.set_stage(model_name, version, to_stage, canary_percent)
+    if to_stage == Stage.archived:
+        await loader.unload(model_name, version)
 
 
 def when_deployment_requested_load_and_report(loader: AdapterLoader, bus: EventBus):

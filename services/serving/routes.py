@@ -48,6 +48,10 @@ class _Model:
     versions: dict[int, tuple[str, str]] = field(default_factory=dict)  # version -> (artifact uri, sha256)
     stages: dict[Stage, int] = field(default_factory=dict)
     canary: tuple[int, float] | None = None  # (version, percent of production traffic)
+    # A stage.changed for a version whose adapter.registered has not arrived yet: applied, after the
+    # load, when it arrives. Until then the stage keeps pointing where it did, so nothing routes to
+    # an adapter this replica cannot load.
+    deferred: dict[int, tuple[Stage, float | None]] = field(default_factory=dict)
 
 
 def bucket(sticky_key: str, scope: str) -> float:
@@ -65,14 +69,33 @@ class Routes:
         with self._lock:
             self._models.setdefault(model_name, _Model())
 
-    def add_version(self, model_name: str, version: int, artifact_uri: str, artifact_sha256: str) -> None:
+    def add_version(self, model_name: str, version: int, artifact_uri: str, artifact_sha256: str) -> tuple[Stage, float | None] | None:
+        """Remember the version's artifact; returns the stage change deferred until now, if any, for the
+        caller to load and then apply with set_stage (it stays deferred if the load fails)."""
         with self._lock:
-            self._models.setdefault(model_name, _Model()).versions[version] = (artifact_uri, artifact_sha256)
+            model = self._models.setdefault(model_name, _Model())
+            model.versions[version] = (artifact_uri, artifact_sha256)
+            return model.deferred.get(version)
+
+    def defer_stage_if_unknown(self, model_name: str, version: int, to_stage: Stage, canary_percent: float | None = None) -> bool:
+        """Hold a stage change for a version not registered yet (True), or do nothing when it is known (False)."""
+        with self._lock:
+            model = self._models.setdefault(model_name, _Model())
+            if version in model.versions:
+                return False
+            model.deferred[version] = (to_stage, canary_percent)
+            return True
 
     def set_stage(self, model_name: str, version: int, to_stage: Stage, canary_percent: float | None = None) -> None:
         """Point `to_stage` at `version` (as the canary when `canary_percent` is set); a version leaving a stage frees it."""
         with self._lock:
             model = self._models.setdefault(model_name, _Model())
+            # A later stage change supersedes a deferred one: of the same version, or of the same slot.
+            model.deferred.pop(version, None)
+            slot = (to_stage, bool(canary_percent))
+            for waiting, (stage, percent) in list(model.deferred.items()):
+                if (stage, bool(percent)) == slot:
+                    del model.deferred[waiting]
             for stage, current in list(model.stages.items()):
                 if current == version:
                     del model.stages[stage]
@@ -82,12 +105,6 @@ class Routes:
                 model.canary = (version, canary_percent)
             elif to_stage in (Stage.staging, Stage.production):
                 model.stages[to_stage] = version
-
-    def is_routed(self, model_name: str, version: int) -> bool:
-        """Whether a stage or the canary points at `version`: it must be loaded to answer."""
-        with self._lock:
-            model = self._models.get(model_name)
-            return model is not None and (version in model.stages.values() or (model.canary is not None and model.canary[0] == version))
 
     def artifact(self, model_name: str, version: int) -> tuple[str, str] | None:
         with self._lock:

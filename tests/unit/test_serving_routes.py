@@ -1,10 +1,14 @@
-"""Model references resolve from the event-carried routes table."""
+"""Model references resolve from the event-carried routes table, which the registry's events keep current."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from contracts.events import Stage
+from contracts.envelope import wrap
+from contracts.events import AdapterRegistered, Stage, StageChanged
+from services.serving.handlers import when_adapter_registered_remember_it, when_stage_changed_route_and_load
 from services.serving.routes import Routes, UnknownModelError
 
 pytestmark = pytest.mark.unit
@@ -93,3 +97,67 @@ def test_token_bucket_per_principal() -> None:
     now[0] += 0.5
     assert limiter.take("a") == 0.0 and limiter.take("a") > 0
     assert RateLimiter.retry_after(0.2) == "1" and RateLimiter.retry_after(2.1) == "3"
+
+
+class _RecordingLoader:
+    """Stands in for the engine's adapter loads: which versions are loaded, and a load that can fail once."""
+
+    def __init__(self, fail_once: int | None = None) -> None:
+        self.loaded: set[int] = set()
+        self._fail_once = fail_once
+
+    async def load(self, model_name: str, version: int) -> None:
+        if version == self._fail_once:
+            self._fail_once = None
+            raise OSError("artifact store unreachable")
+        self.loaded.add(version)
+
+    async def unload(self, model_name: str, version: int) -> None:
+        self.loaded.discard(version)
+
+
+def _routed(routes: Routes) -> set[int]:
+    versions = {routes.resolve(reference).adapter_version for reference in ("m", "m@staging") if reference in routes.references()}
+    return versions - {None}
+
+
+def _interleavings(first: list, second: list) -> list[list]:
+    if not first or not second:
+        return [first + second]
+    return [[first[0], *rest] for rest in _interleavings(first[1:], second)] + [[second[0], *rest] for rest in _interleavings(first, second[1:])]
+
+
+async def test_replayed_topics_in_any_interleaving_never_route_to_an_adapter_not_loaded() -> None:
+    """Serving reads adapter.registered and stage.changed with one consumer each, so a replay may see a
+    version's promotion before its registration; whatever the interleaving, a route points only at a
+    loaded adapter, and the end state is the registry's."""
+    registered = [wrap(AdapterRegistered(model_name="m", adapter_version=v, artifact_uri=f"file:///v{v}", artifact_sha256="0" * 64, training_job_id=f"j{v}"), producer="registry") for v in (1, 2)]
+    stages = [
+        wrap(StageChanged(model_name="m", adapter_version=1, from_stage=Stage.staging, to_stage=Stage.production, actor="a", approver="b"), producer="registry"),
+        wrap(StageChanged(model_name="m", adapter_version=1, from_stage=Stage.production, to_stage=Stage.archived, actor="a"), producer="registry"),
+        wrap(StageChanged(model_name="m", adapter_version=2, from_stage=Stage.staging, to_stage=Stage.production, actor="a", approver="b", replaces_version=1), producer="registry"),
+    ]
+    orders = _interleavings(registered, stages)
+    assert len(orders) == 10
+    for order in orders:
+        routes, loader, turn = Routes(), _RecordingLoader(), asyncio.Lock()
+        routes.add_model("m")
+        handlers = {AdapterRegistered: when_adapter_registered_remember_it(routes, loader, turn), StageChanged: when_stage_changed_route_and_load(routes, loader, turn)}
+        for envelope in order:
+            await handlers[type(envelope.payload)](envelope)
+            assert _routed(routes) <= loader.loaded, [type(e.payload).__name__ for e in order]
+        assert routes.resolve("m").label == "m:v2" and loader.loaded == {2}
+
+
+async def test_a_deferred_promotion_whose_load_fails_is_applied_when_the_registration_is_redelivered() -> None:
+    routes, loader, turn = Routes(), _RecordingLoader(fail_once=1), asyncio.Lock()
+    routes.add_model("m")
+    await when_stage_changed_route_and_load(routes, loader, turn)(wrap(StageChanged(model_name="m", adapter_version=1, from_stage=Stage.staging, to_stage=Stage.production, actor="a", approver="b"), producer="registry"))
+    assert routes.resolve("m").route == "direct"  # nothing routed to a version serving cannot load yet
+    registration = wrap(AdapterRegistered(model_name="m", adapter_version=1, artifact_uri="file:///v1", artifact_sha256="0" * 64, training_job_id="j1"), producer="registry")
+    remember = when_adapter_registered_remember_it(routes, loader, turn)
+    with pytest.raises(OSError):
+        await remember(registration)
+    assert routes.resolve("m").route == "direct" and loader.loaded == set()
+    await remember(registration)  # the consumer's retry
+    assert routes.resolve("m").label == "m:v1" and loader.loaded == {1}
