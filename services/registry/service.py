@@ -364,7 +364,6 @@ class Registry:
                         session.add(holder)
                         session.flush()
                         replaced = holder.version
-                        events.append(StageChanged(model_name=model_name, adapter_version=holder.version, from_stage=Stage.production, to_stage=Stage.archived, actor=actor, reason=f"replaced by v{version}", approver=approver))
                 else:
                     other_canary = session.scalar(select(AdapterVersion).where(AdapterVersion.model_name == model_name, AdapterVersion.stage == Stage.production.value, AdapterVersion.canary_percent.is_not(None), AdapterVersion.version != version))  # type: ignore[union-attr]
                     if other_canary is not None:
@@ -380,6 +379,11 @@ class Registry:
             if claimed.rowcount != 1:
                 raise Conflict(f"the stages of {model_name} changed concurrently; reload and retry", code="concurrent_change")
             events.append(StageChanged(model_name=model_name, adapter_version=version, from_stage=current, to_stage=to_stage, actor=actor, reason=reason, canary_percent=canary_percent, approver=approver, replaces_version=replaced))
+            if replaced is not None:
+                # After the promotion, so a follower (serving) switches production from the old version to
+                # the new one in one step; the other order leaves production empty, the base model
+                # answering, while the new adapter loads.
+                events.append(StageChanged(model_name=model_name, adapter_version=replaced, from_stage=Stage.production, to_stage=Stage.archived, actor=actor, reason=f"replaced by v{version}", approver=approver))
             self._audit(session, actor, f"adapter.stage.{to_stage.value}", "adapter", object_id, before=before, after={"stage": to_stage.value, "canary_percent": canary_percent, "approver": approver, "replaces": replaces}, detail=reason)
             for changed in events:
                 stage_event(session, changed, correlation_id=adapter.correlation_id)

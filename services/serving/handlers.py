@@ -14,7 +14,7 @@ from services.runtime.artifacts import ArtifactStore
 from services.runtime.broker import EventBus
 from services.runtime.inference import Engine
 from services.serving.prompt_routes import PromptRoutes
-from services.serving.routes import Route, Routes
+from services.serving.routes import DeferredStage, Route, Routes
 
 log = logging.getLogger("flywheel.serving.handlers")
 
@@ -61,7 +61,7 @@ def when_adapter_registered_remember_it(routes: Routes, loader: AdapterLoader, t
         async with turn:
             deferred = routes.add_version(event.model_name, event.adapter_version, event.artifact_uri, event.artifact_sha256)
             if deferred is not None:
-                await _route(routes, loader, event.model_name, event.adapter_version, *deferred)
+                await _route(routes, loader, event.model_name, event.adapter_version, deferred.to_stage, deferred.canary_percent, deferred=deferred)
 
     return handle
 
@@ -85,10 +85,10 @@ def when_stage_changed_route_and_load(routes: Routes, loader: AdapterLoader, tur
     return handle
 
 
-async def _route(routes: Routes, loader: AdapterLoader, model_name: str, version: int, to_stage: Stage, canary_percent: float | None) -> None:
+async def _route(routes: Routes, loader: AdapterLoader, model_name: str, version: int, to_stage: Stage, canary_percent: float | None, *, deferred: DeferredStage | None = None) -> None:
     if to_stage in (Stage.staging, Stage.production):
         await loader.load(model_name, version)
-    routes.set_stage(model_name, version, to_stage, canary_percent)
+    routes.set_stage(model_name, version, to_stage, canary_percent, deferred=deferred)
     if to_stage == Stage.archived:
         await loader.unload(model_name, version)
 

@@ -14,6 +14,7 @@ from the stable version to the canary, never back.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import threading
 from dataclasses import dataclass, field
@@ -43,15 +44,27 @@ class Route:
         return self.adapter_name or self.model_name
 
 
+@dataclass(frozen=True)
+class DeferredStage:
+    """A stage.changed for a version whose adapter.registered has not arrived yet. It is applied, after
+    the load, when the registration arrives; until then the stage keeps pointing where it did, so
+    nothing routes to an adapter this replica cannot load. `order` places it among the stage changes."""
+
+    to_stage: Stage
+    canary_percent: float | None
+    order: int
+
+    @property
+    def slot(self) -> tuple[Stage, bool]:
+        return self.to_stage, bool(self.canary_percent)
+
+
 @dataclass
 class _Model:
     versions: dict[int, tuple[str, str]] = field(default_factory=dict)  # version -> (artifact uri, sha256)
     stages: dict[Stage, int] = field(default_factory=dict)
     canary: tuple[int, float] | None = None  # (version, percent of production traffic)
-    # A stage.changed for a version whose adapter.registered has not arrived yet: applied, after the
-    # load, when it arrives. Until then the stage keeps pointing where it did, so nothing routes to
-    # an adapter this replica cannot load.
-    deferred: dict[int, tuple[Stage, float | None]] = field(default_factory=dict)
+    deferred: dict[int, DeferredStage] = field(default_factory=dict)
 
 
 def bucket(sticky_key: str, scope: str) -> float:
@@ -64,12 +77,13 @@ class Routes:
     def __init__(self) -> None:
         self._models: dict[str, _Model] = {}
         self._lock = threading.Lock()
+        self._order = itertools.count()
 
     def add_model(self, model_name: str) -> None:
         with self._lock:
             self._models.setdefault(model_name, _Model())
 
-    def add_version(self, model_name: str, version: int, artifact_uri: str, artifact_sha256: str) -> tuple[Stage, float | None] | None:
+    def add_version(self, model_name: str, version: int, artifact_uri: str, artifact_sha256: str) -> DeferredStage | None:
         """Remember the version's artifact; returns the stage change deferred until now, if any, for the
         caller to load and then apply with set_stage (it stays deferred if the load fails)."""
         with self._lock:
@@ -83,18 +97,21 @@ class Routes:
             model = self._models.setdefault(model_name, _Model())
             if version in model.versions:
                 return False
-            model.deferred[version] = (to_stage, canary_percent)
+            model.deferred[version] = DeferredStage(to_stage, canary_percent, next(self._order))
             return True
 
-    def set_stage(self, model_name: str, version: int, to_stage: Stage, canary_percent: float | None = None) -> None:
-        """Point `to_stage` at `version` (as the canary when `canary_percent` is set); a version leaving a stage frees it."""
+    def set_stage(self, model_name: str, version: int, to_stage: Stage, canary_percent: float | None = None, *, deferred: DeferredStage | None = None) -> None:
+        """Point `to_stage` at `version` (as the canary when `canary_percent` is set); a version leaving a
+        stage frees it. `deferred`: this is that held stage change, applied now, in its place in the order."""
         with self._lock:
             model = self._models.setdefault(model_name, _Model())
-            # A later stage change supersedes a deferred one: of the same version, or of the same slot.
-            model.deferred.pop(version, None)
+            # What this change supersedes: a held change of the same version, and held changes of the same
+            # slot that came before it (a deferred promotion applied late must not drop a newer one).
+            order = deferred.order if deferred is not None else next(self._order)
             slot = (to_stage, bool(canary_percent))
-            for waiting, (stage, percent) in list(model.deferred.items()):
-                if (stage, bool(percent)) == slot:
+            model.deferred.pop(version, None)
+            for waiting, held in list(model.deferred.items()):
+                if held.slot == slot and held.order < order:
                     del model.deferred[waiting]
             for stage, current in list(model.stages.items()):
                 if current == version:

@@ -124,7 +124,7 @@ def test_one_production_version_unless_canary_and_replacement_archives(registry:
         registry.transition("olga", model_name="smol", version=3, to_stage=Stage.production, approver="pat", canary_percent=5)
     full = registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production, approver="pat", replaces=1)
     assert full.canary_percent is None and registry.get_adapter("smol", 1).stage == Stage.archived
-    archived, promoted = (json.loads(row.envelope)["payload"] for row in outbox(registry)[-2:])
+    promoted, archived = (json.loads(row.envelope)["payload"] for row in outbox(registry)[-2:])  # promotion first: production never empty
     assert (archived["adapter_version"], archived["to_stage"], archived["approver"], archived["replaces_version"]) == (1, "archived", "pat", None)
     assert (promoted["adapter_version"], promoted["to_stage"], promoted["approver"], promoted["replaces_version"]) == (2, "production", "pat", 1)
     # Rollback is one call: the archived version comes back and replaces the current one.

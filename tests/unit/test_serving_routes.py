@@ -134,19 +134,24 @@ async def test_replayed_topics_in_any_interleaving_never_route_to_an_adapter_not
     registered = [wrap(AdapterRegistered(model_name="m", adapter_version=v, artifact_uri=f"file:///v{v}", artifact_sha256="0" * 64, training_job_id=f"j{v}"), producer="registry") for v in (1, 2)]
     stages = [
         wrap(StageChanged(model_name="m", adapter_version=1, from_stage=Stage.staging, to_stage=Stage.production, actor="a", approver="b"), producer="registry"),
-        wrap(StageChanged(model_name="m", adapter_version=1, from_stage=Stage.production, to_stage=Stage.archived, actor="a"), producer="registry"),
         wrap(StageChanged(model_name="m", adapter_version=2, from_stage=Stage.staging, to_stage=Stage.production, actor="a", approver="b", replaces_version=1), producer="registry"),
-    ]
+        wrap(StageChanged(model_name="m", adapter_version=1, from_stage=Stage.production, to_stage=Stage.archived, actor="a"), producer="registry"),
+    ]  # in the registry's order: the promotion, then the archive of the version it replaced
     orders = _interleavings(registered, stages)
     assert len(orders) == 10
     for order in orders:
         routes, loader, turn = Routes(), _RecordingLoader(), asyncio.Lock()
         routes.add_model("m")
         handlers = {AdapterRegistered: when_adapter_registered_remember_it(routes, loader, turn), StageChanged: when_stage_changed_route_and_load(routes, loader, turn)}
+        answered = []
         for envelope in order:
             await handlers[type(envelope.payload)](envelope)
             assert _routed(routes) <= loader.loaded, [type(e.payload).__name__ for e in order]
+            if isinstance(envelope.payload, StageChanged):
+                answered.append(routes.resolve("m").label)
         assert routes.resolve("m").label == "m:v2" and loader.loaded == {2}
+        if order[:2] == registered:  # live, not a replay: once v1 is in production, production is never empty
+            assert answered == ["m:v1", "m:v2", "m:v2"], answered
 
 
 async def test_a_deferred_promotion_whose_load_fails_is_applied_when_the_registration_is_redelivered() -> None:
