@@ -513,7 +513,9 @@ class Driver:
         if self.app_key is None:
             created = await self.call("POST", "/registry/v1/keys", json={"principal": "demo-app", "role": "app"})
             self.app_key = created["key"]
-        return AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=self.app_key, max_retries=0, timeout=300)
+        # Retries as an app's client would: a 503 while serving's supervisor restarts a crashed
+        # tritonserver is retried after its Retry-After. The errors still count: step 4 reports them.
+        return AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=self.app_key, max_retries=3, timeout=300)
 
     async def ask(self, client: Any, rows: list[dict[str, Any]], phase: str, *, user_prefix: str = "customer") -> list[dict[str, Any]]:
         """Send each row's question as an app would; record which version answered."""
@@ -534,6 +536,7 @@ class Driver:
         return answers
 
     async def serve(self, step: Step, per_fact: int) -> None:
+        since = datetime.now(UTC)
         client = await self.openai()
         expected = f"{MODEL}:v{(await self.production() or {}).get('version')}"
 
@@ -561,8 +564,12 @@ class Driver:
             return rows if int(rows[0]["events"]) >= len(ids) else None
 
         counts = (await self.until("every inference.logged in ClickHouse", stored, timeout=600))[0]
-        self.report.stored_inferences = {"inferences": int(counts["events"]), "rows (no FINAL)": int(counts["rows"]), "on production version": int(counts["on_version"])}
-        step.lines.append(f"inference_log: {counts['events']} events, {counts['rows']} rows read without FINAL (duplicates: {int(counts['rows']) - int(counts['events'])})")
+        errored = (await self.sql(
+            "SELECT count() AS n FROM inference_log WHERE user_id IN {users:Array(String)} AND status != 'ok' AND occurred_at >= parseDateTime64BestEffort({since:String}, 3)",
+            users=[f"customer-{index}" for index in range(len(rows))], since=since.isoformat(),
+        ))[0]["n"]
+        self.report.stored_inferences = {"inferences": int(counts["events"]), "rows (no FINAL)": int(counts["rows"]), "on production version": int(counts["on_version"]), "errored, retried by the client": int(errored)}
+        step.lines.append(f"inference_log: {counts['events']} events, {counts['rows']} rows read without FINAL (duplicates: {int(counts['rows']) - int(counts['events'])}); errored answers the client retried: {errored}")
 
     # ------------------------------------------------------------------ step 5
 
