@@ -118,6 +118,12 @@ def print_table(title: str, figures: Iterable[Figures], notes: dict[str, object]
         print(f"  {name}: {value}")
 
 
+def print_rows(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """A table of a test's own (jobs, promotions ...), printed beside its figures."""
+    print(f"\n== {title}")
+    _print_rows([header, *([str(cell) for cell in row] for row in rows)])
+
+
 def inference(i: int, run: str) -> InferenceLogged:
     return InferenceLogged(inference_id=f"{run}-inf-{i}", model_name="smollm2", prompt_tokens=10, completion_tokens=5, latency_total_ms=float(i % 997))
 
