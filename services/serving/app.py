@@ -53,7 +53,10 @@ def create_app(runtime: Runtime) -> Service:
     state = _State()
     bus = runtime.bus("serving")
     buffer = InferenceLogBuffer(bus, capacity=settings.log_buffer_size)
-    loader = AdapterLoader(routes, ArtifactStore(default_artifact_root(runtime.home)), runtime.home / "serving" / "adapters", lambda: state.engine)
+    loader = AdapterLoader(
+        routes, ArtifactStore(default_artifact_root(runtime.home)), runtime.home / "serving" / "adapters", lambda: state.engine,
+        in_flight=lambda name: state.gateway.in_flight(name) if state.gateway is not None else 0, drain_s=settings.unload_drain_s,
+    )
 
     # Every replica holds all routes, so it reads the registry's events itself (not a consumer group's
     # share) and replays the state topics from their start at each start: its routes live in memory.

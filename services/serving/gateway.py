@@ -18,6 +18,7 @@ import json
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -70,6 +71,7 @@ class _Call:
     route: Route | None = None
     prompt_choice: PromptChoice | None = None
     prompt: str = ""
+    holds: str | None = None  # the adapter this call keeps from being unloaded until it ends
 
     @property
     def sticky_key(self) -> str:
@@ -108,6 +110,11 @@ class Gateway:
         self._triton_model = triton_model
         self._client: Any = None
         self._background: set[asyncio.Task[None]] = set()
+        self._in_flight: Counter[str] = Counter()
+
+    def in_flight(self, adapter_name: str) -> int:
+        """Calls routed to this adapter that have not ended: an unload waits for them (see handlers.py)."""
+        return self._in_flight[adapter_name]
 
     async def retarget(self, triton_grpc_url: str) -> None:
         """Send the next requests to a restarted Triton at another address."""
@@ -167,6 +174,8 @@ class Gateway:
         except GatewayError as error:
             self._emit(call, answer, triton_ms, error=str(error))
             raise
+        finally:
+            self._release(call)
         self._emit(call, answer, triton_ms)
         return Completion(call.inference_id, int(time.time()), call.route.label, answer.text, answer.finish_reason, answer.prompt_tokens, answer.completion_tokens)
 
@@ -176,12 +185,19 @@ class Gateway:
             sent = time.perf_counter()
             responses, first = await self._send(row, stream=True, request_id=call.inference_id)
         except GatewayError as error:
+            self._release(call)
             self._emit(call, None, 0.0, error=str(error))
             raise
-        return Stream(self, call, responses, first, sent)
+        except BaseException:
+            self._release(call)
+            raise
+        return Stream(self, call, responses, first, sent)  # it releases the adapter when it ends
 
     def _prepare(self, call: _Call) -> TritonRow:
         call.route = self._resolve(call.request.model, call.sticky_key)
+        if call.route.adapter_name is not None:
+            call.holds = call.route.adapter_name
+            self._in_flight[call.holds] += 1
         call.prompt = self._render(call)
         return self._row(call)
 
@@ -193,6 +209,13 @@ class Gateway:
         if route.adapter_name is not None and route.adapter_name not in self._loaded():
             raise GatewayError(404, f"{route.label} is registered but not loaded on this replica", code="model_not_loaded", param="model")
         return route
+
+    def _release(self, call: _Call) -> None:
+        if call.holds is not None:
+            self._in_flight[call.holds] -= 1
+            if not self._in_flight[call.holds]:
+                del self._in_flight[call.holds]
+            call.holds = None
 
     def _render(self, call: _Call) -> str:
         """The model input. A prompt_ref's rendered text leads: as the system message of a chat
@@ -413,6 +436,7 @@ class Stream:
 
     def _end(self, final: TritonAnswer | None, error: str | None) -> None:
         self._ended = True
+        self._gateway._release(self._call)
         text = "".join(self._pieces)
         answer = dataclasses.replace(final, text=text) if final else TritonAnswer(text, "error", 0, 0, 0.0, error or "")
         self._gateway._emit(self._call, answer, (time.perf_counter() - self._sent) * 1000, error=error)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,15 +19,22 @@ from services.serving.routes import DeferredStage, Route, Routes
 
 log = logging.getLogger("flywheel.serving.handlers")
 
+DRAIN_POLL_S = 0.05
+
 
 class AdapterLoader:
     """Materialises an adapter version from the artifact store and loads it into the engine."""
 
-    def __init__(self, routes: Routes, artifacts: ArtifactStore, cache_dir: Path, engine: Callable[[], Engine | None]) -> None:
+    def __init__(
+        self, routes: Routes, artifacts: ArtifactStore, cache_dir: Path, engine: Callable[[], Engine | None],
+        *, in_flight: Callable[[str], int] = lambda name: 0, drain_s: float = 0.0,
+    ) -> None:
         self._routes = routes
         self._artifacts = artifacts
         self._cache = cache_dir
         self._engine = engine
+        self._in_flight = in_flight
+        self._drain_s = drain_s
 
     async def load(self, model_name: str, version: int) -> None:
         engine = self._engine()
@@ -42,10 +50,18 @@ class AdapterLoader:
         await asyncio.to_thread(engine.load_adapter, name, directory)
 
     async def unload(self, model_name: str, version: int) -> None:
+        """Unload once the requests already routed to the adapter have ended (no route points at it by
+        now, so no new ones come): a request in Triton's queue must not find its adapter gone."""
         engine = self._engine()
         name = Route(model_name, version, "pinned").adapter_name
-        if engine is not None and name in engine.adapters:
-            await asyncio.to_thread(engine.unload_adapter, name)
+        if engine is None or name not in engine.adapters:
+            return
+        deadline = time.monotonic() + self._drain_s
+        while self._in_flight(name) and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if self._in_flight(name):
+            log.warning("unloading %s with %d requests still on it after %.0f s", name, self._in_flight(name), self._drain_s)
+        await asyncio.to_thread(engine.unload_adapter, name)
 
 
 # Serving replays the registry's topics at every start, one consumer per topic, so a version's

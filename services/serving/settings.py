@@ -22,4 +22,5 @@ class ServingSettings(BaseSettings):
     log_buffer_size: int = Field(default=10_000, ge=1, description="inference.logged events held in memory while Kafka is slow.")
     rate_limit_rps: float = Field(default=10.0, gt=0, description="Requests per second each API key may make (token bucket refill rate).")
     rate_limit_burst: int = Field(default=20, ge=1, description="Requests an API key may make at once before the rate applies.")
+    unload_drain_s: float = Field(default=120.0, ge=0, description="How long unloading an adapter (archived, or deployment.requested unload) waits for the requests already routed to it to end.")
     triton_log_verbose: int = Field(default=0, ge=0, description="tritonserver --log-verbose level.")

@@ -5,6 +5,7 @@ back serving what production is now."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -89,3 +90,47 @@ async def test_replicas_rebuild_routes_from_the_replayed_topics_and_each_gets_ev
             await until_answered_by(restarted, "tiny:v2", "the restarted replica serving v2")
             pinned = await restarted.post("/v1/completions", json={"model": "tiny:v1", "prompt": "Hi", "max_tokens": 1})
     assert pinned.status_code == 404 and "not loaded" in pinned.text, pinned.text
+
+
+async def test_a_promotion_under_load_answers_every_request_and_unloads_the_old_adapter_after_its_requests(
+    settings: FlywheelSettings, topics: str, model_dir: Path, app_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """Production moves from v1 to v2 while requests keep coming: none fails (a request already routed
+    to v1 when v1 is archived still finds it loaded), and v1 is unloaded once its requests are done."""
+    monkeypatch.setenv("FLYWHEEL_SERVING_RATE_LIMIT_RPS", "1000")  # one key sends all of it; the limit is not under test
+    monkeypatch.setenv("FLYWHEEL_SERVING_RATE_LIMIT_BURST", "1000")
+    artifacts = ArtifactStore(tmp_path / "registry-artifacts")
+    vocab = len(smollm2_tokenizer(tmp_path / "tokenizer"))
+    refs = {version: artifacts.put_directory(make_adapter(vocab, tmp_path / f"adapter-{version}", seed=version)) for version in (1, 2)}
+    publisher = create_broker(settings, client_id="registry")
+    async with publisher:
+        await publisher.start()
+        registry = EventBus(publisher, producer="registry", topic_prefix=settings.topic_prefix)
+        for version, ref in refs.items():
+            await registry.publish(AdapterRegistered(model_name="tiny", adapter_version=version, artifact_uri=ref.uri, artifact_sha256=ref.sha256, training_job_id=f"job-{version}"))
+        await registry.publish(StageChanged(model_name="tiny", adapter_version=1, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", approver="bob"))
+
+        async with replica(settings, settings.home.parent / "replica-load", app_key) as http:
+            await until_answered_by(http, "tiny:v1", "serving production v1")
+            statuses: list[int] = []
+            served: list[str] = []
+            promoted = asyncio.Event()
+
+            async def client() -> None:
+                while not promoted.is_set() or served.count("tiny:v2") < 8:
+                    response = await http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 16})
+                    statuses.append(response.status_code)
+                    if response.status_code == 200:
+                        served.append(response.json()["model"])
+
+            clients = [asyncio.create_task(client()) for _ in range(6)]
+            await eventually(lambda: len(served) >= 12, what="traffic on v1 before the promotion", timeout_s=60)
+            await registry.publish(StageChanged(model_name="tiny", adapter_version=2, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", approver="bob", replaces_version=1))
+            await registry.publish(StageChanged(model_name="tiny", adapter_version=1, from_stage=Stage.production, to_stage=Stage.archived, actor="alice"))
+            promoted.set()
+            await asyncio.wait_for(asyncio.gather(*clients), timeout=180)
+            pinned = await http.post("/v1/completions", json={"model": "tiny:v1", "prompt": "Hi", "max_tokens": 1})
+    assert set(statuses) == {200}, f"{len(statuses)} requests: {sorted(set(statuses))}"
+    assert served[0] == "tiny:v1" and served[-1] == "tiny:v2" and set(served) == {"tiny:v1", "tiny:v2"}, set(served)
+    assert "tiny" not in served, "production was empty (the base model answered) during the promotion"
+    assert pinned.status_code == 404 and "not loaded" in pinned.text, pinned.text  # v1 was unloaded after its requests
