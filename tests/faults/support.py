@@ -224,11 +224,7 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        if len(self.services) == 1:
-            return [*FLYWHEEL, "run", self.services[0]]
-        # `flywheel run` takes one service; the composition root's serve() builds a process of several.
-        program = f"from services.cli.run_cmd import serve; serve({self.services!r}, title='flywheel-{'-'.join(self.services)}')"
-        return [sys.executable, "-c", program]
+        return [*FLYWHEEL, "run", *self.services]
 
     def start(self) -> None:
         assert not self.running()
