@@ -25,13 +25,37 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from contracts.envelope import Envelope, wrap
-from contracts.events import FeedbackReceived, InferenceLogged
+from contracts.events import (
+    AdapterRegistered,
+    DatasetPublished,
+    EvaluationCompleted,
+    EvaluationRequested,
+    FeedbackReceived,
+    InferenceLogged,
+    ModelRegistered,
+    PromptPublished,
+    StageChanged,
+    TrainingCompleted,
+    TrainingRequested,
+)
 from contracts.publisher import encode
 from contracts.topics import dlq_for, topic_for
 from infra.processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 FLYWHEEL = [str(Path(sys.executable).parent / "flywheel")]
+
+
+# Malformed messages a consumer must dead-letter (`<topic>.dlq`) and go on; and which events each consumer
+# group of the services the fault tests run (all but serving) consumes.
+POISON = [b"not json at all", b"{}", json.dumps({"event_id": "not-a-uuid", "event_type": "x"}).encode(), b""]
+GROUPS: dict[str, set[type]] = {
+    "registry": {TrainingCompleted, EvaluationCompleted},
+    "trainer": {TrainingRequested, ModelRegistered, DatasetPublished},
+    "evaluator": {ModelRegistered, DatasetPublished, StageChanged, PromptPublished, AdapterRegistered, EvaluationRequested},
+    "feedback": {InferenceLogged, FeedbackReceived},
+    "monitor": {StageChanged},
+}
 FULL = os.environ.get("FLYWHEEL_FAULTS_SIZE", "ci") == "full"
 TABLES = {InferenceLogged: "inference_log", FeedbackReceived: "feedback"}
 
@@ -326,6 +350,40 @@ async def topic_size(bootstrap: str, topic: str) -> int:
 
 async def dead_lettered(bootstrap: str, prefix: str, events: Iterable[type]) -> int:
     return sum([await topic_size(bootstrap, dlq_for(topic_for(event, prefix))) for event in events])
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One record of a `<topic>.dlq`: which consumer group gave up on which original record."""
+
+    group: str
+    event_type: str
+    original: tuple[int, int]  # partition, offset in the original topic
+    key: bytes | None
+
+
+async def read_dead_letters(bootstrap: str, prefix: str, events: Iterable[type]) -> set[DeadLetter]:
+    """Every record of the dead-letter topics of `events`. A set: a group killed between the dead-letter
+    publish and its commit publishes the same original record again, which is one dead letter, not two."""
+    topics = {dlq_for(topic_for(event, prefix)): event.event_type for event in events}  # type: ignore[attr-defined]
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    letters: set[DeadLetter] = set()
+    try:
+        await consumer._client.force_metadata_update()  # noqa: SLF001
+        partitions = [TopicPartition(topic, p) for topic in topics for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(partitions)
+        end = await consumer.end_offsets(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        while any([await consumer.position(tp) < end[tp] for tp in partitions]):
+            for tp, records in (await consumer.getmany(timeout_ms=2000)).items():
+                for record in records:
+                    headers = {name: value.decode() for name, value in record.headers}
+                    original = (int(headers["x-flywheel-original-partition"]), int(headers["x-flywheel-original-offset"]))
+                    letters.add(DeadLetter(headers["x-flywheel-consumer-group"], topics[tp.topic], original, record.key))
+    finally:
+        await consumer.stop()
+    return letters
 
 
 async def wait_drained(process: ServiceProcess, bootstrap: str, group: str, topics: list[str], timeout_s: float) -> float:

@@ -3,13 +3,20 @@ their own process (`flywheel run`) against the proxied broker; the flow runs (tr
 trainer trains a LoRA adapter -> training.completed -> the registry registers it -> adapter.registered ->
 the evaluator gates it -> evaluation.completed -> an operator promotes it, and the registry lets it into
 production only with a passing evaluation), and a service chosen by a seeded RNG is SIGKILLed at a random
-moment and restarted, again and again. Meanwhile inference.logged and feedback.received stream into the
+moment and restarted, again and again. Among the kills, at random places in the same seeded schedule, the
+Kafka broker is stopped and started again (early, while the ledger still streams), and malformed messages
+are put on every topic of the contract. Meanwhile inference.logged and feedback.received stream into the
 sink through a ledger.
 
 Afterwards: every training job is terminal (completed, or failed with a reason), every completed job is
 one adapter version with an evaluation attached, every production promotion in the audit log follows a
 passing evaluation of that exact version, and every acknowledged inference and feedback event is in
-ClickHouse exactly once. The seed is printed first; `FLYWHEEL_FAULTS_SEED=N` replays a run's choices
+ClickHouse exactly once; every consumer group running here has dead-lettered each poison message of each
+topic it consumes (once, counted by original offset: a group killed between the dead-letter publish and its
+commit sends it again) and nothing else. Recovery: after a kill, seconds until the new process is ready;
+after the broker restart, seconds from the broker's return until every service is ready and the ledger's
+producer has an acknowledgement again; after the poison, seconds until the last group dead-lettered it.
+The seed is printed first; `FLYWHEEL_FAULTS_SEED=N` replays a run's choices
 (the moments still depend on how fast the machine runs the loop).
 
 The model is SmolLM2-135M (the cached safetensors export, registered with `flywheel registry import-base
@@ -20,10 +27,12 @@ the base model; a job with a learning rate of 1e-7 yields an adapter that answer
 fails it; a job naming a dataset that does not exist fails with its reason.
 
 Sizes: CI 4 jobs, 4 kills (each service once), 2,000 inferences and 1,000 feedback events (about 5
-minutes on 2 cores); FLYWHEEL_FAULTS_SIZE=full 8 jobs, 12 kills, 20,000 and 10,000.
+minutes on 2 cores); FLYWHEEL_FAULTS_SIZE=full 8 jobs, 12 kills, 20,000 and 10,000. One broker restart and
+one round of poison at both sizes.
 
-Serving is not started: Triton under faults has its own test (test_faults_triton.py), and nothing here
-needs an answer served.
+Serving is not started: Triton under faults (unavailable, then killed) has its own test
+(test_faults_triton.py), and nothing here needs an answer served. The poison on the topics only serving
+consumes stays unread.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import random
 import subprocess
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,23 +52,27 @@ from typing import Any
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from contracts.envelope import wrap
-from contracts.events import DatasetPublished, DatasetRef, Hyperparameters, ModelRegistered, TrainingRequested
+from contracts.events import EVENTS, DatasetPublished, DatasetRef, Hyperparameters, ModelRegistered, TrainingRequested
 from contracts.publisher import encode
 from contracts.topics import topic_for
 from tests.faults.conftest import ProxiedKafka
 from tests.faults.support import (
     FLYWHEEL,
+    GROUPS,
+    POISON,
     REPO,
     TABLES,
+    DeadLetter,
     Ledger,
     LedgerProducer,
     ServiceProcess,
-    dead_lettered,
     group_lag,
     print_rows,
     print_table,
+    read_dead_letters,
     read_stored,
     size,
     topic_size,
@@ -76,9 +90,15 @@ SEED = int(os.environ.get("FLYWHEEL_FAULTS_SEED", random.randrange(2**32)))
 
 JOBS = size(4, 8)
 KILLS = size(4, 12)
-KILL_GAP_S = (3.0, 10.0)
+FAULT_GAP_S = (3.0, 10.0)
 RESTART_DELAY_S = (0.0, 3.0)
 SERVICES = ("registry", "trainer", "evaluator", "feedback+monitor")
+BROKER_RESTART, POISONING = "broker restart", "poison"
+POISON_KEY = b"poison"
+# Each group running here dead-letters each poison message of each topic it consumes.
+EXPECTED_POISON = Counter({(group, event.event_type): len(POISON) for group, events in GROUPS.items() for event in events})
+# The ledger's sends wait out the broker restart instead of failing: an acknowledged send is then the only outcome.
+SEND_TIMEOUT_MS = 120_000
 
 # Four golden conversations, learned in eight steps: enough to pass default@v1 against the base model.
 LEARNS = Hyperparameters(rank=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"], learning_rate=3e-3, epochs=8, batch_size=4, max_seq_length=96)
@@ -97,6 +117,10 @@ class Job:
 class Chaos:
     kills: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SERVICES, 0))
     recovery: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    poisoned: asyncio.Event = field(default_factory=asyncio.Event)
+    poison_fault: str = ""
+    poisoned_at: float = 0.0
 
 
 @dataclass
@@ -250,21 +274,89 @@ async def doing(name: str, process: ServiceProcess) -> str:
     return ""
 
 
-async def unleash(processes: dict[str, ServiceProcess], chaos: Chaos, rng: random.Random, done: asyncio.Event) -> None:
-    """SIGKILL a random service at a random moment and restart it, KILLS times: every service once first
-    (in a random order), then any. Recovery: seconds from the SIGKILL until the new process is ready."""
-    order = rng.sample(SERVICES, len(SERVICES)) + [rng.choice(SERVICES) for _ in range(KILLS - len(SERVICES))]
-    for number, name in enumerate(order[:KILLS], start=1):
-        await asyncio.sleep(rng.uniform(*KILL_GAP_S))
-        process = processes[name]
-        busy = await doing(name, process)
-        await asyncio.to_thread(process.kill)
-        killed_at = time.monotonic()
-        chaos.kills[name] += 1
-        await asyncio.sleep(rng.uniform(*RESTART_DELAY_S))
-        process.start()
-        await process.wait_ready()
-        chaos.recovery[f"kill {number}: {name}" + (f" ({busy})" if busy else "")] = time.monotonic() - killed_at
+def schedule(rng: random.Random) -> list[str]:
+    """KILLS kills, every service once first (in a random order), then any; the broker restart among the
+    first three faults, while the ledger still streams; the poison anywhere."""
+    faults = rng.sample(SERVICES, len(SERVICES)) + [rng.choice(SERVICES) for _ in range(KILLS - len(SERVICES))]
+    faults.insert(rng.randrange(3), BROKER_RESTART)
+    faults.insert(rng.randrange(len(faults) + 1), POISONING)
+    return faults
+
+
+async def restart_broker(proxied: ProxiedKafka, processes: dict[str, ServiceProcess], ledger: Ledger, producing: asyncio.Task[None]) -> tuple[str, float]:
+    """Stop and start the broker; seconds from its return until every service is ready and the ledger's
+    producer has had an acknowledgement again (or had finished)."""
+    down = time.monotonic()
+    await asyncio.to_thread(proxied.restart_broker)
+    back = time.monotonic()
+    acked, streaming = len(ledger.acked("inference_log")), not producing.done()
+
+    async def recovered() -> bool:
+        resumed = producing.done() or len(ledger.acked("inference_log")) > acked
+        return resumed and all([await asyncio.to_thread(process.ready) == 200 for process in processes.values()])
+
+    while not await recovered():
+        assert time.monotonic() - back < 300, "no recovery 300 s after the broker restart: " + " | ".join(f"{name}: {p.log_tail(8)}" for name, p in processes.items())
+        await asyncio.sleep(0.3)
+    return f"broker stop + start, {back - down:.1f} s down" + ("" if streaming else " (the ledger had finished)"), time.monotonic() - back
+
+
+async def poison_every_topic(bootstrap: str, prefix: str) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        for event in EVENTS:
+            for value in POISON:
+                await producer.send_and_wait(topic_for(event, prefix), value=value, key=POISON_KEY)
+    finally:
+        await producer.stop()
+
+
+def poison_dead_lettered(letters: set[DeadLetter]) -> Counter[tuple[str, str]]:
+    return Counter((letter.group, letter.event_type) for letter in letters if letter.key == POISON_KEY)
+
+
+async def watch_poison(chaos: Chaos, bootstrap: str, prefix: str) -> None:
+    """The poison's recovery: seconds until every group has dead-lettered all of its poison."""
+    await chaos.poisoned.wait()
+    while True:
+        try:
+            if EXPECTED_POISON <= poison_dead_lettered(await read_dead_letters(bootstrap, prefix, EVENTS)):
+                break
+        except (KafkaError, OSError, TimeoutError):  # the broker restart may come while the poison is read
+            pass
+        await asyncio.sleep(2.0)
+    chaos.recovery[chaos.poison_fault] = time.monotonic() - chaos.poisoned_at
+
+
+async def unleash(
+    processes: dict[str, ServiceProcess], chaos: Chaos, rng: random.Random, done: asyncio.Event,
+    proxied: ProxiedKafka, prefix: str, ledger: Ledger, producing: asyncio.Task[None],
+) -> None:
+    """The faults of `schedule`, one at a time, each at a random moment. Recovery of a kill: seconds from
+    the SIGKILL until the new process is ready."""
+    for number, fault in enumerate(schedule(rng), start=1):
+        await asyncio.sleep(rng.uniform(*FAULT_GAP_S))
+        moment = f"{number:>2}. at {time.monotonic() - chaos.started:3.0f} s: "
+        if fault == BROKER_RESTART:
+            what, seconds = await restart_broker(proxied, processes, ledger, producing)
+            chaos.recovery[moment + what] = seconds
+        elif fault == POISONING:
+            await poison_every_topic(proxied.bootstrap, prefix)
+            chaos.poisoned_at = time.monotonic()
+            chaos.poison_fault = moment + f"poison: {len(POISON)} malformed messages on each of {len(EVENTS)} topics"
+            chaos.recovery[chaos.poison_fault] = float("nan")  # its place in the order; watch_poison fills it in
+            chaos.poisoned.set()
+        else:
+            process = processes[fault]
+            busy = await doing(fault, process)
+            await asyncio.to_thread(process.kill)
+            killed_at = time.monotonic()
+            chaos.kills[fault] += 1
+            await asyncio.sleep(rng.uniform(*RESTART_DELAY_S))
+            process.start()
+            await process.wait_ready()
+            chaos.recovery[moment + f"kill {fault}" + (f" ({busy})" if busy else "")] = time.monotonic() - killed_at
     done.set()
 
 
@@ -305,12 +397,12 @@ async def test_sigkilled_services_while_the_loop_runs_lose_no_job_event_or_gate(
     processes = dict(zip(SERVICES, (registry, trainer, evaluator, sink), strict=True))
     ledger = Ledger()
     total = size(2000, 20_000)
-    producer = LedgerProducer(bootstrap, prefix, ledger, total=total, chunk=max(total // 150, 10), pause_s=1.0)
+    producer = LedgerProducer(bootstrap, prefix, ledger, total=total, chunk=max(total // 150, 10), pause_s=1.0, request_timeout_ms=SEND_TIMEOUT_MS)
     operator = Operator(registry)
     chaos = Chaos()
     run = uuid.uuid4().hex[:6]
     jobs = jobs_for(run)
-    stop_operator, kills_done = asyncio.Event(), asyncio.Event()
+    stop_operator, faults_done = asyncio.Event(), asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
     started = time.monotonic()
     try:
@@ -324,12 +416,17 @@ async def test_sigkilled_services_while_the_loop_runs_lose_no_job_event_or_gate(
         await setup_catalogue(registry, base_model_dir)
         await wait_catalogue_known(bootstrap, prefix)
 
+        chaos.started = time.monotonic()
         producing = asyncio.create_task(producer.run())
-        tasks = [producing, asyncio.create_task(operate(operator, stop_operator)), asyncio.create_task(unleash(processes, chaos, rng, kills_done))]
+        poison_watch = asyncio.create_task(watch_poison(chaos, bootstrap, prefix))
+        tasks = [
+            producing, poison_watch, asyncio.create_task(operate(operator, stop_operator)),
+            asyncio.create_task(unleash(processes, chaos, rng, faults_done, proxied, prefix, ledger, producing)),
+        ]
         await request_training(bootstrap, prefix, jobs)
 
         async def settled() -> bool:
-            return kills_done.is_set() and await loop_settled(processes, jobs, operator)
+            return faults_done.is_set() and poison_watch.done() and await loop_settled(processes, jobs, operator)
 
         deadline = time.monotonic() + size(900, 3000)
         while not await settled():
@@ -342,7 +439,7 @@ async def test_sigkilled_services_while_the_loop_runs_lose_no_job_event_or_gate(
         await asyncio.wait_for(producing, 900)
         topics = [topic_for(event, prefix) for event in TABLES]
         await wait_drained(sink, bootstrap, "feedback", topics, 300)
-        dlq = await dead_lettered(bootstrap, prefix, TABLES)
+        letters = await read_dead_letters(bootstrap, prefix, EVENTS)
 
         trainer_jobs = {job["job_id"]: job for job in await must("GET", f"{trainer.url}/trainer/v1/training-jobs", params={"limit": 1000})}
         adapters = await all_pages(f"{registry.url}/registry/v1/adapters", model_name=MODEL)
@@ -379,10 +476,19 @@ async def test_sigkilled_services_while_the_loop_runs_lose_no_job_event_or_gate(
     production_without_pass = [a["version"] for a in in_production if not any(e["passed"] for e in lineages[a["version"]]["evaluations"])]
     stuck_evaluations = [e["evaluation_id"] for e in evaluations if e["status"] not in ("completed", "failed")]
 
+    # Dead letters: the poison, once per consuming group and topic; no real event.
+    poisoned = poison_dead_lettered(letters)
+    not_poison = Counter(letter.event_type for letter in letters if letter.key != POISON_KEY)
+    print_rows(
+        "dead letters per consumer group and topic",
+        ["group", "topic", "poison", "expected", "other"],
+        [[group, event_type, poisoned[(group, event_type)], EXPECTED_POISON[(group, event_type)], sum(letter.group == group and letter.event_type == event_type and letter.key != POISON_KEY for letter in letters)] for group, event_type in sorted({*EXPECTED_POISON, *poisoned, *((letter.group, letter.event_type) for letter in letters)})],
+    )
+
     stored = read_stored(sink.home)
-    figures = [ledger.check(table, stored[table], dead_lettered=dlq) for table in TABLES.values()]
+    figures = [ledger.check(table, stored[table], dead_lettered=not_poison[event.event_type]) for event, table in TABLES.items()]
     print_table(
-        "loop kills: registry, trainer, evaluator, feedback+monitor SIGKILLed at random moments while the loop runs",
+        "loop faults: registry, trainer, evaluator, feedback+monitor SIGKILLed at random moments, the broker restarted, poison on every topic, while the loop runs",
         figures,
         {
             "seed": SEED,
@@ -420,6 +526,8 @@ async def test_sigkilled_services_while_the_loop_runs_lose_no_job_event_or_gate(
     blocked = [v for v in passing if v not in promoted_versions and not any(p > v for p in promoted_versions)]
     assert not blocked, f"passed the gate but never promoted nor superseded: {blocked}"
     assert sum(chaos.kills.values()) == KILLS and all(chaos.kills.values())
+    assert poisoned == EXPECTED_POISON, f"poison dead-lettered {dict(poisoned)}, expected {dict(EXPECTED_POISON)}"
+    assert not not_poison, f"events that were not poison dead-lettered: {dict(not_poison)}"
     assert producer.sent == total
     for f in figures:
         assert f.acked > 0 and f.failed == 0, f"the broker refused sends with no network fault: {f}"

@@ -16,7 +16,6 @@ trainer, evaluator and serving (not started here: they need the model) keep thei
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from pathlib import Path
 
@@ -27,24 +26,18 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from contracts.envelope import wrap
 from contracts.events import (
     EVENTS,
-    AdapterRegistered,
-    DatasetPublished,
     EvaluationCompleted,
-    EvaluationRequested,
     FeedbackReceived,
     InferenceLogged,
     InferenceStatus,
-    ModelRegistered,
-    PromptPublished,
     StageChanged,
     TrainingCompleted,
-    TrainingRequested,
 )
 from contracts.publisher import encode
 from contracts.topics import dlq_for, topic_for
 from services.runtime.broker import ensure_topics
 from tests.faults.conftest import ProxiedKafka
-from tests.faults.support import ServiceProcess, group_lag, topic_size
+from tests.faults.support import GROUPS, POISON, ServiceProcess, group_lag, topic_size
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -53,7 +46,6 @@ INFERENCES = 40
 # Consumed by the services these shapes run: registry (training.completed, evaluation.completed),
 # feedback (inference.logged, feedback.received), monitor (stage.changed).
 CONSUMED = {TrainingCompleted, EvaluationCompleted, InferenceLogged, FeedbackReceived, StageChanged}
-POISON = [b"not json at all", b"{}", json.dumps({"event_id": "not-a-uuid", "event_type": "x"}).encode(), b""]
 
 
 def shape_env(home: Path) -> dict[str, str]:
@@ -177,15 +169,6 @@ async def test_separate_processes_give_the_same_outcome_as_one_process_under_poi
 
 
 # Who consumes what, per consumer group, as the services declare it (serving is left out: it needs Triton).
-GROUPS: dict[str, set[type]] = {
-    "registry": {TrainingCompleted, EvaluationCompleted},
-    "trainer": {TrainingRequested, ModelRegistered, DatasetPublished},
-    "evaluator": {ModelRegistered, DatasetPublished, StageChanged, PromptPublished, AdapterRegistered, EvaluationRequested},
-    "feedback": {InferenceLogged, FeedbackReceived},
-    "monitor": {StageChanged},
-}
-
-
 async def dead_letters_by_group(bootstrap: str, prefix: str) -> dict[tuple[str, str], int]:
     """(consumer group, original event type) -> records in the dead-letter topics, from their headers."""
     counts: dict[tuple[str, str], int] = {}

@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from contracts.events import FeedbackReceived, InferenceLogged
 from contracts.topics import topic_for
 from tests.faults.conftest import ProxiedKafka
 from tests.faults.support import (
