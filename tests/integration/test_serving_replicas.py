@@ -59,9 +59,10 @@ async def until_answered_by(http: httpx.AsyncClient, expected: str, what: str) -
         raise AssertionError(f"{error}; the last answers came from {seen[-3:]}") from None
 
 
-async def test_replicas_rebuild_routes_from_the_replayed_topics_and_each_gets_every_stage_change(
-    settings: FlywheelSettings, topics: str, model_dir: Path, app_key: str, tmp_path: Path  # noqa: F811
-) -> None:
+@asynccontextmanager
+async def registry_history(settings: FlywheelSettings, tmp_path: Path) -> AsyncIterator[EventBus]:
+    """The registry's history before any replica starts: two versions of `tiny`, v1 promoted to
+    production; yields the registry's bus to publish what comes next."""
     artifacts = ArtifactStore(tmp_path / "registry-artifacts")
     vocab = len(smollm2_tokenizer(tmp_path / "tokenizer"))
     refs = {version: artifacts.put_directory(make_adapter(vocab, tmp_path / f"adapter-{version}", seed=version)) for version in (1, 2)}
@@ -69,11 +70,22 @@ async def test_replicas_rebuild_routes_from_the_replayed_topics_and_each_gets_ev
     async with publisher:
         await publisher.start()
         registry = EventBus(publisher, producer="registry", topic_prefix=settings.topic_prefix)
-        # The registry's history before any replica starts: two versions, v1 promoted to production.
         for version, ref in refs.items():
             await registry.publish(AdapterRegistered(model_name="tiny", adapter_version=version, artifact_uri=ref.uri, artifact_sha256=ref.sha256, training_job_id=f"job-{version}"))
         await registry.publish(StageChanged(model_name="tiny", adapter_version=1, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", approver="bob"))
+        yield registry
 
+
+async def promote_v2(registry: EventBus) -> None:
+    """As the registry publishes a replacement: the promotion, then the archive of the version it replaced."""
+    await registry.publish(StageChanged(model_name="tiny", adapter_version=2, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", approver="bob", replaces_version=1))
+    await registry.publish(StageChanged(model_name="tiny", adapter_version=1, from_stage=Stage.production, to_stage=Stage.archived, actor="alice"))
+
+
+async def test_replicas_rebuild_routes_from_the_replayed_topics_and_each_gets_every_stage_change(
+    settings: FlywheelSettings, topics: str, model_dir: Path, app_key: str, tmp_path: Path  # noqa: F811
+) -> None:
+    async with registry_history(settings, tmp_path) as registry:
         homes = [settings.home.parent / f"replica-{name}" for name in "ab"]
         async with AsyncExitStack() as stack:
             a = await stack.enter_async_context(replica(settings, homes[0], app_key))
@@ -81,8 +93,7 @@ async def test_replicas_rebuild_routes_from_the_replayed_topics_and_each_gets_ev
             for name, http in (("a", a), ("b", b)):
                 await until_answered_by(http, "tiny:v1", f"replica {name} serving production v1 from the replayed history")
 
-            await registry.publish(StageChanged(model_name="tiny", adapter_version=2, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", approver="bob", replaces_version=1))
-            await registry.publish(StageChanged(model_name="tiny", adapter_version=1, from_stage=Stage.production, to_stage=Stage.archived, actor="alice"))
+            await promote_v2(registry)
             for name, http in (("a", a), ("b", b)):
                 await until_answered_by(http, "tiny:v2", f"replica {name} following the promotion of v2")
 
@@ -99,17 +110,7 @@ async def test_a_promotion_under_load_answers_every_request_and_unloads_the_old_
     to v1 when v1 is archived still finds it loaded), and v1 is unloaded once its requests are done."""
     monkeypatch.setenv("FLYWHEEL_SERVING_RATE_LIMIT_RPS", "1000")  # one key sends all of it; the limit is not under test
     monkeypatch.setenv("FLYWHEEL_SERVING_RATE_LIMIT_BURST", "1000")
-    artifacts = ArtifactStore(tmp_path / "registry-artifacts")
-    vocab = len(smollm2_tokenizer(tmp_path / "tokenizer"))
-    refs = {version: artifacts.put_directory(make_adapter(vocab, tmp_path / f"adapter-{version}", seed=version)) for version in (1, 2)}
-    publisher = create_broker(settings, client_id="registry")
-    async with publisher:
-        await publisher.start()
-        registry = EventBus(publisher, producer="registry", topic_prefix=settings.topic_prefix)
-        for version, ref in refs.items():
-            await registry.publish(AdapterRegistered(model_name="tiny", adapter_version=version, artifact_uri=ref.uri, artifact_sha256=ref.sha256, training_job_id=f"job-{version}"))
-        await registry.publish(StageChanged(model_name="tiny", adapter_version=1, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", approver="bob"))
-
+    async with registry_history(settings, tmp_path) as registry:
         async with replica(settings, settings.home.parent / "replica-load", app_key) as http:
             await until_answered_by(http, "tiny:v1", "serving production v1")
             statuses: list[int] = []
@@ -125,8 +126,7 @@ async def test_a_promotion_under_load_answers_every_request_and_unloads_the_old_
 
             clients = [asyncio.create_task(client()) for _ in range(6)]
             await eventually(lambda: len(served) >= 12, what="traffic on v1 before the promotion", timeout_s=60)
-            await registry.publish(StageChanged(model_name="tiny", adapter_version=2, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", approver="bob", replaces_version=1))
-            await registry.publish(StageChanged(model_name="tiny", adapter_version=1, from_stage=Stage.production, to_stage=Stage.archived, actor="alice"))
+            await promote_v2(registry)
             promoted.set()
             await asyncio.wait_for(asyncio.gather(*clients), timeout=180)
             pinned = await http.post("/v1/completions", json={"model": "tiny:v1", "prompt": "Hi", "max_tokens": 1})
