@@ -47,10 +47,14 @@ class Page(Response, Generic[T]):
 
 
 class Role(StrEnum):
-    """What an API key may do: admin (everything, keys), operator (changes), app (gateway, feedback), viewer (reads)."""
+    """What an API key may do: admin (everything, keys), operator (changes), approver (approves production
+    promotions it did not request), reviewer (reviews; its corrections may feed retraining), app (the
+    gateway, feedback and events for its own traffic; reads nothing else), viewer (reads)."""
 
     admin = "admin"
     operator = "operator"
+    approver = "approver"
+    reviewer = "reviewer"
     app = "app"
     viewer = "viewer"
 

@@ -11,8 +11,9 @@ through `Authenticator.for_settings`. That keeps one source of truth without a n
 request or a registry that must be up for the other doors to answer; results are cached for a few
 seconds, so a revoked key stops working everywhere within `cache_ttl_s`.
 
-Roles: admin (everything, key management), operator (mutations: register, promote, train),
-app (call the gateway, send feedback and events) and viewer (read). Each role also grants viewer.
+Roles: admin (everything, key management), operator (mutations: register, promote, train), approver
+(production promotions), reviewer (review corrections), app (call the gateway, send feedback and
+events; reads nothing) and viewer (read). Every role but app also grants viewer.
 """
 
 from __future__ import annotations
@@ -41,10 +42,13 @@ KEY_PREFIX = "fw"
 
 
 # What each role may act as: a door that requires the role on the right admits the role on the left.
+# An app key reads nothing: one app's key must not read every app's logs, prompts or models.
 GRANTS: dict[Role, frozenset[Role]] = {
     Role.admin: frozenset(Role),
     Role.operator: frozenset({Role.operator, Role.viewer}),
-    Role.app: frozenset({Role.app, Role.viewer}),
+    Role.approver: frozenset({Role.approver, Role.viewer}),
+    Role.reviewer: frozenset({Role.reviewer, Role.viewer}),
+    Role.app: frozenset({Role.app}),
     Role.viewer: frozenset({Role.viewer}),
 }
 

@@ -59,7 +59,7 @@ NEEDS: list[tuple[str, str, str, str]] = [
     ("*", "*", r".*", Role.operator.value),
 ]
 # A role just below each need: it holds no grant of the needed role.
-BELOW = {Role.viewer.value: None, Role.app.value: Role.operator.value, Role.operator.value: Role.app.value, Role.admin.value: Role.operator.value}
+BELOW = {Role.viewer.value: Role.app.value, Role.app.value: Role.operator.value, Role.operator.value: Role.app.value, Role.admin.value: Role.operator.value}
 
 
 def needs(service: str, method: str, path: str) -> str:

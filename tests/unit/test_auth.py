@@ -79,7 +79,12 @@ def test_role_grants() -> None:
     assert all(admin.may(role) for role in Role)
     assert Principal("o", Role.operator, "k").may(Role.viewer)
     assert not Principal("o", Role.operator, "k").may(Role.admin)
-    assert Principal("p", Role.app, "k").may(Role.viewer) and not Principal("p", Role.app, "k").may(Role.operator)
+    app = Principal("p", Role.app, "k")
+    assert app.may(Role.app) and not app.may(Role.viewer) and not app.may(Role.operator)
+    for role in (Role.approver, Role.reviewer):
+        assert Principal("r", role, "k").may(role) and Principal("r", role, "k").may(Role.viewer)
+        assert not Principal("r", role, "k").may(Role.operator)
+    assert not Principal("r", Role.reviewer, "k").may(Role.approver)
 
 
 def test_bootstrap_admin_only_when_none_exists(keys: KeyStore) -> None:
