@@ -184,12 +184,10 @@ class Gateway:
             row = self._prepare(call)
             sent = time.perf_counter()
             responses, first = await self._send(row, stream=True, request_id=call.inference_id)
-        except GatewayError as error:
+        except BaseException as error:
             self._release(call)
-            self._emit(call, None, 0.0, error=str(error))
-            raise
-        except BaseException:
-            self._release(call)
+            if isinstance(error, GatewayError):
+                self._emit(call, None, 0.0, error=str(error))
             raise
         return Stream(self, call, responses, first, sent)  # it releases the adapter when it ends
 

@@ -107,11 +107,10 @@ class Routes:
             model = self._models.setdefault(model_name, _Model())
             # What this change supersedes: a held change of the same version, and held changes of the same
             # slot that came before it (a deferred promotion applied late must not drop a newer one).
-            order = deferred.order if deferred is not None else next(self._order)
-            slot = (to_stage, bool(canary_percent))
+            change = deferred or DeferredStage(to_stage, canary_percent, next(self._order))
             model.deferred.pop(version, None)
             for waiting, held in list(model.deferred.items()):
-                if held.slot == slot and held.order < order:
+                if held.slot == change.slot and held.order < change.order:
                     del model.deferred[waiting]
             for stage, current in list(model.stages.items()):
                 if current == version:

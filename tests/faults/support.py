@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from contracts.envelope import Envelope, wrap
 from contracts.events import (
+    EVENTS,
     AdapterRegistered,
     DatasetPublished,
     EvaluationCompleted,
@@ -49,6 +51,7 @@ FLYWHEEL = [str(Path(sys.executable).parent / "flywheel")]
 # Malformed messages a consumer must dead-letter (`<topic>.dlq`) and go on; and which events each consumer
 # group of the services the fault tests run (all but serving) consumes.
 POISON = [b"not json at all", b"{}", json.dumps({"event_id": "not-a-uuid", "event_type": "x"}).encode(), b""]
+POISON_KEY = b"poison"
 GROUPS: dict[str, set[type]] = {
     "registry": {TrainingCompleted, EvaluationCompleted},
     "trainer": {TrainingRequested, ModelRegistered, DatasetPublished},
@@ -56,6 +59,20 @@ GROUPS: dict[str, set[type]] = {
     "feedback": {InferenceLogged, FeedbackReceived},
     "monitor": {StageChanged},
 }
+# Each group dead-letters each poison message of each topic it consumes, once.
+EXPECTED_POISON = Counter({(group, event.event_type): len(POISON) for group, events in GROUPS.items() for event in events})
+
+
+async def send_poison(producer: AIOKafkaProducer, prefix: str) -> None:
+    """POISON on every topic of the contract, keyed POISON_KEY so its dead letters can be told apart."""
+    for event in EVENTS:
+        for value in POISON:
+            await producer.send_and_wait(topic_for(event, prefix), value=value, key=POISON_KEY)
+
+
+def poison_dead_lettered(letters: Iterable[DeadLetter]) -> Counter[tuple[str, str]]:
+    """(consumer group, event type) -> poison messages it dead-lettered."""
+    return Counter((letter.group, letter.event_type) for letter in letters if letter.key == POISON_KEY)
 FULL = os.environ.get("FLYWHEEL_FAULTS_SIZE", "ci") == "full"
 TABLES = {InferenceLogged: "inference_log", FeedbackReceived: "feedback"}
 

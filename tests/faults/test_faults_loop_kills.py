@@ -60,20 +60,22 @@ from contracts.publisher import encode
 from contracts.topics import topic_for
 from tests.faults.conftest import ProxiedKafka
 from tests.faults.support import (
+    EXPECTED_POISON,
     FLYWHEEL,
-    GROUPS,
     POISON,
+    POISON_KEY,
     REPO,
     TABLES,
-    DeadLetter,
     Ledger,
     LedgerProducer,
     ServiceProcess,
     group_lag,
+    poison_dead_lettered,
     print_rows,
     print_table,
     read_dead_letters,
     read_stored,
+    send_poison,
     size,
     topic_size,
     wait_drained,
@@ -94,9 +96,6 @@ FAULT_GAP_S = (3.0, 10.0)
 RESTART_DELAY_S = (0.0, 3.0)
 SERVICES = ("registry", "trainer", "evaluator", "feedback+monitor")
 BROKER_RESTART, POISONING = "broker restart", "poison"
-POISON_KEY = b"poison"
-# Each group running here dead-letters each poison message of each topic it consumes.
-EXPECTED_POISON = Counter({(group, event.event_type): len(POISON) for group, events in GROUPS.items() for event in events})
 # The ledger's sends wait out the broker restart instead of failing: an acknowledged send is then the only outcome.
 SEND_TIMEOUT_MS = 120_000
 
@@ -305,15 +304,9 @@ async def poison_every_topic(bootstrap: str, prefix: str) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
     await producer.start()
     try:
-        for event in EVENTS:
-            for value in POISON:
-                await producer.send_and_wait(topic_for(event, prefix), value=value, key=POISON_KEY)
+        await send_poison(producer, prefix)
     finally:
         await producer.stop()
-
-
-def poison_dead_lettered(letters: set[DeadLetter]) -> Counter[tuple[str, str]]:
-    return Counter((letter.group, letter.event_type) for letter in letters if letter.key == POISON_KEY)
 
 
 async def watch_poison(chaos: Chaos, bootstrap: str, prefix: str) -> None:

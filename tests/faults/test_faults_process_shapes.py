@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from contracts.envelope import wrap
 from contracts.events import (
@@ -37,7 +37,7 @@ from contracts.publisher import encode
 from contracts.topics import dlq_for, topic_for
 from services.runtime.broker import ensure_topics
 from tests.faults.conftest import ProxiedKafka
-from tests.faults.support import GROUPS, POISON, ServiceProcess, group_lag, topic_size
+from tests.faults.support import EXPECTED_POISON, GROUPS, POISON, ServiceProcess, group_lag, poison_dead_lettered, read_dead_letters, send_poison, topic_size
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -63,9 +63,7 @@ async def drive_slice(bootstrap: str, prefix: str, feedback_door: str, monitor_d
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
     await producer.start()
     try:
-        for event in EVENTS:
-            for value in POISON:
-                await producer.send_and_wait(topic_for(event, prefix), value=value, key=b"poison")
+        await send_poison(producer, prefix)
         for i in range(INFERENCES):
             failed = i % 5 == 0
             envelope = wrap(InferenceLogged(
@@ -168,28 +166,6 @@ async def test_separate_processes_give_the_same_outcome_as_one_process_under_poi
     assert outcomes["one process"] == outcomes["separate processes"]
 
 
-# Who consumes what, per consumer group, as the services declare it (serving is left out: it needs Triton).
-async def dead_letters_by_group(bootstrap: str, prefix: str) -> dict[tuple[str, str], int]:
-    """(consumer group, original event type) -> records in the dead-letter topics, from their headers."""
-    counts: dict[tuple[str, str], int] = {}
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    try:
-        for event in EVENTS:
-            partition = TopicPartition(dlq_for(topic_for(event, prefix)), 0)
-            consumer.assign([partition])
-            end = (await consumer.end_offsets([partition]))[partition]
-            await consumer.seek_to_beginning(partition)
-            while await consumer.position(partition) < end:
-                for records in (await consumer.getmany(partition, timeout_ms=2000)).values():
-                    for record in records:
-                        group = dict(record.headers)["x-flywheel-consumer-group"].decode()
-                        counts[(group, event.event_type)] = counts.get((group, event.event_type), 0) + 1
-    finally:
-        await consumer.stop()
-    return counts
-
-
 async def test_poison_on_every_topic_goes_to_each_consuming_groups_dlq_and_blocks_nothing(tmp_path: Path, proxied: ProxiedKafka) -> None:
     prefix = f"t{uuid.uuid4().hex[:10]}."
     await ensure_topics(proxied.bootstrap, prefix)
@@ -207,9 +183,7 @@ async def test_poison_on_every_topic_goes_to_each_consuming_groups_dlq_and_block
         producer = AIOKafkaProducer(bootstrap_servers=proxied.bootstrap, acks="all", enable_idempotence=True)
         await producer.start()
         try:
-            for event in EVENTS:
-                for value in POISON:
-                    await producer.send_and_wait(topic_for(event, prefix), value=value, key=b"poison")
+            await send_poison(producer, prefix)
             # A good event behind the poison: it must still be stored.
             key, value, headers = encode(wrap(InferenceLogged(inference_id="after-poison", model_name="smollm2"), producer="poison-test"))
             await producer.send_and_wait(topic_for(InferenceLogged, prefix), value=value, key=key, headers=headers)
@@ -225,16 +199,15 @@ async def test_poison_on_every_topic_goes_to_each_consuming_groups_dlq_and_block
             answer = await client.post(f"{sink_monitor.url}/monitor/v1/query", json={"sql": "SELECT inference_id FROM inference_log"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
         assert answer.status_code == 200, answer.text
         stored = answer.json()["rows"]
-        dead = await dead_letters_by_group(proxied.bootstrap, prefix)
+        dead = poison_dead_lettered(await read_dead_letters(proxied.bootstrap, prefix, EVENTS))
         assert all(process.running() for process in processes), "a service died on poison"
     finally:
         for process in reversed(processes):
             process.stop()
-    expected = {(group, event.event_type): len(POISON) for group, events in GROUPS.items() for event in events}
     print("\n== poison on every topic: dead letters per (consumer group, topic)")
     for (group, event_type), count in sorted(dead.items()):
         print(f"  {group:<10} {event_type:<22} {count}")
     unread = sorted(event.event_type for event in EVENTS if not any(event in events for events in GROUPS.values()))
     print(f"  not consumed by these services (poison left unread): {', '.join(unread)}")
-    assert dead == expected
+    assert dead == EXPECTED_POISON
     assert stored == [["after-poison"]]
