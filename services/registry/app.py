@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from contracts.events import EvaluationCompleted, TrainingCompleted
-from services.registry.api import build_router
+from services.registry.api import build_router, dataset_body_limit
 from services.registry.handlers import when_evaluation_completed_attach_result, when_training_completed_register_adapter
 from services.registry.outbox import OutboxRelay
 from services.registry.service import Registry
@@ -52,4 +52,11 @@ def create_app(runtime: Runtime) -> Service:
     async def database_ready() -> None:
         await asyncio.to_thread(store.ping)
 
-    return Service(name="registry", api=build_router(registry, auth), readiness={"database": database_ready}, on_start=[start], on_stop=[stop])
+    return Service(
+        name="registry",
+        api=build_router(registry, auth),
+        readiness={"database": database_ready},
+        on_start=[start],
+        on_stop=[stop],
+        body_limits={"/registry/v1/datasets": dataset_body_limit(settings.max_dataset_bytes)},
+    )

@@ -1,25 +1,44 @@
-"""What every process's HTTP app has: /healthz, /readyz, /metrics, errors in one shape, no tracebacks.
+"""What every process's HTTP app has: /healthz, /readyz, /metrics, errors in one shape, no tracebacks,
+a cap on every request body, and refusals that cost the caller, not the platform.
 
 Services include their own APIRouter under `/<service>/v1/...`; `flywheel up` mounts all of them on
 one app built here, `flywheel run X` mounts one.
+
+A refused request (401, 403, 413, 429) is counted in `flywheel_http_refusals_total` and logged once
+per reason and interval with how many were folded into that line: a caller hammering a door with a bad
+key fills neither the log nor any store (refusals write nothing to Kafka, ClickHouse or the audit log).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts.http import ErrorDetail, ErrorResponse, HealthStatus
 
 log = logging.getLogger("flywheel.http")
 
 ReadinessCheck = Callable[[], Awaitable[None]]
+
+# A door whose bodies are larger (a dataset upload) says so through its service's `body_limits`.
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+REFUSED_STATUSES = frozenset({401, 403, 413, 429})
+REFUSAL_LOG_INTERVAL_S = 60.0
+
+HTTP_REFUSALS = Counter(
+    "flywheel_http_refusals_total",
+    "Requests refused before any work was done, by status and reason code (bad key, role too low, body too large, rate limited).",
+    ["status", "code"],
+)
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -47,10 +66,104 @@ def error_response(status: int, detail: ErrorDetail, headers: dict[str, str] | N
     return JSONResponse(ErrorResponse(error=detail).model_dump(), status_code=status, headers=headers)
 
 
-def create_http_app(title: str, *, readiness: dict[str, ReadinessCheck] | None = None, routers: Sequence = (), lifespan=None) -> FastAPI:
-    """A FastAPI app with the common endpoints and error handling; `routers` are the services' doors."""
+class RefusalLog:
+    """Counts every refusal; logs the first of each (status, code) per interval and how many followed it."""
+
+    def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._windows: dict[tuple[int, str], tuple[float, int]] = {}  # reason -> (window start, refusals folded since)
+
+    def record(self, status: int, code: str | None, path: str) -> bool:
+        """Count a refusal; True when it was logged (the first of its reason in the interval)."""
+        reason = (status, code or "refused")
+        HTTP_REFUSALS.labels(str(status), reason[1]).inc()
+        now = self._clock()
+        with self._lock:
+            started, folded = self._windows.get(reason, (None, 0))
+            if started is not None and now - started < self._interval_s:
+                self._windows[reason] = (started, folded + 1)
+                return False
+            self._windows[reason] = (now, 0)
+        # The path, never the key, the body or the query string: those may carry what the caller should not leak.
+        log.warning("refused %s %s on %s%s", status, reason[1], path, f" ({folded} more of these in the last {self._interval_s:.0f} s)" if folded else "")
+        return True
+
+
+class BodyTooLarge(HTTPException):
+    """A body that passed its door's cap while streaming in. An HTTPException, because FastAPI turns any
+    other error raised while it reads a body into a 400 about parsing."""
+
+    code = "request_too_large"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(status_code=413, detail=message)
+
+
+class BodyLimit:
+    """Refuses (413) a request body over its door's cap: by Content-Length before the door runs, else
+    as soon as the streamed bytes pass the cap, whatever the door does with the stream (FastAPI's body
+    parsing, a door that reads the stream itself). Nothing is buffered here."""
+
+    def __init__(self, app: ASGIApp, *, default_bytes: int, limits: Mapping[str, int], refusals: RefusalLog) -> None:
+        self.app = app
+        self.default_bytes = default_bytes
+        # Longest prefix first, so /registry/v1/datasets wins over /registry.
+        self.limits = sorted(limits.items(), key=lambda item: -len(item[0]))
+        self.refusals = refusals
+
+    def limit_for(self, path: str) -> int:
+        return next((limit for prefix, limit in self.limits if path.startswith(prefix)), self.default_bytes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        limit = self.limit_for(path)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            self.refusals.record(413, BodyTooLarge.code, path)
+            response = error_response(413, ErrorDetail(message=f"request body is {int(declared)} bytes; the limit of {path} is {limit} bytes", type=_ERROR_TYPES[413], code=BodyTooLarge.code))
+            await response(scope, _drained, send)
+            return
+        size = 0
+
+        async def counted() -> Message:
+            nonlocal size
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > limit:
+                    raise BodyTooLarge(f"request body passed {limit} bytes, the limit of {path}; nothing was read past it")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def _drained() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def create_http_app(
+    title: str,
+    *,
+    readiness: dict[str, ReadinessCheck] | None = None,
+    routers: Sequence = (),
+    lifespan=None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_limits: Mapping[str, int] | None = None,
+) -> FastAPI:
+    """A FastAPI app with the common endpoints and error handling; `routers` are the services' doors.
+
+    Every request body is capped at `max_body_bytes`, or at the cap of the longest path prefix in `body_limits`.
+    """
     app = FastAPI(title=title, lifespan=lifespan)
     checks = dict(readiness or {})
+    refusals = RefusalLog()
+    app.state.refusals = refusals
+    app.add_middleware(BodyLimit, default_bytes=max_body_bytes, limits=dict(body_limits or {}), refusals=refusals)
 
     @app.get("/healthz", response_model=HealthStatus, tags=["ops"])
     async def healthz() -> HealthStatus:
@@ -74,12 +187,17 @@ def create_http_app(title: str, *, readiness: dict[str, ReadinessCheck] | None =
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(DoorError)
-    async def door_error(_: Request, error: DoorError) -> JSONResponse:
+    async def door_error(request: Request, error: DoorError) -> JSONResponse:
+        if error.status in REFUSED_STATUSES:
+            refusals.record(error.status, error.detail.code, request.url.path)
         return error_response(error.status, error.detail)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        return error_response(error.status_code, ErrorDetail(message=str(error.detail), type=_ERROR_TYPES.get(error.status_code, "server_error")), headers=getattr(error, "headers", None))
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = getattr(error, "code", None)
+        if error.status_code in REFUSED_STATUSES:
+            refusals.record(error.status_code, code, request.url.path)
+        return error_response(error.status_code, ErrorDetail(message=str(error.detail), type=_ERROR_TYPES.get(error.status_code, "server_error"), code=code), headers=getattr(error, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:

@@ -28,7 +28,7 @@ from fastapi import APIRouter, FastAPI
 from faststream.kafka import KafkaBroker
 
 from contracts.envelope import P
-from services.runtime.broker import EventBus, check_reachable, create_broker, ensure_topics
+from services.runtime.broker import EventBus, check_reachable, create_broker, ensure_topics, warn_if_unauthenticated
 from services.runtime.clickhouse import ClickHouseStore, open_clickhouse
 from services.runtime.consumer import DeadLetters, Handler, SqliteProcessedEvents, subscribe
 from services.runtime.http import ReadinessCheck, create_http_app
@@ -48,6 +48,8 @@ class Service:
     readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
     on_start: list[Hook] = field(default_factory=list)
     on_stop: list[Hook] = field(default_factory=list)
+    # Doors whose bodies may pass the process's FLYWHEEL_HTTP_MAX_BODY_BYTES: path prefix -> bytes.
+    body_limits: dict[str, int] = field(default_factory=dict)
 
 
 class Runtime:
@@ -55,7 +57,11 @@ class Runtime:
 
     def __init__(self, settings: FlywheelSettings, *, client_id: str) -> None:
         self.settings = settings
-        self.broker: KafkaBroker = create_broker(settings, client_id=client_id)
+        # `flywheel run registry` (client id flywheel-registry) connects as the registry's principal; a
+        # process of several services as their joint one (settings.PROCESS_PRINCIPAL). Explicit
+        # FLYWHEEL_KAFKA_SASL_* settings (docker-compose, production) always win.
+        self.kafka_security = settings.resolved_kafka_security(client_id.removeprefix("flywheel-"))
+        self.broker: KafkaBroker = create_broker(settings, client_id=client_id, security=self.kafka_security)
         self.dead_letters = DeadLetters(self.broker)
         self._processed: dict[str, SqliteProcessedEvents] = {}
         self._clickhouse: ClickHouseStore | None = None
@@ -110,13 +116,20 @@ def build_process(settings: FlywheelSettings, factories: Sequence[ServiceFactory
     runtime = Runtime(settings, client_id=title)
     services = [factory(runtime) for factory in factories]
     bootstrap = settings.resolved_kafka_bootstrap()
-    readiness: dict[str, ReadinessCheck] = {"kafka": lambda: check_reachable(bootstrap)}
+    security = runtime.kafka_security
+    readiness: dict[str, ReadinessCheck] = {"kafka": lambda: check_reachable(bootstrap, security=security)}
     for service in services:
         readiness.update({f"{service.name}.{name}": check for name, check in service.readiness.items()})
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await ensure_topics(bootstrap, settings.topic_prefix)
+        warn_if_unauthenticated(security, bootstrap)
+        if security.uses_sasl:
+            # An authenticated principal is a service's, which may not create topics (infra/kafka_acls.py):
+            # the admin made them (`flywheel infra up --secure`, `flywheel infra topics` as admin).
+            await check_reachable(bootstrap, security=security)
+        else:
+            await ensure_topics(bootstrap, settings.topic_prefix, security=security)
         started: list[Service] = []
         try:
             # The producer connects before the services start, so what they publish while starting (an
@@ -145,7 +158,14 @@ def build_process(settings: FlywheelSettings, factories: Sequence[ServiceFactory
             except Exception:  # noqa: BLE001 - one failing hook must not keep the others from running
                 log.exception("stop hook of %s failed", service.name)
 
-    app = create_http_app(title, readiness=readiness, routers=[service.api for service in services if service.api is not None], lifespan=lifespan)
+    app = create_http_app(
+        title,
+        readiness=readiness,
+        routers=[service.api for service in services if service.api is not None],
+        lifespan=lifespan,
+        max_body_bytes=settings.http_max_body_bytes,
+        body_limits={prefix: limit for service in services for prefix, limit in service.body_limits.items()},
+    )
     return app, runtime
 
 
