@@ -40,6 +40,7 @@ class FlywheelSettings(BaseSettings):
     cache: Path = Field(default=Path.home() / ".cache" / "flywheel", description="Downloads shared by every checkout: Kafka jars, virtual environments.")
     http_host: str = Field(default="127.0.0.1", description="Address the HTTP doors listen on.")
     http_port: int = Field(default=8080, ge=0, le=65535, description="Port the HTTP doors listen on.")
+    http_max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest request body any door reads (413 beyond it); a dataset upload has the registry's own, larger cap.")
     kafka_bootstrap: str | None = Field(default=None, description="Kafka bootstrap servers; unset: the broker `flywheel infra up` started.")
     clickhouse_url: str | None = Field(default=None, description="ClickHouse server URL (http://user:pass@host:8123/db); unset: embedded chDB under home.")
     database_url: str | None = Field(default=None, description="Registry database URL; unset: SQLite under home.")
