@@ -6,6 +6,11 @@ Needs only pydantic and aiokafka (the `flywheel-contracts` distribution), not th
         await publisher.publish(InferenceLogged(inference_id=rid, model_name="smollm2", ...))
         await publisher.publish(FeedbackReceived(inference_id=rid, thumbs=Thumbs.down))
 
+Against a broker with SASL/SCRAM and TLS (production), as the `app` principal:
+
+    EventPublisher("kafka:9094", producer="support-bot", sasl_username="app", sasl_password=password,
+                   ssl_cafile="/etc/ssl/kafka-ca.pem")
+
 Delivery: idempotent producer with acks=all (aiokafka defaults to acks=1 without idempotence, which
 can lose or duplicate an event when a broker fails over); `publish` returns once the broker has
 the event, so an app that awaits it knows the event is durable.
@@ -13,8 +18,12 @@ the event, so an app that awaits it knows the event is durable.
 
 from __future__ import annotations
 
+import ssl
 import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaProducer
 
@@ -22,6 +31,68 @@ from contracts.envelope import Envelope, P, wrap
 from contracts.topics import topic_for
 
 CONTENT_TYPE = "application/json"
+
+SecurityProtocol = Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL"]
+SaslMechanism = Literal["SCRAM-SHA-512", "SCRAM-SHA-256"]
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """How a client proves who it is to Kafka and protects the connection: one value for every client
+    (the apps' publisher, the services' broker, admin clients), so none of them is left in plaintext."""
+
+    protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism = "SCRAM-SHA-512"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a repr, so never in a log line
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.uses_sasl and not (self.username and self.password):
+            raise ValueError(f"{self.protocol} needs a SASL username and password")
+        if not self.uses_sasl and self.username:
+            raise ValueError(f"a SASL username was given but the protocol is {self.protocol}: use SASL_SSL (or SASL_PLAINTEXT in development)")
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        protocol: SecurityProtocol | None = None,
+        sasl_username: str | None = None,
+        sasl_password: str | None = None,
+        sasl_mechanism: SaslMechanism = "SCRAM-SHA-512",
+        ssl_context: ssl.SSLContext | None = None,
+        ssl_cafile: str | Path | None = None,
+    ) -> KafkaSecurity:
+        """The security a set of client options describes; without `protocol`, it follows from them
+        (credentials: SASL, a CA or an SSL context: TLS, neither: PLAINTEXT)."""
+        tls = ssl_context is not None or ssl_cafile is not None
+        if protocol is None:
+            protocol = ("SASL_SSL" if tls else "SASL_PLAINTEXT") if sasl_username else ("SSL" if tls else "PLAINTEXT")
+        if protocol in ("SSL", "SASL_SSL") and ssl_context is None:
+            # The system's trust store, plus the cluster's own CA when it has one: hostnames are checked.
+            ssl_context = ssl.create_default_context(cafile=str(ssl_cafile) if ssl_cafile else None)
+        return cls(protocol=protocol, sasl_mechanism=sasl_mechanism, username=sasl_username, password=sasl_password, ssl_context=ssl_context)
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.protocol in ("SSL", "SASL_SSL")
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments for any aiokafka client (producer, consumer, admin)."""
+        options: dict[str, Any] = {"security_protocol": self.protocol}
+        if self.uses_tls:
+            options["ssl_context"] = self.ssl_context
+        if self.uses_sasl:
+            options.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.username, sasl_plain_password=self.password)
+        return options
+
+
+PLAINTEXT = KafkaSecurity()
 
 
 def encode(envelope: Envelope[P]) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
@@ -37,7 +108,28 @@ def encode(envelope: Envelope[P]) -> tuple[bytes, bytes, list[tuple[str, bytes]]
 class EventPublisher:
     """Publishes contract events to their topics, keyed for ordering, with durable delivery."""
 
-    def __init__(self, bootstrap_servers: str, *, producer: str, topic_prefix: str = "", request_timeout_ms: int = 30_000) -> None:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        *,
+        producer: str,
+        topic_prefix: str = "",
+        request_timeout_ms: int = 30_000,
+        sasl_username: str | None = None,
+        sasl_password: str | None = None,
+        sasl_mechanism: SaslMechanism = "SCRAM-SHA-512",
+        security_protocol: SecurityProtocol | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        ssl_cafile: str | Path | None = None,
+        security: KafkaSecurity | None = None,
+    ) -> None:
+        """Connects in plaintext unless given credentials (SASL/SCRAM) or a CA / SSL context (TLS), or
+        a ready `security`; `security_protocol` overrides what the other options imply."""
+        if security is None:
+            security = KafkaSecurity.of(
+                protocol=security_protocol, sasl_username=sasl_username, sasl_password=sasl_password,
+                sasl_mechanism=sasl_mechanism, ssl_context=ssl_context, ssl_cafile=ssl_cafile,
+            )
         self._producer_name = producer
         self._topic_prefix = topic_prefix
         self._kafka = AIOKafkaProducer(
@@ -46,6 +138,7 @@ class EventPublisher:
             enable_idempotence=True,
             request_timeout_ms=request_timeout_ms,
             client_id=f"flywheel-publisher-{producer}",
+            **security.client_options(),
         )
 
     async def start(self) -> None:

@@ -3,6 +3,12 @@
 The jars come from Maven Central through `mvn` (pinned in infra/kafka/pom.xml) into the shared cache, once;
 each FLYWHEEL_HOME gets its own config, data and log under `<home>/infra/kafka/`, and `state.json` there
 tells services where the broker listens (`FlywheelSettings.resolved_kafka_bootstrap`).
+
+`secure=True` (`flywheel infra up --secure`) starts it with a SASL/SCRAM-SHA-512 client listener and the
+StandardAuthorizer: one principal per service (infra/kafka_acls.py), their SCRAM credentials created when
+the storage is formatted, their passwords in `credentials.json` (0600) beside the config, and the topics
+and ACLs created by the admin principal at every start. Services started without FLYWHEEL_KAFKA_SASL_*
+read their own principal's password from that file.
 """
 
 from __future__ import annotations
@@ -10,6 +16,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import fcntl
+import json
+import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -34,6 +43,8 @@ from infra.processes import (
     wait_until,
     write_state,
 )
+from contracts.publisher import PLAINTEXT, KafkaSecurity
+from infra.kafka_acls import ADMIN_PRINCIPAL, PRINCIPAL_NAMES, apply_acls
 from services.runtime.errors import InfrastructureError
 
 KAFKA_VERSION = "4.1.1"
@@ -70,14 +81,38 @@ log.retention.bytes=1073741824
 log.segment.bytes=134217728
 """
 
+# Clients authenticate with SASL/SCRAM-SHA-512 and are authorised by ACLs; no ACL, no access. The
+# controller listener stays PLAINTEXT (SCRAM credentials live in the metadata log the controller
+# serves, so it cannot use them itself) and listens on loopback only; the broker reaches the
+# controller there as ANONYMOUS, which must therefore be a super user, like the admin.
+SECURE_SERVER_PROPERTIES = SERVER_PROPERTIES.replace(
+    "listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}\n"
+    "advertised.listeners=PLAINTEXT://{host}:{port}\n"
+    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n",
+    "listeners=SASL_PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}\n"
+    "advertised.listeners=SASL_PLAINTEXT://{host}:{port}\n"
+    "listener.security.protocol.map=SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT\n",
+).replace("inter.broker.listener.name=PLAINTEXT\n", "inter.broker.listener.name=SASL_PLAINTEXT\n") + """\
+sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="{admin}" password="{admin_password}";
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=User:{admin};User:ANONYMOUS
+allow.everyone.if.no.acl.found=false
+"""
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+
 
 class LocalKafka:
     """The local broker of one FLYWHEEL_HOME: fetch its jars, start, stop, report."""
 
-    def __init__(self, home: Path, cache: Path, port: int | None = None) -> None:
+    def __init__(self, home: Path, cache: Path, port: int | None = None, *, secure: bool = False, topic_prefix: str = "") -> None:
         self.dir = home.resolve() / "infra" / "kafka"
         self.state_file = self.dir / "state.json"
         self.config_file = self.dir / "server.properties"
+        self.credentials_file = self.dir / "credentials.json"
+        self.secure = secure
+        self.topic_prefix = topic_prefix
         self.data_dir = self.dir / "data"
         self.log_file = self.dir / "broker.log"
         self.jvm_log_file = self.dir / "jvm.out"
@@ -127,7 +162,8 @@ class LocalKafka:
             data_dir=self.data_dir,
             log_file=self.log_file,
             started_at=state["started_at"],
-            note=None if running else f"stale state: pid {state['pid']} is not running",
+            note=(("SASL/SCRAM with ACLs" if state.get("security_protocol") == "SASL_PLAINTEXT" else "plaintext, no authentication") if running
+                  else f"stale state: pid {state['pid']} is not running"),
         )
 
     def start(self, timeout: float = 60.0) -> str:
@@ -140,6 +176,9 @@ class LocalKafka:
             if self._is_ours(state["pid"]):
                 if self.port is not None and state["port"] != self.port:
                     raise InfrastructureError(f"a broker already runs on {state['bootstrap']}: `flywheel infra down` first to move it to port {self.port}")
+                if self.secure != (state.get("security_protocol") == "SASL_PLAINTEXT"):
+                    running = "with" if not self.secure else "without"
+                    raise InfrastructureError(f"a broker already runs on {state['bootstrap']} {running} --secure: `flywheel infra down` first to change its mode")
                 self._wait_ready(state["pid"], state["bootstrap"], timeout)
                 return state["bootstrap"]
             self.state_file.unlink()
@@ -147,9 +186,23 @@ class LocalKafka:
         port, controller_port = self._choose_ports()
         bootstrap = f"{LOOPBACK}:{port}"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.config_file.write_text(SERVER_PROPERTIES.format(host=LOOPBACK, port=port, controller_port=controller_port, data_dir=self.data_dir))
-        if not (self.data_dir / "meta.properties").exists():
-            self._format_storage(libs)
+        formatted = (self.data_dir / "meta.properties").exists()
+        if self.secure:
+            if formatted and not self.credentials_file.exists():
+                raise InfrastructureError(
+                    f"the broker's data in {self.data_dir} was formatted without SCRAM credentials, so it cannot start --secure: "
+                    "use another FLYWHEEL_HOME, or `flywheel infra down` and remove that directory (its topics are lost)"
+                )
+            passwords = self._passwords()
+            config = SECURE_SERVER_PROPERTIES.format(
+                host=LOOPBACK, port=port, controller_port=controller_port, data_dir=self.data_dir, admin=ADMIN_PRINCIPAL, admin_password=passwords[ADMIN_PRINCIPAL]
+            )
+        else:
+            passwords = {}
+            config = SERVER_PROPERTIES.format(host=LOOPBACK, port=port, controller_port=controller_port, data_dir=self.data_dir)
+        _write_private(self.config_file, config)  # the secure config holds the admin's password
+        if not formatted:
+            self._format_storage(libs, passwords)
         with self.jvm_log_file.open("wb") as jvm_out:
             self._process = subprocess.Popen(
                 self._java(libs, MAIN_CLASS, str(self.config_file)),
@@ -168,13 +221,43 @@ class LocalKafka:
             "log_file": str(self.log_file),
             "kafka_version": KAFKA_VERSION,
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "security_protocol": "SASL_PLAINTEXT" if self.secure else "PLAINTEXT",
+            **({"sasl_mechanism": SCRAM_MECHANISM, "credentials_file": str(self.credentials_file)} if self.secure else {}),
         })
         try:
             self._wait_ready(pid, bootstrap, timeout)
+            if self.secure:
+                asyncio.run(self._provision(bootstrap))
         except BaseException:
             self.stop()
             raise
         return bootstrap
+
+    def admin_security(self) -> KafkaSecurity:
+        """How the admin principal connects to this broker (plaintext when it is not secure)."""
+        if not self.secure:
+            return PLAINTEXT
+        return KafkaSecurity(protocol="SASL_PLAINTEXT", sasl_mechanism=SCRAM_MECHANISM, username=ADMIN_PRINCIPAL, password=self._passwords()[ADMIN_PRINCIPAL])
+
+    def credentials(self, principal: str) -> KafkaSecurity:
+        """How `principal` (infra/kafka_acls.py) connects to this secure broker."""
+        return KafkaSecurity(protocol="SASL_PLAINTEXT", sasl_mechanism=SCRAM_MECHANISM, username=principal, password=self._passwords()[principal])
+
+    def _passwords(self) -> dict[str, str]:
+        """Every principal's password: generated once, with the storage they are formatted into."""
+        if self.credentials_file.exists():
+            return json.loads(self.credentials_file.read_text())["principals"]
+        passwords = {name: secrets.token_urlsafe(24) for name in PRINCIPAL_NAMES}
+        _write_private(self.credentials_file, json.dumps({"mechanism": SCRAM_MECHANISM, "principals": passwords}, indent=2) + "\n")
+        return passwords
+
+    async def _provision(self, bootstrap: str) -> None:
+        """Topics and ACLs, as the admin: services may neither create topics nor grant themselves rights."""
+        from services.runtime.broker import ensure_topics
+
+        admin = self.admin_security()
+        await ensure_topics(bootstrap, self.topic_prefix, security=admin)
+        await apply_acls(bootstrap, admin, self.topic_prefix)
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop the recorded broker and forget it; whether one was running."""
@@ -214,14 +297,17 @@ class LocalKafka:
             main_class, *args,
         ]
 
-    def _format_storage(self, libs: Path) -> None:
+    def _format_storage(self, libs: Path, passwords: dict[str, str]) -> None:
         cluster_id = new_cluster_id()
+        # SCRAM credentials can only be bootstrapped here (KIP-900): the admin needs one to log in at all.
+        scram = [arg for name, password in passwords.items() for arg in ("--add-scram", f"{SCRAM_MECHANISM}=[name={name},password={password}]")]
         # No --standalone: the voter set comes from controller.quorum.voters in the config.
-        self._run_tool(libs, "format", "-t", cluster_id, "-c", str(self.config_file))
+        self._run_tool(libs, "format", "-t", cluster_id, "-c", str(self.config_file), *scram)
 
     def _run_tool(self, libs: Path, *args: str) -> str:
         result = subprocess.run(self._java(libs, "kafka.tools.StorageTool", *args), capture_output=True, text=True, check=False)
         if result.returncode != 0:
+            # The arguments may hold SCRAM passwords: the error names the tool, never its command line.
             raise InfrastructureError(f"kafka-storage {args[0]} failed (exit {result.returncode}): {(result.stdout + result.stderr).strip()}")
         return result.stdout
 
@@ -229,7 +315,7 @@ class LocalKafka:
         port = int(bootstrap.rsplit(":", 1)[1])
         # The TCP check first keeps aiokafka from logging connection errors while the JVM boots.
         ready = wait_until(
-            lambda: not process_alive(pid) or (not port_is_free(port) and asyncio.run(_broker_answers(bootstrap))),
+            lambda: not process_alive(pid) or (not port_is_free(port) and asyncio.run(_broker_answers(bootstrap, self.admin_security()))),
             timeout, interval=0.5,
         )
         if not process_alive(pid):
@@ -242,8 +328,8 @@ class LocalKafka:
         return tail(self.log_file) + (f"\n{self.jvm_log_file}:\n{tail(self.jvm_log_file)}" if jvm else "")
 
 
-async def _broker_answers(bootstrap: str) -> bool:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+async def _broker_answers(bootstrap: str, security: KafkaSecurity) -> bool:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000, **security.client_options())
     try:
         await admin.start()
         cluster = await admin.describe_cluster()
@@ -252,6 +338,14 @@ async def _broker_answers(bootstrap: str) -> bool:
     finally:
         await admin.close()
     return bool(cluster["brokers"])
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, from its first byte (no window with wider permissions)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
 
 
 def new_cluster_id() -> str:

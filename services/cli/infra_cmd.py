@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from infra.kafka_acls import ADMIN_PRINCIPAL, PRINCIPAL_NAMES
 from infra.local_kafka import LocalKafka
 from infra.local_postgres import LocalPostgres
 from services.runtime.settings import FlywheelSettings
@@ -22,11 +23,21 @@ def up(
     postgres: Annotated[bool, typer.Option("--postgres", help="Also start PostgreSQL (for the registry).")] = False,
     port: Annotated[int | None, typer.Option(help="Kafka port; default 9092, or any free port when 9092 is taken.")] = None,
     postgres_port: Annotated[int | None, typer.Option(help="PostgreSQL port; default 5432, or any free port when taken.")] = None,
+    secure: Annotated[bool, typer.Option(
+        "--secure", envvar="FLYWHEEL_INFRA_SECURE",
+        help="SASL/SCRAM-SHA-512 and ACLs: one Kafka principal per service (infra/kafka_acls.py), passwords in a 0600 file under FLYWHEEL_HOME.",
+    )] = False,
     timeout: Timeout = 60.0,
 ) -> None:
     """Start the local broker (reusing a running one) and record where it listens."""
     settings = FlywheelSettings()
-    _start(LocalKafka(settings.home, settings.cache, port), timeout)
+    kafka = LocalKafka(settings.home, settings.cache, port, secure=secure, topic_prefix=settings.topic_prefix)
+    _start(kafka, timeout)
+    if secure:
+        console.print(
+            f"  SASL/SCRAM-SHA-512 with ACLs; topics and ACLs created as {ADMIN_PRINCIPAL!r}. Principals: {', '.join(PRINCIPAL_NAMES)}\n"
+            f"  their passwords are in {kafka.credentials_file} (owner only); processes here read theirs from it"
+        )
     if postgres:
         database = LocalPostgres(settings.home, postgres_port)
         _start(database, timeout)
@@ -56,7 +67,8 @@ def status() -> None:
     for service in (LocalKafka(settings.home, settings.cache), LocalPostgres(settings.home)):
         current = service.status()
         if current.running:
-            console.print(f"{current.name}: [green]running[/] pid {current.pid} at {current.address} since {current.started_at}")
+            mode = f" ({current.note})" if current.note else ""
+            console.print(f"{current.name}: [green]running[/] pid {current.pid} at {current.address} since {current.started_at}{mode}")
         else:
             console.print(f"{current.name}: [yellow]stopped[/]" + (f" ({current.note})" if current.note else ""))
         console.print(f"  data {current.data_dir}\n  log  {current.log_file}")
@@ -83,6 +95,39 @@ def topics(
 
     settings = load_settings(FlywheelSettings)
     bootstrap = settings.resolved_kafka_bootstrap()
-    created = asyncio.run(ensure_topics(bootstrap, settings.topic_prefix, replication_factor))
+    # On a broker with ACLs only the admin may create topics: FLYWHEEL_KAFKA_SASL_* name it (docker-compose's
+    # init step), or the local secure broker's credentials file does.
+    security = settings.resolved_kafka_security(ADMIN_PRINCIPAL)
+    created = asyncio.run(ensure_topics(bootstrap, settings.topic_prefix, replication_factor, security=security))
     wanted = all_topics(settings.topic_prefix)
     console.print(f"topics at {bootstrap}: {len(created)} created, {len(wanted) - len(created)} already there ({len(wanted)} in the contract)")
+
+
+@app.command()
+def acls(
+    show: Annotated[bool, typer.Option("--show", help="Print the principal/ACL table and the ACLs, change nothing.")] = False,
+) -> None:
+    """Grant each principal exactly its rights (infra/kafka_acls.py), as the admin principal (FLYWHEEL_KAFKA_SASL_*)."""
+    import asyncio
+
+    from infra.kafka_acls import acl_bindings, apply_acls, table_markdown
+    from services.runtime.broker import check_reachable
+    from services.runtime.errors import ConfigurationError
+    from services.runtime.settings import load_settings
+
+    settings = load_settings(FlywheelSettings)
+    if show:
+        console.print(table_markdown())
+        for binding in acl_bindings(settings.topic_prefix):
+            console.print(f"  ALLOW {binding}")
+        return
+    bootstrap = settings.resolved_kafka_bootstrap()
+    security = settings.resolved_kafka_security(ADMIN_PRINCIPAL)
+    if not security.uses_sasl:
+        raise ConfigurationError(
+            "ACLs need an authenticated admin: set FLYWHEEL_KAFKA_SECURITY_PROTOCOL (SASL_SSL or SASL_PLAINTEXT), "
+            "FLYWHEEL_KAFKA_SASL_USERNAME and FLYWHEEL_KAFKA_SASL_PASSWORD to a super user's, or start `flywheel infra up --secure`"
+        )
+    asyncio.run(check_reachable(bootstrap, security=security))
+    count = asyncio.run(apply_acls(bootstrap, security, settings.topic_prefix))
+    console.print(f"acls at {bootstrap}: {count} granted (or already there) to {', '.join(name for name in PRINCIPAL_NAMES if name != ADMIN_PRINCIPAL)}")

@@ -3,6 +3,9 @@
 Defaults are chosen for durability, not for aiokafka's or FastStream's defaults:
 - producers are idempotent with acks=all (aiokafka: acks=1, no idempotence);
 - FastStream logs every message at INFO; here that happens at DEBUG only.
+
+Every client here, FastStream's and aiokafka's alike, takes the same `KafkaSecurity` (SASL/SCRAM, TLS),
+so none of them talks to a secured broker in plaintext by accident.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker
+from faststream.security import BaseSecurity, SASLScram256, SASLScram512
 
 from contracts.envelope import Envelope, P, wrap
-from contracts.publisher import encode
+from contracts.publisher import PLAINTEXT, KafkaSecurity, encode
 from contracts.topics import all_topics, retained_topics, topic_for
 from services.runtime.errors import ConfigurationError
 from services.runtime.settings import FlywheelSettings
@@ -25,10 +29,13 @@ from services.runtime.settings import FlywheelSettings
 log = logging.getLogger("flywheel.broker")
 
 
-def create_broker(settings: FlywheelSettings, *, client_id: str) -> KafkaBroker:
-    """A FastStream Kafka broker with a durable producer and quiet per-message logging."""
+def create_broker(settings: FlywheelSettings, *, client_id: str, security: KafkaSecurity | None = None) -> KafkaBroker:
+    """A FastStream Kafka broker with a durable producer and quiet per-message logging; it connects as
+    `security` says (default: the settings' principal for a process of several services)."""
+    security = security if security is not None else settings.resolved_kafka_security()
     return KafkaBroker(
         settings.resolved_kafka_bootstrap(),
+        security=faststream_security(security),
         acks="all",
         enable_idempotence=True,
         client_id=f"flywheel-{client_id}",
@@ -39,9 +46,30 @@ def create_broker(settings: FlywheelSettings, *, client_id: str) -> KafkaBroker:
     )
 
 
-async def check_reachable(bootstrap: str, timeout_s: float = 10.0) -> None:
-    """Raise a one-line ConfigurationError unless a Kafka broker answers at `bootstrap`."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+def faststream_security(security: KafkaSecurity) -> BaseSecurity | None:
+    """The same security as FastStream spells it."""
+    if security.uses_sasl:
+        scram = SASLScram512 if security.sasl_mechanism == "SCRAM-SHA-512" else SASLScram256
+        return scram(security.username, security.password, ssl_context=security.ssl_context, use_ssl=security.uses_tls)
+    if security.uses_tls:
+        return BaseSecurity(ssl_context=security.ssl_context, use_ssl=True)
+    return None
+
+
+def warn_if_unauthenticated(security: KafkaSecurity, bootstrap: str) -> None:
+    """One warning per process start when Kafka would accept any event from anyone who reaches it."""
+    if not security.uses_sasl:
+        log.warning(
+            "Kafka at %s is used without authentication (%s): anyone who reaches it can publish any event. "
+            "Fine for development; elsewhere set FLYWHEEL_KAFKA_SECURITY_PROTOCOL=SASL_SSL with "
+            "FLYWHEEL_KAFKA_SASL_USERNAME/FLYWHEEL_KAFKA_SASL_PASSWORD (or `flywheel infra up --secure` locally)",
+            bootstrap, security.protocol,
+        )
+
+
+async def check_reachable(bootstrap: str, timeout_s: float = 10.0, *, security: KafkaSecurity = PLAINTEXT) -> None:
+    """Raise a one-line ConfigurationError unless a Kafka broker answers at `bootstrap` and accepts `security`."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), **security.client_options())
     # aiokafka logs each failed connection attempt at ERROR; this probe reports the failure itself.
     client_log = logging.getLogger("aiokafka")
     level = client_log.level
@@ -49,6 +77,11 @@ async def check_reachable(bootstrap: str, timeout_s: float = 10.0) -> None:
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
     except (KafkaConnectionError, KafkaError, OSError, TimeoutError) as error:
+        if security.uses_sasl and await _authentication_refused(bootstrap, security, timeout_s):
+            raise ConfigurationError(
+                f"Kafka at {bootstrap} refused principal {security.username!r} ({type(error).__name__}): "
+                "check FLYWHEEL_KAFKA_SASL_USERNAME / FLYWHEEL_KAFKA_SASL_PASSWORD"
+            ) from None
         raise ConfigurationError(
             f"cannot reach Kafka at {bootstrap} ({type(error).__name__}): start one with `flywheel infra up` "
             "or fix FLYWHEEL_KAFKA_BOOTSTRAP"
@@ -58,10 +91,29 @@ async def check_reachable(bootstrap: str, timeout_s: float = 10.0) -> None:
         await admin.close()
 
 
-async def ensure_topics(bootstrap: str, prefix: str = "", replication_factor: int = 1) -> list[str]:
-    """Create every contract topic (and its dead-letter topic) with explicit partitions; returns those created."""
-    await check_reachable(bootstrap)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+async def _authentication_refused(bootstrap: str, security: KafkaSecurity, timeout_s: float) -> bool:
+    """Whether the first bootstrap broker refuses these credentials. aiokafka's clients log an
+    authentication failure and report only "Unable to bootstrap"; one direct connection tells them apart."""
+    from aiokafka.conn import create_conn
+    from aiokafka.errors import SaslAuthenticationFailed
+
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    try:
+        conn = await asyncio.wait_for(create_conn(host, int(port), request_timeout_ms=int(timeout_s * 1000), **security.client_options()), timeout_s)
+    except SaslAuthenticationFailed:
+        return True
+    except (KafkaError, OSError, TimeoutError, ValueError):
+        return False
+    conn.close()
+    return False
+
+
+async def ensure_topics(bootstrap: str, prefix: str = "", replication_factor: int = 1, *, security: KafkaSecurity = PLAINTEXT) -> list[str]:
+    """Create every contract topic (and its dead-letter topic) with explicit partitions; returns those created.
+
+    On a broker with ACLs only an admin principal may: the services' own principals cannot create topics."""
+    await check_reachable(bootstrap, security=security)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000, **security.client_options())
     await admin.start()
     try:
         existing = set(await admin.list_topics())

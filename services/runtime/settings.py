@@ -11,13 +11,18 @@ from pathlib import Path
 
 from typing import TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contracts.publisher import KafkaSecurity, SaslMechanism, SecurityProtocol
 from services.runtime.errors import ConfigurationError
 
 
 S = TypeVar("S", bound=BaseSettings)
+
+# The principal of a process that runs several services on one broker connection (`flywheel up`,
+# `flywheel demo`): it may do what those services may do together, and no more (infra/kafka_acls.py).
+PROCESS_PRINCIPAL = "flywheel"
 
 
 def load_settings(cls: type[S], **overrides: object) -> S:
@@ -42,6 +47,14 @@ class FlywheelSettings(BaseSettings):
     http_port: int = Field(default=8080, ge=0, le=65535, description="Port the HTTP doors listen on.")
     http_max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest request body any door reads (413 beyond it); a dataset upload has the registry's own, larger cap.")
     kafka_bootstrap: str | None = Field(default=None, description="Kafka bootstrap servers; unset: the broker `flywheel infra up` started.")
+    kafka_security_protocol: SecurityProtocol | None = Field(
+        default=None,
+        description="PLAINTEXT, SASL_PLAINTEXT, SASL_SSL or SSL; unset: what `flywheel infra up` recorded (SASL_PLAINTEXT with --secure), else PLAINTEXT. SASL_SSL in production.",
+    )
+    kafka_sasl_mechanism: SaslMechanism = Field(default="SCRAM-SHA-512", description="SASL mechanism: SCRAM-SHA-512 (or SCRAM-SHA-256).")
+    kafka_sasl_username: str | None = Field(default=None, description="This process's Kafka principal; unset with `flywheel infra up --secure`: read from its credentials file.")
+    kafka_sasl_password: SecretStr | None = Field(default=None, description="The principal's SCRAM password (never logged).")
+    kafka_ssl_cafile: Path | None = Field(default=None, description="CA bundle (PEM) that signed the brokers' TLS certificates; unset: the system's trust store.")
     clickhouse_url: str | None = Field(default=None, description="ClickHouse server URL (http://user:pass@host:8123/db); unset: embedded chDB under home.")
     database_url: str | None = Field(default=None, description="Registry database URL; unset: SQLite under home.")
     bootstrap_admin_key: str | None = Field(default=None, description="Creates the first admin API key when none exists.")
@@ -65,3 +78,54 @@ class FlywheelSettings(BaseSettings):
         raise ConfigurationError(
             "no Kafka broker configured: run `flywheel infra up` or set FLYWHEEL_KAFKA_BOOTSTRAP=host:port"
         )
+
+    def resolved_kafka_security(self, principal: str = PROCESS_PRINCIPAL) -> KafkaSecurity:
+        """How this process authenticates to Kafka: the FLYWHEEL_KAFKA_* settings, or else, against the
+        broker `flywheel infra up --secure` started, `principal`'s entry in its credentials file
+        (`PROCESS_PRINCIPAL` when the file has no such principal: a process running several services)."""
+        local = self._local_kafka_state()
+        # Unset everywhere: the credentials and CA decide (KafkaSecurity.of); neither means PLAINTEXT.
+        protocol = self.kafka_security_protocol or (local or {}).get("security_protocol")
+        username = self.kafka_sasl_username
+        password = self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+        if protocol in ("SASL_PLAINTEXT", "SASL_SSL") and username is None and local and local.get("credentials_file"):
+            username, password = local_kafka_credentials(Path(local["credentials_file"]), principal)
+        if protocol in ("SASL_PLAINTEXT", "SASL_SSL") and not (username and password):
+            raise ConfigurationError(
+                f"Kafka security {protocol} needs FLYWHEEL_KAFKA_SASL_USERNAME and FLYWHEEL_KAFKA_SASL_PASSWORD "
+                "(this service's principal), or a broker started with `flywheel infra up --secure`"
+            )
+        if username and not password:
+            raise ConfigurationError("FLYWHEEL_KAFKA_SASL_USERNAME is set without FLYWHEEL_KAFKA_SASL_PASSWORD")
+        if self.kafka_ssl_cafile is not None and not self.kafka_ssl_cafile.is_file():
+            raise ConfigurationError(f"FLYWHEEL_KAFKA_SSL_CAFILE={self.kafka_ssl_cafile}: no such file")
+        try:
+            return KafkaSecurity.of(
+                protocol=protocol, sasl_username=username, sasl_password=password,
+                sasl_mechanism=self.kafka_sasl_mechanism, ssl_cafile=self.kafka_ssl_cafile,
+            )
+        except ValueError as error:  # e.g. a username with FLYWHEEL_KAFKA_SECURITY_PROTOCOL=SSL
+            raise ConfigurationError(f"invalid Kafka security settings (FLYWHEEL_KAFKA_SECURITY_PROTOCOL and FLYWHEEL_KAFKA_SASL_*): {error}") from None
+
+    def _local_kafka_state(self) -> dict | None:
+        """What `flywheel infra up` recorded, when this process talks to that broker."""
+        state_file = self.infra_dir / "kafka" / "state.json"
+        if not state_file.exists():
+            return None
+        state = json.loads(state_file.read_text())
+        if self.kafka_bootstrap and self.kafka_bootstrap != state.get("bootstrap"):
+            return None  # another broker: its security is whatever the settings say
+        return state
+
+
+
+def local_kafka_credentials(credentials_file: Path, principal: str) -> tuple[str, str]:
+    """`principal`'s SCRAM name and password from the file `flywheel infra up --secure` wrote (0600)."""
+    try:
+        principals = json.loads(credentials_file.read_text())["principals"]
+    except (OSError, ValueError, KeyError) as error:
+        raise ConfigurationError(f"cannot read the local broker's Kafka credentials from {credentials_file}: {error}") from None
+    name = principal if principal in principals else PROCESS_PRINCIPAL
+    if name not in principals:
+        raise ConfigurationError(f"{credentials_file} has no principal {principal!r} (nor {PROCESS_PRINCIPAL!r})")
+    return name, principals[name]

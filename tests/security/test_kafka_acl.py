@@ -1,0 +1,284 @@
+"""Kafka has identities and permissions: against a real broker started by `LocalKafka(secure=True)`
+(SASL/SCRAM-SHA-512, StandardAuthorizer, the ACLs of infra/kafka_acls.py), one for this module.
+
+A forged control event from the app principal is refused by Kafka itself and leaves the topic empty;
+a wrong password is refused at authentication; each principal produces exactly what the table lets it;
+the registry, built with its factory, consumes, dead-letters and publishes as its own principal; and the
+apps' EventPublisher publishes with SASL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import logging
+import stat
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import GroupAuthorizationFailedError, KafkaConnectionError, TopicAuthorizationFailedError
+
+from contracts.envelope import wrap
+from contracts.events import InferenceLogged, StageChanged
+from contracts.examples import example_events
+from contracts.publisher import EventPublisher, KafkaSecurity, encode
+from contracts.topics import EVENT_TYPES, dlq_for, topic_for
+from infra.kafka_acls import APP, ADMIN_PRINCIPAL, PRINCIPAL_NAMES, PROCESS, SERVICE_PRINCIPALS, Principal, may_produce, service_principal
+from infra.local_kafka import LocalKafka
+from infra.processes import free_port
+from services.runtime.broker import check_reachable
+from services.runtime.errors import ConfigurationError, InfrastructureError
+from services.runtime.service import Runtime, build_process
+from services.runtime.settings import PROCESS_PRINCIPAL, FlywheelSettings
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+ADMIN_KEY = "fw_boot_test-admin-secret-0123456789"
+EXAMPLES = example_events()
+
+
+@pytest.fixture(scope="module")
+def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+    """A broker of this module's own, stopped by pid even when a test fails (atexit: when the session dies)."""
+    kafka = LocalKafka(tmp_path_factory.mktemp("secure-kafka-home"), FlywheelSettings().cache, port=free_port(), secure=True)
+    atexit.register(kafka.stop)
+    try:
+        try:
+            kafka.start(timeout=180)
+        except InfrastructureError as error:
+            pytest.fail(f"the secure local broker did not start: {error}", pytrace=False)
+        yield kafka
+    finally:
+        kafka.stop()
+        atexit.unregister(kafka.stop)
+
+
+@pytest.fixture(scope="module")
+def bootstrap(secure_kafka: LocalKafka) -> str:
+    status = secure_kafka.status()
+    assert status.running and status.address
+    return status.address
+
+
+async def end_offset(bootstrap: str, admin: KafkaSecurity, topic: str) -> int:
+    """How many records `topic` has ever received (all its partitions), read as the admin."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **admin.client_options())
+    await consumer.start()
+    try:
+        await consumer.topics()  # a fresh consumer knows no topic's partitions until it fetches metadata
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        assert partitions, f"no partitions for {topic}"
+        return sum((await consumer.end_offsets(partitions)).values())
+    finally:
+        await consumer.stop()
+
+
+async def read_records(bootstrap: str, security: KafkaSecurity, topic: str, expected: int, timeout_s: float = 30.0) -> list:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None, enable_auto_commit=False, **security.client_options())
+    await consumer.start()
+    records: list = []
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while len(records) < expected and asyncio.get_running_loop().time() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                records.extend(batch)
+    finally:
+        await consumer.stop()
+    return records
+
+
+def record_of(event_type: str, producer: str) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    return encode(wrap(EXAMPLES[EVENT_TYPES[event_type]], producer=producer))
+
+
+async def try_produce(producer: AIOKafkaProducer, event_type: str, name: str) -> bool:
+    """Whether the broker accepted one record on `event_type`'s topic; only an authorisation refusal is False."""
+    key, value, headers = record_of(event_type, name)
+    try:
+        await producer.send_and_wait(topic_for(event_type), value=value, key=key, headers=headers)
+    except TopicAuthorizationFailedError:
+        return False
+    return True
+
+
+def producer_for(bootstrap: str, security: KafkaSecurity) -> AIOKafkaProducer:
+    return AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, request_timeout_ms=15_000, **security.client_options())
+
+
+async def test_the_app_cannot_forge_a_stage_change_but_can_log_an_inference(secure_kafka: LocalKafka, bootstrap: str) -> None:
+    admin = secure_kafka.admin_security()
+    stage_topic = topic_for(StageChanged)
+    before = await end_offset(bootstrap, admin, stage_topic)
+    forged = wrap(StageChanged(model_name="smol", adapter_version=1, from_stage="staging", to_stage="production", actor="mallory", reason="forged"), producer="support-bot")
+    key, value, headers = encode(forged)
+
+    producer = producer_for(bootstrap, secure_kafka.credentials("app"))
+    await producer.start()
+    try:
+        with pytest.raises(TopicAuthorizationFailedError):
+            await producer.send_and_wait(stage_topic, value=value, key=key, headers=headers)
+        logged = wrap(EXAMPLES[InferenceLogged], producer="support-bot")
+        key, value, headers = encode(logged)
+        await producer.send_and_wait(topic_for(InferenceLogged), value=value, key=key, headers=headers)
+    finally:
+        await producer.stop()
+
+    assert await end_offset(bootstrap, admin, stage_topic) == before, "the refused stage.changed reached the topic"
+    stored = await read_records(bootstrap, admin, topic_for(InferenceLogged), expected=10_000, timeout_s=3)
+    assert str(logged.event_id) in {json.loads(r.value)["event_id"] for r in stored}
+
+
+async def test_a_wrong_password_is_refused_at_authentication(secure_kafka: LocalKafka, bootstrap: str, caplog: pytest.LogCaptureFixture) -> None:
+    wrong = KafkaSecurity(protocol="SASL_PLAINTEXT", username="app", password="not-" + secure_kafka.credentials("app").password)
+    producer = producer_for(bootstrap, wrong)
+    # aiokafka logs the broker's answer and raises only "Unable to bootstrap".
+    with caplog.at_level(logging.ERROR, logger="aiokafka"), pytest.raises(KafkaConnectionError):
+        await producer.start()
+    await producer.stop()
+    assert any("SaslAuthenticationFailed" in record.getMessage() and "invalid credentials" in record.getMessage() for record in caplog.records), caplog.text
+
+    # What a service reports at start: the principal and the settings to fix, no password.
+    with pytest.raises(ConfigurationError) as error:
+        await check_reachable(bootstrap, timeout_s=15, security=wrong)
+    assert "refused principal 'app'" in str(error.value) and "FLYWHEEL_KAFKA_SASL_PASSWORD" in str(error.value)
+    assert wrong.password not in str(error.value) and wrong.password not in repr(wrong)
+
+    # Without credentials at all, the SASL listener does not talk to a client.
+    with pytest.raises(ConfigurationError):
+        await check_reachable(bootstrap, timeout_s=5)
+
+
+@pytest.mark.parametrize("principal", [*SERVICE_PRINCIPALS, APP, PROCESS[0]], ids=lambda p: p.name)
+async def test_each_principal_produces_exactly_the_topics_the_table_grants(secure_kafka: LocalKafka, bootstrap: str, principal: Principal) -> None:
+    expected = {event_type: may_produce(principal.name, topic_for(event_type)) for event_type in sorted(EVENT_TYPES)}
+    assert any(expected.values()) and not all(expected.values()), f"{principal.name}: a table row that grants all or nothing tests nothing"
+    producer = producer_for(bootstrap, secure_kafka.credentials(principal.name))
+    await producer.start()
+    try:
+        actual = {event_type: await try_produce(producer, event_type, principal.name) for event_type in expected}
+    finally:
+        await producer.stop()
+    assert actual == expected
+
+
+def test_the_table_matches_the_architecture_on_who_changes_state() -> None:
+    # Only the registry may publish the state every replica replays; nobody but the admin sends commands to serving.
+    for event_type in ("stage.changed", "prompt.published", "adapter.registered", "model.registered", "dataset.published"):
+        assert [p.name for p in SERVICE_PRINCIPALS + (APP,) if may_produce(p.name, event_type)] == ["registry"], event_type
+    assert [p.name for p in SERVICE_PRINCIPALS + (APP,) if may_produce(p.name, "deployment.requested")] == []
+    assert [p.name for p in SERVICE_PRINCIPALS + (APP,) if may_produce(p.name, "evaluation.completed")] == ["evaluator"]
+    assert set(APP.produces) <= {"inference.logged", "feedback.received", "span.logged"} and not APP.consumes and not APP.follows
+    # The joint principal of `flywheel up` can do what the six can, and nothing more.
+    assert {(p.group, p.produces, p.consumes, p.follows) for p in PROCESS} == {(p.group, p.produces, p.consumes, p.follows) for p in SERVICE_PRINCIPALS}
+
+
+async def test_a_consumer_reads_only_in_its_own_group_and_only_what_it_consumes(secure_kafka: LocalKafka, bootstrap: str) -> None:
+    registry = secure_kafka.credentials("registry").client_options()
+    own = AIOKafkaConsumer(topic_for("training.completed"), bootstrap_servers=bootstrap, group_id="registry", auto_offset_reset="earliest", enable_auto_commit=False, **registry)
+    await own.start()
+    try:
+        await own.getmany(timeout_ms=2000)  # joins its group: refused would raise here
+    finally:
+        await own.stop()
+
+    for topic, group, refusal in (
+        (topic_for("training.completed"), "trainer", GroupAuthorizationFailedError),  # another service's group
+        (topic_for("training.requested"), "registry", TopicAuthorizationFailedError),  # a topic the registry does not consume
+    ):
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="earliest", enable_auto_commit=False, **registry)
+        try:
+            with pytest.raises(refusal):  # at the group join in start(), or at the first fetch
+                await consumer.start()
+                for _ in range(20):
+                    await consumer.getmany(timeout_ms=500)
+        finally:
+            await consumer.stop()
+
+
+def test_credentials_are_owner_only_and_each_principal_has_its_own(secure_kafka: LocalKafka) -> None:
+    mode = stat.S_IMODE(secure_kafka.credentials_file.stat().st_mode)
+    assert mode == 0o600, oct(mode)
+    assert stat.S_IMODE(secure_kafka.config_file.stat().st_mode) == 0o600  # holds the admin's password
+    passwords = json.loads(secure_kafka.credentials_file.read_text())["principals"]
+    assert set(passwords) == set(PRINCIPAL_NAMES) and len(set(passwords.values())) == len(passwords)
+
+
+def test_a_process_picks_its_principal_from_the_local_credentials(secure_kafka: LocalKafka, tmp_path: Path) -> None:
+    # `flywheel run registry` connects as the registry, a process of several services as the joint principal;
+    # both from the file `flywheel infra up --secure` wrote, with no FLYWHEEL_KAFKA_SASL_* set.
+    home = secure_kafka.dir.parents[1]
+    settings = FlywheelSettings(home=home, kafka_bootstrap=None, kafka_sasl_username=None, kafka_sasl_password=None, kafka_security_protocol=None)
+    assert Runtime(settings, client_id="flywheel-registry").kafka_security.username == "registry"
+    assert Runtime(settings, client_id="flywheel").kafka_security.username == PROCESS_PRINCIPAL
+    assert Runtime(settings, client_id="flywheel-feedback-monitor").kafka_security.username == PROCESS_PRINCIPAL
+    assert settings.resolved_kafka_security(ADMIN_PRINCIPAL).username == ADMIN_PRINCIPAL
+
+
+@pytest.fixture
+async def registry_door(secure_kafka: LocalKafka, bootstrap: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """The registry built by its factory, connecting as its principal through explicit settings (the docker-compose way)."""
+    from services.registry.app import create_app
+
+    credentials = secure_kafka.credentials("registry")
+    settings = FlywheelSettings(
+        home=tmp_path / "home", kafka_bootstrap=bootstrap, kafka_security_protocol="SASL_PLAINTEXT",
+        kafka_sasl_username=credentials.username, kafka_sasl_password=credentials.password,
+        bootstrap_admin_key=ADMIN_KEY, consumer_max_retries=0, shutdown_grace_s=1.0,
+    )
+    app, runtime = build_process(settings, [create_app], title="flywheel-registry")
+    assert runtime.kafka_security.username == "registry"
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://registry", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
+            yield client
+
+
+async def test_the_registry_consumes_dead_letters_and_publishes_as_its_own_principal(secure_kafka: LocalKafka, bootstrap: str, registry_door: httpx.AsyncClient) -> None:
+    admin = secure_kafka.admin_security()
+    prompt = f"acl-{uuid.uuid4().hex[:8]}"
+    created = await registry_door.post("/registry/v1/prompts", json={"name": prompt, "template": "Answer: {question}"})
+    assert created.status_code == 201, created.text
+
+    # A poison training.completed from the trainer's principal: the registry reads it in its group and
+    # can write only the dead letter of what it consumes.
+    poison_topic = topic_for("training.completed")
+    dead_before = await end_offset(bootstrap, admin, dlq_for(poison_topic))
+    trainer = producer_for(bootstrap, secure_kafka.credentials("trainer"))
+    await trainer.start()
+    try:
+        await trainer.send_and_wait(poison_topic, value=b'{"not": "an envelope"}', key=prompt.encode())
+    finally:
+        await trainer.stop()
+
+    deadline = asyncio.get_running_loop().time() + 60
+    while await end_offset(bootstrap, admin, dlq_for(poison_topic)) == dead_before:
+        assert asyncio.get_running_loop().time() < deadline, "the registry never dead-lettered the poison record"
+        await asyncio.sleep(0.5)
+    letters = await read_records(bootstrap, admin, dlq_for(poison_topic), expected=dead_before + 1)
+    assert any(r.key == prompt.encode() and dict(r.headers).get("x-flywheel-consumer-group") == b"registry" for r in letters)
+
+    published = await read_records(bootstrap, admin, topic_for("prompt.published"), expected=10_000, timeout_s=5)
+    mine = [json.loads(r.value) for r in published if json.loads(r.value)["payload"]["prompt_name"] == prompt]
+    assert len(mine) == 1 and mine[0]["producer"] == "registry"
+
+
+async def test_the_apps_event_publisher_publishes_with_sasl_and_is_refused_elsewhere(secure_kafka: LocalKafka, bootstrap: str) -> None:
+    app = secure_kafka.credentials("app")
+    event = EXAMPLES[InferenceLogged].model_copy(update={"inference_id": f"inf-{uuid.uuid4().hex[:12]}"})
+    async with EventPublisher(bootstrap, producer="support-bot", sasl_username=app.username, sasl_password=app.password) as publisher:
+        envelope = await publisher.publish(event)
+        with pytest.raises(TopicAuthorizationFailedError):
+            await publisher.publish(EXAMPLES[StageChanged])
+    stored = await read_records(bootstrap, secure_kafka.admin_security(), topic_for(InferenceLogged), expected=10_000, timeout_s=3)
+    assert str(envelope.event_id) in {json.loads(r.value)["event_id"] for r in stored}
+
+
+def test_the_service_principal_lookup_names_the_services() -> None:
+    assert service_principal("serving").follows and not service_principal("serving").consumes
+    with pytest.raises(KeyError):
+        service_principal("app")
