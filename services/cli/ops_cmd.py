@@ -67,13 +67,13 @@ def replay(
     """Rebuild inference_log and feedback from the topics, adding only events not stored yet."""
     from datetime import UTC
 
-    from services.feedback.privacy import Redactor
     from services.feedback.replay import replay as run_replay
     from services.feedback.service import Sink
     from services.feedback.settings import FeedbackSettings
     from services.feedback.store import FeedbackStore
     from services.runtime.broker import check_reachable
     from services.runtime.clickhouse import open_clickhouse
+    from services.runtime.privacy import PrivacySettings
 
     settings = load_settings(FlywheelSettings)
     feedback = load_settings(FeedbackSettings)
@@ -85,7 +85,7 @@ def replay(
         from_ms = int(moment.timestamp() * 1000)
     with open_clickhouse(settings.clickhouse_url, settings.home) as clickhouse:
         clickhouse.migrate()
-        sink = Sink(FeedbackStore(lambda: clickhouse), Redactor(feedback.privacy_policy, salt=feedback.privacy_salt, extra_patterns=feedback.privacy_patterns))
+        sink = Sink(FeedbackStore(lambda: clickhouse), load_settings(PrivacySettings).redactor())
         counts = asyncio.run(run_replay(bootstrap, sink, topic_prefix=settings.topic_prefix, from_ms=from_ms, batch=feedback.batch_max_records))
     for count in counts:
         typer.echo(f"{count.topic}: read {count.read}, inserted {count.inserted}, already stored {count.read - count.inserted - count.undecodable}, undecodable {count.undecodable}")

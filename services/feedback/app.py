@@ -6,11 +6,11 @@ import asyncio
 
 from services.feedback.api import create_router
 from services.feedback.handlers import GROUP, subscribe_sink
-from services.feedback.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
 from services.runtime.auth import Authenticator
+from services.runtime.privacy import PrivacySettings
 from services.runtime.service import Runtime, Service
 from services.runtime.settings import load_settings
 
@@ -18,7 +18,7 @@ from services.runtime.settings import load_settings
 def create_app(runtime: Runtime) -> Service:
     settings = load_settings(FeedbackSettings)
     store = FeedbackStore(runtime.clickhouse, unavailable_while=settings.failpoint_clickhouse_unavailable)
-    redactor = Redactor(settings.privacy_policy, salt=settings.privacy_salt, extra_patterns=settings.privacy_patterns)
+    redactor = load_settings(PrivacySettings).redactor()
     subscribe_sink(
         runtime.broker,
         Sink(store, redactor),
@@ -37,7 +37,7 @@ def create_app(runtime: Runtime) -> Service:
     # uncommitted for redelivery.
     return Service(
         name=GROUP,
-        api=create_router(runtime.bus(GROUP), lambda: store, Authenticator.for_settings(runtime.settings)),
+        api=create_router(runtime.bus(GROUP), lambda: store, Authenticator.for_settings(runtime.settings), redactor),
         readiness={"clickhouse": clickhouse_answers},
         on_start=[clickhouse_answers],
     )

@@ -19,7 +19,7 @@ from contracts.publisher import encode
 from contracts.topics import topic_for
 from services.feedback.handlers import subscribe_sink
 from services.feedback.models import inference_rows
-from services.feedback.privacy import Redactor
+from services.runtime.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from contracts.envelope import Envelope
 from contracts.events import FeedbackReceived, InferenceLogged
-from services.feedback.privacy import Redactor
+from services.runtime.privacy import Redactor
 
 _TIME = pa.timestamp("ms", "UTC")
 
@@ -26,14 +26,10 @@ def _envelope_columns(envelopes: Sequence[Envelope]) -> dict[str, pa.Array]:
 
 
 def inference_rows(envelopes: Sequence[Envelope[InferenceLogged]], redactor: Redactor) -> pa.Table:
-    """`inference_log` rows, personal data scrubbed from prompts, messages, outputs and errors."""
-    payloads = [envelope.payload for envelope in envelopes]
-    scrub = redactor.scrub
-
-    def messages(payload: InferenceLogged) -> str:
-        cleaned = [{**message, "content": scrub(message["content"])} if isinstance(message.get("content"), str) else message for message in payload.input_messages]
-        return json.dumps(cleaned, ensure_ascii=False)
-
+    """`inference_log` rows, personal data and secrets scrubbed from prompts, messages, outputs, errors,
+    user ids and metadata. The gateway scrubbed its events before publishing; scrubbing again is a no-op
+    for those and catches apps that publish raw events themselves."""
+    payloads = [redactor.scrub_inference(envelope.payload) for envelope in envelopes]
     return pa.table(
         {
             **_envelope_columns(envelopes),
@@ -46,9 +42,9 @@ def inference_rows(envelopes: Sequence[Envelope[InferenceLogged]], redactor: Red
             "endpoint": pa.array([p.endpoint for p in payloads], pa.string()),
             "user_id": pa.array([p.user_id for p in payloads], pa.string()),
             "principal": pa.array([p.principal for p in payloads], pa.string()),
-            "input_messages": pa.array([messages(p) for p in payloads], pa.string()),
-            "input_text": pa.array([scrub(p.input_text) for p in payloads], pa.string()),
-            "output_text": pa.array([scrub(p.output_text) for p in payloads], pa.string()),
+            "input_messages": pa.array([json.dumps(p.input_messages, ensure_ascii=False) for p in payloads], pa.string()),
+            "input_text": pa.array([p.input_text for p in payloads], pa.string()),
+            "output_text": pa.array([p.output_text for p in payloads], pa.string()),
             "finish_reason": pa.array([p.finish_reason for p in payloads], pa.string()),
             "prompt_tokens": pa.array([p.prompt_tokens for p in payloads], pa.uint32()),
             "completion_tokens": pa.array([p.completion_tokens for p in payloads], pa.uint32()),
@@ -56,7 +52,7 @@ def inference_rows(envelopes: Sequence[Envelope[InferenceLogged]], redactor: Red
             "latency_compute_ms": pa.array([p.latency_compute_ms for p in payloads], pa.float64()),
             "latency_total_ms": pa.array([p.latency_total_ms for p in payloads], pa.float64()),
             "status": pa.array([p.status.value for p in payloads], pa.string()),
-            "error": pa.array([scrub(p.error) for p in payloads], pa.string()),
+            "error": pa.array([p.error for p in payloads], pa.string()),
             "started_at": pa.array([p.started_at for p in payloads], _TIME),
             "metadata": pa.array([list(p.metadata.items()) for p in payloads], pa.map_(pa.string(), pa.string())),
         }
@@ -64,8 +60,8 @@ def inference_rows(envelopes: Sequence[Envelope[InferenceLogged]], redactor: Red
 
 
 def feedback_rows(envelopes: Sequence[Envelope[FeedbackReceived]], redactor: Redactor) -> pa.Table:
-    """`feedback` rows, personal data scrubbed from comments and corrections."""
-    payloads = [envelope.payload for envelope in envelopes]
+    """`feedback` rows, personal data and secrets scrubbed from comments, corrections, tags and a person's actor id."""
+    payloads = [redactor.scrub_feedback(envelope.payload) for envelope in envelopes]
     return pa.table(
         {
             **_envelope_columns(envelopes),
@@ -73,8 +69,8 @@ def feedback_rows(envelopes: Sequence[Envelope[FeedbackReceived]], redactor: Red
             "inference_id": pa.array([p.inference_id for p in payloads], pa.string()),
             "thumbs": pa.array([p.thumbs.value if p.thumbs else None for p in payloads], pa.string()),
             "rating": pa.array([p.rating for p in payloads], pa.uint8()),
-            "comment": pa.array([redactor.scrub(p.comment) for p in payloads], pa.string()),
-            "correction": pa.array([redactor.scrub(p.correction) for p in payloads], pa.string()),
+            "comment": pa.array([p.comment for p in payloads], pa.string()),
+            "correction": pa.array([p.correction for p in payloads], pa.string()),
             "tags": pa.array([list(p.tags) for p in payloads], pa.list_(pa.string())),
             "source": pa.array([p.source.value for p in payloads], pa.string()),
             "actor": pa.array([p.actor for p in payloads], pa.string()),

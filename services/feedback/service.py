@@ -11,10 +11,10 @@ import pyarrow as pa
 from prometheus_client import Counter
 
 from contracts.envelope import Envelope, P
-from contracts.events import FeedbackReceived, InferenceLogged
+from contracts.events import FeedbackReceived, FeedbackSource, InferenceLogged
 from contracts.http import FeedbackAccepted, FeedbackCreate
 from services.feedback.models import FeedbackList, FeedbackView, feedback_rows, inference_rows
-from services.feedback.privacy import Redactor
+from services.runtime.privacy import Redactor
 from services.feedback.store import FeedbackStore
 from services.runtime.clickhouse import ClickHouseError
 
@@ -33,6 +33,10 @@ class InvalidFeedback(ValueError):
     def __init__(self, message: str, param: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+class ReviewerRoleRequired(Exception):
+    """Feedback claiming `source: reviewer` from a caller whose role does not grant reviewer."""
 
 
 class StoreUnavailable(Exception):
@@ -65,9 +69,23 @@ def feedback_event(request: FeedbackCreate) -> FeedbackReceived:
     )
 
 
-async def give_feedback(request: FeedbackCreate, publish: Callable[[FeedbackReceived], Awaitable[Envelope[FeedbackReceived]]]) -> FeedbackAccepted:
-    """Validate feedback and publish it; it is stored by the sink, also when its inference is not stored yet."""
-    envelope = await publish(feedback_event(request))
+async def give_feedback(
+    request: FeedbackCreate, publish: Callable[[FeedbackReceived], Awaitable[Envelope[FeedbackReceived]]], redactor: Redactor, *, caller: str, may_review: bool
+) -> FeedbackAccepted:
+    """Validate feedback, scrub it and publish it; it is stored by the sink, also when its inference is not stored yet.
+
+    Reviewer corrections are what automatic retraining learns from, so `source: reviewer` is refused
+    unless the caller's role grants reviewer: an app key cannot claim it (refused rather than
+    downgraded to end_user, so an app that means it learns at once that it needs a reviewer's key).
+    """
+    event = feedback_event(request)
+    if event.source is FeedbackSource.reviewer and not may_review:
+        raise ReviewerRoleRequired(
+            f"source reviewer needs a key whose role grants reviewer (reviewer or admin); {caller} may not review: "
+            "send source end_user, or give the correction with a reviewer's key"
+        )
+    # The door scrubs before publishing, so raw personal data never sits in the topic.
+    envelope = await publish(redactor.scrub_feedback(event))
     return FeedbackAccepted(feedback_id=envelope.payload.feedback_id, event_id=str(envelope.event_id))
 
 

@@ -207,12 +207,15 @@ class MonitorStore:
     # ---------------------------------------------------------------------------------- feedback
 
     def corrections(self, model_name: str, limit: int = 10_000) -> list[dict[str, Any]]:
-        """Corrected answers for `model_name` with their prompts (redacted by the sink), one per (prompt, correction)."""
+        """Reviewers' corrected answers for `model_name` with their prompts (redacted by the sink), one per (prompt, correction).
+
+        Only `source = 'reviewer'`: the feedback door accepts that source from reviewer keys alone, while
+        any app may send end-user corrections, and those must not steer what the model learns."""
         return self._query(
             "SELECT input_messages, input_text, correction FROM ("
             "  SELECT i.input_messages AS input_messages, i.input_text AS input_text, trimBoth(f.correction) AS correction, f.occurred_at AS at"
             "  FROM (SELECT * FROM feedback FINAL) AS f INNER JOIN (SELECT * FROM inference_log FINAL) AS i ON f.inference_id = i.inference_id"
-            "  WHERE i.model_name = {model:String} AND f.correction IS NOT NULL AND trimBoth(f.correction) != '' AND i.input_text != ''"
+            "  WHERE i.model_name = {model:String} AND f.source = 'reviewer' AND f.correction IS NOT NULL AND trimBoth(f.correction) != '' AND i.input_text != ''"
             ") ORDER BY at DESC LIMIT 1 BY input_text, correction LIMIT {limit:UInt32}",
             {"model": model_name, "limit": limit},
         )

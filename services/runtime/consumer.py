@@ -3,8 +3,9 @@
 Per message: decode and validate the envelope (a poison message goes straight to `<topic>.dlq`),
 skip it when its `event_id` was already processed by this consumer group, run the handler with
 bounded retries and backoff, remember the event id, and only then commit the offset. When the
-retries are spent the original bytes go to the dead-letter topic with the error in the headers and
-the consumer moves on: a message that can never succeed must not block its partition.
+retries are spent the message goes to the dead-letter topic with the error in the headers and the
+consumer moves on: a message that can never succeed must not block its partition. A dead letter keeps
+no raw personal data: its value is scrubbed first (byte for byte the original when nothing is found).
 
 FastStream's default Kafka ack policy commits before the handler runs (at-most-once) and has no
 Kafka dead-letter support; hence manual acknowledgement here.
@@ -13,6 +14,7 @@ Kafka dead-letter support; hence manual acknowledgement here.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import sqlite3
 import threading
@@ -32,6 +34,7 @@ from contracts.envelope import Envelope, P
 from contracts.topics import dlq_for, topic_for
 from services.runtime import failpoints
 from services.runtime.metrics import CONSUMER_MESSAGES
+from services.runtime.privacy import Redactor, dead_letter_redactor
 
 log = logging.getLogger("flywheel.consumer")
 
@@ -85,16 +88,26 @@ class SqliteProcessedEvents:
 
 
 class DeadLetters:
-    """Publishes poison messages, untouched, to `<topic>.dlq` with the reason in the headers."""
+    """Publishes poison messages to `<topic>.dlq` with the reason in the headers, scrubbed of personal
+    data and secrets: a dead-letter topic is read by people and kept for as long as it takes to look.
 
-    def __init__(self, broker: KafkaBroker) -> None:
+    The value is scrubbed as text (JSON string by string); a value that is not UTF-8 cannot be searched,
+    so none of it is kept: the dead letter carries only its sha256 and length. Every dead letter has
+    `x-flywheel-value-sha256`, `x-flywheel-value-bytes` (of the original) and `x-flywheel-value` (clean,
+    scrubbed or withheld), so it can still be matched against the original record in the source topic.
+    """
+
+    def __init__(self, broker: KafkaBroker, redactor: Redactor | None = None) -> None:
         self._broker = broker
+        self._redactor = redactor or dead_letter_redactor()
 
     async def send(self, message: KafkaMessage, *, group: str, error: BaseException, attempts: int, reason: str | None = None) -> None:
         await self.send_record(message.raw_message, group=group, error=error, attempts=attempts, reason=reason)
 
     async def send_record(self, record: ConsumerRecord, *, group: str, error: BaseException, attempts: int, reason: str | None = None) -> None:
-        reason = reason or f"{type(error).__name__}: {error}"
+        reason = self._redactor.scrub(reason or f"{type(error).__name__}: {error}") or ""
+        original = record.value or b""
+        value, treatment = self._redactor.scrub_bytes(original)
         headers = {
             "x-flywheel-error": reason[:4000],
             "x-flywheel-error-type": type(error).__name__,
@@ -104,13 +117,16 @@ class DeadLetters:
             "x-flywheel-consumer-group": group,
             "x-flywheel-attempts": str(attempts),
             "x-flywheel-failed-at": datetime.now(UTC).isoformat(),
+            "x-flywheel-value": treatment,
+            "x-flywheel-value-sha256": hashlib.sha256(original).hexdigest(),
+            "x-flywheel-value-bytes": str(len(original)),
         }
-        for name, value in record.headers or ():
-            headers.setdefault(f"x-flywheel-original-header-{name}", value.decode(errors="replace"))
+        for name, header in record.headers or ():
+            headers.setdefault(f"x-flywheel-original-header-{name}", self._redactor.scrub(header.decode(errors="replace")) or "")
         delay = 0.5
         while True:
             try:
-                await self._broker.publish(record.value or b"", dlq_for(record.topic), key=record.key, headers=headers)
+                await self._broker.publish(value, dlq_for(record.topic), key=record.key, headers=headers)
                 break
             except Exception as publish_error:  # noqa: BLE001 - the offset must not move past an unsaved message
                 log.warning("dead-letter publish to %s failed (%s); retrying in %.1fs", dlq_for(record.topic), publish_error, delay)

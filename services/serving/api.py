@@ -2,8 +2,11 @@
 
 Callers present an API key with role `app` (or admin), as OpenAI clients send theirs:
 `Authorization: Bearer <key>`. Each key's principal has its own token bucket (limits.py); a request
-over it is a 429 with Retry-After. Requests refused before the gateway sees them — no or a wrong
-key, a body that does not validate, a rate limit — are still logged as errored inferences.
+over it is a 429 with Retry-After. A request refused before its caller is known — no or a wrong key
+(401), a role that may not call (403), a body refused before the key is checked (malformed JSON,
+413) — writes nothing: neither Kafka nor ClickHouse, so whoever has no key cannot fill the platform's
+storage or choose what it records. Once the key is checked, a refusal (a body that does not validate,
+the rate limit) is logged as an errored inference of that principal, scrubbed like any other.
 
 `stream: true` answers with server-sent events in OpenAI's chunk format as the tokens are decoded:
 a chunk per decode step that produced text, a last chunk with the finish reason, then `[DONE]`.
@@ -55,12 +58,15 @@ def create_router(gateway: Callable[[], Gateway | None], *, guard: Callable[...,
     """`guard` is the API-key dependency (`Authenticator.require(Role.app)`); `limiter` the per-key buckets."""
 
     def refused(request: Request, endpoint: str, body: bytes, status: int, message: str) -> None:
+        principal = getattr(request.state, "principal", None)
         current = gateway()
-        if current is not None:
-            current.refused(endpoint, body, getattr(request.state, "principal", None), status, message)
+        # Only a caller whose key and role were checked is logged: `caller` sets the principal.
+        if current is not None and principal is not None:
+            current.refused(endpoint, body, principal, status, message)
 
     class LoggedRoute(APIRoute):
-        """Refusals raised before the endpoint runs (auth, body validation, rate limit) are logged here."""
+        """Refusals raised before the endpoint runs by an authenticated caller (body validation, rate
+        limit) are logged here; authentication and authorisation refusals (401, 403) are not."""
 
         def get_route_handler(self) -> Callable[[Request], Any]:
             handler = super().get_route_handler()
@@ -75,10 +81,6 @@ def create_router(gateway: Callable[[], Gateway | None], *, guard: Callable[...,
                     first = error.errors()[0] if error.errors() else {}
                     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
                     refused(request, endpoint, await request.body(), 422, f"{where}: {first.get('msg', 'invalid request')}")
-                    raise
-                except DoorError as error:
-                    if error.status in (401, 403):
-                        refused(request, endpoint, await request.body(), error.status, error.detail.message)
                     raise
                 except _RateLimited as error:
                     refused(request, endpoint, await request.body(), 429, str(error))

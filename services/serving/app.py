@@ -11,6 +11,7 @@ from contracts.http import Role
 from services.runtime.artifacts import ArtifactStore, default_artifact_root
 from services.runtime.auth import Authenticator
 from services.runtime.consumer import follow
+from services.runtime.privacy import PrivacySettings
 from services.runtime.service import Runtime, Service
 from services.runtime.settings import load_settings
 from services.serving.api import create_router
@@ -52,7 +53,7 @@ def create_app(runtime: Runtime) -> Service:
     prompts = PromptRoutes()
     state = _State()
     bus = runtime.bus("serving")
-    buffer = InferenceLogBuffer(bus, capacity=settings.log_buffer_size)
+    buffer = InferenceLogBuffer(bus, capacity=settings.log_buffer_size, redactor=load_settings(PrivacySettings).redactor())
     loader = AdapterLoader(
         routes, ArtifactStore(default_artifact_root(runtime.home)), runtime.home / "serving" / "adapters", lambda: state.engine,
         in_flight=lambda name: state.gateway.in_flight(name) if state.gateway is not None else 0, drain_s=settings.unload_drain_s,

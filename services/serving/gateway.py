@@ -1,8 +1,9 @@
 """The gateway's use cases: resolve the model, render and check the prompt, call Triton, log the inference.
 
 Imports neither FastAPI nor Kafka: api.py translates HTTP to these calls, and the inference log
-buffer publishes. Every request that gets this far ends in exactly one `inference.logged`, ok or
-error; requests refused before (no key, bad body, rate limit) are logged by `refused`.
+buffer publishes (scrubbed of personal data and secrets first). Every request that gets this far
+ends in exactly one `inference.logged`, ok or error; an authenticated caller's request refused before
+(bad body, rate limit) is logged by `refused`; a request without a valid key is never logged.
 
 A streamed request (`Stream`) is checked and sent to Triton, and its first piece awaited, before
 any byte of the response goes out, so every refusal and a Triton outage are still HTTP errors;
@@ -143,8 +144,9 @@ class Gateway:
     async def completion_stream(self, request: CompletionRequest, principal: str | None = None) -> Stream:
         return await self._open_stream(_Call("completions", request, principal=principal))
 
-    def refused(self, endpoint: str, body: bytes, principal: str | None, status: int, message: str) -> None:
-        """Log a request refused before it could be served (401/403, malformed body, rate limit) as an errored inference."""
+    def refused(self, endpoint: str, body: bytes, principal: str, status: int, message: str) -> None:
+        """Log an authenticated caller's request refused before it could be served (malformed body, rate
+        limit) as an errored inference. Never called for 401/403: who has no key writes nothing."""
         try:
             parsed = json.loads(body or b"{}")
         except ValueError:

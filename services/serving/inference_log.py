@@ -4,6 +4,10 @@ A response never waits for Kafka and never fails because of it: `offer` is a non
 the buffer is full the event is dropped, but counted (`flywheel_serving_inference_log_total{outcome=
 "dropped"}`) and logged with its inference id; a publish that keeps failing after retries is
 counted and logged the same way. Nothing disappears without a trace.
+
+Each event is scrubbed (services/runtime/privacy.py) before it is published, off the request path:
+prompts, answers, messages, errors, user ids and metadata reach the topic redacted or hashed, never
+raw. An event that cannot be scrubbed is dropped and counted as failed, never published as it is.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from prometheus_client import Counter, Gauge
 
 from contracts.events import InferenceLogged
 from services.runtime.broker import EventBus
+from services.runtime.privacy import Redactor
 
 log = logging.getLogger("flywheel.serving.inference_log")
 
@@ -28,8 +33,11 @@ INFERENCE_LOG_DEPTH = Gauge("flywheel_serving_inference_log_depth", "inference.l
 
 
 class InferenceLogBuffer:
-    def __init__(self, bus: EventBus, *, capacity: int, publish_attempts: int = 3) -> None:
+    def __init__(self, bus: EventBus, *, capacity: int, redactor: Redactor | None = None, publish_attempts: int = 3) -> None:
+        """`redactor`: what scrubs events before they leave; by default the built-in policies (text
+        redacted, user ids hashed without a salt)."""
         self._bus = bus
+        self._redactor = redactor or Redactor()
         self._queue: asyncio.Queue[tuple[InferenceLogged, str | None]] = asyncio.Queue(maxsize=capacity)
         self._attempts = publish_attempts
         self._task: asyncio.Task[None] | None = None
@@ -74,6 +82,12 @@ class InferenceLogBuffer:
                 INFERENCE_LOG_DEPTH.set(self._queue.qsize())
 
     async def _publish(self, event: InferenceLogged, correlation_id: str | None) -> None:
+        try:
+            event = await asyncio.to_thread(self._redactor.scrub_inference, event)
+        except Exception:  # noqa: BLE001 - an event that cannot be scrubbed must not be published raw
+            INFERENCE_LOG.labels("failed").inc()
+            log.exception("inference.logged for %s not published: scrubbing it failed", event.inference_id)
+            return
         for attempt in range(1, self._attempts + 1):
             try:
                 await self._bus.publish(event, correlation_id=correlation_id)

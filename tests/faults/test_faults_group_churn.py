@@ -19,7 +19,7 @@ import pytest
 from faststream.kafka import KafkaBroker
 
 from services.feedback.handlers import subscribe_sink
-from services.feedback.privacy import Redactor
+from services.runtime.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore

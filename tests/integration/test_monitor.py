@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from contracts.envelope import wrap
 from contracts.events import AlertRaised, FeedbackReceived, InferenceLogged, InferenceStatus, Thumbs, TrainingRequested
 from contracts.http import Role
-from services.feedback.privacy import Redactor
+from services.runtime.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.store import FeedbackStore
 from services.monitor.api import build_router as monitor_router

@@ -28,7 +28,7 @@ from fastapi import FastAPI
 from contracts.envelope import wrap
 from contracts.events import FeedbackReceived, InferenceLogged, Stage, StageChanged, Thumbs
 from contracts.http import Role
-from services.feedback.privacy import Redactor
+from services.runtime.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.store import FeedbackStore
 from services.monitor.api import COOKIE

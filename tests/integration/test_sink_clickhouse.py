@@ -16,7 +16,7 @@ from contracts.envelope import wrap
 from contracts.events import FeedbackReceived, InferenceLogged, Thumbs
 from contracts.topics import dlq_for, topic_for
 from services.feedback.handlers import subscribe_sink
-from services.feedback.privacy import Redactor
+from services.runtime.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore

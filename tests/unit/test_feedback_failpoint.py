@@ -9,7 +9,7 @@ import pytest
 
 from contracts.envelope import wrap
 from contracts.events import InferenceLogged
-from services.feedback.privacy import Redactor
+from services.runtime.privacy import Redactor
 from services.feedback.service import Sink, StoreUnavailable
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
