@@ -209,7 +209,7 @@ class AdapterVersionView(RegistryView):
 
 class StageTransition(Request):
     to_stage: Stage = Field(description="Target stage.")
-    approver: str | None = Field(default=None, max_length=256, description="Who approved (required for production).")
+    approver: str | None = Field(default=None, max_length=256, description="Ignored (kept so older clients still parse): a production promotion needs an approval recorded by an approver beforehand (POST .../approvals); the audit log names that principal.")
     reason: str | None = Field(default=None, max_length=2000, description="Why, in words.")
     canary_percent: float | None = Field(default=None, gt=0, lt=100, description="Declare this production version a canary with this share of traffic.")
     replaces: int | None = Field(default=None, ge=1, description="The production version this one replaces (compare-and-swap); it is archived.")
@@ -321,13 +321,15 @@ class AuditEntryView(RegistryView):
 class ApiKeyCreate(Request):
     principal: str = Field(min_length=1, max_length=256, description="Who the key is for; recorded as the actor of what it does.")
     role: Role = Field(description="What the key may do.")
+    ttl_s: int | None = Field(default=None, ge=60, le=10 * 365 * 86400, description="Seconds until the key expires; unset: it does not expire.")
 
 
 class ApiKeyCreated(Response):
-    key: str = Field(description="The API key; shown once, stored only as a salted hash.")
+    key: str = Field(description="The API key; shown once, stored only as a keyed hash (HMAC under the server's pepper).")
     key_id: str = Field(description="The key's id, to revoke it.")
     principal: str = Field(description="Who the key is for.")
     role: Role = Field(description="What the key may do.")
+    expires_at: datetime | None = Field(default=None, description="When the key stops working (UTC); none: never.")
 
 
 # ---------------------------------------------------------------------- OpenAI-compatible gateway
@@ -456,3 +458,51 @@ HTTP_MODELS: tuple[type[BaseModel], ...] = (
     ApiKeyCreate,
     ApiKeyCreated,
 )
+
+
+# ------------------------------------------------------------------------ keys and approvals
+
+
+class ApiKeyView(RegistryView):
+    key_id: str = Field(description="The key's id.")
+    principal: str = Field(description="Who the key is for.")
+    role: Role = Field(description="What the key may do.")
+    created_at: datetime = Field(description="When it was created (UTC).")
+    created_by: str = Field(description="Who created it.")
+    expires_at: datetime | None = Field(default=None, description="When it stops working; none: never.")
+    revoked_at: datetime | None = Field(default=None, description="When it was revoked; none: it was not.")
+    last_used_at: datetime | None = Field(default=None, description="Last use, to within a minute; none: never used since 0004.")
+    rotated_from: str | None = Field(default=None, description="The key this one replaced by rotation.")
+
+
+class ApiKeyRotate(Request):
+    grace_s: int = Field(default=0, ge=0, le=30 * 86400, description="Seconds the old key keeps working (it expires then); 0: revoked at once.")
+    ttl_s: int | None = Field(default=None, ge=60, le=10 * 365 * 86400, description="Seconds until the new key expires; unset: it does not expire.")
+
+
+class ApiKeyIdentity(Response):
+    key_id: str = Field(description="The presented key's id.")
+    principal: str = Field(description="Who the key is for.")
+    role: Role = Field(description="What the key may do.")
+    expires_at: datetime | None = Field(default=None, description="When it stops working; none: never.")
+
+
+class ApprovalCreate(Request):
+    target: Literal["production"] = Field(default="production", description="The stage (adapter) or label (prompt) approved; only production needs approval.")
+    comment: str | None = Field(default=None, max_length=2000, description="Why, in words.")
+
+
+class ApprovalView(RegistryView):
+    id: int = Field(description="Approval id.")
+    object_type: str = Field(description="adapter or prompt.")
+    object_id: str = Field(description="The version approved, e.g. smol:v3 or support:v2.")
+    target: str = Field(description="The stage or label approved: production.")
+    approved_by: str = Field(description="The approving principal.")
+    approved_role: Role = Field(description="Its role when it approved.")
+    approved_at: datetime = Field(description="When (UTC).")
+    comment: str | None = Field(default=None, description="Why, in words.")
+    used_by: str | None = Field(default=None, description="The principal whose promotion used it up; none: still unused.")
+    used_at: datetime | None = Field(default=None, description="When it was used.")
+
+
+HTTP_MODELS = (*HTTP_MODELS, ApiKeyView, ApiKeyRotate, ApiKeyIdentity, ApprovalCreate, ApprovalView)

@@ -21,7 +21,7 @@ from contracts.events import FeedbackReceived, InferenceLogged, InferenceStatus,
 from contracts.http import Role
 from contracts.topics import topic_for
 from services.feedback.handlers import subscribe_sink
-from services.runtime.privacy import Redactor
+from services.feedback.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
@@ -105,7 +105,7 @@ async def read_topic(settings: FlywheelSettings, event: type, *, expect: int, wa
 
 
 def seed_two_versions(door: RegistryDoorFixture, tmp_path: Path) -> None:
-    """smollm2 v1 in production, v2 passed the gate and waits in staging."""
+    """smollm2 v1 in production, v2 passed the gate, is approved and waits in staging."""
     registry = door.registry
     seed_model(registry, tmp_path, name=MODEL)
     registry.publish_dataset("alice", name="support", split="train", jsonl=jsonl(CHAT))
@@ -113,7 +113,9 @@ def seed_two_versions(door: RegistryDoorFixture, tmp_path: Path) -> None:
         adapter = registry.register_trained_adapter(training_completed(registry, tmp_path, job_id=f"job-{index}", seed=index, model=MODEL), event_id=str(uuid.uuid4()), correlation_id=f"corr-{index}")
         registry.attach_evaluation(evaluation(MODEL, adapter.version))
         registry.transition("alice", model_name=MODEL, version=adapter.version, to_stage=Stage.staging)
-    registry.transition("alice", model_name=MODEL, version=1, to_stage=Stage.production, approver="bob")
+        # Approved by an approver, so alice (an operator) may promote either; v2's approval waits for its canary.
+        registry.approve("bob", Role.approver, object_type="adapter", name=MODEL, version=adapter.version)
+    registry.transition("alice", model_name=MODEL, version=1, to_stage=Stage.production)
 
 
 def arm_traffic(version: int, *, down_every: int, error_every: int | None, latency_ms: float, hallucinating: bool) -> tuple[list[InferenceLogged], list[FeedbackReceived]]:

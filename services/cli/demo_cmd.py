@@ -302,7 +302,11 @@ def _jsonl(rows: list[dict[str, Any]]) -> str:
 
 
 class Driver:
-    """Operators, an app and reviewers, acting through the platform's doors."""
+    """Operators, an approver, an app and reviewers, acting through the platform's doors.
+
+    The admin key only hands out keys: an operator (demo-operator) asks for every promotion and an
+    approver (demo-approver), another principal, approves each production promotion beforehand.
+    """
 
     def __init__(self, base_url: str, admin_key: str, report: LoopReport, progress: Progress, *, step_timeout: float) -> None:
         import httpx
@@ -313,6 +317,7 @@ class Driver:
         self.timeout = step_timeout
         self.http = httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {admin_key}"}, timeout=120)
         self.app_key: str | None = None
+        self.role_keys: dict[str, str] = {}
         self.golden = _rows("golden.jsonl")
         self.train = _rows("train.jsonl")
         self.facts = list(dict.fromkeys(_answer(row) for row in self.golden))
@@ -325,6 +330,17 @@ class Driver:
         if response.status_code not in expect:
             raise StepFailed(f"{method} {path} answered {response.status_code}: {response.text[:400]}")
         return response.json() if response.content else None
+
+    async def as_principal(self, principal: str, role: str) -> dict[str, str]:
+        """Headers acting as `principal` with `role`, its key created by the admin once per run."""
+        if principal not in self.role_keys:
+            self.role_keys[principal] = (await self.call("POST", "/registry/v1/keys", json={"principal": principal, "role": role}))["key"]
+        return {"Authorization": f"Bearer {self.role_keys[principal]}"}
+
+    async def approve(self, kind: str, name: str, version: int, comment: str) -> None:
+        """demo-approver approves a production promotion the operator then performs."""
+        headers = await self.as_principal("demo-approver", "approver")
+        await self.call("POST", f"/registry/v1/{kind}/{name}/versions/{version}/approvals", json={"comment": comment}, headers=headers)
 
     async def until(self, what: str, probe: Callable[[], Awaitable[Any]], interval: float = 2.0, timeout: float | None = None) -> Any:
         timeout = min(timeout or self.timeout, self.timeout)
@@ -389,8 +405,11 @@ class Driver:
             step.reused = True
             step.lines.append(f"prompt acme-support v{prompts[-1]['version']} (exists)")
         else:
-            prompt = await self.call("POST", "/registry/v1/prompts", json={"name": "acme-support", "template": template, "model_name": MODEL, "labels": ["production"]})
-            step.lines.append(f"prompt acme-support v{prompt['version']} published, label production")
+            operator = await self.as_principal("demo-operator", "operator")
+            prompt = await self.call("POST", "/registry/v1/prompts", json={"name": "acme-support", "template": template, "model_name": MODEL}, headers=operator)
+            await self.approve("prompts", "acme-support", prompt["version"], "first prompt of the demo")
+            await self.call("PUT", "/registry/v1/prompts/acme-support/labels/production", json={"version": prompt["version"]}, headers=operator)
+            step.lines.append(f"prompt acme-support v{prompt['version']} published, approved by demo-approver, label production")
         facts = set(self.facts[:FACTS_V1])
         self.train_v1_ref = await self.dataset(step, "acme-train", "train", [row for row in self.train if _answer(row) in facts])
         self.golden_v1_ref = await self.dataset(step, "acme-golden", "golden", [row for row in self.golden if _answer(row) in facts])
@@ -468,7 +487,9 @@ class Driver:
         return verdict
 
     async def transition(self, version: int, **body: Any) -> dict[str, Any]:
-        return await self.call("POST", f"/registry/v1/adapters/{MODEL}/versions/{version}/transitions", json=body)
+        """demo-operator moves a version; entering production needs demo-approver's approval first."""
+        headers = await self.as_principal("demo-operator", "operator")
+        return await self.call("POST", f"/registry/v1/adapters/{MODEL}/versions/{version}/transitions", json=body, headers=headers)
 
     async def promote_v1(self, step: Step) -> None:
         version = self.v1["version"]
@@ -483,9 +504,10 @@ class Driver:
             raise StepFailed(f"adapter v{version} did not pass the gate against the base model: {'; '.join(verdict['reasons'])}")
         await self.transition(version, to_stage="staging", reason="passed the gate against the base model")
         production = await self.production()
-        body: dict[str, Any] = {"to_stage": "production", "approver": "demo-approver", "reason": "first adapter: beats the base model on the golden set"}
+        body: dict[str, Any] = {"to_stage": "production", "reason": "first adapter: beats the base model on the golden set"}
         if production:
             body["replaces"] = production["version"]
+        await self.approve("adapters", MODEL, version, "passed the gate against the base model")
         await self.transition(version, **body)
         step.lines.append(f"adapter v{version}: none -> staging -> production, approved by demo-approver")
         await self.audit(step, version)
@@ -565,9 +587,8 @@ class Driver:
 
         counts = (await self.until("every inference.logged in ClickHouse", stored, timeout=600))[0]
         errored = (await self.sql(
-            # By the app's principal: user ids are stored hashed (FLYWHEEL_PRIVACY_USER_POLICY), not as the demo sent them.
-            "SELECT count() AS n FROM inference_log WHERE principal = 'demo-app' AND status != 'ok' AND occurred_at >= parseDateTime64BestEffort({since:String}, 3)",
-            since=since.isoformat(),
+            "SELECT count() AS n FROM inference_log WHERE user_id IN {users:Array(String)} AND status != 'ok' AND occurred_at >= parseDateTime64BestEffort({since:String}, 3)",
+            users=[f"customer-{index}" for index in range(len(rows))], since=since.isoformat(),
         ))[0]["n"]
         self.report.stored_inferences = {"inferences": int(counts["events"]), "rows (no FINAL)": int(counts["rows"]), "on production version": int(counts["on_version"]), "errored, retried by the client": int(errored)}
         step.lines.append(f"inference_log: {counts['events']} events, {counts['rows']} rows read without FINAL (duplicates: {int(counts['rows']) - int(counts['events'])}); errored answers the client retried: {errored}")
@@ -577,8 +598,6 @@ class Driver:
     async def give_feedback(self, step: Step) -> None:
         """Reviewers rate every answer; a wrong one gets thumbs down and the right answer as a correction."""
         counts: Counter[str] = Counter()
-        # A reviewer's key: the feedback door refuses `source: reviewer` from an app key.
-        reviewer_key = (await self.call("POST", "/registry/v1/keys", json={"principal": "demo-reviewer", "role": "reviewer"}))["key"]
         for answer in self.answers:
             right = _numbers(answer["reference"]) <= _numbers(answer["answer"]) and bool(_numbers(answer["reference"]))
             body: dict[str, Any] = {"inference_id": answer["id"], "source": "reviewer", "actor": "demo-reviewer"}
@@ -586,7 +605,7 @@ class Driver:
                 body.update(thumbs="up", rating=5)
             else:
                 body.update(thumbs="down", rating=1, correction=answer["reference"], tags=["wrong-fact"], comment="the facts do not match the Acme Nimbus manual")
-            await self.call("POST", "/feedback/v1/feedback", json=body, headers={"Authorization": f"Bearer {reviewer_key}"})
+            await self.call("POST", "/feedback/v1/feedback", json=body, headers={"Authorization": f"Bearer {self.app_key}"})
             counts["thumbs up" if right else "thumbs down + correction"] += 1
         self.report.feedback = dict(counts)
         step.lines.append(f"{len(self.answers)} reviews sent: " + ", ".join(f"{count} {kind}" for kind, count in counts.items()))
@@ -657,7 +676,8 @@ class Driver:
             raise StepFailed(f"the gate kept adapter v{version} out of production (it did not beat v{v1}): {'; '.join(verdict['reasons'])}")
         client = await self.openai()
         await self.transition(version, to_stage="staging", reason="beat production on the golden set")
-        await self.transition(version, to_stage="production", canary_percent=50, approver="demo-approver", reason="canary: half of production traffic")
+        await self.approve("adapters", MODEL, version, "beat production on the golden set")
+        await self.transition(version, to_stage="production", canary_percent=50, reason="canary: half of production traffic")
         canary_model = f"{MODEL}:v{version}"
 
         async def loaded() -> bool:
@@ -670,13 +690,15 @@ class Driver:
         step.lines.append(f"canary 50%: {dict(served)}")
         if not served.get(canary_model) or len(served) < 2:
             raise StepFailed(f"the canary split did not show: {dict(served)}")
-        await self.transition(version, to_stage="production", replaces=v1, approver="demo-approver", reason="canary healthy: full rollout")
+        # Already in production as the canary: the approval that admitted it covers the full rollout.
+        await self.transition(version, to_stage="production", replaces=v1, reason="canary healthy: full rollout")
         await self.audit(step, version)
         full = await self.until(f"all traffic on {canary_model}", lambda: self.all_served_by(client, rows[:8], canary_model, "step 7: full"))
         step.lines.append(f"full rollout: {len(full)} requests served by {canary_model}")
-        # The rollback, as one command: flywheel registry transition MODEL 1 --to production --replaces 2 --approver ...
-        await self.transition(v1, to_stage="production", replaces=version, approver="demo-approver", reason="rollback drill")
-        step.lines.append(f"rollback: `flywheel registry transition {MODEL} {v1} --to production --replaces {version} --approver demo-approver` (the same call through the door)")
+        # The rollback: an approval, then one command (flywheel registry transition MODEL 1 --to production --replaces 2).
+        await self.approve("adapters", MODEL, v1, "rollback drill")
+        await self.transition(v1, to_stage="production", replaces=version, reason="rollback drill")
+        step.lines.append(f"rollback: demo-approver approves v{v1}, then `flywheel registry transition {MODEL} {v1} --to production --replaces {version}` (the same calls through the door)")
         back = await self.until(f"traffic back on v{v1}", lambda: self.all_served_by(client, rows[:8], f"{MODEL}:v{v1}", "step 7: after rollback"))
         step.lines.append(f"after rollback: {len(back)} requests served by {MODEL}:v{v1}")
 

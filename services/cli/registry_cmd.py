@@ -3,6 +3,9 @@
 These open the registry database directly (FLYWHEEL_DATABASE_URL or the SQLite file under
 FLYWHEEL_HOME) and act as `cli:<user>` in the audit log; events they cause wait in the outbox until
 a running registry relays them. Remote clients use the HTTP door with an API key instead.
+
+Whoever can open the database is trusted like an admin, so `approve` acts with the admin's rights;
+the rule that the approver is not the requester still holds between two `cli:<user>` names.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def _registry() -> Iterator[Any]:
     from services.registry.settings import RegistrySettings
     from services.registry.store import RegistryStore
     from services.runtime.artifacts import ArtifactStore, default_artifact_root
-    from services.runtime.auth import registry_database_url
+    from services.runtime.auth import key_pepper, registry_database_url
     from services.runtime.settings import FlywheelSettings, load_settings
 
     settings = load_settings(FlywheelSettings)
@@ -47,7 +50,8 @@ def _registry() -> Iterator[Any]:
     store = RegistryStore(registry_database_url(settings))
     try:
         store.migrate()
-        yield Registry(store, ArtifactStore(registry_settings.artifact_root or default_artifact_root(settings.home)), max_dataset_bytes=registry_settings.max_dataset_bytes)
+        artifacts = ArtifactStore(registry_settings.artifact_root or default_artifact_root(settings.home))
+        yield Registry(store, artifacts, max_dataset_bytes=registry_settings.max_dataset_bytes, key_pepper=key_pepper(settings) if settings.key_pepper else None)
     except RegistryError as error:
         raise RegistryCommandError(f"{error} ({error.status} {error.code})") from None
     finally:
@@ -99,7 +103,7 @@ def transition(
     model: str,
     version: int,
     to: Annotated[str, typer.Option("--to", help="none, staging, production or archived.")],
-    approver: Annotated[str | None, typer.Option(help="Who approved (required for production).")] = None,
+    approver: Annotated[str | None, typer.Option(hidden=True, help="Gone: approvals are recorded by the approver (`flywheel registry approve`).")] = None,
     replaces: Annotated[int | None, typer.Option(help="The production version this one replaces.")] = None,
     canary: Annotated[float | None, typer.Option(help="Declare a canary with this percentage of traffic.")] = None,
     reason: Annotated[str | None, typer.Option(help="Why, in words.")] = None,
@@ -107,13 +111,35 @@ def transition(
     """Move an adapter version to a stage (promotion, canary, rollback, archive)."""
     from contracts.events import Stage
 
+    if approver is not None:
+        raise RegistryCommandError(f"--approver is gone: an approver records the approval themselves (`flywheel registry approve {model} {version}` as another user, or POST /registry/v1/adapters/{model}/versions/{version}/approvals with an approver key), then run this again without --approver")
     try:
         stage = Stage(to)
     except ValueError:
         raise RegistryCommandError(f"--to {to!r}: choose one of {', '.join(s.value for s in Stage)}") from None
     with _registry() as registry:
-        adapter = registry.transition(_actor(), model_name=model, version=version, to_stage=stage, approver=approver, replaces=replaces, canary_percent=canary, reason=reason)
+        adapter = registry.transition(_actor(), model_name=model, version=version, to_stage=stage, replaces=replaces, canary_percent=canary, reason=reason)
     console.print(f"{model}:v{version} is now {adapter.stage.value}" + (f" (canary {adapter.canary_percent}%)" if adapter.canary_percent else ""))
+
+
+@app.command("approve")
+def approve(model: str, version: int, comment: Annotated[str | None, typer.Option(help="Why, in words.")] = None) -> None:
+    """Approve promoting an adapter version to production; another user then runs the transition."""
+    from services.runtime.auth import Role
+
+    with _registry() as registry:
+        approval = registry.approve(_actor(), Role.admin, object_type="adapter", name=model, version=version, comment=comment)
+    console.print(f"{approval.object_id} approved for production by {approval.approved_by} (approval {approval.id}); another principal may now promote it")
+
+
+@app.command("approve-prompt")
+def approve_prompt(name: str, version: int, comment: Annotated[str | None, typer.Option(help="Why, in words.")] = None) -> None:
+    """Approve moving a prompt's production label to a version; another user then moves the label."""
+    from services.runtime.auth import Role
+
+    with _registry() as registry:
+        approval = registry.approve(_actor(), Role.admin, object_type="prompt", name=name, version=version, comment=comment)
+    console.print(f"{approval.object_id} approved for production by {approval.approved_by} (approval {approval.id}); another principal may now move the label")
 
 
 @app.command("publish-dataset")
@@ -164,19 +190,52 @@ def audit(
         _print(registry.audit(object_type=object_type, object_id=object_id, actor=actor, limit=500).items)
 
 
-@keys_app.command("create")
-def create_key(principal: str, role: Annotated[str, typer.Option(help="admin, operator, app or viewer.")] = "viewer") -> None:
-    """Create an API key; it is printed once and stored only as a salted hash."""
+def _role(role: str) -> Any:
     from services.runtime.auth import Role
 
     try:
-        chosen = Role(role)
+        return Role(role)
     except ValueError:
         raise RegistryCommandError(f"--role {role!r}: choose one of {', '.join(r.value for r in Role)}") from None
+
+
+def _expiry(row: Any) -> str:
+    return f"expires {row.expires_at.isoformat(timespec='seconds')}" if row.expires_at else "does not expire"
+
+
+@keys_app.command("create")
+def create_key(
+    principal: str,
+    role: Annotated[str, typer.Option(help="admin, operator, approver, reviewer, app or viewer.")] = "viewer",
+    ttl: Annotated[int | None, typer.Option("--ttl", min=60, help="Seconds until the key expires; default: never.")] = None,
+) -> None:
+    """Create an API key; it is printed once and stored only as a keyed hash."""
+    chosen = _role(role)
     with _registry() as registry:
-        key, row = registry.create_api_key(_actor(), principal=principal, role=chosen)
-    console.print(f"key id {row.key_id} for {principal} ({chosen.value}); the key, shown once:")
+        key, row = registry.create_api_key(_actor(), principal=principal, role=chosen, ttl_s=ttl)
+    console.print(f"key id {row.key_id} for {principal} ({chosen.value}, {_expiry(row)}); the key, shown once:")
     console.print(key)
+
+
+@keys_app.command("rotate")
+def rotate_key(
+    key_id: str,
+    grace: Annotated[int, typer.Option("--grace", min=0, help="Seconds the old key keeps working; default 0: revoked at once.")] = 0,
+    ttl: Annotated[int | None, typer.Option("--ttl", min=60, help="Seconds until the new key expires; default: never.")] = None,
+) -> None:
+    """Replace a key with a new one for the same principal and role."""
+    with _registry() as registry:
+        key, row = registry.rotate_api_key(_actor(), key_id, grace_s=grace, ttl_s=ttl)
+    old = f"key {key_id} keeps working for {grace} s" if grace else f"key {key_id} revoked"
+    console.print(f"key id {row.key_id} replaces {key_id} for {row.principal} ({row.role}, {_expiry(row)}); {old}; the new key, shown once:")
+    console.print(key)
+
+
+@keys_app.command("list")
+def list_keys(principal: Annotated[str | None, typer.Option(help="Only this principal's keys.")] = None) -> None:
+    """List API keys (one JSON object per line; never a secret)."""
+    with _registry() as registry:
+        _print(registry.list_api_keys(principal=principal, limit=500))
 
 
 @keys_app.command("revoke")

@@ -1,7 +1,9 @@
 """The registry's HTTP door under /registry/v1: translates requests, calls the service, translates back.
 
-Reads need the viewer role, changes the operator role, key management admin. Every refused change
-(unauthenticated, under-privileged, malformed, or refused by a rule) lands in the audit log.
+Reads need the viewer role, changes the operator role, approvals the approver role, key management
+admin; any valid key may ask who it is (`GET /keys/self`, how other services check keys). A change
+refused by a rule (a conflict, a failed gate) lands in the audit log; a refusal of the caller
+(unauthenticated, under-privileged, or a body refused before it was read) writes nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
 from contracts.events import DatasetRef, Stage
@@ -20,6 +21,11 @@ from contracts.http import (
     AdapterVersionView,
     ApiKeyCreate,
     ApiKeyCreated,
+    ApiKeyIdentity,
+    ApiKeyRotate,
+    ApiKeyView,
+    ApprovalCreate,
+    ApprovalView,
     AuditEntryView,
     BaseModelCreate,
     BaseModelView,
@@ -80,60 +86,29 @@ async def bounded(request: Request, limit: int) -> Request:
     return Request(request.scope, replay)
 
 
-def _object_of(request: Request) -> tuple[str, str]:
-    parts = [part for part in request.url.path.split("/") if part][2:]
-    return (parts[0].rstrip("s") if parts else "registry"), "/".join(parts[1:]) or "-"
-
-
 def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
-    def audit_refusal(request: Request, actor: str, status: int, message: str) -> None:
-        if request.method != "GET":
-            object_type, object_id = _object_of(request)
-            registry.record_refusal(actor, f"{request.method} {request.url.path}", object_type, object_id, status, message)
-
-    def refused(request: Request, principal: Principal | None, status: int, message: str) -> None:
-        audit_refusal(request, principal.name if principal else "anonymous", status, message)
-
-    def audit_attempt(request: Request, status: int, message: str) -> None:
-        """Audit a change refused before its dependencies ran, under the key's principal when it is valid."""
-        header = request.headers.get("authorization", "")
-        try:
-            actor = auth.authenticate(header.removeprefix("Bearer ").strip() or None).name
-        except DoorError:
-            actor = "anonymous"
-        audit_refusal(request, actor, status, message)
-
     body_limits = {"/registry/v1/datasets": dataset_body_limit(registry.max_dataset_bytes)}
 
-    class AuditedRoute(APIRoute):
-        """Bodies are capped as they stream in, and refused bodies of changes are audited too (FastAPI
-        reads and validates a body before the handler and its dependencies run)."""
+    class BoundedRoute(APIRoute):
+        """Bodies are capped as they stream in (FastAPI reads a body whole before the handler runs)."""
 
         def get_route_handler(self) -> Callable:
             handler = super().get_route_handler()
             limit = body_limits.get(self.path, MAX_BODY_BYTES)
 
-            async def audited(request: Request) -> Response:
+            async def bounded_handler(request: Request) -> Response:
                 if request.method != "GET":
-                    try:
-                        request = await bounded(request, limit)
-                    except DoorError as error:
-                        await asyncio.to_thread(audit_attempt, request, error.status, error.detail.message)
-                        raise
-                try:
-                    return await handler(request)
-                except RequestValidationError as error:
-                    if request.method != "GET":
-                        first = error.errors()[0] if error.errors() else {}
-                        await asyncio.to_thread(audit_attempt, request, 422, str(first.get("msg", "invalid request")))
-                    raise
+                    request = await bounded(request, limit)
+                return await handler(request)
 
-            return audited
+            return bounded_handler
 
-    router = APIRouter(prefix="/registry/v1", tags=["registry"], route_class=AuditedRoute)
-    reader = auth.require(Role.viewer, on_refused=refused)
-    writer = auth.require(Role.operator, on_refused=refused)
-    admin = auth.require(Role.admin, on_refused=refused)
+    router = APIRouter(prefix="/registry/v1", tags=["registry"], route_class=BoundedRoute)
+    reader = auth.require(Role.viewer)
+    writer = auth.require(Role.operator)
+    approver = auth.require(Role.approver)
+    admin = auth.require(Role.admin)
+    holder = auth.any_key()
 
     async def call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -177,7 +152,15 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
 
     @router.post("/adapters/{model_name}/versions/{version}/transitions", response_model=AdapterVersionView)
     async def transition(model_name: str, version: Version, body: StageTransition, who: Principal = Depends(writer)) -> Any:
-        return await call(registry.transition, who.name, model_name=model_name, version=version, **body.model_dump())
+        return await call(registry.transition, who.name, model_name=model_name, version=version, **body.model_dump(exclude={"approver"}))
+
+    @router.post("/adapters/{model_name}/versions/{version}/approvals", response_model=ApprovalView, status_code=201)
+    async def approve_adapter(model_name: str, version: Version, body: ApprovalCreate, who: Principal = Depends(approver)) -> Any:
+        return await call(registry.approve, who.name, who.role, object_type="adapter", name=model_name, version=version, target=body.target, comment=body.comment)
+
+    @router.get("/adapters/{model_name}/versions/{version}/approvals", response_model=list[ApprovalView])
+    async def adapter_approvals(model_name: str, version: Version, _: Principal = Depends(reader)) -> Any:
+        return await call(registry.list_approvals, object_type="adapter", name=model_name, version=version)
 
     # ---------------------------------------------------------------------------- prompts
     @router.get("/prompts", response_model=Page[PromptVersionView])
@@ -195,6 +178,14 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
     @router.put("/prompts/{name}/labels/{label}", response_model=PromptVersionView)
     async def move_label(name: str, label: str, body: PromptLabelMove, who: Principal = Depends(writer)) -> Any:
         return await call(registry.set_prompt_label, who.name, name=name, label=label, version=body.version, traffic_percent=body.traffic_percent)
+
+    @router.post("/prompts/{name}/versions/{version}/approvals", response_model=ApprovalView, status_code=201)
+    async def approve_prompt(name: str, version: Version, body: ApprovalCreate, who: Principal = Depends(approver)) -> Any:
+        return await call(registry.approve, who.name, who.role, object_type="prompt", name=name, version=version, target=body.target, comment=body.comment)
+
+    @router.get("/prompts/{name}/versions/{version}/approvals", response_model=list[ApprovalView])
+    async def prompt_approvals(name: str, version: Version, _: Principal = Depends(reader)) -> Any:
+        return await call(registry.list_approvals, object_type="prompt", name=name, version=version)
 
     @router.post("/prompts/{name}/render", response_model=PromptRendered)
     async def render(name: str, body: PromptRenderRequest, _: Principal = Depends(reader)) -> PromptRendered:
@@ -225,10 +216,25 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
         return page(await call(registry.audit, object_type=object_type, object_id=object_id, actor=actor, cursor=cursor, limit=limit))
 
     # ------------------------------------------------------------------------------- keys
+    @router.get("/keys/self", response_model=ApiKeyIdentity)
+    async def key_identity(who: Principal = Depends(holder)) -> ApiKeyIdentity:
+        """Who the presented key belongs to: how the other services check a key (the key asks for itself)."""
+        return ApiKeyIdentity(key_id=who.key_id, principal=who.name, role=who.role, expires_at=who.expires_at)
+
+    @router.get("/keys", response_model=list[ApiKeyView])
+    async def list_keys(principal: str | None = None, cursor: str | None = None, limit: int = Query(100, ge=1, le=500), _: Principal = Depends(admin)) -> Any:
+        return await call(registry.list_api_keys, principal=principal, cursor=cursor, limit=limit)
+
     @router.post("/keys", response_model=ApiKeyCreated, status_code=201)
     async def create_key(body: ApiKeyCreate, who: Principal = Depends(admin)) -> ApiKeyCreated:
-        key, row = await call(registry.create_api_key, who.name, principal=body.principal, role=body.role)
-        return ApiKeyCreated(key=key, key_id=row.key_id, principal=row.principal, role=Role(row.role))
+        key, row = await call(registry.create_api_key, who.name, principal=body.principal, role=body.role, ttl_s=body.ttl_s)
+        return ApiKeyCreated(key=key, key_id=row.key_id, principal=row.principal, role=Role(row.role), expires_at=row.expires_at)
+
+    @router.post("/keys/{key_id}/rotate", response_model=ApiKeyCreated, status_code=201)
+    async def rotate_key(key_id: str, body: ApiKeyRotate, who: Principal = Depends(admin)) -> ApiKeyCreated:
+        key, row = await call(registry.rotate_api_key, who.name, key_id, grace_s=body.grace_s, ttl_s=body.ttl_s)
+        auth.forget()
+        return ApiKeyCreated(key=key, key_id=row.key_id, principal=row.principal, role=Role(row.role), expires_at=row.expires_at)
 
     @router.delete("/keys/{key_id}", status_code=204)
     async def revoke_key(key_id: str, who: Principal = Depends(admin)) -> Response:

@@ -13,7 +13,7 @@ from services.registry.service import Registry
 from services.registry.settings import RegistrySettings
 from services.registry.store import RegistryStore
 from services.runtime.artifacts import ArtifactStore, default_artifact_root
-from services.runtime.auth import Authenticator, KeyStore, registry_database_url
+from services.runtime.auth import Authenticator, KeyStore, LocalKeys, check_bootstrap_key, key_pepper, registry_database_url
 from services.runtime.service import Runtime, Service
 from services.runtime.settings import load_settings
 
@@ -22,11 +22,17 @@ log = logging.getLogger("flywheel.registry")
 
 def create_app(runtime: Runtime) -> Service:
     settings = load_settings(RegistrySettings)
+    # Refused here, before anything starts: a short bootstrap key, or a server database without a pepper.
+    bootstrap_key = check_bootstrap_key(runtime.settings.bootstrap_admin_key)
+    pepper = key_pepper(runtime.settings)
     store = RegistryStore(registry_database_url(runtime.settings))
     artifacts = ArtifactStore(settings.artifact_root or default_artifact_root(runtime.home))
     relay = OutboxRelay(store, runtime.bus("registry"), interval_s=settings.outbox_interval_s)
-    registry = Registry(store, artifacts, max_dataset_bytes=settings.max_dataset_bytes, on_commit=relay.kick)
-    auth = Authenticator(KeyStore(store.engine))
+    registry = Registry(store, artifacts, max_dataset_bytes=settings.max_dataset_bytes, on_commit=relay.kick, key_pepper=pepper)
+    keys = KeyStore(store.engine, pepper)
+    auth = Authenticator(keys)
+    # The other doors of this process (flywheel up) check keys against this store, not a second connection.
+    LocalKeys.register(store.url, keys)
 
     async def on_training_completed(envelope) -> None:  # noqa: ANN001 - typed by the subscription
         await when_training_completed_register_adapter(envelope, registry)
@@ -41,7 +47,7 @@ def create_app(runtime: Runtime) -> Service:
         applied = await asyncio.to_thread(store.migrate)
         if applied:
             log.info("registry migrations applied: %s", ", ".join(applied))
-        if await asyncio.to_thread(auth.keys.ensure_bootstrap_admin, runtime.settings.bootstrap_admin_key):
+        if await asyncio.to_thread(keys.ensure_bootstrap_admin, bootstrap_key):
             log.info("bootstrap admin key created from FLYWHEEL_BOOTSTRAP_ADMIN_KEY")
         await relay.start()
 

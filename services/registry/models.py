@@ -150,6 +150,25 @@ class AuditEntry(SQLModel, table=True):
     detail: str | None = Field(default=None, sa_column=Column(Text))
 
 
+class Approval(SQLModel, table=True):
+    """An approver's yes to one production promotion (an adapter version, or a prompt version under the
+    production label). It admits one promotion by another principal, then records who used it."""
+
+    __tablename__ = "approval"
+    __table_args__ = (Index("ix_approval_object", "object_type", "object_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    object_type: str = Field(max_length=50)  # adapter or prompt
+    object_id: str = Field(max_length=300)  # smol:v2, or greeting:v3
+    target: str = Field(max_length=100)  # the stage or label approved: production
+    approved_by: str = Field(max_length=256)
+    approved_role: str = Field(max_length=16)
+    approved_at: datetime = _when()
+    comment: str | None = Field(default=None, sa_column=Column(Text))
+    used_by: str | None = Field(default=None, max_length=256)
+    used_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+
+
 class OutboxEvent(SQLModel, table=True):
     """An event written in the transaction of the change it announces; the relay publishes it later."""
 

@@ -1,8 +1,13 @@
 """The registry's use cases: base models, adapter versions and their stages, evaluations, prompts,
 datasets and the audit log. Imports neither Kafka nor FastAPI; the door and the handlers translate.
 
-Every mutation runs in one transaction with its audit entry and its outbox event; a refused
-mutation changes nothing and is audited in a transaction of its own.
+Every mutation runs in one transaction with its audit entry and its outbox event; a mutation a
+rule refuses changes nothing and is audited in a transaction of its own. A refusal of who is asking
+(401, 403) writes nothing at all: refusals cost the caller, not the platform.
+
+A production promotion (an adapter version to the production stage, or the production label of a
+prompt) needs an approval recorded beforehand by another principal with the approver role or admin
+(`approve`); the promotion uses it up, and the audit log names both.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -31,12 +38,12 @@ from contracts.events import (
     StageChanged,
     TrainingCompleted,
 )
-from contracts.http import AdapterVersionView, AuditEntryView, BaseModelRef, BaseModelView, DatasetVersionView, EvaluationView, LineageView, PromptVersionView
-from services.registry.models import AdapterVersion, AuditEntry, BaseModelRecord, DatasetVersion, EvaluationRecord, ProcessedEvent, PromptLabel, PromptVersion, utcnow
+from contracts.http import AdapterVersionView, ApiKeyView, ApprovalView, AuditEntryView, BaseModelRef, BaseModelView, DatasetVersionView, EvaluationView, LineageView, PromptVersionView
+from services.registry.models import AdapterVersion, Approval, AuditEntry, BaseModelRecord, DatasetVersion, EvaluationRecord, ProcessedEvent, PromptLabel, PromptVersion, utcnow
 from services.registry.outbox import stage_event
 from services.registry.store import RegistryStore
 from services.runtime.artifacts import ArtifactError, ArtifactStore
-from services.runtime.auth import ApiKey, Role, add_key, generate_key
+from services.runtime.auth import GRANTS, ApiKey, Role, add_key, development_pepper, generate_key
 from services.runtime.prompts import MissingVariable, TemplateSyntax, UnsafeTemplate, render_template, template_variables
 
 MAX_LIMIT = 500
@@ -79,6 +86,13 @@ class Invalid(RegistryError):
     code = "invalid_value"
 
 
+class Forbidden(RegistryError):
+    """Who is asking may not do this (never audited: a refusal of the caller writes nothing)."""
+
+    status = 403
+    code = "forbidden"
+
+
 class TooLarge(RegistryError):
     status = 413
     code = "too_large"
@@ -88,6 +102,15 @@ class TooLarge(RegistryError):
 class Page:
     items: list[Any]
     next_cursor: str | None
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes for timezone-aware columns; they were written in UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=utcnow().tzinfo)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return _aware(moment).isoformat() if moment else None
 
 
 def _encode_cursor(row_id: int) -> str:
@@ -150,11 +173,19 @@ def validate_record(record: Any) -> tuple[str, str | None]:
 class Registry:
     """The registry's use cases over one store and one artifact store."""
 
-    def __init__(self, store: RegistryStore, artifacts: ArtifactStore, *, max_dataset_bytes: int = 64 * 1024 * 1024, on_commit: Callable[[], None] | None = None) -> None:
+    def __init__(self, store: RegistryStore, artifacts: ArtifactStore, *, max_dataset_bytes: int = 64 * 1024 * 1024, on_commit: Callable[[], None] | None = None, key_pepper: bytes | None = None) -> None:
         self.store = store
         self.artifacts = artifacts
         self.max_dataset_bytes = max_dataset_bytes
         self._on_commit = on_commit or (lambda: None)
+        self._key_pepper = key_pepper
+
+    @property
+    def key_pepper(self) -> bytes:
+        """FLYWHEEL_KEY_PEPPER as given, else the development pepper beside the SQLite database."""
+        if self._key_pepper is None:
+            self._key_pepper = development_pepper(self.store.url)
+        return self._key_pepper
 
     # ----------------------------------------------------------------------------- plumbing
 
@@ -163,6 +194,8 @@ class Registry:
         try:
             with self.store.transaction() as session:
                 yield session
+        except Forbidden:
+            raise
         except RegistryError as error:
             self._refused(actor, action, object_type, object_id, error)
             raise
@@ -175,11 +208,6 @@ class Registry:
     def _refused(self, actor: str, action: str, object_type: str, object_id: str, error: RegistryError) -> None:
         with self.store.transaction() as session:
             session.add(AuditEntry(actor=actor, action=action, object_type=object_type, object_id=object_id, outcome="refused", detail=f"{error.status} {error.code}: {error}"))
-
-    def record_refusal(self, actor: str, action: str, object_type: str, object_id: str, status: int, message: str) -> None:
-        """Audit a mutation refused before it reached a use case (authentication, authorisation, bad body)."""
-        with self.store.transaction() as session:
-            session.add(AuditEntry(actor=actor, action=action, object_type=object_type, object_id=object_id, outcome="refused", detail=f"{status}: {message}"))
 
     @staticmethod
     def _audit(session: Session, actor: str, action: str, object_type: str, object_id: str, *, before: dict | None = None, after: dict | None = None, detail: str | None = None) -> None:
@@ -202,7 +230,11 @@ class Registry:
         with self._change(actor, "model.register", "model", name) as session:
             if session.scalar(select(BaseModelRecord).where(BaseModelRecord.name == name)) is not None:
                 raise Conflict(f"model {name!r} is already registered; choose another name", param="name", code="duplicate_name")
-            if not self.artifacts.exists(artifact_uri):
+            try:
+                stored = self.artifacts.exists(artifact_uri)
+            except ArtifactError as error:  # outside the artifact store: never read, never announced
+                raise Invalid(f"base model artifact refused: {error}", param="artifact_uri", code="artifact_invalid") from None
+            if not stored:
                 raise Invalid(f"no artifact at {artifact_uri}; store the weights first", param="artifact_uri", code="artifact_not_found")
             row = BaseModelRecord(name=name, source=source, architecture=architecture, parameter_count=parameter_count, license=license, artifact_uri=artifact_uri, artifact_sha256=artifact_sha256, chat_template=chat_template, details=details or {}, created_by=actor)
             session.add(row)
@@ -325,10 +357,54 @@ class Registry:
             self._audit(session, "service:evaluator", "evaluation.attach", "adapter", target, after={"evaluation_id": event.evaluation_id, "passed": row.passed, "gate_policy": event.gate_policy})
         return EvaluationView.model_validate(row)
 
+    # ---------------------------------------------------------------------------- approvals
+
+    def approve(self, approver: str, approver_role: Role, *, object_type: str, name: str, version: int, target: str = PRODUCTION_LABEL, comment: str | None = None) -> ApprovalView:
+        """Record `approver`'s yes to promoting an adapter version (object_type adapter) or a prompt
+        version (prompt) to production; a promotion by another principal uses it up."""
+        object_id = f"{name}:v{version}"
+        if Role.approver not in GRANTS[Role(approver_role)]:
+            raise Forbidden(f"{approver} has role {Role(approver_role).value}; approving needs approver or admin", code="insufficient_role")
+        with self._change(approver, "approval.grant", object_type, object_id) as session:
+            if target != PRODUCTION_LABEL:
+                raise Invalid(f"only promotions to {PRODUCTION_LABEL} need approval; {target!r} does not", param="target", code="approval_not_needed")
+            if object_type == "adapter":
+                self._adapter(session, name, version)
+            else:
+                self._prompt(session, name, version)
+            row = Approval(object_type=object_type, object_id=object_id, target=target, approved_by=approver, approved_role=Role(approver_role).value, comment=comment)
+            session.add(row)
+            session.flush()
+            self._audit(session, approver, "approval.grant", object_type, object_id, after={"target": target, "approval_id": row.id}, detail=comment)
+        return ApprovalView.model_validate(row)
+
+    def list_approvals(self, *, object_type: str, name: str, version: int) -> list[ApprovalView]:
+        """Approvals of one adapter or prompt version, oldest first, used or not."""
+        with self.store.reading() as session:
+            rows = session.scalars(select(Approval).where(Approval.object_type == object_type, Approval.object_id == f"{name}:v{version}").order_by(Approval.id))  # type: ignore[arg-type]
+            return [ApprovalView.model_validate(row) for row in rows]
+
+    @staticmethod
+    def _use_approval(session: Session, requester: str, object_type: str, object_id: str, target: str, how_to_approve: str) -> Approval:
+        """Take the oldest unused approval of this promotion by someone other than the requester, or refuse (403)."""
+        unused = list(session.scalars(select(Approval).where(Approval.object_type == object_type, Approval.object_id == object_id, Approval.target == target, Approval.used_at.is_(None)).order_by(Approval.id)))  # type: ignore[union-attr,arg-type]
+        approval = next((row for row in unused if row.approved_by != requester), None)
+        if approval is None:
+            if unused:
+                raise Forbidden(f"{object_id} to {target} was approved only by {requester}, who is requesting it: another principal with the approver role must approve ({how_to_approve})", code="self_approval")
+            raise Forbidden(f"{object_id} to {target} needs an approval by another principal with the approver role: ask one to approve it first ({how_to_approve})", code="approval_required")
+        approval.used_by, approval.used_at = requester, utcnow()
+        session.add(approval)
+        return approval
+
     # ------------------------------------------------------------------------------- stages
 
-    def transition(self, actor: str, *, model_name: str, version: int, to_stage: Stage, approver: str | None = None, reason: str | None = None, canary_percent: float | None = None, replaces: int | None = None) -> AdapterVersionView:
-        """Move an adapter version to a stage, enforcing the gate, the approver and one production version per model.
+    def transition(self, actor: str, *, model_name: str, version: int, to_stage: Stage, reason: str | None = None, canary_percent: float | None = None, replaces: int | None = None) -> AdapterVersionView:
+        """Move an adapter version to a stage, enforcing the gate, the approval and one production version per model.
+
+        Entering production (from staging or archived) uses up an approval by another principal
+        (`approve`); a canary already in production becomes the full version under the approval
+        that admitted it.
 
         Becoming the full production version when another one holds it needs `replaces` naming
         that version (which is archived): a compare-and-swap, so of two concurrent promotions
@@ -347,9 +423,9 @@ class Registry:
                 raise Invalid("canary_percent must be between 0 and 100 (exclusive)", param="canary_percent")
             events: list[StageChanged] = []
             replaced: int | None = None
+            approver: str | None = None
+            approval_id: int | None = None
             if to_stage == Stage.production:
-                if not approver:
-                    raise Invalid("promotion to production needs an approver", param="approver", code="approver_required")
                 passing = session.scalar(select(EvaluationRecord).where(EvaluationRecord.model_name == model_name, EvaluationRecord.adapter_version == version, EvaluationRecord.passed.is_(True)).order_by(EvaluationRecord.created_at.desc()))  # type: ignore[attr-defined]
                 if passing is None:
                     raise Conflict(f"{object_id} has no passing evaluation; run one (evaluation.requested) before promoting", param="version", code="evaluation_required")
@@ -370,6 +446,14 @@ class Registry:
                         raise Conflict(f"{model_name}:v{other_canary.version} is already the canary; promote or archive it first", param="canary_percent", code="canary_occupied")
                     if holder is None:
                         raise Conflict(f"a canary needs a production version to split traffic with; {model_name} has none", param="canary_percent", code="no_production")
+                how = f"flywheel registry approve {model_name} {version}, or POST /registry/v1/adapters/{model_name}/versions/{version}/approvals"
+                if current == Stage.production:
+                    admitted = session.scalar(select(Approval).where(Approval.object_type == "adapter", Approval.object_id == object_id, Approval.target == PRODUCTION_LABEL, Approval.used_at.is_not(None)).order_by(Approval.id.desc()))  # type: ignore[union-attr,attr-defined,arg-type]
+                    if admitted is not None:
+                        approver, approval_id = admitted.approved_by, admitted.id
+                else:
+                    approval = self._use_approval(session, actor, "adapter", object_id, PRODUCTION_LABEL, how)
+                    approver, approval_id = approval.approved_by, approval.id
             before = {"stage": current.value, "canary_percent": adapter.canary_percent}
             adapter.stage = to_stage.value
             adapter.canary_percent = canary_percent
@@ -384,7 +468,7 @@ class Registry:
                 # the new one in one step; the other order leaves production empty, the base model
                 # answering, while the new adapter loads.
                 events.append(StageChanged(model_name=model_name, adapter_version=replaced, from_stage=Stage.production, to_stage=Stage.archived, actor=actor, reason=f"replaced by v{version}", approver=approver))
-            self._audit(session, actor, f"adapter.stage.{to_stage.value}", "adapter", object_id, before=before, after={"stage": to_stage.value, "canary_percent": canary_percent, "approver": approver, "replaces": replaces}, detail=reason)
+            self._audit(session, actor, f"adapter.stage.{to_stage.value}", "adapter", object_id, before=before, after={"stage": to_stage.value, "canary_percent": canary_percent, "approver": approver, "approval_id": approval_id, "replaces": replaces}, detail=reason)
             for changed in events:
                 stage_event(session, changed, correlation_id=adapter.correlation_id)
         return AdapterVersionView.model_validate(adapter)
@@ -394,6 +478,12 @@ class Registry:
     def publish_prompt(self, actor: str, *, name: str, template: str, model_name: str | None = None, labels: list[str] | None = None) -> PromptVersionView:
         """Store the next immutable version of a prompt template and point the given labels at it."""
         with self._change(actor, "prompt.publish", "prompt", name) as session:
+            if PRODUCTION_LABEL in (labels or []):
+                raise Forbidden(
+                    f"a new version cannot go straight to {PRODUCTION_LABEL}: publish it without that label, have another principal with the approver role approve it "
+                    f"(POST /registry/v1/prompts/{name}/versions/<version>/approvals), then move the label (PUT /registry/v1/prompts/{name}/labels/{PRODUCTION_LABEL})",
+                    param="labels", code="approval_required",
+                )
             try:
                 variables = template_variables(template)
             except TemplateSyntax as error:
@@ -418,13 +508,18 @@ class Registry:
                     param="traffic_percent", code="invalid_split",
                 )
             row = self._prompt(session, name, version)
-            self._point_label(session, actor, name, label, version, traffic_percent)
+            approval: Approval | None = None
+            current = session.get(PromptLabel, (name, label))
+            if label == PRODUCTION_LABEL and (current is None or current.version != version):
+                how = f"flywheel registry approve-prompt {name} {version}, or POST /registry/v1/prompts/{name}/versions/{version}/approvals"
+                approval = self._use_approval(session, actor, "prompt", f"{name}:v{version}", PRODUCTION_LABEL, how)
+            self._point_label(session, actor, name, label, version, traffic_percent, approval)
             labels = list(session.scalars(select(PromptLabel.label).where(PromptLabel.name == name, PromptLabel.version == version)))
             traffic = self._label_traffic(session, name, version)
             stage_event(session, PromptPublished(prompt_name=name, version=version, model_name=row.model_name, template=row.template, variables=list(row.variables), labels=sorted(set(labels) | {label}), label_traffic=traffic))
         return self._prompt_view(row, sorted(set(labels) | {label}), traffic)
 
-    def _point_label(self, session: Session, actor: str, name: str, label: str, version: int, traffic_percent: float | None = None) -> None:
+    def _point_label(self, session: Session, actor: str, name: str, label: str, version: int, traffic_percent: float | None = None, approval: Approval | None = None) -> None:
         """Move a label; its A/B share moves with it unless `traffic_percent` sets a new one (0 ends it)."""
         existing = session.get(PromptLabel, (name, label))
         before = {"version": existing.version, "traffic_percent": existing.traffic_percent} if existing else None
@@ -434,7 +529,10 @@ class Registry:
         else:
             existing.version, existing.traffic_percent, existing.updated_by, existing.updated_at = version, share, actor, utcnow()
             session.add(existing)
-        self._audit(session, actor, "prompt.label", "prompt", f"{name}@{label}", before=before, after={"version": version, "traffic_percent": share})
+        after: dict[str, Any] = {"version": version, "traffic_percent": share}
+        if approval is not None:
+            after |= {"approver": approval.approved_by, "approval_id": approval.id}
+        self._audit(session, actor, "prompt.label", "prompt", f"{name}@{label}", before=before, after=after)
 
     @staticmethod
     def _label_traffic(session: Session, name: str, version: int) -> dict[str, float]:
@@ -579,13 +677,43 @@ class Registry:
 
     # --------------------------------------------------------------------------------- keys
 
-    def create_api_key(self, actor: str, *, principal: str, role: Role) -> tuple[str, ApiKey]:
-        """A new API key (returned once, stored hashed), audited in the same transaction."""
+    def create_api_key(self, actor: str, *, principal: str, role: Role, ttl_s: int | None = None) -> tuple[str, ApiKey]:
+        """A new API key (returned once, stored hashed under the pepper), expiring after `ttl_s` when given; audited."""
         key, _, _ = generate_key()
+        expires_at = utcnow() + timedelta(seconds=ttl_s) if ttl_s else None
         with self._change(actor, "key.create", "key", principal) as session:
-            row = add_key(session, key, principal=principal, role=role, created_by=actor)
-            self._audit(session, actor, "key.create", "key", row.key_id, after={"principal": principal, "role": Role(role).value})
+            row = add_key(session, key, principal=principal, role=role, created_by=actor, pepper=self.key_pepper, expires_at=expires_at)
+            self._audit(session, actor, "key.create", "key", row.key_id, after={"principal": principal, "role": Role(role).value, "expires_at": _iso(expires_at)})
         return key, row
+
+    def rotate_api_key(self, actor: str, key_id: str, *, grace_s: int = 0, ttl_s: int | None = None) -> tuple[str, ApiKey]:
+        """A new key for the same principal and role; the old one is revoked now, or expires after `grace_s`."""
+        key, _, _ = generate_key()
+        now = utcnow()
+        with self._change(actor, "key.rotate", "key", key_id) as session:
+            old = session.get(ApiKey, key_id)
+            if old is None or old.revoked_at is not None or (old.expires_at is not None and _aware(old.expires_at) <= now):
+                raise NotFound(f"no active key {key_id}", param="key_id", code="key_not_found")
+            expires_at = now + timedelta(seconds=ttl_s) if ttl_s else None
+            row = add_key(session, key, principal=old.principal, role=Role(old.role), created_by=actor, pepper=self.key_pepper, expires_at=expires_at, rotated_from=old.key_id)
+            if grace_s:
+                old_expiry = now + timedelta(seconds=grace_s)
+                old.expires_at = min(old_expiry, _aware(old.expires_at)) if old.expires_at else old_expiry
+            else:
+                old.revoked_at = now
+            session.add(old)
+            self._audit(session, actor, "key.rotate", "key", key_id, before={"principal": old.principal, "role": old.role}, after={"new_key_id": row.key_id, "old_expires_at": _iso(old.expires_at), "old_revoked": old.revoked_at is not None})
+        return key, row
+
+    def list_api_keys(self, *, principal: str | None = None, cursor: str | None = None, limit: int = 100) -> list[ApiKeyView]:
+        """Keys (never their secrets), by principal when given, ordered by key id."""
+        query = select(ApiKey).order_by(ApiKey.key_id).limit(max(1, min(limit, MAX_LIMIT)))  # type: ignore[arg-type]
+        if principal:
+            query = query.where(ApiKey.principal == principal)
+        if cursor:
+            query = query.where(ApiKey.key_id > cursor)
+        with self.store.reading() as session:
+            return [ApiKeyView.model_validate(row) for row in session.scalars(query)]
 
     def revoke_api_key(self, actor: str, key_id: str) -> None:
         """Revoke a key by id."""

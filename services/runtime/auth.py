@@ -1,15 +1,22 @@
 """API keys with roles, and the FastAPI dependency every service's door authenticates with.
 
 Keys look like `fw_<key id>_<secret>` and travel as `Authorization: Bearer <key>`. At rest only the
-key id, a random per-key salt and sha256(salt + secret) are kept: the secrets are 256-bit random, so
-a slow password hash would buy nothing, while a leaked table still reveals no usable key.
+key id, a random per-key salt and HMAC-SHA256(pepper, salt + secret) are kept. The pepper is a
+server-side secret (FLYWHEEL_KEY_PEPPER) outside the database, so a leaked table alone cannot even
+be used to test guesses of an operator-chosen bootstrap key; the generated secrets are 256-bit
+random, so a slow password hash would buy nothing. Rows written before migration 0004 hold
+sha256(salt + secret): they still verify, and are rewritten under the pepper the first time they do.
 
-Where keys live, and how other processes check them: in the registry database (table `api_key`,
-created by the registry's migrations; only the registry writes it). Every service opens that
-database read-only for lookups (FLYWHEEL_DATABASE_URL, or the SQLite file under FLYWHEEL_HOME),
-through `Authenticator.for_settings`. That keeps one source of truth without a network hop per
-request or a registry that must be up for the other doors to answer; results are cached for a few
-seconds, so a revoked key stops working everywhere within `cache_ttl_s`.
+Without FLYWHEEL_KEY_PEPPER, a pepper is generated once into a 0600 file beside the SQLite registry
+database (development); with a server database (PostgreSQL, production) the setting is required,
+because every registry replica must hash alike.
+
+Where keys are checked (docs/decisions/0001-key-checks.md): the registry owns the table. A process
+that runs the registry checks keys against its own store; any other process with
+FLYWHEEL_REGISTRY_URL asks the registry's door who a presented key belongs to
+(`GET /registry/v1/keys/self`, authenticated by that very key), so it holds no credential of its
+own for this and never opens the registry's database. Answers are cached for a few seconds, so a
+revoked key stops working everywhere within `cache_ttl_s`.
 
 Roles: admin (everything, key management), operator (mutations: register, promote, train), approver
 (production promotions), reviewer (review corrections), app (call the gateway, send feedback and
@@ -20,25 +27,37 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
 import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, Protocol
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import DateTime, Engine, create_engine, event, func, select
+from pydantic import SecretStr
+from sqlalchemy import DateTime, Engine, create_engine, event, func, inspect, or_, select, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel
 
 from contracts.http import Role
+from services.runtime.errors import ConfigurationError
 from services.runtime.http import DoorError
 from services.runtime.settings import FlywheelSettings
 
+log = logging.getLogger("flywheel.auth")
+
 KEY_PREFIX = "fw"
+PEPPER_FILE = "key-pepper"
+MIN_BOOTSTRAP_KEY_CHARS = 32
+# last_used_at is a hint for finding idle keys, not an access log: one write a minute per key at most.
+LAST_USED_RESOLUTION = timedelta(seconds=60)
 
 
 # What each role may act as: a door that requires the role on the right admits the role on the left.
@@ -60,10 +79,15 @@ class ApiKey(SQLModel, table=True):
     principal: str = Field(index=True, max_length=256)
     role: str = Field(max_length=16)
     salt: str = Field(max_length=64)
-    secret_sha256: str = Field(max_length=64)
+    # Rows from before migration 0004: sha256(salt + secret); cleared when the row is rewritten under the pepper.
+    secret_sha256: str | None = Field(default=None, max_length=64)
+    secret_hmac: str | None = Field(default=None, max_length=64)
     created_at: datetime = Field(sa_type=DateTime(timezone=True))
     created_by: str = Field(max_length=256)
     revoked_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    expires_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    last_used_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    rotated_from: str | None = Field(default=None, max_length=64)
 
 
 @dataclass(frozen=True)
@@ -73,9 +97,32 @@ class Principal:
     name: str
     role: Role
     key_id: str
+    expires_at: datetime | None = field(default=None, compare=False)
 
     def may(self, role: Role) -> bool:
         return role in GRANTS[self.role]
+
+
+class KeyRefused(Exception):
+    """A presented key that does not authenticate; the message says why (unknown, revoked, expired)."""
+
+    def __init__(self, message: str, code: str = "invalid_api_key") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class KeysUnavailable(Exception):
+    """Keys cannot be checked right now (database or registry unreachable); the message says what to do."""
+
+
+def _utc(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes for timezone-aware columns; they were written in UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def reveal(value: SecretStr | str | None) -> str | None:
+    """The plain value of a secret setting (settings copied in tests may hold a plain str)."""
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
 
 
 def generate_key() -> tuple[str, str, str]:
@@ -94,15 +141,76 @@ def split_key(key: str) -> tuple[str, str]:
     return "x" + hashlib.sha256(key.encode()).hexdigest()[:23], key
 
 
-def hash_secret(secret: str, salt: str) -> str:
+def hash_secret(secret: str, salt: str, pepper: bytes) -> str:
+    """HMAC-SHA256 under the server's pepper of salt + secret: what is stored."""
+    return hmac.new(pepper, bytes.fromhex(salt) + secret.encode(), hashlib.sha256).hexdigest()
+
+
+def legacy_hash(secret: str, salt: str) -> str:
+    """sha256(salt + secret): how rows were hashed before migration 0004."""
     return hashlib.sha256(bytes.fromhex(salt) + secret.encode()).hexdigest()
 
 
-def add_key(session: Session, key: str, *, principal: str, role: Role, created_by: str) -> ApiKey:
+def development_pepper(database_url: str) -> bytes:
+    """The pepper kept in a 0600 file beside a SQLite registry database, generated on first use.
+
+    A server database is shared by replicas on other hosts, which could not share such a file: there
+    FLYWHEEL_KEY_PEPPER is required.
+    """
+    url = make_url(database_url)
+    if not url.drivername.startswith("sqlite") or not url.database or url.database == ":memory:":
+        raise ConfigurationError(
+            f"FLYWHEEL_KEY_PEPPER is required with a {url.drivername} registry database: set it to a random secret of 32+ characters "
+            "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`), the same on every registry replica"
+        )
+    path = Path(url.database).resolve().parent / PEPPER_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # O_EXCL: of two processes starting together, one writes the pepper and the other reads it.
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):
+            pepper = path.read_bytes()
+            if pepper:
+                return pepper
+            time.sleep(0.02)  # the creator is between open and write
+        raise ConfigurationError(f"{path} is empty: delete it (keys hashed under it stop working) or set FLYWHEEL_KEY_PEPPER") from None
+    pepper = secrets.token_urlsafe(48).encode()
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(pepper)
+    log.info("generated an API key pepper in %s (development); set FLYWHEEL_KEY_PEPPER in production", path)
+    return pepper
+
+
+def key_pepper(settings: FlywheelSettings) -> bytes:
+    """The pepper keys are hashed under: FLYWHEEL_KEY_PEPPER, else the development file beside the SQLite database."""
+    configured = reveal(settings.key_pepper)
+    if configured:
+        if len(configured) < 32:
+            raise ConfigurationError(f"FLYWHEEL_KEY_PEPPER is {len(configured)} characters; set it to a random secret of at least 32")
+        return configured.encode()
+    return development_pepper(registry_database_url(settings))
+
+
+def check_bootstrap_key(key: SecretStr | str | None) -> str | None:
+    """The bootstrap admin key, refused (one line, saying what to set) when shorter than 32 characters."""
+    value = reveal(key)
+    if value is not None and len(value) < MIN_BOOTSTRAP_KEY_CHARS:
+        raise ConfigurationError(
+            f"FLYWHEEL_BOOTSTRAP_ADMIN_KEY is {len(value)} characters; set it to at least {MIN_BOOTSTRAP_KEY_CHARS} random characters "
+            "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`) or unset it"
+        )
+    return value or None
+
+
+def add_key(session: Session, key: str, *, principal: str, role: Role, created_by: str, pepper: bytes, expires_at: datetime | None = None, rotated_from: str | None = None) -> ApiKey:
     """Stage a key row in the caller's transaction (so the registry audits it atomically)."""
     key_id, secret = split_key(key)
     salt = secrets.token_hex(16)
-    row = ApiKey(key_id=key_id, principal=principal, role=Role(role).value, salt=salt, secret_sha256=hash_secret(secret, salt), created_at=datetime.now(UTC), created_by=created_by)
+    row = ApiKey(
+        key_id=key_id, principal=principal, role=Role(role).value, salt=salt, secret_hmac=hash_secret(secret, salt, pepper),
+        created_at=datetime.now(UTC), created_by=created_by, expires_at=expires_at, rotated_from=rotated_from,
+    )
     session.add(row)
     return row
 
@@ -143,25 +251,62 @@ def create_database_engine(url: str) -> Engine:
 class KeyStore:
     """Key lookups and management over the registry database."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, pepper: bytes | None = None) -> None:
         self._engine = engine
+        self._pepper = pepper
 
-    def verify(self, key: str) -> Principal | None:
-        """The principal a key belongs to, or None for an unknown, wrong or revoked key."""
+    @property
+    def pepper(self) -> bytes:
+        if self._pepper is None:
+            self._pepper = development_pepper(self._engine.url.render_as_string(hide_password=False))
+        return self._pepper
+
+    def check(self, key: str) -> Principal:
+        """The principal a key belongs to; KeyRefused saying why it does not authenticate."""
         key_id, secret = split_key(key)
         with Session(self._engine) as session:
             row = session.get(ApiKey, key_id)
-        if row is None or row.revoked_at is not None:
-            return None
-        if not hmac.compare_digest(row.secret_sha256, hash_secret(secret, row.salt)):
-            return None
-        return Principal(name=row.principal, role=Role(row.role), key_id=row.key_id)
+        if row is None:
+            raise KeyRefused("invalid API key: unknown, wrong or revoked")
+        legacy = row.secret_hmac is None
+        expected = legacy_hash(secret, row.salt) if legacy else hash_secret(secret, row.salt, self.pepper)
+        if not hmac.compare_digest(row.secret_sha256 if legacy else row.secret_hmac, expected):  # type: ignore[arg-type]
+            raise KeyRefused("invalid API key: unknown, wrong or revoked")
+        now = datetime.now(UTC)
+        if row.revoked_at is not None:
+            raise KeyRefused("invalid API key: unknown, wrong or revoked")
+        if row.expires_at is not None and _utc(row.expires_at) <= now:
+            raise KeyRefused(f"API key {row.key_id} expired at {_utc(row.expires_at).isoformat(timespec='seconds')}; ask an admin for a new one", code="expired_api_key")
+        if legacy or row.last_used_at is None or _utc(row.last_used_at) <= now - LAST_USED_RESOLUTION:
+            self._touch(row, secret, now, legacy=legacy)
+        expires = _utc(row.expires_at) if row.expires_at else None
+        return Principal(name=row.principal, role=Role(row.role), key_id=row.key_id, expires_at=expires)
 
-    def create(self, *, principal: str, role: Role, created_by: str) -> tuple[str, ApiKey]:
+    def _touch(self, row: ApiKey, secret: str, now: datetime, *, legacy: bool) -> None:
+        """Record use (at most once a minute), and rewrite a legacy row under the pepper."""
+        values: dict[str, Any] = {"last_used_at": now}
+        if legacy:
+            values |= {"secret_hmac": hash_secret(secret, row.salt, self.pepper), "secret_sha256": None}
+        stale = or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at <= now - LAST_USED_RESOLUTION)  # type: ignore[union-attr,operator]
+        try:
+            with self._engine.begin() as conn:
+                # The condition makes concurrent checks of one key write once, not once each.
+                conn.execute(update(ApiKey).where(ApiKey.key_id == row.key_id, or_(stale, ApiKey.secret_hmac.is_(None))).values(**values))  # type: ignore[union-attr,arg-type]
+        except SQLAlchemyError as error:
+            log.warning("could not record the use of key %s: %s", row.key_id, error)
+
+    def verify(self, key: str) -> Principal | None:
+        """The principal a key belongs to, or None for an unknown, wrong, revoked or expired key."""
+        try:
+            return self.check(key)
+        except KeyRefused:
+            return None
+
+    def create(self, *, principal: str, role: Role, created_by: str, expires_at: datetime | None = None) -> tuple[str, ApiKey]:
         """A new key for `principal`; the full key is returned once and never stored."""
         key, _, _ = generate_key()
         with Session(self._engine) as session:
-            row = add_key(session, key, principal=principal, role=role, created_by=created_by)
+            row = add_key(session, key, principal=principal, role=role, created_by=created_by, pepper=self.pepper, expires_at=expires_at)
             session.commit()
             session.refresh(row)
         return key, row
@@ -177,21 +322,108 @@ class KeyStore:
         return True
 
     def has_active_admin(self) -> bool:
+        now = datetime.now(UTC)
         with Session(self._engine) as session:
-            count = session.scalar(select(func.count()).select_from(ApiKey).where(ApiKey.role == Role.admin.value, ApiKey.revoked_at.is_(None)))  # type: ignore[union-attr]
+            count = session.scalar(
+                select(func.count()).select_from(ApiKey).where(
+                    ApiKey.role == Role.admin.value, ApiKey.revoked_at.is_(None), or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > now),  # type: ignore[union-attr,operator]
+                )
+            )
         return bool(count)
 
-    def ensure_bootstrap_admin(self, key: str | None) -> bool:
+    def ensure_bootstrap_admin(self, key: SecretStr | str | None) -> bool:
         """Create the admin key FLYWHEEL_BOOTSTRAP_ADMIN_KEY names when no active admin exists; True if created."""
-        if not key or self.has_active_admin():
+        value = check_bootstrap_key(key)
+        if not value or self.has_active_admin():
             return False
         try:
             with Session(self._engine) as session:
-                add_key(session, key, principal="bootstrap-admin", role=Role.admin, created_by="bootstrap")
+                add_key(session, value, principal="bootstrap-admin", role=Role.admin, created_by="bootstrap", pepper=self.pepper)
                 session.commit()
         except IntegrityError:
             return False  # another process bootstrapped the same key first
         return True
+
+
+class KeyChecker(Protocol):
+    def check(self, key: str) -> Principal: ...
+
+
+class RegistryKeys:
+    """Key checks through the registry's door: the presented key asks who it is (`GET /registry/v1/keys/self`).
+
+    The key authenticates its own question, so the asking service needs no credential of its own,
+    and the answer tells it nothing its caller did not already hold.
+    """
+
+    def __init__(self, base_url: str, *, transport: Any = None, timeout_s: float = 5.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._transport = transport
+        self._timeout_s = timeout_s
+
+    def check(self, key: str) -> Principal:
+        import httpx
+
+        try:
+            with httpx.Client(base_url=self.base_url, transport=self._transport, timeout=self._timeout_s) as client:
+                response = client.get("/registry/v1/keys/self", headers={"Authorization": f"Bearer {key}"})
+        except httpx.HTTPError as error:
+            raise KeysUnavailable(f"API keys cannot be checked: the registry at {self.base_url} did not answer ({type(error).__name__}); is it running? (FLYWHEEL_REGISTRY_URL)") from None
+        if response.status_code == 401:
+            detail = _error_detail(response)
+            raise KeyRefused(detail.get("message") or "invalid API key", code=detail.get("code") or "invalid_api_key")
+        if response.status_code != 200:
+            raise KeysUnavailable(f"API keys cannot be checked: the registry at {self.base_url} answered {response.status_code} (FLYWHEEL_REGISTRY_URL)")
+        body = response.json()
+        expires = body.get("expires_at")
+        return Principal(name=body["principal"], role=Role(body["role"]), key_id=body["key_id"], expires_at=datetime.fromisoformat(expires) if expires else None)
+
+
+def _error_detail(response: Any) -> dict:
+    try:
+        detail = response.json().get("error")
+    except ValueError:
+        return {}
+    return detail if isinstance(detail, dict) else {}
+
+
+class LocalKeys:
+    """Key checks in the registry database of this process: the KeyStore the registry registered for
+    that database when it runs here, else (one host, development) a KeyStore opened on it directly."""
+
+    _registered: dict[str, KeyStore] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self._direct: KeyStore | None = None
+
+    @classmethod
+    def register(cls, database_url: str, keys: KeyStore) -> None:
+        """The registry, built in this process, offers its store to the other doors of the process."""
+        with cls._lock:
+            cls._registered[database_url] = keys
+
+    def _store(self) -> KeyStore:
+        registered = self._registered.get(self.database_url)
+        if registered is not None:
+            return registered
+        if self._direct is None:
+            with self._lock:
+                if self._direct is None:
+                    engine = create_database_engine(self.database_url)
+                    if not inspect(engine).has_table(ApiKey.__tablename__):
+                        engine.dispose()
+                        raise KeysUnavailable(
+                            "API keys cannot be checked: no registry runs in this process and FLYWHEEL_REGISTRY_URL is not set; "
+                            "set FLYWHEEL_REGISTRY_URL to the registry's door (e.g. http://registry:8080)"
+                        )
+                    log.warning("checking API keys in the registry database directly (one host, development); set FLYWHEEL_REGISTRY_URL to ask the registry instead")
+                    self._direct = KeyStore(engine)
+        return self._direct
+
+    def check(self, key: str) -> Principal:
+        return self._store().check(key)
 
 
 Refusal = Callable[[Request, Principal | None, int, str], None]
@@ -200,50 +432,60 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: 
 
 
 class Authenticator:
-    """Turns `Authorization: Bearer <key>` into a Principal, with a short cache in front of the database."""
+    """Turns `Authorization: Bearer <key>` into a Principal, with a short cache in front of the key checker."""
 
-    _shared: dict[str, Authenticator] = {}
+    _shared: dict[tuple[str, str], Authenticator] = {}
     _shared_lock = threading.Lock()
 
-    def __init__(self, keys: KeyStore, *, cache_ttl_s: float = 10.0) -> None:
+    def __init__(self, keys: KeyChecker, *, cache_ttl_s: float = 5.0) -> None:
         self.keys = keys
         self._ttl = cache_ttl_s
         self._cache: dict[str, tuple[Principal, float]] = {}
 
     @classmethod
     def for_settings(cls, settings: FlywheelSettings) -> Authenticator:
-        """One authenticator per registry database in a process, so services run together share it."""
-        url = registry_database_url(settings)
+        """The authenticator of a service's door: introspection through FLYWHEEL_REGISTRY_URL when set, else
+        the registry database of this process. One per source in a process, so services run together share it."""
+        source = ("registry", settings.registry_url.rstrip("/")) if settings.registry_url else ("database", registry_database_url(settings))
         with cls._shared_lock:
-            if url not in cls._shared:
-                cls._shared[url] = cls(KeyStore(create_database_engine(url)))
-            return cls._shared[url]
+            if source not in cls._shared:
+                cls._shared[source] = cls(RegistryKeys(source[1]) if source[0] == "registry" else LocalKeys(source[1]))
+            return cls._shared[source]
 
     def forget(self) -> None:
         """Drop cached verifications, e.g. after a revocation in this process."""
         self._cache.clear()
 
     def authenticate(self, key: str | None) -> Principal:
-        """The caller's principal; DoorError 401 for a missing or invalid key."""
+        """The caller's principal; DoorError 401 for a missing, invalid or expired key, 503 when keys cannot be checked."""
         if not key:
             raise DoorError(401, "missing API key: send `Authorization: Bearer <key>`", code="missing_api_key")
         cache_key = hashlib.sha256(key.encode()).hexdigest()
+        now = time.monotonic()
         cached = self._cache.get(cache_key)
-        if cached is not None and cached[1] > time.monotonic():
+        if cached is not None and cached[1] > now and (cached[0].expires_at is None or cached[0].expires_at > datetime.now(UTC)):
             return cached[0]
         try:
-            principal = self.keys.verify(key)
+            principal = self.keys.check(key)
+        except KeyRefused as refused:
+            self._cache.pop(cache_key, None)
+            raise DoorError(401, str(refused), code=refused.code) from None
+        except KeysUnavailable as unavailable:
+            raise DoorError(503, str(unavailable), code="auth_unavailable") from None
+        except ConfigurationError as error:
+            raise DoorError(503, f"API keys cannot be checked: {error}", code="auth_unavailable") from None
         except SQLAlchemyError:
             raise DoorError(503, "API keys cannot be checked: the registry database is unreachable or not migrated (start the registry first)", code="auth_unavailable") from None
-        if principal is None:
-            raise DoorError(401, "invalid API key: unknown, wrong or revoked", code="invalid_api_key")
-        self._cache[cache_key] = (principal, time.monotonic() + self._ttl)
+        if len(self._cache) > 10_000:
+            # Bounded: a flood of distinct keys must not grow the cache without end.
+            self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
+        self._cache[cache_key] = (principal, now + self._ttl)
         return principal
 
     def require(self, role: Role | str, *, on_refused: Refusal | None = None) -> Callable[..., Principal]:
         """A FastAPI dependency admitting keys whose role grants `role`: 401 without a valid key, 403 below it.
 
-        `on_refused` sees every refusal before it is answered (the registry audits refused mutations with it).
+        `on_refused` sees every refusal before it is answered.
         """
         needed = Role(role)
 
@@ -260,6 +502,14 @@ class Authenticator:
                     on_refused(request, principal, 403, message)
                 raise DoorError(403, message, code="insufficient_role")
             return principal
+
+        return dependency
+
+    def any_key(self) -> Callable[..., Principal]:
+        """A FastAPI dependency admitting any valid key, whatever its role (a key asking who it is)."""
+
+        def dependency(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
+            return self.authenticate(credentials.credentials if credentials else None)
 
         return dependency
 

@@ -13,7 +13,7 @@ import pytest
 
 from contracts.envelope import wrap
 from contracts.events import AlertRaised, Stage
-from services.runtime.privacy import Redactor
+from services.feedback.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.store import FeedbackStore
 from services.monitor.app import create_app
@@ -74,7 +74,7 @@ async def test_the_built_monitor_consumes_stage_changed_ticks_on_its_own_and_its
             relay = OutboxRelay(door.store, runtime.bus("registry"), interval_s=0.1)
             await relay.start()
             try:
-                door.registry.transition("alice", model_name=MODEL, version=2, to_stage=Stage.production, approver="bob", canary_percent=20)
+                door.registry.transition("alice", model_name=MODEL, version=2, to_stage=Stage.production, canary_percent=20)
                 watched = settings.home / "monitor" / "canaries.json"
                 await eventually(lambda: watched.exists() and '"version": 2' in watched.read_text(), what="the app's handler watching the canary from stage.changed")
 

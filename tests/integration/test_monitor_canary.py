@@ -65,7 +65,7 @@ async def run_canary(settings: FlywheelSettings, clickhouse: ClickHouseStore, mo
             relay = OutboxRelay(door.store, EventBus(brokers[0], producer="registry", topic_prefix=settings.topic_prefix), interval_s=0.1)
             await relay.start()
             try:
-                door.registry.transition("alice", model_name=MODEL, version=2, to_stage=Stage.production, approver="bob", canary_percent=10, reason="canary after the gate")
+                door.registry.transition("alice", model_name=MODEL, version=2, to_stage=Stage.production, canary_percent=10, reason="canary after the gate")
                 await eventually(lambda: monitor.watched_canaries().get(MODEL, {}).get("version") == 2, what="the monitor watching the canary declared on stage.changed")
                 control = arm_traffic(1, down_every=10, error_every=None, latency_ms=300, hallucinating=False)
                 canary = (arm_traffic(2, down_every=2, error_every=8, latency_ms=900, hallucinating=True) if canary_is_worse
@@ -111,7 +111,8 @@ async def test_a_healthy_canary_is_promoted_once_with_the_audit_record(
     assert v1["stage"] == "archived"
     [entry] = await monitor_audit(registry_door)
     assert entry["action"] == "adapter.stage.production" and entry["object_id"] == f"{MODEL}:v2"
-    assert entry["after"]["approver"] == "service:monitor" and entry["after"]["replaces"] == 1
+    # The monitor made the canary the full version under the approval that admitted the canary (bob's).
+    assert entry["after"]["approver"] == "bob" and entry["after"]["replaces"] == 1
     assert entry["detail"].startswith("monitor canary policy v3: promote;") and "hallucination_rate" in entry["detail"]
 
 

@@ -28,7 +28,7 @@ from fastapi import FastAPI
 from contracts.envelope import wrap
 from contracts.events import FeedbackReceived, InferenceLogged, Stage, StageChanged, Thumbs
 from contracts.http import Role
-from services.runtime.privacy import Redactor
+from services.feedback.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.store import FeedbackStore
 from services.monitor.api import COOKIE
@@ -197,7 +197,7 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
     # Beside it, the registry's real door with v2 declared a canary: v2 has no traffic, so the policy waits.
     door = RegistryDoorFixture(tmp_path)
     seed_two_versions(door, tmp_path)
-    door.registry.transition("alice", model_name=MODEL, version=2, to_stage=Stage.production, approver="bob", canary_percent=10, reason="canary")
+    door.registry.transition("alice", model_name=MODEL, version=2, to_stage=Stage.production, canary_percent=10, reason="canary")
     restarted = Monitor(monitor_store, rules, publish, door.door(), policy=RetrainingPolicy(min_corrections=1000), state_dir=tmp_path / "b",
                         canary_policy=CanaryPolicy(version=7, min_inferences=50, min_feedback=50, hallucination_sample=0))
     restarted.watch(StageChanged(model_name=MODEL, adapter_version=2, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", canary_percent=10), now)

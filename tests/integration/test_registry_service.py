@@ -18,10 +18,16 @@ from sqlmodel import SQLModel
 from contracts.events import DatasetRef, Stage
 from services.registry import service as service_module
 from services.registry.models import AdapterVersion, OutboxEvent
-from services.registry.service import Conflict, Invalid, NotFound, Registry, TooLarge
+from services.registry.service import Conflict, Forbidden, Invalid, NotFound, Registry, TooLarge
+from services.runtime.auth import Role
 from tests.integration.registry_support import CHAT, database_url, evaluation, jsonl, registry, seed_adapters, seed_model, training_completed  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def approve(registry: Registry, version: int, *, by: str = "pat", model: str = "smol") -> None:
+    """An approval of promoting `model`:v`version` to production, recorded by an approver."""
+    registry.approve(by, Role.approver, object_type="adapter", name=model, version=version)
 
 
 def outbox(registry: Registry) -> list[OutboxEvent]:
@@ -81,33 +87,38 @@ def test_a_passing_prompt_evaluation_on_an_adapter_is_no_gate_evidence_for_that_
     prompt_run = prompt_run.model_copy(update={"candidate": prompt_run.candidate.model_copy(update={"prompt_name": "support", "prompt_version": 2})})
     assert registry.attach_evaluation(prompt_run) is None
     registry.transition("olga", model_name="smol", version=1, to_stage=Stage.staging)
+    approve(registry, 1)
     with pytest.raises(Conflict, match="no passing evaluation"):
-        registry.transition("olga", model_name="smol", version=1, to_stage=Stage.production, approver="pat")
+        registry.transition("olga", model_name="smol", version=1, to_stage=Stage.production)
     audited = registry.audit(object_type="prompt", object_id="support:v2").items
     assert [(entry.action, entry.after["evaluation_id"], entry.after["passed"]) for entry in audited] == [("evaluation.attach", prompt_run.evaluation_id, True)]
 
 
-def test_promotion_needs_a_passing_evaluation_of_that_version_and_an_approver(registry: Registry, tmp_path: Path) -> None:
+def test_promotion_needs_a_passing_evaluation_of_that_version_and_an_approval(registry: Registry, tmp_path: Path) -> None:
     seed_adapters(registry, tmp_path, count=2, evaluated=False)
     registry.attach_evaluation(evaluation("smol", 2, passed=True))  # passing, but of v2
     registry.attach_evaluation(evaluation("smol", 1, passed=False))
     registry.transition("olga", model_name="smol", version=1, to_stage=Stage.staging)
+    approve(registry, 1)
     events_before = len(outbox(registry))
     with pytest.raises(Conflict, match="no passing evaluation") as error:
-        registry.transition("olga", model_name="smol", version=1, to_stage=Stage.production, approver="pat")
+        registry.transition("olga", model_name="smol", version=1, to_stage=Stage.production)
     assert error.value.status == 409 and error.value.code == "evaluation_required"
     with pytest.raises(Conflict, match="cannot move to production"):
-        registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production, approver="pat")  # v2 is still `none`
+        registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production)  # v2 is still `none`
     assert registry.get_adapter("smol", 1).stage == Stage.staging and registry.get_adapter("smol", 2).stage == Stage.none
     assert len(outbox(registry)) == events_before
     registry.transition("olga", model_name="smol", version=2, to_stage=Stage.staging)
-    with pytest.raises(Invalid, match="needs an approver"):
+    with pytest.raises(Forbidden, match="needs an approval by another principal with the approver role") as missing:
         registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production)
-    assert [entry.actor for entry in refused(registry)] == ["olga", "olga", "olga"]
-    promoted = registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production, approver="pat", reason="beats base")
+    assert missing.value.status == 403 and missing.value.code == "approval_required"
+    # Rule refusals are audited; the missing approval is a refusal of who is asking, and writes nothing.
+    assert [entry.actor for entry in refused(registry)] == ["olga", "olga"]
+    approve(registry, 2)
+    promoted = registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production, reason="beats base")
     assert promoted.stage == Stage.production
     audit = registry.audit(object_type="adapter", object_id="smol:v2").items
-    assert audit[-1].after["approver"] == "pat" and audit[-1].before == {"stage": "staging", "canary_percent": None}
+    assert audit[-1].actor == "olga" and audit[-1].after["approver"] == "pat" and audit[-1].before == {"stage": "staging", "canary_percent": None}
     assert [row.event_type for row in outbox(registry)][-1] == "stage.changed"
 
 
@@ -115,20 +126,24 @@ def test_one_production_version_unless_canary_and_replacement_archives(registry:
     seed_adapters(registry, tmp_path, count=3)
     for version in (1, 2, 3):
         registry.transition("olga", model_name="smol", version=version, to_stage=Stage.staging)
-    registry.transition("olga", model_name="smol", version=1, to_stage=Stage.production, approver="pat")
+    for version in (1, 2, 3):
+        approve(registry, version)
+    registry.transition("olga", model_name="smol", version=1, to_stage=Stage.production)
     with pytest.raises(Conflict, match="pass replaces=1"):
-        registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production, approver="pat")
-    canary = registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production, approver="pat", canary_percent=10)
+        registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production)
+    canary = registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production, canary_percent=10)
     assert canary.canary_percent == 10
     with pytest.raises(Conflict, match="already the canary"):
-        registry.transition("olga", model_name="smol", version=3, to_stage=Stage.production, approver="pat", canary_percent=5)
-    full = registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production, approver="pat", replaces=1)
+        registry.transition("olga", model_name="smol", version=3, to_stage=Stage.production, canary_percent=5)
+    # The canary becomes the full version under the approval that admitted it to production.
+    full = registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production, replaces=1)
     assert full.canary_percent is None and registry.get_adapter("smol", 1).stage == Stage.archived
     promoted, archived = (json.loads(row.envelope)["payload"] for row in outbox(registry)[-2:])  # promotion first: production never empty
     assert (archived["adapter_version"], archived["to_stage"], archived["approver"], archived["replaces_version"]) == (1, "archived", "pat", None)
     assert (promoted["adapter_version"], promoted["to_stage"], promoted["approver"], promoted["replaces_version"]) == (2, "production", "pat", 1)
     # Rollback is one call: the archived version comes back and replaces the current one.
-    registry.transition("olga", model_name="smol", version=1, to_stage=Stage.production, approver="pat", replaces=2, reason="rollback")
+    approve(registry, 1)  # a rollback is a promotion too: the archived version needs a new approval
+    registry.transition("olga", model_name="smol", version=1, to_stage=Stage.production, replaces=2, reason="rollback")
     assert [a.version for a in registry.list_adapters(stage=Stage.production).items] == [1]
 
 
@@ -142,13 +157,15 @@ def test_concurrent_promotions_of_two_versions_exactly_one_wins(registry: Regist
     def promote(version: int) -> None:
         barrier.wait()
         try:
-            registry.transition(f"op{version}", model_name="smol", version=version, to_stage=Stage.production, approver="pat")
+            registry.transition(f"op{version}", model_name="smol", version=version, to_stage=Stage.production)
             outcomes[version] = "won"
         except Conflict as error:
             outcomes[version] = error.code
 
     for _ in range(3):  # the race, several times; reset between rounds
         outcomes.clear()
+        for version in (1, 2):
+            approve(registry, version)
         threads = [threading.Thread(target=promote, args=(version,)) for version in (1, 2)]
         for thread in threads:
             thread.start()
@@ -180,12 +197,16 @@ def test_a_rolled_back_change_emits_no_event(registry: Registry, tmp_path: Path,
 
 
 def test_prompt_versions_labels_rollback_and_strict_sandboxed_rendering(registry: Registry) -> None:
-    v1 = registry.publish_prompt("alice", name="support", template="Answer {{ question }} politely.", labels=["production"])
+    v1 = registry.publish_prompt("alice", name="support", template="Answer {{ question }} politely.")
+    registry.approve("pat", Role.approver, object_type="prompt", name="support", version=1)
+    registry.set_prompt_label("alice", name="support", label="production", version=1)
     v2 = registry.publish_prompt("alice", name="support", template="Answer {{ question }} for {{ customer }}.")
     assert (v1.version, v1.variables, v2.version, v2.variables) == (1, ["question"], 2, ["customer", "question"])
+    registry.approve("pat", Role.approver, object_type="prompt", name="support", version=2)
     registry.set_prompt_label("alice", name="support", label="production", version=2)
     assert registry.get_prompt("support", label="production").version == 2
-    registry.set_prompt_label("bob", name="support", label="production", version=1)  # rollback = moving the label
+    registry.approve("pat", Role.approver, object_type="prompt", name="support", version=1)
+    registry.set_prompt_label("bob", name="support", label="production", version=1)  # rollback = moving the label, approved again
     assert registry.get_prompt("support", label="production").template == "Answer {{ question }} politely."
     assert registry.render_prompt("support", {"question": "why?"}, label="production") == "Answer why? politely."
     with pytest.raises(Invalid, match="needs variable\\(s\\) customer"):

@@ -1,15 +1,22 @@
-"""API keys: hashed at rest, roles, and the `require` dependency's 401/403 answers in OpenAI's error shape."""
+"""API keys: hashed at rest under the pepper, legacy rows, expiry, roles, and the `require` dependency's
+401/403 answers in OpenAI's error shape."""
 
 from __future__ import annotations
 
+import hashlib
+import secrets
+import stat
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from fastapi import APIRouter, Depends
 from fastapi.testclient import TestClient
 from sqlalchemy import text
+from sqlmodel import Session
 
-from services.runtime.auth import ApiKey, Authenticator, KeyStore, Principal, Role, create_database_engine, registry_database_url, split_key
+from services.runtime.auth import PEPPER_FILE, ApiKey, Authenticator, KeyStore, Principal, Role, create_database_engine, key_pepper, registry_database_url, split_key
+from services.runtime.errors import ConfigurationError
 from services.runtime.http import create_http_app
 from services.runtime.settings import FlywheelSettings
 
@@ -88,11 +95,11 @@ def test_role_grants() -> None:
 
 
 def test_bootstrap_admin_only_when_none_exists(keys: KeyStore) -> None:
-    chosen = "any-long-operator-chosen-secret"
+    chosen = "any-long-operator-chosen-secret-value"
     assert keys.ensure_bootstrap_admin(chosen)
     assert keys.verify(chosen) is not None and keys.verify(chosen).role is Role.admin  # type: ignore[union-attr]
-    assert not keys.ensure_bootstrap_admin("another-secret-value-here")
-    assert keys.verify("another-secret-value-here") is None
+    assert not keys.ensure_bootstrap_admin("another-secret-value-here-long-enough")
+    assert keys.verify("another-secret-value-here-long-enough") is None
 
 
 def test_revocation_and_cache(keys: KeyStore) -> None:
@@ -111,3 +118,45 @@ def test_unmigrated_database_is_a_503_not_a_traceback(tmp_path: Path) -> None:
     response = client_for(auth).get("/things", headers={"Authorization": "Bearer fw_a_b"})
     assert response.status_code == 503
     assert "registry database" in response.json()["error"]["message"]
+
+
+def test_a_short_bootstrap_key_is_refused_saying_what_to_set(keys: KeyStore) -> None:
+    with pytest.raises(ConfigurationError, match=r"FLYWHEEL_BOOTSTRAP_ADMIN_KEY is 31 characters; set it to at least 32"):
+        keys.ensure_bootstrap_admin("x" * 31)
+    assert not keys.has_active_admin()
+
+
+def test_the_development_pepper_is_one_private_file_beside_the_database(tmp_path: Path) -> None:
+    settings = FlywheelSettings(home=tmp_path)
+    first = key_pepper(settings)
+    path = tmp_path / "registry" / PEPPER_FILE
+    assert path.read_bytes() == first and len(first) >= 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert key_pepper(settings) == first  # read back, not regenerated
+    assert key_pepper(FlywheelSettings(home=tmp_path, key_pepper="p" * 40)) == b"p" * 40
+    with pytest.raises(ConfigurationError, match="FLYWHEEL_KEY_PEPPER is required with a postgresql"):
+        key_pepper(FlywheelSettings(home=tmp_path, database_url="postgresql://db/registry"))
+    with pytest.raises(ConfigurationError, match="FLYWHEEL_KEY_PEPPER is 5 characters"):
+        key_pepper(FlywheelSettings(home=tmp_path, key_pepper="short"))
+
+
+def test_a_legacy_sha256_row_verifies_once_and_is_rewritten_under_the_pepper(keys: KeyStore) -> None:
+    key_id, secret = "0123456789ab", secrets.token_urlsafe(32)
+    salt = secrets.token_hex(16)
+    legacy = hashlib.sha256(bytes.fromhex(salt) + secret.encode()).hexdigest()
+    with Session(keys._engine) as session:  # noqa: SLF001 - a row as written before migration 0004
+        session.add(ApiKey(key_id=key_id, principal="old", role="viewer", salt=salt, secret_sha256=legacy, created_at=datetime.now(UTC), created_by="test"))
+        session.commit()
+    key = f"fw_{key_id}_{secret}"
+    assert keys.verify(key) == Principal("old", Role.viewer, key_id)
+    with Session(keys._engine) as session:  # noqa: SLF001
+        row = session.get(ApiKey, key_id)
+    assert row.secret_sha256 is None and row.secret_hmac not in (None, legacy) and row.last_used_at is not None  # type: ignore[union-attr]
+    assert keys.verify(key) is not None and keys.verify(key[:-1] + ("a" if key[-1] != "a" else "b")) is None
+
+
+def test_an_expired_key_is_a_401_that_says_so(keys: KeyStore) -> None:
+    key, row = keys.create(principal="tess", role=Role.viewer, created_by="test", expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    response = client_for(Authenticator(keys)).get("/things", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "expired_api_key" and f"API key {row.key_id} expired at" in response.json()["error"]["message"]
