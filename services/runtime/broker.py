@@ -16,7 +16,7 @@ import uuid
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError, for_code
 from faststream.kafka import KafkaBroker
 from faststream.security import BaseSecurity, SASLScram256, SASLScram512
 
@@ -121,13 +121,22 @@ async def ensure_topics(bootstrap: str, prefix: str = "", replication_factor: in
         retained = retained_topics(prefix)
         if wanted:
             try:
-                await admin.create_topics([
+                response = await admin.create_topics([
                     NewTopic(name, num_partitions=partitions, replication_factor=replication_factor,
                              topic_configs={"retention.ms": str(retained[name])} if name in retained else None)
                     for name, partitions in wanted.items()
                 ])
             except TopicAlreadyExistsError:
-                pass  # another process created them first: the outcome we want
+                response = None  # another process created them first: the outcome we want
+            # The broker answers per topic and aiokafka raises for none of them: a refusal (no Create
+            # right) must not pass for a creation.
+            refused = {topic: for_code(code).__name__ for topic, code, *_ in (response.topic_errors if response else ()) if code not in (0, TopicAlreadyExistsError.errno)}
+            if refused:
+                who = f" as {security.username!r}" if security.username else ""
+                raise ConfigurationError(
+                    f"Kafka at {bootstrap} refused to create {len(refused)} topic(s){who} ({sorted(set(refused.values()))[0]}, e.g. {sorted(refused)[0]}): "
+                    "topics are created by the admin principal (`flywheel infra topics` with the admin's FLYWHEEL_KAFKA_SASL_*)"
+                )
         # Topics created by an older version kept the broker's default retention: the state log must not expire.
         older = [name for name in retained if name in existing]
         if older:

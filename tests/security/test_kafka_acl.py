@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import GroupAuthorizationFailedError, KafkaConnectionError, TopicAuthorizationFailedError
 
@@ -27,16 +28,18 @@ from contracts.envelope import wrap
 from contracts.events import InferenceLogged, StageChanged
 from contracts.examples import example_events
 from contracts.publisher import EventPublisher, KafkaSecurity, encode
-from contracts.topics import EVENT_TYPES, dlq_for, topic_for
+from contracts.topics import EVENT_TYPES, all_topics, dlq_for, topic_for
 from infra.kafka_acls import APP, ADMIN_PRINCIPAL, PRINCIPAL_NAMES, PROCESS, SERVICE_PRINCIPALS, Principal, may_produce, service_principal
 from infra.local_kafka import LocalKafka
 from infra.processes import free_port
-from services.runtime.broker import check_reachable
+from services.runtime.broker import check_reachable, ensure_topics
 from services.runtime.errors import ConfigurationError, InfrastructureError
 from services.runtime.service import Runtime, build_process
 from services.runtime.settings import PROCESS_PRINCIPAL, FlywheelSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+REPO = Path(__file__).resolve().parents[2]
 
 ADMIN_KEY = "fw_boot_test-admin-secret-0123456789"
 EXAMPLES = example_events()
@@ -67,10 +70,10 @@ def bootstrap(secure_kafka: LocalKafka) -> str:
 
 async def end_offset(bootstrap: str, admin: KafkaSecurity, topic: str) -> int:
     """How many records `topic` has ever received (all its partitions), read as the admin."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **admin.client_options())
+    # Subscribed, so that start() fetches the topic's metadata; nothing is read.
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **admin.client_options())
     await consumer.start()
     try:
-        await consumer.topics()  # a fresh consumer knows no topic's partitions until it fetches metadata
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         assert partitions, f"no partitions for {topic}"
         return sum((await consumer.end_offsets(partitions)).values())
@@ -282,3 +285,29 @@ def test_the_service_principal_lookup_names_the_services() -> None:
     assert service_principal("serving").follows and not service_principal("serving").consumes
     with pytest.raises(KeyError):
         service_principal("app")
+
+
+async def test_only_the_admin_creates_topics_and_a_refusal_is_not_reported_as_created(secure_kafka: LocalKafka, bootstrap: str) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}."
+    with pytest.raises(ConfigurationError, match="refused to create .* as 'registry' \\(TopicAuthorizationFailedError"):
+        await ensure_topics(bootstrap, prefix, security=secure_kafka.credentials("registry"))
+    created = await ensure_topics(bootstrap, prefix, security=secure_kafka.admin_security())
+    assert len(created) == len(all_topics(prefix))
+
+
+def test_docker_compose_gives_each_service_its_own_principal_and_the_broker_every_credential() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    for principal in SERVICE_PRINCIPALS:
+        env = services[principal.name]["environment"]
+        assert env["FLYWHEEL_KAFKA_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT" and env["FLYWHEEL_KAFKA_SASL_USERNAME"] == principal.name, principal.name
+        assert f"KAFKA_{principal.name.upper()}_PASSWORD" in env["FLYWHEEL_KAFKA_SASL_PASSWORD"]
+    for init_step in ("topics", "kafka-acls"):
+        assert services[init_step]["environment"]["FLYWHEEL_KAFKA_SASL_USERNAME"] == ADMIN_PRINCIPAL
+    script = (REPO / "infra" / "kafka" / "compose-kafka.sh").read_text()
+    broker_env = services["kafka"]["environment"]
+    for name in PRINCIPAL_NAMES:
+        assert f"$(scram {name} \"$KAFKA_{name.upper()}_PASSWORD\")" in script, name
+        assert f"KAFKA_{name.upper()}_PASSWORD" in broker_env, name
+    assert "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer" in script
+    assert "allow.everyone.if.no.acl.found=false" in script
