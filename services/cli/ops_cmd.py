@@ -47,11 +47,16 @@ def sql(
 
 
 def _query_store(settings: FlywheelSettings, query: str, max_rows: int) -> tuple[list[str], list[list[Any]]]:
+    from services.monitor.settings import MonitorSettings
     from services.runtime.clickhouse import ClickHouseError, open_clickhouse
+    from services.runtime.clickhouse.query_guard import QueryGuard, QueryOverLimit, QueryRefused
 
     with open_clickhouse(settings.clickhouse_url, settings.home, readonly=True) as store:
         try:
-            table = store.query_arrow(query)
+            # The same guard and caps as the monitor's door: a query behaves alike with or without a running process.
+            table = QueryGuard(store.database).run(store, query, None, load_settings(MonitorSettings).query_limits())
+        except (QueryRefused, QueryOverLimit) as refused:
+            raise FlywheelError(f"refused: {refused}") from None
         except ClickHouseError as error:
             if error.code == READONLY:
                 raise FlywheelError("refused: `flywheel ops sql` is read-only and this statement writes or changes settings") from None
@@ -78,7 +83,8 @@ def replay(
     settings = load_settings(FlywheelSettings)
     feedback = load_settings(FeedbackSettings)
     bootstrap = settings.resolved_kafka_bootstrap()
-    asyncio.run(check_reachable(bootstrap))
+    security = settings.resolved_kafka_security("feedback")  # replaying is the sink's job: its principal reads both topics
+    asyncio.run(check_reachable(bootstrap, security=security))
     from_ms = None
     if from_timestamp is not None:
         moment = from_timestamp if from_timestamp.tzinfo else from_timestamp.replace(tzinfo=UTC)
@@ -86,6 +92,6 @@ def replay(
     with open_clickhouse(settings.clickhouse_url, settings.home) as clickhouse:
         clickhouse.migrate()
         sink = Sink(FeedbackStore(lambda: clickhouse), load_settings(PrivacySettings).redactor())
-        counts = asyncio.run(run_replay(bootstrap, sink, topic_prefix=settings.topic_prefix, from_ms=from_ms, batch=feedback.batch_max_records))
+        counts = asyncio.run(run_replay(bootstrap, sink, topic_prefix=settings.topic_prefix, from_ms=from_ms, batch=feedback.batch_max_records, security=security))
     for count in counts:
         typer.echo(f"{count.topic}: read {count.read}, inserted {count.inserted}, already stored {count.read - count.inserted - count.undecodable}, undecodable {count.undecodable}")

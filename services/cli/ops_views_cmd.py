@@ -39,10 +39,16 @@ def run_query(sql: str, parameters: dict[str, Any]) -> tuple[list[str], list[lis
     try:
         response = httpx.post(url, json={"sql": sql, "parameters": parameters}, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)
     except httpx.TransportError:
+        from services.monitor.settings import MonitorSettings
         from services.runtime.clickhouse import open_clickhouse
+        from services.runtime.clickhouse.query_guard import QueryGuard, QueryOverLimit
 
         with open_clickhouse(settings.clickhouse_url, settings.home, readonly=True) as store:
-            table = store.query_arrow(sql, parameters)
+            try:
+                # The same guard and caps as the monitor's door, so the views read alike with or without a running process.
+                table = QueryGuard(store.database).run(store, sql, parameters, load_settings(MonitorSettings).query_limits())
+            except QueryOverLimit as over:
+                raise typer.BadParameter(str(over)) from None
         return list(table.column_names), [list(row.values()) for row in table.to_pylist()]
     if response.status_code != 200:
         raise typer.BadParameter(f"{url} answered {response.status_code}: {response.text[:500]} (set FLYWHEEL_API_KEY to a viewer key)")

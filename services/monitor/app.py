@@ -19,6 +19,7 @@ from services.monitor.settings import MonitorSettings
 from services.monitor.store import MonitorStore
 from services.runtime.auth import Authenticator
 from services.runtime.clickhouse import ClickHouseStore, open_clickhouse
+from services.runtime.errors import ConfigurationError
 from services.runtime.service import Runtime, Service
 from services.runtime.settings import load_settings
 
@@ -29,13 +30,20 @@ GROUP = "monitor"
 def create_app(runtime: Runtime, *, registry_transport: Any = None, open_readonly: Callable[[], ClickHouseStore] | None = None) -> Service:
     """`open_readonly` opens the query door's read-only handle; default: the process's store, opened with readonly=1."""
     settings = load_settings(MonitorSettings)
+    if settings.query_clickhouse_url and not runtime.settings.clickhouse_url:
+        raise ConfigurationError(
+            "FLYWHEEL_MONITOR_QUERY_CLICKHOUSE_URL names a ClickHouse server user for the query door, but FLYWHEEL_CLICKHOUSE_URL is unset "
+            "(embedded chDB, which has no users): set both to the same server, or unset the first"
+        )
     readonly: list[ClickHouseStore] = []
 
     def readonly_store() -> ClickHouseStore:
-        # Opened after the process's store, which creates and migrates the database it reads.
+        # Opened after the process's store, which creates and migrates the database it reads. On a server,
+        # the door's own user (SELECT on Flywheel's tables only) when one is configured.
         if not readonly:
             runtime.clickhouse()
-            readonly.append(open_readonly() if open_readonly else open_clickhouse(runtime.settings.clickhouse_url, runtime.home, readonly=True))
+            url = settings.query_clickhouse_url or runtime.settings.clickhouse_url
+            readonly.append(open_readonly() if open_readonly else open_clickhouse(url, runtime.home, readonly=True, database=runtime.clickhouse().database))
         return readonly[0]
 
     store = MonitorStore(runtime.clickhouse, readonly_store)
@@ -90,7 +98,10 @@ def create_app(runtime: Runtime, *, registry_transport: Any = None, open_readonl
 
     return Service(
         name=GROUP,
-        api=build_router(monitor, Authenticator.for_settings(runtime.settings), console_hours=settings.console_hours, lineage=production_lineage, session_s=settings.console_session_s),
+        api=build_router(
+            monitor, Authenticator.for_settings(runtime.settings), console_hours=settings.console_hours, lineage=production_lineage,
+            session_s=settings.console_session_s, query_limits=settings.query_limits(), secure_cookie=settings.console_secure_cookie,
+        ),
         on_start=[start],
         on_stop=[stop],
     )

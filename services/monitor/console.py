@@ -1,11 +1,16 @@
-"""The read-only ops console: one server-rendered HTML page with inline SVG charts (matplotlib), no scripts."""
+"""The read-only ops console: one server-rendered HTML page with inline SVG charts (matplotlib), no scripts,
+and its sign-in sessions, kept in this process's memory."""
 
 from __future__ import annotations
 
+import hmac
 import io
 import math
+import secrets
 import threading
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from html import escape
 from typing import Any
@@ -13,6 +18,73 @@ from typing import Any
 _DRIFT_KINDS = ("psi", "embedding", "unsafe", "hallucination")
 # matplotlib's pyplot state is global; the console may render from several request threads.
 _PLOT_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ConsoleSession:
+    """One sign-in: who, with which key (kept here to re-check revocation on every page), its CSRF token, and when it ends."""
+
+    principal: str
+    key_id: str
+    key: str = field(repr=False)
+    csrf: str = field(repr=False)
+    expires_at: float = 0.0
+
+
+class ConsoleSessions:
+    """Server-side console sessions: the browser's cookie holds only a random id, never the API key.
+
+    In memory, so a restart signs everyone out (a console sign-in is cheap to repeat) and several
+    monitor replicas behind one address need sticky sessions. Bounded: a flood of sign-ins evicts the
+    sessions closest to their end rather than growing without limit.
+    """
+
+    def __init__(self, lifetime_s: int, *, max_sessions: int = 10_000, clock: Any = time.monotonic) -> None:
+        self.lifetime_s = lifetime_s
+        self._max = max_sessions
+        self._clock = clock
+        self._sessions: dict[str, ConsoleSession] = {}
+        self._lock = threading.Lock()
+
+    def open(self, principal: str, key_id: str, key: str) -> tuple[str, ConsoleSession]:
+        """A new session id (256 random bits) and its session."""
+        session_id = secrets.token_urlsafe(32)
+        session = ConsoleSession(principal, key_id, key, secrets.token_urlsafe(32), self._clock() + self.lifetime_s)
+        with self._lock:
+            self._prune()
+            while len(self._sessions) >= self._max:
+                del self._sessions[min(self._sessions, key=lambda sid: self._sessions[sid].expires_at)]
+            self._sessions[session_id] = session
+        return session_id, session
+
+    def get(self, session_id: str | None) -> ConsoleSession | None:
+        """The live session with this id, or None (unknown, or expired: then forgotten)."""
+        if not session_id:
+            return None
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None and session.expires_at <= self._clock():
+                del self._sessions[session_id]
+                return None
+            return session
+
+    def close(self, session_id: str | None) -> None:
+        with self._lock:
+            self._sessions.pop(session_id or "", None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def _prune(self) -> None:
+        now = self._clock()
+        for sid in [sid for sid, session in self._sessions.items() if session.expires_at <= now]:
+            del self._sessions[sid]
+
+
+def same_token(expected: str | None, presented: str | None) -> bool:
+    """Constant-time comparison of CSRF tokens; a missing one never matches."""
+    return bool(expected) and bool(presented) and hmac.compare_digest(expected.encode(), presented.encode())
 
 
 def _version(row: dict[str, Any]) -> str:
@@ -97,21 +169,27 @@ input[type=password] { width: 28rem; max-width: 90%; padding: .3rem; }
 """
 
 
-def _signed_in(name: str | None) -> str:
+def _signed_in(name: str | None, csrf: str | None) -> str:
     if not name:
         return ""
-    return f' · signed in as {escape(name)} <form class="inline" method="post" action="/monitor/console/logout"><button type="submit">sign out</button></form>'
+    if not csrf:  # signed in with a bearer header: there is no session to end
+        return f" · signed in as {escape(name)}"
+    return (
+        f' · signed in as {escape(name)} <form class="inline" method="post" action="/monitor/console/logout">'
+        f'<input type="hidden" name="csrf_token" value="{escape(csrf)}"><button type="submit">sign out</button></form>'
+    )
 
 
-def render_login(error: str | None = None) -> str:
+def render_login(error: str | None = None, *, csrf: str = "") -> str:
     """The sign-in page: an API key (viewer or above) in a form, since a browser cannot send a bearer header."""
     message = f'<p class="error" role="alert">{escape(error)}</p>' if error else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Flywheel monitor · sign in</title><style>{_STYLE}</style></head><body>
 <h1>Flywheel monitor</h1>
-<p class="meta">The console is read-only. Sign in with an API key (role viewer or above); it is kept in an HttpOnly cookie for this console only.</p>
+<p class="meta">The console is read-only. Sign in with an API key (role viewer or above); the key stays on the server, and this browser keeps only a session id in an HttpOnly cookie for this console.</p>
 {message}
 <form method="post" action="/monitor/console/login">
+<input type="hidden" name="csrf_token" value="{escape(csrf)}">
 <label for="api_key">API key</label><br>
 <input id="api_key" name="api_key" type="password" autocomplete="off" required>
 <button type="submit">Sign in</button>
@@ -121,7 +199,7 @@ def render_login(error: str | None = None) -> str:
 
 def render_console(
     buckets: Sequence[dict[str, Any]], alerts: Sequence[dict[str, Any]], evaluations: Sequence[dict[str, Any]], lineage: dict[str, Any] | None, *,
-    canaries: dict[str, dict[str, Any]] | None = None, generated_at: datetime, signed_in: str | None = None,
+    canaries: dict[str, dict[str, Any]] | None = None, generated_at: datetime, signed_in: str | None = None, csrf: str | None = None,
 ) -> str:
     """The whole page: traffic, latency quantiles, feedback, drift, alerts, canaries under watch, and the production adapter's lineage."""
     latency = {f"{k} p{q}": v for q in (50, 95, 99) for k, v in _series(buckets, f"latency_p{q}_ms").items()}
@@ -158,7 +236,7 @@ def render_console(
 <html lang="en"><head><meta charset="utf-8"><title>Flywheel monitor</title>
 <style>{_STYLE}</style></head><body>
 <h1>Flywheel monitor</h1>
-<p class="meta">generated {escape(generated_at.strftime('%Y-%m-%d %H:%M:%S UTC'))} · <span class="badge">{len(active)} open alerts</span>{_signed_in(signed_in)}</p>
+<p class="meta">generated {escape(generated_at.strftime('%Y-%m-%d %H:%M:%S UTC'))} · <span class="badge">{len(active)} open alerts</span>{_signed_in(signed_in, csrf)}</p>
 <h2>Alerts</h2>
 {_table(["severity", "state", "rule", "version", "value", "threshold", "at", "message"], alert_rows, "no alerts")}
 <h2>Per model version</h2>

@@ -15,6 +15,7 @@ from contracts.events import AlertRaised
 from contracts.http import QueryResult
 from services.monitor.rules import Rule
 from services.runtime.clickhouse import ClickHouseStore
+from services.runtime.clickhouse.query_guard import QueryGuard, QueryLimits
 
 _TIME = pa.timestamp("ms", "UTC")
 
@@ -231,11 +232,13 @@ class MonitorStore:
 
     # ----------------------------------------------------------------------------------- read-only
 
-    def read_only_query(self, sql: str, parameters: dict[str, Any], max_rows: int) -> QueryResult:
-        """Run `sql` on the handle opened with readonly=1: the engine, not a parser, refuses writes."""
+    def read_only_query(self, sql: str, parameters: dict[str, Any], max_rows: int, limits: QueryLimits | None = None) -> QueryResult:
+        """Run `sql` through the query guard (one SELECT over Flywheel's tables, allowed functions) under `limits`,
+        on the handle opened with readonly=1; QueryRefused, QueryOverLimit or ClickHouseError say why not."""
         started = time.perf_counter()
         with self._readonly_lock:
-            table = self._readonly().query_arrow(sql, parameters or None)
+            handle = self._readonly()
+            table = QueryGuard(handle.database).run(handle, sql, parameters, limits or QueryLimits())
         rows = table.slice(0, max_rows).to_pylist()
         return QueryResult(
             columns=list(table.column_names),

@@ -1,7 +1,10 @@
 """The ops console in a real headless Chromium, driven over the DevTools protocol against the monitor's
 door on a real HTTP server: a browser cannot send a bearer key, so it signs in with a form; the key
-lands in an HttpOnly cookie scripts cannot read; the drift charts come from evaluations stored in
-ClickHouse by an earlier monitor (as after a restart); signing out ends the session."""
+stays on the server and the browser holds only a session id, in an HttpOnly cookie scripts cannot read;
+the drift charts come from evaluations stored in ClickHouse by an earlier monitor (as after a restart);
+signing out (a form with the session's CSRF token) ends the session on the server. Without a browser:
+every form is refused without its CSRF token, revoking the key ends the session, and the cookie is
+Secure over https or when TLS terminates in front."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,7 +32,7 @@ from fastapi import FastAPI
 from contracts.envelope import wrap
 from contracts.events import FeedbackReceived, InferenceLogged, Stage, StageChanged, Thumbs
 from contracts.http import Role
-from services.feedback.privacy import Redactor
+from services.runtime.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.store import FeedbackStore
 from services.monitor.api import COOKIE
@@ -38,18 +42,16 @@ from services.monitor.rules import parse_rules
 from services.monitor.service import Monitor, RegistryDoor, RetrainingPolicy
 from services.monitor.store import MonitorStore
 from services.registry.store import RegistryStore
-from services.runtime.auth import Authenticator, KeyStore
+from services.runtime.auth import Authenticator, KeyStore, split_key
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.http import DoorError, error_response
 from tests.conftest import REPO
 from tests.monitor_support import RegistryDoorFixture, clickhouse, monitor_store, seed_two_versions  # noqa: F401 - fixtures
 from tests.support import eventually
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.timeout(300),
-    pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (apt-get install chromium)"),
-]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+CSRF_FIELD = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 MODEL = "smollm2"
 RULES = [
@@ -165,7 +167,12 @@ async def chromium(tmp_path: Path) -> AsyncIterator[Browser]:
         process.stderr.close()
 
 
-def monitor_app(tmp_path: Path, monitor: Monitor) -> tuple[FastAPI, str]:
+def monitor_app(tmp_path: Path, monitor: Monitor, **router_options: Any) -> tuple[FastAPI, str]:
+    app, key, _ = monitor_app_with_auth(tmp_path, monitor, **router_options)
+    return app, key
+
+
+def monitor_app_with_auth(tmp_path: Path, monitor: Monitor, **router_options: Any) -> tuple[FastAPI, str, Authenticator]:
     store = RegistryStore(f"sqlite:///{tmp_path / 'keys.db'}")
     store.migrate()
     auth = Authenticator(KeyStore(store.engine))
@@ -176,10 +183,18 @@ def monitor_app(tmp_path: Path, monitor: Monitor) -> tuple[FastAPI, str]:
     async def _door_error(_request, error: DoorError):  # noqa: ANN202
         return error_response(error.status, error.detail)
 
-    app.include_router(monitor_router(monitor, auth, console_hours=1))
-    return app, key
+    app.include_router(monitor_router(monitor, auth, console_hours=1, **router_options))
+    return app, key, auth
 
 
+async def login_token(client: httpx.AsyncClient) -> str:
+    """The sign-in page's CSRF token (its cookie lands in the client's jar)."""
+    page = await client.get("/monitor/console/login")
+    assert page.status_code == 200
+    return CSRF_FIELD.search(page.text).group(1)
+
+
+@needs_chromium
 async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headless_chromium(clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path) -> None:
     seed_history(clickhouse)
 
@@ -227,9 +242,11 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
             "[...document.querySelectorAll('h2')].find(h => h.innerText.startsWith('Canaries')).nextElementSibling.innerText"
         )
         assert f"{MODEL}:v2" in canaries and "10%" in canaries and "wait" in canaries and "canary policy v7" in canaries and "not enough data" in canaries, canaries
-        assert await browser.evaluate("document.cookie") == "", "the key's cookie is HttpOnly: scripts cannot read it"
+        assert await browser.evaluate("document.cookie") == "", "the session cookie is HttpOnly: scripts cannot read it"
         [cookie] = [c for c in (await browser.call("Network.getCookies", urls=[f"{base}/monitor/console"]))["cookies"] if c["name"] == COOKIE]
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/monitor/console"
+        assert key not in cookie["value"] and len(cookie["value"]) >= 40, "the cookie holds a random session id, never the key"
+        assert key not in await browser.evaluate("document.documentElement.outerHTML")
         drift = await browser.evaluate(
             "[...document.querySelectorAll('figure')].find(f => f.querySelector('figcaption').innerText.startsWith('Drift')).innerHTML"
         )
@@ -242,6 +259,10 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
         await browser.settled_at("/monitor/console/login")
         await browser.call("Page.navigate", url=f"{base}/monitor/console")
         await browser.settled_at("/monitor/console/login")
+        # The session ended on the server: the old id, replayed, opens nothing.
+        async with httpx.AsyncClient(base_url=base, cookies={COOKIE: cookie["value"]}) as replay:
+            replayed = await replay.get("/monitor/console")
+        assert replayed.status_code == 303 and replayed.headers["location"] == "/monitor/console/login"
     assert shot.stat().st_size > 20_000
     print(f"console screenshot: {shot}")
 
@@ -252,12 +273,77 @@ async def test_console_sign_in_refuses_bad_input_without_setting_a_cookie(clickh
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://monitor") as client:
         anonymous = await client.get("/monitor/console")
         assert anonymous.status_code == 303 and anonymous.headers["location"] == "/monitor/console/login"
-        empty = await client.post("/monitor/console/login", data={"api_key": "  "})
-        wrong = await client.post("/monitor/console/login", data={"api_key": "fw_abc_wrong"})
-        huge = await client.post("/monitor/console/login", data={"api_key": "x" * 10_000})
-        assert (empty.status_code, wrong.status_code, huge.status_code) == (400, 401, 413)
+        token = await login_token(client)
+        empty = await client.post("/monitor/console/login", data={"api_key": "  ", "csrf_token": token})
+        wrong = await client.post("/monitor/console/login", data={"api_key": "fw_abc_wrong", "csrf_token": token})
+        huge = await client.post("/monitor/console/login", data={"api_key": "x" * 10_000, "csrf_token": token})
+        forged = await client.post("/monitor/console/login", data={"api_key": key, "csrf_token": "not-the-forms-token"})
+        tokenless = await client.post("/monitor/console/login", data={"api_key": key})
+        assert (empty.status_code, wrong.status_code, huge.status_code, forged.status_code, tokenless.status_code) == (400, 401, 413, 403, 403)
         assert "enter an API key" in empty.text and "invalid API key" in wrong.text and "paste only the API key" in huge.text
-        assert all("set-cookie" not in r.headers and "Traceback" not in r.text for r in (empty, wrong, huge))
-        assert not client.cookies
+        assert "CSRF check" in forged.text and "CSRF check" in tokenless.text
+        refused = (empty, wrong, huge, forged, tokenless)
+        assert all(f"{COOKIE}=" not in r.headers.get("set-cookie", "") and "Traceback" not in r.text for r in refused), "a refused sign-in sets no session"
+        assert COOKIE not in client.cookies
         bearer = await client.get("/monitor/console", headers={"Authorization": f"Bearer {key}"})
         assert bearer.status_code == 200 and "signed in as ops-viewer" in bearer.text, "API clients keep using the bearer header"
+
+
+async def test_console_session_holds_no_key_checks_csrf_and_ends_when_the_key_is_revoked(clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path) -> None:
+    monitor = Monitor(monitor_store, [], lambda envelope: asyncio.sleep(0), RegistryDoor("http://unused", None), policy=RetrainingPolicy(), state_dir=tmp_path)
+    app, key, auth = monitor_app_with_auth(tmp_path, monitor)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://monitor") as client:
+        signed_in = await client.post("/monitor/console/login", data={"api_key": key, "csrf_token": await login_token(client)})
+        assert signed_in.status_code == 303 and signed_in.headers["location"] == "/monitor/console"
+        session_id = client.cookies[COOKIE]
+        assert key not in signed_in.headers["set-cookie"] and key.split("_")[-1] not in session_id and len(session_id) >= 40
+        assert "secure" not in signed_in.headers["set-cookie"].lower(), "plain http without a TLS proxy configured: not Secure"
+        page = await client.get("/monitor/console")
+        assert page.status_code == 200 and "signed in as ops-viewer" in page.text and key not in page.text
+        logout_token = CSRF_FIELD.search(page.text).group(1)
+
+        # A sign-out posted from elsewhere (no token, or another token) is refused and the session stays.
+        for forged in ({}, {"csrf_token": "guessed"}, {"csrf_token": await login_token(client)}):
+            refused = await client.post("/monitor/console/logout", data=forged)
+            assert refused.status_code == 403 and "CSRF check" in refused.text, refused.text
+        assert (await client.get("/monitor/console")).status_code == 200
+
+        # Revoking the key ends the session at the next page (after the authenticator's short cache).
+        key_id, _ = split_key(key)
+        assert auth.keys.revoke(key_id)
+        auth.forget()
+        ended = await client.get("/monitor/console")
+        assert ended.status_code == 303 and ended.headers["location"] == "/monitor/console/login"
+    # ... and on the server: the same id, replayed by another client, is gone.
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://monitor", cookies={COOKIE: session_id}) as replay:
+        assert (await replay.get("/monitor/console")).status_code == 303
+
+    # Sign out with the session's own token ends it on the server.
+    second, _, second_auth = monitor_app_with_auth(tmp_path / "second", monitor)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=second), base_url="http://monitor") as client:
+        second_key, _ = second_auth.keys.create(principal="ops-viewer-2", role=Role.viewer, created_by="test")
+        await client.post("/monitor/console/login", data={"api_key": second_key, "csrf_token": await login_token(client)})
+        session_id = client.cookies[COOKIE]
+        token = CSRF_FIELD.search((await client.get("/monitor/console")).text).group(1)
+        out = await client.post("/monitor/console/logout", data={"csrf_token": token})
+        assert out.status_code == 303 and out.headers["location"] == "/monitor/console/login"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=second), base_url="http://monitor", cookies={COOKIE: session_id}) as replay:
+        assert (await replay.get("/monitor/console")).status_code == 303, "the id is dead on the server, not only in the browser"
+
+
+@pytest.mark.parametrize(("base_url", "secure_cookie"), [("https://monitor", False), ("http://monitor", True)], ids=["over-https", "tls-in-front"])
+async def test_console_cookies_are_secure_over_tls_or_when_tls_terminates_in_front(
+    clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path, base_url: str, secure_cookie: bool
+) -> None:
+    monitor = Monitor(monitor_store, [], lambda envelope: asyncio.sleep(0), RegistryDoor("http://unused", None), policy=RetrainingPolicy(), state_dir=tmp_path)
+    app, key = monitor_app(tmp_path, monitor, secure_cookie=secure_cookie)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url) as client:
+        form = await client.get("/monitor/console/login")
+        assert "secure" in form.headers["set-cookie"].lower()
+        token = CSRF_FIELD.search(form.text).group(1)
+    # A client that sends the (Secure) token cookie back whatever the scheme, as the browser behind a TLS proxy does.
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url, cookies={"flywheel_console_login": token}) as client:
+        signed_in = await client.post("/monitor/console/login", data={"api_key": key, "csrf_token": token})
+        assert signed_in.status_code == 303, signed_in.text
+        session_cookie = next(value for value in signed_in.headers.get_list("set-cookie") if value.startswith(f"{COOKIE}="))
+        assert "secure" in session_cookie.lower() and "httponly" in session_cookie.lower() and "samesite=strict" in session_cookie.lower()

@@ -9,11 +9,13 @@ path share the engine; each store keeps its own connection because the current d
 
 from __future__ import annotations
 
+import re
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.runtime.clickhouse.store import ClickHouseError, ClickHouseStore, bind, quote_identifier
+from services.runtime.clickhouse.store import ClickHouseError, ClickHouseStore, bind, check_identifier, quote_identifier
 from services.runtime.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -57,6 +59,7 @@ class EmbeddedStore(ClickHouseStore):
         self.path = path
         self.database = database
         self.readonly = readonly
+        self._limited_connections: dict[tuple[tuple[str, str], ...], Connection] = {}
 
     @classmethod
     def open(cls, path: Path, database: str, readonly: bool) -> EmbeddedStore:
@@ -94,8 +97,24 @@ class EmbeddedStore(ClickHouseStore):
     def command(self, sql: str, parameters: dict[str, Any] | None = None) -> None:
         self._run(sql, "CSV", parameters)
 
-    def query_arrow(self, sql: str, parameters: dict[str, Any] | None = None) -> pyarrow.Table:
-        return self._run(sql, "ArrowTable", parameters)
+    def query_arrow(self, sql: str, parameters: dict[str, Any] | None = None, *, limits: Mapping[str, int | str] | None = None) -> pyarrow.Table:
+        if not limits:
+            return self._run(sql, "ArrowTable", parameters)
+        # chDB (4.4) leaves a connection whose query failed while writing its result (a cap hit mid-stream)
+        # answering the next query with a broken Arrow buffer; a failed query therefore retires its
+        # connection, and a broken buffer is read again, once, on a fresh one.
+        for attempt in (1, 2):
+            connection = self._limited(limits)
+            try:
+                return self._run(sql, "ArrowTable", parameters, connection)
+            except ClickHouseError:
+                self._retire(connection)
+                raise
+            except (OSError, ValueError) as broken:  # pyarrow.ArrowInvalid is a ValueError; a truncated IPC file an OSError
+                self._retire(connection)
+                if attempt == 2:
+                    raise ClickHouseError(f"embedded ClickHouse returned an unreadable result twice: {broken}") from None
+        raise AssertionError("unreachable")
 
     def insert_arrow(self, table: str, data: pyarrow.Table, dedup_token: str | None = None) -> None:
         columns = ", ".join(quote_identifier(name) for name in data.column_names)
@@ -113,11 +132,47 @@ class EmbeddedStore(ClickHouseStore):
 
     def close(self) -> None:
         connection, self._connection = self._connection, None
+        limited, self._limited_connections = self._limited_connections, {}
+        for extra in limited.values():
+            extra.close()
+            _release()
         if connection is not None:
             connection.close()
             _release()
 
-    def _run(self, sql: str, fmt: str, parameters: dict[str, Any] | None) -> Any:
+    def _limited(self, limits: Mapping[str, int | str]) -> Connection:
+        """A connection of its own for these limits: on a readonly=1 connection no query may change a setting
+        (not even a SETTINGS clause the guard writes), so the limits are the connection's from its start,
+        beside readonly, where no query can lift them."""
+        key = tuple(sorted((check_identifier(name), _limit_value(name, value)) for name, value in limits.items()))
+        connection = self._limited_connections.get(key)
+        if connection is None:
+            if self._connection is None:
+                raise ClickHouseError(f"the embedded ClickHouse store at {self.path} is closed")
+            import chdb
+
+            options = ([("readonly", "1")] if self.readonly else []) + list(key)
+            _acquire(self.path)
+            try:
+                connection = chdb.connect(f"{self.path}?" + "&".join(f"{name}={value}" for name, value in options))
+                with _engine_turn:
+                    connection.query(f"USE {quote_identifier(self.database)}", "CSV")
+            except BaseException:
+                if connection is not None:
+                    connection.close()
+                _release()
+                raise
+            self._limited_connections[key] = connection
+        return connection
+
+    def _retire(self, connection: Connection) -> None:
+        for key, held in list(self._limited_connections.items()):
+            if held is connection:
+                del self._limited_connections[key]
+                connection.close()
+                _release()
+
+    def _run(self, sql: str, fmt: str, parameters: dict[str, Any] | None, connection: Connection | None = None) -> Any:
         if self._connection is None:
             raise ClickHouseError(f"the embedded ClickHouse store at {self.path} is closed")
         # clickhouse-connect's binder renders values exactly as the server backend sends them.
@@ -125,9 +180,17 @@ class EmbeddedStore(ClickHouseStore):
         params = {name.removeprefix("param_"): value for name, value in bound.items()}
         try:
             with _engine_turn:
-                return self._connection.query(final_sql, fmt, params=params)
+                return (connection or self._connection).query(final_sql, fmt, params=params)
         except RuntimeError as error:
             raise ClickHouseError(str(error)) from None
+
+
+def _limit_value(name: str, value: int | str) -> str:
+    """A limit's value as it goes into chDB's connection string, where `&`, `=` or `?` would start another option."""
+    text = str(int(value)) if isinstance(value, bool | int) else str(value)
+    if not re.fullmatch(r"[A-Za-z0-9_.]+", text):
+        raise ClickHouseError(f"limit {name}={value!r} is not a number or a plain word")
+    return text
 
 
 def _escape(value: str) -> str:

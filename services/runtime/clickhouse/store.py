@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -99,8 +100,9 @@ class ClickHouseStore(ABC):
         """Run a statement that returns nothing (DDL, ALTER ...); `{name:Type}` placeholders bind server-side."""
 
     @abstractmethod
-    def query_arrow(self, sql: str, parameters: dict[str, Any] | None = None) -> pyarrow.Table:
-        """Run a SELECT and return its result as an Arrow table."""
+    def query_arrow(self, sql: str, parameters: dict[str, Any] | None = None, *, limits: Mapping[str, int | str] | None = None) -> pyarrow.Table:
+        """Run a SELECT and return its result as an Arrow table; `limits` are settings (max_result_rows, ...)
+        the engine enforces for this query, applied by the backend, never spliced into `sql`."""
 
     @abstractmethod
     def insert_arrow(self, table: str, data: pyarrow.Table, dedup_token: str | None = None) -> None:
