@@ -4,11 +4,17 @@ live door and engine are in tests/security/test_query_door.py."""
 
 from __future__ import annotations
 
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
 import pytest
 
 from services.runtime.clickhouse.query_guard import ALLOWED_FUNCTIONS, QueryGuard, QueryLimits, QueryRefused, migration_relations
 
 pytestmark = pytest.mark.unit
+
+USERS = Path(__file__).resolve().parents[2] / "deploy" / "clickhouse" / "users.d" / "flywheel.xml"
 
 GUARD = QueryGuard("flywheel")
 
@@ -159,3 +165,22 @@ def test_the_caps_are_settings_the_engine_enforces() -> None:
     assert QueryLimits(max_execution_time_s=5, max_result_rows=10, max_result_bytes=2048, max_memory_usage=4096).settings() == {
         "max_execution_time": 5, "max_result_rows": 10, "max_result_bytes": 2048, "result_overflow_mode": "throw", "max_memory_usage": 4096,
     }
+
+
+@pytest.mark.parametrize("user", ["flywheel_query", "flywheel_grafana"])
+def test_the_read_only_server_users_are_granted_exactly_the_migrations_relations(user: str) -> None:
+    account = ET.parse(USERS).getroot().find(f"users/{user}")
+    grants = [query.text or "" for query in account.findall("grants/query")]
+    granted = {match.group(1) for grant in grants if (match := re.fullmatch(r"GRANT SELECT ON flywheel\.(\w+)", grant.strip()))}
+    assert len(granted) == len(grants), f"{user} holds a grant other than SELECT on one relation: {grants}"
+    assert granted == migration_relations().names, f"{USERS.name}: {user}'s grants and the migrations differ by {sorted(granted ^ migration_relations().names)}"
+
+
+def test_the_query_door_users_profile_caps_sit_within_its_ceilings() -> None:
+    profile = ET.parse(USERS).getroot().find("profiles/flywheel_query")
+    defaults = QueryLimits().settings()
+    for setting in ("max_execution_time", "max_result_rows", "max_result_bytes", "max_memory_usage"):
+        ceiling = profile.find(f"constraints/{setting}")
+        low, high = int(ceiling.findtext("min")), int(ceiling.findtext("max"))
+        assert low >= 1, f"{setting}: a minimum of 0 would let a request ask for no limit"
+        assert low <= int(defaults[setting]) <= high and low <= int(profile.findtext(setting)) <= high, setting
