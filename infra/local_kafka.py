@@ -106,12 +106,16 @@ SCRAM_MECHANISM = "SCRAM-SHA-512"
 class LocalKafka:
     """The local broker of one FLYWHEEL_HOME: fetch its jars, start, stop, report."""
 
-    def __init__(self, home: Path, cache: Path, port: int | None = None, *, secure: bool = False, topic_prefix: str = "") -> None:
+    def __init__(self, home: Path, cache: Path, port: int | None = None, *, secure: bool | None = None, topic_prefix: str = "") -> None:
+        """`secure`: True or False asks for that mode; None (what `flywheel demo` and the test fixture
+        use) reuses a running broker as it is, and starts one secure exactly when this home was made
+        secure once (its credentials exist), so a secured home never quietly falls back to plaintext."""
         self.dir = home.resolve() / "infra" / "kafka"
         self.state_file = self.dir / "state.json"
         self.config_file = self.dir / "server.properties"
         self.credentials_file = self.dir / "credentials.json"
-        self.secure = secure
+        self._requested_secure = secure
+        self.secure = secure if secure is not None else self.credentials_file.exists()
         self.topic_prefix = topic_prefix
         self.data_dir = self.dir / "data"
         self.log_file = self.dir / "broker.log"
@@ -176,9 +180,11 @@ class LocalKafka:
             if self._is_ours(state["pid"]):
                 if self.port is not None and state["port"] != self.port:
                     raise InfrastructureError(f"a broker already runs on {state['bootstrap']}: `flywheel infra down` first to move it to port {self.port}")
-                if self.secure != (state.get("security_protocol") == "SASL_PLAINTEXT"):
-                    running = "with" if not self.secure else "without"
+                running_secure = state.get("security_protocol") == "SASL_PLAINTEXT"
+                if self._requested_secure is not None and self._requested_secure != running_secure:
+                    running = "with" if running_secure else "without"
                     raise InfrastructureError(f"a broker already runs on {state['bootstrap']} {running} --secure: `flywheel infra down` first to change its mode")
+                self.secure = running_secure
                 self._wait_ready(state["pid"], state["bootstrap"], timeout)
                 return state["bootstrap"]
             self.state_file.unlink()

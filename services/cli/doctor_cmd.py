@@ -23,8 +23,9 @@ def _check_kafka(settings: FlywheelSettings) -> None:
     from services.runtime.broker import check_reachable
 
     bootstrap = settings.resolved_kafka_bootstrap()
-    asyncio.run(check_reachable(bootstrap))
-    typer.echo(f"kafka       ok  {bootstrap}")
+    security = settings.resolved_kafka_security()
+    asyncio.run(check_reachable(bootstrap, security=security))
+    typer.echo(f"kafka       ok  {bootstrap}" + (f" as {security.username} ({security.protocol})" if security.username else ""))
 
 
 def _check_clickhouse(settings: FlywheelSettings) -> None:

@@ -50,9 +50,11 @@ def give(
         from services.runtime.broker import check_reachable
 
         bootstrap = settings.resolved_kafka_bootstrap()
-        await check_reachable(bootstrap)
+        # Feedback is what apps may publish: the `app` principal where the broker has identities.
+        security = settings.resolved_kafka_security("app")
+        await check_reachable(bootstrap, security=security)
         # Without this check the producer retries a missing topic for a minute, logging each attempt.
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security.client_options())
         await admin.start()
         try:
             topic = topic_for(event, settings.topic_prefix)
@@ -60,7 +62,7 @@ def give(
                 raise FlywheelError(f"topic {topic} does not exist on {bootstrap}: create the topics with `flywheel infra topics`")
         finally:
             await admin.close()
-        async with EventPublisher(bootstrap, producer="flywheel-cli", topic_prefix=settings.topic_prefix) as publisher:
+        async with EventPublisher(bootstrap, producer="flywheel-cli", topic_prefix=settings.topic_prefix, security=security) as publisher:
             return str((await publisher.publish(event)).event_id)
 
     event_id = asyncio.run(publish())

@@ -24,16 +24,17 @@ def up(
     port: Annotated[int | None, typer.Option(help="Kafka port; default 9092, or any free port when 9092 is taken.")] = None,
     postgres_port: Annotated[int | None, typer.Option(help="PostgreSQL port; default 5432, or any free port when taken.")] = None,
     secure: Annotated[bool, typer.Option(
-        "--secure", envvar="FLYWHEEL_INFRA_SECURE",
-        help="SASL/SCRAM-SHA-512 and ACLs: one Kafka principal per service (infra/kafka_acls.py), passwords in a 0600 file under FLYWHEEL_HOME.",
+        "--secure",
+        help="SASL/SCRAM-SHA-512 and ACLs: one Kafka principal per service (infra/kafka_acls.py), passwords in a 0600 file under FLYWHEEL_HOME. A new home only: an existing plaintext one must be removed first.",
     )] = False,
     timeout: Timeout = 60.0,
 ) -> None:
     """Start the local broker (reusing a running one) and record where it listens."""
     settings = FlywheelSettings()
-    kafka = LocalKafka(settings.home, settings.cache, port, secure=secure, topic_prefix=settings.topic_prefix)
+    # Without --secure: a running broker is reused as it is, and a home made secure once stays secure.
+    kafka = LocalKafka(settings.home, settings.cache, port, secure=True if secure else None, topic_prefix=settings.topic_prefix)
     _start(kafka, timeout)
-    if secure:
+    if kafka.secure:
         console.print(
             f"  SASL/SCRAM-SHA-512 with ACLs; topics and ACLs created as {ADMIN_PRINCIPAL!r}. Principals: {', '.join(PRINCIPAL_NAMES)}\n"
             f"  their passwords are in {kafka.credentials_file} (owner only); processes here read theirs from it"

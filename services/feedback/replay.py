@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from contracts.envelope import Envelope, P
 from contracts.events import FeedbackReceived, InferenceLogged
+from contracts.publisher import PLAINTEXT, KafkaSecurity
 from contracts.topics import topic_for
 from services.feedback.service import Sink
 
@@ -33,17 +34,21 @@ class ReplayCount:
     undecodable: int = 0
 
 
-async def replay(bootstrap: str, sink: Sink, *, topic_prefix: str = "", from_ms: int | None = None, batch: int = 5000) -> list[ReplayCount]:
+async def replay(
+    bootstrap: str, sink: Sink, *, topic_prefix: str = "", from_ms: int | None = None, batch: int = 5000, security: KafkaSecurity = PLAINTEXT
+) -> list[ReplayCount]:
     """Replay both sink topics into ClickHouse; returns what was read and inserted per topic."""
     plan: Sequence[tuple[type, Callable[[Sequence[Envelope]], int]]] = ((InferenceLogged, sink.store_inferences), (FeedbackReceived, sink.store_feedback))
-    return [await _replay_topic(bootstrap, event, store, topic_prefix, from_ms, batch) for event, store in plan]
+    return [await _replay_topic(bootstrap, event, store, topic_prefix, from_ms, batch, security) for event, store in plan]
 
 
-async def _replay_topic(bootstrap: str, event: type[P], store: Callable[[Sequence[Envelope[P]]], int], prefix: str, from_ms: int | None, batch: int) -> ReplayCount:
+async def _replay_topic(
+    bootstrap: str, event: type[P], store: Callable[[Sequence[Envelope[P]]], int], prefix: str, from_ms: int | None, batch: int, security: KafkaSecurity
+) -> ReplayCount:
     topic = topic_for(event, prefix)
     count = ReplayCount(topic)
     envelope_type = Envelope[event]  # type: ignore[valid-type]
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security.client_options())
     await admin.start()
     try:
         described = await admin.describe_topics([topic])
@@ -53,7 +58,7 @@ async def _replay_topic(bootstrap: str, event: type[P], store: Callable[[Sequenc
     if not partitions:
         log.warning("topic %s does not exist: nothing to replay from it", topic)
         return count
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", **security.client_options())
     await consumer.start()
     try:
         consumer.assign(partitions)

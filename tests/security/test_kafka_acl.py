@@ -13,7 +13,10 @@ import asyncio
 import atexit
 import json
 import logging
+import os
 import stat
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -311,3 +314,35 @@ def test_docker_compose_gives_each_service_its_own_principal_and_the_broker_ever
         assert f"KAFKA_{name.upper()}_PASSWORD" in broker_env, name
     assert "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer" in script
     assert "allow.everyone.if.no.acl.found=false" in script
+
+
+def test_infra_up_secure_from_the_cli_never_prints_a_password_and_a_secure_home_stays_secure(tmp_path: Path) -> None:
+    flywheel = Path(sys.executable).with_name("flywheel")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("FLYWHEEL_KAFKA_")}
+    env["FLYWHEEL_HOME"] = str(tmp_path)
+
+    def infra(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(flywheel), "infra", *args], env=env, capture_output=True, text=True, timeout=300, check=False)
+
+    try:
+        started = infra("up", "--secure", "--port", str(free_port()))
+        assert started.returncode == 0, started.stderr
+        kafka = LocalKafka(tmp_path, tmp_path)
+        passwords = json.loads(kafka.credentials_file.read_text())["principals"]
+        assert "SASL/SCRAM-SHA-512 with ACLs" in started.stdout and str(kafka.credentials_file) in started.stdout
+        assert "SASL/SCRAM with ACLs" in infra("status").stdout
+        again = infra("up")  # no flag: the running broker is reused as it is
+        assert again.returncode == 0 and "already running" in again.stdout, again.stderr
+        # The admin's credentials come from the home's file: topics exist already, ACLs are granted again.
+        topics = infra("topics")
+        assert topics.returncode == 0 and " 0 created" in topics.stdout, topics.stderr
+        granted = infra("acls")
+        assert granted.returncode == 0 and "granted" in granted.stdout, granted.stderr
+        assert infra("down").returncode == 0
+        # Started again without --secure, a home made secure once is secure again.
+        restarted = infra("up")
+        assert restarted.returncode == 0 and json.loads((tmp_path / "infra" / "kafka" / "state.json").read_text())["security_protocol"] == "SASL_PLAINTEXT"
+        printed = started.stdout + started.stderr + again.stdout + topics.stdout + granted.stdout + restarted.stdout
+        assert not [name for name, password in passwords.items() if password in printed]
+    finally:
+        LocalKafka(tmp_path, tmp_path).stop()
