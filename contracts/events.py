@@ -14,6 +14,21 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from contracts.envelope import ContractModel, Payload
+from contracts.ids import (
+    AlertId,
+    DatasetName,
+    DeploymentId,
+    EvaluationId,
+    FeedbackId,
+    InferenceId,
+    JobId,
+    MetricSuiteName,
+    ModelName,
+    PromptLabel,
+    PromptName,
+    RuleName,
+    Sha256,
+)
 
 
 class Stage(StrEnum):
@@ -77,7 +92,7 @@ class Hyperparameters(ContractModel):
 class DatasetRef(ContractModel):
     """A pointer to one immutable dataset version."""
 
-    name: str = Field(description="Dataset name.")
+    name: DatasetName = Field(description="Dataset name.")
     # The registry and the trainer store versions as signed 64-bit integers: a larger one is refused here, not a 500 there.
     version: int = Field(ge=1, le=2**63 - 1, description="Dataset version number.")
 
@@ -90,13 +105,13 @@ class ModelRegistered(Payload):
     key_field: ClassVar[str] = "model_name"
     retention_ms: ClassVar[int | None] = -1
 
-    model_name: str = Field(description="Registered name of the base model.")
+    model_name: ModelName = Field(description="Registered name of the base model.")
     source: str = Field(description="Where it came from: a package, a local directory or a hub id.")
     architecture: str = Field(description="Model architecture, e.g. LlamaForCausalLM.")
     parameter_count: int = Field(ge=0, description="Number of parameters.")
     license: str | None = Field(default=None, description="License identifier, when known.")
     artifact_uri: str = Field(description="Where the safetensors weights are stored.")
-    artifact_sha256: str = Field(description="Digest of the stored weights.")
+    artifact_sha256: Sha256 = Field(description="Digest of the stored weights.")
 
 
 class AdapterRegistered(Payload):
@@ -104,11 +119,11 @@ class AdapterRegistered(Payload):
     key_field: ClassVar[str] = "model_name"
     retention_ms: ClassVar[int | None] = -1
 
-    model_name: str = Field(description="Base model the adapter belongs to.")
+    model_name: ModelName = Field(description="Base model the adapter belongs to.")
     adapter_version: int = Field(ge=1, description="Version number, counted per model.")
     artifact_uri: str = Field(description="Where the adapter's safetensors are stored.")
-    artifact_sha256: str = Field(description="Digest of the adapter weights.")
-    training_job_id: str | None = Field(default=None, description="Training job that produced it.")
+    artifact_sha256: Sha256 = Field(description="Digest of the adapter weights.")
+    training_job_id: JobId | None = Field(default=None, description="Training job that produced it.")
     dataset: DatasetRef | None = Field(default=None, description="Dataset version it was trained on.")
     hyperparameters: Hyperparameters | None = Field(default=None, description="Hyperparameters used.")
     metrics: dict[str, float] = Field(default_factory=dict, description="Training metrics (final loss, ...).")
@@ -119,13 +134,13 @@ class PromptPublished(Payload):
     key_field: ClassVar[str] = "prompt_name"
     retention_ms: ClassVar[int | None] = -1
 
-    prompt_name: str = Field(description="Prompt template name.")
+    prompt_name: PromptName = Field(description="Prompt template name.")
     version: int = Field(ge=1, description="Prompt version number.")
-    model_name: str | None = Field(default=None, description="Model the prompt targets, if any.")
+    model_name: ModelName | None = Field(default=None, description="Model the prompt targets, if any.")
     template: str = Field(description="Template text.")
     variables: list[str] = Field(default_factory=list, description="Variables the template needs.")
-    labels: list[str] = Field(default_factory=list, description="Labels pointing at this version now.")
-    label_traffic: dict[str, float] = Field(
+    labels: list[PromptLabel] = Field(default_factory=list, description="Labels pointing at this version now.")
+    label_traffic: dict[PromptLabel, float] = Field(
         default_factory=dict,
         description="A/B splits declared on this version's labels: percent of the traffic asking for the production label that goes to this version instead, sticky per user. Labels not listed take none.",
     )
@@ -135,14 +150,14 @@ class DatasetPublished(Payload):
     event_type: ClassVar[str] = "dataset.published"
     key_field: ClassVar[str] = "dataset_name"
 
-    dataset_name: str = Field(description="Dataset name.")
+    dataset_name: DatasetName = Field(description="Dataset name.")
     version: int = Field(ge=1, description="Dataset version number.")
     split: str = Field(description="`train` or `golden`.")
     row_count: int = Field(ge=0, description="Number of records.")
-    sha256: str = Field(description="Content digest of the JSONL.")
+    sha256: Sha256 = Field(description="Content digest of the JSONL.")
     artifact_uri: str = Field(description="Where the JSONL is stored.")
     provenance: str = Field(description="`uploaded`, or `feedback` when built from corrections.")
-    model_name: str | None = Field(default=None, description="Model the dataset is meant for, if any.")
+    model_name: ModelName | None = Field(default=None, description="Model the dataset is meant for, if any.")
 
 
 class StageChanged(Payload):
@@ -150,7 +165,7 @@ class StageChanged(Payload):
     key_field: ClassVar[str] = "model_name"
     retention_ms: ClassVar[int | None] = -1
 
-    model_name: str = Field(description="Base model name.")
+    model_name: ModelName = Field(description="Base model name.")
     adapter_version: int = Field(ge=1, description="Adapter version whose stage changed.")
     from_stage: Stage = Field(description="Stage before.")
     to_stage: Stage = Field(description="Stage after.")
@@ -172,8 +187,8 @@ class TrainingRequested(Payload):
     event_type: ClassVar[str] = "training.requested"
     key_field: ClassVar[str] = "model_name"
 
-    job_id: str = Field(description="Idempotency key of the job: a redelivered request starts no second job.")
-    model_name: str = Field(description="Base model to adapt.")
+    job_id: JobId = Field(description="Idempotency key of the job: a redelivered request starts no second job.")
+    model_name: ModelName = Field(description="Base model to adapt.")
     dataset: DatasetRef = Field(description="Training dataset version.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="LoRA settings.")
     requested_by: str = Field(description="Principal or service that asked for it.")
@@ -184,8 +199,8 @@ class TrainingStarted(Payload):
     event_type: ClassVar[str] = "training.started"
     key_field: ClassVar[str] = "model_name"
 
-    job_id: str = Field(description="Training job id.")
-    model_name: str = Field(description="Base model being adapted.")
+    job_id: JobId = Field(description="Training job id.")
+    model_name: ModelName = Field(description="Base model being adapted.")
     total_steps: int = Field(ge=0, description="Optimiser steps planned.")
     resumed_from_step: int = Field(default=0, ge=0, description="Checkpoint step the job resumed from.")
     device: str = Field(description="Device the job runs on, e.g. cpu or cuda:0.")
@@ -195,8 +210,8 @@ class TrainingProgress(Payload):
     event_type: ClassVar[str] = "training.progress"
     key_field: ClassVar[str] = "model_name"
 
-    job_id: str = Field(description="Training job id.")
-    model_name: str = Field(description="Base model being adapted.")
+    job_id: JobId = Field(description="Training job id.")
+    model_name: ModelName = Field(description="Base model being adapted.")
     step: int = Field(ge=0, description="Optimiser steps done.")
     total_steps: int = Field(ge=0, description="Optimiser steps planned.")
     epoch: float = Field(ge=0, description="Fractional epoch.")
@@ -210,12 +225,12 @@ class TrainingCompleted(Payload):
     event_type: ClassVar[str] = "training.completed"
     key_field: ClassVar[str] = "model_name"
 
-    job_id: str = Field(description="Training job id.")
-    model_name: str = Field(description="Base model adapted.")
+    job_id: JobId = Field(description="Training job id.")
+    model_name: ModelName = Field(description="Base model adapted.")
     dataset: DatasetRef = Field(description="Dataset version trained on.")
     hyperparameters: Hyperparameters = Field(description="Hyperparameters used.")
     artifact_uri: str = Field(description="Where the adapter's safetensors are stored.")
-    artifact_sha256: str = Field(description="Digest of the adapter weights.")
+    artifact_sha256: Sha256 = Field(description="Digest of the adapter weights.")
     metrics: dict[str, float] = Field(default_factory=dict, description="Final loss, tokens/s, duration ...")
 
 
@@ -223,8 +238,8 @@ class TrainingFailed(Payload):
     event_type: ClassVar[str] = "training.failed"
     key_field: ClassVar[str] = "model_name"
 
-    job_id: str = Field(description="Training job id.")
-    model_name: str = Field(description="Base model the job was for.")
+    job_id: JobId = Field(description="Training job id.")
+    model_name: ModelName = Field(description="Base model the job was for.")
     reason: str = Field(description="What went wrong, in words a user can act on.")
     error_type: str = Field(description="Machine-readable class: invalid_input, out_of_memory, cancelled, internal.")
 
@@ -235,9 +250,9 @@ class TrainingFailed(Payload):
 class ModelTarget(ContractModel):
     """What is evaluated: a base model alone, or with an adapter version and/or a prompt version."""
 
-    model_name: str = Field(description="Base model name.")
+    model_name: ModelName = Field(description="Base model name.")
     adapter_version: int | None = Field(default=None, ge=1, description="Adapter version; none means the base model.")
-    prompt_name: str | None = Field(default=None, description="Prompt template name, if one is applied.")
+    prompt_name: PromptName | None = Field(default=None, description="Prompt template name, if one is applied.")
     prompt_version: int | None = Field(default=None, ge=1, description="Prompt version, if one is applied.")
 
 
@@ -245,13 +260,13 @@ class EvaluationRequested(Payload):
     event_type: ClassVar[str] = "evaluation.requested"
     key_field: ClassVar[str] = "evaluation_id"
 
-    evaluation_id: str = Field(description="Idempotency key of the evaluation.")
+    evaluation_id: EvaluationId = Field(description="Idempotency key of the evaluation.")
     candidate: ModelTarget = Field(description="What is being judged.")
     baseline: ModelTarget | None = Field(
         default=None, description="What it is compared with; none means the current production version."
     )
     golden: DatasetRef = Field(description="Golden dataset version.")
-    metric_suite: str = Field(default="default", description="Named set of metrics to compute.")
+    metric_suite: MetricSuiteName = Field(default="default", description="Named set of metrics to compute.")
     requested_by: str = Field(description="Principal or service that asked for it.")
 
 
@@ -272,7 +287,7 @@ class EvaluationCompleted(Payload):
     event_type: ClassVar[str] = "evaluation.completed"
     key_field: ClassVar[str] = "evaluation_id"
 
-    evaluation_id: str = Field(description="Evaluation id.")
+    evaluation_id: EvaluationId = Field(description="Evaluation id.")
     candidate: ModelTarget = Field(description="What was judged.")
     baseline: ModelTarget | None = Field(default=None, description="What it was compared with.")
     golden: DatasetRef = Field(description="Golden dataset version.")
@@ -292,8 +307,8 @@ class DeploymentRequested(Payload):
     event_type: ClassVar[str] = "deployment.requested"
     key_field: ClassVar[str] = "model_name"
 
-    deployment_id: str = Field(description="Idempotency key of the deployment.")
-    model_name: str = Field(description="Base model name.")
+    deployment_id: DeploymentId = Field(description="Idempotency key of the deployment.")
+    model_name: ModelName = Field(description="Base model name.")
     adapter_version: int = Field(ge=1, description="Adapter version to load or unload.")
     action: DeploymentAction = Field(default=DeploymentAction.load, description="Load or unload.")
     requested_by: str = Field(description="Principal or service that asked for it.")
@@ -303,8 +318,8 @@ class DeploymentCompleted(Payload):
     event_type: ClassVar[str] = "deployment.completed"
     key_field: ClassVar[str] = "model_name"
 
-    deployment_id: str = Field(description="Deployment id.")
-    model_name: str = Field(description="Base model name.")
+    deployment_id: DeploymentId = Field(description="Deployment id.")
+    model_name: ModelName = Field(description="Base model name.")
     adapter_version: int = Field(ge=1, description="Adapter version.")
     action: DeploymentAction = Field(description="Load or unload.")
     ready: bool = Field(description="Whether the adapter is ready to serve (for load) or gone (for unload).")
@@ -317,10 +332,12 @@ class InferenceLogged(Payload):
     key_field: ClassVar[str] = "inference_id"
     partitions: ClassVar[int] = 6
 
-    inference_id: str = Field(description="Id of the inference; the gateway's response id; feedback refers to it.")
+    inference_id: InferenceId = Field(description="Id of the inference; the gateway's response id; feedback refers to it.")
+    # Not a ModelName: a refused request is logged with the model it named, whatever that was. It is
+    # only ever a ClickHouse value, never a path or a registry key.
     model_name: str = Field(description="Base model name.")
     adapter_version: int | None = Field(default=None, description="Adapter version served; none for the base model.")
-    prompt_name: str | None = Field(default=None, description="Registered prompt rendered server-side, if any.")
+    prompt_name: PromptName | None = Field(default=None, description="Registered prompt rendered server-side, if any.")
     prompt_version: int | None = Field(default=None, description="Its version.")
     route: str = Field(default="direct", description="How the version was chosen: production, staging, pinned, canary, ab, direct.")
     endpoint: str = Field(default="chat.completions", description="API used: chat.completions, completions, or app.")
@@ -349,8 +366,8 @@ class FeedbackReceived(Payload):
     key_field: ClassVar[str] = "inference_id"
     partitions: ClassVar[int] = 6
 
-    feedback_id: str = Field(default_factory=lambda: str(uuid.uuid4()), description="Id of this piece of feedback.")
-    inference_id: str = Field(min_length=1, description="Inference the feedback is about.")
+    feedback_id: FeedbackId = Field(default_factory=lambda: str(uuid.uuid4()), description="Id of this piece of feedback.")
+    inference_id: InferenceId = Field(description="Inference the feedback is about.")
     thumbs: Thumbs | None = Field(default=None, description="Thumbs up or down.")
     rating: int | None = Field(default=None, ge=1, le=5, description="Rating from 1 to 5.")
     comment: str | None = Field(default=None, max_length=8000, description="Free-text comment.")
@@ -367,11 +384,12 @@ class AlertRaised(Payload):
     event_type: ClassVar[str] = "alert.raised"
     key_field: ClassVar[str] = "rule_name"
 
-    alert_id: str = Field(description="Alert id; the same open alert is not raised twice.")
-    rule_name: str = Field(description="Rule that fired.")
+    alert_id: AlertId = Field(description="Alert id; the same open alert is not raised twice.")
+    rule_name: RuleName = Field(description="Rule that fired.")
     rule_version: int = Field(ge=1, description="Version of the rule.")
     severity: Severity = Field(description="info, warning or critical.")
     state: AlertState = Field(default=AlertState.open, description="open, acknowledged or resolved.")
+    # Not a ModelName: an alert is about the traffic as logged (inference.logged's model_name).
     model_name: str = Field(description="Base model name.")
     adapter_version: int | None = Field(default=None, description="Adapter version concerned.")
     prompt_version: int | None = Field(default=None, description="Prompt version concerned.")

@@ -14,6 +14,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.events import DatasetRef, EvaluationCompleted, FeedbackSource, Hyperparameters, ModelTarget, Stage, Thumbs
+from contracts.ids import DatasetName, JobId, MetricSuiteName, ModelName, PromptLabel, PromptName, Sha256
 
 T = TypeVar("T")
 
@@ -88,10 +89,10 @@ class FeedbackAccepted(Response):
 
 
 class TrainingJobCreate(Request):
-    model_name: str = Field(min_length=1, max_length=200, description="Base model to adapt.")
+    model_name: ModelName = Field(description="Base model to adapt.")
     dataset: DatasetRef = Field(description="Training dataset version.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="LoRA settings.")
-    job_id: str | None = Field(default=None, description="Idempotency key; generated when absent.")
+    job_id: JobId | None = Field(default=None, description="Idempotency key; generated when absent. It names the job's work directory, so it is an id, never a path.")
 
 
 class TrainingJobView(Response):
@@ -112,7 +113,7 @@ class EvaluationCreate(Request):
     candidate: ModelTarget = Field(description="What to judge.")
     baseline: ModelTarget | None = Field(default=None, description="What to compare with; none: current production.")
     golden: DatasetRef = Field(description="Golden dataset version.")
-    metric_suite: str = Field(default="default", description="Named metric suite.")
+    metric_suite: MetricSuiteName = Field(default="default", description="Named metric suite.")
 
 
 class EvaluationStatus(Response):
@@ -147,22 +148,18 @@ class QueryResult(Response):
 
 # ---------------------------------------------------------------------------------------- registry
 
-NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
-SHA256 = r"^[0-9a-f]{64}$"
-
-
 class RegistryView(Response):
     # Views are read straight off the registry's table rows.
     model_config = ConfigDict(extra="ignore", from_attributes=True)
 
 
 class BaseModelCreate(Request):
-    name: str = Field(pattern=NAME, description="Registered name.")
+    name: ModelName = Field(description="Registered name.")
     source: str = Field(min_length=1, max_length=1000, description="Package, directory or hub id it came from.")
     architecture: str = Field(min_length=1, max_length=200, description="Transformers architecture, e.g. LlamaForCausalLM.")
     parameter_count: int = Field(ge=0, description="Number of parameters.")
     artifact_uri: str = Field(min_length=1, max_length=2000, description="Where its safetensors are stored (artifact store).")
-    artifact_sha256: str = Field(pattern=SHA256, description="Digest of the stored weights.")
+    artifact_sha256: Sha256 = Field(description="Digest of the stored weights.")
     license: str | None = Field(default=None, max_length=200, description="License identifier, e.g. apache-2.0.")
     chat_template: str | None = Field(default=None, description="The tokenizer's chat template.")
 
@@ -182,10 +179,10 @@ class BaseModelView(RegistryView):
 
 
 class AdapterVersionCreate(Request):
-    model_name: str = Field(pattern=NAME, description="Base model the adapter adapts.")
+    model_name: ModelName = Field(description="Base model the adapter adapts.")
     artifact_uri: str = Field(min_length=1, max_length=2000, description="The adapter directory's manifest in the artifact store.")
-    artifact_sha256: str = Field(pattern=SHA256, description="Digest of that manifest; checked before registering.")
-    training_job_id: str | None = Field(default=None, max_length=200, description="Training job that produced it; one adapter per job.")
+    artifact_sha256: Sha256 = Field(description="Digest of that manifest; checked before registering.")
+    training_job_id: JobId | None = Field(default=None, description="Training job that produced it; one adapter per job.")
     dataset: DatasetRef | None = Field(default=None, description="Dataset version it was trained on.")
     hyperparameters: Hyperparameters | None = Field(default=None, description="LoRA settings it was trained with.")
     metrics: dict[str, float] = Field(default_factory=dict, description="Training metrics, e.g. final_loss.")
@@ -259,10 +256,10 @@ class LineageView(Response):
 
 
 class PromptCreate(Request):
-    name: str = Field(pattern=NAME, description="Prompt name.")
+    name: PromptName = Field(description="Prompt name.")
     template: str = Field(min_length=1, max_length=200_000, description="Jinja template text; variables are found in it.")
-    model_name: str | None = Field(default=None, pattern=NAME, description="Model the prompt targets.")
-    labels: list[str] = Field(default_factory=list, max_length=20, description="Labels to point at the new version, e.g. production.")
+    model_name: ModelName | None = Field(default=None, description="Model the prompt targets.")
+    labels: list[PromptLabel] = Field(default_factory=list, max_length=20, description="Labels to point at the new version, e.g. production.")
 
 
 class PromptVersionView(RegistryView):
@@ -287,7 +284,7 @@ class PromptLabelMove(Request):
 
 class PromptRenderRequest(Request):
     version: int | None = Field(default=None, ge=1, description="Version to render; none: by label, else the latest.")
-    label: str | None = Field(default=None, description="Label to render, e.g. production; used when version is none.")
+    label: PromptLabel | None = Field(default=None, description="Label to render, e.g. production; used when version is none.")
     variables: dict[str, Any] = Field(default_factory=dict, description="Values for the template's variables; each one it needs is required.")
 
 
@@ -298,11 +295,11 @@ class PromptRendered(Response):
 
 
 class DatasetCreate(Request):
-    name: str = Field(pattern=NAME, description="Dataset name; each upload is its next version.")
+    name: DatasetName = Field(description="Dataset name; each upload is its next version.")
     split: Literal["train", "golden"] = Field(description="train, or golden (for evaluation).")
     jsonl: str = Field(description="The records, one JSON object per line: chat ({\"messages\": [...]}) or instruction ({\"instruction\", \"output\"}).")
     provenance: Literal["uploaded", "feedback"] = Field(default="uploaded", description="uploaded, or feedback (built from corrections).")
-    model_name: str | None = Field(default=None, pattern=NAME, description="Model it is meant for.")
+    model_name: ModelName | None = Field(default=None, description="Model it is meant for.")
 
 
 class AuditEntryView(RegistryView):
@@ -342,9 +339,9 @@ class ChatMessage(Request):
 
 
 class PromptReference(Request):
-    name: str = Field(description="Registered prompt name.")
+    name: PromptName = Field(description="Registered prompt name.")
     version: int | None = Field(default=None, ge=1, description="Version; none: the version the label points at.")
-    label: str | None = Field(default=None, description="Label, e.g. production; used when version is none.")
+    label: PromptLabel | None = Field(default=None, description="Label, e.g. production; used when version is none.")
     variables: dict[str, str] = Field(default_factory=dict, description="Values for the template's variables.")
 
 

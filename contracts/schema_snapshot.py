@@ -1,8 +1,19 @@
 """JSON Schema export of every contract, and the compatibility check against a published snapshot.
 
 Published snapshot: contracts/schemas/ (events/<event_type>.v<N>.json, http/<Model>.json).
-Breaking within a schema version: a removed field, a changed type, a removed enum value, or a
-field that became required. Adding an optional field is not breaking.
+Breaking within a schema version: a removed field, a changed type, a removed enum value, a field
+that became required, or a string that became stricter (a pattern added or changed, a shorter
+`maxLength`, a longer `minLength`). Adding an optional field is not breaking. Narrowed numeric
+ranges are not classified here; like every other difference, they fail the snapshot test until a
+reviewer regenerates the snapshot.
+
+Deliberate tightenings: a string field that takes one of the id and name types of contracts/ids.py
+refuses values the published schema allowed. It is reported as a difference, not as breaking,
+because the values it refuses were never safe to act on: ids and names become file names, Kafka
+keys and URL paths, and `../../victim` as a job id made the trainer delete a directory outside its
+own (issue 13). A producer that sent such a value was relying on a vulnerability; its event is
+dead-lettered and its request gets 422, with the pattern in the message. Any other tightening is
+breaking and needs a new schema version.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ from typing import Any
 from contracts.envelope import Envelope
 from contracts.events import EVENTS
 from contracts.http import HTTP_MODELS
+from contracts.ids import ID_PATTERNS
 
 SNAPSHOT_DIR = Path(__file__).parent / "schemas"
 REGENERATE_HINT = "review the change, then regenerate the snapshot with `flywheel contracts export contracts/schemas`"
@@ -48,8 +60,20 @@ def read_snapshot(directory: Path = SNAPSHOT_DIR) -> dict[str, dict[str, Any]]:
     }
 
 
+DELIBERATE = " (deliberate: an id or name type of contracts/ids.py; the values it refuses were never safe)"
+
+
 def breaking_changes(published: dict[str, Any], current: dict[str, Any], name: str = "") -> list[str]:
-    """Every way `current` would reject or misread data valid under `published`."""
+    """Every way `current` would reject or misread data valid under `published`, but the deliberate tightenings."""
+    return [problem for problem in _changes(published, current, name) if not problem.endswith(DELIBERATE)]
+
+
+def deliberate_tightenings(published: dict[str, Any], current: dict[str, Any], name: str = "") -> list[str]:
+    """Strings of `published` that `current` constrains to an id or name type of contracts/ids.py."""
+    return [problem for problem in _changes(published, current, name) if problem.endswith(DELIBERATE)]
+
+
+def _changes(published: dict[str, Any], current: dict[str, Any], name: str) -> list[str]:
     return _compare(
         _Resolver(published).resolve(published), _Resolver(current).resolve(current), name or "$", _Resolver(published), _Resolver(current)
     )
@@ -117,9 +141,25 @@ def _compare(old: dict[str, Any], new: dict[str, Any], path: str, old_r: _Resolv
             continue
         if kind == "object":
             problems.extend(_compare_objects(option, counterpart, path, old_r, new_r, depth))
+        elif kind == "string":
+            problems.extend(_compare_strings(option, counterpart, path))
         elif kind == "array" and "items" in option and "items" in counterpart:
             problems.extend(_compare(option["items"], counterpart["items"], f"{path}[]", old_r, new_r, depth + 1))
     return problems
+
+
+def _compare_strings(old: dict[str, Any], new: dict[str, Any], path: str) -> list[str]:
+    stricter: list[str] = []
+    if new.get("pattern") is not None and new.get("pattern") != old.get("pattern"):
+        stricter.append(f"pattern {new['pattern']!r} " + ("added" if old.get("pattern") is None else f"replaces {old['pattern']!r}"))
+    if new.get("maxLength") is not None and new["maxLength"] < old.get("maxLength", float("inf")):
+        stricter.append(f"maxLength {old.get('maxLength', 'none')} -> {new['maxLength']}")
+    if new.get("minLength", 0) > old.get("minLength", 0):
+        stricter.append(f"minLength {old.get('minLength', 0)} -> {new['minLength']}")
+    if not stricter:
+        return []
+    deliberate = DELIBERATE if new.get("pattern") in ID_PATTERNS else ""
+    return [f"{path}: stricter string: {', '.join(stricter)}{deliberate}"]
 
 
 def _compare_objects(old: dict[str, Any], new: dict[str, Any], path: str, old_r: _Resolver, new_r: _Resolver, depth: int) -> list[str]:
@@ -150,6 +190,7 @@ def compatibility_report(snapshot_dir: Path = SNAPSHOT_DIR) -> tuple[list[str], 
             other.append(f"{name}: new schema, not in the snapshot")
             continue
         breaking.extend(f"{name}: {problem}" for problem in breaking_changes(published[name], schema))
+        other.extend(f"{name}: {problem}" for problem in deliberate_tightenings(published[name], schema))
         if published[name] != schema:
             other.append(f"{name}: changed")
     return breaking, other
