@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Query
 
 from contracts.events import EvaluationRequested
 from contracts.http import ErrorResponse, EvaluationCreate, EvaluationList, EvaluationStatus, Role
+from contracts.ids import EvaluationId
 from services.evaluator.store import EvaluationRecord, EvaluatorStore
 from services.runtime.auth import Authenticator, Principal
 from services.runtime.http import DoorError
@@ -41,7 +42,7 @@ def create_router(store: EvaluatorStore, auth: Authenticator, publish: Callable[
         return _view(record)
 
     @router.get("/evaluations/{evaluation_id}", response_model=EvaluationStatus)
-    async def get_evaluation(evaluation_id: str, _: Principal = Depends(reader)) -> EvaluationStatus:
+    async def get_evaluation(evaluation_id: EvaluationId, _: Principal = Depends(reader)) -> EvaluationStatus:
         """One evaluation: its status, and its verdict, metrics and report once finished."""
         record = await asyncio.to_thread(store.evaluation, evaluation_id)
         if record is None:

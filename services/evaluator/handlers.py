@@ -22,6 +22,7 @@ from contracts.events import (
     Stage,
     StageChanged,
 )
+from contracts.ids import NAME_MAX_LENGTH
 from services.evaluator.service import Evaluator
 from services.evaluator.store import DatasetPointer
 from services.evaluator.worker import EvaluationWorker
@@ -41,6 +42,8 @@ def when_adapter_registered_evaluate_against_production(evaluator: Evaluator, wo
     async def handle(envelope: Envelope[AdapterRegistered]) -> None:
         event = envelope.payload
         store = evaluator.store
+        # Refused on arrival (dead-lettered with the reason), not at the evaluation that would load it.
+        evaluator.artifacts.check(event.artifact_uri)
         await asyncio.to_thread(store.remember_adapter, event.model_name, event.adapter_version, event.artifact_uri, event.artifact_sha256)
         golden = store.latest_golden(event.model_name)
         candidate = ModelTarget(model_name=event.model_name, adapter_version=event.adapter_version)
@@ -49,7 +52,7 @@ def when_adapter_registered_evaluate_against_production(evaluator: Evaluator, wo
             candidate=candidate,
             baseline=evaluator.baseline_for(candidate),
             # Without a golden set the evaluation fails visibly (the name says why) rather than being skipped.
-            golden=DatasetRef(name=golden.name, version=golden.version) if golden else DatasetRef(name=f"no-golden-set-for-{event.model_name}", version=1),
+            golden=DatasetRef(name=golden.name, version=golden.version) if golden else DatasetRef(name=f"no-golden-set-for-{event.model_name}"[:NAME_MAX_LENGTH], version=1),
             requested_by="evaluator:adapter.registered",
         )
         await asyncio.to_thread(store.claim, request.evaluation_id, request.model_dump(mode="json"), correlation_id=envelope.correlation_id)
@@ -73,6 +76,7 @@ def when_stage_changed_track_production(evaluator: Evaluator):
 def when_model_registered_remember_it(evaluator: Evaluator):
     async def handle(envelope: Envelope[ModelRegistered]) -> None:
         event = envelope.payload
+        evaluator.artifacts.check(event.artifact_uri)
         evaluator.store.remember_model(event.model_name, event.artifact_uri, event.artifact_sha256)
 
     return handle
@@ -81,6 +85,7 @@ def when_model_registered_remember_it(evaluator: Evaluator):
 def when_dataset_published_remember_it(evaluator: Evaluator):
     async def handle(envelope: Envelope[DatasetPublished]) -> None:
         event = envelope.payload
+        evaluator.artifacts.check(event.artifact_uri)
         evaluator.store.remember_dataset(DatasetPointer(event.dataset_name, event.version, event.split, event.artifact_uri, event.sha256, event.model_name))
 
     return handle

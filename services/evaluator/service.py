@@ -28,6 +28,7 @@ from services.evaluator.suite import SUITES, TargetScores, score_target
 from services.runtime.artifacts import ArtifactError, ArtifactStore
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.inference import SMOLLM2_GGUF, smollm2_dir
+from services.runtime.paths import under
 from services.runtime.prompts import PromptError, lead_with_prompt, render_template
 from services.runtime.scoring import Embedder, Judge
 
@@ -189,7 +190,7 @@ class Evaluator:
         return LoadedModel.load(base_dir, adapter_dir=adapter_dir, gguf_file=gguf, label=name)
 
     def _materialize(self, uri: str, sha256: str, kind: str) -> Path:
-        target = self.home / "evaluator" / kind / sha256
+        target = under(self.home, "evaluator", kind, sha256)
         marker = target / ".complete"
         if not marker.exists():
             self.artifacts.materialize(uri, sha256, target)
@@ -205,9 +206,9 @@ class Evaluator:
         ]
 
     def _save_report(self, evaluation_id: str, html: str) -> str:
-        reports = self.home / "reports"
-        reports.mkdir(parents=True, exist_ok=True)
-        (reports / f"evaluation-{_SAFE_NAME.sub('_', evaluation_id)}.html").write_text(html, encoding="utf-8")
+        report = under(self.home, "reports", f"evaluation-{_SAFE_NAME.sub('_', evaluation_id)}.html")
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(html, encoding="utf-8")
         return self.artifacts.put_bytes(html.encode("utf-8"), kind="text").uri
 
 

@@ -31,6 +31,7 @@ from pydantic import Field
 
 from contracts.events import AlertRaised, AlertState
 from contracts.http import QueryRequest, QueryResult, Request, Role
+from contracts.ids import AlertId
 from services.monitor.console import ConsoleSessions, render_console, render_login, same_token
 from services.monitor.service import Monitor
 from services.runtime.auth import Authenticator, Principal
@@ -73,11 +74,11 @@ def build_router(
         return alert
 
     @router.post("/v1/alerts/{alert_id}/ack", response_model=AlertRaised)
-    async def acknowledge(alert_id: str, body: AlertNote | None = None, who: Principal = Depends(writer)) -> AlertRaised:
+    async def acknowledge(alert_id: AlertId, body: AlertNote | None = None, who: Principal = Depends(writer)) -> AlertRaised:
         return await change(alert_id, AlertState.acknowledged, who, body)
 
     @router.post("/v1/alerts/{alert_id}/resolve", response_model=AlertRaised)
-    async def resolve(alert_id: str, body: AlertNote | None = None, who: Principal = Depends(writer)) -> AlertRaised:
+    async def resolve(alert_id: AlertId, body: AlertNote | None = None, who: Principal = Depends(writer)) -> AlertRaised:
         return await change(alert_id, AlertState.resolved, who, body)
 
     @router.get("/v1/metrics/summary")

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.routing import APIRoute
 
 from contracts.events import DatasetRef, Stage
+from contracts.ids import DatasetName, ModelName, PromptLabel, PromptName
 from contracts.http import (
     AdapterVersionCreate,
     AdapterVersionView,
@@ -125,7 +126,7 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
         return page(await call(registry.list_models, cursor=cursor, limit=limit))
 
     @router.get("/models/{name}", response_model=BaseModelView)
-    async def get_model(name: str, _: Principal = Depends(reader)) -> Any:
+    async def get_model(name: ModelName, _: Principal = Depends(reader)) -> Any:
         return await call(registry.get_model, name)
 
     @router.post("/models", response_model=BaseModelView, status_code=201)
@@ -143,23 +144,23 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
         return await call(registry.register_adapter, who.name, **body.model_dump(exclude={"dataset", "hyperparameters"}), dataset=body.dataset, hyperparameters=body.hyperparameters)
 
     @router.get("/adapters/{model_name}/versions/{version}", response_model=AdapterVersionView)
-    async def get_adapter(model_name: str, version: Version, _: Principal = Depends(reader)) -> Any:
+    async def get_adapter(model_name: ModelName, version: Version, _: Principal = Depends(reader)) -> Any:
         return await call(registry.get_adapter, model_name, version)
 
     @router.get("/adapters/{model_name}/versions/{version}/lineage", response_model=LineageView)
-    async def lineage(model_name: str, version: Version, _: Principal = Depends(reader)) -> Any:
+    async def lineage(model_name: ModelName, version: Version, _: Principal = Depends(reader)) -> Any:
         return await call(registry.lineage, model_name, version)
 
     @router.post("/adapters/{model_name}/versions/{version}/transitions", response_model=AdapterVersionView)
-    async def transition(model_name: str, version: Version, body: StageTransition, who: Principal = Depends(writer)) -> Any:
+    async def transition(model_name: ModelName, version: Version, body: StageTransition, who: Principal = Depends(writer)) -> Any:
         return await call(registry.transition, who.name, model_name=model_name, version=version, **body.model_dump(exclude={"approver"}))
 
     @router.post("/adapters/{model_name}/versions/{version}/approvals", response_model=ApprovalView, status_code=201)
-    async def approve_adapter(model_name: str, version: Version, body: ApprovalCreate, who: Principal = Depends(approver)) -> Any:
+    async def approve_adapter(model_name: ModelName, version: Version, body: ApprovalCreate, who: Principal = Depends(approver)) -> Any:
         return await call(registry.approve, who.name, who.role, object_type="adapter", name=model_name, version=version, target=body.target, comment=body.comment)
 
     @router.get("/adapters/{model_name}/versions/{version}/approvals", response_model=list[ApprovalView])
-    async def adapter_approvals(model_name: str, version: Version, _: Principal = Depends(reader)) -> Any:
+    async def adapter_approvals(model_name: ModelName, version: Version, _: Principal = Depends(reader)) -> Any:
         return await call(registry.list_approvals, object_type="adapter", name=model_name, version=version)
 
     # ---------------------------------------------------------------------------- prompts
@@ -172,23 +173,23 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
         return await call(registry.publish_prompt, who.name, **body.model_dump())
 
     @router.get("/prompts/{name}", response_model=PromptVersionView)
-    async def get_prompt(name: str, version: int | None = Query(None, ge=1, le=LARGEST_STORED_INT), label: str | None = None, _: Principal = Depends(reader)) -> Any:
+    async def get_prompt(name: PromptName, version: int | None = Query(None, ge=1, le=LARGEST_STORED_INT), label: str | None = None, _: Principal = Depends(reader)) -> Any:
         return await call(registry.get_prompt, name, version=version, label=label)
 
     @router.put("/prompts/{name}/labels/{label}", response_model=PromptVersionView)
-    async def move_label(name: str, label: str, body: PromptLabelMove, who: Principal = Depends(writer)) -> Any:
+    async def move_label(name: PromptName, label: PromptLabel, body: PromptLabelMove, who: Principal = Depends(writer)) -> Any:
         return await call(registry.set_prompt_label, who.name, name=name, label=label, version=body.version, traffic_percent=body.traffic_percent)
 
     @router.post("/prompts/{name}/versions/{version}/approvals", response_model=ApprovalView, status_code=201)
-    async def approve_prompt(name: str, version: Version, body: ApprovalCreate, who: Principal = Depends(approver)) -> Any:
+    async def approve_prompt(name: PromptName, version: Version, body: ApprovalCreate, who: Principal = Depends(approver)) -> Any:
         return await call(registry.approve, who.name, who.role, object_type="prompt", name=name, version=version, target=body.target, comment=body.comment)
 
     @router.get("/prompts/{name}/versions/{version}/approvals", response_model=list[ApprovalView])
-    async def prompt_approvals(name: str, version: Version, _: Principal = Depends(reader)) -> Any:
+    async def prompt_approvals(name: PromptName, version: Version, _: Principal = Depends(reader)) -> Any:
         return await call(registry.list_approvals, object_type="prompt", name=name, version=version)
 
     @router.post("/prompts/{name}/render", response_model=PromptRendered)
-    async def render(name: str, body: PromptRenderRequest, _: Principal = Depends(reader)) -> PromptRendered:
+    async def render(name: PromptName, body: PromptRenderRequest, _: Principal = Depends(reader)) -> PromptRendered:
         prompt = await call(registry.get_prompt, name, version=body.version, label=body.label)
         text = await call(registry.render_prompt, name, body.variables, version=prompt.version)
         return PromptRendered(name=name, version=prompt.version, text=text)
@@ -203,11 +204,11 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
         return await call(registry.publish_dataset, who.name, name=body.name, split=body.split, jsonl=body.jsonl.encode(), provenance=body.provenance, model_name=body.model_name)
 
     @router.get("/datasets/{name}/versions/{version}", response_model=DatasetVersionView)
-    async def get_dataset(name: str, version: Version, _: Principal = Depends(reader)) -> Any:
+    async def get_dataset(name: DatasetName, version: Version, _: Principal = Depends(reader)) -> Any:
         return await call(registry.get_dataset, name, version)
 
     @router.get("/datasets/{name}/versions/{version}/rows")
-    async def dataset_rows(name: str, version: Version, offset: int = Query(0, ge=0, le=LARGEST_STORED_INT), limit: int = Query(100, ge=1, le=10_000), _: Principal = Depends(reader)) -> list[dict]:
+    async def dataset_rows(name: DatasetName, version: Version, offset: int = Query(0, ge=0, le=LARGEST_STORED_INT), limit: int = Query(100, ge=1, le=10_000), _: Principal = Depends(reader)) -> list[dict]:
         return await call(registry.dataset_rows, name, version, offset=offset, limit=limit)
 
     # ------------------------------------------------------------------------------ audit

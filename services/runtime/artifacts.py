@@ -8,6 +8,12 @@ the manifest's URI and digest stand for the directory.
 
 Weights are accepted only as safetensors: pickle-based formats (.bin, .pt, .ckpt ...) run code on
 load, so they are refused by suffix and by content, whatever name they come under.
+
+A store reads only its own blobs. URIs arrive from outside (an `adapter.registered` event, a
+registration request), and fsspec would open any of them: a local file (`file:///etc/passwd`),
+another bucket, a chained cache URL. So every read first checks that the URI names a blob of this
+store (same filesystem protocol, same root, `sha256/<xx>/<digest>` under it) and then reads it
+through the store's own filesystem, never one built from the URI.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +32,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from services.runtime.errors import FlywheelError
+from services.runtime.paths import PathOutsideRoot, under
 
 MANIFEST_FORMAT = "flywheel.directory/v1"
 # Manifests are written with sorted keys, so they all begin alike; a cheap sniff before parsing.
@@ -39,6 +47,8 @@ KINDS: dict[str, tuple[str, ...]] = {
     "text": (".txt", ".md", ".jinja", ".html", ".csv"),
     "manifest": (),
 }
+# Where a blob lives below the store's root; the digest's first two hex digits name its folder.
+BLOB_PATH = re.compile(r"sha256/([0-9a-f]{2})/(\1[0-9a-f]{62})")
 REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".h5", ".msgpack", ".npy", ".npz", ".joblib", ".gguf")
 
 
@@ -48,6 +58,10 @@ class ArtifactError(FlywheelError):
 
 class ArtifactRejected(ArtifactError):
     """The content is of a refused kind (a pickle, a non-safetensors weight file) or malformed."""
+
+
+class ArtifactOutsideStore(ArtifactRejected):
+    """The URI names something other than a blob of the configured artifact store."""
 
 
 class ArtifactIntegrityError(ArtifactError):
@@ -119,7 +133,8 @@ class ArtifactStore:
         self._fs, path = fsspec.core.url_to_fs(root_text)
         self._local = isinstance(self._fs, LocalFileSystem)
         self._root = path.rstrip("/")
-        self._protocol = "file" if self._local else (self._fs.protocol if isinstance(self._fs.protocol, str) else self._fs.protocol[0])
+        self._protocols = (self._fs.protocol,) if isinstance(self._fs.protocol, str) else tuple(self._fs.protocol)
+        self._protocol = "file" if self._local else self._protocols[0]
 
     @property
     def root(self) -> str:
@@ -134,6 +149,28 @@ class ArtifactStore:
     def uri_for(self, digest: str) -> str:
         """The URI a blob with this digest has in this store."""
         return self._url(self._blob_path(digest))
+
+    def locate(self, uri: str) -> str:
+        """The path, on this store's filesystem, of the blob `uri` names; ArtifactOutsideStore for anything else."""
+        refused = f"artifact URI {uri[:300]!r} is outside the artifact store {self.root}"
+        if "::" in uri:
+            raise ArtifactOutsideStore(f"{refused}: chained URLs are not accepted")
+        protocol, _ = fsspec.core.split_protocol(uri)
+        if (protocol or "file") not in self._protocols:
+            raise ArtifactOutsideStore(f"{refused}: {protocol or 'file'}:// is not this store's filesystem")
+        path = self._fs._strip_protocol(uri)  # noqa: SLF001 - fsspec's documented way to turn a URL into this filesystem's path
+        root = self._root
+        if self._local:
+            # Resolved, so `..`, and symlinks planted in the store, are judged by where they lead.
+            path, root = os.path.realpath(path), os.path.realpath(root)
+        relative = path[len(root) + 1 :] if path.startswith(root + "/") else None
+        if relative is None or not BLOB_PATH.fullmatch(relative):
+            raise ArtifactOutsideStore(f"{refused}: only its own blobs (<root>/sha256/<xx>/<digest>) are read")
+        return f"{self._root}/{relative}"
+
+    def check(self, uri: str) -> None:
+        """Refuse a URI that does not name a blob of this store, before it is remembered or passed on."""
+        self.locate(uri)
 
     # ---------------------------------------------------------------------------------- write
 
@@ -203,9 +240,9 @@ class ArtifactStore:
     def get_bytes(self, uri: str | ArtifactRef, expected_sha256: str | None = None) -> bytes:
         """Read a blob and verify it against its digest; a mismatch raises ArtifactIntegrityError."""
         uri, expected = _expected(uri, expected_sha256)
-        fs, path = fsspec.core.url_to_fs(uri)
+        path = self.locate(uri)
         try:
-            data = fs.cat_file(path)
+            data = self._fs.cat_file(path)
         except FileNotFoundError:
             raise ArtifactNotFound(f"no artifact at {uri}") from None
         actual = hashlib.sha256(data).hexdigest()
@@ -220,21 +257,19 @@ class ArtifactStore:
         `into_dir/<name or digest>` (returned). Nothing unverified is left behind on a mismatch.
         """
         uri, expected = _expected(ref_or_uri, expected_sha256)
+        self.locate(uri)
         target_dir = Path(into_dir)
         target_dir.mkdir(parents=True, exist_ok=True)
         manifest = _as_manifest(self.get_bytes(uri, expected)) if self._head(uri).startswith(MANIFEST_PREFIX) else None
         if manifest is None:
-            target = target_dir / (name or expected)
+            target = self._target(target_dir, name or expected, uri)
             self._copy_verified(uri, expected, target)
             return target
-        base = uri.rsplit("/sha256/", 1)[0]
         for relative, entry in manifest["files"].items():
-            target = (target_dir / relative).resolve()
-            if target_dir.resolve() not in target.parents:
-                raise ArtifactRejected(f"manifest {uri} names a path outside the target directory: {relative}")
+            target = self._target(target_dir, relative, uri)
             kind_for(relative)
             digest = entry["sha256"]
-            self._copy_verified(f"{base}/sha256/{digest[:2]}/{digest}", digest, target)
+            self._copy_verified(self.uri_for(digest), digest, target)
         return target_dir
 
     def manifest(self, ref_or_uri: str | ArtifactRef, expected_sha256: str | None = None) -> dict[str, dict[str, object]] | None:
@@ -244,25 +279,32 @@ class ArtifactStore:
         return None if parsed is None else parsed["files"]
 
     def exists(self, ref_or_uri: str | ArtifactRef) -> bool:
+        """Whether this store holds the blob; a URI outside the store raises ArtifactOutsideStore."""
         uri = ref_or_uri.uri if isinstance(ref_or_uri, ArtifactRef) else ref_or_uri
-        fs, path = fsspec.core.url_to_fs(uri)
-        return fs.exists(path)
+        return self._fs.exists(self.locate(uri))
+
+    @staticmethod
+    def _target(directory: Path, relative: str, uri: str) -> Path:
+        try:
+            return under(directory, relative)
+        except PathOutsideRoot as error:
+            raise ArtifactRejected(f"artifact {uri} names a path outside the target directory: {error}") from None
 
     def _head(self, uri: str) -> bytes:
-        fs, path = fsspec.core.url_to_fs(uri)
+        path = self.locate(uri)
         try:
-            with fs.open(path, "rb") as handle:
+            with self._fs.open(path, "rb") as handle:
                 return handle.read(len(MANIFEST_PREFIX))
         except FileNotFoundError:
             raise ArtifactNotFound(f"no artifact at {uri}") from None
 
     def _copy_verified(self, uri: str, expected: str, target: Path) -> None:
-        fs, path = fsspec.core.url_to_fs(uri)
+        path = self.locate(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         sha = hashlib.sha256()
         try:
-            with os.fdopen(fd, "wb") as out, fs.open(path, "rb") as source:
+            with os.fdopen(fd, "wb") as out, self._fs.open(path, "rb") as source:
                 while chunk := source.read(CHUNK):
                     sha.update(chunk)
                     out.write(chunk)

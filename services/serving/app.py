@@ -55,7 +55,7 @@ def create_app(runtime: Runtime) -> Service:
     bus = runtime.bus("serving")
     buffer = InferenceLogBuffer(bus, capacity=settings.log_buffer_size, redactor=load_settings(PrivacySettings).redactor())
     loader = AdapterLoader(
-        routes, ArtifactStore(default_artifact_root(runtime.home)), runtime.home / "serving" / "adapters", lambda: state.engine,
+        routes, ArtifactStore(settings.artifact_root or default_artifact_root(runtime.home)), runtime.home / "serving" / "adapters", lambda: state.engine,
         in_flight=lambda name: state.gateway.in_flight(name) if state.gateway is not None else 0, drain_s=settings.unload_drain_s,
     )
 

@@ -14,6 +14,7 @@ from contracts.events import AdapterRegistered, DeploymentAction, DeploymentComp
 from services.runtime.artifacts import ArtifactStore
 from services.runtime.broker import EventBus
 from services.runtime.inference import Engine
+from services.runtime.paths import under
 from services.serving.prompt_routes import PromptRoutes
 from services.serving.routes import DeferredStage, Route, Routes
 
@@ -23,7 +24,12 @@ DRAIN_POLL_S = 0.05
 
 
 class AdapterLoader:
-    """Materialises an adapter version from the artifact store and loads it into the engine."""
+    """Materialises an adapter version from the artifact store and loads it into the engine.
+
+    Only from the configured store: the URI comes from an `adapter.registered` event, which anyone
+    able to produce to Kafka could forge, so a URI that is not a blob of `artifacts` is refused
+    (ArtifactOutsideStore) before anything is fetched, and no route ever points at that version.
+    """
 
     def __init__(
         self, routes: Routes, artifacts: ArtifactStore, cache_dir: Path, engine: Callable[[], Engine | None],
@@ -46,7 +52,8 @@ class AdapterLoader:
         if name in engine.adapters:
             return  # a version's weights never change: staging -> production, or a replay, needs no reload
         uri, sha256 = artifact
-        directory = await asyncio.to_thread(self._artifacts.materialize, uri, sha256, self._cache / sha256)
+        self._artifacts.check(uri)
+        directory = await asyncio.to_thread(self._artifacts.materialize, uri, sha256, under(self._cache, sha256))
         await asyncio.to_thread(engine.load_adapter, name, directory)
 
     async def unload(self, model_name: str, version: int) -> None:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Response
 
 from contracts.events import TrainingRequested
 from contracts.http import ErrorResponse, Role, TrainingJobCreate, TrainingJobView
+from contracts.ids import JobId
 from services.runtime.auth import Authenticator, Principal
 from services.runtime.http import DoorError
 from services.trainer.service import Trainer
@@ -42,14 +43,14 @@ def build_router(trainer: Trainer, auth: Authenticator) -> APIRouter:
         return [view(job) for job in trainer.list(limit)]
 
     @router.get("/training-jobs/{job_id}", response_model=TrainingJobView)
-    async def get_job(job_id: str, _: Principal = Depends(reader)) -> TrainingJobView:
+    async def get_job(job_id: JobId, _: Principal = Depends(reader)) -> TrainingJobView:
         job = trainer.get(job_id)
         if job is None:
             raise DoorError(404, f"no training job {job_id}", param="job_id", code="job_not_found")
         return view(job)
 
     @router.post("/training-jobs/{job_id}/cancel", response_model=TrainingJobView)
-    async def cancel_job(job_id: str, _: Principal = Depends(writer)) -> TrainingJobView:
+    async def cancel_job(job_id: JobId, _: Principal = Depends(writer)) -> TrainingJobView:
         job = await trainer.cancel(job_id)
         if job is None:
             raise DoorError(404, f"no training job {job_id}", param="job_id", code="job_not_found")

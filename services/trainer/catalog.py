@@ -16,6 +16,7 @@ from typing import Protocol
 
 from contracts.events import DatasetPublished, DatasetRef, ModelRegistered
 from services.runtime.artifacts import ArtifactStore
+from services.runtime.paths import under
 
 
 class UnknownInput(LookupError):
@@ -42,10 +43,14 @@ class EventCarriedCatalog:
         self._cache = cache_dir
 
     def remember_model(self, event: ModelRegistered) -> None:
+        """Remember where a model's weights are; a URI outside the artifact store is refused (the event is dead-lettered)."""
+        self._artifacts.check(event.artifact_uri)
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO model VALUES (?, ?, ?)", (event.model_name, event.artifact_uri, event.artifact_sha256))
 
     def remember_dataset(self, event: DatasetPublished) -> None:
+        """Remember where a dataset version is; a URI outside the artifact store is refused (the event is dead-lettered)."""
+        self._artifacts.check(event.artifact_uri)
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO dataset VALUES (?, ?, ?, ?, ?)", (event.dataset_name, event.version, event.split, event.artifact_uri, event.sha256))
 
@@ -54,7 +59,7 @@ class EventCarriedCatalog:
             row = self._db.execute("SELECT uri, sha256 FROM model WHERE name = ?", (model_name,)).fetchone()
         if row is None:
             raise UnknownInput(f"unknown base model {model_name!r}: register it first (no model.registered event seen)")
-        target = self._cache / "models" / row[1]
+        target = under(self._cache, "models", row[1])
         if not (target / "config.json").exists():
             self._artifacts.materialize(row[0], row[1], into_dir=target)
         return target

@@ -19,9 +19,13 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import TypeAdapter, ValidationError
+
 from contracts.envelope import Envelope, wrap
 from contracts.events import TrainingCompleted, TrainingFailed, TrainingProgress, TrainingRequested, TrainingStarted
-from services.runtime.artifacts import ArtifactStore
+from contracts.ids import JobId
+from services.runtime.artifacts import ArtifactError, ArtifactStore
+from services.runtime.paths import PathOutsideRoot, under
 from services.trainer.catalog import Catalog, UnknownInput
 from services.trainer.engine import Progress, TrainingError, TrainingJob, TrainingPaused, TrainingPlan, train
 from services.trainer.settings import TrainerSettings
@@ -31,6 +35,7 @@ from services.trainer.store import JobRecord, JobStore, OutboxEvent
 log = logging.getLogger("flywheel.trainer")
 
 PRODUCER = "trainer"
+_JOB_ID = TypeAdapter(JobId)
 
 
 class Publisher(Protocol):
@@ -166,10 +171,20 @@ class Trainer:
     async def run_job(self, job: JobRecord) -> None:
         """Run one job to its end and publish what happened; never raises for a job's own failure."""
         loop = asyncio.get_running_loop()
+        try:
+            work_dir = under(self._work_root, job.job_id)
+            _JOB_ID.validate_python(job.job_id)
+        except (PathOutsideRoot, ValidationError) as refused:
+            # Only a job stored before ids were constrained gets here (the contract refuses such ids, so
+            # no training.failed could carry it either): it ends failed, and nothing on disk is touched.
+            reason = f"job id {job.job_id[:100]!r} refused: {refused}"
+            log.warning("training job %s", reason)
+            self._store.update(job.job_id, status="failed", error=reason, error_type="invalid_input")
+            return
         self._store.update(job.job_id, status="running")
         try:
             model_path, dataset_path = await self._resolve(job)
-        except UnknownInput as error:
+        except (UnknownInput, ArtifactError) as error:
             await self._fail(job, TrainingError("invalid_input", str(error)))
             return
 
@@ -185,7 +200,6 @@ class Trainer:
             self._store.update(job.job_id, step=progress.step, loss=progress.loss)
             publish_soon(TrainingProgress(job_id=job.job_id, model_name=job.model_name, **progress.__dict__))
 
-        work_dir = self._work_root / job.job_id
         spec = TrainingJob(
             model_path=model_path,
             dataset_path=dataset_path,
@@ -241,8 +255,12 @@ class Trainer:
         status = "cancelled" if error.error_type == "cancelled" else "failed"
         failed = TrainingFailed(job_id=job.job_id, model_name=job.model_name, reason=error.reason, error_type=error.error_type)
         await self._finish(job, failed, status=status, error=error.reason, error_type=error.error_type)
-        # No partial adapter survives a failed job: its checkpoints and work directory go with it.
-        shutil.rmtree(self._work_root / job.job_id, ignore_errors=True)
+        # No partial adapter survives a failed job: its checkpoints and work directory go with it. Only
+        # a directory inside the work root is ever removed, whatever the job id holds.
+        try:
+            shutil.rmtree(under(self._work_root, job.job_id), ignore_errors=True)
+        except PathOutsideRoot as refused:
+            log.warning("training job %r: work directory not removed: %s", job.job_id, refused)
         await self._send_staged()
 
     async def _finish(self, job: JobRecord, payload: TrainingCompleted | TrainingFailed, **fields: object) -> None:

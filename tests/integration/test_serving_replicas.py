@@ -62,18 +62,21 @@ async def until_answered_by(http: httpx.AsyncClient, expected: str, what: str) -
 @asynccontextmanager
 async def registry_history(settings: FlywheelSettings, tmp_path: Path) -> AsyncIterator[EventBus]:
     """The registry's history before any replica starts: two versions of `tiny`, v1 promoted to
-    production; yields the registry's bus to publish what comes next."""
+    production; yields the registry's bus to publish what comes next. Replicas started meanwhile read
+    the registry's artifact store (serving loads adapters from that store only)."""
     artifacts = ArtifactStore(tmp_path / "registry-artifacts")
     vocab = len(smollm2_tokenizer(tmp_path / "tokenizer"))
     refs = {version: artifacts.put_directory(make_adapter(vocab, tmp_path / f"adapter-{version}", seed=version)) for version in (1, 2)}
     publisher = create_broker(settings, client_id="registry")
-    async with publisher:
-        await publisher.start()
-        registry = EventBus(publisher, producer="registry", topic_prefix=settings.topic_prefix)
-        for version, ref in refs.items():
-            await registry.publish(AdapterRegistered(model_name="tiny", adapter_version=version, artifact_uri=ref.uri, artifact_sha256=ref.sha256, training_job_id=f"job-{version}"))
-        await registry.publish(StageChanged(model_name="tiny", adapter_version=1, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", approver="bob"))
-        yield registry
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("FLYWHEEL_SERVING_ARTIFACT_ROOT", str(tmp_path / "registry-artifacts"))
+        async with publisher:
+            await publisher.start()
+            registry = EventBus(publisher, producer="registry", topic_prefix=settings.topic_prefix)
+            for version, ref in refs.items():
+                await registry.publish(AdapterRegistered(model_name="tiny", adapter_version=version, artifact_uri=ref.uri, artifact_sha256=ref.sha256, training_job_id=f"job-{version}"))
+            await registry.publish(StageChanged(model_name="tiny", adapter_version=1, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", approver="bob"))
+            yield registry
 
 
 async def promote_v2(registry: EventBus) -> None:
