@@ -84,7 +84,7 @@ from tests.fixtures.trainer_model import DEMO_DATA, base_model_dir  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(size(1200, 3600))]
 
-ADMIN_KEY = "loop-kills-admin-key"
+ADMIN_KEY = "loop-kills-admin-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 MODEL = "kill-smol"
 GOLDEN_ROWS = 4
@@ -129,6 +129,7 @@ class Operator:
     a version up when its evaluation failed, or when a newer version holds production already."""
 
     registry: ServiceProcess
+    approver: dict[str, str] = field(default_factory=dict)  # the headers of an approver key, made once
     attempts: int = 0
     refused_no_evaluation: int = 0
     unanswered: int = 0
@@ -160,7 +161,7 @@ async def http(method: str, url: str, **kwargs: Any) -> httpx.Response | None:
     """One call to a door that may be dead right now; None when nothing answered."""
     try:
         async with httpx.AsyncClient(timeout=20) as client:
-            return await client.request(method, url, headers=AUTH, **kwargs)
+            return await client.request(method, url, headers=kwargs.pop("headers", AUTH), **kwargs)
     except httpx.HTTPError:
         return None
 
@@ -238,8 +239,10 @@ async def operate(operator: Operator, stop: asyncio.Event) -> None:
                 if holder is not None and holder > version:
                     operator.given_up.add(version)  # a newer version is in production already
                     continue
+                if not await approved(operator, registry, version):
+                    continue
                 operator.attempts += 1
-                body = {"to_stage": "production", "approver": "loop-kills-approver", "reason": "loop-kills", "replaces": holder}
+                body = {"to_stage": "production", "reason": "loop-kills", "replaces": holder}
                 promoted = await http("POST", f"{registry}/registry/v1/adapters/{MODEL}/versions/{version}/transitions", json=body)
                 if promoted is None:
                     operator.unanswered += 1
@@ -254,6 +257,24 @@ async def operate(operator: Operator, stop: asyncio.Event) -> None:
                     if evaluated and not any(e["passed"] for e in evaluated):
                         operator.given_up.add(version)
         await asyncio.sleep(1.0)
+
+
+async def approved(operator: Operator, registry: str, version: int) -> bool:
+    """An unused approval of `version` for production by loop-kills-approver (another principal than the
+    promoting admin), recorded now when there is none; False when the registry did not answer."""
+    if not operator.approver:
+        created = await http("POST", f"{registry}/registry/v1/keys", json={"principal": "loop-kills-approver", "role": "approver"})
+        if created is None or created.status_code != 201:
+            return False
+        operator.approver = {"Authorization": f"Bearer {created.json()['key']}"}
+    approvals = f"{registry}/registry/v1/adapters/{MODEL}/versions/{version}/approvals"
+    listed = await http("GET", approvals)
+    if listed is None or listed.status_code != 200:
+        return False
+    if any(item["used_by"] is None for item in listed.json()):
+        return True
+    granted = await http("POST", approvals, json={"comment": "loop-kills"}, headers=operator.approver)
+    return granted is not None and granted.status_code == 201
 
 
 async def doing(name: str, process: ServiceProcess) -> str:

@@ -41,7 +41,7 @@ from tests.faults.support import EXPECTED_POISON, GROUPS, POISON, ServiceProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-ADMIN_KEY = "faults-admin-key"
+ADMIN_KEY = "faults-admin-key-0123456789abcdef"
 INFERENCES = 40
 # Consumed by the services these shapes run: registry (training.completed, evaluation.completed),
 # feedback (inference.logged, feedback.received), monitor (stage.changed).

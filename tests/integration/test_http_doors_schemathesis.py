@@ -41,7 +41,7 @@ from tests.faults.support import ServiceProcess, size
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
-ADMIN_KEY = "schemathesis-admin-key"
+ADMIN_KEY = "schemathesis-admin-key-0123456789abcdef"
 EXAMPLES = size(4, 40)
 PUBLIC = "public"
 SERVED_MODEL = "smollm2-135m-instruct"  # FLYWHEEL_SERVING_BASE_MODEL's default

@@ -54,8 +54,12 @@ async def test_a_registry_declared_prompt_split_is_served_sticky_per_user(settin
     async with app.router.lifespan_context(app), httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://flywheel", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120,
     ) as http:
-        for template, labels in (("You are version one.", ["production"]), ("You are version two.", [])):
-            assert (await http.post("/registry/v1/prompts", json={"name": "greet", "template": template, "labels": labels})).status_code == 201
+        assert (await http.post("/registry/v1/prompts", json={"name": "greet", "template": "You are version one."})).status_code == 201
+        # The production label moves only with an approval by another principal: an approver records it, the admin moves it.
+        approver = {"Authorization": f"Bearer {(await http.post('/registry/v1/keys', json={'principal': 'pat', 'role': 'approver'})).json()['key']}"}
+        assert (await http.post("/registry/v1/prompts/greet/versions/1/approvals", json={}, headers=approver)).status_code == 201
+        assert (await http.put("/registry/v1/prompts/greet/labels/production", json={"version": 1})).status_code == 200
+        assert (await http.post("/registry/v1/prompts", json={"name": "greet", "template": "You are version two."})).status_code == 201
         refused = await http.put("/registry/v1/prompts/greet/labels/production", json={"version": 1, "traffic_percent": 30})
         assert refused.status_code == 422 and (refused.json()["error"]["code"], refused.json()["error"]["param"]) == ("invalid_split", "traffic_percent")
         declared = await http.put("/registry/v1/prompts/greet/labels/candidate", json={"version": 2, "traffic_percent": 30})
