@@ -5,8 +5,8 @@ the job failed. Here that id, and its variants, arrive through the trainer's doo
 reason) and as a `training.requested` event on real Kafka (dead-lettered with the reason); a planted
 sentinel directory survives every attempt. A job id that got past the contract (a row stored before
 it) is refused by the path check itself. Artifact URIs from outside (`file:///etc/passwd`, another
-bucket, a path with `..`, another store's well-formed adapter) are refused by the trainer's and the
-registry's intake and by the function serving loads adapters with.
+bucket, a path with `..`, another store's well-formed adapter) are refused by the trainer's, the
+evaluator's and the registry's intake and by the function serving loads adapters with.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from safetensors.numpy import save_file
 
 from contracts.envelope import wrap
-from contracts.events import AdapterRegistered, DatasetRef, Hyperparameters, ModelRegistered, Stage, StageChanged, TrainingRequested
+from contracts.events import AdapterRegistered, DatasetPublished, DatasetRef, Hyperparameters, ModelRegistered, Stage, StageChanged, TrainingRequested
 from contracts.http import Role
 from contracts.topics import dlq_for, topic_for
 from services.registry.app import create_app as create_registry
@@ -302,3 +302,30 @@ async def test_the_registry_refuses_a_base_model_outside_its_store(settings: Fly
         assert answer.json()["error"]["param"] == "artifact_uri" and "outside the artifact store" in answer.json()["error"]["message"]
         assert (await http.get("/registry/v1/models/smollm2")).status_code == 404
         assert (await http.get("/registry/v1/models/..%2e")).status_code == 422  # the name in the path has its type too
+
+
+async def test_the_evaluator_refuses_artifacts_outside_its_store_on_arrival(tmp_path: Path) -> None:
+    """Its consumer dead-letters what a handler refuses; here the handlers themselves, as its consumer calls them."""
+    from services.evaluator.handlers import when_adapter_registered_evaluate_against_production, when_dataset_published_remember_it, when_model_registered_remember_it
+    from tests.evaluator_support import evaluator_for
+
+    evaluator = evaluator_for(tmp_path / "home", clickhouse=None, embedder=None)
+
+    class Worker:
+        kicked = 0
+
+        def kick(self) -> None:
+            self.kicked += 1
+
+    worker = Worker()
+    outside = "file:///etc/passwd"
+    forged = [
+        (when_model_registered_remember_it(evaluator), ModelRegistered(model_name="m", source="forger", architecture="LlamaForCausalLM", parameter_count=1, artifact_uri=outside, artifact_sha256="0" * 64)),
+        (when_adapter_registered_evaluate_against_production(evaluator, worker), AdapterRegistered(model_name="m", adapter_version=1, artifact_uri=f"s3://elsewhere/sha256/00/{'0' * 64}", artifact_sha256="0" * 64)),
+        (when_dataset_published_remember_it(evaluator), DatasetPublished(dataset_name="g", version=1, split="golden", row_count=1, sha256="0" * 64, artifact_uri=outside, provenance="uploaded", model_name="m")),
+    ]
+    for handle, event in forged:
+        with pytest.raises(ArtifactOutsideStore, match="outside the artifact store"):
+            await handle(wrap(event, producer="forger"))
+    assert evaluator.store.base_model("m") is None and evaluator.store.adapter("m", 1) is None and evaluator.store.dataset("g", 1) is None
+    assert worker.kicked == 0 and evaluator.store.evaluations(model_name="m", limit=10) == []
