@@ -288,8 +288,11 @@ def test_the_engine_enforces_the_memory_and_time_caps(clickhouse_target: ClickHo
         _insert_traffic(store)
     readonly = clickhouse_target.open(readonly=True)
     guard = QueryGuard(readonly.database)
+    # Every pair of prompts gathered into one array: some 16 MB, far over 1 MiB (and over the 4 MiB a
+    # thread may allocate before the query's memory tracker hears of it).
+    gathered = "SELECT groupArray(concat(a.input_text, b.input_text)) AS pairs FROM inference_log AS a CROSS JOIN inference_log AS b"
     with pytest.raises(QueryOverLimit, match="max_memory_usage"):
-        guard.run(readonly, "SELECT groupArray(input_text) AS texts FROM inference_log", None, QueryLimits(max_memory_usage=4096))
+        guard.run(readonly, gathered, None, QueryLimits(max_memory_usage=1024 * 1024))
     # A self-join of every row with every other, hashed: far more than a second's work at this size.
     heavy = "SELECT sum(cityHash64(a.input_text, b.input_text, c.input_text)) AS h FROM inference_log AS a CROSS JOIN inference_log AS b CROSS JOIN inference_log AS c"
     with pytest.raises(QueryOverLimit, match="max_execution_time"):
@@ -316,3 +319,42 @@ def test_flywheel_ops_sql_with_nothing_running_goes_through_the_same_guard(tmp_p
     assert system.returncode != 0 and "table system.users is not allowed" in system.stderr + system.stdout, (system.stdout, system.stderr)
     counted = subprocess.run([FLYWHEEL, "ops", "sql", "SELECT count() AS n FROM inference_log"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert counted.returncode == 0 and counted.stdout.split() == ["n", "0"], (counted.stdout, counted.stderr)
+
+
+@pytest.mark.parametrize("clickhouse_target", ["server"], indirect=True)  # embedded chDB has no users: the guard is its only line
+def test_on_a_server_the_door_users_grants_alone_refuse_files_and_system_tables(clickhouse_target: ClickHouseTarget) -> None:
+    """Defence in depth on a server: the query door's own user (as deploy/clickhouse/users.d provisions it:
+    SELECT on the migrations' tables and views) is refused by ClickHouse itself, guard or no guard."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from services.runtime.clickhouse import ClickHouseError, open_clickhouse
+    from services.runtime.clickhouse.query_guard import migration_relations
+
+    admin = clickhouse_target.open()
+    admin.migrate()
+    user, password = f"door_{uuid.uuid4().hex[:12]}", uuid.uuid4().hex
+    try:
+        admin.command(f"CREATE USER {user} IDENTIFIED WITH sha256_password BY '{password}'")
+    except ClickHouseError as error:
+        pytest.skip(f"the test server's user cannot create users (access_management off): {str(error).splitlines()[0]}")
+    try:
+        for relation in sorted(migration_relations().names):
+            admin.command(f"GRANT SELECT ON `{clickhouse_target.database}`.`{relation}` TO {user}")
+        parts = urlsplit(clickhouse_target.url)
+        door_url = urlunsplit((parts.scheme, f"{user}:{password}@{parts.hostname}:{parts.port}", f"/{clickhouse_target.database}", "", ""))
+        with open_clickhouse(door_url, clickhouse_target.home, readonly=True, database=clickhouse_target.database) as door:
+            assert door.query("SELECT count() AS n FROM inference_log") == [{"n": 0}]
+            assert door.query("SELECT count() AS n FROM inference_metrics(bucket_s = 60)") == [{"n": 0}]
+            # Straight to the engine, past the guard: the server's grants refuse each.
+            for sql in ("SELECT * FROM file('/etc/passwd', 'LineAsString')", "SELECT * FROM url('http://127.0.0.1:1/', 'LineAsString')",
+                        "SELECT * FROM remote('127.0.0.1', system.one)", "SELECT name FROM system.users", "SELECT * FROM default.schema_migrations"):
+                with pytest.raises(ClickHouseError):
+                    door.query(sql)
+            with pytest.raises(ClickHouseError):
+                door.command("INSERT INTO model_price (model_name) VALUES ('x')")
+            # The caps travel with the query and hold on the server too.
+            _insert_traffic(admin)
+            with pytest.raises(QueryOverLimit, match="max_result_rows"):
+                QueryGuard(door.database).run(door, "SELECT inference_id FROM inference_log", None, QueryLimits(max_result_rows=5))
+    finally:
+        admin.command(f"DROP USER IF EXISTS {user}")

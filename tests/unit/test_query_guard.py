@@ -38,6 +38,7 @@ ACCEPTED = [
     "SELECT * FROM alert FINAL ORDER BY occurred_at DESC LIMIT 1 BY alert_id",
     "(SELECT 1)",
     "SELECT 1;",
+    "SELECT count() FROM inference_log WHERE EXISTS (SELECT 1 FROM feedback WHERE feedback.inference_id = inference_log.inference_id)",
     "WITH Recent AS (SELECT 1 AS x) select COUNT() from Recent",
 ]
 
@@ -96,6 +97,14 @@ REFUSED = [
     ("SELECT * FROM inference_log WHERE inference_id IN (SELECT name FROM system.users)", 403, "table system.users is not allowed"),
     ("SELECT system.users.name FROM inference_log", 403, "names database 'system'; the query door reads 'flywheel' only"),
     ("WITH x AS (SELECT * FROM system.users) SELECT * FROM x", 403, "table system.users is not allowed"),
+    ("SELECT 1 WHERE EXISTS (SELECT name FROM system.users)", 403, "table system.users is not allowed"),
+    ("SELECT * APPLY(file) FROM inference_log", 403, "APPLY() is not allowed"),
+    ("SELECT * FROM view(SELECT * FROM system.users)", 403, "table function view() is not allowed"),
+    ("SELECT * FROM generateRandom('a String')", 403, "table function generateRandom() is not allowed"),
+    ('SELECT * FROM "system.users"', 403, "table system.users is not allowed"),
+    ("SELECT * FROM inference_log PASTE JOIN system.one", 403, "table system.one is not allowed"),
+    ("SELECT (SELECT name FROM system.users LIMIT 1)", 403, "table system.users is not allowed"),
+    ("EXPLAIN SELECT file('x')", 403, "EXPLAIN is not a SELECT"),
     ("SELECT * FROM {t:Identifier}", 403, "never identifiers"),
     ("SELECT {c:Identifier} FROM inference_log", 403, "never identifiers"),
     ("SELECT 1 SETTINGS readonly = 0", 403, "SETTINGS is not allowed"),
