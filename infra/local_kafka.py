@@ -85,20 +85,29 @@ log.segment.bytes=134217728
 # controller listener stays PLAINTEXT (SCRAM credentials live in the metadata log the controller
 # serves, so it cannot use them itself) and listens on loopback only; the broker reaches the
 # controller there as ANONYMOUS, which must therefore be a super user, like the admin.
+# {listener} is SASL_PLAINTEXT, or SASL_SSL with --tls (a CA and broker certificate made for this home).
 SECURE_SERVER_PROPERTIES = SERVER_PROPERTIES.replace(
     "listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}\n"
     "advertised.listeners=PLAINTEXT://{host}:{port}\n"
     "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n",
-    "listeners=SASL_PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}\n"
-    "advertised.listeners=SASL_PLAINTEXT://{host}:{port}\n"
-    "listener.security.protocol.map=SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT\n",
-).replace("inter.broker.listener.name=PLAINTEXT\n", "inter.broker.listener.name=SASL_PLAINTEXT\n") + """\
+    "listeners={listener}://{host}:{port},CONTROLLER://{host}:{controller_port}\n"
+    "advertised.listeners={listener}://{host}:{port}\n"
+    "listener.security.protocol.map={listener}:{listener},CONTROLLER:PLAINTEXT\n",
+).replace("inter.broker.listener.name=PLAINTEXT\n", "inter.broker.listener.name={listener}\n") + """\
 sasl.enabled.mechanisms=SCRAM-SHA-512
 sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
-listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="{admin}" password="{admin_password}";
+listener.name.{listener_lower}.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="{admin}" password="{admin_password}";
 authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
 super.users=User:{admin};User:ANONYMOUS
 allow.everyone.if.no.acl.found=false
+"""
+# PEM files need no keystore tooling: the broker's key and certificate in one file, the CA in another.
+TLS_PROPERTIES = """\
+ssl.keystore.type=PEM
+ssl.keystore.location={keystore}
+ssl.truststore.type=PEM
+ssl.truststore.location={cafile}
+ssl.endpoint.identification.algorithm=https
 """
 SCRAM_MECHANISM = "SCRAM-SHA-512"
 
@@ -106,16 +115,20 @@ SCRAM_MECHANISM = "SCRAM-SHA-512"
 class LocalKafka:
     """The local broker of one FLYWHEEL_HOME: fetch its jars, start, stop, report."""
 
-    def __init__(self, home: Path, cache: Path, port: int | None = None, *, secure: bool | None = None, topic_prefix: str = "") -> None:
+    def __init__(self, home: Path, cache: Path, port: int | None = None, *, secure: bool | None = None, tls: bool | None = None, topic_prefix: str = "") -> None:
         """`secure`: True or False asks for that mode; None (what `flywheel demo` and the test fixture
         use) reuses a running broker as it is, and starts one secure exactly when this home was made
-        secure once (its credentials exist), so a secured home never quietly falls back to plaintext."""
+        secure once (its credentials exist), so a secured home never quietly falls back to plaintext.
+        `tls` (with `secure`) serves SASL_SSL with a CA made for this home; None: as this home was made."""
         self.dir = home.resolve() / "infra" / "kafka"
         self.state_file = self.dir / "state.json"
         self.config_file = self.dir / "server.properties"
         self.credentials_file = self.dir / "credentials.json"
+        self.tls_dir = self.dir / "tls"
+        self.cafile = self.tls_dir / "ca.pem"
         self._requested_secure = secure
         self.secure = secure if secure is not None else self.credentials_file.exists()
+        self.tls = self.secure and (tls if tls is not None else self.cafile.exists())
         self.topic_prefix = topic_prefix
         self.data_dir = self.dir / "data"
         self.log_file = self.dir / "broker.log"
@@ -166,7 +179,7 @@ class LocalKafka:
             data_dir=self.data_dir,
             log_file=self.log_file,
             started_at=state["started_at"],
-            note=(("SASL/SCRAM with ACLs" if state.get("security_protocol") == "SASL_PLAINTEXT" else "plaintext, no authentication") if running
+            note=({"SASL_PLAINTEXT": "SASL/SCRAM with ACLs", "SASL_SSL": "SASL/SCRAM over TLS with ACLs"}.get(state.get("security_protocol", ""), "plaintext, no authentication") if running
                   else f"stale state: pid {state['pid']} is not running"),
         )
 
@@ -180,11 +193,12 @@ class LocalKafka:
             if self._is_ours(state["pid"]):
                 if self.port is not None and state["port"] != self.port:
                     raise InfrastructureError(f"a broker already runs on {state['bootstrap']}: `flywheel infra down` first to move it to port {self.port}")
-                running_secure = state.get("security_protocol") == "SASL_PLAINTEXT"
+                running_secure = state.get("security_protocol") in ("SASL_PLAINTEXT", "SASL_SSL")
                 if self._requested_secure is not None and self._requested_secure != running_secure:
                     running = "with" if running_secure else "without"
                     raise InfrastructureError(f"a broker already runs on {state['bootstrap']} {running} --secure: `flywheel infra down` first to change its mode")
                 self.secure = running_secure
+                self.tls = state.get("security_protocol") == "SASL_SSL"
                 self._wait_ready(state["pid"], state["bootstrap"], timeout)
                 return state["bootstrap"]
             self.state_file.unlink()
@@ -201,8 +215,12 @@ class LocalKafka:
                 )
             passwords = self._passwords()
             config = SECURE_SERVER_PROPERTIES.format(
-                host=LOOPBACK, port=port, controller_port=controller_port, data_dir=self.data_dir, admin=ADMIN_PRINCIPAL, admin_password=passwords[ADMIN_PRINCIPAL]
+                host=LOOPBACK, port=port, controller_port=controller_port, data_dir=self.data_dir, admin=ADMIN_PRINCIPAL, admin_password=passwords[ADMIN_PRINCIPAL],
+                listener=self.protocol, listener_lower=self.protocol.lower(),
             )
+            if self.tls:
+                keystore = self._ensure_certificates()
+                config += TLS_PROPERTIES.format(keystore=keystore, cafile=self.cafile)
         else:
             passwords = {}
             config = SERVER_PROPERTIES.format(host=LOOPBACK, port=port, controller_port=controller_port, data_dir=self.data_dir)
@@ -227,8 +245,9 @@ class LocalKafka:
             "log_file": str(self.log_file),
             "kafka_version": KAFKA_VERSION,
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "security_protocol": "SASL_PLAINTEXT" if self.secure else "PLAINTEXT",
+            "security_protocol": self.protocol,
             **({"sasl_mechanism": SCRAM_MECHANISM, "credentials_file": str(self.credentials_file)} if self.secure else {}),
+            **({"ssl_cafile": str(self.cafile)} if self.tls else {}),
         })
         try:
             self._wait_ready(pid, bootstrap, timeout)
@@ -239,15 +258,53 @@ class LocalKafka:
             raise
         return bootstrap
 
+    @property
+    def protocol(self) -> str:
+        """What clients speak to this broker."""
+        return ("SASL_SSL" if self.tls else "SASL_PLAINTEXT") if self.secure else "PLAINTEXT"
+
     def admin_security(self) -> KafkaSecurity:
         """How the admin principal connects to this broker (plaintext when it is not secure)."""
         if not self.secure:
             return PLAINTEXT
-        return KafkaSecurity(protocol="SASL_PLAINTEXT", sasl_mechanism=SCRAM_MECHANISM, username=ADMIN_PRINCIPAL, password=self._passwords()[ADMIN_PRINCIPAL])
+        return self.credentials(ADMIN_PRINCIPAL)
 
     def credentials(self, principal: str) -> KafkaSecurity:
         """How `principal` (infra/kafka_acls.py) connects to this secure broker."""
-        return KafkaSecurity(protocol="SASL_PLAINTEXT", sasl_mechanism=SCRAM_MECHANISM, username=principal, password=self._passwords()[principal])
+        return KafkaSecurity.of(
+            protocol=self.protocol, sasl_mechanism=SCRAM_MECHANISM, sasl_username=principal, sasl_password=self._passwords()[principal],
+            ssl_cafile=self.cafile if self.tls else None,
+        )
+
+    def _ensure_certificates(self) -> Path:
+        """A CA and a broker certificate for 127.0.0.1/localhost, made once per home with the openssl CLI;
+        the broker's keystore (key and certificate, PEM). Clients trust `cafile` (FLYWHEEL_KAFKA_SSL_CAFILE)."""
+        keystore = self.tls_dir / "broker.pem"
+        if keystore.exists() and self.cafile.exists():
+            return keystore
+        openssl = shutil.which("openssl")
+        if not openssl:
+            raise InfrastructureError("openssl not found: it makes the local CA for --tls (apt-get install -y openssl)")
+        self.tls_dir.mkdir(parents=True, exist_ok=True)
+        self.tls_dir.chmod(0o700)  # holds the CA's and the broker's private keys
+        files = {name: str(self.tls_dir / name) for name in ("ca.key", "broker.key", "broker.csr", "broker.crt", "broker.ext")}
+        (self.tls_dir / "broker.ext").write_text(
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+            "extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        )
+        steps = [
+            [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", files["ca.key"], "-out", str(self.cafile), "-days", "825",
+             "-subj", "/CN=Flywheel local Kafka CA", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+            [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", files["broker.key"], "-out", files["broker.csr"], "-subj", f"/CN={LOOPBACK}"],
+            [openssl, "x509", "-req", "-in", files["broker.csr"], "-CA", str(self.cafile), "-CAkey", files["ca.key"], "-CAcreateserial",
+             "-out", files["broker.crt"], "-days", "825", "-extfile", files["broker.ext"]],
+        ]
+        for step in steps:
+            result = subprocess.run(step, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise InfrastructureError(f"openssl {step[1]} failed (exit {result.returncode}): {result.stderr.strip()[-500:]}")
+        _write_private(keystore, Path(files["broker.key"]).read_text() + Path(files["broker.crt"]).read_text())
+        return keystore
 
     def _passwords(self) -> dict[str, str]:
         """Every principal's password: generated once, with the storage they are formatted into."""

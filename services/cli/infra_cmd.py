@@ -27,17 +27,23 @@ def up(
         "--secure",
         help="SASL/SCRAM-SHA-512 and ACLs: one Kafka principal per service (infra/kafka_acls.py), passwords in a 0600 file under FLYWHEEL_HOME. A new home only: an existing plaintext one must be removed first.",
     )] = False,
+    tls: Annotated[bool, typer.Option(
+        "--tls", help="With --secure: SASL_SSL, with a CA and broker certificate made for this home (openssl); clients here trust it.",
+    )] = False,
     timeout: Timeout = 60.0,
 ) -> None:
     """Start the local broker (reusing a running one) and record where it listens."""
     settings = FlywheelSettings()
     # Without --secure: a running broker is reused as it is, and a home made secure once stays secure.
-    kafka = LocalKafka(settings.home, settings.cache, port, secure=True if secure else None, topic_prefix=settings.topic_prefix)
+    if tls and not secure:
+        raise typer.BadParameter("--tls needs --secure (TLS protects the SCRAM logins and ACL-guarded traffic of a secure broker)")
+    kafka = LocalKafka(settings.home, settings.cache, port, secure=True if secure else None, tls=True if tls else None, topic_prefix=settings.topic_prefix)
     _start(kafka, timeout)
     if kafka.secure:
         console.print(
-            f"  SASL/SCRAM-SHA-512 with ACLs; topics and ACLs created as {ADMIN_PRINCIPAL!r}. Principals: {', '.join(PRINCIPAL_NAMES)}\n"
+            f"  {kafka.protocol} (SCRAM-SHA-512) with ACLs; topics and ACLs created as {ADMIN_PRINCIPAL!r}. Principals: {', '.join(PRINCIPAL_NAMES)}\n"
             f"  their passwords are in {kafka.credentials_file} (owner only); processes here read theirs from it"
+            + (f"\n  the CA clients trust (FLYWHEEL_KAFKA_SSL_CAFILE elsewhere): {kafka.cafile}" if kafka.tls else "")
         )
     if postgres:
         database = LocalPostgres(settings.home, postgres_port)

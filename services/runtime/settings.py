@@ -101,10 +101,12 @@ class FlywheelSettings(BaseSettings):
             raise ConfigurationError("FLYWHEEL_KAFKA_SASL_USERNAME is set without FLYWHEEL_KAFKA_SASL_PASSWORD")
         if self.kafka_ssl_cafile is not None and not self.kafka_ssl_cafile.is_file():
             raise ConfigurationError(f"FLYWHEEL_KAFKA_SSL_CAFILE={self.kafka_ssl_cafile}: no such file")
+        # `flywheel infra up --secure --tls` made its own CA: its processes trust it without a setting.
+        cafile = self.kafka_ssl_cafile or (Path(local["ssl_cafile"]) if local and local.get("ssl_cafile") else None)
         try:
             return KafkaSecurity.of(
                 protocol=protocol, sasl_username=username, sasl_password=password,
-                sasl_mechanism=self.kafka_sasl_mechanism, ssl_cafile=self.kafka_ssl_cafile,
+                sasl_mechanism=self.kafka_sasl_mechanism, ssl_cafile=cafile,
             )
         except ValueError as error:  # e.g. a username with FLYWHEEL_KAFKA_SECURITY_PROTOCOL=SSL
             raise ConfigurationError(f"invalid Kafka security settings (FLYWHEEL_KAFKA_SECURITY_PROTOCOL and FLYWHEEL_KAFKA_SASL_*): {error}") from None

@@ -329,7 +329,7 @@ def test_infra_up_secure_from_the_cli_never_prints_a_password_and_a_secure_home_
         assert started.returncode == 0, started.stderr
         kafka = LocalKafka(tmp_path, tmp_path)
         passwords = json.loads(kafka.credentials_file.read_text())["principals"]
-        assert "SASL/SCRAM-SHA-512 with ACLs" in started.stdout and str(kafka.credentials_file) in started.stdout
+        assert "SASL_PLAINTEXT (SCRAM-SHA-512) with ACLs" in started.stdout and str(kafka.credentials_file) in started.stdout
         assert "SASL/SCRAM with ACLs" in infra("status").stdout
         again = infra("up")  # no flag: the running broker is reused as it is
         assert again.returncode == 0 and "already running" in again.stdout, again.stderr
@@ -381,3 +381,57 @@ def test_the_readme_prints_the_table_the_broker_enforces() -> None:
     readme = (REPO / "README.md").read_text()
     printed = readme.split("<!-- kafka-acl-table:begin -->\n", 1)[1].split("\n<!-- kafka-acl-table:end -->", 1)[0]
     assert printed == table_markdown(), "README's Kafka identities table is out of date: paste infra.kafka_acls.table_markdown()"
+
+
+@pytest.fixture(scope="module")
+def tls_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+    """`flywheel infra up --secure --tls`: SASL_SSL with a CA made for its home; stopped by pid."""
+    kafka = LocalKafka(tmp_path_factory.mktemp("tls-kafka-home"), FlywheelSettings().cache, port=free_port(), secure=True, tls=True)
+    atexit.register(kafka.stop)
+    try:
+        try:
+            kafka.start(timeout=180)
+        except InfrastructureError as error:
+            pytest.fail(f"the TLS broker did not start: {error}", pytrace=False)
+        yield kafka
+    finally:
+        kafka.stop()
+        atexit.unregister(kafka.stop)
+
+
+async def test_over_tls_the_apps_publisher_and_a_service_connect_and_nothing_else_does(tls_kafka: LocalKafka, tmp_path: Path) -> None:
+    from services.registry.app import create_app
+
+    bootstrap = tls_kafka.status().address or ""
+    assert json.loads(tls_kafka.state_file.read_text())["security_protocol"] == "SASL_SSL"
+    app = tls_kafka.credentials("app")
+    event = EXAMPLES[InferenceLogged].model_copy(update={"inference_id": f"inf-{uuid.uuid4().hex[:12]}"})
+    async with EventPublisher(bootstrap, producer="support-bot", sasl_username=app.username, sasl_password=app.password, ssl_cafile=tls_kafka.cafile) as publisher:
+        envelope = await publisher.publish(event)
+        with pytest.raises(TopicAuthorizationFailedError):
+            await publisher.publish(EXAMPLES[StageChanged])
+    stored = await read_records(bootstrap, tls_kafka.admin_security(), topic_for(InferenceLogged), expected=1)
+    assert [json.loads(r.value)["event_id"] for r in stored] == [str(envelope.event_id)]
+
+    # The same credentials without TLS, or over TLS without trusting the home's CA, get nowhere.
+    for refused in (
+        KafkaSecurity(protocol="SASL_PLAINTEXT", username=app.username, password=app.password),
+        KafkaSecurity.of(protocol="SASL_SSL", sasl_username=app.username, sasl_password=app.password),  # system trust store only
+    ):
+        with pytest.raises(ConfigurationError):
+            await check_reachable(bootstrap, timeout_s=5, security=refused)
+
+    # A service configured the production way: SASL_SSL, its principal, the CA file.
+    registry = tls_kafka.credentials("registry")
+    settings = FlywheelSettings(
+        home=tmp_path / "home", kafka_bootstrap=bootstrap, kafka_security_protocol="SASL_SSL", kafka_sasl_username="registry",
+        kafka_sasl_password=registry.password, kafka_ssl_cafile=tls_kafka.cafile, bootstrap_admin_key=ADMIN_KEY, shutdown_grace_s=1.0,
+    )
+    process, runtime = build_process(settings, [create_app], title="flywheel-registry")
+    assert runtime.kafka_security.uses_tls and runtime.kafka_security.username == "registry"
+    async with process.router.lifespan_context(process):
+        transport = httpx.ASGITransport(app=process)
+        async with httpx.AsyncClient(transport=transport, base_url="http://registry", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
+            assert (await client.post("/registry/v1/prompts", json={"name": "tls-prompt", "template": "Q: {question}"})).status_code == 201
+            published = await read_records(bootstrap, tls_kafka.admin_security(), topic_for("prompt.published"), expected=1, timeout_s=30)
+    assert [json.loads(r.value)["payload"]["prompt_name"] for r in published] == ["tls-prompt"]
