@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import logging
 import math
 import re
 from collections import Counter
@@ -56,6 +57,8 @@ from stdnum import iban as stdnum_iban
 from stdnum.us import ssn as stdnum_ssn
 
 from contracts.events import FeedbackReceived, FeedbackSource, InferenceLogged
+
+log = logging.getLogger("flywheel.privacy")
 
 
 class PrivacyPolicy(StrEnum):
@@ -90,12 +93,16 @@ class Detector:
 
     def spans(self, text: str) -> Iterator[tuple[int, int]]:
         group = self.group if self.group is not None else ("value" if "value" in self.pattern.groupindex else 0)
+        covered = 0
         for match in self.pattern.finditer(text):
             start, end = match.span(group)
-            if start == end or (self.accept is not None and not self.accept(match)):
+            # A match inside the tail of the previous one is part of that token; skipping it also keeps
+            # a long run of repeated prefixes linear instead of extending each over the rest of the run.
+            if start < covered or start == end or (self.accept is not None and not self.accept(match)):
                 continue
             if self.tail is not None:
                 end = self.tail.match(text, end).end()  # type: ignore[union-attr] - a `*` pattern always matches
+            covered = end
             yield start, end
 
 
@@ -177,8 +184,10 @@ def _formally_valid_jwt(match: re.Match[str]) -> bool:
 
 
 def _bounded(pattern: str, flags: int = 0) -> re.Pattern[str]:
-    """A detect-secrets pattern that must not start or end inside a longer word."""
-    return re.compile(rf"(?<![A-Za-z0-9_])(?:{pattern})", flags)
+    """A detect-secrets pattern that must start where a token starts. Besides matching what is meant,
+    this keeps scanning linear: a pattern tried at every position of a long token would rescan its
+    rest each time (text here is untrusted and up to tens of kilobytes)."""
+    return re.compile(rf"(?<![A-Za-z0-9_\-])(?:{pattern})", flags)
 
 
 _TOKEN_TAIL = re.compile(r"[A-Za-z0-9_\-]*")
@@ -199,14 +208,16 @@ SECRET_DETECTORS: tuple[Detector, ...] = (
     Detector("AWS_SECRET_KEY", re.compile(r"aws.{0,20}?(?:key|secret|pwd|pw|password|pass|token).{0,20}?(?:[=:]|\bis\b)\s*['\"]?(?P<value>[0-9a-zA-Z/+]{40})(?![0-9a-zA-Z/+=])", re.IGNORECASE), secret=True),
     Detector("GITHUB_TOKEN", _bounded(GitHubTokenDetector.denylist[0].pattern), secret=True, tail=_TOKEN_TAIL),
     Detector("GITHUB_TOKEN", re.compile(r"(?<![A-Za-z0-9_])github_pat_[A-Za-z0-9_]{22,}"), secret=True),
-    *(Detector("SLACK_TOKEN", pattern, secret=True, tail=_TOKEN_TAIL) for pattern in SlackDetector.denylist),
+    *(Detector("SLACK_TOKEN", _bounded(pattern.pattern, pattern.flags), secret=True, tail=_TOKEN_TAIL) for pattern in SlackDetector.denylist),
     Detector("SLACK_TOKEN", re.compile(r"(?<![A-Za-z0-9])xox[a-z](?:\.xox[a-z])?-[A-Za-z0-9\-]{8,}"), secret=True),
     Detector("STRIPE_KEY", _bounded(StripeDetector.denylist[0].pattern), secret=True, tail=re.compile(r"[0-9A-Za-z]*")),
     Detector("GOOGLE_API_KEY", re.compile(r"(?<![A-Za-z0-9_])AIza[0-9A-Za-z_\-]{35}"), secret=True, tail=_TOKEN_TAIL),
     Detector("FLYWHEEL_KEY", re.compile(r"(?<![A-Za-z0-9_])fw_[A-Za-z0-9]{4,64}_[A-Za-z0-9_\-]{16,}"), secret=True),
     Detector(
         "SECRET",
-        re.compile(rf"(?<![A-Za-z0-9])[A-Za-z0-9_.\-]*?(?:{_KEYWORDS})\w*['\"\]]{{0,2}}[ \t]*(?P<op>:=|=>|==|=|:)[ \t]*['\"`]?(?P<value>[^\s'\"`,;]{{4,}})", re.IGNORECASE),
+        # Anchored on the keyword itself (`aws_secret_access_key` matches from `secret`), with a bounded
+        # suffix: an unbounded prefix or suffix makes this quadratic on long runs of word characters.
+        re.compile(rf"(?:{_KEYWORDS})\w{{0,40}}['\"\]]{{0,2}}[ \t]*(?P<op>:=|=>|==|=|:)[ \t]*['\"`]?(?P<value>[^\s'\"`,;]{{4,}})", re.IGNORECASE),
         _looks_like_credential, secret=True,
     ),
 )
@@ -415,7 +426,9 @@ class PrivacySettings(BaseSettings):
         return self
 
     def redactor(self) -> Redactor:
-        """The redactor these settings describe."""
+        """The redactor these settings describe; warns when hashing without a salt."""
+        if PrivacyPolicy.hash in (self.policy, self.user_policy) and not self.salt:
+            log.warning("FLYWHEEL_PRIVACY_SALT is unset: hashed user ids and values can be recovered by hashing a list of candidates; set a secret salt, the same for every service")
         return Redactor(self.policy, salt=self.salt, extra_patterns=self.patterns, user_policy=self.user_policy, identity_keys=self.identity_keys)
 
 

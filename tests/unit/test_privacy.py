@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import time
 
 import pytest
 
@@ -232,3 +234,21 @@ def test_settings_read_the_new_and_the_former_variable_names(monkeypatch: pytest
     monkeypatch.setenv("FLYWHEEL_PRIVACY_PATTERNS", '{"bad": "("}')
     with pytest.raises(ConfigurationError, match="pattern 'bad' is not a valid regular expression"):
         load_settings(PrivacySettings)
+
+
+@pytest.mark.parametrize("text", ["-" * 32_000, "_" * 32_000, "a." * 16_000, "xoxb-1-" * 4_000, "password" * 4_000, "eyJa" * 8_000, "sk-" * 10_000, "fw_" * 10_000])
+def test_scrubbing_stays_linear_on_hostile_text(text: str) -> None:
+    # Prompts are untrusted: each of these took from 8 s to 3 min when a pattern rescanned the rest of a run at every position.
+    started = time.perf_counter()
+    Redactor().scrub(text)
+    assert time.perf_counter() - started < 5.0
+
+
+def test_hashing_without_a_salt_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="flywheel.privacy"):
+        PrivacySettings().redactor()
+        assert "FLYWHEEL_PRIVACY_SALT is unset" in caplog.text
+        caplog.clear()
+        PrivacySettings(salt="s3cret").redactor()
+        PrivacySettings(user_policy=PrivacyPolicy.redact).redactor()
+    assert caplog.text == ""
