@@ -206,6 +206,35 @@ async def test_a_consumer_reads_only_in_its_own_group_and_only_what_it_consumes(
             await consumer.stop()
 
 
+@pytest.mark.parametrize("principal", [*SERVICE_PRINCIPALS, APP], ids=lambda p: p.name)
+async def test_each_principal_reads_what_its_row_says_and_nothing_outside_it(secure_kafka: LocalKafka, bootstrap: str, principal: Principal) -> None:
+    options = secure_kafka.credentials(principal.name).client_options()
+    # Everything it consumes, in its group, at once (one join); what it follows, outside any group.
+    for topics, group in ((principal.consumes, principal.group), (principal.follows, None)):
+        if not topics:
+            continue
+        consumer = AIOKafkaConsumer(*(topic_for(t) for t in topics), bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="earliest", enable_auto_commit=False, **options)
+        await consumer.start()
+        try:
+            for _ in range(40):  # a refused group or topic raises here; an allowed one is assigned its partitions
+                await consumer.getmany(timeout_ms=500)
+                if {tp.topic for tp in consumer.assignment()} == {topic_for(t) for t in topics}:
+                    break
+            assert {tp.topic for tp in consumer.assignment()} == {topic_for(t) for t in topics}, f"{principal.name}: {consumer.assignment()}"
+        finally:
+            await consumer.stop()
+    readable = set(principal.consumes) | set(principal.follows)
+    outside = sorted(set(EVENT_TYPES) - readable)[0]
+    consumer = AIOKafkaConsumer(topic_for(outside), bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False, **options)
+    try:
+        with pytest.raises(TopicAuthorizationFailedError):
+            await consumer.start()
+            for _ in range(20):
+                await consumer.getmany(timeout_ms=500)
+    finally:
+        await consumer.stop()
+
+
 def test_credentials_are_owner_only_and_each_principal_has_its_own(secure_kafka: LocalKafka) -> None:
     mode = stat.S_IMODE(secure_kafka.credentials_file.stat().st_mode)
     assert mode == 0o600, oct(mode)
