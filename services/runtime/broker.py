@@ -108,6 +108,24 @@ async def _authentication_refused(bootstrap: str, security: KafkaSecurity, timeo
     return False
 
 
+async def require_topics(bootstrap: str, topics: list[str], *, security: KafkaSecurity) -> None:
+    """Raise a one-line ConfigurationError unless every topic exists and this principal may see it. A
+    consumer of a missing topic would otherwise wait silently; with ACLs a topic it may not read is
+    invisible to it, so both causes get one answer."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000, **security.client_options())
+    await admin.start()
+    try:
+        visible = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    missing = sorted(set(topics) - visible)
+    if missing:
+        raise ConfigurationError(
+            f"{len(missing)} topic(s) this process consumes are missing at {bootstrap} or not readable by principal {security.username!r} "
+            f"(e.g. {missing[0]}): create them as the admin (`flywheel infra topics`) and grant the ACLs (`flywheel infra acls`)"
+        )
+
+
 async def ensure_topics(bootstrap: str, prefix: str = "", replication_factor: int = 1, *, security: KafkaSecurity = PLAINTEXT) -> list[str]:
     """Create every contract topic (and its dead-letter topic) with explicit partitions; returns those created.
 

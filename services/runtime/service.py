@@ -28,7 +28,7 @@ from fastapi import APIRouter, FastAPI
 from faststream.kafka import KafkaBroker
 
 from contracts.envelope import P
-from services.runtime.broker import EventBus, check_reachable, create_broker, ensure_topics, warn_if_unauthenticated
+from services.runtime.broker import EventBus, check_reachable, create_broker, ensure_topics, require_topics, warn_if_unauthenticated
 from services.runtime.clickhouse import ClickHouseStore, open_clickhouse
 from services.runtime.consumer import DeadLetters, Handler, SqliteProcessedEvents, subscribe
 from services.runtime.http import ReadinessCheck, create_http_app
@@ -128,6 +128,8 @@ def build_process(settings: FlywheelSettings, factories: Sequence[ServiceFactory
             # An authenticated principal is a service's, which may not create topics (infra/kafka_acls.py):
             # the admin made them (`flywheel infra up --secure`, `flywheel infra topics` as admin).
             await check_reachable(bootstrap, security=security)
+            subscribed = sorted({topic.name for subscriber in runtime.broker.subscribers for topic in getattr(subscriber, "topics", ())})
+            await require_topics(bootstrap, subscribed, security=security)
         else:
             await ensure_topics(bootstrap, settings.topic_prefix, security=security)
         started: list[Service] = []

@@ -464,3 +464,17 @@ async def test_over_tls_the_apps_publisher_and_a_service_connect_and_nothing_els
             assert (await client.post("/registry/v1/prompts", json={"name": "tls-prompt", "template": "Q: {question}"})).status_code == 201
             published = await read_records(bootstrap, tls_kafka.admin_security(), topic_for("prompt.published"), expected=1, timeout_s=30)
     assert [json.loads(r.value)["payload"]["prompt_name"] for r in published] == ["tls-prompt"]
+
+
+async def test_a_service_whose_topics_are_missing_stops_with_one_line_instead_of_waiting(secure_kafka: LocalKafka, bootstrap: str, tmp_path: Path) -> None:
+    from services.registry.app import create_app
+
+    registry = secure_kafka.credentials("registry")
+    settings = FlywheelSettings(
+        home=tmp_path / "home", kafka_bootstrap=bootstrap, kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_username="registry",
+        kafka_sasl_password=registry.password, topic_prefix="never-created.", bootstrap_admin_key=ADMIN_KEY, shutdown_grace_s=1.0,
+    )
+    app, _ = build_process(settings, [create_app], title="flywheel-registry")
+    with pytest.raises(ConfigurationError, match=r"missing at .* or not readable by principal 'registry' \(e\.g\. never-created\.evaluation\.completed\).*flywheel infra topics"):
+        async with app.router.lifespan_context(app):
+            pass
