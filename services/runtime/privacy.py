@@ -90,8 +90,11 @@ class Detector:
     secret: bool = False
     tail: re.Pattern[str] | None = None
     group: int | str | None = None
+    # A cheap test of (text, text.lower()) that must hold for the pattern to match at all: most text
+    # holds no `sk-` or `@`, and a substring test costs far less than a regex scan.
+    hint: Callable[[str, str], bool] | None = None
 
-    def spans(self, text: str) -> Iterator[tuple[int, int]]:
+    def spans(self, text: str, lowered: str | None = None) -> Iterator[tuple[int, int]]:  # noqa: ARG002 - used by subclasses
         group = self.group if self.group is not None else ("value" if "value" in self.pattern.groupindex else 0)
         covered = 0
         for match in self.pattern.finditer(text):
@@ -111,7 +114,7 @@ class IbanDetector(Detector):
     """IBANs, grouped or not. The shape alone also matches words that follow an IBAN, so each
     candidate is cut back, group by group, to the longest prefix whose checksum holds."""
 
-    def spans(self, text: str) -> Iterator[tuple[int, int]]:
+    def spans(self, text: str, lowered: str | None = None) -> Iterator[tuple[int, int]]:  # noqa: ARG002
         for match in self.pattern.finditer(text):
             candidate = match.group()
             for length in range(len(candidate), 14, -1):
@@ -121,6 +124,21 @@ class IbanDetector(Detector):
                 if stdnum_iban.is_valid(prefix):
                     yield match.start(), match.start() + length
                     break
+
+
+@dataclass(frozen=True)
+class CredentialDetector(Detector):
+    """A value after a credential keyword. The keywords are lowercase: matching the lowercased text
+    case-sensitively is ten times faster than an IGNORECASE scan; the value is judged as written."""
+
+    def spans(self, text: str, lowered: str | None = None) -> Iterator[tuple[int, int]]:
+        lowered = text.lower() if lowered is None else lowered
+        # lower() keeps positions for all but a few characters (`İ` becomes two); then scan as written.
+        haystack, pattern = (lowered, self.pattern) if len(lowered) == len(text) else (text, re.compile(self.pattern.pattern, re.IGNORECASE))
+        for match in pattern.finditer(haystack):
+            start, end = match.span("value")
+            if _looks_like_credential(match.group("op"), text[start:end]):
+                yield start, end
 
 
 def _luhn(digits: str) -> bool:
@@ -167,9 +185,8 @@ def _shannon_entropy(value: str) -> float:
     return -sum(count / len(value) * math.log2(count / len(value)) for count in counts.values())
 
 
-def _looks_like_credential(match: re.Match[str]) -> bool:
-    value = match.group("value")
-    if match.group("op") != ":":
+def _looks_like_credential(op: str, value: str) -> bool:
+    if op != ":":
         return True  # `password=...`, `api_key := ...`: assignment is credential syntax, whatever the value
     classes = sum(any(test(char) for char in value) for test in (str.islower, str.isupper, str.isdigit, lambda c: not c.isalnum()))
     return len(value) >= 6 and (classes >= 2 or _shannon_entropy(value) >= 3.5)
@@ -190,6 +207,25 @@ def _bounded(pattern: str, flags: int = 0) -> re.Pattern[str]:
     return re.compile(rf"(?<![A-Za-z0-9_\-])(?:{pattern})", flags)
 
 
+def _contains(*literals: str) -> Callable[[str, str], bool]:
+    return lambda text, _: any(literal in text for literal in literals)
+
+
+def _contains_lower(*literals: str) -> Callable[[str, str], bool]:
+    return lambda _, lowered: any(literal in lowered for literal in literals)
+
+
+_DIGIT = re.compile(r"\d")
+
+
+def _has_digit(text: str, _: str) -> bool:
+    return _DIGIT.search(text) is not None
+
+
+def _is_ipv4(match: re.Match[str]) -> bool:
+    return all(part == str(int(part)) and int(part) <= 255 for part in match.group().split("."))
+
+
 _TOKEN_TAIL = re.compile(r"[A-Za-z0-9_\-]*")
 _KEYWORDS = "|".join(CREDENTIAL_KEYWORDS)
 
@@ -197,42 +233,43 @@ SECRET_DETECTORS: tuple[Detector, ...] = (
     Detector(
         "PRIVATE_KEY",
         re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\Z)|PuTTY-User-Key-File-2:.*?(?:Private-MAC: *\S+|\Z)", re.DOTALL),
-        _private_key_header, secret=True,
+        _private_key_header, secret=True, hint=_contains("PRIVATE KEY", "PuTTY-User-Key-File"),
     ),
-    Detector("JWT", _bounded(JwtTokenDetector.denylist[0].pattern), _formally_valid_jwt, secret=True, tail=re.compile(r"[A-Za-z0-9_\-.+/=]*")),
-    Detector("ANTHROPIC_KEY", re.compile(r"(?<![A-Za-z0-9_-])sk-ant-[A-Za-z0-9_\-]{20,}"), secret=True),
-    Detector("OPENAI_KEY", _bounded(OpenAIDetector.denylist[0].pattern), secret=True, tail=_TOKEN_TAIL),
-    Detector("OPENAI_KEY", re.compile(r"(?<![A-Za-z0-9_-])sk-(?!ant-)(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}"), _letters_and_digits, secret=True),
-    Detector("AWS_ACCESS_KEY_ID", re.compile(rf"(?<![A-Za-z0-9])(?:{AWSKeyDetector.denylist[0].pattern})(?![A-Za-z0-9])"), secret=True),
-    Detector("AWS_SECRET_KEY", AWSKeyDetector.denylist[1], secret=True, group=1),
-    Detector("AWS_SECRET_KEY", re.compile(r"aws.{0,20}?(?:key|secret|pwd|pw|password|pass|token).{0,20}?(?:[=:]|\bis\b)\s*['\"]?(?P<value>[0-9a-zA-Z/+]{40})(?![0-9a-zA-Z/+=])", re.IGNORECASE), secret=True),
-    Detector("GITHUB_TOKEN", _bounded(GitHubTokenDetector.denylist[0].pattern), secret=True, tail=_TOKEN_TAIL),
-    Detector("GITHUB_TOKEN", re.compile(r"(?<![A-Za-z0-9_])github_pat_[A-Za-z0-9_]{22,}"), secret=True),
-    *(Detector("SLACK_TOKEN", _bounded(pattern.pattern, pattern.flags), secret=True, tail=_TOKEN_TAIL) for pattern in SlackDetector.denylist),
-    Detector("SLACK_TOKEN", re.compile(r"(?<![A-Za-z0-9])xox[a-z](?:\.xox[a-z])?-[A-Za-z0-9\-]{8,}"), secret=True),
-    Detector("STRIPE_KEY", _bounded(StripeDetector.denylist[0].pattern), secret=True, tail=re.compile(r"[0-9A-Za-z]*")),
-    Detector("GOOGLE_API_KEY", re.compile(r"(?<![A-Za-z0-9_])AIza[0-9A-Za-z_\-]{35}"), secret=True, tail=_TOKEN_TAIL),
-    Detector("FLYWHEEL_KEY", re.compile(r"(?<![A-Za-z0-9_])fw_[A-Za-z0-9]{4,64}_[A-Za-z0-9_\-]{16,}"), secret=True),
-    Detector(
+    Detector("JWT", _bounded(JwtTokenDetector.denylist[0].pattern), _formally_valid_jwt, secret=True, tail=re.compile(r"[A-Za-z0-9_\-.+/=]*"), hint=_contains("eyJ")),
+    Detector("ANTHROPIC_KEY", re.compile(r"(?<![A-Za-z0-9_-])sk-ant-[A-Za-z0-9_\-]{20,}"), secret=True, hint=_contains("sk-ant-")),
+    Detector("OPENAI_KEY", _bounded(OpenAIDetector.denylist[0].pattern), secret=True, tail=_TOKEN_TAIL, hint=_contains("sk-")),
+    Detector("OPENAI_KEY", re.compile(r"(?<![A-Za-z0-9_-])sk-(?!ant-)(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}"), _letters_and_digits, secret=True, hint=_contains("sk-")),
+    Detector("AWS_ACCESS_KEY_ID", re.compile(rf"(?<![A-Za-z0-9])(?:{AWSKeyDetector.denylist[0].pattern})(?![A-Za-z0-9])"), secret=True, hint=_contains("A3T", "ABIA", "ACCA", "AKIA", "ASIA")),
+    Detector("AWS_SECRET_KEY", AWSKeyDetector.denylist[1], secret=True, group=1, hint=_contains_lower("aws")),
+    Detector("AWS_SECRET_KEY", re.compile(r"aws.{0,20}?(?:key|secret|pwd|pw|password|pass|token).{0,20}?(?:[=:]|\bis\b)\s*['\"]?(?P<value>[0-9a-zA-Z/+]{40})(?![0-9a-zA-Z/+=])", re.IGNORECASE), secret=True, hint=_contains_lower("aws")),
+    Detector("GITHUB_TOKEN", _bounded(GitHubTokenDetector.denylist[0].pattern), secret=True, tail=_TOKEN_TAIL, hint=_contains("ghp_", "gho_", "ghu_", "ghs_", "ghr_")),
+    Detector("GITHUB_TOKEN", re.compile(r"(?<![A-Za-z0-9_])github_pat_[A-Za-z0-9_]{22,}"), secret=True, hint=_contains("github_pat_")),
+    *(Detector("SLACK_TOKEN", _bounded(pattern.pattern, pattern.flags), secret=True, tail=_TOKEN_TAIL, hint=_contains_lower("xox", "hooks.slack.com")) for pattern in SlackDetector.denylist),
+    Detector("SLACK_TOKEN", re.compile(r"(?<![A-Za-z0-9])xox[a-z](?:\.xox[a-z])?-[A-Za-z0-9\-]{8,}"), secret=True, hint=_contains("xox")),
+    Detector("STRIPE_KEY", _bounded(StripeDetector.denylist[0].pattern), secret=True, tail=re.compile(r"[0-9A-Za-z]*"), hint=_contains("k_live_")),
+    Detector("GOOGLE_API_KEY", re.compile(r"(?<![A-Za-z0-9_])AIza[0-9A-Za-z_\-]{35}"), secret=True, tail=_TOKEN_TAIL, hint=_contains("AIza")),
+    Detector("FLYWHEEL_KEY", re.compile(r"(?<![A-Za-z0-9_])fw_[A-Za-z0-9]{4,64}_[A-Za-z0-9_\-]{16,}"), secret=True, hint=_contains("fw_")),
+    CredentialDetector(
         "SECRET",
         # Anchored on the keyword itself (`aws_secret_access_key` matches from `secret`), with a bounded
         # suffix: an unbounded prefix or suffix makes this quadratic on long runs of word characters.
-        re.compile(rf"(?:{_KEYWORDS})\w{{0,40}}['\"\]]{{0,2}}[ \t]*(?P<op>:=|=>|==|=|:)[ \t]*['\"`]?(?P<value>[^\s'\"`,;]{{4,}})", re.IGNORECASE),
-        _looks_like_credential, secret=True,
+        re.compile(rf"(?:{_KEYWORDS})\w{{0,40}}['\"\]]{{0,2}}[ \t]*(?P<op>:=|=>|==|=|:)[ \t]*['\"`]?(?P<value>[^\s'\"`,;]{{4,}})"),
+        # Every keyword in detect-secrets' list contains one of these.
+        secret=True, hint=_contains_lower("key", "pass", "pwd", "secret", "contrase"),
     ),
 )
 
 PERSONAL_DETECTORS: tuple[Detector, ...] = (
-    Detector("EMAIL", re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")),
+    Detector("EMAIL", re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"), hint=_contains("@")),
     # Before cards and phones: an IBAN's digits can pass the Luhn check or look like a phone number.
-    IbanDetector("IBAN", re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")),
+    IbanDetector("IBAN", re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])"), hint=_has_digit),
     # Before phones: 123-45-6789 has a phone number's shape too.
-    Detector("SSN", re.compile(r"(?<![\w-])(?P<value>\d{3}([- ])\d{2}\2\d{4})(?![\w-])"), _is_ssn),
-    Detector("SSN", re.compile(r"\b(?:ssn|social security(?: number| no\.?)?)\W{0,3}(?:is\W{1,2})?(?P<value>\d{9})\b", re.IGNORECASE), _is_ssn),
-    Detector("CARD", re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"), _is_card),
-    Detector("IPV6", re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])"), _is_ipv6),
-    Detector("IPV4", re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])")),
-    Detector("PHONE", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .\-]?)?(?:\(\d{1,4}\)[ .\-]?)?\d{1,4}(?:[ .\-]?\d{2,4}){1,5}(?!\w)"), _is_phone),
+    Detector("SSN", re.compile(r"(?<![\w-])(?P<value>\d{3}([- ])\d{2}\2\d{4})(?![\w-])"), _is_ssn, hint=_has_digit),
+    Detector("SSN", re.compile(r"\b(?:ssn|social security(?: number| no\.?)?)\W{0,3}(?:is\W{1,2})?(?P<value>\d{9})\b", re.IGNORECASE), _is_ssn, hint=_contains_lower("ssn", "social security")),
+    Detector("CARD", re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"), _is_card, hint=_has_digit),
+    Detector("IPV6", re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])"), _is_ipv6, hint=_contains(":")),
+    Detector("IPV4", re.compile(r"(?<![\d.])\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![\d.])"), _is_ipv4, hint=_contains(".")),
+    Detector("PHONE", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .\-]?)?(?:\(\d{1,4}\)[ .\-]?)?\d{1,4}(?:[ .\-]?\d{2,4}){1,5}(?!\w)"), _is_phone, hint=_has_digit),
 )
 
 # Order is priority: where two detectors match overlapping text, the earlier one wins (a card number
@@ -278,8 +315,11 @@ class Redactor:
         if not text or self.policy is PrivacyPolicy.off:
             return text
         spans: list[tuple[int, int, Detector]] = []
+        lowered = text.lower()
         for detector in self._detectors:
-            for start, end in detector.spans(text):
+            if detector.hint is not None and not detector.hint(text, lowered):
+                continue
+            for start, end in detector.spans(text, lowered):
                 if any(start < taken_end and taken_start < end for taken_start, taken_end, _ in spans):
                     continue
                 spans.append((start, end, detector))
