@@ -14,7 +14,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.events import DatasetRef, EvaluationCompleted, FeedbackSource, Hyperparameters, ModelTarget, Stage, Thumbs
-from contracts.ids import DatasetName, JobId, MetricSuiteName, ModelName, PromptLabel, PromptName, Sha256
+from contracts.ids import DatasetName, JobId, MetricSuiteName, ModelName, PromptLabel, PromptName, Sha256, VersionNumber
 
 T = TypeVar("T")
 
@@ -275,7 +275,7 @@ class PromptVersionView(RegistryView):
 
 
 class PromptLabelMove(Request):
-    version: int = Field(ge=1, description="Version the label should point at; moving it back is a rollback.")
+    version: VersionNumber = Field(description="Version the label should point at; moving it back is a rollback.")
     traffic_percent: float | None = Field(
         default=None, ge=0, le=100,
         description="Declare an A/B split: this percent of the traffic asking for the production label gets this label's version, sticky per user. 0 ends the split; unset keeps the label's current share. Not allowed on production itself.",
@@ -283,7 +283,7 @@ class PromptLabelMove(Request):
 
 
 class PromptRenderRequest(Request):
-    version: int | None = Field(default=None, ge=1, description="Version to render; none: by label, else the latest.")
+    version: VersionNumber | None = Field(default=None, description="Version to render; none: by label, else the latest.")
     label: PromptLabel | None = Field(default=None, description="Label to render, e.g. production; used when version is none.")
     variables: dict[str, Any] = Field(default_factory=dict, description="Values for the template's variables; each one it needs is required.")
 
@@ -340,7 +340,7 @@ class ChatMessage(Request):
 
 class PromptReference(Request):
     name: PromptName = Field(description="Registered prompt name.")
-    version: int | None = Field(default=None, ge=1, description="Version; none: the version the label points at.")
+    version: VersionNumber | None = Field(default=None, description="Version; none: the version the label points at.")
     label: PromptLabel | None = Field(default=None, description="Label, e.g. production; used when version is none.")
     variables: dict[str, str] = Field(default_factory=dict, description="Values for the template's variables.")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import StringConstraints
+from pydantic import Field, StringConstraints
 
 # The registry's name rule, unchanged since it was first published (contracts/schemas keep this exact
 # text): a letter or digit first, then letters, digits, `.`, `_`, `-`; 200 characters at most.
@@ -35,6 +35,10 @@ INFERENCE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 INFERENCE_ID_MAX_LENGTH = 128
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+# Versions are stored as signed 64-bit integers (SQLite INTEGER, PostgreSQL BIGINT): a larger one is
+# refused here with a 422, not by the database with a 500.
+LARGEST_VERSION = 2**63 - 1
 
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=NAME_MAX_LENGTH)]
 """A registered name: letters, digits, `.`, `_`, `-`, starting with a letter or digit; at most 200."""
@@ -81,6 +85,9 @@ starting with a letter or digit; at most 128. Never part of a path."""
 
 Sha256 = Annotated[str, StringConstraints(pattern=SHA256_PATTERN)]
 """A sha256 digest in lowercase hex; artifacts are stored and cached under it."""
+
+VersionNumber = Annotated[int, Field(ge=1, le=LARGEST_VERSION)]
+"""A version of a registered thing (prompt, adapter, dataset), counted from 1."""
 
 ID_PATTERNS: tuple[str, ...] = (NAME_PATTERN, ID_PATTERN, INFERENCE_ID_PATTERN, SHA256_PATTERN)
 """Every pattern above; the schema snapshot check recognises a field that gained one as a deliberate tightening."""

@@ -13,7 +13,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from contracts.events import DatasetRef, TrainingRequested
 from contracts.http import TrainingJobCreate
-from contracts.ids import ID_PATTERNS, DatasetName, EvaluationId, InferenceId, JobId, ModelName, PromptLabel, Sha256
+from contracts.ids import ID_PATTERNS, LARGEST_VERSION, DatasetName, EvaluationId, InferenceId, JobId, ModelName, PromptLabel, Sha256, VersionNumber
 from contracts.schema_snapshot import breaking_changes, current_schemas, deliberate_tightenings
 from services.runtime.paths import PathOutsideRoot, under
 
@@ -65,6 +65,13 @@ def test_a_digest_is_lowercase_hex_of_sha256_length() -> None:
     for value in ("0" * 63, "0" * 65, "AB" * 32, "../" + "0" * 61):
         with pytest.raises(ValidationError):
             TypeAdapter(Sha256).validate_python(value)
+
+
+def test_a_version_fits_the_databases_integer() -> None:
+    assert TypeAdapter(VersionNumber).validate_python(LARGEST_VERSION) == LARGEST_VERSION
+    for value in (0, -1, LARGEST_VERSION + 1):
+        with pytest.raises(ValidationError):
+            TypeAdapter(VersionNumber).validate_python(value)
 
 
 def test_contract_models_carry_the_types() -> None:
