@@ -92,7 +92,7 @@ _AGGREGATES = frozenset(
 
 # Codes of the caps' refusals: the caller went over a limit, which is theirs to change (LIMIT, a
 # narrower window, an aggregate), not an engine failure.
-LIMIT_ERRORS = {159: "max_execution_time", 160: "max_execution_time", 158: "max_result_rows", 396: "max_result_rows/max_result_bytes", 241: "max_memory_usage"}
+LIMIT_ERRORS = {159: "max_execution_time", 160: "max_execution_time", 396: "max_result_rows/max_result_bytes", 241: "max_memory_usage"}
 
 
 class QueryRefused(Exception):
