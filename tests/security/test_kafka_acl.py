@@ -478,3 +478,13 @@ async def test_a_service_whose_topics_are_missing_stops_with_one_line_instead_of
     with pytest.raises(ConfigurationError, match=r"missing at .* or not readable by principal 'registry' \(e\.g\. never-created\.evaluation\.completed\).*flywheel infra topics"):
         async with app.router.lifespan_context(app):
             pass
+
+
+def test_the_example_app_publishes_as_the_app_principal(secure_kafka: LocalKafka, bootstrap: str) -> None:
+    example = REPO / "examples" / "app_publishes_events.py"
+    env = {**os.environ, "KAFKA_PASSWORD": secure_kafka.credentials("app").password or "", "PYTHONPATH": str(REPO)}
+    published = subprocess.run([sys.executable, str(example), "--bootstrap", bootstrap, "--sasl-username", "app"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert published.returncode == 0 and "published" in published.stdout, published.stderr[-2000:]
+    env["KAFKA_PASSWORD"] = "wrong"
+    refused = subprocess.run([sys.executable, str(example), "--bootstrap", bootstrap, "--sasl-username", "app"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode != 0 and "SaslAuthenticationFailed" in refused.stderr
