@@ -33,6 +33,7 @@ def give(
     from contracts.http import FeedbackCreate
     from contracts.publisher import EventPublisher
     from services.feedback.service import InvalidFeedback, feedback_event
+    from services.runtime.privacy import PrivacySettings
 
     settings = load_settings(FlywheelSettings)
     try:
@@ -63,7 +64,8 @@ def give(
         finally:
             await admin.close()
         async with EventPublisher(bootstrap, producer="flywheel-cli", topic_prefix=settings.topic_prefix, security=security) as publisher:
-            return str((await publisher.publish(event)).event_id)
+            # Scrubbed as the feedback door scrubs: raw personal data never sits in the topic.
+            return str((await publisher.publish(load_settings(PrivacySettings).redactor().scrub_feedback(event))).event_id)
 
     event_id = asyncio.run(publish())
     typer.echo(f"feedback {event.feedback_id} published (event {event_id})")

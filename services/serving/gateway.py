@@ -154,12 +154,17 @@ class Gateway:
         fields = parsed if isinstance(parsed, dict) else {}
         model = fields.get("model")
         user = fields.get("user")
+        metadata = fields.get("metadata")
+        tags = metadata if isinstance(metadata, dict) and all(isinstance(key, str) and isinstance(value, str) for key, value in metadata.items()) else {}
+        # The user id and metadata go to their own fields, where they are hashed or scrubbed as identities;
+        # left in the body text, an id that looks like nothing in particular would be kept as sent.
+        text = json.dumps({key: value for key, value in fields.items() if key not in ("user", "metadata")}, ensure_ascii=False) if fields else body.decode(errors="replace")
         self._log.offer(
             InferenceLogged(
                 inference_id=str(uuid.uuid4()), model_name=model if isinstance(model, str) and model else "unknown",
                 endpoint=endpoint, user_id=user if isinstance(user, str) else None, principal=principal,
-                input_text=body.decode(errors="replace")[:8000], finish_reason="error", status=InferenceStatus.error,
-                error=f"{status}: {message}", started_at=datetime.now(UTC),
+                input_text=text[:8000], finish_reason="error", status=InferenceStatus.error,
+                error=f"{status}: {message}", started_at=datetime.now(UTC), metadata=tags,
             )
         )
 

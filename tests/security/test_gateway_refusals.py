@@ -78,14 +78,21 @@ async def test_refused_before_the_caller_is_known_writes_nothing(gateway_door: t
         if code is not None:
             assert answer.json()["error"]["code"] == code, (case, answer.json())
 
-    # The one request from a known caller is logged: the topic below is the one refusals would reach.
+    # Requests from a known caller are logged: the topic below is the one refusals would reach. The
+    # invalid one is logged from its body, with the user id and metadata out of the text and scrubbed.
     served = await http.post("/v1/chat/completions", json={**body, "model": "not-served"}, headers={"Authorization": f"Bearer {app}"})
     assert served.status_code == 404 and served.json()["error"]["code"] == "model_not_found", served.text
+    invalid_body = {"model": "tiny", "messages": [{"role": "robot", "content": SECRET_TEXT}], "user": "customer-0042x", "metadata": {"account_id": "acct-77x", "tier": "gold"}}
+    invalid = await http.post("/v1/chat/completions", json=invalid_body, headers={"Authorization": f"Bearer {app}"})
+    assert invalid.status_code == 422 and invalid.json()["error"]["param"] == "messages.0.role", invalid.text
 
     records = await read_all(settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=10**6, timeout_s=10)
-    logged = [json.loads(record.value)["payload"] for record in records]
-    assert [(event["model_name"], event["principal"], event["status"]) for event in logged] == [("not-served", "test-app", "error")], logged
-    assert "does not exist" in logged[0]["error"]
+    logged = sorted((json.loads(record.value)["payload"] for record in records), key=lambda event: event["model_name"])
+    assert [(event["model_name"], event["principal"], event["status"]) for event in logged] == [("not-served", "test-app", "error"), ("tiny", "test-app", "error")], logged
+    assert "does not exist" in logged[0]["error"] and logged[1]["error"].startswith("422: messages.0.role")
+    redactor = Redactor()
+    assert (logged[1]["user_id"], logged[1]["metadata"]) == (redactor.scrub_user("customer-0042x"), {"account_id": redactor.scrub_user("acct-77x"), "tier": "gold"})
+    assert "robot" in logged[1]["input_text"] and "[EMAIL]" in logged[1]["input_text"] and "[AWS_ACCESS_KEY_ID]" in logged[1]["input_text"]
     everything = b"".join(record.value for record in records)
     assert CHOSEN.encode() not in everything and b"ann@example.org" not in everything and b"AKIAIOSFODNN7EXAMPLE" not in everything
-    assert b"victim@example.org" not in everything, "the user id is hashed before it is published"
+    assert b"victim@example.org" not in everything and b"customer-0042x" not in everything and b"acct-77x" not in everything, "user ids are hashed before they are published"
