@@ -212,14 +212,15 @@ async def test_every_bad_input_is_an_openai_error_and_an_errored_inference(clien
     malformed = await http.post("/v1/completions", content=b'{"model": "tiny", "prompt": ', headers={"Content-Type": "application/json"})
     assert malformed.status_code == 422 and malformed.json()["error"]["message"]
     await buffer.stop()
-    events = await logged_events(runtime, settings, expected=len(BAD_INPUTS) + 1)
-    assert len(events) == len(BAD_INPUTS) + 1
+    # A body that is not JSON is refused before the key is read (the caller is not known): nothing is logged for it.
+    events = await logged_events(runtime, settings, expected=len(BAD_INPUTS) + 1, timeout_s=5)
+    assert len(events) == len(BAD_INPUTS)
     assert all(event["status"] == "error" and event["finish_reason"] == "error" and event["error"] for event in events)
-    assert sorted(event["model_name"] for event in events) == sorted([body["model"] for _, body, _ in BAD_INPUTS] + ["unknown"])  # a body that is not JSON names no model
+    assert sorted(event["model_name"] for event in events) == sorted(body["model"] for _, body, _ in BAD_INPUTS)
 
 
-async def logged_events(runtime: Runtime, settings: FlywheelSettings, expected: int) -> list[dict]:
-    records = await read_all(settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=expected)
+async def logged_events(runtime: Runtime, settings: FlywheelSettings, expected: int, timeout_s: float = 30.0) -> list[dict]:
+    records = await read_all(settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=expected, timeout_s=timeout_s)
     return [json.loads(record.value)["payload"] for record in records]
 
 
