@@ -82,9 +82,10 @@ log.segment.bytes=134217728
 """
 
 # Clients authenticate with SASL/SCRAM-SHA-512 and are authorised by ACLs; no ACL, no access. The
-# controller listener stays PLAINTEXT (SCRAM credentials live in the metadata log the controller
-# serves, so it cannot use them itself) and listens on loopback only; the broker reaches the
-# controller there as ANONYMOUS, which must therefore be a super user, like the admin.
+# controller listener cannot use SCRAM (its credentials live in the metadata log the controller
+# serves), so it takes SASL/PLAIN with one static user, `controller`, whose password is new at every
+# start (broker and controller read it from this one file): nothing reaches the controller
+# anonymously, and the broker does as a super user. It listens on loopback only.
 # {listener} is SASL_PLAINTEXT, or SASL_SSL with --tls (a CA and broker certificate made for this home).
 SECURE_SERVER_PROPERTIES = SERVER_PROPERTIES.replace(
     "listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}\n"
@@ -92,13 +93,16 @@ SECURE_SERVER_PROPERTIES = SERVER_PROPERTIES.replace(
     "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n",
     "listeners={listener}://{host}:{port},CONTROLLER://{host}:{controller_port}\n"
     "advertised.listeners={listener}://{host}:{port}\n"
-    "listener.security.protocol.map={listener}:{listener},CONTROLLER:PLAINTEXT\n",
+    "listener.security.protocol.map={listener}:{listener},CONTROLLER:SASL_PLAINTEXT\n",
 ).replace("inter.broker.listener.name=PLAINTEXT\n", "inter.broker.listener.name={listener}\n") + """\
 sasl.enabled.mechanisms=SCRAM-SHA-512
 sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
 listener.name.{listener_lower}.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="{admin}" password="{admin_password}";
+listener.name.controller.sasl.enabled.mechanisms=PLAIN
+sasl.mechanism.controller.protocol=PLAIN
+listener.name.controller.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="controller" password="{controller_password}" user_controller="{controller_password}";
 authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
-super.users=User:{admin};User:ANONYMOUS
+super.users=User:{admin};User:controller
 allow.everyone.if.no.acl.found=false
 """
 # PEM files need no keystore tooling: the broker's key and certificate in one file, the CA in another.
@@ -216,7 +220,7 @@ class LocalKafka:
             passwords = self._passwords()
             config = SECURE_SERVER_PROPERTIES.format(
                 host=LOOPBACK, port=port, controller_port=controller_port, data_dir=self.data_dir, admin=ADMIN_PRINCIPAL, admin_password=passwords[ADMIN_PRINCIPAL],
-                listener=self.protocol, listener_lower=self.protocol.lower(),
+                listener=self.protocol, listener_lower=self.protocol.lower(), controller_password=secrets.token_urlsafe(24),
             )
             if self.tls:
                 keystore = self._ensure_certificates()

@@ -12,9 +12,10 @@ config=/tmp/flywheel-server.properties
 admin_client=/tmp/flywheel-admin.properties
 umask 077  # both files hold the admin's password
 
-# The controller listens on loopback only: the broker reaches it as ANONYMOUS (SCRAM credentials live
-# in the metadata the controller serves, so it cannot check them itself), hence a super user; no other
-# container can connect to it.
+# The controller listens on loopback only, with SASL/PLAIN and one static user, `controller`, whose
+# password is new at every start (SCRAM credentials live in the metadata the controller serves, so it
+# cannot check them itself): nothing reaches it anonymously, and the broker does as a super user.
+controller_password=$(cat /proc/sys/kernel/random/uuid)
 cat > "$config" <<EOF
 process.roles=broker,controller
 node.id=1
@@ -22,14 +23,17 @@ controller.quorum.voters=1@localhost:9093
 controller.listener.names=CONTROLLER
 listeners=INTERNAL://:9092,CONTROLLER://localhost:9093,HOST://:9094
 advertised.listeners=INTERNAL://kafka:9092,HOST://localhost:9094
-listener.security.protocol.map=INTERNAL:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT,HOST:SASL_PLAINTEXT
+listener.security.protocol.map=INTERNAL:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT,HOST:SASL_PLAINTEXT
 inter.broker.listener.name=INTERNAL
 sasl.enabled.mechanisms=SCRAM-SHA-512
 sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
 listener.name.internal.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="${KAFKA_ADMIN_PASSWORD}";
 listener.name.host.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.controller.sasl.enabled.mechanisms=PLAIN
+sasl.mechanism.controller.protocol=PLAIN
+listener.name.controller.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="controller" password="${controller_password}" user_controller="${controller_password}";
 authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
-super.users=User:admin;User:ANONYMOUS
+super.users=User:admin;User:controller
 allow.everyone.if.no.acl.found=false
 log.dirs=${KAFKA_LOG_DIRS}
 num.partitions=1

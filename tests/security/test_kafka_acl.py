@@ -154,9 +154,12 @@ async def test_a_wrong_password_is_refused_at_authentication(secure_kafka: Local
     assert "refused principal 'app'" in str(error.value) and "FLYWHEEL_KAFKA_SASL_PASSWORD" in str(error.value)
     assert wrong.password not in str(error.value) and wrong.password not in repr(wrong)
 
-    # Without credentials at all, the SASL listener does not talk to a client.
-    with pytest.raises(ConfigurationError):
-        await check_reachable(bootstrap, timeout_s=5)
+    # Without credentials at all, neither the SASL listener nor the controller's talks to a client.
+    controller = f"127.0.0.1:{json.loads(secure_kafka.state_file.read_text())['controller_port']}"
+    for address in (bootstrap, controller):
+        with pytest.raises(ConfigurationError):
+            await check_reachable(address, timeout_s=5)
+    assert "ANONYMOUS" not in secure_kafka.config_file.read_text()
 
 
 @pytest.mark.parametrize("principal", [*SERVICE_PRINCIPALS, APP, PROCESS[0]], ids=lambda p: p.name)
@@ -343,6 +346,7 @@ def test_docker_compose_gives_each_service_its_own_principal_and_the_broker_ever
         assert f"KAFKA_{name.upper()}_PASSWORD" in broker_env, name
     assert "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer" in script
     assert "allow.everyone.if.no.acl.found=false" in script
+    assert "super.users=User:admin;User:controller" in script and "ANONYMOUS" not in script
 
 
 def test_infra_up_secure_from_the_cli_never_prints_a_password_and_a_secure_home_stays_secure(tmp_path: Path) -> None:
