@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlmodel import Session
 
+from infra.processes import free_port
 from services.runtime.auth import PEPPER_FILE, ApiKey, Authenticator, KeyStore, Principal, Role, create_database_engine, key_pepper, registry_database_url, split_key
 from services.runtime.errors import ConfigurationError
 from services.runtime.http import create_http_app
@@ -160,3 +161,20 @@ def test_an_expired_key_is_a_401_that_says_so(keys: KeyStore) -> None:
     response = client_for(Authenticator(keys)).get("/things", headers={"Authorization": f"Bearer {key}"})
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "expired_api_key" and f"API key {row.key_id} expired at" in response.json()["error"]["message"]
+
+
+def test_without_a_registry_to_ask_a_door_says_what_to_set(tmp_path: Path) -> None:
+    # No registry in this process, no FLYWHEEL_REGISTRY_URL, and no registry database on this host:
+    # the docker-compose failure of issue 13, answered with what to set instead of refusing every key.
+    client = client_for(Authenticator.for_settings(FlywheelSettings(home=tmp_path / "empty-volume")))
+    response = client.get("/things", headers={"Authorization": "Bearer fw_a_b"})
+    assert response.status_code == 503
+    assert "set FLYWHEEL_REGISTRY_URL to the registry's door" in response.json()["error"]["message"]
+
+
+def test_an_unreachable_registry_is_a_503_naming_it(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    client = client_for(Authenticator.for_settings(FlywheelSettings(home=tmp_path, registry_url=url)))
+    response = client.get("/things", headers={"Authorization": "Bearer fw_a_b"})
+    assert response.status_code == 503
+    assert f"the registry at {url} did not answer" in response.json()["error"]["message"] and "FLYWHEEL_REGISTRY_URL" in response.json()["error"]["message"]
