@@ -21,7 +21,7 @@ from contracts.events import FeedbackReceived, InferenceLogged, InferenceStatus,
 from contracts.http import Role
 from contracts.topics import topic_for
 from services.feedback.handlers import subscribe_sink
-from services.feedback.privacy import Redactor
+from services.runtime.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore

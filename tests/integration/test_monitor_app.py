@@ -13,7 +13,7 @@ import pytest
 
 from contracts.envelope import wrap
 from contracts.events import AlertRaised, Stage
-from services.feedback.privacy import Redactor
+from services.runtime.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.store import FeedbackStore
 from services.monitor.app import create_app
