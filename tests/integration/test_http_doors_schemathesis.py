@@ -44,13 +44,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 ADMIN_KEY = "schemathesis-admin-key-0123456789abcdef"
 EXAMPLES = size(4, 40)
 PUBLIC = "public"
+KEYED = "any key"  # any valid key, whatever its role: a key asking who it is
 SERVED_MODEL = "smollm2-135m-instruct"  # FLYWHEEL_SERVING_BASE_MODEL's default
 
 # (service, method, path regex) -> the least role the operation needs; first match wins.
 NEEDS: list[tuple[str, str, str, str]] = [
     ("*", "GET", r"/(healthz|readyz|metrics|openapi\.json)", PUBLIC),
     ("monitor", "*", r"/monitor/console(/.*)?", PUBLIC),  # the console signs in with a cookie: its own tests
+    ("registry", "GET", r"/registry/v1/keys/self", KEYED),
     ("registry", "*", r"/registry/v1/keys(/.*)?", Role.admin.value),
+    ("registry", "POST", r"/registry/v1/(adapters|prompts)/.+/approvals", Role.approver.value),
     ("registry", "POST", r"/registry/v1/prompts/[^/]+/render", Role.viewer.value),
     ("monitor", "POST", r"/monitor/v1/query", Role.viewer.value),
     ("feedback", "POST", r"/feedback/v1/feedback", Role.app.value),
@@ -59,7 +62,7 @@ NEEDS: list[tuple[str, str, str, str]] = [
     ("*", "*", r".*", Role.operator.value),
 ]
 # A role just below each need: it holds no grant of the needed role.
-BELOW = {Role.viewer.value: Role.app.value, Role.app.value: Role.operator.value, Role.operator.value: Role.app.value, Role.admin.value: Role.operator.value}
+BELOW = {Role.viewer.value: Role.app.value, Role.app.value: Role.operator.value, Role.operator.value: Role.app.value, Role.approver.value: Role.operator.value, Role.admin.value: Role.operator.value, KEYED: None}
 
 
 def needs(service: str, method: str, path: str) -> str:
@@ -81,7 +84,7 @@ def keys_and_doors(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: st
         registry.start()
         asyncio.run(registry.wait_ready())
         keys = {Role.admin.value: ADMIN_KEY}
-        for role in (Role.operator, Role.app, Role.viewer):
+        for role in (Role.operator, Role.approver, Role.app, Role.viewer):
             created = httpx.post(f"{registry.url}/registry/v1/keys", json={"principal": f"door-test-{role.value}", "role": role.value}, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
             assert created.status_code == 201, created.text
             keys[role.value] = created.json()["key"]
@@ -139,7 +142,7 @@ def test_no_generated_request_gets_a_5xx_and_every_matrix_cell_holds(service: st
         need = needs(service, method, path)
         callers = {"no key": None, "admin": ADMIN_KEY}
         if need != PUBLIC:
-            callers["right role"] = keys[need]
+            callers["right role"] = keys[Role.app.value if need == KEYED else need]
             if BELOW[need] is not None:
                 callers["wrong role"] = keys[BELOW[need]]  # type: ignore[index]
 
