@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -41,7 +42,9 @@ async def chunks(total: int, size: int = 64 * 1024) -> AsyncIterator[bytes]:
         sent += size
 
 
-async def test_bodies_over_the_cap_and_bad_keys_are_refused_counted_and_publish_nothing(settings: FlywheelSettings, topics: str, caplog: pytest.LogCaptureFixture) -> None:
+async def test_bodies_over_the_cap_and_bad_keys_are_refused_counted_and_publish_nothing(settings: FlywheelSettings, topics: str, chdb_home: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # chDB opens one data directory per process: the session's, shared by every in-process chDB test.
+    settings = settings.model_copy(update={"home": chdb_home, "database_url": f"sqlite:///{tmp_path / 'registry.db'}"})
     app, _ = build_process(settings, [create_registry, create_feedback], title="refusals-test")
     feedback_topic = topic_for(FeedbackReceived, settings.topic_prefix)
     async with app.router.lifespan_context(app):
