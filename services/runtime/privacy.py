@@ -266,7 +266,8 @@ PERSONAL_DETECTORS: tuple[Detector, ...] = (
     # Before phones: 123-45-6789 has a phone number's shape too.
     Detector("SSN", re.compile(r"(?<![\w-])(?P<value>\d{3}([- ])\d{2}\2\d{4})(?![\w-])"), _is_ssn, hint=_has_digit),
     Detector("SSN", re.compile(r"\b(?:ssn|social security(?: number| no\.?)?)\W{0,3}(?:is\W{1,2})?(?P<value>\d{9})\b", re.IGNORECASE), _is_ssn, hint=_contains_lower("ssn", "social security")),
-    Detector("CARD", re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"), _is_card, hint=_has_digit),
+    # Not inside a longer token: a hex request id holds Luhn-valid digit runs by chance.
+    Detector("CARD", re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])"), _is_card, hint=_has_digit),
     Detector("IPV6", re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])"), _is_ipv6, hint=_contains(":")),
     Detector("IPV4", re.compile(r"(?<![\d.])\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![\d.])"), _is_ipv4, hint=_contains(".")),
     Detector("PHONE", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .\-]?)?(?:\(\d{1,4}\)[ .\-]?)?\d{1,4}(?:[ .\-]?\d{2,4}){1,5}(?!\w)"), _is_phone, hint=_has_digit),

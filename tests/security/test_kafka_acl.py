@@ -381,31 +381,38 @@ def test_infra_up_secure_from_the_cli_never_prints_a_password_and_a_secure_home_
         LocalKafka(tmp_path, tmp_path).stop()
 
 
-async def test_one_process_of_several_services_runs_as_the_joint_principal(secure_kafka: LocalKafka, tmp_path: Path) -> None:
+async def test_one_process_of_several_services_runs_as_the_joint_principal(secure_kafka: LocalKafka, chdb_home: Path, tmp_path: Path) -> None:
     """`flywheel up` against `flywheel infra up --secure`: no FLYWHEEL_KAFKA_SASL_*, one connection as `flywheel`;
     the registry publishes, the feedback door publishes and its sink consumes in group `feedback`."""
     from services.feedback.app import create_app as feedback_app
     from services.registry.app import create_app as registry_app
 
-    home = secure_kafka.dir.parents[1]
-    settings = FlywheelSettings(
-        home=home, kafka_bootstrap=None, kafka_security_protocol=None, kafka_sasl_username=None, kafka_sasl_password=None,
-        bootstrap_admin_key=ADMIN_KEY, consumer_max_retries=0, shutdown_grace_s=1.0,
-    )
-    app, runtime = build_process(settings, [registry_app, feedback_app], title="flywheel")
-    assert runtime.kafka_security.username == PROCESS_PRINCIPAL
-    inference_id = f"chatcmpl-{uuid.uuid4().hex[:10]}"
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://flywheel", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
-            prompt = f"joint-{uuid.uuid4().hex[:8]}"
-            assert (await client.post("/registry/v1/prompts", json={"name": prompt, "template": "Q: {question}"})).status_code == 201
-            accepted = await client.post("/feedback/v1/feedback", json={"inference_id": inference_id, "thumbs": "down", "rating": 2})
-            assert accepted.status_code == 202, accepted.text
-            deadline = asyncio.get_running_loop().time() + 60
-            while not (await client.get("/feedback/v1/feedback", params={"inference_id": inference_id})).json()["items"]:
-                assert asyncio.get_running_loop().time() < deadline, "the sink never stored the feedback"
-                await asyncio.sleep(0.5)
+    # chDB opens one data directory per process (the session's): that home gets the secure broker's
+    # infra state, as `flywheel infra up --secure` would have left it there, for this test only.
+    recorded = chdb_home / "infra" / "kafka"
+    recorded.parent.mkdir(parents=True, exist_ok=True)
+    recorded.symlink_to(secure_kafka.dir, target_is_directory=True)
+    try:
+        settings = FlywheelSettings(
+            home=chdb_home, database_url=f"sqlite:///{tmp_path / 'registry.db'}", kafka_bootstrap=None, kafka_security_protocol=None,
+            kafka_sasl_username=None, kafka_sasl_password=None, bootstrap_admin_key=ADMIN_KEY, consumer_max_retries=0, shutdown_grace_s=1.0,
+        )
+        app, runtime = build_process(settings, [registry_app, feedback_app], title="flywheel")
+        assert runtime.kafka_security.username == PROCESS_PRINCIPAL
+        inference_id = f"chatcmpl-{uuid.uuid4().hex[:10]}"
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://flywheel", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
+                prompt = f"joint-{uuid.uuid4().hex[:8]}"
+                assert (await client.post("/registry/v1/prompts", json={"name": prompt, "template": "Q: {question}"})).status_code == 201
+                accepted = await client.post("/feedback/v1/feedback", json={"inference_id": inference_id, "thumbs": "down", "rating": 2})
+                assert accepted.status_code == 202, accepted.text
+                deadline = asyncio.get_running_loop().time() + 60
+                while not (await client.get("/feedback/v1/feedback", params={"inference_id": inference_id})).json()["items"]:
+                    assert asyncio.get_running_loop().time() < deadline, "the sink never stored the feedback"
+                    await asyncio.sleep(0.5)
+    finally:
+        recorded.unlink()
     published = await read_records(secure_kafka.status().address or "", secure_kafka.admin_security(), topic_for("prompt.published"), expected=10_000, timeout_s=5)
     assert [json.loads(r.value)["producer"] for r in published if json.loads(r.value)["payload"]["prompt_name"] == prompt] == ["registry"]
 

@@ -293,8 +293,12 @@ def test_the_engine_enforces_the_memory_and_time_caps(clickhouse_target: ClickHo
     gathered = "SELECT groupArray(concat(a.input_text, b.input_text)) AS pairs FROM inference_log AS a CROSS JOIN inference_log AS b"
     with pytest.raises(QueryOverLimit, match="max_memory_usage"):
         guard.run(readonly, gathered, None, QueryLimits(max_memory_usage=1024 * 1024))
-    # A self-join of every row with every other, hashed: far more than a second's work at this size.
-    heavy = "SELECT sum(cityHash64(a.input_text, b.input_text, c.input_text)) AS h FROM inference_log AS a CROSS JOIN inference_log AS b CROSS JOIN inference_log AS c"
+    # Every row with every other, four ways, hashed: 200^4 hashes, minutes of work on any machine here,
+    # so the cap, not the machine's speed on the day, decides (three ways finished under a second when idle).
+    heavy = (
+        "SELECT sum(cityHash64(a.input_text, b.input_text, c.input_text, d.input_text)) AS h FROM inference_log AS a"
+        " CROSS JOIN inference_log AS b CROSS JOIN inference_log AS c CROSS JOIN inference_log AS d"
+    )
     with pytest.raises(QueryOverLimit, match="max_execution_time"):
         guard.run(readonly, heavy, None, QueryLimits(max_execution_time_s=1))
     # The caps belong to the query, not the handle: the next one runs under the defaults.
