@@ -135,7 +135,7 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
 
     # --------------------------------------------------------------------------- adapters
     @router.get("/adapters", response_model=Page[AdapterVersionView])
-    async def list_adapters(model_name: str | None = None, stage: Stage | None = None, dataset_name: str | None = None, dataset_version: int | None = Query(None, ge=1, le=LARGEST_STORED_INT), cursor: str | None = None, limit: int = Query(50, ge=1, le=500), _: Principal = Depends(reader)) -> dict:
+    async def list_adapters(model_name: str | None = None, stage: Stage | None = None, dataset_name: DatasetName | None = None, dataset_version: int | None = Query(None, ge=1, le=LARGEST_STORED_INT), cursor: str | None = None, limit: int = Query(50, ge=1, le=500), _: Principal = Depends(reader)) -> dict:
         dataset = DatasetRef(name=dataset_name, version=dataset_version) if dataset_name and dataset_version else None
         return page(await call(registry.list_adapters, model_name=model_name, stage=stage, dataset=dataset, cursor=cursor, limit=limit))
 
