@@ -110,6 +110,14 @@ class Traffic:
                     await asyncio.sleep(0.2)  # a failing gateway answers at once: do not spin
 
 
+def exited(process: psutil.Process) -> bool:
+    """Gone, or a zombie: dead either way, whether or not its adopter has reaped it yet."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def tritonserver(serving: ServiceProcess) -> psutil.Process:
     assert serving.process is not None
     found = [child for child in psutil.Process(serving.process.pid).children(recursive=True) if child.name() == "tritonserver"]
@@ -216,7 +224,9 @@ async def test_triton_stopped_then_killed_under_traffic_errors_cleanly_recovers_
             # A stopped tritonserver would not act on the SIGTERM that stopping serving sends it.
             frozen.send_signal(signal.SIGCONT)
         serving.stop()
-        _, orphans = psutil.wait_procs(stubs, timeout=30)
+        _, remaining = psutil.wait_procs(stubs, timeout=30)
+        # A zombie has exited: it waits only for whoever adopted it (init, once tritonserver died) to reap it.
+        orphans = [stub for stub in remaining if not exited(stub)]
         for orphan in orphans:
             orphan.kill()
     leftover = tritonserver_pids(serving.home)
