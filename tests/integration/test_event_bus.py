@@ -13,7 +13,7 @@ from faststream.kafka import KafkaBroker
 
 from contracts.envelope import Envelope, wrap
 from contracts.events import EVENTS, FeedbackReceived, InferenceLogged
-from contracts.publisher import EventPublisher
+from contracts.publisher import EventPublisher, KafkaSecurity
 from contracts.topics import dlq_for, topic_for
 from services.runtime.broker import EventBus, create_broker
 from services.runtime.consumer import DeadLetters, SqliteProcessedEvents, subscribe
@@ -36,8 +36,10 @@ def consumer_broker(settings: FlywheelSettings, group: str, handlers: dict, stor
     return broker
 
 
-async def read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) -> list:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None, enable_auto_commit=False)
+async def read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0, security: KafkaSecurity | None = None) -> list:
+    """Records of `topic` from its beginning, until `expected` arrived or `timeout_s` passed."""
+    options = security.client_options() if security is not None else {}
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None, enable_auto_commit=False, **options)
     await consumer.start()
     records: list = []
     try:

@@ -39,6 +39,7 @@ from services.runtime.broker import check_reachable, ensure_topics
 from services.runtime.errors import ConfigurationError, InfrastructureError
 from services.runtime.service import Runtime, build_process
 from services.runtime.settings import PROCESS_PRINCIPAL, FlywheelSettings
+from tests.integration.test_event_bus import read_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -85,17 +86,7 @@ async def end_offset(bootstrap: str, admin: KafkaSecurity, topic: str) -> int:
 
 
 async def read_records(bootstrap: str, security: KafkaSecurity, topic: str, expected: int, timeout_s: float = 30.0) -> list:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None, enable_auto_commit=False, **security.client_options())
-    await consumer.start()
-    records: list = []
-    try:
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while len(records) < expected and asyncio.get_running_loop().time() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=500)).values():
-                records.extend(batch)
-    finally:
-        await consumer.stop()
-    return records
+    return await read_all(bootstrap, topic, expected, timeout_s, security=security)
 
 
 def record_of(event_type: str, producer: str) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
