@@ -20,7 +20,6 @@ door answers; its door admits `app` only and is covered in-process by the servin
 from __future__ import annotations
 
 import asyncio
-import atexit
 import json
 import os
 import re
@@ -35,9 +34,9 @@ import yaml
 from infra.kafka_acls import PRINCIPAL_NAMES
 from infra.local_kafka import SCRAM_MECHANISM, LocalKafka
 from infra.processes import free_port
-from services.runtime.errors import InfrastructureError
 from services.runtime.settings import FlywheelSettings
 from tests.faults.support import FLYWHEEL, ServiceProcess
+from tests.fixtures.kafka import running
 from tests.fixtures.postgres import fresh_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -140,15 +139,8 @@ def shape_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     kafka.dir.mkdir(parents=True, exist_ok=True)
     kafka.credentials_file.write_text(json.dumps({"mechanism": SCRAM_MECHANISM, "principals": kafka_passwords({})}))
     kafka.credentials_file.chmod(0o600)
-    atexit.register(kafka.stop)
-    try:
-        try:
-            bootstrap = kafka.start(timeout=180)
-        except InfrastructureError as error:
-            pytest.fail(f"the secure local broker did not start: {error}", pytrace=False)
+    with running(kafka, timeout=180, failure="the secure local broker did not start") as bootstrap:
         yield bootstrap, prefix
-    finally:
-        kafka.stop()
 
 
 def mapped(service: str, environment: dict[str, str], *, bootstrap: str, database_url: str, registry_url: str, home: Path, port: int) -> dict[str, str]:

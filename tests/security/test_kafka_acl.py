@@ -10,7 +10,6 @@ apps' EventPublisher publishes with SASL.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import json
 import logging
 import os
@@ -36,9 +35,10 @@ from infra.kafka_acls import APP, ADMIN_PRINCIPAL, PRINCIPAL_NAMES, PROCESS, SER
 from infra.local_kafka import LocalKafka
 from infra.processes import free_port
 from services.runtime.broker import check_reachable, ensure_topics
-from services.runtime.errors import ConfigurationError, InfrastructureError
+from services.runtime.errors import ConfigurationError
 from services.runtime.service import Runtime, build_process
 from services.runtime.settings import PROCESS_PRINCIPAL, FlywheelSettings
+from tests.fixtures.kafka import running
 from tests.integration.test_event_bus import read_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -53,16 +53,8 @@ EXAMPLES = example_events()
 def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
     """A broker of this module's own, stopped by pid even when a test fails (atexit: when the session dies)."""
     kafka = LocalKafka(tmp_path_factory.mktemp("secure-kafka-home"), FlywheelSettings().cache, port=free_port(), secure=True)
-    atexit.register(kafka.stop)
-    try:
-        try:
-            kafka.start(timeout=180)
-        except InfrastructureError as error:
-            pytest.fail(f"the secure local broker did not start: {error}", pytrace=False)
+    with running(kafka, timeout=180, failure="the secure local broker did not start"):
         yield kafka
-    finally:
-        kafka.stop()
-        atexit.unregister(kafka.stop)
 
 
 @pytest.fixture(scope="module")
@@ -418,16 +410,8 @@ def test_the_readme_prints_the_table_the_broker_enforces() -> None:
 def tls_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
     """`flywheel infra up --secure --tls`: SASL_SSL with a CA made for its home; stopped by pid."""
     kafka = LocalKafka(tmp_path_factory.mktemp("tls-kafka-home"), FlywheelSettings().cache, port=free_port(), secure=True, tls=True)
-    atexit.register(kafka.stop)
-    try:
-        try:
-            kafka.start(timeout=180)
-        except InfrastructureError as error:
-            pytest.fail(f"the TLS broker did not start: {error}", pytrace=False)
+    with running(kafka, timeout=180, failure="the TLS broker did not start"):
         yield kafka
-    finally:
-        kafka.stop()
-        atexit.unregister(kafka.stop)
 
 
 async def test_over_tls_the_apps_publisher_and_a_service_connect_and_nothing_else_does(tls_kafka: LocalKafka, tmp_path: Path) -> None:
