@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from contracts.envelope import ContractModel, Payload
 from contracts.ids import (
@@ -377,6 +377,32 @@ class FeedbackReceived(Payload):
     actor: str | None = Field(default=None, description="Id of the person or judge that gave it.")
 
 
+# Kafka does not tell a consumer which principal wrote a record, and the envelope's `producer` is
+# whatever the writer declared, so a claim inside feedback.received cannot be checked. Reviewer
+# feedback (what automatic retraining learns from) has a topic of its own instead, which only the
+# feedback service's principal may write (infra/kafka_acls.py): its door publishes there for keys
+# whose role grants reviewer.
+REVIEWER_FEEDBACK_ONLY_ON_ITS_TOPIC = (
+    "feedback.received may not carry source reviewer: reviewer feedback travels as feedback.reviewed, "
+    "which only the feedback service publishes (POST /feedback/v1/feedback with a reviewer's key)"
+)
+
+
+class FeedbackReviewed(FeedbackReceived):
+    """A reviewer's feedback, published by the feedback door alone; the same fields as feedback.received."""
+
+    event_type: ClassVar[str] = "feedback.reviewed"
+
+    source: FeedbackSource = Field(default=FeedbackSource.reviewer, description="Who gave it: always `reviewer` on this topic.")
+
+    @field_validator("source")
+    @classmethod
+    def _source_is_reviewer(cls, source: FeedbackSource) -> FeedbackSource:
+        if source is not FeedbackSource.reviewer:
+            raise ValueError(f"feedback.reviewed carries source reviewer only, got {source.value}: publish other feedback as feedback.received")
+        return source
+
+
 # ----------------------------------------------------------------------------------------- monitor
 
 
@@ -418,5 +444,6 @@ EVENTS: tuple[type[Payload], ...] = (
     DeploymentCompleted,
     InferenceLogged,
     FeedbackReceived,
+    FeedbackReviewed,
     AlertRaised,
 )

@@ -18,6 +18,7 @@ from contracts.events import (
     EvaluationCompleted,
     EvaluationRequested,
     FeedbackReceived,
+    FeedbackReviewed,
     FeedbackSource,
     Hyperparameters,
     InferenceLogged,
@@ -61,6 +62,7 @@ def example_events() -> dict[type[Payload], Payload]:
         DeploymentCompleted: DeploymentCompleted(deployment_id="dep-1", model_name=MODEL, adapter_version=3, action=DeploymentAction.load, ready=True, replica="serving-0"),
         InferenceLogged: InferenceLogged(inference_id="chatcmpl-1", model_name=MODEL, adapter_version=3, prompt_name="support-answer", prompt_version=2, route="canary", user_id="user-7", principal="app:support-bot", input_messages=[{"role": "user", "content": "How do I reset my Acme hub?"}], input_text="How do I reset my Acme hub?", output_text="Hold the button for 10 s.", finish_reason="stop", prompt_tokens=12, completion_tokens=9, latency_queue_ms=3.5, latency_compute_ms=180.0, latency_total_ms=190.2, started_at=NOW, metadata={"channel": "web"}),
         FeedbackReceived: FeedbackReceived(feedback_id="fb-1", inference_id="chatcmpl-1", thumbs=Thumbs.down, rating=2, comment="wrong duration", correction="Hold the button for 30 s.", tags=["wrong-fact"], source=FeedbackSource.end_user, actor="user-7"),
+        FeedbackReviewed: FeedbackReviewed(feedback_id="fb-2", inference_id="chatcmpl-1", thumbs=Thumbs.down, correction="Hold the button for 30 s.", tags=["wrong-fact"], actor="reviewer-3"),
         AlertRaised: AlertRaised(alert_id="alert-1", rule_name="thumbs-down-rate", rule_version=1, severity=Severity.critical, model_name=MODEL, adapter_version=3, metric="thumbs_down_rate", value=0.41, threshold=0.2, window_start=NOW - timedelta(minutes=15), window_end=NOW, message="thumbs-down rate 41% over 15 min exceeds 20%"),
     }
     missing = set(EVENTS) - set(examples)

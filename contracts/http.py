@@ -82,7 +82,7 @@ class FeedbackCreate(Request):
 
 class FeedbackAccepted(Response):
     feedback_id: str = Field(description="Id of the stored feedback.")
-    event_id: str = Field(description="Id of the `feedback.received` event published.")
+    event_id: str = Field(description="Id of the event published: `feedback.received`, or `feedback.reviewed` for a reviewer's feedback.")
 
 
 # ----------------------------------------------------------------------------------------- trainer

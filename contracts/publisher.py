@@ -28,6 +28,7 @@ from typing import Any, Literal
 from aiokafka import AIOKafkaProducer
 
 from contracts.envelope import Envelope, P, wrap
+from contracts.events import REVIEWER_FEEDBACK_ONLY_ON_ITS_TOPIC, FeedbackReceived, FeedbackSource
 from contracts.topics import topic_for
 
 CONTENT_TYPE = "application/json"
@@ -105,6 +106,11 @@ def encode(envelope: Envelope[P]) -> tuple[bytes, bytes, list[tuple[str, bytes]]
     return envelope.payload.partition_key().encode(), envelope.model_dump_json().encode(), headers
 
 
+class ReviewerClaimRefused(ValueError):
+    """An app's feedback.received that claims source reviewer: only reviewers' corrections feed automatic
+    retraining, and they reach Kafka through the feedback door alone (as feedback.reviewed)."""
+
+
 class EventPublisher:
     """Publishes contract events to their topics, keyed for ordering, with durable delivery."""
 
@@ -155,7 +161,13 @@ class EventPublisher:
         await self.stop()
 
     async def publish(self, payload: P, *, correlation_id: str | None = None, event_id: uuid.UUID | None = None) -> Envelope[P]:
-        """Wrap the payload in its envelope and wait until the broker has stored it."""
+        """Wrap the payload in its envelope and wait until the broker has stored it.
+
+        Raises ReviewerClaimRefused, before anything is sent, for feedback.received claiming source reviewer."""
+        if isinstance(payload, FeedbackReceived) and payload.event_type == FeedbackReceived.event_type and payload.source is FeedbackSource.reviewer:
+            raise ReviewerClaimRefused(
+                f"{REVIEWER_FEEDBACK_ONLY_ON_ITS_TOPIC}; an app publishes its end users' feedback (source end_user) and the feedback sink dead-letters this claim"
+            )
         envelope = wrap(payload, producer=self._producer_name, correlation_id=correlation_id, event_id=event_id)
         key, value, headers = encode(envelope)
         await self._kafka.send_and_wait(topic_for(payload, self._topic_prefix), value=value, key=key, headers=headers)

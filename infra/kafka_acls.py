@@ -80,10 +80,10 @@ SERVICE_PRINCIPALS: tuple[Principal, ...] = (
     ),
     Principal(
         "feedback",
-        produces=("feedback.received", *_when_defined(SPAN_LOGGED)),
-        consumes=("inference.logged", "feedback.received", *_when_defined(SPAN_LOGGED)),
+        produces=("feedback.received", "feedback.reviewed", *_when_defined(SPAN_LOGGED)),
+        consumes=("inference.logged", "feedback.received", "feedback.reviewed", *_when_defined(SPAN_LOGGED)),
         group="feedback",
-        why="its door takes feedback (and OTLP traces); its sink stores what arrives",
+        why="its door takes feedback (and OTLP traces), reviewers' as feedback.reviewed, which it alone writes; its sink stores what arrives",
     ),
     Principal(
         "monitor",
@@ -94,7 +94,8 @@ SERVICE_PRINCIPALS: tuple[Principal, ...] = (
     ),
 )
 
-# An app that runs its own LLM reports what happened, and nothing that changes the platform.
+# An app that runs its own LLM reports what happened, and nothing that changes the platform: not
+# feedback.reviewed either, whose corrections steer automatic retraining.
 APP = Principal(APP_PRINCIPAL, produces=("inference.logged", "feedback.received", *_when_defined(SPAN_LOGGED)), why="apps publishing their own inferences and feedback")
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from contracts.events import FeedbackSource, Thumbs
+from contracts.events import FeedbackReviewed, FeedbackSource, Thumbs
 from services.cli.doors import api_key_headers
 from services.runtime.errors import FlywheelError
 from services.runtime.settings import FlywheelSettings, load_settings
@@ -27,7 +27,7 @@ def give(
     source: Annotated[FeedbackSource, typer.Option(help="Who gives it.")] = FeedbackSource.end_user,
     actor: Annotated[str | None, typer.Option(help="Id of the person or judge.")] = None,
 ) -> None:
-    """Publish feedback as `feedback.received`; the sink stores it, also before its inference lands."""
+    """Publish feedback as `feedback.received` (`feedback.reviewed` with --source reviewer); the sink stores it, also before its inference lands."""
     from pydantic import ValidationError
 
     from contracts.http import FeedbackCreate
@@ -51,8 +51,9 @@ def give(
         from services.runtime.broker import check_reachable
 
         bootstrap = settings.resolved_kafka_bootstrap()
-        # Feedback is what apps may publish: the `app` principal where the broker has identities.
-        security = settings.resolved_kafka_security("app")
+        # Feedback is what apps may publish: the `app` principal where the broker has identities. A
+        # reviewer's travels on feedback.reviewed, which only the feedback service's principal may write.
+        security = settings.resolved_kafka_security("feedback" if isinstance(event, FeedbackReviewed) else "app")
         await check_reachable(bootstrap, security=security)
         # Without this check the producer retries a missing topic for a minute, logging each attempt.
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security.client_options())

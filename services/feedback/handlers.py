@@ -8,7 +8,8 @@ from typing import Any
 from faststream.kafka import KafkaBroker, KafkaRouter
 
 from contracts.envelope import Envelope
-from contracts.events import FeedbackReceived, InferenceLogged
+from contracts.events import FeedbackReceived, FeedbackReviewed, InferenceLogged
+from services.feedback.models import UnreviewedFeedback
 from services.feedback.service import Sink, StoreUnavailable
 from services.feedback.settings import FeedbackSettings
 from services.runtime.consumer import BatchHandler, DeadLetters, RetryLater, subscribe_batch
@@ -39,7 +40,11 @@ def when_feedback_received_store_it(sink: Sink) -> BatchHandler[FeedbackReceived
 def subscribe_sink(
     router: KafkaRouter | KafkaBroker, sink: Sink, settings: FeedbackSettings, *, dead_letters: DeadLetters, topic_prefix: str, max_retries: int, group: str = GROUP
 ) -> list[Any]:
-    """Subscribe the sink to inference.logged and feedback.received as consumer group `group`."""
+    """Subscribe the sink to inference.logged, feedback.received and feedback.reviewed as consumer group `group`.
+
+    feedback.received is read as UnreviewedFeedback: a record on it claiming source reviewer is
+    dead-lettered with the reason, since apps may write that topic; reviewer rows come from
+    feedback.reviewed alone, which only the feedback service may write."""
     options = {
         "group": group,
         "dead_letters": dead_letters,
@@ -51,5 +56,6 @@ def subscribe_sink(
     }
     return [
         subscribe_batch(router, InferenceLogged, when_inferences_logged_store_them(sink), **options),
-        subscribe_batch(router, FeedbackReceived, when_feedback_received_store_it(sink), **options),
+        subscribe_batch(router, UnreviewedFeedback, when_feedback_received_store_it(sink), **options),
+        subscribe_batch(router, FeedbackReviewed, when_feedback_received_store_it(sink), **options),
     ]

@@ -7,13 +7,32 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import pyarrow as pa
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from contracts.envelope import Envelope
-from contracts.events import FeedbackReceived, InferenceLogged
+from contracts.events import REVIEWER_FEEDBACK_ONLY_ON_ITS_TOPIC, FeedbackReceived, FeedbackSource, InferenceLogged
 from services.runtime.privacy import Redactor
 
 _TIME = pa.timestamp("ms", "UTC")
+
+
+class UnreviewedFeedback(FeedbackReceived):
+    """feedback.received as the sink accepts it: any source but reviewer.
+
+    Apps may write feedback.received, so a reviewer claim on it cannot be trusted; stored as is, it
+    would steer automatic retraining (the monitor learns from reviewer rows alone). Such a record is
+    dead-lettered rather than stored as end_user: a downgrade would keep a forged correction among
+    real end users' feedback and hide the attempt, while the dead letter (scrubbed of personal data,
+    services/runtime/consumer.py) keeps the record, says why, and names the topic reviewers' feedback
+    takes, so nothing is lost without a trace. A replay (services/feedback/replay.py) skips it the same way.
+    """
+
+    @field_validator("source")
+    @classmethod
+    def _not_reviewer(cls, source: FeedbackSource) -> FeedbackSource:
+        if source is FeedbackSource.reviewer:
+            raise ValueError(REVIEWER_FEEDBACK_ONLY_ON_ITS_TOPIC)
+        return source
 
 
 def _envelope_columns(envelopes: Sequence[Envelope]) -> dict[str, pa.Array]:

@@ -1,5 +1,8 @@
 """Rebuild inference_log and feedback from the topics: Kafka is the source of truth.
 
+feedback.received is read as the sink reads it (UnreviewedFeedback): a record claiming source reviewer
+is not stored, counted as undecodable and its reason logged; reviewer rows come from feedback.reviewed.
+
 A consumer with no group reads every partition from the earliest retained offset (or the first offset
 at a timestamp) up to the end it saw when it started, and hands the events to the same sink: events
 already stored are skipped by event id, so a replay into an existing store adds only what is missing,
@@ -18,9 +21,10 @@ from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import ValidationError
 
 from contracts.envelope import Envelope, P
-from contracts.events import FeedbackReceived, InferenceLogged
+from contracts.events import FeedbackReviewed, InferenceLogged
 from contracts.publisher import PLAINTEXT, KafkaSecurity
 from contracts.topics import topic_for
+from services.feedback.models import UnreviewedFeedback
 from services.feedback.service import Sink
 
 log = logging.getLogger("flywheel.feedback.replay")
@@ -37,8 +41,10 @@ class ReplayCount:
 async def replay(
     bootstrap: str, sink: Sink, *, topic_prefix: str = "", from_ms: int | None = None, batch: int = 5000, security: KafkaSecurity = PLAINTEXT
 ) -> list[ReplayCount]:
-    """Replay both sink topics into ClickHouse; returns what was read and inserted per topic."""
-    plan: Sequence[tuple[type, Callable[[Sequence[Envelope]], int]]] = ((InferenceLogged, sink.store_inferences), (FeedbackReceived, sink.store_feedback))
+    """Replay the sink's three topics into ClickHouse; returns what was read and inserted per topic."""
+    plan: Sequence[tuple[type, Callable[[Sequence[Envelope]], int]]] = (
+        (InferenceLogged, sink.store_inferences), (UnreviewedFeedback, sink.store_feedback), (FeedbackReviewed, sink.store_feedback)
+    )
     return [await _replay_topic(bootstrap, event, store, topic_prefix, from_ms, batch, security) for event, store in plan]
 
 
@@ -78,8 +84,10 @@ async def _replay_topic(
                     count.read += 1
                     try:
                         envelopes.append(envelope_type.model_validate_json(record.value or b""))
-                    except ValidationError:
+                    except ValidationError as error:
                         count.undecodable += 1
+                        if count.undecodable == 1:  # one line per topic, not one per record
+                            log.warning("%s: skipping records that are not valid %s, first at offset %d: %s", topic, event.event_type, record.offset, error.errors()[0]["msg"])
             if envelopes:
                 count.inserted += await asyncio.to_thread(store, envelopes)
     finally:

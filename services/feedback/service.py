@@ -11,7 +11,7 @@ import pyarrow as pa
 from prometheus_client import Counter
 
 from contracts.envelope import Envelope, P
-from contracts.events import FeedbackReceived, FeedbackSource, InferenceLogged
+from contracts.events import FeedbackReceived, FeedbackReviewed, FeedbackSource, InferenceLogged
 from contracts.http import FeedbackAccepted, FeedbackCreate
 from services.feedback.models import FeedbackList, FeedbackView, feedback_rows, inference_rows
 from services.runtime.privacy import Redactor
@@ -44,7 +44,8 @@ class StoreUnavailable(Exception):
 
 
 def feedback_event(request: FeedbackCreate) -> FeedbackReceived:
-    """The `feedback.received` event for a request, or InvalidFeedback saying what to fix."""
+    """The event for a request, or InvalidFeedback saying what to fix: `feedback.reviewed` for source
+    reviewer (its topic only the feedback service may write), `feedback.received` for every other source."""
     if not INFERENCE_ID.fullmatch(request.inference_id):
         raise InvalidFeedback(
             f"inference_id {request.inference_id[:80]!r} is malformed: use the `id` of the completion response "
@@ -57,7 +58,8 @@ def feedback_event(request: FeedbackCreate) -> FeedbackReceived:
             raise InvalidFeedback(f"tags: each tag must have 1 to {MAX_TAG_LENGTH} characters, got {tag[:80]!r}", "tags")
     if request.thumbs is None and request.rating is None and not request.comment and not request.correction and not tags:
         raise InvalidFeedback("empty feedback: give at least one of thumbs, rating, comment, correction or tags", "body")
-    return FeedbackReceived(
+    event_class = FeedbackReviewed if request.source is FeedbackSource.reviewer else FeedbackReceived
+    return event_class(
         inference_id=request.inference_id,
         thumbs=request.thumbs,
         rating=request.rating,
@@ -77,6 +79,7 @@ async def give_feedback(
     Reviewer corrections are what automatic retraining learns from, so `source: reviewer` is refused
     unless the caller's role grants reviewer: an app key cannot claim it (refused rather than
     downgraded to end_user, so an app that means it learns at once that it needs a reviewer's key).
+    A reviewer's feedback is published as feedback.reviewed, which apps cannot write on Kafka either.
     """
     event = feedback_event(request)
     if event.source is FeedbackSource.reviewer and not may_review:
@@ -109,7 +112,7 @@ class Sink:
         return self._write("inference_log", envelopes, inference_rows)
 
     def store_feedback(self, envelopes: Sequence[Envelope[FeedbackReceived]]) -> int:
-        """Store a batch of feedback.received events in feedback; returns how many rows were new."""
+        """Store a batch of feedback.received or feedback.reviewed events in feedback; returns how many rows were new."""
         return self._write("feedback", envelopes, feedback_rows)
 
     def _write(self, table: str, envelopes: Sequence[Envelope[P]], to_rows: Callable[[Sequence[Envelope[P]], Redactor], pa.Table]) -> int:

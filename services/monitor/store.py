@@ -210,8 +210,10 @@ class MonitorStore:
     def corrections(self, model_name: str, limit: int = 10_000) -> list[dict[str, Any]]:
         """Reviewers' corrected answers for `model_name` with their prompts (redacted by the sink), one per (prompt, correction).
 
-        Only `source = 'reviewer'`: the feedback door accepts that source from reviewer keys alone, while
-        any app may send end-user corrections, and those must not steer what the model learns."""
+        Only `source = 'reviewer'`: the feedback door accepts that source from reviewer keys alone and
+        publishes it as feedback.reviewed, which only the feedback service may write (the sink dead-letters
+        the claim on feedback.received), while any app may send end-user corrections, and those must not
+        steer what the model learns."""
         return self._query(
             "SELECT input_messages, input_text, correction FROM ("
             "  SELECT i.input_messages AS input_messages, i.input_text AS input_text, trimBoth(f.correction) AS correction, f.occurred_at AS at"

@@ -73,8 +73,9 @@ async def test_give_replay_twice_and_list(cli, kafka_bootstrap: str, topics: str
 
     first = replay_counts(cli("ops", "replay").stdout)
     second = replay_counts(cli("ops", "replay").stdout)
-    assert first == {"inference.logged": (40, 40), "feedback.received": (1, 1)}
-    assert second == {"inference.logged": (40, 0), "feedback.received": (1, 0)}, "a second replay must add nothing"
+    # A reviewer's feedback travels on feedback.reviewed (the feedback service's topic), not feedback.received.
+    assert first == {"inference.logged": (40, 40), "feedback.received": (0, 0), "feedback.reviewed": (1, 1)}
+    assert second == {"inference.logged": (40, 0), "feedback.received": (0, 0), "feedback.reviewed": (1, 0)}, "a second replay must add nothing"
 
     stored = cli("ops", "sql", "SELECT count() AS rows, uniqExact(event_id) AS events FROM inference_log").stdout.split()
     assert stored == ["rows", "events", "40", "40"]

@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from contracts.events import FeedbackReceived, InferenceLogged
+from contracts.events import FeedbackReceived, FeedbackReviewed, InferenceLogged
 from contracts.http import Role
 from contracts.topics import topic_for
 from services.feedback.api import create_router
@@ -94,9 +94,15 @@ async def test_only_a_reviewer_key_may_send_reviewer_corrections(settings: Flywh
     stored = clickhouse.query("SELECT feedback_id, source FROM feedback ORDER BY source")
     assert sorted(row["source"] for row in stored) == ["end_user", "reviewer", "reviewer"]
     assert {row["feedback_id"] for row in stored if row["source"] == "reviewer"} == {reviewed.json()["feedback_id"], by_admin.json()["feedback_id"]}
-    # The refused one was never published: the topic holds the three accepted, nothing else.
-    records = await read_all(settings.resolved_kafka_bootstrap(), topic_for(FeedbackReceived, settings.topic_prefix), expected=10**6, timeout_s=5)
-    assert sorted(json.loads(record.value)["payload"]["source"] for record in records) == ["end_user", "reviewer", "reviewer"]
+    # The refused one was never published: the topics hold the three accepted, nothing else, and the
+    # reviewers' travel on feedback.reviewed, which apps cannot write.
+    bootstrap = settings.resolved_kafka_bootstrap()
+    received = await read_all(bootstrap, topic_for(FeedbackReceived, settings.topic_prefix), expected=10**6, timeout_s=5)
+    reviewed_records = await read_all(bootstrap, topic_for(FeedbackReviewed, settings.topic_prefix), expected=10**6, timeout_s=5)
+    assert [json.loads(record.value)["payload"]["source"] for record in received] == ["end_user"]
+    assert sorted(json.loads(record.value)["payload"]["feedback_id"] for record in reviewed_records) == sorted(
+        answer.json()["feedback_id"] for answer in (reviewed, by_admin)
+    )
 
 
 async def test_the_door_scrubs_feedback_before_it_is_published(settings: FlywheelSettings, topics: str, clickhouse: ClickHouseStore) -> None:  # noqa: F811

@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI
 
 from contracts.envelope import wrap
-from contracts.events import AlertRaised, FeedbackReceived, InferenceLogged, InferenceStatus, Thumbs, TrainingRequested
+from contracts.events import AlertRaised, FeedbackReceived, FeedbackReviewed, InferenceLogged, InferenceStatus, Thumbs, TrainingRequested
 from contracts.http import Role
 from services.runtime.privacy import Redactor
 from services.feedback.service import Sink
@@ -63,7 +63,8 @@ def traffic(count: int, *, degraded: bool, adapter: int = 1) -> tuple[list[Infer
         if degraded:
             # Half the users correct the answer; the same correction for the same question twice is one record.
             correction = f"Product {i % 12} has a 2-year warranty." if i % 2 == 0 else None
-            feedback.append(FeedbackReceived(inference_id=inference_id, thumbs=Thumbs.down, rating=1 + i % 2, correction=correction, source="reviewer"))
+            # Reviewers' feedback, as the feedback door publishes it: the sink dead-letters a reviewer claim on feedback.received.
+            feedback.append(FeedbackReviewed(inference_id=inference_id, thumbs=Thumbs.down, rating=1 + i % 2, correction=correction))
         else:
             feedback.append(FeedbackReceived(inference_id=inference_id, thumbs=Thumbs.up if i % 10 else Thumbs.down, rating=4 + i % 2))
     return inferences, feedback
