@@ -12,8 +12,8 @@ database (development); with a server database (PostgreSQL, production) the sett
 because every registry replica must hash alike.
 
 Where keys are checked (docs/decisions/0001-key-checks.md): the registry owns the table. A process
-that runs the registry checks keys against its own store; any other process with
-FLYWHEEL_REGISTRY_URL asks the registry's door who a presented key belongs to
+that runs the registry checks keys against its own store; any other process asks the registry's door
+(FLYWHEEL_REGISTRY_URL, else the registry recorded as running under FLYWHEEL_HOME) who a presented key belongs to
 (`GET /registry/v1/keys/self`, authenticated by that very key), so it holds no credential of its
 own for this and never opens the registry's database. Answers are cached for a few seconds, so a
 revoked key stops working everywhere within `cache_ttl_s`.
@@ -41,7 +41,7 @@ from typing import Any, Protocol
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
-from sqlalchemy import DateTime, Engine, create_engine, event, func, inspect, or_, select, update
+from sqlalchemy import DateTime, Engine, create_engine, event, func, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel
@@ -49,6 +49,7 @@ from sqlmodel import Field, Session, SQLModel
 from contracts.http import Role
 from services.runtime.errors import ConfigurationError
 from services.runtime.http import DoorError
+from services.runtime.running import door_of
 from services.runtime.settings import FlywheelSettings
 
 log = logging.getLogger("flywheel.auth")
@@ -388,15 +389,18 @@ def _error_detail(response: Any) -> dict:
 
 
 class LocalKeys:
-    """Key checks in the registry database of this process: the KeyStore the registry registered for
-    that database when it runs here, else (one host, development) a KeyStore opened on it directly."""
+    """Key checks without FLYWHEEL_REGISTRY_URL: the KeyStore of the registry built in this process, else
+    the door of a registry recorded under FLYWHEEL_HOME (services/runtime/running.py: `flywheel run
+    registry` and `flywheel run serving` side by side in one home find each other). Never the registry's
+    database itself: only the registry opens it."""
 
     _registered: dict[str, KeyStore] = {}
     _lock = threading.Lock()
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, home: Path) -> None:
         self.database_url = database_url
-        self._direct: KeyStore | None = None
+        self.home = home
+        self._door: RegistryKeys | None = None
 
     @classmethod
     def register(cls, database_url: str, keys: KeyStore) -> None:
@@ -404,26 +408,22 @@ class LocalKeys:
         with cls._lock:
             cls._registered[database_url] = keys
 
-    def _store(self) -> KeyStore:
+    def _checker(self) -> KeyChecker:
         registered = self._registered.get(self.database_url)
         if registered is not None:
             return registered
-        if self._direct is None:
-            with self._lock:
-                if self._direct is None:
-                    engine = create_database_engine(self.database_url)
-                    if not inspect(engine).has_table(ApiKey.__tablename__):
-                        engine.dispose()
-                        raise KeysUnavailable(
-                            "API keys cannot be checked: no registry runs in this process and FLYWHEEL_REGISTRY_URL is not set; "
-                            "set FLYWHEEL_REGISTRY_URL to the registry's door (e.g. http://registry:8080)"
-                        )
-                    log.warning("checking API keys in the registry database directly (one host, development); set FLYWHEEL_REGISTRY_URL to ask the registry instead")
-                    self._direct = KeyStore(engine)
-        return self._direct
+        url = door_of(self.home, "registry")  # looked up each time: the registry may start, stop or move
+        if url is None:
+            raise KeysUnavailable(
+                f"API keys cannot be checked: no registry runs in this process or under {self.home} and FLYWHEEL_REGISTRY_URL is not set; "
+                "start the registry (`flywheel run registry` with the same FLYWHEEL_HOME) or set FLYWHEEL_REGISTRY_URL to its door (e.g. http://registry:8080)"
+            )
+        if self._door is None or self._door.base_url != url:
+            self._door = RegistryKeys(url)
+        return self._door
 
     def check(self, key: str) -> Principal:
-        return self._store().check(key)
+        return self._checker().check(key)
 
 
 Refusal = Callable[[Request, Principal | None, int, str], None]
@@ -434,7 +434,7 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: 
 class Authenticator:
     """Turns `Authorization: Bearer <key>` into a Principal, with a short cache in front of the key checker."""
 
-    _shared: dict[tuple[str, str], Authenticator] = {}
+    _shared: dict[tuple[str, ...], Authenticator] = {}
     _shared_lock = threading.Lock()
 
     def __init__(self, keys: KeyChecker, *, cache_ttl_s: float = 5.0) -> None:
@@ -445,11 +445,15 @@ class Authenticator:
     @classmethod
     def for_settings(cls, settings: FlywheelSettings) -> Authenticator:
         """The authenticator of a service's door: introspection through FLYWHEEL_REGISTRY_URL when set, else
-        the registry database of this process. One per source in a process, so services run together share it."""
-        source = ("registry", settings.registry_url.rstrip("/")) if settings.registry_url else ("database", registry_database_url(settings))
+        the registry of this process or the one recorded under FLYWHEEL_HOME. One per source in a process,
+        so services run together share it."""
+        if settings.registry_url:
+            source: tuple[str, ...] = ("registry", settings.registry_url.rstrip("/"))
+        else:
+            source = ("local", registry_database_url(settings), str(settings.home.resolve()))
         with cls._shared_lock:
             if source not in cls._shared:
-                cls._shared[source] = cls(RegistryKeys(source[1]) if source[0] == "registry" else LocalKeys(source[1]))
+                cls._shared[source] = cls(RegistryKeys(source[1]) if source[0] == "registry" else LocalKeys(source[1], Path(source[2])))
             return cls._shared[source]
 
     def forget(self) -> None:

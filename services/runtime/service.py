@@ -32,6 +32,7 @@ from services.runtime.broker import EventBus, check_reachable, create_broker, en
 from services.runtime.clickhouse import ClickHouseStore, open_clickhouse
 from services.runtime.consumer import DeadLetters, Handler, SqliteProcessedEvents, subscribe
 from services.runtime.http import ReadinessCheck, create_http_app
+from services.runtime.running import door_url, forget, record
 from services.runtime.settings import FlywheelSettings
 
 log = logging.getLogger("flywheel.process")
@@ -168,6 +169,7 @@ def build_process(settings: FlywheelSettings, factories: Sequence[ServiceFactory
         max_body_bytes=settings.http_max_body_bytes,
         body_limits={prefix: limit for service in services for prefix, limit in service.body_limits.items()},
     )
+    app.state.services = [service.name for service in services]
     return app, runtime
 
 
@@ -177,6 +179,23 @@ class HttpServer(uvicorn.Server):
     def __init__(self, app: FastAPI, settings: FlywheelSettings, *, handle_signals: bool = True) -> None:
         super().__init__(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None, lifespan="on"))
         self.handle_signals = handle_signals
+        self._services: list[str] = list(getattr(app.state, "services", []))
+        self._home = settings.home
+        self._record: Path | None = None
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        """Once listening, the door is recorded under FLYWHEEL_HOME (services/runtime/running.py), so
+        processes and commands on this host find it without being told its address."""
+        await super().startup(sockets)
+        if self.started and self.servers and self._services:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]  # the bound port, also when 0 asked for any
+            self._record = record(self._home, self._services, door_url(self.config.host or host, port))
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        if self._record is not None:
+            forget(self._record)  # first: nothing should find a door that is closing
+            self._record = None
+        await super().shutdown(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

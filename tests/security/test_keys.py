@@ -177,3 +177,38 @@ def test_a_bootstrap_admin_key_under_32_characters_stops_the_registry_with_one_l
     assert "Traceback" not in output
     assert "FLYWHEEL_BOOTSTRAP_ADMIN_KEY is 19 characters; set it to at least 32" in output, output
     assert "too-short-admin-key" not in output, "the refused key was printed"
+
+
+async def test_a_service_beside_the_registry_in_one_home_checks_keys_through_its_recorded_door(tmp_path: Path, kafka_bootstrap: str, topics: str, topic_prefix: str) -> None:
+    """`flywheel run registry` and `flywheel run feedback` in two terminals, one home, nothing else set:
+    the feedback door finds the registry's door recorded under the home, and says what to start once it is gone."""
+    home = tmp_path / "home"
+    registry = ServiceProcess(tmp_path, kafka_bootstrap, topic_prefix, ["registry"], home=home, FLYWHEEL_BOOTSTRAP_ADMIN_KEY=ADMIN)
+    feedback = ServiceProcess(tmp_path, kafka_bootstrap, topic_prefix, ["feedback"], home=home)
+    for process in (registry, feedback):
+        process.env.pop("FLYWHEEL_DATABASE_URL", None)
+        process.env.pop("FLYWHEEL_REGISTRY_URL", None)
+    registry.start()
+    feedback.start()
+    try:
+        await registry.wait_ready()
+        await feedback.wait_ready()
+        records = sorted(path.name for path in (home / "run").glob("*.json"))
+        assert records == sorted(f"{process.process.pid}.json" for process in (registry, feedback) if process.process), records
+        door = f"{feedback.url}/feedback/v1/feedback"
+        async with httpx.AsyncClient(timeout=30) as http:
+            created = (await http.post(f"{registry.url}/registry/v1/keys", json={"principal": "shop-reviewer", "role": "reviewer"}, headers=auth(ADMIN))).json()
+            assert (await http.get(door, params={"inference_id": "nothing-yet"}, headers=auth(created["key"]))).status_code == 200
+            wrong = await http.get(door, params={"inference_id": "x"}, headers=auth("fw_000000000000_wrong"))
+            assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+
+            registry.kill()  # no goodbye: its record stays behind and must be recognised as stale
+            registry.process.wait(30)  # type: ignore[union-attr]
+            await asyncio.sleep(6)  # past the verification cache
+            gone = await http.get(door, params={"inference_id": "x"}, headers=auth(created["key"]))
+        assert gone.status_code == 503, gone.text
+        assert "start the registry (`flywheel run registry` with the same FLYWHEEL_HOME)" in gone.json()["error"]["message"]
+        assert not (home / "run" / f"{registry.process.pid}.json").exists(), "the dead registry's record was not removed"  # type: ignore[union-attr]
+    finally:
+        feedback.stop()
+        registry.stop()

@@ -19,6 +19,7 @@ from infra.processes import free_port
 from services.runtime.auth import PEPPER_FILE, ApiKey, Authenticator, KeyStore, Principal, Role, create_database_engine, key_pepper, registry_database_url, split_key
 from services.runtime.errors import ConfigurationError
 from services.runtime.http import create_http_app
+from services.runtime.running import record
 from services.runtime.settings import FlywheelSettings
 
 pytestmark = pytest.mark.unit
@@ -163,13 +164,28 @@ def test_an_expired_key_is_a_401_that_says_so(keys: KeyStore) -> None:
     assert response.json()["error"]["code"] == "expired_api_key" and f"API key {row.key_id} expired at" in response.json()["error"]["message"]
 
 
-def test_without_a_registry_to_ask_a_door_says_what_to_set(tmp_path: Path) -> None:
-    # No registry in this process, no FLYWHEEL_REGISTRY_URL, and no registry database on this host:
-    # the docker-compose failure of issue 13, answered with what to set instead of refusing every key.
-    client = client_for(Authenticator.for_settings(FlywheelSettings(home=tmp_path / "empty-volume")))
-    response = client.get("/things", headers={"Authorization": "Bearer fw_a_b"})
+def test_without_a_registry_to_ask_a_door_says_what_to_start_and_never_opens_the_database(tmp_path: Path) -> None:
+    # The registry's database is on this host and holds the key, but no registry runs in this process
+    # or under this home and FLYWHEEL_REGISTRY_URL is unset: the key is not checked against the file.
+    settings = FlywheelSettings(home=tmp_path / "home")
+    engine = create_database_engine(registry_database_url(settings))
+    ApiKey.metadata.create_all(engine, tables=[ApiKey.__table__])  # type: ignore[attr-defined]
+    key = KeyStore(engine).create(principal="tess", role=Role.viewer, created_by="test")[0]
+    engine.dispose()
+    client = client_for(Authenticator.for_settings(settings))
+    response = client.get("/things", headers={"Authorization": f"Bearer {key}"})
     assert response.status_code == 503
-    assert "set FLYWHEEL_REGISTRY_URL to the registry's door" in response.json()["error"]["message"]
+    message = response.json()["error"]["message"]
+    assert "start the registry (`flywheel run registry` with the same FLYWHEEL_HOME)" in message and "FLYWHEEL_REGISTRY_URL" in message
+
+
+def test_a_registry_recorded_under_the_home_is_asked(tmp_path: Path) -> None:
+    # A record of this very process claiming a registry door where nothing listens: the door is asked (and named).
+    url = f"http://127.0.0.1:{free_port()}"
+    record(tmp_path, ["registry"], url)
+    response = client_for(Authenticator.for_settings(FlywheelSettings(home=tmp_path))).get("/things", headers={"Authorization": "Bearer fw_a_b"})
+    assert response.status_code == 503
+    assert f"the registry at {url} did not answer" in response.json()["error"]["message"]
 
 
 def test_an_unreachable_registry_is_a_503_naming_it(tmp_path: Path) -> None:
