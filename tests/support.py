@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from contracts.http import Role
@@ -28,12 +28,19 @@ async def eventually(condition: Callable[[], bool | Awaitable[bool]], timeout_s:
 
 
 def api_key(settings: FlywheelSettings, role: Role) -> str:
-    """A new API key of `role` in the registry database every door of `settings` checks keys against."""
-    from services.runtime.auth import ApiKey, KeyStore, create_database_engine, registry_database_url
+    """A new API key of `role` in the registry database of `settings`. The store is offered to the doors
+    of this process as the registry built here would offer it, so an app built in the test without the
+    registry checks keys against it (services never open the registry's database themselves)."""
+    from services.runtime.auth import ApiKey, KeyStore, LocalKeys, create_database_engine, registry_database_url
 
-    engine = create_database_engine(registry_database_url(settings))
-    try:
+    database_url = registry_database_url(settings)
+    store = _key_stores.get(database_url)
+    if store is None:
+        engine = create_database_engine(database_url)
         ApiKey.metadata.create_all(engine, tables=[ApiKey.__table__])  # type: ignore[attr-defined]
-        return KeyStore(engine).create(principal=f"test-{role.value}", role=role, created_by="test")[0]
-    finally:
-        engine.dispose()
+        store = _key_stores[database_url] = KeyStore(engine)
+        LocalKeys.register(database_url, store)
+    return store.create(principal=f"test-{role.value}", role=role, created_by="test")[0]
+
+
+_key_stores: dict[str, Any] = {}

@@ -317,6 +317,13 @@ class ServiceProcess:
     def log_count(self, text: str) -> int:
         return self.log.read_text(errors="replace").count(text) if self.log.exists() else 0
 
+    def registry_beside(self) -> ServiceProcess:
+        """A registry process in this process's home, with its environment: the doors of this one check
+        API keys through it (found where it records its door under the home), as when a developer runs
+        `flywheel run registry` beside `flywheel run SERVICE`. Services never open the registry's database."""
+        extra = {name: value for name, value in self.env.items() if os.environ.get(name) != value and name not in ("FLYWHEEL_HOME", "FLYWHEEL_HTTP_PORT", "FLYWHEEL_TOPIC_PREFIX", "FLYWHEEL_KAFKA_BOOTSTRAP")}
+        return ServiceProcess(self.log.parent, self.env["FLYWHEEL_KAFKA_BOOTSTRAP"], self.env["FLYWHEEL_TOPIC_PREFIX"], ["registry"], home=self.home, **extra)
+
 
 async def eventually(condition: Callable[[], object], timeout_s: float, what: str, alive: ServiceProcess | None = None, interval_s: float = 0.3) -> None:
     """Wait until `condition()` holds (run in a thread: it may block), failing early if `alive` exits."""

@@ -427,6 +427,7 @@ async def test_sigkilled_services_while_the_loop_runs_lose_no_job_event_or_gate(
         await registry.wait_ready()
         sink.env["FLYWHEEL_MONITOR_REGISTRY_URL"] = registry.url
         for process in (trainer, evaluator, sink):
+            process.env["FLYWHEEL_REGISTRY_URL"] = registry.url  # keys are checked through the registry's door
             process.start()
         for process in (trainer, evaluator, sink):
             await process.wait_ready()

@@ -146,7 +146,7 @@ async def test_separate_processes_give_the_same_outcome_as_one_process_under_poi
     try:
         registry.start()
         await registry.wait_ready()
-        sink_monitor.env["FLYWHEEL_MONITOR_REGISTRY_URL"] = registry.url
+        sink_monitor.env["FLYWHEEL_MONITOR_REGISTRY_URL"] = sink_monitor.env["FLYWHEEL_REGISTRY_URL"] = registry.url
         sink_monitor.start()
         await sink_monitor.wait_ready()
         outcomes["separate processes"] = await drive_slice(proxied.bootstrap, prefix, sink_monitor.url, sink_monitor.url)
@@ -176,7 +176,7 @@ async def test_poison_on_every_topic_goes_to_each_consuming_groups_dlq_and_block
         processes[0].start()
         await processes[0].wait_ready()
         for process in processes[1:]:
-            process.env["FLYWHEEL_MONITOR_REGISTRY_URL"] = processes[0].url
+            process.env["FLYWHEEL_MONITOR_REGISTRY_URL"] = process.env["FLYWHEEL_REGISTRY_URL"] = processes[0].url
             process.start()
         for process in processes[1:]:
             await process.wait_ready()

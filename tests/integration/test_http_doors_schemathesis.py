@@ -92,6 +92,7 @@ def keys_and_doors(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: st
         processes["monitor"].env["FLYWHEEL_MONITOR_REGISTRY_URL"] = registry.url
         for name, process in processes.items():
             if name != "registry":
+                process.env["FLYWHEEL_REGISTRY_URL"] = registry.url  # keys are checked through the registry's door
                 process.start()
         for process in processes.values():
             asyncio.run(process.wait_ready())
@@ -121,7 +122,7 @@ def serving_door(keys_and_doors: tuple[dict[str, str], dict[str, ServiceProcess]
 
 
 def _shared_env(process: ServiceProcess) -> dict[str, str]:
-    return {name: process.env[name] for name in ("FLYWHEEL_BOOTSTRAP_ADMIN_KEY", "FLYWHEEL_DATABASE_URL")}
+    return {**{name: process.env[name] for name in ("FLYWHEEL_BOOTSTRAP_ADMIN_KEY", "FLYWHEEL_DATABASE_URL")}, "FLYWHEEL_REGISTRY_URL": process.url}
 
 
 MATRIX_SERVICES = ["registry", "trainer", "evaluator", "feedback", "monitor", "serving"]

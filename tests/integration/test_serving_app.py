@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from contracts.events import InferenceLogged, PromptPublished
-from services.runtime.auth import ApiKey, KeyStore, Role, create_database_engine, registry_database_url
+from services.runtime.auth import Role
 from services.runtime.service import build_process
 from services.runtime.settings import FlywheelSettings
 from services.serving.app import create_app
@@ -18,6 +18,7 @@ from services.serving.inference_log import InferenceLogBuffer
 from tests.integration.test_event_bus import read_all
 from tests.integration.test_serving_triton import tritonserver_pids
 from tests.serving_support import smollm2_tokenizer, tiny_model
+from tests.support import api_key
 
 pytestmark = pytest.mark.integration
 
@@ -33,10 +34,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def app_key(settings: FlywheelSettings, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("FLYWHEEL_SERVING_MODEL_DIR", str(model_dir))
     monkeypatch.setenv("FLYWHEEL_SERVING_BASE_MODEL", "tiny")
-    # The registry owns the key table; here it is created the way its migrations create it.
-    engine = create_database_engine(registry_database_url(settings))
-    ApiKey.metadata.create_all(engine, tables=[ApiKey.__table__])  # type: ignore[attr-defined]
-    return KeyStore(engine).create(principal="shop", role=Role.app, created_by="test")[0]
+    return api_key(settings, Role.app)
 
 
 async def test_serving_process_serves_logs_and_follows_prompt_events(settings: FlywheelSettings, topics: str, app_key: str) -> None:

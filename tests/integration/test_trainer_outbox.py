@@ -57,11 +57,14 @@ async def test_training_failed_while_the_broker_is_down_arrives_exactly_once_aft
     # An unknown model fails the job at once, so the terminal event is due while the broker is down.
     trainer = ServiceProcess(tmp_path, bootstrap, prefix, ("trainer",), FLYWHEEL_TRAINER_INPUT_WAIT_S="0", FLYWHEEL_TRAINER_PUBLISH_RETRY_INITIAL_S="0.2")
     jobs_db = trainer.home / "trainer" / "jobs.db"
-    operator = api_key(FlywheelSettings(home=trainer.home), Role.operator)
+    registry = trainer.registry_beside()  # the trainer's door checks the operator's key through it
     expected_id = str(uuid.uuid5(uuid.NAMESPACE_URL, "flywheel-trainer/job-down/failed"))
     body = {"job_id": "job-down", "model_name": "never-registered", "dataset": {"name": "d", "version": 1}}
     try:
+        registry.start()
         trainer.start()
+        await registry.wait_ready()
+        operator = api_key(FlywheelSettings(home=trainer.home), Role.operator)
         await trainer.wait_ready()
         await asyncio.to_thread(own_kafka.stop)
         async with httpx.AsyncClient(base_url=trainer.url, headers={"Authorization": f"Bearer {operator}"}, timeout=10) as client:
@@ -83,6 +86,7 @@ async def test_training_failed_while_the_broker_is_down_arrives_exactly_once_aft
         await eventually(lambda: not unsent(jobs_db), 180, "the staged training.failed to be published after the restart", alive=trainer)
     finally:
         await asyncio.to_thread(trainer.stop)
+        await asyncio.to_thread(registry.stop)
     records = await read_all(bootstrap, topic_for(TrainingFailed, prefix), expected=2, timeout_s=10)
     envelopes = [json.loads(record.value) for record in records]
     assert [envelope["event_id"] for envelope in envelopes] == [expected_id]
