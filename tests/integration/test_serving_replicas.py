@@ -6,6 +6,7 @@ back serving what production is now."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -46,7 +47,7 @@ async def answered_by(http: httpx.AsyncClient) -> str:
     return response.json()["model"]
 
 
-async def until_answered_by(http: httpx.AsyncClient, expected: str, what: str) -> None:
+async def until_answered_by(http: httpx.AsyncClient, expected: str, what: str, caplog: pytest.LogCaptureFixture | None = None) -> None:
     seen: list[str] = []
 
     async def probe() -> bool:
@@ -56,7 +57,9 @@ async def until_answered_by(http: httpx.AsyncClient, expected: str, what: str) -
     try:
         await eventually(probe, what=what, timeout_s=120, interval_s=0.5)
     except AssertionError as error:
-        raise AssertionError(f"{error}; the last answers came from {seen[-3:]}") from None
+        # What serving logged as it followed the registry tells a lost event from a slow one.
+        logged = [f"{record.name}: {record.getMessage()}" for record in (caplog.records if caplog else []) if record.name.startswith("flywheel.") and record.levelno >= logging.INFO]
+        raise AssertionError(f"{error}; the last answers came from {seen[-3:]}; flywheel logged: {logged[-15:]}") from None
 
 
 @asynccontextmanager
@@ -86,15 +89,16 @@ async def promote_v2(registry: EventBus) -> None:
 
 
 async def test_replicas_rebuild_routes_from_the_replayed_topics_and_each_gets_every_stage_change(
-    settings: FlywheelSettings, topics: str, model_dir: Path, app_key: str, tmp_path: Path  # noqa: F811
+    settings: FlywheelSettings, topics: str, model_dir: Path, app_key: str, tmp_path: Path, caplog: pytest.LogCaptureFixture  # noqa: F811
 ) -> None:
+    caplog.set_level(logging.INFO, logger="flywheel")
     async with registry_history(settings, tmp_path) as registry:
         homes = [settings.home.parent / f"replica-{name}" for name in "ab"]
         async with AsyncExitStack() as stack:
             a = await stack.enter_async_context(replica(settings, homes[0], app_key))
             b = await stack.enter_async_context(replica(settings, homes[1], app_key))
             for name, http in (("a", a), ("b", b)):
-                await until_answered_by(http, "tiny:v1", f"replica {name} serving production v1 from the replayed history")
+                await until_answered_by(http, "tiny:v1", f"replica {name} serving production v1 from the replayed history", caplog)
 
             await promote_v2(registry)
             for name, http in (("a", a), ("b", b)):
