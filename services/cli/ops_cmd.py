@@ -28,15 +28,21 @@ def sql(
 
     import httpx
 
+    from services.runtime.running import door_of
+
     settings = load_settings(FlywheelSettings)
-    url = f"http://{settings.http_host}:{settings.http_port}/monitor/v1/query"
+    # chDB lets one process open the data directory: beside a live monitor (found where it recorded its
+    # door under FLYWHEEL_HOME, whatever its port), ask its query door instead.
+    door = door_of(settings.home, "monitor") or f"http://{settings.http_host}:{settings.http_port}"
+    url = f"{door}/monitor/v1/query"
     key = os.environ.get("FLYWHEEL_API_KEY") or os.environ.get("FLYWHEEL_MONITOR_API_KEY")
     try:
-        # chDB lets one process open the data directory: beside a live `flywheel up`, ask its query door.
         response = httpx.post(url, json={"sql": query, "max_rows": max_rows}, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)
     except httpx.ConnectError:
         columns, rows = _query_store(settings, query, max_rows)
     else:
+        if response.status_code == 401 and not key:
+            raise FlywheelError(f"a Flywheel process serves the monitor at {door} and holds the ClickHouse data: set FLYWHEEL_API_KEY to a viewer's key (`flywheel registry keys create NAME --role viewer`)")
         if response.status_code != 200:
             raise FlywheelError(f"{url} answered {response.status_code}: {response.json().get('error', {}).get('message', response.text)}")
         body = response.json()

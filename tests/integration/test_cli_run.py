@@ -121,7 +121,8 @@ def assert_stopped_cleanly(process: Flywheel, code: int, seconds: float, tritons
 
 @pytest.mark.timeout(420)
 def test_run_several_services_in_one_process(flywheel) -> None:
-    process = flywheel("run", "feedback", "monitor")
+    # The registry runs with them: the doors check API keys through it (never its database themselves).
+    process = flywheel("run", "registry", "feedback", "monitor")
     process.start()
     process.wait_ready(300)
     settings = FlywheelSettings(home=process.home)
@@ -143,8 +144,19 @@ def test_run_several_services_in_one_process(flywheel) -> None:
     assert stored.status_code == 200, stored.text
     assert [item["thumbs"] for item in stored.json()["items"]] == ["down"], stored.text
 
+    # `flywheel ops sql` beside it, as a user in another terminal: the same home, no port, a viewer key.
+    # It finds the live process's door under the home (the process holds the embedded ClickHouse).
+    beside = {name: value for name, value in process.env.items() if name != "FLYWHEEL_HTTP_PORT"}
+    counted_sql = f"SELECT count() AS n FROM feedback WHERE inference_id = '{inference_id}'"
+    answered = subprocess.run([FLYWHEEL, "ops", "sql", counted_sql], cwd=REPO, env={**beside, "FLYWHEEL_API_KEY": viewer["Authorization"].removeprefix("Bearer ")}, capture_output=True, text=True, timeout=120)
+    assert answered.returncode == 0 and answered.stdout.split() == ["n", "1"], answered.stdout + answered.stderr
+    keyless = subprocess.run([FLYWHEEL, "ops", "sql", counted_sql], cwd=REPO, env=beside, capture_output=True, text=True, timeout=120)
+    assert keyless.returncode != 0 and "Traceback" not in keyless.stderr, keyless.stderr
+    assert f"a Flywheel process serves the monitor at {process.url} and holds the ClickHouse data: set FLYWHEEL_API_KEY" in keyless.stdout + keyless.stderr
+
     code, seconds = process.stop_with(signal.SIGTERM)
     assert_stopped_cleanly(process, code, seconds, tritons=[])
+    assert not list((process.home / "run").glob("*.json")), "the stopped process left its door recorded"
 
 
 def test_run_names_the_valid_services_when_one_is_unknown() -> None:
