@@ -58,7 +58,7 @@ async def test_serving_process_serves_logs_and_follows_prompt_events(settings: F
     records = await read_all(settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=10**6, timeout_s=5)
     events = {json.loads(record.value)["payload"]["inference_id"]: json.loads(record.value)["payload"] for record in records}
     logged = events[served.json()["id"]]
-    assert (logged["prompt_name"], logged["principal"], logged["status"]) == ("greeting", "shop", "ok")
+    assert (logged["prompt_name"], logged["principal"], logged["status"]) == ("greeting", "test-app", "ok")
     assert "You work for Kettles Ltd." in logged["input_text"]
 
 
