@@ -6,7 +6,11 @@ dead-letters such a claim sent raw and stores the door's reviewer correction fro
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -104,3 +108,25 @@ async def test_the_sink_as_the_feedback_principal_stores_reviewer_rows_only_from
     assert len(mine) == 1, "the forged claim was not dead-lettered once"
     reason = dict((name, value.decode()) for name, value in mine[0].headers)["x-flywheel-error"]
     assert "feedback.received may not carry source reviewer" in reason and "feedback.reviewed" in reason
+
+
+async def test_the_cli_gives_a_reviewers_feedback_as_the_feedback_principal_and_an_end_users_as_the_app(secure_kafka: LocalKafka, bootstrap: str) -> None:  # noqa: F811
+    # The CLI finds the broker and the principals' credentials where `flywheel infra up --secure` recorded them.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("FLYWHEEL_KAFKA_")}
+    env.update(FLYWHEEL_HOME=str(secure_kafka.dir.parent.parent), PYTHONWARNINGS="ignore")
+    flywheel = str(Path(sys.executable).parent / "flywheel")
+    admin = secure_kafka.admin_security()
+    topics = (topic_for(FeedbackReviewed), topic_for(FeedbackReceived))
+
+    async def offsets() -> tuple[int, ...]:
+        return tuple([await end_offset(bootstrap, admin, topic) for topic in topics])
+
+    async def give(*args: str) -> None:
+        done = await asyncio.to_thread(subprocess.run, [flywheel, "feedback", "give", "chatcmpl-cli", "--thumbs", "down", *args], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    reviewed, received = await offsets()
+    await give("--correction", "The warranty is 2 years.", "--source", "reviewer")
+    assert await offsets() == (reviewed + 1, received)
+    await give()
+    assert await offsets() == (reviewed + 1, received + 1)
