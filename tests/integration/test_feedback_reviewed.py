@@ -1,7 +1,7 @@
 """Reviewer feedback has a topic of its own, on the real broker with the real sink and embedded ClickHouse:
 a reviewer's correction through the door lands as a reviewer row via feedback.reviewed and feeds the
 monitor's retraining query; the same claim published straight onto feedback.received is dead-lettered
-with its reason, scrubbed of personal data, and never becomes a reviewer row."""
+with its reason, scrubbed of personal data, and never becomes a reviewer row, in the sink or in a replay."""
 
 from __future__ import annotations
 
@@ -16,8 +16,12 @@ from contracts.events import FeedbackReceived, FeedbackReviewed, FeedbackSource,
 from contracts.http import Role
 from contracts.publisher import encode
 from contracts.topics import dlq_for, topic_for
+from services.feedback.replay import replay
+from services.feedback.service import Sink
+from services.feedback.store import FeedbackStore
 from services.monitor.store import MonitorStore
 from services.runtime.clickhouse import ClickHouseStore
+from services.runtime.privacy import Redactor
 from services.runtime.settings import FlywheelSettings
 from tests.integration.test_event_bus import read_all
 from tests.integration.test_feedback_http import feedback_door
@@ -92,6 +96,11 @@ async def test_a_reviewer_claim_on_feedback_received_is_dead_lettered_and_the_do
     # What automatic retraining learns from: the door's correction, not the forged one.
     monitor = MonitorStore(lambda: clickhouse, lambda: clickhouse)
     assert [row["correction"] for row in monitor.corrections(MODEL)] == ["The warranty is 2 years."]
+
+    # A replay from the topics reads them as the sink does: the forged claim is skipped again, not stored.
+    replayed = {count.topic: (count.read, count.inserted, count.undecodable) for count in await replay(kafka_bootstrap, Sink(FeedbackStore(lambda: clickhouse), Redactor()), topic_prefix=topics)}
+    assert replayed[topic_for(FeedbackReceived, topics)] == (2, 0, 1) and replayed[topic_for(FeedbackReviewed, topics)] == (1, 0, 0)
+    assert str(forged.event_id) not in {row["event_id"] for row in clickhouse.query("SELECT toString(event_id) AS event_id FROM feedback")}
 
 
 def test_feedback_reviewed_carries_reviewer_feedback_only() -> None:
