@@ -49,6 +49,11 @@ def create_app(runtime: Runtime) -> Service:
             log.info("registry migrations applied: %s", ", ".join(applied))
         if await asyncio.to_thread(keys.ensure_bootstrap_admin, bootstrap_key):
             log.info("bootstrap admin key created from FLYWHEEL_BOOTSTRAP_ADMIN_KEY")
+        elif bootstrap_key is None and runtime.settings.database_url is None:
+            # A fresh development home: nothing to set by hand for the commands run beside it.
+            written = await asyncio.to_thread(keys.ensure_development_admin, runtime.home)
+            if written is not None:
+                log.warning("no admin key existed: created one in %s (owner only); commands on this host read it, set FLYWHEEL_BOOTSTRAP_ADMIN_KEY in production", written)
         await relay.start()
 
     async def stop() -> None:

@@ -49,7 +49,7 @@ from sqlmodel import Field, Session, SQLModel
 from contracts.http import Role
 from services.runtime.errors import ConfigurationError
 from services.runtime.http import DoorError
-from services.runtime.running import door_of
+from services.runtime.running import ADMIN_KEY_FILE, door_of
 from services.runtime.settings import FlywheelSettings
 
 log = logging.getLogger("flywheel.auth")
@@ -344,6 +344,32 @@ class KeyStore:
         except IntegrityError:
             return False  # another process bootstrapped the same key first
         return True
+
+
+    def ensure_development_admin(self, home: Path) -> Path | None:
+        """On a development home (SQLite registry under FLYWHEEL_HOME) with no admin and no bootstrap key
+        set, create an admin key and write it to `home/admin.key` (0600); the file's path if created.
+
+        So `flywheel up` on a fresh home needs nothing set by hand, and the commands beside it read the
+        key from that file (services/runtime/running.py `client_key`). Never with a server database."""
+        if self.has_active_admin():
+            return None
+        path = home / ADMIN_KEY_FILE
+        key, _, _ = generate_key()
+        home.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(key + "\n")
+        try:
+            with Session(self._engine) as session:
+                add_key(session, key, principal="local-admin", role=Role.admin, created_by="bootstrap", pepper=self.pepper)
+                session.commit()
+        except IntegrityError:
+            partial.unlink(missing_ok=True)
+            return None
+        partial.replace(path)  # only a key the registry holds is ever in admin.key
+        return path
 
 
 class KeyChecker(Protocol):

@@ -18,6 +18,9 @@ from pathlib import Path
 
 log = logging.getLogger("flywheel.running")
 
+# Where the registry writes a fresh development home's first admin key (owner only), for the commands beside it.
+ADMIN_KEY_FILE = "admin.key"
+
 
 @dataclass(frozen=True)
 class RunningProcess:
@@ -88,3 +91,20 @@ def door_of(home: Path, service: str) -> str | None:
         if service in process.services:
             return process.url
     return None
+
+
+def client_key(home: Path) -> str | None:
+    """The API key a command on this host presents: FLYWHEEL_API_KEY, else the admin key the registry
+    wrote for a fresh development home (`home/admin.key`), only while the file is this user's alone."""
+    configured = os.environ.get("FLYWHEEL_API_KEY")
+    if configured:
+        return configured
+    path = home / ADMIN_KEY_FILE
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    if status.st_uid != os.getuid() or status.st_mode & 0o077:
+        log.warning("ignoring %s: it must belong to you and be readable by you alone (chmod 600)", path)
+        return None
+    return path.read_text().strip() or None

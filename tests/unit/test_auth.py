@@ -19,7 +19,7 @@ from infra.processes import free_port
 from services.runtime.auth import PEPPER_FILE, ApiKey, Authenticator, KeyStore, Principal, Role, create_database_engine, key_pepper, registry_database_url, split_key
 from services.runtime.errors import ConfigurationError
 from services.runtime.http import create_http_app
-from services.runtime.running import record
+from services.runtime.running import client_key, record
 from services.runtime.settings import FlywheelSettings
 
 pytestmark = pytest.mark.unit
@@ -194,3 +194,21 @@ def test_an_unreachable_registry_is_a_503_naming_it(tmp_path: Path) -> None:
     response = client.get("/things", headers={"Authorization": "Bearer fw_a_b"})
     assert response.status_code == 503
     assert f"the registry at {url} did not answer" in response.json()["error"]["message"] and "FLYWHEEL_REGISTRY_URL" in response.json()["error"]["message"]
+
+
+def test_a_fresh_development_home_gets_an_admin_key_in_an_owner_only_file_once(keys: KeyStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    written = keys.ensure_development_admin(tmp_path)
+    assert written == tmp_path / "admin.key" and stat.S_IMODE(written.stat().st_mode) == 0o600
+    key = written.read_text().strip()
+    principal = keys.verify(key)
+    assert principal is not None and principal.role is Role.admin
+    assert keys.ensure_development_admin(tmp_path) is None, "a second admin key was made though one exists"
+    assert written.read_text().strip() == key
+
+    monkeypatch.delenv("FLYWHEEL_API_KEY", raising=False)
+    assert client_key(tmp_path) == key
+    monkeypatch.setenv("FLYWHEEL_API_KEY", "fw_set_explicitly")
+    assert client_key(tmp_path) == "fw_set_explicitly"
+    monkeypatch.delenv("FLYWHEEL_API_KEY")
+    written.chmod(0o644)  # readable by others: not trusted as this user's key
+    assert client_key(tmp_path) is None
