@@ -31,11 +31,11 @@ def factory(name: str) -> ServiceFactory:
     return importlib.import_module(f"services.{name}.app").create_app
 
 
-def serve(names: list[str], title: str) -> None:
+def serve(names: list[str], title: str, settings: FlywheelSettings | None = None) -> None:
     """Build one process for `names` and serve its HTTP doors until SIGINT/SIGTERM."""
     from services.runtime.logging import configure_logging
 
-    settings = load_settings(FlywheelSettings)
+    settings = settings or load_settings(FlywheelSettings)
     configure_logging(settings)
     app, _ = build_process(settings, [factory(name) for name in names], title=title)
     server = HttpServer(app, settings)
@@ -63,8 +63,26 @@ def run(
 
 
 def up() -> None:
-    """Run every service in one process: one broker connection, one ClickHouse, one HTTP app."""
+    """Run every service in one process: one broker connection, one ClickHouse, one HTTP app.
+
+    With no broker configured (FLYWHEEL_KAFKA_BOOTSTRAP unset, none running for this home), a local Apache
+    Kafka is started first, recorded under FLYWHEEL_HOME as `flywheel infra up` records it, and stopped
+    when this process stops; `flywheel infra up` keeps one running across runs instead."""
+    from infra.local_kafka import LocalKafka
+
     present = available_services()
     if not present:
         raise ConfigurationError("no service is part of this installation yet")
-    serve(present, title="flywheel")
+    settings = load_settings(FlywheelSettings)
+    kafka = None if settings.kafka_bootstrap else LocalKafka(settings.home, settings.cache)
+    if kafka is not None and kafka.status().running:
+        kafka = None  # `flywheel infra up` (or another run) started it: it is theirs to stop
+    if kafka is not None:
+        typer.echo(f"no Kafka broker configured: starting a local one for {settings.home} (it stops with this process; `flywheel infra up` keeps one running)", err=True)
+        bootstrap = kafka.start()
+        typer.echo(f"kafka: ready at {bootstrap}", err=True)
+    try:
+        serve(present, title="flywheel", settings=settings)
+    finally:
+        if kafka is not None:
+            kafka.stop()
