@@ -1,5 +1,6 @@
 """ClickHouse storage: one interface, two backends (embedded chDB, a server over HTTP), shared migrations."""
 
+from services.runtime.clickhouse.factory import open_clickhouse
 from services.runtime.clickhouse.store import (
     DEFAULT_DATABASE,
     ClickHouseError,
@@ -7,7 +8,6 @@ from services.runtime.clickhouse.store import (
     Migration,
     ServerAddress,
     load_migrations,
-    open_clickhouse,
     parse_server_url,
 )
 

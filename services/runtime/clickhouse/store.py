@@ -1,4 +1,6 @@
-"""The one interface both ClickHouse backends implement, the URL that picks one, and the migrations they share."""
+"""The one interface both ClickHouse backends implement, the server URL's parsing, and the migrations they share.
+
+Choosing a backend is services/runtime/clickhouse/factory.py: the backends import this module, so it imports neither."""
 
 from __future__ import annotations
 
@@ -142,20 +144,6 @@ class ClickHouseStore(ABC):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-def open_clickhouse(
-    url: str | None, home: Path, *, readonly: bool = False, database: str | None = None
-) -> ClickHouseStore:
-    """Open the store `url` names: None is embedded chDB under `home/clickhouse`, http(s):// a server."""
-    if url is None:
-        from services.runtime.clickhouse.embedded import EmbeddedStore
-
-        return EmbeddedStore.open(Path(home) / "clickhouse", check_identifier(database or DEFAULT_DATABASE), readonly)
-    from services.runtime.clickhouse.server import ServerStore
-
-    address = parse_server_url(url)
-    return ServerStore.open(address, check_identifier(database or address.database or DEFAULT_DATABASE), readonly)
 
 
 def parse_server_url(url: str) -> ServerAddress:
