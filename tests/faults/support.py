@@ -33,6 +33,7 @@ from contracts.events import (
     EvaluationCompleted,
     EvaluationRequested,
     FeedbackReceived,
+    FeedbackReviewed,
     InferenceLogged,
     ModelRegistered,
     PromptPublished,
@@ -56,7 +57,7 @@ GROUPS: dict[str, set[type]] = {
     "registry": {TrainingCompleted, EvaluationCompleted},
     "trainer": {TrainingRequested, ModelRegistered, DatasetPublished},
     "evaluator": {ModelRegistered, DatasetPublished, StageChanged, PromptPublished, AdapterRegistered, EvaluationRequested},
-    "feedback": {InferenceLogged, FeedbackReceived},
+    "feedback": {InferenceLogged, FeedbackReceived, FeedbackReviewed},
     "monitor": {StageChanged},
 }
 # Each group dead-letters each poison message of each topic it consumes, once.

@@ -28,6 +28,7 @@ from contracts.events import (
     EVENTS,
     EvaluationCompleted,
     FeedbackReceived,
+    FeedbackReviewed,
     InferenceLogged,
     InferenceStatus,
     StageChanged,
@@ -44,8 +45,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 ADMIN_KEY = "faults-admin-key-0123456789abcdef"
 INFERENCES = 40
 # Consumed by the services these shapes run: registry (training.completed, evaluation.completed),
-# feedback (inference.logged, feedback.received), monitor (stage.changed).
-CONSUMED = {TrainingCompleted, EvaluationCompleted, InferenceLogged, FeedbackReceived, StageChanged}
+# feedback (inference.logged, feedback.received, feedback.reviewed), monitor (stage.changed).
+CONSUMED = {TrainingCompleted, EvaluationCompleted, InferenceLogged, FeedbackReceived, FeedbackReviewed, StageChanged}
 
 
 def shape_env(home: Path) -> dict[str, str]:
