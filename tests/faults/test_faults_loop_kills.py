@@ -138,7 +138,7 @@ class Operator:
 
 def jobs_for(run: str) -> list[Job]:
     # The failing one last: it holds the trainer for FLYWHEEL_TRAINER_INPUT_WAIT_S before it gives up.
-    kinds = (["learns", "barely"] * JOBS)[: JOBS - 1] + ["missing-dataset"]
+    kinds = [*(["learns", "barely"] * JOBS)[: JOBS - 1], "missing-dataset"]
     jobs = []
     for i, kind in enumerate(kinds):
         dataset = DatasetRef(name="kill-missing" if kind == "missing-dataset" else "kill-train", version=1)
@@ -338,7 +338,7 @@ async def watch_poison(chaos: Chaos, bootstrap: str, prefix: str) -> None:
     await chaos.poisoned.wait()
     while True:
         try:
-            if EXPECTED_POISON <= poison_dead_lettered(await read_dead_letters(bootstrap, prefix, EVENTS)):
+            if poison_dead_lettered(await read_dead_letters(bootstrap, prefix, EVENTS)) >= EXPECTED_POISON:
                 break
         except (KafkaError, OSError, TimeoutError):  # the broker restart may come while the poison is read
             pass

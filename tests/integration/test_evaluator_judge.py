@@ -64,7 +64,7 @@ async def judge_gateway(base_model_dir: Path, workdir: Path, runtime: Runtime) -
         await buffer.start()
         gateway = Gateway(
             routes=routes, tokenizer=engine.tokenizer, triton_grpc_url=triton.ports.grpc_url,
-            settings=ServingSettings(), log_buffer=buffer, loaded_adapters=lambda: set(),
+            settings=ServingSettings(), log_buffer=buffer, loaded_adapters=set,
         )
         router = create_router(lambda: gateway, guard=Authenticator(keys).require(Role.app), limiter=RateLimiter(rate_per_s=1000, burst=1000))
         port = free_port()

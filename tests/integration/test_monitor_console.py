@@ -300,7 +300,7 @@ async def test_console_session_holds_no_key_checks_csrf_and_ends_when_the_key_is
         assert "secure" not in signed_in.headers["set-cookie"].lower(), "plain http without a TLS proxy configured: not Secure"
         page = await client.get("/monitor/console")
         assert page.status_code == 200 and "signed in as ops-viewer" in page.text and key not in page.text
-        logout_token = CSRF_FIELD.search(page.text).group(1)
+        assert CSRF_FIELD.search(page.text), "the signed-in page carries its sign-out form's CSRF token"
 
         # A sign-out posted from elsewhere (no token, or another token) is refused and the session stays.
         for forged in ({}, {"csrf_token": "guessed"}, {"csrf_token": await login_token(client)}):

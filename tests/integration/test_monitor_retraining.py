@@ -27,7 +27,7 @@ from services.monitor.store import MonitorStore
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.settings import FlywheelSettings
 from tests.integration.registry_support import CHAT
-from tests.integration.test_monitor import MODEL, RULES, traffic
+from tests.integration.test_monitor import RULES, traffic
 from tests.monitor_support import RegistryDoorFixture, clickhouse, eventually, monitor_store, read_topic, running_sink, seed_two_versions  # noqa: F401 - clickhouse, monitor_store: fixtures
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

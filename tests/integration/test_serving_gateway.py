@@ -249,7 +249,7 @@ async def test_canary_takes_its_share_sticky_per_user_and_is_logged(engine: Engi
     http, gateway, buffer = await gateway_client(engine, triton.ports.grpc_url, runtime, keys, table=routes(canary_percent=30))
     served: dict[str, set[str]] = {}
     try:
-        for round_ in range(2):
+        for _round in range(2):
             for user in range(20):
                 response = await http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 1, "user": f"user-{user}"})
                 assert response.status_code == 200, response.text

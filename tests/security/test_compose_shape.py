@@ -185,7 +185,7 @@ async def check_matrix(http: httpx.AsyncClient, service: str, base_url: str, key
             headers = {"Authorization": f"Bearer {keys[role]}"} if role in keys else ({"Authorization": "Bearer fw_000000000000_wrong"} if role == "wrong" else {})
             status = (await http.request(method, f"{base_url}{path}", headers=headers, **body)).status_code
             expected = "admitted" if role in admitted else (403 if role in ROLES else 401)
-            if expected == "admitted" and status in (401, 403, 500, 503) or expected != "admitted" and status != expected:
+            if (expected == "admitted" and status in (401, 403, 500, 503)) or (expected != "admitted" and status != expected):  # noqa: PLR1714 - two conditions on two values
                 problems.append(f"{service} {method} {path} as {role or 'no key'}: {status}, expected {expected}")
     return problems
 

@@ -161,9 +161,9 @@ async def test_each_principal_produces_exactly_the_topics_the_table_grants(secur
 def test_the_table_matches_the_architecture_on_who_changes_state() -> None:
     # Only the registry may publish the state every replica replays; nobody but the admin sends commands to serving.
     for event_type in ("stage.changed", "prompt.published", "adapter.registered", "model.registered", "dataset.published"):
-        assert [p.name for p in SERVICE_PRINCIPALS + (APP,) if may_produce(p.name, event_type)] == ["registry"], event_type
-    assert [p.name for p in SERVICE_PRINCIPALS + (APP,) if may_produce(p.name, "deployment.requested")] == []
-    assert [p.name for p in SERVICE_PRINCIPALS + (APP,) if may_produce(p.name, "evaluation.completed")] == ["evaluator"]
+        assert [p.name for p in (*SERVICE_PRINCIPALS, APP) if may_produce(p.name, event_type)] == ["registry"], event_type
+    assert [p.name for p in (*SERVICE_PRINCIPALS, APP) if may_produce(p.name, "deployment.requested")] == []
+    assert [p.name for p in (*SERVICE_PRINCIPALS, APP) if may_produce(p.name, "evaluation.completed")] == ["evaluator"]
     assert set(APP.produces) <= {"inference.logged", "feedback.received", "span.logged"} and not APP.consumes and not APP.follows
     # The joint principal of `flywheel up` can do what the six can, and nothing more.
     assert {(p.group, p.produces, p.consumes, p.follows) for p in PROCESS} == {(p.group, p.produces, p.consumes, p.follows) for p in SERVICE_PRINCIPALS}

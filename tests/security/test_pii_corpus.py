@@ -164,10 +164,10 @@ def _ipv6(rng: random.Random) -> str:
 KINDS: dict[str, tuple[Callable[[random.Random], str], list[str]]] = {
     "email": (_email, ["Please send the invoice to {v}.", "My login is {v} and it stopped working."]),
     "phone": (_phone, ["Call me back on {v} after six.", "The courier has my number {v}."]),
-    "card": (lambda r: (lambda n: r.choice([n, " ".join(n[i:i + 4] for i in range(0, 16, 4)), "-".join(n[i:i + 4] for i in range(0, 16, 4))]))(_luhn_complete(r, r.choice(["4", "51", "55"]))),
+    "card": (lambda r: (lambda n: r.choice([n, " ".join(n[i:i + 4] for i in range(0, 16, 4)), "-".join(n[i:i + 4] for i in range(0, 16, 4))]))(_luhn_complete(r, r.choice(["4", "51", "55"]))),  # noqa: PLC3002 - one generated value, written in several formats
              ["My card {v} was charged twice.", "Refund to card number {v} please."]),
     "iban": (_iban, ["Wire the refund to IBAN {v} today.", "My account is {v}, can you confirm?"]),
-    "ssn": (lambda r: (lambda s: r.choice([s, s.replace("-", " "), "SSN: " + s.replace("-", "")]))(_ssn(r)), ["For the tax form, my SSN is {v}.", "Verify me: {v}."]),
+    "ssn": (lambda r: (lambda s: r.choice([s, s.replace("-", " "), "SSN: " + s.replace("-", "")]))(_ssn(r)), ["For the tax form, my SSN is {v}.", "Verify me: {v}."]),  # noqa: PLC3002 - one generated value, written in several formats
     "ipv4": (lambda r: f"{r.randint(1, 223)}.{r.randint(0, 255)}.{r.randint(0, 255)}.{r.randint(1, 254)}", ["My router at {v} drops packets.", "Whitelist {v} for me."]),
     "ipv6": (_ipv6, ["The server {v} refuses connections.", "My address is {v} now."]),
     "openai_key": (lambda r: r.choice([f"sk-proj-{_alnum(r, 48, string.ascii_letters + string.digits + '_-')}", f"sk-{_alnum(r, 20)}T3BlbkFJ{_alnum(r, 20)}", f"sk-svcacct-{_alnum(r, 40)}"]),

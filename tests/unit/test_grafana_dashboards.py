@@ -43,7 +43,7 @@ def _columns(kind: str, body: str) -> set[str]:
     if kind.upper() == "TABLE":
         inside = body[body.index("(") + 1 :]
         depth, end = 1, 0
-        for end, char in enumerate(inside):
+        for end, char in enumerate(inside):  # noqa: B007 - `end` is read after the loop: where the parenthesis closes
             depth += (char == "(") - (char == ")")
             if depth == 0:
                 break
@@ -52,8 +52,8 @@ def _columns(kind: str, body: str) -> set[str]:
     select = re.search(r"\bAS\s+SELECT\b(.*?)^FROM\b", body, re.DOTALL | re.MULTILINE | re.IGNORECASE)
     assert select, f"cannot find the select list of view body {body[:80]!r}"
     names = set()
-    for item in _split_top_level(select.group(1)):
-        item = "\n".join(line for line in item.splitlines() if not line.strip().startswith("--")).strip()
+    for raw in _split_top_level(select.group(1)):
+        item = "\n".join(line for line in raw.splitlines() if not line.strip().startswith("--")).strip()
         alias = re.search(r"\bAS\s+(\w+)\s*$", item, re.IGNORECASE)
         names.add(alias.group(1) if alias else item.split(".")[-1])
     return names

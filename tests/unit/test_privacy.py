@@ -213,7 +213,7 @@ def test_dead_letter_values_keep_no_personal_data() -> None:
     scrubbed, how = redactor.scrub_bytes(b'{"payload": {"user_id": "bob", "input_text": "I am bob@acme.io \\u0040 sk-proj-Qw3rTy7uIo9pAs1dFg5hJk2lZx8cVb4nM6"}}')
     assert how == "scrubbed" and b"bob@acme.io" not in scrubbed and b"sk-proj" not in scrubbed and b'"bob"' not in scrubbed
     assert json.loads(scrubbed)["payload"]["input_text"] == "I am [EMAIL] @ [OPENAI_KEY]"
-    assert redactor.scrub_bytes("not json: ann@example.org".encode()) == (b"not json: [EMAIL]", "scrubbed")
+    assert redactor.scrub_bytes(b"not json: ann@example.org") == (b"not json: [EMAIL]", "scrubbed")
     assert redactor.scrub_bytes(b"\xff\xfeann@example.org") == (b"", "withheld"), "not UTF-8: nothing of it is kept"
 
 
