@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from services.runtime.inference import SMOLLM2_GGUF, Engine, smollm2_dir
-from services.runtime.peft_compat import peft_wrap_quietly
+from services.runtime.peft_compat import ignore_peft_deprecation
 
 
 def smollm2_tokenizer(cache_dir: Path) -> PreTrainedTokenizerBase:
@@ -38,8 +38,8 @@ def make_adapter(vocab_size: int, directory: Path, seed: int, rank: int = 4) -> 
     model = tiny_model(vocab_size)
     torch.manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=4 * rank, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
-    with peft_wrap_quietly():
-        get_peft_model(model, config).save_pretrained(str(directory))
+    ignore_peft_deprecation()
+    get_peft_model(model, config).save_pretrained(str(directory))
     return directory
 
 

@@ -23,7 +23,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
-from services.runtime.peft_compat import peft_wrap_quietly
+from services.runtime.peft_compat import ignore_peft_deprecation
 
 log = logging.getLogger("flywheel.runtime.inference")
 
@@ -204,9 +204,9 @@ class Engine:
         with self._lock:
             if name in self._adapters:
                 self.unload_adapter(name)
+            ignore_peft_deprecation()
             if self._peft is None:
-                with peft_wrap_quietly():
-                    self._peft = PeftModel.from_pretrained(self._base, str(path), adapter_name=name, is_trainable=False).eval()
+                self._peft = PeftModel.from_pretrained(self._base, str(path), adapter_name=name, is_trainable=False).eval()
             else:
                 self._peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
             self._adapters[name] = str(path)

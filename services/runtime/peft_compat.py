@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
+
+PEFT_DEPRECATION = "`is_gradient_checkpointing` is deprecated"
 
 
-@contextlib.contextmanager
-def peft_wrap_quietly() -> Iterator[None]:
+def ignore_peft_deprecation() -> None:
     """Wrapping a model in peft 0.21 probes transformers 5's deprecated `is_gradient_checkpointing`;
-    that FutureWarning is about peft's code, not ours, and would otherwise fire on every load."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
+    that FutureWarning is about peft's code, not ours, and would otherwise fire on every load.
+
+    Installed for the process (idempotent), not around each call: `warnings.catch_warnings` swaps the
+    process-wide filter list, so two threads loading at once (two serving replicas in one process, the
+    trainer beside serving in `flywheel up`) would each restore the list the other had changed and
+    drop its filter mid-load; where warnings are errors (the tests) that load then fails."""
+    warnings.filterwarnings("ignore", message=PEFT_DEPRECATION, category=FutureWarning)

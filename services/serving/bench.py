@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from services.runtime.inference import SMOLLM2_GGUF, Engine, GenerationRequest, SamplingParams, smollm2_dir
-from services.runtime.peft_compat import peft_wrap_quietly
+from services.runtime.peft_compat import ignore_peft_deprecation
 from services.serving.triton import STREAM_MODEL_NAME, TritonAnswer, TritonRow, TritonServing, infer_inputs, infer_outputs, parse_answer
 
 
@@ -65,8 +65,8 @@ def _random_adapters(engine: Engine, count: int, root: Path) -> list[str]:
         directory = root / f"a{index}"
         model = AutoModelForCausalLM.from_config(engine.model.config)
         torch.manual_seed(index + 1)
-        with peft_wrap_quietly():
-            get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(str(directory))
+        ignore_peft_deprecation()
+        get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(str(directory))
         engine.load_adapter(f"a{index}", directory)
         names.append(f"a{index}")
     return names

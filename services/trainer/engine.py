@@ -18,7 +18,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from contracts.events import Hyperparameters
+from services.runtime.peft_compat import ignore_peft_deprecation
 from services.trainer.data import IGNORE, Example, InvalidDataset, PackedBatch, epoch_order, pack, read_chat_jsonl, tokenize_dataset
 from services.trainer.model import base_dtype, load_model, load_tokenizer, pick_device
 
@@ -248,9 +248,8 @@ def _lora_model(model: Any, hp: Hyperparameters) -> Any:
     if unknown:
         raise TrainingError("invalid_input", f"target_modules {unknown} do not exist in this model")
     config = LoraConfig(r=hp.rank, lora_alpha=hp.alpha, lora_dropout=hp.dropout, target_modules=list(hp.target_modules), task_type="CAUSAL_LM")
-    # peft 0.21 calls a transformers 5 API that warns of its own deprecation; nothing for us to act on.
-    with warnings.catch_warnings(action="ignore", category=FutureWarning):
-        return get_peft_model(model, config)
+    ignore_peft_deprecation()
+    return get_peft_model(model, config)
 
 
 def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from services.runtime.peft_compat import peft_wrap_quietly
+from services.runtime.peft_compat import ignore_peft_deprecation
 from services.trainer.data import read_chat_jsonl
 from services.trainer.model import load_model, load_tokenizer, pick_device
 
@@ -51,8 +51,8 @@ def score_golden(model_path: Path, golden_path: Path, *, adapter_dir: Path | Non
     if adapter_dir is not None:
         from peft import PeftModel
 
-        with peft_wrap_quietly():
-            model = PeftModel.from_pretrained(model, adapter_dir)
+        ignore_peft_deprecation()
+        model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     conversations = read_chat_jsonl(golden_path)[:limit]
     prompts = [conversation[:-1] for conversation in conversations]
