@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient
@@ -248,7 +248,7 @@ class LocalKafka:
             "config": str(self.config_file),
             "log_file": str(self.log_file),
             "kafka_version": KAFKA_VERSION,
-            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "security_protocol": self.protocol,
             **({"sasl_mechanism": SCRAM_MECHANISM, "credentials_file": str(self.credentials_file)} if self.secure else {}),
             **({"ssl_cafile": str(self.cafile)} if self.tls else {}),

@@ -13,7 +13,7 @@ import secrets
 import shutil
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -90,7 +90,7 @@ class LocalPostgres:
             "data_dir": str(self.data_dir),
             "log_file": str(self.log_file),
             "server_user": user.pw_name if user else None,
-            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         })
         try:
             _ensure_database(port, password)

@@ -108,9 +108,8 @@ class Rule(BaseModel):
             raise ValueError("metric sql needs a `query` (an aggregate expression, e.g. avg(completion_tokens))")
         if self.metric != "sql" and self.query:
             raise ValueError(f"`query` is only for metric sql, not {self.metric}")
-        if kind in ("psi", "embedding") or self.mode == "against_baseline":
-            if self.baseline_window_s is None:
-                raise ValueError(f"{self.metric} in mode {self.mode} compares with a baseline: set baseline_window_s")
+        if (kind in ("psi", "embedding") or self.mode == "against_baseline") and self.baseline_window_s is None:
+            raise ValueError(f"{self.metric} in mode {self.mode} compares with a baseline: set baseline_window_s")
         return self
 
     @property

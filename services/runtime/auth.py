@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -420,7 +420,7 @@ class LocalKeys:
     registry` and `flywheel run serving` side by side in one home find each other). Never the registry's
     database itself: only the registry opens it."""
 
-    _registered: dict[str, KeyStore] = {}
+    _registered: ClassVar[dict[str, KeyStore]] = {}
     _lock = threading.Lock()
 
     def __init__(self, database_url: str, home: Path) -> None:
@@ -460,7 +460,7 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: 
 class Authenticator:
     """Turns `Authorization: Bearer <key>` into a Principal, with a short cache in front of the key checker."""
 
-    _shared: dict[tuple[str, ...], Authenticator] = {}
+    _shared: ClassVar[dict[tuple[str, ...], Authenticator]] = {}
     _shared_lock = threading.Lock()
 
     def __init__(self, keys: KeyChecker, *, cache_ttl_s: float = 5.0) -> None:

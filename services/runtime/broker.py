@@ -97,7 +97,7 @@ async def _authentication_refused(bootstrap: str, security: KafkaSecurity, timeo
     from aiokafka.conn import create_conn
     from aiokafka.errors import SaslAuthenticationFailed
 
-    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    host, _, port = bootstrap.split(",", 1)[0].strip().rpartition(":")
     try:
         conn = await asyncio.wait_for(create_conn(host, int(port), request_timeout_ms=int(timeout_s * 1000), **security.client_options()), timeout_s)
     except SaslAuthenticationFailed:

@@ -256,7 +256,7 @@ class TritonServing:
 
     async def _infer_stream(self, requests: list[Any]) -> AsyncIterator[list[dict[str, np.ndarray]]]:
         """Decoupled model: awaited on PyTriton's event loop, so requests overlap; streamed when asked."""
-        if len(requests) == 1 and "stream" in requests[0].keys() and bool(requests[0]["stream"].reshape(-1)[0]):
+        if len(requests) == 1 and "stream" in requests[0].keys() and bool(requests[0]["stream"].reshape(-1)[0]):  # noqa: SIM118 - PyTriton's Request is no Mapping: `in` on it would scan its inputs
             async for response in self._stream_one(requests[0]):
                 yield [response]
             return
@@ -278,7 +278,7 @@ class TritonServing:
             return
         # Called from the batcher thread after the row's last piece was pushed, so it arrives last.
         row.add_done_callback(lambda _: push(None))
-        request_id = _text(request["request_id"].reshape(-1)[0]) if "request_id" in request.keys() else ""
+        request_id = _text(request["request_id"].reshape(-1)[0]) if "request_id" in request.keys() else ""  # noqa: SIM118 - as above
         if request_id:
             self._streams[request_id] = row
         try:

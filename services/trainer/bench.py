@@ -15,6 +15,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -134,7 +135,7 @@ def _baseline_side(model_dir: Path, data: Path, rows: int, steps: int, hp: Hyper
 
     rows_as_dicts = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels} for e in examples]
     args = TrainingArguments(
-        output_dir=str(Path("/tmp") / "flywheel-bench-baseline"), per_device_train_batch_size=hp.batch_size, max_steps=steps + 1,
+        output_dir=str(Path(tempfile.gettempdir()) / "flywheel-bench-baseline"), per_device_train_batch_size=hp.batch_size, max_steps=steps + 1,
         learning_rate=hp.learning_rate, report_to=[], save_strategy="no", logging_strategy="no", bf16=device.type == "cuda",
         dataloader_num_workers=0, seed=hp.seed, disable_tqdm=True,
     )

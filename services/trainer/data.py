@@ -151,7 +151,7 @@ def pack(examples: Sequence[Example], max_seq_length: int, pad_token_id: int) ->
             n = len(example.input_ids)
             input_ids[r, at : at + n] = torch.tensor(example.input_ids)
             # The first token of a conversation must not be predicted from the end of the previous one.
-            labels[r, at : at + n] = torch.tensor([IGNORE] + example.labels[1:])
+            labels[r, at : at + n] = torch.tensor([IGNORE, *example.labels[1:]])
             position_ids[r, at : at + n] = torch.arange(n)
             at += n
         position_ids[r, at:] = torch.arange(position_ids[r, at - 1] + 1, position_ids[r, at - 1] + 1 + width - at)
