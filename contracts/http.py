@@ -173,7 +173,7 @@ class BaseModelView(RegistryView):
     artifact_uri: str = Field(description="Where its safetensors are stored.")
     artifact_sha256: str = Field(description="Digest of the stored weights.")
     chat_template: str | None = Field(description="The tokenizer's chat template.")
-    details: dict = Field(description="Further facts recorded at import (dtype, sizes, tokenizer).")
+    details: dict[str, Any] = Field(description="Further facts recorded at import (dtype, sizes, tokenizer).")
     created_at: datetime = Field(description="When it was registered (UTC).")
     created_by: str = Field(description="Principal that registered it.")
 
@@ -198,8 +198,8 @@ class AdapterVersionView(RegistryView):
     training_job_id: str | None = Field(description="Training job that produced it.")
     dataset_name: str | None = Field(description="Dataset it was trained on.")
     dataset_version: int | None = Field(description="Version of that dataset.")
-    hyperparameters: dict | None = Field(description="LoRA settings it was trained with.")
-    metrics: dict = Field(description="Training metrics.")
+    hyperparameters: dict[str, Any] | None = Field(description="LoRA settings it was trained with.")
+    metrics: dict[str, Any] = Field(description="Training metrics.")
     created_at: datetime = Field(description="When it was registered (UTC).")
     created_by: str = Field(description="Principal or service that registered it.")
 
@@ -221,7 +221,7 @@ class EvaluationView(RegistryView):
     gate_policy: str = Field(description="Gate policy and version applied.")
     golden_name: str = Field(description="Golden dataset.")
     golden_version: int = Field(description="Golden dataset version.")
-    reasons: list = Field(description="Why the gate passed or failed, in words.")
+    reasons: list[Any] = Field(description="Why the gate passed or failed, in words.")  # published with untyped items: list[str] would change the contract
     report_uri: str | None = Field(description="The full report in the artifact store.")
     created_at: datetime = Field(description="When the result was attached (UTC).")
 
@@ -250,7 +250,7 @@ class LineageView(Response):
     adapter: AdapterVersionView = Field(description="The adapter version.")
     base_model: BaseModelRef = Field(description="The base model it adapts.")
     training_job_id: str | None = Field(description="Training job that produced it.")
-    hyperparameters: dict | None = Field(description="LoRA settings it was trained with.")
+    hyperparameters: dict[str, Any] | None = Field(description="LoRA settings it was trained with.")
     dataset: DatasetVersionView | None = Field(description="Dataset version it was trained on; its rows are at /registry/v1/datasets/{name}/versions/{version}/rows.")
     evaluations: list[EvaluationView] = Field(description="Evaluations of this exact version, oldest first.")
 
@@ -310,8 +310,8 @@ class AuditEntryView(RegistryView):
     object_type: str = Field(description="model, adapter, prompt, dataset, evaluation or key.")
     object_id: str = Field(description="The object, e.g. smol:v3 or support@production.")
     outcome: Literal["ok", "refused"] = Field(description="ok, or refused (nothing changed).")
-    before: dict | None = Field(description="The relevant state before.")
-    after: dict | None = Field(description="The relevant state after.")
+    before: dict[str, Any] | None = Field(description="The relevant state before.")
+    after: dict[str, Any] | None = Field(description="The relevant state after.")
     detail: str | None = Field(description="Reason given, or the refusal's status and message.")
 
 
