@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -242,7 +243,7 @@ class ArtifactStore:
         uri, expected = _expected(uri, expected_sha256)
         path = self.locate(uri)
         try:
-            data = self._fs.cat_file(path)
+            data: bytes = self._fs.cat_file(path)
         except FileNotFoundError:
             raise ArtifactNotFound(f"no artifact at {uri}") from None
         actual = hashlib.sha256(data).hexdigest()
@@ -281,7 +282,7 @@ class ArtifactStore:
     def exists(self, ref_or_uri: str | ArtifactRef) -> bool:
         """Whether this store holds the blob; a URI outside the store raises ArtifactOutsideStore."""
         uri = ref_or_uri.uri if isinstance(ref_or_uri, ArtifactRef) else ref_or_uri
-        return self._fs.exists(self.locate(uri))
+        return bool(self._fs.exists(self.locate(uri)))
 
     @staticmethod
     def _target(directory: Path, relative: str, uri: str) -> Path:
@@ -294,7 +295,8 @@ class ArtifactStore:
         path = self.locate(uri)
         try:
             with self._fs.open(path, "rb") as handle:
-                return handle.read(len(MANIFEST_PREFIX))
+                head: bytes = handle.read(len(MANIFEST_PREFIX))
+                return head
         except FileNotFoundError:
             raise ArtifactNotFound(f"no artifact at {uri}") from None
 
@@ -325,6 +327,7 @@ def _chunks(path: Path) -> Iterator[bytes]:
 
 def _expected(ref_or_uri: str | ArtifactRef, expected_sha256: str | None) -> tuple[str, str]:
     """The URI and the digest its content must have: the name is the digest, and a caller's expectation must agree."""
+    expected: str | None
     if isinstance(ref_or_uri, ArtifactRef):
         uri, expected = ref_or_uri.uri, expected_sha256 or ref_or_uri.sha256
     else:
@@ -339,7 +342,7 @@ def _expected(ref_or_uri: str | ArtifactRef, expected_sha256: str | None) -> tup
     return uri, expected
 
 
-def _as_manifest(data: bytes) -> dict | None:
+def _as_manifest(data: bytes) -> dict[str, Any] | None:
     if not data.startswith(MANIFEST_PREFIX):
         return None
     try:

@@ -16,12 +16,12 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Lifespan, Message, Receive, Scope, Send
 
 from contracts.http import ErrorDetail, ErrorResponse, HealthStatus
 
@@ -150,8 +150,8 @@ def create_http_app(
     title: str,
     *,
     readiness: dict[str, ReadinessCheck] | None = None,
-    routers: Sequence = (),
-    lifespan=None,
+    routers: Sequence[APIRouter] = (),
+    lifespan: Lifespan[FastAPI] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     body_limits: Mapping[str, int] | None = None,
 ) -> FastAPI:

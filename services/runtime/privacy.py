@@ -94,7 +94,7 @@ class Detector:
     # holds no `sk-` or `@`, and a substring test costs far less than a regex scan.
     hint: Callable[[str, str], bool] | None = None
 
-    def spans(self, text: str, lowered: str | None = None) -> Iterator[tuple[int, int]]:  # noqa: ARG002 - used by subclasses
+    def spans(self, text: str, lowered: str | None = None) -> Iterator[tuple[int, int]]:  # `lowered`: used by subclasses
         group = self.group if self.group is not None else ("value" if "value" in self.pattern.groupindex else 0)
         covered = 0
         for match in self.pattern.finditer(text):
@@ -104,7 +104,9 @@ class Detector:
             if start < covered or start == end or (self.accept is not None and not self.accept(match)):
                 continue
             if self.tail is not None:
-                end = self.tail.match(text, end).end()  # type: ignore[union-attr] - a `*` pattern always matches
+                tail = self.tail.match(text, end)
+                assert tail is not None, "a `*` pattern always matches"
+                end = tail.end()
             covered = end
             yield start, end
 
@@ -114,7 +116,7 @@ class IbanDetector(Detector):
     """IBANs, grouped or not. The shape alone also matches words that follow an IBAN, so each
     candidate is cut back, group by group, to the longest prefix whose checksum holds."""
 
-    def spans(self, text: str, lowered: str | None = None) -> Iterator[tuple[int, int]]:  # noqa: ARG002
+    def spans(self, text: str, lowered: str | None = None) -> Iterator[tuple[int, int]]:
         for match in self.pattern.finditer(text):
             candidate = match.group()
             for length in range(len(candidate), 14, -1):

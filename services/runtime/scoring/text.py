@@ -12,6 +12,7 @@ import re
 import string
 from collections import Counter
 from functools import lru_cache
+from typing import Any
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -46,11 +47,11 @@ def bleu(prediction: str, reference: str) -> float:
 
 
 @lru_cache(maxsize=1)
-def _rouge_scorer():  # noqa: ANN202 - rouge_score has no type hints
+def _rouge_scorer() -> Any:  # rouge_score has no type hints
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    return _rouge_scorer().score(reference, prediction)["rougeL"].fmeasure
+    return float(_rouge_scorer().score(reference, prediction)["rougeL"].fmeasure)
