@@ -1,5 +1,11 @@
-"""The `flywheel` console script. Each command group lives in its own module beside this one;
-heavy imports (torch, Triton) happen inside the commands that need them, so `flywheel --help` is fast."""
+"""The `flywheel` console script.
+
+Each service owns its commands, in services/<name>/cli.py (`flywheel registry|train|eval|feedback ...`, and
+its commands of `flywheel ops` and `flywheel bench`); they are mounted here, each cli.py found by name
+(services/cli/service_commands.py). What is no service's lives beside this module: infra, contracts,
+doctor, demo, up/run, and `bench all`. Heavy imports (torch, Triton) happen inside the commands that need
+them, so `flywheel --help` is fast.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,8 @@ import sys
 
 import typer
 
-from services.cli import contracts_cmd, demo_cmd, doctor_cmd, infra_cmd, run_cmd
-from services.cli import eval_cmd, registry_cmd
-from services.cli import bench_cmd, feedback_cmd, ops_cmd
-from services.cli import train_cmd
+from services.cli import bench_cmd, contracts_cmd, demo_cmd, doctor_cmd, infra_cmd, run_cmd
+from services.cli.service_commands import mount
 from services.runtime.errors import FlywheelError
 
 app = typer.Typer(
@@ -34,18 +38,19 @@ def _configure(
     configure_logging(settings.model_copy(update={"log_level": "INFO" if verbose else "WARNING"}))
 
 
+# Groups that several services add commands to: the monitor's views and `sql` and the sink's `replay`
+# make `ops`; each service's benchmark and `all` make `bench`.
+ops_app = typer.Typer(help="Ops consoles over ClickHouse.", no_args_is_help=True)
+
 app.add_typer(infra_cmd.app, name="infra")
-app.add_typer(feedback_cmd.app, name="feedback")
-app.add_typer(ops_cmd.app, name="ops")
+app.add_typer(ops_app, name="ops")
 app.add_typer(contracts_cmd.app, name="contracts")
-app.add_typer(registry_cmd.app, name="registry")
-app.add_typer(eval_cmd.app, name="eval")
 app.command(name="doctor")(doctor_cmd.doctor)
 app.command(name="demo")(demo_cmd.demo)
 app.command(name="up")(run_cmd.up)
 app.command(name="run")(run_cmd.run)
 app.add_typer(bench_cmd.app, name="bench")
-app.add_typer(train_cmd.app, name="train")
+mount(app, shared={"ops": ops_app, "bench": bench_cmd.app})
 
 
 def main() -> None:

@@ -29,8 +29,8 @@ import pytest
 from fastapi import FastAPI
 
 from contracts.http import Role
-from services.cli.ops_views_cmd import SQL as OPS_VIEWS
 from services.monitor.app import create_app
+from services.monitor.cli import SQL as OPS_VIEWS
 from services.registry.store import RegistryStore
 from services.runtime.auth import KeyStore
 from services.runtime.clickhouse import ClickHouseStore

@@ -8,8 +8,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.cli.bench_cmd import Row, serve_rows, to_markdown
+from services.cli.bench_cmd import to_markdown
+from services.runtime.bench import Row
 from services.serving.bench import Figures
+from services.serving.cli import serve_rows
 
 SIZE = {"requests": 8, "max_tokens": 8, "concurrencies": (1, 8), "adapters": 4}
 

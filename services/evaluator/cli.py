@@ -1,5 +1,8 @@
 """`flywheel eval ...`: request evaluations from a running evaluator and read their verdicts.
 
+`app` holds the evaluator's part of the `flywheel` command, by group (`eval`); services/cli/main.py
+mounts it, finding this module by name.
+
 These talk to the evaluator's door (`/evaluator/v1/evaluations`) with an API key (`--api-key` or
 FLYWHEEL_API_KEY); the evaluation itself runs in the evaluator process, where the models are.
 """
@@ -15,7 +18,9 @@ import typer
 
 from services.runtime.errors import FlywheelError
 
-app = typer.Typer(help="Evaluations: candidate vs baseline on a golden set, and the promotion gate's verdict.", no_args_is_help=True)
+app = typer.Typer()
+eval_app = typer.Typer(help="Evaluations: candidate vs baseline on a golden set, and the promotion gate's verdict.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 
 UrlOption = Annotated[str | None, typer.Option("--url", help="Evaluator base URL; default http://FLYWHEEL_HTTP_HOST:FLYWHEEL_HTTP_PORT.")]
 KeyOption = Annotated[str | None, typer.Option("--api-key", help="API key; default FLYWHEEL_API_KEY.")]
@@ -74,7 +79,7 @@ def _summary(item: dict) -> str:
     return f"{item['evaluation_id']}  {item['status']}{verdict}"
 
 
-@app.command("request")
+@eval_app.command("request")
 def request(
     model: Annotated[str, typer.Option("--model", help="Base model name.")],
     golden: Annotated[str, typer.Option("--golden", help="Golden dataset as NAME:VERSION.")],
@@ -117,7 +122,7 @@ def _print_result(item: dict) -> None:
         typer.echo(f"  report: {result['report_uri']}")
 
 
-@app.command("show")
+@eval_app.command("show")
 def show(evaluation_id: str, as_json: Annotated[bool, typer.Option("--json", help="Print the full record as JSON.")] = False, url: UrlOption = None, api_key: KeyOption = None) -> None:
     """Show one evaluation: status, verdict, reasons and the report."""
     item = _call("GET", f"/evaluator/v1/evaluations/{evaluation_id}", url, api_key)
@@ -127,7 +132,7 @@ def show(evaluation_id: str, as_json: Annotated[bool, typer.Option("--json", hel
         _print_result(item)
 
 
-@app.command("list")
+@eval_app.command("list")
 def list_(model: Annotated[str | None, typer.Option("--model", help="Only this model's candidates.")] = None, limit: int = 20, url: UrlOption = None, api_key: KeyOption = None) -> None:
     """List evaluations, newest first."""
     params = {"limit": limit} | ({"model_name": model} if model else {})

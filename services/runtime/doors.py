@@ -1,4 +1,5 @@
-"""What every CLI command that talks to a running service's door sends with it."""
+"""What every client command that talks to a running service's door sends with it (the commands live in
+each service's cli.py, so this is shared runtime, not the CLI's)."""
 
 from __future__ import annotations
 

@@ -1,16 +1,27 @@
-"""`flywheel ops traffic|latency|feedback|alerts|drift|models`: readable tables over the ops views.
+"""The monitor's part of the `flywheel` command, by group in `app` (services/cli/main.py mounts it, finding
+this module by name): `flywheel ops traffic|latency|feedback|alerts|drift|models`, readable tables over
+the ops views, and `flywheel ops sql`, read-only SQL; the query door is the monitor's.
 
 Beside a live `flywheel up` the queries go through the monitor's read-only door `/monitor/v1/query`
-(chDB lets one process own its data directory); when nothing answers, the store is opened read-only.
-`register(app)` adds these commands to the `ops` typer app.
+(chDB lets one process own its data directory); when nothing answers, the store is opened read-only
+behind the same guard and caps as the door.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Annotated, Any
 
 import typer
+
+from services.runtime.errors import FlywheelError
+from services.runtime.settings import FlywheelSettings, load_settings
+
+app = typer.Typer()
+ops_app = typer.Typer()
+app.add_typer(ops_app, name="ops")
+
+READONLY = 164  # ClickHouse's error code for a statement refused on a read-only connection
 
 SQL = {
     "traffic": "SELECT bucket, model_name, adapter_version, prompt_version, requests, round(error_rate, 4) AS error_rate, tokens_in, tokens_out, round(cost_usd, 4) AS cost_usd "
@@ -30,8 +41,6 @@ SQL = {
 def run_query(sql: str, parameters: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """Through the live monitor's query door when one answers, else on the store opened read-only."""
     import httpx
-
-    from services.runtime.settings import FlywheelSettings, load_settings
 
     settings = load_settings(FlywheelSettings)
     key = os.environ.get("FLYWHEEL_API_KEY") or os.environ.get("FLYWHEEL_MONITOR_API_KEY")
@@ -81,8 +90,6 @@ def models() -> None:
     """Adapter versions and their stages, from the registry's door."""
     import httpx
 
-    from services.runtime.settings import FlywheelSettings, load_settings
-
     settings = load_settings(FlywheelSettings)
     key = os.environ.get("FLYWHEEL_API_KEY") or os.environ.get("FLYWHEEL_MONITOR_API_KEY")
     response = httpx.get(f"http://{settings.http_host}:{settings.http_port}/registry/v1/adapters", params={"limit": 500}, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
@@ -93,11 +100,64 @@ def models() -> None:
     print_table("adapters", columns, [[item.get(c) for c in columns] for item in items])
 
 
-def register(app: typer.Typer) -> None:
-    """Add the view commands to the `ops` typer app."""
-    app.command("traffic")(_view("traffic", "Requests, errors, tokens and cost per bucket and model version."))
-    app.command("latency")(_view("latency", "Latency quantiles per bucket and model version."))
-    app.command("feedback")(_view("feedback", "Feedback coverage, thumbs-down rate and mean rating per bucket and model version."))
-    app.command("alerts")(_view("alerts", "Alerts and their states."))
-    app.command("drift")(_view("drift", "Drift and live-quality values per rule evaluation (firing or not)."))
-    app.command("models")(models)
+ops_app.command("traffic")(_view("traffic", "Requests, errors, tokens and cost per bucket and model version."))
+ops_app.command("latency")(_view("latency", "Latency quantiles per bucket and model version."))
+ops_app.command("feedback")(_view("feedback", "Feedback coverage, thumbs-down rate and mean rating per bucket and model version."))
+ops_app.command("alerts")(_view("alerts", "Alerts and their states."))
+ops_app.command("drift")(_view("drift", "Drift and live-quality values per rule evaluation (firing or not)."))
+ops_app.command("models")(models)
+
+
+@ops_app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="A read-only ClickHouse query, e.g. \"SELECT * FROM inference_metrics(bucket_s = 3600)\".")],
+    max_rows: Annotated[int, typer.Option(help="Rows printed at most.")] = 1000,
+) -> None:
+    """Run a read-only query and print tab-separated rows with a header; the engine refuses writes."""
+    import httpx
+
+    from services.runtime.running import door_of
+
+    settings = load_settings(FlywheelSettings)
+    # chDB lets one process open the data directory: beside a live monitor (found where it recorded its
+    # door under FLYWHEEL_HOME, whatever its port), ask its query door instead.
+    door = door_of(settings.home, "monitor") or f"http://{settings.http_host}:{settings.http_port}"
+    url = f"{door}/monitor/v1/query"
+    key = os.environ.get("FLYWHEEL_API_KEY") or os.environ.get("FLYWHEEL_MONITOR_API_KEY")
+    try:
+        response = httpx.post(url, json={"sql": query, "max_rows": max_rows}, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)
+    except httpx.ConnectError:
+        columns, rows = _query_store(settings, query, max_rows)
+    else:
+        if response.status_code == 401 and not key:
+            raise FlywheelError(f"a Flywheel process serves the monitor at {door} and holds the ClickHouse data: set FLYWHEEL_API_KEY to a viewer's key (`flywheel registry keys create NAME --role viewer`)")
+        if response.status_code != 200:
+            raise FlywheelError(f"{url} answered {response.status_code}: {response.json().get('error', {}).get('message', response.text)}")
+        body = response.json()
+        columns, rows = body["columns"], body["rows"]
+    typer.echo("\t".join(columns))
+    for row in rows:
+        typer.echo("\t".join("" if value is None else str(value) for value in row))
+
+
+def _query_store(settings: FlywheelSettings, query: str, max_rows: int) -> tuple[list[str], list[list[Any]]]:
+    from services.monitor.settings import MonitorSettings
+    from services.runtime.clickhouse import ClickHouseError, open_clickhouse
+    from services.runtime.clickhouse.query_guard import (
+        QueryGuard,
+        QueryOverLimit,
+        QueryRefused,
+    )
+
+    with open_clickhouse(settings.clickhouse_url, settings.home, readonly=True) as store:
+        try:
+            # The same guard and caps as the monitor's door: a query behaves alike with or without a running process.
+            table = QueryGuard(store.database).run(store, query, None, load_settings(MonitorSettings).query_limits())
+        except (QueryRefused, QueryOverLimit) as refused:
+            raise FlywheelError(f"refused: {refused}") from None
+        except ClickHouseError as error:
+            if error.code == READONLY:
+                raise FlywheelError("refused: `flywheel ops sql` is read-only and this statement writes or changes settings") from None
+            raise FlywheelError(f"ClickHouse refused the query: {str(error).splitlines()[0]}") from None
+    rows = table.slice(0, max_rows).to_pylist()
+    return table.column_names, [list(row.values()) for row in rows]

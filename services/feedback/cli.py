@@ -1,0 +1,216 @@
+"""The feedback service's part of the `flywheel` command, by group in `app` (services/cli/main.py mounts it,
+finding this module by name): `flywheel feedback give|list`, giving feedback on an inference and reading
+what is stored; `flywheel ops replay`, rebuilding the sink's tables from Kafka (the sink's job); and
+`flywheel bench ingest`, the sink's benchmark, also one of `flywheel bench all`'s."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+
+from contracts.events import FeedbackReviewed, FeedbackSource, Thumbs
+from services.runtime.bench import Benchmark, Echo, Row
+from services.runtime.doors import api_key_headers
+from services.runtime.errors import FlywheelError
+from services.runtime.settings import FlywheelSettings, load_settings
+
+app = typer.Typer()
+feedback_app = typer.Typer(help="Give feedback on inferences and read it back.", no_args_is_help=True)
+ops_app = typer.Typer()
+bench_app = typer.Typer()
+app.add_typer(feedback_app, name="feedback")
+app.add_typer(ops_app, name="ops")
+app.add_typer(bench_app, name="bench")
+
+
+@feedback_app.command()
+def give(
+    inference_id: Annotated[str, typer.Argument(help="The inference id (the completion response's `id`).")],
+    thumbs: Annotated[Thumbs | None, typer.Option(help="up or down.")] = None,
+    rating: Annotated[int | None, typer.Option(help="1 to 5.")] = None,
+    comment: Annotated[str | None, typer.Option(help="Free-text comment.")] = None,
+    correction: Annotated[str | None, typer.Option(help="The answer that should have been given.")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="A label; repeat for several.")] = None,
+    source: Annotated[FeedbackSource, typer.Option(help="Who gives it.")] = FeedbackSource.end_user,
+    actor: Annotated[str | None, typer.Option(help="Id of the person or judge.")] = None,
+) -> None:
+    """Publish feedback as `feedback.received` (`feedback.reviewed` with --source reviewer); the sink stores it, also before its inference lands."""
+    from pydantic import ValidationError
+
+    from contracts.http import FeedbackCreate
+    from contracts.publisher import EventPublisher
+    from services.feedback.service import InvalidFeedback, feedback_event
+    from services.runtime.privacy import PrivacySettings
+
+    settings = load_settings(FlywheelSettings)
+    try:
+        event = feedback_event(FeedbackCreate(inference_id=inference_id, thumbs=thumbs, rating=rating, comment=comment, correction=correction, tags=tag or [], source=source, actor=actor))
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise FlywheelError(f"invalid feedback: {'.'.join(str(part) for part in first['loc'])}: {first['msg']}") from None
+    except InvalidFeedback as error:
+        raise FlywheelError(f"invalid feedback: {error}") from None
+
+    async def publish() -> str:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        from contracts.topics import topic_for
+        from services.runtime.broker import check_reachable
+
+        bootstrap = settings.resolved_kafka_bootstrap()
+        # Feedback is what apps may publish: the `app` principal where the broker has identities. A
+        # reviewer's travels on feedback.reviewed, which only the feedback service's principal may write.
+        security = settings.resolved_kafka_security("feedback" if isinstance(event, FeedbackReviewed) else "app")
+        await check_reachable(bootstrap, security=security)
+        # Without this check the producer retries a missing topic for a minute, logging each attempt.
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security.client_options())
+        await admin.start()
+        try:
+            topic = topic_for(event, settings.topic_prefix)
+            if topic not in await admin.list_topics():
+                raise FlywheelError(f"topic {topic} does not exist on {bootstrap}: create the topics with `flywheel infra topics`")
+        finally:
+            await admin.close()
+        async with EventPublisher(bootstrap, producer="flywheel-cli", topic_prefix=settings.topic_prefix, security=security) as publisher:
+            # Scrubbed as the feedback door scrubs: raw personal data never sits in the topic.
+            return str((await publisher.publish(load_settings(PrivacySettings).redactor().scrub_feedback(event))).event_id)
+
+    event_id = asyncio.run(publish())
+    typer.echo(f"feedback {event.feedback_id} published (event {event_id})")
+
+
+@feedback_app.command(name="list")
+def list_(inference_id: Annotated[str, typer.Argument(help="The inference id.")]) -> None:
+    """Print the stored feedback on one inference, as JSON: through a running process's door, else from the store."""
+    import httpx
+
+    settings = load_settings(FlywheelSettings)
+    url = f"http://{settings.http_host}:{settings.http_port}/feedback/v1/feedback"
+    try:
+        response = httpx.get(url, params={"inference_id": inference_id}, headers=api_key_headers(), timeout=10)
+    except httpx.ConnectError:
+        typer.echo(_from_store(settings, inference_id))
+        return
+    if response.status_code != 200:
+        raise FlywheelError(f"{url} answered {response.status_code}: {response.json().get('error', {}).get('message', response.text)}")
+    typer.echo(json.dumps(response.json(), indent=2))
+
+
+def _from_store(settings: FlywheelSettings, inference_id: str) -> str:
+    from services.feedback.service import InvalidFeedback, list_feedback
+    from services.feedback.store import FeedbackStore
+    from services.runtime.clickhouse import open_clickhouse
+
+    with open_clickhouse(settings.clickhouse_url, settings.home, readonly=True) as clickhouse:
+        try:
+            return list_feedback(FeedbackStore(lambda: clickhouse), inference_id).model_dump_json(indent=2)
+        except InvalidFeedback as error:
+            raise FlywheelError(str(error)) from None
+
+
+@ops_app.command()
+def replay(
+    from_timestamp: Annotated[datetime | None, typer.Option("--from-timestamp", help="Replay events from this time (ISO 8601, UTC unless a zone is given); default: the earliest retained.")] = None,
+) -> None:
+    """Rebuild inference_log and feedback from the topics, adding only events not stored yet."""
+    from datetime import UTC
+
+    from services.feedback.replay import replay as run_replay
+    from services.feedback.service import Sink
+    from services.feedback.settings import FeedbackSettings
+    from services.feedback.store import FeedbackStore
+    from services.runtime.broker import check_reachable
+    from services.runtime.clickhouse import open_clickhouse
+    from services.runtime.privacy import PrivacySettings
+
+    settings = load_settings(FlywheelSettings)
+    feedback = load_settings(FeedbackSettings)
+    bootstrap = settings.resolved_kafka_bootstrap()
+    security = settings.resolved_kafka_security("feedback")  # replaying is the sink's job: its principal reads both topics
+    asyncio.run(check_reachable(bootstrap, security=security))
+    from_ms = None
+    if from_timestamp is not None:
+        moment = from_timestamp if from_timestamp.tzinfo else from_timestamp.replace(tzinfo=UTC)
+        from_ms = int(moment.timestamp() * 1000)
+    with open_clickhouse(settings.clickhouse_url, settings.home) as clickhouse:
+        clickhouse.migrate()
+        sink = Sink(FeedbackStore(lambda: clickhouse), load_settings(PrivacySettings).redactor())
+        counts = asyncio.run(run_replay(bootstrap, sink, topic_prefix=settings.topic_prefix, from_ms=from_ms, batch=feedback.batch_max_records, security=security))
+    for count in counts:
+        typer.echo(f"{count.topic}: read {count.read}, inserted {count.inserted}, already stored {count.read - count.inserted - count.undecodable}, undecodable {count.undecodable}")
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    events: Annotated[int, typer.Option(min=1, help="Events published and stored through the batched sink.")] = 50_000,
+    baseline_events: Annotated[int, typer.Option(min=1, help="Events stored one insert each, for the baseline.")] = 2_000,
+    steady_rate: Annotated[int, typer.Option(min=0, help="Events/s of the steady-load phase that measures lag (0 skips it).")] = 1_000,
+    steady_seconds: Annotated[float, typer.Option(min=0, help="Length of the steady-load phase.")] = 10.0,
+) -> None:
+    """Events/s from Kafka into ClickHouse through the batched sink vs one insert per event, same run."""
+    from services.feedback.settings import FeedbackSettings
+
+    settings = load_settings(FlywheelSettings)
+    feedback = load_settings(FeedbackSettings)
+    result = _ingest(settings, events=events, baseline_events=min(baseline_events, events), steady_rate=steady_rate, steady_seconds=steady_seconds)
+    typer.echo(f"batched sink:     {result.events} events in {result.sink_seconds:.2f}s = {result.sink_rate:,.0f} events/s (batches up to {feedback.batch_max_records}, wait {feedback.batch_max_wait_ms} ms)")
+    typer.echo(f"per-event insert: {result.baseline_events} events in {result.baseline_seconds:.2f}s = {result.baseline_rate:,.0f} events/s")
+    typer.echo(f"ratio:            {result.sink_rate / result.baseline_rate:.1f}x")
+    if result.steady is not None:
+        lag = result.steady
+        typer.echo(
+            f"steady load:      {lag.rate} events/s for {steady_seconds:.0f}s ({lag.sent} events): lag p50 {lag.quantile(0.5)}, "
+            f"p95 {lag.quantile(0.95)}, max {max(lag.samples, default=0)} events published but not yet stored; "
+            f"drained {lag.drain_seconds:.2f}s after the last one"
+        )
+
+
+def _ingest(settings: FlywheelSettings, **sizes: Any) -> Any:
+    from services.feedback.bench import ingest_benchmark
+    from services.feedback.settings import FeedbackSettings
+
+    return asyncio.run(ingest_benchmark(settings, load_settings(FeedbackSettings), **sizes))
+
+
+def _ingest_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
+    """`flywheel bench all`'s ingest rows; without a configured broker it starts a local one for the run."""
+    import tempfile
+    from pathlib import Path
+
+    settings = load_settings(FlywheelSettings)
+    kafka = None
+    scratch = None
+    if not settings.kafka_bootstrap and not (settings.infra_dir / "kafka" / "state.json").exists():
+        from infra.local_kafka import LocalKafka
+
+        scratch = tempfile.TemporaryDirectory(prefix="flywheel-bench-")
+        kafka = LocalKafka(Path(scratch.name), settings.cache)
+        echo("starting a local Apache Kafka broker for the ingest benchmark")
+        settings = settings.model_copy(update={"kafka_bootstrap": kafka.start(), "home": Path(scratch.name)})
+    try:
+        result = _ingest(settings, **size)
+    finally:
+        if kafka is not None:
+            kafka.stop()
+        if scratch is not None:
+            scratch.cleanup()
+    echo(f"batched sink {result.sink_rate:,.0f} events/s, per-event insert {result.baseline_rate:,.0f} events/s")
+    rows = [Row("ingest", f"Kafka -> ClickHouse events/s ({result.events} vs {result.baseline_events} events)", result.sink_rate, result.baseline_rate, "events/s", "higher",
+                "batched idempotent sink (Arrow)", "one insert per event")]
+    if result.steady is not None:
+        rows.append(Row("ingest", f"lag p95 at {result.steady.rate} events/s (events published, not yet stored)", float(result.steady.quantile(0.95)), None, "events", "lower", "batched sink"))
+    return rows
+
+
+BENCHMARK = Benchmark(
+    name="ingest",
+    sizes={
+        "quick": {"events": 5_000, "baseline_events": 500, "steady_rate": 0, "steady_seconds": 0.0},
+        "full": {"events": 50_000, "baseline_events": 2_000, "steady_rate": 1_000, "steady_seconds": 10.0},
+    },
+    run=_ingest_rows,
+)

