@@ -4,7 +4,9 @@ processes started and stopped by the fixtures themselves."""
 
 from __future__ import annotations
 
+import os
 import uuid
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,55 @@ from services.runtime.settings import FlywheelSettings
 pytest_plugins = ["tests.fixtures.kafka", "tests.fixtures.postgres", "tests.fixtures.clickhouse"]
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Lanes: each test carries the markers of what it needs, so one lane runs alone (`./scripts/test.sh -m
+# security`) and the run prints each lane's share of the time. security and faults follow the folder;
+# model means the test loads a language model (SmolLM2 or the tiny one) or starts Triton.
+LANES = ("unit", "integration", "e2e", "security", "faults", "model")
+MODEL_FIXTURES = frozenset({"base_model_dir", "model_dir", "models", "engine", "triton", "served", "serving", "serving_door"})
+# CI sets this (.ci/run): there a component a test needs and cannot find fails the test instead of
+# skipping it; only the ClickHouse server backend, which no CI machine has, may skip.
+STRICT_ENV = "FLYWHEEL_TESTS_REQUIRE_ALL"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(REPO).parts
+        if parts[:2] == ("tests", "security"):
+            item.add_marker(pytest.mark.security)
+        if parts[:2] == ("tests", "faults"):
+            item.add_marker(pytest.mark.faults)
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
+
+
+def require(available: bool, missing: str) -> None:
+    """Skip a test whose component is missing on a developer's machine; fail it under CI."""
+    if available:
+        return
+    if os.environ.get(STRICT_ENV):
+        pytest.fail(f"{missing} (CI must provide it; {STRICT_ENV} is set)")
+    pytest.skip(missing)
+
+
+_lane_seconds: dict[str, float] = defaultdict(float)
+_lane_tests: dict[str, set[str]] = defaultdict(set)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for lane in LANES:
+        if lane in report.keywords:
+            _lane_seconds[lane] += report.duration
+            _lane_tests[lane].add(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # noqa: ANN001 - pytest's reporter type is private
+    if not _lane_seconds:
+        return
+    terminalreporter.section("time per lane (setup + call + teardown; a test may be in several lanes)")
+    for lane in LANES:
+        if lane in _lane_seconds:
+            terminalreporter.write_line(f"{lane:<12} {len(_lane_tests[lane]):>4} tests  {_lane_seconds[lane]:>8.1f} s")
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ HTTP port free. Real subprocesses against the real local Kafka."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra.processes import free_port, port_is_free, process_cmdline
+from infra.processes import free_port, port_is_free, process_alive, process_cmdline
 from contracts.http import Role
 from services.runtime.service import descendant_pids
 from services.runtime.settings import FlywheelSettings
@@ -166,18 +167,35 @@ def test_run_names_the_valid_services_when_one_is_unknown() -> None:
     assert "unknown service 'monitr': choose from registry, trainer, evaluator, serving, feedback, monitor" in result.stderr
 
 
+@pytest.mark.model
 @pytest.mark.timeout(600)
-def test_up_stops_every_service_on_sigint(flywheel) -> None:
+def test_up_on_a_fresh_home_starts_its_broker_serves_the_commands_beside_it_and_stops_everything_on_sigint(flywheel) -> None:
+    """A new user: `flywheel up` with nothing configured, then `flywheel ops sql` and `flywheel registry`
+    in another terminal with nothing set either; Ctrl-C stops the services and the broker up started."""
     process = flywheel("up")
+    for name in ("FLYWHEEL_KAFKA_BOOTSTRAP", "FLYWHEEL_TOPIC_PREFIX"):
+        process.env.pop(name)
     process.start()
     process.wait_ready(420)
     tritons = process.tritonservers()
     assert tritons, "flywheel up started no tritonserver"
+    broker = json.loads((process.home / "infra" / "kafka" / "state.json").read_text())
+    assert process_alive(broker["pid"]), broker
+    assert (process.home / "admin.key").stat().st_mode & 0o777 == 0o600
+
+    beside = {name: value for name, value in process.env.items() if name != "FLYWHEEL_HTTP_PORT"}
+    counted = subprocess.run([FLYWHEEL, "ops", "sql", "SELECT count() AS n FROM inference_log"], cwd=REPO, env=beside, capture_output=True, text=True, timeout=120)
+    assert counted.returncode == 0 and counted.stdout.split() == ["n", "0"], counted.stdout + counted.stderr
+    models = subprocess.run([FLYWHEEL, "registry", "models"], cwd=REPO, env=beside, capture_output=True, text=True, timeout=120)
+    assert models.returncode == 0 and "Traceback" not in models.stderr, models.stdout + models.stderr
 
     code, seconds = process.stop_with(signal.SIGINT)
     assert_stopped_cleanly(process, code, seconds, tritons)
+    assert not process_alive(broker["pid"]), f"the broker flywheel up started (pid {broker['pid']}) outlived it"
+    assert port_is_free(int(broker["bootstrap"].rsplit(":", 1)[1]))
 
 
+@pytest.mark.model
 @pytest.mark.timeout(600)
 def test_demo_interrupted_stops_every_service_and_writes_its_report(flywheel) -> None:
     process = flywheel("-v", "demo", "--step-timeout", "600")
@@ -201,6 +219,7 @@ def test_demo_interrupted_stops_every_service_and_writes_its_report(flywheel) ->
     assert f"http port {process.port} free" in summary
 
 
+@pytest.mark.model
 @pytest.mark.timeout(600)
 def test_a_second_sigint_exits_at_once_and_leaves_no_tritonserver(flywheel) -> None:
     process = flywheel("up")

@@ -45,12 +45,11 @@ from services.registry.store import RegistryStore
 from services.runtime.auth import Authenticator, KeyStore, split_key
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.http import DoorError, error_response
-from tests.conftest import REPO
+from tests.conftest import REPO, require
 from tests.monitor_support import RegistryDoorFixture, clickhouse, monitor_store, seed_two_versions  # noqa: F401 - fixtures
 from tests.support import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (apt-get install chromium)")
 CSRF_FIELD = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 MODEL = "smollm2"
@@ -194,8 +193,8 @@ async def login_token(client: httpx.AsyncClient) -> str:
     return CSRF_FIELD.search(page.text).group(1)
 
 
-@needs_chromium
 async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headless_chromium(clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path) -> None:
+    require(shutil.which("chromium") is not None, "Debian's chromium is not installed (apt-get install chromium)")
     seed_history(clickhouse)
 
     async def publish(envelope) -> None:  # noqa: ANN001 - alerts are stored in ClickHouse; Kafka is not part of this test
