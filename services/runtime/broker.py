@@ -50,6 +50,7 @@ def faststream_security(security: KafkaSecurity) -> BaseSecurity | None:
     """The same security as FastStream spells it."""
     if security.uses_sasl:
         scram = SASLScram512 if security.sasl_mechanism == "SCRAM-SHA-512" else SASLScram256
+        assert security.username and security.password, "KafkaSecurity refuses SASL without both"
         return scram(security.username, security.password, ssl_context=security.ssl_context, use_ssl=security.uses_tls)
     if security.uses_tls:
         return BaseSecurity(ssl_context=security.ssl_context, use_ssl=True)

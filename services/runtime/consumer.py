@@ -167,9 +167,9 @@ def subscribe(
         event_id = str(envelope.event_id)
         if processed.seen(group, event_id):
             return "duplicate"
-        error = await _with_retries(handler, envelope, max_retries, backoff_s)
-        if error is not None:
-            await dead_letters.send(message, group=group, error=error, attempts=max_retries + 1)
+        failure = await _with_retries(handler, envelope, max_retries, backoff_s)
+        if failure is not None:
+            await dead_letters.send(message, group=group, error=failure, attempts=max_retries + 1)
             return "dead_lettered"
         processed.remember(group, event_id)
         return "processed"
@@ -231,9 +231,9 @@ def follow(
             log.warning("%s skipped an undecodable %s record: %s", name, event.event_type, _validation_summary(error))
             CONSUMER_MESSAGES.labels(group=name, event_type=event.event_type, outcome="skipped").inc()
             return
-        error = await _with_retries(handler, envelope, max_retries, backoff_s)
-        if error is not None:  # a follower has no dead-letter topic: logged and skipped
-            log.error("%s skipped %s %s after %d attempts: %s: %s", name, event.event_type, envelope.event_id, max_retries + 1, type(error).__name__, error)
+        failure = await _with_retries(handler, envelope, max_retries, backoff_s)
+        if failure is not None:  # a follower has no dead-letter topic: logged and skipped
+            log.error("%s skipped %s %s after %d attempts: %s: %s", name, event.event_type, envelope.event_id, max_retries + 1, type(failure).__name__, failure)
             CONSUMER_MESSAGES.labels(group=name, event_type=event.event_type, outcome="skipped").inc()
             return
         CONSUMER_MESSAGES.labels(group=name, event_type=event.event_type, outcome="processed").inc()

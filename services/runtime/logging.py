@@ -20,7 +20,7 @@ _QUIET = {"aiokafka": logging.WARNING, "aiokafka.consumer.group_coordinator": lo
 def configure_logging(settings: FlywheelSettings) -> None:
     """Route stdlib and structlog records through one renderer (console or JSON) on stderr."""
     json_output = settings.log_format == "json"
-    shared = [
+    shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
@@ -55,7 +55,7 @@ def _exception_formatter(terminal: bool) -> structlog.typing.ExceptionRenderer:
     return structlog.dev.plain_traceback
 
 
-def _identity(logger: object, name: str, event_dict: dict) -> dict:
+def _identity(logger: object, name: str, event_dict: structlog.typing.EventDict) -> structlog.typing.EventDict:
     return event_dict
 
 
