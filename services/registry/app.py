@@ -12,7 +12,6 @@ from services.registry.outbox import OutboxRelay
 from services.registry.service import Registry
 from services.registry.settings import RegistrySettings
 from services.registry.store import RegistryStore
-from services.runtime.artifacts import ArtifactStore, default_artifact_root
 from services.runtime.auth import Authenticator, KeyStore, LocalKeys, check_bootstrap_key, key_pepper, registry_database_url
 from services.runtime.service import Runtime, Service
 from services.runtime.settings import load_settings
@@ -26,7 +25,7 @@ def create_app(runtime: Runtime) -> Service:
     bootstrap_key = check_bootstrap_key(runtime.settings.bootstrap_admin_key)
     pepper = key_pepper(runtime.settings)
     store = RegistryStore(registry_database_url(runtime.settings))
-    artifacts = ArtifactStore(settings.artifact_root or default_artifact_root(runtime.home))
+    artifacts = runtime.artifacts
     relay = OutboxRelay(store, runtime.bus("registry"), interval_s=settings.outbox_interval_s)
     registry = Registry(store, artifacts, max_dataset_bytes=settings.max_dataset_bytes, on_commit=relay.kick, key_pepper=pepper)
     keys = KeyStore(store.engine, pepper)

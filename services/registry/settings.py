@@ -9,6 +9,5 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class RegistrySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLYWHEEL_REGISTRY_", extra="ignore")
 
-    artifact_root: str | None = Field(default=None, description="Artifact store: a directory or fsspec URL (s3://bucket/prefix); unset: <FLYWHEEL_HOME>/artifacts.")
     max_dataset_bytes: int = Field(default=64 * 1024 * 1024, ge=1, description="Largest dataset upload accepted, in bytes.")
     outbox_interval_s: float = Field(default=0.5, gt=0, description="How often the outbox relay polls for committed events.")

@@ -28,6 +28,7 @@ from fastapi import APIRouter, FastAPI
 from faststream.kafka import KafkaBroker
 
 from contracts.envelope import P
+from services.runtime.artifacts import ArtifactStore, default_artifact_root
 from services.runtime.broker import EventBus, check_reachable, create_broker, ensure_topics, require_topics, warn_if_unauthenticated
 from services.runtime.clickhouse import ClickHouseStore, open_clickhouse
 from services.runtime.consumer import DeadLetters, Handler, SqliteProcessedEvents, subscribe
@@ -54,7 +55,7 @@ class Service:
 
 
 class Runtime:
-    """The shared pieces of one process: settings, the Kafka broker, ClickHouse (opened on first use)."""
+    """The shared pieces of one process: settings, the Kafka broker, the artifact store, ClickHouse (opened on first use)."""
 
     def __init__(self, settings: FlywheelSettings, *, client_id: str) -> None:
         self.settings = settings
@@ -66,6 +67,9 @@ class Runtime:
         self.dead_letters = DeadLetters(self.broker)
         self._processed: dict[str, SqliteProcessedEvents] = {}
         self._clickhouse: ClickHouseStore | None = None
+        # One store for every service of the process (FLYWHEEL_ARTIFACT_ROOT): what the registry
+        # records, serving loads, and serving refuses an adapter from anywhere else.
+        self.artifacts = ArtifactStore(settings.artifact_root or default_artifact_root(settings.home))
 
     @property
     def home(self) -> Path:
@@ -114,6 +118,8 @@ ServiceFactory = Callable[[Runtime], Service]
 
 def build_process(settings: FlywheelSettings, factories: Sequence[ServiceFactory], *, title: str) -> tuple[FastAPI, Runtime]:
     """One ASGI app and one broker running the given services; the broker starts with the app."""
+    for warning in settings.deprecation_warnings():
+        log.warning(warning)
     runtime = Runtime(settings, client_id=title)
     services = [factory(runtime) for factory in factories]
     bootstrap = settings.resolved_kafka_bootstrap()

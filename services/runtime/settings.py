@@ -11,7 +11,7 @@ from pathlib import Path
 
 from typing import TypeVar
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.publisher import KafkaSecurity, SaslMechanism, SecurityProtocol
@@ -55,6 +55,10 @@ class FlywheelSettings(BaseSettings):
     kafka_sasl_username: str | None = Field(default=None, description="This process's Kafka principal; unset with `flywheel infra up --secure`: read from its credentials file.")
     kafka_sasl_password: SecretStr | None = Field(default=None, description="The principal's SCRAM password (never logged).")
     kafka_ssl_cafile: Path | None = Field(default=None, description="CA bundle (PEM) that signed the brokers' TLS certificates; unset: the system's trust store.")
+    artifact_root: str | None = Field(
+        default=None,
+        description="Artifact store every service reads and writes (models, datasets, adapters, reports): a directory or fsspec URL (s3://bucket/prefix); unset: <FLYWHEEL_HOME>/artifacts. Serving loads adapters from this store only.",
+    )
     clickhouse_url: str | None = Field(default=None, description="ClickHouse server URL (http://user:pass@host:8123/db); unset: embedded chDB under home.")
     database_url: str | None = Field(default=None, description="Registry database URL; unset: SQLite under home.")
     bootstrap_admin_key: SecretStr | None = Field(default=None, description="Creates the first admin API key when none exists; at least 32 characters.")
@@ -65,6 +69,41 @@ class FlywheelSettings(BaseSettings):
     log_format: str = Field(default="console", description="`console` for people, `json` for log shippers.")
     shutdown_grace_s: float = Field(default=15.0, ge=0, description="Seconds a stopping consumer waits for in-flight handlers before cancelling them.")
     consumer_max_retries: int = Field(default=3, ge=0, le=100, description="Attempts before a failing message goes to `<topic>.dlq`.")
+
+    # The names artifact_root had when each service read its own (one release): still read when
+    # FLYWHEEL_ARTIFACT_ROOT is unset, and named in a warning when the process starts.
+    legacy_registry_artifact_root: str | None = Field(default=None, validation_alias=AliasChoices("FLYWHEEL_REGISTRY_ARTIFACT_ROOT"), exclude=True)
+    legacy_trainer_artifact_root: str | None = Field(default=None, validation_alias=AliasChoices("FLYWHEEL_TRAINER_ARTIFACT_ROOT"), exclude=True)
+    legacy_evaluator_artifact_root: str | None = Field(default=None, validation_alias=AliasChoices("FLYWHEEL_EVALUATOR_ARTIFACT_ROOT"), exclude=True)
+    legacy_serving_artifact_root: str | None = Field(default=None, validation_alias=AliasChoices("FLYWHEEL_SERVING_ARTIFACT_ROOT"), exclude=True)
+    _deprecations: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _legacy_artifact_roots(self) -> FlywheelSettings:
+        legacy = self.legacy_artifact_roots()
+        if legacy and "artifact_root" in self.model_fields_set:
+            self._deprecations = [f"ignoring deprecated {', '.join(legacy)}: FLYWHEEL_ARTIFACT_ROOT is set"]
+            return self
+        if len(set(legacy.values())) > 1:
+            # Services of one process share one store now; two different roots cannot both be it.
+            named = ", ".join(f"{name}={value}" for name, value in legacy.items())
+            raise ConfigurationError(f"{named} name different artifact stores; every service reads one now: set FLYWHEEL_ARTIFACT_ROOT instead")
+        if legacy:
+            self.artifact_root = next(iter(legacy.values()))
+            self._deprecations = [f"{name} is deprecated: set FLYWHEEL_ARTIFACT_ROOT (the artifact store every service reads)" for name in legacy]
+        return self
+
+    def legacy_artifact_roots(self) -> dict[str, str]:
+        """The deprecated per-service artifact root variables that are set, by name."""
+        return {
+            f"FLYWHEEL_{service.upper()}_ARTIFACT_ROOT": value
+            for service in ("registry", "trainer", "evaluator", "serving")
+            if (value := getattr(self, f"legacy_{service}_artifact_root")) is not None
+        }
+
+    def deprecation_warnings(self) -> list[str]:
+        """One line per deprecated variable this process was configured with, saying what to set instead."""
+        return list(self._deprecations)
 
     @property
     def infra_dir(self) -> Path:

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 from contracts.events import AdapterRegistered, DeploymentRequested, PromptPublished, StageChanged
 from contracts.http import Role
-from services.runtime.artifacts import ArtifactStore, default_artifact_root
 from services.runtime.auth import Authenticator
 from services.runtime.consumer import follow
 from services.runtime.privacy import PrivacySettings
@@ -55,7 +54,7 @@ def create_app(runtime: Runtime) -> Service:
     bus = runtime.bus("serving")
     buffer = InferenceLogBuffer(bus, capacity=settings.log_buffer_size, redactor=load_settings(PrivacySettings).redactor())
     loader = AdapterLoader(
-        routes, ArtifactStore(settings.artifact_root or default_artifact_root(runtime.home)), runtime.home / "serving" / "adapters", lambda: state.engine,
+        routes, runtime.artifacts, runtime.home / "serving" / "adapters", lambda: state.engine,
         in_flight=lambda name: state.gateway.in_flight(name) if state.gateway is not None else 0, drain_s=settings.unload_drain_s,
     )
 

@@ -24,7 +24,3 @@ class ServingSettings(BaseSettings):
     rate_limit_burst: int = Field(default=20, ge=1, description="Requests an API key may make at once before the rate applies.")
     unload_drain_s: float = Field(default=120.0, ge=0, description="How long unloading an adapter (archived, or deployment.requested unload) waits for the requests already routed to it to end.")
     triton_log_verbose: int = Field(default=0, ge=0, description="tritonserver --log-verbose level.")
-    artifact_root: str | None = Field(
-        default=None,
-        description="Artifact store adapters are loaded from (the registry's: a directory or fsspec URL); unset: FLYWHEEL_HOME/artifacts, as the registry. Adapters anywhere else are refused.",
-    )

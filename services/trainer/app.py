@@ -7,7 +7,6 @@ import asyncio
 import torch
 
 from contracts.events import DatasetPublished, ModelRegistered, TrainingRequested
-from services.runtime.artifacts import ArtifactStore, default_artifact_root
 from services.runtime.auth import Authenticator
 from services.runtime.service import Runtime, Service
 from services.runtime.settings import load_settings
@@ -24,7 +23,7 @@ def create_app(runtime: Runtime) -> Service:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     home = runtime.home / "trainer"
-    artifacts = ArtifactStore(settings.artifact_root or default_artifact_root(runtime.home))
+    artifacts = runtime.artifacts
     store = JobStore(home / "jobs.db")
     catalog = EventCarriedCatalog(home / "catalog.db", artifacts, home / "inputs")
     trainer = Trainer(store, catalog, artifacts, runtime.bus("trainer"), work_root=home / "jobs", settings=settings)

@@ -17,4 +17,3 @@ class TrainerSettings(BaseSettings):
     stop_pause_s: float = Field(default=120.0, ge=0, description="How long a stopping trainer waits for the training step in flight to end and checkpoint.")
     stop_drain_s: float = Field(default=5.0, ge=0, description="How long a stopping trainer tries to publish its staged terminal events.")
     torch_threads: int = Field(default=0, ge=0, description="CPU threads for torch; 0 keeps torch's default.")
-    artifact_root: str | None = Field(default=None, description="Artifact store URL; unset: FLYWHEEL_HOME/artifacts.")

@@ -32,7 +32,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 @asynccontextmanager
 async def replica(settings: FlywheelSettings, home: Path, key: str) -> AsyncIterator[httpx.AsyncClient]:
     """One serving process (its own Triton) in `home`, sharing the broker and the key table."""
-    shared = {"home": home, "database_url": registry_database_url(settings)}  # API keys live in the registry's database
+    # API keys live in the registry's database; adapters in the registry's artifact store, outside this home.
+    shared = {"home": home, "database_url": registry_database_url(settings), "artifact_root": str(registry_artifacts(settings))}
     app, _ = build_process(settings.model_copy(update=shared), [create_app], title=f"serving@{home.name}")
     async with app.router.lifespan_context(app), httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://serving", headers={"Authorization": f"Bearer {key}"}, timeout=60,
@@ -62,24 +63,27 @@ async def until_answered_by(http: httpx.AsyncClient, expected: str, what: str, c
         raise AssertionError(f"{error}; the last answers came from {seen[-3:]}; flywheel logged: {logged[-15:]}") from None
 
 
+def registry_artifacts(settings: FlywheelSettings) -> Path:
+    """The registry's store (FLYWHEEL_ARTIFACT_ROOT), outside every replica's home."""
+    return settings.home.parent / "registry-artifacts"
+
+
 @asynccontextmanager
 async def registry_history(settings: FlywheelSettings, tmp_path: Path) -> AsyncIterator[EventBus]:
     """The registry's history before any replica starts: two versions of `tiny`, v1 promoted to
     production; yields the registry's bus to publish what comes next. Replicas started meanwhile read
     the registry's artifact store (serving loads adapters from that store only)."""
-    artifacts = ArtifactStore(tmp_path / "registry-artifacts")
+    artifacts = ArtifactStore(registry_artifacts(settings))
     vocab = len(smollm2_tokenizer(tmp_path / "tokenizer"))
     refs = {version: artifacts.put_directory(make_adapter(vocab, tmp_path / f"adapter-{version}", seed=version)) for version in (1, 2)}
     publisher = create_broker(settings, client_id="registry")
-    with pytest.MonkeyPatch.context() as environment:
-        environment.setenv("FLYWHEEL_SERVING_ARTIFACT_ROOT", str(tmp_path / "registry-artifacts"))
-        async with publisher:
-            await publisher.start()
-            registry = EventBus(publisher, producer="registry", topic_prefix=settings.topic_prefix)
-            for version, ref in refs.items():
-                await registry.publish(AdapterRegistered(model_name="tiny", adapter_version=version, artifact_uri=ref.uri, artifact_sha256=ref.sha256, training_job_id=f"job-{version}"))
-            await registry.publish(StageChanged(model_name="tiny", adapter_version=1, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", approver="bob"))
-            yield registry
+    async with publisher:
+        await publisher.start()
+        registry = EventBus(publisher, producer="registry", topic_prefix=settings.topic_prefix)
+        for version, ref in refs.items():
+            await registry.publish(AdapterRegistered(model_name="tiny", adapter_version=version, artifact_uri=ref.uri, artifact_sha256=ref.sha256, training_job_id=f"job-{version}"))
+        await registry.publish(StageChanged(model_name="tiny", adapter_version=1, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", approver="bob"))
+        yield registry
 
 
 async def promote_v2(registry: EventBus) -> None:
