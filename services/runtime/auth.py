@@ -30,6 +30,7 @@ import hmac
 import logging
 import os
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -41,10 +42,10 @@ from typing import Any, ClassVar, Protocol
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
-from sqlalchemy import DateTime, Engine, create_engine, event, func, or_, select, update
+from sqlalchemy import Connection, DateTime, Engine, create_engine, event, func, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlmodel import Field, Session, SQLModel
+from sqlmodel import Field, Session, SQLModel, col
 
 from contracts.http import Role
 from services.runtime.errors import ConfigurationError
@@ -232,7 +233,7 @@ def create_database_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
-        def _pragmas(connection, _record) -> None:  # noqa: ANN001 - SQLAlchemy's DBAPI hook
+        def _pragmas(connection: sqlite3.Connection, _record: object) -> None:  # SQLAlchemy's DBAPI hook
             # SQLAlchemy issues BEGIN itself (below), so pysqlite must not open transactions on its own.
             connection.isolation_level = None
             connection.execute("PRAGMA journal_mode=WAL")
@@ -240,7 +241,7 @@ def create_database_engine(url: str) -> Engine:
             connection.execute("PRAGMA busy_timeout=30000")
 
         @event.listens_for(engine, "begin")
-        def _begin_immediate(connection) -> None:  # noqa: ANN001
+        def _begin_immediate(connection: Connection) -> None:
             # A deferred transaction that reads and then writes fails at once with "database is
             # locked" under concurrency; taking the write lock at BEGIN makes writers queue instead.
             connection.exec_driver_sql("BEGIN IMMEDIATE")
@@ -271,7 +272,8 @@ class KeyStore:
             raise KeyRefused("invalid API key: unknown, wrong or revoked")
         legacy = row.secret_hmac is None
         expected = legacy_hash(secret, row.salt) if legacy else hash_secret(secret, row.salt, self.pepper)
-        if not hmac.compare_digest(row.secret_sha256 if legacy else row.secret_hmac, expected):  # type: ignore[arg-type]
+        stored = (row.secret_sha256 if legacy else row.secret_hmac) or ""  # a row without its digest matches nothing
+        if not hmac.compare_digest(stored, expected):
             raise KeyRefused("invalid API key: unknown, wrong or revoked")
         now = datetime.now(UTC)
         if row.revoked_at is not None:
@@ -288,11 +290,11 @@ class KeyStore:
         values: dict[str, Any] = {"last_used_at": now}
         if legacy:
             values |= {"secret_hmac": hash_secret(secret, row.salt, self.pepper), "secret_sha256": None}
-        stale = or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at <= now - LAST_USED_RESOLUTION)  # type: ignore[union-attr,operator]
+        stale = or_(col(ApiKey.last_used_at).is_(None), col(ApiKey.last_used_at) <= now - LAST_USED_RESOLUTION)
         try:
             with self._engine.begin() as conn:
                 # The condition makes concurrent checks of one key write once, not once each.
-                conn.execute(update(ApiKey).where(ApiKey.key_id == row.key_id, or_(stale, ApiKey.secret_hmac.is_(None))).values(**values))  # type: ignore[union-attr,arg-type]
+                conn.execute(update(ApiKey).where(col(ApiKey.key_id) == row.key_id, or_(stale, col(ApiKey.secret_hmac).is_(None))).values(**values))
         except SQLAlchemyError as error:
             log.warning("could not record the use of key %s: %s", row.key_id, error)
 
@@ -327,7 +329,7 @@ class KeyStore:
         with Session(self._engine) as session:
             count = session.scalar(
                 select(func.count()).select_from(ApiKey).where(
-                    ApiKey.role == Role.admin.value, ApiKey.revoked_at.is_(None), or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > now),  # type: ignore[union-attr,operator]
+                    col(ApiKey.role) == Role.admin.value, col(ApiKey.revoked_at).is_(None), or_(col(ApiKey.expires_at).is_(None), col(ApiKey.expires_at) > now),
                 )
             )
         return bool(count)
@@ -406,7 +408,7 @@ class RegistryKeys:
         return Principal(name=body["principal"], role=Role(body["role"]), key_id=body["key_id"], expires_at=datetime.fromisoformat(expires) if expires else None)
 
 
-def _error_detail(response: Any) -> dict:
+def _error_detail(response: Any) -> dict[str, Any]:
     try:
         detail = response.json().get("error")
     except ValueError:
