@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,7 +25,7 @@ S = TypeVar("S", bound=BaseSettings)
 PROCESS_PRINCIPAL = "flywheel"
 
 
-def load_settings(cls: type[S], **overrides: object) -> S:
+def load_settings(cls: type[S], **overrides: Any) -> S:
     """Build settings from the environment; a bad value is a one-line ConfigurationError naming the variable."""
     try:
         return cls(**overrides)
@@ -115,7 +115,8 @@ class FlywheelSettings(BaseSettings):
             return self.kafka_bootstrap
         state_file = self.infra_dir / "kafka" / "state.json"
         if state_file.exists():
-            return json.loads(state_file.read_text())["bootstrap"]
+            recorded: str = json.loads(state_file.read_text())["bootstrap"]
+            return recorded
         raise ConfigurationError(
             "no Kafka broker configured: run `flywheel infra up` or set FLYWHEEL_KAFKA_BOOTSTRAP=host:port"
         )
@@ -150,12 +151,12 @@ class FlywheelSettings(BaseSettings):
         except ValueError as error:  # e.g. a username with FLYWHEEL_KAFKA_SECURITY_PROTOCOL=SSL
             raise ConfigurationError(f"invalid Kafka security settings (FLYWHEEL_KAFKA_SECURITY_PROTOCOL and FLYWHEEL_KAFKA_SASL_*): {error}") from None
 
-    def _local_kafka_state(self) -> dict | None:
+    def _local_kafka_state(self) -> dict[str, Any] | None:
         """What `flywheel infra up` recorded, when this process talks to that broker."""
         state_file = self.infra_dir / "kafka" / "state.json"
         if not state_file.exists():
             return None
-        state = json.loads(state_file.read_text())
+        state: dict[str, Any] = json.loads(state_file.read_text())
         if self.kafka_bootstrap and self.kafka_bootstrap != state.get("bootstrap"):
             return None  # another broker: its security is whatever the settings say
         return state
