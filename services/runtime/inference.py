@@ -17,11 +17,12 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import CacheLayerMixin, DynamicCache
 
 from services.runtime.peft_compat import ignore_peft_deprecation
 
@@ -136,8 +137,8 @@ class DecodeBatch:
         first = int(real[0]) if len(real) else self.mask.shape[1]
         if first:
             self.mask = self.mask[:, first:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            for layer, keys, values in map(_filled_attention, self.cache.layers):
+                layer.keys, layer.values = keys[:, :, first:], values[:, :, first:]
 
     def absorb(self, other: DecodeBatch) -> None:
         """Append `other`'s rows, left-padding whichever cache is shorter."""
@@ -145,12 +146,19 @@ class DecodeBatch:
         self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)])
         # DynamicLayer keeps [batch, heads, tokens, head_dim] tensors in `keys`/`values`; padded
         # columns are masked out, so zeros there are never attended to.
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, width, dim=2), _left_pad(theirs.keys, width, dim=2)])
-            mine.values = torch.cat([_left_pad(mine.values, width, dim=2), _left_pad(theirs.values, width, dim=2)])
+        for (mine, keys, values), (_, their_keys, their_values) in zip(map(_filled_attention, self.cache.layers), map(_filled_attention, other.cache.layers), strict=True):
+            mine.keys = torch.cat([_left_pad(keys, width, dim=2), _left_pad(their_keys, width, dim=2)])
+            mine.values = torch.cat([_left_pad(values, width, dim=2), _left_pad(their_values, width, dim=2)])
         self.rows += other.rows
         self.pending += other.pending
         self.positions = torch.cat([self.positions, other.positions])
+
+
+def _filled_attention(layer: object) -> tuple[CacheLayerMixin, torch.Tensor, torch.Tensor]:
+    """A cache layer with its keys and values; rows can only be trimmed and merged in such layers."""
+    if not isinstance(layer, CacheLayerMixin) or layer.keys is None or layer.values is None:
+        raise TypeError(f"batched decoding needs attention layers with a filled KV cache, not {type(layer).__name__}")
+    return layer, layer.keys, layer.values
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
@@ -168,7 +176,8 @@ class Engine:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, model_name: str = "base") -> None:
         self.model_name = model_name
         self.tokenizer = tokenizer
-        self._base = model.eval()
+        model.eval()  # type: ignore[no-untyped-call]  # transformers overrides Module.eval() without annotations
+        self._base = model
         self._peft: PeftModel | None = None
         self._adapters: dict[str, str] = {}
         # One lock for generation and adapter changes: peft's layer dicts must not change mid-forward.
@@ -233,10 +242,11 @@ class Engine:
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-        return self.encode(text)
+        return self.encode(cast("str", text))  # tokenize=False: the template rendered as one string
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False)
+        return ids
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
@@ -302,7 +312,8 @@ class Engine:
         # logits_to_keep=1: only the last column is sampled; a prefill's full [rows, tokens, vocab]
         # logits would cost a quarter of the forward pass on a small model.
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
-        return out.logits[:, -1, :].float()
+        logits: torch.Tensor = out.logits[:, -1, :].float()
+        return logits
 
     def _sample_all(self, batch: DecodeBatch, logits: torch.Tensor) -> None:
         tokens = [self._sample(logits[slot], row) for slot, row in enumerate(batch.rows)]
@@ -343,7 +354,7 @@ class Engine:
             row.finish_reason = "stop"
             return False
         row.tokens.append(token)
-        row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        row.text = cast("str", self.tokenizer.decode(row.tokens, skip_special_tokens=True))  # one sequence decodes to one string
         for stop in params.stop:
             at = row.text.find(stop)
             if stop and at >= 0:
