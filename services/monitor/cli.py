@@ -38,13 +38,23 @@ SQL = {
 }
 
 
+def door_and_key(settings: FlywheelSettings, service: str) -> tuple[str, str | None]:
+    """Where `service`'s door is and the key to present: the live process recorded under FLYWHEEL_HOME
+    (whatever its port), else FLYWHEEL_HTTP_HOST:PORT; FLYWHEEL_API_KEY, else the home's admin.key
+    (services/runtime/running.py), else FLYWHEEL_MONITOR_API_KEY."""
+    from services.runtime.running import client_key, door_of
+
+    door = door_of(settings.home, service) or f"http://{settings.http_host}:{settings.http_port}"
+    return door, client_key(settings.home) or os.environ.get("FLYWHEEL_MONITOR_API_KEY")
+
+
 def run_query(sql: str, parameters: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """Through the live monitor's query door when one answers, else on the store opened read-only."""
     import httpx
 
     settings = load_settings(FlywheelSettings)
-    key = os.environ.get("FLYWHEEL_API_KEY") or os.environ.get("FLYWHEEL_MONITOR_API_KEY")
-    url = f"http://{settings.http_host}:{settings.http_port}/monitor/v1/query"
+    door, key = door_and_key(settings, "monitor")
+    url = f"{door}/monitor/v1/query"
     try:
         response = httpx.post(url, json={"sql": sql, "parameters": parameters}, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)
     except httpx.TransportError:
@@ -90,9 +100,8 @@ def models() -> None:
     """Adapter versions and their stages, from the registry's door."""
     import httpx
 
-    settings = load_settings(FlywheelSettings)
-    key = os.environ.get("FLYWHEEL_API_KEY") or os.environ.get("FLYWHEEL_MONITOR_API_KEY")
-    response = httpx.get(f"http://{settings.http_host}:{settings.http_port}/registry/v1/adapters", params={"limit": 500}, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
+    door, key = door_and_key(load_settings(FlywheelSettings), "registry")
+    response = httpx.get(f"{door}/registry/v1/adapters", params={"limit": 500}, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
     if response.status_code != 200:
         raise typer.BadParameter(f"registry answered {response.status_code}: {response.text[:500]}")
     items = response.json()["items"]
@@ -116,21 +125,17 @@ def sql(
     """Run a read-only query and print tab-separated rows with a header; the engine refuses writes."""
     import httpx
 
-    from services.runtime.running import door_of
-
     settings = load_settings(FlywheelSettings)
-    # chDB lets one process open the data directory: beside a live monitor (found where it recorded its
-    # door under FLYWHEEL_HOME, whatever its port), ask its query door instead.
-    door = door_of(settings.home, "monitor") or f"http://{settings.http_host}:{settings.http_port}"
+    # chDB lets one process open the data directory: beside a live monitor, ask its query door instead.
+    door, key = door_and_key(settings, "monitor")
     url = f"{door}/monitor/v1/query"
-    key = os.environ.get("FLYWHEEL_API_KEY") or os.environ.get("FLYWHEEL_MONITOR_API_KEY")
     try:
         response = httpx.post(url, json={"sql": query, "max_rows": max_rows}, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)
     except httpx.ConnectError:
         columns, rows = _query_store(settings, query, max_rows)
     else:
         if response.status_code == 401 and not key:
-            raise FlywheelError(f"a Flywheel process serves the monitor at {door} and holds the ClickHouse data: set FLYWHEEL_API_KEY to a viewer's key (`flywheel registry keys create NAME --role viewer`)")
+            raise FlywheelError(f"a Flywheel process serves the monitor at {door} and holds the ClickHouse data: set FLYWHEEL_API_KEY to a viewer's key (`flywheel registry keys create NAME --role viewer`); no {settings.home / 'admin.key'} was found")
         if response.status_code != 200:
             raise FlywheelError(f"{url} answered {response.status_code}: {response.json().get('error', {}).get('message', response.text)}")
         body = response.json()
