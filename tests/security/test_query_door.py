@@ -31,8 +31,9 @@ from fastapi import FastAPI
 from contracts.http import Role
 from services.monitor.app import create_app
 from services.monitor.cli import SQL as OPS_VIEWS
+from services.monitor.settings import MonitorSettings
 from services.registry.store import RegistryStore
-from services.runtime.auth import KeyStore
+from services.runtime.auth import KeyStore, LocalKeys
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.clickhouse.query_guard import QueryGuard, QueryLimits, QueryOverLimit
 from services.runtime.service import Runtime, Service, build_process
@@ -158,12 +159,13 @@ def build_door(target: ClickHouseTarget, tmp_path: Path) -> Door:
     registry.migrate()
     keystore = KeyStore(registry.engine)
     keys = {role.value: keystore.create(principal=f"{role.value}-caller", role=role, created_by="test")[0] for role in (Role.viewer, Role.app, Role.operator, Role.admin)}
-    registry.close()
-    settings = FlywheelSettings(home=target.home, database_url=f"sqlite:///{tmp_path / 'registry.db'}", kafka_bootstrap="127.0.0.1:1", clickhouse_url=target.url)
+    # Offered to this process's doors as the registry built here would offer it (services never open its database).
+    LocalKeys.register(registry.url, keystore)
+    settings = FlywheelSettings(home=target.home, database_url=registry.url, kafka_bootstrap="127.0.0.1:1", clickhouse_url=target.url)
 
     def monitor(runtime: Runtime) -> Service:
         runtime.clickhouse = lambda: store
-        return create_app(runtime, open_readonly=partial(target.open, readonly=True))
+        return create_app(runtime, MonitorSettings(), open_readonly=partial(target.open, readonly=True))
 
     app, _ = build_process(settings, [monitor], title="query-door-test")
     return Door(app, store, keys)
