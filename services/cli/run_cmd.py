@@ -1,7 +1,9 @@
 """`flywheel up` (every service in one process) and `flywheel run SERVICE [SERVICE ...]` (the named ones).
 
 The composition root: the only module that imports services. Each service's `app.create_app` is
-found by name, so a service is added by adding its folder.
+found by name, so a service is added by adding its folder; `build_process` reads the settings each
+one takes (its `<Name>Settings`, and PrivacySettings for serving and feedback) from the environment
+once, when the process is built, and hands them over.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from services.evaluator.worker import EvaluationWorker
 from services.runtime.auth import Authenticator
 from services.runtime.scoring import Embedder, Judge
 from services.runtime.service import Runtime, Service
-from services.runtime.settings import load_settings
 
 GROUP = "evaluator"
 
@@ -40,8 +39,7 @@ def judge_factory(settings: EvaluatorSettings):
     return build
 
 
-def create_app(runtime: Runtime) -> Service:
-    settings = load_settings(EvaluatorSettings)
+def create_app(runtime: Runtime, settings: EvaluatorSettings) -> Service:
     store = EvaluatorStore(runtime.home / GROUP / "evaluator.db")
     evaluator = Evaluator(
         store=store, artifacts=runtime.artifacts, clickhouse=runtime.clickhouse,

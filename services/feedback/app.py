@@ -12,13 +12,11 @@ from services.feedback.store import FeedbackStore
 from services.runtime.auth import Authenticator
 from services.runtime.privacy import PrivacySettings
 from services.runtime.service import Runtime, Service
-from services.runtime.settings import load_settings
 
 
-def create_app(runtime: Runtime) -> Service:
-    settings = load_settings(FeedbackSettings)
+def create_app(runtime: Runtime, settings: FeedbackSettings, privacy: PrivacySettings) -> Service:
     store = FeedbackStore(runtime.clickhouse, unavailable_while=settings.failpoint_clickhouse_unavailable)
-    redactor = load_settings(PrivacySettings).redactor()
+    redactor = privacy.redactor()
     subscribe_sink(
         runtime.broker,
         Sink(store, redactor),

@@ -21,15 +21,15 @@ from services.runtime.auth import Authenticator
 from services.runtime.clickhouse import ClickHouseStore, open_clickhouse
 from services.runtime.errors import ConfigurationError
 from services.runtime.service import Runtime, Service
-from services.runtime.settings import load_settings
 
 log = logging.getLogger("flywheel.monitor")
 GROUP = "monitor"
 
 
-def create_app(runtime: Runtime, *, registry_transport: Any = None, open_readonly: Callable[[], ClickHouseStore] | None = None) -> Service:
+def create_app(
+    runtime: Runtime, settings: MonitorSettings, *, registry_transport: Any = None, open_readonly: Callable[[], ClickHouseStore] | None = None
+) -> Service:
     """`open_readonly` opens the query door's read-only handle; default: the process's store, opened with readonly=1."""
-    settings = load_settings(MonitorSettings)
     if settings.query_clickhouse_url and not runtime.settings.clickhouse_url:
         raise ConfigurationError(
             "FLYWHEEL_MONITOR_QUERY_CLICKHOUSE_URL names a ClickHouse server user for the query door, but FLYWHEEL_CLICKHOUSE_URL is unset "

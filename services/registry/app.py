@@ -14,13 +14,11 @@ from services.registry.settings import RegistrySettings
 from services.registry.store import RegistryStore
 from services.runtime.auth import Authenticator, KeyStore, LocalKeys, check_bootstrap_key, key_pepper, registry_database_url
 from services.runtime.service import Runtime, Service
-from services.runtime.settings import load_settings
 
 log = logging.getLogger("flywheel.registry")
 
 
-def create_app(runtime: Runtime) -> Service:
-    settings = load_settings(RegistrySettings)
+def create_app(runtime: Runtime, settings: RegistrySettings) -> Service:
     # Refused here, before anything starts: a short bootstrap key, or a server database without a pepper.
     bootstrap_key = check_bootstrap_key(runtime.settings.bootstrap_admin_key)
     pepper = key_pepper(runtime.settings)

@@ -1,16 +1,20 @@
 """How a service plugs into a process, and the process that runs one service or all of them.
 
-Each `services/<name>/app.py` has `create_app(runtime) -> Service`: it builds its store, its
-handlers (subscribed on `runtime.broker` through `runtime.subscribe`) and its HTTP door, and returns
-them with its readiness checks and start/stop hooks. `flywheel run NAME` builds one, `flywheel up`
-builds all six on one broker, one ClickHouse store and one ASGI app: the composition root is
-services/cli/run_cmd.py, the only place that imports services.
+Each `services/<name>/app.py` has `create_app(runtime, settings) -> Service`: it builds its store, its
+handlers (subscribed on `runtime.broker` through `runtime.subscribe`) and its HTTP door from the
+settings it is handed (it reads no environment), and returns them with its readiness checks and
+start/stop hooks. `flywheel run NAME` builds one, `flywheel up` builds all six on one broker, one
+ClickHouse store and one ASGI app. The composition root is services/cli/run_cmd.py, the only place
+that imports services, with `build_process` below: settings are read from the environment there,
+once per process, and handed to the services (none is configured by writing the environment).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import logging
 import os
 import signal
@@ -26,6 +30,7 @@ from typing import Any
 import uvicorn
 from fastapi import APIRouter, FastAPI
 from faststream.kafka import KafkaBroker
+from pydantic_settings import BaseSettings
 
 from contracts.envelope import P
 from services.runtime.artifacts import ArtifactStore, default_artifact_root
@@ -34,7 +39,7 @@ from services.runtime.clickhouse import ClickHouseStore, open_clickhouse
 from services.runtime.consumer import DeadLetters, Handler, SqliteProcessedEvents, subscribe
 from services.runtime.http import ReadinessCheck, create_http_app
 from services.runtime.running import door_url, forget, record
-from services.runtime.settings import FlywheelSettings
+from services.runtime.settings import FlywheelSettings, load_settings
 
 log = logging.getLogger("flywheel.process")
 
@@ -113,15 +118,50 @@ class Runtime:
             self._clickhouse = None
 
 
-ServiceFactory = Callable[[Runtime], Service]
+# A service's `create_app(runtime, settings, ...)`, or it with its settings already given
+# (`functools.partial(create_app, settings=ServingSettings(...))`, as tests and the demo do).
+ServiceFactory = Callable[..., Service]
+
+
+def with_settings(factory: ServiceFactory, built: dict[type[BaseSettings], BaseSettings]) -> Callable[[Runtime], Service]:
+    """`factory` handed every settings object it takes and was not given: each parameter annotated with
+    a settings class and no value is read from the environment, once per class into `built`, so the
+    services of one process that share settings (serving and feedback: PrivacySettings) share one object."""
+    missing: dict[str, BaseSettings] = {}
+    try:
+        signature = inspect.signature(factory, eval_str=True)
+    except NameError:
+        # An annotation only a type checker resolves: no settings class to read; a settings parameter
+        # left without a value still fails loudly when the factory is called.
+        signature = inspect.signature(factory)
+    for name, parameter in signature.parameters.items():
+        cls = parameter.annotation
+        if parameter.default is inspect.Parameter.empty and isinstance(cls, type) and issubclass(cls, BaseSettings):
+            if cls not in built:
+                built[cls] = load_settings(cls)
+            missing[name] = built[cls]
+    return functools.partial(factory, **missing) if missing else factory
+
+
+def settings_class(factory: ServiceFactory, parameter: str = "settings") -> type[BaseSettings]:
+    """The settings class `factory` takes as `parameter`: how a caller that may import only a service's
+    app (the demo) builds that service's settings with its own values."""
+    cls = inspect.signature(factory, eval_str=True).parameters[parameter].annotation
+    if not (isinstance(cls, type) and issubclass(cls, BaseSettings)):
+        raise TypeError(f"{factory!r} takes no settings class as {parameter!r}")
+    return cls
 
 
 def build_process(settings: FlywheelSettings, factories: Sequence[ServiceFactory], *, title: str) -> tuple[FastAPI, Runtime]:
-    """One ASGI app and one broker running the given services; the broker starts with the app."""
+    """One ASGI app and one broker running the given services; the broker starts with the app.
+
+    The composition root: each service's settings not given with its factory are read from the
+    environment here, once, when the process is built (with_settings)."""
     for warning in settings.deprecation_warnings():
         log.warning(warning)
     runtime = Runtime(settings, client_id=title)
-    services = [factory(runtime) for factory in factories]
+    built: dict[type[BaseSettings], BaseSettings] = {}
+    services = [with_settings(factory, built)(runtime) for factory in factories]
     bootstrap = settings.resolved_kafka_bootstrap()
     security = runtime.kafka_security
     readiness: dict[str, ReadinessCheck] = {"kafka": lambda: check_reachable(bootstrap, security=security)}

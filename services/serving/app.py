@@ -12,7 +12,6 @@ from services.runtime.auth import Authenticator
 from services.runtime.consumer import follow
 from services.runtime.privacy import PrivacySettings
 from services.runtime.service import Runtime, Service
-from services.runtime.settings import load_settings
 from services.serving.api import create_router
 from services.serving.gateway import Gateway
 from services.serving.handlers import (
@@ -45,14 +44,13 @@ class _State:
     stopping: asyncio.Event | None = None
 
 
-def create_app(runtime: Runtime) -> Service:
-    settings = load_settings(ServingSettings)
+def create_app(runtime: Runtime, settings: ServingSettings, privacy: PrivacySettings) -> Service:
     routes = Routes()
     routes.add_model(settings.base_model)
     prompts = PromptRoutes()
     state = _State()
     bus = runtime.bus("serving")
-    buffer = InferenceLogBuffer(bus, capacity=settings.log_buffer_size, redactor=load_settings(PrivacySettings).redactor())
+    buffer = InferenceLogBuffer(bus, capacity=settings.log_buffer_size, redactor=privacy.redactor())
     loader = AdapterLoader(
         routes, runtime.artifacts, runtime.home / "serving" / "adapters", lambda: state.engine,
         in_flight=lambda name: state.gateway.in_flight(name) if state.gateway is not None else 0, drain_s=settings.unload_drain_s,

@@ -9,7 +9,6 @@ import torch
 from contracts.events import DatasetPublished, ModelRegistered, TrainingRequested
 from services.runtime.auth import Authenticator
 from services.runtime.service import Runtime, Service
-from services.runtime.settings import load_settings
 from services.trainer.api import build_router
 from services.trainer.catalog import EventCarriedCatalog
 from services.trainer.handlers import when_dataset_published_remember_it, when_model_registered_remember_it, when_training_requested_run_job
@@ -18,8 +17,7 @@ from services.trainer.settings import TrainerSettings
 from services.trainer.store import JobStore
 
 
-def create_app(runtime: Runtime) -> Service:
-    settings = load_settings(TrainerSettings)
+def create_app(runtime: Runtime, settings: TrainerSettings) -> Service:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     home = runtime.home / "trainer"

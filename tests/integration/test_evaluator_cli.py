@@ -18,6 +18,7 @@ from contracts.events import DatasetPublished, ModelRegistered, PromptPublished
 from contracts.http import Role
 from infra.processes import free_port
 from services.evaluator.app import create_app
+from services.evaluator.settings import EvaluatorSettings
 from services.evaluator.store import EvaluatorStore
 from services.runtime.artifacts import ArtifactStore
 from services.runtime.clickhouse import ClickHouseStore
@@ -47,9 +48,7 @@ async def flywheel(*args: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-async def evaluator_url(settings: FlywheelSettings, chdb_target: ClickHouseTarget, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
-    monkeypatch.setenv("FLYWHEEL_EVALUATOR_MAX_TOKENS", "6")
-    monkeypatch.setenv("FLYWHEEL_EVALUATOR_RESAMPLES", "200")
+async def evaluator_url(settings: FlywheelSettings, chdb_target: ClickHouseTarget, tmp_path: Path) -> AsyncIterator[str]:
     clickhouse: ClickHouseStore = chdb_target.open()
     clickhouse.migrate()
     artifacts = ArtifactStore(settings.home / "artifacts")
@@ -58,7 +57,7 @@ async def evaluator_url(settings: FlywheelSettings, chdb_target: ClickHouseTarge
 
     def evaluator(runtime: Runtime):  # noqa: ANN202
         runtime.clickhouse = lambda: clickhouse  # chDB allows one data directory per process: the session's
-        return create_app(runtime)
+        return create_app(runtime, EvaluatorSettings(max_tokens=6, resamples=200))
 
     app, runtime = build_process(settings, [evaluator], title="flywheel-evaluator-cli-test")
     port = free_port()

@@ -13,6 +13,7 @@ from contracts.envelope import Envelope
 from contracts.events import AdapterRegistered, DatasetPublished, EvaluationCompleted, ModelRegistered, ModelTarget
 from contracts.http import Role
 from services.evaluator.app import create_app
+from services.evaluator.settings import EvaluatorSettings
 from services.evaluator.store import EvaluatorStore
 from services.runtime.artifacts import ArtifactStore
 from services.runtime.clickhouse import ClickHouseStore
@@ -27,10 +28,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 async def test_a_registered_adapter_is_evaluated_and_the_result_published(
-    settings: FlywheelSettings, chdb_target: ClickHouseTarget, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    settings: FlywheelSettings, chdb_target: ClickHouseTarget, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("FLYWHEEL_EVALUATOR_MAX_TOKENS", "6")
-    monkeypatch.setenv("FLYWHEEL_EVALUATOR_RESAMPLES", "200")
     clickhouse: ClickHouseStore = chdb_target.open()
     clickhouse.migrate()
     artifacts = ArtifactStore(settings.home / "artifacts")
@@ -46,7 +45,7 @@ async def test_a_registered_adapter_is_evaluated_and_the_result_published(
             completed.append(envelope)
 
         runtime.subscribe("test-listener", EvaluationCompleted, listen)
-        return create_app(runtime)
+        return create_app(runtime, EvaluatorSettings(max_tokens=6, resamples=200))
 
     app, runtime = build_process(settings, [evaluator], title="flywheel-evaluator-test")
     operator, viewer = api_key(settings, Role.operator), api_key(settings, Role.viewer)

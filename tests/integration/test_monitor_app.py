@@ -13,12 +13,13 @@ import pytest
 
 from contracts.envelope import wrap
 from contracts.events import AlertRaised, Stage
-from services.runtime.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.store import FeedbackStore
 from services.monitor.app import create_app
+from services.monitor.settings import MonitorSettings
 from services.registry.outbox import OutboxRelay
 from services.runtime.clickhouse import ClickHouseStore
+from services.runtime.privacy import Redactor
 from services.runtime.service import Runtime, Service, build_process
 from services.runtime.settings import FlywheelSettings
 from tests.fixtures.clickhouse import ClickHouseTarget
@@ -48,16 +49,13 @@ canary:
 
 
 async def test_the_built_monitor_consumes_stage_changed_ticks_on_its_own_and_its_door_answers(
-    settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget, tmp_path: Path
 ) -> None:
     # The registry's database where the process's authenticator looks for keys (FLYWHEEL_HOME/registry).
     door = RegistryDoorFixture(settings.home / "registry")
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    monkeypatch.setenv("FLYWHEEL_MONITOR_RULES_PATH", str(rules))
-    monkeypatch.setenv("FLYWHEEL_MONITOR_TICK_S", "0.5")
-    monkeypatch.setenv("FLYWHEEL_MONITOR_REGISTRY_URL", "http://registry")
-    monkeypatch.setenv("FLYWHEEL_MONITOR_API_KEY", door.operator_key)
+    monitor_settings = MonitorSettings(rules_path=rules, tick_s=0.5, registry_url="http://registry", api_key=door.operator_key)
     seed_two_versions(door, tmp_path)
 
     clickhouse: ClickHouseStore = chdb_target.open()
@@ -66,7 +64,7 @@ async def test_the_built_monitor_consumes_stage_changed_ticks_on_its_own_and_its
         # chDB allows one data directory per process: the session's, with a database of this test's own.
         runtime.clickhouse = lambda: clickhouse
         clickhouse.migrate()
-        return create_app(runtime, registry_transport=door.transport, open_readonly=partial(chdb_target.open, readonly=True))
+        return create_app(runtime, monitor_settings, registry_transport=door.transport, open_readonly=partial(chdb_target.open, readonly=True))
 
     app, runtime = build_process(settings, [monitor], title="flywheel-monitor")
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from services.registry.app import create_app
 from services.registry.models import OutboxEvent
 from services.registry.outbox import OutboxRelay
 from services.registry.service import Registry
+from services.registry.settings import RegistrySettings
 from services.registry.store import RegistryStore
 from services.runtime.artifacts import ArtifactStore
 from services.runtime.auth import registry_database_url
@@ -72,10 +74,10 @@ async def test_two_relays_publish_each_event_once_in_commit_order(registry: Regi
     assert bus.published == [row.event_id for row in outbox(registry.store)]
 
 
-async def test_a_change_committed_just_before_shutdown_is_published_during_stop(settings: FlywheelSettings, topics: str, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_change_committed_just_before_shutdown_is_published_during_stop(settings: FlywheelSettings, topics: str) -> None:
     # The relay would not poll again for an hour: only the drain on stop can publish the change.
-    monkeypatch.setenv("FLYWHEEL_REGISTRY_OUTBOX_INTERVAL_S", "3600")
-    app, _ = build_process(settings, [create_app], title="registry-stop-test")
+    registry = partial(create_app, settings=RegistrySettings(outbox_interval_s=3600))
+    app, _ = build_process(settings, [registry], title="registry-stop-test")
     store = RegistryStore(registry_database_url(settings))
     try:
         async with app.router.lifespan_context(app):

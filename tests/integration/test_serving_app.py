@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -11,10 +12,11 @@ import pytest
 
 from contracts.events import InferenceLogged, PromptPublished
 from services.runtime.auth import Role
-from services.runtime.service import build_process
+from services.runtime.service import ServiceFactory, build_process
 from services.runtime.settings import FlywheelSettings
 from services.serving.app import create_app
 from services.serving.inference_log import InferenceLogBuffer
+from services.serving.settings import ServingSettings
 from tests.integration.test_event_bus import read_all
 from tests.integration.test_serving_triton import tritonserver_pids
 from tests.serving_support import smollm2_tokenizer, tiny_model
@@ -31,14 +33,17 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def app_key(settings: FlywheelSettings, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("FLYWHEEL_SERVING_MODEL_DIR", str(model_dir))
-    monkeypatch.setenv("FLYWHEEL_SERVING_BASE_MODEL", "tiny")
+def app_key(settings: FlywheelSettings) -> str:
     return api_key(settings, Role.app)
 
 
-async def test_serving_process_serves_logs_and_follows_prompt_events(settings: FlywheelSettings, topics: str, app_key: str) -> None:
-    app, runtime = build_process(settings, [create_app], title="serving")
+def serving_on(model_dir: Path, **settings: object) -> ServiceFactory:
+    """Serving's factory with its settings handed in, as `flywheel run serving` hands what it read: the tiny model as `tiny`."""
+    return partial(create_app, settings=ServingSettings(model_dir=model_dir, base_model="tiny", **settings))
+
+
+async def test_serving_process_serves_logs_and_follows_prompt_events(settings: FlywheelSettings, topics: str, model_dir: Path, app_key: str) -> None:
+    app, runtime = build_process(settings, [serving_on(model_dir)], title="serving")
     headers = {"Authorization": f"Bearer {app_key}"}
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "prompt_ref": {"name": "greeting", "variables": {"shop": "Kettles Ltd"}}}
     async with app.router.lifespan_context(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serving", headers=headers, timeout=60) as http:
@@ -62,12 +67,12 @@ async def test_serving_process_serves_logs_and_follows_prompt_events(settings: F
     assert "You work for Kettles Ltd." in logged["input_text"]
 
 
-async def test_triton_is_stopped_when_start_fails_after_it(settings: FlywheelSettings, topics: str, app_key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_triton_is_stopped_when_start_fails_after_it(settings: FlywheelSettings, topics: str, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def broken_start(self: InferenceLogBuffer) -> None:
         raise RuntimeError("inference log cannot start")
 
     monkeypatch.setattr(InferenceLogBuffer, "start", broken_start)
-    app, _ = build_process(settings, [create_app], title="serving")
+    app, _ = build_process(settings, [serving_on(model_dir)], title="serving")
     with pytest.raises(RuntimeError, match="inference log cannot start"):
         async with app.router.lifespan_context(app):
             pass

@@ -14,8 +14,8 @@ from contracts.events import InferenceLogged
 from services.registry.app import create_app as create_registry
 from services.runtime.service import build_process
 from services.runtime.settings import FlywheelSettings
-from services.serving.app import create_app as create_serving
 from tests.integration.test_event_bus import read_all
+from tests.integration.test_serving_app import serving_on
 from tests.integration.test_serving_triton import tritonserver_pids
 from tests.serving_support import smollm2_tokenizer, tiny_model
 
@@ -43,14 +43,11 @@ async def ask_all(http: httpx.AsyncClient) -> list[str]:
     return ids
 
 
-async def test_a_registry_declared_prompt_split_is_served_sticky_per_user(settings: FlywheelSettings, topics: str, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FLYWHEEL_SERVING_MODEL_DIR", str(model_dir))
-    monkeypatch.setenv("FLYWHEEL_SERVING_BASE_MODEL", "tiny")
+async def test_a_registry_declared_prompt_split_is_served_sticky_per_user(settings: FlywheelSettings, topics: str, model_dir: Path) -> None:
     # 120+ requests from one key: a fast machine outruns the default 10 requests/s, which this test is not about.
-    monkeypatch.setenv("FLYWHEEL_SERVING_RATE_LIMIT_RPS", "1000")
-    monkeypatch.setenv("FLYWHEEL_SERVING_RATE_LIMIT_BURST", "1000")
+    serving = serving_on(model_dir, rate_limit_rps=1000, rate_limit_burst=1000)
     settings = settings.model_copy(update={"bootstrap_admin_key": ADMIN})
-    app, runtime = build_process(settings, [create_registry, create_serving], title="registry+serving")
+    app, runtime = build_process(settings, [create_registry, serving], title="registry+serving")
     async with app.router.lifespan_context(app), httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://flywheel", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120,
     ) as http:

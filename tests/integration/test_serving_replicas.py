@@ -18,10 +18,9 @@ from contracts.events import AdapterRegistered, Stage, StageChanged
 from services.runtime.artifacts import ArtifactStore
 from services.runtime.auth import registry_database_url
 from services.runtime.broker import EventBus, create_broker
-from services.runtime.service import build_process
+from services.runtime.service import ServiceFactory, build_process
 from services.runtime.settings import FlywheelSettings
-from services.serving.app import create_app
-from tests.integration.test_serving_app import app_key, model_dir  # noqa: F401 - fixtures
+from tests.integration.test_serving_app import app_key, model_dir, serving_on  # noqa: F401 - fixtures
 from tests.integration.test_serving_triton import tritonserver_pids
 from tests.serving_support import make_adapter, smollm2_tokenizer
 from tests.support import eventually
@@ -30,11 +29,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
 
 @asynccontextmanager
-async def replica(settings: FlywheelSettings, home: Path, key: str) -> AsyncIterator[httpx.AsyncClient]:
+async def replica(settings: FlywheelSettings, home: Path, key: str, serving: ServiceFactory) -> AsyncIterator[httpx.AsyncClient]:
     """One serving process (its own Triton) in `home`, sharing the broker and the key table."""
     # API keys live in the registry's database; adapters in the registry's artifact store, outside this home.
     shared = {"home": home, "database_url": registry_database_url(settings), "artifact_root": str(registry_artifacts(settings))}
-    app, _ = build_process(settings.model_copy(update=shared), [create_app], title=f"serving@{home.name}")
+    app, _ = build_process(settings.model_copy(update=shared), [serving], title=f"serving@{home.name}")
     async with app.router.lifespan_context(app), httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://serving", headers={"Authorization": f"Bearer {key}"}, timeout=60,
     ) as http:
@@ -99,8 +98,8 @@ async def test_replicas_rebuild_routes_from_the_replayed_topics_and_each_gets_ev
     async with registry_history(settings, tmp_path) as registry:
         homes = [settings.home.parent / f"replica-{name}" for name in "ab"]
         async with AsyncExitStack() as stack:
-            a = await stack.enter_async_context(replica(settings, homes[0], app_key))
-            b = await stack.enter_async_context(replica(settings, homes[1], app_key))
+            a = await stack.enter_async_context(replica(settings, homes[0], app_key, serving_on(model_dir)))
+            b = await stack.enter_async_context(replica(settings, homes[1], app_key, serving_on(model_dir)))
             for name, http in (("a", a), ("b", b)):
                 await until_answered_by(http, "tiny:v1", f"replica {name} serving production v1 from the replayed history", caplog)
 
@@ -108,21 +107,20 @@ async def test_replicas_rebuild_routes_from_the_replayed_topics_and_each_gets_ev
             for name, http in (("a", a), ("b", b)):
                 await until_answered_by(http, "tiny:v2", f"replica {name} following the promotion of v2")
 
-        async with replica(settings, homes[0], app_key) as restarted:
+        async with replica(settings, homes[0], app_key, serving_on(model_dir)) as restarted:
             await until_answered_by(restarted, "tiny:v2", "the restarted replica serving v2")
             pinned = await restarted.post("/v1/completions", json={"model": "tiny:v1", "prompt": "Hi", "max_tokens": 1})
     assert pinned.status_code == 404 and "not loaded" in pinned.text, pinned.text
 
 
 async def test_a_promotion_under_load_answers_every_request_and_unloads_the_old_adapter_after_its_requests(
-    settings: FlywheelSettings, topics: str, model_dir: Path, app_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    settings: FlywheelSettings, topics: str, model_dir: Path, app_key: str, tmp_path: Path  # noqa: F811
 ) -> None:
     """Production moves from v1 to v2 while requests keep coming: none fails (a request already routed
     to v1 when v1 is archived still finds it loaded), and v1 is unloaded once its requests are done."""
-    monkeypatch.setenv("FLYWHEEL_SERVING_RATE_LIMIT_RPS", "1000")  # one key sends all of it; the limit is not under test
-    monkeypatch.setenv("FLYWHEEL_SERVING_RATE_LIMIT_BURST", "1000")
+    serving = serving_on(model_dir, rate_limit_rps=1000, rate_limit_burst=1000)  # one key sends all of it; the limit is not under test
     async with registry_history(settings, tmp_path) as registry:
-        async with replica(settings, settings.home.parent / "replica-load", app_key) as http:
+        async with replica(settings, settings.home.parent / "replica-load", app_key, serving) as http:
             await until_answered_by(http, "tiny:v1", "serving production v1")
             statuses: list[int] = []
             served: list[str] = []

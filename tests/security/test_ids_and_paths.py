@@ -16,6 +16,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -70,8 +71,8 @@ def assert_victim_survived(victim: Path) -> None:
 
 
 @asynccontextmanager
-async def trainer_door(settings: FlywheelSettings, role: Role) -> AsyncIterator[tuple[httpx.AsyncClient, object]]:
-    app, runtime = build_process(settings, [create_trainer], title="flywheel-security")
+async def trainer_door(settings: FlywheelSettings, role: Role, trainer: TrainerSettings | None = None) -> AsyncIterator[tuple[httpx.AsyncClient, object]]:
+    app, runtime = build_process(settings, [partial(create_trainer, settings=trainer or TrainerSettings())], title="flywheel-security")
     key = api_key(settings, role)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://trainer", headers={"Authorization": f"Bearer {key}"}, timeout=30,
@@ -137,9 +138,8 @@ async def test_hostile_ids_at_the_trainer_door_get_422_with_the_reason_and_chang
 
 
 async def test_a_hostile_training_requested_event_is_dead_lettered_and_the_trainer_goes_on(
-    settings: FlywheelSettings, topics: str, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+    settings: FlywheelSettings, topics: str, kafka_bootstrap: str
 ) -> None:
-    monkeypatch.setenv("FLYWHEEL_TRAINER_INPUT_WAIT_S", "0")  # the valid job after it fails at once (no such model)
     victim = plant_victim(settings.home)
     hp = Hyperparameters(rank=4, alpha=8, batch_size=2, epochs=1, max_seq_length=128)
     valid = TrainingRequested(job_id="job-after-hostile", model_name="smollm2", dataset=DatasetRef(name="tiny", version=1), hyperparameters=hp, requested_by="test")
@@ -149,7 +149,8 @@ async def test_a_hostile_training_requested_event_is_dead_lettered_and_the_train
     hostile["payload"]["job_id"] = "../../victim"
     topic = topic_for(TrainingRequested, settings.topic_prefix)
 
-    async with trainer_door(settings, Role.viewer) as (http, runtime):
+    # input_wait_s=0: the valid job after it fails at once (no such model).
+    async with trainer_door(settings, Role.viewer, TrainerSettings(input_wait_s=0)) as (http, runtime):
         producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
         await producer.start()
         try:
@@ -306,7 +307,11 @@ async def test_the_registry_refuses_a_base_model_outside_its_store(settings: Fly
 
 async def test_the_evaluator_refuses_artifacts_outside_its_store_on_arrival(tmp_path: Path) -> None:
     """Its consumer dead-letters what a handler refuses; here the handlers themselves, as its consumer calls them."""
-    from services.evaluator.handlers import when_adapter_registered_evaluate_against_production, when_dataset_published_remember_it, when_model_registered_remember_it
+    from services.evaluator.handlers import (
+        when_adapter_registered_evaluate_against_production,
+        when_dataset_published_remember_it,
+        when_model_registered_remember_it,
+    )
     from tests.evaluator_support import evaluator_for
 
     evaluator = evaluator_for(tmp_path / "home", clickhouse=None, embedder=None)

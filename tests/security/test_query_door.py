@@ -151,7 +151,7 @@ class Door:
         return {name: self.store.query(f"SELECT count() AS n FROM `{name}`")[0]["n"] for name in names if name != "inference_metrics"}
 
 
-def build_door(target: ClickHouseTarget, tmp_path: Path) -> Door:
+def build_door(target: ClickHouseTarget, tmp_path: Path, monitor_settings: MonitorSettings | None = None) -> Door:
     store = target.open()
     store.migrate()
     _insert_traffic(store)
@@ -165,7 +165,7 @@ def build_door(target: ClickHouseTarget, tmp_path: Path) -> Door:
 
     def monitor(runtime: Runtime) -> Service:
         runtime.clickhouse = lambda: store
-        return create_app(runtime, MonitorSettings(), open_readonly=partial(target.open, readonly=True))
+        return create_app(runtime, monitor_settings or MonitorSettings(), open_readonly=partial(target.open, readonly=True))
 
     app, _ = build_process(settings, [monitor], title="query-door-test")
     return Door(app, store, keys)
@@ -259,17 +259,14 @@ async def test_the_projects_own_queries_answer_as_they_did(door: Door) -> None:
 
 
 @pytest.mark.parametrize(
-    ("variable", "value", "sql", "cap"),
+    ("limit", "sql", "cap"),
     [
-        ("FLYWHEEL_MONITOR_QUERY_MAX_RESULT_ROWS", "5", "SELECT inference_id FROM inference_log", "max_result_rows"),
-        ("FLYWHEEL_MONITOR_QUERY_MAX_RESULT_BYTES", "1024", "SELECT input_text FROM inference_log", "max_result_bytes"),
+        ({"query_max_result_rows": 5}, "SELECT inference_id FROM inference_log", "max_result_rows"),
+        ({"query_max_result_bytes": 1024}, "SELECT input_text FROM inference_log", "max_result_bytes"),
     ],
 )
-async def test_a_query_over_a_cap_fails_cleanly_with_400(
-    clickhouse_target: ClickHouseTarget, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, sql: str, cap: str
-) -> None:
-    monkeypatch.setenv(variable, value)
-    door = build_door(clickhouse_target, tmp_path)
+async def test_a_query_over_a_cap_fails_cleanly_with_400(clickhouse_target: ClickHouseTarget, tmp_path: Path, limit: dict[str, int], sql: str, cap: str) -> None:
+    door = build_door(clickhouse_target, tmp_path, MonitorSettings(**limit))
     before = door.state()
     async with door.client("viewer") as viewer:
         over = await viewer.post("/monitor/v1/query", json={"sql": sql})
