@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -38,6 +38,9 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from services.cli.demo_report import FAILED, PASSED, Evaluation, LoopReport, Step
 from services.runtime.settings import FlywheelSettings, load_settings
+
+if TYPE_CHECKING:
+    from services.runtime.service import ServiceFactory
 
 console = Console(highlight=False)
 
@@ -194,10 +197,17 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> tuple[int, str | None]:
 # ------------------------------------------------------------------------------------------- the process
 
 
-def _configure(settings: FlywheelSettings) -> tuple[FlywheelSettings, str]:
-    """Settings for the demo's process: a free port, an admin key kept in the home, the demo's rules."""
+def _configure(settings: FlywheelSettings) -> tuple[FlywheelSettings, str, list[ServiceFactory]]:
+    """Settings for the demo's process: a free port, an admin key kept in the home, the demo's rules;
+    and each service's factory with its settings, the demo's values over the environment's."""
+    from functools import partial
+
+    from pydantic import SecretStr
+
     from infra.processes import free_port
+    from services.cli.run_cmd import available_services, factory
     from services.runtime.auth import generate_key
+    from services.runtime.service import settings_class
 
     state = settings.home / "demo"
     state.mkdir(parents=True, exist_ok=True)
@@ -209,46 +219,45 @@ def _configure(settings: FlywheelSettings) -> tuple[FlywheelSettings, str]:
     rules = state / "rules.yaml"
     rules.write_text(RULES)
     port = free_port()
-    settings = settings.model_copy(update={"http_port": port, "bootstrap_admin_key": admin_key})
-    # Each service reads its own FLYWHEEL_<SERVICE>_* settings from the environment when it is built.
-    os.environ.update({
-        "FLYWHEEL_HOME": str(settings.home),
-        "FLYWHEEL_KAFKA_BOOTSTRAP": str(settings.kafka_bootstrap),
-        "FLYWHEEL_HTTP_PORT": str(port),
-        "FLYWHEEL_BOOTSTRAP_ADMIN_KEY": admin_key,
-        "FLYWHEEL_MONITOR_RULES_PATH": str(rules),
-        "FLYWHEEL_MONITOR_TICK_S": "5",
-        "FLYWHEEL_MONITOR_API_KEY": admin_key,
-        "FLYWHEEL_MONITOR_RETRAIN_MIN_CORRECTIONS": str(MIN_CORRECTIONS),
-        # v2 learns v1's data (its lineage) plus the corrections; twice each, so two paraphrases of a new fact weigh enough.
-        "FLYWHEEL_MONITOR_RETRAIN_CORRECTION_REPEATS": str(CORRECTION_REPEATS),
+    settings = settings.model_copy(update={"http_port": port, "bootstrap_admin_key": SecretStr(admin_key)})
+    demo_values: dict[str, dict[str, Any]] = {
+        "monitor": {
+            "rules_path": rules, "tick_s": 5, "api_key": admin_key, "retrain_min_corrections": MIN_CORRECTIONS,
+            # v2 learns v1's data (its lineage) plus the corrections; twice each, so two paraphrases of a new fact weigh enough.
+            "retrain_correction_repeats": CORRECTION_REPEATS,
+        },
         # A demo stopped mid-training resumes its job from the last checkpoint on the next run.
-        "FLYWHEEL_TRAINER_CHECKPOINT_EVERY": "2",
-        "FLYWHEEL_TRAINER_PROGRESS_EVERY": "1",
-        "FLYWHEEL_EVALUATOR_GATE_POLICIES": json.dumps({MODEL: GATE_POLICY}),
-        "FLYWHEEL_EVALUATOR_MAX_TOKENS": "40",
-        "FLYWHEEL_SERVING_RATE_LIMIT_RPS": "50",
-        "FLYWHEEL_SERVING_RATE_LIMIT_BURST": "100",
-    })
-    return settings, admin_key
+        "trainer": {"checkpoint_every": 2, "progress_every": 1},
+        "evaluator": {"gate_policies": {MODEL: GATE_POLICY}, "max_tokens": 40},
+        "serving": {"rate_limit_rps": 50, "rate_limit_burst": 100},
+    }
+    factories: list[ServiceFactory] = []
+    for name in available_services():
+        create_app = factory(name)
+        # The rest of each service's settings (and PrivacySettings) come from the environment, as for `flywheel up`.
+        factories.append(partial(create_app, settings=load_settings(settings_class(create_app), **demo_values.get(name, {}))))
+    return settings, admin_key, factories
 
 
 async def _loop(settings: FlywheelSettings, report: LoopReport, progress: Progress, *, traffic: int, step_timeout: float) -> None:
     from infra.processes import port_is_free
-    from services.cli import registry_cmd
-    from services.cli.run_cmd import available_services, factory
+    from services.cli.run_cmd import available_services
+    from services.cli.service_commands import service_cli
     from services.runtime.service import HttpServer, build_process
 
-    settings, admin_key = _configure(settings)
+    settings, admin_key, factories = _configure(settings)
     report.http = f"http://{settings.http_host}:{settings.http_port}"
 
     task = progress.add_task("registry: importing the SmolLM2 base model (GGUF -> safetensors, once)", total=None)
     # The registry's own command (the outbox relays its model.registered when the process starts).
-    await asyncio.to_thread(registry_cmd.import_base, None, None)
+    registry_cli = service_cli("registry")
+    if registry_cli is None:
+        raise RuntimeError("the demo needs the registry service, which is not part of this installation")
+    await asyncio.to_thread(registry_cli.import_base_into, settings)
     progress.update(task, description="registry: base model imported", completed=1, total=1)
 
     task = progress.add_task(f"process: starting {', '.join(available_services())} (Triton, SmolLM2, chDB)", total=None)
-    app, _ = build_process(settings, [factory(name) for name in available_services()], title="flywheel-demo")
+    app, _ = build_process(settings, factories, title="flywheel-demo")
     # The demo's loop handles SIGINT/SIGTERM itself (_run_loop), so the driver stops with the server.
     server = HttpServer(app, settings, handle_signals=False)
     serving = asyncio.create_task(server.serve(), name="uvicorn")

@@ -18,12 +18,15 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from services.runtime.errors import FlywheelError
+
+if TYPE_CHECKING:
+    from services.runtime.settings import FlywheelSettings
 
 app = typer.Typer()
 registry_app = typer.Typer(help="Base models, adapter versions and stages, prompts, datasets, API keys and the audit log.", no_args_is_help=True)
@@ -42,7 +45,7 @@ def _actor() -> str:
 
 
 @contextmanager
-def _registry() -> Iterator[Any]:
+def _registry(settings: FlywheelSettings | None = None) -> Iterator[Any]:
     from services.registry.service import Registry, RegistryError
     from services.registry.settings import RegistrySettings
     from services.registry.store import RegistryStore
@@ -50,7 +53,7 @@ def _registry() -> Iterator[Any]:
     from services.runtime.auth import key_pepper, registry_database_url
     from services.runtime.settings import FlywheelSettings, load_settings
 
-    settings = load_settings(FlywheelSettings)
+    settings = settings or load_settings(FlywheelSettings)
     registry_settings = load_settings(RegistrySettings)
     store = RegistryStore(registry_database_url(settings))
     try:
@@ -74,9 +77,14 @@ def import_base(
     name: Annotated[str | None, typer.Option(help="Registered name; default smollm2-135m-instruct or the directory's name.")] = None,
 ) -> None:
     """Import a base model into the artifact store as safetensors and register it (once)."""
+    import_base_into(None, source, name)
+
+
+def import_base_into(settings: FlywheelSettings | None, source: Path | None = None, name: str | None = None) -> None:
+    """`import-base` into the registry `settings` name (`flywheel demo`'s home); None: the environment's."""
     from services.registry.base_import import import_base_model
 
-    with _registry() as registry:
+    with _registry(settings) as registry:
         model, imported = import_base_model(registry, _actor(), directory=source, name=name)
     verb = "imported" if imported else "already registered"
     console.print(f"{model.name} {verb}: {model.architecture}, {model.parameter_count:,} parameters, license {model.license}, sha256 {model.artifact_sha256}")

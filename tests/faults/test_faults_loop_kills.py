@@ -154,7 +154,7 @@ def common_env(root: Path) -> dict[str, str]:
         "FLYWHEEL_DATABASE_URL": f"sqlite:///{root / 'registry.db'}",
         # One artifact store for every process, as docker-compose's shared volume gives them: each loads
         # artifacts only from its configured store, and these processes have a home each.
-        **{f"FLYWHEEL_{service}_ARTIFACT_ROOT": str(root / "artifacts") for service in ("REGISTRY", "TRAINER", "EVALUATOR", "SERVING")},
+        "FLYWHEEL_ARTIFACT_ROOT": str(root / "artifacts"),
         # Two torch processes on two cores: one thread each, or they spin-wait on each other.
         "OMP_NUM_THREADS": "1",
     }
