@@ -246,8 +246,8 @@ def project_queries() -> list[tuple[str, str, dict]]:
 
 async def test_the_projects_own_queries_answer_as_they_did(door: Door) -> None:
     async with door.client("viewer") as viewer:
-        for what, sql, parameters in project_queries():
-            sql = sql.replace("{database}", door.store.database)
+        for what, template, parameters in project_queries():
+            sql = template.replace("{database}", door.store.database)
             response = await viewer.post("/monitor/v1/query", json={"sql": sql, "parameters": parameters})
             assert response.status_code == 200, f"{what}: {response.text}"
             direct = door.store.query_arrow(sql, parameters or None)
