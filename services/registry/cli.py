@@ -49,7 +49,7 @@ def _registry(settings: FlywheelSettings | None = None) -> Iterator[Any]:
     from services.registry.service import Registry, RegistryError
     from services.registry.settings import RegistrySettings
     from services.registry.store import RegistryStore
-    from services.runtime.artifacts import ArtifactStore, default_artifact_root
+    from services.runtime.artifacts import configured_artifact_store
     from services.runtime.auth import key_pepper, registry_database_url
     from services.runtime.settings import FlywheelSettings, load_settings
 
@@ -58,7 +58,7 @@ def _registry(settings: FlywheelSettings | None = None) -> Iterator[Any]:
     store = RegistryStore(registry_database_url(settings))
     try:
         store.migrate()
-        artifacts = ArtifactStore(settings.artifact_root or default_artifact_root(settings.home))
+        artifacts = configured_artifact_store(settings)
         yield Registry(store, artifacts, max_dataset_bytes=registry_settings.max_dataset_bytes, key_pepper=key_pepper(settings) if settings.key_pepper else None)
     except RegistryError as error:
         raise RegistryCommandError(f"{error} ({error.status} {error.code})") from None

@@ -27,13 +27,16 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from services.runtime.errors import FlywheelError
 from services.runtime.paths import PathOutsideRoot, under
+
+if TYPE_CHECKING:
+    from services.runtime.settings import FlywheelSettings
 
 MANIFEST_FORMAT = "flywheel.directory/v1"
 # Manifests are written with sorted keys, so they all begin alike; a cheap sniff before parsing.
@@ -357,3 +360,8 @@ def _as_manifest(data: bytes) -> dict[str, Any] | None:
 def default_artifact_root(home: Path) -> Path:
     """`<FLYWHEEL_HOME>/artifacts`, where the store lives unless a URL is configured."""
     return home / "artifacts"
+
+
+def configured_artifact_store(settings: FlywheelSettings) -> ArtifactStore:
+    """The one store of every service and command of a home: FLYWHEEL_ARTIFACT_ROOT, else `<FLYWHEEL_HOME>/artifacts`."""
+    return ArtifactStore(settings.artifact_root or default_artifact_root(settings.home))

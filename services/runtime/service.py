@@ -33,7 +33,7 @@ from faststream.kafka import KafkaBroker
 from pydantic_settings import BaseSettings
 
 from contracts.envelope import P
-from services.runtime.artifacts import ArtifactStore, default_artifact_root
+from services.runtime.artifacts import ArtifactStore, configured_artifact_store
 from services.runtime.broker import EventBus, check_reachable, create_broker, ensure_topics, require_topics, warn_if_unauthenticated
 from services.runtime.clickhouse import ClickHouseStore, open_clickhouse
 from services.runtime.consumer import DeadLetters, Handler, SqliteProcessedEvents, subscribe
@@ -74,7 +74,7 @@ class Runtime:
         self._clickhouse: ClickHouseStore | None = None
         # One store for every service of the process (FLYWHEEL_ARTIFACT_ROOT): what the registry
         # records, serving loads, and serving refuses an adapter from anywhere else.
-        self.artifacts = ArtifactStore(settings.artifact_root or default_artifact_root(settings.home))
+        self.artifacts: ArtifactStore = configured_artifact_store(settings)
 
     @property
     def home(self) -> Path:
