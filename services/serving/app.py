@@ -107,7 +107,10 @@ def create_app(runtime: Runtime, settings: ServingSettings, privacy: PrivacySett
             await asyncio.to_thread(state.triton.stop)
 
     async def triton_alive() -> None:
-        if state.triton is None or not state.triton.is_alive():
+        # In a thread: PyTriton's liveness takes locks its own cleanup may hold for seconds after the
+        # server died, and the probe must not stall the event loop (and every request with it) meanwhile.
+        triton = state.triton
+        if triton is None or not await asyncio.to_thread(triton.is_alive):
             raise RuntimeError("Triton is not running")
 
     guard = Authenticator.for_settings(runtime.settings).require(Role.app)
