@@ -395,7 +395,16 @@ async def read_dead_letters(bootstrap: str, prefix: str, events: Iterable[type])
     await consumer.start()
     letters: set[DeadLetter] = set()
     try:
-        await consumer._client.force_metadata_update()  # noqa: SLF001
+        # A loaded broker may answer a metadata request before it lists every topic: an unknown topic
+        # would read as no dead letters at all, so ask again until each is known.
+        deadline = time.monotonic() + 30
+        while True:
+            await consumer._client.force_metadata_update()  # noqa: SLF001
+            unknown = [topic for topic in topics if not consumer.partitions_for_topic(topic)]
+            if not unknown:
+                break
+            assert time.monotonic() < deadline, f"dead-letter topics unknown to the broker after 30 s: {unknown}"
+            await asyncio.sleep(0.5)
         partitions = [TopicPartition(topic, p) for topic in topics for p in consumer.partitions_for_topic(topic) or ()]
         consumer.assign(partitions)
         end = await consumer.end_offsets(partitions)
