@@ -139,6 +139,14 @@ def steady(traffic: Traffic, since: float) -> tuple[float | None, int]:
     return (min(a.ended for a in ok) - since if ok else None), len(ok)
 
 
+def error_code(answer: Answer) -> str:
+    """The OpenAI-style error code of a refused answer, or its status when it has none."""
+    try:
+        return str(httpx.Response(answer.status or 0, content=answer.body).json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return str(answer.status)
+
+
 def clean_error(answer: Answer) -> str | None:
     """Why `answer` is not a 200 or a clean OpenAI-style 503/504 error object; None when it is."""
     if answer.status == 200:
@@ -262,6 +270,7 @@ async def test_triton_stopped_then_killed_under_traffic_errors_cleanly_recovers_
     for name, value in figures.items():
         print(f"  {name}: {value:.1f}" if isinstance(value, float) else f"  {name}: {value}")
     print(f"  /readyz while killed: {Counter(ready_while_killed)}")
+    print(f"  error codes before the faults: {Counter(error_code(a) for a in traffic.answers if a.phase == 'before' and a.status != 200) or '-'}")
     print(f"  inference_log rows: {len(rows)}, lost: {len(lost)}, duplicated (no FINAL): {duplicated}, logged twice: {len(logged_twice)}, unexpected: {len(unexpected)}")
 
     assert leftover == [], f"tritonserver outlived the serving process: {leftover}"
