@@ -31,7 +31,7 @@ from services.registry.api import build_router as registry_router
 from services.registry.service import Registry
 from services.registry.store import RegistryStore
 from services.runtime.artifacts import ArtifactStore
-from services.runtime.auth import Authenticator, KeyStore
+from services.runtime.auth import Authenticator, KeyStore, LocalKeys
 from services.runtime.broker import EventBus, create_broker
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.consumer import DeadLetters
@@ -55,8 +55,11 @@ class RegistryDoorFixture:
         self.store = RegistryStore(f"sqlite:///{tmp_path / 'registry.db'}")
         self.store.migrate()
         self.registry = Registry(self.store, ArtifactStore(tmp_path / "artifacts"))
-        self.auth = Authenticator(KeyStore(self.store.engine))
-        self.operator_key, _ = self.auth.keys.create(principal="service:monitor", role=Role.operator, created_by="test")
+        keys = KeyStore(self.store.engine)
+        self.auth = Authenticator(keys)
+        # As the registry built in a process does: the other doors of this process check keys against its store.
+        LocalKeys.register(self.store.url, keys)
+        self.operator_key, _ = keys.create(principal="service:monitor", role=Role.operator, created_by="test")
         self.app = FastAPI()
 
         @self.app.exception_handler(DoorError)
