@@ -78,7 +78,7 @@ class EmbeddedStore(ClickHouseStore):
         try:
             # readonly=1 is a per-connection setting the engine enforces; it also forbids changing settings,
             # so `SET readonly = 0` or `SETTINGS readonly = 0` through this handle is refused too.
-            connection = chdb.connect(f"{path}?readonly=1" if readonly else str(path))
+            connection = chdb.connect(f"{path}?readonly=1" if readonly else str(path))  # type: ignore[no-untyped-call]  # chdb ships no annotations here
             store = cls(connection, path, database, readonly)
             if not readonly:
                 store.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(database)}")
@@ -154,7 +154,7 @@ class EmbeddedStore(ClickHouseStore):
             options = ([("readonly", "1")] if self.readonly else []) + list(key)
             _acquire(self.path)
             try:
-                connection = chdb.connect(f"{self.path}?" + "&".join(f"{name}={value}" for name, value in options))
+                connection = chdb.connect(f"{self.path}?" + "&".join(f"{name}={value}" for name, value in options))  # type: ignore[no-untyped-call]  # as above
                 with _engine_turn:
                     connection.query(f"USE {quote_identifier(self.database)}", "CSV")
             except BaseException:
@@ -180,7 +180,7 @@ class EmbeddedStore(ClickHouseStore):
         params = {name.removeprefix("param_"): value for name, value in bound.items()}
         try:
             with _engine_turn:
-                return (connection or self._connection).query(final_sql, fmt, params=params)
+                return (connection or self._connection).query(final_sql if isinstance(final_sql, str) else final_sql.decode(), fmt, params=params)
         except RuntimeError as error:
             raise ClickHouseError(str(error)) from None
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -218,7 +218,7 @@ class QueryGuard:
         bound_sql, server_side = bind(sql, dict(parameters) if parameters else None)
         checked = self.check(bound_sql if isinstance(bound_sql, str) else bound_sql.decode())
         try:
-            return store.query_arrow(checked, dict(parameters) if server_side else None, limits=limits.settings())
+            return store.query_arrow(checked, dict(parameters or {}) if server_side else None, limits=limits.settings())
         except ClickHouseError as error:
             cap = LIMIT_ERRORS.get(error.code or 0)
             if cap is None:
@@ -379,7 +379,7 @@ def _allowed_typed_functions() -> frozenset[type]:
                 for call in (f"{name}({args})", f"{name}(0.5)({args})"):
                     try:
                         parsed = sqlglot.parse_one(f"SELECT {call}", read=DIALECT)
-                    except Exception:  # noqa: BLE001 - a spelling this arity does not fit; other arities are tried
+                    except Exception:  # noqa: BLE001, S112 - a spelling this arity does not fit; other arities are tried
                         continue
                     first = parsed.expressions[0] if parsed.expressions else None
                     if isinstance(first, exp.Func) and not isinstance(first, exp.Anonymous):
@@ -403,7 +403,7 @@ def _tokens_upper(sql: str) -> str:
 def _leading_keyword(sql: str) -> str | None:
     """The statement's first keyword (DROP, INSERT, SET, ...), or None when it starts with no keyword at all."""
     from sqlglot.dialects.dialect import Dialect
-    from sqlglot.tokens import TokenType
+    from sqlglot import TokenType
 
     try:
         tokens = Dialect.get_or_raise(DIALECT).tokenize(sql)

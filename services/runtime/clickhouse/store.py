@@ -41,16 +41,16 @@ ORDER BY version
 """
 
 
-def bind(sql: str, parameters: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+def bind(sql: str, parameters: dict[str, Any] | None) -> tuple[str | bytes, dict[str, str]]:
     """clickhouse-connect's binding of `parameters` into `sql`, exactly as the server backend sends it;
     values it cannot bind (a `%` the client-side formatting trips on, a value of no ClickHouse type)
     are the caller's error, raised as a ClickHouseError instead of a bare ValueError."""
-    from datetime import timezone
+    from datetime import UTC
 
     from clickhouse_connect.driver.binding import bind_query
 
     try:
-        return bind_query(sql, parameters, timezone.utc)
+        return bind_query(sql, parameters, UTC)
     except (ValueError, TypeError, KeyError, IndexError) as error:
         raise ClickHouseError(f"query parameters cannot be bound: {type(error).__name__}: {error}") from None
 
@@ -116,7 +116,8 @@ class ClickHouseStore(ABC):
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Run a SELECT and return its rows as dicts."""
-        return self.query_arrow(sql, parameters).to_pylist()
+        rows: list[dict[str, Any]] = self.query_arrow(sql, parameters).to_pylist()
+        return rows
 
     def migrate(self) -> list[str]:
         """Apply the migrations not applied yet, in order, and return their names."""
