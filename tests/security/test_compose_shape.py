@@ -36,7 +36,7 @@ from infra.local_kafka import SCRAM_MECHANISM, LocalKafka
 from infra.processes import free_port
 from services.runtime.settings import FlywheelSettings
 from tests.faults.support import FLYWHEEL, ServiceProcess
-from tests.fixtures.kafka import running
+from tests.fixtures import running
 from tests.fixtures.postgres import fresh_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]

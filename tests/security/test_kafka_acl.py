@@ -38,7 +38,7 @@ from services.runtime.broker import check_reachable, ensure_topics
 from services.runtime.errors import ConfigurationError
 from services.runtime.service import Runtime, build_process
 from services.runtime.settings import PROCESS_PRINCIPAL, FlywheelSettings
-from tests.fixtures.kafka import running
+from tests.fixtures import running
 from tests.integration.test_event_bus import read_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
