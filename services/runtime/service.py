@@ -25,18 +25,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import APIRouter, FastAPI
 from faststream.kafka import KafkaBroker
 from pydantic_settings import BaseSettings
 
-from contracts.envelope import P
+from contracts.envelope import Envelope, P
 from services.runtime.artifacts import ArtifactStore, configured_artifact_store
 from services.runtime.broker import EventBus, check_reachable, create_broker, ensure_topics, require_topics, warn_if_unauthenticated
 from services.runtime.clickhouse import ClickHouseStore, open_clickhouse
-from services.runtime.consumer import DeadLetters, Handler, SqliteProcessedEvents, subscribe
+from services.runtime.consumer import BatchHandler, DeadLetters, Handler, SqliteProcessedEvents, subscribe, subscribe_batch
 from services.runtime.http import ReadinessCheck, create_http_app
 from services.runtime.running import door_url, forget, record
 from services.runtime.settings import FlywheelSettings, load_settings
@@ -44,6 +44,12 @@ from services.runtime.settings import FlywheelSettings, load_settings
 log = logging.getLogger("flywheel.process")
 
 Hook = Callable[[], Awaitable[None]]
+Deps = TypeVar("Deps")
+# A service's `handlers.py` declares what it consumes as one mapping, event type -> handler, each
+# handler taking the envelope (or a batch of them) and the service's dependencies, which the app
+# passes in once: `runtime.subscribe_all(GROUP, HANDLERS, deps)`. Nothing closes over a global.
+Handlers = dict[type[Any], Callable[[Envelope[Any], Deps], Awaitable[None]]]
+BatchHandlers = dict[type[Any], Callable[[list[Envelope[Any]], Deps], Awaitable[None]]]
 
 
 @dataclass
@@ -101,6 +107,27 @@ class Runtime:
             **options,
         )
 
+    def subscribe_all(self, service: str, handlers: Handlers[Deps], deps: Deps, **options: Any) -> list[Any]:
+        """Subscribe each of `handlers` as consumer group `service`, one event at a time, handed `deps`."""
+        return [self.subscribe(service, event, _bound(handler, deps), **options) for event, handler in handlers.items()]
+
+    def subscribe_batches(self, service: str, handlers: BatchHandlers[Deps], deps: Deps, **options: Any) -> list[Any]:
+        """Subscribe each of `handlers` as consumer group `service`, in batches (`options`: max_records, max_wait_ms,
+        fetch_min_bytes), handed `deps`. Batches are stored idempotently by their handler, not deduplicated here."""
+        return [
+            subscribe_batch(
+                self.broker,
+                event,
+                _bound_batch(handler, deps),
+                group=service,
+                dead_letters=self.dead_letters,
+                topic_prefix=self.settings.topic_prefix,
+                max_retries=self.settings.consumer_max_retries,
+                **options,
+            )
+            for event, handler in handlers.items()
+        ]
+
     def clickhouse(self) -> ClickHouseStore:
         """The process's ClickHouse store, migrated; chDB allows one per process and data path."""
         if self._clickhouse is None:
@@ -116,6 +143,20 @@ class Runtime:
         if self._clickhouse is not None:
             self._clickhouse.close()
             self._clickhouse = None
+
+
+def _bound(handler: Callable[[Envelope[Any], Deps], Awaitable[None]], deps: Deps) -> Handler[Any]:
+    async def handle(envelope: Envelope[Any]) -> None:
+        await handler(envelope, deps)
+
+    return handle
+
+
+def _bound_batch(handler: Callable[[list[Envelope[Any]], Deps], Awaitable[None]], deps: Deps) -> BatchHandler[Any]:
+    async def handle(envelopes: list[Envelope[Any]]) -> None:
+        await handler(envelopes, deps)
+
+    return handle
 
 
 # A service's `create_app(runtime, settings, ...)`, or it with its settings already given
