@@ -50,6 +50,9 @@ def require(available: bool, missing: str) -> None:
 
 _lane_seconds: dict[str, float] = defaultdict(float)
 _lane_tests: dict[str, set[str]] = defaultdict(set)
+# Whole modules, fixtures included: where a shared (module- or session-scoped) fixture would pay most.
+_module_seconds: dict[str, float] = defaultdict(float)
+SLOWEST_MODULES = 12
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -57,6 +60,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         if lane in report.keywords:
             _lane_seconds[lane] += report.duration
             _lane_tests[lane].add(report.nodeid)
+    _module_seconds[report.nodeid.split("::")[0]] += report.duration
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # noqa: ANN001 - pytest's reporter type is private
@@ -66,6 +70,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     for lane in LANES:
         if lane in _lane_seconds:
             terminalreporter.write_line(f"{lane:<12} {len(_lane_tests[lane]):>4} tests  {_lane_seconds[lane]:>8.1f} s")
+    terminalreporter.section(f"slowest {SLOWEST_MODULES} modules (setup + call + teardown of their tests)")
+    for module, seconds in sorted(_module_seconds.items(), key=lambda item: -item[1])[:SLOWEST_MODULES]:
+        terminalreporter.write_line(f"{seconds:>8.1f} s  {module}")
 
 
 @pytest.fixture
