@@ -301,13 +301,20 @@ class ServiceProcess:
 
     def stop(self) -> None:
         """SIGCONT (it may be stopped), SIGTERM and wait; SIGKILL if it does not stop. Safe when already stopped."""
+        stop_all([self])
+
+    def _ask_to_stop(self) -> bool:
         if not self.running():
-            return
+            return False
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGCONT)
         os.kill(self.process.pid, signal.SIGTERM)
+        return True
+
+    def _wait_stopped(self, timeout_s: float) -> None:
+        assert self.process is not None
         try:
-            self.process.wait(60)
+            self.process.wait(max(timeout_s, 0.1))
         except subprocess.TimeoutExpired:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait(30)
@@ -324,6 +331,15 @@ class ServiceProcess:
         `flywheel run registry` beside `flywheel run SERVICE`. Services never open the registry's database."""
         extra = {name: value for name, value in self.env.items() if os.environ.get(name) != value and name not in ("FLYWHEEL_HOME", "FLYWHEEL_HTTP_PORT", "FLYWHEEL_TOPIC_PREFIX", "FLYWHEEL_KAFKA_BOOTSTRAP")}
         return ServiceProcess(self.log.parent, self.env["FLYWHEEL_KAFKA_BOOTSTRAP"], self.env["FLYWHEEL_TOPIC_PREFIX"], ["registry"], home=self.home, **extra)
+
+
+def stop_all(processes: Iterable[ServiceProcess], timeout_s: float = 60.0) -> None:
+    """Stop several processes side by side: each graceful stop (its shutdown grace, its broker leaving the
+    group) overlaps the others' instead of adding to them. SIGKILL for any still running at the deadline."""
+    asked = [process for process in processes if process._ask_to_stop()]
+    deadline = time.monotonic() + timeout_s
+    for process in asked:
+        process._wait_stopped(deadline - time.monotonic())
 
 
 async def eventually(condition: Callable[[], object], timeout_s: float, what: str, alive: ServiceProcess | None = None, interval_s: float = 0.3) -> None:

@@ -38,7 +38,7 @@ from contracts.publisher import encode
 from contracts.topics import dlq_for, topic_for
 from services.runtime.broker import ensure_topics
 from tests.faults.conftest import ProxiedKafka
-from tests.faults.support import EXPECTED_POISON, GROUPS, POISON, ServiceProcess, group_lag, poison_dead_lettered, read_dead_letters, send_poison, topic_size
+from tests.faults.support import EXPECTED_POISON, GROUPS, POISON, ServiceProcess, group_lag, poison_dead_lettered, read_dead_letters, send_poison, stop_all, topic_size
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -203,8 +203,7 @@ async def test_poison_on_every_topic_goes_to_each_consuming_groups_dlq_and_block
         dead = poison_dead_lettered(await read_dead_letters(proxied.bootstrap, prefix, EVENTS))
         assert all(process.running() for process in processes), "a service died on poison"
     finally:
-        for process in reversed(processes):
-            process.stop()
+        stop_all(processes)
     print("\n== poison on every topic: dead letters per (consumer group, topic)")
     for (group, event_type), count in sorted(dead.items()):
         print(f"  {group:<10} {event_type:<22} {count}")

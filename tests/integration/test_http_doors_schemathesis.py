@@ -37,7 +37,7 @@ from hypothesis.errors import NonInteractiveExampleWarning
 from contracts.http import Role
 from services.runtime.broker import ensure_topics
 from services.runtime.settings import FlywheelSettings
-from tests.faults.support import ServiceProcess, size
+from tests.faults.support import ServiceProcess, size, stop_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -98,8 +98,7 @@ def keys_and_doors(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: st
             asyncio.run(process.wait_ready())
         yield keys, processes
     finally:
-        for process in processes.values():
-            process.stop()
+        stop_all(processes.values())
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from infra.kafka_acls import PRINCIPAL_NAMES
 from infra.local_kafka import SCRAM_MECHANISM, LocalKafka
 from infra.processes import free_port
 from services.runtime.settings import FlywheelSettings
-from tests.faults.support import FLYWHEEL, ServiceProcess
+from tests.faults.support import FLYWHEEL, ServiceProcess, stop_all
 from tests.fixtures import running
 from tests.fixtures.postgres import fresh_database
 
@@ -247,5 +247,4 @@ async def test_each_service_in_its_compose_environment_enforces_its_role_matrix(
             # Nobody fell back to a registry database of its own (the registry's is PostgreSQL).
             assert not [path for service in SHAPE for path in (tmp_path / f"home-{service}").rglob("registry.db")]
         finally:
-            for proc in reversed(processes):
-                proc.stop()
+            stop_all(processes)
