@@ -1,7 +1,8 @@
-"""The transactional outbox: events are rows written in the transaction of the change they announce.
+"""The registry's transactional outbox: events are rows written in the transaction of the change they announce.
 
-A rolled-back change leaves no row, so no event. A relay claims a batch of committed rows, publishes
-them in commit order and marks them sent in the claiming transaction:
+A rolled-back change leaves no row, so no event. The runtime's relay (services/runtime/outbox.py) claims
+a batch of committed rows through `RegistryOutbox`, publishes them in commit order and marks them sent
+in the claiming transaction:
 
 - Several registry replicas may relay at once. On PostgreSQL the claim is `SELECT ... FOR UPDATE SKIP
   LOCKED`, so no two relays hold the same row and none blocks on another; a relay whose claim does
@@ -16,28 +17,23 @@ them in commit order and marks them sent in the claiming transaction:
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 from sqlmodel import Session
 
 from contracts.envelope import Envelope, Payload, wrap
-from contracts.topics import EVENT_TYPES
 from services.registry.models import OutboxEvent, utcnow
+from services.runtime import outbox
+from services.runtime.outbox import OutboxClaim, StagedEvent
 
 if TYPE_CHECKING:
     from services.registry.store import RegistryStore
-    from services.runtime.broker import EventBus
-
-log = logging.getLogger("flywheel.registry.outbox")
+    from services.runtime.outbox import EnvelopePublisher
 
 PRODUCER = "registry"
-# Longer than the producer's own request timeout: a publish that has not settled by then is abandoned
-# with its batch, which stays unsent and is published again.
-PUBLISH_TIMEOUT_S = 60.0
 
 
 def stage_event(session: Session, payload: Payload, *, correlation_id: str | None = None) -> Envelope:
@@ -47,41 +43,19 @@ def stage_event(session: Session, payload: Payload, *, correlation_id: str | Non
     return envelope
 
 
-class OutboxRelay:
-    """Publishes committed outbox rows through the event bus and marks them sent."""
+class RegistryOutbox:
+    """The registry's outbox table as the relay's storage: a claim is a transaction held while its batch is published."""
 
-    def __init__(self, store: RegistryStore, bus: EventBus, *, interval_s: float = 0.2, batch: int = 100) -> None:
+    def __init__(self, store: RegistryStore) -> None:
         self._store = store
-        self._bus = bus
-        self._interval = interval_s
-        self._batch = batch
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
-        self._batch_lock = threading.Lock()
 
-    def kick(self) -> None:
-        """Publish soon: called after a commit in this process, so events need not wait a poll."""
-        self._wake.set()
+    @contextmanager
+    def claim(self, limit: int) -> Iterator[OutboxClaim]:
+        with self._store.transaction() as session:
+            yield _RowsClaim(session, self._oldest_unsent(session, limit))
 
-    async def relay_once(self) -> int:
-        """Publish one batch of pending events in commit order; returns how many were sent."""
-        return await asyncio.to_thread(self._relay_batch, asyncio.get_running_loop())
-
-    def _relay_batch(self, loop: asyncio.AbstractEventLoop) -> int:
-        # The claim's transaction stays open while the batch is published, so it runs in a thread and
-        # publishes through the loop. The lock keeps a final drain on stop from racing a batch whose
-        # task was cancelled but whose thread still runs.
-        with self._batch_lock, self._store.transaction() as session:
-            rows = self._claim(session)
-            for row in rows:
-                envelope = Envelope[EVENT_TYPES[row.event_type]].model_validate_json(row.envelope)  # type: ignore[misc]
-                asyncio.run_coroutine_threadsafe(self._bus.publish_envelope(envelope), loop).result(PUBLISH_TIMEOUT_S)
-                row.sent_at = utcnow()
-                session.add(row)
-            return len(rows)
-
-    def _claim(self, session: Session) -> list[OutboxEvent]:
-        pending = select(OutboxEvent).where(OutboxEvent.sent_at.is_(None)).order_by(OutboxEvent.id).limit(self._batch)  # type: ignore[union-attr,arg-type]
+    def _oldest_unsent(self, session: Session, limit: int) -> list[OutboxEvent]:
+        pending = select(OutboxEvent).where(OutboxEvent.sent_at.is_(None)).order_by(OutboxEvent.id).limit(limit)  # type: ignore[union-attr,arg-type]
         if self._store.dialect == "postgresql":
             pending = pending.with_for_update(skip_locked=True)
         rows = list(session.scalars(pending))
@@ -90,43 +64,21 @@ class OutboxRelay:
             return []  # an earlier batch is claimed by another relay and not yet sent
         return rows
 
-    async def run(self) -> None:
-        delay = self._interval
-        while True:
-            try:
-                sent = await self.relay_once()
-                delay = self._interval
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # noqa: BLE001 - the relay outlives a broker or database outage
-                log.warning("outbox relay failed (%s: %s); retrying in %.1fs", type(error).__name__, error, delay)
-                sent = 0
-                delay = min(delay * 2, 10.0)
-            if sent < self._batch:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), delay)
-                except TimeoutError:
-                    pass
 
-    async def _drain(self) -> None:
-        while await self.relay_once() >= self._batch:
-            pass
+class _RowsClaim:
+    def __init__(self, session: Session, rows: list[OutboxEvent]) -> None:
+        self._session = session
+        self._rows = {row.event_id: row for row in rows}
+        self.events = [StagedEvent(row.event_id, row.event_type, row.envelope) for row in rows]
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name="registry-outbox-relay")
+    def mark_sent(self, event: StagedEvent) -> None:
+        row = self._rows[event.event_id]
+        row.sent_at = utcnow()
+        self._session.add(row)
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        # What is committed but unsent goes out now rather than at the next start: the process stops
-        # its services before it disconnects the broker.
-        try:
-            await asyncio.wait_for(self._drain(), 5.0)
-        except Exception as error:  # noqa: BLE001 - left in the outbox for the next start
-            log.info("outbox not drained on stop (%s); it will be published at the next start", error)
+
+class OutboxRelay(outbox.OutboxRelay):
+    """The runtime's relay over the registry's outbox table."""
+
+    def __init__(self, store: RegistryStore, bus: EnvelopePublisher, *, interval_s: float = 0.2, batch: int = 100) -> None:
+        super().__init__(RegistryOutbox(store), bus, name="registry-outbox-relay", interval_s=interval_s, batch=batch)

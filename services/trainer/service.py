@@ -25,11 +25,11 @@ from contracts.envelope import Envelope, wrap
 from contracts.events import TrainingCompleted, TrainingFailed, TrainingProgress, TrainingRequested, TrainingStarted
 from contracts.ids import JobId
 from services.runtime.artifacts import ArtifactError, ArtifactStore
+from services.runtime.outbox import OutboxRelay
 from services.runtime.paths import PathOutsideRoot, under
 from services.trainer.catalog import Catalog, UnknownInput
 from services.trainer.engine import Progress, TrainingError, TrainingJob, TrainingPaused, TrainingPlan, train
 from services.trainer.settings import TrainerSettings
-from contracts.topics import EVENT_TYPES
 from services.trainer.store import JobRecord, JobStore, OutboxEvent
 
 log = logging.getLogger("flywheel.trainer")
@@ -59,10 +59,12 @@ class Trainer:
         # stopping process is not held until the job ends (a thread cannot be cancelled from outside).
         self._stopping = threading.Event()
         self._worker: asyncio.Task | None = None
-        self._relay: asyncio.Task | None = None
-        self._relay_wake = asyncio.Event()
-        # One relay pass at a time: the worker's own attempt and the retry loop must not send a row twice.
-        self._relay_lock = asyncio.Lock()
+        # Only this worker stages terminal events, so the relay need not poll: it runs when kicked, and
+        # retries with backoff through a broker outage.
+        self._relay = OutboxRelay(
+            store, publisher, name="trainer-outbox-relay", interval_s=None,
+            retry_initial_s=settings.publish_retry_initial_s, retry_max_s=settings.publish_retry_max_s, drain_timeout_s=settings.stop_drain_s,
+        )
 
     def submit(self, request: TrainingRequested, correlation_id: str | None = None) -> tuple[JobRecord, bool]:
         """Queue a job; a job_id seen before returns the existing job and starts nothing."""
@@ -100,7 +102,7 @@ class Trainer:
 
     async def start(self) -> None:
         # The relay starts first: terminal events a previous worker staged but never sent go out now.
-        self._relay = asyncio.create_task(self._relay_forever(), name="trainer-outbox-relay")
+        await self._relay.start()
         self._worker = asyncio.create_task(self._run_forever(), name="trainer-worker")
 
     async def stop(self) -> None:
@@ -112,50 +114,20 @@ class Trainer:
                 await asyncio.wait_for(asyncio.shield(self._worker), self._settings.stop_pause_s)
             except TimeoutError:
                 log.warning("the training step in flight did not end within %.0fs; stopping without waiting for it", self._settings.stop_pause_s)
-        for task in (self._worker, self._relay):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
-        self._worker = self._relay = None
-        # What is staged but unsent goes out now rather than at the next start: the process stops its
-        # services before it disconnects the broker. A broker that is down leaves it staged.
-        try:
-            await asyncio.wait_for(self.relay_once(), self._settings.stop_drain_s)
-        except Exception as error:  # noqa: BLE001 - still staged; the next start publishes it
-            log.info("staged trainer events not drained on stop (%s); they go out at the next start", type(error).__name__)
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        # The relay drains what is staged on its way out (for at most stop_drain_s): the process stops
+        # its services before it disconnects the broker. A broker that is down leaves it staged.
+        await self._relay.stop()
 
     async def relay_once(self) -> int:
-        """Publish every staged terminal event, oldest first, marking each sent once acknowledged; how many were sent."""
-        sent = 0
-        async with self._relay_lock:
-            for event in await asyncio.to_thread(self._store.unsent):
-                await self._publisher.publish_envelope(_envelope(event))
-                await asyncio.to_thread(self._store.mark_sent, event.event_id)
-                sent += 1
-        return sent
-
-    async def _relay_forever(self) -> None:
-        delay = self._settings.publish_retry_initial_s
-        while True:
-            # Cleared before the pass, so an event staged during it wakes the next one.
-            self._relay_wake.clear()
-            try:
-                await self.relay_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # noqa: BLE001 - the relay outlives a broker outage; the events wait in the store
-                log.warning("could not publish staged trainer events (%s: %s); retrying in %.1fs", type(error).__name__, error, delay)
-                try:
-                    await asyncio.wait_for(self._relay_wake.wait(), delay)
-                except TimeoutError:
-                    pass
-                delay = min(delay * 2, self._settings.publish_retry_max_s)
-                continue
-            delay = self._settings.publish_retry_initial_s
-            await self._relay_wake.wait()
+        """Publish the staged terminal events, oldest first, marking each sent once acknowledged; how many were sent."""
+        return await self._relay.relay_once()
 
     async def _run_forever(self) -> None:
         while not self._stopping.is_set():
@@ -275,14 +247,10 @@ class Trainer:
             await self.relay_once()
         except Exception as error:  # noqa: BLE001 - staged, not lost: the relay retries with backoff
             log.warning("terminal event not published yet (%s: %s); the relay will retry", type(error).__name__, error)
-            self._relay_wake.set()
+            self._relay.kick()
 
     async def _publish(self, payload: Any, job: JobRecord) -> None:
         try:
             await self._publisher.publish(payload, correlation_id=job.correlation_id)
         except Exception as error:  # noqa: BLE001 - progress is best effort: the next event supersedes it, the job's state stays readable over HTTP
             log.warning("could not publish %s for job %s (%s: %s)", type(payload).__name__, job.job_id, type(error).__name__, error)
-
-
-def _envelope(event: OutboxEvent) -> Envelope:
-    return Envelope[EVENT_TYPES[event.event_type]].model_validate_json(event.envelope)  # type: ignore[misc]

@@ -8,13 +8,32 @@ broker outage or a worker killed between the two loses neither the state nor the
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from contracts.events import DatasetRef, Hyperparameters
+from services.runtime.outbox import OutboxClaim, StagedEvent
+from services.runtime.sqlite import Migration, SqliteDatabase
+
+# Migration 1 is the schema as it was before migrations were numbered (IF NOT EXISTS throughout), so an
+# existing FLYWHEEL_HOME/trainer/jobs.db is adopted as it is.
+MIGRATIONS = (
+    Migration(
+        1,
+        "jobs_and_outbox",
+        """
+CREATE TABLE IF NOT EXISTS job (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT UNIQUE, model_name TEXT, dataset_name TEXT,
+    dataset_version INTEGER, hyperparameters TEXT, status TEXT, correlation_id TEXT, requested_by TEXT, step INTEGER DEFAULT 0,
+    total_steps INTEGER DEFAULT 0, loss REAL, error TEXT, error_type TEXT, artifact_uri TEXT, artifact_sha256 TEXT, updated_at TEXT);
+CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT UNIQUE, job_id TEXT, event_type TEXT,
+    envelope TEXT, sent_at TEXT);
+""",
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -35,94 +54,77 @@ class JobRecord:
     artifact_sha256: str | None = None
 
 
-@dataclass(frozen=True)
-class OutboxEvent:
-    """A terminal event as it will be published: the whole envelope, so a republished one is identical."""
-
-    event_id: str
-    event_type: str
-    envelope: str
+# A terminal event as it will be published: the whole envelope, so a republished one is identical.
+OutboxEvent = StagedEvent
 
 
 class JobStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS job (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT UNIQUE, model_name TEXT, dataset_name TEXT,"
-            " dataset_version INTEGER, hyperparameters TEXT, status TEXT, correlation_id TEXT, requested_by TEXT, step INTEGER DEFAULT 0,"
-            " total_steps INTEGER DEFAULT 0, loss REAL, error TEXT, error_type TEXT, artifact_uri TEXT, artifact_sha256 TEXT, updated_at TEXT)"
-        )
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT UNIQUE, job_id TEXT, event_type TEXT,"
-            " envelope TEXT, sent_at TEXT)"
-        )
-        self._lock = threading.Lock()
+        self._db = SqliteDatabase(path, MIGRATIONS)
 
     def add(self, job: JobRecord) -> tuple[JobRecord, bool]:
         """Insert a queued job; returns the stored job and whether it is new (a known job_id adds nothing)."""
-        with self._lock:
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO job (job_id, model_name, dataset_name, dataset_version, hyperparameters, status, correlation_id, requested_by, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
-                (job.job_id, job.model_name, job.dataset.name, job.dataset.version, job.hyperparameters.model_dump_json(), job.correlation_id, job.requested_by, _now()),
-            )
+        inserted = self._db.execute(
+            "INSERT OR IGNORE INTO job (job_id, model_name, dataset_name, dataset_version, hyperparameters, status, correlation_id, requested_by, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+            (job.job_id, job.model_name, job.dataset.name, job.dataset.version, job.hyperparameters.model_dump_json(), job.correlation_id, job.requested_by, _now()),
+        )
         stored = self.get(job.job_id)
         assert stored is not None
-        return stored, cursor.rowcount == 1
+        return stored, inserted == 1
 
     def get(self, job_id: str) -> JobRecord | None:
-        with self._lock:
-            row = self._db.execute(f"SELECT {_COLUMNS} FROM job WHERE job_id = ?", (job_id,)).fetchone()
+        row = self._db.row(f"SELECT {_COLUMNS} FROM job WHERE job_id = ?", (job_id,))
         return _record(row) if row else None
 
     def list(self, limit: int = 100) -> list[JobRecord]:
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM job ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
-        return [_record(row) for row in rows]
+        return [_record(row) for row in self._db.rows(f"SELECT {_COLUMNS} FROM job ORDER BY seq DESC LIMIT ?", (limit,))]
 
     def next_runnable(self) -> JobRecord | None:
         """A job left `running` by a dead worker comes first (it resumes from its checkpoint), then the oldest queued."""
-        with self._lock:
-            row = self._db.execute(
-                f"SELECT {_COLUMNS} FROM job WHERE status IN ('running', 'queued') ORDER BY status = 'running' DESC, seq LIMIT 1"
-            ).fetchone()
+        row = self._db.row(f"SELECT {_COLUMNS} FROM job WHERE status IN ('running', 'queued') ORDER BY status = 'running' DESC, seq LIMIT 1")
         return _record(row) if row else None
 
     def update(self, job_id: str, **fields: object) -> None:
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        with self._lock:
-            self._db.execute(f"UPDATE job SET {assignments}, updated_at = ? WHERE job_id = ?", (*fields.values(), _now(), job_id))
+        self._db.execute(f"UPDATE job SET {assignments}, updated_at = ? WHERE job_id = ?", (*fields.values(), _now(), job_id))
 
     def finish(self, job_id: str, event: OutboxEvent, **fields: object) -> None:
         """Record a job's end and stage its terminal event, both or neither; a staged event_id is staged once."""
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(f"UPDATE job SET {assignments}, updated_at = ? WHERE job_id = ?", (*fields.values(), _now(), job_id))
-                self._db.execute(
-                    "INSERT OR IGNORE INTO outbox (event_id, job_id, event_type, envelope) VALUES (?, ?, ?, ?)",
-                    (event.event_id, job_id, event.event_type, event.envelope),
-                )
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._db.transaction() as db:
+            db.execute(f"UPDATE job SET {assignments}, updated_at = ? WHERE job_id = ?", (*fields.values(), _now(), job_id))
+            db.execute(
+                "INSERT OR IGNORE INTO outbox (event_id, job_id, event_type, envelope) VALUES (?, ?, ?, ?)",
+                (event.event_id, job_id, event.event_type, event.envelope),
+            )
 
     def unsent(self, limit: int = 100) -> list[OutboxEvent]:
         """Staged events the broker has not acknowledged yet, oldest first."""
-        with self._lock:
-            rows = self._db.execute("SELECT event_id, event_type, envelope FROM outbox WHERE sent_at IS NULL ORDER BY seq LIMIT ?", (limit,)).fetchall()
-        return [OutboxEvent(*row) for row in rows]
+        return [OutboxEvent(*row) for row in self._db.rows("SELECT event_id, event_type, envelope FROM outbox WHERE sent_at IS NULL ORDER BY seq LIMIT ?", (limit,))]
 
     def mark_sent(self, event_id: str) -> None:
-        with self._lock:
-            self._db.execute("UPDATE outbox SET sent_at = ? WHERE event_id = ?", (_now(), event_id))
+        self._db.execute("UPDATE outbox SET sent_at = ? WHERE event_id = ?", (_now(), event_id))
+
+    @contextmanager
+    def claim(self, limit: int) -> Iterator[OutboxClaim]:
+        """The outbox relay's storage: the oldest unsent events, each marked sent as soon as the broker acknowledges it.
+
+        Only this process's worker stages trainer events and one relay sends them, so no row lock is needed.
+        """
+        yield _JobOutboxClaim(self, self.unsent(limit))
 
     def close(self) -> None:
         self._db.close()
+
+
+@dataclass(frozen=True)
+class _JobOutboxClaim:
+    store: JobStore
+    events: list[StagedEvent]
+
+    def mark_sent(self, event: StagedEvent) -> None:
+        self.store.mark_sent(event.event_id)
 
 
 _COLUMNS = (
@@ -131,7 +133,7 @@ _COLUMNS = (
 )
 
 
-def _record(row: tuple) -> JobRecord:
+def _record(row: tuple[Any, ...]) -> JobRecord:
     return JobRecord(
         job_id=row[0],
         model_name=row[1],
