@@ -9,8 +9,6 @@ restarted evaluator is not sent the old events again. Per-example results go to 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,8 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from services.runtime.clickhouse import ClickHouseStore
+from services.runtime.sqlite import Migration, SqliteDatabase
 
-SCHEMA = """
+# Migration 1 is the schema as it was before migrations were numbered (IF NOT EXISTS throughout), so an
+# existing FLYWHEEL_HOME/evaluator/evaluator.db is adopted as it is.
+MIGRATIONS = (
+    Migration(1, "catalogue_and_evaluations", """
 CREATE TABLE IF NOT EXISTS base_model (name TEXT PRIMARY KEY, artifact_uri TEXT NOT NULL, artifact_sha256 TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS adapter (model_name TEXT, version INTEGER, artifact_uri TEXT NOT NULL, artifact_sha256 TEXT NOT NULL, PRIMARY KEY (model_name, version));
 CREATE TABLE IF NOT EXISTS dataset (name TEXT, version INTEGER, split TEXT NOT NULL, artifact_uri TEXT NOT NULL, sha256 TEXT NOT NULL, model_name TEXT, PRIMARY KEY (name, version));
@@ -29,7 +31,8 @@ CREATE TABLE IF NOT EXISTS evaluation (
     evaluation_id TEXT PRIMARY KEY, status TEXT NOT NULL, request TEXT NOT NULL, result TEXT,
     created_at TEXT NOT NULL, updated_at TEXT NOT NULL, correlation_id TEXT
 );
-"""
+"""),
+)
 
 
 @dataclass(frozen=True)
@@ -72,64 +75,55 @@ def _now() -> str:
 
 
 class EvaluatorStore:
+    """Blocking SQLite calls: handlers and the HTTP door call them through asyncio.to_thread, evaluations from the worker's thread."""
+
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
-        # Handlers and the HTTP door run on the loop, evaluations in a worker thread: one connection, one lock.
-        self._lock = threading.Lock()
+        self._db = SqliteDatabase(path, MIGRATIONS)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def _rows(self, sql: str, parameters: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            cursor = self._db.execute(sql, parameters)
-            return cursor.fetchall()
+        self._db.close()
 
     # ------------------------------------------------------------------------------- catalogue
 
     def remember_model(self, name: str, uri: str, sha256: str) -> None:
-        self._rows("INSERT OR REPLACE INTO base_model VALUES (?, ?, ?)", (name, uri, sha256))
+        self._db.execute("INSERT OR REPLACE INTO base_model VALUES (?, ?, ?)", (name, uri, sha256))
 
     def remember_adapter(self, model_name: str, version: int, uri: str, sha256: str) -> None:
-        self._rows("INSERT OR REPLACE INTO adapter VALUES (?, ?, ?, ?)", (model_name, version, uri, sha256))
+        self._db.execute("INSERT OR REPLACE INTO adapter VALUES (?, ?, ?, ?)", (model_name, version, uri, sha256))
 
     def remember_dataset(self, pointer: DatasetPointer) -> None:
-        self._rows("INSERT OR REPLACE INTO dataset VALUES (?, ?, ?, ?, ?, ?)", (pointer.name, pointer.version, pointer.split, pointer.uri, pointer.sha256, pointer.model_name))
+        self._db.execute("INSERT OR REPLACE INTO dataset VALUES (?, ?, ?, ?, ?, ?)", (pointer.name, pointer.version, pointer.split, pointer.uri, pointer.sha256, pointer.model_name))
 
     def set_production(self, model_name: str, version: int | None) -> None:
-        self._rows("INSERT OR REPLACE INTO production VALUES (?, ?)", (model_name, version))
+        self._db.execute("INSERT OR REPLACE INTO production VALUES (?, ?)", (model_name, version))
 
     def remember_prompt(self, name: str, version: int, template: str, variables: Sequence[str], labels: Sequence[str]) -> None:
-        self._rows("INSERT OR REPLACE INTO prompt VALUES (?, ?, ?, ?, ?)", (name, version, template, json.dumps(list(variables)), json.dumps(list(labels))))
+        self._db.execute("INSERT OR REPLACE INTO prompt VALUES (?, ?, ?, ?, ?)", (name, version, template, json.dumps(list(variables)), json.dumps(list(labels))))
 
     def prompt(self, name: str, version: int) -> PromptVersion | None:
-        rows = self._rows("SELECT name, version, template, variables FROM prompt WHERE name = ? AND version = ?", (name, version))
+        rows = self._db.rows("SELECT name, version, template, variables FROM prompt WHERE name = ? AND version = ?", (name, version))
         return PromptVersion(rows[0][0], rows[0][1], rows[0][2], tuple(json.loads(rows[0][3]))) if rows else None
 
     def prompt_labelled(self, name: str, label: str) -> int | None:
         """The version of prompt `name` that last arrived carrying `label` (labels move by re-publication)."""
-        rows = self._rows("SELECT version, labels FROM prompt WHERE name = ? ORDER BY rowid DESC", (name,))
+        rows = self._db.rows("SELECT version, labels FROM prompt WHERE name = ? ORDER BY rowid DESC", (name,))
         return next((version for version, labels in rows if label in json.loads(labels)), None)
 
     def base_model(self, name: str) -> ArtifactPointer | None:
-        rows = self._rows("SELECT artifact_uri, artifact_sha256 FROM base_model WHERE name = ?", (name,))
+        rows = self._db.rows("SELECT artifact_uri, artifact_sha256 FROM base_model WHERE name = ?", (name,))
         return ArtifactPointer(*rows[0]) if rows else None
 
     def adapter(self, model_name: str, version: int) -> ArtifactPointer | None:
-        rows = self._rows("SELECT artifact_uri, artifact_sha256 FROM adapter WHERE model_name = ? AND version = ?", (model_name, version))
+        rows = self._db.rows("SELECT artifact_uri, artifact_sha256 FROM adapter WHERE model_name = ? AND version = ?", (model_name, version))
         return ArtifactPointer(*rows[0]) if rows else None
 
     def dataset(self, name: str, version: int) -> DatasetPointer | None:
-        rows = self._rows("SELECT name, version, split, artifact_uri, sha256, model_name FROM dataset WHERE name = ? AND version = ?", (name, version))
+        rows = self._db.rows("SELECT name, version, split, artifact_uri, sha256, model_name FROM dataset WHERE name = ? AND version = ?", (name, version))
         return DatasetPointer(*rows[0]) if rows else None
 
     def latest_golden(self, model_name: str) -> DatasetPointer | None:
         """The newest golden dataset meant for `model_name`, else the newest golden dataset meant for no model."""
-        rows = self._rows(
+        rows = self._db.rows(
             "SELECT name, version, split, artifact_uri, sha256, model_name FROM dataset WHERE split = 'golden' AND (model_name = ? OR model_name IS NULL) "
             "ORDER BY model_name IS NULL, rowid DESC LIMIT 1",
             (model_name,),
@@ -137,7 +131,7 @@ class EvaluatorStore:
         return DatasetPointer(*rows[0]) if rows else None
 
     def production(self, model_name: str) -> int | None:
-        rows = self._rows("SELECT version FROM production WHERE model_name = ?", (model_name,))
+        rows = self._db.rows("SELECT version FROM production WHERE model_name = ?", (model_name,))
         return rows[0][0] if rows else None
 
     # ----------------------------------------------------------------------------- evaluations
@@ -145,29 +139,28 @@ class EvaluatorStore:
     def claim(self, evaluation_id: str, request: dict[str, Any], *, correlation_id: str | None = None) -> bool:
         """Record a new evaluation as queued; False if the id exists (a redelivered or repeated request)."""
         now = _now()
-        with self._lock:
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO evaluation VALUES (?, 'queued', ?, NULL, ?, ?, ?)", (evaluation_id, json.dumps(request), now, now, correlation_id)
-            )
-            return cursor.rowcount == 1
+        inserted = self._db.execute(
+            "INSERT OR IGNORE INTO evaluation VALUES (?, 'queued', ?, NULL, ?, ?, ?)", (evaluation_id, json.dumps(request), now, now, correlation_id)
+        )
+        return inserted == 1
 
     def next_pending(self) -> EvaluationRecord | None:
         """The oldest evaluation not finished: queued, or running when the process stopped mid-way."""
-        rows = self._rows("SELECT * FROM evaluation WHERE status IN ('queued', 'running') ORDER BY created_at LIMIT 1")
+        rows = self._db.rows("SELECT * FROM evaluation WHERE status IN ('queued', 'running') ORDER BY created_at LIMIT 1")
         return _record(rows[0]) if rows else None
 
     def set_status(self, evaluation_id: str, status: str, result: dict[str, Any] | None = None) -> None:
-        self._rows(
+        self._db.execute(
             "UPDATE evaluation SET status = ?, result = COALESCE(?, result), updated_at = ? WHERE evaluation_id = ?",
             (status, json.dumps(result) if result is not None else None, _now(), evaluation_id),
         )
 
     def evaluation(self, evaluation_id: str) -> EvaluationRecord | None:
-        rows = self._rows("SELECT * FROM evaluation WHERE evaluation_id = ?", (evaluation_id,))
+        rows = self._db.rows("SELECT * FROM evaluation WHERE evaluation_id = ?", (evaluation_id,))
         return _record(rows[0]) if rows else None
 
     def evaluations(self, *, model_name: str | None = None, limit: int = 50) -> list[EvaluationRecord]:
-        rows = self._rows("SELECT * FROM evaluation ORDER BY created_at DESC LIMIT ?", (max(limit * 4, limit) if model_name else limit,))
+        rows = self._db.rows("SELECT * FROM evaluation ORDER BY created_at DESC LIMIT ?", (max(limit * 4, limit) if model_name else limit,))
         records = [_record(row) for row in rows]
         if model_name:
             records = [r for r in records if r.request.get("candidate", {}).get("model_name") == model_name]

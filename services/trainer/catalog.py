@@ -9,14 +9,26 @@ a queued job whose inputs were announced.
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 from pathlib import Path
 from typing import Protocol
 
 from contracts.events import DatasetPublished, DatasetRef, ModelRegistered
 from services.runtime.artifacts import ArtifactStore
 from services.runtime.paths import under
+from services.runtime.sqlite import Migration, SqliteDatabase
+
+# Migration 1 is the schema as it was before migrations were numbered (IF NOT EXISTS throughout), so an
+# existing FLYWHEEL_HOME/trainer/catalog.db is adopted as it is.
+MIGRATIONS = (
+    Migration(
+        1,
+        "models_and_datasets",
+        """
+CREATE TABLE IF NOT EXISTS model (name TEXT PRIMARY KEY, uri TEXT, sha256 TEXT);
+CREATE TABLE IF NOT EXISTS dataset (name TEXT, version INTEGER, split TEXT, uri TEXT, sha256 TEXT, PRIMARY KEY (name, version));
+""",
+    ),
+)
 
 
 class UnknownInput(LookupError):
@@ -33,30 +45,22 @@ class EventCarriedCatalog:
     """Model and dataset locations learned from registry events, materialized under `cache_dir`."""
 
     def __init__(self, db_path: Path, artifacts: ArtifactStore, cache_dir: Path) -> None:
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS model (name TEXT PRIMARY KEY, uri TEXT, sha256 TEXT)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS dataset (name TEXT, version INTEGER, split TEXT, uri TEXT, sha256 TEXT, PRIMARY KEY (name, version))")
-        self._lock = threading.Lock()
+        self._db = SqliteDatabase(db_path, MIGRATIONS)
         self._artifacts = artifacts
         self._cache = cache_dir
 
     def remember_model(self, event: ModelRegistered) -> None:
         """Remember where a model's weights are; a URI outside the artifact store is refused (the event is dead-lettered)."""
         self._artifacts.check(event.artifact_uri)
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO model VALUES (?, ?, ?)", (event.model_name, event.artifact_uri, event.artifact_sha256))
+        self._db.execute("INSERT OR REPLACE INTO model VALUES (?, ?, ?)", (event.model_name, event.artifact_uri, event.artifact_sha256))
 
     def remember_dataset(self, event: DatasetPublished) -> None:
         """Remember where a dataset version is; a URI outside the artifact store is refused (the event is dead-lettered)."""
         self._artifacts.check(event.artifact_uri)
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO dataset VALUES (?, ?, ?, ?, ?)", (event.dataset_name, event.version, event.split, event.artifact_uri, event.sha256))
+        self._db.execute("INSERT OR REPLACE INTO dataset VALUES (?, ?, ?, ?, ?)", (event.dataset_name, event.version, event.split, event.artifact_uri, event.sha256))
 
     def model_path(self, model_name: str) -> Path:
-        with self._lock:
-            row = self._db.execute("SELECT uri, sha256 FROM model WHERE name = ?", (model_name,)).fetchone()
+        row = self._db.row("SELECT uri, sha256 FROM model WHERE name = ?", (model_name,))
         if row is None:
             raise UnknownInput(f"unknown base model {model_name!r}: register it first (no model.registered event seen)")
         target = under(self._cache, "models", row[1])
@@ -65,8 +69,7 @@ class EventCarriedCatalog:
         return target
 
     def dataset_path(self, dataset: DatasetRef) -> Path:
-        with self._lock:
-            row = self._db.execute("SELECT uri, sha256, split FROM dataset WHERE name = ? AND version = ?", (dataset.name, dataset.version)).fetchone()
+        row = self._db.row("SELECT uri, sha256, split FROM dataset WHERE name = ? AND version = ?", (dataset.name, dataset.version))
         if row is None:
             raise UnknownInput(f"unknown dataset {dataset.name} v{dataset.version}: publish it first (no dataset.published event seen)")
         if row[2] != "train":
