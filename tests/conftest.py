@@ -14,7 +14,7 @@ import pytest
 from services.runtime.broker import ensure_topics
 from services.runtime.settings import FlywheelSettings
 
-pytest_plugins = ["tests.fixtures.kafka", "tests.fixtures.postgres", "tests.fixtures.clickhouse"]
+pytest_plugins = ["tests.fixtures.kafka", "tests.fixtures.postgres", "tests.fixtures.clickhouse", "tests.fixtures.triton"]
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -30,7 +30,7 @@ from contracts.topics import topic_for
 from services.runtime.auth import KeyStore, Role, create_database_engine
 from tests.faults.conftest import ProxiedKafka
 from tests.faults.support import FULL, ServiceProcess, eventually, query_stopped, size, wait_drained
-from tests.integration.test_serving_triton import tritonserver_pids
+from tests.fixtures.triton import tritonserver_pids
 from tests.serving_support import smollm2_tokenizer, tiny_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]

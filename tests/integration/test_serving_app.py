@@ -18,7 +18,7 @@ from services.serving.app import create_app
 from services.serving.inference_log import InferenceLogBuffer
 from services.serving.settings import ServingSettings
 from tests.integration.test_event_bus import read_all
-from tests.integration.test_serving_triton import tritonserver_pids
+from tests.fixtures.triton import tritonserver_pids
 from tests.serving_support import smollm2_tokenizer, tiny_model
 from tests.support import api_key
 

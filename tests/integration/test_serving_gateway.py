@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -33,29 +33,18 @@ from services.serving.routes import Routes
 from services.serving.settings import ServingSettings
 from services.serving.triton import TritonServing, free_port
 from tests.integration.test_event_bus import read_all
-from tests.serving_support import make_adapter, smollm2_tokenizer, tiny_engine
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    tokenizer = smollm2_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-    engine = tiny_engine(tokenizer)
-    adapters = tmp_path_factory.mktemp("adapters")
-    for version in (1, 2):
-        engine.load_adapter(f"tiny:v{version}", make_adapter(len(tokenizer), adapters / f"v{version}", seed=version))
-    return engine
+@pytest.fixture
+def engine(tiny_engine_shared: Engine) -> Engine:
+    return tiny_engine_shared
 
 
-@pytest.fixture(scope="module")
-def triton(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServing]:
-    serving = TritonServing(engine, workdir=tmp_path_factory.mktemp("triton"), max_batch_size=8, max_queue_delay_us=2_000)
-    try:
-        serving.start()
-        yield serving
-    finally:
-        serving.stop()
+@pytest.fixture
+def triton(tiny_triton: TritonServing) -> TritonServing:
+    return tiny_triton
 
 
 def routes(canary_percent: float | None = None) -> Routes:

@@ -16,7 +16,7 @@ from services.runtime.service import build_process
 from services.runtime.settings import FlywheelSettings
 from tests.integration.test_event_bus import read_all
 from tests.integration.test_serving_app import serving_on
-from tests.integration.test_serving_triton import tritonserver_pids
+from tests.fixtures.triton import tritonserver_pids
 from tests.serving_support import smollm2_tokenizer, tiny_model
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,7 @@ from services.runtime.broker import EventBus, create_broker
 from services.runtime.service import ServiceFactory, build_process
 from services.runtime.settings import FlywheelSettings
 from tests.integration.test_serving_app import app_key, model_dir, serving_on  # noqa: F401 - fixtures
-from tests.integration.test_serving_triton import tritonserver_pids
+from tests.fixtures.triton import tritonserver_pids
 from tests.serving_support import make_adapter, smollm2_tokenizer
 from tests.support import eventually
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import queue
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,45 +16,19 @@ from services.runtime.inference import Engine, GenerationRequest, SamplingParams
 from services.serving.triton import (
     CANCEL_MODEL_NAME, MODEL_NAME, STREAM_MODEL_NAME, TritonAnswer, TritonRow, TritonServing, infer_inputs, infer_outputs, parse_answer, stream_infer,
 )
-from tests.serving_support import make_adapter, smollm2_tokenizer, tiny_engine
+from tests.serving_support import make_adapter
 
 pytestmark = pytest.mark.integration
 
 
-def tritonserver_pids(workdir: Path) -> list[int]:
-    """tritonserver processes started for `workdir` (their --log-file lies under it)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if "tritonserver" in cmdline and str(workdir) in cmdline:
-                pids.append(int(proc.name))
-    return pids
+@pytest.fixture
+def engine(tiny_engine_shared: Engine) -> Engine:
+    return tiny_engine_shared
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    tokenizer = smollm2_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-    engine = tiny_engine(tokenizer)
-    adapters = tmp_path_factory.mktemp("adapters")
-    for seed in (1, 2):
-        engine.load_adapter(f"a{seed}", make_adapter(len(tokenizer), adapters / f"a{seed}", seed=seed))
-    return engine
-
-
-@pytest.fixture(scope="module")
-def serving(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServing]:
-    workdir = tmp_path_factory.mktemp("triton")
-    serving = TritonServing(engine, workdir=workdir, max_batch_size=8, max_queue_delay_us=20_000)
-    try:
-        serving.start()
-        yield serving
-    finally:
-        serving.stop()
-        assert tritonserver_pids(workdir) == [], "a tritonserver process outlived its test"
+@pytest.fixture
+def serving(tiny_triton: TritonServing) -> TritonServing:
+    return tiny_triton
 
 
 def direct(engine: Engine, row: TritonRow) -> str:
