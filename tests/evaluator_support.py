@@ -13,7 +13,7 @@ from services.runtime.artifacts import ArtifactStore
 from services.runtime.scoring import Embedder
 from tests.serving_support import make_adapter, smollm2_tokenizer, tiny_model
 
-GOLDEN = Path(__file__).resolve().parents[1] / "services" / "trainer" / "demo_data" / "golden.jsonl"
+GOLDEN = Path(__file__).resolve().parents[1] / "services" / "demo" / "data" / "golden.jsonl"
 MODEL = "tiny-smol"
 
 

@@ -3,8 +3,8 @@
 Each service owns its commands, in services/<name>/cli.py (`flywheel registry|train|eval|feedback ...`, and
 its commands of `flywheel ops` and `flywheel bench`); they are mounted here, each cli.py found by name
 (services/cli/service_commands.py). What is no service's lives beside this module: infra, contracts,
-doctor, demo, up/run, and `bench all`. Heavy imports (torch, Triton) happen inside the commands that need
-them, so `flywheel --help` is fast.
+doctor, up/run, and `bench all`; `flywheel demo` is the demo package's (services/demo). Heavy imports
+(torch, Triton) happen inside the commands that need them, so `flywheel --help` is fast.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import sys
 
 import typer
 
-from services.cli import bench_cmd, contracts_cmd, demo_cmd, doctor_cmd, infra_cmd, run_cmd
+from services.cli import bench_cmd, contracts_cmd, doctor_cmd, infra_cmd, run_cmd
 from services.cli.service_commands import mount
+from services.demo.command import demo
 from services.runtime.errors import FlywheelError
 
 app = typer.Typer(
@@ -46,7 +47,7 @@ app.add_typer(infra_cmd.app, name="infra")
 app.add_typer(ops_app, name="ops")
 app.add_typer(contracts_cmd.app, name="contracts")
 app.command(name="doctor")(doctor_cmd.doctor)
-app.command(name="demo")(demo_cmd.demo)
+app.command(name="demo")(demo)
 app.command(name="up")(run_cmd.up)
 app.command(name="run")(run_cmd.run)
 app.add_typer(bench_cmd.app, name="bench")

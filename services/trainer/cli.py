@@ -23,7 +23,8 @@ bench_app = typer.Typer()
 app.add_typer(train_app, name="train")
 app.add_typer(bench_app, name="bench")
 
-DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
+# The demo's Acme Nimbus data (services/demo/data), read as files: the trainer imports nothing of the demo.
+DEMO_DATA = Path(__file__).resolve().parents[1] / "demo" / "data"
 
 
 class TrainCommandError(FlywheelError):

@@ -1,7 +1,8 @@
 """The import graph's boundaries, checked on the source so a violation fails here before it becomes a
 hidden coupling: no import circle; services never import each other; the runtime imports no service; the
-CLI reaches a service only through its `app` or `cli` module, found by name; contracts import nothing of
-the platform.
+CLI and the demo (services/demo, a composition above the services like the CLI) reach a service only
+through its `app` or `cli` module, found by name, and only the CLI imports the demo; contracts import
+nothing of the platform.
 
 The graph is grimp's over `contracts`, `services` and `infra`: every import statement, those inside
 functions and under TYPE_CHECKING included (a lazy import is still a dependency).
@@ -22,7 +23,10 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("contracts", "services", "infra")
-SHARED = {"runtime", "cli"}  # the shared runtime, and the CLI that mounts the services' commands
+# The shared runtime, the CLI that mounts the services' commands, and the demo that runs them all: not services.
+SHARED = {"runtime", "cli", "demo"}
+# The compositions above the services, which build them only through their factories and commands.
+COMPOSITIONS = ("services.cli", "services.demo")
 CLI_MAY_IMPORT_OF_A_SERVICE = {"app", "cli"}
 CONTRACTS_MAY_IMPORT = {"contracts", "pydantic", "aiokafka"}
 IMPORTLIB_CALLS = {"import_module", "find_spec", "__import__"}
@@ -155,12 +159,26 @@ def _cli_may_import(module: str) -> bool:
     return len(parts) == 2 or (len(parts) == 3 and parts[2] in CLI_MAY_IMPORT_OF_A_SERVICE)
 
 
-def test_the_cli_imports_of_a_service_only_its_app_and_cli(graph: grimp.ImportGraph) -> None:
+@pytest.mark.parametrize("composition", COMPOSITIONS)
+def test_the_cli_and_the_demo_import_of_a_service_only_its_app_and_cli(graph: grimp.ImportGraph, composition: str) -> None:
+    modules = graph.find_descendants(composition)
+    assert modules, f"{composition} has no modules: the check would pass for nothing"
     offences = [
         _where(graph, module, imported)
-        for module in sorted(graph.find_descendants("services.cli"))
+        for module in sorted(modules)
         for imported in sorted(graph.find_modules_directly_imported_by(module))
         if not _cli_may_import(imported)
+    ]
+    assert not offences, "\n".join(offences)
+
+
+def test_only_the_cli_imports_the_demo(graph: grimp.ImportGraph) -> None:
+    """The demo is a user of the platform: no service, no runtime module and no other command depends on it."""
+    offences = [
+        _where(graph, importer, module)
+        for module in sorted(graph.find_descendants("services.demo") | {"services.demo"})
+        for importer in sorted(graph.find_modules_that_directly_import(module))
+        if not importer.startswith("services.demo") and importer != "services.cli.main"
     ]
     assert not offences, "\n".join(offences)
 
@@ -193,10 +211,11 @@ def importlib_offences(source: str) -> list[str]:
     return offences
 
 
-def test_the_cli_names_to_importlib_only_a_service_app_or_cli() -> None:
+def test_the_cli_and_the_demo_name_to_importlib_only_a_service_app_or_cli() -> None:
     offences = [
         f"{source.relative_to(ROOT)} {offence}"
-        for source in sorted((ROOT / "services" / "cli").rglob("*.py"))
+        for composition in COMPOSITIONS
+        for source in sorted((ROOT / composition.replace(".", "/")).rglob("*.py"))
         for offence in importlib_offences(source.read_text())
     ]
     assert not offences, "\n".join(offences)

@@ -142,7 +142,7 @@ def test_reading_or_copying_the_environment_is_not_a_write(source: str) -> None:
 
 
 def test_the_demo_hands_each_service_its_settings_and_writes_no_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from services.cli import demo_cmd
+    from services.demo import process, recipe
     from services.runtime.settings import FlywheelSettings
 
     monkeypatch.setenv("FLYWHEEL_MONITOR_TICK_S", "60")  # the demo's value wins over the environment's ...
@@ -152,14 +152,14 @@ def test_the_demo_hands_each_service_its_settings_and_writes_no_environment(tmp_
     for name in SERVICES:
         factory(name)
     before = dict(os.environ)
-    settings, admin_key, factories = demo_cmd._configure(FlywheelSettings(home=tmp_path, kafka_bootstrap="127.0.0.1:9"))
+    settings, admin_key, factories = process.configure(FlywheelSettings(home=tmp_path, kafka_bootstrap="127.0.0.1:9"))
     assert dict(os.environ) == before
     assert settings.bootstrap_admin_key is not None and settings.bootstrap_admin_key.get_secret_value() == admin_key
     handed = {bound.func.__module__.split(".")[1]: bound.keywords["settings"] for bound in factories if isinstance(bound, partial)}
     assert sorted(handed) == sorted(SERVICES) == sorted(bound.func.__module__.split(".")[1] for bound in factories)
     monitor = handed["monitor"]
     assert (monitor.tick_s, monitor.api_key, monitor.rules_path) == (5, admin_key, tmp_path / "demo" / "rules.yaml")
-    assert (monitor.retrain_min_corrections, monitor.retrain_correction_repeats) == (demo_cmd.MIN_CORRECTIONS, demo_cmd.CORRECTION_REPEATS)
+    assert (monitor.retrain_min_corrections, monitor.retrain_correction_repeats) == (recipe.MIN_CORRECTIONS, recipe.CORRECTION_REPEATS)
     assert (handed["trainer"].checkpoint_every, handed["trainer"].progress_every) == (2, 1)
-    assert (handed["evaluator"].gate_policies, handed["evaluator"].max_tokens) == ({demo_cmd.MODEL: demo_cmd.GATE_POLICY}, 40)
+    assert (handed["evaluator"].gate_policies, handed["evaluator"].max_tokens) == ({recipe.MODEL: recipe.GATE_POLICY}, 40)
     assert (handed["serving"].rate_limit_rps, handed["serving"].rate_limit_burst, handed["serving"].max_tokens_limit) == (50, 100, 77)

@@ -5,7 +5,7 @@ facts below; a gain on the golden split can only come from training. Each fact i
 question templates of its kind: most templates go to the train split, the rest (never seen in
 training) make the golden split, so the golden set measures recall under paraphrase.
 
-Deterministic: no randomness beyond a seeded shuffle; run `python services/trainer/demo_data/generate.py`
+Deterministic: no randomness beyond a seeded shuffle; run `python services/demo/data/generate.py`
 and the files come out byte-identical.
 """
 
