@@ -20,7 +20,7 @@ from faststream.kafka import KafkaBroker
 from contracts.events import FeedbackReceived, InferenceLogged, InferenceStatus, Stage, Thumbs
 from contracts.http import Role
 from contracts.topics import topic_for
-from services.feedback.handlers import subscribe_sink
+from services.feedback.handlers import BATCH_HANDLERS, GROUP
 from services.runtime.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.settings import FeedbackSettings
@@ -36,6 +36,7 @@ from services.runtime.broker import EventBus, create_broker
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.consumer import DeadLetters
 from services.runtime.http import DoorError, error_response
+from services.runtime.service import subscribe_batches
 from services.runtime.settings import FlywheelSettings
 from tests.fixtures.clickhouse import ClickHouseTarget
 from tests.integration.registry_support import CHAT, evaluation, jsonl, seed_model, training_completed
@@ -82,7 +83,7 @@ async def running_sink(settings: FlywheelSettings, clickhouse: ClickHouseStore, 
     broker = create_broker(settings, client_id="monitor-test")
     sink = Sink(FeedbackStore(lambda: clickhouse), Redactor())
     sink_settings = FeedbackSettings(batch_max_records=500, batch_max_wait_ms=100, batch_min_bytes=1)
-    subscribe_sink(broker, sink, sink_settings, dead_letters=DeadLetters(broker), topic_prefix=settings.topic_prefix, max_retries=1)
+    subscribe_batches(broker, BATCH_HANDLERS, sink, group=GROUP, dead_letters=DeadLetters(broker), topic_prefix=settings.topic_prefix, max_retries=1, **sink_settings.batch_options())
     if also is not None:
         also(broker)
     async with broker:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from services.feedback.api import create_router
-from services.feedback.handlers import GROUP, subscribe_sink
+from services.feedback.handlers import BATCH_HANDLERS, GROUP
 from services.feedback.service import Sink
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
@@ -15,16 +15,9 @@ from services.runtime.service import Runtime, Service
 
 
 def create_app(runtime: Runtime, settings: FeedbackSettings, privacy: PrivacySettings) -> Service:
-    store = FeedbackStore(runtime.clickhouse, unavailable_while=settings.failpoint_clickhouse_unavailable)
+    store = FeedbackStore(runtime.clickhouse)
     redactor = privacy.redactor()
-    subscribe_sink(
-        runtime.broker,
-        Sink(store, redactor),
-        settings,
-        dead_letters=runtime.dead_letters,
-        topic_prefix=runtime.settings.topic_prefix,
-        max_retries=runtime.settings.consumer_max_retries,
-    )
+    runtime.subscribe_batches(GROUP, BATCH_HANDLERS, Sink(store, redactor), **settings.batch_options())
 
     async def clickhouse_answers() -> None:
         await asyncio.to_thread(store.ping)

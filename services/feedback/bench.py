@@ -17,7 +17,7 @@ from contracts.envelope import Envelope, wrap
 from contracts.events import InferenceLogged
 from contracts.publisher import encode
 from contracts.topics import topic_for
-from services.feedback.handlers import subscribe_sink
+from services.feedback.handlers import BATCH_HANDLERS
 from services.feedback.models import inference_rows
 from services.runtime.privacy import Redactor
 from services.feedback.service import Sink
@@ -26,6 +26,7 @@ from services.feedback.store import FeedbackStore
 from services.runtime.broker import create_broker, ensure_topics
 from services.runtime.clickhouse import ClickHouseStore, open_clickhouse
 from services.runtime.consumer import DeadLetters, SqliteProcessedEvents, subscribe
+from services.runtime.service import subscribe_batches
 from services.runtime.settings import FlywheelSettings
 
 
@@ -145,7 +146,7 @@ async def ingest_benchmark(
             await asyncio.to_thread(store.migrate)
 
         broker = create_broker(bench_settings, client_id="bench-sink")
-        subscribe_sink(broker, Sink(FeedbackStore(lambda: stores["sink"]), Redactor()), feedback, dead_letters=DeadLetters(broker), topic_prefix=prefix, max_retries=3, group="bench-sink")
+        subscribe_batches(broker, BATCH_HANDLERS, Sink(FeedbackStore(lambda: stores["sink"]), Redactor()), group="bench-sink", dead_letters=DeadLetters(broker), topic_prefix=prefix, max_retries=3, **feedback.batch_options())
         async with broker:
             await broker.start()
             sink_seconds = await _until(stores["sink"], events, timeout_s)

@@ -6,8 +6,6 @@ What personal data becomes before storage is shared with serving: `FLYWHEEL_PRIV
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -19,7 +17,6 @@ class FeedbackSettings(BaseSettings):
     batch_max_wait_ms: int = Field(default=500, ge=1, le=60_000, description="How long a batch waits to fill before it is stored anyway.")
     batch_min_bytes: int = Field(default=256 * 1024, ge=1, description="Bytes the broker gathers before answering a fetch early.")
 
-    failpoint_clickhouse_unavailable: Path | None = Field(
-        default=None,
-        description="Failpoint for outage tests: while this file exists the sink's store fails every statement as if ClickHouse were down. Leave unset in production.",
-    )
+    def batch_options(self) -> dict[str, int]:
+        """How the sink's batches close, as the runtime's batch subscription takes them."""
+        return {"max_records": self.batch_max_records, "max_wait_ms": self.batch_max_wait_ms, "fetch_min_bytes": self.batch_min_bytes}

@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from services.runtime import failpoints
 from services.runtime.clickhouse import ClickHouseError, ClickHouseStore
 
 TABLES = ("inference_log", "feedback")
@@ -20,14 +20,10 @@ class FeedbackStore:
     """Serialises access to one ClickHouse handle: the sink and the HTTP door share it, and a chDB
     connection is not meant to run two statements at once."""
 
-    def __init__(self, clickhouse: Callable[[], ClickHouseStore], *, unavailable_while: Path | None = None) -> None:
+    def __init__(self, clickhouse: Callable[[], ClickHouseStore]) -> None:
         # A callable, so the store is opened (and migrated) on first use, not when the app is built.
         self._clickhouse = clickhouse
         self._lock = threading.Lock()
-        # Failpoint feedback.clickhouse_unavailable: embedded chDB cannot be stopped under a running
-        # process, so the outage tests make this store answer as a stopped server would while the file
-        # exists. Unset (the default) it costs nothing; FeedbackSettings.failpoint_clickhouse_unavailable.
-        self._unavailable_while = unavailable_while
 
     def stored_event_ids(self, table: str, event_ids: list[str], first: datetime, last: datetime) -> set[str]:
         """Which of `event_ids` `table` already holds; the time range prunes partitions to those the events live in."""
@@ -45,7 +41,7 @@ class FeedbackStore:
     def insert(self, table: str, rows: pa.Table, dedup_token: str) -> None:
         """Insert one columnar batch; the same token again is a no-op on the server."""
         with self._lock:
-            self._fail_if_unavailable()
+            _fail_if_unavailable()
             self._clickhouse().insert_arrow(_table(table), rows, dedup_token=dedup_token)
 
     def ping(self) -> None:
@@ -71,12 +67,14 @@ class FeedbackStore:
 
     def _query(self, sql: str, parameters: dict[str, Any] | None) -> list[dict[str, Any]]:
         with self._lock:
-            self._fail_if_unavailable()
+            _fail_if_unavailable()
             return self._clickhouse().query(sql, parameters)
 
-    def _fail_if_unavailable(self) -> None:
-        if self._unavailable_while is not None and self._unavailable_while.exists():
-            raise ClickHouseError(f"failpoint {UNAVAILABLE_FAILPOINT}: {self._unavailable_while} exists, so ClickHouse is treated as not answering")
+
+def _fail_if_unavailable() -> None:
+    # Embedded chDB cannot be stopped under a running process, so the outage tests arm this failpoint
+    # (services/runtime/failpoints.py) to make the store fail as a stopped server would.
+    failpoints.hit(UNAVAILABLE_FAILPOINT, raises=ClickHouseError)
 
 
 def _table(name: str) -> str:

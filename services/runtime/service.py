@@ -114,19 +114,10 @@ class Runtime:
     def subscribe_batches(self, service: str, handlers: BatchHandlers[Deps], deps: Deps, **options: Any) -> list[Any]:
         """Subscribe each of `handlers` as consumer group `service`, in batches (`options`: max_records, max_wait_ms,
         fetch_min_bytes), handed `deps`. Batches are stored idempotently by their handler, not deduplicated here."""
-        return [
-            subscribe_batch(
-                self.broker,
-                event,
-                _bound_batch(handler, deps),
-                group=service,
-                dead_letters=self.dead_letters,
-                topic_prefix=self.settings.topic_prefix,
-                max_retries=self.settings.consumer_max_retries,
-                **options,
-            )
-            for event, handler in handlers.items()
-        ]
+        return subscribe_batches(
+            self.broker, handlers, deps, group=service, dead_letters=self.dead_letters,
+            topic_prefix=self.settings.topic_prefix, max_retries=self.settings.consumer_max_retries, **options,
+        )
 
     def clickhouse(self) -> ClickHouseStore:
         """The process's ClickHouse store, migrated; chDB allows one per process and data path."""
@@ -143,6 +134,12 @@ class Runtime:
         if self._clickhouse is not None:
             self._clickhouse.close()
             self._clickhouse = None
+
+
+def subscribe_batches(broker: KafkaBroker, handlers: BatchHandlers[Deps], deps: Deps, *, group: str, dead_letters: DeadLetters, **options: Any) -> list[Any]:
+    """Subscribe each of `handlers` on `broker` as consumer group `group`, in batches, handed `deps`: what
+    Runtime.subscribe_batches does for a process, for a benchmark or test that runs its own broker."""
+    return [subscribe_batch(broker, event, _bound_batch(handler, deps), group=group, dead_letters=dead_letters, **options) for event, handler in handlers.items()]
 
 
 def _bound(handler: Callable[[Envelope[Any], Deps], Awaitable[None]], deps: Deps) -> Handler[Any]:

@@ -18,13 +18,14 @@ from pathlib import Path
 import pytest
 from faststream.kafka import KafkaBroker
 
-from services.feedback.handlers import subscribe_sink
+from services.feedback.handlers import BATCH_HANDLERS
 from services.runtime.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
 from services.runtime.broker import create_broker
 from services.runtime.consumer import DeadLetters
+from services.runtime.service import subscribe_batches
 from services.runtime.settings import FlywheelSettings
 from tests.fixtures.clickhouse import ClickHouseTarget
 from tests.faults.conftest import ProxiedKafka
@@ -70,7 +71,7 @@ async def test_members_joining_and_leaving_every_few_seconds_lose_and_duplicate_
     async def join() -> None:
         nonlocal joins
         broker = create_broker(settings, client_id=f"churn-{joins}")
-        subscribe_sink(broker, sink, feedback, dead_letters=DeadLetters(broker), topic_prefix=proxied_topics, max_retries=2, group=GROUP)
+        subscribe_batches(broker, BATCH_HANDLERS, sink, group=GROUP, dead_letters=DeadLetters(broker), topic_prefix=proxied_topics, max_retries=2, **feedback.batch_options())
         await broker.start()
         members.append(broker)
         joins += 1

@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from contracts.envelope import wrap
 from contracts.events import FeedbackReceived, InferenceLogged, Thumbs
 from contracts.topics import dlq_for, topic_for
-from services.feedback.handlers import subscribe_sink
+from services.feedback.handlers import BATCH_HANDLERS
 from services.runtime.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.settings import FeedbackSettings
@@ -23,6 +23,7 @@ from services.feedback.store import FeedbackStore
 from services.runtime.broker import EventBus, create_broker
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.consumer import DeadLetters
+from services.runtime.service import subscribe_batches
 from services.runtime.settings import FlywheelSettings
 from tests.fixtures.clickhouse import ClickHouseTarget
 from tests.support import eventually as shared_eventually
@@ -48,7 +49,7 @@ async def running_sink(settings: FlywheelSettings, clickhouse: ClickHouseStore, 
     """A started broker with the sink subscribed as `group`; yields a bus to publish on."""
     broker = create_broker(settings, client_id=f"sink-{group}")
     sink = Sink(FeedbackStore(lambda: clickhouse), Redactor())
-    subscribe_sink(broker, sink, SINK_SETTINGS, dead_letters=DeadLetters(broker), topic_prefix=settings.topic_prefix, max_retries=1, group=group)
+    subscribe_batches(broker, BATCH_HANDLERS, sink, group=group, dead_letters=DeadLetters(broker), topic_prefix=settings.topic_prefix, max_retries=1, **SINK_SETTINGS.batch_options())
     async with broker:
         await broker.start()
         yield EventBus(broker, producer="test", topic_prefix=settings.topic_prefix)

@@ -133,7 +133,7 @@ async def test_sigkill_while_events_stream_in_loses_and_duplicates_nothing(tmp_p
 async def test_clickhouse_unavailable_while_events_stream_in_then_back_loses_and_duplicates_nothing(tmp_path: Path, kafka_bootstrap: str, topics: str) -> None:
     topic = topic_for(InferenceLogged, topics)
     outage = tmp_path / "clickhouse-down"
-    sink = sink_process(tmp_path, kafka_bootstrap, topics, FLYWHEEL_FEEDBACK_FAILPOINT_CLICKHOUSE_UNAVAILABLE=str(outage))
+    sink = sink_process(tmp_path, kafka_bootstrap, topics, FLYWHEEL_FAILPOINTS=f"feedback.clickhouse_unavailable=fail-while-exists:{outage}")
     total = min(EVENTS, 3000)
     stream = Stream(kafka_bootstrap, topics, total, chunk=max(total // 20, 50), pause_s=0.25)
     producing: asyncio.Task[None] | None = None

@@ -39,7 +39,7 @@ from contracts.events import FeedbackReceived, InferenceLogged
 from contracts.http import Role
 from contracts.publisher import EventPublisher
 from contracts.topics import topic_for
-from services.feedback.handlers import subscribe_sink
+from services.feedback.handlers import BATCH_HANDLERS
 from services.feedback.service import Sink
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
@@ -49,7 +49,7 @@ from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.consumer import DeadLetters
 from services.runtime.http import create_http_app
 from services.runtime.privacy import PrivacySettings, Redactor
-from services.runtime.service import Runtime
+from services.runtime.service import Runtime, subscribe_batches
 from services.runtime.settings import FlywheelSettings
 from services.serving.api import create_router
 from services.serving.gateway import Gateway
@@ -237,8 +237,8 @@ def clickhouse(chdb_target: ClickHouseTarget) -> ClickHouseStore:
 async def running_sink(settings: FlywheelSettings, clickhouse: ClickHouseStore, redactor: Redactor) -> AsyncIterator[None]:
     """The feedback service's sink, as create_app wires it, on the real broker."""
     broker = create_broker(settings, client_id="corpus-sink")
-    subscribe_sink(broker, Sink(FeedbackStore(lambda: clickhouse), redactor), FeedbackSettings(batch_max_records=1000, batch_max_wait_ms=200, batch_min_bytes=1),
-                   dead_letters=DeadLetters(broker), topic_prefix=settings.topic_prefix, max_retries=1)
+    subscribe_batches(broker, BATCH_HANDLERS, Sink(FeedbackStore(lambda: clickhouse), redactor), group="feedback", dead_letters=DeadLetters(broker),
+                      topic_prefix=settings.topic_prefix, max_retries=1, **FeedbackSettings(batch_max_records=1000, batch_max_wait_ms=200, batch_min_bytes=1).batch_options())
     async with broker:
         await broker.start()
         yield

@@ -25,13 +25,14 @@ from contracts.http import Role
 from contracts.publisher import EventPublisher, ReviewerClaimRefused, encode
 from contracts.topics import dlq_for, topic_for
 from infra.local_kafka import LocalKafka
-from services.feedback.handlers import subscribe_sink
+from services.feedback.handlers import BATCH_HANDLERS
 from services.feedback.service import Sink
 from services.feedback.store import FeedbackStore
 from services.runtime.broker import EventBus, create_broker
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.consumer import DeadLetters
 from services.runtime.privacy import Redactor
+from services.runtime.service import subscribe_batches
 from services.runtime.settings import FlywheelSettings
 from tests.integration.test_feedback_http import feedback_door
 from tests.integration.test_sink_clickhouse import SINK_SETTINGS, clickhouse, eventually  # noqa: F401 - fixture
@@ -85,7 +86,7 @@ async def test_the_sink_as_the_feedback_principal_stores_reviewer_rows_only_from
 
     # The sink as `flywheel run feedback` connects: the feedback principal, in its group (the only one its ACLs grant).
     broker = create_broker(settings, client_id="secure-sink")
-    subscribe_sink(broker, Sink(FeedbackStore(lambda: clickhouse), Redactor()), SINK_SETTINGS, dead_letters=DeadLetters(broker), topic_prefix="", max_retries=1, group="feedback")
+    subscribe_batches(broker, BATCH_HANDLERS, Sink(FeedbackStore(lambda: clickhouse), Redactor()), group="feedback", dead_letters=DeadLetters(broker), topic_prefix="", max_retries=1, **SINK_SETTINGS.batch_options())
     async with broker:
         await broker.start()
         bus = EventBus(broker, producer="feedback")

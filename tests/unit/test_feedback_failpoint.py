@@ -1,8 +1,10 @@
-"""Failpoint feedback.clickhouse_unavailable: while its file exists the sink's store fails every statement
-without touching ClickHouse, so the sink takes the outage path (StoreUnavailable -> RetryLater)."""
+"""Failpoint feedback.clickhouse_unavailable (services/runtime/failpoints.py, armed as
+`feedback.clickhouse_unavailable=fail-while-exists:PATH`): while its file exists the sink's store fails every
+statement without touching ClickHouse, so the sink takes the outage path (StoreUnavailable -> RetryLater)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,8 @@ from contracts.envelope import wrap
 from contracts.events import InferenceLogged
 from services.runtime.privacy import Redactor
 from services.feedback.service import Sink, StoreUnavailable
-from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
+from services.runtime import failpoints
 from services.runtime.clickhouse import ClickHouseError
 
 pytestmark = pytest.mark.unit
@@ -32,15 +34,25 @@ class Answering:
         self.statements.append(f"INSERT {table}")
 
 
-def test_the_failpoint_is_off_unless_configured(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("FLYWHEEL_FEEDBACK_FAILPOINT_CLICKHOUSE_UNAVAILABLE", raising=False)
-    assert FeedbackSettings().failpoint_clickhouse_unavailable is None
+@pytest.fixture
+def disarmed() -> Iterator[None]:
+    failpoints.arm("")
+    yield
+    failpoints.arm("")
 
 
-def test_while_the_file_exists_nothing_reaches_clickhouse_and_the_sink_reports_unavailable(tmp_path: Path) -> None:
+def test_unarmed_the_store_reaches_clickhouse(disarmed: None, tmp_path: Path) -> None:
+    clickhouse = Answering()
+    (tmp_path / "down").touch()  # a file alone arms nothing
+    FeedbackStore(lambda: clickhouse).ping()  # type: ignore[arg-type, return-value]
+    assert clickhouse.statements == ["SELECT 1 AS ok"]
+
+
+def test_while_the_file_exists_nothing_reaches_clickhouse_and_the_sink_reports_unavailable(disarmed: None, tmp_path: Path) -> None:
     clickhouse = Answering()
     switch = tmp_path / "down"
-    store = FeedbackStore(lambda: clickhouse, unavailable_while=switch)  # type: ignore[arg-type, return-value]
+    failpoints.arm(f"feedback.clickhouse_unavailable=fail-while-exists:{switch}")
+    store = FeedbackStore(lambda: clickhouse)  # type: ignore[arg-type, return-value]
     sink = Sink(store, Redactor())
     batch = [wrap(InferenceLogged(inference_id="a", model_name="m"), producer="test")]
 
