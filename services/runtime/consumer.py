@@ -303,7 +303,8 @@ def subscribe_batch(
 
     async def consume(message: KafkaMessage) -> None:
         async with in_flight:
-            records = message.raw_message if isinstance(message.raw_message, tuple) else (message.raw_message,)
+            # aiokafka hands a batch as a tuple of records, FastStream's TestKafkaBroker as a list.
+            records = tuple(message.raw_message) if isinstance(message.raw_message, (tuple, list)) else (message.raw_message,)
             pairs: list[tuple[ConsumerRecord, Envelope[P]]] = []
             dead = 0
             for record in records:
