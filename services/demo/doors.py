@@ -23,7 +23,6 @@ class StepFailed(Exception):
     """The platform could not complete a step; the message says what was missing."""
 
 
-
 class Doors:
     """The platform's doors as the demo's operators, approver, app and reviewers use them.
 

@@ -25,7 +25,6 @@ class Driver(Doors):
         self.golden = records("golden.jsonl")
         self.train = records("train.jsonl")
         self.facts = list(dict.fromkeys(reference_of(row) for row in self.golden))
-        self.reference = {reference_of(row): reference_of(row) for row in self.golden}
 
     async def run(self, *, traffic: int) -> None:
         titles = [
