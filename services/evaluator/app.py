@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from contracts.events import AdapterRegistered, DatasetPublished, EvaluationRequested, ModelRegistered, PromptPublished, StageChanged
 from services.evaluator.api import create_router
-from services.evaluator.handlers import (
-    when_adapter_registered_evaluate_against_production,
-    when_dataset_published_remember_it,
-    when_evaluation_requested_run,
-    when_model_registered_remember_it,
-    when_prompt_published_remember_it,
-    when_stage_changed_track_production,
-)
+from services.evaluator.handlers import HANDLERS, Deps
 from services.evaluator.service import Evaluator
 from services.evaluator.settings import EvaluatorSettings
 from services.evaluator.store import EvaluatorStore
@@ -47,12 +39,7 @@ def create_app(runtime: Runtime, settings: EvaluatorSettings) -> Service:
     )
     bus = runtime.bus(GROUP)
     worker = EvaluationWorker(evaluator, bus.publish)
-    runtime.subscribe(GROUP, ModelRegistered, when_model_registered_remember_it(evaluator))
-    runtime.subscribe(GROUP, DatasetPublished, when_dataset_published_remember_it(evaluator))
-    runtime.subscribe(GROUP, StageChanged, when_stage_changed_track_production(evaluator))
-    runtime.subscribe(GROUP, PromptPublished, when_prompt_published_remember_it(evaluator))
-    runtime.subscribe(GROUP, AdapterRegistered, when_adapter_registered_evaluate_against_production(evaluator, worker))
-    runtime.subscribe(GROUP, EvaluationRequested, when_evaluation_requested_run(evaluator, worker))
+    runtime.subscribe_all(GROUP, HANDLERS, Deps(evaluator, worker))
 
     async def clickhouse_answers() -> None:
         await asyncio.to_thread(runtime.clickhouse)

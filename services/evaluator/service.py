@@ -68,7 +68,8 @@ class Evaluator:
 
     async def run(self, request: EvaluationRequested) -> EvaluationCompleted:
         """Run the evaluation `request` describes; failures come back as a failed result, not as exceptions."""
-        baseline = request.baseline or self.baseline_for(request.candidate)
+        # The store is SQLite: read in a thread, never on the event loop.
+        baseline = request.baseline or await asyncio.to_thread(self.baseline_for, request.candidate)
         policy_key = self.settings.gate_policies.get(request.candidate.model_name, self.settings.default_gate_policy)
         try:
             return await self._run(request, baseline)
@@ -85,8 +86,8 @@ class Evaluator:
             raise EvaluationFailed(f"unknown metric suite {request.metric_suite!r}: choose one of {', '.join(SUITES)}")
         suite = SUITES[request.metric_suite]
         examples = await asyncio.to_thread(self.load_golden, request.golden)
-        candidate_prompts = self._prompts(request.candidate, "candidate", examples)
-        baseline_prompts = self._prompts(baseline, "baseline", examples)
+        candidate_prompts = await asyncio.to_thread(self._prompts, request.candidate, "candidate", examples)
+        baseline_prompts = await asyncio.to_thread(self._prompts, baseline, "baseline", examples)
         policy, why = policy_for(
             request.candidate.model_name, self.settings.gate_policies, self.settings.default_gate_policy, references=[example.reference for example in examples]
         )

@@ -11,7 +11,6 @@ evaluator's and the registry's intake and by the function serving loads adapters
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -33,7 +32,8 @@ from services.registry.app import create_app as create_registry
 from services.runtime.artifacts import ArtifactOutsideStore, ArtifactStore
 from services.runtime.service import build_process
 from services.runtime.settings import FlywheelSettings
-from services.serving.handlers import AdapterLoader, when_adapter_registered_remember_it, when_stage_changed_route_and_load
+from services.serving.handlers import AdapterLoader, Deps, when_adapter_registered_remember_it, when_stage_changed_route_and_load
+from services.serving.prompt_routes import PromptRoutes
 from services.serving.routes import Routes
 from services.trainer.app import create_app as create_trainer
 from services.trainer.service import Trainer
@@ -268,12 +268,13 @@ async def test_serving_loads_adapters_only_from_its_configured_store(tmp_path: P
         foreign.uri: foreign.sha256,
         f"simplecache::{own.uri}": own.sha256,
     }
-    routes, engine, turn = Routes(), _RecordingEngine(), asyncio.Lock()
+    routes, engine = Routes(), _RecordingEngine()
     routes.add_model("m")
     cache = tmp_path / "serving-cache"
     loader = AdapterLoader(routes, store, cache, lambda: engine)
-    register = when_adapter_registered_remember_it(routes, loader, turn)
-    promote = when_stage_changed_route_and_load(routes, loader, turn)
+    deps = Deps(routes=routes, prompts=PromptRoutes(), loader=loader, bus=None)  # type: ignore[arg-type]  # no deployment.requested here
+    register = partial(when_adapter_registered_remember_it, deps=deps)
+    promote = partial(when_stage_changed_route_and_load, deps=deps)
 
     for version, (uri, sha256) in enumerate(hostile.items(), start=1):
         await register(wrap(AdapterRegistered(model_name="m", adapter_version=version, artifact_uri=uri, artifact_sha256=sha256), producer="forger"))
@@ -308,6 +309,7 @@ async def test_the_registry_refuses_a_base_model_outside_its_store(settings: Fly
 async def test_the_evaluator_refuses_artifacts_outside_its_store_on_arrival(tmp_path: Path) -> None:
     """Its consumer dead-letters what a handler refuses; here the handlers themselves, as its consumer calls them."""
     from services.evaluator.handlers import (
+        Deps,
         when_adapter_registered_evaluate_against_production,
         when_dataset_published_remember_it,
         when_model_registered_remember_it,
@@ -323,14 +325,15 @@ async def test_the_evaluator_refuses_artifacts_outside_its_store_on_arrival(tmp_
             self.kicked += 1
 
     worker = Worker()
+    deps = Deps(evaluator, worker)  # type: ignore[arg-type]  # a worker that only counts kicks
     outside = "file:///etc/passwd"
     forged = [
-        (when_model_registered_remember_it(evaluator), ModelRegistered(model_name="m", source="forger", architecture="LlamaForCausalLM", parameter_count=1, artifact_uri=outside, artifact_sha256="0" * 64)),
-        (when_adapter_registered_evaluate_against_production(evaluator, worker), AdapterRegistered(model_name="m", adapter_version=1, artifact_uri=f"s3://elsewhere/sha256/00/{'0' * 64}", artifact_sha256="0" * 64)),
-        (when_dataset_published_remember_it(evaluator), DatasetPublished(dataset_name="g", version=1, split="golden", row_count=1, sha256="0" * 64, artifact_uri=outside, provenance="uploaded", model_name="m")),
+        (when_model_registered_remember_it, ModelRegistered(model_name="m", source="forger", architecture="LlamaForCausalLM", parameter_count=1, artifact_uri=outside, artifact_sha256="0" * 64)),
+        (when_adapter_registered_evaluate_against_production, AdapterRegistered(model_name="m", adapter_version=1, artifact_uri=f"s3://elsewhere/sha256/00/{'0' * 64}", artifact_sha256="0" * 64)),
+        (when_dataset_published_remember_it, DatasetPublished(dataset_name="g", version=1, split="golden", row_count=1, sha256="0" * 64, artifact_uri=outside, provenance="uploaded", model_name="m")),
     ]
     for handle, event in forged:
         with pytest.raises(ArtifactOutsideStore, match="outside the artifact store"):
-            await handle(wrap(event, producer="forger"))
+            await handle(wrap(event, producer="forger"), deps)
     assert evaluator.store.base_model("m") is None and evaluator.store.adapter("m", 1) is None and evaluator.store.dataset("g", 1) is None
     assert worker.kicked == 0 and evaluator.store.evaluations(model_name="m", limit=10) == []
