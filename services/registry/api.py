@@ -12,8 +12,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, Depends, Path, Query, Response
 
 from contracts.events import DatasetRef, Stage
 from contracts.ids import DatasetName, ModelName, PromptLabel, PromptName
@@ -42,9 +41,9 @@ from contracts.http import (
     Role,
     StageTransition,
 )
-from services.registry.service import Registry, RegistryError
+from services.registry.service import Registry
 from services.runtime.auth import Authenticator, Principal
-from services.runtime.http import DoorError
+from services.runtime.http import refusal_route
 
 # SQLite and PostgreSQL store versions and offsets as signed 64-bit integers: a larger number is refused
 # at the door (422) instead of overflowing in the driver (500).
@@ -61,50 +60,10 @@ def dataset_body_limit(max_dataset_bytes: int) -> int:
     return 3 * max_dataset_bytes + 64 * 1024
 
 
-async def bounded(request: Request, limit: int) -> Request:
-    """The request with its body read, refusing (413) by Content-Length or as soon as the streamed bytes pass `limit`."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise DoorError(413, f"request body is {int(declared)} bytes; the limit here is {limit}", code="request_too_large")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise DoorError(413, f"request body passed {limit} bytes, the limit here; nothing was stored", code="request_too_large")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    replayed = False
-
-    async def replay() -> dict:
-        # The body once, then the connection's own messages (a disconnect) as usual.
-        nonlocal replayed
-        if replayed:
-            return await request.receive()
-        replayed = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return Request(request.scope, replay)
-
-
 def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
-    body_limits = {"/registry/v1/datasets": dataset_body_limit(registry.max_dataset_bytes)}
-
-    class BoundedRoute(APIRoute):
-        """Bodies are capped as they stream in (FastAPI reads a body whole before the handler runs)."""
-
-        def get_route_handler(self) -> Callable:
-            handler = super().get_route_handler()
-            limit = body_limits.get(self.path, MAX_BODY_BYTES)
-
-            async def bounded_handler(request: Request) -> Response:
-                if request.method != "GET":
-                    request = await bounded(request, limit)
-                return await handler(request)
-
-            return bounded_handler
-
-    router = APIRouter(prefix="/registry/v1", tags=["registry"], route_class=BoundedRoute)
+    # Bodies are capped as they stream in (FastAPI reads a body whole before the handler runs).
+    body_limits = {"/registry/v1/datasets": dataset_body_limit(registry.datasets.max_dataset_bytes)}
+    router = APIRouter(prefix="/registry/v1", tags=["registry"], route_class=refusal_route(max_body_bytes=MAX_BODY_BYTES, body_limits=body_limits))
     reader = auth.require(Role.viewer)
     writer = auth.require(Role.operator)
     approver = auth.require(Role.approver)
@@ -112,10 +71,8 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
     holder = auth.any_key()
 
     async def call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await asyncio.to_thread(function, *args, **kwargs)
-        except RegistryError as error:
-            raise DoorError(error.status, str(error), param=error.param, code=error.code) from None
+        # In a thread: the use cases run blocking SQL. What they refuse (a DomainError) the app answers.
+        return await asyncio.to_thread(function, *args, **kwargs)
 
     def page(result: Any) -> dict:
         return {"items": result.items, "next_cursor": result.next_cursor}
@@ -123,98 +80,98 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
     # ----------------------------------------------------------------------------- models
     @router.get("/models", response_model=Page[BaseModelView])
     async def list_models(cursor: str | None = None, limit: int = Query(50, ge=1, le=500), _: Principal = Depends(reader)) -> dict:
-        return page(await call(registry.list_models, cursor=cursor, limit=limit))
+        return page(await call(registry.models.list_models, cursor=cursor, limit=limit))
 
     @router.get("/models/{name}", response_model=BaseModelView)
     async def get_model(name: ModelName, _: Principal = Depends(reader)) -> Any:
-        return await call(registry.get_model, name)
+        return await call(registry.models.get_model, name)
 
     @router.post("/models", response_model=BaseModelView, status_code=201)
     async def create_model(body: BaseModelCreate, who: Principal = Depends(writer)) -> Any:
-        return await call(registry.register_base_model, who.name, **body.model_dump())
+        return await call(registry.models.register_base_model, who.name, **body.model_dump())
 
     # --------------------------------------------------------------------------- adapters
     @router.get("/adapters", response_model=Page[AdapterVersionView])
     async def list_adapters(model_name: str | None = None, stage: Stage | None = None, dataset_name: DatasetName | None = None, dataset_version: int | None = Query(None, ge=1, le=LARGEST_STORED_INT), cursor: str | None = None, limit: int = Query(50, ge=1, le=500), _: Principal = Depends(reader)) -> dict:
         dataset = DatasetRef(name=dataset_name, version=dataset_version) if dataset_name and dataset_version else None
-        return page(await call(registry.list_adapters, model_name=model_name, stage=stage, dataset=dataset, cursor=cursor, limit=limit))
+        return page(await call(registry.adapters.list_adapters, model_name=model_name, stage=stage, dataset=dataset, cursor=cursor, limit=limit))
 
     @router.post("/adapters", response_model=AdapterVersionView, status_code=201)
     async def create_adapter(body: AdapterVersionCreate, who: Principal = Depends(writer)) -> Any:
-        return await call(registry.register_adapter, who.name, **body.model_dump(exclude={"dataset", "hyperparameters"}), dataset=body.dataset, hyperparameters=body.hyperparameters)
+        return await call(registry.adapters.register_adapter, who.name, **body.model_dump(exclude={"dataset", "hyperparameters"}), dataset=body.dataset, hyperparameters=body.hyperparameters)
 
     @router.get("/adapters/{model_name}/versions/{version}", response_model=AdapterVersionView)
     async def get_adapter(model_name: ModelName, version: Version, _: Principal = Depends(reader)) -> Any:
-        return await call(registry.get_adapter, model_name, version)
+        return await call(registry.adapters.get_adapter, model_name, version)
 
     @router.get("/adapters/{model_name}/versions/{version}/lineage", response_model=LineageView)
     async def lineage(model_name: ModelName, version: Version, _: Principal = Depends(reader)) -> Any:
-        return await call(registry.lineage, model_name, version)
+        return await call(registry.adapters.lineage, model_name, version)
 
     @router.post("/adapters/{model_name}/versions/{version}/transitions", response_model=AdapterVersionView)
     async def transition(model_name: ModelName, version: Version, body: StageTransition, who: Principal = Depends(writer)) -> Any:
-        return await call(registry.transition, who.name, model_name=model_name, version=version, **body.model_dump(exclude={"approver"}))
+        return await call(registry.adapters.transition, who.name, model_name=model_name, version=version, **body.model_dump(exclude={"approver"}))
 
     @router.post("/adapters/{model_name}/versions/{version}/approvals", response_model=ApprovalView, status_code=201)
     async def approve_adapter(model_name: ModelName, version: Version, body: ApprovalCreate, who: Principal = Depends(approver)) -> Any:
-        return await call(registry.approve, who.name, who.role, object_type="adapter", name=model_name, version=version, target=body.target, comment=body.comment)
+        return await call(registry.approvals.approve, who.name, who.role, object_type="adapter", name=model_name, version=version, target=body.target, comment=body.comment)
 
     @router.get("/adapters/{model_name}/versions/{version}/approvals", response_model=list[ApprovalView])
     async def adapter_approvals(model_name: ModelName, version: Version, _: Principal = Depends(reader)) -> Any:
-        return await call(registry.list_approvals, object_type="adapter", name=model_name, version=version)
+        return await call(registry.approvals.list_approvals, object_type="adapter", name=model_name, version=version)
 
     # ---------------------------------------------------------------------------- prompts
     @router.get("/prompts", response_model=Page[PromptVersionView])
     async def list_prompts(name: str | None = None, cursor: str | None = None, limit: int = Query(50, ge=1, le=500), _: Principal = Depends(reader)) -> dict:
-        return page(await call(registry.list_prompts, name=name, cursor=cursor, limit=limit))
+        return page(await call(registry.prompts.list_prompts, name=name, cursor=cursor, limit=limit))
 
     @router.post("/prompts", response_model=PromptVersionView, status_code=201)
     async def create_prompt(body: PromptCreate, who: Principal = Depends(writer)) -> Any:
-        return await call(registry.publish_prompt, who.name, **body.model_dump())
+        return await call(registry.prompts.publish_prompt, who.name, **body.model_dump())
 
     @router.get("/prompts/{name}", response_model=PromptVersionView)
     async def get_prompt(name: PromptName, version: int | None = Query(None, ge=1, le=LARGEST_STORED_INT), label: str | None = None, _: Principal = Depends(reader)) -> Any:
-        return await call(registry.get_prompt, name, version=version, label=label)
+        return await call(registry.prompts.get_prompt, name, version=version, label=label)
 
     @router.put("/prompts/{name}/labels/{label}", response_model=PromptVersionView)
     async def move_label(name: PromptName, label: PromptLabel, body: PromptLabelMove, who: Principal = Depends(writer)) -> Any:
-        return await call(registry.set_prompt_label, who.name, name=name, label=label, version=body.version, traffic_percent=body.traffic_percent)
+        return await call(registry.prompts.set_prompt_label, who.name, name=name, label=label, version=body.version, traffic_percent=body.traffic_percent)
 
     @router.post("/prompts/{name}/versions/{version}/approvals", response_model=ApprovalView, status_code=201)
     async def approve_prompt(name: PromptName, version: Version, body: ApprovalCreate, who: Principal = Depends(approver)) -> Any:
-        return await call(registry.approve, who.name, who.role, object_type="prompt", name=name, version=version, target=body.target, comment=body.comment)
+        return await call(registry.approvals.approve, who.name, who.role, object_type="prompt", name=name, version=version, target=body.target, comment=body.comment)
 
     @router.get("/prompts/{name}/versions/{version}/approvals", response_model=list[ApprovalView])
     async def prompt_approvals(name: PromptName, version: Version, _: Principal = Depends(reader)) -> Any:
-        return await call(registry.list_approvals, object_type="prompt", name=name, version=version)
+        return await call(registry.approvals.list_approvals, object_type="prompt", name=name, version=version)
 
     @router.post("/prompts/{name}/render", response_model=PromptRendered)
     async def render(name: PromptName, body: PromptRenderRequest, _: Principal = Depends(reader)) -> PromptRendered:
-        prompt = await call(registry.get_prompt, name, version=body.version, label=body.label)
-        text = await call(registry.render_prompt, name, body.variables, version=prompt.version)
+        prompt = await call(registry.prompts.get_prompt, name, version=body.version, label=body.label)
+        text = await call(registry.prompts.render_prompt, name, body.variables, version=prompt.version)
         return PromptRendered(name=name, version=prompt.version, text=text)
 
     # --------------------------------------------------------------------------- datasets
     @router.get("/datasets", response_model=Page[DatasetVersionView])
     async def list_datasets(name: str | None = None, cursor: str | None = None, limit: int = Query(50, ge=1, le=500), _: Principal = Depends(reader)) -> dict:
-        return page(await call(registry.list_datasets, name=name, cursor=cursor, limit=limit))
+        return page(await call(registry.datasets.list_datasets, name=name, cursor=cursor, limit=limit))
 
     @router.post("/datasets", response_model=DatasetVersionView, status_code=201)
     async def create_dataset(body: DatasetCreate, who: Principal = Depends(writer)) -> Any:
-        return await call(registry.publish_dataset, who.name, name=body.name, split=body.split, jsonl=body.jsonl.encode(), provenance=body.provenance, model_name=body.model_name)
+        return await call(registry.datasets.publish_dataset, who.name, name=body.name, split=body.split, jsonl=body.jsonl.encode(), provenance=body.provenance, model_name=body.model_name)
 
     @router.get("/datasets/{name}/versions/{version}", response_model=DatasetVersionView)
     async def get_dataset(name: DatasetName, version: Version, _: Principal = Depends(reader)) -> Any:
-        return await call(registry.get_dataset, name, version)
+        return await call(registry.datasets.get_dataset, name, version)
 
     @router.get("/datasets/{name}/versions/{version}/rows")
     async def dataset_rows(name: DatasetName, version: Version, offset: int = Query(0, ge=0, le=LARGEST_STORED_INT), limit: int = Query(100, ge=1, le=10_000), _: Principal = Depends(reader)) -> list[dict]:
-        return await call(registry.dataset_rows, name, version, offset=offset, limit=limit)
+        return await call(registry.datasets.dataset_rows, name, version, offset=offset, limit=limit)
 
     # ------------------------------------------------------------------------------ audit
     @router.get("/audit", response_model=Page[AuditEntryView])
     async def audit(object_type: str | None = None, object_id: str | None = None, actor: str | None = None, cursor: str | None = None, limit: int = Query(100, ge=1, le=500), _: Principal = Depends(reader)) -> dict:
-        return page(await call(registry.audit, object_type=object_type, object_id=object_id, actor=actor, cursor=cursor, limit=limit))
+        return page(await call(registry.changes.entries, object_type=object_type, object_id=object_id, actor=actor, cursor=cursor, limit=limit))
 
     # ------------------------------------------------------------------------------- keys
     @router.get("/keys/self", response_model=ApiKeyIdentity)
@@ -224,22 +181,22 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
 
     @router.get("/keys", response_model=list[ApiKeyView])
     async def list_keys(principal: str | None = None, cursor: str | None = None, limit: int = Query(100, ge=1, le=500), _: Principal = Depends(admin)) -> Any:
-        return await call(registry.list_api_keys, principal=principal, cursor=cursor, limit=limit)
+        return await call(registry.keys.list_api_keys, principal=principal, cursor=cursor, limit=limit)
 
     @router.post("/keys", response_model=ApiKeyCreated, status_code=201)
     async def create_key(body: ApiKeyCreate, who: Principal = Depends(admin)) -> ApiKeyCreated:
-        key, row = await call(registry.create_api_key, who.name, principal=body.principal, role=body.role, ttl_s=body.ttl_s)
+        key, row = await call(registry.keys.create_api_key, who.name, principal=body.principal, role=body.role, ttl_s=body.ttl_s)
         return ApiKeyCreated(key=key, key_id=row.key_id, principal=row.principal, role=Role(row.role), expires_at=row.expires_at)
 
     @router.post("/keys/{key_id}/rotate", response_model=ApiKeyCreated, status_code=201)
     async def rotate_key(key_id: str, body: ApiKeyRotate, who: Principal = Depends(admin)) -> ApiKeyCreated:
-        key, row = await call(registry.rotate_api_key, who.name, key_id, grace_s=body.grace_s, ttl_s=body.ttl_s)
+        key, row = await call(registry.keys.rotate_api_key, who.name, key_id, grace_s=body.grace_s, ttl_s=body.ttl_s)
         auth.forget()
         return ApiKeyCreated(key=key, key_id=row.key_id, principal=row.principal, role=Role(row.role), expires_at=row.expires_at)
 
     @router.delete("/keys/{key_id}", status_code=204)
     async def revoke_key(key_id: str, who: Principal = Depends(admin)) -> Response:
-        await call(registry.revoke_api_key, who.name, key_id)
+        await call(registry.keys.revoke_api_key, who.name, key_id)
         auth.forget()
         return Response(status_code=204)
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from contracts.events import EvaluationCompleted, TrainingCompleted
 from services.registry.api import build_router, dataset_body_limit
-from services.registry.handlers import when_evaluation_completed_attach_result, when_training_completed_register_adapter
+from services.registry.handlers import HANDLERS
 from services.registry.outbox import OutboxRelay
 from services.registry.service import Registry
 from services.registry.settings import RegistrySettings
@@ -31,14 +30,7 @@ def create_app(runtime: Runtime, settings: RegistrySettings) -> Service:
     # The other doors of this process (flywheel up) check keys against this store, not a second connection.
     LocalKeys.register(store.url, keys)
 
-    async def on_training_completed(envelope) -> None:  # noqa: ANN001 - typed by the subscription
-        await when_training_completed_register_adapter(envelope, registry)
-
-    async def on_evaluation_completed(envelope) -> None:  # noqa: ANN001
-        await when_evaluation_completed_attach_result(envelope, registry)
-
-    runtime.subscribe("registry", TrainingCompleted, on_training_completed)
-    runtime.subscribe("registry", EvaluationCompleted, on_evaluation_completed)
+    runtime.subscribe_all("registry", HANDLERS, registry.adapters)
 
     async def start() -> None:
         applied = await asyncio.to_thread(store.migrate)

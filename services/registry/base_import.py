@@ -15,7 +15,8 @@ from math import prod
 from pathlib import Path
 
 from contracts.http import BaseModelView
-from services.registry.service import Invalid, NotFound, Registry
+from services.registry.errors import Invalid, NotFound
+from services.registry.service import Registry
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
 
@@ -76,7 +77,7 @@ def import_base_model(registry: Registry, actor: str, *, directory: Path | None 
     """Import and register a base model once; returns (model, whether it was imported now)."""
     name = name or (directory.name.lower() if directory else SMOLLM2_NAME)
     try:
-        return registry.get_model(name), False
+        return registry.models.get_model(name), False
     except NotFound:
         pass
     details: dict[str, object] = {}
@@ -104,5 +105,5 @@ def import_base_model(registry: Registry, actor: str, *, directory: Path | None 
         ref = registry.artifacts.put_directory(weights_dir)
     architecture = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
     details.update({"model_type": config.get("model_type"), "torch_dtype": config.get("torch_dtype") or config.get("dtype"), "weights_bytes": sum(int(entry["size"]) for entry in (registry.artifacts.manifest(ref) or {}).values())})
-    model = registry.register_base_model(actor, name=name, source=source, architecture=architecture, parameter_count=parameters, artifact_uri=ref.uri, artifact_sha256=ref.sha256, license=license, chat_template=chat_template, details=details)
+    model = registry.models.register_base_model(actor, name=name, source=source, architecture=architecture, parameter_count=parameters, artifact_uri=ref.uri, artifact_sha256=ref.sha256, license=license, chat_template=chat_template, details=details)
     return model, True

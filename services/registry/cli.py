@@ -46,11 +46,13 @@ def _actor() -> str:
 
 @contextmanager
 def _registry(settings: FlywheelSettings | None = None) -> Iterator[Any]:
-    from services.registry.service import Registry, RegistryError
+    from services.registry.errors import RegistryError
+    from services.registry.service import Registry
     from services.registry.settings import RegistrySettings
     from services.registry.store import RegistryStore
     from services.runtime.artifacts import configured_artifact_store
     from services.runtime.auth import key_pepper, registry_database_url
+    from services.runtime.http import status_of
     from services.runtime.settings import FlywheelSettings, load_settings
 
     settings = settings or load_settings(FlywheelSettings)
@@ -61,7 +63,8 @@ def _registry(settings: FlywheelSettings | None = None) -> Iterator[Any]:
         artifacts = configured_artifact_store(settings)
         yield Registry(store, artifacts, max_dataset_bytes=registry_settings.max_dataset_bytes, key_pepper=key_pepper(settings) if settings.key_pepper else None)
     except RegistryError as error:
-        raise RegistryCommandError(f"{error} ({error.status} {error.code})") from None
+        # The status the HTTP door would answer, so a refusal reads the same from the CLI and over HTTP.
+        raise RegistryCommandError(f"{error} ({status_of(error)} {error.code})") from None
     finally:
         store.close()
 
@@ -94,21 +97,21 @@ def import_base_into(settings: FlywheelSettings | None, source: Path | None = No
 def models() -> None:
     """List base models (one JSON object per line)."""
     with _registry() as registry:
-        _print(registry.list_models(limit=500).items)
+        _print(registry.models.list_models(limit=500).items)
 
 
 @registry_app.command("adapters")
 def adapters(model: Annotated[str | None, typer.Option(help="Only this model's versions.")] = None) -> None:
     """List adapter versions."""
     with _registry() as registry:
-        _print(registry.list_adapters(model_name=model, limit=500).items)
+        _print(registry.adapters.list_adapters(model_name=model, limit=500).items)
 
 
 @registry_app.command("lineage")
 def lineage(model: str, version: int) -> None:
     """Where an adapter version came from and how it was judged."""
     with _registry() as registry:
-        console.print(registry.lineage(model, version).model_dump_json(indent=2))
+        console.print(registry.adapters.lineage(model, version).model_dump_json(indent=2))
 
 
 @registry_app.command("transition")
@@ -131,7 +134,7 @@ def transition(
     except ValueError:
         raise RegistryCommandError(f"--to {to!r}: choose one of {', '.join(s.value for s in Stage)}") from None
     with _registry() as registry:
-        adapter = registry.transition(_actor(), model_name=model, version=version, to_stage=stage, replaces=replaces, canary_percent=canary, reason=reason)
+        adapter = registry.adapters.transition(_actor(), model_name=model, version=version, to_stage=stage, replaces=replaces, canary_percent=canary, reason=reason)
     console.print(f"{model}:v{version} is now {adapter.stage.value}" + (f" (canary {adapter.canary_percent}%)" if adapter.canary_percent else ""))
 
 
@@ -141,7 +144,7 @@ def approve(model: str, version: int, comment: Annotated[str | None, typer.Optio
     from services.runtime.auth import Role
 
     with _registry() as registry:
-        approval = registry.approve(_actor(), Role.admin, object_type="adapter", name=model, version=version, comment=comment)
+        approval = registry.approvals.approve(_actor(), Role.admin, object_type="adapter", name=model, version=version, comment=comment)
     console.print(f"{approval.object_id} approved for production by {approval.approved_by} (approval {approval.id}); another principal may now promote it")
 
 
@@ -151,7 +154,7 @@ def approve_prompt(name: str, version: int, comment: Annotated[str | None, typer
     from services.runtime.auth import Role
 
     with _registry() as registry:
-        approval = registry.approve(_actor(), Role.admin, object_type="prompt", name=name, version=version, comment=comment)
+        approval = registry.approvals.approve(_actor(), Role.admin, object_type="prompt", name=name, version=version, comment=comment)
     console.print(f"{approval.object_id} approved for production by {approval.approved_by} (approval {approval.id}); another principal may now move the label")
 
 
@@ -166,7 +169,7 @@ def publish_dataset(
     if not file.is_file():
         raise RegistryCommandError(f"{file}: no such file")
     with _registry() as registry:
-        dataset = registry.publish_dataset(_actor(), name=name, split=split, jsonl=file.read_bytes(), provenance=provenance)
+        dataset = registry.datasets.publish_dataset(_actor(), name=name, split=split, jsonl=file.read_bytes(), provenance=provenance)
     console.print(f"{dataset.name}:v{dataset.version} ({dataset.row_count} {dataset.record_format} records, sha256 {dataset.sha256})")
 
 
@@ -180,7 +183,7 @@ def publish_prompt(
     if not file.is_file():
         raise RegistryCommandError(f"{file}: no such file")
     with _registry() as registry:
-        prompt = registry.publish_prompt(_actor(), name=name, template=file.read_text(), labels=label or [])
+        prompt = registry.prompts.publish_prompt(_actor(), name=name, template=file.read_text(), labels=label or [])
     console.print(f"{prompt.name}:v{prompt.version} (variables: {', '.join(prompt.variables) or 'none'})")
 
 
@@ -188,7 +191,7 @@ def publish_prompt(
 def label_prompt(name: str, label: str, version: int) -> None:
     """Point a prompt label at a version (a rollback is moving it back)."""
     with _registry() as registry:
-        registry.set_prompt_label(_actor(), name=name, label=label, version=version)
+        registry.prompts.set_prompt_label(_actor(), name=name, label=label, version=version)
     console.print(f"{name}@{label} -> v{version}")
 
 
@@ -200,7 +203,7 @@ def audit(
 ) -> None:
     """The audit log, by object and/or by actor."""
     with _registry() as registry:
-        _print(registry.audit(object_type=object_type, object_id=object_id, actor=actor, limit=500).items)
+        _print(registry.changes.entries(object_type=object_type, object_id=object_id, actor=actor, limit=500).items)
 
 
 def _role(role: str) -> Any:
@@ -225,7 +228,7 @@ def create_key(
     """Create an API key; it is printed once and stored only as a keyed hash."""
     chosen = _role(role)
     with _registry() as registry:
-        key, row = registry.create_api_key(_actor(), principal=principal, role=chosen, ttl_s=ttl)
+        key, row = registry.keys.create_api_key(_actor(), principal=principal, role=chosen, ttl_s=ttl)
     console.print(f"key id {row.key_id} for {principal} ({chosen.value}, {_expiry(row)}); the key, shown once:")
     console.print(key)
 
@@ -238,7 +241,7 @@ def rotate_key(
 ) -> None:
     """Replace a key with a new one for the same principal and role."""
     with _registry() as registry:
-        key, row = registry.rotate_api_key(_actor(), key_id, grace_s=grace, ttl_s=ttl)
+        key, row = registry.keys.rotate_api_key(_actor(), key_id, grace_s=grace, ttl_s=ttl)
     old = f"key {key_id} keeps working for {grace} s" if grace else f"key {key_id} revoked"
     console.print(f"key id {row.key_id} replaces {key_id} for {row.principal} ({row.role}, {_expiry(row)}); {old}; the new key, shown once:")
     console.print(key)
@@ -248,12 +251,12 @@ def rotate_key(
 def list_keys(principal: Annotated[str | None, typer.Option(help="Only this principal's keys.")] = None) -> None:
     """List API keys (one JSON object per line; never a secret)."""
     with _registry() as registry:
-        _print(registry.list_api_keys(principal=principal, limit=500))
+        _print(registry.keys.list_api_keys(principal=principal, limit=500))
 
 
 @keys_app.command("revoke")
 def revoke_key(key_id: str) -> None:
     """Revoke an API key by id."""
     with _registry() as registry:
-        registry.revoke_api_key(_actor(), key_id)
+        registry.keys.revoke_api_key(_actor(), key_id)
     console.print(f"key {key_id} revoked")

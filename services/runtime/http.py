@@ -15,16 +15,19 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any, ClassVar
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Lifespan, Message, Receive, Scope, Send
 
 from contracts.http import ErrorDetail, ErrorResponse, HealthStatus
+from services.runtime.errors import BadRequest, Conflict, DomainError, Forbidden, Invalid, NotFound, TooLarge, Unavailable
 
 log = logging.getLogger("flywheel.http")
 
@@ -56,13 +59,45 @@ _ERROR_TYPES = {
 }
 
 
-class DoorError(Exception):
-    """An error a door answers with: status, message, and the OpenAI-style type/param/code."""
+# The one place a domain error becomes an HTTP status: services raise kinds (services/runtime/errors.py),
+# the edge answers. A kind not listed (DomainError itself) is a 400.
+DOMAIN_STATUSES: dict[type[DomainError], int] = {
+    BadRequest: 400,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+    TooLarge: 413,
+    Invalid: 422,
+    Unavailable: 503,
+}
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None, error_type: str | None = None) -> None:
+
+def status_of(error: DomainError) -> int:
+    """The HTTP status a domain error is answered with."""
+    return next((status for kind, status in DOMAIN_STATUSES.items() if isinstance(error, kind)), 400)
+
+
+def error_type_of(status: int) -> str:
+    """OpenAI's error `type` for a status."""
+    return _ERROR_TYPES.get(status, "server_error")
+
+
+class DoorError(Exception):
+    """An error a door itself answers with (authentication, a body over its cap): status, message, the
+    OpenAI-style type/param/code, and any headers the answer needs. Use cases raise DomainError kinds."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None, error_type: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
-        self.detail = ErrorDetail(message=message, type=error_type or _ERROR_TYPES.get(status, "server_error"), param=param, code=code)
+        self.detail = ErrorDetail(message=message, type=error_type or error_type_of(status), param=param, code=code)
+        self.headers = headers
+
+
+class RateLimited(DoorError):
+    """A caller over its rate limit: a 429 telling it when to come back (Retry-After, whole seconds)."""
+
+    def __init__(self, message: str, *, retry_after: str) -> None:
+        super().__init__(429, message, code="rate_limit_exceeded", error_type="rate_limit_error", headers={"Retry-After": retry_after})
 
 
 def error_response(status: int, detail: ErrorDetail, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -149,6 +184,85 @@ async def _drained() -> Message:
     return {"type": "http.disconnect"}
 
 
+async def read_bounded(request: Request, limit: int) -> Request:
+    """The request with its body read, refusing (413) by Content-Length or as soon as the streamed bytes
+    pass `limit`: a router mounted without the app's BodyLimit (a test's app) still reads no more."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise DoorError(413, f"request body is {int(declared)} bytes; the limit here is {limit}", code="request_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise DoorError(413, f"request body passed {limit} bytes, the limit here; nothing was stored", code="request_too_large")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    replayed = False
+
+    async def replay() -> Message:
+        # The body once, then the connection's own messages (a disconnect) as usual.
+        nonlocal replayed
+        if replayed:
+            return await request.receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, replay)
+
+
+def first_problem(error: RequestValidationError) -> tuple[str, str | None]:
+    """(message, param) of the first problem of a request that did not validate."""
+    first = error.errors()[0] if error.errors() else {}
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    return f"{'.'.join(location) or 'body'}: {first.get('msg', 'invalid request')}", ".".join(location) or None
+
+
+# Told of a refusal raised before the endpoint ran: the request, the route's path, the status, the
+# message, and the body as received. Who may be recorded is the hook's decision (serving logs only a
+# caller whose key was checked).
+RefusalHook = Callable[[Request, str, int, str, bytes], None]
+
+
+class RefusalRoute(APIRoute):
+    """A route that reads no body past its cap and tells its door of the refusals made before the
+    endpoint ran (a body that does not validate, a rate limit): one class for every door that bounds
+    bodies or records refusals. Build one configured for a router with `refusal_route`."""
+
+    max_body_bytes: ClassVar[int | None] = None
+    body_limits: ClassVar[Mapping[str, int]] = {}
+    on_refused: ClassVar[RefusalHook | None] = None
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        limit = self.body_limits.get(self.path, self.max_body_bytes)
+        hook = type(self).on_refused
+        path = self.path
+
+        async def guarded(request: Request) -> Response:
+            if limit is not None and request.method not in ("GET", "HEAD"):
+                request = await read_bounded(request, limit)
+            try:
+                return await handler(request)
+            except RequestValidationError as error:
+                if hook is not None:
+                    hook(request, path, 422, first_problem(error)[0], await request.body())
+                raise
+            except RateLimited as error:
+                if hook is not None:
+                    hook(request, path, error.status, str(error), await request.body())
+                raise
+
+        return guarded
+
+
+def refusal_route(*, max_body_bytes: int | None = None, body_limits: Mapping[str, int] | None = None, on_refused: RefusalHook | None = None) -> type[RefusalRoute]:
+    """A RefusalRoute for one router: bodies of non-GET requests capped at `max_body_bytes`, or at
+    `body_limits[path]` for the paths named there (None: no cap here); refusals told to `on_refused`."""
+    settings: dict[str, Any] = {"max_body_bytes": max_body_bytes, "body_limits": dict(body_limits or {}), "on_refused": staticmethod(on_refused) if on_refused else None}
+    return type("RefusalRoute", (RefusalRoute,), settings)
+
+
 def create_http_app(
     title: str,
     *,
@@ -198,7 +312,14 @@ def create_http_app(
     async def door_error(request: Request, error: DoorError) -> JSONResponse:
         if error.status in REFUSED_STATUSES:
             refusals.record(error.status, error.detail.code, request.url.path)
-        return error_response(error.status, error.detail)
+        return error_response(error.status, error.detail, headers=error.headers)
+
+    @app.exception_handler(DomainError)
+    async def domain_error(request: Request, error: DomainError) -> JSONResponse:
+        status = status_of(error)
+        if status in REFUSED_STATUSES:
+            refusals.record(status, error.code, request.url.path)
+        return error_response(status, ErrorDetail(message=str(error), type=error_type_of(status), param=error.param, code=error.code))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -209,12 +330,10 @@ def create_http_app(
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0] if error.errors() else {}
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
-        message = f"{'.'.join(location) or 'body'}: {first.get('msg', 'invalid request')}"
+        message, param = first_problem(error)
         if len(error.errors()) > 1:
             message += f" (+{len(error.errors()) - 1} more)"
-        return error_response(422, ErrorDetail(message=message, type="invalid_request_error", param=".".join(location) or None))
+        return error_response(422, ErrorDetail(message=message, type="invalid_request_error", param=param))
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from services.registry.base_import import import_base_model
-from services.registry.service import Invalid, Registry
+from services.registry.errors import Invalid
+from services.registry.service import Registry
 from tests.integration.registry_support import database_url, registry  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

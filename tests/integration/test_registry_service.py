@@ -16,10 +16,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlmodel import SQLModel
 
 from contracts.events import DatasetRef, Stage
-from services.registry import service as service_module
+from services.registry import adapters as adapters_module
 from services.registry.models import AdapterVersion, OutboxEvent
-from services.registry.service import Conflict, Forbidden, Invalid, NotFound, Registry, TooLarge
+from services.registry.errors import Conflict, Forbidden, Invalid, NotFound, TooLarge
+from services.registry.service import Registry
 from services.runtime.auth import Role
+from services.runtime.http import status_of
 from tests.integration.registry_support import CHAT, database_url, evaluation, jsonl, registry, seed_adapters, seed_model, training_completed  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -103,7 +105,7 @@ def test_promotion_needs_a_passing_evaluation_of_that_version_and_an_approval(re
     events_before = len(outbox(registry))
     with pytest.raises(Conflict, match="no passing evaluation") as error:
         registry.transition("olga", model_name="smol", version=1, to_stage=Stage.production)
-    assert error.value.status == 409 and error.value.code == "evaluation_required"
+    assert status_of(error.value) == 409 and error.value.code == "evaluation_required"
     with pytest.raises(Conflict, match="cannot move to production"):
         registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production)  # v2 is still `none`
     assert registry.get_adapter("smol", 1).stage == Stage.staging and registry.get_adapter("smol", 2).stage == Stage.none
@@ -111,7 +113,7 @@ def test_promotion_needs_a_passing_evaluation_of_that_version_and_an_approval(re
     registry.transition("olga", model_name="smol", version=2, to_stage=Stage.staging)
     with pytest.raises(Forbidden, match="needs an approval by another principal with the approver role") as missing:
         registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production)
-    assert missing.value.status == 403 and missing.value.code == "approval_required"
+    assert status_of(missing.value) == 403 and missing.value.code == "approval_required"
     # Rule refusals are audited; the missing approval is a refusal of who is asking, and writes nothing.
     assert [entry.actor for entry in refused(registry)] == ["olga", "olga"]
     approve(registry, 2)
@@ -182,12 +184,12 @@ def test_a_rolled_back_change_emits_no_event(registry: Registry, tmp_path: Path,
     before = len(outbox(registry))
 
     def stage_then_fail(session, payload, **kwargs):  # noqa: ANN001, ANN003
-        service_module_stage(session, payload, **kwargs)
+        original_stage_event(session, payload, **kwargs)
         session.flush()  # the row really reached the database inside the transaction
         raise RuntimeError("crash after the event was written")
 
-    service_module_stage = service_module.stage_event
-    monkeypatch.setattr(service_module, "stage_event", stage_then_fail)
+    original_stage_event = adapters_module.stage_event
+    monkeypatch.setattr(adapters_module, "stage_event", stage_then_fail)
     with pytest.raises(RuntimeError):
         registry.transition("olga", model_name="smol", version=1, to_stage=Stage.staging)
     assert len(outbox(registry)) == before

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.registry.service import validate_record
+from services.registry.datasets import validate_record
 
 pytestmark = pytest.mark.unit
 
