@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import sqlite3
-import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -35,6 +33,7 @@ from contracts.topics import dlq_for, topic_for
 from services.runtime import failpoints
 from services.runtime.metrics import CONSUMER_MESSAGES
 from services.runtime.privacy import Redactor, dead_letter_redactor
+from services.runtime.sqlite import Migration, SqliteDatabase
 
 log = logging.getLogger("flywheel.consumer")
 
@@ -58,27 +57,23 @@ class SqliteProcessedEvents:
     side effect and `remember`.
     """
 
+    MIGRATIONS = (
+        # The schema as it was before migrations were numbered (IF NOT EXISTS), so an existing file is adopted as it is.
+        Migration(1, "processed_event", "CREATE TABLE IF NOT EXISTS processed_event (consumer_group TEXT, event_id TEXT, processed_at TEXT, PRIMARY KEY (consumer_group, event_id))"),
+    )
+
     def __init__(self, path: Path, cache_size: int = 10_000) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS processed_event (consumer_group TEXT, event_id TEXT, processed_at TEXT, PRIMARY KEY (consumer_group, event_id))")
-        self._lock = threading.Lock()
+        self._db = SqliteDatabase(path, self.MIGRATIONS)
         self._cache: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._cache_size = cache_size
 
     def seen(self, group: str, event_id: str) -> bool:
         if (group, event_id) in self._cache:
             return True
-        with self._lock:
-            row = self._db.execute("SELECT 1 FROM processed_event WHERE consumer_group = ? AND event_id = ?", (group, event_id)).fetchone()
-        return row is not None
+        return self._db.row("SELECT 1 FROM processed_event WHERE consumer_group = ? AND event_id = ?", (group, event_id)) is not None
 
     def remember(self, group: str, event_id: str) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO processed_event VALUES (?, ?, ?)", (group, event_id, datetime.now(UTC).isoformat())
-            )
+        self._db.execute("INSERT OR IGNORE INTO processed_event VALUES (?, ?, ?)", (group, event_id, datetime.now(UTC).isoformat()))
         self._cache[(group, event_id)] = None
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
