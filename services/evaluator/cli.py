@@ -33,13 +33,14 @@ class EvalCommandError(FlywheelError):
 def _call(method: str, path: str, url: str | None, api_key: str | None, **kwargs: Any) -> dict:
     import httpx
 
+    from services.runtime.doors import bearer_header
     from services.runtime.settings import FlywheelSettings, load_settings
 
     if url is None:
         settings = load_settings(FlywheelSettings)
         url = f"http://{settings.http_host}:{settings.http_port}"
     key = api_key or os.environ.get("FLYWHEEL_API_KEY")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = bearer_header(key)
     try:
         response = httpx.request(method, f"{url.rstrip('/')}{path}", headers=headers, timeout=30, **kwargs)
     except httpx.HTTPError as error:
