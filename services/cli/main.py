@@ -2,7 +2,7 @@
 
 Each service owns its commands, in services/<name>/cli.py (`flywheel registry|train|eval|feedback ...`, and
 its commands of `flywheel ops` and `flywheel bench`); they are mounted here, each cli.py found by name
-(services/cli/service_commands.py). What is no service's lives beside this module: infra, contracts,
+(services/cli/service_commands.py). What is no service's lives beside this module: infra, contracts, docs,
 doctor, up/run, and `bench all`; `flywheel demo` is the demo package's (services/demo). Heavy imports
 (torch, Triton) happen inside the commands that need them, so `flywheel --help` is fast.
 """
@@ -14,7 +14,7 @@ import sys
 
 import typer
 
-from services.cli import bench_cmd, contracts_cmd, doctor_cmd, infra_cmd, run_cmd
+from services.cli import bench_cmd, contracts_cmd, docs_cmd, doctor_cmd, infra_cmd, run_cmd
 from services.cli.service_commands import mount
 from services.demo.command import demo
 from services.runtime.errors import FlywheelError
@@ -46,6 +46,7 @@ ops_app = typer.Typer(help="Ops consoles over ClickHouse.", no_args_is_help=True
 app.add_typer(infra_cmd.app, name="infra")
 app.add_typer(ops_app, name="ops")
 app.add_typer(contracts_cmd.app, name="contracts")
+app.add_typer(docs_cmd.app, name="docs")
 app.command(name="doctor")(doctor_cmd.doctor)
 app.command(name="demo")(demo)
 app.command(name="up")(run_cmd.up)
