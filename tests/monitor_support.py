@@ -22,10 +22,10 @@ from contracts.http import Role
 from contracts.topics import topic_for
 from services.feedback.handlers import BATCH_HANDLERS, GROUP
 from services.runtime.privacy import Redactor
+from services.runtime.registry_client import RegistryClient
 from services.feedback.service import Sink
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
-from services.monitor.service import RegistryDoor
 from services.monitor.store import MonitorStore
 from services.registry.api import build_router as registry_router
 from services.registry.service import Registry
@@ -70,8 +70,8 @@ class RegistryDoorFixture:
         self.app.include_router(registry_router(self.registry, self.auth))
         self.transport = httpx.ASGITransport(app=self.app)
 
-    def door(self) -> RegistryDoor:
-        return RegistryDoor("http://registry", self.operator_key, transport=self.transport)
+    def door(self) -> RegistryClient:
+        return RegistryClient("http://registry", self.operator_key, transport=self.transport)
 
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(transport=self.transport, base_url="http://registry", headers={"Authorization": f"Bearer {self.operator_key}"})

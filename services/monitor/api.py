@@ -68,7 +68,7 @@ def build_router(
         return await asyncio.to_thread(monitor.store.alerts, state.value if state else None, limit)
 
     async def change(alert_id: str, state: AlertState, who: Principal, body: AlertNote | None) -> AlertRaised:
-        alert = await monitor.set_state(alert_id, state, who.name, body.note if body else None)
+        alert = await monitor.alerts.set_state(alert_id, state, who.name, body.note if body else None)
         if alert is None:
             raise DoorError(404, f"no alert {alert_id!r}", param="alert_id", code="alert_not_found")
         return alert
@@ -144,7 +144,7 @@ def build_router(
         alerts = await asyncio.to_thread(monitor.store.alerts, None, 50)
         evaluations = await asyncio.to_thread(monitor.store.evaluations, since, DRIFT_KINDS)
         production = await lineage() if lineage is not None else None
-        canaries = await asyncio.to_thread(monitor.watched_canaries)
+        canaries = await asyncio.to_thread(monitor.canaries.watched)
         page = render_console(rows, alerts, evaluations, production, canaries=canaries, generated_at=datetime.now(UTC), signed_in=principal.name, csrf=csrf)
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from contracts.envelope import Envelope
-from contracts.events import StageChanged
+from contracts.events import Stage
 from services.monitor.api import build_router
 from services.monitor.canary import load_canary_policy
-from services.monitor.handlers import when_stage_changed_watch_canary
+from services.monitor.handlers import HANDLERS
+from services.monitor.retraining import RetrainingPolicy
 from services.monitor.rules import load_rules
-from services.monitor.service import Monitor, RegistryDoor, RetrainingPolicy
+from services.monitor.service import Monitor
 from services.monitor.settings import MonitorSettings
 from services.monitor.store import MonitorStore
 from services.runtime.auth import Authenticator
 from services.runtime.clickhouse import ClickHouseStore, open_clickhouse
 from services.runtime.errors import ConfigurationError
+from services.runtime.registry_client import RegistryClient
 from services.runtime.service import Runtime, Service
 
 log = logging.getLogger("flywheel.monitor")
@@ -49,29 +51,14 @@ def create_app(
     store = MonitorStore(runtime.clickhouse, readonly_store)
     bus = runtime.bus(GROUP)
     registry_url = settings.registry_url or f"http://{runtime.settings.http_host}:{runtime.settings.http_port}"
-    registry = RegistryDoor(registry_url, settings.api_key, transport=registry_transport)
+    registry = RegistryClient(registry_url, settings.api_key, transport=registry_transport)
     policy = RetrainingPolicy(
         min_corrections=settings.retrain_min_corrections, cooldown_s=settings.retrain_cooldown_s, hyperparameters=settings.retrain_hyperparameters,
         include_lineage=settings.retrain_include_lineage, correction_repeats=settings.retrain_correction_repeats,
     )
     monitor = Monitor(store, [], bus.publish_envelope, registry, policy=policy, state_dir=runtime.home / GROUP)
     tasks: list[asyncio.Task] = []
-
-    async def on_stage_changed(envelope: Envelope[StageChanged]) -> None:
-        await when_stage_changed_watch_canary(envelope, monitor)
-
-    runtime.subscribe(GROUP, StageChanged, on_stage_changed)
-
-    async def production_lineage() -> dict | None:
-        try:
-            page = await registry.get("adapters", stage="production", limit=1)
-            items = page.get("items") or []
-            if not items:
-                return None
-            return await registry.get(f"adapters/{items[0]['model_name']}/versions/{items[0]['version']}/lineage")
-        except Exception:  # noqa: BLE001 - the console still renders without the registry
-            log.warning("registry door did not answer the lineage request", exc_info=True)
-            return None
+    runtime.subscribe_all(GROUP, HANDLERS, monitor)
 
     async def loop() -> None:
         while True:
@@ -99,9 +86,21 @@ def create_app(
     return Service(
         name=GROUP,
         api=build_router(
-            monitor, Authenticator.for_settings(runtime.settings), console_hours=settings.console_hours, lineage=production_lineage,
+            monitor, Authenticator.for_settings(runtime.settings), console_hours=settings.console_hours, lineage=functools.partial(newest_production_lineage, registry),
             session_s=settings.console_session_s, query_limits=settings.query_limits(), secure_cookie=settings.console_secure_cookie,
         ),
         on_start=[start],
         on_stop=[stop],
     )
+
+
+async def newest_production_lineage(registry: RegistryClient) -> dict[str, Any] | None:
+    """For the console: the lineage of the newest version in production (of any model), as the door answered it."""
+    try:
+        page = await registry.adapters(stage=Stage.production, limit=1)
+        if not page.items:
+            return None
+        return (await registry.lineage(page.items[0].model_name, page.items[0].version)).model_dump(mode="json")
+    except Exception:  # noqa: BLE001 - the console still renders without the registry
+        log.warning("registry door did not answer the lineage request", exc_info=True)
+        return None

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from services.runtime.doors import bearer_header
 from services.runtime.errors import FlywheelError
 from services.runtime.settings import FlywheelSettings, load_settings
 
@@ -56,7 +57,7 @@ def run_query(sql: str, parameters: dict[str, Any]) -> tuple[list[str], list[lis
     door, key = door_and_key(settings, "monitor")
     url = f"{door}/monitor/v1/query"
     try:
-        response = httpx.post(url, json={"sql": sql, "parameters": parameters}, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)
+        response = httpx.post(url, json={"sql": sql, "parameters": parameters}, headers=bearer_header(key), timeout=60)
     except httpx.TransportError:
         from services.monitor.settings import MonitorSettings
         from services.runtime.clickhouse import open_clickhouse
@@ -98,13 +99,14 @@ def _view(name: str, help_text: str) -> Any:
 
 def models() -> None:
     """Adapter versions and their stages, from the registry's door."""
-    import httpx
+    from services.runtime.registry_client import RegistryError, RegistrySyncClient
 
     door, key = door_and_key(load_settings(FlywheelSettings), "registry")
-    response = httpx.get(f"{door}/registry/v1/adapters", params={"limit": 500}, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
-    if response.status_code != 200:
-        raise typer.BadParameter(f"registry answered {response.status_code}: {response.text[:500]}")
-    items = response.json()["items"]
+    try:
+        page = RegistrySyncClient(door, key).adapters(limit=500)
+    except RegistryError as error:
+        raise typer.BadParameter(str(error)) from None
+    items = [adapter.model_dump(mode="json") for adapter in page.items]
     columns = ["model_name", "version", "stage", "canary_percent", "dataset_name", "dataset_version", "created_at"]
     print_table("adapters", columns, [[item.get(c) for c in columns] for item in items])
 
@@ -130,7 +132,7 @@ def sql(
     door, key = door_and_key(settings, "monitor")
     url = f"{door}/monitor/v1/query"
     try:
-        response = httpx.post(url, json={"sql": query, "max_rows": max_rows}, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)
+        response = httpx.post(url, json={"sql": query, "max_rows": max_rows}, headers=bearer_header(key), timeout=60)
     except httpx.ConnectError:
         columns, rows = _query_store(settings, query, max_rows)
     else:

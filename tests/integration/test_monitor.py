@@ -22,7 +22,8 @@ from services.feedback.service import Sink
 from services.feedback.store import FeedbackStore
 from services.monitor.api import build_router as monitor_router
 from services.monitor.rules import RuleError, parse_rules
-from services.monitor.service import Monitor, RegistryDoor, RetrainingPolicy
+from services.monitor.retraining import RetrainingPolicy
+from services.monitor.service import Monitor
 from services.monitor.store import MonitorStore
 from services.registry.store import RegistryStore
 from services.runtime.auth import Authenticator, KeyStore
@@ -30,6 +31,7 @@ from services.runtime.broker import EventBus
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.http import DoorError, error_response
 from services.runtime.settings import FlywheelSettings
+from services.runtime.registry_client import RegistryClient
 from tests.monitor_support import RegistryDoorFixture, clickhouse, eventually, monitor_store, read_topic, running_sink  # noqa: F401 - clickhouse, monitor_store: fixtures
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -71,7 +73,7 @@ def traffic(count: int, *, degraded: bool, adapter: int = 1) -> tuple[list[Infer
 
 
 def monitor_for(monitor_store: MonitorStore, bus: EventBus, registry: RegistryDoorFixture | None, tmp_path: Path, rules: list[dict] = RULES) -> Monitor:
-    door = registry.door() if registry else RegistryDoor("http://unused", None)
+    door = registry.door() if registry else RegistryClient("http://unused", None)
     return Monitor(monitor_store, parse_rules(rules, monitor_store.check_rule), bus.publish_envelope, door,
                    policy=RetrainingPolicy(min_corrections=5, cooldown_s=3600), state_dir=tmp_path / "monitor")
 
@@ -148,7 +150,7 @@ async def test_an_empty_or_thin_window_is_no_data_never_an_alert(clickhouse: Cli
     async def publish(envelope) -> None:  # noqa: ANN001
         published.append(envelope)
 
-    monitor = Monitor(monitor_store, parse_rules(RULES, monitor_store.check_rule), publish, RegistryDoor("http://unused", None), policy=RetrainingPolicy(), state_dir=tmp_path)
+    monitor = Monitor(monitor_store, parse_rules(RULES, monitor_store.check_rule), publish, RegistryClient("http://unused", None), policy=RetrainingPolicy(), state_dir=tmp_path)
     empty = await monitor.tick()
     assert empty.evaluations == [] and empty.opened == [] and published == []
     # Three terrible inferences: below min_samples, so "no data" with the reason, not a 100% thumbs-down alert.
@@ -180,7 +182,7 @@ def _authenticated_monitor_app(tmp_path: Path, monitor: Monitor) -> tuple[FastAP
 async def test_query_door_reads_and_the_engine_refuses_writes(clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path) -> None:
     sink = Sink(FeedbackStore(lambda: clickhouse), Redactor())
     sink.store_inferences([wrap(event, producer="test") for event in traffic(5, degraded=False)[0]])
-    monitor = Monitor(monitor_store, [], lambda envelope: asyncio.sleep(0), RegistryDoor("http://unused", None), policy=RetrainingPolicy(), state_dir=tmp_path)
+    monitor = Monitor(monitor_store, [], lambda envelope: asyncio.sleep(0), RegistryClient("http://unused", None), policy=RetrainingPolicy(), state_dir=tmp_path)
     app, key = _authenticated_monitor_app(tmp_path, monitor)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://monitor", headers={"Authorization": f"Bearer {key}"}) as client:
         ok = await client.post("/monitor/v1/query", json={"sql": "SELECT model_name, count() AS n FROM inference_log GROUP BY model_name"})

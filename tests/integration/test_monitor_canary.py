@@ -16,7 +16,8 @@ import pytest
 from contracts.events import Stage, StageChanged
 from services.monitor.canary import CanaryPolicy
 from services.monitor.handlers import when_stage_changed_watch_canary
-from services.monitor.service import Monitor, RetrainingPolicy
+from services.monitor.retraining import RetrainingPolicy
+from services.monitor.service import Monitor
 from services.monitor.store import MonitorStore
 from services.registry.outbox import OutboxRelay
 from services.runtime.broker import EventBus
@@ -66,7 +67,7 @@ async def run_canary(settings: FlywheelSettings, clickhouse: ClickHouseStore, mo
             await relay.start()
             try:
                 door.registry.transition("alice", model_name=MODEL, version=2, to_stage=Stage.production, canary_percent=10, reason="canary after the gate")
-                await eventually(lambda: monitor.watched_canaries().get(MODEL, {}).get("version") == 2, what="the monitor watching the canary declared on stage.changed")
+                await eventually(lambda: monitor.canaries.watched().get(MODEL, {}).get("version") == 2, what="the monitor watching the canary declared on stage.changed")
                 control = arm_traffic(1, down_every=10, error_every=None, latency_ms=300, hallucinating=False)
                 canary = (arm_traffic(2, down_every=2, error_every=8, latency_ms=900, hallucinating=True) if canary_is_worse
                           else arm_traffic(2, down_every=10, error_every=None, latency_ms=300, hallucinating=False))
@@ -77,7 +78,7 @@ async def run_canary(settings: FlywheelSettings, clickhouse: ClickHouseStore, mo
                 now = datetime.now(UTC) + timedelta(seconds=1)
                 reports = [await monitor.tick(now)]
                 # The registry's own stage.changed for the decision ends the watch too; a later tick has nothing to judge.
-                await eventually(lambda: MODEL not in monitor.watched_canaries(), what="watch ended")
+                await eventually(lambda: MODEL not in monitor.canaries.watched(), what="watch ended")
                 reports += [await monitor.tick(now + timedelta(seconds=30 * tick)) for tick in (1, 2)]
             finally:
                 await relay.stop()

@@ -39,12 +39,14 @@ from services.monitor.api import COOKIE
 from services.monitor.canary import CanaryPolicy
 from services.monitor.api import build_router as monitor_router
 from services.monitor.rules import parse_rules
-from services.monitor.service import Monitor, RegistryDoor, RetrainingPolicy
+from services.monitor.retraining import RetrainingPolicy
+from services.monitor.service import Monitor
 from services.monitor.store import MonitorStore
 from services.registry.store import RegistryStore
 from services.runtime.auth import Authenticator, KeyStore, split_key
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.http import DoorError, error_response
+from services.runtime.registry_client import RegistryClient
 from tests.conftest import REPO, require
 from tests.monitor_support import RegistryDoorFixture, clickhouse, monitor_store, seed_two_versions  # noqa: F401 - fixtures
 from tests.support import eventually
@@ -201,7 +203,7 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
         return None
 
     rules = parse_rules(RULES, monitor_store.check_rule)
-    earlier = Monitor(monitor_store, rules, publish, RegistryDoor("http://unused", None), policy=RetrainingPolicy(min_corrections=1000), state_dir=tmp_path / "a")
+    earlier = Monitor(monitor_store, rules, publish, RegistryClient("http://unused", None), policy=RetrainingPolicy(min_corrections=1000), state_dir=tmp_path / "a")
     now = datetime.now(UTC)
     for minutes_ago in (24, 18, 12, 6, 0):
         await earlier.tick(now - timedelta(minutes=minutes_ago))
@@ -214,7 +216,7 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
     door.registry.transition("alice", model_name=MODEL, version=2, to_stage=Stage.production, canary_percent=10, reason="canary")
     restarted = Monitor(monitor_store, rules, publish, door.door(), policy=RetrainingPolicy(min_corrections=1000), state_dir=tmp_path / "b",
                         canary_policy=CanaryPolicy(version=7, min_inferences=50, min_feedback=50, hallucination_sample=0))
-    restarted.watch(StageChanged(model_name=MODEL, adapter_version=2, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", canary_percent=10), now)
+    restarted.canaries.watch(StageChanged(model_name=MODEL, adapter_version=2, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", canary_percent=10), now)
     [review] = (await restarted.tick(now)).canaries
     assert review.decision.action == "wait" and not review.applied
     door.store.close()
@@ -267,7 +269,7 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
 
 
 async def test_console_sign_in_refuses_bad_input_without_setting_a_cookie(clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path) -> None:
-    monitor = Monitor(monitor_store, [], lambda envelope: asyncio.sleep(0), RegistryDoor("http://unused", None), policy=RetrainingPolicy(), state_dir=tmp_path)
+    monitor = Monitor(monitor_store, [], lambda envelope: asyncio.sleep(0), RegistryClient("http://unused", None), policy=RetrainingPolicy(), state_dir=tmp_path)
     app, key = monitor_app(tmp_path, monitor)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://monitor") as client:
         anonymous = await client.get("/monitor/console")
@@ -289,7 +291,7 @@ async def test_console_sign_in_refuses_bad_input_without_setting_a_cookie(clickh
 
 
 async def test_console_session_holds_no_key_checks_csrf_and_ends_when_the_key_is_revoked(clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path) -> None:
-    monitor = Monitor(monitor_store, [], lambda envelope: asyncio.sleep(0), RegistryDoor("http://unused", None), policy=RetrainingPolicy(), state_dir=tmp_path)
+    monitor = Monitor(monitor_store, [], lambda envelope: asyncio.sleep(0), RegistryClient("http://unused", None), policy=RetrainingPolicy(), state_dir=tmp_path)
     app, key, auth = monitor_app_with_auth(tmp_path, monitor)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://monitor") as client:
         signed_in = await client.post("/monitor/console/login", data={"api_key": key, "csrf_token": await login_token(client)})
@@ -334,7 +336,7 @@ async def test_console_session_holds_no_key_checks_csrf_and_ends_when_the_key_is
 async def test_console_cookies_are_secure_over_tls_or_when_tls_terminates_in_front(
     clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path, base_url: str, secure_cookie: bool
 ) -> None:
-    monitor = Monitor(monitor_store, [], lambda envelope: asyncio.sleep(0), RegistryDoor("http://unused", None), policy=RetrainingPolicy(), state_dir=tmp_path)
+    monitor = Monitor(monitor_store, [], lambda envelope: asyncio.sleep(0), RegistryClient("http://unused", None), policy=RetrainingPolicy(), state_dir=tmp_path)
     app, key = monitor_app(tmp_path, monitor, secure_cookie=secure_cookie)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url) as client:
         form = await client.get("/monitor/console/login")

@@ -22,10 +22,12 @@ import uvicorn
 from contracts.events import TrainingRequested
 from infra.processes import free_port, port_is_free
 from services.monitor.rules import parse_rules
-from services.monitor.service import Monitor, RegistryDoor, RetrainingPolicy
+from services.monitor.retraining import RetrainingPolicy
+from services.monitor.service import Monitor
 from services.monitor.store import MonitorStore
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.settings import FlywheelSettings
+from services.runtime.registry_client import RegistryClient
 from tests.integration.registry_support import CHAT
 from tests.integration.test_monitor import RULES, traffic
 from tests.monitor_support import RegistryDoorFixture, clickhouse, eventually, monitor_store, read_topic, running_sink, seed_two_versions  # noqa: F401 - clickhouse, monitor_store: fixtures
@@ -71,7 +73,7 @@ async def test_a_retraining_the_registry_could_not_take_is_asked_again_with_prod
         await asyncio.gather(*(bus.publish(event) for event in feedback))
         await eventually(lambda: clickhouse.query("SELECT count() AS n FROM feedback_with_inference WHERE inference_stored")[0]["n"] >= 40, what="sink stored traffic")
         now = datetime.now(UTC) + timedelta(seconds=1)
-        monitor = Monitor(monitor_store, parse_rules(RULES, monitor_store.check_rule), bus.publish_envelope, RegistryDoor(f"http://127.0.0.1:{port}", registry_door.operator_key),
+        monitor = Monitor(monitor_store, parse_rules(RULES, monitor_store.check_rule), bus.publish_envelope, RegistryClient(f"http://127.0.0.1:{port}", registry_door.operator_key),
                           policy=policy, state_dir=tmp_path / "monitor")
         # The door is not listening yet, as when a process's monitor ticks before uvicorn serves.
         unreachable = [await monitor.tick(now + timedelta(seconds=30 * tick)) for tick in range(2)]

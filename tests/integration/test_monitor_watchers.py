@@ -17,9 +17,11 @@ from services.runtime.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.store import FeedbackStore
 from services.monitor.rules import parse_rules
-from services.monitor.service import Monitor, RegistryDoor, RetrainingPolicy
+from services.monitor.retraining import RetrainingPolicy
+from services.monitor.service import Monitor
 from services.monitor.store import MonitorStore
 from services.runtime.clickhouse import ClickHouseStore
+from services.runtime.registry_client import RegistryClient
 from tests.monitor_support import clickhouse, monitor_store  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -43,7 +45,7 @@ def monitor(monitor_store: MonitorStore, rules: list[dict], tmp_path: Path) -> M
     async def publish(envelope) -> None:  # noqa: ANN001 - alerts are read back from ClickHouse here
         return None
 
-    return Monitor(monitor_store, parse_rules(rules, monitor_store.check_rule), publish, RegistryDoor("http://unused", None), policy=RetrainingPolicy(min_corrections=1000), state_dir=tmp_path)
+    return Monitor(monitor_store, parse_rules(rules, monitor_store.check_rule), publish, RegistryClient("http://unused", None), policy=RetrainingPolicy(min_corrections=1000), state_dir=tmp_path)
 
 
 async def test_embedding_centroid_shift_fires_when_the_topic_of_prompts_moves_and_stays_quiet_when_it_does_not(clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path) -> None:

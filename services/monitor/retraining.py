@@ -1,0 +1,182 @@
+"""Closing the loop: each open quality alert is answered by one retraining of its model, once enough
+corrections exist and the model is out of its cooldown. The monitor publishes a dataset version (what
+production learned plus the corrections) to the registry, then training.requested. What was asked for
+is kept in FLYWHEEL_HOME/monitor/retraining.json, so a restart neither repeats nor forgets a request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from prometheus_client import Counter
+
+from contracts.envelope import wrap
+from contracts.events import AlertRaised, AlertState, DatasetRef, Hyperparameters, TrainingRequested
+from contracts.http import DatasetCreate
+from services.monitor.alerts import Alerts, Publish, alert_from_row
+from services.monitor.evaluation import as_utc
+from services.monitor.state import JsonState
+from services.monitor.store import MonitorStore
+from services.runtime.registry_client import RegistryClient
+
+log = logging.getLogger("flywheel.monitor")
+
+RETRAININGS = Counter("flywheel_monitor_retrainings_total", "Retraining decisions, by outcome.", ["outcome"])
+
+
+@dataclass(frozen=True)
+class RetrainingPolicy:
+    """When the monitor asks for retraining, and the recipe it asks for.
+
+    A retrained adapter must beat production at the gate, so by default it learns what production
+    learned (its lineage's dataset and hyperparameters) plus the corrections; corrections alone
+    would teach the new facts and forget the old ones.
+    """
+
+    min_corrections: int = 20
+    cooldown_s: int = 6 * 3600
+    dataset_suffix: str = "feedback"
+    hyperparameters: Hyperparameters | None = None  # None: production's, else the defaults
+    include_lineage: bool = True
+    correction_repeats: int = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    jsonl: str
+    hyperparameters: Hyperparameters
+    description: str
+
+
+class Retraining:
+    """Answers open quality alerts with retraining requests, under the policy's thresholds and cooldown."""
+
+    def __init__(
+        self, store: MonitorStore, alerts: Alerts, registry: RegistryClient, publish: Publish, *, policy: RetrainingPolicy, state: JsonState, producer: str
+    ) -> None:
+        self._store = store
+        self._alerts = alerts
+        self._registry = registry
+        self._publish = publish
+        self._policy = policy
+        self._state = state
+        self._producer = producer
+        self._waiting: dict[str, str] = {}  # alert id -> why its retraining waits (logged once per reason)
+
+    async def answer_open_alerts(self, quality_rules: set[str], now: datetime) -> list[TrainingRequested]:
+        """Each open alert of a quality rule is answered by one retraining of its model.
+
+        An alert whose retraining could not be requested yet (too few corrections, the model in its
+        cooldown, the registry not answering) is tried again on every tick while it stays open, so a
+        transient failure delays a retraining but never loses it.
+        """
+        rows = await self._alerts.unresolved()
+        awaiting = [row for row in rows if row["rule_name"] in quality_rules]
+        answered = self._load_state()["answered"]
+        requested: list[TrainingRequested] = []
+        for row in sorted(awaiting, key=lambda row: as_utc(row["window_end"])):
+            if row["alert_id"] in answered:
+                continue
+            alert = alert_from_row(row, AlertState(row["state"]), row["message"])
+            try:
+                request = await self.maybe_retrain(alert, now)
+            except Exception as error:  # noqa: BLE001 - the alert stays open and the next tick asks again
+                self._note_waiting(alert, "error", f"retraining for alert {alert.alert_id} not requested yet, tried again next tick: {type(error).__name__}: {error}")
+                continue
+            if request is not None:
+                requested.append(request)
+                answered = self._load_state()["answered"]
+        self._forget_closed({row["alert_id"] for row in rows})
+        return requested
+
+    async def maybe_retrain(self, alert: AlertRaised, now: datetime) -> TrainingRequested | None:
+        """When enough corrections exist and the model is out of cooldown: a dataset version, then training.requested."""
+        state = self._load_state()
+        last = state["requested"].get(alert.model_name)
+        if last is not None and now - datetime.fromisoformat(last) < timedelta(seconds=self._policy.cooldown_s):
+            self._note_waiting(alert, "cooldown", f"retraining of {alert.model_name} for alert {alert.alert_id} waits: in cooldown since {last}")
+            return None
+        corrections = await asyncio.to_thread(self._store.corrections, alert.model_name)
+        if len(corrections) < self._policy.min_corrections:
+            self._note_waiting(alert, "too_few_corrections", f"retraining of {alert.model_name} for alert {alert.alert_id} waits: {len(corrections)} corrections < {self._policy.min_corrections}")
+            return None
+        recipe = await self._recipe(alert.model_name, corrections)
+        dataset = await self._registry.publish_dataset(
+            DatasetCreate(name=f"{alert.model_name}-{self._policy.dataset_suffix}", split="train", jsonl=recipe.jsonl, provenance="feedback", model_name=alert.model_name)
+        )
+        request = TrainingRequested(
+            job_id=f"retrain-{alert.alert_id}",
+            model_name=alert.model_name,
+            dataset=DatasetRef(name=dataset.name, version=dataset.version),
+            hyperparameters=recipe.hyperparameters,
+            requested_by="service:monitor",
+            reason=f"alert {alert.rule_name}@v{alert.rule_version} ({alert.alert_id}): {alert.message}; dataset: {recipe.description}",
+        )
+        await self._publish(wrap(request, producer=self._producer, correlation_id=alert.alert_id))
+        # One retraining answers every quality alert open on the model now; later ones wait for the cooldown.
+        open_now = [row["alert_id"] for row in await self._alerts.unresolved() if row["model_name"] == alert.model_name]
+        state["requested"][alert.model_name] = now.isoformat()
+        state["answered"].update(dict.fromkeys([alert.alert_id, *open_now], request.job_id))
+        self._save_state(state)
+        self._waiting.pop(alert.alert_id, None)
+        RETRAININGS.labels(outcome="requested").inc()
+        log.info("retraining of %s requested for alert %s: job %s on %s:v%s (%s)", alert.model_name, alert.alert_id, request.job_id, dataset.name, dataset.version, recipe.description)
+        return request
+
+    async def _recipe(self, model_name: str, corrections: list[dict[str, Any]]) -> Recipe:
+        records = list(dict.fromkeys(json.dumps(_chat_record(row), ensure_ascii=False) for row in corrections))
+        parts = [f"{len(records)} corrections" + (f" x{self._policy.correction_repeats}" if self._policy.correction_repeats > 1 else "")]
+        lineage = await self._registry.production_lineage(model_name) if self._policy.include_lineage else None
+        learned: list[str] = []
+        if lineage and lineage.dataset:
+            source = lineage.dataset
+            learned = [json.dumps(row, ensure_ascii=False) for row in await self._registry.dataset_rows(source.name, source.version)]
+            parts.insert(0, f"{len(learned)} records of {source.name}:v{source.version} (production v{lineage.adapter.version}'s training data)")
+        hyperparameters = self._policy.hyperparameters
+        if hyperparameters is None and lineage and lineage.hyperparameters:
+            hyperparameters = Hyperparameters.model_validate(lineage.hyperparameters)
+            parts.append(f"production v{lineage.adapter.version}'s hyperparameters")
+        lines = learned + records * self._policy.correction_repeats
+        return Recipe(jsonl="".join(line + "\n" for line in lines), hyperparameters=hyperparameters or Hyperparameters(), description=" + ".join(parts))
+
+    def _note_waiting(self, alert: AlertRaised, outcome: str, message: str) -> None:
+        """Count and log why an alert's retraining waits once per reason, not once per tick."""
+        if self._waiting.get(alert.alert_id) == outcome:
+            return
+        self._waiting[alert.alert_id] = outcome
+        RETRAININGS.labels(outcome=outcome).inc()
+        (log.warning if outcome == "error" else log.info)(message)
+
+    def _forget_closed(self, still_open: set[str]) -> None:
+        state = self._load_state()
+        closed = [alert_id for alert_id in state["answered"] if alert_id not in still_open]
+        for alert_id in [alert_id for alert_id in self._waiting if alert_id not in still_open]:
+            del self._waiting[alert_id]
+        if closed:
+            for alert_id in closed:
+                del state["answered"][alert_id]
+            self._save_state(state)
+
+    def _load_state(self) -> dict[str, dict[str, str]]:
+        """{"requested": {model: when its last retraining was asked for}, "answered": {alert id: job id}}."""
+        state = self._state.read()
+        if state and "requested" not in state:  # the first layout: {model: when it was last retrained}
+            state = {"requested": state}
+        return {"requested": state.get("requested", {}), "answered": state.get("answered", {})}
+
+    def _save_state(self, state: dict[str, dict[str, str]]) -> None:
+        self._state.write(state)
+
+
+def _chat_record(row: dict[str, Any]) -> dict[str, Any]:
+    try:
+        messages = [m for m in json.loads(row["input_messages"] or "[]") if m.get("role") in ("system", "user", "assistant")]
+    except (ValueError, AttributeError):
+        messages = []
+    if not messages or messages[-1].get("role") != "user":
+        messages = [{"role": "user", "content": row["input_text"]}]
+    return {"messages": [*messages, {"role": "assistant", "content": row["correction"]}]}
