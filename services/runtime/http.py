@@ -4,6 +4,10 @@ a cap on every request body, and refusals that cost the caller, not the platform
 Services include their own APIRouter under `/<service>/v1/...`; `flywheel up` mounts all of them on
 one app built here, `flywheel run X` mounts one.
 
+Use cases raise domain errors (services/runtime/errors.py), which name no status: the app built here
+answers each kind with its status (DOMAIN_STATUSES), so no door translates errors by hand. DoorError,
+with an explicit status, is for what a door itself refuses (a key, a body over its cap, a rate limit).
+
 A refused request (401, 403, 413, 429) is counted in `flywheel_http_refusals_total` and logged once
 per reason and interval with how many were folded into that line: a caller hammering a door with a bad
 key fills neither the log nor any store (refusals write nothing to Kafka, ClickHouse or the audit log).

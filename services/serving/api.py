@@ -21,9 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
-from fastapi.routing import APIRoute
+from fastapi.responses import StreamingResponse
 
 from contracts.http import (
     AssistantMessage,
@@ -40,7 +38,7 @@ from contracts.http import (
     Usage,
 )
 from services.runtime.auth import Principal
-from services.runtime.http import DoorError, error_response
+from services.runtime.http import DoorError, RateLimited, refusal_route, status_of
 from services.serving.gateway import Completion, Gateway, GatewayError, Stream
 from services.serving.limits import RateLimiter
 
@@ -48,55 +46,32 @@ ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 42
 ENDPOINTS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
 
 
-class _RateLimited(Exception):
-    def __init__(self, principal: str, wait_s: float, limiter: RateLimiter) -> None:
-        self.retry_after = limiter.retry_after(wait_s)
-        super().__init__(f"rate limit exceeded for {principal}: {limiter.rate_per_s:g} requests/s, bursts of {limiter.burst}; retry after {self.retry_after} s")
-
-
 def create_router(gateway: Callable[[], Gateway | None], *, guard: Callable[..., Principal], limiter: RateLimiter) -> APIRouter:
     """`guard` is the API-key dependency (`Authenticator.require(Role.app)`); `limiter` the per-key buckets."""
 
-    def refused(request: Request, endpoint: str, body: bytes, status: int, message: str) -> None:
+    def refused(request: Request, path: str, status: int, message: str, body: bytes) -> None:
+        """Refusals raised before an inference endpoint ran (body validation, rate limit) are logged as
+        errored inferences; only of a caller whose key and role were checked (`caller` sets the
+        principal): authentication and authorisation refusals (401, 403) are not."""
+        endpoint = ENDPOINTS.get(path)
         principal = getattr(request.state, "principal", None)
         current = gateway()
-        # Only a caller whose key and role were checked is logged: `caller` sets the principal.
-        if current is not None and principal is not None:
+        if endpoint is not None and current is not None and principal is not None:
             current.refused(endpoint, body, principal, status, message)
-
-    class LoggedRoute(APIRoute):
-        """Refusals raised before the endpoint runs by an authenticated caller (body validation, rate
-        limit) are logged here; authentication and authorisation refusals (401, 403) are not."""
-
-        def get_route_handler(self) -> Callable[[Request], Any]:
-            handler = super().get_route_handler()
-            endpoint = ENDPOINTS.get(self.path)
-            if endpoint is None:
-                return handler
-
-            async def logged(request: Request) -> Response:
-                try:
-                    return await handler(request)
-                except RequestValidationError as error:
-                    first = error.errors()[0] if error.errors() else {}
-                    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
-                    refused(request, endpoint, await request.body(), 422, f"{where}: {first.get('msg', 'invalid request')}")
-                    raise
-                except _RateLimited as error:
-                    refused(request, endpoint, await request.body(), 429, str(error))
-                    detail = ErrorDetail(message=str(error), type="rate_limit_error", code="rate_limit_exceeded")
-                    return error_response(429, detail, headers={"Retry-After": error.retry_after})
-
-            return logged
 
     def caller(request: Request, principal: Principal = Depends(guard)) -> Principal:
         request.state.principal = principal.name
         wait = limiter.take(principal.name)
         if wait:
-            raise _RateLimited(principal.name, wait, limiter)
+            retry_after = limiter.retry_after(wait)
+            raise RateLimited(
+                f"rate limit exceeded for {principal.name}: {limiter.rate_per_s:g} requests/s, bursts of {limiter.burst}; retry after {retry_after} s",
+                retry_after=retry_after,
+            )
         return principal
 
-    router = APIRouter(prefix="/v1", tags=["gateway"], route_class=LoggedRoute)
+    # No body cap here: the app's BodyLimit holds every door of the process to its cap.
+    router = APIRouter(prefix="/v1", tags=["gateway"], route_class=refusal_route(on_refused=refused))
 
     def ready() -> Gateway:
         current = gateway()
@@ -104,22 +79,16 @@ def create_router(gateway: Callable[[], Gateway | None], *, guard: Callable[...,
             raise DoorError(503, "serving is starting: the model is not loaded yet", code="not_ready")
         return current
 
-    async def run(call):
-        try:
-            return await call
-        except GatewayError as error:
-            raise DoorError(error.status, str(error), code=error.code, param=error.param) from None
-
     @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(request: ChatCompletionRequest, principal: Principal = Depends(caller)):
         if request.stream:
-            stream = await run(ready().chat_stream(request, principal.name))
+            stream = await ready().chat_stream(request, principal.name)
 
             def piece(text: str, first: bool) -> dict:
                 return {"delta": {"role": "assistant", "content": text} if first else {"content": text}, "finish_reason": None}
 
             return _sse(stream, "chat.completion.chunk", piece, lambda reason: {"delta": {}, "finish_reason": reason})
-        done = await run(ready().chat(request, principal.name))
+        done = await ready().chat(request, principal.name)
         return ChatCompletionResponse(
             id=done.inference_id, created=done.created, model=done.model,
             choices=[ChatChoice(message=AssistantMessage(content=done.text), finish_reason=done.finish_reason)],
@@ -129,9 +98,9 @@ def create_router(gateway: Callable[[], Gateway | None], *, guard: Callable[...,
     @router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(request: CompletionRequest, principal: Principal = Depends(caller)):
         if request.stream:
-            stream = await run(ready().completion_stream(request, principal.name))
+            stream = await ready().completion_stream(request, principal.name)
             return _sse(stream, "text_completion", lambda text, _: {"text": text, "finish_reason": None}, lambda reason: {"text": "", "finish_reason": reason})
-        done = await run(ready().completion(request, principal.name))
+        done = await ready().completion(request, principal.name)
         return CompletionResponse(
             id=done.inference_id, created=done.created, model=done.model,
             choices=[CompletionChoice(text=done.text, finish_reason=done.finish_reason)], usage=_usage(done),
@@ -175,7 +144,7 @@ def _sse(stream: Stream, kind: str, piece: Callable[[str, bool], dict], last: Ca
                     first = False
             yield event(last(stream.finish_reason or "stop"))
         except GatewayError as error:
-            failure = ErrorDetail(message=str(error), type="server_error" if error.status >= 500 else "invalid_request_error", code=error.code, param=error.param)
+            failure = ErrorDetail(message=str(error), type="server_error" if status_of(error) >= 500 else "invalid_request_error", code=error.code, param=error.param)
             yield f"data: {json.dumps({'error': failure.model_dump()})}\n\n"
         finally:
             stream.close()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING
 
-from contracts.events import AdapterRegistered, DeploymentRequested, PromptPublished, StageChanged
 from contracts.http import Role
 from services.runtime.auth import Authenticator
 from services.runtime.consumer import follow
@@ -14,13 +14,7 @@ from services.runtime.privacy import PrivacySettings
 from services.runtime.service import Runtime, Service
 from services.serving.api import create_router
 from services.serving.gateway import Gateway
-from services.serving.handlers import (
-    AdapterLoader,
-    when_adapter_registered_remember_it,
-    when_deployment_requested_load_and_report,
-    when_prompt_published_remember_it,
-    when_stage_changed_route_and_load,
-)
+from services.serving.handlers import COMMANDS, HANDLERS, AdapterLoader, Deps
 from services.serving.inference_log import InferenceLogBuffer
 from services.serving.limits import RateLimiter
 from services.serving.prompt_routes import PromptRoutes
@@ -58,14 +52,14 @@ def create_app(runtime: Runtime, settings: ServingSettings, privacy: PrivacySett
 
     # Every replica holds all routes, so it reads the registry's events itself (not a consumer group's
     # share) and replays the state topics from their start at each start: its routes live in memory.
-    def follow_registry(event: type, handler: Any, *, from_start: bool = True) -> None:
-        follow(runtime.broker, event, handler, name="serving", from_start=from_start, topic_prefix=runtime.settings.topic_prefix, max_retries=runtime.settings.consumer_max_retries)
-
-    routing_turn = asyncio.Lock()
-    follow_registry(AdapterRegistered, when_adapter_registered_remember_it(routes, loader, routing_turn))
-    follow_registry(StageChanged, when_stage_changed_route_and_load(routes, loader, routing_turn))
-    follow_registry(PromptPublished, when_prompt_published_remember_it(prompts))
-    follow_registry(DeploymentRequested, when_deployment_requested_load_and_report(loader, bus), from_start=False)  # a command: never replayed
+    # Commands are read from now on only: a replayed deployment.requested would act again.
+    deps = Deps(routes=routes, prompts=prompts, loader=loader, bus=bus)
+    for handlers, from_start in ((HANDLERS, True), (COMMANDS, False)):
+        for event, handler in handlers.items():
+            follow(
+                runtime.broker, event, partial(handler, deps=deps), name="serving", from_start=from_start,
+                topic_prefix=runtime.settings.topic_prefix, max_retries=runtime.settings.consumer_max_retries,
+            )
 
     async def start() -> None:
         from services.runtime.inference import SMOLLM2_GGUF, Engine, smollm2_dir

@@ -27,6 +27,7 @@ from typing import Any
 
 from contracts.events import InferenceLogged, InferenceStatus
 from contracts.http import ChatCompletionRequest, CompletionRequest
+from services.runtime import errors
 from services.runtime.prompts import MissingVariable, PromptError, lead_with_prompt, render_template
 from services.serving.inference_log import InferenceLogBuffer
 from services.serving.prompt_routes import PromptChoice, PromptRoutes, UnknownPromptError
@@ -40,14 +41,20 @@ DISCONNECTED = "the client disconnected before the stream ended"
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit; each one is checked against the text after every token
 
 
-class GatewayError(Exception):
-    """A refusal with its HTTP status and OpenAI-style code/param."""
+class GatewayError(errors.DomainError):
+    """A request the gateway refuses or cannot serve, with OpenAI's code and param; its kind says which."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.param = param
+
+class NotServed(GatewayError, errors.NotFound):
+    """The model, version or prompt asked for is not served here."""
+
+
+class RequestRefused(GatewayError, errors.BadRequest):
+    """A request the gateway cannot serve as asked (a limit, an empty prompt, a prompt that does not render)."""
+
+
+class InferenceUnavailable(GatewayError, errors.Unavailable):
+    """Triton cannot be reached; the same request may succeed once it is back."""
 
 
 @dataclass
@@ -210,9 +217,9 @@ class Gateway:
         try:
             route = self.routes.resolve(reference, sticky_key)
         except UnknownModelError as error:
-            raise GatewayError(404, str(error), code="model_not_found", param="model") from None
+            raise NotServed(str(error), code="model_not_found", param="model") from None
         if route.adapter_name is not None and route.adapter_name not in self._loaded():
-            raise GatewayError(404, f"{route.label} is registered but not loaded on this replica", code="model_not_loaded", param="model")
+            raise NotServed(f"{route.label} is registered but not loaded on this replica", code="model_not_loaded", param="model")
         return route
 
     def _release(self, call: _Call) -> None:
@@ -232,7 +239,7 @@ class Gateway:
             if rendered is not None:
                 messages = lead_with_prompt(messages, rendered)
             if not messages:
-                raise GatewayError(400, "messages must not be empty", code="invalid_value", param="messages")
+                raise RequestRefused("messages must not be empty", code="invalid_value", param="messages")
             return self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return request.prompt if rendered is None else rendered + request.prompt
 
@@ -242,30 +249,30 @@ class Gateway:
         try:
             call.prompt_choice = choice = self.prompts.resolve(reference, call.sticky_key)
         except UnknownPromptError as error:
-            raise GatewayError(404, str(error), code="prompt_not_found", param="prompt_ref") from None
+            raise NotServed(str(error), code="prompt_not_found", param="prompt_ref") from None
         try:
             return render_template(choice.template, reference.variables, needs=choice.variables)
         except MissingVariable as error:
             missing = ", ".join(error.missing) or str(error)
-            raise GatewayError(400, f"prompt {choice.name}:v{choice.version} needs variable(s) {missing}", code="missing_variable", param="prompt_ref.variables") from None
+            raise RequestRefused(f"prompt {choice.name}:v{choice.version} needs variable(s) {missing}", code="missing_variable", param="prompt_ref.variables") from None
         except PromptError as error:
-            raise GatewayError(400, f"prompt {choice.name}:v{choice.version} cannot be rendered: {error}", code="invalid_prompt", param="prompt_ref") from None
+            raise RequestRefused(f"prompt {choice.name}:v{choice.version} cannot be rendered: {error}", code="invalid_prompt", param="prompt_ref") from None
 
     def _row(self, call: _Call) -> TritonRow:
         request, limits = call.request, self._settings
         max_tokens = request.max_tokens or limits.default_max_tokens
         if max_tokens > limits.max_tokens_limit:
-            raise GatewayError(400, f"max_tokens {max_tokens} is over this server's limit of {limits.max_tokens_limit}", code="invalid_value", param="max_tokens")
+            raise RequestRefused(f"max_tokens {max_tokens} is over this server's limit of {limits.max_tokens_limit}", code="invalid_value", param="max_tokens")
         prompt_tokens = len(self._tokenizer.encode(call.prompt, add_special_tokens=False))
         if prompt_tokens == 0:
-            raise GatewayError(400, "the prompt is empty", code="invalid_value", param="prompt")
+            raise RequestRefused("the prompt is empty", code="invalid_value", param="prompt")
         if prompt_tokens > limits.max_prompt_tokens:
-            raise GatewayError(400, f"the prompt has {prompt_tokens} tokens, over the limit of {limits.max_prompt_tokens}", code="context_length_exceeded", param="messages" if call.endpoint == "chat.completions" else "prompt")
+            raise RequestRefused(f"the prompt has {prompt_tokens} tokens, over the limit of {limits.max_prompt_tokens}", code="context_length_exceeded", param="messages" if call.endpoint == "chat.completions" else "prompt")
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
         if len(stop) > MAX_STOP_SEQUENCES:
-            raise GatewayError(400, f"stop has {len(stop)} sequences; at most {MAX_STOP_SEQUENCES} are allowed", code="invalid_value", param="stop")
+            raise RequestRefused(f"stop has {len(stop)} sequences; at most {MAX_STOP_SEQUENCES} are allowed", code="invalid_value", param="stop")
         if request.seed is not None and not 0 <= request.seed < 2**63:
-            raise GatewayError(400, f"seed {request.seed} is out of range: use an integer from 0 to 2**63 - 1", code="invalid_value", param="seed")
+            raise RequestRefused(f"seed {request.seed} is out of range: use an integer from 0 to 2**63 - 1", code="invalid_value", param="seed")
         return TritonRow(call.prompt, call.route.adapter_name if call.route else None, max_tokens, request.temperature, request.top_p, request.seed, stop)
 
     def _connect(self) -> Any:
@@ -318,7 +325,7 @@ class Gateway:
         if responses.client is self._client:
             self._client = None
             await responses.client.close()
-        raise GatewayError(503, f"the inference server is unavailable: {reason}", code="triton_unavailable")
+        raise InferenceUnavailable(f"the inference server is unavailable: {reason}", code="triton_unavailable")
 
     def _cancel_soon(self, request_id: str) -> None:
         """Ask Triton to drop a stream's request; fire and forget, since the caller may be a cancelled task."""
@@ -384,7 +391,7 @@ class _Responses:
 def _check_loaded(call: _Call, answer: TritonAnswer) -> None:
     if answer.error:
         # The adapter went away between resolving and batching (an unload raced this request).
-        raise GatewayError(404, f"{call.route.label if call.route else call.request.model} is not loaded on this replica: {answer.error}", code="model_not_loaded", param="model")
+        raise NotServed(f"{call.route.label if call.route else call.request.model} is not loaded on this replica: {answer.error}", code="model_not_loaded", param="model")
 
 
 class Stream:

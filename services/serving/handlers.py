@@ -1,4 +1,5 @@
-"""What serving does when registry events arrive: keep the routes current, load and unload adapters."""
+"""What serving does when registry events arrive: keep the routes current, load and unload adapters.
+HANDLERS (state, replayed) and COMMANDS (read from now on) are the mappings app.py follows."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from contracts.envelope import Envelope
@@ -15,6 +17,7 @@ from services.runtime.artifacts import ArtifactStore
 from services.runtime.broker import EventBus
 from services.runtime.inference import Engine
 from services.runtime.paths import under
+from services.runtime.service import Handlers
 from services.serving.prompt_routes import PromptRoutes
 from services.serving.routes import DeferredStage, Route, Routes
 
@@ -78,62 +81,75 @@ class AdapterLoader:
 # a stage change arriving while the other handler loads the same version waits for it.
 
 
-def when_adapter_registered_remember_it(routes: Routes, loader: AdapterLoader, turn: asyncio.Lock):
-    async def handle(envelope: Envelope[AdapterRegistered]) -> None:
-        event = envelope.payload
-        async with turn:
-            deferred = routes.add_version(event.model_name, event.adapter_version, event.artifact_uri, event.artifact_sha256)
-            if deferred is not None:
-                await _route(routes, loader, event.model_name, event.adapter_version, deferred.to_stage, deferred.canary_percent, deferred=deferred)
+@dataclass(frozen=True)
+class Deps:
+    """What serving's handlers work on: the routes and prompts in memory, the adapter loader, the lock
+    the routing handlers take turns on, and the bus deployment reports go out on."""
 
-    return handle
-
-
-def when_prompt_published_remember_it(prompts: PromptRoutes):
-    async def handle(envelope: Envelope[PromptPublished]) -> None:
-        prompts.publish(envelope.payload)
-
-    return handle
+    routes: Routes
+    prompts: PromptRoutes
+    loader: AdapterLoader
+    bus: EventBus
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-def when_stage_changed_route_and_load(routes: Routes, loader: AdapterLoader, turn: asyncio.Lock):
-    async def handle(envelope: Envelope[StageChanged]) -> None:
-        event = envelope.payload
-        serves = event.to_stage in (Stage.staging, Stage.production)
-        async with turn:
-            if serves and routes.defer_stage_if_unknown(event.model_name, event.adapter_version, event.to_stage, event.canary_percent):
-                return
-            await _route(routes, loader, event.model_name, event.adapter_version, event.to_stage, event.canary_percent)
-
-    return handle
+async def when_adapter_registered_remember_it(envelope: Envelope[AdapterRegistered], deps: Deps) -> None:
+    event = envelope.payload
+    async with deps.turn:
+        deferred = deps.routes.add_version(event.model_name, event.adapter_version, event.artifact_uri, event.artifact_sha256)
+        if deferred is not None:
+            await _route(deps, event.model_name, event.adapter_version, deferred.to_stage, deferred.canary_percent, deferred=deferred)
 
 
-async def _route(routes: Routes, loader: AdapterLoader, model_name: str, version: int, to_stage: Stage, canary_percent: float | None, *, deferred: DeferredStage | None = None) -> None:
+async def when_prompt_published_remember_it(envelope: Envelope[PromptPublished], deps: Deps) -> None:
+    deps.prompts.publish(envelope.payload)
+
+
+async def when_stage_changed_route_and_load(envelope: Envelope[StageChanged], deps: Deps) -> None:
+    event = envelope.payload
+    serves = event.to_stage in (Stage.staging, Stage.production)
+    async with deps.turn:
+        if serves and deps.routes.defer_stage_if_unknown(event.model_name, event.adapter_version, event.to_stage, event.canary_percent):
+            return
+        await _route(deps, event.model_name, event.adapter_version, event.to_stage, event.canary_percent)
+
+
+async def _route(deps: Deps, model_name: str, version: int, to_stage: Stage, canary_percent: float | None, *, deferred: DeferredStage | None = None) -> None:
     if to_stage in (Stage.staging, Stage.production):
-        await loader.load(model_name, version)
-    routes.set_stage(model_name, version, to_stage, canary_percent, deferred=deferred)
+        await deps.loader.load(model_name, version)
+    deps.routes.set_stage(model_name, version, to_stage, canary_percent, deferred=deferred)
     if to_stage == Stage.archived:
-        await loader.unload(model_name, version)
+        await deps.loader.unload(model_name, version)
 
 
-def when_deployment_requested_load_and_report(loader: AdapterLoader, bus: EventBus):
-    async def handle(envelope: Envelope[DeploymentRequested]) -> None:
-        event = envelope.payload
-        error = None
-        try:
-            if event.action == DeploymentAction.load:
-                await loader.load(event.model_name, event.adapter_version)
-            else:
-                await loader.unload(event.model_name, event.adapter_version)
-        except Exception as failure:  # noqa: BLE001 - the outcome is reported in deployment.completed
-            error = f"{type(failure).__name__}: {failure}"
-            log.warning("deployment %s failed: %s", event.deployment_id, error)
-        await bus.publish(
-            DeploymentCompleted(
-                deployment_id=event.deployment_id, model_name=event.model_name, adapter_version=event.adapter_version,
-                action=event.action, ready=error is None, replica=socket.gethostname(), error=error,
-            ),
-            correlation_id=envelope.correlation_id,
-        )
+async def when_deployment_requested_load_and_report(envelope: Envelope[DeploymentRequested], deps: Deps) -> None:
+    event = envelope.payload
+    error = None
+    try:
+        if event.action == DeploymentAction.load:
+            await deps.loader.load(event.model_name, event.adapter_version)
+        else:
+            await deps.loader.unload(event.model_name, event.adapter_version)
+    except Exception as failure:  # noqa: BLE001 - the outcome is reported in deployment.completed
+        error = f"{type(failure).__name__}: {failure}"
+        log.warning("deployment %s failed: %s", event.deployment_id, error)
+    await deps.bus.publish(
+        DeploymentCompleted(
+            deployment_id=event.deployment_id, model_name=event.model_name, adapter_version=event.adapter_version,
+            action=event.action, ready=error is None, replica=socket.gethostname(), error=error,
+        ),
+        correlation_id=envelope.correlation_id,
+    )
 
-    return handle
+
+# Every replica reads these itself (not a consumer group's share) and replays them from their start at
+# each start: the state they carry lives in memory.
+HANDLERS: Handlers[Deps] = {
+    AdapterRegistered: when_adapter_registered_remember_it,
+    StageChanged: when_stage_changed_route_and_load,
+    PromptPublished: when_prompt_published_remember_it,
+}
+# Commands: read from now on, never replayed (a replayed deployment.requested would load again).
+COMMANDS: Handlers[Deps] = {
+    DeploymentRequested: when_deployment_requested_load_and_report,
+}

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from contracts.envelope import wrap
 from contracts.events import AdapterRegistered, Stage, StageChanged
-from services.serving.handlers import when_adapter_registered_remember_it, when_stage_changed_route_and_load
+from services.serving.handlers import HANDLERS, Deps, when_adapter_registered_remember_it, when_stage_changed_route_and_load
+from services.serving.prompt_routes import PromptRoutes
 from services.serving.routes import Routes, UnknownModelError
 
 pytestmark = pytest.mark.unit
@@ -116,6 +115,11 @@ class _RecordingLoader:
         self.loaded.discard(version)
 
 
+def _deps(routes: Routes, loader: _RecordingLoader) -> Deps:
+    # No bus: these tests send no deployment.requested, the one handler that publishes.
+    return Deps(routes=routes, prompts=PromptRoutes(), loader=loader, bus=None)  # type: ignore[arg-type]
+
+
 def _routed(routes: Routes) -> set[int]:
     versions = {routes.resolve(reference).adapter_version for reference in ("m", "m@staging") if reference in routes.references()}
     return versions - {None}
@@ -140,12 +144,12 @@ async def test_replayed_topics_in_any_interleaving_never_route_to_an_adapter_not
     orders = _interleavings(registered, stages)
     assert len(orders) == 10
     for order in orders:
-        routes, loader, turn = Routes(), _RecordingLoader(), asyncio.Lock()
+        routes, loader = Routes(), _RecordingLoader()
         routes.add_model("m")
-        handlers = {AdapterRegistered: when_adapter_registered_remember_it(routes, loader, turn), StageChanged: when_stage_changed_route_and_load(routes, loader, turn)}
+        deps = _deps(routes, loader)
         answered = []
         for envelope in order:
-            await handlers[type(envelope.payload)](envelope)
+            await HANDLERS[type(envelope.payload)](envelope, deps)
             assert _routed(routes) <= loader.loaded, [type(e.payload).__name__ for e in order]
             if isinstance(envelope.payload, StageChanged):
                 answered.append(routes.resolve("m").label)
@@ -155,14 +159,14 @@ async def test_replayed_topics_in_any_interleaving_never_route_to_an_adapter_not
 
 
 async def test_a_deferred_promotion_whose_load_fails_is_applied_when_the_registration_is_redelivered() -> None:
-    routes, loader, turn = Routes(), _RecordingLoader(fail_once=1), asyncio.Lock()
+    routes, loader = Routes(), _RecordingLoader(fail_once=1)
     routes.add_model("m")
-    await when_stage_changed_route_and_load(routes, loader, turn)(wrap(StageChanged(model_name="m", adapter_version=1, from_stage=Stage.staging, to_stage=Stage.production, actor="a", approver="b"), producer="registry"))
+    deps = _deps(routes, loader)
+    await when_stage_changed_route_and_load(wrap(StageChanged(model_name="m", adapter_version=1, from_stage=Stage.staging, to_stage=Stage.production, actor="a", approver="b"), producer="registry"), deps)
     assert routes.resolve("m").route == "direct"  # nothing routed to a version serving cannot load yet
     registration = wrap(AdapterRegistered(model_name="m", adapter_version=1, artifact_uri="file:///v1", artifact_sha256="0" * 64, training_job_id="j1"), producer="registry")
-    remember = when_adapter_registered_remember_it(routes, loader, turn)
     with pytest.raises(OSError):
-        await remember(registration)
+        await when_adapter_registered_remember_it(registration, deps)
     assert routes.resolve("m").route == "direct" and loader.loaded == set()
-    await remember(registration)  # the consumer's retry
+    await when_adapter_registered_remember_it(registration, deps)  # the consumer's retry
     assert routes.resolve("m").label == "m:v1" and loader.loaded == {1}
