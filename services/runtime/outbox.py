@@ -22,6 +22,7 @@ consumers deduplicate by event_id: at-least-once delivery, made idempotent where
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 from collections.abc import Awaitable, Sequence
@@ -114,16 +115,23 @@ class OutboxRelay:
 
     async def relay_once(self) -> int:
         """Publish one batch of pending events in order; how many were sent. A publish that fails raises its error."""
-        return await asyncio.to_thread(self._relay_batch, asyncio.get_running_loop())
+        pass_ = _Pass()
+        try:
+            return await asyncio.to_thread(self._relay_batch, asyncio.get_running_loop(), pass_)
+        except asyncio.CancelledError:
+            # A thread cannot be cancelled: tell it to stop, and end the publish it waits on, so it lets
+            # its claim go now rather than after the publish timeout.
+            pass_.abandon()
+            raise
 
-    def _relay_batch(self, loop: asyncio.AbstractEventLoop) -> int:
+    def _relay_batch(self, loop: asyncio.AbstractEventLoop, pass_: _Pass) -> int:
         # The claim may hold a database transaction while its batch is published, so the pass runs in a
         # thread and publishes through the loop.
         with self._batch_lock, self._storage.claim(self._batch) as claim:
             for event in claim.events:
                 payload_type = EVENT_TYPES[event.event_type]
                 envelope = Envelope[payload_type].model_validate_json(event.envelope)  # type: ignore[valid-type]
-                published = asyncio.run_coroutine_threadsafe(_awaited(self._bus.publish_envelope(envelope)), loop)
+                published = pass_.watch(asyncio.run_coroutine_threadsafe(_awaited(self._bus.publish_envelope(envelope)), loop))
                 try:
                     published.result(self._publish_timeout)
                 except TimeoutError:
@@ -182,6 +190,28 @@ class OutboxRelay:
             await asyncio.wait_for(self.drain(), self._drain_timeout)
         except Exception as error:  # noqa: BLE001 - left in the outbox for the next start
             log.info("%s: staged events not drained on stop (%s: %s); they go out at the next start", self._name, type(error).__name__, error)
+
+
+class _Pass:
+    """One relay pass as its thread and the loop both see it: abandoned when the awaiting task is cancelled."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._publishing: concurrent.futures.Future[Any] | None = None
+
+    def watch(self, publishing: concurrent.futures.Future[Any]) -> concurrent.futures.Future[Any]:
+        with self._lock:
+            self._publishing = publishing
+            if self._abandoned:
+                publishing.cancel()
+        return publishing
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            if self._publishing is not None:
+                self._publishing.cancel()
 
 
 async def _awaited(publishing: Awaitable[Any]) -> Any:
