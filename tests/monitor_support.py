@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer
-from fastapi import FastAPI
 from faststream.kafka import KafkaBroker
 
 from contracts.events import FeedbackReceived, InferenceLogged, InferenceStatus, Stage, Thumbs
@@ -35,7 +34,7 @@ from services.runtime.auth import Authenticator, KeyStore, LocalKeys
 from services.runtime.broker import EventBus, create_broker
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.consumer import DeadLetters
-from services.runtime.http import DoorError, error_response
+from services.runtime.http import create_http_app
 from services.runtime.service import subscribe_batches
 from services.runtime.settings import FlywheelSettings
 from tests.fixtures.clickhouse import ClickHouseTarget
@@ -61,13 +60,8 @@ class RegistryDoorFixture:
         # As the registry built in a process does: the other doors of this process check keys against its store.
         LocalKeys.register(self.store.url, keys)
         self.operator_key, _ = keys.create(principal="service:monitor", role=Role.operator, created_by="test")
-        self.app = FastAPI()
-
-        @self.app.exception_handler(DoorError)
-        async def _door_error(_request, error: DoorError):  # noqa: ANN202
-            return error_response(error.status, error.detail)
-
-        self.app.include_router(registry_router(self.registry, self.auth))
+        # The process's own app: it answers the registry's refusals (domain errors) as the registry's process does.
+        self.app = create_http_app("registry", routers=[registry_router(self.registry, self.auth)])
         self.transport = httpx.ASGITransport(app=self.app)
 
     def door(self) -> RegistryClient:
