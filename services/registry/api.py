@@ -9,7 +9,6 @@ refused by a rule (a conflict, a failed gate) lands in the audit log; a refusal 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Response
@@ -69,10 +68,8 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
     approver = auth.require(Role.approver)
     admin = auth.require(Role.admin)
     holder = auth.any_key()
-
-    async def call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        # In a thread: the use cases run blocking SQL. What they refuse (a DomainError) the app answers.
-        return await asyncio.to_thread(function, *args, **kwargs)
+    # Use cases run in a thread (blocking SQL); what they refuse (a DomainError) the app answers.
+    call = asyncio.to_thread
 
     def page(result: Any) -> dict:
         return {"items": result.items, "next_cursor": result.next_cursor}

@@ -6,7 +6,9 @@
 - changes.py: what every mutation shares (its transaction, its audit entry, the outbox kick) and the audit log;
 - store.py: the database and its queries;  errors.py: what the registry refuses.
 
-None imports Kafka or FastAPI; the door (api.py), the handlers and the CLI translate.
+None imports Kafka or FastAPI; the door (api.py), the handlers and the CLI translate. changes.py reads
+the edge's status of a refusal (services.runtime.http.status_of), because a refused change's audit
+entry records the status the door answers, whoever asked.
 """
 
 from __future__ import annotations
