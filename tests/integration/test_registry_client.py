@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -143,3 +146,21 @@ async def test_the_commands_sync_client_sees_what_the_async_one_sees(live: LiveR
     with pytest.raises(RegistryError) as wrong_key:
         await asyncio.to_thread(RegistrySyncClient(live.url, "fw_000000000000_not-a-real-secret").adapters)
     assert wrong_key.value.status == 401 and wrong_key.value.refused
+
+
+async def test_ops_models_prints_the_adapters_the_door_lists(live: LiveRegistry, tmp_path: Path) -> None:
+    # The command as a user runs it, finding the registry at FLYWHEEL_HTTP_HOST:PORT with FLYWHEEL_API_KEY.
+    address = urlsplit(live.url)
+    env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path / "client-home"), "FLYWHEEL_HTTP_HOST": str(address.hostname), "FLYWHEEL_HTTP_PORT": str(address.port),
+           "FLYWHEEL_API_KEY": ADMIN, "COLUMNS": "250", "PYTHONDONTWRITEBYTECODE": "1"}
+    command = await asyncio.create_subprocess_exec(str(Path(sys.executable).parent / "flywheel"), "ops", "models", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(command.communicate(), timeout=120)
+    assert command.returncode == 0, stderr.decode()[-2000:]
+    rows = [line for line in stdout.decode().splitlines() if f" {MODEL} " in line]
+    assert len(rows) == 2 and all("production" in row and "support" in row for row in rows), stdout.decode()
+    assert any("20.0" in row for row in rows), "the canary's share is printed"
+
+    env["FLYWHEEL_API_KEY"] = "fw_000000000000_not-a-real-secret"
+    refused = await asyncio.create_subprocess_exec(str(Path(sys.executable).parent / "flywheel"), "ops", "models", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(refused.communicate(), timeout=120)
+    assert refused.returncode != 0 and "registry refused GET /registry/v1/adapters (401)" in " ".join(stderr.decode().split()), stderr.decode()
