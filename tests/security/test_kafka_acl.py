@@ -400,10 +400,10 @@ async def test_one_process_of_several_services_runs_as_the_joint_principal(secur
     assert [json.loads(r.value)["producer"] for r in published if json.loads(r.value)["payload"]["prompt_name"] == prompt] == ["registry"]
 
 
-def test_the_readme_prints_the_table_the_broker_enforces() -> None:
-    readme = (REPO / "README.md").read_text()
-    printed = readme.split("<!-- kafka-acl-table:begin -->\n", 1)[1].split("\n<!-- kafka-acl-table:end -->", 1)[0]
-    assert printed == table_markdown(), "README's Kafka identities table is out of date: paste infra.kafka_acls.table_markdown()"
+def test_the_operations_guide_prints_the_table_the_broker_enforces() -> None:
+    guide = (REPO / "docs" / "operations.md").read_text()
+    printed = guide.split("<!-- kafka-acl-table:begin -->\n", 1)[1].split("\n<!-- kafka-acl-table:end -->", 1)[0]
+    assert printed == table_markdown(), "docs/operations.md's Kafka identities table is out of date: paste infra.kafka_acls.table_markdown()"
 
 
 @pytest.fixture(scope="module")

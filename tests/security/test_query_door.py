@@ -3,7 +3,7 @@ monitor` builds it (services/monitor/app.create_app under build_process) answers
 on real ClickHouse. Every attack and its variants (table functions, `file()`, `system.*`, SETTINGS,
 multi-statements, comment and case tricks) is a clear 4xx that leaks nothing and changes nothing; an
 app key is refused before any parsing; queries over the caps fail cleanly; the project's own queries
-(ops views, Grafana panels, the README, the demo) still answer as they did; and `flywheel ops sql` with
+(ops views, Grafana panels, the docs' query guide, the demo) still answer as they did; and `flywheel ops sql` with
 nothing running goes through the same guard.
 
 The door needs neither the broker nor the tick loop, so the app is built but its lifespan (which starts
@@ -216,13 +216,13 @@ async def test_the_roles_that_read_use_the_door(door: Door) -> None:
 
 
 def project_queries() -> list[tuple[str, str, dict]]:
-    """The queries Flywheel itself sends to the door or documents: ops views, Grafana panels, the README, the demo, the tests."""
+    """The queries Flywheel itself sends to the door or documents: ops views, Grafana panels, the docs' query guide, the demo, the tests."""
     found = [(f"ops {name}", sql, {"hours": 24, "bucket": 3600}) for name, sql in OPS_VIEWS.items()]
     for path in DASHBOARDS:
         found += [(f"grafana {title}", as_grafana_sends(sql), {}) for title, sql in queries(json.loads(path.read_text()))]
-    readme = (REPO / "README.md").read_text()
-    block = readme.split("```sql\n", 1)[1].split("```", 1)[0]
-    found.append(("README example", block.strip(), {}))
+    guide = (REPO / "docs" / "how-to" / "query-clickhouse.md").read_text()
+    block = guide.split("```sql\n", 1)[1].split("```", 1)[0]
+    found.append(("query-clickhouse guide example", block.strip(), {}))
     ids = ["inf-none"]
     found += [
         ("demo step 4", "SELECT count() AS rows, uniqExact(event_id) AS events, countIf(adapter_version = {v:UInt32}) AS on_version FROM inference_log WHERE inference_id IN {ids:Array(String)}", {"ids": ids, "v": 1}),
