@@ -5,4 +5,14 @@ from contracts.envelope import ContractModel, Envelope, Payload, wrap
 from contracts.events import EVENTS
 from contracts.topics import EVENT_TYPES, all_topics, dlq_for, topic_for
 
-__all__ = ["EVENTS", "EVENT_TYPES", "ContractModel", "Envelope", "Payload", "all_topics", "dlq_for", "topic_for", "wrap"]
+__all__ = [
+    "EVENTS",
+    "EVENT_TYPES",
+    "ContractModel",
+    "Envelope",
+    "Payload",
+    "all_topics",
+    "dlq_for",
+    "topic_for",
+    "wrap",
+]

@@ -66,7 +66,9 @@ class Envelope(ContractModel, Generic[P]):
         return self
 
 
-def wrap(payload: P, *, producer: str, correlation_id: str | None = None, event_id: uuid.UUID | None = None) -> Envelope[P]:
+def wrap(
+    payload: P, *, producer: str, correlation_id: str | None = None, event_id: uuid.UUID | None = None
+) -> Envelope[P]:
     """Put a payload in its envelope, filling event type and schema version from the payload class."""
     fields: dict[str, Any] = {
         "event_type": payload.event_type,

@@ -174,9 +174,13 @@ class StageChanged(Payload):
     canary_percent: float | None = Field(
         default=None, ge=0, le=100, description="Share of production traffic for a declared canary."
     )
-    approver: str | None = Field(default=None, description="Who approved the change (always present for a promotion to production).")
+    approver: str | None = Field(
+        default=None, description="Who approved the change (always present for a promotion to production)."
+    )
     replaces_version: int | None = Field(
-        default=None, ge=1, description="On a promotion to full production: the version it replaced, archived in the same change."
+        default=None,
+        ge=1,
+        description="On a promotion to full production: the version it replaced, archived in the same change.",
     )
 
 
@@ -332,18 +336,24 @@ class InferenceLogged(Payload):
     key_field: ClassVar[str] = "inference_id"
     partitions: ClassVar[int] = 6
 
-    inference_id: InferenceId = Field(description="Id of the inference; the gateway's response id; feedback refers to it.")
+    inference_id: InferenceId = Field(
+        description="Id of the inference; the gateway's response id; feedback refers to it."
+    )
     # Not a ModelName: a refused request is logged with the model it named, whatever that was. It is
     # only ever a ClickHouse value, never a path or a registry key.
     model_name: str = Field(description="Base model name.")
     adapter_version: int | None = Field(default=None, description="Adapter version served; none for the base model.")
     prompt_name: PromptName | None = Field(default=None, description="Registered prompt rendered server-side, if any.")
     prompt_version: int | None = Field(default=None, description="Its version.")
-    route: str = Field(default="direct", description="How the version was chosen: production, staging, pinned, canary, ab, direct.")
+    route: str = Field(
+        default="direct", description="How the version was chosen: production, staging, pinned, canary, ab, direct."
+    )
     endpoint: str = Field(default="chat.completions", description="API used: chat.completions, completions, or app.")
     user_id: str | None = Field(default=None, description="End user id (canary stickiness, per-user analysis).")
     principal: str | None = Field(default=None, description="API key principal that made the call.")
-    input_messages: list[dict[str, Any]] = Field(default_factory=list, description="Chat messages sent (role, content).")
+    input_messages: list[dict[str, Any]] = Field(
+        default_factory=list, description="Chat messages sent (role, content)."
+    )
     input_text: str = Field(default="", description="Prompt text as sent to the model (after templates).")
     output_text: str = Field(default="", description="Generated text.")
     finish_reason: str | None = Field(default=None, description="stop, length, or error.")
@@ -366,12 +376,16 @@ class FeedbackReceived(Payload):
     key_field: ClassVar[str] = "inference_id"
     partitions: ClassVar[int] = 6
 
-    feedback_id: FeedbackId = Field(default_factory=lambda: str(uuid.uuid4()), description="Id of this piece of feedback.")
+    feedback_id: FeedbackId = Field(
+        default_factory=lambda: str(uuid.uuid4()), description="Id of this piece of feedback."
+    )
     inference_id: InferenceId = Field(description="Inference the feedback is about.")
     thumbs: Thumbs | None = Field(default=None, description="Thumbs up or down.")
     rating: int | None = Field(default=None, ge=1, le=5, description="Rating from 1 to 5.")
     comment: str | None = Field(default=None, max_length=8000, description="Free-text comment.")
-    correction: str | None = Field(default=None, max_length=32000, description="The answer that should have been given.")
+    correction: str | None = Field(
+        default=None, max_length=32000, description="The answer that should have been given."
+    )
     tags: list[str] = Field(default_factory=list, description="Labels, e.g. wrong-fact, tone.")
     source: FeedbackSource = Field(default=FeedbackSource.end_user, description="Who gave it.")
     actor: str | None = Field(default=None, description="Id of the person or judge that gave it.")
@@ -393,13 +407,17 @@ class FeedbackReviewed(FeedbackReceived):
 
     event_type: ClassVar[str] = "feedback.reviewed"
 
-    source: FeedbackSource = Field(default=FeedbackSource.reviewer, description="Who gave it: always `reviewer` on this topic.")
+    source: FeedbackSource = Field(
+        default=FeedbackSource.reviewer, description="Who gave it: always `reviewer` on this topic."
+    )
 
     @field_validator("source")
     @classmethod
     def _source_is_reviewer(cls, source: FeedbackSource) -> FeedbackSource:
         if source is not FeedbackSource.reviewer:
-            raise ValueError(f"feedback.reviewed carries source reviewer only, got {source.value}: publish other feedback as feedback.received")
+            raise ValueError(
+                f"feedback.reviewed carries source reviewer only, got {source.value}: publish other feedback as feedback.received"
+            )
         return source
 
 

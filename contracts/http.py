@@ -13,7 +13,15 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from contracts.events import DatasetRef, EvaluationCompleted, FeedbackSource, Hyperparameters, ModelTarget, Stage, Thumbs
+from contracts.events import (
+    DatasetRef,
+    EvaluationCompleted,
+    FeedbackSource,
+    Hyperparameters,
+    ModelTarget,
+    Stage,
+    Thumbs,
+)
 from contracts.ids import DatasetName, JobId, MetricSuiteName, ModelName, PromptLabel, PromptName, Sha256, VersionNumber
 
 T = TypeVar("T")
@@ -32,7 +40,9 @@ class Response(BaseModel):
 
 class ErrorDetail(Response):
     message: str = Field(description="What went wrong and what to do about it.")
-    type: str = Field(description="Error class: invalid_request_error, authentication_error, permission_error, not_found_error, conflict_error, rate_limit_error, server_error, service_unavailable.")
+    type: str = Field(
+        description="Error class: invalid_request_error, authentication_error, permission_error, not_found_error, conflict_error, rate_limit_error, server_error, service_unavailable."
+    )
     param: str | None = Field(default=None, description="The request field at fault, when one is.")
     code: str | None = Field(default=None, description="Machine-readable code, e.g. model_not_found.")
 
@@ -43,7 +53,9 @@ class ErrorResponse(Response):
 
 class Page(Response, Generic[T]):
     items: list[T] = Field(description="This page's items.")
-    next_cursor: str | None = Field(default=None, description="Pass as `cursor` to get the next page; none on the last page.")
+    next_cursor: str | None = Field(
+        default=None, description="Pass as `cursor` to get the next page; none on the last page."
+    )
     total: int | None = Field(default=None, ge=0, description="Total number of items, when cheap to count.")
 
 
@@ -63,18 +75,24 @@ class Role(StrEnum):
 class HealthStatus(Response):
     status: Literal["ok", "degraded", "unavailable"] = Field(description="Overall state.")
     service: str = Field(description="Service or process name.")
-    checks: dict[str, str] = Field(default_factory=dict, description="Each dependency and its state (`ok` or the error).")
+    checks: dict[str, str] = Field(
+        default_factory=dict, description="Each dependency and its state (`ok` or the error)."
+    )
 
 
 # ---------------------------------------------------------------------------------------- feedback
 
 
 class FeedbackCreate(Request):
-    inference_id: str = Field(min_length=1, max_length=128, description="Inference the feedback is about (the gateway response id).")
+    inference_id: str = Field(
+        min_length=1, max_length=128, description="Inference the feedback is about (the gateway response id)."
+    )
     thumbs: Thumbs | None = Field(default=None, description="Thumbs up or down.")
     rating: int | None = Field(default=None, ge=1, le=5, description="Rating from 1 to 5.")
     comment: str | None = Field(default=None, max_length=8000, description="Free-text comment.")
-    correction: str | None = Field(default=None, max_length=32000, description="The answer that should have been given.")
+    correction: str | None = Field(
+        default=None, max_length=32000, description="The answer that should have been given."
+    )
     tags: list[str] = Field(default_factory=list, max_length=32, description="Labels, e.g. wrong-fact.")
     source: FeedbackSource = Field(default=FeedbackSource.end_user, description="Who gives it.")
     actor: str | None = Field(default=None, max_length=256, description="Id of the person or judge.")
@@ -82,7 +100,9 @@ class FeedbackCreate(Request):
 
 class FeedbackAccepted(Response):
     feedback_id: str = Field(description="Id of the stored feedback.")
-    event_id: str = Field(description="Id of the event published: `feedback.received`, or `feedback.reviewed` for a reviewer's feedback.")
+    event_id: str = Field(
+        description="Id of the event published: `feedback.received`, or `feedback.reviewed` for a reviewer's feedback."
+    )
 
 
 # ----------------------------------------------------------------------------------------- trainer
@@ -92,7 +112,10 @@ class TrainingJobCreate(Request):
     model_name: ModelName = Field(description="Base model to adapt.")
     dataset: DatasetRef = Field(description="Training dataset version.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="LoRA settings.")
-    job_id: JobId | None = Field(default=None, description="Idempotency key; generated when absent. It names the job's work directory, so it is an id, never a path.")
+    job_id: JobId | None = Field(
+        default=None,
+        description="Idempotency key; generated when absent. It names the job's work directory, so it is an id, never a path.",
+    )
 
 
 class TrainingJobView(Response):
@@ -120,7 +143,9 @@ class EvaluationStatus(Response):
     evaluation_id: str = Field(description="Evaluation id.")
     status: str = Field(description="queued, running, completed or failed.")
     request: dict[str, Any] = Field(description="What was asked: candidate, baseline, golden set, suite.")
-    result: EvaluationCompleted | None = Field(default=None, description="The evaluation.completed payload, once finished.")
+    result: EvaluationCompleted | None = Field(
+        default=None, description="The evaluation.completed payload, once finished."
+    )
     created_at: str = Field(description="When it was requested (UTC, ISO 8601).")
     updated_at: str = Field(description="When its status last changed (UTC, ISO 8601).")
 
@@ -134,7 +159,9 @@ class EvaluationList(Response):
 
 class QueryRequest(Request):
     sql: str = Field(min_length=1, max_length=100_000, description="A read-only ClickHouse SQL query.")
-    parameters: dict[str, Any] = Field(default_factory=dict, description="Server-side query parameters ({name:Type} placeholders).")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="Server-side query parameters ({name:Type} placeholders)."
+    )
     max_rows: int = Field(default=10_000, ge=1, le=1_000_000, description="Rows returned at most.")
 
 
@@ -148,6 +175,7 @@ class QueryResult(Response):
 
 # ---------------------------------------------------------------------------------------- registry
 
+
 class RegistryView(Response):
     # Views are read straight off the registry's table rows.
     model_config = ConfigDict(extra="ignore", from_attributes=True)
@@ -156,9 +184,13 @@ class RegistryView(Response):
 class BaseModelCreate(Request):
     name: ModelName = Field(description="Registered name.")
     source: str = Field(min_length=1, max_length=1000, description="Package, directory or hub id it came from.")
-    architecture: str = Field(min_length=1, max_length=200, description="Transformers architecture, e.g. LlamaForCausalLM.")
+    architecture: str = Field(
+        min_length=1, max_length=200, description="Transformers architecture, e.g. LlamaForCausalLM."
+    )
     parameter_count: int = Field(ge=0, description="Number of parameters.")
-    artifact_uri: str = Field(min_length=1, max_length=2000, description="Where its safetensors are stored (artifact store).")
+    artifact_uri: str = Field(
+        min_length=1, max_length=2000, description="Where its safetensors are stored (artifact store)."
+    )
     artifact_sha256: Sha256 = Field(description="Digest of the stored weights.")
     license: str | None = Field(default=None, max_length=200, description="License identifier, e.g. apache-2.0.")
     chat_template: str | None = Field(default=None, description="The tokenizer's chat template.")
@@ -180,9 +212,13 @@ class BaseModelView(RegistryView):
 
 class AdapterVersionCreate(Request):
     model_name: ModelName = Field(description="Base model the adapter adapts.")
-    artifact_uri: str = Field(min_length=1, max_length=2000, description="The adapter directory's manifest in the artifact store.")
+    artifact_uri: str = Field(
+        min_length=1, max_length=2000, description="The adapter directory's manifest in the artifact store."
+    )
     artifact_sha256: Sha256 = Field(description="Digest of that manifest; checked before registering.")
-    training_job_id: JobId | None = Field(default=None, description="Training job that produced it; one adapter per job.")
+    training_job_id: JobId | None = Field(
+        default=None, description="Training job that produced it; one adapter per job."
+    )
     dataset: DatasetRef | None = Field(default=None, description="Dataset version it was trained on.")
     hyperparameters: Hyperparameters | None = Field(default=None, description="LoRA settings it was trained with.")
     metrics: dict[str, float] = Field(default_factory=dict, description="Training metrics, e.g. final_loss.")
@@ -192,7 +228,9 @@ class AdapterVersionView(RegistryView):
     model_name: str = Field(description="Base model.")
     version: int = Field(description="Version number, per model, from 1.")
     stage: Stage = Field(description="Current stage.")
-    canary_percent: float | None = Field(description="Share of production traffic when this version is the declared canary.")
+    canary_percent: float | None = Field(
+        description="Share of production traffic when this version is the declared canary."
+    )
     artifact_uri: str = Field(description="The adapter directory's manifest in the artifact store.")
     artifact_sha256: str = Field(description="Digest of that manifest.")
     training_job_id: str | None = Field(description="Training job that produced it.")
@@ -206,10 +244,18 @@ class AdapterVersionView(RegistryView):
 
 class StageTransition(Request):
     to_stage: Stage = Field(description="Target stage.")
-    approver: str | None = Field(default=None, max_length=256, description="Ignored (kept so older clients still parse): a production promotion needs an approval recorded by an approver beforehand (POST .../approvals); the audit log names that principal.")
+    approver: str | None = Field(
+        default=None,
+        max_length=256,
+        description="Ignored (kept so older clients still parse): a production promotion needs an approval recorded by an approver beforehand (POST .../approvals); the audit log names that principal.",
+    )
     reason: str | None = Field(default=None, max_length=2000, description="Why, in words.")
-    canary_percent: float | None = Field(default=None, gt=0, lt=100, description="Declare this production version a canary with this share of traffic.")
-    replaces: int | None = Field(default=None, ge=1, description="The production version this one replaces (compare-and-swap); it is archived.")
+    canary_percent: float | None = Field(
+        default=None, gt=0, lt=100, description="Declare this production version a canary with this share of traffic."
+    )
+    replaces: int | None = Field(
+        default=None, ge=1, description="The production version this one replaces (compare-and-swap); it is archived."
+    )
 
 
 class EvaluationView(RegistryView):
@@ -221,7 +267,9 @@ class EvaluationView(RegistryView):
     gate_policy: str = Field(description="Gate policy and version applied.")
     golden_name: str = Field(description="Golden dataset.")
     golden_version: int = Field(description="Golden dataset version.")
-    reasons: list[Any] = Field(description="Why the gate passed or failed, in words.")  # published with untyped items: list[str] would change the contract
+    reasons: list[Any] = Field(
+        description="Why the gate passed or failed, in words."
+    )  # published with untyped items: list[str] would change the contract
     report_uri: str | None = Field(description="The full report in the artifact store.")
     created_at: datetime = Field(description="When the result was attached (UTC).")
 
@@ -251,15 +299,21 @@ class LineageView(Response):
     base_model: BaseModelRef = Field(description="The base model it adapts.")
     training_job_id: str | None = Field(description="Training job that produced it.")
     hyperparameters: dict[str, Any] | None = Field(description="LoRA settings it was trained with.")
-    dataset: DatasetVersionView | None = Field(description="Dataset version it was trained on; its rows are at /registry/v1/datasets/{name}/versions/{version}/rows.")
+    dataset: DatasetVersionView | None = Field(
+        description="Dataset version it was trained on; its rows are at /registry/v1/datasets/{name}/versions/{version}/rows."
+    )
     evaluations: list[EvaluationView] = Field(description="Evaluations of this exact version, oldest first.")
 
 
 class PromptCreate(Request):
     name: PromptName = Field(description="Prompt name.")
-    template: str = Field(min_length=1, max_length=200_000, description="Jinja template text; variables are found in it.")
+    template: str = Field(
+        min_length=1, max_length=200_000, description="Jinja template text; variables are found in it."
+    )
     model_name: ModelName | None = Field(default=None, description="Model the prompt targets.")
-    labels: list[PromptLabel] = Field(default_factory=list, max_length=20, description="Labels to point at the new version, e.g. production.")
+    labels: list[PromptLabel] = Field(
+        default_factory=list, max_length=20, description="Labels to point at the new version, e.g. production."
+    )
 
 
 class PromptVersionView(RegistryView):
@@ -268,8 +322,13 @@ class PromptVersionView(RegistryView):
     template: str = Field(description="Template text.")
     variables: list[str] = Field(description="Variables the template needs.")
     model_name: str | None = Field(description="Model the prompt targets.")
-    labels: list[str] = Field(default_factory=list, description="Labels pointing at this version (in single-version answers).")
-    label_traffic: dict[str, float] = Field(default_factory=dict, description="A/B share (percent of production-label traffic) declared on those labels, where one is.")
+    labels: list[str] = Field(
+        default_factory=list, description="Labels pointing at this version (in single-version answers)."
+    )
+    label_traffic: dict[str, float] = Field(
+        default_factory=dict,
+        description="A/B share (percent of production-label traffic) declared on those labels, where one is.",
+    )
     created_at: datetime = Field(description="When it was published (UTC).")
     created_by: str = Field(description="Principal that published it.")
 
@@ -277,15 +336,23 @@ class PromptVersionView(RegistryView):
 class PromptLabelMove(Request):
     version: VersionNumber = Field(description="Version the label should point at; moving it back is a rollback.")
     traffic_percent: float | None = Field(
-        default=None, ge=0, le=100,
+        default=None,
+        ge=0,
+        le=100,
         description="Declare an A/B split: this percent of the traffic asking for the production label gets this label's version, sticky per user. 0 ends the split; unset keeps the label's current share. Not allowed on production itself.",
     )
 
 
 class PromptRenderRequest(Request):
-    version: VersionNumber | None = Field(default=None, description="Version to render; none: by label, else the latest.")
-    label: PromptLabel | None = Field(default=None, description="Label to render, e.g. production; used when version is none.")
-    variables: dict[str, Any] = Field(default_factory=dict, description="Values for the template's variables; each one it needs is required.")
+    version: VersionNumber | None = Field(
+        default=None, description="Version to render; none: by label, else the latest."
+    )
+    label: PromptLabel | None = Field(
+        default=None, description="Label to render, e.g. production; used when version is none."
+    )
+    variables: dict[str, Any] = Field(
+        default_factory=dict, description="Values for the template's variables; each one it needs is required."
+    )
 
 
 class PromptRendered(Response):
@@ -297,8 +364,12 @@ class PromptRendered(Response):
 class DatasetCreate(Request):
     name: DatasetName = Field(description="Dataset name; each upload is its next version.")
     split: Literal["train", "golden"] = Field(description="train, or golden (for evaluation).")
-    jsonl: str = Field(description="The records, one JSON object per line: chat ({\"messages\": [...]}) or instruction ({\"instruction\", \"output\"}).")
-    provenance: Literal["uploaded", "feedback"] = Field(default="uploaded", description="uploaded, or feedback (built from corrections).")
+    jsonl: str = Field(
+        description='The records, one JSON object per line: chat ({"messages": [...]}) or instruction ({"instruction", "output"}).'
+    )
+    provenance: Literal["uploaded", "feedback"] = Field(
+        default="uploaded", description="uploaded, or feedback (built from corrections)."
+    )
     model_name: ModelName | None = Field(default=None, description="Model it is meant for.")
 
 
@@ -316,13 +387,22 @@ class AuditEntryView(RegistryView):
 
 
 class ApiKeyCreate(Request):
-    principal: str = Field(min_length=1, max_length=256, description="Who the key is for; recorded as the actor of what it does.")
+    principal: str = Field(
+        min_length=1, max_length=256, description="Who the key is for; recorded as the actor of what it does."
+    )
     role: Role = Field(description="What the key may do.")
-    ttl_s: int | None = Field(default=None, ge=60, le=10 * 365 * 86400, description="Seconds until the key expires; unset: it does not expire.")
+    ttl_s: int | None = Field(
+        default=None,
+        ge=60,
+        le=10 * 365 * 86400,
+        description="Seconds until the key expires; unset: it does not expire.",
+    )
 
 
 class ApiKeyCreated(Response):
-    key: str = Field(description="The API key; shown once, stored only as a keyed hash (HMAC under the server's pepper).")
+    key: str = Field(
+        description="The API key; shown once, stored only as a keyed hash (HMAC under the server's pepper)."
+    )
     key_id: str = Field(description="The key's id, to revoke it.")
     principal: str = Field(description="Who the key is for.")
     role: Role = Field(description="What the key may do.")
@@ -353,9 +433,13 @@ class _SamplingRequest(Request):
     stream: bool = Field(default=False, description="Stream tokens as server-sent events.")
     stop: str | list[str] | None = Field(default=None, description="Sequences that end generation.")
     seed: int | None = Field(default=None, description="Sampling seed.")
-    user: str | None = Field(default=None, max_length=256, description="End-user id: canary stickiness and feedback analysis.")
+    user: str | None = Field(
+        default=None, max_length=256, description="End-user id: canary stickiness and feedback analysis."
+    )
     n: int = Field(default=1, ge=1, le=1, description="Choices to return (only 1 is supported).")
-    prompt_ref: PromptReference | None = Field(default=None, description="Flywheel extension: render a registered prompt server-side.")
+    prompt_ref: PromptReference | None = Field(
+        default=None, description="Flywheel extension: render a registered prompt server-side."
+    )
     metadata: dict[str, str] = Field(default_factory=dict, description="Free-form tags stored with the inference.")
 
 
@@ -468,13 +552,25 @@ class ApiKeyView(RegistryView):
     created_by: str = Field(description="Who created it.")
     expires_at: datetime | None = Field(default=None, description="When it stops working; none: never.")
     revoked_at: datetime | None = Field(default=None, description="When it was revoked; none: it was not.")
-    last_used_at: datetime | None = Field(default=None, description="Last use, to within a minute; none: never used since 0004.")
+    last_used_at: datetime | None = Field(
+        default=None, description="Last use, to within a minute; none: never used since 0004."
+    )
     rotated_from: str | None = Field(default=None, description="The key this one replaced by rotation.")
 
 
 class ApiKeyRotate(Request):
-    grace_s: int = Field(default=0, ge=0, le=30 * 86400, description="Seconds the old key keeps working (it expires then); 0: revoked at once.")
-    ttl_s: int | None = Field(default=None, ge=60, le=10 * 365 * 86400, description="Seconds until the new key expires; unset: it does not expire.")
+    grace_s: int = Field(
+        default=0,
+        ge=0,
+        le=30 * 86400,
+        description="Seconds the old key keeps working (it expires then); 0: revoked at once.",
+    )
+    ttl_s: int | None = Field(
+        default=None,
+        ge=60,
+        le=10 * 365 * 86400,
+        description="Seconds until the new key expires; unset: it does not expire.",
+    )
 
 
 class ApiKeyIdentity(Response):
@@ -485,7 +581,10 @@ class ApiKeyIdentity(Response):
 
 
 class ApprovalCreate(Request):
-    target: Literal["production"] = Field(default="production", description="The stage (adapter) or label (prompt) approved; only production needs approval.")
+    target: Literal["production"] = Field(
+        default="production",
+        description="The stage (adapter) or label (prompt) approved; only production needs approval.",
+    )
     comment: str | None = Field(default=None, max_length=2000, description="Why, in words.")
 
 
@@ -498,7 +597,9 @@ class ApprovalView(RegistryView):
     approved_role: Role = Field(description="Its role when it approved.")
     approved_at: datetime = Field(description="When (UTC).")
     comment: str | None = Field(default=None, description="Why, in words.")
-    used_by: str | None = Field(default=None, description="The principal whose promotion used it up; none: still unused.")
+    used_by: str | None = Field(
+        default=None, description="The principal whose promotion used it up; none: still unused."
+    )
     used_at: datetime | None = Field(default=None, description="When it was used.")
 
 

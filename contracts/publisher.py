@@ -52,7 +52,9 @@ class KafkaSecurity:
         if self.uses_sasl and not (self.username and self.password):
             raise ValueError(f"{self.protocol} needs a SASL username and password")
         if not self.uses_sasl and self.username:
-            raise ValueError(f"a SASL username was given but the protocol is {self.protocol}: use SASL_SSL (or SASL_PLAINTEXT in development)")
+            raise ValueError(
+                f"a SASL username was given but the protocol is {self.protocol}: use SASL_SSL (or SASL_PLAINTEXT in development)"
+            )
 
     @classmethod
     def of(
@@ -73,7 +75,13 @@ class KafkaSecurity:
         if protocol in ("SSL", "SASL_SSL") and ssl_context is None:
             # The system's trust store, plus the cluster's own CA when it has one: hostnames are checked.
             ssl_context = ssl.create_default_context(cafile=str(ssl_cafile) if ssl_cafile else None)
-        return cls(protocol=protocol, sasl_mechanism=sasl_mechanism, username=sasl_username, password=sasl_password, ssl_context=ssl_context)
+        return cls(
+            protocol=protocol,
+            sasl_mechanism=sasl_mechanism,
+            username=sasl_username,
+            password=sasl_password,
+            ssl_context=ssl_context,
+        )
 
     @property
     def uses_sasl(self) -> bool:
@@ -89,7 +97,9 @@ class KafkaSecurity:
         if self.uses_tls:
             options["ssl_context"] = self.ssl_context
         if self.uses_sasl:
-            options.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.username, sasl_plain_password=self.password)
+            options.update(
+                sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.username, sasl_plain_password=self.password
+            )
         return options
 
 
@@ -133,8 +143,12 @@ class EventPublisher:
         a ready `security`; `security_protocol` overrides what the other options imply."""
         if security is None:
             security = KafkaSecurity.of(
-                protocol=security_protocol, sasl_username=sasl_username, sasl_password=sasl_password,
-                sasl_mechanism=sasl_mechanism, ssl_context=ssl_context, ssl_cafile=ssl_cafile,
+                protocol=security_protocol,
+                sasl_username=sasl_username,
+                sasl_password=sasl_password,
+                sasl_mechanism=sasl_mechanism,
+                ssl_context=ssl_context,
+                ssl_cafile=ssl_cafile,
             )
         self._producer_name = producer
         self._topic_prefix = topic_prefix
@@ -157,14 +171,22 @@ class EventPublisher:
         await self.start()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.stop()
 
-    async def publish(self, payload: P, *, correlation_id: str | None = None, event_id: uuid.UUID | None = None) -> Envelope[P]:
+    async def publish(
+        self, payload: P, *, correlation_id: str | None = None, event_id: uuid.UUID | None = None
+    ) -> Envelope[P]:
         """Wrap the payload in its envelope and wait until the broker has stored it.
 
         Raises ReviewerClaimRefused, before anything is sent, for feedback.received claiming source reviewer."""
-        if isinstance(payload, FeedbackReceived) and payload.event_type == FeedbackReceived.event_type and payload.source is FeedbackSource.reviewer:
+        if (
+            isinstance(payload, FeedbackReceived)
+            and payload.event_type == FeedbackReceived.event_type
+            and payload.source is FeedbackSource.reviewer
+        ):
             raise ReviewerClaimRefused(
                 f"{REVIEWER_FEEDBACK_ONLY_ON_ITS_TOPIC}; an app publishes its end users' feedback (source end_user) and the feedback sink dead-letters this claim"
             )

@@ -75,7 +75,11 @@ def deliberate_tightenings(published: dict[str, Any], current: dict[str, Any], n
 
 def _changes(published: dict[str, Any], current: dict[str, Any], name: str) -> list[str]:
     return _compare(
-        _Resolver(published).resolve(published), _Resolver(current).resolve(current), name or "$", _Resolver(published), _Resolver(current)
+        _Resolver(published).resolve(published),
+        _Resolver(current).resolve(current),
+        name or "$",
+        _Resolver(published),
+        _Resolver(current),
     )
 
 
@@ -109,7 +113,9 @@ def _kind(schema: dict[str, Any]) -> str:
     return kind or "any"
 
 
-def _compare(old: dict[str, Any], new: dict[str, Any], path: str, old_r: _Resolver, new_r: _Resolver, depth: int = 0) -> list[str]:
+def _compare(
+    old: dict[str, Any], new: dict[str, Any], path: str, old_r: _Resolver, new_r: _Resolver, depth: int = 0
+) -> list[str]:
     if depth > 32:  # recursive models: deep enough to have compared every distinct field
         return []
     problems: list[str] = []
@@ -151,7 +157,9 @@ def _compare(old: dict[str, Any], new: dict[str, Any], path: str, old_r: _Resolv
 def _compare_strings(old: dict[str, Any], new: dict[str, Any], path: str) -> list[str]:
     stricter: list[str] = []
     if new.get("pattern") is not None and new.get("pattern") != old.get("pattern"):
-        stricter.append(f"pattern {new['pattern']!r} " + ("added" if old.get("pattern") is None else f"replaces {old['pattern']!r}"))
+        stricter.append(
+            f"pattern {new['pattern']!r} " + ("added" if old.get("pattern") is None else f"replaces {old['pattern']!r}")
+        )
     if new.get("maxLength") is not None and new["maxLength"] < old.get("maxLength", float("inf")):
         stricter.append(f"maxLength {old.get('maxLength', 'none')} -> {new['maxLength']}")
     if new.get("minLength", 0) > old.get("minLength", 0):
@@ -162,7 +170,9 @@ def _compare_strings(old: dict[str, Any], new: dict[str, Any], path: str) -> lis
     return [f"{path}: stricter string: {', '.join(stricter)}{deliberate}"]
 
 
-def _compare_objects(old: dict[str, Any], new: dict[str, Any], path: str, old_r: _Resolver, new_r: _Resolver, depth: int) -> list[str]:
+def _compare_objects(
+    old: dict[str, Any], new: dict[str, Any], path: str, old_r: _Resolver, new_r: _Resolver, depth: int
+) -> list[str]:
     problems: list[str] = []
     old_props: dict[str, Any] = old.get("properties", {})
     new_props: dict[str, Any] = new.get("properties", {})

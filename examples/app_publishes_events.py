@@ -29,13 +29,19 @@ def call_my_llm(question: str) -> str:
     return "Hold the reset button for 10 seconds until the ring turns white."
 
 
-async def main(bootstrap: str, topic_prefix: str, sasl_username: str | None = None, ssl_cafile: str | None = None) -> None:
+async def main(
+    bootstrap: str, topic_prefix: str, sasl_username: str | None = None, ssl_cafile: str | None = None
+) -> None:
     question = "How do I reset my Acme Nimbus hub?"
     inference_id = f"app-{uuid.uuid4()}"
     started = time.perf_counter()
     answer = call_my_llm(question)
-    credentials = {"sasl_username": sasl_username, "sasl_password": os.environ["KAFKA_PASSWORD"]} if sasl_username else {}
-    async with EventPublisher(bootstrap, producer="support-bot", topic_prefix=topic_prefix, ssl_cafile=ssl_cafile, **credentials) as publisher:
+    credentials = (
+        {"sasl_username": sasl_username, "sasl_password": os.environ["KAFKA_PASSWORD"]} if sasl_username else {}
+    )
+    async with EventPublisher(
+        bootstrap, producer="support-bot", topic_prefix=topic_prefix, ssl_cafile=ssl_cafile, **credentials
+    ) as publisher:
         inference = await publisher.publish(
             InferenceLogged(
                 inference_id=inference_id,
@@ -67,7 +73,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")
     parser.add_argument("--topic-prefix", default="", help="FLYWHEEL_TOPIC_PREFIX of the deployment, if any")
-    parser.add_argument("--sasl-username", help="SCRAM-SHA-512 principal (e.g. app); its password is read from KAFKA_PASSWORD")
+    parser.add_argument(
+        "--sasl-username", help="SCRAM-SHA-512 principal (e.g. app); its password is read from KAFKA_PASSWORD"
+    )
     parser.add_argument("--ssl-cafile", help="CA bundle (PEM) of the brokers' TLS certificates: connects over TLS")
     arguments = parser.parse_args()
     if arguments.sasl_username and "KAFKA_PASSWORD" not in os.environ:

@@ -60,7 +60,14 @@ SERVICE_PRINCIPALS: tuple[Principal, ...] = (
     ),
     Principal(
         "trainer",
-        produces=("training.requested", "training.started", "training.progress", "training.completed", "training.failed", *_when_defined(SPAN_LOGGED)),
+        produces=(
+            "training.requested",
+            "training.started",
+            "training.progress",
+            "training.completed",
+            "training.failed",
+            *_when_defined(SPAN_LOGGED),
+        ),
         consumes=("training.requested", "model.registered", "dataset.published"),
         group="trainer",
         why="its door accepts training requests (published, then consumed); a job reports its progress",
@@ -68,7 +75,14 @@ SERVICE_PRINCIPALS: tuple[Principal, ...] = (
     Principal(
         "evaluator",
         produces=("evaluation.requested", "evaluation.completed", *_when_defined(SPAN_LOGGED)),
-        consumes=("model.registered", "dataset.published", "stage.changed", "prompt.published", "adapter.registered", "evaluation.requested"),
+        consumes=(
+            "model.registered",
+            "dataset.published",
+            "stage.changed",
+            "prompt.published",
+            "adapter.registered",
+            "evaluation.requested",
+        ),
         group="evaluator",
         why="its door and a new adapter request evaluations; the gate's verdict is evaluation.completed",
     ),
@@ -96,19 +110,31 @@ SERVICE_PRINCIPALS: tuple[Principal, ...] = (
 
 # An app that runs its own LLM reports what happened, and nothing that changes the platform: not
 # feedback.reviewed either, whose corrections steer automatic retraining.
-APP = Principal(APP_PRINCIPAL, produces=("inference.logged", "feedback.received", *_when_defined(SPAN_LOGGED)), why="apps publishing their own inferences and feedback")
+APP = Principal(
+    APP_PRINCIPAL,
+    produces=("inference.logged", "feedback.received", *_when_defined(SPAN_LOGGED)),
+    why="apps publishing their own inferences and feedback",
+)
 
 
 def _joint(name: str, principals: tuple[Principal, ...]) -> tuple[Principal, ...]:
     """What several services may do together, as the one principal of a process that runs them all:
     one broker connection has one identity. Consumer groups keep their service names."""
-    return tuple(Principal(name, produces=p.produces, consumes=p.consumes, follows=p.follows, group=p.group, why=f"as {p.name}") for p in principals)
+    return tuple(
+        Principal(name, produces=p.produces, consumes=p.consumes, follows=p.follows, group=p.group, why=f"as {p.name}")
+        for p in principals
+    )
 
 
 PROCESS = _joint(PROCESS_PRINCIPAL, SERVICE_PRINCIPALS)
 
 # Every principal that gets SCRAM credentials; the admin is a super user (super.users), with no ACLs.
-PRINCIPAL_NAMES: tuple[str, ...] = (ADMIN_PRINCIPAL, *(p.name for p in SERVICE_PRINCIPALS), APP_PRINCIPAL, PROCESS_PRINCIPAL)
+PRINCIPAL_NAMES: tuple[str, ...] = (
+    ADMIN_PRINCIPAL,
+    *(p.name for p in SERVICE_PRINCIPALS),
+    APP_PRINCIPAL,
+    PROCESS_PRINCIPAL,
+)
 
 
 def principals() -> tuple[Principal, ...]:
@@ -176,7 +202,13 @@ def may_produce(principal: str, topic: str, prefix: str = "") -> bool:
     if principal == ADMIN_PRINCIPAL:
         return True
     user = f"User:{principal}"
-    return any(b.principal == user and b.resource_type is ResourceType.TOPIC and b.resource_name == topic and b.operation is Operation.WRITE for b in acl_bindings(prefix))
+    return any(
+        b.principal == user
+        and b.resource_type is ResourceType.TOPIC
+        and b.resource_name == topic
+        and b.operation is Operation.WRITE
+        for b in acl_bindings(prefix)
+    )
 
 
 def table_markdown() -> str:
@@ -187,8 +219,12 @@ def table_markdown() -> str:
         lines.append(
             f"| `{principal.name}` | {', '.join(principal.produces) or '-'} | {', '.join(principal.consumes) or '-'}{group} | {', '.join(principal.follows) or '-'} |"
         )
-    lines.append(f"| `{PROCESS_PRINCIPAL}` | everything the six services may do together (one-process `flywheel up`/`demo`) | | |")
-    lines.append(f"| `{ADMIN_PRINCIPAL}` | super user: creates topics and ACLs, may publish commands such as deployment.requested | | |")
+    lines.append(
+        f"| `{PROCESS_PRINCIPAL}` | everything the six services may do together (one-process `flywheel up`/`demo`) | | |"
+    )
+    lines.append(
+        f"| `{ADMIN_PRINCIPAL}` | super user: creates topics and ACLs, may publish commands such as deployment.requested | | |"
+    )
     return "\n".join(lines)
 
 
@@ -198,7 +234,9 @@ async def apply_acls(bootstrap: str, admin: KafkaSecurity, prefix: str = "", tim
     from aiokafka.client import AIOKafkaClient
     from aiokafka.protocol.admin import CreateAclsRequest
 
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), **admin.client_options())
+    client = AIOKafkaClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), **admin.client_options()
+    )
     await client.bootstrap()
     try:
         # ACL changes go to any broker, which forwards them to the controller (KRaft).
@@ -207,7 +245,13 @@ async def apply_acls(bootstrap: str, admin: KafkaSecurity, prefix: str = "", tim
 
         async def create(binding: AclBinding) -> None:
             request = CreateAclsRequest(
-                binding.resource_type, binding.resource_name, PATTERN_LITERAL, binding.principal, binding.host, binding.operation, PERMISSION_ALLOW
+                binding.resource_type,
+                binding.resource_name,
+                PATTERN_LITERAL,
+                binding.principal,
+                binding.host,
+                binding.operation,
+                PERMISSION_ALLOW,
             )
             response = await client.send(node_id, request)
             for error_code, error_message in response.creation_responses:

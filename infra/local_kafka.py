@@ -87,14 +87,16 @@ log.segment.bytes=134217728
 # start (broker and controller read it from this one file): nothing reaches the controller
 # anonymously, and the broker does as a super user. It listens on loopback only.
 # {listener} is SASL_PLAINTEXT, or SASL_SSL with --tls (a CA and broker certificate made for this home).
-SECURE_SERVER_PROPERTIES = SERVER_PROPERTIES.replace(
-    "listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}\n"
-    "advertised.listeners=PLAINTEXT://{host}:{port}\n"
-    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n",
-    "listeners={listener}://{host}:{port},CONTROLLER://{host}:{controller_port}\n"
-    "advertised.listeners={listener}://{host}:{port}\n"
-    "listener.security.protocol.map={listener}:{listener},CONTROLLER:SASL_PLAINTEXT\n",
-).replace("inter.broker.listener.name=PLAINTEXT\n", "inter.broker.listener.name={listener}\n") + """\
+SECURE_SERVER_PROPERTIES = (
+    SERVER_PROPERTIES.replace(
+        "listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}\n"
+        "advertised.listeners=PLAINTEXT://{host}:{port}\n"
+        "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n",
+        "listeners={listener}://{host}:{port},CONTROLLER://{host}:{controller_port}\n"
+        "advertised.listeners={listener}://{host}:{port}\n"
+        "listener.security.protocol.map={listener}:{listener},CONTROLLER:SASL_PLAINTEXT\n",
+    ).replace("inter.broker.listener.name=PLAINTEXT\n", "inter.broker.listener.name={listener}\n")
+    + """\
 sasl.enabled.mechanisms=SCRAM-SHA-512
 sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
 listener.name.{listener_lower}.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="{admin}" password="{admin_password}";
@@ -105,6 +107,7 @@ authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
 super.users=User:{admin};User:controller
 allow.everyone.if.no.acl.found=false
 """
+)
 # PEM files need no keystore tooling: the broker's key and certificate in one file, the CA in another.
 TLS_PROPERTIES = """\
 ssl.keystore.type=PEM
@@ -119,7 +122,16 @@ SCRAM_MECHANISM = "SCRAM-SHA-512"
 class LocalKafka:
     """The local broker of one FLYWHEEL_HOME: fetch its jars, start, stop, report."""
 
-    def __init__(self, home: Path, cache: Path, port: int | None = None, *, secure: bool | None = None, tls: bool | None = None, topic_prefix: str = "") -> None:
+    def __init__(
+        self,
+        home: Path,
+        cache: Path,
+        port: int | None = None,
+        *,
+        secure: bool | None = None,
+        tls: bool | None = None,
+        topic_prefix: str = "",
+    ) -> None:
         """`secure`: True or False asks for that mode; None (what `flywheel demo` and the test fixture
         use) reuses a running broker as it is, and starts one secure exactly when this home was made
         secure once (its credentials exist), so a secured home never quietly falls back to plaintext.
@@ -150,22 +162,39 @@ class LocalKafka:
         java, mvn = shutil.which("java"), shutil.which("mvn")
         if not java or not mvn:
             missing = " and ".join(name for name, path in (("java", java), ("mvn", mvn)) if not path)
-            raise InfrastructureError(f"{missing} not found: install a JDK 17+ and Maven (apt-get install -y openjdk-17-jre-headless maven)")
+            raise InfrastructureError(
+                f"{missing} not found: install a JDK 17+ and Maven (apt-get install -y openjdk-17-jre-headless maven)"
+            )
         self.kafka_dir.mkdir(parents=True, exist_ok=True)
         # Two pytest sessions (or a test run and `flywheel infra up`) may fetch at once into the same cache.
         with (self.kafka_dir.parent / f"kafka-{KAFKA_VERSION}.lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if marker.exists():
                 return self.libs_dir
-            print(f"fetching Apache Kafka {KAFKA_VERSION} jars from Maven Central into {self.libs_dir} (about a minute, once)", file=sys.stderr)
+            print(
+                f"fetching Apache Kafka {KAFKA_VERSION} jars from Maven Central into {self.libs_dir} (about a minute, once)",
+                file=sys.stderr,
+            )
             result = subprocess.run(
-                [mvn, "-q", "-B", "-f", str(KAFKA_FILES / "pom.xml"), "dependency:copy-dependencies",
-                 f"-DoutputDirectory={self.libs_dir}", "-DincludeScope=runtime"],
-                capture_output=True, text=True, check=False,
+                [
+                    mvn,
+                    "-q",
+                    "-B",
+                    "-f",
+                    str(KAFKA_FILES / "pom.xml"),
+                    "dependency:copy-dependencies",
+                    f"-DoutputDirectory={self.libs_dir}",
+                    "-DincludeScope=runtime",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if result.returncode != 0:
                 output = (result.stdout + result.stderr).strip().splitlines()
-                raise InfrastructureError(f"mvn could not fetch the Kafka jars (exit {result.returncode}):\n" + "\n".join(output[-15:]))
+                raise InfrastructureError(
+                    f"mvn could not fetch the Kafka jars (exit {result.returncode}):\n" + "\n".join(output[-15:])
+                )
             marker.touch()
         return self.libs_dir
 
@@ -183,8 +212,13 @@ class LocalKafka:
             data_dir=self.data_dir,
             log_file=self.log_file,
             started_at=state["started_at"],
-            note=({"SASL_PLAINTEXT": "SASL/SCRAM with ACLs", "SASL_SSL": "SASL/SCRAM over TLS with ACLs"}.get(state.get("security_protocol", ""), "plaintext, no authentication") if running
-                  else f"stale state: pid {state['pid']} is not running"),
+            note=(
+                {"SASL_PLAINTEXT": "SASL/SCRAM with ACLs", "SASL_SSL": "SASL/SCRAM over TLS with ACLs"}.get(
+                    state.get("security_protocol", ""), "plaintext, no authentication"
+                )
+                if running
+                else f"stale state: pid {state['pid']} is not running"
+            ),
         )
 
     def start(self, timeout: float = 60.0) -> str:
@@ -196,11 +230,15 @@ class LocalKafka:
         if state is not None:
             if self._is_ours(state["pid"]):
                 if self.port is not None and state["port"] != self.port:
-                    raise InfrastructureError(f"a broker already runs on {state['bootstrap']}: `flywheel infra down` first to move it to port {self.port}")
+                    raise InfrastructureError(
+                        f"a broker already runs on {state['bootstrap']}: `flywheel infra down` first to move it to port {self.port}"
+                    )
                 running_secure = state.get("security_protocol") in ("SASL_PLAINTEXT", "SASL_SSL")
                 if self._requested_secure is not None and self._requested_secure != running_secure:
                     running = "with" if running_secure else "without"
-                    raise InfrastructureError(f"a broker already runs on {state['bootstrap']} {running} --secure: `flywheel infra down` first to change its mode")
+                    raise InfrastructureError(
+                        f"a broker already runs on {state['bootstrap']} {running} --secure: `flywheel infra down` first to change its mode"
+                    )
                 self.secure = running_secure
                 self.tls = state.get("security_protocol") == "SASL_SSL"
                 self._wait_ready(state["pid"], state["bootstrap"], timeout)
@@ -219,40 +257,58 @@ class LocalKafka:
                 )
             passwords = self._passwords()
             config = SECURE_SERVER_PROPERTIES.format(
-                host=LOOPBACK, port=port, controller_port=controller_port, data_dir=self.data_dir, admin=ADMIN_PRINCIPAL, admin_password=passwords[ADMIN_PRINCIPAL],
-                listener=self.protocol, listener_lower=self.protocol.lower(), controller_password=secrets.token_urlsafe(24),
+                host=LOOPBACK,
+                port=port,
+                controller_port=controller_port,
+                data_dir=self.data_dir,
+                admin=ADMIN_PRINCIPAL,
+                admin_password=passwords[ADMIN_PRINCIPAL],
+                listener=self.protocol,
+                listener_lower=self.protocol.lower(),
+                controller_password=secrets.token_urlsafe(24),
             )
             if self.tls:
                 keystore = self._ensure_certificates()
                 config += TLS_PROPERTIES.format(keystore=keystore, cafile=self.cafile)
         else:
             passwords = {}
-            config = SERVER_PROPERTIES.format(host=LOOPBACK, port=port, controller_port=controller_port, data_dir=self.data_dir)
+            config = SERVER_PROPERTIES.format(
+                host=LOOPBACK, port=port, controller_port=controller_port, data_dir=self.data_dir
+            )
         _write_private(self.config_file, config)  # the secure config holds the admin's password
         if not formatted:
             self._format_storage(libs, passwords)
         with self.jvm_log_file.open("wb") as jvm_out:
             self._process = subprocess.Popen(
                 self._java(libs, MAIN_CLASS, str(self.config_file)),
-                stdin=subprocess.DEVNULL, stdout=jvm_out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                stdout=jvm_out,
+                stderr=subprocess.STDOUT,
                 # Its own session: a Ctrl-C in the terminal that ran `flywheel infra up` must not reach the broker.
                 start_new_session=True,
             )
         pid = self._process.pid
-        write_state(self.state_file, {
-            "pid": pid,
-            "bootstrap": bootstrap,
-            "port": port,
-            "controller_port": controller_port,
-            "data_dir": str(self.data_dir),
-            "config": str(self.config_file),
-            "log_file": str(self.log_file),
-            "kafka_version": KAFKA_VERSION,
-            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "security_protocol": self.protocol,
-            **({"sasl_mechanism": SCRAM_MECHANISM, "credentials_file": str(self.credentials_file)} if self.secure else {}),
-            **({"ssl_cafile": str(self.cafile)} if self.tls else {}),
-        })
+        write_state(
+            self.state_file,
+            {
+                "pid": pid,
+                "bootstrap": bootstrap,
+                "port": port,
+                "controller_port": controller_port,
+                "data_dir": str(self.data_dir),
+                "config": str(self.config_file),
+                "log_file": str(self.log_file),
+                "kafka_version": KAFKA_VERSION,
+                "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "security_protocol": self.protocol,
+                **(
+                    {"sasl_mechanism": SCRAM_MECHANISM, "credentials_file": str(self.credentials_file)}
+                    if self.secure
+                    else {}
+                ),
+                **({"ssl_cafile": str(self.cafile)} if self.tls else {}),
+            },
+        )
         try:
             self._wait_ready(pid, bootstrap, timeout)
             if self.secure:
@@ -276,7 +332,10 @@ class LocalKafka:
     def credentials(self, principal: str) -> KafkaSecurity:
         """How `principal` (infra/kafka_acls.py) connects to this secure broker."""
         return KafkaSecurity.of(
-            protocol=self.protocol, sasl_mechanism=SCRAM_MECHANISM, sasl_username=principal, sasl_password=self._passwords()[principal],
+            protocol=self.protocol,
+            sasl_mechanism=SCRAM_MECHANISM,
+            sasl_username=principal,
+            sasl_password=self._passwords()[principal],
             ssl_cafile=self.cafile if self.tls else None,
         )
 
@@ -291,22 +350,73 @@ class LocalKafka:
             raise InfrastructureError("openssl not found: it makes the local CA for --tls (apt-get install -y openssl)")
         self.tls_dir.mkdir(parents=True, exist_ok=True)
         self.tls_dir.chmod(0o700)  # holds the CA's and the broker's private keys
-        files = {name: str(self.tls_dir / name) for name in ("ca.key", "broker.key", "broker.csr", "broker.crt", "broker.ext")}
+        files = {
+            name: str(self.tls_dir / name)
+            for name in ("ca.key", "broker.key", "broker.csr", "broker.crt", "broker.ext")
+        }
         (self.tls_dir / "broker.ext").write_text(
             "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
             "extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
         )
         steps = [
-            [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", files["ca.key"], "-out", str(self.cafile), "-days", "825",
-             "-subj", "/CN=Flywheel local Kafka CA", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-            [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", files["broker.key"], "-out", files["broker.csr"], "-subj", f"/CN={LOOPBACK}"],
-            [openssl, "x509", "-req", "-in", files["broker.csr"], "-CA", str(self.cafile), "-CAkey", files["ca.key"], "-CAcreateserial",
-             "-out", files["broker.crt"], "-days", "825", "-extfile", files["broker.ext"]],
+            [
+                openssl,
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                files["ca.key"],
+                "-out",
+                str(self.cafile),
+                "-days",
+                "825",
+                "-subj",
+                "/CN=Flywheel local Kafka CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+            [
+                openssl,
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                files["broker.key"],
+                "-out",
+                files["broker.csr"],
+                "-subj",
+                f"/CN={LOOPBACK}",
+            ],
+            [
+                openssl,
+                "x509",
+                "-req",
+                "-in",
+                files["broker.csr"],
+                "-CA",
+                str(self.cafile),
+                "-CAkey",
+                files["ca.key"],
+                "-CAcreateserial",
+                "-out",
+                files["broker.crt"],
+                "-days",
+                "825",
+                "-extfile",
+                files["broker.ext"],
+            ],
         ]
         for step in steps:
             result = subprocess.run(step, capture_output=True, text=True, check=False)
             if result.returncode != 0:
-                raise InfrastructureError(f"openssl {step[1]} failed (exit {result.returncode}): {result.stderr.strip()[-500:]}")
+                raise InfrastructureError(
+                    f"openssl {step[1]} failed (exit {result.returncode}): {result.stderr.strip()[-500:]}"
+                )
         _write_private(keystore, Path(files["broker.key"]).read_text() + Path(files["broker.crt"]).read_text())
         return keystore
 
@@ -315,7 +425,9 @@ class LocalKafka:
         if self.credentials_file.exists():
             return json.loads(self.credentials_file.read_text())["principals"]
         passwords = {name: secrets.token_urlsafe(24) for name in PRINCIPAL_NAMES}
-        _write_private(self.credentials_file, json.dumps({"mechanism": SCRAM_MECHANISM, "principals": passwords}, indent=2) + "\n")
+        _write_private(
+            self.credentials_file, json.dumps({"mechanism": SCRAM_MECHANISM, "principals": passwords}, indent=2) + "\n"
+        )
         return passwords
 
     async def _provision(self, bootstrap: str) -> None:
@@ -351,44 +463,68 @@ class LocalKafka:
         elif port_is_free(self.port):
             port = self.port
         else:
-            raise InfrastructureError(f"port {self.port} is in use: choose another with --port or stop what listens there")
+            raise InfrastructureError(
+                f"port {self.port} is in use: choose another with --port or stop what listens there"
+            )
         # The conventional pair 9092/9093 when the broker has 9092; otherwise the controller takes any free port.
-        controller_port = pick_port(DEFAULT_CONTROLLER_PORT, avoid={port}) if port == DEFAULT_PORT else free_port(avoid={port})
+        controller_port = (
+            pick_port(DEFAULT_CONTROLLER_PORT, avoid={port}) if port == DEFAULT_PORT else free_port(avoid={port})
+        )
         return port, controller_port
 
     def _java(self, libs: Path, main_class: str, *args: str) -> list[str]:
         return [
-            "java", "-Xmx512m", "-cp", f"{libs}/*",
+            "java",
+            "-Xmx512m",
+            "-cp",
+            f"{libs}/*",
             f"-Dlog4j2.configurationFile={KAFKA_FILES / 'log4j2.properties'}",
             f"-Dflywheel.kafka.log={self.log_file}",
-            main_class, *args,
+            main_class,
+            *args,
         ]
 
     def _format_storage(self, libs: Path, passwords: dict[str, str]) -> None:
         cluster_id = new_cluster_id()
         # SCRAM credentials can only be bootstrapped here (KIP-900): the admin needs one to log in at all.
-        scram = [arg for name, password in passwords.items() for arg in ("--add-scram", f"{SCRAM_MECHANISM}=[name={name},password={password}]")]
+        scram = [
+            arg
+            for name, password in passwords.items()
+            for arg in ("--add-scram", f"{SCRAM_MECHANISM}=[name={name},password={password}]")
+        ]
         # No --standalone: the voter set comes from controller.quorum.voters in the config.
         self._run_tool(libs, "format", "-t", cluster_id, "-c", str(self.config_file), *scram)
 
     def _run_tool(self, libs: Path, *args: str) -> str:
-        result = subprocess.run(self._java(libs, "kafka.tools.StorageTool", *args), capture_output=True, text=True, check=False)
+        result = subprocess.run(
+            self._java(libs, "kafka.tools.StorageTool", *args), capture_output=True, text=True, check=False
+        )
         if result.returncode != 0:
             # The arguments may hold SCRAM passwords: the error names the tool, never its command line.
-            raise InfrastructureError(f"kafka-storage {args[0]} failed (exit {result.returncode}): {(result.stdout + result.stderr).strip()}")
+            raise InfrastructureError(
+                f"kafka-storage {args[0]} failed (exit {result.returncode}): {(result.stdout + result.stderr).strip()}"
+            )
         return result.stdout
 
     def _wait_ready(self, pid: int, bootstrap: str, timeout: float) -> None:
         port = int(bootstrap.rsplit(":", 1)[1])
         # The TCP check first keeps aiokafka from logging connection errors while the JVM boots.
         ready = wait_until(
-            lambda: not process_alive(pid) or (not port_is_free(port) and asyncio.run(_broker_answers(bootstrap, self.admin_security()))),
-            timeout, interval=0.5,
+            lambda: (
+                not process_alive(pid)
+                or (not port_is_free(port) and asyncio.run(_broker_answers(bootstrap, self.admin_security())))
+            ),
+            timeout,
+            interval=0.5,
         )
         if not process_alive(pid):
-            raise InfrastructureError(f"the Kafka broker exited during startup; last lines of {self.log_file}:\n{self._log_tail()}")
+            raise InfrastructureError(
+                f"the Kafka broker exited during startup; last lines of {self.log_file}:\n{self._log_tail()}"
+            )
         if not ready:
-            raise InfrastructureError(f"the Kafka broker did not answer on {bootstrap} within {timeout:.0f}s; last lines of {self.log_file}:\n{self._log_tail()}")
+            raise InfrastructureError(
+                f"the Kafka broker did not answer on {bootstrap} within {timeout:.0f}s; last lines of {self.log_file}:\n{self._log_tail()}"
+            )
 
     def _log_tail(self) -> str:
         jvm = self.jvm_log_file.read_text(errors="replace").strip() if self.jvm_log_file.exists() else ""

@@ -71,7 +71,9 @@ class LocalPostgres:
         if state is not None:
             if self._is_ours(state["pid"]):
                 if self.port is not None and state["port"] != self.port:
-                    raise InfrastructureError(f"PostgreSQL already runs on port {state['port']}: `flywheel infra down --postgres` first to move it to {self.port}")
+                    raise InfrastructureError(
+                        f"PostgreSQL already runs on port {state['port']}: `flywheel infra down --postgres` first to move it to {self.port}"
+                    )
                 return state["url"]
             self.state_file.unlink()
         bindir = postgres_bindir()
@@ -83,15 +85,18 @@ class LocalPostgres:
         pid = int((self.data_dir / "postmaster.pid").read_text().split()[0])
         password = self.password_file.read_text().strip()
         url = f"postgresql+psycopg://{SUPERUSER}:{password}@{LOOPBACK}:{port}/{DATABASE}"
-        write_state(self.state_file, {
-            "pid": pid,
-            "url": url,
-            "port": port,
-            "data_dir": str(self.data_dir),
-            "log_file": str(self.log_file),
-            "server_user": user.pw_name if user else None,
-            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        })
+        write_state(
+            self.state_file,
+            {
+                "pid": pid,
+                "url": url,
+                "port": port,
+                "data_dir": str(self.data_dir),
+                "log_file": str(self.log_file),
+                "server_user": user.pw_name if user else None,
+                "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+        )
         try:
             _ensure_database(port, password)
         except BaseException:
@@ -118,7 +123,9 @@ class LocalPostgres:
         if self.port is None:
             return pick_port(DEFAULT_PORT)
         if not port_is_free(self.port):
-            raise InfrastructureError(f"port {self.port} is in use: choose another with --postgres-port or stop what listens there")
+            raise InfrastructureError(
+                f"port {self.port} is in use: choose another with --postgres-port or stop what listens there"
+            )
         return self.port
 
     def _create_cluster(self, bindir: Path, user: pwd.struct_passwd | None) -> None:
@@ -138,9 +145,18 @@ class LocalPostgres:
             self._check_reachable(user)
         try:
             _run(
-                [str(bindir / "initdb"), "-D", str(self.data_dir), f"--username={SUPERUSER}", f"--pwfile={pwfile}",
-                 "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C"],
-                user, "initdb",
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    f"--username={SUPERUSER}",
+                    f"--pwfile={pwfile}",
+                    "--auth=scram-sha-256",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                ],
+                user,
+                "initdb",
             )
         finally:
             pwfile.unlink()
@@ -156,7 +172,12 @@ class LocalPostgres:
             )
 
     def _pg_ctl(self, bindir: Path, user: pwd.struct_passwd | None, action: str, *args: str) -> None:
-        _run([str(bindir / "pg_ctl"), action, "-D", str(self.data_dir), *args], user, f"pg_ctl {action}", log_file=self.log_file)
+        _run(
+            [str(bindir / "pg_ctl"), action, "-D", str(self.data_dir), *args],
+            user,
+            f"pg_ctl {action}",
+            log_file=self.log_file,
+        )
 
 
 def postgres_bindir() -> Path:
@@ -166,7 +187,9 @@ def postgres_bindir() -> Path:
         _install_postgres()
         found = _find_bindir()
     if found is None:
-        raise InfrastructureError("PostgreSQL server binaries (initdb, pg_ctl) not found even after installing: check `apt-get install postgresql`")
+        raise InfrastructureError(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found even after installing: check `apt-get install postgresql`"
+        )
     return found
 
 
@@ -179,8 +202,21 @@ def server_user() -> pwd.struct_passwd | None:
             return pwd.getpwnam(name)
         except KeyError:
             continue
-    _run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-          "--shell", "/usr/sbin/nologin", "flywheel"], None, "useradd flywheel")
+    _run(
+        [
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            "flywheel",
+        ],
+        None,
+        "useradd flywheel",
+    )
     return pwd.getpwnam("flywheel")
 
 
@@ -192,7 +228,9 @@ def _find_bindir() -> Path | None:
         if result.returncode == 0:
             candidates.append(Path(result.stdout.strip()))
     versions = Path("/usr/lib/postgresql").glob("*/bin")
-    candidates += sorted(versions, key=lambda path: int(path.parent.name) if path.parent.name.isdigit() else 0, reverse=True)
+    candidates += sorted(
+        versions, key=lambda path: int(path.parent.name) if path.parent.name.isdigit() else 0, reverse=True
+    )
     if initdb := shutil.which("initdb"):
         candidates.append(Path(initdb).parent)
     return next((path for path in candidates if (path / "initdb").exists() and (path / "pg_ctl").exists()), None)
@@ -200,14 +238,18 @@ def _find_bindir() -> Path | None:
 
 def _install_postgres() -> None:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise InfrastructureError("PostgreSQL server binaries (initdb, pg_ctl) not found: install them (sudo apt-get install -y postgresql)")
+        raise InfrastructureError(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found: install them (sudo apt-get install -y postgresql)"
+        )
     print("installing PostgreSQL with apt-get (once)", file=sys.stderr)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "postgresql"]):
         result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
         if result.returncode != 0:
             output = (result.stdout + result.stderr).strip().splitlines()
-            raise InfrastructureError(f"`{' '.join(command)}` failed (exit {result.returncode}):\n" + "\n".join(output[-10:]))
+            raise InfrastructureError(
+                f"`{' '.join(command)}` failed (exit {result.returncode}):\n" + "\n".join(output[-10:])
+            )
 
 
 def _as_user(user: pwd.struct_passwd | None) -> dict:
@@ -226,7 +268,8 @@ def _run(command: list[str], user: pwd.struct_passwd | None, what: str, log_file
 
 
 def _ensure_database(port: int, password: str) -> None:
-    with psycopg.connect(host=LOOPBACK, port=port, user=SUPERUSER, password=password, dbname="postgres", autocommit=True) as conn:
+    with psycopg.connect(
+        host=LOOPBACK, port=port, user=SUPERUSER, password=password, dbname="postgres", autocommit=True
+    ) as conn:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone() is None:
             conn.execute(f"CREATE DATABASE {DATABASE}")
-

@@ -14,7 +14,12 @@ import pytest
 from services.runtime.broker import ensure_topics
 from services.runtime.settings import FlywheelSettings
 
-pytest_plugins = ["tests.fixtures.kafka", "tests.fixtures.postgres", "tests.fixtures.clickhouse", "tests.fixtures.triton"]
+pytest_plugins = [
+    "tests.fixtures.kafka",
+    "tests.fixtures.postgres",
+    "tests.fixtures.clickhouse",
+    "tests.fixtures.triton",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 # security`) and the run prints each lane's share of the time. security and faults follow the folder;
 # model means the test loads a language model (SmolLM2 or the tiny one) or starts Triton.
 LANES = ("unit", "integration", "e2e", "security", "faults", "model")
-MODEL_FIXTURES = frozenset({"base_model_dir", "model_dir", "models", "engine", "triton", "served", "serving", "serving_door"})
+MODEL_FIXTURES = frozenset(
+    {"base_model_dir", "model_dir", "models", "engine", "triton", "served", "serving", "serving_door"}
+)
 # CI sets this (.ci/run): there a component a test needs and cannot find fails the test instead of
 # skipping it; only the ClickHouse server backend, which no CI machine has, may skip.
 STRICT_ENV = "FLYWHEEL_TESTS_REQUIRE_ALL"
@@ -89,4 +96,10 @@ async def topics(kafka_bootstrap: str, topic_prefix: str) -> str:
 
 @pytest.fixture
 def settings(tmp_path: Path, kafka_bootstrap: str, topic_prefix: str) -> FlywheelSettings:
-    return FlywheelSettings(home=tmp_path / "home", kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix, consumer_max_retries=2, shutdown_grace_s=1.0)
+    return FlywheelSettings(
+        home=tmp_path / "home",
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=topic_prefix,
+        consumer_max_retries=2,
+        shutdown_grace_s=1.0,
+    )

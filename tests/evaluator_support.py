@@ -34,12 +34,22 @@ def golden_lines(count: int) -> list[str]:
 def evaluator_for(home: Path, clickhouse, embedder: Embedder, **settings: object) -> Evaluator:  # noqa: ANN001
     options = {"max_tokens": 6, "batch_size": 4, "resamples": 200, **settings}
     return Evaluator(
-        store=EvaluatorStore(home / "evaluator" / "evaluator.db"), artifacts=ArtifactStore(home / "artifacts"), clickhouse=lambda: clickhouse,
-        settings=EvaluatorSettings(**options), home=home, embedder=embedder,
+        store=EvaluatorStore(home / "evaluator" / "evaluator.db"),
+        artifacts=ArtifactStore(home / "artifacts"),
+        clickhouse=lambda: clickhouse,
+        settings=EvaluatorSettings(**options),
+        home=home,
+        embedder=embedder,
     )
 
 
-def register(evaluator: Evaluator, base_dir: Path, *, adapters: dict[int, Path] | None = None, golden: dict[int, str] | None = None) -> None:
+def register(
+    evaluator: Evaluator,
+    base_dir: Path,
+    *,
+    adapters: dict[int, Path] | None = None,
+    golden: dict[int, str] | None = None,
+) -> None:
     """Put models and datasets in the artifact store and tell the evaluator, as the registry's events would."""
     artifacts, store = evaluator.artifacts, evaluator.store
     base = artifacts.put_directory(base_dir)

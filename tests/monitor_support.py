@@ -68,16 +68,31 @@ class RegistryDoorFixture:
         return RegistryClient("http://registry", self.operator_key, transport=self.transport)
 
     def client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=self.transport, base_url="http://registry", headers={"Authorization": f"Bearer {self.operator_key}"})
+        return httpx.AsyncClient(
+            transport=self.transport,
+            base_url="http://registry",
+            headers={"Authorization": f"Bearer {self.operator_key}"},
+        )
 
 
 @asynccontextmanager
-async def running_sink(settings: FlywheelSettings, clickhouse: ClickHouseStore, *, also: Callable[[KafkaBroker], None] | None = None) -> AsyncIterator[EventBus]:
+async def running_sink(
+    settings: FlywheelSettings, clickhouse: ClickHouseStore, *, also: Callable[[KafkaBroker], None] | None = None
+) -> AsyncIterator[EventBus]:
     """The feedback sink consuming the real broker into `clickhouse`; `also` subscribes more handlers before the start."""
     broker = create_broker(settings, client_id="monitor-test")
     sink = Sink(FeedbackStore(lambda: clickhouse), Redactor())
     sink_settings = FeedbackSettings(batch_max_records=500, batch_max_wait_ms=100, batch_min_bytes=1)
-    subscribe_batches(broker, BATCH_HANDLERS, sink, group=GROUP, dead_letters=DeadLetters(broker), topic_prefix=settings.topic_prefix, max_retries=1, **sink_settings.batch_options())
+    subscribe_batches(
+        broker,
+        BATCH_HANDLERS,
+        sink,
+        group=GROUP,
+        dead_letters=DeadLetters(broker),
+        topic_prefix=settings.topic_prefix,
+        max_retries=1,
+        **sink_settings.batch_options(),
+    )
     if also is not None:
         also(broker)
     async with broker:
@@ -87,7 +102,13 @@ async def running_sink(settings: FlywheelSettings, clickhouse: ClickHouseStore, 
 
 async def read_topic(settings: FlywheelSettings, event: type, *, expect: int, wait_s: float = 5.0) -> list[dict]:
     """Every record on `event`'s topic (from the start), waiting until more than `expect` arrived or `wait_s` passed."""
-    consumer = AIOKafkaConsumer(topic_for(event, settings.topic_prefix), bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
+    consumer = AIOKafkaConsumer(
+        topic_for(event, settings.topic_prefix),
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
     await consumer.start()
     records: list[dict] = []
     try:
@@ -108,7 +129,11 @@ def seed_two_versions(door: RegistryDoorFixture, tmp_path: Path) -> None:
     seed_model(registry, tmp_path, name=MODEL)
     registry.publish_dataset("alice", name="support", split="train", jsonl=jsonl(CHAT))
     for index in range(2):
-        adapter = registry.register_trained_adapter(training_completed(registry, tmp_path, job_id=f"job-{index}", seed=index, model=MODEL), event_id=str(uuid.uuid4()), correlation_id=f"corr-{index}")
+        adapter = registry.register_trained_adapter(
+            training_completed(registry, tmp_path, job_id=f"job-{index}", seed=index, model=MODEL),
+            event_id=str(uuid.uuid4()),
+            correlation_id=f"corr-{index}",
+        )
         registry.attach_evaluation(evaluation(MODEL, adapter.version))
         registry.transition("alice", model_name=MODEL, version=adapter.version, to_stage=Stage.staging)
         # Approved by an approver, so alice (an operator) may promote either; v2's approval waits for its canary.
@@ -116,21 +141,41 @@ def seed_two_versions(door: RegistryDoorFixture, tmp_path: Path) -> None:
     registry.transition("alice", model_name=MODEL, version=1, to_stage=Stage.production)
 
 
-def arm_traffic(version: int, *, down_every: int, error_every: int | None, latency_ms: float, hallucinating: bool) -> tuple[list[InferenceLogged], list[FeedbackReceived]]:
+def arm_traffic(
+    version: int, *, down_every: int, error_every: int | None, latency_ms: float, hallucinating: bool
+) -> tuple[list[InferenceLogged], list[FeedbackReceived]]:
     inferences, feedback = [], []
     for i in range(PER_ARM):
         product = i % 12
         question = f"Context: product {product} comes with a 2-year warranty and free repairs. Question: how long is the warranty on product {product}?"
-        answer = f"Product {product} has a {5 + i % 4}-week warranty, I think." if hallucinating else f"Product {product} comes with a 2-year warranty."
+        answer = (
+            f"Product {product} has a {5 + i % 4}-week warranty, I think."
+            if hallucinating
+            else f"Product {product} comes with a 2-year warranty."
+        )
         failed = error_every is not None and i % error_every == 0
         inference_id = f"inf-{uuid.uuid4().hex[:12]}"
-        inferences.append(InferenceLogged(
-            inference_id=inference_id, model_name=MODEL, adapter_version=version, route="canary" if version > 1 else "production", input_text=question,
-            output_text="" if failed else answer, prompt_tokens=30, completion_tokens=0 if failed else 10, latency_total_ms=latency_ms + i % 50,
-            status=InferenceStatus.error if failed else InferenceStatus.ok, error="upstream timeout" if failed else None,
-        ))
+        inferences.append(
+            InferenceLogged(
+                inference_id=inference_id,
+                model_name=MODEL,
+                adapter_version=version,
+                route="canary" if version > 1 else "production",
+                input_text=question,
+                output_text="" if failed else answer,
+                prompt_tokens=30,
+                completion_tokens=0 if failed else 10,
+                latency_total_ms=latency_ms + i % 50,
+                status=InferenceStatus.error if failed else InferenceStatus.ok,
+                error="upstream timeout" if failed else None,
+            )
+        )
         down = i % down_every == 0
-        feedback.append(FeedbackReceived(inference_id=inference_id, thumbs=Thumbs.down if down else Thumbs.up, rating=1 if down else 4 + i % 2))
+        feedback.append(
+            FeedbackReceived(
+                inference_id=inference_id, thumbs=Thumbs.down if down else Thumbs.up, rating=1 if down else 4 + i % 2
+            )
+        )
     return inferences, feedback
 
 

@@ -27,8 +27,13 @@ def smollm2_tokenizer(cache_dir: Path) -> PreTrainedTokenizerBase:
 def tiny_model(vocab_size: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -37,7 +42,9 @@ def make_adapter(vocab_size: int, directory: Path, seed: int, rank: int = 4) -> 
     """A random (not zero-initialised) LoRA adapter saved by peft as a trainer would save one."""
     model = tiny_model(vocab_size)
     torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=4 * rank, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    config = LoraConfig(
+        r=rank, lora_alpha=4 * rank, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
+    )
     ignore_peft_deprecation()
     get_peft_model(model, config).save_pretrained(str(directory))
     return directory

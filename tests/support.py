@@ -12,7 +12,12 @@ if TYPE_CHECKING:
     from services.runtime.settings import FlywheelSettings
 
 
-async def eventually(condition: Callable[[], bool | Awaitable[bool]], timeout_s: float = 60.0, what: str = "condition", interval_s: float = 0.05) -> None:
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]],
+    timeout_s: float = 60.0,
+    what: str = "condition",
+    interval_s: float = 0.05,
+) -> None:
     """Wait until `condition()` holds (awaited when it is a coroutine function), or fail naming `what` after `timeout_s`."""
     deadline = asyncio.get_running_loop().time() + timeout_s
 

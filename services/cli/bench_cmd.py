@@ -35,11 +35,22 @@ def machine() -> dict[str, Any]:
     import torch
 
     meminfo = Path("/proc/meminfo")
-    total_kb = next((int(line.split()[1]) for line in meminfo.read_text().splitlines() if line.startswith("MemTotal:")), 0) if meminfo.exists() else 0
+    total_kb = (
+        next((int(line.split()[1]) for line in meminfo.read_text().splitlines() if line.startswith("MemTotal:")), 0)
+        if meminfo.exists()
+        else 0
+    )
     memory = f"{total_kb / 2**20:.1f} GiB" if total_kb else None
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), cpu)
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            cpu,
+        )
     return {
         "platform": platform.platform(),
         "cpu": cpu,
@@ -52,7 +63,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def to_markdown(rows: list[Row], described: dict[str, Any], size: str, started: datetime, seconds: float, ran: list[str]) -> str:
+def to_markdown(
+    rows: list[Row], described: dict[str, Any], size: str, started: datetime, seconds: float, ran: list[str]
+) -> str:
     not_run = [name for name in benchmarks() if name not in ran]
     out = [
         f"# flywheel bench all ({size}) - {started:%Y-%m-%d %H:%M} UTC, {seconds:.0f} s",
@@ -70,7 +83,11 @@ def to_markdown(rows: list[Row], described: dict[str, Any], size: str, started: 
             out.append(f"| {row.benchmark} | {row.measure} | failed: {row.error} | | | |")
             continue
         flywheel = f"{row.flywheel:,.1f} {row.unit}" + (f" ({row.flywheel_label})" if row.flywheel_label else "")
-        baseline = f"{row.baseline:,.1f} {row.unit}" + (f" ({row.baseline_label})" if row.baseline_label else "") if row.baseline is not None else "-"
+        baseline = (
+            f"{row.baseline:,.1f} {row.unit}" + (f" ({row.baseline_label})" if row.baseline_label else "")
+            if row.baseline is not None
+            else "-"
+        )
         ratio = f"**{row.ratio:.2f}x**" if row.ratio is not None else "-"
         out.append(f"| {row.benchmark} | {row.measure} | {flywheel} | {baseline} | {ratio} | {row.better} |")
     return "\n".join(out) + "\n"
@@ -102,7 +119,14 @@ def all_benchmarks(
     markdown = to_markdown(rows, described, size, started, seconds, ran)
     out.mkdir(parents=True, exist_ok=True)
     stamp = f"{started:%Y%m%dT%H%M%SZ}-{size}"
-    document = {"size": size, "benchmarks": ran, "started_at": started.isoformat(), "seconds": seconds, "machine": described, "rows": [asdict(row) | {"ratio": row.ratio} for row in rows]}
+    document = {
+        "size": size,
+        "benchmarks": ran,
+        "started_at": started.isoformat(),
+        "seconds": seconds,
+        "machine": described,
+        "rows": [asdict(row) | {"ratio": row.ratio} for row in rows],
+    }
     for name in (stamp, f"latest-{size}"):
         (out / f"{name}.md").write_text(markdown)
         (out / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")

@@ -19,7 +19,9 @@ def export(directory: Path = typer.Argument(..., help="Where to write the JSON S
 
 
 @app.command()
-def check(snapshot: Path = typer.Option(None, help="Published snapshot directory; default: the one shipped in contracts/.")) -> None:
+def check(
+    snapshot: Path = typer.Option(None, help="Published snapshot directory; default: the one shipped in contracts/."),
+) -> None:
     """Compare the contracts with the published snapshot; exit 1 on a breaking change."""
     from contracts.schema_snapshot import REGENERATE_HINT, SNAPSHOT_DIR, compatibility_report
 

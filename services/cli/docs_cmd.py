@@ -6,11 +6,17 @@ import typer
 
 from services.runtime.errors import FlywheelError
 
-app = typer.Typer(help="Reference pages generated from the code (settings, events, HTTP doors, CLI, ClickHouse).", no_args_is_help=True)
+app = typer.Typer(
+    help="Reference pages generated from the code (settings, events, HTTP doors, CLI, ClickHouse).",
+    no_args_is_help=True,
+)
 
 
 @app.command()
-def generate(ctx: typer.Context, directory: Path = typer.Option(None, help="Where to write them; default: docs/reference/ of this checkout.")) -> None:
+def generate(
+    ctx: typer.Context,
+    directory: Path = typer.Option(None, help="Where to write them; default: docs/reference/ of this checkout."),
+) -> None:
     """Write every reference page from the code as it is now."""
     from services.cli.reference import REFERENCE_DIR, write
 
@@ -20,11 +26,16 @@ def generate(ctx: typer.Context, directory: Path = typer.Option(None, help="Wher
 
 
 @app.command()
-def check(ctx: typer.Context, directory: Path = typer.Option(None, help="The pages to check; default: docs/reference/ of this checkout.")) -> None:
+def check(
+    ctx: typer.Context,
+    directory: Path = typer.Option(None, help="The pages to check; default: docs/reference/ of this checkout."),
+) -> None:
     """Exit 1 when a reference page differs from what the code generates now."""
     from services.cli.reference import REFERENCE_DIR, stale
 
     outdated = stale(ctx.find_root().command, directory or REFERENCE_DIR)
     if outdated:
-        raise FlywheelError(f"stale reference pages: {', '.join(outdated)}; run `flywheel docs generate` and commit the result")
+        raise FlywheelError(
+            f"stale reference pages: {', '.join(outdated)}; run `flywheel docs generate` and commit the result"
+        )
     typer.echo("reference pages match the code")

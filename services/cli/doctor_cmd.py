@@ -25,7 +25,9 @@ def _check_kafka(settings: FlywheelSettings) -> None:
     bootstrap = settings.resolved_kafka_bootstrap()
     security = settings.resolved_kafka_security()
     asyncio.run(check_reachable(bootstrap, security=security))
-    typer.echo(f"kafka       ok  {bootstrap}" + (f" as {security.username} ({security.protocol})" if security.username else ""))
+    typer.echo(
+        f"kafka       ok  {bootstrap}" + (f" as {security.username} ({security.protocol})" if security.username else "")
+    )
 
 
 def _check_clickhouse(settings: FlywheelSettings) -> None:
@@ -36,7 +38,9 @@ def _check_clickhouse(settings: FlywheelSettings) -> None:
         return
     with open_clickhouse(settings.clickhouse_url, settings.home, readonly=True) as store:
         store.query("SELECT 1")
-    typer.echo(f"clickhouse  ok  {'server' if settings.clickhouse_url else 'embedded chDB under ' + str(settings.home / 'clickhouse')}")
+    typer.echo(
+        f"clickhouse  ok  {'server' if settings.clickhouse_url else 'embedded chDB under ' + str(settings.home / 'clickhouse')}"
+    )
 
 
 def _check_database(settings: FlywheelSettings) -> None:
@@ -47,13 +51,17 @@ def _check_database(settings: FlywheelSettings) -> None:
     try:
         engine = create_engine(url)
     except (ArgumentError, ImportError, ValueError) as error:
-        raise ConfigurationError(f"FLYWHEEL_DATABASE_URL is not a usable database URL ({error}); e.g. postgresql+psycopg://user:pass@host/db") from None
+        raise ConfigurationError(
+            f"FLYWHEEL_DATABASE_URL is not a usable database URL ({error}); e.g. postgresql+psycopg://user:pass@host/db"
+        ) from None
     try:
         settings.home.mkdir(parents=True, exist_ok=True)
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
     except SQLAlchemyError as error:
-        raise ConfigurationError(f"cannot connect to the registry database {engine.url.render_as_string(hide_password=True)}: {str(error.orig or error).splitlines()[0]}") from None
+        raise ConfigurationError(
+            f"cannot connect to the registry database {engine.url.render_as_string(hide_password=True)}: {str(error.orig or error).splitlines()[0]}"
+        ) from None
     finally:
         engine.dispose()
     typer.echo(f"database    ok  {engine.url.render_as_string(hide_password=True)}")

@@ -21,23 +21,43 @@ Timeout = Annotated[float, typer.Option(help="Seconds to wait for each service t
 @app.command()
 def up(
     postgres: Annotated[bool, typer.Option("--postgres", help="Also start PostgreSQL (for the registry).")] = False,
-    port: Annotated[int | None, typer.Option(help="Kafka port; default 9092, or any free port when 9092 is taken.")] = None,
-    postgres_port: Annotated[int | None, typer.Option(help="PostgreSQL port; default 5432, or any free port when taken.")] = None,
-    secure: Annotated[bool, typer.Option(
-        "--secure",
-        help="SASL/SCRAM-SHA-512 and ACLs: one Kafka principal per service (infra/kafka_acls.py), passwords in a 0600 file under FLYWHEEL_HOME. A new home only: an existing plaintext one must be removed first.",
-    )] = False,
-    tls: Annotated[bool, typer.Option(
-        "--tls", help="With --secure: SASL_SSL, with a CA and broker certificate made for this home (openssl); clients here trust it.",
-    )] = False,
+    port: Annotated[
+        int | None, typer.Option(help="Kafka port; default 9092, or any free port when 9092 is taken.")
+    ] = None,
+    postgres_port: Annotated[
+        int | None, typer.Option(help="PostgreSQL port; default 5432, or any free port when taken.")
+    ] = None,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            "--secure",
+            help="SASL/SCRAM-SHA-512 and ACLs: one Kafka principal per service (infra/kafka_acls.py), passwords in a 0600 file under FLYWHEEL_HOME. A new home only: an existing plaintext one must be removed first.",
+        ),
+    ] = False,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls",
+            help="With --secure: SASL_SSL, with a CA and broker certificate made for this home (openssl); clients here trust it.",
+        ),
+    ] = False,
     timeout: Timeout = 60.0,
 ) -> None:
     """Start the local broker (reusing a running one) and record where it listens."""
     settings = FlywheelSettings()
     # Without --secure: a running broker is reused as it is, and a home made secure once stays secure.
     if tls and not secure:
-        raise typer.BadParameter("--tls needs --secure (TLS protects the SCRAM logins and ACL-guarded traffic of a secure broker)")
-    kafka = LocalKafka(settings.home, settings.cache, port, secure=True if secure else None, tls=True if tls else None, topic_prefix=settings.topic_prefix)
+        raise typer.BadParameter(
+            "--tls needs --secure (TLS protects the SCRAM logins and ACL-guarded traffic of a secure broker)"
+        )
+    kafka = LocalKafka(
+        settings.home,
+        settings.cache,
+        port,
+        secure=True if secure else None,
+        tls=True if tls else None,
+        topic_prefix=settings.topic_prefix,
+    )
     _start(kafka, timeout)
     if kafka.secure:
         console.print(
@@ -75,7 +95,9 @@ def status() -> None:
         current = service.status()
         if current.running:
             mode = f" ({current.note})" if current.note else ""
-            console.print(f"{current.name}: [green]running[/] pid {current.pid} at {current.address} since {current.started_at}{mode}")
+            console.print(
+                f"{current.name}: [green]running[/] pid {current.pid} at {current.address} since {current.started_at}{mode}"
+            )
         else:
             console.print(f"{current.name}: [yellow]stopped[/]" + (f" ({current.note})" if current.note else ""))
         console.print(f"  data {current.data_dir}\n  log  {current.log_file}")
@@ -107,12 +129,16 @@ def topics(
     security = settings.resolved_kafka_security(ADMIN_PRINCIPAL)
     created = asyncio.run(ensure_topics(bootstrap, settings.topic_prefix, replication_factor, security=security))
     wanted = all_topics(settings.topic_prefix)
-    console.print(f"topics at {bootstrap}: {len(created)} created, {len(wanted) - len(created)} already there ({len(wanted)} in the contract)")
+    console.print(
+        f"topics at {bootstrap}: {len(created)} created, {len(wanted) - len(created)} already there ({len(wanted)} in the contract)"
+    )
 
 
 @app.command()
 def acls(
-    show: Annotated[bool, typer.Option("--show", help="Print the principal/ACL table and the ACLs, change nothing.")] = False,
+    show: Annotated[
+        bool, typer.Option("--show", help="Print the principal/ACL table and the ACLs, change nothing.")
+    ] = False,
 ) -> None:
     """Grant each principal exactly its rights (infra/kafka_acls.py), as the admin principal (FLYWHEEL_KAFKA_SASL_*)."""
     import asyncio
@@ -137,4 +163,6 @@ def acls(
         )
     asyncio.run(check_reachable(bootstrap, security=security))
     count = asyncio.run(apply_acls(bootstrap, security, settings.topic_prefix))
-    console.print(f"acls at {bootstrap}: {count} granted (or already there) to {', '.join(name for name in PRINCIPAL_NAMES if name != ADMIN_PRINCIPAL)}")
+    console.print(
+        f"acls at {bootstrap}: {count} granted (or already there) to {', '.join(name for name in PRINCIPAL_NAMES if name != ADMIN_PRINCIPAL)}"
+    )

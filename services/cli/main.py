@@ -82,7 +82,9 @@ def main() -> None:
     except Exception as error:  # noqa: BLE001 - last line of defence: no traceback reaches a user
         if os.environ.get("FLYWHEEL_DEBUG"):
             raise
-        typer.echo(f"error: unexpected {type(error).__name__}: {error} (set FLYWHEEL_DEBUG=1 for the traceback)", err=True)
+        typer.echo(
+            f"error: unexpected {type(error).__name__}: {error} (set FLYWHEEL_DEBUG=1 for the traceback)", err=True
+        )
         sys.exit(1)
 
 

@@ -53,7 +53,11 @@ def generate(cli: click.Command) -> dict[str, str]:
 
 def stale(cli: click.Command, directory: Path = REFERENCE_DIR) -> list[str]:
     """Pages in `directory` that differ from what the code generates now (missing ones included)."""
-    return [name for name, text in generate(cli).items() if not (directory / name).exists() or (directory / name).read_text() != text]
+    return [
+        name
+        for name, text in generate(cli).items()
+        if not (directory / name).exists() or (directory / name).read_text() != text
+    ]
 
 
 def write(cli: click.Command, directory: Path = REFERENCE_DIR) -> list[Path]:
@@ -96,11 +100,18 @@ def settings_page(classes: Iterable[type[BaseSettings]]) -> str:
     ]
     for cls in classes:
         prefix = cls.model_config.get("env_prefix", "")
-        lines += [f"## {cls.__name__} (`{prefix}*`)\n", *_paragraph(cls.__doc__), "| Variable | Type | Default | Description |", "|---|---|---|---|"]
+        lines += [
+            f"## {cls.__name__} (`{prefix}*`)\n",
+            *_paragraph(cls.__doc__),
+            "| Variable | Type | Default | Description |",
+            "|---|---|---|---|",
+        ]
         for name, field in cls.model_fields.items():
             if field.exclude:
                 continue  # deprecated aliases: read, never documented as settings
-            lines.append(f"| `{prefix}{name.upper()}` | {_cell(_type_name(field.annotation))} | {_cell(_default(field))} | {_cell(field.description or '')} |")
+            lines.append(
+                f"| `{prefix}{name.upper()}` | {_cell(_type_name(field.annotation))} | {_cell(_default(field))} | {_cell(field.description or '')} |"
+            )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -148,7 +159,13 @@ def _paragraph(doc: str | None) -> list[str]:
 def _asyncapi(broker: Any) -> dict[str, Any]:
     from faststream.specification import AsyncAPI
 
-    spec = AsyncAPI(broker, title="Flywheel", version="1", schema_version="3.0.0", description="Every topic the six services consume, with its consumer groups.")
+    spec = AsyncAPI(
+        broker,
+        title="Flywheel",
+        version="1",
+        schema_version="3.0.0",
+        description="Every topic the six services consume, with its consumer groups.",
+    )
     return json.loads(spec.to_specification().to_json())
 
 
@@ -171,14 +188,28 @@ def events_page(asyncapi: dict[str, Any]) -> str:
     ]
     for event_type, event in sorted(EVENT_TYPES.items()):
         topic = topic_for(event)
-        groups = ", ".join(sorted(group for group in consumers.get(topic, set()) if group)) or "none (announced for apps and operators)"
-        schema = f"contracts/schemas/events/{event_type}.v{event.schema_version}.json" if hasattr(event, "schema_version") else ""
+        groups = (
+            ", ".join(sorted(group for group in consumers.get(topic, set()) if group))
+            or "none (announced for apps and operators)"
+        )
+        schema = (
+            f"contracts/schemas/events/{event_type}.v{event.schema_version}.json"
+            if hasattr(event, "schema_version")
+            else ""
+        )
         lines.append(f"| `{event_type}` | `{topic}` | {groups} | {schema} |")
     lines += ["", "## Payload fields\n"]
     for event_type, event in sorted(EVENT_TYPES.items()):
-        lines += [f"### `{event_type}`\n", *_paragraph(event.__doc__), "| Field | Type | Required | Description |", "|---|---|---|---|"]
+        lines += [
+            f"### `{event_type}`\n",
+            *_paragraph(event.__doc__),
+            "| Field | Type | Required | Description |",
+            "|---|---|---|---|",
+        ]
         for name, field in event.model_fields.items():
-            lines.append(f"| `{name}` | {_cell(_type_name(field.annotation))} | {'yes' if field.is_required() else 'no'} | {_cell(field.description or '')} |")
+            lines.append(
+                f"| `{name}` | {_cell(_type_name(field.annotation))} | {'yes' if field.is_required() else 'no'} | {_cell(field.description or '')} |"
+            )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -192,7 +223,7 @@ def http_page(openapi: dict[str, Any]) -> str:
         GENERATED,
         "Every route of the process that runs all six services (`flywheel up`); `flywheel run NAME` serves the",
         "same routes of the named services. Keys go in `Authorization: Bearer <key>`; errors are OpenAI-style",
-        "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`. The full document is openapi.json beside this page.\n",
+        '`{"error": {"message", "type", "param", "code"}}`. The full document is openapi.json beside this page.\n',
         "| Method | Path | Summary |",
         "|---|---|---|",
     ]
@@ -209,7 +240,14 @@ def cli_page(command: click.Command) -> str:
     import typer
     from typer.cli import get_docs_for_click
 
-    return GENERATED.strip() + "\n\n" + get_docs_for_click(obj=command, ctx=typer.Context(command), name="flywheel", title="Command line: `flywheel`").strip() + "\n"
+    return (
+        GENERATED.strip()
+        + "\n\n"
+        + get_docs_for_click(
+            obj=command, ctx=typer.Context(command), name="flywheel", title="Command line: `flywheel`"
+        ).strip()
+        + "\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------ ClickHouse
@@ -224,10 +262,12 @@ def _clickhouse_tables(path: Path) -> list[dict[str, Any]]:
         store.migrate()
         database = store.database
         tables = store.query(
-            "SELECT name, engine, comment FROM system.tables WHERE database = {db:String} AND name != 'schema_migrations' ORDER BY name", {"db": database}
+            "SELECT name, engine, comment FROM system.tables WHERE database = {db:String} AND name != 'schema_migrations' ORDER BY name",
+            {"db": database},
         )
         columns = store.query(
-            "SELECT table, name, type, comment FROM system.columns WHERE database = {db:String} ORDER BY table, position", {"db": database}
+            "SELECT table, name, type, comment FROM system.columns WHERE database = {db:String} ORDER BY table, position",
+            {"db": database},
         )
     finally:
         store.close()
@@ -254,6 +294,9 @@ def clickhouse_page(tables: list[dict[str, Any]]) -> str:
             if table.get("comment"):
                 lines += [table["comment"], ""]
             lines += ["| Column | Type | Comment |", "|---|---|---|"]
-            lines += [f"| `{column['name']}` | `{column['type']}` | {_cell(column.get('comment') or '')} |" for column in table["columns"]]
+            lines += [
+                f"| `{column['name']}` | `{column['type']}` | {_cell(column.get('comment') or '')} |"
+                for column in table["columns"]
+            ]
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"

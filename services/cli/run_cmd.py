@@ -22,14 +22,21 @@ SERVICES = ("registry", "trainer", "evaluator", "serving", "feedback", "monitor"
 
 def available_services() -> list[str]:
     """The contract's services whose code is present in this installation."""
-    return [name for name in SERVICES if importlib.util.find_spec(f"services.{name}") is not None and importlib.util.find_spec(f"services.{name}.app") is not None]
+    return [
+        name
+        for name in SERVICES
+        if importlib.util.find_spec(f"services.{name}") is not None
+        and importlib.util.find_spec(f"services.{name}.app") is not None
+    ]
 
 
 def factory(name: str) -> ServiceFactory:
     if name not in SERVICES:
         raise ConfigurationError(f"unknown service {name!r}: choose one of {', '.join(SERVICES)}")
     if name not in available_services():
-        raise ConfigurationError(f"service {name!r} is not part of this installation yet (present: {', '.join(available_services()) or 'none'})")
+        raise ConfigurationError(
+            f"service {name!r} is not part of this installation yet (present: {', '.join(available_services()) or 'none'})"
+        )
     return importlib.import_module(f"services.{name}.app").create_app
 
 
@@ -43,19 +50,25 @@ def serve(names: list[str], title: str, settings: FlywheelSettings | None = None
     server = HttpServer(app, settings)
     server.run()
     if not server.started:
-        raise ConfigurationError(f"{title} did not start: see the log above (is port {settings.http_port} free? FLYWHEEL_HTTP_PORT)")
+        raise ConfigurationError(
+            f"{title} did not start: see the log above (is port {settings.http_port} free? FLYWHEEL_HTTP_PORT)"
+        )
 
 
 def _known(names: list[str]) -> list[str]:
     unknown = [name for name in names if name not in SERVICES]
     if unknown:
-        raise typer.BadParameter(f"unknown service{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: choose from {', '.join(SERVICES)}")
+        raise typer.BadParameter(
+            f"unknown service{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: choose from {', '.join(SERVICES)}"
+        )
     # Naming a service twice would subscribe its handlers twice in one consumer group.
     return list(dict.fromkeys(names))
 
 
 def run(
-    services: list[str] = typer.Argument(..., metavar="SERVICE", callback=_known, help=f"One or more of: {', '.join(SERVICES)}."),
+    services: list[str] = typer.Argument(
+        ..., metavar="SERVICE", callback=_known, help=f"One or more of: {', '.join(SERVICES)}."
+    ),
 ) -> None:
     """Run the named services together in one process: their handlers on Kafka, their HTTP doors on one port.
 
@@ -80,7 +93,10 @@ def up() -> None:
     if kafka is not None and kafka.status().running:
         kafka = None  # `flywheel infra up` (or another run) started it: it is theirs to stop
     if kafka is not None:
-        typer.echo(f"no Kafka broker configured: starting a local one for {settings.home} (it stops with this process; `flywheel infra up` keeps one running)", err=True)
+        typer.echo(
+            f"no Kafka broker configured: starting a local one for {settings.home} (it stops with this process; `flywheel infra up` keeps one running)",
+            err=True,
+        )
         bootstrap = kafka.start()
         typer.echo(f"kafka: ready at {bootstrap}", err=True)
     try:

@@ -29,7 +29,11 @@ console = Console(highlight=False)
 def demo(
     home: Path = typer.Option(None, help="Data directory for this demo; default FLYWHEEL_HOME."),
     traffic: int = typer.Option(2, min=1, max=6, help="Requests per fact sent through the gateway in step 4."),
-    step_timeout: float = typer.Option(3600.0, min=60, help="Seconds a step may wait for training or an evaluation (a shared CPU can need far more than the 20-minute target)."),
+    step_timeout: float = typer.Option(
+        3600.0,
+        min=60,
+        help="Seconds a step may wait for training or an evaluation (a shared CPU can need far more than the 20-minute target).",
+    ),
 ) -> None:
     """Run the loop end to end on real components (Kafka, ClickHouse, Triton, SmolLM2) and write a report."""
     overrides = {"home": home.resolve()} if home else {}
@@ -41,7 +45,9 @@ def demo(
     broker_started_here = False
     busy = 0
     interrupted = None
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=False) as progress:
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=False
+    ) as progress:
         try:
             task = progress.add_task("kafka: starting a local Apache Kafka broker", total=None)
             if settings.kafka_bootstrap:
@@ -54,9 +60,19 @@ def demo(
                 report.bootstrap = kafka.start()
                 report.cleanup.append(f"kafka broker pid {kafka.status().pid} at {report.bootstrap}")
             progress.update(task, description=f"kafka: ready at {report.bootstrap}", completed=1, total=1)
-            busy, interrupted = _run_loop(run_loop_in_process(settings.model_copy(update={"kafka_bootstrap": report.bootstrap}), report, progress, traffic=traffic, step_timeout=step_timeout))
+            busy, interrupted = _run_loop(
+                run_loop_in_process(
+                    settings.model_copy(update={"kafka_bootstrap": report.bootstrap}),
+                    report,
+                    progress,
+                    traffic=traffic,
+                    step_timeout=step_timeout,
+                )
+            )
             if interrupted:
-                report.cleanup.append(f"interrupted by {interrupted}: the loop stopped where it was and every service was stopped")
+                report.cleanup.append(
+                    f"interrupted by {interrupted}: the loop stopped where it was and every service was stopped"
+                )
             if busy:
                 report.cleanup.append(
                     f"{busy} worker thread(s) still busy after every service stopped (a training job the trainer's stop does not interrupt); "
@@ -136,7 +152,9 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> tuple[int, str | None]:
         executor.shutdown(wait=False, cancel_futures=True)
 
     def busy() -> int:
-        return sum(1 for thread in threading.enumerate() if thread.name.startswith("flywheel-demo") and thread.is_alive())
+        return sum(
+            1 for thread in threading.enumerate() if thread.name.startswith("flywheel-demo") and thread.is_alive()
+        )
 
     deadline = time.monotonic() + 10  # idle workers exit once the shutdown wakes them
     while busy() and time.monotonic() < deadline:

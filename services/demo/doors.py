@@ -30,7 +30,9 @@ class Doors:
     approver (demo-approver), another principal, approves each production promotion beforehand.
     """
 
-    def __init__(self, base_url: str, admin_key: str, report: LoopReport, progress: Progress, *, step_timeout: float) -> None:
+    def __init__(
+        self, base_url: str, admin_key: str, report: LoopReport, progress: Progress, *, step_timeout: float
+    ) -> None:
         import httpx
 
         self.base_url = base_url
@@ -52,15 +54,24 @@ class Doors:
     async def as_principal(self, principal: str, role: str) -> dict[str, str]:
         """Headers acting as `principal` with `role`, its key created by the admin once per run."""
         if principal not in self.role_keys:
-            self.role_keys[principal] = (await self.call("POST", "/registry/v1/keys", json={"principal": principal, "role": role}))["key"]
+            self.role_keys[principal] = (
+                await self.call("POST", "/registry/v1/keys", json={"principal": principal, "role": role})
+            )["key"]
         return {"Authorization": f"Bearer {self.role_keys[principal]}"}
 
     async def approve(self, kind: str, name: str, version: int, comment: str) -> None:
         """demo-approver approves a production promotion the operator then performs."""
         headers = await self.as_principal("demo-approver", "approver")
-        await self.call("POST", f"/registry/v1/{kind}/{name}/versions/{version}/approvals", json={"comment": comment}, headers=headers)
+        await self.call(
+            "POST",
+            f"/registry/v1/{kind}/{name}/versions/{version}/approvals",
+            json={"comment": comment},
+            headers=headers,
+        )
 
-    async def until(self, what: str, probe: Callable[[], Awaitable[Any]], interval: float = 2.0, timeout: float | None = None) -> Any:
+    async def until(
+        self, what: str, probe: Callable[[], Awaitable[Any]], interval: float = 2.0, timeout: float | None = None
+    ) -> Any:
         timeout = min(timeout or self.timeout, self.timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -86,7 +97,13 @@ class Doors:
         except Exception as error:  # noqa: BLE001 - the report names what broke; later steps are "not reached"
             step.status, step.reason = FAILED, f"{type(error).__name__}: {error}"
         step.seconds = time.monotonic() - started
-        self.progress.update(task, description=f"step {step.number}: {step.title} - {step.status}" + (f" ({step.reason[:120]})" if step.reason else ""), completed=1, total=1)
+        self.progress.update(
+            task,
+            description=f"step {step.number}: {step.title} - {step.status}"
+            + (f" ({step.reason[:120]})" if step.reason else ""),
+            completed=1,
+            total=1,
+        )
         return step.status == PASSED
 
     def say(self, text: str) -> None:
@@ -104,7 +121,9 @@ class Doors:
             step.reused = True
             step.lines.append(f"dataset {name} v{same[-1]['version']} ({split}, {same[-1]['row_count']} rows, exists)")
             return {"name": name, "version": same[-1]["version"]}
-        created = await self.call("POST", "/registry/v1/datasets", json={"name": name, "split": split, "jsonl": jsonl, "model_name": MODEL})
+        created = await self.call(
+            "POST", "/registry/v1/datasets", json={"name": name, "split": split, "jsonl": jsonl, "model_name": MODEL}
+        )
         step.lines.append(f"dataset {name} v{created['version']} published ({split}, {created['row_count']} rows)")
         return {"name": name, "version": created["version"]}
 
@@ -115,7 +134,9 @@ class Doors:
             view = await self.call("GET", f"/trainer/v1/training-jobs/{job_id}", expect=(200, 404))
             if not view or "status" not in view:
                 return None
-            self.say(f"step {step.number}: training {label} ({job_id}) {view['status']} step {view['step']}/{view['total_steps']} loss {view.get('loss')}")
+            self.say(
+                f"step {step.number}: training {label} ({job_id}) {view['status']} step {view['step']}/{view['total_steps']} loss {view.get('loss')}"
+            )
             if view["status"] in ("failed", "cancelled"):
                 raise StepFailed(f"training job {job_id} {view['status']}: {view.get('error')}")
             return view if view["status"] == "completed" else None
@@ -123,12 +144,23 @@ class Doors:
         done = await self.until(f"training job {job_id}", job, interval=3.0)
 
         async def adapter() -> dict[str, Any] | None:
-            items = (await self.call("GET", "/registry/v1/adapters", params={"model_name": MODEL, "limit": 500}))["items"]
+            items = (await self.call("GET", "/registry/v1/adapters", params={"model_name": MODEL, "limit": 500}))[
+                "items"
+            ]
             return next((item for item in items if item["training_job_id"] == job_id), None)
 
-        registered = await self.until(f"the adapter of job {job_id} in the registry (training.completed -> adapter.registered)", adapter)
-        self.report.training[registered["version"]] = {"job_id": job_id, "steps": done["total_steps"], "final_loss": done.get("loss"), "dataset": f"{registered['dataset_name']}:v{registered['dataset_version']}"}
-        step.lines.append(f"job {job_id}: {done['total_steps']} steps, final loss {done.get('loss')}; adapter v{registered['version']} registered (stage {registered['stage']})")
+        registered = await self.until(
+            f"the adapter of job {job_id} in the registry (training.completed -> adapter.registered)", adapter
+        )
+        self.report.training[registered["version"]] = {
+            "job_id": job_id,
+            "steps": done["total_steps"],
+            "final_loss": done.get("loss"),
+            "dataset": f"{registered['dataset_name']}:v{registered['dataset_version']}",
+        }
+        step.lines.append(
+            f"job {job_id}: {done['total_steps']} steps, final loss {done.get('loss')}; adapter v{registered['version']} registered (stage {registered['stage']})"
+        )
         return registered
 
     async def gate(self, step: Step, version: int) -> dict[str, Any]:
@@ -139,37 +171,60 @@ class Doors:
             lineage = await self.call("GET", f"/registry/v1/adapters/{MODEL}/versions/{version}/lineage")
             return lineage["evaluations"][-1] if lineage["evaluations"] else None
 
-        verdict = await self.until(f"an evaluation of adapter v{version} (adapter.registered -> evaluation.completed)", evaluated, interval=5.0)
+        verdict = await self.until(
+            f"an evaluation of adapter v{version} (adapter.registered -> evaluation.completed)", evaluated, interval=5.0
+        )
         status = await self.call("GET", f"/evaluator/v1/evaluations/{verdict['evaluation_id']}", expect=(200, 404))
         result = (status or {}).get("result") or {}
         baseline = result.get("baseline") or {}
         report_path = Path(self.report.home) / "reports" / f"evaluation-{verdict['evaluation_id']}.html"
-        self.report.evaluations.append(Evaluation(
-            adapter_version=version, evaluation_id=verdict["evaluation_id"],
-            baseline=f"adapter v{baseline['adapter_version']}" if baseline.get("adapter_version") else "the base model",
-            golden=f"{verdict['golden_name']}:v{verdict['golden_version']}", passed=verdict["passed"], gate_policy=verdict["gate_policy"],
-            reasons=list(verdict["reasons"]), metrics=result.get("metrics", []), report_path=str(report_path) if report_path.exists() else None,
-        ))
-        step.lines.append(f"evaluation {verdict['evaluation_id']} ({verdict['gate_policy']} on {verdict['golden_name']}:v{verdict['golden_version']}): {'PASS' if verdict['passed'] else 'FAIL'}")
+        self.report.evaluations.append(
+            Evaluation(
+                adapter_version=version,
+                evaluation_id=verdict["evaluation_id"],
+                baseline=f"adapter v{baseline['adapter_version']}"
+                if baseline.get("adapter_version")
+                else "the base model",
+                golden=f"{verdict['golden_name']}:v{verdict['golden_version']}",
+                passed=verdict["passed"],
+                gate_policy=verdict["gate_policy"],
+                reasons=list(verdict["reasons"]),
+                metrics=result.get("metrics", []),
+                report_path=str(report_path) if report_path.exists() else None,
+            )
+        )
+        step.lines.append(
+            f"evaluation {verdict['evaluation_id']} ({verdict['gate_policy']} on {verdict['golden_name']}:v{verdict['golden_version']}): {'PASS' if verdict['passed'] else 'FAIL'}"
+        )
         return verdict
 
     async def transition(self, version: int, **body: Any) -> dict[str, Any]:
         """demo-operator moves a version; entering production needs demo-approver's approval first."""
         headers = await self.as_principal("demo-operator", "operator")
-        return await self.call("POST", f"/registry/v1/adapters/{MODEL}/versions/{version}/transitions", json=body, headers=headers)
+        return await self.call(
+            "POST", f"/registry/v1/adapters/{MODEL}/versions/{version}/transitions", json=body, headers=headers
+        )
 
     async def audit(self, step: Step, version: int) -> None:
-        entries = (await self.call("GET", "/registry/v1/audit", params={"object_type": "adapter", "object_id": f"{MODEL}:v{version}"}))["items"]
+        entries = (
+            await self.call(
+                "GET", "/registry/v1/audit", params={"object_type": "adapter", "object_id": f"{MODEL}:v{version}"}
+            )
+        )["items"]
         approvals = [entry for entry in entries if entry["outcome"] == "ok" and "production" in entry["action"]]
         if not approvals:
-            raise StepFailed(f"no approved promotion of {MODEL}:v{version} in the audit log (entries: {[entry['action'] for entry in entries]})")
+            raise StepFailed(
+                f"no approved promotion of {MODEL}:v{version} in the audit log (entries: {[entry['action'] for entry in entries]})"
+            )
         for entry in approvals[-1:]:
             line = f"{entry['at']} {entry['actor']} {entry['action']} {entry['object_id']} approver {(entry.get('after') or {}).get('approver', '?')}"
             self.report.audit.append(line)
             step.lines.append(f"audit: {line}")
 
     async def production(self) -> dict[str, Any] | None:
-        items = (await self.call("GET", "/registry/v1/adapters", params={"model_name": MODEL, "stage": "production"}))["items"]
+        items = (await self.call("GET", "/registry/v1/adapters", params={"model_name": MODEL, "stage": "production"}))[
+            "items"
+        ]
         full = [item for item in items if not item.get("canary_percent")]
         return full[0] if full else None
 
@@ -185,7 +240,9 @@ class Doors:
         # tritonserver is retried after its Retry-After. The errors still count: step 4 reports them.
         return AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=self.app_key, max_retries=3, timeout=300)
 
-    async def ask(self, client: Any, rows: list[dict[str, Any]], phase: str, *, user_prefix: str = "customer") -> list[dict[str, Any]]:
+    async def ask(
+        self, client: Any, rows: list[dict[str, Any]], phase: str, *, user_prefix: str = "customer"
+    ) -> list[dict[str, Any]]:
         """Send each row's question as an app would; record which version answered."""
         limit = asyncio.Semaphore(8)
         answers: list[dict[str, Any]] = []
@@ -193,10 +250,21 @@ class Doors:
         async def one(index: int, row: dict[str, Any]) -> None:
             async with limit:
                 completion = await client.chat.completions.create(
-                    model=MODEL, messages=[message for message in row["messages"] if message["role"] != "assistant"],
-                    max_tokens=40, temperature=0, user=f"{user_prefix}-{index}",
+                    model=MODEL,
+                    messages=[message for message in row["messages"] if message["role"] != "assistant"],
+                    max_tokens=40,
+                    temperature=0,
+                    user=f"{user_prefix}-{index}",
                 )
-            answers.append({"id": completion.id, "served_by": completion.model, "answer": completion.choices[0].message.content or "", "reference": reference_of(row), "row": row})
+            answers.append(
+                {
+                    "id": completion.id,
+                    "served_by": completion.model,
+                    "answer": completion.choices[0].message.content or "",
+                    "reference": reference_of(row),
+                    "row": row,
+                }
+            )
             self.say(f"{phase}: {len(answers)}/{len(rows)} answered")
 
         await asyncio.gather(*(one(index, row) for index, row in enumerate(rows)))
@@ -208,11 +276,15 @@ class Doors:
         import openai
 
         try:
-            completion = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "ping"}], max_tokens=1, temperature=0)
+            completion = await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "ping"}], max_tokens=1, temperature=0
+            )
         except (openai.NotFoundError, openai.APIStatusError, openai.APIConnectionError):
             return False
         return completion.model == expected
 
-    async def all_served_by(self, client: Any, rows: list[dict[str, Any]], model: str, phase: str) -> list[dict[str, Any]] | None:
+    async def all_served_by(
+        self, client: Any, rows: list[dict[str, Any]], model: str, phase: str
+    ) -> list[dict[str, Any]] | None:
         answers = await self.ask(client, rows, phase, user_prefix=phase.replace(" ", "-"))
         return answers if all(answer["served_by"] == model for answer in answers) else None

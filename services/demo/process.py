@@ -43,7 +43,10 @@ def configure(settings: FlywheelSettings) -> tuple[FlywheelSettings, str, list[S
     settings = settings.model_copy(update={"http_port": port, "bootstrap_admin_key": SecretStr(admin_key)})
     demo_values: dict[str, dict[str, Any]] = {
         "monitor": {
-            "rules_path": rules, "tick_s": 5, "api_key": admin_key, "retrain_min_corrections": MIN_CORRECTIONS,
+            "rules_path": rules,
+            "tick_s": 5,
+            "api_key": admin_key,
+            "retrain_min_corrections": MIN_CORRECTIONS,
             # v2 learns v1's data (its lineage) plus the corrections; twice each, so two paraphrases of a new fact weigh enough.
             "retrain_correction_repeats": CORRECTION_REPEATS,
         },
@@ -56,11 +59,15 @@ def configure(settings: FlywheelSettings) -> tuple[FlywheelSettings, str, list[S
     for name in available_services():
         create_app = factory(name)
         # The rest of each service's settings (and PrivacySettings) come from the environment, as for `flywheel up`.
-        factories.append(partial(create_app, settings=load_settings(settings_class(create_app), **demo_values.get(name, {}))))
+        factories.append(
+            partial(create_app, settings=load_settings(settings_class(create_app), **demo_values.get(name, {})))
+        )
     return settings, admin_key, factories
 
 
-async def run_loop_in_process(settings: FlywheelSettings, report: LoopReport, progress: Progress, *, traffic: int, step_timeout: float) -> None:
+async def run_loop_in_process(
+    settings: FlywheelSettings, report: LoopReport, progress: Progress, *, traffic: int, step_timeout: float
+) -> None:
     from infra.processes import port_is_free
     from services.cli.run_cmd import available_services
     from services.cli.service_commands import service_cli

@@ -71,23 +71,32 @@ class LoopReport:
         ]
         for step in self.steps:
             mark = {PASSED: "PASS", FAILED: "FAIL"}.get(step.status, "----")
-            out.append(f"[{mark}] step {step.number}: {step.title} ({step.seconds:.0f} s{', reused' if step.reused else ''})")
+            out.append(
+                f"[{mark}] step {step.number}: {step.title} ({step.seconds:.0f} s{', reused' if step.reused else ''})"
+            )
             out.extend(f"       {line}" for line in step.lines)
             if step.reason:
                 out.append(f"       reason: {step.reason}")
         out.append("")
         for evaluation in self.evaluations:
             verdict = "PASS" if evaluation.passed else "FAIL"
-            out.append(f"gate adapter v{evaluation.adapter_version} vs {evaluation.baseline} on {evaluation.golden} ({evaluation.gate_policy}): {verdict} [{evaluation.evaluation_id}]")
+            out.append(
+                f"gate adapter v{evaluation.adapter_version} vs {evaluation.baseline} on {evaluation.golden} ({evaluation.gate_policy}): {verdict} [{evaluation.evaluation_id}]"
+            )
             out.extend(f"       {reason}" for reason in evaluation.reasons)
         for phase, routes in self.traffic.items():
             out.append(f"traffic {phase}: " + ", ".join(f"{name} {count}" for name, count in sorted(routes.items())))
         if self.stored_inferences:
-            out.append("stored in ClickHouse: " + ", ".join(f"{name} {value}" for name, value in self.stored_inferences.items()))
+            out.append(
+                "stored in ClickHouse: "
+                + ", ".join(f"{name} {value}" for name, value in self.stored_inferences.items())
+            )
         if self.feedback:
             out.append("feedback: " + ", ".join(f"{name} {value}" for name, value in self.feedback.items()))
         if self.alert:
-            out.append(f"alert: {self.alert.get('rule_name')} {self.alert.get('metric')} = {float(self.alert.get('value', 0)):.3f} > {self.alert.get('threshold')} ({self.alert.get('alert_id')})")
+            out.append(
+                f"alert: {self.alert.get('rule_name')} {self.alert.get('metric')} = {float(self.alert.get('value', 0)):.3f} > {self.alert.get('threshold')} ({self.alert.get('alert_id')})"
+            )
         if self.retraining:
             out.append("retraining: " + ", ".join(f"{name} {value}" for name, value in self.retraining.items()))
         out.extend(f"audit: {line}" for line in self.audit)
@@ -106,9 +115,14 @@ class LoopReport:
         gates = ""
         for evaluation in self.evaluations:
             bars = [
-                (metric["metric"], float(metric["candidate"]), float(metric["baseline"]) if metric.get("baseline") is not None else None)
+                (
+                    metric["metric"],
+                    float(metric["candidate"]),
+                    float(metric["baseline"]) if metric.get("baseline") is not None else None,
+                )
                 for metric in evaluation.metrics
-                if metric["metric"] in ("token_f1", "fact_numbers", "rouge_l", "groundedness", "hallucination_rate", "exact_match")
+                if metric["metric"]
+                in ("token_f1", "fact_numbers", "rouge_l", "groundedness", "hallucination_rate", "exact_match")
             ]
             intervals = "".join(
                 f"<tr><td>{e(metric['metric'])}</td><td>{_num(metric.get('baseline'))}</td><td>{_num(metric['candidate'])}</td><td>{_num(metric.get('difference'))}</td>"
@@ -120,10 +134,14 @@ class LoopReport:
                 f"<h3>adapter v{evaluation.adapter_version} vs {e(evaluation.baseline)} on {e(evaluation.golden)}: "
                 f"{'PASS' if evaluation.passed else 'FAIL'} ({e(evaluation.gate_policy)}){link}</h3>"
                 + _grouped_bars(bars, ("baseline", "candidate"))
-                + "<ul>" + "".join(f"<li>{e(reason)}</li>" for reason in evaluation.reasons) + "</ul>"
+                + "<ul>"
+                + "".join(f"<li>{e(reason)}</li>" for reason in evaluation.reasons)
+                + "</ul>"
                 + f"<table><tr><th>metric</th><th>baseline</th><th>candidate</th><th>difference</th><th>95% CI</th><th>n</th></tr>{intervals}</table>"
             )
-        traffic = "".join(f"<h3>{e(phase)}</h3>" + _bars(sorted(routes.items())) for phase, routes in self.traffic.items())
+        traffic = "".join(
+            f"<h3>{e(phase)}</h3>" + _bars(sorted(routes.items())) for phase, routes in self.traffic.items()
+        )
         feedback = _bars(sorted(self.feedback.items())) if self.feedback else "<p>none</p>"
         alert = e(str(self.alert)) if self.alert else "none"
         return f"""<!doctype html><html><head><meta charset="utf-8"><title>Flywheel demo</title>
@@ -131,14 +149,14 @@ class LoopReport:
 td,th{{border:1px solid #ccc;padding:.25em .5em;vertical-align:top;text-align:left}}tr.passed td:nth-child(3){{color:#070}}
 tr.failed td:nth-child(3){{color:#b00;font-weight:bold}}tr.not-reached td:nth-child(3){{color:#888}}</style></head><body>
 <h1>Flywheel demo: the loop</h1><p>{self.started_at:%Y-%m-%d %H:%M:%S} UTC, {self.seconds:.0f} s; home {e(self.home)}; kafka {e(self.bootstrap)}</p>
-<p><b>final production version: {e(self.production)}</b>; {'every step passed' if self.ok else 'not every step passed'}</p>
+<p><b>final production version: {e(self.production)}</b>; {"every step passed" if self.ok else "not every step passed"}</p>
 <h2>Steps</h2><table><tr><th>#</th><th>step</th><th>status</th><th>time</th><th>what happened</th></tr>{rows}</table>
-<h2>Gate decisions</h2>{gates or '<p>none</p>'}
-<h2>Traffic served (by the version that answered)</h2>{traffic or '<p>none</p>'}
+<h2>Gate decisions</h2>{gates or "<p>none</p>"}
+<h2>Traffic served (by the version that answered)</h2>{traffic or "<p>none</p>"}
 <h2>Feedback collected</h2>{feedback}
-<h2>Alert and retraining</h2><p>{alert}</p><p>{e(str(self.retraining or 'none'))}</p>
-<h2>Audit (approvals)</h2><ul>{''.join(f'<li>{e(line)}</li>' for line in self.audit)}</ul>
-<h2>Cleanup</h2><ul>{''.join(f'<li>{e(line)}</li>' for line in self.cleanup)}</ul>
+<h2>Alert and retraining</h2><p>{alert}</p><p>{e(str(self.retraining or "none"))}</p>
+<h2>Audit (approvals)</h2><ul>{"".join(f"<li>{e(line)}</li>" for line in self.audit)}</ul>
+<h2>Cleanup</h2><ul>{"".join(f"<li>{e(line)}</li>" for line in self.cleanup)}</ul>
 </body></html>
 """
 
@@ -168,11 +186,17 @@ def _grouped_bars(items: list[tuple[str, float, float | None]], legend: tuple[st
         return ""
     span = width - 240
     height = 40 * len(items) + 24
-    parts = [f"<text x='180' y='12' font-size='11' fill='#999'>{legend[0]}</text><text x='260' y='12' font-size='11' fill='#4a7bd0'>{legend[1]}</text>"]
+    parts = [
+        f"<text x='180' y='12' font-size='11' fill='#999'>{legend[0]}</text><text x='260' y='12' font-size='11' fill='#4a7bd0'>{legend[1]}</text>"
+    ]
     for i, (label, candidate, baseline) in enumerate(items):
         y = 40 * i + 20
         parts.append(f"<text x='0' y='{y + 16}' font-size='12'>{html.escape(label)}</text>")
         if baseline is not None:
-            parts.append(f"<rect x='180' y='{y}' width='{max(1.0, span * min(baseline, 1.0)):.1f}' height='14' fill='#bbb'/><text x='{184 + span * min(baseline, 1.0):.1f}' y='{y + 12}' font-size='11'>{baseline:.3f}</text>")
-        parts.append(f"<rect x='180' y='{y + 16}' width='{max(1.0, span * min(candidate, 1.0)):.1f}' height='14' fill='#4a7bd0'/><text x='{184 + span * min(candidate, 1.0):.1f}' y='{y + 28}' font-size='11'>{candidate:.3f}</text>")
+            parts.append(
+                f"<rect x='180' y='{y}' width='{max(1.0, span * min(baseline, 1.0)):.1f}' height='14' fill='#bbb'/><text x='{184 + span * min(baseline, 1.0):.1f}' y='{y + 12}' font-size='11'>{baseline:.3f}</text>"
+            )
+        parts.append(
+            f"<rect x='180' y='{y + 16}' width='{max(1.0, span * min(candidate, 1.0)):.1f}' height='14' fill='#4a7bd0'/><text x='{184 + span * min(candidate, 1.0):.1f}' y='{y + 28}' font-size='11'>{candidate:.3f}</text>"
+        )
     return f"<svg width='{width}' height='{height}' xmlns='http://www.w3.org/2000/svg'>{''.join(parts)}</svg>"

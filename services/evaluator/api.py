@@ -18,13 +18,21 @@ from services.runtime.http import DoorError
 
 def _view(record: EvaluationRecord) -> EvaluationStatus:
     return EvaluationStatus(
-        evaluation_id=record.evaluation_id, status=record.status, request=record.request, result=record.result,
-        created_at=record.created_at, updated_at=record.updated_at,
+        evaluation_id=record.evaluation_id,
+        status=record.status,
+        request=record.request,
+        result=record.result,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
     )
 
 
 def create_router(store: EvaluatorStore, auth: Authenticator, publish: Callable[..., Awaitable[object]]) -> APIRouter:
-    router = APIRouter(prefix="/evaluator/v1", tags=["evaluator"], responses={status: {"model": ErrorResponse} for status in (401, 403, 404, 422)})
+    router = APIRouter(
+        prefix="/evaluator/v1",
+        tags=["evaluator"],
+        responses={status: {"model": ErrorResponse} for status in (401, 403, 404, 422)},
+    )
     reader = auth.require(Role.viewer)
     writer = auth.require(Role.operator)
 
@@ -32,10 +40,16 @@ def create_router(store: EvaluatorStore, auth: Authenticator, publish: Callable[
     async def request_evaluation(body: EvaluationCreate, principal: Principal = Depends(writer)) -> EvaluationStatus:
         """Queue an evaluation; it runs on the evaluator's consumer and its result is published as evaluation.completed."""
         request = EvaluationRequested(
-            evaluation_id=f"ev-{uuid.uuid4().hex[:16]}", candidate=body.candidate, baseline=body.baseline, golden=body.golden,
-            metric_suite=body.metric_suite, requested_by=principal.name,
+            evaluation_id=f"ev-{uuid.uuid4().hex[:16]}",
+            candidate=body.candidate,
+            baseline=body.baseline,
+            golden=body.golden,
+            metric_suite=body.metric_suite,
+            requested_by=principal.name,
         )
-        await asyncio.to_thread(store.claim, request.evaluation_id, request.model_dump(mode="json"), correlation_id=request.evaluation_id)
+        await asyncio.to_thread(
+            store.claim, request.evaluation_id, request.model_dump(mode="json"), correlation_id=request.evaluation_id
+        )
         record = await asyncio.to_thread(store.evaluation, request.evaluation_id)
         assert record is not None
         await publish(request, correlation_id=request.evaluation_id)

@@ -25,7 +25,9 @@ def judge_factory(settings: EvaluatorSettings):
             return None
         from openai import AsyncOpenAI
 
-        client = AsyncOpenAI(base_url=settings.judge_base_url, api_key=settings.judge_api_key or "unused", max_retries=1)
+        client = AsyncOpenAI(
+            base_url=settings.judge_base_url, api_key=settings.judge_api_key or "unused", max_retries=1
+        )
         return Judge(client, model=settings.judge_model, rubric=settings.judge_rubric)
 
     return build
@@ -34,8 +36,13 @@ def judge_factory(settings: EvaluatorSettings):
 def create_app(runtime: Runtime, settings: EvaluatorSettings) -> Service:
     store = EvaluatorStore(runtime.home / GROUP / "evaluator.db")
     evaluator = Evaluator(
-        store=store, artifacts=runtime.artifacts, clickhouse=runtime.clickhouse,
-        settings=settings, home=runtime.home, embedder=Embedder(), judge=judge_factory(settings),
+        store=store,
+        artifacts=runtime.artifacts,
+        clickhouse=runtime.clickhouse,
+        settings=settings,
+        home=runtime.home,
+        embedder=Embedder(),
+        judge=judge_factory(settings),
     )
     bus = runtime.bus(GROUP)
     worker = EvaluationWorker(evaluator, bus.publish)
@@ -49,6 +56,9 @@ def create_app(runtime: Runtime, settings: EvaluatorSettings) -> Service:
         await asyncio.to_thread(store.close)
 
     return Service(
-        name=GROUP, api=create_router(store, Authenticator.for_settings(runtime.settings), bus.publish),
-        readiness={"clickhouse": clickhouse_answers}, on_start=[clickhouse_answers, worker.start], on_stop=[stop],
+        name=GROUP,
+        api=create_router(store, Authenticator.for_settings(runtime.settings), bus.publish),
+        readiness={"clickhouse": clickhouse_answers},
+        on_start=[clickhouse_answers, worker.start],
+        on_stop=[stop],
     )

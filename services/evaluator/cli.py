@@ -19,10 +19,14 @@ import typer
 from services.runtime.errors import FlywheelError
 
 app = typer.Typer()
-eval_app = typer.Typer(help="Evaluations: candidate vs baseline on a golden set, and the promotion gate's verdict.", no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Evaluations: candidate vs baseline on a golden set, and the promotion gate's verdict.", no_args_is_help=True
+)
 app.add_typer(eval_app, name="eval")
 
-UrlOption = Annotated[str | None, typer.Option("--url", help="Evaluator base URL; default http://FLYWHEEL_HTTP_HOST:FLYWHEEL_HTTP_PORT.")]
+UrlOption = Annotated[
+    str | None, typer.Option("--url", help="Evaluator base URL; default http://FLYWHEEL_HTTP_HOST:FLYWHEEL_HTTP_PORT.")
+]
 KeyOption = Annotated[str | None, typer.Option("--api-key", help="API key; default FLYWHEEL_API_KEY.")]
 
 
@@ -84,11 +88,23 @@ def _summary(item: dict) -> str:
 def request(
     model: Annotated[str, typer.Option("--model", help="Base model name.")],
     golden: Annotated[str, typer.Option("--golden", help="Golden dataset as NAME:VERSION.")],
-    adapter: Annotated[int | None, typer.Option("--adapter", help="Candidate adapter version; none: the base model.")] = None,
-    prompt: Annotated[str | None, typer.Option("--prompt", help="Candidate prompt version as NAME:VERSION, rendered into every golden prompt.")] = None,
-    baseline_adapter: Annotated[int | None, typer.Option("--baseline-adapter", help="Baseline adapter version; default: the production version.")] = None,
-    baseline_base: Annotated[bool, typer.Option("--baseline-base", help="Compare with the base model instead of production.")] = False,
-    baseline_prompt: Annotated[str | None, typer.Option("--baseline-prompt", help="Baseline prompt version as NAME:VERSION.")] = None,
+    adapter: Annotated[
+        int | None, typer.Option("--adapter", help="Candidate adapter version; none: the base model.")
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", help="Candidate prompt version as NAME:VERSION, rendered into every golden prompt."),
+    ] = None,
+    baseline_adapter: Annotated[
+        int | None,
+        typer.Option("--baseline-adapter", help="Baseline adapter version; default: the production version."),
+    ] = None,
+    baseline_base: Annotated[
+        bool, typer.Option("--baseline-base", help="Compare with the base model instead of production.")
+    ] = False,
+    baseline_prompt: Annotated[
+        str | None, typer.Option("--baseline-prompt", help="Baseline prompt version as NAME:VERSION.")
+    ] = None,
     suite: Annotated[str, typer.Option("--suite", help="Metric suite: default, fast or judge.")] = "default",
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the verdict and print it.")] = False,
     url: UrlOption = None,
@@ -98,7 +114,11 @@ def request(
 
     Without a baseline option: an adapter is compared with the production version, a prompt version
     with the prompt's production-labelled version on the same weights."""
-    body: dict[str, Any] = {"candidate": _target(model, adapter, prompt), "golden": _golden(golden), "metric_suite": suite}
+    body: dict[str, Any] = {
+        "candidate": _target(model, adapter, prompt),
+        "golden": _golden(golden),
+        "metric_suite": suite,
+    }
     if baseline_adapter is not None or baseline_base:
         body["baseline"] = _target(model, baseline_adapter, baseline_prompt, prompt_hint="--baseline-prompt")
     elif baseline_prompt is not None:  # one prompt against another, on the candidate's weights
@@ -124,7 +144,12 @@ def _print_result(item: dict) -> None:
 
 
 @eval_app.command("show")
-def show(evaluation_id: str, as_json: Annotated[bool, typer.Option("--json", help="Print the full record as JSON.")] = False, url: UrlOption = None, api_key: KeyOption = None) -> None:
+def show(
+    evaluation_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full record as JSON.")] = False,
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+) -> None:
     """Show one evaluation: status, verdict, reasons and the report."""
     item = _call("GET", f"/evaluator/v1/evaluations/{evaluation_id}", url, api_key)
     if as_json:
@@ -134,7 +159,12 @@ def show(evaluation_id: str, as_json: Annotated[bool, typer.Option("--json", hel
 
 
 @eval_app.command("list")
-def list_(model: Annotated[str | None, typer.Option("--model", help="Only this model's candidates.")] = None, limit: int = 20, url: UrlOption = None, api_key: KeyOption = None) -> None:
+def list_(
+    model: Annotated[str | None, typer.Option("--model", help="Only this model's candidates.")] = None,
+    limit: int = 20,
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+) -> None:
     """List evaluations, newest first."""
     params = {"limit": limit} | ({"model_name": model} if model else {})
     for item in _call("GET", "/evaluator/v1/evaluations", url, api_key, params=params)["data"]:

@@ -30,11 +30,17 @@ class Interval:
     pairs: int
 
 
-def paired_bootstrap(candidate: Scores, baseline: Scores, *, resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> Interval | None:
+def paired_bootstrap(
+    candidate: Scores, baseline: Scores, *, resamples: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> Interval | None:
     """Mean of candidate - baseline over examples both have, with its percentile bootstrap interval; None without pairs."""
     if len(candidate) != len(baseline):
-        raise ValueError(f"paired scores need the same examples: {len(candidate)} candidate vs {len(baseline)} baseline")
-    differences = np.array([c - b for c, b in zip(candidate, baseline, strict=True) if c is not None and b is not None], dtype=np.float64)
+        raise ValueError(
+            f"paired scores need the same examples: {len(candidate)} candidate vs {len(baseline)} baseline"
+        )
+    differences = np.array(
+        [c - b for c, b in zip(candidate, baseline, strict=True) if c is not None and b is not None], dtype=np.float64
+    )
     if differences.size == 0:
         return None
     rng = np.random.default_rng(seed)
@@ -45,7 +51,14 @@ def paired_bootstrap(candidate: Scores, baseline: Scores, *, resamples: int = 20
 
 
 def compare(
-    metric: str, candidate: Scores, baseline: Scores | None, *, errors: int | None = None, resamples: int = 2000, confidence: float = 0.95, seed: int = 0
+    metric: str,
+    candidate: Scores,
+    baseline: Scores | None,
+    *,
+    errors: int | None = None,
+    resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
 ) -> MetricComparison:
     """One metric's summary: both means, and the paired interval when there is a baseline.
 
@@ -153,7 +166,9 @@ def decide(policy: GatePolicy, comparisons: Mapping[str, MetricComparison]) -> V
         total = summary.examples + summary.errors
         if total and summary.errors / total > policy.max_error_rate:
             ok = False
-            reasons.append(f"FAIL {metric}: errored on {summary.errors}/{total} candidate examples (at most {policy.max_error_rate:.0%} allowed)")
+            reasons.append(
+                f"FAIL {metric}: errored on {summary.errors}/{total} candidate examples (at most {policy.max_error_rate:.0%} allowed)"
+            )
 
     for metric in (policy.primary, *policy.also_improve):
         summary = comparisons.get(metric)
@@ -166,7 +181,9 @@ def decide(policy: GatePolicy, comparisons: Mapping[str, MetricComparison]) -> V
             reasons.append(f"PASS {metric}: improved by {summary.difference:+.4f} {numbers}")
         else:
             ok = False
-            reasons.append(f"FAIL {metric}: no improvement with {pct} confidence: {summary.difference:+.4f} {numbers}; the interval must lie above 0")
+            reasons.append(
+                f"FAIL {metric}: no improvement with {pct} confidence: {summary.difference:+.4f} {numbers}; the interval must lie above 0"
+            )
 
     for guard in policy.guards:
         summary = comparisons.get(guard.metric)
@@ -174,13 +191,19 @@ def decide(policy: GatePolicy, comparisons: Mapping[str, MetricComparison]) -> V
             reasons.append(f"SKIP {guard.metric}: not measured on these examples")
             continue
         interval = f"{summary.difference:+.4f} ({pct} CI [{summary.ci_low:+.4f}, {summary.ci_high:+.4f}])"
-        worst = -summary.ci_low if guard.higher_is_better else summary.ci_high  # the largest regression the interval allows
+        worst = (
+            -summary.ci_low if guard.higher_is_better else summary.ci_high
+        )  # the largest regression the interval allows
         direction = "drop" if guard.higher_is_better else "rise"
         if worst > guard.margin:
             ok = False
-            reasons.append(f"FAIL {guard.metric}: may {direction} by up to {worst:.4f}, more than the {guard.margin:.4f} allowed: {interval}")
+            reasons.append(
+                f"FAIL {guard.metric}: may {direction} by up to {worst:.4f}, more than the {guard.margin:.4f} allowed: {interval}"
+            )
         else:
-            reasons.append(f"PASS {guard.metric}: {direction} of at most {max(worst, 0.0):.4f} (allowed {guard.margin:.4f}): {interval}")
+            reasons.append(
+                f"PASS {guard.metric}: {direction} of at most {max(worst, 0.0):.4f} (allowed {guard.margin:.4f}): {interval}"
+            )
     return Verdict(ok, reasons)
 
 
@@ -190,7 +213,9 @@ AUTO = "auto"
 FACTUAL_SHARE = 0.5
 
 
-def policy_for(model_name: str, declared: Mapping[str, str], default: str = AUTO, *, references: Sequence[str] = ()) -> tuple[GatePolicy, str]:
+def policy_for(
+    model_name: str, declared: Mapping[str, str], default: str = AUTO, *, references: Sequence[str] = ()
+) -> tuple[GatePolicy, str]:
     """The policy for `model_name` and why it applies: its declared one, else `default`; `auto` picks
     facts@v1 for a factual golden set (see FACTUAL_SHARE) and default@v1 otherwise. An unknown name
     raises KeyError naming the choices."""

@@ -40,29 +40,40 @@ class LoadedModel:
         self.label = label
 
     @classmethod
-    def load(cls, base_dir: Path, *, adapter_dir: Path | None = None, gguf_file: str | None = None, label: str = "model") -> LoadedModel:
+    def load(
+        cls, base_dir: Path, *, adapter_dir: Path | None = None, gguf_file: str | None = None, label: str = "model"
+    ) -> LoadedModel:
         """Load base weights (a Hugging Face directory, or a GGUF file in one) and the adapter on top."""
         try:
             engine = Engine.from_pretrained(base_dir, gguf_file=gguf_file, model_name=label)
         except Exception as error:
-            raise ModelLoadError(f"base model of {label} failed to load from {base_dir}: {type(error).__name__}: {error}") from error
+            raise ModelLoadError(
+                f"base model of {label} failed to load from {base_dir}: {type(error).__name__}: {error}"
+            ) from error
         if adapter_dir is None:
             return cls(engine, adapter=None, label=label)
         try:
             engine.load_adapter(CANDIDATE, adapter_dir)
         except Exception as error:
-            raise ModelLoadError(f"adapter of {label} failed to load from {adapter_dir}: {type(error).__name__}: {error}") from error
+            raise ModelLoadError(
+                f"adapter of {label} failed to load from {adapter_dir}: {type(error).__name__}: {error}"
+            ) from error
         return cls(engine, adapter=CANDIDATE, label=label)
 
     def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         return self.engine.encode_chat(messages)
 
-    def generate(self, prompts: Sequence[Sequence[dict[str, str]]], *, max_tokens: int, batch_size: int = 8) -> list[Generation]:
+    def generate(
+        self, prompts: Sequence[Sequence[dict[str, str]]], *, max_tokens: int, batch_size: int = 8
+    ) -> list[Generation]:
         """Greedy answers, `batch_size` prompts per batch."""
         greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         out: list[Generation] = []
         for start in range(0, len(prompts), batch_size):
-            requests = [GenerationRequest(self.prompt_ids(messages), self.adapter, greedy) for messages in prompts[start : start + batch_size]]
+            requests = [
+                GenerationRequest(self.prompt_ids(messages), self.adapter, greedy)
+                for messages in prompts[start : start + batch_size]
+            ]
             began = time.perf_counter()
             results = self.engine.generate(requests)
             elapsed = (time.perf_counter() - began) * 1000

@@ -62,7 +62,11 @@ def _example(record: Any, number: int) -> GoldenExample:
         raise ValueError("a record is a JSON object")
     if "messages" in record:
         messages = record["messages"]
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
+        ):
             raise ValueError("messages must be a non-empty list of {role, content}")
         *prompt, last = messages
         if last.get("role") != "assistant" or not last["content"].strip():

@@ -40,16 +40,25 @@ class Deps:
 async def when_evaluation_requested_run(envelope: Envelope[EvaluationRequested], deps: Deps) -> None:
     request = envelope.payload
     # A repeated id (a redelivery, or a request the door already recorded) is queued once.
-    await asyncio.to_thread(deps.evaluator.store.claim, request.evaluation_id, request.model_dump(mode="json"), correlation_id=envelope.correlation_id)
+    await asyncio.to_thread(
+        deps.evaluator.store.claim,
+        request.evaluation_id,
+        request.model_dump(mode="json"),
+        correlation_id=envelope.correlation_id,
+    )
     deps.worker.kick()
 
 
-async def when_adapter_registered_evaluate_against_production(envelope: Envelope[AdapterRegistered], deps: Deps) -> None:
+async def when_adapter_registered_evaluate_against_production(
+    envelope: Envelope[AdapterRegistered], deps: Deps
+) -> None:
     event = envelope.payload
     evaluator, store = deps.evaluator, deps.evaluator.store
     # Refused on arrival (dead-lettered with the reason), not at the evaluation that would load it.
     evaluator.artifacts.check(event.artifact_uri)
-    await asyncio.to_thread(store.remember_adapter, event.model_name, event.adapter_version, event.artifact_uri, event.artifact_sha256)
+    await asyncio.to_thread(
+        store.remember_adapter, event.model_name, event.adapter_version, event.artifact_uri, event.artifact_sha256
+    )
     golden = await asyncio.to_thread(store.latest_golden, event.model_name)
     candidate = ModelTarget(model_name=event.model_name, adapter_version=event.adapter_version)
     request = EvaluationRequested(
@@ -57,10 +66,14 @@ async def when_adapter_registered_evaluate_against_production(envelope: Envelope
         candidate=candidate,
         baseline=await asyncio.to_thread(evaluator.baseline_for, candidate),
         # Without a golden set the evaluation fails visibly (the name says why) rather than being skipped.
-        golden=DatasetRef(name=golden.name, version=golden.version) if golden else DatasetRef(name=f"no-golden-set-for-{event.model_name}"[:NAME_MAX_LENGTH], version=1),
+        golden=DatasetRef(name=golden.name, version=golden.version)
+        if golden
+        else DatasetRef(name=f"no-golden-set-for-{event.model_name}"[:NAME_MAX_LENGTH], version=1),
         requested_by="evaluator:adapter.registered",
     )
-    await asyncio.to_thread(store.claim, request.evaluation_id, request.model_dump(mode="json"), correlation_id=envelope.correlation_id)
+    await asyncio.to_thread(
+        store.claim, request.evaluation_id, request.model_dump(mode="json"), correlation_id=envelope.correlation_id
+    )
     deps.worker.kick()
 
 
@@ -78,19 +91,30 @@ def _track_production(store: EvaluatorStore, event: StageChanged) -> None:
 async def when_model_registered_remember_it(envelope: Envelope[ModelRegistered], deps: Deps) -> None:
     event = envelope.payload
     deps.evaluator.artifacts.check(event.artifact_uri)
-    await asyncio.to_thread(deps.evaluator.store.remember_model, event.model_name, event.artifact_uri, event.artifact_sha256)
+    await asyncio.to_thread(
+        deps.evaluator.store.remember_model, event.model_name, event.artifact_uri, event.artifact_sha256
+    )
 
 
 async def when_dataset_published_remember_it(envelope: Envelope[DatasetPublished], deps: Deps) -> None:
     event = envelope.payload
     deps.evaluator.artifacts.check(event.artifact_uri)
-    pointer = DatasetPointer(event.dataset_name, event.version, event.split, event.artifact_uri, event.sha256, event.model_name)
+    pointer = DatasetPointer(
+        event.dataset_name, event.version, event.split, event.artifact_uri, event.sha256, event.model_name
+    )
     await asyncio.to_thread(deps.evaluator.store.remember_dataset, pointer)
 
 
 async def when_prompt_published_remember_it(envelope: Envelope[PromptPublished], deps: Deps) -> None:
     event = envelope.payload
-    await asyncio.to_thread(deps.evaluator.store.remember_prompt, event.prompt_name, event.version, event.template, event.variables, event.labels)
+    await asyncio.to_thread(
+        deps.evaluator.store.remember_prompt,
+        event.prompt_name,
+        event.version,
+        event.template,
+        event.variables,
+        event.labels,
+    )
 
 
 HANDLERS: Handlers[Deps] = {

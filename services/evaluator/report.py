@@ -25,7 +25,13 @@ def _svg(figure) -> str:  # noqa: ANN001 - a matplotlib Figure
 def _bars(result: EvaluationCompleted) -> str:
     from matplotlib.figure import Figure
 
-    rows = [m for m in result.metrics if m.difference is not None and m.ci_low is not None and m.metric not in ("latency_ms", "output_tokens", "perplexity")]
+    rows = [
+        m
+        for m in result.metrics
+        if m.difference is not None
+        and m.ci_low is not None
+        and m.metric not in ("latency_ms", "output_tokens", "perplexity")
+    ]
     if not rows:
         return "<p>No paired metrics to plot.</p>"
     figure = Figure(figsize=(9, 0.5 * len(rows) + 1.5))
@@ -57,14 +63,28 @@ def _distributions(candidate: TargetScores, baseline: TargetScores | None) -> st
     bins = [i / 10 for i in range(11)]
     for axis, metric in zip(axes, metrics, strict=True):
         if baseline is not None and metric in baseline.scores:
-            axis.hist([v for v in baseline.scores[metric] if v is not None], bins=bins, alpha=0.6, label="baseline", color="#9aa5b1")
-        axis.hist([v for v in candidate.scores[metric] if v is not None], bins=bins, alpha=0.6, label="candidate", color="#2b6cb0")
+            axis.hist(
+                [v for v in baseline.scores[metric] if v is not None],
+                bins=bins,
+                alpha=0.6,
+                label="baseline",
+                color="#9aa5b1",
+            )
+        axis.hist(
+            [v for v in candidate.scores[metric] if v is not None],
+            bins=bins,
+            alpha=0.6,
+            label="candidate",
+            color="#2b6cb0",
+        )
         axis.set_title(metric)
         axis.legend(fontsize=7)
     return _svg(figure)
 
 
-def _worst(primary: str, examples: Sequence[GoldenExample], candidate: TargetScores, baseline: TargetScores | None) -> str:
+def _worst(
+    primary: str, examples: Sequence[GoldenExample], candidate: TargetScores, baseline: TargetScores | None
+) -> str:
     scores = candidate.scores.get(primary, [])
     base = baseline.scores.get(primary, []) if baseline else []
 
@@ -86,9 +106,7 @@ def _worst(primary: str, examples: Sequence[GoldenExample], candidate: TargetSco
             f"<td>{html.escape(candidate.predictions[i])}<br><small>{primary} {_fmt(c)}</small></td>"
             "</tr>"
         )
-    return (
-        f"<table class='worst'><tr><th>id</th><th>question</th><th>reference</th><th>baseline</th><th>candidate</th></tr>{''.join(cells)}</table>"
-    )
+    return f"<table class='worst'><tr><th>id</th><th>question</th><th>reference</th><th>baseline</th><th>candidate</th></tr>{''.join(cells)}</table>"
 
 
 def _fmt(value: float | None) -> str:
@@ -99,10 +117,19 @@ def _target(target) -> str:  # noqa: ANN001 - a ModelTarget or None
     if target is None:
         return "none"
     prompt = f" + prompt {target.prompt_name}:v{target.prompt_version}" if target.prompt_name else ""
-    return html.escape(target.model_name + (f":v{target.adapter_version}" if target.adapter_version else " (base)") + prompt)
+    return html.escape(
+        target.model_name + (f":v{target.adapter_version}" if target.adapter_version else " (base)") + prompt
+    )
 
 
-def render_report(result: EvaluationCompleted, examples: Sequence[GoldenExample], candidate: TargetScores, baseline: TargetScores | None, *, primary: str) -> str:
+def render_report(
+    result: EvaluationCompleted,
+    examples: Sequence[GoldenExample],
+    candidate: TargetScores,
+    baseline: TargetScores | None,
+    *,
+    primary: str,
+) -> str:
     verdict = "PASSED" if result.passed else "FAILED"
     colour = "#276749" if result.passed else "#9b2c2c"
     metric_rows = "".join(

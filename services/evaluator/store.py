@@ -21,7 +21,10 @@ from services.runtime.sqlite import Migration, SqliteDatabase
 # Migration 1 is the schema as it was before migrations were numbered (IF NOT EXISTS throughout), so an
 # existing FLYWHEEL_HOME/evaluator/evaluator.db is adopted as it is.
 MIGRATIONS = (
-    Migration(1, "catalogue_and_evaluations", """
+    Migration(
+        1,
+        "catalogue_and_evaluations",
+        """
 CREATE TABLE IF NOT EXISTS base_model (name TEXT PRIMARY KEY, artifact_uri TEXT NOT NULL, artifact_sha256 TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS adapter (model_name TEXT, version INTEGER, artifact_uri TEXT NOT NULL, artifact_sha256 TEXT NOT NULL, PRIMARY KEY (model_name, version));
 CREATE TABLE IF NOT EXISTS dataset (name TEXT, version INTEGER, split TEXT NOT NULL, artifact_uri TEXT NOT NULL, sha256 TEXT NOT NULL, model_name TEXT, PRIMARY KEY (name, version));
@@ -31,7 +34,8 @@ CREATE TABLE IF NOT EXISTS evaluation (
     evaluation_id TEXT PRIMARY KEY, status TEXT NOT NULL, request TEXT NOT NULL, result TEXT,
     created_at TEXT NOT NULL, updated_at TEXT NOT NULL, correlation_id TEXT
 );
-"""),
+""",
+    ),
 )
 
 
@@ -92,16 +96,26 @@ class EvaluatorStore:
         self._db.execute("INSERT OR REPLACE INTO adapter VALUES (?, ?, ?, ?)", (model_name, version, uri, sha256))
 
     def remember_dataset(self, pointer: DatasetPointer) -> None:
-        self._db.execute("INSERT OR REPLACE INTO dataset VALUES (?, ?, ?, ?, ?, ?)", (pointer.name, pointer.version, pointer.split, pointer.uri, pointer.sha256, pointer.model_name))
+        self._db.execute(
+            "INSERT OR REPLACE INTO dataset VALUES (?, ?, ?, ?, ?, ?)",
+            (pointer.name, pointer.version, pointer.split, pointer.uri, pointer.sha256, pointer.model_name),
+        )
 
     def set_production(self, model_name: str, version: int | None) -> None:
         self._db.execute("INSERT OR REPLACE INTO production VALUES (?, ?)", (model_name, version))
 
-    def remember_prompt(self, name: str, version: int, template: str, variables: Sequence[str], labels: Sequence[str]) -> None:
-        self._db.execute("INSERT OR REPLACE INTO prompt VALUES (?, ?, ?, ?, ?)", (name, version, template, json.dumps(list(variables)), json.dumps(list(labels))))
+    def remember_prompt(
+        self, name: str, version: int, template: str, variables: Sequence[str], labels: Sequence[str]
+    ) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO prompt VALUES (?, ?, ?, ?, ?)",
+            (name, version, template, json.dumps(list(variables)), json.dumps(list(labels))),
+        )
 
     def prompt(self, name: str, version: int) -> PromptVersion | None:
-        rows = self._db.rows("SELECT name, version, template, variables FROM prompt WHERE name = ? AND version = ?", (name, version))
+        rows = self._db.rows(
+            "SELECT name, version, template, variables FROM prompt WHERE name = ? AND version = ?", (name, version)
+        )
         return PromptVersion(rows[0][0], rows[0][1], rows[0][2], tuple(json.loads(rows[0][3]))) if rows else None
 
     def prompt_labelled(self, name: str, label: str) -> int | None:
@@ -114,11 +128,17 @@ class EvaluatorStore:
         return ArtifactPointer(*rows[0]) if rows else None
 
     def adapter(self, model_name: str, version: int) -> ArtifactPointer | None:
-        rows = self._db.rows("SELECT artifact_uri, artifact_sha256 FROM adapter WHERE model_name = ? AND version = ?", (model_name, version))
+        rows = self._db.rows(
+            "SELECT artifact_uri, artifact_sha256 FROM adapter WHERE model_name = ? AND version = ?",
+            (model_name, version),
+        )
         return ArtifactPointer(*rows[0]) if rows else None
 
     def dataset(self, name: str, version: int) -> DatasetPointer | None:
-        rows = self._db.rows("SELECT name, version, split, artifact_uri, sha256, model_name FROM dataset WHERE name = ? AND version = ?", (name, version))
+        rows = self._db.rows(
+            "SELECT name, version, split, artifact_uri, sha256, model_name FROM dataset WHERE name = ? AND version = ?",
+            (name, version),
+        )
         return DatasetPointer(*rows[0]) if rows else None
 
     def latest_golden(self, model_name: str) -> DatasetPointer | None:
@@ -140,13 +160,16 @@ class EvaluatorStore:
         """Record a new evaluation as queued; False if the id exists (a redelivered or repeated request)."""
         now = _now()
         inserted = self._db.execute(
-            "INSERT OR IGNORE INTO evaluation VALUES (?, 'queued', ?, NULL, ?, ?, ?)", (evaluation_id, json.dumps(request), now, now, correlation_id)
+            "INSERT OR IGNORE INTO evaluation VALUES (?, 'queued', ?, NULL, ?, ?, ?)",
+            (evaluation_id, json.dumps(request), now, now, correlation_id),
         )
         return inserted == 1
 
     def next_pending(self) -> EvaluationRecord | None:
         """The oldest evaluation not finished: queued, or running when the process stopped mid-way."""
-        rows = self._db.rows("SELECT * FROM evaluation WHERE status IN ('queued', 'running') ORDER BY created_at LIMIT 1")
+        rows = self._db.rows(
+            "SELECT * FROM evaluation WHERE status IN ('queued', 'running') ORDER BY created_at LIMIT 1"
+        )
         return _record(rows[0]) if rows else None
 
     def set_status(self, evaluation_id: str, status: str, result: dict[str, Any] | None = None) -> None:
@@ -160,7 +183,10 @@ class EvaluatorStore:
         return _record(rows[0]) if rows else None
 
     def evaluations(self, *, model_name: str | None = None, limit: int = 50) -> list[EvaluationRecord]:
-        rows = self._db.rows("SELECT * FROM evaluation ORDER BY created_at DESC LIMIT ?", (max(limit * 4, limit) if model_name else limit,))
+        rows = self._db.rows(
+            "SELECT * FROM evaluation ORDER BY created_at DESC LIMIT ?",
+            (max(limit * 4, limit) if model_name else limit,),
+        )
         records = [_record(row) for row in rows]
         if model_name:
             records = [r for r in records if r.request.get("candidate", {}).get("model_name") == model_name]
@@ -169,7 +195,15 @@ class EvaluatorStore:
 
 def _record(row: Sequence[Any]) -> EvaluationRecord:
     evaluation_id, status, request, result, created_at, updated_at, correlation_id = row
-    return EvaluationRecord(evaluation_id, status, json.loads(request), json.loads(result) if result else None, created_at, updated_at, correlation_id)
+    return EvaluationRecord(
+        evaluation_id,
+        status,
+        json.loads(request),
+        json.loads(result) if result else None,
+        created_at,
+        updated_at,
+        correlation_id,
+    )
 
 
 @dataclass(frozen=True)
@@ -187,7 +221,9 @@ class ResultRow:
     prompt_version: int | None = None
 
 
-def write_results(clickhouse: Callable[[], ClickHouseStore], evaluation_id: str, rows: Sequence[ResultRow], created_at: datetime) -> None:
+def write_results(
+    clickhouse: Callable[[], ClickHouseStore], evaluation_id: str, rows: Sequence[ResultRow], created_at: datetime
+) -> None:
     """One columnar insert of an evaluation's per-example rows into `evaluation_result`."""
     import pyarrow as pa
 

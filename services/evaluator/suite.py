@@ -13,7 +13,18 @@ from dataclasses import dataclass, field
 
 from services.evaluator.generation import Generation
 from services.evaluator.golden import GoldenExample
-from services.runtime.scoring import Embedder, Judge, bleu, exact_match, fact_numbers, json_validity, rouge_l, scan_unsafe, score_groundedness, token_f1
+from services.runtime.scoring import (
+    Embedder,
+    Judge,
+    bleu,
+    exact_match,
+    fact_numbers,
+    json_validity,
+    rouge_l,
+    scan_unsafe,
+    score_groundedness,
+    token_f1,
+)
 
 REFERENCE_METRICS: dict[str, Callable[[str, str], float]] = {
     "exact_match": exact_match,
@@ -25,7 +36,17 @@ REFERENCE_METRICS: dict[str, Callable[[str, str], float]] = {
 LOWER_IS_BETTER = frozenset({"perplexity", "hallucination_rate", "unsafe_rate", "latency_ms", "output_tokens"})
 
 SUITES: dict[str, tuple[str, ...]] = {
-    "default": (*REFERENCE_METRICS, "fact_numbers", "perplexity", "format_validity", "groundedness", "hallucination_rate", "unsafe_rate", "latency_ms", "output_tokens"),
+    "default": (
+        *REFERENCE_METRICS,
+        "fact_numbers",
+        "perplexity",
+        "format_validity",
+        "groundedness",
+        "hallucination_rate",
+        "unsafe_rate",
+        "latency_ms",
+        "output_tokens",
+    ),
     "fast": (*REFERENCE_METRICS, "fact_numbers", "format_validity", "unsafe_rate", "latency_ms", "output_tokens"),
 }
 SUITES["judge"] = (*SUITES["default"], "judge")
@@ -44,7 +65,9 @@ class TargetScores:
         self.errors[metric] = list(errors) if errors is not None else [None] * len(values)
 
 
-def _each(metric: Callable[[str, str], float], predictions: Sequence[str], references: Sequence[str]) -> tuple[list[float | None], list[str | None]]:
+def _each(
+    metric: Callable[[str, str], float], predictions: Sequence[str], references: Sequence[str]
+) -> tuple[list[float | None], list[str | None]]:
     values: list[float | None] = []
     errors: list[str | None] = []
     for prediction, reference in zip(predictions, references, strict=True):
@@ -95,18 +118,25 @@ async def score_target(
     if "groundedness" in suite or "hallucination_rate" in suite:
         if embedder is None:
             raise ValueError("the suite needs the sentence-embedding model for groundedness")
-        grounded = await asyncio.to_thread(score_groundedness, predictions, [example.context for example in examples], embedder)
+        grounded = await asyncio.to_thread(
+            score_groundedness, predictions, [example.context for example in examples], embedder
+        )
         out.put("groundedness", [g.score for g in grounded])
         out.put("hallucination_rate", [0.0 if g.grounded else 1.0 for g in grounded])
     if "unsafe_rate" in suite:
-        out.put("unsafe_rate", *_each(lambda prediction, _: scan_unsafe(prediction, unsafe_extra).score, predictions, references))
+        out.put(
+            "unsafe_rate",
+            *_each(lambda prediction, _: scan_unsafe(prediction, unsafe_extra).score, predictions, references),
+        )
     if "latency_ms" in suite:
         out.put("latency_ms", [generation.latency_ms for generation in generations])
     if "output_tokens" in suite:
         out.put("output_tokens", [float(generation.completion_tokens) for generation in generations])
     if "judge" in suite:
         if judge is None:
-            raise ValueError("the `judge` suite needs a judge endpoint: set FLYWHEEL_EVALUATOR_JUDGE_BASE_URL and _JUDGE_MODEL")
+            raise ValueError(
+                "the `judge` suite needs a judge endpoint: set FLYWHEEL_EVALUATOR_JUDGE_BASE_URL and _JUDGE_MODEL"
+            )
         gate = asyncio.Semaphore(judge_concurrency)
 
         async def grade(example: GoldenExample, prediction: str):  # noqa: ANN202
@@ -115,5 +145,7 @@ async def score_target(
 
         results = await asyncio.gather(*(grade(e, p) for e, p in zip(examples, predictions, strict=True)))
         # The rubric's version is in the name: scores from different rubric prompts are not comparable.
-        out.put(f"judge_{judge.rubric.name}_v{judge.rubric.version}", [r.score for r in results], [r.error for r in results])
+        out.put(
+            f"judge_{judge.rubric.name}_v{judge.rubric.version}", [r.score for r in results], [r.error for r in results]
+        )
     return out

@@ -61,10 +61,19 @@ class EvaluationWorker:
                 log.exception("evaluation %s failed unexpectedly", request.evaluation_id)
                 message = f"internal error: {type(error).__name__}: {error}"
                 result = EvaluationCompleted(
-                    evaluation_id=request.evaluation_id, candidate=request.candidate, baseline=request.baseline, golden=request.golden,
-                    passed=False, reasons=[f"FAIL evaluation could not run: {message}"], gate_policy="n/a", status="failed", error=message,
+                    evaluation_id=request.evaluation_id,
+                    candidate=request.candidate,
+                    baseline=request.baseline,
+                    golden=request.golden,
+                    passed=False,
+                    reasons=[f"FAIL evaluation could not run: {message}"],
+                    gate_policy="n/a",
+                    status="failed",
+                    error=message,
                 )
             # Published before it is recorded as finished: a crash between the two runs it again and
             # publishes it twice (consumers dedupe by evaluation_id), rather than never.
             await self._publish(result, correlation_id=record.correlation_id)
-            await asyncio.to_thread(store.set_status, request.evaluation_id, result.status, result.model_dump(mode="json"))
+            await asyncio.to_thread(
+                store.set_status, request.evaluation_id, result.status, result.model_dump(mode="json")
+            )

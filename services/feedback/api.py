@@ -28,14 +28,24 @@ def feedback_sender(auth: Authenticator) -> Callable[..., Principal]:
     def sender(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
         principal = auth.authenticate(credentials.credentials if credentials else None)
         if not (principal.may(Role.app) or principal.may(Role.reviewer)):
-            raise DoorError(403, f"{principal.name} has role {principal.role.value}; sending feedback needs app or reviewer", code="insufficient_role")
+            raise DoorError(
+                403,
+                f"{principal.name} has role {principal.role.value}; sending feedback needs app or reviewer",
+                code="insufficient_role",
+            )
         return principal
 
     return sender
 
 
-def create_router(bus: EventBus, store: Callable[[], FeedbackStore], auth: Authenticator, redactor: Redactor) -> APIRouter:
-    router = APIRouter(prefix="/feedback/v1", tags=["feedback"], responses={status: {"model": ErrorResponse} for status in (401, 403, 422)})
+def create_router(
+    bus: EventBus, store: Callable[[], FeedbackStore], auth: Authenticator, redactor: Redactor
+) -> APIRouter:
+    router = APIRouter(
+        prefix="/feedback/v1",
+        tags=["feedback"],
+        responses={status: {"model": ErrorResponse} for status in (401, 403, 422)},
+    )
     reader = auth.require(Role.viewer)
     sender = feedback_sender(auth)
 
@@ -46,14 +56,19 @@ def create_router(bus: EventBus, store: Callable[[], FeedbackStore], auth: Authe
         reviewer` needs a key whose role grants reviewer (403 otherwise): only reviewers' corrections feed
         automatic retraining."""
         try:
-            return await give_feedback(request, bus.publish, redactor, caller=caller.name, may_review=caller.may(Role.reviewer))
+            return await give_feedback(
+                request, bus.publish, redactor, caller=caller.name, may_review=caller.may(Role.reviewer)
+            )
         except InvalidFeedback as error:
             raise DoorError(422, str(error), param=error.param) from None
         except ReviewerRoleRequired as error:
             raise DoorError(403, str(error), code="reviewer_role_required", param="source") from None
 
     @router.get("/feedback", response_model=FeedbackList)
-    async def get_feedback(inference_id: str = Query(min_length=1, max_length=128, description="The inference id."), _: Principal = Depends(reader)) -> FeedbackList:
+    async def get_feedback(
+        inference_id: str = Query(min_length=1, max_length=128, description="The inference id."),
+        _: Principal = Depends(reader),
+    ) -> FeedbackList:
         """Stored feedback on one inference, and whether the inference is stored yet."""
         try:
             return await asyncio.to_thread(list_feedback, store(), inference_id)

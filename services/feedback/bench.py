@@ -65,17 +65,25 @@ def _event(i: int) -> Envelope[InferenceLogged]:
     question = f"How do I reset my Acme hub model {i % 17}? It blinks red after the update and the app says error {i}."
     return wrap(
         InferenceLogged(
-            inference_id=f"bench-{i}", model_name="smollm2-135m-instruct", adapter_version=1 + i % 3, route="production",
-            input_messages=[{"role": "user", "content": question}], input_text=question,
+            inference_id=f"bench-{i}",
+            model_name="smollm2-135m-instruct",
+            adapter_version=1 + i % 3,
+            route="production",
+            input_messages=[{"role": "user", "content": question}],
+            input_text=question,
             output_text="Hold the reset button for 10 seconds until the light turns white, then pair it again in the app.",
-            prompt_tokens=30 + i % 20, completion_tokens=25 + i % 30, latency_total_ms=100.0 + i % 250,
+            prompt_tokens=30 + i % 20,
+            completion_tokens=25 + i % 30,
+            latency_total_ms=100.0 + i % 250,
         ),
         producer="bench",
     )
 
 
 async def _publish(bootstrap: str, prefix: str, events: int) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=20, max_batch_size=512 * 1024)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=20, max_batch_size=512 * 1024
+    )
     await producer.start()
     try:
         topic = topic_for(InferenceLogged, prefix)
@@ -93,7 +101,9 @@ async def _stored(store: ClickHouseStore) -> int:
     return await asyncio.to_thread(lambda: store.query("SELECT count() AS n FROM inference_log")[0]["n"])
 
 
-async def _steady_lag(bootstrap: str, prefix: str, store: ClickHouseStore, *, first: int, rate: int, seconds: float, timeout_s: float) -> SteadyLag:
+async def _steady_lag(
+    bootstrap: str, prefix: str, store: ClickHouseStore, *, first: int, rate: int, seconds: float, timeout_s: float
+) -> SteadyLag:
     """Publish at a steady `rate` for `seconds` while the sink runs; sample how far storage trails."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
     await producer.start()
@@ -129,8 +139,14 @@ async def _until(store: ClickHouseStore, rows: int, timeout_s: float) -> float:
 
 
 async def ingest_benchmark(
-    settings: FlywheelSettings, feedback: FeedbackSettings, *, events: int, baseline_events: int,
-    steady_rate: int = 0, steady_seconds: float = 0.0, timeout_s: float = 600.0,
+    settings: FlywheelSettings,
+    feedback: FeedbackSettings,
+    *,
+    events: int,
+    baseline_events: int,
+    steady_rate: int = 0,
+    steady_seconds: float = 0.0,
+    timeout_s: float = 600.0,
 ) -> IngestResult:
     """Publish `events`, time the sink storing them all, measure its lag under a steady load, then time
     a per-event consumer storing `baseline_events`."""
@@ -140,19 +156,39 @@ async def ingest_benchmark(
     await ensure_topics(bootstrap, prefix)
     await _publish(bootstrap, prefix, events)
     bench_settings = settings.model_copy(update={"topic_prefix": prefix})
-    stores = {name: open_clickhouse(settings.clickhouse_url, settings.home, database=f"bench_{run}_{name}") for name in ("sink", "baseline")}
+    stores = {
+        name: open_clickhouse(settings.clickhouse_url, settings.home, database=f"bench_{run}_{name}")
+        for name in ("sink", "baseline")
+    }
     try:
         for store in stores.values():
             await asyncio.to_thread(store.migrate)
 
         broker = create_broker(bench_settings, client_id="bench-sink")
-        subscribe_batches(broker, BATCH_HANDLERS, Sink(FeedbackStore(lambda: stores["sink"]), Redactor()), group="bench-sink", dead_letters=DeadLetters(broker), topic_prefix=prefix, max_retries=3, **feedback.batch_options())
+        subscribe_batches(
+            broker,
+            BATCH_HANDLERS,
+            Sink(FeedbackStore(lambda: stores["sink"]), Redactor()),
+            group="bench-sink",
+            dead_letters=DeadLetters(broker),
+            topic_prefix=prefix,
+            max_retries=3,
+            **feedback.batch_options(),
+        )
         async with broker:
             await broker.start()
             sink_seconds = await _until(stores["sink"], events, timeout_s)
             steady = None
             if steady_rate and steady_seconds:
-                steady = await _steady_lag(bootstrap, prefix, stores["sink"], first=events, rate=steady_rate, seconds=steady_seconds, timeout_s=timeout_s)
+                steady = await _steady_lag(
+                    bootstrap,
+                    prefix,
+                    stores["sink"],
+                    first=events,
+                    rate=steady_rate,
+                    seconds=steady_seconds,
+                    timeout_s=timeout_s,
+                )
 
         redactor = Redactor()
         baseline_store = stores["baseline"]
@@ -163,7 +199,15 @@ async def ingest_benchmark(
         with tempfile.TemporaryDirectory() as scratch:
             processed = SqliteProcessedEvents(Path(scratch) / "processed.db")
             broker = create_broker(bench_settings, client_id="bench-baseline")
-            subscribe(broker, InferenceLogged, insert_one, group="bench-baseline", processed=processed, dead_letters=DeadLetters(broker), topic_prefix=prefix)
+            subscribe(
+                broker,
+                InferenceLogged,
+                insert_one,
+                group="bench-baseline",
+                processed=processed,
+                dead_letters=DeadLetters(broker),
+                topic_prefix=prefix,
+            )
             try:
                 async with broker:
                     await broker.start()

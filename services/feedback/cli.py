@@ -48,10 +48,23 @@ def give(
 
     settings = load_settings(FlywheelSettings)
     try:
-        event = feedback_event(FeedbackCreate(inference_id=inference_id, thumbs=thumbs, rating=rating, comment=comment, correction=correction, tags=tag or [], source=source, actor=actor))
+        event = feedback_event(
+            FeedbackCreate(
+                inference_id=inference_id,
+                thumbs=thumbs,
+                rating=rating,
+                comment=comment,
+                correction=correction,
+                tags=tag or [],
+                source=source,
+                actor=actor,
+            )
+        )
     except ValidationError as error:
         first = error.errors()[0]
-        raise FlywheelError(f"invalid feedback: {'.'.join(str(part) for part in first['loc'])}: {first['msg']}") from None
+        raise FlywheelError(
+            f"invalid feedback: {'.'.join(str(part) for part in first['loc'])}: {first['msg']}"
+        ) from None
     except InvalidFeedback as error:
         raise FlywheelError(f"invalid feedback: {error}") from None
 
@@ -72,12 +85,18 @@ def give(
         try:
             topic = topic_for(event, settings.topic_prefix)
             if topic not in await admin.list_topics():
-                raise FlywheelError(f"topic {topic} does not exist on {bootstrap}: create the topics with `flywheel infra topics`")
+                raise FlywheelError(
+                    f"topic {topic} does not exist on {bootstrap}: create the topics with `flywheel infra topics`"
+                )
         finally:
             await admin.close()
-        async with EventPublisher(bootstrap, producer="flywheel-cli", topic_prefix=settings.topic_prefix, security=security) as publisher:
+        async with EventPublisher(
+            bootstrap, producer="flywheel-cli", topic_prefix=settings.topic_prefix, security=security
+        ) as publisher:
             # Scrubbed as the feedback door scrubs: raw personal data never sits in the topic.
-            return str((await publisher.publish(load_settings(PrivacySettings).redactor().scrub_feedback(event))).event_id)
+            return str(
+                (await publisher.publish(load_settings(PrivacySettings).redactor().scrub_feedback(event))).event_id
+            )
 
     event_id = asyncio.run(publish())
     typer.echo(f"feedback {event.feedback_id} published (event {event_id})")
@@ -96,7 +115,9 @@ def list_(inference_id: Annotated[str, typer.Argument(help="The inference id.")]
         typer.echo(_from_store(settings, inference_id))
         return
     if response.status_code != 200:
-        raise FlywheelError(f"{url} answered {response.status_code}: {response.json().get('error', {}).get('message', response.text)}")
+        raise FlywheelError(
+            f"{url} answered {response.status_code}: {response.json().get('error', {}).get('message', response.text)}"
+        )
     typer.echo(json.dumps(response.json(), indent=2))
 
 
@@ -114,7 +135,13 @@ def _from_store(settings: FlywheelSettings, inference_id: str) -> str:
 
 @ops_app.command()
 def replay(
-    from_timestamp: Annotated[datetime | None, typer.Option("--from-timestamp", help="Replay events from this time (ISO 8601, UTC unless a zone is given); default: the earliest retained.")] = None,
+    from_timestamp: Annotated[
+        datetime | None,
+        typer.Option(
+            "--from-timestamp",
+            help="Replay events from this time (ISO 8601, UTC unless a zone is given); default: the earliest retained.",
+        ),
+    ] = None,
 ) -> None:
     """Rebuild inference_log and feedback from the topics, adding only events not stored yet."""
     from datetime import UTC
@@ -130,7 +157,9 @@ def replay(
     settings = load_settings(FlywheelSettings)
     feedback = load_settings(FeedbackSettings)
     bootstrap = settings.resolved_kafka_bootstrap()
-    security = settings.resolved_kafka_security("feedback")  # replaying is the sink's job: its principal reads both topics
+    security = settings.resolved_kafka_security(
+        "feedback"
+    )  # replaying is the sink's job: its principal reads both topics
     asyncio.run(check_reachable(bootstrap, security=security))
     from_ms = None
     if from_timestamp is not None:
@@ -139,16 +168,31 @@ def replay(
     with open_clickhouse(settings.clickhouse_url, settings.home) as clickhouse:
         clickhouse.migrate()
         sink = Sink(FeedbackStore(lambda: clickhouse), load_settings(PrivacySettings).redactor())
-        counts = asyncio.run(run_replay(bootstrap, sink, topic_prefix=settings.topic_prefix, from_ms=from_ms, batch=feedback.batch_max_records, security=security))
+        counts = asyncio.run(
+            run_replay(
+                bootstrap,
+                sink,
+                topic_prefix=settings.topic_prefix,
+                from_ms=from_ms,
+                batch=feedback.batch_max_records,
+                security=security,
+            )
+        )
     for count in counts:
-        typer.echo(f"{count.topic}: read {count.read}, inserted {count.inserted}, already stored {count.read - count.inserted - count.undecodable}, undecodable {count.undecodable}")
+        typer.echo(
+            f"{count.topic}: read {count.read}, inserted {count.inserted}, already stored {count.read - count.inserted - count.undecodable}, undecodable {count.undecodable}"
+        )
 
 
 @bench_app.command("ingest")
 def bench_ingest(
     events: Annotated[int, typer.Option(min=1, help="Events published and stored through the batched sink.")] = 50_000,
-    baseline_events: Annotated[int, typer.Option(min=1, help="Events stored one insert each, for the baseline.")] = 2_000,
-    steady_rate: Annotated[int, typer.Option(min=0, help="Events/s of the steady-load phase that measures lag (0 skips it).")] = 1_000,
+    baseline_events: Annotated[
+        int, typer.Option(min=1, help="Events stored one insert each, for the baseline.")
+    ] = 2_000,
+    steady_rate: Annotated[
+        int, typer.Option(min=0, help="Events/s of the steady-load phase that measures lag (0 skips it).")
+    ] = 1_000,
     steady_seconds: Annotated[float, typer.Option(min=0, help="Length of the steady-load phase.")] = 10.0,
 ) -> None:
     """Events/s from Kafka into ClickHouse through the batched sink vs one insert per event, same run."""
@@ -156,9 +200,19 @@ def bench_ingest(
 
     settings = load_settings(FlywheelSettings)
     feedback = load_settings(FeedbackSettings)
-    result = _ingest(settings, events=events, baseline_events=min(baseline_events, events), steady_rate=steady_rate, steady_seconds=steady_seconds)
-    typer.echo(f"batched sink:     {result.events} events in {result.sink_seconds:.2f}s = {result.sink_rate:,.0f} events/s (batches up to {feedback.batch_max_records}, wait {feedback.batch_max_wait_ms} ms)")
-    typer.echo(f"per-event insert: {result.baseline_events} events in {result.baseline_seconds:.2f}s = {result.baseline_rate:,.0f} events/s")
+    result = _ingest(
+        settings,
+        events=events,
+        baseline_events=min(baseline_events, events),
+        steady_rate=steady_rate,
+        steady_seconds=steady_seconds,
+    )
+    typer.echo(
+        f"batched sink:     {result.events} events in {result.sink_seconds:.2f}s = {result.sink_rate:,.0f} events/s (batches up to {feedback.batch_max_records}, wait {feedback.batch_max_wait_ms} ms)"
+    )
+    typer.echo(
+        f"per-event insert: {result.baseline_events} events in {result.baseline_seconds:.2f}s = {result.baseline_rate:,.0f} events/s"
+    )
     typer.echo(f"ratio:            {result.sink_rate / result.baseline_rate:.1f}x")
     if result.steady is not None:
         lag = result.steady
@@ -199,10 +253,30 @@ def _ingest_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
         if scratch is not None:
             scratch.cleanup()
     echo(f"batched sink {result.sink_rate:,.0f} events/s, per-event insert {result.baseline_rate:,.0f} events/s")
-    rows = [Row("ingest", f"Kafka -> ClickHouse events/s ({result.events} vs {result.baseline_events} events)", result.sink_rate, result.baseline_rate, "events/s", "higher",
-                "batched idempotent sink (Arrow)", "one insert per event")]
+    rows = [
+        Row(
+            "ingest",
+            f"Kafka -> ClickHouse events/s ({result.events} vs {result.baseline_events} events)",
+            result.sink_rate,
+            result.baseline_rate,
+            "events/s",
+            "higher",
+            "batched idempotent sink (Arrow)",
+            "one insert per event",
+        )
+    ]
     if result.steady is not None:
-        rows.append(Row("ingest", f"lag p95 at {result.steady.rate} events/s (events published, not yet stored)", float(result.steady.quantile(0.95)), None, "events", "lower", "batched sink"))
+        rows.append(
+            Row(
+                "ingest",
+                f"lag p95 at {result.steady.rate} events/s (events published, not yet stored)",
+                float(result.steady.quantile(0.95)),
+                None,
+                "events",
+                "lower",
+                "batched sink",
+            )
+        )
     return rows
 
 

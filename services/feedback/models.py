@@ -61,7 +61,9 @@ def inference_rows(envelopes: Sequence[Envelope[InferenceLogged]], redactor: Red
             "endpoint": pa.array([p.endpoint for p in payloads], pa.string()),
             "user_id": pa.array([p.user_id for p in payloads], pa.string()),
             "principal": pa.array([p.principal for p in payloads], pa.string()),
-            "input_messages": pa.array([json.dumps(p.input_messages, ensure_ascii=False) for p in payloads], pa.string()),
+            "input_messages": pa.array(
+                [json.dumps(p.input_messages, ensure_ascii=False) for p in payloads], pa.string()
+            ),
             "input_text": pa.array([p.input_text for p in payloads], pa.string()),
             "output_text": pa.array([p.output_text for p in payloads], pa.string()),
             "finish_reason": pa.array([p.finish_reason for p in payloads], pa.string()),
@@ -112,5 +114,7 @@ class FeedbackView(BaseModel):
 
 class FeedbackList(BaseModel):
     inference_id: str = Field(description="The inference asked about.")
-    inference_stored: bool = Field(description="Whether the inference itself is stored yet; feedback may arrive first and joins when it lands.")
+    inference_stored: bool = Field(
+        description="Whether the inference itself is stored yet; feedback may arrive first and joins when it lands."
+    )
     items: list[FeedbackView] = Field(description="Stored feedback, oldest first.")

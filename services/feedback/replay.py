@@ -39,17 +39,33 @@ class ReplayCount:
 
 
 async def replay(
-    bootstrap: str, sink: Sink, *, topic_prefix: str = "", from_ms: int | None = None, batch: int = 5000, security: KafkaSecurity = PLAINTEXT
+    bootstrap: str,
+    sink: Sink,
+    *,
+    topic_prefix: str = "",
+    from_ms: int | None = None,
+    batch: int = 5000,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> list[ReplayCount]:
     """Replay the sink's three topics into ClickHouse; returns what was read and inserted per topic."""
     plan: Sequence[tuple[type, Callable[[Sequence[Envelope]], int]]] = (
-        (InferenceLogged, sink.store_inferences), (UnreviewedFeedback, sink.store_feedback), (FeedbackReviewed, sink.store_feedback)
+        (InferenceLogged, sink.store_inferences),
+        (UnreviewedFeedback, sink.store_feedback),
+        (FeedbackReviewed, sink.store_feedback),
     )
-    return [await _replay_topic(bootstrap, event, store, topic_prefix, from_ms, batch, security) for event, store in plan]
+    return [
+        await _replay_topic(bootstrap, event, store, topic_prefix, from_ms, batch, security) for event, store in plan
+    ]
 
 
 async def _replay_topic(
-    bootstrap: str, event: type[P], store: Callable[[Sequence[Envelope[P]]], int], prefix: str, from_ms: int | None, batch: int, security: KafkaSecurity
+    bootstrap: str,
+    event: type[P],
+    store: Callable[[Sequence[Envelope[P]]], int],
+    prefix: str,
+    from_ms: int | None,
+    batch: int,
+    security: KafkaSecurity,
 ) -> ReplayCount:
     topic = topic_for(event, prefix)
     count = ReplayCount(topic)
@@ -60,11 +76,22 @@ async def _replay_topic(
         described = await admin.describe_topics([topic])
     finally:
         await admin.close()
-    partitions = [TopicPartition(topic, info["partition"]) for entry in described if entry["error_code"] == 0 for info in entry["partitions"]]
+    partitions = [
+        TopicPartition(topic, info["partition"])
+        for entry in described
+        if entry["error_code"] == 0
+        for info in entry["partitions"]
+    ]
     if not partitions:
         log.warning("topic %s does not exist: nothing to replay from it", topic)
         return count
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", **security.client_options())
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        **security.client_options(),
+    )
     await consumer.start()
     try:
         consumer.assign(partitions)
@@ -87,7 +114,13 @@ async def _replay_topic(
                     except ValidationError as error:
                         count.undecodable += 1
                         if count.undecodable == 1:  # one line per topic, not one per record
-                            log.warning("%s: skipping records that are not valid %s, first at offset %d: %s", topic, event.event_type, record.offset, error.errors()[0]["msg"])
+                            log.warning(
+                                "%s: skipping records that are not valid %s, first at offset %d: %s",
+                                topic,
+                                event.event_type,
+                                record.offset,
+                                error.errors()[0]["msg"],
+                            )
             if envelopes:
                 count.inserted += await asyncio.to_thread(store, envelopes)
     finally:

@@ -20,7 +20,11 @@ from services.runtime.clickhouse import ClickHouseError
 
 log = logging.getLogger("flywheel.feedback")
 
-SINK_ROWS = Counter("flywheel_sink_rows_total", "Events the sink saw, by table and outcome (inserted, already_stored).", ["table", "outcome"])
+SINK_ROWS = Counter(
+    "flywheel_sink_rows_total",
+    "Events the sink saw, by table and outcome (inserted, already_stored).",
+    ["table", "outcome"],
+)
 
 # Gateway ids (`chatcmpl-...`), UUIDs and app ids: printable, no spaces, nothing a log or URL would mangle.
 INFERENCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/\-]*")
@@ -55,9 +59,19 @@ def feedback_event(request: FeedbackCreate) -> FeedbackReceived:
     tags = [tag.strip() for tag in request.tags]
     for tag in tags:
         if not tag or len(tag) > MAX_TAG_LENGTH:
-            raise InvalidFeedback(f"tags: each tag must have 1 to {MAX_TAG_LENGTH} characters, got {tag[:80]!r}", "tags")
-    if request.thumbs is None and request.rating is None and not request.comment and not request.correction and not tags:
-        raise InvalidFeedback("empty feedback: give at least one of thumbs, rating, comment, correction or tags", "body")
+            raise InvalidFeedback(
+                f"tags: each tag must have 1 to {MAX_TAG_LENGTH} characters, got {tag[:80]!r}", "tags"
+            )
+    if (
+        request.thumbs is None
+        and request.rating is None
+        and not request.comment
+        and not request.correction
+        and not tags
+    ):
+        raise InvalidFeedback(
+            "empty feedback: give at least one of thumbs, rating, comment, correction or tags", "body"
+        )
     event_class = FeedbackReviewed if request.source is FeedbackSource.reviewer else FeedbackReceived
     return event_class(
         inference_id=request.inference_id,
@@ -72,7 +86,12 @@ def feedback_event(request: FeedbackCreate) -> FeedbackReceived:
 
 
 async def give_feedback(
-    request: FeedbackCreate, publish: Callable[[FeedbackReceived], Awaitable[Envelope[FeedbackReceived]]], redactor: Redactor, *, caller: str, may_review: bool
+    request: FeedbackCreate,
+    publish: Callable[[FeedbackReceived], Awaitable[Envelope[FeedbackReceived]]],
+    redactor: Redactor,
+    *,
+    caller: str,
+    may_review: bool,
 ) -> FeedbackAccepted:
     """Validate feedback, scrub it and publish it; it is stored by the sink, also when its inference is not stored yet.
 
@@ -115,7 +134,12 @@ class Sink:
         """Store a batch of feedback.received or feedback.reviewed events in feedback; returns how many rows were new."""
         return self._write("feedback", envelopes, feedback_rows)
 
-    def _write(self, table: str, envelopes: Sequence[Envelope[P]], to_rows: Callable[[Sequence[Envelope[P]], Redactor], pa.Table]) -> int:
+    def _write(
+        self,
+        table: str,
+        envelopes: Sequence[Envelope[P]],
+        to_rows: Callable[[Sequence[Envelope[P]], Redactor], pa.Table],
+    ) -> int:
         unique: dict[str, Envelope[P]] = {}
         for envelope in envelopes:
             unique.setdefault(str(envelope.event_id), envelope)
@@ -125,7 +149,10 @@ class Sink:
         # publishes the same envelope twice.
         try:
             stored = self._store.stored_event_ids(
-                table, list(unique), min(e.occurred_at for e in unique.values()), max(e.occurred_at for e in unique.values())
+                table,
+                list(unique),
+                min(e.occurred_at for e in unique.values()),
+                max(e.occurred_at for e in unique.values()),
             )
             fresh = [envelope for event_id, envelope in unique.items() if event_id not in stored]
             if fresh:

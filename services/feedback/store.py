@@ -34,7 +34,11 @@ class FeedbackStore:
             f"SELECT DISTINCT toString(event_id) AS stored_id FROM {_table(table)} "
             "WHERE occurred_at BETWEEN fromUnixTimestamp64Milli({first:Int64}, 'UTC') AND fromUnixTimestamp64Milli({last:Int64}, 'UTC') "
             "AND event_id IN {ids:Array(UUID)}",
-            {"first": int((first - margin).timestamp() * 1000), "last": int((last + margin).timestamp() * 1000), "ids": event_ids},
+            {
+                "first": int((first - margin).timestamp() * 1000),
+                "last": int((last + margin).timestamp() * 1000),
+                "ids": event_ids,
+            },
         )
         return {row["stored_id"] for row in rows}
 
@@ -58,7 +62,11 @@ class FeedbackStore:
 
     def inference_stored(self, inference_id: str) -> bool:
         """Whether `inference_log` holds the inference."""
-        return bool(self._query("SELECT 1 AS found FROM inference_log WHERE inference_id = {id:String} LIMIT 1", {"id": inference_id}))
+        return bool(
+            self._query(
+                "SELECT 1 AS found FROM inference_log WHERE inference_id = {id:String} LIMIT 1", {"id": inference_id}
+            )
+        )
 
     def count(self, table: str) -> tuple[int, int]:
         """Rows and distinct event ids of `table`, read without FINAL: equal when nothing was stored twice."""

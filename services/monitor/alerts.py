@@ -17,7 +17,9 @@ from contracts.events import AlertRaised, AlertState
 from services.monitor.evaluation import Evaluation, as_utc
 from services.monitor.store import MonitorStore
 
-ALERTS_RAISED = Counter("flywheel_monitor_alerts_raised_total", "Alerts opened, by rule and severity.", ["rule", "severity"])
+ALERTS_RAISED = Counter(
+    "flywheel_monitor_alerts_raised_total", "Alerts opened, by rule and severity.", ["rule", "severity"]
+)
 ALERTS_OPEN = Gauge("flywheel_monitor_alerts_open", "Alerts open or acknowledged now.")
 
 Publish = Callable[[Envelope[Any]], Awaitable[None]]
@@ -61,12 +63,18 @@ class Alerts:
             return alert
         if current is not None and evaluation.value is not None and current["state"] == AlertState.open.value:
             # Cleared with real data (not for lack of it): resolved by the monitor. Acknowledged alerts wait for a person.
-            resolved = alert_from_row(current, AlertState.resolved, f"resolved: {rule.metric} = {evaluation.value:.4g} no longer {rule.comparator} {rule.threshold:g}")
+            resolved = alert_from_row(
+                current,
+                AlertState.resolved,
+                f"resolved: {rule.metric} = {evaluation.value:.4g} no longer {rule.comparator} {rule.threshold:g}",
+            )
             await self._record(resolved)
             return resolved
         return None
 
-    async def set_state(self, alert_id: str, state: AlertState, actor: str, note: str | None = None) -> AlertRaised | None:
+    async def set_state(
+        self, alert_id: str, state: AlertState, actor: str, note: str | None = None
+    ) -> AlertRaised | None:
         """Acknowledge or resolve an alert by a person; None when there is no such alert."""
         row = await asyncio.to_thread(self._store.alert, alert_id)
         if row is None:
@@ -79,7 +87,11 @@ class Alerts:
 
     async def unresolved(self) -> list[dict[str, Any]]:
         """The rows of every alert open or acknowledged now."""
-        return [row for state in (AlertState.open, AlertState.acknowledged) for row in await asyncio.to_thread(self._store.alerts, state.value)]
+        return [
+            row
+            for state in (AlertState.open, AlertState.acknowledged)
+            for row in await asyncio.to_thread(self._store.alerts, state.value)
+        ]
 
     async def count_unresolved(self) -> None:
         ALERTS_OPEN.set(len(await self.unresolved()))

@@ -54,8 +54,15 @@ class AlertNote(Request):
 
 
 def build_router(
-    monitor: Monitor, auth: Authenticator, *, console_hours: int, lineage: Any = None, session_s: int = 8 * 3600,
-    query_limits: QueryLimits | None = None, secure_cookie: bool = False, sessions: ConsoleSessions | None = None,
+    monitor: Monitor,
+    auth: Authenticator,
+    *,
+    console_hours: int,
+    lineage: Any = None,
+    session_s: int = 8 * 3600,
+    query_limits: QueryLimits | None = None,
+    secure_cookie: bool = False,
+    sessions: ConsoleSessions | None = None,
 ) -> APIRouter:
     router = APIRouter(prefix="/monitor", tags=["monitor"])
     limits = query_limits or QueryLimits()
@@ -64,7 +71,9 @@ def build_router(
     writer = auth.require(Role.operator)
 
     @router.get("/v1/alerts")
-    async def list_alerts(state: AlertState | None = None, limit: int = Query(200, ge=1, le=5000), _: Principal = Depends(reader)) -> list[dict]:
+    async def list_alerts(
+        state: AlertState | None = None, limit: int = Query(200, ge=1, le=5000), _: Principal = Depends(reader)
+    ) -> list[dict]:
         return await asyncio.to_thread(monitor.store.alerts, state.value if state else None, limit)
 
     async def change(alert_id: str, state: AlertState, who: Principal, body: AlertNote | None) -> AlertRaised:
@@ -74,15 +83,23 @@ def build_router(
         return alert
 
     @router.post("/v1/alerts/{alert_id}/ack", response_model=AlertRaised)
-    async def acknowledge(alert_id: AlertId, body: AlertNote | None = None, who: Principal = Depends(writer)) -> AlertRaised:
+    async def acknowledge(
+        alert_id: AlertId, body: AlertNote | None = None, who: Principal = Depends(writer)
+    ) -> AlertRaised:
         return await change(alert_id, AlertState.acknowledged, who, body)
 
     @router.post("/v1/alerts/{alert_id}/resolve", response_model=AlertRaised)
-    async def resolve(alert_id: AlertId, body: AlertNote | None = None, who: Principal = Depends(writer)) -> AlertRaised:
+    async def resolve(
+        alert_id: AlertId, body: AlertNote | None = None, who: Principal = Depends(writer)
+    ) -> AlertRaised:
         return await change(alert_id, AlertState.resolved, who, body)
 
     @router.get("/v1/metrics/summary")
-    async def summary(hours: int = Query(24, ge=1, le=24 * 90), bucket_s: int = Query(3600, ge=10, le=86400), _: Principal = Depends(reader)) -> dict:
+    async def summary(
+        hours: int = Query(24, ge=1, le=24 * 90),
+        bucket_s: int = Query(3600, ge=10, le=86400),
+        _: Principal = Depends(reader),
+    ) -> dict:
         since = datetime.now(UTC) - timedelta(hours=hours)
         rows = await asyncio.to_thread(monitor.store.summary, since, bucket_s)
         latest = await asyncio.to_thread(monitor.store.evaluations, since, None, 200)
@@ -91,14 +108,18 @@ def build_router(
     @router.post("/v1/query", response_model=QueryResult)
     async def query(body: QueryRequest, _: Principal = Depends(reader)) -> QueryResult:
         try:
-            return await asyncio.to_thread(monitor.store.read_only_query, body.sql, body.parameters, body.max_rows, limits)
+            return await asyncio.to_thread(
+                monitor.store.read_only_query, body.sql, body.parameters, body.max_rows, limits
+            )
         except QueryRefused as refused:
             raise DoorError(refused.status, str(refused), param="sql", code=refused.code) from None
         except QueryOverLimit as over:
             raise DoorError(400, str(over), param="sql", code="query_over_limit") from None
         except ClickHouseError as error:
             status = 403 if error.code == 164 else 400
-            raise DoorError(status, f"ClickHouse refused the query: {error}", param="sql", code=error.name or "query_failed") from None
+            raise DoorError(
+                status, f"ClickHouse refused the query: {error}", param="sql", code=error.name or "query_failed"
+            ) from None
 
     def viewer(key: str | None) -> Principal | None:
         """The principal of a key good for reading, or None; a registry database that cannot be read stays a 503."""
@@ -119,11 +140,23 @@ def build_router(
         token = request.cookies.get(LOGIN_CSRF_COOKIE) or ""
         if not _LOGIN_TOKEN.fullmatch(token):
             token = secrets.token_urlsafe(32)
-        response = HTMLResponse(render_login(error, csrf=token), status_code=status, headers={"Cache-Control": "no-store"})
-        response.set_cookie(LOGIN_CSRF_COOKIE, token, max_age=3600, path=CONSOLE, httponly=True, samesite="strict", secure=secure(request))
+        response = HTMLResponse(
+            render_login(error, csrf=token), status_code=status, headers={"Cache-Control": "no-store"}
+        )
+        response.set_cookie(
+            LOGIN_CSRF_COOKIE,
+            token,
+            max_age=3600,
+            path=CONSOLE,
+            httponly=True,
+            samesite="strict",
+            secure=secure(request),
+        )
         return response
 
-    @router.get("/console", response_class=HTMLResponse, responses={303: {"description": "Not signed in: to the sign-in page."}})
+    @router.get(
+        "/console", response_class=HTMLResponse, responses={303: {"description": "Not signed in: to the sign-in page."}}
+    )
     async def console(request: HttpRequest) -> Any:
         header = request.headers.get("authorization", "")
         csrf = None
@@ -145,7 +178,16 @@ def build_router(
         evaluations = await asyncio.to_thread(monitor.store.evaluations, since, DRIFT_KINDS)
         production = await lineage() if lineage is not None else None
         canaries = await asyncio.to_thread(monitor.canaries.watched)
-        page = render_console(rows, alerts, evaluations, production, canaries=canaries, generated_at=datetime.now(UTC), signed_in=principal.name, csrf=csrf)
+        page = render_console(
+            rows,
+            alerts,
+            evaluations,
+            production,
+            canaries=canaries,
+            generated_at=datetime.now(UTC),
+            signed_in=principal.name,
+            csrf=csrf,
+        )
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     @router.get("/console/login", response_class=HTMLResponse)
@@ -161,13 +203,23 @@ def build_router(
                 return None
         return {name: values[0] for name, values in parse_qs(body.decode("utf-8", "replace")).items()}
 
-    @router.post("/console/login", response_class=HTMLResponse, responses={303: {"description": "Signed in: to the console, with the session cookie."}})
+    @router.post(
+        "/console/login",
+        response_class=HTMLResponse,
+        responses={303: {"description": "Signed in: to the console, with the session cookie."}},
+    )
     async def login(request: HttpRequest) -> Any:
         form = await read_form(request)
         if form is None:
-            return login_form(request, f"the form was larger than {LOGIN_BODY_LIMIT} bytes; paste only the API key", 413)
+            return login_form(
+                request, f"the form was larger than {LOGIN_BODY_LIMIT} bytes; paste only the API key", 413
+            )
         if not same_token(request.cookies.get(LOGIN_CSRF_COOKIE), form.get("csrf_token")):
-            return login_form(request, "the sign-in form expired or did not come from this console (CSRF check): sign in again from this page", 403)
+            return login_form(
+                request,
+                "the sign-in form expired or did not come from this console (CSRF check): sign in again from this page",
+                403,
+            )
         key = form.get("api_key", "").strip()
         if not key:
             return login_form(request, "enter an API key (fw_...) in the field api_key", 400)
@@ -176,20 +228,40 @@ def build_router(
         except DoorError as error:
             return login_form(request, error.detail.message, error.status)
         if not principal.may(Role.viewer):
-            return login_form(request, f"{principal.name} has role {principal.role.value}; the console needs viewer or higher", 403)
+            return login_form(
+                request, f"{principal.name} has role {principal.role.value}; the console needs viewer or higher", 403
+            )
         session_id, _ = sessions.open(principal.name, principal.key_id, key)
         response = RedirectResponse(CONSOLE, status_code=303)
-        response.set_cookie(COOKIE, session_id, max_age=session_s, path=CONSOLE, httponly=True, samesite="strict", secure=secure(request))
-        response.delete_cookie(LOGIN_CSRF_COOKIE, path=CONSOLE, httponly=True, samesite="strict", secure=secure(request))
+        response.set_cookie(
+            COOKIE,
+            session_id,
+            max_age=session_s,
+            path=CONSOLE,
+            httponly=True,
+            samesite="strict",
+            secure=secure(request),
+        )
+        response.delete_cookie(
+            LOGIN_CSRF_COOKIE, path=CONSOLE, httponly=True, samesite="strict", secure=secure(request)
+        )
         return response
 
-    @router.post("/console/logout", responses={303: {"description": "Signed out: to the sign-in page."}, 403: {"description": "The form's CSRF token is not the session's."}})
+    @router.post(
+        "/console/logout",
+        responses={
+            303: {"description": "Signed out: to the sign-in page."},
+            403: {"description": "The form's CSRF token is not the session's."},
+        },
+    )
     async def logout(request: HttpRequest) -> Any:
         form = await read_form(request)
         session_id = request.cookies.get(COOKIE)
         session = sessions.get(session_id)
         if session is not None and not same_token(session.csrf, (form or {}).get("csrf_token")):
-            return HTMLResponse(render_login("sign-out refused: the form did not come from this console (CSRF check)"), status_code=403)
+            return HTMLResponse(
+                render_login("sign-out refused: the form did not come from this console (CSRF check)"), status_code=403
+            )
         sessions.close(session_id)
         response = RedirectResponse(f"{CONSOLE}/login", status_code=303)
         response.delete_cookie(COOKIE, path=CONSOLE, httponly=True, samesite="strict", secure=secure(request))

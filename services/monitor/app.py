@@ -29,7 +29,11 @@ GROUP = "monitor"
 
 
 def create_app(
-    runtime: Runtime, settings: MonitorSettings, *, registry_transport: Any = None, open_readonly: Callable[[], ClickHouseStore] | None = None
+    runtime: Runtime,
+    settings: MonitorSettings,
+    *,
+    registry_transport: Any = None,
+    open_readonly: Callable[[], ClickHouseStore] | None = None,
 ) -> Service:
     """`open_readonly` opens the query door's read-only handle; default: the process's store, opened with readonly=1."""
     if settings.query_clickhouse_url and not runtime.settings.clickhouse_url:
@@ -45,7 +49,11 @@ def create_app(
         if not readonly:
             runtime.clickhouse()
             url = settings.query_clickhouse_url or runtime.settings.clickhouse_url
-            readonly.append(open_readonly() if open_readonly else open_clickhouse(url, runtime.home, readonly=True, database=runtime.clickhouse().database))
+            readonly.append(
+                open_readonly()
+                if open_readonly
+                else open_clickhouse(url, runtime.home, readonly=True, database=runtime.clickhouse().database)
+            )
         return readonly[0]
 
     store = MonitorStore(runtime.clickhouse, readonly_store)
@@ -53,8 +61,11 @@ def create_app(
     registry_url = settings.registry_url or f"http://{runtime.settings.http_host}:{runtime.settings.http_port}"
     registry = RegistryClient(registry_url, settings.api_key, transport=registry_transport)
     policy = RetrainingPolicy(
-        min_corrections=settings.retrain_min_corrections, cooldown_s=settings.retrain_cooldown_s, hyperparameters=settings.retrain_hyperparameters,
-        include_lineage=settings.retrain_include_lineage, correction_repeats=settings.retrain_correction_repeats,
+        min_corrections=settings.retrain_min_corrections,
+        cooldown_s=settings.retrain_cooldown_s,
+        hyperparameters=settings.retrain_hyperparameters,
+        include_lineage=settings.retrain_include_lineage,
+        correction_repeats=settings.retrain_correction_repeats,
     )
     monitor = Monitor(store, [], bus.publish_envelope, registry, policy=policy, state_dir=runtime.home / GROUP)
     tasks: list[asyncio.Task] = []
@@ -72,7 +83,10 @@ def create_app(
         monitor.rules = await asyncio.to_thread(load_rules, settings.rules_path, store.check_rule)
         monitor.canary_policy = await asyncio.to_thread(load_canary_policy, settings.rules_path)
         log.info("monitor rules loaded: %s", ", ".join(f"{r.name}@v{r.version}" for r in monitor.rules))
-        log.info("canary policy: %s", f"v{monitor.canary_policy.version}" if monitor.canary_policy else "none (canaries are left to people)")
+        log.info(
+            "canary policy: %s",
+            f"v{monitor.canary_policy.version}" if monitor.canary_policy else "none (canaries are left to people)",
+        )
         tasks.append(asyncio.create_task(loop(), name="monitor-tick"))
 
     async def stop() -> None:
@@ -86,8 +100,13 @@ def create_app(
     return Service(
         name=GROUP,
         api=build_router(
-            monitor, Authenticator.for_settings(runtime.settings), console_hours=settings.console_hours, lineage=functools.partial(newest_production_lineage, registry),
-            session_s=settings.console_session_s, query_limits=settings.query_limits(), secure_cookie=settings.console_secure_cookie,
+            monitor,
+            Authenticator.for_settings(runtime.settings),
+            console_hours=settings.console_hours,
+            lineage=functools.partial(newest_production_lineage, registry),
+            session_s=settings.console_session_s,
+            query_limits=settings.query_limits(),
+            secure_cookie=settings.console_secure_cookie,
         ),
         on_start=[start],
         on_stop=[stop],

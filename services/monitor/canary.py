@@ -39,15 +39,36 @@ class CanaryPolicy(BaseModel):
     alpha: float = Field(default=0.05, gt=0, lt=0.5, description="One-sided error of every interval.")
     min_inferences: int = Field(default=200, ge=1, description="Inferences per arm before errors and latency count.")
     min_feedback: int = Field(default=50, ge=1, description="Thumbs given per arm before the thumbs-down rate counts.")
-    max_thumbs_down_increase: float = Field(default=0.05, ge=0, le=1, description="Tolerated rise of the thumbs-down rate (absolute).")
-    max_error_rate_increase: float = Field(default=0.01, ge=0, le=1, description="Tolerated rise of the error rate (absolute).")
+    max_thumbs_down_increase: float = Field(
+        default=0.05, ge=0, le=1, description="Tolerated rise of the thumbs-down rate (absolute)."
+    )
+    max_error_rate_increase: float = Field(
+        default=0.01, ge=0, le=1, description="Tolerated rise of the error rate (absolute)."
+    )
     max_latency_p95_ratio: float = Field(default=1.2, ge=1, description="Tolerated canary p95 / control p95.")
-    max_hallucination_increase: float = Field(default=0.05, ge=0, le=1, description="Tolerated rise of the watcher's hallucination rate (absolute).")
-    max_mean_rating_drop: float = Field(default=0.25, ge=0, le=4, description="Tolerated fall of the mean rating (1-5 points); left out where neither arm got ratings.")
-    hallucination_sample: int = Field(default=100, ge=0, le=5000, description="Answers per arm the watcher scores; 0 leaves hallucination out.")
+    max_hallucination_increase: float = Field(
+        default=0.05, ge=0, le=1, description="Tolerated rise of the watcher's hallucination rate (absolute)."
+    )
+    max_mean_rating_drop: float = Field(
+        default=0.25,
+        ge=0,
+        le=4,
+        description="Tolerated fall of the mean rating (1-5 points); left out where neither arm got ratings.",
+    )
+    hallucination_sample: int = Field(
+        default=100, ge=0, le=5000, description="Answers per arm the watcher scores; 0 leaves hallucination out."
+    )
     bootstrap_resamples: int = Field(default=2000, ge=100, le=100_000)
-    window_s: int = Field(default=24 * 3600, ge=60, description="Traffic considered: since the canary was declared, at most this far back.")
-    max_watch_s: int | None = Field(default=3 * 24 * 3600, ge=60, description="A canary still undecided this long after its declaration is rolled back; none: watch forever.")
+    window_s: int = Field(
+        default=24 * 3600,
+        ge=60,
+        description="Traffic considered: since the canary was declared, at most this far back.",
+    )
+    max_watch_s: int | None = Field(
+        default=3 * 24 * 3600,
+        ge=60,
+        description="A canary still undecided this long after its declaration is rolled back; none: watch forever.",
+    )
 
 
 @dataclass(frozen=True)
@@ -89,7 +110,9 @@ class Decision:
     policy_version: int
 
     def summary(self) -> str:
-        return f"canary policy v{self.policy_version}: {self.action}; " + "; ".join(check.describe() for check in self.checks)
+        return f"canary policy v{self.policy_version}: {self.action}; " + "; ".join(
+            check.describe() for check in self.checks
+        )
 
 
 def wilson(successes: int, trials: int, z: float) -> tuple[float, float]:
@@ -109,7 +132,9 @@ def difference_interval(canary: tuple[int, int], control: tuple[int, int], z: fl
     return d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
 
 
-def p95_ratio_interval(canary: np.ndarray, control: np.ndarray, resamples: int, alpha: float, seed: int = 0) -> tuple[float, float, float]:
+def p95_ratio_interval(
+    canary: np.ndarray, control: np.ndarray, resamples: int, alpha: float, seed: int = 0
+) -> tuple[float, float, float]:
     """(observed ratio, low, high) of canary p95 / control p95 by a percentile bootstrap; seeded, so a tick repeats."""
     rng = np.random.default_rng(seed)
     ratio = float(np.quantile(canary, 0.95) / max(np.quantile(control, 0.95), 1e-9))
@@ -127,48 +152,138 @@ def _verdict(low: float, high: float, tolerance: float) -> Verdict:
     return "undecided"
 
 
-def _proportion(metric: str, canary: tuple[int, int], control: tuple[int, int], minimum: int, tolerance: float, z: float) -> Check:
+def _proportion(
+    metric: str, canary: tuple[int, int], control: tuple[int, int], minimum: int, tolerance: float, z: float
+) -> Check:
     if canary[1] < minimum or control[1] < minimum:
-        return Check(metric, "undecided", None, None, None, None, tolerance, f"not enough data: canary {canary[1]}, control {control[1]} < {minimum}")
+        return Check(
+            metric,
+            "undecided",
+            None,
+            None,
+            None,
+            None,
+            tolerance,
+            f"not enough data: canary {canary[1]}, control {control[1]} < {minimum}",
+        )
     low, high = difference_interval(canary, control, z)
-    return Check(metric, _verdict(low, high, tolerance), control[0] / control[1], canary[0] / canary[1], low, high, tolerance, "")
+    return Check(
+        metric, _verdict(low, high, tolerance), control[0] / control[1], canary[0] / canary[1], low, high, tolerance, ""
+    )
 
 
-def _rating_drop(canary: tuple[float, ...], control: tuple[float, ...], minimum: int, tolerance: float, z: float) -> Check:
+def _rating_drop(
+    canary: tuple[float, ...], control: tuple[float, ...], minimum: int, tolerance: float, z: float
+) -> Check:
     metric = "mean_rating (drop)"
     if len(canary) < minimum or len(control) < minimum:
-        return Check(metric, "undecided", None, None, None, None, tolerance, f"not enough ratings: canary {len(canary)}, control {len(control)} < {minimum}")
+        return Check(
+            metric,
+            "undecided",
+            None,
+            None,
+            None,
+            None,
+            tolerance,
+            f"not enough ratings: canary {len(canary)}, control {len(control)} < {minimum}",
+        )
     a, b = np.asarray(canary, float), np.asarray(control, float)
     drop = float(b.mean() - a.mean())
     half = z * math.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
-    return Check(metric, _verdict(drop - half, drop + half, tolerance), float(b.mean()), float(a.mean()), drop - half, drop + half, tolerance, "")
+    return Check(
+        metric,
+        _verdict(drop - half, drop + half, tolerance),
+        float(b.mean()),
+        float(a.mean()),
+        drop - half,
+        drop + half,
+        tolerance,
+        "",
+    )
 
 
 def judge(policy: CanaryPolicy, control: Arm, canary: Arm, watched_s: float = 0.0) -> Decision:
     """Compare the canary arm with the control arm under `policy`, `watched_s` after it was declared."""
     z = NormalDist().inv_cdf(1 - policy.alpha)
     checks = [
-        _proportion("thumbs_down_rate (difference)", (canary.thumbs_down, canary.thumbs_given), (control.thumbs_down, control.thumbs_given), policy.min_feedback, policy.max_thumbs_down_increase, z),
-        _proportion("error_rate (difference)", (canary.errors, canary.inferences), (control.errors, control.inferences), policy.min_inferences, policy.max_error_rate_increase, z),
+        _proportion(
+            "thumbs_down_rate (difference)",
+            (canary.thumbs_down, canary.thumbs_given),
+            (control.thumbs_down, control.thumbs_given),
+            policy.min_feedback,
+            policy.max_thumbs_down_increase,
+            z,
+        ),
+        _proportion(
+            "error_rate (difference)",
+            (canary.errors, canary.inferences),
+            (control.errors, control.inferences),
+            policy.min_inferences,
+            policy.max_error_rate_increase,
+            z,
+        ),
     ]
     if canary.ratings or control.ratings:
-        checks.append(_rating_drop(canary.ratings, control.ratings, policy.min_feedback, policy.max_mean_rating_drop, z))
+        checks.append(
+            _rating_drop(canary.ratings, control.ratings, policy.min_feedback, policy.max_mean_rating_drop, z)
+        )
     ok_canary, ok_control = np.asarray(canary.latencies_ms, float), np.asarray(control.latencies_ms, float)
     if min(canary.inferences, control.inferences) < policy.min_inferences or not ok_canary.size or not ok_control.size:
-        checks.append(Check("latency_p95 (ratio)", "undecided", None, None, None, None, policy.max_latency_p95_ratio, f"not enough data: canary {canary.inferences}, control {control.inferences} < {policy.min_inferences}"))
+        checks.append(
+            Check(
+                "latency_p95 (ratio)",
+                "undecided",
+                None,
+                None,
+                None,
+                None,
+                policy.max_latency_p95_ratio,
+                f"not enough data: canary {canary.inferences}, control {control.inferences} < {policy.min_inferences}",
+            )
+        )
     else:
         ratio, low, high = p95_ratio_interval(ok_canary, ok_control, policy.bootstrap_resamples, policy.alpha)
-        checks.append(Check("latency_p95 (ratio)", _verdict(low, high, policy.max_latency_p95_ratio), float(np.quantile(ok_control, 0.95)), float(np.quantile(ok_canary, 0.95)), low, high, policy.max_latency_p95_ratio, f"ratio {ratio:.3g}"))
+        checks.append(
+            Check(
+                "latency_p95 (ratio)",
+                _verdict(low, high, policy.max_latency_p95_ratio),
+                float(np.quantile(ok_control, 0.95)),
+                float(np.quantile(ok_canary, 0.95)),
+                low,
+                high,
+                policy.max_latency_p95_ratio,
+                f"ratio {ratio:.3g}",
+            )
+        )
     if policy.hallucination_sample:
         # The watcher scores at most `hallucination_sample` answers per arm; it needs a fair share of them.
         minimum = max(1, min(policy.hallucination_sample, policy.min_feedback))
-        checks.append(_proportion("hallucination_rate (difference)", (canary.hallucinated, canary.scored), (control.hallucinated, control.scored), minimum, policy.max_hallucination_increase, z))
+        checks.append(
+            _proportion(
+                "hallucination_rate (difference)",
+                (canary.hallucinated, canary.scored),
+                (control.hallucinated, control.scored),
+                minimum,
+                policy.max_hallucination_increase,
+                z,
+            )
+        )
     if policy.max_watch_s is not None:
         # Evidence that never settles (too little traffic, or a difference right at the tolerance) must not
         # leave a half-rolled-out version in production indefinitely: undecided for too long counts as worse.
         overdue = watched_s >= policy.max_watch_s and any(check.verdict == "undecided" for check in checks)
-        checks.append(Check("watch time", "worse" if overdue else "within", None, None, None, None, policy.max_watch_s,
-                            f"{'still undecided after' if overdue else 'watched'} {watched_s:.0f} s of at most {policy.max_watch_s} s"))
+        checks.append(
+            Check(
+                "watch time",
+                "worse" if overdue else "within",
+                None,
+                None,
+                None,
+                None,
+                policy.max_watch_s,
+                f"{'still undecided after' if overdue else 'watched'} {watched_s:.0f} s of at most {policy.max_watch_s} s",
+            )
+        )
     verdicts = {check.verdict for check in checks}
     action: Action = "rollback" if "worse" in verdicts else "promote" if verdicts == {"within"} else "wait"
     return Decision(action, tuple(checks), policy.version)
@@ -178,7 +293,9 @@ def parse_canary_policy(document: Any) -> CanaryPolicy:
     try:
         return CanaryPolicy.model_validate(document)
     except ValidationError as error:
-        reasons = "; ".join(f"{'.'.join(str(p) for p in problem['loc']) or 'canary'}: {problem['msg']}" for problem in error.errors())
+        reasons = "; ".join(
+            f"{'.'.join(str(p) for p in problem['loc']) or 'canary'}: {problem['msg']}" for problem in error.errors()
+        )
         raise RuleError(f"canary policy: {reasons}") from None
 
 

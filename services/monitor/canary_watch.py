@@ -54,7 +54,11 @@ class CanaryWatch:
         def change(canaries: dict[str, Any]) -> bool:
             watched = canaries.get(event.model_name)
             if event.to_stage == Stage.production and event.canary_percent is not None:
-                canaries[event.model_name] = {"version": event.adapter_version, "since": as_utc(occurred_at).isoformat(), "percent": event.canary_percent}
+                canaries[event.model_name] = {
+                    "version": event.adapter_version,
+                    "since": as_utc(occurred_at).isoformat(),
+                    "percent": event.canary_percent,
+                }
             elif watched is not None and watched["version"] == event.adapter_version:
                 del canaries[event.model_name]
             else:
@@ -74,7 +78,9 @@ class CanaryWatch:
         reviews = []
         for model_name, watched in (await asyncio.to_thread(self.watched)).items():
             try:
-                review = await self._review(policy, model_name, int(watched["version"]), datetime.fromisoformat(watched["since"]), now)
+                review = await self._review(
+                    policy, model_name, int(watched["version"]), datetime.fromisoformat(watched["since"]), now
+                )
             except Exception:  # noqa: BLE001 - one canary's failure (registry down) must not stop the others
                 log.exception("canary %s:v%s could not be reviewed", model_name, watched["version"])
                 continue
@@ -91,34 +97,52 @@ class CanaryWatch:
             watched = canaries.get(review.model_name)
             if watched is None or watched["version"] != review.canary_version:
                 return False
-            watched["last_review"] = {"at": now.isoformat(), "action": review.decision.action, "control_version": review.control_version, "summary": review.decision.summary()}
+            watched["last_review"] = {
+                "at": now.isoformat(),
+                "action": review.decision.action,
+                "control_version": review.control_version,
+                "summary": review.decision.summary(),
+            }
             return True
 
         self._state.update(change)
 
-    async def _review(self, policy: CanaryPolicy, model_name: str, version: int, since: datetime, now: datetime) -> CanaryReview | None:
+    async def _review(
+        self, policy: CanaryPolicy, model_name: str, version: int, since: datetime, now: datetime
+    ) -> CanaryReview | None:
         production = (await self._registry.adapters(model_name=model_name, stage=Stage.production, limit=10)).items
         canary = next((a for a in production if a.version == version and a.canary_percent is not None), None)
         control = next((a for a in production if a.canary_percent is None), None)
         if canary is None or control is None:
-            log.info("canary %s:v%d is no longer a canary beside a production version; watch ended", model_name, version)
+            log.info(
+                "canary %s:v%d is no longer a canary beside a production version; watch ended", model_name, version
+            )
             await asyncio.to_thread(self._unwatch, model_name, version)
             return None
         start = max(as_utc(since), now - timedelta(seconds=policy.window_s))
         versions = (control.version, version)
-        arms = {row["adapter_version"]: row for row in await asyncio.to_thread(self._store.canary_arms, model_name, versions, start, now)}
+        arms = {
+            row["adapter_version"]: row
+            for row in await asyncio.to_thread(self._store.canary_arms, model_name, versions, start, now)
+        }
         hallucinated: dict[int, tuple[int, int]] = {}
         if policy.hallucination_sample:
-            sample = await asyncio.to_thread(self._store.answers, model_name, versions, start, now, policy.hallucination_sample)
+            sample = await asyncio.to_thread(
+                self._store.answers, model_name, versions, start, now, policy.hallucination_sample
+            )
             hallucinated = await asyncio.to_thread(self._hallucinations, sample)
         watched_s = (now - as_utc(since)).total_seconds()
-        decision = await asyncio.to_thread(judge, policy, _arm(control.version, arms, hallucinated), _arm(version, arms, hallucinated), watched_s)
+        decision = await asyncio.to_thread(
+            judge, policy, _arm(control.version, arms, hallucinated), _arm(version, arms, hallucinated), watched_s
+        )
         log.info("canary %s:v%d vs v%d: %s", model_name, version, control.version, decision.summary())
         applied = False
         if decision.action != "wait":
             reason = f"monitor {decision.summary()}"[:2000]
             if decision.action == "promote":
-                body = StageTransition(to_stage=Stage.production, approver="service:monitor", reason=reason, replaces=control.version)
+                body = StageTransition(
+                    to_stage=Stage.production, approver="service:monitor", reason=reason, replaces=control.version
+                )
             else:
                 body = StageTransition(to_stage=Stage.archived, reason=reason)
             try:
@@ -146,7 +170,9 @@ class CanaryWatch:
         """(hallucinated, scored) per adapter version: the live watcher's groundedness of each answer in its prompt."""
         if not rows:
             return {}
-        scores = score_groundedness([row["output_text"] for row in rows], [row["input_text"] for row in rows], self._embedder.get())
+        scores = score_groundedness(
+            [row["output_text"] for row in rows], [row["input_text"] for row in rows], self._embedder.get()
+        )
         counts: dict[int, tuple[int, int]] = {}
         for row, score in zip(rows, scores, strict=True):
             bad, seen = counts.get(row["adapter_version"], (0, 0))
@@ -157,5 +183,14 @@ class CanaryWatch:
 def _arm(version: int, arms: dict[int, dict[str, Any]], hallucinated: dict[int, tuple[int, int]]) -> Arm:
     row = arms.get(version) or {}
     bad, scored = hallucinated.get(version, (0, 0))
-    return Arm(version, int(row.get("inferences") or 0), int(row.get("errors") or 0), int(row.get("thumbs_given") or 0), int(row.get("thumbs_down") or 0),
-               tuple(float(x) for x in row.get("latencies") or ()), scored, bad, tuple(float(x) for x in row.get("ratings") or ()))
+    return Arm(
+        version,
+        int(row.get("inferences") or 0),
+        int(row.get("errors") or 0),
+        int(row.get("thumbs_given") or 0),
+        int(row.get("thumbs_down") or 0),
+        tuple(float(x) for x in row.get("latencies") or ()),
+        scored,
+        bad,
+        tuple(float(x) for x in row.get("ratings") or ()),
+    )

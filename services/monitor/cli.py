@@ -66,12 +66,16 @@ def run_query(sql: str, parameters: dict[str, Any]) -> tuple[list[str], list[lis
         with open_clickhouse(settings.clickhouse_url, settings.home, readonly=True) as store:
             try:
                 # The same guard and caps as the monitor's door, so the views read alike with or without a running process.
-                table = QueryGuard(store.database).run(store, sql, parameters, load_settings(MonitorSettings).query_limits())
+                table = QueryGuard(store.database).run(
+                    store, sql, parameters, load_settings(MonitorSettings).query_limits()
+                )
             except QueryOverLimit as over:
                 raise typer.BadParameter(str(over)) from None
         return list(table.column_names), [list(row.values()) for row in table.to_pylist()]
     if response.status_code != 200:
-        raise typer.BadParameter(f"{url} answered {response.status_code}: {response.text[:500]} (set FLYWHEEL_API_KEY to a viewer key)")
+        raise typer.BadParameter(
+            f"{url} answered {response.status_code}: {response.text[:500]} (set FLYWHEEL_API_KEY to a viewer key)"
+        )
     body = response.json()
     return body["columns"], body["rows"]
 
@@ -89,7 +93,10 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
 
 def _view(name: str, help_text: str) -> Any:
-    def command(hours: int = typer.Option(24, help="Hours of history."), bucket_s: int = typer.Option(3600, "--bucket-s", help="Bucket width in seconds.")) -> None:
+    def command(
+        hours: int = typer.Option(24, help="Hours of history."),
+        bucket_s: int = typer.Option(3600, "--bucket-s", help="Bucket width in seconds."),
+    ) -> None:
         columns, rows = run_query(SQL[name], {"hours": hours, "bucket": bucket_s})
         print_table(f"{name} (last {hours} h)", columns, rows)
 
@@ -113,7 +120,9 @@ def models() -> None:
 
 ops_app.command("traffic")(_view("traffic", "Requests, errors, tokens and cost per bucket and model version."))
 ops_app.command("latency")(_view("latency", "Latency quantiles per bucket and model version."))
-ops_app.command("feedback")(_view("feedback", "Feedback coverage, thumbs-down rate and mean rating per bucket and model version."))
+ops_app.command("feedback")(
+    _view("feedback", "Feedback coverage, thumbs-down rate and mean rating per bucket and model version.")
+)
 ops_app.command("alerts")(_view("alerts", "Alerts and their states."))
 ops_app.command("drift")(_view("drift", "Drift and live-quality values per rule evaluation (firing or not)."))
 ops_app.command("models")(models)
@@ -121,7 +130,10 @@ ops_app.command("models")(models)
 
 @ops_app.command()
 def sql(
-    query: Annotated[str, typer.Argument(help="A read-only ClickHouse query, e.g. \"SELECT * FROM inference_metrics(bucket_s = 3600)\".")],
+    query: Annotated[
+        str,
+        typer.Argument(help='A read-only ClickHouse query, e.g. "SELECT * FROM inference_metrics(bucket_s = 3600)".'),
+    ],
     max_rows: Annotated[int, typer.Option(help="Rows printed at most.")] = 1000,
 ) -> None:
     """Run a read-only query and print tab-separated rows with a header; the engine refuses writes."""
@@ -137,9 +149,13 @@ def sql(
         columns, rows = _query_store(settings, query, max_rows)
     else:
         if response.status_code == 401 and not key:
-            raise FlywheelError(f"a Flywheel process serves the monitor at {door} and holds the ClickHouse data: set FLYWHEEL_API_KEY to a viewer's key (`flywheel registry keys create NAME --role viewer`); no {settings.home / 'admin.key'} was found")
+            raise FlywheelError(
+                f"a Flywheel process serves the monitor at {door} and holds the ClickHouse data: set FLYWHEEL_API_KEY to a viewer's key (`flywheel registry keys create NAME --role viewer`); no {settings.home / 'admin.key'} was found"
+            )
         if response.status_code != 200:
-            raise FlywheelError(f"{url} answered {response.status_code}: {response.json().get('error', {}).get('message', response.text)}")
+            raise FlywheelError(
+                f"{url} answered {response.status_code}: {response.json().get('error', {}).get('message', response.text)}"
+            )
         body = response.json()
         columns, rows = body["columns"], body["rows"]
     typer.echo("\t".join(columns))
@@ -164,7 +180,9 @@ def _query_store(settings: FlywheelSettings, query: str, max_rows: int) -> tuple
             raise FlywheelError(f"refused: {refused}") from None
         except ClickHouseError as error:
             if error.code == READONLY:
-                raise FlywheelError("refused: `flywheel ops sql` is read-only and this statement writes or changes settings") from None
+                raise FlywheelError(
+                    "refused: `flywheel ops sql` is read-only and this statement writes or changes settings"
+                ) from None
             raise FlywheelError(f"ClickHouse refused the query: {str(error).splitlines()[0]}") from None
     rows = table.slice(0, max_rows).to_pylist()
     return table.column_names, [list(row.values()) for row in rows]

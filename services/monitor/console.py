@@ -151,7 +151,9 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], empty: str) ->
     if not rows:
         return f'<p class="empty">{escape(empty)}</p>'
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{escape('' if c is None else str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{escape('' if c is None else str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -198,8 +200,15 @@ def render_login(error: str | None = None, *, csrf: str = "") -> str:
 
 
 def render_console(
-    buckets: Sequence[dict[str, Any]], alerts: Sequence[dict[str, Any]], evaluations: Sequence[dict[str, Any]], lineage: dict[str, Any] | None, *,
-    canaries: dict[str, dict[str, Any]] | None = None, generated_at: datetime, signed_in: str | None = None, csrf: str | None = None,
+    buckets: Sequence[dict[str, Any]],
+    alerts: Sequence[dict[str, Any]],
+    evaluations: Sequence[dict[str, Any]],
+    lineage: dict[str, Any] | None,
+    *,
+    canaries: dict[str, dict[str, Any]] | None = None,
+    generated_at: datetime,
+    signed_in: str | None = None,
+    csrf: str | None = None,
 ) -> str:
     """The whole page: traffic, latency quantiles, feedback, drift, alerts, canaries under watch, and the production adapter's lineage."""
     latency = {f"{k} p{q}": v for q in (50, 95, 99) for k, v in _series(buckets, f"latency_p{q}_ms").items()}
@@ -212,12 +221,28 @@ def render_console(
         _chart("Drift and live quality over time", _drift(evaluations), "value"),
     ]
     active = [a for a in alerts if a["state"] != "resolved"]
-    alert_rows = [(a["severity"], a["state"], a["rule_name"], _version(a), f"{a['value']:.4g}", f"{a['threshold']:g}", a["window_end"], a["message"]) for a in alerts]
+    alert_rows = [
+        (
+            a["severity"],
+            a["state"],
+            a["rule_name"],
+            _version(a),
+            f"{a['value']:.4g}",
+            f"{a['threshold']:g}",
+            a["window_end"],
+            a["message"],
+        )
+        for a in alerts
+    ]
     canary_rows = [
-        (f"{model}:v{watched['version']}", f"{watched.get('percent'):g}%" if watched.get("percent") is not None else None, watched["since"],
-         (watched.get("last_review") or {}).get("action", "not reviewed yet"),
-         f"v{watched['last_review']['control_version']}" if watched.get("last_review") else None,
-         (watched.get("last_review") or {}).get("summary"))
+        (
+            f"{model}:v{watched['version']}",
+            f"{watched.get('percent'):g}%" if watched.get("percent") is not None else None,
+            watched["since"],
+            (watched.get("last_review") or {}).get("action", "not reviewed yet"),
+            f"v{watched['last_review']['control_version']}" if watched.get("last_review") else None,
+            (watched.get("last_review") or {}).get("summary"),
+        )
         for model, watched in sorted((canaries or {}).items())
     ]
     lineage_html = '<p class="empty">no production adapter known (or the registry door is not configured)</p>'
@@ -227,20 +252,28 @@ def render_console(
         evaluations = lineage.get("evaluations") or []
         lineage_html = _table(
             ["adapter", "stage", "base model", "training job", "dataset", "provenance", "evaluations"],
-            [(f"{adapter['model_name']}:v{adapter['version']}", adapter["stage"], lineage["base_model"]["name"], lineage.get("training_job_id"),
-              f"{dataset.get('name')}:v{dataset.get('version')}" if dataset else None, dataset.get("provenance"),
-              ", ".join(f"{e['gate_policy']} {'passed' if e['passed'] else 'failed'}" for e in evaluations))],
+            [
+                (
+                    f"{adapter['model_name']}:v{adapter['version']}",
+                    adapter["stage"],
+                    lineage["base_model"]["name"],
+                    lineage.get("training_job_id"),
+                    f"{dataset.get('name')}:v{dataset.get('version')}" if dataset else None,
+                    dataset.get("provenance"),
+                    ", ".join(f"{e['gate_policy']} {'passed' if e['passed'] else 'failed'}" for e in evaluations),
+                )
+            ],
             "",
         )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Flywheel monitor</title>
 <style>{_STYLE}</style></head><body>
 <h1>Flywheel monitor</h1>
-<p class="meta">generated {escape(generated_at.strftime('%Y-%m-%d %H:%M:%S UTC'))} · <span class="badge">{len(active)} open alerts</span>{_signed_in(signed_in, csrf)}</p>
+<p class="meta">generated {escape(generated_at.strftime("%Y-%m-%d %H:%M:%S UTC"))} · <span class="badge">{len(active)} open alerts</span>{_signed_in(signed_in, csrf)}</p>
 <h2>Alerts</h2>
 {_table(["severity", "state", "rule", "version", "value", "threshold", "at", "message"], alert_rows, "no alerts")}
 <h2>Per model version</h2>
-<div class="charts">{''.join(charts)}</div>
+<div class="charts">{"".join(charts)}</div>
 <h2>Canaries under watch</h2>
 {_table(["canary", "traffic", "watched since", "last decision", "control", "checks"], canary_rows, "no canary under watch (or no canary policy)")}
 <h2>Lineage of the production adapter</h2>

@@ -39,10 +39,21 @@ class Evaluation:
         """The row kept in monitor_evaluation: every evaluation, firing or not, so drift shows over time."""
         rule = self.rule
         return {
-            "evaluation_id": str(uuid.uuid4()), "evaluated_at": now, "rule_name": rule.name, "rule_version": rule.version, "metric": rule.metric,
-            "kind": rule.spec.scorer or rule.spec.kind, "model_name": self.scope["model_name"], "adapter_version": self.scope.get("adapter_version"),
-            "prompt_version": self.scope.get("prompt_version"), "window_start": self.window_start, "window_end": self.window_end,
-            "value": self.value, "samples": self.samples, "firing": self.firing, "reason": self.reason,
+            "evaluation_id": str(uuid.uuid4()),
+            "evaluated_at": now,
+            "rule_name": rule.name,
+            "rule_version": rule.version,
+            "metric": rule.metric,
+            "kind": rule.spec.scorer or rule.spec.kind,
+            "model_name": self.scope["model_name"],
+            "adapter_version": self.scope.get("adapter_version"),
+            "prompt_version": self.scope.get("prompt_version"),
+            "window_start": self.window_start,
+            "window_end": self.window_end,
+            "value": self.value,
+            "samples": self.samples,
+            "firing": self.firing,
+            "reason": self.reason,
         }
 
 
@@ -89,32 +100,69 @@ class RuleEvaluator:
         kind = rule.spec.kind
         if kind == "sql":
             current = {_key(rule, row): row for row in self._store.aggregate(rule, start, end)}
-            baseline = {_key(rule, row): row for row in self._store.aggregate(rule, base_start, start)} if rule.needs_baseline else {}
-            return [self._judge_aggregate(rule, key, row, baseline.get(key), start, end) for key, row in current.items()]
+            baseline = (
+                {_key(rule, row): row for row in self._store.aggregate(rule, base_start, start)}
+                if rule.needs_baseline
+                else {}
+            )
+            return [
+                self._judge_aggregate(rule, key, row, baseline.get(key), start, end) for key, row in current.items()
+            ]
         limit = rule.sample_size if kind in ("scored", "embedding") else 100_000
         current_rows = _grouped(rule, self._store.values(rule, start, end, limit))
-        baseline_rows = _grouped(rule, self._store.values(rule, base_start, start, limit)) if rule.needs_baseline else {}
-        return [self._judge_sample(rule, key, rows, baseline_rows.get(key, []), start, end) for key, rows in current_rows.items()]
+        baseline_rows = (
+            _grouped(rule, self._store.values(rule, base_start, start, limit)) if rule.needs_baseline else {}
+        )
+        return [
+            self._judge_sample(rule, key, rows, baseline_rows.get(key, []), start, end)
+            for key, rows in current_rows.items()
+        ]
 
-    def _judge_aggregate(self, rule: Rule, key: tuple, row: dict, base: dict | None, start: datetime, end: datetime) -> Evaluation:
+    def _judge_aggregate(
+        self, rule: Rule, key: tuple, row: dict, base: dict | None, start: datetime, end: datetime
+    ) -> Evaluation:
         scope = dict(zip(rule.scope, key, strict=True))
         samples = int(row["samples"] or 0)
         if samples < rule.min_samples or _missing(row["value"]):
-            return Evaluation(rule, scope, start, end, None, samples, False, f"no data: {samples} samples < {rule.min_samples}")
+            return Evaluation(
+                rule, scope, start, end, None, samples, False, f"no data: {samples} samples < {rule.min_samples}"
+            )
         value = float(row["value"])
         if rule.mode == "against_baseline":
             base_samples = int(base["samples"] or 0) if base else 0
             if base is None or base_samples < rule.min_samples or _missing(base["value"]):
-                return Evaluation(rule, scope, start, end, None, samples, False, f"no data: baseline has {base_samples} samples < {rule.min_samples}")
+                return Evaluation(
+                    rule,
+                    scope,
+                    start,
+                    end,
+                    None,
+                    samples,
+                    False,
+                    f"no data: baseline has {base_samples} samples < {rule.min_samples}",
+                )
             value -= float(base["value"])
         return Evaluation(rule, scope, start, end, value, samples, rule.crosses(value))
 
-    def _judge_sample(self, rule: Rule, key: tuple, rows: list[dict], base: list[dict], start: datetime, end: datetime) -> Evaluation:
+    def _judge_sample(
+        self, rule: Rule, key: tuple, rows: list[dict], base: list[dict], start: datetime, end: datetime
+    ) -> Evaluation:
         scope = dict(zip(rule.scope, key, strict=True))
         if len(rows) < rule.min_samples:
-            return Evaluation(rule, scope, start, end, None, len(rows), False, f"no data: {len(rows)} samples < {rule.min_samples}")
+            return Evaluation(
+                rule, scope, start, end, None, len(rows), False, f"no data: {len(rows)} samples < {rule.min_samples}"
+            )
         if rule.needs_baseline and len(base) < rule.min_samples:
-            return Evaluation(rule, scope, start, end, None, len(rows), False, f"no data: baseline has {len(base)} samples < {rule.min_samples}")
+            return Evaluation(
+                rule,
+                scope,
+                start,
+                end,
+                None,
+                len(rows),
+                False,
+                f"no data: baseline has {len(base)} samples < {rule.min_samples}",
+            )
         value = self._score(rule, rows, base)
         return Evaluation(rule, scope, start, end, value, len(rows), rule.crosses(value))
 
@@ -131,7 +179,9 @@ class RuleEvaluator:
         if rule.spec.scorer == "unsafe":
             return sum(scan_unsafe(row["output_text"]).unsafe for row in rows) / len(rows)
         # The live watcher: the prompt is the context a production answer should stay within.
-        scores = score_groundedness([row["output_text"] for row in rows], [row["input_text"] for row in rows], self._embedder.get())
+        scores = score_groundedness(
+            [row["output_text"] for row in rows], [row["input_text"] for row in rows], self._embedder.get()
+        )
         return sum(not score.grounded for score in scores) / len(scores)
 
 

@@ -56,7 +56,15 @@ class Retraining:
     """Answers open quality alerts with retraining requests, under the policy's thresholds and cooldown."""
 
     def __init__(
-        self, store: MonitorStore, alerts: Alerts, registry: RegistryClient, publish: Publish, *, policy: RetrainingPolicy, state: JsonState, producer: str
+        self,
+        store: MonitorStore,
+        alerts: Alerts,
+        registry: RegistryClient,
+        publish: Publish,
+        *,
+        policy: RetrainingPolicy,
+        state: JsonState,
+        producer: str,
     ) -> None:
         self._store = store
         self._alerts = alerts
@@ -85,7 +93,11 @@ class Retraining:
             try:
                 request = await self.maybe_retrain(alert, now)
             except Exception as error:  # noqa: BLE001 - the alert stays open and the next tick asks again
-                self._note_waiting(alert, "error", f"retraining for alert {alert.alert_id} not requested yet, tried again next tick: {type(error).__name__}: {error}")
+                self._note_waiting(
+                    alert,
+                    "error",
+                    f"retraining for alert {alert.alert_id} not requested yet, tried again next tick: {type(error).__name__}: {error}",
+                )
                 continue
             if request is not None:
                 requested.append(request)
@@ -98,15 +110,29 @@ class Retraining:
         state = self._load_state()
         last = state["requested"].get(alert.model_name)
         if last is not None and now - datetime.fromisoformat(last) < timedelta(seconds=self._policy.cooldown_s):
-            self._note_waiting(alert, "cooldown", f"retraining of {alert.model_name} for alert {alert.alert_id} waits: in cooldown since {last}")
+            self._note_waiting(
+                alert,
+                "cooldown",
+                f"retraining of {alert.model_name} for alert {alert.alert_id} waits: in cooldown since {last}",
+            )
             return None
         corrections = await asyncio.to_thread(self._store.corrections, alert.model_name)
         if len(corrections) < self._policy.min_corrections:
-            self._note_waiting(alert, "too_few_corrections", f"retraining of {alert.model_name} for alert {alert.alert_id} waits: {len(corrections)} corrections < {self._policy.min_corrections}")
+            self._note_waiting(
+                alert,
+                "too_few_corrections",
+                f"retraining of {alert.model_name} for alert {alert.alert_id} waits: {len(corrections)} corrections < {self._policy.min_corrections}",
+            )
             return None
         recipe = await self._recipe(alert.model_name, corrections)
         dataset = await self._registry.publish_dataset(
-            DatasetCreate(name=f"{alert.model_name}-{self._policy.dataset_suffix}", split="train", jsonl=recipe.jsonl, provenance="feedback", model_name=alert.model_name)
+            DatasetCreate(
+                name=f"{alert.model_name}-{self._policy.dataset_suffix}",
+                split="train",
+                jsonl=recipe.jsonl,
+                provenance="feedback",
+                model_name=alert.model_name,
+            )
         )
         request = TrainingRequested(
             job_id=f"retrain-{alert.alert_id}",
@@ -124,24 +150,45 @@ class Retraining:
         self._save_state(state)
         self._waiting.pop(alert.alert_id, None)
         RETRAININGS.labels(outcome="requested").inc()
-        log.info("retraining of %s requested for alert %s: job %s on %s:v%s (%s)", alert.model_name, alert.alert_id, request.job_id, dataset.name, dataset.version, recipe.description)
+        log.info(
+            "retraining of %s requested for alert %s: job %s on %s:v%s (%s)",
+            alert.model_name,
+            alert.alert_id,
+            request.job_id,
+            dataset.name,
+            dataset.version,
+            recipe.description,
+        )
         return request
 
     async def _recipe(self, model_name: str, corrections: list[dict[str, Any]]) -> Recipe:
         records = list(dict.fromkeys(json.dumps(_chat_record(row), ensure_ascii=False) for row in corrections))
-        parts = [f"{len(records)} corrections" + (f" x{self._policy.correction_repeats}" if self._policy.correction_repeats > 1 else "")]
+        parts = [
+            f"{len(records)} corrections"
+            + (f" x{self._policy.correction_repeats}" if self._policy.correction_repeats > 1 else "")
+        ]
         lineage = await self._registry.production_lineage(model_name) if self._policy.include_lineage else None
         learned: list[str] = []
         if lineage and lineage.dataset:
             source = lineage.dataset
-            learned = [json.dumps(row, ensure_ascii=False) for row in await self._registry.dataset_rows(source.name, source.version)]
-            parts.insert(0, f"{len(learned)} records of {source.name}:v{source.version} (production v{lineage.adapter.version}'s training data)")
+            learned = [
+                json.dumps(row, ensure_ascii=False)
+                for row in await self._registry.dataset_rows(source.name, source.version)
+            ]
+            parts.insert(
+                0,
+                f"{len(learned)} records of {source.name}:v{source.version} (production v{lineage.adapter.version}'s training data)",
+            )
         hyperparameters = self._policy.hyperparameters
         if hyperparameters is None and lineage and lineage.hyperparameters:
             hyperparameters = Hyperparameters.model_validate(lineage.hyperparameters)
             parts.append(f"production v{lineage.adapter.version}'s hyperparameters")
         lines = learned + records * self._policy.correction_repeats
-        return Recipe(jsonl="".join(line + "\n" for line in lines), hyperparameters=hyperparameters or Hyperparameters(), description=" + ".join(parts))
+        return Recipe(
+            jsonl="".join(line + "\n" for line in lines),
+            hyperparameters=hyperparameters or Hyperparameters(),
+            description=" + ".join(parts),
+        )
 
     def _note_waiting(self, alert: AlertRaised, outcome: str, message: str) -> None:
         """Count and log why an alert's retraining waits once per reason, not once per tick."""
@@ -174,7 +221,9 @@ class Retraining:
 
 def _chat_record(row: dict[str, Any]) -> dict[str, Any]:
     try:
-        messages = [m for m in json.loads(row["input_messages"] or "[]") if m.get("role") in ("system", "user", "assistant")]
+        messages = [
+            m for m in json.loads(row["input_messages"] or "[]") if m.get("role") in ("system", "user", "assistant")
+        ]
     except (ValueError, AttributeError):
         messages = []
     if not messages or messages[-1].get("role") != "user":

@@ -38,17 +38,64 @@ class Metric:
 METRICS: dict[str, Metric] = {
     metric.name: metric
     for metric in (
-        Metric("latency_p95_ms", "95th percentile of end-to-end latency (ms)", "sql", "quantile(0.95)(latency_total_ms)"),
+        Metric(
+            "latency_p95_ms", "95th percentile of end-to-end latency (ms)", "sql", "quantile(0.95)(latency_total_ms)"
+        ),
         Metric("error_rate", "share of inferences with status error", "sql", "countIf(status = 'error') / count()"),
-        Metric("thumbs_down_rate", "thumbs down among thumbs given", "sql", "sum(thumbs_down) / sum(thumbs_given)", "sum(thumbs_given)", quality=True),
-        Metric("mean_rating", "mean 1-5 rating", "sql", "sum(rating_sum) / sum(ratings_given)", "sum(ratings_given)", quality=True),
-        Metric("prompt_length_psi", "PSI of prompt length (characters), window vs baseline", "psi", "length(input_text)"),
+        Metric(
+            "thumbs_down_rate",
+            "thumbs down among thumbs given",
+            "sql",
+            "sum(thumbs_down) / sum(thumbs_given)",
+            "sum(thumbs_given)",
+            quality=True,
+        ),
+        Metric(
+            "mean_rating",
+            "mean 1-5 rating",
+            "sql",
+            "sum(rating_sum) / sum(ratings_given)",
+            "sum(ratings_given)",
+            quality=True,
+        ),
+        Metric(
+            "prompt_length_psi", "PSI of prompt length (characters), window vs baseline", "psi", "length(input_text)"
+        ),
         Metric("prompt_tokens_psi", "PSI of prompt token counts, window vs baseline", "psi", "prompt_tokens"),
-        Metric("output_length_psi", "PSI of answer token counts, window vs baseline (output drift)", "psi", "completion_tokens"),
-        Metric("embedding_centroid_shift", "1 - cosine of the MiniLM centroids of the prompts, window vs baseline", "embedding", "input_text"),
-        Metric("output_embedding_shift", "1 - cosine of the MiniLM centroids of the answers, window vs baseline", "embedding", "output_text"),
-        Metric("unsafe_rate", "share of sampled answers flagged by the unsafe-content lexicon", "scored", "0", quality=True, scorer="unsafe"),
-        Metric("hallucination_rate", "share of sampled answers not grounded in their prompt (MiniLM groundedness)", "scored", "0", quality=True, scorer="hallucination"),
+        Metric(
+            "output_length_psi",
+            "PSI of answer token counts, window vs baseline (output drift)",
+            "psi",
+            "completion_tokens",
+        ),
+        Metric(
+            "embedding_centroid_shift",
+            "1 - cosine of the MiniLM centroids of the prompts, window vs baseline",
+            "embedding",
+            "input_text",
+        ),
+        Metric(
+            "output_embedding_shift",
+            "1 - cosine of the MiniLM centroids of the answers, window vs baseline",
+            "embedding",
+            "output_text",
+        ),
+        Metric(
+            "unsafe_rate",
+            "share of sampled answers flagged by the unsafe-content lexicon",
+            "scored",
+            "0",
+            quality=True,
+            scorer="unsafe",
+        ),
+        Metric(
+            "hallucination_rate",
+            "share of sampled answers not grounded in their prompt (MiniLM groundedness)",
+            "scored",
+            "0",
+            quality=True,
+            scorer="hallucination",
+        ),
         Metric("sql", "a custom aggregate: the rule's `query`", "sql"),
     )
 }
@@ -82,8 +129,12 @@ class Rule(BaseModel):
     cooldown_s: int = Field(default=3600, ge=0)
     min_samples: int = Field(default=20, ge=1)
     sample_size: int = Field(default=200, ge=1, le=5000, description="Rows a Python-scored metric looks at per window.")
-    query: str | None = Field(default=None, description="Aggregate SQL for metric `sql`, over the columns of the monitored rows.")
-    quality: bool | None = Field(default=None, description="Whether firing may trigger retraining; default: the metric's.")
+    query: str | None = Field(
+        default=None, description="Aggregate SQL for metric `sql`, over the columns of the monitored rows."
+    )
+    quality: bool | None = Field(
+        default=None, description="Whether firing may trigger retraining; default: the metric's."
+    )
     description: str = ""
 
     @field_validator("metric")
@@ -126,7 +177,9 @@ class Rule(BaseModel):
 
     @property
     def needs_baseline(self) -> bool:
-        return self.baseline_window_s is not None and (self.mode == "against_baseline" or self.spec.kind in ("psi", "embedding"))
+        return self.baseline_window_s is not None and (
+            self.mode == "against_baseline" or self.spec.kind in ("psi", "embedding")
+        )
 
     def crosses(self, value: float) -> bool:
         return COMPARATORS[self.comparator](value, self.threshold)
@@ -144,7 +197,9 @@ def parse_rules(documents: Iterable[dict[str, Any]], check_query: QueryCheck | N
         try:
             rule = Rule.model_validate(document)
         except ValidationError as error:
-            reasons = "; ".join(f"{'.'.join(str(p) for p in problem['loc']) or 'rule'}: {problem['msg']}" for problem in error.errors())
+            reasons = "; ".join(
+                f"{'.'.join(str(p) for p in problem['loc']) or 'rule'}: {problem['msg']}" for problem in error.errors()
+            )
             raise RuleError(f"rule {name}: {reasons}") from None
         if rule.name in seen:
             raise RuleError(f"rule {rule.name}: defined twice")

@@ -32,7 +32,11 @@ from services.runtime.scoring import Embedder
 
 log = logging.getLogger("flywheel.monitor")
 
-METRIC_VALUE = Gauge("flywheel_monitor_metric_value", "Latest value of each rule's metric, per scope.", ["rule", "model_name", "adapter_version", "prompt_version"])
+METRIC_VALUE = Gauge(
+    "flywheel_monitor_metric_value",
+    "Latest value of each rule's metric, per scope.",
+    ["rule", "model_name", "adapter_version", "prompt_version"],
+)
 
 
 @dataclass
@@ -67,7 +71,13 @@ class Monitor:
         self.evaluator = RuleEvaluator(store, shared_embedder)
         self.alerts = Alerts(store, publish, producer=producer)
         self.retraining = Retraining(
-            store, self.alerts, registry, publish, policy=policy, state=JsonState(Path(state_dir) / "retraining.json"), producer=producer
+            store,
+            self.alerts,
+            registry,
+            publish,
+            policy=policy,
+            state=JsonState(Path(state_dir) / "retraining.json"),
+            producer=producer,
         )
         self.canaries = CanaryWatch(store, registry, JsonState(Path(state_dir) / "canaries.json"), shared_embedder)
 
@@ -81,7 +91,9 @@ class Monitor:
             except Exception:  # noqa: BLE001 - one broken rule must not stop the others being watched
                 log.exception("rule %s could not be evaluated", rule.name)
                 continue
-            await asyncio.to_thread(self.store.write_evaluations, [evaluation.stored(now) for evaluation in evaluations])
+            await asyncio.to_thread(
+                self.store.write_evaluations, [evaluation.stored(now) for evaluation in evaluations]
+            )
             for evaluation in evaluations:
                 report.evaluations.append(evaluation)
                 labels = {name: str(evaluation.scope.get(name) or "") for name in SCOPES}
@@ -90,7 +102,9 @@ class Monitor:
                 changed = await self.alerts.settle(evaluation, now)
                 if changed is not None:
                     (report.resolved if changed.state == AlertState.resolved else report.opened).append(changed)
-        report.retraining = await self.retraining.answer_open_alerts({rule.name for rule in self.rules if rule.is_quality}, now)
+        report.retraining = await self.retraining.answer_open_alerts(
+            {rule.name for rule in self.rules if rule.is_quality}, now
+        )
         report.canaries = await self.canaries.review(self.canary_policy, now)
         await self.alerts.count_unresolved()
         return report

@@ -136,7 +136,10 @@ class MonitorStore:
     def alerts(self, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
         """Current state of alerts, newest first."""
         where = "WHERE state = {state:String}" if state else ""
-        return self._query(f"SELECT * FROM alert FINAL {where} ORDER BY occurred_at DESC LIMIT {{limit:UInt32}}", {"state": state or "", "limit": limit})
+        return self._query(
+            f"SELECT * FROM alert FINAL {where} ORDER BY occurred_at DESC LIMIT {{limit:UInt32}}",
+            {"state": state or "", "limit": limit},
+        )
 
     def alert(self, alert_id: str) -> dict[str, Any] | None:
         rows = self._query("SELECT * FROM alert FINAL WHERE alert_id = {id:String} LIMIT 1", {"id": alert_id})
@@ -171,7 +174,9 @@ class MonitorStore:
         with self._lock:
             self._clickhouse().insert_arrow("monitor_evaluation", table, dedup_token=columns["evaluation_id"][0])
 
-    def evaluations(self, since: datetime, kinds: tuple[str, ...] | None = None, limit: int = 5000) -> list[dict[str, Any]]:
+    def evaluations(
+        self, since: datetime, kinds: tuple[str, ...] | None = None, limit: int = 5000
+    ) -> list[dict[str, Any]]:
         """Stored evaluations whose window ended after `since`, oldest first; `kinds` narrows to metric kinds."""
         where = "AND kind IN {kinds:Array(String)}" if kinds else ""
         return self._query(
@@ -182,7 +187,9 @@ class MonitorStore:
 
     # ------------------------------------------------------------------------------------ canary
 
-    def canary_arms(self, model_name: str, versions: tuple[int, int], start: datetime, end: datetime, latency_sample: int = 2000) -> list[dict[str, Any]]:
+    def canary_arms(
+        self, model_name: str, versions: tuple[int, int], start: datetime, end: datetime, latency_sample: int = 2000
+    ) -> list[dict[str, Any]]:
         """Per adapter version of `versions` over [start, end): inferences, errors, thumbs, samples of ok latencies and of ratings."""
         # A uniform sample of latencies keeps the bootstrap's memory bounded (resamples x sample); its interval
         # then also carries the sampling error, so it only errs towards waiting longer.
@@ -196,7 +203,9 @@ class MonitorStore:
             {"model": model_name, "versions": list(versions), "start": start, "end": end, "sample": latency_sample},
         )
 
-    def answers(self, model_name: str, versions: tuple[int, int], start: datetime, end: datetime, limit: int) -> list[dict[str, Any]]:
+    def answers(
+        self, model_name: str, versions: tuple[int, int], start: datetime, end: datetime, limit: int
+    ) -> list[dict[str, Any]]:
         """Up to `limit` answered inferences per adapter version (a deterministic sample) with prompt and answer."""
         return self._query(
             f"SELECT adapter_version, input_text, output_text FROM {MONITORED} "
@@ -234,7 +243,9 @@ class MonitorStore:
 
     # ----------------------------------------------------------------------------------- read-only
 
-    def read_only_query(self, sql: str, parameters: dict[str, Any], max_rows: int, limits: QueryLimits | None = None) -> QueryResult:
+    def read_only_query(
+        self, sql: str, parameters: dict[str, Any], max_rows: int, limits: QueryLimits | None = None
+    ) -> QueryResult:
         """Run `sql` through the query guard (one SELECT over Flywheel's tables, allowed functions) under `limits`,
         on the handle opened with readonly=1; QueryRefused, QueryOverLimit or ClickHouseError say why not."""
         started = time.perf_counter()
@@ -252,4 +263,9 @@ class MonitorStore:
 
 
 def _scope_parameters(rule_name: str, scope: dict[str, Any]) -> dict[str, Any]:
-    return {"rule": rule_name, "model": scope["model_name"], "adapter": scope.get("adapter_version") or 0, "prompt": scope.get("prompt_version") or 0}
+    return {
+        "rule": rule_name,
+        "model": scope["model_name"],
+        "adapter": scope.get("adapter_version") or 0,
+        "prompt": scope.get("prompt_version") or 0,
+    }

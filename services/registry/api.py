@@ -62,7 +62,11 @@ def dataset_body_limit(max_dataset_bytes: int) -> int:
 def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
     # Bodies are capped as they stream in (FastAPI reads a body whole before the handler runs).
     body_limits = {"/registry/v1/datasets": dataset_body_limit(registry.datasets.max_dataset_bytes)}
-    router = APIRouter(prefix="/registry/v1", tags=["registry"], route_class=refusal_route(max_body_bytes=MAX_BODY_BYTES, body_limits=body_limits))
+    router = APIRouter(
+        prefix="/registry/v1",
+        tags=["registry"],
+        route_class=refusal_route(max_body_bytes=MAX_BODY_BYTES, body_limits=body_limits),
+    )
     reader = auth.require(Role.viewer)
     writer = auth.require(Role.operator)
     approver = auth.require(Role.approver)
@@ -76,7 +80,9 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
 
     # ----------------------------------------------------------------------------- models
     @router.get("/models", response_model=Page[BaseModelView])
-    async def list_models(cursor: str | None = None, limit: int = Query(50, ge=1, le=500), _: Principal = Depends(reader)) -> dict:
+    async def list_models(
+        cursor: str | None = None, limit: int = Query(50, ge=1, le=500), _: Principal = Depends(reader)
+    ) -> dict:
         return page(await call(registry.models.list_models, cursor=cursor, limit=limit))
 
     @router.get("/models/{name}", response_model=BaseModelView)
@@ -89,13 +95,36 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
 
     # --------------------------------------------------------------------------- adapters
     @router.get("/adapters", response_model=Page[AdapterVersionView])
-    async def list_adapters(model_name: str | None = None, stage: Stage | None = None, dataset_name: DatasetName | None = None, dataset_version: int | None = Query(None, ge=1, le=LARGEST_STORED_INT), cursor: str | None = None, limit: int = Query(50, ge=1, le=500), _: Principal = Depends(reader)) -> dict:
+    async def list_adapters(
+        model_name: str | None = None,
+        stage: Stage | None = None,
+        dataset_name: DatasetName | None = None,
+        dataset_version: int | None = Query(None, ge=1, le=LARGEST_STORED_INT),
+        cursor: str | None = None,
+        limit: int = Query(50, ge=1, le=500),
+        _: Principal = Depends(reader),
+    ) -> dict:
         dataset = DatasetRef(name=dataset_name, version=dataset_version) if dataset_name and dataset_version else None
-        return page(await call(registry.adapters.list_adapters, model_name=model_name, stage=stage, dataset=dataset, cursor=cursor, limit=limit))
+        return page(
+            await call(
+                registry.adapters.list_adapters,
+                model_name=model_name,
+                stage=stage,
+                dataset=dataset,
+                cursor=cursor,
+                limit=limit,
+            )
+        )
 
     @router.post("/adapters", response_model=AdapterVersionView, status_code=201)
     async def create_adapter(body: AdapterVersionCreate, who: Principal = Depends(writer)) -> Any:
-        return await call(registry.adapters.register_adapter, who.name, **body.model_dump(exclude={"dataset", "hyperparameters"}), dataset=body.dataset, hyperparameters=body.hyperparameters)
+        return await call(
+            registry.adapters.register_adapter,
+            who.name,
+            **body.model_dump(exclude={"dataset", "hyperparameters"}),
+            dataset=body.dataset,
+            hyperparameters=body.hyperparameters,
+        )
 
     @router.get("/adapters/{model_name}/versions/{version}", response_model=AdapterVersionView)
     async def get_adapter(model_name: ModelName, version: Version, _: Principal = Depends(reader)) -> Any:
@@ -106,12 +135,31 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
         return await call(registry.adapters.lineage, model_name, version)
 
     @router.post("/adapters/{model_name}/versions/{version}/transitions", response_model=AdapterVersionView)
-    async def transition(model_name: ModelName, version: Version, body: StageTransition, who: Principal = Depends(writer)) -> Any:
-        return await call(registry.adapters.transition, who.name, model_name=model_name, version=version, **body.model_dump(exclude={"approver"}))
+    async def transition(
+        model_name: ModelName, version: Version, body: StageTransition, who: Principal = Depends(writer)
+    ) -> Any:
+        return await call(
+            registry.adapters.transition,
+            who.name,
+            model_name=model_name,
+            version=version,
+            **body.model_dump(exclude={"approver"}),
+        )
 
     @router.post("/adapters/{model_name}/versions/{version}/approvals", response_model=ApprovalView, status_code=201)
-    async def approve_adapter(model_name: ModelName, version: Version, body: ApprovalCreate, who: Principal = Depends(approver)) -> Any:
-        return await call(registry.approvals.approve, who.name, who.role, object_type="adapter", name=model_name, version=version, target=body.target, comment=body.comment)
+    async def approve_adapter(
+        model_name: ModelName, version: Version, body: ApprovalCreate, who: Principal = Depends(approver)
+    ) -> Any:
+        return await call(
+            registry.approvals.approve,
+            who.name,
+            who.role,
+            object_type="adapter",
+            name=model_name,
+            version=version,
+            target=body.target,
+            comment=body.comment,
+        )
 
     @router.get("/adapters/{model_name}/versions/{version}/approvals", response_model=list[ApprovalView])
     async def adapter_approvals(model_name: ModelName, version: Version, _: Principal = Depends(reader)) -> Any:
@@ -119,7 +167,12 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
 
     # ---------------------------------------------------------------------------- prompts
     @router.get("/prompts", response_model=Page[PromptVersionView])
-    async def list_prompts(name: str | None = None, cursor: str | None = None, limit: int = Query(50, ge=1, le=500), _: Principal = Depends(reader)) -> dict:
+    async def list_prompts(
+        name: str | None = None,
+        cursor: str | None = None,
+        limit: int = Query(50, ge=1, le=500),
+        _: Principal = Depends(reader),
+    ) -> dict:
         return page(await call(registry.prompts.list_prompts, name=name, cursor=cursor, limit=limit))
 
     @router.post("/prompts", response_model=PromptVersionView, status_code=201)
@@ -127,16 +180,41 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
         return await call(registry.prompts.publish_prompt, who.name, **body.model_dump())
 
     @router.get("/prompts/{name}", response_model=PromptVersionView)
-    async def get_prompt(name: PromptName, version: int | None = Query(None, ge=1, le=LARGEST_STORED_INT), label: str | None = None, _: Principal = Depends(reader)) -> Any:
+    async def get_prompt(
+        name: PromptName,
+        version: int | None = Query(None, ge=1, le=LARGEST_STORED_INT),
+        label: str | None = None,
+        _: Principal = Depends(reader),
+    ) -> Any:
         return await call(registry.prompts.get_prompt, name, version=version, label=label)
 
     @router.put("/prompts/{name}/labels/{label}", response_model=PromptVersionView)
-    async def move_label(name: PromptName, label: PromptLabel, body: PromptLabelMove, who: Principal = Depends(writer)) -> Any:
-        return await call(registry.prompts.set_prompt_label, who.name, name=name, label=label, version=body.version, traffic_percent=body.traffic_percent)
+    async def move_label(
+        name: PromptName, label: PromptLabel, body: PromptLabelMove, who: Principal = Depends(writer)
+    ) -> Any:
+        return await call(
+            registry.prompts.set_prompt_label,
+            who.name,
+            name=name,
+            label=label,
+            version=body.version,
+            traffic_percent=body.traffic_percent,
+        )
 
     @router.post("/prompts/{name}/versions/{version}/approvals", response_model=ApprovalView, status_code=201)
-    async def approve_prompt(name: PromptName, version: Version, body: ApprovalCreate, who: Principal = Depends(approver)) -> Any:
-        return await call(registry.approvals.approve, who.name, who.role, object_type="prompt", name=name, version=version, target=body.target, comment=body.comment)
+    async def approve_prompt(
+        name: PromptName, version: Version, body: ApprovalCreate, who: Principal = Depends(approver)
+    ) -> Any:
+        return await call(
+            registry.approvals.approve,
+            who.name,
+            who.role,
+            object_type="prompt",
+            name=name,
+            version=version,
+            target=body.target,
+            comment=body.comment,
+        )
 
     @router.get("/prompts/{name}/versions/{version}/approvals", response_model=list[ApprovalView])
     async def prompt_approvals(name: PromptName, version: Version, _: Principal = Depends(reader)) -> Any:
@@ -150,25 +228,60 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
 
     # --------------------------------------------------------------------------- datasets
     @router.get("/datasets", response_model=Page[DatasetVersionView])
-    async def list_datasets(name: str | None = None, cursor: str | None = None, limit: int = Query(50, ge=1, le=500), _: Principal = Depends(reader)) -> dict:
+    async def list_datasets(
+        name: str | None = None,
+        cursor: str | None = None,
+        limit: int = Query(50, ge=1, le=500),
+        _: Principal = Depends(reader),
+    ) -> dict:
         return page(await call(registry.datasets.list_datasets, name=name, cursor=cursor, limit=limit))
 
     @router.post("/datasets", response_model=DatasetVersionView, status_code=201)
     async def create_dataset(body: DatasetCreate, who: Principal = Depends(writer)) -> Any:
-        return await call(registry.datasets.publish_dataset, who.name, name=body.name, split=body.split, jsonl=body.jsonl.encode(), provenance=body.provenance, model_name=body.model_name)
+        return await call(
+            registry.datasets.publish_dataset,
+            who.name,
+            name=body.name,
+            split=body.split,
+            jsonl=body.jsonl.encode(),
+            provenance=body.provenance,
+            model_name=body.model_name,
+        )
 
     @router.get("/datasets/{name}/versions/{version}", response_model=DatasetVersionView)
     async def get_dataset(name: DatasetName, version: Version, _: Principal = Depends(reader)) -> Any:
         return await call(registry.datasets.get_dataset, name, version)
 
     @router.get("/datasets/{name}/versions/{version}/rows")
-    async def dataset_rows(name: DatasetName, version: Version, offset: int = Query(0, ge=0, le=LARGEST_STORED_INT), limit: int = Query(100, ge=1, le=10_000), _: Principal = Depends(reader)) -> list[dict]:
+    async def dataset_rows(
+        name: DatasetName,
+        version: Version,
+        offset: int = Query(0, ge=0, le=LARGEST_STORED_INT),
+        limit: int = Query(100, ge=1, le=10_000),
+        _: Principal = Depends(reader),
+    ) -> list[dict]:
         return await call(registry.datasets.dataset_rows, name, version, offset=offset, limit=limit)
 
     # ------------------------------------------------------------------------------ audit
     @router.get("/audit", response_model=Page[AuditEntryView])
-    async def audit(object_type: str | None = None, object_id: str | None = None, actor: str | None = None, cursor: str | None = None, limit: int = Query(100, ge=1, le=500), _: Principal = Depends(reader)) -> dict:
-        return page(await call(registry.changes.entries, object_type=object_type, object_id=object_id, actor=actor, cursor=cursor, limit=limit))
+    async def audit(
+        object_type: str | None = None,
+        object_id: str | None = None,
+        actor: str | None = None,
+        cursor: str | None = None,
+        limit: int = Query(100, ge=1, le=500),
+        _: Principal = Depends(reader),
+    ) -> dict:
+        return page(
+            await call(
+                registry.changes.entries,
+                object_type=object_type,
+                object_id=object_id,
+                actor=actor,
+                cursor=cursor,
+                limit=limit,
+            )
+        )
 
     # ------------------------------------------------------------------------------- keys
     @router.get("/keys/self", response_model=ApiKeyIdentity)
@@ -177,19 +290,30 @@ def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
         return ApiKeyIdentity(key_id=who.key_id, principal=who.name, role=who.role, expires_at=who.expires_at)
 
     @router.get("/keys", response_model=list[ApiKeyView])
-    async def list_keys(principal: str | None = None, cursor: str | None = None, limit: int = Query(100, ge=1, le=500), _: Principal = Depends(admin)) -> Any:
+    async def list_keys(
+        principal: str | None = None,
+        cursor: str | None = None,
+        limit: int = Query(100, ge=1, le=500),
+        _: Principal = Depends(admin),
+    ) -> Any:
         return await call(registry.keys.list_api_keys, principal=principal, cursor=cursor, limit=limit)
 
     @router.post("/keys", response_model=ApiKeyCreated, status_code=201)
     async def create_key(body: ApiKeyCreate, who: Principal = Depends(admin)) -> ApiKeyCreated:
-        key, row = await call(registry.keys.create_api_key, who.name, principal=body.principal, role=body.role, ttl_s=body.ttl_s)
-        return ApiKeyCreated(key=key, key_id=row.key_id, principal=row.principal, role=Role(row.role), expires_at=row.expires_at)
+        key, row = await call(
+            registry.keys.create_api_key, who.name, principal=body.principal, role=body.role, ttl_s=body.ttl_s
+        )
+        return ApiKeyCreated(
+            key=key, key_id=row.key_id, principal=row.principal, role=Role(row.role), expires_at=row.expires_at
+        )
 
     @router.post("/keys/{key_id}/rotate", response_model=ApiKeyCreated, status_code=201)
     async def rotate_key(key_id: str, body: ApiKeyRotate, who: Principal = Depends(admin)) -> ApiKeyCreated:
         key, row = await call(registry.keys.rotate_api_key, who.name, key_id, grace_s=body.grace_s, ttl_s=body.ttl_s)
         auth.forget()
-        return ApiKeyCreated(key=key, key_id=row.key_id, principal=row.principal, role=Role(row.role), expires_at=row.expires_at)
+        return ApiKeyCreated(
+            key=key, key_id=row.key_id, principal=row.principal, role=Role(row.role), expires_at=row.expires_at
+        )
 
     @router.delete("/keys/{key_id}", status_code=204)
     async def revoke_key(key_id: str, who: Principal = Depends(admin)) -> Response:

@@ -11,7 +11,14 @@ from services.registry.outbox import OutboxRelay
 from services.registry.service import Registry
 from services.registry.settings import RegistrySettings
 from services.registry.store import RegistryStore
-from services.runtime.auth import Authenticator, KeyStore, LocalKeys, check_bootstrap_key, key_pepper, registry_database_url
+from services.runtime.auth import (
+    Authenticator,
+    KeyStore,
+    LocalKeys,
+    check_bootstrap_key,
+    key_pepper,
+    registry_database_url,
+)
 from services.runtime.service import Runtime, Service
 
 log = logging.getLogger("flywheel.registry")
@@ -24,7 +31,9 @@ def create_app(runtime: Runtime, settings: RegistrySettings) -> Service:
     store = RegistryStore(registry_database_url(runtime.settings))
     artifacts = runtime.artifacts
     relay = OutboxRelay(store, runtime.bus("registry"), interval_s=settings.outbox_interval_s)
-    registry = Registry(store, artifacts, max_dataset_bytes=settings.max_dataset_bytes, on_commit=relay.kick, key_pepper=pepper)
+    registry = Registry(
+        store, artifacts, max_dataset_bytes=settings.max_dataset_bytes, on_commit=relay.kick, key_pepper=pepper
+    )
     keys = KeyStore(store.engine, pepper)
     auth = Authenticator(keys)
     # The other doors of this process (flywheel up) check keys against this store, not a second connection.
@@ -42,7 +51,10 @@ def create_app(runtime: Runtime, settings: RegistrySettings) -> Service:
             # A fresh development home: nothing to set by hand for the commands run beside it.
             written = await asyncio.to_thread(keys.ensure_development_admin, runtime.home)
             if written is not None:
-                log.warning("no admin key existed: created one in %s (owner only); commands on this host read it, set FLYWHEEL_BOOTSTRAP_ADMIN_KEY in production", written)
+                log.warning(
+                    "no admin key existed: created one in %s (owner only); commands on this host read it, set FLYWHEEL_BOOTSTRAP_ADMIN_KEY in production",
+                    written,
+                )
         await relay.start()
 
     async def stop() -> None:

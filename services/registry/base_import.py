@@ -36,7 +36,12 @@ def _gguf_metadata(path: Path) -> dict[str, str]:
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
-    wanted = {"general.license": "license", "general.name": "name", "general.organization": "organization", "general.size_label": "size_label"}
+    wanted = {
+        "general.license": "license",
+        "general.name": "name",
+        "general.organization": "organization",
+        "general.size_label": "size_label",
+    }
     out: dict[str, str] = {}
     for key, field in reader.fields.items():
         if key in wanted:
@@ -73,7 +78,14 @@ def _convert_gguf(gguf: Path, into: Path) -> None:
     tokenizer.save_pretrained(str(into))
 
 
-def import_base_model(registry: Registry, actor: str, *, directory: Path | None = None, name: str | None = None, license: str | None = None) -> tuple[BaseModelView, bool]:
+def import_base_model(
+    registry: Registry,
+    actor: str,
+    *,
+    directory: Path | None = None,
+    name: str | None = None,
+    license: str | None = None,
+) -> tuple[BaseModelView, bool]:
     """Import and register a base model once; returns (model, whether it was imported now)."""
     name = name or (directory.name.lower() if directory else SMOLLM2_NAME)
     try:
@@ -94,16 +106,40 @@ def import_base_model(registry: Registry, actor: str, *, directory: Path | None 
             if not (directory / "config.json").is_file():
                 raise Invalid(f"{directory} is not a Hugging Face model directory (no config.json)", param="source")
             if not list(directory.glob("*.safetensors")):
-                raise Invalid(f"{directory} has no .safetensors weights; convert them first (pickle-based .bin/.pt are refused)", param="source")
+                raise Invalid(
+                    f"{directory} has no .safetensors weights; convert them first (pickle-based .bin/.pt are refused)",
+                    param="source",
+                )
             weights_dir = directory
             source = f"dir:{directory.resolve()}"
         config = json.loads((weights_dir / "config.json").read_text())
         template_file = weights_dir / "chat_template.jinja"
         tokenizer_config = weights_dir / "tokenizer_config.json"
-        chat_template = template_file.read_text() if template_file.is_file() else (json.loads(tokenizer_config.read_text()).get("chat_template") if tokenizer_config.is_file() else None)
+        chat_template = (
+            template_file.read_text()
+            if template_file.is_file()
+            else (json.loads(tokenizer_config.read_text()).get("chat_template") if tokenizer_config.is_file() else None)
+        )
         parameters = _safetensors_parameters(weights_dir)
         ref = registry.artifacts.put_directory(weights_dir)
     architecture = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
-    details.update({"model_type": config.get("model_type"), "torch_dtype": config.get("torch_dtype") or config.get("dtype"), "weights_bytes": sum(int(entry["size"]) for entry in (registry.artifacts.manifest(ref) or {}).values())})
-    model = registry.models.register_base_model(actor, name=name, source=source, architecture=architecture, parameter_count=parameters, artifact_uri=ref.uri, artifact_sha256=ref.sha256, license=license, chat_template=chat_template, details=details)
+    details.update(
+        {
+            "model_type": config.get("model_type"),
+            "torch_dtype": config.get("torch_dtype") or config.get("dtype"),
+            "weights_bytes": sum(int(entry["size"]) for entry in (registry.artifacts.manifest(ref) or {}).values()),
+        }
+    )
+    model = registry.models.register_base_model(
+        actor,
+        name=name,
+        source=source,
+        architecture=architecture,
+        parameter_count=parameters,
+        artifact_uri=ref.uri,
+        artifact_sha256=ref.sha256,
+        license=license,
+        chat_template=chat_template,
+        details=details,
+    )
     return model, True

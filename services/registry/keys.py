@@ -32,33 +32,79 @@ class Keys:
         key, _, _ = generate_key()
         expires_at = utcnow() + timedelta(seconds=ttl_s) if ttl_s else None
         with self.changes.change(actor, "key.create", "key", principal) as session:
-            row = add_key(session, key, principal=principal, role=role, created_by=actor, pepper=self.key_pepper, expires_at=expires_at)
-            self.changes.record(session, actor, "key.create", "key", row.key_id, after={"principal": principal, "role": Role(role).value, "expires_at": iso(expires_at)})
+            row = add_key(
+                session,
+                key,
+                principal=principal,
+                role=role,
+                created_by=actor,
+                pepper=self.key_pepper,
+                expires_at=expires_at,
+            )
+            self.changes.record(
+                session,
+                actor,
+                "key.create",
+                "key",
+                row.key_id,
+                after={"principal": principal, "role": Role(role).value, "expires_at": iso(expires_at)},
+            )
         return key, row
 
-    def rotate_api_key(self, actor: str, key_id: str, *, grace_s: int = 0, ttl_s: int | None = None) -> tuple[str, ApiKey]:
+    def rotate_api_key(
+        self, actor: str, key_id: str, *, grace_s: int = 0, ttl_s: int | None = None
+    ) -> tuple[str, ApiKey]:
         """A new key for the same principal and role; the old one is revoked now, or expires after `grace_s`."""
         key, _, _ = generate_key()
         now = utcnow()
         with self.changes.change(actor, "key.rotate", "key", key_id) as session:
             old = session.get(ApiKey, key_id)
-            if old is None or old.revoked_at is not None or (old.expires_at is not None and aware(old.expires_at) <= now):
+            if (
+                old is None
+                or old.revoked_at is not None
+                or (old.expires_at is not None and aware(old.expires_at) <= now)
+            ):
                 raise NotFound(f"no active key {key_id}", param="key_id", code="key_not_found")
             expires_at = now + timedelta(seconds=ttl_s) if ttl_s else None
-            row = add_key(session, key, principal=old.principal, role=Role(old.role), created_by=actor, pepper=self.key_pepper, expires_at=expires_at, rotated_from=old.key_id)
+            row = add_key(
+                session,
+                key,
+                principal=old.principal,
+                role=Role(old.role),
+                created_by=actor,
+                pepper=self.key_pepper,
+                expires_at=expires_at,
+                rotated_from=old.key_id,
+            )
             if grace_s:
                 old_expiry = now + timedelta(seconds=grace_s)
                 old.expires_at = min(old_expiry, aware(old.expires_at)) if old.expires_at else old_expiry
             else:
                 old.revoked_at = now
             session.add(old)
-            self.changes.record(session, actor, "key.rotate", "key", key_id, before={"principal": old.principal, "role": old.role}, after={"new_key_id": row.key_id, "old_expires_at": iso(old.expires_at), "old_revoked": old.revoked_at is not None})
+            self.changes.record(
+                session,
+                actor,
+                "key.rotate",
+                "key",
+                key_id,
+                before={"principal": old.principal, "role": old.role},
+                after={
+                    "new_key_id": row.key_id,
+                    "old_expires_at": iso(old.expires_at),
+                    "old_revoked": old.revoked_at is not None,
+                },
+            )
         return key, row
 
-    def list_api_keys(self, *, principal: str | None = None, cursor: str | None = None, limit: int = 100) -> list[ApiKeyView]:
+    def list_api_keys(
+        self, *, principal: str | None = None, cursor: str | None = None, limit: int = 100
+    ) -> list[ApiKeyView]:
         """Keys (never their secrets), by principal when given, ordered by key id."""
         with self.changes.store.reading() as session:
-            return [ApiKeyView.model_validate(row) for row in session.scalars(store.keys_query(principal, cursor, limit))]
+            return [
+                ApiKeyView.model_validate(row) for row in session.scalars(store.keys_query(principal, cursor, limit))
+            ]
 
     def revoke_api_key(self, actor: str, key_id: str) -> None:
         """Revoke a key by id."""
@@ -68,4 +114,6 @@ class Keys:
                 raise NotFound(f"no active key {key_id}", param="key_id", code="key_not_found")
             row.revoked_at = utcnow()
             session.add(row)
-            self.changes.record(session, actor, "key.revoke", "key", key_id, before={"principal": row.principal, "role": row.role})
+            self.changes.record(
+                session, actor, "key.revoke", "key", key_id, before={"principal": row.principal, "role": row.role}
+            )

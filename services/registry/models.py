@@ -51,7 +51,13 @@ class AdapterVersion(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("model_name", "version", name="uq_adapter_version"),
         # The database itself refuses a second full production version of a model.
-        Index("uq_adapter_one_production", "model_name", unique=True, sqlite_where=text("stage = 'production' AND canary_percent IS NULL"), postgresql_where=text("stage = 'production' AND canary_percent IS NULL")),
+        Index(
+            "uq_adapter_one_production",
+            "model_name",
+            unique=True,
+            sqlite_where=text("stage = 'production' AND canary_percent IS NULL"),
+            postgresql_where=text("stage = 'production' AND canary_percent IS NULL"),
+        ),
     )
 
     id: int | None = Field(default=None, primary_key=True)

@@ -39,7 +39,11 @@ PRODUCER = "registry"
 def stage_event(session: Session, payload: Payload, *, correlation_id: str | None = None) -> Envelope:
     """Add an event to the caller's transaction; it is published only if that transaction commits."""
     envelope = wrap(payload, producer=PRODUCER, correlation_id=correlation_id)
-    session.add(OutboxEvent(event_id=str(envelope.event_id), event_type=envelope.event_type, envelope=envelope.model_dump_json()))
+    session.add(
+        OutboxEvent(
+            event_id=str(envelope.event_id), event_type=envelope.event_type, envelope=envelope.model_dump_json()
+        )
+    )
     return envelope
 
 
@@ -80,5 +84,7 @@ class _RowsClaim:
 class OutboxRelay(outbox.OutboxRelay):
     """The runtime's relay over the registry's outbox table."""
 
-    def __init__(self, store: RegistryStore, bus: EnvelopePublisher, *, interval_s: float = 0.2, batch: int = 100) -> None:
+    def __init__(
+        self, store: RegistryStore, bus: EnvelopePublisher, *, interval_s: float = 0.2, batch: int = 100
+    ) -> None:
         super().__init__(RegistryOutbox(store), bus, name="registry-outbox-relay", interval_s=interval_s, batch=batch)

@@ -35,7 +35,15 @@ class Registry:
     before the split, kept so that the split changes no caller outside the registry at once.
     """
 
-    def __init__(self, store: RegistryStore, artifacts: ArtifactStore, *, max_dataset_bytes: int = 64 * 1024 * 1024, on_commit: Callable[[], None] | None = None, key_pepper: bytes | None = None) -> None:
+    def __init__(
+        self,
+        store: RegistryStore,
+        artifacts: ArtifactStore,
+        *,
+        max_dataset_bytes: int = 64 * 1024 * 1024,
+        on_commit: Callable[[], None] | None = None,
+        key_pepper: bytes | None = None,
+    ) -> None:
         self.store = store
         self.artifacts = artifacts
         self.changes = Changes(store, on_commit)

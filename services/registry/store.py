@@ -129,7 +129,9 @@ def _decode_cursor(cursor: str | None) -> int:
             raise ValueError(kind)
         return int(value)
     except ValueError:
-        raise Invalid("cursor is not one this registry issued; pass the next_cursor of a previous page", param="cursor") from None
+        raise Invalid(
+            "cursor is not one this registry issued; pass the next_cursor of a previous page", param="cursor"
+        ) from None
 
 
 def page(session: Session, query: Any, model: Any, view: Callable[[Any], Any], cursor: str | None, limit: int) -> Page:
@@ -164,7 +166,9 @@ def models_query() -> Any:
 
 def adapter_version(session: Session, model_name: str, version: int) -> AdapterVersion:
     """An adapter version, or NotFound."""
-    row = session.scalar(select(AdapterVersion).where(AdapterVersion.model_name == model_name, AdapterVersion.version == version))
+    row = session.scalar(
+        select(AdapterVersion).where(AdapterVersion.model_name == model_name, AdapterVersion.version == version)
+    )
     if row is None:
         raise NotFound(f"no adapter version {model_name}:v{version}", param="version", code="adapter_not_found")
     return row
@@ -177,7 +181,9 @@ def adapter_of_job(session: Session, training_job_id: str | None) -> AdapterVers
 
 def next_adapter_version(session: Session, model_name: str) -> int:
     """The number the next adapter version of a model gets."""
-    return (session.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.model_name == model_name)) or 0) + 1
+    return (
+        session.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.model_name == model_name)) or 0
+    ) + 1
 
 
 def adapters_query(model_name: str | None, stage: Stage | None, dataset: DatasetRef | None) -> Any:
@@ -188,33 +194,67 @@ def adapters_query(model_name: str | None, stage: Stage | None, dataset: Dataset
     if stage:
         query = query.where(AdapterVersion.stage == stage.value)
     if dataset:
-        query = query.where(AdapterVersion.dataset_name == dataset.name, AdapterVersion.dataset_version == dataset.version)
+        query = query.where(
+            AdapterVersion.dataset_name == dataset.name, AdapterVersion.dataset_version == dataset.version
+        )
     return query
 
 
 def evaluations_of(session: Session, model_name: str, version: int) -> list[EvaluationRecord]:
     """The evaluations of an adapter version, oldest first."""
-    return list(session.scalars(select(EvaluationRecord).where(EvaluationRecord.model_name == model_name, EvaluationRecord.adapter_version == version).order_by(EvaluationRecord.created_at)))  # type: ignore[arg-type]
+    return list(
+        session.scalars(
+            select(EvaluationRecord)
+            .where(EvaluationRecord.model_name == model_name, EvaluationRecord.adapter_version == version)
+            .order_by(EvaluationRecord.created_at)
+        )
+    )  # type: ignore[arg-type]
 
 
 def latest_passing_evaluation(session: Session, model_name: str, version: int) -> EvaluationRecord | None:
     """The newest passing evaluation of an adapter version."""
-    return session.scalar(select(EvaluationRecord).where(EvaluationRecord.model_name == model_name, EvaluationRecord.adapter_version == version, EvaluationRecord.passed.is_(True)).order_by(EvaluationRecord.created_at.desc()))  # type: ignore[attr-defined]
+    return session.scalar(
+        select(EvaluationRecord)
+        .where(
+            EvaluationRecord.model_name == model_name,
+            EvaluationRecord.adapter_version == version,
+            EvaluationRecord.passed.is_(True),
+        )
+        .order_by(EvaluationRecord.created_at.desc())
+    )  # type: ignore[attr-defined]
 
 
 def production_holder(session: Session, model_name: str, other_than: int) -> AdapterVersion | None:
     """The full (not canary) production version of a model, other than `other_than`."""
-    return session.scalar(select(AdapterVersion).where(AdapterVersion.model_name == model_name, AdapterVersion.stage == Stage.production.value, AdapterVersion.canary_percent.is_(None), AdapterVersion.version != other_than))  # type: ignore[union-attr]
+    return session.scalar(
+        select(AdapterVersion).where(
+            AdapterVersion.model_name == model_name,
+            AdapterVersion.stage == Stage.production.value,
+            AdapterVersion.canary_percent.is_(None),
+            AdapterVersion.version != other_than,
+        )
+    )  # type: ignore[union-attr]
 
 
 def production_canary(session: Session, model_name: str, other_than: int) -> AdapterVersion | None:
     """The canary in production of a model, other than `other_than`."""
-    return session.scalar(select(AdapterVersion).where(AdapterVersion.model_name == model_name, AdapterVersion.stage == Stage.production.value, AdapterVersion.canary_percent.is_not(None), AdapterVersion.version != other_than))  # type: ignore[union-attr]
+    return session.scalar(
+        select(AdapterVersion).where(
+            AdapterVersion.model_name == model_name,
+            AdapterVersion.stage == Stage.production.value,
+            AdapterVersion.canary_percent.is_not(None),
+            AdapterVersion.version != other_than,
+        )
+    )  # type: ignore[union-attr]
 
 
 def claim_stage_revision(session: Session, model: BaseModelRecord) -> bool:
     """The compare-and-swap of a model's stages: False when another stage change committed since `model` was read."""
-    claimed = session.execute(update(BaseModelRecord).where(BaseModelRecord.id == model.id, BaseModelRecord.stage_revision == model.stage_revision).values(stage_revision=model.stage_revision + 1))  # type: ignore[arg-type]
+    claimed = session.execute(
+        update(BaseModelRecord)
+        .where(BaseModelRecord.id == model.id, BaseModelRecord.stage_revision == model.stage_revision)
+        .values(stage_revision=model.stage_revision + 1)
+    )  # type: ignore[arg-type]
     return bool(claimed.rowcount == 1)  # type: ignore[attr-defined]
 
 
@@ -223,17 +263,43 @@ def claim_stage_revision(session: Session, model: BaseModelRecord) -> bool:
 
 def unused_approvals(session: Session, object_type: str, object_id: str, target: str) -> list[Approval]:
     """Approvals of a promotion not used yet, oldest first."""
-    return list(session.scalars(select(Approval).where(Approval.object_type == object_type, Approval.object_id == object_id, Approval.target == target, Approval.used_at.is_(None)).order_by(Approval.id)))  # type: ignore[union-attr,arg-type]
+    return list(
+        session.scalars(
+            select(Approval)
+            .where(
+                Approval.object_type == object_type,
+                Approval.object_id == object_id,
+                Approval.target == target,
+                Approval.used_at.is_(None),
+            )
+            .order_by(Approval.id)
+        )
+    )  # type: ignore[union-attr,arg-type]
 
 
 def last_used_approval(session: Session, object_type: str, object_id: str, target: str) -> Approval | None:
     """The approval that admitted the last promotion of this object to `target`."""
-    return session.scalar(select(Approval).where(Approval.object_type == object_type, Approval.object_id == object_id, Approval.target == target, Approval.used_at.is_not(None)).order_by(Approval.id.desc()))  # type: ignore[union-attr,attr-defined,arg-type]
+    return session.scalar(
+        select(Approval)
+        .where(
+            Approval.object_type == object_type,
+            Approval.object_id == object_id,
+            Approval.target == target,
+            Approval.used_at.is_not(None),
+        )
+        .order_by(Approval.id.desc())
+    )  # type: ignore[union-attr,attr-defined,arg-type]
 
 
 def approvals_of(session: Session, object_type: str, object_id: str) -> list[Approval]:
     """Every approval of an object, oldest first, used or not."""
-    return list(session.scalars(select(Approval).where(Approval.object_type == object_type, Approval.object_id == object_id).order_by(Approval.id)))  # type: ignore[arg-type]
+    return list(
+        session.scalars(
+            select(Approval)
+            .where(Approval.object_type == object_type, Approval.object_id == object_id)
+            .order_by(Approval.id)
+        )
+    )  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------ prompts
@@ -254,7 +320,9 @@ def latest_prompt_version(session: Session, name: str) -> int | None:
 
 def labels_of(session: Session, name: str, version: int) -> list[str]:
     """The labels pointing at a prompt version."""
-    return list(session.scalars(select(PromptLabel.label).where(PromptLabel.name == name, PromptLabel.version == version)))
+    return list(
+        session.scalars(select(PromptLabel.label).where(PromptLabel.name == name, PromptLabel.version == version))
+    )
 
 
 def label_traffic(session: Session, name: str, version: int) -> dict[str, float]:

@@ -53,7 +53,20 @@ KINDS: dict[str, tuple[str, ...]] = {
 }
 # Where a blob lives below the store's root; the digest's first two hex digits name its folder.
 BLOB_PATH = re.compile(r"sha256/([0-9a-f]{2})/(\1[0-9a-f]{62})")
-REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".h5", ".msgpack", ".npy", ".npz", ".joblib", ".gguf")
+REFUSED_SUFFIXES = (
+    ".bin",
+    ".pt",
+    ".pth",
+    ".pkl",
+    ".pickle",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".npy",
+    ".npz",
+    ".joblib",
+    ".gguf",
+)
 
 
 class ArtifactError(FlywheelError):
@@ -98,11 +111,15 @@ def kind_for(name: str) -> str:
     """The kind a file is stored as, from its name; refused names raise ArtifactRejected."""
     suffix = PurePosixPath(name).suffix.lower()
     if suffix in REFUSED_SUFFIXES:
-        raise ArtifactRejected(f"{name}: {suffix} files are refused; weights are stored as safetensors only (convert with safetensors.torch.save_file)")
+        raise ArtifactRejected(
+            f"{name}: {suffix} files are refused; weights are stored as safetensors only (convert with safetensors.torch.save_file)"
+        )
     for kind, suffixes in KINDS.items():
         if suffix in suffixes:
             return kind
-    raise ArtifactRejected(f"{name}: unsupported file type {suffix or '(no suffix)'}; accepted: {', '.join(s for group in KINDS.values() for s in group)}")
+    raise ArtifactRejected(
+        f"{name}: unsupported file type {suffix or '(no suffix)'}; accepted: {', '.join(s for group in KINDS.values() for s in group)}"
+    )
 
 
 def check_content(head: bytes, kind: str, *, size: int, name: str = "artifact") -> None:
@@ -112,7 +129,9 @@ def check_content(head: bytes, kind: str, *, size: int, name: str = "artifact") 
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         raise ArtifactRejected(f"{name}: content is a Python pickle; refused (store weights as safetensors)")
     if head[:4] == b"PK\x03\x04":
-        raise ArtifactRejected(f"{name}: content is a zip archive (torch.save format); refused (store weights as safetensors)")
+        raise ArtifactRejected(
+            f"{name}: content is a zip archive (torch.save format); refused (store weights as safetensors)"
+        )
     if kind == "safetensors":
         if size < 8:
             raise ArtifactRejected(f"{name}: not a safetensors file (too short)")
@@ -213,7 +232,11 @@ class ArtifactStore:
         base = Path(directory)
         if not base.is_dir():
             raise ArtifactNotFound(f"{base}: no such directory")
-        files = sorted(p for p in base.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(base).parts))
+        files = sorted(
+            p
+            for p in base.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(base).parts)
+        )
         if not files:
             raise ArtifactRejected(f"{base}: directory is empty")
         for file in files:  # refuse before storing anything, so a refused directory leaves no orphans
@@ -222,7 +245,9 @@ class ArtifactStore:
         for file in files:
             ref = self.put_file(file)
             entries[file.relative_to(base).as_posix()] = {"sha256": ref.sha256, "size": ref.size}
-        manifest = json.dumps({"format": MANIFEST_FORMAT, "files": entries}, sort_keys=True, separators=(",", ":")).encode()
+        manifest = json.dumps(
+            {"format": MANIFEST_FORMAT, "files": entries}, sort_keys=True, separators=(",", ":")
+        ).encode()
         return self.put_bytes(manifest, kind="manifest")
 
     def _write_local_atomically(self, path: str, chunks: Iterator[bytes]) -> None:
@@ -251,10 +276,19 @@ class ArtifactStore:
             raise ArtifactNotFound(f"no artifact at {uri}") from None
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected:
-            raise ArtifactIntegrityError(f"artifact {uri} has sha256 {actual}, expected {expected}: tampered or corrupt; refusing to use it")
+            raise ArtifactIntegrityError(
+                f"artifact {uri} has sha256 {actual}, expected {expected}: tampered or corrupt; refusing to use it"
+            )
         return data
 
-    def materialize(self, ref_or_uri: str | ArtifactRef, expected_sha256: str | None = None, into_dir: str | Path = ".", *, name: str | None = None) -> Path:
+    def materialize(
+        self,
+        ref_or_uri: str | ArtifactRef,
+        expected_sha256: str | None = None,
+        into_dir: str | Path = ".",
+        *,
+        name: str | None = None,
+    ) -> Path:
         """Copy an artifact into a local directory, verifying every digest.
 
         A directory manifest materializes as its files under `into_dir` (returned); a single blob as
@@ -276,7 +310,9 @@ class ArtifactStore:
             self._copy_verified(self.uri_for(digest), digest, target)
         return target_dir
 
-    def manifest(self, ref_or_uri: str | ArtifactRef, expected_sha256: str | None = None) -> dict[str, dict[str, object]] | None:
+    def manifest(
+        self, ref_or_uri: str | ArtifactRef, expected_sha256: str | None = None
+    ) -> dict[str, dict[str, object]] | None:
         """The files of a directory artifact (path -> sha256, size), or None for a single blob."""
         uri, expected = _expected(ref_or_uri, expected_sha256)
         parsed = _as_manifest(self.get_bytes(uri, expected))
@@ -314,7 +350,9 @@ class ArtifactStore:
                     sha.update(chunk)
                     out.write(chunk)
             if sha.hexdigest() != expected:
-                raise ArtifactIntegrityError(f"artifact {uri} has sha256 {sha.hexdigest()}, expected {expected}: tampered or corrupt; refusing to use it")
+                raise ArtifactIntegrityError(
+                    f"artifact {uri} has sha256 {sha.hexdigest()}, expected {expected}: tampered or corrupt; refusing to use it"
+                )
             os.replace(tmp, target)
         except FileNotFoundError:
             raise ArtifactNotFound(f"no artifact at {uri}") from None
@@ -341,7 +379,9 @@ def _expected(ref_or_uri: str | ArtifactRef, expected_sha256: str | None) -> tup
     if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
         raise ArtifactError(f"{expected!r} is not a sha256 hex digest (artifact {uri})")
     if named != expected:
-        raise ArtifactIntegrityError(f"artifact {uri} is named for sha256 {named}, but {expected} was expected; refusing to use it")
+        raise ArtifactIntegrityError(
+            f"artifact {uri} is named for sha256 {named}, but {expected} was expected; refusing to use it"
+        )
     return uri, expected
 
 

@@ -176,7 +176,9 @@ def development_pepper(database_url: str) -> bytes:
             if pepper:
                 return pepper
             time.sleep(0.02)  # the creator is between open and write
-        raise ConfigurationError(f"{path} is empty: delete it (keys hashed under it stop working) or set FLYWHEEL_KEY_PEPPER") from None
+        raise ConfigurationError(
+            f"{path} is empty: delete it (keys hashed under it stop working) or set FLYWHEEL_KEY_PEPPER"
+        ) from None
     pepper = secrets.token_urlsafe(48).encode()
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(pepper)
@@ -189,7 +191,9 @@ def key_pepper(settings: FlywheelSettings) -> bytes:
     configured = reveal(settings.key_pepper)
     if configured:
         if len(configured) < 32:
-            raise ConfigurationError(f"FLYWHEEL_KEY_PEPPER is {len(configured)} characters; set it to a random secret of at least 32")
+            raise ConfigurationError(
+                f"FLYWHEEL_KEY_PEPPER is {len(configured)} characters; set it to a random secret of at least 32"
+            )
         return configured.encode()
     return development_pepper(registry_database_url(settings))
 
@@ -205,13 +209,30 @@ def check_bootstrap_key(key: SecretStr | str | None) -> str | None:
     return value or None
 
 
-def add_key(session: Session, key: str, *, principal: str, role: Role, created_by: str, pepper: bytes, expires_at: datetime | None = None, rotated_from: str | None = None) -> ApiKey:
+def add_key(
+    session: Session,
+    key: str,
+    *,
+    principal: str,
+    role: Role,
+    created_by: str,
+    pepper: bytes,
+    expires_at: datetime | None = None,
+    rotated_from: str | None = None,
+) -> ApiKey:
     """Stage a key row in the caller's transaction (so the registry audits it atomically)."""
     key_id, secret = split_key(key)
     salt = secrets.token_hex(16)
     row = ApiKey(
-        key_id=key_id, principal=principal, role=Role(role).value, salt=salt, secret_hmac=hash_secret(secret, salt, pepper),
-        created_at=datetime.now(UTC), created_by=created_by, expires_at=expires_at, rotated_from=rotated_from,
+        key_id=key_id,
+        principal=principal,
+        role=Role(role).value,
+        salt=salt,
+        secret_hmac=hash_secret(secret, salt, pepper),
+        created_at=datetime.now(UTC),
+        created_by=created_by,
+        expires_at=expires_at,
+        rotated_from=rotated_from,
     )
     session.add(row)
     return row
@@ -279,7 +300,10 @@ class KeyStore:
         if row.revoked_at is not None:
             raise KeyRefused("invalid API key: unknown, wrong or revoked")
         if row.expires_at is not None and _utc(row.expires_at) <= now:
-            raise KeyRefused(f"API key {row.key_id} expired at {_utc(row.expires_at).isoformat(timespec='seconds')}; ask an admin for a new one", code="expired_api_key")
+            raise KeyRefused(
+                f"API key {row.key_id} expired at {_utc(row.expires_at).isoformat(timespec='seconds')}; ask an admin for a new one",
+                code="expired_api_key",
+            )
         if legacy or row.last_used_at is None or _utc(row.last_used_at) <= now - LAST_USED_RESOLUTION:
             self._touch(row, secret, now, legacy=legacy)
         expires = _utc(row.expires_at) if row.expires_at else None
@@ -294,7 +318,11 @@ class KeyStore:
         try:
             with self._engine.begin() as conn:
                 # The condition makes concurrent checks of one key write once, not once each.
-                conn.execute(update(ApiKey).where(col(ApiKey.key_id) == row.key_id, or_(stale, col(ApiKey.secret_hmac).is_(None))).values(**values))
+                conn.execute(
+                    update(ApiKey)
+                    .where(col(ApiKey.key_id) == row.key_id, or_(stale, col(ApiKey.secret_hmac).is_(None)))
+                    .values(**values)
+                )
         except SQLAlchemyError as error:
             log.warning("could not record the use of key %s: %s", row.key_id, error)
 
@@ -305,11 +333,21 @@ class KeyStore:
         except KeyRefused:
             return None
 
-    def create(self, *, principal: str, role: Role, created_by: str, expires_at: datetime | None = None) -> tuple[str, ApiKey]:
+    def create(
+        self, *, principal: str, role: Role, created_by: str, expires_at: datetime | None = None
+    ) -> tuple[str, ApiKey]:
         """A new key for `principal`; the full key is returned once and never stored."""
         key, _, _ = generate_key()
         with Session(self._engine) as session:
-            row = add_key(session, key, principal=principal, role=role, created_by=created_by, pepper=self.pepper, expires_at=expires_at)
+            row = add_key(
+                session,
+                key,
+                principal=principal,
+                role=role,
+                created_by=created_by,
+                pepper=self.pepper,
+                expires_at=expires_at,
+            )
             session.commit()
             session.refresh(row)
         return key, row
@@ -328,8 +366,12 @@ class KeyStore:
         now = datetime.now(UTC)
         with Session(self._engine) as session:
             count = session.scalar(
-                select(func.count()).select_from(ApiKey).where(
-                    col(ApiKey.role) == Role.admin.value, col(ApiKey.revoked_at).is_(None), or_(col(ApiKey.expires_at).is_(None), col(ApiKey.expires_at) > now),
+                select(func.count())
+                .select_from(ApiKey)
+                .where(
+                    col(ApiKey.role) == Role.admin.value,
+                    col(ApiKey.revoked_at).is_(None),
+                    or_(col(ApiKey.expires_at).is_(None), col(ApiKey.expires_at) > now),
                 )
             )
         return bool(count)
@@ -341,12 +383,18 @@ class KeyStore:
             return False
         try:
             with Session(self._engine) as session:
-                add_key(session, value, principal="bootstrap-admin", role=Role.admin, created_by="bootstrap", pepper=self.pepper)
+                add_key(
+                    session,
+                    value,
+                    principal="bootstrap-admin",
+                    role=Role.admin,
+                    created_by="bootstrap",
+                    pepper=self.pepper,
+                )
                 session.commit()
         except IntegrityError:
             return False  # another process bootstrapped the same key first
         return True
-
 
     def ensure_development_admin(self, home: Path) -> Path | None:
         """On a development home (SQLite registry under FLYWHEEL_HOME) with no admin and no bootstrap key
@@ -365,7 +413,9 @@ class KeyStore:
             handle.write(key + "\n")
         try:
             with Session(self._engine) as session:
-                add_key(session, key, principal="local-admin", role=Role.admin, created_by="bootstrap", pepper=self.pepper)
+                add_key(
+                    session, key, principal="local-admin", role=Role.admin, created_by="bootstrap", pepper=self.pepper
+                )
                 session.commit()
         except IntegrityError:
             partial.unlink(missing_ok=True)
@@ -397,15 +447,24 @@ class RegistryKeys:
             with httpx.Client(base_url=self.base_url, transport=self._transport, timeout=self._timeout_s) as client:
                 response = client.get("/registry/v1/keys/self", headers={"Authorization": f"Bearer {key}"})
         except httpx.HTTPError as error:
-            raise KeysUnavailable(f"API keys cannot be checked: the registry at {self.base_url} did not answer ({type(error).__name__}); is it running? (FLYWHEEL_REGISTRY_URL)") from None
+            raise KeysUnavailable(
+                f"API keys cannot be checked: the registry at {self.base_url} did not answer ({type(error).__name__}); is it running? (FLYWHEEL_REGISTRY_URL)"
+            ) from None
         if response.status_code == 401:
             detail = _error_detail(response)
             raise KeyRefused(detail.get("message") or "invalid API key", code=detail.get("code") or "invalid_api_key")
         if response.status_code != 200:
-            raise KeysUnavailable(f"API keys cannot be checked: the registry at {self.base_url} answered {response.status_code} (FLYWHEEL_REGISTRY_URL)")
+            raise KeysUnavailable(
+                f"API keys cannot be checked: the registry at {self.base_url} answered {response.status_code} (FLYWHEEL_REGISTRY_URL)"
+            )
         body = response.json()
         expires = body.get("expires_at")
-        return Principal(name=body["principal"], role=Role(body["role"]), key_id=body["key_id"], expires_at=datetime.fromisoformat(expires) if expires else None)
+        return Principal(
+            name=body["principal"],
+            role=Role(body["role"]),
+            key_id=body["key_id"],
+            expires_at=datetime.fromisoformat(expires) if expires else None,
+        )
 
 
 def _error_detail(response: Any) -> dict[str, Any]:
@@ -481,7 +540,9 @@ class Authenticator:
             source = ("local", registry_database_url(settings), str(settings.home.resolve()))
         with cls._shared_lock:
             if source not in cls._shared:
-                cls._shared[source] = cls(RegistryKeys(source[1]) if source[0] == "registry" else LocalKeys(source[1], Path(source[2])))
+                cls._shared[source] = cls(
+                    RegistryKeys(source[1]) if source[0] == "registry" else LocalKeys(source[1], Path(source[2]))
+                )
             return cls._shared[source]
 
     def forget(self) -> None:
@@ -495,7 +556,11 @@ class Authenticator:
         cache_key = hashlib.sha256(key.encode()).hexdigest()
         now = time.monotonic()
         cached = self._cache.get(cache_key)
-        if cached is not None and cached[1] > now and (cached[0].expires_at is None or cached[0].expires_at > datetime.now(UTC)):
+        if (
+            cached is not None
+            and cached[1] > now
+            and (cached[0].expires_at is None or cached[0].expires_at > datetime.now(UTC))
+        ):
             return cached[0]
         try:
             principal = self.keys.check(key)
@@ -507,7 +572,11 @@ class Authenticator:
         except ConfigurationError as error:
             raise DoorError(503, f"API keys cannot be checked: {error}", code="auth_unavailable") from None
         except SQLAlchemyError:
-            raise DoorError(503, "API keys cannot be checked: the registry database is unreachable or not migrated (start the registry first)", code="auth_unavailable") from None
+            raise DoorError(
+                503,
+                "API keys cannot be checked: the registry database is unreachable or not migrated (start the registry first)",
+                code="auth_unavailable",
+            ) from None
         if len(self._cache) > 10_000:
             # Bounded: a flood of distinct keys must not grow the cache without end.
             self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
@@ -521,7 +590,9 @@ class Authenticator:
         """
         needed = Role(role)
 
-        def dependency(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
+        def dependency(
+            request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+        ) -> Principal:
             try:
                 principal = self.authenticate(credentials.credentials if credentials else None)
             except DoorError as error:
@@ -546,6 +617,8 @@ class Authenticator:
         return dependency
 
 
-def require(authenticator: Authenticator, role: Role | str, *, on_refused: Refusal | None = None) -> Callable[..., Principal]:
+def require(
+    authenticator: Authenticator, role: Role | str, *, on_refused: Refusal | None = None
+) -> Callable[..., Principal]:
     """`Depends(require(auth, Role.operator))`: the same as `authenticator.require(role)`."""
     return authenticator.require(role, on_refused=on_refused)

@@ -64,13 +64,16 @@ def warn_if_unauthenticated(security: KafkaSecurity, bootstrap: str) -> None:
             "Kafka at %s is used without authentication (%s): anyone who reaches it can publish any event. "
             "Fine for development; elsewhere set FLYWHEEL_KAFKA_SECURITY_PROTOCOL=SASL_SSL with "
             "FLYWHEEL_KAFKA_SASL_USERNAME/FLYWHEEL_KAFKA_SASL_PASSWORD (or `flywheel infra up --secure` locally)",
-            bootstrap, security.protocol,
+            bootstrap,
+            security.protocol,
         )
 
 
 async def check_reachable(bootstrap: str, timeout_s: float = 10.0, *, security: KafkaSecurity = PLAINTEXT) -> None:
     """Raise a one-line ConfigurationError unless a Kafka broker answers at `bootstrap` and accepts `security`."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), **security.client_options())
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), **security.client_options()
+    )
     # aiokafka logs each failed connection attempt at ERROR; this probe reports the failure itself.
     client_log = logging.getLogger("aiokafka")
     level = client_log.level
@@ -100,7 +103,10 @@ async def _authentication_refused(bootstrap: str, security: KafkaSecurity, timeo
 
     host, _, port = bootstrap.split(",", 1)[0].strip().rpartition(":")
     try:
-        conn = await asyncio.wait_for(create_conn(host, int(port), request_timeout_ms=int(timeout_s * 1000), **security.client_options()), timeout_s)
+        conn = await asyncio.wait_for(
+            create_conn(host, int(port), request_timeout_ms=int(timeout_s * 1000), **security.client_options()),
+            timeout_s,
+        )
     except SaslAuthenticationFailed:
         return True
     except (KafkaError, OSError, TimeoutError, ValueError):
@@ -127,7 +133,9 @@ async def require_topics(bootstrap: str, topics: list[str], *, security: KafkaSe
         )
 
 
-async def ensure_topics(bootstrap: str, prefix: str = "", replication_factor: int = 1, *, security: KafkaSecurity = PLAINTEXT) -> list[str]:
+async def ensure_topics(
+    bootstrap: str, prefix: str = "", replication_factor: int = 1, *, security: KafkaSecurity = PLAINTEXT
+) -> list[str]:
     """Create every contract topic (and its dead-letter topic) with explicit partitions; returns those created.
 
     On a broker with ACLs only an admin principal may: the services' own principals cannot create topics."""
@@ -140,16 +148,26 @@ async def ensure_topics(bootstrap: str, prefix: str = "", replication_factor: in
         retained = retained_topics(prefix)
         if wanted:
             try:
-                response = await admin.create_topics([
-                    NewTopic(name, num_partitions=partitions, replication_factor=replication_factor,
-                             topic_configs={"retention.ms": str(retained[name])} if name in retained else None)
-                    for name, partitions in wanted.items()
-                ])
+                response = await admin.create_topics(
+                    [
+                        NewTopic(
+                            name,
+                            num_partitions=partitions,
+                            replication_factor=replication_factor,
+                            topic_configs={"retention.ms": str(retained[name])} if name in retained else None,
+                        )
+                        for name, partitions in wanted.items()
+                    ]
+                )
             except TopicAlreadyExistsError:
                 response = None  # another process created them first: the outcome we want
             # The broker answers per topic and aiokafka raises for none of them: a refusal (no Create
             # right) must not pass for a creation.
-            refused = {topic: for_code(code).__name__ for topic, code, *_ in (response.topic_errors if response else ()) if code not in (0, TopicAlreadyExistsError.errno)}
+            refused = {
+                topic: for_code(code).__name__
+                for topic, code, *_ in (response.topic_errors if response else ())
+                if code not in (0, TopicAlreadyExistsError.errno)
+            }
             if refused:
                 who = f" as {security.username!r}" if security.username else ""
                 raise ConfigurationError(
@@ -159,7 +177,12 @@ async def ensure_topics(bootstrap: str, prefix: str = "", replication_factor: in
         # Topics created by an older version kept the broker's default retention: the state log must not expire.
         older = [name for name in retained if name in existing]
         if older:
-            await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name, configs={"retention.ms": str(retained[name])}) for name in older])
+            await admin.alter_configs(
+                [
+                    ConfigResource(ConfigResourceType.TOPIC, name, configs={"retention.ms": str(retained[name])})
+                    for name in older
+                ]
+            )
         return sorted(wanted)
     finally:
         await admin.close()
@@ -180,7 +203,9 @@ class EventBus:
     def topic(self, payload: P | type[P]) -> str:
         return topic_for(payload, self._prefix)
 
-    async def publish(self, payload: P, *, correlation_id: str | None = None, event_id: uuid.UUID | None = None) -> Envelope[P]:
+    async def publish(
+        self, payload: P, *, correlation_id: str | None = None, event_id: uuid.UUID | None = None
+    ) -> Envelope[P]:
         """Publish one event and wait for the broker's acknowledgement."""
         envelope = wrap(payload, producer=self._producer, correlation_id=correlation_id, event_id=event_id)
         await self.publish_envelope(envelope)
@@ -189,4 +214,6 @@ class EventBus:
     async def publish_envelope(self, envelope: Envelope[P]) -> None:
         """Publish an already-built envelope (an outbox relays these) as is."""
         key, value, headers = encode(envelope)
-        await self._broker.publish(value, self.topic(envelope.payload), key=key, headers={name: raw.decode() for name, raw in headers})
+        await self._broker.publish(
+            value, self.topic(envelope.payload), key=key, headers={name: raw.decode() for name, raw in headers}
+        )

@@ -59,7 +59,11 @@ class SqliteProcessedEvents:
 
     MIGRATIONS = (
         # The schema as it was before migrations were numbered (IF NOT EXISTS), so an existing file is adopted as it is.
-        Migration(1, "processed_event", "CREATE TABLE IF NOT EXISTS processed_event (consumer_group TEXT, event_id TEXT, processed_at TEXT, PRIMARY KEY (consumer_group, event_id))"),
+        Migration(
+            1,
+            "processed_event",
+            "CREATE TABLE IF NOT EXISTS processed_event (consumer_group TEXT, event_id TEXT, processed_at TEXT, PRIMARY KEY (consumer_group, event_id))",
+        ),
     )
 
     def __init__(self, path: Path, cache_size: int = 10_000) -> None:
@@ -70,10 +74,15 @@ class SqliteProcessedEvents:
     def seen(self, group: str, event_id: str) -> bool:
         if (group, event_id) in self._cache:
             return True
-        return self._db.row("SELECT 1 FROM processed_event WHERE consumer_group = ? AND event_id = ?", (group, event_id)) is not None
+        return (
+            self._db.row("SELECT 1 FROM processed_event WHERE consumer_group = ? AND event_id = ?", (group, event_id))
+            is not None
+        )
 
     def remember(self, group: str, event_id: str) -> None:
-        self._db.execute("INSERT OR IGNORE INTO processed_event VALUES (?, ?, ?)", (group, event_id, datetime.now(UTC).isoformat()))
+        self._db.execute(
+            "INSERT OR IGNORE INTO processed_event VALUES (?, ?, ?)", (group, event_id, datetime.now(UTC).isoformat())
+        )
         self._cache[(group, event_id)] = None
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -96,10 +105,14 @@ class DeadLetters:
         self._broker = broker
         self._redactor = redactor or dead_letter_redactor()
 
-    async def send(self, message: KafkaMessage, *, group: str, error: BaseException, attempts: int, reason: str | None = None) -> None:
+    async def send(
+        self, message: KafkaMessage, *, group: str, error: BaseException, attempts: int, reason: str | None = None
+    ) -> None:
         await self.send_record(message.raw_message, group=group, error=error, attempts=attempts, reason=reason)
 
-    async def send_record(self, record: ConsumerRecord, *, group: str, error: BaseException, attempts: int, reason: str | None = None) -> None:
+    async def send_record(
+        self, record: ConsumerRecord, *, group: str, error: BaseException, attempts: int, reason: str | None = None
+    ) -> None:
         reason = self._redactor.scrub(reason or f"{type(error).__name__}: {error}") or ""
         original = record.value or b""
         value, treatment = self._redactor.scrub_bytes(original)
@@ -117,14 +130,21 @@ class DeadLetters:
             "x-flywheel-value-bytes": str(len(original)),
         }
         for name, header in record.headers or ():
-            headers.setdefault(f"x-flywheel-original-header-{name}", self._redactor.scrub(header.decode(errors="replace")) or "")
+            headers.setdefault(
+                f"x-flywheel-original-header-{name}", self._redactor.scrub(header.decode(errors="replace")) or ""
+            )
         delay = 0.5
         while True:
             try:
                 await self._broker.publish(value, dlq_for(record.topic), key=record.key, headers=headers)
                 break
             except Exception as publish_error:  # noqa: BLE001 - the offset must not move past an unsaved message
-                log.warning("dead-letter publish to %s failed (%s); retrying in %.1fs", dlq_for(record.topic), publish_error, delay)
+                log.warning(
+                    "dead-letter publish to %s failed (%s); retrying in %.1fs",
+                    dlq_for(record.topic),
+                    publish_error,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
         log.warning("dead-lettered %s[%s]@%s: %s", record.topic, record.partition, record.offset, reason)
@@ -180,7 +200,9 @@ def subscribe(
     )(consume)
 
 
-async def _with_retries(handler: Handler[P], envelope: Envelope[P], max_retries: int, backoff_s: float) -> Exception | None:
+async def _with_retries(
+    handler: Handler[P], envelope: Envelope[P], max_retries: int, backoff_s: float
+) -> Exception | None:
     """Run `handler`, retrying failures with exponential backoff; the last error once retries are spent, else None."""
     for attempt in range(1, max_retries + 2):
         try:
@@ -189,7 +211,13 @@ async def _with_retries(handler: Handler[P], envelope: Envelope[P], max_retries:
         except Exception as error:  # noqa: BLE001 - any handler failure is retried; the caller decides what follows
             if attempt > max_retries:
                 return error
-            log.info("retrying %s after %s (attempt %d of %d)", envelope.event_type, type(error).__name__, attempt, max_retries + 1)
+            log.info(
+                "retrying %s after %s (attempt %d of %d)",
+                envelope.event_type,
+                type(error).__name__,
+                attempt,
+                max_retries + 1,
+            )
             await asyncio.sleep(backoff_s * 2 ** (attempt - 1))
     return None
 
@@ -228,7 +256,15 @@ def follow(
             return
         failure = await _with_retries(handler, envelope, max_retries, backoff_s)
         if failure is not None:  # a follower has no dead-letter topic: logged and skipped
-            log.error("%s skipped %s %s after %d attempts: %s: %s", name, event.event_type, envelope.event_id, max_retries + 1, type(failure).__name__, failure)
+            log.error(
+                "%s skipped %s %s after %d attempts: %s: %s",
+                name,
+                event.event_type,
+                envelope.event_id,
+                max_retries + 1,
+                type(failure).__name__,
+                failure,
+            )
             CONSUMER_MESSAGES.labels(group=name, event_type=event.event_type, outcome="skipped").inc()
             return
         CONSUMER_MESSAGES.labels(group=name, event_type=event.event_type, outcome="processed").inc()
@@ -299,14 +335,18 @@ def subscribe_batch(
     async def consume(message: KafkaMessage) -> None:
         async with in_flight:
             # aiokafka hands a batch as a tuple of records, FastStream's TestKafkaBroker as a list.
-            records = tuple(message.raw_message) if isinstance(message.raw_message, (tuple, list)) else (message.raw_message,)
+            records = (
+                tuple(message.raw_message) if isinstance(message.raw_message, (tuple, list)) else (message.raw_message,)
+            )
             pairs: list[tuple[ConsumerRecord, Envelope[P]]] = []
             dead = 0
             for record in records:
                 try:
                     pairs.append((record, envelope_type.model_validate_json(record.value or b"")))
                 except ValidationError as error:
-                    await dead_letters.send_record(record, group=group, error=error, attempts=0, reason=_validation_summary(error))
+                    await dead_letters.send_record(
+                        record, group=group, error=error, attempts=0, reason=_validation_summary(error)
+                    )
                     dead += 1
             if pairs:
                 dead += await _settle(pairs, max_retries)
@@ -336,7 +376,14 @@ def subscribe_batch(
             except Exception as error:  # noqa: BLE001 - any failure is retried, then narrowed down to its records
                 attempt += 1
                 if attempt <= retries:
-                    log.info("retrying a batch of %d %s after %s (attempt %d of %d)", len(pairs), event.event_type, type(error).__name__, attempt, retries + 1)
+                    log.info(
+                        "retrying a batch of %d %s after %s (attempt %d of %d)",
+                        len(pairs),
+                        event.event_type,
+                        type(error).__name__,
+                        attempt,
+                        retries + 1,
+                    )
                     await asyncio.sleep(min(backoff_s * 2 ** (attempt - 1), max_backoff_s))
                     continue
                 if len(pairs) == 1:

@@ -31,7 +31,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Lifespan, Message, Receive, Scope, Send
 
 from contracts.http import ErrorDetail, ErrorResponse, HealthStatus
-from services.runtime.errors import BadRequest, Conflict, DomainError, Forbidden, Invalid, NotFound, TooLarge, Unavailable
+from services.runtime.errors import (
+    BadRequest,
+    Conflict,
+    DomainError,
+    Forbidden,
+    Invalid,
+    NotFound,
+    TooLarge,
+    Unavailable,
+)
 
 log = logging.getLogger("flywheel.http")
 
@@ -90,7 +99,16 @@ class DoorError(Exception):
     """An error a door itself answers with (authentication, a body over its cap): status, message, the
     OpenAI-style type/param/code, and any headers the answer needs. Use cases raise DomainError kinds."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None, error_type: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.detail = ErrorDetail(message=message, type=error_type or error_type_of(status), param=param, code=code)
@@ -101,7 +119,13 @@ class RateLimited(DoorError):
     """A caller over its rate limit: a 429 telling it when to come back (Retry-After, whole seconds)."""
 
     def __init__(self, message: str, *, retry_after: str) -> None:
-        super().__init__(429, message, code="rate_limit_exceeded", error_type="rate_limit_error", headers={"Retry-After": retry_after})
+        super().__init__(
+            429,
+            message,
+            code="rate_limit_exceeded",
+            error_type="rate_limit_error",
+            headers={"Retry-After": retry_after},
+        )
 
 
 def error_response(status: int, detail: ErrorDetail, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -129,7 +153,13 @@ class RefusalLog:
                 return False
             self._windows[reason] = (now, 0)
         # The path, never the key, the body or the query string: those may carry what the caller should not leak.
-        log.warning("refused %s %s on %s%s", status, reason[1], path, f" ({folded} more of these in the last {self._interval_s:.0f} s)" if folded else "")
+        log.warning(
+            "refused %s %s on %s%s",
+            status,
+            reason[1],
+            path,
+            f" ({folded} more of these in the last {self._interval_s:.0f} s)" if folded else "",
+        )
         return True
 
 
@@ -167,7 +197,14 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             self.refusals.record(413, BodyTooLarge.code, path)
-            response = error_response(413, ErrorDetail(message=f"request body is {int(declared)} bytes; the limit of {path} is {limit} bytes", type=_ERROR_TYPES[413], code=BodyTooLarge.code))
+            response = error_response(
+                413,
+                ErrorDetail(
+                    message=f"request body is {int(declared)} bytes; the limit of {path} is {limit} bytes",
+                    type=_ERROR_TYPES[413],
+                    code=BodyTooLarge.code,
+                ),
+            )
             await response(scope, _drained, send)
             return
         size = 0
@@ -178,7 +215,9 @@ class BodyLimit:
             if message["type"] == "http.request":
                 size += len(message.get("body", b""))
                 if size > limit:
-                    raise BodyTooLarge(f"request body passed {limit} bytes, the limit of {path}; nothing was read past it")
+                    raise BodyTooLarge(
+                        f"request body passed {limit} bytes, the limit of {path}; nothing was read past it"
+                    )
             return message
 
         await self.app(scope, counted, send)
@@ -193,13 +232,17 @@ async def read_bounded(request: Request, limit: int) -> Request:
     pass `limit`: a router mounted without the app's BodyLimit (a test's app) still reads no more."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise DoorError(413, f"request body is {int(declared)} bytes; the limit here is {limit}", code="request_too_large")
+        raise DoorError(
+            413, f"request body is {int(declared)} bytes; the limit here is {limit}", code="request_too_large"
+        )
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise DoorError(413, f"request body passed {limit} bytes, the limit here; nothing was stored", code="request_too_large")
+            raise DoorError(
+                413, f"request body passed {limit} bytes, the limit here; nothing was stored", code="request_too_large"
+            )
         chunks.append(chunk)
     body = b"".join(chunks)
     replayed = False
@@ -260,10 +303,19 @@ class RefusalRoute(APIRoute):
         return guarded
 
 
-def refusal_route(*, max_body_bytes: int | None = None, body_limits: Mapping[str, int] | None = None, on_refused: RefusalHook | None = None) -> type[RefusalRoute]:
+def refusal_route(
+    *,
+    max_body_bytes: int | None = None,
+    body_limits: Mapping[str, int] | None = None,
+    on_refused: RefusalHook | None = None,
+) -> type[RefusalRoute]:
     """A RefusalRoute for one router: bodies of non-GET requests capped at `max_body_bytes`, or at
     `body_limits[path]` for the paths named there (None: no cap here); refusals told to `on_refused`."""
-    settings: dict[str, Any] = {"max_body_bytes": max_body_bytes, "body_limits": dict(body_limits or {}), "on_refused": staticmethod(on_refused) if on_refused else None}
+    settings: dict[str, Any] = {
+        "max_body_bytes": max_body_bytes,
+        "body_limits": dict(body_limits or {}),
+        "on_refused": staticmethod(on_refused) if on_refused else None,
+    }
     return type("RefusalRoute", (RefusalRoute,), settings)
 
 
@@ -323,14 +375,20 @@ def create_http_app(
         status = status_of(error)
         if status in REFUSED_STATUSES:
             refusals.record(status, error.code, request.url.path)
-        return error_response(status, ErrorDetail(message=str(error), type=error_type_of(status), param=error.param, code=error.code))
+        return error_response(
+            status, ErrorDetail(message=str(error), type=error_type_of(status), param=error.param, code=error.code)
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = getattr(error, "code", None)
         if error.status_code in REFUSED_STATUSES:
             refusals.record(error.status_code, code, request.url.path)
-        return error_response(error.status_code, ErrorDetail(message=str(error.detail), type=_ERROR_TYPES.get(error.status_code, "server_error"), code=code), headers=getattr(error, "headers", None))
+        return error_response(
+            error.status_code,
+            ErrorDetail(message=str(error.detail), type=_ERROR_TYPES.get(error.status_code, "server_error"), code=code),
+            headers=getattr(error, "headers", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -342,7 +400,9 @@ def create_http_app(
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, ErrorDetail(message="internal error; the server log has the details", type="server_error"))
+        return error_response(
+            500, ErrorDetail(message="internal error; the server log has the details", type="server_error")
+        )
 
     for router in routers:
         app.include_router(router)

@@ -92,7 +92,14 @@ class Row:
     error: str = ""
 
     def result(self) -> GenerationResult:
-        return GenerationResult(self.tokens, self.text, self.finish_reason or "length", len(self.request.prompt_ids), len(self.tokens), self.error)
+        return GenerationResult(
+            self.tokens,
+            self.text,
+            self.finish_reason or "length",
+            len(self.request.prompt_ids),
+            len(self.tokens),
+            self.error,
+        )
 
     def stable_text(self) -> str:
         """The part of `text` later tokens cannot change, safe to stream: all of it once finished.
@@ -104,7 +111,10 @@ class Row:
         if self.finish_reason is not None:
             return self.text
         text = self.text.rstrip("\ufffd")
-        held = max((size for stop in self.request.params.stop for size in range(1, len(stop)) if text.endswith(stop[:size])), default=0)
+        held = max(
+            (size for stop in self.request.params.stop for size in range(1, len(stop)) if text.endswith(stop[:size])),
+            default=0,
+        )
         return text[: len(text) - held]
 
 
@@ -146,7 +156,9 @@ class DecodeBatch:
         self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)])
         # DynamicLayer keeps [batch, heads, tokens, head_dim] tensors in `keys`/`values`; padded
         # columns are masked out, so zeros there are never attended to.
-        for (mine, keys, values), (_, their_keys, their_values) in zip(map(_filled_attention, self.cache.layers), map(_filled_attention, other.cache.layers), strict=True):
+        for (mine, keys, values), (_, their_keys, their_values) in zip(
+            map(_filled_attention, self.cache.layers), map(_filled_attention, other.cache.layers), strict=True
+        ):
             mine.keys = torch.cat([_left_pad(keys, width, dim=2), _left_pad(their_keys, width, dim=2)])
             mine.values = torch.cat([_left_pad(values, width, dim=2), _left_pad(their_values, width, dim=2)])
         self.rows += other.rows
@@ -215,7 +227,9 @@ class Engine:
                 self.unload_adapter(name)
             ignore_peft_deprecation()
             if self._peft is None:
-                self._peft = PeftModel.from_pretrained(self._base, str(path), adapter_name=name, is_trainable=False).eval()
+                self._peft = PeftModel.from_pretrained(
+                    self._base, str(path), adapter_name=name, is_trainable=False
+                ).eval()
             else:
                 self._peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
             self._adapters[name] = str(path)
@@ -280,8 +294,8 @@ class Engine:
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for index, row in enumerate(rows):
                 ids = list(row.request.prompt_ids)
-                input_ids[index, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                mask[index, width - len(ids):] = 1
+                input_ids[index, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                mask[index, width - len(ids) :] = 1
             cache = DynamicCache()
             logits = self._forward(rows, input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)
             batch = DecodeBatch(rows, cache, mask, mask.sum(-1, keepdim=True), [])
@@ -304,21 +318,35 @@ class Engine:
             batch.mask, batch.positions = mask, batch.positions + 1
             self._sample_all(batch, logits)
 
-    def _forward(self, rows: list[Row], input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    def _forward(
+        self, rows: list[Row], input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
         model = self._peft if self._peft is not None else self._base
         kwargs = {}
         if self._peft is not None:
             kwargs["adapter_names"] = [row.request.adapter or BASE for row in rows]
         # logits_to_keep=1: only the last column is sampled; a prefill's full [rows, tokens, vocab]
         # logits would cost a quarter of the forward pass on a small model.
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **kwargs,
+        )
         logits: torch.Tensor = out.logits[:, -1, :].float()
         return logits
 
     def _sample_all(self, batch: DecodeBatch, logits: torch.Tensor) -> None:
         tokens = [self._sample(logits[slot], row) for slot, row in enumerate(batch.rows)]
         batch.pending = tokens
-        keep = [slot for slot, (row, token) in enumerate(zip(batch.rows, tokens, strict=True)) if self._advance(row, token, total_len=len(row.request.prompt_ids))]
+        keep = [
+            slot
+            for slot, (row, token) in enumerate(zip(batch.rows, tokens, strict=True))
+            if self._advance(row, token, total_len=len(row.request.prompt_ids))
+        ]
         if len(keep) < len(batch):
             batch.keep(keep)
 
@@ -354,7 +382,9 @@ class Engine:
             row.finish_reason = "stop"
             return False
         row.tokens.append(token)
-        row.text = cast("str", self.tokenizer.decode(row.tokens, skip_special_tokens=True))  # one sequence decodes to one string
+        row.text = cast(
+            "str", self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        )  # one sequence decodes to one string
         for stop in params.stop:
             at = row.text.find(stop)
             if stop and at >= 0:

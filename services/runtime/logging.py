@@ -14,7 +14,14 @@ import structlog
 from services.runtime.settings import FlywheelSettings
 
 # aiokafka warns "Marking the coordinator dead" while a fresh broker creates __consumer_offsets: noise.
-_QUIET = {"aiokafka": logging.WARNING, "aiokafka.consumer.group_coordinator": logging.ERROR, "flywheel.faststream": logging.WARNING, "uvicorn.access": logging.WARNING, "httpx": logging.WARNING, "urllib3": logging.ERROR}
+_QUIET = {
+    "aiokafka": logging.WARNING,
+    "aiokafka.consumer.group_coordinator": logging.ERROR,
+    "flywheel.faststream": logging.WARNING,
+    "uvicorn.access": logging.WARNING,
+    "httpx": logging.WARNING,
+    "urllib3": logging.ERROR,
+}
 
 
 def configure_logging(settings: FlywheelSettings) -> None:
@@ -26,10 +33,20 @@ def configure_logging(settings: FlywheelSettings) -> None:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    renderer = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), exception_formatter=_exception_formatter(sys.stderr.isatty()))
+    renderer = (
+        structlog.processors.JSONRenderer()
+        if json_output
+        else structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty(), exception_formatter=_exception_formatter(sys.stderr.isatty())
+        )
+    )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info if json_output else _identity, renderer],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info if json_output else _identity,
+            renderer,
+        ],
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)

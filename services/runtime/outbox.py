@@ -131,12 +131,16 @@ class OutboxRelay:
             for event in claim.events:
                 payload_type = EVENT_TYPES[event.event_type]
                 envelope = Envelope[payload_type].model_validate_json(event.envelope)  # type: ignore[valid-type]
-                published = pass_.watch(asyncio.run_coroutine_threadsafe(_awaited(self._bus.publish_envelope(envelope)), loop))
+                published = pass_.watch(
+                    asyncio.run_coroutine_threadsafe(_awaited(self._bus.publish_envelope(envelope)), loop)
+                )
                 try:
                     published.result(self._publish_timeout)
                 except TimeoutError:
                     published.cancel()
-                    raise TimeoutError(f"the broker did not acknowledge {event.event_type} {event.event_id} within {self._publish_timeout:.0f}s") from None
+                    raise TimeoutError(
+                        f"the broker did not acknowledge {event.event_type} {event.event_id} within {self._publish_timeout:.0f}s"
+                    ) from None
                 claim.mark_sent(event)
             return len(claim.events)
 
@@ -150,7 +154,13 @@ class OutboxRelay:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001 - the relay outlives a broker or database outage; the events wait in the storage
-                log.warning("%s: could not publish staged events (%s: %s); retrying in %.1fs", self._name, type(error).__name__, error, delay)
+                log.warning(
+                    "%s: could not publish staged events (%s: %s); retrying in %.1fs",
+                    self._name,
+                    type(error).__name__,
+                    error,
+                    delay,
+                )
                 await self._wait(delay)
                 delay = min(delay * 2, self._retry_max)
                 continue
@@ -189,7 +199,12 @@ class OutboxRelay:
         try:
             await asyncio.wait_for(self.drain(), self._drain_timeout)
         except Exception as error:  # noqa: BLE001 - left in the outbox for the next start
-            log.info("%s: staged events not drained on stop (%s: %s); they go out at the next start", self._name, type(error).__name__, error)
+            log.info(
+                "%s: staged events not drained on stop (%s: %s); they go out at the next start",
+                self._name,
+                type(error).__name__,
+                error,
+            )
 
 
 class _Pass:

@@ -94,7 +94,9 @@ class Detector:
     # holds no `sk-` or `@`, and a substring test costs far less than a regex scan.
     hint: Callable[[str, str], bool] | None = None
 
-    def spans(self, text: str, lowered: str | None = None) -> Iterator[tuple[int, int]]:  # `lowered`: used by subclasses
+    def spans(
+        self, text: str, lowered: str | None = None
+    ) -> Iterator[tuple[int, int]]:  # `lowered`: used by subclasses
         group = self.group if self.group is not None else ("value" if "value" in self.pattern.groupindex else 0)
         covered = 0
         for match in self.pattern.finditer(text):
@@ -121,7 +123,9 @@ class IbanDetector(Detector):
             candidate = match.group()
             for length in range(len(candidate), 14, -1):
                 prefix = candidate[:length]
-                if prefix[-1] == " " or (length < len(candidate) and candidate[length].isalnum() and candidate[length - 1].isalnum()):
+                if prefix[-1] == " " or (
+                    length < len(candidate) and candidate[length].isalnum() and candidate[length - 1].isalnum()
+                ):
                     continue  # never cut inside a group
                 if stdnum_iban.is_valid(prefix):
                     yield match.start(), match.start() + length
@@ -136,7 +140,11 @@ class CredentialDetector(Detector):
     def spans(self, text: str, lowered: str | None = None) -> Iterator[tuple[int, int]]:
         lowered = text.lower() if lowered is None else lowered
         # lower() keeps positions for all but a few characters (`İ` becomes two); then scan as written.
-        haystack, pattern = (lowered, self.pattern) if len(lowered) == len(text) else (text, re.compile(self.pattern.pattern, re.IGNORECASE))
+        haystack, pattern = (
+            (lowered, self.pattern)
+            if len(lowered) == len(text)
+            else (text, re.compile(self.pattern.pattern, re.IGNORECASE))
+        )
         for match in pattern.finditer(haystack):
             start, end = match.span("value")
             if _looks_like_credential(match.group("op"), text[start:end]):
@@ -190,7 +198,9 @@ def _shannon_entropy(value: str) -> float:
 def _looks_like_credential(op: str, value: str) -> bool:
     if op != ":":
         return True  # `password=...`, `api_key := ...`: assignment is credential syntax, whatever the value
-    classes = sum(any(test(char) for char in value) for test in (str.islower, str.isupper, str.isdigit, lambda c: not c.isalnum()))
+    classes = sum(
+        any(test(char) for char in value) for test in (str.islower, str.isupper, str.isdigit, lambda c: not c.isalnum())
+    )
     return len(value) >= 6 and (classes >= 2 or _shannon_entropy(value) >= 3.5)
 
 
@@ -234,45 +244,153 @@ _KEYWORDS = "|".join(CREDENTIAL_KEYWORDS)
 SECRET_DETECTORS: tuple[Detector, ...] = (
     Detector(
         "PRIVATE_KEY",
-        re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\Z)|PuTTY-User-Key-File-2:.*?(?:Private-MAC: *\S+|\Z)", re.DOTALL),
-        _private_key_header, secret=True, hint=_contains("PRIVATE KEY", "PuTTY-User-Key-File"),
+        re.compile(
+            r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\Z)|PuTTY-User-Key-File-2:.*?(?:Private-MAC: *\S+|\Z)",
+            re.DOTALL,
+        ),
+        _private_key_header,
+        secret=True,
+        hint=_contains("PRIVATE KEY", "PuTTY-User-Key-File"),
     ),
-    Detector("JWT", _bounded(JwtTokenDetector.denylist[0].pattern), _formally_valid_jwt, secret=True, tail=re.compile(r"[A-Za-z0-9_\-.+/=]*"), hint=_contains("eyJ")),
-    Detector("ANTHROPIC_KEY", re.compile(r"(?<![A-Za-z0-9_-])sk-ant-[A-Za-z0-9_\-]{20,}"), secret=True, hint=_contains("sk-ant-")),
-    Detector("OPENAI_KEY", _bounded(OpenAIDetector.denylist[0].pattern), secret=True, tail=_TOKEN_TAIL, hint=_contains("sk-")),
-    Detector("OPENAI_KEY", re.compile(r"(?<![A-Za-z0-9_-])sk-(?!ant-)(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}"), _letters_and_digits, secret=True, hint=_contains("sk-")),
-    Detector("AWS_ACCESS_KEY_ID", re.compile(rf"(?<![A-Za-z0-9])(?:{AWSKeyDetector.denylist[0].pattern})(?![A-Za-z0-9])"), secret=True, hint=_contains("A3T", "ABIA", "ACCA", "AKIA", "ASIA")),
+    Detector(
+        "JWT",
+        _bounded(JwtTokenDetector.denylist[0].pattern),
+        _formally_valid_jwt,
+        secret=True,
+        tail=re.compile(r"[A-Za-z0-9_\-.+/=]*"),
+        hint=_contains("eyJ"),
+    ),
+    Detector(
+        "ANTHROPIC_KEY",
+        re.compile(r"(?<![A-Za-z0-9_-])sk-ant-[A-Za-z0-9_\-]{20,}"),
+        secret=True,
+        hint=_contains("sk-ant-"),
+    ),
+    Detector(
+        "OPENAI_KEY", _bounded(OpenAIDetector.denylist[0].pattern), secret=True, tail=_TOKEN_TAIL, hint=_contains("sk-")
+    ),
+    Detector(
+        "OPENAI_KEY",
+        re.compile(r"(?<![A-Za-z0-9_-])sk-(?!ant-)(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}"),
+        _letters_and_digits,
+        secret=True,
+        hint=_contains("sk-"),
+    ),
+    Detector(
+        "AWS_ACCESS_KEY_ID",
+        re.compile(rf"(?<![A-Za-z0-9])(?:{AWSKeyDetector.denylist[0].pattern})(?![A-Za-z0-9])"),
+        secret=True,
+        hint=_contains("A3T", "ABIA", "ACCA", "AKIA", "ASIA"),
+    ),
     Detector("AWS_SECRET_KEY", AWSKeyDetector.denylist[1], secret=True, group=1, hint=_contains_lower("aws")),
-    Detector("AWS_SECRET_KEY", re.compile(r"aws.{0,20}?(?:key|secret|pwd|pw|password|pass|token).{0,20}?(?:[=:]|\bis\b)\s*['\"]?(?P<value>[0-9a-zA-Z/+]{40})(?![0-9a-zA-Z/+=])", re.IGNORECASE), secret=True, hint=_contains_lower("aws")),
-    Detector("GITHUB_TOKEN", _bounded(GitHubTokenDetector.denylist[0].pattern), secret=True, tail=_TOKEN_TAIL, hint=_contains("ghp_", "gho_", "ghu_", "ghs_", "ghr_")),
-    Detector("GITHUB_TOKEN", re.compile(r"(?<![A-Za-z0-9_])github_pat_[A-Za-z0-9_]{22,}"), secret=True, hint=_contains("github_pat_")),
-    *(Detector("SLACK_TOKEN", _bounded(pattern.pattern, pattern.flags), secret=True, tail=_TOKEN_TAIL, hint=_contains_lower("xox", "hooks.slack.com")) for pattern in SlackDetector.denylist),
-    Detector("SLACK_TOKEN", re.compile(r"(?<![A-Za-z0-9])xox[a-z](?:\.xox[a-z])?-[A-Za-z0-9\-]{8,}"), secret=True, hint=_contains("xox")),
-    Detector("STRIPE_KEY", _bounded(StripeDetector.denylist[0].pattern), secret=True, tail=re.compile(r"[0-9A-Za-z]*"), hint=_contains("k_live_")),
-    Detector("GOOGLE_API_KEY", re.compile(r"(?<![A-Za-z0-9_])AIza[0-9A-Za-z_\-]{35}"), secret=True, tail=_TOKEN_TAIL, hint=_contains("AIza")),
-    Detector("FLYWHEEL_KEY", re.compile(r"(?<![A-Za-z0-9_])fw_[A-Za-z0-9]{4,64}_[A-Za-z0-9_\-]{16,}"), secret=True, hint=_contains("fw_")),
+    Detector(
+        "AWS_SECRET_KEY",
+        re.compile(
+            r"aws.{0,20}?(?:key|secret|pwd|pw|password|pass|token).{0,20}?(?:[=:]|\bis\b)\s*['\"]?(?P<value>[0-9a-zA-Z/+]{40})(?![0-9a-zA-Z/+=])",
+            re.IGNORECASE,
+        ),
+        secret=True,
+        hint=_contains_lower("aws"),
+    ),
+    Detector(
+        "GITHUB_TOKEN",
+        _bounded(GitHubTokenDetector.denylist[0].pattern),
+        secret=True,
+        tail=_TOKEN_TAIL,
+        hint=_contains("ghp_", "gho_", "ghu_", "ghs_", "ghr_"),
+    ),
+    Detector(
+        "GITHUB_TOKEN",
+        re.compile(r"(?<![A-Za-z0-9_])github_pat_[A-Za-z0-9_]{22,}"),
+        secret=True,
+        hint=_contains("github_pat_"),
+    ),
+    *(
+        Detector(
+            "SLACK_TOKEN",
+            _bounded(pattern.pattern, pattern.flags),
+            secret=True,
+            tail=_TOKEN_TAIL,
+            hint=_contains_lower("xox", "hooks.slack.com"),
+        )
+        for pattern in SlackDetector.denylist
+    ),
+    Detector(
+        "SLACK_TOKEN",
+        re.compile(r"(?<![A-Za-z0-9])xox[a-z](?:\.xox[a-z])?-[A-Za-z0-9\-]{8,}"),
+        secret=True,
+        hint=_contains("xox"),
+    ),
+    Detector(
+        "STRIPE_KEY",
+        _bounded(StripeDetector.denylist[0].pattern),
+        secret=True,
+        tail=re.compile(r"[0-9A-Za-z]*"),
+        hint=_contains("k_live_"),
+    ),
+    Detector(
+        "GOOGLE_API_KEY",
+        re.compile(r"(?<![A-Za-z0-9_])AIza[0-9A-Za-z_\-]{35}"),
+        secret=True,
+        tail=_TOKEN_TAIL,
+        hint=_contains("AIza"),
+    ),
+    Detector(
+        "FLYWHEEL_KEY",
+        re.compile(r"(?<![A-Za-z0-9_])fw_[A-Za-z0-9]{4,64}_[A-Za-z0-9_\-]{16,}"),
+        secret=True,
+        hint=_contains("fw_"),
+    ),
     CredentialDetector(
         "SECRET",
         # Anchored on the keyword itself (`aws_secret_access_key` matches from `secret`), with a bounded
         # suffix: an unbounded prefix or suffix makes this quadratic on long runs of word characters.
-        re.compile(rf"(?:{_KEYWORDS})\w{{0,40}}['\"\]]{{0,2}}[ \t]*(?P<op>:=|=>|==|=|:)[ \t]*['\"`]?(?P<value>[^\s'\"`,;]{{4,}})"),
+        re.compile(
+            rf"(?:{_KEYWORDS})\w{{0,40}}['\"\]]{{0,2}}[ \t]*(?P<op>:=|=>|==|=|:)[ \t]*['\"`]?(?P<value>[^\s'\"`,;]{{4,}})"
+        ),
         # Every keyword in detect-secrets' list contains one of these.
-        secret=True, hint=_contains_lower("key", "pass", "pwd", "secret", "contrase"),
+        secret=True,
+        hint=_contains_lower("key", "pass", "pwd", "secret", "contrase"),
     ),
 )
 
 PERSONAL_DETECTORS: tuple[Detector, ...] = (
-    Detector("EMAIL", re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"), hint=_contains("@")),
+    Detector(
+        "EMAIL",
+        re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
+        hint=_contains("@"),
+    ),
     # Before cards and phones: an IBAN's digits can pass the Luhn check or look like a phone number.
-    IbanDetector("IBAN", re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])"), hint=_has_digit),
+    IbanDetector(
+        "IBAN", re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])"), hint=_has_digit
+    ),
     # Before phones: 123-45-6789 has a phone number's shape too.
     Detector("SSN", re.compile(r"(?<![\w-])(?P<value>\d{3}([- ])\d{2}\2\d{4})(?![\w-])"), _is_ssn, hint=_has_digit),
-    Detector("SSN", re.compile(r"\b(?:ssn|social security(?: number| no\.?)?)\W{0,3}(?:is\W{1,2})?(?P<value>\d{9})\b", re.IGNORECASE), _is_ssn, hint=_contains_lower("ssn", "social security")),
+    Detector(
+        "SSN",
+        re.compile(
+            r"\b(?:ssn|social security(?: number| no\.?)?)\W{0,3}(?:is\W{1,2})?(?P<value>\d{9})\b", re.IGNORECASE
+        ),
+        _is_ssn,
+        hint=_contains_lower("ssn", "social security"),
+    ),
     # Not inside a longer token: a hex request id holds Luhn-valid digit runs by chance.
     Detector("CARD", re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])"), _is_card, hint=_has_digit),
-    Detector("IPV6", re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])"), _is_ipv6, hint=_contains(":")),
-    Detector("IPV4", re.compile(r"(?<![\d.])\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![\d.])"), _is_ipv4, hint=_contains(".")),
-    Detector("PHONE", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .\-]?)?(?:\(\d{1,4}\)[ .\-]?)?\d{1,4}(?:[ .\-]?\d{2,4}){1,5}(?!\w)"), _is_phone, hint=_has_digit),
+    Detector(
+        "IPV6",
+        re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])"),
+        _is_ipv6,
+        hint=_contains(":"),
+    ),
+    Detector(
+        "IPV4", re.compile(r"(?<![\d.])\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![\d.])"), _is_ipv4, hint=_contains(".")
+    ),
+    Detector(
+        "PHONE",
+        re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .\-]?)?(?:\(\d{1,4}\)[ .\-]?)?\d{1,4}(?:[ .\-]?\d{2,4}){1,5}(?!\w)"),
+        _is_phone,
+        hint=_has_digit,
+    ),
 )
 
 # Order is priority: where two detectors match overlapping text, the earlier one wins (a card number
@@ -281,7 +399,9 @@ BUILTIN_DETECTORS: tuple[Detector, ...] = SECRET_DETECTORS + PERSONAL_DETECTORS
 
 # Strings in a dead letter that are structure, not content: scrubbing them could only mangle them
 # (a UUID's digit groups can look like a phone number).
-_STRUCTURAL = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|\d{4}-\d{2}-\d{2}[T ][\d:.]+(?:Z|[+-]\d{2}:?\d{2})?")
+_STRUCTURAL = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|\d{4}-\d{2}-\d{2}[T ][\d:.]+(?:Z|[+-]\d{2}:?\d{2})?"
+)
 
 
 # ------------------------------------------------------------------------------------------ redactor
@@ -331,7 +451,9 @@ class Redactor:
         pieces, cursor = [], 0
         for start, end, detector in sorted(spans, key=lambda span: span[0]):
             pieces.append(text[cursor:start])
-            pieces.append(f"[{detector.label}]" if detector.secret else self._token(detector.label, text[start:end], self.policy))
+            pieces.append(
+                f"[{detector.label}]" if detector.secret else self._token(detector.label, text[start:end], self.policy)
+            )
             cursor = end
         pieces.append(text[cursor:])
         return "".join(pieces)
@@ -353,30 +475,40 @@ class Redactor:
 
     def scrub_messages(self, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Chat messages with every string but the role scrubbed (content, a sender's `name`)."""
-        return [{key: self.scrub(value) if isinstance(value, str) and key != "role" else value for key, value in message.items()} for message in messages]
+        return [
+            {
+                key: self.scrub(value) if isinstance(value, str) and key != "role" else value
+                for key, value in message.items()
+            }
+            for message in messages
+        ]
 
     # ---------------------------------------------------------------------------------- events
 
     def scrub_inference(self, event: InferenceLogged) -> InferenceLogged:
         """The event as it may be published or stored: texts, user id and metadata scrubbed."""
-        return event.model_copy(update={
-            "user_id": self.scrub_user(event.user_id),
-            "input_messages": self.scrub_messages(event.input_messages),
-            "input_text": self.scrub(event.input_text),
-            "output_text": self.scrub(event.output_text),
-            "error": self.scrub(event.error),
-            "metadata": self.scrub_metadata(event.metadata),
-        })
+        return event.model_copy(
+            update={
+                "user_id": self.scrub_user(event.user_id),
+                "input_messages": self.scrub_messages(event.input_messages),
+                "input_text": self.scrub(event.input_text),
+                "output_text": self.scrub(event.output_text),
+                "error": self.scrub(event.error),
+                "metadata": self.scrub_metadata(event.metadata),
+            }
+        )
 
     def scrub_feedback(self, event: FeedbackReceived) -> FeedbackReceived:
         """The feedback as it may be published or stored: comment, correction, tags and a person's actor id scrubbed."""
-        return event.model_copy(update={
-            "comment": self.scrub(event.comment),
-            "correction": self.scrub(event.correction),
-            "tags": [self.scrub(tag) or tag for tag in event.tags],
-            # A judge's actor names a model, not a person.
-            "actor": event.actor if event.source is FeedbackSource.judge else self.scrub_user(event.actor),
-        })
+        return event.model_copy(
+            update={
+                "comment": self.scrub(event.comment),
+                "correction": self.scrub(event.correction),
+                "tags": [self.scrub(tag) or tag for tag in event.tags],
+                # A judge's actor names a model, not a person.
+                "actor": event.actor if event.source is FeedbackSource.judge else self.scrub_user(event.actor),
+            }
+        )
 
     def scrub_bytes(self, value: bytes) -> tuple[bytes, str]:
         """A message value fit to keep, and what was done: `clean` (unchanged), `scrubbed`, or `withheld`
@@ -439,14 +571,28 @@ class PrivacySettings(BaseSettings):
         default=PrivacyPolicy.hash,
         description="End-user ids (`user_id`, a person's feedback actor, metadata values under identity_keys), replaced whole: `hash` (the default: [USER:<16 hex>], the same user gives the same token, so counts and joins per user still work; set a salt), `redact` ([USER]) or `off`.",
     )
-    identity_keys: list[str] = Field(default_factory=lambda: list(DEFAULT_IDENTITY_KEYS), description="Metadata keys whose values are identities, replaced whole by user_policy (JSON list).")
-    salt: str = Field(default="", description="Salt of the `hash` policies; without one, a hashed email or user id can be guessed from a list of candidates. Keep it secret and equal across services.")
-    patterns: dict[str, str] = Field(default_factory=dict, description='Extra patterns as JSON, e.g. {"employee_id": "EMP-\\\\d{6}"}.')
+    identity_keys: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_IDENTITY_KEYS),
+        description="Metadata keys whose values are identities, replaced whole by user_policy (JSON list).",
+    )
+    salt: str = Field(
+        default="",
+        description="Salt of the `hash` policies; without one, a hashed email or user id can be guessed from a list of candidates. Keep it secret and equal across services.",
+    )
+    patterns: dict[str, str] = Field(
+        default_factory=dict, description='Extra patterns as JSON, e.g. {"employee_id": "EMP-\\\\d{6}"}.'
+    )
 
     # The variables these settings had when only the sink used them; still read when the new ones are unset.
-    legacy_policy: PrivacyPolicy | None = Field(default=None, validation_alias=AliasChoices("FLYWHEEL_FEEDBACK_PRIVACY_POLICY"), exclude=True)
-    legacy_salt: str | None = Field(default=None, validation_alias=AliasChoices("FLYWHEEL_FEEDBACK_PRIVACY_SALT"), exclude=True)
-    legacy_patterns: dict[str, str] | None = Field(default=None, validation_alias=AliasChoices("FLYWHEEL_FEEDBACK_PRIVACY_PATTERNS"), exclude=True)
+    legacy_policy: PrivacyPolicy | None = Field(
+        default=None, validation_alias=AliasChoices("FLYWHEEL_FEEDBACK_PRIVACY_POLICY"), exclude=True
+    )
+    legacy_salt: str | None = Field(
+        default=None, validation_alias=AliasChoices("FLYWHEEL_FEEDBACK_PRIVACY_SALT"), exclude=True
+    )
+    legacy_patterns: dict[str, str] | None = Field(
+        default=None, validation_alias=AliasChoices("FLYWHEEL_FEEDBACK_PRIVACY_PATTERNS"), exclude=True
+    )
 
     @field_validator("patterns", "legacy_patterns")
     @classmethod
@@ -471,8 +617,16 @@ class PrivacySettings(BaseSettings):
     def redactor(self) -> Redactor:
         """The redactor these settings describe; warns when hashing without a salt."""
         if PrivacyPolicy.hash in (self.policy, self.user_policy) and not self.salt:
-            log.warning("FLYWHEEL_PRIVACY_SALT is unset: hashed user ids and values can be recovered by hashing a list of candidates; set a secret salt, the same for every service")
-        return Redactor(self.policy, salt=self.salt, extra_patterns=self.patterns, user_policy=self.user_policy, identity_keys=self.identity_keys)
+            log.warning(
+                "FLYWHEEL_PRIVACY_SALT is unset: hashed user ids and values can be recovered by hashing a list of candidates; set a secret salt, the same for every service"
+            )
+        return Redactor(
+            self.policy,
+            salt=self.salt,
+            extra_patterns=self.patterns,
+            user_policy=self.user_policy,
+            identity_keys=self.identity_keys,
+        )
 
 
 def dead_letter_redactor() -> Redactor:

@@ -20,7 +20,15 @@ import httpx
 from pydantic import TypeAdapter, ValidationError
 
 from contracts.events import Stage
-from contracts.http import AdapterVersionView, DatasetCreate, DatasetVersionView, ErrorResponse, LineageView, Page, StageTransition
+from contracts.http import (
+    AdapterVersionView,
+    DatasetCreate,
+    DatasetVersionView,
+    ErrorResponse,
+    LineageView,
+    Page,
+    StageTransition,
+)
 from services.runtime.doors import bearer_header
 
 T = TypeVar("T")
@@ -73,7 +81,10 @@ class _Call(Generic[T]):
         try:
             return self.answer.validate_json(response.content)
         except ValidationError as error:
-            raise RegistryError(f"{self.method} {PREFIX}{self.path}: the registry's answer is not what this client expects ({error.error_count()} errors, first: {error.errors()[0]['msg']})", status=response.status_code) from None
+            raise RegistryError(
+                f"{self.method} {PREFIX}{self.path}: the registry's answer is not what this client expects ({error.error_count()} errors, first: {error.errors()[0]['msg']})",
+                status=response.status_code,
+            ) from None
 
 
 def _refusal(call: _Call[Any], response: httpx.Response) -> RegistryError:
@@ -83,14 +94,20 @@ def _refusal(call: _Call[Any], response: httpx.Response) -> RegistryError:
     except ValidationError:
         # Not the door's error body (a proxy in front of it, a crash page): its first bytes say more than nothing.
         message, code = response.text[:500] or response.reason_phrase, None
-    return RegistryError(f"registry refused {call.method} {PREFIX}{call.path} ({response.status_code}): {message}", status=response.status_code, code=code)
+    return RegistryError(
+        f"registry refused {call.method} {PREFIX}{call.path} ({response.status_code}): {message}",
+        status=response.status_code,
+        code=code,
+    )
 
 
 def _segment(value: str | int) -> str:
     return quote(str(value), safe="")
 
 
-def _adapters(model_name: str | None, stage: Stage | None, limit: int, cursor: str | None) -> _Call[Page[AdapterVersionView]]:
+def _adapters(
+    model_name: str | None, stage: Stage | None, limit: int, cursor: str | None
+) -> _Call[Page[AdapterVersionView]]:
     params = {"model_name": model_name, "stage": stage.value if stage else None, "limit": limit, "cursor": cursor}
     return _Call("GET", "/adapters", _ADAPTER_PAGE, params=params)
 
@@ -100,7 +117,12 @@ def _lineage(model_name: str, version: int) -> _Call[LineageView]:
 
 
 def _transition(model_name: str, version: int, body: StageTransition) -> _Call[AdapterVersionView]:
-    return _Call("POST", f"/adapters/{_segment(model_name)}/versions/{version}/transitions", _ADAPTER, json=body.model_dump(mode="json", exclude_none=True))
+    return _Call(
+        "POST",
+        f"/adapters/{_segment(model_name)}/versions/{version}/transitions",
+        _ADAPTER,
+        json=body.model_dump(mode="json", exclude_none=True),
+    )
 
 
 def _publish_dataset(body: DatasetCreate) -> _Call[DatasetVersionView]:
@@ -108,7 +130,9 @@ def _publish_dataset(body: DatasetCreate) -> _Call[DatasetVersionView]:
 
 
 def _dataset_rows(name: str, version: int, offset: int, limit: int) -> _Call[list[dict[str, Any]]]:
-    return _Call("GET", f"/datasets/{_segment(name)}/versions/{version}/rows", _ROWS, params={"offset": offset, "limit": limit})
+    return _Call(
+        "GET", f"/datasets/{_segment(name)}/versions/{version}/rows", _ROWS, params={"offset": offset, "limit": limit}
+    )
 
 
 class _Door:
@@ -118,25 +142,38 @@ class _Door:
         self._timeout_s = timeout_s
 
     def _unreachable(self, call: _Call[Any], error: httpx.TransportError) -> RegistryError:
-        return RegistryError(f"cannot reach the registry at {self.base_url} ({call.method} {PREFIX}{call.path}): {type(error).__name__}: {error}")
+        return RegistryError(
+            f"cannot reach the registry at {self.base_url} ({call.method} {PREFIX}{call.path}): {type(error).__name__}: {error}"
+        )
 
 
 class RegistryClient(_Door):
     """The registry's door for code on an event loop."""
 
-    def __init__(self, base_url: str, api_key: str | None, *, transport: httpx.AsyncBaseTransport | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         super().__init__(base_url, api_key, timeout_s=timeout_s)
         self._transport = transport
 
     async def _send(self, call: _Call[T]) -> T:
         try:
-            async with httpx.AsyncClient(base_url=self.base_url, headers=self._headers, transport=self._transport, timeout=self._timeout_s) as client:
+            async with httpx.AsyncClient(
+                base_url=self.base_url, headers=self._headers, transport=self._transport, timeout=self._timeout_s
+            ) as client:
                 response = await client.request(**call.request())
         except httpx.TransportError as error:
             raise self._unreachable(call, error) from error
         return call.read(response)
 
-    async def adapters(self, *, model_name: str | None = None, stage: Stage | None = None, limit: int = 50, cursor: str | None = None) -> Page[AdapterVersionView]:
+    async def adapters(
+        self, *, model_name: str | None = None, stage: Stage | None = None, limit: int = 50, cursor: str | None = None
+    ) -> Page[AdapterVersionView]:
         """One page of adapter versions, newest first, filtered by model and stage."""
         return await self._send(_adapters(model_name, stage, limit, cursor))
 
@@ -173,18 +210,29 @@ class RegistryClient(_Door):
 class RegistrySyncClient(_Door):
     """The registry's door for commands (no event loop)."""
 
-    def __init__(self, base_url: str, api_key: str | None, *, transport: httpx.BaseTransport | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         super().__init__(base_url, api_key, timeout_s=timeout_s)
         self._transport = transport
 
     def _send(self, call: _Call[T]) -> T:
         try:
-            with httpx.Client(base_url=self.base_url, headers=self._headers, transport=self._transport, timeout=self._timeout_s) as client:
+            with httpx.Client(
+                base_url=self.base_url, headers=self._headers, transport=self._transport, timeout=self._timeout_s
+            ) as client:
                 response = client.request(**call.request())
         except httpx.TransportError as error:
             raise self._unreachable(call, error) from error
         return call.read(response)
 
-    def adapters(self, *, model_name: str | None = None, stage: Stage | None = None, limit: int = 50, cursor: str | None = None) -> Page[AdapterVersionView]:
+    def adapters(
+        self, *, model_name: str | None = None, stage: Stage | None = None, limit: int = 50, cursor: str | None = None
+    ) -> Page[AdapterVersionView]:
         """One page of adapter versions, newest first, filtered by model and stage."""
         return self._send(_adapters(model_name, stage, limit, cursor))

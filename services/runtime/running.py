@@ -74,7 +74,12 @@ def running(home: Path) -> list[RunningProcess]:
     for path in sorted(_run_dir(home).glob("*.json"), key=lambda p: p.stat().st_mtime if p.exists() else 0):
         try:
             data = json.loads(path.read_text())
-            process = RunningProcess(pid=int(data["pid"]), services=tuple(data["services"]), url=str(data["url"]), started=str(data["started"]))
+            process = RunningProcess(
+                pid=int(data["pid"]),
+                services=tuple(data["services"]),
+                url=str(data["url"]),
+                started=str(data["started"]),
+            )
         except (OSError, ValueError, KeyError, TypeError):
             continue  # being written or removed, or not ours: never a reason to fail a caller
         if _start_time(process.pid) != process.started:

@@ -34,9 +34,23 @@ from pydantic_settings import BaseSettings
 
 from contracts.envelope import Envelope, P
 from services.runtime.artifacts import ArtifactStore, configured_artifact_store
-from services.runtime.broker import EventBus, check_reachable, create_broker, ensure_topics, require_topics, warn_if_unauthenticated
+from services.runtime.broker import (
+    EventBus,
+    check_reachable,
+    create_broker,
+    ensure_topics,
+    require_topics,
+    warn_if_unauthenticated,
+)
 from services.runtime.clickhouse import ClickHouseStore, open_clickhouse
-from services.runtime.consumer import BatchHandler, DeadLetters, Handler, SqliteProcessedEvents, subscribe, subscribe_batch
+from services.runtime.consumer import (
+    BatchHandler,
+    DeadLetters,
+    Handler,
+    SqliteProcessedEvents,
+    subscribe,
+    subscribe_batch,
+)
 from services.runtime.http import ReadinessCheck, create_http_app
 from services.runtime.running import door_url, forget, record
 from services.runtime.settings import FlywheelSettings, load_settings
@@ -115,8 +129,14 @@ class Runtime:
         """Subscribe each of `handlers` as consumer group `service`, in batches (`options`: max_records, max_wait_ms,
         fetch_min_bytes), handed `deps`. Batches are stored idempotently by their handler, not deduplicated here."""
         return subscribe_batches(
-            self.broker, handlers, deps, group=service, dead_letters=self.dead_letters,
-            topic_prefix=self.settings.topic_prefix, max_retries=self.settings.consumer_max_retries, **options,
+            self.broker,
+            handlers,
+            deps,
+            group=service,
+            dead_letters=self.dead_letters,
+            topic_prefix=self.settings.topic_prefix,
+            max_retries=self.settings.consumer_max_retries,
+            **options,
         )
 
     def clickhouse(self) -> ClickHouseStore:
@@ -136,10 +156,21 @@ class Runtime:
             self._clickhouse = None
 
 
-def subscribe_batches(broker: KafkaBroker, handlers: BatchHandlers[Deps], deps: Deps, *, group: str, dead_letters: DeadLetters, **options: Any) -> list[Any]:
+def subscribe_batches(
+    broker: KafkaBroker,
+    handlers: BatchHandlers[Deps],
+    deps: Deps,
+    *,
+    group: str,
+    dead_letters: DeadLetters,
+    **options: Any,
+) -> list[Any]:
     """Subscribe each of `handlers` on `broker` as consumer group `group`, in batches, handed `deps`: what
     Runtime.subscribe_batches does for a process, for a benchmark or test that runs its own broker."""
-    return [subscribe_batch(broker, event, _bound_batch(handler, deps), group=group, dead_letters=dead_letters, **options) for event, handler in handlers.items()]
+    return [
+        subscribe_batch(broker, event, _bound_batch(handler, deps), group=group, dead_letters=dead_letters, **options)
+        for event, handler in handlers.items()
+    ]
 
 
 def _bound(handler: Callable[[Envelope[Any], Deps], Awaitable[None]], deps: Deps) -> Handler[Any]:
@@ -161,7 +192,9 @@ def _bound_batch(handler: Callable[[list[Envelope[Any]], Deps], Awaitable[None]]
 ServiceFactory = Callable[..., Service]
 
 
-def with_settings(factory: ServiceFactory, built: dict[type[BaseSettings], BaseSettings]) -> Callable[[Runtime], Service]:
+def with_settings(
+    factory: ServiceFactory, built: dict[type[BaseSettings], BaseSettings]
+) -> Callable[[Runtime], Service]:
     """`factory` handed every settings object it takes and was not given: each parameter annotated with
     a settings class and no value is read from the environment, once per class into `built`, so the
     services of one process that share settings (serving and feedback: PrivacySettings) share one object."""
@@ -190,7 +223,9 @@ def settings_class(factory: ServiceFactory, parameter: str = "settings") -> type
     return cls
 
 
-def build_process(settings: FlywheelSettings, factories: Sequence[ServiceFactory], *, title: str) -> tuple[FastAPI, Runtime]:
+def build_process(
+    settings: FlywheelSettings, factories: Sequence[ServiceFactory], *, title: str
+) -> tuple[FastAPI, Runtime]:
     """One ASGI app and one broker running the given services; the broker starts with the app.
 
     The composition root: each service's settings not given with its factory are read from the
@@ -213,7 +248,9 @@ def build_process(settings: FlywheelSettings, factories: Sequence[ServiceFactory
             # An authenticated principal is a service's, which may not create topics (infra/kafka_acls.py):
             # the admin made them (`flywheel infra up --secure`, `flywheel infra topics` as admin).
             await check_reachable(bootstrap, security=security)
-            subscribed = sorted({topic.name for subscriber in runtime.broker.subscribers for topic in getattr(subscriber, "topics", ())})
+            subscribed = sorted(
+                {topic.name for subscriber in runtime.broker.subscribers for topic in getattr(subscriber, "topics", ())}
+            )
             await require_topics(bootstrap, subscribed, security=security)
         else:
             await ensure_topics(bootstrap, settings.topic_prefix, security=security)
@@ -261,7 +298,9 @@ class HttpServer(uvicorn.Server):
     """uvicorn serving a process's app: SIGINT/SIGTERM stop it gracefully, a second one during the stop forces the exit."""
 
     def __init__(self, app: FastAPI, settings: FlywheelSettings, *, handle_signals: bool = True) -> None:
-        super().__init__(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None, lifespan="on"))
+        super().__init__(
+            uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None, lifespan="on")
+        )
         self.handle_signals = handle_signals
         self._services: list[str] = list(getattr(app.state, "services", []))
         self._home = settings.home
@@ -320,7 +359,9 @@ def force_exit(sig: int) -> None:
             if done:
                 doomed.remove(pid)
         time.sleep(0.05)
-    print(f"{signal.Signals(sig).name} received again: exited without stopping the services", file=sys.stderr, flush=True)
+    print(
+        f"{signal.Signals(sig).name} received again: exited without stopping the services", file=sys.stderr, flush=True
+    )
     os._exit(128 + sig)
 
 

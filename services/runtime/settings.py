@@ -41,41 +41,88 @@ def load_settings(cls: type[S], **overrides: Any) -> S:
 class FlywheelSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", extra="ignore")
 
-    home: Path = Field(default=Path(".flywheel"), description="Data directory: registry database, artifacts, embedded ClickHouse, local infra state.")
-    cache: Path = Field(default=Path.home() / ".cache" / "flywheel", description="Downloads shared by every checkout: Kafka jars, virtual environments.")
+    home: Path = Field(
+        default=Path(".flywheel"),
+        description="Data directory: registry database, artifacts, embedded ClickHouse, local infra state.",
+    )
+    cache: Path = Field(
+        default=Path.home() / ".cache" / "flywheel",
+        description="Downloads shared by every checkout: Kafka jars, virtual environments.",
+    )
     http_host: str = Field(default="127.0.0.1", description="Address the HTTP doors listen on.")
     http_port: int = Field(default=8080, ge=0, le=65535, description="Port the HTTP doors listen on.")
-    http_max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest request body any door reads (413 beyond it); a dataset upload has the registry's own, larger cap.")
-    kafka_bootstrap: str | None = Field(default=None, description="Kafka bootstrap servers; unset: the broker `flywheel infra up` started.")
+    http_max_body_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body any door reads (413 beyond it); a dataset upload has the registry's own, larger cap.",
+    )
+    kafka_bootstrap: str | None = Field(
+        default=None, description="Kafka bootstrap servers; unset: the broker `flywheel infra up` started."
+    )
     kafka_security_protocol: SecurityProtocol | None = Field(
         default=None,
         description="PLAINTEXT, SASL_PLAINTEXT, SASL_SSL or SSL; unset: what `flywheel infra up` recorded (SASL_PLAINTEXT with --secure), else PLAINTEXT. SASL_SSL in production.",
     )
-    kafka_sasl_mechanism: SaslMechanism = Field(default="SCRAM-SHA-512", description="SASL mechanism: SCRAM-SHA-512 (or SCRAM-SHA-256).")
-    kafka_sasl_username: str | None = Field(default=None, description="This process's Kafka principal; unset with `flywheel infra up --secure`: read from its credentials file.")
-    kafka_sasl_password: SecretStr | None = Field(default=None, description="The principal's SCRAM password (never logged).")
-    kafka_ssl_cafile: Path | None = Field(default=None, description="CA bundle (PEM) that signed the brokers' TLS certificates; unset: the system's trust store.")
+    kafka_sasl_mechanism: SaslMechanism = Field(
+        default="SCRAM-SHA-512", description="SASL mechanism: SCRAM-SHA-512 (or SCRAM-SHA-256)."
+    )
+    kafka_sasl_username: str | None = Field(
+        default=None,
+        description="This process's Kafka principal; unset with `flywheel infra up --secure`: read from its credentials file.",
+    )
+    kafka_sasl_password: SecretStr | None = Field(
+        default=None, description="The principal's SCRAM password (never logged)."
+    )
+    kafka_ssl_cafile: Path | None = Field(
+        default=None,
+        description="CA bundle (PEM) that signed the brokers' TLS certificates; unset: the system's trust store.",
+    )
     artifact_root: str | None = Field(
         default=None,
         description="Artifact store every service reads and writes (models, datasets, adapters, reports): a directory or fsspec URL (s3://bucket/prefix); unset: <FLYWHEEL_HOME>/artifacts. Serving loads adapters from this store only.",
     )
-    clickhouse_url: str | None = Field(default=None, description="ClickHouse server URL (http://user:pass@host:8123/db); unset: embedded chDB under home.")
+    clickhouse_url: str | None = Field(
+        default=None,
+        description="ClickHouse server URL (http://user:pass@host:8123/db); unset: embedded chDB under home.",
+    )
     database_url: str | None = Field(default=None, description="Registry database URL; unset: SQLite under home.")
-    bootstrap_admin_key: SecretStr | None = Field(default=None, description="Creates the first admin API key when none exists; at least 32 characters.")
-    key_pepper: SecretStr | None = Field(default=None, description="Server-side secret API keys are hashed under (HMAC-SHA256), read by the registry only; unset: a pepper generated once into a 0600 file beside the SQLite registry database (required with a server database).")
-    registry_url: str | None = Field(default=None, description="Base URL of the registry's door; set: this process checks API keys by asking the registry (introspection) instead of opening its database.")
+    bootstrap_admin_key: SecretStr | None = Field(
+        default=None, description="Creates the first admin API key when none exists; at least 32 characters."
+    )
+    key_pepper: SecretStr | None = Field(
+        default=None,
+        description="Server-side secret API keys are hashed under (HMAC-SHA256), read by the registry only; unset: a pepper generated once into a 0600 file beside the SQLite registry database (required with a server database).",
+    )
+    registry_url: str | None = Field(
+        default=None,
+        description="Base URL of the registry's door; set: this process checks API keys by asking the registry (introspection) instead of opening its database.",
+    )
     topic_prefix: str = Field(default="", description="Prefix for every topic name; lets test runs share a broker.")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
     log_format: str = Field(default="console", description="`console` for people, `json` for log shippers.")
-    shutdown_grace_s: float = Field(default=15.0, ge=0, description="Seconds a stopping consumer waits for in-flight handlers before cancelling them.")
-    consumer_max_retries: int = Field(default=3, ge=0, le=100, description="Attempts before a failing message goes to `<topic>.dlq`.")
+    shutdown_grace_s: float = Field(
+        default=15.0,
+        ge=0,
+        description="Seconds a stopping consumer waits for in-flight handlers before cancelling them.",
+    )
+    consumer_max_retries: int = Field(
+        default=3, ge=0, le=100, description="Attempts before a failing message goes to `<topic>.dlq`."
+    )
 
     # The names artifact_root had when each service read its own (one release): still read when
     # FLYWHEEL_ARTIFACT_ROOT is unset, and named in a warning when the process starts.
-    legacy_registry_artifact_root: str | None = Field(default=None, validation_alias=AliasChoices("FLYWHEEL_REGISTRY_ARTIFACT_ROOT"), exclude=True)
-    legacy_trainer_artifact_root: str | None = Field(default=None, validation_alias=AliasChoices("FLYWHEEL_TRAINER_ARTIFACT_ROOT"), exclude=True)
-    legacy_evaluator_artifact_root: str | None = Field(default=None, validation_alias=AliasChoices("FLYWHEEL_EVALUATOR_ARTIFACT_ROOT"), exclude=True)
-    legacy_serving_artifact_root: str | None = Field(default=None, validation_alias=AliasChoices("FLYWHEEL_SERVING_ARTIFACT_ROOT"), exclude=True)
+    legacy_registry_artifact_root: str | None = Field(
+        default=None, validation_alias=AliasChoices("FLYWHEEL_REGISTRY_ARTIFACT_ROOT"), exclude=True
+    )
+    legacy_trainer_artifact_root: str | None = Field(
+        default=None, validation_alias=AliasChoices("FLYWHEEL_TRAINER_ARTIFACT_ROOT"), exclude=True
+    )
+    legacy_evaluator_artifact_root: str | None = Field(
+        default=None, validation_alias=AliasChoices("FLYWHEEL_EVALUATOR_ARTIFACT_ROOT"), exclude=True
+    )
+    legacy_serving_artifact_root: str | None = Field(
+        default=None, validation_alias=AliasChoices("FLYWHEEL_SERVING_ARTIFACT_ROOT"), exclude=True
+    )
     _deprecations: list[str] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
@@ -87,10 +134,15 @@ class FlywheelSettings(BaseSettings):
         if len(set(legacy.values())) > 1:
             # Services of one process share one store now; two different roots cannot both be it.
             named = ", ".join(f"{name}={value}" for name, value in legacy.items())
-            raise ConfigurationError(f"{named} name different artifact stores; every service reads one now: set FLYWHEEL_ARTIFACT_ROOT instead")
+            raise ConfigurationError(
+                f"{named} name different artifact stores; every service reads one now: set FLYWHEEL_ARTIFACT_ROOT instead"
+            )
         if legacy:
             self.artifact_root = next(iter(legacy.values()))
-            self._deprecations = [f"{name} is deprecated: set FLYWHEEL_ARTIFACT_ROOT (the artifact store every service reads)" for name in legacy]
+            self._deprecations = [
+                f"{name} is deprecated: set FLYWHEEL_ARTIFACT_ROOT (the artifact store every service reads)"
+                for name in legacy
+            ]
         return self
 
     def legacy_artifact_roots(self) -> dict[str, str]:
@@ -145,11 +197,16 @@ class FlywheelSettings(BaseSettings):
         cafile = self.kafka_ssl_cafile or (Path(local["ssl_cafile"]) if local and local.get("ssl_cafile") else None)
         try:
             return KafkaSecurity.of(
-                protocol=protocol, sasl_username=username, sasl_password=password,
-                sasl_mechanism=self.kafka_sasl_mechanism, ssl_cafile=cafile,
+                protocol=protocol,
+                sasl_username=username,
+                sasl_password=password,
+                sasl_mechanism=self.kafka_sasl_mechanism,
+                ssl_cafile=cafile,
             )
         except ValueError as error:  # e.g. a username with FLYWHEEL_KAFKA_SECURITY_PROTOCOL=SSL
-            raise ConfigurationError(f"invalid Kafka security settings (FLYWHEEL_KAFKA_SECURITY_PROTOCOL and FLYWHEEL_KAFKA_SASL_*): {error}") from None
+            raise ConfigurationError(
+                f"invalid Kafka security settings (FLYWHEEL_KAFKA_SECURITY_PROTOCOL and FLYWHEEL_KAFKA_SASL_*): {error}"
+            ) from None
 
     def _local_kafka_state(self) -> dict[str, Any] | None:
         """What `flywheel infra up` recorded, when this process talks to that broker."""
@@ -162,13 +219,14 @@ class FlywheelSettings(BaseSettings):
         return state
 
 
-
 def local_kafka_credentials(credentials_file: Path, principal: str) -> tuple[str, str]:
     """`principal`'s SCRAM name and password from the file `flywheel infra up --secure` wrote (0600)."""
     try:
         principals = json.loads(credentials_file.read_text())["principals"]
     except (OSError, ValueError, KeyError) as error:
-        raise ConfigurationError(f"cannot read the local broker's Kafka credentials from {credentials_file}: {error}") from None
+        raise ConfigurationError(
+            f"cannot read the local broker's Kafka credentials from {credentials_file}: {error}"
+        ) from None
     name = principal if principal in principals else PROCESS_PRINCIPAL
     if name not in principals:
         raise ConfigurationError(f"{credentials_file} has no principal {principal!r} (nor {PROCESS_PRINCIPAL!r})")

@@ -115,10 +115,14 @@ class SqliteDatabase:
 
     def applied_migrations(self) -> list[tuple[int, str]]:
         """(number, name) of every migration this file has had, in order."""
-        return [(number, name) for number, name in self.rows("SELECT version, name FROM schema_migrations ORDER BY version")]
+        return [
+            (number, name) for number, name in self.rows("SELECT version, name FROM schema_migrations ORDER BY version")
+        ]
 
     def _migrate(self, migrations: Sequence[Migration]) -> None:
-        self._db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
         applied = self._applied()
         self._refuse_newer(applied, migrations)
         for migration in migrations:
@@ -146,7 +150,9 @@ class SqliteDatabase:
                     self._db.execute("ROLLBACK")
                 if migration.number in self._applied():
                     continue
-                raise MigrationError(f"{self.path}: migration {migration.number} ({migration.name}) failed and was rolled back: {error}") from error
+                raise MigrationError(
+                    f"{self.path}: migration {migration.number} ({migration.name}) failed and was rolled back: {error}"
+                ) from error
             except BaseException:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")

@@ -46,7 +46,9 @@ ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 42
 ENDPOINTS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
 
 
-def create_router(gateway: Callable[[], Gateway | None], *, guard: Callable[..., Principal], limiter: RateLimiter) -> APIRouter:
+def create_router(
+    gateway: Callable[[], Gateway | None], *, guard: Callable[..., Principal], limiter: RateLimiter
+) -> APIRouter:
     """`guard` is the API-key dependency (`Authenticator.require(Role.app)`); `limiter` the per-key buckets."""
 
     def refused(request: Request, path: str, status: int, message: str, body: bytes) -> None:
@@ -85,12 +87,17 @@ def create_router(gateway: Callable[[], Gateway | None], *, guard: Callable[...,
             stream = await ready().chat_stream(request, principal.name)
 
             def piece(text: str, first: bool) -> dict:
-                return {"delta": {"role": "assistant", "content": text} if first else {"content": text}, "finish_reason": None}
+                return {
+                    "delta": {"role": "assistant", "content": text} if first else {"content": text},
+                    "finish_reason": None,
+                }
 
             return _sse(stream, "chat.completion.chunk", piece, lambda reason: {"delta": {}, "finish_reason": reason})
         done = await ready().chat(request, principal.name)
         return ChatCompletionResponse(
-            id=done.inference_id, created=done.created, model=done.model,
+            id=done.inference_id,
+            created=done.created,
+            model=done.model,
             choices=[ChatChoice(message=AssistantMessage(content=done.text), finish_reason=done.finish_reason)],
             usage=_usage(done),
         )
@@ -99,11 +106,19 @@ def create_router(gateway: Callable[[], Gateway | None], *, guard: Callable[...,
     async def completions(request: CompletionRequest, principal: Principal = Depends(caller)):
         if request.stream:
             stream = await ready().completion_stream(request, principal.name)
-            return _sse(stream, "text_completion", lambda text, _: {"text": text, "finish_reason": None}, lambda reason: {"text": "", "finish_reason": reason})
+            return _sse(
+                stream,
+                "text_completion",
+                lambda text, _: {"text": text, "finish_reason": None},
+                lambda reason: {"text": "", "finish_reason": reason},
+            )
         done = await ready().completion(request, principal.name)
         return CompletionResponse(
-            id=done.inference_id, created=done.created, model=done.model,
-            choices=[CompletionChoice(text=done.text, finish_reason=done.finish_reason)], usage=_usage(done),
+            id=done.inference_id,
+            created=done.created,
+            model=done.model,
+            choices=[CompletionChoice(text=done.text, finish_reason=done.finish_reason)],
+            usage=_usage(done),
         )
 
     @router.get("/models", response_model=ModelList, responses=ERRORS)
@@ -114,7 +129,11 @@ def create_router(gateway: Callable[[], Gateway | None], *, guard: Callable[...,
 
 
 def _usage(done: Completion) -> Usage:
-    return Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens, total_tokens=done.prompt_tokens + done.completion_tokens)
+    return Usage(
+        prompt_tokens=done.prompt_tokens,
+        completion_tokens=done.completion_tokens,
+        total_tokens=done.prompt_tokens + done.completion_tokens,
+    )
 
 
 class _EventStream(StreamingResponse):
@@ -129,9 +148,17 @@ class _EventStream(StreamingResponse):
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
-def _sse(stream: Stream, kind: str, piece: Callable[[str, bool], dict], last: Callable[[str], dict]) -> StreamingResponse:
+def _sse(
+    stream: Stream, kind: str, piece: Callable[[str, bool], dict], last: Callable[[str], dict]
+) -> StreamingResponse:
     def event(choice: dict) -> str:
-        chunk = {"id": stream.inference_id, "object": kind, "created": stream.created, "model": stream.model, "choices": [{"index": 0, **choice}]}
+        chunk = {
+            "id": stream.inference_id,
+            "object": kind,
+            "created": stream.created,
+            "model": stream.model,
+            "choices": [{"index": 0, **choice}],
+        }
         return f"data: {json.dumps(chunk)}\n\n"
 
     async def events() -> AsyncIterator[str]:
@@ -144,7 +171,12 @@ def _sse(stream: Stream, kind: str, piece: Callable[[str, bool], dict], last: Ca
                     first = False
             yield event(last(stream.finish_reason or "stop"))
         except GatewayError as error:
-            failure = ErrorDetail(message=str(error), type="server_error" if status_of(error) >= 500 else "invalid_request_error", code=error.code, param=error.param)
+            failure = ErrorDetail(
+                message=str(error),
+                type="server_error" if status_of(error) >= 500 else "invalid_request_error",
+                code=error.code,
+                param=error.param,
+            )
             yield f"data: {json.dumps({'error': failure.model_dump()})}\n\n"
         finally:
             stream.close()

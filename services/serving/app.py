@@ -46,8 +46,12 @@ def create_app(runtime: Runtime, settings: ServingSettings, privacy: PrivacySett
     bus = runtime.bus("serving")
     buffer = InferenceLogBuffer(bus, capacity=settings.log_buffer_size, redactor=privacy.redactor())
     loader = AdapterLoader(
-        routes, runtime.artifacts, runtime.home / "serving" / "adapters", lambda: state.engine,
-        in_flight=lambda name: state.gateway.in_flight(name) if state.gateway is not None else 0, drain_s=settings.unload_drain_s,
+        routes,
+        runtime.artifacts,
+        runtime.home / "serving" / "adapters",
+        lambda: state.engine,
+        in_flight=lambda name: state.gateway.in_flight(name) if state.gateway is not None else 0,
+        drain_s=settings.unload_drain_s,
     )
 
     # Every replica holds all routes, so it reads the registry's events itself (not a consumer group's
@@ -57,8 +61,13 @@ def create_app(runtime: Runtime, settings: ServingSettings, privacy: PrivacySett
     for handlers, from_start in ((HANDLERS, True), (COMMANDS, False)):
         for event, handler in handlers.items():
             follow(
-                runtime.broker, event, partial(handler, deps=deps), name="serving", from_start=from_start,
-                topic_prefix=runtime.settings.topic_prefix, max_retries=runtime.settings.consumer_max_retries,
+                runtime.broker,
+                event,
+                partial(handler, deps=deps),
+                name="serving",
+                from_start=from_start,
+                topic_prefix=runtime.settings.topic_prefix,
+                max_retries=runtime.settings.consumer_max_retries,
             )
 
     async def start() -> None:
@@ -66,19 +75,31 @@ def create_app(runtime: Runtime, settings: ServingSettings, privacy: PrivacySett
         from services.serving.triton import TritonServing
 
         if settings.model_dir is None:
-            state.engine = await asyncio.to_thread(Engine.from_pretrained, smollm2_dir(), gguf_file=SMOLLM2_GGUF, model_name=settings.base_model)
+            state.engine = await asyncio.to_thread(
+                Engine.from_pretrained, smollm2_dir(), gguf_file=SMOLLM2_GGUF, model_name=settings.base_model
+            )
         else:
-            state.engine = await asyncio.to_thread(Engine.from_pretrained, settings.model_dir, model_name=settings.base_model)
+            state.engine = await asyncio.to_thread(
+                Engine.from_pretrained, settings.model_dir, model_name=settings.base_model
+            )
         triton = TritonServing(
-            state.engine, workdir=runtime.home / "serving" / "triton", max_batch_size=settings.max_batch_size,
-            max_queue_delay_us=settings.max_queue_delay_us, log_verbose=settings.triton_log_verbose,
+            state.engine,
+            workdir=runtime.home / "serving" / "triton",
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_us=settings.max_queue_delay_us,
+            log_verbose=settings.triton_log_verbose,
         )
         ports = await asyncio.to_thread(triton.start)
         try:
             await buffer.start()
             state.gateway = Gateway(
-                routes=routes, tokenizer=state.engine.tokenizer, triton_grpc_url=ports.grpc_url, settings=settings,
-                log_buffer=buffer, loaded_adapters=lambda: set(state.engine.adapters), prompts=prompts,
+                routes=routes,
+                tokenizer=state.engine.tokenizer,
+                triton_grpc_url=ports.grpc_url,
+                settings=settings,
+                log_buffer=buffer,
+                loaded_adapters=lambda: set(state.engine.adapters),
+                prompts=prompts,
             )
         except BaseException:
             # The process runs stop hooks only for services whose start finished: stop Triton here.

@@ -96,7 +96,9 @@ class ContinuousBatcher:
             self._thread.join()
             self._thread = None
 
-    def submit(self, request: GenerationRequest, on_text: Callable[[str], None] | None = None) -> Future[GenerationResult]:
+    def submit(
+        self, request: GenerationRequest, on_text: Callable[[str], None] | None = None
+    ) -> Future[GenerationResult]:
         """Queue `request`; `on_text`, if given, is called from the batcher thread with each new piece of text."""
         future: Future[GenerationResult] = Future()
         try:
@@ -134,7 +136,9 @@ class ContinuousBatcher:
                     break
                 cancelled, self._cancelled = self._cancelled, set()
                 if cancelled:
-                    self._waiting = collections.deque(ticket for ticket in self._waiting if not self._cancel_waiting(ticket, cancelled))
+                    self._waiting = collections.deque(
+                        ticket for ticket in self._waiting if not self._cancel_waiting(ticket, cancelled)
+                    )
                 room = self.max_active - len(self._active)
                 newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
                 WAITING_ROWS.set(len(self._waiting))

@@ -22,7 +22,15 @@ import torch
 
 from services.runtime.inference import SMOLLM2_GGUF, Engine, GenerationRequest, SamplingParams, smollm2_dir
 from services.runtime.peft_compat import ignore_peft_deprecation
-from services.serving.triton import STREAM_MODEL_NAME, TritonAnswer, TritonRow, TritonServing, infer_inputs, infer_outputs, parse_answer
+from services.serving.triton import (
+    STREAM_MODEL_NAME,
+    TritonAnswer,
+    TritonRow,
+    TritonServing,
+    infer_inputs,
+    infer_outputs,
+    parse_answer,
+)
 
 
 @dataclass
@@ -66,7 +74,9 @@ def _random_adapters(engine: Engine, count: int, root: Path) -> list[str]:
         model = AutoModelForCausalLM.from_config(engine.model.config)
         torch.manual_seed(index + 1)
         ignore_peft_deprecation()
-        get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(str(directory))
+        get_peft_model(
+            model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        ).save_pretrained(str(directory))
         engine.load_adapter(f"a{index}", directory)
         names.append(f"a{index}")
     return names
@@ -85,7 +95,9 @@ class _Streamer:
         self._client.start_stream(callback=lambda result, error: self._answers.put((result, error)))
 
     def infer(self, row: TritonRow) -> TritonAnswer:
-        self._client.async_stream_infer(STREAM_MODEL_NAME, infer_inputs(self._grpc, row), outputs=infer_outputs(self._grpc))
+        self._client.async_stream_infer(
+            STREAM_MODEL_NAME, infer_inputs(self._grpc, row), outputs=infer_outputs(self._grpc)
+        )
         result, error = self._answers.get(timeout=600)
         if error is not None:
             raise error
@@ -97,10 +109,23 @@ class _Streamer:
 
 
 def _pooled(label: str, runs: list[Figures]) -> Figures:
-    return Figures(label, sum(run.requests for run in runs), sum(run.seconds for run in runs), [ms for run in runs for ms in run.latencies_ms])
+    return Figures(
+        label,
+        sum(run.requests for run in runs),
+        sum(run.seconds for run in runs),
+        [ms for run in runs for ms in run.latencies_ms],
+    )
 
 
-def run_bench(*, requests: int, max_tokens: int, concurrencies: tuple[int, ...], adapters: int, echo: Callable[[str], None], rounds: int = 3) -> None:
+def run_bench(
+    *,
+    requests: int,
+    max_tokens: int,
+    concurrencies: tuple[int, ...],
+    adapters: int,
+    echo: Callable[[str], None],
+    rounds: int = 3,
+) -> None:
     """Each comparison runs `rounds` times, the two sides alternating (ABBA...), so load from other
     processes that drifts during the run lands on both; the ratio printed is the median of the
     rounds' ratios, the req/s and latencies those of all rounds together."""
@@ -108,7 +133,10 @@ def run_bench(*, requests: int, max_tokens: int, concurrencies: tuple[int, ...],
     engine = Engine.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, model_name="smollm2")
     # Taken before any adapter is loaded: the baseline runs the plain base model, as a naive server would.
     base = engine.model
-    prompts = [engine.encode_chat([{"role": "user", "content": f"Give me one fact about the number {i}."}]) for i in range(requests)]
+    prompts = [
+        engine.encode_chat([{"role": "user", "content": f"Give me one fact about the number {i}."}])
+        for i in range(requests)
+    ]
     greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as scratch:
         with TritonServing(engine, workdir=Path(scratch) / "triton", max_batch_size=32) as serving:
@@ -128,6 +156,7 @@ def run_bench(*, requests: int, max_tokens: int, concurrencies: tuple[int, ...],
                         streamers.put(streamer)
                     generated.append(answer.completion_tokens)
                     return answer
+
                 return call
 
             lock = threading.Lock()
@@ -136,16 +165,27 @@ def run_bench(*, requests: int, max_tokens: int, concurrencies: tuple[int, ...],
                 def call() -> object:
                     with lock, torch.inference_mode():  # one model object: requests take turns, as a naive server does
                         ids = torch.tensor([prompts[index]])
-                        return base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens)
+                        return base.generate(
+                            ids,
+                            attention_mask=torch.ones_like(ids),
+                            max_new_tokens=max_tokens,
+                            do_sample=False,
+                            min_new_tokens=max_tokens,
+                        )
+
                 return call
 
             try:
-                echo("warming up both paths (first calls pay one-off costs: kernels, Triton's stubs, the gRPC channels) ...")
+                echo(
+                    "warming up both paths (first calls pay one-off costs: kernels, Triton's stubs, the gRPC channels) ..."
+                )
                 _timed("warm-up", [via_generate(0), via_generate(1)], 1)
                 _timed("warm-up", [via_triton(i) for i in range(max(concurrencies))], max(concurrencies))
 
-                echo(f"\n(1) {requests} requests, {max_tokens} new tokens each, {rounds} rounds per concurrency, sides alternating "
-                     f"(generate is forced to {max_tokens} tokens; Triton stops at eos, so tokens/s is compared too)")
+                echo(
+                    f"\n(1) {requests} requests, {max_tokens} new tokens each, {rounds} rounds per concurrency, sides alternating "
+                    f"(generate is forced to {max_tokens} tokens; Triton stops at eos, so tokens/s is compared too)"
+                )
                 for concurrency in concurrencies:
                     baselines, batched_runs, ratios, token_ratios = [], [], [], []
                     for round_ in range(rounds):
@@ -158,36 +198,66 @@ def run_bench(*, requests: int, max_tokens: int, concurrencies: tuple[int, ...],
                         batched_runs.append(measured["triton"])
                         tokens = sum(generated)
                         ratios.append(measured["triton"].throughput / measured["generate"].throughput)
-                        token_ratios.append((tokens / measured["triton"].seconds) / (requests * max_tokens / measured["generate"].seconds))
-                        echo(f"  round {round_ + 1}: generate {measured['generate'].throughput:.2f} req/s, Triton {measured['triton'].throughput:.2f} req/s "
-                             f"({tokens} of {requests * max_tokens} tokens), ratio {ratios[-1]:.2f}x")
+                        token_ratios.append(
+                            (tokens / measured["triton"].seconds)
+                            / (requests * max_tokens / measured["generate"].seconds)
+                        )
+                        echo(
+                            f"  round {round_ + 1}: generate {measured['generate'].throughput:.2f} req/s, Triton {measured['triton'].throughput:.2f} req/s "
+                            f"({tokens} of {requests * max_tokens} tokens), ratio {ratios[-1]:.2f}x"
+                        )
                     echo(_pooled(f"per-request generate, concurrency {concurrency}", baselines).line())
                     echo(_pooled(f"Triton continuous batching, concurrency {concurrency}", batched_runs).line())
-                    echo(f"{'':<44} ratio {statistics.median(ratios):.2f}x throughput (median of {rounds} rounds; tokens/s ratio {statistics.median(token_ratios):.2f}x)")
+                    echo(
+                        f"{'':<44} ratio {statistics.median(ratios):.2f}x throughput (median of {rounds} rounds; tokens/s ratio {statistics.median(token_ratios):.2f}x)"
+                    )
 
                 echo(f"\n(2) {requests} requests over {adapters} adapters")
                 names = _random_adapters(engine, adapters, Path(scratch))
-                mixed = _timed("mixed-adapter batches (one engine call)", [lambda: engine.generate([GenerationRequest(prompts[i], names[i % adapters], greedy) for i in range(requests)])], 1)
+                mixed = _timed(
+                    "mixed-adapter batches (one engine call)",
+                    [
+                        lambda: engine.generate(
+                            [GenerationRequest(prompts[i], names[i % adapters], greedy) for i in range(requests)]
+                        )
+                    ],
+                    1,
+                )
 
                 def one_at_a_time() -> None:
                     for i in range(requests):
                         engine.generate([GenerationRequest(prompts[i], names[i % adapters], greedy)])
 
                 swapped = _timed("one request at a time, adapter switched per request", [one_at_a_time], 1)
-                echo(f"mixed batches: {mixed.seconds:.2f} s, switching: {swapped.seconds:.2f} s, ratio {swapped.seconds / mixed.seconds:.2f}x")
+                echo(
+                    f"mixed batches: {mixed.seconds:.2f} s, switching: {swapped.seconds:.2f} s, ratio {swapped.seconds / mixed.seconds:.2f}x"
+                )
 
-                echo(f"\n(3) gateway overhead over a direct Triton call (concurrency 1, {requests} pairs, the same prompt each side, alternating)")
+                echo(
+                    f"\n(3) gateway overhead over a direct Triton call (concurrency 1, {requests} pairs, the same prompt each side, alternating)"
+                )
                 direct, through = _gateway_figures(engine, serving, via_triton, text_prompts, max_tokens, requests)
                 echo(direct.line())
                 echo(through.line())
-                gaps = [gateway - plain for gateway, plain in zip(through.latencies_ms, direct.latencies_ms, strict=True)]
-                echo(f"{'':<44} overhead {statistics.median(gaps):.1f} ms p50 of the pairs' differences, ratio {statistics.median(through.latencies_ms) / statistics.median(direct.latencies_ms):.3f}x")
+                gaps = [
+                    gateway - plain for gateway, plain in zip(through.latencies_ms, direct.latencies_ms, strict=True)
+                ]
+                echo(
+                    f"{'':<44} overhead {statistics.median(gaps):.1f} ms p50 of the pairs' differences, ratio {statistics.median(through.latencies_ms) / statistics.median(direct.latencies_ms):.3f}x"
+                )
             finally:
                 while not streamers.empty():
                     streamers.get().close()
 
 
-def _gateway_figures(engine: Engine, serving: TritonServing, via_triton: Callable[..., Callable[[], object]], prompts: list[str], max_tokens: int, count: int) -> tuple[Figures, Figures]:
+def _gateway_figures(
+    engine: Engine,
+    serving: TritonServing,
+    via_triton: Callable[..., Callable[[], object]],
+    prompts: list[str],
+    max_tokens: int,
+    count: int,
+) -> tuple[Figures, Figures]:
     """Direct Triton calls and gateway calls in pairs on the same prompt, after one warm-up call each."""
     import httpx
 
@@ -209,17 +279,38 @@ def _gateway_figures(engine: Engine, serving: TritonServing, via_triton: Callabl
         assert serving.ports is not None
         routes = Routes()
         routes.add_model("smollm2")
-        gateway = Gateway(routes=routes, tokenizer=engine.tokenizer, triton_grpc_url=serving.ports.grpc_url, settings=ServingSettings(), log_buffer=_NoBus(), loaded_adapters=lambda: set(engine.adapters))  # type: ignore[arg-type]
+        gateway = Gateway(
+            routes=routes,
+            tokenizer=engine.tokenizer,
+            triton_grpc_url=serving.ports.grpc_url,
+            settings=ServingSettings(),
+            log_buffer=_NoBus(),
+            loaded_adapters=lambda: set(engine.adapters),
+        )  # type: ignore[arg-type]
         # Key lookups are cached per process and limits are a dict lookup: the bench admits one fixed caller.
-        router = create_router(lambda: gateway, guard=lambda: Principal("bench", Role.app, "bench"), limiter=RateLimiter(rate_per_s=1e9, burst=10**9))
+        router = create_router(
+            lambda: gateway,
+            guard=lambda: Principal("bench", Role.app, "bench"),
+            limiter=RateLimiter(rate_per_s=1e9, burst=10**9),
+        )
         app = create_http_app("bench", routers=[router])
         direct_ms: list[float] = []
         gateway_ms: list[float] = []
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench", timeout=600) as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://bench", timeout=600
+        ) as client:
 
             async def through(index: int) -> float:
                 sent = time.perf_counter()
-                response = await client.post("/v1/completions", json={"model": "smollm2", "prompt": prompts[index % len(prompts)], "max_tokens": max_tokens, "temperature": 0})
+                response = await client.post(
+                    "/v1/completions",
+                    json={
+                        "model": "smollm2",
+                        "prompt": prompts[index % len(prompts)],
+                        "max_tokens": max_tokens,
+                        "temperature": 0,
+                    },
+                )
                 response.raise_for_status()
                 return (time.perf_counter() - sent) * 1000
 

@@ -25,10 +25,14 @@ def bench_serve(
     """Triton continuous batching vs per-request generate; mixed adapters vs swapping; gateway overhead."""
     from services.serving.bench import run_bench
 
-    run_bench(requests=requests, max_tokens=max_tokens, concurrencies=tuple(concurrency), adapters=adapters, echo=typer.echo)
+    run_bench(
+        requests=requests, max_tokens=max_tokens, concurrencies=tuple(concurrency), adapters=adapters, echo=typer.echo
+    )
 
 
-_THROUGHPUT = re.compile(r"^(per-request generate|Triton continuous batching), concurrency (\d+)\s+([\d.]+) req/s\s+p50\s+([\d.]+) ms")
+_THROUGHPUT = re.compile(
+    r"^(per-request generate|Triton continuous batching), concurrency (\d+)\s+([\d.]+) req/s\s+p50\s+([\d.]+) ms"
+)
 _SWITCH = re.compile(r"mixed batches: ([\d.]+) s, switching: ([\d.]+) s")
 _LATENCY = re.compile(r"^(direct Triton gRPC stream|through the gateway[^\d]*?)\s+([\d.]+) req/s\s+p50\s+([\d.]+) ms")
 
@@ -56,17 +60,46 @@ def serve_rows(lines: list[str], size: dict[str, Any]) -> list[Row]:
         if match := _THROUGHPUT.match(line.strip()):
             throughput.setdefault(match[2], {})[match[1]] = float(match[3])
         elif match := _SWITCH.search(line):
-            rows.append(Row("serve", f"seconds for {size['requests']} requests over {size['adapters']} LoRA adapters", float(match[1]), float(match[2]), "s", "lower",
-                            "mixed-adapter batches", "one request at a time, adapter switched"))
+            rows.append(
+                Row(
+                    "serve",
+                    f"seconds for {size['requests']} requests over {size['adapters']} LoRA adapters",
+                    float(match[1]),
+                    float(match[2]),
+                    "s",
+                    "lower",
+                    "mixed-adapter batches",
+                    "one request at a time, adapter switched",
+                )
+            )
         elif match := _LATENCY.match(line.strip()):
             latency["gateway" if match[1].startswith("through") else "direct"] = float(match[3])
     for concurrency, sides in throughput.items():
-        rows.append(Row("serve", f"throughput, {size['requests']} requests x {size['max_tokens']} tokens, concurrency {concurrency}",
-                        sides.get("Triton continuous batching"), sides.get("per-request generate"), "req/s", "higher",
-                        "Triton continuous batching", "per-request generate"))
+        rows.append(
+            Row(
+                "serve",
+                f"throughput, {size['requests']} requests x {size['max_tokens']} tokens, concurrency {concurrency}",
+                sides.get("Triton continuous batching"),
+                sides.get("per-request generate"),
+                "req/s",
+                "higher",
+                "Triton continuous batching",
+                "per-request generate",
+            )
+        )
     if latency:
-        rows.append(Row("serve", "p50 latency, concurrency 1", latency.get("gateway"), latency.get("direct"), "ms", "lower",
-                        "through the OpenAI gateway", "direct Triton gRPC (overhead: ratio above 1)"))
+        rows.append(
+            Row(
+                "serve",
+                "p50 latency, concurrency 1",
+                latency.get("gateway"),
+                latency.get("direct"),
+                "ms",
+                "lower",
+                "through the OpenAI gateway",
+                "direct Triton gRPC (overhead: ratio above 1)",
+            )
+        )
     if not rows:
         raise RuntimeError("the serving benchmark printed no figures this command recognises")
     return rows

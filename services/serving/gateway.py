@@ -33,7 +33,15 @@ from services.serving.inference_log import InferenceLogBuffer
 from services.serving.prompt_routes import PromptChoice, PromptRoutes, UnknownPromptError
 from services.serving.routes import Route, Routes, UnknownModelError
 from services.serving.settings import ServingSettings
-from services.serving.triton import CANCEL_MODEL_NAME, STREAM_MODEL_NAME, TritonAnswer, TritonRow, infer_inputs, infer_outputs, parse_answer
+from services.serving.triton import (
+    CANCEL_MODEL_NAME,
+    STREAM_MODEL_NAME,
+    TritonAnswer,
+    TritonRow,
+    infer_inputs,
+    infer_outputs,
+    parse_answer,
+)
 
 log = logging.getLogger("flywheel.serving.gateway")
 
@@ -162,16 +170,34 @@ class Gateway:
         model = fields.get("model")
         user = fields.get("user")
         metadata = fields.get("metadata")
-        tags = metadata if isinstance(metadata, dict) and all(isinstance(key, str) and isinstance(value, str) for key, value in metadata.items()) else {}
+        tags = (
+            metadata
+            if isinstance(metadata, dict)
+            and all(isinstance(key, str) and isinstance(value, str) for key, value in metadata.items())
+            else {}
+        )
         # The user id and metadata go to their own fields, where they are hashed or scrubbed as identities;
         # left in the body text, an id that looks like nothing in particular would be kept as sent.
-        text = json.dumps({key: value for key, value in fields.items() if key not in ("user", "metadata")}, ensure_ascii=False) if fields else body.decode(errors="replace")
+        text = (
+            json.dumps(
+                {key: value for key, value in fields.items() if key not in ("user", "metadata")}, ensure_ascii=False
+            )
+            if fields
+            else body.decode(errors="replace")
+        )
         self._log.offer(
             InferenceLogged(
-                inference_id=str(uuid.uuid4()), model_name=model if isinstance(model, str) and model else "unknown",
-                endpoint=endpoint, user_id=user if isinstance(user, str) else None, principal=principal,
-                input_text=text[:8000], finish_reason="error", status=InferenceStatus.error,
-                error=f"{status}: {message}", started_at=datetime.now(UTC), metadata=tags,
+                inference_id=str(uuid.uuid4()),
+                model_name=model if isinstance(model, str) and model else "unknown",
+                endpoint=endpoint,
+                user_id=user if isinstance(user, str) else None,
+                principal=principal,
+                input_text=text[:8000],
+                finish_reason="error",
+                status=InferenceStatus.error,
+                error=f"{status}: {message}",
+                started_at=datetime.now(UTC),
+                metadata=tags,
             )
         )
 
@@ -191,7 +217,15 @@ class Gateway:
         finally:
             self._release(call)
         self._emit(call, answer, triton_ms)
-        return Completion(call.inference_id, int(time.time()), call.route.label, answer.text, answer.finish_reason, answer.prompt_tokens, answer.completion_tokens)
+        return Completion(
+            call.inference_id,
+            int(time.time()),
+            call.route.label,
+            answer.text,
+            answer.finish_reason,
+            answer.prompt_tokens,
+            answer.completion_tokens,
+        )
 
     async def _open_stream(self, call: _Call) -> Stream:
         try:
@@ -219,7 +253,9 @@ class Gateway:
         except UnknownModelError as error:
             raise NotServed(str(error), code="model_not_found", param="model") from None
         if route.adapter_name is not None and route.adapter_name not in self._loaded():
-            raise NotServed(f"{route.label} is registered but not loaded on this replica", code="model_not_loaded", param="model")
+            raise NotServed(
+                f"{route.label} is registered but not loaded on this replica", code="model_not_loaded", param="model"
+            )
         return route
 
     def _release(self, call: _Call) -> None:
@@ -254,26 +290,58 @@ class Gateway:
             return render_template(choice.template, reference.variables, needs=choice.variables)
         except MissingVariable as error:
             missing = ", ".join(error.missing) or str(error)
-            raise RequestRefused(f"prompt {choice.name}:v{choice.version} needs variable(s) {missing}", code="missing_variable", param="prompt_ref.variables") from None
+            raise RequestRefused(
+                f"prompt {choice.name}:v{choice.version} needs variable(s) {missing}",
+                code="missing_variable",
+                param="prompt_ref.variables",
+            ) from None
         except PromptError as error:
-            raise RequestRefused(f"prompt {choice.name}:v{choice.version} cannot be rendered: {error}", code="invalid_prompt", param="prompt_ref") from None
+            raise RequestRefused(
+                f"prompt {choice.name}:v{choice.version} cannot be rendered: {error}",
+                code="invalid_prompt",
+                param="prompt_ref",
+            ) from None
 
     def _row(self, call: _Call) -> TritonRow:
         request, limits = call.request, self._settings
         max_tokens = request.max_tokens or limits.default_max_tokens
         if max_tokens > limits.max_tokens_limit:
-            raise RequestRefused(f"max_tokens {max_tokens} is over this server's limit of {limits.max_tokens_limit}", code="invalid_value", param="max_tokens")
+            raise RequestRefused(
+                f"max_tokens {max_tokens} is over this server's limit of {limits.max_tokens_limit}",
+                code="invalid_value",
+                param="max_tokens",
+            )
         prompt_tokens = len(self._tokenizer.encode(call.prompt, add_special_tokens=False))
         if prompt_tokens == 0:
             raise RequestRefused("the prompt is empty", code="invalid_value", param="prompt")
         if prompt_tokens > limits.max_prompt_tokens:
-            raise RequestRefused(f"the prompt has {prompt_tokens} tokens, over the limit of {limits.max_prompt_tokens}", code="context_length_exceeded", param="messages" if call.endpoint == "chat.completions" else "prompt")
+            raise RequestRefused(
+                f"the prompt has {prompt_tokens} tokens, over the limit of {limits.max_prompt_tokens}",
+                code="context_length_exceeded",
+                param="messages" if call.endpoint == "chat.completions" else "prompt",
+            )
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
         if len(stop) > MAX_STOP_SEQUENCES:
-            raise RequestRefused(f"stop has {len(stop)} sequences; at most {MAX_STOP_SEQUENCES} are allowed", code="invalid_value", param="stop")
+            raise RequestRefused(
+                f"stop has {len(stop)} sequences; at most {MAX_STOP_SEQUENCES} are allowed",
+                code="invalid_value",
+                param="stop",
+            )
         if request.seed is not None and not 0 <= request.seed < 2**63:
-            raise RequestRefused(f"seed {request.seed} is out of range: use an integer from 0 to 2**63 - 1", code="invalid_value", param="seed")
-        return TritonRow(call.prompt, call.route.adapter_name if call.route else None, max_tokens, request.temperature, request.top_p, request.seed, stop)
+            raise RequestRefused(
+                f"seed {request.seed} is out of range: use an integer from 0 to 2**63 - 1",
+                code="invalid_value",
+                param="seed",
+            )
+        return TritonRow(
+            call.prompt,
+            call.route.adapter_name if call.route else None,
+            max_tokens,
+            request.temperature,
+            request.top_p,
+            request.seed,
+            stop,
+        )
 
     def _connect(self) -> Any:
         import tritonclient.grpc.aio as triton_grpc
@@ -282,7 +350,9 @@ class Gateway:
             self._client = triton_grpc.InferenceServerClient(self._url)
         return self._client
 
-    async def _send(self, row: TritonRow, *, stream: bool = False, request_id: str = "") -> tuple[_Responses, TritonAnswer]:
+    async def _send(
+        self, row: TritonRow, *, stream: bool = False, request_id: str = ""
+    ) -> tuple[_Responses, TritonAnswer]:
         """Open a gRPC stream to the decoupled model (the request joins the running batch at once) and
         await its first response: the whole answer, or with `stream` the first piece."""
         import tritonclient.grpc.aio as triton_grpc
@@ -290,9 +360,15 @@ class Gateway:
         client = self._connect()
 
         async def one_request() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": self._triton_model, "inputs": infer_inputs(triton_grpc, row, stream=stream, request_id=request_id), "outputs": infer_outputs(triton_grpc)}
+            yield {
+                "model_name": self._triton_model,
+                "inputs": infer_inputs(triton_grpc, row, stream=stream, request_id=request_id),
+                "outputs": infer_outputs(triton_grpc),
+            }
 
-        responses = _Responses(client.stream_infer(one_request(), stream_timeout=self._settings.triton_timeout_s), client)
+        responses = _Responses(
+            client.stream_infer(one_request(), stream_timeout=self._settings.triton_timeout_s), client
+        )
         try:
             return responses, await self._next(responses)
         except BaseException:
@@ -359,7 +435,9 @@ class Gateway:
                 endpoint=call.endpoint,
                 user_id=request.user,
                 principal=call.principal,
-                input_messages=[message.model_dump(exclude_none=True) for message in request.messages] if isinstance(request, ChatCompletionRequest) else [],
+                input_messages=[message.model_dump(exclude_none=True) for message in request.messages]
+                if isinstance(request, ChatCompletionRequest)
+                else [],
                 input_text=call.prompt,
                 output_text=answer.text if answer else "",
                 finish_reason="error" if error else (answer.finish_reason if answer else None),
@@ -391,7 +469,11 @@ class _Responses:
 def _check_loaded(call: _Call, answer: TritonAnswer) -> None:
     if answer.error:
         # The adapter went away between resolving and batching (an unload raced this request).
-        raise NotServed(f"{call.route.label if call.route else call.request.model} is not loaded on this replica: {answer.error}", code="model_not_loaded", param="model")
+        raise NotServed(
+            f"{call.route.label if call.route else call.request.model} is not loaded on this replica: {answer.error}",
+            code="model_not_loaded",
+            param="model",
+        )
 
 
 class Stream:

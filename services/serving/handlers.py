@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contracts.envelope import Envelope
-from contracts.events import AdapterRegistered, DeploymentAction, DeploymentCompleted, DeploymentRequested, PromptPublished, Stage, StageChanged
+from contracts.events import (
+    AdapterRegistered,
+    DeploymentAction,
+    DeploymentCompleted,
+    DeploymentRequested,
+    PromptPublished,
+    Stage,
+    StageChanged,
+)
 from services.runtime.artifacts import ArtifactStore
 from services.runtime.broker import EventBus
 from services.runtime.inference import Engine
@@ -35,8 +43,14 @@ class AdapterLoader:
     """
 
     def __init__(
-        self, routes: Routes, artifacts: ArtifactStore, cache_dir: Path, engine: Callable[[], Engine | None],
-        *, in_flight: Callable[[str], int] = lambda name: 0, drain_s: float = 0.0,
+        self,
+        routes: Routes,
+        artifacts: ArtifactStore,
+        cache_dir: Path,
+        engine: Callable[[], Engine | None],
+        *,
+        in_flight: Callable[[str], int] = lambda name: 0,
+        drain_s: float = 0.0,
     ) -> None:
         self._routes = routes
         self._artifacts = artifacts
@@ -70,7 +84,9 @@ class AdapterLoader:
         while self._in_flight(name) and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
         if self._in_flight(name):
-            log.warning("unloading %s with %d requests still on it after %.0f s", name, self._in_flight(name), self._drain_s)
+            log.warning(
+                "unloading %s with %d requests still on it after %.0f s", name, self._in_flight(name), self._drain_s
+            )
         await asyncio.to_thread(engine.unload_adapter, name)
 
 
@@ -96,9 +112,18 @@ class Deps:
 async def when_adapter_registered_remember_it(envelope: Envelope[AdapterRegistered], deps: Deps) -> None:
     event = envelope.payload
     async with deps.turn:
-        deferred = deps.routes.add_version(event.model_name, event.adapter_version, event.artifact_uri, event.artifact_sha256)
+        deferred = deps.routes.add_version(
+            event.model_name, event.adapter_version, event.artifact_uri, event.artifact_sha256
+        )
         if deferred is not None:
-            await _route(deps, event.model_name, event.adapter_version, deferred.to_stage, deferred.canary_percent, deferred=deferred)
+            await _route(
+                deps,
+                event.model_name,
+                event.adapter_version,
+                deferred.to_stage,
+                deferred.canary_percent,
+                deferred=deferred,
+            )
 
 
 async def when_prompt_published_remember_it(envelope: Envelope[PromptPublished], deps: Deps) -> None:
@@ -109,12 +134,22 @@ async def when_stage_changed_route_and_load(envelope: Envelope[StageChanged], de
     event = envelope.payload
     serves = event.to_stage in (Stage.staging, Stage.production)
     async with deps.turn:
-        if serves and deps.routes.defer_stage_if_unknown(event.model_name, event.adapter_version, event.to_stage, event.canary_percent):
+        if serves and deps.routes.defer_stage_if_unknown(
+            event.model_name, event.adapter_version, event.to_stage, event.canary_percent
+        ):
             return
         await _route(deps, event.model_name, event.adapter_version, event.to_stage, event.canary_percent)
 
 
-async def _route(deps: Deps, model_name: str, version: int, to_stage: Stage, canary_percent: float | None, *, deferred: DeferredStage | None = None) -> None:
+async def _route(
+    deps: Deps,
+    model_name: str,
+    version: int,
+    to_stage: Stage,
+    canary_percent: float | None,
+    *,
+    deferred: DeferredStage | None = None,
+) -> None:
     if to_stage in (Stage.staging, Stage.production):
         await deps.loader.load(model_name, version)
     deps.routes.set_stage(model_name, version, to_stage, canary_percent, deferred=deferred)
@@ -135,8 +170,13 @@ async def when_deployment_requested_load_and_report(envelope: Envelope[Deploymen
         log.warning("deployment %s failed: %s", event.deployment_id, error)
     await deps.bus.publish(
         DeploymentCompleted(
-            deployment_id=event.deployment_id, model_name=event.model_name, adapter_version=event.adapter_version,
-            action=event.action, ready=error is None, replica=socket.gethostname(), error=error,
+            deployment_id=event.deployment_id,
+            model_name=event.model_name,
+            adapter_version=event.adapter_version,
+            action=event.action,
+            ready=error is None,
+            replica=socket.gethostname(),
+            error=error,
         ),
         correlation_id=envelope.correlation_id,
     )

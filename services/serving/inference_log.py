@@ -33,7 +33,9 @@ INFERENCE_LOG_DEPTH = Gauge("flywheel_serving_inference_log_depth", "inference.l
 
 
 class InferenceLogBuffer:
-    def __init__(self, bus: EventBus, *, capacity: int, redactor: Redactor | None = None, publish_attempts: int = 3) -> None:
+    def __init__(
+        self, bus: EventBus, *, capacity: int, redactor: Redactor | None = None, publish_attempts: int = 3
+    ) -> None:
         """`redactor`: what scrubs events before they leave; by default the built-in policies (text
         redacted, user ids hashed without a salt)."""
         self._bus = bus
@@ -48,7 +50,11 @@ class InferenceLogBuffer:
             self._queue.put_nowait((event, correlation_id))
         except asyncio.QueueFull:
             INFERENCE_LOG.labels("dropped").inc()
-            log.warning("inference log buffer full (%d): dropped inference.logged for %s", self._queue.maxsize, event.inference_id)
+            log.warning(
+                "inference log buffer full (%d): dropped inference.logged for %s",
+                self._queue.maxsize,
+                event.inference_id,
+            )
             return False
         INFERENCE_LOG.labels("queued").inc()
         INFERENCE_LOG_DEPTH.set(self._queue.qsize())
@@ -96,6 +102,11 @@ class InferenceLogBuffer:
             except Exception as error:  # noqa: BLE001 - any broker failure is retried, then counted
                 if attempt == self._attempts:
                     INFERENCE_LOG.labels("failed").inc()
-                    log.error("inference.logged for %s not published after %d attempts: %s", event.inference_id, attempt, error)
+                    log.error(
+                        "inference.logged for %s not published after %d attempts: %s",
+                        event.inference_id,
+                        attempt,
+                        error,
+                    )
                     return
                 await asyncio.sleep(0.2 * 2**attempt)

@@ -83,7 +83,9 @@ class Routes:
         with self._lock:
             self._models.setdefault(model_name, _Model())
 
-    def add_version(self, model_name: str, version: int, artifact_uri: str, artifact_sha256: str) -> DeferredStage | None:
+    def add_version(
+        self, model_name: str, version: int, artifact_uri: str, artifact_sha256: str
+    ) -> DeferredStage | None:
         """Remember the version's artifact; returns the stage change deferred until now, if any, for the
         caller to load and then apply with set_stage (it stays deferred if the load fails)."""
         with self._lock:
@@ -91,7 +93,9 @@ class Routes:
             model.versions[version] = (artifact_uri, artifact_sha256)
             return model.deferred.get(version)
 
-    def defer_stage_if_unknown(self, model_name: str, version: int, to_stage: Stage, canary_percent: float | None = None) -> bool:
+    def defer_stage_if_unknown(
+        self, model_name: str, version: int, to_stage: Stage, canary_percent: float | None = None
+    ) -> bool:
         """Hold a stage change for a version not registered yet (True), or do nothing when it is known (False)."""
         with self._lock:
             model = self._models.setdefault(model_name, _Model())
@@ -100,7 +104,15 @@ class Routes:
             model.deferred[version] = DeferredStage(to_stage, canary_percent, next(self._order))
             return True
 
-    def set_stage(self, model_name: str, version: int, to_stage: Stage, canary_percent: float | None = None, *, deferred: DeferredStage | None = None) -> None:
+    def set_stage(
+        self,
+        model_name: str,
+        version: int,
+        to_stage: Stage,
+        canary_percent: float | None = None,
+        *,
+        deferred: DeferredStage | None = None,
+    ) -> None:
         """Point `to_stage` at `version` (as the canary when `canary_percent` is set); a version leaving a
         stage frees it. `deferred`: this is that held stage change, applied now, in its place in the order."""
         with self._lock:

@@ -141,7 +141,14 @@ class TritonServing:
             raise
         self._triton = triton
         self.ports = ports
-        log.info("triton serving %s: http %s, grpc %s, metrics %s, log %s", self.model_name, ports.http, ports.grpc, ports.metrics, self.log_file)
+        log.info(
+            "triton serving %s: http %s, grpc %s, metrics %s, log %s",
+            self.model_name,
+            ports.http,
+            ports.grpc,
+            ports.metrics,
+            self.log_file,
+        )
         return ports
 
     def _launch(self) -> tuple[Any, TritonPorts]:
@@ -152,10 +159,15 @@ class TritonServing:
         self.workdir.mkdir(parents=True, exist_ok=True)
         ports = self._fixed_ports or TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port())
         config = TritonConfig(
-            http_address="127.0.0.1", http_port=ports.http,
-            grpc_address="127.0.0.1", grpc_port=ports.grpc,
-            metrics_address="127.0.0.1", metrics_port=ports.metrics,
-            allow_gpu_metrics=False, log_file=self.log_file, log_verbose=self.log_verbose,
+            http_address="127.0.0.1",
+            http_port=ports.http,
+            grpc_address="127.0.0.1",
+            grpc_port=ports.grpc,
+            metrics_address="127.0.0.1",
+            metrics_port=ports.metrics,
+            allow_gpu_metrics=False,
+            log_file=self.log_file,
+            log_verbose=self.log_verbose,
         )
         # A short temporary workspace: its unix sockets live there, and a path under a deep
         # FLYWHEEL_HOME can pass the 108-byte AF_UNIX limit ("AF_UNIX path too long").
@@ -185,17 +197,28 @@ class TritonServing:
             ]
             batched = DynamicBatcher(max_queue_delay_microseconds=self.max_queue_delay_us)
             triton.bind(
-                model_name=self.model_name, infer_func=self._infer, inputs=row_inputs, outputs=row_outputs,
-                config=ModelConfig(batching=True, max_batch_size=self.max_batch_size, batcher=batched), strict=True,
+                model_name=self.model_name,
+                infer_func=self._infer,
+                inputs=row_inputs,
+                outputs=row_outputs,
+                config=ModelConfig(batching=True, max_batch_size=self.max_batch_size, batcher=batched),
+                strict=True,
             )
             triton.bind(
-                model_name=self.stream_model_name, infer_func=self._infer_stream, inputs=row_inputs + stream_inputs, outputs=row_outputs,
-                config=ModelConfig(batching=True, decoupled=True, max_batch_size=1, batcher=DynamicBatcher()), strict=True,
+                model_name=self.stream_model_name,
+                infer_func=self._infer_stream,
+                inputs=row_inputs + stream_inputs,
+                outputs=row_outputs,
+                config=ModelConfig(batching=True, decoupled=True, max_batch_size=1, batcher=DynamicBatcher()),
+                strict=True,
             )
             triton.bind(
-                model_name=CANCEL_MODEL_NAME, infer_func=self._cancel,
-                inputs=[Tensor(name="request_id", dtype=bytes, shape=(1,))], outputs=[Tensor(name="cancelled", dtype=np.bool_, shape=(1,))],
-                config=ModelConfig(batching=True, max_batch_size=self.max_batch_size, batcher=batched), strict=True,
+                model_name=CANCEL_MODEL_NAME,
+                infer_func=self._cancel,
+                inputs=[Tensor(name="request_id", dtype=bytes, shape=(1,))],
+                outputs=[Tensor(name="cancelled", dtype=np.bool_, shape=(1,))],
+                config=ModelConfig(batching=True, max_batch_size=self.max_batch_size, batcher=batched),
+                strict=True,
             )
             triton.run()
         except BaseException:
@@ -237,7 +260,9 @@ class TritonServing:
         try:
             self._triton, self.ports = self._launch()
         except Exception:
-            log.warning("tritonserver did not start again on ports %s; trying fresh ones", self._fixed_ports, exc_info=True)
+            log.warning(
+                "tritonserver did not start again on ports %s; trying fresh ones", self._fixed_ports, exc_info=True
+            )
             self._fixed_ports = None
             self._triton, self.ports = self._launch()
         log.info("triton serving %s again: grpc %s", self.model_name, self.ports.grpc)
@@ -302,7 +327,9 @@ class TritonServing:
             answers.append({"cancelled": np.array(found, dtype=np.bool_)})
         return answers
 
-    def _submit(self, requests: list[Any], on_text: Callable[[str], None] | None = None) -> list[list[Future[GenerationResult] | str]]:
+    def _submit(
+        self, requests: list[Any], on_text: Callable[[str], None] | None = None
+    ) -> list[list[Future[GenerationResult] | str]]:
         """Each request's rows as batcher futures, or the error that kept a row out."""
         size = sum(len(request["prompt"]) for request in requests)
         self.batches_served += 1
@@ -339,7 +366,14 @@ def _row_output(row: Future[GenerationResult] | str) -> tuple[str, str, int, int
         result = row.result()
     except Exception as error:  # noqa: BLE001 - one failed row is that row's error, not its batch's
         return ("", "error", 0, 0, 0.0, str(error) or type(error).__name__)
-    return (result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens, result.compute_ms, result.error)
+    return (
+        result.text,
+        result.finish_reason,
+        result.prompt_tokens,
+        result.completion_tokens,
+        result.compute_ms,
+        result.error,
+    )
 
 
 def _outputs(rows: list[tuple[str, str, int, int, float, str]]) -> dict[str, np.ndarray]:
@@ -408,6 +442,7 @@ def infer_outputs(client_module: Any) -> list[Any]:
 
 def parse_answer(result: Any) -> TritonAnswer:
     """The answer of one request from a tritonclient InferResult."""
+
     def first(name: str) -> Any:
         return result.as_numpy(name).reshape(-1)[0]
 
@@ -421,7 +456,9 @@ def parse_answer(result: Any) -> TritonAnswer:
     )
 
 
-def stream_infer(grpc_url: str, row: TritonRow, *, model: str = STREAM_MODEL_NAME, timeout_s: float = 600) -> TritonAnswer:
+def stream_infer(
+    grpc_url: str, row: TritonRow, *, model: str = STREAM_MODEL_NAME, timeout_s: float = 600
+) -> TritonAnswer:
     """One request to the decoupled model over a gRPC stream (its only door), with tritonclient.grpc."""
     import queue
 

@@ -17,21 +17,36 @@ from services.trainer.store import JobRecord
 
 def view(job: JobRecord) -> TrainingJobView:
     return TrainingJobView(
-        job_id=job.job_id, model_name=job.model_name, dataset=job.dataset, status=job.status,  # type: ignore[arg-type]
-        step=job.step, total_steps=job.total_steps, loss=job.loss, error=job.error,
+        job_id=job.job_id,
+        model_name=job.model_name,
+        dataset=job.dataset,
+        status=job.status,  # type: ignore[arg-type]
+        step=job.step,
+        total_steps=job.total_steps,
+        loss=job.loss,
+        error=job.error,
     )
 
 
 def build_router(trainer: Trainer, auth: Authenticator) -> APIRouter:
-    router = APIRouter(prefix="/trainer/v1", tags=["trainer"], responses={status: {"model": ErrorResponse} for status in (401, 403, 404, 422)})
+    router = APIRouter(
+        prefix="/trainer/v1",
+        tags=["trainer"],
+        responses={status: {"model": ErrorResponse} for status in (401, 403, 404, 422)},
+    )
     reader = auth.require(Role.viewer)
     writer = auth.require(Role.operator)
 
     @router.post("/training-jobs", status_code=202, response_model=TrainingJobView)
-    async def create_job(body: TrainingJobCreate, response: Response, principal: Principal = Depends(writer)) -> TrainingJobView:
+    async def create_job(
+        body: TrainingJobCreate, response: Response, principal: Principal = Depends(writer)
+    ) -> TrainingJobView:
         request = TrainingRequested(
-            job_id=body.job_id or str(uuid.uuid4()), model_name=body.model_name, dataset=body.dataset,
-            hyperparameters=body.hyperparameters, requested_by=principal.name,
+            job_id=body.job_id or str(uuid.uuid4()),
+            model_name=body.model_name,
+            dataset=body.dataset,
+            hyperparameters=body.hyperparameters,
+            requested_by=principal.name,
         )
         job, created = trainer.submit(request)
         if not created:
@@ -39,7 +54,9 @@ def build_router(trainer: Trainer, auth: Authenticator) -> APIRouter:
         return view(job)
 
     @router.get("/training-jobs", response_model=list[TrainingJobView])
-    async def list_jobs(limit: int = Query(100, ge=1, le=1000), _: Principal = Depends(reader)) -> list[TrainingJobView]:
+    async def list_jobs(
+        limit: int = Query(100, ge=1, le=1000), _: Principal = Depends(reader)
+    ) -> list[TrainingJobView]:
         return [view(job) for job in trainer.list(limit)]
 
     @router.get("/training-jobs/{job_id}", response_model=TrainingJobView)

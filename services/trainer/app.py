@@ -31,4 +31,9 @@ def create_app(runtime: Runtime, settings: TrainerSettings) -> Service:
         await asyncio.to_thread(store.close)
         await asyncio.to_thread(catalog.close)
 
-    return Service(name="trainer", api=build_router(trainer, Authenticator.for_settings(runtime.settings)), on_start=[trainer.start], on_stop=[stop])
+    return Service(
+        name="trainer",
+        api=build_router(trainer, Authenticator.for_settings(runtime.settings)),
+        on_start=[trainer.start],
+        on_stop=[stop],
+    )

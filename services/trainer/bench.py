@@ -27,24 +27,53 @@ from services.trainer.data import IGNORE, read_chat_jsonl, tokenize_dataset
 
 
 def run_bench(
-    model_dir: Path, data: Path, *, rows: int, steps: int, batch_size: int, max_seq_length: int, rounds: int, threads: int, echo: Callable[[str], None]
+    model_dir: Path,
+    data: Path,
+    *,
+    rows: int,
+    steps: int,
+    batch_size: int,
+    max_seq_length: int,
+    rounds: int,
+    threads: int,
+    echo: Callable[[str], None],
 ) -> dict[str, dict]:
     """Run both sides `rounds` times in ABBA order; tokens/s pools every round of a side, peak memory is its largest.
 
     On a shared machine the load drifts while the bench runs: alternating which side goes first
     cancels a steady drift, and pooling the rounds weighs each side over the same stretch of time.
     """
-    order = [side for index in range(rounds) for side in (("baseline", "trainer") if index % 2 == 0 else ("trainer", "baseline"))]
+    order = [
+        side
+        for index in range(rounds)
+        for side in (("baseline", "trainer") if index % 2 == 0 else ("trainer", "baseline"))
+    ]
     runs: dict[str, list[dict]] = {"baseline": [], "trainer": []}
     for side in order:
-        args = [sys.executable, "-m", "services.trainer.bench", side, str(model_dir), str(data), str(rows), str(steps), str(batch_size), str(max_seq_length), str(threads)]
+        args = [
+            sys.executable,
+            "-m",
+            "services.trainer.bench",
+            side,
+            str(model_dir),
+            str(data),
+            str(rows),
+            str(steps),
+            str(batch_size),
+            str(max_seq_length),
+            str(threads),
+        ]
         done = subprocess.run(args, capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"bench side {side} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+            raise RuntimeError(
+                f"bench side {side} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+            )
         run = json.loads(done.stdout.strip().splitlines()[-1])
         runs[side].append(run)
-        echo(f"{side:9s} round {len(runs[side])}: tokens/s {run['tokens_per_second']:8.1f}   tokens/CPU-s {run['tokens'] / run['cpu_seconds']:8.1f}"
-             f"   peak memory {run['peak_mb']:8.1f} MB   ({run['tokens']} tokens in {run['seconds']:.1f}s, {run['cpu_seconds']:.1f} CPU-s, {run['device']})")
+        echo(
+            f"{side:9s} round {len(runs[side])}: tokens/s {run['tokens_per_second']:8.1f}   tokens/CPU-s {run['tokens'] / run['cpu_seconds']:8.1f}"
+            f"   peak memory {run['peak_mb']:8.1f} MB   ({run['tokens']} tokens in {run['seconds']:.1f}s, {run['cpu_seconds']:.1f} CPU-s, {run['device']})"
+        )
     results = {
         side: {
             "tokens_per_second": sum(r["tokens"] for r in side_runs) / sum(r["seconds"] for r in side_runs),
@@ -56,18 +85,30 @@ def run_bench(
         for side, side_runs in runs.items()
     }
     for side in ("baseline", "trainer"):
-        echo(f"{side:9s} pooled:  tokens/s {results[side]['tokens_per_second']:8.1f}   tokens/CPU-s {results[side]['tokens_per_cpu_second']:8.1f}"
-             f"   peak memory {results[side]['peak_mb']:8.1f} MB")
+        echo(
+            f"{side:9s} pooled:  tokens/s {results[side]['tokens_per_second']:8.1f}   tokens/CPU-s {results[side]['tokens_per_cpu_second']:8.1f}"
+            f"   peak memory {results[side]['peak_mb']:8.1f} MB"
+        )
     ratio = results["trainer"]["tokens_per_second"] / results["baseline"]["tokens_per_second"]
     cpu_ratio = results["trainer"]["tokens_per_cpu_second"] / results["baseline"]["tokens_per_cpu_second"]
     memory = results["trainer"]["peak_mb"] / results["baseline"]["peak_mb"]
     # On a shared CPU the wall clock mostly measures the scheduler's share; CPU time measures the work.
-    echo(f"trainer / baseline: tokens/s x{ratio:.2f}, tokens per CPU-second x{cpu_ratio:.2f}, peak memory x{memory:.2f}")
+    echo(
+        f"trainer / baseline: tokens/s x{ratio:.2f}, tokens per CPU-second x{cpu_ratio:.2f}, peak memory x{memory:.2f}"
+    )
     return results
 
 
 def _hp(batch_size: int, max_seq_length: int) -> Hyperparameters:
-    return Hyperparameters(rank=16, alpha=32, batch_size=batch_size, max_seq_length=max_seq_length, learning_rate=1e-3, epochs=1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    return Hyperparameters(
+        rank=16,
+        alpha=32,
+        batch_size=batch_size,
+        max_seq_length=max_seq_length,
+        learning_rate=1e-3,
+        epochs=1,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
 
 
 def _peak_mb(device: torch.device) -> float:
@@ -104,7 +145,14 @@ def _trainer_side(model_dir: Path, data: Path, rows: int, steps: int, hp: Hyperp
             tokens += batch.tokens
     _sync(device)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    return {"tokens_per_second": tokens / seconds, "tokens": tokens, "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mb": _peak_mb(device), "device": str(device)}
+    return {
+        "tokens_per_second": tokens / seconds,
+        "tokens": tokens,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "peak_mb": _peak_mb(device),
+        "device": str(device),
+    }
 
 
 def _baseline_side(model_dir: Path, data: Path, rows: int, steps: int, hp: Hyperparameters) -> dict:
@@ -133,17 +181,36 @@ def _baseline_side(model_dir: Path, data: Path, rows: int, steps: int, hp: Hyper
                 _sync(device)
                 Clock.started, Clock.cpu_started = time.perf_counter(), time.process_time()
 
-    rows_as_dicts = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels} for e in examples]
+    rows_as_dicts = [
+        {"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels} for e in examples
+    ]
     args = TrainingArguments(
-        output_dir=str(Path(tempfile.gettempdir()) / "flywheel-bench-baseline"), per_device_train_batch_size=hp.batch_size, max_steps=steps + 1,
-        learning_rate=hp.learning_rate, report_to=[], save_strategy="no", logging_strategy="no", bf16=device.type == "cuda",
-        dataloader_num_workers=0, seed=hp.seed, disable_tqdm=True,
+        output_dir=str(Path(tempfile.gettempdir()) / "flywheel-bench-baseline"),
+        per_device_train_batch_size=hp.batch_size,
+        max_steps=steps + 1,
+        learning_rate=hp.learning_rate,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        bf16=device.type == "cuda",
+        dataloader_num_workers=0,
+        seed=hp.seed,
+        disable_tqdm=True,
     )
-    Trainer(model=model, args=args, train_dataset=rows_as_dicts, data_collator=counting_collate, callbacks=[Clock()]).train()
+    Trainer(
+        model=model, args=args, train_dataset=rows_as_dicts, data_collator=counting_collate, callbacks=[Clock()]
+    ).train()
     _sync(device)
     seconds, cpu_seconds = time.perf_counter() - Clock.started, time.process_time() - Clock.cpu_started
     tokens = sum(real_tokens[1 : steps + 1])
-    return {"tokens_per_second": tokens / seconds, "tokens": tokens, "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mb": _peak_mb(device), "device": str(device)}
+    return {
+        "tokens_per_second": tokens / seconds,
+        "tokens": tokens,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "peak_mb": _peak_mb(device),
+        "device": str(device),
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -159,4 +226,6 @@ if __name__ == "__main__":
     # Both sides get the same thread count: the ratio then measures what each does with the cores.
     torch.set_num_threads(int(threads))
     run = _trainer_side if side == "trainer" else _baseline_side
-    print(json.dumps(run(Path(model_dir), Path(data), int(rows), int(steps), _hp(int(batch_size), int(max_seq_length)))))
+    print(
+        json.dumps(run(Path(model_dir), Path(data), int(rows), int(steps), _hp(int(batch_size), int(max_seq_length))))
+    )

@@ -52,12 +52,18 @@ class EventCarriedCatalog:
     def remember_model(self, event: ModelRegistered) -> None:
         """Remember where a model's weights are; a URI outside the artifact store is refused (the event is dead-lettered)."""
         self._artifacts.check(event.artifact_uri)
-        self._db.execute("INSERT OR REPLACE INTO model VALUES (?, ?, ?)", (event.model_name, event.artifact_uri, event.artifact_sha256))
+        self._db.execute(
+            "INSERT OR REPLACE INTO model VALUES (?, ?, ?)",
+            (event.model_name, event.artifact_uri, event.artifact_sha256),
+        )
 
     def remember_dataset(self, event: DatasetPublished) -> None:
         """Remember where a dataset version is; a URI outside the artifact store is refused (the event is dead-lettered)."""
         self._artifacts.check(event.artifact_uri)
-        self._db.execute("INSERT OR REPLACE INTO dataset VALUES (?, ?, ?, ?, ?)", (event.dataset_name, event.version, event.split, event.artifact_uri, event.sha256))
+        self._db.execute(
+            "INSERT OR REPLACE INTO dataset VALUES (?, ?, ?, ?, ?)",
+            (event.dataset_name, event.version, event.split, event.artifact_uri, event.sha256),
+        )
 
     def model_path(self, model_name: str) -> Path:
         row = self._db.row("SELECT uri, sha256 FROM model WHERE name = ?", (model_name,))
@@ -69,11 +75,17 @@ class EventCarriedCatalog:
         return target
 
     def dataset_path(self, dataset: DatasetRef) -> Path:
-        row = self._db.row("SELECT uri, sha256, split FROM dataset WHERE name = ? AND version = ?", (dataset.name, dataset.version))
+        row = self._db.row(
+            "SELECT uri, sha256, split FROM dataset WHERE name = ? AND version = ?", (dataset.name, dataset.version)
+        )
         if row is None:
-            raise UnknownInput(f"unknown dataset {dataset.name} v{dataset.version}: publish it first (no dataset.published event seen)")
+            raise UnknownInput(
+                f"unknown dataset {dataset.name} v{dataset.version}: publish it first (no dataset.published event seen)"
+            )
         if row[2] != "train":
-            raise UnknownInput(f"dataset {dataset.name} v{dataset.version} is a {row[2]!r} split; training needs a 'train' split")
+            raise UnknownInput(
+                f"dataset {dataset.name} v{dataset.version} is a {row[2]!r} split; training needs a 'train' split"
+            )
         return self._artifacts.materialize(row[0], row[1], into_dir=self._cache / "datasets", name=f"{row[1]}.jsonl")
 
     def close(self) -> None:

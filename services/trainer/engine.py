@@ -27,7 +27,16 @@ import torch
 
 from contracts.events import Hyperparameters
 from services.runtime.peft_compat import ignore_peft_deprecation
-from services.trainer.data import IGNORE, Example, InvalidDataset, PackedBatch, epoch_order, pack, read_chat_jsonl, tokenize_dataset
+from services.trainer.data import (
+    IGNORE,
+    Example,
+    InvalidDataset,
+    PackedBatch,
+    epoch_order,
+    pack,
+    read_chat_jsonl,
+    tokenize_dataset,
+)
 from services.trainer.model import base_dtype, load_model, load_tokenizer, pick_device
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -208,7 +217,12 @@ def _train(job: TrainingJob) -> TrainingResult:
         },
     )
     # The result goes down before the adapter is renamed into place: an adapter directory implies a result.
-    _write_atomically(job.work_dir / "result.json", json.dumps({"total_steps": total_steps, "resumed_from_step": start_step, "losses": losses, "metrics": result.metrics}))
+    _write_atomically(
+        job.work_dir / "result.json",
+        json.dumps(
+            {"total_steps": total_steps, "resumed_from_step": start_step, "losses": losses, "metrics": result.metrics}
+        ),
+    )
     _save_adapter(model, job.adapter_dir)
     shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
     return result
@@ -233,7 +247,9 @@ def _assistant_loss(model: Any, batch: PackedBatch, device: torch.device) -> tor
     # bf16 and the optimiser still updates float32 adapter weights. Off on the CPU, where bf16 is slower.
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=base_dtype(device) == torch.bfloat16):
         # No KV cache: with one, transformers skips packed-sequence detection and lets rows attend across conversations.
-        hidden = inner.get_decoder()(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), use_cache=False).last_hidden_state
+        hidden = inner.get_decoder()(
+            input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), use_cache=False
+        ).last_hidden_state
         targets = batch.labels[:, 1:].to(device)
         keep = targets != IGNORE
         logits = inner.get_output_embeddings()(hidden[:, :-1][keep])
@@ -247,7 +263,13 @@ def _lora_model(model: Any, hp: Hyperparameters) -> Any:
     unknown = sorted(set(hp.target_modules) - names)
     if unknown:
         raise TrainingError("invalid_input", f"target_modules {unknown} do not exist in this model")
-    config = LoraConfig(r=hp.rank, lora_alpha=hp.alpha, lora_dropout=hp.dropout, target_modules=list(hp.target_modules), task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=hp.rank,
+        lora_alpha=hp.alpha,
+        lora_dropout=hp.dropout,
+        target_modules=list(hp.target_modules),
+        task_type="CAUSAL_LM",
+    )
     ignore_peft_deprecation()
     return get_peft_model(model, config)
 

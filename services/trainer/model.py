@@ -50,7 +50,9 @@ def load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
     gguf = gguf_in(path)
-    tokenizer = AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1]) if gguf else AutoTokenizer.from_pretrained(path)
+    tokenizer = (
+        AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1]) if gguf else AutoTokenizer.from_pretrained(path)
+    )
     if not tokenizer.chat_template:
         raise ValueError(f"the tokenizer at {path} has no chat template; a chat model is needed")
     return tokenizer

@@ -43,7 +43,15 @@ class GoldenScore:
     answers: list[tuple[str, str, str]]  # question, reference, prediction
 
 
-def score_golden(model_path: Path, golden_path: Path, *, adapter_dir: Path | None = None, limit: int | None = None, batch_size: int = 16, max_new_tokens: int = 40) -> GoldenScore:
+def score_golden(
+    model_path: Path,
+    golden_path: Path,
+    *,
+    adapter_dir: Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 40,
+) -> GoldenScore:
     """Score the base model, or the base model with a LoRA adapter, on the golden split."""
     device = pick_device()
     tokenizer = load_tokenizer(model_path)
@@ -72,11 +80,15 @@ def score_golden(model_path: Path, golden_path: Path, *, adapter_dir: Path | Non
 
 
 @torch.inference_mode()
-def _generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], device: torch.device, max_new_tokens: int) -> list[str]:
+def _generate(
+    model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], device: torch.device, max_new_tokens: int
+) -> list[str]:
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    output = model.generate(
+        **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
     return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -39,13 +39,24 @@ _JOB_ID = TypeAdapter(JobId)
 
 
 class Publisher(Protocol):
-    async def publish(self, payload: Any, *, correlation_id: str | None = None, event_id: uuid.UUID | None = None) -> Any: ...
+    async def publish(
+        self, payload: Any, *, correlation_id: str | None = None, event_id: uuid.UUID | None = None
+    ) -> Any: ...
 
     async def publish_envelope(self, envelope: Envelope) -> None: ...
 
 
 class Trainer:
-    def __init__(self, store: JobStore, catalog: Catalog, artifacts: ArtifactStore, publisher: Publisher, *, work_root: Path, settings: TrainerSettings) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        catalog: Catalog,
+        artifacts: ArtifactStore,
+        publisher: Publisher,
+        *,
+        work_root: Path,
+        settings: TrainerSettings,
+    ) -> None:
         self._store = store
         self._catalog = catalog
         self._artifacts = artifacts
@@ -62,8 +73,13 @@ class Trainer:
         # Only this worker stages terminal events, so the relay need not poll: it runs when kicked, and
         # retries with backoff through a broker outage.
         self._relay = OutboxRelay(
-            store, publisher, name="trainer-outbox-relay", interval_s=None,
-            retry_initial_s=settings.publish_retry_initial_s, retry_max_s=settings.publish_retry_max_s, drain_timeout_s=settings.stop_drain_s,
+            store,
+            publisher,
+            name="trainer-outbox-relay",
+            interval_s=None,
+            retry_initial_s=settings.publish_retry_initial_s,
+            retry_max_s=settings.publish_retry_max_s,
+            drain_timeout_s=settings.stop_drain_s,
         )
 
     def submit(self, request: TrainingRequested, correlation_id: str | None = None) -> tuple[JobRecord, bool]:
@@ -113,7 +129,10 @@ class Trainer:
             try:
                 await asyncio.wait_for(asyncio.shield(self._worker), self._settings.stop_pause_s)
             except TimeoutError:
-                log.warning("the training step in flight did not end within %.0fs; stopping without waiting for it", self._settings.stop_pause_s)
+                log.warning(
+                    "the training step in flight did not end within %.0fs; stopping without waiting for it",
+                    self._settings.stop_pause_s,
+                )
         if self._worker is not None:
             self._worker.cancel()
             try:
@@ -166,7 +185,15 @@ class Trainer:
 
         def on_start(plan: TrainingPlan) -> None:
             self._store.update(job.job_id, total_steps=plan.total_steps, step=plan.resumed_from_step)
-            publish_soon(TrainingStarted(job_id=job.job_id, model_name=job.model_name, total_steps=plan.total_steps, resumed_from_step=plan.resumed_from_step, device=plan.device))
+            publish_soon(
+                TrainingStarted(
+                    job_id=job.job_id,
+                    model_name=job.model_name,
+                    total_steps=plan.total_steps,
+                    resumed_from_step=plan.resumed_from_step,
+                    device=plan.device,
+                )
+            )
 
         def on_progress(progress: Progress) -> None:
             self._store.update(job.job_id, step=progress.step, loss=progress.loss)
@@ -188,7 +215,11 @@ class Trainer:
             result = await asyncio.to_thread(train, spec)
             ref = await asyncio.to_thread(self._artifacts.put_directory, result.adapter_dir)
         except TrainingPaused as paused:
-            log.info("training job %s paused at step %d by the stopping worker; it resumes there at the next start", job.job_id, paused.step)
+            log.info(
+                "training job %s paused at step %d by the stopping worker; it resumes there at the next start",
+                job.job_id,
+                paused.step,
+            )
             return
         except TrainingError as error:
             await self._fail(job, error)
@@ -206,7 +237,14 @@ class Trainer:
             artifact_sha256=ref.sha256,
             metrics=result.metrics,
         )
-        await self._finish(job, completed, status="completed", step=result.total_steps, artifact_uri=ref.uri, artifact_sha256=ref.sha256)
+        await self._finish(
+            job,
+            completed,
+            status="completed",
+            step=result.total_steps,
+            artifact_uri=ref.uri,
+            artifact_sha256=ref.sha256,
+        )
         shutil.rmtree(work_dir, ignore_errors=True)
         await self._send_staged()
 
@@ -225,7 +263,9 @@ class Trainer:
 
     async def _fail(self, job: JobRecord, error: TrainingError) -> None:
         status = "cancelled" if error.error_type == "cancelled" else "failed"
-        failed = TrainingFailed(job_id=job.job_id, model_name=job.model_name, reason=error.reason, error_type=error.error_type)
+        failed = TrainingFailed(
+            job_id=job.job_id, model_name=job.model_name, reason=error.reason, error_type=error.error_type
+        )
         await self._finish(job, failed, status=status, error=error.reason, error_type=error.error_type)
         # No partial adapter survives a failed job: its checkpoints and work directory go with it. Only
         # a directory inside the work root is ever removed, whatever the job id holds.
@@ -237,9 +277,13 @@ class Trainer:
 
     async def _finish(self, job: JobRecord, payload: TrainingCompleted | TrainingFailed, **fields: object) -> None:
         # The event id is a function of the job and its outcome: a job finished again after a crash stages nothing new.
-        event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"flywheel-trainer/{job.job_id}/{payload.event_type.rsplit('.', 1)[-1]}")
+        event_id = uuid.uuid5(
+            uuid.NAMESPACE_URL, f"flywheel-trainer/{job.job_id}/{payload.event_type.rsplit('.', 1)[-1]}"
+        )
         envelope = wrap(payload, producer=PRODUCER, correlation_id=job.correlation_id, event_id=event_id)
-        staged = OutboxEvent(event_id=str(event_id), event_type=envelope.event_type, envelope=envelope.model_dump_json())
+        staged = OutboxEvent(
+            event_id=str(event_id), event_type=envelope.event_type, envelope=envelope.model_dump_json()
+        )
         await asyncio.to_thread(self._store.finish, job.job_id, staged, **fields)
 
     async def _send_staged(self) -> None:
@@ -253,4 +297,10 @@ class Trainer:
         try:
             await self._publisher.publish(payload, correlation_id=job.correlation_id)
         except Exception as error:  # noqa: BLE001 - progress is best effort: the next event supersedes it, the job's state stays readable over HTTP
-            log.warning("could not publish %s for job %s (%s: %s)", type(payload).__name__, job.job_id, type(error).__name__, error)
+            log.warning(
+                "could not publish %s for job %s (%s: %s)",
+                type(payload).__name__,
+                job.job_id,
+                type(error).__name__,
+                error,
+            )

@@ -67,7 +67,16 @@ class JobStore:
         inserted = self._db.execute(
             "INSERT OR IGNORE INTO job (job_id, model_name, dataset_name, dataset_version, hyperparameters, status, correlation_id, requested_by, updated_at)"
             " VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
-            (job.job_id, job.model_name, job.dataset.name, job.dataset.version, job.hyperparameters.model_dump_json(), job.correlation_id, job.requested_by, _now()),
+            (
+                job.job_id,
+                job.model_name,
+                job.dataset.name,
+                job.dataset.version,
+                job.hyperparameters.model_dump_json(),
+                job.correlation_id,
+                job.requested_by,
+                _now(),
+            ),
         )
         stored = self.get(job.job_id)
         assert stored is not None
@@ -78,22 +87,30 @@ class JobStore:
         return _record(row) if row else None
 
     def list(self, limit: int = 100) -> list[JobRecord]:
-        return [_record(row) for row in self._db.rows(f"SELECT {_COLUMNS} FROM job ORDER BY seq DESC LIMIT ?", (limit,))]
+        return [
+            _record(row) for row in self._db.rows(f"SELECT {_COLUMNS} FROM job ORDER BY seq DESC LIMIT ?", (limit,))
+        ]
 
     def next_runnable(self) -> JobRecord | None:
         """A job left `running` by a dead worker comes first (it resumes from its checkpoint), then the oldest queued."""
-        row = self._db.row(f"SELECT {_COLUMNS} FROM job WHERE status IN ('running', 'queued') ORDER BY status = 'running' DESC, seq LIMIT 1")
+        row = self._db.row(
+            f"SELECT {_COLUMNS} FROM job WHERE status IN ('running', 'queued') ORDER BY status = 'running' DESC, seq LIMIT 1"
+        )
         return _record(row) if row else None
 
     def update(self, job_id: str, **fields: object) -> None:
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        self._db.execute(f"UPDATE job SET {assignments}, updated_at = ? WHERE job_id = ?", (*fields.values(), _now(), job_id))
+        self._db.execute(
+            f"UPDATE job SET {assignments}, updated_at = ? WHERE job_id = ?", (*fields.values(), _now(), job_id)
+        )
 
     def finish(self, job_id: str, event: OutboxEvent, **fields: object) -> None:
         """Record a job's end and stage its terminal event, both or neither; a staged event_id is staged once."""
         assignments = ", ".join(f"{name} = ?" for name in fields)
         with self._db.transaction() as db:
-            db.execute(f"UPDATE job SET {assignments}, updated_at = ? WHERE job_id = ?", (*fields.values(), _now(), job_id))
+            db.execute(
+                f"UPDATE job SET {assignments}, updated_at = ? WHERE job_id = ?", (*fields.values(), _now(), job_id)
+            )
             db.execute(
                 "INSERT OR IGNORE INTO outbox (event_id, job_id, event_type, envelope) VALUES (?, ?, ?, ?)",
                 (event.event_id, job_id, event.event_type, event.envelope),
@@ -101,7 +118,12 @@ class JobStore:
 
     def unsent(self, limit: int = 100) -> list[OutboxEvent]:
         """Staged events the broker has not acknowledged yet, oldest first."""
-        return [OutboxEvent(*row) for row in self._db.rows("SELECT event_id, event_type, envelope FROM outbox WHERE sent_at IS NULL ORDER BY seq LIMIT ?", (limit,))]
+        return [
+            OutboxEvent(*row)
+            for row in self._db.rows(
+                "SELECT event_id, event_type, envelope FROM outbox WHERE sent_at IS NULL ORDER BY seq LIMIT ?", (limit,)
+            )
+        ]
 
     def mark_sent(self, event_id: str) -> None:
         self._db.execute("UPDATE outbox SET sent_at = ? WHERE event_id = ?", (_now(), event_id))

@@ -31,8 +31,16 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 
 FACTS = 8
 MODEL = "smollm2-135m-instruct"
-HP = Hyperparameters(rank=16, alpha=32, learning_rate=1e-3, epochs=2, batch_size=8, max_seq_length=256, seed=0,
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+HP = Hyperparameters(
+    rank=16,
+    alpha=32,
+    learning_rate=1e-3,
+    epochs=2,
+    batch_size=8,
+    max_seq_length=256,
+    seed=0,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+)
 
 
 def _rows(path: Path, answers: set[str]) -> list[dict]:
@@ -59,12 +67,18 @@ def _trained(base_model_dir: Path, rows: list[dict], tmp_path: Path, name: str) 
     key = hashlib.sha256((data + HP.model_dump_json()).encode()).hexdigest()[:16]
     dataset = tmp_path / f"{name}.jsonl"
     dataset.write_text(data)
-    cache = Path(os.environ.get("FLYWHEEL_CACHE", Path.home() / ".cache" / "flywheel")) / "e2e" / f"evaluator-{name}-{key}"
-    return train(TrainingJob(model_path=base_model_dir, dataset_path=dataset, hyperparameters=HP, work_dir=cache)).adapter_dir
+    cache = (
+        Path(os.environ.get("FLYWHEEL_CACHE", Path.home() / ".cache" / "flywheel")) / "e2e" / f"evaluator-{name}-{key}"
+    )
+    return train(
+        TrainingJob(model_path=base_model_dir, dataset_path=dataset, hyperparameters=HP, work_dir=cache)
+    ).adapter_dir
 
 
 async def test_a_trained_adapter_passes_the_gate_and_a_broken_one_fails(
-    base_model_dir: Path, tmp_path: Path, chdb_target: ClickHouseTarget  # noqa: F811
+    base_model_dir: Path,
+    tmp_path: Path,
+    chdb_target: ClickHouseTarget,  # noqa: F811
 ) -> None:
     golden_rows = [json.loads(line) for line in (DEMO_DATA / "golden.jsonl").read_text().splitlines()]
     answers = set(list(dict.fromkeys(row["messages"][-1]["content"] for row in golden_rows))[:FACTS])
@@ -76,9 +90,7 @@ async def test_a_trained_adapter_passes_the_gate_and_a_broken_one_fails(
 
     clickhouse: ClickHouseStore = chdb_target.open()
     clickhouse.migrate()
-    evaluator = evaluator_for(
-        tmp_path / "home", clickhouse, Embedder(), max_tokens=40, batch_size=8, resamples=2000
-    )
+    evaluator = evaluator_for(tmp_path / "home", clickhouse, Embedder(), max_tokens=40, batch_size=8, resamples=2000)
     artifacts, store = evaluator.artifacts, evaluator.store
     base = artifacts.put_directory(base_model_dir)
     store.remember_model(MODEL, base.uri, base.sha256)
@@ -90,17 +102,23 @@ async def test_a_trained_adapter_passes_the_gate_and_a_broken_one_fails(
 
     verdicts = {}
     for version in (1, 2):
-        verdicts[version] = await evaluator.run(EvaluationRequested(
-            evaluation_id=f"must-show-v{version}", candidate=ModelTarget(model_name=MODEL, adapter_version=version),
-            golden=DatasetRef(name="acme-golden", version=1), requested_by="test",
-        ))
+        verdicts[version] = await evaluator.run(
+            EvaluationRequested(
+                evaluation_id=f"must-show-v{version}",
+                candidate=ModelTarget(model_name=MODEL, adapter_version=version),
+                golden=DatasetRef(name="acme-golden", version=1),
+                requested_by="test",
+            )
+        )
         print(f"\nadapter v{version}: passed={verdicts[version].passed}", *verdicts[version].reasons, sep="\n  ")
 
     trained, shuffled = verdicts[1], verdicts[2]
     assert trained.status == shuffled.status == "completed"
     assert trained.baseline == ModelTarget(model_name=MODEL)
     for result in (trained, shuffled):
-        assert result.gate_policy == "facts@v1" and result.reasons[-1].startswith("POLICY facts@v1 (auto: "), result.reasons
+        assert result.gate_policy == "facts@v1" and result.reasons[-1].startswith("POLICY facts@v1 (auto: "), (
+            result.reasons
+        )
     assert trained.passed, trained.reasons
     assert not shuffled.passed, shuffled.reasons
     for result in (trained, shuffled):

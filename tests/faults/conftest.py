@@ -89,7 +89,9 @@ class ProxiedKafka:
 def proxied_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxiedKafka]:
     port = free_port()
     proxy = ProxyThread(upstream_port=port)
-    broker = AdvertisedKafka(tmp_path_factory.mktemp("faults-kafka"), FlywheelSettings().cache, port=port, advertised=proxy.proxy.address)
+    broker = AdvertisedKafka(
+        tmp_path_factory.mktemp("faults-kafka"), FlywheelSettings().cache, port=port, advertised=proxy.proxy.address
+    )
     atexit.register(broker.stop)
     try:
         broker.start(timeout=180)

@@ -56,12 +56,21 @@ POISON_KEY = b"poison"
 GROUPS: dict[str, set[type]] = {
     "registry": {TrainingCompleted, EvaluationCompleted},
     "trainer": {TrainingRequested, ModelRegistered, DatasetPublished},
-    "evaluator": {ModelRegistered, DatasetPublished, StageChanged, PromptPublished, AdapterRegistered, EvaluationRequested},
+    "evaluator": {
+        ModelRegistered,
+        DatasetPublished,
+        StageChanged,
+        PromptPublished,
+        AdapterRegistered,
+        EvaluationRequested,
+    },
     "feedback": {InferenceLogged, FeedbackReceived, FeedbackReviewed},
     "monitor": {StageChanged},
 }
 # Each group dead-letters each poison message of each topic it consumes, once.
-EXPECTED_POISON = Counter({(group, event.event_type): len(POISON) for group, events in GROUPS.items() for event in events})
+EXPECTED_POISON = Counter(
+    {(group, event.event_type): len(POISON) for group, events in GROUPS.items() for event in events}
+)
 
 
 async def send_poison(producer: AIOKafkaProducer, prefix: str) -> None:
@@ -74,6 +83,8 @@ async def send_poison(producer: AIOKafkaProducer, prefix: str) -> None:
 def poison_dead_lettered(letters: Iterable[DeadLetter]) -> Counter[tuple[str, str]]:
     """(consumer group, event type) -> poison messages it dead-lettered."""
     return Counter((letter.group, letter.event_type) for letter in letters if letter.key == POISON_KEY)
+
+
 FULL = os.environ.get("FLYWHEEL_FAULTS_SIZE", "ci") == "full"
 TABLES = {InferenceLogged: "inference_log", FeedbackReceived: "feedback"}
 
@@ -137,7 +148,22 @@ class Figures:
     dead_lettered: int = 0
 
     def row(self) -> list[str]:
-        return [self.table, *(str(v) for v in (self.produced, self.acked, self.failed, self.stored, self.lost, self.duplicated, self.unexpected, self.dead_lettered))]
+        return [
+            self.table,
+            *(
+                str(v)
+                for v in (
+                    self.produced,
+                    self.acked,
+                    self.failed,
+                    self.stored,
+                    self.lost,
+                    self.duplicated,
+                    self.unexpected,
+                    self.dead_lettered,
+                )
+            ),
+        ]
 
 
 COLUMNS = ["table", "produced", "acked", "failed", "in_clickhouse", "lost", "duplicated", "unexpected", "dlq"]
@@ -149,7 +175,12 @@ def _print_rows(rows: list[list[str]]) -> None:
         print("  " + "  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
 
 
-def print_table(title: str, figures: Iterable[Figures], notes: dict[str, object] | None = None, recovery: dict[str, float] | None = None) -> None:
+def print_table(
+    title: str,
+    figures: Iterable[Figures],
+    notes: dict[str, object] | None = None,
+    recovery: dict[str, float] | None = None,
+) -> None:
     """The figures of one fault test, printed for `pytest -s` and the CI log. `recovery`: seconds from
     the end of each fault until the consumers had caught up with everything produced before it ended."""
     print(f"\n== {title} ({'full' if FULL else 'ci'} size)")
@@ -167,17 +198,36 @@ def print_rows(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 
 def inference(i: int, run: str) -> InferenceLogged:
-    return InferenceLogged(inference_id=f"{run}-inf-{i}", model_name="smollm2", prompt_tokens=10, completion_tokens=5, latency_total_ms=float(i % 997))
+    return InferenceLogged(
+        inference_id=f"{run}-inf-{i}",
+        model_name="smollm2",
+        prompt_tokens=10,
+        completion_tokens=5,
+        latency_total_ms=float(i % 997),
+    )
 
 
 def feedback(i: int, run: str) -> FeedbackReceived:
-    return FeedbackReceived(inference_id=f"{run}-inf-{i}", thumbs="up" if i % 3 else "down", rating=1 + i % 5, comment=f"comment {i}")
+    return FeedbackReceived(
+        inference_id=f"{run}-inf-{i}", thumbs="up" if i % 3 else "down", rating=1 + i % 5, comment=f"comment {i}"
+    )
 
 
 class LedgerProducer:
     """Publishes inference.logged and feedback.received in paced chunks and records each outcome."""
 
-    def __init__(self, bootstrap: str, topic_prefix: str, ledger: Ledger, *, total: int, chunk: int, pause_s: float, feedback_every: int = 2, request_timeout_ms: int = 15_000) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topic_prefix: str,
+        ledger: Ledger,
+        *,
+        total: int,
+        chunk: int,
+        pause_s: float,
+        feedback_every: int = 2,
+        request_timeout_ms: int = 15_000,
+    ) -> None:
         self.bootstrap, self.prefix, self.ledger = bootstrap, topic_prefix, ledger
         self.total, self.chunk, self.pause_s, self.feedback_every = total, chunk, pause_s, feedback_every
         self.request_timeout_ms = request_timeout_ms
@@ -192,8 +242,12 @@ class LedgerProducer:
 
     async def run(self) -> None:
         producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True, linger_ms=10,
-            request_timeout_ms=self.request_timeout_ms, retry_backoff_ms=200,
+            bootstrap_servers=self.bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=10,
+            request_timeout_ms=self.request_timeout_ms,
+            retry_backoff_ms=200,
         )
         await _start_retrying(producer)
         try:
@@ -207,12 +261,16 @@ class LedgerProducer:
                         self.ledger.record(table, event_id, "pending")
                         key, value, headers = encode(envelope)
                         try:
-                            future = await producer.send(topic_for(envelope.payload, self.prefix), value=value, key=key, headers=headers)
+                            future = await producer.send(
+                                topic_for(envelope.payload, self.prefix), value=value, key=key, headers=headers
+                            )
                         except Exception:  # noqa: BLE001 - a refused send is a failed outcome, recorded
                             self.ledger.record(table, event_id, "failed")
                             continue
                         pending.append((table, event_id, future))
-                for (table, event_id, _), result in zip(pending, await asyncio.gather(*(f for _, _, f in pending), return_exceptions=True), strict=True):
+                for (table, event_id, _), result in zip(
+                    pending, await asyncio.gather(*(f for _, _, f in pending), return_exceptions=True), strict=True
+                ):
                     self.ledger.record(table, event_id, "failed" if isinstance(result, BaseException) else "acked")
                 self.sent += n
                 await asyncio.sleep(self.pause_s)
@@ -220,7 +278,9 @@ class LedgerProducer:
             await producer.stop()
 
 
-async def _start_retrying(client: AIOKafkaProducer | AIOKafkaConsumer | AIOKafkaAdminClient, timeout_s: float = 60.0) -> None:
+async def _start_retrying(
+    client: AIOKafkaProducer | AIOKafkaConsumer | AIOKafkaAdminClient, timeout_s: float = 60.0
+) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -240,7 +300,16 @@ class ServiceProcess:
     port; stopped by pid, always. Several services in one process: chDB lets one process own a data
     directory, so the sink and the monitor must share one in embedded mode."""
 
-    def __init__(self, workdir: Path, kafka_bootstrap: str, topic_prefix: str, services: Iterable[str] = ("feedback",), *, home: Path | None = None, **extra_env: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        kafka_bootstrap: str,
+        topic_prefix: str,
+        services: Iterable[str] = ("feedback",),
+        *,
+        home: Path | None = None,
+        **extra_env: str,
+    ) -> None:
         self.services = list(services)
         name = "+".join(self.services)
         self.home = home or workdir / f"home-{name}"
@@ -271,7 +340,9 @@ class ServiceProcess:
     def start(self) -> None:
         assert not self.running()
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen(self.command(), cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                self.command(), cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
         self.started += 1
 
     def running(self) -> bool:
@@ -287,7 +358,9 @@ class ServiceProcess:
     async def wait_ready(self, timeout_s: float = 180.0) -> float:
         """Seconds until /readyz answers 200."""
         started = time.monotonic()
-        await eventually(lambda: self.ready() == 200, timeout_s, f"{'+'.join(self.services)} to answer /readyz", alive=self)
+        await eventually(
+            lambda: self.ready() == 200, timeout_s, f"{'+'.join(self.services)} to answer /readyz", alive=self
+        )
         return time.monotonic() - started
 
     def signal(self, sig: signal.Signals) -> None:
@@ -329,8 +402,20 @@ class ServiceProcess:
         """A registry process in this process's home, with its environment: the doors of this one check
         API keys through it (found where it records its door under the home), as when a developer runs
         `flywheel run registry` beside `flywheel run SERVICE`. Services never open the registry's database."""
-        extra = {name: value for name, value in self.env.items() if os.environ.get(name) != value and name not in ("FLYWHEEL_HOME", "FLYWHEEL_HTTP_PORT", "FLYWHEEL_TOPIC_PREFIX", "FLYWHEEL_KAFKA_BOOTSTRAP")}
-        return ServiceProcess(self.log.parent, self.env["FLYWHEEL_KAFKA_BOOTSTRAP"], self.env["FLYWHEEL_TOPIC_PREFIX"], ["registry"], home=self.home, **extra)
+        extra = {
+            name: value
+            for name, value in self.env.items()
+            if os.environ.get(name) != value
+            and name not in ("FLYWHEEL_HOME", "FLYWHEEL_HTTP_PORT", "FLYWHEEL_TOPIC_PREFIX", "FLYWHEEL_KAFKA_BOOTSTRAP")
+        }
+        return ServiceProcess(
+            self.log.parent,
+            self.env["FLYWHEEL_KAFKA_BOOTSTRAP"],
+            self.env["FLYWHEEL_TOPIC_PREFIX"],
+            ["registry"],
+            home=self.home,
+            **extra,
+        )
 
 
 def stop_all(processes: Iterable[ServiceProcess], timeout_s: float = 60.0) -> None:
@@ -342,14 +427,24 @@ def stop_all(processes: Iterable[ServiceProcess], timeout_s: float = 60.0) -> No
         process._wait_stopped(deadline - time.monotonic())
 
 
-async def eventually(condition: Callable[[], object], timeout_s: float, what: str, alive: ServiceProcess | None = None, interval_s: float = 0.3) -> None:
+async def eventually(
+    condition: Callable[[], object],
+    timeout_s: float,
+    what: str,
+    alive: ServiceProcess | None = None,
+    interval_s: float = 0.3,
+) -> None:
     """Wait until `condition()` holds (run in a thread: it may block), failing early if `alive` exits."""
     deadline = time.monotonic() + timeout_s
     while not await asyncio.to_thread(condition):
         if alive is not None and alive.process is not None and alive.process.poll() is not None:
-            raise AssertionError(f"{alive.services} exited ({alive.process.returncode}) while waiting for {what}:\n{alive.log_tail()}")
+            raise AssertionError(
+                f"{alive.services} exited ({alive.process.returncode}) while waiting for {what}:\n{alive.log_tail()}"
+            )
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}" + (f":\n{alive.log_tail()}" if alive else ""))
+            raise AssertionError(
+                f"timed out after {timeout_s:.0f}s waiting for {what}" + (f":\n{alive.log_tail()}" if alive else "")
+            )
         await asyncio.sleep(interval_s)
 
 
@@ -429,14 +524,21 @@ async def read_dead_letters(bootstrap: str, prefix: str, events: Iterable[type])
             for tp, records in (await consumer.getmany(timeout_ms=2000)).items():
                 for record in records:
                     headers = {name: value.decode() for name, value in record.headers}
-                    original = (int(headers["x-flywheel-original-partition"]), int(headers["x-flywheel-original-offset"]))
-                    letters.add(DeadLetter(headers["x-flywheel-consumer-group"], topics[tp.topic], original, record.key))
+                    original = (
+                        int(headers["x-flywheel-original-partition"]),
+                        int(headers["x-flywheel-original-offset"]),
+                    )
+                    letters.add(
+                        DeadLetter(headers["x-flywheel-consumer-group"], topics[tp.topic], original, record.key)
+                    )
     finally:
         await consumer.stop()
     return letters
 
 
-async def wait_drained(process: ServiceProcess, bootstrap: str, group: str, topics: list[str], timeout_s: float) -> float:
+async def wait_drained(
+    process: ServiceProcess, bootstrap: str, group: str, topics: list[str], timeout_s: float
+) -> float:
     """Wait until `group` has committed every record of `topics`; seconds it took."""
     started = time.monotonic()
     while (lag := await group_lag(bootstrap, group, topics)) > 0:
@@ -473,7 +575,14 @@ def read_stored(home: Path, tables: Iterable[str] = TABLES.values()) -> dict[str
     """Row counts and event ids of the sink's tables, read WITHOUT FINAL from a stopped sink's chDB
     directory in a subprocess (chDB: one process per data directory, and this one may hold another)."""
     out = home.parent / f"stored-{uuid.uuid4().hex[:6]}.json"
-    done = subprocess.run([sys.executable, "-c", READER, str(home), str(out), *tables], cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    done = subprocess.run(
+        [sys.executable, "-c", READER, str(home), str(out), *tables],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads(out.read_text())
     return {table: StoredCount(value["rows"], set(value["ids"])) for table, value in data.items()}
@@ -496,7 +605,9 @@ async def catch_up(process: ServiceProcess, bootstrap: str, group: str, topics: 
             if all(tp in committed and committed[tp].offset >= target[tp] for tp in partitions if target[tp] > 0):
                 return time.monotonic() - started
             assert process.running(), f"{process.services} exited while catching up:\n{process.log_tail()}"
-            assert time.monotonic() - started < timeout_s, f"{group} did not catch up within {timeout_s:.0f}s:\n{process.log_tail()}"
+            assert time.monotonic() - started < timeout_s, (
+                f"{group} did not catch up within {timeout_s:.0f}s:\n{process.log_tail()}"
+            )
             await asyncio.sleep(0.3)
     finally:
         await consumer.stop()
@@ -516,6 +627,13 @@ Path(sys.argv[2]).write_text(json.dumps(rows, default=str))
 def query_stopped(home: Path, sql: str) -> list[dict[str, object]]:
     """The rows of one query over a stopped sink's chDB directory, read in a subprocess like `read_stored`."""
     out = home.parent / f"rows-{uuid.uuid4().hex[:6]}.json"
-    done = subprocess.run([sys.executable, "-c", ROWS_READER, str(home), str(out), sql], cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    done = subprocess.run(
+        [sys.executable, "-c", ROWS_READER, str(home), str(out), sql],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())

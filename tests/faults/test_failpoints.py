@@ -22,12 +22,18 @@ def test_nothing_is_armed_without_the_variable() -> None:
 
 
 def test_a_spec_arms_a_known_point_on_its_nth_pass() -> None:
-    assert failpoints.parse("consumer.batch.after_handler=crash@3") == {"consumer.batch.after_handler": failpoints.Armed("crash", nth=3)}
-    assert failpoints.parse(" consumer.batch.after_handler=crash ,") == {"consumer.batch.after_handler": failpoints.Armed("crash", nth=1)}
+    assert failpoints.parse("consumer.batch.after_handler=crash@3") == {
+        "consumer.batch.after_handler": failpoints.Armed("crash", nth=3)
+    }
+    assert failpoints.parse(" consumer.batch.after_handler=crash ,") == {
+        "consumer.batch.after_handler": failpoints.Armed("crash", nth=1)
+    }
 
 
 def test_a_spec_arms_an_outage_while_a_file_exists_beside_a_crash() -> None:
-    assert failpoints.parse("consumer.batch.after_handler=crash@2,feedback.clickhouse_unavailable=fail-while-exists:/tmp/x/down") == {
+    assert failpoints.parse(
+        "consumer.batch.after_handler=crash@2,feedback.clickhouse_unavailable=fail-while-exists:/tmp/x/down"
+    ) == {
         "consumer.batch.after_handler": failpoints.Armed("crash", nth=2),
         "feedback.clickhouse_unavailable": failpoints.Armed("fail-while-exists", path=Path("/tmp/x/down")),
     }

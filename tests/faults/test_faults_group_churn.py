@@ -29,7 +29,16 @@ from services.runtime.service import subscribe_batches
 from services.runtime.settings import FlywheelSettings
 from tests.fixtures.clickhouse import ClickHouseTarget
 from tests.faults.conftest import ProxiedKafka
-from tests.faults.support import TABLES, Ledger, LedgerProducer, StoredCount, dead_lettered, eventually, print_table, size
+from tests.faults.support import (
+    TABLES,
+    Ledger,
+    LedgerProducer,
+    StoredCount,
+    dead_lettered,
+    eventually,
+    print_table,
+    size,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -47,19 +56,29 @@ class Records(logging.Handler):
         self.records.append(record)
 
     def count(self, text: str, level: int = logging.WARNING) -> int:
-        return sum(1 for r in self.records if r.levelno >= level and (text in r.getMessage() or (r.exc_info and text in repr(r.exc_info[1]))))
+        return sum(
+            1
+            for r in self.records
+            if r.levelno >= level and (text in r.getMessage() or (r.exc_info and text in repr(r.exc_info[1])))
+        )
 
 
-async def test_members_joining_and_leaving_every_few_seconds_lose_and_duplicate_nothing(tmp_path: Path, proxied: ProxiedKafka, proxied_topics: str, chdb_target: ClickHouseTarget) -> None:
+async def test_members_joining_and_leaving_every_few_seconds_lose_and_duplicate_nothing(
+    tmp_path: Path, proxied: ProxiedKafka, proxied_topics: str, chdb_target: ClickHouseTarget
+) -> None:
     clickhouse = chdb_target.open()
     clickhouse.migrate()
     store = FeedbackStore(lambda: clickhouse)
     sink = Sink(store, Redactor())
-    settings = FlywheelSettings(home=tmp_path, kafka_bootstrap=proxied.bootstrap, topic_prefix=proxied_topics, shutdown_grace_s=5.0)
+    settings = FlywheelSettings(
+        home=tmp_path, kafka_bootstrap=proxied.bootstrap, topic_prefix=proxied_topics, shutdown_grace_s=5.0
+    )
     feedback = FeedbackSettings(batch_max_records=200, batch_max_wait_ms=200)
     ledger = Ledger()
     total = size(3000, 40_000)
-    producer = LedgerProducer(proxied.bootstrap, proxied_topics, ledger, total=total, chunk=max(total // 80, 20), pause_s=0.3)
+    producer = LedgerProducer(
+        proxied.bootstrap, proxied_topics, ledger, total=total, chunk=max(total // 80, 20), pause_s=0.3
+    )
     records = Records()
     watched = [logging.getLogger(name) for name in ("flywheel", "aiokafka", "faststream")]
     for logger in watched:
@@ -71,7 +90,16 @@ async def test_members_joining_and_leaving_every_few_seconds_lose_and_duplicate_
     async def join() -> None:
         nonlocal joins
         broker = create_broker(settings, client_id=f"churn-{joins}")
-        subscribe_batches(broker, BATCH_HANDLERS, sink, group=GROUP, dead_letters=DeadLetters(broker), topic_prefix=proxied_topics, max_retries=2, **feedback.batch_options())
+        subscribe_batches(
+            broker,
+            BATCH_HANDLERS,
+            sink,
+            group=GROUP,
+            dead_letters=DeadLetters(broker),
+            topic_prefix=proxied_topics,
+            max_retries=2,
+            **feedback.batch_options(),
+        )
         await broker.start()
         members.append(broker)
         joins += 1
@@ -116,8 +144,12 @@ async def test_members_joining_and_leaving_every_few_seconds_lose_and_duplicate_
     print_table(
         f"consumer group churn: a member joins or leaves every {CHURN_EVERY_S:.0f} s",
         figures,
-        {"joins": joins, "leaves": leaves, "commits refused after a rebalance (handled)": refused_commits,
-         "CommitFailedError escaping a handler": records.count("CommitFailedError", logging.ERROR)},
+        {
+            "joins": joins,
+            "leaves": leaves,
+            "commits refused after a rebalance (handled)": refused_commits,
+            "CommitFailedError escaping a handler": records.count("CommitFailedError", logging.ERROR),
+        },
     )
     assert joins + leaves >= CHURNS and leaves >= 2, "too little churn to mean anything"
     assert records.count("CommitFailedError", logging.ERROR) == 0

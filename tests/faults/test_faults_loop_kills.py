@@ -100,7 +100,16 @@ BROKER_RESTART, POISONING = "broker restart", "poison"
 SEND_TIMEOUT_MS = 120_000
 
 # Four golden conversations, learned in eight steps: enough to pass default@v1 against the base model.
-LEARNS = Hyperparameters(rank=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"], learning_rate=3e-3, epochs=8, batch_size=4, max_seq_length=96)
+LEARNS = Hyperparameters(
+    rank=8,
+    alpha=16,
+    dropout=0.0,
+    target_modules=["q_proj", "v_proj"],
+    learning_rate=3e-3,
+    epochs=8,
+    batch_size=4,
+    max_seq_length=96,
+)
 # Two steps at 1e-7 leave the adapter answering like the base model: the gate must fail it.
 BARELY = LEARNS.model_copy(update={"learning_rate": 1e-7, "epochs": 2})
 
@@ -142,7 +151,13 @@ def jobs_for(run: str) -> list[Job]:
     jobs = []
     for i, kind in enumerate(kinds):
         dataset = DatasetRef(name="kill-missing" if kind == "missing-dataset" else "kill-train", version=1)
-        request = TrainingRequested(job_id=f"{run}-{i}-{kind}", model_name=MODEL, dataset=dataset, hyperparameters=BARELY if kind == "barely" else LEARNS, requested_by="loop-kills-test")
+        request = TrainingRequested(
+            job_id=f"{run}-{i}-{kind}",
+            model_name=MODEL,
+            dataset=dataset,
+            hyperparameters=BARELY if kind == "barely" else LEARNS,
+            requested_by="loop-kills-test",
+        )
         jobs.append(Job(request.job_id, kind, request))
     return jobs
 
@@ -171,7 +186,9 @@ async def http(method: str, url: str, **kwargs: Any) -> httpx.Response | None:
 
 async def must(method: str, url: str, **kwargs: Any) -> Any:
     answer = await http(method, url, **kwargs)
-    assert answer is not None and answer.status_code < 300, f"{method} {url}: {answer.status_code if answer else 'no answer'} {answer.text if answer else ''}"
+    assert answer is not None and answer.status_code < 300, (
+        f"{method} {url}: {answer.status_code if answer else 'no answer'} {answer.text if answer else ''}"
+    )
     return answer.json()
 
 
@@ -189,12 +206,22 @@ async def setup_catalogue(registry: ServiceProcess, base_dir: Path) -> None:
     """The operator's part of step 1: the base model (CLI, as in the demo) and the two datasets (door)."""
     env = {**registry.env, "PYTHONWARNINGS": "ignore"}
     done = await asyncio.to_thread(
-        subprocess.run, [*FLYWHEEL, "registry", "import-base", "--from", str(base_dir), "--name", MODEL], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        subprocess.run,
+        [*FLYWHEEL, "registry", "import-base", "--from", str(base_dir), "--name", MODEL],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     rows = "\n".join((DEMO_DATA / "golden.jsonl").read_text().splitlines()[:GOLDEN_ROWS]) + "\n"
     for name, split in (("kill-train", "train"), ("kill-golden", "golden")):
-        await must("POST", f"{registry.url}/registry/v1/datasets", json={"name": name, "split": split, "jsonl": rows, "model_name": MODEL})
+        await must(
+            "POST",
+            f"{registry.url}/registry/v1/datasets",
+            json={"name": name, "split": split, "jsonl": rows, "model_name": MODEL},
+        )
 
 
 async def wait_catalogue_known(bootstrap: str, prefix: str) -> None:
@@ -202,7 +229,9 @@ async def wait_catalogue_known(bootstrap: str, prefix: str) -> None:
     known before any kill, and a job fails for want of them only when they do not exist."""
     topics = [topic_for(event, prefix) for event in (ModelRegistered, DatasetPublished)]
     deadline = time.monotonic() + 180
-    while any([await group_lag(bootstrap, group, topics) for group in ("trainer", "evaluator")]) or not await catalogue_published(bootstrap, topics):
+    while any(
+        [await group_lag(bootstrap, group, topics) for group in ("trainer", "evaluator")]
+    ) or not await catalogue_published(bootstrap, topics):
         assert time.monotonic() < deadline, "trainer and evaluator did not learn the catalogue"
         await asyncio.sleep(1.0)
 
@@ -233,11 +262,17 @@ async def operate(operator: Operator, stop: asyncio.Event) -> None:
             await asyncio.sleep(1.0)
             continue
         adapters = answer.json()["items"]
-        holder = next((a["version"] for a in adapters if a["stage"] == "production" and a["canary_percent"] is None), None)
+        holder = next(
+            (a["version"] for a in adapters if a["stage"] == "production" and a["canary_percent"] is None), None
+        )
         for adapter in adapters:
             version = adapter["version"]
             if adapter["stage"] == "none":
-                await http("POST", f"{registry}/registry/v1/adapters/{MODEL}/versions/{version}/transitions", json={"to_stage": "staging", "reason": "loop-kills"})
+                await http(
+                    "POST",
+                    f"{registry}/registry/v1/adapters/{MODEL}/versions/{version}/transitions",
+                    json={"to_stage": "staging", "reason": "loop-kills"},
+                )
             elif adapter["stage"] == "staging" and version not in operator.given_up:
                 if holder is not None and holder > version:
                     operator.given_up.add(version)  # a newer version is in production already
@@ -246,7 +281,9 @@ async def operate(operator: Operator, stop: asyncio.Event) -> None:
                     continue
                 operator.attempts += 1
                 body = {"to_stage": "production", "reason": "loop-kills", "replaces": holder}
-                promoted = await http("POST", f"{registry}/registry/v1/adapters/{MODEL}/versions/{version}/transitions", json=body)
+                promoted = await http(
+                    "POST", f"{registry}/registry/v1/adapters/{MODEL}/versions/{version}/transitions", json=body
+                )
                 if promoted is None:
                     operator.unanswered += 1
                 elif promoted.status_code == 200:
@@ -256,7 +293,9 @@ async def operate(operator: Operator, stop: asyncio.Event) -> None:
                     # Its evaluation is in and failed: asking again cannot change the answer. (One that passed
                     # may have been attached since the refusal: the next round promotes it.)
                     lineage = await http("GET", f"{registry}/registry/v1/adapters/{MODEL}/versions/{version}/lineage")
-                    evaluated = lineage.json()["evaluations"] if lineage is not None and lineage.status_code == 200 else []
+                    evaluated = (
+                        lineage.json()["evaluations"] if lineage is not None and lineage.status_code == 200 else []
+                    )
                     if evaluated and not any(e["passed"] for e in evaluated):
                         operator.given_up.add(version)
         await asyncio.sleep(1.0)
@@ -266,7 +305,9 @@ async def approved(operator: Operator, registry: str, version: int) -> bool:
     """An unused approval of `version` for production by loop-kills-approver (another principal than the
     promoting admin), recorded now when there is none; False when the registry did not answer."""
     if not operator.approver:
-        created = await http("POST", f"{registry}/registry/v1/keys", json={"principal": "loop-kills-approver", "role": "approver"})
+        created = await http(
+            "POST", f"{registry}/registry/v1/keys", json={"principal": "loop-kills-approver", "role": "approver"}
+        )
         if created is None or created.status_code != 201:
             return False
         operator.approver = {"Authorization": f"Bearer {created.json()['key']}"}
@@ -287,7 +328,13 @@ async def doing(name: str, process: ServiceProcess) -> str:
         if answer is None or answer.status_code != 200:
             return "its door did not answer"
         running = [job for job in answer.json() if job["status"] == "running"]
-        return ", ".join(f"training {job['job_id'].split('-', 1)[1]} at step {job['step']}/{job['total_steps']}" for job in running) or "idle"
+        return (
+            ", ".join(
+                f"training {job['job_id'].split('-', 1)[1]} at step {job['step']}/{job['total_steps']}"
+                for job in running
+            )
+            or "idle"
+        )
     if name == "evaluator":
         answer = await http("GET", f"{process.url}/evaluator/v1/evaluations", params={"limit": 500})
         if answer is None or answer.status_code != 200:
@@ -306,7 +353,9 @@ def schedule(rng: random.Random) -> list[str]:
     return faults
 
 
-async def restart_broker(proxied: ProxiedKafka, processes: dict[str, ServiceProcess], ledger: Ledger, producing: asyncio.Task[None]) -> tuple[str, float]:
+async def restart_broker(
+    proxied: ProxiedKafka, processes: dict[str, ServiceProcess], ledger: Ledger, producing: asyncio.Task[None]
+) -> tuple[str, float]:
     """Stop and start the broker; seconds from its return until every service is ready and the ledger's
     producer has had an acknowledgement again (or had finished)."""
     down = time.monotonic()
@@ -319,9 +368,13 @@ async def restart_broker(proxied: ProxiedKafka, processes: dict[str, ServiceProc
         return resumed and all([await asyncio.to_thread(process.ready) == 200 for process in processes.values()])
 
     while not await recovered():
-        assert time.monotonic() - back < 300, "no recovery 300 s after the broker restart: " + " | ".join(f"{name}: {p.log_tail(8)}" for name, p in processes.items())
+        assert time.monotonic() - back < 300, "no recovery 300 s after the broker restart: " + " | ".join(
+            f"{name}: {p.log_tail(8)}" for name, p in processes.items()
+        )
         await asyncio.sleep(0.3)
-    return f"broker stop + start, {back - down:.1f} s down" + ("" if streaming else " (the ledger had finished)"), time.monotonic() - back
+    return f"broker stop + start, {back - down:.1f} s down" + (
+        "" if streaming else " (the ledger had finished)"
+    ), time.monotonic() - back
 
 
 async def poison_every_topic(bootstrap: str, prefix: str) -> None:
@@ -347,8 +400,14 @@ async def watch_poison(chaos: Chaos, bootstrap: str, prefix: str) -> None:
 
 
 async def unleash(
-    processes: dict[str, ServiceProcess], chaos: Chaos, rng: random.Random, done: asyncio.Event,
-    proxied: ProxiedKafka, prefix: str, ledger: Ledger, producing: asyncio.Task[None],
+    processes: dict[str, ServiceProcess],
+    chaos: Chaos,
+    rng: random.Random,
+    done: asyncio.Event,
+    proxied: ProxiedKafka,
+    prefix: str,
+    ledger: Ledger,
+    producing: asyncio.Task[None],
 ) -> None:
     """The faults of `schedule`, one at a time, each at a random moment. Recovery of a kill: seconds from
     the SIGKILL until the new process is ready."""
@@ -380,7 +439,9 @@ async def unleash(
 async def loop_settled(processes: dict[str, ServiceProcess], jobs: list[Job], operator: Operator) -> bool:
     """Every job terminal; every completed job registered once, evaluated, and the operator done with it."""
     trainer = await http("GET", f"{processes['trainer'].url}/trainer/v1/training-jobs", params={"limit": 1000})
-    adapters = await http("GET", f"{processes['registry'].url}/registry/v1/adapters", params={"model_name": MODEL, "limit": 500})
+    adapters = await http(
+        "GET", f"{processes['registry'].url}/registry/v1/adapters", params={"model_name": MODEL, "limit": 500}
+    )
     if trainer is None or adapters is None or trainer.status_code != 200 or adapters.status_code != 200:
         return False
     status = {job["job_id"]: job["status"] for job in trainer.json()}
@@ -390,31 +451,64 @@ async def loop_settled(processes: dict[str, ServiceProcess], jobs: list[Job], op
     if len(registered) < sum(status[job.job_id] == "completed" for job in jobs):
         return False
     for adapter in registered:
-        lineage = await http("GET", f"{processes['registry'].url}/registry/v1/adapters/{MODEL}/versions/{adapter['version']}/lineage")
+        lineage = await http(
+            "GET", f"{processes['registry'].url}/registry/v1/adapters/{MODEL}/versions/{adapter['version']}/lineage"
+        )
         if lineage is None or lineage.status_code != 200 or not lineage.json()["evaluations"]:
             return False
-        if adapter["stage"] == "none" or (adapter["stage"] == "staging" and adapter["version"] not in operator.given_up):
+        if adapter["stage"] == "none" or (
+            adapter["stage"] == "staging" and adapter["version"] not in operator.given_up
+        ):
             return False
     return True
 
 
-async def test_sigkilled_services_while_the_loop_runs_lose_no_job_event_or_gate(tmp_path: Path, proxied: ProxiedKafka, proxied_topics: str, base_model_dir: Path) -> None:  # noqa: F811, PLR0915
+async def test_sigkilled_services_while_the_loop_runs_lose_no_job_event_or_gate(
+    tmp_path: Path, proxied: ProxiedKafka, proxied_topics: str, base_model_dir: Path
+) -> None:  # noqa: F811, PLR0915
     print(f"\n== loop kills: seed {SEED} (FLYWHEEL_FAULTS_SEED={SEED} replays the choices)")
     rng = random.Random(SEED)
     env = common_env(tmp_path)
     bootstrap, prefix = proxied.bootstrap, proxied_topics
     registry = ServiceProcess(tmp_path, bootstrap, prefix, ["registry"], **env)
-    trainer = ServiceProcess(tmp_path, bootstrap, prefix, ["trainer"], **env, FLYWHEEL_TRAINER_CHECKPOINT_EVERY="2", FLYWHEEL_TRAINER_PROGRESS_EVERY="1", FLYWHEEL_TRAINER_INPUT_WAIT_S="10", FLYWHEEL_TRAINER_STOP_PAUSE_S="10")
-    evaluator = ServiceProcess(
-        tmp_path, bootstrap, prefix, ["evaluator"], **env,
-        # The golden answers state numbers, so `auto` would pick facts@v1; eight steps teach the wording, not every number.
-        FLYWHEEL_EVALUATOR_GATE_POLICIES=json.dumps({MODEL: "default@v1"}), FLYWHEEL_EVALUATOR_MAX_TOKENS="24", FLYWHEEL_EVALUATOR_BATCH_SIZE="4", FLYWHEEL_EVALUATOR_RESAMPLES="200",
+    trainer = ServiceProcess(
+        tmp_path,
+        bootstrap,
+        prefix,
+        ["trainer"],
+        **env,
+        FLYWHEEL_TRAINER_CHECKPOINT_EVERY="2",
+        FLYWHEEL_TRAINER_PROGRESS_EVERY="1",
+        FLYWHEEL_TRAINER_INPUT_WAIT_S="10",
+        FLYWHEEL_TRAINER_STOP_PAUSE_S="10",
     )
-    sink = ServiceProcess(tmp_path, bootstrap, prefix, ["feedback", "monitor"], **env, FLYWHEEL_MONITOR_API_KEY=ADMIN_KEY)
+    evaluator = ServiceProcess(
+        tmp_path,
+        bootstrap,
+        prefix,
+        ["evaluator"],
+        **env,
+        # The golden answers state numbers, so `auto` would pick facts@v1; eight steps teach the wording, not every number.
+        FLYWHEEL_EVALUATOR_GATE_POLICIES=json.dumps({MODEL: "default@v1"}),
+        FLYWHEEL_EVALUATOR_MAX_TOKENS="24",
+        FLYWHEEL_EVALUATOR_BATCH_SIZE="4",
+        FLYWHEEL_EVALUATOR_RESAMPLES="200",
+    )
+    sink = ServiceProcess(
+        tmp_path, bootstrap, prefix, ["feedback", "monitor"], **env, FLYWHEEL_MONITOR_API_KEY=ADMIN_KEY
+    )
     processes = dict(zip(SERVICES, (registry, trainer, evaluator, sink), strict=True))
     ledger = Ledger()
     total = size(2000, 20_000)
-    producer = LedgerProducer(bootstrap, prefix, ledger, total=total, chunk=max(total // 150, 10), pause_s=1.0, request_timeout_ms=SEND_TIMEOUT_MS)
+    producer = LedgerProducer(
+        bootstrap,
+        prefix,
+        ledger,
+        total=total,
+        chunk=max(total // 150, 10),
+        pause_s=1.0,
+        request_timeout_ms=SEND_TIMEOUT_MS,
+    )
     operator = Operator(registry)
     chaos = Chaos()
     run = uuid.uuid4().hex[:6]
@@ -438,7 +532,9 @@ async def test_sigkilled_services_while_the_loop_runs_lose_no_job_event_or_gate(
         producing = asyncio.create_task(producer.run())
         poison_watch = asyncio.create_task(watch_poison(chaos, bootstrap, prefix))
         tasks = [
-            producing, poison_watch, asyncio.create_task(operate(operator, stop_operator)),
+            producing,
+            poison_watch,
+            asyncio.create_task(operate(operator, stop_operator)),
             asyncio.create_task(unleash(processes, chaos, rng, faults_done, proxied, prefix, ledger, producing)),
         ]
         await request_training(bootstrap, prefix, jobs)
@@ -451,7 +547,9 @@ async def test_sigkilled_services_while_the_loop_runs_lose_no_job_event_or_gate(
             for task in tasks:
                 if task.done() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
-            assert time.monotonic() < deadline, "the loop did not settle: " + " | ".join(f"{name}: {p.log_tail(8)}" for name, p in processes.items())
+            assert time.monotonic() < deadline, "the loop did not settle: " + " | ".join(
+                f"{name}: {p.log_tail(8)}" for name, p in processes.items()
+            )
             await asyncio.sleep(2.0)
         stop_operator.set()
         await asyncio.wait_for(producing, 900)
@@ -459,11 +557,21 @@ async def test_sigkilled_services_while_the_loop_runs_lose_no_job_event_or_gate(
         await wait_drained(sink, bootstrap, "feedback", topics, 300)
         letters = await read_dead_letters(bootstrap, prefix, EVENTS)
 
-        trainer_jobs = {job["job_id"]: job for job in await must("GET", f"{trainer.url}/trainer/v1/training-jobs", params={"limit": 1000})}
+        trainer_jobs = {
+            job["job_id"]: job
+            for job in await must("GET", f"{trainer.url}/trainer/v1/training-jobs", params={"limit": 1000})
+        }
         adapters = await all_pages(f"{registry.url}/registry/v1/adapters", model_name=MODEL)
-        lineages = {a["version"]: await must("GET", f"{registry.url}/registry/v1/adapters/{MODEL}/versions/{a['version']}/lineage") for a in adapters}
+        lineages = {
+            a["version"]: await must(
+                "GET", f"{registry.url}/registry/v1/adapters/{MODEL}/versions/{a['version']}/lineage"
+            )
+            for a in adapters
+        }
         audit = await all_pages(f"{registry.url}/registry/v1/audit", object_type="adapter")
-        evaluations = (await must("GET", f"{evaluator.url}/evaluator/v1/evaluations", params={"model_name": MODEL, "limit": 200}))["data"]
+        evaluations = (
+            await must("GET", f"{evaluator.url}/evaluator/v1/evaluations", params={"model_name": MODEL, "limit": 200})
+        )["data"]
         assert all(process.running() for process in processes.values()), "a service died by itself"
     finally:
         stop_operator.set()
@@ -482,16 +590,38 @@ async def test_sigkilled_services_while_the_loop_runs_lose_no_job_event_or_gate(
         state = outcome[job.job_id]
         adapter = by_job.get(job.job_id)
         passed = [e["passed"] for e in lineages[adapter["version"]]["evaluations"]] if adapter else []
-        job_rows.append([job.job_id.split("-", 1)[1], state["status"], f"{state['step']}/{state['total_steps']}", f"v{adapter['version']}" if adapter else "-", "/".join("pass" if p else "fail" for p in passed) or "-", adapter["stage"] if adapter else "-", (state["error"] or "")[:60]])
+        job_rows.append(
+            [
+                job.job_id.split("-", 1)[1],
+                state["status"],
+                f"{state['step']}/{state['total_steps']}",
+                f"v{adapter['version']}" if adapter else "-",
+                "/".join("pass" if p else "fail" for p in passed) or "-",
+                adapter["stage"] if adapter else "-",
+                (state["error"] or "")[:60],
+            ]
+        )
     print_rows("jobs", ["job", "status", "steps", "adapter", "gate", "stage", "error"], job_rows)
 
     # Promotions: every production promotion in the audit log follows a passing evaluation of that version.
     attached = [e for e in audit if e["action"] == "evaluation.attach" and e["outcome"] == "ok"]
     promotions = [e for e in audit if e["action"] == "adapter.stage.production" and e["outcome"] == "ok"]
-    refused = [e for e in audit if e["action"] == "adapter.stage.production" and e["outcome"] == "refused" and "evaluation_required" in (e["detail"] or "")]
-    ungated = [p for p in promotions if not any(a["object_id"] == p["object_id"] and a["after"]["passed"] and a["id"] < p["id"] for a in attached)]
+    refused = [
+        e
+        for e in audit
+        if e["action"] == "adapter.stage.production"
+        and e["outcome"] == "refused"
+        and "evaluation_required" in (e["detail"] or "")
+    ]
+    ungated = [
+        p
+        for p in promotions
+        if not any(a["object_id"] == p["object_id"] and a["after"]["passed"] and a["id"] < p["id"] for a in attached)
+    ]
     in_production = [a for a in adapters if a["stage"] == "production"]
-    production_without_pass = [a["version"] for a in in_production if not any(e["passed"] for e in lineages[a["version"]]["evaluations"])]
+    production_without_pass = [
+        a["version"] for a in in_production if not any(e["passed"] for e in lineages[a["version"]]["evaluations"])
+    ]
     stuck_evaluations = [e["evaluation_id"] for e in evaluations if e["status"] not in ("completed", "failed")]
 
     # Dead letters: the poison, once per consuming group and topic; no real event.
@@ -500,11 +630,28 @@ async def test_sigkilled_services_while_the_loop_runs_lose_no_job_event_or_gate(
     print_rows(
         "dead letters per consumer group and topic",
         ["group", "topic", "poison", "expected", "other"],
-        [[group, event_type, poisoned[(group, event_type)], EXPECTED_POISON[(group, event_type)], sum(letter.group == group and letter.event_type == event_type and letter.key != POISON_KEY for letter in letters)] for group, event_type in sorted({*EXPECTED_POISON, *poisoned, *((letter.group, letter.event_type) for letter in letters)})],
+        [
+            [
+                group,
+                event_type,
+                poisoned[(group, event_type)],
+                EXPECTED_POISON[(group, event_type)],
+                sum(
+                    letter.group == group and letter.event_type == event_type and letter.key != POISON_KEY
+                    for letter in letters
+                ),
+            ]
+            for group, event_type in sorted(
+                {*EXPECTED_POISON, *poisoned, *((letter.group, letter.event_type) for letter in letters)}
+            )
+        ],
     )
 
     stored = read_stored(sink.home)
-    figures = [ledger.check(table, stored[table], dead_lettered=not_poison[event.event_type]) for event, table in TABLES.items()]
+    figures = [
+        ledger.check(table, stored[table], dead_lettered=not_poison[event.event_type])
+        for event, table in TABLES.items()
+    ]
     print_table(
         "loop faults: registry, trainer, evaluator, feedback+monitor SIGKILLed at random moments, the broker restarted, poison on every topic, while the loop runs",
         figures,
@@ -513,14 +660,27 @@ async def test_sigkilled_services_while_the_loop_runs_lose_no_job_event_or_gate(
             "kills per service": chaos.kills,
             "starts per service": {name: process.started for name, process in processes.items()},
             "training jobs (completed / failed / not terminal)": (
-                sum(s["status"] == "completed" for s in outcome.values()), sum(s["status"] == "failed" for s in outcome.values()),
+                sum(s["status"] == "completed" for s in outcome.values()),
+                sum(s["status"] == "failed" for s in outcome.values()),
                 sum(s["status"] not in ("completed", "failed") for s in outcome.values()),
             ),
             "adapter versions registered": len(adapters),
-            "evaluations (evaluator) / attached (registry) / passed": (len(evaluations), len(attached), sum(bool(e["after"]["passed"]) for e in attached)),
+            "evaluations (evaluator) / attached (registry) / passed": (
+                len(evaluations),
+                len(attached),
+                sum(bool(e["after"]["passed"]) for e in attached),
+            ),
             "evaluations not finished": len(stuck_evaluations),
-            "promotions to production / refused without a passing evaluation / without a passing gate": (len(promotions), len(refused), len(ungated)),
-            "operator attempts / refusals seen / calls unanswered (registry down)": (operator.attempts, operator.refused_no_evaluation, operator.unanswered),
+            "promotions to production / refused without a passing evaluation / without a passing gate": (
+                len(promotions),
+                len(refused),
+                len(ungated),
+            ),
+            "operator attempts / refusals seen / calls unanswered (registry down)": (
+                operator.attempts,
+                operator.refused_no_evaluation,
+                operator.unanswered,
+            ),
             "in production now": [a["version"] for a in in_production],
             "seconds": round(elapsed),
         },
@@ -532,12 +692,16 @@ async def test_sigkilled_services_while_the_loop_runs_lose_no_job_event_or_gate(
     for job in jobs:
         expected = "failed" if job.kind == "missing-dataset" else "completed"
         assert outcome[job.job_id]["status"] == expected, (job, outcome[job.job_id])
-    assert len(adapters) == len(by_job) == sum(job.kind != "missing-dataset" for job in jobs), "an adapter registered twice for one job, or one missing"
+    assert len(adapters) == len(by_job) == sum(job.kind != "missing-dataset" for job in jobs), (
+        "an adapter registered twice for one job, or one missing"
+    )
     assert not stuck_evaluations, stuck_evaluations
     assert all(lineages[a["version"]]["evaluations"] for a in adapters)
     assert not ungated and not production_without_pass, (ungated, production_without_pass)
     barely = {by_job[job.job_id]["version"] for job in jobs if job.kind == "barely"}
-    assert not any(e["passed"] for v in barely for e in lineages[v]["evaluations"]), "an adapter that learned nothing passed the gate"
+    assert not any(e["passed"] for v in barely for e in lineages[v]["evaluations"]), (
+        "an adapter that learned nothing passed the gate"
+    )
     assert promotions, "no adapter passed the gate: the promotion rule went untested"
     promoted_versions = {int(p["object_id"].rsplit(":v", 1)[1]) for p in promotions}
     passing = {a["version"] for a in adapters if any(e["passed"] for e in lineages[a["version"]]["evaluations"])}

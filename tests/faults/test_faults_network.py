@@ -34,11 +34,21 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 GROUP = "feedback"
 
 
-async def test_latency_resets_blackhole_and_broker_restart_lose_and_duplicate_nothing(tmp_path: Path, proxied: ProxiedKafka, proxied_topics: str) -> None:
+async def test_latency_resets_blackhole_and_broker_restart_lose_and_duplicate_nothing(
+    tmp_path: Path, proxied: ProxiedKafka, proxied_topics: str
+) -> None:
     topics = [topic_for(event, proxied_topics) for event in TABLES]
     ledger = Ledger()
     total = size(4000, 60_000)
-    producer = LedgerProducer(proxied.bootstrap, proxied_topics, ledger, total=total, chunk=max(total // 120, 25), pause_s=0.4, request_timeout_ms=10_000)
+    producer = LedgerProducer(
+        proxied.bootstrap,
+        proxied_topics,
+        ledger,
+        total=total,
+        chunk=max(total // 120, 25),
+        pause_s=0.4,
+        request_timeout_ms=10_000,
+    )
     sink = ServiceProcess(tmp_path, proxied.bootstrap, proxied_topics)
     proxy = proxied.proxy
     recovery: dict[str, float] = {}
@@ -46,7 +56,12 @@ async def test_latency_resets_blackhole_and_broker_restart_lose_and_duplicate_no
     producing: asyncio.Task[None] | None = None
 
     async def streamed(fraction: float) -> None:
-        await eventually(lambda: producer.sent >= total * fraction or producing.done(), 600, f"{fraction:.0%} of the events streamed in", alive=sink)
+        await eventually(
+            lambda: producer.sent >= total * fraction or producing.done(),
+            600,
+            f"{fraction:.0%} of the events streamed in",
+            alive=sink,
+        )
 
     try:
         sink.start()
@@ -72,7 +87,9 @@ async def test_latency_resets_blackhole_and_broker_restart_lose_and_duplicate_no
         await asyncio.sleep(20)
         dropped = proxy.proxy.counters.dropped
         proxy.heal()
-        await asyncio.to_thread(proxy.reset_all)  # the half-dead connections would otherwise wait for their own timeouts
+        await asyncio.to_thread(
+            proxy.reset_all
+        )  # the half-dead connections would otherwise wait for their own timeouts
         notes["bytes dropped by the blackhole"] = dropped
         recovery["blackhole 20 s"] = await catch_up(sink, proxied.bootstrap, GROUP, topics, 300)
 
@@ -94,7 +111,9 @@ async def test_latency_resets_blackhole_and_broker_restart_lose_and_duplicate_no
     stored = read_stored(sink.home)
     figures = [ledger.check(table, stored[table], dead_lettered=dlq) for table in TABLES.values()]
     notes["proxy"] = proxy.proxy.counters
-    print_table("network faults through the proxy: latency, resets, blackhole, broker restart", figures, notes, recovery)
+    print_table(
+        "network faults through the proxy: latency, resets, blackhole, broker restart", figures, notes, recovery
+    )
     assert producer.sent == total
     for f in figures:
         assert f.acked > 0

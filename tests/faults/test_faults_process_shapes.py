@@ -38,7 +38,18 @@ from contracts.publisher import encode
 from contracts.topics import dlq_for, topic_for
 from services.runtime.broker import ensure_topics
 from tests.faults.conftest import ProxiedKafka
-from tests.faults.support import EXPECTED_POISON, GROUPS, POISON, ServiceProcess, group_lag, poison_dead_lettered, read_dead_letters, send_poison, stop_all, topic_size
+from tests.faults.support import (
+    EXPECTED_POISON,
+    GROUPS,
+    POISON,
+    ServiceProcess,
+    group_lag,
+    poison_dead_lettered,
+    read_dead_letters,
+    send_poison,
+    stop_all,
+    topic_size,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -67,10 +78,18 @@ async def drive_slice(bootstrap: str, prefix: str, feedback_door: str, monitor_d
         await send_poison(producer, prefix)
         for i in range(INFERENCES):
             failed = i % 5 == 0
-            envelope = wrap(InferenceLogged(
-                inference_id=f"{run}-{i}", model_name="smollm2", prompt_tokens=12, completion_tokens=8, latency_total_ms=3000.0 + i,
-                status=InferenceStatus.error if failed else InferenceStatus.ok, error="triton unavailable" if failed else None,
-            ), producer="shape-test")
+            envelope = wrap(
+                InferenceLogged(
+                    inference_id=f"{run}-{i}",
+                    model_name="smollm2",
+                    prompt_tokens=12,
+                    completion_tokens=8,
+                    latency_total_ms=3000.0 + i,
+                    status=InferenceStatus.error if failed else InferenceStatus.ok,
+                    error="triton unavailable" if failed else None,
+                ),
+                producer="shape-test",
+            )
             key, value, headers = encode(envelope)
             await producer.send_and_wait(topic_for(InferenceLogged, prefix), value=value, key=key, headers=headers)
     finally:
@@ -78,7 +97,11 @@ async def drive_slice(bootstrap: str, prefix: str, feedback_door: str, monitor_d
     auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
     async with httpx.AsyncClient(timeout=30) as client:
         for i in range(0, INFERENCES, 2):
-            answer = await client.post(f"{feedback_door}/feedback/v1/feedback", json={"inference_id": f"{run}-{i}", "thumbs": "down", "rating": 1}, headers=auth)
+            answer = await client.post(
+                f"{feedback_door}/feedback/v1/feedback",
+                json={"inference_id": f"{run}-{i}", "thumbs": "down", "rating": 1},
+                headers=auth,
+            )
             assert answer.status_code == 202, answer.text
 
         async def sql(query: str) -> list[list]:
@@ -96,7 +119,9 @@ async def drive_slice(bootstrap: str, prefix: str, feedback_door: str, monitor_d
             return sorted({alert["rule_name"] for alert in answer.json()})
 
         deadline = asyncio.get_running_loop().time() + 180
-        while (await stored() != (INFERENCES, INFERENCES // 2)) or not {"error-rate", "latency-p95-slo"} <= set(await alerts()):
+        while (await stored() != (INFERENCES, INFERENCES // 2)) or not {"error-rate", "latency-p95-slo"} <= set(
+            await alerts()
+        ):
             assert asyncio.get_running_loop().time() < deadline, f"stored {await stored()}, alerts {await alerts()}"
             await asyncio.sleep(1.0)
         await asyncio.sleep(4.0)  # two more monitor ticks: an alert must open once, not once per tick
@@ -119,17 +144,23 @@ def check_dead_letters(outcome: dict[str, object]) -> None:
     assert isinstance(dlq, dict)
     for event in EVENTS:
         expected = len(POISON) if event in CONSUMED else 0
-        assert dlq[event.event_type] == expected, f"{event.event_type}: {dlq[event.event_type]} dead-lettered, expected {expected}"
+        assert dlq[event.event_type] == expected, (
+            f"{event.event_type}: {dlq[event.event_type]} dead-lettered, expected {expected}"
+        )
 
 
-async def test_separate_processes_give_the_same_outcome_as_one_process_under_poison(tmp_path: Path, proxied: ProxiedKafka) -> None:
+async def test_separate_processes_give_the_same_outcome_as_one_process_under_poison(
+    tmp_path: Path, proxied: ProxiedKafka
+) -> None:
     outcomes: dict[str, dict[str, object]] = {}
 
     # One process.
     prefix = f"t{uuid.uuid4().hex[:10]}."
     await ensure_topics(proxied.bootstrap, prefix)
     home = tmp_path / "one"
-    one = ServiceProcess(tmp_path, proxied.bootstrap, prefix, ["registry", "feedback", "monitor"], home=home, **shape_env(home))
+    one = ServiceProcess(
+        tmp_path, proxied.bootstrap, prefix, ["registry", "feedback", "monitor"], home=home, **shape_env(home)
+    )
     try:
         one.start()
         await one.wait_ready()
@@ -142,15 +173,21 @@ async def test_separate_processes_give_the_same_outcome_as_one_process_under_poi
     prefix = f"t{uuid.uuid4().hex[:10]}."
     await ensure_topics(proxied.bootstrap, prefix)
     home = tmp_path / "apart"
-    registry = ServiceProcess(tmp_path, proxied.bootstrap, prefix, ["registry"], home=home / "registry", **shape_env(home))
-    sink_monitor = ServiceProcess(tmp_path, proxied.bootstrap, prefix, ["feedback", "monitor"], home=home / "sink", **shape_env(home))
+    registry = ServiceProcess(
+        tmp_path, proxied.bootstrap, prefix, ["registry"], home=home / "registry", **shape_env(home)
+    )
+    sink_monitor = ServiceProcess(
+        tmp_path, proxied.bootstrap, prefix, ["feedback", "monitor"], home=home / "sink", **shape_env(home)
+    )
     try:
         registry.start()
         await registry.wait_ready()
         sink_monitor.env["FLYWHEEL_MONITOR_REGISTRY_URL"] = sink_monitor.env["FLYWHEEL_REGISTRY_URL"] = registry.url
         sink_monitor.start()
         await sink_monitor.wait_ready()
-        outcomes["separate processes"] = await drive_slice(proxied.bootstrap, prefix, sink_monitor.url, sink_monitor.url)
+        outcomes["separate processes"] = await drive_slice(
+            proxied.bootstrap, prefix, sink_monitor.url, sink_monitor.url
+        )
         assert registry.running() and sink_monitor.running(), registry.log_tail() + sink_monitor.log_tail()
     finally:
         sink_monitor.stop()
@@ -167,12 +204,17 @@ async def test_separate_processes_give_the_same_outcome_as_one_process_under_poi
     assert outcomes["one process"] == outcomes["separate processes"]
 
 
-async def test_poison_on_every_topic_goes_to_each_consuming_groups_dlq_and_blocks_nothing(tmp_path: Path, proxied: ProxiedKafka) -> None:
+async def test_poison_on_every_topic_goes_to_each_consuming_groups_dlq_and_blocks_nothing(
+    tmp_path: Path, proxied: ProxiedKafka
+) -> None:
     prefix = f"t{uuid.uuid4().hex[:10]}."
     await ensure_topics(proxied.bootstrap, prefix)
     home = tmp_path / "poison"
     env = shape_env(home)
-    processes = [ServiceProcess(tmp_path, proxied.bootstrap, prefix, services, home=home / "-".join(services), **env) for services in (["registry"], ["trainer"], ["evaluator"], ["feedback", "monitor"])]
+    processes = [
+        ServiceProcess(tmp_path, proxied.bootstrap, prefix, services, home=home / "-".join(services), **env)
+        for services in (["registry"], ["trainer"], ["evaluator"], ["feedback", "monitor"])
+    ]
     try:
         processes[0].start()
         await processes[0].wait_ready()
@@ -186,18 +228,28 @@ async def test_poison_on_every_topic_goes_to_each_consuming_groups_dlq_and_block
         try:
             await send_poison(producer, prefix)
             # A good event behind the poison: it must still be stored.
-            key, value, headers = encode(wrap(InferenceLogged(inference_id="after-poison", model_name="smollm2"), producer="poison-test"))
+            key, value, headers = encode(
+                wrap(InferenceLogged(inference_id="after-poison", model_name="smollm2"), producer="poison-test")
+            )
             await producer.send_and_wait(topic_for(InferenceLogged, prefix), value=value, key=key, headers=headers)
         finally:
             await producer.stop()
         deadline = asyncio.get_running_loop().time() + 180
         for group, events in GROUPS.items():
-            while (lag := await group_lag(proxied.bootstrap, group, [topic_for(event, prefix) for event in events])) > 0:
-                assert asyncio.get_running_loop().time() < deadline, f"group {group} is stuck behind the poison ({lag} records)"
+            while (
+                lag := await group_lag(proxied.bootstrap, group, [topic_for(event, prefix) for event in events])
+            ) > 0:
+                assert asyncio.get_running_loop().time() < deadline, (
+                    f"group {group} is stuck behind the poison ({lag} records)"
+                )
                 await asyncio.sleep(1.0)
         sink_monitor = processes[-1]
         async with httpx.AsyncClient(timeout=30) as client:
-            answer = await client.post(f"{sink_monitor.url}/monitor/v1/query", json={"sql": "SELECT inference_id FROM inference_log"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+            answer = await client.post(
+                f"{sink_monitor.url}/monitor/v1/query",
+                json={"sql": "SELECT inference_id FROM inference_log"},
+                headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            )
         assert answer.status_code == 200, answer.text
         stored = answer.json()["rows"]
         dead = poison_dead_lettered(await read_dead_letters(proxied.bootstrap, prefix, EVENTS))

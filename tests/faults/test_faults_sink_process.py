@@ -42,12 +42,18 @@ GROUP = "feedback"
 STOPPED_S = 15.0
 
 
-async def test_failpoint_crash_sigstop_and_sigkill_of_the_sink_lose_and_duplicate_nothing(tmp_path: Path, proxied: ProxiedKafka, proxied_topics: str) -> None:
+async def test_failpoint_crash_sigstop_and_sigkill_of_the_sink_lose_and_duplicate_nothing(
+    tmp_path: Path, proxied: ProxiedKafka, proxied_topics: str
+) -> None:
     topics = [topic_for(event, proxied_topics) for event in TABLES]
     ledger = Ledger()
     total = size(3000, 50_000)
-    producer = LedgerProducer(proxied.bootstrap, proxied_topics, ledger, total=total, chunk=max(total // 60, 25), pause_s=0.5)
-    sink = ServiceProcess(tmp_path, proxied.bootstrap, proxied_topics, FLYWHEEL_FAILPOINTS="consumer.batch.after_handler=crash@4")
+    producer = LedgerProducer(
+        proxied.bootstrap, proxied_topics, ledger, total=total, chunk=max(total // 60, 25), pause_s=0.5
+    )
+    sink = ServiceProcess(
+        tmp_path, proxied.bootstrap, proxied_topics, FLYWHEEL_FAILPOINTS="consumer.batch.after_handler=crash@4"
+    )
     recovery: dict[str, float] = {}
     producing: asyncio.Task[None] | None = None
     try:
@@ -61,13 +67,19 @@ async def test_failpoint_crash_sigstop_and_sigkill_of_the_sink_lose_and_duplicat
         assert sink.log_count("failpoint consumer.batch.after_handler: crashing") == 1
         del sink.env["FLYWHEEL_FAILPOINTS"]
         sink.start()
-        recovery["failpoint_crash"] = await sink.wait_ready() + await catch_up(sink, proxied.bootstrap, GROUP, topics, 300)
+        recovery["failpoint_crash"] = await sink.wait_ready() + await catch_up(
+            sink, proxied.bootstrap, GROUP, topics, 300
+        )
         # The crashed batch was stored but not committed: the new sink got it again and stored none of it twice.
         redelivered = already_stored(sink)
-        assert redelivered > 0, "the batch stored before the crash was not redelivered: the failpoint hit after the commit?"
+        assert redelivered > 0, (
+            "the batch stored before the crash was not redelivered: the failpoint hit after the commit?"
+        )
 
         # 2. SIGSTOP past the session timeout: the group drops the sink mid-batch; SIGCONT, it rejoins.
-        await eventually(lambda: producer.sent >= total // 2 or producing.done(), 300, "half the events streamed in", alive=sink)
+        await eventually(
+            lambda: producer.sent >= total // 2 or producing.done(), 300, "half the events streamed in", alive=sink
+        )
         sink.signal(signal.SIGSTOP)
         await asyncio.sleep(STOPPED_S)
         sink.signal(signal.SIGCONT)
@@ -111,4 +123,10 @@ async def test_failpoint_crash_sigstop_and_sigkill_of_the_sink_lose_and_duplicat
 def already_stored(sink: ServiceProcess) -> int:
     """Events this sink process received that ClickHouse already held (its Prometheus counter)."""
     metrics = httpx.get(f"{sink.url}/metrics", timeout=10).text
-    return int(sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("flywheel_sink_rows_total{") and 'outcome="already_stored"' in line))
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("flywheel_sink_rows_total{") and 'outcome="already_stored"' in line
+        )
+    )

@@ -97,7 +97,12 @@ class Traffic:
         async with httpx.AsyncClient(base_url=self.url, headers=headers, timeout=HUNG_AFTER_S) as http:
             while not self._stop.is_set():
                 request, phase, started = uuid.uuid4().hex, self.phase, time.monotonic()
-                body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "metadata": {TAG: request}}
+                body = {
+                    "model": "tiny",
+                    "messages": [{"role": "user", "content": "Hi"}],
+                    "max_tokens": 4,
+                    "metadata": {TAG: request},
+                }
                 try:
                     response = await http.post("/v1/chat/completions", json=body)
                     status, text = response.status_code, response.text
@@ -119,14 +124,20 @@ def exited(process: psutil.Process) -> bool:
 
 def tritonserver(serving: ServiceProcess) -> psutil.Process:
     assert serving.process is not None
-    found = [child for child in psutil.Process(serving.process.pid).children(recursive=True) if child.name() == "tritonserver"]
+    found = [
+        child
+        for child in psutil.Process(serving.process.pid).children(recursive=True)
+        if child.name() == "tritonserver"
+    ]
     assert len(found) == 1, f"expected one tritonserver child of serving, found {found}"
     return found[0]
 
 
 async def answers_again(traffic: Traffic, since: float) -> float:
     """Seconds from `since` until a request started after it was answered 200."""
-    await eventually(lambda: any(a.status == 200 for a in traffic.since(since)), RECOVERY_LIMIT_S, "the gateway to answer 200 again")
+    await eventually(
+        lambda: any(a.status == 200 for a in traffic.since(since)), RECOVERY_LIMIT_S, "the gateway to answer 200 again"
+    )
     return min(a.ended for a in traffic.since(since) if a.status == 200) - since
 
 
@@ -167,16 +178,24 @@ def clean_error(answer: Answer) -> str | None:
 
 
 async def test_triton_stopped_then_killed_under_traffic_errors_cleanly_recovers_and_logs_every_request_once(
-    tmp_path: Path, proxied: ProxiedKafka, proxied_topics: str, model_dir: Path,
+    tmp_path: Path,
+    proxied: ProxiedKafka,
+    proxied_topics: str,
+    model_dir: Path,
 ) -> None:
     database_url = f"sqlite:///{tmp_path / 'registry.db'}"
     serving = ServiceProcess(
-        tmp_path, proxied.bootstrap, proxied_topics, ["serving"],
+        tmp_path,
+        proxied.bootstrap,
+        proxied_topics,
+        ["serving"],
         FLYWHEEL_DATABASE_URL=database_url,
-        FLYWHEEL_SERVING_MODEL_DIR=str(model_dir), FLYWHEEL_SERVING_BASE_MODEL="tiny",
+        FLYWHEEL_SERVING_MODEL_DIR=str(model_dir),
+        FLYWHEEL_SERVING_BASE_MODEL="tiny",
         FLYWHEEL_SERVING_TRITON_TIMEOUT_S=str(TRITON_TIMEOUT_S),
         # Steady traffic from one key: the per-key limit is not what this test is about.
-        FLYWHEEL_SERVING_RATE_LIMIT_RPS="10000", FLYWHEEL_SERVING_RATE_LIMIT_BURST="10000",
+        FLYWHEEL_SERVING_RATE_LIMIT_RPS="10000",
+        FLYWHEEL_SERVING_RATE_LIMIT_BURST="10000",
     )
     registry = serving.registry_beside()  # serving checks the app key through it
     sink = ServiceProcess(tmp_path, proxied.bootstrap, proxied_topics, ["feedback"])
@@ -194,7 +213,12 @@ async def test_triton_stopped_then_killed_under_traffic_errors_cleanly_recovers_
         traffic.key = app_key(database_url)
         await serving.wait_ready(300)
         traffic.start()
-        await eventually(lambda: sum(a.status == 200 for a in traffic.answers) >= 10, 120, "10 answers before the fault", alive=serving)
+        await eventually(
+            lambda: sum(a.status == 200 for a in traffic.answers) >= 10,
+            120,
+            "10 answers before the fault",
+            alive=serving,
+        )
 
         # 1. Triton frozen: the gateway must give up on it after its timeout and answer 503.
         frozen = tritonserver(serving)
@@ -220,7 +244,10 @@ async def test_triton_stopped_then_killed_under_traffic_errors_cleanly_recovers_
         traffic.phase = "killed"
         triton.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
-        while not any(a.status == 200 for a in traffic.since(killed_at + 1.0)) and time.monotonic() - killed_at < RECOVERY_LIMIT_S:
+        while (
+            not any(a.status == 200 for a in traffic.since(killed_at + 1.0))
+            and time.monotonic() - killed_at < RECOVERY_LIMIT_S
+        ):
             ready_while_killed.append(await asyncio.to_thread(serving.ready))
             await asyncio.sleep(1.0)
         traffic.phase = "after_kill"
@@ -249,19 +276,27 @@ async def test_triton_stopped_then_killed_under_traffic_errors_cleanly_recovers_
     finally:
         sink.stop()
 
-    rows = query_stopped(sink.home, f"SELECT metadata['{TAG}'] AS request, toString(event_id) AS event_id, inference_id, status FROM inference_log")
+    rows = query_stopped(
+        sink.home,
+        f"SELECT metadata['{TAG}'] AS request, toString(event_id) AS event_id, inference_id, status FROM inference_log",
+    )
     by_request: dict[str, list[dict[str, object]]] = {}
     for row in rows:
         by_request.setdefault(str(row["request"]), []).append(row)
     answers = {answer.request: answer for answer in traffic.answers}
     phases = ["before", "stopped", "after_stop", "killed", "after_kill"]
-    counts = {phase: Counter("ok" if a.status == 200 else str(a.status) for a in traffic.answers if a.phase == phase) for phase in phases}
+    counts = {
+        phase: Counter("ok" if a.status == 200 else str(a.status) for a in traffic.answers if a.phase == phase)
+        for phase in phases
+    }
     lost = [request for request in answers if request not in by_request]
     logged_twice = {request: len(found) for request, found in by_request.items() if len(found) > 1}
     unexpected = [request for request in by_request if request not in answers]
     duplicated = len(rows) - len({str(row["event_id"]) for row in rows})
 
-    print(f"\n== Triton unavailable under gateway traffic ({'full' if FULL else 'ci'} size): SIGSTOP {OUTAGE_S} s, then SIGKILL")
+    print(
+        f"\n== Triton unavailable under gateway traffic ({'full' if FULL else 'ci'} size): SIGSTOP {OUTAGE_S} s, then SIGKILL"
+    )
     print("  phase        requests  ok  errored (by status)")
     for phase in phases:
         total = sum(counts[phase].values())
@@ -270,23 +305,36 @@ async def test_triton_stopped_then_killed_under_traffic_errors_cleanly_recovers_
     for name, value in figures.items():
         print(f"  {name}: {value:.1f}" if isinstance(value, float) else f"  {name}: {value}")
     print(f"  /readyz while killed: {Counter(ready_while_killed)}")
-    print(f"  error codes before the faults: {Counter(error_code(a) for a in traffic.answers if a.phase == 'before' and a.status != 200) or '-'}")
-    print(f"  inference_log rows: {len(rows)}, lost: {len(lost)}, duplicated (no FINAL): {duplicated}, logged twice: {len(logged_twice)}, unexpected: {len(unexpected)}")
+    print(
+        f"  error codes before the faults: {Counter(error_code(a) for a in traffic.answers if a.phase == 'before' and a.status != 200) or '-'}"
+    )
+    print(
+        f"  inference_log rows: {len(rows)}, lost: {len(lost)}, duplicated (no FINAL): {duplicated}, logged twice: {len(logged_twice)}, unexpected: {len(unexpected)}"
+    )
 
     assert leftover == [], f"tritonserver outlived the serving process: {leftover}"
     assert not orphans, f"Python-backend stubs outlived their killed tritonserver: {orphans}"
     unclean = [f"{a.phase}: {why}" for a in traffic.answers if (why := clean_error(a))]
     assert not unclean, f"{len(unclean)} unclean answers, e.g. {unclean[:5]}"
-    assert counts["stopped"].get("503", 0) + counts["stopped"].get("504", 0) > 0, f"SIGSTOP of tritonserver refused no request: {counts['stopped']}"
+    assert counts["stopped"].get("503", 0) + counts["stopped"].get("504", 0) > 0, (
+        f"SIGSTOP of tritonserver refused no request: {counts['stopped']}"
+    )
     assert counts["killed"].get("503", 0) > 0, f"SIGKILL of tritonserver refused no request: {counts['killed']}"
-    assert 503 in ready_while_killed and None not in ready_while_killed, f"/readyz while Triton was dead (None: no answer in 2 s): {ready_while_killed}"
+    assert 503 in ready_while_killed and None not in ready_while_killed, (
+        f"/readyz while Triton was dead (None: no answer in 2 s): {ready_while_killed}"
+    )
     assert figures["restarts_after_sigstop"] <= 1, serving.log_tail()
     assert figures["tritonserver_restarts_logged"] - figures["restarts_after_sigstop"] == 1, serving.log_tail()
     for fault in ("sigstop", "sigkill"):
         # Recovered for good: a run of 200s (several per client) that lasted to the end of the phase.
         recovery, oks = figures[f"{fault}_recovery_s"], figures[f"{fault}_200s_after_recovery"]
         assert recovery is not None and recovery < RECOVERY_LIMIT_S and oks >= 2 * CLIENTS, (fault, recovery, oks)
-    assert (lost, duplicated, logged_twice, unexpected) == ([], 0, {}, []), (lost[:5], duplicated, logged_twice, unexpected[:5])
+    assert (lost, duplicated, logged_twice, unexpected) == ([], 0, {}, []), (
+        lost[:5],
+        duplicated,
+        logged_twice,
+        unexpected[:5],
+    )
     for request, answer in answers.items():
         [row] = by_request[request]
         if answer.status == 200:

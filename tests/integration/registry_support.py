@@ -18,8 +18,19 @@ from services.runtime.artifacts import ArtifactRef, ArtifactStore
 from tests.fixtures.postgres import fresh_database
 
 CHAT = [
-    {"messages": [{"role": "user", "content": "How do I reset my password?"}, {"role": "assistant", "content": "Use Settings > Security > Reset."}]},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Refund policy?"}, {"role": "assistant", "content": "30 days, no questions."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "How do I reset my password?"},
+            {"role": "assistant", "content": "Use Settings > Security > Reset."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Refund policy?"},
+            {"role": "assistant", "content": "30 days, no questions."},
+        ]
+    },
 ]
 
 
@@ -48,29 +59,68 @@ def adapter_artifact(registry: Registry, tmp_path: Path, seed: int = 0) -> Artif
     directory = tmp_path / f"adapter-{uuid.uuid4().hex[:6]}"
     directory.mkdir()
     generator = torch.Generator().manual_seed(seed)
-    save_file({"base_model.model.q_proj.lora_A.weight": torch.randn(4, 8, generator=generator)}, str(directory / "adapter_model.safetensors"))
+    save_file(
+        {"base_model.model.q_proj.lora_A.weight": torch.randn(4, 8, generator=generator)},
+        str(directory / "adapter_model.safetensors"),
+    )
     (directory / "adapter_config.json").write_text(json.dumps({"r": 4, "seed": seed}))
     return registry.artifacts.put_directory(directory)
 
 
 def seed_model(registry: Registry, tmp_path: Path, name: str = "smol") -> None:
     weights = registry.artifacts.put_bytes(b'{"fake": "base"}', kind="json")
-    registry.register_base_model("alice", name=name, source="test", architecture="LlamaForCausalLM", parameter_count=135, artifact_uri=weights.uri, artifact_sha256=weights.sha256, license="apache-2.0")
+    registry.register_base_model(
+        "alice",
+        name=name,
+        source="test",
+        architecture="LlamaForCausalLM",
+        parameter_count=135,
+        artifact_uri=weights.uri,
+        artifact_sha256=weights.sha256,
+        license="apache-2.0",
+    )
 
 
-def training_completed(registry: Registry, tmp_path: Path, *, job_id: str, seed: int = 0, model: str = "smol", dataset: DatasetRef | None = None) -> TrainingCompleted:
+def training_completed(
+    registry: Registry,
+    tmp_path: Path,
+    *,
+    job_id: str,
+    seed: int = 0,
+    model: str = "smol",
+    dataset: DatasetRef | None = None,
+) -> TrainingCompleted:
     ref = adapter_artifact(registry, tmp_path, seed)
-    return TrainingCompleted(job_id=job_id, model_name=model, dataset=dataset or DatasetRef(name="support", version=1), hyperparameters=Hyperparameters(rank=4), artifact_uri=ref.uri, artifact_sha256=ref.sha256, metrics={"final_loss": 0.5})
+    return TrainingCompleted(
+        job_id=job_id,
+        model_name=model,
+        dataset=dataset or DatasetRef(name="support", version=1),
+        hyperparameters=Hyperparameters(rank=4),
+        artifact_uri=ref.uri,
+        artifact_sha256=ref.sha256,
+        metrics={"final_loss": 0.5},
+    )
 
 
 def evaluation(model: str, version: int, *, passed: bool = True) -> EvaluationCompleted:
-    return EvaluationCompleted(evaluation_id=f"eval-{uuid.uuid4().hex[:8]}", candidate=ModelTarget(model_name=model, adapter_version=version), golden=DatasetRef(name="golden", version=1), passed=passed, gate_policy="default@v1", reasons=["beats baseline" if passed else "worse than baseline"])
+    return EvaluationCompleted(
+        evaluation_id=f"eval-{uuid.uuid4().hex[:8]}",
+        candidate=ModelTarget(model_name=model, adapter_version=version),
+        golden=DatasetRef(name="golden", version=1),
+        passed=passed,
+        gate_policy="default@v1",
+        reasons=["beats baseline" if passed else "worse than baseline"],
+    )
 
 
 def seed_adapters(registry: Registry, tmp_path: Path, count: int = 2, *, evaluated: bool = True) -> None:
     seed_model(registry, tmp_path)
     registry.publish_dataset("alice", name="support", split="train", jsonl=jsonl(CHAT))
     for index in range(count):
-        adapter = registry.register_trained_adapter(training_completed(registry, tmp_path, job_id=f"job-{index}", seed=index), event_id=str(uuid.uuid4()), correlation_id=f"corr-{index}")
+        adapter = registry.register_trained_adapter(
+            training_completed(registry, tmp_path, job_id=f"job-{index}", seed=index),
+            event_id=str(uuid.uuid4()),
+            correlation_id=f"corr-{index}",
+        )
         if evaluated:
             registry.attach_evaluation(evaluation("smol", adapter.version))

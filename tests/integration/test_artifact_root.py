@@ -21,20 +21,36 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 ADMIN = "fw_boot_test-admin-secret-0123456789"
 
 
-async def test_the_registry_reads_and_writes_the_configured_store_only(settings: FlywheelSettings, topics: str, tmp_path: Path) -> None:
+async def test_the_registry_reads_and_writes_the_configured_store_only(
+    settings: FlywheelSettings, topics: str, tmp_path: Path
+) -> None:
     elsewhere = tmp_path / "elsewhere"
     settings = settings.model_copy(update={"bootstrap_admin_key": ADMIN, "artifact_root": str(elsewhere)})
     weights = ArtifactStore(elsewhere).put_bytes(b'{"base": true}', kind="json")
     app, runtime = build_process(settings, [create_app], title="registry-test")
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://registry", headers={"Authorization": f"Bearer {ADMIN}"}
-    ) as door:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://registry",
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        ) as door,
+    ):
         model = await door.post(
             "/registry/v1/models",
-            json={"name": "smol", "source": "test", "architecture": "LlamaForCausalLM", "parameter_count": 135, "artifact_uri": weights.uri, "artifact_sha256": weights.sha256},
+            json={
+                "name": "smol",
+                "source": "test",
+                "architecture": "LlamaForCausalLM",
+                "parameter_count": 135,
+                "artifact_uri": weights.uri,
+                "artifact_sha256": weights.sha256,
+            },
         )
         assert model.status_code == 201, model.text
-        dataset = await door.post("/registry/v1/datasets", json={"name": "support", "split": "train", "jsonl": jsonl(CHAT).decode()})
+        dataset = await door.post(
+            "/registry/v1/datasets", json={"name": "support", "split": "train", "jsonl": jsonl(CHAT).decode()}
+        )
         assert dataset.status_code == 201, dataset.text
         rows = await door.get("/registry/v1/datasets/support/versions/1/rows")
     assert rows.json() == CHAT

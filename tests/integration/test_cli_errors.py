@@ -55,7 +55,11 @@ def test_clickhouse_url_with_a_wrong_scheme(tmp_path: Path, kafka_bootstrap: str
 
 
 def test_unreachable_clickhouse_server_hides_the_password(tmp_path: Path, kafka_bootstrap: str) -> None:
-    result = run(tmp_path, FLYWHEEL_KAFKA_BOOTSTRAP=kafka_bootstrap, FLYWHEEL_CLICKHOUSE_URL=f"http://flywheel:s3cret@127.0.0.1:{closed_port()}/flywheel")
+    result = run(
+        tmp_path,
+        FLYWHEEL_KAFKA_BOOTSTRAP=kafka_bootstrap,
+        FLYWHEEL_CLICKHOUSE_URL=f"http://flywheel:s3cret@127.0.0.1:{closed_port()}/flywheel",
+    )
     line = assert_one_error_line(result, "cannot reach ClickHouse")
     assert "s3cret" not in line
 

@@ -40,7 +40,12 @@ class Flywheel:
         self.home = tmp_path / "home"
         self.log = tmp_path / "flywheel.log"
         self.env = {name: value for name, value in os.environ.items() if not name.startswith("FLYWHEEL_")}
-        self.env.update(FLYWHEEL_HOME=str(self.home), FLYWHEEL_HTTP_PORT=str(self.port), FLYWHEEL_KAFKA_BOOTSTRAP=kafka_bootstrap, FLYWHEEL_TOPIC_PREFIX=f"{tmp_path.name}.")
+        self.env.update(
+            FLYWHEEL_HOME=str(self.home),
+            FLYWHEEL_HTTP_PORT=str(self.port),
+            FLYWHEEL_KAFKA_BOOTSTRAP=kafka_bootstrap,
+            FLYWHEEL_TOPIC_PREFIX=f"{tmp_path.name}.",
+        )
         self.args = args
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -50,7 +55,9 @@ class Flywheel:
 
     def start(self) -> None:
         with self.log.open("wb") as log:
-            self.process = subprocess.Popen([FLYWHEEL, *self.args], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [FLYWHEEL, *self.args], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -59,7 +66,9 @@ class Flywheel:
         assert self.process is not None
         deadline = time.monotonic() + timeout_s
         while True:
-            assert self.process.poll() is None, f"exited with {self.process.returncode} before it was ready:\n{self.output()[-4000:]}"
+            assert self.process.poll() is None, (
+                f"exited with {self.process.returncode} before it was ready:\n{self.output()[-4000:]}"
+            )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
                     return
@@ -110,7 +119,9 @@ def flywheel(tmp_path: Path, kafka_bootstrap: str) -> Iterator[type[Flywheel]]:
         process.kill()
 
 
-def assert_stopped_cleanly(process: Flywheel, code: int, seconds: float, tritons: list[int], expected_code: int = 0) -> None:
+def assert_stopped_cleanly(
+    process: Flywheel, code: int, seconds: float, tritons: list[int], expected_code: int = 0
+) -> None:
     output = process.output()
     print(f"\n{' '.join(process.args)}: exited {code} {seconds:.1f} s after the signal")
     assert code == expected_code, output[-4000:]
@@ -133,15 +144,26 @@ def test_run_several_services_in_one_process(flywheel) -> None:
 
     # The feedback door publishes, the sink stores it in the embedded ClickHouse, and the monitor's
     # query door reads it from the same store: both services share this process's one chDB.
-    sent = httpx.post(f"{process.url}/feedback/v1/feedback", json={"inference_id": inference_id, "thumbs": "down"}, headers=app, timeout=30)
+    sent = httpx.post(
+        f"{process.url}/feedback/v1/feedback",
+        json={"inference_id": inference_id, "thumbs": "down"},
+        headers=app,
+        timeout=30,
+    )
     assert sent.status_code == 202, sent.text
     query = {"sql": "SELECT count() FROM feedback WHERE inference_id = {id:String}", "parameters": {"id": inference_id}}
     deadline = time.monotonic() + 120
-    while (counted := httpx.post(f"{process.url}/monitor/v1/query", json=query, headers=viewer, timeout=30)).json().get("rows") != [[1]]:
+    while (counted := httpx.post(f"{process.url}/monitor/v1/query", json=query, headers=viewer, timeout=30)).json().get(
+        "rows"
+    ) != [[1]]:
         assert counted.status_code == 200, counted.text
-        assert time.monotonic() < deadline, f"the monitor never saw the stored feedback: {counted.text}\n{process.output()[-4000:]}"
+        assert time.monotonic() < deadline, (
+            f"the monitor never saw the stored feedback: {counted.text}\n{process.output()[-4000:]}"
+        )
         time.sleep(0.5)
-    stored = httpx.get(f"{process.url}/feedback/v1/feedback", params={"inference_id": inference_id}, headers=viewer, timeout=30)
+    stored = httpx.get(
+        f"{process.url}/feedback/v1/feedback", params={"inference_id": inference_id}, headers=viewer, timeout=30
+    )
     assert stored.status_code == 200, stored.text
     assert [item["thumbs"] for item in stored.json()["items"]] == ["down"], stored.text
 
@@ -149,13 +171,25 @@ def test_run_several_services_in_one_process(flywheel) -> None:
     # It finds the live process's door under the home (the process holds the embedded ClickHouse).
     beside = {name: value for name, value in process.env.items() if name != "FLYWHEEL_HTTP_PORT"}
     counted_sql = f"SELECT count() AS n FROM feedback WHERE inference_id = '{inference_id}'"
-    answered = subprocess.run([FLYWHEEL, "ops", "sql", counted_sql], cwd=REPO, env={**beside, "FLYWHEEL_API_KEY": viewer["Authorization"].removeprefix("Bearer ")}, capture_output=True, text=True, timeout=120)
+    answered = subprocess.run(
+        [FLYWHEEL, "ops", "sql", counted_sql],
+        cwd=REPO,
+        env={**beside, "FLYWHEEL_API_KEY": viewer["Authorization"].removeprefix("Bearer ")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert answered.returncode == 0 and answered.stdout.split() == ["n", "1"], answered.stdout + answered.stderr
     # The admin key the registry wrote for this fresh home is not presented once others may read it.
     (process.home / "admin.key").chmod(0o644)
-    keyless = subprocess.run([FLYWHEEL, "ops", "sql", counted_sql], cwd=REPO, env=beside, capture_output=True, text=True, timeout=120)
+    keyless = subprocess.run(
+        [FLYWHEEL, "ops", "sql", counted_sql], cwd=REPO, env=beside, capture_output=True, text=True, timeout=120
+    )
     assert keyless.returncode != 0 and "Traceback" not in keyless.stderr, keyless.stderr
-    assert f"a Flywheel process serves the monitor at {process.url} and holds the ClickHouse data: set FLYWHEEL_API_KEY" in keyless.stdout + keyless.stderr
+    assert (
+        f"a Flywheel process serves the monitor at {process.url} and holds the ClickHouse data: set FLYWHEEL_API_KEY"
+        in keyless.stdout + keyless.stderr
+    )
 
     code, seconds = process.stop_with(signal.SIGTERM)
     assert_stopped_cleanly(process, code, seconds, tritons=[])
@@ -163,15 +197,22 @@ def test_run_several_services_in_one_process(flywheel) -> None:
 
 
 def test_run_names_the_valid_services_when_one_is_unknown() -> None:
-    result = subprocess.run([FLYWHEEL, "run", "feedback", "monitr"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    result = subprocess.run(
+        [FLYWHEEL, "run", "feedback", "monitr"], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    assert "unknown service 'monitr': choose from registry, trainer, evaluator, serving, feedback, monitor" in result.stderr
+    assert (
+        "unknown service 'monitr': choose from registry, trainer, evaluator, serving, feedback, monitor"
+        in result.stderr
+    )
 
 
 @pytest.mark.model
 @pytest.mark.timeout(600)
-def test_up_on_a_fresh_home_starts_its_broker_serves_the_commands_beside_it_and_stops_everything_on_sigint(flywheel) -> None:
+def test_up_on_a_fresh_home_starts_its_broker_serves_the_commands_beside_it_and_stops_everything_on_sigint(
+    flywheel,
+) -> None:
     """A new user: `flywheel up` with nothing configured, then `flywheel ops sql` and `flywheel registry`
     in another terminal with nothing set either; Ctrl-C stops the services and the broker up started."""
     process = flywheel("up")
@@ -186,9 +227,18 @@ def test_up_on_a_fresh_home_starts_its_broker_serves_the_commands_beside_it_and_
     assert (process.home / "admin.key").stat().st_mode & 0o777 == 0o600
 
     beside = {name: value for name, value in process.env.items() if name != "FLYWHEEL_HTTP_PORT"}
-    counted = subprocess.run([FLYWHEEL, "ops", "sql", "SELECT count() AS n FROM inference_log"], cwd=REPO, env=beside, capture_output=True, text=True, timeout=120)
+    counted = subprocess.run(
+        [FLYWHEEL, "ops", "sql", "SELECT count() AS n FROM inference_log"],
+        cwd=REPO,
+        env=beside,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert counted.returncode == 0 and counted.stdout.split() == ["n", "0"], counted.stdout + counted.stderr
-    models = subprocess.run([FLYWHEEL, "registry", "models"], cwd=REPO, env=beside, capture_output=True, text=True, timeout=120)
+    models = subprocess.run(
+        [FLYWHEEL, "registry", "models"], cwd=REPO, env=beside, capture_output=True, text=True, timeout=120
+    )
     assert models.returncode == 0 and "Traceback" not in models.stderr, models.stdout + models.stderr
 
     code, seconds = process.stop_with(signal.SIGINT)

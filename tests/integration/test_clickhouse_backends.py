@@ -154,7 +154,14 @@ EXPECTED = {
         }
     ],
     "feedback": [
-        {"feedback_id": "fb-0", "thumbs": "down", "rating": 1, "correction": "better answer", "tags": ["wrong-fact"], "source": "end_user"},
+        {
+            "feedback_id": "fb-0",
+            "thumbs": "down",
+            "rating": 1,
+            "correction": "better answer",
+            "tags": ["wrong-fact"],
+            "source": "end_user",
+        },
         {"feedback_id": "fb-1", "thumbs": None, "rating": 2, "correction": None, "tags": [], "source": "reviewer"},
     ],
     "evaluation": [
@@ -255,7 +262,9 @@ def test_readonly_handle_refuses_arrow_inserts_and_migrations(clickhouse_target:
 
 
 def test_readonly_open_of_a_missing_database_says_so(clickhouse_target: ClickHouseTarget) -> None:
-    missing = ClickHouseTarget(clickhouse_target.backend, clickhouse_target.url, clickhouse_target.home, "never_created")
+    missing = ClickHouseTarget(
+        clickhouse_target.backend, clickhouse_target.url, clickhouse_target.home, "never_created"
+    )
     with pytest.raises(ConfigurationError, match="does not exist"):
         missing.open(readonly=True)
 
@@ -280,7 +289,9 @@ def test_hundred_thousand_rows_in_one_arrow_insert(clickhouse_target: ClickHouse
     started = time.perf_counter()
     store.insert_arrow("inference_log", batch)
     elapsed = time.perf_counter() - started
-    print(f"\n{clickhouse_target.backend}: 100000 rows into inference_log in {elapsed:.3f}s = {100_000 / elapsed:,.0f} rows/s")
+    print(
+        f"\n{clickhouse_target.backend}: 100000 rows into inference_log in {elapsed:.3f}s = {100_000 / elapsed:,.0f} rows/s"
+    )
     assert store.query("SELECT count() AS n, uniqExact(inference_id) AS ids FROM inference_log FINAL") == [
         {"n": 100_000, "ids": 100_000}
     ]

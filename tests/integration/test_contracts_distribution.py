@@ -46,11 +46,17 @@ def test_an_app_publishes_with_only_the_contracts_installed(tmp_path: Path, kafk
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
-    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(source)], capture_output=True, text=True)
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(source)],
+        capture_output=True,
+        text=True,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     script = tmp_path / "app.py"
     script.write_text(APP)
-    run = subprocess.run([str(python), str(script), kafka_bootstrap, topics], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    run = subprocess.run(
+        [str(python), str(script), kafka_bootstrap, topics], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     event_id = run.stdout.strip()
 
@@ -62,17 +68,33 @@ def test_an_app_publishes_with_only_the_contracts_installed(tmp_path: Path, kafk
     assert envelope.payload.inference_id == "from-standalone-app"
 
 
-def test_the_documented_app_example_runs_with_only_the_contracts(tmp_path: Path, kafka_bootstrap: str, topics: str) -> None:
+def test_the_documented_app_example_runs_with_only_the_contracts(
+    tmp_path: Path, kafka_bootstrap: str, topics: str
+) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     source = tmp_path / "contracts"
     shutil.copytree(REPO / "contracts", source, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
-    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(source)], capture_output=True, text=True)
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(source)],
+        capture_output=True,
+        text=True,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     run = subprocess.run(
-        [str(python), str(REPO / "examples" / "app_publishes_events.py"), "--bootstrap", kafka_bootstrap, "--topic-prefix", topics],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        [
+            str(python),
+            str(REPO / "examples" / "app_publishes_events.py"),
+            "--bootstrap",
+            kafka_bootstrap,
+            "--topic-prefix",
+            topics,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     inference_id = run.stdout.split()[1].rstrip(":")

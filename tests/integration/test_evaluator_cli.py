@@ -36,8 +36,12 @@ FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
 
 async def flywheel(*args: str) -> tuple[int, str, str]:
     """Run the CLI without blocking the loop that serves the evaluator it talks to."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("FLYWHEEL_")} | {"PYTHONWARNINGS": "ignore"}
-    process = await asyncio.create_subprocess_exec(FLYWHEEL, *args, cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("FLYWHEEL_")} | {
+        "PYTHONWARNINGS": "ignore"
+    }
+    process = await asyncio.create_subprocess_exec(
+        FLYWHEEL, *args, cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     try:
         out, err = await asyncio.wait_for(process.communicate(), timeout=300)
     except TimeoutError:
@@ -48,7 +52,9 @@ async def flywheel(*args: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-async def evaluator_url(settings: FlywheelSettings, chdb_target: ClickHouseTarget, tmp_path: Path) -> AsyncIterator[str]:
+async def evaluator_url(
+    settings: FlywheelSettings, chdb_target: ClickHouseTarget, tmp_path: Path
+) -> AsyncIterator[str]:
     clickhouse: ClickHouseStore = chdb_target.open()
     clickhouse.migrate()
     artifacts = ArtifactStore(settings.home / "artifacts")
@@ -64,14 +70,51 @@ async def evaluator_url(settings: FlywheelSettings, chdb_target: ClickHouseTarge
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     async with app.router.lifespan_context(app):
         bus = runtime.bus("registry")
-        await bus.publish(ModelRegistered(model_name=MODEL, source="test", architecture="LlamaForCausalLM", parameter_count=1, artifact_uri=base.uri, artifact_sha256=base.sha256))
-        await bus.publish(DatasetPublished(dataset_name="acme-golden", version=1, split="golden", row_count=3, sha256=golden.sha256, artifact_uri=golden.uri, provenance="uploaded", model_name=MODEL))
-        await bus.publish(PromptPublished(prompt_name="acme-support", version=1, template="You are Acme Nimbus hub support.", labels=["production"]))
-        await bus.publish(PromptPublished(prompt_name="acme-support", version=2, template="You are Acme Nimbus hub support. Answer in one sentence."))
+        await bus.publish(
+            ModelRegistered(
+                model_name=MODEL,
+                source="test",
+                architecture="LlamaForCausalLM",
+                parameter_count=1,
+                artifact_uri=base.uri,
+                artifact_sha256=base.sha256,
+            )
+        )
+        await bus.publish(
+            DatasetPublished(
+                dataset_name="acme-golden",
+                version=1,
+                split="golden",
+                row_count=3,
+                sha256=golden.sha256,
+                artifact_uri=golden.uri,
+                provenance="uploaded",
+                model_name=MODEL,
+            )
+        )
+        await bus.publish(
+            PromptPublished(
+                prompt_name="acme-support",
+                version=1,
+                template="You are Acme Nimbus hub support.",
+                labels=["production"],
+            )
+        )
+        await bus.publish(
+            PromptPublished(
+                prompt_name="acme-support",
+                version=2,
+                template="You are Acme Nimbus hub support. Answer in one sentence.",
+            )
+        )
         catalogue = EvaluatorStore(settings.home / "evaluator" / "evaluator.db")
         try:
             await eventually(
-                lambda: catalogue.base_model(MODEL) is not None and catalogue.latest_golden(MODEL) is not None and catalogue.prompt("acme-support", 2) is not None,
+                lambda: (
+                    catalogue.base_model(MODEL) is not None
+                    and catalogue.latest_golden(MODEL) is not None
+                    and catalogue.prompt("acme-support", 2) is not None
+                ),
                 what="the catalogue",
             )
         finally:
@@ -91,7 +134,20 @@ async def test_request_wait_show_and_list_through_the_cli(evaluator_url: str, se
     door = ("--url", evaluator_url)
 
     code, out, err = await flywheel(
-        "eval", "request", "--model", MODEL, "--prompt", "acme-support:2", "--golden", "acme-golden:1", "--suite", "fast", "--wait", *door, "--api-key", operator
+        "eval",
+        "request",
+        "--model",
+        MODEL,
+        "--prompt",
+        "acme-support:2",
+        "--golden",
+        "acme-golden:1",
+        "--suite",
+        "fast",
+        "--wait",
+        *door,
+        "--api-key",
+        operator,
     )
     assert code == 0, err
     lines = out.strip().splitlines()
@@ -107,8 +163,18 @@ async def test_request_wait_show_and_list_through_the_cli(evaluator_url: str, se
     shown = json.loads(out)
     assert shown["status"] == "completed" and shown["request"]["requested_by"] == "test-operator"
     result = shown["result"]
-    assert result["candidate"] == {"model_name": MODEL, "adapter_version": None, "prompt_name": "acme-support", "prompt_version": 2}
-    assert result["baseline"] == {"model_name": MODEL, "adapter_version": None, "prompt_name": "acme-support", "prompt_version": 1}  # the production label
+    assert result["candidate"] == {
+        "model_name": MODEL,
+        "adapter_version": None,
+        "prompt_name": "acme-support",
+        "prompt_version": 2,
+    }
+    assert result["baseline"] == {
+        "model_name": MODEL,
+        "adapter_version": None,
+        "prompt_name": "acme-support",
+        "prompt_version": 1,
+    }  # the production label
 
     code, out, err = await flywheel("eval", "list", "--model", MODEL, *door, "--api-key", viewer)
     assert (code, out.split()) == (0, [evaluation_id, "completed", lines[1].split()[-1]]), err
@@ -128,11 +194,20 @@ async def test_bad_requests_are_one_clear_line(evaluator_url: str, settings: Fly
 
     code, _, err = await flywheel("eval", "request", "--model", MODEL, "--golden", "acme-golden", *door)
     assert code == 1 and err.strip() == "error: --golden 'acme-golden': write it as NAME:VERSION, e.g. acme-golden:1"
-    code, _, err = await flywheel("eval", "request", "--model", MODEL, "--golden", "acme-golden:1", "--prompt", "acme-support:latest", *door)
-    assert code == 1 and err.strip() == "error: --prompt 'acme-support:latest': write it as NAME:VERSION, e.g. acme-support:2"
+    code, _, err = await flywheel(
+        "eval", "request", "--model", MODEL, "--golden", "acme-golden:1", "--prompt", "acme-support:latest", *door
+    )
+    assert (
+        code == 1
+        and err.strip() == "error: --prompt 'acme-support:latest': write it as NAME:VERSION, e.g. acme-support:2"
+    )
 
     code, _, err = await flywheel("eval", "show", "ev-nope", *door, "--api-key", viewer)
     assert code != 0 and err.strip() == "error: the evaluator answered 404: no evaluation 'ev-nope'"
 
     code, _, err = await flywheel("eval", "list", "--url", f"http://127.0.0.1:{free_port()}", "--api-key", viewer)
-    assert code != 0 and err.startswith("error: cannot reach the evaluator at http://127.0.0.1:") and "Traceback" not in err
+    assert (
+        code != 0
+        and err.startswith("error: cannot reach the evaluator at http://127.0.0.1:")
+        and "Traceback" not in err
+    )

@@ -63,12 +63,28 @@ async def judge_gateway(base_model_dir: Path, workdir: Path, runtime: Runtime) -
         assert triton.ports is not None
         await buffer.start()
         gateway = Gateway(
-            routes=routes, tokenizer=engine.tokenizer, triton_grpc_url=triton.ports.grpc_url,
-            settings=ServingSettings(), log_buffer=buffer, loaded_adapters=set,
+            routes=routes,
+            tokenizer=engine.tokenizer,
+            triton_grpc_url=triton.ports.grpc_url,
+            settings=ServingSettings(),
+            log_buffer=buffer,
+            loaded_adapters=set,
         )
-        router = create_router(lambda: gateway, guard=Authenticator(keys).require(Role.app), limiter=RateLimiter(rate_per_s=1000, burst=1000))
+        router = create_router(
+            lambda: gateway,
+            guard=Authenticator(keys).require(Role.app),
+            limiter=RateLimiter(rate_per_s=1000, burst=1000),
+        )
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_http_app("judge-gateway", routers=[router]), host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_http_app("judge-gateway", routers=[router]),
+                host="127.0.0.1",
+                port=port,
+                log_level="warning",
+                lifespan="off",
+            )
+        )
         task = asyncio.create_task(server.serve())
         while not server.started:
             assert not task.done(), "uvicorn stopped while starting"
@@ -96,12 +112,20 @@ async def runtime(settings: FlywheelSettings, topics: str) -> AsyncIterator[Runt
 
 
 async def test_the_judge_grades_through_flywheels_gateway_and_an_unparseable_reply_is_an_error(
-    base_model_dir: Path, tmp_path: Path, chdb_target: ClickHouseTarget, runtime: Runtime  # noqa: F811
+    base_model_dir: Path,
+    tmp_path: Path,
+    chdb_target: ClickHouseTarget,
+    runtime: Runtime,  # noqa: F811
 ) -> None:
     clickhouse: ClickHouseStore = chdb_target.open()
     clickhouse.migrate()
     evaluator = evaluator_for(tmp_path / "home", clickhouse, Embedder())
-    register(evaluator, tiny_base_dir(tmp_path), adapters={1: random_adapter(tmp_path, seed=3)}, golden={1: "\n".join(golden_lines(EXAMPLES))})
+    register(
+        evaluator,
+        tiny_base_dir(tmp_path),
+        adapters={1: random_adapter(tmp_path, seed=3)},
+        golden={1: "\n".join(golden_lines(EXAMPLES))},
+    )
 
     async with judge_gateway(base_model_dir, tmp_path, runtime) as (base_url, key):
         client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0)
@@ -109,10 +133,15 @@ async def test_the_judge_grades_through_flywheels_gateway_and_an_unparseable_rep
         for rubric in ("correctness@v2", "correctness@v1"):
             evaluator.judge = lambda rubric=rubric: Judge(client, model=JUDGE, rubric=rubric, max_tokens=8)
             evaluation_id = f"ev-judge-{rubric.replace('@', '-')}"
-            results[rubric] = await evaluator.run(EvaluationRequested(
-                evaluation_id=evaluation_id, candidate=ModelTarget(model_name=MODEL, adapter_version=1), golden=DatasetRef(name="acme-golden", version=1),
-                metric_suite="judge", requested_by="test",
-            ))
+            results[rubric] = await evaluator.run(
+                EvaluationRequested(
+                    evaluation_id=evaluation_id,
+                    candidate=ModelTarget(model_name=MODEL, adapter_version=1),
+                    golden=DatasetRef(name="acme-golden", version=1),
+                    metric_suite="judge",
+                    requested_by="test",
+                )
+            )
         await client.close()
 
     def judged(evaluation_id: str, metric: str) -> list[dict]:
@@ -127,7 +156,9 @@ async def test_the_judge_grades_through_flywheels_gateway_and_an_unparseable_rep
     rows = judged("ev-judge-correctness-v2", "judge_correctness_v2")
     print("\ncorrectness@v2:", rows, "\ncorrectness@v1:", judged("ev-judge-correctness-v1", "judge_correctness_v1"))
     assert len(rows) == 2 * EXAMPLES  # every example of both targets was graded
-    assert all(row["error"] is None and row["score"] in (0.0, 0.25, 0.5, 0.75, 1.0) for row in rows), rows  # "Score: N", N in 1-5, normalised
+    assert all(row["error"] is None and row["score"] in (0.0, 0.25, 0.5, 0.75, 1.0) for row in rows), (
+        rows
+    )  # "Score: N", N in 1-5, normalised
     assert (summary.examples, summary.errors) == (EXAMPLES, 0)
 
     unparsed = results["correctness@v1"]
@@ -136,4 +167,7 @@ async def test_the_judge_grades_through_flywheels_gateway_and_an_unparseable_rep
     assert (summary.examples, summary.errors) == (0, EXAMPLES)  # counted as errors, not as any score
     rows = judged("ev-judge-correctness-v1", "judge_correctness_v1")
     assert len(rows) == 2 * EXAMPLES
-    assert all(row["score"] is None and row["error"].startswith("JudgeParseError: no score in the judge's reply") for row in rows), rows
+    assert all(
+        row["score"] is None and row["error"].startswith("JudgeParseError: no score in the judge's reply")
+        for row in rows
+    ), rows

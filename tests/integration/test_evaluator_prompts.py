@@ -23,7 +23,10 @@ MODEL = "smollm2-135m-instruct"
 PROMPT = "acme-support"
 # v1 is the production prompt; v2 hands the model the record's facts, which a prompt pulled from a
 # knowledge base would: it must answer closer to the references than v1 does.
-TEMPLATES = {1: ("You are Acme Nimbus hub support. Answer briefly.", []), 2: ("You are Acme Nimbus hub support. The facts: {{ facts }} Answer briefly, stating the facts.", ["facts"])}
+TEMPLATES = {
+    1: ("You are Acme Nimbus hub support. Answer briefly.", []),
+    2: ("You are Acme Nimbus hub support. The facts: {{ facts }} Answer briefly, stating the facts.", ["facts"]),
+}
 
 
 def _golden(count: int) -> str:
@@ -39,12 +42,19 @@ def _golden(count: int) -> str:
 
 def request(evaluation_id: str, candidate: ModelTarget, baseline: ModelTarget | None = None) -> EvaluationRequested:
     return EvaluationRequested(
-        evaluation_id=evaluation_id, candidate=candidate, baseline=baseline, golden=DatasetRef(name="acme-golden", version=1), metric_suite="fast", requested_by="test"
+        evaluation_id=evaluation_id,
+        candidate=candidate,
+        baseline=baseline,
+        golden=DatasetRef(name="acme-golden", version=1),
+        metric_suite="fast",
+        requested_by="test",
     )
 
 
 async def test_a_prompt_version_is_evaluated_against_the_production_prompt_on_the_same_model(
-    base_model_dir: Path, tmp_path: Path, chdb_target: ClickHouseTarget  # noqa: F811
+    base_model_dir: Path,
+    tmp_path: Path,
+    chdb_target: ClickHouseTarget,  # noqa: F811
 ) -> None:
     clickhouse: ClickHouseStore = chdb_target.open()
     clickhouse.migrate()
@@ -57,26 +67,39 @@ async def test_a_prompt_version_is_evaluated_against_the_production_prompt_on_th
     for version, (template, variables) in TEMPLATES.items():
         store.remember_prompt(PROMPT, version, template, variables, ["production"] if version == 1 else [])
 
-    result = await evaluator.run(request("ev-prompt", ModelTarget(model_name=MODEL, prompt_name=PROMPT, prompt_version=2)))
+    result = await evaluator.run(
+        request("ev-prompt", ModelTarget(model_name=MODEL, prompt_name=PROMPT, prompt_version=2))
+    )
     print("\n", *result.reasons, sep="\n  ")
 
     assert result.status == "completed", result.error
-    assert result.baseline == ModelTarget(model_name=MODEL, prompt_name=PROMPT, prompt_version=1)  # the production-labelled version
+    assert result.baseline == ModelTarget(
+        model_name=MODEL, prompt_name=PROMPT, prompt_version=1
+    )  # the production-labelled version
     f1 = next(m for m in result.metrics if m.metric == "token_f1")
     assert f1.examples == 6 and f1.baseline is not None and f1.ci_low is not None
-    assert f1.ci_low > 0, f"the facts in the prompt should bring the answers closer: {f1}"  # greedy decoding: the same on every run
+    assert f1.ci_low > 0, (
+        f"the facts in the prompt should bring the answers closer: {f1}"
+    )  # greedy decoding: the same on every run
     answers = clickhouse.query(
         "SELECT target, example_id, prediction, prompt_name, prompt_version FROM evaluation_result FINAL WHERE evaluation_id = 'ev-prompt' AND metric = 'token_f1' ORDER BY target, example_id"
     )
     assert len(answers) == 12
-    assert {(row["target"], row["prompt_name"], row["prompt_version"]) for row in answers} == {("candidate", PROMPT, 2), ("baseline", PROMPT, 1)}, "each row names its prompt version"
+    assert {(row["target"], row["prompt_name"], row["prompt_version"]) for row in answers} == {
+        ("candidate", PROMPT, 2),
+        ("baseline", PROMPT, 1),
+    }, "each row names its prompt version"
     by_target = {(row["target"], row["example_id"]): row["prediction"] for row in answers}
-    assert any(by_target["candidate", str(i)] != by_target["baseline", str(i)] for i in range(1, 7)), "both prompts gave the same answers"
+    assert any(by_target["candidate", str(i)] != by_target["baseline", str(i)] for i in range(1, 7)), (
+        "both prompts gave the same answers"
+    )
     report = (tmp_path / "reports" / "evaluation-ev-prompt.html").read_text()
     assert f"{MODEL} (base) + prompt {PROMPT}:v2" in report and f"{MODEL} (base) + prompt {PROMPT}:v1" in report
 
 
-async def test_bad_prompt_references_fail_the_evaluation_with_the_reason(tmp_path: Path, chdb_target: ClickHouseTarget) -> None:
+async def test_bad_prompt_references_fail_the_evaluation_with_the_reason(
+    tmp_path: Path, chdb_target: ClickHouseTarget
+) -> None:
     clickhouse: ClickHouseStore = chdb_target.open()
     evaluator = evaluator_for(tmp_path, clickhouse, Embedder())
     store, artifacts = evaluator.store, evaluator.artifacts
@@ -85,14 +108,23 @@ async def test_bad_prompt_references_fail_the_evaluation_with_the_reason(tmp_pat
     for version, (template, variables) in TEMPLATES.items():
         store.remember_prompt(PROMPT, version, template, variables, [])
 
-    unknown = await evaluator.run(request("ev-p-unknown", ModelTarget(model_name=MODEL, prompt_name=PROMPT, prompt_version=9)))
+    unknown = await evaluator.run(
+        request("ev-p-unknown", ModelTarget(model_name=MODEL, prompt_name=PROMPT, prompt_version=9))
+    )
     assert (unknown.status, unknown.passed) == ("failed", False)
-    assert unknown.error == f"candidate {MODEL} (base) + prompt {PROMPT}:v9 failed to load: prompt {PROMPT} v9 is unknown to the evaluator (no prompt.published seen)"
+    assert (
+        unknown.error
+        == f"candidate {MODEL} (base) + prompt {PROMPT}:v9 failed to load: prompt {PROMPT} v9 is unknown to the evaluator (no prompt.published seen)"
+    )
 
     unversioned = await evaluator.run(request("ev-p-noversion", ModelTarget(model_name=MODEL, prompt_name=PROMPT)))
-    assert unversioned.status == "failed" and "name the prompt version to evaluate (prompt_version)" in unversioned.error
+    assert (
+        unversioned.status == "failed" and "name the prompt version to evaluate (prompt_version)" in unversioned.error
+    )
 
-    missing = await evaluator.run(request("ev-p-missing", ModelTarget(model_name=MODEL, prompt_name=PROMPT, prompt_version=2)))
+    missing = await evaluator.run(
+        request("ev-p-missing", ModelTarget(model_name=MODEL, prompt_name=PROMPT, prompt_version=2))
+    )
     assert missing.status == "failed"
     assert missing.error == (
         f"candidate {MODEL} (base) + prompt {PROMPT}:v2: the prompt cannot be rendered for 2 golden record(s) (give their `variables`): "

@@ -24,22 +24,41 @@ from tests.support import eventually
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
-
-
-def consumer_broker(settings: FlywheelSettings, group: str, handlers: dict, store: Path, *, group_per_event: bool = False) -> KafkaBroker:
+def consumer_broker(
+    settings: FlywheelSettings, group: str, handlers: dict, store: Path, *, group_per_event: bool = False
+) -> KafkaBroker:
     broker = create_broker(settings, client_id=group)
     processed = SqliteProcessedEvents(store)
     for event, handler in handlers.items():
         # Seventeen consumers joining one group one after another rebalance it seventeen times.
         subscriber_group = f"{group}.{event.event_type}" if group_per_event else group
-        subscribe(broker, event, handler, group=subscriber_group, processed=processed, dead_letters=DeadLetters(broker), topic_prefix=settings.topic_prefix, max_retries=settings.consumer_max_retries, backoff_s=0.01)
+        subscribe(
+            broker,
+            event,
+            handler,
+            group=subscriber_group,
+            processed=processed,
+            dead_letters=DeadLetters(broker),
+            topic_prefix=settings.topic_prefix,
+            max_retries=settings.consumer_max_retries,
+            backoff_s=0.01,
+        )
     return broker
 
 
-async def read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0, security: KafkaSecurity | None = None) -> list:
+async def read_all(
+    bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0, security: KafkaSecurity | None = None
+) -> list:
     """Records of `topic` from its beginning, until `expected` arrived or `timeout_s` passed."""
     options = security.client_options() if security is not None else {}
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None, enable_auto_commit=False, **options)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        group_id=None,
+        enable_auto_commit=False,
+        **options,
+    )
     await consumer.start()
     records: list = []
     try:
@@ -59,9 +78,17 @@ def collector(into: list) -> Callable[[Envelope], Awaitable[None]]:
     return handle
 
 
-async def test_every_contract_event_round_trips_through_kafka(settings: FlywheelSettings, topics: str, tmp_path: Path) -> None:
+async def test_every_contract_event_round_trips_through_kafka(
+    settings: FlywheelSettings, topics: str, tmp_path: Path
+) -> None:
     received: dict[str, list[Envelope]] = {event.event_type: [] for event in EVENTS}
-    broker = consumer_broker(settings, "roundtrip", {event: collector(received[event.event_type]) for event in EVENTS}, tmp_path / "processed.db", group_per_event=True)
+    broker = consumer_broker(
+        settings,
+        "roundtrip",
+        {event: collector(received[event.event_type]) for event in EVENTS},
+        tmp_path / "processed.db",
+        group_per_event=True,
+    )
     sent = []
     async with broker:
         await broker.start()
@@ -75,7 +102,9 @@ async def test_every_contract_event_round_trips_through_kafka(settings: Flywheel
         assert type(got[0].payload) is type(envelope.payload)
 
 
-async def test_the_app_publisher_delivers_inference_and_feedback(settings: FlywheelSettings, topics: str, kafka_bootstrap: str) -> None:
+async def test_the_app_publisher_delivers_inference_and_feedback(
+    settings: FlywheelSettings, topics: str, kafka_bootstrap: str
+) -> None:
     async with EventPublisher(kafka_bootstrap, producer="support-bot", topic_prefix=topics) as publisher:
         inference = await publisher.publish(example_events()[InferenceLogged], correlation_id="req-1")
         feedback = await publisher.publish(example_events()[FeedbackReceived], correlation_id="req-1")
@@ -86,7 +115,9 @@ async def test_the_app_publisher_delivers_inference_and_feedback(settings: Flywh
         assert Envelope[type(envelope.payload)].model_validate_json(records[0].value) == envelope
 
 
-async def test_poison_messages_go_to_the_dlq_with_the_reason_and_the_consumer_goes_on(settings: FlywheelSettings, topics: str, kafka_bootstrap: str, tmp_path: Path) -> None:
+async def test_poison_messages_go_to_the_dlq_with_the_reason_and_the_consumer_goes_on(
+    settings: FlywheelSettings, topics: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
     handled: list[str] = []
 
     async def handle(envelope: Envelope[InferenceLogged]) -> None:
@@ -118,12 +149,19 @@ async def test_poison_messages_go_to_the_dlq_with_the_reason_and_the_consumer_go
     assert len(dead) == 3
     reasons = [dict((name, value.decode()) for name, value in record.headers) for record in dead]
     # A dead letter keeps no raw personal data: the end user's actor id is redacted, the rest is byte for byte what was sent.
-    assert [record.value for record in dead] == [b"{not json", wrong.replace(b'"actor":"user-7"', b'"actor":"[USER]"'), failing.model_dump_json().encode()]
+    assert [record.value for record in dead] == [
+        b"{not json",
+        wrong.replace(b'"actor":"user-7"', b'"actor":"[USER]"'),
+        failing.model_dump_json().encode(),
+    ]
     assert reasons[0]["x-flywheel-error"].startswith("invalid event: message: Invalid JSON")
     assert "event_type" in reasons[1]["x-flywheel-error"] or "payload" in reasons[1]["x-flywheel-error"]
     assert reasons[2]["x-flywheel-error"] == "RuntimeError: downstream refused the row"
     assert reasons[2]["x-flywheel-attempts"] == str(settings.consumer_max_retries + 1)
-    assert all(reason["x-flywheel-original-topic"] == topic and reason["x-flywheel-consumer-group"] == "sink-test" for reason in reasons)
+    assert all(
+        reason["x-flywheel-original-topic"] == topic and reason["x-flywheel-consumer-group"] == "sink-test"
+        for reason in reasons
+    )
 
 
 async def test_a_redelivered_event_is_handled_once(settings: FlywheelSettings, topics: str, tmp_path: Path) -> None:
@@ -142,7 +180,9 @@ async def test_a_redelivered_event_is_handled_once(settings: FlywheelSettings, t
     assert [item.event_id for item in handled] == [envelope.event_id, marker.event_id]
 
 
-async def test_offsets_are_committed_only_after_the_handler_finishes(settings: FlywheelSettings, topics: str, tmp_path: Path) -> None:
+async def test_offsets_are_committed_only_after_the_handler_finishes(
+    settings: FlywheelSettings, topics: str, tmp_path: Path
+) -> None:
     started = asyncio.Event()
 
     async def never_finishes(envelope: Envelope) -> None:

@@ -49,8 +49,13 @@ async def publish_inferences(bootstrap: str, topic_prefix: str, n: int) -> None:
     await producer.start()
     try:
         for i in range(n):
-            envelope = wrap(InferenceLogged(inference_id=f"cli-{i}", model_name="smollm2", prompt_tokens=3, completion_tokens=2), producer="test")
-            await producer.send(topic_for(InferenceLogged, topic_prefix), envelope.model_dump_json().encode(), key=f"cli-{i}".encode())
+            envelope = wrap(
+                InferenceLogged(inference_id=f"cli-{i}", model_name="smollm2", prompt_tokens=3, completion_tokens=2),
+                producer="test",
+            )
+            await producer.send(
+                topic_for(InferenceLogged, topic_prefix), envelope.model_dump_json().encode(), key=f"cli-{i}".encode()
+            )
         await producer.flush()
     finally:
         await producer.stop()
@@ -62,12 +67,29 @@ def replay_counts(output: str) -> dict[str, tuple[int, int]]:
     for line in output.strip().splitlines():
         topic, rest = line.split(": ", 1)
         fields = dict(part.rsplit(" ", 1) for part in rest.split(", "))
-        counts[topic.rsplit(".", 2)[-2] + "." + topic.rsplit(".", 1)[-1]] = (int(fields["read"]), int(fields["inserted"]))
+        counts[topic.rsplit(".", 2)[-2] + "." + topic.rsplit(".", 1)[-1]] = (
+            int(fields["read"]),
+            int(fields["inserted"]),
+        )
     return counts
 
 
 async def test_give_replay_twice_and_list(cli, kafka_bootstrap: str, topics: str) -> None:
-    given = cli("feedback", "give", "cli-1", "--thumbs", "down", "--rating", "2", "--comment", "wrong, write to ann@example.org", "--tag", "duration", "--source", "reviewer")
+    given = cli(
+        "feedback",
+        "give",
+        "cli-1",
+        "--thumbs",
+        "down",
+        "--rating",
+        "2",
+        "--comment",
+        "wrong, write to ann@example.org",
+        "--tag",
+        "duration",
+        "--source",
+        "reviewer",
+    )
     assert "published" in given.stdout
     await publish_inferences(kafka_bootstrap, topics, 40)
 
@@ -75,9 +97,13 @@ async def test_give_replay_twice_and_list(cli, kafka_bootstrap: str, topics: str
     second = replay_counts(cli("ops", "replay").stdout)
     # A reviewer's feedback travels on feedback.reviewed (the feedback service's topic), not feedback.received.
     assert first == {"inference.logged": (40, 40), "feedback.received": (0, 0), "feedback.reviewed": (1, 1)}
-    assert second == {"inference.logged": (40, 0), "feedback.received": (0, 0), "feedback.reviewed": (1, 0)}, "a second replay must add nothing"
+    assert second == {"inference.logged": (40, 0), "feedback.received": (0, 0), "feedback.reviewed": (1, 0)}, (
+        "a second replay must add nothing"
+    )
 
-    stored = cli("ops", "sql", "SELECT count() AS rows, uniqExact(event_id) AS events FROM inference_log").stdout.split()
+    stored = cli(
+        "ops", "sql", "SELECT count() AS rows, uniqExact(event_id) AS events FROM inference_log"
+    ).stdout.split()
     assert stored == ["rows", "events", "40", "40"]
 
     listed = json.loads(cli("feedback", "list", "cli-1").stdout)

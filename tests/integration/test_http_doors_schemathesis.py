@@ -63,7 +63,14 @@ NEEDS: list[tuple[str, str, str, str]] = [
     ("*", "*", r".*", Role.operator.value),
 ]
 # A role just below each need: it holds no grant of the needed role.
-BELOW = {Role.viewer.value: Role.app.value, Role.app.value: Role.operator.value, Role.operator.value: Role.app.value, Role.approver.value: Role.operator.value, Role.admin.value: Role.operator.value, KEYED: None}
+BELOW = {
+    Role.viewer.value: Role.app.value,
+    Role.app.value: Role.operator.value,
+    Role.operator.value: Role.app.value,
+    Role.approver.value: Role.operator.value,
+    Role.admin.value: Role.operator.value,
+    KEYED: None,
+}
 
 
 def needs(service: str, method: str, path: str) -> str:
@@ -74,19 +81,33 @@ def needs(service: str, method: str, path: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def keys_and_doors(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Iterator[tuple[dict[str, str], dict[str, ServiceProcess]]]:
+def keys_and_doors(
+    tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str
+) -> Iterator[tuple[dict[str, str], dict[str, ServiceProcess]]]:
     workdir = tmp_path_factory.mktemp("doors")
     prefix = f"t{uuid.uuid4().hex[:10]}."
     asyncio.run(ensure_topics(kafka_bootstrap, prefix))
-    env = {"FLYWHEEL_BOOTSTRAP_ADMIN_KEY": ADMIN_KEY, "FLYWHEEL_DATABASE_URL": f"sqlite:///{workdir / 'registry.db'}", "FLYWHEEL_MONITOR_API_KEY": ADMIN_KEY}
-    processes = {name: ServiceProcess(workdir, kafka_bootstrap, prefix, [name], **env) for name in ("registry", "feedback", "monitor", "evaluator", "trainer")}
+    env = {
+        "FLYWHEEL_BOOTSTRAP_ADMIN_KEY": ADMIN_KEY,
+        "FLYWHEEL_DATABASE_URL": f"sqlite:///{workdir / 'registry.db'}",
+        "FLYWHEEL_MONITOR_API_KEY": ADMIN_KEY,
+    }
+    processes = {
+        name: ServiceProcess(workdir, kafka_bootstrap, prefix, [name], **env)
+        for name in ("registry", "feedback", "monitor", "evaluator", "trainer")
+    }
     try:
         registry = processes["registry"]
         registry.start()
         asyncio.run(registry.wait_ready())
         keys = {Role.admin.value: ADMIN_KEY}
         for role in (Role.operator, Role.approver, Role.app, Role.viewer):
-            created = httpx.post(f"{registry.url}/registry/v1/keys", json={"principal": f"door-test-{role.value}", "role": role.value}, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
+            created = httpx.post(
+                f"{registry.url}/registry/v1/keys",
+                json={"principal": f"door-test-{role.value}", "role": role.value},
+                headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                timeout=30,
+            )
             assert created.status_code == 201, created.text
             keys[role.value] = created.json()["key"]
         processes["monitor"].env["FLYWHEEL_MONITOR_REGISTRY_URL"] = registry.url
@@ -102,7 +123,9 @@ def keys_and_doors(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: st
 
 
 @pytest.fixture(scope="module")
-def serving_door(keys_and_doors: tuple[dict[str, str], dict[str, ServiceProcess]], kafka_bootstrap: str) -> Iterator[ServiceProcess]:
+def serving_door(
+    keys_and_doors: tuple[dict[str, str], dict[str, ServiceProcess]], kafka_bootstrap: str
+) -> Iterator[ServiceProcess]:
     from services.trainer.model import export_gguf
     from tests.fixtures.trainer_model import smollm2_gguf
 
@@ -110,8 +133,20 @@ def serving_door(keys_and_doors: tuple[dict[str, str], dict[str, ServiceProcess]
     gguf = smollm2_gguf()
     model_dir = export_gguf(gguf, FlywheelSettings().cache / "models" / f"{gguf.stem}-safetensors")
     registry = keys_and_doors[1]["registry"]
-    limits = {"FLYWHEEL_SERVING_MAX_TOKENS_LIMIT": "4", "FLYWHEEL_SERVING_DEFAULT_MAX_TOKENS": "4", "FLYWHEEL_SERVING_RATE_LIMIT_RPS": "1000", "FLYWHEEL_SERVING_RATE_LIMIT_BURST": "1000"}
-    serving = ServiceProcess(registry.log.parent, kafka_bootstrap, registry.env["FLYWHEEL_TOPIC_PREFIX"], ["serving"], FLYWHEEL_SERVING_MODEL_DIR=str(model_dir), **{**_shared_env(registry), **limits})
+    limits = {
+        "FLYWHEEL_SERVING_MAX_TOKENS_LIMIT": "4",
+        "FLYWHEEL_SERVING_DEFAULT_MAX_TOKENS": "4",
+        "FLYWHEEL_SERVING_RATE_LIMIT_RPS": "1000",
+        "FLYWHEEL_SERVING_RATE_LIMIT_BURST": "1000",
+    }
+    serving = ServiceProcess(
+        registry.log.parent,
+        kafka_bootstrap,
+        registry.env["FLYWHEEL_TOPIC_PREFIX"],
+        ["serving"],
+        FLYWHEEL_SERVING_MODEL_DIR=str(model_dir),
+        **{**_shared_env(registry), **limits},
+    )
     try:
         serving.start()
         asyncio.run(serving.wait_ready(600))
@@ -121,14 +156,19 @@ def serving_door(keys_and_doors: tuple[dict[str, str], dict[str, ServiceProcess]
 
 
 def _shared_env(process: ServiceProcess) -> dict[str, str]:
-    return {**{name: process.env[name] for name in ("FLYWHEEL_BOOTSTRAP_ADMIN_KEY", "FLYWHEEL_DATABASE_URL")}, "FLYWHEEL_REGISTRY_URL": process.url}
+    return {
+        **{name: process.env[name] for name in ("FLYWHEEL_BOOTSTRAP_ADMIN_KEY", "FLYWHEEL_DATABASE_URL")},
+        "FLYWHEEL_REGISTRY_URL": process.url,
+    }
 
 
 MATRIX_SERVICES = ["registry", "trainer", "evaluator", "feedback", "monitor", "serving"]
 
 
 @pytest.mark.parametrize("service", MATRIX_SERVICES)
-def test_no_generated_request_gets_a_5xx_and_every_matrix_cell_holds(service: str, keys_and_doors: tuple[dict[str, str], dict[str, ServiceProcess]], request: pytest.FixtureRequest) -> None:
+def test_no_generated_request_gets_a_5xx_and_every_matrix_cell_holds(
+    service: str, keys_and_doors: tuple[dict[str, str], dict[str, ServiceProcess]], request: pytest.FixtureRequest
+) -> None:
     keys, processes = keys_and_doors
     process = request.getfixturevalue("serving_door") if service == "serving" else processes[service]
     schema = schemathesis.openapi.from_url(f"{process.url}/openapi.json")
@@ -148,21 +188,32 @@ def test_no_generated_request_gets_a_5xx_and_every_matrix_cell_holds(service: st
                 callers["wrong role"] = keys[BELOW[need]]  # type: ignore[index]
 
         # No shrinking: failures are collected with their curl command, not raised.
-        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+            phases=[Phase.explicit, Phase.generate],
+        )
         @given(case=operation.as_strategy(), served=st.booleans())
         def exercise(case: schemathesis.Case, served: bool) -> None:
             if service == "serving" and served and isinstance(case.body, dict) and "model" in case.body:
                 # A generated model name is never served (404); half the requests name the one that is,
                 # so the fuzzer reaches generation on Triton and not only the routing errors.
                 case.body["model"] = SERVED_MODEL
-            claims_review = service == "feedback" and isinstance(case.body, dict) and case.body.get("source") == "reviewer"
+            claims_review = (
+                service == "feedback" and isinstance(case.body, dict) and case.body.get("source") == "reviewer"
+            )
             for caller, key in callers.items():
                 headers = {"Authorization": f"Bearer {key}"} if key else {}
                 try:
                     response = case.call(base_url=process.url, headers=headers, timeout=60, allow_redirects=False)
                 except requests.RequestException as error:
                     # Recorded, not raised: hypothesis would spend minutes shrinking a timeout on a loaded machine.
-                    server_errors.append(f"no answer: {method} {path} as {caller}: {type(error).__name__}: {error}\n  {case.as_curl_command(headers=headers)}")
+                    server_errors.append(
+                        f"no answer: {method} {path} as {caller}: {type(error).__name__}: {error}\n  {case.as_curl_command(headers=headers)}"
+                    )
                     continue
                 status = response.status_code
                 cells[(method, path)][caller].add(status)
@@ -173,7 +224,16 @@ def test_no_generated_request_gets_a_5xx_and_every_matrix_cell_holds(service: st
                     refusals.append(f"expected 401: {where}")
                 elif caller == "wrong role" and status != 403:
                     refusals.append(f"expected 403: {where}")
-                elif need != PUBLIC and caller in ("right role", "admin") and status in (401, 403) and not (caller == "right role" and claims_review and response.json()["error"]["code"] == "reviewer_role_required"):
+                elif (
+                    need != PUBLIC
+                    and caller in ("right role", "admin")
+                    and status in (401, 403)
+                    and not (
+                        caller == "right role"
+                        and claims_review
+                        and response.json()["error"]["code"] == "reviewer_role_required"
+                    )
+                ):
                     # An app key may send feedback but not claim `source: reviewer`: that needs a reviewer's key.
                     refusals.append(f"expected admitted: {where}")
 
@@ -185,7 +245,10 @@ def test_no_generated_request_gets_a_5xx_and_every_matrix_cell_holds(service: st
     print(f"  {'operation':<62} {'needs':<9} {'no key':<12} {'wrong role':<12} {'right role':<14} {'admin':<14}")
     for (method, path), by_caller in sorted(cells.items(), key=lambda item: item[0][1]):
         need = needs(service, method, path)
-        row = [",".join(map(str, sorted(by_caller[c]))) if c in by_caller else "-" for c in ("no key", "wrong role", "right role", "admin")]
+        row = [
+            ",".join(map(str, sorted(by_caller[c]))) if c in by_caller else "-"
+            for c in ("no key", "wrong role", "right role", "admin")
+        ]
         print(f"  {method + ' ' + path:<62} {need:<9} {row[0]:<12} {row[1]:<12} {row[2]:<14} {row[3]:<14}")
     assert not server_errors, f"{len(server_errors)} calls answered 5xx, first ones:\n" + "\n".join(server_errors[:15])
     assert process.running() and all(p.running() for p in processes.values()), "a service died under generated requests"

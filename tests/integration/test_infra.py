@@ -31,7 +31,9 @@ FLYWHEEL = Path(sys.executable).with_name("flywheel")
 def infra(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FLYWHEEL_HOME": str(home)}
     env.pop("FLYWHEEL_KAFKA_BOOTSTRAP", None)
-    return subprocess.run([str(FLYWHEEL), "infra", *args], env=env, capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [str(FLYWHEEL), "infra", *args], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 def kafka_state(home: Path) -> dict:
@@ -149,7 +151,9 @@ def test_up_on_a_taken_port_fails_with_one_actionable_line(home: Path) -> None:
     with socket.create_server(("127.0.0.1", port)):
         result = infra(home, "up", "--port", str(port))
     assert result.returncode == 3
-    assert result.stderr.strip() == f"error: port {port} is in use: choose another with --port or stop what listens there"
+    assert (
+        result.stderr.strip() == f"error: port {port} is in use: choose another with --port or stop what listens there"
+    )
 
 
 def test_postgres_up_accepts_connections_and_down_stops_it(shared_home: Path) -> None:
@@ -157,7 +161,9 @@ def test_postgres_up_accepts_connections_and_down_stops_it(shared_home: Path) ->
     started = infra(shared_home, "up", "--postgres", "--port", str(free_port()), "--postgres-port", str(port))
     assert started.returncode == 0, started.stderr
     state = json.loads((shared_home / "infra" / "postgres" / "state.json").read_text())
-    assert state["url"].startswith("postgresql+psycopg://flywheel:") and state["url"].endswith(f"@127.0.0.1:{port}/flywheel")
+    assert state["url"].startswith("postgresql+psycopg://flywheel:") and state["url"].endswith(
+        f"@127.0.0.1:{port}/flywheel"
+    )
     assert "postgres: running" in infra(shared_home, "status").stdout
 
     with psycopg.connect(state["url"].replace("postgresql+psycopg://", "postgresql://")) as conn:

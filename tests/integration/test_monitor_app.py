@@ -55,7 +55,9 @@ async def test_the_built_monitor_consumes_stage_changed_ticks_on_its_own_and_its
     door = RegistryDoorFixture(settings.home / "registry")
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    monitor_settings = MonitorSettings(rules_path=rules, tick_s=0.5, registry_url="http://registry", api_key=door.operator_key)
+    monitor_settings = MonitorSettings(
+        rules_path=rules, tick_s=0.5, registry_url="http://registry", api_key=door.operator_key
+    )
     seed_two_versions(door, tmp_path)
 
     clickhouse: ClickHouseStore = chdb_target.open()
@@ -64,7 +66,12 @@ async def test_the_built_monitor_consumes_stage_changed_ticks_on_its_own_and_its
         # chDB allows one data directory per process: the session's, with a database of this test's own.
         runtime.clickhouse = lambda: clickhouse
         clickhouse.migrate()
-        return create_app(runtime, monitor_settings, registry_transport=door.transport, open_readonly=partial(chdb_target.open, readonly=True))
+        return create_app(
+            runtime,
+            monitor_settings,
+            registry_transport=door.transport,
+            open_readonly=partial(chdb_target.open, readonly=True),
+        )
 
     app, runtime = build_process(settings, [monitor], title="flywheel-monitor")
     try:
@@ -72,47 +79,69 @@ async def test_the_built_monitor_consumes_stage_changed_ticks_on_its_own_and_its
             relay = OutboxRelay(door.store, runtime.bus("registry"), interval_s=0.1)
             await relay.start()
             try:
-                door.registry.transition("alice", model_name=MODEL, version=2, to_stage=Stage.production, canary_percent=20)
+                door.registry.transition(
+                    "alice", model_name=MODEL, version=2, to_stage=Stage.production, canary_percent=20
+                )
                 watched = settings.home / "monitor" / "canaries.json"
-                await eventually(lambda: watched.exists() and '"version": 2' in watched.read_text(), what="the app's handler watching the canary from stage.changed")
+                await eventually(
+                    lambda: watched.exists() and '"version": 2' in watched.read_text(),
+                    what="the app's handler watching the canary from stage.changed",
+                )
 
                 # Embedded mode: the sink shares the monitor's process and its chDB handle.
                 sink = Sink(FeedbackStore(runtime.clickhouse), Redactor())
                 for version in (1, 2):
-                    inferences, feedback = arm_traffic(version, down_every=10, error_every=None, latency_ms=300, hallucinating=False)
-                    await asyncio.to_thread(sink.store_inferences, [wrap(event, producer="test") for event in inferences])
+                    inferences, feedback = arm_traffic(
+                        version, down_every=10, error_every=None, latency_ms=300, hallucinating=False
+                    )
+                    await asyncio.to_thread(
+                        sink.store_inferences, [wrap(event, producer="test") for event in inferences]
+                    )
                     await asyncio.to_thread(sink.store_feedback, [wrap(event, producer="test") for event in feedback])
 
                 async def promoted() -> bool:
                     async with door.client() as client:
-                        return (await client.get(f"/registry/v1/adapters/{MODEL}/versions/2")).json()["canary_percent"] is None
+                        return (await client.get(f"/registry/v1/adapters/{MODEL}/versions/2")).json()[
+                            "canary_percent"
+                        ] is None
 
                 for _ in range(300):
                     if await promoted():
                         break
                     await asyncio.sleep(0.2)
                 assert await promoted(), "the monitor's own tick loop promoted the healthy canary"
-                await eventually(lambda: not watched.exists() or '"version": 2' not in watched.read_text(), what="watch ended")
+                await eventually(
+                    lambda: not watched.exists() or '"version": 2' not in watched.read_text(), what="watch ended"
+                )
             finally:
                 await relay.stop()
 
             raised = await read_topic(settings, AlertRaised, expect=1, wait_s=30)
-            assert {(r["payload"]["rule_name"], r["payload"]["adapter_version"]) for r in raised} == {("thumbs-down", 1), ("thumbs-down", 2)}
+            assert {(r["payload"]["rule_name"], r["payload"]["adapter_version"]) for r in raised} == {
+                ("thumbs-down", 1),
+                ("thumbs-down", 2),
+            }
 
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://monitor") as client:
                 bearer = {"Authorization": f"Bearer {door.operator_key}"}
                 alerts = await client.get("/monitor/v1/alerts", headers=bearer)
                 assert alerts.status_code == 200 and {a["rule_name"] for a in alerts.json()} == {"thumbs-down"}
                 assert (await client.get("/monitor/v1/alerts")).status_code == 401
-                summary = (await client.get("/monitor/v1/metrics/summary", params={"hours": 1, "bucket_s": 60}, headers=bearer)).json()
+                summary = (
+                    await client.get("/monitor/v1/metrics/summary", params={"hours": 1, "bucket_s": 60}, headers=bearer)
+                ).json()
                 assert summary["evaluations"] and {e["rule_name"] for e in summary["evaluations"]} == {"thumbs-down"}
                 assert (await client.get("/monitor/console")).headers["location"] == "/monitor/console/login"
                 assert (await client.get("/readyz")).status_code == 200
                 metrics = (await client.get("/metrics")).text
                 assert 'flywheel_monitor_canary_decisions_total{action="promote"}' in metrics
         async with door.client() as client:
-            audit = (await client.get("/registry/v1/audit", params={"actor": "service:monitor", "object_type": "adapter"})).json()["items"]
-        assert [(entry["action"], entry["object_id"]) for entry in audit] == [("adapter.stage.production", f"{MODEL}:v2")]
+            audit = (
+                await client.get("/registry/v1/audit", params={"actor": "service:monitor", "object_type": "adapter"})
+            ).json()["items"]
+        assert [(entry["action"], entry["object_id"]) for entry in audit] == [
+            ("adapter.stage.production", f"{MODEL}:v2")
+        ]
         assert audit[0]["detail"].startswith("monitor canary policy v2: promote;")
     finally:
         door.store.close()

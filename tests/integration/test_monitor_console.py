@@ -56,11 +56,33 @@ CSRF_FIELD = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 MODEL = "smollm2"
 RULES = [
-    {"name": "thumbs-down", "version": 1, "metric": "thumbs_down_rate", "threshold": 0.3, "window_s": 600, "min_samples": 10},
-    {"name": "prompt-tokens-drift", "version": 1, "metric": "prompt_tokens_psi", "threshold": 0.25, "window_s": 600, "baseline_window_s": 1200, "min_samples": 10},
-    {"name": "unsafe", "version": 1, "metric": "unsafe_rate", "threshold": 0.2, "window_s": 600, "min_samples": 10, "quality": False},
+    {
+        "name": "thumbs-down",
+        "version": 1,
+        "metric": "thumbs_down_rate",
+        "threshold": 0.3,
+        "window_s": 600,
+        "min_samples": 10,
+    },
+    {
+        "name": "prompt-tokens-drift",
+        "version": 1,
+        "metric": "prompt_tokens_psi",
+        "threshold": 0.25,
+        "window_s": 600,
+        "baseline_window_s": 1200,
+        "min_samples": 10,
+    },
+    {
+        "name": "unsafe",
+        "version": 1,
+        "metric": "unsafe_rate",
+        "threshold": 0.2,
+        "window_s": 600,
+        "min_samples": 10,
+        "quality": False,
+    },
 ]
-
 
 
 def seed_history(clickhouse: ClickHouseStore) -> None:
@@ -73,10 +95,25 @@ def seed_history(clickhouse: ClickHouseStore) -> None:
         for i in range(12):
             inference_id = f"inf-{uuid.uuid4().hex[:10]}"
             degraded = minute >= 40
-            inferences.append(InferenceLogged(inference_id=inference_id, model_name=MODEL, adapter_version=1, input_text=f"question {i}",
-                                              output_text="Go away, idiot." if degraded and i % 2 else "Hold the button for 10 s.",
-                                              prompt_tokens=(20 if minute < 30 else 200) + i, completion_tokens=8, latency_total_ms=300.0 + 10 * i))
-            feedback.append(FeedbackReceived(inference_id=inference_id, thumbs=Thumbs.down if degraded or i % 10 == 0 else Thumbs.up, rating=2 if degraded else 5))
+            inferences.append(
+                InferenceLogged(
+                    inference_id=inference_id,
+                    model_name=MODEL,
+                    adapter_version=1,
+                    input_text=f"question {i}",
+                    output_text="Go away, idiot." if degraded and i % 2 else "Hold the button for 10 s.",
+                    prompt_tokens=(20 if minute < 30 else 200) + i,
+                    completion_tokens=8,
+                    latency_total_ms=300.0 + 10 * i,
+                )
+            )
+            feedback.append(
+                FeedbackReceived(
+                    inference_id=inference_id,
+                    thumbs=Thumbs.down if degraded or i % 10 == 0 else Thumbs.up,
+                    rating=2 if degraded else 5,
+                )
+            )
         sink.store_inferences([wrap(e, producer="test").model_copy(update={"occurred_at": at}) for e in inferences])
         sink.store_feedback([wrap(e, producer="test").model_copy(update={"occurred_at": at}) for e in feedback])
 
@@ -136,7 +173,9 @@ class Browser:
         raise AssertionError(f"page never settled at {path}; it is at {await self.evaluate('location.href')}")
 
     async def submit_key(self, key: str) -> None:
-        await self.evaluate(f"document.getElementById('api_key').value = {key!r}; document.querySelector('form').submit(); true")
+        await self.evaluate(
+            f"document.getElementById('api_key').value = {key!r}; document.querySelector('form').submit(); true"
+        )
         await asyncio.sleep(0.5)
 
 
@@ -144,17 +183,36 @@ class Browser:
 async def chromium(tmp_path: Path) -> AsyncIterator[Browser]:
     profile = tmp_path / "chromium-profile"
     process = subprocess.Popen(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1280,2200", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--remote-debugging-port=0",
+            f"--user-data-dir={profile}",
+            "--window-size=1280,2200",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     try:
         port_file = profile / "DevToolsActivePort"
-        await eventually(lambda: port_file.exists() and port_file.read_text().strip() != "", timeout_s=60, what="chromium's DevTools port")
+        await eventually(
+            lambda: port_file.exists() and port_file.read_text().strip() != "",
+            timeout_s=60,
+            what="chromium's DevTools port",
+        )
         port = int(port_file.read_text().splitlines()[0])
         async with httpx.AsyncClient() as client:
             targets = (await client.get(f"http://127.0.0.1:{port}/json/list")).json()
         page = next(target for target in targets if target["type"] == "page")
-        async with aiohttp.ClientSession() as session, session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as websocket:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as websocket,
+        ):
             yield Browser(websocket)
     finally:
         # Chromium's helpers share its session: end the group this test started, by its id.
@@ -173,7 +231,9 @@ def monitor_app(tmp_path: Path, monitor: Monitor, **router_options: Any) -> tupl
     return app, key
 
 
-def monitor_app_with_auth(tmp_path: Path, monitor: Monitor, **router_options: Any) -> tuple[FastAPI, str, Authenticator]:
+def monitor_app_with_auth(
+    tmp_path: Path, monitor: Monitor, **router_options: Any
+) -> tuple[FastAPI, str, Authenticator]:
     store = RegistryStore(f"sqlite:///{tmp_path / 'keys.db'}")
     store.migrate()
     auth = Authenticator(KeyStore(store.engine))
@@ -195,7 +255,9 @@ async def login_token(client: httpx.AsyncClient) -> str:
     return CSRF_FIELD.search(page.text).group(1)
 
 
-async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headless_chromium(clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path) -> None:
+async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headless_chromium(
+    clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path
+) -> None:
     require(shutil.which("chromium") is not None, "Debian's chromium is not installed (apt-get install chromium)")
     seed_history(clickhouse)
 
@@ -203,7 +265,14 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
         return None
 
     rules = parse_rules(RULES, monitor_store.check_rule)
-    earlier = Monitor(monitor_store, rules, publish, RegistryClient("http://unused", None), policy=RetrainingPolicy(min_corrections=1000), state_dir=tmp_path / "a")
+    earlier = Monitor(
+        monitor_store,
+        rules,
+        publish,
+        RegistryClient("http://unused", None),
+        policy=RetrainingPolicy(min_corrections=1000),
+        state_dir=tmp_path / "a",
+    )
     now = datetime.now(UTC)
     for minutes_ago in (24, 18, 12, 6, 0):
         await earlier.tick(now - timedelta(minutes=minutes_ago))
@@ -213,10 +282,29 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
     # Beside it, the registry's real door with v2 declared a canary: v2 has no traffic, so the policy waits.
     door = RegistryDoorFixture(tmp_path)
     seed_two_versions(door, tmp_path)
-    door.registry.transition("alice", model_name=MODEL, version=2, to_stage=Stage.production, canary_percent=10, reason="canary")
-    restarted = Monitor(monitor_store, rules, publish, door.door(), policy=RetrainingPolicy(min_corrections=1000), state_dir=tmp_path / "b",
-                        canary_policy=CanaryPolicy(version=7, min_inferences=50, min_feedback=50, hallucination_sample=0))
-    restarted.canaries.watch(StageChanged(model_name=MODEL, adapter_version=2, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", canary_percent=10), now)
+    door.registry.transition(
+        "alice", model_name=MODEL, version=2, to_stage=Stage.production, canary_percent=10, reason="canary"
+    )
+    restarted = Monitor(
+        monitor_store,
+        rules,
+        publish,
+        door.door(),
+        policy=RetrainingPolicy(min_corrections=1000),
+        state_dir=tmp_path / "b",
+        canary_policy=CanaryPolicy(version=7, min_inferences=50, min_feedback=50, hallucination_sample=0),
+    )
+    restarted.canaries.watch(
+        StageChanged(
+            model_name=MODEL,
+            adapter_version=2,
+            from_stage=Stage.staging,
+            to_stage=Stage.production,
+            actor="alice",
+            canary_percent=10,
+        ),
+        now,
+    )
     [review] = (await restarted.tick(now)).canaries
     assert review.decision.action == "wait" and not review.applied
     door.store.close()
@@ -242,16 +330,30 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
         canaries = await browser.evaluate(
             "[...document.querySelectorAll('h2')].find(h => h.innerText.startsWith('Canaries')).nextElementSibling.innerText"
         )
-        assert f"{MODEL}:v2" in canaries and "10%" in canaries and "wait" in canaries and "canary policy v7" in canaries and "not enough data" in canaries, canaries
+        assert (
+            f"{MODEL}:v2" in canaries
+            and "10%" in canaries
+            and "wait" in canaries
+            and "canary policy v7" in canaries
+            and "not enough data" in canaries
+        ), canaries
         assert await browser.evaluate("document.cookie") == "", "the session cookie is HttpOnly: scripts cannot read it"
-        [cookie] = [c for c in (await browser.call("Network.getCookies", urls=[f"{base}/monitor/console"]))["cookies"] if c["name"] == COOKIE]
+        [cookie] = [
+            c
+            for c in (await browser.call("Network.getCookies", urls=[f"{base}/monitor/console"]))["cookies"]
+            if c["name"] == COOKIE
+        ]
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/monitor/console"
-        assert key not in cookie["value"] and len(cookie["value"]) >= 40, "the cookie holds a random session id, never the key"
+        assert key not in cookie["value"] and len(cookie["value"]) >= 40, (
+            "the cookie holds a random session id, never the key"
+        )
         assert key not in await browser.evaluate("document.documentElement.outerHTML")
         drift = await browser.evaluate(
             "[...document.querySelectorAll('figure')].find(f => f.querySelector('figcaption').innerText.startsWith('Drift')).innerHTML"
         )
-        assert "<svg" in drift and "prompt_tokens_psi" in drift and "unsafe_rate" in drift, "drift charted from stored evaluations"
+        assert "<svg" in drift and "prompt_tokens_psi" in drift and "unsafe_rate" in drift, (
+            "drift charted from stored evaluations"
+        )
         assert await browser.evaluate("document.querySelectorAll('svg').length") >= 4
         picture = await browser.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
         shot.write_bytes(base64.b64decode(picture["data"]))
@@ -268,8 +370,17 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
     print(f"console screenshot: {shot}")
 
 
-async def test_console_sign_in_refuses_bad_input_without_setting_a_cookie(clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path) -> None:
-    monitor = Monitor(monitor_store, [], lambda envelope: asyncio.sleep(0), RegistryClient("http://unused", None), policy=RetrainingPolicy(), state_dir=tmp_path)
+async def test_console_sign_in_refuses_bad_input_without_setting_a_cookie(
+    clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path
+) -> None:
+    monitor = Monitor(
+        monitor_store,
+        [],
+        lambda envelope: asyncio.sleep(0),
+        RegistryClient("http://unused", None),
+        policy=RetrainingPolicy(),
+        state_dir=tmp_path,
+    )
     app, key = monitor_app(tmp_path, monitor)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://monitor") as client:
         anonymous = await client.get("/monitor/console")
@@ -280,25 +391,56 @@ async def test_console_sign_in_refuses_bad_input_without_setting_a_cookie(clickh
         huge = await client.post("/monitor/console/login", data={"api_key": "x" * 10_000, "csrf_token": token})
         forged = await client.post("/monitor/console/login", data={"api_key": key, "csrf_token": "not-the-forms-token"})
         tokenless = await client.post("/monitor/console/login", data={"api_key": key})
-        assert (empty.status_code, wrong.status_code, huge.status_code, forged.status_code, tokenless.status_code) == (400, 401, 413, 403, 403)
-        assert "enter an API key" in empty.text and "invalid API key" in wrong.text and "paste only the API key" in huge.text
+        assert (empty.status_code, wrong.status_code, huge.status_code, forged.status_code, tokenless.status_code) == (
+            400,
+            401,
+            413,
+            403,
+            403,
+        )
+        assert (
+            "enter an API key" in empty.text
+            and "invalid API key" in wrong.text
+            and "paste only the API key" in huge.text
+        )
         assert "CSRF check" in forged.text and "CSRF check" in tokenless.text
         refused = (empty, wrong, huge, forged, tokenless)
-        assert all(f"{COOKIE}=" not in r.headers.get("set-cookie", "") and "Traceback" not in r.text for r in refused), "a refused sign-in sets no session"
+        assert all(
+            f"{COOKIE}=" not in r.headers.get("set-cookie", "") and "Traceback" not in r.text for r in refused
+        ), "a refused sign-in sets no session"
         assert COOKIE not in client.cookies
         bearer = await client.get("/monitor/console", headers={"Authorization": f"Bearer {key}"})
-        assert bearer.status_code == 200 and "signed in as ops-viewer" in bearer.text, "API clients keep using the bearer header"
+        assert bearer.status_code == 200 and "signed in as ops-viewer" in bearer.text, (
+            "API clients keep using the bearer header"
+        )
 
 
-async def test_console_session_holds_no_key_checks_csrf_and_ends_when_the_key_is_revoked(clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path) -> None:
-    monitor = Monitor(monitor_store, [], lambda envelope: asyncio.sleep(0), RegistryClient("http://unused", None), policy=RetrainingPolicy(), state_dir=tmp_path)
+async def test_console_session_holds_no_key_checks_csrf_and_ends_when_the_key_is_revoked(
+    clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path
+) -> None:
+    monitor = Monitor(
+        monitor_store,
+        [],
+        lambda envelope: asyncio.sleep(0),
+        RegistryClient("http://unused", None),
+        policy=RetrainingPolicy(),
+        state_dir=tmp_path,
+    )
     app, key, auth = monitor_app_with_auth(tmp_path, monitor)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://monitor") as client:
-        signed_in = await client.post("/monitor/console/login", data={"api_key": key, "csrf_token": await login_token(client)})
+        signed_in = await client.post(
+            "/monitor/console/login", data={"api_key": key, "csrf_token": await login_token(client)}
+        )
         assert signed_in.status_code == 303 and signed_in.headers["location"] == "/monitor/console"
         session_id = client.cookies[COOKIE]
-        assert key not in signed_in.headers["set-cookie"] and key.split("_")[-1] not in session_id and len(session_id) >= 40
-        assert "secure" not in signed_in.headers["set-cookie"].lower(), "plain http without a TLS proxy configured: not Secure"
+        assert (
+            key not in signed_in.headers["set-cookie"]
+            and key.split("_")[-1] not in session_id
+            and len(session_id) >= 40
+        )
+        assert "secure" not in signed_in.headers["set-cookie"].lower(), (
+            "plain http without a TLS proxy configured: not Secure"
+        )
         page = await client.get("/monitor/console")
         assert page.status_code == 200 and "signed in as ops-viewer" in page.text and key not in page.text
         assert CSRF_FIELD.search(page.text), "the signed-in page carries its sign-out form's CSRF token"
@@ -316,35 +458,62 @@ async def test_console_session_holds_no_key_checks_csrf_and_ends_when_the_key_is
         ended = await client.get("/monitor/console")
         assert ended.status_code == 303 and ended.headers["location"] == "/monitor/console/login"
     # ... and on the server: the same id, replayed by another client, is gone.
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://monitor", cookies={COOKIE: session_id}) as replay:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://monitor", cookies={COOKIE: session_id}
+    ) as replay:
         assert (await replay.get("/monitor/console")).status_code == 303
 
     # Sign out with the session's own token ends it on the server.
     second, _, second_auth = monitor_app_with_auth(tmp_path / "second", monitor)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=second), base_url="http://monitor") as client:
         second_key, _ = second_auth.keys.create(principal="ops-viewer-2", role=Role.viewer, created_by="test")
-        await client.post("/monitor/console/login", data={"api_key": second_key, "csrf_token": await login_token(client)})
+        await client.post(
+            "/monitor/console/login", data={"api_key": second_key, "csrf_token": await login_token(client)}
+        )
         session_id = client.cookies[COOKIE]
         token = CSRF_FIELD.search((await client.get("/monitor/console")).text).group(1)
         out = await client.post("/monitor/console/logout", data={"csrf_token": token})
         assert out.status_code == 303 and out.headers["location"] == "/monitor/console/login"
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=second), base_url="http://monitor", cookies={COOKIE: session_id}) as replay:
-        assert (await replay.get("/monitor/console")).status_code == 303, "the id is dead on the server, not only in the browser"
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=second), base_url="http://monitor", cookies={COOKIE: session_id}
+    ) as replay:
+        assert (await replay.get("/monitor/console")).status_code == 303, (
+            "the id is dead on the server, not only in the browser"
+        )
 
 
-@pytest.mark.parametrize(("base_url", "secure_cookie"), [("https://monitor", False), ("http://monitor", True)], ids=["over-https", "tls-in-front"])
+@pytest.mark.parametrize(
+    ("base_url", "secure_cookie"),
+    [("https://monitor", False), ("http://monitor", True)],
+    ids=["over-https", "tls-in-front"],
+)
 async def test_console_cookies_are_secure_over_tls_or_when_tls_terminates_in_front(
     clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path, base_url: str, secure_cookie: bool
 ) -> None:
-    monitor = Monitor(monitor_store, [], lambda envelope: asyncio.sleep(0), RegistryClient("http://unused", None), policy=RetrainingPolicy(), state_dir=tmp_path)
+    monitor = Monitor(
+        monitor_store,
+        [],
+        lambda envelope: asyncio.sleep(0),
+        RegistryClient("http://unused", None),
+        policy=RetrainingPolicy(),
+        state_dir=tmp_path,
+    )
     app, key = monitor_app(tmp_path, monitor, secure_cookie=secure_cookie)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url) as client:
         form = await client.get("/monitor/console/login")
         assert "secure" in form.headers["set-cookie"].lower()
         token = CSRF_FIELD.search(form.text).group(1)
     # A client that sends the (Secure) token cookie back whatever the scheme, as the browser behind a TLS proxy does.
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url, cookies={"flywheel_console_login": token}) as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url=base_url, cookies={"flywheel_console_login": token}
+    ) as client:
         signed_in = await client.post("/monitor/console/login", data={"api_key": key, "csrf_token": token})
         assert signed_in.status_code == 303, signed_in.text
-        session_cookie = next(value for value in signed_in.headers.get_list("set-cookie") if value.startswith(f"{COOKIE}="))
-        assert "secure" in session_cookie.lower() and "httponly" in session_cookie.lower() and "samesite=strict" in session_cookie.lower()
+        session_cookie = next(
+            value for value in signed_in.headers.get_list("set-cookie") if value.startswith(f"{COOKIE}=")
+        )
+        assert (
+            "secure" in session_cookie.lower()
+            and "httponly" in session_cookie.lower()
+            and "samesite=strict" in session_cookie.lower()
+        )

@@ -47,12 +47,22 @@ def test_ops_drift_lists_stored_drift_evaluations_over_time(tmp_path: Path) -> N
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         idle_port = probe.getsockname()[1]
-    env = {**os.environ, "FLYWHEEL_HOME": str(home), "FLYWHEEL_HTTP_PORT": str(idle_port), "COLUMNS": "250", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {
+        **os.environ,
+        "FLYWHEEL_HOME": str(home),
+        "FLYWHEEL_HTTP_PORT": str(idle_port),
+        "COLUMNS": "250",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
     subprocess.run([sys.executable, "-c", SEED, str(home)], cwd=REPO, env=env, check=True, timeout=180)
 
-    done = subprocess.run([FLYWHEEL, "ops", "drift", "--hours", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [FLYWHEEL, "ops", "drift", "--hours", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180
+    )
 
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in done.stdout.splitlines() if "prompt-tokens-drift" in line]
-    assert len(lines) == 2 and "0.4567" in lines[0] and "True" in lines[0] and "0.0123" in lines[1] and "False" in lines[1], done.stdout
+    assert (
+        len(lines) == 2 and "0.4567" in lines[0] and "True" in lines[0] and "0.0123" in lines[1] and "False" in lines[1]
+    ), done.stdout
     assert "thumbs-down" not in done.stdout, "a thumbs-down rate is not drift"

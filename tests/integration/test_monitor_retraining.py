@@ -30,7 +30,13 @@ from services.runtime.settings import FlywheelSettings
 from services.runtime.registry_client import RegistryClient
 from tests.integration.registry_support import CHAT
 from tests.integration.test_monitor import RULES, traffic
-from tests.monitor_support import RegistryDoorFixture, clickhouse, eventually, monitor_store, read_topic, running_sink, seed_two_versions  # noqa: F401 - clickhouse, monitor_store: fixtures
+from tests.monitor_support import (
+    RegistryDoorFixture,
+    eventually,
+    read_topic,
+    running_sink,
+    seed_two_versions,
+)  # noqa: F401 - clickhouse, monitor_store: fixtures
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -60,10 +66,17 @@ async def listening(door: RegistryDoorFixture, port: int) -> AsyncIterator[None]
 
 
 async def test_a_retraining_the_registry_could_not_take_is_asked_again_with_productions_recipe(
-    settings: FlywheelSettings, topics: str, clickhouse: ClickHouseStore, monitor_store: MonitorStore, registry_door: RegistryDoorFixture,
-    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    settings: FlywheelSettings,
+    topics: str,
+    clickhouse: ClickHouseStore,
+    monitor_store: MonitorStore,
+    registry_door: RegistryDoorFixture,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    seed_two_versions(registry_door, tmp_path)  # v1 in production, trained on support:v1 (the two CHAT records) with rank 4
+    seed_two_versions(
+        registry_door, tmp_path
+    )  # v1 in production, trained on support:v1 (the two CHAT records) with rank 4
     port = free_port()
     policy = RetrainingPolicy(min_corrections=5, cooldown_s=3600, correction_repeats=CORRECTION_REPEATS)
     inferences, feedback = traffic(40, degraded=True)
@@ -71,10 +84,22 @@ async def test_a_retraining_the_registry_could_not_take_is_asked_again_with_prod
     async with running_sink(settings, clickhouse) as bus:
         await asyncio.gather(*(bus.publish(event) for event in inferences))
         await asyncio.gather(*(bus.publish(event) for event in feedback))
-        await eventually(lambda: clickhouse.query("SELECT count() AS n FROM feedback_with_inference WHERE inference_stored")[0]["n"] >= 40, what="sink stored traffic")
+        await eventually(
+            lambda: (
+                clickhouse.query("SELECT count() AS n FROM feedback_with_inference WHERE inference_stored")[0]["n"]
+                >= 40
+            ),
+            what="sink stored traffic",
+        )
         now = datetime.now(UTC) + timedelta(seconds=1)
-        monitor = Monitor(monitor_store, parse_rules(RULES, monitor_store.check_rule), bus.publish_envelope, RegistryClient(f"http://127.0.0.1:{port}", registry_door.operator_key),
-                          policy=policy, state_dir=tmp_path / "monitor")
+        monitor = Monitor(
+            monitor_store,
+            parse_rules(RULES, monitor_store.check_rule),
+            bus.publish_envelope,
+            RegistryClient(f"http://127.0.0.1:{port}", registry_door.operator_key),
+            policy=policy,
+            state_dir=tmp_path / "monitor",
+        )
         # The door is not listening yet, as when a process's monitor ticks before uvicorn serves.
         unreachable = [await monitor.tick(now + timedelta(seconds=30 * tick)) for tick in range(2)]
         async with listening(registry_door, port):
@@ -95,11 +120,15 @@ async def test_a_retraining_the_registry_could_not_take_is_asked_again_with_prod
     assert request.hyperparameters.rank == 4, "production v1's hyperparameters (its lineage), not the defaults"
     assert "support:v1" in request.reason and f"x{CORRECTION_REPEATS}" in request.reason, request.reason
     async with registry_door.client() as client:
-        rows = (await client.get(f"/registry/v1/datasets/{request.dataset.name}/versions/{request.dataset.version}/rows")).json()
+        rows = (
+            await client.get(f"/registry/v1/datasets/{request.dataset.name}/versions/{request.dataset.version}/rows")
+        ).json()
     lines = [json.dumps(row, sort_keys=True) for row in rows]
     learned = {json.dumps(record, sort_keys=True) for record in CHAT}
     corrections = [line for line in lines if line not in learned]
     assert learned <= set(lines), "production's training data is kept"
     # 20 corrections over 6 distinct (question, correction) pairs, each repeated as declared.
-    assert len(set(corrections)) == 6 and all(corrections.count(line) == CORRECTION_REPEATS for line in set(corrections))
+    assert len(set(corrections)) == 6 and all(
+        corrections.count(line) == CORRECTION_REPEATS for line in set(corrections)
+    )
     assert len(rows) == len(CHAT) + 6 * CORRECTION_REPEATS

@@ -45,7 +45,9 @@ async def test_a_process_serves_the_common_doors_and_runs_handlers(settings: Fly
     received: list[Envelope] = []
     app, runtime = build_process(settings, [echo_service(received)], title="flywheel-test")
     async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://test") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://test"
+        ) as client:
             assert (await client.get("/healthz")).json() == {"status": "ok", "service": "flywheel-test", "checks": {}}
             ready = await client.get("/readyz")
             assert ready.status_code == 200 and ready.json()["checks"] == {"kafka": "ok"}
@@ -54,7 +56,14 @@ async def test_a_process_serves_the_common_doors_and_runs_handlers(settings: Fly
 
             missing = await client.get("/echo/v1/items/404")
             assert missing.status_code == 404
-            assert missing.json() == {"error": {"message": "item 404 does not exist", "type": "not_found_error", "param": "item_id", "code": "item_not_found"}}
+            assert missing.json() == {
+                "error": {
+                    "message": "item 404 does not exist",
+                    "type": "not_found_error",
+                    "param": "item_id",
+                    "code": "item_not_found",
+                }
+            }
             invalid = await client.get("/echo/v1/items/not-a-number")
             assert invalid.status_code == 422 and invalid.json()["error"]["param"] == "path.item_id"
             broken = await client.get("/echo/v1/items/500")

@@ -20,12 +20,23 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 def test_local_directory_is_imported_once_and_pickles_are_refused(registry: Registry, tmp_path: Path) -> None:
     model_dir = tmp_path / "Tiny-LM"
     model_dir.mkdir()
-    save_file({"embed.weight": torch.zeros(10, 4), "head.weight": torch.zeros(4, 3)}, str(model_dir / "model.safetensors"))
+    save_file(
+        {"embed.weight": torch.zeros(10, 4), "head.weight": torch.zeros(4, 3)}, str(model_dir / "model.safetensors")
+    )
     (model_dir / "config.json").write_text(json.dumps({"architectures": ["TinyForCausalLM"], "model_type": "tiny"}))
     (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
     model, imported = import_base_model(registry, "alice", directory=model_dir, license="mit")
-    assert imported and (model.name, model.architecture, model.parameter_count, model.chat_template) == ("tiny-lm", "TinyForCausalLM", 52, "{{ messages }}")
-    assert set(registry.artifacts.manifest(model.artifact_uri, model.artifact_sha256)) == {"model.safetensors", "config.json", "tokenizer_config.json"}
+    assert imported and (model.name, model.architecture, model.parameter_count, model.chat_template) == (
+        "tiny-lm",
+        "TinyForCausalLM",
+        52,
+        "{{ messages }}",
+    )
+    assert set(registry.artifacts.manifest(model.artifact_uri, model.artifact_sha256)) == {
+        "model.safetensors",
+        "config.json",
+        "tokenizer_config.json",
+    }
     again, imported_again = import_base_model(registry, "alice", directory=model_dir)
     assert not imported_again and again.artifact_sha256 == model.artifact_sha256
     (model_dir / "model.safetensors").unlink()
@@ -47,6 +58,14 @@ def test_smollm2_is_imported_from_its_gguf_and_answers(registry: Registry, tmp_p
     out = registry.artifacts.materialize(model.artifact_uri, model.artifact_sha256, tmp_path / "base")
     lm = AutoModelForCausalLM.from_pretrained(str(out))
     tokenizer = AutoTokenizer.from_pretrained(str(out))
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    answer = tokenizer.decode(lm.generate(**inputs, max_new_tokens=12, do_sample=False)[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    answer = tokenizer.decode(
+        lm.generate(**inputs, max_new_tokens=12, do_sample=False)[0][inputs["input_ids"].shape[1] :],
+        skip_special_tokens=True,
+    )
     assert "Paris" in answer

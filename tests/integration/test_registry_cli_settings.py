@@ -20,7 +20,9 @@ from services.runtime.settings import FlywheelSettings
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
-def test_import_base_into_the_handed_home_not_the_environment_s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_import_base_into_the_handed_home_not_the_environment_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     elsewhere = tmp_path / "environment-home"
     monkeypatch.setenv("FLYWHEEL_HOME", str(elsewhere))
     model_dir = tmp_path / "Tiny-LM"

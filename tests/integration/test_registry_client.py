@@ -55,7 +55,11 @@ def seed(registry: Registry, tmp_path: Path) -> None:
     seed_model(registry, tmp_path, name=MODEL)
     registry.publish_dataset("alice", name="support", split="train", jsonl=jsonl(CHAT))
     for index in range(2):
-        adapter = registry.register_trained_adapter(training_completed(registry, tmp_path, job_id=f"job-{index}", seed=index, model=MODEL), event_id=str(uuid.uuid4()), correlation_id=f"corr-{index}")
+        adapter = registry.register_trained_adapter(
+            training_completed(registry, tmp_path, job_id=f"job-{index}", seed=index, model=MODEL),
+            event_id=str(uuid.uuid4()),
+            correlation_id=f"corr-{index}",
+        )
         registry.attach_evaluation(evaluation(MODEL, adapter.version))
         registry.transition("alice", model_name=MODEL, version=adapter.version, to_stage=Stage.staging)
         registry.approve("bob", Role.approver, object_type="adapter", name=MODEL, version=adapter.version)
@@ -91,28 +95,49 @@ async def test_the_client_reads_and_writes_the_door_as_the_contracts_models(live
 
     page = await client.adapters(model_name=MODEL, stage=Stage.production)
     assert all(isinstance(item, AdapterVersionView) for item in page.items)
-    assert sorted((item.version, item.stage, item.canary_percent) for item in page.items) == [(1, Stage.production, None), (2, Stage.production, 20.0)]
+    assert sorted((item.version, item.stage, item.canary_percent) for item in page.items) == [
+        (1, Stage.production, None),
+        (2, Stage.production, 20.0),
+    ]
 
     # The full production version's lineage, not the canary's beside it.
     lineage = await client.production_lineage(MODEL)
     assert isinstance(lineage, LineageView)
-    assert lineage.adapter.version == 1 and lineage.dataset is not None and (lineage.dataset.name, lineage.dataset.version) == ("support", 1)
+    assert (
+        lineage.adapter.version == 1
+        and lineage.dataset is not None
+        and (lineage.dataset.name, lineage.dataset.version) == ("support", 1)
+    )
     assert await client.production_lineage("no-such-model") is None
 
     # Read page by page (one row a page here), every record comes back in order.
     assert await client.dataset_rows("support", 1, page_size=1) == CHAT
 
-    published = await client.publish_dataset(DatasetCreate(name="smol-feedback", split="train", jsonl=jsonl(CHAT[:1]).decode(), provenance="feedback", model_name=MODEL))
+    published = await client.publish_dataset(
+        DatasetCreate(
+            name="smol-feedback", split="train", jsonl=jsonl(CHAT[:1]).decode(), provenance="feedback", model_name=MODEL
+        )
+    )
     assert isinstance(published, DatasetVersionView)
-    assert (published.name, published.version, published.row_count, published.provenance, published.created_by) == ("smol-feedback", 1, 1, "feedback", "bootstrap-admin")
+    assert (published.name, published.version, published.row_count, published.provenance, published.created_by) == (
+        "smol-feedback",
+        1,
+        1,
+        "feedback",
+        "bootstrap-admin",
+    )
     assert await client.dataset_rows("smol-feedback", 1) == CHAT[:1]
 
-    archived = await client.transition(MODEL, 2, StageTransition(to_stage=Stage.archived, reason="canary rolled back by the test"))
+    archived = await client.transition(
+        MODEL, 2, StageTransition(to_stage=Stage.archived, reason="canary rolled back by the test")
+    )
     assert (archived.version, archived.stage, archived.canary_percent) == (2, Stage.archived, None)
     assert [item.version for item in (await client.adapters(model_name=MODEL, stage=Stage.archived)).items] == [2]
 
 
-async def test_a_refusal_carries_the_doors_message_and_code_and_an_unreachable_registry_is_the_same_error(live: LiveRegistry) -> None:
+async def test_a_refusal_carries_the_doors_message_and_code_and_an_unreachable_registry_is_the_same_error(
+    live: LiveRegistry,
+) -> None:
     # What the door itself answers, read without the client, is what the error carries.
     async with httpx.AsyncClient(base_url=live.url, headers=bearer_header(ADMIN)) as raw:
         answer = await raw.post(f"/registry/v1/adapters/{MODEL}/versions/99/transitions", json={"to_stage": "archived"})
@@ -151,9 +176,23 @@ async def test_the_commands_sync_client_sees_what_the_async_one_sees(live: LiveR
 async def test_ops_models_prints_the_adapters_the_door_lists(live: LiveRegistry, tmp_path: Path) -> None:
     # The command as a user runs it, finding the registry at FLYWHEEL_HTTP_HOST:PORT with FLYWHEEL_API_KEY.
     address = urlsplit(live.url)
-    env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path / "client-home"), "FLYWHEEL_HTTP_HOST": str(address.hostname), "FLYWHEEL_HTTP_PORT": str(address.port),
-           "FLYWHEEL_API_KEY": ADMIN, "COLUMNS": "250", "PYTHONDONTWRITEBYTECODE": "1"}
-    command = await asyncio.create_subprocess_exec(str(Path(sys.executable).parent / "flywheel"), "ops", "models", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    env = {
+        **os.environ,
+        "FLYWHEEL_HOME": str(tmp_path / "client-home"),
+        "FLYWHEEL_HTTP_HOST": str(address.hostname),
+        "FLYWHEEL_HTTP_PORT": str(address.port),
+        "FLYWHEEL_API_KEY": ADMIN,
+        "COLUMNS": "250",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    command = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "flywheel"),
+        "ops",
+        "models",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     stdout, stderr = await asyncio.wait_for(command.communicate(), timeout=120)
     assert command.returncode == 0, stderr.decode()[-2000:]
     rows = [line for line in stdout.decode().splitlines() if f" {MODEL} " in line]
@@ -161,6 +200,15 @@ async def test_ops_models_prints_the_adapters_the_door_lists(live: LiveRegistry,
     assert any("20.0" in row for row in rows), "the canary's share is printed"
 
     env["FLYWHEEL_API_KEY"] = "fw_000000000000_not-a-real-secret"
-    refused = await asyncio.create_subprocess_exec(str(Path(sys.executable).parent / "flywheel"), "ops", "models", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    refused = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "flywheel"),
+        "ops",
+        "models",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, stderr = await asyncio.wait_for(refused.communicate(), timeout=120)
-    assert refused.returncode != 0 and "registry refused GET /registry/v1/adapters (401)" in " ".join(stderr.decode().split()), stderr.decode()
+    assert refused.returncode != 0 and "registry refused GET /registry/v1/adapters (401)" in " ".join(
+        stderr.decode().split()
+    ), stderr.decode()

@@ -74,7 +74,9 @@ async def test_two_relays_publish_each_event_once_in_commit_order(registry: Regi
     assert bus.published == [row.event_id for row in outbox(registry.store)]
 
 
-async def test_a_change_committed_just_before_shutdown_is_published_during_stop(settings: FlywheelSettings, topics: str) -> None:
+async def test_a_change_committed_just_before_shutdown_is_published_during_stop(
+    settings: FlywheelSettings, topics: str
+) -> None:
     # The relay would not poll again for an hour: only the drain on stop can publish the change.
     registry = partial(create_app, settings=RegistrySettings(outbox_interval_s=3600))
     app, _ = build_process(settings, [registry], title="registry-stop-test")
@@ -82,10 +84,14 @@ async def test_a_change_committed_just_before_shutdown_is_published_during_stop(
     try:
         async with app.router.lifespan_context(app):
             # A change made beside the running registry (as `flywheel registry` does): nothing kicks its relay.
-            Registry(store, ArtifactStore(Path(settings.home) / "artifacts")).publish_prompt("cli:ops", name="late", template="Hi {{ name }}")
+            Registry(store, ArtifactStore(Path(settings.home) / "artifacts")).publish_prompt(
+                "cli:ops", name="late", template="Hi {{ name }}"
+            )
             await asyncio.sleep(0.5)
             assert [row.sent_at for row in outbox(store)] == [None]
-        records = await read_all(settings.kafka_bootstrap or "", topic_for("prompt.published", topics), expected=1, timeout_s=15)
+        records = await read_all(
+            settings.kafka_bootstrap or "", topic_for("prompt.published", topics), expected=1, timeout_s=15
+        )
         assert [json.loads(record.value)["payload"]["prompt_name"] for record in records] == ["late"]
         (row,) = outbox(store)
         assert row.sent_at is not None and json.loads(records[0].value)["event_id"] == row.event_id

@@ -22,7 +22,14 @@ from services.registry.errors import Conflict, Forbidden, Invalid, NotFound, Too
 from services.registry.service import Registry
 from services.runtime.auth import Role
 from services.runtime.http import status_of
-from tests.integration.registry_support import CHAT, database_url, evaluation, jsonl, registry, seed_adapters, seed_model, training_completed  # noqa: F401 - fixtures
+from tests.integration.registry_support import (
+    CHAT,
+    evaluation,
+    jsonl,
+    seed_adapters,
+    seed_model,
+    training_completed,
+)  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -78,25 +85,35 @@ def test_tampered_adapter_artifact_is_refused_and_audited(registry: Registry, tm
     seed_adapters(registry, tmp_path, count=0)
     event = training_completed(registry, tmp_path, job_id="job-t")
     with pytest.raises(Invalid, match="tampered or corrupt|expected"):
-        registry.register_adapter("bob", model_name="smol", artifact_uri=event.artifact_uri, artifact_sha256="0" * 64, training_job_id="job-t")
+        registry.register_adapter(
+            "bob", model_name="smol", artifact_uri=event.artifact_uri, artifact_sha256="0" * 64, training_job_id="job-t"
+        )
     assert registry.list_adapters().items == []
     assert refused(registry)[-1].actor == "bob"
 
 
-def test_a_passing_prompt_evaluation_on_an_adapter_is_no_gate_evidence_for_that_adapter(registry: Registry, tmp_path: Path) -> None:
+def test_a_passing_prompt_evaluation_on_an_adapter_is_no_gate_evidence_for_that_adapter(
+    registry: Registry, tmp_path: Path
+) -> None:
     seed_adapters(registry, tmp_path, count=1, evaluated=False)
     prompt_run = evaluation("smol", 1, passed=True)
-    prompt_run = prompt_run.model_copy(update={"candidate": prompt_run.candidate.model_copy(update={"prompt_name": "support", "prompt_version": 2})})
+    prompt_run = prompt_run.model_copy(
+        update={"candidate": prompt_run.candidate.model_copy(update={"prompt_name": "support", "prompt_version": 2})}
+    )
     assert registry.attach_evaluation(prompt_run) is None
     registry.transition("olga", model_name="smol", version=1, to_stage=Stage.staging)
     approve(registry, 1)
     with pytest.raises(Conflict, match="no passing evaluation"):
         registry.transition("olga", model_name="smol", version=1, to_stage=Stage.production)
     audited = registry.audit(object_type="prompt", object_id="support:v2").items
-    assert [(entry.action, entry.after["evaluation_id"], entry.after["passed"]) for entry in audited] == [("evaluation.attach", prompt_run.evaluation_id, True)]
+    assert [(entry.action, entry.after["evaluation_id"], entry.after["passed"]) for entry in audited] == [
+        ("evaluation.attach", prompt_run.evaluation_id, True)
+    ]
 
 
-def test_promotion_needs_a_passing_evaluation_of_that_version_and_an_approval(registry: Registry, tmp_path: Path) -> None:
+def test_promotion_needs_a_passing_evaluation_of_that_version_and_an_approval(
+    registry: Registry, tmp_path: Path
+) -> None:
     seed_adapters(registry, tmp_path, count=2, evaluated=False)
     registry.attach_evaluation(evaluation("smol", 2, passed=True))  # passing, but of v2
     registry.attach_evaluation(evaluation("smol", 1, passed=False))
@@ -108,7 +125,9 @@ def test_promotion_needs_a_passing_evaluation_of_that_version_and_an_approval(re
     assert status_of(error.value) == 409 and error.value.code == "evaluation_required"
     with pytest.raises(Conflict, match="cannot move to production"):
         registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production)  # v2 is still `none`
-    assert registry.get_adapter("smol", 1).stage == Stage.staging and registry.get_adapter("smol", 2).stage == Stage.none
+    assert (
+        registry.get_adapter("smol", 1).stage == Stage.staging and registry.get_adapter("smol", 2).stage == Stage.none
+    )
     assert len(outbox(registry)) == events_before
     registry.transition("olga", model_name="smol", version=2, to_stage=Stage.staging)
     with pytest.raises(Forbidden, match="needs an approval by another principal with the approver role") as missing:
@@ -120,7 +139,11 @@ def test_promotion_needs_a_passing_evaluation_of_that_version_and_an_approval(re
     promoted = registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production, reason="beats base")
     assert promoted.stage == Stage.production
     audit = registry.audit(object_type="adapter", object_id="smol:v2").items
-    assert audit[-1].actor == "olga" and audit[-1].after["approver"] == "pat" and audit[-1].before == {"stage": "staging", "canary_percent": None}
+    assert (
+        audit[-1].actor == "olga"
+        and audit[-1].after["approver"] == "pat"
+        and audit[-1].before == {"stage": "staging", "canary_percent": None}
+    )
     assert [row.event_type for row in outbox(registry)][-1] == "stage.changed"
 
 
@@ -140,9 +163,21 @@ def test_one_production_version_unless_canary_and_replacement_archives(registry:
     # The canary becomes the full version under the approval that admitted it to production.
     full = registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production, replaces=1)
     assert full.canary_percent is None and registry.get_adapter("smol", 1).stage == Stage.archived
-    promoted, archived = (json.loads(row.envelope)["payload"] for row in outbox(registry)[-2:])  # promotion first: production never empty
-    assert (archived["adapter_version"], archived["to_stage"], archived["approver"], archived["replaces_version"]) == (1, "archived", "pat", None)
-    assert (promoted["adapter_version"], promoted["to_stage"], promoted["approver"], promoted["replaces_version"]) == (2, "production", "pat", 1)
+    promoted, archived = (
+        json.loads(row.envelope)["payload"] for row in outbox(registry)[-2:]
+    )  # promotion first: production never empty
+    assert (archived["adapter_version"], archived["to_stage"], archived["approver"], archived["replaces_version"]) == (
+        1,
+        "archived",
+        "pat",
+        None,
+    )
+    assert (promoted["adapter_version"], promoted["to_stage"], promoted["approver"], promoted["replaces_version"]) == (
+        2,
+        "production",
+        "pat",
+        1,
+    )
     # Rollback is one call: the archived version comes back and replaces the current one.
     approve(registry, 1)  # a rollback is a promotion too: the archived version needs a new approval
     registry.transition("olga", model_name="smol", version=1, to_stage=Stage.production, replaces=2, reason="rollback")
@@ -179,7 +214,9 @@ def test_concurrent_promotions_of_two_versions_exactly_one_wins(registry: Regist
         registry.transition("olga", model_name="smol", version=winner, to_stage=Stage.staging)
 
 
-def test_a_rolled_back_change_emits_no_event(registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_rolled_back_change_emits_no_event(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seed_adapters(registry, tmp_path, count=1)
     before = len(outbox(registry))
 
@@ -195,7 +232,9 @@ def test_a_rolled_back_change_emits_no_event(registry: Registry, tmp_path: Path,
     assert len(outbox(registry)) == before
     assert registry.get_adapter("smol", 1).stage == Stage.none
     with registry.store.reading() as session:
-        assert session.scalar(select(func.count()).select_from(AdapterVersion).where(AdapterVersion.stage != "none")) == 0
+        assert (
+            session.scalar(select(func.count()).select_from(AdapterVersion).where(AdapterVersion.stage != "none")) == 0
+        )
 
 
 def test_prompt_versions_labels_rollback_and_strict_sandboxed_rendering(registry: Registry) -> None:
@@ -208,7 +247,9 @@ def test_prompt_versions_labels_rollback_and_strict_sandboxed_rendering(registry
     registry.set_prompt_label("alice", name="support", label="production", version=2)
     assert registry.get_prompt("support", label="production").version == 2
     registry.approve("pat", Role.approver, object_type="prompt", name="support", version=1)
-    registry.set_prompt_label("bob", name="support", label="production", version=1)  # rollback = moving the label, approved again
+    registry.set_prompt_label(
+        "bob", name="support", label="production", version=1
+    )  # rollback = moving the label, approved again
     assert registry.get_prompt("support", label="production").template == "Answer {{ question }} politely."
     assert registry.render_prompt("support", {"question": "why?"}, label="production") == "Answer why? politely."
     with pytest.raises(Invalid, match="needs variable\\(s\\) customer"):
@@ -226,13 +267,22 @@ def test_dataset_versions_are_validated_by_line_hashed_and_counted(registry: Reg
     first = registry.publish_dataset("alice", name="support", split="train", jsonl=jsonl(CHAT))
     assert (first.version, first.row_count, first.record_format, first.split) == (1, 2, "chat", "train")
     assert registry.dataset_rows("support", 1) == CHAT
-    bad = jsonl(CHAT) + b'{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n{"instruction": "x", "output": ""}\n'
+    bad = (
+        jsonl(CHAT)
+        + b'{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n{"instruction": "x", "output": ""}\n'
+    )
     with pytest.raises(Invalid) as error:
         registry.publish_dataset("bob", name="support", split="train", jsonl=bad)
     message = str(error.value)
-    assert "line 3: the last message must be the assistant's" in message and "line 4: not JSON" in message and "line 5: output must be a non-empty string" in message
+    assert (
+        "line 3: the last message must be the assistant's" in message
+        and "line 4: not JSON" in message
+        and "line 5: output must be a non-empty string" in message
+    )
     with pytest.raises(TooLarge):
-        Registry(registry.store, registry.artifacts, max_dataset_bytes=10).publish_dataset("bob", name="support", split="train", jsonl=jsonl(CHAT))
+        Registry(registry.store, registry.artifacts, max_dataset_bytes=10).publish_dataset(
+            "bob", name="support", split="train", jsonl=jsonl(CHAT)
+        )
     assert [d.version for d in registry.list_datasets(name="support").items] == [1]
     assert [entry.detail.split(":")[0] for entry in refused(registry)] == ["422 invalid_jsonl", "413 dataset_too_large"]
 
@@ -242,9 +292,15 @@ def test_duplicate_names_and_unknown_references_change_nothing(registry: Registr
     with pytest.raises(Conflict, match="already registered"):
         seed_model(registry, tmp_path)
     with pytest.raises(NotFound, match="no model named 'nope'"):
-        registry.register_trained_adapter(training_completed(registry, tmp_path, job_id="j", model="nope"), event_id=str(uuid.uuid4()), correlation_id=None)
+        registry.register_trained_adapter(
+            training_completed(registry, tmp_path, job_id="j", model="nope"),
+            event_id=str(uuid.uuid4()),
+            correlation_id=None,
+        )
     with pytest.raises(NotFound, match="no dataset version support:v1"):
-        registry.register_trained_adapter(training_completed(registry, tmp_path, job_id="j"), event_id=str(uuid.uuid4()), correlation_id=None)
+        registry.register_trained_adapter(
+            training_completed(registry, tmp_path, job_id="j"), event_id=str(uuid.uuid4()), correlation_id=None
+        )
     assert len(registry.list_models().items) == 1 and registry.list_adapters().items == []
     assert len(refused(registry)) == 3
 
@@ -261,7 +317,9 @@ def test_cursor_pagination(registry: Registry) -> None:
         registry.list_prompts(cursor="garbage!")
 
 
-@pytest.mark.parametrize("statement", ["UPDATE audit_log SET actor = 'mallory'", "DELETE FROM audit_log", "TRUNCATE audit_log"])
+@pytest.mark.parametrize(
+    "statement", ["UPDATE audit_log SET actor = 'mallory'", "DELETE FROM audit_log", "TRUNCATE audit_log"]
+)
 def test_the_database_refuses_to_rewrite_the_audit_log(registry: Registry, statement: str) -> None:
     if statement.startswith("TRUNCATE") and registry.store.dialect != "postgresql":
         pytest.skip("SQLite has no TRUNCATE (its DELETE is refused above)")

@@ -38,7 +38,9 @@ async def door(registry: Registry) -> AsyncIterator[httpx.AsyncClient]:
     keys = KeyStore(registry.store.engine)
     key, _ = keys.create(principal="olga", role=Role.operator, created_by="test")
     app = create_http_app("registry-limits", routers=[build_router(registry, Authenticator(keys))])
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://registry", headers={"Authorization": f"Bearer {key}"}) as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://registry", headers={"Authorization": f"Bearer {key}"}
+    ) as client:
         yield client
 
 
@@ -47,18 +49,29 @@ def upload(size: int) -> bytes:
 
 
 def refusals(registry: Registry) -> list[tuple[str, str]]:
-    return [(entry.actor, (entry.detail or "").split(":")[0]) for entry in registry.audit().items if entry.outcome == "refused"]
+    return [
+        (entry.actor, (entry.detail or "").split(":")[0])
+        for entry in registry.audit().items
+        if entry.outcome == "refused"
+    ]
 
 
-async def test_a_declared_oversize_upload_is_refused_by_its_content_length(door: httpx.AsyncClient, registry: Registry) -> None:
+async def test_a_declared_oversize_upload_is_refused_by_its_content_length(
+    door: httpx.AsyncClient, registry: Registry
+) -> None:
     body = upload(dataset_body_limit(MAX_DATASET))
     response = await door.post("/registry/v1/datasets", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 413, response.text
-    assert response.json()["error"]["code"] == "request_too_large" and f"{len(body)} bytes" in response.json()["error"]["message"]
+    assert (
+        response.json()["error"]["code"] == "request_too_large"
+        and f"{len(body)} bytes" in response.json()["error"]["message"]
+    )
     assert registry.list_datasets().items == [] and refusals(registry) == []
 
 
-async def test_a_streamed_oversize_upload_is_refused_before_it_is_read_whole(door: httpx.AsyncClient, registry: Registry) -> None:
+async def test_a_streamed_oversize_upload_is_refused_before_it_is_read_whole(
+    door: httpx.AsyncClient, registry: Registry
+) -> None:
     body = upload(4 * dataset_body_limit(MAX_DATASET))
     sent: list[int] = []
 
@@ -73,11 +86,17 @@ async def test_a_streamed_oversize_upload_is_refused_before_it_is_read_whole(doo
     assert registry.list_datasets().items == [] and refusals(registry) == []
 
 
-async def test_bodies_under_the_cap_pass_and_the_dataset_limit_still_holds(door: httpx.AsyncClient, registry: Registry) -> None:
-    small = await door.post("/registry/v1/datasets", json={"name": "support", "split": "train", "jsonl": jsonl(CHAT[:1]).decode()})
+async def test_bodies_under_the_cap_pass_and_the_dataset_limit_still_holds(
+    door: httpx.AsyncClient, registry: Registry
+) -> None:
+    small = await door.post(
+        "/registry/v1/datasets", json={"name": "support", "split": "train", "jsonl": jsonl(CHAT[:1]).decode()}
+    )
     assert small.status_code == 201, small.text
     # Within the body cap but over the dataset limit once decoded: the service's own, exact 413.
-    over = await door.post("/registry/v1/datasets", json={"name": "support", "split": "train", "jsonl": jsonl(CHAT * 10).decode()})
+    over = await door.post(
+        "/registry/v1/datasets", json={"name": "support", "split": "train", "jsonl": jsonl(CHAT * 10).decode()}
+    )
     assert over.status_code == 413 and over.json()["error"]["code"] == "dataset_too_large"
     prompt = await door.post("/registry/v1/prompts", json={"name": "p", "template": "x" * MAX_BODY_BYTES})
     assert prompt.status_code == 413 and prompt.json()["error"]["code"] == "request_too_large"

@@ -41,16 +41,34 @@ async def test_the_judge_grades_with_a_versioned_rubric_and_records_errors_per_e
         answer = body["messages"][1]["content"].rsplit("Answer to grade:\n", 1)[1]
         if answer == "crash":
             return httpx.Response(500, json={"error": {"message": "boom", "type": "server_error"}})
-        content = {"good": '{"score": 5, "reason": "same facts"}', "meh": "Score: 3", "rambling": "Hard to say."}[answer]
-        return httpx.Response(200, json={
-            "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-        })
+        content = {"good": '{"score": 5, "reason": "same facts"}', "meh": "Score: 3", "rambling": "Hard to say."}[
+            answer
+        ]
+        return httpx.Response(
+            200,
+            json={
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                ],
+            },
+        )
 
-    client = AsyncOpenAI(base_url="http://judge.test/v1", api_key="k", max_retries=0, http_client=httpx.AsyncClient(transport=httpx.MockTransport(endpoint)))
+    client = AsyncOpenAI(
+        base_url="http://judge.test/v1",
+        api_key="k",
+        max_retries=0,
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(endpoint)),
+    )
     judge = Judge(client, model="judge-model")
     assert judge.rubric.key == "correctness@v1"
-    results = {a: await judge.grade(question="How do I reset?", answer=a, reference=REFERENCE) for a in ("good", "meh", "rambling", "crash")}
+    results = {
+        a: await judge.grade(question="How do I reset?", answer=a, reference=REFERENCE)
+        for a in ("good", "meh", "rambling", "crash")
+    }
     assert results["good"].score == 1.0 and results["meh"].score == 0.5
     assert results["rambling"].score is None and "no score in the judge's reply" in results["rambling"].error
     assert results["crash"].score is None and results["crash"].error.startswith("InternalServerError")

@@ -42,17 +42,39 @@ def serving_on(model_dir: Path, **settings: object) -> ServiceFactory:
     return partial(create_app, settings=ServingSettings(model_dir=model_dir, base_model="tiny", **settings))
 
 
-async def test_serving_process_serves_logs_and_follows_prompt_events(settings: FlywheelSettings, topics: str, model_dir: Path, app_key: str) -> None:
+async def test_serving_process_serves_logs_and_follows_prompt_events(
+    settings: FlywheelSettings, topics: str, model_dir: Path, app_key: str
+) -> None:
     app, runtime = build_process(settings, [serving_on(model_dir)], title="serving")
     headers = {"Authorization": f"Bearer {app_key}"}
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "prompt_ref": {"name": "greeting", "variables": {"shop": "Kettles Ltd"}}}
-    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serving", headers=headers, timeout=60) as http:
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 3,
+        "prompt_ref": {"name": "greeting", "variables": {"shop": "Kettles Ltd"}},
+    }
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://serving", headers=headers, timeout=60
+        ) as http,
+    ):
         ready = await http.get("/readyz")
         assert ready.status_code == 200, ready.text
         assert "tiny" in {card["id"] for card in (await http.get("/v1/models")).json()["data"]}
-        assert (await http.post("/v1/chat/completions", json=body)).status_code == 404  # the prompt is not published yet
+        assert (
+            await http.post("/v1/chat/completions", json=body)
+        ).status_code == 404  # the prompt is not published yet
 
-        await runtime.bus("registry").publish(PromptPublished(prompt_name="greeting", version=1, template="You work for {{ shop }}.", variables=["shop"], labels=["production"]))
+        await runtime.bus("registry").publish(
+            PromptPublished(
+                prompt_name="greeting",
+                version=1,
+                template="You work for {{ shop }}.",
+                variables=["shop"],
+                labels=["production"],
+            )
+        )
         for _ in range(100):
             served = await http.post("/v1/chat/completions", json=body)
             if served.status_code != 404:
@@ -60,14 +82,20 @@ async def test_serving_process_serves_logs_and_follows_prompt_events(settings: F
             await asyncio.sleep(0.2)
         assert served.status_code == 200, served.text
     assert tritonserver_pids(settings.home) == [], "tritonserver outlived the process"
-    records = await read_all(settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=10**6, timeout_s=5)
-    events = {json.loads(record.value)["payload"]["inference_id"]: json.loads(record.value)["payload"] for record in records}
+    records = await read_all(
+        settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=10**6, timeout_s=5
+    )
+    events = {
+        json.loads(record.value)["payload"]["inference_id"]: json.loads(record.value)["payload"] for record in records
+    }
     logged = events[served.json()["id"]]
     assert (logged["prompt_name"], logged["principal"], logged["status"]) == ("greeting", "test-app", "ok")
     assert "You work for Kettles Ltd." in logged["input_text"]
 
 
-async def test_triton_is_stopped_when_start_fails_after_it(settings: FlywheelSettings, topics: str, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_triton_is_stopped_when_start_fails_after_it(
+    settings: FlywheelSettings, topics: str, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def broken_start(self: InferenceLogBuffer) -> None:
         raise RuntimeError("inference log cannot start")
 

@@ -59,7 +59,15 @@ def routes(canary_percent: float | None = None) -> Routes:
 
 def prompts() -> PromptRoutes:
     table = PromptRoutes()
-    table.publish(PromptPublished(prompt_name="support", version=1, template="You answer questions about {{ product }}.", variables=["product"], labels=["production"]))
+    table.publish(
+        PromptPublished(
+            prompt_name="support",
+            version=1,
+            template="You answer questions about {{ product }}.",
+            variables=["product"],
+            labels=["production"],
+        )
+    )
     return table
 
 
@@ -69,7 +77,13 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     engine = create_database_engine(f"sqlite:///{tmp_path_factory.mktemp('registry') / 'registry.db'}")
     ApiKey.metadata.create_all(engine, tables=[ApiKey.__table__])  # type: ignore[attr-defined]
     store = KeyStore(engine)
-    return {"store": store, **{role.value: store.create(principal=f"{role.value}-1", role=role, created_by="test")[0] for role in (Role.app, Role.viewer)}}  # type: ignore[dict-item]
+    return {
+        "store": store,
+        **{
+            role.value: store.create(principal=f"{role.value}-1", role=role, created_by="test")[0]
+            for role in (Role.app, Role.viewer)
+        },
+    }  # type: ignore[dict-item]
 
 
 @pytest.fixture
@@ -83,27 +97,47 @@ async def runtime(settings: FlywheelSettings, topics: str) -> AsyncIterator[Runt
         runtime.close()
 
 
-async def gateway_app(engine: Engine, grpc_url: str, runtime: Runtime, keys: dict, *, table: Routes | None = None, limiter: RateLimiter | None = None):
+async def gateway_app(
+    engine: Engine,
+    grpc_url: str,
+    runtime: Runtime,
+    keys: dict,
+    *,
+    table: Routes | None = None,
+    limiter: RateLimiter | None = None,
+):
     buffer = InferenceLogBuffer(runtime.bus("serving"), capacity=100)
     await buffer.start()
     gateway = Gateway(
-        routes=table or routes(), tokenizer=engine.tokenizer, triton_grpc_url=grpc_url,
-        settings=ServingSettings(max_prompt_tokens=200, max_tokens_limit=16, default_max_tokens=4), log_buffer=buffer,
-        loaded_adapters=lambda: set(engine.adapters), prompts=prompts(),
+        routes=table or routes(),
+        tokenizer=engine.tokenizer,
+        triton_grpc_url=grpc_url,
+        settings=ServingSettings(max_prompt_tokens=200, max_tokens_limit=16, default_max_tokens=4),
+        log_buffer=buffer,
+        loaded_adapters=lambda: set(engine.adapters),
+        prompts=prompts(),
     )
     guard = Authenticator(keys["store"]).require(Role.app)
     router = create_router(lambda: gateway, guard=guard, limiter=limiter or RateLimiter(rate_per_s=1000, burst=1000))
     return create_http_app("serving-test", routers=[router]), gateway, buffer
 
 
-async def gateway_client(engine: Engine, grpc_url: str, runtime: Runtime, keys: dict, **options) -> tuple[httpx.AsyncClient, Gateway, InferenceLogBuffer]:
+async def gateway_client(
+    engine: Engine, grpc_url: str, runtime: Runtime, keys: dict, **options
+) -> tuple[httpx.AsyncClient, Gateway, InferenceLogBuffer]:
     app, gateway, buffer = await gateway_app(engine, grpc_url, runtime, keys, **options)
     headers = {"Authorization": f"Bearer {keys['app']}"}
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", headers=headers), gateway, buffer
+    return (
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", headers=headers),
+        gateway,
+        buffer,
+    )
 
 
 @pytest.fixture
-async def client(engine: Engine, triton: TritonServing, runtime: Runtime, keys: dict) -> AsyncIterator[tuple[httpx.AsyncClient, InferenceLogBuffer]]:
+async def client(
+    engine: Engine, triton: TritonServing, runtime: Runtime, keys: dict
+) -> AsyncIterator[tuple[httpx.AsyncClient, InferenceLogBuffer]]:
     assert triton.ports is not None
     http, gateway, buffer = await gateway_client(engine, triton.ports.grpc_url, runtime, keys)
     try:
@@ -128,15 +162,25 @@ async def test_chat_completion_non_stream_and_stream(client, runtime: Runtime, s
         lines = [line async for line in streamed.aiter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
-    assert "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks) == done["choices"][0]["message"]["content"]
+    assert (
+        "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks)
+        == done["choices"][0]["message"]["content"]
+    )
     assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[0]["id"] != done["id"]
 
     await buffer.stop()
-    records = await read_all(settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=2)
+    records = await read_all(
+        settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=2
+    )
     payloads = [json.loads(record.value)["payload"] for record in records]
     assert {payload["inference_id"] for payload in payloads} == {done["id"], chunks[0]["id"]}
     logged = next(payload for payload in payloads if payload["inference_id"] == done["id"])
-    assert logged["adapter_version"] == 1 and logged["route"] == "production" and logged["status"] == "ok" and logged["principal"] == "app-1"
+    assert (
+        logged["adapter_version"] == 1
+        and logged["route"] == "production"
+        and logged["status"] == "ok"
+        and logged["principal"] == "app-1"
+    )
     assert logged["completion_tokens"] == 5 and logged["output_text"] == done["choices"][0]["message"]["content"]
     assert logged["latency_total_ms"] >= logged["latency_compute_ms"] > 0
 
@@ -147,7 +191,9 @@ async def test_completions_and_model_selection(client) -> None:
     assert {"tiny", "tiny@production", "tiny@staging", "tiny:v2"} <= {card["id"] for card in models["data"]}
     texts = {}
     for reference, resolved in (("tiny", "tiny:v1"), ("tiny@staging", "tiny:v2"), ("tiny:v2", "tiny:v2")):
-        response = await http.post("/v1/completions", json={"model": reference, "prompt": "Once upon", "max_tokens": 4, "temperature": 0})
+        response = await http.post(
+            "/v1/completions", json={"model": reference, "prompt": "Once upon", "max_tokens": 4, "temperature": 0}
+        )
         assert response.status_code == 200, response.text
         assert response.json()["model"] == resolved and response.json()["object"] == "text_completion"
         texts[reference] = response.json()["choices"][0]["text"]
@@ -190,7 +236,9 @@ BAD_INPUTS = [
 ]
 
 
-async def test_every_bad_input_is_an_openai_error_and_an_errored_inference(client, runtime: Runtime, settings: FlywheelSettings) -> None:
+async def test_every_bad_input_is_an_openai_error_and_an_errored_inference(
+    client, runtime: Runtime, settings: FlywheelSettings
+) -> None:
     http, buffer = client
     for path, body, status in BAD_INPUTS:
         response = await http.post(path, json=body)
@@ -198,7 +246,9 @@ async def test_every_bad_input_is_an_openai_error_and_an_errored_inference(clien
         assert response.headers["content-type"].startswith("application/json"), "an error must not start a stream"
         error = response.json()["error"]
         assert error["message"] and error["type"] and "Traceback" not in error["message"]
-    malformed = await http.post("/v1/completions", content=b'{"model": "tiny", "prompt": ', headers={"Content-Type": "application/json"})
+    malformed = await http.post(
+        "/v1/completions", content=b'{"model": "tiny", "prompt": ', headers={"Content-Type": "application/json"}
+    )
     assert malformed.status_code == 422 and malformed.json()["error"]["message"]
     await buffer.stop()
     # A body that is not JSON is refused before the key is read (the caller is not known): nothing is logged for it.
@@ -208,12 +258,21 @@ async def test_every_bad_input_is_an_openai_error_and_an_errored_inference(clien
     assert sorted(event["model_name"] for event in events) == sorted(body["model"] for _, body, _ in BAD_INPUTS)
 
 
-async def logged_events(runtime: Runtime, settings: FlywheelSettings, expected: int, timeout_s: float = 30.0) -> list[dict]:
-    records = await read_all(settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=expected, timeout_s=timeout_s)
+async def logged_events(
+    runtime: Runtime, settings: FlywheelSettings, expected: int, timeout_s: float = 30.0
+) -> list[dict]:
+    records = await read_all(
+        settings.resolved_kafka_bootstrap(),
+        runtime.bus("serving").topic(InferenceLogged),
+        expected=expected,
+        timeout_s=timeout_s,
+    )
     return [json.loads(record.value)["payload"] for record in records]
 
 
-async def test_triton_down_is_503_logged_and_recovers_when_triton_is_back(engine: Engine, runtime: Runtime, settings: FlywheelSettings, keys: dict, tmp_path: Path) -> None:
+async def test_triton_down_is_503_logged_and_recovers_when_triton_is_back(
+    engine: Engine, runtime: Runtime, settings: FlywheelSettings, keys: dict, tmp_path: Path
+) -> None:
     from services.serving.triton import TritonPorts
 
     ports = TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port())
@@ -233,14 +292,20 @@ async def test_triton_down_is_503_logged_and_recovers_when_triton_is_back(engine
     assert logged["finish_reason"] == "error" and "unavailable" in logged["error"]
 
 
-async def test_canary_takes_its_share_sticky_per_user_and_is_logged(engine: Engine, triton: TritonServing, runtime: Runtime, settings: FlywheelSettings, keys: dict) -> None:
+async def test_canary_takes_its_share_sticky_per_user_and_is_logged(
+    engine: Engine, triton: TritonServing, runtime: Runtime, settings: FlywheelSettings, keys: dict
+) -> None:
     assert triton.ports is not None
-    http, gateway, buffer = await gateway_client(engine, triton.ports.grpc_url, runtime, keys, table=routes(canary_percent=30))
+    http, gateway, buffer = await gateway_client(
+        engine, triton.ports.grpc_url, runtime, keys, table=routes(canary_percent=30)
+    )
     served: dict[str, set[str]] = {}
     try:
         for _round in range(2):
             for user in range(20):
-                response = await http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 1, "user": f"user-{user}"})
+                response = await http.post(
+                    "/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 1, "user": f"user-{user}"}
+                )
                 assert response.status_code == 200, response.text
                 served.setdefault(f"user-{user}", set()).add(response.json()["model"])
     finally:
@@ -252,16 +317,28 @@ async def test_canary_takes_its_share_sticky_per_user_and_is_logged(engine: Engi
     assert 0 < len(canary_users) < 20
     events = await logged_events(runtime, settings, expected=40)
     # User ids leave the gateway hashed (the default user policy): the same user, the same token.
-    assert {event["user_id"] for event in events if event["route"] == "canary"} == {Redactor().scrub_user(user) for user in canary_users}
+    assert {event["user_id"] for event in events if event["route"] == "canary"} == {
+        Redactor().scrub_user(user) for user in canary_users
+    }
     assert {event["adapter_version"] for event in events if event["route"] == "production"} == {1}
 
 
 async def test_prompt_ref_renders_server_side(client, runtime: Runtime, settings: FlywheelSettings) -> None:
     http, buffer = client
     reference = {"name": "support", "variables": {"product": "kettles"}}
-    response = await http.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "prompt_ref": reference})
+    response = await http.post(
+        "/v1/chat/completions",
+        json={
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 2,
+            "prompt_ref": reference,
+        },
+    )
     assert response.status_code == 200, response.text
-    missing = await http.post("/v1/completions", json={"model": "tiny", "prompt": "", "prompt_ref": {"name": "support"}})
+    missing = await http.post(
+        "/v1/completions", json={"model": "tiny", "prompt": "", "prompt_ref": {"name": "support"}}
+    )
     assert missing.status_code == 400
     assert missing.json()["error"]["code"] == "missing_variable" and "product" in missing.json()["error"]["message"]
     unknown = await http.post("/v1/completions", json={"model": "tiny", "prompt": "", "prompt_ref": {"name": "nope"}})
@@ -273,33 +350,54 @@ async def test_prompt_ref_renders_server_side(client, runtime: Runtime, settings
     assert "You answer questions about kettles." in served["input_text"]
 
 
-async def test_refusals_are_openai_errors_and_only_a_known_callers_are_logged(engine: Engine, triton: TritonServing, runtime: Runtime, settings: FlywheelSettings, keys: dict) -> None:
+async def test_refusals_are_openai_errors_and_only_a_known_callers_are_logged(
+    engine: Engine, triton: TritonServing, runtime: Runtime, settings: FlywheelSettings, keys: dict
+) -> None:
     assert triton.ports is not None
     http, gateway, buffer = await gateway_client(engine, triton.ports.grpc_url, runtime, keys)
     body = {"model": "tiny", "prompt": "Hi", "max_tokens": 1}
     try:
         no_key = await http.post("/v1/completions", json=body, headers={"Authorization": ""})
         viewer = await http.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {keys['viewer']}"})
-        malformed = await http.post("/v1/completions", content=b'{"model": "tiny", "prompt": ', headers={"Content-Type": "application/json"})
-        invalid = await http.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "robot", "content": "x"}]})
+        malformed = await http.post(
+            "/v1/completions", content=b'{"model": "tiny", "prompt": ', headers={"Content-Type": "application/json"}
+        )
+        invalid = await http.post(
+            "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}
+        )
     finally:
         await http.aclose()
         await gateway.close()
         await buffer.stop()
     assert (no_key.status_code, no_key.json()["error"]["code"]) == (401, "missing_api_key")
     assert (viewer.status_code, viewer.json()["error"]["type"]) == (403, "permission_error")
-    assert malformed.status_code == 422 and invalid.status_code == 422 and invalid.json()["error"]["param"] == "messages.0.role"
+    assert (
+        malformed.status_code == 422
+        and invalid.status_code == 422
+        and invalid.json()["error"]["param"] == "messages.0.role"
+    )
     # No key (401), a viewer's key (403) and JSON that does not parse (422 before the key is checked)
     # write nothing; only the authenticated app's invalid request is logged, as its errored inference.
-    records = await read_all(settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=10**6, timeout_s=5)
+    records = await read_all(
+        settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=10**6, timeout_s=5
+    )
     events = [json.loads(record.value)["payload"] for record in records]
     assert [event["error"].split(":")[0] for event in events] == ["422"]
-    assert (events[0]["status"], events[0]["finish_reason"], events[0]["principal"], events[0]["endpoint"]) == ("error", "error", "app-1", "chat.completions")
+    assert (events[0]["status"], events[0]["finish_reason"], events[0]["principal"], events[0]["endpoint"]) == (
+        "error",
+        "error",
+        "app-1",
+        "chat.completions",
+    )
 
 
-async def test_rate_limit_is_429_with_retry_after(engine: Engine, triton: TritonServing, runtime: Runtime, settings: FlywheelSettings, keys: dict) -> None:
+async def test_rate_limit_is_429_with_retry_after(
+    engine: Engine, triton: TritonServing, runtime: Runtime, settings: FlywheelSettings, keys: dict
+) -> None:
     assert triton.ports is not None
-    http, gateway, buffer = await gateway_client(engine, triton.ports.grpc_url, runtime, keys, limiter=RateLimiter(rate_per_s=0.25, burst=2))
+    http, gateway, buffer = await gateway_client(
+        engine, triton.ports.grpc_url, runtime, keys, limiter=RateLimiter(rate_per_s=0.25, burst=2)
+    )
     body = {"model": "tiny", "prompt": "Hi", "max_tokens": 1}
     try:
         answers = [await http.post("/v1/completions", json=body) for _ in range(3)]
@@ -329,17 +427,25 @@ async def uvicorn_server(app) -> AsyncIterator[str]:
         await task
 
 
-async def test_the_openai_client_works_unchanged(engine: Engine, triton: TritonServing, runtime: Runtime, settings: FlywheelSettings, keys: dict) -> None:
+async def test_the_openai_client_works_unchanged(
+    engine: Engine, triton: TritonServing, runtime: Runtime, settings: FlywheelSettings, keys: dict
+) -> None:
     assert triton.ports is not None
     app, gateway, buffer = await gateway_app(engine, triton.ports.grpc_url, runtime, keys)
     try:
         async with uvicorn_server(app) as base_url:
             client = openai.AsyncOpenAI(base_url=base_url, api_key=keys["app"], max_retries=0)
             messages = [{"role": "user", "content": "Hi"}]
-            done = await client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0, user="u1")
-            stream = await client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0, stream=True)
+            done = await client.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=4, temperature=0, user="u1"
+            )
+            stream = await client.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=4, temperature=0, stream=True
+            )
             chunks = [chunk async for chunk in stream]
-            text = await client.completions.create(model="tiny@staging", prompt="Once upon", max_tokens=3, temperature=0)
+            text = await client.completions.create(
+                model="tiny@staging", prompt="Once upon", max_tokens=3, temperature=0
+            )
             models = await client.models.list()
             with pytest.raises(openai.NotFoundError):
                 await client.chat.completions.create(model="nope", messages=messages)

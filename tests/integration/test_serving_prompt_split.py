@@ -36,35 +36,71 @@ async def ask_all(http: httpx.AsyncClient) -> list[str]:
     """One chat with prompt_ref per user; the inference ids, in order."""
     ids = []
     for user in USERS:
-        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "user": user, "prompt_ref": {"name": "greet"}}
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 1,
+            "user": user,
+            "prompt_ref": {"name": "greet"},
+        }
         response = await http.post("/v1/chat/completions", json=body)
         assert response.status_code == 200, response.text
         ids.append(response.json()["id"])
     return ids
 
 
-async def test_a_registry_declared_prompt_split_is_served_sticky_per_user(settings: FlywheelSettings, topics: str, model_dir: Path) -> None:
+async def test_a_registry_declared_prompt_split_is_served_sticky_per_user(
+    settings: FlywheelSettings, topics: str, model_dir: Path
+) -> None:
     # 120+ requests from one key: a fast machine outruns the default 10 requests/s, which this test is not about.
     serving = serving_on(model_dir, rate_limit_rps=1000, rate_limit_burst=1000)
     settings = settings.model_copy(update={"bootstrap_admin_key": ADMIN})
     app, runtime = build_process(settings, [create_registry, serving], title="registry+serving")
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://flywheel", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120,
-    ) as http:
-        assert (await http.post("/registry/v1/prompts", json={"name": "greet", "template": "You are version one."})).status_code == 201
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://flywheel",
+            headers={"Authorization": f"Bearer {ADMIN}"},
+            timeout=120,
+        ) as http,
+    ):
+        assert (
+            await http.post("/registry/v1/prompts", json={"name": "greet", "template": "You are version one."})
+        ).status_code == 201
         # The production label moves only with an approval by another principal: an approver records it, the admin moves it.
-        approver = {"Authorization": f"Bearer {(await http.post('/registry/v1/keys', json={'principal': 'pat', 'role': 'approver'})).json()['key']}"}
-        assert (await http.post("/registry/v1/prompts/greet/versions/1/approvals", json={}, headers=approver)).status_code == 201
+        approver = {
+            "Authorization": f"Bearer {(await http.post('/registry/v1/keys', json={'principal': 'pat', 'role': 'approver'})).json()['key']}"
+        }
+        assert (
+            await http.post("/registry/v1/prompts/greet/versions/1/approvals", json={}, headers=approver)
+        ).status_code == 201
         assert (await http.put("/registry/v1/prompts/greet/labels/production", json={"version": 1})).status_code == 200
-        assert (await http.post("/registry/v1/prompts", json={"name": "greet", "template": "You are version two."})).status_code == 201
-        refused = await http.put("/registry/v1/prompts/greet/labels/production", json={"version": 1, "traffic_percent": 30})
-        assert refused.status_code == 422 and (refused.json()["error"]["code"], refused.json()["error"]["param"]) == ("invalid_split", "traffic_percent")
-        declared = await http.put("/registry/v1/prompts/greet/labels/candidate", json={"version": 2, "traffic_percent": 30})
+        assert (
+            await http.post("/registry/v1/prompts", json={"name": "greet", "template": "You are version two."})
+        ).status_code == 201
+        refused = await http.put(
+            "/registry/v1/prompts/greet/labels/production", json={"version": 1, "traffic_percent": 30}
+        )
+        assert refused.status_code == 422 and (refused.json()["error"]["code"], refused.json()["error"]["param"]) == (
+            "invalid_split",
+            "traffic_percent",
+        )
+        declared = await http.put(
+            "/registry/v1/prompts/greet/labels/candidate", json={"version": 2, "traffic_percent": 30}
+        )
         assert declared.status_code == 200 and declared.json()["label_traffic"] == {"candidate": 30.0}
-        assert (await http.get("/registry/v1/prompts/greet", params={"label": "candidate"})).json()["label_traffic"] == {"candidate": 30.0}
+        assert (await http.get("/registry/v1/prompts/greet", params={"label": "candidate"})).json()[
+            "label_traffic"
+        ] == {"candidate": 30.0}
 
         # Serving follows prompt.published from Kafka: wait until it renders the prompt at all.
-        probe = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "prompt_ref": {"name": "greet", "label": "candidate"}}
+        probe = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 1,
+            "prompt_ref": {"name": "greet", "label": "candidate"},
+        }
         for _ in range(150):
             if (await http.post("/v1/chat/completions", json=probe)).status_code == 200:
                 break
@@ -77,8 +113,12 @@ async def test_a_registry_declared_prompt_split_is_served_sticky_per_user(settin
         after = await ask_all(http)
     assert tritonserver_pids(settings.home) == []
 
-    records = await read_all(settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=10**6, timeout_s=5)
-    events = {payload["inference_id"]: payload for payload in (json.loads(record.value)["payload"] for record in records)}
+    records = await read_all(
+        settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=10**6, timeout_s=5
+    )
+    events = {
+        payload["inference_id"]: payload for payload in (json.loads(record.value)["payload"] for record in records)
+    }
     versions: dict[str, set[int]] = {}
     for inference_id in split:
         event = events[inference_id]

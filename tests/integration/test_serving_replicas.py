@@ -29,14 +29,26 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
 
 @asynccontextmanager
-async def replica(settings: FlywheelSettings, home: Path, key: str, serving: ServiceFactory) -> AsyncIterator[httpx.AsyncClient]:
+async def replica(
+    settings: FlywheelSettings, home: Path, key: str, serving: ServiceFactory
+) -> AsyncIterator[httpx.AsyncClient]:
     """One serving process (its own Triton) in `home`, sharing the broker and the key table."""
     # API keys live in the registry's database; adapters in the registry's artifact store, outside this home.
-    shared = {"home": home, "database_url": registry_database_url(settings), "artifact_root": str(registry_artifacts(settings))}
+    shared = {
+        "home": home,
+        "database_url": registry_database_url(settings),
+        "artifact_root": str(registry_artifacts(settings)),
+    }
     app, _ = build_process(settings.model_copy(update=shared), [serving], title=f"serving@{home.name}")
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://serving", headers={"Authorization": f"Bearer {key}"}, timeout=60,
-    ) as http:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://serving",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        ) as http,
+    ):
         yield http
     assert tritonserver_pids(home) == [], "tritonserver outlived its replica"
 
@@ -47,7 +59,9 @@ async def answered_by(http: httpx.AsyncClient) -> str:
     return response.json()["model"]
 
 
-async def until_answered_by(http: httpx.AsyncClient, expected: str, what: str, caplog: pytest.LogCaptureFixture | None = None) -> None:
+async def until_answered_by(
+    http: httpx.AsyncClient, expected: str, what: str, caplog: pytest.LogCaptureFixture | None = None
+) -> None:
     seen: list[str] = []
 
     async def probe() -> bool:
@@ -58,8 +72,14 @@ async def until_answered_by(http: httpx.AsyncClient, expected: str, what: str, c
         await eventually(probe, what=what, timeout_s=120, interval_s=0.5)
     except AssertionError as error:
         # What serving logged as it followed the registry tells a lost event from a slow one.
-        logged = [f"{record.name}: {record.getMessage()}" for record in (caplog.records if caplog else []) if record.name.startswith("flywheel.") and record.levelno >= logging.INFO]
-        raise AssertionError(f"{error}; the last answers came from {seen[-3:]}; flywheel logged: {logged[-15:]}") from None
+        logged = [
+            f"{record.name}: {record.getMessage()}"
+            for record in (caplog.records if caplog else [])
+            if record.name.startswith("flywheel.") and record.levelno >= logging.INFO
+        ]
+        raise AssertionError(
+            f"{error}; the last answers came from {seen[-3:]}; flywheel logged: {logged[-15:]}"
+        ) from None
 
 
 def registry_artifacts(settings: FlywheelSettings) -> Path:
@@ -74,25 +94,64 @@ async def registry_history(settings: FlywheelSettings, tmp_path: Path) -> AsyncI
     the registry's artifact store (serving loads adapters from that store only)."""
     artifacts = ArtifactStore(registry_artifacts(settings))
     vocab = len(smollm2_tokenizer(tmp_path / "tokenizer"))
-    refs = {version: artifacts.put_directory(make_adapter(vocab, tmp_path / f"adapter-{version}", seed=version)) for version in (1, 2)}
+    refs = {
+        version: artifacts.put_directory(make_adapter(vocab, tmp_path / f"adapter-{version}", seed=version))
+        for version in (1, 2)
+    }
     publisher = create_broker(settings, client_id="registry")
     async with publisher:
         await publisher.start()
         registry = EventBus(publisher, producer="registry", topic_prefix=settings.topic_prefix)
         for version, ref in refs.items():
-            await registry.publish(AdapterRegistered(model_name="tiny", adapter_version=version, artifact_uri=ref.uri, artifact_sha256=ref.sha256, training_job_id=f"job-{version}"))
-        await registry.publish(StageChanged(model_name="tiny", adapter_version=1, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", approver="bob"))
+            await registry.publish(
+                AdapterRegistered(
+                    model_name="tiny",
+                    adapter_version=version,
+                    artifact_uri=ref.uri,
+                    artifact_sha256=ref.sha256,
+                    training_job_id=f"job-{version}",
+                )
+            )
+        await registry.publish(
+            StageChanged(
+                model_name="tiny",
+                adapter_version=1,
+                from_stage=Stage.staging,
+                to_stage=Stage.production,
+                actor="alice",
+                approver="bob",
+            )
+        )
         yield registry
 
 
 async def promote_v2(registry: EventBus) -> None:
     """As the registry publishes a replacement: the promotion, then the archive of the version it replaced."""
-    await registry.publish(StageChanged(model_name="tiny", adapter_version=2, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", approver="bob", replaces_version=1))
-    await registry.publish(StageChanged(model_name="tiny", adapter_version=1, from_stage=Stage.production, to_stage=Stage.archived, actor="alice"))
+    await registry.publish(
+        StageChanged(
+            model_name="tiny",
+            adapter_version=2,
+            from_stage=Stage.staging,
+            to_stage=Stage.production,
+            actor="alice",
+            approver="bob",
+            replaces_version=1,
+        )
+    )
+    await registry.publish(
+        StageChanged(
+            model_name="tiny", adapter_version=1, from_stage=Stage.production, to_stage=Stage.archived, actor="alice"
+        )
+    )
 
 
 async def test_replicas_rebuild_routes_from_the_replayed_topics_and_each_gets_every_stage_change(
-    settings: FlywheelSettings, topics: str, model_dir: Path, app_key: str, tmp_path: Path, caplog: pytest.LogCaptureFixture  # noqa: F811
+    settings: FlywheelSettings,
+    topics: str,
+    model_dir: Path,
+    app_key: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,  # noqa: F811
 ) -> None:
     caplog.set_level(logging.INFO, logger="flywheel")
     async with registry_history(settings, tmp_path) as registry:
@@ -101,7 +160,9 @@ async def test_replicas_rebuild_routes_from_the_replayed_topics_and_each_gets_ev
             a = await stack.enter_async_context(replica(settings, homes[0], app_key, serving_on(model_dir)))
             b = await stack.enter_async_context(replica(settings, homes[1], app_key, serving_on(model_dir)))
             for name, http in (("a", a), ("b", b)):
-                await until_answered_by(http, "tiny:v1", f"replica {name} serving production v1 from the replayed history", caplog)
+                await until_answered_by(
+                    http, "tiny:v1", f"replica {name} serving production v1 from the replayed history", caplog
+                )
 
             await promote_v2(registry)
             for name, http in (("a", a), ("b", b)):
@@ -114,11 +175,17 @@ async def test_replicas_rebuild_routes_from_the_replayed_topics_and_each_gets_ev
 
 
 async def test_a_promotion_under_load_answers_every_request_and_unloads_the_old_adapter_after_its_requests(
-    settings: FlywheelSettings, topics: str, model_dir: Path, app_key: str, tmp_path: Path  # noqa: F811
+    settings: FlywheelSettings,
+    topics: str,
+    model_dir: Path,
+    app_key: str,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     """Production moves from v1 to v2 while requests keep coming: none fails (a request already routed
     to v1 when v1 is archived still finds it loaded), and v1 is unloaded once its requests are done."""
-    serving = serving_on(model_dir, rate_limit_rps=1000, rate_limit_burst=1000)  # one key sends all of it; the limit is not under test
+    serving = serving_on(
+        model_dir, rate_limit_rps=1000, rate_limit_burst=1000
+    )  # one key sends all of it; the limit is not under test
     async with registry_history(settings, tmp_path) as registry:
         async with replica(settings, settings.home.parent / "replica-load", app_key, serving) as http:
             await until_answered_by(http, "tiny:v1", "serving production v1")
@@ -128,7 +195,9 @@ async def test_a_promotion_under_load_answers_every_request_and_unloads_the_old_
 
             async def client() -> None:
                 while not promoted.is_set() or served.count("tiny:v2") < 8:
-                    response = await http.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 16})
+                    response = await http.post(
+                        "/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 16}
+                    )
                     statuses.append(response.status_code)
                     if response.status_code == 200:
                         served.append(response.json()["model"])

@@ -50,7 +50,9 @@ def triton(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture
-async def served(engine: Engine, triton: TritonServing, settings: FlywheelSettings, topics: str, tmp_path: Path) -> AsyncIterator[tuple[str, str, Runtime]]:
+async def served(
+    engine: Engine, triton: TritonServing, settings: FlywheelSettings, topics: str, tmp_path: Path
+) -> AsyncIterator[tuple[str, str, Runtime]]:
     """The gateway on uvicorn: its base URL, an app key, and the runtime whose bus it logs to."""
     assert triton.ports is not None
     runtime = Runtime(settings, client_id="serving-stream-test")
@@ -64,10 +66,16 @@ async def served(engine: Engine, triton: TritonServing, settings: FlywheelSettin
     buffer = InferenceLogBuffer(runtime.bus("serving"), capacity=100)
     await buffer.start()
     gateway = Gateway(
-        routes=table, tokenizer=engine.tokenizer, triton_grpc_url=triton.ports.grpc_url,
-        settings=ServingSettings(max_tokens_limit=256), log_buffer=buffer, loaded_adapters=lambda: set(engine.adapters),
+        routes=table,
+        tokenizer=engine.tokenizer,
+        triton_grpc_url=triton.ports.grpc_url,
+        settings=ServingSettings(max_tokens_limit=256),
+        log_buffer=buffer,
+        loaded_adapters=lambda: set(engine.adapters),
     )
-    router = create_router(lambda: gateway, guard=Authenticator(keys).require(Role.app), limiter=RateLimiter(rate_per_s=1000, burst=1000))
+    router = create_router(
+        lambda: gateway, guard=Authenticator(keys).require(Role.app), limiter=RateLimiter(rate_per_s=1000, burst=1000)
+    )
     try:
         async with uvicorn_server(create_http_app("serving-stream-test", routers=[router])) as base_url:
             yield base_url, key, runtime
@@ -79,16 +87,22 @@ async def served(engine: Engine, triton: TritonServing, settings: FlywheelSettin
 
 
 async def logged(runtime: Runtime, settings: FlywheelSettings, expected: int) -> dict[str, dict]:
-    records = await read_all(settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=expected)
+    records = await read_all(
+        settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=expected
+    )
     return {payload["inference_id"]: payload for payload in (json.loads(record.value)["payload"] for record in records)}
 
 
-async def test_the_openai_client_receives_tokens_as_they_are_decoded(served, triton: TritonServing, settings: FlywheelSettings) -> None:
+async def test_the_openai_client_receives_tokens_as_they_are_decoded(
+    served, triton: TritonServing, settings: FlywheelSettings
+) -> None:
     base_url, key, runtime = served
     messages = [{"role": "user", "content": "Name three colours of the rainbow."}]
     async with openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0) as client:
         whole = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
-        stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0, stream=True)
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=24, temperature=0, stream=True
+        )
         chunks, steps_at_chunk = [], []
         async for chunk in stream:
             chunks.append(chunk)
@@ -107,22 +121,40 @@ async def test_the_openai_client_receives_tokens_as_they_are_decoded(served, tri
 
     events = await logged(runtime, settings, expected=2)
     event = events[chunks[0].id]
-    assert (event["status"], event["output_text"], event["completion_tokens"]) == ("ok", expected, whole.usage.completion_tokens)
+    assert (event["status"], event["output_text"], event["completion_tokens"]) == (
+        "ok",
+        expected,
+        whole.usage.completion_tokens,
+    )
     assert event["finish_reason"] == whole.choices[0].finish_reason and event["latency_total_ms"] > 0
 
 
-async def test_a_client_leaving_mid_stream_frees_its_slot_and_is_logged(served, triton: TritonServing, settings: FlywheelSettings) -> None:
+async def test_a_client_leaving_mid_stream_frees_its_slot_and_is_logged(
+    served, triton: TritonServing, settings: FlywheelSettings
+) -> None:
     base_url, key, runtime = served
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Count from 1 to 500, separated by commas."}], "max_tokens": 256, "temperature": 0, "stream": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Count from 1 to 500, separated by commas."}],
+        "max_tokens": 256,
+        "temperature": 0,
+        "stream": True,
+    }
     cancelled_before, steps_before = triton.batcher.cancelled, triton.batcher.steps
     async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as http:
         async with http.stream("POST", "/chat/completions", json=body) as response:
             assert response.status_code == 200
             lines = response.aiter_lines()
-            first = json.loads((await anext(line async for line in lines if line.startswith("data: "))).removeprefix("data: "))
+            first = json.loads(
+                (await anext(line async for line in lines if line.startswith("data: "))).removeprefix("data: ")
+            )
         # Leaving the block closed the connection with the answer far from done.
 
-    await eventually(lambda: triton.batcher.cancelled == cancelled_before + 1, timeout_s=60, what="the abandoned request to be cancelled")
+    await eventually(
+        lambda: triton.batcher.cancelled == cancelled_before + 1,
+        timeout_s=60,
+        what="the abandoned request to be cancelled",
+    )
     await eventually(lambda: triton.batcher.decoding == 0, timeout_s=30, what="the batch to empty")
     assert triton.batcher.steps - steps_before < 256, "the abandoned request decoded to max_tokens"
     event = (await logged(runtime, settings, expected=1))[first["id"]]

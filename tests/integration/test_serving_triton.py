@@ -14,7 +14,16 @@ import tritonclient.http as triton_http
 
 from services.runtime.inference import Engine, GenerationRequest, SamplingParams
 from services.serving.triton import (
-    CANCEL_MODEL_NAME, MODEL_NAME, STREAM_MODEL_NAME, TritonAnswer, TritonRow, TritonServing, infer_inputs, infer_outputs, parse_answer, stream_infer,
+    CANCEL_MODEL_NAME,
+    MODEL_NAME,
+    STREAM_MODEL_NAME,
+    TritonAnswer,
+    TritonRow,
+    TritonServing,
+    infer_inputs,
+    infer_outputs,
+    parse_answer,
+    stream_infer,
 )
 from tests.serving_support import make_adapter
 
@@ -42,10 +51,19 @@ def test_http_and_grpc_round_trip(serving: TritonServing, engine: Engine) -> Non
     http = triton_http.InferenceServerClient(serving.ports.http_url)
     grpc = triton_grpc.InferenceServerClient(serving.ports.grpc_url)
     try:
-        assert http.is_server_live() and http.is_server_ready() and http.is_model_ready(MODEL_NAME) and http.is_model_ready(STREAM_MODEL_NAME)
+        assert (
+            http.is_server_live()
+            and http.is_server_ready()
+            and http.is_model_ready(MODEL_NAME)
+            and http.is_model_ready(STREAM_MODEL_NAME)
+        )
         assert grpc.is_server_live() and grpc.is_model_ready(MODEL_NAME)
-        over_http = parse_answer(http.infer(MODEL_NAME, infer_inputs(triton_http, row), outputs=infer_outputs(triton_http)))
-        over_grpc = parse_answer(grpc.infer(MODEL_NAME, infer_inputs(triton_grpc, row), outputs=infer_outputs(triton_grpc)))
+        over_http = parse_answer(
+            http.infer(MODEL_NAME, infer_inputs(triton_http, row), outputs=infer_outputs(triton_http))
+        )
+        over_grpc = parse_answer(
+            grpc.infer(MODEL_NAME, infer_inputs(triton_grpc, row), outputs=infer_outputs(triton_grpc))
+        )
     finally:
         http.close()
         grpc.close()
@@ -56,7 +74,10 @@ def test_http_and_grpc_round_trip(serving: TritonServing, engine: Engine) -> Non
 
 def test_concurrent_requests_for_different_adapters_share_decode_steps(serving: TritonServing, engine: Engine) -> None:
     assert serving.ports is not None
-    rows = [TritonRow(prompt=f"Question {i}?", adapter=[None, "a1", "a2"][i % 3], max_tokens=5 + i, temperature=0.0) for i in range(12)]
+    rows = [
+        TritonRow(prompt=f"Question {i}?", adapter=[None, "a1", "a2"][i % 3], max_tokens=5 + i, temperature=0.0)
+        for i in range(12)
+    ]
     url = serving.ports.grpc_url
 
     def call(row: TritonRow) -> str:
@@ -75,9 +96,16 @@ def test_adapter_unloaded_while_serving_is_a_row_error(serving: TritonServing, e
     try:
         engine.load_adapter("late", make_adapter(len(engine.tokenizer), tmp_path / "late", seed=9))
         row = TritonRow(prompt="Hi", adapter="late", max_tokens=3, temperature=0.0)
-        assert parse_answer(client.infer(MODEL_NAME, infer_inputs(triton_grpc, row), outputs=infer_outputs(triton_grpc))).error == ""
+        assert (
+            parse_answer(
+                client.infer(MODEL_NAME, infer_inputs(triton_grpc, row), outputs=infer_outputs(triton_grpc))
+            ).error
+            == ""
+        )
         engine.unload_adapter("late")
-        answer = parse_answer(client.infer(MODEL_NAME, infer_inputs(triton_grpc, row), outputs=infer_outputs(triton_grpc)))
+        answer = parse_answer(
+            client.infer(MODEL_NAME, infer_inputs(triton_grpc, row), outputs=infer_outputs(triton_grpc))
+        )
     finally:
         client.close()
     assert answer.finish_reason == "error" and "not loaded" in answer.error
@@ -94,8 +122,14 @@ def open_stream(url: str, row: TritonRow, request_id: str) -> tuple[triton_grpc.
     """A gRPC stream to the stream model asking for pieces; its answers (or errors) land in the queue."""
     answers: queue.Queue = queue.Queue()
     client = triton_grpc.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: answers.put(error if error is not None else parse_answer(result)))
-    client.async_stream_infer(STREAM_MODEL_NAME, infer_inputs(triton_grpc, row, stream=True, request_id=request_id), outputs=infer_outputs(triton_grpc))
+    client.start_stream(
+        callback=lambda result, error: answers.put(error if error is not None else parse_answer(result))
+    )
+    client.async_stream_infer(
+        STREAM_MODEL_NAME,
+        infer_inputs(triton_grpc, row, stream=True, request_id=request_id),
+        outputs=infer_outputs(triton_grpc),
+    )
     return client, answers
 
 
@@ -120,7 +154,11 @@ def test_the_stream_model_sends_pieces_as_they_are_decoded(serving: TritonServin
     assert len([piece for piece in pieces if piece.text]) > 1, "the answer came in one piece"
     assert all(piece.finish_reason == "" and piece.error == "" for piece in pieces[:-1])
     assert "".join(piece.text for piece in pieces) == direct(engine, row)
-    assert (final.finish_reason, final.completion_tokens, final.prompt_tokens) == ("length", 12, len(engine.encode(row.prompt)))
+    assert (final.finish_reason, final.completion_tokens, final.prompt_tokens) == (
+        "length",
+        12,
+        len(engine.encode(row.prompt)),
+    )
 
 
 def test_cancelling_a_stream_takes_it_out_of_the_batch(serving: TritonServing) -> None:
@@ -139,6 +177,8 @@ def test_cancelling_a_stream_takes_it_out_of_the_batch(serving: TritonServing) -
     finally:
         client.stop_stream()
         client.close()
-    assert bool(cancelled.reshape(-1)[0]) and not bool(again.reshape(-1)[0]), "the cancel model did not find the stream, or found it twice"
+    assert bool(cancelled.reshape(-1)[0]) and not bool(again.reshape(-1)[0]), (
+        "the cancel model did not find the stream, or found it twice"
+    )
     assert final.finish_reason == "cancelled" and 0 < final.completion_tokens < row.max_tokens
     assert serving.batcher.decoding == 0

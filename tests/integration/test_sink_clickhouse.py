@@ -45,11 +45,22 @@ def clickhouse(chdb_target: ClickHouseTarget) -> ClickHouseStore:
 
 
 @asynccontextmanager
-async def running_sink(settings: FlywheelSettings, clickhouse: ClickHouseStore, *, group: str = "feedback") -> AsyncIterator[EventBus]:
+async def running_sink(
+    settings: FlywheelSettings, clickhouse: ClickHouseStore, *, group: str = "feedback"
+) -> AsyncIterator[EventBus]:
     """A started broker with the sink subscribed as `group`; yields a bus to publish on."""
     broker = create_broker(settings, client_id=f"sink-{group}")
     sink = Sink(FeedbackStore(lambda: clickhouse), Redactor())
-    subscribe_batches(broker, BATCH_HANDLERS, sink, group=group, dead_letters=DeadLetters(broker), topic_prefix=settings.topic_prefix, max_retries=1, **SINK_SETTINGS.batch_options())
+    subscribe_batches(
+        broker,
+        BATCH_HANDLERS,
+        sink,
+        group=group,
+        dead_letters=DeadLetters(broker),
+        topic_prefix=settings.topic_prefix,
+        max_retries=1,
+        **SINK_SETTINGS.batch_options(),
+    )
     async with broker:
         await broker.start()
         yield EventBus(broker, producer="test", topic_prefix=settings.topic_prefix)
@@ -61,24 +72,53 @@ def counts(clickhouse: ClickHouseStore, table: str) -> tuple[int, int]:
 
 
 def inference(i: int, **fields) -> InferenceLogged:
-    return InferenceLogged(inference_id=f"inf-{i}", model_name="smollm2", prompt_tokens=10, completion_tokens=5, latency_total_ms=float(i), **fields)
+    return InferenceLogged(
+        inference_id=f"inf-{i}",
+        model_name="smollm2",
+        prompt_tokens=10,
+        completion_tokens=5,
+        latency_total_ms=float(i),
+        **fields,
+    )
 
 
-async def test_every_event_is_stored_once_and_publishing_again_adds_nothing(settings: FlywheelSettings, topics: str, clickhouse: ClickHouseStore) -> None:
+async def test_every_event_is_stored_once_and_publishing_again_adds_nothing(
+    settings: FlywheelSettings, topics: str, clickhouse: ClickHouseStore
+) -> None:
     inferences = [wrap(inference(i), producer="serving") for i in range(400)]
-    feedback = [wrap(FeedbackReceived(inference_id=f"inf-{i}", thumbs=Thumbs.down if i % 2 else Thumbs.up, rating=1 + i % 5), producer="feedback") for i in range(0, 400, 8)]
+    feedback = [
+        wrap(
+            FeedbackReceived(inference_id=f"inf-{i}", thumbs=Thumbs.down if i % 2 else Thumbs.up, rating=1 + i % 5),
+            producer="feedback",
+        )
+        for i in range(0, 400, 8)
+    ]
     async with running_sink(settings, clickhouse) as bus:
         await asyncio.gather(*(bus.publish_envelope(envelope) for envelope in inferences + feedback))
-        await eventually(lambda: counts(clickhouse, "inference_log")[0] >= 400 and counts(clickhouse, "feedback")[0] >= 50, what="every event stored")
+        await eventually(
+            lambda: counts(clickhouse, "inference_log")[0] >= 400 and counts(clickhouse, "feedback")[0] >= 50,
+            what="every event stored",
+        )
         # The same envelopes again, as an app retrying its publish would send them.
         await asyncio.gather(*(bus.publish_envelope(envelope) for envelope in inferences[:100] + feedback[:10]))
         marker = await bus.publish(inference(10_000))
-        await eventually(lambda: clickhouse.query("SELECT count() AS n FROM inference_log WHERE toString(event_id) = {marker:String}", {"marker": str(marker.event_id)})[0]["n"] == 1, what="the marker behind the copies")
+        await eventually(
+            lambda: (
+                clickhouse.query(
+                    "SELECT count() AS n FROM inference_log WHERE toString(event_id) = {marker:String}",
+                    {"marker": str(marker.event_id)},
+                )[0]["n"]
+                == 1
+            ),
+            what="the marker behind the copies",
+        )
     assert counts(clickhouse, "inference_log") == (401, 401)
     assert counts(clickhouse, "feedback") == (50, 50)
 
 
-async def test_a_successor_reading_stored_but_uncommitted_events_stores_none_again(settings: FlywheelSettings, topics: str, clickhouse: ClickHouseStore) -> None:
+async def test_a_successor_reading_stored_but_uncommitted_events_stores_none_again(
+    settings: FlywheelSettings, topics: str, clickhouse: ClickHouseStore
+) -> None:
     envelopes = [wrap(inference(i), producer="serving") for i in range(300)]
     async with running_sink(settings, clickhouse, group="feedback") as bus:
         await asyncio.gather(*(bus.publish_envelope(envelope) for envelope in envelopes[:200]))
@@ -95,27 +135,37 @@ async def test_a_successor_reading_stored_but_uncommitted_events_stores_none_aga
     assert counts(clickhouse, "inference_log") == (300, 300)
 
 
-async def test_feedback_before_its_inference_is_kept_and_joins_when_the_inference_lands(settings: FlywheelSettings, topics: str, clickhouse: ClickHouseStore) -> None:
+async def test_feedback_before_its_inference_is_kept_and_joins_when_the_inference_lands(
+    settings: FlywheelSettings, topics: str, clickhouse: ClickHouseStore
+) -> None:
     inference_id = f"late-{uuid.uuid4().hex[:8]}"
     async with running_sink(settings, clickhouse) as bus:
-        early = await bus.publish(FeedbackReceived(inference_id=inference_id, thumbs=Thumbs.down, comment="wrong, mail me at ann@example.org"))
+        early = await bus.publish(
+            FeedbackReceived(inference_id=inference_id, thumbs=Thumbs.down, comment="wrong, mail me at ann@example.org")
+        )
         await eventually(lambda: counts(clickhouse, "feedback")[0] == 1, what="the early feedback stored")
         waiting = clickhouse.query("SELECT feedback_id FROM feedback_awaiting_inference")
         assert waiting == [{"feedback_id": early.payload.feedback_id}]
         joined = clickhouse.query("SELECT inference_stored, comment FROM feedback_with_inference")
         assert joined == [{"inference_stored": 0, "comment": "wrong, mail me at [EMAIL]"}]
 
-        await bus.publish(InferenceLogged(inference_id=inference_id, model_name="smollm2", adapter_version=2, output_text="answer"))
+        await bus.publish(
+            InferenceLogged(inference_id=inference_id, model_name="smollm2", adapter_version=2, output_text="answer")
+        )
         await eventually(lambda: counts(clickhouse, "inference_log")[0] == 1, what="the inference stored")
     assert clickhouse.query("SELECT feedback_id FROM feedback_awaiting_inference") == []
     assert clickhouse.query("SELECT inference_stored, adapter_version, output_text FROM feedback_with_inference") == [
         {"inference_stored": 1, "adapter_version": 2, "output_text": "answer"}
     ]
-    metrics = clickhouse.query("SELECT requests, feedback_coverage, thumbs_down_rate FROM inference_metrics(bucket_s = 3600)")
+    metrics = clickhouse.query(
+        "SELECT requests, feedback_coverage, thumbs_down_rate FROM inference_metrics(bucket_s = 3600)"
+    )
     assert metrics == [{"requests": 1, "feedback_coverage": 1.0, "thumbs_down_rate": 1.0}]
 
 
-async def test_malformed_events_go_to_the_dlq_and_the_valid_ones_around_them_are_stored(settings: FlywheelSettings, topics: str, clickhouse: ClickHouseStore, kafka_bootstrap: str) -> None:
+async def test_malformed_events_go_to_the_dlq_and_the_valid_ones_around_them_are_stored(
+    settings: FlywheelSettings, topics: str, clickhouse: ClickHouseStore, kafka_bootstrap: str
+) -> None:
     topic = topic_for(InferenceLogged, topics)
     valid = [wrap(inference(i), producer="serving") for i in range(3)]
     wrong_type = wrap(FeedbackReceived(inference_id="x", thumbs=Thumbs.up), producer="test").model_dump_json().encode()
@@ -134,7 +184,9 @@ async def test_malformed_events_go_to_the_dlq_and_the_valid_ones_around_them_are
         await eventually(lambda: counts(clickhouse, "inference_log")[0] == 3, what="the three valid events")
     assert counts(clickhouse, "inference_log") == (3, 3)
 
-    consumer = AIOKafkaConsumer(dlq_for(topic), bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest", group_id=None)
+    consumer = AIOKafkaConsumer(
+        dlq_for(topic), bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest", group_id=None
+    )
     await consumer.start()
     try:
         dead = [record async for record in _take(consumer, 3)]
@@ -151,7 +203,9 @@ async def _take(consumer: AIOKafkaConsumer, n: int) -> AsyncIterator:
         yield await asyncio.wait_for(consumer.getone(), 30)
 
 
-async def test_personal_data_is_scrubbed_before_storage(settings: FlywheelSettings, topics: str, clickhouse: ClickHouseStore) -> None:
+async def test_personal_data_is_scrubbed_before_storage(
+    settings: FlywheelSettings, topics: str, clickhouse: ClickHouseStore
+) -> None:
     async with running_sink(settings, clickhouse) as bus:
         await bus.publish(
             InferenceLogged(
@@ -162,13 +216,21 @@ async def test_personal_data_is_scrubbed_before_storage(settings: FlywheelSettin
                 output_text="I will call you at +1 415 555 0100 from 10.0.0.7",
             )
         )
-        await bus.publish(FeedbackReceived(inference_id="pii-1", correction="Reply to bob@acme.io instead", comment="my IP is 2001:db8::1"))
-        await eventually(lambda: counts(clickhouse, "inference_log")[0] == 1 and counts(clickhouse, "feedback")[0] == 1, what="both stored")
+        await bus.publish(
+            FeedbackReceived(
+                inference_id="pii-1", correction="Reply to bob@acme.io instead", comment="my IP is 2001:db8::1"
+            )
+        )
+        await eventually(
+            lambda: counts(clickhouse, "inference_log")[0] == 1 and counts(clickhouse, "feedback")[0] == 1,
+            what="both stored",
+        )
     row = clickhouse.query("SELECT input_messages, input_text, output_text FROM inference_log")[0]
     assert row == {
         "input_messages": '[{"role": "user", "content": "I am [EMAIL], card [CARD]"}]',
         "input_text": "I am [EMAIL], card [CARD]",
         "output_text": "I will call you at [PHONE] from [IPV4]",
     }
-    assert clickhouse.query("SELECT comment, correction FROM feedback") == [{"comment": "my IP is [IPV6]", "correction": "Reply to [EMAIL] instead"}]
-
+    assert clickhouse.query("SELECT comment, correction FROM feedback") == [
+        {"comment": "my IP is [IPV6]", "correction": "Reply to [EMAIL] instead"}
+    ]

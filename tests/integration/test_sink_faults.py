@@ -54,7 +54,9 @@ class Stream:
         self.sent = 0
 
     async def run(self) -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=20, max_batch_size=256 * 1024)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, acks="all", linger_ms=20, max_batch_size=256 * 1024
+        )
         await producer.start()
         try:
             while self.sent < self.total:
@@ -62,10 +64,18 @@ class Stream:
                 futures = []
                 for i in range(self.sent, self.sent + n):
                     envelope = wrap(
-                        InferenceLogged(inference_id=f"inf-{i}", model_name="smollm2", prompt_tokens=10, completion_tokens=5, latency_total_ms=float(i % 997)),
+                        InferenceLogged(
+                            inference_id=f"inf-{i}",
+                            model_name="smollm2",
+                            prompt_tokens=10,
+                            completion_tokens=5,
+                            latency_total_ms=float(i % 997),
+                        ),
                         producer="fault-test",
                     )
-                    futures.append(await producer.send(self.topic, envelope.model_dump_json().encode(), key=f"inf-{i}".encode()))
+                    futures.append(
+                        await producer.send(self.topic, envelope.model_dump_json().encode(), key=f"inf-{i}".encode())
+                    )
                 await asyncio.gather(*futures)
                 self.sent += n
                 await asyncio.sleep(self.pause_s)
@@ -91,7 +101,9 @@ async def drain_and_count(sink: ServiceProcess, bootstrap: str, topic: str, time
     return stored.rows, len(stored.event_ids)
 
 
-async def test_sigkill_while_events_stream_in_loses_and_duplicates_nothing(tmp_path: Path, kafka_bootstrap: str, topics: str) -> None:
+async def test_sigkill_while_events_stream_in_loses_and_duplicates_nothing(
+    tmp_path: Path, kafka_bootstrap: str, topics: str
+) -> None:
     topic = topic_for(InferenceLogged, topics)
     sink = sink_process(tmp_path, kafka_bootstrap, topics)
     # About KILLS + 1 sink lifetimes of streaming: each chunk lands while some sink is up, down or starting.
@@ -105,7 +117,11 @@ async def test_sigkill_while_events_stream_in_loses_and_duplicates_nothing(tmp_p
             await sink.wait_ready()
             # Kill mid-stream: after the sink has been consuming for a moment, at a random point in a batch.
             before = stream.sent
-            await eventually(lambda b=before: stream.sent >= min(EVENTS, b + EVENTS // 8) or producing.done(), 120, "more events streamed in")
+            await eventually(
+                lambda b=before: stream.sent >= min(EVENTS, b + EVENTS // 8) or producing.done(),
+                120,
+                "more events streamed in",
+            )
             # The sink keeps up between chunks; killing just after a chunk lands hits it mid-batch.
             landed = stream.sent
             while stream.sent == landed and not producing.done():
@@ -123,17 +139,31 @@ async def test_sigkill_while_events_stream_in_loses_and_duplicates_nothing(tmp_p
         sink.stop()
     print_figures(
         f"SIGKILL test ({sink.started} sink starts)",
-        {"sent": stream.sent, "stored": stored, "lost": stream.sent - distinct, "duplicated": stored - distinct, "kills": kills, "uncommitted": ",".join(map(str, lag_at_kills))},
+        {
+            "sent": stream.sent,
+            "stored": stored,
+            "lost": stream.sent - distinct,
+            "duplicated": stored - distinct,
+            "kills": kills,
+            "uncommitted": ",".join(map(str, lag_at_kills)),
+        },
     )
     assert stream.sent == EVENTS
     assert kills == KILLS
     assert (stored, distinct) == (EVENTS, EVENTS), f"lost {EVENTS - distinct}, duplicated {stored - distinct}"
 
 
-async def test_clickhouse_unavailable_while_events_stream_in_then_back_loses_and_duplicates_nothing(tmp_path: Path, kafka_bootstrap: str, topics: str) -> None:
+async def test_clickhouse_unavailable_while_events_stream_in_then_back_loses_and_duplicates_nothing(
+    tmp_path: Path, kafka_bootstrap: str, topics: str
+) -> None:
     topic = topic_for(InferenceLogged, topics)
     outage = tmp_path / "clickhouse-down"
-    sink = sink_process(tmp_path, kafka_bootstrap, topics, FLYWHEEL_FAILPOINTS=f"feedback.clickhouse_unavailable=fail-while-exists:{outage}")
+    sink = sink_process(
+        tmp_path,
+        kafka_bootstrap,
+        topics,
+        FLYWHEEL_FAILPOINTS=f"feedback.clickhouse_unavailable=fail-while-exists:{outage}",
+    )
     total = min(EVENTS, 3000)
     stream = Stream(kafka_bootstrap, topics, total, chunk=max(total // 20, 50), pause_s=0.25)
     producing: asyncio.Task[None] | None = None
@@ -145,7 +175,12 @@ async def test_clickhouse_unavailable_while_events_stream_in_then_back_loses_and
         outage.touch()  # ClickHouse goes away while events keep coming
         await eventually(lambda: sink.ready() == 503, 30, "the sink to report ClickHouse unavailable", alive=sink)
         sent_at_outage = stream.sent
-        await eventually(lambda: stream.sent >= min(total, sent_at_outage + total // 4), 120, "events streamed in during the outage", alive=sink)
+        await eventually(
+            lambda: stream.sent >= min(total, sent_at_outage + total // 4),
+            120,
+            "events streamed in during the outage",
+            alive=sink,
+        )
         await asyncio.sleep(3.0)  # a few retry rounds of the batch in flight
         lag_during_outage = await group_lag(kafka_bootstrap, topic)
         assert lag_during_outage > 0, "nothing was waiting during the outage: the failpoint did not hold the sink"
@@ -159,7 +194,14 @@ async def test_clickhouse_unavailable_while_events_stream_in_then_back_loses_and
     retried = sink.log.read_text(errors="replace").count("ClickHouse unavailable")
     print_figures(
         "ClickHouse outage test",
-        {"sent": stream.sent, "stored": stored, "lost": stream.sent - distinct, "duplicated": stored - distinct, "lag_in_outage": lag_during_outage, "retries_logged": retried},
+        {
+            "sent": stream.sent,
+            "stored": stored,
+            "lost": stream.sent - distinct,
+            "duplicated": stored - distinct,
+            "lag_in_outage": lag_during_outage,
+            "retries_logged": retried,
+        },
     )
     assert retried > 0, "the sink never logged a retry while ClickHouse was unavailable"
     assert (stored, distinct) == (total, total), f"lost {total - distinct}, duplicated {stored - distinct}"

@@ -8,7 +8,15 @@ import httpx
 import pytest
 
 from contracts.envelope import Envelope
-from contracts.events import DatasetPublished, DatasetRef, Hyperparameters, ModelRegistered, TrainingCompleted, TrainingRequested, TrainingStarted
+from contracts.events import (
+    DatasetPublished,
+    DatasetRef,
+    Hyperparameters,
+    ModelRegistered,
+    TrainingCompleted,
+    TrainingRequested,
+    TrainingStarted,
+)
 from contracts.http import Role
 from services.runtime.artifacts import ArtifactStore, default_artifact_root
 from services.runtime.service import Runtime, Service, build_process
@@ -33,7 +41,9 @@ def probe(seen: list[Envelope]) -> object:
     return create
 
 
-async def test_a_redelivered_request_trains_once_and_reports_completed(settings: FlywheelSettings, base_model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+async def test_a_redelivered_request_trains_once_and_reports_completed(
+    settings: FlywheelSettings, base_model_dir: Path, tmp_path: Path
+) -> None:  # noqa: F811
     artifacts = ArtifactStore(default_artifact_root(settings.home))
     model = artifacts.put_directory(base_model_dir)
     rows = tmp_path / "tiny.jsonl"
@@ -44,24 +54,58 @@ async def test_a_redelivered_request_trains_once_and_reports_completed(settings:
     app, runtime = build_process(settings, [create_app, probe(seen)], title="flywheel-test")
     async with app.router.lifespan_context(app):
         bus = runtime.bus("test")
-        await bus.publish(ModelRegistered(model_name="smollm2", source="test", architecture="LlamaForCausalLM", parameter_count=1, artifact_uri=model.uri, artifact_sha256=model.sha256))
-        await bus.publish(DatasetPublished(dataset_name="tiny", version=1, split="train", row_count=4, sha256=dataset.sha256, artifact_uri=dataset.uri, provenance="uploaded"))
-        request = TrainingRequested(job_id="job-42", model_name="smollm2", dataset=DatasetRef(name="tiny", version=1), requested_by="test",
-                                    hyperparameters=Hyperparameters(rank=4, alpha=8, batch_size=2, epochs=1, max_seq_length=128))
+        await bus.publish(
+            ModelRegistered(
+                model_name="smollm2",
+                source="test",
+                architecture="LlamaForCausalLM",
+                parameter_count=1,
+                artifact_uri=model.uri,
+                artifact_sha256=model.sha256,
+            )
+        )
+        await bus.publish(
+            DatasetPublished(
+                dataset_name="tiny",
+                version=1,
+                split="train",
+                row_count=4,
+                sha256=dataset.sha256,
+                artifact_uri=dataset.uri,
+                provenance="uploaded",
+            )
+        )
+        request = TrainingRequested(
+            job_id="job-42",
+            model_name="smollm2",
+            dataset=DatasetRef(name="tiny", version=1),
+            requested_by="test",
+            hyperparameters=Hyperparameters(rank=4, alpha=8, batch_size=2, epochs=1, max_seq_length=128),
+        )
         await bus.publish(request, correlation_id="corr-1")
         await bus.publish(request, correlation_id="corr-1")  # a redelivery: a new envelope, the same job_id
 
-        await eventually(lambda: any(isinstance(e.payload, TrainingCompleted) for e in seen), what="training.completed", timeout_s=500)
+        await eventually(
+            lambda: any(isinstance(e.payload, TrainingCompleted) for e in seen),
+            what="training.completed",
+            timeout_s=500,
+        )
         completed = next(e for e in seen if isinstance(e.payload, TrainingCompleted))
         assert completed.correlation_id == "corr-1"
-        assert sorted(artifacts.manifest(completed.payload.artifact_uri, completed.payload.artifact_sha256)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(artifacts.manifest(completed.payload.artifact_uri, completed.payload.artifact_sha256)) == [
+            "README.md",
+            "adapter_config.json",
+            "adapter_model.safetensors",
+        ]
 
         viewer = api_key(settings, Role.viewer)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
             assert (await client.get("/trainer/v1/training-jobs")).status_code == 401
             client.headers["Authorization"] = f"Bearer {viewer}"
             jobs = (await client.get("/trainer/v1/training-jobs")).json()
-            assert [(job["job_id"], job["status"], job["step"], job["total_steps"]) for job in jobs] == [("job-42", "completed", 2, 2)]
+            assert [(job["job_id"], job["status"], job["step"], job["total_steps"]) for job in jobs] == [
+                ("job-42", "completed", 2, 2)
+            ]
             missing = await client.get("/trainer/v1/training-jobs/nope")
             assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"
         assert [type(e.payload) for e in seen].count(TrainingStarted) == 1

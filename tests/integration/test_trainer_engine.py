@@ -32,7 +32,13 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run(model: Path, data: Path, work: Path, **overrides: object) -> list[float]:
-    job = TrainingJob(model_path=model, dataset_path=data, hyperparameters=Hyperparameters(**{**TINY, **overrides}), work_dir=work, checkpoint_every=2)
+    job = TrainingJob(
+        model_path=model,
+        dataset_path=data,
+        hyperparameters=Hyperparameters(**{**TINY, **overrides}),
+        work_dir=work,
+        checkpoint_every=2,
+    )
     return train(job).losses
 
 
@@ -55,14 +61,27 @@ train(TrainingJob(model_path=Path(model), dataset_path=Path(data), hyperparamete
 """
 
 
-def test_a_job_killed_with_sigkill_resumes_from_its_checkpoint_and_ends_with_the_same_adapter(base_model_dir: Path, tiny_dataset: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_a_job_killed_with_sigkill_resumes_from_its_checkpoint_and_ends_with_the_same_adapter(
+    base_model_dir: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:  # noqa: F811
     reference = tmp_path / "uninterrupted"
     run(base_model_dir, tiny_dataset, reference)
 
     killed = tmp_path / "killed"
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(base_model_dir), str(tiny_dataset), str(killed), Hyperparameters(**TINY).model_dump_json()],
-        cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(base_model_dir),
+            str(tiny_dataset),
+            str(killed),
+            Hyperparameters(**TINY).model_dump_json(),
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     latest = killed / "checkpoints" / "latest"
     try:
@@ -77,7 +96,13 @@ def test_a_job_killed_with_sigkill_resumes_from_its_checkpoint_and_ends_with_the
         child.wait()
     assert not (killed / "adapter").exists()
 
-    job = TrainingJob(model_path=base_model_dir, dataset_path=tiny_dataset, hyperparameters=Hyperparameters(**TINY), work_dir=killed, checkpoint_every=2)
+    job = TrainingJob(
+        model_path=base_model_dir,
+        dataset_path=tiny_dataset,
+        hyperparameters=Hyperparameters(**TINY),
+        work_dir=killed,
+        checkpoint_every=2,
+    )
     resumed = train(job)
     assert resumed.resumed_from_step == 4
     assert len(resumed.losses) == resumed.total_steps - 4 == 2

@@ -22,7 +22,11 @@ FACTS = 8
 
 
 def subset(source: Path, answers: set[str], target: Path) -> Path:
-    rows = [line for line in source.read_text().splitlines(keepends=True) if json.loads(line)["messages"][-1]["content"] in answers]
+    rows = [
+        line
+        for line in source.read_text().splitlines(keepends=True)
+        if json.loads(line)["messages"][-1]["content"] in answers
+    ]
     target.write_text("".join(rows))
     return target
 
@@ -32,13 +36,25 @@ def test_fine_tuning_improves_the_golden_score_over_the_base_model(base_model_di
     answers = list(dict.fromkeys(row["messages"][-1]["content"] for row in golden_rows))[:FACTS]
     train_path = subset(DEMO_DATA / "train.jsonl", set(answers), tmp_path / "train.jsonl")
     golden_path = subset(DEMO_DATA / "golden.jsonl", set(answers), tmp_path / "golden.jsonl")
-    hp = Hyperparameters(rank=16, alpha=32, learning_rate=1e-3, epochs=2, batch_size=8, max_seq_length=256, seed=0,
-                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    hp = Hyperparameters(
+        rank=16,
+        alpha=32,
+        learning_rate=1e-3,
+        epochs=2,
+        batch_size=8,
+        max_seq_length=256,
+        seed=0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
 
-    result = train(TrainingJob(model_path=base_model_dir, dataset_path=train_path, hyperparameters=hp, work_dir=tmp_path / "job"))
+    result = train(
+        TrainingJob(model_path=base_model_dir, dataset_path=train_path, hyperparameters=hp, work_dir=tmp_path / "job")
+    )
     base = score_golden(base_model_dir, golden_path)
     tuned = score_golden(base_model_dir, golden_path, adapter_dir=result.adapter_dir)
 
-    print(f"golden token F1 base {base.token_f1:.3f} -> adapter {tuned.token_f1:.3f}; exact {base.exact_match:.3f} -> {tuned.exact_match:.3f}")
+    print(
+        f"golden token F1 base {base.token_f1:.3f} -> adapter {tuned.token_f1:.3f}; exact {base.exact_match:.3f} -> {tuned.exact_match:.3f}"
+    )
     assert result.losses[-1] < result.losses[0] / 2
     assert tuned.token_f1 >= base.token_f1 + 0.3

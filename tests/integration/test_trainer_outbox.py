@@ -50,12 +50,21 @@ def unsent(jobs_db: Path) -> list[str]:
         store.close()
 
 
-async def test_training_failed_while_the_broker_is_down_arrives_exactly_once_after_broker_and_trainer_restart(own_kafka: LocalKafka, tmp_path: Path) -> None:
+async def test_training_failed_while_the_broker_is_down_arrives_exactly_once_after_broker_and_trainer_restart(
+    own_kafka: LocalKafka, tmp_path: Path
+) -> None:
     bootstrap = f"127.0.0.1:{own_kafka.port}"
     prefix = f"t{uuid.uuid4().hex[:10]}."
     await ensure_topics(bootstrap, prefix)
     # An unknown model fails the job at once, so the terminal event is due while the broker is down.
-    trainer = ServiceProcess(tmp_path, bootstrap, prefix, ("trainer",), FLYWHEEL_TRAINER_INPUT_WAIT_S="0", FLYWHEEL_TRAINER_PUBLISH_RETRY_INITIAL_S="0.2")
+    trainer = ServiceProcess(
+        tmp_path,
+        bootstrap,
+        prefix,
+        ("trainer",),
+        FLYWHEEL_TRAINER_INPUT_WAIT_S="0",
+        FLYWHEEL_TRAINER_PUBLISH_RETRY_INITIAL_S="0.2",
+    )
     jobs_db = trainer.home / "trainer" / "jobs.db"
     registry = trainer.registry_beside()  # the trainer's door checks the operator's key through it
     expected_id = str(uuid.uuid5(uuid.NAMESPACE_URL, "flywheel-trainer/job-down/failed"))
@@ -67,7 +76,9 @@ async def test_training_failed_while_the_broker_is_down_arrives_exactly_once_aft
         operator = api_key(FlywheelSettings(home=trainer.home), Role.operator)
         await trainer.wait_ready()
         await asyncio.to_thread(own_kafka.stop)
-        async with httpx.AsyncClient(base_url=trainer.url, headers={"Authorization": f"Bearer {operator}"}, timeout=10) as client:
+        async with httpx.AsyncClient(
+            base_url=trainer.url, headers={"Authorization": f"Bearer {operator}"}, timeout=10
+        ) as client:
             assert (await client.post("/trainer/v1/training-jobs", json=body)).status_code == 202
 
             async def status() -> str:
@@ -75,7 +86,9 @@ async def test_training_failed_while_the_broker_is_down_arrives_exactly_once_aft
 
             deadline = asyncio.get_running_loop().time() + 60
             while await status() != "failed":
-                assert asyncio.get_running_loop().time() < deadline, f"the job did not fail within 60 s:\n{trainer.log_tail()}"
+                assert asyncio.get_running_loop().time() < deadline, (
+                    f"the job did not fail within 60 s:\n{trainer.log_tail()}"
+                )
                 await asyncio.sleep(0.2)
         assert unsent(jobs_db) == [expected_id]
         # The worker dies with the event staged and the broker still down.
@@ -83,7 +96,12 @@ async def test_training_failed_while_the_broker_is_down_arrives_exactly_once_aft
 
         await asyncio.to_thread(own_kafka.start, 120)
         trainer.start()
-        await eventually(lambda: not unsent(jobs_db), 180, "the staged training.failed to be published after the restart", alive=trainer)
+        await eventually(
+            lambda: not unsent(jobs_db),
+            180,
+            "the staged training.failed to be published after the restart",
+            alive=trainer,
+        )
     finally:
         await asyncio.to_thread(trainer.stop)
         await asyncio.to_thread(registry.stop)

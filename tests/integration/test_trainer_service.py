@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from contracts.envelope import Envelope
-from contracts.events import DatasetRef, Hyperparameters, TrainingCompleted, TrainingFailed, TrainingProgress, TrainingRequested, TrainingStarted
+from contracts.events import (
+    DatasetRef,
+    Hyperparameters,
+    TrainingCompleted,
+    TrainingFailed,
+    TrainingProgress,
+    TrainingRequested,
+    TrainingStarted,
+)
 from services.runtime.artifacts import ArtifactStore
 from services.trainer.catalog import UnknownInput
 from services.trainer.service import Trainer
@@ -69,22 +77,40 @@ def publisher() -> RecordingPublisher:
 
 
 @pytest.fixture
-def trainer(tmp_path: Path, base_model_dir: Path, publisher: RecordingPublisher) -> tuple[Trainer, RecordingPublisher, Path]:  # noqa: F811
+def trainer(
+    tmp_path: Path, base_model_dir: Path, publisher: RecordingPublisher
+) -> tuple[Trainer, RecordingPublisher, Path]:  # noqa: F811
     tiny = tmp_path / "tiny.jsonl"
     tiny.write_text("".join((DEMO_DATA / "train.jsonl").read_text().splitlines(keepends=True)[:4]))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     long = tmp_path / "long.jsonl"
-    long.write_text(json.dumps({"messages": [{"role": "user", "content": "hub " * 400}, {"role": "assistant", "content": "ok"}]}) + "\n")
+    long.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hub " * 400}, {"role": "assistant", "content": "ok"}]})
+        + "\n"
+    )
     catalog = DictCatalog(base_model_dir, {("tiny", 1): tiny, ("empty", 1): empty, ("long", 1): long})
     artifacts = tmp_path / "artifacts"
-    service = Trainer(JobStore(tmp_path / "jobs.db"), catalog, ArtifactStore(artifacts), publisher, work_root=tmp_path / "jobs", settings=TrainerSettings(progress_every=1, input_wait_s=0))
+    service = Trainer(
+        JobStore(tmp_path / "jobs.db"),
+        catalog,
+        ArtifactStore(artifacts),
+        publisher,
+        work_root=tmp_path / "jobs",
+        settings=TrainerSettings(progress_every=1, input_wait_s=0),
+    )
     return service, publisher, artifacts
 
 
 def request(job_id: str, model: str = MODEL, dataset: str = "tiny") -> TrainingRequested:
     hp = Hyperparameters(rank=4, alpha=8, batch_size=2, epochs=1, max_seq_length=128, seed=1)
-    return TrainingRequested(job_id=job_id, model_name=model, dataset=DatasetRef(name=dataset, version=1), hyperparameters=hp, requested_by="test")
+    return TrainingRequested(
+        job_id=job_id,
+        model_name=model,
+        dataset=DatasetRef(name=dataset, version=1),
+        hyperparameters=hp,
+        requested_by="test",
+    )
 
 
 async def test_a_job_reports_started_progress_and_completed_with_a_stored_adapter(trainer, tmp_path: Path) -> None:
@@ -101,8 +127,14 @@ async def test_a_job_reports_started_progress_and_completed_with_a_stored_adapte
     assert kinds.count(TrainingProgress) == 2
     completed = publisher.events[-1]
     assert isinstance(completed, TrainingCompleted)
-    files = ArtifactStore(artifacts).materialize(completed.artifact_uri, completed.artifact_sha256, into_dir=tmp_path / "out")
-    assert sorted(path.name for path in files.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    files = ArtifactStore(artifacts).materialize(
+        completed.artifact_uri, completed.artifact_sha256, into_dir=tmp_path / "out"
+    )
+    assert sorted(path.name for path in files.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert service.get("job-1").status == "completed"
     assert not (tmp_path / "jobs" / "job-1").exists()
 
@@ -116,7 +148,9 @@ async def test_a_job_reports_started_progress_and_completed_with_a_stored_adapte
         (MODEL, "long", "exceed max_seq_length=128 and are rejected, not truncated"),
     ],
 )
-async def test_bad_input_is_training_failed_with_a_clear_reason_and_no_adapter(trainer, model: str, dataset: str, reason: str) -> None:
+async def test_bad_input_is_training_failed_with_a_clear_reason_and_no_adapter(
+    trainer, model: str, dataset: str, reason: str
+) -> None:
     service, publisher, artifacts = trainer
     job, _ = service.submit(request("bad", model=model, dataset=dataset))
     await service.run_job(job)
@@ -150,7 +184,9 @@ async def test_a_terminal_event_the_broker_refused_stays_staged_and_is_published
     [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), MemoryError()],
     ids=["torch-cuda-oom", "host-memory-error"],
 )
-async def test_out_of_memory_is_training_failed_naming_what_to_lower_and_no_adapter(trainer, error: BaseException, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+async def test_out_of_memory_is_training_failed_naming_what_to_lower_and_no_adapter(
+    trainer, error: BaseException, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     # There is no GPU here to run out of, so the first training step raises what torch raises when it does.
     def out_of_memory(*_: object) -> None:
         raise error
@@ -162,26 +198,46 @@ async def test_out_of_memory_is_training_failed_naming_what_to_lower_and_no_adap
     failed = publisher.events[-1]
     assert isinstance(failed, TrainingFailed)
     assert failed.error_type == "out_of_memory"
-    assert "out of memory with batch_size=2, max_seq_length=128, rank=4: lower batch_size or max_seq_length" in failed.reason
+    assert (
+        "out of memory with batch_size=2, max_seq_length=128, rank=4: lower batch_size or max_seq_length"
+        in failed.reason
+    )
     assert not any(isinstance(event, TrainingCompleted) for event in publisher.events)
     assert not artifacts.exists() or not any(artifacts.rglob("*"))
     assert not (tmp_path / "jobs" / "oom").exists()
     assert service.get("oom").status == "failed"
 
 
-async def test_a_stopping_worker_pauses_its_job_at_a_checkpoint_and_the_next_worker_resumes_it(tmp_path: Path, base_model_dir: Path) -> None:  # noqa: F811
+async def test_a_stopping_worker_pauses_its_job_at_a_checkpoint_and_the_next_worker_resumes_it(
+    tmp_path: Path, base_model_dir: Path
+) -> None:  # noqa: F811
     tiny = tmp_path / "tiny.jsonl"
     tiny.write_text("".join((DEMO_DATA / "train.jsonl").read_text().splitlines(keepends=True)[:4]))
     catalog = DictCatalog(base_model_dir, {("tiny", 1): tiny})
     settings = TrainerSettings(progress_every=1, input_wait_s=0, checkpoint_every=100)
 
     def worker(publisher: RecordingPublisher) -> Trainer:
-        return Trainer(JobStore(tmp_path / "jobs.db"), catalog, ArtifactStore(tmp_path / "artifacts"), publisher, work_root=tmp_path / "jobs", settings=settings)
+        return Trainer(
+            JobStore(tmp_path / "jobs.db"),
+            catalog,
+            ArtifactStore(tmp_path / "artifacts"),
+            publisher,
+            work_root=tmp_path / "jobs",
+            settings=settings,
+        )
 
     hp = Hyperparameters(rank=4, alpha=8, batch_size=2, epochs=4, max_seq_length=128, seed=1)  # 8 steps
     first_events = RecordingPublisher()
     first = worker(first_events)
-    first.submit(TrainingRequested(job_id="job-paused", model_name=MODEL, dataset=DatasetRef(name="tiny", version=1), hyperparameters=hp, requested_by="test"))
+    first.submit(
+        TrainingRequested(
+            job_id="job-paused",
+            model_name=MODEL,
+            dataset=DatasetRef(name="tiny", version=1),
+            hyperparameters=hp,
+            requested_by="test",
+        )
+    )
     await first.start()
     await eventually(lambda: (first.get("job-paused").step or 0) >= 2, timeout_s=300, what="two training steps")
     await first.stop()  # returns after the step in flight, not after the job: 8 steps would take much longer
@@ -193,7 +249,9 @@ async def test_a_stopping_worker_pauses_its_job_at_a_checkpoint_and_the_next_wor
     second = worker(second_events)
     await second.start()
     try:
-        await eventually(lambda: second.get("job-paused").status == "completed", timeout_s=300, what="the resumed job to complete")
+        await eventually(
+            lambda: second.get("job-paused").status == "completed", timeout_s=300, what="the resumed job to complete"
+        )
     finally:
         await second.stop()
     started = next(event for event in second_events.events if isinstance(event, TrainingStarted))

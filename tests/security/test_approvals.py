@@ -63,7 +63,9 @@ async def door(settings: FlywheelSettings, topics: str, tmp_path: Path) -> Async
                 seeded.transition("seed", model_name="smol", version=version, to_stage=Stage.staging)
         finally:
             store.close()
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://registry", headers=auth(ADMIN)) as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://registry", headers=auth(ADMIN)
+        ) as client:
             yield Door(client)
 
 
@@ -90,15 +92,24 @@ async def test_an_adapter_promotion_needs_another_principal_who_may_approve(door
     assert (await http.post(APPROVE.replace("/1/", "/2/"), json={"comment": "mine"})).status_code == 201
     own = await http.post(PROMOTE.replace("/1/", "/2/"), json={"to_stage": "production"})
     assert own.status_code == 403 and own.json()["error"]["code"] == "self_approval"
-    assert "smol:v2 to production was approved only by bootstrap-admin, who is requesting it" in own.json()["error"]["message"]
+    assert (
+        "smol:v2 to production was approved only by bootstrap-admin, who is requesting it"
+        in own.json()["error"]["message"]
+    )
     # An approver cannot promote: approving is not operating.
     assert (await http.post(PROMOTE, json={"to_stage": "production"}, headers=pat)).status_code == 403
     assert (await http.get("/registry/v1/adapters/smol/versions/1")).json()["stage"] == "staging"
     # None of those refusals wrote anything; the admin's approval is the one new row.
-    assert [(entry["actor"], entry["action"]) for entry in (await door.audit())[audited_before:]] == [("bootstrap-admin", "approval.grant")]
+    assert [(entry["actor"], entry["action"]) for entry in (await door.audit())[audited_before:]] == [
+        ("bootstrap-admin", "approval.grant")
+    ]
 
     approval = await http.post(APPROVE, json={"comment": "passed the gate; canary looks fine"}, headers=pat)
-    assert approval.status_code == 201 and (approval.json()["approved_by"], approval.json()["approved_role"], approval.json()["used_by"]) == ("pat", "approver", None)
+    assert approval.status_code == 201 and (
+        approval.json()["approved_by"],
+        approval.json()["approved_role"],
+        approval.json()["used_by"],
+    ) == ("pat", "approver", None)
     promoted = await http.post(PROMOTE, json={"to_stage": "production", "reason": "approved"}, headers=olga)
     assert promoted.status_code == 200, promoted.text
     assert promoted.json()["stage"] == "production"
@@ -107,7 +118,10 @@ async def test_an_adapter_promotion_needs_another_principal_who_may_approve(door
     grant = [entry for entry in entries if entry["action"] == "approval.grant" and entry["actor"] == "pat"]
     promotion = [entry for entry in entries if entry["action"] == "adapter.stage.production"]
     assert len(grant) == 1 and grant[0]["detail"] == "passed the gate; canary looks fine"
-    assert [(entry["actor"], entry["outcome"], entry["after"]["approver"], entry["after"]["approval_id"]) for entry in promotion] == [("olga", "ok", "pat", approval.json()["id"])]
+    assert [
+        (entry["actor"], entry["outcome"], entry["after"]["approver"], entry["after"]["approval_id"])
+        for entry in promotion
+    ] == [("olga", "ok", "pat", approval.json()["id"])]
     approvals = (await http.get(APPROVE, headers=vic)).json()
     assert [(item["approved_by"], item["used_by"]) for item in approvals] == [("pat", "olga")]
 
@@ -117,28 +131,44 @@ async def test_a_prompt_production_label_follows_the_same_rule(door: Door) -> No
     pat = await door.key("pat", "approver")
     http = door.client
 
-    straight = await http.post("/registry/v1/prompts", json={"name": "support", "template": "Answer {{ q }}.", "labels": ["production"]}, headers=olga)
+    straight = await http.post(
+        "/registry/v1/prompts",
+        json={"name": "support", "template": "Answer {{ q }}.", "labels": ["production"]},
+        headers=olga,
+    )
     assert straight.status_code == 403 and "cannot go straight to production" in straight.json()["error"]["message"]
     assert (await http.get("/registry/v1/prompts")).json()["items"] == []
-    published = await http.post("/registry/v1/prompts", json={"name": "support", "template": "Answer {{ q }}.", "labels": ["candidate"]}, headers=olga)
+    published = await http.post(
+        "/registry/v1/prompts",
+        json={"name": "support", "template": "Answer {{ q }}.", "labels": ["candidate"]},
+        headers=olga,
+    )
     assert published.status_code == 201, published.text
     move = "/registry/v1/prompts/support/labels/production"
     unapproved = await http.put(move, json={"version": 1}, headers=olga)
     assert unapproved.status_code == 403 and unapproved.json()["error"]["code"] == "approval_required"
-    assert (await http.post("/registry/v1/prompts/support/versions/1/approvals", json={}, headers=olga)).status_code == 403
+    assert (
+        await http.post("/registry/v1/prompts/support/versions/1/approvals", json={}, headers=olga)
+    ).status_code == 403
 
-    assert (await http.post("/registry/v1/prompts/support/versions/1/approvals", json={}, headers=pat)).status_code == 201
+    assert (
+        await http.post("/registry/v1/prompts/support/versions/1/approvals", json={}, headers=pat)
+    ).status_code == 201
     own = await http.post("/registry/v1/prompts/support/versions/1/approvals", json={})  # the admin approves ...
     assert own.status_code == 201
     moved = await http.put(move, json={"version": 1}, headers=olga)
     assert moved.status_code == 200 and "production" in moved.json()["labels"]
     # Other labels need no approval.
-    assert (await http.put("/registry/v1/prompts/support/labels/staging", json={"version": 1}, headers=olga)).status_code == 200
+    assert (
+        await http.put("/registry/v1/prompts/support/labels/staging", json={"version": 1}, headers=olga)
+    ).status_code == 200
 
     labels = await door.audit(object_type="prompt", object_id="support@production")
     assert [(entry["actor"], entry["after"]["approver"]) for entry in labels] == [("olga", "pat")]
     # ... but cannot use its own approval: the admin's move of the label back is refused.
-    published_v2 = await http.post("/registry/v1/prompts", json={"name": "support", "template": "Reply to {{ q }}."}, headers=olga)
+    published_v2 = await http.post(
+        "/registry/v1/prompts", json={"name": "support", "template": "Reply to {{ q }}."}, headers=olga
+    )
     assert published_v2.status_code == 201
     assert (await http.post("/registry/v1/prompts/support/versions/2/approvals", json={})).status_code == 201
     self_move = await http.put(move, json={"version": 2})

@@ -135,7 +135,13 @@ def kafka_passwords(host: Mapping[str, str]) -> dict[str, str]:
 def shape_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """(bootstrap, topic prefix) of a secure broker whose principals have docker-compose's passwords."""
     prefix = f"compose{os.getpid()}."
-    kafka = LocalKafka(tmp_path_factory.mktemp("compose-kafka-home"), FlywheelSettings().cache, port=free_port(), secure=True, topic_prefix=prefix)
+    kafka = LocalKafka(
+        tmp_path_factory.mktemp("compose-kafka-home"),
+        FlywheelSettings().cache,
+        port=free_port(),
+        secure=True,
+        topic_prefix=prefix,
+    )
     kafka.dir.mkdir(parents=True, exist_ok=True)
     kafka.credentials_file.write_text(json.dumps({"mechanism": SCRAM_MECHANISM, "principals": kafka_passwords({})}))
     kafka.credentials_file.chmod(0o600)
@@ -143,7 +149,16 @@ def shape_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
         yield bootstrap, prefix
 
 
-def mapped(service: str, environment: dict[str, str], *, bootstrap: str, database_url: str, registry_url: str, home: Path, port: int) -> dict[str, str]:
+def mapped(
+    service: str,
+    environment: dict[str, str],
+    *,
+    bootstrap: str,
+    database_url: str,
+    registry_url: str,
+    home: Path,
+    port: int,
+) -> dict[str, str]:
     """docker-compose's environment with its hosts mapped to this machine (see the module docstring)."""
     env = dict(environment)
     assert env.pop("FLYWHEEL_KAFKA_BOOTSTRAP") == "kafka:9092"
@@ -182,15 +197,22 @@ async def check_matrix(http: httpx.AsyncClient, service: str, base_url: str, key
     for method, path, admitted in MATRIX[service]:
         body = {"json": []} if method == "POST" else {}
         for role in (*ROLES, None, "wrong"):
-            headers = {"Authorization": f"Bearer {keys[role]}"} if role in keys else ({"Authorization": "Bearer fw_000000000000_wrong"} if role == "wrong" else {})
+            headers = (
+                {"Authorization": f"Bearer {keys[role]}"}
+                if role in keys
+                else ({"Authorization": "Bearer fw_000000000000_wrong"} if role == "wrong" else {})
+            )
             status = (await http.request(method, f"{base_url}{path}", headers=headers, **body)).status_code
             expected = "admitted" if role in admitted else (403 if role in ROLES else 401)
-            if (expected == "admitted" and status in (401, 403, 500, 503)) or (expected != "admitted" and status != expected):  # noqa: PLR1714 - two conditions on two values
+            wrong = status in (401, 403, 500, 503) if expected == "admitted" else status != expected
+            if wrong:
                 problems.append(f"{service} {method} {path} as {role or 'no key'}: {status}, expected {expected}")
     return problems
 
 
-async def test_each_service_in_its_compose_environment_enforces_its_role_matrix(shape_broker: tuple[str, str], postgres_url: str, tmp_path: Path) -> None:
+async def test_each_service_in_its_compose_environment_enforces_its_role_matrix(
+    shape_broker: tuple[str, str], postgres_url: str, tmp_path: Path
+) -> None:
     bootstrap, prefix = shape_broker
     host = {"FLYWHEEL_BOOTSTRAP_ADMIN_KEY": ADMIN, "FLYWHEEL_TOPIC_PREFIX": prefix}
     ports = {service: free_port() for service in SHAPE}
@@ -210,9 +232,18 @@ async def test_each_service_in_its_compose_environment_enforces_its_role_matrix(
     processes: list[ServiceProcess] = []
     with fresh_database(postgres_url) as database_url:
         try:
+
             def start(service: str, host_env: dict[str, str]) -> ServiceProcess:
                 home = tmp_path / f"home-{service}"
-                env = mapped(service, compose_environment(service, host_env), bootstrap=bootstrap, database_url=database_url, registry_url=registry_url, home=home, port=ports[service])
+                env = mapped(
+                    service,
+                    compose_environment(service, host_env),
+                    bootstrap=bootstrap,
+                    database_url=database_url,
+                    registry_url=registry_url,
+                    home=home,
+                    port=ports[service],
+                )
                 proc = process(service, tmp_path, env)
                 proc.start()
                 processes.append(proc)
@@ -223,12 +254,24 @@ async def test_each_service_in_its_compose_environment_enforces_its_role_matrix(
             async with httpx.AsyncClient(timeout=30) as http:
                 keys: dict[str | None, str] = {"admin": ADMIN}
                 for role in ROLES[1:]:
-                    created = await http.post(f"{registry_url}/registry/v1/keys", json={"principal": f"compose-{role}", "role": role}, headers={"Authorization": f"Bearer {ADMIN}"})
+                    created = await http.post(
+                        f"{registry_url}/registry/v1/keys",
+                        json={"principal": f"compose-{role}", "role": role},
+                        headers={"Authorization": f"Bearer {ADMIN}"},
+                    )
                     assert created.status_code == 201, created.text
                     keys[role] = created.json()["key"]
                 # As an operator would: an operator key for the monitor, passed from the host.
-                monitor_key = (await http.post(f"{registry_url}/registry/v1/keys", json={"principal": "monitor", "role": "operator"}, headers={"Authorization": f"Bearer {ADMIN}"})).json()["key"]
-                others = {service: start(service, host | {"FLYWHEEL_MONITOR_API_KEY": monitor_key}) for service in SHAPE[1:]}
+                monitor_key = (
+                    await http.post(
+                        f"{registry_url}/registry/v1/keys",
+                        json={"principal": "monitor", "role": "operator"},
+                        headers={"Authorization": f"Bearer {ADMIN}"},
+                    )
+                ).json()["key"]
+                others = {
+                    service: start(service, host | {"FLYWHEEL_MONITOR_API_KEY": monitor_key}) for service in SHAPE[1:]
+                }
                 await asyncio.gather(*(proc.wait_ready(400) for proc in others.values()))
 
                 problems = []
@@ -237,11 +280,21 @@ async def test_each_service_in_its_compose_environment_enforces_its_role_matrix(
                 assert not problems, "\n".join(problems)
 
                 # A revoked key stops working at another service's door within seconds (it asks the registry).
-                viewer_id = (await http.get(f"{registry_url}/registry/v1/keys/self", headers={"Authorization": f"Bearer {keys['viewer']}"})).json()["key_id"]
-                assert (await http.delete(f"{registry_url}/registry/v1/keys/{viewer_id}", headers={"Authorization": f"Bearer {ADMIN}"})).status_code == 204
+                viewer_id = (
+                    await http.get(
+                        f"{registry_url}/registry/v1/keys/self", headers={"Authorization": f"Bearer {keys['viewer']}"}
+                    )
+                ).json()["key_id"]
+                assert (
+                    await http.delete(
+                        f"{registry_url}/registry/v1/keys/{viewer_id}", headers={"Authorization": f"Bearer {ADMIN}"}
+                    )
+                ).status_code == 204
                 revoked = time.monotonic()
                 alerts = f"http://127.0.0.1:{ports['monitor']}/monitor/v1/alerts"
-                while (await http.get(alerts, headers={"Authorization": f"Bearer {keys['viewer']}"})).status_code == 200:
+                while (
+                    await http.get(alerts, headers={"Authorization": f"Bearer {keys['viewer']}"})
+                ).status_code == 200:
                     assert time.monotonic() - revoked < 10, "the revoked key still opens the monitor's door after 10 s"
                     await asyncio.sleep(0.25)
             # Nobody fell back to a registry database of its own (the registry's is PostgreSQL).

@@ -47,8 +47,19 @@ async def gateway_door(settings: FlywheelSettings, topics: str) -> AsyncIterator
     routes = Routes()
     routes.add_model("tiny")
     # No tokenizer and no Triton: nothing in this test gets that far.
-    gateway = Gateway(routes=routes, tokenizer=None, triton_grpc_url=f"127.0.0.1:{free_port()}", settings=ServingSettings(), log_buffer=buffer, loaded_adapters=set)
-    router = create_router(lambda: gateway, guard=Authenticator.for_settings(settings).require(Role.app), limiter=RateLimiter(rate_per_s=1000, burst=1000))
+    gateway = Gateway(
+        routes=routes,
+        tokenizer=None,
+        triton_grpc_url=f"127.0.0.1:{free_port()}",
+        settings=ServingSettings(),
+        log_buffer=buffer,
+        loaded_adapters=set,
+    )
+    router = create_router(
+        lambda: gateway,
+        guard=Authenticator.for_settings(settings).require(Role.app),
+        limiter=RateLimiter(rate_per_s=1000, burst=1000),
+    )
     app = create_http_app("refusals-gateway", routers=[router])
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as http:
@@ -60,18 +71,58 @@ async def gateway_door(settings: FlywheelSettings, topics: str) -> AsyncIterator
         runtime.close()
 
 
-async def test_refused_before_the_caller_is_known_writes_nothing(gateway_door: tuple[httpx.AsyncClient, Runtime], settings: FlywheelSettings) -> None:
+async def test_refused_before_the_caller_is_known_writes_nothing(
+    gateway_door: tuple[httpx.AsyncClient, Runtime], settings: FlywheelSettings
+) -> None:
     http, runtime = gateway_door
     body = {"model": CHOSEN, "messages": [{"role": "user", "content": SECRET_TEXT}], "user": "victim@example.org"}
     viewer, app = api_key(settings, Role.viewer), api_key(settings, Role.app)
 
     refusals = {
         "no key": (await http.post("/v1/chat/completions", json=body), 401, "missing_api_key"),
-        "wrong key": (await http.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer fw_000000000000_not-a-real-secret"}), 401, "invalid_api_key"),
-        "viewer key": (await http.post("/v1/completions", json={"model": CHOSEN, "prompt": SECRET_TEXT}, headers={"Authorization": f"Bearer {viewer}"}), 403, "insufficient_role"),
-        "unparsable JSON, no key": (await http.post("/v1/chat/completions", content=b'{"model": "' + CHOSEN.encode() + b'", "messages": ', headers={"content-type": "application/json"}), 422, None),
-        "unparsable JSON, app key": (await http.post("/v1/completions", content=b'{"model": "' + CHOSEN.encode() + b'", "prompt": ', headers={"content-type": "application/json", "Authorization": f"Bearer {app}"}), 422, None),
-        "body over the cap": (await http.post("/v1/chat/completions", content=b'{"model": "' + CHOSEN.encode() + b'", "pad": "' + b"x" * DEFAULT_MAX_BODY_BYTES + b'"}', headers={"content-type": "application/json"}), 413, "request_too_large"),
+        "wrong key": (
+            await http.post(
+                "/v1/chat/completions", json=body, headers={"Authorization": "Bearer fw_000000000000_not-a-real-secret"}
+            ),
+            401,
+            "invalid_api_key",
+        ),
+        "viewer key": (
+            await http.post(
+                "/v1/completions",
+                json={"model": CHOSEN, "prompt": SECRET_TEXT},
+                headers={"Authorization": f"Bearer {viewer}"},
+            ),
+            403,
+            "insufficient_role",
+        ),
+        "unparsable JSON, no key": (
+            await http.post(
+                "/v1/chat/completions",
+                content=b'{"model": "' + CHOSEN.encode() + b'", "messages": ',
+                headers={"content-type": "application/json"},
+            ),
+            422,
+            None,
+        ),
+        "unparsable JSON, app key": (
+            await http.post(
+                "/v1/completions",
+                content=b'{"model": "' + CHOSEN.encode() + b'", "prompt": ',
+                headers={"content-type": "application/json", "Authorization": f"Bearer {app}"},
+            ),
+            422,
+            None,
+        ),
+        "body over the cap": (
+            await http.post(
+                "/v1/chat/completions",
+                content=b'{"model": "' + CHOSEN.encode() + b'", "pad": "' + b"x" * DEFAULT_MAX_BODY_BYTES + b'"}',
+                headers={"content-type": "application/json"},
+            ),
+            413,
+            "request_too_large",
+        ),
     }
     for case, (answer, status, code) in refusals.items():
         assert answer.status_code == status, (case, answer.text)
@@ -80,19 +131,46 @@ async def test_refused_before_the_caller_is_known_writes_nothing(gateway_door: t
 
     # Requests from a known caller are logged: the topic below is the one refusals would reach. The
     # invalid one is logged from its body, with the user id and metadata out of the text and scrubbed.
-    served = await http.post("/v1/chat/completions", json={**body, "model": "not-served"}, headers={"Authorization": f"Bearer {app}"})
+    served = await http.post(
+        "/v1/chat/completions", json={**body, "model": "not-served"}, headers={"Authorization": f"Bearer {app}"}
+    )
     assert served.status_code == 404 and served.json()["error"]["code"] == "model_not_found", served.text
-    invalid_body = {"model": "tiny", "messages": [{"role": "robot", "content": SECRET_TEXT}], "user": "customer-0042x", "metadata": {"account_id": "acct-77x", "tier": "gold"}}
+    invalid_body = {
+        "model": "tiny",
+        "messages": [{"role": "robot", "content": SECRET_TEXT}],
+        "user": "customer-0042x",
+        "metadata": {"account_id": "acct-77x", "tier": "gold"},
+    }
     invalid = await http.post("/v1/chat/completions", json=invalid_body, headers={"Authorization": f"Bearer {app}"})
     assert invalid.status_code == 422 and invalid.json()["error"]["param"] == "messages.0.role", invalid.text
 
-    records = await read_all(settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=10**6, timeout_s=10)
+    records = await read_all(
+        settings.resolved_kafka_bootstrap(), runtime.bus("serving").topic(InferenceLogged), expected=10**6, timeout_s=10
+    )
     logged = sorted((json.loads(record.value)["payload"] for record in records), key=lambda event: event["model_name"])
-    assert [(event["model_name"], event["principal"], event["status"]) for event in logged] == [("not-served", "test-app", "error"), ("tiny", "test-app", "error")], logged
+    assert [(event["model_name"], event["principal"], event["status"]) for event in logged] == [
+        ("not-served", "test-app", "error"),
+        ("tiny", "test-app", "error"),
+    ], logged
     assert "does not exist" in logged[0]["error"] and logged[1]["error"].startswith("422: messages.0.role")
     redactor = Redactor()
-    assert (logged[1]["user_id"], logged[1]["metadata"]) == (redactor.scrub_user("customer-0042x"), {"account_id": redactor.scrub_user("acct-77x"), "tier": "gold"})
-    assert "robot" in logged[1]["input_text"] and "[EMAIL]" in logged[1]["input_text"] and "[AWS_ACCESS_KEY_ID]" in logged[1]["input_text"]
+    assert (logged[1]["user_id"], logged[1]["metadata"]) == (
+        redactor.scrub_user("customer-0042x"),
+        {"account_id": redactor.scrub_user("acct-77x"), "tier": "gold"},
+    )
+    assert (
+        "robot" in logged[1]["input_text"]
+        and "[EMAIL]" in logged[1]["input_text"]
+        and "[AWS_ACCESS_KEY_ID]" in logged[1]["input_text"]
+    )
     everything = b"".join(record.value for record in records)
-    assert CHOSEN.encode() not in everything and b"ann@example.org" not in everything and b"AKIAIOSFODNN7EXAMPLE" not in everything
-    assert b"victim@example.org" not in everything and b"customer-0042x" not in everything and b"acct-77x" not in everything, "user ids are hashed before they are published"
+    assert (
+        CHOSEN.encode() not in everything
+        and b"ann@example.org" not in everything
+        and b"AKIAIOSFODNN7EXAMPLE" not in everything
+    )
+    assert (
+        b"victim@example.org" not in everything
+        and b"customer-0042x" not in everything
+        and b"acct-77x" not in everything
+    ), "user ids are hashed before they are published"

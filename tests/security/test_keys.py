@@ -60,16 +60,25 @@ async def door(settings: FlywheelSettings, topics: str) -> AsyncIterator[httpx.A
     settings = settings.model_copy(update={"bootstrap_admin_key": ADMIN})
     app, _ = build_process(settings, [create_app], title="registry-keys")
     async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://registry", headers=auth(ADMIN)) as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://registry", headers=auth(ADMIN)
+        ) as client:
             yield client
 
 
-async def test_a_key_is_stored_as_hmac_under_the_pepper_and_never_as_sha256(door: httpx.AsyncClient, settings: FlywheelSettings) -> None:
+async def test_a_key_is_stored_as_hmac_under_the_pepper_and_never_as_sha256(
+    door: httpx.AsyncClient, settings: FlywheelSettings
+) -> None:
     created = await door.post("/registry/v1/keys", json={"principal": "olga", "role": "operator"})
     assert created.status_code == 201, created.text
     key, key_id = created.json()["key"], created.json()["key_id"]
     me = await door.get("/registry/v1/keys/self", headers=auth(key))
-    assert me.status_code == 200 and me.json() == {"key_id": key_id, "principal": "olga", "role": "operator", "expires_at": None}
+    assert me.status_code == 200 and me.json() == {
+        "key_id": key_id,
+        "principal": "olga",
+        "role": "operator",
+        "expires_at": None,
+    }
 
     row = stored(settings, key_id)
     secret = split_key(key)[1]
@@ -82,7 +91,9 @@ async def test_a_key_is_stored_as_hmac_under_the_pepper_and_never_as_sha256(door
     assert not any("secret" in name or "salt" in name for entry in listed for name in entry)
 
 
-async def test_an_expired_key_is_refused_with_401_saying_it_expired(door: httpx.AsyncClient, settings: FlywheelSettings) -> None:
+async def test_an_expired_key_is_refused_with_401_saying_it_expired(
+    door: httpx.AsyncClient, settings: FlywheelSettings
+) -> None:
     created = (await door.post("/registry/v1/keys", json={"principal": "tess", "role": "viewer", "ttl_s": 3600})).json()
     expires = datetime.fromisoformat(created["expires_at"])
     assert timedelta(minutes=59) < expires - datetime.now(UTC) <= timedelta(hours=1)
@@ -92,7 +103,10 @@ async def test_an_expired_key_is_refused_with_401_saying_it_expired(door: httpx.
     set_row(settings, created["key_id"], expires_at=datetime.now(UTC) - timedelta(seconds=1))
     refused = await door.get("/registry/v1/models", headers=auth(created["key"]))
     assert refused.status_code == 401, refused.text
-    assert refused.json()["error"]["code"] == "expired_api_key" and f"API key {created['key_id']} expired at" in refused.json()["error"]["message"]
+    assert (
+        refused.json()["error"]["code"] == "expired_api_key"
+        and f"API key {created['key_id']} expired at" in refused.json()["error"]["message"]
+    )
 
 
 async def test_last_used_at_moves_at_most_once_a_minute(door: httpx.AsyncClient, settings: FlywheelSettings) -> None:
@@ -129,16 +143,29 @@ async def test_rotation_hands_out_a_new_key_and_retires_the_old_one(door: httpx.
     expired = await door.get("/registry/v1/keys/self", headers=auth(new["key"]))
     assert expired.status_code == 401 and expired.json()["error"]["code"] == "expired_api_key"
     assert (await door.get("/registry/v1/keys/self", headers=auth(graced["key"]))).status_code == 200
-    listed = {entry["key_id"]: entry for entry in (await door.get("/registry/v1/keys", params={"principal": "shop"})).json()}
-    assert listed[graced["key_id"]]["rotated_from"] == new["key_id"] and listed[new["key_id"]]["rotated_from"] == old["key_id"]
-    actions = [entry["action"] for entry in (await door.get("/registry/v1/audit", params={"object_type": "key"})).json()["items"]]
+    listed = {
+        entry["key_id"]: entry for entry in (await door.get("/registry/v1/keys", params={"principal": "shop"})).json()
+    }
+    assert (
+        listed[graced["key_id"]]["rotated_from"] == new["key_id"]
+        and listed[new["key_id"]]["rotated_from"] == old["key_id"]
+    )
+    actions = [
+        entry["action"]
+        for entry in (await door.get("/registry/v1/audit", params={"object_type": "key"})).json()["items"]
+    ]
     assert actions == ["key.create", "key.rotate", "key.rotate"]
     # Key management is admin's alone.
     refused = await door.post(f"/registry/v1/keys/{graced['key_id']}/rotate", json={}, headers=auth(graced["key"]))
-    assert refused.status_code == 403 and (await door.get("/registry/v1/keys", headers=auth(graced["key"]))).status_code == 403
+    assert (
+        refused.status_code == 403
+        and (await door.get("/registry/v1/keys", headers=auth(graced["key"]))).status_code == 403
+    )
 
 
-async def test_revocation_is_honoured_within_seconds_by_another_process_through_introspection(tmp_path: Path, kafka_bootstrap: str, topics: str, topic_prefix: str) -> None:
+async def test_revocation_is_honoured_within_seconds_by_another_process_through_introspection(
+    tmp_path: Path, kafka_bootstrap: str, topics: str, topic_prefix: str
+) -> None:
     registry = ServiceProcess(tmp_path, kafka_bootstrap, topic_prefix, ["registry"], FLYWHEEL_BOOTSTRAP_ADMIN_KEY=ADMIN)
     registry.env.pop("FLYWHEEL_DATABASE_URL", None)
     # Its own home and no database URL: the feedback process cannot open the registry's database.
@@ -150,14 +177,22 @@ async def test_revocation_is_honoured_within_seconds_by_another_process_through_
         await registry.wait_ready()
         await feedback.wait_ready()
         async with httpx.AsyncClient(timeout=30) as http:
-            created = (await http.post(f"{registry.url}/registry/v1/keys", json={"principal": "shop-reviewer", "role": "reviewer"}, headers=auth(ADMIN))).json()
+            created = (
+                await http.post(
+                    f"{registry.url}/registry/v1/keys",
+                    json={"principal": "shop-reviewer", "role": "reviewer"},
+                    headers=auth(ADMIN),
+                )
+            ).json()
             reviewer = auth(created["key"])
             door = f"{feedback.url}/feedback/v1/feedback"
             assert (await http.get(door, params={"inference_id": "nothing-yet"}, headers=reviewer)).status_code == 200
             wrong = await http.get(door, params={"inference_id": "x"}, headers=auth("fw_000000000000_wrong"))
             assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
 
-            assert (await http.delete(f"{registry.url}/registry/v1/keys/{created['key_id']}", headers=auth(ADMIN))).status_code == 204
+            assert (
+                await http.delete(f"{registry.url}/registry/v1/keys/{created['key_id']}", headers=auth(ADMIN))
+            ).status_code == 204
             revoked_at = time.monotonic()
             while (status := (await http.get(door, params={"inference_id": "x"}, headers=reviewer)).status_code) == 200:
                 assert time.monotonic() - revoked_at < 10, "the revoked key still works on the other process after 10 s"
@@ -169,9 +204,16 @@ async def test_revocation_is_honoured_within_seconds_by_another_process_through_
         registry.stop()
 
 
-def test_a_bootstrap_admin_key_under_32_characters_stops_the_registry_with_one_line(tmp_path: Path, kafka_bootstrap: str) -> None:
-    env = {**ServiceProcess(tmp_path, kafka_bootstrap, "short-key-").env, "FLYWHEEL_BOOTSTRAP_ADMIN_KEY": "too-short-admin-key"}
-    result = subprocess.run([*FLYWHEEL, "run", "registry"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+def test_a_bootstrap_admin_key_under_32_characters_stops_the_registry_with_one_line(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    env = {
+        **ServiceProcess(tmp_path, kafka_bootstrap, "short-key-").env,
+        "FLYWHEEL_BOOTSTRAP_ADMIN_KEY": "too-short-admin-key",
+    }
+    result = subprocess.run(
+        [*FLYWHEEL, "run", "registry"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "Traceback" not in output
@@ -179,11 +221,15 @@ def test_a_bootstrap_admin_key_under_32_characters_stops_the_registry_with_one_l
     assert "too-short-admin-key" not in output, "the refused key was printed"
 
 
-async def test_a_service_beside_the_registry_in_one_home_checks_keys_through_its_recorded_door(tmp_path: Path, kafka_bootstrap: str, topics: str, topic_prefix: str) -> None:
+async def test_a_service_beside_the_registry_in_one_home_checks_keys_through_its_recorded_door(
+    tmp_path: Path, kafka_bootstrap: str, topics: str, topic_prefix: str
+) -> None:
     """`flywheel run registry` and `flywheel run feedback` in two terminals, one home, nothing else set:
     the feedback door finds the registry's door recorded under the home, and says what to start once it is gone."""
     home = tmp_path / "home"
-    registry = ServiceProcess(tmp_path, kafka_bootstrap, topic_prefix, ["registry"], home=home, FLYWHEEL_BOOTSTRAP_ADMIN_KEY=ADMIN)
+    registry = ServiceProcess(
+        tmp_path, kafka_bootstrap, topic_prefix, ["registry"], home=home, FLYWHEEL_BOOTSTRAP_ADMIN_KEY=ADMIN
+    )
     feedback = ServiceProcess(tmp_path, kafka_bootstrap, topic_prefix, ["feedback"], home=home)
     for process in (registry, feedback):
         process.env.pop("FLYWHEEL_DATABASE_URL", None)
@@ -194,11 +240,21 @@ async def test_a_service_beside_the_registry_in_one_home_checks_keys_through_its
         await registry.wait_ready()
         await feedback.wait_ready()
         records = sorted(path.name for path in (home / "run").glob("*.json"))
-        assert records == sorted(f"{process.process.pid}.json" for process in (registry, feedback) if process.process), records
+        assert records == sorted(
+            f"{process.process.pid}.json" for process in (registry, feedback) if process.process
+        ), records
         door = f"{feedback.url}/feedback/v1/feedback"
         async with httpx.AsyncClient(timeout=30) as http:
-            created = (await http.post(f"{registry.url}/registry/v1/keys", json={"principal": "shop-reviewer", "role": "reviewer"}, headers=auth(ADMIN))).json()
-            assert (await http.get(door, params={"inference_id": "nothing-yet"}, headers=auth(created["key"]))).status_code == 200
+            created = (
+                await http.post(
+                    f"{registry.url}/registry/v1/keys",
+                    json={"principal": "shop-reviewer", "role": "reviewer"},
+                    headers=auth(ADMIN),
+                )
+            ).json()
+            assert (
+                await http.get(door, params={"inference_id": "nothing-yet"}, headers=auth(created["key"]))
+            ).status_code == 200
             wrong = await http.get(door, params={"inference_id": "x"}, headers=auth("fw_000000000000_wrong"))
             assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
 
@@ -207,8 +263,13 @@ async def test_a_service_beside_the_registry_in_one_home_checks_keys_through_its
             await asyncio.sleep(6)  # past the verification cache
             gone = await http.get(door, params={"inference_id": "x"}, headers=auth(created["key"]))
         assert gone.status_code == 503, gone.text
-        assert "start the registry (`flywheel run registry` with the same FLYWHEEL_HOME)" in gone.json()["error"]["message"]
-        assert not (home / "run" / f"{registry.process.pid}.json").exists(), "the dead registry's record was not removed"  # type: ignore[union-attr]
+        assert (
+            "start the registry (`flywheel run registry` with the same FLYWHEEL_HOME)"
+            in gone.json()["error"]["message"]
+        )
+        assert not (home / "run" / f"{registry.process.pid}.json").exists(), (
+            "the dead registry's record was not removed"
+        )  # type: ignore[union-attr]
     finally:
         feedback.stop()
         registry.stop()

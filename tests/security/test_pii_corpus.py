@@ -100,23 +100,40 @@ def _luhn_complete(rng: random.Random, prefix: str, length: int = 16) -> str:
     body = prefix + "".join(rng.choice(string.digits) for _ in range(length - len(prefix) - 1))
     for check in string.digits:
         digits = body + check
-        total = sum(int(d) if i % 2 == 0 else (int(d) * 2 - 9 if int(d) > 4 else int(d) * 2) for i, d in enumerate(reversed(digits)))
+        total = sum(
+            int(d) if i % 2 == 0 else (int(d) * 2 - 9 if int(d) > 4 else int(d) * 2)
+            for i, d in enumerate(reversed(digits))
+        )
         if total % 10 == 0:
             return digits
     raise AssertionError("unreachable")
 
 
 def _iban(rng: random.Random) -> str:
-    country, bban = rng.choice([
-        ("DE", lambda: "".join(rng.choice(string.digits) for _ in range(18))),
-        ("GB", lambda: "".join(rng.choice(string.ascii_uppercase) for _ in range(4)) + "".join(rng.choice(string.digits) for _ in range(14))),
-        ("NL", lambda: "".join(rng.choice(string.ascii_uppercase) for _ in range(4)) + "".join(rng.choice(string.digits) for _ in range(10))),
-        ("CH", lambda: "".join(rng.choice(string.digits) for _ in range(17))),
-    ])
+    country, bban = rng.choice(
+        [
+            ("DE", lambda: "".join(rng.choice(string.digits) for _ in range(18))),
+            (
+                "GB",
+                lambda: (
+                    "".join(rng.choice(string.ascii_uppercase) for _ in range(4))
+                    + "".join(rng.choice(string.digits) for _ in range(14))
+                ),
+            ),
+            (
+                "NL",
+                lambda: (
+                    "".join(rng.choice(string.ascii_uppercase) for _ in range(4))
+                    + "".join(rng.choice(string.digits) for _ in range(10))
+                ),
+            ),
+            ("CH", lambda: "".join(rng.choice(string.digits) for _ in range(17))),
+        ]
+    )
     body = bban()
     number = country + stdnum_iban.calc_check_digits(country + "00" + body) + body
     assert stdnum_iban.is_valid(number), number
-    return " ".join(number[i:i + 4] for i in range(0, len(number), 4)) if rng.random() < 0.5 else number
+    return " ".join(number[i : i + 4] for i in range(0, len(number), 4)) if rng.random() < 0.5 else number
 
 
 def _ssn(rng: random.Random) -> str:
@@ -129,30 +146,37 @@ def _ssn(rng: random.Random) -> str:
 
 def _phone(rng: random.Random) -> str:
     d = lambda n: "".join(rng.choice(string.digits) for _ in range(n))  # noqa: E731
-    return rng.choice([
-        lambda: f"+44 20 {d(4)} {d(4)}",
-        lambda: f"({rng.randint(201, 989)}) {rng.randint(200, 999)}-{d(4)}",
-        lambda: f"+1-{rng.randint(201, 989)}-{rng.randint(200, 999)}-{d(4)}",
-        lambda: f"+33 6 {d(2)} {d(2)} {d(2)} {d(2)}",
-        lambda: f"+49 30 {d(7)}",
-    ])()
+    return rng.choice(
+        [
+            lambda: f"+44 20 {d(4)} {d(4)}",
+            lambda: f"({rng.randint(201, 989)}) {rng.randint(200, 999)}-{d(4)}",
+            lambda: f"+1-{rng.randint(201, 989)}-{rng.randint(200, 999)}-{d(4)}",
+            lambda: f"+33 6 {d(2)} {d(2)} {d(2)} {d(2)}",
+            lambda: f"+49 30 {d(7)}",
+        ]
+    )()
 
 
 def _jwt(rng: random.Random) -> str:
     header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    payload = _b64url(json.dumps({"sub": str(rng.randint(1, 10**9)), "name": "corpus", "iat": rng.randint(1, 2**31)}).encode())
+    payload = _b64url(
+        json.dumps({"sub": str(rng.randint(1, 10**9)), "name": "corpus", "iat": rng.randint(1, 2**31)}).encode()
+    )
     return f"{header}.{payload}.{_b64url(rng.randbytes(32))}"
 
 
 def _pem(rng: random.Random) -> str:
     kind = rng.choice(["RSA ", "EC ", "OPENSSH ", ""])
     body = base64.b64encode(rng.randbytes(180)).decode()
-    lines = "\n".join(body[i:i + 64] for i in range(0, len(body), 64))
+    lines = "\n".join(body[i : i + 64] for i in range(0, len(body), 64))
     return f"-----BEGIN {kind}PRIVATE KEY-----\n{lines}\n-----END {kind}PRIVATE KEY-----"
 
 
 def _email(rng: random.Random) -> str:
-    first, last = rng.choice(["ann", "bob", "chen", "dana", "emil", "farah"]), rng.choice(["lee", "smith", "okafor", "novak", "garcia"])
+    first, last = (
+        rng.choice(["ann", "bob", "chen", "dana", "emil", "farah"]),
+        rng.choice(["lee", "smith", "okafor", "novak", "garcia"]),
+    )
     return f"{first}.{last}{rng.randint(1, 9999)}@{rng.choice(['example.com', 'mail.example.org', 'acme.co.uk'])}"
 
 
@@ -160,29 +184,79 @@ def _ipv6(rng: random.Random) -> str:
     return str(ipaddress.IPv6Address(rng.getrandbits(128)))
 
 
+def _card(r: random.Random) -> str:
+    """One generated card number, written in one of the ways people write them."""
+    number = _luhn_complete(r, r.choice(["4", "51", "55"]))
+    groups = [number[i : i + 4] for i in range(0, 16, 4)]
+    return r.choice([number, " ".join(groups), "-".join(groups)])
+
+
+def _ssn_written(r: random.Random) -> str:
+    ssn = _ssn(r)
+    return r.choice([ssn, ssn.replace("-", " "), "SSN: " + ssn.replace("-", "")])
+
+
 # kind -> (value generator, sentences it is planted in)
 KINDS: dict[str, tuple[Callable[[random.Random], str], list[str]]] = {
     "email": (_email, ["Please send the invoice to {v}.", "My login is {v} and it stopped working."]),
     "phone": (_phone, ["Call me back on {v} after six.", "The courier has my number {v}."]),
-    "card": (lambda r: (lambda n: r.choice([n, " ".join(n[i:i + 4] for i in range(0, 16, 4)), "-".join(n[i:i + 4] for i in range(0, 16, 4))]))(_luhn_complete(r, r.choice(["4", "51", "55"]))),  # noqa: PLC3002 - one generated value, written in several formats
-             ["My card {v} was charged twice.", "Refund to card number {v} please."]),
+    "card": (_card, ["My card {v} was charged twice.", "Refund to card number {v} please."]),
     "iban": (_iban, ["Wire the refund to IBAN {v} today.", "My account is {v}, can you confirm?"]),
-    "ssn": (lambda r: (lambda s: r.choice([s, s.replace("-", " "), "SSN: " + s.replace("-", "")]))(_ssn(r)), ["For the tax form, my SSN is {v}.", "Verify me: {v}."]),  # noqa: PLC3002 - one generated value, written in several formats
-    "ipv4": (lambda r: f"{r.randint(1, 223)}.{r.randint(0, 255)}.{r.randint(0, 255)}.{r.randint(1, 254)}", ["My router at {v} drops packets.", "Whitelist {v} for me."]),
+    "ssn": (_ssn_written, ["For the tax form, my SSN is {v}.", "Verify me: {v}."]),
+    "ipv4": (
+        lambda r: f"{r.randint(1, 223)}.{r.randint(0, 255)}.{r.randint(0, 255)}.{r.randint(1, 254)}",
+        ["My router at {v} drops packets.", "Whitelist {v} for me."],
+    ),
     "ipv6": (_ipv6, ["The server {v} refuses connections.", "My address is {v} now."]),
-    "openai_key": (lambda r: r.choice([f"sk-proj-{_alnum(r, 48, string.ascii_letters + string.digits + '_-')}", f"sk-{_alnum(r, 20)}T3BlbkFJ{_alnum(r, 20)}", f"sk-svcacct-{_alnum(r, 40)}"]),
-                   ["Why does my key {v} return 401?", "OPENAI_API_KEY={v} is set in my env."]),
-    "anthropic_key": (lambda r: f"sk-ant-api03-{_alnum(r, 93, string.ascii_letters + string.digits + '_-')}AA", ["Claude rejects {v}, help.", "export ANTHROPIC_API_KEY={v}"]),
-    "aws_access_key_id": (lambda r: r.choice(["AKIA", "ASIA"]) + "".join(r.choice(string.ascii_uppercase + string.digits) for _ in range(16)), ["IAM user key {v} is denied.", "aws_access_key_id={v}"]),
-    "aws_secret_key": (lambda r: _alnum(r, 40, string.ascii_letters + string.digits + "/+"), ["aws_secret_access_key = {v}", 'My AWS secret key: "{v}"']),
-    "github_token": (lambda r: r.choice([f"ghp_{_alnum(r, 36)}", f"github_pat_{_alnum(r, 22)}_{_alnum(r, 59)}"]), ["git push fails with token {v}.", "GH_TOKEN={v}"]),
-    "slack_token": (lambda r: f"{r.choice(['xoxb', 'xoxp'])}-{r.randint(10**11, 10**12 - 1)}-{r.randint(10**12, 10**13 - 1)}-{_alnum(r, 24)}", ["The bot token {v} was revoked?", "SLACK_TOKEN={v}"]),
-    "stripe_key": (lambda r: f"sk_live_{_alnum(r, r.choice([24, 99]))}", ["Stripe says {v} is invalid.", "Use {v} for payments."]),
-    "google_api_key": (lambda r: "AIza" + _alnum(r, 35, string.ascii_letters + string.digits + "_-"), ["Maps key {v} hits quota.", "key={v}"]),
+    "openai_key": (
+        lambda r: r.choice(
+            [
+                f"sk-proj-{_alnum(r, 48, string.ascii_letters + string.digits + '_-')}",
+                f"sk-{_alnum(r, 20)}T3BlbkFJ{_alnum(r, 20)}",
+                f"sk-svcacct-{_alnum(r, 40)}",
+            ]
+        ),
+        ["Why does my key {v} return 401?", "OPENAI_API_KEY={v} is set in my env."],
+    ),
+    "anthropic_key": (
+        lambda r: f"sk-ant-api03-{_alnum(r, 93, string.ascii_letters + string.digits + '_-')}AA",
+        ["Claude rejects {v}, help.", "export ANTHROPIC_API_KEY={v}"],
+    ),
+    "aws_access_key_id": (
+        lambda r: (
+            r.choice(["AKIA", "ASIA"]) + "".join(r.choice(string.ascii_uppercase + string.digits) for _ in range(16))
+        ),
+        ["IAM user key {v} is denied.", "aws_access_key_id={v}"],
+    ),
+    "aws_secret_key": (
+        lambda r: _alnum(r, 40, string.ascii_letters + string.digits + "/+"),
+        ["aws_secret_access_key = {v}", 'My AWS secret key: "{v}"'],
+    ),
+    "github_token": (
+        lambda r: r.choice([f"ghp_{_alnum(r, 36)}", f"github_pat_{_alnum(r, 22)}_{_alnum(r, 59)}"]),
+        ["git push fails with token {v}.", "GH_TOKEN={v}"],
+    ),
+    "slack_token": (
+        lambda r: (
+            f"{r.choice(['xoxb', 'xoxp'])}-{r.randint(10**11, 10**12 - 1)}-{r.randint(10**12, 10**13 - 1)}-{_alnum(r, 24)}"
+        ),
+        ["The bot token {v} was revoked?", "SLACK_TOKEN={v}"],
+    ),
+    "stripe_key": (
+        lambda r: f"sk_live_{_alnum(r, r.choice([24, 99]))}",
+        ["Stripe says {v} is invalid.", "Use {v} for payments."],
+    ),
+    "google_api_key": (
+        lambda r: "AIza" + _alnum(r, 35, string.ascii_letters + string.digits + "_-"),
+        ["Maps key {v} hits quota.", "key={v}"],
+    ),
     "jwt": (_jwt, ["My session token is {v}.", "Authorization: Bearer {v}"]),
     "private_key": (_pem, ["Here is my key:\n{v}\nwhy does ssh refuse it?", "{v}"]),
     "flywheel_key": (lambda r: generate_key()[0], ["My Flywheel key {v} gets 403.", "FLYWHEEL_API_KEY={v}"]),
-    "password": (lambda r: _alnum(r, r.randint(8, 16), string.ascii_letters + string.digits + "!#%&*"), ["login with password={v} fails", "db_password: {v}", "api_key: {v}"]),
+    "password": (
+        lambda r: _alnum(r, r.randint(8, 16), string.ascii_letters + string.digits + "!#%&*"),
+        ["login with password={v} fails", "db_password: {v}", "api_key: {v}"],
+    ),
 }
 IDENTITY_KINDS = ("user_id", "metadata")
 CLEAN = [
@@ -210,7 +284,12 @@ def build_corpus(rng: random.Random) -> list[Prompt]:
             planted.append((kind, value.removeprefix("SSN: ")))
         user = rng.choice([_email(rng), f"customer-{rng.getrandbits(40):010x}"])
         identity, contact = f"cust-{rng.getrandbits(40):010x}", _email(rng)
-        metadata = {"corpus_id": f"c{index}", "customer_id": identity, "email": contact, "note": f"call {(phone := _phone(rng))}"}
+        metadata = {
+            "corpus_id": f"c{index}",
+            "customer_id": identity,
+            "email": contact,
+            "note": f"call {(phone := _phone(rng))}",
+        }
         planted += [("user_id", user), ("metadata", identity), ("metadata", contact), ("phone", phone)]
         prompts.append(Prompt(f"c{index}", " ".join(pieces) + " " + MARKER, user, metadata, planted))
     return prompts
@@ -218,7 +297,14 @@ def build_corpus(rng: random.Random) -> list[Prompt]:
 
 def build_controls(rng: random.Random) -> list[str]:
     return [
-        rng.choice(CLEAN).format(n=rng.randint(1, 999), q=rng.randint(1, 4), m=rng.randint(1, 12), d=rng.randint(1, 28), code=_alnum(rng, 8, string.ascii_uppercase + string.digits), hexhash=f"{rng.getrandbits(64):016x}")
+        rng.choice(CLEAN).format(
+            n=rng.randint(1, 999),
+            q=rng.randint(1, 4),
+            m=rng.randint(1, 12),
+            d=rng.randint(1, 28),
+            code=_alnum(rng, 8, string.ascii_uppercase + string.digits),
+            hexhash=f"{rng.getrandbits(64):016x}",
+        )
         for _ in range(CONTROLS)
     ]
 
@@ -234,17 +320,29 @@ def clickhouse(chdb_target: ClickHouseTarget) -> ClickHouseStore:
 
 
 @asynccontextmanager
-async def running_sink(settings: FlywheelSettings, clickhouse: ClickHouseStore, redactor: Redactor) -> AsyncIterator[None]:
+async def running_sink(
+    settings: FlywheelSettings, clickhouse: ClickHouseStore, redactor: Redactor
+) -> AsyncIterator[None]:
     """The feedback service's sink, as create_app wires it, on the real broker."""
     broker = create_broker(settings, client_id="corpus-sink")
-    subscribe_batches(broker, BATCH_HANDLERS, Sink(FeedbackStore(lambda: clickhouse), redactor), group="feedback", dead_letters=DeadLetters(broker),
-                      topic_prefix=settings.topic_prefix, max_retries=1, **FeedbackSettings(batch_max_records=1000, batch_max_wait_ms=200, batch_min_bytes=1).batch_options())
+    subscribe_batches(
+        broker,
+        BATCH_HANDLERS,
+        Sink(FeedbackStore(lambda: clickhouse), redactor),
+        group="feedback",
+        dead_letters=DeadLetters(broker),
+        topic_prefix=settings.topic_prefix,
+        max_retries=1,
+        **FeedbackSettings(batch_max_records=1000, batch_max_wait_ms=200, batch_min_bytes=1).batch_options(),
+    )
     async with broker:
         await broker.start()
         yield
 
 
-async def through_the_gateway(settings: FlywheelSettings, redactor: Redactor, corpus: list[Prompt], tokenizer_dir: Path) -> None:
+async def through_the_gateway(
+    settings: FlywheelSettings, redactor: Redactor, corpus: list[Prompt], tokenizer_dir: Path
+) -> None:
     """Every prompt as a chat completion through the gateway's door; Triton is down, so each one is a logged 503."""
     runtime = Runtime(settings, client_id="corpus-serving")
     await runtime.broker.start()
@@ -252,14 +350,34 @@ async def through_the_gateway(settings: FlywheelSettings, redactor: Redactor, co
     await buffer.start()
     routes = Routes()
     routes.add_model("tiny")
-    gateway = Gateway(routes=routes, tokenizer=smollm2_tokenizer(tokenizer_dir), triton_grpc_url=f"127.0.0.1:{free_port()}",
-                      settings=ServingSettings(triton_timeout_s=10), log_buffer=buffer, loaded_adapters=set)
-    router = create_router(lambda: gateway, guard=Authenticator.for_settings(settings).require(Role.app), limiter=RateLimiter(rate_per_s=10_000, burst=10_000))
+    gateway = Gateway(
+        routes=routes,
+        tokenizer=smollm2_tokenizer(tokenizer_dir),
+        triton_grpc_url=f"127.0.0.1:{free_port()}",
+        settings=ServingSettings(triton_timeout_s=10),
+        log_buffer=buffer,
+        loaded_adapters=set,
+    )
+    router = create_router(
+        lambda: gateway,
+        guard=Authenticator.for_settings(settings).require(Role.app),
+        limiter=RateLimiter(rate_per_s=10_000, burst=10_000),
+    )
     headers = {"Authorization": f"Bearer {api_key(settings, Role.app)}"}
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_http_app("corpus-gateway", routers=[router])), base_url="http://gateway", headers=headers) as http:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_http_app("corpus-gateway", routers=[router])),
+            base_url="http://gateway",
+            headers=headers,
+        ) as http:
             for prompt in corpus:
-                body = {"model": "tiny", "messages": [{"role": "user", "content": prompt.text}], "max_tokens": 4, "user": prompt.user, "metadata": prompt.metadata}
+                body = {
+                    "model": "tiny",
+                    "messages": [{"role": "user", "content": prompt.text}],
+                    "max_tokens": 4,
+                    "user": prompt.user,
+                    "metadata": prompt.metadata,
+                }
                 answer = await http.post("/v1/chat/completions", json=body)
                 assert answer.status_code == 503 and answer.json()["error"]["code"] == "triton_unavailable", answer.text
     finally:
@@ -271,18 +389,44 @@ async def through_the_gateway(settings: FlywheelSettings, redactor: Redactor, co
 
 async def as_an_app(settings: FlywheelSettings, corpus: list[Prompt], controls: list[str]) -> None:
     """An app that publishes its own raw events, as examples/app_publishes_events.py does."""
-    async with EventPublisher(settings.resolved_kafka_bootstrap(), producer="corpus-app", topic_prefix=settings.topic_prefix) as publisher:
+    async with EventPublisher(
+        settings.resolved_kafka_bootstrap(), producer="corpus-app", topic_prefix=settings.topic_prefix
+    ) as publisher:
         events: list[InferenceLogged | FeedbackReceived] = []
         for prompt in corpus:
-            events.append(InferenceLogged(
-                inference_id=f"app-{prompt.corpus_id}", model_name="tiny", endpoint="app", user_id=prompt.user, metadata=prompt.metadata,
-                input_messages=[{"role": "user", "content": prompt.text}], input_text=prompt.text, output_text=f"You wrote: {prompt.text}",
-            ))
-            events.append(FeedbackReceived(inference_id=f"app-{prompt.corpus_id}", thumbs="down", comment=f"It ignored {prompt.text}"[:8000], actor=prompt.user))
+            events.append(
+                InferenceLogged(
+                    inference_id=f"app-{prompt.corpus_id}",
+                    model_name="tiny",
+                    endpoint="app",
+                    user_id=prompt.user,
+                    metadata=prompt.metadata,
+                    input_messages=[{"role": "user", "content": prompt.text}],
+                    input_text=prompt.text,
+                    output_text=f"You wrote: {prompt.text}",
+                )
+            )
+            events.append(
+                FeedbackReceived(
+                    inference_id=f"app-{prompt.corpus_id}",
+                    thumbs="down",
+                    comment=f"It ignored {prompt.text}"[:8000],
+                    actor=prompt.user,
+                )
+            )
         for index, text in enumerate(controls):
-            events.append(InferenceLogged(inference_id=f"control-{index}", model_name="tiny", endpoint="app", input_text=text, output_text=text, metadata={"corpus_id": f"control-{index}"}))
+            events.append(
+                InferenceLogged(
+                    inference_id=f"control-{index}",
+                    model_name="tiny",
+                    endpoint="app",
+                    input_text=text,
+                    output_text=text,
+                    metadata={"corpus_id": f"control-{index}"},
+                )
+            )
         for start in range(0, len(events), 200):
-            await asyncio.gather(*(publisher.publish(event) for event in events[start:start + 200]))
+            await asyncio.gather(*(publisher.publish(event) for event in events[start : start + 200]))
 
 
 # ---------------------------------------------------------------------------------------------- test
@@ -314,21 +458,41 @@ async def test_no_planted_personal_data_or_secret_is_stored_or_published_by_the_
     planted_kinds = Counter(kind for prompt in corpus for kind, _ in prompt.planted)
     assert set(planted_kinds) == set(KINDS) | set(IDENTITY_KINDS) and len(corpus) >= 1000
     # The search below finds every planted value in the raw prompt: a leak could not hide from it.
-    assert all(leaks(prompt.planted, [prompt.text, prompt.user, json.dumps(prompt.metadata)]) == prompt.planted for prompt in corpus)
+    assert all(
+        leaks(prompt.planted, [prompt.text, prompt.user, json.dumps(prompt.metadata)]) == prompt.planted
+        for prompt in corpus
+    )
 
     redactor = PrivacySettings(salt="corpus-salt").redactor()
     async with running_sink(settings, clickhouse, redactor):
         await through_the_gateway(settings, redactor, corpus, tmp_path_factory.mktemp("tokenizer"))
         await as_an_app(settings, corpus, controls)
         expected = 2 * len(corpus) + len(controls)
-        await eventually(lambda: clickhouse.query("SELECT count() AS n FROM inference_log")[0]["n"] >= expected and clickhouse.query("SELECT count() AS n FROM feedback")[0]["n"] >= len(corpus),
-                         what=f"{expected} inferences and {len(corpus)} feedbacks stored")
+        await eventually(
+            lambda: (
+                clickhouse.query("SELECT count() AS n FROM inference_log")[0]["n"] >= expected
+                and clickhouse.query("SELECT count() AS n FROM feedback")[0]["n"] >= len(corpus)
+            ),
+            what=f"{expected} inferences and {len(corpus)} feedbacks stored",
+        )
 
     by_id = {prompt.corpus_id: prompt for prompt in corpus}
-    rows = clickhouse.query("SELECT inference_id, endpoint, user_id, input_messages, input_text, output_text, error, toJSONString(metadata) AS metadata FROM inference_log")
-    feedback = {row["inference_id"]: row for row in clickhouse.query("SELECT inference_id, comment, correction, actor, tags FROM feedback")}
-    topic = await read_all(settings.resolved_kafka_bootstrap(), topic_for(InferenceLogged, settings.topic_prefix), expected=expected, timeout_s=60)
-    published_by_gateway = [json.loads(record.value) for record in topic if json.loads(record.value)["producer"] == "serving"]
+    rows = clickhouse.query(
+        "SELECT inference_id, endpoint, user_id, input_messages, input_text, output_text, error, toJSONString(metadata) AS metadata FROM inference_log"
+    )
+    feedback = {
+        row["inference_id"]: row
+        for row in clickhouse.query("SELECT inference_id, comment, correction, actor, tags FROM feedback")
+    }
+    topic = await read_all(
+        settings.resolved_kafka_bootstrap(),
+        topic_for(InferenceLogged, settings.topic_prefix),
+        expected=expected,
+        timeout_s=60,
+    )
+    published_by_gateway = [
+        json.loads(record.value) for record in topic if json.loads(record.value)["producer"] == "serving"
+    ]
     assert len(published_by_gateway) == len(corpus), "one inference.logged per gateway request"
 
     stored, on_topic = {"gateway": Counter[str](), "app": Counter[str]()}, Counter[str]()
@@ -336,7 +500,10 @@ async def test_no_planted_personal_data_or_secret_is_stored_or_published_by_the_
     false_positives = []
     for row in rows:
         corpus_id = json.loads(row["metadata"])["corpus_id"]
-        texts = [str(row[column]) for column in ("user_id", "input_messages", "input_text", "output_text", "error", "metadata")]
+        texts = [
+            str(row[column])
+            for column in ("user_id", "input_messages", "input_text", "output_text", "error", "metadata")
+        ]
         if corpus_id.startswith("control-"):
             index = int(corpus_id.removeprefix("control-"))
             if (row["input_text"], row["output_text"]) != (controls[index], controls[index]):
@@ -345,7 +512,9 @@ async def test_no_planted_personal_data_or_secret_is_stored_or_published_by_the_
         prompt = by_id[corpus_id]
         path = "gateway" if row["endpoint"] == "chat.completions" else "app"
         if path == "app":
-            texts += [str(feedback[row["inference_id"]][column]) for column in ("comment", "correction", "actor", "tags")]
+            texts += [
+                str(feedback[row["inference_id"]][column]) for column in ("comment", "correction", "actor", "tags")
+            ]
         seen[path] += 1
         stored[path].update(kind for kind, _ in leaks(prompt.planted, texts))
         assert MARKER in row["input_text"], "the text around what was removed is kept"
@@ -353,11 +522,17 @@ async def test_no_planted_personal_data_or_secret_is_stored_or_published_by_the_
             assert "[SSN]" in row["input_text"], f"an SSN is labelled SSN: {row['input_text']}"
     for message in published_by_gateway:
         payload = message["payload"]
-        on_topic.update(kind for kind, _ in leaks(by_id[payload["metadata"]["corpus_id"]].planted, [json.dumps(payload)]))
+        on_topic.update(
+            kind for kind, _ in leaks(by_id[payload["metadata"]["corpus_id"]].planted, [json.dumps(payload)])
+        )
     assert seen == {"gateway": len(corpus), "app": len(corpus)}
 
     report(f"stored by the sink, gateway path ({len(corpus)} prompts)", planted_kinds, stored["gateway"])
-    report(f"stored by the sink, app publishing raw events ({len(corpus)} prompts, with feedback)", planted_kinds, stored["app"])
+    report(
+        f"stored by the sink, app publishing raw events ({len(corpus)} prompts, with feedback)",
+        planted_kinds,
+        stored["app"],
+    )
     report(f"published on inference.logged by the gateway ({len(corpus)} messages)", planted_kinds, on_topic)
     print(f"\nclean control set: {len(false_positives)} of {len(controls)} prompts changed (false positives)")
     for original, scrubbed in false_positives[:10]:
@@ -367,32 +542,62 @@ async def test_no_planted_personal_data_or_secret_is_stored_or_published_by_the_
     assert false_positives == [], false_positives
 
 
-async def test_a_poison_message_is_dead_lettered_without_its_personal_data(settings: FlywheelSettings, topics: str, clickhouse: ClickHouseStore) -> None:
+async def test_a_poison_message_is_dead_lettered_without_its_personal_data(
+    settings: FlywheelSettings, topics: str, clickhouse: ClickHouseStore
+) -> None:
     from aiokafka import AIOKafkaProducer
 
     from contracts.topics import dlq_for
 
     email, key, user = "zoe.quinn@example.com", "sk-proj-Zq9xW8vU7tS6rR5qP4oN3mL2kJ1iH0gF", "customer-0042"
     # Valid JSON that is not a valid event (no model_name): the sink dead-letters it.
-    poison = json.dumps({"event_id": "9b2f5a1e-1111-4aaa-8bbb-0123456789ab", "event_type": "inference.logged", "payload": {"user_id": user, "input_text": f"I am {email}, key {key}"}}).encode()
+    poison = json.dumps(
+        {
+            "event_id": "9b2f5a1e-1111-4aaa-8bbb-0123456789ab",
+            "event_type": "inference.logged",
+            "payload": {"user_id": user, "input_text": f"I am {email}, key {key}"},
+        }
+    ).encode()
     binary = b"\xff\xfe" + email.encode()
     producer = AIOKafkaProducer(bootstrap_servers=settings.resolved_kafka_bootstrap(), acks="all")
     await producer.start()
     try:
         for value in (poison, binary):
-            await producer.send_and_wait(topic_for(InferenceLogged, settings.topic_prefix), value, key=b"poison", headers=[("trace", f"from {email}".encode())])
+            await producer.send_and_wait(
+                topic_for(InferenceLogged, settings.topic_prefix),
+                value,
+                key=b"poison",
+                headers=[("trace", f"from {email}".encode())],
+            )
     finally:
         await producer.stop()
     async with running_sink(settings, clickhouse, PrivacySettings().redactor()):
-        dead = await read_all(settings.resolved_kafka_bootstrap(), dlq_for(topic_for(InferenceLogged, settings.topic_prefix)), expected=2, timeout_s=90)
+        dead = await read_all(
+            settings.resolved_kafka_bootstrap(),
+            dlq_for(topic_for(InferenceLogged, settings.topic_prefix)),
+            expected=2,
+            timeout_s=90,
+        )
     assert len(dead) == 2 and all(record.key == b"poison" for record in dead)
     for record, original in zip(dead, (poison, binary), strict=True):
         headers = {name: value.decode() for name, value in record.headers}
         everything = record.value + json.dumps(headers).encode()
         assert email.encode() not in everything and key.encode() not in everything and user.encode() not in everything
-        assert headers["x-flywheel-value-bytes"] == str(len(original)) and headers["x-flywheel-original-header-trace"] == "from [EMAIL]"
-        assert headers["x-flywheel-error"].startswith("invalid event:") and headers["x-flywheel-consumer-group"] == "feedback"
+        assert (
+            headers["x-flywheel-value-bytes"] == str(len(original))
+            and headers["x-flywheel-original-header-trace"] == "from [EMAIL]"
+        )
+        assert (
+            headers["x-flywheel-error"].startswith("invalid event:")
+            and headers["x-flywheel-consumer-group"] == "feedback"
+        )
     text_letter, binary_letter = dead
     assert {name: value.decode() for name, value in text_letter.headers}["x-flywheel-value"] == "scrubbed"
-    assert json.loads(text_letter.value)["payload"] == {"user_id": "[USER]", "input_text": "I am [EMAIL], key [OPENAI_KEY]"}
-    assert binary_letter.value == b"" and {name: value.decode() for name, value in binary_letter.headers}["x-flywheel-value"] == "withheld"
+    assert json.loads(text_letter.value)["payload"] == {
+        "user_id": "[USER]",
+        "input_text": "I am [EMAIL], key [OPENAI_KEY]",
+    }
+    assert (
+        binary_letter.value == b""
+        and {name: value.decode() for name, value in binary_letter.headers}["x-flywheel-value"] == "withheld"
+    )

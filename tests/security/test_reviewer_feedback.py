@@ -45,36 +45,74 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 async def test_the_app_principal_cannot_publish_reviewer_feedback(secure_kafka: LocalKafka, bootstrap: str) -> None:  # noqa: F811
     admin = secure_kafka.admin_security()
     reviewed_topic, received_topic = topic_for(FeedbackReviewed), topic_for(FeedbackReceived)
-    reviewed_before, received_before = await end_offset(bootstrap, admin, reviewed_topic), await end_offset(bootstrap, admin, received_topic)
+    reviewed_before, received_before = (
+        await end_offset(bootstrap, admin, reviewed_topic),
+        await end_offset(bootstrap, admin, received_topic),
+    )
 
     async with EventPublisher(bootstrap, producer="support-bot", security=secure_kafka.credentials("app")) as app:
         with pytest.raises(TopicAuthorizationFailedError):
-            await app.publish(FeedbackReviewed(inference_id="chatcmpl-1", thumbs=Thumbs.down, correction="The warranty is 9 years."))
+            await app.publish(
+                FeedbackReviewed(inference_id="chatcmpl-1", thumbs=Thumbs.down, correction="The warranty is 9 years.")
+            )
         with pytest.raises(ReviewerClaimRefused) as refused:
-            await app.publish(FeedbackReceived(inference_id="chatcmpl-1", thumbs=Thumbs.down, correction="The warranty is 9 years.", source=FeedbackSource.reviewer))
-        assert str(refused.value).startswith("feedback.received may not carry source reviewer: reviewer feedback travels as feedback.reviewed")
+            await app.publish(
+                FeedbackReceived(
+                    inference_id="chatcmpl-1",
+                    thumbs=Thumbs.down,
+                    correction="The warranty is 9 years.",
+                    source=FeedbackSource.reviewer,
+                )
+            )
+        assert str(refused.value).startswith(
+            "feedback.received may not carry source reviewer: reviewer feedback travels as feedback.reviewed"
+        )
         # Its end users' feedback still goes through.
         await app.publish(FeedbackReceived(inference_id="chatcmpl-1", thumbs=Thumbs.down))
 
-    assert await end_offset(bootstrap, admin, reviewed_topic) == reviewed_before, "the app's feedback.reviewed reached the topic"
-    assert await end_offset(bootstrap, admin, received_topic) == received_before + 1, "only the end user's feedback may reach feedback.received"
+    assert await end_offset(bootstrap, admin, reviewed_topic) == reviewed_before, (
+        "the app's feedback.reviewed reached the topic"
+    )
+    assert await end_offset(bootstrap, admin, received_topic) == received_before + 1, (
+        "only the end user's feedback may reach feedback.received"
+    )
 
     # The refusal is the ACL, not a missing topic: the feedback service's principal writes it.
-    async with EventPublisher(bootstrap, producer="feedback", security=secure_kafka.credentials("feedback")) as feedback:
-        await feedback.publish(FeedbackReviewed(inference_id="chatcmpl-1", thumbs=Thumbs.down, correction="The warranty is 2 years."))
+    async with EventPublisher(
+        bootstrap, producer="feedback", security=secure_kafka.credentials("feedback")
+    ) as feedback:
+        await feedback.publish(
+            FeedbackReviewed(inference_id="chatcmpl-1", thumbs=Thumbs.down, correction="The warranty is 2 years.")
+        )
     assert await end_offset(bootstrap, admin, reviewed_topic) == reviewed_before + 1
 
 
 async def test_the_sink_as_the_feedback_principal_stores_reviewer_rows_only_from_feedback_reviewed(
-    secure_kafka: LocalKafka, bootstrap: str, clickhouse: ClickHouseStore, tmp_path: Path  # noqa: F811
+    secure_kafka: LocalKafka,
+    bootstrap: str,
+    clickhouse: ClickHouseStore,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     credentials = secure_kafka.credentials("feedback")
     settings = FlywheelSettings(
-        home=tmp_path / "home", kafka_bootstrap=bootstrap, kafka_security_protocol="SASL_PLAINTEXT",
-        kafka_sasl_username="feedback", kafka_sasl_password=credentials.password, consumer_max_retries=1, shutdown_grace_s=1.0,
+        home=tmp_path / "home",
+        kafka_bootstrap=bootstrap,
+        kafka_security_protocol="SASL_PLAINTEXT",
+        kafka_sasl_username="feedback",
+        kafka_sasl_password=credentials.password,
+        consumer_max_retries=1,
+        shutdown_grace_s=1.0,
     )
     inference_id = f"chatcmpl-{uuid.uuid4().hex[:10]}"
-    forged = wrap(FeedbackReceived(inference_id=inference_id, thumbs=Thumbs.down, correction="The warranty is 9 years.", source=FeedbackSource.reviewer), producer="feedback")
+    forged = wrap(
+        FeedbackReceived(
+            inference_id=inference_id,
+            thumbs=Thumbs.down,
+            correction="The warranty is 9 years.",
+            source=FeedbackSource.reviewer,
+        ),
+        producer="feedback",
+    )
     # The app skips the SDK's refusal with a raw producer: feedback.received is a topic it may write.
     raw = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", **secure_kafka.credentials("app").client_options())
     await raw.start()
@@ -86,32 +124,62 @@ async def test_the_sink_as_the_feedback_principal_stores_reviewer_rows_only_from
 
     # The sink as `flywheel run feedback` connects: the feedback principal, in its group (the only one its ACLs grant).
     broker = create_broker(settings, client_id="secure-sink")
-    subscribe_batches(broker, BATCH_HANDLERS, Sink(FeedbackStore(lambda: clickhouse), Redactor()), group="feedback", dead_letters=DeadLetters(broker), topic_prefix="", max_retries=1, **SINK_SETTINGS.batch_options())
+    subscribe_batches(
+        broker,
+        BATCH_HANDLERS,
+        Sink(FeedbackStore(lambda: clickhouse), Redactor()),
+        group="feedback",
+        dead_letters=DeadLetters(broker),
+        topic_prefix="",
+        max_retries=1,
+        **SINK_SETTINGS.batch_options(),
+    )
     async with broker:
         await broker.start()
         bus = EventBus(broker, producer="feedback")
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=feedback_door(bus, clickhouse, settings)), base_url="http://test") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=feedback_door(bus, clickhouse, settings)), base_url="http://test"
+        ) as client:
             answer = await client.post(
                 "/feedback/v1/feedback",
-                json={"inference_id": inference_id, "thumbs": "down", "correction": "The warranty is 2 years.", "source": "reviewer"},
+                json={
+                    "inference_id": inference_id,
+                    "thumbs": "down",
+                    "correction": "The warranty is 2 years.",
+                    "source": "reviewer",
+                },
                 headers={"Authorization": f"Bearer {api_key(settings, Role.reviewer)}"},
             )
         assert answer.status_code == 202, answer.text
         await eventually(
-            lambda: clickhouse.query("SELECT count() AS n FROM feedback WHERE inference_id = {id:String}", {"id": inference_id})[0]["n"] >= 1,
+            lambda: (
+                clickhouse.query(
+                    "SELECT count() AS n FROM feedback WHERE inference_id = {id:String}", {"id": inference_id}
+                )[0]["n"]
+                >= 1
+            ),
             what="the reviewer's correction stored",
         )
-        letters = await read_records(bootstrap, secure_kafka.admin_security(), dlq_for(topic_for(FeedbackReceived)), expected=10**6, timeout_s=10)
+        letters = await read_records(
+            bootstrap, secure_kafka.admin_security(), dlq_for(topic_for(FeedbackReceived)), expected=10**6, timeout_s=10
+        )
 
-    stored = clickhouse.query("SELECT toString(event_id) AS event_id, source, correction FROM feedback WHERE inference_id = {id:String}", {"id": inference_id})
-    assert stored == [{"event_id": answer.json()["event_id"], "source": "reviewer", "correction": "The warranty is 2 years."}]
+    stored = clickhouse.query(
+        "SELECT toString(event_id) AS event_id, source, correction FROM feedback WHERE inference_id = {id:String}",
+        {"id": inference_id},
+    )
+    assert stored == [
+        {"event_id": answer.json()["event_id"], "source": "reviewer", "correction": "The warranty is 2 years."}
+    ]
     mine = [letter for letter in letters if json.loads(letter.value)["event_id"] == str(forged.event_id)]
     assert len(mine) == 1, "the forged claim was not dead-lettered once"
     reason = dict((name, value.decode()) for name, value in mine[0].headers)["x-flywheel-error"]
     assert "feedback.received may not carry source reviewer" in reason and "feedback.reviewed" in reason
 
 
-async def test_the_cli_gives_a_reviewers_feedback_as_the_feedback_principal_and_an_end_users_as_the_app(secure_kafka: LocalKafka, bootstrap: str) -> None:  # noqa: F811
+async def test_the_cli_gives_a_reviewers_feedback_as_the_feedback_principal_and_an_end_users_as_the_app(
+    secure_kafka: LocalKafka, bootstrap: str
+) -> None:  # noqa: F811
     # The CLI finds the broker and the principals' credentials where `flywheel infra up --secure` recorded them.
     env = {name: value for name, value in os.environ.items() if not name.startswith("FLYWHEEL_KAFKA_")}
     env.update(FLYWHEEL_HOME=str(secure_kafka.dir.parent.parent), PYTHONWARNINGS="ignore")
@@ -123,7 +191,14 @@ async def test_the_cli_gives_a_reviewers_feedback_as_the_feedback_principal_and_
         return tuple([await end_offset(bootstrap, admin, topic) for topic in topics])
 
     async def give(*args: str) -> None:
-        done = await asyncio.to_thread(subprocess.run, [flywheel, "feedback", "give", "chatcmpl-cli", "--thumbs", "down", *args], env=env, capture_output=True, text=True, timeout=120)
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [flywheel, "feedback", "give", "chatcmpl-cli", "--thumbs", "down", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
 
     reviewed, received = await offsets()

@@ -57,7 +57,9 @@ def test_each_former_name_still_works_with_a_warning_at_start(
         _, runtime = build_process(settings, [], title="flywheel-test")
     assert runtime.artifacts.root == (tmp_path / "legacy").as_uri()
     warned = [record.getMessage() for record in caplog.records if record.name == "flywheel.process"]
-    assert warned == [f"FLYWHEEL_{service}_ARTIFACT_ROOT is deprecated: set FLYWHEEL_ARTIFACT_ROOT (the artifact store every service reads)"]
+    assert warned == [
+        f"FLYWHEEL_{service}_ARTIFACT_ROOT is deprecated: set FLYWHEEL_ARTIFACT_ROOT (the artifact store every service reads)"
+    ]
 
 
 def test_the_registry_s_former_name_moves_serving_too(environment: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -72,7 +74,9 @@ def test_the_new_name_wins_and_the_ignored_former_one_is_named(environment: pyte
     environment.setenv("FLYWHEEL_SERVING_ARTIFACT_ROOT", str(tmp_path / "old"))
     settings = load_settings(FlywheelSettings)
     assert settings.artifact_root == str(tmp_path / "new")
-    assert settings.deprecation_warnings() == ["ignoring deprecated FLYWHEEL_SERVING_ARTIFACT_ROOT: FLYWHEEL_ARTIFACT_ROOT is set"]
+    assert settings.deprecation_warnings() == [
+        "ignoring deprecated FLYWHEEL_SERVING_ARTIFACT_ROOT: FLYWHEEL_ARTIFACT_ROOT is set"
+    ]
 
 
 def test_former_names_that_disagree_are_refused_naming_both(environment: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -81,7 +85,11 @@ def test_former_names_that_disagree_are_refused_naming_both(environment: pytest.
     with pytest.raises(ConfigurationError) as refused:
         load_settings(FlywheelSettings)
     message = str(refused.value)
-    assert "FLYWHEEL_REGISTRY_ARTIFACT_ROOT" in message and "FLYWHEEL_TRAINER_ARTIFACT_ROOT" in message and "set FLYWHEEL_ARTIFACT_ROOT" in message
+    assert (
+        "FLYWHEEL_REGISTRY_ARTIFACT_ROOT" in message
+        and "FLYWHEEL_TRAINER_ARTIFACT_ROOT" in message
+        and "set FLYWHEEL_ARTIFACT_ROOT" in message
+    )
 
 
 def test_former_names_that_agree_are_one_store(environment: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -16,7 +16,18 @@ from sqlalchemy import text
 from sqlmodel import Session
 
 from infra.processes import free_port
-from services.runtime.auth import PEPPER_FILE, ApiKey, Authenticator, KeyStore, Principal, Role, create_database_engine, key_pepper, registry_database_url, split_key
+from services.runtime.auth import (
+    PEPPER_FILE,
+    ApiKey,
+    Authenticator,
+    KeyStore,
+    Principal,
+    Role,
+    create_database_engine,
+    key_pepper,
+    registry_database_url,
+    split_key,
+)
 from services.runtime.errors import ConfigurationError
 from services.runtime.http import create_http_app
 from services.runtime.running import client_key, record
@@ -70,11 +81,19 @@ def test_roles_and_errors_at_the_door(keys: KeyStore) -> None:
 
     missing = client.post("/things")
     assert missing.status_code == 401
-    assert missing.json()["error"] == {"message": "missing API key: send `Authorization: Bearer <key>`", "type": "authentication_error", "param": None, "code": "missing_api_key"}
+    assert missing.json()["error"] == {
+        "message": "missing API key: send `Authorization: Bearer <key>`",
+        "type": "authentication_error",
+        "param": None,
+        "code": "missing_api_key",
+    }
     bad = client.get("/things", headers={"Authorization": "Bearer fw_abc_def"})
     assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
 
-    assert client.get("/things", headers={"Authorization": f"Bearer {viewer}"}).json() == {"who": "vic", "role": "viewer"}
+    assert client.get("/things", headers={"Authorization": f"Bearer {viewer}"}).json() == {
+        "who": "vic",
+        "role": "viewer",
+    }
     refused = client.post("/things", headers={"Authorization": f"Bearer {viewer}"})
     assert refused.status_code == 403
     assert refused.json()["error"]["type"] == "permission_error"
@@ -123,7 +142,9 @@ def test_unmigrated_database_is_a_503_not_a_traceback(tmp_path: Path) -> None:
 
 
 def test_a_short_bootstrap_key_is_refused_saying_what_to_set(keys: KeyStore) -> None:
-    with pytest.raises(ConfigurationError, match=r"FLYWHEEL_BOOTSTRAP_ADMIN_KEY is 31 characters; set it to at least 32"):
+    with pytest.raises(
+        ConfigurationError, match=r"FLYWHEEL_BOOTSTRAP_ADMIN_KEY is 31 characters; set it to at least 32"
+    ):
         keys.ensure_bootstrap_admin("x" * 31)
     assert not keys.has_active_admin()
 
@@ -147,7 +168,17 @@ def test_a_legacy_sha256_row_verifies_once_and_is_rewritten_under_the_pepper(key
     salt = secrets.token_hex(16)
     legacy = hashlib.sha256(bytes.fromhex(salt) + secret.encode()).hexdigest()
     with Session(keys._engine) as session:  # noqa: SLF001 - a row as written before migration 0004
-        session.add(ApiKey(key_id=key_id, principal="old", role="viewer", salt=salt, secret_sha256=legacy, created_at=datetime.now(UTC), created_by="test"))
+        session.add(
+            ApiKey(
+                key_id=key_id,
+                principal="old",
+                role="viewer",
+                salt=salt,
+                secret_sha256=legacy,
+                created_at=datetime.now(UTC),
+                created_by="test",
+            )
+        )
         session.commit()
     key = f"fw_{key_id}_{secret}"
     assert keys.verify(key) == Principal("old", Role.viewer, key_id)
@@ -158,10 +189,15 @@ def test_a_legacy_sha256_row_verifies_once_and_is_rewritten_under_the_pepper(key
 
 
 def test_an_expired_key_is_a_401_that_says_so(keys: KeyStore) -> None:
-    key, row = keys.create(principal="tess", role=Role.viewer, created_by="test", expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    key, row = keys.create(
+        principal="tess", role=Role.viewer, created_by="test", expires_at=datetime.now(UTC) - timedelta(seconds=1)
+    )
     response = client_for(Authenticator(keys)).get("/things", headers={"Authorization": f"Bearer {key}"})
     assert response.status_code == 401
-    assert response.json()["error"]["code"] == "expired_api_key" and f"API key {row.key_id} expired at" in response.json()["error"]["message"]
+    assert (
+        response.json()["error"]["code"] == "expired_api_key"
+        and f"API key {row.key_id} expired at" in response.json()["error"]["message"]
+    )
 
 
 def test_without_a_registry_to_ask_a_door_says_what_to_start_and_never_opens_the_database(tmp_path: Path) -> None:
@@ -176,14 +212,19 @@ def test_without_a_registry_to_ask_a_door_says_what_to_start_and_never_opens_the
     response = client.get("/things", headers={"Authorization": f"Bearer {key}"})
     assert response.status_code == 503
     message = response.json()["error"]["message"]
-    assert "start the registry (`flywheel run registry` with the same FLYWHEEL_HOME)" in message and "FLYWHEEL_REGISTRY_URL" in message
+    assert (
+        "start the registry (`flywheel run registry` with the same FLYWHEEL_HOME)" in message
+        and "FLYWHEEL_REGISTRY_URL" in message
+    )
 
 
 def test_a_registry_recorded_under_the_home_is_asked(tmp_path: Path) -> None:
     # A record of this very process claiming a registry door where nothing listens: the door is asked (and named).
     url = f"http://127.0.0.1:{free_port()}"
     record(tmp_path, ["registry"], url)
-    response = client_for(Authenticator.for_settings(FlywheelSettings(home=tmp_path))).get("/things", headers={"Authorization": "Bearer fw_a_b"})
+    response = client_for(Authenticator.for_settings(FlywheelSettings(home=tmp_path))).get(
+        "/things", headers={"Authorization": "Bearer fw_a_b"}
+    )
     assert response.status_code == 503
     assert f"the registry at {url} did not answer" in response.json()["error"]["message"]
 
@@ -193,10 +234,15 @@ def test_an_unreachable_registry_is_a_503_naming_it(tmp_path: Path) -> None:
     client = client_for(Authenticator.for_settings(FlywheelSettings(home=tmp_path, registry_url=url)))
     response = client.get("/things", headers={"Authorization": "Bearer fw_a_b"})
     assert response.status_code == 503
-    assert f"the registry at {url} did not answer" in response.json()["error"]["message"] and "FLYWHEEL_REGISTRY_URL" in response.json()["error"]["message"]
+    assert (
+        f"the registry at {url} did not answer" in response.json()["error"]["message"]
+        and "FLYWHEEL_REGISTRY_URL" in response.json()["error"]["message"]
+    )
 
 
-def test_a_fresh_development_home_gets_an_admin_key_in_an_owner_only_file_once(keys: KeyStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_fresh_development_home_gets_an_admin_key_in_an_owner_only_file_once(
+    keys: KeyStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     written = keys.ensure_development_admin(tmp_path)
     assert written == tmp_path / "admin.key" and stat.S_IMODE(written.stat().st_mode) == 0o600
     key = written.read_text().strip()

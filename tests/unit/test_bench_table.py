@@ -46,7 +46,16 @@ def test_output_without_figures_is_an_error_not_an_empty_table() -> None:
 
 
 def test_the_markdown_table_names_the_machine_failures_and_what_was_not_run() -> None:
-    machine = {"cpu": "Xeon", "cpu_count": 2, "memory": "23.5 GiB", "gpu": None, "platform": "Linux", "python": "3.11", "torch": "2", "load_average": [1.0]}
+    machine = {
+        "cpu": "Xeon",
+        "cpu_count": 2,
+        "memory": "23.5 GiB",
+        "gpu": None,
+        "platform": "Linux",
+        "python": "3.11",
+        "torch": "2",
+        "load_average": [1.0],
+    }
     rows = [
         Row("ingest", "events/s", 1000.0, 5.0, "events/s", "higher", "sink", "one insert"),
         Row("train", "-", None, None, "", "", error="RuntimeError: bench side baseline failed"),

@@ -44,7 +44,9 @@ def _service_of(module: str) -> str | None:
 
 
 def _where(graph: grimp.ImportGraph, importer: str, imported: str) -> str:
-    lines = ", ".join(f"{detail['line_number']}" for detail in graph.get_import_details(importer=importer, imported=imported))
+    lines = ", ".join(
+        f"{detail['line_number']}" for detail in graph.get_import_details(importer=importer, imported=imported)
+    )
     return f"{importer} imports {imported}" + (f" (line {lines})" if lines else "")
 
 
@@ -109,15 +111,26 @@ def _circle(graph: grimp.ImportGraph, component: set[str]) -> list[str]:
 def test_the_import_graph_has_no_circle(graph: grimp.ImportGraph) -> None:
     circles = import_cycles(graph)
     assert not circles, "import circles (break each at one edge):\n" + "\n".join(
-        " -> ".join(circle) + "\n    " + "\n    ".join(_where(graph, a, b) for a, b in itertools.pairwise(circle)) for circle in circles
+        " -> ".join(circle) + "\n    " + "\n    ".join(_where(graph, a, b) for a, b in itertools.pairwise(circle))
+        for circle in circles
     )
 
 
 def test_the_circle_finder_finds_a_circle_and_names_it() -> None:
     made = grimp.ImportGraph()
-    for importer, imported in [("pkg.store", "pkg.embedded"), ("pkg.embedded", "pkg.store"), ("pkg.factory", "pkg.store"), ("pkg.a", "pkg.b"), ("pkg.b", "pkg.c"), ("pkg.c", "pkg.a")]:
+    for importer, imported in [
+        ("pkg.store", "pkg.embedded"),
+        ("pkg.embedded", "pkg.store"),
+        ("pkg.factory", "pkg.store"),
+        ("pkg.a", "pkg.b"),
+        ("pkg.b", "pkg.c"),
+        ("pkg.c", "pkg.a"),
+    ]:
         made.add_import(importer=importer, imported=imported)
-    assert sorted(import_cycles(made)) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"], ["pkg.embedded", "pkg.store", "pkg.embedded"]]
+    assert sorted(import_cycles(made)) == [
+        ["pkg.a", "pkg.b", "pkg.c", "pkg.a"],
+        ["pkg.embedded", "pkg.store", "pkg.embedded"],
+    ]
     made.remove_import(importer="pkg.c", imported="pkg.a")
     assert import_cycles(made) == [["pkg.embedded", "pkg.store", "pkg.embedded"]]
 
@@ -132,7 +145,9 @@ def test_services_do_not_import_each_other(graph: grimp.ImportGraph) -> None:
         if (service := _service_of(module)) is not None
         for imported in sorted(graph.find_modules_directly_imported_by(module))
         # A service imports contracts, the shared runtime and itself: not another service, nor the CLI above it.
-        if imported.split(".")[0] == "services" and imported != "services" and imported.split(".")[1] not in {"runtime", service}
+        if imported.split(".")[0] == "services"
+        and imported != "services"
+        and imported.split(".")[1] not in {"runtime", service}
     ]
     assert not offences, "\n".join(offences)
 
@@ -160,7 +175,9 @@ def _cli_may_import(module: str) -> bool:
 
 
 @pytest.mark.parametrize("composition", COMPOSITIONS)
-def test_the_cli_and_the_demo_import_of_a_service_only_its_app_and_cli(graph: grimp.ImportGraph, composition: str) -> None:
+def test_the_cli_and_the_demo_import_of_a_service_only_its_app_and_cli(
+    graph: grimp.ImportGraph, composition: str
+) -> None:
     modules = graph.find_descendants(composition)
     assert modules, f"{composition} has no modules: the check would pass for nothing"
     offences = [
@@ -189,7 +206,13 @@ def importlib_names(source: str) -> Iterator[tuple[int, str | None]]:
     for node in ast.walk(ast.parse(source)):
         if not isinstance(node, ast.Call) or not node.args:
             continue
-        function = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id if isinstance(node.func, ast.Name) else None
+        function = (
+            node.func.attr
+            if isinstance(node.func, ast.Attribute)
+            else node.func.id
+            if isinstance(node.func, ast.Name)
+            else None
+        )
         if function not in IMPORTLIB_CALLS:
             continue
         name = node.args[0]

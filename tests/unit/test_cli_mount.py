@@ -21,13 +21,25 @@ def _paths(command: Any, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
 
 
 def test_every_service_with_commands_is_found_by_name() -> None:
-    assert [module.__name__ for module in service_clis()] == [f"services.{name}.cli" for name in ("registry", "trainer", "evaluator", "serving", "feedback", "monitor")]
+    assert [module.__name__ for module in service_clis()] == [
+        f"services.{name}.cli" for name in ("registry", "trainer", "evaluator", "serving", "feedback", "monitor")
+    ]
 
 
 def _declared(commands: typer.Typer, prefix: tuple[str, ...]) -> set[tuple[str, ...]]:
     # Read from the Typer itself: built into a click command, a Typer of one command is that command.
-    names = {(*prefix, command.name or typer.main.get_command_name(command.callback.__name__)) for command in commands.registered_commands if command.callback}
-    return names.union(*(_declared(group.typer_instance, (*prefix, group.name)) for group in commands.registered_groups if group.name and group.typer_instance))
+    names = {
+        (*prefix, command.name or typer.main.get_command_name(command.callback.__name__))
+        for command in commands.registered_commands
+        if command.callback
+    }
+    return names.union(
+        *(
+            _declared(group.typer_instance, (*prefix, group.name))
+            for group in commands.registered_groups
+            if group.name and group.typer_instance
+        )
+    )
 
 
 def test_each_command_a_service_declares_is_mounted_under_its_group() -> None:

@@ -50,7 +50,9 @@ def test_the_deduplication_rule_looks_only_at_created_tables() -> None:
         "ALTER TABLE t ADD INDEX i x TYPE minmax;\n"
         "-- the table\nCREATE TABLE IF NOT EXISTS t (x UInt8) ENGINE = MergeTree ORDER BY x;\n"
     )
-    assert [statement.split("(")[0].strip() for statement in created_tables(statements)] == ["CREATE TABLE IF NOT EXISTS t"]
+    assert [statement.split("(")[0].strip() for statement in created_tables(statements)] == [
+        "CREATE TABLE IF NOT EXISTS t"
+    ]
 
 
 def test_order_is_numeric_not_by_file_listing(tmp_path: Path) -> None:

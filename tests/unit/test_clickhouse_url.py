@@ -65,7 +65,9 @@ def test_bad_url_message_never_shows_the_password() -> None:
 
 def test_unreachable_server_names_the_url_without_password(tmp_path: Path) -> None:
     # Port 1 on loopback: nothing listens there, so the connection is refused at once.
-    with pytest.raises(ConfigurationError, match=r"cannot reach ClickHouse at http://u:\*\*\*@127\.0\.0\.1:1/db") as caught:
+    with pytest.raises(
+        ConfigurationError, match=r"cannot reach ClickHouse at http://u:\*\*\*@127\.0\.0\.1:1/db"
+    ) as caught:
         open_clickhouse("http://u:hunter2@127.0.0.1:1/db", tmp_path)
     assert "hunter2" not in str(caught.value)
 

@@ -82,5 +82,6 @@ def test_no_service_app_reads_settings_itself(name: str) -> None:
         for node in ast.walk(ast.parse(source.read_text()))
         if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "load_settings"
     ]
-    assert calls == [], f"{source.relative_to(ROOT)} calls load_settings on lines {calls}: take the settings as a create_app parameter"
-
+    assert calls == [], (
+        f"{source.relative_to(ROOT)} calls load_settings on lines {calls}: take the settings as a create_app parameter"
+    )

@@ -60,14 +60,18 @@ def processed(tmp_path: Path) -> Iterator[SqliteProcessedEvents]:
     store.close()
 
 
-async def test_a_redelivered_event_is_handled_once_and_remembered_for_its_group(processed: SqliteProcessedEvents) -> None:
+async def test_a_redelivered_event_is_handled_once_and_remembered_for_its_group(
+    processed: SqliteProcessedEvents,
+) -> None:
     broker = KafkaBroker()
     handled: list[str] = []
 
     async def handle(envelope: Envelope[InferenceLogged]) -> None:
         handled.append(envelope.payload.inference_id)
 
-    subscribe(broker, InferenceLogged, handle, group="g", processed=processed, dead_letters=DeadLetters(broker), backoff_s=0)
+    subscribe(
+        broker, InferenceLogged, handle, group="g", processed=processed, dead_letters=DeadLetters(broker), backoff_s=0
+    )
     first, second = inference("a"), inference("b")
     async with TestKafkaBroker(broker) as test_broker:
         for envelope in (first, second, first):  # the third is a redelivery of the first
@@ -78,7 +82,9 @@ async def test_a_redelivered_event_is_handled_once_and_remembered_for_its_group(
     assert not processed.seen("another-group", str(first.event_id))
 
 
-async def test_an_undecodable_record_and_a_handler_that_keeps_failing_are_dead_lettered_with_the_reason(processed: SqliteProcessedEvents) -> None:
+async def test_an_undecodable_record_and_a_handler_that_keeps_failing_are_dead_lettered_with_the_reason(
+    processed: SqliteProcessedEvents,
+) -> None:
     broker = KafkaBroker()
     inbox = DeadLetterInbox(broker)
     attempts: list[str] = []
@@ -88,7 +94,16 @@ async def test_an_undecodable_record_and_a_handler_that_keeps_failing_are_dead_l
         if envelope.payload.inference_id == "poison":
             raise ValueError("cannot store this one")
 
-    subscribe(broker, InferenceLogged, handle, group="g", processed=processed, dead_letters=DeadLetters(broker), max_retries=2, backoff_s=0)
+    subscribe(
+        broker,
+        InferenceLogged,
+        handle,
+        group="g",
+        processed=processed,
+        dead_letters=DeadLetters(broker),
+        max_retries=2,
+        backoff_s=0,
+    )
     poison, fine = inference("poison"), inference("fine")
     async with TestKafkaBroker(broker) as test_broker:
         await test_broker.publish(b"{not an envelope", TOPIC)
@@ -123,7 +138,9 @@ async def test_a_batch_that_keeps_failing_is_split_until_the_record_at_fault_is_
             raise ValueError("a record the store refuses")
         stored.extend(ids)
 
-    subscribe_batch(broker, InferenceLogged, store, group="sink", dead_letters=DeadLetters(broker), max_retries=1, backoff_s=0)
+    subscribe_batch(
+        broker, InferenceLogged, store, group="sink", dead_letters=DeadLetters(broker), max_retries=1, backoff_s=0
+    )
     ids = ["a", "b", "poison", "c"]
     async with TestKafkaBroker(broker) as test_broker:
         await test_broker.publish_batch(*(encoded(inference(inference_id)) for inference_id in ids), topic=TOPIC)
@@ -131,7 +148,9 @@ async def test_a_batch_that_keeps_failing_is_split_until_the_record_at_fault_is_
     assert batches[:2] == [ids, ids]  # the whole batch: tried, retried once
     assert sorted(stored) == ["a", "b", "c"]
     assert inbox.headers("x-flywheel-error") == ["ValueError: a record the store refuses"]
-    assert [Envelope[InferenceLogged].model_validate_json(body).payload.inference_id for body, _ in inbox.letters] == ["poison"]
+    assert [Envelope[InferenceLogged].model_validate_json(body).payload.inference_id for body, _ in inbox.letters] == [
+        "poison"
+    ]
 
 
 async def test_a_batch_whose_store_is_unavailable_is_retried_until_it_answers_never_dead_lettered() -> None:
@@ -144,7 +163,9 @@ async def test_a_batch_whose_store_is_unavailable_is_retried_until_it_answers_ne
         if len(calls) <= 4:  # more outages than max_retries: RetryLater does not count as a failure
             raise RetryLater("ClickHouse unavailable")
 
-    subscribe_batch(broker, InferenceLogged, store, group="sink", dead_letters=DeadLetters(broker), max_retries=1, backoff_s=0)
+    subscribe_batch(
+        broker, InferenceLogged, store, group="sink", dead_letters=DeadLetters(broker), max_retries=1, backoff_s=0
+    )
     async with TestKafkaBroker(broker) as test_broker:
         await test_broker.publish_batch(encoded(inference("a")), encoded(inference("b")), topic=TOPIC)
 

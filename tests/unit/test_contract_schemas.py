@@ -58,7 +58,10 @@ def test_added_optional_field_and_widened_type_are_compatible() -> None:
     published = current_schemas()[INFERENCE]
     changed = copy.deepcopy(published)
     _payload_def(changed)["properties"]["tenant"] = {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None}
-    _payload_def(changed)["properties"]["route"] = {"anyOf": [{"type": "string"}, {"type": "null"}], "default": "direct"}
+    _payload_def(changed)["properties"]["route"] = {
+        "anyOf": [{"type": "string"}, {"type": "null"}],
+        "default": "direct",
+    }
     assert breaking_changes(published, changed) == []
 
 
@@ -67,4 +70,12 @@ def test_every_event_and_http_model_is_exported() -> None:
     assert sum(name.startswith("events/") for name in schemas) == 18
     for name, schema in schemas.items():
         if name.startswith("events/"):
-            assert {"event_id", "event_type", "schema_version", "occurred_at", "producer", "correlation_id", "payload"} <= set(schema["properties"])
+            assert {
+                "event_id",
+                "event_type",
+                "schema_version",
+                "occurred_at",
+                "producer",
+                "correlation_id",
+                "payload",
+            } <= set(schema["properties"])

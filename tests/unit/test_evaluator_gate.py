@@ -42,10 +42,17 @@ def test_paired_bootstrap_is_seeded_and_covers_the_mean_difference() -> None:
 def test_a_clearly_better_candidate_passes() -> None:
     base = _scores(3)
     grounded = _scores(4)
-    verdict = decide(POLICY, _comparisons(
-        {"token_f1": [b + 0.15 + 0.05 * np.sin(i) for i, b in enumerate(base)], "groundedness": grounded, "unsafe_rate": [0.0] * N},
-        {"token_f1": base, "groundedness": grounded, "unsafe_rate": [0.0] * N},
-    ))
+    verdict = decide(
+        POLICY,
+        _comparisons(
+            {
+                "token_f1": [b + 0.15 + 0.05 * np.sin(i) for i, b in enumerate(base)],
+                "groundedness": grounded,
+                "unsafe_rate": [0.0] * N,
+            },
+            {"token_f1": base, "groundedness": grounded, "unsafe_rate": [0.0] * N},
+        ),
+    )
     assert verdict.passed, verdict.reasons
     assert verdict.reasons[0].startswith("PASS token_f1: improved by +0.15")
     assert "SKIP format_validity: not measured" in "\n".join(verdict.reasons)
@@ -53,17 +60,26 @@ def test_a_clearly_better_candidate_passes() -> None:
 
 def test_an_equal_candidate_fails() -> None:
     base = _scores(5)
-    verdict = decide(POLICY, _comparisons({"token_f1": base, "groundedness": base}, {"token_f1": base, "groundedness": base}))
+    verdict = decide(
+        POLICY, _comparisons({"token_f1": base, "groundedness": base}, {"token_f1": base, "groundedness": base})
+    )
     assert not verdict.passed
     assert verdict.reasons[0].startswith("FAIL token_f1: no improvement with 95% confidence: +0.0000")
 
 
 def test_a_guard_regression_fails_with_the_numbers() -> None:
     base = _scores(6)
-    verdict = decide(POLICY, _comparisons(
-        {"token_f1": [b + 0.2 for b in base], "groundedness": [b - 0.2 for b in base], "unsafe_rate": [1.0] * 4 + [0.0] * (N - 4)},
-        {"token_f1": base, "groundedness": base, "unsafe_rate": [0.0] * N},
-    ))
+    verdict = decide(
+        POLICY,
+        _comparisons(
+            {
+                "token_f1": [b + 0.2 for b in base],
+                "groundedness": [b - 0.2 for b in base],
+                "unsafe_rate": [1.0] * 4 + [0.0] * (N - 4),
+            },
+            {"token_f1": base, "groundedness": base, "unsafe_rate": [0.0] * N},
+        ),
+    )
     assert not verdict.passed
     reasons = "\n".join(verdict.reasons)
     assert "PASS token_f1" in reasons
@@ -82,14 +98,22 @@ def test_a_metric_erroring_on_too_many_examples_fails_the_gate() -> None:
 
 def test_policies_are_declared_per_model_and_versioned() -> None:
     factual = ["Hold it for 12 seconds.", "It costs $4.99 a month.", "Yes, it does."]
-    assert policy_for("smol", {"smol": "default@v1"}, references=factual) == (POLICIES["default@v1"], "declared for smol")
-    assert policy_for("smol", {}, "default@v1", references=factual) == (POLICIES["default@v1"], "the evaluator's default")
+    assert policy_for("smol", {"smol": "default@v1"}, references=factual) == (
+        POLICIES["default@v1"],
+        "declared for smol",
+    )
+    assert policy_for("smol", {}, "default@v1", references=factual) == (
+        POLICIES["default@v1"],
+        "the evaluator's default",
+    )
     with pytest.raises(KeyError, match="strict@v9"):
         policy_for("smol", {"smol": "strict@v9"})
 
 
 def test_auto_applies_the_facts_policy_where_most_references_state_numbers() -> None:
-    policy, why = policy_for("smol", {}, references=["Hold it for 12 seconds.", "It costs $4.99 a month.", "Yes, it does."])
+    policy, why = policy_for(
+        "smol", {}, references=["Hold it for 12 seconds.", "It costs $4.99 a month.", "Yes, it does."]
+    )
     assert (policy.key, why) == ("facts@v1", "auto: 2/3 golden references state numbers (at least 50%)")
     policy, why = policy_for("smol", {}, references=["Yes, it does.", "Ask support.", "Within 30 days."])
     assert (policy.key, why) == ("default@v1", "auto: 1/3 golden references state numbers (under 50%)")
@@ -103,5 +127,9 @@ def test_facts_policy_also_wants_the_numbers_right() -> None:
     assert not verdict.passed
     assert "PASS token_f1" in verdict.reasons[0]
     assert verdict.reasons[1].startswith("FAIL fact_numbers: no improvement with 95% confidence: +0.0000")
-    right = dict(fluent_but_wrong, fact_numbers=[1.0] * (N // 2) + [0.0] * (N // 2), hallucination_rate=[0.0] * (N // 2) + [1.0] * (N // 2))
+    right = dict(
+        fluent_but_wrong,
+        fact_numbers=[1.0] * (N // 2) + [0.0] * (N // 2),
+        hallucination_rate=[0.0] * (N // 2) + [1.0] * (N // 2),
+    )
     assert decide(POLICIES["facts@v1"], _comparisons(right, baseline)).passed

@@ -48,7 +48,9 @@ def test_unarmed_the_store_reaches_clickhouse(disarmed: None, tmp_path: Path) ->
     assert clickhouse.statements == ["SELECT 1 AS ok"]
 
 
-def test_while_the_file_exists_nothing_reaches_clickhouse_and_the_sink_reports_unavailable(disarmed: None, tmp_path: Path) -> None:
+def test_while_the_file_exists_nothing_reaches_clickhouse_and_the_sink_reports_unavailable(
+    disarmed: None, tmp_path: Path
+) -> None:
     clickhouse = Answering()
     switch = tmp_path / "down"
     failpoints.arm(f"feedback.clickhouse_unavailable=fail-while-exists:{switch}")

@@ -42,13 +42,23 @@ class FakeSink:
         return self._write("inference_log", [envelope.payload.inference_id for envelope in envelopes])
 
     def store_feedback(self, envelopes: Sequence[Envelope[FeedbackReceived]]) -> int:
-        return self._write("feedback", [f"{envelope.payload.source.value}:{envelope.payload.inference_id}" for envelope in envelopes])
+        return self._write(
+            "feedback", [f"{envelope.payload.source.value}:{envelope.payload.inference_id}" for envelope in envelopes]
+        )
 
 
 def subscribed(sink: FakeSink) -> tuple[KafkaBroker, list[tuple[str, dict[str, Any]]]]:
     broker = KafkaBroker()
-    subscribe_batches(broker, BATCH_HANDLERS, sink, group=GROUP, dead_letters=DeadLetters(broker), max_retries=1, backoff_s=0,
-                      **FeedbackSettings(batch_max_records=100, batch_max_wait_ms=10, batch_min_bytes=1).batch_options())
+    subscribe_batches(
+        broker,
+        BATCH_HANDLERS,
+        sink,
+        group=GROUP,
+        dead_letters=DeadLetters(broker),
+        max_retries=1,
+        backoff_s=0,
+        **FeedbackSettings(batch_max_records=100, batch_max_wait_ms=10, batch_min_bytes=1).batch_options(),
+    )
     letters: list[tuple[str, dict[str, Any]]] = []
 
     @broker.subscriber(dlq_for(topic_for(FeedbackReceived)), group_id="dlq-reader")
@@ -63,34 +73,50 @@ def encoded(payload: Any) -> bytes:
 
 
 def test_the_handlers_cover_the_sinks_three_topics() -> None:
-    assert {topic_for(event) for event in BATCH_HANDLERS} == {topic_for(InferenceLogged), topic_for(FeedbackReceived), topic_for(FeedbackReviewed)}
+    assert {topic_for(event) for event in BATCH_HANDLERS} == {
+        topic_for(InferenceLogged),
+        topic_for(FeedbackReceived),
+        topic_for(FeedbackReviewed),
+    }
 
 
 async def test_each_topic_reaches_its_table_and_a_reviewer_claim_on_feedback_received_is_dead_lettered() -> None:
     sink = FakeSink()
     broker, letters = subscribed(sink)
     async with TestKafkaBroker(broker) as test_broker:
-        await test_broker.publish_batch(encoded(InferenceLogged(inference_id="i1", model_name="m")), encoded(InferenceLogged(inference_id="i2", model_name="m")), topic=topic_for(InferenceLogged))
+        await test_broker.publish_batch(
+            encoded(InferenceLogged(inference_id="i1", model_name="m")),
+            encoded(InferenceLogged(inference_id="i2", model_name="m")),
+            topic=topic_for(InferenceLogged),
+        )
         await test_broker.publish_batch(
             encoded(FeedbackReceived(inference_id="i1", thumbs="up")),
             # An app may write feedback.received: a reviewer's authority claimed there is refused, not stored.
-            encoded(FeedbackReceived(inference_id="i2", thumbs="down", correction="forged", source=FeedbackSource.reviewer)),
+            encoded(
+                FeedbackReceived(inference_id="i2", thumbs="down", correction="forged", source=FeedbackSource.reviewer)
+            ),
             topic=topic_for(FeedbackReceived),
         )
-        await test_broker.publish(encoded(FeedbackReviewed(inference_id="i2", thumbs="down", correction="right")), topic_for(FeedbackReviewed))
+        await test_broker.publish(
+            encoded(FeedbackReviewed(inference_id="i2", thumbs="down", correction="right")), topic_for(FeedbackReviewed)
+        )
 
     assert sink.stored == {"inference_log": ["i1", "i2"], "feedback": ["end_user:i1", "reviewer:i2"]}
     assert len(letters) == 1
     topic, headers = letters[0]
     assert topic == dlq_for(topic_for(FeedbackReceived))
-    assert headers["x-flywheel-error"].startswith("invalid event: payload.source:") and headers["x-flywheel-original-topic"] == topic_for(FeedbackReceived)
+    assert headers["x-flywheel-error"].startswith("invalid event: payload.source:") and headers[
+        "x-flywheel-original-topic"
+    ] == topic_for(FeedbackReceived)
 
 
 async def test_an_unavailable_store_holds_the_batch_until_it_answers_and_dead_letters_nothing() -> None:
     sink = FakeSink(outages=3)  # more than max_retries: an outage is not the records' fault
     broker, letters = subscribed(sink)
     async with TestKafkaBroker(broker) as test_broker:
-        await test_broker.publish_batch(encoded(InferenceLogged(inference_id="i1", model_name="m")), topic=topic_for(InferenceLogged))
+        await test_broker.publish_batch(
+            encoded(InferenceLogged(inference_id="i1", model_name="m")), topic=topic_for(InferenceLogged)
+        )
 
     assert sink.calls == 4
     assert sink.stored["inference_log"] == ["i1"]

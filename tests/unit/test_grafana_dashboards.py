@@ -20,8 +20,30 @@ DATASOURCES = REPO / "deploy" / "grafana" / "provisioning" / "datasources" / "cl
 
 # Words a dashboard query may use besides column names: SQL keywords and the functions the panels call.
 SQL_WORDS = {
-    "select", "from", "where", "and", "or", "not", "as", "group", "by", "order", "desc", "asc", "limit", "in", "is", "null",
-    "sum", "max", "min", "avg", "count", "round", "ifnull", "bucket_s",
+    "select",
+    "from",
+    "where",
+    "and",
+    "or",
+    "not",
+    "as",
+    "group",
+    "by",
+    "order",
+    "desc",
+    "asc",
+    "limit",
+    "in",
+    "is",
+    "null",
+    "sum",
+    "max",
+    "min",
+    "avg",
+    "count",
+    "round",
+    "ifnull",
+    "bucket_s",
 }
 RELATION = re.compile(r"CREATE\s+(TABLE|VIEW)\s+IF\s+NOT\s+EXISTS\s+(\w+)\s*(.*)", re.IGNORECASE | re.DOTALL)
 
@@ -48,7 +70,11 @@ def _columns(kind: str, body: str) -> set[str]:
             if depth == 0:
                 break
         items = _split_top_level(inside[:end])
-        return {item.split()[0].strip("`") for item in items if item.strip() and not item.strip().upper().startswith(("INDEX", "PROJECTION", "CONSTRAINT"))}
+        return {
+            item.split()[0].strip("`")
+            for item in items
+            if item.strip() and not item.strip().upper().startswith(("INDEX", "PROJECTION", "CONSTRAINT"))
+        }
     select = re.search(r"\bAS\s+SELECT\b(.*?)^FROM\b", body, re.DOTALL | re.MULTILINE | re.IGNORECASE)
     assert select, f"cannot find the select list of view body {body[:80]!r}"
     names = set()
@@ -66,7 +92,9 @@ def schema() -> dict[str, set[str]]:
         for statement in migration.statements:
             code = "\n".join(line for line in statement.splitlines() if not line.lstrip().startswith("--"))
             if match := RELATION.search(code):
-                relations[match.group(2)] = _columns(match.group(1), "AS " + match.group(3) if match.group(1).upper() == "VIEW" else match.group(3))
+                relations[match.group(2)] = _columns(
+                    match.group(1), "AS " + match.group(3) if match.group(1).upper() == "VIEW" else match.group(3)
+                )
     return relations
 
 
@@ -80,7 +108,14 @@ def test_there_is_a_dashboard() -> None:
 
 def test_schema_reader_knows_the_views() -> None:
     relations = schema()
-    assert {"requests", "latency_p95_ms", "thumbs_down_rate", "mean_rating", "feedback_coverage", "bucket"} <= relations["inference_metrics"]
+    assert {
+        "requests",
+        "latency_p95_ms",
+        "thumbs_down_rate",
+        "mean_rating",
+        "feedback_coverage",
+        "bucket",
+    } <= relations["inference_metrics"]
     assert {"waiting_s", "feedback_id"} <= relations["feedback_awaiting_inference"]
     assert {"event_id", "model_name"} <= relations["inference_log"]
 

@@ -15,7 +15,15 @@ import pytest
 from faststream.kafka import KafkaMessage, TestKafkaBroker
 
 from contracts.envelope import wrap
-from contracts.events import DatasetRef, EvaluationCompleted, Hyperparameters, ModelTarget, Stage, StageChanged, TrainingCompleted
+from contracts.events import (
+    DatasetRef,
+    EvaluationCompleted,
+    Hyperparameters,
+    ModelTarget,
+    Stage,
+    StageChanged,
+    TrainingCompleted,
+)
 from contracts.topics import dlq_for, topic_for
 from services.monitor.app import GROUP as MONITOR
 from services.monitor.handlers import HANDLERS as MONITOR_HANDLERS
@@ -26,19 +34,30 @@ from services.runtime.settings import FlywheelSettings
 pytestmark = pytest.mark.unit
 
 TRAINED = TrainingCompleted(
-    job_id="job-1", model_name="smol", dataset=DatasetRef(name="support", version=1), hyperparameters=Hyperparameters(rank=4),
-    artifact_uri="file:///artifacts/ab", artifact_sha256="ab" * 32,
+    job_id="job-1",
+    model_name="smol",
+    dataset=DatasetRef(name="support", version=1),
+    hyperparameters=Hyperparameters(rank=4),
+    artifact_uri="file:///artifacts/ab",
+    artifact_sha256="ab" * 32,
 )
 EVALUATED = EvaluationCompleted(
-    evaluation_id="eval-1", candidate=ModelTarget(model_name="smol", adapter_version=1), golden=DatasetRef(name="golden", version=1),
-    passed=True, gate_policy="default@v1", reasons=["beats baseline"],
+    evaluation_id="eval-1",
+    candidate=ModelTarget(model_name="smol", adapter_version=1),
+    golden=DatasetRef(name="golden", version=1),
+    passed=True,
+    gate_policy="default@v1",
+    reasons=["beats baseline"],
 )
 
 
 @pytest.fixture
 def runtime(tmp_path: Path) -> Iterator[Runtime]:
     # No broker is reached: TestKafkaBroker replaces the connection; the address only has to parse.
-    built = Runtime(FlywheelSettings(home=tmp_path, kafka_bootstrap="127.0.0.1:9", consumer_max_retries=1), client_id="flywheel-test")
+    built = Runtime(
+        FlywheelSettings(home=tmp_path, kafka_bootstrap="127.0.0.1:9", consumer_max_retries=1),
+        client_id="flywheel-test",
+    )
     yield built
     built.close()
 
@@ -51,7 +70,9 @@ class FakeAdapters:
         self.registered: list[tuple[str, str, str | None]] = []
         self.evaluations: list[tuple[str, str]] = []
 
-    def register_trained_adapter(self, completed: TrainingCompleted, *, event_id: str, correlation_id: str | None) -> None:
+    def register_trained_adapter(
+        self, completed: TrainingCompleted, *, event_id: str, correlation_id: str | None
+    ) -> None:
         if completed.job_id == self.refuse:
             raise ValueError(f"artifact of {completed.job_id} does not match its digest")
         self.registered.append((completed.job_id, event_id, correlation_id))
@@ -87,7 +108,10 @@ async def test_a_training_result_the_registry_keeps_refusing_is_dead_lettered_wi
         await broker.publish(wrap(TRAINED, producer="trainer").model_dump_json().encode(), topic_for(TrainingCompleted))
 
     assert adapters.registered == []
-    assert [(letter["x-flywheel-error"], letter["x-flywheel-attempts"], letter["x-flywheel-consumer-group"]) for letter in letters] == [
+    assert [
+        (letter["x-flywheel-error"], letter["x-flywheel-attempts"], letter["x-flywheel-consumer-group"])
+        for letter in letters
+    ] == [
         ("ValueError: artifact of job-1 does not match its digest", "2", "registry"),
     ]
 
@@ -108,7 +132,14 @@ class FakeMonitor:
 async def test_the_monitor_watches_a_canary_from_when_the_registry_declared_it(runtime: Runtime) -> None:
     monitor = FakeMonitor()
     runtime.subscribe_all(MONITOR, MONITOR_HANDLERS, monitor)
-    changed = StageChanged(model_name="smol", adapter_version=2, from_stage=Stage.staging, to_stage=Stage.production, actor="alice", canary_percent=10)
+    changed = StageChanged(
+        model_name="smol",
+        adapter_version=2,
+        from_stage=Stage.staging,
+        to_stage=Stage.production,
+        actor="alice",
+        canary_percent=10,
+    )
     envelope = wrap(changed, producer="registry")
     async with TestKafkaBroker(runtime.broker) as broker:
         await broker.publish(envelope.model_dump_json().encode(), topic_for(StageChanged))

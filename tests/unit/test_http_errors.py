@@ -50,7 +50,12 @@ class Body(BaseModel):
     count: int
 
 
-def _door(raised: Exception | None = None, *, refused: list[tuple[str, int, str, bytes]] | None = None, max_body_bytes: int | None = None) -> httpx.AsyncClient:
+def _door(
+    raised: Exception | None = None,
+    *,
+    refused: list[tuple[str, int, str, bytes]] | None = None,
+    max_body_bytes: int | None = None,
+) -> httpx.AsyncClient:
     def record(request: Request, path: str, status: int, message: str, body: bytes) -> None:
         assert refused is not None
         refused.append((path, status, message, body))
@@ -58,7 +63,10 @@ def _door(raised: Exception | None = None, *, refused: list[tuple[str, int, str,
     def limited() -> None:
         raise RateLimited("slow down", retry_after="3")
 
-    router = APIRouter(prefix="/t", route_class=refusal_route(max_body_bytes=max_body_bytes, on_refused=record if refused is not None else None))
+    router = APIRouter(
+        prefix="/t",
+        route_class=refusal_route(max_body_bytes=max_body_bytes, on_refused=record if refused is not None else None),
+    )
 
     @router.post("/things")
     async def things(body: Body) -> dict:
@@ -81,7 +89,9 @@ def test_each_service_error_is_its_kind_and_carries_no_status() -> None:
 
 
 @pytest.mark.parametrize(("error", "status", "error_type"), KINDS, ids=[type(kind[0]).__name__ for kind in KINDS])
-async def test_a_domain_error_is_answered_with_its_kinds_status_and_its_own_words(error: errors.DomainError, status: int, error_type: str) -> None:
+async def test_a_domain_error_is_answered_with_its_kinds_status_and_its_own_words(
+    error: errors.DomainError, status: int, error_type: str
+) -> None:
     error.param, error.code = "count", "its_code"
     async with _door(error) as door:
         answer = await door.post("/t/things", json={"count": 1})
@@ -103,7 +113,12 @@ async def test_the_route_tells_its_door_of_a_rate_limit_answered_429_with_retry_
     async with _door(refused=refusals) as door:
         answer = await door.post("/t/limited", json={"count": 1})
     assert answer.status_code == 429 and answer.headers["Retry-After"] == "3"
-    assert answer.json()["error"] == {"message": "slow down", "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}
+    assert answer.json()["error"] == {
+        "message": "slow down",
+        "type": "rate_limit_error",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
     assert refusals == [("/t/limited", 429, "slow down", b'{"count":1}')]
 
 
@@ -116,7 +131,9 @@ async def test_an_error_of_the_endpoint_itself_is_not_a_refusal_of_the_route() -
 
 async def test_the_route_refuses_a_body_over_its_cap_by_length_and_while_it_streams() -> None:
     async with _door(max_body_bytes=16) as door:
-        declared = await door.post("/t/things", content=b'{"count": 1' + b" " * 32 + b"}", headers={"Content-Type": "application/json"})
+        declared = await door.post(
+            "/t/things", content=b'{"count": 1' + b" " * 32 + b"}", headers={"Content-Type": "application/json"}
+        )
 
         async def chunks() -> AsyncIterator[bytes]:
             yield b'{"count": 1'

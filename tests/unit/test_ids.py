@@ -13,7 +13,18 @@ from pydantic import TypeAdapter, ValidationError
 
 from contracts.events import DatasetRef, TrainingRequested
 from contracts.http import TrainingJobCreate
-from contracts.ids import ID_PATTERNS, LARGEST_VERSION, DatasetName, EvaluationId, InferenceId, JobId, ModelName, PromptLabel, Sha256, VersionNumber
+from contracts.ids import (
+    ID_PATTERNS,
+    LARGEST_VERSION,
+    DatasetName,
+    EvaluationId,
+    InferenceId,
+    JobId,
+    ModelName,
+    PromptLabel,
+    Sha256,
+    VersionNumber,
+)
 from contracts.schema_snapshot import breaking_changes, current_schemas, deliberate_tightenings
 from services.runtime.paths import PathOutsideRoot, under
 
@@ -33,7 +44,24 @@ LEGITIMATE: dict[object, list[str]] = {
 }
 
 # Traversal, separators, control characters, leading dots and dashes, empties, and overlong values.
-HOSTILE_NAMES = ["..", ".", "../../victim", "a/b", "a\\b", "/etc/passwd", "%2e%2e%2f", "a\x00b", "", " x", "x ", "x\n", "-rf", ".hidden", "ünïcode", "a b"]
+HOSTILE_NAMES = [
+    "..",
+    ".",
+    "../../victim",
+    "a/b",
+    "a\\b",
+    "/etc/passwd",
+    "%2e%2e%2f",
+    "a\x00b",
+    "",
+    " x",
+    "x ",
+    "x\n",
+    "-rf",
+    ".hidden",
+    "ünïcode",
+    "a b",
+]
 
 
 @pytest.mark.parametrize(("kind", "value"), [(kind, value) for kind, values in LEGITIMATE.items() for value in values])
@@ -79,10 +107,14 @@ def test_contract_models_carry_the_types() -> None:
         TrainingJobCreate(model_name="smollm2", dataset=DatasetRef(name="tiny", version=1), job_id="../../victim")
     assert refused.value.errors()[0]["loc"] == ("job_id",)
     with pytest.raises(ValidationError) as refused:
-        TrainingRequested(job_id="job-1", model_name="smollm2", dataset={"name": "../data", "version": 1}, requested_by="test")
+        TrainingRequested(
+            job_id="job-1", model_name="smollm2", dataset={"name": "../data", "version": 1}, requested_by="test"
+        )
     assert refused.value.errors()[0]["loc"] == ("dataset", "name")
     schema = TrainingRequested.model_json_schema()
-    assert schema["properties"]["job_id"]["pattern"] in ID_PATTERNS and schema["properties"]["job_id"]["maxLength"] == 230
+    assert (
+        schema["properties"]["job_id"]["pattern"] in ID_PATTERNS and schema["properties"]["job_id"]["maxLength"] == 230
+    )
 
 
 # ------------------------------------------------------------------------------------ path helper
@@ -149,7 +181,9 @@ def test_constraining_a_string_to_an_id_type_is_a_deliberate_tightening_not_a_br
     published = _before_issue_13(current)
     assert breaking_changes(published, current) == []
     tightened = deliberate_tightenings(published, current)
-    assert any("$.payload.job_id: stricter string: pattern" in line and "maxLength none -> 230" in line for line in tightened), tightened
+    assert any(
+        "$.payload.job_id: stricter string: pattern" in line and "maxLength none -> 230" in line for line in tightened
+    ), tightened
     assert any("$.payload.dataset.name" in line for line in tightened), tightened
 
 

@@ -32,6 +32,6 @@ def test_a_logged_exception_is_a_compact_traceback(tmp_path, capsys: pytest.Capt
         root.setLevel(level)
     assert "monitor tick failed" in err
     assert "ConnectionError: registry door at 127.0.0.1:1 not listening (100 rows waiting)" in err
-    assert 'in failing_tick\n    raise ConnectionError(' in err
+    assert "in failing_tick\n    raise ConnectionError(" in err
     assert "5042" not in err, "a frame's locals were printed"
     assert len(err.splitlines()) < 15, err

@@ -7,7 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.monitor.canary import Arm, CanaryPolicy, difference_interval, judge, load_canary_policy, p95_ratio_interval, wilson
+from services.monitor.canary import (
+    Arm,
+    CanaryPolicy,
+    difference_interval,
+    judge,
+    load_canary_policy,
+    p95_ratio_interval,
+    wilson,
+)
 from services.monitor.rules import DEFAULT_RULES, RuleError
 
 pytestmark = pytest.mark.unit
@@ -30,7 +38,14 @@ def test_bootstrap_ratio_brackets_the_true_ratio() -> None:
 
 
 def arm(version: int, *, n: int = 400, down: int = 40, errors: int = 0, latency: float = 300.0) -> Arm:
-    return Arm(version, inferences=n, errors=errors, thumbs_given=n, thumbs_down=down, latencies_ms=tuple(latency + i % 50 for i in range(n)))
+    return Arm(
+        version,
+        inferences=n,
+        errors=errors,
+        thumbs_given=n,
+        thumbs_down=down,
+        latencies_ms=tuple(latency + i % 50 for i in range(n)),
+    )
 
 
 def test_equal_arms_promote_a_clearly_worse_arm_rolls_back() -> None:
@@ -42,14 +57,26 @@ def test_equal_arms_promote_a_clearly_worse_arm_rolls_back() -> None:
 
 def test_too_little_evidence_waits_and_never_promotes() -> None:
     thin = judge(POLICY, arm(1, n=50, down=5), arm(2, n=50, down=5))
-    assert thin.action == "wait" and [c.verdict for c in thin.checks] == ["undecided", "undecided", "undecided", "within"]
+    assert thin.action == "wait" and [c.verdict for c in thin.checks] == [
+        "undecided",
+        "undecided",
+        "undecided",
+        "within",
+    ]
     assert "not enough data: canary 50, control 50 < 100" in thin.summary()
     # Slightly worse, but not surely beyond tolerance: keep watching rather than guess.
     assert judge(POLICY, arm(1), arm(2, down=60)).action == "wait"
 
 
 def rated(version: int, ratings: list[int]) -> Arm:
-    return Arm(version, inferences=400, thumbs_given=400, thumbs_down=40, latencies_ms=tuple(300.0 + i % 50 for i in range(400)), ratings=tuple(map(float, ratings)))
+    return Arm(
+        version,
+        inferences=400,
+        thumbs_given=400,
+        thumbs_down=40,
+        latencies_ms=tuple(300.0 + i % 50 for i in range(400)),
+        ratings=tuple(map(float, ratings)),
+    )
 
 
 def test_a_canary_rated_lower_by_more_than_the_tolerance_rolls_back_and_without_ratings_the_check_is_left_out() -> None:
@@ -63,7 +90,9 @@ def test_a_canary_rated_lower_by_more_than_the_tolerance_rolls_back_and_without_
     assert judge(POLICY, control, rated(2, [5, 4, 4, 3] * 37 + [4, 3, 3, 2] * 13)).action == "wait"
     too_few = judge(POLICY, control, rated(2, [5, 4] * 10))
     assert too_few.action == "wait" and "not enough ratings: canary 20, control 200" in too_few.summary()
-    assert "mean_rating" not in judge(POLICY, arm(1), arm(2)).summary(), "thumbs-only apps are not held back by ratings they never give"
+    assert "mean_rating" not in judge(POLICY, arm(1), arm(2)).summary(), (
+        "thumbs-only apps are not held back by ratings they never give"
+    )
 
 
 def test_a_canary_undecided_past_the_watch_limit_is_rolled_back() -> None:

@@ -79,7 +79,11 @@ class EnvironmentWrites(ast.NodeVisitor):
         if isinstance(function, ast.Attribute):
             if function.attr in MUTATORS and self.is_environ(function.value):
                 self.found.append((node.lineno, f"os.environ.{function.attr}()"))
-            elif function.attr in ("putenv", "unsetenv") and isinstance(function.value, ast.Name) and function.value.id in self.os_names:
+            elif (
+                function.attr in ("putenv", "unsetenv")
+                and isinstance(function.value, ast.Name)
+                and function.value.id in self.os_names
+            ):
                 self.found.append((node.lineno, f"os.{function.attr}()"))
         elif isinstance(function, ast.Name) and function.id in ("putenv", "unsetenv") and function.id in self.os_names:
             self.found.append((node.lineno, f"os.{function.id}()"))
@@ -99,7 +103,9 @@ def test_no_module_under_services_writes_the_environment() -> None:
         for line, what in environment_writes(path.read_text()):
             if (relative, what) not in ALLOWED:
                 found.append(f"{relative}:{line}: {what}")
-    assert found == [], "build settings objects and pass them in instead of writing the environment:\n" + "\n".join(found)
+    assert found == [], "build settings objects and pass them in instead of writing the environment:\n" + "\n".join(
+        found
+    )
 
 
 def test_every_allowed_write_still_exists() -> None:
@@ -141,12 +147,16 @@ def test_reading_or_copying_the_environment_is_not_a_write(source: str) -> None:
     assert environment_writes(source) == []
 
 
-def test_the_demo_hands_each_service_its_settings_and_writes_no_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_demo_hands_each_service_its_settings_and_writes_no_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from services.demo import process, recipe
     from services.runtime.settings import FlywheelSettings
 
     monkeypatch.setenv("FLYWHEEL_MONITOR_TICK_S", "60")  # the demo's value wins over the environment's ...
-    monkeypatch.setenv("FLYWHEEL_SERVING_MAX_TOKENS_LIMIT", "77")  # ... which still gives everything the demo does not set
+    monkeypatch.setenv(
+        "FLYWHEEL_SERVING_MAX_TOKENS_LIMIT", "77"
+    )  # ... which still gives everything the demo does not set
     # The service modules load first: torch, as it loads, records TORCHINDUCTOR_CACHE_DIR in the
     # environment itself; what is compared is what the demo does.
     for name in SERVICES:
@@ -155,11 +165,25 @@ def test_the_demo_hands_each_service_its_settings_and_writes_no_environment(tmp_
     settings, admin_key, factories = process.configure(FlywheelSettings(home=tmp_path, kafka_bootstrap="127.0.0.1:9"))
     assert dict(os.environ) == before
     assert settings.bootstrap_admin_key is not None and settings.bootstrap_admin_key.get_secret_value() == admin_key
-    handed = {bound.func.__module__.split(".")[1]: bound.keywords["settings"] for bound in factories if isinstance(bound, partial)}
+    handed = {
+        bound.func.__module__.split(".")[1]: bound.keywords["settings"]
+        for bound in factories
+        if isinstance(bound, partial)
+    }
     assert sorted(handed) == sorted(SERVICES) == sorted(bound.func.__module__.split(".")[1] for bound in factories)
     monitor = handed["monitor"]
     assert (monitor.tick_s, monitor.api_key, monitor.rules_path) == (5, admin_key, tmp_path / "demo" / "rules.yaml")
-    assert (monitor.retrain_min_corrections, monitor.retrain_correction_repeats) == (recipe.MIN_CORRECTIONS, recipe.CORRECTION_REPEATS)
+    assert (monitor.retrain_min_corrections, monitor.retrain_correction_repeats) == (
+        recipe.MIN_CORRECTIONS,
+        recipe.CORRECTION_REPEATS,
+    )
     assert (handed["trainer"].checkpoint_every, handed["trainer"].progress_every) == (2, 1)
-    assert (handed["evaluator"].gate_policies, handed["evaluator"].max_tokens) == ({recipe.MODEL: recipe.GATE_POLICY}, 40)
-    assert (handed["serving"].rate_limit_rps, handed["serving"].rate_limit_burst, handed["serving"].max_tokens_limit) == (50, 100, 77)
+    assert (handed["evaluator"].gate_policies, handed["evaluator"].max_tokens) == (
+        {recipe.MODEL: recipe.GATE_POLICY},
+        40,
+    )
+    assert (
+        handed["serving"].rate_limit_rps,
+        handed["serving"].rate_limit_burst,
+        handed["serving"].max_tokens_limit,
+    ) == (50, 100, 77)

@@ -20,7 +20,11 @@ from services.runtime.sqlite import Migration, SqliteDatabase
 
 pytestmark = pytest.mark.unit
 
-SCHEMA = Migration(1, "outbox", "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT UNIQUE, event_type TEXT, envelope TEXT, sent INTEGER DEFAULT 0);")
+SCHEMA = Migration(
+    1,
+    "outbox",
+    "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT UNIQUE, event_type TEXT, envelope TEXT, sent INTEGER DEFAULT 0);",
+)
 
 
 class SqliteOutbox:
@@ -30,8 +34,14 @@ class SqliteOutbox:
         self.db = SqliteDatabase(path, [SCHEMA])
 
     def stage(self, name: str) -> str:
-        envelope = wrap(PromptPublished(prompt_name=name, version=1, template="Hi {{ who }}", variables=["who"], actor="test"), producer="test")
-        self.db.execute("INSERT INTO outbox (event_id, event_type, envelope) VALUES (?, ?, ?)", (str(envelope.event_id), envelope.event_type, envelope.model_dump_json()))
+        envelope = wrap(
+            PromptPublished(prompt_name=name, version=1, template="Hi {{ who }}", variables=["who"], actor="test"),
+            producer="test",
+        )
+        self.db.execute(
+            "INSERT INTO outbox (event_id, event_type, envelope) VALUES (?, ?, ?)",
+            (str(envelope.event_id), envelope.event_type, envelope.model_dump_json()),
+        )
         return str(envelope.event_id)
 
     def unsent(self) -> list[str]:
@@ -39,7 +49,9 @@ class SqliteOutbox:
 
     @contextmanager
     def claim(self, limit: int) -> Iterator[OutboxClaim]:
-        rows = self.db.rows("SELECT event_id, event_type, envelope FROM outbox WHERE sent = 0 ORDER BY seq LIMIT ?", (limit,))
+        rows = self.db.rows(
+            "SELECT event_id, event_type, envelope FROM outbox WHERE sent = 0 ORDER BY seq LIMIT ?", (limit,)
+        )
         yield _Claim(self.db, [StagedEvent(*row) for row in rows])
 
 

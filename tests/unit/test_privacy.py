@@ -40,7 +40,10 @@ def test_caught_in_a_realistic_support_ticket() -> None:
         ("on 2026-11-22 at 12:30:45", "dates and times are not phone numbers or IPv6 addresses"),
         ("version 1.2.3 and 256.1.1.1", "three parts, or an octet over 255, is not an IPv4 address"),
         ("MAC 00:1a:2b:3c:4d:5e", "MAC addresses are not detected (add a pattern if they matter)"),
-        ("Jane Doe, 221B Baker Street", "names and postal addresses are not detected: no pattern catches them reliably"),
+        (
+            "Jane Doe, 221B Baker Street",
+            "names and postal addresses are not detected: no pattern catches them reliably",
+        ),
         ("ratio 3:2", "short colon pairs are not IPv6"),
     ],
 )
@@ -81,14 +84,18 @@ def test_an_ssn_is_labelled_ssn_not_phone() -> None:
     # Not valid SSNs (area 666, group 00): never labelled SSN; the first still has a phone number's shape.
     assert scrub("666-12-3456") == "[PHONE]"
     assert "[SSN]" not in scrub("536-00-1234")
-    assert scrub("ticket 536221234") == "ticket 536221234", "nine bare digits without an SSN keyword are an id, not an SSN"
+    assert scrub("ticket 536221234") == "ticket 536221234", (
+        "nine bare digits without an SSN keyword are an id, not an SSN"
+    )
 
 
 def test_ibans_are_caught_only_when_their_checksum_holds() -> None:
     scrub = Redactor().scrub
     assert scrub("pay to DE89 3704 0044 0532 0130 00 today") == "pay to [IBAN] today"
     assert scrub("IBAN GB82WEST12345698765432.") == "IBAN [IBAN]."
-    assert scrub("GB82 WEST 1234 5698 7654 32 PLEASE HURRY") == "[IBAN] PLEASE HURRY", "words after an IBAN are not part of it"
+    assert scrub("GB82 WEST 1234 5698 7654 32 PLEASE HURRY") == "[IBAN] PLEASE HURRY", (
+        "words after an IBAN are not part of it"
+    )
     assert scrub("DE89370400440532013001") == "DE89370400440532013001", "one digit off: the checksum fails, not an IBAN"
     assert "[IBAN]" not in scrub("FR14 2004 1010 0505 0001 3M02 607"), "checksum fails"
 
@@ -100,7 +107,13 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-JWT = ".".join((_b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()), _b64(json.dumps({"sub": "42", "name": "Ann"}).encode()), _b64(bytes(range(32)))))
+JWT = ".".join(
+    (
+        _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()),
+        _b64(json.dumps({"sub": "42", "name": "Ann"}).encode()),
+        _b64(bytes(range(32))),
+    )
+)
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA0Z3VS5JJcds3xfn/ygWyF8PbnGy0AHB7MhgHcTz6sE2I2yPB\naNlGWj0hiHsbpkiCT5l0bwXb3LEJq8wTo9KQ7r+S9cxEX7bdnJS+bCw2FhnXjR7ll\n-----END RSA PRIVATE KEY-----"
 
 
@@ -113,7 +126,10 @@ PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA0Z3VS5JJcds3xfn/ygWyF8Pb
         ("AKIAIOSFODNN7EXAMPLE", "AWS_ACCESS_KEY_ID"),
         ("ASIAY34FZKBOKMUTVV7A", "AWS_ACCESS_KEY_ID"),
         ("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", "GITHUB_TOKEN"),
-        ("github_pat_11ABCDEFG0abcdefghijkl_mnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghi", "GITHUB_TOKEN"),
+        (
+            "github_pat_11ABCDEFG0abcdefghijkl_mnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghi",
+            "GITHUB_TOKEN",
+        ),
         ("xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx", "SLACK_TOKEN"),
         ("sk_live_4eC39HqLyjWDarjtT1zdp7dc9nF2kLm0", "STRIPE_KEY"),
         ("AIzaSyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q", "GOOGLE_API_KEY"),
@@ -131,7 +147,10 @@ def test_each_kind_of_secret_is_removed_whole(secret: str, label: str) -> None:
 
 def test_aws_secret_keys_are_caught_in_context() -> None:
     scrub = Redactor().scrub
-    assert scrub("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY") == "aws_secret_access_key = [AWS_SECRET_KEY]"
+    assert (
+        scrub("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+        == "aws_secret_access_key = [AWS_SECRET_KEY]"
+    )
     assert scrub('AWS secret key: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"') == 'AWS secret key: "[AWS_SECRET_KEY]"'
 
 
@@ -140,7 +159,9 @@ def test_credentials_after_a_keyword_are_caught_and_prose_is_not() -> None:
     assert scrub("login with password=hunter2 please") == "login with password=[SECRET] please"
     assert scrub("DB_PASSWORD: 'c0rrect-Horse'") == "DB_PASSWORD: '[SECRET]'"
     assert scrub("api_key: Xy7qp9LmN2zK") == "api_key: [SECRET]"
-    assert scrub("the secret: tomorrow we ship") == "the secret: tomorrow we ship", "after `:` only a value that looks like a credential"
+    assert scrub("the secret: tomorrow we ship") == "the secret: tomorrow we ship", (
+        "after `:` only a value that looks like a credential"
+    )
     assert scrub("risk-assessment-framework-2026 and sk-learn") == "risk-assessment-framework-2026 and sk-learn"
 
 
@@ -168,7 +189,9 @@ def test_user_ids_are_hashed_by_default_stably_and_once() -> None:
     redactor = Redactor(salt="pepper")
     token = redactor.scrub_user("alice@example.com")
     assert token is not None and token.startswith("[USER:") and len(token) == len("[USER:]") + 16
-    assert redactor.scrub_user("alice@example.com") == token, "the same user gives the same token: counts per user still work"
+    assert redactor.scrub_user("alice@example.com") == token, (
+        "the same user gives the same token: counts per user still work"
+    )
     assert redactor.scrub_user(token) == token, "a token the gateway already made is kept by the sink"
     assert Redactor(salt="other").scrub_user("alice@example.com") != token
     assert Redactor(user_policy=PrivacyPolicy.redact).scrub_user("alice@example.com") == "[USER]"
@@ -178,27 +201,56 @@ def test_user_ids_are_hashed_by_default_stably_and_once() -> None:
 
 def test_metadata_identities_are_replaced_whole_and_other_values_scrubbed() -> None:
     redactor = Redactor()
-    cleaned = redactor.scrub_metadata({"customer_id": "C-1042", "tier": "gold", "note": "call +1 415 555 0100", "Email": "bob@acme.io"})
+    cleaned = redactor.scrub_metadata(
+        {"customer_id": "C-1042", "tier": "gold", "note": "call +1 415 555 0100", "Email": "bob@acme.io"}
+    )
     assert cleaned["tier"] == "gold" and cleaned["note"] == "call [PHONE]"
-    assert cleaned["customer_id"] == redactor.scrub_user("C-1042") and cleaned["Email"] == redactor.scrub_user("bob@acme.io")
+    assert cleaned["customer_id"] == redactor.scrub_user("C-1042") and cleaned["Email"] == redactor.scrub_user(
+        "bob@acme.io"
+    )
 
 
 def test_events_are_scrubbed_field_by_field() -> None:
     redactor = Redactor()
     event = InferenceLogged(
-        inference_id="i-1", model_name="m", user_id="ann@example.org", principal="support-bot",
+        inference_id="i-1",
+        model_name="m",
+        user_id="ann@example.org",
+        principal="support-bot",
         input_messages=[{"role": "user", "content": "I am ann@example.org", "name": "ann@example.org"}],
-        input_text="I am ann@example.org", output_text="Call 415-555-0100", error="refused AKIAIOSFODNN7EXAMPLE", metadata={"ip": "10.1.2.3"},
+        input_text="I am ann@example.org",
+        output_text="Call 415-555-0100",
+        error="refused AKIAIOSFODNN7EXAMPLE",
+        metadata={"ip": "10.1.2.3"},
     )
     clean = redactor.scrub_inference(event)
     assert clean.input_messages == [{"role": "user", "content": "I am [EMAIL]", "name": "[EMAIL]"}]
-    assert (clean.input_text, clean.output_text, clean.error, clean.metadata) == ("I am [EMAIL]", "Call [PHONE]", "refused [AWS_ACCESS_KEY_ID]", {"ip": "[IPV4]"})
-    assert clean.user_id == redactor.scrub_user("ann@example.org") and clean.principal == "support-bot" and clean.inference_id == "i-1"
+    assert (clean.input_text, clean.output_text, clean.error, clean.metadata) == (
+        "I am [EMAIL]",
+        "Call [PHONE]",
+        "refused [AWS_ACCESS_KEY_ID]",
+        {"ip": "[IPV4]"},
+    )
+    assert (
+        clean.user_id == redactor.scrub_user("ann@example.org")
+        and clean.principal == "support-bot"
+        and clean.inference_id == "i-1"
+    )
     assert redactor.scrub_inference(clean) == clean, "scrubbing twice changes nothing"
 
-    person = redactor.scrub_feedback(FeedbackReceived(inference_id="i-1", comment="mail ann@example.org", tags=["ann@example.org"], actor="ann@example.org"))
-    assert (person.comment, person.tags, person.actor) == ("mail [EMAIL]", ["[EMAIL]"], redactor.scrub_user("ann@example.org"))
-    judge = redactor.scrub_feedback(FeedbackReceived(inference_id="i-1", thumbs="up", source="judge", actor="judge:smollm2"))
+    person = redactor.scrub_feedback(
+        FeedbackReceived(
+            inference_id="i-1", comment="mail ann@example.org", tags=["ann@example.org"], actor="ann@example.org"
+        )
+    )
+    assert (person.comment, person.tags, person.actor) == (
+        "mail [EMAIL]",
+        ["[EMAIL]"],
+        redactor.scrub_user("ann@example.org"),
+    )
+    judge = redactor.scrub_feedback(
+        FeedbackReceived(inference_id="i-1", thumbs="up", source="judge", actor="judge:smollm2")
+    )
     assert judge.actor == "judge:smollm2", "a judge's actor names a model, not a person"
 
 
@@ -208,10 +260,16 @@ def test_events_are_scrubbed_field_by_field() -> None:
 def test_dead_letter_values_keep_no_personal_data() -> None:
     redactor = Redactor()
     clean = b'{"event_id":"12345678-1234-4123-8123-123456789012","occurred_at":"2026-12-05T14:28:25.123456Z","x":1}'
-    assert redactor.scrub_bytes(clean) == (clean, "clean"), "nothing found: byte for byte the original (UUIDs and timestamps untouched)"
+    assert redactor.scrub_bytes(clean) == (clean, "clean"), (
+        "nothing found: byte for byte the original (UUIDs and timestamps untouched)"
+    )
     assert redactor.scrub_bytes(b"{not json") == (b"{not json", "clean")
-    scrubbed, how = redactor.scrub_bytes(b'{"payload": {"user_id": "bob", "input_text": "I am bob@acme.io \\u0040 sk-proj-Qw3rTy7uIo9pAs1dFg5hJk2lZx8cVb4nM6"}}')
-    assert how == "scrubbed" and b"bob@acme.io" not in scrubbed and b"sk-proj" not in scrubbed and b'"bob"' not in scrubbed
+    scrubbed, how = redactor.scrub_bytes(
+        b'{"payload": {"user_id": "bob", "input_text": "I am bob@acme.io \\u0040 sk-proj-Qw3rTy7uIo9pAs1dFg5hJk2lZx8cVb4nM6"}}'
+    )
+    assert (
+        how == "scrubbed" and b"bob@acme.io" not in scrubbed and b"sk-proj" not in scrubbed and b'"bob"' not in scrubbed
+    )
     assert json.loads(scrubbed)["payload"]["input_text"] == "I am [EMAIL] @ [OPENAI_KEY]"
     assert redactor.scrub_bytes(b"not json: ann@example.org") == (b"not json: [EMAIL]", "scrubbed")
     assert redactor.scrub_bytes(b"\xff\xfeann@example.org") == (b"", "withheld"), "not UTF-8: nothing of it is kept"
@@ -232,13 +290,29 @@ def test_settings_read_the_new_and_the_former_variable_names(monkeypatch: pytest
     monkeypatch.setenv("FLYWHEEL_PRIVACY_POLICY", "redact")
     monkeypatch.setenv("FLYWHEEL_PRIVACY_USER_POLICY", "redact")
     current = PrivacySettings()
-    assert (current.policy, current.user_policy, current.salt) == (PrivacyPolicy.redact, PrivacyPolicy.redact, "old-salt"), "the new name wins"
+    assert (current.policy, current.user_policy, current.salt) == (
+        PrivacyPolicy.redact,
+        PrivacyPolicy.redact,
+        "old-salt",
+    ), "the new name wins"
     monkeypatch.setenv("FLYWHEEL_PRIVACY_PATTERNS", '{"bad": "("}')
     with pytest.raises(ConfigurationError, match="pattern 'bad' is not a valid regular expression"):
         load_settings(PrivacySettings)
 
 
-@pytest.mark.parametrize("text", ["-" * 32_000, "_" * 32_000, "a." * 16_000, "xoxb-1-" * 4_000, "password" * 4_000, "eyJa" * 8_000, "sk-" * 10_000, "fw_" * 10_000])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "-" * 32_000,
+        "_" * 32_000,
+        "a." * 16_000,
+        "xoxb-1-" * 4_000,
+        "password" * 4_000,
+        "eyJa" * 8_000,
+        "sk-" * 10_000,
+        "fw_" * 10_000,
+    ],
+)
 def test_scrubbing_stays_linear_on_hostile_text(text: str) -> None:
     # Prompts are untrusted: each of these took from 8 s to 3 min when a pattern rescanned the rest of a run at every position.
     started = time.perf_counter()

@@ -24,7 +24,9 @@ def test_a_hanging_check_makes_the_probe_unready_within_its_bound_and_the_others
 
     app = create_http_app("readiness-test", readiness={"kafka": fine, "serving.triton": hangs, "other": fails})
     with TestClient(app) as client:
-        response = client.get("/readyz")  # without the bound this would wait an hour (the test's timeout fails it first)
+        response = client.get(
+            "/readyz"
+        )  # without the bound this would wait an hour (the test's timeout fails it first)
     assert response.status_code == 503
     assert response.json()["checks"] == {
         "kafka": "ok",

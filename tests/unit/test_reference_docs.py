@@ -36,7 +36,9 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_committed_reference_pages_are_what_the_code_generates(generated: Path) -> None:
     # What `flywheel docs check` compares, without a second generation.
     assert sorted(path.name for path in generated.iterdir()) == sorted(path.name for path in REFERENCE.iterdir())
-    stale = [path.name for path in sorted(generated.iterdir()) if path.read_text() != (REFERENCE / path.name).read_text()]
+    stale = [
+        path.name for path in sorted(generated.iterdir()) if path.read_text() != (REFERENCE / path.name).read_text()
+    ]
     assert stale == [], f"stale reference pages {stale}: run `flywheel docs generate` and commit the result"
 
 
@@ -54,7 +56,9 @@ def test_a_page_that_no_longer_matches_the_code_fails_the_check_and_is_named(gen
     shutil.copytree(generated, pages)
     # As if a setting had been added to the code without regenerating: the page lacks its row.
     settings = pages / "settings.md"
-    settings.write_text("\n".join(line for line in settings.read_text().splitlines() if "`FLYWHEEL_HTTP_PORT`" not in line) + "\n")
+    settings.write_text(
+        "\n".join(line for line in settings.read_text().splitlines() if "`FLYWHEEL_HTTP_PORT`" not in line) + "\n"
+    )
     (pages / "openapi.json").unlink()
     checked = flywheel_docs("check", "--directory", str(pages))
     assert checked.returncode == 1, checked.stdout

@@ -16,12 +16,21 @@ pytestmark = pytest.mark.unit
         ({"instruction": "sum 1+1", "output": "2"}, ("instruction", None)),
         ({"instruction": "sum", "input": "1+1", "output": "2"}, ("instruction", None)),
         ({"messages": []}, ("chat", "messages must be a non-empty list")),
-        ({"messages": [{"role": "robot", "content": "x"}]}, ("chat", "messages[0].role must be one of assistant, system, user")),
+        (
+            {"messages": [{"role": "robot", "content": "x"}]},
+            ("chat", "messages[0].role must be one of assistant, system, user"),
+        ),
         ({"messages": [{"role": "user", "content": 3}]}, ("chat", "messages[0].content must be a string")),
-        ({"messages": [{"role": "user", "content": "hi"}]}, ("chat", "the last message must be the assistant's (the target)")),
+        (
+            {"messages": [{"role": "user", "content": "hi"}]},
+            ("chat", "the last message must be the assistant's (the target)"),
+        ),
         ({"instruction": "x", "output": " "}, ("instruction", "output must be a non-empty string")),
         ([1, 2], ("", "a record must be a JSON object")),
-        ({"text": "x"}, ("", 'unknown record: expected {"messages": [...]} (chat) or {"instruction": ..., "output": ...}')),
+        (
+            {"text": "x"},
+            ("", 'unknown record: expected {"messages": [...]} (chat) or {"instruction": ..., "output": ...}'),
+        ),
     ],
 )
 def test_records(record: object, expected: tuple[str, str | None]) -> None:

@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from services.runtime.scoring import RUBRICS, bleu, exact_match, fact_numbers, json_validity, parse_judge_score, rouge_l, scan_unsafe, token_f1
+from services.runtime.scoring import (
+    RUBRICS,
+    bleu,
+    exact_match,
+    fact_numbers,
+    json_validity,
+    parse_judge_score,
+    rouge_l,
+    scan_unsafe,
+    token_f1,
+)
 from services.runtime.scoring.judge import JudgeParseError
 
 pytestmark = pytest.mark.unit
@@ -32,7 +42,11 @@ def test_bleu_and_rouge_l_known_values() -> None:
 
 
 def test_json_validity_against_a_schema() -> None:
-    schema = {"type": "object", "required": ["ticket", "priority"], "properties": {"priority": {"enum": ["low", "high"]}}}
+    schema = {
+        "type": "object",
+        "required": ["ticket", "priority"],
+        "properties": {"priority": {"enum": ["low", "high"]}},
+    }
     assert json_validity('{"ticket": 3, "priority": "high"}', schema).valid
     assert json_validity('```json\n{"ticket": 3, "priority": "low"}\n```', schema).valid
     wrong = json_validity('{"ticket": 3, "priority": "urgent"}', schema)
@@ -46,12 +60,20 @@ def test_unsafe_lexicon_matches_on_word_boundaries_with_categories() -> None:
     finding = scan_unsafe("You are an idiot. Go kill   yourself.")
     assert finding.unsafe
     assert finding.categories == {"harassment": ["you are an idiot"], "self_harm": ["kill yourself"]}
-    assert scan_unsafe("ask Competitor X instead", {"brand": ["competitor x"]}).categories == {"brand": ["competitor x"]}
+    assert scan_unsafe("ask Competitor X instead", {"brand": ["competitor x"]}).categories == {
+        "brand": ["competitor x"]
+    }
 
 
 @pytest.mark.parametrize(
     ("reply", "score"),
-    [('{"score": 4, "reason": "ok"}', 4.0), ("Score: 3\nThe answer misses the duration.", 3.0), ("I'd say 5/5.", 5.0), (" 2 ", 2.0), ("**Rating:** 1", 1.0)],
+    [
+        ('{"score": 4, "reason": "ok"}', 4.0),
+        ("Score: 3\nThe answer misses the duration.", 3.0),
+        ("I'd say 5/5.", 5.0),
+        (" 2 ", 2.0),
+        ("**Rating:** 1", 1.0),
+    ],
 )
 def test_judge_scores_are_parsed_robustly(reply: str, score: float) -> None:
     assert parse_judge_score(reply) == score
@@ -76,5 +98,9 @@ def test_rubric_versions_build_their_own_judge_prompts() -> None:
     assert [m["role"] for m in v1] == ["system", "user"] and "Answer to grade:\nA." in v1[1]["content"]
     v2 = RUBRICS["correctness@v2"].messages(question="Q?", answer="A.", reference="R.")
     assert [m["role"] for m in v2] == ["system", *["user", "assistant"] * 3, "user"]
-    assert [parse_judge_score(m["content"]) for m in v2 if m["role"] == "assistant"] == [5.0, 1.0, 3.0]  # worked replies parse
+    assert [parse_judge_score(m["content"]) for m in v2 if m["role"] == "assistant"] == [
+        5.0,
+        1.0,
+        3.0,
+    ]  # worked replies parse
     assert v2[-1]["content"] == "Question: Q?\nReference answer: R.\nAnswer to grade: A."

@@ -46,7 +46,11 @@ def test_rows_joining_mid_decode_get_the_tokens_they_get_alone(engine: Engine, b
     while batcher.steps < 3:
         time.sleep(0.005)
     # Joining a batch whose cache is longer (and shorter, for the last one) than its own prompt.
-    late = [request(engine, "Hi", "a2", 5), request(engine, "What is two plus two, exactly?", None, 8), request(engine, "Hi", "a1", 1)]
+    late = [
+        request(engine, "Hi", "a2", 5),
+        request(engine, "What is two plus two, exactly?", None, 8),
+        request(engine, "Hi", "a1", 1),
+    ]
     futures = [batcher.submit(item) for item in late]
     results = [future.result(timeout=120) for future in futures]
     assert not first.done(), "the short late rows should leave before the long early one"
@@ -63,7 +67,9 @@ def test_more_requests_than_room_wait_their_turn(engine: Engine, batcher: Contin
     assert batcher.largest_batch <= 4
 
 
-def test_adapter_unloaded_mid_decode_fails_only_its_rows(engine: Engine, batcher: ContinuousBatcher, tmp_path: Path) -> None:
+def test_adapter_unloaded_mid_decode_fails_only_its_rows(
+    engine: Engine, batcher: ContinuousBatcher, tmp_path: Path
+) -> None:
     engine.load_adapter("gone", make_adapter(len(engine.tokenizer), tmp_path / "gone", seed=5))
     doomed = batcher.submit(request(engine, "Hi", "gone", 200))
     survivor = batcher.submit(request(engine, "Hi", "a1", 40))
@@ -85,7 +91,9 @@ def test_stop_fails_what_is_left(engine: Engine) -> None:
         batcher.submit(request(engine, "Hi", None, 1)).result(timeout=1)
 
 
-def test_streamed_pieces_add_up_to_the_answer_and_never_include_a_stop_sequence(engine: Engine, batcher: ContinuousBatcher) -> None:
+def test_streamed_pieces_add_up_to_the_answer_and_never_include_a_stop_sequence(
+    engine: Engine, batcher: ContinuousBatcher
+) -> None:
     plain = request(engine, "Tell me about the sea.", "a2", 24)
     full = engine.generate([plain])[0].text
     # A stop sequence from the middle of the answer: its first characters arrive a token before the rest.

@@ -38,7 +38,20 @@ class _Loader:
 
 
 def _request(deployment_id: str, version: int, action: DeploymentAction) -> bytes:
-    return wrap(DeploymentRequested(deployment_id=deployment_id, model_name="m", adapter_version=version, action=action, requested_by="monitor"), producer="monitor").model_dump_json().encode()
+    return (
+        wrap(
+            DeploymentRequested(
+                deployment_id=deployment_id,
+                model_name="m",
+                adapter_version=version,
+                action=action,
+                requested_by="monitor",
+            ),
+            producer="monitor",
+        )
+        .model_dump_json()
+        .encode()
+    )
 
 
 async def test_a_deployment_request_is_carried_out_and_reported_either_way() -> None:
@@ -58,6 +71,10 @@ async def test_a_deployment_request_is_carried_out_and_reported_either_way() -> 
         await test_broker.publish(_request("d-2", 3, DeploymentAction.load), topic_for(DeploymentRequested))
         await test_broker.publish(_request("d-3", 2, DeploymentAction.unload), topic_for(DeploymentRequested))
 
-    assert [(r.deployment_id, r.action, r.ready) for r in reports] == [("d-1", DeploymentAction.load, True), ("d-2", DeploymentAction.load, False), ("d-3", DeploymentAction.unload, True)]
+    assert [(r.deployment_id, r.action, r.ready) for r in reports] == [
+        ("d-1", DeploymentAction.load, True),
+        ("d-2", DeploymentAction.load, False),
+        ("d-3", DeploymentAction.unload, True),
+    ]
     assert reports[1].error == "OSError: m:v3 artifact unreadable" and reports[0].error is None
     assert loader.loaded == set()

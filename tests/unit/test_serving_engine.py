@@ -17,7 +17,9 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
 @pytest.fixture(scope="module")
 def adapter_dirs(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return {f"a{seed}": make_adapter(len(tokenizer), root / f"a{seed}", seed=seed, rank=2 + seed) for seed in range(1, 4)}
+    return {
+        f"a{seed}": make_adapter(len(tokenizer), root / f"a{seed}", seed=seed, rank=2 + seed) for seed in range(1, 4)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,10 @@ def prompt(engine: Engine, text: str) -> list[int]:
 
 def test_adapters_change_the_output(engine: Engine) -> None:
     ids = prompt(engine, "Name a colour.")
-    outputs = {adapter: tuple(engine.generate([GenerationRequest(ids, adapter, GREEDY)])[0].token_ids) for adapter in (None, "a1", "a2", "a3")}
+    outputs = {
+        adapter: tuple(engine.generate([GenerationRequest(ids, adapter, GREEDY)])[0].token_ids)
+        for adapter in (None, "a1", "a2", "a3")
+    }
     assert len(set(outputs.values())) == 4, outputs
 
 
@@ -65,15 +70,22 @@ def test_seeded_sampling_is_per_request(engine: Engine) -> None:
     ids = prompt(engine, "Hi")
     sampled = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, seed=7)
     alone = engine.generate([GenerationRequest(ids, "a1", sampled)])[0]
-    in_batch = engine.generate([GenerationRequest(ids, "a1", sampled), GenerationRequest(ids, None, SamplingParams(max_tokens=3, temperature=1.5, seed=1))])[0]
+    in_batch = engine.generate(
+        [
+            GenerationRequest(ids, "a1", sampled),
+            GenerationRequest(ids, None, SamplingParams(max_tokens=3, temperature=1.5, seed=1)),
+        ]
+    )[0]
     assert alone.token_ids == in_batch.token_ids
 
 
 def test_stop_sequence_ends_generation_and_is_cut(engine: Engine) -> None:
     ids = prompt(engine, "Hi")
     full = engine.generate([GenerationRequest(ids, "a1", GREEDY)])[0]
-    stop = full.text[len(full.text) // 2:][:3]
-    stopped = engine.generate([GenerationRequest(ids, "a1", SamplingParams(max_tokens=10, temperature=0.0, stop=(stop,)))])[0]
+    stop = full.text[len(full.text) // 2 :][:3]
+    stopped = engine.generate(
+        [GenerationRequest(ids, "a1", SamplingParams(max_tokens=10, temperature=0.0, stop=(stop,)))]
+    )[0]
     assert stopped.finish_reason == "stop"
     assert stop not in stopped.text and full.text.startswith(stopped.text)
     assert stopped.completion_tokens < full.completion_tokens

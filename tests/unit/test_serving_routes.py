@@ -6,7 +6,12 @@ import pytest
 
 from contracts.envelope import wrap
 from contracts.events import AdapterRegistered, Stage, StageChanged
-from services.serving.handlers import HANDLERS, Deps, when_adapter_registered_remember_it, when_stage_changed_route_and_load
+from services.serving.handlers import (
+    HANDLERS,
+    Deps,
+    when_adapter_registered_remember_it,
+    when_stage_changed_route_and_load,
+)
 from services.serving.prompt_routes import PromptRoutes
 from services.serving.routes import Routes, UnknownModelError
 
@@ -65,8 +70,12 @@ def test_prompt_ab_split_follows_labels_and_is_sticky() -> None:
     prompts.publish(PromptPublished(prompt_name="p", version=2, template="b", labels=["candidate"]))
     ref = PromptReference(name="p")
     users = [f"u{index}" for index in range(4000)]
-    assert {prompts.resolve(ref, user).version for user in users} == {1}, "a label without a declared share took traffic"
-    prompts.publish(PromptPublished(prompt_name="p", version=2, template="b", labels=["candidate"], label_traffic={"candidate": 25}))
+    assert {prompts.resolve(ref, user).version for user in users} == {1}, (
+        "a label without a declared share took traffic"
+    )
+    prompts.publish(
+        PromptPublished(prompt_name="p", version=2, template="b", labels=["candidate"], label_traffic={"candidate": 25})
+    )
     picks = {user: prompts.resolve(ref, user) for user in users}
     share = sum(choice.route == "ab" for choice in picks.values()) / len(picks)
     assert abs(share - 0.25) < 0.025 and {choice.version for choice in picks.values() if choice.route == "ab"} == {2}
@@ -74,12 +83,24 @@ def test_prompt_ab_split_follows_labels_and_is_sticky() -> None:
     assert prompts.resolve(PromptReference(name="p", version=1), "u1").route == "pinned"
     assert prompts.resolve(PromptReference(name="p", label="candidate"), "u1").version == 2
 
-    prompts.publish(PromptPublished(prompt_name="p", version=3, template="c", labels=["beta"], label_traffic={"beta": 10}))
+    prompts.publish(
+        PromptPublished(prompt_name="p", version=3, template="c", labels=["beta"], label_traffic={"beta": 10})
+    )
     split = [prompts.resolve(ref, user).version for user in users]
     assert abs(split.count(2) / len(users) - 0.25) < 0.025 and abs(split.count(3) / len(users) - 0.10) < 0.02
-    assert [prompts.resolve(ref, user).version for user, choice in picks.items() if choice.route == "ab"].count(2) == sum(choice.route == "ab" for choice in picks.values()), "adding a split moved users of the first"
+    assert [prompts.resolve(ref, user).version for user, choice in picks.items() if choice.route == "ab"].count(
+        2
+    ) == sum(choice.route == "ab" for choice in picks.values()), "adding a split moved users of the first"
 
-    prompts.publish(PromptPublished(prompt_name="p", version=2, template="b", labels=["candidate", "production"], label_traffic={"candidate": 25}))  # promoted
+    prompts.publish(
+        PromptPublished(
+            prompt_name="p",
+            version=2,
+            template="b",
+            labels=["candidate", "production"],
+            label_traffic={"candidate": 25},
+        )
+    )  # promoted
     assert {prompts.resolve(ref, user).version for user in users} == {2, 3}
     with pytest.raises(UnknownPromptError, match="no label"):
         prompts.resolve(PromptReference(name="p", label="gamma"))
@@ -121,25 +142,69 @@ def _deps(routes: Routes, loader: _RecordingLoader) -> Deps:
 
 
 def _routed(routes: Routes) -> set[int]:
-    versions = {routes.resolve(reference).adapter_version for reference in ("m", "m@staging") if reference in routes.references()}
+    versions = {
+        routes.resolve(reference).adapter_version
+        for reference in ("m", "m@staging")
+        if reference in routes.references()
+    }
     return versions - {None}
 
 
 def _interleavings(first: list, second: list) -> list[list]:
     if not first or not second:
         return [first + second]
-    return [[first[0], *rest] for rest in _interleavings(first[1:], second)] + [[second[0], *rest] for rest in _interleavings(first, second[1:])]
+    return [[first[0], *rest] for rest in _interleavings(first[1:], second)] + [
+        [second[0], *rest] for rest in _interleavings(first, second[1:])
+    ]
 
 
 async def test_replayed_topics_in_any_interleaving_never_route_to_an_adapter_not_loaded() -> None:
     """Serving reads adapter.registered and stage.changed with one consumer each, so a replay may see a
     version's promotion before its registration; whatever the interleaving, a route points only at a
     loaded adapter, and the end state is the registry's."""
-    registered = [wrap(AdapterRegistered(model_name="m", adapter_version=v, artifact_uri=f"file:///v{v}", artifact_sha256="0" * 64, training_job_id=f"j{v}"), producer="registry") for v in (1, 2)]
+    registered = [
+        wrap(
+            AdapterRegistered(
+                model_name="m",
+                adapter_version=v,
+                artifact_uri=f"file:///v{v}",
+                artifact_sha256="0" * 64,
+                training_job_id=f"j{v}",
+            ),
+            producer="registry",
+        )
+        for v in (1, 2)
+    ]
     stages = [
-        wrap(StageChanged(model_name="m", adapter_version=1, from_stage=Stage.staging, to_stage=Stage.production, actor="a", approver="b"), producer="registry"),
-        wrap(StageChanged(model_name="m", adapter_version=2, from_stage=Stage.staging, to_stage=Stage.production, actor="a", approver="b", replaces_version=1), producer="registry"),
-        wrap(StageChanged(model_name="m", adapter_version=1, from_stage=Stage.production, to_stage=Stage.archived, actor="a"), producer="registry"),
+        wrap(
+            StageChanged(
+                model_name="m",
+                adapter_version=1,
+                from_stage=Stage.staging,
+                to_stage=Stage.production,
+                actor="a",
+                approver="b",
+            ),
+            producer="registry",
+        ),
+        wrap(
+            StageChanged(
+                model_name="m",
+                adapter_version=2,
+                from_stage=Stage.staging,
+                to_stage=Stage.production,
+                actor="a",
+                approver="b",
+                replaces_version=1,
+            ),
+            producer="registry",
+        ),
+        wrap(
+            StageChanged(
+                model_name="m", adapter_version=1, from_stage=Stage.production, to_stage=Stage.archived, actor="a"
+            ),
+            producer="registry",
+        ),
     ]  # in the registry's order: the promotion, then the archive of the version it replaced
     orders = _interleavings(registered, stages)
     assert len(orders) == 10
@@ -162,9 +227,27 @@ async def test_a_deferred_promotion_whose_load_fails_is_applied_when_the_registr
     routes, loader = Routes(), _RecordingLoader(fail_once=1)
     routes.add_model("m")
     deps = _deps(routes, loader)
-    await when_stage_changed_route_and_load(wrap(StageChanged(model_name="m", adapter_version=1, from_stage=Stage.staging, to_stage=Stage.production, actor="a", approver="b"), producer="registry"), deps)
+    await when_stage_changed_route_and_load(
+        wrap(
+            StageChanged(
+                model_name="m",
+                adapter_version=1,
+                from_stage=Stage.staging,
+                to_stage=Stage.production,
+                actor="a",
+                approver="b",
+            ),
+            producer="registry",
+        ),
+        deps,
+    )
     assert routes.resolve("m").route == "direct"  # nothing routed to a version serving cannot load yet
-    registration = wrap(AdapterRegistered(model_name="m", adapter_version=1, artifact_uri="file:///v1", artifact_sha256="0" * 64, training_job_id="j1"), producer="registry")
+    registration = wrap(
+        AdapterRegistered(
+            model_name="m", adapter_version=1, artifact_uri="file:///v1", artifact_sha256="0" * 64, training_job_id="j1"
+        ),
+        producer="registry",
+    )
     with pytest.raises(OSError):
         await when_adapter_registered_remember_it(registration, deps)
     assert routes.resolve("m").route == "direct" and loader.loaded == set()

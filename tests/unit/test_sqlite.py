@@ -46,12 +46,16 @@ def test_reopening_applies_only_the_migrations_the_file_has_not_seen(tmp_path: P
 def test_a_failing_migration_leaves_nothing_behind_and_says_which_one_failed(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     broken = Migration(2, "half_done", "CREATE TABLE extra (x INTEGER);\nINSERT INTO no_such_table VALUES (1);")
-    with pytest.raises(MigrationError, match=r"migration 2 \(half_done\) failed and was rolled back: no such table: no_such_table"):
+    with pytest.raises(
+        MigrationError, match=r"migration 2 \(half_done\) failed and was rolled back: no such table: no_such_table"
+    ):
         SqliteDatabase(path, [CREATE, broken])
     raw = sqlite3.connect(path)
     try:
         assert raw.execute("SELECT version FROM schema_migrations").fetchall() == [(1,)]
-        assert raw.execute("SELECT name FROM sqlite_master WHERE name = 'extra'").fetchall() == []  # its first statement was undone too
+        assert (
+            raw.execute("SELECT name FROM sqlite_master WHERE name = 'extra'").fetchall() == []
+        )  # its first statement was undone too
     finally:
         raw.close()
     fixed = Migration(2, "half_done", "CREATE TABLE extra (x INTEGER);")
@@ -94,7 +98,9 @@ def test_a_migration_needs_a_positive_number_and_a_snake_case_name(number: int, 
         Migration(number, name, "SELECT 1")
 
 
-def open_together(path: Path, migrations: list[Migration], count: int) -> tuple[list[SqliteDatabase], list[BaseException]]:
+def open_together(
+    path: Path, migrations: list[Migration], count: int
+) -> tuple[list[SqliteDatabase], list[BaseException]]:
     """`count` connections (standing for processes) opening `path` at the same moment, lined up by a barrier."""
     start = threading.Barrier(count)
     opened: list[SqliteDatabase] = []

@@ -56,9 +56,24 @@ def test_the_trainers_job_store_adopts_an_old_jobs_db_with_its_jobs_and_staged_e
     store = JobStore(path)
     try:
         old = store.get("job-old")
-        assert old is not None and old.status == "failed" and old.dataset == DatasetRef(name="tiny", version=1) and old.requested_by == "alice"
+        assert (
+            old is not None
+            and old.status == "failed"
+            and old.dataset == DatasetRef(name="tiny", version=1)
+            and old.requested_by == "alice"
+        )
         assert [event.event_id for event in store.unsent()] == ["e-1"]
-        _, created = store.add(JobRecord(job_id="job-new", model_name="smollm2", dataset=DatasetRef(name="tiny", version=1), hyperparameters=Hyperparameters(), status="queued", correlation_id=None, requested_by="bob"))
+        _, created = store.add(
+            JobRecord(
+                job_id="job-new",
+                model_name="smollm2",
+                dataset=DatasetRef(name="tiny", version=1),
+                hyperparameters=Hyperparameters(),
+                status="queued",
+                correlation_id=None,
+                requested_by="bob",
+            )
+        )
         assert created and [job.job_id for job in store.list()] == ["job-new", "job-old"]
     finally:
         store.close()

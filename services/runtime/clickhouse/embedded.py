@@ -97,7 +97,9 @@ class EmbeddedStore(ClickHouseStore):
     def command(self, sql: str, parameters: dict[str, Any] | None = None) -> None:
         self._run(sql, "CSV", parameters)
 
-    def query_arrow(self, sql: str, parameters: dict[str, Any] | None = None, *, limits: Mapping[str, int | str] | None = None) -> pyarrow.Table:
+    def query_arrow(
+        self, sql: str, parameters: dict[str, Any] | None = None, *, limits: Mapping[str, int | str] | None = None
+    ) -> pyarrow.Table:
         if not limits:
             return self._run(sql, "ArrowTable", parameters)
         # chDB (4.4) leaves a connection whose query failed while writing its result (a cap hit mid-stream)
@@ -110,10 +112,15 @@ class EmbeddedStore(ClickHouseStore):
             except ClickHouseError:
                 self._retire(connection)
                 raise
-            except (OSError, ValueError) as broken:  # pyarrow.ArrowInvalid is a ValueError; a truncated IPC file an OSError
+            except (
+                OSError,
+                ValueError,
+            ) as broken:  # pyarrow.ArrowInvalid is a ValueError; a truncated IPC file an OSError
                 self._retire(connection)
                 if attempt == 2:
-                    raise ClickHouseError(f"embedded ClickHouse returned an unreadable result twice: {broken}") from None
+                    raise ClickHouseError(
+                        f"embedded ClickHouse returned an unreadable result twice: {broken}"
+                    ) from None
         raise AssertionError("unreachable")
 
     def insert_arrow(self, table: str, data: pyarrow.Table, dedup_token: str | None = None) -> None:
@@ -180,7 +187,9 @@ class EmbeddedStore(ClickHouseStore):
         params = {name.removeprefix("param_"): value for name, value in bound.items()}
         try:
             with _engine_turn:
-                return (connection or self._connection).query(final_sql if isinstance(final_sql, str) else final_sql.decode(), fmt, params=params)
+                return (connection or self._connection).query(
+                    final_sql if isinstance(final_sql, str) else final_sql.decode(), fmt, params=params
+                )
         except RuntimeError as error:
             raise ClickHouseError(str(error)) from None
 

@@ -92,7 +92,12 @@ _AGGREGATES = frozenset(
 
 # Codes of the caps' refusals: the caller went over a limit, which is theirs to change (LIMIT, a
 # narrower window, an aggregate), not an engine failure.
-LIMIT_ERRORS = {159: "max_execution_time", 160: "max_execution_time", 396: "max_result_rows/max_result_bytes", 241: "max_memory_usage"}
+LIMIT_ERRORS = {
+    159: "max_execution_time",
+    160: "max_execution_time",
+    396: "max_result_rows/max_result_bytes",
+    241: "max_memory_usage",
+}
 
 
 class QueryRefused(Exception):
@@ -188,17 +193,27 @@ class QueryGuard:
         from sqlglot.errors import ParseError, TokenError
 
         if "INTO OUTFILE" in _tokens_upper(sql):
-            raise QueryRefused("INTO OUTFILE is not allowed at the query door: results come back in the response, never to a file")
+            raise QueryRefused(
+                "INTO OUTFILE is not allowed at the query door: results come back in the response, never to a file"
+            )
         try:
-            statements = [s for s in sqlglot.parse(sql, read=DIALECT) if s is not None and not isinstance(s, exp.Semicolon)]
+            statements = [
+                s for s in sqlglot.parse(sql, read=DIALECT) if s is not None and not isinstance(s, exp.Semicolon)
+            ]
         except ParseError as error:
-            raise QueryRefused(f"the query cannot be parsed as ClickHouse SQL: {_parse_error(error)}", status=400, code="query_invalid") from None
+            raise QueryRefused(
+                f"the query cannot be parsed as ClickHouse SQL: {_parse_error(error)}", status=400, code="query_invalid"
+            ) from None
         except (TokenError, RecursionError, ValueError) as error:
-            raise QueryRefused(f"the query cannot be parsed as ClickHouse SQL: {error}", status=400, code="query_invalid") from None
+            raise QueryRefused(
+                f"the query cannot be parsed as ClickHouse SQL: {error}", status=400, code="query_invalid"
+            ) from None
         if not statements:
             raise QueryRefused("the query is empty: send one SELECT", status=400, code="query_invalid")
         if len(statements) > 1:
-            raise QueryRefused(f"the query door runs one statement per request; this has {len(statements)} (separated by `;`)")
+            raise QueryRefused(
+                f"the query door runs one statement per request; this has {len(statements)} (separated by `;`)"
+            )
         [tree] = statements
         while isinstance(tree, exp.Subquery) and not tree.alias:
             tree = tree.this  # `(SELECT ...)`, parenthesised
@@ -206,12 +221,18 @@ class QueryGuard:
             keyword = _leading_keyword(sql)
             if keyword is None:
                 # sqlglot reads a bare expression where a statement should start (`SELEC * ...`).
-                raise QueryRefused("the query is not a SQL statement: a query starts with SELECT or WITH", status=400, code="query_invalid")
+                raise QueryRefused(
+                    "the query is not a SQL statement: a query starts with SELECT or WITH",
+                    status=400,
+                    code="query_invalid",
+                )
             raise QueryRefused(f"the query door is readonly and runs one SELECT; {keyword} is not a SELECT")
         self._judge(tree)
         return tree.sql(dialect=DIALECT, comments=False)
 
-    def run(self, store: ClickHouseStore, sql: str, parameters: Mapping[str, Any] | None, limits: QueryLimits) -> pyarrow.Table:
+    def run(
+        self, store: ClickHouseStore, sql: str, parameters: Mapping[str, Any] | None, limits: QueryLimits
+    ) -> pyarrow.Table:
         """Bind, judge and run `sql` under `limits`; QueryRefused, QueryOverLimit, or the engine's ClickHouseError."""
         # Binding first: parameters without `{name:Type}` placeholders are formatted into the text
         # client-side, so the text after binding is what must be judged.
@@ -224,7 +245,9 @@ class QueryGuard:
             if cap is None:
                 raise
             first = (str(error).strip().splitlines() or [""])[0]
-            raise QueryOverLimit(f"the query went over the door's {cap} cap ({first}); narrow it with WHERE, LIMIT or an aggregate", cap) from None
+            raise QueryOverLimit(
+                f"the query went over the door's {cap} cap ({first}); narrow it with WHERE, LIMIT or an aggregate", cap
+            ) from None
 
     # ------------------------------------------------------------------------------------ judging
 
@@ -234,11 +257,15 @@ class QueryGuard:
         ctes = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
         for node in tree.walk():
             if node.args.get("settings"):
-                raise QueryRefused("SETTINGS is not allowed at the query door: its limits and readonly are fixed by the server")
+                raise QueryRefused(
+                    "SETTINGS is not allowed at the query door: its limits and readonly are fixed by the server"
+                )
             if node.args.get("format") is not None and isinstance(node, exp.Query):
                 raise QueryRefused("FORMAT is not allowed at the query door: the door returns JSON rows")
             if isinstance(node, (exp.DDL, exp.DML, exp.Command, exp.Set, exp.Use)):
-                raise QueryRefused(f"the query door is readonly and runs one SELECT; {node.key.upper()} is not allowed anywhere in it")
+                raise QueryRefused(
+                    f"the query door is readonly and runs one SELECT; {node.key.upper()} is not allowed anywhere in it"
+                )
             if isinstance(node, exp.Placeholder):
                 self._judge_placeholder(node)
             elif isinstance(node, exp.Table):
@@ -247,8 +274,14 @@ class QueryGuard:
                 # `x IN feedback` reads the table `feedback` as a set.
                 field = node.args["field"]
                 self._judge_relation(field.name, field.table or None, ctes)
-            elif isinstance(node, exp.Column) and node.args.get("db") is not None and node.args["db"].name != self.database:
-                raise QueryRefused(f"column {node.sql(dialect=DIALECT)} names database {node.args['db'].name!r}; the query door reads {self.database!r} only")
+            elif (
+                isinstance(node, exp.Column)
+                and node.args.get("db") is not None
+                and node.args["db"].name != self.database
+            ):
+                raise QueryRefused(
+                    f"column {node.sql(dialect=DIALECT)} names database {node.args['db'].name!r}; the query door reads {self.database!r} only"
+                )
             elif isinstance(node, exp.Func) and not (isinstance(node.parent, exp.Table) and node.arg_key == "this"):
                 # A call where a table goes is a table function or a parameterised view: judged as a table.
                 self._judge_function(node)
@@ -259,7 +292,9 @@ class QueryGuard:
             if isinstance(source, exp.Join) and str(source.args.get("kind", "")).upper() == "ARRAY":
                 continue  # ARRAY JOIN unfolds a column of a table already judged
             if not isinstance(relation, (exp.Table, exp.Subquery)):
-                raise QueryRefused(f"{relation.sql(dialect=DIALECT)[:80]} cannot be read at the query door: read one of its tables or views: {self.allowed_tables()}")
+                raise QueryRefused(
+                    f"{relation.sql(dialect=DIALECT)[:80]} cannot be read at the query door: read one of its tables or views: {self.allowed_tables()}"
+                )
 
     def _judge_placeholder(self, node: exp.Placeholder) -> None:
         from sqlglot import exp
@@ -281,40 +316,65 @@ class QueryGuard:
             self._judge_placeholder(target)
         if isinstance(target, exp.Identifier):
             if node.args.get("catalog") is not None:
-                raise QueryRefused(f"{node.sql(dialect=DIALECT)} is not one of Flywheel's tables; allowed tables: {self.allowed_tables()}")
+                raise QueryRefused(
+                    f"{node.sql(dialect=DIALECT)} is not one of Flywheel's tables; allowed tables: {self.allowed_tables()}"
+                )
             self._judge_relation(target.name, node.db or None, ctes)
             return
         if isinstance(target, exp.Anonymous) and target.name in self.relations.views and not node.db:
             # A parameterised view: `inference_metrics(bucket_s = 3600)`; its arguments are name = value pairs.
             for argument in target.expressions:
-                if not (isinstance(argument, exp.EQ) and isinstance(argument.this, exp.Column) and isinstance(argument.expression, (exp.Literal, exp.Placeholder, exp.Neg))):
-                    raise QueryRefused(f"view {target.name}() takes parameters as name = value, got {argument.sql(dialect=DIALECT)[:80]}")
+                if not (
+                    isinstance(argument, exp.EQ)
+                    and isinstance(argument.this, exp.Column)
+                    and isinstance(argument.expression, (exp.Literal, exp.Placeholder, exp.Neg))
+                ):
+                    raise QueryRefused(
+                        f"view {target.name}() takes parameters as name = value, got {argument.sql(dialect=DIALECT)[:80]}"
+                    )
             return
         if isinstance(target, exp.Func):
             name = target.name if isinstance(target, exp.Anonymous) else target.sql_name().lower()
             raise QueryRefused(
                 f"table function {name}() is not allowed at the query door: it reads outside Flywheel's tables; allowed tables: {self.allowed_tables()}"
             )
-        raise QueryRefused(f"{node.sql(dialect=DIALECT)[:80]} is not one of Flywheel's tables; allowed tables: {self.allowed_tables()}")
+        raise QueryRefused(
+            f"{node.sql(dialect=DIALECT)[:80]} is not one of Flywheel's tables; allowed tables: {self.allowed_tables()}"
+        )
 
     def _judge_relation(self, name: str, database: str | None, ctes: set[str]) -> None:
         if database is None and name in ctes:
             return
         if database not in (None, self.database) or name not in self.relations.names:
             shown = f"{database}.{name}" if database else name
-            raise QueryRefused(f"table {shown} is not allowed at the query door: it reads Flywheel's own tables and views only; allowed tables: {self.allowed_tables()}")
+            raise QueryRefused(
+                f"table {shown} is not allowed at the query door: it reads Flywheel's own tables and views only; allowed tables: {self.allowed_tables()}"
+            )
 
     def _judge_function(self, node: exp.Func) -> None:
         from sqlglot import exp
 
-        if isinstance(node, (exp.Anonymous, exp.AnonymousAggFunc, exp.CombinedAggFunc, exp.ParameterizedAgg, exp.CombinedParameterizedAgg)):
+        if isinstance(
+            node,
+            (
+                exp.Anonymous,
+                exp.AnonymousAggFunc,
+                exp.CombinedAggFunc,
+                exp.ParameterizedAgg,
+                exp.CombinedParameterizedAgg,
+            ),
+        ):
             name = node.name
             if not _allowed_name(name):
-                raise QueryRefused(f"function {name}() is not allowed at the query door (it accepts a fixed list of aggregate, date, string, math, JSON and array functions)")
+                raise QueryRefused(
+                    f"function {name}() is not allowed at the query door (it accepts a fixed list of aggregate, date, string, math, JSON and array functions)"
+                )
             return
         if type(node) not in _allowed_typed_functions():
             name = node.sql(dialect=DIALECT).split("(", 1)[0][:60]
-            raise QueryRefused(f"function {name}() is not allowed at the query door (it accepts a fixed list of aggregate, date, string, math, JSON and array functions)")
+            raise QueryRefused(
+                f"function {name}() is not allowed at the query door (it accepts a fixed list of aggregate, date, string, math, JSON and array functions)"
+            )
 
 
 class _CommandFallbackFilter(logging.Filter):
@@ -354,7 +414,24 @@ def _allowed_name_base(lowered: str) -> bool:
 
 # Functions sqlglot writes itself from syntax rather than from a name: `a AND b`, `CASE`, `CAST(x AS T)`,
 # `x::T`, `[1, 2]`, `EXTRACT(DAY FROM t)`, `INTERVAL`, `COLUMNS('re')`, `EXISTS (SELECT ...)` (whose subquery is judged like any other).
-_SYNTAX_FUNCTIONS = ("And", "Or", "Xor", "Case", "If", "Cast", "TryCast", "Array", "Extract", "Count", "Columns", "Struct", "Tuple", "Interval", "Transform", "Exists")
+_SYNTAX_FUNCTIONS = (
+    "And",
+    "Or",
+    "Xor",
+    "Case",
+    "If",
+    "Cast",
+    "TryCast",
+    "Array",
+    "Extract",
+    "Count",
+    "Columns",
+    "Struct",
+    "Tuple",
+    "Interval",
+    "Transform",
+    "Exists",
+)
 
 
 @cache
@@ -369,7 +446,9 @@ def _allowed_typed_functions() -> frozenset[type]:
 
     classes: set[type] = {getattr(exp, name) for name in _SYNTAX_FUNCTIONS if hasattr(exp, name)}
     arguments = ("", "a", "a, b", "a, b, c", "a, b, c, d", "'second', a, b")
-    spellings = {name for name in ALLOWED_FUNCTIONS} | {f"{base}{c}".lower() for base in _AGGREGATES for c in AGGREGATE_COMBINATORS}
+    spellings = {name for name in ALLOWED_FUNCTIONS} | {
+        f"{base}{c}".lower() for base in _AGGREGATES for c in AGGREGATE_COMBINATORS
+    }
     quiet = logging.getLogger("sqlglot")
     level = quiet.level
     quiet.setLevel(logging.ERROR)

@@ -86,14 +86,18 @@ class ServerStore(ClickHouseStore):
         except Error as error:
             raise ClickHouseError(str(error)) from None
 
-    def query_arrow(self, sql: str, parameters: dict[str, Any] | None = None, *, limits: Mapping[str, int | str] | None = None) -> pyarrow.Table:
+    def query_arrow(
+        self, sql: str, parameters: dict[str, Any] | None = None, *, limits: Mapping[str, int | str] | None = None
+    ) -> pyarrow.Table:
         from clickhouse_connect.driver.exceptions import Error
 
         bind(sql, parameters)  # refuses what cannot be bound, as the embedded backend does
         try:
             # Per-query settings travel as URL parameters of the same request as the client's readonly=1,
             # which the server checks against the user's profile before applying both: a query cannot lift them.
-            return self._live().query_arrow(sql, parameters=parameters, settings=dict(limits) if limits else None, use_strings=True)
+            return self._live().query_arrow(
+                sql, parameters=parameters, settings=dict(limits) if limits else None, use_strings=True
+            )
         except Error as error:
             raise ClickHouseError(str(error)) from None
 

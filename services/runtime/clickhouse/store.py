@@ -102,7 +102,9 @@ class ClickHouseStore(ABC):
         """Run a statement that returns nothing (DDL, ALTER ...); `{name:Type}` placeholders bind server-side."""
 
     @abstractmethod
-    def query_arrow(self, sql: str, parameters: dict[str, Any] | None = None, *, limits: Mapping[str, int | str] | None = None) -> pyarrow.Table:
+    def query_arrow(
+        self, sql: str, parameters: dict[str, Any] | None = None, *, limits: Mapping[str, int | str] | None = None
+    ) -> pyarrow.Table:
         """Run a SELECT and return its result as an Arrow table; `limits` are settings (max_result_rows, ...)
         the engine enforces for this query, applied by the backend, never spliced into `sql`."""
 

@@ -87,7 +87,13 @@ class Embedder:
             rows = []
             with torch.inference_mode():
                 for start in range(0, len(texts), self._batch_size):
-                    batch = self._tokenizer(list(texts[start : start + self._batch_size]), padding=True, truncation=True, max_length=self._max_length, return_tensors="pt")
+                    batch = self._tokenizer(
+                        list(texts[start : start + self._batch_size]),
+                        padding=True,
+                        truncation=True,
+                        max_length=self._max_length,
+                        return_tensors="pt",
+                    )
                     hidden = self._model(**batch).last_hidden_state
                     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -121,7 +127,10 @@ def fact_numbers(answer: str, reference: str) -> float | None:
 def score_groundedness(answers: Sequence[str], contexts: Sequence[str], embedder: Embedder) -> list[GroundednessScore]:
     """Score each answer against its context (the reference answer, or the retrieved passage)."""
     similarities = embedder.similarities([a or " " for a in answers], [c or " " for c in contexts])
-    return [_combine(answer, context, similarity) for answer, context, similarity in zip(answers, contexts, similarities, strict=True)]
+    return [
+        _combine(answer, context, similarity)
+        for answer, context, similarity in zip(answers, contexts, similarities, strict=True)
+    ]
 
 
 def _combine(answer: str, context: str, similarity: float) -> GroundednessScore:

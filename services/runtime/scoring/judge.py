@@ -34,8 +34,14 @@ class Rubric:
     def messages(self, *, question: str, answer: str, reference: str) -> list[dict[str, str]]:
         turns = [{"role": "system", "content": self.system}]
         for q, r, a, reply in self.examples:
-            turns += [{"role": "user", "content": self.user.format(question=q, answer=a, reference=r)}, {"role": "assistant", "content": reply}]
-        return [*turns, {"role": "user", "content": self.user.format(question=question, answer=answer, reference=reference)}]
+            turns += [
+                {"role": "user", "content": self.user.format(question=q, answer=a, reference=r)},
+                {"role": "assistant", "content": reply},
+            ]
+        return [
+            *turns,
+            {"role": "user", "content": self.user.format(question=question, answer=answer, reference=reference)},
+        ]
 
     @property
     def key(self) -> str:
@@ -69,8 +75,18 @@ RUBRICS: dict[str, Rubric] = {
             user="Question: {question}\nReference answer: {reference}\nAnswer to grade: {answer}",
             examples=(
                 ("How long is the warranty?", "The warranty lasts 2 years.", "You get a 2-year warranty.", "Score: 5"),
-                ("What does the red light mean?", "A red light means the battery is below 10%.", "The red light means the hub is updating.", "Score: 1"),
-                ("How do I pair the remote?", "Hold Pair for 3 seconds, then press any key on the remote.", "Hold Pair for a few seconds.", "Score: 3"),
+                (
+                    "What does the red light mean?",
+                    "A red light means the battery is below 10%.",
+                    "The red light means the hub is updating.",
+                    "Score: 1",
+                ),
+                (
+                    "How do I pair the remote?",
+                    "Hold Pair for 3 seconds, then press any key on the remote.",
+                    "Hold Pair for a few seconds.",
+                    "Score: 3",
+                ),
             ),
         ),
     )

@@ -24,29 +24,56 @@ LEXICON_VERSION = "v1"
 
 LEXICON: dict[str, tuple[str, ...]] = {
     "self_harm": (
-        r"kill (?:yourself|myself|themselves|himself|herself)", r"commit suicide", r"suicide (?:method|note)s?",
-        r"end (?:your|my) (?:own )?life", r"cut (?:yourself|myself)", r"self[- ]harm(?:ing)?", r"overdose on",
+        r"kill (?:yourself|myself|themselves|himself|herself)",
+        r"commit suicide",
+        r"suicide (?:method|note)s?",
+        r"end (?:your|my) (?:own )?life",
+        r"cut (?:yourself|myself)",
+        r"self[- ]harm(?:ing)?",
+        r"overdose on",
     ),
     "violence": (
-        r"(?:kill|murder|stab|shoot|strangle|behead) (?:you|him|her|them|people|everyone)", r"beat (?:you|him|her|them) up",
-        r"i will (?:hurt|kill|find) you", r"mass shooting", r"blow (?:up|them up) (?:the|a) (?:building|school|crowd)",
+        r"(?:kill|murder|stab|shoot|strangle|behead) (?:you|him|her|them|people|everyone)",
+        r"beat (?:you|him|her|them) up",
+        r"i will (?:hurt|kill|find) you",
+        r"mass shooting",
+        r"blow (?:up|them up) (?:the|a) (?:building|school|crowd)",
     ),
     "weapons": (
-        r"(?:build|make|assemble) (?:a |an )?(?:bomb|pipe bomb|explosive device|molotov cocktail)s?", r"untraceable (?:gun|firearm)s?",
-        r"ghost gun", r"nerve agent", r"weaponi[sz]ed? (?:anthrax|virus|pathogen)",
+        r"(?:build|make|assemble) (?:a |an )?(?:bomb|pipe bomb|explosive device|molotov cocktail)s?",
+        r"untraceable (?:gun|firearm)s?",
+        r"ghost gun",
+        r"nerve agent",
+        r"weaponi[sz]ed? (?:anthrax|virus|pathogen)",
     ),
     "crime": (
-        r"launder(?:ing)? (?:the )?money", r"steal (?:a |the |their )?(?:identity|credit card|password)s?", r"credit card skimm(?:er|ing)",
-        r"(?:buy|sell|cook) (?:meth|cocaine|heroin|fentanyl)", r"hack (?:into )?(?:their|his|her|someone's) (?:account|email|phone)",
+        r"launder(?:ing)? (?:the )?money",
+        r"steal (?:a |the |their )?(?:identity|credit card|password)s?",
+        r"credit card skimm(?:er|ing)",
+        r"(?:buy|sell|cook) (?:meth|cocaine|heroin|fentanyl)",
+        r"hack (?:into )?(?:their|his|her|someone's) (?:account|email|phone)",
     ),
     "hate": (
         r"(?:all|those) (?:immigrants|foreigners|muslims|jews|christians|women|men|gays) (?:are|should) (?:vermin|animals|subhuman|die|be killed)",
-        r"subhuman", r"ethnic cleansing", r"white power", r"heil hitler",
+        r"subhuman",
+        r"ethnic cleansing",
+        r"white power",
+        r"heil hitler",
     ),
-    "sexual": (r"explicit sex(?:ual)? (?:content|acts?)", r"porn(?:ography|ographic)?", r"child (?:porn|sexual abuse)", r"nude (?:photos|pictures) of"),
+    "sexual": (
+        r"explicit sex(?:ual)? (?:content|acts?)",
+        r"porn(?:ography|ographic)?",
+        r"child (?:porn|sexual abuse)",
+        r"nude (?:photos|pictures) of",
+    ),
     "harassment": (
-        r"you(?:'re| are) (?:an? )?(?:idiot|moron|stupid|worthless|pathetic)", r"shut up", r"go to hell", r"fuck(?:ing|er|ed)?", r"bitch(?:es)?",
-        r"asshole", r"bastard",
+        r"you(?:'re| are) (?:an? )?(?:idiot|moron|stupid|worthless|pathetic)",
+        r"shut up",
+        r"go to hell",
+        r"fuck(?:ing|er|ed)?",
+        r"bitch(?:es)?",
+        r"asshole",
+        r"bastard",
     ),
 }
 
@@ -73,6 +100,9 @@ def scan_unsafe(text: str, extra: Mapping[str, Sequence[str]] | None = None) -> 
     """Match the lexicon (plus `extra` entries) against `text`; whitespace runs count as one space."""
     key = tuple(sorted((category, tuple(patterns)) for category, patterns in (extra or {}).items()))
     normalized = " ".join(text.lower().replace("\u2019", "'").split())
-    found = {category: sorted({m.group(0) for m in pattern.finditer(normalized)}) for category, pattern in _compiled(key).items()}
+    found = {
+        category: sorted({m.group(0) for m in pattern.finditer(normalized)})
+        for category, pattern in _compiled(key).items()
+    }
     found = {category: hits for category, hits in found.items() if hits}
     return UnsafeFinding(bool(found), found)
