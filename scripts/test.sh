@@ -28,5 +28,6 @@ check() {  # <name> <command...>: runs it and prints how long it took; a failure
   fi
 }
 check "ruff check" .venv/bin/ruff check .
+check "ruff format --check" .venv/bin/ruff format --check .
 check "mypy (strict on contracts/ and services/runtime/)" .venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"
