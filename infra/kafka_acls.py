@@ -212,7 +212,7 @@ def may_produce(principal: str, topic: str, prefix: str = "") -> bool:
 
 
 def table_markdown() -> str:
-    """The table as docs print it (SECURITY.md, README)."""
+    """The table as docs print it (SECURITY.md, docs/operations.md)."""
     lines = ["| principal | produces | consumes (group) | reads outside a group |", "|---|---|---|---|"]
     for principal in (*SERVICE_PRINCIPALS, APP):
         group = f" (group `{principal.group}`, writes their `.dlq`)" if principal.consumes else ""
