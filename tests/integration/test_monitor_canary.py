@@ -29,10 +29,12 @@ from tests.monitor_support import (
     PER_ARM,
     RegistryDoorFixture,
     arm_traffic,
+    clickhouse,  # noqa: F401 - a fixture
     eventually,
+    monitor_store,  # noqa: F401 - a fixture
     running_sink,
     seed_two_versions,
-)  # noqa: F401 - clickhouse, monitor_store: fixtures
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -110,7 +112,7 @@ async def run_canary(
             )
             await relay.start()
             try:
-                door.registry.transition(
+                door.registry.adapters.transition(
                     "alice",
                     model_name=MODEL,
                     version=2,

@@ -32,11 +32,13 @@ from tests.integration.registry_support import CHAT
 from tests.integration.test_monitor import RULES, traffic
 from tests.monitor_support import (
     RegistryDoorFixture,
+    clickhouse,  # noqa: F401 - a fixture
     eventually,
+    monitor_store,  # noqa: F401 - a fixture
     read_topic,
     running_sink,
     seed_two_versions,
-)  # noqa: F401 - clickhouse, monitor_store: fixtures
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
