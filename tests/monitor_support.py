@@ -127,18 +127,18 @@ def seed_two_versions(door: RegistryDoorFixture, tmp_path: Path) -> None:
     """smollm2 v1 in production, v2 passed the gate, is approved and waits in staging."""
     registry = door.registry
     seed_model(registry, tmp_path, name=MODEL)
-    registry.publish_dataset("alice", name="support", split="train", jsonl=jsonl(CHAT))
+    registry.datasets.publish_dataset("alice", name="support", split="train", jsonl=jsonl(CHAT))
     for index in range(2):
-        adapter = registry.register_trained_adapter(
+        adapter = registry.adapters.register_trained_adapter(
             training_completed(registry, tmp_path, job_id=f"job-{index}", seed=index, model=MODEL),
             event_id=str(uuid.uuid4()),
             correlation_id=f"corr-{index}",
         )
-        registry.attach_evaluation(evaluation(MODEL, adapter.version))
-        registry.transition("alice", model_name=MODEL, version=adapter.version, to_stage=Stage.staging)
+        registry.adapters.attach_evaluation(evaluation(MODEL, adapter.version))
+        registry.adapters.transition("alice", model_name=MODEL, version=adapter.version, to_stage=Stage.staging)
         # Approved by an approver, so alice (an operator) may promote either; v2's approval waits for its canary.
-        registry.approve("bob", Role.approver, object_type="adapter", name=MODEL, version=adapter.version)
-    registry.transition("alice", model_name=MODEL, version=1, to_stage=Stage.production)
+        registry.approvals.approve("bob", Role.approver, object_type="adapter", name=MODEL, version=adapter.version)
+    registry.adapters.transition("alice", model_name=MODEL, version=1, to_stage=Stage.production)
 
 
 def arm_traffic(

@@ -69,7 +69,7 @@ def adapter_artifact(registry: Registry, tmp_path: Path, seed: int = 0) -> Artif
 
 def seed_model(registry: Registry, tmp_path: Path, name: str = "smol") -> None:
     weights = registry.artifacts.put_bytes(b'{"fake": "base"}', kind="json")
-    registry.register_base_model(
+    registry.models.register_base_model(
         "alice",
         name=name,
         source="test",
@@ -115,12 +115,12 @@ def evaluation(model: str, version: int, *, passed: bool = True) -> EvaluationCo
 
 def seed_adapters(registry: Registry, tmp_path: Path, count: int = 2, *, evaluated: bool = True) -> None:
     seed_model(registry, tmp_path)
-    registry.publish_dataset("alice", name="support", split="train", jsonl=jsonl(CHAT))
+    registry.datasets.publish_dataset("alice", name="support", split="train", jsonl=jsonl(CHAT))
     for index in range(count):
-        adapter = registry.register_trained_adapter(
+        adapter = registry.adapters.register_trained_adapter(
             training_completed(registry, tmp_path, job_id=f"job-{index}", seed=index),
             event_id=str(uuid.uuid4()),
             correlation_id=f"corr-{index}",
         )
         if evaluated:
-            registry.attach_evaluation(evaluation("smol", adapter.version))
+            registry.adapters.attach_evaluation(evaluation("smol", adapter.version))

@@ -79,7 +79,7 @@ async def test_the_built_monitor_consumes_stage_changed_ticks_on_its_own_and_its
             relay = OutboxRelay(door.store, runtime.bus("registry"), interval_s=0.1)
             await relay.start()
             try:
-                door.registry.transition(
+                door.registry.adapters.transition(
                     "alice", model_name=MODEL, version=2, to_stage=Stage.production, canary_percent=20
                 )
                 watched = settings.home / "monitor" / "canaries.json"

@@ -282,7 +282,7 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
     # Beside it, the registry's real door with v2 declared a canary: v2 has no traffic, so the policy waits.
     door = RegistryDoorFixture(tmp_path)
     seed_two_versions(door, tmp_path)
-    door.registry.transition(
+    door.registry.adapters.transition(
         "alice", model_name=MODEL, version=2, to_stage=Stage.production, canary_percent=10, reason="canary"
     )
     restarted = Monitor(

@@ -53,18 +53,18 @@ def free_port() -> int:
 def seed(registry: Registry, tmp_path: Path) -> None:
     """smol v1 in production, v2 its declared canary (20 %), both trained on support:v1."""
     seed_model(registry, tmp_path, name=MODEL)
-    registry.publish_dataset("alice", name="support", split="train", jsonl=jsonl(CHAT))
+    registry.datasets.publish_dataset("alice", name="support", split="train", jsonl=jsonl(CHAT))
     for index in range(2):
-        adapter = registry.register_trained_adapter(
+        adapter = registry.adapters.register_trained_adapter(
             training_completed(registry, tmp_path, job_id=f"job-{index}", seed=index, model=MODEL),
             event_id=str(uuid.uuid4()),
             correlation_id=f"corr-{index}",
         )
-        registry.attach_evaluation(evaluation(MODEL, adapter.version))
-        registry.transition("alice", model_name=MODEL, version=adapter.version, to_stage=Stage.staging)
-        registry.approve("bob", Role.approver, object_type="adapter", name=MODEL, version=adapter.version)
-    registry.transition("alice", model_name=MODEL, version=1, to_stage=Stage.production)
-    registry.transition("alice", model_name=MODEL, version=2, to_stage=Stage.production, canary_percent=20)
+        registry.adapters.attach_evaluation(evaluation(MODEL, adapter.version))
+        registry.adapters.transition("alice", model_name=MODEL, version=adapter.version, to_stage=Stage.staging)
+        registry.approvals.approve("bob", Role.approver, object_type="adapter", name=MODEL, version=adapter.version)
+    registry.adapters.transition("alice", model_name=MODEL, version=1, to_stage=Stage.production)
+    registry.adapters.transition("alice", model_name=MODEL, version=2, to_stage=Stage.production, canary_percent=20)
 
 
 @pytest.fixture

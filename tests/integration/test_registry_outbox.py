@@ -51,7 +51,7 @@ def outbox(store: RegistryStore) -> list[OutboxEvent]:
 
 async def test_two_relays_publish_each_event_once_in_commit_order(registry: Registry, database_url: str) -> None:  # noqa: F811
     for index in range(30):
-        registry.publish_prompt("alice", name=f"p{index}", template="Answer {{ q }}")
+        registry.prompts.publish_prompt("alice", name=f"p{index}", template="Answer {{ q }}")
     replica = RegistryStore(database_url)  # a second registry process: its own connections
     bus = RecordingBus()
     relays = [OutboxRelay(registry.store, bus, batch=4), OutboxRelay(replica, bus, batch=4)]
@@ -84,7 +84,7 @@ async def test_a_change_committed_just_before_shutdown_is_published_during_stop(
     try:
         async with app.router.lifespan_context(app):
             # A change made beside the running registry (as `flywheel registry` does): nothing kicks its relay.
-            Registry(store, ArtifactStore(Path(settings.home) / "artifacts")).publish_prompt(
+            Registry(store, ArtifactStore(Path(settings.home) / "artifacts")).prompts.publish_prompt(
                 "cli:ops", name="late", template="Hi {{ name }}"
             )
             await asyncio.sleep(0.5)

@@ -24,19 +24,21 @@ from services.runtime.auth import Role
 from services.runtime.http import status_of
 from tests.integration.registry_support import (
     CHAT,
+    database_url,  # noqa: F401 - a fixture
     evaluation,
     jsonl,
+    registry,  # noqa: F401 - a fixture
     seed_adapters,
     seed_model,
     training_completed,
-)  # noqa: F401 - fixtures
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def approve(registry: Registry, version: int, *, by: str = "pat", model: str = "smol") -> None:
     """An approval of promoting `model`:v`version` to production, recorded by an approver."""
-    registry.approve(by, Role.approver, object_type="adapter", name=model, version=version)
+    registry.approvals.approve(by, Role.approver, object_type="adapter", name=model, version=version)
 
 
 def outbox(registry: Registry) -> list[OutboxEvent]:
@@ -45,7 +47,7 @@ def outbox(registry: Registry) -> list[OutboxEvent]:
 
 
 def refused(registry: Registry) -> list:
-    return [entry for entry in registry.audit(limit=500).items if entry.outcome == "refused"]
+    return [entry for entry in registry.changes.entries(limit=500).items if entry.outcome == "refused"]
 
 
 def test_migrated_schema_matches_the_models(registry: Registry) -> None:
@@ -57,27 +59,29 @@ def test_migrated_schema_matches_the_models(registry: Registry) -> None:
 
 def test_adapter_versions_are_numbered_per_model_with_lineage_both_ways(registry: Registry, tmp_path: Path) -> None:
     seed_adapters(registry, tmp_path, count=2)
-    v1, v2 = registry.list_adapters(model_name="smol").items
+    v1, v2 = registry.adapters.list_adapters(model_name="smol").items
     assert (v1.version, v2.version) == (1, 2) and v1.stage == Stage.none
     assert v1.dataset_name == "support" and v1.hyperparameters["rank"] == 4 and v1.metrics == {"final_loss": 0.5}
-    lineage = registry.lineage("smol", 1)
+    lineage = registry.adapters.lineage("smol", 1)
     assert lineage.training_job_id == "job-0" and lineage.dataset.sha256 and lineage.evaluations[0].passed
     # From the dataset back to every adapter trained on it.
-    assert [a.version for a in registry.list_adapters(dataset=DatasetRef(name="support", version=1)).items] == [1, 2]
+    assert [
+        a.version for a in registry.adapters.list_adapters(dataset=DatasetRef(name="support", version=1)).items
+    ] == [1, 2]
     with pytest.raises(NotFound, match="no adapter version smol:v9"):
-        registry.get_adapter("smol", 9)
+        registry.adapters.get_adapter("smol", 9)
 
 
 def test_redelivered_training_completed_registers_one_version(registry: Registry, tmp_path: Path) -> None:
     seed_adapters(registry, tmp_path, count=0)
     event = training_completed(registry, tmp_path, job_id="job-x")
     event_id = str(uuid.uuid4())
-    first = registry.register_trained_adapter(event, event_id=event_id, correlation_id=None)
-    again = registry.register_trained_adapter(event, event_id=event_id, correlation_id=None)
+    first = registry.adapters.register_trained_adapter(event, event_id=event_id, correlation_id=None)
+    again = registry.adapters.register_trained_adapter(event, event_id=event_id, correlation_id=None)
     # The same job reported under a new event id (a trainer that re-sent) is the same adapter too.
-    resent = registry.register_trained_adapter(event, event_id=str(uuid.uuid4()), correlation_id=None)
+    resent = registry.adapters.register_trained_adapter(event, event_id=str(uuid.uuid4()), correlation_id=None)
     assert first.version == again.version == resent.version == 1
-    assert len(registry.list_adapters().items) == 1
+    assert len(registry.adapters.list_adapters().items) == 1
     assert [row.event_type for row in outbox(registry)].count("adapter.registered") == 1
 
 
@@ -85,10 +89,10 @@ def test_tampered_adapter_artifact_is_refused_and_audited(registry: Registry, tm
     seed_adapters(registry, tmp_path, count=0)
     event = training_completed(registry, tmp_path, job_id="job-t")
     with pytest.raises(Invalid, match="tampered or corrupt|expected"):
-        registry.register_adapter(
+        registry.adapters.register_adapter(
             "bob", model_name="smol", artifact_uri=event.artifact_uri, artifact_sha256="0" * 64, training_job_id="job-t"
         )
-    assert registry.list_adapters().items == []
+    assert registry.adapters.list_adapters().items == []
     assert refused(registry)[-1].actor == "bob"
 
 
@@ -100,12 +104,12 @@ def test_a_passing_prompt_evaluation_on_an_adapter_is_no_gate_evidence_for_that_
     prompt_run = prompt_run.model_copy(
         update={"candidate": prompt_run.candidate.model_copy(update={"prompt_name": "support", "prompt_version": 2})}
     )
-    assert registry.attach_evaluation(prompt_run) is None
-    registry.transition("olga", model_name="smol", version=1, to_stage=Stage.staging)
+    assert registry.adapters.attach_evaluation(prompt_run) is None
+    registry.adapters.transition("olga", model_name="smol", version=1, to_stage=Stage.staging)
     approve(registry, 1)
     with pytest.raises(Conflict, match="no passing evaluation"):
-        registry.transition("olga", model_name="smol", version=1, to_stage=Stage.production)
-    audited = registry.audit(object_type="prompt", object_id="support:v2").items
+        registry.adapters.transition("olga", model_name="smol", version=1, to_stage=Stage.production)
+    audited = registry.changes.entries(object_type="prompt", object_id="support:v2").items
     assert [(entry.action, entry.after["evaluation_id"], entry.after["passed"]) for entry in audited] == [
         ("evaluation.attach", prompt_run.evaluation_id, True)
     ]
@@ -115,30 +119,35 @@ def test_promotion_needs_a_passing_evaluation_of_that_version_and_an_approval(
     registry: Registry, tmp_path: Path
 ) -> None:
     seed_adapters(registry, tmp_path, count=2, evaluated=False)
-    registry.attach_evaluation(evaluation("smol", 2, passed=True))  # passing, but of v2
-    registry.attach_evaluation(evaluation("smol", 1, passed=False))
-    registry.transition("olga", model_name="smol", version=1, to_stage=Stage.staging)
+    registry.adapters.attach_evaluation(evaluation("smol", 2, passed=True))  # passing, but of v2
+    registry.adapters.attach_evaluation(evaluation("smol", 1, passed=False))
+    registry.adapters.transition("olga", model_name="smol", version=1, to_stage=Stage.staging)
     approve(registry, 1)
     events_before = len(outbox(registry))
     with pytest.raises(Conflict, match="no passing evaluation") as error:
-        registry.transition("olga", model_name="smol", version=1, to_stage=Stage.production)
+        registry.adapters.transition("olga", model_name="smol", version=1, to_stage=Stage.production)
     assert status_of(error.value) == 409 and error.value.code == "evaluation_required"
     with pytest.raises(Conflict, match="cannot move to production"):
-        registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production)  # v2 is still `none`
+        registry.adapters.transition(
+            "olga", model_name="smol", version=2, to_stage=Stage.production
+        )  # v2 is still `none`
     assert (
-        registry.get_adapter("smol", 1).stage == Stage.staging and registry.get_adapter("smol", 2).stage == Stage.none
+        registry.adapters.get_adapter("smol", 1).stage == Stage.staging
+        and registry.adapters.get_adapter("smol", 2).stage == Stage.none
     )
     assert len(outbox(registry)) == events_before
-    registry.transition("olga", model_name="smol", version=2, to_stage=Stage.staging)
+    registry.adapters.transition("olga", model_name="smol", version=2, to_stage=Stage.staging)
     with pytest.raises(Forbidden, match="needs an approval by another principal with the approver role") as missing:
-        registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production)
+        registry.adapters.transition("olga", model_name="smol", version=2, to_stage=Stage.production)
     assert status_of(missing.value) == 403 and missing.value.code == "approval_required"
     # Rule refusals are audited; the missing approval is a refusal of who is asking, and writes nothing.
     assert [entry.actor for entry in refused(registry)] == ["olga", "olga"]
     approve(registry, 2)
-    promoted = registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production, reason="beats base")
+    promoted = registry.adapters.transition(
+        "olga", model_name="smol", version=2, to_stage=Stage.production, reason="beats base"
+    )
     assert promoted.stage == Stage.production
-    audit = registry.audit(object_type="adapter", object_id="smol:v2").items
+    audit = registry.changes.entries(object_type="adapter", object_id="smol:v2").items
     assert (
         audit[-1].actor == "olga"
         and audit[-1].after["approver"] == "pat"
@@ -150,19 +159,21 @@ def test_promotion_needs_a_passing_evaluation_of_that_version_and_an_approval(
 def test_one_production_version_unless_canary_and_replacement_archives(registry: Registry, tmp_path: Path) -> None:
     seed_adapters(registry, tmp_path, count=3)
     for version in (1, 2, 3):
-        registry.transition("olga", model_name="smol", version=version, to_stage=Stage.staging)
+        registry.adapters.transition("olga", model_name="smol", version=version, to_stage=Stage.staging)
     for version in (1, 2, 3):
         approve(registry, version)
-    registry.transition("olga", model_name="smol", version=1, to_stage=Stage.production)
+    registry.adapters.transition("olga", model_name="smol", version=1, to_stage=Stage.production)
     with pytest.raises(Conflict, match="pass replaces=1"):
-        registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production)
-    canary = registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production, canary_percent=10)
+        registry.adapters.transition("olga", model_name="smol", version=2, to_stage=Stage.production)
+    canary = registry.adapters.transition(
+        "olga", model_name="smol", version=2, to_stage=Stage.production, canary_percent=10
+    )
     assert canary.canary_percent == 10
     with pytest.raises(Conflict, match="already the canary"):
-        registry.transition("olga", model_name="smol", version=3, to_stage=Stage.production, canary_percent=5)
+        registry.adapters.transition("olga", model_name="smol", version=3, to_stage=Stage.production, canary_percent=5)
     # The canary becomes the full version under the approval that admitted it to production.
-    full = registry.transition("olga", model_name="smol", version=2, to_stage=Stage.production, replaces=1)
-    assert full.canary_percent is None and registry.get_adapter("smol", 1).stage == Stage.archived
+    full = registry.adapters.transition("olga", model_name="smol", version=2, to_stage=Stage.production, replaces=1)
+    assert full.canary_percent is None and registry.adapters.get_adapter("smol", 1).stage == Stage.archived
     promoted, archived = (
         json.loads(row.envelope)["payload"] for row in outbox(registry)[-2:]
     )  # promotion first: production never empty
@@ -180,21 +191,23 @@ def test_one_production_version_unless_canary_and_replacement_archives(registry:
     )
     # Rollback is one call: the archived version comes back and replaces the current one.
     approve(registry, 1)  # a rollback is a promotion too: the archived version needs a new approval
-    registry.transition("olga", model_name="smol", version=1, to_stage=Stage.production, replaces=2, reason="rollback")
-    assert [a.version for a in registry.list_adapters(stage=Stage.production).items] == [1]
+    registry.adapters.transition(
+        "olga", model_name="smol", version=1, to_stage=Stage.production, replaces=2, reason="rollback"
+    )
+    assert [a.version for a in registry.adapters.list_adapters(stage=Stage.production).items] == [1]
 
 
 def test_concurrent_promotions_of_two_versions_exactly_one_wins(registry: Registry, tmp_path: Path) -> None:
     seed_adapters(registry, tmp_path, count=2)
     for version in (1, 2):
-        registry.transition("olga", model_name="smol", version=version, to_stage=Stage.staging)
+        registry.adapters.transition("olga", model_name="smol", version=version, to_stage=Stage.staging)
     barrier = threading.Barrier(2)
     outcomes: dict[int, str] = {}
 
     def promote(version: int) -> None:
         barrier.wait()
         try:
-            registry.transition(f"op{version}", model_name="smol", version=version, to_stage=Stage.production)
+            registry.adapters.transition(f"op{version}", model_name="smol", version=version, to_stage=Stage.production)
             outcomes[version] = "won"
         except Conflict as error:
             outcomes[version] = error.code
@@ -210,8 +223,8 @@ def test_concurrent_promotions_of_two_versions_exactly_one_wins(registry: Regist
             thread.join(60)
         assert sorted(outcomes.values()).count("won") == 1, outcomes
         winner = next(version for version, outcome in outcomes.items() if outcome == "won")
-        assert [a.version for a in registry.list_adapters(stage=Stage.production).items] == [winner]
-        registry.transition("olga", model_name="smol", version=winner, to_stage=Stage.staging)
+        assert [a.version for a in registry.adapters.list_adapters(stage=Stage.production).items] == [winner]
+        registry.adapters.transition("olga", model_name="smol", version=winner, to_stage=Stage.staging)
 
 
 def test_a_rolled_back_change_emits_no_event(
@@ -228,9 +241,9 @@ def test_a_rolled_back_change_emits_no_event(
     original_stage_event = adapters_module.stage_event
     monkeypatch.setattr(adapters_module, "stage_event", stage_then_fail)
     with pytest.raises(RuntimeError):
-        registry.transition("olga", model_name="smol", version=1, to_stage=Stage.staging)
+        registry.adapters.transition("olga", model_name="smol", version=1, to_stage=Stage.staging)
     assert len(outbox(registry)) == before
-    assert registry.get_adapter("smol", 1).stage == Stage.none
+    assert registry.adapters.get_adapter("smol", 1).stage == Stage.none
     with registry.store.reading() as session:
         assert (
             session.scalar(select(func.count()).select_from(AdapterVersion).where(AdapterVersion.stage != "none")) == 0
@@ -238,41 +251,43 @@ def test_a_rolled_back_change_emits_no_event(
 
 
 def test_prompt_versions_labels_rollback_and_strict_sandboxed_rendering(registry: Registry) -> None:
-    v1 = registry.publish_prompt("alice", name="support", template="Answer {{ question }} politely.")
-    registry.approve("pat", Role.approver, object_type="prompt", name="support", version=1)
-    registry.set_prompt_label("alice", name="support", label="production", version=1)
-    v2 = registry.publish_prompt("alice", name="support", template="Answer {{ question }} for {{ customer }}.")
+    v1 = registry.prompts.publish_prompt("alice", name="support", template="Answer {{ question }} politely.")
+    registry.approvals.approve("pat", Role.approver, object_type="prompt", name="support", version=1)
+    registry.prompts.set_prompt_label("alice", name="support", label="production", version=1)
+    v2 = registry.prompts.publish_prompt("alice", name="support", template="Answer {{ question }} for {{ customer }}.")
     assert (v1.version, v1.variables, v2.version, v2.variables) == (1, ["question"], 2, ["customer", "question"])
-    registry.approve("pat", Role.approver, object_type="prompt", name="support", version=2)
-    registry.set_prompt_label("alice", name="support", label="production", version=2)
-    assert registry.get_prompt("support", label="production").version == 2
-    registry.approve("pat", Role.approver, object_type="prompt", name="support", version=1)
-    registry.set_prompt_label(
+    registry.approvals.approve("pat", Role.approver, object_type="prompt", name="support", version=2)
+    registry.prompts.set_prompt_label("alice", name="support", label="production", version=2)
+    assert registry.prompts.get_prompt("support", label="production").version == 2
+    registry.approvals.approve("pat", Role.approver, object_type="prompt", name="support", version=1)
+    registry.prompts.set_prompt_label(
         "bob", name="support", label="production", version=1
     )  # rollback = moving the label, approved again
-    assert registry.get_prompt("support", label="production").template == "Answer {{ question }} politely."
-    assert registry.render_prompt("support", {"question": "why?"}, label="production") == "Answer why? politely."
+    assert registry.prompts.get_prompt("support", label="production").template == "Answer {{ question }} politely."
+    assert (
+        registry.prompts.render_prompt("support", {"question": "why?"}, label="production") == "Answer why? politely."
+    )
     with pytest.raises(Invalid, match="needs variable\\(s\\) customer"):
-        registry.render_prompt("support", {"question": "why?"}, version=2)
-    unsafe = registry.publish_prompt("alice", name="evil", template="{{ question.__class__.__mro__ }}")
+        registry.prompts.render_prompt("support", {"question": "why?"}, version=2)
+    unsafe = registry.prompts.publish_prompt("alice", name="evil", template="{{ question.__class__.__mro__ }}")
     with pytest.raises(Invalid, match="unsafe|undefined"):
-        registry.render_prompt("evil", {"question": "x"}, version=unsafe.version)
+        registry.prompts.render_prompt("evil", {"question": "x"}, version=unsafe.version)
     with pytest.raises(Invalid, match="does not parse: line 1"):
-        registry.publish_prompt("alice", name="broken", template="{% if %}")
-    moves = registry.audit(object_type="prompt", object_id="support@production").items
+        registry.prompts.publish_prompt("alice", name="broken", template="{% if %}")
+    moves = registry.changes.entries(object_type="prompt", object_id="support@production").items
     assert [(entry.actor, entry.after["version"]) for entry in moves] == [("alice", 1), ("alice", 2), ("bob", 1)]
 
 
 def test_dataset_versions_are_validated_by_line_hashed_and_counted(registry: Registry) -> None:
-    first = registry.publish_dataset("alice", name="support", split="train", jsonl=jsonl(CHAT))
+    first = registry.datasets.publish_dataset("alice", name="support", split="train", jsonl=jsonl(CHAT))
     assert (first.version, first.row_count, first.record_format, first.split) == (1, 2, "chat", "train")
-    assert registry.dataset_rows("support", 1) == CHAT
+    assert registry.datasets.dataset_rows("support", 1) == CHAT
     bad = (
         jsonl(CHAT)
         + b'{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n{"instruction": "x", "output": ""}\n'
     )
     with pytest.raises(Invalid) as error:
-        registry.publish_dataset("bob", name="support", split="train", jsonl=bad)
+        registry.datasets.publish_dataset("bob", name="support", split="train", jsonl=bad)
     message = str(error.value)
     assert (
         "line 3: the last message must be the assistant's" in message
@@ -280,10 +295,10 @@ def test_dataset_versions_are_validated_by_line_hashed_and_counted(registry: Reg
         and "line 5: output must be a non-empty string" in message
     )
     with pytest.raises(TooLarge):
-        Registry(registry.store, registry.artifacts, max_dataset_bytes=10).publish_dataset(
+        Registry(registry.store, registry.artifacts, max_dataset_bytes=10).datasets.publish_dataset(
             "bob", name="support", split="train", jsonl=jsonl(CHAT)
         )
-    assert [d.version for d in registry.list_datasets(name="support").items] == [1]
+    assert [d.version for d in registry.datasets.list_datasets(name="support").items] == [1]
     assert [entry.detail.split(":")[0] for entry in refused(registry)] == ["422 invalid_jsonl", "413 dataset_too_large"]
 
 
@@ -292,29 +307,29 @@ def test_duplicate_names_and_unknown_references_change_nothing(registry: Registr
     with pytest.raises(Conflict, match="already registered"):
         seed_model(registry, tmp_path)
     with pytest.raises(NotFound, match="no model named 'nope'"):
-        registry.register_trained_adapter(
+        registry.adapters.register_trained_adapter(
             training_completed(registry, tmp_path, job_id="j", model="nope"),
             event_id=str(uuid.uuid4()),
             correlation_id=None,
         )
     with pytest.raises(NotFound, match="no dataset version support:v1"):
-        registry.register_trained_adapter(
+        registry.adapters.register_trained_adapter(
             training_completed(registry, tmp_path, job_id="j"), event_id=str(uuid.uuid4()), correlation_id=None
         )
-    assert len(registry.list_models().items) == 1 and registry.list_adapters().items == []
+    assert len(registry.models.list_models().items) == 1 and registry.adapters.list_adapters().items == []
     assert len(refused(registry)) == 3
 
 
 def test_cursor_pagination(registry: Registry) -> None:
     for index in range(5):
-        registry.publish_prompt("alice", name=f"p{index}", template="x")
-    first = registry.list_prompts(limit=2)
-    second = registry.list_prompts(limit=2, cursor=first.next_cursor)
-    third = registry.list_prompts(limit=2, cursor=second.next_cursor)
+        registry.prompts.publish_prompt("alice", name=f"p{index}", template="x")
+    first = registry.prompts.list_prompts(limit=2)
+    second = registry.prompts.list_prompts(limit=2, cursor=first.next_cursor)
+    third = registry.prompts.list_prompts(limit=2, cursor=second.next_cursor)
     assert [p.name for p in first.items + second.items + third.items] == ["p0", "p1", "p2", "p3", "p4"]
     assert third.next_cursor is None
     with pytest.raises(Invalid, match="cursor"):
-        registry.list_prompts(cursor="garbage!")
+        registry.prompts.list_prompts(cursor="garbage!")
 
 
 @pytest.mark.parametrize(
@@ -323,7 +338,7 @@ def test_cursor_pagination(registry: Registry) -> None:
 def test_the_database_refuses_to_rewrite_the_audit_log(registry: Registry, statement: str) -> None:
     if statement.startswith("TRUNCATE") and registry.store.dialect != "postgresql":
         pytest.skip("SQLite has no TRUNCATE (its DELETE is refused above)")
-    registry.publish_prompt("alice", name="p", template="x")
+    registry.prompts.publish_prompt("alice", name="p", template="x")
     with pytest.raises(DBAPIError, match="append-only"), registry.store.transaction() as session:
         session.execute(text(statement))
-    assert [(entry.actor, entry.action) for entry in registry.audit().items] == [("alice", "prompt.publish")]
+    assert [(entry.actor, entry.action) for entry in registry.changes.entries().items] == [("alice", "prompt.publish")]

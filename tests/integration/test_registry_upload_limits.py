@@ -51,7 +51,7 @@ def upload(size: int) -> bytes:
 def refusals(registry: Registry) -> list[tuple[str, str]]:
     return [
         (entry.actor, (entry.detail or "").split(":")[0])
-        for entry in registry.audit().items
+        for entry in registry.changes.entries().items
         if entry.outcome == "refused"
     ]
 
@@ -66,7 +66,7 @@ async def test_a_declared_oversize_upload_is_refused_by_its_content_length(
         response.json()["error"]["code"] == "request_too_large"
         and f"{len(body)} bytes" in response.json()["error"]["message"]
     )
-    assert registry.list_datasets().items == [] and refusals(registry) == []
+    assert registry.datasets.list_datasets().items == [] and refusals(registry) == []
 
 
 async def test_a_streamed_oversize_upload_is_refused_before_it_is_read_whole(
@@ -83,7 +83,7 @@ async def test_a_streamed_oversize_upload_is_refused_before_it_is_read_whole(
     response = await door.post("/registry/v1/datasets", content=chunks(), headers={"Content-Type": "application/json"})
     assert response.status_code == 413, response.text
     assert len(sent) * CHUNK <= dataset_body_limit(MAX_DATASET) + 2 * CHUNK < len(body)
-    assert registry.list_datasets().items == [] and refusals(registry) == []
+    assert registry.datasets.list_datasets().items == [] and refusals(registry) == []
 
 
 async def test_bodies_under_the_cap_pass_and_the_dataset_limit_still_holds(
@@ -100,4 +100,4 @@ async def test_bodies_under_the_cap_pass_and_the_dataset_limit_still_holds(
     assert over.status_code == 413 and over.json()["error"]["code"] == "dataset_too_large"
     prompt = await door.post("/registry/v1/prompts", json={"name": "p", "template": "x" * MAX_BODY_BYTES})
     assert prompt.status_code == 413 and prompt.json()["error"]["code"] == "request_too_large"
-    assert [d.version for d in registry.list_datasets().items] == [1]
+    assert [d.version for d in registry.datasets.list_datasets().items] == [1]

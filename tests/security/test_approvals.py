@@ -60,7 +60,7 @@ async def door(settings: FlywheelSettings, topics: str, tmp_path: Path) -> Async
             seeded = Registry(store, ArtifactStore(default_artifact_root(settings.home)))
             seed_adapters(seeded, tmp_path, count=2)
             for version in (1, 2):
-                seeded.transition("seed", model_name="smol", version=version, to_stage=Stage.staging)
+                seeded.adapters.transition("seed", model_name="smol", version=version, to_stage=Stage.staging)
         finally:
             store.close()
         async with httpx.AsyncClient(
