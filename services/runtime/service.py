@@ -48,6 +48,7 @@ from services.runtime.consumer import (
     DeadLetters,
     Handler,
     SqliteProcessedEvents,
+    follow,
     subscribe,
     subscribe_batch,
 )
@@ -61,7 +62,9 @@ Hook = Callable[[], Awaitable[None]]
 Deps = TypeVar("Deps")
 # A service's `handlers.py` declares what it consumes as one mapping, event type -> handler, each
 # handler taking the envelope (or a batch of them) and the service's dependencies, which the app
-# passes in once: `runtime.subscribe_all(GROUP, HANDLERS, deps)`. Nothing closes over a global.
+# passes in once, with one call per delivery kind: `runtime.subscribe_all(GROUP, HANDLERS, deps)` (a consumer
+# group, one event at a time), `runtime.subscribe_batches(...)` (a group, in batches: the sink) and
+# `runtime.follow_all(...)` (every replica reads the whole topic: serving's routes). Nothing closes over a global.
 Handlers = dict[type[Any], Callable[[Envelope[Any], Deps], Awaitable[None]]]
 BatchHandlers = dict[type[Any], Callable[[list[Envelope[Any]], Deps], Awaitable[None]]]
 
@@ -138,6 +141,23 @@ class Runtime:
             max_retries=self.settings.consumer_max_retries,
             **options,
         )
+
+    def follow_all(self, name: str, handlers: Handlers[Deps], deps: Deps, *, from_start: bool) -> list[Any]:
+        """Read each of `handlers`' topics in full in every instance, outside any consumer group (state every
+        replica must hold; consumer.follow says why), handed `deps`: from the topic's start at every start
+        with `from_start`, else from now on (commands that must not act again on a replay)."""
+        return [
+            follow(
+                self.broker,
+                event,
+                _bound(handler, deps),
+                name=name,
+                from_start=from_start,
+                topic_prefix=self.settings.topic_prefix,
+                max_retries=self.settings.consumer_max_retries,
+            )
+            for event, handler in handlers.items()
+        ]
 
     def clickhouse(self) -> ClickHouseStore:
         """The process's ClickHouse store, migrated; chDB allows one per process and data path."""

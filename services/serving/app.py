@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from functools import partial
 from typing import TYPE_CHECKING
 
 from contracts.http import Role
 from services.runtime.auth import Authenticator
-from services.runtime.consumer import follow
 from services.runtime.privacy import PrivacySettings
 from services.runtime.service import Runtime, Service
 from services.serving.api import create_router
@@ -58,17 +56,8 @@ def create_app(runtime: Runtime, settings: ServingSettings, privacy: PrivacySett
     # share) and replays the state topics from their start at each start: its routes live in memory.
     # Commands are read from now on only: a replayed deployment.requested would act again.
     deps = Deps(routes=routes, prompts=prompts, loader=loader, bus=bus)
-    for handlers, from_start in ((HANDLERS, True), (COMMANDS, False)):
-        for event, handler in handlers.items():
-            follow(
-                runtime.broker,
-                event,
-                partial(handler, deps=deps),
-                name="serving",
-                from_start=from_start,
-                topic_prefix=runtime.settings.topic_prefix,
-                max_retries=runtime.settings.consumer_max_retries,
-            )
+    runtime.follow_all("serving", HANDLERS, deps, from_start=True)
+    runtime.follow_all("serving", COMMANDS, deps, from_start=False)
 
     async def start() -> None:
         from services.runtime.inference import SMOLLM2_GGUF, Engine, smollm2_dir
