@@ -240,14 +240,12 @@ def cli_page(command: click.Command) -> str:
     import typer
     from typer.cli import get_docs_for_click
 
-    return (
-        GENERATED.strip()
-        + "\n\n"
-        + get_docs_for_click(
-            obj=command, ctx=typer.Context(command), name="flywheel", title="Command line: `flywheel`"
-        ).strip()
-        + "\n"
+    text = get_docs_for_click(
+        obj=command, ctx=typer.Context(command), name="flywheel", title="Command line: `flywheel`"
     )
+    # Defaults inside the installation (the demo data) are shown relative to it, the same on every machine.
+    text = text.replace(f"{REFERENCE_DIR.parents[1]}/", "")
+    return GENERATED.strip() + "\n\n" + text.strip() + "\n"
 
 
 # ------------------------------------------------------------------------------------------ ClickHouse
