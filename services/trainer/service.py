@@ -38,6 +38,10 @@ PRODUCER = "trainer"
 _JOB_ID = TypeAdapter(JobId)
 
 
+class StoppedWaitingForInputs(Exception):
+    """The trainer began to stop while a job waited for its model or dataset to be announced."""
+
+
 class Publisher(Protocol):
     async def publish(
         self, payload: Any, *, correlation_id: str | None = None, event_id: uuid.UUID | None = None
@@ -175,6 +179,9 @@ class Trainer:
         self._store.update(job.job_id, status="running")
         try:
             model_path, dataset_path = await self._resolve(job)
+        except StoppedWaitingForInputs:
+            log.info("training job %s: stopped while waiting for its inputs; it resumes at the next start", job.job_id)
+            return
         except (UnknownInput, ArtifactError) as error:
             await self._fail(job, TrainingError("invalid_input", str(error)))
             return
@@ -259,6 +266,10 @@ class Trainer:
             except UnknownInput:
                 if asyncio.get_running_loop().time() >= deadline:
                     raise
+                if self._stopping.is_set():
+                    # A stopping trainer does not sit out the wait (input_wait_s): the job stays `running`
+                    # and its inputs are looked up again when the next start resumes it.
+                    raise StoppedWaitingForInputs(job.job_id) from None
                 await asyncio.sleep(1.0)
 
     async def _fail(self, job: JobRecord, error: TrainingError) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,25 @@ async def test_a_stopping_worker_pauses_its_job_at_a_checkpoint_and_the_next_wor
     started = next(event for event in second_events.events if isinstance(event, TrainingStarted))
     assert started.resumed_from_step >= 2, started
     assert isinstance(second_events.events[-1], TrainingCompleted)
+
+
+async def test_a_stopping_trainer_does_not_sit_out_a_jobs_wait_for_its_inputs(tmp_path: Path) -> None:
+    # The model is never announced: the job waits for it (input_wait_s), and a stop must not wait that out.
+    events = RecordingPublisher()
+    trainer = Trainer(
+        JobStore(tmp_path / "jobs.db"),
+        DictCatalog(tmp_path / "no-model", {}),
+        ArtifactStore(tmp_path / "artifacts"),
+        events,
+        work_root=tmp_path / "jobs",
+        settings=TrainerSettings(input_wait_s=600, stop_pause_s=120),
+    )
+    trainer.submit(request("job-waiting", model="not-announced-yet"))
+    await trainer.start()
+    await eventually(lambda: trainer.get("job-waiting").status == "running", timeout_s=30, what="the job to start")
+    started = time.monotonic()
+    await trainer.stop()
+    assert time.monotonic() - started < 10, "stop waited for the job's inputs"
+    # Not failed: the job resumes, and looks its inputs up again, at the next start.
+    assert trainer.get("job-waiting").status == "running"
+    assert not any(isinstance(event, TrainingFailed) for event in events.events)
