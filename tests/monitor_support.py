@@ -16,7 +16,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from faststream.kafka import KafkaBroker
 
-from contracts.events import FeedbackReceived, InferenceLogged, InferenceStatus, Stage, Thumbs
+from contracts.events import FeedbackReceived, InferenceLogged, InferenceStatus, Thumbs
 from contracts.http import Role
 from contracts.topics import topic_for
 from services.feedback.handlers import BATCH_HANDLERS, GROUP
@@ -38,7 +38,7 @@ from services.runtime.http import create_http_app
 from services.runtime.service import subscribe_batches
 from services.runtime.settings import FlywheelSettings
 from tests.fixtures.clickhouse import ClickHouseTarget
-from tests.integration.registry_support import CHAT, evaluation, jsonl, seed_model, training_completed
+from tests.integration.registry_support import seed_production_and_approved_candidate
 from tests.support import eventually as shared_eventually
 
 MODEL = "smollm2"
@@ -124,21 +124,8 @@ async def read_topic(settings: FlywheelSettings, event: type, *, expect: int, wa
 
 
 def seed_two_versions(door: RegistryDoorFixture, tmp_path: Path) -> None:
-    """smollm2 v1 in production, v2 passed the gate, is approved and waits in staging."""
-    registry = door.registry
-    seed_model(registry, tmp_path, name=MODEL)
-    registry.datasets.publish_dataset("alice", name="support", split="train", jsonl=jsonl(CHAT))
-    for index in range(2):
-        adapter = registry.adapters.register_trained_adapter(
-            training_completed(registry, tmp_path, job_id=f"job-{index}", seed=index, model=MODEL),
-            event_id=str(uuid.uuid4()),
-            correlation_id=f"corr-{index}",
-        )
-        registry.adapters.attach_evaluation(evaluation(MODEL, adapter.version))
-        registry.adapters.transition("alice", model_name=MODEL, version=adapter.version, to_stage=Stage.staging)
-        # Approved by an approver, so alice (an operator) may promote either; v2's approval waits for its canary.
-        registry.approvals.approve("bob", Role.approver, object_type="adapter", name=MODEL, version=adapter.version)
-    registry.adapters.transition("alice", model_name=MODEL, version=1, to_stage=Stage.production)
+    """smollm2 v1 in production, v2 passed the gate, is approved and waits in staging (its approval waits for its canary)."""
+    seed_production_and_approved_candidate(door.registry, tmp_path, MODEL)
 
 
 def arm_traffic(

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from contracts.events import DatasetRef, EvaluationCompleted, Hyperparameters, ModelTarget, TrainingCompleted
+from contracts.events import DatasetRef, EvaluationCompleted, Hyperparameters, ModelTarget, Stage, TrainingCompleted
+from contracts.http import Role
 from services.registry.service import Registry
 from services.registry.store import RegistryStore
 from services.runtime.artifacts import ArtifactRef, ArtifactStore
@@ -124,3 +125,20 @@ def seed_adapters(registry: Registry, tmp_path: Path, count: int = 2, *, evaluat
         )
         if evaluated:
             registry.adapters.attach_evaluation(evaluation("smol", adapter.version))
+
+
+def seed_production_and_approved_candidate(registry: Registry, tmp_path: Path, model: str) -> None:
+    """`model` with v1 in production and v2 staged, both trained on support:v1, evaluated and approved by an
+    approver (so alice, an operator, may promote either)."""
+    seed_model(registry, tmp_path, name=model)
+    registry.datasets.publish_dataset("alice", name="support", split="train", jsonl=jsonl(CHAT))
+    for index in range(2):
+        adapter = registry.adapters.register_trained_adapter(
+            training_completed(registry, tmp_path, job_id=f"job-{index}", seed=index, model=model),
+            event_id=str(uuid.uuid4()),
+            correlation_id=f"corr-{index}",
+        )
+        registry.adapters.attach_evaluation(evaluation(model, adapter.version))
+        registry.adapters.transition("alice", model_name=model, version=adapter.version, to_stage=Stage.staging)
+        registry.approvals.approve("bob", Role.approver, object_type="adapter", name=model, version=adapter.version)
+    registry.adapters.transition("alice", model_name=model, version=1, to_stage=Stage.production)

@@ -10,7 +10,6 @@ import json
 import os
 import socket
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 import uvicorn
 
 from contracts.events import Stage
-from contracts.http import AdapterVersionView, DatasetCreate, DatasetVersionView, LineageView, Role, StageTransition
+from contracts.http import AdapterVersionView, DatasetCreate, DatasetVersionView, LineageView, StageTransition
 from services.registry.app import create_app
 from services.registry.service import Registry
 from services.registry.store import RegistryStore
@@ -30,7 +29,7 @@ from services.runtime.doors import bearer_header
 from services.runtime.registry_client import RegistryClient, RegistryError, RegistrySyncClient
 from services.runtime.service import build_process
 from services.runtime.settings import FlywheelSettings
-from tests.integration.registry_support import CHAT, evaluation, jsonl, seed_model, training_completed
+from tests.integration.registry_support import CHAT, jsonl, seed_production_and_approved_candidate
 from tests.support import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -52,18 +51,7 @@ def free_port() -> int:
 
 def seed(registry: Registry, tmp_path: Path) -> None:
     """smol v1 in production, v2 its declared canary (20 %), both trained on support:v1."""
-    seed_model(registry, tmp_path, name=MODEL)
-    registry.datasets.publish_dataset("alice", name="support", split="train", jsonl=jsonl(CHAT))
-    for index in range(2):
-        adapter = registry.adapters.register_trained_adapter(
-            training_completed(registry, tmp_path, job_id=f"job-{index}", seed=index, model=MODEL),
-            event_id=str(uuid.uuid4()),
-            correlation_id=f"corr-{index}",
-        )
-        registry.adapters.attach_evaluation(evaluation(MODEL, adapter.version))
-        registry.adapters.transition("alice", model_name=MODEL, version=adapter.version, to_stage=Stage.staging)
-        registry.approvals.approve("bob", Role.approver, object_type="adapter", name=MODEL, version=adapter.version)
-    registry.adapters.transition("alice", model_name=MODEL, version=1, to_stage=Stage.production)
+    seed_production_and_approved_candidate(registry, tmp_path, MODEL)
     registry.adapters.transition("alice", model_name=MODEL, version=2, to_stage=Stage.production, canary_percent=20)
 
 
