@@ -26,7 +26,7 @@ from services.feedback.service import Sink
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
 from services.monitor.store import MonitorStore
-from services.registry.api import build_router as registry_router
+from services.registry.api import create_router as registry_router
 from services.registry.service import Registry
 from services.registry.store import RegistryStore
 from services.runtime.artifacts import ArtifactStore

@@ -53,7 +53,7 @@ class AlertNote(Request):
     note: str | None = Field(default=None, max_length=2000, description="Why, in words.")
 
 
-def build_router(
+def create_router(
     monitor: Monitor,
     auth: Authenticator,
     *,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from contracts.events import Stage
-from services.monitor.api import build_router
+from services.monitor.api import create_router
 from services.monitor.canary import load_canary_policy
 from services.monitor.handlers import HANDLERS
 from services.monitor.retraining import RetrainingPolicy
@@ -99,7 +99,7 @@ def create_app(
 
     return Service(
         name=GROUP,
-        api=build_router(
+        api=create_router(
             monitor,
             Authenticator.for_settings(runtime.settings),
             console_hours=settings.console_hours,

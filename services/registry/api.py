@@ -59,7 +59,7 @@ def dataset_body_limit(max_dataset_bytes: int) -> int:
     return 3 * max_dataset_bytes + 64 * 1024
 
 
-def build_router(registry: Registry, auth: Authenticator) -> APIRouter:
+def create_router(registry: Registry, auth: Authenticator) -> APIRouter:
     # Bodies are capped as they stream in (FastAPI reads a body whole before the handler runs).
     body_limits = {"/registry/v1/datasets": dataset_body_limit(registry.datasets.max_dataset_bytes)}
     router = APIRouter(

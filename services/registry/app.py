@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from services.registry.api import build_router, dataset_body_limit
+from services.registry.api import create_router, dataset_body_limit
 from services.registry.handlers import HANDLERS
 from services.registry.outbox import OutboxRelay
 from services.registry.service import Registry
@@ -66,7 +66,7 @@ def create_app(runtime: Runtime, settings: RegistrySettings) -> Service:
 
     return Service(
         name="registry",
-        api=build_router(registry, auth),
+        api=create_router(registry, auth),
         readiness={"database": database_ready},
         on_start=[start],
         on_stop=[stop],

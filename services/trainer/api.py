@@ -28,7 +28,7 @@ def view(job: JobRecord) -> TrainingJobView:
     )
 
 
-def build_router(trainer: Trainer, auth: Authenticator) -> APIRouter:
+def create_router(trainer: Trainer, auth: Authenticator) -> APIRouter:
     router = APIRouter(
         prefix="/trainer/v1",
         tags=["trainer"],

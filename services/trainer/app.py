@@ -8,7 +8,7 @@ import torch
 
 from services.runtime.auth import Authenticator
 from services.runtime.service import Runtime, Service
-from services.trainer.api import build_router
+from services.trainer.api import create_router
 from services.trainer.catalog import EventCarriedCatalog
 from services.trainer.handlers import HANDLERS, Deps
 from services.trainer.service import Trainer
@@ -33,7 +33,7 @@ def create_app(runtime: Runtime, settings: TrainerSettings) -> Service:
 
     return Service(
         name="trainer",
-        api=build_router(trainer, Authenticator.for_settings(runtime.settings)),
+        api=create_router(trainer, Authenticator.for_settings(runtime.settings)),
         on_start=[trainer.start],
         on_stop=[stop],
     )

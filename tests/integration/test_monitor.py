@@ -28,7 +28,7 @@ from contracts.http import Role
 from services.runtime.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.store import FeedbackStore
-from services.monitor.api import build_router as monitor_router
+from services.monitor.api import create_router as monitor_router
 from services.monitor.rules import RuleError, parse_rules
 from services.monitor.retraining import RetrainingPolicy
 from services.monitor.service import Monitor

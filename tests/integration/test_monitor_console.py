@@ -37,7 +37,7 @@ from services.feedback.service import Sink
 from services.feedback.store import FeedbackStore
 from services.monitor.api import COOKIE
 from services.monitor.canary import CanaryPolicy
-from services.monitor.api import build_router as monitor_router
+from services.monitor.api import create_router as monitor_router
 from services.monitor.rules import parse_rules
 from services.monitor.retraining import RetrainingPolicy
 from services.monitor.service import Monitor

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from contracts.http import Role
-from services.registry.api import MAX_BODY_BYTES, build_router, dataset_body_limit
+from services.registry.api import MAX_BODY_BYTES, create_router, dataset_body_limit
 from services.registry.service import Registry
 from services.registry.store import RegistryStore
 from services.runtime.artifacts import ArtifactStore
@@ -37,7 +37,7 @@ def registry(tmp_path: Path) -> Iterator[Registry]:
 async def door(registry: Registry) -> AsyncIterator[httpx.AsyncClient]:
     keys = KeyStore(registry.store.engine)
     key, _ = keys.create(principal="olga", role=Role.operator, created_by="test")
-    app = create_http_app("registry-limits", routers=[build_router(registry, Authenticator(keys))])
+    app = create_http_app("registry-limits", routers=[create_router(registry, Authenticator(keys))])
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://registry", headers={"Authorization": f"Bearer {key}"}
     ) as client:
