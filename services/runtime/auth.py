@@ -48,6 +48,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, col
 
 from contracts.http import Role
+from services.runtime.doors import bearer_header
 from services.runtime.errors import ConfigurationError
 from services.runtime.http import DoorError
 from services.runtime.running import ADMIN_KEY_FILE, door_of
@@ -445,7 +446,7 @@ class RegistryKeys:
 
         try:
             with httpx.Client(base_url=self.base_url, transport=self._transport, timeout=self._timeout_s) as client:
-                response = client.get("/registry/v1/keys/self", headers={"Authorization": f"Bearer {key}"})
+                response = client.get("/registry/v1/keys/self", headers=bearer_header(key))
         except httpx.HTTPError as error:
             raise KeysUnavailable(
                 f"API keys cannot be checked: the registry at {self.base_url} did not answer ({type(error).__name__}); is it running? (FLYWHEEL_REGISTRY_URL)"
