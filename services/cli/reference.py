@@ -78,12 +78,12 @@ def _process(home: Path) -> tuple[Any, Any, list[type[BaseSettings]]]:
     from services.runtime.service import build_process, with_settings
     from services.runtime.settings import FlywheelSettings
 
-    # The documented process is the default one: nothing from the caller's environment but a scratch home.
+    # A scratch home and a broker address that is never dialled: the process is built, not started.
     settings = FlywheelSettings(home=home, kafka_bootstrap="127.0.0.1:9092")
-    factories = [factory(name) for name in SERVICES]
+    # Each service's settings are read once here and handed over, so build_process reads none again and
+    # `built` names every settings class the services take.
     built: dict[type[BaseSettings], BaseSettings] = {}
-    for each in factories:
-        with_settings(each, built)
+    factories = [with_settings(factory(name), built) for name in SERVICES]
     app, runtime = build_process(settings, factories, title="flywheel")
     return app, runtime, [FlywheelSettings, *sorted(built, key=lambda cls: cls.model_config.get("env_prefix", ""))]
 
