@@ -42,7 +42,9 @@ from services.runtime.broker import (
     require_topics,
     warn_if_unauthenticated,
 )
+from services.runtime.auth import Authenticator
 from services.runtime.clickhouse import ClickHouseStore, open_clickhouse
+from services.runtime.console import Console
 from services.runtime.consumer import (
     BatchHandler,
     DeadLetters,
@@ -98,6 +100,15 @@ class Runtime:
         # One store for every service of the process (FLYWHEEL_ARTIFACT_ROOT): what the registry
         # records, serving loads, and serving refuses an adapter from anywhere else.
         self.artifacts: ArtifactStore = configured_artifact_store(settings)
+
+    @functools.cached_property
+    def console(self) -> Console:
+        """The process's one web console: services add their pages to it, build_process serves its sign-in."""
+        return Console(
+            Authenticator.for_settings(self.settings),
+            session_s=self.settings.console_session_s,
+            secure_cookie=self.settings.console_secure_cookie,
+        )
 
     @property
     def home(self) -> Path:
@@ -310,6 +321,8 @@ def build_process(
         max_body_bytes=settings.http_max_body_bytes,
         body_limits={prefix: limit for service in services for prefix, limit in service.body_limits.items()},
     )
+    # Every process serves the console's sign-in and index, even one whose services have no pages yet.
+    runtime.console.install(app)
     app.state.services = [service.name for service in services]
     return app, runtime
 

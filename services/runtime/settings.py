@@ -39,7 +39,7 @@ def load_settings(cls: type[S], **overrides: Any) -> S:
 
 
 class FlywheelSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", extra="ignore", populate_by_name=True)
 
     home: Path = Field(
         default=Path(".flywheel"),
@@ -107,6 +107,18 @@ class FlywheelSettings(BaseSettings):
     )
     consumer_max_retries: int = Field(
         default=3, ge=0, le=100, description="Attempts before a failing message goes to `<topic>.dlq`."
+    )
+
+    console_session_s: int = Field(
+        default=8 * 3600,
+        ge=60,
+        validation_alias=AliasChoices("FLYWHEEL_CONSOLE_SESSION_S", "FLYWHEEL_MONITOR_CONSOLE_SESSION_S"),
+        description="Seconds a console sign-in (its server-side session and HttpOnly cookie) lasts. FLYWHEEL_MONITOR_CONSOLE_SESSION_S, its name when only the monitor had a console, is still read.",
+    )
+    console_secure_cookie: bool = Field(
+        default=False,
+        validation_alias=AliasChoices("FLYWHEEL_CONSOLE_SECURE_COOKIE", "FLYWHEEL_MONITOR_CONSOLE_SECURE_COOKIE"),
+        description="Mark the console's session cookie Secure even when the request arrives over plain HTTP, because TLS terminates in front (a proxy); over https it is Secure anyway. FLYWHEEL_MONITOR_CONSOLE_SECURE_COOKIE is still read.",
     )
 
     # The names artifact_root had when each service read its own (one release): still read when

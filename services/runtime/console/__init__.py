@@ -1,0 +1,23 @@
+"""The web console shared by every service: sign-in, sessions, layout, navigation and CSRF (console.py)."""
+
+from services.runtime.console.console import (
+    Console,
+    ConsoleRefused,
+    ConsoleUser,
+    Section,
+    SignInRequired,
+    local_path,
+)
+from services.runtime.console.sessions import ConsoleSession, ConsoleSessions, same_token
+
+__all__ = [
+    "Console",
+    "ConsoleRefused",
+    "ConsoleSession",
+    "ConsoleSessions",
+    "ConsoleUser",
+    "Section",
+    "SignInRequired",
+    "local_path",
+    "same_token",
+]
