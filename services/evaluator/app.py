@@ -1,16 +1,20 @@
-"""create_app for the evaluator: its catalogue and runs on Kafka, and the /evaluator/v1 door."""
+"""create_app for the evaluator: its catalogue and runs on Kafka, the /evaluator/v1 door, and its console pages."""
 
 from __future__ import annotations
 
 import asyncio
 
+from fastapi import APIRouter
+
 from services.evaluator.api import create_router
+from services.evaluator.console import create_console_router
 from services.evaluator.handlers import HANDLERS, Deps
 from services.evaluator.service import Evaluator
 from services.evaluator.settings import EvaluatorSettings
 from services.evaluator.store import EvaluatorStore
 from services.evaluator.worker import EvaluationWorker
 from services.runtime.auth import Authenticator
+from services.runtime.console import Section
 from services.runtime.scoring import Embedder, Judge
 from services.runtime.service import Runtime, Service
 
@@ -55,9 +59,22 @@ def create_app(runtime: Runtime, settings: EvaluatorSettings) -> Service:
         await worker.stop()
         await asyncio.to_thread(store.close)
 
+    api = APIRouter()
+    api.include_router(create_router(store, Authenticator.for_settings(runtime.settings), bus.publish))
+    api.include_router(
+        create_console_router(
+            store,
+            runtime.console,
+            golden=evaluator.load_golden,
+            clickhouse=runtime.clickhouse,
+            publish=bus.publish,
+        )
+    )
+    runtime.console.add(Section(GROUP, "Evaluations", "/evaluator/console/evaluations"))
+
     return Service(
         name=GROUP,
-        api=create_router(store, Authenticator.for_settings(runtime.settings), bus.publish),
+        api=api,
         readiness={"clickhouse": clickhouse_answers},
         on_start=[clickhouse_answers, worker.start],
         on_stop=[stop],

@@ -192,6 +192,30 @@ class EvaluatorStore:
             records = [r for r in records if r.request.get("candidate", {}).get("model_name") == model_name]
         return records[:limit]
 
+    def evaluation_page(
+        self, *, model_name: str | None = None, status: str | None = None, before: str | None = None, limit: int = 50
+    ) -> list[EvaluationRecord]:
+        """Evaluations newest first, of one model's candidates and in one status when given, older than the
+        evaluation `before` (the console's page cursor: an id, so runs requested in the same instant stay in order)."""
+        clauses, parameters = [], []
+        if model_name is not None:
+            clauses.append("json_extract(request, '$.candidate.model_name') = ?")
+            parameters.append(model_name)
+        if status is not None:
+            clauses.append("status = ?")
+            parameters.append(status)
+        if before is not None:
+            clauses.append(
+                "(created_at, evaluation_id) < (SELECT created_at, evaluation_id FROM evaluation WHERE evaluation_id = ?)"
+            )
+            parameters.append(before)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._db.rows(
+            f"SELECT * FROM evaluation {where} ORDER BY created_at DESC, evaluation_id DESC LIMIT ?",
+            (*parameters, limit),
+        )
+        return [_record(row) for row in rows]
+
 
 def _record(row: Sequence[Any]) -> EvaluationRecord:
     evaluation_id, status, request, result, created_at, updated_at, correlation_id = row
@@ -219,6 +243,28 @@ class ResultRow:
     reference: str
     prompt_name: str | None = None
     prompt_version: int | None = None
+
+
+def read_results(
+    clickhouse: Callable[[], ClickHouseStore],
+    evaluation_id: str,
+    *,
+    target: str,
+    metric: str,
+    example_ids: Sequence[str] | None = None,
+    limit: int = 50,
+) -> list[ResultRow]:
+    """One target's rows for one metric of an evaluation: those of `example_ids` when given, else the first
+    `limit` by example id."""
+    chosen = "AND example_id IN {ids:Array(String)}" if example_ids is not None else ""
+    rows = clickhouse().query(
+        "SELECT example_id, model_name, adapter_version, target, metric, score, error, prediction, reference, "
+        "prompt_name, prompt_version FROM evaluation_result FINAL "
+        f"WHERE evaluation_id = {{id:String}} AND target = {{target:String}} AND metric = {{metric:String}} {chosen} "
+        "ORDER BY example_id LIMIT {limit:UInt32}",
+        {"id": evaluation_id, "target": target, "metric": metric, "ids": list(example_ids or ()), "limit": limit},
+    )
+    return [ResultRow(**{**row, "prompt_name": row["prompt_name"] or None}) for row in rows]
 
 
 def write_results(
