@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from contracts.events import Stage
-from services.monitor.api import create_router
+from services.monitor.api import CONSOLE, create_router
 from services.monitor.canary import load_canary_policy
 from services.monitor.handlers import HANDLERS
 from services.monitor.retraining import RetrainingPolicy
@@ -20,6 +20,7 @@ from services.monitor.settings import MonitorSettings
 from services.monitor.store import MonitorStore
 from services.runtime.auth import Authenticator
 from services.runtime.clickhouse import ClickHouseStore, open_clickhouse
+from services.runtime.console import Section
 from services.runtime.errors import ConfigurationError
 from services.runtime.registry_client import RegistryClient
 from services.runtime.service import Runtime, Service
@@ -97,16 +98,16 @@ def create_app(
         for handle in readonly:
             handle.close()
 
+    runtime.console.add(Section(GROUP, "Monitor", CONSOLE))
     return Service(
         name=GROUP,
         api=create_router(
             monitor,
             Authenticator.for_settings(runtime.settings),
+            console=runtime.console,
             console_hours=settings.console_hours,
             lineage=functools.partial(newest_production_lineage, registry),
-            session_s=settings.console_session_s,
             query_limits=settings.query_limits(),
-            secure_cookie=settings.console_secure_cookie,
         ),
         on_start=[start],
         on_stop=[stop],

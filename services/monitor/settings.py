@@ -43,15 +43,6 @@ class MonitorSettings(BaseSettings):
         description="LoRA settings of a retraining, as JSON; unset: the production adapter's (from its lineage), else the trainer's defaults.",
     )
     console_hours: int = Field(default=24, ge=1, le=24 * 90, description="Hours of history the console shows.")
-    console_session_s: int = Field(
-        default=8 * 3600,
-        ge=60,
-        description="Seconds a console sign-in (its server-side session and HttpOnly cookie) lasts.",
-    )
-    console_secure_cookie: bool = Field(
-        default=False,
-        description="Mark the console's session cookie Secure even when the request arrives over plain HTTP, because TLS terminates in front (a proxy); over https it is Secure anyway.",
-    )
     query_clickhouse_url: str | None = Field(
         default=None,
         description="ClickHouse server URL of the query door's own user (SELECT on Flywheel's tables only); unset: the process's FLYWHEEL_CLICKHOUSE_URL. Needs a server: embedded chDB has no users.",

@@ -37,6 +37,7 @@ from services.registry.store import RegistryStore
 from services.runtime.auth import Authenticator, KeyStore
 from services.runtime.broker import EventBus
 from services.runtime.clickhouse import ClickHouseStore
+from services.runtime.console import Console
 from services.runtime.http import DoorError, error_response
 from services.runtime.settings import FlywheelSettings
 from services.runtime.registry_client import RegistryClient
@@ -299,7 +300,7 @@ def _authenticated_monitor_app(tmp_path: Path, monitor: Monitor) -> tuple[FastAP
     async def _door_error(_request, error: DoorError):  # noqa: ANN202
         return error_response(error.status, error.detail)
 
-    app.include_router(monitor_router(monitor, auth, console_hours=1))
+    app.include_router(monitor_router(monitor, auth, console=Console(auth), console_hours=1))
     return app, key
 
 

@@ -19,6 +19,7 @@ from services.monitor.app import create_app
 from services.monitor.settings import MonitorSettings
 from services.registry.outbox import OutboxRelay
 from services.runtime.clickhouse import ClickHouseStore
+from services.runtime.console import Section
 from services.runtime.privacy import Redactor
 from services.runtime.service import Runtime, Service, build_process
 from services.runtime.settings import FlywheelSettings
@@ -131,7 +132,10 @@ async def test_the_built_monitor_consumes_stage_changed_ticks_on_its_own_and_its
                     await client.get("/monitor/v1/metrics/summary", params={"hours": 1, "bucket_s": 60}, headers=bearer)
                 ).json()
                 assert summary["evaluations"] and {e["rule_name"] for e in summary["evaluations"]} == {"thumbs-down"}
-                assert (await client.get("/monitor/console")).headers["location"] == "/monitor/console/login"
+                assert (await client.get("/monitor/console")).headers["location"] == (
+                    "/console/login?next=%2Fmonitor%2Fconsole"
+                ), "the monitor's page is a section of the process's console: its sign-in is the console's"
+                assert Section("monitor", "Monitor", "/monitor/console") in runtime.console.sections
                 assert (await client.get("/readyz")).status_code == 200
                 metrics = (await client.get("/metrics")).text
                 assert 'flywheel_monitor_canary_decisions_total{action="promote"}' in metrics

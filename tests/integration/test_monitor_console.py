@@ -1,10 +1,11 @@
-"""The ops console in a real headless Chromium, driven over the DevTools protocol against the monitor's
-door on a real HTTP server: a browser cannot send a bearer key, so it signs in with a form; the key
-stays on the server and the browser holds only a session id, in an HttpOnly cookie scripts cannot read;
-the drift charts come from evaluations stored in ClickHouse by an earlier monitor (as after a restart);
-signing out (a form with the session's CSRF token) ends the session on the server. Without a browser:
-every form is refused without its CSRF token, revoking the key ends the session, and the cookie is
-Secure over https or when TLS terminates in front."""
+"""The monitor's console page, a section of the runtime's console, in a real headless Chromium driven over the
+DevTools protocol against a real HTTP server: a browser cannot send a bearer key, so it signs in with the
+console's form and comes back to the monitor's page; the key stays on the server and the browser holds only a
+session id, in an HttpOnly cookie scripts cannot read; the drift charts come from evaluations stored in
+ClickHouse by an earlier monitor (as after a restart); signing out (the layout's form, with the session's CSRF
+token) ends the session on the server. Without a browser: every form is refused without its CSRF token,
+revoking the key ends the session, the cookie is Secure over https or when TLS terminates in front, the
+monitor's old sign-in addresses still lead to the sign-in, and only an operator's form changes an alert."""
 
 from __future__ import annotations
 
@@ -30,12 +31,19 @@ import uvicorn
 from fastapi import FastAPI
 
 from contracts.envelope import wrap
-from contracts.events import FeedbackReceived, InferenceLogged, Stage, StageChanged, Thumbs
+from contracts.events import (
+    AlertRaised,
+    FeedbackReceived,
+    InferenceLogged,
+    Severity,
+    Stage,
+    StageChanged,
+    Thumbs,
+)
 from contracts.http import Role
 from services.runtime.privacy import Redactor
 from services.feedback.service import Sink
 from services.feedback.store import FeedbackStore
-from services.monitor.api import COOKIE
 from services.monitor.canary import CanaryPolicy
 from services.monitor.api import create_router as monitor_router
 from services.monitor.rules import parse_rules
@@ -45,6 +53,8 @@ from services.monitor.store import MonitorStore
 from services.registry.store import RegistryStore
 from services.runtime.auth import Authenticator, KeyStore, split_key
 from services.runtime.clickhouse import ClickHouseStore
+from services.runtime.console import Console, Section
+from services.runtime.console.console import COOKIE
 from services.runtime.http import DoorError, error_response
 from services.runtime.registry_client import RegistryClient
 from tests.conftest import REPO, require
@@ -53,6 +63,7 @@ from tests.support import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 CSRF_FIELD = re.compile(r'name="csrf_token" value="([^"]+)"')
+SIGN_IN = "/console/login?next=%2Fmonitor%2Fconsole"
 
 MODEL = "smollm2"
 RULES = [
@@ -226,14 +237,15 @@ async def chromium(tmp_path: Path) -> AsyncIterator[Browser]:
         process.stderr.close()
 
 
-def monitor_app(tmp_path: Path, monitor: Monitor, **router_options: Any) -> tuple[FastAPI, str]:
-    app, key, _ = monitor_app_with_auth(tmp_path, monitor, **router_options)
+def monitor_app(tmp_path: Path, monitor: Monitor, **console_options: Any) -> tuple[FastAPI, str]:
+    app, key, _ = monitor_app_with_auth(tmp_path, monitor, **console_options)
     return app, key
 
 
 def monitor_app_with_auth(
-    tmp_path: Path, monitor: Monitor, **router_options: Any
+    tmp_path: Path, monitor: Monitor, **console_options: Any
 ) -> tuple[FastAPI, str, Authenticator]:
+    """The monitor's door and the runtime's console on one app, as build_process serves them; a viewer's key."""
     store = RegistryStore(f"sqlite:///{tmp_path / 'keys.db'}")
     store.migrate()
     auth = Authenticator(KeyStore(store.engine))
@@ -244,15 +256,28 @@ def monitor_app_with_auth(
     async def _door_error(_request, error: DoorError):  # noqa: ANN202
         return error_response(error.status, error.detail)
 
-    app.include_router(monitor_router(monitor, auth, console_hours=1, **router_options))
+    console = Console(auth, **console_options)
+    console.add(Section("monitor", "Monitor", "/monitor/console"))
+    app.include_router(monitor_router(monitor, auth, console=console, console_hours=1))
+    console.install(app)
     return app, key, auth
 
 
 async def login_token(client: httpx.AsyncClient) -> str:
     """The sign-in page's CSRF token (its cookie lands in the client's jar)."""
-    page = await client.get("/monitor/console/login")
+    page = await client.get(SIGN_IN)
     assert page.status_code == 200
     return CSRF_FIELD.search(page.text).group(1)
+
+
+async def sign_in(client: httpx.AsyncClient, key: str) -> httpx.Response:
+    """Sign in through the console's form and follow it back to the monitor's page."""
+    token = await login_token(client)
+    signed_in = await client.post(
+        "/console/login", data={"csrf_token": token, "api_key": key, "next": "/monitor/console"}
+    )
+    assert signed_in.status_code == 303 and signed_in.headers["location"] == "/monitor/console", signed_in.text
+    return await client.get("/monitor/console")
 
 
 async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headless_chromium(
@@ -317,16 +342,22 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
     async with serving(app) as base, chromium(tmp_path) as browser:
         await browser.call("Page.enable")
         await browser.call("Page.navigate", url=f"{base}/monitor/console")
-        await browser.settled_at("/monitor/console/login")
+        await browser.settled_at("/console/login")
 
         await browser.submit_key("fw_000000000000_not-a-real-key")
-        await browser.settled_at("/monitor/console/login")
+        await browser.settled_at("/console/login")
         assert "invalid API key" in await browser.evaluate("document.querySelector('[role=alert]').innerText")
 
         await browser.submit_key(key)
         await browser.settled_at("/monitor/console")
         text = await browser.evaluate("document.body.innerText")
         assert "signed in as ops-viewer" in text and "thumbs-down" in text
+        assert await browser.evaluate("document.querySelector('nav a.current').getAttribute('href')") == (
+            "/monitor/console"
+        ), "the monitor's page is in the console's navigation"
+        assert await browser.evaluate("document.querySelectorAll('form.alert-state').length") == 0, (
+            "a viewer is shown no form that changes an alert"
+        )
         canaries = await browser.evaluate(
             "[...document.querySelectorAll('h2')].find(h => h.innerText.startsWith('Canaries')).nextElementSibling.innerText"
         )
@@ -343,7 +374,7 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
             for c in (await browser.call("Network.getCookies", urls=[f"{base}/monitor/console"]))["cookies"]
             if c["name"] == COOKIE
         ]
-        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/monitor/console"
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/"
         assert key not in cookie["value"] and len(cookie["value"]) >= 40, (
             "the cookie holds a random session id, never the key"
         )
@@ -358,22 +389,21 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
         picture = await browser.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
         shot.write_bytes(base64.b64decode(picture["data"]))
 
-        await browser.evaluate("document.querySelector('form.inline').submit(); true")
-        await browser.settled_at("/monitor/console/login")
+        await browser.evaluate("document.querySelector('form[action=\"/console/logout\"]').submit(); true")
+        await browser.settled_at("/console/login")
         await browser.call("Page.navigate", url=f"{base}/monitor/console")
-        await browser.settled_at("/monitor/console/login")
+        await browser.settled_at("/console/login")
         # The session ended on the server: the old id, replayed, opens nothing.
         async with httpx.AsyncClient(base_url=base, cookies={COOKIE: cookie["value"]}) as replay:
             replayed = await replay.get("/monitor/console")
-        assert replayed.status_code == 303 and replayed.headers["location"] == "/monitor/console/login"
+        assert replayed.status_code == 303 and replayed.headers["location"] == SIGN_IN
     assert shot.stat().st_size > 20_000
     print(f"console screenshot: {shot}")
 
 
-async def test_console_sign_in_refuses_bad_input_without_setting_a_cookie(
-    clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path
-) -> None:
-    monitor = Monitor(
+def quiet_monitor(monitor_store: MonitorStore, tmp_path: Path) -> Monitor:
+    """A monitor without rules whose alerts are stored in ClickHouse and published nowhere."""
+    return Monitor(
         monitor_store,
         [],
         lambda envelope: asyncio.sleep(0),
@@ -381,16 +411,42 @@ async def test_console_sign_in_refuses_bad_input_without_setting_a_cookie(
         policy=RetrainingPolicy(),
         state_dir=tmp_path,
     )
-    app, key = monitor_app(tmp_path, monitor)
+
+
+def open_alert(monitor_store: MonitorStore, rule_name: str) -> AlertRaised:
+    """An open alert in the alert table, as the monitor's tick stores one."""
+    now = datetime.now(UTC)
+    alert = AlertRaised(
+        alert_id=str(uuid.uuid4()),
+        rule_name=rule_name,
+        rule_version=1,
+        severity=Severity.warning,
+        model_name=MODEL,
+        adapter_version=1,
+        metric="thumbs_down_rate",
+        value=0.5,
+        threshold=0.3,
+        window_start=now - timedelta(minutes=10),
+        window_end=now,
+        message="thumbs_down_rate = 0.5 > 0.3",
+    )
+    monitor_store.write_alert(wrap(alert, producer="test"))
+    return alert
+
+
+async def test_console_sign_in_refuses_bad_input_without_setting_a_cookie(
+    clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path
+) -> None:
+    app, key = monitor_app(tmp_path, quiet_monitor(monitor_store, tmp_path))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://monitor") as client:
         anonymous = await client.get("/monitor/console")
-        assert anonymous.status_code == 303 and anonymous.headers["location"] == "/monitor/console/login"
+        assert anonymous.status_code == 303 and anonymous.headers["location"] == SIGN_IN
         token = await login_token(client)
-        empty = await client.post("/monitor/console/login", data={"api_key": "  ", "csrf_token": token})
-        wrong = await client.post("/monitor/console/login", data={"api_key": "fw_abc_wrong", "csrf_token": token})
-        huge = await client.post("/monitor/console/login", data={"api_key": "x" * 10_000, "csrf_token": token})
-        forged = await client.post("/monitor/console/login", data={"api_key": key, "csrf_token": "not-the-forms-token"})
-        tokenless = await client.post("/monitor/console/login", data={"api_key": key})
+        empty = await client.post("/console/login", data={"api_key": "  ", "csrf_token": token})
+        wrong = await client.post("/console/login", data={"api_key": "fw_abc_wrong", "csrf_token": token})
+        huge = await client.post("/console/login", data={"api_key": "x" * 20_000, "csrf_token": token})
+        forged = await client.post("/console/login", data={"api_key": key, "csrf_token": "not-the-forms-token"})
+        tokenless = await client.post("/console/login", data={"api_key": key})
         assert (empty.status_code, wrong.status_code, huge.status_code, forged.status_code, tokenless.status_code) == (
             400,
             401,
@@ -413,41 +469,35 @@ async def test_console_sign_in_refuses_bad_input_without_setting_a_cookie(
         assert bearer.status_code == 200 and "signed in as ops-viewer" in bearer.text, (
             "API clients keep using the bearer header"
         )
+        assert "default-src 'none'" in bearer.headers["content-security-policy"]
+        assert bearer.headers["cache-control"] == "no-store"
 
 
 async def test_console_session_holds_no_key_checks_csrf_and_ends_when_the_key_is_revoked(
     clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path
 ) -> None:
-    monitor = Monitor(
-        monitor_store,
-        [],
-        lambda envelope: asyncio.sleep(0),
-        RegistryClient("http://unused", None),
-        policy=RetrainingPolicy(),
-        state_dir=tmp_path,
-    )
+    monitor = quiet_monitor(monitor_store, tmp_path)
     app, key, auth = monitor_app_with_auth(tmp_path, monitor)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://monitor") as client:
         signed_in = await client.post(
-            "/monitor/console/login", data={"api_key": key, "csrf_token": await login_token(client)}
+            "/console/login",
+            data={"api_key": key, "csrf_token": await login_token(client), "next": "/monitor/console"},
         )
         assert signed_in.status_code == 303 and signed_in.headers["location"] == "/monitor/console"
         session_id = client.cookies[COOKIE]
-        assert (
-            key not in signed_in.headers["set-cookie"]
-            and key.split("_")[-1] not in session_id
-            and len(session_id) >= 40
+        session_cookie = next(
+            value for value in signed_in.headers.get_list("set-cookie") if value.startswith(f"{COOKIE}=")
         )
-        assert "secure" not in signed_in.headers["set-cookie"].lower(), (
-            "plain http without a TLS proxy configured: not Secure"
-        )
+        assert key not in session_cookie and key.split("_")[-1] not in session_id and len(session_id) >= 40
+        assert "path=/;" in session_cookie.lower(), "one sign-in for every service's pages"
+        assert "secure" not in session_cookie.lower(), "plain http without a TLS proxy configured: not Secure"
         page = await client.get("/monitor/console")
         assert page.status_code == 200 and "signed in as ops-viewer" in page.text and key not in page.text
         assert CSRF_FIELD.search(page.text), "the signed-in page carries its sign-out form's CSRF token"
 
         # A sign-out posted from elsewhere (no token, or another token) is refused and the session stays.
         for forged in ({}, {"csrf_token": "guessed"}, {"csrf_token": await login_token(client)}):
-            refused = await client.post("/monitor/console/logout", data=forged)
+            refused = await client.post("/console/logout", data=forged)
             assert refused.status_code == 403 and "CSRF check" in refused.text, refused.text
         assert (await client.get("/monitor/console")).status_code == 200
 
@@ -456,7 +506,7 @@ async def test_console_session_holds_no_key_checks_csrf_and_ends_when_the_key_is
         assert auth.keys.revoke(key_id)
         auth.forget()
         ended = await client.get("/monitor/console")
-        assert ended.status_code == 303 and ended.headers["location"] == "/monitor/console/login"
+        assert ended.status_code == 303 and ended.headers["location"] == SIGN_IN
     # ... and on the server: the same id, replayed by another client, is gone.
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://monitor", cookies={COOKIE: session_id}
@@ -467,13 +517,10 @@ async def test_console_session_holds_no_key_checks_csrf_and_ends_when_the_key_is
     second, _, second_auth = monitor_app_with_auth(tmp_path / "second", monitor)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=second), base_url="http://monitor") as client:
         second_key, _ = second_auth.keys.create(principal="ops-viewer-2", role=Role.viewer, created_by="test")
-        await client.post(
-            "/monitor/console/login", data={"api_key": second_key, "csrf_token": await login_token(client)}
-        )
+        page = await sign_in(client, second_key)
         session_id = client.cookies[COOKIE]
-        token = CSRF_FIELD.search((await client.get("/monitor/console")).text).group(1)
-        out = await client.post("/monitor/console/logout", data={"csrf_token": token})
-        assert out.status_code == 303 and out.headers["location"] == "/monitor/console/login"
+        out = await client.post("/console/logout", data={"csrf_token": CSRF_FIELD.search(page.text).group(1)})
+        assert out.status_code == 303 and out.headers["location"] == "/console/login"
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=second), base_url="http://monitor", cookies={COOKIE: session_id}
     ) as replay:
@@ -490,24 +537,16 @@ async def test_console_session_holds_no_key_checks_csrf_and_ends_when_the_key_is
 async def test_console_cookies_are_secure_over_tls_or_when_tls_terminates_in_front(
     clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path, base_url: str, secure_cookie: bool
 ) -> None:
-    monitor = Monitor(
-        monitor_store,
-        [],
-        lambda envelope: asyncio.sleep(0),
-        RegistryClient("http://unused", None),
-        policy=RetrainingPolicy(),
-        state_dir=tmp_path,
-    )
-    app, key = monitor_app(tmp_path, monitor, secure_cookie=secure_cookie)
+    app, key = monitor_app(tmp_path, quiet_monitor(monitor_store, tmp_path), secure_cookie=secure_cookie)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url) as client:
-        form = await client.get("/monitor/console/login")
+        form = await client.get(SIGN_IN)
         assert "secure" in form.headers["set-cookie"].lower()
         token = CSRF_FIELD.search(form.text).group(1)
     # A client that sends the (Secure) token cookie back whatever the scheme, as the browser behind a TLS proxy does.
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url=base_url, cookies={"flywheel_console_login": token}
     ) as client:
-        signed_in = await client.post("/monitor/console/login", data={"api_key": key, "csrf_token": token})
+        signed_in = await client.post("/console/login", data={"api_key": key, "csrf_token": token})
         assert signed_in.status_code == 303, signed_in.text
         session_cookie = next(
             value for value in signed_in.headers.get_list("set-cookie") if value.startswith(f"{COOKIE}=")
@@ -517,3 +556,125 @@ async def test_console_cookies_are_secure_over_tls_or_when_tls_terminates_in_fro
             and "httponly" in session_cookie.lower()
             and "samesite=strict" in session_cookie.lower()
         )
+
+
+async def test_the_monitors_old_sign_in_and_sign_out_addresses_lead_to_the_consoles(
+    clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path
+) -> None:
+    app, key = monitor_app(tmp_path, quiet_monitor(monitor_store, tmp_path))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://monitor") as client:
+        bookmark = await client.get("/monitor/console/login")
+        assert bookmark.status_code == 307 and bookmark.headers["location"] == SIGN_IN
+        page = await client.get("/monitor/console/login", follow_redirects=True)
+        assert page.status_code == 200 and page.url.path == "/console/login" and 'name="api_key"' in page.text
+        assert 'name="next" value="/monitor/console"' in page.text, "after signing in, back to the monitor's page"
+
+        # A script that posts the sign-in form to the old address: the 307 keeps the method and the form.
+        signed_in = await client.post(
+            "/monitor/console/login",
+            data={"csrf_token": CSRF_FIELD.search(page.text).group(1), "api_key": key, "next": "/monitor/console"},
+            follow_redirects=True,
+        )
+        assert signed_in.status_code == 200 and signed_in.url.path == "/monitor/console", signed_in.text
+        assert "signed in as ops-viewer" in signed_in.text
+        session_id = client.cookies[COOKIE]
+
+        csrf = CSRF_FIELD.search(signed_in.text).group(1)
+        moved = await client.post("/monitor/console/logout", data={"csrf_token": csrf})
+        assert moved.status_code == 307 and moved.headers["location"] == "/console/logout"
+        out = await client.post("/monitor/console/logout", data={"csrf_token": csrf}, follow_redirects=True)
+        assert out.status_code == 200 and out.url.path == "/console/login"
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://monitor", cookies={COOKIE: session_id}
+    ) as replay:
+        assert (await replay.get("/monitor/console")).status_code == 303, "signed out through the old address"
+
+
+async def test_only_an_operators_form_with_the_sessions_token_changes_an_alert(
+    clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path
+) -> None:
+    app, viewer_key, auth = monitor_app_with_auth(tmp_path, quiet_monitor(monitor_store, tmp_path))
+    operator_key, _ = auth.keys.create(principal="ops-operator", role=Role.operator, created_by="test")
+    acknowledged = open_alert(monitor_store, "thumbs-down")
+    resolved = open_alert(monitor_store, "error-rate")
+    acknowledge_url = f"/monitor/console/alerts/{acknowledged.alert_id}"
+
+    def stored(alert: AlertRaised) -> tuple[str, str]:
+        row = monitor_store.alert(alert.alert_id)
+        return row["state"], row["message"]
+
+    untouched = ("open", "thumbs_down_rate = 0.5 > 0.3")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://monitor") as viewer:
+        page = await sign_in(viewer, viewer_key)
+        assert "thumbs-down" in page.text and "alert-state" not in page.text, "a viewer is shown no alert form"
+        # The viewer's own session token: the CSRF check passes, the role does not.
+        refused = await viewer.post(
+            acknowledge_url, data={"csrf_token": CSRF_FIELD.search(page.text).group(1), "state": "acknowledged"}
+        )
+        assert refused.status_code == 403 and "this needs operator" in refused.text, refused.text
+    assert stored(acknowledged) == untouched
+
+    async with httpx.AsyncClient(transport=transport, base_url="http://monitor") as operator:
+        page = await sign_in(operator, operator_key)
+        assert page.text.count('class="inline alert-state"') == 2 and "2 open alerts" in page.text
+        token = CSRF_FIELD.search(page.text).group(1)
+        for forged in ({}, {"csrf_token": "guessed"}, {"csrf_token": await login_token(operator)}):
+            refused = await operator.post(acknowledge_url, data={"state": "acknowledged", **forged})
+            assert refused.status_code == 403 and "CSRF check" in refused.text, refused.text
+        oversized = await operator.post(
+            acknowledge_url, data={"csrf_token": token, "state": "acknowledged", "note": "x" * 20_000}
+        )
+        too_long = await operator.post(
+            acknowledge_url, data={"csrf_token": token, "state": "acknowledged", "note": "x" * 2001}
+        )
+        no_change = await operator.post(acknowledge_url, data={"csrf_token": token, "state": "open"})
+        assert (oversized.status_code, too_long.status_code, no_change.status_code) == (413, 400, 400)
+        assert "longer than 2000 characters" in too_long.text
+        assert stored(acknowledged) == untouched, "nothing refused changed the alert"
+
+        unknown = await operator.post(
+            "/monitor/console/alerts/no-such-alert", data={"csrf_token": token, "state": "acknowledged"}
+        )
+        assert unknown.status_code == 404 and "no alert &#39;no-such-alert&#39;" in unknown.text, unknown.text
+        hostile = await operator.post(
+            "/monitor/console/alerts/%3Cscript%3Ealert(1)",
+            data={"csrf_token": token, "state": "acknowledged"},
+        )
+        assert hostile.status_code == 404 and "no such alert" in hostile.text and "<script>" not in hostile.text
+
+        done = await operator.post(
+            acknowledge_url, data={"csrf_token": token, "state": "acknowledged", "note": "looking into it <b>now</b>"}
+        )
+        assert done.status_code == 303 and done.headers["location"] == "/monitor/console"
+        assert stored(acknowledged) == ("acknowledged", "acknowledged by ops-operator: looking into it <b>now</b>")
+        done = await operator.post(
+            f"/monitor/console/alerts/{resolved.alert_id}", data={"csrf_token": token, "state": "resolved"}
+        )
+        assert done.status_code == 303
+        assert stored(resolved) == ("resolved", "resolved by ops-operator")
+
+        page = await operator.get("/monitor/console")
+        assert "1 open alerts" in page.text and page.text.count('class="inline alert-state"') == 1, (
+            "the acknowledged alert can still be resolved; the resolved one has no form"
+        )
+        assert "looking into it &lt;b&gt;now&lt;/b&gt;" in page.text and "<b>now</b>" not in page.text
+        # The JSON door reads the same stored state.
+        listed = await operator.get("/monitor/v1/alerts", headers={"Authorization": f"Bearer {operator_key}"})
+        assert {(a["alert_id"], a["state"]) for a in listed.json()} == {
+            (acknowledged.alert_id, "acknowledged"),
+            (resolved.alert_id, "resolved"),
+        }
+
+    # A bearer header opens the page but cannot post a form: there is no session, so no CSRF token.
+    async with httpx.AsyncClient(transport=transport, base_url="http://monitor") as script:
+        bearer = {"Authorization": f"Bearer {operator_key}"}
+        page = await script.get("/monitor/console", headers=bearer)
+        assert page.status_code == 200 and "alert-state" not in page.text
+        refused = await script.post(
+            f"/monitor/console/alerts/{acknowledged.alert_id}",
+            data={"csrf_token": token, "state": "resolved"},
+            headers=bearer,
+        )
+        assert refused.status_code == 403 and "CSRF check" in refused.text
+    assert stored(acknowledged)[0] == "acknowledged"
