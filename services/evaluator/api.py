@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Depends, Query
@@ -11,6 +10,7 @@ from fastapi import APIRouter, Depends, Query
 from contracts.events import EvaluationRequested
 from contracts.http import ErrorResponse, EvaluationCreate, EvaluationList, EvaluationStatus, Role
 from contracts.ids import EvaluationId
+from services.evaluator.service import new_evaluation_id, queue_evaluation
 from services.evaluator.store import EvaluationRecord, EvaluatorStore
 from services.runtime.auth import Authenticator, Principal
 from services.runtime.http import DoorError
@@ -40,19 +40,16 @@ def create_router(store: EvaluatorStore, auth: Authenticator, publish: Callable[
     async def request_evaluation(body: EvaluationCreate, principal: Principal = Depends(writer)) -> EvaluationStatus:
         """Queue an evaluation; it runs on the evaluator's consumer and its result is published as evaluation.completed."""
         request = EvaluationRequested(
-            evaluation_id=f"ev-{uuid.uuid4().hex[:16]}",
+            evaluation_id=new_evaluation_id(),
             candidate=body.candidate,
             baseline=body.baseline,
             golden=body.golden,
             metric_suite=body.metric_suite,
             requested_by=principal.name,
         )
-        await asyncio.to_thread(
-            store.claim, request.evaluation_id, request.model_dump(mode="json"), correlation_id=request.evaluation_id
-        )
+        await queue_evaluation(store, publish, request)
         record = await asyncio.to_thread(store.evaluation, request.evaluation_id)
         assert record is not None
-        await publish(request, correlation_id=request.evaluation_id)
         return _view(record)
 
     @router.get("/evaluations/{evaluation_id}", response_model=EvaluationStatus)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,7 +26,7 @@ from contracts.http import Role
 from contracts.ids import EvaluationId, ModelName
 from services.evaluator.gate import POLICIES
 from services.evaluator.golden import GoldenExample, GoldenSetError
-from services.evaluator.service import EvaluationFailed, label
+from services.evaluator.service import EvaluationFailed, label, new_evaluation_id, queue_evaluation
 from services.evaluator.store import EvaluationRecord, EvaluatorStore, ResultRow, read_results
 from services.runtime.artifacts import ArtifactError
 from services.runtime.clickhouse import ClickHouseError, ClickHouseStore
@@ -305,12 +304,9 @@ def create_console_router(
                 409, f"evaluation {evaluation_id} is {record.status}; run it again once it finished", user
             )
         again = EvaluationRequested.model_validate(record.request).model_copy(
-            update={"evaluation_id": f"ev-{uuid.uuid4().hex[:16]}", "requested_by": user.principal.name}
+            update={"evaluation_id": new_evaluation_id(), "requested_by": user.principal.name}
         )
-        await asyncio.to_thread(
-            store.claim, again.evaluation_id, again.model_dump(mode="json"), correlation_id=again.evaluation_id
-        )
-        await publish(again, correlation_id=again.evaluation_id)
+        await queue_evaluation(store, publish, again)
         return RedirectResponse(f"{PREFIX}/evaluations/{again.evaluation_id}", status_code=303)
 
     async def _known(evaluation_id: str, user: ConsoleUser) -> EvaluationRecord:

