@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from fastapi import APIRouter
+
 from services.registry.api import create_router, dataset_body_limit
+from services.registry.console import create_console_router
 from services.registry.handlers import HANDLERS
 from services.registry.outbox import OutboxRelay
 from services.registry.service import Registry
@@ -19,6 +22,7 @@ from services.runtime.auth import (
     key_pepper,
     registry_database_url,
 )
+from services.runtime.console import Section
 from services.runtime.service import Runtime, Service
 
 log = logging.getLogger("flywheel.registry")
@@ -40,6 +44,17 @@ def create_app(runtime: Runtime, settings: RegistrySettings) -> Service:
     LocalKeys.register(store.url, keys)
 
     runtime.subscribe_all("registry", HANDLERS, registry.adapters)
+
+    # The JSON door and the console's pages side by side: each router keeps its own route class, so the
+    # door's body caps and refusal hooks stay on the door, and the pages read forms as the console does.
+    api = APIRouter()
+    api.include_router(create_router(registry, auth))
+    api.include_router(create_console_router(registry, runtime.console))
+    runtime.console.add(
+        Section("registry", "Models", "/registry/console/models"),
+        Section("registry", "Prompts", "/registry/console/prompts"),
+        Section("registry", "Datasets", "/registry/console/datasets"),
+    )
 
     async def start() -> None:
         applied = await asyncio.to_thread(store.migrate)
@@ -66,7 +81,7 @@ def create_app(runtime: Runtime, settings: RegistrySettings) -> Service:
 
     return Service(
         name="registry",
-        api=create_router(registry, auth),
+        api=api,
         readiness={"database": database_ready},
         on_start=[start],
         on_stop=[stop],
