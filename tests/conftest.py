@@ -35,6 +35,21 @@ MODEL_FIXTURES = frozenset(
 STRICT_ENV = "FLYWHEEL_TESTS_REQUIRE_ALL"
 
 
+_torch_threads: list[int] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Engines the tests build themselves take the cores other work leaves free, as the services' own do
+    # (services/runtime/cpu.py): beside a CPU-heavy job, two threads on one free core crawl.
+    from services.runtime.cpu import use_free_cpus
+
+    _torch_threads.append(use_free_cpus())
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"torch CPU threads: {_torch_threads[0] if _torch_threads else 'not set'} (the free cores at the start)"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         parts = Path(str(item.fspath)).relative_to(REPO).parts

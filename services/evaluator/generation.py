@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.runtime.cpu import use_free_cpus
 from services.runtime.inference import Engine, GenerationRequest, SamplingParams
 
 CANDIDATE = "candidate"
@@ -44,6 +45,7 @@ class LoadedModel:
         cls, base_dir: Path, *, adapter_dir: Path | None = None, gguf_file: str | None = None, label: str = "model"
     ) -> LoadedModel:
         """Load base weights (a Hugging Face directory, or a GGUF file in one) and the adapter on top."""
+        use_free_cpus()
         try:
             engine = Engine.from_pretrained(base_dir, gguf_file=gguf_file, model_name=label)
         except Exception as error:

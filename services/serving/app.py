@@ -60,9 +60,11 @@ def create_app(runtime: Runtime, settings: ServingSettings, privacy: PrivacySett
     runtime.follow_all("serving", COMMANDS, deps, from_start=False)
 
     async def start() -> None:
+        from services.runtime.cpu import use_free_cpus
         from services.runtime.inference import SMOLLM2_GGUF, Engine, smollm2_dir
         from services.serving.triton import TritonServing
 
+        await asyncio.to_thread(use_free_cpus)
         if settings.model_dir is None:
             state.engine = await asyncio.to_thread(
                 Engine.from_pretrained, smollm2_dir(), gguf_file=SMOLLM2_GGUF, model_name=settings.base_model

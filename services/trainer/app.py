@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import torch
 
 from services.runtime.auth import Authenticator
 from services.runtime.service import Runtime, Service
@@ -17,8 +16,6 @@ from services.trainer.store import JobStore
 
 
 def create_app(runtime: Runtime, settings: TrainerSettings) -> Service:
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     home = runtime.home / "trainer"
     artifacts = runtime.artifacts
     store = JobStore(home / "jobs.db")

@@ -155,7 +155,7 @@ def local(
         None, help="Checkpoints and the adapter; a rerun resumes or reuses. Default: FLYWHEEL_HOME/trainer/local."
     ),
     threads: int = typer.Option(
-        0, min=0, help="torch CPU threads; 0: the cores the load average leaves free (at least one)."
+        0, min=0, help="torch CPU threads; 0: the cores other processes leave free (at least one)."
     ),
     rank: int = RANK,
     alpha: float = ALPHA,
@@ -170,7 +170,7 @@ def local(
     import torch
 
     from services.trainer.engine import TrainingError, TrainingJob, train
-    from services.trainer.model import free_cpu_threads
+    from services.runtime.cpu import free_cpu_threads
     from services.trainer.scoring import score_golden
 
     torch.set_num_threads(threads or free_cpu_threads())
@@ -224,12 +224,12 @@ def bench_train(
     max_seq_length: int = MAXLEN,
     rounds: int = typer.Option(2, min=1, help="Runs of each side, in ABBA order (a shared machine's load drifts)."),
     threads: int = typer.Option(
-        0, min=0, help="torch CPU threads for both sides; 0: the cores the load average leaves free (at least one)."
+        0, min=0, help="torch CPU threads for both sides; 0: the cores other processes leave free (at least one)."
     ),
 ) -> None:
     """Tokens/s and peak memory of the trainer vs a plain transformers Trainer + peft, same data, same run."""
     from services.trainer.bench import run_bench
-    from services.trainer.model import free_cpu_threads
+    from services.runtime.cpu import free_cpu_threads
 
     threads = threads or free_cpu_threads()
     typer.echo(
@@ -251,7 +251,7 @@ def bench_train(
 def _train_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
     """`flywheel bench all`'s train rows."""
     from services.trainer.bench import run_bench
-    from services.trainer.model import free_cpu_threads
+    from services.runtime.cpu import free_cpu_threads
 
     results = run_bench(default_model_dir(), DEMO_DATA / "train.jsonl", threads=free_cpu_threads(), echo=echo, **size)
     trainer, baseline = results["trainer"], results["baseline"]

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from contracts.events import Hyperparameters
+from services.runtime.cpu import use_free_cpus
 from services.runtime.peft_compat import ignore_peft_deprecation
 from services.trainer.data import (
     IGNORE,
@@ -97,6 +98,8 @@ class TrainingJob:
     checkpoint_every: int = 20
     log_every: int = 1
     warmup_ratio: float = 0.05
+    # torch CPU threads; 0: the cores other processes leave free when the job starts (services/runtime/cpu.py).
+    threads: int = 0
     keep_checkpoints: int = 2
     on_start: Callable[[TrainingPlan], None] | None = None
     on_progress: Callable[[Progress], None] | None = None
@@ -136,6 +139,8 @@ def _train(job: TrainingJob) -> TrainingResult:
         return finished
     hp = job.hyperparameters
     device = pick_device()
+    if device.type == "cpu":
+        use_free_cpus(job.threads)
     job.work_dir.mkdir(parents=True, exist_ok=True)
     conversations = read_chat_jsonl(job.dataset_path)
     try:

@@ -16,18 +16,6 @@ def pick_device() -> torch.device:
     return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def free_cpu_threads() -> int:
-    """Threads for torch on the CPU: the cores that other work leaves free by the 1-minute load average, at least one.
-
-    torch's default (one thread per core) assumes the cores are idle. On a shared machine its OpenMP
-    workers wait at every barrier for a peer the scheduler has parked: with ~15 runnable processes on
-    2 cores, one training step took 20 s with one thread and 90 s with two
-    (bench/results/train-2026-11-22.md).
-    """
-    cores = os.cpu_count() or 1
-    return max(1, min(cores, round(cores - os.getloadavg()[0])))
-
-
 def base_dtype(device: torch.device) -> torch.dtype:
     """bf16 on a GPU that supports it (half the memory and bandwidth); float32 on the CPU, where bf16 matmuls are slow."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():

@@ -212,6 +212,7 @@ class Trainer:
             hyperparameters=job.hyperparameters,
             work_dir=work_dir,
             checkpoint_every=self._settings.checkpoint_every,
+            threads=self._settings.torch_threads,
             log_every=self._settings.progress_every,
             on_start=on_start,
             on_progress=on_progress,

@@ -30,4 +30,8 @@ class TrainerSettings(BaseSettings):
     stop_drain_s: float = Field(
         default=5.0, ge=0, description="How long a stopping trainer tries to publish its staged terminal events."
     )
-    torch_threads: int = Field(default=0, ge=0, description="CPU threads for torch; 0 keeps torch's default.")
+    torch_threads: int = Field(
+        default=0,
+        ge=0,
+        description="CPU threads for torch; 0: the cores other processes leave free, measured as each job starts (OMP_NUM_THREADS, when set, is kept).",
+    )
