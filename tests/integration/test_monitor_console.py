@@ -11,23 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from contracts.envelope import wrap
@@ -59,7 +51,7 @@ from services.runtime.http import DoorError, error_response
 from services.runtime.registry_client import RegistryClient
 from tests.conftest import REPO, require
 from tests.monitor_support import RegistryDoorFixture, clickhouse, monitor_store, seed_two_versions  # noqa: F401 - fixtures
-from tests.support import eventually
+from tests.browser import chromium, serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 CSRF_FIELD = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -127,114 +119,6 @@ def seed_history(clickhouse: ClickHouseStore) -> None:
             )
         sink.store_inferences([wrap(e, producer="test").model_copy(update={"occurred_at": at}) for e in inferences])
         sink.store_feedback([wrap(e, producer="test").model_copy(update={"occurred_at": at}) for e in feedback])
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.asynccontextmanager
-async def serving(app: FastAPI) -> AsyncIterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    try:
-        await eventually(lambda: server.started or task.done(), timeout_s=30, what="uvicorn started")
-        assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-
-
-class Browser:
-    """A headless Chromium and one page, spoken to over the DevTools protocol (websocket JSON-RPC)."""
-
-    def __init__(self, websocket: aiohttp.ClientWebSocketResponse) -> None:
-        self._ws = websocket
-        self._next = 0
-
-    async def call(self, method: str, **params: Any) -> dict:
-        self._next += 1
-        ident = self._next
-        await self._ws.send_json({"id": ident, "method": method, "params": params})
-        while True:
-            message = await asyncio.wait_for(self._ws.receive_json(), 60)
-            if message.get("id") == ident:
-                if "error" in message:
-                    raise AssertionError(f"{method}: {message['error']}")
-                return message["result"]
-
-    async def evaluate(self, expression: str) -> Any:
-        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in result:
-            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
-        return result["result"].get("value")
-
-    async def settled_at(self, path: str) -> None:
-        """Wait until the page has loaded `path` (after a navigation or a form post and its redirect)."""
-        deadline = asyncio.get_running_loop().time() + 60
-        while asyncio.get_running_loop().time() < deadline:
-            with contextlib.suppress(AssertionError):  # a page being replaced refuses evaluation for a moment
-                if await self.evaluate("location.pathname + '|' + document.readyState") == f"{path}|complete":
-                    return
-            await asyncio.sleep(0.2)
-        raise AssertionError(f"page never settled at {path}; it is at {await self.evaluate('location.href')}")
-
-    async def submit_key(self, key: str) -> None:
-        await self.evaluate(
-            f"document.getElementById('api_key').value = {key!r}; document.querySelector('form').submit(); true"
-        )
-        await asyncio.sleep(0.5)
-
-
-@contextlib.asynccontextmanager
-async def chromium(tmp_path: Path) -> AsyncIterator[Browser]:
-    profile = tmp_path / "chromium-profile"
-    process = subprocess.Popen(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--remote-debugging-port=0",
-            f"--user-data-dir={profile}",
-            "--window-size=1280,2200",
-            "about:blank",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        port_file = profile / "DevToolsActivePort"
-        await eventually(
-            lambda: port_file.exists() and port_file.read_text().strip() != "",
-            timeout_s=60,
-            what="chromium's DevTools port",
-        )
-        port = int(port_file.read_text().splitlines()[0])
-        async with httpx.AsyncClient() as client:
-            targets = (await client.get(f"http://127.0.0.1:{port}/json/list")).json()
-        page = next(target for target in targets if target["type"] == "page")
-        async with (
-            aiohttp.ClientSession() as session,
-            session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as websocket,
-        ):
-            yield Browser(websocket)
-    finally:
-        # Chromium's helpers share its session: end the group this test started, by its id.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=20)
-        process.stderr.close()
 
 
 def monitor_app(tmp_path: Path, monitor: Monitor, **console_options: Any) -> tuple[FastAPI, str]:
@@ -339,7 +223,7 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
     artifacts.mkdir(exist_ok=True)
     shot = artifacts / "monitor-console.png"
     shot.unlink(missing_ok=True)
-    async with serving(app) as base, chromium(tmp_path) as browser:
+    async with serving(app) as base, chromium(tmp_path / "chromium-profile") as browser:
         await browser.call("Page.enable")
         await browser.call("Page.navigate", url=f"{base}/monitor/console")
         await browser.settled_at("/console/login")
