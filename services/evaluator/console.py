@@ -205,7 +205,9 @@ def create_console_router(
             return [], f"the per-example results cannot be read: {error}"
         by_id: dict[str, ResultRow] = {row.example_id: row for row in rows}
         prompts = {example.example_id: _prompt_text(example) for example in golden_examples}
-        order = [example.example_id for example in golden_examples if example.example_id in by_id] or list(by_id)
+        order = [example.example_id for example in golden_examples if example.example_id in by_id] or sorted(
+            by_id, key=_natural
+        )
         return [
             Example(
                 example_id,
@@ -319,3 +321,8 @@ def create_console_router(
         return record
 
     return router
+
+
+def _natural(example_id: str) -> tuple[int, int, str]:
+    """Golden examples numbered 1, 2, ... 10 in that order, not as text (1, 10, 2); other ids after, by text."""
+    return (0, int(example_id), "") if example_id.isdigit() else (1, 0, example_id)
