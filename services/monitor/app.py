@@ -23,6 +23,7 @@ from services.runtime.clickhouse import ClickHouseStore, open_clickhouse
 from services.runtime.console import Section
 from services.runtime.errors import ConfigurationError
 from services.runtime.registry_client import RegistryClient
+from services.runtime.running import development_admin_key
 from services.runtime.service import Runtime, Service
 
 log = logging.getLogger("flywheel.monitor")
@@ -81,6 +82,10 @@ def create_app(
             await asyncio.sleep(settings.tick_s)
 
     async def start() -> None:
+        if settings.api_key is None:
+            # On a development home `flywheel up` needs nothing set: without a key of its own the monitor
+            # presents the admin key the registry wrote there as it started (a production home has none).
+            registry.use_key(await asyncio.to_thread(development_admin_key, runtime.home))
         monitor.rules = await asyncio.to_thread(load_rules, settings.rules_path, store.check_rule)
         monitor.canary_policy = await asyncio.to_thread(load_canary_policy, settings.rules_path)
         log.info("monitor rules loaded: %s", ", ".join(f"{r.name}@v{r.version}" for r in monitor.rules))

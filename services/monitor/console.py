@@ -86,7 +86,10 @@ def _chart(title: str, lines: Lines, ylabel: str) -> Chart:
             axes.plot(xs, ys, marker="o", markersize=3, linewidth=1.4, label=_plain(label))
         axes.set_ylabel(ylabel)
         axes.grid(alpha=0.3)
-        axes.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
+        # Concise labels fit any span: a window of minutes shows times, a lone point (padded by days) dates.
+        locator = mdates.AutoDateLocator()
+        axes.xaxis.set_major_locator(locator)
+        axes.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
         axes.legend(fontsize=7, loc="best")
         figure.tight_layout()
         buffer = io.StringIO()

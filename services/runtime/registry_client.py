@@ -141,6 +141,11 @@ class _Door:
         self._headers = bearer_header(api_key)
         self._timeout_s = timeout_s
 
+    def use_key(self, api_key: str | None) -> None:
+        """Present `api_key` from now on: for a key that exists only once the registry has started (the
+        admin key it writes on a fresh development home)."""
+        self._headers = bearer_header(api_key)
+
     def _unreachable(self, call: _Call[Any], error: httpx.TransportError) -> RegistryError:
         return RegistryError(
             f"cannot reach the registry at {self.base_url} ({call.method} {PREFIX}{call.path}): {type(error).__name__}: {error}"

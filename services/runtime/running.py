@@ -104,6 +104,12 @@ def client_key(home: Path) -> str | None:
     configured = os.environ.get("FLYWHEEL_API_KEY")
     if configured:
         return configured
+    return development_admin_key(home)
+
+
+def development_admin_key(home: Path) -> str | None:
+    """The admin key the registry wrote for a fresh development home (`home/admin.key`), only while the file
+    is this user's alone; None elsewhere (a production home has no such file)."""
     path = home / ADMIN_KEY_FILE
     try:
         status = path.stat()

@@ -241,6 +241,16 @@ def test_up_on_a_fresh_home_starts_its_broker_serves_the_commands_beside_it_and_
     )
     assert models.returncode == 0 and "Traceback" not in models.stderr, models.stdout + models.stderr
 
+    # The console of every service, opened with the key up wrote; the monitor's page asks the registry
+    # for the production lineage with that same key, having none of its own.
+    admin = {"Authorization": f"Bearer {(process.home / 'admin.key').read_text().strip()}"}
+    index = httpx.get(f"{process.url}/console", headers=admin, timeout=60)
+    assert index.status_code == 200, index.text
+    for page in ("/registry/console/models", "/evaluator/console/evaluations", "/monitor/console"):
+        assert f'href="{page}"' in index.text, f"{page} missing from the console's navigation"
+        assert httpx.get(f"{process.url}{page}", headers=admin, timeout=60).status_code == 200, page
+    assert "missing_api_key on /registry/v1" not in process.output(), "the monitor called the registry without a key"
+
     code, seconds = process.stop_with(signal.SIGINT)
     assert_stopped_cleanly(process, code, seconds, tritons)
     assert not process_alive(broker["pid"]), f"the broker flywheel up started (pid {broker['pid']}) outlived it"
