@@ -114,7 +114,9 @@ def write_index(out: Path, shots: list[tuple[str, str, Path]]) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, required=True, help="The Flywheel home (FLYWHEEL_HOME) to look at.")
-    parser.add_argument("--out", type=Path, default=REPO / "test-artifacts" / "console", help="Where the PNGs go.")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "test-artifacts" / "console-after-demo", help="Where the PNGs go."
+    )
     arguments = parser.parse_args()
     home, out = arguments.home.resolve(), arguments.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

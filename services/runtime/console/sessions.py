@@ -25,7 +25,7 @@ class ConsoleSessions:
     """Server-side console sessions: the browser's cookie holds only a random id, never the API key.
 
     In memory, so a restart signs everyone out (a console sign-in is cheap to repeat) and several
-    monitor replicas behind one address need sticky sessions. Bounded: a flood of sign-ins evicts the
+    replicas of a process behind one address need sticky sessions. Bounded: a flood of sign-ins evicts the
     sessions closest to their end rather than growing without limit.
     """
 
