@@ -17,6 +17,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -46,7 +47,7 @@ from services.registry.store import RegistryStore
 from services.runtime.auth import Authenticator, KeyStore, split_key
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.console import Console, Section
-from services.runtime.console.console import COOKIE
+from services.runtime.console.console import COOKIE, cookie_name
 from services.runtime.http import DoorError, error_response
 from services.runtime.registry_client import RegistryClient
 from tests.conftest import REPO, require
@@ -256,7 +257,7 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
         [cookie] = [
             c
             for c in (await browser.call("Network.getCookies", urls=[f"{base}/monitor/console"]))["cookies"]
-            if c["name"] == COOKIE
+            if c["name"] == cookie_name(urlsplit(base).port)
         ]
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/"
         assert key not in cookie["value"] and len(cookie["value"]) >= 40, (
@@ -278,7 +279,7 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
         await browser.call("Page.navigate", url=f"{base}/monitor/console")
         await browser.settled_at("/console/login")
         # The session ended on the server: the old id, replayed, opens nothing.
-        async with httpx.AsyncClient(base_url=base, cookies={COOKIE: cookie["value"]}) as replay:
+        async with httpx.AsyncClient(base_url=base, cookies={cookie["name"]: cookie["value"]}) as replay:
             replayed = await replay.get("/monitor/console")
         assert replayed.status_code == 303 and replayed.headers["location"] == SIGN_IN
     assert shot.stat().st_size > 20_000

@@ -6,6 +6,7 @@ from services.runtime.console.console import (
     ConsoleUser,
     Section,
     SignInRequired,
+    cookie_name,
     local_path,
 )
 from services.runtime.console.sessions import ConsoleSession, ConsoleSessions, same_token
@@ -18,6 +19,7 @@ __all__ = [
     "ConsoleUser",
     "Section",
     "SignInRequired",
+    "cookie_name",
     "local_path",
     "same_token",
 ]

@@ -96,6 +96,13 @@ class ConsoleRefused(Exception):
         self.user = user
 
 
+def cookie_name(port: int | None) -> str:
+    """The session cookie's name for a console reached on `port`. Browsers keep cookies per host, not per
+    port: processes on one host (docker-compose's 8081, 8083, 8085) would otherwise overwrite each other's
+    sign-in."""
+    return COOKIE if port is None else f"{COOKIE}_{port}"
+
+
 def local_path(candidate: str | None) -> str:
     """`candidate` when it is a path on this server under a console, else the console's index."""
     if candidate and _LOCAL_PATH.fullmatch(candidate) and "/console" in candidate.split("?", 1)[0]:
@@ -163,7 +170,7 @@ class Console:
             if principal is not None:
                 return ConsoleUser(principal, None)
         else:
-            session_id = request.cookies.get(COOKIE)
+            session_id = request.cookies.get(cookie_name(request.url.port))
             session = self.sessions.get(session_id)
             if session is not None:
                 principal = await asyncio.to_thread(self._principal, session.key)
@@ -324,7 +331,7 @@ class Console:
             session_id, _ = self.sessions.open(principal.name, principal.key_id, key)
             response = RedirectResponse(local_path(next_path), status_code=303)
             response.set_cookie(
-                COOKIE,
+                cookie_name(request.url.port),
                 session_id,
                 max_age=self.session_s,
                 path="/",
@@ -340,7 +347,7 @@ class Console:
         @router.post("/logout")
         async def logout(request: HttpRequest) -> Response:
             fields = await read_form(request)
-            session_id = request.cookies.get(COOKIE)
+            session_id = request.cookies.get(cookie_name(request.url.port))
             session = self.sessions.get(session_id)
             if session is not None and not same_token(session.csrf, (fields or {}).get("csrf_token")):
                 return self._login_form(
@@ -348,7 +355,9 @@ class Console:
                 )
             self.sessions.close(session_id)
             response = RedirectResponse(f"{PREFIX}/login", status_code=303)
-            response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict", secure=self._secure(request))
+            response.delete_cookie(
+                cookie_name(request.url.port), path="/", httponly=True, samesite="strict", secure=self._secure(request)
+            )
             return response
 
         return router
