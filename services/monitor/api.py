@@ -115,7 +115,8 @@ def create_router(
     # The console's pages are for people, not API clients: like the runtime's console, not in the OpenAPI document.
     @router.get("/console", response_class=HTMLResponse, include_in_schema=False)
     async def console_page(request: HttpRequest, user: ConsoleUser = Depends(console.viewer)) -> HTMLResponse:
-        since = datetime.now(UTC) - timedelta(hours=console_hours)
+        now = datetime.now(UTC)
+        since = now - timedelta(hours=console_hours)
         bucket_s = max(60, console_hours * 3600 // 48)
         rows = await asyncio.to_thread(monitor.store.summary, since, bucket_s)
         alerts = await asyncio.to_thread(monitor.store.alerts, None, 50)
@@ -129,7 +130,8 @@ def create_router(
             evaluations,
             production,
             canaries=canaries,
-            generated_at=datetime.now(UTC),
+            generated_at=now,
+            since=since,
         )
         return console.page(
             request,

@@ -71,7 +71,7 @@ def _plain(label: str) -> str:
     return label.replace("$", r"\$")
 
 
-def _chart(title: str, lines: Lines, ylabel: str) -> Chart:
+def _chart(title: str, lines: Lines, ylabel: str, window: tuple[datetime, datetime]) -> Chart:
     if not lines:
         return Chart(title, None)
     import matplotlib
@@ -86,7 +86,8 @@ def _chart(title: str, lines: Lines, ylabel: str) -> Chart:
             axes.plot(xs, ys, marker="o", markersize=3, linewidth=1.4, label=_plain(label))
         axes.set_ylabel(ylabel)
         axes.grid(alpha=0.3)
-        # Concise labels fit any span: a window of minutes shows times, a lone point (padded by days) dates.
+        # The console's window, not the data's span: a lone point would otherwise stretch the axis over years.
+        axes.set_xlim(*window)
         locator = mdates.AutoDateLocator()
         axes.xaxis.set_major_locator(locator)
         axes.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
@@ -111,17 +112,19 @@ def page_context(
     *,
     canaries: dict[str, dict[str, Any]] | None,
     generated_at: datetime,
+    since: datetime,
 ) -> dict[str, Any]:
     """The values templates/console.html shows: alerts, traffic, latency quantiles, feedback, drift,
     canaries under watch, and the production adapter's lineage."""
+    window = (since, generated_at)
     latency = {f"{k} p{q}": v for q in (50, 95, 99) for k, v in _series(buckets, f"latency_p{q}_ms").items()}
     charts = [
-        _chart("Traffic (requests per bucket)", _series(buckets, "requests"), "requests"),
-        _chart("Latency quantiles (ms)", latency, "ms"),
-        _chart("Thumbs-down rate", _series(buckets, "thumbs_down_rate"), "share"),
-        _chart("Mean rating (1-5)", _series(buckets, "mean_rating"), "rating"),
-        _chart("Error rate", _series(buckets, "error_rate"), "share"),
-        _chart("Drift and live quality over time", _drift(evaluations), "value"),
+        _chart("Traffic (requests per bucket)", _series(buckets, "requests"), "requests", window),
+        _chart("Latency quantiles (ms)", latency, "ms", window),
+        _chart("Thumbs-down rate", _series(buckets, "thumbs_down_rate"), "share", window),
+        _chart("Mean rating (1-5)", _series(buckets, "mean_rating"), "rating", window),
+        _chart("Error rate", _series(buckets, "error_rate"), "share", window),
+        _chart("Drift and live quality over time", _drift(evaluations), "value", window),
     ]
     alert_rows = [
         {
