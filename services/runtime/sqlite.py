@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,11 +69,27 @@ class SqliteDatabase:
         self._lock = threading.Lock()
         try:
             self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._use_wal(busy_timeout_s)
             self._migrate(migrations)
         except BaseException:
             self._db.close()
             raise
+
+    def _use_wal(self, busy_timeout_s: float) -> None:
+        """Switch the file to WAL. Switching needs the file to itself for a moment, and SQLite answers
+        "database is locked" at once instead of waiting out the busy timeout when another connection is
+        opening it too (two processes starting beside each other on a new file): retry until the timeout."""
+        deadline = time.monotonic() + busy_timeout_s
+        pause = 0.005
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(2 * pause, 0.1)
 
     # ------------------------------------------------------------------------------ statements
 
