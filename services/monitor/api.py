@@ -121,7 +121,7 @@ def create_router(
         rows = await asyncio.to_thread(monitor.store.summary, since, bucket_s)
         alerts = await asyncio.to_thread(monitor.store.alerts, None, 50)
         evaluations = await asyncio.to_thread(monitor.store.evaluations, since, DRIFT_KINDS)
-        production = await lineage() if lineage is not None else None
+        production = await lineage(user.key) if lineage is not None else None
         canaries = await asyncio.to_thread(monitor.canaries.watched)
         context = await asyncio.to_thread(
             page_context,

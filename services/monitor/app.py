@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -81,6 +80,14 @@ def create_app(
                 log.exception("monitor tick failed")
             await asyncio.sleep(settings.tick_s)
 
+    async def viewers_lineage(viewer_key: str | None) -> dict[str, Any] | None:
+        """The console's production lineage, asked with the viewer's own key: the page shows what its viewer
+        may read, and works where the monitor has no key of its own."""
+        asking = (
+            registry if viewer_key is None else RegistryClient(registry_url, viewer_key, transport=registry_transport)
+        )
+        return await newest_production_lineage(asking)
+
     async def start() -> None:
         if settings.api_key is None:
             # On a development home `flywheel up` needs nothing set: without a key of its own the monitor
@@ -111,7 +118,7 @@ def create_app(
             Authenticator.for_settings(runtime.settings),
             console=runtime.console,
             console_hours=settings.console_hours,
-            lineage=functools.partial(newest_production_lineage, registry),
+            lineage=viewers_lineage,
             query_limits=settings.query_limits(),
         ),
         on_start=[start],

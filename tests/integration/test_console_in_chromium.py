@@ -279,11 +279,10 @@ async def process(
         return create_evaluator(runtime, EvaluatorSettings())
 
     def monitor(runtime: Runtime) -> Service:
-        # One tick (at the start) is all the page needs; the monitor calls the registry's door in this process.
+        # One tick (at the start) is all the page needs. The monitor has no key of its own: its page reads the
+        # production lineage from the registry's door with the viewer's key.
         # An hour of history on the page: buckets of 75 s, so the seeded minutes are several points.
-        monitor_settings = MonitorSettings(
-            rules_path=rules, tick_s=3600, registry_url=base, api_key=ADMIN, console_hours=1
-        )
+        monitor_settings = MonitorSettings(rules_path=rules, tick_s=3600, registry_url=base, console_hours=1)
         return create_monitor(runtime, monitor_settings, open_readonly=partial(chdb_target.open, readonly=True))
 
     app, runtime = build_process(
@@ -458,7 +457,7 @@ async def test_the_console_in_chromium_across_services_read_signed_out_and_chang
         )
 
         await follow(browser, base, "/monitor/console")
-        # The alert of the monitor's own tick, and the lineage it read from the registry's door.
+        # The alert of the monitor's own tick, and the lineage read from the registry's door with the viewer's key.
         await check_and_keep(browser, "13-monitor", ["thumbs-down", "1 open alerts", f"{MODEL}:v1", f"{DATASET}:v1"])
 
         # 3. The viewer's session posts the label form anyway, with its own CSRF token: refused, nothing moves.

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, quote
 
@@ -71,11 +71,14 @@ class Section:
 
 @dataclass(frozen=True)
 class ConsoleUser:
-    """Who is looking at a page: the principal, and the session's CSRF token (None when the page was
-    fetched with a bearer header: there is no session, so no form can be posted)."""
+    """Who is looking at a page: the principal, the session's CSRF token (None when the page was
+    fetched with a bearer header: there is no session, so no form can be posted), and the key the page
+    is viewed with, so a page can ask another service's door on the viewer's behalf and show only what
+    the viewer may read."""
 
     principal: Principal
     csrf: str | None
+    key: str | None = field(default=None, repr=False)
 
 
 class SignInRequired(Exception):
@@ -168,14 +171,14 @@ class Console:
         if header.startswith("Bearer "):
             principal = await asyncio.to_thread(self._principal, header.removeprefix("Bearer ").strip())
             if principal is not None:
-                return ConsoleUser(principal, None)
+                return ConsoleUser(principal, None, header.removeprefix("Bearer ").strip())
         else:
             session_id = request.cookies.get(cookie_name(request.url.port))
             session = self.sessions.get(session_id)
             if session is not None:
                 principal = await asyncio.to_thread(self._principal, session.key)
                 if principal is not None:
-                    return ConsoleUser(principal, session.csrf)
+                    return ConsoleUser(principal, session.csrf, session.key)
                 self.sessions.close(session_id)  # the key was revoked, expired or lost its role
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise SignInRequired(path)
