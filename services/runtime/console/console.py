@@ -22,6 +22,7 @@ for the services it runs (`flywheel up`: all of them). Replicas behind one addre
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -31,7 +32,9 @@ from urllib.parse import parse_qs, quote
 import jinja2
 from fastapi import APIRouter, FastAPI
 from fastapi import Request as HttpRequest
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contracts.http import Role
 from services.runtime.auth import Authenticator, Principal
@@ -252,8 +255,19 @@ class Console:
             assert isinstance(error, ConsoleRefused)
             return self._refused(request, error)
 
+        # A console address that matches no page answers with a page too; every other 404 stays the door's JSON.
+        answer_otherwise = app.exception_handlers.get(StarletteHTTPException, http_exception_handler)
+
+        async def not_a_page(request: HttpRequest, error: Exception) -> Response:
+            assert isinstance(error, StarletteHTTPException)
+            if error.status_code == 404 and request.method == "GET" and "/console" in request.url.path:
+                return self._refused(request, ConsoleRefused(404, "there is no console page at this address"))
+            answered = answer_otherwise(request, error)
+            return await answered if inspect.isawaitable(answered) else answered
+
         app.add_exception_handler(SignInRequired, sign_in_required)
         app.add_exception_handler(ConsoleRefused, refused)
+        app.add_exception_handler(StarletteHTTPException, not_a_page)
 
     # -- sign-in door --------------------------------------------------------------------------------
 
