@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 import jinja2
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 
 from contracts.events import DatasetRef, EvaluationCompleted, EvaluationRequested, MetricComparison, ModelTarget
 from contracts.http import Role
@@ -30,7 +30,7 @@ from services.evaluator.service import EvaluationFailed, label, new_evaluation_i
 from services.evaluator.store import EvaluationRecord, EvaluatorStore, ResultRow, read_results
 from services.runtime.artifacts import ArtifactError
 from services.runtime.clickhouse import ClickHouseError, ClickHouseStore
-from services.runtime.console import Console, ConsoleRefused, ConsoleUser
+from services.runtime.console import Console, ConsoleRefused, ConsoleUser, checked
 
 PREFIX = "/evaluator/console"
 STATUSES = ("queued", "running", "completed", "failed")
@@ -71,14 +71,6 @@ class Example:
     answer: str
     score: float | None
     error: str | None
-
-
-def _valid(adapter: TypeAdapter[str], value: str) -> bool:
-    try:
-        adapter.validate_python(value)
-    except ValidationError:
-        return False
-    return True
 
 
 def _when(iso: str) -> str:
@@ -233,17 +225,19 @@ def create_console_router(
         # why rather than the JSON doors' 422.
         model = model or None
         status = status or None
-        if model is not None and not _valid(_model_name, model):
-            raise ConsoleRefused(400, f"{model!r} is not a model name (letters, digits, '.', '_', '-')", user)
+        if model is not None:
+            checked(
+                _model_name, model, f"{model!r} is not a model name (letters, digits, '.', '_', '-')", user, status=400
+            )
         if status is not None and status not in STATUSES:
             raise ConsoleRefused(400, f"status must be one of {', '.join(STATUSES)}", user)
         if limit is not None and not (limit.isdigit() and int(limit) in PAGE_SIZES):
             raise ConsoleRefused(400, f"limit must be a whole number from 1 to {PAGE_SIZES[-1]}", user)
         page_size = int(limit) if limit else PAGE_SIZE
-        if before is not None and (
-            not _valid(_evaluation_id, before) or await asyncio.to_thread(store.evaluation, before) is None
-        ):
-            raise ConsoleRefused(404, "the page cursor names no evaluation; start again from the newest", user)
+        if before is not None:
+            no_cursor = "the page cursor names no evaluation; start again from the newest"
+            if await asyncio.to_thread(store.evaluation, checked(_evaluation_id, before, no_cursor, user)) is None:
+                raise ConsoleRefused(404, no_cursor, user)
         records = await asyncio.to_thread(
             store.evaluation_page, model_name=model, status=status, before=before, limit=page_size + 1
         )
@@ -313,11 +307,10 @@ def create_console_router(
 
     async def _known(evaluation_id: str, user: ConsoleUser) -> EvaluationRecord:
         """The evaluation the URL names; an id of the wrong shape is as unknown as a missing one."""
-        record = (
-            await asyncio.to_thread(store.evaluation, evaluation_id) if _valid(_evaluation_id, evaluation_id) else None
-        )
+        unknown = f"there is no evaluation {evaluation_id!r}"
+        record = await asyncio.to_thread(store.evaluation, checked(_evaluation_id, evaluation_id, unknown, user))
         if record is None:
-            raise ConsoleRefused(404, f"there is no evaluation {evaluation_id!r}", user)
+            raise ConsoleRefused(404, unknown, user)
         return record
 
     return router

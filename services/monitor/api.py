@@ -22,7 +22,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Query
 from fastapi import Request as HttpRequest
 from fastapi.responses import HTMLResponse, RedirectResponse
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter
 
 from contracts.events import AlertRaised, AlertState
 from contracts.http import QueryRequest, QueryResult, Request, Role
@@ -32,7 +32,7 @@ from services.monitor.service import Monitor
 from services.runtime.auth import Authenticator, Principal
 from services.runtime.clickhouse import ClickHouseError
 from services.runtime.clickhouse.query_guard import QueryLimits, QueryOverLimit, QueryRefused
-from services.runtime.console import Console, ConsoleRefused, ConsoleUser
+from services.runtime.console import Console, ConsoleRefused, ConsoleUser, checked
 from services.runtime.http import DoorError
 
 CONSOLE = "/monitor/console"
@@ -149,10 +149,7 @@ def create_router(
         request: HttpRequest, alert_id: str, user: ConsoleUser = Depends(console.viewer)
     ) -> RedirectResponse:
         fields = await console.form(request, user, Role.operator)
-        try:
-            alert_id = _ALERT_ID.validate_python(alert_id)
-        except ValidationError:
-            raise ConsoleRefused(404, "no such alert: an alert id is letters, digits, '.', '_' and '-'", user) from None
+        alert_id = checked(_ALERT_ID, alert_id, "no such alert: an alert id is letters, digits, '.', '_' and '-'", user)
         state = _CONSOLE_STATES.get(fields.get("state", ""))
         if state is None:
             raise ConsoleRefused(400, "the form names no change: acknowledged or resolved; nothing was changed", user)

@@ -29,7 +29,7 @@ from services.registry.adapters import TRANSITIONS
 from services.registry.changes import aware
 from services.registry.service import Registry
 from services.registry.store import Page
-from services.runtime.console import Console, ConsoleRefused, ConsoleUser
+from services.runtime.console import Console, ConsoleRefused, ConsoleUser, checked
 from services.runtime.errors import DomainError
 from services.runtime.http import status_of
 
@@ -159,14 +159,6 @@ def create_console_router(registry: Registry, console: Console) -> APIRouter:
 
 
 # -------------------------------------------------------------------------------- the URL's ids
-
-
-def checked(kind: TypeAdapter[Any], value: str, unknown: str, user: ConsoleUser) -> Any:
-    """`value` as the JSON door's type takes it; what that type refuses names nothing here, so it is unknown (404)."""
-    try:
-        return kind.validate_python(value)
-    except ValidationError:
-        raise ConsoleRefused(404, unknown, user) from None
 
 
 def checked_version(kind: TypeAdapter[str], name: str, version: str, what: str, user: ConsoleUser) -> tuple[str, int]:

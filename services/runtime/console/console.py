@@ -26,10 +26,11 @@ import inspect
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote
 
 import jinja2
+from pydantic import TypeAdapter, ValidationError
 from fastapi import APIRouter, FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exception_handlers import http_exception_handler
@@ -41,6 +42,7 @@ from services.runtime.auth import Authenticator, Principal
 from services.runtime.console.sessions import ConsoleSessions, same_token
 from services.runtime.http import DoorError
 
+T = TypeVar("T")
 PREFIX = "/console"
 COOKIE = "flywheel_console"
 # The sign-in form's CSRF token, paired with the same value in the form (there is no session yet).
@@ -100,6 +102,15 @@ class ConsoleRefused(Exception):
         self.status = status
         self.message = message
         self.user = user
+
+
+def checked(kind: TypeAdapter[T], value: str, refusal: str, user: ConsoleUser | None, *, status: int = 404) -> T:
+    """`value` from a URL or a query, as the contract's type for it takes it; else a refusal page. An id the
+    type refuses names nothing here, so by default it is as unknown (404) as a missing one."""
+    try:
+        return kind.validate_python(value)
+    except ValidationError:
+        raise ConsoleRefused(status, refusal, user) from None
 
 
 def cookie_name(port: int | None) -> str:
