@@ -39,6 +39,7 @@ def evaluator_for(home: Path, clickhouse, embedder: Embedder, **settings: object
         clickhouse=lambda: clickhouse,
         settings=EvaluatorSettings(**options),
         home=home,
+        cache=home / "cache",
         embedder=embedder,
     )
 

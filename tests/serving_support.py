@@ -13,7 +13,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from services.runtime.inference import SMOLLM2_GGUF, Engine, smollm2_dir
+from services.runtime.base_model import SMOLLM2_GGUF, smollm2_dir
+from services.runtime.inference import Engine
 from services.runtime.peft_compat import ignore_peft_deprecation
 
 

@@ -45,6 +45,7 @@ def create_app(runtime: Runtime, settings: EvaluatorSettings) -> Service:
         clickhouse=runtime.clickhouse,
         settings=settings,
         home=runtime.home,
+        cache=runtime.settings.cache,
         embedder=Embedder(),
         judge=judge_factory(settings),
     )

@@ -41,13 +41,11 @@ class LoadedModel:
         self.label = label
 
     @classmethod
-    def load(
-        cls, base_dir: Path, *, adapter_dir: Path | None = None, gguf_file: str | None = None, label: str = "model"
-    ) -> LoadedModel:
-        """Load base weights (a Hugging Face directory, or a GGUF file in one) and the adapter on top."""
+    def load(cls, base_dir: Path, *, adapter_dir: Path | None = None, label: str = "model") -> LoadedModel:
+        """Load base weights (a Hugging Face directory) and the adapter on top."""
         use_free_cpus()
         try:
-            engine = Engine.from_pretrained(base_dir, gguf_file=gguf_file, model_name=label)
+            engine = Engine.from_pretrained(base_dir, model_name=label)
         except Exception as error:
             raise ModelLoadError(
                 f"base model of {label} failed to load from {base_dir}: {type(error).__name__}: {error}"

