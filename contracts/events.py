@@ -27,7 +27,10 @@ from contracts.ids import (
     PromptLabel,
     PromptName,
     RuleName,
+    SessionId,
     Sha256,
+    SpanId,
+    TraceId,
 )
 
 
@@ -50,6 +53,29 @@ class FeedbackSource(StrEnum):
 
 
 class InferenceStatus(StrEnum):
+    ok = "ok"
+    error = "error"
+
+
+class SpanKind(StrEnum):
+    """What a step of a pipeline is (OpenInference's span kinds; GenAI operations map onto them)."""
+
+    llm = "llm"
+    retrieval = "retrieval"
+    tool = "tool"
+    chain = "chain"
+    agent = "agent"
+    embedding = "embedding"
+    reranker = "reranker"
+    guardrail = "guardrail"
+    evaluator = "evaluator"
+    unknown = "unknown"
+
+
+class SpanStatus(StrEnum):
+    """OpenTelemetry's status codes."""
+
+    unset = "unset"
     ok = "ok"
     error = "error"
 
@@ -366,6 +392,75 @@ class InferenceLogged(Payload):
     error: str | None = Field(default=None, description="Error message, when status is error.")
     started_at: datetime | None = Field(default=None, description="When the request arrived (UTC).")
     metadata: dict[str, str] = Field(default_factory=dict, description="Free-form tags from the app.")
+    trace_id: TraceId | None = Field(
+        default=None, description="Trace the call belongs to (the caller's W3C traceparent, or the gateway's own)."
+    )
+    span_id: SpanId | None = Field(default=None, description="The gateway's span for this call within that trace.")
+    session_id: SessionId | None = Field(default=None, description="Conversation the call belongs to, if the app said.")
+
+
+# ------------------------------------------------------------------------------------------- spans
+
+SPAN_TEXT_MAX = 64_000
+"""Longest input or output text a span carries; longer text is cut at intake and flagged."""
+
+
+class SpanLogged(Payload):
+    """One step of an LLM pipeline: an OpenTelemetry span, as the OTLP intake or a service recorded it.
+
+    Keyed by trace so the spans of one trace stay in order on one partition."""
+
+    event_type: ClassVar[str] = "span.logged"
+    key_field: ClassVar[str] = "trace_id"
+    partitions: ClassVar[int] = 6
+
+    trace_id: TraceId = Field(description="Trace id (32 lowercase hex digits).")
+    span_id: SpanId = Field(description="Span id (16 lowercase hex digits), unique within the trace.")
+    parent_span_id: SpanId | None = Field(default=None, description="Parent span; none for a trace's root.")
+    session_id: SessionId | None = Field(default=None, description="Conversation the trace belongs to, if known.")
+    name: str = Field(min_length=1, max_length=256, description="Span name, e.g. `chat smollm2` or `retrieve`.")
+    kind: SpanKind = Field(default=SpanKind.unknown, description="llm, retrieval, tool, chain, agent, ...")
+    service_name: str | None = Field(
+        default=None, max_length=256, description="The emitting service (OpenTelemetry resource `service.name`)."
+    )
+    started_at: datetime = Field(description="Start (UTC).")
+    ended_at: datetime = Field(description="End (UTC); not before the start.")
+    status: SpanStatus = Field(default=SpanStatus.unset, description="unset, ok or error.")
+    error: str | None = Field(default=None, max_length=8000, description="Status message or exception, if error.")
+    # Not a ModelName: whatever model an app's span names (e.g. an external API's), a ClickHouse value only.
+    model_name: str | None = Field(default=None, max_length=256, description="Model called, for llm spans.")
+    adapter_version: int | None = Field(default=None, ge=1, description="Flywheel adapter version, if served here.")
+    inference_id: InferenceId | None = Field(
+        default=None, description="The gateway inference this span is, when it went through Flywheel's gateway."
+    )
+    prompt_tokens: int = Field(default=0, ge=0, description="Tokens in.")
+    completion_tokens: int = Field(default=0, ge=0, description="Tokens out.")
+    cost_usd: float | None = Field(default=None, ge=0, description="Cost reported by the app, in US dollars.")
+    input_text: str = Field(default="", max_length=SPAN_TEXT_MAX, description="The step's input, as text or JSON.")
+    output_text: str = Field(default="", max_length=SPAN_TEXT_MAX, description="The step's output, as text or JSON.")
+    truncated: bool = Field(default=False, description="Whether input or output was cut to fit.")
+    user_id: str | None = Field(default=None, max_length=256, description="End user id, if the app said.")
+    principal: str | None = Field(
+        default=None, max_length=256, description="API key principal that sent the span (set by the intake)."
+    )
+    attributes: dict[str, str] = Field(
+        default_factory=dict, description="The span's other attributes, flattened to strings (bounded at intake)."
+    )
+
+    @field_validator("trace_id", "span_id", "parent_span_id")
+    @classmethod
+    def _not_all_zero(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip("0"):
+            raise ValueError("an all-zero trace or span id is invalid (W3C trace context)")
+        return value
+
+    @field_validator("ended_at")
+    @classmethod
+    def _ends_after_start(cls, ended_at: datetime, info: Any) -> datetime:
+        started_at = info.data.get("started_at")
+        if started_at is not None and ended_at < started_at:
+            raise ValueError("ended_at is before started_at")
+        return ended_at
 
 
 # ---------------------------------------------------------------------------------------- feedback
@@ -461,6 +556,7 @@ EVENTS: tuple[type[Payload], ...] = (
     DeploymentRequested,
     DeploymentCompleted,
     InferenceLogged,
+    SpanLogged,
     FeedbackReceived,
     FeedbackReviewed,
     AlertRaised,

@@ -91,3 +91,17 @@ VersionNumber = Annotated[int, Field(ge=1, le=LARGEST_VERSION)]
 
 ID_PATTERNS: tuple[str, ...] = (NAME_PATTERN, ID_PATTERN, INFERENCE_ID_PATTERN, SHA256_PATTERN)
 """Every pattern above; the schema snapshot check recognises a field that gained one as a deliberate tightening."""
+
+
+TRACE_ID_PATTERN = r"^[0-9a-f]{32}$"
+SPAN_ID_PATTERN = r"^[0-9a-f]{16}$"
+
+TraceId = Annotated[str, StringConstraints(pattern=TRACE_ID_PATTERN)]
+"""A W3C / OpenTelemetry trace id: 32 lowercase hex digits (16 bytes), not all zero."""
+
+SpanId = Annotated[str, StringConstraints(pattern=SPAN_ID_PATTERN)]
+"""A W3C / OpenTelemetry span id: 16 lowercase hex digits (8 bytes), not all zero."""
+
+SessionId = Annotated[str, StringConstraints(pattern=INFERENCE_ID_PATTERN, max_length=INFERENCE_ID_MAX_LENGTH)]
+"""A conversation's id chosen by the app (OpenInference `session.id`, GenAI `gen_ai.conversation.id`):
+the characters of an inference id; at most 128. Never part of a path."""
