@@ -163,7 +163,7 @@ def test_refuses_with_a_precise_reason(sql: str, status: int, words: str) -> Non
 def test_table_refusals_list_the_allowed_tables() -> None:
     with pytest.raises(
         QueryRefused,
-        match="allowed tables: alert, evaluation_result, feedback, feedback_awaiting_inference, feedback_with_inference, inference_log, inference_metrics, model_price, monitor_evaluation",
+        match="allowed tables: alert, evaluation_result, feedback, feedback_awaiting_inference, feedback_with_inference, inference_log, inference_metrics, model_price, monitor_evaluation, session_summary, span, trace_summary",
     ):
         GUARD.check("SELECT * FROM system.users")
 
@@ -177,8 +177,15 @@ def test_the_allow_list_of_tables_comes_from_the_migrations() -> None:
         "alert",
         "model_price",
         "monitor_evaluation",
+        "span",
     } <= relations.tables
-    assert relations.views == {"feedback_with_inference", "feedback_awaiting_inference", "inference_metrics"}
+    assert relations.views == {
+        "feedback_with_inference",
+        "feedback_awaiting_inference",
+        "inference_metrics",
+        "trace_summary",
+        "session_summary",
+    }
     assert "schema_migrations" not in relations.names
 
 

@@ -58,7 +58,7 @@ ALLOWED_FUNCTIONS: frozenset[str] = frozenset(
     toDate toDate32 toDateTime toDateTime64 toDateOrNull toDateTimeOrNull toDateTime64OrNull toUUID toUUIDOrNull toTypeName toLowCardinality
     cast accurateCast accurateCastOrNull toBool
     parseDateTimeBestEffort parseDateTimeBestEffortOrNull parseDateTime64BestEffort parseDateTime64BestEffortOrNull
-    now now64 today yesterday toTimeZone timeZoneOf toUnixTimestamp toUnixTimestamp64Milli fromUnixTimestamp fromUnixTimestamp64Milli
+    now now64 today yesterday toTimeZone timeZoneOf toUnixTimestamp toUnixTimestamp64Milli toUnixTimestamp64Micro fromUnixTimestamp fromUnixTimestamp64Milli
     toStartOfInterval toStartOfSecond toStartOfMinute toStartOfFiveMinutes toStartOfTenMinutes toStartOfFifteenMinutes toStartOfHour
     toStartOfDay toStartOfWeek toMonday toStartOfMonth toStartOfQuarter toStartOfYear timeSlot
     toYear toQuarter toMonth toWeek toISOWeek toDayOfYear toDayOfMonth toDayOfWeek toHour toMinute toSecond toYYYYMM toYYYYMMDD toYYYYMMDDhhmmss
