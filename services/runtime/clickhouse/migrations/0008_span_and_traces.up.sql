@@ -104,12 +104,13 @@ LEFT JOIN
         avg(f.rating) AS mean_rating
     FROM
     (
+        -- DISTINCT folds copies of a row as FINAL would, without merging every part on read.
         SELECT DISTINCT trace_id, inference_id
         FROM
         (
-            SELECT trace_id, assumeNotNull(inference_id) AS inference_id FROM span FINAL WHERE inference_id IS NOT NULL
+            SELECT trace_id, assumeNotNull(inference_id) AS inference_id FROM span WHERE inference_id IS NOT NULL
             UNION ALL
-            SELECT assumeNotNull(trace_id) AS trace_id, inference_id FROM inference_log FINAL WHERE trace_id IS NOT NULL
+            SELECT assumeNotNull(trace_id) AS trace_id, inference_id FROM inference_log WHERE trace_id IS NOT NULL
         )
     ) AS t
     INNER JOIN (SELECT inference_id, thumbs, rating FROM feedback FINAL) AS f ON t.inference_id = f.inference_id
