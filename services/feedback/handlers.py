@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from contracts.envelope import Envelope
-from contracts.events import FeedbackReceived, FeedbackReviewed, InferenceLogged
+from contracts.events import FeedbackReceived, FeedbackReviewed, InferenceLogged, SpanLogged
 from services.feedback.models import UnreviewedFeedback
 from services.feedback.service import Sink, StoreUnavailable
 from services.runtime.consumer import RetryLater
@@ -26,6 +26,13 @@ async def when_inferences_logged_store_them(envelopes: list[Envelope[InferenceLo
         raise RetryLater(str(error)) from None
 
 
+async def when_spans_logged_store_them(envelopes: list[Envelope[SpanLogged]], sink: Sink) -> None:
+    try:
+        await asyncio.to_thread(sink.store_spans, envelopes)
+    except StoreUnavailable as error:
+        raise RetryLater(str(error)) from None
+
+
 async def when_feedback_received_store_it(envelopes: list[Envelope[FeedbackReceived]], sink: Sink) -> None:
     try:
         await asyncio.to_thread(sink.store_feedback, envelopes)
@@ -35,6 +42,7 @@ async def when_feedback_received_store_it(envelopes: list[Envelope[FeedbackRecei
 
 BATCH_HANDLERS: BatchHandlers[Sink] = {
     InferenceLogged: when_inferences_logged_store_them,
+    SpanLogged: when_spans_logged_store_them,
     UnreviewedFeedback: when_feedback_received_store_it,
     FeedbackReviewed: when_feedback_received_store_it,
 }

@@ -10,10 +10,18 @@ import pyarrow as pa
 from pydantic import BaseModel, Field, field_validator
 
 from contracts.envelope import Envelope
-from contracts.events import REVIEWER_FEEDBACK_ONLY_ON_ITS_TOPIC, FeedbackReceived, FeedbackSource, InferenceLogged
+from contracts.events import (
+    REVIEWER_FEEDBACK_ONLY_ON_ITS_TOPIC,
+    FeedbackReceived,
+    FeedbackSource,
+    InferenceLogged,
+    SpanLogged,
+)
 from services.runtime.privacy import Redactor
 
 _TIME = pa.timestamp("ms", "UTC")
+# Span times keep microseconds: the steps of a pipeline (a cache hit, a guardrail) often take under a millisecond.
+_SPAN_TIME = pa.timestamp("us", "UTC")
 
 
 class UnreviewedFeedback(FeedbackReceived):
@@ -76,6 +84,59 @@ def inference_rows(envelopes: Sequence[Envelope[InferenceLogged]], redactor: Red
             "error": pa.array([p.error for p in payloads], pa.string()),
             "started_at": pa.array([p.started_at for p in payloads], _TIME),
             "metadata": pa.array([list(p.metadata.items()) for p in payloads], pa.map_(pa.string(), pa.string())),
+            "trace_id": pa.array([p.trace_id for p in payloads], pa.string()),
+            "span_id": pa.array([p.span_id for p in payloads], pa.string()),
+            "session_id": pa.array([p.session_id for p in payloads], pa.string()),
+        }
+    )
+
+
+def scrub_span(redactor: Redactor, span: SpanLogged) -> SpanLogged:
+    """The span as it may be stored: scrubbed as an inference is (services/runtime/privacy.py), its name,
+    input, output and error as text, its user id whole, and its attributes as metadata, values under
+    identity keys whole. The OTLP intake scrubbed its spans before publishing; scrubbing again is a
+    no-op for those and catches apps that publish span.logged themselves."""
+    return span.model_copy(
+        update={
+            "name": redactor.scrub(span.name) or span.name,
+            "input_text": redactor.scrub(span.input_text),
+            "output_text": redactor.scrub(span.output_text),
+            "error": redactor.scrub(span.error),
+            "user_id": redactor.scrub_user(span.user_id),
+            "attributes": redactor.scrub_metadata(span.attributes),
+        }
+    )
+
+
+def span_rows(envelopes: Sequence[Envelope[SpanLogged]], redactor: Redactor) -> pa.Table:
+    """`span` rows, personal data and secrets scrubbed from name, input, output, error, user id and attributes."""
+    payloads = [scrub_span(redactor, envelope.payload) for envelope in envelopes]
+    return pa.table(
+        {
+            **_envelope_columns(envelopes),
+            "trace_id": pa.array([p.trace_id for p in payloads], pa.string()),
+            "span_id": pa.array([p.span_id for p in payloads], pa.string()),
+            "parent_span_id": pa.array([p.parent_span_id for p in payloads], pa.string()),
+            "session_id": pa.array([p.session_id for p in payloads], pa.string()),
+            "name": pa.array([p.name for p in payloads], pa.string()),
+            "kind": pa.array([p.kind.value for p in payloads], pa.string()),
+            "service_name": pa.array([p.service_name for p in payloads], pa.string()),
+            "started_at": pa.array([p.started_at for p in payloads], _SPAN_TIME),
+            "ended_at": pa.array([p.ended_at for p in payloads], _SPAN_TIME),
+            "status": pa.array([p.status.value for p in payloads], pa.string()),
+            "error": pa.array([p.error for p in payloads], pa.string()),
+            "model_name": pa.array([p.model_name for p in payloads], pa.string()),
+            "adapter_version": pa.array([p.adapter_version for p in payloads], pa.uint32()),
+            "inference_id": pa.array([p.inference_id for p in payloads], pa.string()),
+            "prompt_tokens": pa.array([p.prompt_tokens for p in payloads], pa.uint32()),
+            "completion_tokens": pa.array([p.completion_tokens for p in payloads], pa.uint32()),
+            "cost_usd": pa.array([p.cost_usd for p in payloads], pa.float64()),
+            "input_text": pa.array([p.input_text for p in payloads], pa.string()),
+            "output_text": pa.array([p.output_text for p in payloads], pa.string()),
+            "truncated": pa.array([p.truncated for p in payloads], pa.bool_()),
+            "user_id": pa.array([p.user_id for p in payloads], pa.string()),
+            "principal": pa.array([p.principal for p in payloads], pa.string()),
+            "attributes": pa.array([list(p.attributes.items()) for p in payloads], pa.map_(pa.string(), pa.string())),
         }
     )
 

@@ -1,4 +1,4 @@
-"""The feedback use cases: take feedback in, and store inference logs and feedback once each."""
+"""The feedback use cases: take feedback in, and store inference logs, spans and feedback once each."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pyarrow as pa
 from prometheus_client import Counter
 
 from contracts.envelope import Envelope, P
-from contracts.events import FeedbackReceived, FeedbackReviewed, FeedbackSource, InferenceLogged
+from contracts.events import FeedbackReceived, FeedbackReviewed, FeedbackSource, InferenceLogged, SpanLogged
 from contracts.http import FeedbackAccepted, FeedbackCreate
-from services.feedback.models import FeedbackList, FeedbackView, feedback_rows, inference_rows
+from services.feedback.models import FeedbackList, FeedbackView, feedback_rows, inference_rows, span_rows
 from services.runtime.privacy import Redactor
 from services.feedback.store import FeedbackStore
 from services.runtime.clickhouse import ClickHouseError
@@ -129,6 +129,10 @@ class Sink:
     def store_inferences(self, envelopes: Sequence[Envelope[InferenceLogged]]) -> int:
         """Store a batch of inference.logged events in inference_log; returns how many rows were new."""
         return self._write("inference_log", envelopes, inference_rows)
+
+    def store_spans(self, envelopes: Sequence[Envelope[SpanLogged]]) -> int:
+        """Store a batch of span.logged events in span; returns how many rows were new."""
+        return self._write("span", envelopes, span_rows)
 
     def store_feedback(self, envelopes: Sequence[Envelope[FeedbackReceived]]) -> int:
         """Store a batch of feedback.received or feedback.reviewed events in feedback; returns how many rows were new."""

@@ -12,7 +12,7 @@ import pyarrow as pa
 from services.runtime import failpoints
 from services.runtime.clickhouse import ClickHouseError, ClickHouseStore
 
-TABLES = ("inference_log", "feedback")
+TABLES = ("inference_log", "feedback", "span")
 UNAVAILABLE_FAILPOINT = "feedback.clickhouse_unavailable"
 
 

@@ -6,13 +6,14 @@ tests/integration/test_sink_clickhouse.py."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from faststream.kafka import KafkaBroker, KafkaMessage, TestKafkaBroker
 
 from contracts.envelope import Envelope, wrap
-from contracts.events import FeedbackReceived, FeedbackReviewed, FeedbackSource, InferenceLogged
+from contracts.events import FeedbackReceived, FeedbackReviewed, FeedbackSource, InferenceLogged, SpanLogged
 from contracts.topics import dlq_for, topic_for
 from services.feedback.handlers import BATCH_HANDLERS, GROUP
 from services.feedback.service import StoreUnavailable
@@ -29,7 +30,7 @@ class FakeSink:
     def __init__(self, outages: int = 0) -> None:
         self.outages = outages
         self.calls = 0
-        self.stored: dict[str, list[str]] = {"inference_log": [], "feedback": []}
+        self.stored: dict[str, list[str]] = {"inference_log": [], "feedback": [], "span": []}
 
     def _write(self, table: str, ids: list[str]) -> int:
         self.calls += 1
@@ -40,6 +41,9 @@ class FakeSink:
 
     def store_inferences(self, envelopes: Sequence[Envelope[InferenceLogged]]) -> int:
         return self._write("inference_log", [envelope.payload.inference_id for envelope in envelopes])
+
+    def store_spans(self, envelopes: Sequence[Envelope[SpanLogged]]) -> int:
+        return self._write("span", [envelope.payload.span_id for envelope in envelopes])
 
     def store_feedback(self, envelopes: Sequence[Envelope[FeedbackReceived]]) -> int:
         return self._write(
@@ -72,9 +76,21 @@ def encoded(payload: Any) -> bytes:
     return wrap(payload, producer="test").model_dump_json().encode()
 
 
-def test_the_handlers_cover_the_sinks_three_topics() -> None:
+def span(span_id: str) -> SpanLogged:
+    moment = datetime(2026, 1, 1, tzinfo=UTC)
+    return SpanLogged(
+        trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
+        span_id=span_id,
+        name="retrieve",
+        started_at=moment,
+        ended_at=moment,
+    )
+
+
+def test_the_handlers_cover_the_sinks_four_topics() -> None:
     assert {topic_for(event) for event in BATCH_HANDLERS} == {
         topic_for(InferenceLogged),
+        topic_for(SpanLogged),
         topic_for(FeedbackReceived),
         topic_for(FeedbackReviewed),
     }
@@ -100,8 +116,13 @@ async def test_each_topic_reaches_its_table_and_a_reviewer_claim_on_feedback_rec
         await test_broker.publish(
             encoded(FeedbackReviewed(inference_id="i2", thumbs="down", correction="right")), topic_for(FeedbackReviewed)
         )
+        await test_broker.publish(encoded(span("00f067aa0ba902b7")), topic_for(SpanLogged))
 
-    assert sink.stored == {"inference_log": ["i1", "i2"], "feedback": ["end_user:i1", "reviewer:i2"]}
+    assert sink.stored == {
+        "inference_log": ["i1", "i2"],
+        "feedback": ["end_user:i1", "reviewer:i2"],
+        "span": ["00f067aa0ba902b7"],
+    }
     assert len(letters) == 1
     topic, headers = letters[0]
     assert topic == dlq_for(topic_for(FeedbackReceived))
