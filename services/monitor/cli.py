@@ -1,6 +1,7 @@
 """The monitor's part of the `flywheel` command, by group in `app` (services/cli/main.py mounts it, finding
 this module by name): `flywheel ops traffic|latency|feedback|alerts|drift|models`, readable tables over
-the ops views, and `flywheel ops sql`, read-only SQL; the query door is the monitor's.
+the ops views; `flywheel ops traces|sessions|trace`, the pipelines' traces (migration 0008); and
+`flywheel ops sql`, read-only SQL; the query door is the monitor's.
 
 Beside a live `flywheel up` the queries go through the monitor's read-only door `/monitor/v1/query`
 (chDB lets one process own its data directory); when nothing answers, the store is opened read-only
@@ -10,6 +11,9 @@ behind the same guard and caps as the door.
 from __future__ import annotations
 
 import os
+import re
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import typer
@@ -83,12 +87,14 @@ def run_query(sql: str, parameters: dict[str, Any]) -> tuple[list[str], list[lis
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=title)
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*("" if value is None else str(value) for value in row))
+        # Text, not a markup string: a span's name is an app's text, and `[/]` in it must print, not style.
+        table.add_row(*(Text("" if value is None else _printable(value)) for value in row))
     Console().print(table if rows else f"{title}: no rows")
 
 
@@ -186,3 +192,218 @@ def _query_store(settings: FlywheelSettings, query: str, max_rows: int) -> tuple
             raise FlywheelError(f"ClickHouse refused the query: {str(error).splitlines()[0]}") from None
     rows = table.slice(0, max_rows).to_pylist()
     return table.column_names, [list(row.values()) for row in rows]
+
+
+# ------------------------------------------------------------------------------------------- traces
+
+MAX_LISTED = 1000
+# More spans than a person reads as a tree; past it, `flywheel ops sql` reads the rest.
+MAX_TREE_SPANS = 5000
+_DURATION = re.compile(r"(\d{1,6})([smhd])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+TRACES_SQL = (
+    "SELECT trace_id, started_at, round(duration_ms, 1) AS duration_ms, root_name, service_name, session_id, "
+    "span_count AS spans, llm_span_count AS llm_spans, prompt_tokens AS tokens_in, completion_tokens AS tokens_out, "
+    "round(cost_usd, 6) AS cost_usd, error_spans AS errors, feedback_count AS feedback, thumbs_down "
+    "FROM trace_summary WHERE {where} ORDER BY started_at DESC, trace_id LIMIT {limit}"
+)
+SESSIONS_SQL = (
+    "SELECT session_id, first_at, last_at, round(duration_ms, 1) AS duration_ms, traces, turns, services, "
+    "span_count AS spans, prompt_tokens AS tokens_in, completion_tokens AS tokens_out, round(cost_usd, 6) AS cost_usd, "
+    "error_spans AS errors, errored_traces, feedback_count AS feedback, thumbs_down "
+    "FROM session_summary WHERE {where} ORDER BY last_at DESC, session_id LIMIT {limit}"
+)
+SPANS_SQL = (
+    "SELECT span_id, parent_span_id, name, kind, service_name, toUnixTimestamp64Micro(started_at) AS start_us, "
+    "duration_ms, status, error, model_name, prompt_tokens, completion_tokens, cost_usd, inference_id "
+    f"FROM span FINAL WHERE trace_id = {{trace_id:String}} ORDER BY started_at, span_id LIMIT {MAX_TREE_SPANS + 1}"
+)
+
+Since = Annotated[
+    str,
+    typer.Option(help="How far back: a duration (30m, 24h, 7d) or an ISO 8601 time (UTC unless it names a zone)."),
+]
+Limit = Annotated[int, typer.Option(min=1, max=MAX_LISTED, help="Rows at most, newest first.")]
+ErrorsOnly = Annotated[bool, typer.Option("--errors-only", help="Only those with a span in error.")]
+
+
+def since_moment(since: str, now: datetime) -> datetime:
+    """The moment `--since` names: `now` less a duration, or a time; BadParameter saying how to write it."""
+    duration = _DURATION.fullmatch(since.strip())
+    if duration:
+        try:
+            return now - timedelta(**{_UNITS[duration.group(2)]: int(duration.group(1))})
+        except OverflowError:
+            raise typer.BadParameter(f"{since} reaches back before the year 1", param_hint="--since") from None
+    try:
+        moment = datetime.fromisoformat(since.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"{since[:40]!r} is neither a duration nor a time: write e.g. 30m, 24h, 7d or 2026-01-31T08:00",
+            param_hint="--since",
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def checked_session_id(session: str) -> str:
+    """`session` if it is a session id as the contract defines it; BadParameter otherwise (it goes into a query)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from contracts.ids import SessionId
+
+    try:
+        return str(TypeAdapter(SessionId).validate_python(session))
+    except ValidationError:
+        raise typer.BadParameter(
+            f"{session[:80]!r} is not a session id: at most 128 letters, digits and . _ : / - (no spaces)",
+            param_hint="--session",
+        ) from None
+
+
+def checked_trace_id(trace_id: str) -> str:
+    """`trace_id` if it is a W3C trace id as the contract defines it; BadParameter otherwise."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from contracts.ids import TraceId
+
+    try:
+        checked = str(TypeAdapter(TraceId).validate_python(trace_id))
+    except ValidationError:
+        raise typer.BadParameter(
+            f"{trace_id[:80]!r} is not a trace id: a trace id is 32 lowercase hex digits, as `flywheel ops traces` lists them",
+            param_hint="TRACE_ID",
+        ) from None
+    if not checked.strip("0"):
+        raise typer.BadParameter("an all-zero trace id is invalid (W3C trace context)", param_hint="TRACE_ID")
+    return checked
+
+
+def _service_name(service: str) -> str:
+    if not service or len(service) > 256:
+        raise typer.BadParameter("a service name has 1 to 256 characters", param_hint="--service")
+    return service
+
+
+@ops_app.command()
+def traces(
+    since: Since = "24h",
+    service: Annotated[str | None, typer.Option(help="Only traces whose root span this service sent.")] = None,
+    session: Annotated[str | None, typer.Option(help="Only the traces of this session.")] = None,
+    errors_only: ErrorsOnly = False,
+    limit: Limit = 50,
+) -> None:
+    """Recent traces: root span, duration, spans, tokens, cost, errors and feedback (the trace_summary view)."""
+    where = ["started_at >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC')"]
+    parameters: dict[str, Any] = {"since_ms": int(since_moment(since, datetime.now(UTC)).timestamp() * 1000)}
+    if service is not None:
+        where.append("service_name = {service:String}")
+        parameters["service"] = _service_name(service)
+    if session is not None:
+        where.append("session_id = {session:String}")
+        parameters["session"] = checked_session_id(session)
+    if errors_only:
+        where.append("errored")
+    columns, rows = run_query(TRACES_SQL.format(where=" AND ".join(where), limit=limit), parameters)
+    print_table(f"traces since {since}", columns, rows)
+
+
+@ops_app.command()
+def sessions(
+    since: Since = "24h",
+    service: Annotated[
+        str | None, typer.Option(help="Only sessions with a trace whose root this service sent.")
+    ] = None,
+    session: Annotated[str | None, typer.Option(help="Only this session.")] = None,
+    errors_only: ErrorsOnly = False,
+    limit: Limit = 50,
+) -> None:
+    """Recent sessions (conversations): traces, turns, duration, tokens, cost, errors and feedback (session_summary)."""
+    where = ["last_at >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC')"]
+    parameters: dict[str, Any] = {"since_ms": int(since_moment(since, datetime.now(UTC)).timestamp() * 1000)}
+    if service is not None:
+        where.append("has(services, {service:String})")
+        parameters["service"] = _service_name(service)
+    if session is not None:
+        where.append("session_id = {session:String}")
+        parameters["session"] = checked_session_id(session)
+    if errors_only:
+        where.append("error_spans > 0")
+    columns, rows = run_query(SESSIONS_SQL.format(where=" AND ".join(where), limit=limit), parameters)
+    print_table(f"sessions active since {since}", columns, rows)
+
+
+@ops_app.command()
+def trace(trace_id: Annotated[str, typer.Argument(help="The trace id (32 lowercase hex digits).")]) -> None:
+    """One trace as a tree: each span under its parent, with kind, start, duration, tokens and status."""
+    checked = checked_trace_id(trace_id)
+    columns, rows = run_query(SPANS_SQL, {"trace_id": checked})
+    spans = [dict(zip(columns, row, strict=True)) for row in rows]
+    if not spans:
+        raise FlywheelError(f"no spans stored for trace {checked}: list recent ones with `flywheel ops traces`")
+    for line in span_tree(checked, spans[:MAX_TREE_SPANS]):
+        typer.echo(line)
+    if len(spans) > MAX_TREE_SPANS:
+        typer.echo(f"... more than {MAX_TREE_SPANS} spans: read the rest with `flywheel ops sql`")
+
+
+def span_tree(trace_id: str, spans: list[dict[str, Any]]) -> list[str]:
+    """Lines of the tree: roots first by start, children indented under their parent. A span whose
+    parent is not stored (yet) starts a branch of its own, marked, and a cycle of parents (nothing
+    guards what an app sends) is printed once, never followed round."""
+    stored = {span["span_id"] for span in spans}
+    children: dict[str | None, list[dict[str, Any]]] = defaultdict(list)
+    for span in spans:
+        children[span["parent_span_id"] if span["parent_span_id"] in stored else None].append(span)
+    start = min(int(span["start_us"]) for span in spans)
+    end = max(int(span["start_us"]) + float(span["duration_ms"]) * 1000 for span in spans)
+    errors = sum(span["status"] == "error" for span in spans)
+    lines = [
+        f"trace {trace_id}: {len(spans)} spans, {(end - start) / 1000:.1f} ms, "
+        f"tokens {sum(int(s['prompt_tokens']) for s in spans)} in / {sum(int(s['completion_tokens']) for s in spans)} out, "
+        f"{errors} in error"
+    ]
+    printed: set[str] = set()
+
+    def branch(span: dict[str, Any], depth: int) -> None:
+        printed.add(span["span_id"])
+        lines.append("  " * depth + _span_line(span, start, stored))
+        for child in children[span["span_id"]]:
+            if child["span_id"] not in printed:
+                branch(child, depth + 1)
+
+    for root in children[None]:
+        branch(root, 0)
+    for span in spans:
+        if span["span_id"] not in printed:
+            branch(span, 0)
+    return lines
+
+
+def _span_line(span: dict[str, Any], trace_start_us: int, stored: set[str]) -> str:
+    parts = [
+        _printable(span["name"]),
+        f"[{span['kind']}]",
+        f"+{(int(span['start_us']) - trace_start_us) / 1000:.1f} ms",
+        f"{float(span['duration_ms']):.1f} ms",
+        str(span["status"]),
+    ]
+    if span["prompt_tokens"] or span["completion_tokens"]:
+        parts.append(f"tokens {span['prompt_tokens']}/{span['completion_tokens']}")
+    if span["model_name"]:
+        parts.append(f"model {_printable(span['model_name'])}")
+    if span["service_name"]:
+        parts.append(f"service {_printable(span['service_name'])}")
+    if span["inference_id"]:
+        parts.append(f"inference {_printable(span['inference_id'])}")
+    parts.append(f"span {span['span_id']}")
+    if span["parent_span_id"] is not None and span["parent_span_id"] not in stored:
+        parts.append(f"(parent {span['parent_span_id']} not stored)")
+    if span["error"]:
+        parts.append(f"error: {_printable(span['error'])[:160]}")
+    return "  ".join(parts)
+
+
+def _printable(text: object) -> str:
+    # Names and errors are the app's text: an escape sequence must not reach the terminal.
+    return "".join(char if char.isprintable() else "?" for char in str(text))

@@ -30,6 +30,7 @@ from fastapi import FastAPI
 
 from contracts.http import Role
 from services.monitor.app import create_app
+from services.monitor.cli import SESSIONS_SQL, SPANS_SQL, TRACES_SQL
 from services.monitor.cli import SQL as OPS_VIEWS
 from services.monitor.settings import MonitorSettings
 from services.registry.store import RegistryStore
@@ -351,6 +352,20 @@ async def test_the_roles_that_read_use_the_door(door: Door) -> None:
 def project_queries() -> list[tuple[str, str, dict]]:
     """The queries Flywheel itself sends to the door or documents: ops views, Grafana panels, the docs' query guide, the demo, the tests."""
     found = [(f"ops {name}", sql, {"hours": 24, "bucket": 3600}) for name, sql in OPS_VIEWS.items()]
+    since = "started_at >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC')"
+    found += [
+        (
+            "ops traces",
+            TRACES_SQL.format(where=f"{since} AND service_name = {{service:String}} AND errored", limit=50),
+            {"since_ms": 0, "service": "rag-app"},
+        ),
+        (
+            "ops sessions",
+            SESSIONS_SQL.format(where="has(services, {service:String}) AND error_spans > 0", limit=50),
+            {"service": "rag-app"},
+        ),
+        ("ops trace", SPANS_SQL, {"trace_id": "4bf92f3577b34da6a3ce929d0e0e4736"}),
+    ]
     for path in DASHBOARDS:
         found += [
             (f"grafana {title}", as_grafana_sends(sql), {}) for title, sql in queries(json.loads(path.read_text()))
