@@ -1,22 +1,44 @@
-"""The feedback door: `POST /feedback/v1/feedback` takes feedback in, `GET` reads what is stored."""
+"""The feedback doors: `POST /feedback/v1/feedback` takes feedback in, `GET` reads what is stored, and
+`POST /v1/traces` takes OpenTelemetry traces (OTLP/HTTP) in as span.logged events."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+from aiokafka.errors import KafkaError
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from faststream.exceptions import FastStreamException
+from prometheus_client import Counter
 
+from contracts.events import SpanLogged
 from contracts.http import ErrorResponse, FeedbackAccepted, FeedbackCreate, Role
+from services.feedback import otlp
 from services.feedback.models import FeedbackList
 from services.feedback.service import InvalidFeedback, ReviewerRoleRequired, give_feedback, list_feedback
+from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
 from services.runtime.auth import Authenticator, Principal
 from services.runtime.broker import EventBus
 from services.runtime.clickhouse import ClickHouseError
-from services.runtime.http import DoorError
+from services.runtime.http import REFUSED_STATUSES, BodyTooLarge, DoorError, read_bounded
 from services.runtime.privacy import Redactor
+
+log = logging.getLogger("flywheel.feedback.otlp")
+
+OTLP_TRACES_PATH = "/v1/traces"
+# Seconds an exporter is told to wait before retrying when Kafka does not take the spans.
+OTLP_RETRY_AFTER_S = 5
+
+OTLP_SPANS = Counter(
+    "flywheel_otlp_spans_total",
+    "Spans received by the OTLP intake (POST /v1/traces), by outcome: accepted (published) or rejected (partial success).",
+    ["outcome"],
+)
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer fw_<id>_<secret>`.")
 
@@ -78,3 +100,161 @@ def create_router(
             raise DoorError(503, f"ClickHouse cannot answer now: {error}") from None
 
     return router
+
+
+def otlp_body_limits(settings: FeedbackSettings) -> dict[str, int]:
+    """The OTLP door's cap on bodies as sent, for the process's body limit (Service.body_limits)."""
+    return {OTLP_TRACES_PATH: settings.otlp_max_body_bytes}
+
+
+def _otlp_media_type(request: Request) -> str:
+    """The OTLP encoding a request declares, or "" for anything else."""
+    declared = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return declared if declared in (otlp.PROTOBUF, otlp.JSON) else ""
+
+
+class OtlpRoute(APIRoute):
+    """A route answering every refusal as OTLP/HTTP says: a `google.rpc.Status` in the request's encoding
+    (JSON for a request in neither), not the OpenAI-style error of Flywheel's other doors; retryable
+    statuses with Retry-After. Refusals are still counted and logged as on every door."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def answered(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except DoorError as error:
+                return _otlp_refusal(request, error.status, str(error), error.detail.code, error.headers)
+            except BodyTooLarge as error:  # the process's body cap, passed while the door read the stream
+                return _otlp_refusal(request, 413, str(error.detail), BodyTooLarge.code, None)
+
+        return answered
+
+
+def _otlp_refusal(
+    request: Request, status: int, message: str, code: str | None, headers: dict[str, str] | None
+) -> Response:
+    refusals = getattr(request.app.state, "refusals", None)
+    if refusals is not None and status in REFUSED_STATUSES:
+        refusals.record(status, code, request.url.path)
+    media_type = _otlp_media_type(request) or otlp.JSON
+    headers = dict(headers or {})
+    if status == 503:
+        headers.setdefault("Retry-After", str(OTLP_RETRY_AFTER_S))
+    return Response(
+        otlp.failure(status, message, media_type), status_code=status, media_type=media_type, headers=headers
+    )
+
+
+_STATUS_BODY = {"description": "google.rpc.Status, in the request's encoding (JSON for a request in neither)."}
+_OTLP_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "description": "An OTLP ExportTraceServiceRequest; `Content-Encoding: gzip` is accepted.",
+        "content": {
+            otlp.PROTOBUF: {"schema": {"type": "string", "format": "binary"}},
+            otlp.JSON: {
+                "schema": {"type": "object", "description": "OTLP/JSON: ids in hex, field names in lowerCamelCase."}
+            },
+        },
+    }
+}
+
+
+def create_otlp_router(bus: EventBus, auth: Authenticator, redactor: Redactor, settings: FeedbackSettings) -> APIRouter:
+    """The OTLP/HTTP trace intake at the standard path, so an OpenTelemetry exporter pointed at this
+    process's base URL sends here unchanged."""
+    router = APIRouter(tags=["traces"], route_class=OtlpRoute)
+    # The same role that logs inferences and sends end users' feedback: traces are an app's telemetry.
+    sender = auth.require(Role.app)
+
+    @router.post(
+        OTLP_TRACES_PATH,
+        response_class=Response,
+        openapi_extra=_OTLP_OPENAPI,
+        responses={
+            200: {
+                "description": "ExportTraceServiceResponse in the request's encoding; `partial_success` counts rejected spans and says why.",
+                "content": {otlp.PROTOBUF: {}, otlp.JSON: {}},
+            },
+            **{status: _STATUS_BODY for status in (400, 401, 403, 413, 415, 503)},
+        },
+    )
+    async def export_traces(request: Request, caller: Principal = Depends(sender)) -> Response:
+        """Take OpenTelemetry spans in (OTLP/HTTP: `application/x-protobuf` or `application/json`, gzip or
+        not) and publish each as span.logged, keyed by trace, text scrubbed of personal data. Spans that
+        cannot be accepted are counted and explained in the answer's partial success while the others
+        are accepted; a request refused whole (400 undecodable, 401, 403, 413, 415) publishes nothing. 503
+        with Retry-After when Kafka does not take the spans: the exporter's retry publishes them under the
+        same event ids, so none is stored twice. docs/how-to/send-traces.md says what is mapped and the bounds."""
+        media_type = _otlp_media_type(request)
+        if not media_type:
+            declared = request.headers.get("content-type")
+            sent = f"Content-Type {declared[:80]}" if declared else "a body without Content-Type"
+            raise DoorError(
+                415,
+                f"{sent} is not OTLP: send {otlp.PROTOBUF} or {otlp.JSON}",
+                code="unsupported_media_type",
+            )
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("gzip", "identity"):
+            raise DoorError(
+                415,
+                f"Content-Encoding {encoding[:40]} is not supported: send gzip or none",
+                code="unsupported_encoding",
+            )
+        body = await (await read_bounded(request, settings.otlp_max_body_bytes)).body()
+        try:
+            # Inflating, decoding and scrubbing thousands of spans is CPU work: off the event loop.
+            mapped = await asyncio.to_thread(
+                _decode_and_map, body, media_type, encoding, settings, caller.name, redactor
+            )
+        except otlp.TooLarge as error:
+            raise DoorError(413, f"{error}; nothing was stored", code="request_too_large") from None
+        except otlp.Undecodable as error:
+            raise DoorError(400, f"{error}; nothing was stored", code="invalid_otlp") from None
+        try:
+            await asyncio.wait_for(_publish_spans(bus, mapped.spans), settings.otlp_publish_timeout_s)
+        except (KafkaError, FastStreamException, TimeoutError) as error:
+            # Spans published before the failure are republished under the same event ids on the
+            # exporter's retry, and consumers deduplicate them: none is stored twice.
+            log.warning("OTLP spans not published: Kafka did not take them (%s)", type(error).__name__)
+            raise DoorError(
+                503,
+                f"Kafka did not take the spans within {settings.otlp_publish_timeout_s:g} s ({type(error).__name__}); retry later",
+                code="broker_unavailable",
+            ) from None
+        OTLP_SPANS.labels(outcome="accepted").inc(len(mapped.spans))
+        OTLP_SPANS.labels(outcome="rejected").inc(len(mapped.rejections))
+        return Response(otlp.encode(mapped.response(), media_type), media_type=media_type)
+
+    return router
+
+
+async def _publish_spans(bus: EventBus, spans: list[SpanLogged]) -> None:
+    """Publish side by side (the producer batches them); on the first failure, or when the wait is cut
+    short, the publishes still pending are cancelled rather than left running past the answer."""
+    publishes = [asyncio.ensure_future(bus.publish(span, event_id=otlp.span_event_id(span))) for span in spans]
+    try:
+        await asyncio.gather(*publishes)
+    except BaseException:
+        for publish in publishes:
+            publish.cancel()
+        await asyncio.gather(*publishes, return_exceptions=True)
+        raise
+
+
+def _decode_and_map(
+    body: bytes, media_type: str, encoding: str, settings: FeedbackSettings, principal: str, redactor: Redactor
+) -> otlp.Mapped:
+    if encoding == "gzip":
+        body = otlp.inflate(body, settings.otlp_max_inflated_bytes)
+    request = otlp.decode(body, media_type)
+    spans = otlp.count_spans(request)
+    if spans > settings.otlp_max_spans:
+        raise otlp.TooLarge(
+            f"the request carries {spans} spans; at most {settings.otlp_max_spans} per request "
+            "(lower the exporter's batch size, e.g. OTEL_BSP_MAX_EXPORT_BATCH_SIZE)"
+        )
+    return otlp.map_request(request, principal=principal, redactor=redactor)

@@ -1,10 +1,13 @@
-"""Wires the feedback service into a process: the sink's batch subscribers and the feedback door."""
+"""Wires the feedback service into a process: the sink's batch subscribers, the feedback door and the
+OTLP trace intake."""
 
 from __future__ import annotations
 
 import asyncio
 
-from services.feedback.api import create_router
+from fastapi import APIRouter
+
+from services.feedback.api import create_otlp_router, create_router, otlp_body_limits
 from services.feedback.handlers import BATCH_HANDLERS, GROUP
 from services.feedback.service import Sink
 from services.feedback.settings import FeedbackSettings
@@ -22,13 +25,20 @@ def create_app(runtime: Runtime, settings: FeedbackSettings, privacy: PrivacySet
     async def clickhouse_answers() -> None:
         await asyncio.to_thread(store.ping)
 
+    bus = runtime.bus(GROUP)
+    auth = Authenticator.for_settings(runtime.settings)
+    doors = APIRouter()
+    doors.include_router(create_router(bus, lambda: store, auth, redactor))
+    doors.include_router(create_otlp_router(bus, auth, redactor, settings))
+
     # Opening the store before the broker starts migrates it, and a bad ClickHouse setting stops the
     # process at start instead of at the first batch. Nothing needs flushing on stop: the only batch
     # not yet stored is the one in flight, which the broker's graceful stop lets finish or leaves
     # uncommitted for redelivery.
     return Service(
         name=GROUP,
-        api=create_router(runtime.bus(GROUP), lambda: store, Authenticator.for_settings(runtime.settings), redactor),
+        api=doors,
         readiness={"clickhouse": clickhouse_answers},
         on_start=[clickhouse_answers],
+        body_limits=otlp_body_limits(settings),
     )

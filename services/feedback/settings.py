@@ -1,4 +1,5 @@
-"""Settings of the feedback service and its ClickHouse sink (`FLYWHEEL_FEEDBACK_*`), read when the app is built.
+"""Settings of the feedback service, its OTLP trace intake and its ClickHouse sink (`FLYWHEEL_FEEDBACK_*`),
+read when the app is built.
 
 What personal data becomes before storage is shared with serving: `FLYWHEEL_PRIVACY_*`
 (services/runtime/privacy.py `PrivacySettings`; the former `FLYWHEEL_FEEDBACK_PRIVACY_*` names still work).
@@ -21,6 +22,30 @@ class FeedbackSettings(BaseSettings):
     )
     batch_min_bytes: int = Field(
         default=256 * 1024, ge=1, description="Bytes the broker gathers before answering a fetch early."
+    )
+    otlp_max_body_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        le=256 * 1024 * 1024,
+        description="Largest body `POST /v1/traces` reads, as sent (gzip or not); a larger one is refused with 413 and nothing is stored.",
+    )
+    otlp_max_inflated_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        le=1024 * 1024 * 1024,
+        description="Largest OTLP body once gzip is inflated; a body that inflates past it is refused with 413 as soon as it does, never inflated whole.",
+    )
+    otlp_max_spans: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="Spans one OTLP request may carry; more is refused with 413 (lower the exporter's batch size).",
+    )
+    otlp_publish_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=120,
+        description="How long the OTLP intake waits for Kafka to take a request's spans before answering 503 (the exporter retries).",
     )
 
     def batch_options(self) -> dict[str, int]:
