@@ -66,6 +66,9 @@ SCRUB_MARGIN = 4096
 # The latest time OpenTelemetry SDKs can express (signed 64-bit nanoseconds): 2262-04-11.
 LATEST_NANOS = 2**63 - 1
 MAX_REASONS_LISTED = 10
+# Token counts and adapter versions are stored as 32-bit unsigned integers: a larger one would fail the
+# sink's whole batch, so it rejects its span here.
+LARGEST_COUNT = 2**32 - 1
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 SESSION_ID = re.compile(INFERENCE_ID_PATTERN)
@@ -539,10 +542,10 @@ class _Attributes:
             number = value.int_value
         elif kind == "double_value" and value.double_value.is_integer():
             number = int(value.double_value)
-        elif kind == "string_value" and value.string_value.isdecimal():
+        elif kind == "string_value" and value.string_value.isdecimal() and len(value.string_value) <= 10:
             number = int(value.string_value)
-        if number is None or number < 0:
-            raise SpanRejected(f"{key} must be a whole number, 0 or more; got {_text(value)[:40]!r}")
+        if number is None or not 0 <= number <= LARGEST_COUNT:
+            raise SpanRejected(f"{key} must be a whole number from 0 to {LARGEST_COUNT}; got {_text(value)[:40]!r}")
         return int(number)
 
     def cost(self) -> float | None:

@@ -364,8 +364,11 @@ def bad_id(span_: Span, field: str, raw: bytes) -> Span:
         (span({"flywheel.inference_id": "../etc"}), "flywheel.inference_id '../etc' is malformed"),
         (
             span({"gen_ai.usage.input_tokens": -3}),
-            "gen_ai.usage.input_tokens must be a whole number, 0 or more; got '-3'",
+            "gen_ai.usage.input_tokens must be a whole number from 0 to 4294967295; got '-3'",
         ),
+        (span({"gen_ai.usage.output_tokens": 2**32}), "gen_ai.usage.output_tokens must be a whole number from 0"),
+        (span({"llm.token_count.prompt": "9" * 5000}), "llm.token_count.prompt must be a whole number from 0"),
+        (span({"flywheel.adapter_version": 2**40}), "flywheel.adapter_version must be a whole number from 0"),
         (span({"llm.token_count.completion": "many"}), "llm.token_count.completion must be a whole number"),
         (span({"llm.cost.total": -0.5}), "llm.cost.total must be a number of US dollars, 0 or more"),
         (span({"flywheel.adapter_version": 0}), "flywheel.adapter_version must be a version number, 1 or more"),
