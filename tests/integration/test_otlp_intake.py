@@ -1,11 +1,13 @@
 """The OTLP/HTTP trace intake (`POST /v1/traces` of the feedback service) served over real HTTP by uvicorn,
 publishing to the real broker: OTLP/protobuf (gzip) and OTLP/JSON requests built as exporters build them,
-their span.logged records read back from the topic field by field, partial success, and refusals
-(401, 403, 413, 400, 415, 503) that publish nothing."""
+sent to the feedback service as `flywheel run feedback` builds it, their span.logged records read back
+from the topic field by field; partial success, and refusals (401, 403, 413, 400, 415, 503) that
+publish nothing, against the door alone."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gzip
 import json
 import socket
@@ -17,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -30,11 +33,13 @@ from contracts.http import Role
 from contracts.topics import topic_for
 from services.feedback import otlp
 from services.feedback.api import create_otlp_router, otlp_body_limits
+from services.feedback.app import create_app
 from services.feedback.settings import FeedbackSettings
 from services.runtime.auth import Authenticator
 from services.runtime.broker import EventBus, create_broker
 from services.runtime.http import create_http_app
-from services.runtime.privacy import Redactor
+from services.runtime.privacy import PrivacySettings, Redactor
+from services.runtime.service import build_process
 from services.runtime.settings import FlywheelSettings
 from tests.integration.test_event_bus import read_all
 from tests.support import api_key, eventually
@@ -274,9 +279,34 @@ def free_port() -> int:
 
 
 @asynccontextmanager
+async def served(app: FastAPI) -> AsyncIterator[str]:
+    """`app` on a free port of this host, its lifespan run as uvicorn runs it; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        await eventually(lambda: server.started or serving.done(), what="the door listening")
+        assert not serving.done(), f"uvicorn did not start: {serving.exception()}"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, timeout=60)
+
+
+@asynccontextmanager
+async def feedback_service(settings: FlywheelSettings) -> AsyncIterator[str]:
+    """The feedback service as `flywheel run feedback` builds it (sink, doors, body limits, broker), served."""
+    app, _ = build_process(
+        settings, [functools.partial(create_app, settings=LIMITS, privacy=PrivacySettings())], title="flywheel-feedback"
+    )
+    async with served(app) as url:
+        yield url
+
+
+@asynccontextmanager
 async def otlp_door(settings: FlywheelSettings, *, connected: bool = True) -> AsyncIterator[str]:
-    """The feedback service's OTLP door on a real port, publishing through a broker that is connected
-    (or, with `connected=False`, never reached: every publish fails as with Kafka down); yields its base URL."""
+    """The OTLP door alone, publishing through a broker that is connected (or, with `connected=False`,
+    never reached: every publish fails as with Kafka down), with the feedback service's body limit."""
     broker = create_broker(settings, client_id="otlp-door")
     bus = EventBus(broker, producer="feedback", topic_prefix=settings.topic_prefix)
     app = create_http_app(
@@ -284,18 +314,12 @@ async def otlp_door(settings: FlywheelSettings, *, connected: bool = True) -> As
         routers=[create_otlp_router(bus, Authenticator.for_settings(settings), Redactor(), LIMITS)],
         body_limits=otlp_body_limits(LIMITS),
     )
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off"))
     if connected:
         await broker.connect()
-    serving = asyncio.create_task(server.serve())
     try:
-        await eventually(lambda: server.started or serving.done(), what="the OTLP door listening")
-        assert not serving.done(), f"uvicorn did not start: {serving.exception()}"
-        yield f"http://127.0.0.1:{port}"
+        async with served(app) as url:
+            yield url
     finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, timeout=60)
         if connected:
             await broker.stop()
 
@@ -304,7 +328,7 @@ async def spans_on_the_topic(settings: FlywheelSettings, count: int) -> list[Env
     """Every span.logged record of the test's topic. The door publishes before it answers, so they are all
     there already: one more than `count` is waited for, briefly, so that an extra one would be seen."""
     topic = topic_for(SpanLogged, settings.topic_prefix)
-    records = await read_all(settings.resolved_kafka_bootstrap(), topic, expected=count + 1, timeout_s=10)
+    records = await read_all(settings.resolved_kafka_bootstrap(), topic, expected=count + 1, timeout_s=6)
     envelopes = [Envelope[SpanLogged].model_validate_json(record.value) for record in records]
     for record, envelope in zip(records, envelopes, strict=True):
         assert record.key.decode() == envelope.payload.trace_id  # keyed by trace: one trace, one partition
