@@ -401,6 +401,9 @@ class InferenceLogged(Payload):
 
 # ------------------------------------------------------------------------------------------- spans
 
+# The span table stores counts as UInt32: a larger value would fail the sink's whole batch.
+UINT32_MAX = 2**32 - 1
+
 SPAN_TEXT_MAX = 64_000
 """Longest input or output text a span carries; longer text is cut at intake and flagged."""
 
@@ -429,12 +432,14 @@ class SpanLogged(Payload):
     error: str | None = Field(default=None, max_length=8000, description="Status message or exception, if error.")
     # Not a ModelName: whatever model an app's span names (e.g. an external API's), a ClickHouse value only.
     model_name: str | None = Field(default=None, max_length=256, description="Model called, for llm spans.")
-    adapter_version: int | None = Field(default=None, ge=1, description="Flywheel adapter version, if served here.")
+    adapter_version: int | None = Field(
+        default=None, ge=1, le=UINT32_MAX, description="Flywheel adapter version, if served here."
+    )
     inference_id: InferenceId | None = Field(
         default=None, description="The gateway inference this span is, when it went through Flywheel's gateway."
     )
-    prompt_tokens: int = Field(default=0, ge=0, description="Tokens in.")
-    completion_tokens: int = Field(default=0, ge=0, description="Tokens out.")
+    prompt_tokens: int = Field(default=0, ge=0, le=UINT32_MAX, description="Tokens in.")
+    completion_tokens: int = Field(default=0, ge=0, le=UINT32_MAX, description="Tokens out.")
     cost_usd: float | None = Field(default=None, ge=0, description="Cost reported by the app, in US dollars.")
     input_text: str = Field(default="", max_length=SPAN_TEXT_MAX, description="The step's input, as text or JSON.")
     output_text: str = Field(default="", max_length=SPAN_TEXT_MAX, description="The step's output, as text or JSON.")

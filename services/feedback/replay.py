@@ -21,7 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import ValidationError
 
 from contracts.envelope import Envelope, P
-from contracts.events import FeedbackReviewed, InferenceLogged
+from contracts.events import FeedbackReviewed, InferenceLogged, SpanLogged
 from contracts.publisher import PLAINTEXT, KafkaSecurity
 from contracts.topics import topic_for
 from services.feedback.models import UnreviewedFeedback
@@ -52,6 +52,7 @@ async def replay(
         (InferenceLogged, sink.store_inferences),
         (UnreviewedFeedback, sink.store_feedback),
         (FeedbackReviewed, sink.store_feedback),
+        (SpanLogged, sink.store_spans),
     )
     return [
         await _replay_topic(bootstrap, event, store, topic_prefix, from_ms, batch, security) for event, store in plan

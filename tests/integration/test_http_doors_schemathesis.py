@@ -58,6 +58,7 @@ NEEDS: list[tuple[str, str, str, str]] = [
     ("registry", "POST", r"/registry/v1/prompts/[^/]+/render", Role.viewer.value),
     ("monitor", "POST", r"/monitor/v1/query", Role.viewer.value),
     ("feedback", "POST", r"/feedback/v1/feedback", Role.app.value),
+    ("feedback", "POST", r"/v1/traces", Role.app.value),
     ("serving", "*", r"/v1/.*", Role.app.value),
     ("*", "GET", r".*", Role.viewer.value),
     ("*", "*", r".*", Role.operator.value),
