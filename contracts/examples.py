@@ -27,6 +27,9 @@ from contracts.events import (
     ModelTarget,
     PromptPublished,
     Severity,
+    SpanKind,
+    SpanLogged,
+    SpanStatus,
     Stage,
     StageChanged,
     Thumbs,
@@ -40,6 +43,7 @@ from contracts.events import (
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 MODEL = "smollm2-135m-instruct"
 DATASET = DatasetRef(name="acme-support", version=1)
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 HYPER = Hyperparameters(rank=8, alpha=16, epochs=2, batch_size=4, max_seq_length=256, seed=7)
 
 
@@ -193,6 +197,31 @@ def example_events() -> dict[type[Payload], Payload]:
             latency_total_ms=190.2,
             started_at=NOW,
             metadata={"channel": "web"},
+            trace_id=TRACE,
+            span_id="00f067aa0ba902b7",
+            session_id="conversation-42",
+        ),
+        SpanLogged: SpanLogged(
+            trace_id=TRACE,
+            span_id="00f067aa0ba902b7",
+            parent_span_id="53995c3f42cd8ad8",
+            session_id="conversation-42",
+            name="chat smollm2-135m-instruct",
+            kind=SpanKind.llm,
+            service_name="support-bot",
+            started_at=NOW,
+            ended_at=NOW + timedelta(milliseconds=190),
+            status=SpanStatus.ok,
+            model_name=MODEL,
+            adapter_version=3,
+            inference_id="chatcmpl-1",
+            prompt_tokens=12,
+            completion_tokens=9,
+            input_text="How do I reset my Acme hub?",
+            output_text="Hold the button for 10 s.",
+            user_id="user-7",
+            principal="app:support-bot",
+            attributes={"gen_ai.system": "flywheel"},
         ),
         FeedbackReceived: FeedbackReceived(
             feedback_id="fb-1",

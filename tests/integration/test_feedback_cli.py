@@ -13,7 +13,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from contracts.envelope import wrap
-from contracts.events import InferenceLogged
+from contracts.events import InferenceLogged, SpanLogged
+from contracts.examples import example_events
 from contracts.topics import topic_for
 from infra.processes import free_port
 
@@ -44,7 +45,8 @@ def cli(tmp_path: Path, kafka_bootstrap: str, topics: str):
     return run
 
 
-async def publish_inferences(bootstrap: str, topic_prefix: str, n: int) -> None:
+async def publish_inferences(bootstrap: str, topic_prefix: str, n: int, spans: int = 0) -> None:
+    """`n` inferences, and `spans` spans of one trace (the gateway's call inside an app's trace)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     try:
@@ -55,6 +57,16 @@ async def publish_inferences(bootstrap: str, topic_prefix: str, n: int) -> None:
             )
             await producer.send(
                 topic_for(InferenceLogged, topic_prefix), envelope.model_dump_json().encode(), key=f"cli-{i}".encode()
+            )
+        example = example_events()[SpanLogged]
+        for i in range(spans):
+            span = example.model_copy(
+                update={"span_id": f"{i + 1:016x}", "parent_span_id": None if i == 0 else "1".zfill(16)}
+            )
+            await producer.send(
+                topic_for(SpanLogged, topic_prefix),
+                wrap(span, producer="test").model_dump_json().encode(),
+                key=span.trace_id.encode(),
             )
         await producer.flush()
     finally:
@@ -91,15 +103,23 @@ async def test_give_replay_twice_and_list(cli, kafka_bootstrap: str, topics: str
         "reviewer",
     )
     assert "published" in given.stdout
-    await publish_inferences(kafka_bootstrap, topics, 40)
+    await publish_inferences(kafka_bootstrap, topics, 40, spans=3)
 
     first = replay_counts(cli("ops", "replay").stdout)
     second = replay_counts(cli("ops", "replay").stdout)
     # A reviewer's feedback travels on feedback.reviewed (the feedback service's topic), not feedback.received.
-    assert first == {"inference.logged": (40, 40), "feedback.received": (0, 0), "feedback.reviewed": (1, 1)}
-    assert second == {"inference.logged": (40, 0), "feedback.received": (0, 0), "feedback.reviewed": (1, 0)}, (
-        "a second replay must add nothing"
-    )
+    assert first == {
+        "inference.logged": (40, 40),
+        "feedback.received": (0, 0),
+        "feedback.reviewed": (1, 1),
+        "span.logged": (3, 3),
+    }
+    assert second == {
+        "inference.logged": (40, 0),
+        "feedback.received": (0, 0),
+        "feedback.reviewed": (1, 0),
+        "span.logged": (3, 0),
+    }, "a second replay must add nothing"
 
     stored = cli(
         "ops", "sql", "SELECT count() AS rows, uniqExact(event_id) AS events FROM inference_log"
