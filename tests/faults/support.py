@@ -37,6 +37,7 @@ from contracts.events import (
     InferenceLogged,
     ModelRegistered,
     PromptPublished,
+    SpanLogged,
     StageChanged,
     TrainingCompleted,
     TrainingRequested,
@@ -64,7 +65,7 @@ GROUPS: dict[str, set[type]] = {
         AdapterRegistered,
         EvaluationRequested,
     },
-    "feedback": {InferenceLogged, FeedbackReceived, FeedbackReviewed},
+    "feedback": {InferenceLogged, FeedbackReceived, FeedbackReviewed, SpanLogged},
     "monitor": {StageChanged},
 }
 # Each group dead-letters each poison message of each topic it consumes, once.

@@ -31,6 +31,7 @@ from contracts.events import (
     FeedbackReviewed,
     InferenceLogged,
     InferenceStatus,
+    SpanLogged,
     StageChanged,
     TrainingCompleted,
 )
@@ -56,8 +57,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 ADMIN_KEY = "faults-admin-key-0123456789abcdef"
 INFERENCES = 40
 # Consumed by the services these shapes run: registry (training.completed, evaluation.completed),
-# feedback (inference.logged, feedback.received, feedback.reviewed), monitor (stage.changed).
-CONSUMED = {TrainingCompleted, EvaluationCompleted, InferenceLogged, FeedbackReceived, FeedbackReviewed, StageChanged}
+# feedback (inference.logged, feedback.received, feedback.reviewed, span.logged), monitor (stage.changed).
+CONSUMED = {
+    TrainingCompleted,
+    EvaluationCompleted,
+    InferenceLogged,
+    FeedbackReceived,
+    FeedbackReviewed,
+    SpanLogged,
+    StageChanged,
+}
 
 
 def shape_env(home: Path) -> dict[str, str]:
