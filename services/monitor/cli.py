@@ -246,6 +246,11 @@ def since_moment(since: str, now: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def since_ms(since: str) -> int:
+    """`--since` as the epoch milliseconds the trace and session queries compare with."""
+    return int(since_moment(since, datetime.now(UTC)).timestamp() * 1000)
+
+
 def checked_session_id(session: str) -> str:
     """`session` if it is a session id as the contract defines it; BadParameter otherwise (it goes into a query)."""
     from pydantic import TypeAdapter, ValidationError
@@ -295,7 +300,7 @@ def traces(
 ) -> None:
     """Recent traces: root span, duration, spans, tokens, cost, errors and feedback (the trace_summary view)."""
     where = ["started_at >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC')"]
-    parameters: dict[str, Any] = {"since_ms": int(since_moment(since, datetime.now(UTC)).timestamp() * 1000)}
+    parameters: dict[str, Any] = {"since_ms": since_ms(since)}
     if service is not None:
         where.append("service_name = {service:String}")
         parameters["service"] = _service_name(service)
@@ -320,7 +325,7 @@ def sessions(
 ) -> None:
     """Recent sessions (conversations): traces, turns, duration, tokens, cost, errors and feedback (session_summary)."""
     where = ["last_at >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC')"]
-    parameters: dict[str, Any] = {"since_ms": int(since_moment(since, datetime.now(UTC)).timestamp() * 1000)}
+    parameters: dict[str, Any] = {"since_ms": since_ms(since)}
     if service is not None:
         where.append("has(services, {service:String})")
         parameters["service"] = _service_name(service)
