@@ -8,17 +8,14 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from faststream.exceptions import FastStreamException
-from prometheus_client import Counter
 
-from contracts.events import SpanLogged
 from contracts.http import ErrorResponse, FeedbackAccepted, FeedbackCreate, Role
 from services.feedback import otlp
 from services.feedback.models import FeedbackList
+from services.feedback.otlp_intake import BrokerUnavailable, TraceIntake
 from services.feedback.service import InvalidFeedback, ReviewerRoleRequired, give_feedback, list_feedback
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
@@ -33,12 +30,6 @@ log = logging.getLogger("flywheel.feedback.otlp")
 OTLP_TRACES_PATH = "/v1/traces"
 # Seconds an exporter is told to wait before retrying when Kafka does not take the spans.
 OTLP_RETRY_AFTER_S = 5
-
-OTLP_SPANS = Counter(
-    "flywheel_otlp_spans_total",
-    "Spans received by the OTLP intake (POST /v1/traces), by outcome: accepted (published) or rejected (partial success).",
-    ["outcome"],
-)
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer fw_<id>_<secret>`.")
 
@@ -162,9 +153,10 @@ _OTLP_OPENAPI = {
 }
 
 
-def create_otlp_router(bus: EventBus, auth: Authenticator, redactor: Redactor, settings: FeedbackSettings) -> APIRouter:
+def create_otlp_router(intake: TraceIntake, auth: Authenticator) -> APIRouter:
     """The OTLP/HTTP trace intake at the standard path, so an OpenTelemetry exporter pointed at this
     process's base URL sends here unchanged."""
+    settings = intake.settings
     router = APIRouter(tags=["traces"], route_class=OtlpRoute)
     # The same role that logs inferences and sends end users' feedback: traces are an app's telemetry.
     sender = auth.require(Role.app)
@@ -207,54 +199,21 @@ def create_otlp_router(bus: EventBus, auth: Authenticator, redactor: Redactor, s
         body = await (await read_bounded(request, settings.otlp_max_body_bytes)).body()
         try:
             # Inflating, decoding and scrubbing thousands of spans is CPU work: off the event loop.
-            mapped = await asyncio.to_thread(
-                _decode_and_map, body, media_type, encoding, settings, caller.name, redactor
-            )
+            mapped = await asyncio.to_thread(_decode_and_map, intake, body, media_type, encoding, caller.name)
         except otlp.TooLarge as error:
             raise DoorError(413, f"{error}; nothing was stored", code="request_too_large") from None
         except otlp.Undecodable as error:
             raise DoorError(400, f"{error}; nothing was stored", code="invalid_otlp") from None
         try:
-            await asyncio.wait_for(_publish_spans(bus, mapped.spans), settings.otlp_publish_timeout_s)
-        except (KafkaError, FastStreamException, TimeoutError) as error:
-            # Spans published before the failure are republished under the same event ids on the
-            # exporter's retry, and consumers deduplicate them: none is stored twice.
-            log.warning("OTLP spans not published: Kafka did not take them (%s)", type(error).__name__)
-            raise DoorError(
-                503,
-                f"Kafka did not take the spans within {settings.otlp_publish_timeout_s:g} s ({type(error).__name__}); retry later",
-                code="broker_unavailable",
-            ) from None
-        OTLP_SPANS.labels(outcome="accepted").inc(len(mapped.spans))
-        OTLP_SPANS.labels(outcome="rejected").inc(len(mapped.rejections))
-        return Response(otlp.encode(mapped.response(), media_type), media_type=media_type)
+            answer = await intake.publish(mapped, transport="http")
+        except BrokerUnavailable as error:
+            raise DoorError(503, str(error), code="broker_unavailable") from None
+        return Response(otlp.encode(answer, media_type), media_type=media_type)
 
     return router
 
 
-async def _publish_spans(bus: EventBus, spans: list[SpanLogged]) -> None:
-    """Publish side by side (the producer batches them); on the first failure, or when the wait is cut
-    short, the publishes still pending are cancelled rather than left running past the answer."""
-    publishes = [asyncio.ensure_future(bus.publish(span, event_id=otlp.span_event_id(span))) for span in spans]
-    try:
-        await asyncio.gather(*publishes)
-    except BaseException:
-        for publish in publishes:
-            publish.cancel()
-        await asyncio.gather(*publishes, return_exceptions=True)
-        raise
-
-
-def _decode_and_map(
-    body: bytes, media_type: str, encoding: str, settings: FeedbackSettings, principal: str, redactor: Redactor
-) -> otlp.Mapped:
+def _decode_and_map(intake: TraceIntake, body: bytes, media_type: str, encoding: str, principal: str) -> otlp.Mapped:
     if encoding == "gzip":
-        body = otlp.inflate(body, settings.otlp_max_inflated_bytes)
-    request = otlp.decode(body, media_type)
-    spans = otlp.count_spans(request)
-    if spans > settings.otlp_max_spans:
-        raise otlp.TooLarge(
-            f"the request carries {spans} spans; at most {settings.otlp_max_spans} per request "
-            "(lower the exporter's batch size, e.g. OTEL_BSP_MAX_EXPORT_BATCH_SIZE)"
-        )
-    return otlp.map_request(request, principal=principal, redactor=redactor)
+        body = otlp.inflate(body, intake.settings.otlp_max_inflated_bytes)
+    return intake.map(otlp.decode(body, media_type), principal)

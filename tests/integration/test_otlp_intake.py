@@ -34,6 +34,7 @@ from contracts.topics import topic_for
 from services.feedback import otlp
 from services.feedback.api import create_otlp_router, otlp_body_limits
 from services.feedback.app import create_app
+from services.feedback.otlp_intake import TraceIntake
 from services.feedback.settings import FeedbackSettings
 from services.runtime.auth import Authenticator
 from services.runtime.broker import EventBus, create_broker
@@ -311,7 +312,7 @@ async def otlp_door(settings: FlywheelSettings, *, connected: bool = True) -> As
     bus = EventBus(broker, producer="feedback", topic_prefix=settings.topic_prefix)
     app = create_http_app(
         "flywheel-feedback",
-        routers=[create_otlp_router(bus, Authenticator.for_settings(settings), Redactor(), LIMITS)],
+        routers=[create_otlp_router(TraceIntake(bus, Redactor(), LIMITS), Authenticator.for_settings(settings))],
         body_limits=otlp_body_limits(LIMITS),
     )
     if connected:
