@@ -1,5 +1,5 @@
 """Wires the feedback service into a process: the sink's batch subscribers, the feedback door and the
-OTLP trace intake."""
+OTLP trace intake (HTTP on the process's port, gRPC on its own)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from fastapi import APIRouter
 
 from services.feedback.api import create_otlp_router, create_router, otlp_body_limits
 from services.feedback.handlers import BATCH_HANDLERS, GROUP
+from services.feedback.otlp_grpc import OtlpGrpcServer, TraceExportServicer
+from services.feedback.otlp_intake import TraceIntake
 from services.feedback.service import Sink
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
 from services.runtime.auth import Authenticator
+from services.runtime.http import RefusalLog
 from services.runtime.privacy import PrivacySettings
-from services.runtime.service import Runtime, Service
+from services.runtime.service import Hook, Runtime, Service
 
 
 def create_app(runtime: Runtime, settings: FeedbackSettings, privacy: PrivacySettings) -> Service:
@@ -29,7 +32,19 @@ def create_app(runtime: Runtime, settings: FeedbackSettings, privacy: PrivacySet
     auth = Authenticator.for_settings(runtime.settings)
     doors = APIRouter()
     doors.include_router(create_router(bus, lambda: store, auth, redactor))
-    doors.include_router(create_otlp_router(bus, auth, redactor, settings))
+    intake = TraceIntake(bus, redactor, settings)
+    doors.include_router(create_otlp_router(intake, auth))
+    on_start: list[Hook] = [clickhouse_answers]
+    on_stop: list[Hook] = []
+    if settings.otlp_grpc_port:
+        grpc_door = OtlpGrpcServer(
+            TraceExportServicer(intake, auth, RefusalLog()),
+            host=runtime.settings.http_host,
+            port=settings.otlp_grpc_port,
+            max_message_bytes=settings.otlp_max_inflated_bytes,
+        )
+        on_start.append(grpc_door.start)
+        on_stop.append(grpc_door.stop)
 
     # Opening the store before the broker starts migrates it, and a bad ClickHouse setting stops the
     # process at start instead of at the first batch. Nothing needs flushing on stop: the only batch
@@ -39,6 +54,7 @@ def create_app(runtime: Runtime, settings: FeedbackSettings, privacy: PrivacySet
         name=GROUP,
         api=doors,
         readiness={"clickhouse": clickhouse_answers},
-        on_start=[clickhouse_answers],
+        on_start=on_start,
+        on_stop=on_stop,
         body_limits=otlp_body_limits(settings),
     )

@@ -41,6 +41,12 @@ class FeedbackSettings(BaseSettings):
         le=1_000_000,
         description="Spans one OTLP request may carry; more is refused with 413 (lower the exporter's batch size).",
     )
+    otlp_grpc_port: int = Field(
+        default=4317,
+        ge=0,
+        le=65535,
+        description="Port of the OTLP/gRPC trace intake (TraceService/Export), on FLYWHEEL_HTTP_HOST; 0 serves none. Replicas on one host share it.",
+    )
     otlp_publish_timeout_s: float = Field(
         default=10.0,
         gt=0,
