@@ -21,8 +21,8 @@ class Payload(ContractModel):
 
     event_type: ClassVar[str]
     schema_version: ClassVar[int] = 1
-    # Name of the payload field whose value is the Kafka message key: events with the same key
-    # land on the same partition and are consumed in the order they were produced.
+    # Name of the payload field (or property) whose value is the Kafka message key: events with the
+    # same key land on the same partition and are consumed in the order they were produced.
     key_field: ClassVar[str]
     partitions: ClassVar[int] = 3
     # How long the topic keeps records: None is the broker's default; -1 keeps them forever, for the

@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from contracts.envelope import ContractModel, Payload
 from contracts.ids import (
@@ -401,6 +401,14 @@ class InferenceLogged(Payload):
 
 # ------------------------------------------------------------------------------------------- spans
 
+
+def refuse_all_zero(value: str | None) -> str | None:
+    """`value` unless it is an all-zero trace or span id, which W3C trace context calls invalid."""
+    if value is not None and not value.strip("0"):
+        raise ValueError("an all-zero trace or span id is invalid (W3C trace context)")
+    return value
+
+
 # The span table stores counts as UInt32: a larger value would fail the sink's whole batch.
 UINT32_MAX = 2**32 - 1
 
@@ -455,9 +463,7 @@ class SpanLogged(Payload):
     @field_validator("trace_id", "span_id", "parent_span_id")
     @classmethod
     def _not_all_zero(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip("0"):
-            raise ValueError("an all-zero trace or span id is invalid (W3C trace context)")
-        return value
+        return refuse_all_zero(value)
 
     @field_validator("ended_at")
     @classmethod
@@ -471,15 +477,74 @@ class SpanLogged(Payload):
 # ---------------------------------------------------------------------------------------- feedback
 
 
+class FeedbackTarget(StrEnum):
+    """What one piece of feedback is about."""
+
+    inference = "inference"
+    span = "span"
+    trace = "trace"
+    session = "session"
+
+
+FEEDBACK_TARGETS = (
+    "inference_id (an inference), trace_id with span_id (a span), trace_id alone (a trace) or session_id (a session)"
+)
+
+_NAMED_BY = {
+    FeedbackTarget.inference: "an inference (inference_id)",
+    FeedbackTarget.span: "a span (trace_id and span_id)",
+    FeedbackTarget.trace: "a trace (trace_id)",
+    FeedbackTarget.session: "a session (session_id)",
+}
+
+
+def feedback_target(
+    inference_id: str | None, trace_id: str | None, span_id: str | None, session_id: str | None
+) -> FeedbackTarget:
+    """The one thing feedback with these ids is about; ValueError saying what to send when they name
+    none, more than one, or a span without its trace. The event and the feedback door's request share it."""
+    if span_id is not None and trace_id is None:
+        raise ValueError(f"span_id {span_id} needs its trace_id: a span is named by trace_id and span_id together")
+    named = [
+        target
+        for target, given in (
+            (FeedbackTarget.inference, inference_id is not None),
+            (FeedbackTarget.span, trace_id is not None and span_id is not None),
+            (FeedbackTarget.trace, trace_id is not None and span_id is None),
+            (FeedbackTarget.session, session_id is not None),
+        )
+        if given
+    ]
+    if not named:
+        raise ValueError(f"feedback names no target: give {FEEDBACK_TARGETS}")
+    if len(named) > 1:
+        several = ", ".join(_NAMED_BY[target] for target in named[:-1]) + f" and {_NAMED_BY[named[-1]]}"
+        raise ValueError(f"feedback names {len(named)} targets, {several}; give exactly one: {FEEDBACK_TARGETS}")
+    return named[0]
+
+
 class FeedbackReceived(Payload):
+    """Feedback on exactly one target: an inference, a span, a trace or a session."""
+
     event_type: ClassVar[str] = "feedback.received"
-    key_field: ClassVar[str] = "inference_id"
+    # A property, not a field: the target's id, so feedback on one inference, trace or session stays in
+    # order on one partition. Feedback on an inference is keyed by inference_id as it always was.
+    key_field: ClassVar[str] = "target_id"
     partitions: ClassVar[int] = 6
 
     feedback_id: FeedbackId = Field(
         default_factory=lambda: str(uuid.uuid4()), description="Id of this piece of feedback."
     )
-    inference_id: InferenceId = Field(description="Inference the feedback is about.")
+    # Optional since feedback may target a span, trace or session instead; exactly one target is required.
+    inference_id: InferenceId | None = Field(default=None, description="Inference the feedback is about.")
+    trace_id: TraceId | None = Field(
+        default=None,
+        description="Trace the feedback is about (32 lowercase hex digits); with span_id, the trace of the span it is about.",
+    )
+    span_id: SpanId | None = Field(
+        default=None, description="Span the feedback is about (16 lowercase hex digits), within trace_id."
+    )
+    session_id: SessionId | None = Field(default=None, description="Session (conversation) the feedback is about.")
     thumbs: Thumbs | None = Field(default=None, description="Thumbs up or down.")
     rating: int | None = Field(default=None, ge=1, le=5, description="Rating from 1 to 5.")
     comment: str | None = Field(default=None, max_length=8000, description="Free-text comment.")
@@ -489,6 +554,27 @@ class FeedbackReceived(Payload):
     tags: list[str] = Field(default_factory=list, description="Labels, e.g. wrong-fact, tone.")
     source: FeedbackSource = Field(default=FeedbackSource.end_user, description="Who gave it.")
     actor: str | None = Field(default=None, description="Id of the person or judge that gave it.")
+
+    @field_validator("trace_id", "span_id")
+    @classmethod
+    def _not_all_zero(cls, value: str | None) -> str | None:
+        return refuse_all_zero(value)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> FeedbackReceived:
+        feedback_target(self.inference_id, self.trace_id, self.span_id, self.session_id)
+        return self
+
+    @property
+    def target(self) -> FeedbackTarget:
+        """What this feedback is about."""
+        return feedback_target(self.inference_id, self.trace_id, self.span_id, self.session_id)
+
+    @property
+    def target_id(self) -> str:
+        """The target's id, the Kafka key: a span's feedback is keyed by its trace, as span.logged is, so
+        the feedback on one trace and on its spans stays in order together."""
+        return str(self.inference_id or self.trace_id or self.session_id)
 
 
 # Kafka does not tell a consumer which principal wrote a record, and the envelope's `producer` is

@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from contracts.events import (
     DatasetRef,
@@ -21,8 +21,22 @@ from contracts.events import (
     ModelTarget,
     Stage,
     Thumbs,
+    feedback_target,
+    refuse_all_zero,
 )
-from contracts.ids import DatasetName, JobId, MetricSuiteName, ModelName, PromptLabel, PromptName, Sha256, VersionNumber
+from contracts.ids import (
+    DatasetName,
+    JobId,
+    MetricSuiteName,
+    ModelName,
+    PromptLabel,
+    PromptName,
+    SessionId,
+    Sha256,
+    SpanId,
+    TraceId,
+    VersionNumber,
+)
 
 T = TypeVar("T")
 
@@ -84,9 +98,24 @@ class HealthStatus(Response):
 
 
 class FeedbackCreate(Request):
-    inference_id: str = Field(
-        min_length=1, max_length=128, description="Inference the feedback is about (the gateway response id)."
+    """Feedback on exactly one target: an inference (inference_id), a span (trace_id and span_id), a trace
+    (trace_id alone) or a session (session_id)."""
+
+    # Not an InferenceId: the door checks its alphabet itself and says what to send (services/feedback).
+    inference_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Inference the feedback is about (the gateway response id).",
     )
+    trace_id: TraceId | None = Field(
+        default=None,
+        description="Trace the feedback is about (32 lowercase hex digits, as `flywheel ops traces` lists them); with span_id, the trace of the span.",
+    )
+    span_id: SpanId | None = Field(
+        default=None, description="Span the feedback is about (16 lowercase hex digits), within trace_id."
+    )
+    session_id: SessionId | None = Field(default=None, description="Session (conversation) the feedback is about.")
     thumbs: Thumbs | None = Field(default=None, description="Thumbs up or down.")
     rating: int | None = Field(default=None, ge=1, le=5, description="Rating from 1 to 5.")
     comment: str | None = Field(default=None, max_length=8000, description="Free-text comment.")
@@ -96,6 +125,17 @@ class FeedbackCreate(Request):
     tags: list[str] = Field(default_factory=list, max_length=32, description="Labels, e.g. wrong-fact.")
     source: FeedbackSource = Field(default=FeedbackSource.end_user, description="Who gives it.")
     actor: str | None = Field(default=None, max_length=256, description="Id of the person or judge.")
+
+    @field_validator("trace_id", "span_id")
+    @classmethod
+    def _not_all_zero(cls, value: str | None) -> str | None:
+        return refuse_all_zero(value)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> FeedbackCreate:
+        # The rule is about the request as a whole, so a 422 names no field: `body: Value error, feedback names ...`.
+        feedback_target(self.inference_id, self.trace_id, self.span_id, self.session_id)
+        return self
 
 
 class FeedbackAccepted(Response):

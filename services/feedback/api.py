@@ -64,10 +64,12 @@ def create_router(
 
     @router.post("/feedback", status_code=202, response_model=FeedbackAccepted)
     async def post_feedback(request: FeedbackCreate, caller: Principal = Depends(sender)) -> FeedbackAccepted:
-        """Accept feedback on an inference. 202: it is published now, personal data scrubbed, and stored by
-        the sink; feedback on an inference not stored yet is kept and joins it when it lands. `source:
-        reviewer` needs a key whose role grants reviewer (403 otherwise): only reviewers' corrections feed
-        automatic retraining."""
+        """Accept feedback on exactly one target: an inference (`inference_id`), a span (`trace_id` and
+        `span_id`), a trace (`trace_id` alone) or a session (`session_id`); 422 names what to send when a
+        request names none or several. 202: it is published now, personal data scrubbed, and stored by the
+        sink; feedback on something not stored yet is kept and joins it when it lands. `source: reviewer`
+        needs a key whose role grants reviewer (403 otherwise): only reviewers' corrections on inferences
+        feed automatic retraining."""
         try:
             return await give_feedback(
                 request, bus.publish, redactor, caller=caller.name, may_review=caller.may(Role.reviewer)

@@ -19,7 +19,10 @@ from services.runtime.errors import FlywheelError
 from services.runtime.settings import FlywheelSettings, load_settings
 
 app = typer.Typer()
-feedback_app = typer.Typer(help="Give feedback on inferences and read it back.", no_args_is_help=True)
+feedback_app = typer.Typer(
+    help="Give feedback on an inference, span, trace or session, and read inference feedback back.",
+    no_args_is_help=True,
+)
 ops_app = typer.Typer()
 bench_app = typer.Typer()
 app.add_typer(feedback_app, name="feedback")
@@ -29,7 +32,17 @@ app.add_typer(bench_app, name="bench")
 
 @feedback_app.command()
 def give(
-    inference_id: Annotated[str, typer.Argument(help="The inference id (the completion response's `id`).")],
+    inference_id: Annotated[
+        str | None,
+        typer.Argument(
+            help="The inference id (the completion response's `id`); leave out for a span, trace or session."
+        ),
+    ] = None,
+    trace_id: Annotated[
+        str | None, typer.Option(help="A trace (32 hex digits); with --span-id, the trace of the span.")
+    ] = None,
+    span_id: Annotated[str | None, typer.Option(help="A span (16 hex digits) of --trace-id.")] = None,
+    session_id: Annotated[str | None, typer.Option(help="A session (conversation) id.")] = None,
     thumbs: Annotated[Thumbs | None, typer.Option(help="up or down.")] = None,
     rating: Annotated[int | None, typer.Option(help="1 to 5.")] = None,
     comment: Annotated[str | None, typer.Option(help="Free-text comment.")] = None,
@@ -38,7 +51,9 @@ def give(
     source: Annotated[FeedbackSource, typer.Option(help="Who gives it.")] = FeedbackSource.end_user,
     actor: Annotated[str | None, typer.Option(help="Id of the person or judge.")] = None,
 ) -> None:
-    """Publish feedback as `feedback.received` (`feedback.reviewed` with --source reviewer); the sink stores it, also before its inference lands."""
+    """Publish feedback on one target, an inference, a span (--trace-id and --span-id), a trace (--trace-id) or a
+    session (--session-id), as `feedback.received` (`feedback.reviewed` with --source reviewer); the sink stores
+    it, also before what it is about lands."""
     from pydantic import ValidationError
 
     from contracts.http import FeedbackCreate
@@ -51,6 +66,9 @@ def give(
         event = feedback_event(
             FeedbackCreate(
                 inference_id=inference_id,
+                trace_id=trace_id,
+                span_id=span_id,
+                session_id=session_id,
                 thumbs=thumbs,
                 rating=rating,
                 comment=comment,
@@ -62,9 +80,9 @@ def give(
         )
     except ValidationError as error:
         first = error.errors()[0]
-        raise FlywheelError(
-            f"invalid feedback: {'.'.join(str(part) for part in first['loc'])}: {first['msg']}"
-        ) from None
+        # A rule over several fields (the one-target rule) has no field of its own.
+        where = ".".join(str(part) for part in first["loc"]) or "target"
+        raise FlywheelError(f"invalid feedback: {where}: {first['msg']}") from None
     except InvalidFeedback as error:
         raise FlywheelError(f"invalid feedback: {error}") from None
 

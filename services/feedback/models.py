@@ -142,13 +142,20 @@ def span_rows(envelopes: Sequence[Envelope[SpanLogged]], redactor: Redactor) -> 
 
 
 def feedback_rows(envelopes: Sequence[Envelope[FeedbackReceived]], redactor: Redactor) -> pa.Table:
-    """`feedback` rows, personal data and secrets scrubbed from comments, corrections, tags and a person's actor id."""
+    """`feedback` rows, personal data and secrets scrubbed from comments, corrections, tags and a person's actor id;
+    each names its one target (inference, span, trace or session)."""
     payloads = [redactor.scrub_feedback(envelope.payload) for envelope in envelopes]
     return pa.table(
         {
             **_envelope_columns(envelopes),
             "feedback_id": pa.array([p.feedback_id for p in payloads], pa.string()),
-            "inference_id": pa.array([p.inference_id for p in payloads], pa.string()),
+            # The table is ordered by inference_id, which cannot be NULL: feedback on a span, trace or
+            # session stores '' there, so those rows sit together and the trace and session views read
+            # only them (migration 0009).
+            "inference_id": pa.array([p.inference_id or "" for p in payloads], pa.string()),
+            "trace_id": pa.array([p.trace_id for p in payloads], pa.string()),
+            "span_id": pa.array([p.span_id for p in payloads], pa.string()),
+            "session_id": pa.array([p.session_id for p in payloads], pa.string()),
             "thumbs": pa.array([p.thumbs.value if p.thumbs else None for p in payloads], pa.string()),
             "rating": pa.array([p.rating for p in payloads], pa.uint8()),
             "comment": pa.array([p.comment for p in payloads], pa.string()),

@@ -49,8 +49,9 @@ class StoreUnavailable(Exception):
 
 def feedback_event(request: FeedbackCreate) -> FeedbackReceived:
     """The event for a request, or InvalidFeedback saying what to fix: `feedback.reviewed` for source
-    reviewer (its topic only the feedback service may write), `feedback.received` for every other source."""
-    if not INFERENCE_ID.fullmatch(request.inference_id):
+    reviewer (its topic only the feedback service may write), `feedback.received` for every other source.
+    The request names exactly one target (inference, span, trace or session); its model checked that."""
+    if request.inference_id is not None and not INFERENCE_ID.fullmatch(request.inference_id):
         raise InvalidFeedback(
             f"inference_id {request.inference_id[:80]!r} is malformed: use the `id` of the completion response "
             "(letters, digits and . _ : / - only, no spaces)",
@@ -75,6 +76,9 @@ def feedback_event(request: FeedbackCreate) -> FeedbackReceived:
     event_class = FeedbackReviewed if request.source is FeedbackSource.reviewer else FeedbackReceived
     return event_class(
         inference_id=request.inference_id,
+        trace_id=request.trace_id,
+        span_id=request.span_id,
+        session_id=request.session_id,
         thumbs=request.thumbs,
         rating=request.rating,
         comment=request.comment,

@@ -211,13 +211,20 @@ TRACES_SQL = (
 SESSIONS_SQL = (
     "SELECT session_id, first_at, last_at, round(duration_ms, 1) AS duration_ms, traces, turns, services, "
     "span_count AS spans, prompt_tokens AS tokens_in, completion_tokens AS tokens_out, round(cost_usd, 6) AS cost_usd, "
-    "error_spans AS errors, errored_traces, feedback_count AS feedback, thumbs_down "
+    "error_spans AS errors, errored_traces, feedback_count AS feedback, thumbs_down, "
+    "session_feedback AS on_session, session_thumbs_down AS on_session_down, round(session_mean_rating, 2) AS session_rating "
     "FROM session_summary WHERE {where} ORDER BY last_at DESC, session_id LIMIT {limit}"
 )
 SPANS_SQL = (
     "SELECT span_id, parent_span_id, name, kind, service_name, toUnixTimestamp64Micro(started_at) AS start_us, "
     "duration_ms, status, error, model_name, prompt_tokens, completion_tokens, cost_usd, inference_id "
     f"FROM span FINAL WHERE trace_id = {{trace_id:String}} ORDER BY started_at, span_id LIMIT {MAX_TREE_SPANS + 1}"
+)
+# The feedback a trace's tree shows: on the trace (span_id NULL), on one of its spans, and on the inferences
+# its spans name. Feedback on a span, trace or session has inference_id '', one range of the table's key.
+TRACE_FEEDBACK_SQL = (
+    "SELECT span_id, inference_id, thumbs, rating FROM feedback FINAL "
+    "WHERE (inference_id = '' AND trace_id = {trace_id:String}) OR inference_id IN {inference_ids:Array(String)}"
 )
 
 Since = Annotated[
@@ -340,22 +347,37 @@ def sessions(
 
 @ops_app.command()
 def trace(trace_id: Annotated[str, typer.Argument(help="The trace id (32 lowercase hex digits).")]) -> None:
-    """One trace as a tree: each span under its parent, with kind, start, duration, tokens and status."""
+    """One trace as a tree: each span under its parent, with kind, start, duration, tokens, status and feedback."""
     checked = checked_trace_id(trace_id)
     columns, rows = run_query(SPANS_SQL, {"trace_id": checked})
     spans = [dict(zip(columns, row, strict=True)) for row in rows]
     if not spans:
         raise FlywheelError(f"no spans stored for trace {checked}: list recent ones with `flywheel ops traces`")
-    for line in span_tree(checked, spans[:MAX_TREE_SPANS]):
+    shown = spans[:MAX_TREE_SPANS]
+    inference_ids = sorted({span["inference_id"] for span in shown if span["inference_id"]})
+    columns, rows = run_query(TRACE_FEEDBACK_SQL, {"trace_id": checked, "inference_ids": inference_ids})
+    feedback = [dict(zip(columns, row, strict=True)) for row in rows]
+    for line in span_tree(checked, shown, feedback):
         typer.echo(line)
     if len(spans) > MAX_TREE_SPANS:
         typer.echo(f"... more than {MAX_TREE_SPANS} spans: read the rest with `flywheel ops sql`")
 
 
-def span_tree(trace_id: str, spans: list[dict[str, Any]]) -> list[str]:
+def span_tree(trace_id: str, spans: list[dict[str, Any]], feedback: list[dict[str, Any]] | None = None) -> list[str]:
     """Lines of the tree: roots first by start, children indented under their parent. A span whose
     parent is not stored (yet) starts a branch of its own, marked, and a cycle of parents (nothing
-    guards what an app sends) is printed once, never followed round."""
+    guards what an app sends) is printed once, never followed round. `feedback` rows (span_id,
+    inference_id, thumbs, rating) show on the trace's line when about the trace, and on a span's line
+    when about the span or the inference it names."""
+    feedback = feedback or []
+    on_trace = [row for row in feedback if not row["inference_id"] and row["span_id"] is None]
+    by_span: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_inference: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in feedback:
+        if row["inference_id"]:
+            by_inference[row["inference_id"]].append(row)
+        elif row["span_id"] is not None:
+            by_span[row["span_id"]].append(row)
     stored = {span["span_id"] for span in spans}
     children: dict[str | None, list[dict[str, Any]]] = defaultdict(list)
     for span in spans:
@@ -366,13 +388,15 @@ def span_tree(trace_id: str, spans: list[dict[str, Any]]) -> list[str]:
     lines = [
         f"trace {trace_id}: {len(spans)} spans, {(end - start) / 1000:.1f} ms, "
         f"tokens {sum(int(s['prompt_tokens']) for s in spans)} in / {sum(int(s['completion_tokens']) for s in spans)} out, "
-        f"{errors} in error"
+        f"{errors} in error" + (f", {feedback_summary(on_trace)} on the trace" if on_trace else "")
     ]
     printed: set[str] = set()
 
     def branch(span: dict[str, Any], depth: int) -> None:
         printed.add(span["span_id"])
-        lines.append("  " * depth + _span_line(span, start, stored))
+        given = by_span[span["span_id"]] + (by_inference[span["inference_id"]] if span["inference_id"] else [])
+        line = _span_line(span, start, stored)
+        lines.append("  " * depth + (f"{line}  {feedback_summary(given)}" if given else line))
         for child in children[span["span_id"]]:
             if child["span_id"] not in printed:
                 branch(child, depth + 1)
@@ -407,6 +431,18 @@ def _span_line(span: dict[str, Any], trace_start_us: int, stored: set[str]) -> s
     if span["error"]:
         parts.append(f"error: {_printable(span['error'])[:160]}")
     return "  ".join(parts)
+
+
+def feedback_summary(rows: list[dict[str, Any]]) -> str:
+    """`feedback 3 (1 up, 2 down, rating 2.5)`: how many, the thumbs given, and the mean of the ratings given."""
+    up = sum(row["thumbs"] == "up" for row in rows)
+    down = sum(row["thumbs"] == "down" for row in rows)
+    ratings = [int(row["rating"]) for row in rows if row["rating"] is not None]
+    details = [f"{up} up" if up else "", f"{down} down" if down else ""]
+    if ratings:
+        details.append(f"rating {sum(ratings) / len(ratings):.1f}")
+    shown = ", ".join(detail for detail in details if detail)
+    return f"feedback {len(rows)}" + (f" ({shown})" if shown else "")
 
 
 def _printable(text: object) -> str:

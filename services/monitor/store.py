@@ -20,6 +20,8 @@ from services.runtime.clickhouse.query_guard import QueryGuard, QueryLimits
 _TIME = pa.timestamp("ms", "UTC")
 
 # One row per inference (deduplicated) with its feedback folded in; rule queries read these columns.
+# Rules judge a model version by its answers, so only feedback on an inference counts: feedback on a
+# span, trace or session (inference_id '') names no model version and is left to the trace views.
 MONITORED = """(
     SELECT i.*, fb.thumbs_down AS thumbs_down, fb.thumbs_given AS thumbs_given,
            fb.rating_sum AS rating_sum, fb.ratings_given AS ratings_given
@@ -27,7 +29,7 @@ MONITORED = """(
     LEFT JOIN (
         SELECT inference_id, countIf(thumbs = 'down') AS thumbs_down, countIf(thumbs IS NOT NULL) AS thumbs_given,
                sum(ifNull(rating, 0)) AS rating_sum, count(rating) AS ratings_given
-        FROM feedback FINAL GROUP BY inference_id
+        FROM feedback FINAL WHERE inference_id != '' GROUP BY inference_id
     ) AS fb ON i.inference_id = fb.inference_id
 )"""
 
@@ -222,11 +224,12 @@ class MonitorStore:
         Only `source = 'reviewer'`: the feedback door accepts that source from reviewer keys alone and
         publishes it as feedback.reviewed, which only the feedback service may write (the sink dead-letters
         the claim on feedback.received), while any app may send end-user corrections, and those must not
-        steer what the model learns."""
+        steer what the model learns. Only corrections of an inference: a correction of a span, trace or
+        session has no prompt of this model to pair with, so it is not a training example (yet)."""
         return self._query(
             "SELECT input_messages, input_text, correction FROM ("
             "  SELECT i.input_messages AS input_messages, i.input_text AS input_text, trimBoth(f.correction) AS correction, f.occurred_at AS at"
-            "  FROM (SELECT * FROM feedback FINAL) AS f INNER JOIN (SELECT * FROM inference_log FINAL) AS i ON f.inference_id = i.inference_id"
+            "  FROM (SELECT * FROM feedback FINAL WHERE inference_id != '') AS f INNER JOIN (SELECT * FROM inference_log FINAL) AS i ON f.inference_id = i.inference_id"
             "  WHERE i.model_name = {model:String} AND f.source = 'reviewer' AND f.correction IS NOT NULL AND trimBoth(f.correction) != '' AND i.input_text != ''"
             ") ORDER BY at DESC LIMIT 1 BY input_text, correction LIMIT {limit:UInt32}",
             {"model": model_name, "limit": limit},

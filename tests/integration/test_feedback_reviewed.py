@@ -157,4 +157,6 @@ def test_feedback_reviewed_carries_reviewer_feedback_only() -> None:
     with pytest.raises(ValueError, match="feedback.reviewed carries source reviewer only, got end_user"):
         FeedbackReviewed(inference_id="chatcmpl-1", thumbs=Thumbs.down, source=FeedbackSource.end_user)
     assert FeedbackReviewed(inference_id="chatcmpl-1", thumbs=Thumbs.down).source is FeedbackSource.reviewer
-    assert topic_for(FeedbackReviewed) == "feedback.reviewed" and FeedbackReviewed.key_field == "inference_id"
+    # Keyed by its target as feedback.received is: an inference's feedback by the inference id.
+    assert topic_for(FeedbackReviewed) == "feedback.reviewed"
+    assert FeedbackReviewed(inference_id="chatcmpl-1", thumbs=Thumbs.down).partition_key() == "chatcmpl-1"

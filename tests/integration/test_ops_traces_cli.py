@@ -22,7 +22,8 @@ FAILED = "0af7651916cd43dd8448eb211c80319c"
 NIGHTLY = "5b8efff798038103d269b633813fc60c"
 
 # Two turns of conversation conv-9 ten and five minutes ago (the second with a failing tool), and a
-# nightly job three days ago, stored by the sink as it stores span.logged.
+# nightly job three days ago, stored by the sink as it stores span.logged; feedback on the first turn's
+# LLM answer, on that turn, on its retrieval span, and on the conversation.
 SEED = f"""
 import sys
 from datetime import UTC, datetime, timedelta
@@ -57,7 +58,12 @@ with open_clickhouse(None, Path(sys.argv[1])) as store:
              status="error", error="timeout", **app),
         span("{NIGHTLY}", "c000000000000001", None, "reindex [/bold]", "chain", nightly, 0, 90, service_name="indexer"),
     ])
-    sink.store_feedback([wrap(FeedbackReceived(inference_id="chatcmpl-a", thumbs="down"), producer="seed")])
+    sink.store_feedback([
+        wrap(FeedbackReceived(inference_id="chatcmpl-a", thumbs="down"), producer="seed"),
+        wrap(FeedbackReceived(trace_id="{ANSWER}", thumbs="up"), producer="seed"),
+        wrap(FeedbackReceived(trace_id="{ANSWER}", span_id="a000000000000002", thumbs="down", rating=2), producer="seed"),
+        wrap(FeedbackReceived(session_id="conv-9", thumbs="up", rating=4), producer="seed"),
+    ])
 """
 
 
@@ -98,7 +104,8 @@ def test_traces_lists_recent_traces_with_their_sums_and_filters(env: dict[str, s
     # trace_id, started_at, duration_ms, root_name, service_name, session_id, spans, llm_spans, tokens_in,
     # tokens_out, cost_usd, errors, feedback, thumbs_down
     [answer] = found[ANSWER]
-    assert answer[2:] == ["1200.0", "answer", "rag-app", "conv-9", "4", "1", "120", "30", "", "0", "1", "1"]
+    # Feedback on the trace, on its retrieval span and on the inference its LLM span names.
+    assert answer[2:] == ["1200.0", "answer", "rag-app", "conv-9", "4", "1", "120", "30", "", "0", "3", "2"]
     [failed] = found[FAILED]
     assert failed[2:] == ["700.0", "answer", "rag-app", "conv-9", "2", "0", "0", "0", "", "1", "0", "0"]
     assert listed.stdout.index(FAILED) < listed.stdout.index(ANSWER), "newest first"
@@ -127,8 +134,11 @@ def test_sessions_lists_each_conversation_once(env: dict[str, str]) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     [session] = rows_naming(done.stdout, "conv-9")["conv-9"]
     # session_id, first_at, last_at, duration_ms, traces, turns, services, spans, tokens_in, tokens_out,
-    # cost_usd, errors, errored_traces, feedback, thumbs_down
-    assert session[3:] == ["300700.0", "2", "2", "['rag-app']", "6", "120", "30", "", "1", "1", "1", "1"]
+    # cost_usd, errors, errored_traces, feedback, thumbs_down, on_session, on_session_down, session_rating:
+    # feedback counts the three within its traces and the one on the conversation itself.
+    assert session[3:] == [
+        "300700.0", "2", "2", "['rag-app']", "6", "120", "30", "", "1", "1", "4", "2", "1", "0", "4.0",
+    ]  # fmt: skip
 
     quiet = flywheel(env, "sessions", "--since", "1h", "--service", "indexer")
     assert quiet.returncode == 0 and "conv-9" not in quiet.stdout and "no rows" in quiet.stdout
@@ -138,11 +148,12 @@ def test_trace_prints_the_span_tree(env: dict[str, str]) -> None:
     done = flywheel(env, "trace", ANSWER)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == [
-        f"trace {ANSWER}: 4 spans, 1200.0 ms, tokens 120 in / 30 out, 0 in error",
+        f"trace {ANSWER}: 4 spans, 1200.0 ms, tokens 120 in / 30 out, 0 in error, feedback 1 (1 up) on the trace",
         "answer  [chain]  +0.0 ms  1200.0 ms  ok  service rag-app  span a000000000000001",
-        "  retrieve  [retrieval]  +10.0 ms  50.0 ms  unset  service rag-app  span a000000000000002",
+        "  retrieve  [retrieval]  +10.0 ms  50.0 ms  unset  service rag-app  span a000000000000002  "
+        "feedback 1 (1 down, rating 2.0)",
         "  chat smollm2  [llm]  +100.0 ms  1000.0 ms  unset  tokens 120/30  model smollm2  service rag-app  "
-        "inference chatcmpl-a  span a000000000000003",
+        "inference chatcmpl-a  span a000000000000003  feedback 1 (1 down)",
         "    triton [/]  [unknown]  +150.0 ms  800.0 ms  unset  service flywheel-serving  span a000000000000004",
     ]
 

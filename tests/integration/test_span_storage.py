@@ -339,6 +339,11 @@ async def test_spans_are_stored_once_scrubbed_and_summarised_per_trace_and_sessi
             "errored_traces": 1,
             "feedback_count": 3,
             "thumbs_down": 2,
+            # None given on the session as a whole (tests/integration/test_feedback_targets.py gives some).
+            "session_feedback": 0,
+            "session_thumbs_up": 0,
+            "session_thumbs_down": 0,
+            "session_mean_rating": None,
         }
     ]
 

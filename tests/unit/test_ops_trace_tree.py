@@ -64,6 +64,30 @@ def test_children_sit_under_their_parent_and_an_orphan_starts_its_own_branch() -
     ]
 
 
+def feedback(span_id: str | None, inference_id: str, thumbs: str | None, rating: int | None) -> dict:
+    return {"span_id": span_id, "inference_id": inference_id, "thumbs": thumbs, "rating": rating}
+
+
+def test_feedback_shows_on_the_trace_and_on_each_span_it_is_about() -> None:
+    spans = [
+        span("a000000000000001", None, "answer", 0, 20.0),
+        span("a000000000000002", "a000000000000001", "retrieve", 1_000, 2.0),
+        span("a000000000000003", "a000000000000001", "chat", 4_000, 15.0, inference_id="chatcmpl-1"),
+    ]
+    given = [
+        feedback(None, "", "up", None),  # on the trace
+        feedback("a000000000000002", "", "down", 2),  # on the retrieval span
+        feedback("a000000000000002", "", None, 5),
+        feedback(None, "chatcmpl-1", "down", None),  # on the inference the chat span names
+    ]
+    assert span_tree(TRACE, spans, given) == [
+        f"trace {TRACE}: 3 spans, 20.0 ms, tokens 0 in / 0 out, 0 in error, feedback 1 (1 up) on the trace",
+        "answer  [chain]  +0.0 ms  20.0 ms  ok  span a000000000000001",
+        "  retrieve  [chain]  +1.0 ms  2.0 ms  ok  span a000000000000002  feedback 2 (1 down, rating 3.5)",
+        "  chat  [chain]  +4.0 ms  15.0 ms  ok  inference chatcmpl-1  span a000000000000003  feedback 1 (1 down)",
+    ]
+
+
 def test_a_cycle_of_parents_is_printed_once_and_not_followed_round() -> None:
     spans = [
         span("b000000000000001", "b000000000000002", "one", 0, 1.0),
