@@ -29,8 +29,9 @@ from services.runtime.settings import PROCESS_PRINCIPAL
 ADMIN_PRINCIPAL = "admin"
 APP_PRINCIPAL = "app"
 
-# Events that join a principal's rights the moment contracts define them: span.logged (OTLP intake,
-# the gateway, the evaluator, the trainer, and apps) is in the architecture but not yet in contracts.
+# Events that join a principal's rights the moment contracts define them. span.logged is defined: the
+# OTLP intake (feedback), the gateway (serving) and apps publish it; the evaluator's and trainer's jobs
+# are granted it ahead of emitting their spans.
 SPAN_LOGGED = "span.logged"
 
 

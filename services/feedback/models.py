@@ -92,20 +92,10 @@ def inference_rows(envelopes: Sequence[Envelope[InferenceLogged]], redactor: Red
 
 
 def scrub_span(redactor: Redactor, span: SpanLogged) -> SpanLogged:
-    """The span as it may be stored: scrubbed as an inference is (services/runtime/privacy.py), its name,
-    input, output and error as text, its user id whole, and its attributes as metadata, values under
-    identity keys whole. The OTLP intake scrubbed its spans before publishing; scrubbing again is a
-    no-op for those and catches apps that publish span.logged themselves."""
-    return span.model_copy(
-        update={
-            "name": redactor.scrub(span.name) or span.name,
-            "input_text": redactor.scrub(span.input_text),
-            "output_text": redactor.scrub(span.output_text),
-            "error": redactor.scrub(span.error),
-            "user_id": redactor.scrub_user(span.user_id),
-            "attributes": redactor.scrub_metadata(span.attributes),
-        }
-    )
+    """The span as it may be stored (Redactor.scrub_span, the rules the gateway publishes its own spans
+    under). The OTLP intake scrubbed its spans before publishing; scrubbing again is a no-op for those
+    and catches apps that publish span.logged themselves."""
+    return redactor.scrub_span(span)
 
 
 def span_rows(envelopes: Sequence[Envelope[SpanLogged]], redactor: Redactor) -> pa.Table:

@@ -69,6 +69,11 @@ class GenerationResult:
     error: str = ""
     queue_ms: float = 0.0  # waiting to join a batch (set by the continuous batcher)
     compute_ms: float = 0.0  # from joining to the last token
+    # Wall-clock instants (unix ns) of the same three moments, for spans that other processes place on a
+    # timeline; the durations above come from the monotonic clock and stay right across clock steps.
+    queued_at_ns: int = 0
+    admitted_at_ns: int = 0
+    finished_at_ns: int = 0
 
 
 @dataclass

@@ -56,7 +56,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from stdnum import iban as stdnum_iban
 from stdnum.us import ssn as stdnum_ssn
 
-from contracts.events import FeedbackReceived, FeedbackSource, InferenceLogged
+from contracts.events import FeedbackReceived, FeedbackSource, InferenceLogged, SpanLogged
 
 log = logging.getLogger("flywheel.privacy")
 
@@ -507,6 +507,21 @@ class Redactor:
                 "tags": [self.scrub(tag) or tag for tag in event.tags],
                 # A judge's actor names a model, not a person.
                 "actor": event.actor if event.source is FeedbackSource.judge else self.scrub_user(event.actor),
+            }
+        )
+
+    def scrub_span(self, span: SpanLogged) -> SpanLogged:
+        """The span as it may be published or stored, scrubbed as an inference is: its name, input, output
+        and error as text, its user id whole, and its attributes as metadata (values under identity keys
+        whole). Scrubbing a scrubbed span changes nothing, so every path that carries one may scrub it."""
+        return span.model_copy(
+            update={
+                "name": self.scrub(span.name) or span.name,
+                "input_text": self.scrub(span.input_text),
+                "output_text": self.scrub(span.output_text),
+                "error": self.scrub(span.error),
+                "user_id": self.scrub_user(span.user_id),
+                "attributes": self.scrub_metadata(span.attributes),
             }
         )
 

@@ -8,6 +8,13 @@ over it is a 429 with Retry-After. A request refused before its caller is known 
 storage or choose what it records. Once the key is checked, a refusal (a body that does not validate,
 the rate limit) is logged as an errored inference of that principal, scrubbed like any other.
 
+Trace context (trace_context.py): a valid W3C `traceparent` makes the call's server span a child of
+the caller's span, and `tracestate` comes back unchanged; without one, or with one the W3C rules make
+invalid, the call starts a new trace and is served all the same. Every answer from an inference
+endpoint, errors included, carries a `traceparent` naming the gateway's span. `x-flywheel-session-id`
+puts the call in a conversation; one that is not a session id (letters, digits and `._:/-`, at most
+128) is refused with 422 rather than dropped, since the caller asked for something it would not get.
+
 `stream: true` answers with server-sent events in OpenAI's chunk format as the tokens are decoded:
 a chunk per decode step that produced text, a last chunk with the finish reason, then `[DONE]`.
 Refusals and a Triton outage are still plain HTTP errors (the stream starts only once the first
@@ -17,10 +24,10 @@ piece is in); a failure after that ends the stream with an OpenAI error event.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
 from contracts.http import (
@@ -37,10 +44,22 @@ from contracts.http import (
     ModelList,
     Usage,
 )
+from contracts.ids import SessionId
 from services.runtime.auth import Principal
 from services.runtime.http import DoorError, RateLimited, refusal_route, status_of
 from services.serving.gateway import Completion, Gateway, GatewayError, Stream
 from services.serving.limits import RateLimiter
+from services.serving.trace_context import (
+    SESSION_HEADER,
+    TRACEPARENT,
+    TRACESTATE,
+    CallerSpan,
+    CallTrace,
+    caller_span,
+    valid_session_id,
+)
+
+T = TypeVar("T")
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 422, 429, 503)}
 ENDPOINTS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
@@ -59,7 +78,9 @@ def create_router(
         principal = getattr(request.state, "principal", None)
         current = gateway()
         if endpoint is not None and current is not None and principal is not None:
-            current.refused(endpoint, body, principal, status, message)
+            # The session header may be what was refused: a malformed one is left out, not stored.
+            trace = CallTrace.start(_caller(request), valid_session_id(request.headers.get(SESSION_HEADER)))
+            current.refused(endpoint, body, principal, status, message, trace)
 
     def caller(request: Request, principal: Principal = Depends(guard)) -> Principal:
         request.state.principal = principal.name
@@ -72,6 +93,19 @@ def create_router(
             )
         return principal
 
+    def call_trace(
+        request: Request,
+        session_id: Annotated[
+            SessionId | None,
+            Header(
+                alias=SESSION_HEADER,
+                description="The conversation this call belongs to (letters, digits and ._:/-, at most 128); stored on the call's spans and inference.",
+            ),
+        ] = None,
+    ) -> CallTrace:
+        """The call's server span: a child of the caller's `traceparent` span, or the root of a new trace."""
+        return CallTrace.start(_caller(request), session_id)
+
     # No body cap here: the app's BodyLimit holds every door of the process to its cap.
     router = APIRouter(prefix="/v1", tags=["gateway"], route_class=refusal_route(on_refused=refused))
 
@@ -82,9 +116,14 @@ def create_router(
         return current
 
     @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
-    async def chat_completions(request: ChatCompletionRequest, principal: Principal = Depends(caller)):
+    async def chat_completions(
+        request: ChatCompletionRequest,
+        response: Response,
+        principal: Principal = Depends(caller),
+        trace: CallTrace = Depends(call_trace),
+    ):
         if request.stream:
-            stream = await ready().chat_stream(request, principal.name)
+            stream = await _traced(ready().chat_stream(request, principal.name, trace), trace)
 
             def piece(text: str, first: bool) -> dict:
                 return {
@@ -92,8 +131,15 @@ def create_router(
                     "finish_reason": None,
                 }
 
-            return _sse(stream, "chat.completion.chunk", piece, lambda reason: {"delta": {}, "finish_reason": reason})
-        done = await ready().chat(request, principal.name)
+            return _sse(
+                stream,
+                "chat.completion.chunk",
+                piece,
+                lambda reason: {"delta": {}, "finish_reason": reason},
+                headers=trace.response_headers(),
+            )
+        done = await _traced(ready().chat(request, principal.name, trace), trace)
+        response.headers.update(trace.response_headers())
         return ChatCompletionResponse(
             id=done.inference_id,
             created=done.created,
@@ -103,16 +149,23 @@ def create_router(
         )
 
     @router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
-    async def completions(request: CompletionRequest, principal: Principal = Depends(caller)):
+    async def completions(
+        request: CompletionRequest,
+        response: Response,
+        principal: Principal = Depends(caller),
+        trace: CallTrace = Depends(call_trace),
+    ):
         if request.stream:
-            stream = await ready().completion_stream(request, principal.name)
+            stream = await _traced(ready().completion_stream(request, principal.name, trace), trace)
             return _sse(
                 stream,
                 "text_completion",
                 lambda text, _: {"text": text, "finish_reason": None},
                 lambda reason: {"text": "", "finish_reason": reason},
+                headers=trace.response_headers(),
             )
-        done = await ready().completion(request, principal.name)
+        done = await _traced(ready().completion(request, principal.name, trace), trace)
+        response.headers.update(trace.response_headers())
         return CompletionResponse(
             id=done.inference_id,
             created=done.created,
@@ -126,6 +179,21 @@ def create_router(
         return ModelList(data=[ModelCard(id=reference) for reference in ready().routes.references()])
 
     return router
+
+
+def _caller(request: Request) -> CallerSpan | None:
+    return caller_span(request.headers.getlist(TRACEPARENT), request.headers.getlist(TRACESTATE))
+
+
+async def _traced(call: Awaitable[T], trace: CallTrace) -> T:
+    """The gateway's answer; a refusal or failure as the same error, naming the call's span too, so a
+    caller can find in its trace the span that failed."""
+    try:
+        return await call
+    except GatewayError as error:
+        raise DoorError(
+            status_of(error), str(error), param=error.param, code=error.code, headers=trace.response_headers()
+        ) from error
 
 
 def _usage(done: Completion) -> Usage:
@@ -149,7 +217,12 @@ class _EventStream(StreamingResponse):
 
 
 def _sse(
-    stream: Stream, kind: str, piece: Callable[[str, bool], dict], last: Callable[[str], dict]
+    stream: Stream,
+    kind: str,
+    piece: Callable[[str, bool], dict],
+    last: Callable[[str], dict],
+    *,
+    headers: dict[str, str],
 ) -> StreamingResponse:
     def event(choice: dict) -> str:
         chunk = {
@@ -182,4 +255,4 @@ def _sse(
             stream.close()
         yield "data: [DONE]\n\n"
 
-    return _EventStream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _EventStream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})

@@ -44,6 +44,8 @@ class _Ticket:
     on_text: Callable[[str], None] | None = None
     submitted: float = field(default_factory=time.perf_counter)
     admitted: float = 0.0
+    submitted_ns: int = field(default_factory=time.time_ns)
+    admitted_ns: int = 0
     streamed: int = 0  # characters of the row's text already handed to on_text
 
     def progress(self) -> None:
@@ -60,10 +62,12 @@ class _Ticket:
 
     def settle(self) -> None:
         result = self.row.result()
-        now = time.perf_counter()
+        now, now_ns = time.perf_counter(), time.time_ns()
         self.admitted = self.admitted or now
+        self.admitted_ns = self.admitted_ns or now_ns
         result.queue_ms = (self.admitted - self.submitted) * 1000
         result.compute_ms = (now - self.admitted) * 1000
+        result.queued_at_ns, result.admitted_at_ns, result.finished_at_ns = self.submitted_ns, self.admitted_ns, now_ns
         self.future.set_result(result)
 
 
@@ -183,9 +187,9 @@ class ContinuousBatcher:
     def _admit(self, newcomers: list[_Ticket]) -> None:
         if not newcomers:
             return
-        now = time.perf_counter()
+        now, now_ns = time.perf_counter(), time.time_ns()
         for ticket in newcomers:
-            ticket.admitted = now
+            ticket.admitted, ticket.admitted_ns = now, now_ns
         self._active += newcomers
         joined = self.engine.prefill([ticket.row for ticket in newcomers])
         if joined is None:

@@ -5,6 +5,11 @@ buffer publishes (scrubbed of personal data and secrets first). Every request th
 ends in exactly one `inference.logged`, ok or error; an authenticated caller's request refused before
 (bad body, rate limit) is logged by `refused`; a request without a valid key is never logged.
 
+Each call is a span of a trace (trace_context.py): of the caller's, when it sent a valid `traceparent`,
+else of a new one. Its inference.logged names the trace, the call's server span and the session; the
+server span and its Triton, queue and compute spans (spans.py) travel with that inference through
+the log buffer, so they are published, scrubbed, kept or dropped together.
+
 A streamed request (`Stream`) is checked and sent to Triton, and its first piece awaited, before
 any byte of the response goes out, so every refusal and a Triton outage are still HTTP errors;
 after that, pieces are relayed as the batcher decodes them. A client that leaves mid-stream gets
@@ -33,6 +38,8 @@ from services.serving.inference_log import InferenceLogBuffer
 from services.serving.prompt_routes import PromptChoice, PromptRoutes, UnknownPromptError
 from services.serving.routes import Route, Routes, UnknownModelError
 from services.serving.settings import ServingSettings
+from services.serving.spans import TritonCall, call_spans
+from services.serving.trace_context import CallTrace
 from services.serving.triton import (
     CANCEL_MODEL_NAME,
     STREAM_MODEL_NAME,
@@ -88,6 +95,9 @@ class _Call:
     prompt_choice: PromptChoice | None = None
     prompt: str = ""
     holds: str | None = None  # the adapter this call keeps from being unloaded until it ends
+    trace: CallTrace = field(default_factory=CallTrace.start)
+    triton_sent_ns: int = 0  # unix ns when the request went to Triton; 0 while it has not
+    triton_ended_ns: int = 0  # unix ns of Triton's last answer, or of the failure
 
     @property
     def sticky_key(self) -> str:
@@ -147,21 +157,33 @@ class Gateway:
             await self._client.close()
             self._client = None
 
-    async def chat(self, request: ChatCompletionRequest, principal: str | None = None) -> Completion:
-        return await self._complete(_Call("chat.completions", request, principal=principal))
+    # `trace`: the call's place in its caller's trace (api.py reads it from the headers); by default a new trace.
+    async def chat(
+        self, request: ChatCompletionRequest, principal: str | None = None, trace: CallTrace | None = None
+    ) -> Completion:
+        return await self._complete(_call("chat.completions", request, principal, trace))
 
-    async def completion(self, request: CompletionRequest, principal: str | None = None) -> Completion:
-        return await self._complete(_Call("completions", request, principal=principal))
+    async def completion(
+        self, request: CompletionRequest, principal: str | None = None, trace: CallTrace | None = None
+    ) -> Completion:
+        return await self._complete(_call("completions", request, principal, trace))
 
-    async def chat_stream(self, request: ChatCompletionRequest, principal: str | None = None) -> Stream:
-        return await self._open_stream(_Call("chat.completions", request, principal=principal))
+    async def chat_stream(
+        self, request: ChatCompletionRequest, principal: str | None = None, trace: CallTrace | None = None
+    ) -> Stream:
+        return await self._open_stream(_call("chat.completions", request, principal, trace))
 
-    async def completion_stream(self, request: CompletionRequest, principal: str | None = None) -> Stream:
-        return await self._open_stream(_Call("completions", request, principal=principal))
+    async def completion_stream(
+        self, request: CompletionRequest, principal: str | None = None, trace: CallTrace | None = None
+    ) -> Stream:
+        return await self._open_stream(_call("completions", request, principal, trace))
 
-    def refused(self, endpoint: str, body: bytes, principal: str, status: int, message: str) -> None:
+    def refused(
+        self, endpoint: str, body: bytes, principal: str, status: int, message: str, trace: CallTrace | None = None
+    ) -> None:
         """Log an authenticated caller's request refused before it could be served (malformed body, rate
-        limit) as an errored inference. Never called for 401/403: who has no key writes nothing."""
+        limit) as an errored inference, with its server span. Never called for 401/403: who has no key
+        writes nothing."""
         try:
             parsed = json.loads(body or b"{}")
         except ValueError:
@@ -185,29 +207,35 @@ class Gateway:
             if fields
             else body.decode(errors="replace")
         )
-        self._log.offer(
-            InferenceLogged(
-                inference_id=str(uuid.uuid4()),
-                model_name=model if isinstance(model, str) and model else "unknown",
-                endpoint=endpoint,
-                user_id=user if isinstance(user, str) else None,
-                principal=principal,
-                input_text=text[:8000],
-                finish_reason="error",
-                status=InferenceStatus.error,
-                error=f"{status}: {message}",
-                started_at=datetime.now(UTC),
-                metadata=tags,
-            )
+        trace = trace or CallTrace.start()
+        model_name = model if isinstance(model, str) and model else "unknown"
+        event = InferenceLogged(
+            inference_id=str(uuid.uuid4()),
+            model_name=model_name,
+            endpoint=endpoint,
+            user_id=user if isinstance(user, str) else None,
+            principal=principal,
+            input_text=text[:8000],
+            finish_reason="error",
+            status=InferenceStatus.error,
+            error=f"{status}: {message}",
+            started_at=datetime.now(UTC),
+            metadata=tags,
+            trace_id=trace.trace_id,
+            span_id=trace.span_id,
+            session_id=trace.session_id,
         )
+        spans = call_spans(event, trace, requested_model=model_name, ended_at=datetime.now(UTC))
+        self._log.offer(event, spans=spans)
 
     async def _complete(self, call: _Call) -> Completion:
         answer: TritonAnswer | None = None
         triton_ms = 0.0
         try:
             row = self._prepare(call)
-            sent = time.perf_counter()
+            sent, call.triton_sent_ns = time.perf_counter(), time.time_ns()
             responses, answer = await self._send(row)
+            call.triton_ended_ns = time.time_ns()
             responses.cancel()
             triton_ms = (time.perf_counter() - sent) * 1000
             _check_loaded(call, answer)
@@ -230,7 +258,7 @@ class Gateway:
     async def _open_stream(self, call: _Call) -> Stream:
         try:
             row = self._prepare(call)
-            sent = time.perf_counter()
+            sent, call.triton_sent_ns = time.perf_counter(), time.time_ns()
             responses, first = await self._send(row, stream=True, request_id=call.inference_id)
         except BaseException as error:
             self._release(call)
@@ -424,35 +452,48 @@ class Gateway:
         request, route = call.request, call.route
         total_ms = (time.perf_counter() - call.started) * 1000
         compute_ms = answer.compute_ms if answer else 0.0
-        self._log.offer(
-            InferenceLogged(
-                inference_id=call.inference_id,
-                model_name=route.model_name if route else request.model,
-                adapter_version=route.adapter_version if route else None,
-                prompt_name=call.prompt_choice.name if call.prompt_choice else None,
-                prompt_version=call.prompt_choice.version if call.prompt_choice else None,
-                route=call.route_label,
-                endpoint=call.endpoint,
-                user_id=request.user,
-                principal=call.principal,
-                input_messages=[message.model_dump(exclude_none=True) for message in request.messages]
-                if isinstance(request, ChatCompletionRequest)
-                else [],
-                input_text=call.prompt,
-                output_text=answer.text if answer else "",
-                finish_reason="error" if error else (answer.finish_reason if answer else None),
-                prompt_tokens=answer.prompt_tokens if answer else 0,
-                completion_tokens=answer.completion_tokens if answer else 0,
-                latency_queue_ms=max(triton_ms - compute_ms, 0.0),
-                latency_compute_ms=compute_ms,
-                latency_total_ms=total_ms,
-                status=InferenceStatus.error if error else InferenceStatus.ok,
-                error=error,
-                started_at=call.started_at,
-                metadata=dict(request.metadata),
-            ),
-            correlation_id=call.inference_id,
+        event = InferenceLogged(
+            inference_id=call.inference_id,
+            model_name=route.model_name if route else request.model,
+            adapter_version=route.adapter_version if route else None,
+            prompt_name=call.prompt_choice.name if call.prompt_choice else None,
+            prompt_version=call.prompt_choice.version if call.prompt_choice else None,
+            route=call.route_label,
+            endpoint=call.endpoint,
+            user_id=request.user,
+            principal=call.principal,
+            input_messages=[message.model_dump(exclude_none=True) for message in request.messages]
+            if isinstance(request, ChatCompletionRequest)
+            else [],
+            input_text=call.prompt,
+            output_text=answer.text if answer else "",
+            finish_reason="error" if error else (answer.finish_reason if answer else None),
+            prompt_tokens=answer.prompt_tokens if answer else 0,
+            completion_tokens=answer.completion_tokens if answer else 0,
+            latency_queue_ms=max(triton_ms - compute_ms, 0.0),
+            latency_compute_ms=compute_ms,
+            latency_total_ms=total_ms,
+            status=InferenceStatus.error if error else InferenceStatus.ok,
+            error=error,
+            started_at=call.started_at,
+            metadata=dict(request.metadata),
+            trace_id=call.trace.trace_id,
+            span_id=call.trace.span_id,
+            session_id=call.trace.session_id,
         )
+        triton = None
+        if call.triton_sent_ns:
+            triton = TritonCall(self._triton_model, call.triton_sent_ns, call.triton_ended_ns or time.time_ns())
+        spans = call_spans(
+            event, call.trace, requested_model=request.model, ended_at=datetime.now(UTC), triton=triton, answer=answer
+        )
+        self._log.offer(event, correlation_id=call.inference_id, spans=spans)
+
+
+def _call(
+    endpoint: str, request: ChatCompletionRequest | CompletionRequest, principal: str | None, trace: CallTrace | None
+) -> _Call:
+    return _Call(endpoint, request, principal=principal, trace=trace or CallTrace.start())
 
 
 @dataclass
@@ -530,6 +571,7 @@ class Stream:
 
     def _end(self, final: TritonAnswer | None, error: str | None) -> None:
         self._ended = True
+        self._call.triton_ended_ns = time.time_ns()
         self._gateway._release(self._call)
         text = "".join(self._pieces)
         answer = dataclasses.replace(final, text=text) if final else TritonAnswer(text, "error", 0, 0, 0.0, error or "")

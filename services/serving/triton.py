@@ -60,7 +60,11 @@ STREAM_MODEL_NAME = "flywheel_llm_stream"
 CANCEL_MODEL_NAME = "flywheel_llm_cancel"
 
 INPUTS = ("prompt", "adapter", "max_tokens", "temperature", "top_p", "seed", "stop")
-OUTPUTS = ("text", "finish_reason", "prompt_tokens", "completion_tokens", "compute_ms", "error")
+OUTPUTS = ("text", "finish_reason", "prompt_tokens", "completion_tokens", "compute_ms", "error", "timeline_ns")
+# One row's answer: text, finish_reason, prompt and completion tokens, compute_ms, error, and the unix ns
+# at which it was queued, joined the batch and finished (zeros until it finished).
+RowOutput = tuple[str, str, int, int, float, str, tuple[int, int, int]]
+NO_TIMELINE = (0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,8 @@ class TritonServing:
                 Tensor(name="completion_tokens", dtype=np.int32, shape=(1,)),
                 Tensor(name="compute_ms", dtype=np.float32, shape=(1,)),
                 Tensor(name="error", dtype=bytes, shape=(1,)),
+                # The batcher's wall-clock instants, so the gateway's queue and compute spans have their real times.
+                Tensor(name="timeline_ns", dtype=np.int64, shape=(3,)),
             ]
             batched = DynamicBatcher(max_queue_delay_microseconds=self.max_queue_delay_us)
             triton.bind(
@@ -308,7 +314,7 @@ class TritonServing:
             self._streams[request_id] = row
         try:
             while (piece := await pieces.get()) is not None:
-                yield _outputs([(piece, "", 0, 0, 0.0, "")])
+                yield _outputs([(piece, "", 0, 0, 0.0, "", NO_TIMELINE)])
         finally:
             self._streams.pop(request_id, None)
         _, *final = _row_output(row)
@@ -359,13 +365,13 @@ class TritonServing:
         return pending
 
 
-def _row_output(row: Future[GenerationResult] | str) -> tuple[str, str, int, int, float, str]:
+def _row_output(row: Future[GenerationResult] | str) -> RowOutput:
     if isinstance(row, str):
-        return ("", "error", 0, 0, 0.0, row)
+        return ("", "error", 0, 0, 0.0, row, NO_TIMELINE)
     try:
         result = row.result()
     except Exception as error:  # noqa: BLE001 - one failed row is that row's error, not its batch's
-        return ("", "error", 0, 0, 0.0, str(error) or type(error).__name__)
+        return ("", "error", 0, 0, 0.0, str(error) or type(error).__name__, NO_TIMELINE)
     return (
         result.text,
         result.finish_reason,
@@ -373,10 +379,11 @@ def _row_output(row: Future[GenerationResult] | str) -> tuple[str, str, int, int
         result.completion_tokens,
         result.compute_ms,
         result.error,
+        (result.queued_at_ns, result.admitted_at_ns, result.finished_at_ns),
     )
 
 
-def _outputs(rows: list[tuple[str, str, int, int, float, str]]) -> dict[str, np.ndarray]:
+def _outputs(rows: list[RowOutput]) -> dict[str, np.ndarray]:
     return {
         "text": np.array([[row[0].encode()] for row in rows], dtype=np.object_),
         "finish_reason": np.array([[row[1].encode()] for row in rows], dtype=np.object_),
@@ -384,6 +391,7 @@ def _outputs(rows: list[tuple[str, str, int, int, float, str]]) -> dict[str, np.
         "completion_tokens": np.array([[row[3]] for row in rows], dtype=np.int32),
         "compute_ms": np.array([[row[4]] for row in rows], dtype=np.float32),
         "error": np.array([[row[5].encode()] for row in rows], dtype=np.object_),
+        "timeline_ns": np.array([list(row[6]) for row in rows], dtype=np.int64),
     }
 
 
@@ -408,6 +416,11 @@ class TritonAnswer:
     completion_tokens: int
     compute_ms: float
     error: str
+    # Unix ns at which the batcher queued the row, let it join the batch, and finished it; 0 when unknown
+    # (a piece of a stream before the last, an answer made up after a failure).
+    queued_at_ns: int = 0
+    admitted_at_ns: int = 0
+    finished_at_ns: int = 0
 
 
 def infer_inputs(client_module: Any, row: TritonRow, *, stream: bool = False, request_id: str = "") -> list[Any]:
@@ -446,6 +459,10 @@ def parse_answer(result: Any) -> TritonAnswer:
     def first(name: str) -> Any:
         return result.as_numpy(name).reshape(-1)[0]
 
+    timeline = result.as_numpy("timeline_ns")
+    queued, admitted, finished = (
+        (int(value) for value in timeline.reshape(-1)[:3]) if timeline is not None else NO_TIMELINE
+    )
     return TritonAnswer(
         text=_text(first("text")),
         finish_reason=_text(first("finish_reason")),
@@ -453,6 +470,9 @@ def parse_answer(result: Any) -> TritonAnswer:
         completion_tokens=int(first("completion_tokens")),
         compute_ms=float(first("compute_ms")),
         error=_text(first("error")),
+        queued_at_ns=queued,
+        admitted_at_ns=admitted,
+        finished_at_ns=finished,
     )
 
 

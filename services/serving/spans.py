@@ -1,0 +1,141 @@
+"""The gateway's own spans of one call, as span.logged events.
+
+    chat tiny                     llm, the server span: the whole request, a child of the caller's span
+    └─ triton flywheel_llm_stream the gRPC stream to Triton, from sending the request to the last answer
+       ├─ queue                   waiting in the continuous batcher for a place in the running batch
+       └─ compute                 prefill and decoding, from joining the batch to the last token
+
+The server span is built from the call's inference.logged, so it carries no more than that event
+does (its texts are the inference's, scrubbed by the same redactor before publishing). Token counts
+are on the server span only: a trace's summary sums them over its spans. The queue and compute
+spans take the batcher's own instants (Triton returns them as `timeline_ns`); a call that never
+reached Triton has the server span alone, and one that failed there has no queue or compute span.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from contracts.events import SPAN_TEXT_MAX, InferenceLogged, InferenceStatus, SpanKind, SpanLogged, SpanStatus
+from services.serving.trace_context import CallTrace, new_span_id
+from services.serving.triton import TritonAnswer
+
+SERVICE_NAME = "flywheel-gateway"
+# The GenAI semantic conventions' operation names, which also name the span (`chat <model>`).
+OPERATIONS = {"chat.completions": "chat", "completions": "text_completion"}
+NAME_MAX = 256
+ERROR_MAX = 8000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Event ids derived from the span's ids: a span published again after a timed-out attempt that Kafka
+# did take is the same event, and the sink stores it once.
+SPAN_EVENT_NAMESPACE = uuid.UUID("3b0d8f44-6f5e-4c1e-9a63-2f0a4c7d9e15")
+
+
+def span_event_id(span: SpanLogged) -> uuid.UUID:
+    return uuid.uuid5(SPAN_EVENT_NAMESPACE, f"{span.trace_id}/{span.span_id}")
+
+
+def at_ns(unix_ns: int) -> datetime:
+    """A unix nanosecond instant as a UTC datetime (to the microsecond, the span table's precision)."""
+    return _EPOCH + timedelta(microseconds=unix_ns // 1000)
+
+
+@dataclass(frozen=True)
+class TritonCall:
+    """The gateway's side of its call to Triton: which model, when it was sent and when it ended."""
+
+    model: str
+    sent_ns: int
+    ended_ns: int
+
+
+def call_spans(
+    inference: InferenceLogged,
+    trace: CallTrace,
+    *,
+    requested_model: str,
+    ended_at: datetime,
+    triton: TritonCall | None = None,
+    answer: TritonAnswer | None = None,
+) -> list[SpanLogged]:
+    """The server span of a call logged as `inference`, and its Triton, queue and compute spans when it got that far."""
+    ok = inference.status is InferenceStatus.ok
+    status = SpanStatus.ok if ok else SpanStatus.error
+    error = None if ok else (inference.error or "error")[:ERROR_MAX]
+    operation = OPERATIONS.get(inference.endpoint, inference.endpoint)
+    attributes = {
+        "gen_ai.operation.name": operation,
+        "gen_ai.request.model": requested_model,
+        "flywheel.endpoint": inference.endpoint,
+        "flywheel.route": inference.route,
+    }
+    if inference.finish_reason:
+        attributes["gen_ai.response.finish_reasons"] = inference.finish_reason
+    if inference.prompt_name is not None:
+        attributes["flywheel.prompt"] = f"{inference.prompt_name}:v{inference.prompt_version}"
+    if trace.tracestate:
+        attributes["w3c.tracestate"] = trace.tracestate
+    input_text, output_text = inference.input_text[:SPAN_TEXT_MAX], inference.output_text[:SPAN_TEXT_MAX]
+    common = {"trace_id": trace.trace_id, "session_id": trace.session_id, "service_name": SERVICE_NAME}
+    server = SpanLogged(
+        **common,
+        span_id=trace.span_id,
+        parent_span_id=trace.parent_span_id,
+        name=f"{operation} {requested_model}"[:NAME_MAX],
+        kind=SpanKind.llm,
+        started_at=inference.started_at,
+        ended_at=max(ended_at, inference.started_at),
+        status=status,
+        error=error,
+        model_name=inference.model_name,
+        adapter_version=inference.adapter_version,
+        inference_id=inference.inference_id,
+        prompt_tokens=inference.prompt_tokens,
+        completion_tokens=inference.completion_tokens,
+        input_text=input_text,
+        output_text=output_text,
+        truncated=(input_text, output_text) != (inference.input_text, inference.output_text),
+        user_id=inference.user_id,
+        principal=inference.principal,
+        attributes=attributes,
+    )
+    if triton is None:
+        return [server]
+    call = SpanLogged(
+        **common,
+        span_id=new_span_id(),
+        parent_span_id=server.span_id,
+        name=f"triton {triton.model}"[:NAME_MAX],
+        started_at=at_ns(triton.sent_ns),
+        ended_at=at_ns(max(triton.ended_ns, triton.sent_ns)),
+        status=status,
+        error=error,
+        inference_id=inference.inference_id,
+        attributes={
+            "rpc.system": "grpc",
+            "rpc.service": "inference.GRPCInferenceService",
+            "rpc.method": "ModelStreamInfer",
+        },
+    )
+    spans = [server, call]
+    if answer is not None and answer.queued_at_ns and answer.admitted_at_ns and answer.finished_at_ns:
+        steps = (
+            ("queue", answer.queued_at_ns, answer.admitted_at_ns),
+            ("compute", answer.admitted_at_ns, answer.finished_at_ns),
+        )
+        for name, started_ns, ended_ns in steps:
+            spans.append(
+                SpanLogged(
+                    **common,
+                    span_id=new_span_id(),
+                    parent_span_id=call.span_id,
+                    name=name,
+                    started_at=at_ns(started_ns),
+                    ended_at=at_ns(max(ended_ns, started_ns)),
+                    status=SpanStatus.ok,
+                    inference_id=inference.inference_id,
+                )
+            )
+    return spans
