@@ -280,13 +280,13 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def served(app: FastAPI) -> AsyncIterator[str]:
+async def served(app: FastAPI, start_timeout_s: float = 60) -> AsyncIterator[str]:
     """`app` on a free port of this host, its lifespan run as uvicorn runs it; yields its base URL."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
     serving = asyncio.create_task(server.serve())
     try:
-        await eventually(lambda: server.started or serving.done(), what="the door listening")
+        await eventually(lambda: server.started or serving.done(), start_timeout_s, what="the door listening")
         assert not serving.done(), f"uvicorn did not start: {serving.exception()}"
         yield f"http://127.0.0.1:{port}"
     finally:
