@@ -609,6 +609,48 @@ class FeedbackReviewed(FeedbackReceived):
 
 # ----------------------------------------------------------------------------------------- monitor
 
+SPAN_NAME_MAX = 256
+
+
+class SpanSelector(ContractModel):
+    """Which spans a monitor rule watches: every given field must match; none given means every span."""
+
+    kind: SpanKind | None = Field(default=None, description="Span kind, e.g. `tool` or `llm`.")
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=SPAN_NAME_MAX,
+        description="Span name: exact (`retrieve`), or a prefix when it ends in one `*` (`retrieve*`).",
+    )
+    service: str | None = Field(
+        default=None, min_length=1, max_length=SPAN_NAME_MAX, description="Emitting service (`service.name`)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _exact_or_prefix(cls, name: str | None) -> str | None:
+        # Only a trailing `*`: a prefix is matched literally (startsWith), while a general glob would be a
+        # pattern language of its own, with `%` and `_` in real span names to escape.
+        if name is None:
+            return None
+        if "*" in name[:-1]:
+            raise ValueError(f"name {name!r}: `*` may only end the name (a prefix, e.g. `retrieve*`)")
+        if name == "*":
+            raise ValueError("name `*` matches every span: leave name out instead")
+        if any(not character.isprintable() for character in name):
+            raise ValueError(f"name {name!r} has a control character")
+        return name
+
+    @property
+    def name_prefix(self) -> str | None:
+        """The prefix a name ending in `*` asks for; None for an exact name or none."""
+        return self.name[:-1] if self.name and self.name.endswith("*") else None
+
+    def describe(self) -> str:
+        """The selector in words, e.g. `spans kind=tool name=retrieve*`; `all spans` when empty."""
+        given = [f"{field}={value}" for field, value in self.model_dump(exclude_none=True, mode="json").items()]
+        return "spans " + " ".join(given) if given else "all spans"
+
 
 class AlertRaised(Payload):
     event_type: ClassVar[str] = "alert.raised"
@@ -629,6 +671,9 @@ class AlertRaised(Payload):
     window_start: datetime = Field(description="Start of the evaluated window (UTC).")
     window_end: datetime = Field(description="End of the evaluated window (UTC).")
     message: str = Field(description="What happened, in words.")
+    spans: SpanSelector | None = Field(
+        default=None, description="The spans a span rule watches; none for a rule over inferences."
+    )
 
 
 EVENTS: tuple[type[Payload], ...] = (

@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from contracts.envelope import Envelope, wrap
-from contracts.events import AlertRaised, AlertState
+from contracts.events import AlertRaised, AlertState, SpanSelector
 from services.monitor.evaluation import Evaluation, as_utc
 from services.monitor.store import MonitorStore
 
@@ -48,7 +48,7 @@ class Alerts:
                 rule_name=rule.name,
                 rule_version=rule.version,
                 severity=rule.severity,
-                model_name=evaluation.scope["model_name"],
+                model_name=evaluation.scope.get("model_name", ""),
                 adapter_version=evaluation.scope.get("adapter_version"),
                 prompt_version=evaluation.scope.get("prompt_version"),
                 metric=rule.metric,
@@ -57,6 +57,8 @@ class Alerts:
                 window_start=evaluation.window_start,
                 window_end=evaluation.window_end,
                 message=_message(evaluation),
+                # The contract's own type, not the rules file's stricter one, so it serialises as the schema says.
+                spans=SpanSelector.model_validate(rule.spans.model_dump()) if rule.spans else None,
             )
             await self._record(alert)
             ALERTS_RAISED.labels(rule=rule.name, severity=rule.severity.value).inc()
@@ -120,11 +122,13 @@ def alert_from_row(row: dict[str, Any], state: AlertState, message: str) -> Aler
         window_start=as_utc(row["window_start"]),
         window_end=as_utc(row["window_end"]),
         message=message,
+        spans=SpanSelector.model_validate_json(row["spans"]) if row.get("spans") else None,
     )
 
 
 def _message(evaluation: Evaluation) -> str:
     rule = evaluation.rule
-    scope = ", ".join(f"{name}={value}" for name, value in evaluation.scope.items() if value is not None)
+    given = [f"{name}={value}" for name, value in evaluation.scope.items() if value is not None]
+    scope = " ".join([rule.spans.describe(), *given]) if rule.spans else ", ".join(given)
     against = " (window minus baseline)" if rule.mode == "against_baseline" else ""
     return f"{rule.metric}{against} = {evaluation.value:.4g} {rule.comparator} {rule.threshold:g} over {evaluation.samples} samples for {scope}"

@@ -45,7 +45,8 @@ class Evaluation:
             "rule_version": rule.version,
             "metric": rule.metric,
             "kind": rule.spec.scorer or rule.spec.kind,
-            "model_name": self.scope["model_name"],
+            # A span rule without a scope judges its spans together: no model to name.
+            "model_name": self.scope.get("model_name", ""),
             "adapter_version": self.scope.get("adapter_version"),
             "prompt_version": self.scope.get("prompt_version"),
             "window_start": self.window_start,

@@ -3,7 +3,9 @@
 A rule names a metric from METRICS (or `sql` with its own aggregate `query`), the scope it is
 evaluated per (model, adapter version, prompt version), a window, optionally a baseline window just
 before it, a comparator and threshold, a severity, a cooldown and the fewest samples that count as
-data. A rule that cannot run is refused at load with the reason, not at the first tick at 3 a.m.
+data. A rule whose metric is about spans (latency, errors, cost of one step of a pipeline) says which
+spans with `spans:` (kind, name or name prefix, service) instead of being evaluated per model version.
+A rule that cannot run is refused at load with the reason, not at the first tick at 3 a.m.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from contracts.events import Severity
+from contracts.events import Severity, SpanSelector
 
 SCOPES = ("model_name", "adapter_version", "prompt_version")
+# Spans carry no adapter or prompt version a rule could be split by reliably (only spans through the
+# gateway name an adapter), so a span rule judges its spans together or per model they name.
+SPAN_SCOPES = ("model_name",)
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,12 @@ class Metric:
     samples: str = "count()"
     quality: bool = False
     scorer: Literal["", "unsafe", "hallucination"] = ""
+    # What a row of the window is: an inference (with its feedback) or a span the rule's selector picks.
+    source: Literal["inference", "span"] = "inference"
+
+
+def _span_metric(name: str, description: str, expression: str, samples: str = "count()") -> Metric:
+    return Metric(name, description, "sql", expression, samples, source="span")
 
 
 METRICS: dict[str, Metric] = {
@@ -97,8 +108,19 @@ METRICS: dict[str, Metric] = {
             scorer="hallucination",
         ),
         Metric("sql", "a custom aggregate: the rule's `query`", "sql"),
+        _span_metric("span_latency_p50_ms", "median span duration (ms)", "quantile(0.5)(duration_ms)"),
+        _span_metric("span_latency_p95_ms", "95th percentile of span duration (ms)", "quantile(0.95)(duration_ms)"),
+        _span_metric("span_latency_p99_ms", "99th percentile of span duration (ms)", "quantile(0.99)(duration_ms)"),
+        _span_metric("span_error_rate", "share of spans with status error", "countIf(status = 'error') / count()"),
+        # Cost rests on the spans that reported one: spans without a cost are neither free nor data.
+        _span_metric("span_cost_usd_sum", "total reported cost of the spans (USD)", "sum(cost_usd)", "count(cost_usd)"),
+        _span_metric("span_cost_usd_mean", "mean reported cost per span (USD)", "avg(cost_usd)", "count(cost_usd)"),
+        _span_metric(
+            "span_tokens_sum", "prompt plus completion tokens of the spans", "sum(prompt_tokens + completion_tokens)"
+        ),
     )
 }
+SPAN_METRICS = tuple(name for name, metric in METRICS.items() if metric.source == "span")
 
 COMPARATORS: dict[str, Callable[[float, float], bool]] = {
     ">": lambda value, threshold: value > threshold,
@@ -112,12 +134,22 @@ class RuleError(ValueError):
     """A rule that cannot be loaded, with the rule's name and the reason."""
 
 
+class RuleSpanSelector(SpanSelector):
+    """The contract's span selector, strict about its keys in a rules file: a misspelt `nmae:` would
+    otherwise widen the rule to every span."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class Rule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_.-]{0,99}$")
     version: int = Field(ge=1)
     metric: str
+    spans: RuleSpanSelector | None = Field(
+        default=None, description="For a span metric: which spans (kind, name or `prefix*`, service); {} for all."
+    )
     comparator: Literal[">", ">=", "<", "<="] = ">"
     threshold: float
     # against_baseline: the value compared is (window - baseline), e.g. a thumbs-down rate 0.2 above last day's.
@@ -137,6 +169,14 @@ class Rule(BaseModel):
     )
     description: str = ""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _span_rules_judge_their_spans_together(cls, document: Any) -> Any:
+        # The inference default (per model and adapter version) names columns a span rule is not split by.
+        if isinstance(document, dict) and document.get("spans") is not None and "scope" not in document:
+            return {**document, "scope": []}
+        return document
+
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, metric: str) -> str:
@@ -148,13 +188,35 @@ class Rule(BaseModel):
     @classmethod
     def _known_scope(cls, scope: tuple[str, ...]) -> tuple[str, ...]:
         unknown = [name for name in scope if name not in SCOPES]
-        if unknown or "model_name" not in scope:
-            raise ValueError(f"scope must include model_name and be drawn from {', '.join(SCOPES)}; got {list(scope)}")
+        if unknown:
+            raise ValueError(f"scope must be drawn from {', '.join(SCOPES)}; got {list(scope)}")
         return tuple(name for name in SCOPES if name in scope)
 
     @model_validator(mode="after")
     def _consistent(self) -> Rule:
-        kind = METRICS[self.metric].kind
+        spec = METRICS[self.metric]
+        kind = spec.kind
+        if spec.source == "span" and self.spans is None:
+            raise ValueError(
+                f"metric {self.metric} is about spans: say which with `spans:` (kind, name, service; {{}} for all spans)"
+            )
+        if spec.source == "inference" and self.spans is not None:
+            raise ValueError(
+                f"`spans:` is only for span metrics ({', '.join(SPAN_METRICS)}), not {self.metric}, which is about inferences"
+            )
+        if self.spans is not None:
+            if any(name not in SPAN_SCOPES for name in self.scope):
+                raise ValueError(
+                    f"a span rule's scope is [] (its spans together) or [model_name] (per model they name); got {list(self.scope)}"
+                )
+            if self.quality:
+                raise ValueError(
+                    "a span rule cannot be a quality rule: retraining needs a model version, spans name none"
+                )
+        elif "model_name" not in self.scope:
+            raise ValueError(
+                f"scope must include model_name and be drawn from {', '.join(SCOPES)}; got {list(self.scope)}"
+            )
         if self.metric == "sql" and not self.query:
             raise ValueError("metric sql needs a `query` (an aggregate expression, e.g. avg(completion_tokens))")
         if self.metric != "sql" and self.query:

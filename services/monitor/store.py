@@ -5,13 +5,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
 
 from contracts.envelope import Envelope
-from contracts.events import AlertRaised
+from contracts.events import AlertRaised, SpanSelector
 from contracts.http import QueryResult
 from services.monitor.rules import Rule
 from services.runtime.clickhouse import ClickHouseStore
@@ -36,6 +36,15 @@ MONITORED = """(
 _WINDOW = "occurred_at >= {start:DateTime64(3, 'UTC')} AND occurred_at < {end:DateTime64(3, 'UTC')}"
 _ANSWERED = "status = 'ok' AND trimBoth(output_text) != ''"
 
+# A span counts in the window it ended in: only then are its duration, status and cost known. The span
+# table is ordered by trace, not time, so the bound that skips old data is on occurred_at (the partition
+# key, with a min-max per part): the intake stamps it when it takes the span, after the span ended. The
+# hour allows for an app's clock running ahead of the intake's; a span stamped earlier than that is missed.
+_SPAN_WINDOW = (
+    "ended_at >= {start:DateTime64(3, 'UTC')} AND ended_at < {end:DateTime64(3, 'UTC')} "
+    "AND occurred_at >= {start:DateTime64(3, 'UTC')} - INTERVAL 1 HOUR"
+)
+
 
 class MonitorStore:
     """Windowed reads for rules, the alert table, corrections for retraining, and read-only SQL."""
@@ -55,6 +64,13 @@ class MonitorStore:
 
     def check_rule(self, rule: Rule) -> None:
         """Run the rule's SQL over no rows on the read-only handle; the engine's refusal is the reason."""
+        if rule.spans is not None:
+            # An empty window now: the selector's values bound as they will be on every tick.
+            now = datetime.now(UTC)
+            sql, parameters = self._span_aggregate_sql(rule, rule.spans)
+            with self._readonly_lock:
+                self._readonly().query(sql, {**parameters, "start": now, "end": now})
+            return
         sql = self._aggregate_sql(rule) if rule.spec.kind == "sql" else self._values_sql(rule, rule.expression)
         with self._readonly_lock:
             self._readonly().query(sql.replace(_WINDOW, "0"), None if rule.spec.kind == "sql" else {"limit": 1})
@@ -78,8 +94,45 @@ class MonitorStore:
             f"WHERE {_WINDOW}{answered} ORDER BY cityHash64(inference_id) LIMIT {{limit:UInt32}} BY {self._scope(rule)}"
         )
 
+    @staticmethod
+    def _span_aggregate_sql(rule: Rule, spans: SpanSelector) -> tuple[str, dict[str, Any]]:
+        # Which conditions apply depends only on which fields the selector has; their values are
+        # parameters, so a span name never becomes SQL text.
+        conditions, parameters = [_SPAN_WINDOW], {}
+        if spans.kind is not None:
+            conditions.append("kind = {span_kind:String}")
+            parameters["span_kind"] = spans.kind.value
+        if spans.name_prefix is not None:
+            conditions.append("startsWith(name, {span_name_prefix:String})")
+            parameters["span_name_prefix"] = spans.name_prefix
+        elif spans.name is not None:
+            conditions.append("name = {span_name:String}")
+            parameters["span_name"] = spans.name
+        if spans.service is not None:
+            conditions.append("service_name = {span_service:String}")
+            parameters["span_service"] = spans.service
+        # Spans without a model (retrieval, tools) are one scope, '' as alerts name no model.
+        scope = "ifNull(model_name, '') AS span_model, " if rule.scope else ""
+        group = "GROUP BY span_model " if rule.scope else ""
+        sql = (
+            f"SELECT {scope}toFloat64({rule.expression}) AS value, toUInt64({rule.spec.samples}) AS samples "
+            # LIMIT 1 BY folds the copies of a span an exporter sent twice, as FINAL would; FINAL itself
+            # would read every part, as ClickHouse does not prune by partition under it.
+            f"FROM (SELECT * FROM span WHERE {' AND '.join(conditions)} LIMIT 1 BY trace_id, span_id) {group}"
+            # Without it, a rule with no scope would get one row of nothing from an empty window.
+            "HAVING count() > 0"
+        )
+        return sql, parameters
+
     def aggregate(self, rule: Rule, start: datetime, end: datetime) -> list[dict[str, Any]]:
-        """Per scope: the rule's aggregate `value` and its `samples` over [start, end)."""
+        """Per scope: the rule's aggregate `value` and its `samples` over [start, end) (its spans, for a span rule)."""
+        if rule.spans is not None:
+            sql, parameters = self._span_aggregate_sql(rule, rule.spans)
+            rows = self._query(sql, {**parameters, "start": start, "end": end})
+            for row in rows:
+                if rule.scope:
+                    row["model_name"] = row.pop("span_model")
+            return rows
         return self._query(self._aggregate_sql(rule), {"start": start, "end": end})
 
     def values(self, rule: Rule, start: datetime, end: datetime, limit: int) -> list[dict[str, Any]]:
@@ -130,6 +183,9 @@ class MonitorStore:
                 "window_start": pa.array([alert.window_start], _TIME),
                 "window_end": pa.array([alert.window_end], _TIME),
                 "message": pa.array([alert.message], pa.string()),
+                "spans": pa.array(
+                    [alert.spans.model_dump_json(exclude_none=True) if alert.spans else None], pa.string()
+                ),
             }
         )
         with self._lock:
@@ -268,7 +324,7 @@ class MonitorStore:
 def _scope_parameters(rule_name: str, scope: dict[str, Any]) -> dict[str, Any]:
     return {
         "rule": rule_name,
-        "model": scope["model_name"],
+        "model": scope.get("model_name", ""),
         "adapter": scope.get("adapter_version") or 0,
         "prompt": scope.get("prompt_version") or 0,
     }
