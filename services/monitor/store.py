@@ -253,7 +253,8 @@ class MonitorStore:
         sql, parameters = query
         with self._readonly_lock:
             handle = self._readonly()
-            return QueryGuard(handle.database).run(handle, sql, parameters, limits).to_pylist()
+            rows: list[dict[str, Any]] = QueryGuard(handle.database).run(handle, sql, parameters, limits).to_pylist()
+        return rows
 
     def read_only_query(
         self, sql: str, parameters: dict[str, Any], max_rows: int, limits: QueryLimits | None = None
