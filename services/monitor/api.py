@@ -9,7 +9,8 @@ permitted at this door; one the engine stops at a cap is a 400 `query_over_limit
 The console page (`/monitor/console`) is a section of the runtime's console: it signs in there, and
 shows alerts, per-version charts, drift, canaries under watch and the production adapter's lineage. An
 operator acknowledges or resolves an alert from it with a form, which changes the alert exactly as the
-JSON door does, in the signed-in principal's name.
+JSON door does, in the signed-in principal's name. The traces and sessions pages beside it
+(`/monitor/console/traces`, `/monitor/console/sessions`) are trace_pages.py's.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from contracts.http import QueryRequest, QueryResult, Request, Role
 from contracts.ids import AlertId
 from services.monitor.console import DRIFT_KINDS, page_context
 from services.monitor.service import Monitor
+from services.monitor.trace_pages import create_trace_pages
 from services.runtime.auth import Authenticator, Principal
 from services.runtime.clickhouse import ClickHouseError
 from services.runtime.clickhouse.query_guard import QueryLimits, QueryOverLimit, QueryRefused
@@ -143,6 +145,8 @@ def create_router(
             note_max_length=NOTE_MAX_LENGTH,
             **context,
         )
+
+    router.include_router(create_trace_pages(monitor.store, console, limits))
 
     @router.post("/console/alerts/{alert_id}", include_in_schema=False)
     async def change_from_console(

@@ -110,7 +110,11 @@ def create_app(
         for handle in readonly:
             handle.close()
 
-    runtime.console.add(Section(GROUP, "Monitor", CONSOLE))
+    runtime.console.add(
+        Section(GROUP, "Monitor", CONSOLE),
+        Section(GROUP, "Traces", f"{CONSOLE}/traces"),
+        Section(GROUP, "Sessions", f"{CONSOLE}/sessions"),
+    )
     return Service(
         name=GROUP,
         api=create_router(

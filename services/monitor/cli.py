@@ -11,13 +11,29 @@ behind the same guard and caps as the door.
 from __future__ import annotations
 
 import os
-import re
-from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
 
+from services.monitor.traces import (
+    MAX_LISTED,
+    MAX_TREE_SPANS,
+    BadValue,
+    Placed,
+    SessionFilter,
+    TraceFeedback,
+    TraceFilter,
+    checked_trace_id,
+    feedback_summary,
+    sessions_query,
+    since_ms,
+    spans_query,
+    trace_feedback_query,
+    traces_query,
+    tree_order,
+)
 from services.runtime.doors import bearer_header
 from services.runtime.errors import FlywheelError
 from services.runtime.settings import FlywheelSettings, load_settings
@@ -196,105 +212,32 @@ def _query_store(settings: FlywheelSettings, query: str, max_rows: int) -> tuple
 
 # ------------------------------------------------------------------------------------------- traces
 
-MAX_LISTED = 1000
-# More spans than a person reads as a tree; past it, `flywheel ops sql` reads the rest.
-MAX_TREE_SPANS = 5000
-_DURATION = re.compile(r"(\d{1,6})([smhd])")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-TRACES_SQL = (
-    "SELECT trace_id, started_at, round(duration_ms, 1) AS duration_ms, root_name, service_name, session_id, "
-    "span_count AS spans, llm_span_count AS llm_spans, prompt_tokens AS tokens_in, completion_tokens AS tokens_out, "
-    "round(cost_usd, 6) AS cost_usd, error_spans AS errors, feedback_count AS feedback, thumbs_down "
-    "FROM trace_summary WHERE {where} ORDER BY started_at DESC, trace_id LIMIT {limit}"
-)
-SESSIONS_SQL = (
-    "SELECT session_id, first_at, last_at, round(duration_ms, 1) AS duration_ms, traces, turns, services, "
-    "span_count AS spans, prompt_tokens AS tokens_in, completion_tokens AS tokens_out, round(cost_usd, 6) AS cost_usd, "
-    "error_spans AS errors, errored_traces, feedback_count AS feedback, thumbs_down, "
-    "session_feedback AS on_session, session_thumbs_down AS on_session_down, round(session_mean_rating, 2) AS session_rating "
-    "FROM session_summary WHERE {where} ORDER BY last_at DESC, session_id LIMIT {limit}"
-)
-SPANS_SQL = (
-    "SELECT span_id, parent_span_id, name, kind, service_name, toUnixTimestamp64Micro(started_at) AS start_us, "
-    "duration_ms, status, error, model_name, prompt_tokens, completion_tokens, cost_usd, inference_id "
-    f"FROM span FINAL WHERE trace_id = {{trace_id:String}} ORDER BY started_at, span_id LIMIT {MAX_TREE_SPANS + 1}"
-)
-# The feedback a trace's tree shows: on the trace (span_id NULL), on one of its spans, and on the inferences
-# its spans name. Feedback on a span, trace or session has inference_id '', one range of the table's key.
-TRACE_FEEDBACK_SQL = (
-    "SELECT span_id, inference_id, thumbs, rating FROM feedback FINAL "
-    "WHERE (inference_id = '' AND trace_id = {trace_id:String}) OR inference_id IN {inference_ids:Array(String)}"
-)
-
 Since = Annotated[
     str,
     typer.Option(help="How far back: a duration (30m, 24h, 7d) or an ISO 8601 time (UTC unless it names a zone)."),
 ]
 Limit = Annotated[int, typer.Option(min=1, max=MAX_LISTED, help="Rows at most, newest first.")]
 ErrorsOnly = Annotated[bool, typer.Option("--errors-only", help="Only those with a span in error.")]
+_HINTS = {"since": "--since", "session": "--session", "service": "--service", "trace_id": "TRACE_ID"}
 
 
-def since_moment(since: str, now: datetime) -> datetime:
-    """The moment `--since` names: `now` less a duration, or a time; BadParameter saying how to write it."""
-    duration = _DURATION.fullmatch(since.strip())
-    if duration:
-        try:
-            return now - timedelta(**{_UNITS[duration.group(2)]: int(duration.group(1))})
-        except OverflowError:
-            raise typer.BadParameter(f"{since} reaches back before the year 1", param_hint="--since") from None
+@contextmanager
+def _as_bad_parameter() -> Iterator[None]:
+    """What traces.py refuses, as typer's usage error naming the option that was typed."""
     try:
-        moment = datetime.fromisoformat(since.strip())
-    except ValueError:
-        raise typer.BadParameter(
-            f"{since[:40]!r} is neither a duration nor a time: write e.g. 30m, 24h, 7d or 2026-01-31T08:00",
-            param_hint="--since",
-        ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        yield
+    except BadValue as bad:
+        raise typer.BadParameter(str(bad), param_hint=_HINTS.get(bad.field, bad.field)) from None
 
 
-def since_ms(since: str) -> int:
-    """`--since` as the epoch milliseconds the trace and session queries compare with."""
-    return int(since_moment(since, datetime.now(UTC)).timestamp() * 1000)
+def _rows(query: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    columns, rows = run_query(*query)
+    return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
-def checked_session_id(session: str) -> str:
-    """`session` if it is a session id as the contract defines it; BadParameter otherwise (it goes into a query)."""
-    from pydantic import TypeAdapter, ValidationError
-
-    from contracts.ids import SessionId
-
-    try:
-        return str(TypeAdapter(SessionId).validate_python(session))
-    except ValidationError:
-        raise typer.BadParameter(
-            f"{session[:80]!r} is not a session id: at most 128 letters, digits and . _ : / - (no spaces)",
-            param_hint="--session",
-        ) from None
-
-
-def checked_trace_id(trace_id: str) -> str:
-    """`trace_id` if it is a W3C trace id as the contract defines it; BadParameter otherwise."""
-    from pydantic import TypeAdapter, ValidationError
-
-    from contracts.ids import TraceId
-
-    try:
-        checked = str(TypeAdapter(TraceId).validate_python(trace_id))
-    except ValidationError:
-        raise typer.BadParameter(
-            f"{trace_id[:80]!r} is not a trace id: a trace id is 32 lowercase hex digits, as `flywheel ops traces` lists them",
-            param_hint="TRACE_ID",
-        ) from None
-    if not checked.strip("0"):
-        raise typer.BadParameter("an all-zero trace id is invalid (W3C trace context)", param_hint="TRACE_ID")
-    return checked
-
-
-def _service_name(service: str) -> str:
-    if not service or len(service) > 256:
-        raise typer.BadParameter("a service name has 1 to 256 characters", param_hint="--service")
-    return service
+def _print_rows(title: str, query: tuple[str, dict[str, Any]]) -> None:
+    columns, rows = run_query(*query)
+    print_table(title, columns, rows)
 
 
 @ops_app.command()
@@ -306,18 +249,9 @@ def traces(
     limit: Limit = 50,
 ) -> None:
     """Recent traces: root span, duration, spans, tokens, cost, errors and feedback (the trace_summary view)."""
-    where = ["started_at >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC')"]
-    parameters: dict[str, Any] = {"since_ms": since_ms(since)}
-    if service is not None:
-        where.append("service_name = {service:String}")
-        parameters["service"] = _service_name(service)
-    if session is not None:
-        where.append("session_id = {session:String}")
-        parameters["session"] = checked_session_id(session)
-    if errors_only:
-        where.append("errored")
-    columns, rows = run_query(TRACES_SQL.format(where=" AND ".join(where), limit=limit), parameters)
-    print_table(f"traces since {since}", columns, rows)
+    with _as_bad_parameter():
+        query = traces_query(TraceFilter(since_ms(since), service, session, errors_only), limit)
+    _print_rows(f"traces since {since}", query)
 
 
 @ops_app.command()
@@ -331,32 +265,21 @@ def sessions(
     limit: Limit = 50,
 ) -> None:
     """Recent sessions (conversations): traces, turns, duration, tokens, cost, errors and feedback (session_summary)."""
-    where = ["last_at >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC')"]
-    parameters: dict[str, Any] = {"since_ms": since_ms(since)}
-    if service is not None:
-        where.append("has(services, {service:String})")
-        parameters["service"] = _service_name(service)
-    if session is not None:
-        where.append("session_id = {session:String}")
-        parameters["session"] = checked_session_id(session)
-    if errors_only:
-        where.append("error_spans > 0")
-    columns, rows = run_query(SESSIONS_SQL.format(where=" AND ".join(where), limit=limit), parameters)
-    print_table(f"sessions active since {since}", columns, rows)
+    with _as_bad_parameter():
+        query = sessions_query(SessionFilter(since_ms(since), service, session, errors_only), limit)
+    _print_rows(f"sessions active since {since}", query)
 
 
 @ops_app.command()
 def trace(trace_id: Annotated[str, typer.Argument(help="The trace id (32 lowercase hex digits).")]) -> None:
     """One trace as a tree: each span under its parent, with kind, start, duration, tokens, status and feedback."""
-    checked = checked_trace_id(trace_id)
-    columns, rows = run_query(SPANS_SQL, {"trace_id": checked})
-    spans = [dict(zip(columns, row, strict=True)) for row in rows]
+    with _as_bad_parameter():
+        checked = checked_trace_id(trace_id)
+    spans = _rows(spans_query(checked, limit=MAX_TREE_SPANS + 1))
     if not spans:
         raise FlywheelError(f"no spans stored for trace {checked}: list recent ones with `flywheel ops traces`")
     shown = spans[:MAX_TREE_SPANS]
-    inference_ids = sorted({span["inference_id"] for span in shown if span["inference_id"]})
-    columns, rows = run_query(TRACE_FEEDBACK_SQL, {"trace_id": checked, "inference_ids": inference_ids})
-    feedback = [dict(zip(columns, row, strict=True)) for row in rows]
+    feedback = _rows(trace_feedback_query(checked, shown))
     for line in span_tree(checked, shown, feedback):
         typer.echo(line)
     if len(spans) > MAX_TREE_SPANS:
@@ -364,52 +287,28 @@ def trace(trace_id: Annotated[str, typer.Argument(help="The trace id (32 lowerca
 
 
 def span_tree(trace_id: str, spans: list[dict[str, Any]], feedback: list[dict[str, Any]] | None = None) -> list[str]:
-    """Lines of the tree: roots first by start, children indented under their parent. A span whose
-    parent is not stored (yet) starts a branch of its own, marked, and a cycle of parents (nothing
-    guards what an app sends) is printed once, never followed round. `feedback` rows (span_id,
-    inference_id, thumbs, rating) show on the trace's line when about the trace, and on a span's line
-    when about the span or the inference it names."""
-    feedback = feedback or []
-    on_trace = [row for row in feedback if not row["inference_id"] and row["span_id"] is None]
-    by_span: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    by_inference: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in feedback:
-        if row["inference_id"]:
-            by_inference[row["inference_id"]].append(row)
-        elif row["span_id"] is not None:
-            by_span[row["span_id"]].append(row)
-    stored = {span["span_id"] for span in spans}
-    children: dict[str | None, list[dict[str, Any]]] = defaultdict(list)
-    for span in spans:
-        children[span["parent_span_id"] if span["parent_span_id"] in stored else None].append(span)
+    """Lines of the tree (traces.tree_order: roots first by start, children indented under their parent, a
+    span whose parent is not stored marked, a cycle printed once). `feedback` rows (span_id, inference_id,
+    thumbs, rating) show on the trace's line when about the trace, and on a span's line when about the span
+    or the inference it names."""
+    given = TraceFeedback.of(feedback or [])
     start = min(int(span["start_us"]) for span in spans)
     end = max(int(span["start_us"]) + float(span["duration_ms"]) * 1000 for span in spans)
     errors = sum(span["status"] == "error" for span in spans)
     lines = [
         f"trace {trace_id}: {len(spans)} spans, {(end - start) / 1000:.1f} ms, "
         f"tokens {sum(int(s['prompt_tokens']) for s in spans)} in / {sum(int(s['completion_tokens']) for s in spans)} out, "
-        f"{errors} in error" + (f", {feedback_summary(on_trace)} on the trace" if on_trace else "")
+        f"{errors} in error" + (f", {feedback_summary(given.on_trace)} on the trace" if given.on_trace else "")
     ]
-    printed: set[str] = set()
-
-    def branch(span: dict[str, Any], depth: int) -> None:
-        printed.add(span["span_id"])
-        given = by_span[span["span_id"]] + (by_inference[span["inference_id"]] if span["inference_id"] else [])
-        line = _span_line(span, start, stored)
-        lines.append("  " * depth + (f"{line}  {feedback_summary(given)}" if given else line))
-        for child in children[span["span_id"]]:
-            if child["span_id"] not in printed:
-                branch(child, depth + 1)
-
-    for root in children[None]:
-        branch(root, 0)
-    for span in spans:
-        if span["span_id"] not in printed:
-            branch(span, 0)
+    for placed in tree_order(spans):
+        on_span = given.on_span(placed.span)
+        line = _span_line(placed, start)
+        lines.append("  " * placed.depth + (f"{line}  {feedback_summary(on_span)}" if on_span else line))
     return lines
 
 
-def _span_line(span: dict[str, Any], trace_start_us: int, stored: set[str]) -> str:
+def _span_line(placed: Placed, trace_start_us: int) -> str:
+    span = placed.span
     parts = [
         _printable(span["name"]),
         f"[{span['kind']}]",
@@ -426,23 +325,11 @@ def _span_line(span: dict[str, Any], trace_start_us: int, stored: set[str]) -> s
     if span["inference_id"]:
         parts.append(f"inference {_printable(span['inference_id'])}")
     parts.append(f"span {span['span_id']}")
-    if span["parent_span_id"] is not None and span["parent_span_id"] not in stored:
+    if placed.parent_missing:
         parts.append(f"(parent {span['parent_span_id']} not stored)")
     if span["error"]:
         parts.append(f"error: {_printable(span['error'])[:160]}")
     return "  ".join(parts)
-
-
-def feedback_summary(rows: list[dict[str, Any]]) -> str:
-    """`feedback 3 (1 up, 2 down, rating 2.5)`: how many, the thumbs given, and the mean of the ratings given."""
-    up = sum(row["thumbs"] == "up" for row in rows)
-    down = sum(row["thumbs"] == "down" for row in rows)
-    ratings = [int(row["rating"]) for row in rows if row["rating"] is not None]
-    details = [f"{up} up" if up else "", f"{down} down" if down else ""]
-    if ratings:
-        details.append(f"rating {sum(ratings) / len(ratings):.1f}")
-    shown = ", ".join(detail for detail in details if detail)
-    return f"feedback {len(rows)}" + (f" ({shown})" if shown else "")
 
 
 def _printable(text: object) -> str:

@@ -302,6 +302,16 @@ class MonitorStore:
 
     # ----------------------------------------------------------------------------------- read-only
 
+    def read(self, query: tuple[str, dict[str, Any]], limits: QueryLimits) -> list[dict[str, Any]]:
+        """Rows of one of the monitor's own read queries (traces.py) on the read-only handle, under the door's caps."""
+        # Through the guard like `flywheel ops traces` beside no process: the same SQL, judged alike, and a
+        # console page never waits behind a tick's queries on the other handle.
+        sql, parameters = query
+        with self._readonly_lock:
+            handle = self._readonly()
+            rows: list[dict[str, Any]] = QueryGuard(handle.database).run(handle, sql, parameters, limits).to_pylist()
+        return rows
+
     def read_only_query(
         self, sql: str, parameters: dict[str, Any], max_rows: int, limits: QueryLimits | None = None
     ) -> QueryResult:

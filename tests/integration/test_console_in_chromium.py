@@ -409,6 +409,8 @@ async def test_the_console_in_chromium_across_services_read_signed_out_and_chang
             "/registry/console/datasets",
             "/evaluator/console/evaluations",
             "/monitor/console",
+            "/monitor/console/traces",
+            "/monitor/console/sessions",
         ]
         listed = await browser.evaluate("[...document.querySelectorAll('main a')].map(a => a.getAttribute('href'))")
         navigation = await browser.evaluate("[...document.querySelectorAll('nav a')].map(a => a.getAttribute('href'))")

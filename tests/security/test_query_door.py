@@ -30,8 +30,17 @@ from fastapi import FastAPI
 
 from contracts.http import Role
 from services.monitor.app import create_app
-from services.monitor.cli import SESSIONS_SQL, SPANS_SQL, TRACES_SQL
 from services.monitor.cli import SQL as OPS_VIEWS
+from services.monitor.traces import (
+    SESSION_FEEDBACK_SQL,
+    SPANS_SQL,
+    SessionFilter,
+    TraceFilter,
+    sessions_query,
+    spans_query,
+    trace_feedback_query,
+    traces_query,
+)
 from services.monitor.settings import MonitorSettings
 from services.registry.store import RegistryStore
 from services.runtime.auth import KeyStore, LocalKeys
@@ -352,18 +361,21 @@ async def test_the_roles_that_read_use_the_door(door: Door) -> None:
 def project_queries() -> list[tuple[str, str, dict]]:
     """The queries Flywheel itself sends to the door or documents: ops views, Grafana panels, the docs' query guide, the demo, the tests."""
     found = [(f"ops {name}", sql, {"hours": 24, "bucket": 3600}) for name, sql in OPS_VIEWS.items()]
-    since = "started_at >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC')"
     found += [
+        ("ops traces", *traces_query(TraceFilter(0, service="rag-app", errors_only=True), 50)),
+        ("ops sessions", *sessions_query(SessionFilter(0, service="rag-app", errors_only=True), 50)),
         (
-            "ops traces",
-            TRACES_SQL.format(where=f"{since} AND service_name = {{service:String}} AND errored", limit=50),
-            {"since_ms": 0, "service": "rag-app"},
+            "console traces",
+            *traces_query(TraceFilter(0, session="conv-1", name_contains="50%_off", min_duration_ms=12.5), 51, 950),
         ),
+        ("console session's traces", *traces_query(TraceFilter(0, session="conv-1"), 1001, oldest_first=True)),
+        ("console sessions", *sessions_query(SessionFilter(0, thumbs_down=True), 51, 50)),
+        ("console trace", *spans_query("4bf92f3577b34da6a3ce929d0e0e4736", limit=1001, text_max=4000)),
         (
-            "ops sessions",
-            SESSIONS_SQL.format(where="has(services, {service:String}) AND error_spans > 0", limit=50),
-            {"service": "rag-app"},
+            "trace feedback",
+            *trace_feedback_query("4bf92f3577b34da6a3ce929d0e0e4736", [{"inference_id": "chatcmpl-1"}]),
         ),
+        ("session feedback", SESSION_FEEDBACK_SQL, {"session": "conv-1"}),
         ("ops trace", SPANS_SQL, {"trace_id": "4bf92f3577b34da6a3ce929d0e0e4736"}),
     ]
     for path in DASHBOARDS:

@@ -1,4 +1,4 @@
-"""`flywheel ops trace`'s tree and the checks on what the trace commands take from a user (the commands
+"""`flywheel ops trace`'s tree and the checks on what the trace commands and pages take from a user (the commands
 against a real store: tests/integration/test_ops_traces_cli.py)."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-import typer
 
-from services.monitor.cli import checked_session_id, checked_trace_id, since_moment, span_tree
+from services.monitor.cli import span_tree
+from services.monitor.traces import BadValue, checked_session_id, checked_trace_id, since_moment
 
 pytestmark = pytest.mark.unit
 
@@ -104,14 +104,14 @@ def test_a_cycle_of_parents_is_printed_once_and_not_followed_round() -> None:
     ["", "4BF92F3577B34DA6A3CE929D0E0E4736", "4bf92f35", "4bf92f3577b34da6a3ce929d0e0e4736'; DROP", "0" * 32],
 )
 def test_a_malformed_trace_id_is_refused_before_any_query(hostile: str) -> None:
-    with pytest.raises(typer.BadParameter):
+    with pytest.raises(BadValue):
         checked_trace_id(hostile)
     assert checked_trace_id(TRACE) == TRACE
 
 
 @pytest.mark.parametrize("hostile", ["a b", "x" * 129, "conv'1", ""])
 def test_a_malformed_session_id_is_refused(hostile: str) -> None:
-    with pytest.raises(typer.BadParameter):
+    with pytest.raises(BadValue):
         checked_session_id(hostile)
     assert checked_session_id("conv-1.a:b/c") == "conv-1.a:b/c"
 
@@ -122,5 +122,5 @@ def test_since_takes_a_duration_or_a_time() -> None:
     assert since_moment("7d", now) == now - timedelta(days=7)
     assert since_moment("2026-01-01T08:00", now) == datetime(2026, 1, 1, 8, tzinfo=UTC)
     for wrong in ("yesterday", "10 weeks", "999999d"):
-        with pytest.raises(typer.BadParameter):
+        with pytest.raises(BadValue):
             since_moment(wrong, now)

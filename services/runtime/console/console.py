@@ -236,10 +236,14 @@ class Console:
         return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
 
     def _navigation(self, current: str) -> list[dict[str, Any]]:
+        # The section a page is under is the longest path that holds it: /monitor/console/traces/... is
+        # Traces, not also Monitor.
+        holding = [s.path for s in self.sections if current == s.path or current.startswith(s.path.rstrip("/") + "/")]
+        here = max(holding, key=len, default=None)
         by_service: dict[str, list[dict[str, Any]]] = {}
         for section in self.sections:
             by_service.setdefault(section.service, []).append(
-                {"title": section.title, "path": section.path, "current": current.startswith(section.path)}
+                {"title": section.title, "path": section.path, "current": section.path == here}
             )
         return [{"service": service, "pages": pages} for service, pages in by_service.items()]
 
