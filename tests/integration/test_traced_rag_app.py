@@ -38,7 +38,8 @@ from opentelemetry.trace import Tracer
 from contracts.http import Role
 from services.feedback.app import create_app as feedback_app
 from services.feedback.settings import FeedbackSettings
-from services.monitor.cli import SPANS_SQL, TRACE_FEEDBACK_SQL, span_tree
+from services.monitor.cli import span_tree
+from services.monitor.traces import MAX_TREE_SPANS, spans_query, trace_feedback_query
 from services.runtime.privacy import PrivacySettings
 from services.runtime.service import Runtime, build_process
 from services.runtime.settings import FlywheelSettings
@@ -283,18 +284,26 @@ async def test_a_traced_rag_app_over_the_gateway_lands_whole_with_its_session_an
         summaries = await stored(
             runtime,
             "SELECT trace_id, root_name, service_name, session_id, root_spans, span_count, llm_span_count, "
-            "error_spans FROM trace_summary ORDER BY started_at",
+            "prompt_tokens, completion_tokens, error_spans FROM trace_summary ORDER BY started_at",
         )
         turns = [hex_id(span.context.trace_id, 32) for span in sorted(sent, key=start) if span.name == "answer"]
         assert [row.pop("trace_id") for row in summaries] == turns
+        # Each call's usage counted once, though the client's span and the gateway's both report it.
+        for summary, turn in zip(summaries, turns, strict=True):
+            calls = [server for server in servers.values() if server["trace_id"] == turn]
+            assert len(calls) == 2
+            assert (summary.pop("prompt_tokens"), summary.pop("completion_tokens")) == (
+                sum(call["prompt_tokens"] for call in calls),
+                sum(call["completion_tokens"] for call in calls),
+            )
         one_turn = {
             "root_name": "answer",
             "service_name": "rag-app",
             "session_id": SESSION,
             "root_spans": 1,
             "span_count": APP_SPANS_PER_TURN + GATEWAY_SPANS_PER_TURN,
-            # Two calls, each an LLM span of the client's (OpenInference's) and one of the gateway's.
-            "llm_span_count": 4,
+            # Two model calls, each an LLM span of the client's (OpenInference's) with the gateway's under it.
+            "llm_span_count": 2,
             "error_spans": 0,
         }
         assert summaries == [one_turn] * 3
@@ -362,9 +371,8 @@ async def test_a_traced_rag_app_over_the_gateway_lands_whole_with_its_session_an
         }
 
         # `flywheel ops trace` of turn 2: the tree as stored, the feedback on the span it was given on.
-        tree_rows = await stored(runtime, SPANS_SQL, {"trace_id": rated[0]})
-        inference_ids = sorted({row["inference_id"] for row in tree_rows if row["inference_id"]})
-        feedback = await stored(runtime, TRACE_FEEDBACK_SQL, {"trace_id": rated[0], "inference_ids": inference_ids})
+        tree_rows = await stored(runtime, *spans_query(rated[0], limit=MAX_TREE_SPANS + 1))
+        feedback = await stored(runtime, *trace_feedback_query(rated[0], tree_rows))
         lines = span_tree(rated[0], tree_rows, feedback)
         outline = [(len(line) - len(line.lstrip()), line.split()[0]) for line in lines[1:]]
         llm_call = [(2, "ChatCompletion"), (4, "chat"), (6, "triton"), (8, "queue"), (8, "compute")]

@@ -13,6 +13,13 @@ ALTER TABLE feedback ADD COLUMN IF NOT EXISTS session_id Nullable(String) AFTER 
 -- As in 0008, with the feedback given on the trace itself or on any of its spans counted beside the
 -- feedback on the inferences of the trace (one a span names, or one the gateway logged with the trace's
 -- id). Each feedback row has one target, so none counts twice.
+--
+-- And one model call counted once. An app's client span of an LLM call (OpenInference's, say) and the
+-- span of the server that answered it (Flywheel's gateway, under it in the same trace) are two llm spans
+-- of one call, both with its token usage: summed, a trace's tokens came out doubled. So llm_span_count
+-- counts the innermost llm spans (those no other llm span is under); tokens of an llm span whose llm
+-- child reports tokens are left to the child; a cost of an llm span whose llm parent reports a cost is
+-- left to the parent (clients price calls; servers rarely do).
 CREATE OR REPLACE VIEW trace_summary AS
 SELECT
     s.trace_id AS trace_id,
@@ -24,10 +31,14 @@ SELECT
     (toUnixTimestamp64Micro(s.last_end) - toUnixTimestamp64Micro(s.first_start)) / 1000 AS duration_ms,
     s.root_spans AS root_spans,
     s.span_count AS span_count,
-    s.llm_span_count AS llm_span_count,
-    s.tokens_in AS prompt_tokens,
-    s.tokens_out AS completion_tokens,
-    s.reported_cost AS cost_usd,
+    length(arrayFilter(call -> NOT has(s.llm_parents, call.1), s.llm_spans)) AS llm_span_count,
+    s.other_tokens_in + arraySum(arrayMap(call -> if(has(s.token_reporting_parents, call.1), 0, call.2), s.llm_spans)) AS prompt_tokens,
+    s.other_tokens_out + arraySum(arrayMap(call -> if(has(s.token_reporting_parents, call.1), 0, call.3), s.llm_spans)) AS completion_tokens,
+    if(
+        s.reported_costs = 0,
+        NULL,
+        s.other_cost + arraySum(arrayMap(call -> if(has(s.costed_llm_spans, call.5), 0, ifNull(call.4, 0)), s.llm_spans))
+    ) AS cost_usd,
     s.error_spans AS error_spans,
     s.error_spans > 0 AS errored,
     fb.feedback_count AS feedback_count,
@@ -45,10 +56,16 @@ FROM
         max(ended_at) AS last_end,
         countIf(parent_span_id IS NULL) AS root_spans,
         count() AS span_count,
-        countIf(kind = 'llm') AS llm_span_count,
-        sum(prompt_tokens) AS tokens_in,
-        sum(completion_tokens) AS tokens_out,
-        sum(cost_usd) AS reported_cost,
+        groupArrayIf((span_id, prompt_tokens, completion_tokens, cost_usd, ifNull(parent_span_id, '')), kind = 'llm') AS llm_spans,
+        groupArrayIf(assumeNotNull(parent_span_id), kind = 'llm' AND parent_span_id IS NOT NULL) AS llm_parents,
+        groupArrayIf(
+            assumeNotNull(parent_span_id), kind = 'llm' AND parent_span_id IS NOT NULL AND prompt_tokens + completion_tokens > 0
+        ) AS token_reporting_parents,
+        groupArrayIf(span_id, kind = 'llm' AND cost_usd > 0) AS costed_llm_spans,
+        sumIf(prompt_tokens, kind != 'llm') AS other_tokens_in,
+        sumIf(completion_tokens, kind != 'llm') AS other_tokens_out,
+        sumIf(ifNull(cost_usd, 0), kind != 'llm') AS other_cost,
+        count(cost_usd) AS reported_costs,
         countIf(status = 'error') AS error_spans
     FROM span FINAL
     GROUP BY trace_id
