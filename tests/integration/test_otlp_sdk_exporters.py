@@ -129,6 +129,7 @@ async def stored(runtime: Runtime, sql: str) -> list[dict[str, Any]]:
     return await asyncio.to_thread(runtime.clickhouse().query, sql)
 
 
+@pytest.mark.usefixtures("own_embedded_clickhouse")
 async def test_sdk_exporters_over_grpc_and_http_land_every_span_once(settings: FlywheelSettings, topics: str) -> None:
     key = api_key(settings, Role.app)
     feedback = intake_settings()
@@ -208,6 +209,7 @@ async def refusal(call: grpc.aio.UnaryUnaryMultiCallable, body: bytes, **options
     return refused.value.code(), refused.value.details() or ""
 
 
+@pytest.mark.usefixtures("own_embedded_clickhouse")
 async def test_grpc_refusals_publish_nothing(settings: FlywheelSettings, topics: str) -> None:
     app_key, viewer_key = api_key(settings, Role.app), api_key(settings, Role.viewer)
     feedback = intake_settings(otlp_max_spans=50, otlp_max_inflated_bytes=1024 * 1024)

@@ -74,6 +74,7 @@ def in_order(*instants: datetime) -> bool:
     return all(earlier <= later for earlier, later in itertools.pairwise(instants))
 
 
+@pytest.mark.usefixtures("own_embedded_clickhouse")
 async def test_gateway_calls_nest_in_the_callers_trace_and_join_their_inferences(
     client,
     runtime: Runtime,  # noqa: F811

@@ -198,6 +198,7 @@ async def stored(runtime: Runtime, sql: str, parameters: dict[str, Any] | None =
     return await asyncio.to_thread(runtime.clickhouse().query, sql, parameters)
 
 
+@pytest.mark.usefixtures("own_embedded_clickhouse")
 async def test_a_traced_rag_app_over_the_gateway_lands_whole_with_its_session_and_feedback(
     settings: FlywheelSettings,
     topics: str,
