@@ -210,3 +210,10 @@ def test_the_span_query_binds_every_value_and_bounds_its_limit() -> None:
 def test_the_feedback_query_binds_the_spans_ids() -> None:
     _, parameters = feedback_query([span(), span("a000000000000004", inference_id=None, session_id=None)])
     assert parameters == {"trace_ids": [TRACE], "inference_ids": ["chatcmpl-a"], "session_ids": ["conv-9"]}
+
+
+def test_a_version_is_a_feedback_dataset_only_when_every_answer_is_a_correction() -> None:
+    fix = feedback("f1", inference_id="chatcmpl-a", correction="Thirty days.", source="reviewer")
+    assert build_records([span()], [fix]).all_corrections
+    assert not build_records([span(), span("a000000000000004", inference_id="chatcmpl-b")], [fix]).all_corrections
+    assert not build_records([], []).all_corrections
