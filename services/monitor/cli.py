@@ -395,6 +395,13 @@ def dataset_from_spans(
     from contracts.http import DatasetCreate
     from services.runtime.registry_client import RegistryError, RegistrySyncClient
 
+    try:
+        # Checked before anything is read: a name or split the registry would refuse fails at once.
+        body = DatasetCreate(name=name_dataset, split=split, jsonl="")
+    except ValidationError as invalid:
+        error = invalid.errors()[0]
+        hint = "--split" if error["loc"][:1] == ("split",) else "--name-dataset"
+        raise typer.BadParameter(error["msg"], param_hint=hint) from None
     with _as_bad_parameter():
         query = span_datasets_query(SpanChoice(since_ms(since), kind, name, service, feedback), limit)
     spans = _rows(query)
@@ -416,20 +423,18 @@ def dataset_from_spans(
         )
     if not built.records:
         raise FlywheelError(f"none of the {len(spans)} matching spans gives a record{note}: nothing published")
-    try:
-        body = DatasetCreate(
-            name=name_dataset,
-            split=split,  # checked by the contract: train or golden
-            jsonl=built.jsonl(),
+    body = body.model_copy(
+        update={
+            "jsonl": built.jsonl(),
             # The registry's "feedback" means built from corrections: only when every answer is one.
-            provenance="feedback" if built.all_corrections else "uploaded",
-        )
-    except ValidationError as invalid:
-        raise typer.BadParameter(invalid.errors()[0]["msg"], param_hint="--name-dataset or --split") from None
+            "provenance": "feedback" if built.all_corrections else "uploaded",
+        }
+    )
     if dry_run:
         typer.echo(f"{len(built.records)} records from {len(spans)} spans{note}; dry run: nothing published")
         for record in built.records[:DRY_RUN_SHOWN]:
-            typer.echo(json.dumps(record, ensure_ascii=False))
+            # ASCII: the texts are the app's, and an escape sequence in them must not reach the terminal.
+            typer.echo(json.dumps(record))
         return
     door, key = door_and_key(load_settings(FlywheelSettings), "registry")
     try:
