@@ -1,6 +1,7 @@
 """The monitor's part of the `flywheel` command, by group in `app` (services/cli/main.py mounts it, finding
 this module by name): `flywheel ops traffic|latency|feedback|alerts|drift|models`, readable tables over
-the ops views; `flywheel ops traces|sessions|trace`, the pipelines' traces (migration 0008); and
+the ops views; `flywheel ops traces|sessions|trace`, the pipelines' traces (migration 0008);
+`flywheel ops dataset-from-spans`, chosen spans published as a registry dataset version; and
 `flywheel ops sql`, read-only SQL; the query door is the monitor's.
 
 Beside a live `flywheel up` the queries go through the monitor's read-only door `/monitor/v1/query`
@@ -17,6 +18,16 @@ from typing import Annotated, Any
 
 import typer
 
+from contracts.events import SpanKind
+from services.monitor.span_datasets import (
+    MAX_FEEDBACK_ROWS,
+    MAX_SPANS,
+    FeedbackChoice,
+    SpanChoice,
+    build_records,
+)
+from services.monitor.span_datasets import feedback_query as span_feedback_query
+from services.monitor.span_datasets import spans_query as span_datasets_query
 from services.monitor.traces import (
     MAX_LISTED,
     MAX_TREE_SPANS,
@@ -218,7 +229,14 @@ Since = Annotated[
 ]
 Limit = Annotated[int, typer.Option(min=1, max=MAX_LISTED, help="Rows at most, newest first.")]
 ErrorsOnly = Annotated[bool, typer.Option("--errors-only", help="Only those with a span in error.")]
-_HINTS = {"since": "--since", "session": "--session", "service": "--service", "trace_id": "TRACE_ID"}
+_HINTS = {
+    "since": "--since",
+    "session": "--session",
+    "service": "--service",
+    "trace_id": "TRACE_ID",
+    "name": "--name",
+    "limit": "--limit",
+}
 
 
 @contextmanager
@@ -335,3 +353,94 @@ def _span_line(placed: Placed, trace_start_us: int) -> str:
 def _printable(text: object) -> str:
     # Names and errors are the app's text: an escape sequence must not reach the terminal.
     return "".join(char if char.isprintable() else "?" for char in str(text))
+
+
+# ------------------------------------------------------------------------------------------- datasets
+
+# Records a dry run prints: enough to see what the dataset will hold.
+DRY_RUN_SHOWN = 3
+
+
+@ops_app.command("dataset-from-spans")
+def dataset_from_spans(
+    name_dataset: Annotated[
+        str, typer.Option("--name-dataset", help="The registry dataset to publish as its next version.")
+    ],
+    kind: Annotated[SpanKind, typer.Option(help="Only spans of this kind.")] = SpanKind.llm,
+    name: Annotated[
+        str | None, typer.Option(help="Only spans of this name; a trailing * matches a prefix (chat*).")
+    ] = None,
+    service: Annotated[str | None, typer.Option(help="Only spans this service sent.")] = None,
+    since: Since = "24h",
+    feedback: Annotated[
+        FeedbackChoice | None,
+        typer.Option(
+            help="Only spans with this feedback: thumbs-down or thumbs-up (on the span, its inference, its trace "
+            "or its session), corrected (a reviewer's correction of the span or its inference: it becomes the "
+            "answer), any (some feedback on any of those). Unset: whatever feedback."
+        ),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_SPANS, help="Spans at most, newest first.")] = 500,
+    split: Annotated[str, typer.Option(help="train, or golden (for evaluation).")] = "train",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print how many records and the first ones; publish nothing.")
+    ] = False,
+) -> None:
+    """Publish chosen spans as a dataset version: one chat record per span (its input, then its output or
+    its correction) with a `provenance` object naming the trace, span, session, inference and feedback."""
+    import json
+
+    from pydantic import ValidationError
+
+    from contracts.http import DatasetCreate
+    from services.runtime.registry_client import RegistryError, RegistrySyncClient
+
+    try:
+        # Checked before anything is read: a name or split the registry would refuse fails at once.
+        body = DatasetCreate(name=name_dataset, split=split, jsonl="")
+    except ValidationError as invalid:
+        error = invalid.errors()[0]
+        hint = "--split" if error["loc"][:1] == ("split",) else "--name-dataset"
+        raise typer.BadParameter(error["msg"], param_hint=hint) from None
+    with _as_bad_parameter():
+        query = span_datasets_query(SpanChoice(since_ms(since), kind, name, service, feedback), limit)
+    spans = _rows(query)
+    feedback_rows = _rows(span_feedback_query(spans)) if spans else []
+    if len(feedback_rows) > MAX_FEEDBACK_ROWS:
+        raise FlywheelError(
+            f"the chosen spans have more than {MAX_FEEDBACK_ROWS} feedback rows: narrow --since, --name or --limit"
+        )
+    built = build_records(spans, feedback_rows)
+    skipped = []
+    if built.truncated:
+        skipped.append(f"{built.truncated} cut at intake")
+    if built.empty:
+        skipped.append(f"{built.empty} without input or answer")
+    note = f" (skipped {', '.join(skipped)})" if skipped else ""
+    if not spans:
+        raise FlywheelError(
+            f"no spans match: nothing published. List what is stored with `flywheel ops traces --since {since}`"
+        )
+    if not built.records:
+        raise FlywheelError(f"none of the {len(spans)} matching spans gives a record{note}: nothing published")
+    body = body.model_copy(
+        update={
+            "jsonl": built.jsonl(),
+            # The registry's "feedback" means built from corrections: only when every answer is one.
+            "provenance": "feedback" if built.all_corrections else "uploaded",
+        }
+    )
+    if dry_run:
+        typer.echo(f"{len(built.records)} records from {len(spans)} spans{note}; dry run: nothing published")
+        for record in built.records[:DRY_RUN_SHOWN]:
+            # ASCII: the texts are the app's, and an escape sequence in them must not reach the terminal.
+            typer.echo(json.dumps(record))
+        return
+    door, key = door_and_key(load_settings(FlywheelSettings), "registry")
+    try:
+        dataset = RegistrySyncClient(door, key).publish_dataset(body)
+    except RegistryError as error:
+        raise FlywheelError(str(error)) from None
+    typer.echo(
+        f"published {dataset.name}:v{dataset.version}: {dataset.row_count} records from {len(spans)} spans{note}"
+    )

@@ -241,3 +241,7 @@ class RegistrySyncClient(_Door):
     ) -> Page[AdapterVersionView]:
         """One page of adapter versions, newest first, filtered by model and stage."""
         return self._send(_adapters(model_name, stage, limit, cursor))
+
+    def publish_dataset(self, body: DatasetCreate) -> DatasetVersionView:
+        """Publish a new dataset version."""
+        return self._send(_publish_dataset(body))
