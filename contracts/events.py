@@ -402,13 +402,6 @@ class InferenceLogged(Payload):
 # ------------------------------------------------------------------------------------------- spans
 
 
-def refuse_all_zero(value: str | None) -> str | None:
-    """`value` unless it is an all-zero trace or span id, which W3C trace context calls invalid."""
-    if value is not None and not value.strip("0"):
-        raise ValueError("an all-zero trace or span id is invalid (W3C trace context)")
-    return value
-
-
 # The span table stores counts as UInt32: a larger value would fail the sink's whole batch.
 UINT32_MAX = 2**32 - 1
 
@@ -459,11 +452,6 @@ class SpanLogged(Payload):
     attributes: dict[str, str] = Field(
         default_factory=dict, description="The span's other attributes, flattened to strings (bounded at intake)."
     )
-
-    @field_validator("trace_id", "span_id", "parent_span_id")
-    @classmethod
-    def _not_all_zero(cls, value: str | None) -> str | None:
-        return refuse_all_zero(value)
 
     @field_validator("ended_at")
     @classmethod
@@ -554,11 +542,6 @@ class FeedbackReceived(Payload):
     tags: list[str] = Field(default_factory=list, description="Labels, e.g. wrong-fact, tone.")
     source: FeedbackSource = Field(default=FeedbackSource.end_user, description="Who gave it.")
     actor: str | None = Field(default=None, description="Id of the person or judge that gave it.")
-
-    @field_validator("trace_id", "span_id")
-    @classmethod
-    def _not_all_zero(cls, value: str | None) -> str | None:
-        return refuse_all_zero(value)
 
     @model_validator(mode="after")
     def _one_target(self) -> FeedbackReceived:

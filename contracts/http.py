@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from contracts.events import (
     DatasetRef,
@@ -22,7 +22,6 @@ from contracts.events import (
     Stage,
     Thumbs,
     feedback_target,
-    refuse_all_zero,
 )
 from contracts.ids import (
     DatasetName,
@@ -125,11 +124,6 @@ class FeedbackCreate(Request):
     tags: list[str] = Field(default_factory=list, max_length=32, description="Labels, e.g. wrong-fact.")
     source: FeedbackSource = Field(default=FeedbackSource.end_user, description="Who gives it.")
     actor: str | None = Field(default=None, max_length=256, description="Id of the person or judge.")
-
-    @field_validator("trace_id", "span_id")
-    @classmethod
-    def _not_all_zero(cls, value: str | None) -> str | None:
-        return refuse_all_zero(value)
 
     @model_validator(mode="after")
     def _one_target(self) -> FeedbackCreate:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, StringConstraints
+from pydantic import AfterValidator, Field, StringConstraints
 
 # The registry's name rule, unchanged since it was first published (contracts/schemas keep this exact
 # text): a letter or digit first, then letters, digits, `.`, `_`, `-`; 200 characters at most.
@@ -96,10 +96,18 @@ ID_PATTERNS: tuple[str, ...] = (NAME_PATTERN, ID_PATTERN, INFERENCE_ID_PATTERN, 
 TRACE_ID_PATTERN = r"^[0-9a-f]{32}$"
 SPAN_ID_PATTERN = r"^[0-9a-f]{16}$"
 
-TraceId = Annotated[str, StringConstraints(pattern=TRACE_ID_PATTERN)]
+
+def _not_all_zero(value: str) -> str:
+    # The pattern alone cannot say it: pydantic's regex engine has no lookahead.
+    if not value.strip("0"):
+        raise ValueError("an all-zero trace or span id is invalid (W3C trace context)")
+    return value
+
+
+TraceId = Annotated[str, StringConstraints(pattern=TRACE_ID_PATTERN), AfterValidator(_not_all_zero)]
 """A W3C / OpenTelemetry trace id: 32 lowercase hex digits (16 bytes), not all zero."""
 
-SpanId = Annotated[str, StringConstraints(pattern=SPAN_ID_PATTERN)]
+SpanId = Annotated[str, StringConstraints(pattern=SPAN_ID_PATTERN), AfterValidator(_not_all_zero)]
 """A W3C / OpenTelemetry span id: 16 lowercase hex digits (8 bytes), not all zero."""
 
 SessionId = Annotated[str, StringConstraints(pattern=INFERENCE_ID_PATTERN, max_length=INFERENCE_ID_MAX_LENGTH)]

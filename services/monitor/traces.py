@@ -115,15 +115,14 @@ def checked_session_id(session: str) -> str:
 def checked_trace_id(trace_id: str) -> str:
     """`trace_id` if it is a W3C trace id as the contract defines it, not all zero."""
     try:
-        checked = str(_TRACE_ID.validate_python(trace_id))
-    except ValidationError:
+        return str(_TRACE_ID.validate_python(trace_id))
+    except ValidationError as refused:
+        if refused.errors()[0]["type"] == "value_error":
+            raise BadValue("an all-zero trace id is invalid (W3C trace context)", "trace_id") from None
         raise BadValue(
             f"{trace_id[:80]!r} is not a trace id: a trace id is 32 lowercase hex digits, as `flywheel ops traces` lists them",
             "trace_id",
         ) from None
-    if not checked.strip("0"):
-        raise BadValue("an all-zero trace id is invalid (W3C trace context)", "trace_id")
-    return checked
 
 
 def checked_service(service: str) -> str:

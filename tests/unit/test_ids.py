@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from contracts.events import DatasetRef, TrainingRequested
+from contracts.events import DatasetRef, InferenceLogged, TrainingRequested
 from contracts.http import TrainingJobCreate
 from contracts.ids import (
     ID_PATTERNS,
@@ -23,6 +23,8 @@ from contracts.ids import (
     ModelName,
     PromptLabel,
     Sha256,
+    SpanId,
+    TraceId,
     VersionNumber,
 )
 from contracts.schema_snapshot import breaking_changes, current_schemas, deliberate_tightenings
@@ -100,6 +102,18 @@ def test_a_version_fits_the_databases_integer() -> None:
     for value in (0, -1, LARGEST_VERSION + 1):
         with pytest.raises(ValidationError):
             TypeAdapter(VersionNumber).validate_python(value)
+
+
+@pytest.mark.parametrize(("kind", "digits"), [(TraceId, 32), (SpanId, 16)])
+def test_trace_and_span_ids_refuse_all_zero_wherever_they_are_used(kind: object, digits: int) -> None:
+    # W3C trace context calls an all-zero id invalid; one in a stored span or feedback would join everything
+    # else that carried the same bad id.
+    ids: TypeAdapter[str] = TypeAdapter(kind)
+    assert ids.validate_python("0" * (digits - 1) + "1") == "0" * (digits - 1) + "1"
+    with pytest.raises(ValidationError, match="an all-zero trace or span id is invalid"):
+        ids.validate_python("0" * digits)
+    with pytest.raises(ValidationError, match="trace_id\n.*all-zero"):
+        InferenceLogged(inference_id="chatcmpl-1", model_name="m", trace_id="0" * 32)
 
 
 def test_contract_models_carry_the_types() -> None:
