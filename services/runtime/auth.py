@@ -584,6 +584,14 @@ class Authenticator:
         self._cache[cache_key] = (principal, now + self._ttl)
         return principal
 
+    def authorise(self, key: str | None, role: Role) -> Principal:
+        """The caller's principal if its key is valid and its role grants `role`; DoorError 401/503 as
+        `authenticate` says, 403 below the role. For doors that are not FastAPI routes (the OTLP/gRPC intake)."""
+        principal = self.authenticate(key)
+        if not principal.may(role):
+            raise _insufficient_role(principal, role)
+        return principal
+
     def require(self, role: Role | str, *, on_refused: Refusal | None = None) -> Callable[..., Principal]:
         """A FastAPI dependency admitting keys whose role grants `role`: 401 without a valid key, 403 below it.
 
@@ -601,10 +609,10 @@ class Authenticator:
                     on_refused(request, None, error.status, error.detail.message)
                 raise
             if not principal.may(needed):
-                message = f"{principal.name} has role {principal.role.value}; this needs {needed.value} or higher"
+                refusal = _insufficient_role(principal, needed)
                 if on_refused is not None:
-                    on_refused(request, principal, 403, message)
-                raise DoorError(403, message, code="insufficient_role")
+                    on_refused(request, principal, 403, refusal.detail.message)
+                raise refusal
             return principal
 
         return dependency
@@ -616,6 +624,14 @@ class Authenticator:
             return self.authenticate(credentials.credentials if credentials else None)
 
         return dependency
+
+
+def _insufficient_role(principal: Principal, needed: Role) -> DoorError:
+    return DoorError(
+        403,
+        f"{principal.name} has role {principal.role.value}; this needs {needed.value} or higher",
+        code="insufficient_role",
+    )
 
 
 def require(

@@ -229,7 +229,7 @@ async def test_grpc_refusals_publish_nothing(settings: FlywheelSettings, topics:
             "a viewer's key": (
                 await refusal(call, export_of(1), metadata=(("authorization", f"Bearer {viewer_key}"),)),
                 grpc.StatusCode.PERMISSION_DENIED,
-                "test-viewer has role viewer; sending traces needs app or higher",
+                "test-viewer has role viewer; this needs app or higher",
             ),
             "garbage": (
                 await refusal(call, b"\xff\xff\xff\xff", metadata=as_app),

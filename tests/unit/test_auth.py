@@ -29,7 +29,7 @@ from services.runtime.auth import (
     split_key,
 )
 from services.runtime.errors import ConfigurationError
-from services.runtime.http import create_http_app
+from services.runtime.http import DoorError, create_http_app
 from services.runtime.running import client_key, record
 from services.runtime.settings import FlywheelSettings
 
@@ -100,6 +100,20 @@ def test_roles_and_errors_at_the_door(keys: KeyStore) -> None:
     assert "vic has role viewer; this needs operator" in refused.json()["error"]["message"]
     assert client.post("/things", headers={"Authorization": f"Bearer {operator}"}).json() == {"who": "olga"}
     assert refusals == [("POST", None, 401), ("GET", None, 401), ("POST", "vic", 403)]
+
+
+def test_authorise_gives_doors_outside_fastapi_the_same_answers(keys: KeyStore) -> None:
+    viewer, _ = keys.create(principal="vic", role=Role.viewer, created_by="test")
+    auth = Authenticator(keys)
+    assert auth.authorise(viewer, Role.viewer).name == "vic"
+    with pytest.raises(DoorError) as below:
+        auth.authorise(viewer, Role.operator)
+    assert (below.value.status, below.value.detail.code) == (403, "insufficient_role")
+    assert below.value.detail.message == "vic has role viewer; this needs operator or higher"
+    for key, code in ((None, "missing_api_key"), ("fw_abc_def", "invalid_api_key")):
+        with pytest.raises(DoorError) as refused:
+            auth.authorise(key, Role.viewer)
+        assert (refused.value.status, refused.value.detail.code) == (401, code)
 
 
 def test_role_grants() -> None:
