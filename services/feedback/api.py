@@ -20,7 +20,7 @@ from services.feedback.service import InvalidFeedback, ReviewerRoleRequired, giv
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
 from services.runtime.auth import Authenticator, Principal
-from services.runtime.broker import EventBus
+from services.runtime.broker import PUBLISH_FAILURES, EventBus
 from services.runtime.clickhouse import ClickHouseError
 from services.runtime.http import REFUSED_STATUSES, BodyTooLarge, DoorError, read_bounded
 from services.runtime.privacy import Redactor
@@ -28,8 +28,8 @@ from services.runtime.privacy import Redactor
 log = logging.getLogger("flywheel.feedback.otlp")
 
 OTLP_TRACES_PATH = "/v1/traces"
-# Seconds an exporter is told to wait before retrying when Kafka does not take the spans.
-OTLP_RETRY_AFTER_S = 5
+# Seconds a caller (an app, an OpenTelemetry exporter) is told to wait before retrying when Kafka does not take what it sent.
+RETRY_AFTER_S = 5
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer fw_<id>_<secret>`.")
 
@@ -52,12 +52,17 @@ def feedback_sender(auth: Authenticator) -> Callable[..., Principal]:
 
 
 def create_router(
-    bus: EventBus, store: Callable[[], FeedbackStore], auth: Authenticator, redactor: Redactor
+    bus: EventBus,
+    store: Callable[[], FeedbackStore],
+    auth: Authenticator,
+    redactor: Redactor,
+    *,
+    publish_timeout_s: float = 10.0,
 ) -> APIRouter:
     router = APIRouter(
         prefix="/feedback/v1",
         tags=["feedback"],
-        responses={status: {"model": ErrorResponse} for status in (401, 403, 422)},
+        responses={status: {"model": ErrorResponse} for status in (401, 403, 422, 503)},
     )
     reader = auth.require(Role.viewer)
     sender = feedback_sender(auth)
@@ -71,9 +76,18 @@ def create_router(
         needs a key whose role grants reviewer (403 otherwise): only reviewers' corrections on inferences
         feed automatic retraining."""
         try:
-            return await give_feedback(
-                request, bus.publish, redactor, caller=caller.name, may_review=caller.may(Role.reviewer)
+            return await asyncio.wait_for(
+                give_feedback(request, bus.publish, redactor, caller=caller.name, may_review=caller.may(Role.reviewer)),
+                publish_timeout_s,
             )
+        except PUBLISH_FAILURES as error:
+            raise DoorError(
+                503,
+                f"Kafka did not take the feedback within {publish_timeout_s:g} s ({type(error).__name__}); "
+                "nothing was stored, retry later",
+                code="broker_unavailable",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
         except InvalidFeedback as error:
             raise DoorError(422, str(error), param=error.param) from None
         except ReviewerRoleRequired as error:
@@ -134,7 +148,7 @@ def _otlp_refusal(
     media_type = _otlp_media_type(request) or otlp.JSON
     headers = dict(headers or {})
     if status == 503:
-        headers.setdefault("Retry-After", str(OTLP_RETRY_AFTER_S))
+        headers.setdefault("Retry-After", str(RETRY_AFTER_S))
     return Response(
         otlp.failure(status, message, media_type), status_code=status, media_type=media_type, headers=headers
     )

@@ -31,7 +31,9 @@ def create_app(runtime: Runtime, settings: FeedbackSettings, privacy: PrivacySet
     bus = runtime.bus(GROUP)
     auth = Authenticator.for_settings(runtime.settings)
     doors = APIRouter()
-    doors.include_router(create_router(bus, lambda: store, auth, redactor))
+    doors.include_router(
+        create_router(bus, lambda: store, auth, redactor, publish_timeout_s=settings.publish_timeout_s)
+    )
     intake = TraceIntake(bus, redactor, settings)
     doors.include_router(create_otlp_router(intake, auth))
     on_start: list[Hook] = [clickhouse_answers]

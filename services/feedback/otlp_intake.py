@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiokafka.errors import KafkaError
-from faststream.exceptions import FastStreamException
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -18,7 +16,7 @@ from prometheus_client import Counter
 from contracts.events import SpanLogged
 from services.feedback import otlp
 from services.feedback.settings import FeedbackSettings
-from services.runtime.broker import EventBus
+from services.runtime.broker import PUBLISH_FAILURES, EventBus
 from services.runtime.privacy import Redactor
 
 log = logging.getLogger("flywheel.feedback.otlp")
@@ -62,7 +60,7 @@ class TraceIntake:
         timeout = self.settings.otlp_publish_timeout_s
         try:
             await asyncio.wait_for(_publish_spans(self._bus, mapped.spans), timeout)
-        except (KafkaError, FastStreamException, TimeoutError) as error:
+        except PUBLISH_FAILURES as error:
             # Spans published before the failure are republished under the same event ids on the
             # exporter's retry, and consumers deduplicate them: none is stored twice.
             log.warning("OTLP spans not published: Kafka did not take them (%s)", type(error).__name__)

@@ -47,6 +47,12 @@ class FeedbackSettings(BaseSettings):
         le=65535,
         description="Port of the OTLP/gRPC trace intake (TraceService/Export), on FLYWHEEL_HTTP_HOST; 0 serves none. Replicas on one host share it.",
     )
+    publish_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=120,
+        description="How long POST /feedback waits for Kafka to take the feedback before answering 503 (nothing is stored; retry).",
+    )
     otlp_publish_timeout_s: float = Field(
         default=10.0,
         gt=0,

@@ -17,6 +17,7 @@ import uuid
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError, for_code
+from faststream.exceptions import FastStreamException
 from faststream.kafka import KafkaBroker
 from faststream.security import BaseSecurity, SASLScram256, SASLScram512
 
@@ -25,6 +26,9 @@ from contracts.publisher import PLAINTEXT, KafkaSecurity, encode
 from contracts.topics import all_topics, retained_topics, topic_for
 from services.runtime.errors import ConfigurationError
 from services.runtime.settings import FlywheelSettings
+
+# What a publish raises when Kafka does not take the event: a door answers 503 and the caller retries.
+PUBLISH_FAILURES: tuple[type[BaseException], ...] = (KafkaError, FastStreamException, TimeoutError)
 
 log = logging.getLogger("flywheel.broker")
 

@@ -14,7 +14,7 @@ from contracts.topics import topic_for
 from services.feedback.api import create_router
 from services.feedback.store import FeedbackStore
 from services.runtime.auth import Authenticator
-from services.runtime.broker import EventBus
+from services.runtime.broker import EventBus, create_broker
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.http import create_http_app
 from services.runtime.privacy import Redactor
@@ -227,3 +227,24 @@ async def test_the_door_scrubs_feedback_before_it_is_published(
         and payload["correction"] == "Use the key [OPENAI_KEY] instead"
     )
     assert payload["tags"] == ["[EMAIL]"] and payload["actor"].startswith("[USER:")
+
+
+async def test_kafka_not_taking_the_feedback_is_a_retryable_503_that_stores_nothing(settings: FlywheelSettings) -> None:
+    # A broker never connected fails every publish at once, as Kafka down does after the wait.
+    bus = EventBus(create_broker(settings, client_id="feedback-door"), producer="feedback", topic_prefix="unused")
+    never_read = FeedbackStore(lambda: pytest.fail("a refused POST must not read ClickHouse"))
+    app = create_http_app(
+        "test", routers=[create_router(bus, lambda: never_read, Authenticator.for_settings(settings), Redactor())]
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        answer = await client.post(
+            "/feedback/v1/feedback",
+            json={"inference_id": "chatcmpl-42", "thumbs": "down"},
+            headers={"Authorization": f"Bearer {api_key(settings, Role.app)}"},
+        )
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["retry-after"] == "5"
+    assert answer.json()["error"]["code"] == "broker_unavailable"
+    assert answer.json()["error"]["message"].startswith(
+        "Kafka did not take the feedback within 10 s (IncorrectState); nothing was stored, retry later"
+    )
