@@ -29,7 +29,8 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.browser import chromium, free_port  # noqa: E402 - after the repository is on the path
+from infra.processes import free_port  # noqa: E402 - after the repository is on the path
+from tests.browser import chromium  # noqa: E402 - after the repository is on the path
 
 FLYWHEEL = REPO / ".venv" / "bin" / "flywheel"
 # Detail pages per list page: enough to show every kind of page without photographing a whole registry.

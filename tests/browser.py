@@ -8,7 +8,6 @@ import base64
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,34 +15,11 @@ from typing import Any
 
 import aiohttp
 import httpx
-import uvicorn
-from fastapi import FastAPI
 
 from tests.support import eventually
 
 # Where the console's screenshots are kept after a run (CI keeps the folder as its test artifacts).
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.asynccontextmanager
-async def serving(app: FastAPI) -> AsyncIterator[str]:
-    """`app` on a real HTTP server on a free port, stopped on the way out even when the test fails."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    try:
-        await eventually(lambda: server.started or task.done(), timeout_s=30, what="uvicorn started")
-        assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 class Browser:

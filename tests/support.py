@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+import uvicorn
+
+from infra.processes import free_port
 
 if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
     from contracts.http import Role
     from services.runtime.settings import FlywheelSettings
 
@@ -30,6 +37,24 @@ async def eventually(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         await asyncio.sleep(interval_s)
+
+
+@asynccontextmanager
+async def served(
+    app: ASGIApp, *, port: int | None = None, lifespan: Literal["on", "off"] = "on", start_timeout_s: float = 60
+) -> AsyncIterator[str]:
+    """`app` served by uvicorn on `port` (a free one if None), its lifespan run as a process runs it when
+    `lifespan` is on; yields its base URL, and stops the server on the way out even when the test fails."""
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan=lifespan))
+    serving = asyncio.create_task(server.serve())
+    try:
+        await eventually(lambda: server.started or serving.done(), start_timeout_s, what=f"uvicorn listening on {port}")
+        assert not serving.done(), f"uvicorn did not start: {serving.exception()}"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, timeout=60)
 
 
 def api_key(settings: FlywheelSettings, role: Role) -> str:

@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sysconfig
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -50,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from infra.processes import free_port
 from services.serving.batcher import ContinuousBatcher
 from services.runtime.inference import BASE, Engine, GenerationRequest, GenerationResult, SamplingParams
 
@@ -84,12 +84,6 @@ class TritonPorts:
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics}/metrics"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _stub_environment() -> None:

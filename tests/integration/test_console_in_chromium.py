@@ -29,6 +29,7 @@ import httpx
 import pytest
 import uvicorn
 
+from infra.processes import free_port
 from contracts.envelope import wrap
 from contracts.events import (
     DatasetRef,
@@ -60,7 +61,7 @@ from services.runtime.console.console import cookie_name
 from services.runtime.privacy import Redactor
 from services.runtime.service import Runtime, Service, build_process
 from services.runtime.settings import FlywheelSettings
-from tests.browser import ARTIFACTS, Browser, chromium, free_port
+from tests.browser import ARTIFACTS, Browser, chromium
 from tests.conftest import require
 from tests.fixtures.clickhouse import ClickHouseTarget
 from tests.integration.registry_support import evaluation, jsonl, seed_model, training_completed

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from contracts.events import DatasetPublished, ModelRegistered, PromptPublished
 from contracts.http import Role
@@ -26,7 +25,7 @@ from services.runtime.service import Runtime, build_process
 from services.runtime.settings import FlywheelSettings
 from tests.evaluator_support import MODEL, golden_lines, tiny_base_dir
 from tests.fixtures.clickhouse import ClickHouseTarget
-from tests.support import api_key, eventually
+from tests.support import api_key, eventually, served
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -66,8 +65,6 @@ async def evaluator_url(
         return create_app(runtime, EvaluatorSettings(max_tokens=6, resamples=200))
 
     app, runtime = build_process(settings, [evaluator], title="flywheel-evaluator-cli-test")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     async with app.router.lifespan_context(app):
         bus = runtime.bus("registry")
         await bus.publish(
@@ -119,14 +116,8 @@ async def evaluator_url(
             )
         finally:
             catalogue.close()
-        task = asyncio.create_task(server.serve())
-        try:
-            await eventually(lambda: server.started or task.done(), timeout_s=30, what="uvicorn started")
-            assert server.started, "uvicorn did not start"
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
-            await task
+        async with served(app, lifespan="off") as url:
+            yield url
 
 
 async def test_request_wait_show_and_list_through_the_cli(evaluator_url: str, settings: FlywheelSettings) -> None:

@@ -18,6 +18,7 @@ import openai
 import pytest
 import uvicorn
 
+from infra.processes import free_port
 from contracts.events import DatasetRef, EvaluationRequested, ModelTarget
 from services.runtime.auth import ApiKey, Authenticator, KeyStore, Role, create_database_engine
 from services.runtime.clickhouse import ClickHouseStore
@@ -32,7 +33,7 @@ from services.serving.inference_log import InferenceLogBuffer
 from services.serving.limits import RateLimiter
 from services.serving.routes import Routes
 from services.serving.settings import ServingSettings
-from services.serving.triton import TritonServing, free_port
+from services.serving.triton import TritonServing
 from tests.evaluator_support import MODEL, evaluator_for, golden_lines, random_adapter, register, tiny_base_dir
 from tests.fixtures.clickhouse import ClickHouseTarget
 from tests.fixtures.trainer_model import base_model_dir  # noqa: F401 - fixture

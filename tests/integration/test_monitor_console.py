@@ -52,7 +52,8 @@ from services.runtime.http import DoorError, error_response
 from services.runtime.registry_client import RegistryClient
 from tests.conftest import REPO, require
 from tests.monitor_support import RegistryDoorFixture, clickhouse, monitor_store, seed_two_versions  # noqa: F401 - fixtures
-from tests.browser import chromium, serving
+from tests.support import served
+from tests.browser import chromium
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 CSRF_FIELD = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -224,7 +225,7 @@ async def test_console_sign_in_charts_from_stored_history_and_sign_out_in_headle
     artifacts.mkdir(exist_ok=True)
     shot = artifacts / "monitor-console.png"
     shot.unlink(missing_ok=True)
-    async with serving(app) as base, chromium(tmp_path / "chromium-profile") as browser:
+    async with served(app, lifespan="off") as base, chromium(tmp_path / "chromium-profile") as browser:
         await browser.call("Page.enable")
         await browser.call("Page.navigate", url=f"{base}/monitor/console")
         await browser.settled_at("/console/login")

@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from contracts.events import TrainingRequested
 from infra.processes import free_port, port_is_free
@@ -40,6 +39,8 @@ from tests.monitor_support import (
     seed_two_versions,
 )
 
+from tests.support import served
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 CORRECTION_REPEATS = 3
@@ -55,15 +56,8 @@ def registry_door(tmp_path: Path) -> Iterator[RegistryDoorFixture]:
 @asynccontextmanager
 async def listening(door: RegistryDoorFixture, port: int) -> AsyncIterator[None]:
     """The registry's door served on `port` by uvicorn, as a process serves it."""
-    server = uvicorn.Server(uvicorn.Config(door.app, host="127.0.0.1", port=port, log_config=None, lifespan="off"))
-    serving = asyncio.create_task(server.serve())
-    try:
-        await eventually(lambda: server.started or serving.done(), what="the registry's door listening")
-        assert not serving.done(), f"uvicorn did not start: {serving.exception()}"
+    async with served(door.app, port=port, lifespan="off"):
         yield
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, timeout=30)
     assert port_is_free(port)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -16,8 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
+from infra.processes import free_port
 from services.registry.app import create_app
 from services.runtime.doors import bearer_header
 from services.runtime.registry_client import RegistryClient, RegistryError
@@ -25,7 +24,7 @@ from services.runtime.running import forget, record
 from services.runtime.service import build_process
 from services.runtime.settings import FlywheelSettings
 from tests.conftest import REPO
-from tests.support import eventually
+from tests.support import served
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -90,26 +89,12 @@ with open_clickhouse(None, Path(sys.argv[1])) as store:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 async def registry_url(settings: FlywheelSettings, topics: str) -> AsyncIterator[str]:
     settings = settings.model_copy(update={"bootstrap_admin_key": ADMIN})
     app, _ = build_process(settings, [create_app], title="flywheel-registry")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
-    serving = asyncio.create_task(server.serve())
-    try:
-        await eventually(lambda: server.started or serving.done(), what="the registry's door listening")
-        assert not serving.done(), f"uvicorn did not start: {serving.exception()}"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, timeout=60)
+    async with served(app) as url:
+        yield url
 
 
 @pytest.fixture

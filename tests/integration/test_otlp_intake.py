@@ -6,11 +6,8 @@ publish nothing, against the door alone."""
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import gzip
 import json
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -18,8 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -33,17 +28,15 @@ from contracts.http import Role
 from contracts.topics import topic_for
 from services.feedback import otlp
 from services.feedback.api import create_otlp_router, otlp_body_limits
-from services.feedback.app import create_app
 from services.feedback.otlp_intake import TraceIntake
 from services.feedback.settings import FeedbackSettings
 from services.runtime.auth import Authenticator
 from services.runtime.broker import EventBus, create_broker
 from services.runtime.http import create_http_app
-from services.runtime.privacy import PrivacySettings, Redactor
-from services.runtime.service import build_process
+from services.runtime.privacy import Redactor
 from services.runtime.settings import FlywheelSettings
 from tests.integration.test_event_bus import read_all
-from tests.support import api_key, eventually
+from tests.support import api_key, served
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -271,37 +264,6 @@ def chat_span(span_id: str, *, start_ms: int = 0, end_ms: int = 250, name: str =
         ],
         "status": {"code": 1},
     }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@asynccontextmanager
-async def served(app: FastAPI, start_timeout_s: float = 60) -> AsyncIterator[str]:
-    """`app` on a free port of this host, its lifespan run as uvicorn runs it; yields its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
-    serving = asyncio.create_task(server.serve())
-    try:
-        await eventually(lambda: server.started or serving.done(), start_timeout_s, what="the door listening")
-        assert not serving.done(), f"uvicorn did not start: {serving.exception()}"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, timeout=60)
-
-
-@asynccontextmanager
-async def feedback_service(settings: FlywheelSettings) -> AsyncIterator[str]:
-    """The feedback service as `flywheel run feedback` builds it (sink, doors, body limits, broker), served."""
-    app, _ = build_process(
-        settings, [functools.partial(create_app, settings=LIMITS, privacy=PrivacySettings())], title="flywheel-feedback"
-    )
-    async with served(app) as url:
-        yield url
 
 
 @asynccontextmanager

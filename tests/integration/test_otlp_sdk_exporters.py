@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode, Tracer
 
+from infra.processes import free_port
 from contracts.http import Role
 from services.feedback.app import create_app
 from services.feedback.otlp_grpc import METHOD_PATH, OtlpGrpcServer, TraceExportServicer
@@ -37,8 +38,8 @@ from services.runtime.http import RefusalLog
 from services.runtime.privacy import PrivacySettings, Redactor
 from services.runtime.service import Runtime, build_process
 from services.runtime.settings import FlywheelSettings
-from tests.integration.test_otlp_intake import free_port, served, spans_on_the_topic
-from tests.support import api_key, eventually
+from tests.integration.test_otlp_intake import spans_on_the_topic
+from tests.support import api_key, eventually, served
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

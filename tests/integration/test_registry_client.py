@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,8 +16,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import uvicorn
 
+from infra.processes import free_port
 from contracts.events import Stage
 from contracts.http import AdapterVersionView, DatasetCreate, DatasetVersionView, LineageView, StageTransition
 from services.registry.app import create_app
@@ -30,7 +29,7 @@ from services.runtime.registry_client import RegistryClient, RegistryError, Regi
 from services.runtime.service import build_process
 from services.runtime.settings import FlywheelSettings
 from tests.integration.registry_support import CHAT, jsonl, seed_production_and_approved_candidate
-from tests.support import eventually
+from tests.support import served
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -43,12 +42,6 @@ class LiveRegistry:
     url: str
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def seed(registry: Registry, tmp_path: Path) -> None:
     """smol v1 in production, v2 its declared canary (20 %), both trained on support:v1."""
     seed_production_and_approved_candidate(registry, tmp_path, MODEL)
@@ -59,21 +52,15 @@ def seed(registry: Registry, tmp_path: Path) -> None:
 async def live(settings: FlywheelSettings, topics: str, tmp_path: Path) -> AsyncIterator[LiveRegistry]:
     settings = settings.model_copy(update={"bootstrap_admin_key": ADMIN})
     app, runtime = build_process(settings, [create_app], title="flywheel-registry")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
-    serving = asyncio.create_task(server.serve())
     store: RegistryStore | None = None
     try:
-        await eventually(lambda: server.started or serving.done(), what="the registry's door listening")
-        assert not serving.done(), f"uvicorn did not start: {serving.exception()}"
-        # Seeded through a second handle on the same database, off the event loop: the served registry's
-        # outbox relay holds its write transaction while it publishes through this loop.
-        store = RegistryStore(registry_database_url(settings))
-        await asyncio.to_thread(seed, Registry(store, runtime.artifacts), tmp_path)
-        yield LiveRegistry(f"http://127.0.0.1:{port}")
+        async with served(app) as url:
+            # Seeded through a second handle on the same database, off the event loop: the served registry's
+            # outbox relay holds its write transaction while it publishes through this loop.
+            store = RegistryStore(registry_database_url(settings))
+            await asyncio.to_thread(seed, Registry(store, runtime.artifacts), tmp_path)
+            yield LiveRegistry(url)
     finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, timeout=60)
         if store is not None:
             store.close()
 

@@ -6,7 +6,6 @@ client talks to a real uvicorn server.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -15,8 +14,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 
+from infra.processes import free_port
 from contracts.events import InferenceLogged, PromptPublished, Stage
 from services.runtime.auth import ApiKey, Authenticator, KeyStore, Role, create_database_engine
 from services.runtime.http import create_http_app
@@ -31,8 +30,9 @@ from services.serving.limits import RateLimiter
 from services.serving.prompt_routes import PromptRoutes
 from services.serving.routes import Routes
 from services.serving.settings import ServingSettings
-from services.serving.triton import TritonServing, free_port
+from services.serving.triton import TritonServing
 from tests.integration.test_event_bus import read_all
+from tests.support import served
 
 pytestmark = pytest.mark.integration
 
@@ -415,16 +415,9 @@ async def test_rate_limit_is_429_with_retry_after(
 
 @contextlib.asynccontextmanager
 async def uvicorn_server(app) -> AsyncIterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            await asyncio.sleep(0.02)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        await task
+    """The gateway's app served; yields the base URL an OpenAI client takes."""
+    async with served(app, lifespan="off") as url:
+        yield f"{url}/v1"
 
 
 async def test_the_openai_client_works_unchanged(

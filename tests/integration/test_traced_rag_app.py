@@ -35,6 +35,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Tracer
 
+from infra.processes import free_port
 from contracts.http import Role
 from services.feedback.app import create_app as feedback_app
 from services.feedback.settings import FeedbackSettings
@@ -45,9 +46,8 @@ from services.runtime.service import Runtime, build_process
 from services.runtime.settings import FlywheelSettings
 from services.serving.trace_context import SESSION_HEADER
 from services.serving.triton import STREAM_MODEL_NAME
-from tests.integration.test_otlp_intake import free_port, served
 from tests.integration.test_serving_app import model_dir, serving_on  # noqa: F401 - fixture
-from tests.support import api_key, eventually
+from tests.support import api_key, eventually, served
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 

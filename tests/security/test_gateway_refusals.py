@@ -28,7 +28,7 @@ from services.serving.inference_log import InferenceLogBuffer
 from services.serving.limits import RateLimiter
 from services.serving.routes import Routes
 from services.serving.settings import ServingSettings
-from services.serving.triton import free_port
+from infra.processes import free_port
 from tests.integration.test_event_bus import read_all
 from tests.support import api_key
 

@@ -57,7 +57,7 @@ from services.serving.inference_log import InferenceLogBuffer
 from services.serving.limits import RateLimiter
 from services.serving.routes import Routes
 from services.serving.settings import ServingSettings
-from services.serving.triton import free_port
+from infra.processes import free_port
 from tests.fixtures.clickhouse import ClickHouseTarget
 from tests.integration.test_event_bus import read_all
 from tests.serving_support import smollm2_tokenizer
