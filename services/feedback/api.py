@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -95,12 +96,28 @@ def create_router(
 
     @router.get("/feedback", response_model=FeedbackList)
     async def get_feedback(
-        inference_id: str = Query(min_length=1, max_length=128, description="The inference id."),
+        inference_id: str | None = Query(default=None, min_length=1, max_length=128, description="An inference id."),
+        trace_id: str | None = Query(
+            default=None, max_length=32, description="A trace id; with span_id, the trace of a span."
+        ),
+        span_id: str | None = Query(default=None, max_length=16, description="A span id, within trace_id."),
+        session_id: str | None = Query(default=None, min_length=1, max_length=128, description="A session id."),
         _: Principal = Depends(reader),
     ) -> FeedbackList:
-        """Stored feedback on one inference, and whether the inference is stored yet."""
+        """Stored feedback on exactly one target, named as POST names it: an inference (`inference_id`), a
+        span (`trace_id` and `span_id`), a trace (`trace_id` alone) or a session (`session_id`); and
+        whether the target itself is stored yet. 422 names what to send when the query names none or several."""
         try:
-            return await asyncio.to_thread(list_feedback, store(), inference_id)
+            return await asyncio.to_thread(
+                functools.partial(
+                    list_feedback,
+                    store(),
+                    inference_id=inference_id,
+                    trace_id=trace_id,
+                    span_id=span_id,
+                    session_id=session_id,
+                )
+            )
         except InvalidFeedback as error:
             raise DoorError(422, str(error), param=error.param) from None
         except ClickHouseError as error:

@@ -121,16 +121,24 @@ def give(
 
 
 @feedback_app.command(name="list")
-def list_(inference_id: Annotated[str, typer.Argument(help="The inference id.")]) -> None:
-    """Print the stored feedback on one inference, as JSON: through a running process's door, else from the store."""
+def list_(
+    inference_id: Annotated[str | None, typer.Argument(help="The inference id.")] = None,
+    trace_id: Annotated[str | None, typer.Option(help="A trace's feedback; with --span-id, a span's.")] = None,
+    span_id: Annotated[str | None, typer.Option(help="A span's feedback, within --trace-id.")] = None,
+    session_id: Annotated[str | None, typer.Option(help="A session's feedback.")] = None,
+) -> None:
+    """Print the stored feedback on one inference, span, trace or session, as JSON: through a running
+    process's door, else from the store."""
     import httpx
 
+    target = {"inference_id": inference_id, "trace_id": trace_id, "span_id": span_id, "session_id": session_id}
+    named = {name: value for name, value in target.items() if value is not None}
     settings = load_settings(FlywheelSettings)
     url = f"http://{settings.http_host}:{settings.http_port}/feedback/v1/feedback"
     try:
-        response = httpx.get(url, params={"inference_id": inference_id}, headers=api_key_headers(), timeout=10)
+        response = httpx.get(url, params=named, headers=api_key_headers(), timeout=10)
     except httpx.ConnectError:
-        typer.echo(_from_store(settings, inference_id))
+        typer.echo(_from_store(settings, named))
         return
     if response.status_code != 200:
         raise FlywheelError(
@@ -139,14 +147,14 @@ def list_(inference_id: Annotated[str, typer.Argument(help="The inference id.")]
     typer.echo(json.dumps(response.json(), indent=2))
 
 
-def _from_store(settings: FlywheelSettings, inference_id: str) -> str:
+def _from_store(settings: FlywheelSettings, target: dict[str, str]) -> str:
     from services.feedback.service import InvalidFeedback, list_feedback
     from services.feedback.store import FeedbackStore
     from services.runtime.clickhouse import open_clickhouse
 
     with open_clickhouse(settings.clickhouse_url, settings.home, readonly=True) as clickhouse:
         try:
-            return list_feedback(FeedbackStore(lambda: clickhouse), inference_id).model_dump_json(indent=2)
+            return list_feedback(FeedbackStore(lambda: clickhouse), **target).model_dump_json(indent=2)
         except InvalidFeedback as error:
             raise FlywheelError(str(error)) from None
 

@@ -14,6 +14,7 @@ from contracts.events import (
     REVIEWER_FEEDBACK_ONLY_ON_ITS_TOPIC,
     FeedbackReceived,
     FeedbackSource,
+    FeedbackTarget,
     InferenceLogged,
     SpanLogged,
 )
@@ -159,7 +160,10 @@ def feedback_rows(envelopes: Sequence[Envelope[FeedbackReceived]], redactor: Red
 
 class FeedbackView(BaseModel):
     feedback_id: str = Field(description="Id of the feedback.")
-    inference_id: str = Field(description="Inference it is about.")
+    inference_id: str | None = Field(default=None, description="Inference it is about, when its target is one.")
+    trace_id: str | None = Field(default=None, description="Trace it is about (with span_id, the span's trace).")
+    span_id: str | None = Field(default=None, description="Span it is about, within trace_id.")
+    session_id: str | None = Field(default=None, description="Session it is about.")
     occurred_at: datetime = Field(description="When it was given (UTC).")
     thumbs: str | None = Field(default=None, description="up or down.")
     rating: int | None = Field(default=None, description="1 to 5.")
@@ -171,8 +175,16 @@ class FeedbackView(BaseModel):
 
 
 class FeedbackList(BaseModel):
-    inference_id: str = Field(description="The inference asked about.")
-    inference_stored: bool = Field(
-        description="Whether the inference itself is stored yet; feedback may arrive first and joins when it lands."
+    target: FeedbackTarget = Field(description="What was asked about: an inference, a span, a trace or a session.")
+    inference_id: str | None = Field(default=None, description="The inference asked about, if that was the target.")
+    trace_id: str | None = Field(default=None, description="The trace asked about (with span_id, the span's trace).")
+    span_id: str | None = Field(default=None, description="The span asked about, within trace_id.")
+    session_id: str | None = Field(default=None, description="The session asked about.")
+    stored: bool = Field(
+        description="Whether the target itself is stored yet (the inference, or a span of the trace or session); "
+        "feedback may arrive first and joins when it lands."
     )
-    items: list[FeedbackView] = Field(description="Stored feedback, oldest first.")
+    inference_stored: bool | None = Field(
+        default=None, description="For an inference, the same as `stored` (the name this answer always had)."
+    )
+    items: list[FeedbackView] = Field(description="Stored feedback on exactly this target, oldest first.")

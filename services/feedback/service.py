@@ -9,9 +9,19 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import pyarrow as pa
 from prometheus_client import Counter
+from pydantic import TypeAdapter, ValidationError
 
 from contracts.envelope import Envelope, P
-from contracts.events import FeedbackReceived, FeedbackReviewed, FeedbackSource, InferenceLogged, SpanLogged
+from contracts.events import (
+    FeedbackReceived,
+    FeedbackReviewed,
+    FeedbackSource,
+    FeedbackTarget,
+    InferenceLogged,
+    SpanLogged,
+    feedback_target,
+)
+from contracts.ids import SessionId, SpanId, TraceId
 from contracts.http import FeedbackAccepted, FeedbackCreate
 from services.feedback.models import FeedbackList, FeedbackView, feedback_rows, inference_rows, span_rows
 from services.runtime.privacy import Redactor
@@ -29,6 +39,11 @@ SINK_ROWS = Counter(
 # Gateway ids (`chatcmpl-...`), UUIDs and app ids: printable, no spaces, nothing a log or URL would mangle.
 INFERENCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/\-]*")
 MAX_TAG_LENGTH = 64
+_ID_TYPES: dict[str, TypeAdapter[str]] = {
+    "trace_id": TypeAdapter(TraceId),
+    "span_id": TypeAdapter(SpanId),
+    "session_id": TypeAdapter(SessionId),
+}
 
 
 class InvalidFeedback(ValueError):
@@ -115,12 +130,41 @@ async def give_feedback(
     return FeedbackAccepted(feedback_id=envelope.payload.feedback_id, event_id=str(envelope.event_id))
 
 
-def list_feedback(store: FeedbackStore, inference_id: str) -> FeedbackList:
-    """Stored feedback on one inference, and whether the inference itself is stored yet."""
-    if not INFERENCE_ID.fullmatch(inference_id) or len(inference_id) > 128:
+def list_feedback(
+    store: FeedbackStore,
+    *,
+    inference_id: str | None = None,
+    trace_id: str | None = None,
+    span_id: str | None = None,
+    session_id: str | None = None,
+) -> FeedbackList:
+    """Stored feedback on exactly one target (named as feedback names it), and whether the target itself
+    is stored yet; InvalidFeedback saying what to send when the ids name none, several, or a malformed one."""
+    try:
+        target = feedback_target(inference_id, trace_id, span_id, session_id)
+    except ValueError as error:
+        raise InvalidFeedback(str(error), "query") from None
+    if inference_id is not None and (not INFERENCE_ID.fullmatch(inference_id) or len(inference_id) > 128):
         raise InvalidFeedback(f"inference_id {inference_id[:80]!r} is malformed", "inference_id")
-    items = [FeedbackView(**row) for row in store.feedback_for(inference_id)]
-    return FeedbackList(inference_id=inference_id, inference_stored=store.inference_stored(inference_id), items=items)
+    ids = {"inference_id": inference_id, "trace_id": trace_id, "span_id": span_id, "session_id": session_id}
+    for name, value in ids.items():
+        if value is not None and name in _ID_TYPES:
+            try:
+                _ID_TYPES[name].validate_python(value)
+            except ValidationError as refused:
+                raise InvalidFeedback(f"{name} {value[:80]!r}: {refused.errors()[0]['msg']}", name) from None
+    named = {name: value for name, value in ids.items() if value is not None}
+    items = [
+        FeedbackView(**{**row, "inference_id": row["inference_id"] or None}) for row in store.feedback_on(target, named)
+    ]
+    stored = store.target_stored(target, named)
+    return FeedbackList(
+        target=target,
+        **named,
+        stored=stored,
+        inference_stored=stored if target is FeedbackTarget.inference else None,
+        items=items,
+    )
 
 
 class Sink:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from contracts.events import FeedbackTarget
 from services.runtime import failpoints
 from services.runtime.clickhouse import ClickHouseError, ClickHouseStore
 
@@ -52,21 +53,19 @@ class FeedbackStore:
         """Raise ClickHouseError unless the store answers."""
         self._query("SELECT 1 AS ok", None)
 
-    def feedback_for(self, inference_id: str) -> list[dict[str, Any]]:
-        """Feedback on one inference, deduplicated, oldest first."""
+    def feedback_on(self, target: FeedbackTarget, ids: dict[str, str]) -> list[dict[str, Any]]:
+        """Feedback on exactly this target (`ids` names it as the feedback did), deduplicated, oldest first."""
         return self._query(
-            "SELECT feedback_id, inference_id, occurred_at, thumbs, rating, comment, correction, tags, source, actor "
-            "FROM feedback FINAL WHERE inference_id = {id:String} ORDER BY occurred_at, feedback_id",
-            {"id": inference_id},
+            # inference_id as stored ('' for other targets): an alias of the same name would shadow the column in WHERE.
+            "SELECT feedback_id, inference_id, trace_id, span_id, session_id, occurred_at, "
+            "thumbs, rating, comment, correction, tags, source, actor "
+            f"FROM feedback FINAL WHERE {_FEEDBACK_ON[target]} ORDER BY occurred_at, feedback_id",
+            ids,
         )
 
-    def inference_stored(self, inference_id: str) -> bool:
-        """Whether `inference_log` holds the inference."""
-        return bool(
-            self._query(
-                "SELECT 1 AS found FROM inference_log WHERE inference_id = {id:String} LIMIT 1", {"id": inference_id}
-            )
-        )
+    def target_stored(self, target: FeedbackTarget, ids: dict[str, str]) -> bool:
+        """Whether the target itself is stored: the inference, the span, or any span of the trace or session."""
+        return bool(self._query(f"SELECT 1 AS found FROM {_STORED[target]} LIMIT 1", ids))
 
     def count(self, table: str) -> tuple[int, int]:
         """Rows and distinct event ids of `table`, read without FINAL: equal when nothing was stored twice."""
@@ -77,6 +76,22 @@ class FeedbackStore:
         with self._lock:
             _fail_if_unavailable()
             return self._clickhouse().query(sql, parameters)
+
+
+# Feedback on a span, trace or session has inference_id '' (the table's key cannot be NULL): those rows are
+# one range of the primary key.
+_FEEDBACK_ON = {
+    FeedbackTarget.inference: "inference_id = {inference_id:String}",
+    FeedbackTarget.span: "inference_id = '' AND trace_id = {trace_id:String} AND span_id = {span_id:String}",
+    FeedbackTarget.trace: "inference_id = '' AND trace_id = {trace_id:String} AND span_id IS NULL",
+    FeedbackTarget.session: "inference_id = '' AND session_id = {session_id:String}",
+}
+_STORED = {
+    FeedbackTarget.inference: "inference_log WHERE inference_id = {inference_id:String}",
+    FeedbackTarget.span: "span WHERE trace_id = {trace_id:String} AND span_id = {span_id:String}",
+    FeedbackTarget.trace: "span WHERE trace_id = {trace_id:String}",
+    FeedbackTarget.session: "span WHERE session_id = {session_id:String}",
+}
 
 
 def _fail_if_unavailable() -> None:

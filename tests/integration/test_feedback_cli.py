@@ -132,6 +132,18 @@ async def test_give_replay_twice_and_list(cli, kafka_bootstrap: str, topics: str
     assert (item["thumbs"], item["rating"], item["tags"], item["source"]) == ("down", 2, ["duration"], "reviewer")
     assert item["comment"] == "wrong, write to [EMAIL]"
 
+    # A trace's feedback is asked for as feedback on it is given: the trace is stored, nobody rated it yet.
+    trace_id = example_events()[SpanLogged].trace_id
+    on_the_trace = json.loads(cli("feedback", "list", "--trace-id", trace_id).stdout)
+    assert (on_the_trace["target"], on_the_trace["trace_id"], on_the_trace["stored"], on_the_trace["items"]) == (
+        "trace",
+        trace_id,
+        True,
+        [],
+    )
+    nothing_named = cli("feedback", "list", ok=False)
+    assert nothing_named.returncode != 0 and "feedback names no target" in nothing_named.stderr + nothing_named.stdout
+
 
 def test_bad_feedback_is_refused_with_the_field_named(cli) -> None:
     malformed = cli("feedback", "give", "not an id", "--thumbs", "up", ok=False)

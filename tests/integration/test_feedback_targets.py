@@ -163,12 +163,54 @@ async def test_feedback_on_a_span_a_trace_and_a_session_is_stored_and_joined(
         await eventually(lambda: counts(clickhouse, "feedback")[0] == 6, what="the six feedbacks stored")
         await eventually(lambda: counts(clickhouse, "span")[0] == 3, what="the three spans stored")
         await eventually(lambda: counts(clickhouse, "inference_log")[0] == 1, what="the inference stored")
+        feedback_ids = {name: answer.json()["feedback_id"] for name, answer in answers.items()}
+        # Read back through the door's GET, target by target: exactly the feedback given on each.
+        viewer = {"Authorization": f"Bearer {api_key(settings, Role.viewer)}"}
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=feedback_door(bus, clickhouse, settings)), base_url="http://test"
+        ) as client:
+            read = {}
+            for name, query in {
+                "span": {"trace_id": TURN_1, "span_id": LLM_1},
+                "trace": {"trace_id": TURN_1},
+                "session": {"session_id": SESSION},
+                "inference": {"inference_id": "chatcmpl-t1"},
+                "reviewed span": {"trace_id": TURN_2, "span_id": ROOT_2},
+                "unknown trace": {"trace_id": "f" * 32},
+            }.items():
+                answer = await client.get("/feedback/v1/feedback", params=query, headers=viewer)
+                assert answer.status_code == 200, (name, answer.text)
+                body = answer.json()
+                read[name] = (body["target"], body["stored"], sorted(item["feedback_id"] for item in body["items"]))
+                assert {key: body[key] for key in query} == query
+            for query, param, message in [
+                ({}, "query", "feedback names no target: give inference_id"),
+                ({"trace_id": TURN_1, "session_id": SESSION}, "query", "feedback names 2 targets"),
+                ({"span_id": LLM_1}, "query", f"span_id {LLM_1} needs its trace_id"),
+                ({"trace_id": "0" * 32}, "trace_id", "trace_id '" + "0" * 32 + "': Value error, an all-zero"),
+                ({"session_id": "conv 3"}, "session_id", "session_id 'conv 3': String should match pattern"),
+            ]:
+                refused = await client.get("/feedback/v1/feedback", params=query, headers=viewer)
+                assert refused.status_code == 422, (query, refused.text)
+                assert refused.json()["error"]["param"] == param, refused.text
+                assert refused.json()["error"]["message"].startswith(message), refused.text
+        assert read == {
+            "span": ("span", True, [feedback_ids["span"]]),
+            "trace": ("trace", True, [feedback_ids["trace"]]),
+            "session": ("session", True, [feedback_ids["session"]]),
+            "inference": (
+                "inference",
+                True,
+                sorted([feedback_ids["inference"], feedback_ids["reviewed inference"]]),
+            ),
+            "reviewed span": ("span", True, [feedback_ids["reviewed span"]]),
+            "unknown trace": ("trace", False, []),
+        }
 
     # Published once each, keyed by their target's id (a span's by its trace), the refused never.
     bootstrap = settings.resolved_kafka_bootstrap()
     received = await read_all(bootstrap, topic_for(FeedbackReceived, topics), expected=10**6, timeout_s=5)
     reviewed = await read_all(bootstrap, topic_for(FeedbackReviewed, topics), expected=10**6, timeout_s=5)
-    feedback_ids = {name: answer.json()["feedback_id"] for name, answer in answers.items()}
     assert sorted((json.loads(r.value)["payload"]["feedback_id"], r.key.decode()) for r in received) == sorted(
         [
             (feedback_ids["span"], TURN_1),
