@@ -16,6 +16,7 @@ never stored: the readers show its spans under a parent that is missing, as for 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -33,6 +34,9 @@ SERVICE_SPAN_NAMESPACE = uuid.UUID("3b0d8f44-6f5e-4c1e-9a63-2f0a4c7d9e15")
 RETRAINING_NAMESPACE = uuid.UUID("8c2e5f7a-1d4b-5e93-b6a0-4f3c2d1e9b87")
 ROOT_STEP = "retraining"
 ERROR_MAX = 8000
+# A worker publishes its job's span after the job's own events, then takes the next job: a broker that is
+# down costs each job this much at most (a send cut short may still land; its event id dedupes it).
+PUBLISH_TIMEOUT_S = 10.0
 
 # Any of the services' publishers: the bus's publish(payload, correlation_id=..., event_id=...).
 Publish = Callable[..., Awaitable[Any]]
@@ -99,9 +103,13 @@ class RetrainingTrace:
         )
 
 
-async def publish_span(publish: Publish, span: SpanLogged, *, correlation_id: str | None) -> None:
-    """Publish a service's span, best effort: a trace missing a span must never fail the job it describes."""
+async def publish_span(
+    publish: Publish, span: SpanLogged, *, correlation_id: str | None, timeout_s: float = PUBLISH_TIMEOUT_S
+) -> None:
+    """Publish a service's span, best effort: a trace missing a span must never fail the job it describes,
+    nor hold its worker for long while the broker is down."""
     try:
-        await publish(span, correlation_id=correlation_id, event_id=service_span_event_id(span))
+        async with asyncio.timeout(timeout_s):
+            await publish(span, correlation_id=correlation_id, event_id=service_span_event_id(span))
     except Exception as error:  # noqa: BLE001 - the job's own events carry its outcome; its span only shows it
         log.warning("span %s of trace %s not published (%s: %s)", span.name, span.trace_id, type(error).__name__, error)

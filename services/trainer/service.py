@@ -268,8 +268,8 @@ class Trainer:
             artifact_sha256=ref.sha256,
         )
         shutil.rmtree(work_dir, ignore_errors=True)
-        await self._publish_span(job, completed, started_at)
         await self._send_staged()
+        await self._publish_span(job, completed, started_at)
 
     async def _resolve(self, job: JobRecord) -> tuple[Path, Path]:
         # The registry's events travel on other topics than the request: a model or dataset published
@@ -300,8 +300,8 @@ class Trainer:
             shutil.rmtree(under(self._work_root, job.job_id), ignore_errors=True)
         except PathOutsideRoot as refused:
             log.warning("training job %r: work directory not removed: %s", job.job_id, refused)
-        await self._publish_span(job, failed, started_at)
         await self._send_staged()
+        await self._publish_span(job, failed, started_at)
 
     async def _publish_span(
         self, job: JobRecord, outcome: TrainingCompleted | TrainingFailed, started_at: datetime | None

@@ -3,6 +3,7 @@ correlation id, with the root span and one child per step of its path."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -111,3 +112,17 @@ async def test_a_span_the_broker_refuses_is_logged_and_never_raised(caplog: pyte
     await publish_span(refuse, span, correlation_id="alert-1")
     assert sent == [(span, "alert-1", service_span_event_id(span))]
     assert "span retraining acme of trace" in caplog.text and "ConnectionError" in caplog.text
+
+
+async def test_a_broker_that_does_not_answer_holds_the_worker_no_longer_than_the_bound(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    span = RetrainingTrace("alert-1").span(
+        ROOT_STEP, name="retraining acme", kind=SpanKind.chain, service_name="s", started_at=AT, ended_at=AT
+    )
+
+    async def hang(payload: SpanLogged, *, correlation_id: str | None, event_id: uuid.UUID) -> None:
+        await asyncio.Event().wait()
+
+    await asyncio.wait_for(publish_span(hang, span, correlation_id="alert-1", timeout_s=0.05), 5)
+    assert "TimeoutError" in caplog.text
