@@ -22,6 +22,7 @@ from contracts.events import (
     DatasetRef,
     Hyperparameters,
     SpanKind,
+    SpanLogged,
     TrainingRequested,
 )
 from contracts.http import DatasetCreate
@@ -173,33 +174,12 @@ class Retraining:
         return request
 
     async def _publish_root_span(self, alert: AlertRaised, request: TrainingRequested, now: datetime) -> None:
-        """The root of the retraining's trace: from the end of the window that raised the alert to the request.
-        The alert id is the retraining's correlation id, so the trainer's and evaluator's spans land under it."""
-
         async def publish(payload: Any, *, correlation_id: str | None, event_id: Any) -> None:
             await self._publish(
                 wrap(payload, producer=self._producer, correlation_id=correlation_id, event_id=event_id)
             )
 
-        span = RetrainingTrace(alert.alert_id).span(
-            ROOT_STEP,
-            name=f"retraining {alert.model_name}",
-            kind=SpanKind.chain,
-            service_name=SERVICE_NAME,
-            started_at=as_utc(alert.window_end),
-            ended_at=now,
-            model_name=alert.model_name,
-            adapter_version=alert.adapter_version,
-            input_text=alert.message[:SPAN_TEXT_MAX],
-            attributes={
-                "flywheel.alert_id": alert.alert_id,
-                "flywheel.rule": f"{alert.rule_name}@v{alert.rule_version}",
-                "flywheel.metric": f"{alert.metric} {alert.value:g} (threshold {alert.threshold:g})",
-                "flywheel.job_id": request.job_id,
-                "flywheel.dataset": f"{request.dataset.name}:v{request.dataset.version}",
-            },
-        )
-        await publish_span(publish, span, correlation_id=alert.alert_id)
+        await publish_span(publish, retraining_root_span(alert, request, now), correlation_id=alert.alert_id)
 
     async def _recipe(self, model_name: str, corrections: list[dict[str, Any]]) -> Recipe:
         records = list(dict.fromkeys(json.dumps(_chat_record(row), ensure_ascii=False) for row in corrections))
@@ -257,6 +237,29 @@ class Retraining:
 
     def _save_state(self, state: dict[str, dict[str, str]]) -> None:
         self._state.write(state)
+
+
+def retraining_root_span(alert: AlertRaised, request: TrainingRequested, now: datetime) -> SpanLogged:
+    """The root of a retraining's trace: from the end of the window that raised the alert to the request.
+    The alert id is the retraining's correlation id, so the trainer's and evaluator's spans land under it."""
+    return RetrainingTrace(alert.alert_id).span(
+        ROOT_STEP,
+        name=f"retraining {alert.model_name}",
+        kind=SpanKind.chain,
+        service_name=SERVICE_NAME,
+        started_at=as_utc(alert.window_end),
+        ended_at=now,
+        model_name=alert.model_name,
+        adapter_version=alert.adapter_version,
+        input_text=alert.message[:SPAN_TEXT_MAX],
+        attributes={
+            "flywheel.alert_id": alert.alert_id,
+            "flywheel.rule": f"{alert.rule_name}@v{alert.rule_version}",
+            "flywheel.metric": f"{alert.metric} {alert.value:g} (threshold {alert.threshold:g})",
+            "flywheel.job_id": request.job_id,
+            "flywheel.dataset": f"{request.dataset.name}:v{request.dataset.version}",
+        },
+    )
 
 
 def _chat_record(row: dict[str, Any]) -> dict[str, Any]:
