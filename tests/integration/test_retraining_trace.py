@@ -1,7 +1,8 @@
 """A retraining is one trace: on the real broker, the real registry, trainer and evaluator in one process
 and the real sink in embedded ClickHouse, a training request correlated by an alert id becomes the
-trainer's job span and the evaluator's evaluation span, both children of the monitor's root span, all
-in the trace that id derives, as the trace readers (services/monitor/traces.py) rebuild it.
+trainer's job span, the evaluator's evaluation span and the registry's span of the adapter's stage change,
+all children of the monitor's root span in the trace that id derives, as the trace readers
+(services/monitor/traces.py) rebuild it.
 
 The base model is the tiny random Llama the evaluator's tests use, so the job trains and the evaluation
 scores in seconds; the registry learns it and the datasets through its door, as an operator adds them.
@@ -137,6 +138,16 @@ async def test_a_retraining_is_one_trace_from_its_request_to_the_gates_verdict(
         evaluation = completed[0]
         assert evaluation.correlation_id == ALERT_ID, "the correlation id followed the adapter from its request"
         assert evaluation.payload.status == "completed", evaluation.payload.error
+        # An operator stages the adapter: the registry records the stage change, and its span, in one transaction.
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://test",
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        ) as door:
+            staged = await door.post(
+                f"/registry/v1/adapters/{MODEL}/versions/1/transitions", json={"to_stage": "staging"}
+            )
+            assert staged.status_code == 200, staged.text
 
         trace = RetrainingTrace(ALERT_ID)
         sql, parameters = spans_query(trace.trace_id, limit=100, text_max=2000)
@@ -144,7 +155,7 @@ async def test_a_retraining_is_one_trace_from_its_request_to_the_gates_verdict(
         def stored() -> list[dict]:
             return clickhouse.query(sql, parameters)
 
-        await eventually(lambda: len(stored()) == 3, timeout_s=60, what="three spans in the retraining's trace")
+        await eventually(lambda: len(stored()) == 4, timeout_s=60, what="four spans in the retraining's trace")
 
     spans = [{**span, "attributes": dict(span["attributes"] or {})} for span in stored()]
     placed = tree_order(spans)
@@ -152,9 +163,10 @@ async def test_a_retraining_is_one_trace_from_its_request_to_the_gates_verdict(
         (f"retraining {MODEL}", 0, False),
         (f"train {JOB_ID}", 1, False),
         (f"evaluate auto-{MODEL}-v1", 1, False),
+        (f"stage {MODEL}:v1 to staging", 1, False),
     ]
     by_name = {p.span["name"].split()[0]: p.span for p in placed}
-    retraining, train, evaluate = by_name["retraining"], by_name["train"], by_name["evaluate"]
+    retraining, train, evaluate, stage = (by_name[name] for name in ("retraining", "train", "evaluate", "stage"))
     assert retraining["span_id"] == trace.span_id(ROOT_STEP) and retraining["parent_span_id"] is None
     assert train["span_id"] == trace.span_id(f"training/{JOB_ID}")
     assert (train["kind"], train["service_name"], train["status"]) == (SpanKind.chain, "flywheel-trainer", "ok")
@@ -172,3 +184,6 @@ async def test_a_retraining_is_one_trace_from_its_request_to_the_gates_verdict(
     # Each span is timed by its own service, in the order the retraining ran.
     assert retraining["start_us"] <= train["start_us"] <= evaluate["start_us"]
     assert train["start_us"] + train["duration_ms"] * 1000 <= evaluate["start_us"]
+    assert (stage["service_name"], stage["adapter_version"], stage["duration_ms"]) == ("flywheel-registry", 1, 0)
+    assert (stage["attributes"]["flywheel.from_stage"], stage["attributes"]["flywheel.to_stage"]) == ("none", "staging")
+    assert evaluate["start_us"] + evaluate["duration_ms"] * 1000 <= stage["start_us"]

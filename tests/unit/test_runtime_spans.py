@@ -1,5 +1,5 @@
 """A service's own spans: event ids that stay what they were, and one trace per retraining derived from its
-correlation id, with the root span and one child per step of its path."""
+correlation id, with the root span and one child per step of its path (job, evaluation, stage change)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,12 @@ from contracts.events import (
     SpanKind,
     SpanLogged,
     SpanStatus,
+    Stage,
+    StageChanged,
 )
 from services.evaluator.worker import evaluation_span
 from services.feedback import otlp
+from services.registry.adapters import stage_span
 from services.runtime.spans import ROOT_STEP, RetrainingTrace, publish_span, service_span_event_id, span_event_id
 
 pytestmark = pytest.mark.unit
@@ -126,3 +129,38 @@ async def test_a_broker_that_does_not_answer_holds_the_worker_no_longer_than_the
 
     await asyncio.wait_for(publish_span(hang, span, correlation_id="alert-1", timeout_s=0.05), 5)
     assert "TimeoutError" in caplog.text
+
+
+def test_a_stage_change_is_an_instant_in_its_adapters_retraining() -> None:
+    changed = StageChanged(
+        model_name="acme",
+        adapter_version=2,
+        from_stage=Stage.staging,
+        to_stage=Stage.production,
+        actor="olga",
+        reason="beats v1",
+        canary_percent=10,
+        approver="pat",
+    )
+    span = stage_span(changed, "alert-1", step="stage/abc", at=AT, gate_evaluation="auto-acme-v2")
+    trace = RetrainingTrace("alert-1")
+    assert (span.trace_id, span.span_id, span.parent_span_id) == (
+        trace.trace_id,
+        trace.span_id("stage/abc"),
+        trace.root_span_id,
+    )
+    assert (span.name, span.started_at, span.ended_at, span.adapter_version) == (
+        "promote acme:v2 to production",
+        AT,
+        AT,
+        2,
+    )
+    assert {key: value for key, value in span.attributes.items() if key != "flywheel.correlation_id"} == {
+        "flywheel.from_stage": "staging",
+        "flywheel.to_stage": "production",
+        "flywheel.actor": "olga",
+        "flywheel.approver": "pat",
+        "flywheel.reason": "beats v1",
+        "flywheel.canary_percent": "10",
+        "flywheel.gate.evaluation_id": "auto-acme-v2",
+    }
