@@ -105,7 +105,7 @@ class Trainer:
                 dataset=request.dataset,
                 hyperparameters=request.hyperparameters,
                 status="queued",
-                # A job asked for without one (the door, an app) is followed by its own id, so its events and
+                # A job asked for without a correlation id (the door, an app) is followed by its own id: its events and
                 # its span still share one trace from training to the evaluation of what it trained.
                 correlation_id=correlation_id or request.job_id,
                 requested_by=request.requested_by,
