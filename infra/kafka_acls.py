@@ -30,8 +30,8 @@ ADMIN_PRINCIPAL = "admin"
 APP_PRINCIPAL = "app"
 
 # Events that join a principal's rights the moment contracts define them. span.logged is defined: the
-# OTLP intake (feedback), the gateway (serving) and apps publish it; the evaluator's and trainer's jobs
-# are granted it ahead of emitting their spans.
+# OTLP intake (feedback), the gateway (serving) and apps publish it, and so do the monitor, the trainer,
+# the evaluator and the registry for the spans of a retraining (services/runtime/spans.py).
 SPAN_LOGGED = "span.logged"
 
 
@@ -54,7 +54,14 @@ class Principal:
 SERVICE_PRINCIPALS: tuple[Principal, ...] = (
     Principal(
         "registry",
-        produces=("model.registered", "adapter.registered", "prompt.published", "dataset.published", "stage.changed"),
+        produces=(
+            "model.registered",
+            "adapter.registered",
+            "prompt.published",
+            "dataset.published",
+            "stage.changed",
+            *_when_defined(SPAN_LOGGED),
+        ),
         consumes=("training.completed", "evaluation.completed"),
         group="registry",
         why="owns versions and stages; its outbox relays the state events",
@@ -102,7 +109,7 @@ SERVICE_PRINCIPALS: tuple[Principal, ...] = (
     ),
     Principal(
         "monitor",
-        produces=("alert.raised", "training.requested"),
+        produces=("alert.raised", "training.requested", *_when_defined(SPAN_LOGGED)),
         consumes=("stage.changed",),
         group="monitor",
         why="raises alerts and requests retraining; watches canaries",

@@ -45,6 +45,7 @@ from pydantic import ValidationError
 
 from contracts.events import SPAN_TEXT_MAX, SpanKind, SpanLogged, SpanStatus
 from contracts.ids import INFERENCE_ID_MAX_LENGTH, INFERENCE_ID_PATTERN
+from services.runtime import spans as service_spans
 from services.runtime.privacy import Redactor
 
 PROTOBUF = "application/x-protobuf"
@@ -338,7 +339,7 @@ def map_request(request: ExportTraceServiceRequest, *, principal: str, redactor:
 
 def span_event_id(span: SpanLogged) -> uuid.UUID:
     """The event id a span is published under: the same span from the same principal, the same id."""
-    return uuid.uuid5(SPAN_EVENT_NAMESPACE, f"{span.principal}/{span.trace_id}/{span.span_id}")
+    return service_spans.span_event_id(SPAN_EVENT_NAMESPACE, span.principal, span.trace_id, span.span_id)
 
 
 class SpanRejected(ValueError):

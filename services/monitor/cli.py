@@ -48,6 +48,7 @@ from services.monitor.traces import (
 from services.runtime.doors import bearer_header
 from services.runtime.errors import FlywheelError
 from services.runtime.settings import FlywheelSettings, load_settings
+from services.runtime.spans import RetrainingTrace
 
 app = typer.Typer()
 ops_app = typer.Typer()
@@ -289,10 +290,21 @@ def sessions(
 
 
 @ops_app.command()
-def trace(trace_id: Annotated[str, typer.Argument(help="The trace id (32 lowercase hex digits).")]) -> None:
+def trace(
+    trace_id: Annotated[str | None, typer.Argument(help="The trace id (32 lowercase hex digits).")] = None,
+    retraining: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of a trace id: a retraining's correlation id (the alert id it answers, or the job id "
+            "of a training asked for without one), whose spans share the trace it derives."
+        ),
+    ] = None,
+) -> None:
     """One trace as a tree: each span under its parent, with kind, start, duration, tokens, status and feedback."""
+    if (trace_id is None) == (retraining is None):
+        raise typer.BadParameter("give either a trace id or --retraining CORRELATION_ID")
     with _as_bad_parameter():
-        checked = checked_trace_id(trace_id)
+        checked = RetrainingTrace(retraining).trace_id if retraining is not None else checked_trace_id(str(trace_id))
     spans = _rows(spans_query(checked, limit=MAX_TREE_SPANS + 1))
     if not spans:
         raise FlywheelError(f"no spans stored for trace {checked}: list recent ones with `flywheel ops traces`")

@@ -15,16 +15,27 @@ from typing import Any
 from prometheus_client import Counter
 
 from contracts.envelope import wrap
-from contracts.events import AlertRaised, AlertState, DatasetRef, Hyperparameters, TrainingRequested
+from contracts.events import (
+    SPAN_TEXT_MAX,
+    AlertRaised,
+    AlertState,
+    DatasetRef,
+    Hyperparameters,
+    SpanKind,
+    SpanLogged,
+    TrainingRequested,
+)
 from contracts.http import DatasetCreate
 from services.monitor.alerts import Alerts, Publish, alert_from_row
 from services.monitor.evaluation import as_utc
 from services.monitor.state import JsonState
 from services.monitor.store import MonitorStore
 from services.runtime.registry_client import RegistryClient
+from services.runtime.spans import ROOT_STEP, RetrainingTrace, publish_span
 
 log = logging.getLogger("flywheel.monitor")
 
+SERVICE_NAME = "flywheel-monitor"
 RETRAININGS = Counter("flywheel_monitor_retrainings_total", "Retraining decisions, by outcome.", ["outcome"])
 
 
@@ -143,6 +154,7 @@ class Retraining:
             reason=f"alert {alert.rule_name}@v{alert.rule_version} ({alert.alert_id}): {alert.message}; dataset: {recipe.description}",
         )
         await self._publish(wrap(request, producer=self._producer, correlation_id=alert.alert_id))
+        await self._publish_root_span(alert, request, now)
         # One retraining answers every quality alert open on the model now; later ones wait for the cooldown.
         open_now = [row["alert_id"] for row in await self._alerts.unresolved() if row["model_name"] == alert.model_name]
         state["requested"][alert.model_name] = now.isoformat()
@@ -160,6 +172,14 @@ class Retraining:
             recipe.description,
         )
         return request
+
+    async def _publish_root_span(self, alert: AlertRaised, request: TrainingRequested, now: datetime) -> None:
+        async def publish(payload: Any, *, correlation_id: str | None, event_id: Any) -> None:
+            await self._publish(
+                wrap(payload, producer=self._producer, correlation_id=correlation_id, event_id=event_id)
+            )
+
+        await publish_span(publish, retraining_root_span(alert, request, now), correlation_id=alert.alert_id)
 
     async def _recipe(self, model_name: str, corrections: list[dict[str, Any]]) -> Recipe:
         records = list(dict.fromkeys(json.dumps(_chat_record(row), ensure_ascii=False) for row in corrections))
@@ -217,6 +237,29 @@ class Retraining:
 
     def _save_state(self, state: dict[str, dict[str, str]]) -> None:
         self._state.write(state)
+
+
+def retraining_root_span(alert: AlertRaised, request: TrainingRequested, now: datetime) -> SpanLogged:
+    """The root of a retraining's trace: from the end of the window that raised the alert to the request.
+    The alert id is the retraining's correlation id, so the trainer's and evaluator's spans land under it."""
+    return RetrainingTrace(alert.alert_id).span(
+        ROOT_STEP,
+        name=f"retraining {alert.model_name}",
+        kind=SpanKind.chain,
+        service_name=SERVICE_NAME,
+        started_at=as_utc(alert.window_end),
+        ended_at=now,
+        model_name=alert.model_name,
+        adapter_version=alert.adapter_version,
+        input_text=alert.message[:SPAN_TEXT_MAX],
+        attributes={
+            "flywheel.alert_id": alert.alert_id,
+            "flywheel.rule": f"{alert.rule_name}@v{alert.rule_version}",
+            "flywheel.metric": f"{alert.metric} {alert.value:g} (threshold {alert.threshold:g})",
+            "flywheel.job_id": request.job_id,
+            "flywheel.dataset": f"{request.dataset.name}:v{request.dataset.version}",
+        },
+    )
 
 
 def _chat_record(row: dict[str, Any]) -> dict[str, Any]:

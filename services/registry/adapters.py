@@ -7,11 +7,16 @@ revision, so of two concurrent promotions exactly one wins and the other gets a 
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime
+
 from contracts.events import (
     AdapterRegistered,
     DatasetRef,
     EvaluationCompleted,
     Hyperparameters,
+    SpanKind,
+    SpanLogged,
     Stage,
     StageChanged,
     TrainingCompleted,
@@ -25,6 +30,9 @@ from services.registry.models import AdapterVersion, EvaluationRecord
 from services.registry.outbox import stage_event
 from services.registry.store import Page
 from services.runtime.artifacts import ArtifactError, ArtifactStore
+from services.runtime.spans import RetrainingTrace, service_span_event_id
+
+SERVICE_NAME = "flywheel-registry"
 
 # Legal moves between stages. Archived → production is a rollback; it passes the same gate.
 TRANSITIONS: dict[Stage, frozenset[Stage]] = {
@@ -292,8 +300,10 @@ class Adapters:
             replaced: int | None = None
             approver: str | None = None
             approval_id: int | None = None
+            gate: EvaluationRecord | None = None
             if to_stage == Stage.production:
-                if store.latest_passing_evaluation(session, model_name, version) is None:
+                gate = store.latest_passing_evaluation(session, model_name, version)
+                if gate is None:
                     raise Conflict(
                         f"{object_id} has no passing evaluation; run one (evaluation.requested) before promoting",
                         param="version",
@@ -393,6 +403,49 @@ class Adapters:
                 },
                 detail=reason,
             )
+            if adapter.correlation_id:
+                # In the same transaction as the stage change: the retraining's trace shows a promotion exactly
+                # when it happened. An adapter with no correlation id (uploaded at the door) has no trace to join.
+                # The outbox keeps the envelope, so a republished span keeps its (random) step and event id.
+                span = stage_span(
+                    events[0],
+                    adapter.correlation_id,
+                    step=f"stage/{uuid.uuid4().hex}",
+                    at=datetime.now(UTC),
+                    gate_evaluation=gate.evaluation_id if gate is not None else None,
+                )
+                stage_event(session, span, correlation_id=adapter.correlation_id, event_id=service_span_event_id(span))
             for changed in events:
                 stage_event(session, changed, correlation_id=adapter.correlation_id)
         return AdapterVersionView.model_validate(adapter)
+
+
+def stage_span(
+    changed: StageChanged, correlation_id: str, *, step: str, at: datetime, gate_evaluation: str | None
+) -> SpanLogged:
+    """A stage change as a span of its adapter's retraining: an instant, the decision and who made it."""
+    attributes = {
+        "flywheel.from_stage": changed.from_stage.value,
+        "flywheel.to_stage": changed.to_stage.value,
+        "flywheel.actor": changed.actor,
+    }
+    optional = {
+        "flywheel.approver": changed.approver,
+        "flywheel.reason": changed.reason,
+        "flywheel.canary_percent": None if changed.canary_percent is None else f"{changed.canary_percent:g}",
+        "flywheel.replaces_version": None if changed.replaces_version is None else str(changed.replaces_version),
+        "flywheel.gate.evaluation_id": gate_evaluation,
+    }
+    attributes.update({key: value for key, value in optional.items() if value is not None})
+    verb = "promote" if changed.to_stage == Stage.production else "stage"
+    return RetrainingTrace(correlation_id).span(
+        step,
+        name=f"{verb} {changed.model_name}:v{changed.adapter_version} to {changed.to_stage.value}",
+        kind=SpanKind.chain,
+        service_name=SERVICE_NAME,
+        started_at=at,
+        ended_at=at,
+        model_name=changed.model_name,
+        adapter_version=changed.adapter_version,
+        attributes=attributes,
+    )

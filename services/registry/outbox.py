@@ -17,6 +17,7 @@ in the claiming transaction:
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -36,9 +37,11 @@ if TYPE_CHECKING:
 PRODUCER = "registry"
 
 
-def stage_event(session: Session, payload: Payload, *, correlation_id: str | None = None) -> Envelope:
+def stage_event(
+    session: Session, payload: Payload, *, correlation_id: str | None = None, event_id: uuid.UUID | None = None
+) -> Envelope:
     """Add an event to the caller's transaction; it is published only if that transaction commits."""
-    envelope = wrap(payload, producer=PRODUCER, correlation_id=correlation_id)
+    envelope = wrap(payload, producer=PRODUCER, correlation_id=correlation_id, event_id=event_id)
     session.add(
         OutboxEvent(
             event_id=str(envelope.event_id), event_type=envelope.event_type, envelope=envelope.model_dump_json()

@@ -32,7 +32,8 @@ from contracts.events import SPAN_TEXT_MAX, InferenceLogged, SpanLogged
 from contracts.envelope import Payload
 from services.runtime.broker import EventBus
 from services.runtime.privacy import Redactor
-from services.serving.spans import ERROR_MAX, NAME_MAX, span_event_id
+from services.runtime.spans import service_span_event_id
+from services.serving.spans import ERROR_MAX, NAME_MAX
 
 log = logging.getLogger("flywheel.serving.inference_log")
 
@@ -136,7 +137,10 @@ class InferenceLogBuffer:
             spans = []
         await asyncio.gather(
             self._publish_one(event, uuid.uuid4(), entry.correlation_id, inference_id),
-            *(self._publish_one(span, span_event_id(span), entry.correlation_id, inference_id) for span in spans),
+            *(
+                self._publish_one(span, service_span_event_id(span), entry.correlation_id, inference_id)
+                for span in spans
+            ),
         )
 
     async def _publish_one(

@@ -14,7 +14,6 @@ reached Triton has the server span alone, and one that failed there has no queue
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -28,13 +27,6 @@ OPERATIONS = {"chat.completions": "chat", "completions": "text_completion"}
 NAME_MAX = 256
 ERROR_MAX = 8000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# Event ids derived from the span's ids: a span published again after a timed-out attempt that Kafka
-# did take is the same event, and the sink stores it once.
-SPAN_EVENT_NAMESPACE = uuid.UUID("3b0d8f44-6f5e-4c1e-9a63-2f0a4c7d9e15")
-
-
-def span_event_id(span: SpanLogged) -> uuid.UUID:
-    return uuid.uuid5(SPAN_EVENT_NAMESPACE, f"{span.trace_id}/{span.span_id}")
 
 
 def at_ns(unix_ns: int) -> datetime:

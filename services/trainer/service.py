@@ -16,17 +16,26 @@ import logging
 import shutil
 import threading
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import TypeAdapter, ValidationError
 
 from contracts.envelope import Envelope, wrap
-from contracts.events import TrainingCompleted, TrainingFailed, TrainingProgress, TrainingRequested, TrainingStarted
+from contracts.events import (
+    SpanKind,
+    TrainingCompleted,
+    TrainingFailed,
+    TrainingProgress,
+    TrainingRequested,
+    TrainingStarted,
+)
 from contracts.ids import JobId
 from services.runtime.artifacts import ArtifactError, ArtifactStore
 from services.runtime.outbox import OutboxRelay
 from services.runtime.paths import PathOutsideRoot, under
+from services.runtime.spans import RetrainingTrace, publish_span
 from services.trainer.catalog import Catalog, UnknownInput
 from services.trainer.engine import Progress, TrainingError, TrainingJob, TrainingPaused, TrainingPlan, train
 from services.trainer.settings import TrainerSettings
@@ -35,6 +44,7 @@ from services.trainer.store import JobRecord, JobStore, OutboxEvent
 log = logging.getLogger("flywheel.trainer")
 
 PRODUCER = "trainer"
+SERVICE_NAME = "flywheel-trainer"
 _JOB_ID = TypeAdapter(JobId)
 
 
@@ -95,7 +105,9 @@ class Trainer:
                 dataset=request.dataset,
                 hyperparameters=request.hyperparameters,
                 status="queued",
-                correlation_id=correlation_id,
+                # A job asked for without a correlation id (the door, an app) is followed by its own id: its events and
+                # its span still share one trace from training to the evaluation of what it trained.
+                correlation_id=correlation_id or request.job_id,
                 requested_by=request.requested_by,
             )
         )
@@ -177,13 +189,15 @@ class Trainer:
             self._store.update(job.job_id, status="failed", error=reason, error_type="invalid_input")
             return
         self._store.update(job.job_id, status="running")
+        # A job resumed after a restart is timed from its resumption: the span shows what this worker ran.
+        started_at = datetime.now(UTC)
         try:
             model_path, dataset_path = await self._resolve(job)
         except StoppedWaitingForInputs:
             log.info("training job %s: stopped while waiting for its inputs; it resumes at the next start", job.job_id)
             return
         except (UnknownInput, ArtifactError) as error:
-            await self._fail(job, TrainingError("invalid_input", str(error)))
+            await self._fail(job, TrainingError("invalid_input", str(error)), started_at)
             return
 
         def publish_soon(payload: Any) -> None:
@@ -230,11 +244,11 @@ class Trainer:
             )
             return
         except TrainingError as error:
-            await self._fail(job, error)
+            await self._fail(job, error, started_at)
             return
         except Exception as error:  # noqa: BLE001 - a job's crash must become training.failed, not kill the worker
             log.exception("training job %s crashed", job.job_id)
-            await self._fail(job, TrainingError("internal", f"{type(error).__name__}: {error}"))
+            await self._fail(job, TrainingError("internal", f"{type(error).__name__}: {error}"), started_at)
             return
         completed = TrainingCompleted(
             job_id=job.job_id,
@@ -255,6 +269,7 @@ class Trainer:
         )
         shutil.rmtree(work_dir, ignore_errors=True)
         await self._send_staged()
+        await self._publish_span(job, completed, started_at)
 
     async def _resolve(self, job: JobRecord) -> tuple[Path, Path]:
         # The registry's events travel on other topics than the request: a model or dataset published
@@ -273,7 +288,7 @@ class Trainer:
                     raise StoppedWaitingForInputs(job.job_id) from None
                 await asyncio.sleep(1.0)
 
-    async def _fail(self, job: JobRecord, error: TrainingError) -> None:
+    async def _fail(self, job: JobRecord, error: TrainingError, started_at: datetime | None = None) -> None:
         status = "cancelled" if error.error_type == "cancelled" else "failed"
         failed = TrainingFailed(
             job_id=job.job_id, model_name=job.model_name, reason=error.reason, error_type=error.error_type
@@ -286,6 +301,43 @@ class Trainer:
         except PathOutsideRoot as refused:
             log.warning("training job %r: work directory not removed: %s", job.job_id, refused)
         await self._send_staged()
+        await self._publish_span(job, failed, started_at)
+
+    async def _publish_span(
+        self, job: JobRecord, outcome: TrainingCompleted | TrainingFailed, started_at: datetime | None
+    ) -> None:
+        """The job's span in its retraining's trace; a job cancelled before it started is a span of no length."""
+        ended_at = datetime.now(UTC)
+        attributes = {
+            "flywheel.job_id": job.job_id,
+            "flywheel.base_model": job.model_name,
+            "flywheel.dataset": f"{job.dataset.name}:v{job.dataset.version}",
+            "flywheel.requested_by": job.requested_by,
+            "flywheel.hyperparameters": job.hyperparameters.model_dump_json(),
+        }
+        stored = await asyncio.to_thread(self._store.get, job.job_id)
+        if stored is not None and stored.total_steps:
+            attributes["flywheel.steps"] = f"{stored.step}/{stored.total_steps}"
+        if isinstance(outcome, TrainingCompleted):
+            attributes["flywheel.artifact_sha256"] = outcome.artifact_sha256
+            attributes.update({f"flywheel.metric.{name}": f"{value:g}" for name, value in outcome.metrics.items()})
+            error = None
+        else:
+            attributes["flywheel.error_type"] = outcome.error_type
+            error = outcome.reason
+        correlation_id = job.correlation_id or job.job_id
+        span = RetrainingTrace(correlation_id).span(
+            f"training/{job.job_id}",
+            name=f"train {job.job_id}",
+            kind=SpanKind.chain,
+            service_name=SERVICE_NAME,
+            started_at=started_at or ended_at,
+            ended_at=ended_at,
+            error=error,
+            model_name=job.model_name,
+            attributes=attributes,
+        )
+        await publish_span(self._publisher.publish, span, correlation_id=correlation_id)
 
     async def _finish(self, job: JobRecord, payload: TrainingCompleted | TrainingFailed, **fields: object) -> None:
         # The event id is a function of the job and its outcome: a job finished again after a crash stages nothing new.

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from contracts.events import TrainingRequested
+from contracts.events import SpanLogged, TrainingRequested
 from infra.processes import free_port, port_is_free
 from services.monitor.rules import parse_rules
 from services.monitor.retraining import RetrainingPolicy
@@ -27,6 +27,7 @@ from services.monitor.store import MonitorStore
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.settings import FlywheelSettings
 from services.runtime.registry_client import RegistryClient
+from services.runtime.spans import RetrainingTrace
 from tests.integration.registry_support import CHAT
 from tests.integration.test_monitor import RULES, traffic
 from tests.monitor_support import (
@@ -111,6 +112,16 @@ async def test_a_retraining_the_registry_could_not_take_is_asked_again_with_prod
     assert requested[0].job_id.removeprefix("retrain-") in {alert.alert_id for alert in unreachable[0].opened}
     on_kafka = await read_topic(settings, TrainingRequested, expect=1)
     assert [record["payload"]["job_id"] for record in on_kafka] == [requested[0].job_id]
+    # The request opens the retraining's trace: its root span, in the trace its correlation id (the alert id) derives.
+    [root] = await read_topic(settings, SpanLogged, expect=1)
+    trace = RetrainingTrace(on_kafka[0]["correlation_id"])
+    assert (root["payload"]["trace_id"], root["payload"]["span_id"], root["payload"]["parent_span_id"]) == (
+        trace.trace_id,
+        trace.root_span_id,
+        None,
+    )
+    assert (root["producer"], root["correlation_id"]) == ("monitor", on_kafka[0]["correlation_id"])
+    assert root["payload"]["attributes"]["flywheel.job_id"] == requested[0].job_id
 
     request = requested[0]
     assert request.hyperparameters.rank == 4, "production v1's hyperparameters (its lineage), not the defaults"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from services.runtime.spans import RetrainingTrace
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -35,6 +36,7 @@ from services.feedback.service import Sink
 from services.feedback.store import FeedbackStore
 from services.runtime.clickhouse import open_clickhouse
 from services.runtime.privacy import Redactor
+from services.runtime.spans import RetrainingTrace
 
 now = datetime.now(UTC)
 def span(trace, span_id, parent, name, kind, start, start_ms, duration_ms, **fields):
@@ -43,6 +45,11 @@ def span(trace, span_id, parent, name, kind, start, start_ms, duration_ms, **fie
                            started_at=begin, ended_at=begin + timedelta(milliseconds=duration_ms), **fields), producer="seed")
 app = dict(session_id="conv-9", service_name="rag-app")
 first, second, nightly = now - timedelta(minutes=10), now - timedelta(minutes=5), now - timedelta(days=3)
+retraining, retrained = RetrainingTrace("alert-cli-1"), now - timedelta(days=2)
+def step(name, started_ms, duration_ms, step, service):
+    begin = retrained + timedelta(milliseconds=started_ms)
+    return wrap(retraining.span(step, name=name, kind="chain", service_name=service, started_at=begin,
+                                ended_at=begin + timedelta(milliseconds=duration_ms)), producer="seed")
 with open_clickhouse(None, Path(sys.argv[1])) as store:
     store.migrate()
     sink = Sink(FeedbackStore(lambda: store), Redactor())
@@ -57,6 +64,8 @@ with open_clickhouse(None, Path(sys.argv[1])) as store:
         span("{FAILED}", "b000000000000002", "b000000000000001", "lookup_order", "tool", second, 5, 600,
              status="error", error="timeout", **app),
         span("{NIGHTLY}", "c000000000000001", None, "reindex [/bold]", "chain", nightly, 0, 90, service_name="indexer"),
+        step("retraining acme", 0, 5, "retraining", "flywheel-monitor"),
+        step("train retrain-alert-cli-1", 10, 60000, "training/retrain-alert-cli-1", "flywheel-trainer"),
     ])
     sink.store_feedback([
         wrap(FeedbackReceived(inference_id="chatcmpl-a", thumbs="down"), producer="seed"),
@@ -158,9 +167,20 @@ def test_trace_prints_the_span_tree(env: dict[str, str]) -> None:
     ]
 
 
+def test_a_retrainings_trace_is_found_by_its_correlation_id(env: dict[str, str]) -> None:
+    done = flywheel(env, "trace", "--retraining", "alert-cli-1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"trace {RetrainingTrace('alert-cli-1').trace_id}: 2 spans, 60010.0 ms"), lines
+    assert lines[1].startswith("retraining acme  [chain]  +0.0 ms  5.0 ms")
+    assert lines[2].startswith("  train retrain-alert-cli-1  [chain]  +10.0 ms  60000.0 ms")
+
+
 @pytest.mark.parametrize(
     ("arguments", "says"),
     [
+        (("trace",), "give either a trace id or --retraining CORRELATION_ID"),
+        (("trace", ANSWER, "--retraining", "alert-cli-1"), "give either a trace id or --retraining CORRELATION_ID"),
         (("trace", "4bf92f35'; DROP TABLE span; --"), "is not a trace id: a trace id is 32 lowercase hex digits"),
         (("trace", "0" * 32), "an all-zero trace id is invalid"),
         (("traces", "--session", "conv 9"), "is not a session id"),

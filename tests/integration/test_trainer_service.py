@@ -13,6 +13,9 @@ from contracts.envelope import Envelope
 from contracts.events import (
     DatasetRef,
     Hyperparameters,
+    SpanKind,
+    SpanLogged,
+    SpanStatus,
     TrainingCompleted,
     TrainingFailed,
     TrainingProgress,
@@ -20,6 +23,7 @@ from contracts.events import (
     TrainingStarted,
 )
 from services.runtime.artifacts import ArtifactStore
+from services.runtime.spans import RetrainingTrace
 from services.trainer.catalog import UnknownInput
 from services.trainer.service import Trainer
 from services.trainer.settings import TrainerSettings
@@ -35,9 +39,14 @@ MODEL = "smollm2-135m-instruct"
 class RecordingPublisher:
     def __init__(self) -> None:
         self.events: list[object] = []
+        self.spans: list[SpanLogged] = []
 
     async def publish(self, payload: object, *, correlation_id: str | None = None, event_id: object = None) -> None:
-        self.events.append(payload)
+        # A job's span goes to its trace, beside the job's events: kept apart, `events` is what the job reported.
+        if isinstance(payload, SpanLogged):
+            self.spans.append(payload)
+        else:
+            self.events.append(payload)
 
     async def publish_envelope(self, envelope: Envelope) -> None:
         self.events.append(envelope.payload)
@@ -138,6 +147,20 @@ async def test_a_job_reports_started_progress_and_completed_with_a_stored_adapte
     ]
     assert service.get("job-1").status == "completed"
     assert not (tmp_path / "jobs" / "job-1").exists()
+    # Asked for without a correlation id, the job is followed by its own id: the trace that id derives.
+    [span] = publisher.spans
+    trace = RetrainingTrace("job-1")
+    assert (span.trace_id, span.span_id, span.parent_span_id) == (
+        trace.trace_id,
+        trace.span_id("training/job-1"),
+        trace.root_span_id,
+    )
+    assert (span.name, span.kind, span.status, span.model_name) == ("train job-1", SpanKind.chain, SpanStatus.ok, MODEL)
+    assert span.attributes["flywheel.steps"] == "2/2" and span.attributes["flywheel.dataset"] == "tiny:v1"
+    assert span.attributes["flywheel.artifact_sha256"] == completed.artifact_sha256
+    assert float(span.attributes["flywheel.metric.final_loss"]) == pytest.approx(
+        completed.metrics["final_loss"], rel=1e-5
+    )
 
 
 @pytest.mark.parametrize(
@@ -159,6 +182,12 @@ async def test_bad_input_is_training_failed_with_a_clear_reason_and_no_adapter(
     assert isinstance(failed, TrainingFailed)
     assert failed.error_type == "invalid_input"
     assert reason in failed.reason
+    [span] = publisher.spans
+    assert (span.status, span.error, span.attributes["flywheel.error_type"]) == (
+        SpanStatus.error,
+        failed.reason,
+        "invalid_input",
+    )
     assert not any(isinstance(event, TrainingCompleted) for event in publisher.events)
     assert not artifacts.exists() or not any(artifacts.rglob("*"))
     assert service.get("bad").status == "failed"

@@ -8,8 +8,9 @@ import pytest
 
 from contracts.events import InferenceLogged, InferenceStatus, SpanKind, SpanStatus
 from services.runtime.privacy import Redactor
+from services.runtime.spans import service_span_event_id
 from services.serving.inference_log import _fit
-from services.serving.spans import SERVICE_NAME, TritonCall, at_ns, call_spans, span_event_id
+from services.serving.spans import SERVICE_NAME, TritonCall, at_ns, call_spans
 from services.serving.trace_context import CallTrace, caller_span
 from services.serving.triton import TritonAnswer
 
@@ -66,7 +67,7 @@ def test_server_span_under_the_callers_then_triton_then_queue_and_compute_in_ord
     # Tokens only on the server span: a trace's summary sums them over its spans.
     assert all(span.prompt_tokens == span.completion_tokens == 0 for span in (triton, queue, compute))
     assert all(span.kind is SpanKind.unknown for span in (triton, queue, compute))
-    assert len({span_event_id(span) for span in (server, triton, queue, compute)}) == 4
+    assert len({service_span_event_id(span) for span in (server, triton, queue, compute)}) == 4
 
 
 def test_a_call_refused_before_triton_is_one_errored_span_opening_a_trace() -> None:
