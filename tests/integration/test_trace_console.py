@@ -34,7 +34,8 @@ from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.console import Console, Section
 from services.runtime.http import DoorError, error_response
 from services.runtime.privacy import Redactor
-from tests.browser import ARTIFACTS, chromium, serving
+from tests.support import served as serving
+from tests.browser import ARTIFACTS, chromium
 from tests.conftest import require
 from tests.integration.test_monitor_console import quiet_monitor
 from tests.monitor_support import clickhouse, monitor_store  # noqa: F401 - fixtures
@@ -206,7 +207,7 @@ async def served(
 ) -> AsyncIterator[tuple[str, dict[Role, str]]]:
     seed(clickhouse)
     app, keys = trace_app(tmp_path, monitor_store)
-    async with serving(app) as base:
+    async with serving(app, lifespan="off") as base:
         yield base, keys
 
 
@@ -221,13 +222,17 @@ async def test_the_lists_filter_page_and_refuse_what_is_not_an_id_or_a_filter(
     clickhouse: ClickHouseStore, monitor_store: MonitorStore, tmp_path: Path
 ) -> None:
     async with served(tmp_path, clickhouse, monitor_store) as (base, keys):
-        async with httpx.AsyncClient(base_url=base) as anonymous:
+        # Not a latency test: on a loaded 2-core machine chDB's first read of the summary views took over
+        # httpx's default 5 s.
+        async with httpx.AsyncClient(base_url=base, timeout=60) as anonymous:
             for path in (TRACES, SESSIONS, f"{TRACES}/{ANSWER}", f"{SESSIONS}/{CONVERSATION}"):
                 signed_out = await anonymous.get(path)
                 assert signed_out.status_code == 303 and signed_out.headers["location"].startswith("/console/login")
                 below = await anonymous.get(path, headers={"Authorization": f"Bearer {keys[Role.app]}"})
                 assert below.status_code == 303, "an app key reads nothing here: viewer or above"
-        async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {keys[Role.viewer]}"}) as viewer:
+        async with httpx.AsyncClient(
+            base_url=base, headers={"Authorization": f"Bearer {keys[Role.viewer]}"}, timeout=60
+        ) as viewer:
             everything = (ANSWER, FAILED, QUIET, NIGHTLY)
             recent = await viewer.get(TRACES, params={"since": "1h"})
             assert listed(recent, *everything) == [QUIET, FAILED, ANSWER], "the last hour, newest first"
