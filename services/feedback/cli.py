@@ -232,6 +232,9 @@ def bench_ingest(
         f"per-event insert: {result.baseline_events} events in {result.baseline_seconds:.2f}s = {result.baseline_rate:,.0f} events/s"
     )
     typer.echo(f"ratio:            {result.sink_rate / result.baseline_rate:.1f}x")
+    typer.echo("where the sink's time went (seconds, share of its wall time):")
+    for stage, seconds, share in result.stage_split():
+        typer.echo(f"  {stage:<32} {seconds:8.2f}s {share:6.1%}")
     if result.steady is not None:
         lag = result.steady
         typer.echo(
@@ -271,6 +274,7 @@ def _ingest_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
         if scratch is not None:
             scratch.cleanup()
     echo(f"batched sink {result.sink_rate:,.0f} events/s, per-event insert {result.baseline_rate:,.0f} events/s")
+    echo("sink stages: " + ", ".join(f"{stage} {share:.0%}" for stage, _, share in result.stage_split()))
     rows = [
         Row(
             "ingest",
