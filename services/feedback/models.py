@@ -61,7 +61,8 @@ def inference_rows(envelopes: Sequence[Envelope[InferenceLogged]], redactor: Red
 
 def scrub_inferences(envelopes: Sequence[Envelope[InferenceLogged]], redactor: Redactor) -> list[InferenceLogged]:
     """The payloads as `inference_log` may hold them (inference_rows says what is scrubbed)."""
-    return [redactor.scrub_inference(envelope.payload) for envelope in envelopes]
+    batch = redactor.remembering()
+    return [batch.scrub_inference(envelope.payload) for envelope in envelopes]
 
 
 def inference_table(envelopes: Sequence[Envelope[InferenceLogged]], payloads: Sequence[InferenceLogged]) -> pa.Table:
@@ -114,7 +115,8 @@ def span_rows(envelopes: Sequence[Envelope[SpanLogged]], redactor: Redactor) -> 
 
 def scrub_spans(envelopes: Sequence[Envelope[SpanLogged]], redactor: Redactor) -> list[SpanLogged]:
     """The payloads as `span` may hold them (span_rows says what is scrubbed)."""
-    return [scrub_span(redactor, envelope.payload) for envelope in envelopes]
+    batch = redactor.remembering()
+    return [scrub_span(batch, envelope.payload) for envelope in envelopes]
 
 
 def span_table(envelopes: Sequence[Envelope[SpanLogged]], payloads: Sequence[SpanLogged]) -> pa.Table:
@@ -157,7 +159,8 @@ def feedback_rows(envelopes: Sequence[Envelope[FeedbackReceived]], redactor: Red
 
 def scrub_feedbacks(envelopes: Sequence[Envelope[FeedbackReceived]], redactor: Redactor) -> list[FeedbackReceived]:
     """The payloads as `feedback` may hold them (feedback_rows says what is scrubbed)."""
-    return [redactor.scrub_feedback(envelope.payload) for envelope in envelopes]
+    batch = redactor.remembering()
+    return [batch.scrub_feedback(envelope.payload) for envelope in envelopes]
 
 
 def feedback_table(envelopes: Sequence[Envelope[FeedbackReceived]], payloads: Sequence[FeedbackReceived]) -> pa.Table:

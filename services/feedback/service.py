@@ -174,7 +174,7 @@ class Sink:
             with clock.stage("already-stored check"):
                 stored = self._store.stored_event_ids(
                     table,
-                    list(unique),
+                    [envelope.event_id for envelope in unique.values()],
                     min(e.occurred_at for e in unique.values()),
                     max(e.occurred_at for e in unique.values()),
                 )
