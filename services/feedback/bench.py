@@ -54,6 +54,7 @@ class IngestResult:
     steady: SteadyLag | None = None
     # Seconds per stage of the sink path while it stored `events` (services/runtime/stages.py).
     stages: dict[str, float] = field(default_factory=dict)
+    batches: int = 0  # inserts the sink made while storing `events`
 
     @property
     def sink_rate(self) -> float:
@@ -190,7 +191,7 @@ async def ingest_benchmark(
         async with broker:
             await broker.start()
             sink_seconds = await _until(stores["sink"], events, timeout_s)
-            stages = clock.split()
+            stages, batches = clock.split(), clock.count("insert")
             steady = None
             if steady_rate and steady_seconds:
                 steady = await _steady_lag(
@@ -233,4 +234,4 @@ async def ingest_benchmark(
             store.close()
             with open_clickhouse(settings.clickhouse_url, settings.home, database="default") as admin:
                 admin.command(f"DROP DATABASE IF EXISTS `{database}`")
-    return IngestResult(events, sink_seconds, baseline_events, baseline_seconds, steady, stages)
+    return IngestResult(events, sink_seconds, baseline_events, baseline_seconds, steady, stages, batches)

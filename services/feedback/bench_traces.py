@@ -52,6 +52,7 @@ class TracesResult:
     stored_events: int
     steady: SteadyLag | None = None
     stages: dict[str, float] = field(default_factory=dict)
+    batches: int = 0  # inserts the sink made while storing the batched spans
 
     @property
     def rate(self) -> float:
@@ -272,7 +273,7 @@ async def _measure(
         await sender.post_all(bodies)
         await _until(store, spans, timeout_s)
         seconds = time.perf_counter() - started
-        stages = clock.split()
+        stages, batches = clock.split(), clock.count("insert")
         # One request at a time: a simple span processor exports each span as it ends.
         started = time.perf_counter()
         for body in singles:
@@ -292,4 +293,4 @@ async def _measure(
                 timeout_s=timeout_s,
             )
     rows, events = await asyncio.to_thread(FeedbackStore(lambda: store).count, "span")
-    return TracesResult(spans, seconds, batch, baseline_spans, baseline_seconds, rows, events, steady, stages)
+    return TracesResult(spans, seconds, batch, baseline_spans, baseline_seconds, rows, events, steady, stages, batches)

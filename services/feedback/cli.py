@@ -235,7 +235,7 @@ def bench_ingest(
         f"per-event insert: {result.baseline_events} events in {result.baseline_seconds:.2f}s = {result.baseline_rate:,.0f} events/s"
     )
     typer.echo(f"ratio:            {result.sink_rate / result.baseline_rate:.1f}x")
-    typer.echo("where the sink's time went (seconds, share of its wall time):")
+    typer.echo(f"where the sink's time went, in {result.batches} batches (seconds, share of its wall time):")
     for stage, seconds, share in result.stage_split():
         typer.echo(f"  {stage:<32} {seconds:8.2f}s {share:6.1%}")
     if result.steady is not None:
@@ -368,7 +368,9 @@ def _traces_report(result: Any) -> list[str]:
             f"steady load:      {lag.rate} spans/s ({lag.sent} spans): lag p50 {lag.quantile(0.5)}, p95 {lag.quantile(0.95)}, "
             f"max {max(lag.samples, default=0)} spans exported but not yet stored; drained {lag.drain_seconds:.2f}s after the last one"
         )
-    lines.append("where the sink's time went while storing the batched spans (seconds, share of the wall time):")
+    lines.append(
+        f"where the sink's time went while storing the batched spans, in {result.batches} batches (seconds, share of the wall time):"
+    )
     lines += [
         f"  {stage:<32} {seconds:8.2f}s {seconds / result.seconds:6.1%}" for stage, seconds in result.stages.items()
     ]

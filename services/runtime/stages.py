@@ -14,6 +14,7 @@ class StageClock:
 
     def __init__(self) -> None:
         self._seconds: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
 
     @contextmanager
@@ -27,12 +28,19 @@ class StageClock:
     def add(self, name: str, seconds: float) -> None:
         with self._lock:
             self._seconds[name] = self._seconds.get(name, 0.0) + seconds
+            self._counts[name] = self._counts.get(name, 0) + 1
 
     def split(self) -> dict[str, float]:
         """Seconds per stage, in the order the stages first ran."""
         with self._lock:
             return dict(self._seconds)
 
+    def count(self, name: str) -> int:
+        """How many times `name` ran: per batch for the sink's stages."""
+        with self._lock:
+            return self._counts.get(name, 0)
+
     def reset(self) -> None:
         with self._lock:
             self._seconds.clear()
+            self._counts.clear()
