@@ -178,13 +178,13 @@ class Sink:
                     min(e.occurred_at for e in unique.values()),
                     max(e.occurred_at for e in unique.values()),
                 )
-            fresh = [envelope for event_id, envelope in unique.items() if event_id not in stored]
+            fresh_ids = [event_id for event_id in unique if event_id not in stored]
+            fresh = [unique[event_id] for event_id in fresh_ids]
             if fresh:
                 with clock.stage("redact"):
                     payloads = scrub(fresh, self._redactor)
                 with clock.stage("rows"):
-                    ids = sorted(str(envelope.event_id) for envelope in fresh)
-                    token = f"{table}:{hashlib.sha256(','.join(ids).encode()).hexdigest()}"
+                    token = f"{table}:{hashlib.sha256(','.join(sorted(fresh_ids)).encode()).hexdigest()}"
                     rows = to_table(fresh, payloads)
                 with clock.stage("insert"):
                     self._store.insert(table, rows, token)
