@@ -329,7 +329,7 @@ def bench_traces(
     ] = 1_000,
     steady_rate: Annotated[
         int, typer.Option(min=0, help="Spans/s of the steady-load phase that measures lag (0 skips it).")
-    ] = 5_000,
+    ] = 2_000,
     steady_seconds: Annotated[float, typer.Option(min=0, help="Length of the steady-load phase.")] = 10.0,
 ) -> None:
     """OTLP spans/s from POST /v1/traces into ClickHouse, batched vs one span per request, same run."""
@@ -414,7 +414,7 @@ TRACES = Benchmark(
     name="traces",
     sizes={
         "quick": {"spans": 5_000, "batch": 500, "baseline_spans": 200, "steady_rate": 0, "steady_seconds": 0.0},
-        "full": {"spans": 50_000, "batch": 500, "baseline_spans": 1_000, "steady_rate": 5_000, "steady_seconds": 10.0},
+        "full": {"spans": 50_000, "batch": 500, "baseline_spans": 1_000, "steady_rate": 2_000, "steady_seconds": 10.0},
     },
     run=_traces_rows,
 )
