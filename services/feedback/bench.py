@@ -140,6 +140,14 @@ async def _steady_lag(
     return SteadyLag(rate, sent, samples, drain)
 
 
+async def settled(clock: StageClock, timeout_s: float = 10.0) -> None:
+    """Until every batch the sink took is committed: its rows are readable before its offsets are committed,
+    and the split should hold that commit too."""
+    deadline = time.perf_counter() + timeout_s
+    while clock.count("commit") < clock.count("decode+validate") and time.perf_counter() < deadline:
+        await asyncio.sleep(0.01)
+
+
 async def _until(store: ClickHouseStore, rows: int, timeout_s: float) -> float:
     started = time.perf_counter()
     while await _stored(store) < rows:
@@ -190,7 +198,10 @@ async def ingest_benchmark(
         )
         async with broker:
             await broker.start()
-            sink_seconds = await _until(stores["sink"], events, timeout_s)
+            started = time.perf_counter()
+            await _until(stores["sink"], events, timeout_s)
+            await settled(clock)
+            sink_seconds = time.perf_counter() - started
             stages, batches = clock.split(), clock.count("insert")
             steady = None
             if steady_rate and steady_seconds:

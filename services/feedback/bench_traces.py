@@ -24,7 +24,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from contracts.http import Role
 from services.feedback import otlp
 from services.feedback.app import create_app
-from services.feedback.bench import SteadyLag
+from services.feedback.bench import SteadyLag, settled
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
 from services.runtime.auth import ApiKey, KeyStore, LocalKeys, create_database_engine
@@ -272,6 +272,7 @@ async def _measure(
         started = time.perf_counter()
         await sender.post_all(bodies)
         await _until(store, spans, timeout_s)
+        await settled(clock)
         seconds = time.perf_counter() - started
         stages, batches = clock.split(), clock.count("insert")
         # One request at a time: a simple span processor exports each span as it ends.
