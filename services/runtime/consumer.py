@@ -313,7 +313,8 @@ def subscribe_batch(
     batches and a stop has nothing to flush but the batch in flight. The handler must be idempotent
     by event id: a batch stored but not committed before a crash is delivered again. Undecodable
     records go to the DLQ before the handler sees the batch; a batch that keeps failing is split
-    in halves until the records at fault are alone, and those go to the DLQ.
+    in halves until the records at fault are alone, and those go to the DLQ. `clock` sums the time each
+    batch spends decoding and committing; hand the handler's the same one for the whole split.
     """
     topic = topic_for(event, topic_prefix)
     envelope_type = Envelope[event]  # type: ignore[valid-type]
