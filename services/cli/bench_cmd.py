@@ -1,8 +1,8 @@
 """`flywheel bench all`: every service's benchmark in one run, one table of ratios against baselines
 measured in the same run, with a description of the machine, written to bench/results/ (markdown and json).
 
-Each benchmark is its service's (`flywheel bench train|serve|ingest`, in services/<name>/cli.py, each
-declaring a BENCHMARK): this group holds `all` and gets the services' bench commands when main.py mounts
+Each benchmark is its service's (`flywheel bench train|serve|ingest|traces`, in services/<name>/cli.py, each
+declaring a BENCHMARK or BENCHMARKS): this group holds `all` and gets the services' bench commands when main.py mounts
 them. Timings are never asserted anywhere: only ratios measured side by side on one machine in one run
 mean something.
 """
@@ -96,10 +96,12 @@ def to_markdown(
 @app.command("all")
 def all_benchmarks(
     quick: bool = typer.Option(False, "--quick", help="The CI size: small inputs, minutes instead of tens of minutes."),
-    only: list[str] = typer.Option([], help="Run only these benchmarks (train, serve, ingest; repeat the option)."),
+    only: list[str] = typer.Option(
+        [], help="Run only these benchmarks (train, serve, ingest, traces; repeat the option)."
+    ),
     out: Path = typer.Option(RESULTS, help="Where the markdown and json tables go."),
 ) -> None:
-    """Train, serve and ingest benchmarks; one table of ratios with the machine's description in bench/results/."""
+    """Train, serve, ingest and traces benchmarks; one table of ratios with the machine's description in bench/results/."""
     size = "quick" if quick else "full"
     known = benchmarks()
     unknown = sorted(set(only) - set(known))

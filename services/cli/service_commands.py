@@ -50,6 +50,11 @@ def mount(root: typer.Typer, shared: dict[str, typer.Typer]) -> None:
 
 
 def benchmarks() -> dict[str, Benchmark]:
-    """The benchmarks of `flywheel bench all`, by name: each service's that declares one (its BENCHMARK)."""
-    found = (getattr(module, "BENCHMARK", None) for module in service_clis())
+    """The benchmarks of `flywheel bench all`, by name: each service's that declares one (its BENCHMARK) or
+    several (its BENCHMARKS)."""
+    found = (
+        benchmark
+        for module in service_clis()
+        for benchmark in getattr(module, "BENCHMARKS", (getattr(module, "BENCHMARK", None),))
+    )
     return {benchmark.name: benchmark for benchmark in found if benchmark is not None}

@@ -8,7 +8,7 @@ import asyncio
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
@@ -28,6 +28,7 @@ from services.runtime.clickhouse import ClickHouseStore, open_clickhouse
 from services.runtime.consumer import DeadLetters, SqliteProcessedEvents, subscribe
 from services.runtime.service import subscribe_batches
 from services.runtime.settings import FlywheelSettings
+from services.runtime.stages import StageClock
 
 
 @dataclass
@@ -51,6 +52,9 @@ class IngestResult:
     baseline_events: int
     baseline_seconds: float
     steady: SteadyLag | None = None
+    # Seconds per stage of the sink path while it stored `events` (services/runtime/stages.py).
+    stages: dict[str, float] = field(default_factory=dict)
+    batches: int = 0  # inserts the sink made while storing `events`
 
     @property
     def sink_rate(self) -> float:
@@ -59,6 +63,13 @@ class IngestResult:
     @property
     def baseline_rate(self) -> float:
         return self.baseline_events / self.baseline_seconds
+
+    def stage_split(self) -> list[tuple[str, float, float]]:
+        """(stage, seconds, share of the sink's wall time), the time no stage accounts for last: fetching
+        from Kafka, waiting for a batch to fill, handing it to a thread."""
+        split = [(name, seconds, seconds / self.sink_seconds) for name, seconds in self.stages.items()]
+        other = max(0.0, self.sink_seconds - sum(self.stages.values()))
+        return [*split, ("other (fetch, wait, scheduling)", other, other / self.sink_seconds)]
 
 
 def _event(i: int) -> Envelope[InferenceLogged]:
@@ -129,6 +140,14 @@ async def _steady_lag(
     return SteadyLag(rate, sent, samples, drain)
 
 
+async def settled(clock: StageClock, timeout_s: float = 10.0) -> None:
+    """Until every batch the sink took is committed: its rows are readable before its offsets are committed,
+    and the split should hold that commit too."""
+    deadline = time.perf_counter() + timeout_s
+    while clock.count("commit") < clock.count("decode+validate") and time.perf_counter() < deadline:
+        await asyncio.sleep(0.01)
+
+
 async def _until(store: ClickHouseStore, rows: int, timeout_s: float) -> float:
     started = time.perf_counter()
     while await _stored(store) < rows:
@@ -164,20 +183,26 @@ async def ingest_benchmark(
         for store in stores.values():
             await asyncio.to_thread(store.migrate)
 
+        clock = StageClock()
         broker = create_broker(bench_settings, client_id="bench-sink")
         subscribe_batches(
             broker,
             BATCH_HANDLERS,
-            Sink(FeedbackStore(lambda: stores["sink"]), Redactor()),
+            Sink(FeedbackStore(lambda: stores["sink"]), Redactor(), clock),
             group="bench-sink",
             dead_letters=DeadLetters(broker),
             topic_prefix=prefix,
             max_retries=3,
+            clock=clock,
             **feedback.batch_options(),
         )
         async with broker:
             await broker.start()
-            sink_seconds = await _until(stores["sink"], events, timeout_s)
+            started = time.perf_counter()
+            await _until(stores["sink"], events, timeout_s)
+            await settled(clock)
+            sink_seconds = time.perf_counter() - started
+            stages, batches = clock.split(), clock.count("insert")
             steady = None
             if steady_rate and steady_seconds:
                 steady = await _steady_lag(
@@ -220,4 +245,4 @@ async def ingest_benchmark(
             store.close()
             with open_clickhouse(settings.clickhouse_url, settings.home, database="default") as admin:
                 admin.command(f"DROP DATABASE IF EXISTS `{database}`")
-    return IngestResult(events, sink_seconds, baseline_events, baseline_seconds, steady)
+    return IngestResult(events, sink_seconds, baseline_events, baseline_seconds, steady, stages, batches)

@@ -1,12 +1,15 @@
 """The feedback service's part of the `flywheel` command, by group in `app` (services/cli/main.py mounts it,
 finding this module by name): `flywheel feedback give|list`, giving feedback on an inference and reading
 what is stored; `flywheel ops replay`, rebuilding the sink's tables from Kafka (the sink's job); and
-`flywheel bench ingest`, the sink's benchmark, also one of `flywheel bench all`'s."""
+`flywheel bench ingest` and `flywheel bench traces`, the sink's and the OTLP intake's benchmarks, also
+`flywheel bench all`'s."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -240,6 +243,9 @@ def bench_ingest(
         f"per-event insert: {result.baseline_events} events in {result.baseline_seconds:.2f}s = {result.baseline_rate:,.0f} events/s"
     )
     typer.echo(f"ratio:            {result.sink_rate / result.baseline_rate:.1f}x")
+    typer.echo(f"where the sink's time went, in {result.batches} batches (seconds, share of its wall time):")
+    for stage, seconds, share in result.stage_split():
+        typer.echo(f"  {stage:<32} {seconds:8.2f}s {share:6.1%}")
     if result.steady is not None:
         lag = result.steady
         typer.echo(
@@ -256,29 +262,35 @@ def _ingest(settings: FlywheelSettings, **sizes: Any) -> Any:
     return asyncio.run(ingest_benchmark(settings, load_settings(FeedbackSettings), **sizes))
 
 
-def _ingest_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
-    """`flywheel bench all`'s ingest rows; without a configured broker it starts a local one for the run."""
+@contextlib.contextmanager
+def _bench_settings(benchmark: str, echo: Echo) -> Iterator[FlywheelSettings]:
+    """The settings a benchmark of `flywheel bench all` runs under; without a configured broker, a local one
+    is started for the run in a scratch directory. The home stays: chDB opens one data directory per
+    process, and the benchmarks of one run each use their own databases there, dropped afterwards."""
     import tempfile
     from pathlib import Path
 
     settings = load_settings(FlywheelSettings)
-    kafka = None
-    scratch = None
-    if not settings.kafka_bootstrap and not (settings.infra_dir / "kafka" / "state.json").exists():
-        from infra.local_kafka import LocalKafka
+    if settings.kafka_bootstrap or (settings.infra_dir / "kafka" / "state.json").exists():
+        yield settings
+        return
+    from infra.local_kafka import LocalKafka
 
-        scratch = tempfile.TemporaryDirectory(prefix="flywheel-bench-")
-        kafka = LocalKafka(Path(scratch.name), settings.cache)
-        echo("starting a local Apache Kafka broker for the ingest benchmark")
-        settings = settings.model_copy(update={"kafka_bootstrap": kafka.start(), "home": Path(scratch.name)})
-    try:
-        result = _ingest(settings, **size)
-    finally:
-        if kafka is not None:
+    with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as scratch:
+        kafka = LocalKafka(Path(scratch), settings.cache)
+        echo(f"starting a local Apache Kafka broker for the {benchmark} benchmark")
+        try:
+            yield settings.model_copy(update={"kafka_bootstrap": kafka.start()})
+        finally:
             kafka.stop()
-        if scratch is not None:
-            scratch.cleanup()
+
+
+def _ingest_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
+    """`flywheel bench all`'s ingest rows."""
+    with _bench_settings("ingest", echo) as settings:
+        result = _ingest(settings, **size)
     echo(f"batched sink {result.sink_rate:,.0f} events/s, per-event insert {result.baseline_rate:,.0f} events/s")
+    echo("sink stages: " + ", ".join(f"{stage} {share:.0%}" for stage, _, share in result.stage_split()))
     rows = [
         Row(
             "ingest",
@@ -306,7 +318,7 @@ def _ingest_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
     return rows
 
 
-BENCHMARK = Benchmark(
+INGEST = Benchmark(
     name="ingest",
     sizes={
         "quick": {"events": 5_000, "baseline_events": 500, "steady_rate": 0, "steady_seconds": 0.0},
@@ -314,3 +326,105 @@ BENCHMARK = Benchmark(
     },
     run=_ingest_rows,
 )
+
+
+@bench_app.command("traces")
+def bench_traces(
+    spans: Annotated[int, typer.Option(min=1, help="Spans exported in batches and stored.")] = 50_000,
+    batch: Annotated[int, typer.Option(min=1, help="Spans per OTLP request (an exporter's batch size).")] = 500,
+    baseline_spans: Annotated[
+        int, typer.Option(min=1, help="Spans exported one per request, for the baseline.")
+    ] = 1_000,
+    steady_rate: Annotated[
+        int, typer.Option(min=0, help="Spans/s of the steady-load phase that measures lag (0 skips it).")
+    ] = 2_000,
+    steady_seconds: Annotated[float, typer.Option(min=0, help="Length of the steady-load phase.")] = 10.0,
+) -> None:
+    """OTLP spans/s from POST /v1/traces into ClickHouse, batched vs one span per request, same run."""
+    result = _traces(
+        load_settings(FlywheelSettings),
+        spans=spans,
+        batch=batch,
+        baseline_spans=min(baseline_spans, spans),
+        steady_rate=steady_rate,
+        steady_seconds=steady_seconds,
+    )
+    for line in _traces_report(result):
+        typer.echo(line)
+
+
+def _traces(settings: FlywheelSettings, **sizes: Any) -> Any:
+    from services.feedback.bench_traces import traces_benchmark
+    from services.feedback.settings import FeedbackSettings
+    from services.runtime.privacy import PrivacySettings
+
+    return asyncio.run(
+        traces_benchmark(settings, load_settings(FeedbackSettings), load_settings(PrivacySettings), **sizes)
+    )
+
+
+def _traces_report(result: Any) -> list[str]:
+    lines = [
+        f"batched export:   {result.spans} spans in requests of {result.batch}, stored in {result.seconds:.2f}s = {result.rate:,.0f} spans/s",
+        f"one per request:  {result.baseline_spans} spans in {result.baseline_seconds:.2f}s = {result.baseline_rate:,.0f} spans/s",
+        f"ratio:            {result.rate / result.baseline_rate:.1f}x",
+        f"span table:       {result.stored_rows} rows, {result.stored_events} distinct events",
+    ]
+    if result.steady is not None:
+        lag = result.steady
+        lines.append(
+            f"steady load:      {lag.rate} spans/s ({lag.sent} spans): lag p50 {lag.quantile(0.5)}, p95 {lag.quantile(0.95)}, "
+            f"max {max(lag.samples, default=0)} spans exported but not yet stored; drained {lag.drain_seconds:.2f}s after the last one"
+        )
+    lines.append(
+        f"where the sink's time went while storing the batched spans, in {result.batches} batches (seconds, share of the wall time):"
+    )
+    lines += [
+        f"  {stage:<32} {seconds:8.2f}s {seconds / result.seconds:6.1%}" for stage, seconds in result.stages.items()
+    ]
+    return lines
+
+
+def _traces_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
+    """`flywheel bench all`'s traces rows."""
+    with _bench_settings("traces", echo) as settings:
+        result = _traces(settings, **size)
+    for line in _traces_report(result):
+        echo(line)
+    rows = [
+        Row(
+            "traces",
+            f"OTLP/HTTP -> ClickHouse spans/s ({result.spans} in requests of {result.batch} vs {result.baseline_spans} one per request)",
+            result.rate,
+            result.baseline_rate,
+            "spans/s",
+            "higher",
+            f"batched export ({result.batch} spans per request)",
+            "one span per request",
+        )
+    ]
+    if result.steady is not None:
+        rows.append(
+            Row(
+                "traces",
+                f"lag p95 at {result.steady.rate} spans/s (spans exported, not yet stored)",
+                float(result.steady.quantile(0.95)),
+                None,
+                "spans",
+                "lower",
+                "feedback service",
+            )
+        )
+    return rows
+
+
+TRACES = Benchmark(
+    name="traces",
+    sizes={
+        "quick": {"spans": 5_000, "batch": 500, "baseline_spans": 200, "steady_rate": 0, "steady_seconds": 0.0},
+        "full": {"spans": 50_000, "batch": 500, "baseline_spans": 1_000, "steady_rate": 2_000, "steady_seconds": 10.0},
+    },
+    run=_traces_rows,
+)
+
+BENCHMARKS = (INGEST, TRACES)

@@ -57,7 +57,17 @@ def inference_rows(envelopes: Sequence[Envelope[InferenceLogged]], redactor: Red
     """`inference_log` rows, personal data and secrets scrubbed from prompts, messages, outputs, errors,
     user ids and metadata. The gateway scrubbed its events before publishing; scrubbing again is a no-op
     for those and catches apps that publish raw events themselves."""
-    payloads = [redactor.scrub_inference(envelope.payload) for envelope in envelopes]
+    return inference_table(envelopes, scrub_inferences(envelopes, redactor))
+
+
+def scrub_inferences(envelopes: Sequence[Envelope[InferenceLogged]], redactor: Redactor) -> list[InferenceLogged]:
+    """The payloads as `inference_log` may hold them (inference_rows says what is scrubbed)."""
+    batch = redactor.remembering()
+    return [batch.scrub_inference(envelope.payload) for envelope in envelopes]
+
+
+def inference_table(envelopes: Sequence[Envelope[InferenceLogged]], payloads: Sequence[InferenceLogged]) -> pa.Table:
+    """`inference_log` rows of `envelopes`, whose payloads, scrubbed, are `payloads`."""
     return pa.table(
         {
             **_envelope_columns(envelopes),
@@ -101,7 +111,17 @@ def scrub_span(redactor: Redactor, span: SpanLogged) -> SpanLogged:
 
 def span_rows(envelopes: Sequence[Envelope[SpanLogged]], redactor: Redactor) -> pa.Table:
     """`span` rows, personal data and secrets scrubbed from name, input, output, error, user id and attributes."""
-    payloads = [scrub_span(redactor, envelope.payload) for envelope in envelopes]
+    return span_table(envelopes, scrub_spans(envelopes, redactor))
+
+
+def scrub_spans(envelopes: Sequence[Envelope[SpanLogged]], redactor: Redactor) -> list[SpanLogged]:
+    """The payloads as `span` may hold them (span_rows says what is scrubbed)."""
+    batch = redactor.remembering()
+    return [scrub_span(batch, envelope.payload) for envelope in envelopes]
+
+
+def span_table(envelopes: Sequence[Envelope[SpanLogged]], payloads: Sequence[SpanLogged]) -> pa.Table:
+    """`span` rows of `envelopes`, whose payloads, scrubbed, are `payloads`."""
     return pa.table(
         {
             **_envelope_columns(envelopes),
@@ -135,7 +155,17 @@ def span_rows(envelopes: Sequence[Envelope[SpanLogged]], redactor: Redactor) -> 
 def feedback_rows(envelopes: Sequence[Envelope[FeedbackReceived]], redactor: Redactor) -> pa.Table:
     """`feedback` rows, personal data and secrets scrubbed from comments, corrections, tags and a person's actor id;
     each names its one target (inference, span, trace or session)."""
-    payloads = [redactor.scrub_feedback(envelope.payload) for envelope in envelopes]
+    return feedback_table(envelopes, scrub_feedbacks(envelopes, redactor))
+
+
+def scrub_feedbacks(envelopes: Sequence[Envelope[FeedbackReceived]], redactor: Redactor) -> list[FeedbackReceived]:
+    """The payloads as `feedback` may hold them (feedback_rows says what is scrubbed)."""
+    batch = redactor.remembering()
+    return [batch.scrub_feedback(envelope.payload) for envelope in envelopes]
+
+
+def feedback_table(envelopes: Sequence[Envelope[FeedbackReceived]], payloads: Sequence[FeedbackReceived]) -> pa.Table:
+    """`feedback` rows of `envelopes`, whose payloads, scrubbed, are `payloads`."""
     return pa.table(
         {
             **_envelope_columns(envelopes),

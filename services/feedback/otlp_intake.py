@@ -53,7 +53,9 @@ class TraceIntake:
     def map(self, request: ExportTraceServiceRequest, principal: str) -> otlp.Mapped:
         """The request's spans checked, scrubbed and mapped (CPU work: callers run it off the event loop)."""
         self.check_size(request)
-        return otlp.map_request(request, principal=principal, redactor=self._redactor)
+        # Spans of one request repeat their texts (a chain's input is its LLM call's, answers and system
+        # prompts recur): each distinct text is scrubbed once per request.
+        return otlp.map_request(request, principal=principal, redactor=self._redactor.remembering())
 
     async def publish(self, mapped: otlp.Mapped, *, transport: str) -> ExportTraceServiceResponse:
         """Publish the accepted spans and answer OTLP's response; BrokerUnavailable when Kafka does not take them."""

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import pyarrow as pa
 from prometheus_client import Counter
@@ -23,10 +24,20 @@ from contracts.events import (
 )
 from contracts.ids import SessionId, SpanId, TraceId
 from contracts.http import FeedbackAccepted, FeedbackCreate
-from services.feedback.models import FeedbackList, FeedbackView, feedback_rows, inference_rows, span_rows
+from services.feedback.models import (
+    FeedbackList,
+    FeedbackView,
+    feedback_table,
+    inference_table,
+    scrub_feedbacks,
+    scrub_inferences,
+    scrub_spans,
+    span_table,
+)
 from services.runtime.privacy import Redactor
 from services.feedback.store import FeedbackStore
 from services.runtime.clickhouse import ClickHouseError
+from services.runtime.stages import StageClock
 
 log = logging.getLogger("flywheel.feedback")
 
@@ -168,30 +179,34 @@ def list_feedback(
 
 
 class Sink:
-    """Writes events into ClickHouse in columnar batches, each event once."""
+    """Writes events into ClickHouse in columnar batches, each event once; `clock` sums the time of each
+    stage (redact, already-stored check, rows, insert)."""
 
-    def __init__(self, store: FeedbackStore, redactor: Redactor) -> None:
+    def __init__(self, store: FeedbackStore, redactor: Redactor, clock: StageClock | None = None) -> None:
         self._store = store
         self._redactor = redactor
+        self._clock = clock or StageClock()
 
     def store_inferences(self, envelopes: Sequence[Envelope[InferenceLogged]]) -> int:
         """Store a batch of inference.logged events in inference_log; returns how many rows were new."""
-        return self._write("inference_log", envelopes, inference_rows)
+        return self._write("inference_log", envelopes, scrub_inferences, inference_table)
 
     def store_spans(self, envelopes: Sequence[Envelope[SpanLogged]]) -> int:
         """Store a batch of span.logged events in span; returns how many rows were new."""
-        return self._write("span", envelopes, span_rows)
+        return self._write("span", envelopes, scrub_spans, span_table)
 
     def store_feedback(self, envelopes: Sequence[Envelope[FeedbackReceived]]) -> int:
         """Store a batch of feedback.received or feedback.reviewed events in feedback; returns how many rows were new."""
-        return self._write("feedback", envelopes, feedback_rows)
+        return self._write("feedback", envelopes, scrub_feedbacks, feedback_table)
 
     def _write(
         self,
         table: str,
         envelopes: Sequence[Envelope[P]],
-        to_rows: Callable[[Sequence[Envelope[P]], Redactor], pa.Table],
+        scrub: Callable[[Sequence[Envelope[P]], Redactor], list[Any]],
+        to_table: Callable[[Sequence[Envelope[P]], Sequence[Any]], pa.Table],
     ) -> int:
+        clock = self._clock
         unique: dict[str, Envelope[P]] = {}
         for envelope in envelopes:
             unique.setdefault(str(envelope.event_id), envelope)
@@ -200,17 +215,23 @@ class Sink:
         # again: this covers a batch stored before a crash and committed by no one, and an app that
         # publishes the same envelope twice.
         try:
-            stored = self._store.stored_event_ids(
-                table,
-                list(unique),
-                min(e.occurred_at for e in unique.values()),
-                max(e.occurred_at for e in unique.values()),
-            )
-            fresh = [envelope for event_id, envelope in unique.items() if event_id not in stored]
+            with clock.stage("already-stored check"):
+                stored = self._store.stored_event_ids(
+                    table,
+                    [envelope.event_id for envelope in unique.values()],
+                    min(e.occurred_at for e in unique.values()),
+                    max(e.occurred_at for e in unique.values()),
+                )
+            fresh_ids = [event_id for event_id in unique if event_id not in stored]
+            fresh = [unique[event_id] for event_id in fresh_ids]
             if fresh:
-                ids = sorted(str(envelope.event_id) for envelope in fresh)
-                token = f"{table}:{hashlib.sha256(','.join(ids).encode()).hexdigest()}"
-                self._store.insert(table, to_rows(fresh, self._redactor), token)
+                with clock.stage("redact"):
+                    payloads = scrub(fresh, self._redactor)
+                with clock.stage("rows"):
+                    token = f"{table}:{hashlib.sha256(','.join(sorted(fresh_ids)).encode()).hexdigest()}"
+                    rows = to_table(fresh, payloads)
+                with clock.stage("insert"):
+                    self._store.insert(table, rows, token)
         except ClickHouseError as error:
             self._raise_if_unavailable(error)
             raise

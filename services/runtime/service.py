@@ -87,8 +87,10 @@ class Service:
 class Runtime:
     """The shared pieces of one process: settings, the Kafka broker, the artifact store, ClickHouse (opened on first use)."""
 
-    def __init__(self, settings: FlywheelSettings, *, client_id: str) -> None:
+    def __init__(self, settings: FlywheelSettings, *, client_id: str, clickhouse_database: str | None = None) -> None:
         self.settings = settings
+        # None: the store's own database; a benchmark names one of its own, dropped afterwards.
+        self._clickhouse_database = clickhouse_database
         # `flywheel run registry` (client id flywheel-registry) connects as the registry's principal; a
         # process of several services as their joint one (settings.PROCESS_PRINCIPAL). Explicit
         # FLYWHEEL_KAFKA_SASL_* settings (docker-compose, production) always win.
@@ -173,7 +175,9 @@ class Runtime:
     def clickhouse(self) -> ClickHouseStore:
         """The process's ClickHouse store, migrated; chDB allows one per process and data path."""
         if self._clickhouse is None:
-            self._clickhouse = open_clickhouse(self.settings.clickhouse_url, self.home)
+            self._clickhouse = open_clickhouse(
+                self.settings.clickhouse_url, self.home, database=self._clickhouse_database
+            )
             applied = self._clickhouse.migrate()
             if applied:
                 log.info("clickhouse migrations applied: %s", ", ".join(applied))
@@ -255,7 +259,11 @@ def settings_class(factory: ServiceFactory, parameter: str = "settings") -> type
 
 
 def build_process(
-    settings: FlywheelSettings, factories: Sequence[ServiceFactory], *, title: str
+    settings: FlywheelSettings,
+    factories: Sequence[ServiceFactory],
+    *,
+    title: str,
+    clickhouse_database: str | None = None,
 ) -> tuple[FastAPI, Runtime]:
     """One ASGI app and one broker running the given services; the broker starts with the app.
 
@@ -263,7 +271,7 @@ def build_process(
     environment here, once, when the process is built (with_settings)."""
     for warning in settings.deprecation_warnings():
         log.warning(warning)
-    runtime = Runtime(settings, client_id=title)
+    runtime = Runtime(settings, client_id=title, clickhouse_database=clickhouse_database)
     built: dict[type[BaseSettings], BaseSettings] = {}
     services = [with_settings(factory, built)(runtime) for factory in factories]
     bootstrap = settings.resolved_kafka_bootstrap()

@@ -328,3 +328,21 @@ def test_hashing_without_a_salt_is_warned_about(caplog: pytest.LogCaptureFixture
         PrivacySettings(salt="s3cret").redactor()
         PrivacySettings(user_policy=PrivacyPolicy.redact).redactor()
     assert caplog.text == ""
+
+
+def test_a_remembering_redactor_scrubs_each_distinct_text_once_and_alike() -> None:
+    redactor = Redactor(PrivacyPolicy.hash, salt="s")
+    batch = redactor.remembering()
+    text = "mail ada@example.com or call +44 20 7946 0958"
+    calls = []
+    original = batch._scrub
+    batch._scrub = lambda value: calls.append(value) or original(value)  # type: ignore[method-assign]
+
+    assert [batch.scrub(text), batch.scrub(text), batch.scrub(None), batch.scrub("")] == [
+        redactor.scrub(text),
+        redactor.scrub(text),
+        None,
+        "",
+    ]
+    assert calls == [text]
+    assert redactor._remembered is None  # the redactor it came from keeps no texts
