@@ -124,14 +124,15 @@ def run_query(sql: str, parameters: dict[str, Any]) -> tuple[list[str], list[lis
     return body["columns"], body["rows"]
 
 
-def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+def print_table(title: str, columns: list[str], rows: list[list[Any]], *, whole: tuple[str, ...] = ()) -> None:
+    """`whole`: columns folded onto more lines where others are cut with an ellipsis (ids a user copies)."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     table = Table(title=title)
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold" if column in whole else "ellipsis")
     for row in rows:
         # Text, not a markup string: a span's name is an app's text, and `[/]` in it must print, not style.
         table.add_row(*(Text("" if value is None else _printable(value)) for value in row))
@@ -604,27 +605,30 @@ def judge(
             await client.close()
 
     verdicts = asyncio.run(grade_all()) + missing
-    published = {} if dry_run else _publish(verdicts, rubrics, judge_model, feedback_url)
-    rows = [
-        [
-            verdict.level,
-            verdict.target,
-            verdict.rating,
-            verdict.reason,
-            "dry run" if dry_run else published.get((verdict.level, verdict.target), "-"),
-        ]
-        for verdict in verdicts
-    ]
+    refused = {} if dry_run else _publish(verdicts, rubrics, judge_model, feedback_url)
+
+    def stored(verdict: Verdict) -> str:
+        if verdict.rating is None:
+            return "-"
+        if dry_run:
+            return "dry run"
+        return "not published" if (verdict.level, verdict.target) in refused else "published"
+
     print_table(
         f"judged with {', '.join(sorted(set(rubrics.values())))} by {judge_model}",
-        ["level", "id", "score", "reason", "feedback"],
-        rows,
+        ["level", "id", "score", "feedback", "reason"],
+        [[v.level, v.target, v.rating, stored(v), v.reason] for v in verdicts],
+        whole=("id",),
     )
-    failed = sum(
-        v.rating is None or published.get((v.level, v.target), "").startswith("not published") for v in verdicts
-    )
+    # In full, where the table cuts a reason to one line of its column.
+    for verdict in verdicts:
+        if verdict.error is not None:
+            typer.echo(f"{verdict.level} {verdict.target}: not judged: {_printable(verdict.error)}", err=True)
+    for (kind, target), why in refused.items():
+        typer.echo(f"{kind} {target}: not published: {_printable(why)}", err=True)
+    failed = sum(v.rating is None for v in verdicts) + len(refused)
     if failed:
-        typer.echo(f"{failed} of {len(verdicts)} not judged or not published: see the table", err=True)
+        typer.echo(f"{failed} of {len(verdicts)} not judged or not published", err=True)
         raise typer.Exit(1)
 
 
@@ -638,13 +642,13 @@ def _checked(check: Callable[[str], str], value: str, hint: str) -> str:
 def _publish(
     verdicts: list[Verdict], rubrics: dict[Level, str], model: str, feedback_url: str | None
 ) -> dict[tuple[Level, str], str]:
-    """Each scored verdict as judge feedback through the feedback door with the caller's key: the feedback
-    id it got, or why it was not published."""
+    """Each scored verdict as judge feedback through the feedback door with the caller's key; returns why,
+    for each one the door did not take."""
     import httpx
 
     door, key = door_and_key(load_settings(FlywheelSettings), "feedback")
     url = f"{feedback_url or door}/feedback/v1/feedback"
-    published = {}
+    refused = {}
     with httpx.Client(headers=bearer_header(key), timeout=30) as http:
         for verdict in verdicts:
             if verdict.rating is None:
@@ -652,11 +656,8 @@ def _publish(
             try:
                 response = http.post(url, json=verdict.feedback(rubrics[verdict.level], model))
             except httpx.TransportError as error:
-                published[verdict.level, verdict.target] = f"not published: {type(error).__name__} at {url}"
+                refused[verdict.level, verdict.target] = f"{type(error).__name__} at {url}"
                 continue
-            published[verdict.level, verdict.target] = (
-                response.json()["feedback_id"]
-                if response.status_code == 202
-                else f"not published: {url} answered {response.status_code} {response.text[:200]}"
-            )
-    return published
+            if response.status_code != 202:
+                refused[verdict.level, verdict.target] = f"{url} answered {response.status_code} {response.text[:300]}"
+    return refused

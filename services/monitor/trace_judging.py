@@ -52,7 +52,6 @@ COMMENT_MAX = 2000
 class Turn:
     """One trace, ready to render: its question and answer kept whole (to ENDS_MAX), its steps one block each."""
 
-    trace_id: str
     header: str
     question: str
     steps: list[str]
@@ -72,11 +71,18 @@ def flat(text: str) -> str:
 
 def cut(text: str, limit: int, total: int | None = None) -> str:
     """`text` to `limit` characters, saying how much there was when anything is left out (`total`: the
-    length stored, when `text` is already a prefix of it)."""
+    length stored, when the query read only a prefix of it)."""
     total = max(total or 0, len(text))
     if total <= limit:
         return text
     return f"{text[:limit]} [... cut: {limit} of {total} characters shown]"
+
+
+def stored_length(span: dict[str, Any], field: str) -> int | None:
+    """The stored length of the span's input or output when the query read only a prefix of it, else None:
+    a whole text may read shorter than stored (an answer taken out of a JSON response) and is not cut."""
+    read, stored = span[f"{field}_text"] or "", int(span[f"{field}_chars"] or 0)
+    return stored if stored > len(read) else None
 
 
 def readable_input(text: str) -> str:
@@ -127,9 +133,13 @@ def turn_of(trace_id: str, spans: list[dict[str, Any]]) -> Turn:
         if (root["output_text"] or "").strip()
         else next((s for s in reversed(order) if (s["output_text"] or "").strip()), None)
     )
-    question = cut(readable_input(asked["input_text"]), ENDS_MAX, asked["input_chars"]) if asked else "(none recorded)"
+    question = (
+        cut(readable_input(asked["input_text"]), ENDS_MAX, stored_length(asked, "input"))
+        if asked
+        else "(none recorded)"
+    )
     answer = (
-        cut(flat(output_text(answered["output_text"])), ENDS_MAX, answered["output_chars"])
+        cut(flat(output_text(answered["output_text"])), ENDS_MAX, stored_length(answered, "output"))
         if answered
         else "(none recorded)"
     )
@@ -144,13 +154,13 @@ def turn_of(trace_id: str, spans: list[dict[str, Any]]) -> Turn:
             lines.append(f"{indent}  input: (the user's question)")
         elif (span["input_text"] or "").strip():
             lines.append(
-                f"{indent}  input: {cut(readable_input(span['input_text']), STEP_TEXT_MAX, span['input_chars'])}"
+                f"{indent}  input: {cut(readable_input(span['input_text']), STEP_TEXT_MAX, stored_length(span, 'input'))}"
             )
         if span is answered:
             lines.append(f"{indent}  output: (the final answer)")
         elif (span["output_text"] or "").strip():
             shown = flat(output_text(span["output_text"]))
-            lines.append(f"{indent}  output: {cut(shown, STEP_TEXT_MAX, span['output_chars'])}")
+            lines.append(f"{indent}  output: {cut(shown, STEP_TEXT_MAX, stored_length(span, 'output'))}")
         steps.append("\n".join(lines))
     if len(spans) > MAX_TREE_SPANS:
         steps.append(f"[... more than {MAX_TREE_SPANS} spans: the rest not shown ...]")
@@ -158,7 +168,7 @@ def turn_of(trace_id: str, spans: list[dict[str, Any]]) -> Turn:
     end = max(int(s["start_us"]) + float(s["duration_ms"]) * 1000 for s in spans)
     errors = sum(s["status"] == "error" for s in spans)
     header = f"Trace {trace_id}: {len(spans)} spans, {(end - start) / 1000:.0f} ms, {errors} in error"
-    return Turn(trace_id, header, question, steps, answer)
+    return Turn(header, question, steps, answer)
 
 
 def session_transcript(session_id: str, turns: list[Turn], budget: int) -> str:

@@ -5,6 +5,7 @@ real Kafka, chDB and SmolLM2 on Triton: tests/integration/test_ops_judge.py)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -122,9 +123,13 @@ def test_each_step_and_the_question_and_answer_are_bounded_with_a_mark() -> None
         span("c1", None, "answer", 0, input_text=long_question, output_text="Short answer."),
         span("c2", "c1", "retrieve", 10, kind="retrieval", output_text=long_step),
     ]
+    # A long OpenAI response whose answer is short: the answer is whole, nothing to mark.
+    response = {"choices": [{"message": {"role": "assistant", "content": "Short."}}], "padding": "p" * 800}
+    spans.append(span("c3", "c1", "chat", 20, kind="llm", output_text=json.dumps(response)))
     turn = turn_of(TRACE, spans)
     assert turn.question == "q" * ENDS_MAX + f" [... cut: {ENDS_MAX} of 4000 characters shown]"
     assert turn.steps[1].endswith("x" * STEP_TEXT_MAX + f" [... cut: {STEP_TEXT_MAX} of 5000 characters shown]")
+    assert turn.steps[2].endswith("  output: Short.")
 
 
 def test_past_the_budget_middle_steps_are_cut_and_question_and_answer_stay_whole() -> None:
@@ -147,7 +152,6 @@ def test_past_the_budget_middle_steps_are_cut_and_question_and_answer_stay_whole
 
 def turn(n: int, steps: int = 2) -> Turn:
     return Turn(
-        f"{n:032x}",
         f"Trace {n:032x}: {steps + 1} spans, 10 ms, 0 in error",
         f"question {n}?",
         [f"- step {n}.{i} [tool] 1 ms ok\n  output: {'z' * 100}" for i in range(steps)],
