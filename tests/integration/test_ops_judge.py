@@ -204,13 +204,17 @@ async def test_a_judge_scores_a_whole_trace_and_a_whole_session_as_feedback_on_t
                 print(out)
                 code, out, err = await ops_judge(env, "--trace-id", first, "--dry-run", *judge)
                 assert code == 0 and "dry run" in out, (out, err[-3000:])
+                # Chosen by a filter instead of by id: the app's recent sessions.
+                chosen = ("--level", "session", "--since", "1h", "--service", "rag-app", "--dry-run")
+                code, out, err = await ops_judge(env, *chosen, *judge)
+                assert code == 0 and SESSION in out and "dry run" in out, (out, err[-3000:])
                 # Judged, but the feedback door does not answer: reported, exit 1.
                 nowhere = f"http://127.0.0.1:{free_port()}"
                 code, out, err = await ops_judge(env, "--trace-id", third, "--feedback-url", nowhere, *judge)
                 assert code == 1 and f"trace {third}: not published: ConnectError" in err, (out, err[-3000:])
 
-            prompts = await judge_prompts(settings, expected=4)
-            assert len(prompts) == 4, prompts
+            prompts = await judge_prompts(settings, expected=5)
+            assert len(prompts) == 5, prompts
             # The trace judgement: the judge saw the whole trace, its steps in tree order, the answer last.
             [on_trace] = [prompt for prompt in prompts if f"Trace:\nTrace {second}" in prompt]
             seen = on_trace[on_trace.index(f"Trace {second}") :]
@@ -230,7 +234,11 @@ async def test_a_judge_scores_a_whole_trace_and_a_whole_session_as_feedback_on_t
             at = [seen.index(part) for part in order]
             assert at == sorted(at) and "[... " not in seen, seen  # whole: nothing cut
             # The session judgement: every turn, in time order, each with its question and answer.
-            [on_session] = [prompt for prompt in prompts if f"Conversation:\nSession {SESSION}: 3 turns" in prompt]
+            # By id and by filter, the same session reads the same.
+            [on_session, again] = [
+                prompt for prompt in prompts if f"Conversation:\nSession {SESSION}: 3 turns" in prompt
+            ]
+            assert on_session == again
             at = [on_session.rindex(f"User question: {turn[1]}") for turn in TURNS]
             at += [on_session.rindex(f"Final answer: {TURNS[-1][5]}")]
             assert at == sorted(at), on_session
