@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.runtime.scoring.judge import RUBRICS
 
 
 class EvaluatorSettings(BaseSettings):
@@ -39,3 +41,17 @@ class EvaluatorSettings(BaseSettings):
         default_factory=dict,
         description='Extra unsafe-content patterns per category, JSON: {"brand": ["competitor x"]}.',
     )
+
+    @field_validator("judge_rubric")
+    @classmethod
+    def _grades_answers(cls, rubric: str) -> str:
+        # A golden set gives each answer a question and a reference; a transcript rubric reads a trace instead
+        # (`flywheel ops judge`), and refused here it fails at start, not on every example of a run.
+        if rubric not in RUBRICS:
+            raise ValueError(f"unknown rubric {rubric!r}: choose one of {', '.join(RUBRICS)}")
+        if RUBRICS[rubric].grades_transcripts:
+            answers = ", ".join(key for key, known in RUBRICS.items() if not known.grades_transcripts)
+            raise ValueError(
+                f"{rubric} grades traces and sessions (`flywheel ops judge`); a golden set needs one of {answers}"
+            )
+        return rubric

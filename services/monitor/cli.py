@@ -12,7 +12,7 @@ behind the same guard and caps as the door.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
@@ -28,6 +28,18 @@ from services.monitor.span_datasets import (
 )
 from services.monitor.span_datasets import feedback_query as span_feedback_query
 from services.monitor.span_datasets import spans_query as span_datasets_query
+from services.monitor.trace_judging import (
+    DEFAULT_BUDGET,
+    DEFAULT_RUBRICS,
+    MAX_BUDGET,
+    MAX_JUDGED,
+    MIN_BUDGET,
+    Level,
+    Verdict,
+    load_session,
+    load_turn,
+    session_transcript,
+)
 from services.monitor.traces import (
     MAX_LISTED,
     MAX_TREE_SPANS,
@@ -36,6 +48,7 @@ from services.monitor.traces import (
     SessionFilter,
     TraceFeedback,
     TraceFilter,
+    checked_session_id,
     checked_trace_id,
     feedback_summary,
     sessions_query,
@@ -112,14 +125,15 @@ def run_query(sql: str, parameters: dict[str, Any]) -> tuple[list[str], list[lis
     return body["columns"], body["rows"]
 
 
-def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+def print_table(title: str, columns: list[str], rows: list[list[Any]], *, whole: tuple[str, ...] = ()) -> None:
+    """`whole`: columns folded onto more lines where others are cut with an ellipsis (ids a user copies)."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     table = Table(title=title)
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold" if column in whole else "ellipsis")
     for row in rows:
         # Text, not a markup string: a span's name is an app's text, and `[/]` in it must print, not style.
         table.add_row(*(Text("" if value is None else _printable(value)) for value in row))
@@ -456,3 +470,206 @@ def dataset_from_spans(
     typer.echo(
         f"published {dataset.name}:v{dataset.version}: {dataset.row_count} records from {len(spans)} spans{note}"
     )
+
+
+# ------------------------------------------------------------------------------------------- judge
+
+
+@ops_app.command()
+def judge(
+    trace_id: Annotated[
+        list[str] | None, typer.Option("--trace-id", help="A trace to judge (repeat for several).")
+    ] = None,
+    session_id: Annotated[
+        list[str] | None, typer.Option("--session-id", help="A session to judge (repeat for several).")
+    ] = None,
+    level: Annotated[
+        Level, typer.Option(help="Without ids: judge the recent traces (trace) or sessions (session) the filters pick.")
+    ] = Level.trace,
+    since: Annotated[
+        str | None,
+        typer.Option(help="Without ids: how far back, a duration (30m, 24h, 7d) or an ISO 8601 time. Default 24h."),
+    ] = None,
+    service: Annotated[
+        str | None,
+        typer.Option(help="Without ids: only traces whose root (sessions with a trace whose root) this service sent."),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Without ids, level trace: only traces whose root span's name contains this.")
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(min=1, max=MAX_JUDGED, help="Without ids: traces or sessions at most, newest first.")
+    ] = 20,
+    rubric: Annotated[
+        str | None,
+        typer.Option(
+            help="The transcript rubric: trace-quality@v1 for traces, session-quality@v1 for sessions (the defaults)."
+        ),
+    ] = None,
+    judge_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLYWHEEL_EVALUATOR_JUDGE_BASE_URL",
+            help="OpenAI-compatible endpoint of the judge (e.g. Flywheel's gateway http://host:8080/v1); the evaluator's judge by default.",
+        ),
+    ] = None,
+    judge_model: Annotated[
+        str | None,
+        typer.Option(envvar="FLYWHEEL_EVALUATOR_JUDGE_MODEL", help="Model name sent to the judge endpoint."),
+    ] = None,
+    judge_api_key: Annotated[
+        str | None,
+        typer.Option(envvar="FLYWHEEL_EVALUATOR_JUDGE_API_KEY", help="API key for the judge endpoint."),
+    ] = None,
+    max_chars: Annotated[
+        int,
+        typer.Option(
+            min=MIN_BUDGET,
+            max=MAX_BUDGET,
+            help="Characters of transcript the judge reads at most; past it middle steps, then middle turns, are cut (marked).",
+        ),
+    ] = DEFAULT_BUDGET,
+    max_tokens: Annotated[int, typer.Option(min=1, max=512, help="Tokens the judge may answer with.")] = 48,
+    feedback_url: Annotated[
+        str | None,
+        typer.Option(help="The feedback service's door; default: the live process's, as other commands find it."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Judge and print; publish no feedback.")] = False,
+) -> None:
+    """Let an LLM judge score whole traces or sessions: each is rendered as a transcript (the question, every
+    step in tree order with its input and output, the answer; a session turn by turn), graded 1-5 with a
+    transcript rubric, and the score published as `source: judge` feedback on that trace or session with
+    the caller's key. Exits 1 when any judgement failed or was not published."""
+    import asyncio
+
+    import openai
+
+    from services.runtime.scoring.judge import RUBRICS, Judge
+
+    traces_given = [_checked(checked_trace_id, value, "--trace-id") for value in trace_id or []]
+    sessions_given = [_checked(checked_session_id, value, "--session-id") for value in session_id or []]
+    if (traces_given or sessions_given) and (since is not None or service is not None or name is not None):
+        raise typer.BadParameter(
+            "give --trace-id/--session-id or filters (--since, --service, --name), not both", param_hint="--since"
+        )
+    if len(traces_given) + len(sessions_given) > MAX_JUDGED:
+        raise typer.BadParameter(f"one run judges at most {MAX_JUDGED} traces and sessions", param_hint="--trace-id")
+    if name is not None and level is Level.session:
+        raise typer.BadParameter("--name picks traces: use it with --level trace", param_hint="--name")
+    if not judge_url or not judge_model:
+        raise typer.BadParameter(
+            "the judge needs an endpoint and a model: --judge-url and --judge-model (or FLYWHEEL_EVALUATOR_JUDGE_BASE_URL and _MODEL)",
+            param_hint="--judge-url",
+        )
+    kinds = ([Level.trace] if traces_given else []) + ([Level.session] if sessions_given else []) or [level]
+    rubrics = {kind: rubric or DEFAULT_RUBRICS[kind] for kind in kinds}
+    if rubric is not None and len(rubrics) > 1:
+        raise typer.BadParameter("one --rubric grades traces or sessions, not both in one run", param_hint="--rubric")
+    for key in rubrics.values():
+        if key not in RUBRICS or not RUBRICS[key].grades_transcripts:
+            known = ", ".join(k for k, r in RUBRICS.items() if r.grades_transcripts)
+            raise typer.BadParameter(
+                f"{key!r} is not a transcript rubric: choose one of {known}", param_hint="--rubric"
+            )
+    targets = [(Level.trace, t) for t in dict.fromkeys(traces_given)]
+    targets += [(Level.session, s) for s in dict.fromkeys(sessions_given)]
+    if not targets:
+        with _as_bad_parameter():
+            moment = since_ms(since or "24h")
+            if level is Level.trace:
+                found = _rows(traces_query(TraceFilter(moment, service, name_contains=name), limit))
+                targets = [(Level.trace, row["trace_id"]) for row in found]
+            else:
+                found = _rows(sessions_query(SessionFilter(moment, service), limit))
+                targets = [(Level.session, row["session_id"]) for row in found]
+        if not targets:
+            raise FlywheelError(
+                f"no {level}s match: list what is stored with `flywheel ops {level}s --since {since or '24h'}`"
+            )
+    transcripts: dict[tuple[Level, str], str] = {}
+    missing = []
+    for kind, target in targets:
+        if kind is Level.trace:
+            turn = load_turn(target, _rows)
+            if turn is not None:
+                transcripts[kind, target] = turn.text(max_chars)
+        else:
+            turns = load_session(target, _rows)
+            if turns:
+                transcripts[kind, target] = session_transcript(target, turns, max_chars)
+        if (kind, target) not in transcripts:
+            missing.append(Verdict(kind, target, None, "", "no spans stored"))
+
+    async def grade_all() -> list[Verdict]:
+        client = openai.AsyncOpenAI(base_url=judge_url, api_key=judge_api_key or "unused", max_retries=1)
+        try:
+            judges = {
+                kind: Judge(client, model=judge_model, rubric=key, max_tokens=max_tokens)
+                for kind, key in rubrics.items()
+            }
+            verdicts = []
+            for (kind, target), transcript in transcripts.items():
+                graded = judges[kind]
+                result = await graded.grade(transcript=transcript)
+                verdicts.append(Verdict.of(kind, target, result, graded.rubric.low, graded.rubric.high))
+            return verdicts
+        finally:
+            await client.close()
+
+    verdicts = asyncio.run(grade_all()) + missing
+    refused = {} if dry_run else _publish(verdicts, rubrics, judge_model, feedback_url)
+
+    def stored(verdict: Verdict) -> str:
+        if verdict.rating is None:
+            return "-"
+        if dry_run:
+            return "dry run"
+        return "not published" if (verdict.level, verdict.target) in refused else "published"
+
+    print_table(
+        f"judged with {', '.join(sorted(set(rubrics.values())))} by {judge_model}",
+        ["level", "id", "score", "feedback", "reason"],
+        [[v.level, v.target, v.rating, stored(v), v.reason] for v in verdicts],
+        whole=("id",),
+    )
+    # In full, where the table cuts a reason to one line of its column.
+    for verdict in verdicts:
+        if verdict.error is not None:
+            typer.echo(f"{verdict.level} {verdict.target}: not judged: {_printable(verdict.error)}", err=True)
+    for (kind, target), why in refused.items():
+        typer.echo(f"{kind} {target}: not published: {_printable(why)}", err=True)
+    failed = sum(v.rating is None for v in verdicts) + len(refused)
+    if failed:
+        typer.echo(f"{failed} of {len(verdicts)} not judged or not published", err=True)
+        raise typer.Exit(1)
+
+
+def _checked(check: Callable[[str], str], value: str, hint: str) -> str:
+    try:
+        return check(value)
+    except BadValue as bad:
+        raise typer.BadParameter(str(bad), param_hint=hint) from None
+
+
+def _publish(
+    verdicts: list[Verdict], rubrics: dict[Level, str], model: str, feedback_url: str | None
+) -> dict[tuple[Level, str], str]:
+    """Each scored verdict as judge feedback through the feedback door with the caller's key; returns why,
+    for each one the door did not take."""
+    import httpx
+
+    door, key = door_and_key(load_settings(FlywheelSettings), "feedback")
+    url = f"{feedback_url or door}/feedback/v1/feedback"
+    refused = {}
+    with httpx.Client(headers=bearer_header(key), timeout=30) as http:
+        for verdict in verdicts:
+            if verdict.rating is None:
+                continue
+            try:
+                response = http.post(url, json=verdict.feedback(rubrics[verdict.level], model))
+            except httpx.TransportError as error:
+                refused[verdict.level, verdict.target] = f"{type(error).__name__} at {url}"
+                continue
+            if response.status_code != 202:
+                refused[verdict.level, verdict.target] = f"{url} answered {response.status_code} {response.text[:300]}"
+    return refused

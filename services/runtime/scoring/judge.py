@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from string import Formatter
 from typing import Any
 
 _JSON_OBJECT = re.compile(r"\{[^{}]*\}", re.DOTALL)
@@ -20,32 +22,62 @@ _OUT_OF = re.compile(r"\b([0-9]+(?:\.[0-9]+)?)\s*(?:/|out of)\s*([0-9]+)\b", re.
 _LONE = re.compile(r"^\W*([0-9]+(?:\.[0-9]+)?)\W*$")
 
 
+QA_FIELDS = ("question", "answer", "reference")
+TRANSCRIPT_FIELDS = ("transcript",)
+
+
+class RubricFieldError(ValueError):
+    """A rubric was given other fields than its template declares."""
+
+
 @dataclass(frozen=True)
 class Rubric:
     name: str
     version: int
     system: str
-    user: str  # format string with {question}, {answer}, {reference}
+    user: str  # a format string over exactly `fields`
     low: int = 1
     high: int = 5
-    # Worked examples (question, reference, answer, the judge's reply), sent as earlier chat turns.
-    examples: tuple[tuple[str, str, str, str], ...] = ()
+    # Worked examples (the fields' values, the judge's reply), sent as earlier chat turns.
+    examples: tuple[tuple[Mapping[str, str], str], ...] = ()
+    fields: tuple[str, ...] = QA_FIELDS
 
-    def messages(self, *, question: str, answer: str, reference: str) -> list[dict[str, str]]:
+    def __post_init__(self) -> None:
+        used = {field for _, field, _, _ in Formatter().parse(self.user) if field is not None}
+        if used != set(self.fields):
+            raise RubricFieldError(
+                f"{self.key}: the template uses {sorted(used)}, the rubric declares {sorted(self.fields)}"
+            )
+        for values, _ in self.examples:
+            self._check(values)
+
+    def _check(self, values: Mapping[str, str]) -> None:
+        # A QA rubric given a transcript (or the other way round) would grade a prompt with holes in it.
+        if set(values) != set(self.fields):
+            missing, unexpected = set(self.fields) - set(values), set(values) - set(self.fields)
+            raise RubricFieldError(
+                f"rubric {self.key} takes {', '.join(self.fields)}"
+                + (f"; missing {', '.join(sorted(missing))}" if missing else "")
+                + (f"; not {', '.join(sorted(unexpected))}" if unexpected else "")
+            )
+
+    def messages(self, **values: str) -> list[dict[str, str]]:
+        self._check(values)
         turns = [{"role": "system", "content": self.system}]
-        for q, r, a, reply in self.examples:
+        for example, reply in self.examples:
             turns += [
-                {"role": "user", "content": self.user.format(question=q, answer=a, reference=r)},
+                {"role": "user", "content": self.user.format(**example)},
                 {"role": "assistant", "content": reply},
             ]
-        return [
-            *turns,
-            {"role": "user", "content": self.user.format(question=question, answer=answer, reference=reference)},
-        ]
+        return [*turns, {"role": "user", "content": self.user.format(**values)}]
 
     @property
     def key(self) -> str:
         return f"{self.name}@v{self.version}"
+
+    @property
+    def grades_transcripts(self) -> bool:
+        return self.fields == TRANSCRIPT_FIELDS
 
 
 RUBRICS: dict[str, Rubric] = {
@@ -74,18 +106,98 @@ RUBRICS: dict[str, Rubric] = {
             ),
             user="Question: {question}\nReference answer: {reference}\nAnswer to grade: {answer}",
             examples=(
-                ("How long is the warranty?", "The warranty lasts 2 years.", "You get a 2-year warranty.", "Score: 5"),
                 (
-                    "What does the red light mean?",
-                    "A red light means the battery is below 10%.",
-                    "The red light means the hub is updating.",
+                    {
+                        "question": "How long is the warranty?",
+                        "reference": "The warranty lasts 2 years.",
+                        "answer": "You get a 2-year warranty.",
+                    },
+                    "Score: 5",
+                ),
+                (
+                    {
+                        "question": "What does the red light mean?",
+                        "reference": "A red light means the battery is below 10%.",
+                        "answer": "The red light means the hub is updating.",
+                    },
                     "Score: 1",
                 ),
                 (
-                    "How do I pair the remote?",
-                    "Hold Pair for 3 seconds, then press any key on the remote.",
-                    "Hold Pair for a few seconds.",
+                    {
+                        "question": "How do I pair the remote?",
+                        "reference": "Hold Pair for 3 seconds, then press any key on the remote.",
+                        "answer": "Hold Pair for a few seconds.",
+                    },
                     "Score: 3",
+                ),
+            ),
+        ),
+        # Transcripts (services/monitor/trace_judging.py): a trace's steps or a session's turns as text. Worked
+        # examples for the same reason as correctness@v2, kept short: they share the judge's prompt budget
+        # (the gateway takes 1,536 prompt tokens by default) with the transcript under judgement.
+        Rubric(
+            name="trace-quality",
+            version=1,
+            system=(
+                "You grade one run of an assistant's pipeline from its trace: the user's question, each step "
+                "(retrieval, tool call, model call) with its input and output, and the final answer. 5: the answer "
+                "is correct, helpful and follows from the retrieved context and tool results, no step wasted or "
+                "failed. 4: good with a wasted or redundant step. 3: partly supported or a failed step worked around. "
+                "2: the answer ignores or contradicts the context or tool results. 1: wrong, invented or unsafe, or "
+                "the pipeline failed. Reply with 'Score: N' and one short reason."
+            ),
+            user="Trace:\n{transcript}",
+            fields=TRANSCRIPT_FIELDS,
+            examples=(
+                (
+                    {
+                        "transcript": "User question: How long is the warranty?\n"
+                        "- retrieve [retrieval] ok\n  output: The X200 has a two-year warranty.\n"
+                        "- chat [llm] ok\n  output: Two years.\n"
+                        "Final answer: The X200 is under warranty for two years."
+                    },
+                    "Score: 5. The answer follows from the retrieved passage.",
+                ),
+                (
+                    {
+                        "transcript": "User question: Where is order 1182?\n"
+                        "- lookup_order [tool] error: timeout\n"
+                        "- chat [llm] ok\n  output: Your order was delivered yesterday.\n"
+                        "Final answer: Your order was delivered yesterday."
+                    },
+                    "Score: 1. The tool failed and the answer is invented.",
+                ),
+            ),
+        ),
+        Rubric(
+            name="session-quality",
+            version=1,
+            system=(
+                "You grade a whole conversation between a user and an assistant, turn by turn. 5: the user's need "
+                "was resolved, answers were consistent, nothing asked twice. 4: resolved with a detour. 3: partly "
+                "resolved, or the user had to repeat a question. 2: mostly unresolved or contradictory. 1: not "
+                "resolved, wrong or unsafe. Reply with 'Score: N' and one short reason."
+            ),
+            user="Conversation:\n{transcript}",
+            fields=TRANSCRIPT_FIELDS,
+            examples=(
+                (
+                    {
+                        "transcript": "Turn 1\nUser question: Can I return the X200?\n"
+                        "Final answer: Yes, returns are free for 30 days.\n"
+                        "Turn 2\nUser question: How do I start a return?\n"
+                        "Final answer: Open Orders and press Return."
+                    },
+                    "Score: 5. The user's need was resolved consistently.",
+                ),
+                (
+                    {
+                        "transcript": "Turn 1\nUser question: Where is order 1182?\n"
+                        "Final answer: I cannot help with that.\n"
+                        "Turn 2\nUser question: Where is order 1182?\n"
+                        "Final answer: Returns are free for 30 days."
+                    },
+                    "Score: 1. The user asked twice and never got an answer.",
                 ),
             ),
         ),
@@ -132,7 +244,7 @@ class JudgeResult:
 
 
 class Judge:
-    """Grades one answer at a time through `client.chat.completions.create` (openai.AsyncOpenAI or compatible)."""
+    """Grades one answer (or one transcript) at a time through `client.chat.completions.create` (openai.AsyncOpenAI or compatible)."""
 
     def __init__(self, client: Any, *, model: str, rubric: str = "correctness@v1", max_tokens: int = 128) -> None:
         if rubric not in RUBRICS:
@@ -142,13 +254,15 @@ class Judge:
         self._model = model
         self._max_tokens = max_tokens
 
-    async def grade(self, *, question: str, answer: str, reference: str) -> JudgeResult:
+    async def grade(self, **values: str) -> JudgeResult:
+        """The rubric's score for `values`, its declared fields (question, answer, reference; or transcript)."""
         rubric = self.rubric
+        messages = rubric.messages(**values)  # wrong fields are the caller's bug, not one example's error
         raw = ""
         try:
             response = await self._client.chat.completions.create(
                 model=self._model,
-                messages=rubric.messages(question=question, answer=answer, reference=reference),
+                messages=messages,
                 temperature=0.0,
                 max_tokens=self._max_tokens,
             )
