@@ -49,6 +49,8 @@ def test_the_markdown_table_names_the_machine_failures_and_what_was_not_run() ->
     machine = {
         "cpu": "Xeon",
         "cpu_count": 2,
+        "cpu_flags": ["avx2", "avx512f", "amx_tile"],
+        "torch_threads": 2,
         "memory": "23.5 GiB",
         "gpu": None,
         "platform": "Linux",
@@ -63,6 +65,7 @@ def test_the_markdown_table_names_the_machine_failures_and_what_was_not_run() ->
     table = to_markdown(rows, machine, "quick", datetime(2026, 11, 22, tzinfo=UTC), 12.0, ["train", "ingest"])
 
     assert "Machine: Xeon, 2 cores, 23.5 GiB memory, GPU none" in table
+    assert "CPU flags avx2 avx512f amx_tile; torch threads 2;" in table
     assert "not run this time: serve" in table
     assert "| ingest | events/s | 1,000.0 events/s (sink) | 5.0 events/s (one insert) | **200.00x** | higher |" in table
     assert "| train | - | failed: RuntimeError: bench side baseline failed |" in table
