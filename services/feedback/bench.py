@@ -108,8 +108,9 @@ async def _publish(bootstrap: str, prefix: str, events: int) -> None:
         await producer.stop()
 
 
-async def _stored(store: ClickHouseStore) -> int:
-    return await asyncio.to_thread(lambda: store.query("SELECT count() AS n FROM inference_log")[0]["n"])
+async def stored_rows(store: ClickHouseStore, table: str = "inference_log") -> int:
+    """Rows of `table` (one of the sink's own tables, never a caller's text)."""
+    return await asyncio.to_thread(lambda: int(store.query(f"SELECT count() AS n FROM {table}")[0]["n"]))
 
 
 async def _steady_lag(
@@ -130,13 +131,13 @@ async def _steady_lag(
                 await producer.send(topic, value=value, key=key, headers=headers)
                 sent += 1
             if time.perf_counter() >= next_sample:
-                samples.append(sent - (await _stored(store) - first))
+                samples.append(sent - (await stored_rows(store) - first))
                 next_sample += 0.25
             await asyncio.sleep(0.005)
         await producer.flush()
     finally:
         await producer.stop()
-    drain = await _until(store, first + sent, timeout_s)
+    drain = await until_stored(store, first + sent, timeout_s)
     return SteadyLag(rate, sent, samples, drain)
 
 
@@ -148,11 +149,12 @@ async def settled(clock: StageClock, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _until(store: ClickHouseStore, rows: int, timeout_s: float) -> float:
+async def until_stored(store: ClickHouseStore, rows: int, timeout_s: float, table: str = "inference_log") -> float:
+    """Seconds until `table` holds `rows` rows; TimeoutError after `timeout_s`."""
     started = time.perf_counter()
-    while await _stored(store) < rows:
+    while await stored_rows(store, table) < rows:
         if time.perf_counter() - started > timeout_s:
-            raise TimeoutError(f"fewer than {rows} rows stored after {timeout_s:.0f}s")
+            raise TimeoutError(f"fewer than {rows} rows stored in {table} after {timeout_s:.0f}s")
         await asyncio.sleep(0.05)
     return time.perf_counter() - started
 
@@ -199,7 +201,7 @@ async def ingest_benchmark(
         async with broker:
             await broker.start()
             started = time.perf_counter()
-            await _until(stores["sink"], events, timeout_s)
+            await until_stored(stores["sink"], events, timeout_s)
             await settled(clock)
             sink_seconds = time.perf_counter() - started
             stages, batches = clock.split(), clock.count("insert")
@@ -236,7 +238,7 @@ async def ingest_benchmark(
             try:
                 async with broker:
                     await broker.start()
-                    baseline_seconds = await _until(baseline_store, baseline_events, timeout_s)
+                    baseline_seconds = await until_stored(baseline_store, baseline_events, timeout_s)
             finally:
                 processed.close()
     finally:

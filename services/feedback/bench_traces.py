@@ -24,7 +24,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from contracts.http import Role
 from services.feedback import otlp
 from services.feedback.app import create_app
-from services.feedback.bench import SteadyLag, settled
+from services.feedback.bench import SteadyLag, settled, stored_rows, until_stored
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
 from services.runtime.auth import ApiKey, KeyStore, LocalKeys, create_database_engine
@@ -135,18 +135,6 @@ def _app_key(database_url: str) -> str:
     return keys.create(principal="bench-traces", role=Role.app, created_by="flywheel bench traces")[0]
 
 
-async def _stored(store: ClickHouseStore) -> int:
-    return await asyncio.to_thread(lambda: int(store.query("SELECT count() AS n FROM span")[0]["n"]))
-
-
-async def _until(store: ClickHouseStore, rows: int, timeout_s: float) -> None:
-    started = time.perf_counter()
-    while await _stored(store) < rows:
-        if time.perf_counter() - started > timeout_s:
-            raise TimeoutError(f"fewer than {rows} spans stored after {timeout_s:.0f}s")
-        await asyncio.sleep(0.05)
-
-
 async def _steady_lag(
     sender: _Sender,
     store: ClickHouseStore,
@@ -169,11 +157,11 @@ async def _steady_lag(
             await sender.post(_request(run, first + sent, due))
             sent += due
         if time.perf_counter() >= next_sample:
-            samples.append(sent - (await _stored(store) - first))
+            samples.append(sent - (await stored_rows(store, "span") - first))
             next_sample += 0.25
         await asyncio.sleep(0.005)
     drained = time.perf_counter()
-    await _until(store, first + sent, timeout_s)
+    await until_stored(store, first + sent, timeout_s, table="span")
     return SteadyLag(rate, sent, samples, time.perf_counter() - drained)
 
 
@@ -271,7 +259,7 @@ async def _measure(
         clock.reset()
         started = time.perf_counter()
         await sender.post_all(bodies)
-        await _until(store, spans, timeout_s)
+        await until_stored(store, spans, timeout_s, table="span")
         await settled(clock)
         seconds = time.perf_counter() - started
         stages, batches = clock.split(), clock.count("insert")
@@ -279,7 +267,7 @@ async def _measure(
         started = time.perf_counter()
         for body in singles:
             await sender.post(body)
-        await _until(store, spans + baseline_spans, timeout_s)
+        await until_stored(store, spans + baseline_spans, timeout_s, table="span")
         baseline_seconds = time.perf_counter() - started
         steady = None
         if steady_rate and steady_seconds:
