@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable
 
 import structlog
 
@@ -22,6 +24,25 @@ _QUIET = {
     "httpx": logging.WARNING,
     "urllib3": logging.ERROR,
 }
+
+
+# A fresh broker answers GroupCoordinatorNotAvailable until it has created __consumer_offsets; aiokafka
+# retries on its own and logs every answer at ERROR, once per consumer group.
+_COORDINATOR_STARTING = "GroupCoordinatorNotAvailableError"
+COORDINATOR_GRACE_S = 60.0
+
+
+class CoordinatorStarting(logging.Filter):
+    """Drops aiokafka's GroupCoordinatorNotAvailable errors in a process's first minute, when they mean a
+    broker still starting; after that they pass, since a coordinator missing that long is a real fault."""
+
+    def __init__(self, grace_s: float = COORDINATOR_GRACE_S, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._clock = clock
+        self._until = clock() + grace_s
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self._clock() >= self._until or _COORDINATOR_STARTING not in record.getMessage()
 
 
 def configure_logging(settings: FlywheelSettings) -> None:
@@ -55,6 +76,9 @@ def configure_logging(settings: FlywheelSettings) -> None:
     root.setLevel(settings.log_level.upper())
     for name, level in _QUIET.items():
         logging.getLogger(name).setLevel(max(level, root.level))
+    coordinator = logging.getLogger("aiokafka.consumer.group_coordinator")
+    coordinator.filters[:] = [f for f in coordinator.filters if not isinstance(f, CoordinatorStarting)]
+    coordinator.addFilter(CoordinatorStarting())
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from services.runtime.logging import configure_logging
+from services.runtime.logging import CoordinatorStarting, configure_logging
 from services.runtime.settings import FlywheelSettings
 
 pytestmark = pytest.mark.unit
@@ -35,3 +35,17 @@ def test_a_logged_exception_is_a_compact_traceback(tmp_path, capsys: pytest.Capt
     assert "in failing_tick\n    raise ConnectionError(" in err
     assert "5042" not in err, "a frame's locals were printed"
     assert len(err.splitlines()) < 15, err
+
+
+def test_a_starting_brokers_coordinator_errors_are_dropped_for_a_minute_then_shown() -> None:
+    now = [0.0]
+    starting = CoordinatorStarting(grace_s=60, clock=lambda: now[0])
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("aiokafka.consumer.group_coordinator", logging.ERROR, __file__, 1, message, (), None)
+
+    unavailable = "Group Coordinator Request failed: [Error 15] GroupCoordinatorNotAvailableError"
+    assert not starting.filter(record(unavailable))
+    assert starting.filter(record("Heartbeat failed: [Error 27] RebalanceInProgressError")), "other errors pass"
+    now[0] = 60.0
+    assert starting.filter(record(unavailable)), "a coordinator missing past the first minute is a fault to see"
