@@ -223,6 +223,16 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+def carry_on_answer(request: Request, headers: Mapping[str, str]) -> None:
+    """Headers every answer to this request carries, a refusal made before the door ran included: a door's
+    hook that records a refused call (the gateway's span of it) names the record in the answer."""
+    request.state.answer_headers = {**carried(request), **headers}
+
+
+def carried(request: Request) -> dict[str, str]:
+    return dict(getattr(request.state, "answer_headers", {}))
+
+
 async def _drained() -> Message:
     return {"type": "http.disconnect"}
 
@@ -368,7 +378,7 @@ def create_http_app(
     async def door_error(request: Request, error: DoorError) -> JSONResponse:
         if error.status in REFUSED_STATUSES:
             refusals.record(error.status, error.detail.code, request.url.path)
-        return error_response(error.status, error.detail, headers=error.headers)
+        return error_response(error.status, error.detail, headers={**carried(request), **(error.headers or {})})
 
     @app.exception_handler(DomainError)
     async def domain_error(request: Request, error: DomainError) -> JSONResponse:
@@ -391,11 +401,13 @@ def create_http_app(
         )
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         message, param = first_problem(error)
         if len(error.errors()) > 1:
             message += f" (+{len(error.errors()) - 1} more)"
-        return error_response(422, ErrorDetail(message=message, type="invalid_request_error", param=param))
+        return error_response(
+            422, ErrorDetail(message=message, type="invalid_request_error", param=param), headers=carried(request)
+        )
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:

@@ -11,7 +11,9 @@ the rate limit) is logged as an errored inference of that principal, scrubbed li
 Trace context (trace_context.py): a valid W3C `traceparent` makes the call's server span a child of
 the caller's span, and `tracestate` comes back unchanged; without one, or with one the W3C rules make
 invalid, the call starts a new trace and is served all the same. Every answer from an inference
-endpoint, errors included, carries a `traceparent` naming the gateway's span. `x-flywheel-session-id`
+endpoint, errors included, carries a `traceparent` naming the gateway's span, and so does a refusal logged as
+an errored inference (a body that does not validate, the rate limit); a caller refused before its key and role
+are checked (401, 403) has no span, and its answer names none. `x-flywheel-session-id`
 puts the call in a conversation; one that is not a session id (letters, digits and `._:/-`, at most
 128) is refused with 422 rather than dropped, since the caller asked for something it would not get.
 
@@ -46,7 +48,7 @@ from contracts.http import (
 )
 from contracts.ids import SessionId
 from services.runtime.auth import Principal
-from services.runtime.http import DoorError, RateLimited, refusal_route, status_of
+from services.runtime.http import DoorError, RateLimited, carry_on_answer, refusal_route, status_of
 from services.serving.gateway import Completion, Gateway, GatewayError, Stream
 from services.serving.limits import RateLimiter
 from services.serving.trace_context import (
@@ -81,6 +83,8 @@ def create_router(
             # The session header may be what was refused: a malformed one is left out, not stored.
             trace = CallTrace.start(_caller(request), valid_session_id(request.headers.get(SESSION_HEADER)))
             current.refused(endpoint, body, principal, status, message, trace)
+            # The refusal is logged as a span of the caller's trace: its answer names that span, as any other does.
+            carry_on_answer(request, trace.response_headers())
 
     def caller(request: Request, principal: Principal = Depends(guard)) -> Principal:
         request.state.principal = principal.name

@@ -128,6 +128,7 @@ async def test_refused_before_the_caller_is_known_writes_nothing(
         assert answer.status_code == status, (case, answer.text)
         if code is not None:
             assert answer.json()["error"]["code"] == code, (case, answer.json())
+        assert "traceparent" not in answer.headers, (case, "nothing was logged, so no span is named")
 
     # Requests from a known caller are logged: the topic below is the one refusals would reach. The
     # invalid one is logged from its body, with the user id and metadata out of the text and scrubbed.
@@ -153,6 +154,10 @@ async def test_refused_before_the_caller_is_known_writes_nothing(
         ("tiny", "test-app", "error"),
     ], logged
     assert "does not exist" in logged[0]["error"] and logged[1]["error"].startswith("422: messages.0.role")
+    # Each logged call's answer names its span, the refused one's too, so the caller finds it in its trace.
+    for answer, event in ((served, logged[0]), (invalid, logged[1])):
+        _, trace_id, span_id, _ = answer.headers["traceparent"].split("-")
+        assert (trace_id, span_id) == (event["trace_id"], event["span_id"]), (answer.headers, event)
     redactor = Redactor()
     assert (logged[1]["user_id"], logged[1]["metadata"]) == (
         redactor.scrub_user("customer-0042x"),
