@@ -109,13 +109,9 @@ def scrub_span(redactor: Redactor, span: SpanLogged) -> SpanLogged:
     return redactor.scrub_span(span)
 
 
-def span_rows(envelopes: Sequence[Envelope[SpanLogged]], redactor: Redactor) -> pa.Table:
-    """`span` rows, personal data and secrets scrubbed from name, input, output, error, user id and attributes."""
-    return span_table(envelopes, scrub_spans(envelopes, redactor))
-
-
 def scrub_spans(envelopes: Sequence[Envelope[SpanLogged]], redactor: Redactor) -> list[SpanLogged]:
-    """The payloads as `span` may hold them (span_rows says what is scrubbed)."""
+    """The payloads as `span` may hold them: personal data and secrets scrubbed from name, input, output,
+    error, user id and attributes."""
     batch = redactor.remembering()
     return [scrub_span(batch, envelope.payload) for envelope in envelopes]
 
