@@ -15,7 +15,7 @@ from services.evaluator.store import EvaluatorStore
 from services.evaluator.worker import EvaluationWorker
 from services.runtime.auth import Authenticator
 from services.runtime.console import Section
-from services.runtime.scoring import Embedder, Judge
+from services.runtime.scoring import Embedder, Judge, judge_client
 from services.runtime.service import Runtime, Service
 
 GROUP = "evaluator"
@@ -27,11 +27,7 @@ def judge_factory(settings: EvaluatorSettings):
     def build() -> Judge | None:
         if not settings.judge_base_url or not settings.judge_model:
             return None
-        from openai import AsyncOpenAI
-
-        client = AsyncOpenAI(
-            base_url=settings.judge_base_url, api_key=settings.judge_api_key or "unused", max_retries=1
-        )
+        client = judge_client(settings.judge_base_url, settings.judge_api_key)
         return Judge(client, model=settings.judge_model, rubric=settings.judge_rubric)
 
     return build

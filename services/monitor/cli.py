@@ -36,9 +36,9 @@ from services.monitor.trace_judging import (
     MIN_BUDGET,
     Level,
     Verdict,
-    load_session,
-    load_turn,
-    session_transcript,
+    judge_all,
+    recent_targets,
+    transcripts_of,
 )
 from services.monitor.traces import (
     MAX_LISTED,
@@ -542,9 +542,7 @@ def judge(
     the caller's key. Exits 1 when any judgement failed or was not published."""
     import asyncio
 
-    import openai
-
-    from services.runtime.scoring.judge import RUBRICS, Judge
+    from services.runtime.scoring.judge import RUBRICS, Judge, judge_client
 
     traces_given = [_checked(checked_trace_id, value, "--trace-id") for value in trace_id or []]
     sessions_given = [_checked(checked_session_id, value, "--session-id") for value in session_id or []]
@@ -575,44 +573,21 @@ def judge(
     targets += [(Level.session, s) for s in dict.fromkeys(sessions_given)]
     if not targets:
         with _as_bad_parameter():
-            moment = since_ms(since or "24h")
-            if level is Level.trace:
-                found = _rows(traces_query(TraceFilter(moment, service, name_contains=name), limit))
-                targets = [(Level.trace, row["trace_id"]) for row in found]
-            else:
-                found = _rows(sessions_query(SessionFilter(moment, service), limit))
-                targets = [(Level.session, row["session_id"]) for row in found]
+            targets = recent_targets(level, since_ms(since or "24h"), service, name, limit, _rows)
         if not targets:
             raise FlywheelError(
                 f"no {level}s match: list what is stored with `flywheel ops {level}s --since {since or '24h'}`"
             )
-    transcripts: dict[tuple[Level, str], str] = {}
-    missing = []
-    for kind, target in targets:
-        if kind is Level.trace:
-            turn = load_turn(target, _rows)
-            if turn is not None:
-                transcripts[kind, target] = turn.text(max_chars)
-        else:
-            turns = load_session(target, _rows)
-            if turns:
-                transcripts[kind, target] = session_transcript(target, turns, max_chars)
-        if (kind, target) not in transcripts:
-            missing.append(Verdict(kind, target, None, "", "no spans stored"))
+    transcripts, missing = transcripts_of(targets, _rows, max_chars)
 
     async def grade_all() -> list[Verdict]:
-        client = openai.AsyncOpenAI(base_url=judge_url, api_key=judge_api_key or "unused", max_retries=1)
+        client = judge_client(judge_url, judge_api_key)
         try:
             judges = {
                 kind: Judge(client, model=judge_model, rubric=key, max_tokens=max_tokens)
                 for kind, key in rubrics.items()
             }
-            verdicts = []
-            for (kind, target), transcript in transcripts.items():
-                graded = judges[kind]
-                result = await graded.grade(transcript=transcript)
-                verdicts.append(Verdict.of(kind, target, result, graded.rubric.low, graded.rubric.high))
-            return verdicts
+            return await judge_all(transcripts, judges)
         finally:
             await client.close()
 

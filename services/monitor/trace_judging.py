@@ -13,14 +13,22 @@ The module reads through the `rows` function it is given (the CLI's query door o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from services.monitor.span_datasets import input_messages, output_text
-from services.monitor.traces import MAX_TREE_SPANS, TraceFilter, spans_query, traces_query, tree_order
-from services.runtime.scoring.judge import JudgeResult
+from services.monitor.traces import (
+    MAX_TREE_SPANS,
+    SessionFilter,
+    TraceFilter,
+    sessions_query,
+    spans_query,
+    traces_query,
+    tree_order,
+)
+from services.runtime.scoring.judge import Judge, JudgeResult
 
 Rows = Callable[[tuple[str, dict[str, Any]]], list[dict[str, Any]]]
 
@@ -31,6 +39,9 @@ class Level(StrEnum):
     trace = "trace"
     session = "session"
 
+
+# One thing judged: a trace by its trace id, or a session by its session id.
+Target = tuple[Level, str]
 
 DEFAULT_RUBRICS = {Level.trace: "trace-quality@v1", Level.session: "session-quality@v1"}
 
@@ -231,3 +242,44 @@ class Verdict:
             "source": "judge",
             "actor": f"judge:{model}"[:256],
         }
+
+
+def recent_targets(
+    level: Level, since_ms: int, service: str | None, name: str | None, limit: int, rows: Rows
+) -> list[Target]:
+    """The newest traces (or sessions) the filters pick: active since `since_ms`, whose root `service`
+    sent, whose root span's name contains `name` (traces only)."""
+    if level is Level.trace:
+        found = rows(traces_query(TraceFilter(since_ms, service, name_contains=name), limit))
+        return [(Level.trace, row["trace_id"]) for row in found]
+    found = rows(sessions_query(SessionFilter(since_ms, service), limit))
+    return [(Level.session, row["session_id"]) for row in found]
+
+
+def transcripts_of(targets: Sequence[Target], rows: Rows, budget: int) -> tuple[dict[Target, str], list[Verdict]]:
+    """Each target's transcript within `budget` characters, and for each with no span stored a verdict
+    that says so (it is reported, not judged)."""
+    transcripts: dict[Target, str] = {}
+    missing = []
+    for level, target in targets:
+        if level is Level.trace:
+            turn = load_turn(target, rows)
+            if turn is not None:
+                transcripts[level, target] = turn.text(budget)
+        else:
+            turns = load_session(target, rows)
+            if turns:
+                transcripts[level, target] = session_transcript(target, turns, budget)
+        if (level, target) not in transcripts:
+            missing.append(Verdict(level, target, None, "", "no spans stored"))
+    return transcripts, missing
+
+
+async def judge_all(transcripts: Mapping[Target, str], judges: Mapping[Level, Judge]) -> list[Verdict]:
+    """Each transcript graded by its level's judge, in the order given (the order the run prints)."""
+    verdicts = []
+    for (level, target), transcript in transcripts.items():
+        judge = judges[level]
+        result = await judge.grade(transcript=transcript)
+        verdicts.append(Verdict.of(level, target, result, judge.rubric.low, judge.rubric.high))
+    return verdicts

@@ -5,7 +5,9 @@ real Kafka, chDB and SmolLM2 on Triton: tests/integration/test_ops_judge.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,10 +20,12 @@ from services.monitor.trace_judging import (
     Level,
     Turn,
     Verdict,
+    judge_all,
     session_transcript,
+    transcripts_of,
     turn_of,
 )
-from services.runtime.scoring.judge import JudgeResult
+from services.runtime.scoring.judge import Judge, JudgeResult
 
 pytestmark = pytest.mark.unit
 
@@ -198,6 +202,35 @@ def test_a_verdict_is_judge_feedback_on_its_trace_or_session() -> None:
     assert on_session.feedback("session-quality@v1", "m")["session_id"] == "conv-1"
     unparsed = Verdict.of(Level.trace, TRACE, JudgeResult(None, "I think", "JudgeParseError: no score"), 1, 5)
     assert (unparsed.rating, unparsed.reason) == (None, "JudgeParseError: no score")
+
+
+def test_targets_without_spans_are_reported_and_the_rest_judged_in_the_order_given() -> None:
+    unknown = "f" * 32
+
+    def rows(query: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        return rag_trace() if TRACE in json.dumps(query[1]) else []
+
+    transcripts, missing = transcripts_of([(Level.trace, unknown), (Level.trace, TRACE)], rows, 3000)
+    assert list(transcripts) == [(Level.trace, TRACE)]
+    assert "Where is order 1182?" in transcripts[Level.trace, TRACE]
+    assert missing == [Verdict(Level.trace, unknown, None, "", "no spans stored")]
+
+    replies = iter(["Score: 5. Answered from the order lookup.", "no number here"])
+    asked: list[str] = []
+
+    async def create(**request: Any) -> Any:
+        asked.append(request["messages"][-1]["content"])
+        return SimpleNamespace(choices=[SimpleNamespace(message=SimpleNamespace(content=next(replies)))])
+
+    client = SimpleNamespace(chat=SimpleNamespace(completions=SimpleNamespace(create=create)))
+    judge = Judge(client, model="m", rubric="trace-quality@v1")
+    second = ("a" * 31 + "1", "Turn text")
+    verdicts = asyncio.run(
+        judge_all({(Level.trace, TRACE): "first", (Level.trace, second[0]): second[1]}, {Level.trace: judge})
+    )
+    assert [(v.target, v.rating) for v in verdicts] == [(TRACE, 5), (second[0], None)]
+    assert verdicts[1].error is not None and "JudgeParseError" in verdicts[1].error
+    assert "first" in asked[0] and "Turn text" in asked[1]
 
 
 JUDGE_AT = ["--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m"]

@@ -6,7 +6,7 @@ evaluator. The embedding model for groundedness is loaded on first use (`Embedde
 
 from services.runtime.scoring.format import json_validity
 from services.runtime.scoring.grounding import Embedder, GroundednessScore, fact_numbers, score_groundedness
-from services.runtime.scoring.judge import RUBRICS, Judge, JudgeResult, Rubric, parse_judge_score
+from services.runtime.scoring.judge import RUBRICS, Judge, JudgeResult, Rubric, judge_client, parse_judge_score
 from services.runtime.scoring.safety import UnsafeFinding, scan_unsafe
 from services.runtime.scoring.text import bleu, exact_match, normalize_answer, rouge_l, token_f1
 
@@ -22,6 +22,7 @@ __all__ = [
     "exact_match",
     "fact_numbers",
     "json_validity",
+    "judge_client",
     "normalize_answer",
     "parse_judge_score",
     "rouge_l",

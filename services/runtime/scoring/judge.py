@@ -243,6 +243,14 @@ class JudgeResult:
     error: str | None = None
 
 
+def judge_client(base_url: str, api_key: str | None) -> Any:
+    """An OpenAI-compatible client for a judge endpoint (Flywheel's gateway or any other). One retry: a
+    judge run records what fails on the example it failed on rather than stalling every example behind it."""
+    from openai import AsyncOpenAI
+
+    return AsyncOpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=1)
+
+
 class Judge:
     """Grades one answer (or one transcript) at a time through `client.chat.completions.create` (openai.AsyncOpenAI or compatible)."""
 
