@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -17,6 +17,7 @@ from contracts.events import (
     DatasetRef,
     EvaluationCompleted,
     FeedbackSource,
+    FeedbackTarget,
     Hyperparameters,
     ModelTarget,
     Stage,
@@ -96,9 +97,10 @@ class HealthStatus(Response):
 # ---------------------------------------------------------------------------------------- feedback
 
 
-class FeedbackCreate(Request):
-    """Feedback on exactly one target: an inference (inference_id), a span (trace_id and span_id), a trace
-    (trace_id alone) or a session (session_id)."""
+class FeedbackTargetIds(Request):
+    """Exactly one target of feedback: an inference (inference_id), a span (trace_id and span_id), a trace
+    (trace_id alone) or a session (session_id). What `GET /feedback/v1/feedback` reads by; FeedbackCreate
+    names its target the same way."""
 
     # Not an InferenceId: the door checks its alphabet itself and says what to send (services/feedback).
     inference_id: str | None = Field(
@@ -115,6 +117,22 @@ class FeedbackCreate(Request):
         default=None, description="Span the feedback is about (16 lowercase hex digits), within trace_id."
     )
     session_id: SessionId | None = Field(default=None, description="Session (conversation) the feedback is about.")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Self:
+        # The rule is about the request as a whole, so a 422 names no field: `body: Value error, feedback names ...`.
+        feedback_target(self.inference_id, self.trace_id, self.span_id, self.session_id)
+        return self
+
+    @property
+    def target(self) -> FeedbackTarget:
+        return feedback_target(self.inference_id, self.trace_id, self.span_id, self.session_id)
+
+
+class FeedbackCreate(FeedbackTargetIds):
+    """Feedback on exactly one target: an inference (inference_id), a span (trace_id and span_id), a trace
+    (trace_id alone) or a session (session_id)."""
+
     thumbs: Thumbs | None = Field(default=None, description="Thumbs up or down.")
     rating: int | None = Field(default=None, ge=1, le=5, description="Rating from 1 to 5.")
     comment: str | None = Field(default=None, max_length=8000, description="Free-text comment.")
@@ -125,18 +143,44 @@ class FeedbackCreate(Request):
     source: FeedbackSource = Field(default=FeedbackSource.end_user, description="Who gives it.")
     actor: str | None = Field(default=None, max_length=256, description="Id of the person or judge.")
 
-    @model_validator(mode="after")
-    def _one_target(self) -> FeedbackCreate:
-        # The rule is about the request as a whole, so a 422 names no field: `body: Value error, feedback names ...`.
-        feedback_target(self.inference_id, self.trace_id, self.span_id, self.session_id)
-        return self
-
 
 class FeedbackAccepted(Response):
     feedback_id: str = Field(description="Id of the stored feedback.")
     event_id: str = Field(
         description="Id of the event published: `feedback.received`, or `feedback.reviewed` for a reviewer's feedback."
     )
+
+
+class FeedbackView(Response):
+    feedback_id: str = Field(description="Id of the feedback.")
+    inference_id: str | None = Field(default=None, description="Inference it is about, when its target is one.")
+    trace_id: str | None = Field(default=None, description="Trace it is about (with span_id, the span's trace).")
+    span_id: str | None = Field(default=None, description="Span it is about, within trace_id.")
+    session_id: str | None = Field(default=None, description="Session it is about.")
+    occurred_at: datetime = Field(description="When it was given (UTC).")
+    thumbs: str | None = Field(default=None, description="up or down.")
+    rating: int | None = Field(default=None, description="1 to 5.")
+    comment: str | None = Field(default=None, description="Comment, personal data removed.")
+    correction: str | None = Field(default=None, description="Corrected answer, personal data removed.")
+    tags: list[str] = Field(default_factory=list, description="Labels.")
+    source: str = Field(description="end_user, reviewer or judge.")
+    actor: str | None = Field(default=None, description="Who gave it.")
+
+
+class FeedbackList(Response):
+    target: FeedbackTarget = Field(description="What was asked about: an inference, a span, a trace or a session.")
+    inference_id: str | None = Field(default=None, description="The inference asked about, if that was the target.")
+    trace_id: str | None = Field(default=None, description="The trace asked about (with span_id, the span's trace).")
+    span_id: str | None = Field(default=None, description="The span asked about, within trace_id.")
+    session_id: str | None = Field(default=None, description="The session asked about.")
+    stored: bool = Field(
+        description="Whether the target itself is stored yet (the inference, or a span of the trace or session); "
+        "feedback may arrive first and joins when it lands."
+    )
+    inference_stored: bool | None = Field(
+        default=None, description="For an inference, the same as `stored` (the name this answer always had)."
+    )
+    items: list[FeedbackView] = Field(description="Stored feedback on exactly this target, oldest first.")
 
 
 # ----------------------------------------------------------------------------------------- trainer

@@ -13,9 +13,8 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from contracts.http import ErrorResponse, FeedbackAccepted, FeedbackCreate, Role
+from contracts.http import ErrorResponse, FeedbackAccepted, FeedbackCreate, FeedbackList, Role
 from services.feedback import otlp
-from services.feedback.models import FeedbackList
 from services.feedback.otlp_intake import BrokerUnavailable, TraceIntake
 from services.feedback.service import InvalidFeedback, ReviewerRoleRequired, give_feedback, list_feedback
 from services.feedback.settings import FeedbackSettings

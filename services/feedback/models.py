@@ -1,20 +1,18 @@
-"""How events become ClickHouse rows (columnar Arrow batches), and what the feedback door answers with."""
+"""How events become ClickHouse rows (columnar Arrow batches)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import datetime
 
 import pyarrow as pa
-from pydantic import BaseModel, Field, field_validator
+from pydantic import field_validator
 
 from contracts.envelope import Envelope
 from contracts.events import (
     REVIEWER_FEEDBACK_ONLY_ON_ITS_TOPIC,
     FeedbackReceived,
     FeedbackSource,
-    FeedbackTarget,
     InferenceLogged,
     SpanLogged,
 )
@@ -182,35 +180,3 @@ def feedback_table(envelopes: Sequence[Envelope[FeedbackReceived]], payloads: Se
             "actor": pa.array([p.actor for p in payloads], pa.string()),
         }
     )
-
-
-class FeedbackView(BaseModel):
-    feedback_id: str = Field(description="Id of the feedback.")
-    inference_id: str | None = Field(default=None, description="Inference it is about, when its target is one.")
-    trace_id: str | None = Field(default=None, description="Trace it is about (with span_id, the span's trace).")
-    span_id: str | None = Field(default=None, description="Span it is about, within trace_id.")
-    session_id: str | None = Field(default=None, description="Session it is about.")
-    occurred_at: datetime = Field(description="When it was given (UTC).")
-    thumbs: str | None = Field(default=None, description="up or down.")
-    rating: int | None = Field(default=None, description="1 to 5.")
-    comment: str | None = Field(default=None, description="Comment, personal data removed.")
-    correction: str | None = Field(default=None, description="Corrected answer, personal data removed.")
-    tags: list[str] = Field(default_factory=list, description="Labels.")
-    source: str = Field(description="end_user, reviewer or judge.")
-    actor: str | None = Field(default=None, description="Who gave it.")
-
-
-class FeedbackList(BaseModel):
-    target: FeedbackTarget = Field(description="What was asked about: an inference, a span, a trace or a session.")
-    inference_id: str | None = Field(default=None, description="The inference asked about, if that was the target.")
-    trace_id: str | None = Field(default=None, description="The trace asked about (with span_id, the span's trace).")
-    span_id: str | None = Field(default=None, description="The span asked about, within trace_id.")
-    session_id: str | None = Field(default=None, description="The session asked about.")
-    stored: bool = Field(
-        description="Whether the target itself is stored yet (the inference, or a span of the trace or session); "
-        "feedback may arrive first and joins when it lands."
-    )
-    inference_stored: bool | None = Field(
-        default=None, description="For an inference, the same as `stored` (the name this answer always had)."
-    )
-    items: list[FeedbackView] = Field(description="Stored feedback on exactly this target, oldest first.")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 from prometheus_client import Counter
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from contracts.envelope import Envelope, P
 from contracts.events import (
@@ -20,13 +20,9 @@ from contracts.events import (
     FeedbackTarget,
     InferenceLogged,
     SpanLogged,
-    feedback_target,
 )
-from contracts.ids import SessionId, SpanId, TraceId
-from contracts.http import FeedbackAccepted, FeedbackCreate
+from contracts.http import FeedbackAccepted, FeedbackCreate, FeedbackList, FeedbackTargetIds, FeedbackView
 from services.feedback.models import (
-    FeedbackList,
-    FeedbackView,
     feedback_table,
     inference_table,
     scrub_feedbacks,
@@ -50,11 +46,6 @@ SINK_ROWS = Counter(
 # Gateway ids (`chatcmpl-...`), UUIDs and app ids: printable, no spaces, nothing a log or URL would mangle.
 INFERENCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/\-]*")
 MAX_TAG_LENGTH = 64
-_ID_TYPES: dict[str, TypeAdapter[str]] = {
-    "trace_id": TypeAdapter(TraceId),
-    "span_id": TypeAdapter(SpanId),
-    "session_id": TypeAdapter(SessionId),
-}
 
 
 class InvalidFeedback(ValueError):
@@ -141,6 +132,16 @@ async def give_feedback(
     return FeedbackAccepted(feedback_id=envelope.payload.feedback_id, event_id=str(envelope.event_id))
 
 
+def _invalid_query(refused: ValidationError) -> InvalidFeedback:
+    """The first thing wrong with a feedback query, said as the door says it: a malformed id names its
+    parameter, a query naming no target or several names the query."""
+    error = refused.errors()[0]
+    if not error["loc"]:
+        return InvalidFeedback(str(error.get("ctx", {}).get("error", error["msg"])), "query")
+    name = str(error["loc"][0])
+    return InvalidFeedback(f"{name} {str(error['input'])[:80]!r}: {error['msg']}", name)
+
+
 def list_feedback(
     store: FeedbackStore,
     *,
@@ -152,18 +153,13 @@ def list_feedback(
     """Stored feedback on exactly one target (named as feedback names it), and whether the target itself
     is stored yet; InvalidFeedback saying what to send when the ids name none, several, or a malformed one."""
     try:
-        target = feedback_target(inference_id, trace_id, span_id, session_id)
-    except ValueError as error:
-        raise InvalidFeedback(str(error), "query") from None
-    if inference_id is not None and (not INFERENCE_ID.fullmatch(inference_id) or len(inference_id) > 128):
+        query = FeedbackTargetIds(inference_id=inference_id, trace_id=trace_id, span_id=span_id, session_id=session_id)
+    except ValidationError as refused:
+        raise _invalid_query(refused) from None
+    if inference_id is not None and not INFERENCE_ID.fullmatch(inference_id):
         raise InvalidFeedback(f"inference_id {inference_id[:80]!r} is malformed", "inference_id")
+    target = query.target
     ids = {"inference_id": inference_id, "trace_id": trace_id, "span_id": span_id, "session_id": session_id}
-    for name, value in ids.items():
-        if value is not None and name in _ID_TYPES:
-            try:
-                _ID_TYPES[name].validate_python(value)
-            except ValidationError as refused:
-                raise InvalidFeedback(f"{name} {value[:80]!r}: {refused.errors()[0]['msg']}", name) from None
     named = {name: value for name, value in ids.items() if value is not None}
     items = [
         FeedbackView(**{**row, "inference_id": row["inference_id"] or None}) for row in store.feedback_on(target, named)
