@@ -2,7 +2,7 @@
 measured in the same run, with a description of the machine, written to bench/results/ (markdown and json).
 
 Each benchmark is its service's (`flywheel bench train|serve|ingest|traces`, in services/<name>/cli.py, each
-declaring a BENCHMARK or BENCHMARKS): this group holds `all` and gets the services' bench commands when main.py mounts
+declaring its BENCHMARKS): this group holds `all` and gets the services' bench commands when main.py mounts
 them. Timings are never asserted anywhere: only ratios measured side by side on one machine in one run
 mean something.
 """

@@ -50,11 +50,5 @@ def mount(root: typer.Typer, shared: dict[str, typer.Typer]) -> None:
 
 
 def benchmarks() -> dict[str, Benchmark]:
-    """The benchmarks of `flywheel bench all`, by name: each service's that declares one (its BENCHMARK) or
-    several (its BENCHMARKS)."""
-    found = (
-        benchmark
-        for module in service_clis()
-        for benchmark in getattr(module, "BENCHMARKS", (getattr(module, "BENCHMARK", None),))
-    )
-    return {benchmark.name: benchmark for benchmark in found if benchmark is not None}
+    """The benchmarks of `flywheel bench all`, by name: those each service's cli.py declares in its BENCHMARKS."""
+    return {benchmark.name: benchmark for module in service_clis() for benchmark in getattr(module, "BENCHMARKS", ())}

@@ -1,5 +1,5 @@
 """What a service's benchmark gives `flywheel bench all`: rows of one table of ratios, each measured against
-a baseline in the same run. Each service's cli.py declares its BENCHMARK; the CLI finds them by name."""
+a baseline in the same run. Each service's cli.py declares its BENCHMARKS; the CLI finds them by name."""
 
 from __future__ import annotations
 

@@ -105,7 +105,7 @@ def serve_rows(lines: list[str], size: dict[str, Any]) -> list[Row]:
     return rows
 
 
-BENCHMARK = Benchmark(
+SERVE = Benchmark(
     name="serve",
     sizes={
         "quick": {"requests": 8, "max_tokens": 8, "concurrencies": (1, 8), "adapters": 4},
@@ -113,3 +113,4 @@ BENCHMARK = Benchmark(
     },
     run=_serve_rows,
 )
+BENCHMARKS = (SERVE,)

@@ -278,7 +278,7 @@ def _train_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
     ]
 
 
-BENCHMARK = Benchmark(
+TRAIN = Benchmark(
     name="train",
     sizes={
         "quick": {"rows": 16, "steps": 2, "batch_size": 4, "max_seq_length": 256, "rounds": 1},
@@ -286,3 +286,4 @@ BENCHMARK = Benchmark(
     },
     run=_train_rows,
 )
+BENCHMARKS = (TRAIN,)
