@@ -32,6 +32,11 @@ from contracts.events import REVIEWER_FEEDBACK_ONLY_ON_ITS_TOPIC, FeedbackReceiv
 from contracts.topics import topic_for
 
 CONTENT_TYPE = "application/json"
+# The bytes one producer batch (one partition's records in one produce request) may hold. At aiokafka's
+# 16 KiB a batch holds about ten span events, so hundreds of publishes awaited side by side (an OTLP
+# export, an app's burst) wait on a produce round trip per ten and all wake at every drain
+# (docs/benchmarks.md). Half the broker's default message.max.bytes (1 MiB) leaves room for overhead.
+PRODUCER_BATCH_BYTES = 512 * 1024
 
 SecurityProtocol = Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL"]
 SaslMechanism = Literal["SCRAM-SHA-512", "SCRAM-SHA-256"]
@@ -157,6 +162,7 @@ class EventPublisher:
             acks="all",
             enable_idempotence=True,
             request_timeout_ms=request_timeout_ms,
+            max_batch_size=PRODUCER_BATCH_BYTES,
             client_id=f"flywheel-publisher-{producer}",
             **security.client_options(),
         )

@@ -22,7 +22,7 @@ from faststream.kafka import KafkaBroker
 from faststream.security import BaseSecurity, SASLScram256, SASLScram512
 
 from contracts.envelope import Envelope, P, wrap
-from contracts.publisher import PLAINTEXT, KafkaSecurity, encode
+from contracts.publisher import PLAINTEXT, PRODUCER_BATCH_BYTES, KafkaSecurity, encode
 from contracts.topics import all_topics, retained_topics, topic_for
 from services.runtime.errors import ConfigurationError
 from services.runtime.settings import FlywheelSettings
@@ -62,6 +62,7 @@ def create_broker(settings: FlywheelSettings, *, client_id: str, security: Kafka
         log_level=logging.DEBUG,
         logger=logging.getLogger("flywheel.faststream"),
         request_timeout_ms=30_000,
+        max_batch_size=PRODUCER_BATCH_BYTES,
         graceful_timeout=settings.shutdown_grace_s,
     )
 
