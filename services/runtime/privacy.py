@@ -238,11 +238,21 @@ def _contains_lower(*literals: str) -> Callable[[str, str], bool]:
     return lambda _, lowered: search(lowered) is not None
 
 
-_DIGIT = re.compile(r"\d")
+def _found(pattern: str) -> Callable[[str, str], bool]:
+    search = re.compile(pattern).search
+    return lambda text, _: search(text) is not None
 
 
-def _has_digit(text: str, _: str) -> bool:
-    return _DIGIT.search(text) is not None
+# What a detector of digits cannot match without: most prose holds a number or two, and a hint of
+# "any digit" sent every such text through four detectors' scans, the bulk of the sink's redaction.
+# Nine digits with at most two of a phone number's separators between each two: an SSN (nine), a
+# card (13-19) and a phone number (9-15, `+1 (555) 010-9999`) all hold such a run.
+_NINE_DIGITS = _found(r"\d(?:[ .()\-]{0,2}\d){8}")
+# An IBAN starts with its country's two letters and two check digits.
+_IBAN_START = _found(r"[A-Z]{2}\d{2}")
+# Two groups of an IPv6 address (`::` included), and two of an IPv4 address.
+_TWO_COLON_GROUPS = _found(r":[0-9A-Fa-f]{0,4}:")
+_DIGIT_DOT_DIGIT = _found(r"\d\.\d")
 
 
 def _is_ipv4(match: re.Match[str]) -> bool:
@@ -373,10 +383,10 @@ PERSONAL_DETECTORS: tuple[Detector, ...] = (
     ),
     # Before cards and phones: an IBAN's digits can pass the Luhn check or look like a phone number.
     IbanDetector(
-        "IBAN", re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])"), hint=_has_digit
+        "IBAN", re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])"), hint=_IBAN_START
     ),
     # Before phones: 123-45-6789 has a phone number's shape too.
-    Detector("SSN", re.compile(r"(?<![\w-])(?P<value>\d{3}([- ])\d{2}\2\d{4})(?![\w-])"), _is_ssn, hint=_has_digit),
+    Detector("SSN", re.compile(r"(?<![\w-])(?P<value>\d{3}([- ])\d{2}\2\d{4})(?![\w-])"), _is_ssn, hint=_NINE_DIGITS),
     Detector(
         "SSN",
         re.compile(
@@ -386,21 +396,21 @@ PERSONAL_DETECTORS: tuple[Detector, ...] = (
         hint=_contains_lower("ssn", "social security"),
     ),
     # Not inside a longer token: a hex request id holds Luhn-valid digit runs by chance.
-    Detector("CARD", re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])"), _is_card, hint=_has_digit),
+    Detector("CARD", re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])"), _is_card, hint=_NINE_DIGITS),
     Detector(
         "IPV6",
         re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])"),
         _is_ipv6,
-        hint=_contains(":"),
+        hint=_TWO_COLON_GROUPS,
     ),
     Detector(
-        "IPV4", re.compile(r"(?<![\d.])\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![\d.])"), _is_ipv4, hint=_contains(".")
+        "IPV4", re.compile(r"(?<![\d.])\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![\d.])"), _is_ipv4, hint=_DIGIT_DOT_DIGIT
     ),
     Detector(
         "PHONE",
         re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .\-]?)?(?:\(\d{1,4}\)[ .\-]?)?\d{1,4}(?:[ .\-]?\d{2,4}){1,5}(?!\w)"),
         _is_phone,
-        hint=_has_digit,
+        hint=_NINE_DIGITS,
     ),
 )
 

@@ -9,10 +9,12 @@ import logging
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from contracts.events import FeedbackReceived, InferenceLogged
 from services.runtime.errors import ConfigurationError
-from services.runtime.privacy import PrivacyPolicy, PrivacySettings, Redactor
+from services.runtime.privacy import PERSONAL_DETECTORS, Detector, PrivacyPolicy, PrivacySettings, Redactor
 from services.runtime.settings import load_settings
 
 pytestmark = pytest.mark.unit
@@ -346,3 +348,50 @@ def test_a_remembering_redactor_scrubs_each_distinct_text_once_and_alike() -> No
     ]
     assert calls == [text]
     assert redactor._remembered is None  # the redactor it came from keeps no texts
+
+
+def _first(label: str) -> Detector:
+    return next(detector for detector in PERSONAL_DETECTORS if detector.label == label)
+
+
+@pytest.mark.parametrize(
+    ("label", "accepted_only"),
+    # Every match of these patterns holds what their hints look for; a phone number's pattern also
+    # matches short digit groups, which only its acceptance (nine digits at least) turns away.
+    [("IBAN", False), ("SSN", False), ("CARD", False), ("IPV6", False), ("IPV4", False), ("PHONE", True)],
+)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(data=st.data())
+def test_a_detector_skipped_by_its_hint_could_not_have_matched(
+    label: str, accepted_only: bool, data: st.DataObject
+) -> None:
+    # A hint only saves time if it never hides a match: texts drawn from the detector's own pattern,
+    # within other text, pass its hint whenever the pattern matches (or, for phones, is accepted).
+    detector = _first(label)
+    text = data.draw(st.from_regex(detector.pattern, fullmatch=False))
+    assert detector.hint is not None
+    matched = list(detector.spans(text, text.lower())) if accepted_only else detector.pattern.search(text)
+    if matched:
+        assert detector.hint(text, text.lower()), text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "+1 (555) 010-9999",
+        "(415)555-0100",
+        "+44 20 7946 0958",
+        "555.123.4567",
+        "+33 6 12 34 56 78",
+        "4111 1111 1111 1111",
+        "4111-1111-1111-1111",
+        "078-05-1120",
+        "fe80::1",
+        "::1",
+        "2001:db8::8a2e:370:7334",
+        "10.0.0.1",
+        "GB82 WEST 1234 5698 7654 32",
+    ],
+)
+def test_formats_at_the_edge_of_the_hints_are_still_caught(text: str) -> None:
+    assert Redactor().scrub(f"reach me at {text} today").startswith("reach me at [")
