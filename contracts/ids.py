@@ -110,6 +110,13 @@ TraceId = Annotated[str, StringConstraints(pattern=TRACE_ID_PATTERN), AfterValid
 SpanId = Annotated[str, StringConstraints(pattern=SPAN_ID_PATTERN), AfterValidator(_not_all_zero)]
 """A W3C / OpenTelemetry span id: 16 lowercase hex digits (8 bytes), not all zero."""
 
-SessionId = Annotated[str, StringConstraints(pattern=INFERENCE_ID_PATTERN, max_length=INFERENCE_ID_MAX_LENGTH)]
+SessionId = Annotated[
+    str,
+    StringConstraints(pattern=INFERENCE_ID_PATTERN, max_length=INFERENCE_ID_MAX_LENGTH),
+    # A mark of its own, which validation and schemas ignore: without one this alias would be InferenceId
+    # itself (typing caches equal Annotated forms as one object), and the reference pages, which name an
+    # alias by its object, would call it InferenceId.
+    "SessionId",
+]
 """A conversation's id chosen by the app (OpenInference `session.id`, GenAI `gen_ai.conversation.id`):
 the characters of an inference id; at most 128. Never part of a path."""

@@ -49,6 +49,9 @@ def test_the_pages_carry_what_a_reader_looks_up(generated: Path) -> None:
     assert "| `feedback.reviewed` | `feedback.reviewed` | feedback |" in (generated / "events.md").read_text()
     assert "### `inference_log` (ReplacingMergeTree)" in (generated / "clickhouse.md").read_text()
     assert "### `flywheel ops sql`" in (generated / "cli.md").read_text()
+    # Id types by the names contracts/ids.py gives them, SessionId too though it constrains as InferenceId does.
+    events = (generated / "events.md").read_text()
+    assert "| `session_id` | SessionId \\| None |" in events and "| `trace_id` | TraceId \\| None |" in events
 
 
 def test_a_page_that_no_longer_matches_the_code_fails_the_check_and_is_named(generated: Path, tmp_path: Path) -> None:
