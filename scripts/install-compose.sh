@@ -26,6 +26,11 @@ plugin="$plugin_dir/docker-compose"
 say() { echo "install-compose: $*"; }
 fail() { echo "install-compose: error: $*" >&2; exit 1; }
 
+mkdir -p "$cache"
+# Another clone's run may be building the same binary: it finishes, then this run finds it cached.
+exec 9>"$cache/build.lock"
+flock 9
+
 if [ ! -x "$cached" ]; then
   command -v go >/dev/null \
     || fail "Go is not installed; Compose $version needs Go >= 1.24 (https://go.dev/dl/ or your package manager), then run this again"
@@ -37,7 +42,6 @@ if [ ! -x "$cached" ]; then
     || fail "could not download $module@$version from GOPROXY=$(go env GOPROXY): $(sed -n 's/^[[:space:]]*"Error": "\(.*\)",\{0,1\}$/\1/p' <<<"$download")"
   source_dir=$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p' <<<"$download")
   [ -d "$source_dir" ] || fail "go mod download did not report a source directory for $module@$version"
-  mkdir -p "$cache"
   (cd "$source_dir" && go build -trimpath \
       -ldflags "-s -w -X $module/internal.Version=$version" \
       -o "$cached.partial" ./cmd) \

@@ -10,6 +10,10 @@ command -v "$python" >/dev/null || python=python3
 lock_hash=$(cat "$repo/requirements.lock" "$repo/requirements-models.txt" | sha256sum | cut -c1-12)
 venv="$cache/venv-$lock_hash"
 mkdir -p "$cache"
+# Clones on one machine share the environment: while one run builds or installs into it, another
+# waits here instead of removing it or installing into it at the same time.
+exec 9>"$cache/setup.lock"
+flock 9
 
 if [ ! -f "$venv/.complete" ]; then
   echo "setup: building $venv (first run on this machine takes several minutes: torch is large)"

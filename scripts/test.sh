@@ -6,16 +6,21 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 bash scripts/setup.sh
 bash scripts/install-compose.sh
-# The console's browser test drives Debian's headless Chromium; install it where this runs as root on Debian.
+cache=${FLYWHEEL_CACHE:-$HOME/.cache/flywheel}
+# The console's browser test drives Debian's headless Chromium; install it where this runs as root on
+# Debian, one install at a time on the machine (another clone's run may be installing it now).
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "test: installing Debian's chromium for the console's browser test"
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
-    || echo "test: chromium could not be installed; the browser test will say so and skip"
+  (
+    flock 9
+    command -v chromium >/dev/null || {
+      echo "test: installing Debian's chromium for the console's browser test"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    }
+  ) 9>"$cache/apt.lock" || echo "test: chromium could not be installed; the browser test will say so and skip"
 fi
 export PYTHONDONTWRITEBYTECODE=1
 # Lint and type checks first (configured in pyproject.toml): a finding fails the run in seconds, not after
 # the suite. Their caches live beside the virtual environment, outside the clone (mypy: ~50 s cold, ~2 s warm).
-cache=${FLYWHEEL_CACHE:-$HOME/.cache/flywheel}
 export RUFF_CACHE_DIR="$cache/ruff" MYPY_CACHE_DIR="$cache/mypy"
 check() {  # <name> <command...>: runs it and prints how long it took; a failure ends the run
   local name=$1 started=$SECONDS
