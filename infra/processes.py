@@ -69,6 +69,16 @@ def process_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+def process_started(pid: int) -> int | None:
+    """When pid started (clock ticks since boot), None when it is gone: with the pid, this names one process
+    even after its pid is given to another."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
 def process_cmdline(pid: int) -> list[str]:
     """The argv of a running process, empty when it is gone or unreadable."""
     try:

@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sysconfig
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -49,9 +50,10 @@ from typing import Any
 
 import numpy as np
 
-from infra.processes import free_port
+from infra.processes import free_port, process_alive, process_cmdline, process_started
 from services.serving.batcher import ContinuousBatcher
 from services.runtime.inference import BASE, Engine, GenerationRequest, GenerationResult, SamplingParams
+from services.runtime.service import descendant_pids
 
 log = logging.getLogger("flywheel.serving.triton")
 
@@ -126,6 +128,8 @@ class TritonServing:
         self.ports: TritonPorts | None = None
         self._triton: Any = None
         self._scratch: Path | None = None
+        # The running tritonserver and every process below it, pid -> start time (_server_family).
+        self._family: dict[int, int] = {}
         self.batches_served = 0
         self.largest_batch = 0
         self._streams: dict[str, Future[GenerationResult]] = {}  # request_id -> its row, while it decodes
@@ -139,6 +143,7 @@ class TritonServing:
             raise
         self._triton = triton
         self.ports = ports
+        self._family = _server_family(ports.http)
         log.info(
             "triton serving %s: http %s, grpc %s, metrics %s, log %s",
             self.model_name,
@@ -233,6 +238,8 @@ class TritonServing:
         if triton is not None:
             triton.stop()
             log.info("triton stopped")
+        _end_leftovers(self._family)
+        self._family = {}
         # Also when a restart left no server: the batcher runs from start() on.
         self.batcher.stop()
         if self._scratch is not None:
@@ -253,6 +260,9 @@ class TritonServing:
         dead, self._triton = self._triton, None
         if dead is not None:
             dead.stop()
+        ended = _end_leftovers(self._family)
+        if ended:
+            log.warning("ended %d process(es) the dead tritonserver left running (its Python-backend stubs)", ended)
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
@@ -265,6 +275,7 @@ class TritonServing:
             )
             self._fixed_ports = None
             self._triton, self.ports = self._launch()
+        self._family = _server_family(self.ports.http)
         log.info("triton serving %s again: grpc %s", self.model_name, self.ports.grpc)
         return self.ports
 
@@ -357,6 +368,43 @@ class TritonServing:
                     rows.append(str(error))
             pending.append(rows)
         return pending
+
+
+def _server_family(http_port: int) -> dict[int, int]:
+    """The tritonserver this process runs on `http_port` and every process below it (its Python-backend
+    stubs and their model proxies), each pid with its start time."""
+    for pid in descendant_pids(os.getpid()):
+        args = process_cmdline(pid)
+        if args and args[0].endswith("tritonserver") and _flag(args, "--http-port") == str(http_port):
+            family = [pid, *descendant_pids(pid)]
+            return {member: started for member in family if (started := process_started(member)) is not None}
+    return {}
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(f"{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _end_leftovers(family: dict[int, int]) -> int:
+    """SIGKILL what is still running of a stopped or dead server's family; how many that was.
+
+    A SIGKILLed tritonserver leaves its stubs to init, and they hold a model's memory until they notice:
+    on a busy machine some outlived it by more than 45 s. They have no server to work for, so nothing is lost.
+    The start time keeps a pid given since to another process from being taken for one of them."""
+    ended = 0
+    for pid, started in family.items():
+        if process_started(pid) == started and process_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            ended += 1
+    return ended
 
 
 def _row_output(row: Future[GenerationResult] | str) -> RowOutput:
