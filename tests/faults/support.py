@@ -452,6 +452,23 @@ async def eventually(
 # ------------------------------------------------------------------------------------- kafka read-outs
 
 
+async def known_partitions(
+    consumer: AIOKafkaConsumer, topics: Iterable[str], timeout_s: float = 30
+) -> list[TopicPartition]:
+    """Every partition of `topics`, once the broker lists each of them. A loaded broker may answer a
+    metadata request before it lists a topic just created: read as having no partitions, that topic would
+    pass for empty (no lag, no dead letters), so this asks again until each is known."""
+    topics = list(topics)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        await consumer._client.force_metadata_update()  # noqa: SLF001 - a fresh consumer knows no topic until asked
+        unknown = [topic for topic in topics if not consumer.partitions_for_topic(topic)]
+        if not unknown:
+            return [TopicPartition(topic, p) for topic in topics for p in consumer.partitions_for_topic(topic) or ()]
+        assert time.monotonic() < deadline, f"topics unknown to the broker after {timeout_s:g} s: {unknown}"
+        await asyncio.sleep(0.5)
+
+
 async def group_lag(bootstrap: str, group: str, topics: Iterable[str]) -> int:
     """Records of `topics` that `group` has not committed yet."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
@@ -459,8 +476,7 @@ async def group_lag(bootstrap: str, group: str, topics: Iterable[str]) -> int:
     await admin.start()
     await consumer.start()
     try:
-        await consumer._client.force_metadata_update()  # noqa: SLF001 - a fresh consumer knows no topic until asked
-        partitions = [TopicPartition(topic, p) for topic in topics for p in consumer.partitions_for_topic(topic) or ()]
+        partitions = await known_partitions(consumer, topics)
         end = await consumer.end_offsets(partitions)
         committed = await admin.list_consumer_group_offsets(group, partitions=partitions)
         return sum(end[tp] - max(committed[tp].offset, 0) if tp in committed else end[tp] for tp in partitions)
@@ -474,10 +490,7 @@ async def topic_size(bootstrap: str, topic: str) -> int:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
     await consumer.start()
     try:
-        await consumer._client.force_metadata_update()  # noqa: SLF001
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        if not partitions:
-            return 0
+        partitions = await known_partitions(consumer, [topic])
         end = await consumer.end_offsets(partitions)
         begin = await consumer.beginning_offsets(partitions)
         return sum(end[tp] - begin[tp] for tp in partitions)
@@ -507,17 +520,7 @@ async def read_dead_letters(bootstrap: str, prefix: str, events: Iterable[type])
     await consumer.start()
     letters: set[DeadLetter] = set()
     try:
-        # A loaded broker may answer a metadata request before it lists every topic: an unknown topic
-        # would read as no dead letters at all, so ask again until each is known.
-        deadline = time.monotonic() + 30
-        while True:
-            await consumer._client.force_metadata_update()  # noqa: SLF001
-            unknown = [topic for topic in topics if not consumer.partitions_for_topic(topic)]
-            if not unknown:
-                break
-            assert time.monotonic() < deadline, f"dead-letter topics unknown to the broker after 30 s: {unknown}"
-            await asyncio.sleep(0.5)
-        partitions = [TopicPartition(topic, p) for topic in topics for p in consumer.partitions_for_topic(topic) or ()]
+        partitions = await known_partitions(consumer, topics)
         consumer.assign(partitions)
         end = await consumer.end_offsets(partitions)
         await consumer.seek_to_beginning(*partitions)
@@ -598,8 +601,7 @@ async def catch_up(process: ServiceProcess, bootstrap: str, group: str, topics: 
     await _start_retrying(consumer)
     await _start_retrying(admin)
     try:
-        await consumer._client.force_metadata_update()  # noqa: SLF001
-        partitions = [TopicPartition(topic, p) for topic in topics for p in consumer.partitions_for_topic(topic) or ()]
+        partitions = await known_partitions(consumer, topics)
         target = await consumer.end_offsets(partitions)
         while True:
             committed = await admin.list_consumer_group_offsets(group, partitions=partitions)
