@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from infra.processes import free_port, process_alive, process_cmdline, process_started
+from infra.processes import free_port, port_is_free, process_alive, process_cmdline, process_started, wait_until
 from services.serving.batcher import ContinuousBatcher
 from services.runtime.inference import BASE, Engine, GenerationRequest, GenerationResult, SamplingParams
 from services.runtime.service import descendant_pids
@@ -67,6 +67,8 @@ OUTPUTS = ("text", "finish_reason", "prompt_tokens", "completion_tokens", "compu
 # at which it was queued, joined the batch and finished (zeros until it finished).
 RowOutput = tuple[str, str, int, int, float, str, tuple[int, int, int]]
 NO_TIMELINE = (0, 0, 0)
+# How long a restart waits for the dead server's ports before it takes fresh ones.
+PORTS_FREED_WITHIN_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,11 @@ class TritonServing:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
         self._fixed_ports = self._fixed_ports or self.ports
+        if not _ports_free_within(self._fixed_ports, PORTS_FREED_WITHIN_S):
+            # PyTriton waits 120 s for a server that could not bind before it gives up (CI saw a 130 s
+            # recovery): a port held by another process means fresh ones at once.
+            log.warning("the dead tritonserver's ports %s are taken; starting on fresh ones", self._fixed_ports)
+            self._fixed_ports = None
         try:
             self._triton, self.ports = self._launch()
         except Exception:
@@ -388,6 +395,13 @@ def _flag(args: list[str], name: str) -> str | None:
         if arg.startswith(f"{name}="):
             return arg.split("=", 1)[1]
     return None
+
+
+def _ports_free_within(ports: TritonPorts, within_s: float) -> bool:
+    """Whether tritonserver could listen on all of `ports` within `within_s`: the kernel frees a killed
+    server's sockets as its leftovers exit, and an outgoing connection may have taken one as its own port."""
+    wanted = (ports.http, ports.grpc, ports.metrics)
+    return wait_until(lambda: all(port_is_free(port) for port in wanted), within_s)
 
 
 def _end_leftovers(family: dict[int, int]) -> int:

@@ -328,7 +328,12 @@ async def test_triton_stopped_then_killed_under_traffic_errors_cleanly_recovers_
     for fault in ("sigstop", "sigkill"):
         # Recovered for good: a run of 200s (several per client) that lasted to the end of the phase.
         recovery, oks = figures[f"{fault}_recovery_s"], figures[f"{fault}_200s_after_recovery"]
-        assert recovery is not None and recovery < RECOVERY_LIMIT_S and oks >= 2 * CLIENTS, (fault, recovery, oks)
+        assert recovery is not None and recovery < RECOVERY_LIMIT_S and oks >= 2 * CLIENTS, (
+            fault,
+            recovery,
+            oks,
+            [line for line in serving.log_tail(400).splitlines() if "triton" in line],
+        )
     assert (lost, duplicated, logged_twice, unexpected) == ([], 0, {}, []), (
         lost[:5],
         duplicated,

@@ -4,14 +4,15 @@ tests/faults/test_faults_triton.py)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
 
-from infra.processes import process_alive, process_started, wait_until
-from services.serving.triton import _end_leftovers, _flag
+from infra.processes import free_port, process_alive, process_started, wait_until
+from services.serving.triton import TritonPorts, _end_leftovers, _flag, _ports_free_within
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -47,3 +48,12 @@ def test_the_server_port_is_read_in_either_spelling_of_the_flag() -> None:
     assert _flag(["tritonserver", "--http-port", "8123", "--grpc-port", "8124"], "--http-port") == "8123"
     assert _flag(["tritonserver", "--http-port=8123"], "--http-port") == "8123"
     assert _flag(["tritonserver", "--grpc-port", "8124"], "--http-port") is None
+
+
+def test_a_restart_takes_fresh_ports_when_another_process_holds_one() -> None:
+    ports = TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port())
+    assert _ports_free_within(ports, 0.5)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", ports.grpc))
+        holder.listen()
+        assert not _ports_free_within(ports, 0.5)
