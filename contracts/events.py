@@ -9,9 +9,9 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from contracts.envelope import ContractModel, Payload
 from contracts.ids import (
@@ -20,6 +20,7 @@ from contracts.ids import (
     DeploymentId,
     EvaluationId,
     FeedbackId,
+    GuardPolicyName,
     InferenceId,
     JobId,
     MetricSuiteName,
@@ -184,6 +185,122 @@ class DatasetPublished(Payload):
     artifact_uri: str = Field(description="Where the JSONL is stored.")
     provenance: str = Field(description="`uploaded`, or `feedback` when built from corrections.")
     model_name: ModelName | None = Field(default=None, description="Model the dataset is meant for, if any.")
+
+
+TopicName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,40}$")]
+"""A denied topic's name, lower-case letters, digits and `_`: it becomes part of a label (TOPIC_<name>)."""
+
+
+class GuardAction(StrEnum):
+    """What a guard does with what one check finds."""
+
+    off = "off"  # the check does not run
+    flag = "flag"  # the text goes on as it is; the finding is recorded
+    redact = "redact"  # each value is replaced by its label ([CARD], [OPENAI_KEY], ...)
+    block = "block"  # the request is refused, or the answer does not go out
+
+
+# The checks whose finding is no value in the text, so that there is nothing to replace: flag or block only.
+_NOTHING_TO_REPLACE = {
+    "input_injection": "a prompt injection (there is no value to replace)",
+    "input_denied_topics": "a denied topic (there is no value to replace)",
+    "output_json_schema": "an answer that is not the JSON asked for",
+    "output_groundedness": "an answer not grounded in its context",
+}
+
+
+class GuardPolicySpec(ContractModel):
+    """What a gateway does inline with one model's traffic: an action per check on each side of a call,
+    and how its response cache may be used."""
+
+    input_secrets: GuardAction = Field(
+        default=GuardAction.off, description="Secrets (API keys, private keys, credentials) in the model input."
+    )
+    input_personal: GuardAction = Field(
+        default=GuardAction.off,
+        description="Personal data (email, card, IBAN, SSN, phone, IP address) in the model input.",
+    )
+    input_injection: GuardAction = Field(
+        default=GuardAction.off,
+        description="Prompt injection or jailbreak in what the caller wrote (user and tool messages, a prompt, prompt_ref variables): off, flag or block.",
+    )
+    input_denied_topics: GuardAction = Field(
+        default=GuardAction.off,
+        description="What the caller wrote being on one of `denied_topics` (TOPIC_<name>): off, flag or block.",
+    )
+    denied_topics: dict[
+        TopicName,
+        Annotated[
+            list[Annotated[str, StringConstraints(min_length=1, max_length=300)]], Field(min_length=1, max_length=20)
+        ],
+    ] = Field(
+        default_factory=dict,
+        max_length=20,
+        description="Subjects the model must not be asked about, each as a few example requests (a request is on a topic when its MiniLM similarity to one of them is at least `denied_topic_threshold`).",
+    )
+    denied_topic_threshold: float = Field(
+        default=0.5, ge=0.3, le=1.0, description="The MiniLM cosine similarity at which a request is on a denied topic."
+    )
+    output_secrets: GuardAction = Field(default=GuardAction.off, description="Secrets in the answer.")
+    output_personal: GuardAction = Field(default=GuardAction.off, description="Personal data in the answer.")
+    output_unsafe: GuardAction = Field(
+        default=GuardAction.off,
+        description="Unsafe content in the answer, by category of the project's lexicon (self_harm, violence, weapons, crime, hate, sexual, harassment); found as UNSAFE_<CATEGORY>, redacted to that label.",
+    )
+    output_json_schema: GuardAction = Field(
+        default=GuardAction.off,
+        description="Whether a chat answer asked for with `response_format` (json_object or json_schema) is JSON satisfying it, found as INVALID_JSON: off, flag or block. Blocking holds a stream's text until the answer is whole.",
+    )
+    output_groundedness: GuardAction = Field(
+        default=GuardAction.off,
+        description="Whether an answer to a request with `grounding_context` is grounded in it (groundedness at least `groundedness_floor`, and no number the context lacks), found as UNGROUNDED: off, flag or block. Blocking holds a stream's text until the answer is whole.",
+    )
+    groundedness_floor: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="The lowest groundedness score (half MiniLM similarity, half the share of the answer's content words found in the context) an answer may have.",
+    )
+    cache_shared: bool = Field(
+        default=False,
+        description="Whether cached answers are shared between API keys: by default each key sees only the answers to its own requests.",
+    )
+    cache_semantic_threshold: float | None = Field(
+        default=None,
+        ge=0.5,
+        le=1.0,
+        description="Opt in to the semantic cache at this MiniLM cosine similarity of questions; none: exact matches only.",
+    )
+
+    @field_validator(*_NOTHING_TO_REPLACE)
+    @classmethod
+    def _flagged_or_blocked_only(cls, action: GuardAction, info: ValidationInfo) -> GuardAction:
+        if action is GuardAction.redact:
+            raise ValueError(f"{_NOTHING_TO_REPLACE[info.field_name or '']} cannot be redacted: flag or block it")
+        return action
+
+    @model_validator(mode="after")
+    def _topics_declared_where_checked(self) -> GuardPolicySpec:
+        if self.input_denied_topics is not GuardAction.off and not self.denied_topics:
+            raise ValueError(
+                "input_denied_topics is on but denied_topics declares none: name each with example requests"
+            )
+        return self
+
+
+class GuardPolicyActivated(Payload):
+    """A guard policy version became the one a model's traffic is guarded by (published active, or a
+    rollback to an earlier version)."""
+
+    event_type: ClassVar[str] = "guard_policy.activated"
+    key_field: ClassVar[str] = "policy_name"
+    retention_ms: ClassVar[int | None] = -1
+
+    policy_name: GuardPolicyName = Field(description="Guard policy name.")
+    version: int = Field(ge=1, description="The version now active.")
+    model_name: ModelName = Field(description="The model whose calls it guards.")
+    spec: GuardPolicySpec = Field(description="What it checks and does.")
+    actor: str = Field(description="Principal that activated it.")
 
 
 class StageChanged(Payload):
@@ -357,6 +474,19 @@ class DeploymentCompleted(Payload):
     error: str | None = Field(default=None, description="Why it is not ready, when it is not.")
 
 
+class GuardOutcome(StrEnum):
+    """What one of the gateway's guards did to the text it checked (the model's input, or its answer)."""
+
+    passed = "passed"  # nothing it acts on was found
+    flagged = "flagged"  # found, and let through as it was
+    redacted = "redacted"  # found, and replaced
+    blocked = "blocked"  # found, and the request refused or the answer not sent
+
+
+# A detector's label: CARD, EMAIL, OPENAI_KEY, or a deployment's own pattern's name.
+GuardLabel = Annotated[str, StringConstraints(max_length=64)]
+
+
 class InferenceLogged(Payload):
     event_type: ClassVar[str] = "inference.logged"
     key_field: ClassVar[str] = "inference_id"
@@ -372,7 +502,8 @@ class InferenceLogged(Payload):
     prompt_name: PromptName | None = Field(default=None, description="Registered prompt rendered server-side, if any.")
     prompt_version: int | None = Field(default=None, description="Its version.")
     route: str = Field(
-        default="direct", description="How the version was chosen: production, staging, pinned, canary, ab, direct."
+        default="direct",
+        description="How the version was chosen: production, staging, pinned, canary, ab, direct; cache when the answer was replayed from the gateway's response cache.",
     )
     endpoint: str = Field(default="chat.completions", description="API used: chat.completions, completions, or app.")
     user_id: str | None = Field(default=None, description="End user id (canary stickiness, per-user analysis).")
@@ -397,6 +528,27 @@ class InferenceLogged(Payload):
     )
     span_id: SpanId | None = Field(default=None, description="The gateway's span for this call within that trace.")
     session_id: SessionId | None = Field(default=None, description="Conversation the call belongs to, if the app said.")
+    guard_input_outcome: GuardOutcome | None = Field(
+        default=None, description="What the gateway's input guard did to the model input; none when it did not check."
+    )
+    guard_input_found: list[GuardLabel] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Labels of what the input guard found in the model input (EMAIL, OPENAI_KEY, ...).",
+    )
+    guard_output_outcome: GuardOutcome | None = Field(
+        default=None, description="What the gateway's output guard did to the answer; none when it did not check one."
+    )
+    guard_output_found: list[GuardLabel] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Labels of what the output guard found in the answer (CARD, EMAIL, OPENAI_KEY, ...).",
+    )
+    guard_policy: str | None = Field(
+        default=None,
+        max_length=160,
+        description="The guard policy version that decided (`name:vN`, from the registry); none when the gateway's own settings did.",
+    )
 
 
 # ------------------------------------------------------------------------------------------- spans
@@ -664,6 +816,7 @@ EVENTS: tuple[type[Payload], ...] = (
     AdapterRegistered,
     PromptPublished,
     DatasetPublished,
+    GuardPolicyActivated,
     StageChanged,
     TrainingRequested,
     TrainingStarted,

@@ -26,6 +26,9 @@ from contracts.events import (
     ModelRegistered,
     ModelTarget,
     PromptPublished,
+    GuardAction,
+    GuardPolicyActivated,
+    GuardPolicySpec,
     Severity,
     SpanKind,
     SpanLogged,
@@ -86,6 +89,18 @@ def example_events() -> dict[type[Payload], Payload]:
             artifact_uri="file:///artifacts/ef/efef",
             provenance="uploaded",
             model_name=MODEL,
+        ),
+        GuardPolicyActivated: GuardPolicyActivated(
+            policy_name="support-guard",
+            version=2,
+            model_name=MODEL,
+            spec=GuardPolicySpec(
+                input_injection=GuardAction.block,
+                input_secrets=GuardAction.redact,
+                output_secrets=GuardAction.block,
+                output_personal=GuardAction.redact,
+            ),
+            actor="alice",
         ),
         StageChanged: StageChanged(
             model_name=MODEL,

@@ -18,6 +18,7 @@ from contracts.events import (
     EvaluationCompleted,
     FeedbackSource,
     FeedbackTarget,
+    GuardPolicySpec,
     Hyperparameters,
     ModelTarget,
     Stage,
@@ -26,6 +27,7 @@ from contracts.events import (
 )
 from contracts.ids import (
     DatasetName,
+    GuardPolicyName,
     JobId,
     MetricSuiteName,
     ModelName,
@@ -411,6 +413,42 @@ class PromptVersionView(RegistryView):
     created_by: str = Field(description="Principal that published it.")
 
 
+class GuardPolicyCreate(Request):
+    name: GuardPolicyName = Field(description="Guard policy name; each publication is its next version.")
+    model_name: ModelName = Field(description="The model whose gateway calls it guards (by the name callers ask for).")
+    spec: GuardPolicySpec = Field(description="What it checks on each side of a call, and how the cache may be used.")
+    activate: bool = Field(
+        default=True, description="Make the new version the active one now; false keeps the current one active."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spec_names_known_checks(cls, data: Any) -> Any:
+        # Events ignore unknown fields (an older consumer reads a newer spec); a request must not: a
+        # misspelled check (`input_secret`) would silently guard nothing.
+        spec = data.get("spec") if isinstance(data, dict) else None
+        unknown = sorted(set(spec) - set(GuardPolicySpec.model_fields)) if isinstance(spec, dict) else []
+        if unknown:
+            raise ValueError(
+                f"spec has unknown field(s) {', '.join(unknown)}; known: {', '.join(GuardPolicySpec.model_fields)}"
+            )
+        return data
+
+
+class GuardPolicyActivate(Request):
+    version: VersionNumber = Field(description="Version to make active; an earlier one is a rollback.")
+
+
+class GuardPolicyView(RegistryView):
+    name: str = Field(description="Guard policy name.")
+    version: int = Field(description="Version number, per name, from 1.")
+    model_name: str = Field(description="The model whose calls it guards.")
+    spec: GuardPolicySpec = Field(description="What it checks and does.")
+    active: bool = Field(default=False, description="Whether this version is the one the gateway applies now.")
+    created_at: datetime = Field(description="When it was published (UTC).")
+    created_by: str = Field(description="Principal that published it.")
+
+
 class PromptLabelMove(Request):
     version: VersionNumber = Field(description="Version the label should point at; moving it back is a rollback.")
     traffic_percent: float | None = Field(
@@ -519,10 +557,47 @@ class _SamplingRequest(Request):
         default=None, description="Flywheel extension: render a registered prompt server-side."
     )
     metadata: dict[str, str] = Field(default_factory=dict, description="Free-form tags stored with the inference.")
+    grounding_context: str | None = Field(
+        default=None,
+        max_length=100_000,
+        description="Flywheel extension: the passages the answer must be grounded in (what a RAG app retrieved); the output guard's groundedness check scores the answer against them.",
+    )
+
+
+class JsonSchemaFormat(Request):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(
+        min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="The schema's name, as OpenAI asks."
+    )
+    description: str | None = Field(default=None, max_length=2000, description="What the answer is for.")
+    json_schema: dict[str, Any] | None = Field(
+        default=None,
+        alias="schema",
+        description="The JSON Schema the answer must satisfy (at most 16 KB; no `pattern`, no `$ref` outside it).",
+    )
+    strict: bool | None = Field(default=None, description="Accepted for compatibility; the guard always checks fully.")
+
+
+class ResponseFormat(Request):
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="text (no check), json_object (any JSON object) or json_schema (the given schema)."
+    )
+    json_schema: JsonSchemaFormat | None = Field(default=None, description="The schema, with type json_schema.")
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> Self:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with type json_schema, and only then")
+        return self
 
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(default_factory=list, description="The conversation so far.")
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description="A structured answer: the output guard checks it (output_json_schema); decoding is not constrained.",
+    )
 
 
 class CompletionRequest(_SamplingRequest):
@@ -610,6 +685,9 @@ HTTP_MODELS: tuple[type[BaseModel], ...] = (
     PromptVersionView,
     PromptLabelMove,
     PromptRenderRequest,
+    GuardPolicyCreate,
+    GuardPolicyActivate,
+    GuardPolicyView,
     PromptRendered,
     DatasetCreate,
     DatasetVersionView,

@@ -55,6 +55,9 @@ PromptName = Name
 PromptLabel = Name
 """A label pointing at a prompt version, e.g. `production`."""
 
+GuardPolicyName = Name
+"""A guard policy's name; each publication is its next version."""
+
 MetricSuiteName = Name
 """A named metric suite of the evaluator, e.g. `default`."""
 
