@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Query, Response
 
 from contracts.events import DatasetRef, Stage
-from contracts.ids import DatasetName, ModelName, PromptLabel, PromptName
+from contracts.ids import DatasetName, GuardPolicyName, ModelName, PromptLabel, PromptName
 from contracts.http import (
     AdapterVersionCreate,
     AdapterVersionView,
@@ -30,6 +30,9 @@ from contracts.http import (
     BaseModelView,
     DatasetCreate,
     DatasetVersionView,
+    GuardPolicyActivate,
+    GuardPolicyCreate,
+    GuardPolicyView,
     LineageView,
     Page,
     PromptCreate,
@@ -225,6 +228,41 @@ def create_router(registry: Registry, auth: Authenticator) -> APIRouter:
         prompt = await call(registry.prompts.get_prompt, name, version=body.version, label=body.label)
         text = await call(registry.prompts.render_prompt, name, body.variables, version=prompt.version)
         return PromptRendered(name=name, version=prompt.version, text=text)
+
+    # --------------------------------------------------------------------- guard policies
+    @router.get("/guard-policies", response_model=Page[GuardPolicyView])
+    async def list_guard_policies(
+        name: str | None = None,
+        cursor: str | None = None,
+        limit: int = Query(50, ge=1, le=500),
+        _: Principal = Depends(reader),
+    ) -> dict:
+        return page(await call(registry.guard_policies.list_policies, name=name, cursor=cursor, limit=limit))
+
+    @router.post("/guard-policies", response_model=GuardPolicyView, status_code=201)
+    async def create_guard_policy(body: GuardPolicyCreate, who: Principal = Depends(writer)) -> Any:
+        return await call(
+            registry.guard_policies.publish_policy,
+            who.name,
+            name=body.name,
+            model_name=body.model_name,
+            spec=body.spec,
+            activate=body.activate,
+        )
+
+    @router.get("/guard-policies/{name}", response_model=GuardPolicyView)
+    async def get_guard_policy(
+        name: GuardPolicyName,
+        version: int | None = Query(None, ge=1, le=LARGEST_STORED_INT),
+        _: Principal = Depends(reader),
+    ) -> Any:
+        return await call(registry.guard_policies.get_policy, name, version=version)
+
+    @router.put("/guard-policies/{name}/active", response_model=GuardPolicyView)
+    async def activate_guard_policy(
+        name: GuardPolicyName, body: GuardPolicyActivate, who: Principal = Depends(writer)
+    ) -> Any:
+        return await call(registry.guard_policies.activate_policy, who.name, name=name, version=body.version)
 
     # --------------------------------------------------------------------------- datasets
     @router.get("/datasets", response_model=Page[DatasetVersionView])

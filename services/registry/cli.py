@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer()
 registry_app = typer.Typer(
-    help="Base models, adapter versions and stages, prompts, datasets, API keys and the audit log.",
+    help="Base models, adapter versions and stages, prompts, guard policies, datasets, API keys and the audit log.",
     no_args_is_help=True,
 )
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
@@ -246,6 +246,70 @@ def label_prompt(name: str, label: str, version: int) -> None:
     with _registry() as registry:
         registry.prompts.set_prompt_label(_actor(), name=name, label=label, version=version)
     console.print(f"{name}@{label} -> v{version}")
+
+
+def _guard_policy(name: str, model: str, spec_file: Path, activate: bool) -> Any:
+    """The publication as the door would take it: the same rules for the name, the model and the spec,
+    and a spec field the contract does not know is refused rather than dropped (a typo would guard nothing)."""
+    from pydantic import ValidationError
+
+    from contracts.events import GuardPolicySpec
+    from contracts.http import GuardPolicyCreate
+
+    if not spec_file.is_file():
+        raise RegistryCommandError(f"{spec_file}: no such file")
+    try:
+        spec = json.loads(spec_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RegistryCommandError(f"{spec_file}: not JSON: {error}") from None
+    if not isinstance(spec, dict):
+        raise RegistryCommandError(
+            f'{spec_file}: a guard policy spec is a JSON object (e.g. {{"input_injection": "block"}}), not {type(spec).__name__}'
+        )
+    if unknown := sorted(set(spec) - set(GuardPolicySpec.model_fields)):
+        raise RegistryCommandError(
+            f"{spec_file}: unknown field(s) {', '.join(unknown)}; a guard policy spec has {', '.join(GuardPolicySpec.model_fields)}"
+        )
+    try:
+        return GuardPolicyCreate(name=name, model_name=model, spec=spec, activate=activate)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise RegistryCommandError(f"invalid guard policy ({spec_file}): {problems}") from None
+
+
+@registry_app.command("publish-guard-policy")
+def publish_guard_policy(
+    name: str,
+    model: Annotated[str, typer.Option("--model", help="The model whose gateway calls it guards.")],
+    spec: Annotated[
+        Path, typer.Option("--spec", help="A JSON object of the spec: an action per check (off, flag, redact, block).")
+    ],
+    inactive: Annotated[bool, typer.Option("--inactive", help="Publish without making it the active version.")] = False,
+) -> None:
+    """Register a guard policy spec as the next version of a policy, active unless --inactive."""
+    body = _guard_policy(name, model, spec, activate=not inactive)
+    with _registry() as registry:
+        policy = registry.guard_policies.publish_policy(
+            _actor(), name=body.name, model_name=body.model_name, spec=body.spec, activate=body.activate
+        )
+    console.print(
+        f"{policy.name}:v{policy.version} guards {policy.model_name} ({'active' if policy.active else 'not active'})"
+    )
+
+
+@registry_app.command("activate-guard-policy")
+def activate_guard_policy(name: str, version: int) -> None:
+    """Make a guard policy version the active one (a rollback is activating an earlier one)."""
+    with _registry() as registry:
+        policy = registry.guard_policies.activate_policy(_actor(), name=name, version=version)
+    console.print(f"{policy.name}:v{policy.version} is now active for {policy.model_name}")
+
+
+@registry_app.command("guard-policies")
+def guard_policies(name: Annotated[str | None, typer.Option(help="Only this policy's versions.")] = None) -> None:
+    """List guard policy versions (one JSON object per line)."""
+    with _registry() as registry:
+        _print(registry.guard_policies.list_policies(name=name, limit=500).items)
 
 
 @registry_app.command("audit")

@@ -1,7 +1,7 @@
 """The registry's tables (SQLModel). The views its door returns are contracts (contracts/http.py).
 
-Versions are immutable rows: nothing but `stage`/`canary_percent` of an adapter version and the
-`version` a prompt label points at ever changes after insert.
+Versions are immutable rows: nothing but `stage`/`canary_percent` of an adapter version, the
+`version` a prompt label points at and the active `version` of a guard policy ever changes after insert.
 """
 
 from __future__ import annotations
@@ -116,6 +116,43 @@ class PromptLabel(SQLModel, table=True):
     label: str = Field(primary_key=True, max_length=100)
     version: int
     traffic_percent: float | None = None  # an A/B share of the production label's traffic, sticky per user
+    updated_at: datetime = _when()
+    updated_by: str = Field(max_length=256)
+
+
+class GuardPolicyVersion(SQLModel, table=True):
+    """An immutable version of a guard policy: what a gateway does inline with one model's traffic."""
+
+    __tablename__ = "guard_policy_version"
+    __table_args__ = (
+        UniqueConstraint("name", "version", name="uq_guard_policy_version"),
+        # Every version of a name guards the model of its first (guard_policies.py refuses another), so one
+        # first version per model is the database's own refusal of a second policy name for a model.
+        Index(
+            "uq_guard_policy_one_per_model",
+            "model_name",
+            unique=True,
+            sqlite_where=text("version = 1"),
+            postgresql_where=text("version = 1"),
+        ),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=200, index=True)
+    version: int
+    model_name: str = Field(max_length=200)
+    spec: dict = Field(sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _when()
+    created_by: str = Field(max_length=256)
+
+
+class GuardPolicyActive(SQLModel, table=True):
+    """Which version of a guard policy the gateway applies; moving it back is a rollback."""
+
+    __tablename__ = "guard_policy_active"
+
+    name: str = Field(primary_key=True, max_length=200)
+    version: int
     updated_at: datetime = _when()
     updated_by: str = Field(max_length=256)
 

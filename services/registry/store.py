@@ -1,5 +1,5 @@
 """The registry database: the only module that opens connections, and the queries the sub-domains
-(base_models, adapters, approvals, prompts, datasets, keys) run in the sessions it opens. SQLite by
+(base_models, adapters, approvals, prompts, guard_policies, datasets, keys) run in the sessions it opens. SQLite by
 default, PostgreSQL by URL.
 
 Migrations: numbered modules in `migrations/` (m0001_initial ...), each an `upgrade(op)` written
@@ -35,6 +35,8 @@ from services.registry.models import (
     BaseModelRecord,
     DatasetVersion,
     EvaluationRecord,
+    GuardPolicyActive,
+    GuardPolicyVersion,
     PromptLabel,
     PromptVersion,
     SchemaMigration,
@@ -336,6 +338,54 @@ def prompts_query(name: str | None) -> Any:
     """Prompt versions, optionally of one name."""
     query = select(PromptVersion)
     return query.where(PromptVersion.name == name) if name else query
+
+
+# ----------------------------------------------------------------------------- guard policies
+
+
+def guard_policy_version(session: Session, name: str, version: int) -> GuardPolicyVersion:
+    """A guard policy version, or NotFound."""
+    row = session.scalar(
+        select(GuardPolicyVersion).where(GuardPolicyVersion.name == name, GuardPolicyVersion.version == version)
+    )
+    if row is None:
+        raise NotFound(f"no guard policy version {name}:v{version}", param="version", code="guard_policy_not_found")
+    return row
+
+
+def latest_guard_policy_version(session: Session, name: str) -> int | None:
+    """The newest version number of a guard policy, None when there is none."""
+    return session.scalar(select(func.max(GuardPolicyVersion.version)).where(GuardPolicyVersion.name == name))
+
+
+def first_guard_policy_version(session: Session, name: str) -> GuardPolicyVersion | None:
+    """The first version of a guard policy (the one that bound it to its model), None when there is none."""
+    return session.scalar(
+        select(GuardPolicyVersion).where(GuardPolicyVersion.name == name, GuardPolicyVersion.version == 1)
+    )
+
+
+def guard_policy_of_model(session: Session, model_name: str) -> str | None:
+    """The name of the guard policy that guards a model, None when none does."""
+    return session.scalar(
+        select(GuardPolicyVersion.name).where(
+            GuardPolicyVersion.model_name == model_name, GuardPolicyVersion.version == 1
+        )
+    )
+
+
+def active_guard_policy_versions(session: Session, names: set[str]) -> dict[str, int]:
+    """The active version of each of these guard policies that has one."""
+    if not names:
+        return {}
+    pointers = session.scalars(select(GuardPolicyActive).where(GuardPolicyActive.name.in_(names)))  # type: ignore[attr-defined]
+    return {pointer.name: pointer.version for pointer in pointers}
+
+
+def guard_policies_query(name: str | None) -> Any:
+    """Guard policy versions, optionally of one name."""
+    query = select(GuardPolicyVersion)
+    return query.where(GuardPolicyVersion.name == name) if name else query
 
 
 # ----------------------------------------------------------------------------------- datasets
