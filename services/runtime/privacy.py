@@ -428,6 +428,16 @@ _STRUCTURAL = re.compile(
 # ------------------------------------------------------------------------------------------ redactor
 
 
+@dataclass(frozen=True)
+class Finding:
+    """A value a detector found: where it is, what it is, and whether it is a secret."""
+
+    start: int
+    end: int
+    label: str
+    secret: bool
+
+
 class Redactor:
     """Replaces personal data and secrets according to policies; `scrub(None)` is None.
 
@@ -475,24 +485,31 @@ class Redactor:
         return scrubbed
 
     def _scrub(self, text: str) -> str:
-        spans: list[tuple[int, int, Detector]] = []
+        return self.replaced(text, self.findings(text))
+
+    def findings(self, text: str) -> list[Finding]:
+        """Every personal value and secret in `text`, in order, none overlapping (the earlier detector wins)."""
+        found: list[Finding] = []
         lowered = text.lower()
         for detector in self._detectors:
             if detector.hint is not None and not detector.hint(text, lowered):
                 continue
             for start, end in detector.spans(text, lowered):
-                if any(start < taken_end and taken_start < end for taken_start, taken_end, _ in spans):
+                if any(start < taken.end and taken.start < end for taken in found):
                     continue
-                spans.append((start, end, detector))
-        if not spans:
+                found.append(Finding(start, end, detector.label, detector.secret))
+        return sorted(found, key=lambda finding: finding.start)
+
+    def replaced(self, text: str, findings: Sequence[Finding]) -> str:
+        """`text` with each of `findings` (in order, none overlapping) replaced as this redactor's policy says."""
+        if not findings:
             return text
         pieces, cursor = [], 0
-        for start, end, detector in sorted(spans, key=lambda span: span[0]):
-            pieces.append(text[cursor:start])
-            pieces.append(
-                f"[{detector.label}]" if detector.secret else self._token(detector.label, text[start:end], self.policy)
-            )
-            cursor = end
+        for finding in findings:
+            pieces.append(text[cursor : finding.start])
+            value = text[finding.start : finding.end]
+            pieces.append(f"[{finding.label}]" if finding.secret else self._token(finding.label, value, self.policy))
+            cursor = finding.end
         pieces.append(text[cursor:])
         return "".join(pieces)
 

@@ -19,6 +19,9 @@ _FENCE = re.compile(r"^```(?:json)?\s*\n?(?P<body>.*?)\n?```$", re.DOTALL)
 class FormatCheck:
     valid: bool
     problem: str | None = None
+    # Where a schema failed and which keyword failed: a problem said without the answer's values in it.
+    path: str | None = None
+    keyword: str | None = None
 
     @property
     def score(self) -> float:
@@ -46,5 +49,5 @@ def json_validity(answer: str, schema: dict[str, Any] | None = None) -> FormatCh
     problems = sorted(validator_class(schema).iter_errors(document), key=lambda e: list(e.absolute_path))
     if problems:
         where = "/".join(str(part) for part in problems[0].absolute_path) or "(root)"
-        return FormatCheck(False, f"{where}: {problems[0].message}")
+        return FormatCheck(False, f"{where}: {problems[0].message}", where, str(problems[0].validator))
     return FormatCheck(True)

@@ -88,21 +88,46 @@ class UnsafeFinding:
         return float(self.unsafe)
 
 
+_SPACE_OR_QUOTE = re.compile(r"\[[^\]]*\]| |'")
+
+
+def _as_written(pattern: str) -> str:
+    """A lexicon pattern that matches text as written: any whitespace run for a space and either
+    apostrophe for `'` (outside character classes), so that a match's span is the original text's."""
+
+    def widen(match: re.Match[str]) -> str:
+        piece = match.group(0)
+        return piece if piece.startswith("[") else (r"\s+" if piece == " " else "['\u2019]")
+
+    return _SPACE_OR_QUOTE.sub(widen, pattern)
+
+
 @lru_cache(maxsize=8)
 def _compiled(extra_key: tuple[tuple[str, tuple[str, ...]], ...]) -> dict[str, re.Pattern[str]]:
     merged: dict[str, list[str]] = {category: list(patterns) for category, patterns in LEXICON.items()}
     for category, patterns in extra_key:
         merged.setdefault(category, []).extend(patterns)
-    return {category: re.compile(r"\b(?:" + "|".join(patterns) + r")\b") for category, patterns in merged.items()}
+    return {
+        category: re.compile(r"\b(?:" + "|".join(_as_written(pattern) for pattern in patterns) + r")\b", re.IGNORECASE)
+        for category, patterns in merged.items()
+    }
+
+
+def unsafe_spans(text: str, extra: Mapping[str, Sequence[str]] | None = None) -> list[tuple[int, int, str]]:
+    """Where the lexicon (plus `extra` entries) matches `text` as written: (start, end, category), in order.
+    The gateway's output guard judges and redacts these spans as an answer streams."""
+    key = tuple(sorted((category, tuple(patterns)) for category, patterns in (extra or {}).items()))
+    return sorted(
+        (match.start(), match.end(), category)
+        for category, pattern in _compiled(key).items()
+        for match in pattern.finditer(text)
+    )
 
 
 def scan_unsafe(text: str, extra: Mapping[str, Sequence[str]] | None = None) -> UnsafeFinding:
-    """Match the lexicon (plus `extra` entries) against `text`; whitespace runs count as one space."""
-    key = tuple(sorted((category, tuple(patterns)) for category, patterns in (extra or {}).items()))
-    normalized = " ".join(text.lower().replace("\u2019", "'").split())
-    found = {
-        category: sorted({m.group(0) for m in pattern.finditer(normalized)})
-        for category, pattern in _compiled(key).items()
-    }
-    found = {category: hits for category, hits in found.items() if hits}
-    return UnsafeFinding(bool(found), found)
+    """Match the lexicon (plus `extra` entries) against `text`; each hit is reported lower-cased, its
+    whitespace runs as one space."""
+    found: dict[str, set[str]] = {}
+    for start, end, category in unsafe_spans(text, extra):
+        found.setdefault(category, set()).add(" ".join(text[start:end].lower().replace("\u2019", "'").split()))
+    return UnsafeFinding(bool(found), {category: sorted(hits) for category, hits in found.items()})
