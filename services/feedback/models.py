@@ -96,6 +96,11 @@ def inference_table(envelopes: Sequence[Envelope[InferenceLogged]], payloads: Se
             "trace_id": pa.array([p.trace_id for p in payloads], pa.string()),
             "span_id": pa.array([p.span_id for p in payloads], pa.string()),
             "session_id": pa.array([p.session_id for p in payloads], pa.string()),
+            "guard_input_outcome": pa.array([p.guard_input_outcome for p in payloads], pa.string()),
+            "guard_output_outcome": pa.array([p.guard_output_outcome for p in payloads], pa.string()),
+            "guard_input_found": pa.array([p.guard_input_found for p in payloads], pa.list_(pa.string())),
+            "guard_output_found": pa.array([p.guard_output_found for p in payloads], pa.list_(pa.string())),
+            "guard_policy": pa.array([p.guard_policy for p in payloads], pa.string()),
         }
     )
 

@@ -22,6 +22,7 @@ from contracts.events import (
     SpanLogged,
 )
 from contracts.http import FeedbackAccepted, FeedbackCreate, FeedbackList, FeedbackTargetIds, FeedbackView
+from contracts.ids import INFERENCE_ID_PATTERN
 from services.feedback.models import (
     feedback_table,
     inference_table,
@@ -44,7 +45,7 @@ SINK_ROWS = Counter(
 )
 
 # Gateway ids (`chatcmpl-...`), UUIDs and app ids: printable, no spaces, nothing a log or URL would mangle.
-INFERENCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/\-]*")
+INFERENCE_ID = re.compile(INFERENCE_ID_PATTERN)
 MAX_TAG_LENGTH = 64
 
 

@@ -21,6 +21,12 @@ puts the call in a conversation; one that is not a session id (letters, digits a
 a chunk per decode step that produced text, a last chunk with the finish reason, then `[DONE]`.
 Refusals and a Triton outage are still plain HTTP errors (the stream starts only once the first
 piece is in); a failure after that ends the stream with an OpenAI error event.
+
+A greedy or seeded request may be answered from the gateway's response cache (response_cache.py).
+`Cache-Control: no-cache` asks for a fresh answer (which is then cached), `no-store` keeps the call
+out of the cache altogether; every answer says what the cache did in `x-flywheel-cache`: hit, semantic
+(a question of the same meaning, where the semantic cache is on), miss, bypass, uncacheable (sampled, or
+an experiment's arm) or off.
 """
 
 from __future__ import annotations
@@ -49,8 +55,9 @@ from contracts.http import (
 from contracts.ids import SessionId
 from services.runtime.auth import Principal
 from services.runtime.http import DoorError, RateLimited, carry_on_answer, refusal_route, status_of
-from services.serving.gateway import Completion, Gateway, GatewayError, Stream
+from services.serving.gateway import Completion, Gateway, GatewayError, ReplayedStream, Stream
 from services.serving.limits import RateLimiter
+from services.serving.response_cache import CacheUse
 from services.serving.trace_context import (
     SESSION_HEADER,
     TRACEPARENT,
@@ -65,6 +72,7 @@ T = TypeVar("T")
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 422, 429, 503)}
 ENDPOINTS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
+CACHE_HEADER = "x-flywheel-cache"
 
 
 def create_router(
@@ -110,6 +118,17 @@ def create_router(
         """The call's server span: a child of the caller's `traceparent` span, or the root of a new trace."""
         return CallTrace.start(_caller(request), session_id)
 
+    def cache_use(
+        cache_control: Annotated[
+            str | None,
+            Header(
+                alias="Cache-Control",
+                description="`no-cache`: generate a fresh answer (then cached); `no-store`: neither read nor fill the response cache.",
+            ),
+        ] = None,
+    ) -> CacheUse:
+        return CacheUse.from_header(cache_control)
+
     # No body cap here: the app's BodyLimit holds every door of the process to its cap.
     router = APIRouter(prefix="/v1", tags=["gateway"], route_class=refusal_route(on_refused=refused))
 
@@ -125,9 +144,10 @@ def create_router(
         response: Response,
         principal: Principal = Depends(caller),
         trace: CallTrace = Depends(call_trace),
+        cache: CacheUse = Depends(cache_use),
     ):
         if request.stream:
-            stream = await _traced(ready().chat_stream(request, principal.name, trace), trace)
+            stream = await _traced(ready().chat_stream(request, principal.name, trace, cache), trace)
 
             def piece(text: str, first: bool) -> dict:
                 return {
@@ -140,10 +160,10 @@ def create_router(
                 "chat.completion.chunk",
                 piece,
                 lambda reason: {"delta": {}, "finish_reason": reason},
-                headers=trace.response_headers(),
+                headers=_answer_headers(trace, stream.cache),
             )
-        done = await _traced(ready().chat(request, principal.name, trace), trace)
-        response.headers.update(trace.response_headers())
+        done = await _traced(ready().chat(request, principal.name, trace, cache), trace)
+        response.headers.update(_answer_headers(trace, done.cache))
         return ChatCompletionResponse(
             id=done.inference_id,
             created=done.created,
@@ -158,18 +178,19 @@ def create_router(
         response: Response,
         principal: Principal = Depends(caller),
         trace: CallTrace = Depends(call_trace),
+        cache: CacheUse = Depends(cache_use),
     ):
         if request.stream:
-            stream = await _traced(ready().completion_stream(request, principal.name, trace), trace)
+            stream = await _traced(ready().completion_stream(request, principal.name, trace, cache), trace)
             return _sse(
                 stream,
                 "text_completion",
                 lambda text, _: {"text": text, "finish_reason": None},
                 lambda reason: {"text": "", "finish_reason": reason},
-                headers=trace.response_headers(),
+                headers=_answer_headers(trace, stream.cache),
             )
-        done = await _traced(ready().completion(request, principal.name, trace), trace)
-        response.headers.update(trace.response_headers())
+        done = await _traced(ready().completion(request, principal.name, trace, cache), trace)
+        response.headers.update(_answer_headers(trace, done.cache))
         return CompletionResponse(
             id=done.inference_id,
             created=done.created,
@@ -183,6 +204,11 @@ def create_router(
         return ModelList(data=[ModelCard(id=reference) for reference in ready().routes.references()])
 
     return router
+
+
+def _answer_headers(trace: CallTrace, cache: str) -> dict[str, str]:
+    """What every answer of an inference endpoint carries: its span in the trace, and what the cache did."""
+    return {**trace.response_headers(), CACHE_HEADER: cache}
 
 
 def _caller(request: Request) -> CallerSpan | None:
@@ -221,7 +247,7 @@ class _EventStream(StreamingResponse):
 
 
 def _sse(
-    stream: Stream,
+    stream: Stream | ReplayedStream,
     kind: str,
     piece: Callable[[str, bool], dict],
     last: Callable[[str], dict],

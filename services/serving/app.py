@@ -15,6 +15,7 @@ from services.serving.gateway import Gateway
 from services.serving.handlers import COMMANDS, HANDLERS, AdapterLoader, Deps
 from services.serving.inference_log import InferenceLogBuffer
 from services.serving.limits import RateLimiter
+from services.serving.guard_policies import GuardPolicies
 from services.serving.prompt_routes import PromptRoutes
 from services.serving.routes import Routes
 from services.serving.settings import ServingSettings
@@ -40,6 +41,7 @@ def create_app(runtime: Runtime, settings: ServingSettings, privacy: PrivacySett
     routes = Routes()
     routes.add_model(settings.base_model)
     prompts = PromptRoutes()
+    guard_policies = GuardPolicies()
     state = _State()
     bus = runtime.bus("serving")
     buffer = InferenceLogBuffer(bus, capacity=settings.log_buffer_size, redactor=privacy.redactor())
@@ -55,7 +57,7 @@ def create_app(runtime: Runtime, settings: ServingSettings, privacy: PrivacySett
     # Every replica holds all routes, so it reads the registry's events itself (not a consumer group's
     # share) and replays the state topics from their start at each start: its routes live in memory.
     # Commands are read from now on only: a replayed deployment.requested would act again.
-    deps = Deps(routes=routes, prompts=prompts, loader=loader, bus=bus)
+    deps = Deps(routes=routes, prompts=prompts, loader=loader, bus=bus, guard_policies=guard_policies)
     runtime.follow_all("serving", HANDLERS, deps, from_start=True)
     runtime.follow_all("serving", COMMANDS, deps, from_start=False)
 
@@ -86,6 +88,7 @@ def create_app(runtime: Runtime, settings: ServingSettings, privacy: PrivacySett
                 log_buffer=buffer,
                 loaded_adapters=lambda: set(state.engine.adapters),
                 prompts=prompts,
+                guard_policies=guard_policies,
             )
         except BaseException:
             # The process runs stop hooks only for services whose start finished: stop Triton here.

@@ -1,4 +1,5 @@
-"""`flywheel bench serve`: Triton with continuous batching vs per-request generate, mixed adapters vs swapping, gateway overhead.
+"""`flywheel bench serve`: Triton with continuous batching vs per-request generate, mixed adapters vs swapping,
+gateway overhead. What the gateway's guard and cache cost and save: gateway_bench.py.
 
 Every figure of one report is measured in one run on one machine, so the ratios are comparable; the
 absolute numbers are the machine's. Defaults are small for a shared CPU.
@@ -49,7 +50,7 @@ class Figures:
     def line(self) -> str:
         ordered = sorted(self.latencies_ms)
         p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
-        return f"{self.label:<44} {self.throughput:8.2f} req/s  p50 {statistics.median(ordered):8.0f} ms  p95 {p95:8.0f} ms  (n={len(ordered)})"
+        return f"{self.label:<44} {self.throughput:8.2f} req/s  p50 {statistics.median(ordered):8.1f} ms  p95 {p95:8.1f} ms  (n={len(ordered)})"
 
 
 def _timed(label: str, calls: list[Callable[[], object]], concurrency: int) -> Figures:
@@ -260,42 +261,15 @@ def _gateway_figures(
     max_tokens: int,
     count: int,
 ) -> tuple[Figures, Figures]:
-    """Direct Triton calls and gateway calls in pairs on the same prompt, after one warm-up call each."""
+    """Direct Triton calls and gateway calls (response cache off) in pairs on the same prompt, after one warm-up call each."""
     import httpx
 
-    from services.runtime.auth import Principal, Role
-    from services.runtime.http import create_http_app
-    from services.serving.api import create_router
-    from services.serving.gateway import Gateway
-    from services.serving.limits import RateLimiter
-    from services.serving.routes import Routes
+    from services.serving.gateway_bench import ask, gateway_app
     from services.serving.settings import ServingSettings
-
-    class _NoBus:
-        """The bench measures the gateway, not Kafka: events are accepted and discarded."""
-
-        def offer(self, *_: object, **__: object) -> bool:
-            return True
 
     async def main() -> tuple[Figures, Figures]:
         assert serving.ports is not None
-        routes = Routes()
-        routes.add_model("smollm2")
-        gateway = Gateway(
-            routes=routes,
-            tokenizer=engine.tokenizer,
-            triton_grpc_url=serving.ports.grpc_url,
-            settings=ServingSettings(),
-            log_buffer=_NoBus(),
-            loaded_adapters=lambda: set(engine.adapters),
-        )  # type: ignore[arg-type]
-        # Key lookups are cached per process and limits are a dict lookup: the bench admits one fixed caller.
-        router = create_router(
-            lambda: gateway,
-            guard=lambda: Principal("bench", Role.app, "bench"),
-            limiter=RateLimiter(rate_per_s=1e9, burst=10**9),
-        )
-        app = create_http_app("bench", routers=[router])
+        gateway, app = gateway_app(engine, serving.ports.grpc_url, ServingSettings(response_cache_entries=0))
         direct_ms: list[float] = []
         gateway_ms: list[float] = []
         async with httpx.AsyncClient(
@@ -303,18 +277,7 @@ def _gateway_figures(
         ) as client:
 
             async def through(index: int) -> float:
-                sent = time.perf_counter()
-                response = await client.post(
-                    "/v1/completions",
-                    json={
-                        "model": "smollm2",
-                        "prompt": prompts[index % len(prompts)],
-                        "max_tokens": max_tokens,
-                        "temperature": 0,
-                    },
-                )
-                response.raise_for_status()
-                return (time.perf_counter() - sent) * 1000
+                return (await ask(client, prompts[index % len(prompts)], max_tokens, "off"))[0]
 
             def plain(index: int) -> float:
                 sent = time.perf_counter()

@@ -1,9 +1,13 @@
 """The serving service's part of the `flywheel` command, by group in `app` (services/cli/main.py mounts it,
-finding this module by name): `flywheel bench serve`, serving's benchmark, also one of `flywheel bench all`'s."""
+finding this module by name): `flywheel bench serve`, `flywheel bench gateway` and `flywheel bench injection`,
+serving's benchmarks, also part of `flywheel bench all`; and `flywheel guard train-injection`, which fits the
+gateway's prompt-injection classifier."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -13,6 +17,8 @@ from services.runtime.bench import Benchmark, Echo, Row
 app = typer.Typer()
 bench_app = typer.Typer()
 app.add_typer(bench_app, name="bench")
+guard_app = typer.Typer(help="The gateway's guards: the prompt-injection classifier.", no_args_is_help=True)
+app.add_typer(guard_app, name="guard")
 
 
 @bench_app.command("serve")
@@ -37,18 +43,22 @@ _SWITCH = re.compile(r"mixed batches: ([\d.]+) s, switching: ([\d.]+) s")
 _LATENCY = re.compile(r"^(direct Triton gRPC stream|through the gateway[^\d]*?)\s+([\d.]+) req/s\s+p50\s+([\d.]+) ms")
 
 
-def _serve_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
-    """Runs the serving benchmark and reads its printed figures (it prints, it does not return them)."""
-    from services.serving.bench import run_bench
-
+def _printed(run: Callable[..., None], size: dict[str, Any], echo: Echo) -> list[str]:
+    """Runs a benchmark that prints its figures (it does not return them), echoing and keeping its lines."""
     lines: list[str] = []
 
     def keep(line: str) -> None:
         lines.extend(line.splitlines())
         echo(line)
 
-    run_bench(echo=keep, **size)
-    return serve_rows(lines, size)
+    run(echo=keep, **size)
+    return lines
+
+
+def _serve_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
+    from services.serving.bench import run_bench
+
+    return serve_rows(_printed(run_bench, size, echo), size)
 
 
 def serve_rows(lines: list[str], size: dict[str, Any]) -> list[Row]:
@@ -113,4 +123,166 @@ SERVE = Benchmark(
     },
     run=_serve_rows,
 )
-BENCHMARKS = (SERVE,)
+
+
+@bench_app.command("gateway")
+def bench_gateway(
+    pairs: int = typer.Option(200, min=2, help="Alternating guard-on / guard-off pairs."),
+    requests: int = typer.Option(32, min=1, help="Prompts generated, then asked again, for the cache."),
+    max_tokens: int = typer.Option(8, min=1, help="New tokens per request."),
+) -> None:
+    """The output guard's cost (all checks on against off) and a response-cache hit against a generation."""
+    from services.serving.gateway_bench import run_gateway_bench
+
+    run_gateway_bench(pairs=pairs, requests=requests, max_tokens=max_tokens, echo=typer.echo)
+
+
+_LATENCIES = re.compile(r"^(?P<label>.+?)\s+p50\s+(?P<p50>-?[\d.]+) ms\s+p95\s+(?P<p95>-?[\d.]+) ms")
+
+
+def _gateway_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
+    from services.serving.gateway_bench import run_gateway_bench
+
+    return gateway_rows(_printed(run_gateway_bench, size, echo), size)
+
+
+def gateway_rows(lines: list[str], size: dict[str, Any]) -> list[Row]:
+    """The table rows in the gateway benchmark's printed figures."""
+    from services.serving.gateway_bench import GUARDS_ON
+
+    figures = {
+        match["label"].strip(): (float(match["p50"]), float(match["p95"]))
+        for line in lines
+        if (match := _LATENCIES.match(line.strip()))
+    }
+    off, on = figures.get("guard off"), figures.get(GUARDS_ON)
+    generated = figures.get("generated through the gateway (cache miss)")
+    hit = figures.get("answered from the gateway's response cache")
+    semantic = figures.get("answered from the semantic cache")
+    streamed = figures.get("the guard's own check, streamed word by word")
+    guards_own = figures.get("the guards' own time per call, as their spans say")
+    rows: list[Row] = []
+    if off and on:
+        for index, percentile in enumerate(("p50", "p95")):
+            rows.append(
+                Row(
+                    "gateway",
+                    f"{percentile} latency, {size['max_tokens']} tokens, every guard on ({size['pairs']} pairs)",
+                    on[index],
+                    off[index],
+                    "ms",
+                    "lower",
+                    "every input and output check on",
+                    "guards off",
+                )
+            )
+    if guards_own:
+        rows.append(
+            Row(
+                "gateway",
+                "the guards' own time per call (input, injection screen, output), p50",
+                guards_own[0],
+                None,
+                "ms",
+                "lower",
+            )
+        )
+    if streamed:
+        rows.append(
+            Row("gateway", "the output guard's own check per streamed answer, p50", streamed[0], None, "ms", "lower")
+        )
+    if generated and hit:
+        rows.append(
+            Row(
+                "gateway",
+                f"p50 latency of a repeated greedy request, {size['max_tokens']} tokens",
+                hit[0],
+                generated[0],
+                "ms",
+                "lower",
+                "answered from the response cache",
+                "generated through the gateway",
+            )
+        )
+    if generated and semantic:
+        rows.append(
+            Row(
+                "gateway",
+                f"p50 latency of a reworded greedy request, {size['max_tokens']} tokens",
+                semantic[0],
+                generated[0],
+                "ms",
+                "lower",
+                "answered from the semantic cache",
+                "generated through the gateway",
+            )
+        )
+    if not rows:
+        raise RuntimeError("the gateway benchmark printed no figures this command recognises")
+    return rows
+
+
+GATEWAY = Benchmark(
+    name="gateway",
+    sizes={
+        "quick": {"pairs": 16, "requests": 8, "max_tokens": 8},
+        "full": {"pairs": 200, "requests": 32, "max_tokens": 8},
+    },
+    run=_gateway_rows,
+)
+
+
+@bench_app.command("injection")
+def bench_injection(
+    timings: int = typer.Option(50, min=1, help="Timed calls of the detector per prompt length."),
+) -> None:
+    """Precision and recall of the gateway's prompt-injection check on the labelled set (5-fold), against a
+    length-only baseline; and the detector's time per prompt."""
+    from services.runtime.settings import FlywheelSettings
+    from services.serving.injection_bench import run_injection_bench
+
+    run_injection_bench(cache=FlywheelSettings().cache, echo=typer.echo, timings=timings)
+
+
+@guard_app.command("train-injection")
+def guard_train_injection(
+    out: Path = typer.Option(None, help="Where to write the weights (default: the shipped injection_model.json)."),
+) -> None:
+    """Fit the prompt-injection classifier on the whole labelled set and write its weights."""
+    from services.runtime.scoring.injection import MODEL_PATH
+    from services.runtime.settings import FlywheelSettings
+    from services.serving.injection_bench import train_injection_model
+
+    train_injection_model(cache=FlywheelSettings().cache, out=out or MODEL_PATH, echo=typer.echo)
+
+
+def _injection_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
+    from services.runtime.settings import FlywheelSettings
+    from services.serving.injection_bench import run_injection_bench
+
+    bench = run_injection_bench(cache=FlywheelSettings().cache, echo=echo, timings=size["timings"])
+    *signals, length = bench.results
+    rows = [
+        Row(
+            "injection",
+            f"{measure} on the labelled set (5-fold)",
+            100 * getattr(signal, measure),
+            100 * getattr(length, measure),
+            "%",
+            "higher",
+            signal.label,
+            "prompt length alone (best cut)",
+        )
+        for signal in signals
+        for measure in ("precision", "recall")
+    ]
+    rows.append(Row("injection", "prompts the guard asked MiniLM about", 100 * bench.meaning_share, None, "%", "lower"))
+    rows.extend(
+        Row("injection", f"detector time on {label}, p50", ms, None, "ms", "lower")
+        for label, ms in bench.detector_ms.items()
+    )
+    return rows
+
+
+INJECTION = Benchmark(name="injection", sizes={"quick": {"timings": 10}, "full": {"timings": 50}}, run=_injection_rows)
+BENCHMARKS = (SERVE, GATEWAY, INJECTION)

@@ -10,6 +10,14 @@ else of a new one. Its inference.logged names the trace, the call's server span 
 server span and its Triton, queue and compute spans (spans.py) travel with that inference through
 the log buffer, so they are published, scrubbed, kept or dropped together.
 
+A deterministic request (greedy or seeded) asked again by the same caller of the same version is
+answered from the response cache (response_cache.py) without Triton: its inference.logged has route
+`cache` and the version that produced the answer, so feedback on it counts against that version.
+
+With the guards on (guard.py), secrets and personal data are flagged, redacted or blocked in the model
+input before it reaches Triton, and in the answer before any of it leaves, streamed or not; each verdict
+is a guardrail span of the call and travels on its inference.logged.
+
 A streamed request (`Stream`) is checked and sent to Triton, and its first piece awaited, before
 any byte of the response goes out, so every refusal and a Triton outage are still HTTP errors;
 after that, pieces are relayed as the batcher decodes them. A client that leaves mid-stream gets
@@ -30,12 +38,25 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from contracts.events import InferenceLogged, InferenceStatus
+from contracts.events import GuardAction, InferenceLogged, InferenceStatus
 from contracts.http import ChatCompletionRequest, CompletionRequest
 from services.runtime import errors
 from services.runtime.prompts import MissingVariable, PromptError, lead_with_prompt, render_template
+from services.runtime.scoring.grounding import Embedder
+from services.runtime.scoring.injection import WINDOW_TOKENS, InjectionDetector
+from services.serving.guard import ContentBlocked, GuardPolicy, GuardVerdict, SchemaRefused, answer_structure
+from services.serving.guard_policies import GuardPolicies
 from services.serving.inference_log import InferenceLogBuffer
 from services.serving.prompt_routes import PromptChoice, PromptRoutes, UnknownPromptError
+from services.serving.response_cache import (
+    CACHE_LOOKUPS,
+    CacheKey,
+    CachedAnswer,
+    CacheUse,
+    ResponseCache,
+    SemanticCache,
+    cacheable,
+)
 from services.serving.routes import Route, Routes, UnknownModelError
 from services.serving.settings import ServingSettings
 from services.serving.spans import TritonCall, call_spans
@@ -53,6 +74,9 @@ from services.serving.triton import (
 log = logging.getLogger("flywheel.serving.gateway")
 
 DISCONNECTED = "the client disconnected before the stream ended"
+# Stands for the question in the model input the semantic cache keys on. A request that writes it itself
+# only meets entries of its own principal (the key holds it).
+QUESTION_MARK = "\x00question\x00"
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit; each one is checked against the text after every token
 
 
@@ -72,6 +96,18 @@ class InferenceUnavailable(GatewayError, errors.Unavailable):
     """Triton cannot be reached; the same request may succeed once it is back."""
 
 
+class AnswerBlocked(GatewayError, errors.BadRequest):
+    """The output guard blocked the answer: it held what the guard's policy blocks."""
+
+
+class InputBlocked(GatewayError, errors.BadRequest):
+    """The input guard refused the request: its model input held what the guard's policy blocks."""
+
+
+def _blocked(blocked: ContentBlocked) -> AnswerBlocked:
+    return AnswerBlocked(str(blocked), code="output_blocked")
+
+
 @dataclass
 class Completion:
     inference_id: str
@@ -81,6 +117,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    cache: str  # what the response cache did: hit, miss, bypass, uncacheable or off (x-flywheel-cache)
 
 
 @dataclass
@@ -98,6 +135,21 @@ class _Call:
     trace: CallTrace = field(default_factory=CallTrace.start)
     triton_sent_ns: int = 0  # unix ns when the request went to Triton; 0 while it has not
     triton_ended_ns: int = 0  # unix ns of Triton's last answer, or of the failure
+    cache_use: CacheUse = CacheUse.normal
+    cache_key: CacheKey | None = None  # set when the answer may be stored
+    cache: str = "off"
+    cached_from: str | None = None  # the inference whose answer a cache hit replays
+    input_guard: GuardVerdict | None = None  # what the input guard did to the model input, when it checked it
+    guard: GuardVerdict | None = None  # what the output guard did to the answer, when it checked one
+    screened: GuardVerdict | None = None  # the prompt-injection screen's own verdict, when it ran
+    policy: GuardPolicy | None = None  # what guards this call, once its model is known
+    structure: dict[str, Any] | None = None  # the JSON Schema its answer must satisfy, when the policy checks it
+    context: str | None = None  # what its answer must be grounded in, when the policy checks it
+    question: str | None = None  # what the semantic cache compares: the last user message, or the prompt
+    context_input: str | None = None  # the model input with the question marked out
+    semantic_key: CacheKey | None = None
+    question_vector: Any = None  # the question's MiniLM embedding, once looked up
+    similarity: float | None = None  # of a semantic hit's question to the stored one
 
     @property
     def sticky_key(self) -> str:
@@ -106,6 +158,8 @@ class _Call:
 
     @property
     def route_label(self) -> str:
+        if self.cached_from is not None:
+            return "cache"
         if self.route is not None and self.route.route == "canary":
             return "canary"
         if self.prompt_choice is not None and self.prompt_choice.route == "ab":
@@ -124,10 +178,13 @@ class Gateway:
         log_buffer: InferenceLogBuffer,
         loaded_adapters: Callable[[], set[str]],
         prompts: PromptRoutes | None = None,
+        guard_policies: GuardPolicies | None = None,
         triton_model: str = STREAM_MODEL_NAME,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.routes = routes
         self.prompts = prompts or PromptRoutes()
+        self.guard_policies = guard_policies or GuardPolicies()
         self._tokenizer = tokenizer
         self._url = triton_grpc_url
         self._settings = settings
@@ -137,6 +194,43 @@ class Gateway:
         self._client: Any = None
         self._background: set[asyncio.Task[None]] = set()
         self._in_flight: Counter[str] = Counter()
+        self.cache = cache or ResponseCache(
+            capacity=settings.response_cache_entries, ttl_s=settings.response_cache_ttl_s
+        )
+        # Any policy may opt in to it (its threshold is the policy's): it costs nothing while it holds nothing.
+        self.semantic = (
+            SemanticCache(capacity=settings.response_cache_entries, ttl_s=settings.response_cache_ttl_s)
+            if settings.response_cache_entries > 0
+            else None
+        )
+        # One MiniLM for the injection screen and the semantic cache of every policy, loaded on first use.
+        self._embedder = Embedder(max_length=WINDOW_TOKENS)
+        self._detector = InjectionDetector(self._embedder)
+        self.default_policy = GuardPolicy.of(settings.guard_spec(), None, self._detector, self._embedder)
+        self._policies: dict[str, GuardPolicy] = {}  # built from the registry's, by `name:vN`
+        if self.default_policy.needs_meaning:
+            self._warm(self.default_policy)
+
+    def _warm(self, policy: GuardPolicy) -> None:
+        """Load MiniLM and the injection weights, and embed the policy's denied topics, now: the first
+        request should not wait for them."""
+        self._detector.warm()
+        policy.input.warm()
+
+    def _policy(self, model_name: str) -> GuardPolicy:
+        """The registry's active guard policy for the model, else the gateway's settings."""
+        active = self.guard_policies.active_for(model_name)
+        if active is None:
+            return self.default_policy
+        label = f"{active.policy_name}:v{active.version}"
+        policy = self._policies.get(label)
+        if policy is None:
+            policy = self._policies[label] = GuardPolicy.of(active.spec, label, self._detector, self._embedder)
+            if policy.needs_meaning:
+                task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._warm, policy))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        return policy
 
     def in_flight(self, adapter_name: str) -> int:
         """Calls routed to this adapter that have not ended: an unload waits for them (see handlers.py)."""
@@ -158,25 +252,42 @@ class Gateway:
             self._client = None
 
     # `trace`: the call's place in its caller's trace (api.py reads it from the headers); by default a new trace.
+    # `cache_use`: what the request's Cache-Control lets the response cache do.
     async def chat(
-        self, request: ChatCompletionRequest, principal: str | None = None, trace: CallTrace | None = None
+        self,
+        request: ChatCompletionRequest,
+        principal: str | None = None,
+        trace: CallTrace | None = None,
+        cache_use: CacheUse = CacheUse.normal,
     ) -> Completion:
-        return await self._complete(_call("chat.completions", request, principal, trace))
+        return await self._complete(_call("chat.completions", request, principal, trace, cache_use))
 
     async def completion(
-        self, request: CompletionRequest, principal: str | None = None, trace: CallTrace | None = None
+        self,
+        request: CompletionRequest,
+        principal: str | None = None,
+        trace: CallTrace | None = None,
+        cache_use: CacheUse = CacheUse.normal,
     ) -> Completion:
-        return await self._complete(_call("completions", request, principal, trace))
+        return await self._complete(_call("completions", request, principal, trace, cache_use))
 
     async def chat_stream(
-        self, request: ChatCompletionRequest, principal: str | None = None, trace: CallTrace | None = None
-    ) -> Stream:
-        return await self._open_stream(_call("chat.completions", request, principal, trace))
+        self,
+        request: ChatCompletionRequest,
+        principal: str | None = None,
+        trace: CallTrace | None = None,
+        cache_use: CacheUse = CacheUse.normal,
+    ) -> Stream | ReplayedStream:
+        return await self._open_stream(_call("chat.completions", request, principal, trace, cache_use))
 
     async def completion_stream(
-        self, request: CompletionRequest, principal: str | None = None, trace: CallTrace | None = None
-    ) -> Stream:
-        return await self._open_stream(_call("completions", request, principal, trace))
+        self,
+        request: CompletionRequest,
+        principal: str | None = None,
+        trace: CallTrace | None = None,
+        cache_use: CacheUse = CacheUse.normal,
+    ) -> Stream | ReplayedStream:
+        return await self._open_stream(_call("completions", request, principal, trace, cache_use))
 
     def refused(
         self, endpoint: str, body: bytes, principal: str, status: int, message: str, trace: CallTrace | None = None
@@ -233,18 +344,29 @@ class Gateway:
         triton_ms = 0.0
         try:
             row = self._prepare(call)
-            sent, call.triton_sent_ns = time.perf_counter(), time.time_ns()
-            responses, answer = await self._send(row)
-            call.triton_ended_ns = time.time_ns()
-            responses.cancel()
-            triton_ms = (time.perf_counter() - sent) * 1000
-            _check_loaded(call, answer)
+            answer = self._cached(call, row) or await self._similar(call)
+            if answer is None:
+                sent, call.triton_sent_ns = time.perf_counter(), time.time_ns()
+                responses, answer = await self._send_screened(call, row)
+                call.triton_ended_ns = time.time_ns()
+                responses.cancel()
+                triton_ms = (time.perf_counter() - sent) * 1000
+                _check_loaded(call, answer)
+                if call.policy.output.enabled:  # a cached answer was guarded before it was stored
+                    try:
+                        text, call.guard = await call.policy.output.answer(answer.text, call.structure, call.context)
+                    except ContentBlocked as blocked:
+                        call.guard = blocked.verdict
+                        answer = dataclasses.replace(answer, text="")  # the log keeps no blocked text either
+                        raise _blocked(blocked) from None
+                    answer = dataclasses.replace(answer, text=text)
         except GatewayError as error:
             self._emit(call, answer, triton_ms, error=str(error))
             raise
         finally:
             self._release(call)
         self._emit(call, answer, triton_ms)
+        self._store(call, answer)
         return Completion(
             call.inference_id,
             int(time.time()),
@@ -253,13 +375,18 @@ class Gateway:
             answer.finish_reason,
             answer.prompt_tokens,
             answer.completion_tokens,
+            call.cache,
         )
 
-    async def _open_stream(self, call: _Call) -> Stream:
+    async def _open_stream(self, call: _Call) -> Stream | ReplayedStream:
         try:
             row = self._prepare(call)
+            cached = self._cached(call, row) or await self._similar(call)
+            if cached is not None:
+                self._release(call)
+                return ReplayedStream(self, call, cached)
             sent, call.triton_sent_ns = time.perf_counter(), time.time_ns()
-            responses, first = await self._send(row, stream=True, request_id=call.inference_id)
+            responses, first = await self._send_screened(call, row, stream=True, request_id=call.inference_id)
         except BaseException as error:
             self._release(call)
             if isinstance(error, GatewayError):
@@ -269,11 +396,159 @@ class Gateway:
 
     def _prepare(self, call: _Call) -> TritonRow:
         call.route = self._resolve(call.request.model, call.sticky_key)
+        call.policy = policy = self._policy(call.route.model_name)
         if call.route.adapter_name is not None:
             call.holds = call.route.adapter_name
             self._in_flight[call.holds] += 1
+        if isinstance(call.request, ChatCompletionRequest) and policy.output.json_schema is not GuardAction.off:
+            try:
+                call.structure = answer_structure(call.request.response_format)
+            except SchemaRefused as refused:
+                raise RequestRefused(str(refused), code="invalid_value", param="response_format") from None
+        if policy.output.grounding is not GuardAction.off:
+            call.context = call.request.grounding_context
         call.prompt = self._render(call)
+        if policy.input.reads_values:
+            try:
+                call.prompt, call.input_guard = policy.input.whole(call.prompt)
+            except ContentBlocked as blocked:
+                call.input_guard = blocked.verdict
+                param = "messages" if call.endpoint == "chat.completions" else "prompt"
+                raise InputBlocked(str(blocked), code="input_blocked", param=param) from None
         return self._row(call)
+
+    async def _send_screened(
+        self, call: _Call, row: TritonRow, *, stream: bool = False, request_id: str = ""
+    ) -> tuple[_Responses, TritonAnswer]:
+        """`_send`, while the input is screened for prompt injection: the answer (or a stream's first piece)
+        waits for the verdict, and a blocked request cancels its generation. Side by side, a benign request
+        waits only for the longer of the two, not for their sum."""
+        assert call.policy is not None
+        if not call.policy.input.screens:
+            return await self._send(row, stream=stream, request_id=request_id)
+        screen = asyncio.ensure_future(self._screen(call))
+        generation = asyncio.ensure_future(self._send(row, stream=stream, request_id=request_id))
+        try:
+            await asyncio.wait({screen, generation}, return_when=asyncio.FIRST_COMPLETED)
+            await screen
+            return await generation
+        except BaseException:
+            screen.cancel()
+            generation.cancel()
+            await asyncio.gather(screen, generation, return_exceptions=True)
+            if generation.done() and not generation.cancelled() and generation.exception() is None:
+                generation.result()[0].cancel()  # answered before the verdict blocked it
+            raise
+
+    async def _screen(self, call: _Call) -> None:
+        """Screen what the caller wrote for prompt injection; InputBlocked when the policy blocks it."""
+        request = call.request
+        written = (
+            [message.content for message in request.messages if message.role in ("user", "tool") and message.content]
+            if isinstance(request, ChatCompletionRequest)
+            else [request.prompt]
+        )
+        if request.prompt_ref is not None:
+            written = [*request.prompt_ref.variables.values(), *written]
+        assert call.policy is not None
+        try:
+            call.screened = await call.policy.input.screen(written)
+        except ContentBlocked as blocked:
+            call.screened = blocked.verdict
+            _add_input_verdict(call, blocked.verdict)
+            param = "messages" if call.endpoint == "chat.completions" else "prompt"
+            raise InputBlocked(str(blocked), code="input_blocked", param=param) from None
+        _add_input_verdict(call, call.screened)
+
+    def _cached(self, call: _Call, row: TritonRow) -> TritonAnswer | None:
+        """The cached answer to this call, if the cache holds one it may serve; sets what may be stored."""
+        route, policy = call.route, call.policy
+        assert route is not None and policy is not None
+        hit = None
+        if not self.cache.enabled:
+            call.cache = "off"
+        elif not cacheable(row.temperature, row.seed, call.route_label):
+            call.cache = "uncacheable"
+        elif call.cache_use is CacheUse.off:
+            call.cache = "bypass"
+        else:
+            prompt = f"{call.prompt_choice.name}:v{call.prompt_choice.version}" if call.prompt_choice else ""
+            call.cache_key = CacheKey(
+                # A policy may share answers between keys; by default each key sees only its own.
+                principal="" if policy.cache_shared else call.principal or "",
+                guard_policy=policy.label or "",
+                structure=json.dumps(call.structure, sort_keys=True) if call.structure is not None else "",
+                context=call.context or "",
+                endpoint=call.endpoint,
+                served=route.label,
+                prompt=prompt,
+                model_input=row.prompt,
+                max_tokens=row.max_tokens,
+                temperature=row.temperature,
+                top_p=row.top_p,
+                seed=row.seed,
+                stop=row.stop,
+            )
+            hit = self.cache.get(call.cache_key) if call.cache_use is CacheUse.normal else None
+            call.cache = "hit" if hit else ("bypass" if call.cache_use is CacheUse.refresh else "miss")
+        if call.cache != "off":
+            CACHE_LOOKUPS.labels(outcome=call.cache).inc()
+        if hit is not None and policy.input.screens:
+            if hit.screened is None:
+                hit = None  # stored unscreened: generate (and screen) instead
+            else:
+                # The same model input, screened by the same deterministic detector when it was generated.
+                call.screened = hit.screened.replayed()
+                _add_input_verdict(call, call.screened)
+        if hit is None:
+            return None
+        call.cached_from = hit.source_inference_id
+        return _replayed(hit)
+
+    async def _similar(self, call: _Call) -> TritonAnswer | None:
+        """After an exact miss: the answer to a question of the same meaning, when the policy opts in."""
+        threshold = call.policy.semantic_threshold if call.policy else None
+        if (
+            self.semantic is None
+            or threshold is None
+            or call.cache != "miss"
+            or call.question is None
+            or call.cache_key is None
+        ):
+            return None
+        call.semantic_key = dataclasses.replace(call.cache_key, model_input=call.context_input or "")
+        call.question_vector = await asyncio.to_thread(self._embed, call.question)
+        hit = self.semantic.get(call.semantic_key, call.question_vector, threshold)
+        if hit is None:
+            return None
+        call.cache, call.cached_from, call.similarity = "semantic", hit.answer.source_inference_id, hit.similarity
+        CACHE_LOOKUPS.labels(outcome="semantic").inc()
+        if call.policy.input.screens:
+            await self._screen(call)  # another wording: its own verdict, not the stored question's
+        return _replayed(hit.answer)
+
+    def _embed(self, text: str) -> Any:
+        return self._embedder.encode([text]).numpy()[0]
+
+    def _store(self, call: _Call, answer: TritonAnswer) -> None:
+        """Keep a whole answer of a cacheable call (not a replayed one) for the next identical request."""
+        if call.cache_key is None or call.cached_from is not None or answer.error:
+            return
+        if answer.finish_reason not in ("stop", "length"):
+            return
+        self.cache.put(
+            call.cache_key,
+            stored := CachedAnswer(
+                answer.text,
+                answer.finish_reason,
+                answer.prompt_tokens,
+                answer.completion_tokens,
+                call.inference_id,
+                call.screened,
+            ),
+        )
+        if self.semantic is not None and call.semantic_key is not None and call.question_vector is not None:
+            self.semantic.put(call.semantic_key, call.question_vector, stored)
 
     def _resolve(self, reference: str, sticky_key: str) -> Route:
         try:
@@ -304,8 +579,24 @@ class Gateway:
                 messages = lead_with_prompt(messages, rendered)
             if not messages:
                 raise RequestRefused("messages must not be empty", code="invalid_value", param="messages")
+            if self._semantic_for(call):
+                self._split_question(call, messages)
             return self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if self._semantic_for(call):
+            call.question, call.context_input = request.prompt, (rendered or "") + QUESTION_MARK
         return request.prompt if rendered is None else rendered + request.prompt
+
+    def _semantic_for(self, call: _Call) -> bool:
+        return self.semantic is not None and call.policy is not None and call.policy.semantic_threshold is not None
+
+    def _split_question(self, call: _Call, messages: list[dict[str, str]]) -> None:
+        """The semantic cache's question (the last user message) and the model input around it."""
+        last = next((index for index in reversed(range(len(messages))) if messages[index]["role"] == "user"), None)
+        if last is None or not messages[last]["content"].strip():
+            return
+        call.question = messages[last]["content"]
+        around = [*messages[:last], {"role": "user", "content": QUESTION_MARK}, *messages[last + 1 :]]
+        call.context_input = self._tokenizer.apply_chat_template(around, add_generation_prompt=True, tokenize=False)
 
     def _render_ref(self, call: _Call) -> str:
         reference = call.request.prompt_ref
@@ -480,20 +771,43 @@ class Gateway:
             trace_id=call.trace.trace_id,
             span_id=call.trace.span_id,
             session_id=call.trace.session_id,
+            guard_input_outcome=call.input_guard.outcome if call.input_guard else None,
+            guard_input_found=sorted(call.input_guard.labels) if call.input_guard else [],
+            guard_output_outcome=call.guard.outcome if call.guard else None,
+            guard_output_found=sorted(call.guard.labels) if call.guard else [],
+            guard_policy=call.policy.label if call.policy else None,
         )
         triton = None
         if call.triton_sent_ns:
             triton = TritonCall(self._triton_model, call.triton_sent_ns, call.triton_ended_ns or time.time_ns())
         spans = call_spans(
-            event, call.trace, requested_model=request.model, ended_at=datetime.now(UTC), triton=triton, answer=answer
+            event,
+            call.trace,
+            requested_model=request.model,
+            ended_at=datetime.now(UTC),
+            triton=triton,
+            answer=answer,
+            cached_from=call.cached_from,
+            cache_similarity=call.similarity,
+            guards=[
+                (guard, verdict)
+                for guard, verdict in (
+                    ((call.policy.input, call.input_guard), (call.policy.output, call.guard)) if call.policy else ()
+                )
+                if verdict
+            ],
         )
         self._log.offer(event, correlation_id=call.inference_id, spans=spans)
 
 
 def _call(
-    endpoint: str, request: ChatCompletionRequest | CompletionRequest, principal: str | None, trace: CallTrace | None
+    endpoint: str,
+    request: ChatCompletionRequest | CompletionRequest,
+    principal: str | None,
+    trace: CallTrace | None,
+    cache_use: CacheUse,
 ) -> _Call:
-    return _Call(endpoint, request, principal=principal, trace=trace or CallTrace.start())
+    return _Call(endpoint, request, principal=principal, trace=trace or CallTrace.start(), cache_use=cache_use)
 
 
 @dataclass
@@ -505,6 +819,16 @@ class _Responses:
 
     def cancel(self) -> None:
         self.calls.cancel()
+
+
+def _add_input_verdict(call: _Call, verdict: GuardVerdict) -> None:
+    """Fold one input check's verdict into the call's (the values guard and the injection screen are one side)."""
+    call.input_guard = verdict if call.input_guard is None else call.input_guard.merge(verdict)
+
+
+def _replayed(answer: CachedAnswer) -> TritonAnswer:
+    """A stored answer as a call's answer: no Triton time, no error."""
+    return TritonAnswer(answer.text, answer.finish_reason, answer.prompt_tokens, answer.completion_tokens, 0.0, "")
 
 
 def _check_loaded(call: _Call, answer: TritonAnswer) -> None:
@@ -538,6 +862,9 @@ class Stream:
         self._sent = sent
         self._pieces: list[str] = []
         self._ended = False
+        self.cache = call.cache
+        output = call.policy.output if call.policy else None
+        self._guarded = output.stream(call.structure, call.context) if output is not None and output.enabled else None
 
     @property
     def done(self) -> bool:
@@ -551,7 +878,21 @@ class Stream:
             self._end(None, str(error))
             raise
         self._pending = None
-        self._pieces.append(answer.text)
+        text = answer.text
+        if self._guarded is not None:
+            self._call.guard = self._guarded.verdict
+            try:
+                text = self._guarded.feed(text)
+                if answer.finish_reason:
+                    await self._guarded.ground()
+                    text += self._guarded.finish()
+            except ContentBlocked as blocked:
+                if not answer.finish_reason:
+                    self._gateway._cancel_soon(self.inference_id)  # stop decoding what will not be sent
+                error = _blocked(blocked)
+                self._end(None, str(error))
+                raise error from None
+        self._pieces.append(text)
         if answer.finish_reason:
             try:
                 _check_loaded(self._call, answer)
@@ -560,7 +901,7 @@ class Stream:
                 raise
             self.finish_reason = answer.finish_reason
             self._end(answer, None)
-        return answer.text
+        return text
 
     def close(self) -> None:
         """Release the Triton stream; before the last piece, the client left: cancel the request there."""
@@ -576,3 +917,37 @@ class Stream:
         text = "".join(self._pieces)
         answer = dataclasses.replace(final, text=text) if final else TritonAnswer(text, "error", 0, 0, 0.0, error or "")
         self._gateway._emit(self._call, answer, (time.perf_counter() - self._sent) * 1000, error=error)
+        if error is None:
+            self._gateway._store(self._call, answer)
+
+
+class ReplayedStream:
+    """A cached answer relayed as a stream: one piece, the whole text, then its finish reason. Ends in
+    exactly one `inference.logged` (route `cache`), as a generated stream does."""
+
+    def __init__(self, gateway: Gateway, call: _Call, answer: TritonAnswer) -> None:
+        assert call.route is not None
+        self.inference_id = call.inference_id
+        self.created = int(time.time())
+        self.model = call.route.label
+        self.finish_reason: str | None = None
+        self.cache = call.cache
+        self._gateway = gateway
+        self._call = call
+        self._answer = answer
+        self._ended = False
+
+    @property
+    def done(self) -> bool:
+        return self._ended
+
+    async def next_piece(self) -> str:
+        self._ended = True
+        self.finish_reason = self._answer.finish_reason
+        self._gateway._emit(self._call, self._answer, 0.0)
+        return self._answer.text
+
+    def close(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._gateway._emit(self._call, None, 0.0, error=DISCONNECTED)

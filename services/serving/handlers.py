@@ -17,6 +17,7 @@ from contracts.events import (
     DeploymentAction,
     DeploymentCompleted,
     DeploymentRequested,
+    GuardPolicyActivated,
     PromptPublished,
     Stage,
     StageChanged,
@@ -26,6 +27,7 @@ from services.runtime.broker import EventBus
 from services.runtime.inference import Engine
 from services.runtime.paths import under
 from services.runtime.service import Handlers
+from services.serving.guard_policies import GuardPolicies
 from services.serving.prompt_routes import PromptRoutes
 from services.serving.routes import DeferredStage, Route, Routes
 
@@ -99,13 +101,14 @@ class AdapterLoader:
 
 @dataclass(frozen=True)
 class Deps:
-    """What serving's handlers work on: the routes and prompts in memory, the adapter loader, the lock
-    the routing handlers take turns on, and the bus deployment reports go out on."""
+    """What serving's handlers work on: the routes, prompts and guard policies in memory, the adapter
+    loader, the lock the routing handlers take turns on, and the bus deployment reports go out on."""
 
     routes: Routes
     prompts: PromptRoutes
     loader: AdapterLoader
     bus: EventBus
+    guard_policies: GuardPolicies = field(default_factory=GuardPolicies)
     turn: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -128,6 +131,10 @@ async def when_adapter_registered_remember_it(envelope: Envelope[AdapterRegister
 
 async def when_prompt_published_remember_it(envelope: Envelope[PromptPublished], deps: Deps) -> None:
     deps.prompts.publish(envelope.payload)
+
+
+async def when_guard_policy_activated_apply_it(envelope: Envelope[GuardPolicyActivated], deps: Deps) -> None:
+    deps.guard_policies.activate(envelope.payload)
 
 
 async def when_stage_changed_route_and_load(envelope: Envelope[StageChanged], deps: Deps) -> None:
@@ -188,6 +195,7 @@ HANDLERS: Handlers[Deps] = {
     AdapterRegistered: when_adapter_registered_remember_it,
     StageChanged: when_stage_changed_route_and_load,
     PromptPublished: when_prompt_published_remember_it,
+    GuardPolicyActivated: when_guard_policy_activated_apply_it,
 }
 # Commands: read from now on, never replayed (a replayed deployment.requested would load again).
 COMMANDS: Handlers[Deps] = {

@@ -105,6 +105,7 @@ async def gateway_app(
     *,
     table: Routes | None = None,
     limiter: RateLimiter | None = None,
+    serving: ServingSettings | None = None,
 ):
     buffer = InferenceLogBuffer(runtime.bus("serving"), capacity=100)
     await buffer.start()
@@ -112,7 +113,7 @@ async def gateway_app(
         routes=table or routes(),
         tokenizer=engine.tokenizer,
         triton_grpc_url=grpc_url,
-        settings=ServingSettings(max_prompt_tokens=200, max_tokens_limit=16, default_max_tokens=4),
+        settings=serving or ServingSettings(max_prompt_tokens=200, max_tokens_limit=16, default_max_tokens=4),
         log_buffer=buffer,
         loaded_adapters=lambda: set(engine.adapters),
         prompts=prompts(),
@@ -157,7 +158,10 @@ async def test_chat_completion_non_stream_and_stream(client, runtime: Runtime, s
     assert done["object"] == "chat.completion" and done["model"] == "tiny:v1"
     assert done["usage"]["completion_tokens"] == 5 and done["choices"][0]["finish_reason"] == "length"
 
-    async with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as streamed:
+    # `no-cache`: the stream is generated, not the response cache's replay of the answer above.
+    async with http.stream(
+        "POST", "/v1/chat/completions", json={**body, "stream": True}, headers={"Cache-Control": "no-cache"}
+    ) as streamed:
         assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
         lines = [line async for line in streamed.aiter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
@@ -433,7 +437,12 @@ async def test_the_openai_client_works_unchanged(
                 model="tiny", messages=messages, max_tokens=4, temperature=0, user="u1"
             )
             stream = await client.chat.completions.create(
-                model="tiny", messages=messages, max_tokens=4, temperature=0, stream=True
+                model="tiny",
+                messages=messages,
+                max_tokens=4,
+                temperature=0,
+                stream=True,
+                extra_headers={"Cache-Control": "no-cache"},
             )
             chunks = [chunk async for chunk in stream]
             text = await client.completions.create(

@@ -92,7 +92,10 @@ async def test_gateway_calls_nest_in_the_callers_trace_and_join_their_inferences
     assert (version, trace_id, flags) == ("00", CALLER_TRACE, "01") and server_span != CALLER_SPAN
     assert in_trace.headers["tracestate"] == TRACESTATE
 
-    async with http.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as streamed:
+    # A fresh generation (not the response cache's replay of the call above), so Triton's spans are there.
+    async with http.stream(
+        "POST", "/v1/chat/completions", json={**CHAT, "stream": True}, headers={"Cache-Control": "no-cache"}
+    ) as streamed:
         assert streamed.status_code == 200
         fresh_parent = streamed.headers["traceparent"]
         lines = [line async for line in streamed.aiter_lines() if line.startswith("data: {")]

@@ -1,0 +1,242 @@
+"""`flywheel bench gateway`: what the gateway's own features cost and save, on the real SmolLM2 behind a
+real Triton, each side measured in the same run on the same prompts.
+
+(1) The guards: calls with every check on (secrets and personal data in the input and in the answer,
+    and unsafe content in the answer, `redact`; prompt injection and a denied topic in the input, `flag`,
+    screened while the model generates; the JSON and groundedness checks need a response_format or a
+    context, which these requests do not carry, so they do not run) against the same
+    calls with the guards off, in alternating pairs (the response cache off on both), p50 and
+    p95 of each side and of the pairs' differences; then the guard's own check time per answer, whole
+    and streamed piece by piece (its hold-back rescans the text as it grows), on the answers just
+    generated and on one long answer.
+(2) The response cache: each greedy prompt generated through the gateway, then asked again, then asked
+    in other words (the semantic cache, threshold SEMANTIC_THRESHOLD).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from services.runtime.inference import Engine
+from contracts.events import GuardAction
+from services.serving.guard import ContentGuard
+from services.serving.settings import ServingSettings
+from services.serving.triton import TritonServing
+
+MODEL = "smollm2"
+# A topic the bench's prompts are not on: the screen embeds every request, and flags none.
+DENIED_TOPICS = {"medical": ["What medicine should I take for my headache?", "How much ibuprofen can I take?"]}
+GUARDS_ON = "guards on (every input and output check)"
+REWORDED = "Write a single sentence about the number {}."
+SEMANTIC_THRESHOLD = 0.9
+
+
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+
+
+def latency_line(label: str, values_ms: list[float]) -> str:
+    p50, p95 = _percentiles(values_ms)
+    return f"{label:<52} p50 {p50:9.3f} ms  p95 {p95:9.3f} ms  (n={len(values_ms)})"
+
+
+class _NoBus:
+    """The bench measures the gateway, not Kafka: events are accepted and discarded, keeping only the time
+    each call's guards say they spent (their spans' flywheel.guard.checked_ms, input and output summed)."""
+
+    def __init__(self) -> None:
+        self.guard_ms: list[float] = []
+
+    def offer(self, *_: object, spans: Any = (), **__: object) -> bool:
+        checked = [
+            float(span.attributes["flywheel.guard.checked_ms"]) for span in spans if span.name.startswith("guard ")
+        ]
+        if checked:
+            self.guard_ms.append(sum(checked))
+        return True
+
+
+def gateway_app(engine: Engine, grpc_url: str, settings: ServingSettings, bus: _NoBus | None = None) -> tuple[Any, Any]:
+    """A gateway with `settings` over Triton at `grpc_url`, behind its HTTP door, admitting one fixed caller;
+    what it logs goes to `bus`."""
+    from services.runtime.auth import Principal, Role
+    from services.runtime.http import create_http_app
+    from services.serving.api import create_router
+    from services.serving.gateway import Gateway
+    from services.serving.limits import RateLimiter
+    from services.serving.routes import Routes
+
+    routes = Routes()
+    routes.add_model(MODEL)
+    gateway = Gateway(
+        routes=routes,
+        tokenizer=engine.tokenizer,
+        triton_grpc_url=grpc_url,
+        settings=settings,
+        log_buffer=bus or _NoBus(),  # type: ignore[arg-type]
+        loaded_adapters=lambda: set(engine.adapters),
+    )
+    router = create_router(
+        lambda: gateway,
+        guard=lambda: Principal("bench", Role.app, "bench"),
+        limiter=RateLimiter(rate_per_s=1e9, burst=10**9),
+    )
+    return gateway, create_http_app("bench", routers=[router])
+
+
+async def ask(client: Any, question: str, max_tokens: int, expect_cache: str) -> tuple[float, str]:
+    """One greedy chat completion through the door: its latency in ms and its text."""
+    elapsed, text, cache = await ask_raw(client, question, max_tokens)
+    if cache != expect_cache:
+        raise RuntimeError(f"the gateway's cache said {cache}, not {expect_cache}")
+    return elapsed, text
+
+
+async def ask_raw(client: Any, question: str, max_tokens: int) -> tuple[float, str, str]:
+    """One greedy chat completion through the door: its latency in ms, its text and what the cache did."""
+    sent = time.perf_counter()
+    response = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        },
+    )
+    response.raise_for_status()
+    elapsed = (time.perf_counter() - sent) * 1000
+    return elapsed, response.json()["choices"][0]["message"]["content"], response.headers.get("x-flywheel-cache", "")
+
+
+def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Callable[[str], None]) -> None:
+    import httpx
+
+    from services.runtime.base_model import smollm2_weights
+    from services.runtime.settings import FlywheelSettings, load_settings
+
+    echo("loading SmolLM2-135M-Instruct ...")
+    engine = Engine.from_pretrained(smollm2_weights(load_settings(FlywheelSettings).cache), model_name=MODEL)
+    prompts = [f"Write one sentence about the number {i}." for i in range(max(requests, pairs))]
+    on = ContentGuard(secrets=GuardAction.redact, personal=GuardAction.redact, unsafe=GuardAction.redact)
+    guarded_settings = ServingSettings(
+        response_cache_entries=0,
+        guard_input_secrets=GuardAction.redact,
+        guard_input_personal=GuardAction.redact,
+        guard_input_injection=GuardAction.flag,
+        guard_input_denied_topics=GuardAction.flag,
+        guard_denied_topics=DENIED_TOPICS,
+        guard_output_secrets=GuardAction.redact,
+        guard_output_personal=GuardAction.redact,
+        guard_output_unsafe=GuardAction.redact,
+    )
+
+    async def main(grpc_url: str) -> None:
+        plain, plain_app = gateway_app(engine, grpc_url, ServingSettings(response_cache_entries=0))
+        guarded_log = _NoBus()
+        guarded, guarded_app = gateway_app(engine, grpc_url, guarded_settings, guarded_log)
+        cached, cached_app = gateway_app(
+            engine,
+            grpc_url,
+            ServingSettings(response_cache_entries=requests, response_cache_semantic_threshold=SEMANTIC_THRESHOLD),
+        )
+        clients = {
+            name: httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench", timeout=600)
+            for name, app in (("off", plain_app), ("on", guarded_app), ("cache", cached_app))
+        }
+        try:
+            for name in ("off", "on"):
+                await ask(clients[name], prompts[0], max_tokens, "off")  # warm-up: channels, kernels
+            guarded_log.guard_ms.clear()
+            echo(
+                f"\n(1) the guards, every check on (input and output redact, injection and denied topics flag) against off: {pairs} pairs, the same prompt each side, "
+                f"alternating, {max_tokens} new tokens, response cache off"
+            )
+            off_ms: list[float] = []
+            on_ms: list[float] = []
+            answers: list[str] = []
+            for index in range(pairs):
+                prompt = prompts[index % len(prompts)]
+                order = ("off", "on") if index % 2 == 0 else ("on", "off")
+                for side in order:
+                    elapsed, text = await ask(clients[side], prompt, max_tokens, "off")
+                    (off_ms if side == "off" else on_ms).append(elapsed)
+                    if side == "off":
+                        answers.append(text)
+            echo(latency_line("guard off", off_ms))
+            echo(latency_line(GUARDS_ON, on_ms))
+            echo(latency_line("overhead: the pairs' differences", [b - a for a, b in zip(off_ms, on_ms, strict=True)]))
+            # The pairs' difference is the answer's latency, noisy by the generation's own spread; the guards'
+            # own time is what they cost: the injection screen runs while the model generates.
+            echo(latency_line("the guards' own time per call, as their spans say", guarded_log.guard_ms))
+            whole = [_timed_ms(lambda text=text: on.whole(text)) for text in answers]
+            streamed = [_timed_ms(lambda text=text: _stream_by_words(on, text)) for text in answers]
+            echo(latency_line("the guard's own check, whole answer", whole))
+            echo(latency_line("the guard's own check, streamed word by word", streamed))
+            long_text = (await ask(clients["off"], prompts[1], 256, "off"))[1]
+            echo(
+                latency_line(
+                    f"  on one {len(long_text)}-character answer, whole", [_timed_ms(lambda: on.whole(long_text))]
+                )
+            )
+            echo(
+                latency_line(
+                    f"  on one {len(long_text)}-character answer, streamed word by word",
+                    [_timed_ms(lambda: _stream_by_words(on, long_text))],
+                )
+            )
+
+            echo(f"\n(2) the response cache: each of {requests} greedy prompts generated, then asked again")
+            generated_ms: list[float] = []
+            hit_ms: list[float] = []
+            semantic_ms: list[float] = []
+            for index, prompt in enumerate(prompts[:requests]):
+                generated_ms.append((await ask(clients["cache"], prompt, max_tokens, "miss"))[0])
+                hit_ms.append((await ask(clients["cache"], prompt, max_tokens, "hit"))[0])
+                elapsed, _, cache = await ask_raw(clients["cache"], REWORDED.format(index), max_tokens)
+                if cache == "semantic":
+                    semantic_ms.append(elapsed)
+            echo(latency_line("generated through the gateway (cache miss)", generated_ms))
+            echo(latency_line("answered from the gateway's response cache", hit_ms))
+            echo(f"{'':<52} a hit is {statistics.median(generated_ms) / statistics.median(hit_ms):.0f}x faster at p50")
+            echo(
+                f"the same questions reworded ({REWORDED.format('N')!r}): {len(semantic_ms)} of {requests} "
+                f"answered by the semantic cache (threshold {SEMANTIC_THRESHOLD})"
+            )
+            if semantic_ms:
+                echo(latency_line("answered from the semantic cache", semantic_ms))
+                echo(
+                    f"{'':<52} a semantic hit is "
+                    f"{statistics.median(generated_ms) / statistics.median(semantic_ms):.0f}x faster at p50"
+                )
+        finally:
+            for client in clients.values():
+                await client.aclose()
+            for gateway in (plain, guarded, cached):
+                await gateway.close()
+
+    with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as scratch:
+        with TritonServing(engine, workdir=Path(scratch) / "triton", max_batch_size=8) as serving:
+            assert serving.ports is not None
+            asyncio.run(main(serving.ports.grpc_url))
+
+
+def _timed_ms(call: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    call()
+    return (time.perf_counter() - started) * 1000
+
+
+def _stream_by_words(guard: ContentGuard, text: str) -> str:
+    """The text fed as a stream delivers it, a word at a time (about a piece per decode step)."""
+    guarded = guard.stream()
+    words = text.split(" ")
+    out = [guarded.feed(word if index == 0 else " " + word) for index, word in enumerate(words)]
+    return "".join(out) + guarded.finish()
