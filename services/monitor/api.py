@@ -29,6 +29,7 @@ from contracts.events import AlertRaised, AlertState
 from contracts.http import QueryRequest, QueryResult, Request, Role
 from contracts.ids import AlertId
 from services.monitor.console import DRIFT_KINDS, page_context
+from services.monitor.guard_pages import create_guard_pages
 from services.monitor.service import Monitor
 from services.monitor.trace_pages import create_trace_pages
 from services.runtime.auth import Authenticator, Principal
@@ -147,6 +148,7 @@ def create_router(
         )
 
     router.include_router(create_trace_pages(monitor.store, console, limits))
+    router.include_router(create_guard_pages(monitor.store, console, limits))
 
     @router.post("/console/alerts/{alert_id}", include_in_schema=False)
     async def change_from_console(

@@ -114,6 +114,7 @@ def create_app(
         Section(GROUP, "Monitor", CONSOLE),
         Section(GROUP, "Traces", f"{CONSOLE}/traces"),
         Section(GROUP, "Sessions", f"{CONSOLE}/sessions"),
+        Section(GROUP, "Guards", f"{CONSOLE}/guards"),
     )
     return Service(
         name=GROUP,

@@ -42,6 +42,10 @@ class Metric:
     source: Literal["inference", "span"] = "inference"
 
 
+_GUARDED = "countIf(guard_input_outcome IS NOT NULL OR guard_output_outcome IS NOT NULL)"
+_FOUND = "('flagged', 'redacted', 'blocked')"
+
+
 def _span_metric(name: str, description: str, expression: str, samples: str = "count()") -> Metric:
     return Metric(name, description, "sql", expression, samples, source="span")
 
@@ -53,6 +57,21 @@ METRICS: dict[str, Metric] = {
             "latency_p95_ms", "95th percentile of end-to-end latency (ms)", "sql", "quantile(0.95)(latency_total_ms)"
         ),
         Metric("error_rate", "share of inferences with status error", "sql", "countIf(status = 'error') / count()"),
+        # Over the calls a gateway guard checked (input, output or both): with the guards off there is nothing to rate.
+        Metric(
+            "guard_block_rate",
+            "share of guarded calls whose request or answer a guard blocked",
+            "sql",
+            f"countIf(guard_input_outcome = 'blocked' OR guard_output_outcome = 'blocked') / {_GUARDED}",
+            _GUARDED,
+        ),
+        Metric(
+            "guard_finding_rate",
+            "share of guarded calls in which a guard found secrets or personal data",
+            "sql",
+            f"countIf(guard_input_outcome IN {_FOUND} OR guard_output_outcome IN {_FOUND}) / {_GUARDED}",
+            _GUARDED,
+        ),
         Metric(
             "thumbs_down_rate",
             "thumbs down among thumbs given",

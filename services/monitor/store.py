@@ -250,11 +250,13 @@ class MonitorStore:
     ) -> list[dict[str, Any]]:
         """Per adapter version of `versions` over [start, end): inferences, errors, thumbs, samples of ok latencies and of ratings."""
         # A uniform sample of latencies keeps the bootstrap's memory bounded (resamples x sample); its interval
-        # then also carries the sampling error, so it only errs towards waiting longer.
+        # then also carries the sampling error, so it only errs towards waiting longer. A response-cache hit
+        # (route 'cache') counts as the version's inference, with its errors and feedback, but not its latency:
+        # the canary arm is never cached, so the control's hits would make it look faster than it is.
         return self._query(
             "SELECT adapter_version, count() AS inferences, countIf(status = 'error') AS errors, "
             "toUInt64(sum(thumbs_given)) AS thumbs_given, toUInt64(sum(thumbs_down)) AS thumbs_down, "
-            "groupArraySampleIf({sample:UInt32}, 1)(latency_total_ms, status = 'ok') AS latencies, "
+            "groupArraySampleIf({sample:UInt32}, 1)(latency_total_ms, status = 'ok' AND route != 'cache') AS latencies, "
             "groupArraySampleIf({sample:UInt32}, 2)(rating_sum / ratings_given, ratings_given > 0) AS ratings "
             f"FROM {MONITORED} WHERE model_name = {{model:String}} AND adapter_version IN {{versions:Array(UInt32)}} AND {_WINDOW} "
             "GROUP BY adapter_version",
@@ -264,10 +266,11 @@ class MonitorStore:
     def answers(
         self, model_name: str, versions: tuple[int, int], start: datetime, end: datetime, limit: int
     ) -> list[dict[str, Any]]:
-        """Up to `limit` answered inferences per adapter version (a deterministic sample) with prompt and answer."""
+        """Up to `limit` answered inferences per adapter version (a deterministic sample) with prompt and answer;
+        generated ones only, since a response-cache hit repeats an answer already in the sample's population."""
         return self._query(
             f"SELECT adapter_version, input_text, output_text FROM {MONITORED} "
-            f"WHERE model_name = {{model:String}} AND adapter_version IN {{versions:Array(UInt32)}} AND {_ANSWERED} AND {_WINDOW} "
+            f"WHERE model_name = {{model:String}} AND adapter_version IN {{versions:Array(UInt32)}} AND {_ANSWERED} AND route != 'cache' AND {_WINDOW} "
             "ORDER BY cityHash64(inference_id) LIMIT {limit:UInt32} BY adapter_version",
             {"model": model_name, "versions": list(versions), "start": start, "end": end, "limit": limit},
         )

@@ -69,7 +69,7 @@ class Paging:
     older: str | None
 
 
-def _when(moment: datetime | None) -> str:
+def when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else ""
 
 
@@ -119,7 +119,7 @@ def _page_number(value: str | None, user: ConsoleUser) -> int:
 
 
 @contextmanager
-def _refused_as(status: int, user: ConsoleUser, prefix: str = "") -> Iterator[None]:
+def refused_as(status: int, user: ConsoleUser, prefix: str = "") -> Iterator[None]:
     """What traces.py refuses (a BadValue), as a refusal page with `status`."""
     try:
         yield
@@ -171,7 +171,7 @@ def create_trace_pages(store: MonitorStore, console: Console, limits: QueryLimit
             if not (math.isfinite(min_duration) and 0 <= min_duration <= 10**10):
                 raise ConsoleRefused(422, "min duration is milliseconds: a number from 0, e.g. 250 or 1500.5", user)
         number = _page_number(page, user)
-        with _refused_as(422, user):
+        with refused_as(422, user):
             chosen = TraceFilter(since_ms(since), service, session, errors_only, name, min_duration)
             query = traces_query(chosen, PAGE_SIZE + 1, (number - 1) * PAGE_SIZE)
         rows = await read(user, query)
@@ -190,7 +190,7 @@ def create_trace_pages(store: MonitorStore, console: Console, limits: QueryLimit
         listed = [
             {
                 "trace_id": row["trace_id"],
-                "start": _when(row["started_at"]),
+                "start": when(row["started_at"]),
                 "root_name": row["root_name"],
                 "service": row["service_name"] or "",
                 "session": row["session_id"],
@@ -227,7 +227,7 @@ def create_trace_pages(store: MonitorStore, console: Console, limits: QueryLimit
         since = (since or "").strip() or DEFAULT_SINCE
         down = _flag(thumbs_down, "thumbs_down", user)
         number = _page_number(page, user)
-        with _refused_as(422, user):
+        with refused_as(422, user):
             query = sessions_query(
                 SessionFilter(since_ms(since), thumbs_down=down), PAGE_SIZE + 1, (number - 1) * PAGE_SIZE
             )
@@ -238,8 +238,8 @@ def create_trace_pages(store: MonitorStore, console: Console, limits: QueryLimit
                 "session_id": row["session_id"],
                 "traces": row["traces"],
                 "turns": row["turns"],
-                "first": _when(row["first_at"]),
-                "last": _when(row["last_at"]),
+                "first": when(row["first_at"]),
+                "last": when(row["last_at"]),
                 "duration": _milliseconds(row["duration_ms"]),
                 "tokens": f"{row['tokens_in']} / {row['tokens_out']}",
                 "errors": row["errors"],
@@ -263,7 +263,7 @@ def create_trace_pages(store: MonitorStore, console: Console, limits: QueryLimit
     # `:path`, so an id holding an (encoded) slash still reaches this page and its precise 404.
     @router.get("/traces/{trace_id:path}", response_class=HTMLResponse)
     async def trace(request: Request, trace_id: str, user: ConsoleUser = Depends(console.viewer)) -> HTMLResponse:
-        with _refused_as(404, user, "no such trace: "):
+        with refused_as(404, user, "no such trace: "):
             trace_id = checked_trace_id(trace_id)
         spans = await read(user, spans_query(trace_id, limit=SPANS_SHOWN + 1, text_max=TEXT_SHOWN))
         if not spans:
@@ -286,7 +286,7 @@ def create_trace_pages(store: MonitorStore, console: Console, limits: QueryLimit
     # `:path`: a session id may hold a slash (contracts/ids.py), encoded in the links.
     @router.get("/sessions/{session_id:path}", response_class=HTMLResponse)
     async def session(request: Request, session_id: str, user: ConsoleUser = Depends(console.viewer)) -> HTMLResponse:
-        with _refused_as(404, user, "no such session: "):
+        with refused_as(404, user, "no such session: "):
             session_id = checked_session_id(session_id)
         summary = await read(user, sessions_query(SessionFilter(0, session=session_id), 1))
         if not summary:
@@ -304,8 +304,8 @@ def create_trace_pages(store: MonitorStore, console: Console, limits: QueryLimit
             summary={
                 "traces": row["traces"],
                 "turns": row["turns"],
-                "first": _when(row["first_at"]),
-                "last": _when(row["last_at"]),
+                "first": when(row["first_at"]),
+                "last": when(row["last_at"]),
                 "duration": _milliseconds(row["duration_ms"]),
                 "tokens": f"{row['tokens_in']} / {row['tokens_out']}",
                 "cost": _cost(row["cost_usd"]),
@@ -316,7 +316,7 @@ def create_trace_pages(store: MonitorStore, console: Console, limits: QueryLimit
             traces=[
                 {
                     "trace_id": turn["trace_id"],
-                    "start": _when(turn["started_at"]),
+                    "start": when(turn["started_at"]),
                     "root_name": turn["root_name"],
                     "duration": _milliseconds(turn["duration_ms"]),
                     "spans": turn["spans"],
@@ -340,7 +340,7 @@ def _given(row: dict[str, Any]) -> dict[str, Any]:
         "rating": row["rating"],
         "comment": row["comment"] or "",
         "source": row["source"],
-        "at": _when(row["occurred_at"]),
+        "at": when(row["occurred_at"]),
         "on_inference": row.get("inference_id") or None,
     }
 

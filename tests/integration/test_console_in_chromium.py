@@ -36,6 +36,7 @@ from contracts.events import (
     EvaluationCompleted,
     EvaluationRequested,
     FeedbackReceived,
+    GuardOutcome,
     InferenceLogged,
     ModelTarget,
     Stage,
@@ -239,6 +240,14 @@ def seed_traffic(clickhouse: ClickHouseStore) -> None:
                 prompt_tokens=20 + index,
                 completion_tokens=8,
                 latency_total_ms=300.0 + 10 * index,
+                # Two of them met the gateway's guards: an injection blocked, a card in an answer redacted.
+                **(
+                    {"guard_input_outcome": GuardOutcome.blocked, "guard_input_found": ["PROMPT_INJECTION"]}
+                    if index == 4
+                    else {"guard_output_outcome": GuardOutcome.redacted, "guard_output_found": ["CARD"]}
+                    if index == 7
+                    else {}
+                ),
             )
         )
         down = index % 3 != 0
@@ -412,6 +421,7 @@ async def test_the_console_in_chromium_across_services_read_signed_out_and_chang
             "/monitor/console",
             "/monitor/console/traces",
             "/monitor/console/sessions",
+            "/monitor/console/guards",
         ]
         listed = await browser.evaluate("[...document.querySelectorAll('main a')].map(a => a.getAttribute('href'))")
         navigation = await browser.evaluate("[...document.querySelectorAll('nav a')].map(a => a.getAttribute('href'))")
@@ -462,6 +472,8 @@ async def test_the_console_in_chromium_across_services_read_signed_out_and_chang
         await follow(browser, base, "/monitor/console")
         # The alert of the monitor's own tick, and the lineage read from the registry's door with the viewer's key.
         await check_and_keep(browser, "13-monitor", ["thumbs-down", "1 open alerts", f"{MODEL}:v1", f"{DATASET}:v1"])
+        await follow(browser, base, "/monitor/console/guards")
+        await check_and_keep(browser, "14-guards", ["2 guarded calls", "PROMPT_INJECTION", "redacted: CARD"])
 
         # 3. The viewer's session posts the label form anyway, with its own CSRF token: refused, nothing moves.
         await browser.open(f"{base}/registry/console/prompts/{PROMPT}", f"/registry/console/prompts/{PROMPT}")
@@ -513,4 +525,4 @@ async def test_the_console_in_chromium_across_services_read_signed_out_and_chang
         object_type="prompt", object_id=f"{PROMPT}@staging", actor="console-operator"
     ).items
     assert move.action == "prompt.label" and move.after == {"version": 3, "traffic_percent": None}, move
-    assert len(list(SHOTS.glob("*.png"))) == 14
+    assert len(list(SHOTS.glob("*.png"))) == 15
