@@ -94,20 +94,25 @@ def to_markdown(
             if row.baseline is not None
             else "-"
         )
-        ratio = f"**{row.ratio:.2f}x**" if row.ratio is not None else "-"
+        ratio = f"**{_ratio(row.ratio)}x**" if row.ratio is not None else "-"
         out.append(f"| {row.benchmark} | {row.measure} | {flywheel} | {baseline} | {ratio} | {row.better} |")
     return "\n".join(out) + "\n"
+
+
+def _ratio(ratio: float) -> str:
+    # Two decimals, or three significant digits below 0.01: a cache hit's 0.005x is not 0.00x.
+    return f"{ratio:.2f}" if ratio >= 0.01 else f"{ratio:.3g}"
 
 
 @app.command("all")
 def all_benchmarks(
     quick: bool = typer.Option(False, "--quick", help="The CI size: small inputs, minutes instead of tens of minutes."),
     only: list[str] = typer.Option(
-        [], help="Run only these benchmarks (train, serve, ingest, traces; repeat the option)."
+        [], help="Run only these benchmarks (train, serve, gateway, ingest, traces; repeat the option)."
     ),
     out: Path = typer.Option(RESULTS, help="Where the markdown and json tables go."),
 ) -> None:
-    """Train, serve, ingest and traces benchmarks; one table of ratios with the machine's description in bench/results/."""
+    """Train, serve, gateway, ingest and traces benchmarks; one table of ratios with the machine's description in bench/results/."""
     size = "quick" if quick else "full"
     known = benchmarks()
     unknown = sorted(set(only) - set(known))

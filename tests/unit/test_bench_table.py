@@ -11,7 +11,8 @@ import pytest
 from services.cli.bench_cmd import to_markdown
 from services.runtime.bench import Row
 from services.serving.bench import Figures
-from services.serving.cli import serve_rows
+from services.serving.cli import gateway_rows, serve_rows
+from services.serving.gateway_bench import GUARDS_ON, latency_line
 
 SIZE = {"requests": 8, "max_tokens": 8, "concurrencies": (1, 8), "adapters": 4}
 
@@ -40,6 +41,26 @@ def test_the_serving_figures_become_rows_with_ratios_against_their_baselines() -
     assert (gateway.flywheel, gateway.baseline) == (25.0, 20.0) and gateway.ratio == pytest.approx(1.25)
 
 
+def test_the_gateway_figures_become_rows() -> None:
+    lines = [
+        latency_line("guard off", [300.0, 310.0, 320.0]),
+        latency_line(GUARDS_ON, [301.0, 311.0, 330.0]),
+        latency_line("overhead: the pairs' differences", [-2.0, 1.0, 10.0]),
+        latency_line("the guard's own check, streamed word by word", [0.2, 0.25, 0.3]),
+        latency_line("generated through the gateway (cache miss)", [300.0]),
+        latency_line("answered from the gateway's response cache", [1.5]),
+    ]
+    rows = {row.measure: row for row in gateway_rows(lines, {"pairs": 3, "requests": 1, "max_tokens": 8})}
+    p50 = rows["p50 latency, 8 tokens, every guard on (3 pairs)"]
+    assert (p50.flywheel, p50.baseline) == (311.0, 310.0)
+    assert rows["p95 latency, 8 tokens, every guard on (3 pairs)"].flywheel == 330.0
+    assert rows["the output guard's own check per streamed answer, p50"].flywheel == 0.25
+    cached = rows["p50 latency of a repeated greedy request, 8 tokens"]
+    assert (cached.flywheel, cached.baseline) == (1.5, 300.0) and cached.ratio == pytest.approx(0.005)
+    with pytest.raises(RuntimeError, match="no figures"):
+        gateway_rows(["loading SmolLM2-135M-Instruct ..."], {"pairs": 3, "requests": 1, "max_tokens": 8})
+
+
 def test_output_without_figures_is_an_error_not_an_empty_table() -> None:
     with pytest.raises(RuntimeError, match="no figures"):
         serve_rows(["loading SmolLM2-135M-Instruct ...", "(1) 8 requests"], SIZE)
@@ -61,6 +82,7 @@ def test_the_markdown_table_names_the_machine_failures_and_what_was_not_run() ->
     rows = [
         Row("ingest", "events/s", 1000.0, 5.0, "events/s", "higher", "sink", "one insert"),
         Row("train", "-", None, None, "", "", error="RuntimeError: bench side baseline failed"),
+        Row("gateway", "p50 of a cache hit", 2.8, 587.0, "ms", "lower", "cache", "generated"),
     ]
     table = to_markdown(rows, machine, "quick", datetime(2026, 11, 22, tzinfo=UTC), 12.0, ["train", "ingest"])
 
@@ -69,3 +91,4 @@ def test_the_markdown_table_names_the_machine_failures_and_what_was_not_run() ->
     assert "not run this time: serve" in table
     assert "| ingest | events/s | 1,000.0 events/s (sink) | 5.0 events/s (one insert) | **200.00x** | higher |" in table
     assert "| train | - | failed: RuntimeError: bench side baseline failed |" in table
+    assert "| **0.00477x** | lower |" in table, "a ratio far below 1 keeps its digits"
