@@ -33,7 +33,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -77,6 +77,8 @@ DISCONNECTED = "the client disconnected before the stream ended"
 # Stands for the question in the model input the semantic cache keys on. A request that writes it itself
 # only meets entries of its own principal (the key holds it).
 QUESTION_MARK = "\x00question\x00"
+# How long a stream whose answer has come may take to end on Triton's side before it is cancelled.
+STREAM_RELEASE_WITHIN_S = 5.0
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit; each one is checked against the text after every token
 
 
@@ -227,9 +229,7 @@ class Gateway:
         if policy is None:
             policy = self._policies[label] = GuardPolicy.of(active.spec, label, self._detector, self._embedder)
             if policy.needs_meaning:
-                task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._warm, policy))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._in_background(asyncio.to_thread(self._warm, policy))
         return policy
 
     def in_flight(self, adapter_name: str) -> int:
@@ -349,7 +349,7 @@ class Gateway:
                 sent, call.triton_sent_ns = time.perf_counter(), time.time_ns()
                 responses, answer = await self._send_screened(call, row)
                 call.triton_ended_ns = time.time_ns()
-                responses.cancel()
+                self._release_soon(responses)
                 triton_ms = (time.perf_counter() - sent) * 1000
                 _check_loaded(call, answer)
                 if call.policy.output.enabled:  # a cached answer was guarded before it was stored
@@ -437,7 +437,12 @@ class Gateway:
             generation.cancel()
             await asyncio.gather(screen, generation, return_exceptions=True)
             if generation.done() and not generation.cancelled() and generation.exception() is None:
-                generation.result()[0].cancel()  # answered before the verdict blocked it
+                # Answered (or, streaming, begun) before the verdict blocked it.
+                if stream:
+                    generation.result()[0].cancel()
+                    self._cancel_soon(request_id)
+                else:
+                    self._release_soon(generation.result()[0])
             raise
 
     async def _screen(self, call: _Call) -> None:
@@ -724,7 +729,14 @@ class Gateway:
 
     def _cancel_soon(self, request_id: str) -> None:
         """Ask Triton to drop a stream's request; fire and forget, since the caller may be a cancelled task."""
-        task = asyncio.get_running_loop().create_task(self._cancel(request_id))
+        self._in_background(self._cancel(request_id))
+
+    def _release_soon(self, responses: _Responses) -> None:
+        """Let a stream whose answer has come end on Triton's side, without making the caller wait for it."""
+        self._in_background(responses.release(STREAM_RELEASE_WITHIN_S))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -820,6 +832,27 @@ class _Responses:
     def cancel(self) -> None:
         self.calls.cancel()
 
+    async def release(self, within_s: float) -> None:
+        """Read the stream to its end, so that Triton closes it; cancel it only if that takes over `within_s`.
+
+        Cancelling a stream whose answer has come races Triton's own close of it. tritonserver's stream
+        handler can then read a freed call and die of SIGSEGV: CI saw it in
+        ModelStreamInferHandler::Process (triton-inference-server/server#8034), and every request paid
+        the race when each stream was cancelled after its answer.
+        """
+        import grpc
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            async with asyncio.timeout(within_s):
+                async for _ in self.calls:
+                    pass
+        except TimeoutError:
+            self.cancel()
+        except (grpc.RpcError, InferenceServerException) as error:
+            # The caller has its answer; a stream that then fails loses nothing.
+            log.debug("a finished Triton stream closed with an error: %s", error)
+
 
 def _add_input_verdict(call: _Call, verdict: GuardVerdict) -> None:
     """Fold one input check's verdict into the call's (the values guard and the injection screen are one side)."""
@@ -905,10 +938,12 @@ class Stream:
 
     def close(self) -> None:
         """Release the Triton stream; before the last piece, the client left: cancel the request there."""
+        if self._ended:
+            self._gateway._release_soon(self._responses)
+            return
         self._responses.cancel()
-        if not self._ended:
-            self._gateway._cancel_soon(self.inference_id)
-            self._end(None, DISCONNECTED)
+        self._gateway._cancel_soon(self.inference_id)
+        self._end(None, DISCONNECTED)
 
     def _end(self, final: TritonAnswer | None, error: str | None) -> None:
         self._ended = True

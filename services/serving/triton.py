@@ -542,13 +542,17 @@ def stream_infer(
 
     answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
     client = triton_grpc.InferenceServerClient(grpc_url)
+    answered = False
     try:
         client.start_stream(callback=lambda result, error: answers.put((result, error)))
         client.async_stream_infer(model, infer_inputs(triton_grpc, row), outputs=infer_outputs(triton_grpc))
         result, error = answers.get(timeout=timeout_s)
+        answered = True
         if error is not None:
             raise error
         return parse_answer(result)
     finally:
-        client.stop_stream(cancel_requests=True)
+        # An answered stream is left to end on Triton's side: cancelling it races Triton's own close
+        # (see the gateway's _Responses.release).
+        client.stop_stream(cancel_requests=not answered)
         client.close()

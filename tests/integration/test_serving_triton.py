@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import queue
 import urllib.request
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 
 from services.runtime.inference import Engine, GenerationRequest, SamplingParams
+from services.serving.gateway import _Responses
 from services.serving.triton import (
     CANCEL_MODEL_NAME,
     MODEL_NAME,
@@ -182,3 +185,44 @@ def test_cancelling_a_stream_takes_it_out_of_the_batch(serving: TritonServing) -
     )
     assert final.finish_reason == "cancelled" and 0 < final.completion_tokens < row.max_tokens
     assert serving.batcher.decoding == 0
+
+
+async def test_an_answered_stream_ends_on_tritons_side_and_one_that_runs_on_is_cancelled(
+    serving: TritonServing,
+) -> None:
+    """The gateway never cancels a stream whose answer has come (cancelling races tritonserver's own close
+    of it, which crashed a CI run); a stream still decoding when its time is up is cancelled."""
+    import grpc
+    import tritonclient.grpc.aio as triton_aio
+
+    assert serving.ports is not None
+    client = triton_aio.InferenceServerClient(serving.ports.grpc_url)
+
+    async def opened(row: TritonRow, *, stream: bool, request_id: str = "") -> _Responses:
+        async def one_request() -> AsyncIterator[dict[str, Any]]:
+            yield {
+                "model_name": STREAM_MODEL_NAME,
+                "inputs": infer_inputs(triton_aio, row, stream=stream, request_id=request_id),
+                "outputs": infer_outputs(triton_aio),
+            }
+
+        responses = _Responses(client.stream_infer(one_request(), stream_timeout=60), client)
+        result, error = await anext(responses.calls)
+        assert error is None and parse_answer(result).error == ""
+        return responses
+
+    try:
+        answered = await opened(TritonRow(prompt="Hi", adapter=None, max_tokens=2, temperature=0.0), stream=False)
+        await answered.release(within_s=30)
+        assert await answered.calls._grpc_call.code() == grpc.StatusCode.OK
+
+        long_row = TritonRow(prompt="Tell me everything", adapter=None, max_tokens=480, temperature=0.0)
+        decoding = await opened(long_row, stream=True, request_id="runs-on")
+        await decoding.release(within_s=0.2)
+        assert await decoding.calls._grpc_call.code() == grpc.StatusCode.CANCELLED
+        # As the gateway does for a client that left: the row itself leaves the batch through the cancel model.
+        request = triton_aio.InferInput("request_id", [1, 1], "BYTES")
+        request.set_data_from_numpy(np.array([[b"runs-on"]], dtype=np.object_))
+        assert bool((await client.infer(CANCEL_MODEL_NAME, [request])).as_numpy("cancelled").reshape(-1)[0])
+    finally:
+        await client.close()
