@@ -3,9 +3,9 @@ real Triton, each side measured in the same run on the same prompts.
 
 (1) The guards: calls with every check on (secrets and personal data in the input and in the answer,
     and unsafe content in the answer, `redact`; prompt injection and a denied topic in the input, `flag`,
-    screened while the model generates; the JSON and groundedness checks need a response_format or a
-    context, which these requests do not carry, so they do not run) against the same
-    calls with the guards off, in alternating pairs (the response cache off on both), p50 and
+    screened while the model generates; the answer against a JSON Schema and its groundedness in a
+    supplied context, `flag`, so every pair's request carries a response_format and a grounding_context)
+    against the same calls with the guards off, in alternating pairs (the response cache off on both), p50 and
     p95 of each side and of the pairs' differences; then the guard's own check time per answer, whole
     and streamed piece by piece (its hold-back rescans the text as it grows), on the answers just
     generated and on one long answer.
@@ -19,6 +19,7 @@ import asyncio
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,14 @@ MODEL = "smollm2"
 # A topic the bench's prompts are not on: the screen embeds every request, and flags none.
 DENIED_TOPICS = {"medical": ["What medicine should I take for my headache?", "How much ibuprofen can I take?"]}
 GUARDS_ON = "guards on (every input and output check)"
+# What each pair's requests carry, both sides alike, so the JSON and groundedness checks run on the guarded
+# side. SmolLM2 rarely answers in JSON when only asked for a sentence: most answers are flagged, which is
+# what the check's cost is measured on either way.
+ANSWER_SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {"name": "sentence", "schema": {"type": "object", "properties": {"sentence": {"type": "string"}}}},
+}
+CONTEXT = "Numbers are used to count and to measure. The number {} is an integer: it has no fractional part."
 REWORDED = "Write a single sentence about the number {}."
 SEMANTIC_THRESHOLD = 0.9
 
@@ -53,14 +62,22 @@ class _NoBus:
 
     def __init__(self) -> None:
         self.guard_ms: list[float] = []
+        self.found: Counter[str] = Counter()  # what the checks found, by label, over every call
+        self.grounded = 0  # answers whose groundedness was scored
 
     def offer(self, *_: object, spans: Any = (), **__: object) -> bool:
-        checked = [
-            float(span.attributes["flywheel.guard.checked_ms"]) for span in spans if span.name.startswith("guard ")
-        ]
-        if checked:
-            self.guard_ms.append(sum(checked))
+        guards = [span.attributes for span in spans if span.name.startswith("guard ")]
+        if guards:
+            self.guard_ms.append(sum(float(guard["flywheel.guard.checked_ms"]) for guard in guards))
+        for guard in guards:
+            self.found.update(label for label in guard["flywheel.guard.found"].split(",") if label)
+            self.grounded += "flywheel.guard.groundedness" in guard
         return True
+
+    def clear(self) -> None:
+        self.guard_ms.clear()
+        self.found.clear()
+        self.grounded = 0
 
 
 def gateway_app(engine: Engine, grpc_url: str, settings: ServingSettings, bus: _NoBus | None = None) -> tuple[Any, Any]:
@@ -91,15 +108,19 @@ def gateway_app(engine: Engine, grpc_url: str, settings: ServingSettings, bus: _
     return gateway, create_http_app("bench", routers=[router])
 
 
-async def ask(client: Any, question: str, max_tokens: int, expect_cache: str) -> tuple[float, str]:
-    """One greedy chat completion through the door: its latency in ms and its text."""
-    elapsed, text, cache = await ask_raw(client, question, max_tokens)
+async def ask(
+    client: Any, question: str, max_tokens: int, expect_cache: str, extra: dict[str, Any] | None = None
+) -> tuple[float, str]:
+    """One greedy chat completion through the door (with `extra` in its body): its latency in ms and its text."""
+    elapsed, text, cache = await ask_raw(client, question, max_tokens, extra)
     if cache != expect_cache:
         raise RuntimeError(f"the gateway's cache said {cache}, not {expect_cache}")
     return elapsed, text
 
 
-async def ask_raw(client: Any, question: str, max_tokens: int) -> tuple[float, str, str]:
+async def ask_raw(
+    client: Any, question: str, max_tokens: int, extra: dict[str, Any] | None = None
+) -> tuple[float, str, str]:
     """One greedy chat completion through the door: its latency in ms, its text and what the cache did."""
     sent = time.perf_counter()
     response = await client.post(
@@ -109,6 +130,7 @@ async def ask_raw(client: Any, question: str, max_tokens: int) -> tuple[float, s
             "messages": [{"role": "user", "content": question}],
             "max_tokens": max_tokens,
             "temperature": 0,
+            **(extra or {}),
         },
     )
     response.raise_for_status()
@@ -136,6 +158,8 @@ def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Calla
         guard_output_secrets=GuardAction.redact,
         guard_output_personal=GuardAction.redact,
         guard_output_unsafe=GuardAction.redact,
+        guard_output_json_schema=GuardAction.flag,
+        guard_output_groundedness=GuardAction.flag,
     )
 
     async def main(grpc_url: str) -> None:
@@ -154,10 +178,11 @@ def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Calla
         try:
             for name in ("off", "on"):
                 await ask(clients[name], prompts[0], max_tokens, "off")  # warm-up: channels, kernels
-            guarded_log.guard_ms.clear()
+            guarded_log.clear()
             echo(
-                f"\n(1) the guards, every check on (input and output redact, injection and denied topics flag) against off: {pairs} pairs, the same prompt each side, "
-                f"alternating, {max_tokens} new tokens, response cache off"
+                "\n(1) the guards, every check on (input and output redact; injection, denied topics, JSON Schema "
+                f"and groundedness flag) against off: {pairs} pairs, the same request each side (with a "
+                f"response_format and a grounding_context), alternating, {max_tokens} new tokens, response cache off"
             )
             off_ms: list[float] = []
             on_ms: list[float] = []
@@ -165,8 +190,9 @@ def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Calla
             for index in range(pairs):
                 prompt = prompts[index % len(prompts)]
                 order = ("off", "on") if index % 2 == 0 else ("on", "off")
+                extra = {"response_format": ANSWER_SCHEMA, "grounding_context": CONTEXT.format(index)}
                 for side in order:
-                    elapsed, text = await ask(clients[side], prompt, max_tokens, "off")
+                    elapsed, text = await ask(clients[side], prompt, max_tokens, "off", extra)
                     (off_ms if side == "off" else on_ms).append(elapsed)
                     if side == "off":
                         answers.append(text)
@@ -176,6 +202,10 @@ def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Calla
             # The pairs' difference is the answer's latency, noisy by the generation's own spread; the guards'
             # own time is what they cost: the injection screen runs while the model generates.
             echo(latency_line("the guards' own time per call, as their spans say", guarded_log.guard_ms))
+            found = ", ".join(f"{label} {count}" for label, count in sorted(guarded_log.found.items())) or "nothing"
+            echo(
+                f"what the guards found in {pairs} calls: {found}; groundedness scored on {guarded_log.grounded} answers"
+            )
             whole = [_timed_ms(lambda text=text: on.whole(text)) for text in answers]
             streamed = [_timed_ms(lambda text=text: _stream_by_words(on, text)) for text in answers]
             echo(latency_line("the guard's own check, whole answer", whole))
