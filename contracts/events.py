@@ -42,6 +42,17 @@ class Stage(StrEnum):
     archived = "archived"
 
 
+class ServedRoute(StrEnum):
+    """How the gateway chose what answers a call to a model: a stage's version, a declared canary, a
+    version named by the caller (pinned), or the base model (direct)."""
+
+    production = "production"
+    staging = "staging"
+    canary = "canary"
+    pinned = "pinned"
+    direct = "direct"
+
+
 class Thumbs(StrEnum):
     up = "up"
     down = "down"
@@ -209,6 +220,9 @@ _NOTHING_TO_REPLACE = {
 }
 
 
+ATTACHED_ONCE = "a guard policy is attached to a whole model, to one of its routes or to one prompt: give route or prompt_name, not both"
+
+
 class GuardPolicySpec(ContractModel):
     """What a gateway does inline with one model's traffic: an action per check on each side of a call,
     and how its response cache may be used."""
@@ -299,8 +313,20 @@ class GuardPolicyActivated(Payload):
     policy_name: GuardPolicyName = Field(description="Guard policy name.")
     version: int = Field(ge=1, description="The version now active.")
     model_name: ModelName = Field(description="The model whose calls it guards.")
+    route: ServedRoute | None = Field(
+        default=None, description="Attached to the model's calls on this route only; none: the whole model."
+    )
+    prompt_name: PromptName | None = Field(
+        default=None, description="Attached to the model's calls that use this registry prompt only."
+    )
     spec: GuardPolicySpec = Field(description="What it checks and does.")
     actor: str = Field(description="Principal that activated it.")
+
+    @model_validator(mode="after")
+    def _one_attachment(self) -> GuardPolicyActivated:
+        if self.route is not None and self.prompt_name is not None:
+            raise ValueError(ATTACHED_ONCE)
+        return self
 
 
 class StageChanged(Payload):

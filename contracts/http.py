@@ -14,6 +14,7 @@ from typing import Any, Generic, Literal, Self, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from contracts.events import (
+    ATTACHED_ONCE,
     DatasetRef,
     EvaluationCompleted,
     FeedbackSource,
@@ -21,6 +22,7 @@ from contracts.events import (
     GuardPolicySpec,
     Hyperparameters,
     ModelTarget,
+    ServedRoute,
     Stage,
     Thumbs,
     feedback_target,
@@ -416,10 +418,24 @@ class PromptVersionView(RegistryView):
 class GuardPolicyCreate(Request):
     name: GuardPolicyName = Field(description="Guard policy name; each publication is its next version.")
     model_name: ModelName = Field(description="The model whose gateway calls it guards (by the name callers ask for).")
+    route: ServedRoute | None = Field(
+        default=None,
+        description="Attach it to the model's calls on this route only (production, staging, canary, pinned, direct); it then takes precedence over a policy of the whole model.",
+    )
+    prompt_name: PromptName | None = Field(
+        default=None,
+        description="Attach it to the model's calls that use this registry prompt only; it then takes precedence over a route's or the whole model's policy.",
+    )
     spec: GuardPolicySpec = Field(description="What it checks on each side of a call, and how the cache may be used.")
     activate: bool = Field(
         default=True, description="Make the new version the active one now; false keeps the current one active."
     )
+
+    @model_validator(mode="after")
+    def _one_attachment(self) -> Self:
+        if self.route is not None and self.prompt_name is not None:
+            raise ValueError(ATTACHED_ONCE)
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -443,6 +459,10 @@ class GuardPolicyView(RegistryView):
     name: str = Field(description="Guard policy name.")
     version: int = Field(description="Version number, per name, from 1.")
     model_name: str = Field(description="The model whose calls it guards.")
+    route: ServedRoute | None = Field(default=None, description="The route it is attached to; none: see prompt_name.")
+    prompt_name: str | None = Field(
+        default=None, description="The prompt it is attached to; with route, none: the whole model."
+    )
     spec: GuardPolicySpec = Field(description="What it checks and does.")
     active: bool = Field(default=False, description="Whether this version is the one the gateway applies now.")
     created_at: datetime = Field(description="When it was published (UTC).")

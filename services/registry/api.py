@@ -247,6 +247,8 @@ def create_router(registry: Registry, auth: Authenticator) -> APIRouter:
             name=body.name,
             model_name=body.model_name,
             spec=body.spec,
+            route=body.route,
+            prompt_name=body.prompt_name,
             activate=body.activate,
         )
 

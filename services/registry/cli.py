@@ -248,7 +248,9 @@ def label_prompt(name: str, label: str, version: int) -> None:
     console.print(f"{name}@{label} -> v{version}")
 
 
-def _guard_policy(name: str, model: str, spec_file: Path, activate: bool) -> Any:
+def _guard_policy(
+    name: str, model: str, spec_file: Path, activate: bool, route: str | None = None, prompt: str | None = None
+) -> Any:
     """The publication as the door would take it: the same rules for the name, the model and the spec,
     and a spec field the contract does not know is refused rather than dropped (a typo would guard nothing)."""
     from pydantic import ValidationError
@@ -271,7 +273,9 @@ def _guard_policy(name: str, model: str, spec_file: Path, activate: bool) -> Any
             f"{spec_file}: unknown field(s) {', '.join(unknown)}; a guard policy spec has {', '.join(GuardPolicySpec.model_fields)}"
         )
     try:
-        return GuardPolicyCreate(name=name, model_name=model, spec=spec, activate=activate)
+        return GuardPolicyCreate(
+            name=name, model_name=model, route=route, prompt_name=prompt, spec=spec, activate=activate
+        )
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise RegistryCommandError(f"invalid guard policy ({spec_file}): {problems}") from None
@@ -285,16 +289,41 @@ def publish_guard_policy(
         Path, typer.Option("--spec", help="A JSON object of the spec: an action per check (off, flag, redact, block).")
     ],
     inactive: Annotated[bool, typer.Option("--inactive", help="Publish without making it the active version.")] = False,
+    route: Annotated[
+        str | None,
+        typer.Option(
+            "--route",
+            help="Attach it to the model's calls on this route only: production, staging, canary, pinned, direct.",
+        ),
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", help="Attach it to the model's calls that use this registry prompt only.")
+    ] = None,
 ) -> None:
-    """Register a guard policy spec as the next version of a policy, active unless --inactive."""
-    body = _guard_policy(name, model, spec, activate=not inactive)
+    """Register a guard policy spec as the next version of a policy, active unless --inactive. It guards the
+    whole model, or with --route or --prompt the calls on that route or with that prompt (the most specific
+    attached policy decides a call)."""
+    body = _guard_policy(name, model, spec, activate=not inactive, route=route, prompt=prompt)
     with _registry() as registry:
         policy = registry.guard_policies.publish_policy(
-            _actor(), name=body.name, model_name=body.model_name, spec=body.spec, activate=body.activate
+            _actor(),
+            name=body.name,
+            model_name=body.model_name,
+            spec=body.spec,
+            route=body.route,
+            prompt_name=body.prompt_name,
+            activate=body.activate,
         )
     console.print(
-        f"{policy.name}:v{policy.version} guards {policy.model_name} ({'active' if policy.active else 'not active'})"
+        f"{policy.name}:v{policy.version} guards {_guarded(policy)} ({'active' if policy.active else 'not active'})"
     )
+
+
+def _guarded(policy: Any) -> str:
+    """What a guard policy is attached to, in words."""
+    if policy.prompt_name:
+        return f"prompt {policy.prompt_name} on {policy.model_name}"
+    return f"route {policy.route.value} of {policy.model_name}" if policy.route else policy.model_name
 
 
 @registry_app.command("activate-guard-policy")
@@ -302,7 +331,7 @@ def activate_guard_policy(name: str, version: int) -> None:
     """Make a guard policy version the active one (a rollback is activating an earlier one)."""
     with _registry() as registry:
         policy = registry.guard_policies.activate_policy(_actor(), name=name, version=version)
-    console.print(f"{policy.name}:v{policy.version} is now active for {policy.model_name}")
+    console.print(f"{policy.name}:v{policy.version} is now active for {_guarded(policy)}")
 
 
 @registry_app.command("guard-policies")

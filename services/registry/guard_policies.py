@@ -1,18 +1,23 @@
-"""Guard policies: immutable versions of what a gateway does inline with one model's traffic (an action
-per check on each side of a call, how its cache may be used), and which version is active. Activating a
+"""Guard policies: immutable versions of what a gateway does inline with a model's traffic (an action per
+check on each side of a call, how its cache may be used), and which version is active. Activating a
 version, on publication or later (a rollback is activating an earlier one), announces it to the gateways
 as `guard_policy.activated`.
 
-A policy name is bound to the model of its first version, and a model has one policy name, so "the guard
-of model X" is always one history of versions; the database refuses a second name for a model too
-(models.GuardPolicyVersion's partial unique index), so two racing first publications cannot both win.
+A policy is attached to a whole model, to one of its routes (production, staging, canary, pinned,
+direct) or to the model's calls that use one registry prompt; the gateway applies the most specific one
+(prompt, then route, then model). A policy name is bound to the attachment of its first version, and an
+attachment has one policy name, so "the guard of X" is always one history of versions; the database
+refuses a second name for an attachment too (models.GuardPolicyVersion's partial unique index), so two
+racing first publications cannot both win.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlmodel import Session
 
-from contracts.events import GuardPolicyActivated, GuardPolicySpec
+from contracts.events import GuardPolicyActivated, GuardPolicySpec, ServedRoute
 from contracts.http import GuardPolicyView
 from services.registry import store
 from services.registry.changes import Changes
@@ -29,25 +34,35 @@ class GuardPolicies:
         self.changes = changes
 
     def publish_policy(
-        self, actor: str, *, name: str, model_name: str, spec: GuardPolicySpec, activate: bool = True
+        self,
+        actor: str,
+        *,
+        name: str,
+        model_name: str,
+        spec: GuardPolicySpec,
+        route: ServedRoute | None = None,
+        prompt_name: str | None = None,
+        activate: bool = True,
     ) -> GuardPolicyView:
         """Store the next immutable version of a guard policy; with `activate`, make it the active one."""
+        attached_to = attachment(route, prompt_name)
+        where = _described(model_name, attached_to)
         with self.changes.change(actor, "guard_policy.publish", "guard_policy", name) as session:
             first = store.first_guard_policy_version(session, name)
-            if first is not None and first.model_name != model_name:
-                holder = store.guard_policy_of_model(session, model_name)
+            if first is not None and (first.model_name, first.attached_to) != (model_name, attached_to):
+                holder = store.guard_policy_attached(session, model_name, attached_to)
                 elsewhere = f"its own policy {holder!r}" if holder else "a policy of another name"
                 raise Invalid(
-                    f"guard policy {name!r} guards model {first.model_name!r} (bound by its v1), not {model_name!r}: "
-                    f"publish its next version with model_name {first.model_name!r}, or guard {model_name!r} with {elsewhere}",
-                    param="model_name",
+                    f"guard policy {name!r} guards {_described(first.model_name, first.attached_to)} (bound by its v1), "
+                    f"not {where}: publish its next version there, or guard {where} with {elsewhere}",
+                    param="model_name" if first.model_name != model_name else "route" if route else "prompt_name",
                     code="model_mismatch",
                 )
-            if first is None and (holder := store.guard_policy_of_model(session, model_name)) is not None:
+            if first is None and (holder := store.guard_policy_attached(session, model_name, attached_to)) is not None:
                 raise Invalid(
-                    f"model {model_name!r} is already guarded by guard policy {holder!r}, and a model has one guard policy: "
-                    f"publish a new version of {holder!r} instead (POST /registry/v1/guard-policies with name {holder!r}, "
-                    f"or flywheel registry publish-guard-policy {holder} --model {model_name} --spec FILE.json)",
+                    f"{where} is already guarded by guard policy {holder!r}, and each model, route and prompt has "
+                    f"one guard policy: publish a new version of {holder!r} instead (POST /registry/v1/guard-policies "
+                    f"with name {holder!r}, or flywheel registry publish-guard-policy {holder} ...)",
                     param="name",
                     code="model_has_policy",
                 )
@@ -58,6 +73,7 @@ class GuardPolicies:
                 name=name,
                 version=version,
                 model_name=model_name,
+                attached_to=attached_to,
                 spec=spec.model_dump(mode="json"),
                 created_by=actor,
             )
@@ -68,7 +84,7 @@ class GuardPolicies:
                 "guard_policy.publish",
                 "guard_policy",
                 f"{name}:v{version}",
-                after={"model_name": model_name, "spec": row.spec, "activate": activate},
+                after={"model_name": model_name, "attached_to": attached_to, "spec": row.spec, "activate": activate},
             )
             if activate:
                 self._activate(session, actor, row)
@@ -105,6 +121,7 @@ class GuardPolicies:
                 policy_name=row.name,
                 version=row.version,
                 model_name=row.model_name,
+                **_attachment_fields(row.attached_to),
                 spec=GuardPolicySpec.model_validate(row.spec),
                 actor=actor,
             ),
@@ -136,11 +153,38 @@ class GuardPolicies:
             )
 
 
+def attachment(route: ServedRoute | None, prompt_name: str | None) -> str:
+    """What a policy is attached to within its model, as one column: "" (the whole model), "route:<route>"
+    or "prompt:<name>" (contracts refuse both at once)."""
+    if prompt_name is not None:
+        return f"prompt:{prompt_name}"
+    return f"route:{route.value}" if route is not None else ""
+
+
+def _attachment_fields(attached_to: str) -> dict[str, Any]:
+    """attachment's column back as the contracts' route and prompt_name fields."""
+    kind, _, value = attached_to.partition(":")
+    return {
+        "route": ServedRoute(value) if kind == "route" else None,
+        "prompt_name": value if kind == "prompt" else None,
+    }
+
+
+def _described(model_name: str, attached_to: str) -> str:
+    kind, _, value = attached_to.partition(":")
+    if kind == "route":
+        return f"route {value} of model {model_name!r}"
+    if kind == "prompt":
+        return f"prompt {value!r} on model {model_name!r}"
+    return f"model {model_name!r}"
+
+
 def _view(row: GuardPolicyVersion, *, active: bool) -> GuardPolicyView:
     return GuardPolicyView(
         name=row.name,
         version=row.version,
         model_name=row.model_name,
+        **_attachment_fields(row.attached_to),
         spec=GuardPolicySpec.model_validate(row.spec),
         active=active,
         created_at=row.created_at,

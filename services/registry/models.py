@@ -121,16 +121,18 @@ class PromptLabel(SQLModel, table=True):
 
 
 class GuardPolicyVersion(SQLModel, table=True):
-    """An immutable version of a guard policy: what a gateway does inline with one model's traffic."""
+    """An immutable version of a guard policy: what a gateway does inline with a model's traffic, the whole
+    model's or, by attached_to, one route's ("route:<route>") or one prompt's ("prompt:<name>")."""
 
     __tablename__ = "guard_policy_version"
     __table_args__ = (
         UniqueConstraint("name", "version", name="uq_guard_policy_version"),
-        # Every version of a name guards the model of its first (guard_policies.py refuses another), so one
-        # first version per model is the database's own refusal of a second policy name for a model.
+        # Every version of a name guards the attachment of its first (guard_policies.py refuses another), so
+        # one first version per attachment is the database's own refusal of a second policy name for it.
         Index(
-            "uq_guard_policy_one_per_model",
+            "uq_guard_policy_one_per_attachment",
             "model_name",
+            "attached_to",
             unique=True,
             sqlite_where=text("version = 1"),
             postgresql_where=text("version = 1"),
@@ -141,6 +143,7 @@ class GuardPolicyVersion(SQLModel, table=True):
     name: str = Field(max_length=200, index=True)
     version: int
     model_name: str = Field(max_length=200)
+    attached_to: str = Field(max_length=220)  # "" (the whole model), "route:<route>" or "prompt:<name>"
     spec: dict = Field(sa_column=Column(JSON, nullable=False))
     created_at: datetime = _when()
     created_by: str = Field(max_length=256)

@@ -365,11 +365,13 @@ def first_guard_policy_version(session: Session, name: str) -> GuardPolicyVersio
     )
 
 
-def guard_policy_of_model(session: Session, model_name: str) -> str | None:
-    """The name of the guard policy that guards a model, None when none does."""
+def guard_policy_attached(session: Session, model_name: str, attached_to: str) -> str | None:
+    """The name of the guard policy attached there (the whole model: attached_to ""), None when none is."""
     return session.scalar(
         select(GuardPolicyVersion.name).where(
-            GuardPolicyVersion.model_name == model_name, GuardPolicyVersion.version == 1
+            GuardPolicyVersion.model_name == model_name,
+            GuardPolicyVersion.attached_to == attached_to,
+            GuardPolicyVersion.version == 1,
         )
     )
 

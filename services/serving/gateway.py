@@ -219,9 +219,14 @@ class Gateway:
         self._detector.warm()
         policy.input.warm()
 
-    def _policy(self, model_name: str) -> GuardPolicy:
-        """The registry's active guard policy for the model, else the gateway's settings."""
-        active = self.guard_policies.active_for(model_name)
+    def _policy(self, call: _Call) -> GuardPolicy:
+        """The registry's active guard policy for the call (its prompt's, its route's or its model's), else
+        the gateway's settings."""
+        assert call.route is not None
+        prompt = call.request.prompt_ref
+        active = self.guard_policies.active_for(
+            call.route.model_name, call.route.route, prompt.name if prompt else None
+        )
         if active is None:
             return self.default_policy
         label = f"{active.policy_name}:v{active.version}"
@@ -396,7 +401,7 @@ class Gateway:
 
     def _prepare(self, call: _Call) -> TritonRow:
         call.route = self._resolve(call.request.model, call.sticky_key)
-        call.policy = policy = self._policy(call.route.model_name)
+        call.policy = policy = self._policy(call)
         if call.route.adapter_name is not None:
             call.holds = call.route.adapter_name
             self._in_flight[call.holds] += 1

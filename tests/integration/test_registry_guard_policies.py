@@ -135,16 +135,17 @@ async def test_publish_two_versions_then_roll_back_to_the_first(door: Door, regi
 
     strict, stricter = STRICT.model_dump(mode="json"), STRICTER.model_dump(mode="json")
     assert audit(registry) == [
-        ("olga", "guard_policy.publish", f"{POLICY}:v1", "ok", None, {"model_name": MODEL, "spec": strict, "activate": True}),
+        ("olga", "guard_policy.publish", f"{POLICY}:v1", "ok", None, {"model_name": MODEL, "attached_to": "", "spec": strict, "activate": True}),
         ("olga", "guard_policy.activate", POLICY, "ok", None, {"version": 1}),
-        ("olga", "guard_policy.publish", f"{POLICY}:v2", "ok", None, {"model_name": MODEL, "spec": stricter, "activate": True}),
+        ("olga", "guard_policy.publish", f"{POLICY}:v2", "ok", None, {"model_name": MODEL, "attached_to": "", "spec": stricter, "activate": True}),
         ("olga", "guard_policy.activate", POLICY, "ok", {"version": 1}, {"version": 2}),
         ("olga", "guard_policy.activate", POLICY, "ok", {"version": 2}, {"version": 1}),
     ]  # fmt: skip
+    whole_model = {"model_name": MODEL, "route": None, "prompt_name": None}
     assert activations(registry) == [
-        {"policy_name": POLICY, "version": 1, "model_name": MODEL, "spec": strict, "actor": "olga"},
-        {"policy_name": POLICY, "version": 2, "model_name": MODEL, "spec": stricter, "actor": "olga"},
-        {"policy_name": POLICY, "version": 1, "model_name": MODEL, "spec": strict, "actor": "olga"},
+        {"policy_name": POLICY, "version": 1, **whole_model, "spec": strict, "actor": "olga"},
+        {"policy_name": POLICY, "version": 2, **whole_model, "spec": stricter, "actor": "olga"},
+        {"policy_name": POLICY, "version": 1, **whole_model, "spec": strict, "actor": "olga"},
     ]
 
     # An unknown version is refused, audited, and moves nothing.
@@ -216,14 +217,66 @@ async def test_a_policy_stays_with_its_model_and_a_model_keeps_one_policy(door: 
     assert refusals(registry) == [(POLICY, "422 model_mismatch: " + moved.json()["error"]["message"]), ("another-guard", "422 model_has_policy: " + message)]  # fmt: skip
 
 
+async def test_a_route_and_a_prompt_of_a_model_each_get_a_policy_of_their_own(door: Door, registry: Registry) -> None:
+    assert (await door.publish(STRICT)).status_code == 201  # the whole model
+    routed = await door.publish(STRICTER, name="staging-guard", route="staging")
+    assert routed.status_code == 201, routed.text
+    assert (routed.json()["route"], routed.json()["prompt_name"]) == ("staging", None)
+    prompted = await door.publish(STRICTER, name="greet-guard", prompt_name="greet")
+    assert prompted.status_code == 201, prompted.text
+    assert (prompted.json()["route"], prompted.json()["prompt_name"]) == (None, "greet")
+    assert [(event["policy_name"], event["route"], event["prompt_name"]) for event in activations(registry)] == [
+        (POLICY, None, None),
+        ("staging-guard", "staging", None),
+        ("greet-guard", None, "greet"),
+    ]
+    before = (versions(registry), activations(registry))
+
+    second = await door.publish(STRICT, name="racer", route="staging")
+    assert second.status_code == 422 and second.json()["error"]["code"] == "model_has_policy", second.text
+    assert (
+        f"route staging of model '{MODEL}' is already guarded by guard policy 'staging-guard'"
+        in (second.json()["error"]["message"])
+    )
+    moved = await door.publish(STRICT, name="staging-guard", route="production")
+    assert (moved.status_code, moved.json()["error"]["code"], moved.json()["error"]["param"]) == (
+        422,
+        "model_mismatch",
+        "route",
+    )
+    assert (
+        f"guards route staging of model '{MODEL}' (bound by its v1), not route production of model '{MODEL}'"
+        in moved.json()["error"]["message"]
+    )
+    unattached = await door.publish(STRICT, name="greet-guard")  # its next version, but for the whole model
+    assert (unattached.status_code, unattached.json()["error"]["param"]) == (422, "prompt_name"), unattached.text
+    assert f"guards prompt 'greet' on model '{MODEL}'" in unattached.json()["error"]["message"]
+    both = await door.publish(STRICT, name="both-guard", route="staging", prompt_name="greet")
+    assert both.status_code == 422 and "give route or prompt_name, not both" in both.json()["error"]["message"]
+    unknown = await door.publish(STRICT, name="blue-guard", route="blue")
+    assert (unknown.status_code, unknown.json()["error"]["param"]) == (422, "route"), unknown.text
+    assert (versions(registry), activations(registry)) == before
+
+
 def test_the_database_itself_refuses_a_second_policy_name_for_a_model(registry: Registry) -> None:
     registry.guard_policies.publish_policy("alice", name=POLICY, model_name=MODEL, spec=STRICT)
+
+    def first_version(name: str, attached_to: str) -> GuardPolicyVersion:
+        return GuardPolicyVersion(
+            name=name,
+            version=1,
+            model_name=MODEL,
+            attached_to=attached_to,
+            spec=STRICT.model_dump(),
+            created_by="bob",
+        )
+
     with pytest.raises(IntegrityError), registry.store.transaction() as session:
         # As a racing publication would, past the rule's check: the partial unique index holds.
-        session.add(
-            GuardPolicyVersion(name="racer", version=1, model_name=MODEL, spec=STRICT.model_dump(), created_by="bob")
-        )
-    assert versions(registry) == [(POLICY, 1, MODEL, True)]
+        session.add(first_version("racer", ""))
+    with registry.store.transaction() as session:
+        session.add(first_version("greet-guard", "prompt:greet"))  # another attachment of the model is free
+    assert versions(registry) == [(POLICY, 1, MODEL, True), ("greet-guard", 1, MODEL, False)]
 
 
 def test_the_cli_publishes_activates_lists_and_refuses_a_bad_spec_in_one_line(home: Path, tmp_path: Path) -> None:
@@ -237,6 +290,17 @@ def test_the_cli_publishes_activates_lists_and_refuses_a_bad_spec_in_one_line(ho
         f"{POLICY}:v2 guards {MODEL} (not active)"
     )
     assert ok(home, "activate-guard-policy", POLICY, "2").strip() == f"{POLICY}:v2 is now active for {MODEL}"
+    assert ok(
+        home, "publish-guard-policy", "canary-guard", "--model", MODEL, "--route", "canary", "--spec", spec
+    ).strip() == (f"canary-guard:v1 guards route canary of {MODEL} (active)")
+    assert ok(
+        home, "publish-guard-policy", "greet-guard", "--model", MODEL, "--prompt", "greet", "--spec", spec
+    ).strip() == (f"greet-guard:v1 guards prompt greet on {MODEL} (active)")
+    assert_one_error_line(
+        flywheel(home, "publish-guard-policy", "blue-guard", "--model", MODEL, "--route", "blue", "--spec", spec),
+        "route",
+        "'production', 'staging', 'canary', 'pinned' or 'direct'",
+    )
     listed = json_lines(ok(home, "guard-policies", "--name", POLICY))
     assert [(item["version"], item["active"], item["spec"]["input_injection"]) for item in listed] == [
         (1, False, "block"),
@@ -270,8 +334,13 @@ def test_the_cli_publishes_activates_lists_and_refuses_a_bad_spec_in_one_line(ho
 
     registry = open_registry(home)
     try:
-        assert versions(registry) == [(POLICY, 1, MODEL, False), (POLICY, 2, MODEL, True)]
-        assert [payload["version"] for payload in activations(registry)] == [1, 2]
+        assert versions(registry) == [
+            (POLICY, 1, MODEL, False),
+            (POLICY, 2, MODEL, True),
+            ("canary-guard", 1, MODEL, True),
+            ("greet-guard", 1, MODEL, True),
+        ]
+        assert [payload["version"] for payload in activations(registry)] == [1, 2, 1, 1]
         assert {entry[0] for entry in audit(registry)} == {"cli:tester"}
     finally:
         registry.store.close()

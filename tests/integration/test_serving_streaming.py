@@ -15,7 +15,16 @@ import httpx
 import openai
 import pytest
 
-from contracts.events import GuardAction, GuardPolicyActivated, GuardPolicySpec, InferenceLogged, SpanLogged
+from contracts.events import (
+    GuardAction,
+    GuardPolicyActivated,
+    GuardPolicySpec,
+    InferenceLogged,
+    PromptPublished,
+    ServedRoute,
+    SpanLogged,
+)
+from contracts.http import PromptReference
 from services.registry.app import create_app as create_registry
 from services.registry.service import Registry
 from services.registry.settings import RegistrySettings
@@ -81,24 +90,28 @@ async def serve_gateway(
     tmp_path: Path,
     serving: ServingSettings,
     guard_policies: GuardPolicies | None = None,
+    prompts: PromptRoutes | None = None,
 ) -> AsyncIterator[tuple[str, str, Runtime]]:
     """A gateway with `serving`'s settings on uvicorn: its base URL, an app key, and the runtime whose bus it
-    logs to. Given `guard_policies`, it keeps them current from the registry's guard_policy.activated events
-    on Kafka through serving's own handler, as the serving process does."""
+    logs to. Given `guard_policies`, it keeps them (and `prompts`) current from the registry's
+    guard_policy.activated and prompt.published events on Kafka through serving's own handlers, as the
+    serving process does."""
     assert triton.ports is not None
     runtime = Runtime(settings, client_id="serving-stream-test")
     table = Routes()
     table.add_model(MODEL)
+    prompts = prompts or PromptRoutes()
     if guard_policies is not None:
         loader = AdapterLoader(table, runtime.artifacts, tmp_path / "adapters", lambda: engine)
         deps = Deps(
             routes=table,
-            prompts=PromptRoutes(),
+            prompts=prompts,
             loader=loader,
             bus=runtime.bus("serving"),
             guard_policies=guard_policies,
         )
-        runtime.follow_all("serving", {GuardPolicyActivated: HANDLERS[GuardPolicyActivated]}, deps, from_start=True)
+        followed = {event: HANDLERS[event] for event in (GuardPolicyActivated, PromptPublished)}
+        runtime.follow_all("serving", followed, deps, from_start=True)
     await runtime.broker.start()
     database = create_database_engine(f"sqlite:///{tmp_path / f'registry-{uuid.uuid4().hex[:8]}.db'}")
     ApiKey.metadata.create_all(database, tables=[ApiKey.__table__])  # type: ignore[attr-defined]
@@ -113,6 +126,7 @@ async def serve_gateway(
         settings=serving,
         log_buffer=buffer,
         loaded_adapters=lambda: set(engine.adapters),
+        prompts=prompts,
         guard_policies=guard_policies,
     )
     router = create_router(
@@ -480,6 +494,98 @@ async def test_a_registry_guard_policy_guards_the_live_gateway_and_each_decision
     assert events[rolled_back.id]["guard_policy"] == "support-guard:v1"
     spans = await guardrail_spans(runtime, settings)
     assert spans[rolled_back.id].attributes["flywheel.guard.policy"] == "support-guard:v1"
+
+
+async def test_a_policy_attached_to_a_prompt_or_a_route_decides_before_the_models_own(
+    engine: Engine, triton: TritonServing, settings: FlywheelSettings, topics: str, tmp_path: Path
+) -> None:
+    """Three policies of one model, each published in the registry and relayed through Kafka: the whole
+    model's redacts a secret in the request, the direct route's blocks it, the prompt greet's only flags it.
+    A call gets the most specific policy that is attached where it goes (prompt, then route, then model),
+    and its inference.logged names that policy."""
+    ask = {"model": MODEL, "max_tokens": 4, "temperature": 0, "extra_headers": {"Cache-Control": "no-store"}}
+    secret = [{"role": "user", "content": "my key is sk-proj-Ab12Cd34Ef56Gh78Ij90Kl12Mn34, keep it"}]
+    with_prompt = {**ask, "extra_body": {"prompt_ref": {"name": "greet"}}}
+    registry_app, _ = build_process(
+        settings, [partial(create_registry, settings=RegistrySettings(outbox_interval_s=0.2))], title="registry"
+    )
+    store = RegistryStore(registry_database_url(settings))
+    registry = Registry(store, ArtifactStore(Path(settings.home) / "artifacts"))
+    policies, prompts = GuardPolicies(), PromptRoutes()
+
+    async def applied(route: str | None, prompt: str | None, name: str) -> None:
+        def serving_has_it() -> bool:
+            event = policies.active_for(MODEL, route, prompt)
+            return event is not None and event.policy_name == name
+
+        await eventually(serving_has_it, 30, f"serving to apply {name}")
+
+    def greet_known() -> bool:
+        try:
+            prompts.resolve(PromptReference(name="greet"))
+        except LookupError:
+            return False
+        return True
+
+    try:
+        async with (
+            registry_app.router.lifespan_context(registry_app),
+            serve_gateway(
+                engine, triton, settings, tmp_path, ServingSettings(max_tokens_limit=256), policies, prompts
+            ) as (base_url, key, runtime),
+            openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0) as client,
+        ):
+            registry.guard_policies.publish_policy(
+                "alice", name="model-guard", model_name=MODEL, spec=GuardPolicySpec(input_secrets=GuardAction.redact)
+            )
+            await applied(None, None, "model-guard")
+            redacted = await client.chat.completions.create(messages=secret, **ask)
+
+            registry.guard_policies.publish_policy(
+                "alice",
+                name="direct-guard",
+                model_name=MODEL,
+                route=ServedRoute.direct,
+                spec=GuardPolicySpec(input_secrets=GuardAction.block),
+            )
+            await applied("direct", None, "direct-guard")
+            with pytest.raises(openai.BadRequestError) as route_refused:
+                await client.chat.completions.create(messages=secret, **ask)
+
+            registry.prompts.publish_prompt("alice", name="greet", template="You are a polite assistant.")
+            registry.guard_policies.publish_policy(
+                "alice",
+                name="greet-guard",
+                model_name=MODEL,
+                prompt_name="greet",
+                spec=GuardPolicySpec(input_secrets=GuardAction.flag),
+            )
+            await applied("direct", "greet", "greet-guard")
+            await eventually(greet_known, 30, "serving to know the prompt greet")
+            flagged = await client.chat.completions.create(messages=secret, **with_prompt)
+            with pytest.raises(openai.BadRequestError) as still_refused:
+                await client.chat.completions.create(messages=secret, **ask)
+    finally:
+        store.close()
+
+    assert route_refused.value.code == still_refused.value.code == "input_blocked"
+    assert "direct-guard:v1" in route_refused.value.message and "sk-proj" not in route_refused.value.message
+    assert "direct-guard:v1" in still_refused.value.message
+    events = await logged(runtime, settings, expected=4)
+    decided = [
+        (event["guard_policy"], event["prompt_name"], event["status"], event["guard_input_outcome"])
+        for event in sorted(events.values(), key=lambda event: event["started_at"])
+    ]
+    assert decided == [
+        ("model-guard:v1", None, "ok", "redacted"),
+        ("direct-guard:v1", None, "error", "blocked"),
+        ("greet-guard:v1", "greet", "ok", "flagged"),
+        ("direct-guard:v1", None, "error", "blocked"),
+    ], decided
+    assert (events[redacted.id]["guard_policy"], events[flagged.id]["guard_policy"]) == (
+        "model-guard:v1",
+        "greet-guard:v1",
+    )
 
 
 ORDER_SCHEMA = {

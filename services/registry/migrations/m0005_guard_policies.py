@@ -1,5 +1,6 @@
-"""0005: guard policies: immutable versions of what a gateway does inline with one model's traffic, and
-which version of each is active. A partial unique index keeps a model to one policy name."""
+"""0005: guard policies: immutable versions of what a gateway does inline with a model's traffic (the whole
+model's, one route's or one prompt's: attached_to), and which version of each is active. A partial unique
+index keeps each attachment to one policy name."""
 
 import sqlalchemy as sa
 from alembic.operations import Operations
@@ -12,6 +13,7 @@ def upgrade(op: Operations) -> None:
         sa.Column("name", sa.String(length=200), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("model_name", sa.String(length=200), nullable=False),
+        sa.Column("attached_to", sa.String(length=220), nullable=False),
         sa.Column("spec", sa.JSON(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("created_by", sa.String(length=256), nullable=False),
@@ -20,9 +22,9 @@ def upgrade(op: Operations) -> None:
     )
     op.create_index(op.f("ix_guard_policy_version_name"), "guard_policy_version", ["name"], unique=False)
     op.create_index(
-        "uq_guard_policy_one_per_model",
+        "uq_guard_policy_one_per_attachment",
         "guard_policy_version",
-        ["model_name"],
+        ["model_name", "attached_to"],
         unique=True,
         sqlite_where=sa.text("version = 1"),
         postgresql_where=sa.text("version = 1"),
