@@ -220,6 +220,14 @@ _NOTHING_TO_REPLACE = {
 }
 
 
+def guard_attachment(route: str | None, prompt_name: str | None) -> str:
+    """Where a guard policy attaches within its model, as one key: "" (the whole model), "route:<route>" or
+    "prompt:<name>". The registry stores it (one column, uniquely indexed) and serving keys policies by it."""
+    if prompt_name is not None:
+        return f"prompt:{prompt_name}"
+    return f"route:{route}" if route is not None else ""
+
+
 ATTACHED_ONCE = "a guard policy is attached to a whole model, to one of its routes or to one prompt: give route or prompt_name, not both"
 
 
@@ -321,6 +329,10 @@ class GuardPolicyActivated(Payload):
     )
     spec: GuardPolicySpec = Field(description="What it checks and does.")
     actor: str = Field(description="Principal that activated it.")
+
+    @property
+    def attached_to(self) -> str:
+        return guard_attachment(self.route.value if self.route else None, self.prompt_name)
 
     @model_validator(mode="after")
     def _one_attachment(self) -> GuardPolicyActivated:

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlmodel import Session
 
-from contracts.events import GuardPolicyActivated, GuardPolicySpec, ServedRoute
+from contracts.events import GuardPolicyActivated, GuardPolicySpec, ServedRoute, guard_attachment
 from contracts.http import GuardPolicyView
 from services.registry import store
 from services.registry.changes import Changes
@@ -45,7 +45,7 @@ class GuardPolicies:
         activate: bool = True,
     ) -> GuardPolicyView:
         """Store the next immutable version of a guard policy; with `activate`, make it the active one."""
-        attached_to = attachment(route, prompt_name)
+        attached_to = guard_attachment(route.value if route else None, prompt_name)
         where = _described(model_name, attached_to)
         with self.changes.change(actor, "guard_policy.publish", "guard_policy", name) as session:
             first = store.first_guard_policy_version(session, name)
@@ -153,16 +153,8 @@ class GuardPolicies:
             )
 
 
-def attachment(route: ServedRoute | None, prompt_name: str | None) -> str:
-    """What a policy is attached to within its model, as one column: "" (the whole model), "route:<route>"
-    or "prompt:<name>" (contracts refuse both at once)."""
-    if prompt_name is not None:
-        return f"prompt:{prompt_name}"
-    return f"route:{route.value}" if route is not None else ""
-
-
 def _attachment_fields(attached_to: str) -> dict[str, Any]:
-    """attachment's column back as the contracts' route and prompt_name fields."""
+    """The attached_to column (contracts' guard_attachment) back as the contracts' route and prompt_name fields."""
     kind, _, value = attached_to.partition(":")
     return {
         "route": ServedRoute(value) if kind == "route" else None,

@@ -10,10 +10,7 @@ settings (`FLYWHEEL_SERVING_GUARD_*`).
 
 from __future__ import annotations
 
-from contracts.events import GuardPolicyActivated
-
-# Where a policy attaches within its model: the whole model, a route, a prompt (the registry's attached_to).
-WHOLE_MODEL = ""
+from contracts.events import GuardPolicyActivated, guard_attachment
 
 
 class GuardPolicies:
@@ -23,24 +20,18 @@ class GuardPolicies:
         self._active: dict[tuple[str, str], GuardPolicyActivated] = {}
 
     def activate(self, event: GuardPolicyActivated) -> None:
-        self._active[(event.model_name, _attached_to(event))] = event
+        self._active[(event.model_name, event.attached_to)] = event
 
     def active_for(
         self, model_name: str, route: str | None = None, prompt_name: str | None = None
     ) -> GuardPolicyActivated | None:
         """The policy that decides a call to `model_name` on `route` with `prompt_name`: the most specific."""
         candidates = (
-            f"prompt:{prompt_name}" if prompt_name else None,
-            f"route:{route}" if route else None,
-            WHOLE_MODEL,
+            guard_attachment(None, prompt_name) if prompt_name else None,
+            guard_attachment(route, None) if route else None,
+            guard_attachment(None, None),
         )
         for attached_to in candidates:
             if attached_to is not None and (event := self._active.get((model_name, attached_to))) is not None:
                 return event
         return None
-
-
-def _attached_to(event: GuardPolicyActivated) -> str:
-    if event.prompt_name is not None:
-        return f"prompt:{event.prompt_name}"
-    return f"route:{event.route.value}" if event.route is not None else WHOLE_MODEL
