@@ -44,7 +44,14 @@ from services.runtime import errors
 from services.runtime.prompts import MissingVariable, PromptError, lead_with_prompt, render_template
 from services.runtime.scoring.grounding import Embedder
 from services.runtime.scoring.injection import WINDOW_TOKENS, InjectionDetector
-from services.serving.guard import ContentBlocked, GuardPolicy, GuardVerdict, SchemaRefused, answer_structure
+from services.serving.guard import (
+    ContentBlocked,
+    GuardedText,
+    GuardPolicy,
+    GuardVerdict,
+    SchemaRefused,
+    answer_structure,
+)
 from services.serving.guard_policies import GuardPolicies
 from services.serving.inference_log import InferenceLogBuffer
 from services.serving.prompt_routes import PromptChoice, PromptRoutes, UnknownPromptError
@@ -147,6 +154,7 @@ class _Call:
     policy: GuardPolicy | None = None  # what guards this call, once its model is known
     structure: dict[str, Any] | None = None  # the JSON Schema its answer must satisfy, when the policy checks it
     context: str | None = None  # what its answer must be grounded in, when the policy checks it
+    grounding_later: GuardedText | None = None  # an answer gone out whose flag-only groundedness is still to score
     question: str | None = None  # what the semantic cache compares: the last user message, or the prompt
     context_input: str | None = None  # the model input with the question marked out
     semantic_key: CacheKey | None = None
@@ -250,8 +258,7 @@ class Gateway:
             await client.close()
 
     async def close(self) -> None:
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.settled()
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -359,12 +366,15 @@ class Gateway:
                 _check_loaded(call, answer)
                 if call.policy.output.enabled:  # a cached answer was guarded before it was stored
                     try:
-                        text, call.guard = await call.policy.output.answer(answer.text, call.structure, call.context)
+                        text, guarded = await call.policy.output.answer(answer.text, call.structure, call.context)
                     except ContentBlocked as blocked:
                         call.guard = blocked.verdict
                         answer = dataclasses.replace(answer, text="")  # the log keeps no blocked text either
                         raise _blocked(blocked) from None
                     answer = dataclasses.replace(answer, text=text)
+                    call.guard = guarded.verdict
+                    if guarded.grounds_after_release:
+                        call.grounding_later = guarded
         except GatewayError as error:
             self._emit(call, answer, triton_ms, error=str(error))
             raise
@@ -756,9 +766,39 @@ class Gateway:
         except Exception as error:  # noqa: BLE001 - the request then runs to max_tokens; nothing else is lost
             log.warning("could not cancel abandoned request %s on Triton: %s", request_id, error)
 
+    async def settled(self) -> None:
+        """Wait for the work the gateway does after its answers have gone: streams read to their end,
+        flag-only groundedness scored, and those calls logged."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
     def _emit(self, call: _Call, answer: TritonAnswer | None, triton_ms: float, *, error: str | None = None) -> None:
+        """Log the call as it ended now; one whose answer went out before its flag-only groundedness was
+        scored is logged once it is, with the times it ended with."""
+        total_ms, ended_at = (time.perf_counter() - call.started) * 1000, datetime.now(UTC)
+        later, call.grounding_later = call.grounding_later, None
+        if later is None or error is not None:
+            self._offer(call, answer, triton_ms, error, total_ms, ended_at)
+            return
+
+        async def grounded() -> None:
+            try:
+                await later.ground()  # a flag: it records the score on the call's verdict, it never blocks
+            finally:
+                self._offer(call, answer, triton_ms, error, total_ms, ended_at)
+
+        self._in_background(grounded())
+
+    def _offer(
+        self,
+        call: _Call,
+        answer: TritonAnswer | None,
+        triton_ms: float,
+        error: str | None,
+        total_ms: float,
+        ended_at: datetime,
+    ) -> None:
         request, route = call.request, call.route
-        total_ms = (time.perf_counter() - call.started) * 1000
         compute_ms = answer.compute_ms if answer else 0.0
         event = InferenceLogged(
             inference_id=call.inference_id,
@@ -801,7 +841,7 @@ class Gateway:
             event,
             call.trace,
             requested_model=request.model,
-            ended_at=datetime.now(UTC),
+            ended_at=ended_at,
             triton=triton,
             answer=answer,
             cached_from=call.cached_from,
@@ -922,7 +962,10 @@ class Stream:
             try:
                 text = self._guarded.feed(text)
                 if answer.finish_reason:
-                    await self._guarded.ground()
+                    if self._guarded.grounds_after_release:
+                        self._call.grounding_later = self._guarded
+                    else:
+                        await self._guarded.ground()
                     text += self._guarded.finish()
             except ContentBlocked as blocked:
                 if not answer.finish_reason:

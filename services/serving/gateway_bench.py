@@ -6,7 +6,10 @@ real Triton, each side measured in the same run on the same prompts.
     screened while the model generates; the answer against a JSON Schema and its groundedness in a
     supplied context, `flag`, so every pair's request carries a response_format and a grounding_context)
     against the same calls with the guards off, in alternating pairs (the response cache off on both), p50 and
-    p95 of each side and of the pairs' differences; then the guard's own check time per answer, whole
+    p95 of each side and of the pairs' differences. A flag-only groundedness check is scored after the answer
+    has gone out: each call's work after its answer is waited for before the next request is sent, so that
+    it does not slow the next measurement, and the guards' own time (their spans) includes it. Then the
+    guard's own check time per answer, whole
     and streamed piece by piece (its hold-back rescans the text as it grows), on the answers just
     generated and on one long answer.
 (2) The response cache: each greedy prompt generated through the gateway, then asked again, then asked
@@ -193,6 +196,7 @@ def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Calla
                 extra = {"response_format": ANSWER_SCHEMA, "grounding_context": CONTEXT.format(index)}
                 for side in order:
                     elapsed, text = await ask(clients[side], prompt, max_tokens, "off", extra)
+                    await (plain if side == "off" else guarded).settled()
                     (off_ms if side == "off" else on_ms).append(elapsed)
                     if side == "off":
                         answers.append(text)
@@ -200,7 +204,8 @@ def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Calla
             echo(latency_line(GUARDS_ON, on_ms))
             echo(latency_line("overhead: the pairs' differences", [b - a for a, b in zip(off_ms, on_ms, strict=True)]))
             # The pairs' difference is the answer's latency, noisy by the generation's own spread; the guards'
-            # own time is what they cost: the injection screen runs while the model generates.
+            # own time is what they cost: the injection screen runs while the model generates, a flag-only
+            # groundedness check after the answer has gone.
             echo(latency_line("the guards' own time per call, as their spans say", guarded_log.guard_ms))
             found = ", ".join(f"{label} {count}" for label, count in sorted(guarded_log.found.items())) or "nothing"
             echo(

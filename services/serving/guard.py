@@ -25,7 +25,9 @@ with the evaluator and the monitor), labelled UNSAFE_<CATEGORY> and judged like 
 streams, and checks that a chat answer whose request set `response_format` is the JSON it asked for
 (services/runtime/scoring/format.py, the evaluator's check), and that an answer is grounded in the
 context its request supplied (services/runtime/scoring/grounding.py, the evaluator's score). Only the
-whole answer can be judged for those two: a blocking check holds a stream's text back until it ends.
+whole answer can be judged for those two: a blocking check holds a stream's text back until it ends. A
+groundedness check that only flags changes nothing the caller receives, so the answer does not wait for
+its MiniLM pass: the gateway scores it after the answer has gone out and logs the call once scored.
 The input screen also finds requests on a denied topic (services/runtime/scoring/topics.py).
 
 Which actions apply is a model's guard policy (GuardPolicy: the registry's active version, or the
@@ -259,19 +261,22 @@ class ContentGuard:
 
     def whole(self, text: str, structure: dict[str, Any] | None = None) -> tuple[str, GuardVerdict]:
         """The answer as it may go out, and the verdict; ContentBlocked when it may not (no groundedness:
-        that needs `answer`)."""
+        that needs `answer`, off the event loop)."""
         guarded = self.stream(structure)
         released = guarded.feed(text) + guarded.finish()
         return released, guarded.verdict
 
     async def answer(
         self, text: str, structure: dict[str, Any] | None = None, context: str | None = None
-    ) -> tuple[str, GuardVerdict]:
-        """`whole`, with the groundedness check (MiniLM, off the event loop) when the request gave a context."""
+    ) -> tuple[str, GuardedText]:
+        """The whole answer as it may go out, and its guarded text (whose `verdict` is the guard's);
+        ContentBlocked when it may not. With a context, a blocking groundedness check is judged first
+        (MiniLM, off the event loop); one that only flags is left to `ground`, once the answer has gone."""
         guarded = self.stream(structure, context)
         released = guarded.feed(text)
-        await guarded.ground()
-        return released + guarded.finish(), guarded.verdict
+        if not guarded.grounds_after_release:
+            await guarded.ground()
+        return released + guarded.finish(), guarded
 
     def grounding_score(self, text: str, context: str) -> GroundednessScore:
         assert self._embedder is not None
@@ -453,10 +458,17 @@ class GuardedText:
             self.verdict.checked_ms += (time.perf_counter_ns() - started) / 1e6
             self.verdict.ended_ns = time.time_ns()
 
+    @property
+    def grounds_after_release(self) -> bool:
+        """Whether the groundedness check only flags: the answer then goes out without waiting for MiniLM,
+        and `ground` runs after it has gone (only the call's record waits for the score)."""
+        return self._context is not None and self._guard.grounding is GuardAction.flag
+
     async def ground(self) -> None:
-        """Judge the whole answer's groundedness in its context (once it is whole, before `finish`);
-        ContentBlocked when the policy blocks an ungrounded answer."""
-        if self._context is None:
+        """Judge the whole answer's groundedness in its context (once it is whole: before `finish` when
+        the policy blocks, after the answer has gone out when it only flags); ContentBlocked when the
+        policy blocks an ungrounded answer."""
+        if self._context is None or self.verdict.groundedness is not None:
             return
         started = time.perf_counter_ns()
         self.verdict.started_ns = self.verdict.started_ns or time.time_ns()

@@ -7,6 +7,7 @@ import json
 
 import httpx
 import pytest
+import torch
 
 from services.runtime.scoring import Embedder, Judge, score_groundedness
 
@@ -28,6 +29,24 @@ def test_groundedness_with_minilm_tells_supported_from_invented_answers() -> Non
     assert not unrelated.grounded and unrelated.similarity < 0.3
     assert (empty.score, empty.grounded) == (0.0, False)
     assert paraphrase.score > wrong_number.score > unrelated.score
+
+
+def test_minilm_embeds_a_text_once_while_it_is_remembered_and_forgets_the_oldest() -> None:
+    embedder = Embedder(remembered=3)
+    passes: list[list[str]] = []
+    forward = embedder._forward  # noqa: SLF001 - counting MiniLM's passes is the point
+    embedder._forward = lambda texts: passes.append(texts) or forward(texts)  # type: ignore[method-assign]  # noqa: SLF001
+
+    first = embedder.encode(["the ring flashes amber", REFERENCE, "the ring flashes amber"])
+    assert passes == [["the ring flashes amber", REFERENCE]], "a text repeated in one call is embedded once"
+    again = embedder.encode([REFERENCE, "a new text"])
+    assert passes[1:] == [["a new text"]], "a remembered text is not embedded again"
+    assert torch.equal(again[0], first[1]) and torch.equal(first[0], first[2])
+    alone = Embedder(remembered=0).encode([REFERENCE])[0]
+    assert torch.allclose(again[0], alone, atol=1e-5), "remembered as MiniLM embeds it alone"
+    embedder.encode(["a third", "a fourth"])  # four distinct texts seen, three remembered
+    embedder.encode(["the ring flashes amber"])
+    assert passes[-1] == ["the ring flashes amber"], "the least recently used text was forgotten"
 
 
 async def test_the_judge_grades_with_a_versioned_rubric_and_records_errors_per_example() -> None:

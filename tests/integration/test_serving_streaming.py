@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from datetime import datetime, timedelta
 import uuid
 from functools import partial
 from collections import Counter
@@ -685,6 +686,38 @@ async def test_an_answer_ungrounded_in_the_supplied_context_is_blocked_streamed_
     ]
     spans = await guardrail_spans(runtime, settings)
     assert float(spans[grounded.id].attributes["flywheel.guard.groundedness"]) >= 0.5
+
+
+async def test_a_flag_only_groundedness_check_lets_the_answer_go_and_logs_its_score_once_scored(
+    engine: Engine, triton: TritonServing, settings: FlywheelSettings, topics: str, tmp_path: Path
+) -> None:
+    context = {"grounding_context": "Delivery: 3 working days. Returns are free within 30 days."}
+    ask = {"model": MODEL, "max_tokens": 24, "temperature": 0, "extra_body": context}
+    flagging = ServingSettings(max_tokens_limit=256, guard_output_groundedness=GuardAction.flag)
+    async with serve_gateway(engine, triton, settings, tmp_path, flagging) as (base_url, key, runtime):
+        async with openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0) as client:
+            whole = await client.completions.create(prompt=PLANTED, **ask)
+            stream = await client.completions.create(
+                prompt=PLANTED, stream=True, extra_headers={"Cache-Control": "no-cache"}, **ask
+            )
+            pieces = [chunk.choices[0].text async for chunk in stream]
+    assert whole.choices[0].text and "".join(pieces) == whole.choices[0].text, "flagged, not held or changed"
+    events = await logged(runtime, settings, expected=2)
+    assert sorted(
+        (event["status"], event["guard_output_outcome"], tuple(event["guard_output_found"]))
+        for event in events.values()
+    ) == [
+        ("ok", "flagged", ("UNGROUNDED",)),
+        ("ok", "flagged", ("UNGROUNDED",)),
+    ]
+    spans = await guardrail_spans(runtime, settings)
+    for inference_id, event in events.items():
+        guard = spans[inference_id]
+        assert float(guard.attributes["flywheel.guard.groundedness"]) < 0.5
+        # The call ended when its answer went out; MiniLM scored it after that, and the log waited for the score.
+        ended = event["started_at"], event["latency_total_ms"]
+        answered_at = datetime.fromisoformat(ended[0]) + timedelta(milliseconds=ended[1])
+        assert guard.ended_at > answered_at, (guard.ended_at, answered_at)
 
 
 async def test_a_request_on_a_denied_topic_is_refused_and_one_on_another_subject_is_answered(

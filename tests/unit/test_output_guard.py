@@ -215,7 +215,8 @@ async def test_an_answer_is_judged_grounded_in_its_context_by_meaning_words_and_
     guard = ContentGuard(
         secrets=GuardAction.off, personal=GuardAction.off, grounding=GuardAction.block, embedder=embedder
     )
-    text, verdict = await guard.answer("Delivery takes 3 working days from Rotterdam.", context=CONTEXT)
+    text, guarded = await guard.answer("Delivery takes 3 working days from Rotterdam.", context=CONTEXT)
+    verdict = guarded.verdict
     assert text == "Delivery takes 3 working days from Rotterdam."
     assert verdict.outcome == "passed" and verdict.groundedness is not None and verdict.groundedness >= 0.5
     with pytest.raises(ContentBlocked, match=r"states 1 number\(s\) the context does not have\)$"):
@@ -223,7 +224,9 @@ async def test_an_answer_is_judged_grounded_in_its_context_by_meaning_words_and_
     with pytest.raises(ContentBlocked, match=r"groundedness 0\.\d\d is under the floor 0\.50") as blocked:
         await guard.answer("Our refund policy lets you return any item within a month.", context=CONTEXT)
     assert blocked.value.labels == ("UNGROUNDED",) and blocked.value.verdict.outcome == "blocked"
-    assert (await guard.answer("Anything at all.", context=None))[1].outcome == "passed", "no context: not checked"
+    assert (await guard.answer("Anything at all.", context=None))[1].verdict.outcome == "passed", (
+        "no context: not checked"
+    )
 
 
 async def test_a_blocking_groundedness_check_holds_a_stream_and_a_flagging_one_does_not(embedder: Embedder) -> None:
@@ -244,5 +247,13 @@ async def test_a_blocking_groundedness_check_holds_a_stream_and_a_flagging_one_d
     sent += guarded.finish()
     assert sent == "Refunds take 30 days. " * 10
     assert (guarded.verdict.outcome, guarded.verdict.labels) == ("flagged", {"UNGROUNDED"})
+    # Whole, a flag-only check does not hold the answer: it is scored by `ground` once the answer has gone.
+    text, later = await flagging.answer("Refunds take 30 days.", context=CONTEXT)
+    assert text == "Refunds take 30 days." and later.grounds_after_release
+    assert later.verdict.groundedness is None and later.verdict.outcome == "passed", "not scored yet"
+    await later.ground()
+    assert later.verdict.groundedness is not None and later.verdict.labels == {"UNGROUNDED"}
+    _, held = await blocking.answer("Delivery takes 3 working days.", context=CONTEXT)
+    assert not held.grounds_after_release and held.verdict.groundedness is not None, "a blocking check judged first"
     with pytest.raises(ValueError, match="cannot be redacted"):
         ContentGuard(secrets=GuardAction.off, personal=GuardAction.off, grounding=GuardAction.redact, embedder=embedder)
