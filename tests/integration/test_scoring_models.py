@@ -42,8 +42,12 @@ def test_minilm_embeds_a_text_once_while_it_is_remembered_and_forgets_the_oldest
     again = embedder.encode([REFERENCE, "a new text"])
     assert passes[1:] == [["a new text"]], "a remembered text is not embedded again"
     assert torch.equal(again[0], first[1]) and torch.equal(first[0], first[2])
-    alone = Embedder(remembered=0).encode([REFERENCE])[0]
+    forgetful = Embedder(remembered=0)
+    alone = forgetful.encode([REFERENCE])[0]
     assert torch.allclose(again[0], alone, atol=1e-5), "remembered as MiniLM embeds it alone"
+    forgetful._forward = lambda texts: passes.append(texts) or forward(texts)  # type: ignore[method-assign]  # noqa: SLF001
+    forgetful.encode([REFERENCE])
+    assert passes[-1] == [REFERENCE], "remembering nothing, it embeds the same text again"
     embedder.encode(["a third", "a fourth"])  # four distinct texts seen, three remembered
     embedder.encode(["the ring flashes amber"])
     assert passes[-1] == ["the ring flashes amber"], "the least recently used text was forgotten"

@@ -106,7 +106,7 @@ class Embedder:
             for digest in digests:
                 self._rows.move_to_end(digest)
             rows = torch.stack([self._rows[digest] for digest in digests])
-            while len(self._rows) > max(self._remembered, len(digests)):
+            while len(self._rows) > self._remembered:
                 self._rows.popitem(last=False)
             return rows
 
