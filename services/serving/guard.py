@@ -468,7 +468,7 @@ class GuardedText:
         """Judge the whole answer's groundedness in its context (once it is whole: before `finish` when
         the policy blocks, after the answer has gone out when it only flags); ContentBlocked when the
         policy blocks an ungrounded answer."""
-        if self._context is None or self.verdict.groundedness is not None:
+        if self._context is None:
             return
         started = time.perf_counter_ns()
         self.verdict.started_ns = self.verdict.started_ns or time.time_ns()

@@ -124,6 +124,13 @@ class Scored:
     verdicts: list[InjectionScore]
 
 
+def _cascaded(models: InjectionModels, text: str, words_p: float, meaning_p: float) -> InjectionScore:
+    """The guard's verdict on `text` from these models' probabilities, MiniLM's used only where the guard
+    would have asked it."""
+    rules = rule_hits(text)
+    return cascade(rules, words_p, meaning_p if needs_meaning(rules, words_p) else None, models)
+
+
 def cross_validated(prompts: list[LabelledPrompt], words: np.ndarray, windows: np.ndarray) -> Scored:
     """Each prompt scored by the models fitted on the folds it is not in."""
     attack = [prompt.attack for prompt in prompts]
@@ -136,9 +143,7 @@ def cross_validated(prompts: list[LabelledPrompt], words: np.ndarray, windows: n
         word_p[held] = models.words.probabilities(words[held])
         meaning_p[held] = _meaning(models, windows[held])
         for index in np.flatnonzero(held):
-            rules = rule_hits(prompts[index].text)
-            asked = float(meaning_p[index]) if needs_meaning(rules, float(word_p[index])) else None
-            verdicts[index] = cascade(rules, float(word_p[index]), asked, models)
+            verdicts[index] = _cascaded(models, prompts[index].text, float(word_p[index]), float(meaning_p[index]))
     return Scored([float(p) for p in word_p], [float(p) for p in meaning_p], [v for v in verdicts if v is not None])
 
 
@@ -152,13 +157,15 @@ def held_out_sources(prompts: list[LabelledPrompt], words: np.ndarray, windows: 
         held = np.array([source == wheel for source in wheel_of])
         kept = [prompt.attack for prompt, out in zip(prompts, held, strict=True) if not out]
         models = fit_models(words[~held], windows[~held], kept)
-        word_p = models.words.probabilities(words[held])
-        meaning_p = _meaning(models, windows[held])
-        verdicts = []
-        for index, prompt_index in enumerate(np.flatnonzero(held)):
-            rules = rule_hits(prompts[prompt_index].text)
-            asked = float(meaning_p[index]) if needs_meaning(rules, float(word_p[index])) else None
-            verdicts.append(cascade(rules, float(word_p[index]), asked, models).injection)
+        verdicts = [
+            _cascaded(models, prompts[index].text, float(words_p), float(meaning_p)).injection
+            for index, words_p, meaning_p in zip(
+                np.flatnonzero(held),
+                models.words.probabilities(words[held]),
+                _meaning(models, windows[held]),
+                strict=True,
+            )
+        ]
         found[wheel] = figures(f"  {wheel} held out", [False] * len(verdicts), verdicts)
     return found
 
@@ -210,7 +217,8 @@ def run_injection_bench(*, cache: Path, echo: Echo, timings: int = 50) -> Inject
     echo(
         f"embedded {len(prompts)} prompts with MiniLM (head and tail windows) in {time.perf_counter() - started:.1f} s"
     )
-    scored = cross_validated(prompts, word_features(texts), windows)
+    words = word_features(texts)
+    scored = cross_validated(prompts, words, windows)
     truth = [prompt.attack for prompt in prompts]
     models = detector.models
     asked = sum(verdict.stage == "meaning" for verdict in scored.verdicts)
@@ -239,7 +247,7 @@ def run_injection_bench(*, cache: Path, echo: Echo, timings: int = 50) -> Inject
         + ", ".join(f"{flagged[kind]} of {kinds[kind]} {kind}" for kind in (BENIGN, DIRECT))
     )
     echo("the guard on each source of benign prompts it was fitted without (no prompt of that wheel seen):")
-    for held in held_out_sources(prompts, word_features(texts), windows).values():
+    for held in held_out_sources(prompts, words, windows).values():
         echo(
             f"{held.label:<44} false positives {held.false_positives:>3} of {held.false_positives + held.true_negatives}"
         )
@@ -250,7 +258,7 @@ def run_injection_bench(*, cache: Path, echo: Echo, timings: int = 50) -> Inject
     detector_ms: dict[str, float] = {}
     short = min((t for t, p in zip(texts, prompts, strict=True) if p.kind == BENIGN), key=lambda t: abs(len(t) - 60))
     # Unsure by the shipped word model, which the timing runs (the folds' models are not it).
-    final_words = models.words.probabilities(word_features(texts))
+    final_words = models.words.probabilities(words)
     unsure = next(
         (
             text

@@ -653,11 +653,19 @@ async def test_a_structured_answer_is_checked_against_its_schema_and_a_stream_is
     ], found
 
 
+# A completion with the passages its answer must rest on.
+GROUNDED_ASK = {
+    "model": MODEL,
+    "max_tokens": 24,
+    "temperature": 0,
+    "extra_body": {"grounding_context": "Delivery: 3 working days. Returns are free within 30 days."},
+}
+
+
 async def test_an_answer_ungrounded_in_the_supplied_context_is_blocked_streamed_or_not(
     engine: Engine, triton: TritonServing, settings: FlywheelSettings, topics: str, tmp_path: Path
 ) -> None:
-    context = {"grounding_context": "Delivery: 3 working days. Returns are free within 30 days."}
-    ask = {"model": MODEL, "max_tokens": 24, "temperature": 0, "extra_body": context}
+    ask = GROUNDED_ASK
     grounding = ServingSettings(max_tokens_limit=256, guard_output_groundedness=GuardAction.block)
     async with serve_gateway(engine, triton, settings, tmp_path, grounding) as (base_url, key, runtime):
         async with openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0) as client:
@@ -691,8 +699,7 @@ async def test_an_answer_ungrounded_in_the_supplied_context_is_blocked_streamed_
 async def test_a_flag_only_groundedness_check_lets_the_answer_go_and_logs_its_score_once_scored(
     engine: Engine, triton: TritonServing, settings: FlywheelSettings, topics: str, tmp_path: Path
 ) -> None:
-    context = {"grounding_context": "Delivery: 3 working days. Returns are free within 30 days."}
-    ask = {"model": MODEL, "max_tokens": 24, "temperature": 0, "extra_body": context}
+    ask = GROUNDED_ASK
     flagging = ServingSettings(max_tokens_limit=256, guard_output_groundedness=GuardAction.flag)
     async with serve_gateway(engine, triton, settings, tmp_path, flagging) as (base_url, key, runtime):
         async with openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0) as client:
