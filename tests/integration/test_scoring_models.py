@@ -53,6 +53,25 @@ def test_minilm_embeds_a_text_once_while_it_is_remembered_and_forgets_the_oldest
     assert passes[-1] == ["the ring flashes amber"], "the least recently used text was forgotten"
 
 
+def test_minilm_in_onnx_runtime_embeds_as_the_transformers_model_does_at_any_batch_and_length() -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    from services.runtime.scoring.grounding import minilm_dir
+
+    texts = ["x", "Hold the Sync button.", REFERENCE, "word " * 400]  # lengths 3 to 256 tokens (truncated)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    model = AutoModel.from_pretrained(minilm_dir()).eval()
+    with torch.inference_mode():
+        expected = []
+        for text in texts:  # one at a time: no padding on the reference side
+            batch = tokenizer([text], truncation=True, max_length=256, return_tensors="pt")
+            expected.append(torch.nn.functional.normalize(model(**batch).last_hidden_state.mean(1), dim=-1)[0])
+    together = Embedder(remembered=0).encode(texts)  # one padded batch
+    alone = torch.cat([Embedder(remembered=0).encode([text]) for text in texts])
+    assert torch.allclose(together, torch.stack(expected), atol=1e-5)
+    assert torch.allclose(alone, together, atol=1e-5)
+
+
 async def test_the_judge_grades_with_a_versioned_rubric_and_records_errors_per_example() -> None:
     from openai import AsyncOpenAI
 
