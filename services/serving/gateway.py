@@ -213,19 +213,23 @@ class Gateway:
             if settings.response_cache_entries > 0
             else None
         )
-        # One MiniLM for the injection screen and the semantic cache of every policy, loaded on first use.
+        # Two MiniLMs, shared by every policy and loaded on first use: the screen's (int8, one thread, beside
+        # the decode) for prompt injection and denied topics, and float32 for groundedness and the semantic cache.
         self._embedder = Embedder(max_length=WINDOW_TOKENS)
-        self._detector = InjectionDetector(self._embedder)
+        self._detector = InjectionDetector()
         self.default_policy = GuardPolicy.of(settings.guard_spec(), None, self._detector, self._embedder)
         self._policies: dict[str, GuardPolicy] = {}  # built from the registry's, by `name:vN`
         if self.default_policy.needs_meaning:
             self._warm(self.default_policy)
 
     def _warm(self, policy: GuardPolicy) -> None:
-        """Load MiniLM and the injection weights, and embed the policy's denied topics, now: the first
-        request should not wait for them."""
-        self._detector.warm()
-        policy.input.warm()
+        """Load the MiniLMs and the injection weights the policy uses, and embed its denied topics, now: the
+        first request should not wait for them."""
+        if policy.input.screens:
+            self._detector.warm()
+            policy.input.warm()
+        if policy.output.grounding is not GuardAction.off or policy.semantic_threshold is not None:
+            self._embedder.encode(["warm up"])
 
     def _policy(self, call: _Call) -> GuardPolicy:
         """The registry's active guard policy for the call (its prompt's, its route's or its model's), else

@@ -333,10 +333,11 @@ class GuardPolicy:
     def of(
         cls, spec: GuardPolicySpec, label: str | None, detector: InjectionDetector, embedder: Embedder
     ) -> GuardPolicy:
-        """The guards `spec` declares; `detector` and `embedder` (MiniLM) are shared by every policy."""
+        """The guards `spec` declares; `detector` and `embedder` (MiniLM) are shared by every policy. The
+        denied topics read the request with the detector's MiniLM, so that its text is embedded once."""
         screens = spec.input_injection is not GuardAction.off
         topics = (
-            TopicMatcher(spec.denied_topics, spec.denied_topic_threshold, embedder)
+            TopicMatcher(spec.denied_topics, spec.denied_topic_threshold, detector.embedder)
             if spec.input_denied_topics is not GuardAction.off
             else None
         )

