@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -48,7 +49,7 @@ from contracts.events import GuardAction, GuardOutcome, GuardPolicySpec
 from contracts.http import ResponseFormat
 from services.runtime.privacy import Finding, PrivacyPolicy, Redactor
 from services.runtime.scoring.injection import InjectionDetector
-from services.runtime.scoring.format import FormatCheck, json_validity
+from services.runtime.scoring.format import FormatCheck, checked_validator, json_validity
 from services.runtime.scoring.grounding import Embedder, GroundednessScore, score_groundedness
 from services.runtime.scoring.safety import unsafe_spans
 from services.runtime.scoring.topics import TopicMatcher
@@ -386,8 +387,17 @@ def answer_structure(response_format: ResponseFormat | None) -> dict[str, Any] |
     if response_format.type == "json_object" or response_format.json_schema is None:
         return {"type": "object"}
     schema = response_format.json_schema.json_schema or {}
-    if len(json.dumps(schema)) > SCHEMA_MAX_BYTES:
+    schema_json = json.dumps(schema, sort_keys=True)
+    if len(schema_json) > SCHEMA_MAX_BYTES:
         raise SchemaRefused(f"response_format's schema is over {SCHEMA_MAX_BYTES} bytes")
+    return _runnable(schema_json)
+
+
+@functools.lru_cache(maxsize=256)
+def _runnable(schema_json: str) -> dict[str, Any]:
+    """The schema, once it is one the gateway runs (see answer_structure). Remembered: the checks take
+    about 0.4 ms, and a structured route sends the same schema with every request. Callers only read it."""
+    schema: dict[str, Any] = json.loads(schema_json)
     for key, value in _walk(schema):
         if key in ("pattern", "patternProperties"):
             raise SchemaRefused(f"response_format's schema may not use {key} (regular expressions are refused)")
@@ -397,8 +407,7 @@ def answer_structure(response_format: ResponseFormat | None) -> dict[str, Any] |
     from referencing.exceptions import Unresolvable
 
     try:
-        validator = jsonschema.validators.validator_for(schema)
-        validator.check_schema(schema)
+        validator = checked_validator(schema_json)
         # A $ref cycle that consumes nothing of the document ({"$ref": "#"}) never ends on any answer.
         for probe in ({}, [], "", 0, None):
             any(validator(schema).iter_errors(probe))

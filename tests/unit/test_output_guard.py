@@ -194,8 +194,16 @@ def test_the_structure_asked_for_is_checked_on_the_whole_answer_and_a_blocking_c
     ],
 )
 def test_a_schema_the_gateway_will_not_run_is_refused(schema: dict, why: str) -> None:
-    with pytest.raises(SchemaRefused, match=why):
-        answer_structure(formats(schema))
+    for _ in range(2):  # checked schemas are remembered; a refusal must not be
+        with pytest.raises(SchemaRefused, match=why):
+            answer_structure(formats(schema))
+
+
+def test_a_checked_schema_is_remembered_by_its_content_not_by_its_key_order() -> None:
+    first = answer_structure(formats({"type": "object", "properties": ORDER["properties"]}))
+    again = answer_structure(formats({"properties": ORDER["properties"], "type": "object"}))
+    assert again is first, "the same schema written in another key order is checked once"
+    assert answer_structure(formats({"type": "object", "required": ["order"]})) is not first
 
 
 def test_no_structure_is_asked_for_by_text_or_by_no_response_format() -> None:
