@@ -226,7 +226,6 @@ class Gateway:
         """Load the MiniLMs and the injection weights the policy uses, and embed its denied topics, now: the
         first request should not wait for them."""
         if policy.input.screens:
-            self._detector.warm()
             policy.input.warm()
         if policy.output.grounding is not GuardAction.off or policy.semantic_threshold is not None:
             self._embedder.encode(["warm up"])

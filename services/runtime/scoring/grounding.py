@@ -125,8 +125,11 @@ def _int8_matmuls(graph: Path) -> Path:
 
     quantized = graph.with_suffix(".int8.onnx")
     root = logging.getLogger()
-    # It advises, on the root logger at every load, a pre-processing pass for models with shapes to infer.
-    advice = _Dropped("consider to run pre-processing before quantization")
+
+    def advice(record: logging.LogRecord) -> bool:
+        # It advises, on the root logger at every load, a pre-processing pass for models with shapes to infer.
+        return "consider to run pre-processing before quantization" not in record.getMessage()
+
     root.addFilter(advice)
     try:
         quantize_dynamic(
@@ -135,15 +138,6 @@ def _int8_matmuls(graph: Path) -> Path:
     finally:
         root.removeFilter(advice)
     return quantized
-
-
-class _Dropped(logging.Filter):
-    def __init__(self, phrase: str) -> None:
-        super().__init__()
-        self._phrase = phrase
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self._phrase not in record.getMessage()
 
 
 class Embedder:
@@ -176,7 +170,7 @@ class Embedder:
         quantized: bool = False,
         threads: int = 0,
     ) -> None:
-        self.quantized = quantized
+        self._quantized = quantized
         self._threads = threads
         self._dir = model_dir
         self._batch_size = batch_size
@@ -192,7 +186,7 @@ class Embedder:
 
         directory = str(self._dir or minilm_dir())
         self._tokenizer = AutoTokenizer.from_pretrained(directory)
-        self._session = minilm_session(directory, self._tokenizer, quantized=self.quantized, threads=self._threads)
+        self._session = minilm_session(directory, self._tokenizer, quantized=self._quantized, threads=self._threads)
 
     def encode(self, texts: Sequence[str]) -> Any:
         """Unit-length embeddings, one row per text (a float32 torch tensor)."""
