@@ -48,7 +48,7 @@ from typing import Any
 from contracts.events import GuardAction, GuardOutcome, GuardPolicySpec
 from contracts.http import ResponseFormat
 from services.runtime.privacy import Finding, PrivacyPolicy, Redactor
-from services.runtime.scoring.injection import InjectionDetector
+from services.runtime.scoring.injection import InjectionDetector, InjectionScore
 from services.runtime.scoring.format import FormatCheck, checked_validator, json_validity
 from services.runtime.scoring.grounding import Embedder, GroundednessScore, score_groundedness
 from services.runtime.scoring.safety import unsafe_spans
@@ -220,10 +220,14 @@ class ContentGuard:
         started = time.perf_counter_ns()
         latest = list(texts[-INJECTION_TEXTS:])
         found: dict[str, GuardAction] = {}
-        if self._detector is not None:
-            # Most texts are decided by the rules and the word model at once; only MiniLM leaves the event
-            # loop (a thread hop on two busy cores costs more than those two stages).
-            scores = self._detector.quick(latest) or await asyncio.to_thread(self._detector.score, latest)
+        # Most texts are decided by the rules and the word model at once; only MiniLM leaves the event loop,
+        # and once per request for both of its uses (a thread hop on two busy cores costs more than those
+        # two stages).
+        scores = self._detector.quick(latest) if self._detector is not None else None
+        matched: dict[str, float] = {}
+        if (self._detector is not None and scores is None) or self._topics is not None:
+            scores, matched = await asyncio.to_thread(self._read_meaning, latest, scores)
+        if self._detector is not None and scores is not None:
             if any(score.injection for score in scores) or any(
                 self._detector.rules_match(text) for text in texts[:-INJECTION_TEXTS]
             ):
@@ -232,7 +236,6 @@ class ContentGuard:
             decisive = max(scores, key=lambda score: (score.injection, score.probability))
             verdict.injection_probability, verdict.injection_stage = decisive.probability, decisive.stage
         if self._topics is not None:
-            matched = await asyncio.to_thread(self._topics.matches, latest)
             verdict.topic_similarity = matched.pop("")
             found |= {f"{TOPIC_PREFIX}{name}": self.topics for name in matched}
         verdict.checked_ms = (time.perf_counter_ns() - started) / 1e6
@@ -245,6 +248,15 @@ class ContentGuard:
         if found:
             verdict.outcome = GuardOutcome.flagged
         return verdict
+
+    def _read_meaning(
+        self, texts: list[str], decided: list[InjectionScore] | None
+    ) -> tuple[list[InjectionScore] | None, dict[str, float]]:
+        """MiniLM's part of the screen, off the event loop: the injection scores (`decided` when the word
+        model was sure of every text), and the denied topics the texts are on."""
+        if decided is None and self._detector is not None:
+            decided = self._detector.score(texts)
+        return decided, self._topics.matches(texts) if self._topics is not None else {}
 
     def action(self, finding: Finding) -> GuardAction:
         if finding.label.startswith(UNSAFE_PREFIX):
