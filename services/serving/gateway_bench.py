@@ -49,6 +49,36 @@ REWORDED = "Write a single sentence about the number {}."
 SEMANTIC_THRESHOLD = 0.9
 
 
+OVERHEAD_INTERVAL = "overhead p50, 95% bootstrap interval:"
+OVERHEAD_GOAL_MS = 5.0  # issue 19: the guards' overhead at p50, all checks on
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def median_interval(values: list[float], *, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """A percentile-bootstrap interval of the median of `values`. A decode step is tens of milliseconds and
+    either side of a pair may take one more or less of them, so the pairs' median difference moves by as much
+    as the goal from run to run: the interval says how far this run's median can be trusted."""
+    import numpy as np
+
+    samples = np.asarray(values, dtype=np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(samples), size=(BOOTSTRAP_RESAMPLES, len(samples)))
+    medians = np.median(samples[draws], axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(medians, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def overhead_interval_line(low: float, high: float) -> str:
+    """The printed interval of the pairs' median difference, and what it says of the goal."""
+    if high <= OVERHEAD_GOAL_MS:
+        verdict = f"goal (at most {OVERHEAD_GOAL_MS:g} ms) met: the whole interval is under it"
+    elif low > OVERHEAD_GOAL_MS:
+        verdict = f"goal (at most {OVERHEAD_GOAL_MS:g} ms) missed: the whole interval is over it"
+    else:
+        verdict = f"goal (at most {OVERHEAD_GOAL_MS:g} ms) not shown met: the interval spans it"
+    return f"{OVERHEAD_INTERVAL} {low:.3f} to {high:.3f} ms; {verdict}"
+
+
 def _percentiles(values: list[float]) -> tuple[float, float]:
     ordered = sorted(values)
     return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
@@ -202,7 +232,10 @@ def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Calla
                         answers.append(text)
             echo(latency_line("guard off", off_ms))
             echo(latency_line(GUARDS_ON, on_ms))
-            echo(latency_line("overhead: the pairs' differences", [b - a for a, b in zip(off_ms, on_ms, strict=True)]))
+            differences = [b - a for a, b in zip(off_ms, on_ms, strict=True)]
+            echo(latency_line("overhead: the pairs' differences", differences))
+            low, high = median_interval(differences)
+            echo(overhead_interval_line(low, high))
             # The pairs' difference is the answer's latency, noisy by the generation's own spread; the guards'
             # own time is what they cost: the injection screen runs while the model generates, a flag-only
             # groundedness check after the answer has gone.

@@ -12,7 +12,7 @@ from services.cli.bench_cmd import to_markdown
 from services.runtime.bench import Row
 from services.serving.bench import Figures
 from services.serving.cli import gateway_rows, serve_rows
-from services.serving.gateway_bench import GUARDS_ON, latency_line
+from services.serving.gateway_bench import GUARDS_ON, latency_line, median_interval, overhead_interval_line
 
 SIZE = {"requests": 8, "max_tokens": 8, "concurrencies": (1, 8), "adapters": 4}
 
@@ -46,6 +46,7 @@ def test_the_gateway_figures_become_rows() -> None:
         latency_line("guard off", [300.0, 310.0, 320.0]),
         latency_line(GUARDS_ON, [301.0, 311.0, 330.0]),
         latency_line("overhead: the pairs' differences", [-2.0, 1.0, 10.0]),
+        overhead_interval_line(-2.0, 10.0),
         latency_line("the guard's own check, streamed word by word", [0.2, 0.25, 0.3]),
         latency_line("generated through the gateway (cache miss)", [300.0]),
         latency_line("answered from the gateway's response cache", [1.5]),
@@ -55,10 +56,30 @@ def test_the_gateway_figures_become_rows() -> None:
     assert (p50.flywheel, p50.baseline) == (311.0, 310.0)
     assert rows["p95 latency, 8 tokens, every guard on (3 pairs)"].flywheel == 330.0
     assert rows["the output guard's own check per streamed answer, p50"].flywheel == 0.25
+    overhead = rows[
+        "guard overhead, p50 of the pairs' differences "
+        "(-2.000 to 10.000 ms; goal (at most 5 ms) not shown met: the interval spans it)"
+    ]
+    assert (overhead.flywheel, overhead.baseline) == (1.0, None)
     cached = rows["p50 latency of a repeated greedy request, 8 tokens"]
     assert (cached.flywheel, cached.baseline) == (1.5, 300.0) and cached.ratio == pytest.approx(0.005)
     with pytest.raises(RuntimeError, match="no figures"):
         gateway_rows(["loading SmolLM2-135M-Instruct ..."], {"pairs": 3, "requests": 1, "max_tokens": 8})
+
+
+def test_the_overheads_interval_holds_the_median_and_narrows_as_pairs_are_added() -> None:
+    few = [float(value % 7) - 1.0 for value in range(21)]
+    many = few * 20
+    low, high = median_interval(few)
+    assert low <= 2.0 <= high and high - low >= 2.0
+    low_many, high_many = median_interval(many)
+    assert low_many <= 2.0 <= high_many and high_many - low_many < high - low
+
+
+def test_the_overheads_verdict_is_met_only_when_the_whole_interval_is_under_the_goal() -> None:
+    assert "met: the whole interval is under it" in overhead_interval_line(1.0, 4.9)
+    assert "not shown met" in overhead_interval_line(1.0, 5.1)
+    assert "missed" in overhead_interval_line(5.1, 9.0)
 
 
 def test_output_without_figures_is_an_error_not_an_empty_table() -> None:
