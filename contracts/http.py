@@ -145,7 +145,11 @@ class FeedbackCreate(FeedbackTargetIds):
     )
     tags: list[str] = Field(default_factory=list, max_length=32, description="Labels, e.g. wrong-fact.")
     source: FeedbackSource = Field(default=FeedbackSource.end_user, description="Who gives it.")
-    actor: str | None = Field(default=None, max_length=256, description="Id of the person or judge.")
+    actor: str | None = Field(
+        default=None,
+        max_length=256,
+        description="Id of the person or judge; a reviewer's is the principal of the key that sends it (omit it, or send that principal).",
+    )
 
 
 class FeedbackAccepted(Response):

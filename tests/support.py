@@ -57,7 +57,7 @@ async def served(
         await asyncio.wait_for(serving, timeout=60)
 
 
-def api_key(settings: FlywheelSettings, role: Role) -> str:
+def api_key(settings: FlywheelSettings, role: Role, principal: str | None = None) -> str:
     """A new API key of `role` in the registry database of `settings`. The store is offered to the doors
     of this process as the registry built here would offer it, so an app built in the test without the
     registry checks keys against it (services never open the registry's database themselves)."""
@@ -70,7 +70,7 @@ def api_key(settings: FlywheelSettings, role: Role) -> str:
         ApiKey.metadata.create_all(engine, tables=[ApiKey.__table__])  # type: ignore[attr-defined]
         store = _key_stores[database_url] = KeyStore(engine)
         LocalKeys.register(database_url, store)
-    return store.create(principal=f"test-{role.value}", role=role, created_by="test")[0]
+    return store.create(principal=principal or f"test-{role.value}", role=role, created_by="test")[0]
 
 
 _key_stores: dict[str, Any] = {}

@@ -6,6 +6,8 @@ what is stored; `flywheel ops replay`, rebuilding the sink's tables from Kafka (
 
 from __future__ import annotations
 
+import getpass
+
 import asyncio
 import contextlib
 import json
@@ -52,7 +54,10 @@ def give(
     correction: Annotated[str | None, typer.Option(help="The answer that should have been given.")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="A label; repeat for several.")] = None,
     source: Annotated[FeedbackSource, typer.Option(help="Who gives it.")] = FeedbackSource.end_user,
-    actor: Annotated[str | None, typer.Option(help="Id of the person or judge.")] = None,
+    actor: Annotated[
+        str | None,
+        typer.Option(help="Id of the person or judge; a reviewer's is stored as given, cli:<user> when left out."),
+    ] = None,
 ) -> None:
     """Publish feedback on one target, an inference, a span (--trace-id and --span-id), a trace (--trace-id) or a
     session (--session-id), as `feedback.received` (`feedback.reviewed` with --source reviewer); the sink stores
@@ -78,7 +83,8 @@ def give(
                 correction=correction,
                 tags=tag or [],
                 source=source,
-                actor=actor,
+                # Reviewers are counted one by one (their agreement): one who gives no name is this user.
+                actor=actor or (f"cli:{getpass.getuser()}" if source is FeedbackSource.reviewer else None),
             )
         )
     except ValidationError as error:

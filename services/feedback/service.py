@@ -128,6 +128,16 @@ async def give_feedback(
             f"source reviewer needs a key whose role grants reviewer (reviewer or admin); {caller} may not review: "
             "send source end_user, or give the correction with a reviewer's key"
         )
+    if event.source is FeedbackSource.reviewer:
+        # Reviewers are counted one by one (their agreement, who judged what): the actor is the key's
+        # principal, so one key cannot speak under several names.
+        if event.actor is not None and event.actor != caller:
+            raise InvalidFeedback(
+                f"actor: a reviewer's feedback is recorded under the key's principal {caller!r}; "
+                f"omit actor or send {caller!r}",
+                "actor",
+            )
+        event = event.model_copy(update={"actor": caller})
     # The door scrubs before publishing, so raw personal data never sits in the topic.
     envelope = await publish(redactor.scrub_feedback(event))
     return FeedbackAccepted(feedback_id=envelope.payload.feedback_id, event_id=str(envelope.event_id))

@@ -560,8 +560,11 @@ class Redactor:
                 "comment": self.scrub(event.comment),
                 "correction": self.scrub(event.correction),
                 "tags": [self.scrub(tag) or tag for tag in event.tags],
-                # A judge's actor names a model, not a person.
-                "actor": event.actor if event.source is FeedbackSource.judge else self.scrub_user(event.actor),
+                # A judge's actor names a model, and a reviewer's is the principal of the key that sent it
+                # (as the registry's audit log records principals): neither is an end user's id.
+                "actor": event.actor
+                if event.source in (FeedbackSource.judge, FeedbackSource.reviewer)
+                else self.scrub_user(event.actor),
             }
         )
 

@@ -82,7 +82,6 @@ async def test_a_reviewer_claim_on_feedback_received_is_dead_lettered_and_the_do
                     "thumbs": "down",
                     "correction": "The warranty is 2 years.",
                     "source": "reviewer",
-                    "actor": "reviewer-1",
                 },
                 headers={"Authorization": f"Bearer {api_key(settings, Role.reviewer)}"},
             )

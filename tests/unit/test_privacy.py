@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from contracts.events import FeedbackReceived, InferenceLogged
+from contracts.events import FeedbackReceived, FeedbackReviewed, InferenceLogged
 from services.runtime.errors import ConfigurationError
 from services.runtime.privacy import PERSONAL_DETECTORS, Detector, PrivacyPolicy, PrivacySettings, Redactor
 from services.runtime.settings import load_settings
@@ -254,6 +254,10 @@ def test_events_are_scrubbed_field_by_field() -> None:
         FeedbackReceived(inference_id="i-1", thumbs="up", source="judge", actor="judge:smollm2")
     )
     assert judge.actor == "judge:smollm2", "a judge's actor names a model, not a person"
+    reviewer = redactor.scrub_feedback(
+        FeedbackReviewed(inference_id="i-1", rating=4, source="reviewer", actor="test-reviewer")
+    )
+    assert reviewer.actor == "test-reviewer", "a reviewer's actor is the principal of the key that sent it"
 
 
 # ------------------------------------------------------------------------------------------ dead letters
