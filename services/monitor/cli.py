@@ -472,6 +472,87 @@ def dataset_from_spans(
     )
 
 
+# --------------------------------------------------------------------------------------- agreement
+
+MAX_CONFLICTS_SHOWN = 20
+
+
+@ops_app.command()
+def agreement(
+    since: Since = "30d",
+    model: Annotated[str | None, typer.Option(help="Only feedback on this model's inferences.")] = None,
+    conflicts: Annotated[
+        int, typer.Option(min=0, max=1000, help="Targets in conflict listed at most, per dimension.")
+    ] = MAX_CONFLICTS_SHOWN,
+) -> None:
+    """How far reviewers agree on the targets two or more of them judged: Krippendorff's alpha of their
+    thumbs (nominal) and ratings (ordinal), Cohen's kappa when there are exactly two reviewers, the alpha
+    without each reviewer (one whose absence raises it most agrees least), and the targets they disagree
+    on (thumbs that differ, ratings more than one step apart)."""
+    from services.monitor.agreement import Scale, judgements_query, units_of
+    from services.monitor.agreement import agreement as measure
+
+    with _as_bad_parameter():
+        query = judgements_query(since_ms(since), model)
+    rows = _rows(query)
+    if not rows:
+        raise FlywheelError(
+            f"no reviewer's thumbs or rating since {since}{f' on {model}' if model else ''}: reviewers give them "
+            "through the feedback door with a reviewer key and source reviewer"
+        )
+    results = [
+        measure("thumbs", units_of(rows, "thumbs"), Scale.nominal),
+        measure("rating", units_of(rows, "rating"), Scale.ordinal, conflict_spread=1),
+    ]
+    print_table(
+        f"reviewer agreement since {since}",
+        ["dimension", "scale", "alpha", "kappa", "targets", "reviewers"],
+        [
+            [
+                result.dimension,
+                result.scale,
+                _figure(result.alpha),
+                _figure(result.kappa),
+                result.units,
+                len(result.reviewers),
+            ]
+            for result in results
+        ],
+    )
+    print_table(
+        "alpha without each reviewer",
+        ["reviewer", *(result.dimension for result in results)],
+        [
+            [
+                reviewer,
+                *(
+                    _figure(result.alpha_without.get(reviewer)) if reviewer in result.reviewers else ""
+                    for result in results
+                ),
+            ]
+            for reviewer in sorted({reviewer for result in results for reviewer in result.reviewers})
+        ],
+        whole=("reviewer",),
+    )
+    for result in results:
+        shown = result.conflicts[:conflicts]
+        print_table(
+            f"{result.dimension}: {len(result.conflicts)} targets in conflict"
+            + (f", the first {len(shown)}" if len(shown) < len(result.conflicts) else ""),
+            ["target", "values"],
+            [
+                [unit, ", ".join(f"{reviewer}: {value}" for reviewer, value in sorted(values.items()))]
+                for unit, values in shown
+            ],
+            whole=("target",),
+        )
+
+
+def _figure(value: float | None) -> str:
+    """An agreement figure, or why there is none: no two reviewers judged a target alike in scope."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 # ------------------------------------------------------------------------------------------- judge
 
 
