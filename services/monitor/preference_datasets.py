@@ -23,8 +23,8 @@ from itertools import product
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
-# Inferences with feedback read at most, newest first. Each row carries a prompt and an answer; at the
-# gateway's 8,000 characters of prompt this stays far under the query door's result cap (256 MiB).
+# Inferences with feedback read at most, newest first. Each row carries a prompt and an answer, so the
+# read also stays under the query door's caps (QueryLimits), which refuse it, with the cap named, past them.
 MAX_INFERENCES = 5000
 MAX_PAIRS = 10_000
 # Pairs of one kind from one prompt at most: a popular prompt with many rated answers would otherwise
@@ -65,7 +65,10 @@ FEEDBACK_SQL = (
     # The newest reviewer correction, as span datasets take it: a later one revises an earlier one.
     f"argMaxIf(trimBoth(assumeNotNull(f.correction)), f.occurred_at, {_CORRECTED}) AS correction, "
     f"argMaxIf(f.feedback_id, f.occurred_at, {_CORRECTED}) AS correction_id "
-    "FROM (SELECT * FROM feedback FINAL WHERE inference_id != '') AS f GROUP BY f.inference_id"
+    # The model's inference ids first: inference_log is ordered by model, so feedback on other models'
+    # answers is skipped before it is merged and grouped.
+    "FROM (SELECT * FROM feedback FINAL WHERE inference_id != '' AND inference_id IN "
+    "(SELECT inference_id FROM inference_log WHERE model_name = {model:String})) AS f GROUP BY f.inference_id"
     ") AS v ON i.inference_id = v.inference_id "
     f"ORDER BY i.occurred_at DESC, i.inference_id LIMIT {MAX_INFERENCES + 1}"
 )
