@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from services.runtime.doors import bearer_header
-from services.runtime.registry_client import RegistryClient
+from services.runtime.registry_client import RegistryClient, RegistryError
 from services.runtime.running import forget, record
 from tests.conftest import REPO
 from tests.integration.ops_support import (
@@ -169,10 +169,19 @@ async def test_feedback_becomes_a_preference_dataset_version_with_provenance(
     client_home: Path, registry_url: str
 ) -> None:
     recorded = record(client_home, ["registry"], registry_url)
+    registry = RegistryClient(registry_url, ADMIN)
+    chosen = ("preference-dataset", "--model", "support-bot", "--name", "support-prefs")
     try:
-        code, out, err = await run_ops(
-            client_home, "preference-dataset", "--model", "support-bot", "--name", "support-prefs"
-        )
+        code, out, err = await run_ops(client_home, *chosen, "--dry-run", "--limit", "2")
+        assert code == 0, err[-2000:]
+        dry = out.splitlines()
+        assert "2 pairs from 12 answers with feedback" in out and "dry run: nothing published" in out, out
+        assert [json.loads(line) for line in dry[-2:]] == EXPECTED[:2]
+        with pytest.raises(RegistryError) as missing:
+            await registry.dataset_rows("support-prefs", 1)
+        assert missing.value.status == 404, "a dry run publishes nothing"
+
+        code, out, err = await run_ops(client_home, *chosen)
         assert code == 0, err[-2000:]
         assert [line.split() for line in out.splitlines() if line.startswith("│ ")] == [
             ["│", "correction", "│", "1", "│"],
@@ -183,7 +192,6 @@ async def test_feedback_becomes_a_preference_dataset_version_with_provenance(
             "published support-prefs:v1: 7 pairs from 12 answers with feedback "
             "(skipped 1 of two answers with the same text; dropped 2 contradicted by a pair the other way)"
         ) in " ".join(out.split()), out
-        registry = RegistryClient(registry_url, ADMIN)
         assert await registry.dataset_rows("support-prefs", 1) == EXPECTED
         async with httpx.AsyncClient(base_url=registry_url, headers=bearer_header(ADMIN)) as door:
             [version] = (await door.get("/registry/v1/datasets", params={"name": "support-prefs"})).json()["items"]
