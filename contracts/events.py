@@ -194,7 +194,9 @@ class DatasetPublished(Payload):
     row_count: int = Field(ge=0, description="Number of records.")
     sha256: Sha256 = Field(description="Content digest of the JSONL.")
     artifact_uri: str = Field(description="Where the JSONL is stored.")
-    provenance: str = Field(description="`uploaded`, or `feedback` when built from corrections.")
+    provenance: str = Field(
+        description="`uploaded`, `feedback` when built from corrections, or `preferences` when built from feedback as preference pairs."
+    )
     model_name: ModelName | None = Field(default=None, description="Model the dataset is meant for, if any.")
 
 

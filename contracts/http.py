@@ -370,11 +370,13 @@ class DatasetVersionView(RegistryView):
     name: str = Field(description="Dataset name.")
     version: int = Field(description="Version number, per name, from 1.")
     split: str = Field(description="train or golden.")
-    record_format: str = Field(description="chat or instruction.")
+    record_format: str = Field(description="chat, instruction or preference.")
     row_count: int = Field(description="Number of records.")
     sha256: str = Field(description="Digest of the JSONL file.")
     artifact_uri: str = Field(description="Where the JSONL is stored.")
-    provenance: str = Field(description="uploaded, or feedback (built from corrections).")
+    provenance: str = Field(
+        description="uploaded, feedback (built from corrections) or preferences (built from feedback as preference pairs)."
+    )
     model_name: str | None = Field(description="Model it is meant for, if any.")
     created_at: datetime = Field(description="When it was published (UTC).")
     created_by: str = Field(description="Principal that published it.")
@@ -503,12 +505,15 @@ class PromptRendered(Response):
 
 class DatasetCreate(Request):
     name: DatasetName = Field(description="Dataset name; each upload is its next version.")
-    split: Literal["train", "golden"] = Field(description="train, or golden (for evaluation).")
-    jsonl: str = Field(
-        description='The records, one JSON object per line: chat ({"messages": [...]}) or instruction ({"instruction", "output"}).'
+    split: Literal["train", "golden"] = Field(
+        description="train, or golden (for evaluation; chat or instruction records only)."
     )
-    provenance: Literal["uploaded", "feedback"] = Field(
-        default="uploaded", description="uploaded, or feedback (built from corrections)."
+    jsonl: str = Field(
+        description='The records, one JSON object per line, all of one format: chat ({"messages": [...]}), instruction ({"instruction", "output"}) or preference ({"prompt": [...], "chosen", "rejected", "provenance"?}, the prompt ending with a user turn).'
+    )
+    provenance: Literal["uploaded", "feedback", "preferences"] = Field(
+        default="uploaded",
+        description="uploaded, feedback (built from corrections) or preferences (built from feedback as preference pairs).",
     )
     model_name: ModelName | None = Field(default=None, description="Model it is meant for.")
 

@@ -1,7 +1,8 @@
 """The monitor's part of the `flywheel` command, by group in `app` (services/cli/main.py mounts it, finding
 this module by name): `flywheel ops traffic|latency|feedback|alerts|drift|models`, readable tables over
 the ops views; `flywheel ops traces|sessions|trace`, the pipelines' traces (migration 0008);
-`flywheel ops dataset-from-spans`, chosen spans published as a registry dataset version; and
+`flywheel ops dataset-from-spans`, chosen spans published as a registry dataset version;
+`flywheel ops preference-dataset`, preference pairs built from a model's feedback, published likewise; and
 `flywheel ops sql`, read-only SQL; the query door is the monitor's.
 
 Beside a live `flywheel up` the queries go through the monitor's read-only door `/monitor/v1/query`
@@ -19,6 +20,8 @@ from typing import Annotated, Any
 import typer
 
 from contracts.events import SpanKind
+from services.monitor.preference_datasets import MAX_INFERENCES, MAX_PAIRS, build_pairs
+from services.monitor.preference_datasets import feedback_query as preference_feedback_query
 from services.monitor.span_datasets import (
     MAX_FEEDBACK_ROWS,
     MAX_SPANS,
@@ -469,6 +472,73 @@ def dataset_from_spans(
         raise FlywheelError(str(error)) from None
     typer.echo(
         f"published {dataset.name}:v{dataset.version}: {dataset.row_count} records from {len(spans)} spans{note}"
+    )
+
+
+@ops_app.command("preference-dataset")
+def preference_dataset(
+    model: Annotated[str, typer.Option(help="The model whose answers the feedback is about.")],
+    name: Annotated[str, typer.Option(help="The registry dataset to publish as its next (train) version.")],
+    limit: Annotated[
+        int, typer.Option(min=1, max=MAX_PAIRS, help="Pairs at most: corrections first, then thumbs, then ratings.")
+    ] = 1000,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the pairs by kind and the first ones; publish nothing.")
+    ] = False,
+) -> None:
+    """Publish preference pairs built from a model's feedback as a train dataset version (record format
+    preference): a reviewer's correction against the answer it replaced; an answer given thumbs up against
+    one given thumbs down, and an answer rated a point or more higher than another, to the same rendered
+    prompt. Each record's `provenance` names its kind and the inferences, feedback and model versions."""
+    import json
+
+    from pydantic import ValidationError
+
+    from contracts.http import DatasetCreate
+    from services.runtime.registry_client import RegistryError, RegistrySyncClient
+
+    try:
+        # Checked before anything is read: a name the registry would refuse fails at once.
+        body = DatasetCreate(name=name, split="train", jsonl="", provenance="preferences", model_name=model)
+    except ValidationError as invalid:
+        error = invalid.errors()[0]
+        hint = "--model" if error["loc"][:1] == ("model_name",) else "--name"
+        raise typer.BadParameter(error["msg"], param_hint=hint) from None
+    rows = _rows(preference_feedback_query(model))
+    if not rows:
+        raise FlywheelError(
+            f"no answered inference of {model} has feedback stored: nothing published. See what is given with `flywheel ops feedback`"
+        )
+    notes = []
+    if len(rows) > MAX_INFERENCES:
+        rows = rows[:MAX_INFERENCES]
+        notes.append(f"read the newest {MAX_INFERENCES} answers with feedback")
+    built = build_pairs(model, rows, limit=limit)
+    if built.same_text:
+        notes.append(f"skipped {built.same_text} of two answers with the same text")
+    if built.contradicted:
+        notes.append(f"dropped {built.contradicted} contradicted by a pair the other way")
+    note = f" ({'; '.join(notes)})" if notes else ""
+    if not built.pairs:
+        raise FlywheelError(
+            f"the feedback on {len(rows)} answers of {model} gives no pair{note}: nothing published. A pair needs a "
+            "reviewer's correction, or two answers to one prompt with opposite thumbs or ratings a point apart"
+        )
+    print_table(f"preference pairs for {model}", ["kind", "pairs"], [[k.value, n] for k, n in built.counts().items()])
+    body = body.model_copy(update={"jsonl": built.jsonl()})
+    if dry_run:
+        typer.echo(f"{len(built.pairs)} pairs from {len(rows)} answers with feedback{note}; dry run: nothing published")
+        for pair in built.pairs[:DRY_RUN_SHOWN]:
+            # ASCII: the texts are the app's, and an escape sequence in them must not reach the terminal.
+            typer.echo(json.dumps(pair.record(model)))
+        return
+    door, key = door_and_key(load_settings(FlywheelSettings), "registry")
+    try:
+        dataset = RegistrySyncClient(door, key).publish_dataset(body)
+    except RegistryError as error:
+        raise FlywheelError(str(error)) from None
+    typer.echo(
+        f"published {dataset.name}:v{dataset.version}: {dataset.row_count} pairs from {len(rows)} answers with feedback{note}"
     )
 
 

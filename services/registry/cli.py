@@ -212,7 +212,12 @@ def publish_dataset(
     name: str,
     file: Path,
     split: Annotated[str, typer.Option(help="train or golden.")] = "train",
-    provenance: Annotated[str, typer.Option(help="uploaded or feedback.")] = "uploaded",
+    provenance: Annotated[
+        str,
+        typer.Option(
+            help="uploaded, feedback (built from corrections) or preferences (preference pairs from feedback)."
+        ),
+    ] = "uploaded",
 ) -> None:
     """Validate a JSONL file and register it as the next version of a dataset."""
     if not file.is_file():

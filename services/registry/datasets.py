@@ -17,28 +17,23 @@ from services.registry.outbox import stage_event
 from services.registry.store import Page
 from services.runtime.artifacts import ArtifactError, ArtifactStore
 
-# Chat records: {"messages": [{"role", "content"}, ...]}; instruction records: {"instruction", "output", "input"?}.
+# Chat records: {"messages": [{"role", "content"}, ...]}; instruction records: {"instruction", "output", "input"?};
+# preference records: {"prompt": [{"role", "content"}, ...], "chosen", "rejected", "provenance"?}.
 ROLES = {"system", "user", "assistant"}
+PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
+# uploaded; feedback: built from corrections; preferences: built from feedback as preference pairs.
+PROVENANCES = ("uploaded", "feedback", "preferences")
 
 
 def validate_record(record: Any) -> tuple[str, str | None]:
-    """(format, error) of one dataset record: format is chat or instruction; error None when valid."""
+    """(format, error) of one dataset record: format is chat, instruction or preference; error None when valid."""
     if not isinstance(record, dict):
         return "", "a record must be a JSON object"
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            return "chat", "messages must be a non-empty list"
-        for index, message in enumerate(messages):
-            if not isinstance(message, dict):
-                return "chat", f"messages[{index}] must be an object"
-            if message.get("role") not in ROLES:
-                return "chat", f"messages[{index}].role must be one of {', '.join(sorted(ROLES))}"
-            if not isinstance(message.get("content"), str):
-                return "chat", f"messages[{index}].content must be a string"
-        if messages[-1]["role"] != "assistant":
-            return "chat", "the last message must be the assistant's (the target)"
-        return "chat", None
+        problem = _conversation_problem(record["messages"], "messages")
+        if problem is None and record["messages"][-1]["role"] != "assistant":
+            problem = "the last message must be the assistant's (the target)"
+        return "chat", problem
     if "instruction" in record:
         for name in ("instruction", "output"):
             if not isinstance(record.get(name), str) or not record[name].strip():
@@ -46,7 +41,44 @@ def validate_record(record: Any) -> tuple[str, str | None]:
         if "input" in record and not isinstance(record["input"], str):
             return "instruction", "input must be a string"
         return "instruction", None
-    return "", 'unknown record: expected {"messages": [...]} (chat) or {"instruction": ..., "output": ...}'
+    if any(key in record for key in PREFERENCE_KEYS):
+        return "preference", _preference_problem(record)
+    return "", (
+        'unknown record: expected {"messages": [...]} (chat), {"instruction": ..., "output": ...} (instruction) '
+        'or {"prompt": [...], "chosen": ..., "rejected": ...} (preference)'
+    )
+
+
+def _conversation_problem(messages: Any, name: str) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return f"{name} must be a non-empty list"
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"{name}[{index}] must be an object"
+        if message.get("role") not in ROLES:
+            return f"{name}[{index}].role must be one of {', '.join(sorted(ROLES))}"
+        if not isinstance(message.get("content"), str):
+            return f"{name}[{index}].content must be a string"
+    return None
+
+
+def _preference_problem(record: dict[str, Any]) -> str | None:
+    missing = [key for key in PREFERENCE_KEYS if key not in record]
+    if missing:
+        return f"a preference record needs {', '.join(PREFERENCE_KEYS)}; missing {', '.join(missing)}"
+    problem = _conversation_problem(record["prompt"], "prompt")
+    if problem is not None:
+        return problem
+    if record["prompt"][-1]["role"] != "user":
+        return "the last prompt message must be the user's (the turn both answers reply to)"
+    for name in ("chosen", "rejected"):
+        if not isinstance(record[name], str) or not record[name].strip():
+            return f"{name} must be a non-empty string"
+    if record["chosen"].strip() == record["rejected"].strip():
+        return "chosen and rejected are the same text: there is nothing to prefer"
+    if "provenance" in record and not isinstance(record["provenance"], dict):
+        return "provenance must be an object"
+    return None
 
 
 def validate_jsonl(jsonl: bytes) -> tuple[str, int]:
@@ -73,7 +105,7 @@ def validate_jsonl(jsonl: bytes) -> tuple[str, int]:
         formats.add(record_format)
         rows += 1
     if len(formats) > 1:
-        errors.append("records mix chat and instruction formats; use one per dataset")
+        errors.append(f"records mix {' and '.join(sorted(formats))} formats; use one per dataset")
     if not errors and rows == 0:
         errors.append("dataset has no records")
     if errors:
@@ -104,8 +136,8 @@ class Datasets:
         with self.changes.change(actor, "dataset.publish", "dataset", name) as session:
             if split not in ("train", "golden"):
                 raise Invalid("split must be train or golden", param="split")
-            if provenance not in ("uploaded", "feedback"):
-                raise Invalid("provenance must be uploaded or feedback", param="provenance")
+            if provenance not in PROVENANCES:
+                raise Invalid(f"provenance must be one of {', '.join(PROVENANCES)}", param="provenance")
             if len(jsonl) > self.max_dataset_bytes:
                 raise TooLarge(
                     f"dataset is {len(jsonl)} bytes; the limit is {self.max_dataset_bytes}",
@@ -113,6 +145,13 @@ class Datasets:
                     code="dataset_too_large",
                 )
             record_format, rows = validate_jsonl(jsonl)
+            if split == "golden" and record_format == "preference":
+                # The evaluator scores answers against one reference each; a pair holds two and no reference.
+                raise Invalid(
+                    "preference records are for training: publish them with split train; a golden set holds chat or instruction records with one reference answer",
+                    param="split",
+                    code="preference_not_golden",
+                )
             digest = hashlib.sha256(jsonl).hexdigest()
             try:
                 ref = self.artifacts.put_bytes(jsonl, kind="jsonl")

@@ -1,35 +1,30 @@
 """`flywheel ops dataset-from-spans` as a user runs it: spans and feedback the sink stored in chDB (read on
 the store opened read-only, as `flywheel ops traces` reads them with no monitor running), published to a
-real registry (services.registry.app.create_app under build_process on real Kafka, served by uvicorn) with
-the caller's FLYWHEEL_API_KEY. The store is seeded in a subprocess, because chDB lets one process own a
-data directory, and the command runs as one."""
+real registry (tests/integration/ops_support.py) with the caller's FLYWHEEL_API_KEY. The store is seeded
+in a subprocess, because chDB lets one process own a data directory, and the command runs as one."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from infra.processes import free_port
-from services.registry.app import create_app
 from services.runtime.doors import bearer_header
 from services.runtime.registry_client import RegistryClient, RegistryError
 from services.runtime.running import forget, record
-from services.runtime.service import build_process
-from services.runtime.settings import FlywheelSettings
 from tests.conftest import REPO
-from tests.support import served
+from tests.integration.ops_support import (
+    ADMIN,
+    ops_env,
+    registry_url,  # noqa: F401 - a fixture
+    run_ops,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-ADMIN = "fw_boot_spans-dataset-admin-secret-0123456789"
-FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
 DISLIKED = "4bf92f3577b34da6a3ce929d0e0e4736"
 LIKED = "0af7651916cd43dd8448eb211c80319c"
 CORRECTED = "5b8efff798038103d269b633813fc60c"
@@ -90,48 +85,17 @@ with open_clickhouse(None, Path(sys.argv[1])) as store:
 
 
 @pytest.fixture
-async def registry_url(settings: FlywheelSettings, topics: str) -> AsyncIterator[str]:
-    settings = settings.model_copy(update={"bootstrap_admin_key": ADMIN})
-    app, _ = build_process(settings, [create_app], title="flywheel-registry")
-    async with served(app) as url:
-        yield url
-
-
-@pytest.fixture
 def client_home(tmp_path: Path, registry_url: str) -> Path:
     """The caller's FLYWHEEL_HOME: the sink's chDB store, and the registry recorded as a live process there
     (as `flywheel run registry` records itself), so the command finds the registry's door while no monitor
     answers on FLYWHEEL_HTTP_PORT and the spans are read on the store."""
     home = tmp_path / "client-home"
-    subprocess.run([sys.executable, "-c", SEED, str(home)], cwd=REPO, env=_env(home), check=True, timeout=180)
+    subprocess.run([sys.executable, "-c", SEED, str(home)], cwd=REPO, env=ops_env(home), check=True, timeout=180)
     return home
 
 
-def _env(home: Path) -> dict[str, str]:
-    return {
-        **{name: value for name, value in os.environ.items() if not name.startswith("FLYWHEEL_")},
-        "FLYWHEEL_HOME": str(home),
-        "FLYWHEEL_HTTP_PORT": str(free_port()),
-        "FLYWHEEL_API_KEY": ADMIN,
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
-
-
 async def dataset_from_spans(home: Path, *arguments: str) -> tuple[int, str, str]:
-    # The registry is served on this test's event loop: the command runs beside it, not blocking it.
-    command = await asyncio.create_subprocess_exec(
-        FLYWHEEL,
-        "ops",
-        "dataset-from-spans",
-        *arguments,
-        cwd=REPO,
-        env=_env(home),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(command.communicate(), timeout=180)
-    assert command.returncode is not None
-    return command.returncode, stdout.decode(), " ".join(stderr.decode().split())
+    return await run_ops(home, "dataset-from-spans", *arguments)
 
 
 async def test_thumbs_down_spans_become_a_dataset_version_with_provenance(client_home: Path, registry_url: str) -> None:
