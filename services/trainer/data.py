@@ -84,6 +84,10 @@ def _read_jsonl(path: Path, parse: Callable[[Any], T]) -> list[T]:
 
 
 def _messages(record: Any) -> list[dict[str, str]]:
+    if isinstance(record, dict) and "chosen" in record and "messages" not in record:
+        raise ValueError(
+            "a preference record where a chat record is expected: preference records train with method dpo"
+        )
     messages = _message_list(record.get("messages") if isinstance(record, dict) else None, "messages")
     if not any(message["role"] == "assistant" for message in messages):
         raise ValueError("no assistant message: nothing to learn from this record")
@@ -93,6 +97,8 @@ def _messages(record: Any) -> list[dict[str, str]]:
 def _preference(record: Any) -> PreferenceRecord:
     if not isinstance(record, dict):
         raise ValueError('expected {"prompt": [...], "chosen": "...", "rejected": "..."}')
+    if "messages" in record and "prompt" not in record:
+        raise ValueError("a chat record where a preference record is expected: chat records train with method sft")
     prompt = _message_list(record.get("prompt"), "prompt")
     if prompt[-1]["role"] != "user":
         raise ValueError(f"the prompt must end with a user turn, not {prompt[-1]['role']}: the answers reply to it")

@@ -154,6 +154,10 @@ def test_malformed_preference_records_are_named_by_line_and_reason(tmp_path: Pat
     assert "line 5: chosen must be a non-empty string" in message
     assert 'line 6: expected {"prompt": [...]} with at least one message' in message
     assert "(and 2 more)" in message
+    with pytest.raises(InvalidDataset, match="line 1: a chat record where a preference record is expected"):
+        read_preference_jsonl(write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}]))
+    with pytest.raises(InvalidDataset, match="line 1: a preference record where a chat record is expected"):
+        read_chat_jsonl(write_jsonl(tmp_path / "pairs.jsonl", [PREFERENCE]))
     with pytest.raises(InvalidDataset, match="empty"):
         read_preference_jsonl(write_jsonl(tmp_path / "empty.jsonl", [""]))
 
