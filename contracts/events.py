@@ -122,7 +122,9 @@ class Hyperparameters(ContractModel):
     )
     learning_rate: float = Field(default=2e-4, gt=0, le=1.0, description="Peak learning rate.")
     epochs: float = Field(default=3.0, gt=0, le=100, description="Passes over the training split.")
-    batch_size: int = Field(default=8, ge=1, le=1024, description="Sequences per optimiser step.")
+    batch_size: int = Field(
+        default=8, ge=1, le=1024, description="Sequences per optimiser step (dpo: pairs, two sequences each)."
+    )
     max_seq_length: int = Field(default=512, ge=16, le=32768, description="Tokens per training sequence.")
     seed: int = Field(default=0, ge=0, description="Seed for data order, initialisation and dropout.")
     # Both added with defaults: events and stored jobs from before preference tuning still validate, as SFT jobs.
