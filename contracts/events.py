@@ -432,7 +432,10 @@ class TrainingCompleted(Payload):
     hyperparameters: Hyperparameters = Field(description="Hyperparameters used.")
     artifact_uri: str = Field(description="Where the adapter's safetensors are stored.")
     artifact_sha256: Sha256 = Field(description="Digest of the adapter weights.")
-    metrics: dict[str, float] = Field(default_factory=dict, description="Final loss, tokens/s, duration ...")
+    metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="Final loss, tokens/s, duration ...; dpo adds reward_accuracy and reward_margin.",
+    )
 
 
 class TrainingFailed(Payload):
