@@ -70,9 +70,11 @@ def preference_loss(
 
 
 def _answer_logits(
-    model: Any, input_ids: torch.Tensor, labels: torch.Tensor, device: torch.device, **positions: torch.Tensor
+    model: Any, input_ids: torch.Tensor, labels: torch.Tensor, device: torch.device, **layout: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits of the labelled positions only, with their targets, in row-major order.
+
+    `layout` says how sequences sit in the rows: `position_ids` for packed rows, `attention_mask` for padded ones.
 
     The LM head (vocabulary x hidden) is a large share of a small model's compute; prompt positions
     carry no loss, so their logits are never computed.
@@ -85,7 +87,7 @@ def _answer_logits(
         hidden = inner.get_decoder()(
             input_ids=input_ids.to(device),
             use_cache=False,
-            **{name: tensor.to(device) for name, tensor in positions.items()},
+            **{name: tensor.to(device) for name, tensor in layout.items()},
         ).last_hidden_state
         targets = labels[:, 1:].to(device)
         keep = targets != IGNORE
