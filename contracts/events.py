@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
@@ -122,9 +122,25 @@ class Hyperparameters(ContractModel):
     )
     learning_rate: float = Field(default=2e-4, gt=0, le=1.0, description="Peak learning rate.")
     epochs: float = Field(default=3.0, gt=0, le=100, description="Passes over the training split.")
-    batch_size: int = Field(default=8, ge=1, le=1024, description="Sequences per optimiser step.")
+    batch_size: int = Field(
+        default=8, ge=1, le=1024, description="Sequences per optimiser step (dpo: pairs, two sequences each)."
+    )
     max_seq_length: int = Field(default=512, ge=16, le=32768, description="Tokens per training sequence.")
     seed: int = Field(default=0, ge=0, description="Seed for data order, initialisation and dropout.")
+    # Both added with defaults: events and stored jobs from before preference tuning still validate, as SFT jobs.
+    method: Literal["sft", "dpo"] = Field(
+        default="sft",
+        description=(
+            "sft: supervised fine-tuning on chat records (`messages`); dpo: direct preference optimisation on "
+            "preference records (`prompt`, `chosen`, `rejected`)."
+        ),
+    )
+    dpo_beta: float = Field(
+        default=0.1,
+        gt=0,
+        le=10,
+        description="DPO only: strength of the pull towards the base model (higher stays closer to it).",
+    )
 
 
 class DatasetRef(ContractModel):
@@ -418,7 +434,10 @@ class TrainingCompleted(Payload):
     hyperparameters: Hyperparameters = Field(description="Hyperparameters used.")
     artifact_uri: str = Field(description="Where the adapter's safetensors are stored.")
     artifact_sha256: Sha256 = Field(description="Digest of the adapter weights.")
-    metrics: dict[str, float] = Field(default_factory=dict, description="Final loss, tokens/s, duration ...")
+    metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="Final loss, tokens/s, duration ...; dpo adds reward_accuracy and reward_margin.",
+    )
 
 
 class TrainingFailed(Payload):

@@ -120,6 +120,7 @@ def _peak_mb(device: torch.device) -> float:
 def _trainer_side(model_dir: Path, data: Path, rows: int, steps: int, hp: Hyperparameters) -> dict:
     from services.trainer import engine
     from services.trainer.data import pack
+    from services.trainer.losses import assistant_loss
     from services.trainer.model import load_model, load_tokenizer, pick_device
 
     device = pick_device()
@@ -137,7 +138,7 @@ def _trainer_side(model_dir: Path, data: Path, rows: int, steps: int, hp: Hyperp
             _sync(device)
             started, cpu_started = time.perf_counter(), time.process_time()
         batch = pack(engine._batch_for(step, examples, hp, steps_per_epoch), hp.max_seq_length, tokenizer.pad_token_id)
-        engine._assistant_loss(model, batch, device).backward()
+        assistant_loss(model, batch, device).loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # as the engine and the baseline Trainer (max_grad_norm=1.0) do
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

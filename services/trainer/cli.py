@@ -61,6 +61,8 @@ def _hyperparameters(
     max_seq_length: int,
     seed: int,
     target_modules: str,
+    method: str,
+    dpo_beta: float,
 ) -> Any:
     from pydantic import ValidationError
 
@@ -76,6 +78,8 @@ def _hyperparameters(
             max_seq_length=max_seq_length,
             seed=seed,
             target_modules=[name.strip() for name in target_modules.split(",") if name.strip()],
+            method=method,
+            dpo_beta=dpo_beta,
         )
     except ValidationError as error:
         raise TrainCommandError(
@@ -94,6 +98,10 @@ SEED = typer.Option(0, help="Seed for data order, initialisation and dropout.")
 TARGETS = typer.Option(
     "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--target-modules", help="Comma-separated module names."
 )
+METHOD = typer.Option(
+    "sft", help="sft: chat records ({messages}); dpo: preference records ({prompt, chosen, rejected})."
+)
+BETA = typer.Option(0.1, "--dpo-beta", help="DPO only: pull towards the base model (higher stays closer).")
 
 
 @train_app.command("submit")
@@ -109,12 +117,16 @@ def submit(
     max_seq_length: int = MAXLEN,
     seed: int = SEED,
     target_modules: str = TARGETS,
+    method: str = METHOD,
+    dpo_beta: float = BETA,
 ) -> None:
     """Queue a training job on the running trainer."""
     name, _, version = dataset.rpartition(":")
     if not name or not version.isdigit():
         raise TrainCommandError(f"--dataset must be NAME:VERSION, got {dataset!r}")
-    hp = _hyperparameters(rank, alpha, learning_rate, epochs, batch_size, max_seq_length, seed, target_modules)
+    hp = _hyperparameters(
+        rank, alpha, learning_rate, epochs, batch_size, max_seq_length, seed, target_modules, method, dpo_beta
+    )
     body = {
         "model_name": model,
         "dataset": {"name": name, "version": int(version)},
@@ -165,6 +177,8 @@ def local(
     max_seq_length: int = MAXLEN,
     seed: int = SEED,
     target_modules: str = TARGETS,
+    method: str = METHOD,
+    dpo_beta: float = BETA,
 ) -> None:
     """Train here, without Kafka, and print the golden score of the base model and of the adapter."""
     import torch
@@ -174,7 +188,9 @@ def local(
     from services.trainer.scoring import score_golden
 
     torch.set_num_threads(threads or free_cpu_threads())
-    hp = _hyperparameters(rank, alpha, learning_rate, epochs, batch_size, max_seq_length, seed, target_modules)
+    hp = _hyperparameters(
+        rank, alpha, learning_rate, epochs, batch_size, max_seq_length, seed, target_modules, method, dpo_beta
+    )
     from services.runtime.settings import FlywheelSettings, load_settings
 
     model = model_path or default_model_dir()

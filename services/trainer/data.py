@@ -1,4 +1,7 @@
-"""Chat records to training tensors: validation, chat-template tokenization with prompt masking, packing.
+"""Training records to tensors: validation, chat-template tokenization with prompt masking, packing, padding.
+
+Two record kinds: chat records (`{"messages": [...]}`) for SFT, preference records (`{"prompt": [...],
+"chosen", "rejected"}`) for DPO. Both go through the same reader and the same prompt masking.
 
 Rows longer than `max_seq_length` are rejected, not truncated: cutting a row drops either the end
 of the answer (the model would learn to stop mid-sentence) or part of the prompt (it would learn
@@ -8,15 +11,16 @@ to answer questions it never saw). The job fails with the offending line numbers
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 IGNORE = -100
 ROLES = {"system", "user", "assistant"}
+T = TypeVar("T")
 
 
 class InvalidDataset(ValueError):
@@ -37,30 +41,79 @@ class Example:
 
 def read_chat_jsonl(path: Path) -> list[list[dict[str, str]]]:
     """The conversations of a JSONL file of `{"messages": [{"role", "content"}, ...]}` records."""
+    return _read_jsonl(path, _messages)
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """A prompt (ending with a user turn) and two answers to it, the better one first."""
+
+    prompt: list[dict[str, str]]
+    chosen: str
+    rejected: str
+
+
+def read_preference_jsonl(path: Path) -> list[PreferenceRecord]:
+    """The records of a JSONL file of `{"prompt": [...], "chosen": str, "rejected": str, "provenance": {...}}`.
+
+    `provenance` (where a pair came from: feedback ids, reviewers) is allowed and not read: training needs
+    only the text.
+    """
+    return _read_jsonl(path, _preference)
+
+
+def _read_jsonl(path: Path, parse: Callable[[Any], T]) -> list[T]:
     if not path.is_file():
         raise InvalidDataset(f"dataset file {path} does not exist")
-    conversations: list[list[dict[str, str]]] = []
+    records: list[T] = []
     problems: list[str] = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                conversations.append(_messages(json.loads(line)))
+                records.append(parse(json.loads(line)))
             except (ValueError, TypeError) as error:
                 problems.append(f"line {number}: {error}")
     if problems:
         shown = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
         raise InvalidDataset(f"{len(problems)} malformed record(s) in {path.name}: {shown}")
-    if not conversations:
+    if not records:
         raise InvalidDataset(f"dataset {path.name} is empty: no records to train on")
-    return conversations
+    return records
 
 
 def _messages(record: Any) -> list[dict[str, str]]:
-    messages = record.get("messages") if isinstance(record, dict) else None
+    if isinstance(record, dict) and "chosen" in record and "messages" not in record:
+        raise ValueError(
+            "a preference record where a chat record is expected: preference records train with method dpo"
+        )
+    messages = _message_list(record.get("messages") if isinstance(record, dict) else None, "messages")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise ValueError("no assistant message: nothing to learn from this record")
+    return messages
+
+
+def _preference(record: Any) -> PreferenceRecord:
+    if not isinstance(record, dict):
+        raise ValueError('expected {"prompt": [...], "chosen": "...", "rejected": "..."}')
+    if "messages" in record and "prompt" not in record:
+        raise ValueError("a chat record where a preference record is expected: chat records train with method sft")
+    prompt = _message_list(record.get("prompt"), "prompt")
+    if prompt[-1]["role"] != "user":
+        raise ValueError(f"the prompt must end with a user turn, not {prompt[-1]['role']}: the answers reply to it")
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(answer, str) or not answer.strip():
+            raise ValueError(f"{name} must be a non-empty string, got {answer!r:.80}")
+    if chosen == rejected:
+        raise ValueError("chosen and rejected are the same answer: the pair prefers nothing")
+    return PreferenceRecord(prompt=prompt, chosen=str(chosen), rejected=str(rejected))
+
+
+def _message_list(messages: Any, key: str) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
-        raise ValueError('expected {"messages": [...]} with at least one message')
+        raise ValueError(f'expected {{"{key}": [...]}} with at least one message')
     for message in messages:
         if (
             not isinstance(message, dict)
@@ -68,21 +121,23 @@ def _messages(record: Any) -> list[dict[str, str]]:
             or not isinstance(message.get("content"), str)
         ):
             raise ValueError(f"each message needs a role in {sorted(ROLES)} and a string content, got {message!r:.80}")
-    if not any(message["role"] == "assistant" for message in messages):
-        raise ValueError("no assistant message: nothing to learn from this record")
     return [{"role": message["role"], "content": message["content"]} for message in messages]
 
 
-def tokenize_conversation(tokenizer: Any, messages: Sequence[dict[str, str]]) -> Example:
+def tokenize_conversation(
+    tokenizer: Any, messages: Sequence[dict[str, str]], *, only_last_answer: bool = False
+) -> Example:
     """Tokenize with the model's chat template; only assistant turns (with their end-of-turn token) carry labels.
 
     The rendering is split at each assistant turn and each segment tokenized on its own, so the
     prompt part is exactly what `apply_chat_template(..., add_generation_prompt=True)` gives at
     inference time, and the boundary between prompt and answer is known in tokens, not guessed.
+    With `only_last_answer`, earlier assistant turns are context, as in a preference record's prompt.
     """
     input_ids: list[int] = []
     labels: list[int] = []
     rendered = ""
+    last = len(messages) - 1
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -95,7 +150,8 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[dict[str, str]]) ->
         prompt_ids = _encode(tokenizer, prompt[len(rendered) :])
         answer_ids = _encode(tokenizer, full[len(prompt) :])
         input_ids += prompt_ids + answer_ids
-        labels += [IGNORE] * len(prompt_ids) + answer_ids
+        learned = answer_ids if index == last or not only_last_answer else [IGNORE] * len(answer_ids)
+        labels += [IGNORE] * len(prompt_ids) + learned
         rendered = full
     return Example(input_ids=input_ids, labels=labels)
 
@@ -109,18 +165,45 @@ def tokenize_dataset(
 ) -> list[Example]:
     """Every conversation tokenized; any row over `max_seq_length` tokens fails the whole dataset."""
     examples = [tokenize_conversation(tokenizer, messages) for messages in conversations]
-    too_long = [
-        (number, len(example.input_ids))
-        for number, example in enumerate(examples, start=1)
-        if len(example.input_ids) > max_seq_length
+    _reject_long_rows([len(example.input_ids) for example in examples], max_seq_length)
+    return examples
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One preference record as two tokenized sequences sharing the prompt; labels only on each answer."""
+
+    chosen: Example
+    rejected: Example
+
+
+def tokenize_preferences(
+    tokenizer: Any, records: Sequence[PreferenceRecord], max_seq_length: int
+) -> list[PreferencePair]:
+    """Every record as prompt + chosen and prompt + rejected; a record whose longer side exceeds `max_seq_length` fails the dataset."""
+    pairs = [
+        PreferencePair(
+            chosen=tokenize_conversation(
+                tokenizer, [*record.prompt, {"role": "assistant", "content": record.chosen}], only_last_answer=True
+            ),
+            rejected=tokenize_conversation(
+                tokenizer, [*record.prompt, {"role": "assistant", "content": record.rejected}], only_last_answer=True
+            ),
+        )
+        for record in records
     ]
+    _reject_long_rows([max(len(pair.chosen.input_ids), len(pair.rejected.input_ids)) for pair in pairs], max_seq_length)
+    return pairs
+
+
+def _reject_long_rows(lengths: Sequence[int], max_seq_length: int) -> None:
+    too_long = [(number, length) for number, length in enumerate(lengths, start=1) if length > max_seq_length]
     if too_long:
         shown = ", ".join(f"row {number} ({length} tokens)" for number, length in too_long[:5])
         raise InvalidDataset(
             f"{len(too_long)} row(s) exceed max_seq_length={max_seq_length} and are rejected, not truncated: {shown}"
             f"{' ...' if len(too_long) > 5 else ''}; raise max_seq_length or shorten those rows"
         )
-    return examples
 
 
 @dataclass(frozen=True)
@@ -173,6 +256,35 @@ def pack(examples: Sequence[Example], max_seq_length: int, pad_token_id: int) ->
         position_ids=position_ids,
         trained_tokens=sum(e.trained_tokens for e in examples),
         tokens=sum(len(e.input_ids) for e in examples),
+    )
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    """One sequence a row, right-padded; `attention_mask` hides the padding."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    tokens: int
+
+
+def pad(examples: Sequence[Example], pad_token_id: int) -> PaddedBatch:
+    """One row per example, as wide as the longest: each row's answer log-probability stays its own."""
+    width = max(len(example.input_ids) for example in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for r, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[r, :n] = torch.tensor(example.input_ids)
+        labels[r, :n] = torch.tensor(example.labels)
+        attention_mask[r, :n] = 1
+    return PaddedBatch(
+        input_ids=input_ids,
+        labels=labels,
+        attention_mask=attention_mask,
+        tokens=sum(len(example.input_ids) for example in examples),
     )
 
 

@@ -1,4 +1,8 @@
-"""The training use case without Kafka or HTTP: base model + chat JSONL + hyperparameters -> LoRA adapter directory.
+"""The training use case without Kafka or HTTP: base model + JSONL + hyperparameters -> LoRA adapter directory.
+
+`method` picks the records and the objective (services/trainer/losses.py): chat records and next-token
+loss on answers (sft), or preference records and DPO (dpo). Everything else, the loop, checkpoints,
+resume and progress, is one code path for both, on the CPU and on CUDA.
 
 Determinism: the data order of each epoch is a function of (seed, epoch), LoRA initialisation and
 dropout draw from torch's generator seeded with `seed`, and a checkpoint holds that generator's
@@ -29,16 +33,16 @@ from contracts.events import Hyperparameters
 from services.runtime.cpu import use_free_cpus
 from services.runtime.peft_compat import ignore_peft_deprecation
 from services.trainer.data import (
-    IGNORE,
-    Example,
     InvalidDataset,
-    PackedBatch,
     epoch_order,
     pack,
     read_chat_jsonl,
+    read_preference_jsonl,
     tokenize_dataset,
+    tokenize_preferences,
 )
-from services.trainer.model import base_dtype, load_model, load_tokenizer, pick_device
+from services.trainer.losses import StepLoss, assistant_loss, preference_loss
+from services.trainer.model import load_model, load_tokenizer, pick_device
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -142,14 +146,16 @@ def _train(job: TrainingJob) -> TrainingResult:
     if device.type == "cpu":
         use_free_cpus(job.threads)
     job.work_dir.mkdir(parents=True, exist_ok=True)
-    conversations = read_chat_jsonl(job.dataset_path)
+    # The records are read before the model: a malformed dataset is reported without loading weights.
+    records: list[Any] = (
+        read_preference_jsonl(job.dataset_path) if hp.method == "dpo" else read_chat_jsonl(job.dataset_path)
+    )
     try:
         tokenizer = load_tokenizer(job.model_path)
     except (OSError, ValueError) as error:
         raise TrainingError("invalid_input", f"cannot load the base model at {job.model_path}: {error}") from error
-    examples = tokenize_dataset(tokenizer, conversations, hp.max_seq_length)
-    if not any(example.trained_tokens for example in examples):
-        raise TrainingError("invalid_input", "no assistant tokens in the dataset: nothing to train on")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples, step_loss = _objective(tokenizer, records, hp, pad_id, device)
     steps_per_epoch = math.ceil(len(examples) / hp.batch_size)
     total_steps = max(1, round(steps_per_epoch * hp.epochs))
 
@@ -164,9 +170,11 @@ def _train(job: TrainingJob) -> TrainingResult:
     if job.on_start:
         job.on_start(TrainingPlan(total_steps=total_steps, resumed_from_step=start_step, device=str(device)))
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.train()
     losses: list[float] = []
+    # DPO's per-pair margins of the current logging interval, and of the last one finished (reported in the metrics).
+    margins: list[torch.Tensor] = []
+    final_margins: list[torch.Tensor] = []
     tokens_seen = 0  # real tokens, prompt and answer, no padding
     reported = 0
     began = time.perf_counter()
@@ -177,35 +185,38 @@ def _train(job: TrainingJob) -> TrainingResult:
             if step > start_step and step % job.checkpoint_every != 0:
                 _save_checkpoint(job, step, model, optimizer, scheduler)
             raise TrainingPaused(step)
-        batch = pack(_batch_for(step, examples, hp, steps_per_epoch), hp.max_seq_length, pad_id)
-        loss = _assistant_loss(model, batch, device)
-        loss.backward()
+        outcome = step_loss(model, _batch_for(step, examples, hp, steps_per_epoch))
+        outcome.loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        tokens_seen += batch.tokens
+        losses.append(outcome.loss.item())
+        if outcome.margins is not None:
+            margins.append(outcome.margins)
+        tokens_seen += outcome.tokens
         done = step + 1
         if done % job.checkpoint_every == 0 and done < total_steps:
             _save_checkpoint(job, done, model, optimizer, scheduler)
             if job.on_checkpoint:
                 job.on_checkpoint(done)
-        if job.on_progress and (done % job.log_every == 0 or done == total_steps):
+        if done % job.log_every == 0 or done == total_steps:
             elapsed = time.perf_counter() - began
             steps_here = done - start_step
-            job.on_progress(
-                Progress(
-                    step=done,
-                    total_steps=total_steps,
-                    epoch=done / steps_per_epoch,
-                    loss=sum(losses[reported:]) / len(losses[reported:]),
-                    learning_rate=scheduler.get_last_lr()[0],
-                    tokens_per_second=tokens_seen / elapsed if elapsed > 0 else 0.0,
-                    eta_seconds=elapsed / steps_here * (total_steps - done),
+            if job.on_progress:
+                job.on_progress(
+                    Progress(
+                        step=done,
+                        total_steps=total_steps,
+                        epoch=done / steps_per_epoch,
+                        loss=sum(losses[reported:]) / len(losses[reported:]),
+                        learning_rate=scheduler.get_last_lr()[0],
+                        tokens_per_second=tokens_seen / elapsed if elapsed > 0 else 0.0,
+                        eta_seconds=elapsed / steps_here * (total_steps - done),
+                    )
                 )
-            )
             reported = len(losses)
+            final_margins, margins = margins, []
     duration = time.perf_counter() - began
     result = TrainingResult(
         adapter_dir=job.adapter_dir,
@@ -219,6 +230,7 @@ def _train(job: TrainingJob) -> TrainingResult:
             "total_steps": float(total_steps),
             "resumed_from_step": float(start_step),
             "examples": float(len(examples)),
+            **_reward_metrics(final_margins),
         },
     )
     # The result goes down before the adapter is renamed into place: an adapter directory implies a result.
@@ -241,24 +253,28 @@ def _finished(job: TrainingJob) -> TrainingResult | None:
     return TrainingResult(adapter_dir=job.adapter_dir, **saved)
 
 
-def _assistant_loss(model: Any, batch: PackedBatch, device: torch.device) -> torch.Tensor:
-    """Mean next-token loss over assistant tokens, projecting only those positions onto the vocabulary.
+def _objective(
+    tokenizer: Any, records: list[Any], hp: Hyperparameters, pad_id: int, device: torch.device
+) -> tuple[list[Any], Callable[[Any, list[Any]], StepLoss]]:
+    """The tokenized training items of the job's method, and the loss of one step over a batch of them."""
+    if hp.method == "dpo":
+        pairs = tokenize_preferences(tokenizer, records, hp.max_seq_length)
+        return pairs, lambda model, batch: preference_loss(model, batch, hp.dpo_beta, pad_id, device)
+    examples = tokenize_dataset(tokenizer, records, hp.max_seq_length)
+    if not any(example.trained_tokens for example in examples):
+        raise TrainingError("invalid_input", "no assistant tokens in the dataset: nothing to train on")
+    return examples, lambda model, batch: assistant_loss(model, pack(batch, hp.max_seq_length, pad_id), device)
 
-    The LM head (vocabulary x hidden) is a large share of a small model's compute; prompt positions
-    carry no loss, so their logits are never computed.
-    """
-    inner = model.get_base_model()
-    # On a GPU the base weights are bf16 while peft keeps the adapter in float32: autocast runs both in
-    # bf16 and the optimiser still updates float32 adapter weights. Off on the CPU, where bf16 is slower.
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=base_dtype(device) == torch.bfloat16):
-        # No KV cache: with one, transformers skips packed-sequence detection and lets rows attend across conversations.
-        hidden = inner.get_decoder()(
-            input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), use_cache=False
-        ).last_hidden_state
-        targets = batch.labels[:, 1:].to(device)
-        keep = targets != IGNORE
-        logits = inner.get_output_embeddings()(hidden[:, :-1][keep])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+
+def _reward_metrics(margins: list[torch.Tensor]) -> dict[str, float]:
+    """DPO's view of the last logging interval: how often, and by how much, the policy prefers the chosen answer."""
+    if not margins:
+        return {}
+    flat = torch.cat(margins)
+    return {
+        "reward_accuracy": (flat > 0).float().mean().item(),
+        "reward_margin": flat.mean().item(),
+    }
 
 
 def _lora_model(model: Any, hp: Hyperparameters) -> Any:
@@ -289,7 +305,7 @@ def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def _batch_for(step: int, examples: list[Example], hp: Hyperparameters, steps_per_epoch: int) -> list[Example]:
+def _batch_for(step: int, examples: list[Any], hp: Hyperparameters, steps_per_epoch: int) -> list[Any]:
     """The examples of one step: the data position is the step number, so resuming needs nothing else."""
     epoch, index = divmod(step, steps_per_epoch)
     order = epoch_order(len(examples), hp.seed, epoch)

@@ -221,7 +221,7 @@ async def test_out_of_memory_is_training_failed_naming_what_to_lower_and_no_adap
     def out_of_memory(*_: object) -> None:
         raise error
 
-    monkeypatch.setattr("services.trainer.engine._assistant_loss", out_of_memory)
+    monkeypatch.setattr("services.trainer.engine.assistant_loss", out_of_memory)
     service, publisher, artifacts = trainer
     job, _ = service.submit(request("oom"))
     await service.run_job(job)

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 
+from contracts.events import TrainingRequested
 from contracts.schema_snapshot import REGENERATE_HINT, breaking_changes, compatibility_report, current_schemas
 
 pytestmark = pytest.mark.unit
@@ -79,3 +80,15 @@ def test_every_event_and_http_model_is_exported() -> None:
                 "correlation_id",
                 "payload",
             } <= set(schema["properties"])
+
+
+def test_a_training_request_from_before_preference_tuning_validates_as_sft() -> None:
+    old = {
+        "job_id": "job-1",
+        "model_name": "smollm2-135m-instruct",
+        "dataset": {"name": "acme", "version": 1},
+        "hyperparameters": {"rank": 4, "alpha": 8.0, "learning_rate": 1e-3},
+        "requested_by": "operator",
+    }
+    hyperparameters = TrainingRequested.model_validate(old).hyperparameters
+    assert (hyperparameters.method, hyperparameters.dpo_beta) == ("sft", 0.1)
