@@ -148,7 +148,7 @@ def _gateway_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
 
 def gateway_rows(lines: list[str], size: dict[str, Any]) -> list[Row]:
     """The table rows in the gateway benchmark's printed figures."""
-    from services.serving.gateway_bench import GUARDS_ON, OVERHEAD_INTERVAL
+    from services.serving.gateway_bench import GUARDS_ON, PER_REQUEST_OVERHEAD, OVERHEAD_INTERVAL
 
     figures = {
         match["label"].strip(): (float(match["p50"]), float(match["p95"]))
@@ -161,8 +161,6 @@ def gateway_rows(lines: list[str], size: dict[str, Any]) -> list[Row]:
     semantic = figures.get("answered from the semantic cache")
     streamed = figures.get("the guard's own check, streamed word by word")
     guards_own = figures.get("the guards' own time per call, as their spans say")
-    overhead = figures.get("overhead: the pairs' differences")
-    interval = next((line.strip() for line in lines if line.strip().startswith(OVERHEAD_INTERVAL)), None)
     rows: list[Row] = []
     if off and on:
         for index, percentile in enumerate(("p50", "p95")):
@@ -178,12 +176,21 @@ def gateway_rows(lines: list[str], size: dict[str, Any]) -> list[Row]:
                     "guards off",
                 )
             )
-    if overhead and interval:
+    stripped = [line.strip() for line in lines]
+    for label, measure in (
+        ("overhead: the pairs' differences", f"guard overhead, {size['max_tokens']} tokens"),
+        (PER_REQUEST_OVERHEAD, "guard overhead per request, 1 token"),
+    ):
+        # Each overhead line is followed by its interval.
+        at = next((index for index, line in enumerate(stripped) if line.startswith(label)), None)
+        if at is None or at + 1 == len(stripped) or not stripped[at + 1].startswith(OVERHEAD_INTERVAL):
+            continue
+        interval = stripped[at + 1].removeprefix(OVERHEAD_INTERVAL).strip()
         rows.append(
             Row(
                 "gateway",
-                f"guard overhead, p50 of the pairs' differences ({interval.removeprefix(OVERHEAD_INTERVAL).strip()})",
-                overhead[0],
+                f"{measure}, p50 of the pairs' differences ({interval})",
+                figures[label][0],
                 None,
                 "ms",
                 "lower",

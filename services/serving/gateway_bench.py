@@ -11,7 +11,11 @@ real Triton, each side measured in the same run on the same prompts.
     it does not slow the next measurement, and the guards' own time (their spans) includes it. Then the
     guard's own check time per answer, whole
     and streamed piece by piece (its hold-back rescans the text as it grows), on the answers just
-    generated and on one long answer.
+    generated and on one long answer. The median difference comes with a bootstrap interval: a decode step
+    is tens of milliseconds and its spread over eight steps is as wide as the goal.
+(1b) The same pairs with one new token: the guards' cost per request (the input checks and the screen
+    beside the prefill, the output checks on the first piece) without the eight steps' spread; the output
+    checks' cost per further piece is what (1)'s streamed check measures.
 (2) The response cache: each greedy prompt generated through the gateway, then asked again, then asked
     in other words (the semantic cache, threshold SEMANTIC_THRESHOLD).
 """
@@ -50,6 +54,7 @@ SEMANTIC_THRESHOLD = 0.9
 
 
 OVERHEAD_INTERVAL = "overhead p50, 95% bootstrap interval:"
+PER_REQUEST_OVERHEAD = "overhead per request, 1 token: the pairs' differences"
 OVERHEAD_GOAL_MS = 5.0  # issue 19: the guards' overhead at p50, all checks on
 BOOTSTRAP_RESAMPLES = 10_000
 
@@ -208,6 +213,25 @@ def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Calla
             name: httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench", timeout=600)
             for name, app in (("off", plain_app), ("on", guarded_app), ("cache", cached_app))
         }
+
+        async def alternating_pairs(count: int, tokens: int) -> tuple[list[float], list[float], list[str]]:
+            """`count` pairs of the same request with the guards off and on, in alternating order, each call's
+            after-answer work waited for before the next: the two sides' latencies and the answers."""
+            off_ms: list[float] = []
+            on_ms: list[float] = []
+            answers: list[str] = []
+            for index in range(count):
+                prompt = prompts[index % len(prompts)]
+                order = ("off", "on") if index % 2 == 0 else ("on", "off")
+                extra = {"response_format": ANSWER_SCHEMA, "grounding_context": CONTEXT.format(index)}
+                for side in order:
+                    elapsed, text = await ask(clients[side], prompt, tokens, "off", extra)
+                    await (plain if side == "off" else guarded).settled()
+                    (off_ms if side == "off" else on_ms).append(elapsed)
+                    if side == "off":
+                        answers.append(text)
+            return off_ms, on_ms, answers
+
         try:
             for name in ("off", "on"):
                 await ask(clients[name], prompts[0], max_tokens, "off")  # warm-up: channels, kernels
@@ -217,19 +241,7 @@ def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Calla
                 f"and groundedness flag) against off: {pairs} pairs, the same request each side (with a "
                 f"response_format and a grounding_context), alternating, {max_tokens} new tokens, response cache off"
             )
-            off_ms: list[float] = []
-            on_ms: list[float] = []
-            answers: list[str] = []
-            for index in range(pairs):
-                prompt = prompts[index % len(prompts)]
-                order = ("off", "on") if index % 2 == 0 else ("on", "off")
-                extra = {"response_format": ANSWER_SCHEMA, "grounding_context": CONTEXT.format(index)}
-                for side in order:
-                    elapsed, text = await ask(clients[side], prompt, max_tokens, "off", extra)
-                    await (plain if side == "off" else guarded).settled()
-                    (off_ms if side == "off" else on_ms).append(elapsed)
-                    if side == "off":
-                        answers.append(text)
+            off_ms, on_ms, answers = await alternating_pairs(pairs, max_tokens)
             echo(latency_line("guard off", off_ms))
             echo(latency_line(GUARDS_ON, on_ms))
             differences = [b - a for a, b in zip(off_ms, on_ms, strict=True)]
@@ -260,6 +272,17 @@ def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Calla
                     [_timed_ms(lambda: _stream_by_words(on, long_text))],
                 )
             )
+
+            echo(
+                f"\n(1b) the same {pairs} pairs with one new token each: the guards' cost per request without "
+                "the spread of eight decode steps (the output checks' per-piece cost is the streamed line above)"
+            )
+            off_ms, on_ms, _ = await alternating_pairs(pairs, 1)
+            echo(latency_line("guard off, 1 token", off_ms))
+            echo(latency_line("guards on, 1 token", on_ms))
+            differences = [b - a for a, b in zip(off_ms, on_ms, strict=True)]
+            echo(latency_line(PER_REQUEST_OVERHEAD, differences))
+            echo(overhead_interval_line(*median_interval(differences)))
 
             echo(f"\n(2) the response cache: each of {requests} greedy prompts generated, then asked again")
             generated_ms: list[float] = []

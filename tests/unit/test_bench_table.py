@@ -12,7 +12,13 @@ from services.cli.bench_cmd import to_markdown
 from services.runtime.bench import Row
 from services.serving.bench import Figures
 from services.serving.cli import gateway_rows, serve_rows
-from services.serving.gateway_bench import GUARDS_ON, latency_line, median_interval, overhead_interval_line
+from services.serving.gateway_bench import (
+    GUARDS_ON,
+    PER_REQUEST_OVERHEAD,
+    latency_line,
+    median_interval,
+    overhead_interval_line,
+)
 
 SIZE = {"requests": 8, "max_tokens": 8, "concurrencies": (1, 8), "adapters": 4}
 
@@ -47,6 +53,8 @@ def test_the_gateway_figures_become_rows() -> None:
         latency_line(GUARDS_ON, [301.0, 311.0, 330.0]),
         latency_line("overhead: the pairs' differences", [-2.0, 1.0, 10.0]),
         overhead_interval_line(-2.0, 10.0),
+        latency_line(PER_REQUEST_OVERHEAD, [0.5, 1.5, 2.5]),
+        overhead_interval_line(0.5, 2.5),
         latency_line("the guard's own check, streamed word by word", [0.2, 0.25, 0.3]),
         latency_line("generated through the gateway (cache miss)", [300.0]),
         latency_line("answered from the gateway's response cache", [1.5]),
@@ -57,10 +65,15 @@ def test_the_gateway_figures_become_rows() -> None:
     assert rows["p95 latency, 8 tokens, every guard on (3 pairs)"].flywheel == 330.0
     assert rows["the output guard's own check per streamed answer, p50"].flywheel == 0.25
     overhead = rows[
-        "guard overhead, p50 of the pairs' differences "
+        "guard overhead, 8 tokens, p50 of the pairs' differences "
         "(-2.000 to 10.000 ms; goal (at most 5 ms) not shown met: the interval spans it)"
     ]
     assert (overhead.flywheel, overhead.baseline) == (1.0, None)
+    per_request = rows[
+        "guard overhead per request, 1 token, p50 of the pairs' differences "
+        "(0.500 to 2.500 ms; goal (at most 5 ms) met: the whole interval is under it)"
+    ]
+    assert per_request.flywheel == 1.5
     cached = rows["p50 latency of a repeated greedy request, 8 tokens"]
     assert (cached.flywheel, cached.baseline) == (1.5, 300.0) and cached.ratio == pytest.approx(0.005)
     with pytest.raises(RuntimeError, match="no figures"):
