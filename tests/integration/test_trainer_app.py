@@ -22,7 +22,9 @@ from services.runtime.artifacts import ArtifactStore, default_artifact_root
 from services.runtime.service import Runtime, Service, build_process
 from services.runtime.settings import FlywheelSettings
 from services.trainer.app import create_app
+from services.registry.datasets import validate_jsonl
 from tests.fixtures.trainer_model import DEMO_DATA, base_model_dir  # noqa: F401 - fixture
+from tests.integration.test_trainer_dpo import preferences  # noqa: F401 - fixture
 from tests.integration.test_event_bus import eventually
 from tests.support import api_key
 
@@ -109,3 +111,64 @@ async def test_a_redelivered_request_trains_once_and_reports_completed(
             missing = await client.get("/trainer/v1/training-jobs/nope")
             assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"
         assert [type(e.payload) for e in seen].count(TrainingStarted) == 1
+
+
+async def test_a_dpo_request_on_a_published_preference_dataset_trains_and_reports_its_reward_metrics(
+    settings: FlywheelSettings,
+    base_model_dir: Path,  # noqa: F811
+    preferences: Path,  # noqa: F811
+) -> None:
+    """A preference dataset as the registry publishes it (its own validation names the format) trains
+    with method dpo through the service's events, as `flywheel ops preference-dataset` then
+    `flywheel train submit --method dpo` run it."""
+    record_format, row_count = validate_jsonl(preferences.read_bytes())
+    assert record_format == "preference"
+    artifacts = ArtifactStore(default_artifact_root(settings.home))
+    model = artifacts.put_directory(base_model_dir)
+    dataset = artifacts.put_file(preferences)
+
+    seen: list[Envelope] = []
+    app, runtime = build_process(settings, [create_app, probe(seen)], title="flywheel-test")
+    async with app.router.lifespan_context(app):
+        bus = runtime.bus("test")
+        await bus.publish(
+            ModelRegistered(
+                model_name="smollm2",
+                source="test",
+                architecture="LlamaForCausalLM",
+                parameter_count=1,
+                artifact_uri=model.uri,
+                artifact_sha256=model.sha256,
+            )
+        )
+        await bus.publish(
+            DatasetPublished(
+                dataset_name="pairs",
+                version=1,
+                split="train",
+                row_count=row_count,
+                sha256=dataset.sha256,
+                artifact_uri=dataset.uri,
+                provenance="preferences",
+            )
+        )
+        await bus.publish(
+            TrainingRequested(
+                job_id="job-dpo",
+                model_name="smollm2",
+                dataset=DatasetRef(name="pairs", version=1),
+                requested_by="test",
+                hyperparameters=Hyperparameters(
+                    method="dpo", rank=4, alpha=8, batch_size=4, epochs=1, max_seq_length=128, learning_rate=2e-3
+                ),
+            )
+        )
+        await eventually(
+            lambda: any(isinstance(e.payload, TrainingCompleted) for e in seen),
+            what="training.completed",
+            timeout_s=500,
+        )
+    completed = next(e.payload for e in seen if isinstance(e.payload, TrainingCompleted))
+    assert completed.hyperparameters.method == "dpo"
+    assert {"reward_accuracy", "reward_margin"} <= set(completed.metrics)
+    assert 0.0 <= completed.metrics["reward_accuracy"] <= 1.0
