@@ -422,7 +422,6 @@ def dataset_from_spans(
     from pydantic import ValidationError
 
     from contracts.http import DatasetCreate
-    from services.runtime.registry_client import RegistryError, RegistrySyncClient
 
     try:
         # Checked before anything is read: a name or split the registry would refuse fails at once.
@@ -465,14 +464,7 @@ def dataset_from_spans(
             # ASCII: the texts are the app's, and an escape sequence in them must not reach the terminal.
             typer.echo(json.dumps(record))
         return
-    door, key = door_and_key(load_settings(FlywheelSettings), "registry")
-    try:
-        dataset = RegistrySyncClient(door, key).publish_dataset(body)
-    except RegistryError as error:
-        raise FlywheelError(str(error)) from None
-    typer.echo(
-        f"published {dataset.name}:v{dataset.version}: {dataset.row_count} records from {len(spans)} spans{note}"
-    )
+    _publish_dataset(body, f"records from {len(spans)} spans{note}")
 
 
 @ops_app.command("preference-dataset")
@@ -495,7 +487,6 @@ def preference_dataset(
     from pydantic import ValidationError
 
     from contracts.http import DatasetCreate
-    from services.runtime.registry_client import RegistryError, RegistrySyncClient
 
     try:
         # Checked before anything is read: a name the registry would refuse fails at once.
@@ -532,14 +523,20 @@ def preference_dataset(
             # ASCII: the texts are the app's, and an escape sequence in them must not reach the terminal.
             typer.echo(json.dumps(pair.record(model)))
         return
+    _publish_dataset(body, f"pairs from {len(rows)} answers with feedback{note}")
+
+
+def _publish_dataset(body: Any, what: str) -> None:
+    """Publish `body` (a DatasetCreate) through the registry's door with the caller's key; `what` says what
+    its rows are, after their count."""
+    from services.runtime.registry_client import RegistryError, RegistrySyncClient
+
     door, key = door_and_key(load_settings(FlywheelSettings), "registry")
     try:
         dataset = RegistrySyncClient(door, key).publish_dataset(body)
     except RegistryError as error:
         raise FlywheelError(str(error)) from None
-    typer.echo(
-        f"published {dataset.name}:v{dataset.version}: {dataset.row_count} pairs from {len(rows)} answers with feedback{note}"
-    )
+    typer.echo(f"published {dataset.name}:v{dataset.version}: {dataset.row_count} {what}")
 
 
 # --------------------------------------------------------------------------------------- agreement

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -43,6 +44,31 @@ def probe(seen: list[Envelope]) -> object:
     return create
 
 
+async def publish_inputs(bus: Any, model: Any, dataset: Any, name: str, rows: int, provenance: str) -> None:
+    """What the registry announces before a job can run: the base model, and version 1 of dataset `name`."""
+    await bus.publish(
+        ModelRegistered(
+            model_name="smollm2",
+            source="test",
+            architecture="LlamaForCausalLM",
+            parameter_count=1,
+            artifact_uri=model.uri,
+            artifact_sha256=model.sha256,
+        )
+    )
+    await bus.publish(
+        DatasetPublished(
+            dataset_name=name,
+            version=1,
+            split="train",
+            row_count=rows,
+            sha256=dataset.sha256,
+            artifact_uri=dataset.uri,
+            provenance=provenance,
+        )
+    )
+
+
 async def test_a_redelivered_request_trains_once_and_reports_completed(
     settings: FlywheelSettings, base_model_dir: Path, tmp_path: Path
 ) -> None:  # noqa: F811
@@ -56,27 +82,7 @@ async def test_a_redelivered_request_trains_once_and_reports_completed(
     app, runtime = build_process(settings, [create_app, probe(seen)], title="flywheel-test")
     async with app.router.lifespan_context(app):
         bus = runtime.bus("test")
-        await bus.publish(
-            ModelRegistered(
-                model_name="smollm2",
-                source="test",
-                architecture="LlamaForCausalLM",
-                parameter_count=1,
-                artifact_uri=model.uri,
-                artifact_sha256=model.sha256,
-            )
-        )
-        await bus.publish(
-            DatasetPublished(
-                dataset_name="tiny",
-                version=1,
-                split="train",
-                row_count=4,
-                sha256=dataset.sha256,
-                artifact_uri=dataset.uri,
-                provenance="uploaded",
-            )
-        )
+        await publish_inputs(bus, model, dataset, "tiny", 4, "uploaded")
         request = TrainingRequested(
             job_id="job-42",
             model_name="smollm2",
@@ -131,27 +137,7 @@ async def test_a_dpo_request_on_a_published_preference_dataset_trains_and_report
     app, runtime = build_process(settings, [create_app, probe(seen)], title="flywheel-test")
     async with app.router.lifespan_context(app):
         bus = runtime.bus("test")
-        await bus.publish(
-            ModelRegistered(
-                model_name="smollm2",
-                source="test",
-                architecture="LlamaForCausalLM",
-                parameter_count=1,
-                artifact_uri=model.uri,
-                artifact_sha256=model.sha256,
-            )
-        )
-        await bus.publish(
-            DatasetPublished(
-                dataset_name="pairs",
-                version=1,
-                split="train",
-                row_count=row_count,
-                sha256=dataset.sha256,
-                artifact_uri=dataset.uri,
-                provenance="preferences",
-            )
-        )
+        await publish_inputs(bus, model, dataset, "pairs", row_count, "preferences")
         await bus.publish(
             TrainingRequested(
                 job_id="job-dpo",
