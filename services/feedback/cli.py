@@ -6,10 +6,9 @@ what is stored; `flywheel ops replay`, rebuilding the sink's tables from Kafka (
 
 from __future__ import annotations
 
-import getpass
-
 import asyncio
 import contextlib
+import getpass
 import json
 from collections.abc import Iterator
 from datetime import datetime

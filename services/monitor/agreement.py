@@ -10,7 +10,7 @@ is a unit test.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -116,10 +116,11 @@ def agreement(dimension: str, units: Units, scale: Scale, *, conflict_spread: fl
     paired = {unit: dict(values) for unit, values in units.items() if len(values) >= 2}
     reviewers = tuple(sorted({reviewer for values in paired.values() for reviewer in values}))
     kappa = None
-    if len(reviewers) == 2:
-        both = [values for values in paired.values() if len(values) == 2]
-        if both:
-            kappa = cohen_kappa([values[reviewers[0]] for values in both], [values[reviewers[1]] for values in both])
+    if len(reviewers) == 2:  # then every paired unit holds both reviewers' values
+        first, second = reviewers
+        kappa = cohen_kappa(
+            [values[first] for values in paired.values()], [values[second] for values in paired.values()]
+        )
     without = {
         reviewer: alpha(
             {unit: {r: v for r, v in values.items() if r != reviewer} for unit, values in paired.items()}, scale
@@ -169,10 +170,7 @@ def _in_conflict(values: Iterable[float | str], scale: Scale, spread: float) -> 
 
 
 def _shares(values: Sequence[Hashable]) -> dict[Hashable, float]:
-    counts: dict[Hashable, int] = defaultdict(int)
-    for value in values:
-        counts[value] += 1
-    return {value: count / len(values) for value, count in counts.items()}
+    return {value: count / len(values) for value, count in Counter(values).items()}
 
 
 def _order_key(value: float | str) -> tuple[int, float | str]:

@@ -84,6 +84,19 @@ def overhead_interval_line(low: float, high: float) -> str:
     return f"{OVERHEAD_INTERVAL} {low:.3f} to {high:.3f} ms; {verdict}"
 
 
+def overhead_lines(labels: tuple[str, str, str], off_ms: list[float], on_ms: list[float]) -> list[str]:
+    """The printed figures of alternating pairs, under `labels` (off, on, their differences): each side's
+    latencies, the pairs' differences, and the interval of their median."""
+    differences = [on - off for off, on in zip(off_ms, on_ms, strict=True)]
+    off_label, on_label, differences_label = labels
+    return [
+        latency_line(off_label, off_ms),
+        latency_line(on_label, on_ms),
+        latency_line(differences_label, differences),
+        overhead_interval_line(*median_interval(differences)),
+    ]
+
+
 def _percentiles(values: list[float]) -> tuple[float, float]:
     ordered = sorted(values)
     return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
@@ -242,12 +255,8 @@ def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Calla
                 f"response_format and a grounding_context), alternating, {max_tokens} new tokens, response cache off"
             )
             off_ms, on_ms, answers = await alternating_pairs(pairs, max_tokens)
-            echo(latency_line("guard off", off_ms))
-            echo(latency_line(GUARDS_ON, on_ms))
-            differences = [b - a for a, b in zip(off_ms, on_ms, strict=True)]
-            echo(latency_line("overhead: the pairs' differences", differences))
-            low, high = median_interval(differences)
-            echo(overhead_interval_line(low, high))
+            for line in overhead_lines(("guard off", GUARDS_ON, "overhead: the pairs' differences"), off_ms, on_ms):
+                echo(line)
             # The pairs' difference is the answer's latency, noisy by the generation's own spread; the guards'
             # own time is what they cost: the injection screen runs while the model generates, a flag-only
             # groundedness check after the answer has gone.
@@ -278,11 +287,10 @@ def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Calla
                 "the spread of eight decode steps (the output checks' per-piece cost is the streamed line above)"
             )
             off_ms, on_ms, _ = await alternating_pairs(pairs, 1)
-            echo(latency_line("guard off, 1 token", off_ms))
-            echo(latency_line("guards on, 1 token", on_ms))
-            differences = [b - a for a, b in zip(off_ms, on_ms, strict=True)]
-            echo(latency_line(PER_REQUEST_OVERHEAD, differences))
-            echo(overhead_interval_line(*median_interval(differences)))
+            for line in overhead_lines(
+                ("guard off, 1 token", "guards on, 1 token", PER_REQUEST_OVERHEAD), off_ms, on_ms
+            ):
+                echo(line)
 
             echo(f"\n(2) the response cache: each of {requests} greedy prompts generated, then asked again")
             generated_ms: list[float] = []
