@@ -13,9 +13,9 @@ real Triton, each side measured in the same run on the same prompts.
     and streamed piece by piece (its hold-back rescans the text as it grows), on the answers just
     generated and on one long answer. The median difference comes with a bootstrap interval: a decode step
     is tens of milliseconds and its spread over eight steps is as wide as the goal.
-(1b) The same pairs with one new token: the guards' cost per request (the input checks and the screen
-    beside the prefill, the output checks on the first piece) without the eight steps' spread; the output
-    checks' cost per further piece is what (1)'s streamed check measures.
+(1b) As many pairs with one new token, on requests (1) did not ask: the guards' cost per request (the input
+    checks and the screen beside the prefill, the output checks on the first piece) without the eight
+    steps' spread; the output checks' cost per further piece is what (1)'s streamed check measures.
 (2) The response cache: each greedy prompt generated through the gateway, then asked again, then asked
     in other words (the semantic cache, threshold SEMANTIC_THRESHOLD).
 """
@@ -48,7 +48,12 @@ ANSWER_SCHEMA = {
     "type": "json_schema",
     "json_schema": {"name": "sentence", "schema": {"type": "object", "properties": {"sentence": {"type": "string"}}}},
 }
+WARM_UP = "Say hello."
+PROMPT = "Write one sentence about the number {}."
 CONTEXT = "Numbers are used to count and to measure. The number {} is an integer: it has no fractional part."
+# (1b)'s requests, none of them asked in (1): the screen remembers the embeddings of texts it has read, and a
+# request it has read before costs it nothing, which is not what (1b) measures.
+SHORT_ANSWER_PROMPT = "Name the number {} in one word."
 REWORDED = "Write a single sentence about the number {}."
 SEMANTIC_THRESHOLD = 0.9
 
@@ -197,7 +202,6 @@ def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Calla
 
     echo("loading SmolLM2-135M-Instruct ...")
     engine = Engine.from_pretrained(smollm2_weights(load_settings(FlywheelSettings).cache), model_name=MODEL)
-    prompts = [f"Write one sentence about the number {i}." for i in range(max(requests, pairs))]
     on = ContentGuard(secrets=GuardAction.redact, personal=GuardAction.redact, unsafe=GuardAction.redact)
     guarded_settings = ServingSettings(
         response_cache_entries=0,
@@ -227,14 +231,17 @@ def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Calla
             for name, app in (("off", plain_app), ("on", guarded_app), ("cache", cached_app))
         }
 
-        async def alternating_pairs(count: int, tokens: int) -> tuple[list[float], list[float], list[str]]:
-            """`count` pairs of the same request with the guards off and on, in alternating order, each call's
-            after-answer work waited for before the next: the two sides' latencies and the answers."""
+        async def alternating_pairs(
+            count: int, tokens: int, template: str
+        ) -> tuple[list[float], list[float], list[str]]:
+            """`count` pairs of the same request (`template` of the pair's number) with the guards off and on,
+            in alternating order, each call's after-answer work waited for before the next: the two sides'
+            latencies and the answers."""
             off_ms: list[float] = []
             on_ms: list[float] = []
             answers: list[str] = []
             for index in range(count):
-                prompt = prompts[index % len(prompts)]
+                prompt = template.format(index)
                 order = ("off", "on") if index % 2 == 0 else ("on", "off")
                 extra = {"response_format": ANSWER_SCHEMA, "grounding_context": CONTEXT.format(index)}
                 for side in order:
@@ -247,14 +254,14 @@ def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Calla
 
         try:
             for name in ("off", "on"):
-                await ask(clients[name], prompts[0], max_tokens, "off")  # warm-up: channels, kernels
+                await ask(clients[name], WARM_UP, max_tokens, "off")  # channels, kernels
             guarded_log.clear()
             echo(
                 "\n(1) the guards, every check on (input and output redact; injection, denied topics, JSON Schema "
                 f"and groundedness flag) against off: {pairs} pairs, the same request each side (with a "
                 f"response_format and a grounding_context), alternating, {max_tokens} new tokens, response cache off"
             )
-            off_ms, on_ms, answers = await alternating_pairs(pairs, max_tokens)
+            off_ms, on_ms, answers = await alternating_pairs(pairs, max_tokens, PROMPT)
             for line in overhead_lines(("guard off", GUARDS_ON, "overhead: the pairs' differences"), off_ms, on_ms):
                 echo(line)
             # The pairs' difference is the answer's latency, noisy by the generation's own spread; the guards'
@@ -269,7 +276,7 @@ def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Calla
             streamed = [_timed_ms(lambda text=text: _stream_by_words(on, text)) for text in answers]
             echo(latency_line("the guard's own check, whole answer", whole))
             echo(latency_line("the guard's own check, streamed word by word", streamed))
-            long_text = (await ask(clients["off"], prompts[1], 256, "off"))[1]
+            long_text = (await ask(clients["off"], PROMPT.format(1), 256, "off"))[1]
             echo(
                 latency_line(
                     f"  on one {len(long_text)}-character answer, whole", [_timed_ms(lambda: on.whole(long_text))]
@@ -283,10 +290,10 @@ def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Calla
             )
 
             echo(
-                f"\n(1b) the same {pairs} pairs with one new token each: the guards' cost per request without "
+                f"\n(1b) {pairs} pairs of requests not asked before, one new token each: the guards' cost per request without "
                 "the spread of eight decode steps (the output checks' per-piece cost is the streamed line above)"
             )
-            off_ms, on_ms, _ = await alternating_pairs(pairs, 1)
+            off_ms, on_ms, _ = await alternating_pairs(pairs, 1, SHORT_ANSWER_PROMPT)
             for line in overhead_lines(
                 ("guard off, 1 token", "guards on, 1 token", PER_REQUEST_OVERHEAD), off_ms, on_ms
             ):
@@ -296,7 +303,8 @@ def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Calla
             generated_ms: list[float] = []
             hit_ms: list[float] = []
             semantic_ms: list[float] = []
-            for index, prompt in enumerate(prompts[:requests]):
+            for index in range(requests):
+                prompt = PROMPT.format(index)
                 generated_ms.append((await ask(clients["cache"], prompt, max_tokens, "miss"))[0])
                 hit_ms.append((await ask(clients["cache"], prompt, max_tokens, "hit"))[0])
                 elapsed, _, cache = await ask_raw(clients["cache"], REWORDED.format(index), max_tokens)
