@@ -16,9 +16,6 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-import psycopg
-from sqlalchemy.engine import make_url
-
 from infra.processes import (
     LOOPBACK,
     InfraStatus,
@@ -53,6 +50,8 @@ class LocalPostgres:
         state = read_state(self.state_file)
         if state is None:
             return InfraStatus("postgres", False, data_dir=self.data_dir, log_file=self.log_file)
+        from sqlalchemy.engine import make_url  # imported here: every `flywheel` command imports this module
+
         running = self._is_ours(state["pid"])
         return InfraStatus(
             "postgres",
@@ -268,6 +267,8 @@ def _run(command: list[str], user: pwd.struct_passwd | None, what: str, log_file
 
 
 def _ensure_database(port: int, password: str) -> None:
+    import psycopg  # imported here: every `flywheel` command imports this module
+
     with psycopg.connect(
         host=LOOPBACK, port=port, user=SUPERUSER, password=password, dbname="postgres", autocommit=True
     ) as conn:

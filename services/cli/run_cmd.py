@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from typing import TYPE_CHECKING
 
 import typer
 
 from services.runtime.errors import ConfigurationError
-from services.runtime.service import HttpServer, ServiceFactory, build_process
 from services.runtime.settings import FlywheelSettings, load_settings
+
+if TYPE_CHECKING:
+    # The process's assembly (FastAPI, FastStream, the key store) is imported by the commands that build
+    # one: every `flywheel` command imports this module, and that assembly is most of a second of imports.
+    from services.runtime.service import ServiceFactory
 
 SERVICES = ("registry", "trainer", "evaluator", "serving", "feedback", "monitor")
 
@@ -43,6 +48,7 @@ def factory(name: str) -> ServiceFactory:
 def serve(names: list[str], title: str, settings: FlywheelSettings | None = None) -> None:
     """Build one process for `names` and serve its HTTP doors until SIGINT/SIGTERM."""
     from services.runtime.logging import configure_logging
+    from services.runtime.service import HttpServer, build_process
 
     settings = settings or load_settings(FlywheelSettings)
     configure_logging(settings)

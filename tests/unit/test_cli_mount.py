@@ -3,6 +3,8 @@ misses would lose its commands silently, with `flywheel --help` still fine."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -57,3 +59,16 @@ def test_the_groups_that_span_services_hold_each_ones_commands_with_their_names(
     assert {("bench", name) for name in ("all", "train", "serve", "ingest")} <= mounted
     assert list(benchmarks()) == ["train", "serve", "gateway", "injection", "ingest", "traces"]
     assert all(set(benchmark.sizes) == {"quick", "full"} for benchmark in benchmarks().values())
+
+
+# What a process assembly or a model needs, and no command's lookup: imported by the commands that use them,
+# so that `flywheel --help`, and every short command a person or a script runs, starts in under a second.
+HEAVY = ("torch", "transformers", "fastapi", "faststream", "psycopg", "alembic", "onnxruntime", "chdb")
+
+
+def test_mounting_every_command_imports_no_framework_and_no_model() -> None:
+    probe = "import sys, services.cli.main; print(' '.join(sorted(sys.modules)))"
+    loaded = set(
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    )
+    assert sorted(name for name in HEAVY if name in loaded) == []
