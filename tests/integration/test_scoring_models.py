@@ -4,6 +4,7 @@ OpenAI-compatible endpoint (a stand-in server speaking the protocol), errors kep
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -70,6 +71,32 @@ def test_minilm_in_onnx_runtime_embeds_as_the_transformers_model_does_at_any_bat
     alone = torch.cat([Embedder(remembered=0).encode([text]) for text in texts])
     assert torch.allclose(together, torch.stack(expected), atol=1e-5)
     assert torch.allclose(alone, together, atol=1e-5)
+
+
+def test_minilm_is_exported_once_into_the_cache_and_anew_for_another_library_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxruntime
+    from transformers import AutoTokenizer
+
+    from services.runtime.scoring.grounding import minilm_dir, minilm_graph
+
+    directory = str(minilm_dir())
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    graph = minilm_graph(directory, tokenizer, quantized=True, cache=tmp_path)
+    written = graph.stat().st_mtime_ns
+
+    def no_export(*_: object, **__: object) -> None:
+        raise AssertionError("MiniLM was exported again")
+
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    assert minilm_graph(directory, tokenizer, quantized=True, cache=tmp_path) == graph
+    assert graph.stat().st_mtime_ns == written
+    assert [path.name for path in graph.parent.iterdir()] == ["minilm.int8.onnx"]  # no export's scratch left
+
+    monkeypatch.setattr(onnxruntime, "__version__", "0.0.0")
+    with pytest.raises(AssertionError, match="exported again"):
+        minilm_graph(directory, tokenizer, quantized=True, cache=tmp_path)
 
 
 def test_the_injection_screens_int8_minilm_stays_close_to_the_float32_one() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -67,10 +68,37 @@ def minilm_dir() -> Path:
 MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def minilm_session(directory: str, tokenizer: Any, *, quantized: bool = False, threads: int = 0) -> Any:
-    """An ONNX Runtime session running MiniLM's encoder, exported from its transformers weights at load (in
-    a temporary directory, deleted once the session holds the model); `quantized`: its matrix products in
-    int8 (see Embedder); `threads`: 0 for torch's thread count.
+# Part of the graphs' cache key: raise it when the export or the quantization below changes what they write.
+GRAPH_FORMAT = 1
+
+
+def minilm_session(
+    directory: str, tokenizer: Any, *, quantized: bool = False, threads: int = 0, cache: Path | None = None
+) -> Any:
+    """An ONNX Runtime session running MiniLM's encoder (`minilm_graph`); `quantized`: its matrix products
+    in int8 (see Embedder); `threads`: 0 for torch's thread count."""
+    import onnxruntime
+    import torch
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    graph = minilm_graph(directory, tokenizer, quantized=quantized, cache=cache or shared_cache())
+    return onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+
+
+def shared_cache() -> Path:
+    """FLYWHEEL_CACHE, read here rather than through FlywheelSettings: an Embedder is built by callers that
+    hold no settings, and a cache is no setting a misconfigured environment should make them fail on."""
+    return Path(os.environ.get("FLYWHEEL_CACHE") or Path.home() / ".cache" / "flywheel")
+
+
+def minilm_graph(directory: str, tokenizer: Any, *, quantized: bool, cache: Path) -> Path:
+    """MiniLM's encoder as an ONNX graph under `cache`/minilm, exported from its transformers weights on
+    first use: exporting took a second and quantizing two more on the 2-core machine, at every start of
+    every process that screens or scores. The key is the weights' files (name, size, modification time),
+    torch's and ONNX Runtime's versions and GRAPH_FORMAT, so a reinstalled package or library exports anew;
+    a graph appears by an atomic rename, so a concurrent process reads a whole one or exports its own.
 
     The export traces the model once, on a padded pair of texts; batch size and length stay free in the
     graph. It uses torch's TorchScript exporter: the newer one (`dynamo=True`) took five seconds here, not
@@ -83,6 +111,17 @@ def minilm_session(directory: str, tokenizer: Any, *, quantized: bool = False, t
     import torch
     from transformers import AutoModel
 
+    files = sorted(path for path in Path(directory).iterdir() if path.is_file())
+    key = hashlib.blake2b(digest_size=12)
+    for part in (GRAPH_FORMAT, torch.__version__, onnxruntime.__version__):
+        key.update(f"{part}\0".encode())
+    for path in files:
+        stat = path.stat()
+        key.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    target = cache / "minilm" / key.hexdigest() / ("minilm.int8.onnx" if quantized else "minilm.onnx")
+    if target.is_file():
+        return target
+
     class _Encoder(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -94,10 +133,8 @@ def minilm_session(directory: str, tokenizer: Any, *, quantized: bool = False, t
             ).last_hidden_state
 
     example = tokenizer(["a padded pair", "of texts"], padding=True, return_tensors="pt")
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    with tempfile.TemporaryDirectory(prefix="flywheel-minilm-") as scratch:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="export-", dir=target.parent) as scratch:
         graph = Path(scratch, "minilm.onnx")
         with warnings.catch_warnings():
             # The exporter warns that its TorchScript path is deprecated and that the trace reads some shapes
@@ -115,7 +152,8 @@ def minilm_session(directory: str, tokenizer: Any, *, quantized: bool = False, t
             )
         if quantized:
             graph = _int8_matmuls(graph)
-        return onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        os.replace(graph, target)
+    return target
 
 
 def _int8_matmuls(graph: Path) -> Path:
@@ -143,8 +181,8 @@ def _int8_matmuls(graph: Path) -> Path:
 class Embedder:
     """all-MiniLM-L6-v2 sentence embeddings; loaded on first use, safe to share between threads.
 
-    MiniLM runs in ONNX Runtime, exported from the transformers model when it loads (under a second). For a
-    short request eager torch spends most of a pass in per-operator overhead: on the 2-core machine a pass
+    MiniLM runs in ONNX Runtime, exported from the transformers model once into the shared cache
+    (`minilm_graph`). For a short request eager torch spends most of a pass in per-operator overhead: on the 2-core machine a pass
     took 10.2 ms in torch and 5.8 ms in ONNX Runtime, with the same embeddings (hidden states within
     3e-6), so no threshold fitted on them moves. ONNX Runtime's idle threads are told not to spin, because
     they share the cores with the model's decode.
