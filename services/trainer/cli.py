@@ -179,6 +179,11 @@ def local(
     target_modules: str = TARGETS,
     method: str = METHOD,
     dpo_beta: float = BETA,
+    start_adapter: Path | None = typer.Option(
+        None,
+        help="A LoRA adapter directory to go on training (its own rank, alpha and target modules apply); with "
+        "--method dpo it is also the reference, e.g. an SFT adapter for SFT then DPO.",
+    ),
 ) -> None:
     """Train here, without Kafka, and print the golden score of the base model and of the adapter."""
     import torch
@@ -204,7 +209,14 @@ def local(
 
     try:
         result = train(
-            TrainingJob(model_path=model, dataset_path=data, hyperparameters=hp, work_dir=work_dir, on_progress=show)
+            TrainingJob(
+                model_path=model,
+                dataset_path=data,
+                hyperparameters=hp,
+                work_dir=work_dir,
+                on_progress=show,
+                start_adapter=start_adapter,
+            )
         )
     except TrainingError as error:
         raise TrainCommandError(f"training failed ({error.error_type}): {error.reason}") from None

@@ -41,7 +41,7 @@ from services.trainer.data import (
     tokenize_dataset,
     tokenize_preferences,
 )
-from services.trainer.losses import StepLoss, assistant_loss, preference_loss
+from services.trainer.losses import ReferencedPair, StepLoss, assistant_loss, preference_loss, reference_logprobs
 from services.trainer.model import load_model, load_tokenizer, pick_device
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -105,6 +105,9 @@ class TrainingJob:
     # torch CPU threads; 0: the cores other processes leave free when the job starts (services/runtime/cpu.py).
     threads: int = 0
     keep_checkpoints: int = 2
+    # An adapter to go on training (its own LoRA shape: the hyperparameters' rank, alpha, dropout and target
+    # modules do not apply); for DPO also the reference the policy is held to, e.g. an SFT adapter's.
+    start_adapter: Path | None = None
     on_start: Callable[[TrainingPlan], None] | None = None
     on_progress: Callable[[Progress], None] | None = None
     on_checkpoint: Callable[[int], None] | None = None
@@ -160,7 +163,9 @@ def _train(job: TrainingJob) -> TrainingResult:
     total_steps = max(1, round(steps_per_epoch * hp.epochs))
 
     torch.manual_seed(hp.seed)
-    model = _lora_model(load_model(job.model_path, device), hp)
+    model = _lora_model(load_model(job.model_path, device), hp, job.start_adapter)
+    if hp.method == "dpo":
+        examples = _referenced(job, model, examples, pad_id, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=0.0)
     warmup = max(1, int(total_steps * job.warmup_ratio))
@@ -277,9 +282,19 @@ def _reward_metrics(margins: list[torch.Tensor]) -> dict[str, float]:
     }
 
 
-def _lora_model(model: Any, hp: Hyperparameters) -> Any:
-    from peft import LoraConfig, get_peft_model
+def _lora_model(model: Any, hp: Hyperparameters, start_adapter: Path | None) -> Any:
+    from peft import LoraConfig, PeftModel, get_peft_model
 
+    ignore_peft_deprecation()
+    if start_adapter is not None:
+        if not (start_adapter / "adapter_config.json").is_file():
+            raise TrainingError("invalid_input", f"no LoRA adapter to start from at {start_adapter}")
+        try:
+            return PeftModel.from_pretrained(model, start_adapter, is_trainable=True)
+        except (ValueError, RuntimeError, KeyError) as error:  # another base model's, or not a LoRA adapter
+            raise TrainingError(
+                "invalid_input", f"the adapter at {start_adapter} does not fit this base model: {error}"
+            ) from error
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     unknown = sorted(set(hp.target_modules) - names)
     if unknown:
@@ -291,8 +306,21 @@ def _lora_model(model: Any, hp: Hyperparameters) -> Any:
         target_modules=list(hp.target_modules),
         task_type="CAUSAL_LM",
     )
-    ignore_peft_deprecation()
     return get_peft_model(model, config)
+
+
+def _referenced(
+    job: TrainingJob, model: Any, pairs: list[Any], pad_id: int, device: torch.device
+) -> list[ReferencedPair]:
+    """The pairs with the reference's log-probabilities: computed before the first step and kept in the work
+    directory, because a resumed job's weights are no longer the reference."""
+    saved = job.work_dir / "reference.json"
+    if saved.exists():
+        values = json.loads(saved.read_text())
+        return [ReferencedPair(pair, chosen, rejected) for pair, (chosen, rejected) in zip(pairs, values, strict=True)]
+    referenced = reference_logprobs(model, pairs, job.hyperparameters.batch_size, pad_id, device)
+    _write_atomically(saved, json.dumps([[item.chosen, item.rejected] for item in referenced]))
+    return referenced
 
 
 def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:

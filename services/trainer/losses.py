@@ -52,18 +52,47 @@ def dpo_loss(
     return -torch.nn.functional.logsigmoid(margins).mean(), margins
 
 
-def preference_loss(
-    model: Any, pairs: list[PreferencePair], beta: float, pad_token_id: int, device: torch.device
-) -> StepLoss:
-    """DPO on a batch of pairs: the policy is the LoRA model, the reference the same model with its adapter off.
+@dataclass(frozen=True)
+class ReferencedPair:
+    """A preference pair with the reference model's log-probabilities of its two answers."""
 
-    Chosen and rejected sequences share one padded batch, so each model runs one forward per step.
-    The reference is never trained, so its forward keeps no graph.
-    """
-    batch = pad([pair.chosen for pair in pairs] + [pair.rejected for pair in pairs], pad_token_id)
+    pair: PreferencePair
+    chosen: float
+    rejected: float
+
+
+def reference_logprobs(
+    model: Any, pairs: list[PreferencePair], batch_size: int, pad_token_id: int, device: torch.device
+) -> list[ReferencedPair]:
+    """Each pair scored by the model as it is before the first step, without dropout: DPO's reference.
+
+    Computed once rather than at every step: the reference never changes, and when training starts from an
+    adapter the reference is that adapter, which the policy's weights are about to leave (a base model's
+    reference could be had by switching the adapter off; a starting adapter's could not)."""
+    was_training = model.training
+    model.eval()
+    scored: list[ReferencedPair] = []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            batch = pad([pair.chosen for pair in chunk] + [pair.rejected for pair in chunk], pad_token_id)
+            logprobs = sequence_logprobs(model, batch, device).tolist()
+            n = len(chunk)
+            scored.extend(ReferencedPair(pair, logprobs[i], logprobs[n + i]) for i, pair in enumerate(chunk))
+    model.train(was_training)
+    return scored
+
+
+def preference_loss(
+    model: Any, pairs: list[ReferencedPair], beta: float, pad_token_id: int, device: torch.device
+) -> StepLoss:
+    """DPO on a batch of pairs: the policy is the LoRA model, the reference its log-probabilities before
+    training (`reference_logprobs`). Chosen and rejected sequences share one padded batch: one forward a step."""
+    batch = pad([item.pair.chosen for item in pairs] + [item.pair.rejected for item in pairs], pad_token_id)
     policy = sequence_logprobs(model, batch, device)
-    with torch.no_grad(), model.disable_adapter():
-        reference = sequence_logprobs(model, batch, device)
+    reference = torch.tensor(
+        [item.chosen for item in pairs] + [item.rejected for item in pairs], dtype=policy.dtype, device=device
+    )
     n = len(pairs)
     loss, margins = dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], beta)
     return StepLoss(loss=loss, tokens=batch.tokens, margins=margins.detach())

@@ -64,7 +64,13 @@ def preferences(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def dpo_job(model: Path, data: Path, work: Path, on_checkpoint: Callable[[int], None] | None = None) -> TrainingJob:
+def dpo_job(
+    model: Path,
+    data: Path,
+    work: Path,
+    on_checkpoint: Callable[[int], None] | None = None,
+    start_adapter: Path | None = None,
+) -> TrainingJob:
     return TrainingJob(
         model_path=model,
         dataset_path=data,
@@ -72,6 +78,7 @@ def dpo_job(model: Path, data: Path, work: Path, on_checkpoint: Callable[[int], 
         work_dir=work,
         checkpoint_every=2,
         on_checkpoint=on_checkpoint,
+        start_adapter=start_adapter,
     )
 
 
@@ -156,3 +163,57 @@ def test_a_dpo_job_interrupted_after_a_checkpoint_resumes_from_it_and_ends_with_
     assert resumed.metrics["reward_accuracy"] == uninterrupted.metrics["reward_accuracy"]
     assert resumed.metrics["reward_margin"] == uninterrupted.metrics["reward_margin"]
     assert not (work / "checkpoints").exists()
+
+
+def answer_logprobs(model_dir: Path, data: Path, adapter_dir: Path, *, adapter_on: bool = True) -> torch.Tensor:
+    """Every pair's log-probabilities, chosen then rejected, under an adapter on the base model (or, with
+    `adapter_on` False, the base model alone)."""
+    from peft import PeftModel
+
+    cpu = torch.device("cpu")
+    tokenizer = load_tokenizer(model_dir)
+    pairs = tokenize_preferences(tokenizer, read_preference_jsonl(data), HP.max_seq_length)
+    model = PeftModel.from_pretrained(load_model(model_dir, cpu), adapter_dir).eval()
+    batch = pad([pair.chosen for pair in pairs] + [pair.rejected for pair in pairs], tokenizer.pad_token_id)
+    with torch.no_grad():
+        if adapter_on:
+            return sequence_logprobs(model, batch, cpu)
+        with model.disable_adapter():
+            return sequence_logprobs(model, batch, cpu)
+
+
+def test_dpo_from_a_starting_adapter_holds_the_policy_to_that_adapter_and_moves_past_it(
+    base_model_dir: Path,  # noqa: F811
+    preferences: Path,
+    uninterrupted: TrainingResult,
+    tmp_path: Path,
+) -> None:
+    # The three-step DPO adapter stands in for an SFT one: what matters is that it is not the base model.
+    start = uninterrupted.adapter_dir
+    continued = train(dpo_job(base_model_dir, preferences, tmp_path / "continued", start_adapter=start))
+
+    n = PAIRS
+    base = answer_logprobs(base_model_dir, preferences, start, adapter_on=False)
+    starting = answer_logprobs(base_model_dir, preferences, start)
+    after = answer_logprobs(base_model_dir, preferences, continued.adapter_dir)
+    reference = torch.tensor(json.loads((tmp_path / "continued" / "reference.json").read_text())).T.reshape(-1)
+    # The reference is the starting adapter, not the base model it was trained on.
+    assert torch.allclose(reference, starting, atol=1e-3)
+    assert (reference - base).abs().max().item() > 0.1
+    _, margins = dpo_loss(after[:n], after[n:], starting[:n], starting[n:], HP.dpo_beta)
+    print(f"continued from the adapter: losses {continued.losses}; margins over it {margins.tolist()}")
+    assert margins.mean().item() > 0
+
+
+def test_a_start_adapter_that_is_missing_or_not_lora_fails_the_job_with_its_reason(
+    base_model_dir: Path,  # noqa: F811
+    preferences: Path,
+    tmp_path: Path,
+) -> None:
+    from services.trainer.engine import TrainingError
+
+    job = dpo_job(base_model_dir, preferences, tmp_path / "job", start_adapter=tmp_path / "nowhere")
+    with pytest.raises(TrainingError, match="no LoRA adapter to start from") as caught:
+        train(job)
+    assert caught.value.error_type == "invalid_input"
+    assert not (tmp_path / "job" / "adapter").exists()
