@@ -394,6 +394,12 @@ class TrainingRequested(Payload):
     model_name: ModelName = Field(description="Base model to adapt.")
     dataset: DatasetRef = Field(description="Training dataset version.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="LoRA settings.")
+    start_adapter_version: int | None = Field(
+        default=None,
+        ge=1,
+        le=2**63 - 1,
+        description="Version of one of model_name's adapters to go on training (SFT then DPO: the SFT adapter); the hyperparameters state its LoRA shape; for DPO it is also the reference. None: a new adapter.",
+    )
     requested_by: str = Field(description="Principal or service that asked for it.")
     reason: str | None = Field(default=None, description="Why, e.g. the alert that triggered a retraining.")
 

@@ -198,6 +198,12 @@ class TrainingJobCreate(Request):
     model_name: ModelName = Field(description="Base model to adapt.")
     dataset: DatasetRef = Field(description="Training dataset version.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="LoRA settings.")
+    start_adapter_version: int | None = Field(
+        default=None,
+        ge=1,
+        le=2**63 - 1,
+        description="Version of one of model_name's adapters to go on training (SFT then DPO: the SFT adapter); the hyperparameters state its LoRA shape; for DPO it is also the reference. None: a new adapter.",
+    )
     job_id: JobId | None = Field(
         default=None,
         description="Idempotency key; generated when absent. It names the job's work directory, so it is an id, never a path.",
@@ -208,6 +214,7 @@ class TrainingJobView(Response):
     job_id: str = Field(description="Job id.")
     model_name: str = Field(description="Base model.")
     dataset: DatasetRef = Field(description="Dataset version.")
+    start_adapter_version: int | None = Field(default=None, description="Adapter version the job goes on training.")
     status: Literal["queued", "running", "completed", "failed", "cancelled"] = Field(description="Job state.")
     step: int = Field(default=0, description="Optimiser steps done.")
     total_steps: int = Field(default=0, description="Optimiser steps planned.")

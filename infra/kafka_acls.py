@@ -76,7 +76,7 @@ SERVICE_PRINCIPALS: tuple[Principal, ...] = (
             "training.failed",
             *_when_defined(SPAN_LOGGED),
         ),
-        consumes=("training.requested", "model.registered", "dataset.published"),
+        consumes=("training.requested", "model.registered", "dataset.published", "adapter.registered"),
         group="trainer",
         why="its door accepts training requests (published, then consumed); a job reports its progress",
     ),

@@ -20,6 +20,7 @@ def view(job: JobRecord) -> TrainingJobView:
         job_id=job.job_id,
         model_name=job.model_name,
         dataset=job.dataset,
+        start_adapter_version=job.start_adapter_version,
         status=job.status,  # type: ignore[arg-type]
         step=job.step,
         total_steps=job.total_steps,
@@ -46,6 +47,7 @@ def create_router(trainer: Trainer, auth: Authenticator) -> APIRouter:
             model_name=body.model_name,
             dataset=body.dataset,
             hyperparameters=body.hyperparameters,
+            start_adapter_version=body.start_adapter_version,
             requested_by=principal.name,
         )
         job, created = trainer.submit(request)

@@ -1,7 +1,7 @@
-"""How the trainer finds the base model and dataset a request names: the registry owns both.
+"""How the trainer finds the base model, dataset and starting adapter a request names: the registry owns them.
 
 The seam is the `Catalog` protocol. The trainer's implementation is event-carried state: it keeps
-the `model.registered` and `dataset.published` events it consumes (name -> artifact URI and digest)
+the `model.registered`, `dataset.published` and `adapter.registered` events it consumes (name -> artifact URI and digest)
 in its own SQLite, and materializes the artifacts from the content-addressed store on first use,
 verifying their digests. So it never calls the registry, and a registry that is down does not stop
 a queued job whose inputs were announced.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from contracts.events import DatasetPublished, DatasetRef, ModelRegistered
+from contracts.events import AdapterRegistered, DatasetPublished, DatasetRef, ModelRegistered
 from services.runtime.artifacts import ArtifactStore
 from services.runtime.paths import under
 from services.runtime.sqlite import Migration, SqliteDatabase
@@ -28,6 +28,11 @@ CREATE TABLE IF NOT EXISTS model (name TEXT PRIMARY KEY, uri TEXT, sha256 TEXT);
 CREATE TABLE IF NOT EXISTS dataset (name TEXT, version INTEGER, split TEXT, uri TEXT, sha256 TEXT, PRIMARY KEY (name, version));
 """,
     ),
+    Migration(
+        2,
+        "adapters",
+        "CREATE TABLE adapter (model_name TEXT, version INTEGER, uri TEXT, sha256 TEXT, PRIMARY KEY (model_name, version));",
+    ),
 )
 
 
@@ -39,6 +44,8 @@ class Catalog(Protocol):
     def model_path(self, model_name: str) -> Path: ...
 
     def dataset_path(self, dataset: DatasetRef) -> Path: ...
+
+    def adapter_path(self, model_name: str, version: int) -> Path: ...
 
 
 class EventCarriedCatalog:
@@ -64,6 +71,27 @@ class EventCarriedCatalog:
             "INSERT OR REPLACE INTO dataset VALUES (?, ?, ?, ?, ?)",
             (event.dataset_name, event.version, event.split, event.artifact_uri, event.sha256),
         )
+
+    def remember_adapter(self, event: AdapterRegistered) -> None:
+        """Remember where an adapter version is, to go on training it; a URI outside the store is refused."""
+        self._artifacts.check(event.artifact_uri)
+        self._db.execute(
+            "INSERT OR REPLACE INTO adapter VALUES (?, ?, ?, ?)",
+            (event.model_name, event.adapter_version, event.artifact_uri, event.artifact_sha256),
+        )
+
+    def adapter_path(self, model_name: str, version: int) -> Path:
+        row = self._db.row(
+            "SELECT uri, sha256 FROM adapter WHERE model_name = ? AND version = ?", (model_name, version)
+        )
+        if row is None:
+            raise UnknownInput(
+                f"unknown adapter {model_name} v{version} to start from: no adapter.registered event seen for it"
+            )
+        target = under(self._cache, "adapters", row[1])
+        if not (target / "adapter_config.json").exists():
+            self._artifacts.materialize(row[0], row[1], into_dir=target)
+        return target
 
     def model_path(self, model_name: str) -> Path:
         row = self._db.row("SELECT uri, sha256 FROM model WHERE name = ?", (model_name,))

@@ -119,6 +119,12 @@ def submit(
     target_modules: str = TARGETS,
     method: str = METHOD,
     dpo_beta: float = BETA,
+    start_adapter_version: int | None = typer.Option(
+        None,
+        min=1,
+        help="Go on training this adapter version of --model (state its rank, alpha, dropout and target modules); "
+        "with --method dpo it is also the reference, e.g. the SFT adapter for SFT then DPO.",
+    ),
 ) -> None:
     """Queue a training job on the running trainer."""
     name, _, version = dataset.rpartition(":")
@@ -131,6 +137,7 @@ def submit(
         "model_name": model,
         "dataset": {"name": name, "version": int(version)},
         "hyperparameters": hp.model_dump(),
+        "start_adapter_version": start_adapter_version,
         "job_id": job_id or str(uuid.uuid4()),
     }
     typer.echo(json.dumps(_door("POST", "/training-jobs", body), sort_keys=True))
@@ -181,8 +188,8 @@ def local(
     dpo_beta: float = BETA,
     start_adapter: Path | None = typer.Option(
         None,
-        help="A LoRA adapter directory to go on training (its own rank, alpha and target modules apply); with "
-        "--method dpo it is also the reference, e.g. an SFT adapter for SFT then DPO.",
+        help="A LoRA adapter directory to go on training (state its rank, alpha, dropout and target modules); "
+        "with --method dpo it is also the reference, e.g. an SFT adapter for SFT then DPO.",
     ),
 ) -> None:
     """Train here, without Kafka, and print the golden score of the base model and of the adapter."""

@@ -105,8 +105,8 @@ class TrainingJob:
     # torch CPU threads; 0: the cores other processes leave free when the job starts (services/runtime/cpu.py).
     threads: int = 0
     keep_checkpoints: int = 2
-    # An adapter to go on training (its own LoRA shape: the hyperparameters' rank, alpha, dropout and target
-    # modules do not apply); for DPO also the reference the policy is held to, e.g. an SFT adapter's.
+    # An adapter to go on training (the hyperparameters must state its rank, alpha, dropout and target
+    # modules); for DPO also the reference the policy is held to, e.g. an SFT adapter's.
     start_adapter: Path | None = None
     on_start: Callable[[TrainingPlan], None] | None = None
     on_progress: Callable[[Progress], None] | None = None
@@ -289,6 +289,7 @@ def _lora_model(model: Any, hp: Hyperparameters, start_adapter: Path | None) -> 
     if start_adapter is not None:
         if not (start_adapter / "adapter_config.json").is_file():
             raise TrainingError("invalid_input", f"no LoRA adapter to start from at {start_adapter}")
+        _check_shape(json.loads((start_adapter / "adapter_config.json").read_text()), hp)
         try:
             return PeftModel.from_pretrained(model, start_adapter, is_trainable=True)
         except (ValueError, RuntimeError, KeyError) as error:  # another base model's, or not a LoRA adapter
@@ -307,6 +308,23 @@ def _lora_model(model: Any, hp: Hyperparameters, start_adapter: Path | None) -> 
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def _check_shape(config: dict[str, Any], hp: Hyperparameters) -> None:
+    """The job's hyperparameters must state the starting adapter's LoRA shape: training keeps that shape, and
+    the hyperparameters travel on training.completed into the registry as what the adapter is."""
+    shape = {
+        "rank": (config.get("r"), hp.rank),
+        "alpha": (config.get("lora_alpha"), hp.alpha),
+        "dropout": (config.get("lora_dropout"), hp.dropout),
+        "target_modules": (sorted(config.get("target_modules") or []), sorted(hp.target_modules)),
+    }
+    differ = {name: adapter for name, (adapter, asked) in shape.items() if adapter != asked}
+    if differ:
+        stated = ", ".join(f"{name}={value}" for name, value in differ.items())
+        raise TrainingError(
+            "invalid_input", f"the adapter to start from has {stated}: ask for the same to go on training it"
+        )
 
 
 def _referenced(

@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass
 
 from contracts.envelope import Envelope
-from contracts.events import DatasetPublished, ModelRegistered, TrainingRequested
+from contracts.events import AdapterRegistered, DatasetPublished, ModelRegistered, TrainingRequested
 from services.runtime.service import Handlers
 from services.trainer.catalog import EventCarriedCatalog
 from services.trainer.service import Trainer
@@ -32,8 +32,13 @@ async def when_dataset_published_remember_it(envelope: Envelope[DatasetPublished
     await asyncio.to_thread(deps.catalog.remember_dataset, envelope.payload)
 
 
+async def when_adapter_registered_remember_it(envelope: Envelope[AdapterRegistered], deps: Deps) -> None:
+    await asyncio.to_thread(deps.catalog.remember_adapter, envelope.payload)
+
+
 HANDLERS: Handlers[Deps] = {
     TrainingRequested: when_training_requested_run_job,
     ModelRegistered: when_model_registered_remember_it,
     DatasetPublished: when_dataset_published_remember_it,
+    AdapterRegistered: when_adapter_registered_remember_it,
 }

@@ -109,6 +109,7 @@ class Trainer:
                 # its span still share one trace from training to the evaluation of what it trained.
                 correlation_id=correlation_id or request.job_id,
                 requested_by=request.requested_by,
+                start_adapter_version=request.start_adapter_version,
             )
         )
         if created:
@@ -192,7 +193,7 @@ class Trainer:
         # A job resumed after a restart is timed from its resumption: the span shows what this worker ran.
         started_at = datetime.now(UTC)
         try:
-            model_path, dataset_path = await self._resolve(job)
+            model_path, dataset_path, start_adapter = await self._resolve(job)
         except StoppedWaitingForInputs:
             log.info("training job %s: stopped while waiting for its inputs; it resumes at the next start", job.job_id)
             return
@@ -225,6 +226,7 @@ class Trainer:
             dataset_path=dataset_path,
             hyperparameters=job.hyperparameters,
             work_dir=work_dir,
+            start_adapter=start_adapter,
             checkpoint_every=self._settings.checkpoint_every,
             threads=self._settings.torch_threads,
             log_every=self._settings.progress_every,
@@ -271,14 +273,20 @@ class Trainer:
         await self._send_staged()
         await self._publish_span(job, completed, started_at)
 
-    async def _resolve(self, job: JobRecord) -> tuple[Path, Path]:
+    async def _resolve(self, job: JobRecord) -> tuple[Path, Path, Path | None]:
         # The registry's events travel on other topics than the request: a model or dataset published
         # just before the request may not have been consumed yet, so unknown inputs are retried a while.
         deadline = asyncio.get_running_loop().time() + self._settings.input_wait_s
         while True:
             try:
                 model_path = await asyncio.to_thread(self._catalog.model_path, job.model_name)
-                return model_path, await asyncio.to_thread(self._catalog.dataset_path, job.dataset)
+                dataset_path = await asyncio.to_thread(self._catalog.dataset_path, job.dataset)
+                start_adapter = (
+                    None
+                    if job.start_adapter_version is None
+                    else await asyncio.to_thread(self._catalog.adapter_path, job.model_name, job.start_adapter_version)
+                )
+                return model_path, dataset_path, start_adapter
             except UnknownInput:
                 if asyncio.get_running_loop().time() >= deadline:
                     raise

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_
     envelope TEXT, sent_at TEXT);
 """,
     ),
+    Migration(2, "start_adapter", "ALTER TABLE job ADD COLUMN start_adapter_version INTEGER;"),
 )
 
 
@@ -52,6 +53,7 @@ class JobRecord:
     error_type: str | None = None
     artifact_uri: str | None = None
     artifact_sha256: str | None = None
+    start_adapter_version: int | None = None
 
 
 # A terminal event as it will be published: the whole envelope, so a republished one is identical.
@@ -65,8 +67,8 @@ class JobStore:
     def add(self, job: JobRecord) -> tuple[JobRecord, bool]:
         """Insert a queued job; returns the stored job and whether it is new (a known job_id adds nothing)."""
         inserted = self._db.execute(
-            "INSERT OR IGNORE INTO job (job_id, model_name, dataset_name, dataset_version, hyperparameters, status, correlation_id, requested_by, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+            "INSERT OR IGNORE INTO job (job_id, model_name, dataset_name, dataset_version, hyperparameters, status,"
+            " correlation_id, requested_by, updated_at, start_adapter_version) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
             (
                 job.job_id,
                 job.model_name,
@@ -76,6 +78,7 @@ class JobStore:
                 job.correlation_id,
                 job.requested_by,
                 _now(),
+                job.start_adapter_version,
             ),
         )
         stored = self.get(job.job_id)
@@ -151,7 +154,7 @@ class _JobOutboxClaim:
 
 _COLUMNS = (
     "job_id, model_name, dataset_name, dataset_version, hyperparameters, status, correlation_id, requested_by, step, total_steps,"
-    " loss, error, error_type, artifact_uri, artifact_sha256"
+    " loss, error, error_type, artifact_uri, artifact_sha256, start_adapter_version"
 )
 
 
@@ -171,6 +174,7 @@ def _record(row: tuple[Any, ...]) -> JobRecord:
         error_type=row[12],
         artifact_uri=row[13],
         artifact_sha256=row[14],
+        start_adapter_version=row[15],
     )
 
 

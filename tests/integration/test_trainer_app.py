@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from safetensors.torch import load_file
 
 from contracts.envelope import Envelope
 from contracts.events import (
+    AdapterRegistered,
     DatasetPublished,
     DatasetRef,
     Hyperparameters,
     ModelRegistered,
     TrainingCompleted,
+    TrainingFailed,
     TrainingRequested,
     TrainingStarted,
 )
@@ -23,6 +27,7 @@ from services.runtime.artifacts import ArtifactStore, default_artifact_root
 from services.runtime.service import Runtime, Service, build_process
 from services.runtime.settings import FlywheelSettings
 from services.trainer.app import create_app
+from services.trainer.settings import TrainerSettings
 from services.registry.datasets import validate_jsonl
 from tests.fixtures.trainer_model import DEMO_DATA, base_model_dir  # noqa: F401 - fixture
 from tests.integration.test_trainer_dpo import preferences  # noqa: F401 - fixture
@@ -39,6 +44,7 @@ def probe(seen: list[Envelope]) -> object:
 
         runtime.subscribe("probe", TrainingStarted, record)
         runtime.subscribe("probe", TrainingCompleted, record)
+        runtime.subscribe("probe", TrainingFailed, record)
         return Service(name="probe")
 
     return create
@@ -79,7 +85,9 @@ async def test_a_redelivered_request_trains_once_and_reports_completed(
     dataset = artifacts.put_file(rows)
 
     seen: list[Envelope] = []
-    app, runtime = build_process(settings, [create_app, probe(seen)], title="flywheel-test")
+    # Unannounced inputs are waited for 5 s, not a minute: the refused start adapter is one.
+    trainer = functools.partial(create_app, settings=TrainerSettings(input_wait_s=5))
+    app, runtime = build_process(settings, [trainer, probe(seen)], title="flywheel-test")
     async with app.router.lifespan_context(app):
         bus = runtime.bus("test")
         await publish_inputs(bus, model, dataset, "tiny", 4, "uploaded")
@@ -119,14 +127,16 @@ async def test_a_redelivered_request_trains_once_and_reports_completed(
         assert [type(e.payload) for e in seen].count(TrainingStarted) == 1
 
 
-async def test_a_dpo_request_on_a_published_preference_dataset_trains_and_reports_its_reward_metrics(
+async def test_a_dpo_request_on_a_published_preference_dataset_trains_and_the_next_goes_on_from_its_adapter(
     settings: FlywheelSettings,
     base_model_dir: Path,  # noqa: F811
     preferences: Path,  # noqa: F811
 ) -> None:
     """A preference dataset as the registry publishes it (its own validation names the format) trains
     with method dpo through the service's events, as `flywheel ops preference-dataset` then
-    `flywheel train submit --method dpo` run it."""
+    `flywheel train submit --method dpo` run it. Once the registry announces the adapter, a request
+    naming it as its start adapter goes on training it (SFT then DPO is the same request after an SFT
+    job), and one naming a version never announced fails with the reason."""
     record_format, row_count = validate_jsonl(preferences.read_bytes())
     assert record_format == "preference"
     artifacts = ArtifactStore(default_artifact_root(settings.home))
@@ -149,12 +159,61 @@ async def test_a_dpo_request_on_a_published_preference_dataset_trains_and_report
                 ),
             )
         )
-        await eventually(
-            lambda: any(isinstance(e.payload, TrainingCompleted) for e in seen),
-            what="training.completed",
-            timeout_s=500,
+        completed = await ended(seen, "job-dpo", TrainingCompleted)
+        assert completed.hyperparameters.method == "dpo"
+        assert {"reward_accuracy", "reward_margin"} <= set(completed.metrics)
+        assert 0.0 <= completed.metrics["reward_accuracy"] <= 1.0
+
+        await bus.publish(
+            AdapterRegistered(
+                model_name="smollm2",
+                adapter_version=1,
+                artifact_uri=completed.artifact_uri,
+                artifact_sha256=completed.artifact_sha256,
+                training_job_id="job-dpo",
+            )
         )
-    completed = next(e.payload for e in seen if isinstance(e.payload, TrainingCompleted))
-    assert completed.hyperparameters.method == "dpo"
-    assert {"reward_accuracy", "reward_margin"} <= set(completed.metrics)
-    assert 0.0 <= completed.metrics["reward_accuracy"] <= 1.0
+        for job_id, version in (("job-on", 1), ("job-unknown-start", 9)):
+            await bus.publish(
+                TrainingRequested(
+                    job_id=job_id,
+                    model_name="smollm2",
+                    dataset=DatasetRef(name="pairs", version=1),
+                    requested_by="test",
+                    # The first job's LoRA shape, which going on with its adapter keeps.
+                    hyperparameters=Hyperparameters(
+                        method="dpo", rank=4, alpha=8, batch_size=4, epochs=0.5, max_seq_length=128
+                    ),
+                    start_adapter_version=version,
+                )
+            )
+        went_on = await ended(seen, "job-on", TrainingCompleted)
+        refused = await ended(seen, "job-unknown-start", TrainingFailed)
+    # It went on from the announced adapter: one step moved its weights a little, where a new adapter's
+    # random initialisation would be as far from them as they are large.
+    store = ArtifactStore(default_artifact_root(settings.home))
+    before, after = (
+        load_file(
+            str(
+                store.materialize(event.artifact_uri, event.artifact_sha256, into_dir=settings.home / name)
+                / "adapter_model.safetensors"
+            )
+        )
+        for name, event in (("start", completed), ("went-on", went_on))
+    )
+    assert before.keys() == after.keys()
+    moved = max((after[key] - before[key]).norm() / before[key].norm() for key in before if "lora_A" in key)
+    assert moved < 0.2, f"the adapter moved by {moved:.2f} of its size: it did not start from the announced one"
+    assert went_on.artifact_sha256 != completed.artifact_sha256
+    assert refused.error_type == "invalid_input"
+    assert "unknown adapter smollm2 v9 to start from" in refused.reason
+
+
+async def ended(seen: list[Envelope], job_id: str, kind: type[Any]) -> Any:
+    """The job's terminal event of `kind`, once it has arrived."""
+
+    def found() -> Any:
+        return next((e.payload for e in seen if isinstance(e.payload, kind) and e.payload.job_id == job_id), None)
+
+    await eventually(lambda: found() is not None, what=f"{kind.event_type} of {job_id}", timeout_s=500)
+    return found()

@@ -205,9 +205,10 @@ def test_dpo_from_a_starting_adapter_holds_the_policy_to_that_adapter_and_moves_
     assert margins.mean().item() > 0
 
 
-def test_a_start_adapter_that_is_missing_or_not_lora_fails_the_job_with_its_reason(
+def test_a_start_adapter_that_is_missing_or_of_another_shape_fails_the_job_with_its_reason(
     base_model_dir: Path,  # noqa: F811
     preferences: Path,
+    uninterrupted: TrainingResult,
     tmp_path: Path,
 ) -> None:
     from services.trainer.engine import TrainingError
@@ -217,3 +218,14 @@ def test_a_start_adapter_that_is_missing_or_not_lora_fails_the_job_with_its_reas
         train(job)
     assert caught.value.error_type == "invalid_input"
     assert not (tmp_path / "job" / "adapter").exists()
+
+    other_shape = TrainingJob(
+        model_path=base_model_dir,
+        dataset_path=preferences,
+        hyperparameters=HP.model_copy(update={"rank": 8}),
+        work_dir=tmp_path / "other-shape",
+        start_adapter=uninterrupted.adapter_dir,
+    )
+    with pytest.raises(TrainingError, match="has rank=4: ask for the same") as caught:
+        train(other_shape)
+    assert caught.value.error_type == "invalid_input"

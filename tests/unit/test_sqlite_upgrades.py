@@ -61,6 +61,7 @@ def test_the_trainers_job_store_adopts_an_old_jobs_db_with_its_jobs_and_staged_e
             and old.status == "failed"
             and old.dataset == DatasetRef(name="tiny", version=1)
             and old.requested_by == "alice"
+            and old.start_adapter_version is None
         )
         assert [event.event_id for event in store.unsent()] == ["e-1"]
         _, created = store.add(
@@ -72,12 +73,15 @@ def test_the_trainers_job_store_adopts_an_old_jobs_db_with_its_jobs_and_staged_e
                 status="queued",
                 correlation_id=None,
                 requested_by="bob",
+                start_adapter_version=3,
             )
         )
         assert created and [job.job_id for job in store.list()] == ["job-new", "job-old"]
+        new = store.get("job-new")
+        assert new is not None and new.start_adapter_version == 3
     finally:
         store.close()
-    assert schema_versions(path) == [(1, "jobs_and_outbox")]
+    assert schema_versions(path) == [(1, "jobs_and_outbox"), (2, "start_adapter")]
 
 
 def test_the_trainers_catalog_adopts_an_old_catalog_db_with_what_it_learned(tmp_path: Path) -> None:
@@ -92,9 +96,11 @@ def test_the_trainers_catalog_adopts_an_old_catalog_db_with_what_it_learned(tmp_
         # The remembered row is read: the refusal names its split, where an unknown dataset would say "publish it first".
         with pytest.raises(UnknownInput, match="is a 'golden' split; training needs a 'train' split"):
             catalog.dataset_path(DatasetRef(name="golden-set", version=1))
+        with pytest.raises(UnknownInput, match="unknown adapter smollm2 v1 to start from"):
+            catalog.adapter_path("smollm2", 1)
     finally:
         catalog.close()
-    assert schema_versions(path) == [(1, "models_and_datasets")]
+    assert schema_versions(path) == [(1, "models_and_datasets"), (2, "adapters")]
 
 
 def test_the_evaluators_store_adopts_an_old_evaluator_db_with_its_catalogue_and_evaluations(tmp_path: Path) -> None:
