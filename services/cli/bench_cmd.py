@@ -10,9 +10,6 @@ mean something.
 from __future__ import annotations
 
 import json
-import os
-import platform
-import sys
 import time
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -22,49 +19,12 @@ from typing import Any
 import typer
 
 from services.cli.service_commands import benchmarks
-from services.runtime.bench import Row
+from services.runtime.bench import Row, machine, machine_line
 from services.runtime.errors import ConfigurationError
 
 app = typer.Typer(help="Benchmarks that print ratios measured side by side in one run.", no_args_is_help=True)
 
 RESULTS = Path("bench/results")
-
-
-# The instruction sets CPU inference and training speed depends on: the same figures on a machine without
-# them are not comparable.
-VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def machine() -> dict[str, Any]:
-    """What the figures were measured on: they compare only within one run on one machine."""
-    import torch
-
-    meminfo = Path("/proc/meminfo")
-    total_kb = (
-        next((int(line.split()[1]) for line in meminfo.read_text().splitlines() if line.startswith("MemTotal:")), 0)
-        if meminfo.exists()
-        else 0
-    )
-    memory = f"{total_kb / 2**20:.1f} GiB" if total_kb else None
-    cpu = platform.processor() or platform.machine()
-    flags: list[str] = []
-    if Path("/proc/cpuinfo").exists():
-        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
-        present = next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
-        flags = [flag for flag in VECTOR_FLAGS if flag in present]
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpu_flags": flags,
-        "torch_threads": torch.get_num_threads(),
-        "load_average": [round(value, 2) for value in os.getloadavg()],
-        "memory": memory,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
 
 
 def to_markdown(
@@ -76,10 +36,7 @@ def to_markdown(
         "",
         f"Benchmarks run: {', '.join(ran)}" + (f"; not run this time: {', '.join(not_run)}" if not_run else "") + ".",
         "",
-        f"Machine: {described['cpu']}, {described['cpu_count']} cores, {described['memory']} memory, GPU {described['gpu'] or 'none'}; "
-        f"CPU flags {' '.join(described.get('cpu_flags') or []) or 'none of ' + ' '.join(VECTOR_FLAGS)}; "
-        f"torch threads {described.get('torch_threads')}; "
-        f"{described['platform']}; Python {described['python']}, torch {described['torch']}; load average at start {described['load_average']}.",
+        machine_line(described),
         "",
         "| benchmark | measure | flywheel | baseline | ratio flywheel/baseline | better |",
         "|---|---|---|---|---|---|",

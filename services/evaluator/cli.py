@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -23,6 +24,11 @@ eval_app = typer.Typer(
     help="Evaluations: candidate vs baseline on a golden set, and the promotion gate's verdict.", no_args_is_help=True
 )
 app.add_typer(eval_app, name="eval")
+bench_app = typer.Typer()
+app.add_typer(bench_app, name="bench")
+
+# The demo's Acme Nimbus data (services/demo/data), read as files: the evaluator imports nothing of the demo.
+DEMO_DATA = Path(__file__).resolve().parents[1] / "demo" / "data"
 
 UrlOption = Annotated[
     str | None, typer.Option("--url", help="Evaluator base URL; default http://FLYWHEEL_HTTP_HOST:FLYWHEEL_HTTP_PORT.")
@@ -169,3 +175,71 @@ def list_(
     params = {"limit": limit} | ({"model_name": model} if model else {})
     for item in _call("GET", "/evaluator/v1/evaluations", url, api_key, params=params)["data"]:
         typer.echo(_summary(item))
+
+
+@bench_app.command("preference")
+def bench_preference(
+    facts: int = typer.Option(
+        12, min=2, max=36, help="Demo facts trained and asked about: 8 corrections and 2 golden questions each."
+    ),
+    quick: bool = typer.Option(False, "--quick", help="4 facts and one epoch: minutes, for a look, not a verdict."),
+    epochs: float = typer.Option(1.5, help="Passes over the corrections (SFT) or the pairs (DPO)."),
+    learning_rate: float = typer.Option(1e-3, "--learning-rate", help="Peak learning rate of both adapters."),
+    dpo_beta: float = typer.Option(0.1, "--dpo-beta", help="DPO's pull towards the base model."),
+    work_dir: Path | None = typer.Option(
+        None, help="Datasets and adapters; a rerun reuses finished ones. Default: FLYWHEEL_HOME/bench/preference."
+    ),
+) -> None:
+    """DPO on the demo's corrections as preference pairs against SFT on the same corrections: the gate's paired reports on held-out golden questions."""
+    from contracts.events import Hyperparameters
+    from services.evaluator.preference_bench import gate_report, run_preference_bench
+    from services.runtime.base_model import smollm2_weights
+    from services.runtime.bench import machine, machine_line
+    from services.runtime.cpu import use_free_cpus
+    from services.runtime.settings import FlywheelSettings, load_settings
+
+    settings = load_settings(FlywheelSettings)
+    if quick:
+        facts, epochs = 4, 1.0
+    # `flywheel train`'s defaults for both methods: tuned for neither.
+    hp = Hyperparameters(
+        rank=16,
+        alpha=32,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        batch_size=8,
+        max_seq_length=256,
+        seed=0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        dpo_beta=dpo_beta,
+    )
+    use_free_cpus()
+    typer.echo(machine_line(machine()))
+    typer.echo(
+        f"both adapters: LoRA rank {hp.rank}, alpha {hp.alpha}, dropout {hp.dropout}, learning rate {hp.learning_rate}, "
+        f"{hp.epochs} epochs, batch {hp.batch_size}, seed {hp.seed}, max_seq_length {hp.max_seq_length}, "
+        f"modules {','.join(hp.target_modules)}; DPO beta {hp.dpo_beta}"
+    )
+    started = time.monotonic()
+    bench = run_preference_bench(
+        smollm2_weights(settings.cache),
+        DEMO_DATA,
+        work_dir or settings.home / "bench" / "preference",
+        facts=facts,
+        hyperparameters=hp,
+        echo=typer.echo,
+    )
+    for gate in bench.gates:
+        typer.echo("")
+        for line in gate_report(gate, bench.policy, bench.why):
+            typer.echo(line)
+    typer.echo("")
+    typer.echo("answers to the first golden questions:")
+    for index, example in enumerate(bench.examples[:4]):
+        typer.echo(f"  {example.question!r} (reference {example.reference!r})")
+        for label, answers in bench.answers.items():
+            typer.echo(f"    {label}: {answers[index]!r}")
+    typer.echo("")
+    for phase, seconds in bench.seconds.items():
+        typer.echo(f"{phase}: {seconds:.0f} s")
+    typer.echo(f"wall time: {time.monotonic() - started:.0f} s")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from contracts.events import MetricComparison
+from services.evaluator.suite import TargetScores
 from services.runtime.scoring.grounding import numbers_in
 
 Scores = Sequence[float | None]  # one per example; None where the metric errored or does not apply
@@ -76,6 +77,24 @@ def compare(
     if interval is not None:
         update |= {"difference": interval.difference, "ci_low": interval.low, "ci_high": interval.high}
     return summary.model_copy(update=update)
+
+
+def compare_targets(
+    policy: GatePolicy, candidate: TargetScores, baseline: TargetScores, *, resamples: int
+) -> dict[str, MetricComparison]:
+    """Every metric the candidate was scored on, paired with the baseline's scores on the same examples."""
+    return {
+        metric: compare(
+            metric,
+            values,
+            baseline.scores.get(metric),
+            errors=sum(error is not None for error in candidate.errors[metric]),
+            resamples=resamples,
+            confidence=policy.confidence,
+            seed=policy.seed,
+        )
+        for metric, values in candidate.scores.items()
+    }
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from contracts.events import DatasetRef, EvaluationCompleted, EvaluationRequested, ModelTarget
-from services.evaluator.gate import compare, decide, policy_for
+from services.evaluator.gate import compare_targets, decide, policy_for
 from services.evaluator.generation import LoadedModel, ModelLoadError
 from services.evaluator.golden import GoldenExample, GoldenSetError, parse_golden
 from services.evaluator.report import render_report
@@ -120,18 +120,7 @@ class Evaluator:
         baseline_scores = await self._score(model, baseline_prompts, examples, suite, judge)
         del model
 
-        comparisons = {
-            metric: compare(
-                metric,
-                values,
-                baseline_scores.scores.get(metric),
-                errors=sum(error is not None for error in candidate_scores.errors[metric]),
-                resamples=self.settings.resamples,
-                confidence=policy.confidence,
-                seed=policy.seed,
-            )
-            for metric, values in candidate_scores.scores.items()
-        }
+        comparisons = compare_targets(policy, candidate_scores, baseline_scores, resamples=self.settings.resamples)
         verdict = decide(policy, comparisons)
         result = EvaluationCompleted(
             evaluation_id=request.evaluation_id,

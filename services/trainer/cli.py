@@ -170,6 +170,9 @@ def local(
     ),
     data: Path = typer.Option(DEMO_DATA / "train.jsonl", help="Training JSONL."),
     golden: Path = typer.Option(DEMO_DATA / "golden.jsonl", help="Golden JSONL scored before and after."),
+    score: bool = typer.Option(
+        True, "--score/--no-score", help="Score the base model and the adapter on --golden after training."
+    ),
     work_dir: Path | None = typer.Option(
         None, help="Checkpoints and the adapter; a rerun resumes or reuses. Default: FLYWHEEL_HOME/trainer/local."
     ),
@@ -195,7 +198,8 @@ def local(
     """Train here, without Kafka, and print the golden score of the base model and of the adapter."""
     import torch
 
-    from services.trainer.engine import TrainingError, TrainingJob, train
+    from services.trainer.engine import TrainingError, TrainingJob, TrainingPlan, train
+    from services.trainer.model import base_dtype
     from services.runtime.cpu import free_cpu_threads
     from services.trainer.scoring import score_golden
 
@@ -214,6 +218,10 @@ def local(
             f"tokens/s {progress.tokens_per_second:.0f} eta {progress.eta_seconds:.0f}s"
         )
 
+    def plan(plan: TrainingPlan) -> None:
+        dtype = base_dtype(torch.device(plan.device))
+        typer.echo(f"{plan.total_steps} steps on {plan.device} ({dtype}, {torch.get_num_threads()} torch threads)")
+
     try:
         result = train(
             TrainingJob(
@@ -221,6 +229,7 @@ def local(
                 dataset_path=data,
                 hyperparameters=hp,
                 work_dir=work_dir,
+                on_start=plan,
                 on_progress=show,
                 start_adapter=start_adapter,
             )
@@ -228,6 +237,8 @@ def local(
     except TrainingError as error:
         raise TrainCommandError(f"training failed ({error.error_type}): {error.reason}") from None
     typer.echo(json.dumps({"adapter": str(result.adapter_dir), **result.metrics}, sort_keys=True))
+    if not score:
+        return
     started = time.perf_counter()
     base = score_golden(model, golden)
     tuned = score_golden(model, golden, adapter_dir=result.adapter_dir)
