@@ -184,13 +184,15 @@ def bench_preference(
     ),
     quick: bool = typer.Option(False, "--quick", help="4 facts and one epoch: minutes, for a look, not a verdict."),
     epochs: float = typer.Option(1.5, help="Passes over the corrections (SFT) or the pairs (DPO)."),
-    learning_rate: float = typer.Option(1e-3, "--learning-rate", help="Peak learning rate of both adapters."),
-    dpo_beta: float = typer.Option(0.1, "--dpo-beta", help="DPO's pull towards the base model."),
+    learning_rate: float = typer.Option(1e-3, "--learning-rate", help="Peak learning rate of every adapter."),
+    dpo_beta: float = typer.Option(
+        0.1, "--dpo-beta", help="DPO's pull towards its reference: the base model, or the SFT adapter for SFT then DPO."
+    ),
     work_dir: Path | None = typer.Option(
         None, help="Datasets and adapters; a rerun reuses finished ones. Default: FLYWHEEL_HOME/bench/preference."
     ),
 ) -> None:
-    """DPO on the demo's corrections as preference pairs against SFT on the same corrections: the gate's paired reports on held-out golden questions."""
+    """DPO on the demo's corrections as preference pairs, alone and after SFT, against SFT on the same corrections: the gate's paired reports on held-out golden questions."""
     from contracts.events import Hyperparameters
     from services.evaluator.preference_bench import gate_report, run_preference_bench
     from services.runtime.base_model import smollm2_weights
@@ -216,7 +218,7 @@ def bench_preference(
     use_free_cpus()
     typer.echo(machine_line(machine()))
     typer.echo(
-        f"both adapters: LoRA rank {hp.rank}, alpha {hp.alpha}, dropout {hp.dropout}, learning rate {hp.learning_rate}, "
+        f"every adapter: LoRA rank {hp.rank}, alpha {hp.alpha}, dropout {hp.dropout}, learning rate {hp.learning_rate}, "
         f"{hp.epochs} epochs, batch {hp.batch_size}, seed {hp.seed}, max_seq_length {hp.max_seq_length}, "
         f"modules {','.join(hp.target_modules)}; DPO beta {hp.dpo_beta}"
     )

@@ -5,8 +5,10 @@ corrections (each row's last answer is the right one), the golden split for held
 the same facts. The pairs are what the demo's feedback gives `flywheel ops preference-dataset`: chosen,
 the reviewer's correction; rejected, the answer it replaced, which is the base model's own greedy
 answer to that prompt. One LoRA adapter is trained with SFT on the corrections, one with DPO on the
-pairs, with the same hyperparameters; both and the base model answer the golden prompts, and the
-evaluator's gate compares them paired: DPO against SFT, SFT against the base model, DPO against it.
+pairs, and one with DPO on the pairs going on from the SFT adapter (SFT then DPO, held to the SFT
+adapter as its reference), all with the same hyperparameters; they and the base model answer the
+golden prompts, and the evaluator's gate compares them paired: DPO against SFT, SFT then DPO against
+SFT, SFT against the base model, DPO against it.
 
 Why here, and why training goes through `flywheel train local` in a subprocess: services never import
 each other. The question is an evaluation (the metric suites, the policies and the gate are the
@@ -146,13 +148,19 @@ def run_preference_bench(
     scores = {"base model": _score(base, examples, embedder)}
     seconds["golden answers of the base model"] = time.monotonic() - clock
     del base
-    for label, method, data in (
-        ("SFT adapter", "sft", work_dir / "corrections.jsonl"),
-        ("DPO adapter", "dpo", work_dir / "pairs.jsonl"),
+    adapters: dict[str, Path] = {}
+    for label, method, data, start in (
+        ("SFT adapter", "sft", work_dir / "corrections.jsonl", None),
+        ("DPO adapter", "dpo", work_dir / "pairs.jsonl", None),
+        # DPO going on from the SFT adapter, held to it: the preferences without losing what SFT learned.
+        ("SFT then DPO adapter", "dpo", work_dir / "pairs.jsonl", "SFT adapter"),
     ):
         clock = time.monotonic()
         hp = hyperparameters.model_copy(update={"method": method})
-        adapter = _train(base_dir, data, work_dir / method, hp, echo)
+        name = f"{method}-from-sft" if start else method
+        adapter = adapters[label] = _train(
+            base_dir, data, work_dir / name, hp, echo, start_adapter=adapters[start] if start else None
+        )
         seconds[f"training the {label}"] = time.monotonic() - clock
         clock = time.monotonic()
         scores[label] = _score(LoadedModel.load(base_dir, adapter_dir=adapter, label=label), examples, embedder)
@@ -162,6 +170,7 @@ def run_preference_bench(
     gates = []
     for candidate, baseline in (
         ("DPO adapter", "SFT adapter"),
+        ("SFT then DPO adapter", "SFT adapter"),
         ("SFT adapter", "base model"),
         ("DPO adapter", "base model"),
     ):
@@ -179,8 +188,11 @@ def _score(model: LoadedModel, examples: list[GoldenExample], embedder: Embedder
     return asyncio.run(score_target(SUITES[SUITE], examples, generations, perplexities=perplexities, embedder=embedder))
 
 
-def _train(base_dir: Path, data: Path, work_dir: Path, hp: Hyperparameters, echo: Echo) -> Path:
-    """Train through `flywheel train local`, echoing its progress; the adapter directory it prints."""
+def _train(
+    base_dir: Path, data: Path, work_dir: Path, hp: Hyperparameters, echo: Echo, *, start_adapter: Path | None = None
+) -> Path:
+    """Train through `flywheel train local` (from `start_adapter` when given), echoing its progress; the
+    adapter directory it prints."""
     args = [
         sys.executable,
         "-u",  # unbuffered: each step's line shows as it happens, not when a pipe's buffer fills
@@ -202,8 +214,9 @@ def _train(base_dir: Path, data: Path, work_dir: Path, hp: Hyperparameters, echo
         f"--max-seq-length={hp.max_seq_length}",
         f"--seed={hp.seed}",
         f"--target-modules={','.join(hp.target_modules)}",
+        *([f"--start-adapter={start_adapter}"] if start_adapter else []),
     ]
-    echo(f"== train {hp.method}")
+    echo(f"== train {hp.method}{f' from {start_adapter}' if start_adapter else ''}")
     work_dir.mkdir(parents=True, exist_ok=True)
     log = work_dir / "stderr.log"
     with (
