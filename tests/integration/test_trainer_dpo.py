@@ -91,8 +91,9 @@ def uninterrupted(
     return train(dpo_job(base_model_dir, preferences, tmp_path_factory.mktemp("uninterrupted")))
 
 
-def rewards_on_the_pairs(model_dir: Path, data: Path, adapter_dir: Path) -> dict[str, dict[str, float]]:
-    """DPO's implied rewards of every pair at the start (adapter off: the policy of step 0) and after training."""
+def answer_logprobs(model_dir: Path, data: Path, adapter_dir: Path, *, adapter_on: bool = True) -> torch.Tensor:
+    """Every pair's log-probabilities, chosen then rejected, under an adapter on the base model (or, with
+    `adapter_on` False, the base model alone)."""
     from peft import PeftModel
 
     cpu = torch.device("cpu")
@@ -101,10 +102,17 @@ def rewards_on_the_pairs(model_dir: Path, data: Path, adapter_dir: Path) -> dict
     model = PeftModel.from_pretrained(load_model(model_dir, cpu), adapter_dir).eval()
     batch = pad([pair.chosen for pair in pairs] + [pair.rejected for pair in pairs], tokenizer.pad_token_id)
     with torch.no_grad():
-        tuned = sequence_logprobs(model, batch, cpu)
+        if adapter_on:
+            return sequence_logprobs(model, batch, cpu)
         with model.disable_adapter():
-            base = sequence_logprobs(model, batch, cpu)
-    n = len(pairs)
+            return sequence_logprobs(model, batch, cpu)
+
+
+def rewards_on_the_pairs(model_dir: Path, data: Path, adapter_dir: Path) -> dict[str, dict[str, float]]:
+    """DPO's implied rewards of every pair at the start (adapter off: the policy of step 0) and after training."""
+    tuned = answer_logprobs(model_dir, data, adapter_dir)
+    base = answer_logprobs(model_dir, data, adapter_dir, adapter_on=False)
+    n = PAIRS
     measured = {}
     for name, policy in (("start", base), ("trained", tuned)):
         _, margins = dpo_loss(policy[:n], policy[n:], base[:n], base[n:], HP.dpo_beta)
@@ -163,23 +171,6 @@ def test_a_dpo_job_interrupted_after_a_checkpoint_resumes_from_it_and_ends_with_
     assert resumed.metrics["reward_accuracy"] == uninterrupted.metrics["reward_accuracy"]
     assert resumed.metrics["reward_margin"] == uninterrupted.metrics["reward_margin"]
     assert not (work / "checkpoints").exists()
-
-
-def answer_logprobs(model_dir: Path, data: Path, adapter_dir: Path, *, adapter_on: bool = True) -> torch.Tensor:
-    """Every pair's log-probabilities, chosen then rejected, under an adapter on the base model (or, with
-    `adapter_on` False, the base model alone)."""
-    from peft import PeftModel
-
-    cpu = torch.device("cpu")
-    tokenizer = load_tokenizer(model_dir)
-    pairs = tokenize_preferences(tokenizer, read_preference_jsonl(data), HP.max_seq_length)
-    model = PeftModel.from_pretrained(load_model(model_dir, cpu), adapter_dir).eval()
-    batch = pad([pair.chosen for pair in pairs] + [pair.rejected for pair in pairs], tokenizer.pad_token_id)
-    with torch.no_grad():
-        if adapter_on:
-            return sequence_logprobs(model, batch, cpu)
-        with model.disable_adapter():
-            return sequence_logprobs(model, batch, cpu)
 
 
 def test_dpo_from_a_starting_adapter_holds_the_policy_to_that_adapter_and_moves_past_it(
