@@ -67,6 +67,7 @@ def create_app(
         hyperparameters=settings.retrain_hyperparameters,
         include_lineage=settings.retrain_include_lineage,
         correction_repeats=settings.retrain_correction_repeats,
+        method=settings.retrain_method,
     )
     monitor = Monitor(store, [], bus.publish_envelope, registry, policy=policy, state_dir=runtime.home / GROUP)
     tasks: list[asyncio.Task] = []

@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import Counter
 
@@ -28,6 +28,7 @@ from contracts.events import (
 from contracts.http import DatasetCreate
 from services.monitor.alerts import Alerts, Publish, alert_from_row
 from services.monitor.evaluation import as_utc
+from services.monitor.preference_datasets import Built, build_pairs
 from services.monitor.state import JsonState
 from services.monitor.store import MonitorStore
 from services.runtime.registry_client import RegistryClient
@@ -54,6 +55,10 @@ class RetrainingPolicy:
     hyperparameters: Hyperparameters | None = None  # None: production's, else the defaults
     include_lineage: bool = True
     correction_repeats: int = 1
+    # sft: production's data plus the corrections. dpo: preference pairs from the model's feedback
+    # (services/monitor/preference_datasets.py), going on from production's adapter and held to it when
+    # its hyperparameters are used: SFT then DPO across retrainings. `min_corrections` then counts pairs.
+    method: Literal["sft", "dpo"] = "sft"
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class Recipe:
     jsonl: str
     hyperparameters: Hyperparameters
     description: str
+    start_adapter_version: int | None = None
 
 
 class Retraining:
@@ -127,21 +133,32 @@ class Retraining:
                 f"retraining of {alert.model_name} for alert {alert.alert_id} waits: in cooldown since {last}",
             )
             return None
-        corrections = await asyncio.to_thread(self._store.corrections, alert.model_name)
-        if len(corrections) < self._policy.min_corrections:
+        preferences = self._policy.method == "dpo"
+        if preferences:
+            rows = await asyncio.to_thread(self._store.preference_feedback, alert.model_name)
+            built = build_pairs(alert.model_name, rows)
+            examples, kind = len(built.pairs), "preference pairs"
+        else:
+            corrections = await asyncio.to_thread(self._store.corrections, alert.model_name)
+            examples, kind = len(corrections), "corrections"
+        if examples < self._policy.min_corrections:
             self._note_waiting(
                 alert,
                 "too_few_corrections",
-                f"retraining of {alert.model_name} for alert {alert.alert_id} waits: {len(corrections)} corrections < {self._policy.min_corrections}",
+                f"retraining of {alert.model_name} for alert {alert.alert_id} waits: {examples} {kind} < {self._policy.min_corrections}",
             )
             return None
-        recipe = await self._recipe(alert.model_name, corrections)
+        recipe = (
+            await self._preference_recipe(alert.model_name, built)
+            if preferences
+            else await self._recipe(alert.model_name, corrections)
+        )
         dataset = await self._registry.publish_dataset(
             DatasetCreate(
-                name=f"{alert.model_name}-{self._policy.dataset_suffix}",
+                name=f"{alert.model_name}-{self._policy.dataset_suffix}{'-preferences' if preferences else ''}",
                 split="train",
                 jsonl=recipe.jsonl,
-                provenance="feedback",
+                provenance="preferences" if preferences else "feedback",
                 model_name=alert.model_name,
             )
         )
@@ -150,6 +167,7 @@ class Retraining:
             model_name=alert.model_name,
             dataset=DatasetRef(name=dataset.name, version=dataset.version),
             hyperparameters=recipe.hyperparameters,
+            start_adapter_version=recipe.start_adapter_version,
             requested_by="service:monitor",
             reason=f"alert {alert.rule_name}@v{alert.rule_version} ({alert.alert_id}): {alert.message}; dataset: {recipe.description}",
         )
@@ -208,6 +226,25 @@ class Retraining:
             jsonl="".join(line + "\n" for line in lines),
             hyperparameters=hyperparameters or Hyperparameters(),
             description=" + ".join(parts),
+        )
+
+    async def _preference_recipe(self, model_name: str, built: Built) -> Recipe:
+        """DPO on the pairs. With production's hyperparameters (its lineage's) the job goes on from
+        production's adapter, held to it, so the preferences are learned on top of what production
+        knows; hyperparameters the policy declares train a new adapter, whose shape they set."""
+        counts = ", ".join(f"{count} {kind.value}" for kind, count in built.counts().items() if count)
+        parts = [f"{len(built.pairs)} preference pairs ({counts})"]
+        hyperparameters, start = self._policy.hyperparameters, None
+        lineage = await self._registry.production_lineage(model_name) if hyperparameters is None else None
+        if lineage and lineage.hyperparameters:
+            hyperparameters = Hyperparameters.model_validate(lineage.hyperparameters)
+            start = lineage.adapter.version
+            parts.append(f"DPO going on from production v{start}, with its hyperparameters")
+        return Recipe(
+            jsonl=built.jsonl(),
+            hyperparameters=(hyperparameters or Hyperparameters()).model_copy(update={"method": "dpo"}),
+            description=" + ".join(parts),
+            start_adapter_version=start,
         )
 
     def _note_waiting(self, alert: AlertRaised, outcome: str, message: str) -> None:

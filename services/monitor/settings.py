@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -25,7 +27,13 @@ class MonitorSettings(BaseSettings):
     )
     api_key: str | None = Field(default=None, description="API key (operator) the monitor calls the registry with.")
     retrain_min_corrections: int = Field(
-        default=20, ge=1, description="Corrected answers needed before a retraining is requested."
+        default=20,
+        ge=1,
+        description="Corrected answers (sft), or preference pairs (dpo), needed before a retraining is requested.",
+    )
+    retrain_method: Literal["sft", "dpo"] = Field(
+        default="sft",
+        description="sft: production's training data plus the corrections; dpo: preference pairs from the feedback, trained with DPO going on from production's adapter (SFT then DPO) when it has one.",
     )
     retrain_cooldown_s: int = Field(default=6 * 3600, ge=0, description="Seconds between two retrainings of one model.")
     retrain_include_lineage: bool = Field(

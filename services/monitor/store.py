@@ -13,6 +13,7 @@ import pyarrow as pa
 from contracts.envelope import Envelope
 from contracts.events import AlertRaised, SpanSelector
 from contracts.http import QueryResult
+from services.monitor.preference_datasets import feedback_query as preference_feedback_query
 from services.monitor.rules import Rule
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.clickhouse.query_guard import QueryGuard, QueryLimits
@@ -276,6 +277,10 @@ class MonitorStore:
         )
 
     # ---------------------------------------------------------------------------------- feedback
+
+    def preference_feedback(self, model_name: str) -> list[dict[str, Any]]:
+        """The model's answered inferences with feedback, as `flywheel ops preference-dataset` reads them."""
+        return self._query(*preference_feedback_query(model_name))
 
     def corrections(self, model_name: str, limit: int = 10_000) -> list[dict[str, Any]]:
         """Reviewers' corrected answers for `model_name` with their prompts (redacted by the sink), one per (prompt, correction).

@@ -139,3 +139,59 @@ async def test_a_retraining_the_registry_could_not_take_is_asked_again_with_prod
         corrections.count(line) == CORRECTION_REPEATS for line in set(corrections)
     )
     assert len(rows) == len(CHAT) + 6 * CORRECTION_REPEATS
+
+
+async def test_a_dpo_retraining_asks_for_the_feedbacks_preference_pairs_going_on_from_production(
+    settings: FlywheelSettings,
+    topics: str,
+    clickhouse: ClickHouseStore,
+    monitor_store: MonitorStore,
+    registry_door: RegistryDoorFixture,
+    tmp_path: Path,
+) -> None:
+    seed_two_versions(registry_door, tmp_path)  # v1 in production, trained with rank 4
+    port = free_port()
+    inferences, feedback = traffic(40, degraded=True)
+    async with running_sink(settings, clickhouse) as bus:
+        await asyncio.gather(*(bus.publish(event) for event in inferences))
+        await asyncio.gather(*(bus.publish(event) for event in feedback))
+        await eventually(
+            lambda: (
+                clickhouse.query("SELECT count() AS n FROM feedback_with_inference WHERE inference_stored")[0]["n"]
+                >= 40
+            ),
+            what="sink stored traffic",
+        )
+        monitor = Monitor(
+            monitor_store,
+            parse_rules(RULES, monitor_store.check_rule),
+            bus.publish_envelope,
+            RegistryClient(f"http://127.0.0.1:{port}", registry_door.operator_key),
+            policy=RetrainingPolicy(min_corrections=5, cooldown_s=3600, method="dpo"),
+            state_dir=tmp_path / "monitor",
+        )
+        async with listening(registry_door, port):
+            report = await monitor.tick(datetime.now(UTC) + timedelta(seconds=1))
+            [request] = report.retraining
+            async with registry_door.client() as client:
+                rows = (
+                    await client.get(
+                        f"/registry/v1/datasets/{request.dataset.name}/versions/{request.dataset.version}/rows"
+                    )
+                ).json()
+                version = (
+                    await client.get(f"/registry/v1/datasets/{request.dataset.name}/versions/{request.dataset.version}")
+                ).json()
+
+    [on_kafka] = await read_topic(settings, TrainingRequested, expect=1)
+    assert on_kafka["payload"]["job_id"] == request.job_id
+    # DPO going on from production v1, with its LoRA shape, which the trainer requires of a start adapter.
+    assert (request.hyperparameters.method, request.hyperparameters.rank) == ("dpo", 4)
+    assert request.start_adapter_version == 1
+    assert "6 preference pairs (6 correction)" in request.reason, request.reason
+    assert (version["provenance"], version["record_format"]) == ("preferences", "preference")
+    # Each of the 6 distinct (question, correction) is chosen over the answer it replaced; nothing else pairs up
+    # (every answer is the same text, so thumbs and ratings prefer nothing).
+    assert len(rows) == 6
+    assert {row["rejected"] for row in rows} == {"I think it is 7 weeks, maybe."}
+    assert {row["chosen"] for row in rows} == {f"Product {n} has a 2-year warranty." for n in range(0, 12, 2)}
