@@ -185,6 +185,9 @@ def bench_preference(
     quick: bool = typer.Option(False, "--quick", help="4 facts and one epoch: minutes, for a look, not a verdict."),
     epochs: float = typer.Option(1.5, help="Passes over the corrections (SFT) or the pairs (DPO)."),
     learning_rate: float = typer.Option(1e-3, "--learning-rate", help="Peak learning rate of every adapter."),
+    dpo_learning_rate: float | None = typer.Option(
+        None, "--dpo-learning-rate", help="Peak learning rate of the DPO adapters; default: --learning-rate."
+    ),
     dpo_beta: float = typer.Option(
         0.1, "--dpo-beta", help="DPO's pull towards its reference: the base model, or the SFT adapter for SFT then DPO."
     ),
@@ -221,6 +224,7 @@ def bench_preference(
         f"every adapter: LoRA rank {hp.rank}, alpha {hp.alpha}, dropout {hp.dropout}, learning rate {hp.learning_rate}, "
         f"{hp.epochs} epochs, batch {hp.batch_size}, seed {hp.seed}, max_seq_length {hp.max_seq_length}, "
         f"modules {','.join(hp.target_modules)}; DPO beta {hp.dpo_beta}"
+        + ("" if dpo_learning_rate is None else f"; the DPO adapters' learning rate {dpo_learning_rate}")
     )
     started = time.monotonic()
     bench = run_preference_bench(
@@ -230,6 +234,7 @@ def bench_preference(
         facts=facts,
         hyperparameters=hp,
         echo=typer.echo,
+        dpo_learning_rate=dpo_learning_rate,
     )
     for gate in bench.gates:
         typer.echo("")

@@ -113,7 +113,10 @@ def run_preference_bench(
     facts: int,
     hyperparameters: Hyperparameters,
     echo: Echo,
+    dpo_learning_rate: float | None = None,
 ) -> PreferenceBench:
+    """`dpo_learning_rate`: the DPO adapters' peak rate, when it is not `hyperparameters`' (DPO usually runs
+    at a far smaller rate than SFT on LoRA)."""
     seconds: dict[str, float] = {}
     golden_rows = [json.loads(line) for line in (data_dir / "golden.jsonl").read_text().splitlines()]
     train_rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
@@ -157,7 +160,11 @@ def run_preference_bench(
     ):
         clock = time.monotonic()
         hp = hyperparameters.model_copy(update={"method": method})
-        name = f"{method}-from-sft" if start else method
+        if method == "dpo" and dpo_learning_rate is not None:
+            hp = hp.model_copy(update={"learning_rate": dpo_learning_rate})
+        # Each adapter's directory is named by what it is trained with, so a rerun reuses only the same ones.
+        recipe = hashlib.sha256(hp.model_dump_json().encode()).hexdigest()[:8]
+        name = f"{method}-from-sft-{recipe}" if start else f"{method}-{recipe}"
         adapter = adapters[label] = _train(
             base_dir, data, work_dir / name, hp, echo, start_adapter=adapters[start] if start else None
         )
