@@ -56,7 +56,7 @@ POISON = [b"not json at all", b"{}", json.dumps({"event_id": "not-a-uuid", "even
 POISON_KEY = b"poison"
 GROUPS: dict[str, set[type]] = {
     "registry": {TrainingCompleted, EvaluationCompleted},
-    "trainer": {TrainingRequested, ModelRegistered, DatasetPublished},
+    "trainer": {TrainingRequested, ModelRegistered, DatasetPublished, AdapterRegistered},
     "evaluator": {
         ModelRegistered,
         DatasetPublished,
