@@ -100,6 +100,21 @@ async def running_sink(
         yield EventBus(broker, producer="test", topic_prefix=settings.topic_prefix)
 
 
+async def published_and_stored(
+    bus: EventBus, clickhouse: ClickHouseStore, inferences: list[InferenceLogged], feedback: list
+) -> None:
+    """Publish the traffic and wait until the sink has stored every piece of feedback joined to its inference."""
+    await asyncio.gather(*(bus.publish(event) for event in inferences))
+    await asyncio.gather(*(bus.publish(event) for event in feedback))
+    await eventually(
+        lambda: (
+            clickhouse.query("SELECT count() AS n FROM feedback_with_inference WHERE inference_stored")[0]["n"]
+            >= len(feedback)
+        ),
+        what="sink stored traffic",
+    )
+
+
 async def read_topic(settings: FlywheelSettings, event: type, *, expect: int, wait_s: float = 5.0) -> list[dict]:
     """Every record on `event`'s topic (from the start), waiting until more than `expect` arrived or `wait_s` passed."""
     consumer = AIOKafkaConsumer(

@@ -41,7 +41,15 @@ from services.runtime.console import Console
 from services.runtime.http import DoorError, error_response
 from services.runtime.settings import FlywheelSettings
 from services.runtime.registry_client import RegistryClient
-from tests.monitor_support import RegistryDoorFixture, clickhouse, eventually, monitor_store, read_topic, running_sink  # noqa: F401 - clickhouse, monitor_store: fixtures
+from tests.monitor_support import (
+    RegistryDoorFixture,
+    clickhouse,  # noqa: F401 - a fixture
+    eventually,
+    monitor_store,  # noqa: F401 - a fixture
+    published_and_stored,
+    read_topic,
+    running_sink,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -158,15 +166,7 @@ async def test_degraded_quality_raises_each_alert_once_builds_a_feedback_dataset
 ) -> None:
     inferences, feedback = traffic(40, degraded=True)
     async with running_sink(settings, clickhouse) as bus:
-        await asyncio.gather(*(bus.publish(event) for event in inferences))
-        await asyncio.gather(*(bus.publish(event) for event in feedback))
-        await eventually(
-            lambda: (
-                clickhouse.query("SELECT count() AS n FROM feedback_with_inference WHERE inference_stored")[0]["n"]
-                >= 40
-            ),
-            what="sink stored traffic",
-        )
+        await published_and_stored(bus, clickhouse, inferences, feedback)
         monitor = monitor_for(monitor_store, bus, registry_door, tmp_path)
         now = datetime.now(UTC) + timedelta(seconds=1)
         reports = [await monitor.tick(now + timedelta(seconds=30 * tick)) for tick in range(4)]

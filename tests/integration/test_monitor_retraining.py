@@ -8,7 +8,6 @@ training data and hyperparameters (its lineage) plus the corrections, weighted a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -33,8 +32,8 @@ from tests.integration.test_monitor import RULES, traffic
 from tests.monitor_support import (
     RegistryDoorFixture,
     clickhouse,  # noqa: F401 - a fixture
-    eventually,
     monitor_store,  # noqa: F401 - a fixture
+    published_and_stored,
     read_topic,
     running_sink,
     seed_two_versions,
@@ -79,15 +78,7 @@ async def test_a_retraining_the_registry_could_not_take_is_asked_again_with_prod
     inferences, feedback = traffic(40, degraded=True)
     caplog.set_level(logging.INFO, logger="flywheel.monitor")
     async with running_sink(settings, clickhouse) as bus:
-        await asyncio.gather(*(bus.publish(event) for event in inferences))
-        await asyncio.gather(*(bus.publish(event) for event in feedback))
-        await eventually(
-            lambda: (
-                clickhouse.query("SELECT count() AS n FROM feedback_with_inference WHERE inference_stored")[0]["n"]
-                >= 40
-            ),
-            what="sink stored traffic",
-        )
+        await published_and_stored(bus, clickhouse, inferences, feedback)
         now = datetime.now(UTC) + timedelta(seconds=1)
         monitor = Monitor(
             monitor_store,
@@ -153,15 +144,7 @@ async def test_a_dpo_retraining_asks_for_the_feedbacks_preference_pairs_going_on
     port = free_port()
     inferences, feedback = traffic(40, degraded=True)
     async with running_sink(settings, clickhouse) as bus:
-        await asyncio.gather(*(bus.publish(event) for event in inferences))
-        await asyncio.gather(*(bus.publish(event) for event in feedback))
-        await eventually(
-            lambda: (
-                clickhouse.query("SELECT count() AS n FROM feedback_with_inference WHERE inference_stored")[0]["n"]
-                >= 40
-            ),
-            what="sink stored traffic",
-        )
+        await published_and_stored(bus, clickhouse, inferences, feedback)
         monitor = Monitor(
             monitor_store,
             parse_rules(RULES, monitor_store.check_rule),
