@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import uuid
 from pathlib import Path
 
 import pytest
@@ -39,9 +38,22 @@ LEGITIMATE: dict[object, list[str]] = {
     ModelName: ["smollm2-135m-instruct", "smollm2", "tiny", "m", "model-2", "Qwen2.5-0.5B", LONGEST_MODEL],
     DatasetName: ["tiny", "acme-golden", "smollm2-135m-instruct-corrections", "support_v2.train"],
     PromptLabel: ["production", "staging", "exp-1", "b"],
-    JobId: [str(uuid.uuid4()), "job-42", "j1", f"retrain-{uuid.uuid4()}", "abc123-7-train"],
-    EvaluationId: [f"ev-{uuid.uuid4().hex[:16]}", f"auto-{LONGEST_MODEL}-v{2**63 - 1}", "must-show-v2", "eval-1"],
-    InferenceId: [str(uuid.uuid4()), "after-poison", "chatcmpl-42", "pii-1", "app:req/42", "i" * 128],
+    JobId: [
+        "4f1c2a9e-6b0d-4c7e-9a55-0e2b7d3f8c11",
+        "job-42",
+        "j1",
+        "retrain-9b2e4c1a-7f3d-4e8a-b6c5-1d0f2a3e4b5c",
+        "abc123-7-train",
+    ],
+    EvaluationId: ["ev-f0c7b9c7c6f14ac1", f"auto-{LONGEST_MODEL}-v{2**63 - 1}", "must-show-v2", "eval-1"],
+    InferenceId: [
+        "08a09851-9dfe-4676-8c12-ab09e7d2eeda",
+        "after-poison",
+        "chatcmpl-42",
+        "pii-1",
+        "app:req/42",
+        "i" * 128,
+    ],
     Sha256: ["0" * 64, "ab" * 32],
 }
 
