@@ -21,12 +21,15 @@ from contracts.ids import (
     EvaluationId,
     FeedbackId,
     GuardPolicyName,
+    Identifier,
     InferenceId,
     JobId,
     MetricSuiteName,
     ModelName,
+    Name,
     PromptLabel,
     PromptName,
+    ReviewQueueName,
     RuleName,
     SessionId,
     Sha256,
@@ -759,6 +762,18 @@ class FeedbackReceived(Payload):
     tags: list[str] = Field(default_factory=list, description="Labels, e.g. wrong-fact, tone.")
     source: FeedbackSource = Field(default=FeedbackSource.end_user, description="Who gave it.")
     actor: str | None = Field(default=None, description="Id of the person or judge that gave it.")
+    queue: ReviewQueueName | None = Field(
+        default=None, description="Review queue it was given in, when a reviewer worked one (`item` names the item)."
+    )
+    item_id: Identifier | None = Field(default=None, description="Review queue item it was given on.")
+    rubric: str | None = Field(
+        default=None, max_length=220, description="Rubric version it was scored on (`name:vN`), with `scores`."
+    )
+    scores: dict[Name, str] = Field(
+        default_factory=dict,
+        max_length=12,
+        description="Score per rubric dimension: `up`/`down`, `1`..`5`, or one of the dimension's labels.",
+    )
 
     @model_validator(mode="after")
     def _one_target(self) -> FeedbackReceived:

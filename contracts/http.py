@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Generic, Literal, Self, TypeVar
+from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from contracts.events import (
     ATTACHED_ONCE,
@@ -33,8 +33,11 @@ from contracts.ids import (
     JobId,
     MetricSuiteName,
     ModelName,
+    Name,
     PromptLabel,
     PromptName,
+    ReviewQueueName,
+    RubricName,
     SessionId,
     Sha256,
     SpanId,
@@ -559,6 +562,229 @@ class ApiKeyCreated(Response):
     principal: str = Field(description="Who the key is for.")
     role: Role = Field(description="What the key may do.")
     expires_at: datetime | None = Field(default=None, description="When the key stops working (UTC); none: never.")
+
+
+# ------------------------------------------------------------------------------------------ review
+
+
+class RubricScale(StrEnum):
+    """How one dimension of a rubric is scored: thumbs (up or down), rating (1 to 5, ordered), or one of
+    the dimension's own labels (unordered)."""
+
+    thumbs = "thumbs"
+    rating = "rating"
+    label = "label"
+
+
+ReviewLabel = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f]+$")]
+
+
+class RubricDimension(BaseModel):
+    """One thing reviewers judge, and its scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name = Field(description="Dimension name, e.g. `correct`, `tone`; unique within the rubric.")
+    description: str = Field(min_length=1, max_length=1000, description="What the reviewer judges, as they read it.")
+    scale: RubricScale = Field(description="thumbs, rating (1 to 5) or label (one of `labels`).")
+    labels: list[ReviewLabel] = Field(
+        default_factory=list,
+        max_length=12,
+        description="The choices of a `label` dimension (2 to 12, distinct); none for the other scales.",
+    )
+
+    @model_validator(mode="after")
+    def _labels_fit_the_scale(self) -> Self:
+        if self.scale is RubricScale.label:
+            if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+                raise ValueError(f"dimension {self.name!r}: a label scale needs 2 to 12 distinct labels")
+        elif self.labels:
+            raise ValueError(
+                f"dimension {self.name!r}: only a label scale has labels; a {self.scale.value} scale has none"
+            )
+        return self
+
+
+class RubricCreate(Request):
+    """A rubric: the dimensions reviewers score an answer on. Each publication of a name is its next version."""
+
+    name: RubricName = Field(description="Rubric name; each publication is its next version.")
+    instructions: str = Field(
+        default="", max_length=20_000, description="What reviewers are asked to judge, shown above each item."
+    )
+    dimensions: list[RubricDimension] = Field(
+        min_length=1, max_length=12, description="What reviewers score, in the order they see it."
+    )
+
+    @model_validator(mode="after")
+    def _distinct_dimensions(self) -> Self:
+        names = [dimension.name for dimension in self.dimensions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"dimension names must be distinct; got {', '.join(names)}")
+        return self
+
+
+class RubricVersionView(RegistryView):
+    name: str = Field(description="Rubric name.")
+    version: int = Field(description="Version number, per name, from 1.")
+    instructions: str = Field(description="What reviewers are asked to judge.")
+    dimensions: list[RubricDimension] = Field(description="What reviewers score, in order.")
+    created_at: datetime = Field(description="When it was published (UTC).")
+    created_by: str = Field(description="Principal that published it.")
+
+
+class ReviewSelect(StrEnum):
+    """Which answers a queue's rule puts in front of reviewers."""
+
+    traffic = "traffic"
+    thumbs_down = "thumbs_down"
+    low_groundedness = "low_groundedness"
+
+
+class ReviewOrder(StrEnum):
+    """Which items reviewers get first: the least confident (lowest MiniLM groundedness of the answer in its
+    prompt), or the newest."""
+
+    uncertainty = "uncertainty"
+    newest = "newest"
+
+
+class ReviewRule(Request):
+    """A declarative sampling rule over the stored, answered inferences of one model."""
+
+    select: ReviewSelect = Field(
+        description="traffic: a share of answered calls; thumbs_down: answers anyone but a reviewer gave thumbs down; low_groundedness: answers whose MiniLM groundedness in their prompt is under `floor`."
+    )
+    model_name: ModelName = Field(description="The model whose answers are sampled (by the name callers ask for).")
+    route: ServedRoute | None = Field(
+        default=None, description="Only calls served on this route (e.g. canary), when set."
+    )
+    share: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="Share of the matching calls taken, chosen by a hash of the inference id (the same calls on every fill).",
+    )
+    floor: float = Field(
+        default=0.5, ge=0, le=1, description="For low_groundedness: answers scoring under it are taken."
+    )
+    window_hours: int = Field(default=24, ge=1, le=2160, description="How far back a fill looks.")
+    order: ReviewOrder = Field(default=ReviewOrder.uncertainty, description="Which items come first.")
+
+
+class ReviewQueueCreate(Request):
+    """A named review queue; creating one with an existing name makes its next version (the items already
+    in it stay, with the version they were added under)."""
+
+    name: ReviewQueueName = Field(description="Queue name.")
+    rule: ReviewRule = Field(description="What fills it.")
+    rubric: RubricName = Field(description="The registry rubric reviewers score on.")
+    rubric_version: VersionNumber | None = Field(
+        default=None,
+        description="Its version; the latest when the queue is created, when omitted (the queue keeps that one).",
+    )
+    reviewers_per_item: int = Field(
+        default=1,
+        ge=1,
+        le=5,
+        description="Distinct reviewers each item needs; two or more measure agreement, and items they disagree on go to adjudication.",
+    )
+    lease_seconds: int = Field(
+        default=600, ge=30, le=3600, description="How long a claim holds an item before another reviewer may take it."
+    )
+    max_items: int = Field(default=200, ge=1, le=10_000, description="Most items a fill adds.")
+
+
+class ReviewQueueCounts(Response):
+    open: int = Field(description="Items waiting for a review.")
+    claimed: int = Field(description="Items a reviewer holds under a live lease.")
+    adjudication: int = Field(description="Items whose reviewers disagreed, waiting for an adjudicator.")
+    done: int = Field(description="Items with all their reviews (or adjudicated).")
+    skips: int = Field(description="Skips recorded, with their reasons.")
+
+
+class ReviewAgreement(Response):
+    dimension: str = Field(description="Rubric dimension.")
+    level: str = Field(description="nominal (thumbs, labels) or ordinal (ratings).")
+    items: int = Field(description="Items judged by two or more reviewers on this dimension.")
+    alpha: float | None = Field(
+        description="Krippendorff's alpha; none when it is undefined (too few judgements, or no variation)."
+    )
+    kappa: float | None = Field(
+        default=None, description="Cohen's kappa, when exactly two reviewers judged the same items."
+    )
+    alpha_without: dict[str, float | None] = Field(
+        default_factory=dict, description="Alpha with each reviewer's judgements left out."
+    )
+
+
+class ReviewQueueView(Response):
+    name: str = Field(description="Queue name.")
+    version: int = Field(description="Version of its definition, from 1.")
+    rule: ReviewRule = Field(description="What fills it.")
+    rubric: RubricVersionView = Field(description="The rubric, as published when the queue was defined.")
+    reviewers_per_item: int = Field(description="Distinct reviewers each item needs.")
+    lease_seconds: int = Field(description="How long a claim holds an item.")
+    max_items: int = Field(description="Most items a fill adds.")
+    created_at: datetime = Field(description="When this version was defined (UTC).")
+    created_by: str = Field(description="Principal that defined it.")
+    counts: ReviewQueueCounts = Field(description="Its items, by state.")
+    agreement: list[ReviewAgreement] = Field(default_factory=list, description="Agreement per rubric dimension.")
+
+
+class ReviewFillResult(Response):
+    queue: str = Field(description="Queue name.")
+    considered: int = Field(description="Answered inferences the rule matched in its window.")
+    added: int = Field(description="Items added.")
+    already_queued: int = Field(description="Matches already in the queue.")
+    duplicate_prompts: int = Field(description="Matches left out because an item with the same prompt is queued.")
+
+
+class ReviewItemView(Response):
+    item_id: str = Field(description="Item id; submit or skip it while the lease holds.")
+    queue: str = Field(description="Queue name.")
+    queue_version: int = Field(description="Queue version it was added under.")
+    stage: Literal["review", "adjudication"] = Field(description="review, or adjudication after reviewers disagreed.")
+    inference_id: str = Field(description="The inference under review.")
+    model_name: str = Field(description="Model that answered.")
+    adapter_version: int | None = Field(default=None, description="Adapter version that answered.")
+    route: str = Field(description="Route it was served on.")
+    messages: list[dict[str, str]] = Field(
+        description="The conversation sent to the model ({role, content}), personal data removed."
+    )
+    answer: str = Field(description="The model's answer, personal data removed.")
+    trace_id: str | None = Field(default=None, description="The trace of the call, when it was traced.")
+    groundedness: float | None = Field(
+        default=None, description="MiniLM groundedness of the answer in its prompt, when it was scored."
+    )
+    rubric: RubricVersionView = Field(description="What to score.")
+    reviews: list[dict[str, Any]] = Field(
+        default_factory=list, description="For adjudication: the reviews that disagree (reviewer, scores, correction)."
+    )
+    reviews_needed: int = Field(description="Reviews the item still needs.")
+    lease_expires_at: datetime = Field(description="When the claim lapses (UTC).")
+
+
+class ReviewSubmit(Request):
+    scores: dict[Name, str] = Field(
+        max_length=12, description="A score per rubric dimension, by name: `up`/`down`, `1`..`5`, or one of its labels."
+    )
+    correction: str | None = Field(
+        default=None, max_length=32000, description="The answer that should have been given."
+    )
+    comment: str | None = Field(default=None, max_length=8000, description="Free-text comment.")
+
+
+class ReviewSkip(Request):
+    reason: str = Field(min_length=1, max_length=500, description="Why the reviewer passes the item on.")
+
+
+class ReviewAccepted(Response):
+    item_id: str = Field(description="The item reviewed.")
+    feedback_id: str = Field(description="The feedback.reviewed event's feedback id.")
+    stage: Literal["waiting", "adjudication", "done"] = Field(
+        description="waiting: it needs more reviewers; adjudication: its reviewers disagreed; done."
+    )
 
 
 # ---------------------------------------------------------------------- OpenAI-compatible gateway

@@ -64,6 +64,12 @@ MetricSuiteName = Name
 RuleName = Name
 """A monitor alert rule's name."""
 
+RubricName = Name
+"""A review rubric's name; each publication is its next version."""
+
+ReviewQueueName = Name
+"""A review queue's name."""
+
 Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN, max_length=ID_MAX_LENGTH)]
 """A generated or caller-chosen id: letters, digits, `.`, `_`, `-`, starting with a letter or digit; at most 230."""
 

@@ -183,5 +183,9 @@ def feedback_table(envelopes: Sequence[Envelope[FeedbackReceived]], payloads: Se
             "tags": pa.array([list(p.tags) for p in payloads], pa.list_(pa.string())),
             "source": pa.array([p.source.value for p in payloads], pa.string()),
             "actor": pa.array([p.actor for p in payloads], pa.string()),
+            "queue": pa.array([p.queue for p in payloads], pa.string()),
+            "item_id": pa.array([p.item_id for p in payloads], pa.string()),
+            "rubric": pa.array([p.rubric for p in payloads], pa.string()),
+            "scores": pa.array([list(p.scores.items()) for p in payloads], pa.map_(pa.string(), pa.string())),
         }
     )
