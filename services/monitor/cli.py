@@ -556,8 +556,9 @@ def agreement(
     thumbs (nominal) and ratings (ordinal), Cohen's kappa when there are exactly two reviewers, the alpha
     without each reviewer (one whose absence raises it most agrees least), and the targets they disagree
     on (thumbs that differ, ratings more than one step apart)."""
-    from services.monitor.agreement import Scale, judgements_query, units_of
-    from services.monitor.agreement import agreement as measure
+    from services.monitor.agreement import judgements_query, units_of
+    from services.runtime.agreement import Scale
+    from services.runtime.agreement import agreement as measure
 
     with _as_bad_parameter():
         query = judgements_query(since_ms(since), model)

@@ -14,7 +14,8 @@ import pytest
 
 from contracts.events import InferenceLogged
 from contracts.http import Role
-from services.monitor.agreement import Scale, agreement, judgements_query, units_of
+from services.monitor.agreement import judgements_query, units_of
+from services.runtime.agreement import Scale, agreement
 from services.monitor.settings import MonitorSettings
 from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.clickhouse.query_guard import QueryGuard

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from services.monitor.agreement import Scale, agreement, alpha, cohen_kappa, units_of
+from services.monitor.agreement import units_of
+from services.runtime.agreement import Scale, agreement, alpha, cohen_kappa
 
 pytestmark = pytest.mark.unit
 
