@@ -4,27 +4,42 @@ OTLP trace intake (HTTP on the process's port, gRPC on its own)."""
 from __future__ import annotations
 
 import asyncio
+import threading
+from typing import Any
 
 from fastapi import APIRouter
+
+from contracts.http import RubricVersionView
 
 from services.feedback.api import create_otlp_router, create_router, otlp_body_limits
 from services.feedback.handlers import BATCH_HANDLERS, GROUP
 from services.feedback.otlp_grpc import OtlpGrpcServer, TraceExportServicer
 from services.feedback.otlp_intake import TraceIntake
+from services.feedback.review import ReviewQueues
+from services.feedback.review_api import create_review_router
+from services.feedback.review_store import ReviewStore
 from services.feedback.service import Sink
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
 from services.runtime.auth import Authenticator
 from services.runtime.http import RefusalLog
+from services.runtime.errors import NotFound, Unavailable
 from services.runtime.privacy import PrivacySettings
+from services.runtime.registry_client import RegistryClient, RegistryError
+from services.runtime.scoring import Embedder
 from services.runtime.service import Hook, Runtime, Service
 from services.runtime.stages import StageClock
 
 
 def create_app(
-    runtime: Runtime, settings: FeedbackSettings, privacy: PrivacySettings, clock: StageClock | None = None
+    runtime: Runtime,
+    settings: FeedbackSettings,
+    privacy: PrivacySettings,
+    clock: StageClock | None = None,
+    registry_transport: Any = None,
 ) -> Service:
-    """`clock`, when given, sums the time of each stage of the sink (a benchmark reads it)."""
+    """`clock`, when given, sums the time of each stage of the sink (a benchmark reads it);
+    `registry_transport`, an httpx transport to reach the registry's door through (tests)."""
     store = FeedbackStore(runtime.clickhouse)
     redactor = privacy.redactor()
     clock = clock or StageClock()
@@ -43,8 +58,33 @@ def create_app(
     )
     intake = TraceIntake(bus, redactor, settings)
     doors.include_router(create_otlp_router(intake, auth))
+    reviews = ReviewStore(runtime.home / GROUP / "review.db")
+    queues = ReviewQueues(
+        reviews,
+        lambda: store,
+        bus.publish,
+        redactor,
+        _lazy_embedder(),
+        refill_after_s=settings.review_refill_after_s,
+    )
+    registry_url = settings.registry_url or f"http://{runtime.settings.http_host}:{runtime.settings.http_port}"
+
+    async def rubric(key: str, name: str, version: int | None) -> RubricVersionView:
+        try:
+            return await RegistryClient(registry_url, key, transport=registry_transport).rubric(name, version)
+        except RegistryError as error:
+            if error.status == 404:
+                raise NotFound(
+                    f"the registry has no rubric {name!r}{f' version {version}' if version else ''}: publish it first (flywheel registry rubric publish)",
+                    param="rubric",
+                ) from None
+            if error.refused:
+                raise Unavailable(f"the registry refused to give rubric {name!r}: {error}", param="rubric") from None
+            raise Unavailable(f"the registry could not be reached for rubric {name!r}: {error}") from None
+
+    doors.include_router(create_review_router(queues, auth, rubric, publish_timeout_s=settings.publish_timeout_s))
     on_start: list[Hook] = [clickhouse_answers]
-    on_stop: list[Hook] = []
+    on_stop: list[Hook] = [lambda: asyncio.to_thread(reviews.close)]
     if settings.otlp_grpc_port:
         grpc_door = OtlpGrpcServer(
             TraceExportServicer(intake, auth, RefusalLog()),
@@ -67,3 +107,17 @@ def create_app(
         on_stop=on_stop,
         body_limits=otlp_body_limits(settings),
     )
+
+
+def _lazy_embedder() -> Any:
+    """MiniLM (float32, as the live watcher scores groundedness), loaded by the first fill that needs it."""
+    loaded: list[Embedder] = []
+    lock = threading.Lock()
+
+    def get() -> Embedder:
+        with lock:
+            if not loaded:
+                loaded.append(Embedder())
+            return loaded[0]
+
+    return get

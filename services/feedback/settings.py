@@ -60,6 +60,17 @@ class FeedbackSettings(BaseSettings):
         description="How long the OTLP intake waits for Kafka to take a request's spans before answering 503 (the exporter retries).",
     )
 
+    registry_url: str | None = Field(
+        default=None,
+        description="Base URL of the registry's door, where review queues read their rubrics (with the defining operator's key); unset: this process's own HTTP address.",
+    )
+    review_refill_after_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=86_400,
+        description="A claim on a review queue with nothing left for its reviewer fills the queue first, at most this often.",
+    )
+
     def batch_options(self) -> dict[str, int]:
         """How the sink's batches close, as the runtime's batch subscription takes them."""
         return {

@@ -71,6 +71,48 @@ class FeedbackStore:
         """Whether the target itself is stored: the inference, the span, or any span of the trace or session."""
         return bool(self._query(f"SELECT 1 AS found FROM {_STORED[target]} LIMIT 1", ids))
 
+    def review_candidates(
+        self, model_name: str, *, hours: int, share: float, route: str | None, thumbs_down: bool, limit: int
+    ) -> list[dict[str, Any]]:
+        """A model's answered calls of the last `hours`, newest first: the `share` of them whose inference id
+        hashes under it (the same calls on every read), on `route` when given, given thumbs down by someone
+        other than a reviewer when `thumbs_down`."""
+        where = [
+            "model_name = {model_name:String}",
+            "status = 'ok'",
+            "output_text != ''",
+            "occurred_at >= now64(3) - toIntervalHour({hours:UInt32})",
+            "cityHash64(inference_id) % 10000 < {share:UInt32}",
+        ]
+        parameters: dict[str, Any] = {
+            "model_name": model_name,
+            "hours": hours,
+            "share": round(share * 10_000),
+            "limit": limit,
+        }
+        if route is not None:
+            where.append("route = {route:String}")
+            parameters["route"] = route
+        if thumbs_down:
+            where.append(
+                "inference_id IN (SELECT inference_id FROM feedback FINAL "
+                "WHERE inference_id != '' AND thumbs = 'down' AND source != 'reviewer')"
+            )
+        return self._query(
+            "SELECT inference_id, input_text, output_text, occurred_at FROM inference_log FINAL "
+            f"WHERE {' AND '.join(where)} ORDER BY occurred_at DESC LIMIT {{limit:UInt32}}",
+            parameters,
+        )
+
+    def inference_for_review(self, inference_id: str) -> dict[str, Any] | None:
+        """What a reviewer reads of one stored call: its messages, answer, model, version, route and trace."""
+        rows = self._query(
+            "SELECT inference_id, model_name, adapter_version, route, input_messages, input_text, output_text, trace_id "
+            "FROM inference_log FINAL WHERE inference_id = {inference_id:String} LIMIT 1",
+            {"inference_id": inference_id},
+        )
+        return rows[0] if rows else None
+
     def count(self, table: str) -> tuple[int, int]:
         """Rows and distinct event ids of `table`, read without FINAL: equal when nothing was stored twice."""
         row = self._query(f"SELECT count() AS rows, uniqExact(event_id) AS events FROM {_table(table)}", None)[0]

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
+import numpy.typing as npt
+
+Matrix = npt.NDArray[np.float64]
 
 # A unit (a target) with its values, one per reviewer; a unit with fewer than two values pairs with nothing.
 Units = Mapping[Hashable, Mapping[str, float | str]]
@@ -50,7 +53,7 @@ def alpha(units: Units, scale: Scale) -> float | None:
     if expected == 0:
         return None
     observed = float(coincidences.ravel() @ distance.ravel())
-    return 1 - (pairable - 1) * observed / expected
+    return float(1 - (pairable - 1) * observed / expected)
 
 
 def cohen_kappa(first: Sequence[Hashable], second: Sequence[Hashable]) -> float | None:
@@ -104,13 +107,13 @@ def agreement(dimension: str, units: Units, scale: Scale, *, conflict_spread: fl
     return Agreement(dimension, scale, alpha(paired, scale), kappa, len(paired), reviewers, without, conflicts)
 
 
-def _squared_distances(categories: list[float | str], totals: np.ndarray, scale: Scale) -> np.ndarray:
+def _squared_distances(categories: list[float | str], totals: Matrix, scale: Scale) -> Matrix:
     size = len(categories)
     if scale is Scale.nominal:
-        return 1 - np.eye(size)
+        return np.asarray(1 - np.eye(size), dtype=float)
     if scale is Scale.interval:
         points = np.asarray(categories, dtype=float)
-        return (points[:, None] - points[None, :]) ** 2
+        return np.asarray((points[:, None] - points[None, :]) ** 2, dtype=float)
     # Ordinal: the values' ranks, each the midpoint of its own frequency among all pairable values.
     cumulative = np.concatenate(([0.0], np.cumsum(totals)))
     distance = np.zeros((size, size))

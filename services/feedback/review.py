@@ -1,0 +1,411 @@
+"""Review queues: people judge the model's answers on a rubric, and each judgement is feedback.
+
+A queue is defined by an operator (a sampling rule over one model's stored calls, a registry rubric
+version, how many reviewers each item needs, how long a claim lasts) and versioned. A fill reads the
+calls the rule matches from ClickHouse, scores the answers' groundedness in their prompts with MiniLM
+when the rule or the order needs it (the live watcher's score, so the least confident answers come
+first), and adds them one per prompt. Reviewers claim items under a lease, score them, correct them or
+skip them with a reason; each review is published as `feedback.reviewed` naming the queue, the item,
+the rubric version and the scores, with the reviewer's authenticated principal as its actor. When an
+item's reviewers disagree it goes to adjudication, which one other reviewer settles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Hashable
+from datetime import UTC, datetime
+from typing import Any
+
+from contracts.envelope import Envelope
+from contracts.events import FeedbackReceived, FeedbackReviewed, FeedbackSource, Thumbs
+from contracts.http import (
+    ReviewAccepted,
+    ReviewAgreement,
+    ReviewFillResult,
+    ReviewItemView,
+    ReviewOrder,
+    ReviewQueueCounts,
+    ReviewQueueCreate,
+    ReviewQueueView,
+    ReviewRule,
+    ReviewSelect,
+    ReviewSkip,
+    ReviewSubmit,
+    RubricDimension,
+    RubricScale,
+    RubricVersionView,
+)
+from services.feedback.review_store import (
+    ADJUDICATION,
+    DONE,
+    REVIEW,
+    Candidate,
+    ItemRecord,
+    QueueRecord,
+    ReviewRecord,
+    ReviewStore,
+)
+from services.feedback.store import FeedbackStore
+from services.runtime.agreement import Scale, agreement
+from services.runtime.errors import Conflict, Invalid, NotFound
+from services.runtime.privacy import Redactor
+from services.runtime.scoring import Embedder, score_groundedness
+
+log = logging.getLogger("flywheel.feedback.review")
+
+# Calls one fill reads at most: scoring them with MiniLM takes about 2 ms each on one core.
+MAX_CANDIDATES = 2000
+# A claim on a queue with nothing left to give fills it first, at most this often.
+REFILL_AFTER_S = 60.0
+# Ratings more than a step apart are a disagreement; 4 and 5 are not.
+RATING_SPREAD = 1.0
+_FEEDBACK_IDS = uuid.UUID("0d3c8a52-5a8e-4d0c-9c36-3b1f7f2a6a10")
+_SCALES = {RubricScale.thumbs: Scale.nominal, RubricScale.label: Scale.nominal, RubricScale.rating: Scale.ordinal}
+
+Publish = Callable[[FeedbackReceived], Awaitable[Envelope[FeedbackReceived]]]
+
+
+class ReviewQueues:
+    """The review queues' use cases; the door (services/feedback/review_api.py) authenticates callers."""
+
+    def __init__(
+        self,
+        store: ReviewStore,
+        feedback: Callable[[], FeedbackStore],
+        publish: Publish,
+        redactor: Redactor,
+        embedder: Callable[[], Embedder],
+        *,
+        refill_after_s: float = REFILL_AFTER_S,
+    ) -> None:
+        self._store = store
+        self._feedback = feedback
+        self._publish = publish
+        self._redactor = redactor
+        self._embedder = embedder
+        self._refill_after_s = refill_after_s
+        self._fills: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    # ------------------------------------------------------------------------------------- queues
+
+    async def define(self, request: ReviewQueueCreate, rubric: RubricVersionView, caller: str) -> ReviewQueueView:
+        definition = request.model_dump(mode="json", exclude={"name", "rubric", "rubric_version"})
+        record = await asyncio.to_thread(
+            self._store.define, request.name, definition, rubric.model_dump(mode="json"), caller
+        )
+        log.info("review queue defined", extra={"queue": record.name, "version": record.version, "by": caller})
+        return await asyncio.to_thread(self._view, record)
+
+    async def view(self, name: str) -> ReviewQueueView:
+        return await asyncio.to_thread(self._view, self._queue(name))
+
+    async def views(self) -> list[ReviewQueueView]:
+        return await asyncio.to_thread(lambda: [self._view(record) for record in self._store.queues()])
+
+    def _queue(self, name: str) -> QueueRecord:
+        record = self._store.queue(name)
+        if record is None:
+            raise NotFound(
+                f"no review queue named {name!r}: define it with POST /feedback/v1/review/queues", param="name"
+            )
+        return record
+
+    def _view(self, record: QueueRecord) -> ReviewQueueView:
+        return ReviewQueueView(
+            name=record.name,
+            version=record.version,
+            rule=ReviewRule.model_validate(record.definition["rule"]),
+            rubric=RubricVersionView.model_validate(record.rubric),
+            reviewers_per_item=record.definition["reviewers_per_item"],
+            lease_seconds=record.definition["lease_seconds"],
+            max_items=record.definition["max_items"],
+            created_at=record.created_at,
+            created_by=record.created_by,
+            counts=ReviewQueueCounts(**self._store.counts(record.name)),
+            agreement=self._agreement(record),
+        )
+
+    def _agreement(self, record: QueueRecord) -> list[ReviewAgreement]:
+        reviews = self._store.reviewed_items(record.name)
+        measured = []
+        for dimension in _dimensions(record):
+            scale = _SCALES[dimension.scale]
+            units: dict[Hashable, dict[str, float | str]] = defaultdict(dict)
+            for item_id, reviewer, scores in reviews:
+                if dimension.name in scores:
+                    value = scores[dimension.name]
+                    units[item_id][reviewer] = int(value) if dimension.scale is RubricScale.rating else value
+            result = agreement(dimension.name, units, scale, conflict_spread=RATING_SPREAD)
+            measured.append(
+                ReviewAgreement(
+                    dimension=dimension.name,
+                    level=scale.value,
+                    items=result.units,
+                    alpha=result.alpha,
+                    kappa=result.kappa,
+                    alpha_without=result.alpha_without,
+                )
+            )
+        return measured
+
+    # -------------------------------------------------------------------------------------- fills
+
+    async def fill(self, name: str) -> ReviewFillResult:
+        """Add what the queue's rule matches now (at most `max_items`), one item per prompt."""
+        record = await asyncio.to_thread(self._queue, name)
+        async with self._fills[name]:
+            return await asyncio.to_thread(self._fill, record)
+
+    def _fill(self, record: QueueRecord) -> ReviewFillResult:
+        rule = ReviewRule.model_validate(record.definition["rule"])
+        started = time.perf_counter()
+        rows = self._feedback().review_candidates(
+            rule.model_name,
+            hours=rule.window_hours,
+            share=rule.share,
+            route=rule.route.value if rule.route else None,
+            thumbs_down=rule.select is ReviewSelect.thumbs_down,
+            limit=MAX_CANDIDATES,
+        )
+        scores: list[float | None] = [None] * len(rows)
+        if rows and (rule.select is ReviewSelect.low_groundedness or rule.order is ReviewOrder.uncertainty):
+            # The live watcher's measure (services/monitor): the prompt is the context an answer should stay in.
+            scored = score_groundedness(
+                [row["output_text"] for row in rows], [row["input_text"] for row in rows], self._embedder()
+            )
+            scores = [score.score for score in scored]
+        candidates = [
+            Candidate(
+                row["inference_id"],
+                hashlib.blake2b(row["input_text"].encode(), digest_size=16).hexdigest(),
+                _utc(row["occurred_at"]),
+                score,
+            )
+            for row, score in zip(rows, scores, strict=True)
+            if rule.select is not ReviewSelect.low_groundedness or (score is not None and score < rule.floor)
+        ]
+        if rule.order is ReviewOrder.uncertainty:
+            candidates.sort(key=lambda candidate: (candidate.groundedness is None, candidate.groundedness or 0.0))
+        added, already, duplicates = self._store.add(record, candidates, record.definition["max_items"])
+        log.info(
+            "review queue filled",
+            extra={
+                "queue": record.name,
+                "considered": len(candidates),
+                "added": added,
+                "seconds": round(time.perf_counter() - started, 3),
+            },
+        )
+        return ReviewFillResult(
+            queue=record.name,
+            considered=len(candidates),
+            added=added,
+            already_queued=already,
+            duplicate_prompts=duplicates,
+        )
+
+    # -------------------------------------------------------------------------------- claim, review
+
+    async def claim(self, name: str, reviewer: str) -> ReviewItemView | None:
+        """The next item for `reviewer`, leased to them; None when the queue has nothing left for them (a
+        queue that has nothing and was not filled lately is filled first)."""
+        record = await asyncio.to_thread(self._queue, name)
+        uncertainty_first = ReviewRule.model_validate(record.definition["rule"]).order is ReviewOrder.uncertainty
+        claimed = await asyncio.to_thread(self._store.claim, record, reviewer, uncertainty_first=uncertainty_first)
+        if claimed is None:
+            last = await asyncio.to_thread(self._store.last_fill, name)
+            if last is None or (datetime.now(UTC) - last).total_seconds() >= self._refill_after_s:
+                await self.fill(name)
+                claimed = await asyncio.to_thread(
+                    self._store.claim, record, reviewer, uncertainty_first=uncertainty_first
+                )
+        if claimed is None:
+            return None
+        item, expires = claimed
+        return await asyncio.to_thread(self._item_view, item, expires)
+
+    def _item_view(self, item: ItemRecord, expires: datetime) -> ReviewItemView:
+        record = self._queue_version(item)
+        call = self._feedback().inference_for_review(item.inference_id)
+        if call is None:  # the sink stored it before it was queued; only a TTL or a manual delete removes it
+            raise NotFound(f"inference {item.inference_id} of item {item.item_id} is no longer stored", param="item_id")
+        reviews = self._store.reviews(item.item_id)
+        needed = 1 if item.stage == ADJUDICATION else record.definition["reviewers_per_item"] - len(reviews)
+        return ReviewItemView(
+            item_id=item.item_id,
+            queue=item.queue,
+            queue_version=item.queue_version,
+            stage="adjudication" if item.stage == ADJUDICATION else "review",
+            inference_id=item.inference_id,
+            model_name=call["model_name"],
+            adapter_version=call["adapter_version"],
+            route=call["route"],
+            messages=_messages(call["input_messages"], call["input_text"]),
+            answer=call["output_text"],
+            trace_id=call["trace_id"],
+            groundedness=item.groundedness,
+            rubric=RubricVersionView.model_validate(record.rubric),
+            reviews=[
+                {"reviewer": review.reviewer, "scores": review.scores, "correction": review.correction}
+                for review in reviews
+            ]
+            if item.stage == ADJUDICATION
+            else [],
+            reviews_needed=max(needed, 1),
+            lease_expires_at=expires,
+        )
+
+    def _queue_version(self, item: ItemRecord) -> QueueRecord:
+        record = self._store.queue_version(item.queue, item.queue_version)
+        assert record is not None, "an item names the queue version it was added under"
+        return record
+
+    async def submit(self, item_id: str, reviewer: str, review: ReviewSubmit) -> ReviewAccepted:
+        """Publish the review as feedback.reviewed and record it; the item moves on when it has all its
+        reviews (done, or adjudication when they disagree) or when an adjudicator decided it."""
+        item = await asyncio.to_thread(self._held, item_id, reviewer)
+        record = await asyncio.to_thread(self._queue_version, item)
+        dimensions = _dimensions(record)
+        scores = _checked_scores(review.scores, dimensions)
+        rubric = RubricVersionView.model_validate(record.rubric)
+        # The same id however often a review is retried: the sink folds a repeat of one feedback id.
+        feedback_id = str(uuid.uuid5(_FEEDBACK_IDS, f"{item.item_id}/{reviewer}/{item.stage}"))
+        event = FeedbackReviewed(
+            feedback_id=feedback_id,
+            inference_id=item.inference_id,
+            thumbs=_first(scores, dimensions, RubricScale.thumbs, Thumbs),
+            rating=_first(scores, dimensions, RubricScale.rating, int),
+            comment=review.comment,
+            correction=review.correction,
+            tags=["adjudication"] if item.stage == ADJUDICATION else [],
+            source=FeedbackSource.reviewer,
+            actor=reviewer,
+            queue=item.queue,
+            item_id=item.item_id,
+            rubric=f"{rubric.name}:v{rubric.version}",
+            scores=scores,
+        )
+        # Published before it is recorded: a broker that does not take it leaves the lease and nothing else.
+        await self._publish(self._redactor.scrub_feedback(event))
+        stage = await asyncio.to_thread(self._record, item, record, reviewer, scores, review, feedback_id)
+        return ReviewAccepted(item_id=item.item_id, feedback_id=feedback_id, stage=stage)
+
+    def _record(
+        self,
+        item: ItemRecord,
+        record: QueueRecord,
+        reviewer: str,
+        scores: dict[str, str],
+        review: ReviewSubmit,
+        feedback_id: str,
+    ) -> str:
+        this = ReviewRecord(reviewer, item.stage, scores, review.correction, review.comment, feedback_id)
+        if item.stage == ADJUDICATION:
+            self._store.review(item, this, DONE)
+            return "done"
+        earlier = [
+            done for done in self._store.reviews(item.item_id) if done.stage == REVIEW and done.reviewer != reviewer
+        ]
+        reviews = [*earlier, this]
+        if len(reviews) < record.definition["reviewers_per_item"]:
+            self._store.review(item, this, None)
+            return "waiting"
+        stage = ADJUDICATION if _disagree(reviews, _dimensions(record)) else DONE
+        self._store.review(item, this, stage)
+        if stage == ADJUDICATION:
+            log.info("review item in conflict", extra={"queue": item.queue, "item_id": item.item_id})
+        return stage
+
+    async def skip(self, item_id: str, reviewer: str, request: ReviewSkip) -> None:
+        """Pass the item on: it is not offered to this reviewer again, and the reason is kept."""
+        item = await asyncio.to_thread(self._held, item_id, reviewer)
+        await asyncio.to_thread(self._store.skip, item, reviewer, request.reason)
+
+    def _held(self, item_id: str, reviewer: str) -> ItemRecord:
+        item = self._store.item(item_id)
+        if item is None:
+            raise NotFound(f"no review item {item_id!r}", param="item_id")
+        if item.stage == DONE or not self._store.holds(item.item_id, reviewer, item.stage):
+            raise Conflict(
+                f"{reviewer} holds no live claim on item {item_id} (never claimed, lapsed, or already reviewed): "
+                f"claim the next item with POST /feedback/v1/review/queues/{item.queue}/claim",
+                param="item_id",
+                code="not_claimed",
+            )
+        return item
+
+
+def _dimensions(record: QueueRecord) -> list[RubricDimension]:
+    return [RubricDimension.model_validate(dimension) for dimension in record.rubric["dimensions"]]
+
+
+def _checked_scores(scores: dict[str, str], dimensions: list[RubricDimension]) -> dict[str, str]:
+    """Every dimension scored on its scale, and nothing else; Invalid naming the first score at fault."""
+    known = {dimension.name: dimension for dimension in dimensions}
+    for name in scores:
+        if name not in known:
+            raise Invalid(
+                f"scores.{name}: the rubric has no such dimension; it has {', '.join(known)}", param=f"scores.{name}"
+            )
+    checked = {}
+    for dimension in dimensions:
+        value = scores.get(dimension.name)
+        if value is None:
+            raise Invalid(
+                f"scores.{dimension.name}: score every dimension of the rubric ({', '.join(known)})",
+                param=f"scores.{dimension.name}",
+            )
+        allowed = {
+            RubricScale.thumbs: ["up", "down"],
+            RubricScale.rating: ["1", "2", "3", "4", "5"],
+            RubricScale.label: dimension.labels,
+        }[dimension.scale]
+        if value not in allowed:
+            raise Invalid(
+                f"scores.{dimension.name}: {value[:64]!r} is not on its {dimension.scale.value} scale; send one of {', '.join(allowed)}",
+                param=f"scores.{dimension.name}",
+            )
+        checked[dimension.name] = value
+    return checked
+
+
+def _first(scores: dict[str, str], dimensions: list[RubricDimension], scale: RubricScale, kind: Any) -> Any:
+    """The first dimension of `scale`, as feedback's own thumbs or rating: what the monitor's quality rules,
+    retraining and preference pairs already read."""
+    for dimension in dimensions:
+        if dimension.scale is scale:
+            return kind(scores[dimension.name])
+    return None
+
+
+def _disagree(reviews: list[ReviewRecord], dimensions: list[RubricDimension]) -> bool:
+    for dimension in dimensions:
+        values = [review.scores[dimension.name] for review in reviews if dimension.name in review.scores]
+        if dimension.scale is RubricScale.rating:
+            numbers = [int(value) for value in values]
+            if numbers and max(numbers) - min(numbers) > RATING_SPREAD:
+                return True
+        elif len(set(values)) > 1:
+            return True
+    return False
+
+
+def _messages(input_messages: str, input_text: str) -> list[dict[str, str]]:
+    try:
+        messages = json.loads(input_messages)
+    except (TypeError, ValueError):
+        messages = None
+    if isinstance(messages, list) and messages:
+        return [{"role": str(turn.get("role", "")), "content": str(turn.get("content", ""))} for turn in messages]
+    return [{"role": "user", "content": input_text}]
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

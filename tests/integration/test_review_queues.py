@@ -1,0 +1,270 @@
+"""Review queues on real components: the feedback service as `flywheel run feedback` builds it (its sink on
+the real broker, embedded ClickHouse, its door), the registry's real door for the rubric, MiniLM for the
+answers' groundedness. A rule fills a queue from stored traffic; three reviewers (three keys) work it
+through the door; agreement matches Krippendorff's alpha and Cohen's kappa computed by hand; their
+reviews land in ClickHouse as feedback naming the queue, item, rubric version and scores."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import httpx
+import pytest
+
+from contracts.events import InferenceLogged, InferenceStatus
+from contracts.http import Role
+from services.feedback.app import create_app
+from services.feedback.settings import FeedbackSettings
+from services.runtime.clickhouse import ClickHouseStore
+from services.runtime.privacy import PrivacySettings
+from services.runtime.service import Runtime, Service, build_process
+from services.runtime.settings import FlywheelSettings
+from tests.fixtures.clickhouse import ClickHouseTarget
+from tests.monitor_support import RegistryDoorFixture
+from tests.support import api_key, eventually
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+MODEL = "support-bot"
+RUBRIC = {
+    "name": "answer-quality",
+    "instructions": "Judge the answer as the customer would.",
+    "dimensions": [
+        {"name": "correct", "description": "Is every fact in it right?", "scale": "thumbs"},
+        {"name": "helpful", "description": "How far does it solve the problem?", "scale": "rating"},
+        {"name": "tone", "description": "How does it sound?", "scale": "label", "labels": ["friendly", "curt", "rude"]},
+    ],
+}
+# Five distinct prompts; the first is asked three times (two of its answers are duplicates of a queued prompt).
+CALLS = [
+    ("How long is the warranty on the hub?", "The warranty on the hub is two years."),
+    ("How long is the warranty on the hub?", "Two years."),
+    ("How long is the warranty on the hub?", "Bananas are yellow."),
+    ("Can I return an opened router?", "Yes, opened routers can be returned within 30 days."),
+    ("Where is my order 1234?", "I like turtles."),
+    ("Do you ship to Canada?", "We ship to Canada in five to seven days."),
+    ("What does the blue light mean?", "The blue light means the hub is pairing."),
+]
+# alice's and bob's judgement of `correct` on the first four items they share, in alice's order: Krippendorff's
+# alpha (nominal) of these four units is 1 - (n-1) * D_o / D_e = 1 - 7 * 2 / (2 * 5 * 3) = 8/15; Cohen's
+# kappa is (3/4 - 1/2) / (1 - 1/2) = 1/2 (alice: 3 up, 1 down; bob: 2 and 2; chance 3/4*1/2 + 1/4*1/2).
+ALICE = ["up", "up", "down", "up"]
+BOB = ["up", "up", "down", "down"]
+
+
+async def test_a_rule_fills_a_queue_three_reviewers_work_it_and_agreement_matches_the_hand_computed_value(
+    settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget
+) -> None:
+    door = RegistryDoorFixture(settings.home / "registry")
+    async with door.client() as registry:
+        published = await registry.post("/registry/v1/rubrics", json=RUBRIC)
+        assert published.status_code == 201, published.text
+    clickhouse: ClickHouseStore = chdb_target.open()
+
+    def feedback(runtime: Runtime) -> Service:
+        runtime.clickhouse = lambda: clickhouse
+        clickhouse.migrate()
+        sink = FeedbackSettings(
+            batch_max_records=500,
+            batch_max_wait_ms=100,
+            batch_min_bytes=1,
+            otlp_grpc_port=0,
+            registry_url="http://registry",
+        )
+        return create_app(runtime, sink, PrivacySettings(), registry_transport=door.transport)
+
+    app, runtime = build_process(settings, [feedback], title="flywheel-feedback")
+    keys = {
+        name: api_key(settings, role, name)
+        for name, role in (
+            ("ops", Role.operator),
+            ("alice", Role.reviewer),
+            ("bob", Role.reviewer),
+            ("carol", Role.reviewer),
+            ("support-app", Role.app),
+            ("watcher", Role.viewer),
+        )
+    }
+    async with app.router.lifespan_context(app):
+        bus = runtime.bus("test")
+        for i, (question, answer) in enumerate(CALLS):
+            await bus.publish(
+                InferenceLogged(inference_id=f"call-{i}", model_name=MODEL, input_text=question, output_text=answer)
+            )
+        # Neither another model's answer nor a failed call is reviewed.
+        await bus.publish(
+            InferenceLogged(inference_id="other-model", model_name="other", input_text="Hi?", output_text="Hello.")
+        )
+        await bus.publish(
+            InferenceLogged(
+                inference_id="failed", model_name=MODEL, input_text="Hi?", status=InferenceStatus.error, error="boom"
+            )
+        )
+        await eventually(
+            lambda: clickhouse.query("SELECT count() AS n FROM inference_log")[0]["n"] == len(CALLS) + 2,
+            what="the sink storing the calls",
+        )
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://feedback") as client:
+
+            async def call(key: str, method: str, path: str, body: dict | None = None) -> httpx.Response:
+                return await client.request(method, path, json=body, headers={"Authorization": f"Bearer {keys[key]}"})
+
+            queue = {
+                "name": "support-review",
+                "rule": {"select": "traffic", "model_name": MODEL, "share": 1.0, "order": "uncertainty"},
+                "rubric": "answer-quality",
+                "reviewers_per_item": 2,
+                "lease_seconds": 120,
+            }
+            refused = await call("watcher", "POST", "/feedback/v1/review/queues", queue)
+            assert refused.status_code == 403, refused.text
+            unknown = await call("ops", "POST", "/feedback/v1/review/queues", {**queue, "rubric": "no-such-rubric"})
+            assert unknown.status_code == 404, unknown.text
+            assert unknown.json()["error"]["param"] == "rubric"
+            defined = await call("ops", "POST", "/feedback/v1/review/queues", queue)
+            assert defined.status_code == 201, defined.text
+            assert defined.json()["version"] == 1
+            assert defined.json()["rubric"]["version"] == 1
+
+            filled = (await call("ops", "POST", "/feedback/v1/review/queues/support-review/fill")).json()
+            assert filled == {
+                "queue": "support-review",
+                "considered": len(CALLS),
+                "added": 5,
+                "already_queued": 0,
+                "duplicate_prompts": 2,
+            }, filled
+            again = (await call("ops", "POST", "/feedback/v1/review/queues/support-review/fill")).json()
+            assert (again["added"], again["already_queued"]) == (0, 5)
+
+            for outsider in ("support-app", "watcher", "ops"):
+                denied = await call(outsider, "POST", "/feedback/v1/review/queues/support-review/claim")
+                assert denied.status_code == 403, (outsider, denied.text)
+
+            # alice: four reviews, least grounded answer first, then a skip.
+            scores: dict[str, dict[str, str]] = {}
+            seen: list[float] = []
+            for k in range(4):
+                item = (await call("alice", "POST", "/feedback/v1/review/queues/support-review/claim")).json()
+                if k == 0:
+                    held = (await call("alice", "POST", "/feedback/v1/review/queues/support-review/claim")).json()
+                    assert held["item_id"] == item["item_id"], "a reviewer asking again gets the item they hold"
+                    bad = await call(
+                        "alice",
+                        "POST",
+                        f"/feedback/v1/review/items/{item['item_id']}/submit",
+                        {"scores": {"correct": "maybe"}},
+                    )
+                    assert bad.status_code == 422 and bad.json()["error"]["param"] == "scores.correct", bad.text
+                    not_theirs = await call(
+                        "bob", "POST", f"/feedback/v1/review/items/{item['item_id']}/submit", {"scores": {}}
+                    )
+                    assert not_theirs.status_code == 409 and not_theirs.json()["error"]["code"] == "not_claimed", (
+                        not_theirs.text
+                    )
+                    operator_submit = await call(
+                        "ops", "POST", f"/feedback/v1/review/items/{item['item_id']}/submit", {"scores": {}}
+                    )
+                    assert operator_submit.status_code == 403, operator_submit.text
+                assert item["stage"] == "review" and item["answer"] and item["messages"][-1]["role"] == "user"
+                seen.append(item["groundedness"])
+                scores[item["item_id"]] = {"correct": ALICE[k], "helpful": "4", "tone": "friendly"}
+                done = await call(
+                    "alice",
+                    "POST",
+                    f"/feedback/v1/review/items/{item['item_id']}/submit",
+                    {"scores": scores[item["item_id"]]},
+                )
+                assert done.status_code == 200 and done.json()["stage"] == "waiting", done.text
+            assert seen == sorted(seen), f"uncertainty first: groundedness should not fall, got {seen}"
+            last = (await call("alice", "POST", "/feedback/v1/review/queues/support-review/claim")).json()
+            skipped = await call(
+                "alice",
+                "POST",
+                f"/feedback/v1/review/items/{last['item_id']}/skip",
+                {"reason": "not about our products"},
+            )
+            assert skipped.status_code == 204, skipped.text
+            nothing = await call("alice", "POST", "/feedback/v1/review/queues/support-review/claim")
+            assert nothing.status_code == 204, nothing.text
+
+            # bob: the same four, then the one alice skipped.
+            order = list(scores)
+            stages = {}
+            for _ in range(5):
+                item = (await call("bob", "POST", "/feedback/v1/review/queues/support-review/claim")).json()
+                judged = (
+                    {"correct": BOB[order.index(item["item_id"])], "helpful": "5", "tone": "friendly"}
+                    if item["item_id"] in scores
+                    else {"correct": "up", "helpful": "3", "tone": "curt"}
+                )
+                answer = await call(
+                    "bob", "POST", f"/feedback/v1/review/items/{item['item_id']}/submit", {"scores": judged}
+                )
+                assert answer.status_code == 200, answer.text
+                stages[item["item_id"]] = answer.json()["stage"]
+            conflict = order[3]
+            assert stages == {
+                **{item_id: "done" for item_id in order[:3]},
+                conflict: "adjudication",
+                last["item_id"]: "waiting",
+            }
+
+            view = (await call("watcher", "GET", "/feedback/v1/review/queues/support-review")).json()
+            correct = next(row for row in view["agreement"] if row["dimension"] == "correct")
+            assert correct["items"] == 4
+            assert correct["alpha"] == pytest.approx(float(Fraction(8, 15)))
+            assert correct["kappa"] == pytest.approx(0.5)
+            assert view["counts"] == {"open": 1, "claimed": 0, "adjudication": 1, "done": 3, "skips": 1}
+
+            # carol adjudicates the conflict first, seeing both reviews, then gives the last item its second review.
+            item = (await call("carol", "POST", "/feedback/v1/review/queues/support-review/claim")).json()
+            assert (item["item_id"], item["stage"]) == (conflict, "adjudication")
+            assert sorted(review["reviewer"] for review in item["reviews"]) == ["alice", "bob"]
+            settled = await call(
+                "carol",
+                "POST",
+                f"/feedback/v1/review/items/{conflict}/submit",
+                {"scores": {"correct": "down", "helpful": "2", "tone": "friendly"}, "correction": "Two years."},
+            )
+            assert settled.json()["stage"] == "done", settled.text
+            item = (await call("carol", "POST", "/feedback/v1/review/queues/support-review/claim")).json()
+            assert item["item_id"] == last["item_id"]
+            final = await call(
+                "carol",
+                "POST",
+                f"/feedback/v1/review/items/{item['item_id']}/submit",
+                {"scores": {"correct": "up", "helpful": "3", "tone": "curt"}},
+            )
+            assert final.json()["stage"] == "done", final.text
+
+            view = (await call("watcher", "GET", "/feedback/v1/review/queues/support-review")).json()
+            assert view["counts"] == {"open": 0, "claimed": 0, "adjudication": 0, "done": 5, "skips": 1}
+            correct = next(row for row in view["agreement"] if row["dimension"] == "correct")
+            # A fifth unit, bob and carol both up: 1 - 9 * 2 / (2 * 7 * 3) = 4/7; three reviewers, no kappa;
+            # without carol it is alice and bob's 8/15 again; without alice or bob no unit has two values left that vary.
+            assert correct["alpha"] == pytest.approx(float(Fraction(4, 7)))
+            assert correct["kappa"] is None
+            assert correct["alpha_without"] == {
+                "alice": None,
+                "bob": None,
+                "carol": pytest.approx(float(Fraction(8, 15))),
+            }
+
+        def stored() -> list[dict]:
+            return clickhouse.query(
+                "SELECT actor, source, queue, item_id, rubric, scores, thumbs, rating, tags, correction "
+                "FROM feedback FINAL WHERE queue = 'support-review' ORDER BY actor"
+            )
+
+        await eventually(lambda: len(stored()) == 11, what="the eleven reviews stored as feedback")
+        rows = stored()
+        assert {row["actor"] for row in rows} == {"alice", "bob", "carol"}
+        assert {row["source"] for row in rows} == {"reviewer"}
+        assert {row["rubric"] for row in rows} == {"answer-quality:v1"}
+        adjudicated = [row for row in rows if "adjudication" in row["tags"]]
+        assert len(adjudicated) == 1 and adjudicated[0]["correction"] == "Two years."
+        assert adjudicated[0]["scores"] == {"correct": "down", "helpful": "2", "tone": "friendly"}
+        # The first thumbs and rating dimensions are feedback's own thumbs and rating, which the monitor reads.
+        assert (adjudicated[0]["thumbs"], adjudicated[0]["rating"]) == ("down", 2)

@@ -1,0 +1,106 @@
+"""The review queues' SQLite state (services/feedback/review_store.py): leases that lapse free their place,
+two reviewers never hold one place, skips and reviews keep an item from its reviewer, one item per prompt."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from services.feedback.review_store import ADJUDICATION, DONE, Candidate, ReviewRecord, ReviewStore
+
+pytestmark = pytest.mark.unit
+
+RUBRIC = {"name": "r", "version": 1, "dimensions": []}
+
+
+def definition(reviewers: int = 1, lease_seconds: int = 60) -> dict:
+    return {"rule": {}, "reviewers_per_item": reviewers, "lease_seconds": lease_seconds, "max_items": 100}
+
+
+def candidates(*prompts: str) -> list[Candidate]:
+    now = datetime.now(UTC)
+    return [
+        Candidate(f"call-{i}", prompt, now - timedelta(minutes=i), groundedness=0.1 * (i + 1))
+        for i, prompt in enumerate(prompts)
+    ]
+
+
+def test_one_item_per_prompt_and_a_refill_adds_nothing_twice(tmp_path: Path) -> None:
+    store = ReviewStore(tmp_path / "review.db")
+    queue = store.define("q", definition(), RUBRIC, "ops")
+    assert store.add(queue, candidates("a", "b", "a", "c"), limit=10) == (3, 0, 1)
+    assert store.add(queue, candidates("a", "b", "a", "c"), limit=10) == (0, 3, 1)
+    assert store.counts("q")["open"] == 3
+
+
+def test_the_limit_caps_what_one_fill_adds(tmp_path: Path) -> None:
+    store = ReviewStore(tmp_path / "review.db")
+    queue = store.define("q", definition(), RUBRIC, "ops")
+    assert store.add(queue, candidates("a", "b", "c", "d"), limit=2)[0] == 2
+
+
+def test_a_place_is_held_by_one_reviewer_until_the_lease_lapses(tmp_path: Path) -> None:
+    store = ReviewStore(tmp_path / "review.db")
+    queue = store.define("q", definition(reviewers=1, lease_seconds=1), RUBRIC, "ops")
+    store.add(queue, candidates("a"), limit=10)
+    alice = store.claim(queue, "alice", uncertainty_first=True)
+    assert alice is not None
+    assert store.claim(queue, "bob", uncertainty_first=True) is None, "the one place is alice's while her lease holds"
+    assert store.claim(queue, "alice", uncertainty_first=True)[0].item_id == alice[0].item_id  # type: ignore[index]
+    time.sleep(1.1)
+    assert not store.holds(alice[0].item_id, "alice", "review")
+    bob = store.claim(queue, "bob", uncertainty_first=True)
+    assert bob is not None and bob[0].item_id == alice[0].item_id
+
+
+def test_two_reviewers_per_item_then_adjudication_by_a_third(tmp_path: Path) -> None:
+    store = ReviewStore(tmp_path / "review.db")
+    queue = store.define("q", definition(reviewers=2), RUBRIC, "ops")
+    store.add(queue, candidates("a"), limit=10)
+    alice, _ = store.claim(queue, "alice", uncertainty_first=True)  # type: ignore[misc]
+    bob, _ = store.claim(queue, "bob", uncertainty_first=True)  # type: ignore[misc]
+    assert alice.item_id == bob.item_id, "an item needing two reviewers is given to two at once"
+    assert store.claim(queue, "carol", uncertainty_first=True) is None
+    store.review(alice, ReviewRecord("alice", "review", {"x": "up"}, None, None, "f1"), None)
+    store.review(bob, ReviewRecord("bob", "review", {"x": "down"}, None, None, "f2"), ADJUDICATION)
+    assert store.claim(queue, "alice", uncertainty_first=True) is None, "a reviewer never adjudicates their own item"
+    carol, _ = store.claim(queue, "carol", uncertainty_first=True)  # type: ignore[misc]
+    assert carol.stage == ADJUDICATION
+    store.review(carol, ReviewRecord("carol", ADJUDICATION, {"x": "up"}, None, None, "f3"), DONE)
+    assert store.counts("q") == {"open": 0, "claimed": 0, "adjudication": 0, "done": 1, "skips": 0}
+
+
+def test_a_skip_passes_the_item_to_others_and_keeps_the_reason(tmp_path: Path) -> None:
+    store = ReviewStore(tmp_path / "review.db")
+    queue = store.define("q", definition(), RUBRIC, "ops")
+    store.add(queue, candidates("a", "b"), limit=10)
+    first, _ = store.claim(queue, "alice", uncertainty_first=True)  # type: ignore[misc]
+    assert first.inference_id == "call-0", "least grounded first"
+    store.skip(first, "alice", "not English")
+    second, _ = store.claim(queue, "alice", uncertainty_first=True)  # type: ignore[misc]
+    assert second.inference_id == "call-1"
+    other, _ = store.claim(queue, "bob", uncertainty_first=True)  # type: ignore[misc]
+    assert other.inference_id == "call-0"
+    assert store.counts("q")["skips"] == 1
+
+
+def test_newest_first_when_the_queue_does_not_order_by_uncertainty(tmp_path: Path) -> None:
+    store = ReviewStore(tmp_path / "review.db")
+    queue = store.define("q", definition(), RUBRIC, "ops")
+    store.add(queue, list(reversed(candidates("a", "b", "c"))), limit=10)
+    item, _ = store.claim(queue, "alice", uncertainty_first=False)  # type: ignore[misc]
+    assert item.inference_id == "call-0"  # the newest call
+
+
+def test_a_new_definition_is_the_next_version_and_items_keep_theirs(tmp_path: Path) -> None:
+    store = ReviewStore(tmp_path / "review.db")
+    first = store.define("q", definition(), RUBRIC, "ops")
+    store.add(first, candidates("a"), limit=10)
+    second = store.define("q", definition(reviewers=2), RUBRIC, "ops")
+    assert (first.version, second.version) == (1, 2)
+    assert store.queue("q").version == 2  # type: ignore[union-attr]
+    item, _ = store.claim(second, "alice", uncertainty_first=True)  # type: ignore[misc]
+    assert item.queue_version == 1
