@@ -1,6 +1,6 @@
 """The feedback service's part of the `flywheel` command, by group in `app` (services/cli/main.py mounts it,
 finding this module by name): `flywheel feedback give|list`, giving feedback on an inference and reading
-what is stored; `flywheel ops replay`, rebuilding the sink's tables from Kafka (the sink's job); and
+what is stored; `flywheel feedback review ...`, the review queues; `flywheel ops replay`, rebuilding the sink's tables from Kafka (the sink's job); and
 `flywheel bench ingest` and `flywheel bench traces`, the sink's and the OTLP intake's benchmarks, also
 `flywheel bench all`'s."""
 
@@ -12,7 +12,9 @@ import getpass
 import json
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import typer
 
@@ -27,8 +29,13 @@ feedback_app = typer.Typer(
     help="Give feedback on an inference, span, trace or session, and read inference feedback back.",
     no_args_is_help=True,
 )
+review_app = typer.Typer(
+    help="Review queues: define one on a registry rubric, fill it, and work it as a reviewer (through the door, with FLYWHEEL_API_KEY).",
+    no_args_is_help=True,
+)
 ops_app = typer.Typer()
 bench_app = typer.Typer()
+feedback_app.add_typer(review_app, name="review")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(ops_app, name="ops")
 app.add_typer(bench_app, name="bench")
@@ -165,6 +172,107 @@ def _from_store(settings: FlywheelSettings, target: dict[str, str]) -> str:
             return list_feedback(FeedbackStore(lambda: clickhouse), **target).model_dump_json(indent=2)
         except InvalidFeedback as error:
             raise FlywheelError(str(error)) from None
+
+
+def _review_door(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """`path` under the review door of the running process, with FLYWHEEL_API_KEY; None for a 204."""
+    import httpx
+
+    settings = load_settings(FlywheelSettings)
+    url = f"http://{settings.http_host}:{settings.http_port}/feedback/v1/review{path}"
+    try:
+        response = httpx.request(method, url, json=body, headers=api_key_headers(), timeout=120)
+    except httpx.ConnectError:
+        raise FlywheelError(f"nothing answers at {url}: start the feedback service (flywheel up)") from None
+    if response.status_code == 204:
+        return None
+    if response.status_code >= 400:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:500]
+        raise FlywheelError(f"{method} {url} answered {response.status_code}: {message}")
+    return response.json()
+
+
+@review_app.command("define")
+def review_define(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="YAML or JSON: name, rule, rubric, ...")],
+) -> None:
+    """Define a review queue (or its next version) from a file holding a ReviewQueueCreate: name, rule
+    (select, model_name, share, floor, route, window_hours, order), rubric (a registry rubric's name),
+    rubric_version, reviewers_per_item, lease_seconds, max_items. Needs an operator key."""
+    import yaml
+
+    body = yaml.safe_load(file.read_text())
+    view = _review_door("POST", "/queues", body)
+    typer.echo(
+        f"review queue {view['name']} v{view['version']} on rubric {view['rubric']['name']}:v{view['rubric']['version']}"
+    )
+
+
+@review_app.command("list")
+def review_list() -> None:
+    """Every review queue with its items by state."""
+    for view in _review_door("GET", "/queues"):
+        counts = view["counts"]
+        typer.echo(
+            f"{view['name']} v{view['version']}  open {counts['open']}  claimed {counts['claimed']}  "
+            f"adjudication {counts['adjudication']}  done {counts['done']}  skips {counts['skips']}"
+        )
+
+
+@review_app.command("show")
+def review_show(name: Annotated[str, typer.Argument(help="Queue name.")]) -> None:
+    """One queue: its definition, counts, and reviewers' agreement per rubric dimension."""
+    view = _review_door("GET", f"/queues/{quote(name, safe='')}")
+    typer.echo(json.dumps(view, indent=2))
+
+
+@review_app.command("fill")
+def review_fill(name: Annotated[str, typer.Argument(help="Queue name.")]) -> None:
+    """Add what the queue's rule matches now. Needs an operator key."""
+    result = _review_door("POST", f"/queues/{quote(name, safe='')}/fill")
+    typer.echo(
+        f"{result['queue']}: {result['added']} added of {result['considered']} matched "
+        f"({result['already_queued']} already queued, {result['duplicate_prompts']} repeat a queued prompt)"
+    )
+
+
+@review_app.command("next")
+def review_next(name: Annotated[str, typer.Argument(help="Queue name.")]) -> None:
+    """Claim the next item for the key's reviewer and print it as JSON. Needs a reviewer key."""
+    item = _review_door("POST", f"/queues/{quote(name, safe='')}/claim")
+    typer.echo("nothing is left in this queue for you" if item is None else json.dumps(item, indent=2))
+
+
+@review_app.command("submit")
+def review_submit(
+    item_id: Annotated[str, typer.Argument(help="The claimed item's id.")],
+    score: Annotated[list[str], typer.Option("--score", help="DIMENSION=VALUE, once per rubric dimension.")],
+    correction: Annotated[str | None, typer.Option(help="The answer that should have been given.")] = None,
+    comment: Annotated[str | None, typer.Option(help="Free-text comment.")] = None,
+) -> None:
+    """Score a claimed item on every rubric dimension. Needs a reviewer key."""
+    scores = {}
+    for given in score:
+        dimension, sep, value = given.partition("=")
+        if not sep:
+            raise FlywheelError(f"--score {given!r}: write DIMENSION=VALUE, e.g. --score correct=up")
+        scores[dimension.strip()] = value.strip()
+    body = {"scores": scores, "correction": correction, "comment": comment}
+    accepted = _review_door("POST", f"/items/{quote(item_id, safe='')}/submit", body)
+    typer.echo(f"item {accepted['item_id']}: feedback {accepted['feedback_id']}, {accepted['stage']}")
+
+
+@review_app.command("skip")
+def review_skip(
+    item_id: Annotated[str, typer.Argument(help="The claimed item's id.")],
+    reason: Annotated[str, typer.Option(help="Why you pass it on.")],
+) -> None:
+    """Pass a claimed item on with a reason. Needs a reviewer key."""
+    _review_door("POST", f"/items/{quote(item_id, safe='')}/skip", {"reason": reason})
+    typer.echo(f"item {item_id} skipped")
 
 
 @ops_app.command()
