@@ -34,6 +34,11 @@ def demo(
         min=60,
         help="Seconds a step may wait for training or an evaluation (a shared CPU can need far more than the 20-minute target).",
     ),
+    review: bool = typer.Option(
+        False,
+        "--review",
+        help="Step 5 through a review queue: a rubric in the registry, a queue filled from step 4's traffic, two reviewers claiming and scoring its items.",
+    ),
 ) -> None:
     """Run the loop end to end on real components (Kafka, ClickHouse, Triton, SmolLM2) and write a report."""
     overrides = {"home": home.resolve()} if home else {}
@@ -67,6 +72,7 @@ def demo(
                     progress,
                     traffic=traffic,
                     step_timeout=step_timeout,
+                    review=review,
                 )
             )
             if interrupted:

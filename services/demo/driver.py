@@ -38,13 +38,15 @@ class Driver(Doors):
         self.train = records("train.jsonl")
         self.facts = list(dict.fromkeys(reference_of(row) for row in self.golden))
 
-    async def run(self, *, traffic: int) -> None:
+    async def run(self, *, traffic: int, review: bool = False) -> None:
         titles = [
             "register the base model, prompt v1 and datasets v1",
             "request training -> adapter v1 registered",
             "evaluator gate vs the base model -> staging -> production (approval audited)",
             "serving loads v1; traffic through the gateway -> inference.logged -> ClickHouse",
-            "feedback (ratings, corrections) -> ClickHouse",
+            "feedback (ratings, corrections) -> ClickHouse"
+            if not review
+            else "feedback through a review queue (rubric, claims, ratings, corrections) -> ClickHouse",
             "monitor alert -> training.requested with a dataset from the corrections",
             "adapter v2 trained and gated vs v1; canary, then full; rollback in one command",
         ]
@@ -54,7 +56,7 @@ class Driver(Doors):
             self.train_v1,
             self.promote_v1,
             lambda step: self.serve(step, traffic),
-            self.give_feedback,
+            self.review_queue if review else self.give_feedback,
             self.await_retraining,
             self.v2,
         ]
@@ -221,17 +223,14 @@ class Driver(Doors):
 
     # ------------------------------------------------------------------ step 5
 
-    async def give_feedback(self, step: Step) -> None:
-        """Reviewers rate every answer; a wrong one gets thumbs down and the right answer as a correction."""
+    async def give_feedback(self, step: Step, answers: list[dict[str, Any]] | None = None) -> None:
+        """Reviewers rate every answer (those `answers` only, when given); a wrong one gets thumbs down and the
+        right answer as a correction."""
         counts: Counter[str] = Counter()
         # A reviewer's key: the feedback door refuses `source: reviewer` from an app key.
-        reviewer_key = (
-            await self.call("POST", "/registry/v1/keys", json={"principal": "demo-reviewer", "role": "reviewer"})
-        )["key"]
-        for answer in self.answers:
-            right = numbers_in(answer["reference"]) <= numbers_in(answer["answer"]) and bool(
-                numbers_in(answer["reference"])
-            )
+        reviewer = await self.as_principal("demo-reviewer", "reviewer")
+        for answer in self.answers if answers is None else answers:
+            right = _right(answer)
             body: dict[str, Any] = {"inference_id": answer["id"], "source": "reviewer", "actor": "demo-reviewer"}
             if right:
                 body.update(thumbs="up", rating=5)
@@ -243,14 +242,95 @@ class Driver(Doors):
                     tags=["wrong-fact"],
                     comment="the facts do not match the Acme Nimbus manual",
                 )
-            await self.call(
-                "POST", "/feedback/v1/feedback", json=body, headers={"Authorization": f"Bearer {reviewer_key}"}
-            )
+            await self.call("POST", "/feedback/v1/feedback", json=body, headers=reviewer)
             counts["thumbs up" if right else "thumbs down + correction"] += 1
-        self.report.feedback = dict(counts)
-        step.lines.append(
-            f"{len(self.answers)} reviews sent: " + ", ".join(f"{count} {kind}" for kind, count in counts.items())
+        self.report.feedback.update(counts)
+        if counts:
+            step.lines.append(
+                f"{sum(counts.values())} reviews sent: "
+                + ", ".join(f"{count} {kind}" for kind, count in counts.items())
+            )
+        await self.feedback_stored(step)
+
+    async def review_queue(self, step: Step) -> None:
+        """The same judgements as give_feedback, through a review queue: an operator publishes a rubric and
+        defines a queue on step 4's traffic, two reviewers claim its items (least grounded first) and score
+        them; an answer the queue left out (its prompt already queued) gets the door's plain feedback."""
+        operator = await self.as_principal("demo-operator", "operator")
+        rubric = await self.call(
+            "POST",
+            "/registry/v1/rubrics",
+            json={
+                "name": "acme-answer",
+                "instructions": "Compare the answer with the Acme Nimbus manual.",
+                "dimensions": [
+                    {"name": "correct", "description": "Does it state the manual's facts?", "scale": "thumbs"},
+                    {"name": "helpful", "description": "How far does it answer the question?", "scale": "rating"},
+                ],
+            },
+            headers=operator,
         )
+        queue = await self.call(
+            "POST",
+            "/feedback/v1/review/queues",
+            json={
+                "name": "acme-review",
+                "rule": {"select": "traffic", "model_name": MODEL, "window_hours": 2, "order": "uncertainty"},
+                "rubric": "acme-answer",
+                "rubric_version": rubric["version"],
+                "max_items": len(self.answers),
+            },
+            headers=operator,
+        )
+        filled = await self.call("POST", "/feedback/v1/review/queues/acme-review/fill", headers=operator)
+        step.lines.append(
+            f"rubric acme-answer v{rubric['version']}; queue acme-review v{queue['version']}: {filled['added']} items "
+            f"of {filled['considered']} calls ({filled['duplicate_prompts']} repeat a queued prompt)"
+        )
+        by_id = {answer["id"]: answer for answer in self.answers}
+        reviewers = [await self.as_principal(name, "reviewer") for name in ("demo-reviewer", "demo-reviewer-2")]
+        counts: Counter[str] = Counter()
+        reviewed: set[str] = set()
+        turn = empty = 0
+        while empty < len(reviewers):  # until neither reviewer is given anything
+            headers = reviewers[turn % len(reviewers)]
+            turn += 1
+            item = await self.call(
+                "POST", "/feedback/v1/review/queues/acme-review/claim", expect=(200, 204), headers=headers
+            )
+            if item is None:
+                empty += 1
+                continue
+            empty = 0
+            answer = by_id.get(item["inference_id"])
+            if answer is None:  # an earlier run's call, still in the window: passed on, said why
+                await self.call(
+                    "POST",
+                    f"/feedback/v1/review/items/{item['item_id']}/skip",
+                    expect=(204,),
+                    json={"reason": "not a call of this run"},
+                    headers=headers,
+                )
+                counts["skipped (earlier run)"] += 1
+                continue
+            right = _right(answer)
+            body: dict[str, Any] = {"scores": {"correct": "up" if right else "down", "helpful": "5" if right else "1"}}
+            if not right:
+                body.update(correction=answer["reference"], comment="the facts do not match the Acme Nimbus manual")
+            await self.call("POST", f"/feedback/v1/review/items/{item['item_id']}/submit", json=body, headers=headers)
+            reviewed.add(answer["id"])
+            counts["thumbs up" if right else "thumbs down + correction"] += 1
+            self.say(f"step 5: {len(reviewed)} items reviewed in acme-review")
+        self.report.feedback = {f"{kind} (queue)": count for kind, count in counts.items()}
+        step.lines.append(
+            f"{len(reviewed)} items reviewed by demo-reviewer and demo-reviewer-2: "
+            + ", ".join(f"{count} {kind}" for kind, count in counts.items())
+        )
+        view = await self.call("GET", "/feedback/v1/review/queues/acme-review")
+        step.lines.append(f"acme-review: {view['counts']}")
+        await self.give_feedback(step, [answer for answer in self.answers if answer["id"] not in reviewed])
+
+    async def feedback_stored(self, step: Step) -> None:
         ids = [answer["id"] for answer in self.answers]
 
         async def stored() -> list[dict[str, Any]] | None:
@@ -265,7 +345,7 @@ class Driver(Doors):
             self.say(f"step 5: {rows[0]['events']}/{len(ids)} feedback rows in ClickHouse")
             return rows if int(rows[0]["events"]) >= len(ids) else None
 
-        counts_stored = (await self.until("every feedback.received in ClickHouse", stored, timeout=600))[0]
+        counts_stored = (await self.until("every answer's feedback in ClickHouse", stored, timeout=600))[0]
         self.report.feedback["stored"] = int(counts_stored["events"])
         self.report.feedback["corrections stored"] = int(counts_stored["corrections"])
         step.lines.append(
@@ -392,3 +472,8 @@ class Driver(Doors):
             self.report.production = (
                 f"{MODEL}:v{production['version']}" if production else f"{MODEL} (base model, no adapter in production)"
             )
+
+
+def _right(answer: dict[str, Any]) -> bool:
+    """Whether an answer states its reference's facts (every number of the manual's answer)."""
+    return numbers_in(answer["reference"]) <= numbers_in(answer["answer"]) and bool(numbers_in(answer["reference"]))

@@ -66,7 +66,13 @@ def configure(settings: FlywheelSettings) -> tuple[FlywheelSettings, str, list[S
 
 
 async def run_loop_in_process(
-    settings: FlywheelSettings, report: LoopReport, progress: Progress, *, traffic: int, step_timeout: float
+    settings: FlywheelSettings,
+    report: LoopReport,
+    progress: Progress,
+    *,
+    traffic: int,
+    step_timeout: float,
+    review: bool = False,
 ) -> None:
     from infra.processes import port_is_free
     from services.cli.run_cmd import available_services
@@ -96,7 +102,7 @@ async def run_loop_in_process(
             await asyncio.sleep(0.2)
         progress.update(task, description=f"process: ready at {report.http}", completed=1, total=1)
         driver = Driver(report.http, admin_key, report, progress, step_timeout=step_timeout)
-        await driver.run(traffic=traffic)
+        await driver.run(traffic=traffic, review=review)
     finally:
         task = progress.add_task("process: stopping every service", total=None)
         server.should_exit = True

@@ -11,7 +11,7 @@ from fractions import Fraction
 import httpx
 import pytest
 
-from contracts.events import InferenceLogged, InferenceStatus
+from contracts.events import FeedbackReceived, FeedbackReviewed, InferenceLogged, InferenceStatus, Thumbs
 from contracts.http import Role
 from services.feedback.app import create_app
 from services.feedback.settings import FeedbackSettings
@@ -52,14 +52,8 @@ ALICE = ["up", "up", "down", "up"]
 BOB = ["up", "up", "down", "down"]
 
 
-async def test_a_rule_fills_a_queue_three_reviewers_work_it_and_agreement_matches_the_hand_computed_value(
-    settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget
-) -> None:
-    door = RegistryDoorFixture(settings.home / "registry")
-    async with door.client() as registry:
-        published = await registry.post("/registry/v1/rubrics", json=RUBRIC)
-        assert published.status_code == 201, published.text
-    clickhouse: ClickHouseStore = chdb_target.open()
+def feedback_process(settings: FlywheelSettings, clickhouse: ClickHouseStore, door: RegistryDoorFixture):  # noqa: ANN201 - build_process's pair
+    """The feedback service as `flywheel run feedback` builds it, on this test's ClickHouse and registry door."""
 
     def feedback(runtime: Runtime) -> Service:
         runtime.clickhouse = lambda: clickhouse
@@ -73,7 +67,22 @@ async def test_a_rule_fills_a_queue_three_reviewers_work_it_and_agreement_matche
         )
         return create_app(runtime, sink, PrivacySettings(), registry_transport=door.transport)
 
-    app, runtime = build_process(settings, [feedback], title="flywheel-feedback")
+    return build_process(settings, [feedback], title="flywheel-feedback")
+
+
+async def published_rubric(door: RegistryDoorFixture) -> None:
+    async with door.client() as registry:
+        published = await registry.post("/registry/v1/rubrics", json=RUBRIC)
+        assert published.status_code == 201, published.text
+
+
+async def test_a_rule_fills_a_queue_three_reviewers_work_it_and_agreement_matches_the_hand_computed_value(
+    settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget
+) -> None:
+    door = RegistryDoorFixture(settings.home / "registry")
+    await published_rubric(door)
+    clickhouse: ClickHouseStore = chdb_target.open()
+    app, runtime = feedback_process(settings, clickhouse, door)
     keys = {
         name: api_key(settings, role, name)
         for name, role in (
@@ -268,3 +277,68 @@ async def test_a_rule_fills_a_queue_three_reviewers_work_it_and_agreement_matche
         assert adjudicated[0]["scores"] == {"correct": "down", "helpful": "2", "tone": "friendly"}
         # The first thumbs and rating dimensions are feedback's own thumbs and rating, which the monitor reads.
         assert (adjudicated[0]["thumbs"], adjudicated[0]["rating"]) == ("down", 2)
+
+
+async def test_thumbs_down_and_low_groundedness_rules_take_only_what_they_name(
+    settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget
+) -> None:
+    door = RegistryDoorFixture(settings.home / "registry")
+    await published_rubric(door)
+    clickhouse: ClickHouseStore = chdb_target.open()
+    app, runtime = feedback_process(settings, clickhouse, door)
+    ops = api_key(settings, Role.operator, "ops")
+    async with app.router.lifespan_context(app):
+        bus = runtime.bus("test")
+        for i, (question, answer) in enumerate(CALLS):
+            route = "canary" if i % 2 else "production"
+            await bus.publish(
+                InferenceLogged(
+                    inference_id=f"call-{i}", model_name=MODEL, route=route, input_text=question, output_text=answer
+                )
+            )
+        # An end user's thumbs down on calls 4 and 5, and a reviewer's on call 6 (a reviewer's judgement is
+        # already a review: it does not send the call to the queue).
+        for inference_id in ("call-4", "call-5"):
+            await bus.publish(FeedbackReceived(inference_id=inference_id, thumbs=Thumbs.down))
+        await bus.publish(FeedbackReviewed(inference_id="call-6", thumbs=Thumbs.down, actor="alice"))
+        await eventually(
+            lambda: (
+                clickhouse.query("SELECT count() AS n FROM feedback")[0]["n"] == 3
+                and clickhouse.query("SELECT count() AS n FROM inference_log")[0]["n"] == len(CALLS)
+            ),
+            what="the sink storing calls and feedback",
+        )
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://feedback",
+            headers={"Authorization": f"Bearer {ops}"},
+        ) as client:
+
+            async def filled(name: str, rule: dict) -> dict:
+                body = {"name": name, "rule": {"model_name": MODEL, **rule}, "rubric": "answer-quality"}
+                assert (await client.post("/feedback/v1/review/queues", json=body)).status_code == 201
+                return (await client.post(f"/feedback/v1/review/queues/{name}/fill")).json()
+
+            downs = await filled("thumbs-down", {"select": "thumbs_down", "order": "newest"})
+            assert (downs["considered"], downs["added"]) == (2, 2), downs
+            canary_downs = await filled("canary-downs", {"select": "thumbs_down", "route": "canary"})
+            assert (canary_downs["considered"], canary_downs["added"]) == (1, 1), canary_downs  # call-5
+            # The off-topic answers ("Bananas are yellow.", "I like turtles.") are the ungrounded ones.
+            ungrounded = await filled("ungrounded", {"select": "low_groundedness", "floor": 0.3})
+            assert ungrounded["added"] >= 1, ungrounded
+            reviewer = {"Authorization": f"Bearer {api_key(settings, Role.reviewer, 'alice')}"}
+            seen = []
+            while (
+                claimed := await client.post("/feedback/v1/review/queues/ungrounded/claim", headers=reviewer)
+            ).status_code == 200:
+                item = claimed.json()
+                seen.append(item["inference_id"])
+                assert item["groundedness"] < 0.3, item
+                skipped = await client.post(
+                    f"/feedback/v1/review/items/{item['item_id']}/skip",
+                    json={"reason": "checking the rule"},
+                    headers=reviewer,
+                )
+                assert skipped.status_code == 204, skipped.text
+            assert claimed.status_code == 204, claimed.text
+            assert set(seen) <= {"call-2", "call-4"} and seen, seen
