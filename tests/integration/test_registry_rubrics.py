@@ -1,5 +1,5 @@
 """Review rubrics in the registry, through its real door on SQLite and PostgreSQL, through the runtime's
-registry client: each publication of a name is its next immutable version, the latest
+registry client and through the CLI: each publication of a name is its next immutable version, the latest
 and any version by number read back as published, every publication is audited, an unknown rubric is a
 404 naming it, a malformed one a 422 naming its field, and the door's roles decide who reads and who publishes.
 A registry database from before rubrics (migration 0005) upgrades in place."""
@@ -7,6 +7,7 @@ A registry database from before rubrics (migration 0005) upgrades in place."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from tests.integration.registry_support import (
     database_url,  # noqa: F401 - a fixture
     registry,  # noqa: F401 - a fixture
 )
+from tests.integration.test_cli_errors import assert_one_error_line
+from tests.integration.test_registry_cli import flywheel, json_lines, ok, open_registry
 from tests.support import served
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -231,3 +234,58 @@ def test_a_registry_from_before_rubrics_upgrades_in_place(before_rubrics: Regist
         "alice", name=body.name, instructions=body.instructions, dimensions=body.dimensions
     )
     assert (published.version, registry.rubrics.get_rubric(RUBRIC).dimensions) == (1, body.dimensions)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def test_publish_a_yaml_rubric_show_and_list_it_from_the_cli(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    rubric = tmp_path / "answer-quality.yaml"
+    rubric.write_text(
+        f"name: {RUBRIC}\n"
+        "instructions: |\n  Read the question and the answer; judge the answer only.\n"
+        "dimensions:\n"
+        "  - name: correct\n    description: Is the answer right?\n    scale: thumbs\n"
+        "  - name: tone\n    description: How does it sound?\n    scale: label\n    labels: [warm, neutral, curt]\n"
+    )
+    assert ok(home, "rubric", "publish", rubric).strip() == f"{RUBRIC}:v1 (dimensions: correct (thumbs), tone (label))"
+    as_json = tmp_path / "v2.json"
+    as_json.write_text(json.dumps(SECOND))
+    assert ok(home, "rubric", "publish", as_json).strip().startswith(f"{RUBRIC}:v2 (dimensions: correct (thumbs), ")
+
+    shown = json.loads(ok(home, "rubric", "show", RUBRIC, "--version", "1"))
+    assert (shown["version"], shown["instructions"], [d["labels"] for d in shown["dimensions"]]) == (
+        1,
+        "Read the question and the answer; judge the answer only.\n",
+        [[], ["warm", "neutral", "curt"]],
+    )
+    assert json.loads(ok(home, "rubric", "show", RUBRIC))["version"] == 2
+    assert [(item["name"], item["version"]) for item in json_lines(ok(home, "rubric", "list"))] == [(RUBRIC, 2)]
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        f"name: {RUBRIC}\ndimensions:\n  - {{name: tone, description: The tone, scale: label, labels: [warm]}}\n"
+    )
+    assert_one_error_line(flywheel(home, "rubric", "publish", bad), "dimensions.0", "dimension 'tone'")
+    bad.write_text("name: [unclosed\n")
+    assert_one_error_line(flywheel(home, "rubric", "publish", bad), "not YAML: line 2, column 1")
+    bad.write_text("- just a list\n")
+    assert_one_error_line(flywheel(home, "rubric", "publish", bad), "a rubric is a mapping")
+    assert_one_error_line(flywheel(home, "rubric", "publish", tmp_path / "nope.yaml"), "nope.yaml: no such file")
+    assert_one_error_line(
+        flywheel(home, "rubric", "show", RUBRIC, "--version", "9"),
+        f"no rubric version {RUBRIC}:v9",
+        "404 rubric_not_found",
+    )
+    assert_one_error_line(flywheel(home, "rubric", "show", "nope"), "no rubric named 'nope'", "404 rubric_not_found")
+
+    registry = open_registry(home)
+    try:
+        entries = registry.changes.entries(object_type="rubric", limit=500).items
+        assert [(entry.actor, entry.object_id, entry.outcome) for entry in entries] == [
+            ("cli:tester", f"{RUBRIC}:v1", "ok"),
+            ("cli:tester", f"{RUBRIC}:v2", "ok"),
+        ]
+    finally:
+        registry.store.close()
