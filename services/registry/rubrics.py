@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contracts.http import RubricDimension, RubricVersionView
 from services.registry import store
-from services.registry.changes import Changes
+from services.registry.changes import Changes, aware
 from services.registry.errors import NotFound
 from services.registry.models import RubricVersion
 from services.registry.store import Page
@@ -39,7 +39,7 @@ class Rubrics:
             self.changes.record(
                 session, actor, "rubric.publish", "rubric", f"{name}:v{version}", after={"dimensions": row.dimensions}
             )
-        return RubricVersionView.model_validate(row)
+        return _view(row)
 
     def get_rubric(self, name: str, *, version: int | None = None) -> RubricVersionView:
         """A rubric version by number, else the latest."""
@@ -48,23 +48,19 @@ class Rubrics:
                 version = store.latest_rubric_version(session, name)
                 if version is None:
                     raise NotFound(f"no rubric named {name!r}", param="name", code="rubric_not_found")
-            return RubricVersionView.model_validate(store.rubric_version(session, name, version))
+            return _view(store.rubric_version(session, name, version))
 
     def list_rubrics(self, *, cursor: str | None = None, limit: int = 50) -> Page:
         """The latest version of every rubric."""
         with self.changes.store.reading() as session:
-            return store.page(
-                session, store.latest_rubrics_query(), RubricVersion, RubricVersionView.model_validate, cursor, limit
-            )
+            return store.page(session, store.latest_rubrics_query(), RubricVersion, _view, cursor, limit)
 
     def list_versions(self, name: str, *, cursor: str | None = None, limit: int = 50) -> Page:
         """Every version of one rubric, oldest first."""
         with self.changes.store.reading() as session:
-            return store.page(
-                session,
-                store.rubric_versions_query(name),
-                RubricVersion,
-                RubricVersionView.model_validate,
-                cursor,
-                limit,
-            )
+            return store.page(session, store.rubric_versions_query(name), RubricVersion, _view, cursor, limit)
+
+
+def _view(row: RubricVersion) -> RubricVersionView:
+    # SQLite reads the time back naive; it was written in UTC, and the view says so whichever database answers.
+    return RubricVersionView.model_validate(row).model_copy(update={"created_at": aware(row.created_at)})

@@ -111,6 +111,8 @@ async def test_publish_two_versions_then_read_the_latest_a_version_and_the_list(
     )
     one = (await door.http.get(f"{ROOT}/{RUBRIC}/versions/1")).json()
     assert (one["version"], one["dimensions"]) == (1, [{**d, "labels": []} for d in FIRST["dimensions"]])
+    # Read back as published, the time included: in UTC whichever database stored it (SQLite reads it back naive).
+    assert one["created_at"] == first.json()["created_at"] and one["created_at"].endswith("Z")
 
     listed = (await door.http.get(ROOT)).json()
     assert [(item["name"], item["version"]) for item in listed["items"]] == [(RUBRIC, 2), ("tone-only", 1)]
