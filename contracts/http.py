@@ -950,6 +950,8 @@ HTTP_MODELS: tuple[type[BaseModel], ...] = (
     GuardPolicyCreate,
     GuardPolicyActivate,
     GuardPolicyView,
+    RubricCreate,
+    RubricVersionView,
     PromptRendered,
     DatasetCreate,
     DatasetVersionView,

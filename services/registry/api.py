@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Query, Response
 
 from contracts.events import DatasetRef, Stage
-from contracts.ids import DatasetName, GuardPolicyName, ModelName, PromptLabel, PromptName
+from contracts.ids import DatasetName, GuardPolicyName, ModelName, PromptLabel, PromptName, RubricName
 from contracts.http import (
     AdapterVersionCreate,
     AdapterVersionView,
@@ -41,6 +41,8 @@ from contracts.http import (
     PromptRenderRequest,
     PromptVersionView,
     Role,
+    RubricCreate,
+    RubricVersionView,
     StageTransition,
 )
 from services.registry.service import Registry
@@ -265,6 +267,32 @@ def create_router(registry: Registry, auth: Authenticator) -> APIRouter:
         name: GuardPolicyName, body: GuardPolicyActivate, who: Principal = Depends(writer)
     ) -> Any:
         return await call(registry.guard_policies.activate_policy, who.name, name=name, version=body.version)
+
+    # ---------------------------------------------------------------------------- rubrics
+    @router.get("/rubrics", response_model=Page[RubricVersionView])
+    async def list_rubrics(
+        cursor: str | None = None, limit: int = Query(50, ge=1, le=500), _: Principal = Depends(reader)
+    ) -> dict:
+        """The latest version of every rubric (a version by number: GET /rubrics/{name}/versions/{version})."""
+        return page(await call(registry.rubrics.list_rubrics, cursor=cursor, limit=limit))
+
+    @router.post("/rubrics", response_model=RubricVersionView, status_code=201)
+    async def create_rubric(body: RubricCreate, who: Principal = Depends(writer)) -> Any:
+        return await call(
+            registry.rubrics.publish_rubric,
+            who.name,
+            name=body.name,
+            instructions=body.instructions,
+            dimensions=body.dimensions,
+        )
+
+    @router.get("/rubrics/{name}", response_model=RubricVersionView)
+    async def get_rubric(name: RubricName, _: Principal = Depends(reader)) -> Any:
+        return await call(registry.rubrics.get_rubric, name)
+
+    @router.get("/rubrics/{name}/versions/{version}", response_model=RubricVersionView)
+    async def get_rubric_version(name: RubricName, version: Version, _: Principal = Depends(reader)) -> Any:
+        return await call(registry.rubrics.get_rubric, name, version=version)
 
     # --------------------------------------------------------------------------- datasets
     @router.get("/datasets", response_model=Page[DatasetVersionView])

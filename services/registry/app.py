@@ -53,6 +53,7 @@ def create_app(runtime: Runtime, settings: RegistrySettings) -> Service:
     runtime.console.add(
         Section("registry", "Models", "/registry/console/models"),
         Section("registry", "Prompts", "/registry/console/prompts"),
+        Section("registry", "Rubrics", "/registry/console/rubrics"),
         Section("registry", "Datasets", "/registry/console/datasets"),
     )
 

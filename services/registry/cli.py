@@ -30,11 +30,16 @@ if TYPE_CHECKING:
 
 app = typer.Typer()
 registry_app = typer.Typer(
-    help="Base models, adapter versions and stages, prompts, guard policies, datasets, API keys and the audit log.",
+    help="Base models, adapter versions and stages, prompts, guard policies, review rubrics, datasets, API keys and the audit log.",
     no_args_is_help=True,
 )
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 registry_app.add_typer(keys_app, name="keys")
+rubric_app = typer.Typer(
+    help="Review rubrics: what reviewers are asked and the dimensions they score an answer on, versioned per name.",
+    no_args_is_help=True,
+)
+registry_app.add_typer(rubric_app, name="rubric")
 app.add_typer(registry_app, name="registry")
 console = Console(highlight=False, soft_wrap=True)
 
@@ -344,6 +349,71 @@ def guard_policies(name: Annotated[str | None, typer.Option(help="Only this poli
     """List guard policy versions (one JSON object per line)."""
     with _registry() as registry:
         _print(registry.guard_policies.list_policies(name=name, limit=500).items)
+
+
+def _rubric(file: Path) -> Any:
+    """The publication as the door would take it (RubricCreate): a field the contract does not know is refused,
+    not dropped, and a dimension's scale and labels are checked the same way."""
+    import yaml
+    from pydantic import ValidationError
+
+    from contracts.http import RubricCreate
+
+    if not file.is_file():
+        raise RegistryCommandError(f"{file}: no such file")
+    try:
+        text = file.read_text(encoding="utf-8")
+        document = json.loads(text) if file.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
+        # YAML's own message runs over several lines with a picture of the spot; a refusal is one line.
+        mark = getattr(error, "problem_mark", None)
+        problem = (
+            f"line {mark.line + 1}, column {mark.column + 1}: {getattr(error, 'problem', None) or 'does not parse'}"
+            if mark is not None
+            else " ".join(str(error).split())
+        )
+        raise RegistryCommandError(
+            f"{file}: not {'JSON' if file.suffix.lower() == '.json' else 'YAML'}: {problem}"
+        ) from None
+    if not isinstance(document, dict):
+        raise RegistryCommandError(
+            f"{file}: a rubric is a mapping of name, instructions and dimensions, not {type(document).__name__}"
+        )
+    try:
+        return RubricCreate.model_validate(document)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'rubric'}: {e['msg']}" for e in error.errors())
+        raise RegistryCommandError(f"invalid rubric ({file}): {problems}") from None
+
+
+@rubric_app.command("publish")
+def publish_rubric(
+    file: Annotated[Path, typer.Argument(help="A YAML or JSON file (.json) with name, instructions and dimensions.")],
+) -> None:
+    """Register a rubric file as the next version of its rubric."""
+    body = _rubric(file)
+    with _registry() as registry:
+        rubric = registry.rubrics.publish_rubric(
+            _actor(), name=body.name, instructions=body.instructions, dimensions=body.dimensions
+        )
+    scored = ", ".join(f"{dimension.name} ({dimension.scale.value})" for dimension in rubric.dimensions)
+    console.print(f"{rubric.name}:v{rubric.version} (dimensions: {scored})")
+
+
+@rubric_app.command("show")
+def show_rubric(
+    name: str, version: Annotated[int | None, typer.Option(min=1, help="This version; default: the latest.")] = None
+) -> None:
+    """A rubric version as JSON."""
+    with _registry() as registry:
+        console.print(registry.rubrics.get_rubric(name, version=version).model_dump_json(indent=2))
+
+
+@rubric_app.command("list")
+def list_rubrics() -> None:
+    """The latest version of every rubric (one JSON object per line)."""
+    with _registry() as registry:
+        _print(registry.rubrics.list_rubrics(limit=500).items)
 
 
 @registry_app.command("audit")

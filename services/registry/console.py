@@ -1,5 +1,6 @@
 """The registry's pages in the web console, under /registry/console: models with their adapter versions
-and lineage, prompts with their versions, labels and diffs, datasets with a preview of their records.
+and lineage, prompts with their versions, labels and diffs, review rubrics with their versions, datasets
+with a preview of their records.
 
 The pages translate like the JSON door (api.py): they read through the same use cases and store
 queries, take ids from the URL with the door's types, and change things through the same use cases
@@ -23,7 +24,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from contracts.events import DatasetRef, Stage
 from contracts.http import PromptLabelMove, Role, StageTransition
-from contracts.ids import DatasetName, ModelName, PromptLabel, PromptName, VersionNumber
+from contracts.ids import DatasetName, ModelName, PromptLabel, PromptName, RubricName, VersionNumber
 from services.registry import store
 from services.registry.adapters import TRANSITIONS
 from services.registry.changes import aware
@@ -42,6 +43,7 @@ PREVIEW_CHARS = 300
 
 MODEL_NAME: TypeAdapter[str] = TypeAdapter(ModelName)
 PROMPT_NAME: TypeAdapter[str] = TypeAdapter(PromptName)
+RUBRIC_NAME: TypeAdapter[str] = TypeAdapter(RubricName)
 DATASET_NAME: TypeAdapter[str] = TypeAdapter(DatasetName)
 LABEL: TypeAdapter[str] = TypeAdapter(PromptLabel)
 VERSION: TypeAdapter[int] = TypeAdapter(VersionNumber)
@@ -140,6 +142,27 @@ def create_console_router(registry: Registry, console: Console) -> APIRouter:
             traffic_percent=move.traffic_percent,
         )
         return RedirectResponse(f"{PREFIX}/prompts/{quote(name, safe='')}", status_code=303)
+
+    # ------------------------------------------------------------------------------ rubrics
+    @router.get("/rubrics", response_class=HTMLResponse)
+    async def rubrics(request: Request, user: ConsoleUser = Depends(console.viewer)) -> HTMLResponse:
+        latest, truncated = await call(user, every, registry.rubrics.list_rubrics)
+        return console.page(
+            request,
+            templates,
+            "rubrics.html",
+            user,
+            title="Rubrics",
+            rubrics=latest,
+            truncated=truncated,
+            cap=LISTING_CAP,
+        )
+
+    @router.get("/rubrics/{name}", response_class=HTMLResponse)
+    async def rubric(request: Request, name: str, user: ConsoleUser = Depends(console.viewer)) -> HTMLResponse:
+        name = checked(RUBRIC_NAME, name, f"no rubric named {name!r}", user)
+        facts = await call(user, rubric_overview, registry, name)
+        return console.page(request, templates, "rubric.html", user, title=f"Rubric {name}", **facts)
 
     # ----------------------------------------------------------------------------- datasets
     @router.get("/datasets", response_class=HTMLResponse)
@@ -327,6 +350,12 @@ def line_kind(line: str) -> str:
     if line.startswith("-"):
         return "removed"
     return "context"
+
+
+def rubric_overview(registry: Registry, name: str) -> dict[str, Any]:
+    registry.rubrics.get_rubric(name)  # an unknown rubric is a NotFound before anything else is read
+    versions, truncated = every(registry.rubrics.list_versions, name=name)
+    return {"name": name, "versions": versions, "truncated": truncated, "cap": LISTING_CAP}
 
 
 def datasets_overview(registry: Registry) -> dict[str, Any]:

@@ -160,6 +160,21 @@ class GuardPolicyActive(SQLModel, table=True):
     updated_by: str = Field(max_length=256)
 
 
+class RubricVersion(SQLModel, table=True):
+    """An immutable version of a review rubric: what reviewers are asked, and the dimensions they score on."""
+
+    __tablename__ = "rubric_version"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_rubric_version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=200, index=True)
+    version: int
+    instructions: str = Field(sa_column=Column(Text, nullable=False))
+    dimensions: list = Field(sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _when()
+    created_by: str = Field(max_length=256)
+
+
 class DatasetVersion(SQLModel, table=True):
     __tablename__ = "dataset_version"
     __table_args__ = (UniqueConstraint("name", "version", name="uq_dataset_version"),)

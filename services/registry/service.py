@@ -2,7 +2,7 @@
 
 - base_models.py: base models;  adapters.py: adapter versions, their evaluations and stages;
 - approvals.py: approvals of production promotions;  prompts.py: prompt versions and labels;
-- guard_policies.py: guard policy versions and the active one of each;
+- guard_policies.py: guard policy versions and the active one of each;  rubrics.py: review rubric versions;
 - datasets.py: dataset versions;  keys.py: API keys;
 - changes.py: what every mutation shares (its transaction, its audit entry, the outbox kick) and the audit log;
 - store.py: the database and its queries;  errors.py: what the registry refuses.
@@ -24,6 +24,7 @@ from services.registry.datasets import Datasets
 from services.registry.guard_policies import GuardPolicies
 from services.registry.keys import Keys
 from services.registry.prompts import Prompts
+from services.registry.rubrics import Rubrics
 from services.registry.store import RegistryStore
 from services.runtime.artifacts import ArtifactStore
 
@@ -49,6 +50,7 @@ class Registry:
         self.adapters = Adapters(self.changes, artifacts, self.approvals)
         self.prompts = Prompts(self.changes, self.approvals)
         self.guard_policies = GuardPolicies(self.changes)
+        self.rubrics = Rubrics(self.changes)
         self.datasets = Datasets(self.changes, artifacts, max_dataset_bytes=max_dataset_bytes)
         self.keys = Keys(self.changes, key_pepper=key_pepper)
 

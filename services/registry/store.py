@@ -1,5 +1,5 @@
 """The registry database: the only module that opens connections, and the queries the sub-domains
-(base_models, adapters, approvals, prompts, guard_policies, datasets, keys) run in the sessions it opens. SQLite by
+(base_models, adapters, approvals, prompts, guard_policies, rubrics, datasets, keys) run in the sessions it opens. SQLite by
 default, PostgreSQL by URL.
 
 Migrations: numbered modules in `migrations/` (m0001_initial ...), each an `upgrade(op)` written
@@ -39,6 +39,7 @@ from services.registry.models import (
     GuardPolicyVersion,
     PromptLabel,
     PromptVersion,
+    RubricVersion,
     SchemaMigration,
     utcnow,
 )
@@ -388,6 +389,39 @@ def guard_policies_query(name: str | None) -> Any:
     """Guard policy versions, optionally of one name."""
     query = select(GuardPolicyVersion)
     return query.where(GuardPolicyVersion.name == name) if name else query
+
+
+# ------------------------------------------------------------------------------------ rubrics
+
+
+def rubric_version(session: Session, name: str, version: int) -> RubricVersion:
+    """A rubric version, or NotFound."""
+    row = session.scalar(select(RubricVersion).where(RubricVersion.name == name, RubricVersion.version == version))
+    if row is None:
+        raise NotFound(f"no rubric version {name}:v{version}", param="version", code="rubric_not_found")
+    return row
+
+
+def latest_rubric_version(session: Session, name: str) -> int | None:
+    """The newest version number of a rubric, None when there is none."""
+    return session.scalar(select(func.max(RubricVersion.version)).where(RubricVersion.name == name))
+
+
+def latest_rubrics_query() -> Any:
+    """The newest version of every rubric."""
+    newest = (
+        select(RubricVersion.name, func.max(RubricVersion.version).label("version"))
+        .group_by(RubricVersion.name)
+        .subquery()
+    )
+    return select(RubricVersion).join(
+        newest, (RubricVersion.name == newest.c.name) & (RubricVersion.version == newest.c.version)
+    )
+
+
+def rubric_versions_query(name: str) -> Any:
+    """Every version of one rubric."""
+    return select(RubricVersion).where(RubricVersion.name == name)
 
 
 # ----------------------------------------------------------------------------------- datasets

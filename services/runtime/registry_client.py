@@ -27,6 +27,8 @@ from contracts.http import (
     ErrorResponse,
     LineageView,
     Page,
+    RubricCreate,
+    RubricVersionView,
     StageTransition,
 )
 from services.runtime.doors import bearer_header
@@ -43,6 +45,7 @@ _ADAPTER_PAGE = TypeAdapter(Page[AdapterVersionView])
 _DATASET = TypeAdapter(DatasetVersionView)
 _LINEAGE = TypeAdapter(LineageView)
 _ROWS = TypeAdapter(list[dict[str, Any]])
+_RUBRIC = TypeAdapter(RubricVersionView)
 
 
 class RegistryError(Exception):
@@ -135,6 +138,15 @@ def _dataset_rows(name: str, version: int, offset: int, limit: int) -> _Call[lis
     )
 
 
+def _rubric(name: str, version: int | None) -> _Call[RubricVersionView]:
+    path = f"/rubrics/{_segment(name)}" + (f"/versions/{version}" if version is not None else "")
+    return _Call("GET", path, _RUBRIC)
+
+
+def _publish_rubric(body: RubricCreate) -> _Call[RubricVersionView]:
+    return _Call("POST", "/rubrics", _RUBRIC, ok=201, json=body.model_dump(mode="json"))
+
+
 class _Door:
     def __init__(self, base_url: str, api_key: str | None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.base_url = base_url.rstrip("/")
@@ -203,6 +215,10 @@ class RegistryClient(_Door):
             if len(page) < page_size:
                 return rows
 
+    async def rubric(self, name: str, version: int | None = None) -> RubricVersionView:
+        """A rubric version by number, else its latest."""
+        return await self._send(_rubric(name, version))
+
     async def production_lineage(self, model_name: str) -> LineageView | None:
         """The lineage of `model_name`'s full production version (not a canary beside it); None when it has none."""
         page = await self.adapters(model_name=model_name, stage=Stage.production, limit=50)
@@ -245,3 +261,11 @@ class RegistrySyncClient(_Door):
     def publish_dataset(self, body: DatasetCreate) -> DatasetVersionView:
         """Publish a new dataset version."""
         return self._send(_publish_dataset(body))
+
+    def rubric(self, name: str, version: int | None = None) -> RubricVersionView:
+        """A rubric version by number, else its latest."""
+        return self._send(_rubric(name, version))
+
+    def publish_rubric(self, body: RubricCreate) -> RubricVersionView:
+        """Publish the next version of a rubric."""
+        return self._send(_publish_rubric(body))

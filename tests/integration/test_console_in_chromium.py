@@ -416,6 +416,7 @@ async def test_the_console_in_chromium_across_services_read_signed_out_and_chang
         sections = [
             "/registry/console/models",
             "/registry/console/prompts",
+            "/registry/console/rubrics",
             "/registry/console/datasets",
             "/evaluator/console/evaluations",
             "/monitor/console",

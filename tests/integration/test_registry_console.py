@@ -16,7 +16,7 @@ import pytest
 from fastapi import FastAPI
 
 from contracts.events import DatasetRef, EvaluationCompleted, MetricComparison, ModelTarget, Stage
-from contracts.http import Role
+from contracts.http import Role, RubricDimension, RubricScale
 from services.registry.console import create_console_router
 from services.registry.errors import NotFound
 from services.registry.service import Registry
@@ -32,6 +32,7 @@ CSRF_FIELD = re.compile(r'name="csrf_token" value="([^"]+)"')
 HOSTILE = '<script>alert("x")</script>'
 ESCAPED = "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;"
 PROMPT = "support-reply"
+RUBRIC = "answer-quality"
 TEMPLATES = [
     "Hello {{ customer }},\nLine two\nRegards",
     "Hello {{ customer }},\nLine 2 changed\nRegards",
@@ -67,7 +68,8 @@ def site(tmp_path: Path) -> Iterator[Site]:
 
 def seed(registry: Registry, tmp_path: Path) -> None:
     """smol: v1 in production, v2 its 10% canary (evaluated with metrics, a hostile reason), v3 only registered;
-    support:v1 (chat) and support:v2 (25 instruction records, hostile and long); a prompt with three versions."""
+    support:v1 (chat) and support:v2 (25 instruction records, hostile and long); a prompt with three versions;
+    a rubric with two (the second's instructions and a label hostile)."""
     seed_production_and_approved_candidate(registry, tmp_path, "smol")
     registry.adapters.transition(
         "alice", model_name="smol", version=2, to_stage=Stage.production, canary_percent=10, reason=HOSTILE
@@ -106,6 +108,10 @@ def seed(registry: Registry, tmp_path: Path) -> None:
     registry.prompts.publish_prompt("alice", name=PROMPT, template=TEMPLATES[0], labels=["staging"])
     for template in TEMPLATES[1:]:
         registry.prompts.publish_prompt("alice", name=PROMPT, template=template, model_name="smol")
+    correct = RubricDimension(name="correct", description="Is the answer right?", scale=RubricScale.thumbs)
+    registry.rubrics.publish_rubric("alice", name=RUBRIC, instructions="Judge the answer.", dimensions=[correct])
+    tone = RubricDimension(name="tone", description="How it sounds", scale=RubricScale.label, labels=["warm", HOSTILE])
+    registry.rubrics.publish_rubric("bob", name=RUBRIC, instructions=HOSTILE, dimensions=[correct, tone])
 
 
 @pytest.fixture
@@ -199,6 +205,13 @@ async def test_every_page_shows_the_seeded_registry_to_a_viewer(site: Site, clie
     assert '<span class="removed">-Line two</span>' in chosen and '<span class="added">+Line 2 changed</span>' in chosen
     assert '<span class="context"> Regards</span>' in chosen
 
+    rubrics = flat(await page(viewer, "/registry/console/rubrics"))
+    assert f"{RUBRIC} v2," in rubrics and "by bob correct (thumbs), tone (label)" in rubrics
+    rubric = flat(await page(viewer, f"/registry/console/rubrics/{RUBRIC}"))
+    assert rubric.index(" v2 ") < rubric.index(" v1 ")  # newest first
+    assert "correct thumbs, up or down Is the answer right?" in rubric and "Judge the answer." in rubric
+    assert f"tone one of warm, {ESCAPED} How it sounds" in rubric
+
     datasets = flat(await page(viewer, "/registry/console/datasets"))
     assert "v1 train chat 2 uploaded" in datasets and "v2 train instruction 25 feedback" in datasets
 
@@ -231,6 +244,7 @@ async def test_hostile_text_is_shown_as_text(clients: tuple) -> None:
     viewer, _ = clients
     for path, where in [
         (f"/registry/console/prompts/{PROMPT}", "a prompt template"),
+        (f"/registry/console/rubrics/{RUBRIC}", "a rubric's instructions and labels"),
         ("/registry/console/datasets/support/versions/2", "a dataset record"),
         ("/registry/console/models/smol/versions/2", "an evaluation's reason and a stage change's reason"),
         ("/registry/console/models/smol/versions/3", "a training metric's name"),
@@ -252,6 +266,8 @@ async def test_unknown_or_impossible_ids_are_404_pages(clients: tuple) -> None:
         "/registry/console/models/nope/versions/1",
         "/registry/console/prompts/nope",
         "/registry/console/prompts/%3Cscript%3E",
+        "/registry/console/rubrics/nope",
+        "/registry/console/rubrics/%3Cscript%3E",
         f"/registry/console/prompts/{PROMPT}?from=9",
         f"/registry/console/prompts/{PROMPT}?to=-1",
         "/registry/console/datasets/support/versions/3",

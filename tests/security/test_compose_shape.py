@@ -56,6 +56,8 @@ MATRIX: dict[str, list[tuple[str, str, frozenset[str]]]] = {
         ("GET", "/registry/v1/models", READERS),
         ("GET", "/registry/v1/audit", READERS),
         ("POST", "/registry/v1/prompts", OPERATORS),
+        ("GET", "/registry/v1/rubrics", READERS),
+        ("POST", "/registry/v1/rubrics", OPERATORS),
         ("POST", "/registry/v1/adapters/smol/versions/1/transitions", OPERATORS),
         ("POST", "/registry/v1/adapters/smol/versions/1/approvals", frozenset({"admin", "approver"})),
         ("GET", "/registry/v1/keys", frozenset({"admin"})),
