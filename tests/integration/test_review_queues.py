@@ -274,7 +274,7 @@ async def test_a_rule_fills_a_queue_three_reviewers_work_it_and_agreement_matche
         assert {row["rubric"] for row in rows} == {"answer-quality:v1"}
         adjudicated = [row for row in rows if "adjudication" in row["tags"]]
         assert len(adjudicated) == 1 and adjudicated[0]["correction"] == "Two years."
-        assert adjudicated[0]["scores"] == {"correct": "down", "helpful": "2", "tone": "friendly"}
+        assert dict(adjudicated[0]["scores"]) == {"correct": "down", "helpful": "2", "tone": "friendly"}
         # The first thumbs and rating dimensions are feedback's own thumbs and rating, which the monitor reads.
         assert (adjudicated[0]["thumbs"], adjudicated[0]["rating"]) == ("down", 2)
 
