@@ -22,6 +22,10 @@ from tests.support import eventually
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
+# Keys that are not a letter or a digit: (code, Windows virtual key code, the text they type).
+_KEYS = {"Enter": ("Enter", 13, "\r"), "Tab": ("Tab", 9, "")}
+
+
 class Browser:
     """A headless Chromium and one page."""
 
@@ -67,6 +71,23 @@ class Browser:
             f"document.getElementById('api_key').value = {key!r}; document.getElementById('api_key').form.submit(); true"
         )
         await asyncio.sleep(0.5)
+
+    async def press(self, key: str, *, alt: bool = False) -> None:
+        """Press and release one key (a letter, a digit or Enter) as a keyboard does, with Alt held when `alt`:
+        Alt+key is how Chromium on Linux reaches an element's accesskey."""
+        code, virtual, text = _KEYS.get(key) or (
+            f"Digit{key}" if key.isdigit() else f"Key{key.upper()}",
+            ord(key.upper()),
+            key,
+        )
+        event = {"key": key, "code": code, "windowsVirtualKeyCode": virtual, "modifiers": 1 if alt else 0}
+        # Blink matches an access key by the key's unmodified text, as a real keyboard reports it.
+        await self.call("Input.dispatchKeyEvent", type="keyDown", text=text, unmodifiedText=text, **event)
+        await self.call("Input.dispatchKeyEvent", type="keyUp", **event)
+
+    async def type(self, text: str) -> None:
+        """Type `text` into the element that has the focus."""
+        await self.call("Input.insertText", text=text)
 
     async def screenshot(self, path: Path) -> Path:
         """The whole page (beyond the window) as a PNG at `path`."""

@@ -1,5 +1,6 @@
-"""Wires the feedback service into a process: the sink's batch subscribers, the feedback door and the
-OTLP trace intake (HTTP on the process's port, gRPC on its own)."""
+"""Wires the feedback service into a process: the sink's batch subscribers, the feedback door, the
+OTLP trace intake (HTTP on the process's port, gRPC on its own), the review queues' door and their
+console pages."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from fastapi import APIRouter
 from contracts.http import RubricVersionView
 
 from services.feedback.api import create_otlp_router, create_router, otlp_body_limits
+from services.feedback.console import PREFIX as REVIEW_PAGES
+from services.feedback.console import create_console_router
 from services.feedback.handlers import BATCH_HANDLERS, GROUP
 from services.feedback.otlp_grpc import OtlpGrpcServer, TraceExportServicer
 from services.feedback.otlp_intake import TraceIntake
@@ -22,6 +25,7 @@ from services.feedback.service import Sink
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
 from services.runtime.auth import Authenticator
+from services.runtime.console import Section
 from services.runtime.http import RefusalLog
 from services.runtime.errors import NotFound, Unavailable
 from services.runtime.privacy import PrivacySettings
@@ -83,6 +87,8 @@ def create_app(
             raise Unavailable(f"the registry could not be reached for rubric {name!r}: {error}") from None
 
     doors.include_router(create_review_router(queues, auth, rubric, publish_timeout_s=settings.publish_timeout_s))
+    doors.include_router(create_console_router(queues, runtime.console, publish_timeout_s=settings.publish_timeout_s))
+    runtime.console.add(Section(GROUP, "Review", REVIEW_PAGES))
     on_start: list[Hook] = [clickhouse_answers]
     on_stop: list[Hook] = [lambda: asyncio.to_thread(reviews.close)]
     if settings.otlp_grpc_port:

@@ -262,6 +262,17 @@ class ReviewQueues:
             lease_expires_at=expires,
         )
 
+    async def held(self, item_id: str, reviewer: str) -> ReviewItemView:
+        """The item `reviewer` holds a live claim on, as the claim gave it, without claiming anything (the
+        console's item page, which a reload must not turn into a new claim)."""
+        return await asyncio.to_thread(self._held_view, item_id, reviewer)
+
+    def _held_view(self, item_id: str, reviewer: str) -> ReviewItemView:
+        item = self._held(item_id, reviewer)
+        expires = self._store.lease_expires_at(item.item_id, reviewer, item.stage)
+        # _held saw the lease live a moment ago; one that lapsed since is still shown, and its submit answers 409.
+        return self._item_view(item, expires or datetime.now(UTC))
+
     def _queue_version(self, item: ItemRecord) -> QueueRecord:
         record = self._store.queue_version(item.queue, item.queue_version)
         assert record is not None, "an item names the queue version it was added under"

@@ -272,6 +272,14 @@ class ReviewStore:
             is not None
         )
 
+    def lease_expires_at(self, item_id: str, reviewer: str, stage: str) -> datetime | None:
+        """When `reviewer`'s live lease on the item at `stage` lapses; None when they hold none."""
+        row = self._db.row(
+            "SELECT expires_at FROM lease WHERE item_id = ? AND reviewer = ? AND stage = ? AND expires_at > ?",
+            (item_id, reviewer, stage, _now().isoformat()),
+        )
+        return datetime.fromisoformat(row[0]) if row else None
+
     def reviews(self, item_id: str) -> list[ReviewRecord]:
         rows = self._db.rows(
             "SELECT reviewer, stage, scores, correction, comment, feedback_id FROM review WHERE item_id = ? ORDER BY reviewed_at",

@@ -197,11 +197,15 @@ class Console:
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise SignInRequired(path)
 
-    async def form(self, request: HttpRequest, user: ConsoleUser, role: Role) -> dict[str, str]:
-        """The fields of a form posted by `user`, once its size, its CSRF token and the user's role are checked."""
-        fields = await read_form(request)
+    async def form(
+        self, request: HttpRequest, user: ConsoleUser, role: Role, *, limit: int = FORM_BODY_LIMIT
+    ) -> dict[str, str]:
+        """The fields of a form posted by `user`, once its size, its CSRF token and the user's role are checked.
+        A page whose form carries more than a key, a label or a note (a reviewer's correction) names its own
+        `limit`, in bytes as posted."""
+        fields = await read_form(request, limit)
         if fields is None:
-            raise ConsoleRefused(413, f"the form was larger than {FORM_BODY_LIMIT} bytes; nothing was changed", user)
+            raise ConsoleRefused(413, f"the form was larger than {limit} bytes; nothing was changed", user)
         if user.csrf is None or not same_token(user.csrf, fields.get("csrf_token")):
             raise ConsoleRefused(
                 403,
@@ -395,11 +399,11 @@ class Console:
         return router
 
 
-async def read_form(request: HttpRequest) -> dict[str, str] | None:
-    """A posted form's fields (the first value of each), or None when it is larger than a console form can be."""
-    body = b""
+async def read_form(request: HttpRequest, limit: int = FORM_BODY_LIMIT) -> dict[str, str] | None:
+    """A posted form's fields (the first value of each), or None when it is larger than `limit` bytes."""
+    body = bytearray()
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > FORM_BODY_LIMIT:
+        body.extend(chunk)
+        if len(body) > limit:
             return None
     return {name: values[0] for name, values in parse_qs(body.decode("utf-8", "replace")).items()}

@@ -1,0 +1,167 @@
+"""A reviewer works a review queue in a real headless Chromium with the keyboard alone: the feedback service as
+`flywheel run feedback` builds it (its sink on real Kafka, embedded ClickHouse) served by uvicorn, the page
+without a line of script. The reviewer types their key into the sign-in form, starts reviewing with Alt+1,
+scores two answers with the page's access keys (Alt+key in Chromium on Linux), writes a correction and a
+comment, submits each with Alt+s, skips the third with a reason and Alt+k, and is told nothing is left. Both
+reviews are in ClickHouse as feedback.reviewed with the reviewer as actor. The pages are kept as screenshots
+in test-artifacts/console."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from contracts.http import Role
+from infra.processes import free_port
+from services.runtime.settings import FlywheelSettings
+from tests.browser import ARTIFACTS, Browser, chromium
+from tests.conftest import require
+from tests.fixtures.clickhouse import ClickHouseTarget
+from tests.integration.review_support import QUEUE, define_queue, feedback_process, reviews_stored, store_calls
+from tests.support import api_key, eventually
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+PAGES = "/feedback/console/review"
+ITEMS = f"{PAGES}/queues/{QUEUE}/items/"
+HOSTILE = "<script>alert('answer')</script> <img src=x onerror=alert(2)> hold the button"
+CALLS = [
+    {"input_text": "How do I reset the hub?", "output_text": HOSTILE},
+    {"input_text": "How long is the warranty?", "output_text": "Two years."},
+    {"input_text": "Do you ship to Canada?", "output_text": "Bananas are yellow."},
+]
+SHOTS = ARTIFACTS / "console"
+
+
+@pytest.fixture
+async def served(settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget) -> AsyncIterator[tuple]:
+    """The feedback service on a free port, its calls stored and its queue defined; (base url, key, ClickHouse)."""
+    require(shutil.which("chromium") is not None, "Debian's chromium is not installed (apt-get install chromium)")
+    clickhouse = chdb_target.open()
+    app, runtime = feedback_process(settings, clickhouse)
+    key = api_key(settings, Role.reviewer, "rita")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        await eventually(lambda: server.started or serving.done(), timeout_s=120, what="the process listening")
+        assert not serving.done(), f"uvicorn did not start: {serving.exception()}"
+        await store_calls(runtime, clickhouse, CALLS)
+        await define_queue(settings, clickhouse, reviewers_per_item=1)
+        yield f"http://127.0.0.1:{port}", key, clickhouse
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, timeout=60)
+
+
+async def keys_then_page(browser: Browser, keys: list[str], under: str) -> str:
+    """Press Alt+each key, the last of which posts a form, and wait for the page it leads to, whose path starts
+    with `under` (the page left is marked, so it is not mistaken for the new one); the new page's path."""
+    await browser.evaluate("document.documentElement.dataset.left = 'yes'; true")
+    for key in keys:
+        await browser.press(key, alt=True)
+
+    async def arrived() -> bool:
+        with contextlib.suppress(AssertionError):  # a page being replaced refuses evaluation for a moment
+            return await browser.evaluate(
+                "document.documentElement.dataset.left === undefined && document.readyState === 'complete'"
+                f" && location.pathname.startsWith({json.dumps(under)})"
+            )
+        return False
+
+    await eventually(arrived, interval_s=0.1, what=f"the page under {under} after Alt+{', Alt+'.join(keys)}")
+    return await browser.evaluate("location.pathname")
+
+
+async def key_of(browser: Browser, field: str, value: str) -> str:
+    """The access key the page gives one score choice (the page's legend shows the same)."""
+    selector = json.dumps(f'input[name="{field}"][value="{value}"]')
+    return await browser.evaluate(f"document.querySelector({selector}).accessKey")
+
+
+async def checked(browser: Browser) -> dict[str, str]:
+    return await browser.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('input[type=radio]:checked')].map(r => [r.name, r.value]))"
+    )
+
+
+async def answer_as_text(browser: Browser) -> str:
+    """The answer the item page shows, once it is known that no markup of it became an element."""
+    assert await browser.evaluate("document.querySelectorAll('script, img, [onerror]').length") == 0
+    answer = await browser.evaluate("document.querySelector('pre.answer').innerText")
+    if answer == HOSTILE:
+        await browser.screenshot(SHOTS / "review-02-hostile-answer-as-text.png")
+    return answer
+
+
+async def focused(browser: Browser) -> str:
+    return await browser.evaluate("(e => e.name || e.id || e.tagName)(document.activeElement)")
+
+
+async def test_a_reviewer_reviews_two_answers_and_skips_a_third_with_the_keyboard_alone(
+    served: tuple, tmp_path: Path
+) -> None:
+    base, key, clickhouse = served
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    async with chromium(tmp_path / "chromium-profile") as browser:
+        await browser.open(f"{base}{PAGES}", "/console/login")
+        assert await focused(browser) == "api_key", "the sign-in form takes the focus"
+        await browser.type(key)
+        await browser.press("Enter")
+        await browser.settled_at(PAGES)
+        assert "Start reviewing support-review" in await browser.evaluate("document.body.innerText")
+        await browser.screenshot(SHOTS / "review-01-queues.png")
+
+        first = await keys_then_page(browser, ["1"], ITEMS)
+        assert await focused(browser) == "score.correct", "the first score takes the focus"
+        reviewed: dict[str, dict[str, str]] = {}
+        answers: list[str] = []
+        plans = [
+            ({"score.correct": "up", "score.helpful": "4", "score.tone": "friendly"}, "c", "Two years from purchase."),
+            ({"score.correct": "down", "score.helpful": "2", "score.tone": "rude"}, "m", "off topic"),
+        ]
+        page = first
+        for number, (scores, text_key, text) in enumerate(plans, start=1):
+            item_id = page.removeprefix(ITEMS)
+            answers.append(await answer_as_text(browser))
+            for field, value in scores.items():
+                await browser.press(await key_of(browser, field, value), alt=True)
+            assert await checked(browser) == scores
+            await browser.press(text_key, alt=True)
+            assert await focused(browser) == ("correction" if text_key == "c" else "comment")
+            await browser.type(text)
+            await browser.screenshot(SHOTS / f"review-0{2 + number}-item-{number}-scored.png")
+            reviewed[item_id] = {**{f.removeprefix("score."): v for f, v in scores.items()}, "text": text}
+            page = await keys_then_page(browser, ["s"], ITEMS)
+            assert page.removeprefix(ITEMS) not in reviewed, "the next item is another one"
+            assert "Your review was recorded; the item is done." in await browser.evaluate("document.body.innerText")
+
+        # The third is skipped: Alt+r to the reason, typed, Alt+k; nothing is left for this reviewer.
+        answers.append(await answer_as_text(browser))
+        assert HOSTILE in answers, f"the answer with markup was not shown as text: {answers}"
+        await browser.press("r", alt=True)
+        assert await focused(browser) == "reason"
+        await browser.type("outside my expertise")
+        page = await keys_then_page(browser, ["k"], f"{PAGES}/queues/{QUEUE}")
+        assert page == f"{PAGES}/queues/{QUEUE}"
+        text = await browser.evaluate("document.body.innerText")
+        assert "Nothing left for you in this queue." in text
+        # The skipped item stays open for another reviewer.
+        assert "1 open · 0 claimed · 0 in adjudication · 2 done · 1 skips" in text, text
+        await browser.screenshot(SHOTS / "review-05-nothing-left.png")
+
+    def both_stored() -> bool:
+        return len(reviews_stored(clickhouse)) == 2
+
+    await eventually(both_stored, what="the two reviews stored as feedback")
+    rows = reviews_stored(clickhouse)
+    assert {row["actor"] for row in rows} == {"rita"} and {row["source"] for row in rows} == {"reviewer"}
+    stored = {row["item_id"]: {**dict(row["scores"]), "text": row["correction"] or row["comment"]} for row in rows}
+    assert stored == reviewed, (stored, reviewed)
