@@ -41,9 +41,11 @@ _torch_threads: list[int] = []
 def pytest_sessionstart(session: pytest.Session) -> None:
     # Engines the tests build themselves take the cores other work leaves free, as the services' own do
     # (services/runtime/cpu.py): beside a CPU-heavy job, two threads on one free core crawl.
-    from services.runtime.cpu import use_free_cpus
+    from services.runtime.cpu import cores, use_free_cpus
 
-    _torch_threads.append(use_free_cpus())
+    # Under pytest-xdist (scripts/test.sh) the workers start at once and would each find every core free.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _torch_threads.append(use_free_cpus(max(1, cores() // workers) if workers > 1 else 0))
 
 
 def pytest_report_header(config: pytest.Config) -> str:
