@@ -45,7 +45,6 @@ from contracts.http import (
 from services.feedback.review_store import (
     ADJUDICATION,
     DONE,
-    REVIEW,
     Candidate,
     ItemRecord,
     QueueRecord,
@@ -319,20 +318,20 @@ class ReviewQueues:
     ) -> str:
         this = ReviewRecord(reviewer, item.stage, scores, review.correction, review.comment, feedback_id)
         if item.stage == ADJUDICATION:
-            self._store.review(item, this, DONE)
+            self._store.review(item, this, lambda _: DONE)
             return "done"
-        earlier = [
-            done for done in self._store.reviews(item.item_id) if done.stage == REVIEW and done.reviewer != reviewer
-        ]
-        reviews = [*earlier, this]
-        if len(reviews) < record.definition["reviewers_per_item"]:
-            self._store.review(item, this, None)
-            return "waiting"
-        stage = ADJUDICATION if _disagree(reviews, _dimensions(record)) else DONE
-        self._store.review(item, this, stage)
+        needed = record.definition["reviewers_per_item"]
+        dimensions = _dimensions(record)
+
+        def decide(reviews: list[ReviewRecord]) -> str | None:
+            if len(reviews) < needed:
+                return None
+            return ADJUDICATION if _disagree(reviews, dimensions) else DONE
+
+        stage = self._store.review(item, this, decide)
         if stage == ADJUDICATION:
             log.info("review item in conflict", extra={"queue": item.queue, "item_id": item.item_id})
-        return stage
+        return stage or "waiting"
 
     async def skip(self, item_id: str, reviewer: str, request: ReviewSkip) -> None:
         """Pass the item on: it is not offered to this reviewer again, and the reason is kept."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -287,8 +288,12 @@ class ReviewStore:
         )
         return [ReviewRecord(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5]) for row in rows]
 
-    def review(self, item: ItemRecord, record: ReviewRecord, next_stage: str | None) -> None:
-        """Record a review, end its lease, and move the item on to `next_stage` when it is decided."""
+    def review(
+        self, item: ItemRecord, record: ReviewRecord, decide: Callable[[list[ReviewRecord]], str | None]
+    ) -> str | None:
+        """Record a review and end its lease; `decide` sees every review of the item at this stage, this one
+        included, and names the stage the item moves to (None: it waits for more). One transaction: two
+        reviewers finishing an item at once cannot both see the other missing and leave it waiting forever."""
         with self._db.transaction() as db:
             db.execute(
                 "INSERT INTO review VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (item_id, reviewer, stage) DO NOTHING",
@@ -307,8 +312,17 @@ class ReviewStore:
                 "DELETE FROM lease WHERE item_id = ? AND reviewer = ? AND stage = ?",
                 (item.item_id, record.reviewer, record.stage),
             )
+            rows = db.execute(
+                "SELECT reviewer, stage, scores, correction, comment, feedback_id FROM review "
+                "WHERE item_id = ? AND stage = ? ORDER BY reviewed_at",
+                (item.item_id, record.stage),
+            ).fetchall()
+            next_stage = decide(
+                [ReviewRecord(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5]) for row in rows]
+            )
             if next_stage is not None:
                 db.execute("UPDATE item SET stage = ? WHERE item_id = ?", (next_stage, item.item_id))
+        return next_stage
 
     def skip(self, item: ItemRecord, reviewer: str, reason: str) -> None:
         with self._db.transaction() as db:

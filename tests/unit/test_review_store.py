@@ -3,13 +3,15 @@ two reviewers never hold one place, skips and reviews keep an item from its revi
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from services.feedback.review_store import ADJUDICATION, DONE, Candidate, ReviewRecord, ReviewStore
+from services.feedback.review_store import ADJUDICATION, DONE, Candidate, ItemRecord, ReviewRecord, ReviewStore
 
 pytestmark = pytest.mark.unit
 
@@ -18,6 +20,13 @@ RUBRIC = {"name": "r", "version": 1, "dimensions": []}
 
 def definition(reviewers: int = 1, lease_seconds: int = 60) -> dict:
     return {"rule": {}, "reviewers_per_item": reviewers, "lease_seconds": lease_seconds, "max_items": 100}
+
+
+def waiting_for_two(reviews: list[ReviewRecord]) -> str | None:
+    """Decided once two reviews are in: adjudication when they differ."""
+    if len(reviews) < 2:
+        return None
+    return DONE if len({review.scores["x"] for review in reviews}) == 1 else ADJUDICATION
 
 
 def candidates(*prompts: str) -> list[Candidate]:
@@ -64,12 +73,15 @@ def test_two_reviewers_per_item_then_adjudication_by_a_third(tmp_path: Path) -> 
     bob, _ = store.claim(queue, "bob", uncertainty_first=True)  # type: ignore[misc]
     assert alice.item_id == bob.item_id, "an item needing two reviewers is given to two at once"
     assert store.claim(queue, "carol", uncertainty_first=True) is None
-    store.review(alice, ReviewRecord("alice", "review", {"x": "up"}, None, None, "f1"), None)
-    store.review(bob, ReviewRecord("bob", "review", {"x": "down"}, None, None, "f2"), ADJUDICATION)
+    assert store.review(alice, ReviewRecord("alice", "review", {"x": "up"}, None, None, "f1"), waiting_for_two) is None
+    assert (
+        store.review(bob, ReviewRecord("bob", "review", {"x": "down"}, None, None, "f2"), waiting_for_two)
+        == ADJUDICATION
+    )
     assert store.claim(queue, "alice", uncertainty_first=True) is None, "a reviewer never adjudicates their own item"
     carol, _ = store.claim(queue, "carol", uncertainty_first=True)  # type: ignore[misc]
     assert carol.stage == ADJUDICATION
-    store.review(carol, ReviewRecord("carol", ADJUDICATION, {"x": "up"}, None, None, "f3"), DONE)
+    store.review(carol, ReviewRecord("carol", ADJUDICATION, {"x": "up"}, None, None, "f3"), lambda _: DONE)
     assert store.counts("q") == {"open": 0, "claimed": 0, "adjudication": 0, "done": 1, "skips": 0}
 
 
@@ -104,3 +116,20 @@ def test_a_new_definition_is_the_next_version_and_items_keep_theirs(tmp_path: Pa
     assert store.queue("q").version == 2  # type: ignore[union-attr]
     item, _ = store.claim(second, "alice", uncertainty_first=True)  # type: ignore[misc]
     assert item.queue_version == 1
+
+
+def test_two_reviewers_finishing_an_item_at_once_decide_it(tmp_path: Path) -> None:
+    store = ReviewStore(tmp_path / "review.db")
+    queue = store.define("q", definition(reviewers=2), RUBRIC, "ops")
+    store.add(queue, candidates("a"), limit=10)
+    items = [store.claim(queue, name, uncertainty_first=True)[0] for name in ("alice", "bob")]  # type: ignore[index]
+    start = threading.Barrier(2)
+
+    def finish(item: ItemRecord, reviewer: str) -> str | None:
+        start.wait()
+        return store.review(item, ReviewRecord(reviewer, "review", {"x": "up"}, None, None, reviewer), waiting_for_two)
+
+    with ThreadPoolExecutor(2) as pool:
+        stages = list(pool.map(finish, items, ["alice", "bob"]))
+    assert sorted(map(str, stages)) == ["None", DONE], "exactly one of the two saw both reviews and decided"
+    assert store.item(items[0].item_id).stage == DONE  # type: ignore[union-attr]
