@@ -58,6 +58,7 @@ NEEDS: list[tuple[str, str, str, str]] = [
     ("registry", "POST", r"/registry/v1/prompts/[^/]+/render", Role.viewer.value),
     ("monitor", "POST", r"/monitor/v1/query", Role.viewer.value),
     ("feedback", "POST", r"/feedback/v1/feedback", Role.app.value),
+    ("feedback", "POST", r"/feedback/v1/review/(queues/[^/]+/claim|items/[^/]+/(submit|skip))", Role.reviewer.value),
     ("feedback", "POST", r"/v1/traces", Role.app.value),
     ("serving", "*", r"/v1/.*", Role.app.value),
     ("*", "GET", r".*", Role.viewer.value),
@@ -69,6 +70,7 @@ BELOW = {
     Role.app.value: Role.operator.value,
     Role.operator.value: Role.app.value,
     Role.approver.value: Role.operator.value,
+    Role.reviewer.value: Role.operator.value,
     Role.admin.value: Role.operator.value,
     KEYED: None,
 }
@@ -102,7 +104,7 @@ def keys_and_doors(
         registry.start()
         asyncio.run(registry.wait_ready())
         keys = {Role.admin.value: ADMIN_KEY}
-        for role in (Role.operator, Role.approver, Role.app, Role.viewer):
+        for role in (Role.operator, Role.approver, Role.reviewer, Role.app, Role.viewer):
             created = httpx.post(
                 f"{registry.url}/registry/v1/keys",
                 json={"principal": f"door-test-{role.value}", "role": role.value},

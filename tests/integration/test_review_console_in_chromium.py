@@ -101,8 +101,15 @@ async def answer_as_text(browser: Browser) -> str:
     return answer
 
 
-async def focused(browser: Browser) -> str:
-    return await browser.evaluate("(e => e.name || e.id || e.tagName)(document.activeElement)")
+async def focused(browser: Browser, expected: str | None = None, timeout_s: float = 5.0) -> str:
+    """The focused element's name (or id, or tag); with `expected`, waited for up to `timeout_s`: a page
+    applies `autofocus` once it has rendered, which a busy machine can put off past the load event."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        name = await browser.evaluate("(e => e.name || e.id || e.tagName)(document.activeElement)")
+        if expected is None or name == expected or asyncio.get_running_loop().time() > deadline:
+            return name
+        await asyncio.sleep(0.1)
 
 
 async def test_a_reviewer_reviews_two_answers_and_skips_a_third_with_the_keyboard_alone(
@@ -112,7 +119,7 @@ async def test_a_reviewer_reviews_two_answers_and_skips_a_third_with_the_keyboar
     SHOTS.mkdir(parents=True, exist_ok=True)
     async with chromium(tmp_path / "chromium-profile") as browser:
         await browser.open(f"{base}{PAGES}", "/console/login")
-        assert await focused(browser) == "api_key", "the sign-in form takes the focus"
+        assert await focused(browser, "api_key") == "api_key", "the sign-in form takes the focus"
         await browser.type(key)
         await browser.press("Enter")
         await browser.settled_at(PAGES)
@@ -120,7 +127,7 @@ async def test_a_reviewer_reviews_two_answers_and_skips_a_third_with_the_keyboar
         await browser.screenshot(SHOTS / "review-01-queues.png")
 
         first = await keys_then_page(browser, ["1"], ITEMS)
-        assert await focused(browser) == "score.correct", "the first score takes the focus"
+        assert await focused(browser, "score.correct") == "score.correct", "the first score takes the focus"
         reviewed: dict[str, dict[str, str]] = {}
         answers: list[str] = []
         plans = [
@@ -135,7 +142,8 @@ async def test_a_reviewer_reviews_two_answers_and_skips_a_third_with_the_keyboar
                 await browser.press(await key_of(browser, field, value), alt=True)
             assert await checked(browser) == scores
             await browser.press(text_key, alt=True)
-            assert await focused(browser) == ("correction" if text_key == "c" else "comment")
+            box = "correction" if text_key == "c" else "comment"
+            assert await focused(browser, box) == box
             await browser.type(text)
             await browser.screenshot(SHOTS / f"review-0{2 + number}-item-{number}-scored.png")
             reviewed[item_id] = {**{f.removeprefix("score."): v for f, v in scores.items()}, "text": text}
@@ -147,7 +155,7 @@ async def test_a_reviewer_reviews_two_answers_and_skips_a_third_with_the_keyboar
         answers.append(await answer_as_text(browser))
         assert HOSTILE in answers, f"the answer with markup was not shown as text: {answers}"
         await browser.press("r", alt=True)
-        assert await focused(browser) == "reason"
+        assert await focused(browser, "reason") == "reason"
         await browser.type("outside my expertise")
         page = await keys_then_page(browser, ["k"], f"{PAGES}/queues/{QUEUE}")
         assert page == f"{PAGES}/queues/{QUEUE}"
