@@ -278,7 +278,6 @@ class Driver(Doors):
                 "rule": {"select": "traffic", "model_name": MODEL, "window_hours": 2, "order": "uncertainty"},
                 "rubric": "acme-answer",
                 "rubric_version": rubric["version"],
-                "max_items": len(self.answers),
             },
             headers=operator,
         )
@@ -303,15 +302,15 @@ class Driver(Doors):
                 continue
             empty = 0
             answer = by_id.get(item["inference_id"])
-            if answer is None:  # an earlier run's call, still in the window: passed on, said why
+            if answer is None:  # step 4's probe of which version serves, or an earlier run's call: passed on, said why
                 await self.call(
                     "POST",
                     f"/feedback/v1/review/items/{item['item_id']}/skip",
                     expect=(204,),
-                    json={"reason": "not a call of this run"},
+                    json={"reason": "not one of step 4's answers"},
                     headers=headers,
                 )
-                counts["skipped (earlier run)"] += 1
+                counts["skipped (not one of step 4's answers)"] += 1
                 continue
             right = _right(answer)
             body: dict[str, Any] = {"scores": {"correct": "up" if right else "down", "helpful": "5" if right else "1"}}
