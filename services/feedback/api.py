@@ -34,6 +34,17 @@ RETRY_AFTER_S = 5
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer fw_<id>_<secret>`.")
 
 
+def broker_refused(what: str, timeout_s: float, error: BaseException, consequence: str) -> DoorError:
+    """The 503 a door answers when Kafka did not take what it publishes within `timeout_s`, saying what
+    that means for the caller (`consequence`)."""
+    return DoorError(
+        503,
+        f"Kafka did not take the {what} within {timeout_s:g} s ({type(error).__name__}); {consequence}",
+        code="broker_unavailable",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 def feedback_sender(auth: Authenticator) -> Callable[..., Principal]:
     """A dependency admitting the two kinds of callers that send feedback: apps (for their end users)
     and reviewers (corrections); every other role is refused with 403."""
@@ -81,13 +92,7 @@ def create_router(
                 publish_timeout_s,
             )
         except PUBLISH_FAILURES as error:
-            raise DoorError(
-                503,
-                f"Kafka did not take the feedback within {publish_timeout_s:g} s ({type(error).__name__}); "
-                "nothing was stored, retry later",
-                code="broker_unavailable",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            ) from None
+            raise broker_refused("feedback", publish_timeout_s, error, "nothing was stored, retry later") from None
         except InvalidFeedback as error:
             raise DoorError(422, str(error), param=error.param) from None
         except ReviewerRoleRequired as error:

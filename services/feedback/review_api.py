@@ -22,10 +22,10 @@ from contracts.http import (
     RubricVersionView,
 )
 from contracts.ids import NAME_MAX_LENGTH, NAME_PATTERN
+from services.feedback.api import broker_refused
 from services.feedback.review import ReviewQueues
 from services.runtime.auth import Authenticator, Principal
 from services.runtime.broker import PUBLISH_FAILURES
-from services.runtime.http import DoorError
 
 # Reads the rubric a queue is defined on from the registry, with the defining operator's own key: the
 # feedback service needs no registry key of its own, and reads only what that operator may read.
@@ -34,7 +34,6 @@ RubricSource = Callable[[str, str, int | None], Awaitable[RubricVersionView]]
 _bearer = HTTPBearer(auto_error=False)
 _QUEUE = Path(pattern=NAME_PATTERN, max_length=NAME_MAX_LENGTH, description="Review queue name.")
 _ITEM = Path(pattern=r"^[0-9a-f]{32}$", description="Review item id, as a claim returned it.")
-RETRY_AFTER_S = 5
 
 
 def create_review_router(
@@ -102,12 +101,8 @@ def create_review_router(
         try:
             return await asyncio.wait_for(queues.submit(item_id, caller.name, review), publish_timeout_s)
         except PUBLISH_FAILURES as error:
-            raise DoorError(
-                503,
-                f"Kafka did not take the review within {publish_timeout_s:g} s ({type(error).__name__}); "
-                "nothing was recorded and the claim still holds: submit it again",
-                code="broker_unavailable",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
+            raise broker_refused(
+                "review", publish_timeout_s, error, "nothing was recorded and the claim still holds: submit it again"
             ) from None
 
     @router.post("/items/{item_id}/skip", status_code=204)
