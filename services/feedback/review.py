@@ -52,7 +52,7 @@ from services.feedback.review_store import (
     ReviewStore,
 )
 from services.feedback.store import FeedbackStore
-from services.runtime.agreement import Scale, agreement
+from services.runtime.agreement import Scale, agreement, in_conflict
 from services.runtime.errors import Conflict, Invalid, NotFound
 from services.runtime.privacy import Redactor
 from services.runtime.scoring import Embedder, score_groundedness
@@ -267,10 +267,7 @@ class ReviewQueues:
         return await asyncio.to_thread(self._held_view, item_id, reviewer)
 
     def _held_view(self, item_id: str, reviewer: str) -> ReviewItemView:
-        item = self._held(item_id, reviewer)
-        expires = self._store.lease_expires_at(item.item_id, reviewer, item.stage)
-        # _held saw the lease live a moment ago; one that lapsed since is still shown, and its submit answers 409.
-        return self._item_view(item, expires or datetime.now(UTC))
+        return self._item_view(*self._held(item_id, reviewer))
 
     def _queue_version(self, item: ItemRecord) -> QueueRecord:
         record = self._store.queue_version(item.queue, item.queue_version)
@@ -280,7 +277,7 @@ class ReviewQueues:
     async def submit(self, item_id: str, reviewer: str, review: ReviewSubmit) -> ReviewAccepted:
         """Publish the review as feedback.reviewed and record it; the item moves on when it has all its
         reviews (done, or adjudication when they disagree) or when an adjudicator decided it."""
-        item = await asyncio.to_thread(self._held, item_id, reviewer)
+        item, _ = await asyncio.to_thread(self._held, item_id, reviewer)
         record = await asyncio.to_thread(self._queue_version, item)
         dimensions = _dimensions(record)
         scores = _checked_scores(review.scores, dimensions)
@@ -335,21 +332,23 @@ class ReviewQueues:
 
     async def skip(self, item_id: str, reviewer: str, request: ReviewSkip) -> None:
         """Pass the item on: it is not offered to this reviewer again, and the reason is kept."""
-        item = await asyncio.to_thread(self._held, item_id, reviewer)
+        item, _ = await asyncio.to_thread(self._held, item_id, reviewer)
         await asyncio.to_thread(self._store.skip, item, reviewer, request.reason)
 
-    def _held(self, item_id: str, reviewer: str) -> ItemRecord:
+    def _held(self, item_id: str, reviewer: str) -> tuple[ItemRecord, datetime]:
+        """The item and when `reviewer`'s live lease on it lapses; Conflict when they hold none."""
         item = self._store.item(item_id)
         if item is None:
             raise NotFound(f"no review item {item_id!r}", param="item_id")
-        if item.stage == DONE or not self._store.holds(item.item_id, reviewer, item.stage):
+        expires = None if item.stage == DONE else self._store.lease_expires_at(item.item_id, reviewer, item.stage)
+        if expires is None:
             raise Conflict(
                 f"{reviewer} holds no live claim on item {item_id} (never claimed, lapsed, or already reviewed): "
                 f"claim the next item with POST /feedback/v1/review/queues/{item.queue}/claim",
                 param="item_id",
                 code="not_claimed",
             )
-        return item
+        return item, expires
 
 
 def _dimensions(record: QueueRecord) -> list[RubricDimension]:
@@ -396,15 +395,15 @@ def _first(scores: dict[str, str], dimensions: list[RubricDimension], scale: Rub
 
 
 def _disagree(reviews: list[ReviewRecord], dimensions: list[RubricDimension]) -> bool:
-    for dimension in dimensions:
-        values = [review.scores[dimension.name] for review in reviews if dimension.name in review.scores]
-        if dimension.scale is RubricScale.rating:
-            numbers = [int(value) for value in values]
-            if numbers and max(numbers) - min(numbers) > RATING_SPREAD:
-                return True
-        elif len(set(values)) > 1:
-            return True
-    return False
+    """Whether the reviews conflict on any dimension, as agreement counts a conflict."""
+    return any(
+        in_conflict(
+            [review.scores[dimension.name] for review in reviews if dimension.name in review.scores],
+            _SCALES[dimension.scale],
+            RATING_SPREAD,
+        )
+        for dimension in dimensions
+    )
 
 
 def _messages(input_messages: str, input_text: str) -> list[dict[str, str]]:

@@ -263,16 +263,6 @@ class ReviewStore:
         )
         return ItemRecord(*row) if row else None
 
-    def holds(self, item_id: str, reviewer: str, stage: str) -> bool:
-        """Whether `reviewer` holds a live lease on the item at `stage`."""
-        return (
-            self._db.row(
-                "SELECT 1 FROM lease WHERE item_id = ? AND reviewer = ? AND stage = ? AND expires_at > ?",
-                (item_id, reviewer, stage, _now().isoformat()),
-            )
-            is not None
-        )
-
     def lease_expires_at(self, item_id: str, reviewer: str, stage: str) -> datetime | None:
         """When `reviewer`'s live lease on the item at `stage` lapses; None when they hold none."""
         row = self._db.row(

@@ -102,7 +102,7 @@ def agreement(dimension: str, units: Units, scale: Scale, *, conflict_spread: fl
         for reviewer in reviewers
     }
     conflicts = [
-        (unit, values) for unit, values in paired.items() if _in_conflict(values.values(), scale, conflict_spread)
+        (unit, values) for unit, values in paired.items() if in_conflict(values.values(), scale, conflict_spread)
     ]
     return Agreement(dimension, scale, alpha(paired, scale), kappa, len(paired), reviewers, without, conflicts)
 
@@ -124,7 +124,8 @@ def _squared_distances(categories: list[float | str], totals: Matrix, scale: Sca
     return distance
 
 
-def _in_conflict(values: Iterable[float | str], scale: Scale, spread: float) -> bool:
+def in_conflict(values: Iterable[float | str], scale: Scale, spread: float) -> bool:
+    """Whether values disagree: any two differ (nominal), or they span more than `spread` (ordinal, interval)."""
     distinct = set(values)
     if scale is Scale.nominal or len(distinct) < 2:
         return len(distinct) > 1

@@ -60,7 +60,7 @@ def test_a_place_is_held_by_one_reviewer_until_the_lease_lapses(tmp_path: Path) 
     assert store.claim(queue, "bob", uncertainty_first=True) is None, "the one place is alice's while her lease holds"
     assert store.claim(queue, "alice", uncertainty_first=True)[0].item_id == alice[0].item_id  # type: ignore[index]
     time.sleep(1.1)
-    assert not store.holds(alice[0].item_id, "alice", "review")
+    assert store.lease_expires_at(alice[0].item_id, "alice", "review") is None
     bob = store.claim(queue, "bob", uncertainty_first=True)
     assert bob is not None and bob[0].item_id == alice[0].item_id
 
