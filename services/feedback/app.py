@@ -5,7 +5,6 @@ console pages."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 from fastapi import APIRouter
@@ -30,7 +29,7 @@ from services.runtime.http import RefusalLog
 from services.runtime.errors import NotFound, Unavailable
 from services.runtime.privacy import PrivacySettings
 from services.runtime.registry_client import RegistryClient, RegistryError
-from services.runtime.scoring import Embedder
+from services.runtime.scoring import LazyEmbedder
 from services.runtime.service import Hook, Runtime, Service
 from services.runtime.stages import StageClock
 
@@ -68,7 +67,8 @@ def create_app(
         lambda: store,
         bus.publish,
         redactor,
-        _lazy_embedder(),
+        # MiniLM in float32, as the live watcher scores groundedness, loaded by the first fill that needs it.
+        LazyEmbedder().get,
         refill_after_s=settings.review_refill_after_s,
     )
     registry_url = settings.registry_url or f"http://{runtime.settings.http_host}:{runtime.settings.http_port}"
@@ -113,17 +113,3 @@ def create_app(
         on_stop=on_stop,
         body_limits=otlp_body_limits(settings),
     )
-
-
-def _lazy_embedder() -> Any:
-    """MiniLM (float32, as the live watcher scores groundedness), loaded by the first fill that needs it."""
-    loaded: list[Embedder] = []
-    lock = threading.Lock()
-
-    def get() -> Embedder:
-        with lock:
-            if not loaded:
-                loaded.append(Embedder())
-            return loaded[0]
-
-    return get

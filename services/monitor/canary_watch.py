@@ -17,11 +17,11 @@ from prometheus_client import Counter
 from contracts.events import Stage, StageChanged
 from contracts.http import StageTransition
 from services.monitor.canary import Arm, CanaryPolicy, Decision, judge
-from services.monitor.evaluation import LazyEmbedder, as_utc
+from services.monitor.evaluation import as_utc
 from services.monitor.state import JsonState
 from services.monitor.store import MonitorStore
 from services.runtime.registry_client import RegistryClient, RegistryError
-from services.runtime.scoring import score_groundedness
+from services.runtime.scoring import LazyEmbedder, score_groundedness
 
 log = logging.getLogger("flywheel.monitor")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from services.monitor.rules import Rule
 from services.monitor.store import MonitorStore
-from services.runtime.scoring import Embedder, scan_unsafe, score_groundedness
+from services.runtime.scoring import LazyEmbedder, scan_unsafe, score_groundedness
 
 PSI_BINS = 10
 PSI_EPSILON = 1e-4
@@ -56,19 +56,6 @@ class Evaluation:
             "firing": self.firing,
             "reason": self.reason,
         }
-
-
-class LazyEmbedder:
-    """The sentence embedder that scored rules and canary reviews share, loaded on first use: a monitor
-    whose rules never need it never loads the model."""
-
-    def __init__(self, embedder: Embedder | None = None) -> None:
-        self._embedder = embedder
-
-    def get(self) -> Embedder:
-        if self._embedder is None:
-            self._embedder = Embedder()
-        return self._embedder
 
 
 def psi(expected: Sequence[float], actual: Sequence[float], bins: int = PSI_BINS) -> float:

@@ -22,13 +22,13 @@ from contracts.events import AlertRaised, AlertState, TrainingRequested
 from services.monitor.alerts import Alerts, Publish
 from services.monitor.canary import CanaryPolicy
 from services.monitor.canary_watch import CanaryReview, CanaryWatch
-from services.monitor.evaluation import Evaluation, LazyEmbedder, RuleEvaluator
+from services.monitor.evaluation import Evaluation, RuleEvaluator
 from services.monitor.retraining import Retraining, RetrainingPolicy
 from services.monitor.rules import SCOPES, Rule
 from services.monitor.state import JsonState
 from services.monitor.store import MonitorStore
 from services.runtime.registry_client import RegistryClient
-from services.runtime.scoring import Embedder
+from services.runtime.scoring import Embedder, LazyEmbedder
 
 log = logging.getLogger("flywheel.monitor")
 

@@ -5,7 +5,13 @@ evaluator. The embedding model for groundedness is loaded on first use (`Embedde
 """
 
 from services.runtime.scoring.format import json_validity
-from services.runtime.scoring.grounding import Embedder, GroundednessScore, fact_numbers, score_groundedness
+from services.runtime.scoring.grounding import (
+    Embedder,
+    GroundednessScore,
+    LazyEmbedder,
+    fact_numbers,
+    score_groundedness,
+)
 from services.runtime.scoring.judge import RUBRICS, Judge, JudgeResult, Rubric, judge_client, parse_judge_score
 from services.runtime.scoring.safety import UnsafeFinding, scan_unsafe
 from services.runtime.scoring.text import bleu, exact_match, normalize_answer, rouge_l, token_f1
@@ -16,6 +22,7 @@ __all__ = [
     "GroundednessScore",
     "Judge",
     "JudgeResult",
+    "LazyEmbedder",
     "Rubric",
     "UnsafeFinding",
     "bleu",

@@ -278,6 +278,22 @@ class Embedder:
         return [float(value) for value in (a * b).sum(-1)]
 
 
+class LazyEmbedder:
+    """An Embedder (float32) loaded by the first caller that needs one: a monitor whose rules never score
+    meaning, or a review queue never ordered by groundedness, never loads the model. Safe to share between
+    threads."""
+
+    def __init__(self, embedder: Embedder | None = None) -> None:
+        self._embedder = embedder
+        self._lock = threading.Lock()
+
+    def get(self) -> Embedder:
+        with self._lock:
+            if self._embedder is None:
+                self._embedder = Embedder()
+            return self._embedder
+
+
 def numbers_in(text: str) -> set[str]:
     return {word for word in _WORD.findall(text.lower()) if _NUMBER.match(word)}
 
