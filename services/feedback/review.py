@@ -301,34 +301,19 @@ class ReviewQueues:
         )
         # Published before it is recorded: a broker that does not take it leaves the lease and nothing else.
         await self._publish(self._redactor.scrub_feedback(event))
-        stage = await asyncio.to_thread(self._record, item, record, reviewer, scores, review, feedback_id)
-        return ReviewAccepted(item_id=item.item_id, feedback_id=feedback_id, stage=stage)
-
-    def _record(
-        self,
-        item: ItemRecord,
-        record: QueueRecord,
-        reviewer: str,
-        scores: dict[str, str],
-        review: ReviewSubmit,
-        feedback_id: str,
-    ) -> str:
         this = ReviewRecord(reviewer, item.stage, scores, review.correction, review.comment, feedback_id)
-        if item.stage == ADJUDICATION:
-            self._store.review(item, this, lambda _: DONE)
-            return "done"
-        needed = record.definition["reviewers_per_item"]
-        dimensions = _dimensions(record)
+        # An adjudication is decided by its one review; a review by the queue's count of reviewers.
+        needed = 1 if item.stage == ADJUDICATION else record.definition["reviewers_per_item"]
 
         def decide(reviews: list[ReviewRecord]) -> str | None:
             if len(reviews) < needed:
                 return None
             return ADJUDICATION if _disagree(reviews, dimensions) else DONE
 
-        stage = self._store.review(item, this, decide)
+        stage = await asyncio.to_thread(self._store.review, item, this, decide)
         if stage == ADJUDICATION:
             log.info("review item in conflict", extra={"queue": item.queue, "item_id": item.item_id})
-        return stage or "waiting"
+        return ReviewAccepted(item_id=item.item_id, feedback_id=feedback_id, stage=stage or "waiting")
 
     async def skip(self, item_id: str, reviewer: str, request: ReviewSkip) -> None:
         """Pass the item on: it is not offered to this reviewer again, and the reason is kept."""
