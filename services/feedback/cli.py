@@ -175,24 +175,10 @@ def _from_store(settings: FlywheelSettings, target: dict[str, str]) -> str:
 
 
 def _review_door(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """`path` under the review door of the running process, with FLYWHEEL_API_KEY; None for a 204."""
-    import httpx
+    """`path` under the review door of the running process; None for a 204."""
+    from services.runtime.doors import call_door
 
-    settings = load_settings(FlywheelSettings)
-    url = f"http://{settings.http_host}:{settings.http_port}/feedback/v1/review{path}"
-    try:
-        response = httpx.request(method, url, json=body, headers=api_key_headers(), timeout=120)
-    except httpx.ConnectError:
-        raise FlywheelError(f"nothing answers at {url}: start the feedback service (flywheel up)") from None
-    if response.status_code == 204:
-        return None
-    if response.status_code >= 400:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:500]
-        raise FlywheelError(f"{method} {url} answered {response.status_code}: {message}")
-    return response.json()
+    return call_door(method, f"/feedback/v1/review{path}", body, service="feedback", timeout_s=120)
 
 
 @review_app.command("define")

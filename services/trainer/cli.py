@@ -34,22 +34,9 @@ class TrainCommandError(FlywheelError):
 
 
 def _door(method: str, path: str, body: dict | None = None) -> Any:
-    import httpx
+    from services.runtime.doors import call_door
 
-    from services.runtime.doors import api_key_headers
-    from services.runtime.settings import FlywheelSettings, load_settings
-
-    settings = load_settings(FlywheelSettings)
-    url = f"http://{settings.http_host}:{settings.http_port}/trainer/v1{path}"
-    try:
-        response = httpx.request(method, url, json=body, headers=api_key_headers(), timeout=30)
-    except httpx.HTTPError as error:
-        raise TrainCommandError(
-            f"cannot reach the trainer at {url} ({type(error).__name__}): is `flywheel up` or `flywheel run trainer` running?"
-        ) from None
-    if response.status_code >= 400:
-        raise TrainCommandError(f"{method} {url}: {response.status_code} {response.text}")
-    return response.json()
+    return call_door(method, f"/trainer/v1{path}", body, service="trainer")
 
 
 def _hyperparameters(

@@ -6,7 +6,13 @@ reviews land in ClickHouse as feedback naming the queue, item, rubric version an
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import subprocess
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,7 +27,8 @@ from services.runtime.service import Runtime, Service, build_process
 from services.runtime.settings import FlywheelSettings
 from tests.fixtures.clickhouse import ClickHouseTarget
 from tests.monitor_support import RegistryDoorFixture
-from tests.support import api_key, eventually
+from infra.processes import free_port
+from tests.support import api_key, eventually, served
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -342,3 +349,69 @@ async def test_thumbs_down_and_low_groundedness_rules_take_only_what_they_name(
                 assert skipped.status_code == 204, skipped.text
             assert claimed.status_code == 204, claimed.text
             assert set(seen) <= {"call-2", "call-4"} and seen, seen
+
+
+async def test_the_cli_defines_fills_and_works_a_queue_through_the_running_door(
+    settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget, tmp_path: Path
+) -> None:
+    door = RegistryDoorFixture(settings.home / "registry")
+    await published_rubric(door)
+    clickhouse: ClickHouseStore = chdb_target.open()
+    app, runtime = feedback_process(settings, clickhouse, door)
+    queue = tmp_path / "queue.yaml"
+    queue.write_text(
+        f"name: cli-review\nrule: {{select: traffic, model_name: {MODEL}, order: newest}}\nrubric: answer-quality\n"
+    )
+
+    async def flywheel(port: int, key: str, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {
+            **os.environ,
+            "FLYWHEEL_HTTP_HOST": "127.0.0.1",
+            "FLYWHEEL_HTTP_PORT": str(port),
+            "FLYWHEEL_API_KEY": key,
+        }
+        return await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "services.cli.main", "feedback", "review", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    ops, alice = api_key(settings, Role.operator, "ops"), api_key(settings, Role.reviewer, "alice")
+    port = free_port()
+    async with served(app, port=port):
+        bus = runtime.bus("test")
+        await bus.publish(
+            InferenceLogged(inference_id="call-0", model_name=MODEL, input_text=CALLS[0][0], output_text=CALLS[0][1])
+        )
+        await eventually(
+            lambda: clickhouse.query("SELECT count() AS n FROM inference_log")[0]["n"] == 1, what="the call stored"
+        )
+        defined = await flywheel(port, ops, "define", str(queue))
+        assert defined.returncode == 0 and "cli-review v1 on rubric answer-quality:v1" in defined.stdout, defined
+        filled = await flywheel(port, ops, "fill", "cli-review")
+        assert "1 added of 1 matched" in filled.stdout, filled
+        refused = await flywheel(port, ops, "next", "cli-review")
+        assert refused.returncode == 1 and "answered 403" in refused.stderr + refused.stdout, refused
+        claimed = await flywheel(port, alice, "next", "cli-review")
+        item = json.loads(claimed.stdout)
+        assert item["inference_id"] == "call-0", claimed
+        submitted = await flywheel(
+            port,
+            alice,
+            "submit",
+            item["item_id"],
+            "--score",
+            "correct=up",
+            "--score",
+            "helpful=5",
+            "--score",
+            "tone=friendly",
+        )
+        assert submitted.returncode == 0 and submitted.stdout.strip().endswith("done"), submitted
+        empty = await flywheel(port, alice, "next", "cli-review")
+        assert "nothing is left in this queue for you" in empty.stdout, empty
+    gone = await flywheel(port, alice, "list")
+    assert gone.returncode == 1 and "cannot reach the feedback" in gone.stderr + gone.stdout, gone
