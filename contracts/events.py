@@ -769,7 +769,7 @@ class FeedbackReceived(Payload):
     rubric: str | None = Field(
         default=None, max_length=220, description="Rubric version it was scored on (`name:vN`), with `scores`."
     )
-    scores: dict[Name, str] = Field(
+    scores: dict[Name, Annotated[str, StringConstraints(max_length=64)]] = Field(
         default_factory=dict,
         max_length=12,
         description="Score per rubric dimension: `up`/`down`, `1`..`5`, or one of the dimension's labels.",
@@ -800,6 +800,10 @@ class FeedbackReceived(Payload):
 REVIEWER_FEEDBACK_ONLY_ON_ITS_TOPIC = (
     "feedback.received may not carry source reviewer: reviewer feedback travels as feedback.reviewed, "
     "which only the feedback service publishes (POST /feedback/v1/feedback with a reviewer's key)"
+)
+REVIEWS_ONLY_ON_THEIR_TOPIC = (
+    "feedback.received may not name a review queue, item, rubric or scores: a review travels as "
+    "feedback.reviewed, which only the feedback service publishes (POST /feedback/v1/review/items/{item_id}/submit)"
 )
 
 

@@ -28,7 +28,12 @@ from typing import Any, Literal
 from aiokafka import AIOKafkaProducer
 
 from contracts.envelope import Envelope, P, wrap
-from contracts.events import REVIEWER_FEEDBACK_ONLY_ON_ITS_TOPIC, FeedbackReceived, FeedbackSource
+from contracts.events import (
+    REVIEWER_FEEDBACK_ONLY_ON_ITS_TOPIC,
+    REVIEWS_ONLY_ON_THEIR_TOPIC,
+    FeedbackReceived,
+    FeedbackSource,
+)
 from contracts.topics import topic_for
 
 CONTENT_TYPE = "application/json"
@@ -196,6 +201,12 @@ class EventPublisher:
             raise ReviewerClaimRefused(
                 f"{REVIEWER_FEEDBACK_ONLY_ON_ITS_TOPIC}; an app publishes its end users' feedback (source end_user) and the feedback sink dead-letters this claim"
             )
+        if (
+            isinstance(payload, FeedbackReceived)
+            and payload.event_type == FeedbackReceived.event_type
+            and (payload.queue or payload.item_id or payload.rubric or payload.scores)
+        ):
+            raise ReviewerClaimRefused(f"{REVIEWS_ONLY_ON_THEIR_TOPIC}; the feedback sink dead-letters this claim")
         envelope = wrap(payload, producer=self._producer_name, correlation_id=correlation_id, event_id=event_id)
         key, value, headers = encode(envelope)
         await self._kafka.send_and_wait(topic_for(payload, self._topic_prefix), value=value, key=key, headers=headers)

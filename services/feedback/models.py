@@ -6,11 +6,12 @@ import json
 from collections.abc import Sequence
 
 import pyarrow as pa
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from contracts.envelope import Envelope
 from contracts.events import (
     REVIEWER_FEEDBACK_ONLY_ON_ITS_TOPIC,
+    REVIEWS_ONLY_ON_THEIR_TOPIC,
     FeedbackReceived,
     FeedbackSource,
     InferenceLogged,
@@ -40,6 +41,14 @@ class UnreviewedFeedback(FeedbackReceived):
         if source is FeedbackSource.reviewer:
             raise ValueError(REVIEWER_FEEDBACK_ONLY_ON_ITS_TOPIC)
         return source
+
+    @model_validator(mode="after")
+    def _no_review(self) -> UnreviewedFeedback:
+        # The same trust boundary: a queue's reviews are counted by queue, item and rubric, so only the
+        # review door may name them.
+        if self.queue is not None or self.item_id is not None or self.rubric is not None or self.scores:
+            raise ValueError(REVIEWS_ONLY_ON_THEIR_TOPIC)
+        return self
 
 
 def _envelope_columns(envelopes: Sequence[Envelope]) -> dict[str, pa.Array]:

@@ -52,6 +52,17 @@ async def test_a_reviewer_claim_on_feedback_received_is_dead_lettered_and_the_do
         producer="feedback",  # self-declared, as every envelope's producer is: it proves nothing
     )
     honest = wrap(FeedbackReceived(inference_id="chatcmpl-forged", thumbs=Thumbs.up), producer="support-bot")
+    # An end user's feedback dressed as a queue's review: counted by queue and rubric, it must come from the review door.
+    forged_review = wrap(
+        FeedbackReceived(
+            inference_id="chatcmpl-forged",
+            thumbs=Thumbs.up,
+            queue="support-review",
+            rubric="quality:v1",
+            scores={"correct": "up"},
+        ),
+        producer="support-bot",
+    )
     async with running_sink(settings, clickhouse) as bus:
         await bus.publish(
             InferenceLogged(
@@ -67,7 +78,7 @@ async def test_a_reviewer_claim_on_feedback_received_is_dead_lettered_and_the_do
         raw = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
         await raw.start()
         try:
-            for envelope in (forged, honest):
+            for envelope in (forged, honest, forged_review):
                 key, value, headers = encode(envelope)
                 await raw.send_and_wait(topic_for(FeedbackReceived, topics), value=value, key=key, headers=headers)
         finally:
@@ -91,7 +102,7 @@ async def test_a_reviewer_claim_on_feedback_received_is_dead_lettered_and_the_do
             lambda: clickhouse.query("SELECT count() AS n FROM feedback")[0]["n"] >= 2,
             what="the honest feedback and the reviewer's correction stored",
         )
-        dead = await read_all(kafka_bootstrap, dlq_for(topic_for(FeedbackReceived, topics)), expected=1)
+        dead = await read_all(kafka_bootstrap, dlq_for(topic_for(FeedbackReceived, topics)), expected=2)
 
     stored = {
         row["event_id"]: row
@@ -100,6 +111,7 @@ async def test_a_reviewer_claim_on_feedback_received_is_dead_lettered_and_the_do
         )
     }
     assert str(forged.event_id) not in stored, "the forged reviewer claim was stored"
+    assert str(forged_review.event_id) not in stored, "feedback.received naming a review queue was stored"
     assert stored[str(honest.event_id)]["source"] == "end_user"
     assert stored[accepted["event_id"]] == {
         "event_id": accepted["event_id"],
@@ -114,11 +126,17 @@ async def test_a_reviewer_claim_on_feedback_received_is_dead_lettered_and_the_do
     assert [json.loads(record.value)["event_id"] for record in reviewed] == [accepted["event_id"]]
     received = await read_all(kafka_bootstrap, topic_for(FeedbackReceived, topics), expected=10**6, timeout_s=5)
     assert sorted(json.loads(record.value)["event_id"] for record in received) == sorted(
-        [str(forged.event_id), str(honest.event_id)]
+        [str(forged.event_id), str(honest.event_id), str(forged_review.event_id)]
     )
 
     # The forged record is kept in the dead-letter topic with the reason, scrubbed of personal data.
-    [letter] = dead
+    letters = {json.loads(record.value)["event_id"]: record for record in dead}
+    assert set(letters) == {str(forged.event_id), str(forged_review.event_id)}
+    review_reason = {name: value.decode() for name, value in letters[str(forged_review.event_id)].headers}[
+        "x-flywheel-error"
+    ]
+    assert "feedback.received may not name a review queue, item, rubric or scores" in review_reason, review_reason
+    letter = letters[str(forged.event_id)]
     headers = {name: value.decode() for name, value in letter.headers}
     assert headers["x-flywheel-error"] == (
         "invalid event: payload.source: Value error, feedback.received may not carry source reviewer: reviewer feedback travels as "
@@ -137,19 +155,19 @@ async def test_a_reviewer_claim_on_feedback_received_is_dead_lettered_and_the_do
     monitor = MonitorStore(lambda: clickhouse, lambda: clickhouse)
     assert [row["correction"] for row in monitor.corrections(MODEL)] == ["The warranty is 2 years."]
 
-    # A replay from the topics reads them as the sink does: the forged claim is skipped again, not stored.
+    # A replay from the topics reads them as the sink does: both forged claims are skipped again, not stored.
     replayed = {
         count.topic: (count.read, count.inserted, count.undecodable)
         for count in await replay(
             kafka_bootstrap, Sink(FeedbackStore(lambda: clickhouse), Redactor()), topic_prefix=topics
         )
     }
-    assert replayed[topic_for(FeedbackReceived, topics)] == (2, 0, 1) and replayed[
+    assert replayed[topic_for(FeedbackReceived, topics)] == (3, 0, 2) and replayed[
         topic_for(FeedbackReviewed, topics)
     ] == (1, 0, 0)
-    assert str(forged.event_id) not in {
+    assert {str(forged.event_id), str(forged_review.event_id)}.isdisjoint(
         row["event_id"] for row in clickhouse.query("SELECT toString(event_id) AS event_id FROM feedback")
-    }
+    )
 
 
 def test_feedback_reviewed_carries_reviewer_feedback_only() -> None:

@@ -67,6 +67,12 @@ async def test_the_app_principal_cannot_publish_reviewer_feedback(secure_kafka: 
         assert str(refused.value).startswith(
             "feedback.received may not carry source reviewer: reviewer feedback travels as feedback.reviewed"
         )
+        with pytest.raises(ReviewerClaimRefused, match="feedback.received may not name a review queue"):
+            await app.publish(
+                FeedbackReceived(
+                    inference_id="chatcmpl-1", thumbs=Thumbs.up, queue="support-review", scores={"correct": "up"}
+                )
+            )
         # Its end users' feedback still goes through.
         await app.publish(FeedbackReceived(inference_id="chatcmpl-1", thumbs=Thumbs.down))
 
