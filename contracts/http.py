@@ -700,6 +700,9 @@ class ReviewQueueCounts(Response):
     claimed: int = Field(description="Items a reviewer holds under a live lease.")
     adjudication: int = Field(description="Items whose reviewers disagreed, waiting for an adjudicator.")
     done: int = Field(description="Items with all their reviews (or adjudicated).")
+    gone: int = Field(
+        description="Items taken out because their inference is no longer stored (a TTL or a deletion); never offered again.",
+    )
     skips: int = Field(description="Skips recorded, with their reasons.")
 
 

@@ -204,7 +204,7 @@ def review_list() -> None:
         counts = view["counts"]
         typer.echo(
             f"{view['name']} v{view['version']}  open {counts['open']}  claimed {counts['claimed']}  "
-            f"adjudication {counts['adjudication']}  done {counts['done']}  skips {counts['skips']}"
+            f"adjudication {counts['adjudication']}  done {counts['done']}  gone {counts['gone']}  skips {counts['skips']}"
         )
 
 

@@ -216,25 +216,45 @@ class ReviewQueues:
         """The next item for `reviewer`, leased to them; None when the queue has nothing left for them (a
         queue that has nothing and was not filled lately is filled first)."""
         record = await asyncio.to_thread(self._queue, name)
-        uncertainty_first = ReviewRule.model_validate(record.definition["rule"]).order is ReviewOrder.uncertainty
-        claimed = await asyncio.to_thread(self._store.claim, record, reviewer, uncertainty_first=uncertainty_first)
-        if claimed is None:
+        filled = False
+        while True:
+            claimed = await asyncio.to_thread(self._next_item, record, reviewer)
+            if claimed is not None:
+                return claimed
             last = await asyncio.to_thread(self._store.last_fill, name)
-            if last is None or (datetime.now(UTC) - last).total_seconds() >= self._refill_after_s:
-                await self.fill(name)
-                claimed = await asyncio.to_thread(
-                    self._store.claim, record, reviewer, uncertainty_first=uncertainty_first
-                )
-        if claimed is None:
-            return None
-        item, expires = claimed
-        return await asyncio.to_thread(self._item_view, item, expires)
+            if filled or (last is not None and (datetime.now(UTC) - last).total_seconds() < self._refill_after_s):
+                return None
+            await self.fill(name)
+            filled = True
 
-    def _item_view(self, item: ItemRecord, expires: datetime) -> ReviewItemView:
+    def _next_item(self, record: QueueRecord, reviewer: str) -> ReviewItemView | None:
+        """Claim the next item and show it; an item whose inference is gone is retired, not shown, and the
+        one after it claimed (else the reviewer would be handed an error until its lease lapsed)."""
+        uncertainty_first = ReviewRule.model_validate(record.definition["rule"]).order is ReviewOrder.uncertainty
+        retired = 0
+        try:
+            while (claimed := self._store.claim(record, reviewer, uncertainty_first=uncertainty_first)) is not None:
+                item, expires = claimed
+                view = self._item_view(item, expires)
+                if view is not None:
+                    return view
+                self._store.retire(item)
+                retired += 1
+            return None
+        finally:
+            if retired:
+                log.info(
+                    "review items retired: their inferences are no longer stored",
+                    extra={"queue": record.name, "items": retired},
+                )
+
+    def _item_view(self, item: ItemRecord, expires: datetime) -> ReviewItemView | None:
+        """What the reviewer sees of the item; None when its inference is no longer stored (the sink stored
+        it before it was queued, so only a TTL or a deletion removed it)."""
         record = self._queue_version(item)
         call = self._feedback().inference_for_review(item.inference_id)
-        if call is None:  # the sink stored it before it was queued; only a TTL or a manual delete removes it
-            raise NotFound(f"inference {item.inference_id} of item {item.item_id} is no longer stored", param="item_id")
+        if call is None:
+            return None
         reviews = self._store.reviews(item.item_id)
         needed = 1 if item.stage == ADJUDICATION else record.definition["reviewers_per_item"] - len(reviews)
         return ReviewItemView(
@@ -267,7 +287,16 @@ class ReviewQueues:
         return await asyncio.to_thread(self._held_view, item_id, reviewer)
 
     def _held_view(self, item_id: str, reviewer: str) -> ReviewItemView:
-        return self._item_view(*self._held(item_id, reviewer))
+        item, expires = self._held(item_id, reviewer)
+        view = self._item_view(item, expires)
+        if view is None:
+            self._store.retire(item)
+            raise NotFound(
+                f"inference {item.inference_id} of item {item_id} is no longer stored: the item is retired; "
+                f"claim the next one with POST /feedback/v1/review/queues/{item.queue}/claim",
+                param="item_id",
+            )
+        return view
 
     def _queue_version(self, item: ItemRecord) -> QueueRecord:
         record = self._store.queue_version(item.queue, item.queue_version)

@@ -45,6 +45,8 @@ CREATE TABLE fill (queue TEXT PRIMARY KEY, filled_at TEXT NOT NULL);
 )
 
 REVIEW, ADJUDICATION, DONE = "review", "adjudication", "done"
+# An item whose inference is no longer stored (a TTL or a deletion in ClickHouse): never offered again.
+GONE = "gone"
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ class ReviewStore:
             "claimed": claimed,
             "adjudication": counts.get(ADJUDICATION, 0),
             "done": counts.get(DONE, 0),
+            "gone": counts.get(GONE, 0),
             "skips": skips,
         }
 
@@ -324,6 +327,12 @@ class ReviewStore:
                 "DELETE FROM lease WHERE item_id = ? AND reviewer = ? AND stage = ?",
                 (item.item_id, reviewer, item.stage),
             )
+
+    def retire(self, item: ItemRecord) -> None:
+        """Take an item whose inference is gone out of the queue, with every lease on it; its reviews stay."""
+        with self._db.transaction() as db:
+            db.execute("UPDATE item SET stage = ? WHERE item_id = ?", (GONE, item.item_id))
+            db.execute("DELETE FROM lease WHERE item_id = ?", (item.item_id,))
 
     def reviewed_items(self, name: str) -> list[tuple[str, str, dict[str, str]]]:
         """(item id, reviewer, scores) of every review at the review stage of the queue's items."""

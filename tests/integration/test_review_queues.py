@@ -232,7 +232,7 @@ async def test_a_rule_fills_a_queue_three_reviewers_work_it_and_agreement_matche
             assert correct["items"] == 4
             assert correct["alpha"] == pytest.approx(float(Fraction(8, 15)))
             assert correct["kappa"] == pytest.approx(0.5)
-            assert view["counts"] == {"open": 1, "claimed": 0, "adjudication": 1, "done": 3, "skips": 1}
+            assert view["counts"] == {"open": 1, "claimed": 0, "adjudication": 1, "done": 3, "gone": 0, "skips": 1}
 
             # carol adjudicates the conflict first, seeing both reviews, then gives the last item its second review.
             item = (await call("carol", "POST", "/feedback/v1/review/queues/support-review/claim")).json()
@@ -256,7 +256,7 @@ async def test_a_rule_fills_a_queue_three_reviewers_work_it_and_agreement_matche
             assert final.json()["stage"] == "done", final.text
 
             view = (await call("watcher", "GET", "/feedback/v1/review/queues/support-review")).json()
-            assert view["counts"] == {"open": 0, "claimed": 0, "adjudication": 0, "done": 5, "skips": 1}
+            assert view["counts"] == {"open": 0, "claimed": 0, "adjudication": 0, "done": 5, "gone": 0, "skips": 1}
             correct = next(row for row in view["agreement"] if row["dimension"] == "correct")
             # A fifth unit, bob and carol both up: 1 - 9 * 2 / (2 * 7 * 3) = 4/7; three reviewers, no kappa;
             # without carol it is alice and bob's 8/15 again; without alice or bob no unit has two values left that vary.
@@ -349,6 +349,16 @@ async def test_thumbs_down_and_low_groundedness_rules_take_only_what_they_name(
                 assert skipped.status_code == 204, skipped.text
             assert claimed.status_code == 204, claimed.text
             assert set(seen) <= {"call-2", "call-4"} and seen, seen
+
+            # A queued call that is no longer stored (a TTL or a deletion) is retired at the next claim, and the
+            # item after it is handed out instead of an error: thumbs-down offers the newest first, call-5.
+            clickhouse.command(
+                "ALTER TABLE inference_log DELETE WHERE inference_id = 'call-5' SETTINGS mutations_sync = 2"
+            )
+            claimed = await client.post("/feedback/v1/review/queues/thumbs-down/claim", headers=reviewer)
+            assert claimed.status_code == 200 and claimed.json()["inference_id"] == "call-4", claimed.text
+            counts = (await client.get("/feedback/v1/review/queues/thumbs-down")).json()["counts"]
+            assert (counts["gone"], counts["claimed"], counts["open"]) == (1, 1, 1), counts
 
 
 async def test_the_cli_defines_fills_and_works_a_queue_through_the_running_door(

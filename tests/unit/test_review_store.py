@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services.feedback.review_store import ADJUDICATION, DONE, Candidate, ItemRecord, ReviewRecord, ReviewStore
+from services.feedback.review_store import ADJUDICATION, DONE, GONE, Candidate, ItemRecord, ReviewRecord, ReviewStore
 
 pytestmark = pytest.mark.unit
 
@@ -65,6 +65,23 @@ def test_a_place_is_held_by_one_reviewer_until_the_lease_lapses(tmp_path: Path) 
     assert bob is not None and bob[0].item_id == alice[0].item_id
 
 
+def test_a_retired_item_loses_its_leases_and_is_never_offered_again(tmp_path: Path) -> None:
+    store = ReviewStore(tmp_path / "review.db")
+    queue = store.define("q", definition(reviewers=2), RUBRIC, "ops")
+    store.add(queue, candidates("a", "b"), limit=10)
+    alice = store.claim(queue, "alice", uncertainty_first=True)
+    assert alice is not None and alice[0].inference_id == "call-0"
+    store.retire(alice[0])
+    assert store.item(alice[0].item_id).stage == GONE  # type: ignore[union-attr]
+    assert store.lease_expires_at(alice[0].item_id, "alice", "review") is None
+    for reviewer in ("alice", "bob"):
+        claimed = store.claim(queue, reviewer, uncertainty_first=True)
+        assert claimed is not None and claimed[0].inference_id == "call-1", reviewer
+    assert store.claim(queue, "carol", uncertainty_first=True) is None, "call-1 is full and call-0 is gone"
+    counts = store.counts("q")
+    assert (counts["open"], counts["claimed"], counts["gone"]) == (1, 1, 1), counts
+
+
 def test_two_reviewers_per_item_then_adjudication_by_a_third(tmp_path: Path) -> None:
     store = ReviewStore(tmp_path / "review.db")
     queue = store.define("q", definition(reviewers=2), RUBRIC, "ops")
@@ -82,7 +99,7 @@ def test_two_reviewers_per_item_then_adjudication_by_a_third(tmp_path: Path) -> 
     carol, _ = store.claim(queue, "carol", uncertainty_first=True)  # type: ignore[misc]
     assert carol.stage == ADJUDICATION
     store.review(carol, ReviewRecord("carol", ADJUDICATION, {"x": "up"}, None, None, "f3"), lambda _: DONE)
-    assert store.counts("q") == {"open": 0, "claimed": 0, "adjudication": 0, "done": 1, "skips": 0}
+    assert store.counts("q") == {"open": 0, "claimed": 0, "adjudication": 0, "done": 1, "gone": 0, "skips": 0}
 
 
 def test_a_skip_passes_the_item_to_others_and_keeps_the_reason(tmp_path: Path) -> None:
