@@ -639,6 +639,7 @@ class ReviewSelect(StrEnum):
     traffic = "traffic"
     thumbs_down = "thumbs_down"
     low_groundedness = "low_groundedness"
+    judge_disagreement = "judge_disagreement"
 
 
 class ReviewOrder(StrEnum):
@@ -653,7 +654,14 @@ class ReviewRule(Request):
     """A declarative sampling rule over the stored, answered inferences of one model."""
 
     select: ReviewSelect = Field(
-        description="traffic: a share of answered calls; thumbs_down: answers anyone but a reviewer gave thumbs down; low_groundedness: answers whose MiniLM groundedness in their prompt is under `floor`."
+        description="traffic: a share of answered calls; thumbs_down: answers anyone but a reviewer gave thumbs down; "
+        "low_groundedness: answers whose MiniLM groundedness in their prompt is under `floor`; "
+        "judge_disagreement: answers on which a judge (feedback source judge) and an end user (source end_user) disagree, "
+        "one verdict positive and the other negative. A verdict is a feedback's thumbs (up positive, down negative) or, "
+        "without thumbs, its rating (4-5 positive, 1-2 negative; 3, the middle of the scale, is neither, so it never disagrees). "
+        "Each judge and each end user counts by their latest verdict on the inference, so one who changed their mind "
+        "counts as they ended; feedback with no actor counts on its own, and feedback with neither thumbs nor rating "
+        "(a comment) leaves the verdict before it standing. Only feedback on the inference itself counts, not on its trace or session."
     )
     model_name: ModelName = Field(description="The model whose answers are sampled (by the name callers ask for).")
     route: ServedRoute | None = Field(

@@ -264,6 +264,7 @@ def rule_in_words(rule: ReviewRule) -> str:
         ReviewSelect.traffic: f"answers of {rule.model_name}",
         ReviewSelect.thumbs_down: f"answers of {rule.model_name} given thumbs down (by anyone but a reviewer)",
         ReviewSelect.low_groundedness: f"answers of {rule.model_name} whose MiniLM groundedness is under {rule.floor:g}",
+        ReviewSelect.judge_disagreement: f"answers of {rule.model_name} on which a judge and an end user disagree",
     }[rule.select]
     words = [f"{rule.share:.0%} of the " + chosen if rule.share < 1 else "every one of the " + chosen]
     if rule.route is not None:

@@ -170,7 +170,7 @@ class ReviewQueues:
             hours=rule.window_hours,
             share=rule.share,
             route=rule.route.value if rule.route else None,
-            thumbs_down=rule.select is ReviewSelect.thumbs_down,
+            select=rule.select,
             limit=MAX_CANDIDATES,
         )
         scores: list[float | None] = [None] * len(rows)

@@ -11,6 +11,7 @@ from uuid import UUID
 import pyarrow as pa
 
 from contracts.events import FeedbackTarget
+from contracts.http import ReviewSelect
 from services.runtime import failpoints
 from services.runtime.clickhouse import ClickHouseError, ClickHouseStore
 
@@ -72,11 +73,11 @@ class FeedbackStore:
         return bool(self._query(f"SELECT 1 AS found FROM {_STORED[target]} LIMIT 1", ids))
 
     def review_candidates(
-        self, model_name: str, *, hours: int, share: float, route: str | None, thumbs_down: bool, limit: int
+        self, model_name: str, *, hours: int, share: float, route: str | None, select: ReviewSelect, limit: int
     ) -> list[dict[str, Any]]:
         """A model's answered calls of the last `hours`, newest first: the `share` of them whose inference id
-        hashes under it (the same calls on every read), on `route` when given, given thumbs down by someone
-        other than a reviewer when `thumbs_down`."""
+        hashes under it (the same calls on every read), on `route` when given, and those whose feedback the
+        `select` rule names (thumbs down, a judge and an end user disagreeing); the caller scores groundedness."""
         where = [
             "model_name = {model_name:String}",
             "status = 'ok'",
@@ -93,11 +94,8 @@ class FeedbackStore:
         if route is not None:
             where.append("route = {route:String}")
             parameters["route"] = route
-        if thumbs_down:
-            where.append(
-                "inference_id IN (SELECT inference_id FROM feedback FINAL "
-                "WHERE inference_id != '' AND thumbs = 'down' AND source != 'reviewer')"
-            )
+        if select in _SELECTED_BY_FEEDBACK:
+            where.append(_SELECTED_BY_FEEDBACK[select])
         return self._query(
             "SELECT inference_id, input_text, output_text, occurred_at FROM inference_log FINAL "
             f"WHERE {' AND '.join(where)} ORDER BY occurred_at DESC LIMIT {{limit:UInt32}}",
@@ -137,6 +135,32 @@ _STORED = {
     FeedbackTarget.span: "span WHERE trace_id = {trace_id:String} AND span_id = {span_id:String}",
     FeedbackTarget.trace: "span WHERE trace_id = {trace_id:String}",
     FeedbackTarget.session: "span WHERE session_id = {session_id:String}",
+}
+
+# A verdict is +1 (positive), -1 (negative) or 0 (neither). Thumbs, when given, is the verdict: a rating
+# beside it may grade something else (a review's thumbs is its rubric's first thumbs dimension, its rating
+# the first rating one). A rating of 3 is the middle of the scale, neither, so a lukewarm rating never
+# makes a disagreement.
+_VERDICT = "multiIf(thumbs = 'up', 1, thumbs = 'down', -1, rating >= 4, 1, rating <= 2, -1, 0)"
+# What the rules that read feedback add to the calls' WHERE; the other rules take every answered call.
+_SELECTED_BY_FEEDBACK = {
+    ReviewSelect.thumbs_down: (
+        "inference_id IN (SELECT inference_id FROM feedback FINAL "
+        "WHERE inference_id != '' AND thumbs = 'down' AND source != 'reviewer')"
+    ),
+    # Each judge's and each end user's latest verdict (one who changed their mind counts as they ended; a
+    # comment without thumbs or rating is no verdict and leaves the one before it standing); feedback with no
+    # actor cannot be told apart from anyone else's, so it counts on its own (its feedback id stands in).
+    ReviewSelect.judge_disagreement: (
+        "inference_id IN (SELECT inference_id FROM ("
+        f"SELECT inference_id, source, argMax({_VERDICT}, (occurred_at, feedback_id)) AS verdict "
+        "FROM feedback FINAL "
+        "WHERE inference_id != '' AND source IN ('judge', 'end_user') AND (thumbs IS NOT NULL OR rating IS NOT NULL) "
+        "GROUP BY inference_id, source, ifNull(actor, feedback_id)) "
+        "GROUP BY inference_id "
+        "HAVING (countIf(source = 'judge' AND verdict = 1) > 0 AND countIf(source = 'end_user' AND verdict = -1) > 0) "
+        "OR (countIf(source = 'judge' AND verdict = -1) > 0 AND countIf(source = 'end_user' AND verdict = 1) > 0))"
+    ),
 }
 
 

@@ -11,13 +11,22 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
 
 import httpx
 import pytest
 
-from contracts.events import FeedbackReceived, FeedbackReviewed, InferenceLogged, InferenceStatus, Thumbs
+from contracts.envelope import Envelope, wrap
+from contracts.events import (
+    FeedbackReceived,
+    FeedbackReviewed,
+    FeedbackSource,
+    InferenceLogged,
+    InferenceStatus,
+    Thumbs,
+)
 from contracts.http import Role
 from services.feedback.app import create_app
 from services.feedback.settings import FeedbackSettings
@@ -425,3 +434,128 @@ async def test_the_cli_defines_fills_and_works_a_queue_through_the_running_door(
         assert "nothing is left in this queue for you" in empty.stdout, empty
     gone = await flywheel(port, alice, "list")
     assert gone.returncode == 1 and "cannot reach the feedback" in gone.stderr + gone.stdout, gone
+
+
+async def test_the_judge_disagreement_rule_takes_the_answers_a_judge_and_an_end_user_judged_oppositely(
+    settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget
+) -> None:
+    door = RegistryDoorFixture(settings.home / "registry")
+    await published_rubric(door)
+    clickhouse: ClickHouseStore = chdb_target.open()
+    app, runtime = feedback_process(settings, clickhouse, door)
+    ops, app_key = api_key(settings, Role.operator, "ops"), api_key(settings, Role.app, "support-app")
+    judge, user = FeedbackSource.judge, FeedbackSource.end_user
+    up, down = Thumbs.up, Thumbs.down
+
+    def verdict(inference_id: str, source: FeedbackSource, minutes_ago: int = 5, **given) -> Envelope:
+        """Feedback as given `minutes_ago`: an actor's latest verdict is the one given last."""
+        envelope = wrap(FeedbackReceived(inference_id=inference_id, source=source, **given), producer="test")
+        return envelope.model_copy(update={"occurred_at": datetime.now(UTC) - timedelta(minutes=minutes_ago)})
+
+    # Each call's feedback, published on the bus; the first call's judge gives its verdict through the door below.
+    feedback = {
+        "user-down-judge-up": [verdict("user-down-judge-up", user, thumbs=down)],
+        "user-rates-5-judge-rates-1": [
+            verdict("user-rates-5-judge-rates-1", user, rating=5, actor="u-1"),
+            verdict("user-rates-5-judge-rates-1", judge, rating=1, actor="judge:qwen"),
+        ],
+        "both-down": [
+            verdict("both-down", user, thumbs=down),
+            verdict("both-down", judge, thumbs=down, actor="judge:qwen"),
+        ],
+        "only-user-down": [verdict("only-user-down", user, thumbs=down)],
+        # A 3 is neither positive nor negative, whoever gives it.
+        "user-rates-3": [
+            verdict("user-rates-3", user, rating=3),
+            verdict("user-rates-3", judge, thumbs=up, actor="judge:qwen"),
+        ],
+        "judge-rates-3": [
+            verdict("judge-rates-3", user, thumbs=down),
+            verdict("judge-rates-3", judge, rating=3, actor="judge:qwen"),
+        ],
+        # The judge's latest verdict is down, as the user's is.
+        "judge-changed-mind": [
+            verdict("judge-changed-mind", user, thumbs=down),
+            verdict("judge-changed-mind", judge, minutes_ago=3, thumbs=up, actor="judge:qwen"),
+            verdict("judge-changed-mind", judge, minutes_ago=2, thumbs=down, actor="judge:qwen"),
+        ],
+        # A later comment is no verdict: the judge's thumbs up still stands against the user's down.
+        "judge-then-comment": [
+            verdict("judge-then-comment", user, thumbs=down),
+            verdict("judge-then-comment", judge, minutes_ago=3, thumbs=up, actor="judge:qwen"),
+            verdict("judge-then-comment", judge, minutes_ago=2, comment="Checked again.", actor="judge:qwen"),
+        ],
+        # u-7's latest verdict is up, as the judge's is.
+        "user-changed-mind": [
+            verdict("user-changed-mind", user, minutes_ago=3, thumbs=down, actor="u-7"),
+            verdict("user-changed-mind", user, minutes_ago=2, thumbs=up, actor="u-7"),
+            verdict("user-changed-mind", judge, thumbs=up, actor="judge:qwen"),
+        ],
+        # Thumbs is the verdict; the rating beside it does not make the user's feedback negative.
+        "user-up-rates-1": [
+            verdict("user-up-rates-1", user, thumbs=up, rating=1),
+            verdict("user-up-rates-1", judge, thumbs=up, actor="judge:qwen"),
+        ],
+        # A reviewer is not an end user: their thumbs down is already a review.
+        "reviewer-down-judge-up": [verdict("reviewer-down-judge-up", judge, thumbs=up, actor="judge:qwen")],
+    }
+    async with app.router.lifespan_context(app):
+        bus = runtime.bus("test")
+        for i, inference_id in enumerate(feedback):
+            await bus.publish(
+                InferenceLogged(
+                    inference_id=inference_id,
+                    model_name=MODEL,
+                    input_text=f"Question {i}: is the hub waterproof?",
+                    output_text="It is splash-proof, not waterproof.",
+                )
+            )
+        for envelopes in feedback.values():
+            for envelope in envelopes:
+                await bus.publish_envelope(envelope)
+        await bus.publish(FeedbackReviewed(inference_id="reviewer-down-judge-up", thumbs=down, actor="alice"))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://feedback") as client:
+            # A judge's verdict on an inference comes in through the feedback door like an end user's, with an app's key.
+            judged = await client.post(
+                "/feedback/v1/feedback",
+                json={"inference_id": "user-down-judge-up", "thumbs": "up", "source": "judge", "actor": "judge:qwen"},
+                headers={"Authorization": f"Bearer {app_key}"},
+            )
+            assert judged.status_code == 202, judged.text
+            # And the reviewer's thumbs down, and the judge's verdict given through the door.
+            pieces = 2 + sum(len(envelopes) for envelopes in feedback.values())
+            await eventually(
+                lambda: (
+                    clickhouse.query("SELECT count() AS n FROM feedback")[0]["n"] == pieces
+                    and clickhouse.query("SELECT count() AS n FROM inference_log")[0]["n"] == len(feedback)
+                ),
+                what="the sink storing calls and feedback",
+            )
+
+            client.headers["Authorization"] = f"Bearer {ops}"
+            queue = {
+                "name": "judge-vs-users",
+                "rule": {"select": "judge_disagreement", "model_name": MODEL, "order": "newest"},
+                "rubric": "answer-quality",
+            }
+            assert (await client.post("/feedback/v1/review/queues", json=queue)).status_code == 201
+            filled = (await client.post("/feedback/v1/review/queues/judge-vs-users/fill")).json()
+            assert (filled["considered"], filled["added"]) == (3, 3), filled
+            shown = (await client.get("/feedback/v1/review/queues/judge-vs-users")).json()
+            assert shown["rule"]["select"] == "judge_disagreement", shown
+
+            reviewer = {"Authorization": f"Bearer {api_key(settings, Role.reviewer, 'alice')}"}
+            queued = set()
+            while (
+                claimed := await client.post("/feedback/v1/review/queues/judge-vs-users/claim", headers=reviewer)
+            ).status_code == 200:
+                item = claimed.json()
+                queued.add(item["inference_id"])
+                skipped = await client.post(
+                    f"/feedback/v1/review/items/{item['item_id']}/skip",
+                    json={"reason": "reading the rule"},
+                    headers=reviewer,
+                )
+                assert skipped.status_code == 204, skipped.text
+            assert claimed.status_code == 204, claimed.text
+            assert queued == {"user-down-judge-up", "user-rates-5-judge-rates-1", "judge-then-comment"}
