@@ -99,6 +99,10 @@ class HealthStatus(Response):
     checks: dict[str, str] = Field(
         default_factory=dict, description="Each dependency and its state (`ok` or the error)."
     )
+    running: dict[str, str] = Field(
+        default_factory=dict,
+        description="What the process runs with, once known, e.g. `serving.engine_dtype`: `bfloat16` or `float32`.",
+    )
 
 
 # ---------------------------------------------------------------------------------------- feedback

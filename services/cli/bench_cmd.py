@@ -65,11 +65,12 @@ def _ratio(ratio: float) -> str:
 def all_benchmarks(
     quick: bool = typer.Option(False, "--quick", help="The CI size: small inputs, minutes instead of tens of minutes."),
     only: list[str] = typer.Option(
-        [], help="Run only these benchmarks (train, serve, gateway, ingest, traces; repeat the option)."
+        [],
+        help="Run only these benchmarks (train, serve, gateway, injection, dtype, ingest, traces; repeat the option).",
     ),
     out: Path = typer.Option(RESULTS, help="Where the markdown and json tables go."),
 ) -> None:
-    """Train, serve, gateway, ingest and traces benchmarks; one table of ratios with the machine's description in bench/results/."""
+    """Train, serve, gateway, injection, dtype, ingest and traces benchmarks; one table of ratios with the machine's description in bench/results/."""
     size = "quick" if quick else "full"
     known = benchmarks()
     unknown = sorted(set(only) - set(known))

@@ -42,6 +42,7 @@ def create_app(runtime: Runtime, settings: EvaluatorSettings) -> Service:
         settings=settings,
         home=runtime.home,
         cache=runtime.settings.cache,
+        engine_dtype=runtime.settings.engine_dtype,
         embedder=Embedder(),
         judge=judge_factory(settings),
     )

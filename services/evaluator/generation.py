@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.runtime.cpu import use_free_cpus
-from services.runtime.inference import Engine, GenerationRequest, SamplingParams
+from services.runtime.inference import Engine, EngineDtype, GenerationRequest, SamplingParams
 
 CANDIDATE = "candidate"
 """The engine's name for the one adapter under evaluation."""
@@ -41,11 +41,13 @@ class LoadedModel:
         self.label = label
 
     @classmethod
-    def load(cls, base_dir: Path, *, adapter_dir: Path | None = None, label: str = "model") -> LoadedModel:
+    def load(
+        cls, base_dir: Path, *, adapter_dir: Path | None = None, label: str = "model", dtype: EngineDtype = "float32"
+    ) -> LoadedModel:
         """Load base weights (a Hugging Face directory) and the adapter on top."""
         use_free_cpus()
         try:
-            engine = Engine.from_pretrained(base_dir, model_name=label)
+            engine = Engine.from_pretrained(base_dir, model_name=label, dtype=dtype)
         except Exception as error:
             raise ModelLoadError(
                 f"base model of {label} failed to load from {base_dir}: {type(error).__name__}: {error}"

@@ -28,6 +28,7 @@ from services.evaluator.store import EvaluatorStore, ResultRow, write_results
 from services.evaluator.suite import SUITES, TargetScores, score_target
 from services.runtime.artifacts import ArtifactError, ArtifactStore
 from services.runtime.clickhouse import ClickHouseStore
+from services.runtime.inference import EngineDtype
 from services.runtime.base_model import smollm2_weights
 from services.runtime.paths import under
 from services.runtime.prompts import PromptError, lead_with_prompt, render_template
@@ -58,6 +59,7 @@ class Evaluator:
     home: Path
     cache: Path
     embedder: Embedder
+    engine_dtype: EngineDtype = "float32"
     judge: Callable[[], Judge | None] = lambda: None
 
     def baseline_for(self, candidate: ModelTarget) -> ModelTarget:
@@ -236,7 +238,7 @@ class Evaluator:
                 adapter_dir = self._materialize(adapter.uri, adapter.sha256, "adapters")
             except ArtifactError as error:
                 raise EvaluationFailed(f"{name} failed to load: {error}") from error
-        return LoadedModel.load(base_dir, adapter_dir=adapter_dir, label=name)
+        return LoadedModel.load(base_dir, adapter_dir=adapter_dir, label=name, dtype=self.engine_dtype)
 
     def _packaged_base(self) -> Path:
         try:

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from services.runtime.cpu import cpu_flags
+
 Echo = Callable[[str], None]
 
 
@@ -51,6 +53,9 @@ def machine() -> dict[str, Any]:
     """What the figures were measured on: they compare only within one run on one machine."""
     import torch
 
+    from services.runtime.inference import engine_dtype
+    from services.runtime.settings import FlywheelSettings, load_settings
+
     meminfo = Path("/proc/meminfo")
     total_kb = (
         next((int(line.split()[1]) for line in meminfo.read_text().splitlines() if line.startswith("MemTotal:")), 0)
@@ -59,18 +64,18 @@ def machine() -> dict[str, Any]:
     )
     memory = f"{total_kb / 2**20:.1f} GiB" if total_kb else None
     cpu = platform.processor() or platform.machine()
-    flags: list[str] = []
+    present = cpu_flags()
+    flags = [flag for flag in VECTOR_FLAGS if flag in present]
     if Path("/proc/cpuinfo").exists():
         cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
         cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
-        present = next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
-        flags = [flag for flag in VECTOR_FLAGS if flag in present]
     return {
         "platform": platform.platform(),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "cpu_flags": flags,
         "torch_threads": torch.get_num_threads(),
+        "engine_dtype": str(engine_dtype(load_settings(FlywheelSettings).engine_dtype)).removeprefix("torch."),
         "load_average": [round(value, 2) for value in os.getloadavg()],
         "memory": memory,
         "python": sys.version.split()[0],
@@ -84,6 +89,6 @@ def machine_line(described: dict[str, Any]) -> str:
     return (
         f"Machine: {described['cpu']}, {described['cpu_count']} cores, {described['memory']} memory, GPU {described['gpu'] or 'none'}; "
         f"CPU flags {' '.join(described.get('cpu_flags') or []) or 'none of ' + ' '.join(VECTOR_FLAGS)}; "
-        f"torch threads {described.get('torch_threads')}; "
+        f"torch threads {described.get('torch_threads')}; engine dtype {described.get('engine_dtype', 'float32')}; "
         f"{described['platform']}; Python {described['python']}, torch {described['torch']}; load average at start {described['load_average']}."
     )

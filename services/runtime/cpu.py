@@ -29,6 +29,25 @@ def _busy_seconds() -> float | None:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them; empty where there is none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def bf16_native() -> bool:
+    """Whether matrix products in bfloat16 run on the hardware's own instructions: AMX or AVX-512-BF16 on
+    the CPU, or a CUDA GPU that has them. Elsewhere torch emulates bfloat16, slower than float32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
 def cores() -> int:
     """The cores this process may run on."""
     try:

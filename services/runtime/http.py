@@ -333,6 +333,7 @@ def create_http_app(
     title: str,
     *,
     readiness: dict[str, ReadinessCheck] | None = None,
+    facts: Mapping[str, Callable[[], str | None]] | None = None,
     routers: Sequence[APIRouter] = (),
     lifespan: Lifespan[FastAPI] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -367,7 +368,8 @@ def create_http_app(
 
         results = dict(zip(checks, await asyncio.gather(*(outcome(check) for check in checks.values())), strict=True))
         ready = all(value == "ok" for value in results.values())
-        body = HealthStatus(status="ok" if ready else "unavailable", service=title, checks=results)
+        known = {name: value for name, fact in (facts or {}).items() if (value := fact()) is not None}
+        body = HealthStatus(status="ok" if ready else "unavailable", service=title, checks=results, running=known)
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
     @app.get("/metrics", include_in_schema=False)

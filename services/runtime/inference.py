@@ -7,6 +7,12 @@ parameters (temperature, top_p, seed, stop, max_tokens) are per request, finishe
 batch (and the KV cache) so that one long request does not make the short ones pay, and new rows
 join a running batch between steps (`DecodeBatch.absorb`, driven by serving's continuous batcher).
 The evaluator generates through this same engine, so what it measures is what serving answers.
+
+The engine computes in float32, or in bfloat16 when asked (`engine_dtype`: `auto` takes bfloat16 where
+the hardware computes it natively); logits are sampled in float32 either way. On the 2-core AMD EPYC with
+AVX-512-BF16, bfloat16 was 2 to 3 times faster (`flywheel bench dtype`), but it is not the default: an
+adapter trained in float32 lost the facts the gate checks when served in bfloat16 (see
+docs/explanation/serving.md, "The engine's dtype").
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Literal, cast
 
 import torch
 from peft import PeftModel
@@ -26,6 +32,8 @@ from transformers.cache_utils import CacheLayerMixin, DynamicCache
 from services.runtime.peft_compat import ignore_peft_deprecation
 
 log = logging.getLogger("flywheel.runtime.inference")
+
+EngineDtype = Literal["auto", "float32", "bfloat16"]
 
 BASE = "__base__"
 """The adapter name peft uses for rows that go through the base model alone."""
@@ -193,11 +201,16 @@ class Engine:
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, model_name: str = "base") -> Engine:
-        """Load a causal LM from a Hugging Face directory in float32 for CPU."""
+    def from_pretrained(cls, path: str | Path, *, model_name: str = "base", dtype: EngineDtype = "float32") -> Engine:
+        """Load a causal LM from a Hugging Face directory, in `dtype` (`auto`: see `engine_dtype`)."""
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=engine_dtype(dtype))
         return cls(model, tokenizer, model_name=model_name)
+
+    @property
+    def dtype(self) -> str:
+        """The dtype the base model computes in: `float32` or `bfloat16`."""
+        return str(self._base.dtype).removeprefix("torch.")
 
     @property
     def model(self) -> PreTrainedModel:
@@ -388,6 +401,16 @@ class Engine:
             row.finish_reason = "length"
             return False
         return True
+
+
+def engine_dtype(choice: EngineDtype) -> torch.dtype:
+    """The dtype an engine computes in: `auto` is bfloat16 where the hardware computes it natively (AMX or
+    AVX-512-BF16, a CUDA GPU with bf16), float32 elsewhere, where emulated bfloat16 is slower than float32."""
+    from services.runtime.cpu import bf16_native
+
+    if choice == "auto":
+        return torch.bfloat16 if bf16_native() else torch.float32
+    return torch.bfloat16 if choice == "bfloat16" else torch.float32
 
 
 def _generator(seed: int | None) -> torch.Generator | None:

@@ -78,6 +78,8 @@ class Service:
     name: str
     api: APIRouter | None = None
     readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
+    # What the service runs with, for /readyz to show (the engine's dtype); None until it is known.
+    facts: dict[str, Callable[[], str | None]] = field(default_factory=dict)
     on_start: list[Hook] = field(default_factory=list)
     on_stop: list[Hook] = field(default_factory=list)
     # Doors whose bodies may pass the process's FLYWHEEL_HTTP_MAX_BODY_BYTES: path prefix -> bytes.
@@ -279,6 +281,7 @@ def build_process(
     readiness: dict[str, ReadinessCheck] = {"kafka": lambda: check_reachable(bootstrap, security=security)}
     for service in services:
         readiness.update({f"{service.name}.{name}": check for name, check in service.readiness.items()})
+    facts = {f"{service.name}.{name}": fact for service in services for name, fact in service.facts.items()}
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -324,6 +327,7 @@ def build_process(
     app = create_http_app(
         title,
         readiness=readiness,
+        facts=facts,
         routers=[service.api for service in services if service.api is not None],
         lifespan=lifespan,
         max_body_bytes=settings.http_max_body_bytes,

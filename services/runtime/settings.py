@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -96,6 +96,10 @@ class FlywheelSettings(BaseSettings):
     registry_url: str | None = Field(
         default=None,
         description="Base URL of the registry's door; set: this process checks API keys by asking the registry (introspection) instead of opening its database.",
+    )
+    engine_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="float32",
+        description="What the model engine (serving, the evaluator) computes in: auto is bfloat16 where the hardware computes it natively (AMX, AVX-512-BF16, a CUDA GPU with bf16), float32 elsewhere. float32 by default: an adapter trained in float32 can lose what it learned when served in bfloat16 (docs/explanation/serving.md).",
     )
     topic_prefix: str = Field(default="", description="Prefix for every topic name; lets test runs share a broker.")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")

@@ -69,7 +69,9 @@ def create_app(runtime: Runtime, settings: ServingSettings, privacy: PrivacySett
 
         await asyncio.to_thread(use_free_cpus)
         model_dir = settings.model_dir or await asyncio.to_thread(smollm2_weights, runtime.settings.cache)
-        state.engine = await asyncio.to_thread(Engine.from_pretrained, model_dir, model_name=settings.base_model)
+        state.engine = await asyncio.to_thread(
+            Engine.from_pretrained, model_dir, model_name=settings.base_model, dtype=runtime.settings.engine_dtype
+        )
         triton = TritonServing(
             state.engine,
             workdir=runtime.home / "serving" / "triton",
@@ -120,7 +122,14 @@ def create_app(runtime: Runtime, settings: ServingSettings, privacy: PrivacySett
     guard = Authenticator.for_settings(runtime.settings).require(Role.app)
     limiter = RateLimiter(rate_per_s=settings.rate_limit_rps, burst=settings.rate_limit_burst)
     api = create_router(lambda: state.gateway, guard=guard, limiter=limiter)
-    return Service(name="serving", api=api, readiness={"triton": triton_alive}, on_start=[start], on_stop=[stop])
+    return Service(
+        name="serving",
+        api=api,
+        readiness={"triton": triton_alive},
+        facts={"engine_dtype": lambda: state.engine.dtype if state.engine is not None else None},
+        on_start=[start],
+        on_stop=[stop],
+    )
 
 
 async def supervise(state: _State, stopping: asyncio.Event) -> None:

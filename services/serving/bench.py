@@ -133,7 +133,9 @@ def run_bench(
     processes that drifts during the run lands on both; the ratio printed is the median of the
     rounds' ratios, the req/s and latencies those of all rounds together."""
     echo("loading SmolLM2-135M-Instruct ...")
-    engine = Engine.from_pretrained(smollm2_weights(load_settings(FlywheelSettings).cache), model_name="smollm2")
+    settings = load_settings(FlywheelSettings)
+    engine = Engine.from_pretrained(smollm2_weights(settings.cache), model_name="smollm2", dtype=settings.engine_dtype)
+    echo(f"engine dtype {engine.dtype} (FLYWHEEL_ENGINE_DTYPE={settings.engine_dtype})")
     # Taken before any adapter is loaded: the baseline runs the plain base model, as a naive server would.
     base = engine.model
     prompts = [

@@ -305,4 +305,94 @@ def _injection_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
 
 
 INJECTION = Benchmark(name="injection", sizes={"quick": {"timings": 10}, "full": {"timings": 50}}, run=_injection_rows)
-BENCHMARKS = (SERVE, GATEWAY, INJECTION)
+
+
+@bench_app.command("dtype")
+def bench_dtype(
+    requests: int = typer.Option(16, min=1, help="Requests timed per dtype."),
+    max_tokens: int = typer.Option(32, min=2, help="New tokens per request."),
+    golden: int = typer.Option(72, min=1, help="Golden questions of the demo answered by both dtypes."),
+) -> None:
+    """The model engine in bfloat16 against float32: prefill, decode, and how far greedy answers agree."""
+    from services.serving.dtype_bench import run_dtype_bench
+
+    run_dtype_bench(requests=requests, max_tokens=max_tokens, golden=golden, echo=typer.echo)
+
+
+_DTYPE_FIRST = re.compile(r"^(float32|bfloat16)\s+prefill \+ first token\s+p50\s+([\d.]+) ms")
+_DTYPE_STEP = re.compile(r"^(float32|bfloat16)\s+decode step\s+p50\s+[\d.]+ ms\s+([\d.]+) tokens/s")
+_DTYPE_SAME = re.compile(r"^answers identical token for token\s+(\d+) of (\d+)")
+
+
+def _dtype_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
+    from services.serving.dtype_bench import run_dtype_bench
+
+    return dtype_rows(_printed(run_dtype_bench, size, echo))
+
+
+def dtype_rows(lines: list[str]) -> list[Row]:
+    """The table rows in the dtype benchmark's printed figures."""
+    first: dict[str, float] = {}
+    step: dict[str, float] = {}
+    rows: list[Row] = []
+    for line in lines:
+        if match := _DTYPE_FIRST.match(line.strip()):
+            first[match[1]] = float(match[2])
+        elif match := _DTYPE_STEP.match(line.strip()):
+            step[match[1]] = float(match[2])
+        elif match := _DTYPE_SAME.match(line.strip()):
+            rows.append(
+                Row(
+                    "dtype",
+                    "greedy answers identical to float32's",
+                    float(match[1]),
+                    float(match[2]),
+                    "answers",
+                    "higher",
+                    "bfloat16",
+                    "all golden questions",
+                )
+            )
+    if first:
+        rows.insert(
+            0,
+            Row(
+                "dtype",
+                "prefill + first token p50",
+                first.get("bfloat16"),
+                first.get("float32"),
+                "ms",
+                "lower",
+                "bfloat16",
+                "float32",
+            ),
+        )
+    if step:
+        rows.insert(
+            1,
+            Row(
+                "dtype",
+                "batch-1 decode",
+                step.get("bfloat16"),
+                step.get("float32"),
+                "tokens/s",
+                "higher",
+                "bfloat16",
+                "float32",
+            ),
+        )
+    if not rows:
+        raise RuntimeError("the dtype benchmark printed no figures this command recognises")
+    return rows
+
+
+DTYPE = Benchmark(
+    name="dtype",
+    sizes={
+        "quick": {"requests": 4, "max_tokens": 8, "golden": 8},
+        "full": {"requests": 16, "max_tokens": 32, "golden": 72},
+    },
+    run=_dtype_rows,
+)
+
+BENCHMARKS = (SERVE, GATEWAY, INJECTION, DTYPE)

@@ -201,7 +201,9 @@ def run_gateway_bench(*, requests: int, pairs: int, max_tokens: int, echo: Calla
     from services.runtime.settings import FlywheelSettings, load_settings
 
     echo("loading SmolLM2-135M-Instruct ...")
-    engine = Engine.from_pretrained(smollm2_weights(load_settings(FlywheelSettings).cache), model_name=MODEL)
+    settings = load_settings(FlywheelSettings)
+    engine = Engine.from_pretrained(smollm2_weights(settings.cache), model_name=MODEL, dtype=settings.engine_dtype)
+    echo(f"engine dtype {engine.dtype} (FLYWHEEL_ENGINE_DTYPE={settings.engine_dtype})")
     on = ContentGuard(secrets=GuardAction.redact, personal=GuardAction.redact, unsafe=GuardAction.redact)
     guarded_settings = ServingSettings(
         response_cache_entries=0,

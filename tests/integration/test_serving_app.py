@@ -61,6 +61,7 @@ async def test_serving_process_serves_logs_and_follows_prompt_events(
     ):
         ready = await http.get("/readyz")
         assert ready.status_code == 200, ready.text
+        assert ready.json()["running"] == {"serving.engine_dtype": "float32"}, ready.text  # the default
         assert "tiny" in {card["id"] for card in (await http.get("/v1/models")).json()["data"]}
         assert (
             await http.post("/v1/chat/completions", json=body)

@@ -11,7 +11,8 @@ import pytest
 from services.cli.bench_cmd import to_markdown
 from services.runtime.bench import Row
 from services.serving.bench import Figures
-from services.serving.cli import gateway_rows, serve_rows
+from services.serving.cli import dtype_rows, gateway_rows, serve_rows
+from services.serving.dtype_bench import decode_line, first_token_line, identical_line, shared_prefix
 from services.serving.gateway_bench import (
     GUARDS_ON,
     PER_REQUEST_OVERHEAD,
@@ -93,6 +94,37 @@ def test_the_overheads_verdict_is_met_only_when_the_whole_interval_is_under_the_
     assert "met: the whole interval is under it" in overhead_interval_line(1.0, 4.9)
     assert "not shown met" in overhead_interval_line(1.0, 5.1)
     assert "missed" in overhead_interval_line(5.1, 9.0)
+
+
+def test_the_dtype_figures_become_rows_with_bfloat16_against_float32() -> None:
+    lines = [
+        first_token_line("float32", 120.0),
+        first_token_line("bfloat16", 40.0),
+        decode_line("float32", 50.0),
+        decode_line("bfloat16", 20.0),
+        identical_line(22, 72),
+    ]
+    rows = {row.measure: row for row in dtype_rows(lines)}
+    prefill = rows["prefill + first token p50"]
+    assert (prefill.flywheel, prefill.baseline, prefill.better) == (40.0, 120.0, "lower")
+    decode = rows["batch-1 decode"]
+    assert (decode.flywheel, decode.baseline, decode.unit) == (
+        50.0,
+        20.0,
+        "tokens/s",
+    ) and decode.ratio == pytest.approx(2.5)
+    assert (
+        rows["greedy answers identical to float32's"].flywheel,
+        rows["greedy answers identical to float32's"].baseline,
+    ) == (22.0, 72.0)
+    with pytest.raises(RuntimeError, match="no figures"):
+        dtype_rows(["bfloat16 on this hardware: native"])
+
+
+def test_answers_share_the_tokens_before_their_first_difference() -> None:
+    assert shared_prefix([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert shared_prefix([1, 2], [1, 2, 3]) == 2
+    assert shared_prefix([5], [6]) == 0
 
 
 def test_output_without_figures_is_an_error_not_an_empty_table() -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from services.runtime.inference import BASE, Engine, GenerationRequest, SamplingParams, UnknownAdapterError
-from tests.serving_support import make_adapter, smollm2_tokenizer, tiny_engine
+from tests.serving_support import make_adapter, smollm2_tokenizer, tiny_engine, tiny_model
 
 pytestmark = pytest.mark.unit
 
@@ -64,6 +65,23 @@ def test_mixed_adapter_batch_equals_sequential_greedy(engine: Engine) -> None:
     assert [result.completion_tokens for result in batched] == [10, 10, 4, 10, 10, 10]
     assert all(result.finish_reason == "length" for result in batched)
     assert batched[1].prompt_tokens == len(requests[1].prompt_ids)
+
+
+def test_bfloat16_mixed_adapter_batch_equals_sequential_greedy(tokenizer, adapter_dirs: dict[str, Path]) -> None:
+    """The same in bfloat16, the dtype `auto` picks on AMX and AVX-512-BF16 CPUs: rows padded to one batch
+    and rows alone must still pick the same tokens."""
+    engine = Engine(tiny_model(len(tokenizer)).to(torch.bfloat16), tokenizer, model_name="tiny")
+    for name, path in adapter_dirs.items():
+        engine.load_adapter(name, path)
+    assert engine.dtype == "bfloat16"
+    texts = ["Hi", "What is the capital of France?", "Write one word about the sea, please, now."]
+    requests = [
+        GenerationRequest(prompt(engine, text), adapter, GREEDY)
+        for text, adapter in zip(texts * 2, (None, "a1", "a2", "a3", BASE, "a1"), strict=True)
+    ]
+    batched = engine.generate(requests)
+    sequential = [engine.generate([request])[0] for request in requests]
+    assert [result.token_ids for result in batched] == [result.token_ids for result in sequential]
 
 
 def test_seeded_sampling_is_per_request(engine: Engine) -> None:
