@@ -774,6 +774,14 @@ class FeedbackReceived(Payload):
         max_length=12,
         description="Score per rubric dimension: `up`/`down`, `1`..`5`, or one of the dimension's labels.",
     )
+    preferred_over: InferenceId | None = Field(
+        default=None,
+        description="In a reviewer's pairwise choice: the other answer to the same prompt, which this one was preferred to.",
+    )
+    tied_with: InferenceId | None = Field(
+        default=None,
+        description="In a reviewer's pairwise choice: the other answer to the same prompt, judged as good as this one (a tie prefers neither).",
+    )
 
     @model_validator(mode="after")
     def _one_target(self) -> FeedbackReceived:
@@ -784,6 +792,11 @@ class FeedbackReceived(Payload):
     def target(self) -> FeedbackTarget:
         """What this feedback is about."""
         return feedback_target(self.inference_id, self.trace_id, self.span_id, self.session_id)
+
+    @property
+    def names_a_review(self) -> bool:
+        """Whether it names what only a review carries: a queue, an item, a rubric, scores or a pairwise choice."""
+        return bool(self.queue or self.item_id or self.rubric or self.scores or self.preferred_over or self.tied_with)
 
     @property
     def target_id(self) -> str:
@@ -802,7 +815,7 @@ REVIEWER_FEEDBACK_ONLY_ON_ITS_TOPIC = (
     "which only the feedback service publishes (POST /feedback/v1/feedback with a reviewer's key)"
 )
 REVIEWS_ONLY_ON_THEIR_TOPIC = (
-    "feedback.received may not name a review queue, item, rubric or scores: a review travels as "
+    "feedback.received may not name a review queue, item, rubric, scores or a pairwise choice (preferred_over, tied_with): a review travels as "
     "feedback.reviewed, which only the feedback service publishes (POST /feedback/v1/review/items/{item_id}/submit)"
 )
 

@@ -644,6 +644,15 @@ class ReviewSelect(StrEnum):
     thumbs_down = "thumbs_down"
     low_groundedness = "low_groundedness"
     judge_disagreement = "judge_disagreement"
+    pairs = "pairs"
+
+
+class ReviewChoice(StrEnum):
+    """A reviewer's pick on a pairwise item: the first answer shown, the second, or neither (a tie)."""
+
+    first = "first"
+    second = "second"
+    tie = "tie"
 
 
 class ReviewOrder(StrEnum):
@@ -665,7 +674,13 @@ class ReviewRule(Request):
         "without thumbs, its rating (4-5 positive, 1-2 negative; 3, the middle of the scale, is neither, so it never disagrees). "
         "Each judge and each end user counts by their latest verdict on the inference, so one who changed their mind "
         "counts as they ended; feedback with no actor counts on its own, and feedback with neither thumbs nor rating "
-        "(a comment) leaves the verdict before it standing. Only feedback on the inference itself counts, not on its trace or session."
+        "(a comment) leaves the verdict before it standing. Only feedback on the inference itself counts, not on its trace or session. "
+        "pairs: two answers to the same rendered prompt (`input_text`), for reviewers to pick the better one: the newest answer, "
+        "against the newest answer of another arm (adapter version and route, e.g. a canary against production) whose text differs, "
+        "else the newest of the same arm whose text differs; a prompt with no second, different answer is not taken, and answers "
+        "replayed from the response cache are not answers of their own. One item per prompt; `share` samples prompts, not calls. "
+        "Which answer is shown first is a coin flip per item (a hash of the two ids): reviewers favour the first answer they read, "
+        "so neither arm may always lead. Reviewers submit a `choice` instead of scores; the rubric's instructions say what to compare by."
     )
     model_name: ModelName = Field(description="The model whose answers are sampled (by the name callers ask for).")
     route: ServedRoute | None = Field(
@@ -769,12 +784,21 @@ class ReviewItemView(Response):
     )
     answer: str = Field(description="The model's answer, personal data removed.")
     trace_id: str | None = Field(default=None, description="The trace of the call, when it was traced.")
+    second_inference_id: str | None = Field(
+        default=None, description="A pairwise item's second answer's inference, shown beside the first (`answer`)."
+    )
+    second_adapter_version: int | None = Field(default=None, description="Adapter version of the second answer.")
+    second_route: str | None = Field(default=None, description="Route the second answer was served on.")
+    second_answer: str | None = Field(
+        default=None, description="A pairwise item's second answer to the same prompt, personal data removed."
+    )
     groundedness: float | None = Field(
         default=None, description="MiniLM groundedness of the answer in its prompt, when it was scored."
     )
     rubric: RubricVersionView = Field(description="What to score.")
     reviews: list[dict[str, Any]] = Field(
-        default_factory=list, description="For adjudication: the reviews that disagree (reviewer, scores, correction)."
+        default_factory=list,
+        description="For adjudication: the reviews that disagree (reviewer, scores, correction, and a pairwise item's choice).",
     )
     reviews_needed: int = Field(description="Reviews the item still needs.")
     lease_expires_at: datetime = Field(description="When the claim lapses (UTC).")
@@ -782,7 +806,13 @@ class ReviewItemView(Response):
 
 class ReviewSubmit(Request):
     scores: dict[Name, str] = Field(
-        max_length=12, description="A score per rubric dimension, by name: `up`/`down`, `1`..`5`, or one of its labels."
+        default_factory=dict,
+        max_length=12,
+        description="A score per rubric dimension, by name: `up`/`down`, `1`..`5`, or one of its labels; none on a pairwise item.",
+    )
+    choice: ReviewChoice | None = Field(
+        default=None,
+        description="A pairwise item's judgement, and only a pairwise item's: the `first` answer (`answer`), the `second`, or `tie`.",
     )
     correction: str | None = Field(
         default=None, max_length=32000, description="The answer that should have been given."

@@ -204,7 +204,7 @@ class EventPublisher:
         if (
             isinstance(payload, FeedbackReceived)
             and payload.event_type == FeedbackReceived.event_type
-            and (payload.queue or payload.item_id or payload.rubric or payload.scores)
+            and payload.names_a_review
         ):
             raise ReviewerClaimRefused(f"{REVIEWS_ONLY_ON_THEIR_TOPIC}; the feedback sink dead-letters this claim")
         envelope = wrap(payload, producer=self._producer_name, correlation_id=correlation_id, event_id=event_id)

@@ -19,6 +19,7 @@ from urllib.parse import quote
 import typer
 
 from contracts.events import FeedbackReviewed, FeedbackSource, Thumbs
+from contracts.http import ReviewChoice
 from services.runtime.bench import Benchmark, Echo, Row
 from services.runtime.doors import api_key_headers
 from services.runtime.errors import FlywheelError
@@ -235,18 +236,25 @@ def review_next(name: Annotated[str, typer.Argument(help="Queue name.")]) -> Non
 @review_app.command("submit")
 def review_submit(
     item_id: Annotated[str, typer.Argument(help="The claimed item's id.")],
-    score: Annotated[list[str], typer.Option("--score", help="DIMENSION=VALUE, once per rubric dimension.")],
+    score: Annotated[
+        list[str] | None, typer.Option("--score", help="DIMENSION=VALUE, once per rubric dimension.")
+    ] = None,
+    choice: Annotated[
+        ReviewChoice | None,
+        typer.Option(help="A pairwise item's pick: first (`answer`), second (`second_answer`) or tie; no --score."),
+    ] = None,
     correction: Annotated[str | None, typer.Option(help="The answer that should have been given.")] = None,
     comment: Annotated[str | None, typer.Option(help="Free-text comment.")] = None,
 ) -> None:
-    """Score a claimed item on every rubric dimension. Needs a reviewer key."""
+    """Score a claimed item on every rubric dimension, or pick the better answer of a pairwise item with
+    --choice. Needs a reviewer key."""
     scores = {}
-    for given in score:
+    for given in score or []:
         dimension, sep, value = given.partition("=")
         if not sep:
             raise FlywheelError(f"--score {given!r}: write DIMENSION=VALUE, e.g. --score correct=up")
         scores[dimension.strip()] = value.strip()
-    body = {"scores": scores, "correction": correction, "comment": comment}
+    body = {"scores": scores, "choice": choice, "correction": correction, "comment": comment}
     accepted = _review_door("POST", f"/items/{quote(item_id, safe='')}/submit", body)
     typer.echo(f"item {accepted['item_id']}: feedback {accepted['feedback_id']}, {accepted['stage']}")
 

@@ -61,6 +61,10 @@ BROWSER_KEYS = frozenset("def")
 FREE_KEYS = [key for key in "abcdefghijklmnopqrstuvwxyz1234567890" if key not in BROWSER_KEYS]
 # Thumbs up and down on u and j: j is under u on the keyboard, and down in vi.
 THUMB_KEYS = {"up": "u", "down": "j"}
+# A pairwise item's choice: 1 the left (first) answer, 2 the right (second), t a tie; its rubric's dimensions
+# are not scored, so the digits are free.
+CHOICE_KEYS = {"first": "1", "second": "2", "tie": "t"}
+CHOICE_LABELS = {"first": "answer 1 (left)", "second": "answer 2 (right)", "tie": "tie: neither is better"}
 SKIP_REASONS = ("outside my expertise", "cannot judge without more context", "personal data in it", "not an answer")
 # What the last post did, as the next page says it (the page takes only these words from its address).
 OUTCOMES = {
@@ -144,7 +148,8 @@ def create_console_router(queues: ReviewQueues, console: Console, *, publish_tim
         item = await call(user, queues.held(item_id, user.principal.name))
         if item.queue != name:
             raise ConsoleRefused(404, f"review item {item_id} is not in queue {name}", user)
-        dimensions = keyed(item.rubric)
+        pairwise = item.second_answer is not None
+        dimensions = [pairwise_choice()] if pairwise else keyed(item.rubric)
         return console.page(
             request,
             templates,
@@ -153,10 +158,11 @@ def create_console_router(queues: ReviewQueues, console: Console, *, publish_tim
             title=f"Review {name}",
             item=item,
             dimensions=dimensions,
-            earlier=[earlier_review(review, item.rubric) for review in item.reviews],
+            pairwise=pairwise,
+            earlier=[earlier_review(review, dimensions) for review in item.reviews],
             outcome=OUTCOMES.get(request.query_params.get("last", "")),
             keys=ACTION_KEYS,
-            legend=legend(dimensions),
+            legend=legend(dimensions, correction=not pairwise),
             skip_reasons=SKIP_REASONS,
             may_review=user.csrf is not None,
         )
@@ -219,7 +225,9 @@ def parsed_review(fields: dict[str, str], user: ConsoleUser) -> ReviewSubmit:
 
     scores = {name.removeprefix(SCORE_FIELD): value for name, value in fields.items() if name.startswith(SCORE_FIELD)}
     try:
-        return ReviewSubmit(scores=scores, correction=text("correction"), comment=text("comment"))
+        return ReviewSubmit(
+            scores=scores, choice=text("choice"), correction=text("correction"), comment=text("comment")
+        )
     except ValidationError as error:
         problem = next(iter(error.errors()), {})
         where = ".".join(str(part) for part in problem.get("loc", ())) or "form"
@@ -265,6 +273,7 @@ def rule_in_words(rule: ReviewRule) -> str:
         ReviewSelect.thumbs_down: f"answers of {rule.model_name} given thumbs down (by anyone but a reviewer)",
         ReviewSelect.low_groundedness: f"answers of {rule.model_name} whose MiniLM groundedness is under {rule.floor:g}",
         ReviewSelect.judge_disagreement: f"answers of {rule.model_name} on which a judge and an end user disagree",
+        ReviewSelect.pairs: f"prompts to {rule.model_name} with two different answers (of two versions or routes where there are), side by side",
     }[rule.select]
     words = [f"{rule.share:.0%} of the " + chosen if rule.share < 1 else "every one of the " + chosen]
     if rule.route is not None:
@@ -316,7 +325,18 @@ def keyed(rubric: RubricVersionView) -> list[dict[str, Any]]:
     return dimensions
 
 
-def legend(dimensions: list[dict[str, Any]]) -> list[tuple[str, str]]:
+def pairwise_choice() -> dict[str, Any]:
+    """A pairwise item's choice, shaped as a keyed dimension, so the page asks for it as it asks for a score."""
+    return {
+        "name": "choice",
+        "field": "choice",
+        "description": "Which answer is better, as the instructions say?",
+        "scale": "pick one",
+        "choices": [{"value": value, "label": CHOICE_LABELS[value], "key": key} for value, key in CHOICE_KEYS.items()],
+    }
+
+
+def legend(dimensions: list[dict[str, Any]], *, correction: bool = True) -> list[tuple[str, str]]:
     """(key, what it does) for every key of the item page, in the page's order."""
     keys = [
         (choice["key"], f"{dimension['name']}: {choice['label']}")
@@ -326,7 +346,7 @@ def legend(dimensions: list[dict[str, Any]]) -> list[tuple[str, str]]:
     ]
     return [
         *keys,
-        (ACTION_KEYS["correction"], "write a correction"),
+        *([(ACTION_KEYS["correction"], "write a correction")] if correction else []),
         (ACTION_KEYS["comment"], "write a comment"),
         (ACTION_KEYS["submit"], "submit the review and go to the next item"),
         (ACTION_KEYS["reason"], "write why you skip"),
@@ -334,11 +354,12 @@ def legend(dimensions: list[dict[str, Any]]) -> list[tuple[str, str]]:
     ]
 
 
-def earlier_review(review: dict[str, Any], rubric: RubricVersionView) -> dict[str, Any]:
-    """An earlier reviewer's judgement, shown to an adjudicator in the rubric's order."""
-    scores = review.get("scores") or {}
+def earlier_review(review: dict[str, Any], dimensions: list[dict[str, Any]]) -> dict[str, Any]:
+    """An earlier reviewer's judgement, shown to an adjudicator in the page's order of what is judged (the
+    rubric's dimensions, or a pairwise item's choice)."""
+    judged = {**(review.get("scores") or {}), **({"choice": review["choice"]} if review.get("choice") else {})}
     return {
         "reviewer": review.get("reviewer", ""),
-        "scores": [scores.get(dimension.name, "") for dimension in rubric.dimensions],
+        "scores": [judged.get(dimension["name"], "") for dimension in dimensions],
         "correction": review.get("correction"),
     }

@@ -46,7 +46,7 @@ class UnreviewedFeedback(FeedbackReceived):
     def _no_review(self) -> UnreviewedFeedback:
         # The same trust boundary: a queue's reviews are counted by queue, item and rubric, so only the
         # review door may name them.
-        if self.queue is not None or self.item_id is not None or self.rubric is not None or self.scores:
+        if self.names_a_review:
             raise ValueError(REVIEWS_ONLY_ON_THEIR_TOPIC)
         return self
 
@@ -196,5 +196,7 @@ def feedback_table(envelopes: Sequence[Envelope[FeedbackReceived]], payloads: Se
             "item_id": pa.array([p.item_id for p in payloads], pa.string()),
             "rubric": pa.array([p.rubric for p in payloads], pa.string()),
             "scores": pa.array([list(p.scores.items()) for p in payloads], pa.map_(pa.string(), pa.string())),
+            "preferred_over": pa.array([p.preferred_over for p in payloads], pa.string()),
+            "tied_with": pa.array([p.tied_with for p in payloads], pa.string()),
         }
     )

@@ -8,6 +8,12 @@ first), and adds them one per prompt. Reviewers claim items under a lease, score
 skip them with a reason; each review is published as `feedback.reviewed` naming the queue, the item,
 the rubric version and the scores, with the reviewer's authenticated principal as its actor. When an
 item's reviewers disagree it goes to adjudication, which one other reviewer settles.
+
+A `pairs` rule makes pairwise items instead: two answers to one prompt side by side (which two, and in
+which order, services/feedback/review_pairs.py says). Reviewers pick one (`first`, `second`) or call a
+`tie`, and the choice is the item's one judgement: nominal, as agreement and adjudication count it. The
+pick is published on the chosen answer naming the other as `preferred_over`; a tie on the first answer
+shown naming the other as `tied_with`, which prefers neither, so preference datasets take no pair from it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from contracts.events import FeedbackReceived, FeedbackReviewed, FeedbackSource,
 from contracts.http import (
     ReviewAccepted,
     ReviewAgreement,
+    ReviewChoice,
     ReviewFillResult,
     ReviewItemView,
     ReviewOrder,
@@ -51,6 +58,7 @@ from services.feedback.review_store import (
     ReviewRecord,
     ReviewStore,
 )
+from services.feedback.review_pairs import answer_pairs
 from services.feedback.store import FeedbackStore
 from services.runtime.agreement import Scale, agreement, in_conflict
 from services.runtime.errors import Conflict, Invalid, NotFound
@@ -67,6 +75,14 @@ REFILL_AFTER_S = 60.0
 RATING_SPREAD = 1.0
 _FEEDBACK_IDS = uuid.UUID("0d3c8a52-5a8e-4d0c-9c36-3b1f7f2a6a10")
 _SCALES = {RubricScale.thumbs: Scale.nominal, RubricScale.label: Scale.nominal, RubricScale.rating: Scale.ordinal}
+# What a pairwise item is judged on, in place of its rubric's dimensions (whose instructions say what to
+# compare by): agreement and adjudication count it as they count a label.
+CHOICE = RubricDimension(
+    name="choice",
+    description="Which answer is better: the first shown, the second, or neither (tie).",
+    scale=RubricScale.label,
+    labels=[choice.value for choice in ReviewChoice],
+)
 
 Publish = Callable[[FeedbackReceived], Awaitable[Envelope[FeedbackReceived]]]
 
@@ -134,10 +150,11 @@ class ReviewQueues:
     def _agreement(self, record: QueueRecord) -> list[ReviewAgreement]:
         reviews = self._store.reviewed_items(record.name)
         measured = []
-        for dimension in _dimensions(record):
+        for dimension in _judged(record):
             scale = _SCALES[dimension.scale]
             units: dict[Hashable, dict[str, float | str]] = defaultdict(dict)
-            for item_id, reviewer, scores in reviews:
+            for item_id, reviewer, given, choice in reviews:
+                scores = _judgements(given, choice)
                 if dimension.name in scores:
                     value = scores[dimension.name]
                     units[item_id][reviewer] = int(value) if dimension.scale is RubricScale.rating else value
@@ -173,6 +190,13 @@ class ReviewQueues:
             select=rule.select,
             limit=MAX_CANDIDATES,
         )
+        if rule.select is ReviewSelect.pairs:
+            # Nothing is scored: groundedness ranks one answer, not a choice between two.
+            candidates = [
+                Candidate(pair.first, _prompt_key(pair.prompt), _utc(pair.occurred_at), None, pair.second)
+                for pair in answer_pairs(rows)
+            ]
+            return self._add(record, candidates, started)
         scores: list[float | None] = [None] * len(rows)
         if rows and (rule.select is ReviewSelect.low_groundedness or rule.order is ReviewOrder.uncertainty):
             # The live watcher's measure (services/monitor): the prompt is the context an answer should stay in.
@@ -183,7 +207,7 @@ class ReviewQueues:
         candidates = [
             Candidate(
                 row["inference_id"],
-                hashlib.blake2b(row["input_text"].encode(), digest_size=16).hexdigest(),
+                _prompt_key(row["input_text"]),
                 _utc(row["occurred_at"]),
                 score,
             )
@@ -192,6 +216,9 @@ class ReviewQueues:
         ]
         if rule.order is ReviewOrder.uncertainty:
             candidates.sort(key=lambda candidate: (candidate.groundedness is None, candidate.groundedness or 0.0))
+        return self._add(record, candidates, started)
+
+    def _add(self, record: QueueRecord, candidates: list[Candidate], started: float) -> ReviewFillResult:
         added, already, duplicates = self._store.add(record, candidates, record.definition["max_items"])
         log.info(
             "review queue filled",
@@ -255,6 +282,11 @@ class ReviewQueues:
         call = self._feedback().inference_for_review(item.inference_id)
         if call is None:
             return None
+        second = None
+        if item.second_inference_id is not None:
+            second = self._feedback().inference_for_review(item.second_inference_id)
+            if second is None:
+                return None
         reviews = self._store.reviews(item.item_id)
         needed = 1 if item.stage == ADJUDICATION else record.definition["reviewers_per_item"] - len(reviews)
         return ReviewItemView(
@@ -269,10 +301,19 @@ class ReviewQueues:
             messages=_messages(call["input_messages"], call["input_text"]),
             answer=call["output_text"],
             trace_id=call["trace_id"],
+            second_inference_id=item.second_inference_id,
+            second_adapter_version=second["adapter_version"] if second else None,
+            second_route=second["route"] if second else None,
+            second_answer=second["output_text"] if second else None,
             groundedness=item.groundedness,
             rubric=RubricVersionView.model_validate(record.rubric),
             reviews=[
-                {"reviewer": review.reviewer, "scores": review.scores, "correction": review.correction}
+                {
+                    "reviewer": review.reviewer,
+                    "scores": review.scores,
+                    "correction": review.correction,
+                    **({"choice": review.choice} if review.choice else {}),
+                }
                 for review in reviews
             ]
             if item.stage == ADJUDICATION
@@ -308,14 +349,22 @@ class ReviewQueues:
         reviews (done, or adjudication when they disagree) or when an adjudicator decided it."""
         item, _ = await asyncio.to_thread(self._held, item_id, reviewer)
         record = await asyncio.to_thread(self._queue_version, item)
-        dimensions = _dimensions(record)
-        scores = _checked_scores(review.scores, dimensions)
+        dimensions = _judged(record) if item.second_inference_id else _dimensions(record)
+        choice = _checked_choice(item, review)
+        scores = _checked_scores(review.scores, dimensions) if choice is None else {}
         rubric = RubricVersionView.model_validate(record.rubric)
         # The same id however often a review is retried: the sink folds a repeat of one feedback id.
         feedback_id = str(uuid.uuid5(_FEEDBACK_IDS, f"{item.item_id}/{reviewer}/{item.stage}"))
+        target, other = (
+            (item.second_inference_id, item.inference_id)
+            if choice is ReviewChoice.second
+            else (item.inference_id, item.second_inference_id)
+        )
         event = FeedbackReviewed(
             feedback_id=feedback_id,
-            inference_id=item.inference_id,
+            inference_id=target,
+            preferred_over=other if choice in (ReviewChoice.first, ReviewChoice.second) else None,
+            tied_with=other if choice is ReviewChoice.tie else None,
             thumbs=_first(scores, dimensions, RubricScale.thumbs, Thumbs),
             rating=_first(scores, dimensions, RubricScale.rating, int),
             comment=review.comment,
@@ -330,7 +379,9 @@ class ReviewQueues:
         )
         # Published before it is recorded: a broker that does not take it leaves the lease and nothing else.
         await self._publish(self._redactor.scrub_feedback(event))
-        this = ReviewRecord(reviewer, item.stage, scores, review.correction, review.comment, feedback_id)
+        this = ReviewRecord(
+            reviewer, item.stage, scores, review.correction, review.comment, feedback_id, choice and choice.value
+        )
         # An adjudication is decided by its one review; a review by the queue's count of reviewers.
         needed = 1 if item.stage == ADJUDICATION else record.definition["reviewers_per_item"]
 
@@ -367,6 +418,45 @@ class ReviewQueues:
 
 def _dimensions(record: QueueRecord) -> list[RubricDimension]:
     return [RubricDimension.model_validate(dimension) for dimension in record.rubric["dimensions"]]
+
+
+def _judged(record: QueueRecord) -> list[RubricDimension]:
+    """What the queue's reviewers judge: the rubric's dimensions, or a pairwise queue's choice."""
+    return [CHOICE] if record.definition["rule"]["select"] == ReviewSelect.pairs else _dimensions(record)
+
+
+def _judgements(scores: dict[str, str], choice: str | None) -> dict[str, str]:
+    """A review's judgements by what was judged: its scores, or its pairwise choice."""
+    return {CHOICE.name: choice} if choice is not None else scores
+
+
+def _checked_choice(item: ItemRecord, review: ReviewSubmit) -> ReviewChoice | None:
+    """A pairwise item's choice (None for an item of one answer); Invalid naming the field at fault."""
+    if item.second_inference_id is None:
+        if review.choice is not None:
+            raise Invalid(
+                f"choice: item {item.item_id} shows one answer, so there is nothing to choose between; "
+                "score it on its rubric instead",
+                param="choice",
+            )
+        return None
+    if review.choice is None:
+        raise Invalid(
+            f"choice: item {item.item_id} shows two answers to one prompt: send choice first, second or tie",
+            param="choice",
+        )
+    for field in ("scores", "correction"):
+        if getattr(review, field):
+            raise Invalid(
+                f"{field}: item {item.item_id} is judged by its choice alone (the rubric's instructions say what to "
+                f"compare by); send choice without {field}",
+                param=field,
+            )
+    return review.choice
+
+
+def _prompt_key(prompt: str) -> str:
+    return hashlib.blake2b(prompt.encode(), digest_size=16).hexdigest()
 
 
 def _checked_scores(scores: dict[str, str], dimensions: list[RubricDimension]) -> dict[str, str]:
@@ -412,7 +502,11 @@ def _disagree(reviews: list[ReviewRecord], dimensions: list[RubricDimension]) ->
     """Whether the reviews conflict on any dimension, as agreement counts a conflict."""
     return any(
         in_conflict(
-            [review.scores[dimension.name] for review in reviews if dimension.name in review.scores],
+            [
+                judged[dimension.name]
+                for judged in (_judgements(review.scores, review.choice) for review in reviews)
+                if dimension.name in judged
+            ],
             _SCALES[dimension.scale],
             RATING_SPREAD,
         )

@@ -42,6 +42,16 @@ CREATE TABLE skip (item_id TEXT NOT NULL, reviewer TEXT NOT NULL, stage TEXT NOT
 CREATE TABLE fill (queue TEXT PRIMARY KEY, filled_at TEXT NOT NULL);
 """,
     ),
+    # A pairwise item (a `pairs` rule) shows two answers to one prompt: inference_id first, second_inference_id
+    # beside it; its reviews record a choice (first, second or tie) instead of scores.
+    Migration(
+        2,
+        "pairwise_items",
+        """
+ALTER TABLE item ADD COLUMN second_inference_id TEXT;
+ALTER TABLE review ADD COLUMN choice TEXT;
+""",
+    ),
 )
 
 REVIEW, ADJUDICATION, DONE = "review", "adjudication", "done"
@@ -61,12 +71,13 @@ class QueueRecord:
 
 @dataclass(frozen=True)
 class Candidate:
-    """An answered inference a fill may add."""
+    """An answered inference a fill may add, or two answers to one prompt shown side by side."""
 
     inference_id: str
     prompt_key: str
     occurred_at: datetime
     groundedness: float | None
+    second_inference_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,7 @@ class ItemRecord:
     inference_id: str
     groundedness: float | None
     stage: str
+    second_inference_id: str | None
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,7 @@ class ReviewRecord:
     correction: str | None
     comment: str | None
     feedback_id: str
+    choice: str | None = None
 
 
 class ReviewStore:
@@ -172,10 +185,17 @@ class ReviewStore:
         added = already = duplicates = 0
         now = _now().isoformat()
         with self._db.transaction() as db:
-            queued = {row[0] for row in db.execute("SELECT inference_id FROM item WHERE queue = ?", (queue.name,))}
+            queued = {
+                inference_id
+                for row in db.execute(
+                    "SELECT inference_id, second_inference_id FROM item WHERE queue = ?", (queue.name,)
+                )
+                for inference_id in row
+                if inference_id is not None
+            }
             prompts = {row[0] for row in db.execute("SELECT prompt_key FROM item WHERE queue = ?", (queue.name,))}
             for candidate in candidates:
-                if candidate.inference_id in queued:
+                if candidate.inference_id in queued or candidate.second_inference_id in queued:
                     already += 1
                     continue
                 if candidate.prompt_key in prompts:
@@ -184,8 +204,8 @@ class ReviewStore:
                 if added >= limit:
                     continue
                 db.execute(
-                    "INSERT INTO item (item_id, queue, queue_version, inference_id, prompt_key, groundedness, occurred_at, added_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO item (item_id, queue, queue_version, inference_id, prompt_key, groundedness, occurred_at, "
+                    "added_at, second_inference_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         uuid.uuid4().hex,
                         queue.name,
@@ -195,9 +215,10 @@ class ReviewStore:
                         candidate.groundedness,
                         candidate.occurred_at.isoformat(),
                         now,
+                        candidate.second_inference_id,
                     ),
                 )
-                queued.add(candidate.inference_id)
+                queued.update(filter(None, (candidate.inference_id, candidate.second_inference_id)))
                 prompts.add(candidate.prompt_key)
                 added += 1
             db.execute(
@@ -261,7 +282,7 @@ class ReviewStore:
 
     def item(self, item_id: str) -> ItemRecord | None:
         row = self._db.row(
-            "SELECT item_id, queue, queue_version, inference_id, groundedness, stage FROM item WHERE item_id = ?",
+            "SELECT item_id, queue, queue_version, inference_id, groundedness, stage, second_inference_id FROM item WHERE item_id = ?",
             (item_id,),
         )
         return ItemRecord(*row) if row else None
@@ -276,10 +297,10 @@ class ReviewStore:
 
     def reviews(self, item_id: str) -> list[ReviewRecord]:
         rows = self._db.rows(
-            "SELECT reviewer, stage, scores, correction, comment, feedback_id FROM review WHERE item_id = ? ORDER BY reviewed_at",
+            "SELECT reviewer, stage, scores, correction, comment, feedback_id, choice FROM review WHERE item_id = ? ORDER BY reviewed_at",
             (item_id,),
         )
-        return [ReviewRecord(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5]) for row in rows]
+        return [_review(row) for row in rows]
 
     def review(
         self, item: ItemRecord, record: ReviewRecord, decide: Callable[[list[ReviewRecord]], str | None]
@@ -289,7 +310,8 @@ class ReviewStore:
         reviewers finishing an item at once cannot both see the other missing and leave it waiting forever."""
         with self._db.transaction() as db:
             db.execute(
-                "INSERT INTO review VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (item_id, reviewer, stage) DO NOTHING",
+                "INSERT INTO review (item_id, reviewer, stage, scores, correction, comment, feedback_id, reviewed_at, choice) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (item_id, reviewer, stage) DO NOTHING",
                 (
                     item.item_id,
                     record.reviewer,
@@ -299,6 +321,7 @@ class ReviewStore:
                     record.comment,
                     record.feedback_id,
                     _now().isoformat(),
+                    record.choice,
                 ),
             )
             db.execute(
@@ -306,13 +329,11 @@ class ReviewStore:
                 (item.item_id, record.reviewer, record.stage),
             )
             rows = db.execute(
-                "SELECT reviewer, stage, scores, correction, comment, feedback_id FROM review "
+                "SELECT reviewer, stage, scores, correction, comment, feedback_id, choice FROM review "
                 "WHERE item_id = ? AND stage = ? ORDER BY reviewed_at",
                 (item.item_id, record.stage),
             ).fetchall()
-            next_stage = decide(
-                [ReviewRecord(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5]) for row in rows]
-            )
+            next_stage = decide([_review(row) for row in rows])
             if next_stage is not None:
                 db.execute("UPDATE item SET stage = ? WHERE item_id = ?", (next_stage, item.item_id))
         return next_stage
@@ -334,18 +355,22 @@ class ReviewStore:
             db.execute("UPDATE item SET stage = ? WHERE item_id = ?", (GONE, item.item_id))
             db.execute("DELETE FROM lease WHERE item_id = ?", (item.item_id,))
 
-    def reviewed_items(self, name: str) -> list[tuple[str, str, dict[str, str]]]:
-        """(item id, reviewer, scores) of every review at the review stage of the queue's items."""
+    def reviewed_items(self, name: str) -> list[tuple[str, str, dict[str, str], str | None]]:
+        """(item id, reviewer, scores, choice) of every review at the review stage of the queue's items."""
         rows = self._db.rows(
-            "SELECT r.item_id, r.reviewer, r.scores FROM review r JOIN item i ON i.item_id = r.item_id "
+            "SELECT r.item_id, r.reviewer, r.scores, r.choice FROM review r JOIN item i ON i.item_id = r.item_id "
             "WHERE i.queue = ? AND r.stage = 'review' ORDER BY r.reviewed_at",
             (name,),
         )
-        return [(row[0], row[1], json.loads(row[2])) for row in rows]
+        return [(row[0], row[1], json.loads(row[2]), row[3]) for row in rows]
 
 
 def _queue(row: tuple[Any, ...]) -> QueueRecord:
     return QueueRecord(row[0], row[1], json.loads(row[2]), json.loads(row[3]), row[4], datetime.fromisoformat(row[5]))
+
+
+def _review(row: tuple[Any, ...]) -> ReviewRecord:
+    return ReviewRecord(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5], row[6])
 
 
 def _now() -> datetime:

@@ -76,14 +76,15 @@ class FeedbackStore:
         self, model_name: str, *, hours: int, share: float, route: str | None, select: ReviewSelect, limit: int
     ) -> list[dict[str, Any]]:
         """A model's answered calls of the last `hours`, newest first: the `share` of them whose inference id
-        hashes under it (the same calls on every read), on `route` when given, and those whose feedback the
-        `select` rule names (thumbs down, a judge and an end user disagreeing); the caller scores groundedness."""
+        hashes under it (the same calls on every read; for `pairs`, whose prompt does, so both answers to a
+        prompt are in or out together), on `route` when given, and those whose feedback the `select` rule names
+        (thumbs down, a judge and an end user disagreeing); the caller scores groundedness or pairs them."""
         where = [
             "model_name = {model_name:String}",
             "status = 'ok'",
             "output_text != ''",
             "occurred_at >= now64(3) - toIntervalHour({hours:UInt32})",
-            "cityHash64(inference_id) % 10000 < {share:UInt32}",
+            f"cityHash64({'input_text' if select is ReviewSelect.pairs else 'inference_id'}) % 10000 < {{share:UInt32}}",
         ]
         parameters: dict[str, Any] = {
             "model_name": model_name,
@@ -97,7 +98,7 @@ class FeedbackStore:
         if select in _SELECTED_BY_FEEDBACK:
             where.append(_SELECTED_BY_FEEDBACK[select])
         return self._query(
-            "SELECT inference_id, input_text, output_text, occurred_at FROM inference_log FINAL "
+            "SELECT inference_id, input_text, output_text, occurred_at, adapter_version, route FROM inference_log FINAL "
             f"WHERE {' AND '.join(where)} ORDER BY occurred_at DESC LIMIT {{limit:UInt32}}",
             parameters,
         )

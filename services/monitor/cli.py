@@ -479,7 +479,8 @@ def preference_dataset(
     ] = False,
 ) -> None:
     """Publish preference pairs built from a model's feedback as a train dataset version (record format
-    preference): a reviewer's correction against the answer it replaced; an answer given thumbs up against
+    preference): a reviewer's correction against the answer it replaced; a review queue's pairwise choice
+    (adjudicated, or made alike by all its reviewers) against the answer passed over; an answer given thumbs up against
     one given thumbs down, and an answer rated a point or more higher than another, to the same rendered
     prompt. Each record's `provenance` names its kind and the inferences, feedback and model versions."""
     import json
@@ -513,7 +514,7 @@ def preference_dataset(
     if not built.pairs:
         raise FlywheelError(
             f"the feedback on {len(rows)} answers of {model} gives no pair{note}: nothing published. A pair needs a "
-            "reviewer's correction, or two answers to one prompt with opposite thumbs or ratings a point apart"
+            "reviewer's correction, a reviewer's pairwise choice, or two answers to one prompt with opposite thumbs or ratings a point apart"
         )
     print_table(f"preference pairs for {model}", ["kind", "pairs"], [[k.value, n] for k, n in built.counts().items()])
     body = body.model_copy(update={"jsonl": built.jsonl()})

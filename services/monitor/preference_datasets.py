@@ -3,6 +3,11 @@ answered inferences with the feedback given on them, and the pairs built from th
 
 A pair is one prompt with a better answer (`chosen`) and a worse one (`rejected`):
 - correction: a reviewer's correction of an inference against the answer it replaced;
+- pairwise: a review queue's decision between two answers to one prompt (a `pairs` queue): the answer
+  chosen against the other. An item's decision is its adjudication when it has one, else its reviewers'
+  choice when they all made the same one; an item whose reviewers disagree and that no one has adjudicated
+  yet gives no pair, nor does a tie (it prefers neither). Provenance names the item and the feedback ids of
+  the choices behind the decision;
 - thumbs: an answer given thumbs up against one given thumbs down, both to the same rendered prompt;
 - rating: an answer rated at least a whole point higher (mean of its ratings, 1 to 5) than another to
   the same rendered prompt.
@@ -40,6 +45,7 @@ RATING_GAP = 1.0
 
 class PairKind(StrEnum):
     correction = "correction"
+    pairwise = "pairwise"
     thumbs = "thumbs"
     rating = "rating"
 
@@ -48,11 +54,15 @@ class PairKind(StrEnum):
 # send an end user's correction, and a correction becomes what the model is taught to say. Thumbs and
 # ratings count from every source: they choose between answers the model gave, they write none.
 _CORRECTED = "f.source = 'reviewer' AND f.correction IS NOT NULL AND trimBoth(f.correction) != ''"
+# A reviewer's pairwise choice (only the review door publishes one: the sink refuses it on feedback.received).
+_CHOSE = "f.source = 'reviewer' AND f.item_id IS NOT NULL AND (f.preferred_over IS NOT NULL OR f.tied_with IS NOT NULL)"
+_FEEDBACK_COLUMNS = "feedback_id, inference_id, thumbs, rating, correction, source, occurred_at, item_id, tags, preferred_over, tied_with"
 FEEDBACK_SQL = (
     "SELECT i.inference_id AS inference_id, i.adapter_version AS adapter_version, i.prompt_version AS prompt_version, "
     "i.input_messages AS input_messages, i.input_text AS input_text, i.output_text AS output_text, "
     "v.thumbs_up AS thumbs_up, v.thumbs_down AS thumbs_down, v.up_ids AS up_ids, v.down_ids AS down_ids, "
-    "v.rating_mean AS rating_mean, v.rating_ids AS rating_ids, v.correction AS correction, v.correction_id AS correction_id "
+    "v.rating_mean AS rating_mean, v.rating_ids AS rating_ids, v.correction AS correction, v.correction_id AS correction_id, "
+    "v.choices AS choices "
     "FROM (SELECT * FROM inference_log FINAL WHERE model_name = {model:String} "
     "AND status = 'ok' AND trimBoth(input_text) != '' AND trimBoth(output_text) != '') AS i "
     "INNER JOIN ("
@@ -64,10 +74,20 @@ FEEDBACK_SQL = (
     f"arraySlice(arraySort(groupArrayIf(f.feedback_id, f.rating IS NOT NULL)), 1, {IDS_SHOWN}) AS rating_ids, "
     # The newest reviewer correction, as span datasets take it: a later one revises an earlier one.
     f"argMaxIf(trimBoth(assumeNotNull(f.correction)), f.occurred_at, {_CORRECTED}) AS correction, "
-    f"argMaxIf(f.feedback_id, f.occurred_at, {_CORRECTED}) AS correction_id "
+    f"argMaxIf(f.feedback_id, f.occurred_at, {_CORRECTED}) AS correction_id, "
+    # Each choice as [feedback id, item, the other answer, tie, adjudication] ('1' or '0'), for build_pairs to
+    # decide items by: an array of strings, which every backend returns alike (a tuple comes back as a tuple
+    # from a server and as a JSON object from chDB).
+    "groupArrayIf([f.feedback_id, assumeNotNull(f.item_id), ifNull(f.preferred_over, assumeNotNull(f.tied_with)), "
+    f"toString(f.tied_with IS NOT NULL), toString(has(f.tags, 'adjudication'))], {_CHOSE}) AS choices "
     # The model's inference ids first: inference_log is ordered by model, so feedback on other models'
     # answers is skipped before it is merged and grouped.
-    "FROM (SELECT * FROM feedback FINAL WHERE inference_id != '' AND inference_id IN "
+    f"FROM (SELECT {_FEEDBACK_COLUMNS} FROM feedback FINAL WHERE inference_id != '' AND inference_id IN "
+    "(SELECT inference_id FROM inference_log WHERE model_name = {model:String}) "
+    # The answer a choice passed over has no feedback of its own, yet its text is the pair's `rejected`: it
+    # is read as a row with no verdict (no thumbs, rating, correction or choice), which no other kind counts.
+    "UNION ALL SELECT '', assumeNotNull(preferred_over), NULL, NULL, NULL, source, occurred_at, NULL, [], NULL, NULL "
+    "FROM feedback FINAL WHERE preferred_over IS NOT NULL AND source = 'reviewer' AND preferred_over IN "
     "(SELECT inference_id FROM inference_log WHERE model_name = {model:String})) AS f GROUP BY f.inference_id"
     ") AS v ON i.inference_id = v.inference_id "
     f"ORDER BY i.occurred_at DESC, i.inference_id LIMIT {MAX_INFERENCES + 1}"
@@ -138,6 +158,57 @@ def _corrections(rows: list[dict[str, Any]]) -> Iterator[Pair]:
             )
 
 
+@dataclass(frozen=True)
+class Choice:
+    """One reviewer's pairwise choice on a review item, as the feedback on `chosen` records it."""
+
+    feedback_id: str
+    chosen: str  # inference id: the answer chosen, or for a tie the answer the feedback is on
+    other: str
+    tie: bool
+    adjudication: bool
+
+
+def _pairwise(rows: list[dict[str, Any]]) -> Iterator[Pair]:
+    """Each decided item's chosen answer against the other (the rows of one prompt hold both answers)."""
+    answers = {row["inference_id"]: row for row in rows}
+    items: dict[str, list[Choice]] = {}
+    for row in rows:
+        for feedback_id, item_id, other, tie, adjudication in row["choices"]:
+            items.setdefault(item_id, []).append(
+                Choice(feedback_id, row["inference_id"], other, tie == "1", adjudication == "1")
+            )
+    for item_id, choices in items.items():
+        decided = decision(choices)
+        if not decided or decided[0].tie or decided[0].other not in answers:
+            continue
+        chosen, rejected = answers[decided[0].chosen], answers[decided[0].other]
+        yield Pair(
+            chosen["input_text"],
+            prompt_of(chosen),
+            chosen["output_text"],
+            rejected["output_text"],
+            PairKind.pairwise,
+            {
+                "item_id": item_id,
+                "chosen": _answer(chosen, sorted(choice.feedback_id for choice in decided)),
+                "rejected": _answer(rejected, []),
+            },
+        )
+
+
+def decision(choices: list[Choice]) -> list[Choice]:
+    """The choices that decide an item: its adjudication (an item is adjudicated once), else its reviews
+    when they all chose the same (the same answer, or a tie); none while its reviewers disagree and no one
+    has adjudicated it."""
+    adjudicated = [choice for choice in choices if choice.adjudication]
+    if adjudicated:
+        return adjudicated[:1]
+    if len({"tie" if choice.tie else choice.chosen for choice in choices}) == 1:
+        return choices
+    return []
+
+
 def _thumbs(rows: list[dict[str, Any]]) -> Iterator[Pair]:
     # An answer given both thumbs up and thumbs down says nothing either way, and is left out.
     liked = [row for row in rows if row["thumbs_up"] and not row["thumbs_down"]][:ANSWERS_PER_PROMPT]
@@ -189,8 +260,8 @@ class Built:
 
 def build_pairs(model_name: str, rows: list[dict[str, Any]], *, limit: int = MAX_PAIRS) -> Built:
     """Pairs from the rows of feedback_query, de-duplicated by (prompt, chosen, rejected): corrections first,
-    then thumbs, then ratings, each prompt's in the order its answers came (newest first), at most
-    PER_PROMPT of a kind per prompt (corrections are not bounded: each is a reviewer's own work); then
+    then pairwise choices, thumbs, ratings, each prompt's in the order its answers came (newest first), at most
+    PER_PROMPT of a kind per prompt (corrections and pairwise choices are not bounded: each is a reviewer's own work); then
     `limit` pairs at most."""
     prompts: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -199,13 +270,14 @@ def build_pairs(model_name: str, rows: list[dict[str, Any]], *, limit: int = MAX
     same_text = 0
     for kind, pairs_of in (
         (PairKind.correction, _corrections),
+        (PairKind.pairwise, _pairwise),
         (PairKind.thumbs, _thumbs),
         (PairKind.rating, _ratings),
     ):
         for answers in prompts.values():
             taken: set[tuple[str, str]] = set()
             for pair in pairs_of(answers):
-                if kind is not PairKind.correction and len(taken) == PER_PROMPT:
+                if kind not in (PairKind.correction, PairKind.pairwise) and len(taken) == PER_PROMPT:
                     break
                 if pair.chosen.strip() == pair.rejected.strip():
                     same_text += 1

@@ -135,7 +135,9 @@ async def test_a_reviewer_claim_on_feedback_received_is_dead_lettered_and_the_do
     review_reason = {name: value.decode() for name, value in letters[str(forged_review.event_id)].headers}[
         "x-flywheel-error"
     ]
-    assert "feedback.received may not name a review queue, item, rubric or scores" in review_reason, review_reason
+    assert (
+        "feedback.received may not name a review queue, item, rubric, scores or a pairwise choice" in review_reason
+    ), review_reason
     letter = letters[str(forged.event_id)]
     headers = {name: value.decode() for name, value in letter.headers}
     assert headers["x-flywheel-error"] == (

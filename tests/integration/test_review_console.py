@@ -290,3 +290,82 @@ async def test_reviewers_work_a_queue_through_the_console_and_a_viewer_only_read
                 kappa = "" if measured["kappa"] is None else f"{measured['kappa']:.3f}"
                 row = f"<tr><td>{measured['dimension']}</td><td>{measured['level']}</td><td>{alpha}</td><td>{kappa}</td><td>{measured['items']}</td>"
                 assert row in html, (row, html[html.find("<table") : html.find("</table>")])
+
+
+async def test_a_pairwise_item_shows_two_answers_side_by_side_blind_and_keys_pick_one(
+    settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget
+) -> None:
+    clickhouse = chdb_target.open()
+    app, runtime = feedback_process(settings, clickhouse)
+    keys = {name: api_key(settings, Role.reviewer, name) for name in ("alice", "bob", "carol")}
+    async with app.router.lifespan_context(app):
+        await store_calls(
+            runtime,
+            clickhouse,
+            [
+                {"input_text": "How long is the warranty?", "output_text": "Two years.", "adapter_version": 1},
+                {
+                    "input_text": "How long is the warranty?",
+                    "output_text": HOSTILE,
+                    "adapter_version": 2,
+                    "route": "canary",
+                },
+            ],
+        )
+        await define_queue(
+            settings,
+            clickhouse,
+            rule={"select": "pairs", "model_name": "support-bot", "order": "newest"},
+            reviewers_per_item=2,
+        )
+        async with (
+            signed_in(app, keys["alice"]) as alice,
+            signed_in(app, keys["bob"]) as bob,
+            signed_in(app, keys["carol"]) as carol,
+        ):
+            await alice.open(f"{PAGES}/queues/{QUEUE}")
+            assert "prompts to support-bot with two different answers" in alice.html
+            item_id = await alice.claim()
+            html = alice.html
+            assert "Review two answers of support-bot" in html and 'class="pair"' in html
+            # Both answers, as text, left and right; which version gave which is not shown.
+            assert html.index("Answer 1") < html.index("Answer 2")
+            assert "Two years." in html and HOSTILE_ESCAPED in html and HOSTILE not in html
+            assert ":v1" not in html and ":v2" not in html and "canary" not in html
+            for value, key in (("first", "1"), ("second", "2"), ("tie", "t")):
+                assert f'name="choice" value="{value}" required accesskey="{key}"' in html, value
+            assert 'name="correction"' not in html and "score." not in html
+            # A form without a choice is refused, naming it, and nothing is recorded.
+            refused = await alice.post(f"{PAGES}/queues/{QUEUE}/items/{item_id}/submit", {}, status=422)
+            assert "choice" in refused.text
+            await alice.open(f"{PAGES}/queues/{QUEUE}/items/{item_id}")
+            await alice.review(item_id, {"choice": "first"})
+            assert alice.outcome == "waiting"
+            assert await bob.claim() == item_id
+            await bob.review(item_id, {"choice": "second"})
+            assert bob.outcome == "adjudication"
+
+            # carol adjudicates: she sees both choices, then calls it a tie.
+            assert await carol.claim() == item_id
+            assert "Adjudicate two answers" in carol.html
+            earlier = carol.html[carol.html.index('<table class="earlier">') :]
+            assert "<td>alice</td><td>first</td>" in earlier and "<td>bob</td><td>second</td>" in earlier
+            await carol.review(item_id, {"choice": "tie"})
+            assert carol.outcome == "done"
+
+        def stored() -> list[dict]:
+            return clickhouse.query(
+                "SELECT actor, inference_id, preferred_over, tied_with FROM feedback FINAL "
+                "WHERE queue = {queue:String} ORDER BY actor",
+                {"queue": QUEUE},
+            )
+
+        await eventually(lambda: len(stored()) == 3, what="the three choices stored")
+        rows = stored()
+        first, second = rows[0]["inference_id"], rows[0]["preferred_over"]
+        assert {first, second} == {"call-0", "call-1"}
+        assert [(row["actor"], row["inference_id"], row["preferred_over"], row["tied_with"]) for row in rows] == [
+            ("alice", first, second, None),
+            ("bob", second, first, None),
+            ("carol", first, None, second),
+        ]

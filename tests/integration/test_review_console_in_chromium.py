@@ -43,6 +43,26 @@ SHOTS = ARTIFACTS / "console"
 @pytest.fixture
 async def served(settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget) -> AsyncIterator[tuple]:
     """The feedback service on a free port, its calls stored and its queue defined; (base url, key, ClickHouse)."""
+    async with serving(settings, chdb_target, CALLS, reviewers_per_item=1) as running:
+        yield running
+
+
+@pytest.fixture
+async def served_pairs(settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget) -> AsyncIterator[tuple]:
+    """As `served`, with two versions' answers to one prompt in a `pairs` queue."""
+    calls = [
+        {"input_text": "How long is the warranty?", "output_text": "Two years.", "adapter_version": 1},
+        {"input_text": "How long is the warranty?", "output_text": HOSTILE, "adapter_version": 2, "route": "canary"},
+    ]
+    rule = {"select": "pairs", "model_name": "support-bot", "order": "newest"}
+    async with serving(settings, chdb_target, calls, reviewers_per_item=1, rule=rule) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    settings: FlywheelSettings, chdb_target: ClickHouseTarget, calls: list[dict], **definition: object
+) -> AsyncIterator[tuple]:
     require(shutil.which("chromium") is not None, "Debian's chromium is not installed (apt-get install chromium)")
     clickhouse = chdb_target.open()
     app, runtime = feedback_process(settings, clickhouse)
@@ -53,8 +73,8 @@ async def served(settings: FlywheelSettings, topics: str, chdb_target: ClickHous
     try:
         await eventually(lambda: server.started or serving.done(), timeout_s=120, what="the process listening")
         assert not serving.done(), f"uvicorn did not start: {serving.exception()}"
-        await store_calls(runtime, clickhouse, CALLS)
-        await define_queue(settings, clickhouse, reviewers_per_item=1)
+        await store_calls(runtime, clickhouse, calls)
+        await define_queue(settings, clickhouse, **definition)
         yield f"http://127.0.0.1:{port}", key, clickhouse
     finally:
         server.should_exit = True
@@ -173,3 +193,47 @@ async def test_a_reviewer_reviews_two_answers_and_skips_a_third_with_the_keyboar
     assert {row["actor"] for row in rows} == {"rita"} and {row["source"] for row in rows} == {"reviewer"}
     stored = {row["item_id"]: {**dict(row["scores"]), "text": row["correction"] or row["comment"]} for row in rows}
     assert stored == reviewed, (stored, reviewed)
+
+
+async def test_a_reviewer_picks_the_better_of_two_answers_side_by_side_with_the_keyboard_alone(
+    served_pairs: tuple, tmp_path: Path
+) -> None:
+    base, key, clickhouse = served_pairs
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    async with chromium(tmp_path / "chromium-profile") as browser:
+        await browser.open(f"{base}{PAGES}", "/console/login")
+        assert await focused(browser, "api_key") == "api_key"
+        await browser.type(key)
+        await browser.press("Enter")
+        await browser.settled_at(PAGES)
+        page = await keys_then_page(browser, ["1"], ITEMS)
+        assert await focused(browser, "choice") == "choice", "the choice takes the focus"
+        # Side by side: the two answers' boxes share a row, the first on the left; markup stays text.
+        assert await browser.evaluate("document.querySelectorAll('script, img, [onerror]').length") == 0
+        boxes = await browser.evaluate(
+            "[...document.querySelectorAll('.pair pre.answer')].map(e => [e.getBoundingClientRect().left, "
+            "e.getBoundingClientRect().top, e.innerText])"
+        )
+        assert len(boxes) == 2 and boxes[0][0] < boxes[1][0] and boxes[0][1] == boxes[1][1], boxes
+        assert {boxes[0][2], boxes[1][2]} == {"Two years.", HOSTILE}
+        await browser.press("2", alt=True)
+        assert await checked(browser) == {"choice": "second"}
+        await browser.screenshot(SHOTS / "review-06-pair-picked.png")
+        item_id = page.removeprefix(ITEMS)
+        page = await keys_then_page(browser, ["s"], f"{PAGES}/queues/{QUEUE}")
+        assert "Nothing left for you in this queue." in await browser.evaluate("document.body.innerText")
+
+    def stored() -> list[dict]:
+        return clickhouse.query(
+            "SELECT item_id, inference_id, preferred_over FROM feedback FINAL WHERE queue = {queue:String}",
+            {"queue": QUEUE},
+        )
+
+    await eventually(lambda: len(stored()) == 1, what="the choice stored as feedback")
+    [row] = stored()
+    chosen = {"Two years.": "call-0", HOSTILE: "call-1"}[boxes[1][2]]
+    assert (row["item_id"], row["inference_id"], row["preferred_over"]) == (
+        item_id,
+        chosen,
+        ({"call-0", "call-1"} - {chosen}).pop(),
+    )

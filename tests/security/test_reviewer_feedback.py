@@ -73,6 +73,10 @@ async def test_the_app_principal_cannot_publish_reviewer_feedback(secure_kafka: 
                     inference_id="chatcmpl-1", thumbs=Thumbs.up, queue="support-review", scores={"correct": "up"}
                 )
             )
+        # Nor a pairwise choice: a preference pair is built from it, so only the review door may publish one.
+        for choice in ({"preferred_over": "chatcmpl-2"}, {"tied_with": "chatcmpl-2"}):
+            with pytest.raises(ReviewerClaimRefused, match="or a pairwise choice"):
+                await app.publish(FeedbackReceived(inference_id="chatcmpl-1", **choice))
         # Its end users' feedback still goes through.
         await app.publish(FeedbackReceived(inference_id="chatcmpl-1", thumbs=Thumbs.down))
 

@@ -122,3 +122,17 @@ def test_a_row_names_its_target_and_an_empty_inference_id_when_it_is_not_an_infe
     assert [
         (rows["inference_id"][i], rows["trace_id"][i], rows["span_id"][i], rows["session_id"][i]) for i in range(3)
     ] == [("chatcmpl-1", None, None, None), ("", TRACE, SPAN, None), ("", None, None, "conv-7")]
+
+
+@pytest.mark.parametrize("choice", [{"preferred_over": "chatcmpl-2"}, {"tied_with": "chatcmpl-2"}])
+def test_the_sink_refuses_a_pairwise_choice_on_feedback_received_and_stores_it_from_a_review(
+    choice: dict[str, str],
+) -> None:
+    with pytest.raises(ValidationError, match="or a pairwise choice"):
+        UnreviewedFeedback(inference_id="chatcmpl-1", **choice)
+    review = FeedbackReviewed(inference_id="chatcmpl-1", actor="alice", queue="versus", item_id="item-1", **choice)
+    rows = feedback_rows([wrap(review, producer="feedback")], Redactor()).to_pydict()
+    assert (rows["preferred_over"][0], rows["tied_with"][0]) == (
+        choice.get("preferred_over"),
+        choice.get("tied_with"),
+    )

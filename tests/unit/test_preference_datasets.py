@@ -30,6 +30,7 @@ def row(inference_id: str, answer: str, *, prompt: str = "Refund window?", **fee
         "rating_ids": [],
         "correction": "",
         "correction_id": "",
+        "choices": [],
     } | feedback
 
 
@@ -93,7 +94,7 @@ def test_a_correction_is_preferred_to_the_answer_it_replaced_and_records_are_val
             "rejected": {"inference_id": "a", "adapter_version": 1, "prompt_version": None, "feedback_ids": []},
         },
     }
-    assert built.counts() == {PairKind.correction: 1, PairKind.thumbs: 0, PairKind.rating: 0}
+    assert built.counts() == {PairKind.correction: 1, PairKind.pairwise: 0, PairKind.thumbs: 0, PairKind.rating: 0}
     assert validate_jsonl(built.jsonl().encode()) == ("preference", 1)
 
 
@@ -113,3 +114,39 @@ def test_a_correction_is_preferred_to_the_answer_it_replaced_and_records_are_val
 )
 def test_the_prompt_is_the_chat_when_it_ends_with_the_user(messages: str, expected: list[dict[str, str]]) -> None:
     assert prompt_of({"input_messages": messages, "input_text": "RENDERED"}) == expected
+
+
+def chose(feedback_id: str, item_id: str, other: str, *, tie: bool = False, adjudication: bool = False) -> list[str]:
+    """A choice as the query returns it, on the row of the answer it is on."""
+    return [feedback_id, item_id, other, "1" if tie else "0", "1" if adjudication else "0"]
+
+
+def test_a_pairwise_item_gives_its_decided_choice_and_nothing_while_undecided_or_tied() -> None:
+    agreed = [
+        row("a1", "Thirty days.", choices=[chose("f1", "item-a", "a2"), chose("f2", "item-a", "a2")]),
+        row("a2", "Ninety days."),
+    ]
+    adjudicated = [
+        row("b1", "Yes.", prompt="Ship to Canada?", choices=[chose("f3", "item-b", "b2")]),
+        row(
+            "b2",
+            "Yes, in a week.",
+            prompt="Ship to Canada?",
+            choices=[chose("f4", "item-b", "b1"), chose("f5", "item-b", "b1", adjudication=True)],
+        ),
+    ]
+    waiting = [
+        row("c1", "Blue.", prompt="Colour?", choices=[chose("f6", "item-c", "c2")]),
+        row("c2", "Red.", prompt="Colour?", choices=[chose("f7", "item-c", "c1")]),
+    ]
+    tied = [
+        row("d1", "Hi.", prompt="Hello?", choices=[chose("f8", "item-d", "d2", tie=True)]),
+        row("d2", "Hey.", prompt="Hello?"),
+    ]
+    built = build_pairs("smol", agreed + adjudicated + waiting + tied)
+    assert [(p.kind.value, p.chosen, p.rejected, p.provenance["chosen"]["feedback_ids"]) for p in built.pairs] == [
+        ("pairwise", "Thirty days.", "Ninety days.", ["f1", "f2"]),
+        ("pairwise", "Yes, in a week.", "Yes.", ["f5"]),
+    ]
+    assert built.pairs[1].provenance["item_id"] == "item-b"
+    assert built.pairs[1].provenance["rejected"]["inference_id"] == "b1"
