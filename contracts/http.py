@@ -764,7 +764,9 @@ class ReviewQueueView(Response):
 
 class ReviewFillResult(Response):
     queue: str = Field(description="Queue name.")
-    considered: int = Field(description="Answered inferences the rule matched in its window.")
+    considered: int = Field(
+        description="Answered inferences the rule matched in its window; for a `pairs` rule, the pairs of answers it formed."
+    )
     added: int = Field(description="Items added.")
     already_queued: int = Field(description="Matches already in the queue.")
     duplicate_prompts: int = Field(description="Matches left out because an item with the same prompt is queued.")
