@@ -185,6 +185,7 @@ async def test_feedback_becomes_a_preference_dataset_version_with_provenance(
         assert code == 0, err[-2000:]
         assert [line.split() for line in out.splitlines() if line.startswith("│ ")] == [
             ["│", "correction", "│", "1", "│"],
+            ["│", "pairwise", "│", "0", "│"],
             ["│", "thumbs", "│", "4", "│"],
             ["│", "rating", "│", "2", "│"],
         ], out

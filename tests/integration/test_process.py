@@ -48,7 +48,12 @@ async def test_a_process_serves_the_common_doors_and_runs_handlers(settings: Fly
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://test"
         ) as client:
-            assert (await client.get("/healthz")).json() == {"status": "ok", "service": "flywheel-test", "checks": {}}
+            assert (await client.get("/healthz")).json() == {
+                "status": "ok",
+                "service": "flywheel-test",
+                "checks": {},
+                "running": {},
+            }
             ready = await client.get("/readyz")
             assert ready.status_code == 200 and ready.json()["checks"] == {"kafka": "ok"}
             assert "flywheel_consumer_messages_total" in (await client.get("/metrics")).text

@@ -57,7 +57,7 @@ def test_the_groups_that_span_services_hold_each_ones_commands_with_their_names(
     monitor = {("ops", name) for name in ("traffic", "latency", "feedback", "alerts", "drift", "models", "sql")}
     assert monitor | {("ops", "replay")} <= mounted
     assert {("bench", name) for name in ("all", "train", "serve", "ingest")} <= mounted
-    assert list(benchmarks()) == ["train", "serve", "gateway", "injection", "ingest", "traces"]
+    assert list(benchmarks()) == ["train", "serve", "gateway", "injection", "dtype", "ingest", "traces"]
     assert all(set(benchmark.sizes) == {"quick", "full"} for benchmark in benchmarks().values())
 
 
