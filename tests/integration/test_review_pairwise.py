@@ -14,11 +14,9 @@ import pytest
 from contracts.events import InferenceLogged
 from contracts.http import Role
 from services.monitor.preference_datasets import build_pairs, feedback_query
-from services.runtime.clickhouse import ClickHouseStore
 from services.runtime.settings import FlywheelSettings
 from tests.fixtures.clickhouse import ClickHouseTarget
-from tests.integration.test_review_queues import MODEL, feedback_process, published_rubric
-from tests.monitor_support import RegistryDoorFixture
+from tests.integration.test_review_queues import MODEL, review_service
 from tests.support import api_key, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -50,10 +48,7 @@ PICKS = {
 async def test_a_pairs_rule_puts_two_versions_side_by_side_and_the_decided_choices_become_preference_pairs(
     settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget
 ) -> None:
-    door = RegistryDoorFixture(settings.home / "registry")
-    await published_rubric(door)
-    clickhouse: ClickHouseStore = chdb_target.open()
-    app, runtime = feedback_process(settings, clickhouse, door)
+    app, runtime, clickhouse = await review_service(settings, chdb_target)
     keys = {
         name: api_key(settings, role, name)
         for name, role in (

@@ -86,6 +86,15 @@ def feedback_process(settings: FlywheelSettings, clickhouse: ClickHouseStore, do
     return build_process(settings, [feedback], title="flywheel-feedback")
 
 
+async def review_service(settings: FlywheelSettings, chdb_target: ClickHouseTarget):  # noqa: ANN201 - build_process's pair and the store
+    """The feedback service as built, with the rubric published at its registry door, and its ClickHouse."""
+    door = RegistryDoorFixture(settings.home / "registry")
+    await published_rubric(door)
+    clickhouse: ClickHouseStore = chdb_target.open()
+    app, runtime = feedback_process(settings, clickhouse, door)
+    return app, runtime, clickhouse
+
+
 async def published_rubric(door: RegistryDoorFixture) -> None:
     async with door.client() as registry:
         published = await registry.post("/registry/v1/rubrics", json=RUBRIC)
@@ -95,10 +104,7 @@ async def published_rubric(door: RegistryDoorFixture) -> None:
 async def test_a_rule_fills_a_queue_three_reviewers_work_it_and_agreement_matches_the_hand_computed_value(
     settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget
 ) -> None:
-    door = RegistryDoorFixture(settings.home / "registry")
-    await published_rubric(door)
-    clickhouse: ClickHouseStore = chdb_target.open()
-    app, runtime = feedback_process(settings, clickhouse, door)
+    app, runtime, clickhouse = await review_service(settings, chdb_target)
     keys = {
         name: api_key(settings, role, name)
         for name, role in (
@@ -298,10 +304,7 @@ async def test_a_rule_fills_a_queue_three_reviewers_work_it_and_agreement_matche
 async def test_thumbs_down_and_low_groundedness_rules_take_only_what_they_name(
     settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget
 ) -> None:
-    door = RegistryDoorFixture(settings.home / "registry")
-    await published_rubric(door)
-    clickhouse: ClickHouseStore = chdb_target.open()
-    app, runtime = feedback_process(settings, clickhouse, door)
+    app, runtime, clickhouse = await review_service(settings, chdb_target)
     ops = api_key(settings, Role.operator, "ops")
     async with app.router.lifespan_context(app):
         bus = runtime.bus("test")
@@ -373,10 +376,7 @@ async def test_thumbs_down_and_low_groundedness_rules_take_only_what_they_name(
 async def test_the_cli_defines_fills_and_works_a_queue_through_the_running_door(
     settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget, tmp_path: Path
 ) -> None:
-    door = RegistryDoorFixture(settings.home / "registry")
-    await published_rubric(door)
-    clickhouse: ClickHouseStore = chdb_target.open()
-    app, runtime = feedback_process(settings, clickhouse, door)
+    app, runtime, clickhouse = await review_service(settings, chdb_target)
     queue = tmp_path / "queue.yaml"
     queue.write_text(
         f"name: cli-review\nrule: {{select: traffic, model_name: {MODEL}, order: newest}}\nrubric: answer-quality\n"
@@ -439,10 +439,7 @@ async def test_the_cli_defines_fills_and_works_a_queue_through_the_running_door(
 async def test_the_judge_disagreement_rule_takes_the_answers_a_judge_and_an_end_user_judged_oppositely(
     settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget
 ) -> None:
-    door = RegistryDoorFixture(settings.home / "registry")
-    await published_rubric(door)
-    clickhouse: ClickHouseStore = chdb_target.open()
-    app, runtime = feedback_process(settings, clickhouse, door)
+    app, runtime, clickhouse = await review_service(settings, chdb_target)
     ops, app_key = api_key(settings, Role.operator, "ops"), api_key(settings, Role.app, "support-app")
     judge, user = FeedbackSource.judge, FeedbackSource.end_user
     up, down = Thumbs.up, Thumbs.down
