@@ -349,7 +349,7 @@ class ReviewQueues:
         reviews (done, or adjudication when they disagree) or when an adjudicator decided it."""
         item, _ = await asyncio.to_thread(self._held, item_id, reviewer)
         record = await asyncio.to_thread(self._queue_version, item)
-        dimensions = _judged(record) if item.second_inference_id else _dimensions(record)
+        dimensions = _judged(record)
         choice = _checked_choice(item, review)
         scores = _checked_scores(review.scores, dimensions) if choice is None else {}
         rubric = RubricVersionView.model_validate(record.rubric)

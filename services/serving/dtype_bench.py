@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from services.runtime.inference import Engine, GenerationRequest, GenerationResult, SamplingParams
+from services.runtime.inference import Engine, GenerationRequest, GenerationResult, SamplingParams, engine_dtype
 
 GOLDEN = Path(__file__).resolve().parents[1] / "demo" / "data" / "golden.jsonl"
 PROMPT = "Write one sentence about the number {} and why it matters to people who count."
@@ -72,7 +72,8 @@ def run_dtype_bench(*, requests: int, max_tokens: int, golden: int, echo: Callab
     native = bf16_native()
     echo(
         f"bfloat16 on this hardware: {'native (AMX or AVX-512-BF16, or a CUDA GPU)' if native else 'emulated'}; "
-        f"FLYWHEEL_ENGINE_DTYPE=auto picks {'bfloat16' if native else 'float32'}; torch threads {torch.get_num_threads()}"
+        f"FLYWHEEL_ENGINE_DTYPE=auto picks {str(engine_dtype('auto')).removeprefix('torch.')}; "
+        f"torch threads {torch.get_num_threads()}"
     )
     engines = {
         dtype: Engine.from_pretrained(weights, model_name="smollm2", dtype=dtype) for dtype in ("float32", "bfloat16")
