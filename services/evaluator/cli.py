@@ -10,7 +10,6 @@ FLYWHEEL_API_KEY); the evaluation itself runs in the evaluator process, where th
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,31 +36,21 @@ KeyOption = Annotated[str | None, typer.Option("--api-key", help="API key; defau
 
 
 class EvalCommandError(FlywheelError):
-    """The evaluator refused the request or could not be reached."""
+    """A command's own input is wrong (a NAME:VERSION it cannot read)."""
 
 
-def _call(method: str, path: str, url: str | None, api_key: str | None, **kwargs: Any) -> dict:
-    import httpx
+def _call(
+    method: str,
+    path: str,
+    url: str | None,
+    api_key: str | None,
+    *,
+    body: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+) -> Any:
+    from services.runtime.doors import call_door
 
-    from services.runtime.doors import bearer_header
-    from services.runtime.settings import FlywheelSettings, load_settings
-
-    if url is None:
-        settings = load_settings(FlywheelSettings)
-        url = f"http://{settings.http_host}:{settings.http_port}"
-    key = api_key or os.environ.get("FLYWHEEL_API_KEY")
-    headers = bearer_header(key)
-    try:
-        response = httpx.request(method, f"{url.rstrip('/')}{path}", headers=headers, timeout=30, **kwargs)
-    except httpx.HTTPError as error:
-        raise EvalCommandError(f"cannot reach the evaluator at {url}: {error}") from None
-    if response.status_code >= 400:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:300]
-        raise EvalCommandError(f"the evaluator answered {response.status_code}: {message}")
-    return response.json()
+    return call_door(method, path, body, service="evaluator", base_url=url, api_key=api_key, params=params)
 
 
 def _target(model: str, adapter: int | None, prompt: str | None = None, *, prompt_hint: str = "--prompt") -> dict:
@@ -129,7 +118,7 @@ def request(
         body["baseline"] = _target(model, baseline_adapter, baseline_prompt, prompt_hint="--baseline-prompt")
     elif baseline_prompt is not None:  # one prompt against another, on the candidate's weights
         body["baseline"] = _target(model, adapter, baseline_prompt, prompt_hint="--baseline-prompt")
-    queued = _call("POST", "/evaluator/v1/evaluations", url, api_key, json=body)
+    queued = _call("POST", "/evaluator/v1/evaluations", url, api_key, body=body)
     typer.echo(_summary(queued))
     if wait:
         while queued["status"] not in ("completed", "failed"):

@@ -18,19 +18,33 @@ def api_key_headers(api_key: str | None = None) -> dict[str, str]:
     return bearer_header(api_key or os.environ.get("FLYWHEEL_API_KEY"))
 
 
-def call_door(method: str, path: str, body: Any = None, *, service: str, timeout_s: float = 30.0) -> Any:
-    """`path` on the door of the process running here (FLYWHEEL_HTTP_HOST and _PORT), sent with
-    FLYWHEEL_API_KEY: the answer's JSON, None for a 204. A FlywheelError says what failed: the door's own
-    message when it refused, how to start `service` when nothing answered."""
+def call_door(
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    service: str,
+    timeout_s: float = 30.0,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    params: dict[str, Any] | None = None,
+) -> Any:
+    """`path` on the door of the process running here (FLYWHEEL_HTTP_HOST and _PORT, or `base_url`), sent
+    with `api_key` or else FLYWHEEL_API_KEY: the answer's JSON, None for a 204. A FlywheelError says what
+    failed: the door's own message when it refused, how to start `service` when nothing answered."""
     import httpx
 
     from services.runtime.errors import FlywheelError
     from services.runtime.settings import FlywheelSettings, load_settings
 
-    settings = load_settings(FlywheelSettings)
-    url = f"http://{settings.http_host}:{settings.http_port}{path}"
+    if base_url is None:
+        settings = load_settings(FlywheelSettings)
+        base_url = f"http://{settings.http_host}:{settings.http_port}"
+    url = f"{base_url.rstrip('/')}{path}"
     try:
-        response = httpx.request(method, url, json=body, headers=api_key_headers(), timeout=timeout_s)
+        response = httpx.request(
+            method, url, json=body, params=params, headers=api_key_headers(api_key), timeout=timeout_s
+        )
     except httpx.HTTPError as error:
         raise FlywheelError(
             f"cannot reach the {service} at {url} ({type(error).__name__}): is `flywheel up` or `flywheel run {service}` running?"

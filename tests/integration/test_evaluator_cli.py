@@ -176,12 +176,17 @@ async def test_bad_requests_are_one_clear_line(evaluator_url: str, settings: Fly
     door = ("--url", evaluator_url)
     request = ("eval", "request", "--model", MODEL, "--golden", "acme-golden:1")
 
+    evaluations = f"{evaluator_url}/evaluator/v1/evaluations"
     code, _, err = await flywheel(*request, *door, "--api-key", viewer)
-    assert code != 0 and err.startswith("error: the evaluator answered 403: ") and len(err.strip().splitlines()) == 1
+    assert (
+        code != 0 and err.startswith(f"error: POST {evaluations} answered 403: ") and len(err.strip().splitlines()) == 1
+    )
     assert "operator" in err, err  # names the role that may
 
     code, _, err = await flywheel(*request, *door, "--api-key", "fw_not_a_key")
-    assert code != 0 and err.startswith("error: the evaluator answered 401: ") and len(err.strip().splitlines()) == 1
+    assert (
+        code != 0 and err.startswith(f"error: POST {evaluations} answered 401: ") and len(err.strip().splitlines()) == 1
+    )
 
     code, _, err = await flywheel("eval", "request", "--model", MODEL, "--golden", "acme-golden", *door)
     assert code == 1 and err.strip() == "error: --golden 'acme-golden': write it as NAME:VERSION, e.g. acme-golden:1"
@@ -194,7 +199,7 @@ async def test_bad_requests_are_one_clear_line(evaluator_url: str, settings: Fly
     )
 
     code, _, err = await flywheel("eval", "show", "ev-nope", *door, "--api-key", viewer)
-    assert code != 0 and err.strip() == "error: the evaluator answered 404: no evaluation 'ev-nope'"
+    assert code != 0 and err.strip() == f"error: GET {evaluations}/ev-nope answered 404: no evaluation 'ev-nope'"
 
     code, _, err = await flywheel("eval", "list", "--url", f"http://127.0.0.1:{free_port()}", "--api-key", viewer)
     assert (
