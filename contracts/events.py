@@ -617,6 +617,18 @@ class InferenceLogged(Payload):
         max_length=160,
         description="The guard policy version that decided (`name:vN`, from the registry); none when the gateway's own settings did.",
     )
+    mean_token_logprob: float | None = Field(
+        default=None,
+        le=0.0,
+        description="How sure the model was of its answer: the mean log-probability of the answer's tokens under "
+        "the served version's own distribution (before temperature and top_p shape the draw); none without "
+        "generated tokens, and for an answer replayed from the response cache.",
+    )
+    min_token_logprob: float | None = Field(
+        default=None,
+        le=0.0,
+        description="The lowest log-probability among the answer's tokens: the one place the model was least sure.",
+    )
 
 
 # ------------------------------------------------------------------------------------------- spans

@@ -110,6 +110,8 @@ def inference_table(envelopes: Sequence[Envelope[InferenceLogged]], payloads: Se
             "guard_input_found": pa.array([p.guard_input_found for p in payloads], pa.list_(pa.string())),
             "guard_output_found": pa.array([p.guard_output_found for p in payloads], pa.list_(pa.string())),
             "guard_policy": pa.array([p.guard_policy for p in payloads], pa.string()),
+            "mean_token_logprob": pa.array([p.mean_token_logprob for p in payloads], pa.float32()),
+            "min_token_logprob": pa.array([p.min_token_logprob for p in payloads], pa.float32()),
         }
     )
 

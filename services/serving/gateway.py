@@ -836,6 +836,8 @@ class Gateway:
             guard_output_outcome=call.guard.outcome if call.guard else None,
             guard_output_found=sorted(call.guard.labels) if call.guard else [],
             guard_policy=call.policy.label if call.policy else None,
+            mean_token_logprob=answer.mean_logprob if answer else None,
+            min_token_logprob=answer.min_logprob if answer else None,
         )
         triton = None
         if call.triton_sent_ns:

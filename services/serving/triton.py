@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -62,11 +63,22 @@ STREAM_MODEL_NAME = "flywheel_llm_stream"
 CANCEL_MODEL_NAME = "flywheel_llm_cancel"
 
 INPUTS = ("prompt", "adapter", "max_tokens", "temperature", "top_p", "seed", "stop")
-OUTPUTS = ("text", "finish_reason", "prompt_tokens", "completion_tokens", "compute_ms", "error", "timeline_ns")
-# One row's answer: text, finish_reason, prompt and completion tokens, compute_ms, error, and the unix ns
-# at which it was queued, joined the batch and finished (zeros until it finished).
-RowOutput = tuple[str, str, int, int, float, str, tuple[int, int, int]]
+OUTPUTS = (
+    "text",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "compute_ms",
+    "error",
+    "timeline_ns",
+    "token_logprob",
+)
+# One row's answer: text, finish_reason, prompt and completion tokens, compute_ms, error, the unix ns
+# at which it was queued, joined the batch and finished (zeros until it finished), and the mean and the
+# lowest log-probability of its tokens (NaN without tokens).
+RowOutput = tuple[str, str, int, int, float, str, tuple[int, int, int], tuple[float, float]]
 NO_TIMELINE = (0, 0, 0)
+NO_LOGPROB = (math.nan, math.nan)
 # How long a restart waits for the dead server's ports before it takes fresh ones.
 PORTS_FREED_WITHIN_S = 5.0
 
@@ -201,6 +213,7 @@ class TritonServing:
                 Tensor(name="error", dtype=bytes, shape=(1,)),
                 # The batcher's wall-clock instants, so the gateway's queue and compute spans have their real times.
                 Tensor(name="timeline_ns", dtype=np.int64, shape=(3,)),
+                Tensor(name="token_logprob", dtype=np.float32, shape=(2,)),
             ]
             batched = DynamicBatcher(max_queue_delay_microseconds=self.max_queue_delay_us)
             triton.bind(
@@ -326,7 +339,7 @@ class TritonServing:
             self._streams[request_id] = row
         try:
             while (piece := await pieces.get()) is not None:
-                yield _outputs([(piece, "", 0, 0, 0.0, "", NO_TIMELINE)])
+                yield _outputs([(piece, "", 0, 0, 0.0, "", NO_TIMELINE, NO_LOGPROB)])
         finally:
             self._streams.pop(request_id, None)
         _, *final = _row_output(row)
@@ -423,11 +436,11 @@ def _end_leftovers(family: dict[int, int]) -> int:
 
 def _row_output(row: Future[GenerationResult] | str) -> RowOutput:
     if isinstance(row, str):
-        return ("", "error", 0, 0, 0.0, row, NO_TIMELINE)
+        return ("", "error", 0, 0, 0.0, row, NO_TIMELINE, NO_LOGPROB)
     try:
         result = row.result()
     except Exception as error:  # noqa: BLE001 - one failed row is that row's error, not its batch's
-        return ("", "error", 0, 0, 0.0, str(error) or type(error).__name__, NO_TIMELINE)
+        return ("", "error", 0, 0, 0.0, str(error) or type(error).__name__, NO_TIMELINE, NO_LOGPROB)
     return (
         result.text,
         result.finish_reason,
@@ -436,7 +449,12 @@ def _row_output(row: Future[GenerationResult] | str) -> RowOutput:
         result.compute_ms,
         result.error,
         (result.queued_at_ns, result.admitted_at_ns, result.finished_at_ns),
+        _logprob_summary(result.token_logprobs),
     )
+
+
+def _logprob_summary(logprobs: list[float]) -> tuple[float, float]:
+    return (sum(logprobs) / len(logprobs), min(logprobs)) if logprobs else NO_LOGPROB
 
 
 def _outputs(rows: list[RowOutput]) -> dict[str, np.ndarray]:
@@ -448,6 +466,7 @@ def _outputs(rows: list[RowOutput]) -> dict[str, np.ndarray]:
         "compute_ms": np.array([[row[4]] for row in rows], dtype=np.float32),
         "error": np.array([[row[5].encode()] for row in rows], dtype=np.object_),
         "timeline_ns": np.array([list(row[6]) for row in rows], dtype=np.int64),
+        "token_logprob": np.array([list(row[7]) for row in rows], dtype=np.float32),
     }
 
 
@@ -477,6 +496,10 @@ class TritonAnswer:
     queued_at_ns: int = 0
     admitted_at_ns: int = 0
     finished_at_ns: int = 0
+    # The mean and the lowest log-probability of the answer's tokens under the model (None without
+    # tokens, and on every piece of a stream but the last).
+    mean_logprob: float | None = None
+    min_logprob: float | None = None
 
 
 def infer_inputs(client_module: Any, row: TritonRow, *, stream: bool = False, request_id: str = "") -> list[Any]:
@@ -519,6 +542,8 @@ def parse_answer(result: Any) -> TritonAnswer:
     queued, admitted, finished = (
         (int(value) for value in timeline.reshape(-1)[:3]) if timeline is not None else NO_TIMELINE
     )
+    summary = result.as_numpy("token_logprob")
+    mean, lowest = (float(value) for value in summary.reshape(-1)[:2]) if summary is not None else NO_LOGPROB
     return TritonAnswer(
         text=_text(first("text")),
         finish_reason=_text(first("finish_reason")),
@@ -529,6 +554,8 @@ def parse_answer(result: Any) -> TritonAnswer:
         queued_at_ns=queued,
         admitted_at_ns=admitted,
         finished_at_ns=finished,
+        mean_logprob=None if math.isnan(mean) else mean,
+        min_logprob=None if math.isnan(lowest) else lowest,
     )
 
 

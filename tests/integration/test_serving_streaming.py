@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
 from contracts.events import (
     GuardAction,
@@ -33,7 +34,7 @@ from services.registry.store import RegistryStore
 from services.runtime.artifacts import ArtifactStore
 from services.runtime.auth import ApiKey, Authenticator, KeyStore, Role, create_database_engine, registry_database_url
 from services.runtime.http import create_http_app
-from services.runtime.inference import Engine
+from services.runtime.inference import Engine, GenerationRequest, SamplingParams
 from services.runtime.scoring.injection import rule_hits
 from services.runtime.scoring.injection_set import BENIGN as BENIGN_KIND
 from services.runtime.scoring.injection_set import load_injection_set
@@ -190,6 +191,43 @@ async def test_the_openai_client_receives_tokens_as_they_are_decoded(
         whole.usage.completion_tokens,
     )
     assert event["finish_reason"] == whole.choices[0].finish_reason and event["latency_total_ms"] > 0
+
+
+async def test_each_logged_answer_carries_how_sure_the_model_was_of_its_tokens(
+    served, engine: Engine, settings: FlywheelSettings
+) -> None:
+    """The mean and lowest token log-probability on inference.logged are the model's own: a forward pass
+    over the prompt and the answer's tokens, apart from the engine's decode loop, gives the same values."""
+    base_url, key, runtime = served
+    questions = ["What is the capital of France?", "Invent a word and define it."]
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0) as client:
+        whole = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": questions[0]}], max_tokens=12, temperature=0
+        )
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": questions[1]}],
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+        )
+        [streamed_id] = {chunk.id async for chunk in stream}
+
+    events = await logged(runtime, settings, expected=2)
+    for inference_id in (whole.id, streamed_id):
+        event = events[inference_id]
+        prompt_ids = engine.encode(event["input_text"])
+        [greedy] = engine.generate(
+            [GenerationRequest(prompt_ids, params=SamplingParams(max_tokens=12, temperature=0.0))]
+        )
+        assert greedy.text == event["output_text"] and greedy.token_ids, (greedy.text, event["output_text"])
+        with torch.inference_mode():
+            ids = torch.tensor([prompt_ids + greedy.token_ids])
+            logits = engine.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
+            expected = torch.log_softmax(logits, dim=-1).gather(1, ids[0, len(prompt_ids) :, None]).squeeze(1)
+        assert event["mean_token_logprob"] == pytest.approx(expected.mean().item(), abs=1e-3), inference_id
+        assert event["min_token_logprob"] == pytest.approx(expected.min().item(), abs=1e-3), inference_id
+        assert event["min_token_logprob"] < event["mean_token_logprob"] < 0
 
 
 async def test_a_client_leaving_mid_stream_frees_its_slot_and_is_logged(

@@ -85,7 +85,9 @@ def inference(i: int, **fields) -> InferenceLogged:
 async def test_every_event_is_stored_once_and_publishing_again_adds_nothing(
     settings: FlywheelSettings, topics: str, clickhouse: ClickHouseStore
 ) -> None:
-    inferences = [wrap(inference(i), producer="serving") for i in range(400)]
+    # Odd calls carry the model's confidence (values exact in Float32), even ones none, as a cache replay.
+    confident = {"mean_token_logprob": -0.5, "min_token_logprob": -1.25}
+    inferences = [wrap(inference(i, **(confident if i % 2 else {})), producer="serving") for i in range(400)]
     feedback = [
         wrap(
             FeedbackReceived(inference_id=f"inf-{i}", thumbs=Thumbs.down if i % 2 else Thumbs.up, rating=1 + i % 5),
@@ -114,6 +116,14 @@ async def test_every_event_is_stored_once_and_publishing_again_adds_nothing(
         )
     assert counts(clickhouse, "inference_log") == (401, 401)
     assert counts(clickhouse, "feedback") == (50, 50)
+    stored = clickhouse.query(
+        "SELECT inference_id, mean_token_logprob, min_token_logprob FROM inference_log"
+        " WHERE inference_id IN ('inf-1', 'inf-2') ORDER BY inference_id"
+    )
+    assert [(row["inference_id"], row["mean_token_logprob"], row["min_token_logprob"]) for row in stored] == [
+        ("inf-1", -0.5, -1.25),
+        ("inf-2", None, None),
+    ]
 
 
 async def test_a_successor_reading_stored_but_uncommitted_events_stores_none_again(
