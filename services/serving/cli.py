@@ -322,6 +322,9 @@ def bench_dtype(
 _DTYPE_FIRST = re.compile(r"^(float32|bfloat16)\s+prefill \+ first token\s+p50\s+([\d.]+) ms")
 _DTYPE_STEP = re.compile(r"^(float32|bfloat16)\s+decode step\s+p50\s+[\d.]+ ms\s+([\d.]+) tokens/s")
 _DTYPE_SAME = re.compile(r"^answers identical token for token\s+(\d+) of (\d+)")
+_DTYPE_ROOFLINE = re.compile(
+    r"^(float32|bfloat16)\s+roofline share\s+[\d.]+: ([\d.]+) of ([\d.]+) tokens/s \((\d+) MB a step at ([\d.]+) GB/s\)"
+)
 
 
 def _dtype_rows(size: dict[str, Any], echo: Echo) -> list[Row]:
@@ -340,6 +343,19 @@ def dtype_rows(lines: list[str]) -> list[Row]:
             first[match[1]] = float(match[2])
         elif match := _DTYPE_STEP.match(line.strip()):
             step[match[1]] = float(match[2])
+        elif match := _DTYPE_ROOFLINE.match(line.strip()):
+            rows.append(
+                Row(
+                    "dtype",
+                    f"batch-1 decode against the memory-bandwidth limit, {match[1]} (goal: a share of at least 0.6)",
+                    float(match[2]),
+                    float(match[3]),
+                    "tokens/s",
+                    "higher",
+                    f"{match[1]} engine",
+                    f"limit: {match[4]} MB a step at {match[5]} GB/s",
+                )
+            )
         elif match := _DTYPE_SAME.match(line.strip()):
             rows.append(
                 Row(

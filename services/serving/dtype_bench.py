@@ -2,7 +2,10 @@
 
 (1) A prompt's prefill and first token, one request at a time, the two engines alternating: p50 of each.
 (2) Batch-1 decode: the time of `max_tokens` more tokens, less the first, per token, alternating.
-(3) How far greedy answers agree: the demo's golden questions answered by both engines, batches of 8,
+(3) The roofline: batch-1 decode as a share of what memory allows. A decode step of one row reads every
+    weight once (and the KV cache so far), so the machine cannot go faster than its read bandwidth divided
+    by those bytes; the bandwidth is measured here, by torch summing a tensor far larger than any cache.
+(4) How far greedy answers agree: the demo's golden questions answered by both engines, batches of 8,
     `max_tokens` new tokens: answers identical token for token, first tokens identical, and the tokens
     the two answers share before they part. bfloat16 keeps 8 bits of mantissa against float32's 24, so
     two nearly tied next tokens can swap and the answers go their own ways from there; what the evaluator's
@@ -49,6 +52,38 @@ def first_token_line(dtype: str, p50_ms: float) -> str:
 
 def decode_line(dtype: str, step_ms: float) -> str:
     return f"{dtype:<10} decode step             p50 {step_ms:8.1f} ms  {1000 / step_ms:6.1f} tokens/s"
+
+
+def roofline_line(dtype: str, measured: float, limit: float, step_bytes: int, bandwidth_gbs: float) -> str:
+    return (
+        f"{dtype:<10} roofline share {measured / limit:5.2f}: {measured:.1f} of {limit:.1f} tokens/s "
+        f"({step_bytes / 1e6:.0f} MB a step at {bandwidth_gbs:.1f} GB/s)"
+    )
+
+
+def read_bandwidth_gbs(mib: int = 1024, repeats: int = 5) -> float:
+    """Memory read bandwidth as torch reaches it with its threads: the median of `repeats` sums over a
+    `mib` MiB float32 tensor."""
+    import torch
+
+    data = torch.ones(mib * 2**20 // 4)
+    data.sum()  # the pages are touched once before they are timed
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        data.sum()
+        seconds.append(time.perf_counter() - started)
+    return mib * 2**20 / statistics.median(seconds) / 1e9
+
+
+def step_bytes(engine: Engine, context_tokens: int) -> int:
+    """Bytes one batch-1 decode step reads: every weight (tied ones once) and the KV cache of `context_tokens`."""
+    config = engine.model.config
+    parameters = list(engine.model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in parameters)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context_tokens
+    return weights + kv * parameters[0].element_size()
 
 
 def identical_line(identical: int, questions: int) -> str:
@@ -104,6 +139,20 @@ def run_dtype_bench(*, requests: int, max_tokens: int, golden: int, echo: Callab
     for dtype in engines:
         echo(decode_line(dtype, statistics.median(per_token[dtype])))
 
+    bandwidth = read_bandwidth_gbs()
+    context = len(prompts[0]) + max_tokens // 2
+    echo(
+        f"\n(3) roofline: batch-1 decode against memory read bandwidth {bandwidth:.1f} GB/s "
+        f"(median of 5 sums over 1 GiB, torch threads {torch.get_num_threads()}), {context} tokens of context"
+    )
+    for dtype, engine in engines.items():
+        needed = step_bytes(engine, context)
+        echo(
+            roofline_line(
+                dtype, 1000 / statistics.median(per_token[dtype]), bandwidth * 1e9 / needed, needed, bandwidth
+            )
+        )
+
     questions = golden_questions(golden)
     answers: dict[str, list[GenerationResult]] = {}
     for dtype, engine in engines.items():
@@ -122,7 +171,7 @@ def run_dtype_bench(*, requests: int, max_tokens: int, golden: int, echo: Callab
     identical = sum(a.token_ids == b.token_ids for a, b in pairs)
     same_first = sum(a.token_ids[:1] == b.token_ids[:1] for a, b in pairs)
     shared = [shared_prefix(a.token_ids, b.token_ids) for a, b in pairs]
-    echo(f"\n(3) greedy answers to the demo's {len(pairs)} golden questions, {max_tokens} new tokens, batches of 8")
+    echo(f"\n(4) greedy answers to the demo's {len(pairs)} golden questions, {max_tokens} new tokens, batches of 8")
     echo(identical_line(identical, len(pairs)))
     echo(f"first token identical                      {same_first} of {len(pairs)}")
     echo(

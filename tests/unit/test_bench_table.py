@@ -12,7 +12,7 @@ from services.cli.bench_cmd import to_markdown
 from services.runtime.bench import Row
 from services.serving.bench import Figures
 from services.serving.cli import dtype_rows, gateway_rows, serve_rows
-from services.serving.dtype_bench import decode_line, first_token_line, identical_line, shared_prefix
+from services.serving.dtype_bench import decode_line, first_token_line, identical_line, roofline_line, shared_prefix
 from services.serving.gateway_bench import (
     GUARDS_ON,
     PER_REQUEST_OVERHEAD,
@@ -102,6 +102,8 @@ def test_the_dtype_figures_become_rows_with_bfloat16_against_float32() -> None:
         first_token_line("bfloat16", 40.0),
         decode_line("float32", 50.0),
         decode_line("bfloat16", 20.0),
+        roofline_line("float32", 20.0, 44.5, 540_000_000, 24.03),
+        roofline_line("bfloat16", 50.0, 89.0, 270_000_000, 24.03),
         identical_line(22, 72),
     ]
     rows = {row.measure: row for row in dtype_rows(lines)}
@@ -117,6 +119,15 @@ def test_the_dtype_figures_become_rows_with_bfloat16_against_float32() -> None:
         rows["greedy answers identical to float32's"].flywheel,
         rows["greedy answers identical to float32's"].baseline,
     ) == (22.0, 72.0)
+    roofline = rows["batch-1 decode against the memory-bandwidth limit, float32 (goal: a share of at least 0.6)"]
+    assert (roofline.flywheel, roofline.baseline, roofline.baseline_label) == (
+        20.0,
+        44.5,
+        "limit: 540 MB a step at 24.0 GB/s",
+    ) and roofline.ratio == pytest.approx(20.0 / 44.5)
+    assert rows[
+        "batch-1 decode against the memory-bandwidth limit, bfloat16 (goal: a share of at least 0.6)"
+    ].ratio == pytest.approx(50.0 / 89.0)
     with pytest.raises(RuntimeError, match="no figures"):
         dtype_rows(["bfloat16 on this hardware: native"])
 
