@@ -656,10 +656,13 @@ class ReviewChoice(StrEnum):
 
 
 class ReviewOrder(StrEnum):
-    """Which items reviewers get first: the least confident (lowest MiniLM groundedness of the answer in its
-    prompt), or the newest."""
+    """Which items reviewers get first. uncertainty: the live watcher's doubt, the lowest MiniLM groundedness
+    of the answer in its prompt. least_confident: the model's own doubt, the lowest mean log-probability of
+    the answer's tokens (inference.logged's mean_token_logprob); answers without one (logged before it
+    existed, or by an app) come last. newest: the most recent call first."""
 
     uncertainty = "uncertainty"
+    least_confident = "least_confident"
     newest = "newest"
 
 
@@ -796,6 +799,10 @@ class ReviewItemView(Response):
     )
     groundedness: float | None = Field(
         default=None, description="MiniLM groundedness of the answer in its prompt, when it was scored."
+    )
+    mean_token_logprob: float | None = Field(
+        default=None,
+        description="How sure the model was of the answer: the mean log-probability of its tokens, when it was logged.",
     )
     rubric: RubricVersionView = Field(description="What to score.")
     reviews: list[dict[str, Any]] = Field(

@@ -266,6 +266,13 @@ def agreement_facts(measured: ReviewAgreement) -> dict[str, Any]:
     }
 
 
+_ORDER_WORDS = {
+    "uncertainty": "the least grounded first",
+    "least_confident": "those the model was least sure of first",
+    "newest": "newest first",
+}
+
+
 def rule_in_words(rule: ReviewRule) -> str:
     """`{select: low_groundedness, floor: 0.4, ...}` as `answers of support-bot whose groundedness ...`."""
     chosen = {
@@ -279,7 +286,7 @@ def rule_in_words(rule: ReviewRule) -> str:
     if rule.route is not None:
         words.append(f"served on the {rule.route.value} route")
     words.append(f"in the last {rule.window_hours} h")
-    words.append("least confident first" if rule.order.value == "uncertainty" else "newest first")
+    words.append(_ORDER_WORDS[rule.order.value])
     return ", ".join(words)
 
 

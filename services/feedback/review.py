@@ -210,12 +210,16 @@ class ReviewQueues:
                 _prompt_key(row["input_text"]),
                 _utc(row["occurred_at"]),
                 score,
+                confidence=row["mean_token_logprob"],
             )
             for row, score in zip(rows, scores, strict=True)
             if rule.select is not ReviewSelect.low_groundedness or (score is not None and score < rule.floor)
         ]
+        # The fill keeps one answer per prompt, the first in this order: under an uncertainty order, the least sure.
         if rule.order is ReviewOrder.uncertainty:
             candidates.sort(key=lambda candidate: (candidate.groundedness is None, candidate.groundedness or 0.0))
+        elif rule.order is ReviewOrder.least_confident:
+            candidates.sort(key=lambda candidate: (candidate.confidence is None, candidate.confidence or 0.0))
         return self._add(record, candidates, started)
 
     def _add(self, record: QueueRecord, candidates: list[Candidate], started: float) -> ReviewFillResult:
@@ -257,10 +261,10 @@ class ReviewQueues:
     def _next_item(self, record: QueueRecord, reviewer: str) -> ReviewItemView | None:
         """Claim the next item and show it; an item whose inference is gone is retired, not shown, and the
         one after it claimed (else the reviewer would be handed an error until its lease lapsed)."""
-        uncertainty_first = ReviewRule.model_validate(record.definition["rule"]).order is ReviewOrder.uncertainty
+        order = ReviewRule.model_validate(record.definition["rule"]).order
         retired = 0
         try:
-            while (claimed := self._store.claim(record, reviewer, uncertainty_first=uncertainty_first)) is not None:
+            while (claimed := self._store.claim(record, reviewer, order=order)) is not None:
                 item, expires = claimed
                 view = self._item_view(item, expires)
                 if view is not None:
@@ -306,6 +310,7 @@ class ReviewQueues:
             second_route=second["route"] if second else None,
             second_answer=second["output_text"] if second else None,
             groundedness=item.groundedness,
+            mean_token_logprob=item.confidence,
             rubric=RubricVersionView.model_validate(record.rubric),
             reviews=[
                 {

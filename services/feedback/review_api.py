@@ -84,8 +84,8 @@ def create_review_router(
         responses={204: {"description": "Nothing is left in the queue for this reviewer."}},
     )
     async def claim_item(name: str = _QUEUE, caller: Principal = Depends(reviewer)) -> ReviewItemView | Response:
-        """Lease the next item to the calling reviewer (adjudications first, then the least confident answers
-        when the queue orders by uncertainty): its conversation, answer, rubric, and for an adjudication the
+        """Lease the next item to the calling reviewer (adjudications first, then in the queue's order: the
+        least grounded, the least confident or the newest): its conversation, answer, rubric, and for an adjudication the
         reviews that disagree. Asking again while the lease holds returns the same item. 204 when nothing is
         left for this reviewer. Needs reviewer."""
         item = await queues.claim(name, caller.name)

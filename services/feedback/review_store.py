@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from contracts.http import ReviewOrder
 from services.runtime.sqlite import Migration, SqliteDatabase
 
 MIGRATIONS = (
@@ -52,9 +53,17 @@ ALTER TABLE item ADD COLUMN second_inference_id TEXT;
 ALTER TABLE review ADD COLUMN choice TEXT;
 """,
     ),
+    # The model's own confidence in an answer (its mean token log-probability), for queues ordered least_confident.
+    Migration(3, "item_confidence", "ALTER TABLE item ADD COLUMN confidence REAL;"),
 )
 
 REVIEW, ADJUDICATION, DONE = "review", "adjudication", "done"
+# Unscored items (no groundedness, no logged confidence) come after the scored ones, newest first among equals.
+_CLAIM_ORDER = {
+    ReviewOrder.uncertainty: "i.groundedness IS NULL, i.groundedness ASC, i.occurred_at DESC",
+    ReviewOrder.least_confident: "i.confidence IS NULL, i.confidence ASC, i.occurred_at DESC",
+    ReviewOrder.newest: "i.occurred_at DESC",
+}
 # An item whose inference is no longer stored (a TTL or a deletion in ClickHouse): never offered again.
 GONE = "gone"
 
@@ -78,6 +87,7 @@ class Candidate:
     occurred_at: datetime
     groundedness: float | None
     second_inference_id: str | None = None
+    confidence: float | None = None  # the answer's mean token log-probability
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,7 @@ class ItemRecord:
     groundedness: float | None
     stage: str
     second_inference_id: str | None
+    confidence: float | None = None
 
 
 @dataclass(frozen=True)
@@ -205,7 +216,7 @@ class ReviewStore:
                     continue
                 db.execute(
                     "INSERT INTO item (item_id, queue, queue_version, inference_id, prompt_key, groundedness, occurred_at, "
-                    "added_at, second_inference_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "added_at, second_inference_id, confidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         uuid.uuid4().hex,
                         queue.name,
@@ -216,6 +227,7 @@ class ReviewStore:
                         candidate.occurred_at.isoformat(),
                         now,
                         candidate.second_inference_id,
+                        candidate.confidence,
                     ),
                 )
                 queued.update(filter(None, (candidate.inference_id, candidate.second_inference_id)))
@@ -229,9 +241,7 @@ class ReviewStore:
 
     # ------------------------------------------------------------------------------------- claims
 
-    def claim(
-        self, queue: QueueRecord, reviewer: str, *, uncertainty_first: bool
-    ) -> tuple[ItemRecord, datetime] | None:
+    def claim(self, queue: QueueRecord, reviewer: str, *, order: ReviewOrder) -> tuple[ItemRecord, datetime] | None:
         """Lease the first item this reviewer may work on, or None when there is none: an item at review
         that needs more reviewers than it has (reviews plus live leases of others) and that this reviewer
         has not reviewed, skipped or claimed; else an item at adjudication no one holds and whose reviews
@@ -239,11 +249,6 @@ class ReviewStore:
         now = _now()
         expires = now + timedelta(seconds=int(queue.definition["lease_seconds"]))
         needed = int(queue.definition["reviewers_per_item"])
-        order = (
-            "i.groundedness IS NULL, i.groundedness ASC, i.occurred_at DESC"
-            if uncertainty_first
-            else "i.occurred_at DESC"
-        )
         with self._db.transaction() as db:
             held = db.execute(
                 "SELECT i.item_id, i.stage FROM lease l JOIN item i ON i.item_id = l.item_id "
@@ -265,7 +270,7 @@ class ReviewStore:
                     "  AND NOT EXISTS (SELECT 1 FROM review r WHERE r.item_id = i.item_id AND r.reviewer = ?)))"
                     " AND NOT EXISTS (SELECT 1 FROM skip s WHERE s.item_id = i.item_id AND s.reviewer = ? AND s.stage = i.stage)"
                     # Adjudication first: a conflict holds its item back from being done.
-                    f" ORDER BY i.stage = 'adjudication' DESC, {order} LIMIT 1",
+                    f" ORDER BY i.stage = 'adjudication' DESC, {_CLAIM_ORDER[order]} LIMIT 1",
                     (queue.name, now.isoformat(), needed, reviewer, reviewer, now.isoformat(), reviewer, reviewer),
                 ).fetchone()
                 if found is None:
@@ -282,7 +287,8 @@ class ReviewStore:
 
     def item(self, item_id: str) -> ItemRecord | None:
         row = self._db.row(
-            "SELECT item_id, queue, queue_version, inference_id, groundedness, stage, second_inference_id FROM item WHERE item_id = ?",
+            "SELECT item_id, queue, queue_version, inference_id, groundedness, stage, second_inference_id, confidence "
+            "FROM item WHERE item_id = ?",
             (item_id,),
         )
         return ItemRecord(*row) if row else None

@@ -98,7 +98,8 @@ class FeedbackStore:
         if select in _SELECTED_BY_FEEDBACK:
             where.append(_SELECTED_BY_FEEDBACK[select])
         return self._query(
-            "SELECT inference_id, input_text, output_text, occurred_at, adapter_version, route FROM inference_log FINAL "
+            "SELECT inference_id, input_text, output_text, occurred_at, adapter_version, route, mean_token_logprob "
+            "FROM inference_log FINAL "
             f"WHERE {' AND '.join(where)} ORDER BY occurred_at DESC LIMIT {{limit:UInt32}}",
             parameters,
         )

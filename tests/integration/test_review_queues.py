@@ -373,6 +373,67 @@ async def test_thumbs_down_and_low_groundedness_rules_take_only_what_they_name(
             assert (counts["gone"], counts["claimed"], counts["open"]) == (1, 1, 1), counts
 
 
+async def test_a_least_confident_queue_offers_the_answers_the_model_was_least_sure_of_first(
+    settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget
+) -> None:
+    """Ordered by the mean token log-probability serving logs with each call: one answer per prompt (the
+    least sure of a prompt's answers), the least sure first, answers logged without one last."""
+    app, runtime, clickhouse = await review_service(settings, chdb_target)
+    ops = api_key(settings, Role.operator, "ops")
+    reviewer = {"Authorization": f"Bearer {api_key(settings, Role.reviewer, 'alice')}"}
+    # (prompt, answer, mean token log-probability, exact in ClickHouse's Float32); the newest call last.
+    calls = [
+        ("Do you ship to Canada?", "Yes, in five to seven days.", -0.25),
+        ("What does the blue light mean?", "Pairing, probably.", -1.75),
+        ("Do you ship to Canada?", "We might, sometimes.", -2.5),  # the same prompt, less sure: kept instead
+        ("How do I reset the hub?", "Hold the button for ten seconds.", None),  # logged before confidence was
+        ("Is there a warranty?", "Two years.", -0.875),
+    ]
+    async with app.router.lifespan_context(app):
+        bus = runtime.bus("test")
+        for i, (question, answer, confidence) in enumerate(calls):
+            await bus.publish(
+                InferenceLogged(
+                    inference_id=f"call-{i}",
+                    model_name=MODEL,
+                    input_text=question,
+                    output_text=answer,
+                    mean_token_logprob=confidence,
+                    min_token_logprob=None if confidence is None else confidence * 2,
+                )
+            )
+        await eventually(
+            lambda: clickhouse.query("SELECT count() AS n FROM inference_log")[0]["n"] == len(calls),
+            what="the sink storing the calls",
+        )
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://feedback",
+            headers={"Authorization": f"Bearer {ops}"},
+        ) as client:
+            body = {
+                "name": "least-sure",
+                "rule": {"model_name": MODEL, "select": "traffic", "order": "least_confident"},
+                "rubric": "answer-quality",
+                "reviewers_per_item": 1,
+            }
+            assert (await client.post("/feedback/v1/review/queues", json=body)).status_code == 201
+            filled = (await client.post("/feedback/v1/review/queues/least-sure/fill")).json()
+            assert (filled["considered"], filled["added"], filled["duplicate_prompts"]) == (5, 4, 1), filled
+            offered = []
+            while (
+                claimed := await client.post("/feedback/v1/review/queues/least-sure/claim", headers=reviewer)
+            ).status_code == 200:
+                item = claimed.json()
+                offered.append((item["inference_id"], item["mean_token_logprob"]))
+                skipped = await client.post(
+                    f"/feedback/v1/review/items/{item['item_id']}/skip", json={"reason": "order"}, headers=reviewer
+                )
+                assert skipped.status_code == 204, skipped.text
+            assert claimed.status_code == 204, claimed.text
+    assert offered == [("call-2", -2.5), ("call-1", -1.75), ("call-4", -0.875), ("call-3", None)]
+
+
 async def test_the_cli_defines_fills_and_works_a_queue_through_the_running_door(
     settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget, tmp_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from contracts.http import ReviewOrder
 from services.feedback.review_store import ADJUDICATION, DONE, GONE, Candidate, ItemRecord, ReviewRecord, ReviewStore
 
 pytestmark = pytest.mark.unit
@@ -55,13 +56,15 @@ def test_a_place_is_held_by_one_reviewer_until_the_lease_lapses(tmp_path: Path) 
     store = ReviewStore(tmp_path / "review.db")
     queue = store.define("q", definition(reviewers=1, lease_seconds=1), RUBRIC, "ops")
     store.add(queue, candidates("a"), limit=10)
-    alice = store.claim(queue, "alice", uncertainty_first=True)
+    alice = store.claim(queue, "alice", order=ReviewOrder.uncertainty)
     assert alice is not None
-    assert store.claim(queue, "bob", uncertainty_first=True) is None, "the one place is alice's while her lease holds"
-    assert store.claim(queue, "alice", uncertainty_first=True)[0].item_id == alice[0].item_id  # type: ignore[index]
+    assert store.claim(queue, "bob", order=ReviewOrder.uncertainty) is None, (
+        "the one place is alice's while her lease holds"
+    )
+    assert store.claim(queue, "alice", order=ReviewOrder.uncertainty)[0].item_id == alice[0].item_id  # type: ignore[index]
     time.sleep(1.1)
     assert store.lease_expires_at(alice[0].item_id, "alice", "review") is None
-    bob = store.claim(queue, "bob", uncertainty_first=True)
+    bob = store.claim(queue, "bob", order=ReviewOrder.uncertainty)
     assert bob is not None and bob[0].item_id == alice[0].item_id
 
 
@@ -69,15 +72,15 @@ def test_a_retired_item_loses_its_leases_and_is_never_offered_again(tmp_path: Pa
     store = ReviewStore(tmp_path / "review.db")
     queue = store.define("q", definition(reviewers=2), RUBRIC, "ops")
     store.add(queue, candidates("a", "b"), limit=10)
-    alice = store.claim(queue, "alice", uncertainty_first=True)
+    alice = store.claim(queue, "alice", order=ReviewOrder.uncertainty)
     assert alice is not None and alice[0].inference_id == "call-0"
     store.retire(alice[0])
     assert store.item(alice[0].item_id).stage == GONE  # type: ignore[union-attr]
     assert store.lease_expires_at(alice[0].item_id, "alice", "review") is None
     for reviewer in ("alice", "bob"):
-        claimed = store.claim(queue, reviewer, uncertainty_first=True)
+        claimed = store.claim(queue, reviewer, order=ReviewOrder.uncertainty)
         assert claimed is not None and claimed[0].inference_id == "call-1", reviewer
-    assert store.claim(queue, "carol", uncertainty_first=True) is None, "call-1 is full and call-0 is gone"
+    assert store.claim(queue, "carol", order=ReviewOrder.uncertainty) is None, "call-1 is full and call-0 is gone"
     counts = store.counts("q")
     assert (counts["open"], counts["claimed"], counts["gone"]) == (1, 1, 1), counts
 
@@ -86,17 +89,19 @@ def test_two_reviewers_per_item_then_adjudication_by_a_third(tmp_path: Path) -> 
     store = ReviewStore(tmp_path / "review.db")
     queue = store.define("q", definition(reviewers=2), RUBRIC, "ops")
     store.add(queue, candidates("a"), limit=10)
-    alice, _ = store.claim(queue, "alice", uncertainty_first=True)  # type: ignore[misc]
-    bob, _ = store.claim(queue, "bob", uncertainty_first=True)  # type: ignore[misc]
+    alice, _ = store.claim(queue, "alice", order=ReviewOrder.uncertainty)  # type: ignore[misc]
+    bob, _ = store.claim(queue, "bob", order=ReviewOrder.uncertainty)  # type: ignore[misc]
     assert alice.item_id == bob.item_id, "an item needing two reviewers is given to two at once"
-    assert store.claim(queue, "carol", uncertainty_first=True) is None
+    assert store.claim(queue, "carol", order=ReviewOrder.uncertainty) is None
     assert store.review(alice, ReviewRecord("alice", "review", {"x": "up"}, None, None, "f1"), waiting_for_two) is None
     assert (
         store.review(bob, ReviewRecord("bob", "review", {"x": "down"}, None, None, "f2"), waiting_for_two)
         == ADJUDICATION
     )
-    assert store.claim(queue, "alice", uncertainty_first=True) is None, "a reviewer never adjudicates their own item"
-    carol, _ = store.claim(queue, "carol", uncertainty_first=True)  # type: ignore[misc]
+    assert store.claim(queue, "alice", order=ReviewOrder.uncertainty) is None, (
+        "a reviewer never adjudicates their own item"
+    )
+    carol, _ = store.claim(queue, "carol", order=ReviewOrder.uncertainty)  # type: ignore[misc]
     assert carol.stage == ADJUDICATION
     store.review(carol, ReviewRecord("carol", ADJUDICATION, {"x": "up"}, None, None, "f3"), lambda _: DONE)
     assert store.counts("q") == {"open": 0, "claimed": 0, "adjudication": 0, "done": 1, "gone": 0, "skips": 0}
@@ -106,12 +111,12 @@ def test_a_skip_passes_the_item_to_others_and_keeps_the_reason(tmp_path: Path) -
     store = ReviewStore(tmp_path / "review.db")
     queue = store.define("q", definition(), RUBRIC, "ops")
     store.add(queue, candidates("a", "b"), limit=10)
-    first, _ = store.claim(queue, "alice", uncertainty_first=True)  # type: ignore[misc]
+    first, _ = store.claim(queue, "alice", order=ReviewOrder.uncertainty)  # type: ignore[misc]
     assert first.inference_id == "call-0", "least grounded first"
     store.skip(first, "alice", "not English")
-    second, _ = store.claim(queue, "alice", uncertainty_first=True)  # type: ignore[misc]
+    second, _ = store.claim(queue, "alice", order=ReviewOrder.uncertainty)  # type: ignore[misc]
     assert second.inference_id == "call-1"
-    other, _ = store.claim(queue, "bob", uncertainty_first=True)  # type: ignore[misc]
+    other, _ = store.claim(queue, "bob", order=ReviewOrder.uncertainty)  # type: ignore[misc]
     assert other.inference_id == "call-0"
     assert store.counts("q")["skips"] == 1
 
@@ -120,7 +125,7 @@ def test_newest_first_when_the_queue_does_not_order_by_uncertainty(tmp_path: Pat
     store = ReviewStore(tmp_path / "review.db")
     queue = store.define("q", definition(), RUBRIC, "ops")
     store.add(queue, list(reversed(candidates("a", "b", "c"))), limit=10)
-    item, _ = store.claim(queue, "alice", uncertainty_first=False)  # type: ignore[misc]
+    item, _ = store.claim(queue, "alice", order=ReviewOrder.newest)  # type: ignore[misc]
     assert item.inference_id == "call-0"  # the newest call
 
 
@@ -131,7 +136,7 @@ def test_a_new_definition_is_the_next_version_and_items_keep_theirs(tmp_path: Pa
     second = store.define("q", definition(reviewers=2), RUBRIC, "ops")
     assert (first.version, second.version) == (1, 2)
     assert store.queue("q").version == 2  # type: ignore[union-attr]
-    item, _ = store.claim(second, "alice", uncertainty_first=True)  # type: ignore[misc]
+    item, _ = store.claim(second, "alice", order=ReviewOrder.uncertainty)  # type: ignore[misc]
     assert item.queue_version == 1
 
 
@@ -139,7 +144,7 @@ def test_two_reviewers_finishing_an_item_at_once_decide_it(tmp_path: Path) -> No
     store = ReviewStore(tmp_path / "review.db")
     queue = store.define("q", definition(reviewers=2), RUBRIC, "ops")
     store.add(queue, candidates("a"), limit=10)
-    items = [store.claim(queue, name, uncertainty_first=True)[0] for name in ("alice", "bob")]  # type: ignore[index]
+    items = [store.claim(queue, name, order=ReviewOrder.uncertainty)[0] for name in ("alice", "bob")]  # type: ignore[index]
     start = threading.Barrier(2)
 
     def finish(item: ItemRecord, reviewer: str) -> str | None:
