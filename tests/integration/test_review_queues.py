@@ -35,6 +35,7 @@ from services.runtime.privacy import PrivacySettings
 from services.runtime.service import Runtime, Service, build_process
 from services.runtime.settings import FlywheelSettings
 from tests.fixtures.clickhouse import ClickHouseTarget
+from tests.integration.review_support import store_calls
 from tests.monitor_support import RegistryDoorFixture
 from infra.processes import free_port
 from tests.support import api_key, eventually, served
@@ -390,21 +391,18 @@ async def test_a_least_confident_queue_offers_the_answers_the_model_was_least_su
         ("Is there a warranty?", "Two years.", -0.875),
     ]
     async with app.router.lifespan_context(app):
-        bus = runtime.bus("test")
-        for i, (question, answer, confidence) in enumerate(calls):
-            await bus.publish(
-                InferenceLogged(
-                    inference_id=f"call-{i}",
-                    model_name=MODEL,
-                    input_text=question,
-                    output_text=answer,
-                    mean_token_logprob=confidence,
-                    min_token_logprob=None if confidence is None else confidence * 2,
-                )
-            )
-        await eventually(
-            lambda: clickhouse.query("SELECT count() AS n FROM inference_log")[0]["n"] == len(calls),
-            what="the sink storing the calls",
+        await store_calls(
+            runtime,
+            clickhouse,
+            [
+                {
+                    "input_text": question,
+                    "output_text": answer,
+                    "mean_token_logprob": confidence,
+                    "min_token_logprob": None if confidence is None else confidence * 2,
+                }
+                for question, answer, confidence in calls
+            ],
         )
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app),
