@@ -88,6 +88,15 @@ METRICS: dict[str, Metric] = {
             "sum(ratings_given)",
             quality=True,
         ),
+        # Over the calls that carry it (serving logs it with every generated answer; cache replays and errors have none).
+        Metric(
+            "mean_token_logprob",
+            "the model's confidence: mean over the answers of their mean token log-probability (falls when traffic "
+            "moves to what the model does not know)",
+            "sql",
+            "avg(mean_token_logprob)",
+            "count(mean_token_logprob)",
+        ),
         Metric(
             "prompt_length_psi", "PSI of prompt length (characters), window vs baseline", "psi", "length(input_text)"
         ),

@@ -1,6 +1,7 @@
 """What the gateway records beyond the answer, as the sink stores it and the monitor reads it, on the
 embedded ClickHouse: response-cache hits (counted as their version's inferences, but their latency and
-replayed answers kept out of the canary's arms) and the output guard's verdicts (its block and finding rates)."""
+replayed answers kept out of the canary's arms), the output guard's verdicts (its block and finding rates)
+and the model's confidence in its answers."""
 
 from __future__ import annotations
 
@@ -106,3 +107,37 @@ def test_the_guards_verdicts_are_stored_and_rated_over_the_answers_it_checked(
         rates[metric] = (row["value"], row["samples"])
     # Over the 8 calls a guard checked; the 12 neither checked (guards off) count in neither.
     assert rates == {"guard_block_rate": (2 / 8, 8), "guard_finding_rate": (3 / 8, 8)}
+
+
+def test_the_models_confidence_is_averaged_over_the_answers_that_carry_it(
+    clickhouse: ClickHouseStore,  # noqa: F811
+    monitor_store: MonitorStore,  # noqa: F811
+) -> None:
+    """The window's answers are less sure than the baseline's; cache replays, which carry none, do not count."""
+    model = "confidence-model"
+    now = datetime.now(UTC)
+    earlier, recent = now - timedelta(hours=2), now - timedelta(minutes=1)
+    # Earlier: four answers at -0.25. Recent: two at -1.5, two at -0.5, and two replays that carry none.
+    logged = [(earlier, -0.25)] * 4 + [(recent, -1.5), (recent, -0.5)] * 2 + [(recent, None)] * 2
+    envelopes = [
+        wrap(
+            InferenceLogged(
+                inference_id=f"confidence-{number}",
+                model_name=model,
+                adapter_version=1,
+                route="cache" if confidence is None else "production",
+                mean_token_logprob=confidence,
+            ),
+            producer="serving",
+        ).model_copy(update={"occurred_at": at})
+        for number, (at, confidence) in enumerate(logged)
+    ]
+    clickhouse.insert_arrow("inference_log", inference_table(envelopes, [e.payload for e in envelopes]))
+    rule = Rule(name="confidence-drop", version=1, metric="mean_token_logprob", threshold=0.0, scope=("model_name",))
+
+    def confidence(start: datetime, end: datetime) -> tuple[float, int]:
+        (row,) = [row for row in monitor_store.aggregate(rule, start, end) if row["model_name"] == model]
+        return row["value"], row["samples"]
+
+    assert confidence(now - timedelta(hours=3), now - timedelta(hours=1)) == (-0.25, 4)
+    assert confidence(now - timedelta(minutes=5), now) == (-1.0, 4)
