@@ -85,6 +85,32 @@ def _random_adapters(engine: Engine, count: int, root: Path) -> list[str]:
     return names
 
 
+def _lora_cost_line(
+    engine: Engine, prompts: list[list[int]], adapters: list[str], params: SamplingParams, rounds: int = 3
+) -> str:
+    """What serving a batch's rows on different adapters costs against the same batch on the base model alone
+    (peft runs each adapter's rows in a loop of their own): time per generated token, alternating, median of rounds."""
+
+    def per_token_ms(adapter_of: Callable[[int], str | None]) -> float:
+        started = time.perf_counter()
+        results = engine.generate([GenerationRequest(ids, adapter_of(i), params) for i, ids in enumerate(prompts)])
+        return (time.perf_counter() - started) * 1000 / max(1, sum(r.completion_tokens for r in results))
+
+    mixed, base = [], []
+    for round_ in range(rounds):
+        sides = [(mixed, lambda i: adapters[i % len(adapters)]), (base, lambda i: None)]
+        for times, adapter_of in sides if round_ % 2 == 0 else sides[::-1]:
+            times.append(per_token_ms(adapter_of))
+    return lora_cost_line(len(prompts), statistics.median(mixed), statistics.median(base), rounds)
+
+
+def lora_cost_line(batch: int, mixed_ms: float, base_ms: float, rounds: int) -> str:
+    return (
+        f"mixed adapters against the base model alone, the same batch of {batch}: {mixed_ms:.2f} ms against "
+        f"{base_ms:.2f} ms a generated token, ratio {mixed_ms / base_ms:.2f}x (median of {rounds} rounds, alternating)"
+    )
+
+
 class _Streamer:
     """One gRPC stream to the stream model, kept open across requests, as a serving client keeps its
     channel: a fresh channel per request would put connection setup into every latency."""
@@ -237,6 +263,7 @@ def run_bench(
                 echo(
                     f"mixed batches: {mixed.seconds:.2f} s, switching: {swapped.seconds:.2f} s, ratio {swapped.seconds / mixed.seconds:.2f}x"
                 )
+                echo(_lora_cost_line(engine, prompts[:requests], names, greedy))
 
                 echo(
                     f"\n(3) gateway overhead over a direct Triton call (concurrency 1, {requests} pairs, the same prompt each side, alternating)"

@@ -40,6 +40,9 @@ _THROUGHPUT = re.compile(
     r"^(per-request generate|Triton continuous batching), concurrency (\d+)\s+([\d.]+) req/s\s+p50\s+([\d.]+) ms"
 )
 _SWITCH = re.compile(r"mixed batches: ([\d.]+) s, switching: ([\d.]+) s")
+_LORA_COST = re.compile(
+    r"mixed adapters against the base model alone, the same batch of (\d+): ([\d.]+) ms against ([\d.]+) ms a generated token"
+)
 _LATENCY = re.compile(r"^(direct Triton gRPC stream|through the gateway[^\d]*?)\s+([\d.]+) req/s\s+p50\s+([\d.]+) ms")
 
 
@@ -80,6 +83,19 @@ def serve_rows(lines: list[str], size: dict[str, Any]) -> list[Row]:
                     "lower",
                     "mixed-adapter batches",
                     "one request at a time, adapter switched",
+                )
+            )
+        elif match := _LORA_COST.match(line.strip()):
+            rows.append(
+                Row(
+                    "serve",
+                    f"time a generated token, a batch of {match[1]} over {size['adapters']} LoRA adapters",
+                    float(match[2]),
+                    float(match[3]),
+                    "ms",
+                    "lower",
+                    "mixed-adapter batch",
+                    "the same batch on the base model alone",
                 )
             )
         elif match := _LATENCY.match(line.strip()):
