@@ -17,6 +17,7 @@ docs/explanation/serving.md, "The engine's dtype").
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import CacheLayerMixin, DynamicCache
 
+from services.runtime.batched_lora import BatchedLora
 from services.runtime.peft_compat import ignore_peft_deprecation
 
 log = logging.getLogger("flywheel.runtime.inference")
@@ -199,6 +201,10 @@ class Engine:
         self._base = model
         self._peft: PeftModel | None = None
         self._adapters: dict[str, str] = {}
+        # Rows of different adapters in one pass (services/runtime/batched_lora.py); None: peft's own loop.
+        self._batched: BatchedLora | None = None
+        # False sends mixed batches through peft's loop: what the serve benchmark compares against.
+        self.batched_lora = True
         # One lock for generation and adapter changes: peft's layer dicts must not change mid-forward.
         self._lock = threading.RLock()
         self._eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -244,6 +250,7 @@ class Engine:
             else:
                 self._peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
             self._adapters[name] = str(path)
+            self._stack_adapters()
         log.info("adapter %s loaded from %s", name, path)
 
     def unload_adapter(self, name: str) -> None:
@@ -261,7 +268,16 @@ class Engine:
                 self._peft.set_adapter(remaining[0])
                 self._peft.delete_adapter(name)
             del self._adapters[name]
+            self._stack_adapters()
         log.info("adapter %s unloaded", name)
+
+    def _stack_adapters(self) -> None:
+        """Stack the loaded adapters' weights again for mixed batches, or fall back to peft's loop when
+        some adapter cannot be stacked exactly (BatchedLora says which)."""
+        batched = BatchedLora(self._peft, list(self._adapters)) if self._peft is not None else None
+        self._batched = batched if batched is not None and batched.supported else None
+        if batched is not None and not batched.supported:
+            log.info("an adapter is not plain LoRA on linear layers: mixed batches go through peft's loop")
 
     # ----------------------------------------------------------------------------- generation
 
@@ -334,19 +350,23 @@ class Engine:
     ) -> torch.Tensor:
         model = self._peft if self._peft is not None else self._base
         kwargs = {}
-        if self._peft is not None:
+        stacked: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if self._batched is not None and self.batched_lora:
+            stacked = self._batched.rows([row.request.adapter for row in rows])
+        elif self._peft is not None:
             kwargs["adapter_names"] = [row.request.adapter or BASE for row in rows]
         # logits_to_keep=1: only the last column is sampled; a prefill's full [rows, tokens, vocab]
         # logits would cost a quarter of the forward pass on a small model.
-        out = model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **kwargs,
-        )
+        with stacked:
+            out = model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **kwargs,
+            )
         logits: torch.Tensor = out.logits[:, -1, :].float()
         return logits
 

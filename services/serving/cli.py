@@ -40,6 +40,9 @@ _THROUGHPUT = re.compile(
     r"^(per-request generate|Triton continuous batching), concurrency (\d+)\s+([\d.]+) req/s\s+p50\s+([\d.]+) ms"
 )
 _SWITCH = re.compile(r"mixed batches: ([\d.]+) s, switching: ([\d.]+) s")
+_STACKED = re.compile(
+    r"stacked adapters against peft's loop, the same mixed batch of (\d+): ([\d.]+) ms against ([\d.]+) ms a generated token"
+)
 _LORA_COST = re.compile(
     r"mixed adapters against the base model alone, the same batch of (\d+): ([\d.]+) ms against ([\d.]+) ms a generated token"
 )
@@ -83,6 +86,19 @@ def serve_rows(lines: list[str], size: dict[str, Any]) -> list[Row]:
                     "lower",
                     "mixed-adapter batches",
                     "one request at a time, adapter switched",
+                )
+            )
+        elif match := _STACKED.match(line.strip()):
+            rows.append(
+                Row(
+                    "serve",
+                    f"time a generated token, a batch of {match[1]} over {size['adapters']} LoRA adapters, stacked against peft",
+                    float(match[2]),
+                    float(match[3]),
+                    "ms",
+                    "lower",
+                    "stacked adapter weights (batched LoRA)",
+                    "peft's loop over each adapter's rows",
                 )
             )
         elif match := _LORA_COST.match(line.strip()):

@@ -10,7 +10,7 @@ import pytest
 
 from services.cli.bench_cmd import to_markdown
 from services.runtime.bench import Row
-from services.serving.bench import Figures, lora_cost_line
+from services.serving.bench import Figures, lora_cost_line, stacked_lora_line
 from services.serving.cli import dtype_rows, gateway_rows, serve_rows
 from services.serving.dtype_bench import decode_line, first_token_line, identical_line, roofline_line, shared_prefix
 from services.serving.gateway_bench import (
@@ -31,6 +31,7 @@ def _lines() -> list[str]:
         lines.append(Figures(f"Triton continuous batching, concurrency {concurrency}", 8, fast, [50.0] * 8).line())
         lines.append(f"{'':<44} ratio {slow / fast:.2f}x throughput (40 vs 64 tokens generated)")
     lines.append("mixed batches: 1.50 s, switching: 6.00 s, ratio 4.00x")
+    lines.append(stacked_lora_line(8, 45.5, 60.75, 3))
     lines.append(lora_cost_line(8, 45.5, 30.25, 3))
     lines.append(Figures("direct Triton gRPC stream", 8, 1.0, [20.0] * 8).line())
     lines.append(Figures("through the gateway (HTTP in, Triton gRPC)", 8, 1.2, [25.0] * 8).line())
@@ -47,6 +48,8 @@ def test_the_serving_figures_become_rows_with_ratios_against_their_baselines() -
     assert (adapters.flywheel, adapters.baseline, adapters.better) == (1.5, 6.0, "lower")
     lora = rows["time a generated token, a batch of 8 over 4 LoRA adapters"]
     assert (lora.flywheel, lora.baseline, lora.better) == (45.5, 30.25, "lower")
+    stacked = rows["time a generated token, a batch of 8 over 4 LoRA adapters, stacked against peft"]
+    assert (stacked.flywheel, stacked.baseline) == (45.5, 60.75) and stacked.ratio == pytest.approx(45.5 / 60.75)
     gateway = rows["p50 latency, concurrency 1"]
     assert (gateway.flywheel, gateway.baseline) == (25.0, 20.0) and gateway.ratio == pytest.approx(1.25)
 

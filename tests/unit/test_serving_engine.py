@@ -134,3 +134,56 @@ def test_invalid_sampling_params_are_refused() -> None:
         SamplingParams(temperature=3.0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+def test_stacked_adapters_give_what_peft_gives_row_by_row(engine: Engine, adapter_dirs: dict[str, Path]) -> None:
+    """Mixed batches through the stacked weights (services/runtime/batched_lora.py) against peft's loop over
+    each adapter's rows: the same tokens and log-probabilities, also once an adapter is unloaded."""
+    texts = ["Hi", "What is the capital of France?", "Write one word about the sea, please, now."]
+    adapters = (None, "a1", "a2", "a3", BASE, "a1", "a3")
+
+    def both_ways() -> tuple[list, list]:
+        requests = [
+            GenerationRequest(prompt(engine, texts[i % 3]), adapter, GREEDY)
+            for i, adapter in enumerate(adapters)
+            if adapter is None or adapter == BASE or adapter in engine.adapters
+        ]
+        answers = {}
+        for stacked in (True, False):
+            engine.batched_lora = stacked
+            answers[stacked] = engine.generate(requests)
+        engine.batched_lora = True
+        return answers[True], answers[False]
+
+    stacked, looped = both_ways()
+    assert [a.token_ids for a in stacked] == [a.token_ids for a in looped]
+    for mine, peft in zip(stacked, looped, strict=True):
+        assert mine.token_logprobs == pytest.approx(peft.token_logprobs, abs=1e-5)
+    engine.unload_adapter("a2")
+    stacked, looped = both_ways()
+    assert len(stacked) == 6 and [a.token_ids for a in stacked] == [a.token_ids for a in looped]
+
+
+def test_an_adapter_that_cannot_be_stacked_leaves_mixed_batches_to_peft(
+    tokenizer, adapter_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    engine = Engine(tiny_model(len(tokenizer)), tokenizer, model_name="tiny")
+    engine.load_adapter("a1", adapter_dirs["a1"])
+    assert engine._batched is not None  # noqa: SLF001 - which path serves is the point
+    torch.manual_seed(5)
+    # A LoRA on the token embeddings is not a linear layer's: the stacks do not cover it.
+    embedded = get_peft_model(
+        tiny_model(len(tokenizer)),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False),
+    )
+    embedded.save_pretrained(str(tmp_path / "embedded"), save_embedding_layers=False)
+    engine.load_adapter("embedded", tmp_path / "embedded")
+    assert engine._batched is None  # noqa: SLF001
+    ids = prompt(engine, "Hi")
+    alone = engine.generate([GenerationRequest(ids, "embedded", GREEDY)])[0].token_ids
+    mixed = engine.generate([GenerationRequest(ids, "a1", GREEDY), GenerationRequest(ids, "embedded", GREEDY)])
+    assert mixed[1].token_ids == alone
+    engine.unload_adapter("embedded")
+    assert engine._batched is not None  # noqa: SLF001
