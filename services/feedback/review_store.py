@@ -1,7 +1,7 @@
 """Review queues' state in SQLite under FLYWHEEL_HOME/feedback: the only module that opens review.db.
 
 A queue's definitions (each version, with the rubric as the registry published it), its items (which
-inference, under which queue version, at which stage), the reviewers' leases on them, their reviews and
+inference, trace or session, under which queue version, at which stage), the reviewers' leases on them, their reviews and
 their skips. What an item shows (the prompt and the answer) stays in ClickHouse, redacted as the sink
 stored it; this file holds ids, scores and who did what.
 
@@ -52,6 +52,16 @@ ALTER TABLE item ADD COLUMN second_inference_id TEXT;
 ALTER TABLE review ADD COLUMN choice TEXT;
 """,
     ),
+    # A trace or session item (a rule whose target is trace or session) reviews a whole trace or session. The
+    # item's inference_id column keeps its name and holds the trace or session id: UNIQUE (queue, inference_id)
+    # then queues each trace or session once per queue, as it does an inference.
+    Migration(
+        3,
+        "trace_and_session_items",
+        """
+ALTER TABLE item ADD COLUMN target TEXT NOT NULL DEFAULT 'inference';
+""",
+    ),
 )
 
 REVIEW, ADJUDICATION, DONE = "review", "adjudication", "done"
@@ -78,6 +88,7 @@ class Candidate:
     occurred_at: datetime
     groundedness: float | None
     second_inference_id: str | None = None
+    target: str = "inference"  # ReviewTarget: for a trace or session, inference_id is its id
 
 
 @dataclass(frozen=True)
@@ -85,10 +96,11 @@ class ItemRecord:
     item_id: str
     queue: str
     queue_version: int
-    inference_id: str
+    inference_id: str  # the trace's or session's id on a trace or session item
     groundedness: float | None
     stage: str
     second_inference_id: str | None
+    target: str = "inference"
 
 
 @dataclass(frozen=True)
@@ -205,7 +217,7 @@ class ReviewStore:
                     continue
                 db.execute(
                     "INSERT INTO item (item_id, queue, queue_version, inference_id, prompt_key, groundedness, occurred_at, "
-                    "added_at, second_inference_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "added_at, second_inference_id, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         uuid.uuid4().hex,
                         queue.name,
@@ -216,6 +228,7 @@ class ReviewStore:
                         candidate.occurred_at.isoformat(),
                         now,
                         candidate.second_inference_id,
+                        candidate.target,
                     ),
                 )
                 queued.update(filter(None, (candidate.inference_id, candidate.second_inference_id)))
@@ -282,7 +295,8 @@ class ReviewStore:
 
     def item(self, item_id: str) -> ItemRecord | None:
         row = self._db.row(
-            "SELECT item_id, queue, queue_version, inference_id, groundedness, stage, second_inference_id FROM item WHERE item_id = ?",
+            "SELECT item_id, queue, queue_version, inference_id, groundedness, stage, second_inference_id, target "
+            "FROM item WHERE item_id = ?",
             (item_id,),
         )
         return ItemRecord(*row) if row else None
