@@ -26,6 +26,7 @@ from contracts.events import (
     Thumbs,
 )
 from contracts.http import Role
+from services.feedback.cli import item_lines
 from services.runtime.settings import FlywheelSettings
 from tests.fixtures.clickhouse import ClickHouseTarget
 from tests.integration.test_review_queues import MODEL, review_service
@@ -268,6 +269,16 @@ async def test_trace_and_session_queues_fill_with_what_their_rules_name_and_revi
             assert item["trace_id"] == ERRORED and item["session_id"] == SESSION
             failed = next(span for span in item["spans"] if span["name"] == "retrieve manuals")
             assert (failed["status"], failed["error"]) == ("error", "index unavailable")
+            # `flywheel feedback review next --text` prints the claim's tree, the children under the root.
+            lines = item_lines(item)
+            assert lines[0].endswith(f"trace {ERRORED}")
+            tree = lines[lines.index("trace:") + 1 : lines.index("trace:") + 4]
+            assert [line.split(" ms")[0] for line in tree] == [
+                "  answer question  chain  900.0",
+                "    retrieve manuals  retrieval  190.0",
+                f"    chat {MODEL}  llm  600.0",
+            ], tree
+            assert tree[1].endswith("[error: index unavailable]")
 
             # An errored session queue: the session whose second turn failed, its turns in order.
             await call(
@@ -285,6 +296,10 @@ async def test_trace_and_session_queues_fill_with_what_their_rules_name_and_revi
                 (ERRORED, "error"),
             ]
             assert item["answer"] == f"answer of {ERRORED[:4]}"
+            assert [line for line in item_lines(item) if line.startswith("turn ")] == [
+                f"turn 1  answer question  trace {DOWN_ON_TRACE}",
+                f"turn 2  answer question  trace {ERRORED}  [error]",
+            ]
             reviewed = await call(
                 "bob",
                 "POST",
