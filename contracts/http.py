@@ -752,7 +752,7 @@ class ReviewQueueCounts(Response):
     adjudication: int = Field(description="Items whose reviewers disagreed, waiting for an adjudicator.")
     done: int = Field(description="Items with all their reviews (or adjudicated).")
     gone: int = Field(
-        description="Items taken out because their inference is no longer stored (a TTL or a deletion); never offered again.",
+        description="Items taken out because their inference (trace, session) is no longer stored (a TTL or a deletion); never offered again.",
     )
     skips: int = Field(description="Skips recorded, with their reasons.")
 

@@ -304,13 +304,13 @@ class ReviewQueues:
         finally:
             if retired:
                 log.info(
-                    "review items retired: their inferences are no longer stored",
+                    "review items retired: what they review is no longer stored",
                     extra={"queue": record.name, "items": retired},
                 )
 
     def _item_view(self, item: ItemRecord, expires: datetime) -> ReviewItemView | None:
-        """What the reviewer sees of the item; None when its inference is no longer stored (the sink stored
-        it before it was queued, so only a TTL or a deletion removed it)."""
+        """What the reviewer sees of the item; None when its inference (trace, session) is no longer stored
+        (the sink stored it before it was queued, so only a TTL or a deletion removed it)."""
         record = self._queue_version(item)
         if item.target != ReviewTarget.inference:
             return self._trace_item_view(item, record, expires)
@@ -363,7 +363,7 @@ class ReviewQueues:
             "lease_expires_at": expires,
         }
         if item.target == ReviewTarget.trace:
-            rows = self._feedback().trace_for_review(item.inference_id)
+            rows = self._feedback().trace_for_review(item.inference_id, limit=MAX_ITEM_SPANS)
             if not rows:
                 return None
             spans = _tree(rows)
@@ -408,7 +408,7 @@ class ReviewQueues:
         )
 
     def _spans(self, trace_id: str) -> list[ReviewSpan]:
-        return _tree(self._feedback().trace_for_review(trace_id))
+        return _tree(self._feedback().trace_for_review(trace_id, limit=MAX_ITEM_SPANS))
 
     def _disputed(self, item: ItemRecord) -> list[dict[str, Any]]:
         """For an adjudication, the reviews that disagree."""
@@ -563,7 +563,7 @@ def check_rule(rule: ReviewRule) -> None:
 
 
 def _tree(rows: list[dict[str, Any]]) -> list[ReviewSpan]:
-    """A trace's spans (ordered by start) as the tree shows them, depth first, at most MAX_ITEM_SPANS."""
+    """A trace's spans (ordered by start, at most MAX_ITEM_SPANS of them) as the tree shows them, depth first."""
     return [
         ReviewSpan(
             span_id=placed.span["span_id"],
@@ -577,7 +577,7 @@ def _tree(rows: list[dict[str, Any]]) -> list[ReviewSpan]:
             error=placed.span["error"],
             duration_ms=float(placed.span["duration_ms"]),
         )
-        for placed in tree_order(rows[:MAX_ITEM_SPANS])
+        for placed in tree_order(rows)
     ]
 
 

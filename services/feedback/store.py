@@ -141,13 +141,14 @@ class FeedbackStore:
             parameters,
         )
 
-    def trace_for_review(self, trace_id: str) -> list[dict[str, Any]]:
-        """What a reviewer reads of one stored trace: its spans by start (none when it is no longer stored)."""
+    def trace_for_review(self, trace_id: str, *, limit: int) -> list[dict[str, Any]]:
+        """What a reviewer reads of one stored trace: its first `limit` spans by start (none when it is no
+        longer stored)."""
         return self._query(
             "SELECT span_id, parent_span_id, name, kind, input_text, output_text, status, error, duration_ms, "
             "model_name, adapter_version, session_id, started_at FROM span FINAL "
-            "WHERE trace_id = {trace_id:String} ORDER BY started_at, span_id",
-            {"trace_id": trace_id},
+            "WHERE trace_id = {trace_id:String} ORDER BY started_at, span_id LIMIT {limit:UInt32}",
+            {"trace_id": trace_id, "limit": limit},
         )
 
     def session_for_review(self, session_id: str) -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ class OneTrace:
         now = datetime.now(UTC)
         return [{"target_id": GONE_TRACE, "began_at": now}, {"target_id": KEPT, "began_at": now - timedelta(hours=1)}]
 
-    def trace_for_review(self, trace_id: str) -> list[dict[str, Any]]:
+    def trace_for_review(self, trace_id: str, *, limit: int = 200) -> list[dict[str, Any]]:
         if trace_id != KEPT:
             return []
         span = {"kind": "chain", "status": "ok", "error": None, "duration_ms": 5.0, "model_name": None}
