@@ -638,13 +638,22 @@ class RubricVersionView(RegistryView):
 
 
 class ReviewSelect(StrEnum):
-    """Which answers a queue's rule puts in front of reviewers."""
+    """Which answers (or traces, or sessions) a queue's rule puts in front of reviewers."""
 
     traffic = "traffic"
     thumbs_down = "thumbs_down"
     low_groundedness = "low_groundedness"
     judge_disagreement = "judge_disagreement"
     pairs = "pairs"
+    errored = "errored"
+
+
+class ReviewTarget(StrEnum):
+    """What one item of a queue is: an answered inference, a whole trace, or a whole session."""
+
+    inference = "inference"
+    trace = "trace"
+    session = "session"
 
 
 class ReviewChoice(StrEnum):
@@ -667,8 +676,18 @@ class ReviewOrder(StrEnum):
 
 
 class ReviewRule(Request):
-    """A declarative sampling rule over the stored, answered inferences of one model."""
+    """A declarative sampling rule over the stored, answered inferences of one model, or over stored traces
+    or sessions (`target`)."""
 
+    target: ReviewTarget = Field(
+        default=ReviewTarget.inference,
+        description="What an item is: an answered inference (the default), a whole trace, or a whole session. "
+        "A trace or session rule selects traffic (a `share` of them), thumbs_down (those with negative feedback: "
+        "thumbs down or a rating of 1 or 2, from anyone but a reviewer, on the trace or session, on any of its spans, "
+        "or on any of its inferences; a session's also counts its traces') or errored (those with a span whose status "
+        "is error); low_groundedness, judge_disagreement, pairs and `route` are inference rules only. Items come newest "
+        "first (by the first span's start).",
+    )
     select: ReviewSelect = Field(
         description="traffic: a share of answered calls; thumbs_down: answers anyone but a reviewer gave thumbs down; "
         "low_groundedness: answers whose MiniLM groundedness in their prompt is under `floor`; "
@@ -683,9 +702,14 @@ class ReviewRule(Request):
         "else the newest of the same arm whose text differs; a prompt with no second, different answer is not taken, and answers "
         "replayed from the response cache are not answers of their own. One item per prompt; `share` samples prompts, not calls. "
         "Which answer is shown first is a coin flip per item (a hash of the two ids): reviewers favour the first answer they read, "
-        "so neither arm may always lead. Reviewers submit a `choice` instead of scores; the rubric's instructions say what to compare by."
+        "so neither arm may always lead. Reviewers submit a `choice` instead of scores; the rubric's instructions say what to compare by. "
+        "errored: traces or sessions with an error span (a trace or session rule only)."
     )
-    model_name: ModelName = Field(description="The model whose answers are sampled (by the name callers ask for).")
+    model_name: ModelName | None = Field(
+        default=None,
+        description="The model whose answers are sampled (by the name callers ask for); required by an inference rule. "
+        "On a trace or session rule, when given, only traces with a span or a logged inference of this model.",
+    )
     route: ServedRoute | None = Field(
         default=None, description="Only calls served on this route (e.g. canary), when set."
     )
@@ -731,7 +755,7 @@ class ReviewQueueCounts(Response):
     adjudication: int = Field(description="Items whose reviewers disagreed, waiting for an adjudicator.")
     done: int = Field(description="Items with all their reviews (or adjudicated).")
     gone: int = Field(
-        description="Items taken out because their inference is no longer stored (a TTL or a deletion); never offered again.",
+        description="Items taken out because their inference (trace, session) is no longer stored (a TTL or a deletion); never offered again.",
     )
     skips: int = Field(description="Skips recorded, with their reasons.")
 
@@ -768,11 +792,37 @@ class ReviewQueueView(Response):
 class ReviewFillResult(Response):
     queue: str = Field(description="Queue name.")
     considered: int = Field(
-        description="Answered inferences the rule matched in its window; for a `pairs` rule, the pairs of answers it formed."
+        description="Answered inferences (traces, sessions) the rule matched in its window; for a `pairs` rule, the pairs of answers it formed."
     )
     added: int = Field(description="Items added.")
     already_queued: int = Field(description="Matches already in the queue.")
     duplicate_prompts: int = Field(description="Matches left out because an item with the same prompt is queued.")
+
+
+class ReviewSpan(Response):
+    """One span of a trace under review, where the tree puts it (depth first, children under their parent)."""
+
+    span_id: str = Field(description="Span id.")
+    parent_span_id: str | None = Field(default=None, description="Parent span; none for the root.")
+    depth: int = Field(description="How deep in the tree: 0 for a root (or a span whose parent is not stored).")
+    name: str = Field(description="Span name.")
+    kind: str = Field(description="llm, retrieval, tool, chain, agent, ...")
+    input: str = Field(description="The step's input, personal data removed as the sink stored it.")
+    output: str = Field(description="The step's output, personal data removed as the sink stored it.")
+    status: str = Field(description="unset, ok or error.")
+    error: str | None = Field(default=None, description="The error, when its status is error.")
+    duration_ms: float = Field(description="How long it took, in milliseconds.")
+
+
+class ReviewTurn(Response):
+    """One exchange of a session under review: a trace's root input and output."""
+
+    trace_id: str = Field(description="The turn's trace.")
+    name: str = Field(description="Its root span's name.")
+    input: str = Field(description="The root span's input.")
+    output: str = Field(description="The root span's output.")
+    status: str = Field(description="error when any span of the trace failed, else its root's status.")
+    started_at: datetime = Field(description="When the turn began (UTC).")
 
 
 class ReviewItemView(Response):
@@ -780,15 +830,34 @@ class ReviewItemView(Response):
     queue: str = Field(description="Queue name.")
     queue_version: int = Field(description="Queue version it was added under.")
     stage: Literal["review", "adjudication"] = Field(description="review, or adjudication after reviewers disagreed.")
-    inference_id: str = Field(description="The inference under review.")
-    model_name: str = Field(description="Model that answered.")
-    adapter_version: int | None = Field(default=None, description="Adapter version that answered.")
-    route: str = Field(description="Route it was served on.")
-    messages: list[dict[str, str]] = Field(
-        description="The conversation sent to the model ({role, content}), personal data removed."
+    target: ReviewTarget = Field(
+        default=ReviewTarget.inference, description="What is under review: an inference, a trace or a session."
     )
-    answer: str = Field(description="The model's answer, personal data removed.")
-    trace_id: str | None = Field(default=None, description="The trace of the call, when it was traced.")
+    inference_id: str | None = Field(description="The inference under review; none on a trace or session item.")
+    model_name: str | None = Field(
+        description="Model that answered; on a trace or session item, the model of its first LLM span, if any."
+    )
+    adapter_version: int | None = Field(default=None, description="Adapter version that answered.")
+    route: str | None = Field(description="Route it was served on; none on a trace or session item.")
+    messages: list[dict[str, str]] = Field(
+        description="The conversation sent to the model ({role, content}), personal data removed; on a trace item its "
+        "root span's input, on a session item each turn's input and output in order."
+    )
+    answer: str = Field(
+        description="The model's answer, personal data removed; on a trace item its root span's output, on a session "
+        "item the last turn's."
+    )
+    trace_id: str | None = Field(
+        default=None, description="The trace of the call, when it was traced; the trace under review on a trace item."
+    )
+    session_id: str | None = Field(default=None, description="The session under review, on a session item.")
+    spans: list[ReviewSpan] = Field(
+        default_factory=list,
+        description="The trace's spans as a tree (depth first), when there is a trace: a trace item's, or an inference item's whose call was traced.",
+    )
+    turns: list[ReviewTurn] = Field(
+        default_factory=list, description="A session item's turns (each trace's root input and output), in order."
+    )
     second_inference_id: str | None = Field(
         default=None, description="A pairwise item's second answer's inference, shown beside the first (`answer`)."
     )

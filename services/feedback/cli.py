@@ -187,7 +187,7 @@ def review_define(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="YAML or JSON: name, rule, rubric, ...")],
 ) -> None:
     """Define a review queue (or its next version) from a file holding a ReviewQueueCreate: name, rule
-    (select, model_name, share, floor, route, window_hours, order), rubric (a registry rubric's name),
+    (target: inference, trace or session; select, model_name, share, floor, route, window_hours, order), rubric (a registry rubric's name),
     rubric_version, reviewers_per_item, lease_seconds, max_items. Needs an operator key."""
     import yaml
 
@@ -204,7 +204,7 @@ def review_list() -> None:
     for view in _review_door("GET", "/queues"):
         counts = view["counts"]
         typer.echo(
-            f"{view['name']} v{view['version']}  open {counts['open']}  claimed {counts['claimed']}  "
+            f"{view['name']} v{view['version']} ({view['rule'].get('target', 'inference')}s)  open {counts['open']}  claimed {counts['claimed']}  "
             f"adjudication {counts['adjudication']}  done {counts['done']}  gone {counts['gone']}  skips {counts['skips']}"
         )
 
@@ -227,10 +227,56 @@ def review_fill(name: Annotated[str, typer.Argument(help="Queue name.")]) -> Non
 
 
 @review_app.command("next")
-def review_next(name: Annotated[str, typer.Argument(help="Queue name.")]) -> None:
-    """Claim the next item for the key's reviewer and print it as JSON. Needs a reviewer key."""
+def review_next(
+    name: Annotated[str, typer.Argument(help="Queue name.")],
+    text: Annotated[
+        bool,
+        typer.Option(
+            "--text", help="Print it to read: the conversation, the answer, the trace as a tree or the session's turns."
+        ),
+    ] = False,
+) -> None:
+    """Claim the next item for the key's reviewer and print it as JSON (or, with --text, to read). Needs a
+    reviewer key."""
     item = _review_door("POST", f"/queues/{quote(name, safe='')}/claim")
-    typer.echo("nothing is left in this queue for you" if item is None else json.dumps(item, indent=2))
+    if item is None:
+        typer.echo("nothing is left in this queue for you")
+    else:
+        typer.echo("\n".join(item_lines(item)) if text else json.dumps(item, indent=2))
+
+
+def item_lines(item: dict[str, Any]) -> list[str]:
+    """A claimed item (ReviewItemView as JSON) as a reviewer reads it: what it is, the conversation and the
+    answer, a trace's spans indented under their parents or a session's turns, and what to score."""
+    target = item.get("target", "inference")
+    about = {"trace": f"trace {item.get('trace_id')}", "session": f"session {item.get('session_id')}"}
+    lines = [
+        f"item {item['item_id']} ({item['stage']}) in {item['queue']} v{item['queue_version']}: "
+        + about.get(target, f"inference {item.get('inference_id')} of {item.get('model_name')}")
+    ]
+    if item.get("turns"):
+        for number, turn in enumerate(item["turns"], start=1):
+            failed = "  [error]" if turn["status"] == "error" else ""
+            lines += [
+                f"turn {number}  {turn['name']}  trace {turn['trace_id']}{failed}",
+                f"  in:  {turn['input']}",
+                f"  out: {turn['output']}",
+            ]
+    else:
+        lines += [f"{message['role']}: {message['content']}" for message in item["messages"]]
+        lines.append(f"answer: {item['answer']}")
+        if item.get("second_answer") is not None:
+            lines.append(f"second answer: {item['second_answer']}")
+    if item.get("spans"):
+        lines.append("trace:")
+        for span in item["spans"]:
+            failed = f"  [error: {span['error'] or 'no message'}]" if span["status"] == "error" else ""
+            lines.append(
+                f"{'  ' * (span['depth'] + 1)}{span['name']}  {span['kind']}  {span['duration_ms']:.1f} ms{failed}"
+            )
+    dimensions = ", ".join(f"{d['name']} ({d['scale']})" for d in item["rubric"]["dimensions"])
+    lines.append(f"score on {item['rubric']['name']}:v{item['rubric']['version']}: {dimensions}")
+    return lines
 
 
 @review_app.command("submit")

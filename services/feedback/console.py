@@ -32,6 +32,7 @@ from contracts.http import (
     ReviewSelect,
     ReviewSkip,
     ReviewSubmit,
+    ReviewTarget,
     Role,
     RubricScale,
     RubricVersionView,
@@ -149,6 +150,8 @@ def create_console_router(queues: ReviewQueues, console: Console, *, publish_tim
         if item.queue != name:
             raise ConsoleRefused(404, f"review item {item_id} is not in queue {name}", user)
         pairwise = item.second_answer is not None
+        # A whole trace or session has no one answer to correct: its reviewers score it and comment.
+        whole = item.target is not ReviewTarget.inference
         dimensions = [pairwise_choice()] if pairwise else keyed(item.rubric)
         return console.page(
             request,
@@ -159,10 +162,11 @@ def create_console_router(queues: ReviewQueues, console: Console, *, publish_tim
             item=item,
             dimensions=dimensions,
             pairwise=pairwise,
+            whole=whole,
             earlier=[earlier_review(review, dimensions) for review in item.reviews],
             outcome=OUTCOMES.get(request.query_params.get("last", "")),
             keys=ACTION_KEYS,
-            legend=legend(dimensions, correction=not pairwise),
+            legend=legend(dimensions, correction=not pairwise and not whole),
             skip_reasons=SKIP_REASONS,
             may_review=user.csrf is not None,
         )
@@ -275,6 +279,14 @@ _ORDER_WORDS = {
 
 def rule_in_words(rule: ReviewRule) -> str:
     """`{select: low_groundedness, floor: 0.4, ...}` as `answers of support-bot whose groundedness ...`."""
+    if rule.target is not ReviewTarget.inference:
+        whole = f"{rule.target.value}s" + (f" with a span or call of {rule.model_name}" if rule.model_name else "")
+        chosen = {
+            ReviewSelect.thumbs_down: f"{whole} given thumbs down or a rating of 1 or 2 (on it, a span or a call of it; by anyone but a reviewer)",
+            ReviewSelect.errored: f"{whole} with an error span",
+        }.get(rule.select, whole)
+        share = f"{rule.share:.0%} of the " if rule.share < 1 else "every one of the "
+        return f"{share}{chosen}, in the last {rule.window_hours} h, newest first"
     chosen = {
         ReviewSelect.traffic: f"answers of {rule.model_name}",
         ReviewSelect.thumbs_down: f"answers of {rule.model_name} given thumbs down (by anyone but a reviewer)",

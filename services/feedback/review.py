@@ -14,6 +14,11 @@ which order, services/feedback/review_pairs.py says). Reviewers pick one (`first
 `tie`, and the choice is the item's one judgement: nominal, as agreement and adjudication count it. The
 pick is published on the chosen answer naming the other as `preferred_over`; a tie on the first answer
 shown naming the other as `tied_with`, which prefers neither, so preference datasets take no pair from it.
+
+A rule whose `target` is trace or session makes items of whole traces or sessions: a share of them, those
+with negative feedback, or those with an error span (services/feedback/store.py says which). The item shows
+the trace's spans as a tree, or the session's turns; its review is published on the trace or the session,
+and agreement and adjudication count it as they count an inference's.
 """
 
 from __future__ import annotations
@@ -44,7 +49,10 @@ from contracts.http import (
     ReviewRule,
     ReviewSelect,
     ReviewSkip,
+    ReviewSpan,
     ReviewSubmit,
+    ReviewTarget,
+    ReviewTurn,
     RubricDimension,
     RubricScale,
     RubricVersionView,
@@ -64,6 +72,7 @@ from services.runtime.agreement import Scale, agreement, in_conflict
 from services.runtime.errors import Conflict, Invalid, NotFound
 from services.runtime.privacy import Redactor
 from services.runtime.scoring import Embedder, score_groundedness
+from services.runtime.span_tree import tree_order
 
 log = logging.getLogger("flywheel.feedback.review")
 
@@ -75,6 +84,10 @@ REFILL_AFTER_S = 60.0
 RATING_SPREAD = 1.0
 _FEEDBACK_IDS = uuid.UUID("0d3c8a52-5a8e-4d0c-9c36-3b1f7f2a6a10")
 _SCALES = {RubricScale.thumbs: Scale.nominal, RubricScale.label: Scale.nominal, RubricScale.rating: Scale.ordinal}
+# Spans an item shows at most: a reviewer reads a tree, not a log (the trace page shows the rest).
+MAX_ITEM_SPANS = 200
+# The selections that read one answer (its groundedness, or a judge's verdict on it) or pair answers.
+INFERENCE_ONLY = (ReviewSelect.low_groundedness, ReviewSelect.judge_disagreement, ReviewSelect.pairs)
 # What a pairwise item is judged on, in place of its rubric's dimensions (whose instructions say what to
 # compare by): agreement and adjudication count it as they count a label.
 CHOICE = RubricDimension(
@@ -111,6 +124,7 @@ class ReviewQueues:
     # ------------------------------------------------------------------------------------- queues
 
     async def define(self, request: ReviewQueueCreate, rubric: RubricVersionView, caller: str) -> ReviewQueueView:
+        check_rule(request.rule)
         definition = request.model_dump(mode="json", exclude={"name", "rubric", "rubric_version"})
         record = await asyncio.to_thread(
             self._store.define, request.name, definition, rubric.model_dump(mode="json"), caller
@@ -182,6 +196,25 @@ class ReviewQueues:
     def _fill(self, record: QueueRecord) -> ReviewFillResult:
         rule = ReviewRule.model_validate(record.definition["rule"])
         started = time.perf_counter()
+        if rule.target is not ReviewTarget.inference:
+            found = self._feedback().review_trace_candidates(
+                rule.target,
+                model_name=rule.model_name,
+                hours=rule.window_hours,
+                share=rule.share,
+                select=rule.select,
+                limit=MAX_CANDIDATES,
+            )
+            # Each trace or session is its own "prompt": the one-per-prompt rule keeps it once in the queue.
+            return self._add(
+                record,
+                [
+                    Candidate(row["target_id"], row["target_id"], _utc(row["began_at"]), None, None, rule.target.value)
+                    for row in found
+                ],
+                started,
+            )
+        assert rule.model_name is not None, "check_rule requires it of an inference rule"
         rows = self._feedback().review_candidates(
             rule.model_name,
             hours=rule.window_hours,
@@ -275,14 +308,16 @@ class ReviewQueues:
         finally:
             if retired:
                 log.info(
-                    "review items retired: their inferences are no longer stored",
+                    "review items retired: what they review is no longer stored",
                     extra={"queue": record.name, "items": retired},
                 )
 
     def _item_view(self, item: ItemRecord, expires: datetime) -> ReviewItemView | None:
-        """What the reviewer sees of the item; None when its inference is no longer stored (the sink stored
-        it before it was queued, so only a TTL or a deletion removed it)."""
+        """What the reviewer sees of the item; None when its inference (trace, session) is no longer stored
+        (the sink stored it before it was queued, so only a TTL or a deletion removed it)."""
         record = self._queue_version(item)
+        if item.target != ReviewTarget.inference:
+            return self._trace_item_view(item, record, expires)
         call = self._feedback().inference_for_review(item.inference_id)
         if call is None:
             return None
@@ -291,8 +326,6 @@ class ReviewQueues:
             second = self._feedback().inference_for_review(item.second_inference_id)
             if second is None:
                 return None
-        reviews = self._store.reviews(item.item_id)
-        needed = 1 if item.stage == ADJUDICATION else record.definition["reviewers_per_item"] - len(reviews)
         return ReviewItemView(
             item_id=item.item_id,
             queue=item.queue,
@@ -305,6 +338,8 @@ class ReviewQueues:
             messages=_messages(call["input_messages"], call["input_text"]),
             answer=call["output_text"],
             trace_id=call["trace_id"],
+            # The trace when there is one: a traced call shows the steps around its answer.
+            spans=self._spans(call["trace_id"]) if call["trace_id"] else [],
             second_inference_id=item.second_inference_id,
             second_adapter_version=second["adapter_version"] if second else None,
             second_route=second["route"] if second else None,
@@ -312,20 +347,92 @@ class ReviewQueues:
             groundedness=item.groundedness,
             mean_token_logprob=item.confidence,
             rubric=RubricVersionView.model_validate(record.rubric),
-            reviews=[
-                {
-                    "reviewer": review.reviewer,
-                    "scores": review.scores,
-                    "correction": review.correction,
-                    **({"choice": review.choice} if review.choice else {}),
-                }
-                for review in reviews
-            ]
-            if item.stage == ADJUDICATION
-            else [],
-            reviews_needed=max(needed, 1),
+            reviews=self._disputed(item),
+            reviews_needed=self._needed(item, record),
             lease_expires_at=expires,
         )
+
+    def _trace_item_view(self, item: ItemRecord, record: QueueRecord, expires: datetime) -> ReviewItemView | None:
+        """A trace item's spans as a tree, or a session item's turns; None when no span of it is stored any more."""
+        common: dict[str, Any] = {
+            "item_id": item.item_id,
+            "queue": item.queue,
+            "queue_version": item.queue_version,
+            "stage": "adjudication" if item.stage == ADJUDICATION else "review",
+            "target": item.target,
+            "inference_id": None,
+            "route": None,
+            "rubric": RubricVersionView.model_validate(record.rubric),
+            "reviews": self._disputed(item),
+            "reviews_needed": self._needed(item, record),
+            "lease_expires_at": expires,
+        }
+        if item.target == ReviewTarget.trace:
+            rows = self._feedback().trace_for_review(item.inference_id, limit=MAX_ITEM_SPANS)
+            if not rows:
+                return None
+            spans = _tree(rows)
+            root = spans[0]
+            return ReviewItemView(
+                **common,
+                model_name=next((row["model_name"] for row in rows if row["model_name"]), None),
+                adapter_version=next((row["adapter_version"] for row in rows if row["model_name"]), None),
+                messages=[{"role": "user", "content": root.input}],
+                answer=root.output,
+                trace_id=item.inference_id,
+                session_id=next((row["session_id"] for row in rows if row["session_id"]), None),
+                spans=spans,
+            )
+        turns = self._feedback().session_for_review(item.inference_id)
+        if not turns:
+            return None
+        messages = []
+        for turn in turns:
+            messages += [
+                {"role": "user", "content": turn["turn_input"]},
+                {"role": "assistant", "content": turn["turn_output"]},
+            ]
+        return ReviewItemView(
+            **common,
+            model_name=next((turn["turn_model"] for turn in turns if turn["turn_model"]), None),
+            # The last turn's answer is the item's `answer`; the conversation before it is its messages.
+            messages=messages[:-1],
+            answer=turns[-1]["turn_output"],
+            session_id=item.inference_id,
+            turns=[
+                ReviewTurn(
+                    trace_id=turn["trace_id"],
+                    name=turn["turn_name"],
+                    input=turn["turn_input"],
+                    output=turn["turn_output"],
+                    status=turn["turn_status"],
+                    started_at=_utc(turn["turn_start"]),
+                )
+                for turn in turns
+            ],
+        )
+
+    def _spans(self, trace_id: str) -> list[ReviewSpan]:
+        return _tree(self._feedback().trace_for_review(trace_id, limit=MAX_ITEM_SPANS))
+
+    def _disputed(self, item: ItemRecord) -> list[dict[str, Any]]:
+        """For an adjudication, the reviews that disagree."""
+        if item.stage != ADJUDICATION:
+            return []
+        return [
+            {
+                "reviewer": review.reviewer,
+                "scores": review.scores,
+                "correction": review.correction,
+                **({"choice": review.choice} if review.choice else {}),
+            }
+            for review in self._store.reviews(item.item_id)
+        ]
+
+    def _needed(self, item: ItemRecord, record: QueueRecord) -> int:
+        if item.stage == ADJUDICATION:
+            return 1
+        return max(record.definition["reviewers_per_item"] - len(self._store.reviews(item.item_id)), 1)
 
     async def held(self, item_id: str, reviewer: str) -> ReviewItemView:
         """The item `reviewer` holds a live claim on, as the claim gave it, without claiming anything (the
@@ -338,7 +445,7 @@ class ReviewQueues:
         if view is None:
             self._store.retire(item)
             raise NotFound(
-                f"inference {item.inference_id} of item {item_id} is no longer stored: the item is retired; "
+                f"{item.target} {item.inference_id} of item {item_id} is no longer stored: the item is retired; "
                 f"claim the next one with POST /feedback/v1/review/queues/{item.queue}/claim",
                 param="item_id",
             )
@@ -356,6 +463,12 @@ class ReviewQueues:
         record = await asyncio.to_thread(self._queue_version, item)
         dimensions = _judged(record)
         choice = _checked_choice(item, review)
+        if review.correction is not None and item.target != ReviewTarget.inference:
+            raise Invalid(
+                f"correction: item {item.item_id} reviews a whole {item.target}, which has no one answer to correct; "
+                "score it on its rubric, and say what went wrong in comment",
+                param="correction",
+            )
         scores = _checked_scores(review.scores, dimensions) if choice is None else {}
         rubric = RubricVersionView.model_validate(record.rubric)
         # The same id however often a review is retried: the sink folds a repeat of one feedback id.
@@ -365,9 +478,12 @@ class ReviewQueues:
             if choice is ReviewChoice.second
             else (item.inference_id, item.second_inference_id)
         )
+        on = {ReviewTarget.trace: "trace_id", ReviewTarget.session: "session_id"}.get(
+            ReviewTarget(item.target), "inference_id"
+        )
         event = FeedbackReviewed(
             feedback_id=feedback_id,
-            inference_id=target,
+            **{on: target},
             preferred_over=other if choice in (ReviewChoice.first, ReviewChoice.second) else None,
             tied_with=other if choice is ReviewChoice.tie else None,
             thumbs=_first(scores, dimensions, RubricScale.thumbs, Thumbs),
@@ -419,6 +535,55 @@ class ReviewQueues:
                 code="not_claimed",
             )
         return item, expires
+
+
+def check_rule(rule: ReviewRule) -> None:
+    """Invalid, naming the field, for a rule that cannot select anything: what only an inference rule may ask
+    of a trace or session rule, and what only a trace or session rule may ask of an inference rule."""
+    if rule.target is ReviewTarget.inference:
+        if rule.model_name is None:
+            raise Invalid(
+                "rule.model_name: an inference rule samples one model's answers: name the model",
+                param="rule.model_name",
+            )
+        if rule.select is ReviewSelect.errored:
+            raise Invalid(
+                "rule.select: errored selects traces or sessions with an error span (a failed call has no answer "
+                "to review): set rule.target to trace or session, or select traffic, thumbs_down, low_groundedness, "
+                "judge_disagreement or pairs",
+                param="rule.select",
+            )
+        return
+    if rule.select in INFERENCE_ONLY:
+        raise Invalid(
+            f"rule.select: {rule.select.value} reads single answers, not a whole {rule.target.value}; a "
+            f"{rule.target.value} rule selects traffic, thumbs_down or errored",
+            param="rule.select",
+        )
+    if rule.route is not None:
+        raise Invalid(
+            f"rule.route: a {rule.target.value} is not served on one route; leave route out of a {rule.target.value} rule",
+            param="rule.route",
+        )
+
+
+def _tree(rows: list[dict[str, Any]]) -> list[ReviewSpan]:
+    """A trace's spans (ordered by start, at most MAX_ITEM_SPANS of them) as the tree shows them, depth first."""
+    return [
+        ReviewSpan(
+            span_id=placed.span["span_id"],
+            parent_span_id=placed.span["parent_span_id"],
+            depth=placed.depth,
+            name=placed.span["name"],
+            kind=placed.span["kind"],
+            input=placed.span["input_text"],
+            output=placed.span["output_text"],
+            status=placed.span["status"],
+            error=placed.span["error"],
+            duration_ms=float(placed.span["duration_ms"]),
+        )
+        for placed in tree_order(rows)
+    ]
 
 
 def _dimensions(record: QueueRecord) -> list[RubricDimension]:

@@ -1,7 +1,7 @@
 """Review queues' state in SQLite under FLYWHEEL_HOME/feedback: the only module that opens review.db.
 
 A queue's definitions (each version, with the rubric as the registry published it), its items (which
-inference, under which queue version, at which stage), the reviewers' leases on them, their reviews and
+inference, trace or session, under which queue version, at which stage), the reviewers' leases on them, their reviews and
 their skips. What an item shows (the prompt and the answer) stays in ClickHouse, redacted as the sink
 stored it; this file holds ids, scores and who did what.
 
@@ -53,8 +53,18 @@ ALTER TABLE item ADD COLUMN second_inference_id TEXT;
 ALTER TABLE review ADD COLUMN choice TEXT;
 """,
     ),
+    # A trace or session item (a rule whose target is trace or session) reviews a whole trace or session. The
+    # item's inference_id column keeps its name and holds the trace or session id: UNIQUE (queue, inference_id)
+    # then queues each trace or session once per queue, as it does an inference.
+    Migration(
+        3,
+        "trace_and_session_items",
+        """
+ALTER TABLE item ADD COLUMN target TEXT NOT NULL DEFAULT 'inference';
+""",
+    ),
     # The model's own confidence in an answer (its mean token log-probability), for queues ordered least_confident.
-    Migration(3, "item_confidence", "ALTER TABLE item ADD COLUMN confidence REAL;"),
+    Migration(4, "item_confidence", "ALTER TABLE item ADD COLUMN confidence REAL;"),
 )
 
 REVIEW, ADJUDICATION, DONE = "review", "adjudication", "done"
@@ -87,6 +97,7 @@ class Candidate:
     occurred_at: datetime
     groundedness: float | None
     second_inference_id: str | None = None
+    target: str = "inference"  # ReviewTarget: for a trace or session, inference_id is its id
     confidence: float | None = None  # the answer's mean token log-probability
 
 
@@ -95,10 +106,11 @@ class ItemRecord:
     item_id: str
     queue: str
     queue_version: int
-    inference_id: str
+    inference_id: str  # the trace's or session's id on a trace or session item
     groundedness: float | None
     stage: str
     second_inference_id: str | None
+    target: str = "inference"
     confidence: float | None = None
 
 
@@ -216,7 +228,7 @@ class ReviewStore:
                     continue
                 db.execute(
                     "INSERT INTO item (item_id, queue, queue_version, inference_id, prompt_key, groundedness, occurred_at, "
-                    "added_at, second_inference_id, confidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "added_at, second_inference_id, target, confidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         uuid.uuid4().hex,
                         queue.name,
@@ -227,6 +239,7 @@ class ReviewStore:
                         candidate.occurred_at.isoformat(),
                         now,
                         candidate.second_inference_id,
+                        candidate.target,
                         candidate.confidence,
                     ),
                 )
@@ -287,7 +300,8 @@ class ReviewStore:
 
     def item(self, item_id: str) -> ItemRecord | None:
         row = self._db.row(
-            "SELECT item_id, queue, queue_version, inference_id, groundedness, stage, second_inference_id, confidence "
+            "SELECT item_id, queue, queue_version, inference_id, groundedness, stage, second_inference_id, target, "
+            "confidence "
             "FROM item WHERE item_id = ?",
             (item_id,),
         )

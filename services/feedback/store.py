@@ -11,7 +11,7 @@ from uuid import UUID
 import pyarrow as pa
 
 from contracts.events import FeedbackTarget
-from contracts.http import ReviewSelect
+from contracts.http import ReviewSelect, ReviewTarget
 from services.runtime import failpoints
 from services.runtime.clickhouse import ClickHouseError, ClickHouseStore
 
@@ -104,6 +104,69 @@ class FeedbackStore:
             parameters,
         )
 
+    def review_trace_candidates(
+        self,
+        target: ReviewTarget,
+        *,
+        model_name: str | None,
+        hours: int,
+        share: float,
+        select: ReviewSelect,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        """Stored traces (or sessions) that began in the last `hours`, newest first, as (target_id,
+        began_at): the `share` of them whose id hashes under it, with a span or a logged inference of
+        `model_name` when given, and those the `select` rule names (negative feedback, an error span)."""
+        key = "trace_id" if target is ReviewTarget.trace else "assumeNotNull(session_id)"
+        having = [
+            "began_at >= now64(3) - toIntervalHour({hours:UInt32})",
+            "cityHash64(target_id) % 10000 < {share:UInt32}",
+        ]
+        parameters: dict[str, Any] = {"hours": hours, "share": round(share * 10_000), "limit": limit}
+        if model_name is not None:
+            having.append(
+                "(countIf(model_name = {model_name:String}) > 0 OR hasAny(groupUniqArray(trace_id), "
+                "(SELECT groupUniqArray(assumeNotNull(trace_id)) FROM inference_log "
+                "WHERE model_name = {model_name:String} AND trace_id IS NOT NULL)))"
+            )
+            parameters["model_name"] = model_name
+        if select is ReviewSelect.errored:
+            having.append("countIf(status = 'error') > 0")
+        elif select is ReviewSelect.thumbs_down:
+            negative = _NEGATIVE_TRACES if target is ReviewTarget.trace else _NEGATIVE_SESSIONS
+            having.append(f"target_id IN ({negative})")
+        return self._query(
+            f"SELECT {key} AS target_id, min(started_at) AS began_at FROM span FINAL "
+            f"{'WHERE session_id IS NOT NULL ' if target is ReviewTarget.session else ''}"
+            f"GROUP BY target_id HAVING {' AND '.join(having)} ORDER BY began_at DESC LIMIT {{limit:UInt32}}",
+            parameters,
+        )
+
+    def trace_for_review(self, trace_id: str, *, limit: int) -> list[dict[str, Any]]:
+        """What a reviewer reads of one stored trace: its first `limit` spans by start (none when it is no
+        longer stored)."""
+        return self._query(
+            "SELECT span_id, parent_span_id, name, kind, input_text, output_text, status, error, duration_ms, "
+            "model_name, adapter_version, session_id, started_at FROM span FINAL "
+            "WHERE trace_id = {trace_id:String} ORDER BY started_at, span_id LIMIT {limit:UInt32}",
+            {"trace_id": trace_id, "limit": limit},
+        )
+
+    def session_for_review(self, session_id: str) -> list[dict[str, Any]]:
+        """A stored session's turns in order: each trace's root (its earliest span while the root is not
+        stored), whether any of its spans failed, and its first LLM span's model; none when it is gone."""
+        return self._query(
+            "SELECT trace_id, "
+            "if(countIf(parent_span_id IS NULL) > 0, argMinIf(name, started_at, parent_span_id IS NULL), argMin(name, started_at)) AS turn_name, "
+            "if(countIf(parent_span_id IS NULL) > 0, argMinIf(input_text, started_at, parent_span_id IS NULL), argMin(input_text, started_at)) AS turn_input, "
+            "if(countIf(parent_span_id IS NULL) > 0, argMinIf(output_text, started_at, parent_span_id IS NULL), argMin(output_text, started_at)) AS turn_output, "
+            "if(countIf(status = 'error') > 0, 'error', "
+            "if(countIf(parent_span_id IS NULL) > 0, argMinIf(status, started_at, parent_span_id IS NULL), argMin(status, started_at))) AS turn_status, "
+            "argMinIf(model_name, started_at, kind = 'llm') AS turn_model, min(started_at) AS turn_start "
+            "FROM span FINAL WHERE session_id = {session_id:String} GROUP BY trace_id ORDER BY turn_start, trace_id",
+            {"session_id": session_id},
+        )
+
     def inference_for_review(self, inference_id: str) -> dict[str, Any] | None:
         """What a reviewer reads of one stored call: its messages, answer, model, version, route and trace."""
         rows = self._query(
@@ -164,6 +227,24 @@ _SELECTED_BY_FEEDBACK = {
         "OR (countIf(source = 'judge' AND verdict = -1) > 0 AND countIf(source = 'end_user' AND verdict = 1) > 0))"
     ),
 }
+
+# Negative feedback on a trace or session (thumbs down, or a rating of 1 or 2), from anyone but a reviewer:
+# a review is what a queue produces, so it must not pull its own target back in.
+_NEGATIVE = "source != 'reviewer' AND (thumbs = 'down' OR rating <= 2)"
+_NEGATIVE_INFERENCES = f"SELECT inference_id FROM feedback FINAL WHERE inference_id != '' AND {_NEGATIVE}"
+# Traces with negative feedback on the trace, on one of its spans, or on one of its inferences (one a span
+# names, or one the gateway logged with the trace's id).
+_NEGATIVE_TRACES = (
+    f"SELECT assumeNotNull(trace_id) FROM feedback FINAL WHERE inference_id = '' AND trace_id IS NOT NULL AND {_NEGATIVE} "
+    f"UNION ALL SELECT trace_id FROM span WHERE inference_id IN ({_NEGATIVE_INFERENCES}) "
+    f"UNION ALL SELECT assumeNotNull(trace_id) FROM inference_log WHERE trace_id IS NOT NULL "
+    f"AND inference_id IN ({_NEGATIVE_INFERENCES})"
+)
+# Sessions with negative feedback on the session, or on one of its traces as above.
+_NEGATIVE_SESSIONS = (
+    f"SELECT assumeNotNull(session_id) FROM feedback FINAL WHERE inference_id = '' AND session_id IS NOT NULL AND {_NEGATIVE} "
+    f"UNION ALL SELECT assumeNotNull(session_id) FROM span WHERE session_id IS NOT NULL AND trace_id IN ({_NEGATIVE_TRACES})"
+)
 
 
 def _fail_if_unavailable() -> None:

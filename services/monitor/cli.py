@@ -47,7 +47,6 @@ from services.monitor.traces import (
     MAX_LISTED,
     MAX_TREE_SPANS,
     BadValue,
-    Placed,
     SessionFilter,
     TraceFeedback,
     TraceFilter,
@@ -59,8 +58,8 @@ from services.monitor.traces import (
     spans_query,
     trace_feedback_query,
     traces_query,
-    tree_order,
 )
+from services.runtime.span_tree import Placed, tree_order
 from services.runtime.doors import bearer_header
 from services.runtime.errors import FlywheelError
 from services.runtime.settings import FlywheelSettings, load_settings
@@ -334,7 +333,7 @@ def trace(
 
 
 def span_tree(trace_id: str, spans: list[dict[str, Any]], feedback: list[dict[str, Any]] | None = None) -> list[str]:
-    """Lines of the tree (traces.tree_order: roots first by start, children indented under their parent, a
+    """Lines of the tree (span_tree.tree_order: roots first by start, children indented under their parent, a
     span whose parent is not stored marked, a cycle printed once). `feedback` rows (span_id, inference_id,
     thumbs, rating) show on the trace's line when about the trace, and on a span's line when about the span
     or the inference it names."""

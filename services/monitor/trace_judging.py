@@ -26,8 +26,8 @@ from services.monitor.traces import (
     sessions_query,
     spans_query,
     traces_query,
-    tree_order,
 )
+from services.runtime.span_tree import tree_order
 from services.runtime.scoring.judge import Judge, JudgeResult
 
 Rows = Callable[[tuple[str, dict[str, Any]]], list[dict[str, Any]]]

@@ -38,8 +38,8 @@ from services.monitor.traces import (
     spans_query,
     trace_feedback_query,
     traces_query,
-    tree_order,
 )
+from services.runtime.span_tree import tree_order
 from services.runtime.clickhouse.query_guard import QueryLimits, QueryOverLimit
 from services.runtime.console import Console, ConsoleRefused, ConsoleUser
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from contracts.events import InferenceLogged
+from contracts.events import InferenceLogged, SpanLogged
 from contracts.http import ReviewQueueCreate, RubricVersionView
 from services.feedback.app import create_app
 from services.feedback.review import ReviewQueues
@@ -58,6 +58,17 @@ async def store_calls(runtime: Runtime, clickhouse: ClickHouseStore, calls: list
     await eventually(
         lambda: clickhouse.query("SELECT count() AS n FROM inference_log")[0]["n"] == len(calls),
         what="the sink storing the calls",
+    )
+
+
+async def store_spans(runtime: Runtime, clickhouse: ClickHouseStore, spans: list[SpanLogged]) -> None:
+    """Publish each span as span.logged and wait until the service's own sink stored them all."""
+    bus = runtime.bus("test")
+    for span in spans:
+        await bus.publish(span)
+    await eventually(
+        lambda: clickhouse.query("SELECT count() AS n FROM span")[0]["n"] == len(spans),
+        what="the sink storing the spans",
     )
 
 

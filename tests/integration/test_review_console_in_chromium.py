@@ -4,7 +4,7 @@ without a line of script. The reviewer types their key into the sign-in form, st
 scores two answers with the page's access keys (Alt+key in Chromium on Linux), writes a correction and a
 comment, submits each with Alt+s, skips the third with a reason and Alt+k, and is told nothing is left. Both
 reviews are in ClickHouse as feedback.reviewed with the reviewer as actor. The pages are kept as screenshots
-in test-artifacts/console."""
+in test-artifacts/console. A trace item's page shows the trace's spans as a tree and is scored the same way."""
 
 from __future__ import annotations
 
@@ -13,18 +13,27 @@ import contextlib
 import json
 import shutil
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import uvicorn
 
+from contracts.events import SpanKind, SpanLogged, SpanStatus
 from contracts.http import Role
 from infra.processes import free_port
 from services.runtime.settings import FlywheelSettings
 from tests.browser import ARTIFACTS, Browser, chromium
 from tests.conftest import require
 from tests.fixtures.clickhouse import ClickHouseTarget
-from tests.integration.review_support import QUEUE, define_queue, feedback_process, reviews_stored, store_calls
+from tests.integration.review_support import (
+    QUEUE,
+    define_queue,
+    feedback_process,
+    reviews_stored,
+    store_calls,
+    store_spans,
+)
 from tests.support import api_key, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -38,6 +47,8 @@ CALLS = [
     {"input_text": "Do you ship to Canada?", "output_text": "Bananas are yellow."},
 ]
 SHOTS = ARTIFACTS / "console"
+TRACE = "5e" * 16
+SPAN_NAMES = ["answer question", "retrieve manuals", "chat support-bot"]
 
 
 @pytest.fixture
@@ -59,9 +70,41 @@ async def served_pairs(settings: FlywheelSettings, topics: str, chdb_target: Cli
         yield running
 
 
+@pytest.fixture
+async def served_trace(settings: FlywheelSettings, topics: str, chdb_target: ClickHouseTarget) -> AsyncIterator[tuple]:
+    """As `served`, with one traced turn of an app (a root, a retrieval and an LLM call under it) in a trace queue."""
+    begun = datetime.now(UTC) - timedelta(minutes=5)
+    root, *children = (TRACE[:15] + digit for digit in "123")
+    spans = [
+        SpanLogged(
+            trace_id=TRACE,
+            span_id=span_id,
+            parent_span_id=None if span_id == root else root,
+            name=name,
+            kind=kind,
+            started_at=begun + timedelta(milliseconds=10 * index),
+            ended_at=begun + timedelta(milliseconds=900 - 10 * index),
+            input_text=f"{name} input",
+            output_text=HOSTILE if span_id == root else f"{name} output",
+            status=SpanStatus.ok,
+        )
+        for index, (span_id, name, kind) in enumerate(
+            zip([root, *children], SPAN_NAMES, [SpanKind.chain, SpanKind.retrieval, SpanKind.llm], strict=True)
+        )
+    ]
+    rule = {"target": "trace", "select": "traffic"}
+    async with serving(settings, chdb_target, [], spans=spans, reviewers_per_item=1, rule=rule) as running:
+        yield running
+
+
 @contextlib.asynccontextmanager
 async def serving(
-    settings: FlywheelSettings, chdb_target: ClickHouseTarget, calls: list[dict], **definition: object
+    settings: FlywheelSettings,
+    chdb_target: ClickHouseTarget,
+    calls: list[dict],
+    *,
+    spans: list[SpanLogged] | None = None,
+    **definition: object,
 ) -> AsyncIterator[tuple]:
     require(shutil.which("chromium") is not None, "Debian's chromium is not installed (apt-get install chromium)")
     clickhouse = chdb_target.open()
@@ -74,6 +117,8 @@ async def serving(
         await eventually(lambda: server.started or serving.done(), timeout_s=120, what="the process listening")
         assert not serving.done(), f"uvicorn did not start: {serving.exception()}"
         await store_calls(runtime, clickhouse, calls)
+        if spans:
+            await store_spans(runtime, clickhouse, spans)
         await define_queue(settings, clickhouse, **definition)
         yield f"http://127.0.0.1:{port}", key, clickhouse
     finally:
@@ -237,3 +282,60 @@ async def test_a_reviewer_picks_the_better_of_two_answers_side_by_side_with_the_
         chosen,
         ({"call-0", "call-1"} - {chosen}).pop(),
     )
+
+
+async def test_a_reviewer_reads_a_trace_as_a_tree_and_scores_it_with_the_keyboard_alone(
+    served_trace: tuple, tmp_path: Path
+) -> None:
+    base, key, clickhouse = served_trace
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    async with chromium(tmp_path / "chromium-profile") as browser:
+        await browser.open(f"{base}{PAGES}", "/console/login")
+        assert await focused(browser, "api_key") == "api_key"
+        await browser.type(key)
+        await browser.press("Enter")
+        await browser.settled_at(PAGES)
+        page = await keys_then_page(browser, ["1"], ITEMS)
+        assert await focused(browser, "score.correct") == "score.correct", "the first score takes the focus"
+        # The spans in tree order, the children indented under the root; the root's output stays text.
+        assert await browser.evaluate("document.querySelectorAll('script, img, [onerror]').length") == 0
+        tree = await browser.evaluate(
+            "[...document.querySelectorAll('.spans details.span')].map(e => "
+            "[e.querySelector('summary .name').innerText, Number(e.dataset.depth), e.getBoundingClientRect().left])"
+        )
+        assert [(name, depth) for name, depth, _ in tree] == list(zip(SPAN_NAMES, [0, 1, 1], strict=True)), tree
+        assert tree[0][2] < tree[1][2] == tree[2][2], f"children are indented under the root: {tree}"
+        text = await browser.evaluate("document.body.innerText")
+        assert all(name in text for name in SPAN_NAMES), text
+        assert await browser.evaluate("document.querySelector('pre.answer').innerText") == HOSTILE
+        assert await browser.evaluate("document.querySelector('#correction') === null"), "a trace has no one answer"
+        scores = {"score.correct": "down", "score.helpful": "2", "score.tone": "curt"}
+        for field, value in scores.items():
+            await browser.press(await key_of(browser, field, value), alt=True)
+        assert await checked(browser) == scores
+        await browser.press("m", alt=True)
+        assert await focused(browser, "comment") == "comment"
+        await browser.type("retrieval found the wrong manual")
+        await browser.screenshot(SHOTS / "review-07-trace-scored.png")
+        item_id = page.removeprefix(ITEMS)
+        await keys_then_page(browser, ["s"], f"{PAGES}/queues/{QUEUE}")
+        assert "Nothing left for you in this queue." in await browser.evaluate("document.body.innerText")
+
+    def stored() -> list[dict]:
+        return clickhouse.query(
+            "SELECT item_id, inference_id, trace_id, span_id, actor, scores, comment FROM feedback FINAL "
+            "WHERE queue = {queue:String}",
+            {"queue": QUEUE},
+        )
+
+    await eventually(lambda: len(stored()) == 1, what="the trace's review stored as feedback")
+    [row] = stored()
+    assert (row["item_id"], row["inference_id"], row["trace_id"], row["span_id"], row["actor"]) == (
+        item_id,
+        "",
+        TRACE,
+        None,
+        "rita",
+    )
+    assert dict(row["scores"]) == {"correct": "down", "helpful": "2", "tone": "curt"}
+    assert row["comment"] == "retrieval found the wrong manual"

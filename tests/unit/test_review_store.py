@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 
 from contracts.http import ReviewOrder
-from services.feedback.review_store import ADJUDICATION, DONE, GONE, Candidate, ItemRecord, ReviewRecord, ReviewStore
+from services.feedback.review_store import (
+    ADJUDICATION,
+    DONE,
+    GONE,
+    MIGRATIONS,
+    Candidate,
+    ItemRecord,
+    ReviewRecord,
+    ReviewStore,
+)
+from services.runtime.sqlite import SqliteDatabase
 
 pytestmark = pytest.mark.unit
 
@@ -155,3 +165,27 @@ def test_two_reviewers_finishing_an_item_at_once_decide_it(tmp_path: Path) -> No
         stages = list(pool.map(finish, items, ["alice", "bob"]))
     assert sorted(map(str, stages)) == ["None", DONE], "exactly one of the two saw both reviews and decided"
     assert store.item(items[0].item_id).stage == DONE  # type: ignore[union-attr]
+
+
+def test_items_of_a_review_db_from_before_trace_items_read_as_inference_items(tmp_path: Path) -> None:
+    path = tmp_path / "review.db"
+    old = SqliteDatabase(path, MIGRATIONS[:2])
+    with old.transaction() as db:
+        db.execute(
+            "INSERT INTO item (item_id, queue, queue_version, inference_id, prompt_key, occurred_at, added_at) "
+            "VALUES ('i1', 'q', 1, 'call-0', 'p', '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00')"
+        )
+    old.close()
+    store = ReviewStore(path)
+    assert store.item("i1").target == "inference"  # type: ignore[union-attr]
+
+
+def test_a_trace_is_queued_once_per_queue_and_keeps_its_target(tmp_path: Path) -> None:
+    store = ReviewStore(tmp_path / "review.db")
+    queue = store.define("q", definition(), RUBRIC, "ops")
+    trace = "ab" * 16
+    found = [Candidate(trace, trace, datetime.now(UTC), None, None, "trace")]
+    assert store.add(queue, found, limit=10) == (1, 0, 0)
+    assert store.add(queue, found, limit=10) == (0, 1, 0)
+    claimed = store.claim(queue, "alice", order=ReviewOrder.uncertainty)
+    assert claimed is not None and (claimed[0].target, claimed[0].inference_id) == ("trace", trace)
