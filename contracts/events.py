@@ -199,6 +199,10 @@ class AdapterRegistered(Payload):
     dataset: DatasetRef | None = Field(default=None, description="Dataset version it was trained on.")
     hyperparameters: Hyperparameters | None = Field(default=None, description="Hyperparameters used.")
     metrics: dict[str, float] = Field(default_factory=dict, description="Training metrics (final loss, ...).")
+    preference_dataset: DatasetRef | None = Field(
+        default=None,
+        description="sft_then_dpo: the preference dataset version of its DPO stage (`dataset` is the SFT stage's).",
+    )
 
 
 class PromptPublished(Payload):

@@ -350,6 +350,11 @@ class AdapterVersionView(RegistryView):
     training_job_id: str | None = Field(description="Training job that produced it.")
     dataset_name: str | None = Field(description="Dataset it was trained on.")
     dataset_version: int | None = Field(description="Version of that dataset.")
+    preference_dataset_name: str | None = Field(
+        default=None,
+        description="sft_then_dpo: the preference dataset of its DPO stage (dataset_name is the SFT stage's).",
+    )
+    preference_dataset_version: int | None = Field(default=None, description="Version of that preference dataset.")
     hyperparameters: dict[str, Any] | None = Field(description="LoRA settings it was trained with.")
     metrics: dict[str, Any] = Field(description="Training metrics.")
     created_at: datetime = Field(description="When it was registered (UTC).")
