@@ -131,11 +131,13 @@ class Hyperparameters(ContractModel):
     max_seq_length: int = Field(default=512, ge=16, le=32768, description="Tokens per training sequence.")
     seed: int = Field(default=0, ge=0, description="Seed for data order, initialisation and dropout.")
     # Both added with defaults: events and stored jobs from before preference tuning still validate, as SFT jobs.
-    method: Literal["sft", "dpo"] = Field(
+    method: Literal["sft", "dpo", "sft_then_dpo"] = Field(
         default="sft",
         description=(
             "sft: supervised fine-tuning on chat records (`messages`); dpo: direct preference optimisation on "
-            "preference records (`prompt`, `chosen`, `rejected`)."
+            "preference records (`prompt`, `chosen`, `rejected`); sft_then_dpo: one job in two stages, SFT on "
+            "the chat records, then DPO on the request's preference_dataset from the SFT stage's adapter, which "
+            "is also DPO's reference."
         ),
     )
     dpo_beta: float = Field(
@@ -152,6 +154,19 @@ class DatasetRef(ContractModel):
     name: DatasetName = Field(description="Dataset name.")
     # The registry and the trainer store versions as signed 64-bit integers: a larger one is refused here, not a 500 there.
     version: int = Field(ge=1, le=2**63 - 1, description="Dataset version number.")
+
+
+def check_preference_dataset(method: str, preference_dataset: DatasetRef | None) -> None:
+    """sft_then_dpo needs a second dataset for its DPO stage; sft and dpo train on `dataset` alone, so one there
+    would be silently ignored and is refused instead."""
+    if method == "sft_then_dpo" and preference_dataset is None:
+        raise ValueError(
+            "hyperparameters.method sft_then_dpo needs preference_dataset: the preference records of its DPO stage"
+        )
+    if method != "sft_then_dpo" and preference_dataset is not None:
+        raise ValueError(
+            f"preference_dataset is only for hyperparameters.method sft_then_dpo; a {method} job trains on dataset alone"
+        )
 
 
 # ---------------------------------------------------------------------------------------- registry
@@ -184,6 +199,10 @@ class AdapterRegistered(Payload):
     dataset: DatasetRef | None = Field(default=None, description="Dataset version it was trained on.")
     hyperparameters: Hyperparameters | None = Field(default=None, description="Hyperparameters used.")
     metrics: dict[str, float] = Field(default_factory=dict, description="Training metrics (final loss, ...).")
+    preference_dataset: DatasetRef | None = Field(
+        default=None,
+        description="sft_then_dpo: the preference dataset version of its DPO stage (`dataset` is the SFT stage's).",
+    )
 
 
 class PromptPublished(Payload):
@@ -403,8 +422,20 @@ class TrainingRequested(Payload):
         le=2**63 - 1,
         description="Version of one of model_name's adapters to go on training (SFT then DPO: the SFT adapter); the hyperparameters state its LoRA shape; for DPO it is also the reference. None: a new adapter.",
     )
+    # One job, two datasets, rather than two chained jobs: the stages share a job id, a work directory, one
+    # progress count and one terminal event, so a retraining is one thing to follow, resume, cancel and gate.
+    preference_dataset: DatasetRef | None = Field(
+        default=None,
+        description="sft_then_dpo only, and required there: the preference records (`prompt`, `chosen`, `rejected`) "
+        "of the DPO stage; `dataset` holds the SFT stage's chat records.",
+    )
     requested_by: str = Field(description="Principal or service that asked for it.")
     reason: str | None = Field(default=None, description="Why, e.g. the alert that triggered a retraining.")
+
+    @model_validator(mode="after")
+    def _preference_dataset_fits_method(self) -> TrainingRequested:
+        check_preference_dataset(self.hyperparameters.method, self.preference_dataset)
+        return self
 
 
 class TrainingStarted(Payload):
@@ -431,6 +462,11 @@ class TrainingProgress(Payload):
     learning_rate: float = Field(ge=0, description="Current learning rate.")
     tokens_per_second: float = Field(ge=0, description="Trained (non-padding) tokens per second.")
     eta_seconds: float = Field(ge=0, description="Estimated seconds to completion.")
+    stage: Literal["sft", "dpo"] | None = Field(
+        default=None,
+        description="sft_then_dpo: the stage this step belongs to (step and total_steps count across both stages, "
+        "epoch is the stage's own); None for a one-stage job.",
+    )
 
 
 class TrainingCompleted(Payload):
@@ -445,7 +481,11 @@ class TrainingCompleted(Payload):
     artifact_sha256: Sha256 = Field(description="Digest of the adapter weights.")
     metrics: dict[str, float] = Field(
         default_factory=dict,
-        description="Final loss, tokens/s, duration ...; dpo adds reward_accuracy and reward_margin.",
+        description="Final loss, tokens/s, duration ...; dpo adds reward_accuracy and reward_margin; sft_then_dpo "
+        "reports its DPO stage under these names and each stage's own under sft_ and dpo_ prefixes.",
+    )
+    preference_dataset: DatasetRef | None = Field(
+        default=None, description="sft_then_dpo: the preference dataset version of its DPO stage."
     )
 
 

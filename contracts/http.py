@@ -25,6 +25,7 @@ from contracts.events import (
     ServedRoute,
     Stage,
     Thumbs,
+    check_preference_dataset,
     feedback_target,
 )
 from contracts.ids import (
@@ -211,10 +212,20 @@ class TrainingJobCreate(Request):
         le=2**63 - 1,
         description="Version of one of model_name's adapters to go on training (SFT then DPO: the SFT adapter); the hyperparameters state its LoRA shape; for DPO it is also the reference. None: a new adapter.",
     )
+    preference_dataset: DatasetRef | None = Field(
+        default=None,
+        description="sft_then_dpo only, and required there: the preference records of the DPO stage; `dataset` holds the SFT stage's chat records.",
+    )
     job_id: JobId | None = Field(
         default=None,
         description="Idempotency key; generated when absent. It names the job's work directory, so it is an id, never a path.",
     )
+
+    @model_validator(mode="after")
+    def _preference_dataset_fits_method(self) -> Self:
+        # Refused at the door with a 422 naming the field, not later as a 500 from building TrainingRequested.
+        check_preference_dataset(self.hyperparameters.method, self.preference_dataset)
+        return self
 
 
 class TrainingJobView(Response):
@@ -222,6 +233,9 @@ class TrainingJobView(Response):
     model_name: str = Field(description="Base model.")
     dataset: DatasetRef = Field(description="Dataset version.")
     start_adapter_version: int | None = Field(default=None, description="Adapter version the job goes on training.")
+    preference_dataset: DatasetRef | None = Field(
+        default=None, description="sft_then_dpo: the preference dataset version of its DPO stage."
+    )
     status: Literal["queued", "running", "completed", "failed", "cancelled"] = Field(description="Job state.")
     step: int = Field(default=0, description="Optimiser steps done.")
     total_steps: int = Field(default=0, description="Optimiser steps planned.")
@@ -336,6 +350,11 @@ class AdapterVersionView(RegistryView):
     training_job_id: str | None = Field(description="Training job that produced it.")
     dataset_name: str | None = Field(description="Dataset it was trained on.")
     dataset_version: int | None = Field(description="Version of that dataset.")
+    preference_dataset_name: str | None = Field(
+        default=None,
+        description="sft_then_dpo: the preference dataset of its DPO stage (dataset_name is the SFT stage's).",
+    )
+    preference_dataset_version: int | None = Field(default=None, description="Version of that preference dataset.")
     hyperparameters: dict[str, Any] | None = Field(description="LoRA settings it was trained with.")
     metrics: dict[str, Any] = Field(description="Training metrics.")
     created_at: datetime = Field(description="When it was registered (UTC).")

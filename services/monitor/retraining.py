@@ -58,7 +58,9 @@ class RetrainingPolicy:
     # sft: production's data plus the corrections. dpo: preference pairs from the model's feedback
     # (services/monitor/preference_datasets.py), going on from production's adapter and held to it when
     # its hyperparameters are used: SFT then DPO across retrainings. `min_corrections` then counts pairs.
-    method: Literal["sft", "dpo"] = "sft"
+    # sft_then_dpo: both in one job, SFT on the sft recipe, then DPO on the pairs from that SFT adapter;
+    # `min_corrections` counts corrections and pairs, each.
+    method: Literal["sft", "dpo", "sft_then_dpo"] = "sft"
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class Recipe:
     hyperparameters: Hyperparameters
     description: str
     start_adapter_version: int | None = None
+    # sft_then_dpo: the DPO stage's pairs (jsonl holds the SFT stage's chat records).
+    preference_jsonl: str | None = None
 
 
 class Retraining:
@@ -133,39 +137,45 @@ class Retraining:
                 f"retraining of {alert.model_name} for alert {alert.alert_id} waits: in cooldown since {last}",
             )
             return None
-        preferences = self._policy.method == "dpo"
-        if preferences:
-            rows = await asyncio.to_thread(self._store.preference_feedback, alert.model_name)
-            built = build_pairs(alert.model_name, rows)
-            examples, kind = len(built.pairs), "preference pairs"
-        else:
-            corrections = await asyncio.to_thread(self._store.corrections, alert.model_name)
-            examples, kind = len(corrections), "corrections"
-        if examples < self._policy.min_corrections:
+        method = self._policy.method
+        # sft counts corrections, dpo preference pairs, sft_then_dpo both: each of its stages needs its own examples.
+        corrections = [] if method == "dpo" else await asyncio.to_thread(self._store.corrections, alert.model_name)
+        built = (
+            None
+            if method == "sft"
+            else build_pairs(
+                alert.model_name, await asyncio.to_thread(self._store.preference_feedback, alert.model_name)
+            )
+        )
+        counted = [
+            *([] if method == "dpo" else [(len(corrections), "corrections")]),
+            *([] if built is None else [(len(built.pairs), "preference pairs")]),
+        ]
+        short = [f"{examples} {kind}" for examples, kind in counted if examples < self._policy.min_corrections]
+        if short:
             self._note_waiting(
                 alert,
                 "too_few_corrections",
-                f"retraining of {alert.model_name} for alert {alert.alert_id} waits: {examples} {kind} < {self._policy.min_corrections}",
+                f"retraining of {alert.model_name} for alert {alert.alert_id} waits: {' and '.join(short)} < {self._policy.min_corrections}",
             )
             return None
-        recipe = (
-            await self._preference_recipe(alert.model_name, built)
-            if preferences
-            else await self._recipe(alert.model_name, corrections)
-        )
-        dataset = await self._registry.publish_dataset(
-            DatasetCreate(
-                name=f"{alert.model_name}-{self._policy.dataset_suffix}{'-preferences' if preferences else ''}",
-                split="train",
-                jsonl=recipe.jsonl,
-                provenance="preferences" if preferences else "feedback",
-                model_name=alert.model_name,
-            )
+        if built is None:
+            recipe = await self._recipe(alert.model_name, corrections)
+        elif method == "dpo":
+            recipe = await self._preference_recipe(alert.model_name, built)
+        else:
+            recipe = await self._staged_recipe(alert.model_name, corrections, built)
+        dataset = await self._publish_dataset(alert.model_name, recipe.jsonl, preferences=method == "dpo")
+        preference_dataset = (
+            None
+            if recipe.preference_jsonl is None
+            else await self._publish_dataset(alert.model_name, recipe.preference_jsonl, preferences=True)
         )
         request = TrainingRequested(
             job_id=f"retrain-{alert.alert_id}",
             model_name=alert.model_name,
-            dataset=DatasetRef(name=dataset.name, version=dataset.version),
+            dataset=dataset,
+            preference_dataset=preference_dataset,
             hyperparameters=recipe.hyperparameters,
             start_adapter_version=recipe.start_adapter_version,
             requested_by="service:monitor",
@@ -199,6 +209,18 @@ class Retraining:
 
         await publish_span(publish, retraining_root_span(alert, request, now), correlation_id=alert.alert_id)
 
+    async def _publish_dataset(self, model_name: str, jsonl: str, *, preferences: bool) -> DatasetRef:
+        dataset = await self._registry.publish_dataset(
+            DatasetCreate(
+                name=f"{model_name}-{self._policy.dataset_suffix}{'-preferences' if preferences else ''}",
+                split="train",
+                jsonl=jsonl,
+                provenance="preferences" if preferences else "feedback",
+                model_name=model_name,
+            )
+        )
+        return DatasetRef(name=dataset.name, version=dataset.version)
+
     async def _recipe(self, model_name: str, corrections: list[dict[str, Any]]) -> Recipe:
         records = list(dict.fromkeys(json.dumps(_chat_record(row), ensure_ascii=False) for row in corrections))
         parts = [
@@ -224,8 +246,21 @@ class Retraining:
         lines = learned + records * self._policy.correction_repeats
         return Recipe(
             jsonl="".join(line + "\n" for line in lines),
-            hyperparameters=hyperparameters or Hyperparameters(),
+            # Production's hyperparameters say how it was trained (dpo, sft_then_dpo): this recipe is chat records.
+            hyperparameters=(hyperparameters or Hyperparameters()).model_copy(update={"method": "sft"}),
             description=" + ".join(parts),
+        )
+
+    async def _staged_recipe(self, model_name: str, corrections: list[dict[str, Any]], built: Built) -> Recipe:
+        """sft_then_dpo in one job: the sft recipe (a new adapter on production's data plus the corrections, with
+        its hyperparameters), then DPO on the pairs from that SFT adapter, which is also DPO's reference."""
+        sft = await self._recipe(model_name, corrections)
+        counts = ", ".join(f"{count} {kind.value}" for kind, count in built.counts().items() if count)
+        return Recipe(
+            jsonl=sft.jsonl,
+            hyperparameters=sft.hyperparameters.model_copy(update={"method": "sft_then_dpo"}),
+            description=f"SFT on {sft.description}, then DPO on {len(built.pairs)} preference pairs ({counts})",
+            preference_jsonl=built.jsonl(),
         )
 
     async def _preference_recipe(self, model_name: str, built: Built) -> Recipe:
@@ -295,6 +330,13 @@ def retraining_root_span(alert: AlertRaised, request: TrainingRequested, now: da
             "flywheel.metric": f"{alert.metric} {alert.value:g} (threshold {alert.threshold:g})",
             "flywheel.job_id": request.job_id,
             "flywheel.dataset": f"{request.dataset.name}:v{request.dataset.version}",
+            **(
+                {}
+                if request.preference_dataset is None
+                else {
+                    "flywheel.preference_dataset": f"{request.preference_dataset.name}:v{request.preference_dataset.version}"
+                }
+            ),
         },
     )
 

@@ -29,11 +29,11 @@ class MonitorSettings(BaseSettings):
     retrain_min_corrections: int = Field(
         default=20,
         ge=1,
-        description="Corrected answers (sft), or preference pairs (dpo), needed before a retraining is requested.",
+        description="Corrected answers (sft), or preference pairs (dpo), or each of both (sft_then_dpo), needed before a retraining is requested.",
     )
-    retrain_method: Literal["sft", "dpo"] = Field(
+    retrain_method: Literal["sft", "dpo", "sft_then_dpo"] = Field(
         default="sft",
-        description="sft: production's training data plus the corrections; dpo: preference pairs from the feedback, trained with DPO going on from production's adapter (SFT then DPO) when it has one.",
+        description="sft: production's training data plus the corrections; dpo: preference pairs from the feedback, trained with DPO going on from production's adapter (SFT then DPO) when it has one; sft_then_dpo: both in one job, SFT on production's data plus the corrections, then DPO on the pairs from that SFT adapter, which is also DPO's reference.",
     )
     retrain_cooldown_s: int = Field(default=6 * 3600, ge=0, description="Seconds between two retrainings of one model.")
     retrain_include_lineage: bool = Field(

@@ -64,6 +64,7 @@ class Adapters:
         metrics: dict[str, float] | None = None,
         correlation_id: str | None = None,
         event_id: str | None = None,
+        preference_dataset: DatasetRef | None = None,
     ) -> AdapterVersionView:
         """Register the next adapter version of a model; the same training job registers once."""
         with self.changes.change(
@@ -82,8 +83,9 @@ class Adapters:
                             code="duplicate_training_job",
                         )
                     return AdapterVersionView.model_validate(existing)
-            if dataset is not None:
-                store.dataset_version(session, dataset.name, dataset.version)
+            for known in (dataset, preference_dataset):
+                if known is not None:
+                    store.dataset_version(session, known.name, known.version)
             try:
                 # Adapters are small (a manifest and a few MB): verify now, so a tampered artifact is never registered.
                 self.artifacts.get_bytes(artifact_uri, artifact_sha256)
@@ -100,6 +102,8 @@ class Adapters:
                 training_job_id=training_job_id,
                 dataset_name=dataset.name if dataset else None,
                 dataset_version=dataset.version if dataset else None,
+                preference_dataset_name=preference_dataset.name if preference_dataset else None,
+                preference_dataset_version=preference_dataset.version if preference_dataset else None,
                 hyperparameters=hyperparameters.model_dump() if hyperparameters else None,
                 metrics=dict(metrics or {}),
                 correlation_id=correlation_id,
@@ -129,6 +133,7 @@ class Adapters:
                     dataset=dataset,
                     hyperparameters=hyperparameters,
                     metrics=dict(metrics or {}),
+                    preference_dataset=preference_dataset,
                 ),
                 correlation_id=correlation_id,
             )
@@ -149,6 +154,7 @@ class Adapters:
             metrics=event.metrics,
             correlation_id=correlation_id,
             event_id=event_id,
+            preference_dataset=event.preference_dataset,
         )
 
     def get_adapter(self, model_name: str, version: int) -> AdapterVersionView:

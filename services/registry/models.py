@@ -71,6 +71,9 @@ class AdapterVersion(SQLModel, table=True):
     training_job_id: str | None = Field(default=None, max_length=200, unique=True)
     dataset_name: str | None = Field(default=None, max_length=200, index=True)
     dataset_version: int | None = None
+    # sft_then_dpo: the DPO stage's pairs; dataset_* above is the SFT stage's, what the next SFT retraining learns.
+    preference_dataset_name: str | None = Field(default=None, max_length=200)
+    preference_dataset_version: int | None = None
     hyperparameters: dict | None = Field(default=None, sa_column=Column(JSON))
     metrics: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     correlation_id: str | None = Field(default=None, max_length=200)

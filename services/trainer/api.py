@@ -21,6 +21,7 @@ def view(job: JobRecord) -> TrainingJobView:
         model_name=job.model_name,
         dataset=job.dataset,
         start_adapter_version=job.start_adapter_version,
+        preference_dataset=job.preference_dataset,
         status=job.status,  # type: ignore[arg-type]
         step=job.step,
         total_steps=job.total_steps,
@@ -48,6 +49,7 @@ def create_router(trainer: Trainer, auth: Authenticator) -> APIRouter:
             dataset=body.dataset,
             hyperparameters=body.hyperparameters,
             start_adapter_version=body.start_adapter_version,
+            preference_dataset=body.preference_dataset,
             requested_by=principal.name,
         )
         job, created = trainer.submit(request)

@@ -86,7 +86,9 @@ TARGETS = typer.Option(
     "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--target-modules", help="Comma-separated module names."
 )
 METHOD = typer.Option(
-    "sft", help="sft: chat records ({messages}); dpo: preference records ({prompt, chosen, rejected})."
+    "sft",
+    help="sft: chat records ({messages}); dpo: preference records ({prompt, chosen, rejected}); sft_then_dpo: one "
+    "job, SFT on the chat records, then DPO on the preference records from that SFT adapter (its reference).",
 )
 BETA = typer.Option(0.1, "--dpo-beta", help="DPO only: pull towards the base model (higher stays closer).")
 
@@ -112,22 +114,43 @@ def submit(
         help="Go on training this adapter version of --model (state its rank, alpha, dropout and target modules); "
         "with --method dpo it is also the reference, e.g. the SFT adapter for SFT then DPO.",
     ),
+    preference_dataset: str | None = typer.Option(
+        None,
+        help="--method sft_then_dpo only, and required there: the DPO stage's preference dataset as NAME:VERSION "
+        "(--dataset holds the SFT stage's chat records).",
+    ),
 ) -> None:
     """Queue a training job on the running trainer."""
-    name, _, version = dataset.rpartition(":")
-    if not name or not version.isdigit():
-        raise TrainCommandError(f"--dataset must be NAME:VERSION, got {dataset!r}")
     hp = _hyperparameters(
         rank, alpha, learning_rate, epochs, batch_size, max_seq_length, seed, target_modules, method, dpo_beta
     )
+    _check_preference(method, preference_dataset, "--preference-dataset")
     body = {
         "model_name": model,
-        "dataset": {"name": name, "version": int(version)},
+        "dataset": _dataset_ref("--dataset", dataset),
+        "preference_dataset": None
+        if preference_dataset is None
+        else _dataset_ref("--preference-dataset", preference_dataset),
         "hyperparameters": hp.model_dump(),
         "start_adapter_version": start_adapter_version,
         "job_id": job_id or str(uuid.uuid4()),
     }
     typer.echo(json.dumps(_door("POST", "/training-jobs", body), sort_keys=True))
+
+
+def _dataset_ref(option: str, value: str) -> dict[str, Any]:
+    name, _, version = value.rpartition(":")
+    if not name or not version.isdigit():
+        raise TrainCommandError(f"{option} must be NAME:VERSION, got {value!r}")
+    return {"name": name, "version": int(version)}
+
+
+def _check_preference(method: str, given: object, option: str) -> None:
+    """The contract's rule (contracts.events.check_preference_dataset), in the command's own option names."""
+    if method == "sft_then_dpo" and given is None:
+        raise TrainCommandError(f"--method sft_then_dpo needs {option}: the preference records of its DPO stage")
+    if method != "sft_then_dpo" and given is not None:
+        raise TrainCommandError(f"{option} is only for --method sft_then_dpo; a {method} job trains on one dataset")
 
 
 @train_app.command("status")
@@ -181,6 +204,11 @@ def local(
         help="A LoRA adapter directory to go on training (state its rank, alpha, dropout and target modules); "
         "with --method dpo it is also the reference, e.g. an SFT adapter for SFT then DPO.",
     ),
+    preference_data: Path | None = typer.Option(
+        None,
+        help="--method sft_then_dpo only, and required there: the DPO stage's preference JSONL (--data holds the "
+        "SFT stage's chat records).",
+    ),
 ) -> None:
     """Train here, without Kafka, and print the golden score of the base model and of the adapter."""
     import torch
@@ -194,14 +222,16 @@ def local(
     hp = _hyperparameters(
         rank, alpha, learning_rate, epochs, batch_size, max_seq_length, seed, target_modules, method, dpo_beta
     )
+    _check_preference(method, preference_data, "--preference-data")
     from services.runtime.settings import FlywheelSettings, load_settings
 
     model = model_path or default_model_dir()
     work_dir = work_dir or load_settings(FlywheelSettings).home / "trainer" / "local"
 
     def show(progress: Any) -> None:
+        stage = f"[{progress.stage}] " if progress.stage else ""
         typer.echo(
-            f"step {progress.step}/{progress.total_steps} loss {progress.loss:.3f} lr {progress.learning_rate:.2e} "
+            f"{stage}step {progress.step}/{progress.total_steps} loss {progress.loss:.3f} lr {progress.learning_rate:.2e} "
             f"tokens/s {progress.tokens_per_second:.0f} eta {progress.eta_seconds:.0f}s"
         )
 
@@ -219,6 +249,7 @@ def local(
                 on_start=plan,
                 on_progress=show,
                 start_adapter=start_adapter,
+                preference_path=preference_data,
             )
         )
     except TrainingError as error:

@@ -2,7 +2,9 @@
 
 `method` picks the records and the objective (services/trainer/losses.py): chat records and next-token
 loss on answers (sft), or preference records and DPO (dpo). Everything else, the loop, checkpoints,
-resume and progress, is one code path for both, on the CPU and on CUDA.
+resume and progress, is one code path for both, on the CPU and on CUDA. sft_then_dpo runs that path
+twice (`_train_in_stages`): SFT in work_dir/sft, then DPO in work_dir/dpo from the SFT stage's adapter,
+each stage with its own checkpoints, so a job stopped in the DPO stage resumes there.
 
 Determinism: the data order of each epoch is a function of (seed, epoch), LoRA initialisation and
 dropout draw from torch's generator seeded with `seed`, and a checkpoint holds that generator's
@@ -23,7 +25,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,8 @@ class Progress:
     learning_rate: float
     tokens_per_second: float
     eta_seconds: float
+    # sft_then_dpo: which stage the step belongs to (step and total_steps count across both); None for one stage.
+    stage: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,8 @@ class TrainingJob:
     # An adapter to go on training (the hyperparameters must state its rank, alpha, dropout and target
     # modules); for DPO also the reference the policy is held to, e.g. an SFT adapter's.
     start_adapter: Path | None = None
+    # sft_then_dpo only: the preference records of the DPO stage (dataset_path holds the SFT stage's chat records).
+    preference_path: Path | None = None
     on_start: Callable[[TrainingPlan], None] | None = None
     on_progress: Callable[[Progress], None] | None = None
     on_checkpoint: Callable[[int], None] | None = None
@@ -141,6 +147,8 @@ def train(job: TrainingJob) -> TrainingResult:
 
 
 def _train(job: TrainingJob) -> TrainingResult:
+    if job.hyperparameters.method == "sft_then_dpo":
+        return _train_in_stages(job)
     finished = _finished(job)
     if finished is not None:
         return finished
@@ -150,17 +158,12 @@ def _train(job: TrainingJob) -> TrainingResult:
         use_free_cpus(job.threads)
     job.work_dir.mkdir(parents=True, exist_ok=True)
     # The records are read before the model: a malformed dataset is reported without loading weights.
-    records: list[Any] = (
-        read_preference_jsonl(job.dataset_path) if hp.method == "dpo" else read_chat_jsonl(job.dataset_path)
-    )
-    try:
-        tokenizer = load_tokenizer(job.model_path)
-    except (OSError, ValueError) as error:
-        raise TrainingError("invalid_input", f"cannot load the base model at {job.model_path}: {error}") from error
+    records = _records(job)
+    tokenizer = _tokenizer(job)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples, step_loss = _objective(tokenizer, records, hp, pad_id, device)
     steps_per_epoch = math.ceil(len(examples) / hp.batch_size)
-    total_steps = max(1, round(steps_per_epoch * hp.epochs))
+    total_steps = _total_steps(len(examples), hp)
 
     torch.manual_seed(hp.seed)
     model = _lora_model(load_model(job.model_path, device), hp, job.start_adapter)
@@ -248,6 +251,130 @@ def _train(job: TrainingJob) -> TrainingResult:
     _save_adapter(model, job.adapter_dir)
     shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
     return result
+
+
+def _records(job: TrainingJob) -> list[Any]:
+    if job.hyperparameters.method == "dpo":
+        return read_preference_jsonl(job.dataset_path)
+    return read_chat_jsonl(job.dataset_path)
+
+
+def _tokenizer(job: TrainingJob) -> Any:
+    try:
+        return load_tokenizer(job.model_path)
+    except (OSError, ValueError) as error:
+        raise TrainingError("invalid_input", f"cannot load the base model at {job.model_path}: {error}") from error
+
+
+def _total_steps(examples: int, hp: Hyperparameters) -> int:
+    return max(1, round(math.ceil(examples / hp.batch_size) * hp.epochs))
+
+
+def _planned_steps(job: TrainingJob) -> int:
+    """The steps a one-stage job will take, from its records alone (no weights loaded); reads, and so checks, them."""
+    hp = job.hyperparameters
+    tokenizer = _tokenizer(job)
+    records = _records(job)
+    if hp.method == "dpo":
+        return _total_steps(len(tokenize_preferences(tokenizer, records, hp.max_seq_length)), hp)
+    return _total_steps(len(tokenize_dataset(tokenizer, records, hp.max_seq_length)), hp)
+
+
+def _train_in_stages(job: TrainingJob) -> TrainingResult:
+    """sft_then_dpo: SFT on the chat records, then DPO on the preference records from the SFT stage's adapter.
+
+    DPO holds the policy to its reference; the reference here is the SFT stage's adapter, not the base model, so
+    DPO refines what SFT taught (its loss starts at ln 2, policy == reference) instead of pulling back from it.
+    Each stage keeps its own work directory: a finished stage is found there and not trained again. Steps count
+    across both stages; on_start is called once, by whichever stage this run begins in.
+    """
+    if job.preference_path is None:
+        raise TrainingError("invalid_input", "sft_then_dpo needs a preference dataset for its DPO stage")
+    hp = job.hyperparameters
+    sft = replace(
+        job,
+        hyperparameters=hp.model_copy(update={"method": "sft"}),
+        work_dir=job.work_dir / "sft",
+        preference_path=None,
+    )
+    dpo = replace(
+        job,
+        dataset_path=job.preference_path,
+        hyperparameters=hp.model_copy(update={"method": "dpo"}),
+        work_dir=job.work_dir / "dpo",
+        start_adapter=sft.adapter_dir,
+        preference_path=None,
+    )
+    done = _finished(dpo)
+    if done is not None:
+        # Trained before a worker died unreported: nothing runs again; the DPO stage's run is the last one known.
+        sft_done = _finished(sft)
+        return _combined(sft_done, done, (sft_done.total_steps if sft_done else 0) + done.resumed_from_step)
+    # Both datasets are read before any training: a malformed preference dataset fails the job before SFT runs.
+    sft_steps, dpo_steps = _planned_steps(sft), _planned_steps(dpo)
+    total = sft_steps + dpo_steps
+    # Where this run began, across both stages: set by the first stage that starts training in it.
+    began: list[int] = []
+    seconds_per_step = [0.0]
+
+    def staged(name: str, offset: int) -> dict[str, Any]:
+        def on_start(plan: TrainingPlan) -> None:
+            if not began:
+                began.append(offset + plan.resumed_from_step)
+                if job.on_start:
+                    job.on_start(replace(plan, total_steps=total, resumed_from_step=began[0]))
+
+        def on_progress(progress: Progress) -> None:
+            left_in_stage = progress.total_steps - progress.step
+            if left_in_stage:
+                seconds_per_step[0] = progress.eta_seconds / left_in_stage
+            # The SFT stage's estimate covers its own steps; the DPO stage's are guessed at the SFT pace until it runs.
+            later = dpo_steps * seconds_per_step[0] if name == "sft" else 0.0
+            if job.on_progress:
+                job.on_progress(
+                    replace(
+                        progress,
+                        step=offset + progress.step,
+                        total_steps=total,
+                        stage=name,
+                        eta_seconds=progress.eta_seconds + later,
+                    )
+                )
+
+        def on_checkpoint(step: int) -> None:
+            if job.on_checkpoint:
+                job.on_checkpoint(offset + step)
+
+        return {"on_start": on_start, "on_progress": on_progress, "on_checkpoint": on_checkpoint}
+
+    sft_result = _train(replace(sft, **staged("sft", 0)))
+    try:
+        dpo_result = _train(replace(dpo, **staged("dpo", sft_result.total_steps)))
+    except TrainingPaused as paused:
+        raise TrainingPaused(sft_result.total_steps + paused.step) from None
+    return _combined(sft_result, dpo_result, began[0] if began else sft_result.total_steps)
+
+
+def _combined(sft: TrainingResult | None, dpo: TrainingResult | None, resumed_from_step: int) -> TrainingResult:
+    """One result of both stages: the DPO stage's adapter and metrics, and each stage's own under its prefix."""
+    if sft is None or dpo is None:
+        raise TrainingError("internal", "a stage of the sft_then_dpo job left no result")
+    total = sft.total_steps + dpo.total_steps
+    metrics = {
+        **dpo.metrics,
+        "total_steps": float(total),
+        "resumed_from_step": float(resumed_from_step),
+        "duration_s": sft.metrics.get("duration_s", 0.0) + dpo.metrics.get("duration_s", 0.0),
+        **{f"sft_{name}": value for name, value in sft.metrics.items()},
+        **{f"dpo_{name}": value for name, value in dpo.metrics.items()},
+    }
+    return TrainingResult(
+        adapter_dir=dpo.adapter_dir,
+        total_steps=total,
+        resumed_from_step=resumed_from_step,
+        losses=sft.losses + dpo.losses,
+        metrics=metrics,
+    )
 
 
 def _finished(job: TrainingJob) -> TrainingResult | None:

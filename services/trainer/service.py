@@ -110,6 +110,7 @@ class Trainer:
                 correlation_id=correlation_id or request.job_id,
                 requested_by=request.requested_by,
                 start_adapter_version=request.start_adapter_version,
+                preference_dataset=request.preference_dataset,
             )
         )
         if created:
@@ -193,7 +194,7 @@ class Trainer:
         # A job resumed after a restart is timed from its resumption: the span shows what this worker ran.
         started_at = datetime.now(UTC)
         try:
-            model_path, dataset_path, start_adapter = await self._resolve(job)
+            model_path, dataset_path, start_adapter, preference_path = await self._resolve(job)
         except StoppedWaitingForInputs:
             log.info("training job %s: stopped while waiting for its inputs; it resumes at the next start", job.job_id)
             return
@@ -227,6 +228,7 @@ class Trainer:
             hyperparameters=job.hyperparameters,
             work_dir=work_dir,
             start_adapter=start_adapter,
+            preference_path=preference_path,
             checkpoint_every=self._settings.checkpoint_every,
             threads=self._settings.torch_threads,
             log_every=self._settings.progress_every,
@@ -260,6 +262,7 @@ class Trainer:
             artifact_uri=ref.uri,
             artifact_sha256=ref.sha256,
             metrics=result.metrics,
+            preference_dataset=job.preference_dataset,
         )
         await self._finish(
             job,
@@ -273,7 +276,7 @@ class Trainer:
         await self._send_staged()
         await self._publish_span(job, completed, started_at)
 
-    async def _resolve(self, job: JobRecord) -> tuple[Path, Path, Path | None]:
+    async def _resolve(self, job: JobRecord) -> tuple[Path, Path, Path | None, Path | None]:
         # The registry's events travel on other topics than the request: a model or dataset published
         # just before the request may not have been consumed yet, so unknown inputs are retried a while.
         deadline = asyncio.get_running_loop().time() + self._settings.input_wait_s
@@ -286,7 +289,12 @@ class Trainer:
                     if job.start_adapter_version is None
                     else await asyncio.to_thread(self._catalog.adapter_path, job.model_name, job.start_adapter_version)
                 )
-                return model_path, dataset_path, start_adapter
+                preference_path = (
+                    None
+                    if job.preference_dataset is None
+                    else await asyncio.to_thread(self._catalog.dataset_path, job.preference_dataset)
+                )
+                return model_path, dataset_path, start_adapter, preference_path
             except UnknownInput:
                 if asyncio.get_running_loop().time() >= deadline:
                     raise
@@ -321,6 +329,11 @@ class Trainer:
             "flywheel.base_model": job.model_name,
             "flywheel.dataset": f"{job.dataset.name}:v{job.dataset.version}",
             "flywheel.requested_by": job.requested_by,
+            **(
+                {}
+                if job.preference_dataset is None
+                else {"flywheel.preference_dataset": f"{job.preference_dataset.name}:v{job.preference_dataset.version}"}
+            ),
             "flywheel.hyperparameters": job.hyperparameters.model_dump_json(),
         }
         stored = await asyncio.to_thread(self._store.get, job.job_id)

@@ -34,6 +34,11 @@ CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_
 """,
     ),
     Migration(2, "start_adapter", "ALTER TABLE job ADD COLUMN start_adapter_version INTEGER;"),
+    Migration(
+        3,
+        "preference_dataset",
+        "ALTER TABLE job ADD COLUMN preference_dataset_name TEXT; ALTER TABLE job ADD COLUMN preference_dataset_version INTEGER;",
+    ),
 )
 
 
@@ -54,6 +59,7 @@ class JobRecord:
     artifact_uri: str | None = None
     artifact_sha256: str | None = None
     start_adapter_version: int | None = None
+    preference_dataset: DatasetRef | None = None
 
 
 # A terminal event as it will be published: the whole envelope, so a republished one is identical.
@@ -68,7 +74,8 @@ class JobStore:
         """Insert a queued job; returns the stored job and whether it is new (a known job_id adds nothing)."""
         inserted = self._db.execute(
             "INSERT OR IGNORE INTO job (job_id, model_name, dataset_name, dataset_version, hyperparameters, status,"
-            " correlation_id, requested_by, updated_at, start_adapter_version) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+            " correlation_id, requested_by, updated_at, start_adapter_version, preference_dataset_name,"
+            " preference_dataset_version) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
             (
                 job.job_id,
                 job.model_name,
@@ -79,6 +86,8 @@ class JobStore:
                 job.requested_by,
                 _now(),
                 job.start_adapter_version,
+                job.preference_dataset.name if job.preference_dataset else None,
+                job.preference_dataset.version if job.preference_dataset else None,
             ),
         )
         stored = self.get(job.job_id)
@@ -154,7 +163,8 @@ class _JobOutboxClaim:
 
 _COLUMNS = (
     "job_id, model_name, dataset_name, dataset_version, hyperparameters, status, correlation_id, requested_by, step, total_steps,"
-    " loss, error, error_type, artifact_uri, artifact_sha256, start_adapter_version"
+    " loss, error, error_type, artifact_uri, artifact_sha256, start_adapter_version, preference_dataset_name,"
+    " preference_dataset_version"
 )
 
 
@@ -175,6 +185,7 @@ def _record(row: tuple[Any, ...]) -> JobRecord:
         artifact_uri=row[13],
         artifact_sha256=row[14],
         start_adapter_version=row[15],
+        preference_dataset=None if row[16] is None else DatasetRef(name=row[16], version=row[17]),
     )
 
 

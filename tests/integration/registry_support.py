@@ -90,13 +90,14 @@ def training_completed(
     seed: int = 0,
     model: str = "smol",
     dataset: DatasetRef | None = None,
+    hyperparameters: Hyperparameters | None = None,
 ) -> TrainingCompleted:
     ref = adapter_artifact(registry, tmp_path, seed)
     return TrainingCompleted(
         job_id=job_id,
         model_name=model,
         dataset=dataset or DatasetRef(name="support", version=1),
-        hyperparameters=Hyperparameters(rank=4),
+        hyperparameters=hyperparameters or Hyperparameters(rank=4),
         artifact_uri=ref.uri,
         artifact_sha256=ref.sha256,
         metrics={"final_loss": 0.5},

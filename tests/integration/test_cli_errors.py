@@ -88,3 +88,26 @@ def test_a_usage_error_is_the_usage_hint_and_exit_2_not_an_unexpected_error(args
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "unexpected" not in result.stderr
     assert f"Error: {message}" in result.stderr and "--help' for help" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["local", "--method", "sft_then_dpo", "--no-score"], "--method sft_then_dpo needs --preference-data"),
+        (
+            ["submit", "--model", "m", "--dataset", "d:1", "--preference-dataset", "p:1"],
+            "--preference-dataset is only for --method sft_then_dpo",
+        ),
+        (
+            ["submit", "--model", "m", "--dataset", "d:1", "--method", "sft_then_dpo", "--preference-dataset", "p"],
+            "--preference-dataset must be NAME:VERSION",
+        ),
+    ],
+)
+def test_train_refuses_a_preference_dataset_that_does_not_fit_its_method_before_it_trains_or_calls(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    clean = {name: value for name, value in os.environ.items() if not name.startswith("FLYWHEEL_")}
+    clean["FLYWHEEL_HOME"] = str(tmp_path / "home")
+    result = subprocess.run([FLYWHEEL, "train", *args], capture_output=True, text=True, env=clean, timeout=120)
+    assert_one_error_line(result, message)

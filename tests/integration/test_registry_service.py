@@ -15,7 +15,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import SQLModel
 
-from contracts.events import DatasetRef, Stage
+from contracts.events import DatasetRef, Hyperparameters, Stage
 from services.registry import adapters as adapters_module
 from services.registry.models import AdapterVersion, OutboxEvent
 from services.registry.errors import Conflict, Forbidden, Invalid, NotFound, TooLarge
@@ -70,6 +70,24 @@ def test_adapter_versions_are_numbered_per_model_with_lineage_both_ways(registry
     ] == [1, 2]
     with pytest.raises(NotFound, match="no adapter version smol:v9"):
         registry.adapters.get_adapter("smol", 9)
+
+
+def test_an_sft_then_dpo_adapter_records_its_sft_dataset_as_its_dataset_and_its_preference_dataset_beside_it(
+    registry: Registry, tmp_path: Path
+) -> None:
+    seed_adapters(registry, tmp_path, count=0)
+    pair = {"prompt": [{"role": "user", "content": "Warranty?"}], "chosen": "Two years.", "rejected": "Seven weeks."}
+    registry.datasets.publish_dataset("alice", name="support-preferences", split="train", jsonl=jsonl([pair]))
+    pairs = DatasetRef(name="support-preferences", version=1)
+    event = training_completed(
+        registry, tmp_path, job_id="job-staged", hyperparameters=Hyperparameters(rank=4, method="sft_then_dpo")
+    ).model_copy(update={"preference_dataset": pairs})
+    adapter = registry.adapters.register_trained_adapter(event, event_id=str(uuid.uuid4()), correlation_id=None)
+    assert (adapter.dataset_name, adapter.dataset_version) == ("support", 1)
+    assert (adapter.preference_dataset_name, adapter.preference_dataset_version) == ("support-preferences", 1)
+    assert registry.adapters.lineage("smol", adapter.version).dataset.name == "support"
+    [registered] = [row for row in outbox(registry) if row.event_type == "adapter.registered"]
+    assert json.loads(registered.envelope)["payload"]["preference_dataset"] == pairs.model_dump()
 
 
 def test_redelivered_training_completed_registers_one_version(registry: Registry, tmp_path: Path) -> None:

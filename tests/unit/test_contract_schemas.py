@@ -6,8 +6,10 @@ from __future__ import annotations
 import copy
 
 import pytest
+from pydantic import ValidationError
 
-from contracts.events import TrainingRequested
+from contracts.events import DatasetRef, TrainingRequested
+from contracts.http import TrainingJobCreate
 from contracts.schema_snapshot import REGENERATE_HINT, breaking_changes, compatibility_report, current_schemas
 
 pytestmark = pytest.mark.unit
@@ -92,3 +94,51 @@ def test_a_training_request_from_before_preference_tuning_validates_as_sft() -> 
     }
     hyperparameters = TrainingRequested.model_validate(old).hyperparameters
     assert (hyperparameters.method, hyperparameters.dpo_beta) == ("sft", 0.1)
+
+
+SFT_THEN_DPO_REQUEST = {
+    "job_id": "job-2",
+    "model_name": "smollm2-135m-instruct",
+    "dataset": {"name": "acme", "version": 1},
+    "preference_dataset": {"name": "acme-preferences", "version": 2},
+    "hyperparameters": {"rank": 4, "method": "sft_then_dpo"},
+    "requested_by": "operator",
+}
+
+
+def test_an_sft_then_dpo_request_carries_its_preference_dataset_on_the_event_and_at_the_door() -> None:
+    request = TrainingRequested.model_validate(SFT_THEN_DPO_REQUEST)
+    assert request.preference_dataset == DatasetRef(name="acme-preferences", version=2)
+    body = TrainingJobCreate.model_validate({k: v for k, v in SFT_THEN_DPO_REQUEST.items() if k != "requested_by"})
+    assert body.preference_dataset == request.preference_dataset
+
+
+@pytest.mark.parametrize("model", [TrainingRequested, TrainingJobCreate])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"preference_dataset": None}, "method sft_then_dpo needs preference_dataset"),
+        (
+            {"hyperparameters": {"method": "sft"}},
+            "preference_dataset is only for hyperparameters.method sft_then_dpo; a sft job",
+        ),
+        (
+            {"hyperparameters": {"method": "dpo"}},
+            "preference_dataset is only for hyperparameters.method sft_then_dpo; a dpo job",
+        ),
+    ],
+)
+def test_a_preference_dataset_is_required_by_sft_then_dpo_and_refused_by_the_other_methods(
+    model: type, change: dict, message: str
+) -> None:
+    asked = {**SFT_THEN_DPO_REQUEST, **change}
+    if model is TrainingJobCreate:
+        del asked["requested_by"]
+    with pytest.raises(ValidationError, match=message):
+        model.model_validate(asked)
+
+
+def test_a_request_without_a_preference_dataset_still_validates_for_sft_and_dpo() -> None:
+    for method in ("sft", "dpo"):
+        asked = {**SFT_THEN_DPO_REQUEST, "preference_dataset": None, "hyperparameters": {"method": method}}
+        assert TrainingRequested.model_validate(asked).preference_dataset is None

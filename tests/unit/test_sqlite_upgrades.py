@@ -62,6 +62,7 @@ def test_the_trainers_job_store_adopts_an_old_jobs_db_with_its_jobs_and_staged_e
             and old.dataset == DatasetRef(name="tiny", version=1)
             and old.requested_by == "alice"
             and old.start_adapter_version is None
+            and old.preference_dataset is None
         )
         assert [event.event_id for event in store.unsent()] == ["e-1"]
         _, created = store.add(
@@ -74,14 +75,16 @@ def test_the_trainers_job_store_adopts_an_old_jobs_db_with_its_jobs_and_staged_e
                 correlation_id=None,
                 requested_by="bob",
                 start_adapter_version=3,
+                preference_dataset=DatasetRef(name="pairs", version=2),
             )
         )
         assert created and [job.job_id for job in store.list()] == ["job-new", "job-old"]
         new = store.get("job-new")
         assert new is not None and new.start_adapter_version == 3
+        assert new.preference_dataset == DatasetRef(name="pairs", version=2)
     finally:
         store.close()
-    assert schema_versions(path) == [(1, "jobs_and_outbox"), (2, "start_adapter")]
+    assert schema_versions(path) == [(1, "jobs_and_outbox"), (2, "start_adapter"), (3, "preference_dataset")]
 
 
 def test_the_trainers_catalog_adopts_an_old_catalog_db_with_what_it_learned(tmp_path: Path) -> None:
