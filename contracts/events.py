@@ -146,6 +146,14 @@ class Hyperparameters(ContractModel):
         le=10,
         description="DPO only: strength of the pull towards the base model (higher stays closer to it).",
     )
+    # DPO on LoRA at SFT's learning rate separates easy pairs in a few steps and then widens an unbounded margin
+    # until the text collapses; 5e-5 did not (bench/results/preference-2026-12-07.md, third run).
+    dpo_learning_rate: float = Field(
+        default=5e-5,
+        gt=0,
+        le=1,
+        description="sft_then_dpo only: the DPO stage's learning rate (the SFT stage uses learning_rate).",
+    )
 
 
 class DatasetRef(ContractModel):

@@ -50,6 +50,7 @@ def _hyperparameters(
     target_modules: str,
     method: str,
     dpo_beta: float,
+    dpo_learning_rate: float,
 ) -> Any:
     from pydantic import ValidationError
 
@@ -67,6 +68,7 @@ def _hyperparameters(
             target_modules=[name.strip() for name in target_modules.split(",") if name.strip()],
             method=method,
             dpo_beta=dpo_beta,
+            dpo_learning_rate=dpo_learning_rate,
         )
     except ValidationError as error:
         raise TrainCommandError(
@@ -91,6 +93,11 @@ METHOD = typer.Option(
     "job, SFT on the chat records, then DPO on the preference records from that SFT adapter (its reference).",
 )
 BETA = typer.Option(0.1, "--dpo-beta", help="DPO only: pull towards the base model (higher stays closer).")
+DPO_LR = typer.Option(
+    5e-5,
+    "--dpo-learning-rate",
+    help="sft_then_dpo only: the DPO stage's peak learning rate (SFT's is --learning-rate).",
+)
 
 
 @train_app.command("submit")
@@ -108,6 +115,7 @@ def submit(
     target_modules: str = TARGETS,
     method: str = METHOD,
     dpo_beta: float = BETA,
+    dpo_learning_rate: float = DPO_LR,
     start_adapter_version: int | None = typer.Option(
         None,
         min=1,
@@ -122,7 +130,17 @@ def submit(
 ) -> None:
     """Queue a training job on the running trainer."""
     hp = _hyperparameters(
-        rank, alpha, learning_rate, epochs, batch_size, max_seq_length, seed, target_modules, method, dpo_beta
+        rank,
+        alpha,
+        learning_rate,
+        epochs,
+        batch_size,
+        max_seq_length,
+        seed,
+        target_modules,
+        method,
+        dpo_beta,
+        dpo_learning_rate,
     )
     _check_preference(method, preference_dataset, "--preference-dataset")
     body = {
@@ -199,6 +217,7 @@ def local(
     target_modules: str = TARGETS,
     method: str = METHOD,
     dpo_beta: float = BETA,
+    dpo_learning_rate: float = DPO_LR,
     start_adapter: Path | None = typer.Option(
         None,
         help="A LoRA adapter directory to go on training (state its rank, alpha, dropout and target modules); "
@@ -220,7 +239,17 @@ def local(
 
     torch.set_num_threads(threads or free_cpu_threads())
     hp = _hyperparameters(
-        rank, alpha, learning_rate, epochs, batch_size, max_seq_length, seed, target_modules, method, dpo_beta
+        rank,
+        alpha,
+        learning_rate,
+        epochs,
+        batch_size,
+        max_seq_length,
+        seed,
+        target_modules,
+        method,
+        dpo_beta,
+        dpo_learning_rate,
     )
     _check_preference(method, preference_data, "--preference-data")
     from services.runtime.settings import FlywheelSettings, load_settings

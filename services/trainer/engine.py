@@ -300,7 +300,7 @@ def _train_in_stages(job: TrainingJob) -> TrainingResult:
     dpo = replace(
         job,
         dataset_path=job.preference_path,
-        hyperparameters=hp.model_copy(update={"method": "dpo"}),
+        hyperparameters=hp.model_copy(update={"method": "dpo", "learning_rate": hp.dpo_learning_rate}),
         work_dir=job.work_dir / "dpo",
         start_adapter=sft.adapter_dir,
         preference_path=None,

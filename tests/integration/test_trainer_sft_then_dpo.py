@@ -38,6 +38,7 @@ HP = Hyperparameters(
     max_seq_length=128,
     seed=3,
     learning_rate=2e-3,
+    dpo_learning_rate=1e-4,
 )
 
 
@@ -73,7 +74,9 @@ def test_sft_then_dpo_trains_dpo_from_the_sft_stages_adapter_held_to_it_and_coun
     assert [(p.stage, p.step, p.total_steps) for p in progress] == [("sft", 1, 3), ("dpo", 2, 3), ("dpo", 3, 3)]
     assert result.total_steps == 3 and len(result.losses) == 3
     assert result.adapter_dir == work / "dpo" / "adapter"
-    print(f"losses {result.losses}; metrics {result.metrics}")
+    # The DPO stage trains at its own, smaller rate: at SFT's it collapses (bench/results/preference-2026-12-07.md).
+    dpo_rates = [p.learning_rate for p in progress if p.stage == "dpo"]
+    assert 0 < dpo_rates[0] <= HP.dpo_learning_rate and max(dpo_rates) <= HP.dpo_learning_rate, dpo_rates
     # DPO starts from the SFT adapter and is held to it: at its first step policy == reference, the loss ln 2.
     assert result.losses[1] == pytest.approx(math.log(2), abs=1e-3)
     assert result.metrics["sft_final_loss"] == result.losses[0] and result.metrics["sft_total_steps"] == 1
