@@ -29,7 +29,8 @@ from contracts.events import (
 from services.evaluator.app import create_app as create_evaluator
 from services.evaluator.settings import EvaluatorSettings
 from services.monitor.retraining import retraining_root_span
-from services.monitor.traces import spans_query, tree_order
+from services.monitor.traces import spans_query
+from services.runtime.span_tree import tree_order
 from services.registry.app import create_app as create_registry
 from services.runtime.artifacts import ArtifactStore
 from services.runtime.clickhouse import ClickHouseStore
